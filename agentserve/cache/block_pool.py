@@ -1,0 +1,155 @@
+"""KV pages: refcounts, chained prefix hashes, an LRU free list with lazy eviction, copy-on-write, fork.
+
+A page (block) holds `block_size` consecutive tokens of one sequence's KV. Full pages get a chained
+hash `hash((parent_hash, tokens, extra_key))` so that identical prefixes (same tokens, same adapter,
+same tenant salt) find each other. A freed page keeps its hash and stays findable on the free list
+until it is handed out again (lazy eviction, least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Optional, Sequence
+
+BlockHash = int
+ExtraKey = Optional[Hashable]
+
+
+def hash_block(parent_hash: Optional[BlockHash], token_ids: Sequence[int], extra_key: ExtraKey) -> BlockHash:
+    return hash((parent_hash, tuple(token_ids), extra_key))
+
+
+def compute_block_hashes(token_ids: Sequence[int], block_size: int, extra_key: ExtraKey,
+                         existing: list[BlockHash]) -> list[BlockHash]:
+    """Extends `existing` (hashes of the first full blocks) to cover every full block of token_ids."""
+    hashes = list(existing)
+    parent = hashes[-1] if hashes else None
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start:start + block_size], extra_key)
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: Optional[BlockHash] = None
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free pages in eviction order: the first is handed out next (least recently freed).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+        # Prefix-cache statistics, in tokens.
+        self.query_tokens = 0
+        self.hit_tokens = 0
+
+    # --- accounting ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    def ref_cnt(self, block_id: int) -> int:
+        return self.blocks[block_id].ref_cnt
+
+    # --- prefix cache ---------------------------------------------------------------------------
+    def lookup(self, block_hashes: Sequence[BlockHash], max_blocks: int, num_query_tokens: int) -> list[int]:
+        """Longest run of cached full pages for these hashes (not yet referenced by the caller)."""
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            for h in block_hashes[:max_blocks]:
+                block_id = self._cached.get(h)
+                if block_id is None:
+                    break
+                hits.append(block_id)
+        self.query_tokens += num_query_tokens
+        self.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def cache_block(self, block_id: int, block_hash: BlockHash) -> None:
+        """Registers a page that just became full. A page already cached under another id keeps the
+        older entry (both hold identical KV; the newer one is simply not findable)."""
+        if not self.enable_prefix_caching:
+            return
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            return
+        if block_hash not in self._cached:
+            block.block_hash = block_hash
+            self._cached[block_hash] = block_id
+
+    # --- references -------------------------------------------------------------------------------
+    def touch(self, block_ids: Iterable[int]) -> None:
+        """Takes one more reference on each page (pages found in the prefix cache, forks)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0:
+                del self._free[block_id]
+            block.ref_cnt += 1
+
+    def allocate(self, num: int) -> list[int]:
+        if num > len(self._free):
+            raise NoFreeBlocksError(f"need {num} pages, {len(self._free)} free")
+        out = []
+        for _ in range(num):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:  # lazy eviction: the reused page leaves the prefix cache
+                if self._cached.get(block.block_hash) == block_id:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block_id)
+        return out
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drops one reference on each page. Freed tail pages go first in eviction order, so that a
+        sequence's prefix (shared by more requests) outlives its suffix."""
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            assert block.ref_cnt > 0, f"double free of page {block_id}"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if block.block_hash is None:
+                    # An uncached page is worthless once free: hand it out before cached ones.
+                    self._free[block_id] = None
+                    self._free.move_to_end(block_id, last=False)
+                else:
+                    self._free[block_id] = None
+
+    def fork(self, block_ids: Sequence[int]) -> list[int]:
+        """Shares every page with a new owner (copy-on-write happens on the first write)."""
+        self.touch(block_ids)
+        return list(block_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        if self.num_used_blocks:
+            return False
+        self._cached.clear()
+        for block in self.blocks:
+            block.block_hash = None
+        return True
+
+    def check_all_free(self) -> None:
+        """Invariant when nothing runs and no session is open."""
+        busy = [b.block_id for b in self.blocks if b.ref_cnt]
+        assert not busy and len(self._free) == self.num_blocks, f"pages still referenced: {busy[:20]}"

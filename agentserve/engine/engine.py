@@ -1,0 +1,342 @@
+"""The engine: add requests, run steps, emit outputs. Everything runs on the caller's thread;
+AsyncEngine (async_engine.py) drives it from a background thread for the servers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from agentserve.cache.block_pool import BlockPool
+from agentserve.cache.kv_cache_manager import KVCacheManager
+from agentserve.config import EngineConfig
+from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.engine.metrics import EngineMetrics
+from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
+                                       RequestStatus)
+from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.loader import resolve_dtype
+from agentserve.sampling_params import SamplingParams
+from agentserve.worker.model_runner import ModelRunner, ScheduledChunk, StepResult
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[int]]
+
+
+class InvalidRequestError(ValueError):
+    """Bad input from a caller; the message says what to fix."""
+
+
+def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
+    """The model's shape and directory; with load_format=dummy the model may be a named shape."""
+    path = Path(config.model.model).expanduser()
+    if path.is_dir():
+        return ArchConfig.from_dir(path), path
+    if config.model.load_format == "dummy":
+        from agentserve.testing.tiny import NAMED_SHAPES
+
+        if config.model.model in NAMED_SHAPES:
+            return ArchConfig.from_dict(NAMED_SHAPES[config.model.model]), None
+        raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
+    raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
+                         "(agentserve loads local Hugging Face model directories; there is no hub download)")
+
+
+def _load_tokenizer(path: Optional[Path]) -> Any:
+    if path is None:
+        return None
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        logger.warning("%s has no tokenizer: prompts must be token ids and outputs carry no text", path)
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {e}") from None
+
+
+def _generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> frozenset[int]:
+    eos: list[int] = []
+    gen_cfg = path / "generation_config.json" if path else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos = [value] if isinstance(value, int) else list(value or [])
+    if not eos:
+        eos = list(arch.eos_token_ids)
+    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    return frozenset(eos)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.arch, self.model_path = resolve_model(config)
+        tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
+        self.tokenizer = _load_tokenizer(tok_path)
+        self.eos_token_ids = _generation_eos(self.model_path, self.arch, self.tokenizer)
+        self.max_model_len = self._decide_max_model_len()
+        self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
+        self.model_name = config.model.served_model_name or config.model.model
+        self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len)
+        self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.metrics = EngineMetrics(kv_blocks_total=self.pool.num_blocks)
+        self.requests: dict[str, Request] = {}         # internal id -> sequence
+        self.groups: dict[str, list[Request]] = {}     # caller's id -> its n sequences
+        self._prompts: dict[str, Optional[str]] = {}
+        self._pending_forks: dict[str, list[Request]] = {}  # leader id -> siblings waiting for its prompt
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    def _decide_max_model_len(self) -> int:
+        limit = self.arch.max_position_embeddings
+        if self.arch.sliding_window:
+            # Attention here is full; past the window it would differ from the model's training.
+            limit = min(limit, self.arch.sliding_window)
+        wanted = self.config.model.max_model_len
+        if wanted is None:
+            return limit
+        if wanted > limit:
+            raise ModelLoadError(f"max_model_len={wanted} exceeds the model's limit of {limit} positions")
+        return wanted
+
+    # --- requests -----------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: pass prompts as token id lists")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
+        """Raises InvalidRequestError naming the problem; returns params with max_tokens resolved."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                                      "(prompt plus output must fit)")
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=self.max_model_len - n)
+        elif n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt")
+        pages = self.kv.blocks_needed(n + params.max_tokens)
+        if pages > self.pool.num_blocks:
+            raise InvalidRequestError(f"the request needs up to {pages} KV pages; the cache has only "
+                                      f"{self.pool.num_blocks}")
+        return params
+
+    def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
+                    priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
+                    prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
+                    retain_blocks: bool = False) -> None:
+        """Queues a request. `prefix_block_table` hands in pages (a session's) already holding the KV
+        of the first `num_prefix_computed` tokens; the engine takes over those references."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = self.validate(token_ids, params)
+        if params.n > 1 and (retain_blocks or prefix_block_table):
+            raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")
+        children = []
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
+                          cache_salt=cache_salt, lora_name=lora_name, index=i, parent_id=request_id)
+            if self.tokenizer is not None:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                         list(params.stop or []), params.include_stop_str_in_output)
+            req.retain_blocks = retain_blocks
+            children.append(req)
+            self.requests[rid] = req
+        leader = children[0]
+        if prefix_block_table:
+            leader.block_table = list(prefix_block_table)
+            leader.num_computed_tokens = num_prefix_computed
+            leader.num_cached_tokens = num_prefix_computed
+        self.groups[request_id] = children
+        self._prompts[request_id] = prompt_text
+        self.scheduler.add(leader)
+        if len(children) > 1:
+            self._pending_forks[leader.request_id] = children[1:]
+        self.metrics.prompt_tokens_total += len(token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request (the caller's id) wherever it is and frees its pages."""
+        children = self.groups.pop(request_id, None)
+        if children is None:
+            return False
+        for req in children:
+            if not req.is_finished:
+                self.scheduler.remove(req, free_blocks=True)
+                req.status = RequestStatus.FINISHED_ABORTED
+            self.requests.pop(req.request_id, None)
+        self._pending_forks.pop(children[0].request_id, None)
+        self._prompts.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        touched: set[str] = set()
+        num_sampled = 0
+        if not sched.is_empty:
+            touched, num_sampled = self._run(sched)
+        self._update_metrics(sched, num_sampled)
+        return self._collect_outputs(touched)
+
+    def _run(self, sched: SchedulerOutput) -> tuple[set[str], int]:
+        now = time.monotonic()
+        chunks = []
+        for req in sched.scheduled:
+            n = sched.num_scheduled_tokens[req.request_id]
+            chunks.append(ScheduledChunk(req, n, sample=req.num_computed_tokens + n >= req.num_tokens))
+            if req.timing.first_scheduled is None:
+                req.timing.first_scheduled = now
+        result = self.runner.execute(chunks, sched.block_copies)
+        touched: set[str] = set()
+        row = 0
+        for chunk in chunks:
+            req = chunk.request
+            # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
+            prompt_part = max(0, min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens))
+            req.num_prefilled_tokens += prompt_part
+            self.metrics.prefilled_tokens_total += prompt_part
+            req.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_full_blocks(req)
+            if not chunk.sample:
+                continue
+            self._append_sampled(req, result, row)
+            row += 1
+            touched.add(req.parent_id)
+            if req.request_id in self._pending_forks and not req.is_finished:
+                self._fork_siblings(req)
+        return touched, row
+
+    def _fork_siblings(self, leader: Request) -> None:
+        """n > 1: the siblings share the leader's prompt pages and recompute only the last prompt
+        token (copy-on-write of the shared last page), each sampling on its own."""
+        for sib in self._pending_forks.pop(leader.request_id):
+            sib.block_table = self.kv.fork_blocks(leader.block_table)
+            sib.num_computed_tokens = leader.num_prompt_tokens - 1
+            sib.num_cached_tokens = leader.num_cached_tokens
+            self.scheduler.add_front(sib)
+
+    def _append_sampled(self, req: Request, result: StepResult, row: int) -> None:
+        token = result.sampled[row]
+        now = time.monotonic()
+        if req.timing.first_token is None:
+            req.timing.first_token = now
+        req.timing.last_token = now
+        req.append_token(token)
+        req.pending_token_ids.append(token)
+        self.metrics.generation_tokens_total += 1
+        if req.logprobs is not None and result.logprobs is not None:
+            assert result.logprob_ids is not None and result.ranks is not None
+            self._record_logprobs(req, result.logprob_ids[row], result.logprobs[row], result.ranks[row])
+        stop_str = req.detokenizer.append(token) if req.detokenizer is not None else None
+        params = req.sampling_params
+        if stop_str is not None:
+            self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
+        elif token in params.stop_token_ids:
+            self._finish(req, RequestStatus.FINISHED_STOPPED, token)
+        elif token in req.eos_token_ids and not params.ignore_eos:
+            self._finish(req, RequestStatus.FINISHED_STOPPED, None)
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, RequestStatus.FINISHED_LENGTH, None)
+
+    def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
+        assert req.logprobs is not None
+        n = req.sampling_params.logprobs or 0
+        position = {ids[0]: Logprob(lps[0], rank)}
+        for r, (tid, lp) in enumerate(zip(ids[1:1 + n], lps[1:1 + n]), start=1):
+            position.setdefault(tid, Logprob(lp, r))
+        if self.tokenizer is not None:
+            for tid, lp in position.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+        req.logprobs.append(position)
+        req.cumulative_logprob += lps[0]
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: Optional[Union[str, int]]) -> None:
+        req.status = status
+        req.stop_reason = stop_reason
+        req.timing.finished = time.monotonic()
+        self.scheduler.remove(req, free_blocks=not req.retain_blocks)
+        self._pending_forks.pop(req.request_id, None)
+        self.metrics.requests_finished_total += 1
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def _completion(self, req: Request) -> CompletionOutput:
+        finished = req.is_finished
+        text = req.detokenizer.output_text if req.detokenizer else ""
+        delta_text = req.detokenizer.take_new_text(finished) if req.detokenizer else ""
+        delta_ids, req.pending_token_ids = req.pending_token_ids, []
+        return CompletionOutput(
+            index=req.index, text=text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=req.logprobs, finish_reason=req.status.finish_reason if finished else None,
+            stop_reason=req.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids)
+
+    def _collect_outputs(self, touched: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for parent_id in touched:
+            children = self.groups.get(parent_id)
+            if children is None:
+                continue
+            finished = all(c.is_finished for c in children)
+            leader = children[0]
+            out = RequestOutput(
+                request_id=parent_id, prompt=self._prompts.get(parent_id), prompt_token_ids=leader.prompt_token_ids,
+                outputs=[self._completion(c) for c in children], finished=finished,
+                metrics=RequestMetrics(
+                    arrival_time=leader.timing.arrival, first_scheduled_time=leader.timing.first_scheduled,
+                    first_token_time=leader.timing.first_token, finished_time=leader.timing.finished,
+                    num_prompt_tokens=leader.num_prompt_tokens, num_cached_tokens=max(leader.num_cached_tokens, 0),
+                    num_prefilled_tokens=leader.num_prefilled_tokens))
+            if finished:
+                if leader.retain_blocks:
+                    out.retained_block_table = leader.block_table
+                    out.retained_num_computed_tokens = leader.num_computed_tokens
+                    leader.block_table = []
+                for c in children:
+                    self.requests.pop(c.request_id, None)
+                del self.groups[parent_id]
+                self._prompts.pop(parent_id, None)
+            outputs.append(out)
+        return outputs
+
+    def _update_metrics(self, sched: SchedulerOutput, num_sampled: int) -> None:
+        m = self.metrics
+        m.num_running = self.scheduler.num_running
+        m.num_waiting = self.scheduler.num_waiting
+        m.kv_blocks_used = self.pool.num_used_blocks
+        m.prefix_cache_queries = self.pool.query_tokens
+        m.prefix_cache_hits = self.pool.hit_tokens
+        m.num_preemptions_total += len(sched.preempted)
+        m.record_step(num_sampled)
+        # KV memory efficiency: tokens held in pages over the slots of the pages they own.
+        held = sum(r.num_computed_tokens for r in self.scheduler.running)
+        allocated = sum(len(r.block_table) for r in self.scheduler.running) * self.pool.block_size
+        m.kv_slots_held += held
+        m.kv_slots_allocated += allocated

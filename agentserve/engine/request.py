@@ -1,0 +1,196 @@
+"""A request as the engine tracks it (one sequence), and the outputs the engine emits for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from agentserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from agentserve.engine.detokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    WAITING_FOR_GRAMMAR = 3
+    FINISHED_STOPPED = 10
+    FINISHED_LENGTH = 11
+    FINISHED_ABORTED = 12
+    FINISHED_ERROR = 13
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
+# One generated position: token id -> Logprob for the sampled token and the top-n alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class RequestTiming:
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: Optional[float] = None
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    finished: Optional[float] = None
+
+
+class Request:
+    """One sequence: prompt tokens, generated tokens, and how much of it has KV in pages.
+
+    Invariant (vLLM V1): tokens [0, num_computed_tokens) have their KV written in the pages of
+    `block_table`; the scheduler hands out the rest a chunk at a time.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int] = frozenset(),
+        priority: int = 0,
+        cache_salt: Optional[str] = None,
+        lora_name: Optional[str] = None,
+        index: int = 0,
+        parent_id: Optional[str] = None,
+    ) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id or request_id  # the id the caller knows (differs for n > 1 children)
+        self.index = index  # which of the n completions this sequence is
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.lora_name = lora_name
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Optional[str | int] = None
+        self.error: Optional[str] = None
+
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
+        self.num_preemptions = 0
+        self.num_prefilled_tokens = 0  # tokens actually run through the model (recomputes included)
+        # Pages handed in by the caller (a session's or a forked parent's): the request starts with
+        # these `num_computed_tokens` already in place instead of asking the prefix cache.
+        self.retain_blocks = False  # keep pages at finish for the caller (sessions) instead of freeing
+
+        self.logprobs: Optional[list[PositionLogprobs]] = [] if sampling_params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.generator: Optional["torch.Generator"] = None
+        self.detokenizer: Optional["IncrementalDetokenizer"] = None
+        self.grammar: Any = None  # grammar matcher state (grammar/state.py) when constrained
+        self.timing = RequestTiming()
+        # Text/ids emitted since the last RequestOutput (for streaming deltas).
+        self.pending_text = ""
+        self.pending_token_ids: list[int] = []
+        self.sent_finished = False
+
+    # --- sizes -----------------------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling_params.max_tokens or 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[list[PositionLogprobs]]
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[str | int] = None
+    # What is new since the previous RequestOutput of this request (streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: Optional[float]
+    first_token_time: Optional[float]
+    finished_time: Optional[float]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_prefilled_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: Optional[RequestMetrics] = None
+    error: Optional[str] = None
+    # Sessions: the pages and computed-token count the finished sequence hands back when it was
+    # added with retain_blocks (the caller now owns those references).
+    retained_block_table: Optional[list[int]] = None
+    retained_num_computed_tokens: int = 0
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.metrics.num_cached_tokens if self.metrics else 0

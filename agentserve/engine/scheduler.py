@@ -1,0 +1,148 @@
+"""Builds one engine step under a token budget: running requests first, then waiting ones.
+
+There are no prefill and decode phases: each scheduled request gets some number of new tokens
+(a decode is 1, a prefill chunk is up to the remaining budget). When pages run out, a running
+request is preempted by recompute (its pages freed, its computed count reset).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from agentserve.cache.kv_cache_manager import KVCacheManager
+from agentserve.config import SchedulerConfig
+from agentserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pages
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Called when a preempted request loses its pages (sessions may want to know).
+        self.on_preempt: Optional[Callable[[Request], None]] = None
+
+    # --- queues -----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_front(self, request: Request) -> None:
+        self.waiting.appendleft(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request, free_blocks: bool = True) -> None:
+        """Takes a request out of either queue (finish or abort); frees its pages unless the caller
+        keeps them (a session turn hands its pages back to the session)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if free_blocks:
+            self.kv.free(request)
+
+    # --- the step ---------------------------------------------------------------------------------
+    def _priority_key(self, request: Request) -> tuple[float, float]:
+        # Lower sorts first (served first); the victim of a preemption is the max.
+        if self.config.policy == "priority":
+            return (request.priority, request.timing.arrival)
+        return (0, request.timing.arrival)
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        out.preempted.append(victim)
+        if self.on_preempt is not None:
+            self.on_preempt(victim)
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running requests, in order (the oldest first, so the newest are preempted).
+        if self.config.policy == "priority":
+            self.running.sort(key=self._priority_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                copies = self.kv.allocate_slots(request, num_new)
+                if copies is not None:
+                    break
+                # The last running request has not been scheduled in this step yet (or is this one).
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if copies is None:
+                continue  # the request preempted itself; self.running[i] is the next one
+            out.scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            out.block_copies.extend(copies)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests while there is budget, a sequence slot and pages.
+        if self.config.policy == "priority" and len(self.waiting) > 1:
+            self.waiting = deque(sorted(self.waiting, key=self._priority_key))
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                skipped.append(self.waiting.popleft())  # its grammar is still compiling
+                continue
+            computed: list[int] = []
+            if not request.block_table:  # requests handed pages (sessions, forks) skip the lookup
+                computed = self.kv.get_computed_blocks(request)
+            num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            copies = self.kv.allocate_slots(request, num_new, computed)
+            if copies is None:
+                break  # head-of-line waits for pages
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            out.block_copies.extend(copies)
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return out

@@ -1,0 +1,96 @@
+"""The model shape read from a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass
+class ArchConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict[str, Any]]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # qkv projections have a bias (Qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k before rotary (Qwen3)
+    sliding_window: Optional[int]
+    torch_dtype: Optional[str]
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ArchConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        family = SUPPORTED_ARCHITECTURES[arch]
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            vocab = int(cfg["vocab_size"])
+            inter = int(cfg["intermediate_size"])
+            layers = int(cfg["num_hidden_layers"])
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or (rope_params if rope_params else None)
+        if scaling is not None:
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
+        eos = cfg.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        use_sw = cfg.get("use_sliding_window", family == "mistral")
+        return cls(
+            architecture=arch, family=family, vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=inter, num_layers=layers, num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3",
+            sliding_window=cfg.get("sliding_window") if use_sw else None,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "ArchConfig":
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{path} has no config.json (is it a Hugging Face model directory?)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+        return cls.from_dict(cfg)

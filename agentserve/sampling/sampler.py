@@ -1,0 +1,136 @@
+"""Sampling on the device: penalties, grammar masks, greedy, temperature, top-k, top-p, min-p,
+per-request seeds, and top-n logprobs of the model's raw distribution.
+
+Sampling draws `argmax(probs / q)` with q ~ Exp(1) (the exponential race, equivalent to drawing from
+`probs`). Seeded rows take their noise from their own generator, so a seeded request gets the same
+tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor          # [N] fp32; 0 = greedy
+    all_greedy: bool
+    top_k: Optional[torch.Tensor]      # [N] int64, 0 = off; None when no row uses it
+    top_p: Optional[torch.Tensor]      # [N] fp32; None when no row uses it
+    min_p: Optional[torch.Tensor]      # [N] fp32
+    generators: dict[int, torch.Generator]  # row -> generator for seeded rows
+    # Penalties (None when no row uses them).
+    repetition_penalty: Optional[torch.Tensor] = None  # [N]
+    presence_penalty: Optional[torch.Tensor] = None    # [N]
+    frequency_penalty: Optional[torch.Tensor] = None   # [N]
+    prompt_mask: Optional[torch.Tensor] = None         # [N, V] bool: token occurs in the prompt
+    output_counts: Optional[torch.Tensor] = None       # [N, V] counts in the output so far
+    # Tokens that may not be sampled yet (min_tokens: EOS and stop ids), as (row, token) pairs.
+    banned_rows: Optional[torch.Tensor] = None
+    banned_tokens: Optional[torch.Tensor] = None
+    max_num_logprobs: Optional[int] = None  # None: no row wants logprobs
+    # Grammar: int32 bitmask [N, ceil(V / 32)] for constrained rows (others all ones).
+    token_bitmask: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor            # [N] int64
+    logprob_token_ids: Optional[torch.Tensor]  # [N, 1 + n]: sampled token then the top n
+    logprobs: Optional[torch.Tensor]           # [N, 1 + n]
+    sampled_ranks: Optional[torch.Tensor]      # [N]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.repetition_penalty is not None:
+        assert meta.prompt_mask is not None and meta.output_counts is not None
+        seen = meta.prompt_mask | (meta.output_counts > 0)
+        penalty = meta.repetition_penalty[:, None].expand_as(logits)
+        # HF / vLLM semantics: divide positive logits, multiply negative ones.
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, scaled, logits)
+    if meta.frequency_penalty is not None:
+        assert meta.output_counts is not None and meta.presence_penalty is not None
+        counts = meta.output_counts.to(logits.dtype)
+        logits = logits - meta.frequency_penalty[:, None] * counts
+        logits = logits - meta.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Disallowed tokens (bit 0) get -inf. bitmask: int32 [N, ceil(V/32)]."""
+    vocab = logits.shape[-1]
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
+    return logits.masked_fill(~allowed, _NEG_INF)
+
+
+def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+                      min_p: Optional[torch.Tensor]) -> torch.Tensor:
+    """Masks logits outside the top-k / nucleus / min-p sets with -inf (after temperature)."""
+    if top_k is not None:
+        vocab = logits.shape[-1]
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        sorted_desc = logits.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(-1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, _NEG_INF)
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(dim=-1, descending=False)
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        # Drop the low tail whose mass stays within 1 - top_p; the top token always survives.
+        drop = cum <= (1 - top_p)[:, None]
+        drop[:, -1] = False
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, _NEG_INF))
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, _NEG_INF)
+    return logits
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, gen in generators.items():
+        q[row].exponential_(generator=gen)
+    return probs.div(q).argmax(dim=-1)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        logits = apply_penalties(logits, meta)
+        if meta.banned_rows is not None and meta.banned_tokens is not None:
+            logits = logits.index_put((meta.banned_rows, meta.banned_tokens),
+                                      torch.tensor(_NEG_INF, device=logits.device))
+        if meta.token_bitmask is not None:
+            logits = apply_token_bitmask(logits, meta.token_bitmask)
+        greedy = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy
+        else:
+            temp = meta.temperature
+            scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+            scaled = top_k_top_p_min_p(scaled, meta.top_k, meta.top_p, meta.min_p)
+            sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
+            sampled = torch.where(temp > 0, sampled, greedy)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        n = meta.max_num_logprobs or 0
+        sampled_lp = raw_logprobs.gather(-1, sampled[:, None])
+        ranks = (raw_logprobs > sampled_lp).sum(dim=-1) + 1
+        if n > 0:
+            top_lp, top_ids = raw_logprobs.topk(n, dim=-1)
+            ids = torch.cat([sampled[:, None], top_ids], dim=-1)
+            lps = torch.cat([sampled_lp, top_lp], dim=-1)
+        else:
+            ids, lps = sampled[:, None], sampled_lp
+        return SamplerOutput(sampled, ids, lps, ranks)

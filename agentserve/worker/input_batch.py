@@ -1,0 +1,77 @@
+"""Per-step sampling metadata for the rows that sample this step, built from their requests."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from agentserve.engine.request import Request
+from agentserve.sampling.sampler import SamplingMetadata
+
+
+def _generator_for(request: Request, device: torch.device) -> Optional[torch.Generator]:
+    seed = request.sampling_params.seed
+    if seed is None or request.sampling_params.greedy:
+        return None
+    if request.generator is None:
+        # n > 1 children of a seeded request each get their own stream.
+        request.generator = torch.Generator(device=device).manual_seed(seed + request.index)
+    return request.generator
+
+
+def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device,
+                            token_bitmask: Optional[torch.Tensor] = None) -> SamplingMetadata:
+    params = [r.sampling_params for r in requests]
+    temps = [p.temperature for p in params]
+    all_greedy = all(t == 0.0 for t in temps)
+
+    def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    top_k = col([p.top_k for p in params], torch.int64) if any(p.top_k > 0 for p in params) else None
+    top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1.0 for p in params) else None
+    min_p = col([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else None
+    generators = {}
+    for row, request in enumerate(requests):
+        gen = _generator_for(request, device)
+        if gen is not None:
+            generators[row] = gen
+
+    meta = SamplingMetadata(temperature=col(temps, torch.float32), all_greedy=all_greedy, top_k=top_k,
+                            top_p=top_p, min_p=min_p, generators=generators, token_bitmask=token_bitmask)
+
+    uses_rep = any(p.repetition_penalty != 1.0 for p in params)
+    uses_freq = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+    if uses_rep or uses_freq:
+        counts = torch.zeros(len(requests), vocab_size, dtype=torch.int32)
+        prompt_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+        for row, request in enumerate(requests):
+            if request.output_token_ids:
+                out = torch.tensor(request.output_token_ids)
+                counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+            prompt_mask[row, torch.tensor(request.prompt_token_ids)] = True
+        meta.output_counts = counts.to(device)
+        meta.prompt_mask = prompt_mask.to(device)
+        if uses_rep:
+            meta.repetition_penalty = col([p.repetition_penalty for p in params], torch.float32)
+        if uses_freq:
+            meta.presence_penalty = col([p.presence_penalty for p in params], torch.float32)
+            meta.frequency_penalty = col([p.frequency_penalty for p in params], torch.float32)
+
+    banned_rows: list[int] = []
+    banned_tokens: list[int] = []
+    for row, request in enumerate(requests):
+        p = request.sampling_params
+        if request.num_output_tokens < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))
+            for tok in stops:
+                banned_rows.append(row)
+                banned_tokens.append(tok)
+    if banned_rows:
+        meta.banned_rows = col(banned_rows, torch.int64)
+        meta.banned_tokens = col(banned_tokens, torch.int64)
+
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    meta.max_num_logprobs = max(wanted) if wanted else None
+    return meta
