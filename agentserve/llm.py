@@ -6,6 +6,7 @@ import itertools
 import time
 from typing import Any, Optional, Sequence, Union
 
+from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.request import RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -17,6 +18,13 @@ class LLM:
     def __init__(self, model: str, device: Optional[str] = None, dtype: str = "auto", **engine_config: Any) -> None:
         self.engine = Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config)
         self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        llm._ids = itertools.count()
+        return llm
 
     @property
     def tokenizer(self) -> Any:

@@ -40,6 +40,9 @@ class Scheduler:
         self.running: list[Request] = []
         # Called when a preempted request loses its pages (sessions may want to know).
         self.on_preempt: Optional[Callable[[Request], None]] = None
+        # Called when pages run out, before any running request is preempted: frees pages held by
+        # idle owners (sessions between turns) and returns how many it freed. Argument: pages wanted.
+        self.reclaim: Optional[Callable[[int], int]] = None
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -87,6 +90,12 @@ class Scheduler:
             self.on_preempt(victim)
         self.waiting.appendleft(victim)
 
+    def _reclaim(self, request: Request, num_new: int) -> bool:
+        if self.reclaim is None:
+            return False
+        wanted = self.kv.blocks_needed(request.num_computed_tokens + num_new) - len(request.block_table) + 1
+        return self.reclaim(max(wanted, 1)) > 0
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -105,6 +114,8 @@ class Scheduler:
                 copies = self.kv.allocate_slots(request, num_new)
                 if copies is not None:
                     break
+                if self._reclaim(request, num_new):
+                    continue
                 # The last running request has not been scheduled in this step yet (or is this one).
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -133,6 +144,8 @@ class Scheduler:
             num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             copies = self.kv.allocate_slots(request, num_new, computed)
+            if copies is None and self._reclaim(request, num_new):
+                copies = self.kv.allocate_slots(request, num_new, computed)
             if copies is None:
                 break  # head-of-line waits for pages
             self.waiting.popleft()

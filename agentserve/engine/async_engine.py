@@ -1,0 +1,156 @@
+"""AsyncEngine: the step loop on a background thread, an async stream per request.
+
+The Engine is not thread-safe, so only the step thread touches it: callers hand it work (add, abort,
+any callable) through a command queue that the thread drains before each step, and get results back
+through futures. Cancelling a request's stream aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+
+from agentserve.engine.engine import Engine, Prompt
+from agentserve.engine.request import RequestOutput
+from agentserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_pending: Optional[int] = None) -> None:
+        self.engine = engine
+        self.max_pending = max_pending or engine.config.scheduler.max_waiting
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="agentserve-step", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "AsyncEngine":
+        return cls(Engine.from_kwargs(model, **kwargs))
+
+    # --- running things on the step thread --------------------------------------------------------
+    def call_soon(self, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Runs fn on the step thread (between steps) and returns its result."""
+        return await asyncio.wrap_future(self.call_soon(fn))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(e)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                logger.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+        self._drain_commands()
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self.engine.groups):
+            self.engine.abort(rid)
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(RuntimeError(f"engine step failed: {error}"))
+
+    # --- requests -------------------------------------------------------------------------------------
+    @property
+    def num_pending(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
+                       **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutputs (cumulative text plus deltas) until the request finishes. Leaving
+        the iteration early (break, cancellation, client gone) aborts the request."""
+        if self.num_pending >= self.max_pending:
+            raise QueueFullError(f"the server has {self.num_pending} requests in flight (limit {self.max_pending})")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, **kwargs)
+
+        try:
+            await self.run(add)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                self.call_soon(lambda: self.engine.abort(request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        self._streams.pop(request_id, None)
+        return await self.run(lambda: self.engine.abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
