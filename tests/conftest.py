@@ -1,4 +1,5 @@
-"""Shared fixtures. Every engine a test creates must end the test with all pages free."""
+"""Shared fixtures. After every test, every live engine with nothing running and no open session
+must have all its pages free (DESIGN.md's page invariant)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import weakref
 from typing import Iterator
 
 import pytest
@@ -16,19 +18,30 @@ from agentserve.engine.engine import Engine
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_original_init = Engine.__init__
+
+
+def _recording_init(self: Engine, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    _original_init(self, *args, **kwargs)
+    LIVE_ENGINES.add(self)
+
+
+Engine.__init__ = _recording_init  # type: ignore[method-assign]
+
+
+def _has_open_sessions(engine: Engine) -> bool:
+    store = getattr(engine, "session_store", None)
+    return store is not None and len(store) > 0
+
 
 @pytest.fixture(autouse=True)
-def pages_free_after_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Engine]]:
-    """Page invariant (DESIGN.md): when nothing is running and no session is open, every page is free."""
+def pages_free_after_test() -> Iterator[list[Engine]]:
+    """Yields the engines created during the test (newest last); checks every live engine after it."""
+    before = set(map(id, LIVE_ENGINES))
     created: list[Engine] = []
-    original_init = Engine.__init__
-
-    def recording_init(self: Engine, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        original_init(self, *args, **kwargs)
-        created.append(self)
-
-    monkeypatch.setattr(Engine, "__init__", recording_init)
     yield created
-    for engine in created:
-        if not engine.has_unfinished() and not getattr(engine, "keeps_pages", False):
+    created.extend(e for e in LIVE_ENGINES if id(e) not in before)
+    for engine in list(LIVE_ENGINES):
+        if not engine.has_unfinished() and not _has_open_sessions(engine):
             engine.pool.check_all_free()

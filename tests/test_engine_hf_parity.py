@@ -51,9 +51,17 @@ def hf_reference(arch: str) -> tuple[Path, list[list[int]], list[list[int]], lis
     return path, prompt_ids, outputs, logprobs
 
 
+_last_llm: list[LLM] = []
+
+
+def llm_engine_of_last_run():  # type: ignore[no-untyped-def]
+    return _last_llm[-1].engine
+
+
 def run_engine(arch: str, **engine_kwargs: object) -> tuple[list[list[int]], list]:
     path, prompt_ids, _, _ = hf_reference(arch)
     llm = LLM(str(path), device="cpu", dtype="float32", **engine_kwargs)
+    _last_llm[:] = [llm]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5)
     outs = llm.generate(prompt_ids, params)
     return [o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
@@ -90,7 +98,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_greedy_matches_transformers(arch: str, config: str, pages_free_after_test: list) -> None:
+def test_greedy_matches_transformers(arch: str, config: str) -> None:
     _, _, ref_outputs, ref_logprobs = hf_reference(arch)
     ids, lps = run_engine(arch, **CONFIGS[config])
     for i, (ref, got) in enumerate(zip(ref_outputs, ids)):
@@ -98,11 +106,11 @@ def test_greedy_matches_transformers(arch: str, config: str, pages_free_after_te
         check_logprobs_close(ref, ref_logprobs[i], got, lps[i], f"{arch}/{config}/{i}")
     assert len(ref_outputs[0]) >= 16  # long enough to mean something (EOS may end some early)
     if config == "preemption":
-        engine = pages_free_after_test[-1]
+        engine = llm_engine_of_last_run()
         assert engine.metrics.num_preemptions_total > 0, "the small pool should have forced preemption"
 
 
-def test_prefix_cache_hits_shared_prefix(pages_free_after_test: list) -> None:
+def test_prefix_cache_hits_shared_prefix() -> None:
     path, prompt_ids, ref_outputs, _ = hf_reference("qwen2")
     llm = LLM(str(path), device="cpu", dtype="float32", block_size=4)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)

@@ -1,0 +1,109 @@
+"""Pages: refcounts, chained hashes with extra keys, LRU reuse, copy-on-write, fork."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.cache.block_pool import BlockPool, NoFreeBlocksError, compute_block_hashes
+from agentserve.cache.kv_cache_manager import KVCacheManager
+from agentserve.engine.request import Request
+
+
+def make_request(tokens: list[int], rid: str = "r", **kw: object) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4), **kw)  # type: ignore[arg-type]
+
+
+def test_chained_hashes_depend_on_prefix_and_extra_key() -> None:
+    a = compute_block_hashes(list(range(8)), 4, None, [])
+    b = compute_block_hashes([99] + list(range(1, 8)), 4, None, [])
+    c = compute_block_hashes(list(range(8)), 4, ("lora-a", None), [])
+    assert len(a) == 2
+    assert a[1] != b[1], "the second block's hash must depend on the first block"
+    assert a[0] != c[0], "pages are never shared across adapters or tenants"
+    assert compute_block_hashes(list(range(10)), 4, None, a[:1]) == a  # incremental = from scratch
+
+
+def test_refcounts_and_lru_reuse_of_cached_pages() -> None:
+    pool = BlockPool(num_blocks=4, block_size=4)
+    kv = KVCacheManager(pool)
+    r1 = make_request(list(range(9)))
+    assert kv.allocate_slots(r1, 9) == []
+    r1.num_computed_tokens = 9
+    kv.cache_full_blocks(r1)
+    assert pool.num_free_blocks == 1
+    kv.free(r1)
+    assert pool.num_free_blocks == 4
+    # Same prefix: the two full pages come back from the cache, not recomputed.
+    r2 = make_request(list(range(9)) + [50])
+    hits = kv.get_computed_blocks(r2)
+    assert len(hits) == 2
+    kv.allocate_slots(r2, 2, hits)
+    assert r2.num_computed_tokens == 8 and r2.block_table[:2] == hits
+    assert all(pool.ref_cnt(b) == 1 for b in r2.block_table)
+    kv.free(r2)
+    pool.check_all_free()
+    # Filling the pool with other tokens evicts the cached pages (lazily, least recently freed first).
+    r3 = make_request(list(range(100, 116)))
+    kv.allocate_slots(r3, 16)
+    assert kv.get_computed_blocks(make_request(list(range(9)))) == []
+    kv.free(r3)
+
+
+def test_allocation_failure_changes_nothing() -> None:
+    pool = BlockPool(num_blocks=2, block_size=4)
+    kv = KVCacheManager(pool)
+    r = make_request(list(range(12)))
+    assert kv.allocate_slots(r, 12) is None
+    assert r.block_table == [] and pool.num_free_blocks == 2
+    with pytest.raises(NoFreeBlocksError):
+        pool.allocate(3)
+
+
+def test_fork_shares_pages_and_writes_copy_on_write() -> None:
+    pool = BlockPool(num_blocks=8, block_size=4)
+    kv = KVCacheManager(pool)
+    parent = make_request(list(range(6)))
+    kv.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6
+    child = make_request(list(range(6)) + [7], rid="c")
+    child.block_table = kv.fork_blocks(parent.block_table)
+    child.num_computed_tokens = 6
+    assert all(pool.ref_cnt(b) == 2 for b in parent.block_table)
+    # The child writes token 6 into the shared partial page 1: it must get a private copy first.
+    copies = kv.allocate_slots(child, 1)
+    assert copies == [(parent.block_table[1], child.block_table[1])]
+    assert child.block_table[0] == parent.block_table[0]  # the full page stays shared
+    assert child.block_table[1] != parent.block_table[1]
+    assert pool.ref_cnt(parent.block_table[1]) == 1
+    kv.free(child)
+    kv.free(parent)
+    pool.check_all_free()
+
+
+def test_shared_pages_never_written_in_place_by_engine() -> None:
+    """Every slot the runner writes belongs to a page that only the writing request holds."""
+    from agentserve.llm import LLM
+    from agentserve.testing import tiny_model_cached
+
+    llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", block_size=4)
+    engine = llm.engine
+    original = engine.runner.execute
+    violations: list[str] = []
+
+    def checking_execute(chunks, block_copies, *a, **kw):  # type: ignore[no-untyped-def]
+        copied_to = {dst for _, dst in block_copies}
+        for chunk in chunks:
+            req = chunk.request
+            start = req.num_computed_tokens
+            for pos in range(start, start + chunk.num_tokens):
+                page = req.block_table[pos // 4]
+                if engine.pool.ref_cnt(page) != 1 and page not in copied_to:
+                    violations.append(f"{req.request_id} writes shared page {page}")
+        return original(chunks, block_copies, *a, **kw)
+
+    engine.runner.execute = checking_execute  # type: ignore[method-assign]
+    prompt = "Shared prefix for several requests that fork and share pages"
+    llm.generate([prompt] * 3 + [prompt + " with a tail"],
+                 SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=9, ignore_eos=True))
+    assert not violations, violations[:5]

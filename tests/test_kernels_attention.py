@@ -1,0 +1,143 @@
+"""Paged attention: Triton kernels against the torch reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors at tiny shapes
+(TRITON_INTERPRET must be set before anything imports triton kernels; the Makefile sets it too).
+The interpreter truncates fp32->bf16 casts and multiplies bf16 as raw integers in tl.dot, so
+these tests use fp32 and fp16; bf16 is covered by the GPU tests (tests/test_kernels_gpu.py).
+The dispatchers only pick Triton for CUDA tensors, so the tests call the *_triton functions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import agentserve.kernels as kernels  # noqa: E402
+from agentserve.kernels import paged_attention as pa  # noqa: E402
+from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+
+_INTERPRETED = HAS_TRITON and type(pa._paged_attention_kernel).__name__ == "InterpretedFunction"
+pytestmark = pytest.mark.skipif(
+    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+
+SCALE = 0.37  # not 1/sqrt(D), so a kernel that ignores `scale` fails
+
+
+def _check(batch: pa.PagedBatch, out: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    k_clean, v_clean = batch.clean_caches()
+    ref = pa.paged_attention_ref(*batch.args(k_clean, v_clean), SCALE, batch.max_query_len, batch.max_seq_len)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+# (q_lens, ctx_lens): prefill chunk with a cached prefix, decode, verification (k+1 = 4), a fresh
+# prompt, a chunk crossing several pages; lengths chosen not to be page or tile multiples.
+MIXED = ([9, 1, 4, 13, 1, 6], [21, 40, 11, 0, 3, 17])
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("head_dim,page_size", [(16, 4), (32, 16), (24, 8)])
+def test_unified_mixed_batch_fp32(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
+    batch = pa.random_paged_batch(*MIXED, num_q_heads, num_kv_heads, head_dim, page_size, torch.float32,
+                                  seed=head_dim * 100 + page_size + num_kv_heads)
+    out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
+    _check(batch, out, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_unified_small_tiles_many_iterations(block_m: int, block_n: int) -> None:
+    """Forces small tiles so every request spans several query tiles and KV tiles: exercises the
+    tile->request search, the unmasked/masked loop split and pages smaller and larger than BLOCK_N."""
+    for page_size in (4, 32):
+        batch = pa.random_paged_batch([17, 1, 5, 30], [35, 50, 0, 2], 4, 2, 16, page_size, torch.float32,
+                                      seed=block_m + block_n + page_size)
+        cfg = pa.AttnConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
+        out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len, config=cfg)
+        _check(batch, out, atol=1e-4)
+
+
+def test_unified_fp16_and_strided_q() -> None:
+    batch = pa.random_paged_batch(*MIXED, 4, 2, 32, 8, torch.float16, seed=7)
+    # q as a strided view of a fused projection output, as the model produces it.
+    fused = torch.randn(batch.q.shape[0], 4 * 32 + 64, dtype=torch.float16)
+    fused[:, : 4 * 32] = batch.q.reshape(batch.q.shape[0], -1)
+    batch.q = fused[:, : 4 * 32].view(batch.q.shape[0], 4, 32)
+    out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
+    _check(batch, out, atol=2e-3, rtol=1e-2)
+
+
+def test_unified_group_not_power_of_two_and_empty_requests() -> None:
+    # GQA group 3 (rows = token * 3 + head), a q_len-0 request and a seq_len-0 padding request
+    # (CUDA-graph padding: output must be 0 like the reference, not NaN).
+    batch = pa.random_paged_batch([3, 0, 1, 1], [5, 9, 20, 0], 6, 2, 16, 4, torch.float32, seed=3)
+    batch.seq_lens[3] = 0
+    batch.max_seq_len = int(batch.seq_lens.max())
+    out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
+    _check(batch, out, atol=1e-4)
+    assert out[-1].abs().max() == 0
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,page_size", [(4, 4, 4), (4, 1, 8), (6, 2, 16)])
+def test_split_kv_decode(num_q_heads: int, num_kv_heads: int, page_size: int) -> None:
+    batch = pa.random_paged_batch([1, 1, 1, 1], [70, 1, 33, 130], num_q_heads, num_kv_heads, 16, page_size,
+                                  torch.float32, seed=num_q_heads + page_size)
+    for splits in (1, 2, 3, 8):  # 8 splits of a 2-token context: most splits are empty
+        out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len,
+                                                     num_splits=splits, block_n=16)
+        _check(batch, out, atol=1e-4)
+
+
+def test_split_kv_fp16_padding_rows() -> None:
+    batch = pa.random_paged_batch([1, 0, 1, 1], [90, 5, 40, 0], 4, 2, 32, 16, torch.float16, seed=11)
+    batch.seq_lens[3] = 0  # padded decode slot
+    out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len, num_splits=4)
+    _check(batch, out, atol=2e-3, rtol=1e-2)
+    assert out[-1].abs().max() == 0
+
+
+def test_split_kv_rejects_multi_token_queries() -> None:
+    batch = pa.random_paged_batch([2, 1], [5, 5], 2, 1, 16, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError):
+        pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 2, batch.max_seq_len)
+
+
+def test_split_heuristic() -> None:
+    # Llama-3.1-8B on an H100: 8 kv heads, 132 SMs.
+    assert pa.use_split_kv(1, 8192, 8, 132)
+    assert pa.num_kv_splits(1, 8192, 8, 132) == 32  # capped by SPLIT_MIN_KEYS (8192 / 256)
+    assert pa.num_kv_splits(1, 1 << 20, 8, 132) == 33  # capped by ~SPLIT_TARGET_WAVES programs per SM
+    assert pa.use_split_kv(16, 4096, 8, 132)  # 128 programs < 132 SMs -> 2 splits
+    assert not pa.use_split_kv(17, 4096, 8, 132)  # a full wave already
+    assert not pa.use_split_kv(64, 8192, 8, 132)
+    assert not pa.use_split_kv(1, 300, 8, 132)  # too short to give two splits >= 256 keys
+    assert pa.num_kv_splits(1, 10**9, 1, 132) == pa.SPLIT_MAX
+
+
+def test_dispatcher_uses_reference_on_cpu() -> None:
+    batch = pa.random_paged_batch(*MIXED, 4, 2, 16, 4, torch.float32, poison=False, seed=5)
+    args = (*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
+    ref = pa.paged_attention_ref(*args)
+    assert torch.equal(pa.paged_attention(*args), ref)
+    kernels.set_backend("torch")
+    try:
+        assert kernels.get_backend() == "torch"
+        assert torch.equal(pa.paged_attention(*args), ref)
+    finally:
+        kernels.set_backend("auto")
+    with pytest.raises(ValueError):
+        kernels.set_backend("cuda")
+
+
+def test_attention_config_covers_group() -> None:
+    for group in (1, 3, 4, 8, 16, 32):
+        for mql in (1, 5, 512):
+            for dtype in (torch.float32, torch.bfloat16):
+                cfg = pa.attention_config(128, group, mql, dtype)
+                assert cfg.block_m >= group and cfg.block_m >= 16 and cfg.block_n >= 16
