@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -95,6 +95,9 @@ class Engine:
         self.groups: dict[str, list[Request]] = {}     # caller's id -> its n sequences
         self._prompts: dict[str, Optional[str]] = {}
         self._pending_forks: dict[str, list[Request]] = {}  # leader id -> siblings waiting for its prompt
+        # Called on the step thread with each finished output that carries retained pages (sessions adopt
+        # them there, so no consumer race can lose them); it sets out.retained_block_table = None once adopted.
+        self.on_retained: Optional[Callable[[RequestOutput], None]] = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -145,9 +148,10 @@ class Engine:
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
                     prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
-                    retain_blocks: bool = False) -> None:
+                    retain_blocks: bool = False, share_prefix: bool = False) -> None:
         """Queues a request. `prefix_block_table` hands in pages (a session's) already holding the KV
-        of the first `num_prefix_computed` tokens; the engine takes over those references."""
+        of the first `num_prefix_computed` tokens; the engine takes over those references (with
+        share_prefix it takes its own, copy-on-write, and the caller keeps its references)."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -169,7 +173,7 @@ class Engine:
             self.requests[rid] = req
         leader = children[0]
         if prefix_block_table:
-            leader.block_table = list(prefix_block_table)
+            leader.block_table = self.kv.fork_blocks(prefix_block_table) if share_prefix else list(prefix_block_table)
             leader.num_computed_tokens = num_prefix_computed
             leader.num_cached_tokens = num_prefix_computed
         self.groups[request_id] = children
@@ -319,6 +323,8 @@ class Engine:
                     out.retained_block_table = leader.block_table
                     out.retained_num_computed_tokens = leader.num_computed_tokens
                     leader.block_table = []
+                    if self.on_retained is not None:
+                        self.on_retained(out)
                 for c in children:
                     self.requests.pop(c.request_id, None)
                 del self.groups[parent_id]
