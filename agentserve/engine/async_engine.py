@@ -127,8 +127,12 @@ class AsyncEngine:
 
         try:
             await self.run(add)
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError) and not self._stopping:
+                # Cancelled while the add was queued or running: it may have gone in already (a
+                # running concurrent future cannot be cancelled), so take the request back out.
+                self.call_soon(lambda: self.engine.abort(request_id))
             raise
         finished = False
         try:

@@ -85,6 +85,10 @@ class Engine:
         self.eos_token_ids = _generation_eos(self.model_path, self.arch, self.tokenizer)
         self.max_model_len = self._decide_max_model_len()
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
+        if config.attention_backend != "auto":
+            from agentserve.kernels import set_backend
+
+            set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
         self.model_name = config.model.served_model_name or config.model.model
         self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len)
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -289,6 +293,11 @@ class Engine:
         self.scheduler.remove(req, free_blocks=not req.retain_blocks)
         self._pending_forks.pop(req.request_id, None)
         self.metrics.requests_finished_total += 1
+        for hook in self.metrics.finish_hooks:
+            try:
+                hook(req)
+            except Exception:  # noqa: BLE001 - an exporter must never fail a step
+                logger.exception("finish hook failed")
 
     # --- outputs ---------------------------------------------------------------------------------
     def _completion(self, req: Request) -> CompletionOutput:

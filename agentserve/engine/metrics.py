@@ -24,6 +24,9 @@ class EngineMetrics:
     kv_slots_held: int = 0
     kv_slots_allocated: int = 0
     _window: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, generated tokens)
+    # Callables run on the step thread with each sequence that finishes (stop or length), e.g. the
+    # Prometheus exporter's latency histograms. They must be cheap and must not raise.
+    finish_hooks: list = field(default_factory=list)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
