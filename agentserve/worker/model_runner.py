@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 import torch
 
@@ -20,6 +22,7 @@ from agentserve.model.attention import AttentionMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.sampling.sampler import Sampler
+from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,18 @@ class ModelRunner:
         self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads,
                                 arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.graphs: Optional[DecodeGraphs] = None
+        if self._use_cuda_graphs():
+            self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
+                                       self.max_blocks_per_seq, max_model_len, device)
+            self.graphs.capture()
+
+    def _use_cuda_graphs(self) -> bool:
+        from agentserve.kernels import HAS_TRITON, get_backend
+
+        # The torch reference attention has data-dependent shapes and cannot be captured.
+        return (self.device.type == "cuda" and not self.config.enforce_eager and HAS_TRITON
+                and get_backend() != "torch")
 
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -113,59 +128,82 @@ class ModelRunner:
         return num_blocks
 
     # --- one step ---------------------------------------------------------------------------------
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            # Pinned staging so the copy is asynchronous: no host-device sync while preparing a step.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        max_blocks = 1
         bs = self.block_size
-        for chunk in chunks:
+        num_tokens = [c.num_tokens for c in chunks]
+        total = sum(num_tokens)
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(num_tokens, out=query_start[1:])
+        seq_lens = np.empty(len(chunks), dtype=np.int32)
+        max_blocks = max(len(c.request.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), max(max_blocks, 1)), dtype=np.int32)
+        logits_indices = []
+        for i, chunk in enumerate(chunks):
             req = chunk.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + chunk.num_tokens
-            input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
+            lo, hi = query_start[i], query_start[i + 1]
             table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(query_start[-1] + chunk.num_tokens)
-            seq_lens.append(end)
-            max_blocks = max(max_blocks, len(table))
+            tables[i, :len(table)] = table
+            if chunk.num_tokens == 1:  # decode: skip numpy's per-call overhead
+                input_ids[lo] = req.all_token_ids[start]
+                positions[lo] = start
+                slots[lo] = table[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, end)
+                input_ids[lo:hi] = req.all_token_ids[start:end]
+                positions[lo:hi] = pos
+                slots[lo:hi] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            seq_lens[i] = end
             if chunk.sample:
-                logits_indices.append(query_start[-1] - 1)
-        tables = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
-        for i, chunk in enumerate(chunks):
-            table = chunk.request.block_table
-            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        dev = self.device
+                logits_indices.append(hi - 1)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            max_query_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
-        return (torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True), meta,
-                torch.tensor(logits_indices, dtype=torch.long).to(dev, non_blocking=True))
+            slot_mapping=self._to_device(slots), block_tables=self._to_device(tables),
+            query_start_loc=self._to_device(query_start), seq_lens=self._to_device(seq_lens),
+            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
+        return (self._to_device(input_ids), self._to_device(positions), meta,
+                self._to_device(np.asarray(logits_indices, dtype=np.int64)))
+
+    def _forward_logits(self, chunks: list[ScheduledChunk]) -> Optional[torch.Tensor]:
+        input_ids, positions, meta, logits_indices = self.prepare(chunks)
+        decode_only = meta.max_query_len == 1 and all(c.sample for c in chunks)
+        if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        if logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[logits_indices])
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
-                token_bitmask: Optional[torch.Tensor] = None) -> StepResult:
+                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None) -> StepResult:
+        """Runs one step. `token_bitmask_fn(sampling requests)` builds grammar masks on the CPU; it is
+        called after the forward has been launched, so mask building overlaps the GPU's work."""
         self.kv_cache.copy_blocks(block_copies)
-        input_ids, positions, meta, logits_indices = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        logits = self._forward_logits(chunks)
         sampling = [c.request for c in chunks if c.sample]
-        if not sampling:
+        if logits is None or not sampling:
             return StepResult(sampled=[])
-        logits = self.model.compute_logits(hidden[logits_indices])
-        meta_s = build_sampling_metadata(sampling, logits.shape[-1], self.device, token_bitmask)
+        bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
+        if bitmask is not None:
+            bitmask = bitmask.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else bitmask
+        meta_s = build_sampling_metadata(sampling, logits.shape[-1], self.device, bitmask)
         out = self.sampler(logits, meta_s)
         if out.logprobs is None:
             return StepResult(sampled=out.sampled_token_ids.tolist())
         assert out.logprob_token_ids is not None and out.sampled_ranks is not None
-        packed = torch.cat([out.sampled_token_ids[:, None].float(), out.sampled_ranks[:, None].float(),
-                            out.logprob_token_ids.float(), out.logprobs], dim=1).cpu()
+        packed = torch.cat([out.sampled_token_ids[:, None].double(), out.sampled_ranks[:, None].double(),
+                            out.logprob_token_ids.double(), out.logprobs.double()], dim=1).cpu()
         width = out.logprobs.shape[1]
         return StepResult(
             sampled=packed[:, 0].long().tolist(), ranks=packed[:, 1].long().tolist(),
