@@ -1,0 +1,220 @@
+"""The OpenAI-compatible HTTP API: `create_app(async_engine, config, session_store=None) -> FastAPI`.
+
+Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
+(JSON or SSE streaming), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port`
+runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
+
+Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
+fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` when
+`config.server.api_key` is set (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an
+unknown model, 413 for a request body over `max_body_bytes`, 400 (`context_length_exceeded`) for a
+prompt that does not fit, 503 when the engine's queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentserve.adapters.openai.metrics import Metrics
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
+                    code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def _openai_error_response(e: OpenAIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return _error_response(e.status, e.message, e.type, e.param, e.code, headers)
+
+
+class _GateMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware: it would break streaming and disconnect detection):
+    API key on /v1/*, request body size limit, and per-endpoint request/status counters."""
+
+    def __init__(self, app: Any, api_key: Optional[str], metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        status_box = [500]
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        try:
+            headers = dict(scope.get("headers") or [])
+            if self.api_key is not None and path.startswith("/v1"):
+                auth = headers.get(b"authorization", b"")
+                scheme, _, token = auth.partition(b" ")
+                if not auth:
+                    resp = _error_response(
+                        401, "You didn't provide an API key. Provide it in the Authorization header using "
+                             "Bearer auth (Authorization: Bearer YOUR_KEY).",
+                        "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                    await resp(scope, receive, counting_send)
+                    return
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                    resp = _error_response(401, "Incorrect API key provided.", "invalid_request_error", None,
+                                           "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                    await resp(scope, receive, counting_send)
+                    return
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    too_big = int(length) > self.max_body_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    resp = _error_response(413, f"The request body is {int(length)} bytes; the limit is "
+                                                f"{self.max_body_bytes} bytes.", "invalid_request_error", None,
+                                           "request_too_large")
+                    await resp(scope, receive, counting_send)
+                    return
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
+
+
+def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for
+    `server.api_key` and the model path); `session_store` (optional, duck-typed) feeds the session
+    gauges of /metrics."""
+    metrics = Metrics(async_engine.engine, session_store)
+    metrics.install()
+    serving = OpenAIServing(async_engine, config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def drain() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                metrics.drain()
+
+        task = asyncio.create_task(drain())
+        try:
+            yield
+        finally:
+            task.cancel()
+            metrics.uninstall()
+            serving.close()
+
+    app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.serving = serving
+    app.state.metrics = metrics
+    app.state.async_engine = async_engine
+    app.state.session_store = session_store
+
+    # --- errors -------------------------------------------------------------------------------------
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return _openai_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # Unions report the branch tried ("prompt.str"): keep the field path readable.
+        loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
+                                           "list[list[int]]", "dict[str,any]")]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            param = None
+        elif first.get("type") == "missing":
+            message = f"'{param}' is a required property"
+        else:
+            message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
+            if first.get("input") is not None and first.get("type") != "model_attributes_type":
+                with contextlib.suppress(TypeError, ValueError):
+                    message += f" (got {json.dumps(first['input'])[:200]})"
+        return _error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error_response(exc.status_code, str(exc.detail), type_, None, None,
+                               dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error")
+
+    # --- routes -------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        thread = getattr(async_engine, "_thread", None)
+        alive = thread is None or thread.is_alive()
+        if not alive or getattr(async_engine, "_stopping", False):
+            return _error_response(503, "the engine is not running", "server_error", None, "engine_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(serving.list_models())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        return JSONResponse(serving.get_model(model_id))
+
+    async def _respond(result: Any) -> Response:
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw_request: Request) -> Response:
+        try:
+            return await _respond(await serving.completions(body, raw_request))
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        try:
+            return await _respond(await serving.chat(body, raw_request))
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    app.add_middleware(_GateMiddleware, api_key=getattr(config.server, "api_key", None), metrics=metrics,
+                       max_body_bytes=max_body_bytes)
+    return app
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,212 @@
+"""Prometheus metrics for `/metrics` (prometheus_client text format, one registry per app).
+
+Two sources:
+- Engine-wide state and counters (running / waiting requests, KV pages, prefix-cache hits, token
+  totals, preemptions) are read from `engine.metrics` (EngineMetrics) at scrape time by a custom
+  collector, so they cover every request in the process (HTTP and gRPC alike).
+- Per-request latency histograms (time to first token, inter-token latency, end-to-end latency,
+  queue time) are fed from the engine's finish hook (`EngineMetrics.finish_hooks`), which hands
+  each finished sequence's timing to us on the step thread. The hook only appends a tuple to a
+  deque; the observations happen on the event loop (a background drain, and before every scrape),
+  so the step loop pays next to nothing.
+- Sessions resident / swapped come from the session store when one is given (duck-typed).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "agentserve_"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+def session_counts(store: Any) -> dict[str, int]:
+    """{"resident": n, "swapped": n, "evicted": n} from a session store, duck-typed: a
+    `residency_counts()` / `counts()` / `stats()` method returning such a dict, or sessions (a
+    `sessions` mapping or a `list_sessions()` / `list()` method) whose `state` / `residency` /
+    `status` attribute (a string or an enum) names their residency."""
+    counts = {"resident": 0, "swapped": 0, "evicted": 0}
+    if store is None:
+        return counts
+    for name in ("residency_counts", "counts", "stats"):
+        fn = getattr(store, name, None)
+        if callable(fn):
+            try:
+                got = fn()
+            except TypeError:
+                continue
+            if isinstance(got, dict) and any(k in got for k in counts):
+                for k in counts:
+                    counts[k] = int(got.get(k, 0) or 0)
+                return counts
+    sessions: Iterable[Any] = ()
+    raw = getattr(store, "sessions", None)
+    if isinstance(raw, dict):
+        sessions = list(raw.values())
+    else:
+        for name in ("list_sessions", "list"):
+            fn = getattr(store, name, None)
+            if callable(fn):
+                try:
+                    sessions = list(fn())
+                    break
+                except TypeError:
+                    continue
+    for s in sessions:
+        for attr in ("residency", "state", "status"):
+            value = getattr(s, attr, None)
+            if value is None:
+                continue
+            label = str(getattr(value, "name", value)).lower()
+            for k in counts:
+                if k in label:
+                    counts[k] += 1
+                    break
+            break
+    return counts
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Any, session_store: Any) -> None:
+        self.engine = engine
+        self.session_store = session_store
+
+    def collect(self) -> Iterable[Any]:
+        m = self.engine.metrics
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+        yield gauge("num_requests_running", "Sequences in the running batch.", m.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", m.num_waiting)
+        yield gauge("kv_cache_pages_used", "KV cache pages (blocks) in use.", m.kv_blocks_used)
+        yield gauge("kv_cache_pages_total", "KV cache pages (blocks) in the pool.", m.kv_blocks_total)
+        yield gauge("kv_cache_usage_ratio", "Share of KV cache pages in use (0..1).", m.kv_usage)
+        yield gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over tokens looked up.",
+                    m.prefix_cache_hit_rate)
+        yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache.",
+                      m.prefix_cache_queries)
+        yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits)
+        yield counter("prompt_tokens", "Prompt tokens of admitted requests.", m.prompt_tokens_total)
+        yield counter("prefilled_tokens", "Prompt-side tokens actually computed (cache misses, recomputes).",
+                      m.prefilled_tokens_total)
+        yield counter("generation_tokens", "Generated tokens.", m.generation_tokens_total)
+        yield counter("num_preemptions", "Sequences preempted for lack of KV pages.", m.num_preemptions_total)
+        yield counter("requests_finished", "Sequences that finished (stop or length).", m.requests_finished_total)
+        yield gauge("generation_tokens_per_second", "Recent generation throughput.", m.generation_tokens_per_s)
+        sessions = {"resident": 0, "swapped": 0, "evicted": 0}
+        try:
+            sessions = session_counts(self.session_store)
+        except Exception:  # noqa: BLE001 - a broken store must not break the scrape
+            logger.exception("reading session counts failed")
+        yield gauge("sessions_resident", "Open sessions whose KV pages are resident on the device.",
+                    sessions["resident"])
+        yield gauge("sessions_swapped", "Open sessions whose KV pages are swapped out to CPU memory.",
+                    sessions["swapped"])
+        yield gauge("sessions_evicted", "Open sessions whose KV pages were dropped (recomputed on the next turn).",
+                    sessions["evicted"])
+
+
+class Metrics:
+    """The app's registry: engine collector, latency histograms, HTTP request counters."""
+
+    def __init__(self, engine: Any, session_store: Any = None) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between consecutive output tokens (each sequence's decode time spread evenly "
+                             "over its tokens: sum and count are exact).", buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to finish.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(PREFIX + "request_queue_time_seconds",
+                               "Time from arrival until first scheduled.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_len = Histogram(PREFIX + "request_prompt_tokens", "Prompt tokens per finished sequence.",
+                                    buckets=_TOKEN_BUCKETS, registry=r)
+        self.gen_len = Histogram(PREFIX + "request_generation_tokens", "Generated tokens per finished sequence.",
+                                 buckets=_TOKEN_BUCKETS, registry=r)
+        self.http_requests = Counter(PREFIX + "http_requests", "HTTP API requests by endpoint and status code.",
+                                     ["endpoint", "status"], registry=r)
+        self.finished = Counter(PREFIX + "request_success", "Finished OpenAI API completions by finish reason.",
+                                ["finished_reason"], registry=r)
+        r.register(_EngineCollector(engine, session_store))
+        # Finished sequences' timings, appended on the step thread, observed on the event loop.
+        self._pending: collections.deque = collections.deque(maxlen=1_000_000)
+        self._hook_installed = False
+
+    # --- engine hook ----------------------------------------------------------------------------------
+    def install(self) -> None:
+        hooks = getattr(self.engine.metrics, "finish_hooks", None)
+        if hooks is not None and not self._hook_installed:
+            hooks.append(self._on_finish)
+            self._hook_installed = True
+
+    def uninstall(self) -> None:
+        hooks = getattr(self.engine.metrics, "finish_hooks", None)
+        if hooks is not None and self._hook_installed:
+            try:
+                hooks.remove(self._on_finish)
+            except ValueError:
+                pass
+            self._hook_installed = False
+
+    def _on_finish(self, req: Any) -> None:
+        # Step thread: keep it to one append.
+        t = req.timing
+        self._pending.append((t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,
+                              req.num_prompt_tokens, req.num_output_tokens))
+
+    def drain(self) -> None:
+        pending = self._pending
+        while pending:
+            try:
+                arrival, scheduled, first, last, finished, n_prompt, n_out = pending.popleft()
+            except IndexError:
+                break
+            if scheduled is not None:
+                self.queue.observe(max(0.0, scheduled - arrival))
+            if first is not None:
+                self.ttft.observe(max(0.0, first - arrival))
+                if last is not None and n_out > 1:
+                    mean = max(0.0, last - first) / (n_out - 1)
+                    for _ in range(n_out - 1):
+                        self.itl.observe(mean)
+            if finished is not None:
+                self.e2e.observe(max(0.0, finished - arrival))
+            self.prompt_len.observe(n_prompt)
+            self.gen_len.observe(n_out)
+
+    def render(self) -> bytes:
+        self.drain()
+        return generate_latest(self.registry)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Flat {sample name{labels}: value} view of a scrape (for tests and tools)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
