@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the GPU issues measure, in one command on the benchmark machine:
+#   bash benchmarks/gpu_suite.sh [quick|full]
+# Installs the offline wheels (.whl/, from ../shared/gpu/wheels.sh), runs `pytest -m gpu`, then every
+# benchmark; JSON goes under $OUT (default benchmarks/out), a summary table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-full}
+OUT=${OUT:-benchmarks/out}; export OUT; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || export PYTHONPATH=$PYTHONPATH:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n 40; echo "--- $name took $((SECONDS - t0)) s"; }
+DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
+if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
+  run pytest-gpu python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/ --junitxml "$OUT/pytest_gpu.xml"
+  run kernels python3 benchmarks/kernels.py --out "$OUT/kernels.json"
+  run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
+fi
+if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
+  run throughput python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --peer hf --peer-requests 256 --out "$OUT/throughput.json"
+  run throughput-torch-ref python3 benchmarks/throughput.py $DUMMY --attention-backend torch --num-requests 256 --max-num-seqs 64 --out "$OUT/throughput_torch_ref.json"
+  [ -f benchmarks/agent_loop.py ] && run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --out "$OUT/agent_loop.json"
+  [ -f benchmarks/grammar.py ] && run grammar python3 benchmarks/grammar.py --gpu-step $DUMMY --out "$OUT/grammar_gpu.json"
+fi
+ls -la "$OUT"

@@ -1,0 +1,121 @@
+"""Single-stream latency: decode tokens/s for one request (128-token prompt, 256 new tokens) and
+time to first token for one long prompt (8,192 tokens).
+
+  python benchmarks/latency.py --model llama-3.1-8b --load-format dummy --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_result, device_name  # noqa: E402
+
+from agentserve import SamplingParams  # noqa: E402
+from agentserve.llm import LLM  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _vocab(llm: LLM) -> int:
+    return min(llm.engine.arch.vocab_size - 10, 30000)
+
+
+def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    rates = []
+    for r in range(repeats + 1):
+        prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()
+        engine = llm.engine
+        engine.add_request(f"s{r}", prompt, params)
+        _sync()
+        first = None
+        n = 0
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            for out in engine.step():
+                n = len(out.outputs[0].token_ids)
+                if first is None and n:
+                    first = time.perf_counter()
+        _sync()
+        end = time.perf_counter()
+        if r > 0:  # the first run warms up
+            assert first is not None
+            rates.append((n - 1) / (end - first))  # decode rate after the first token
+    return {"decode_tok_s": statistics.median(rates), "runs": rates}
+
+
+def ttft(llm: LLM, prompt_len: int, repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for r in range(repeats + 1):
+        prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()  # fresh: no prefix-cache hit
+        _sync()
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        _sync()
+        if r > 0:
+            times.append((time.perf_counter() - start) * 1000)
+    return {"ttft_ms": statistics.median(times), "runs_ms": times}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--ttft-prompt-len", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--bandwidth-limit-tok-s", type=float, default=187.0,
+                    help="weights bytes / copy bandwidth (H100, 8B bf16: 16 GB / 3.0 TB/s)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    model = args.model
+    if model is None:
+        from agentserve.testing import tiny_model_cached
+
+        model = str(tiny_model_cached("qwen2", max_position_embeddings=16384))
+    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              max_model_len=max(args.ttft_prompt_len, args.prompt_len + args.new_tokens) + 16,
+              max_num_batched_tokens=max(args.ttft_prompt_len, 2048), max_num_seqs=64,
+              attention_backend=args.attention_backend)
+    stream = single_stream(llm, args.prompt_len, args.new_tokens, args.repeats)
+    first = ttft(llm, args.ttft_prompt_len, args.repeats)
+    result = {"benchmark": "latency", "model": model, "device": device_name(), "single_stream": stream,
+              "ttft": first, "ratio_to_bandwidth_limit": stream["decode_tok_s"] / args.bandwidth_limit_tok_s}
+    print(f"latency on {result['device']} ({model})")
+    print(f"  one stream, {args.prompt_len}-token prompt, {args.new_tokens} new: {stream['decode_tok_s']:.1f} tok/s "
+          f"(limit {args.bandwidth_limit_tok_s:.0f}, ratio {result['ratio_to_bandwidth_limit']:.2f}; target >= 160)")
+    print(f"  time to first token, {args.ttft_prompt_len}-token prompt: {first['ttft_ms']:.1f} ms (target <= 250)")
+    out = args.out or (os.path.join(os.environ["OUT"], "latency.json") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    if args.record:
+        append_result("latency", " ".join(["python benchmarks/latency.py", *(argv or sys.argv[1:])]),
+                      f"{stream['decode_tok_s']:.1f} tok/s one stream; TTFT {first['ttft_ms']:.1f} ms "
+                      f"@{args.ttft_prompt_len}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
