@@ -1,0 +1,221 @@
+"""Errors of the OpenAI-compatible API, each with its status and OpenAI's error shape
+{"error": {"message", "type", "param", "code"}}: 401 (API key), 404 (model, route), 400 (fields,
+over-long input), 413 (body size), 503 (queue full)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import httpx
+import openai
+import pytest
+
+from agentserve.adapters.openai.app import create_app
+from agentserve.adapters.openai.server import ServerThread
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
+from agentserve.testing.tiny import tiny_model_cached
+
+MODEL = "tiny-llama3"
+KEY = "sk-test-0123456789"
+MAX_MODEL_LEN = 256
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+class Live:
+    def __init__(self, aeng: AsyncEngine, server: ServerThread) -> None:
+        self.aeng, self.server = aeng, server
+        self.http = httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+        self.client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    path = tiny_model_cached("llama3")
+    config = EngineConfig.from_kwargs(str(path), device="cpu", num_blocks=256, served_model_name=MODEL,
+                                      max_model_len=MAX_MODEL_LEN, api_key=KEY)
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config, max_body_bytes=256 * 1024)).start()
+    yield Live(aeng, server)
+    server.stop()
+    aeng.shutdown()
+
+
+def _error(r: httpx.Response, status: int, param: Optional[str] = None, contains: str = "",
+           code: Optional[str] = None) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert contains.lower() in err["message"].lower(), err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def _chat(live: Live, **fields: Any) -> httpx.Response:
+    return live.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4,
+                                                        **fields})
+
+
+# --- 401 ----------------------------------------------------------------------------------------------
+
+
+def test_api_key_required(live: Live) -> None:
+    url = live.server.url
+    for path, method in (("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")):
+        r = httpx.request(method, url + path, json={"model": MODEL, "prompt": "x", "messages": MESSAGES})
+        err = _error(r, 401, contains="API key", code="invalid_api_key")
+        assert err["type"] == "invalid_request_error"
+        r = httpx.request(method, url + path, json={"model": MODEL, "prompt": "x", "messages": MESSAGES},
+                          headers={"Authorization": "Bearer wrong"})
+        _error(r, 401, contains="incorrect api key", code="invalid_api_key")
+    # The official client with a wrong key gets AuthenticationError; with the key it works.
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert [m.id for m in live.client.models.list().data] == [MODEL]
+    # /health and /metrics stay open (as in vLLM) for probes and scrapers.
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/metrics").status_code == 200
+
+
+# --- 404 ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_or_route(live: Live) -> None:
+    _error(_chat(live, model="gpt-4o"), 404, param="model", contains="`gpt-4o` does not exist",
+           code="model_not_found")
+    r = live.http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    _error(r, 404, param="model", code="model_not_found")
+    _error(live.http.get("/v1/models/nope"), 404, param="model")
+    with pytest.raises(openai.NotFoundError):
+        live.client.chat.completions.create(model="other-model", messages=MESSAGES)
+    _error(live.http.get("/v1/no-such-route"), 404, contains="not found")
+
+
+# --- 400: fields ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, param, contains", [
+    ({"temperature": -0.5}, "temperature", "temperature must be >= 0"),
+    ({"temperature": "hot"}, "temperature", "valid number"),
+    ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p", "top_p"),
+    ({"n": 0}, "n", "n must be"),
+    ({"presence_penalty": 3}, "presence_penalty", "presence_penalty"),
+    ({"frequency_penalty": -9}, "frequency_penalty", "frequency_penalty"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens", "max_tokens"),
+    ({"top_k": -2}, "top_k", "top_k"),
+    ({"min_p": 2}, "min_p", "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty"),
+    ({"stop": [""]}, "stop", "stop"),
+    ({"stop": 5}, "stop", "stop"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+    ({"logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    ({"messages": []}, "messages", "non-empty"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "role must be one of"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "needs content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type", "not supported"),
+    ({"messages": "hello"}, "messages", "valid list"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice",
+     "tool_choice must be"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", "'g', which is not in tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "required"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "is required"),
+    ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage", "valid boolean"),
+])
+def test_invalid_fields_are_400_naming_the_field(live: Live, fields: dict[str, Any], param: str,
+                                                 contains: str) -> None:
+    err = _error(_chat(live, **fields), 400, param=param, contains=contains)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_missing_fields_and_bad_json(live: Live) -> None:
+    r = live.http.post("/v1/chat/completions", json={"model": MODEL})
+    _error(r, 400, param="messages", contains="'messages' is a required property")
+    r = live.http.post("/v1/completions", json={"model": MODEL})
+    _error(r, 400, param="prompt", contains="required")
+    r = live.http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    _error(r, 400, contains="not valid JSON")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "suffix": "y"})
+    _error(r, 400, param="suffix", contains="not supported")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "best_of": 3})
+    _error(r, 400, param="best_of")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 50})
+    _error(r, 400, param="logprobs", contains="logprobs must be in [0, 20]")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 10**9]})
+    _error(r, 400, param="prompt", contains="token ids must be integers")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": []})
+    _error(r, 400, param="prompt")
+    # The official client raises BadRequestError carrying the same body.
+    with pytest.raises(openai.BadRequestError) as info:
+        live.client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
+    assert info.value.status_code == 400 and info.value.body["param"] == "temperature"
+
+
+# --- over-long input ------------------------------------------------------------------------------------
+
+
+def test_over_long_input(live: Live) -> None:
+    long_text = "word " * (MAX_MODEL_LEN * 2)
+    err = _error(_chat(live, messages=[{"role": "user", "content": long_text}]), 400, param="messages",
+                 contains=f"maximum context length is {MAX_MODEL_LEN} tokens", code="context_length_exceeded")
+    assert "tokens" in err["message"]
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": long_text})
+    _error(r, 400, param="prompt", code="context_length_exceeded")
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": list(range(5, 5 + MAX_MODEL_LEN))})
+    _error(r, 400, param="prompt", code="context_length_exceeded")
+    # Prompt + max_tokens over the limit names max_tokens.
+    r = _chat(live, max_tokens=MAX_MODEL_LEN)
+    _error(r, 400, param="max_tokens", contains="in the completion", code="context_length_exceeded")
+    # A body over the server's byte limit is refused before parsing.
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * (300 * 1024)})
+    _error(r, 413, contains="limit", code="request_too_large")
+    with pytest.raises(openai.APIStatusError) as info:
+        live.client.completions.create(model=MODEL, prompt="y" * (300 * 1024))
+    assert info.value.status_code == 413
+
+
+# --- 503 ----------------------------------------------------------------------------------------------
+
+
+def test_queue_full_is_503(live: Live) -> None:
+    saved = live.aeng.max_pending
+    live.aeng.max_pending = 0
+    try:
+        r = _chat(live)
+        err = _error(r, 503, contains="overloaded", code="queue_full")
+        assert err["type"] == "server_error" and r.headers.get("retry-after") == "1"
+        _error(_chat(live, stream=True), 503, code="queue_full")
+        _error(live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 503, code="queue_full")
+        with pytest.raises(openai.InternalServerError) as info:
+            live.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        assert info.value.status_code == 503
+    finally:
+        live.aeng.max_pending = saved
+    assert _chat(live).status_code == 200
+
+
+def test_errors_are_counted_in_metrics(live: Live) -> None:
+    from agentserve.adapters.openai.metrics import parse_metrics
+
+    before = parse_metrics(live.http.get("/metrics").text)
+    _chat(live, model="nope")
+    _chat(live, temperature=-3)
+    after = parse_metrics(live.http.get("/metrics").text)
+    key404 = 'agentserve_http_requests_total{endpoint="/v1/chat/completions",status="404"}'
+    key400 = 'agentserve_http_requests_total{endpoint="/v1/chat/completions",status="400"}'
+    assert after[key404] - before.get(key404, 0) == 1
+    assert after[key400] - before.get(key400, 0) == 1
