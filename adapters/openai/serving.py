@@ -95,7 +95,7 @@ class OpenAIServing:
         # Chat templates and tokenization are CPU work: off the event loop, one at a time (fast
         # tokenizers are not re-entrant everywhere), so streaming never stalls behind a long prompt.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentserve-tokenize")
-        self._tool_format: Optional[str] = None
+        self._tool_fmt: Optional[str] = None  # detected lazily ("" when unknown)
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -403,9 +403,9 @@ class OpenAIServing:
 
     # --- chat ---------------------------------------------------------------------------------------
     def _tool_format(self) -> Optional[str]:
-        if self._tool_format is None:
-            self._tool_format = tool_format_of(self.tokenizer) or ""
-        return self._tool_format or None
+        if self._tool_fmt is None:
+            self._tool_fmt = tool_format_of(self.tokenizer) or ""
+        return self._tool_fmt or None
 
     @staticmethod
     def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -554,11 +554,12 @@ class OpenAIServing:
         return await ctx.full(raw_request)
 
     def _marker_is_special(self, fmt: str) -> bool:
-        marker = {"mistral": "[TOOL_CALLS]", "llama3_json": "<|python_tag|>"}.get(fmt)
+        """Whether the format's call opener is a special token (Mistral's [TOOL_CALLS]), which
+        skip_special_tokens would drop from the text the parser reads."""
+        marker = {"mistral": "[TOOL_CALLS]"}.get(fmt)
         if marker is None or self.tokenizer is None:
             return False
-        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
-        return marker in specials and fmt == "mistral"
+        return marker in set(getattr(self.tokenizer, "all_special_tokens", []) or [])
 
 
 # --- response builders ------------------------------------------------------------------------------
