@@ -1,0 +1,440 @@
+"""AgentService over grpc.aio: sessions (sessions/store.py), stateless generation, models, health.
+
+Every RPC maps errors to status codes with a readable message: NOT_FOUND (session, model, adapter),
+INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input), FAILED_PRECONDITION (a
+turn already running on the session), RESOURCE_EXHAUSTED (queue full), UNAUTHENTICATED (API key),
+CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
+
+import grpc
+
+from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from agentserve.engine.engine import InvalidRequestError
+from agentserve.sampling_params import SamplingParams
+from agentserve.service import agent_pb2 as pb
+from agentserve.service import agent_pb2_grpc as pb_grpc
+from agentserve.sessions import render as R
+from agentserve.sessions.store import (SessionError, SessionSnapshot, SessionState, SessionStore, TextEvent,
+                                       Timing, ToolCallEvent, TurnResult, Usage)
+from agentserve.sessions.tool_calls import make_tool_call_streamer
+
+logger = logging.getLogger(__name__)
+
+_STATE = {
+    SessionState.NEW: pb.SESSION_STATE_NEW,
+    SessionState.RESIDENT: pb.SESSION_STATE_RESIDENT,
+    SessionState.SWAPPED: pb.SESSION_STATE_SWAPPED,
+    SessionState.EVICTED: pb.SESSION_STATE_EVICTED,
+    SessionState.CLOSED: pb.SESSION_STATE_CLOSED,
+}
+
+
+class NotFoundError(Exception):
+    pass
+
+
+# --- proto <-> python -------------------------------------------------------------------------------
+def messages_from_proto(messages: Sequence[pb.Message]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content or None}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+                               for tc in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        if m.token_ids:
+            d["token_ids"] = list(m.token_ids)
+        out.append(d)
+    return out
+
+
+def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]:
+    out = []
+    for i, t in enumerate(tools):
+        params = R.parse_json_object(t.parameters_json, f"tools[{i}].parameters_json") if t.parameters_json else None
+        fn: dict[str, Any] = {"name": t.name}  # OpenAI's key order (templates serialise tools as given)
+        if t.description:
+            fn["description"] = t.description
+        fn["parameters"] = params
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def message_to_proto(m: dict[str, Any]) -> pb.Message:
+    msg = pb.Message(role=m.get("role", ""), content=m.get("content") or "", tool_call_id=m.get("tool_call_id", ""),
+                     name=m.get("name", ""), token_ids=m.get("token_ids") or [])
+    for tc in m.get("tool_calls") or []:
+        fn = tc.get("function", {})
+        args = fn.get("arguments", "")
+        msg.tool_calls.add(id=tc.get("id", ""), name=fn.get("name", ""),
+                           arguments=args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return msg
+
+
+def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.ResponseFormat] = None,
+                        tools: Optional[list[dict[str, Any]]] = None, tool_choice: str = "") -> SamplingParams:
+    kw: dict[str, Any] = {"max_tokens": None}
+    for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"):
+        if sp.HasField(name):
+            kw[name] = getattr(sp, name)
+    if sp.stop:
+        kw["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        kw["stop_token_ids"] = list(sp.stop_token_ids)
+    kw["ignore_eos"] = sp.ignore_eos
+    if response_format is not None and response_format.type not in ("", "text"):
+        kind = response_format.type
+        if kind == "json_object":
+            kw["json_object"] = True
+        elif kind == "json_schema":
+            if not response_format.json_schema:
+                raise InvalidRequestError("response_format.json_schema is empty")
+            kw["json_schema"] = R.parse_json_object(response_format.json_schema, "response_format.json_schema")
+        elif kind == "regex":
+            kw["regex"] = response_format.regex
+        elif kind == "choice":
+            kw["choice"] = list(response_format.choice)
+        else:
+            raise InvalidRequestError(f"response_format.type {kind!r} is not one of text, json_object, json_schema, "
+                                      "regex, choice")
+    if tool_choice and not tools:
+        raise InvalidRequestError("tool_choice needs tools (declare them when creating the session)")
+    if tools and tool_choice != "none":
+        names = [t["function"]["name"] for t in tools]
+        if tool_choice in ("", "auto", "required"):
+            choice: Any = tool_choice or "auto"
+        elif tool_choice in names:
+            choice = {"type": "function", "function": {"name": tool_choice}}
+        else:
+            raise InvalidRequestError(f"tool_choice {tool_choice!r} is not auto, none, required or a declared tool "
+                                      f"({', '.join(names)})")
+        if not any(k in kw for k in ("json_object", "json_schema", "regex", "choice")):
+            kw["tools"], kw["tool_choice"] = tools, choice
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        raise InvalidRequestError(f"sampling: {e}") from None
+
+
+def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
+    info = pb.SessionInfo(
+        session_id=s.session_id, model=s.model, adapter=s.adapter or "", state=_STATE[s.state], num_tokens=s.num_tokens,
+        num_kv_tokens=s.num_kv_tokens, num_pages=s.num_pages, num_swapped_pages=s.num_swapped_pages,
+        num_turns=s.num_turns, num_messages=s.num_messages, busy=s.busy, parent_id=s.parent_id or "",
+        created_at=s.created_at, last_active_at=s.last_active_at, expires_at=s.expires_at, ttl_seconds=s.ttl_seconds,
+        metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [])
+    for m in s.messages or []:
+        info.messages.append(message_to_proto(m))
+    return info
+
+
+def usage_to_proto(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, prefilled_tokens=u.prefilled_tokens,
+                    completion_tokens=u.completion_tokens, swapped_in_tokens=u.swapped_in_tokens)
+
+
+def timing_to_proto(t: Timing) -> pb.Timing:
+    return pb.Timing(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, ttft_ms=t.ttft_ms, decode_ms=t.decode_ms,
+                     total_ms=t.total_ms, swap_in_ms=t.swap_in_ms)
+
+
+def timing_from_metrics(metrics: Any, received_at: float) -> Timing:
+    t = Timing(total_ms=(time.monotonic() - received_at) * 1e3)
+    if metrics is None:
+        return t
+    if metrics.first_scheduled_time is not None:
+        t.queue_ms = (metrics.first_scheduled_time - metrics.arrival_time) * 1e3
+        if metrics.first_token_time is not None:
+            t.prefill_ms = (metrics.first_token_time - metrics.first_scheduled_time) * 1e3
+    if metrics.first_token_time is not None:
+        t.ttft_ms = (metrics.first_token_time - received_at) * 1e3
+        if metrics.finished_time is not None:
+            t.decode_ms = (metrics.finished_time - metrics.first_token_time) * 1e3
+    return t
+
+
+# --- errors -----------------------------------------------------------------------------------------
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, SessionError):
+        return getattr(grpc.StatusCode, e.code), str(e)
+    if isinstance(e, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, (InvalidRequestError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+
+
+@contextlib.asynccontextmanager
+async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except (grpc.aio.AbortError, GeneratorExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
+        code, msg = status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            logger.exception("RPC failed")
+        await context.abort(code, msg)
+
+
+# --- the service ------------------------------------------------------------------------------------
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, async_engine: AsyncEngine, store: SessionStore) -> None:
+        self.aeng = async_engine
+        self.engine = async_engine.engine
+        self.store = store
+        self.serving = True
+        self._ids = itertools.count()
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.engine.model_name:
+            raise NotFoundError(f"model {model!r} is not served here; this server serves {self.engine.model_name!r}")
+
+    def _check_adapter(self, adapter: str) -> None:
+        if adapter and adapter not in self._adapters():
+            raise NotFoundError(f"adapter {adapter!r} is not loaded" + (
+                "" if self.engine.config.lora.enable_lora else " (LoRA is not enabled on this server)"))
+
+    def _adapters(self) -> list[str]:
+        mgr = getattr(self.engine, "lora_manager", None)
+        names = getattr(mgr, "names", None) if mgr is not None else None
+        if callable(names):
+            return list(names())
+        return list(names or [])
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        async with _errors(context):
+            self._check_model(request.model)
+            self._check_adapter(request.adapter)
+            snap = await self.store.create(
+                messages_from_proto(request.messages), tools=tools_from_proto(request.tools),
+                ttl_seconds=request.ttl_seconds, cache_salt=request.cache_salt or None, adapter=request.adapter or None,
+                raw_tokens=request.raw_tokens, metadata=dict(request.metadata))
+            return snapshot_to_proto(snap)
+        raise AssertionError("unreachable")
+
+    async def Turn(self, request: pb.TurnRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TurnEvent]:
+        received = time.monotonic()
+        async with _errors(context):
+            tools = self.store.session_tools(request.session_id)
+            params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
+                "response_format") else None, tools, request.tool_choice)
+            ids = request.return_token_ids
+            async with contextlib.aclosing(self.store.turn(
+                    request.session_id, messages_from_proto(request.messages), params,
+                    expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
+                    received_at=received)) as events:
+                async for ev in events:
+                    if isinstance(ev, TextEvent):
+                        if ev.text or (ids and ev.token_ids):
+                            yield pb.TurnEvent(text=pb.TextDelta(text=ev.text, token_ids=ev.token_ids if ids else []))
+                    elif isinstance(ev, ToolCallEvent):
+                        yield pb.TurnEvent(tool_call=pb.ToolCallDelta(index=ev.index, id=ev.id, name=ev.name,
+                                                                      arguments_delta=ev.arguments_delta))
+                    elif isinstance(ev, TurnResult):
+                        yield pb.TurnEvent(done=pb.TurnDone(
+                            message=message_to_proto(ev.message), finish_reason=ev.finish_reason,
+                            usage=usage_to_proto(ev.usage), timing=timing_to_proto(ev.timing),
+                            token_ids=ev.token_ids if ids else [],
+                            prompt_token_ids=ev.prompt_token_ids if ids else [],
+                            session=snapshot_to_proto(ev.session)))
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        async with _errors(context):
+            snap = await self.store.fork(request.session_id, ttl_seconds=request.ttl_seconds,
+                                         metadata=dict(request.metadata) if request.metadata else None)
+            return snapshot_to_proto(snap)
+        raise AssertionError("unreachable")
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        async with _errors(context):
+            return snapshot_to_proto(await self.store.get(request.session_id, request.include_messages,
+                                                          request.include_token_ids))
+        raise AssertionError("unreachable")
+
+    async def ListSessions(self, request: pb.ListSessionsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
+        async with _errors(context):
+            return pb.ListSessionsResponse(sessions=[snapshot_to_proto(s) for s in await self.store.list()])
+        raise AssertionError("unreachable")
+
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        async with _errors(context):
+            return pb.CloseSessionResponse(session=snapshot_to_proto(await self.store.close(request.session_id)))
+        raise AssertionError("unreachable")
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateEvent]:
+        received = time.monotonic()
+        async with _errors(context):
+            self._check_model(request.model)
+            self._check_adapter(request.adapter)
+            given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
+            if sum(given) != 1:
+                raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
+            tools = tools_from_proto(request.tools)
+            if tools is not None:
+                tools = R.normalize_tools(tools)
+            if request.tools and not request.messages:
+                raise InvalidRequestError("tools need messages (they are rendered with the chat template)")
+            params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
+                "response_format") else None, tools, request.tool_choice)
+            prompt: Any
+            if request.messages:
+                tok = self.engine.tokenizer
+                if not R.has_chat_template(tok):
+                    raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
+                msgs = R.normalize_messages(messages_from_proto(request.messages), raw_tokens=False,
+                                            vocab_size=self.engine.arch.vocab_size)
+                prompt = R.encode(tok, R.render(tok, msgs, tools, add_generation_prompt=True))
+            elif request.prompt_token_ids:
+                prompt = list(request.prompt_token_ids)
+            else:
+                prompt = request.prompt
+            streamer = make_tool_call_streamer(self.engine, tools, params)
+            rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
+            async with contextlib.aclosing(self.aeng.generate(
+                    rid, prompt, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                    lora_name=request.adapter or None)) as outs:
+                async for out in outs:
+                    comp = out.outputs[0]
+                    text = comp.delta_text
+                    if streamer is not None and text:
+                        text, calls = streamer.feed(text)
+                        for c in calls:
+                            yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
+                                index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
+                    if text or (request.return_token_ids and comp.delta_token_ids):
+                        yield pb.GenerateEvent(text=pb.TextDelta(
+                            text=text, token_ids=comp.delta_token_ids if request.return_token_ids else []))
+                    if out.finished:
+                        m = out.metrics
+                        usage = pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                                         cached_tokens=m.num_cached_tokens if m else 0,
+                                         prefilled_tokens=m.num_prefilled_tokens if m else 0,
+                                         completion_tokens=len(comp.token_ids))
+                        done = pb.GenerateDone(text=comp.text, token_ids=comp.token_ids,
+                                               finish_reason=comp.finish_reason or "stop", usage=usage,
+                                               timing=timing_to_proto(timing_from_metrics(m, received)))
+                        if streamer is not None:
+                            content, calls = streamer.finish(comp.text)
+                            if calls:
+                                done.text = content
+                                for c in calls:
+                                    done.tool_calls.add(id=c["id"], name=c["function"]["name"],
+                                                        arguments=c["function"]["arguments"])
+                                if done.finish_reason == "stop":
+                                    done.finish_reason = "tool_calls"
+                        yield pb.GenerateEvent(done=done)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        e = self.engine
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            id=e.model_name, max_model_len=e.max_model_len, root=str(e.model_path or e.config.model.model),
+            adapters=self._adapters(), has_chat_template=R.has_chat_template(e.tokenizer),
+            vocab_size=e.arch.vocab_size)])
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        async with _errors(context):
+            mgr = getattr(self.engine, "lora_manager", None)
+            load = getattr(mgr, "load", None) if mgr is not None else None
+            if load is None:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server "
+                                    "build yet" if self.engine.config.lora.enable_lora else
+                                    "LoRA is not enabled (start the server with --enable-lora)")
+            if not request.name or not request.path:
+                raise InvalidRequestError("LoadAdapter needs a name and a path")
+            await self.aeng.run(lambda: load(request.name, request.path))  # type: ignore[misc]
+            return pb.AdapterInfo(name=request.name, path=request.path)
+        raise AssertionError("unreachable")
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
+        async with _errors(context):
+            self._check_adapter(request.name)
+            mgr = getattr(self.engine, "lora_manager", None)
+            unload = getattr(mgr, "unload", None)
+            if unload is None:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server")
+            await self.aeng.run(lambda: unload(request.name))  # type: ignore[misc]
+            return pb.UnloadAdapterResponse()
+        raise AssertionError("unreachable")
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        from agentserve import __version__
+
+        m = self.engine.metrics
+        counts = self.store.residency_counts()
+        return pb.HealthResponse(
+            status=pb.HealthResponse.SERVING if self.serving else pb.HealthResponse.NOT_SERVING,
+            model=self.engine.model_name, num_running=m.num_running, num_waiting=m.num_waiting,
+            kv_pages_used=self.engine.pool.num_used_blocks, kv_pages_total=self.engine.pool.num_blocks,
+            num_sessions=len(self.store), sessions_resident=counts["resident"], sessions_swapped=counts["swapped"],
+            sessions_evicted=counts["evicted"], swap_slots_used=self.store.num_swap_slots - self.store.num_free_swap_slots,
+            swap_slots_total=self.store.num_swap_slots, prefix_cache_hit_rate=self.engine.pool.hit_rate,
+            version=__version__)
+
+
+# --- API key ----------------------------------------------------------------------------------------
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC needs metadata `authorization: Bearer <key>` (or `x-api-key: <key>`)."""
+
+    def __init__(self, api_key: str) -> None:
+        self._key = api_key.encode()
+
+    def _authorized(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        for key, value in metadata or ():
+            if isinstance(value, bytes):
+                continue
+            key = key.lower()
+            if key == "authorization" and value.lower().startswith("bearer "):
+                candidate = value[7:].strip()
+            elif key == "x-api-key":
+                candidate = value.strip()
+            else:
+                continue
+            if hmac.compare_digest(candidate.encode(), self._key):
+                return True
+        return False
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or self._authorized(handler_call_details.invocation_metadata):
+            return handler
+        msg = "missing or wrong API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+            yield  # pragma: no cover
+
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+        return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+def add_to_server(server: grpc.aio.Server, servicer: AgentServicer) -> None:
+    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)

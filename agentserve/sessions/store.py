@@ -1,0 +1,802 @@
+"""Sessions: conversations whose KV pages stay resident between agent turns.
+
+A session holds its token history and a block table (references on KV pages). A turn is an engine
+request whose prompt is the session's tokens plus the new messages' tokens; it starts from the
+session's pages (shared copy-on-write, `share_prefix=True`) so only the new tokens are prefilled, and
+when it finishes the engine hands its pages back (`Engine.on_retained`, on the step thread) and the
+session adopts them in place of the old ones.
+
+Threading: the engine is not thread-safe, so every operation that touches pages or session state runs
+on the engine's step thread (through `AsyncEngine.run`, or inside the engine's hooks: the scheduler's
+`reclaim` and `on_retained`). The async methods are thin wrappers around those step-thread functions.
+
+Token history and the chat template (append-consistency). A session keeps the model's own tokens:
+after a turn its history is the turn's prompt tokens plus the tokens the model generated. The next
+turn renders the whole conversation (all messages, with the reply as an assistant message) with the
+chat template; when the text the session's tokens decode to is a prefix of that rendering — the usual
+case with append-consistent templates — only the rest (the end-of-turn marker, the new messages and
+the generation prompt) is tokenized and appended. So decoding a session's tokens always gives exactly
+the rendered conversation, and a turn's prompt is exactly what a stateless request over the same
+tokens gets (the exactness tests compare with that). Where the template re-renders history
+differently from what was generated (a stop string cut the reply, a tool call re-serialised, a
+different end-of-turn token), the conversation is re-tokenized from scratch and the pages of the
+longest common token prefix are kept (`stats.rerenders` counts these).
+
+Cancelling a turn: a turn that the engine had not finished when the cancel arrived is rolled back —
+the session's tokens, messages and pages are exactly as before the turn (the turn ran on its own
+copy-on-write references, which the abort frees). A turn the engine had already finished is kept
+whole. Either way no page leaks.
+
+Residency: between turns a session's pages are pinned. When the scheduler runs out of pages it calls
+`reclaim`, which takes pages from idle sessions before any running request is preempted: first the
+sessions past their expected-next-turn hint, then those without a hint, then those expected back
+soon, least recently used first within each group. An evicted session's pages are copied to CPU swap
+space when there are enough free slots (SWAPPED; restored on the next turn), else dropped (EVICTED;
+their full pages stay findable by hash until reused, so the next turn recomputes only what is gone).
+Leading pages that are shared with other owners and findable by hash (a common system prompt) are not
+copied: the swap-in finds them in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequence, TypeVar, Union
+
+from agentserve.cache.block_pool import compute_block_hashes
+from agentserve.engine.async_engine import EngineDeadError
+from agentserve.engine.engine import InvalidRequestError
+from agentserve.engine.request import RequestOutput
+from agentserve.sampling_params import SamplingParams
+from agentserve.sessions import render as R
+from agentserve.sessions.tool_calls import make_tool_call_streamer
+
+if TYPE_CHECKING:
+    from agentserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_TTL_SECONDS = 1800.0
+
+
+class SessionState(str, enum.Enum):
+    NEW = "new"            # no KV computed yet
+    RESIDENT = "resident"  # pages on the device
+    SWAPPED = "swapped"    # pages in CPU swap space
+    EVICTED = "evicted"    # pages dropped; recomputed (prefix cache helps) on the next turn
+    CLOSED = "closed"
+
+
+class SessionError(Exception):
+    """Base of the session errors; `code` names the gRPC status they map to."""
+    code = "INTERNAL"
+
+
+class SessionNotFoundError(SessionError):
+    code = "NOT_FOUND"
+
+
+class SessionBusyError(SessionError):
+    code = "FAILED_PRECONDITION"
+
+
+class TurnCancelledError(SessionError):
+    code = "CANCELLED"
+
+
+# --- events a turn yields ---------------------------------------------------------------------------
+@dataclass
+class TextEvent:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class ToolCallEvent:
+    index: int
+    id: str
+    name: str
+    arguments_delta: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    completion_tokens: int = 0
+    swapped_in_tokens: int = 0
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    swap_in_ms: float = 0.0
+
+
+@dataclass
+class SessionSnapshot:
+    session_id: str
+    model: str
+    adapter: Optional[str]
+    state: SessionState
+    num_tokens: int
+    num_kv_tokens: int
+    num_pages: int
+    num_swapped_pages: int
+    num_turns: int
+    num_messages: int
+    busy: bool
+    parent_id: Optional[str]
+    created_at: float
+    last_active_at: float
+    expires_at: float
+    ttl_seconds: float
+    metadata: dict[str, str]
+    raw_tokens: bool
+    messages: Optional[list[dict[str, Any]]] = None
+    token_ids: Optional[list[int]] = None
+
+
+@dataclass
+class TurnResult:
+    message: dict[str, Any]  # the assistant's reply as the client sees it (content, tool_calls)
+    finish_reason: str
+    usage: Usage
+    timing: Timing
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    session: SessionSnapshot
+
+
+TurnEvent = Union[TextEvent, ToolCallEvent, TurnResult]
+
+
+@dataclass
+class SessionStats:
+    turns: int = 0
+    rolled_back: int = 0
+    swap_outs: int = 0
+    swap_ins: int = 0
+    swap_in_failures: int = 0  # swapped, but the shared prefix was gone or no pages: recomputed
+    drops: int = 0             # evicted without swap (full or no swap space)
+    rerenders: int = 0         # the template re-rendered history differently: re-tokenized
+    expired: int = 0
+    pages_swapped_out: int = 0
+    pages_swapped_in: int = 0
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    model: str
+    adapter: Optional[str]
+    tools: Optional[list[dict[str, Any]]]
+    cache_salt: Optional[str]
+    raw_tokens: bool
+    ttl: float
+    metadata: dict[str, str]
+    parent_id: Optional[str] = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # what token_ids decode to (template sessions)
+    state: SessionState = SessionState.NEW
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose KV is in block_table (or in swap when SWAPPED)
+    swap_slots: list[int] = field(default_factory=list)  # pages [len(swap_prefix_hashes):] in swap space
+    swap_prefix_hashes: list[int] = field(default_factory=list)  # leading pages left to the prefix cache
+    busy: Optional["PendingTurn"] = None
+    closed: bool = False
+    num_turns: int = 0
+    created_at: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.monotonic)
+    last_active_wall: float = field(default_factory=time.time)
+    expected_by: Optional[float] = None  # monotonic deadline from the expected_next_turn_ms hint
+
+    @property
+    def extra_key(self) -> Optional[tuple[Optional[str], Optional[str]]]:
+        # Mirrors kv_cache_manager.extra_key_of for the session's requests.
+        if self.adapter is None and self.cache_salt is None:
+            return None
+        return (self.adapter, self.cache_salt)
+
+
+@dataclass(eq=False)
+class PendingTurn:
+    session: Session
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_text: str
+    new_messages: list[dict[str, Any]]
+    content_prefix: str
+    params: SamplingParams
+    prefix_table: Optional[list[int]]
+    num_prefix_computed: int
+    expected_next_turn_ms: float
+    received_at: float
+    swap_in_ms: float = 0.0
+    swapped_in_tokens: int = 0
+    committed: bool = False
+    result_message: Optional[dict[str, Any]] = None
+    snapshot: Optional[SessionSnapshot] = None
+    task: Optional["asyncio.Task[None]"] = None
+    ended: Optional[asyncio.Event] = None
+
+
+_SENTINEL_DONE = object()
+
+
+class SessionStore:
+    def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
+                 expiry_interval: float = 1.0) -> None:
+        self.aeng = async_engine
+        self.engine = engine = async_engine.engine
+        self.pool = engine.pool
+        self.kv_cache = engine.runner.kv_cache
+        self.block_size = engine.pool.block_size
+        self.tokenizer = engine.tokenizer
+        self.has_template = R.has_chat_template(self.tokenizer)
+        self.default_ttl = default_ttl
+        self.expiry_interval = expiry_interval
+        self.sessions: dict[str, Session] = {}
+        self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
+        self._free_slots: list[int] = list(range(self.kv_cache.num_swap_blocks - 1, -1, -1))
+        self.stats = SessionStats()
+        self._ids = itertools.count()
+        self._expiry_task: Optional[asyncio.Task[None]] = None
+        if getattr(engine, "session_store", None) is not None:
+            raise RuntimeError("this engine already has a session store")
+        engine.session_store = self
+        engine.scheduler.reclaim = self._reclaim
+        engine.on_retained = self._on_retained
+
+    def detach(self) -> None:
+        """Unhooks the store from the engine (after close_all), so the engine can serve another store."""
+        if getattr(self.engine, "session_store", None) is self:
+            self.engine.scheduler.reclaim = None
+            self.engine.on_retained = None
+            self.engine.session_store = None
+
+    # --- plumbing -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def num_swap_slots(self) -> int:
+        return self.kv_cache.num_swap_blocks
+
+    @property
+    def num_free_swap_slots(self) -> int:
+        return len(self._free_slots)
+
+    def residency_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in SessionState if s is not SessionState.CLOSED}
+        for s in list(self.sessions.values()):
+            counts[s.state.value] += 1
+        return counts
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await self.aeng.run(fn)
+
+    def _call_soon(self, fn: Callable[[], Any]) -> "concurrent.futures.Future[Any]":
+        """fn on the step thread; inline when the step thread is gone (after shutdown)."""
+        try:
+            return self.aeng.call_soon(fn)
+        except EngineDeadError:
+            if self.aeng._thread.is_alive():
+                raise
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+            return fut
+
+    def session_tools(self, session_id: str) -> Optional[list[dict[str, Any]]]:
+        """The tools a session was created with (immutable, so readable from any thread)."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        return s.tools
+
+    def _get(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        return s
+
+    def _snapshot(self, s: Session, include_messages: bool = False, include_token_ids: bool = False) -> SessionSnapshot:
+        kv = s.num_computed if s.state in (SessionState.RESIDENT, SessionState.SWAPPED) else 0
+        return SessionSnapshot(
+            session_id=s.session_id, model=s.model, adapter=s.adapter, state=s.state, num_tokens=len(s.token_ids),
+            num_kv_tokens=kv, num_pages=len(s.block_table), num_swapped_pages=len(s.swap_slots),
+            num_turns=s.num_turns, num_messages=len(s.messages), busy=s.busy is not None, parent_id=s.parent_id,
+            created_at=s.created_at, last_active_at=s.last_active_wall, expires_at=s.last_active_wall + s.ttl,
+            ttl_seconds=s.ttl, metadata=dict(s.metadata), raw_tokens=s.raw_tokens,
+            messages=[dict(m) for m in s.messages] if include_messages else None,
+            token_ids=list(s.token_ids) if include_token_ids else None)
+
+    def _new_id(self) -> str:
+        return f"sess-{uuid.uuid4().hex[:20]}"
+
+    # --- create / get / list / fork / close ---------------------------------------------------------
+    async def create(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
+                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
+                     model: Optional[str] = None, raw_tokens: bool = False,
+                     metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        return await self._run(lambda: self.create_sync(
+            messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
+            raw_tokens=raw_tokens, metadata=metadata))
+
+    def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
+                    ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
+                    model: Optional[str] = None, raw_tokens: bool = False,
+                    metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        """Step thread. Renders the initial messages (no KV yet: the first turn prefills them, finding
+        any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
+        if ttl_seconds < 0:
+            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        raw = raw_tokens or not self.has_template
+        if raw and tools:
+            raise InvalidRequestError("tools need a chat template; this session takes raw tokens")
+        tools_n = R.normalize_tools(tools)
+        msgs = R.normalize_messages(messages, raw_tokens=raw, vocab_size=self.engine.arch.vocab_size)
+        s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
+                    tools=tools_n, cache_salt=cache_salt or None, raw_tokens=raw,
+                    ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}))
+        if raw:
+            s.token_ids = [t for m in msgs for t in m["token_ids"]]
+        else:
+            s.text = R.render(self.tokenizer, msgs, tools_n, add_generation_prompt=False)
+            s.token_ids = R.encode(self.tokenizer, s.text)
+        if len(s.token_ids) >= self.engine.max_model_len:
+            raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
+                                      f"{self.engine.max_model_len}")
+        s.messages = msgs
+        self.sessions[s.session_id] = s
+        return self._snapshot(s)
+
+    async def get(self, session_id: str, include_messages: bool = False,
+                  include_token_ids: bool = False) -> SessionSnapshot:
+        return await self._run(lambda: self._snapshot(self._get(session_id), include_messages, include_token_ids))
+
+    async def list(self) -> list[SessionSnapshot]:
+        return await self._run(lambda: [self._snapshot(s) for s in self.sessions.values()])
+
+    async def fork(self, session_id: str, *, ttl_seconds: float = 0.0,
+                   metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        return await self._run(lambda: self.fork_sync(session_id, ttl_seconds=ttl_seconds, metadata=metadata))
+
+    def fork_sync(self, session_id: str, *, ttl_seconds: float = 0.0,
+                  metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        """Step thread. The child shares every page of the parent (copy-on-write: the first write into
+        a shared partial page copies that one page)."""
+        p = self._get(session_id)
+        if p.busy is not None:
+            raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
+        if ttl_seconds < 0:
+            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        if p.state is SessionState.SWAPPED:
+            self._swap_in(p)
+        c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, tools=p.tools,
+                    cache_salt=p.cache_salt, raw_tokens=p.raw_tokens, ttl=ttl_seconds or p.ttl,
+                    metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
+                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns)
+        if p.state is SessionState.RESIDENT:
+            c.block_table = self.engine.kv.fork_blocks(p.block_table)
+            c.num_computed = p.num_computed
+            c.state = SessionState.RESIDENT
+        else:
+            c.state = p.state  # NEW or EVICTED: nothing to share; the prefix cache may still hold pages
+        now = time.monotonic()
+        p.last_active = c.last_active = now
+        self.sessions[c.session_id] = c
+        return self._snapshot(c)
+
+    async def close(self, session_id: str) -> SessionSnapshot:
+        """Frees the session's pages. A turn in flight is cancelled (rolled back) first."""
+        snap, pending = await self._run(lambda: self._close(session_id))
+        if pending is not None:
+            if pending.task is not None:
+                pending.task.cancel()
+            if pending.ended is not None:
+                await asyncio.shield(pending.ended.wait())
+        return snap
+
+    def _close(self, session_id: str) -> tuple[SessionSnapshot, Optional[PendingTurn]]:
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        s.closed = True
+        pending = s.busy
+        if pending is None:
+            self._release(s)
+        # else the turn's end (_end_turn, on this thread, after the request is out of the engine)
+        # releases the pages: freeing them now could race with its add_request forking them.
+        s.state = SessionState.CLOSED
+        return self._snapshot(s), pending
+
+    async def close_all(self) -> None:
+        for sid in list(self.sessions):
+            try:
+                await self.close(sid)
+            except SessionNotFoundError:
+                pass
+
+    def _release(self, s: Session) -> None:
+        if s.block_table:
+            self.pool.free(s.block_table)
+            s.block_table = []
+        self._free_swap(s)
+        s.num_computed = 0
+        s.state = SessionState.CLOSED
+
+    def _free_swap(self, s: Session) -> None:
+        self._free_slots.extend(s.swap_slots)
+        s.swap_slots = []
+        s.swap_prefix_hashes = []
+
+    # --- TTL ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the periodic TTL expiry (call from the event loop)."""
+        if self._expiry_task is None:
+            self._expiry_task = asyncio.get_running_loop().create_task(self._expire_loop())
+
+    async def stop(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            try:
+                await self._expiry_task
+            except asyncio.CancelledError:
+                pass
+            self._expiry_task = None
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.expiry_interval)
+            try:
+                await self._run(self.expire_idle)
+            except EngineDeadError:
+                return
+            except Exception:  # noqa: BLE001 - keep expiring
+                logger.exception("session expiry failed")
+
+    def expire_idle(self, now: Optional[float] = None) -> int:
+        """Step thread. Closes idle sessions past their TTL."""
+        now = time.monotonic() if now is None else now
+        expired = [s for s in self.sessions.values() if s.busy is None and now - s.last_active > s.ttl]
+        for s in expired:
+            self._close(s.session_id)
+        self.stats.expired += len(expired)
+        return len(expired)
+
+    # --- residency (step thread) -------------------------------------------------------------------
+    def _eviction_order(self, exclude: Optional[Session] = None) -> list[Session]:
+        now = time.monotonic()
+
+        def key(s: Session) -> tuple[int, float]:
+            if s.expected_by is None:
+                group = 1
+            elif now > s.expected_by:
+                group = 0
+            else:
+                group = 2
+            return (group, s.last_active)
+
+        idle = [s for s in self.sessions.values()
+                if s is not exclude and s.busy is None and s.state is SessionState.RESIDENT and s.block_table]
+        return sorted(idle, key=key)
+
+    def _reclaim(self, wanted: int, exclude: Optional[Session] = None) -> int:
+        """The scheduler's hook: frees up to `wanted` pages held by idle sessions. Returns pages freed."""
+        freed = 0
+        order = self._eviction_order(exclude)
+        # First the sessions whose eviction frees pages now; then, if that was not enough, the ones
+        # whose pages are all shared (dropping their references lets the other owners' pages go).
+        for zero_gain_pass in (False, True):
+            for s in order:
+                if freed >= wanted:
+                    return freed
+                if s.state is not SessionState.RESIDENT:
+                    continue
+                exclusive = sum(1 for b in s.block_table if self.pool.ref_cnt(b) == 1)
+                if exclusive == 0 and not zero_gain_pass:
+                    continue
+                freed += self._evict(s)
+        return freed
+
+    def _evict(self, s: Session) -> int:
+        table = s.block_table
+        exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
+        # Leading pages shared with other owners and findable by hash stay behind for the prefix cache.
+        k = 0
+        while k < len(table) and self.pool.ref_cnt(table[k]) > 1 and self.pool.blocks[table[k]].block_hash is not None:
+            k += 1
+        need = len(table) - k
+        if need <= len(self._free_slots) and self.num_swap_slots > 0:
+            slots = [self._free_slots.pop() for _ in range(need)]
+            if need:
+                self.kv_cache.swap_out(table[k:], slots)
+            s.swap_slots = slots
+            s.swap_prefix_hashes = [self.pool.blocks[b].block_hash for b in table[:k]]  # type: ignore[misc]
+            s.state = SessionState.SWAPPED
+            self.stats.swap_outs += 1
+            self.stats.pages_swapped_out += need
+        else:
+            s.state = SessionState.EVICTED
+            s.num_computed = 0
+            self.stats.drops += 1
+        self.pool.free(table)
+        s.block_table = []
+        return exclusive
+
+    def _swap_in(self, s: Session) -> bool:
+        """Restores a swapped session's pages; on failure (the shared prefix left the prefix cache, or
+        no pages even after evicting other idle sessions) the session becomes EVICTED (recompute)."""
+        k = len(s.swap_prefix_hashes)
+        hits = self.pool.lookup(s.swap_prefix_hashes, k, k * self.block_size) if k else []
+        n = len(s.swap_slots)
+        ok = len(hits) == k
+        if ok:
+            def need() -> int:
+                return n + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
+
+            if need() > self.pool.num_free_blocks:
+                self._reclaim(need() - self.pool.num_free_blocks, exclude=s)
+            ok = need() <= self.pool.num_free_blocks
+        if not ok:
+            self._free_swap(s)
+            s.state = SessionState.EVICTED
+            s.num_computed = 0
+            self.stats.swap_in_failures += 1
+            return False
+        self.pool.touch(hits)
+        fresh = self.pool.allocate(n)
+        if n:
+            self.kv_cache.swap_in(s.swap_slots, fresh)
+        s.block_table = list(hits) + fresh
+        self._free_swap(s)
+        s.state = SessionState.RESIDENT
+        self.stats.swap_ins += 1
+        self.stats.pages_swapped_in += n
+        # Restored full pages become findable by hash again (forks, evicted-recompute paths).
+        if self.pool.enable_prefix_caching:
+            num_full = min(s.num_computed // self.block_size, len(s.block_table))
+            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
+            for i in range(k, num_full):
+                self.pool.cache_block(s.block_table[i], hashes[i])
+        return True
+
+    # --- turns ----------------------------------------------------------------------------------------
+    def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
+                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
+        """Step thread. Builds the turn's prompt, validates it, restores the session's pages and marks
+        the session busy. Nothing about the session changes when this raises."""
+        s = self._get(session_id)
+        if s.busy is not None:
+            raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
+        if expected_next_turn_ms < 0:
+            raise InvalidRequestError("expected_next_turn_ms must be >= 0")
+        new = R.normalize_messages(messages, raw_tokens=s.raw_tokens, vocab_size=self.engine.arch.vocab_size)
+        if not new and (not s.messages or s.messages[-1]["role"] == "assistant"):
+            raise InvalidRequestError("the turn has no new messages (send a user message or tool results)")
+        keep = s.num_computed
+        if s.raw_tokens:
+            prompt = s.token_ids + [t for m in new for t in m["token_ids"]]
+            prompt_text = ""
+        else:
+            prompt_text = R.render(self.tokenizer, s.messages + new, s.tools, add_generation_prompt=True)
+            if prompt_text.startswith(s.text):
+                prompt = s.token_ids + R.encode(self.tokenizer, prompt_text[len(s.text):])
+            else:
+                # The template renders the history differently from the tokens the session holds.
+                prompt = R.encode(self.tokenizer, prompt_text)
+                keep = min(keep, R.common_prefix_len(s.token_ids, prompt))
+                self.stats.rerenders += 1
+        keep = min(keep, len(prompt) - 1)
+        if params.max_tokens is None:
+            room = min(self.engine.max_model_len, self.pool.num_blocks * self.block_size) - len(prompt)
+            params = params.clone(max_tokens=max(1, room))
+        params = self.engine.validate(prompt, params)
+        if params.n != 1:
+            raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
+
+        prefix = "" if s.raw_tokens else R.assistant_content_prefix(self.tokenizer, s.messages + new, s.tools,
+                                                                       prompt_text)
+        pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
+                              prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
+                              content_prefix=prefix, params=params,
+                              prefix_table=None, num_prefix_computed=0,
+                              expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
+        s.busy = pending  # from here on, reclaim leaves the session alone
+        if s.state is SessionState.SWAPPED:
+            t0 = time.perf_counter()
+            if self._swap_in(s):
+                pending.swapped_in_tokens = s.num_computed
+            pending.swap_in_ms = (time.perf_counter() - t0) * 1e3
+        if s.state is SessionState.RESIDENT and keep < s.num_computed:
+            # Keep only the KV of the common prefix (the pages past it are released).
+            pages = -(-keep // self.block_size)
+            self.pool.free(s.block_table[pages:])
+            s.block_table = s.block_table[:pages]
+            s.num_computed = keep
+        if s.state is SessionState.RESIDENT and s.num_computed > 0:
+            pending.prefix_table = list(s.block_table)
+            pending.num_prefix_computed = s.num_computed
+        self._pending[pending.request_id] = pending
+        return pending
+
+    def _on_retained(self, out: RequestOutput) -> None:
+        """Engine hook (step thread): a turn finished; the session adopts the turn's pages."""
+        pending = self._pending.pop(out.request_id, None)
+        if pending is None or out.retained_block_table is None:
+            return
+        table, num_computed = out.retained_block_table, out.retained_num_computed_tokens
+        out.retained_block_table = None
+        s = pending.session
+        if s.closed:
+            self.pool.free(table)
+            return
+        comp = out.outputs[0]
+        output_ids = list(comp.token_ids)
+        if s.block_table:
+            self.pool.free(s.block_table)
+        self._free_swap(s)
+        s.block_table = table
+        s.num_computed = num_computed
+        s.token_ids = pending.prompt_token_ids + output_ids
+        history_msg, client_msg = self._assistant_messages(s, comp, pending)
+        if not s.raw_tokens:
+            s.text = pending.prompt_text + R.decode_continuation(self.tokenizer, pending.prompt_token_ids, output_ids)
+        s.messages = s.messages + pending.new_messages + [history_msg]
+        s.state = SessionState.RESIDENT
+        s.num_turns += 1
+        now = time.monotonic()
+        s.last_active, s.last_active_wall = now, time.time()
+        s.expected_by = now + pending.expected_next_turn_ms / 1e3 if pending.expected_next_turn_ms > 0 else None
+        pending.committed = True
+        pending.result_message = client_msg
+        s.busy = None
+        pending.snapshot = self._snapshot(s)
+        self.stats.turns += 1
+
+    def _assistant_messages(self, s: Session, comp: Any, pending: PendingTurn) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the reply as the session's history keeps it, the reply as the client sees it)."""
+        ids = list(comp.token_ids)
+        if s.raw_tokens:
+            return {"role": "assistant", "token_ids": ids}, {"role": "assistant", "content": comp.text or ""}
+        # History: the model's own text with special tokens spelled out (so the template re-renders
+        # it as generated), minus a final stop token, which the template writes as its end marker.
+        if comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and ids:
+            ids = ids[:-1]
+        raw_text = R.decode_continuation(self.tokenizer, pending.prompt_token_ids, ids)
+        prefix = pending.content_prefix
+        if prefix and raw_text.startswith(prefix):
+            raw_text = raw_text[len(prefix):]  # the template writes it back (Llama 2's ' ' after [/INST])
+        history = {"role": "assistant", "content": raw_text or None}
+        client = {"role": "assistant", "content": comp.text or ""}
+        if history["content"] is None:
+            history["content"] = ""
+        return history, client
+
+    def _end_turn(self, pending: PendingTurn) -> None:
+        """Step thread, always last for a turn: takes the request out of the engine if it is still
+        there (cancel, error) — which rolls the turn back — and releases a session closed meanwhile."""
+        self.engine.abort(pending.request_id)
+        self._pending.pop(pending.request_id, None)
+        s = pending.session
+        if s.busy is pending:
+            s.busy = None
+            self.stats.rolled_back += 1
+        if s.closed and s.busy is None:
+            self._release(s)
+
+    async def turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: Optional[SamplingParams] = None,
+                   *, expected_next_turn_ms: float = 0.0, priority: int = 0,
+                   received_at: Optional[float] = None) -> AsyncIterator[TurnEvent]:
+        """Runs one turn: yields TextEvents (and ToolCallEvents), then one TurnResult. Leaving the
+        iteration early cancels the turn (rolled back unless the engine had already finished it).
+        Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
+        received_at = time.monotonic() if received_at is None else received_at
+        params = params or SamplingParams()
+        pending = await self._run(lambda: self._begin_turn(session_id, messages, params, expected_next_turn_ms,
+                                                           received_at))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        pending.ended = asyncio.Event()
+        task = loop.create_task(self._drive(pending, queue, priority))
+        pending.task = task
+
+        def on_done(t: "asyncio.Task[None]") -> None:
+            if t.cancelled():
+                queue.put_nowait(TurnCancelledError(
+                    "the session was closed during the turn" if pending.session.closed else "the turn was cancelled"))
+            elif t.exception() is not None:
+                queue.put_nowait(t.exception())
+            fut = self._call_soon(lambda: self._end_turn(pending))
+            fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(pending.ended.set))  # type: ignore[union-attr]
+
+        task.add_done_callback(on_done)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _SENTINEL_DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+            try:
+                await asyncio.shield(pending.ended.wait())
+            except asyncio.CancelledError:
+                pass
+
+    async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
+        s = pending.session
+        kwargs: dict[str, Any] = dict(retain_blocks=True, share_prefix=True, priority=priority,
+                                      cache_salt=s.cache_salt, lora_name=s.adapter)
+        if pending.prefix_table:
+            kwargs.update(prefix_block_table=pending.prefix_table, num_prefix_computed=pending.num_prefix_computed)
+        streamer = make_tool_call_streamer(self.engine, s.tools, pending.params)
+        gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)
+        try:
+            async for out in gen:
+                comp = out.outputs[0]
+                text = comp.delta_text
+                if streamer is not None and text:
+                    text, calls = streamer.feed(text)
+                    for c in calls:
+                        queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
+                if text or comp.delta_token_ids:
+                    queue.put_nowait(TextEvent(text, list(comp.delta_token_ids)))
+                if out.finished:
+                    result = self._result(pending, out)
+                    if streamer is not None:
+                        content, calls = streamer.finish(comp.text)
+                        if calls:
+                            result.message = dict(result.message, content=content, tool_calls=calls)
+                            if result.finish_reason == "stop":
+                                result.finish_reason = "tool_calls"
+                    queue.put_nowait(result)
+                    queue.put_nowait(_SENTINEL_DONE)
+                    return
+        finally:
+            await gen.aclose()
+        raise RuntimeError("the engine ended the turn without a final output")
+
+    def _result(self, pending: PendingTurn, out: RequestOutput) -> TurnResult:
+        comp = out.outputs[0]
+        if not pending.committed or pending.snapshot is None or pending.result_message is None:
+            raise RuntimeError(f"turn {pending.request_id} finished without handing its pages back")
+        m = out.metrics
+        timing = Timing(swap_in_ms=pending.swap_in_ms, total_ms=(time.monotonic() - pending.received_at) * 1e3)
+        if m is not None:
+            if m.first_scheduled_time is not None:
+                timing.queue_ms = (m.first_scheduled_time - m.arrival_time) * 1e3
+                if m.first_token_time is not None:
+                    timing.prefill_ms = (m.first_token_time - m.first_scheduled_time) * 1e3
+            if m.first_token_time is not None:
+                timing.ttft_ms = (m.first_token_time - pending.received_at) * 1e3
+                if m.finished_time is not None:
+                    timing.decode_ms = (m.finished_time - m.first_token_time) * 1e3
+        usage = Usage(prompt_tokens=len(pending.prompt_token_ids),
+                      cached_tokens=m.num_cached_tokens if m else 0,
+                      prefilled_tokens=m.num_prefilled_tokens if m else 0,
+                      completion_tokens=len(comp.token_ids), swapped_in_tokens=pending.swapped_in_tokens)
+        return TurnResult(message=pending.result_message, finish_reason=comp.finish_reason or "stop", usage=usage,
+                          timing=timing, token_ids=list(comp.token_ids),
+                          prompt_token_ids=list(pending.prompt_token_ids), session=pending.snapshot)
