@@ -276,12 +276,40 @@ class OpenAIServing:
                     continue
                 if isinstance(item, BaseException):
                     raise self._engine_error(item)
+                if getattr(item, "error", None):
+                    # A request that failed alone (e.g. a constraint that does not compile).
+                    raise OpenAIError(400, str(item.error), param=_param_of(str(item.error)))
                 yield i, item
         finally:
             if watcher is not None:
                 watcher.cancel()
             for t in pumps:
                 t.cancel()
+
+    @staticmethod
+    async def _primed(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Waits for the first output before a stream's headers go out, so that what fails before
+        generation starts (queue full, a constraint that does not compile, ...) still gets its HTTP
+        status; returns an iterator that replays it. The first chunk of a stream carries the first
+        token anyway, so this costs no latency."""
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await it.aclose()  # type: ignore[attr-defined]
+            raise
+
+        async def replay() -> AsyncIterator[Any]:
+            try:
+                if first is not None:
+                    yield first
+                    async for item in it:
+                        yield item
+            finally:
+                await it.aclose()  # type: ignore[attr-defined]
+
+        return replay()
 
     @staticmethod
     def _engine_error(e: BaseException) -> BaseException:
@@ -398,7 +426,7 @@ class OpenAIServing:
                                   (self.tokenizer.decode(ids) if self.tokenizer is not None else ""))
         ctx = _CompletionContext(self, req, request_id, prompt_ids, params, echo_texts, lora_name)
         if req.stream:
-            return ctx.stream(raw_request)
+            return ctx.stream(await self._primed(ctx._outputs(raw_request)))
         return await ctx.full(raw_request)
 
     # --- chat ---------------------------------------------------------------------------------------
@@ -550,7 +578,7 @@ class OpenAIServing:
         ctx = _ChatContext(self, req, request_id, prompt_ids, params, lora_name,
                            tools if parse_tools else None, tool_choice, top_n)
         if req.stream:
-            return ctx.stream(raw_request)
+            return ctx.stream(await self._primed(ctx._outputs(raw_request)))
         return await ctx.full(raw_request)
 
     def _marker_is_special(self, fmt: str) -> bool:
@@ -604,7 +632,7 @@ class _CompletionContext:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
-    async def stream(self, raw_request: Any) -> AsyncIterator[str]:
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         n = self.params.n
         opts = self.req.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -626,7 +654,7 @@ class _CompletionContext:
             return _sse(body)
 
         try:
-            async with contextlib.aclosing(self._outputs(raw_request)) as it:
+            async with contextlib.aclosing(outputs) as it:
                 async for i, out in it:
                     cached[i] = out.num_cached_tokens
                     for c in out.outputs:
@@ -718,7 +746,7 @@ class _ChatContext:
                 "choices": choices,
                 "usage": _usage(len(self.prompt_ids), completion_tokens, final.num_cached_tokens)}
 
-    async def stream(self, raw_request: Any) -> AsyncIterator[str]:
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         n = self.params.n
         opts = self.req.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -744,7 +772,7 @@ class _ChatContext:
             return _sse(body)
 
         try:
-            async with contextlib.aclosing(self._outputs(raw_request)) as it:
+            async with contextlib.aclosing(outputs) as it:
                 async for _, out in it:
                     cached = out.num_cached_tokens
                     for c in out.outputs:
