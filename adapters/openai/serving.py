@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -68,6 +69,20 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
 
 def _clamp(lp: float) -> float:
     return max(lp, -9999.0)  # -inf is not JSON
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (the alphabet of byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 async def _wait_disconnect(raw_request: Any) -> None:
@@ -345,6 +360,24 @@ class OpenAIServing:
             return lp.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
 
+    def _token_bytes(self, token_id: int, text: str) -> list[int]:
+        """A token's own bytes: for a token that is part of a multi-byte character its decoded text is
+        U+FFFD, so read the bytes off the vocabulary piece (byte-level BPE or sentencepiece <0xNN>)."""
+        if "\ufffd" not in text or self.tokenizer is None:
+            return list(text.encode("utf-8"))
+        try:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # noqa: BLE001 - fall back to the text
+            piece = None
+        if isinstance(piece, str) and piece:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                with contextlib.suppress(ValueError):
+                    return [int(piece[3:5], 16)]
+            decoder = _byte_decoder()
+            if all(c in decoder for c in piece):
+                return [decoder[c] for c in piece]
+        return list(text.encode("utf-8"))
+
     def _chat_logprobs(self, token_ids: Sequence[int], positions: Sequence[dict], top_n: int) -> list[dict]:
         content = []
         for tid, pos in zip(token_ids, positions):
@@ -355,9 +388,10 @@ class OpenAIServing:
             for other_id, other in top:
                 if 1 <= other.rank <= top_n and len(top_list) < top_n:
                     t = self._token_text(other_id, other)
-                    top_list.append({"token": t, "logprob": _clamp(other.logprob), "bytes": list(t.encode("utf-8"))})
+                    top_list.append({"token": t, "logprob": _clamp(other.logprob),
+                                     "bytes": self._token_bytes(other_id, t)})
             content.append({"token": text, "logprob": _clamp(lp.logprob if lp is not None else float("-inf")),
-                            "bytes": list(text.encode("utf-8")), "top_logprobs": top_list})
+                            "bytes": self._token_bytes(tid, text), "top_logprobs": top_list})
         return content
 
     def _completion_logprobs(self, token_ids: Sequence[int], positions: Sequence[dict], top_n: int,
