@@ -135,6 +135,7 @@ def test_unknown_model_or_route(live: Live) -> None:
     ({"response_format": {"type": "xml"}}, "response_format.type", "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "is required"),
     ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage", "valid boolean"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only be given when stream is true"),
 ])
 def test_invalid_fields_are_400_naming_the_field(live: Live, fields: dict[str, Any], param: str,
                                                  contains: str) -> None:
@@ -180,6 +181,11 @@ def test_over_long_input(live: Live) -> None:
     # Prompt + max_tokens over the limit names max_tokens.
     r = _chat(live, max_tokens=MAX_MODEL_LEN)
     _error(r, 400, param="max_tokens", contains="in the completion", code="context_length_exceeded")
+    # Without max_tokens the completion may run to the context limit.
+    r = live.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "seed": 1})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= MAX_MODEL_LEN
     # A body over the server's byte limit is refused before parsing.
     r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * (300 * 1024)})
     _error(r, 413, contains="limit", code="request_too_large")

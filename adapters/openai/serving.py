@@ -202,6 +202,8 @@ class OpenAIServing:
             raise OpenAIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if req.stream_options is not None and not req.stream:
+            raise OpenAIError(400, "stream_options can only be given when stream is true", param="stream_options")
         kw: dict[str, Any] = dict(
             n=req.n,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -231,6 +233,11 @@ class OpenAIServing:
 
     def _validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> SamplingParams:
         n, limit = len(prompt_ids), self.engine.max_model_len
+        if params.max_tokens is None:
+            # Not given: up to the context limit, or to what the KV cache can hold for one sequence.
+            capacity = self.engine.pool.num_blocks * self.engine.pool.block_size
+            if n < min(limit, capacity):
+                params = params.clone(max_tokens=min(limit, capacity) - n)
         if n >= limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                    f"resulted in {n} tokens. Please reduce the length of the {what}.",
