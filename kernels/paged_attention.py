@@ -8,7 +8,12 @@ keys 0..its own position, read through block_tables[b].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+from ._triton_utils import next_pow2, num_sms, tl, triton, triton_enabled_for
 
 
 def paged_attention_ref(
@@ -59,8 +64,572 @@ def paged_attention_ref(
     return out[token_req, token_col].to(q.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Layout of one program's tile (GQA packing): the BLOCK_M rows of the query tile are
+# BLOCK_Q = BLOCK_M // GROUP consecutive query tokens x the GROUP query heads that share one KV
+# head (row r = token r // GROUP, head r % GROUP). K/V pages are then read once per kv head for the
+# whole group, and a decode step (one token) still fills GROUP rows of the tl.dot instead of one.
+#
+# Softmax runs in the log2 domain: scores are multiplied by scale * log2(e) and exponentiated with
+# exp2, which maps to one MUFU instruction. Running max starts at a large finite negative value
+# (not -inf) so that exp2(m_old - m_new) never evaluates -inf - -inf = nan.
+# ---------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+# Kernels spell the finite "minus infinity" -1.0e30 inline: Triton rejects non-constexpr globals.
+
+
+@triton.jit
+def _load_kv_tile(ptrs, row_mask, d_mask, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr):
+    # Masks only where needed: an unmasked load lets Triton vectorise along D (the common case,
+    # HEAD_DIM a power of two, full tiles).
+    if MASK_ROWS:
+        if PAD_D:
+            tile = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        if PAD_D:
+            tile = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, l_i, m_i, q, q_pos,
+    k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start_n, seq_len, qk_scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    offs_n, offs_d, d_mask,
+    PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N) of one request.
+
+    MASK=False is the hot path: every key is valid and visible to every row, so no compares or
+    selects. MASK=True applies causality (key <= q_pos of the row, q_pos already clamped to
+    seq_len - 1, which also hides keys past the sequence end) and masks the loads past seq_len
+    (those slots may hold uninitialised memory; a NaN read into V would poison 0 * NaN)."""
+    kv_idx = start_n + offs_n
+    # Page of each key through the block table. The same page id is read by PAGE_SIZE lanes; those
+    # loads hit L1. Casting to int64 before the multiply keeps caches over 2^31 elements addressable.
+    if MASK:
+        kv_valid = kv_idx < seq_len
+        page = tl.load(bt_row_ptr + kv_idx // PAGE_SIZE, mask=kv_valid, other=0).to(tl.int64)
+    else:
+        kv_valid = kv_idx >= 0  # unused
+        page = tl.load(bt_row_ptr + kv_idx // PAGE_SIZE).to(tl.int64)
+    slot = (kv_idx % PAGE_SIZE).to(tl.int64)
+
+    k_ptrs = (k_cache_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+              + offs_d[None, :])
+    k = _load_kv_tile(k_ptrs, kv_valid, d_mask, MASK, PAD_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    qk = qk * qk_scale
+    if MASK:
+        qk = tl.where(kv_idx[None, :] <= q_pos[:, None], qk, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v_ptrs = (v_cache_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+              + offs_d[None, :])
+    v = _load_kv_tile(v_ptrs, kv_valid, d_mask, MASK, PAD_D)
+    acc = acc * alpha[:, None]
+    # P in the cache dtype (bf16/fp16) for the tensor cores, as FlashAttention does; accumulate fp32.
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    qk_scale, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (num_q_tiles_upper_bound, num_kv_heads).
+
+    Query tiles are numbered globally: request b owns tile ids starting at
+    query_start_loc[b] // BLOCK_Q + b, which is an upper bound that needs no host-side prefix sum
+    (each request wastes at most one id). The grid size T // BLOCK_Q + B therefore depends only on
+    shapes, so a mixed batch of one long prefill chunk and many decodes launches no idle programs
+    beyond B, and the launch is CUDA-graph safe."""
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # Which request owns this tile: count the requests whose first tile id is <= pid (one vector
+    # load of query_start_loc instead of a serial binary search of dependent loads).
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < num_seqs
+    starts = tl.load(query_start_loc_ptr + offs_b, mask=b_mask, other=0)
+    first_tile = starts // BLOCK_Q + offs_b
+    seq_idx = tl.sum(((first_tile <= pid) & b_mask).to(tl.int32), 0) - 1
+
+    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + seq_idx)
+    if tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    ctx_len = seq_len - q_len  # cached prefix: the queries are the last q_len positions
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    tok = tile * BLOCK_Q + offs_m // GROUP            # token index inside the request
+    head = kv_head * GROUP + offs_m % GROUP           # query head
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    # Absolute position of each row; padding rows are clamped onto the last real position so that
+    # they always see at least key 0 (no empty softmax rows) and never keys past seq_len.
+    q_pos = tl.minimum(ctx_len + tok, seq_len - 1)
+
+    q_row = (q_start + tok).to(tl.int64)
+    q_ptrs = q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
+
+    # Keys 0..p_min are visible to every row of the tile: those KV tiles need no mask at all.
+    # Only the tiles overlapping [p_min + 1, p_max] (at most BLOCK_Q / BLOCK_N + 1 of them) are
+    # masked; for decode that is just the last tile.
+    p_min = ctx_len + tile * BLOCK_Q
+    p_max = ctx_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    num_full = (p_min + 1) // BLOCK_N
+    num_all = (p_max + BLOCK_N) // BLOCK_N
+    for j in range(0, num_full):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, j * BLOCK_N, seq_len,
+            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION)
+    for j in range(num_full, num_all):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, j * BLOCK_N, seq_len,
+            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION)
+
+    # l_i == 0 only for a request with seq_len == 0 (padding); the reference outputs 0 there.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _split_chunk_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    # Keys per split, rounded up to whole KV tiles so only the sequence's last split has a partial
+    # tile. Computed from seq_len on the device (not from max_seq_len on the host), so a CUDA graph
+    # captured once stays correct for any context length; at least one tile to avoid a zero chunk.
+    per_split = (seq_len + num_splits - 1) // num_splits
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return tl.maximum(chunk, BLOCK_N)
+
+
+@triton.jit
+def _paged_attention_split_kernel(
+    part_out_ptr, part_ml_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
+    seq_lens_ptr, qk_scale, num_splits,
+    stride_qt, stride_qh,
+    stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); decode only (q_len <= 1).
+    num_splits is a runtime argument so that each split count does not compile a new kernel.
+
+    Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
+    the split's keys; the reduce kernel combines them with a log-sum-exp."""
+    seq_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    if q_len <= 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
+    kv_start = split * chunk
+    if kv_start >= seq_len:
+        return  # the reduce kernel recomputes which splits exist and never reads this one
+    kv_end = tl.minimum(kv_start + chunk, seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_valid = offs_m < GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    # The single query sits at position seq_len - 1 and sees every key of the sequence, so the
+    # only mask is the sequence end, applied through q_pos on the last (partial) tile.
+    q_pos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
+    q_row = q_start.to(tl.int64)
+    q_ptrs = q_ptr + q_row * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
+
+    num_full = (kv_end - kv_start) // BLOCK_N
+    num_all = (kv_end - kv_start + BLOCK_N - 1) // BLOCK_N
+    for j in range(0, num_full):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, kv_start + j * BLOCK_N,
+            seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION)
+    for j in range(num_full, num_all):
+        acc, l_i, m_i = _attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, kv_start + j * BLOCK_N,
+            seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION)
+
+    p_ptrs = (part_out_ptr + q_row * stride_pt + head[:, None] * stride_ph + split * stride_ps
+              + offs_d[None, :])
+    tl.store(p_ptrs, acc, mask=row_valid[:, None] & d_mask[None, :])
+    ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + split * stride_ms
+    tl.store(ml_ptrs, m_i, mask=row_valid)
+    tl.store(ml_ptrs + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _paged_attention_split_reduce_kernel(
+    out_ptr, part_out_ptr, part_ml_ptr, query_start_loc_ptr, seq_lens_ptr, num_splits,
+    stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Flash-decoding phase 2. Grid: (B, num_q_heads). out = sum_s w_s acc_s / sum_s w_s l_s with
+    w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
+    seq_idx = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    if q_len <= 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
+    num_valid = (seq_len + chunk - 1) // chunk  # 0 when seq_len == 0: output 0, like the reference
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_valid
+    q_row = q_start.to(tl.int64)
+    ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + offs_s * stride_ms
+    m = tl.load(ml_ptrs, mask=s_mask, other=-1.0e30)
+    l = tl.load(ml_ptrs + 1, mask=s_mask, other=0.0)
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    p_ptrs = part_out_ptr + q_row * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
+    acc = tl.load(p_ptrs, mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration and the split-KV heuristic
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> AttnConfig:
+    """Tile sizes for the unified kernel on Hopper (head_dim 64/128; pages 16/32 — BLOCK_N need
+    not match the page size because keys are gathered through the block table per key).
+
+    - BLOCK_M covers max_query_len * GROUP rows when that is small (decode: 1 token x GROUP heads;
+      verification: k+1 tokens x GROUP heads), so tl.dot pads few rows; these memory-bound shapes
+      compile to mma.sync and stream K/V through cp.async. The page-id load feeding the K/V
+      addresses takes one pipeline stage, so num_stages=5 is what gives K/V two buffers in flight
+      (num_stages=3 leaves a single buffer: no overlap of the next tile's load with this tile's math).
+    - Prefill uses 128 rows (FlashAttention-2's tile on Hopper; compiles to wgmma) with 8 warps,
+      which keeps head_dim 128 at ~214 registers without spills.
+    - fp32 (tests, tiny models) uses 16x16 tiles: fp32 operands with exact ("ieee") dots spill
+      heavily at larger tiles; speed does not matter there, exactness does.
+    `python benchmarks/kernels.py --sweep` times alternatives on the GPU."""
+    min_m = max(16, next_pow2(group))
+    if dtype == torch.float32:
+        return AttnConfig(min_m, 16, num_warps=4, num_stages=2)
+    rows = max(1, max_query_len) * group
+    block_m = max(min_m, min(128, next_pow2(rows)))
+    if block_m <= 32:
+        return AttnConfig(block_m, 64, num_warps=4, num_stages=DECODE_NUM_STAGES)
+    return AttnConfig(block_m, 64, num_warps=8 if block_m >= 128 else 4, num_stages=3 if head_dim <= 128 else 2)
+
+
+# Pipeline depth of the memory-bound decode/verification tiles (unified and split kernels).
+DECODE_NUM_STAGES: int = 5
+# KV tile of the split-KV kernel (keys per iteration).
+SPLIT_BLOCK_N: int = 64
+
+
+# Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
+# prints the crossover it measures.
+SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after splitting
+SPLIT_MIN_KEYS: int = 256          # never give a split fewer keys (the reduce costs a launch + a pass)
+SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
+
+
+def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) -> int:
+    """How many KV partitions per sequence the flash-decoding path should use (1 = don't split).
+
+    The unified kernel runs one program per (request, kv head) for decode. When batch * kv_heads
+    is below the SM count, SMs sit idle and each program streams a whole long context alone, far
+    from the HBM bandwidth. Splitting each sequence into S partitions multiplies the programs by S;
+    we pick S so that there are about SPLIT_TARGET_WAVES programs per SM, but never fewer than
+    SPLIT_MIN_KEYS keys per partition (short contexts gain nothing and pay the reduce kernel)."""
+    programs = max(1, batch * num_kv_heads)
+    if programs >= num_sms:
+        return 1
+    want = int(SPLIT_TARGET_WAVES * num_sms) // programs
+    by_len = max_seq_len // SPLIT_MIN_KEYS
+    return max(1, min(want, by_len, SPLIT_MAX))
+
+
+def use_split_kv(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Flash-decoding pays off when the decode grid (batch * kv_heads programs) leaves SMs idle and
+    the contexts are long enough to give each partition >= SPLIT_MIN_KEYS keys; i.e. when
+    num_kv_splits(...) > 1. For Llama-3.1-8B (8 kv heads) on an H100 (132 SMs) that is batch <= 16
+    with max_seq_len >= 512 (batch 16 -> 2 splits; batch 1 -> up to 33 splits at >= 8.4k keys)."""
+    return num_kv_splits(batch, max_seq_len, num_kv_heads, num_sms) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers (no device->host syncs: everything below reads shapes and Python ints only)
+# ---------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"); the default tf32 would miss 1e-4 tolerances and
+    # the bit-for-bit greedy comparison against the reference. Ignored for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, kd = k_cache.shape
+    if kd != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache shapes {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} must be a power of two")
+    return num_q_heads, num_kv_heads, head_dim, page_size
+
+
+def paged_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
+    max_seq_len: int, *, out: Optional[torch.Tensor] = None, config: Optional[AttnConfig] = None,
+) -> torch.Tensor:
+    """Unified paged attention (any mix of prefill chunks, decode and verification).
+
+    Same contract as paged_attention_ref. max_seq_len is unused by the kernel (KV loop bounds come
+    from seq_lens on the device) and max_query_len only picks the tile shape, so any upper bound
+    works, e.g. inside a captured CUDA graph. `config` overrides the tile choice (tests, tuning)."""
+    num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
+    group = num_q_heads // num_kv_heads
+    q = _last_dim_contiguous(q)
+    k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
+    block_tables = _last_dim_contiguous(block_tables)
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    num_tokens, batch = q.shape[0], seq_lens.shape[0]
+    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype)
+    if cfg.block_m < group:
+        raise ValueError(f"block_m {cfg.block_m} must be >= the GQA group size {group}")
+    block_q = cfg.block_m // group
+    block_d = max(16, next_pow2(head_dim))
+    grid = (num_tokens // block_q + batch, num_kv_heads)
+    if num_tokens == 0 or batch == 0:
+        return out
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+        scale * _LOG2E, batch,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=max(16, next_pow2(batch)),
+        PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def paged_attention_decode_split_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
+    max_seq_len: int, *, num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
+    block_n: Optional[int] = None, num_stages: Optional[int] = None,
+) -> torch.Tensor:
+    """Flash-decoding for decode-only batches (every q_len <= 1; max_query_len must be <= 1).
+
+    num_splits defaults to num_kv_splits(batch, max_seq_len, ...). Correctness does not depend on
+    max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count."""
+    if max_query_len > 1:
+        raise ValueError("the split-KV path handles decode-only batches (max_query_len <= 1)")
+    num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
+    group = num_q_heads // num_kv_heads
+    q = _last_dim_contiguous(q)
+    k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
+    block_tables = _last_dim_contiguous(block_tables)
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    num_tokens, batch = q.shape[0], seq_lens.shape[0]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    if num_splits is None:
+        num_splits = num_kv_splits(batch, max_seq_len, num_kv_heads, num_sms(q.device))
+    num_splits = max(1, min(int(num_splits), SPLIT_MAX))
+    if block_n is None:
+        block_n = 16 if q.dtype == torch.float32 else SPLIT_BLOCK_N
+    fp32 = q.dtype == torch.float32
+    block_d = max(16, next_pow2(head_dim))
+    # Partials in fp32: [T, Hq, S, D] accumulators and [T, Hq, S, 2] (max, sum). Shapes depend on
+    # Python ints only, so this allocation is legal inside CUDA graph capture.
+    part_out = torch.empty((num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((num_tokens, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+    _paged_attention_split_kernel[(batch, num_kv_heads, num_splits)](
+        part_out, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale * _LOG2E,
+        num_splits, q.stride(0), q.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
+        BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES),
+    )
+    _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
+        out, part_out, part_ml, query_start_loc, seq_lens, num_splits,
+        out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
+        BLOCK_S=max(2, next_pow2(num_splits)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=block_n, num_warps=4 if head_dim >= 128 else 2,
+    )
+    return out
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int) -> torch.Tensor:
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                               max_query_len, max_seq_len)
+    """Dispatcher: Triton on CUDA (split-KV for decode-only batches when use_split_kv says so), the
+    torch reference elsewhere or when the backend is forced to "torch". Decides from Python ints
+    and shapes only, never from device values."""
+    if not triton_enabled_for(q):
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                   max_query_len, max_seq_len)
+    if max_query_len <= 1:
+        splits = num_kv_splits(seq_lens.shape[0], max_seq_len, k_cache.shape[2], num_sms(q.device))
+        if splits > 1:
+            return paged_attention_decode_split_triton(q, k_cache, v_cache, block_tables, query_start_loc,
+                                                       seq_lens, scale, max_query_len, max_seq_len,
+                                                       num_splits=splits)
+    return paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                  max_query_len, max_seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random paged batches for tests and benchmarks
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PagedBatch:
+    """Inputs of one paged_attention call. `k_cache`/`v_cache` may hold NaN "poison" in memory the
+    kernels must never read (see random_paged_batch); `clean_caches()` gives the reference a
+    NaN-free copy (the vectorised reference multiplies masked slots by 0, and 0 * NaN = NaN)."""
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    def args(self, k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None) -> tuple:
+        return (self.q, self.k_cache if k_cache is None else k_cache, self.v_cache if v_cache is None else v_cache,
+                self.block_tables, self.query_start_loc, self.seq_lens)
+
+    def clean_caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.nan_to_num(self.k_cache, nan=0.0), torch.nan_to_num(self.v_cache, nan=0.0)
+
+    def kv_bytes_read(self) -> int:
+        """K and V bytes one pass over every request's context reads (the decode traffic floor)."""
+        per_token = 2 * self.k_cache.shape[2] * self.k_cache.shape[3] * self.k_cache.element_size()
+        return int(self.seq_lens.sum().item()) * per_token
+
+
+def random_paged_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
+                       page_size: int, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                       poison: bool = True, spare_blocks: int = 3, seed: Optional[int] = None) -> PagedBatch:
+    """A ragged batch: request i has ctx_lens[i] cached tokens and q_lens[i] new queries. Its pages
+    are a random permutation of the pool (scattered), unused block-table columns point at a
+    finite spare block, and with poison=True every block no table references and every slot past
+    a request's seq_len in its last page hold NaN, so a kernel that reads outside the context fails."""
+    # Small index tensors come from a CPU generator; the large random tensors are drawn directly
+    # on `device` (seconds instead of minutes for multi-GB benchmark caches).
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    pages = [cdiv_int(s, page_size) for s in seq_lens]
+    width = max(pages) + 1
+    num_blocks = sum(pages) + spare_blocks + 1
+    perm = torch.randperm(num_blocks, generator=gen)
+    spare = int(perm[-1])
+    tables = torch.full((len(q_lens), width), spare, dtype=torch.int32)
+    cache_shape = (num_blocks, page_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=dev_gen, device=device, dtype=dtype)
+    v_cache = torch.randn(cache_shape, generator=dev_gen, device=device, dtype=dtype)
+    used = torch.zeros(num_blocks, dtype=torch.bool)
+    used[spare] = True
+    cursor = 0
+    for i, (n, s) in enumerate(zip(pages, seq_lens)):
+        ids = perm[cursor:cursor + n]
+        cursor += n
+        tables[i, :n] = ids.to(torch.int32)
+        used[ids] = True
+        if poison and n and s % page_size:
+            k_cache[int(ids[-1]), s % page_size:] = float("nan")
+            v_cache[int(ids[-1]), s % page_size:] = float("nan")
+    if poison:
+        unused = (~used).nonzero().flatten().to(k_cache.device)
+        k_cache[unused] = float("nan")
+        v_cache[unused] = float("nan")
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=dev_gen, device=device, dtype=dtype)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return PagedBatch(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables.to(device),
+        query_start_loc=qsl.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+
+
+def cdiv_int(a: int, b: int) -> int:
+    return -(-a // b)

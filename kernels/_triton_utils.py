@@ -1,0 +1,105 @@
+"""Shared plumbing for the Triton kernels: optional import, backend choice, small launch helpers.
+
+Triton is optional (it is not installable everywhere the CPU engine runs), so the kernel modules
+import `triton`/`tl` from here. Without Triton, `triton.jit` becomes an identity decorator: the
+kernel functions still define (their `tl.constexpr` annotations are strings thanks to
+`from __future__ import annotations` in each kernel module) but are never launched, because the
+dispatchers only pick Triton when `triton_enabled_for(...)` is true.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+try:  # pragma: no cover - exercised implicitly by every import
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - platforms without triton wheels
+    HAS_TRITON = False
+
+    class _TritonStub:
+        """Just enough of `triton` for the kernel modules to import without it."""
+
+        @staticmethod
+        def jit(fn: Callable[..., Any] | None = None, **_: Any) -> Any:
+            if fn is None:
+                return lambda f: f
+            return fn
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+    triton = _TritonStub()  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+__all__ = ["HAS_TRITON", "triton", "tl", "set_backend", "get_backend", "triton_enabled_for", "cdiv",
+           "next_pow2", "num_sms", "INTERPRET"]
+
+# True when Triton runs its CPU interpreter (tests); kernels then see CPU tensors.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_VALID_BACKENDS = ("auto", "torch", "triton")
+# "auto": Triton for CUDA tensors when Triton is importable, the torch reference otherwise.
+# "torch": always the reference (debugging, A/B comparisons on the GPU).
+# "triton": like auto, but the choice is explicit; CPU tensors still take the reference because
+# compiled Triton kernels cannot read host memory.
+_backend: str = os.environ.get("AGENTSERVE_KERNEL_BACKEND", "auto")
+if _backend not in _VALID_BACKENDS:
+    _backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Select the kernel backend for every dispatcher: "auto" (default), "torch" or "triton"."""
+    global _backend
+    if name not in _VALID_BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {_VALID_BACKENDS}")
+    if name == "triton" and not HAS_TRITON:
+        raise RuntimeError("kernel backend 'triton' requested but triton is not importable")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def triton_enabled_for(t: torch.Tensor) -> bool:
+    """Whether a dispatcher should launch Triton for tensors living where `t` lives.
+
+    A pure Python check (device type, a module global): no device sync, so it is safe inside CUDA
+    graph capture."""
+    return HAS_TRITON and _backend != "torch" and t.is_cuda
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device | None = None) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); cached, no sync."""
+    if device is None or device.type != "cuda":
+        if not torch.cuda.is_available():
+            return 132  # heuristics evaluated off-GPU (tests, planning) assume an H100
+        index = torch.cuda.current_device()
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(index)
