@@ -19,8 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
-from agentserve.adapters.openai.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
-                                                 error_body)
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, tool_format_of
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
@@ -739,6 +738,13 @@ class _ChatContext:
         self.prompt_ids, self.params = prompt_ids, params
         self.engine_kwargs = serving._engine_kwargs(req, lora_name)
         self.tools, self.tool_choice = tools, tool_choice
+        # With special tokens kept in the text (for a special tool-call opener), the EOS token that
+        # ended the reply would be in it too: strip it, as it is when special tokens are skipped.
+        tok = serving.tokenizer
+        self.eos_texts: tuple[str, ...] = ()
+        if tools and not params.skip_special_tokens and tok is not None:
+            ids = sorted(serving.engine.eos_token_ids)
+            self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
         self.top_n = top_n
         self.created = _now()
         self.model = req.model or serving.model_name
@@ -751,6 +757,13 @@ class _ChatContext:
             return None
         return ToolCallStream(self.s._tool_format(), self.tools, self.tool_choice,
                               parallel=self.req.parallel_tool_calls)
+
+    def _strip_eos(self, text: str, c: CompletionOutput) -> str:
+        if self.eos_texts and c.finish_reason == "stop" and c.stop_reason is None:
+            for eos in self.eos_texts:
+                if text.endswith(eos):
+                    return text[:-len(eos)]
+        return text
 
     def _finish_reason(self, c: CompletionOutput, has_calls: bool) -> Optional[str]:
         reason = c.finish_reason
@@ -772,7 +785,7 @@ class _ChatContext:
             calls: list[dict[str, Any]] = []
             ts = self._tool_stream()
             if ts is not None:
-                content, calls = ts.parse_whole(c.text)
+                content, calls = ts.parse_whole(self._strip_eos(c.text, c))
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
@@ -836,7 +849,7 @@ class _ChatContext:
                             if c.delta_text or logprobs:
                                 yield chunk(k, {"content": c.delta_text}, logprobs)
                         else:
-                            deltas = ts.feed(c.delta_text)
+                            deltas = ts.feed(self._strip_eos(c.delta_text, c))
                             if finished:
                                 deltas += ts.finish()
                             for j, d in enumerate(deltas):
@@ -862,4 +875,4 @@ class _ChatContext:
             yield "data: [DONE]\n\n"
 
 
-__all__ = ["OpenAIServing", "ClientDisconnected", "error_body"]
+__all__ = ["OpenAIServing", "ClientDisconnected"]

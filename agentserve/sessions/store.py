@@ -500,7 +500,9 @@ class SessionStore:
         return sorted(idle, key=key)
 
     def _reclaim(self, wanted: int, exclude: Optional[Session] = None) -> int:
-        """The scheduler's hook: frees up to `wanted` pages held by idle sessions. Returns pages freed."""
+        """The scheduler's hook: `wanted` is the number of pages a request needs to allocate; idle
+        sessions give up pages until that many are free. Returns the pages freed."""
+        wanted = max(1, wanted - self.pool.num_free_blocks)
         freed = 0
         order = self._eviction_order(exclude)
         # First the sessions whose eviction frees pages now; then, if that was not enough, the ones
@@ -554,7 +556,7 @@ class SessionStore:
                 return n + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
 
             if need() > self.pool.num_free_blocks:
-                self._reclaim(need() - self.pool.num_free_blocks, exclude=s)
+                self._reclaim(need(), exclude=s)
             ok = need() <= self.pool.num_free_blocks
         if not ok:
             self._free_swap(s)
