@@ -7,6 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
 OUT=${OUT:-benchmarks/out}; export OUT; mkdir -p "$OUT"
+export TRITON_INTERPRET=0
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -18,7 +19,7 @@ DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
-  run kernels python3 benchmarks/kernels.py --out "$OUT/kernels.json"
+  run kernels python3 benchmarks/kernels.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
 fi
 if [ "$MODE" = full ] || [ "$MODE" = bench ]; then

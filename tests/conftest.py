@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run through the interpreter on CPU; it must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import weakref
 from typing import Iterator
 
 import pytest
-import torch
 
 from agentserve.engine.engine import Engine
 
