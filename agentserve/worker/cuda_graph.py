@@ -3,8 +3,11 @@
 Graphs are captured at padded batch sizes (1, 2, 4, 8, then steps of 8 up to the cap) over
 persistent input buffers; a step copies its inputs into the first rows, pads the rest (slot -1:
 no KV write; context length 1: a harmless read), replays the graph for the next captured size and
-reads the logits of its rows. The attention kernels take every length from device tensors, and
-max_seq_len is fixed at max_model_len when capturing, so one graph serves any context length.
+reads the logits of its rows. The attention kernels take every length from device tensors, so a
+graph serves any context up to the max_seq_len it was captured with; that bound only sets the
+split-KV partition count. Short contexts must not pay for a split count chosen for max_model_len
+(empty partitions plus a reduce kernel per layer), so each batch size is captured once per
+distinct split count over context buckets, and a step replays the graph of its bucket.
 """
 
 from __future__ import annotations
@@ -14,10 +17,17 @@ from typing import Optional
 
 import torch
 
+from agentserve.kernels._triton_utils import num_sms
+from agentserve.kernels.paged_attention import num_kv_splits
 from agentserve.model.attention import AttentionMetadata
 from agentserve.model.llama import CausalLM
 
 logger = logging.getLogger(__name__)
+
+
+def context_buckets(max_model_len: int) -> list[int]:
+    buckets = [b for b in (512, 2048, 8192, 32768) if b < max_model_len]
+    return buckets + [max_model_len]
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -41,17 +51,24 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.buckets = context_buckets(max_model_len)
+        self.num_kv_heads = model.cfg.num_kv_heads
+        self.num_sms = num_sms(device)
+        # (batch size, split count) -> graph and its output; bucket -> split count per batch size.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.pool: Optional[tuple] = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _splits(self, bs: int, max_seq_len: int) -> int:
+        return num_kv_splits(bs, max_seq_len, self.num_kv_heads, self.num_sms)
+
+    def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
                                  query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
-                                 max_query_len=1, max_seq_len=self.max_model_len)
+                                 max_query_len=1, max_seq_len=max_seq_len)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_layers, self._meta(bs))
+    def _forward(self, bs: int, max_seq_len: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_layers, self._meta(bs, max_seq_len))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -60,20 +77,25 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
-                self._forward(self.sizes[-1])
-                self._forward(1)
+                for bucket in self.buckets:
+                    self._forward(self.sizes[-1], bucket)
+                    self._forward(1, bucket)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         # Largest first, so the smaller graphs reuse its memory pool.
         for bs in reversed(self.sizes):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
+            for bucket in self.buckets:
+                key = (bs, self._splits(bs, bucket))
+                if key in self.graphs:
+                    continue
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.logits[key] = self._forward(bs, bucket)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[key] = graph
         torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        logger.info("captured %d decode CUDA graphs for batch sizes %s", len(self.graphs), self.sizes)
 
     def padded_size(self, bs: int) -> Optional[int]:
         for size in self.sizes:
@@ -82,11 +104,13 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
         """Inputs already on the device; returns logits [bs, vocab] (a view into graph memory)."""
         bs = input_ids.shape[0]
         size = self.padded_size(bs)
         assert size is not None
+        bucket = next(b for b in self.buckets if b >= max_seq_len)
+        key = (size, self._splits(size, bucket))
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
         self.positions[:bs].copy_(positions, non_blocking=True)
         self.slot_mapping[:bs].copy_(slot_mapping, non_blocking=True)
@@ -95,5 +119,5 @@ class DecodeGraphs:
         self.seq_lens[bs:size].fill_(1)
         width = block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.logits[size][:bs]
+        self.graphs[key].replay()
+        return self.logits[key][:bs]

@@ -27,7 +27,11 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     all_greedy = all(t == 0.0 for t in temps)
 
     def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            # Pinned + non_blocking: a pageable copy would make the host wait for the running forward.
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
 
     top_k = col([p.top_k for p in params], torch.int64) if any(p.top_k > 0 for p in params) else None
     top_p = col([p.top_p for p in params], torch.float32) if any(p.top_p < 1.0 for p in params) else None
@@ -51,8 +55,8 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
                 out = torch.tensor(request.output_token_ids)
                 counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
             prompt_mask[row, torch.tensor(request.prompt_token_ids)] = True
-        meta.output_counts = counts.to(device)
-        meta.prompt_mask = prompt_mask.to(device)
+        meta.output_counts = counts.to(device, non_blocking=True)
+        meta.prompt_mask = prompt_mask.to(device, non_blocking=True)
         if uses_rep:
             meta.repetition_penalty = col([p.repetition_penalty for p in params], torch.float32)
         if uses_freq:

@@ -177,7 +177,8 @@ class ModelRunner:
         input_ids, positions, meta, logits_indices = self.prepare(chunks)
         decode_only = meta.max_query_len == 1 and all(c.sample for c in chunks)
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
-            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens)
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                   meta.max_seq_len)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if logits_indices.numel() == 0:
             return None
@@ -189,15 +190,16 @@ class ModelRunner:
         """Runs one step. `token_bitmask_fn(sampling requests)` builds grammar masks on the CPU; it is
         called after the forward has been launched, so mask building overlaps the GPU's work."""
         self.kv_cache.copy_blocks(block_copies)
-        logits = self._forward_logits(chunks)
         sampling = [c.request for c in chunks if c.sample]
-        if logits is None or not sampling:
+        # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
+        meta_s = build_sampling_metadata(sampling, self.arch.vocab_size, self.device) if sampling else None
+        logits = self._forward_logits(chunks)
+        if logits is None or meta_s is None:
             return StepResult(sampled=[])
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
-        if bitmask is not None:
-            bitmask = bitmask.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else bitmask
-        meta_s = build_sampling_metadata(sampling, logits.shape[-1], self.device, bitmask)
+        if bitmask is not None and self.device.type == "cuda":
+            bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
+        meta_s.token_bitmask = bitmask
         out = self.sampler(logits, meta_s)
         if out.logprobs is None:
             return StepResult(sampled=out.sampled_token_ids.tolist())
