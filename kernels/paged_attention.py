@@ -385,7 +385,7 @@ SPLIT_BLOCK_N: int = 64
 # Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
 # prints the crossover it measures.
 SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after splitting
-SPLIT_MIN_KEYS: int = 256          # never give a split fewer keys (the reduce costs a launch + a pass)
+SPLIT_MIN_KEYS: int = 512          # never give a split fewer keys; measured on H100: at 512 keys B=1 unsplit wins
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
 
 
