@@ -600,6 +600,8 @@ class OpenAIServing:
         extra: dict[str, Any] = {}
         if parse_tools:
             extra = {"tools": tools, "tool_choice": tool_choice}
+            if "parallel_tool_calls" in SamplingParams.__dataclass_fields__:
+                extra["parallel_tool_calls"] = req.parallel_tool_calls
             fmt = self._tool_format()
             if fmt is not None and self._marker_is_special(fmt):
                 # The call opener is a special token ([TOOL_CALLS], <|python_tag|>): keep it in the text.
@@ -622,11 +624,15 @@ class OpenAIServing:
         return await ctx.full(raw_request)
 
     def _marker_is_special(self, fmt: str) -> bool:
-        """Whether the format's call opener is a special token (Mistral's [TOOL_CALLS]), which
-        skip_special_tokens would drop from the text the parser reads."""
-        marker = {"mistral": "[TOOL_CALLS]"}.get(fmt)
+        """Whether the format's call opener is a special token (Mistral's [TOOL_CALLS], Llama's
+        <|python_tag|>), which skip_special_tokens would drop from the text the parser reads."""
+        marker = {"mistral": "[TOOL_CALLS]", "llama3_json": "<|python_tag|>", "hermes": "<tool_call>"}.get(fmt)
         if marker is None or self.tokenizer is None:
             return False
+        # all_special_tokens lists only the named ones (bos, eos, ...) in transformers 5.
+        for added in (getattr(self.tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "content", None) == marker:
+                return bool(getattr(added, "special", False))
         return marker in set(getattr(self.tokenizer, "all_special_tokens", []) or [])
 
 
@@ -765,6 +771,25 @@ class _ChatContext:
                     return text[:-len(eos)]
         return text
 
+    def _safe_text(self, c: CompletionOutput, k: int, acc: list[str], fed: list[int]) -> str:
+        """The next piece of choice k's text for the parser: with special tokens kept, a tail that may
+        be the start of the EOS text waits until the next delta shows what it is."""
+        acc[k] += c.delta_text
+        text = acc[k]
+        if c.finish_reason is not None:
+            upto = len(self._strip_eos(text, c))
+        else:
+            hold = 0
+            for eos in self.eos_texts:
+                for n in range(min(len(eos), len(text)), 0, -1):
+                    if text.endswith(eos[:n]):
+                        hold = max(hold, n)
+                        break
+            upto = len(text) - hold
+        piece = text[fed[k]:upto] if upto > fed[k] else ""
+        fed[k] = max(fed[k], upto)
+        return piece
+
     def _finish_reason(self, c: CompletionOutput, has_calls: bool) -> Optional[str]:
         reason = c.finish_reason
         if has_calls and reason == "stop" and not isinstance(self.tool_choice, dict):
@@ -811,6 +836,8 @@ class _ChatContext:
         completion_tokens = [0] * n
         streams = [self._tool_stream() for _ in range(n)]
         has_calls = [False] * n
+        acc = [""] * n  # streamed text per choice, and how much of it went to the tool-call parser
+        fed = [0] * n
         prompt_tokens = len(self.prompt_ids)
         cached = 0
 
@@ -849,7 +876,7 @@ class _ChatContext:
                             if c.delta_text or logprobs:
                                 yield chunk(k, {"content": c.delta_text}, logprobs)
                         else:
-                            deltas = ts.feed(self._strip_eos(c.delta_text, c))
+                            deltas = ts.feed(self._safe_text(c, k, acc, fed))
                             if finished:
                                 deltas += ts.finish()
                             for j, d in enumerate(deltas):

@@ -49,6 +49,9 @@ def _get(obj: Any, *names: str) -> Any:
 
 
 def _call_dict(call: Any, index: int) -> dict[str, Any]:
+    to_openai = getattr(call, "to_openai", None)
+    if callable(to_openai):
+        return to_openai()
     fn = _get(call, "function")
     name = _get(fn if fn is not None else call, "name")
     args = _get(fn if fn is not None else call, "arguments")

@@ -1,0 +1,199 @@
+"""The HTTP side of tool calls, independent of the model: a scripted engine emits a given output in
+small random deltas (as a constrained model would), and the app must turn it into OpenAI's
+`message.tool_calls` and streamed `delta.tool_calls` fragments, for each chat format (Hermes/Qwen
+tags, Llama 3.1 JSON, Mistral [TOOL_CALLS]). The live-model path (grammar included) is in
+test_openai_tools.py."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, AsyncIterator, Iterator, Optional
+
+import openai
+import pytest
+
+from agentserve.adapters.openai.app import create_app
+from agentserve.adapters.openai.server import ServerThread
+from agentserve.config import EngineConfig
+from agentserve.engine.metrics import EngineMetrics
+from agentserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from agentserve.sampling_params import SamplingParams
+from agentserve.testing.tiny import tiny_model_cached
+
+pytest.importorskip("agentserve.grammar.tools")
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+        "required": ["city"]}}},
+    {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"table": {"type": "string"}, "exact": {"type": "boolean"}}}}},
+]
+CALL_A = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+CALL_B = {"name": "lookup", "arguments": {"table": "users", "exact": True}}
+
+
+def _hermes(calls: list[dict[str, Any]]) -> str:
+    return "\n".join(f'<tool_call>\n{{"name": "{c["name"]}", "arguments": {json.dumps(c["arguments"])}}}\n</tool_call>'
+                     for c in calls)
+
+
+def _llama(calls: list[dict[str, Any]]) -> str:
+    return "; ".join(f'{{"name": "{c["name"]}", "parameters": {json.dumps(c["arguments"])}}}' for c in calls)
+
+
+def _mistral(calls: list[dict[str, Any]]) -> str:
+    return "[TOOL_CALLS]" + json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.num_blocks, self.block_size = 1024, 16
+
+
+class ScriptedEngine:
+    """Just enough of Engine for the app: tokenizer, limits, metrics, validate."""
+
+    def __init__(self, arch: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = tiny_model_cached(arch)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.model_name = f"scripted-{arch}"
+        self.max_model_len = 4096
+        self.pool = _Pool()
+        self.metrics = EngineMetrics(kv_blocks_total=1024)
+        self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
+        self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        return params if params.max_tokens is not None else params.clone(max_tokens=16)
+
+
+class ScriptedAsyncEngine:
+    """generate() replays `self.script` (text) in random small deltas and records the params."""
+
+    def __init__(self, engine: ScriptedEngine) -> None:
+        self.engine = engine
+        self.script = ""
+        self.max_pending, self.num_pending = 100, 0
+        self.last_params: Optional[SamplingParams] = None
+
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
+                       **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        self.last_params = params
+        rng = random.Random(len(self.script))
+        text, pos, tokens = "", 0, []
+        while pos < len(self.script):
+            step = rng.randint(1, 4)
+            delta = self.script[pos:pos + step]
+            pos += step
+            text += delta
+            tokens.append(len(tokens))
+            done = pos >= len(self.script)
+            out = CompletionOutput(index=0, text=text, token_ids=list(tokens), cumulative_logprob=None, logprobs=None,
+                                   finish_reason="stop" if done else None, delta_text=delta,
+                                   delta_token_ids=[tokens[-1]])
+            yield RequestOutput(request_id, None, list(prompt), [out], done,
+                                RequestMetrics(0.0, 0.0, 0.0, 0.0, len(prompt), 0, len(prompt)))
+
+
+class Scripted:
+    def __init__(self, arch: str) -> None:
+        self.engine = ScriptedEngine(arch)
+        self.aeng = ScriptedAsyncEngine(self.engine)
+        self.server = ServerThread(create_app(self.aeng, self.engine.config)).start()
+        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module", params=[("qwen2", _hermes), ("llama3", _llama), ("mistral", _mistral)],
+                ids=["hermes", "llama3_json", "mistral"])
+def scripted(request: pytest.FixtureRequest) -> Iterator[tuple[Scripted, Any]]:
+    arch, render = request.param
+    s = Scripted(arch)
+    yield s, render
+    s.server.stop()
+
+
+def _ask(s: Scripted, stream: bool, **kw: Any) -> Any:
+    return s.client.chat.completions.create(model=s.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                            tools=TOOLS, max_tokens=100, stream=stream, **kw)
+
+
+def _reassemble(chunks: list[Any]) -> tuple[str, list[dict[str, Any]], str]:
+    content, calls, finish = "", {}, ""
+    for ch in chunks:
+        for c in ch.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                if tc.id:
+                    assert slot["id"] is None
+                    slot["id"] = tc.id
+                    assert tc.type == "function"
+                slot["name"] += (tc.function.name or "") if tc.function else ""
+                slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            finish = c.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def _expect(calls: Any, wanted: list[dict[str, Any]]) -> None:
+    got = [(c["name"] if isinstance(c, dict) else c.function.name,
+            json.loads(c["arguments"] if isinstance(c, dict) else c.function.arguments)) for c in calls]
+    assert got == [(w["name"], w["arguments"]) for w in wanted]
+
+
+@pytest.mark.parametrize("calls", [[CALL_A], [CALL_A, CALL_B]], ids=["one", "two"])
+def test_calls_whole_and_streamed(scripted: tuple[Scripted, Any], calls: list[dict[str, Any]]) -> None:
+    s, render = scripted
+    s.aeng.script = render(calls)
+    if render is _mistral:
+        s.aeng.script += "</s>"  # special tokens are kept for the [TOOL_CALLS] opener: EOS text too
+    out = _ask(s, False, tool_choice="required")
+    msg = out.choices[0].message
+    assert not msg.content
+    _expect(msg.tool_calls, calls)
+    assert all(c.id and c.type == "function" for c in msg.tool_calls)
+    assert out.choices[0].finish_reason == "tool_calls"
+    content, streamed, finish = _reassemble(list(_ask(s, True, tool_choice="required")))
+    assert content == "" and finish == "tool_calls"
+    _expect(streamed, calls)
+    assert all(c["id"] for c in streamed)
+    # Named tool choice: OpenAI finishes with "stop".
+    named = _ask(s, False, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.choices[0].finish_reason == "stop"
+    assert s.aeng.last_params is not None and s.aeng.last_params.tool_choice == {
+        "type": "function", "function": {"name": "get_weather"}}
+
+
+def test_text_then_call_and_parallel_off(scripted: tuple[Scripted, Any]) -> None:
+    s, render = scripted
+    if render is _llama:
+        pytest.skip("Llama 3.1 JSON calls are the whole output: no text before them")
+    s.aeng.script = "Let me check that." + render([CALL_A, CALL_B])
+    out = _ask(s, False)
+    assert out.choices[0].message.content == "Let me check that."
+    _expect(out.choices[0].message.tool_calls, [CALL_A, CALL_B])
+    content, streamed, finish = _reassemble(list(_ask(s, True)))
+    assert content == "Let me check that." and finish == "tool_calls"
+    _expect(streamed, [CALL_A, CALL_B])
+    # parallel_tool_calls=false: one call at most.
+    one = _ask(s, False, parallel_tool_calls=False)
+    _expect(one.choices[0].message.tool_calls, [CALL_A])
+    _, streamed, _ = _reassemble(list(_ask(s, True, parallel_tool_calls=False)))
+    _expect(streamed, [CALL_A])
+
+
+def test_plain_text_and_tool_choice_none(scripted: tuple[Scripted, Any]) -> None:
+    s, _ = scripted
+    s.aeng.script = "No tools needed, the answer is 4."
+    out = _ask(s, False)
+    assert out.choices[0].message.content == s.aeng.script and not out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "stop"
+    content, streamed, finish = _reassemble(list(_ask(s, True)))
+    assert content == s.aeng.script and streamed == [] and finish == "stop"
+    s.aeng.script = _hermes([CALL_A])
+    none = _ask(s, False, tool_choice="none")
+    assert none.choices[0].message.content == s.aeng.script and not none.choices[0].message.tool_calls
+    assert s.aeng.last_params is not None and not s.aeng.last_params.tools  # unconstrained
