@@ -197,3 +197,20 @@ def test_plain_text_and_tool_choice_none(scripted: tuple[Scripted, Any]) -> None
     none = _ask(s, False, tool_choice="none")
     assert none.choices[0].message.content == s.aeng.script and not none.choices[0].message.tool_calls
     assert s.aeng.last_params is not None and not s.aeng.last_params.tools  # unconstrained
+
+
+def test_tool_schema_dialects_and_unsupported_keywords(scripted: tuple[Scripted, Any]) -> None:
+    s, render = scripted
+    s.aeng.script = render([CALL_A])
+    dialect = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "dict", "properties": {"city": {"type": "str"}, "unit": {"enum": ["c", "f"]}}}}}]
+    out = s.client.chat.completions.create(model=s.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                           tools=dialect, tool_choice="required", max_tokens=50)
+    assert out.choices[0].message.tool_calls
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "not": {"const": "a"}}}}}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        s.client.chat.completions.create(model=s.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                         tools=bad, max_tokens=5)
+    err = info.value.body
+    assert err["param"] == "tools[0].function.parameters.properties.x" and "'not'" in err["message"]

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from agentserve.adapters.openai.tool_calls import ToolCallStream, tool_format_of
+from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import CompletionOutput, RequestOutput
@@ -562,6 +562,8 @@ class OpenAIServing:
             raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
         if tools and choice is None:
             choice = "auto"
+        if tools and choice != "none":
+            check_tool_schemas(tools)
         return tools, choice
 
     def _render_chat(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],

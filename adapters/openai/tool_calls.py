@@ -12,6 +12,7 @@ argument deltas while they are generated. This module turns that into:
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,23 @@ def tool_format_of(tokenizer: Any) -> Optional[str]:
     except Exception:  # noqa: BLE001 - an unknown template is "no format", not a server error
         logger.warning("could not detect the tool-call format of the chat template", exc_info=True)
         return None
+
+
+def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
+    """Normalizes the tools' parameter schemas as the grammar will (dialects like "type": "dict"
+    are fine); raises OpenAIError 400 naming the unsupported keyword and its path."""
+    mod = _tools_module()
+    if mod is None:
+        return
+    try:
+        mod.parse_tools(tools)
+    except ValueError as e:
+        from agentserve.adapters.openai.protocol import OpenAIError
+
+        msg = str(e)
+        match = re.search(r"(tools\[\d+\][\w.\[\]$]*)", msg)
+        raise OpenAIError(400, f"unsupported tool definition: {msg}",
+                          param=match.group(1) if match else "tools") from None
 
 
 def _get(obj: Any, *names: str) -> Any:
