@@ -53,14 +53,19 @@ def paged_attention_ref(
     k_pos = torch.arange(max_seq_len, device=device)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens_l[:, None, None])
 
+    # GQA without repeating K/V: the group's query heads become extra query rows of their kv head.
     group = num_q_heads // num_kv_heads
-    qh = q_pad.transpose(1, 2).float()                              # [B, Hq, Lq, D]
-    kh = k.transpose(1, 2).float().repeat_interleave(group, dim=1)  # [B, Hq, Lk, D]
-    vh = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    qh = q_pad.float().reshape(batch, max_query_len, num_kv_heads, group, head_dim)
+    qh = qh.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * max_query_len, head_dim)
+    kh = k.transpose(1, 2).float()                         # [B, Hkv, Lk, D]
+    vh = v.transpose(1, 2).float()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, Hkv, G * Lq, Lk]
+    scores = scores.view(batch, num_kv_heads, group, max_query_len, max_seq_len)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded query rows have no keys
-    out = torch.matmul(probs, vh).transpose(1, 2)          # [B, Lq, Hq, D]
+    probs = probs.view(batch, num_kv_heads, group * max_query_len, max_seq_len)
+    out = torch.matmul(probs, vh).view(batch, num_kv_heads, group, max_query_len, head_dim)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_query_len, num_q_heads, head_dim)
     return out[token_req, token_col].to(q.dtype)
 
 
