@@ -34,6 +34,7 @@ class SamplingParams:
     choice: Optional[list[str]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[None, str, dict[str, Any]] = None
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

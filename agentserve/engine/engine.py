@@ -3,6 +3,7 @@ AsyncEngine (async_engine.py) drives it from a background thread for the servers
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
@@ -14,11 +15,13 @@ import torch
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import EngineConfig
+from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
                                        RequestStatus)
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
 from agentserve.sampling_params import SamplingParams
@@ -102,6 +105,9 @@ class Engine:
         # Called on the step thread with each finished output that carries retained pages (sessions adopt
         # them there, so no consumer race can lose them); it sets out.retained_block_table = None once adopted.
         self.on_retained: Optional[Callable[[RequestOutput], None]] = None
+        self._constraints: Optional["ConstraintManager"] = None  # built on the first constrained request
+        self._grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
+        self._failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -164,6 +170,7 @@ class Engine:
         params = self.validate(token_ids, params)
         if params.n > 1 and (retain_blocks or prefix_block_table):
             raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")
+        grammar_future = self._submit_constraint(params) if params.has_constraint else None
         children = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -182,10 +189,45 @@ class Engine:
             leader.num_cached_tokens = num_prefix_computed
         self.groups[request_id] = children
         self._prompts[request_id] = prompt_text
+        if grammar_future is not None:
+            for req in children:  # each sequence gets its own matcher when the compile is done
+                req.status = RequestStatus.WAITING_FOR_GRAMMAR
+                self._grammar_waits[req.request_id] = grammar_future
         self.scheduler.add(leader)
         if len(children) > 1:
             self._pending_forks[leader.request_id] = children[1:]
         self.metrics.prompt_tokens_total += len(token_ids)
+
+    def _submit_constraint(self, params: SamplingParams) -> "concurrent.futures.Future":
+        try:
+            if self._constraints is None:
+                self._constraints = ConstraintManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+                                                      self.config.grammar_backend, self.config.scheduler.max_num_seqs)
+            return self._constraints.submit(params)
+        except GrammarError as e:
+            raise InvalidRequestError(str(e)) from None
+
+    def _poll_grammars(self) -> None:
+        """Requests whose compile finished start waiting for a slot; failed compiles fail alone."""
+        if not self._grammar_waits:
+            return
+        for rid, fut in list(self._grammar_waits.items()):
+            if not fut.done():
+                continue
+            del self._grammar_waits[rid]
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            error = ConstraintManager.attach(req, fut)
+            if error is not None:
+                req.error = error
+                self._finish(req, RequestStatus.FINISHED_ERROR, None)
+                self._failed.add(req.parent_id)
+
+    def _wait_for_grammars(self) -> None:
+        # Nothing else to run: block briefly on the compiles instead of spinning.
+        concurrent.futures.wait(list(self._grammar_waits.values()), timeout=0.005,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
 
     def abort(self, request_id: str) -> bool:
         """Stops a request (the caller's id) wherever it is and frees its pages."""
@@ -197,6 +239,7 @@ class Engine:
                 self.scheduler.remove(req, free_blocks=True)
                 req.status = RequestStatus.FINISHED_ABORTED
             self.requests.pop(req.request_id, None)
+            self._grammar_waits.pop(req.request_id, None)
         self._pending_forks.pop(children[0].request_id, None)
         self._prompts.pop(request_id, None)
         return True
@@ -206,11 +249,16 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._poll_grammars()
         sched = self.scheduler.schedule()
-        touched: set[str] = set()
+        touched: set[str] = set(self._failed)
+        self._failed.clear()
         num_sampled = 0
         if not sched.is_empty:
-            touched, num_sampled = self._run(sched)
+            ran, num_sampled = self._run(sched)
+            touched |= ran
+        elif self._grammar_waits and not touched:
+            self._wait_for_grammars()
         self._update_metrics(sched, num_sampled)
         return self._collect_outputs(touched)
 
@@ -222,7 +270,8 @@ class Engine:
             chunks.append(ScheduledChunk(req, n, sample=req.num_computed_tokens + n >= req.num_tokens))
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
-        result = self.runner.execute(chunks, sched.block_copies)
+        mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
+        result = self.runner.execute(chunks, sched.block_copies, mask_fn)
         touched: set[str] = set()
         row = 0
         for chunk in chunks:
@@ -249,6 +298,9 @@ class Engine:
             sib.block_table = self.kv.fork_blocks(leader.block_table)
             sib.num_computed_tokens = leader.num_prompt_tokens - 1
             sib.num_cached_tokens = leader.num_cached_tokens
+            if sib.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                fut = self._grammar_waits.pop(sib.request_id)
+                ConstraintManager.attach(sib, fut)  # the leader's compile is done and succeeded
             self.scheduler.add_front(sib)
 
     def _append_sampled(self, req: Request, result: StepResult, row: int) -> None:
@@ -265,7 +317,14 @@ class Engine:
             self._record_logprobs(req, result.logprob_ids[row], result.logprobs[row], result.ranks[row])
         stop_str = req.detokenizer.append(token) if req.detokenizer is not None else None
         params = req.sampling_params
-        if stop_str is not None:
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            # Masks make this impossible; if it happens the output can no longer be trusted.
+            req.error = f"sampled token {token} is not allowed by the output constraint"
+            self._finish(req, RequestStatus.FINISHED_ERROR, None)
+        elif req.grammar is not None and req.grammar.is_terminated():
+            self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
+                         (token if token in params.stop_token_ids else None))
+        elif stop_str is not None:
             self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
         elif token in params.stop_token_ids:
             self._finish(req, RequestStatus.FINISHED_STOPPED, token)
@@ -327,6 +386,9 @@ class Engine:
                     first_token_time=leader.timing.first_token, finished_time=leader.timing.finished,
                     num_prompt_tokens=leader.num_prompt_tokens, num_cached_tokens=max(leader.num_cached_tokens, 0),
                     num_prefilled_tokens=leader.num_prefilled_tokens))
+            errors = [c.error for c in children if c.error]
+            if errors:
+                out.error = errors[0]
             if finished:
                 if leader.retain_blocks:
                     out.retained_block_table = leader.block_table

@@ -1,0 +1,68 @@
+"""Engine-side glue for grammar-constrained requests: compile off the step loop, attach a matcher
+per sequence when the compile is done, build the batch bitmask, advance and finish.
+
+Built lazily on the first constrained request, so unconstrained serving pays nothing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Optional
+
+import torch
+
+from agentserve.engine.request import Request, RequestStatus
+from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.compiler import GrammarCompiler
+from agentserve.grammar.state import GrammarBitmask, GrammarState
+from agentserve.sampling_params import SamplingParams
+
+COMPILE_TIMEOUT_S = 30.0
+
+
+class ConstraintManager:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int], backend: str,
+                 max_batch: int) -> None:
+        if tokenizer is None:
+            raise GrammarError("constrained outputs need the model's tokenizer")
+        self.tokenizer = tokenizer
+        self.info = TokenizerInfo.from_hf(tokenizer, vocab_size=vocab_size, eos_token_ids=sorted(eos_token_ids))
+        self.compiler = GrammarCompiler(get_backend(backend), self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S)
+        self.bitmask = GrammarBitmask(vocab_size, max_batch)
+        self._tool_format: Optional[str] = None
+
+    @property
+    def tool_format(self) -> str:
+        if self._tool_format is None:
+            from agentserve.grammar.tools import detect_tool_format
+
+            self._tool_format = detect_tool_format(getattr(self.tokenizer, "chat_template", None))
+        return self._tool_format
+
+    def submit(self, params: SamplingParams) -> "concurrent.futures.Future":
+        """Starts (or finds cached) the compile of the request's constraint. Raises GrammarError for
+        constraints that are malformed before any compile (bad JSON, unsupported tool schema)."""
+        fmt = self.tool_format if params.tools else None
+        spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)
+        assert spec is not None
+        return self.compiler.submit(spec)
+
+    @staticmethod
+    def attach(request: Request, future: "concurrent.futures.Future") -> Optional[str]:
+        """Gives a waiting request its matcher once the compile is done; returns an error message
+        when the compile failed."""
+        try:
+            compiled = future.result(timeout=0)
+        except GrammarError as e:
+            return f"the output constraint could not be compiled: {e}"
+        except Exception as e:  # noqa: BLE001 - a backend crash fails this request only
+            return f"the output constraint could not be compiled: {type(e).__name__}: {e}"
+        request.grammar = GrammarState.from_compiled(compiled)
+        request.status = RequestStatus.WAITING
+        return None
+
+    def fill_bitmask(self, requests: list[Request]) -> Optional[torch.Tensor]:
+        """Bitmask rows for the sampling requests of a step (None when none is constrained)."""
+        rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None
+        return self.bitmask.fill(rows, batch_size=len(requests))
