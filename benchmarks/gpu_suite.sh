@@ -26,6 +26,6 @@ if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
   run throughput python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --peer hf --peer-requests 256 --out "$OUT/throughput.json"
   run throughput-torch-ref python3 benchmarks/throughput.py $DUMMY --attention-backend torch --num-requests 256 --max-num-seqs 64 --out "$OUT/throughput_torch_ref.json"
   [ -f benchmarks/agent_loop.py ] && run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --out "$OUT/agent_loop.json"
-  [ -f benchmarks/grammar.py ] && run grammar python3 benchmarks/grammar.py --gpu-step $DUMMY --out "$OUT/grammar_gpu.json"
+  run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
 fi
 ls -la "$OUT"
