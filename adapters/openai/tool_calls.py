@@ -144,4 +144,6 @@ class ToolCallStream:
         result = [_call_dict(c, i) for i, c in enumerate(calls or [])]
         if not self.parallel:
             result = result[:1]
-        return (content or None) if result else (content or ""), result
+        if result:  # beside calls, whitespace-only text is no content (OpenAI gives null)
+            return (content if content and content.strip() else None), result
+        return content or "", result
