@@ -1,0 +1,197 @@
+"""Grammar compilation off the step loop: a small thread pool, a time limit, and a cache.
+
+    compiler = GrammarCompiler(get_backend("auto"), tokenizer_info, max_workers=2, timeout_s=30)
+    fut = compiler.submit(spec)        # concurrent.futures.Future[CompiledGrammar], never blocks
+    ...                                # each step: if fut.done(): fut.result() or fut.exception()
+
+A compile that raises, or runs past `timeout_s`, resolves its future with a `GrammarError` naming
+the cause; only the requests waiting on it fail. The backends release the GIL while compiling,
+so a slow compile does not stall the step loop. A compile that timed out cannot be killed (it is
+native code in a thread): its slot is given back at the deadline so later compiles are not
+blocked, and if it finishes later its result still fills the cache.
+
+The cache is keyed by (spec, tokenizer identity, backend); hits (and known failures) return an
+already-done future. Failures are cached too (a bad schema fails fast the next time), except
+time-outs, which are retried on the next submit unless the late compile has finished by then.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Optional
+
+from agentserve.grammar.backend import (
+    CompiledGrammar,
+    ConstraintSpec,
+    GrammarBackend,
+    GrammarError,
+    TokenizerInfo,
+)
+
+
+class _Job:
+    __slots__ = ("key", "spec", "future", "started", "finished", "timed_out")
+
+    def __init__(self, key: Any, spec: ConstraintSpec) -> None:
+        self.key = key
+        self.spec = spec
+        self.future: Future = Future()
+        self.started = 0.0
+        self.finished = False
+        self.timed_out = False
+
+
+class GrammarCompiler:
+    def __init__(self, backend: GrammarBackend, tokenizer_info: TokenizerInfo, *, max_workers: int = 2,
+                 timeout_s: Optional[float] = 30.0, cache_size: int = 1024, max_stuck: int = 8) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self.backend = backend
+        self.tokenizer_info = tokenizer_info
+        self.max_workers = max_workers
+        self.timeout_s = timeout_s
+        self.cache_size = cache_size
+        self.max_stuck = max_stuck
+        self._lock = threading.Lock()
+        self._cache: "collections.OrderedDict[Any, Future]" = collections.OrderedDict()
+        self._inflight: dict[Any, _Job] = {}
+        self._queue: "collections.deque[_Job]" = collections.deque()
+        self._active = 0   # compiles holding a worker slot
+        self._stuck = 0    # timed-out compiles still running
+        self._closed = False
+        self.stats = {"hits": 0, "misses": 0, "compiled": 0, "failed": 0, "timeouts": 0}
+
+    # -- public ---------------------------------------------------------------------------------
+    def key(self, spec: ConstraintSpec) -> Any:
+        return (spec, self.tokenizer_info.identity, self.backend.name)
+
+    def submit(self, spec: ConstraintSpec) -> "Future[CompiledGrammar]":
+        """A future for the compiled grammar; done at once on a cache hit."""
+        key = self.key(spec)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("GrammarCompiler is shut down")
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                self.stats["hits"] += 1
+                return fut
+            job = self._inflight.get(key)
+            if job is not None:
+                self.stats["hits"] += 1
+                return job.future
+            self.stats["misses"] += 1
+            job = _Job(key, spec)
+            self._inflight[key] = job
+            self._queue.append(job)
+            self._dispatch_locked()
+            return job.future
+
+    def compile(self, spec: ConstraintSpec) -> CompiledGrammar:
+        """Blocking convenience: submit and wait (raises GrammarError)."""
+        return self.submit(spec).result()
+
+    def get_if_ready(self, spec: ConstraintSpec) -> Optional[CompiledGrammar]:
+        with self._lock:
+            fut = self._cache.get(self.key(spec))
+        if fut is not None and fut.done() and fut.exception() is None:
+            return fut.result()
+        return None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+        for job in pending:
+            self._resolve_error(job, GrammarError("grammar compiler shut down"))
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _dispatch_locked(self) -> None:
+        while self._queue and self._active < self.max_workers and self._stuck < self.max_stuck:
+            job = self._queue.popleft()
+            if not job.future.set_running_or_notify_cancel():  # cancelled while queued
+                self._inflight.pop(job.key, None)
+                continue
+            self._active += 1
+            job.started = time.monotonic()
+            threading.Thread(target=self._run, args=(job,), name="grammar-compile", daemon=True).start()
+            if self.timeout_s is not None:
+                timer = threading.Timer(self.timeout_s, self._on_timeout, args=(job,))
+                timer.daemon = True
+                timer.start()
+
+    def _run(self, job: _Job) -> None:
+        try:
+            compiled = self.backend.compile(job.spec, self.tokenizer_info)
+            error: Optional[BaseException] = None
+        except GrammarError as e:
+            compiled, error = None, e
+        except Exception as e:  # a library crash fails this request only
+            compiled, error = None, GrammarError(f"{self.backend.name} failed to compile {job.spec.kind}: "
+                                                 f"{type(e).__name__}: {e}")
+        with self._lock:
+            job.finished = True
+            late = job.timed_out
+            if late:
+                self._stuck -= 1
+            else:
+                self._active -= 1
+                self._inflight.pop(job.key, None)
+            done: Future = Future()
+            if error is None:
+                done.set_result(compiled)
+                self.stats["compiled"] += 1
+            else:
+                done.set_exception(error)
+                self.stats["failed"] += 1
+            if not late or error is None:
+                self._put_locked(job.key, done)
+            self._dispatch_locked()
+        if not late:
+            if error is None:
+                self._resolve(job, compiled)
+            else:
+                self._resolve_error(job, error)
+
+    def _on_timeout(self, job: _Job) -> None:
+        with self._lock:
+            if job.finished:
+                return
+            job.timed_out = True
+            self._active -= 1
+            self._stuck += 1
+            self._inflight.pop(job.key, None)
+            self.stats["timeouts"] += 1
+            self._dispatch_locked()
+        self._resolve_error(job, GrammarError(
+            f"grammar compile timed out after {self.timeout_s:g} s ({self.backend.name}, {job.spec.kind}); "
+            "the constraint is too complex for this backend"))
+
+    def _put_locked(self, key: Any, fut: Future) -> None:
+        self._cache[key] = fut
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    @staticmethod
+    def _resolve(job: _Job, compiled: Any) -> None:
+        try:
+            job.future.set_result(compiled)
+        except Exception:  # already resolved
+            pass
+
+    @staticmethod
+    def _resolve_error(job: _Job, error: BaseException) -> None:
+        try:
+            if not job.future.running() and not job.future.set_running_or_notify_cancel():
+                return  # cancelled
+            job.future.set_exception(error)
+        except Exception:  # already resolved
+            pass

@@ -1,0 +1,301 @@
+"""llguidance backend: an Earley parser over a lazy lexer; JSON schemas, regexes and Lark grammars.
+
+Compiling builds one `LLMatcher` (grammar checks, lexer construction); each sequence's matcher is
+a `deep_copy` of it. llguidance enters a permanent error state on a disallowed token, so
+`accept_token` validates first and leaves the state unchanged on refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from agentserve.grammar import structure
+from agentserve.grammar.schema_utils import strip_formats
+from agentserve.grammar.backend import (
+    JSON_WHITESPACE,
+    CompiledGrammar,
+    ConstraintSpec,
+    GrammarBackend,
+    GrammarError,
+    GrammarMatcher,
+    TokenizerInfo,
+    canonical_json,
+)
+
+try:
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch as _llg_torch
+except ImportError:  # pragma: no cover - optional dependency
+    llguidance = None  # type: ignore[assignment]
+
+
+def _require() -> None:
+    if llguidance is None:
+        raise GrammarError("grammar backend 'llguidance' is not installed (pip install llguidance)")
+
+
+# String formats llguidance enforces; others are dropped (annotations) instead of failing the schema.
+FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
+
+_ALL_ESCAPES = "\"\\bfnrt"
+
+
+def _json_options(schema: Any = None) -> dict:
+    opts: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+    excluded = _pattern_excluded_escapes(schema) if schema is not None else set()
+    if excluded:
+        opts["json_allowed_escapes"] = "".join(c for c in _ALL_ESCAPES if c not in excluded)
+    return opts
+
+
+def _pattern_excluded_escapes(schema: Any) -> set[str]:
+    """Escape letters (`"` and `\\`) to forbid in the schema's strings.
+
+    Work-around for llguidance (1.x): in a string with a `pattern`, the escapes `\\"` and `\\\\`
+    are allowed even when the pattern excludes `"` or a backslash (e.g. `^[^,"]+$`), so the
+    decoded value breaks the pattern. When any pattern of the schema has a negated class that
+    excludes one of them, that escape is disallowed for the whole schema: such strings can then
+    not contain that character at all, which keeps every output valid."""
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    found.update(_negated_class_members(value) & {'"', "\\"})
+                else:
+                    visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(schema)
+    return found
+
+
+def _negated_class_members(pattern: str) -> set[str]:
+    """Characters listed literally in the pattern's negated classes `[^...]` (approximate)."""
+    members: set[str] = set()
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[" and i + 1 < n and pattern[i + 1] == "^":
+            j = i + 2
+            first = True
+            while j < n and (pattern[j] != "]" or first):
+                first = False
+                if pattern[j] == "\\" and j + 1 < n:
+                    nxt = pattern[j + 1]
+                    if nxt in "xu":  # \x22 / \u0022 / \x5c
+                        hexlen = 2 if nxt == "x" else 4
+                        try:
+                            members.add(chr(int(pattern[j + 2:j + 2 + hexlen], 16)))
+                        except ValueError:
+                            pass
+                        j += 2 + hexlen
+                        continue
+                    members.add(nxt)
+                    j += 2
+                    continue
+                members.add(pattern[j])
+                j += 1
+            i = j + 1
+            continue
+        i += 1
+    return members
+
+
+def _with_ws(schema: Any) -> Any:
+    """The schema with llguidance's per-schema options (x-guidance) for our whitespace policy."""
+    if isinstance(schema, dict):
+        opts = dict(schema.get("x-guidance") or {})
+        for key, value in _json_options(schema).items():
+            opts.setdefault(key, value)
+        return {**schema, "x-guidance": opts}
+    return schema
+
+
+class _LarkWriter:
+    """Translates a `structure` tree into an llguidance Lark grammar."""
+
+    def __init__(self, lltok: Any, info: TokenizerInfo) -> None:
+        self.lltok = lltok
+        self.info = info
+        self.rules: list[str] = []
+        self.n = 0
+
+    def _name(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def _special_token(self, marker: str) -> Optional[str]:
+        tid = self.info.single_token_id(marker)
+        if tid is not None and self.lltok.is_special_token(tid):
+            return f"<[{tid}]>"
+        return None
+
+    def expr(self, node: Any) -> str:
+        if "seq" in node:
+            parts = [self.expr(n) for n in node["seq"]]
+            return "(" + " ".join(parts) + ")" if parts else '""'
+        if "alt" in node:
+            return "(" + " | ".join(self.expr(n) for n in node["alt"]) + ")"
+        if "star" in node:
+            return f"({self.expr(node['star'])})*"
+        if "opt" in node:
+            return f"({self.expr(node['opt'])})?"
+        if "lit" in node:
+            return json.dumps(node["lit"], ensure_ascii=False)
+        if "marker" in node:
+            return self._special_token(node["marker"]) or json.dumps(node["marker"], ensure_ascii=False)
+        if "ws" in node:
+            term = self._name("WS")
+            self.rules.append(f"{term}: /{structure.ws_regex(node['ws'])}/")
+            return term
+        if "json" in node:
+            name = self._name("json")
+            schema = strip_formats(node["json"], FORMATS)
+            self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
+            return name
+        if "text" in node:
+            t = node["text"]
+            rx = structure.text_regex(t)
+            then = t.get("then")
+            term = self._name("TEXT")
+            if then and (tok := self._special_token(then)):
+                self.rules.append(f"{term}: /{rx}/")
+                return f"{term}? {tok}"
+            if then:  # one lexeme up to (and including) the first occurrence of the trigger
+                self.rules.append(f"{term}: /({rx}){structure.regex_escape(then)}/")
+                return term
+            self.rules.append(f"{term}: /{rx}/")
+            return f"{term}?"
+        raise GrammarError(f"unknown structure node {sorted(node)}")
+
+    def grammar(self, node: Any) -> str:
+        start = self.expr(node)
+        return "\n".join(["%llguidance {}", f"start: {start}"] + self.rules) + "\n"
+
+
+class LLGuidanceMatcher(GrammarMatcher):
+    def __init__(self, info: TokenizerInfo, matcher: Any) -> None:
+        super().__init__(info)
+        self._m = matcher
+
+    def _accept(self, token_id: int) -> bool:
+        if self._m.validate_tokens([token_id]) != 1:
+            return False
+        ok = self._m.consume_token(token_id)
+        if not ok:  # pragma: no cover - validate said yes
+            raise GrammarError(f"llguidance: {self._m.get_error()}")
+        return True
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        _llg_torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def _rollback(self, num_tokens: int) -> None:
+        if not self._m.rollback(num_tokens):
+            raise ValueError(f"llguidance: cannot roll back {num_tokens} tokens: {self._m.get_error()}")
+
+    def _copy(self) -> "LLGuidanceMatcher":
+        return LLGuidanceMatcher(self.tokenizer_info, self._m.deep_copy())
+
+    def _is_accepting(self) -> bool:
+        return self._m.is_accepting()
+
+    def _cannot_continue(self) -> bool:
+        return self._m.is_stopped()
+
+    def _forced_tokens(self) -> list[int]:
+        return list(self._m.compute_ff_tokens())
+
+    @staticmethod
+    def fill_many(pairs: Sequence[tuple["LLGuidanceMatcher", int]], bitmask: torch.Tensor,
+                  executor: Any = None) -> None:
+        """Fill several rows at once on llguidance's thread pool (drops the GIL)."""
+        live = [(m, r) for m, r in pairs if not m._eos_accepted]
+        if executor is not None and len(live) > 1:
+            _llg_torch.fill_next_token_bitmask_par(executor, [(m._m, r) for m, r in live], bitmask)
+        else:
+            for m, r in live:
+                m._fill(bitmask, r)
+        for m, r in pairs:
+            if m._eos_accepted:
+                bitmask[r].zero_()
+            m._fix_eos(bitmask, r, m._eos_accepted or m._is_accepting())
+
+
+class LLGuidanceGrammar(CompiledGrammar):
+    def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, template: Any) -> None:
+        super().__init__(spec, info, "llguidance")
+        self._template = template
+
+    def new_matcher(self) -> LLGuidanceMatcher:
+        return LLGuidanceMatcher(self.tokenizer_info, self._template.deep_copy())
+
+
+class LLGuidanceBackend(GrammarBackend):
+    name = "llguidance"
+
+    def __init__(self, log_level: int = 0) -> None:
+        _require()
+        self.log_level = log_level
+        self._executor: Any = None
+
+    def executor(self) -> Any:
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        return self._executor
+
+    def tokenizer(self, info: TokenizerInfo) -> Any:
+        if info.hf_tokenizer is None:
+            raise GrammarError("llguidance needs a Hugging Face fast tokenizer")
+
+        def build() -> Any:
+            return llguidance.hf.from_tokenizer(info.hf_tokenizer, n_vocab=info.vocab_size,
+                                                eos_token=list(info.eos_token_ids))
+
+        return info.cached("llguidance.tokenizer", build)
+
+    def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
+        if spec.kind == "json_schema":
+            schema = strip_formats(json.loads(str(spec.payload)), FORMATS)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(schema))
+        if spec.kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())
+        if spec.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(spec.payload)
+        if spec.kind == "choice":
+            lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.payload)
+            return llguidance.LLMatcher.grammar_from_lark(lark)
+        if spec.kind == "tool_calls":
+            tree = json.loads(spec.payload)["grammar"]
+            return llguidance.LLMatcher.grammar_from_lark(_LarkWriter(self.tokenizer(info), info).grammar(tree))
+        raise GrammarError(f"llguidance: unsupported constraint kind {spec.kind!r}")
+
+    def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> LLGuidanceGrammar:
+        t0 = time.perf_counter()
+        lltok = self.tokenizer(tokenizer_info)
+        try:
+            grammar = self.grammar_text(spec, tokenizer_info)
+        except ValueError as e:
+            raise GrammarError(f"llguidance: invalid {spec.kind}: {e}") from None
+        template = llguidance.LLMatcher(lltok, grammar, log_level=self.log_level)
+        if template.is_error():
+            raise GrammarError(f"llguidance cannot compile {spec.kind}: {_short_error(template.get_error())}")
+        out = LLGuidanceGrammar(spec, tokenizer_info, template)
+        out.compile_seconds = time.perf_counter() - t0
+        return out
+
+
+def _short_error(msg: str) -> str:
+    msg = msg.split("<state>")[0].strip()
+    return msg if len(msg) < 500 else msg[:500] + "..."

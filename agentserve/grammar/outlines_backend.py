@@ -1,0 +1,183 @@
+"""outlines-core backend: everything becomes one regex, compiled to a token-level DFA (`Index`).
+
+JSON schemas go through outlines-core's JSON-schema-to-regex; tool-call structures through
+`structure.to_regex`. The Index is the compiled grammar (immutable, shared); a matcher is a
+`Guide` over it, which keeps a bounded history of states for rollback and is cloned by copy.
+
+Compiling a large schema can take seconds to minutes (the DFA of the whole schema regex against
+the whole vocabulary), which is why compiles run off the step loop with a time limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import torch
+
+from agentserve.grammar import structure
+from agentserve.grammar.schema_utils import check_enforceable, strip_formats
+from agentserve.grammar.backend import (
+    JSON_WHITESPACE,
+    CompiledGrammar,
+    ConstraintSpec,
+    GrammarBackend,
+    GrammarError,
+    GrammarMatcher,
+    TokenizerInfo,
+)
+
+try:
+    import outlines_core
+    from outlines_core.json_schema import build_regex_from_schema
+except ImportError:  # pragma: no cover - optional dependency
+    outlines_core = None  # type: ignore[assignment]
+
+# outlines-core 0.2 does not explore transitions out of a final state into a non-final one (after
+# "a", `a|axb` allows only EOS; `(xb)*` allows nothing but EOS). So the regex we compile is
+# `(R)END`, where END is a character only the EOS token can produce: no state of R is final, and
+# "R is complete" is "the EOS token (spelling END) may follow". END is U+10FFFF; tokens containing
+# its lead byte 0xF4 (plane-16 private use characters) are left out of the vocabulary.
+_END = "\U0010FFFF"
+_END_LEAD = 0xF4
+
+# Tokens a matcher can roll back (speculative drafts are a handful; jump-forward a few dozen).
+MAX_ROLLBACK = 512
+
+
+def _require() -> None:
+    if outlines_core is None:
+        raise GrammarError("grammar backend 'outlines' is not installed (pip install outlines-core)")
+
+
+# String formats outlines-core translates; others are dropped (annotations) instead of failing.
+FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
+
+
+# Keywords outlines-core (0.2) compiles but does not enforce (random walks break them).
+NOT_ENFORCED = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+    "minProperties", "maxProperties", "allOf", "contains", "minContains", "maxContains", "propertyNames",
+    "dependentRequired", "dependentSchemas", "dependencies", "if", "then", "else", "not",
+    "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+})
+
+
+def schema_to_regex(schema: Any) -> str:
+    if isinstance(schema, str):
+        schema = json.loads(schema)
+    check_enforceable(schema, "outlines", NOT_ENFORCED)
+    text = json.dumps(strip_formats(schema, FORMATS))
+    try:
+        return build_regex_from_schema(text, whitespace_pattern=JSON_WHITESPACE)
+    except Exception as e:  # outlines-core raises ValueError/TypeError/RuntimeError variants
+        raise GrammarError(f"outlines cannot translate the JSON schema: {e}") from None
+
+
+class OutlinesMatcher(GrammarMatcher):
+    def __init__(self, info: TokenizerInfo, guide: Any, index: Any) -> None:
+        super().__init__(info)
+        self._g = guide
+        self._index = index
+        self._eos = info.eos_token_ids[0]
+
+    def _accept(self, token_id: int) -> bool:
+        try:
+            self._g.advance(token_id, return_tokens=False)
+        except ValueError:
+            return False
+        return True
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        r = bitmask[row]
+        if not r.is_contiguous():
+            raise ValueError("bitmask rows must be contiguous")
+        self._g.write_mask_into(r.data_ptr(), r.numel(), r.element_size())
+
+    def _rollback(self, num_tokens: int) -> None:
+        if num_tokens > self._g.get_allowed_rollback():
+            raise ValueError(f"outlines: cannot roll back {num_tokens} tokens "
+                             f"(history holds {self._g.get_allowed_rollback()})")
+        self._g.rollback_state(num_tokens)
+
+    def _copy(self) -> "OutlinesMatcher":
+        return OutlinesMatcher(self.tokenizer_info, copy.copy(self._g), self._index)
+
+    def _is_accepting(self) -> bool:
+        # END may also be an ordinary character inside a JSON string: accepting means END leads
+        # to the final state, not merely that it is allowed.
+        nxt = self._index.get_next_state(self._g.get_state(), self._eos)
+        return nxt is not None and self._index.is_final_state(nxt)
+
+    def _cannot_continue(self) -> bool:
+        # END only ever leads to the final state here (is_accepting() held): nothing else allowed
+        return all(t == self._eos for t in self._g.get_tokens())
+
+
+class OutlinesGrammar(CompiledGrammar):
+    def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, index: Any, regex: str) -> None:
+        super().__init__(spec, info, "outlines")
+        self.index = index
+        self.regex = regex
+
+    def new_matcher(self) -> OutlinesMatcher:
+        return OutlinesMatcher(self.tokenizer_info, outlines_core.Guide(self.index, max_rollback=MAX_ROLLBACK),
+                               self.index)
+
+
+class OutlinesBackend(GrammarBackend):
+    name = "outlines"
+
+    def __init__(self) -> None:
+        _require()
+
+    def vocabulary(self, info: TokenizerInfo, with_markers: bool) -> Any:
+        """outlines-core Vocabulary: every non-special token (plus the tool markers, for tool
+        grammars) by its bytes, and the first EOS id spelling the END character (see _END)."""
+
+        def build() -> Any:
+            skip = set(info.special_ids) | set(info.eos_token_ids)
+            if with_markers:
+                skip -= info.marker_ids()
+            skip |= set(info.eos_token_ids)
+            entries: dict[bytes, list[int]] = {}
+            for i, b in enumerate(info.token_bytes):
+                if b and i not in skip and _END_LEAD not in b:
+                    entries.setdefault(b, []).append(i)
+            entries[_END.encode("utf-8")] = [info.eos_token_ids[0]]
+            used = {i for ids in entries.values() for i in ids}
+            # outlines' own EOS id only loops on the state after END, which matchers never enter
+            spare = next((i for i in sorted(info.special_ids) if i not in used),
+                         info.tokenizer_vocab_size if info.vocab_size > info.tokenizer_vocab_size else None)
+            if spare is None:
+                raise GrammarError("outlines: the tokenizer has no spare token id for outlines' EOS")
+            return outlines_core.Vocabulary(spare, entries)
+
+        return info.cached(("outlines.vocabulary", with_markers), build)
+
+    def regex_for(self, spec: ConstraintSpec) -> str:
+        if spec.kind == "json_schema":
+            return schema_to_regex(spec.payload)
+        if spec.kind == "json_object":
+            return schema_to_regex('{"type":"object"}')
+        if spec.kind == "regex":
+            return str(spec.payload)
+        if spec.kind == "choice":
+            return "(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")"
+        if spec.kind == "tool_calls":
+            return structure.to_regex(json.loads(str(spec.payload))["grammar"], schema_to_regex)
+        raise GrammarError(f"outlines: unsupported constraint kind {spec.kind!r}")
+
+    def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> OutlinesGrammar:
+        t0 = time.perf_counter()
+        regex = self.regex_for(spec)
+        vocab = self.vocabulary(tokenizer_info, with_markers=spec.kind == "tool_calls")
+        try:
+            index = outlines_core.Index(f"({regex}){_END}", vocab)
+        except Exception as e:
+            raise GrammarError(f"outlines cannot compile {spec.kind}: {e}") from None
+        out = OutlinesGrammar(spec, tokenizer_info, index, regex)
+        out.compile_seconds = time.perf_counter() - t0
+        return out

@@ -1,0 +1,107 @@
+"""Walking JSON Schemas: which keys hold subschemas, and rewrites over every subschema."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# keyword -> how its value holds subschemas
+SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_KEYWORDS = ("additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+                   "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+
+
+def map_subschemas(schema: Any, fn: Callable[[dict, str], dict], path: str = "") -> Any:
+    """Rewrite a schema bottom-up: `fn(node, path)` is called on every (sub)schema dict after its
+    children were rewritten, and returns the replacement. Non-dict schemas (true/false) pass."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict = {}
+    for key, value in schema.items():
+        sub = f"{path}.{key}" if path else key
+        if key in SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            out[key] = {k: map_subschemas(v, fn, f"{sub}.{k}") for k, v in value.items()}
+        elif key in SCHEMA_LIST_KEYWORDS and isinstance(value, list):
+            out[key] = [map_subschemas(v, fn, f"{sub}[{i}]") for i, v in enumerate(value)]
+        elif key == "items":
+            if isinstance(value, list):
+                out[key] = [map_subschemas(v, fn, f"{sub}[{i}]") for i, v in enumerate(value)]
+            else:
+                out[key] = map_subschemas(value, fn, sub)
+        elif key in SCHEMA_KEYWORDS:
+            out[key] = map_subschemas(value, fn, sub)
+        elif key == "dependencies" and isinstance(value, dict):
+            out[key] = {k: map_subschemas(v, fn, f"{sub}.{k}") if isinstance(v, dict) else v
+                        for k, v in value.items()}
+        else:
+            out[key] = value
+    return fn(out, path)
+
+
+def strip_formats(schema: Any, supported: frozenset[str]) -> Any:
+    """Drop `format` annotations a backend does not implement.
+
+    JSON Schema treats `format` as an annotation unless a validator opts in, so a value
+    generated without it is still valid; backends that enforce the formats they know and reject
+    the others would otherwise fail the whole schema."""
+
+    def fix(node: dict, path: str) -> dict:
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt not in supported:
+            node = {k: v for k, v in node.items() if k != "format"}
+        return node
+
+    return map_subschemas(schema, fix)
+
+
+def _disjoint_types(branches: list) -> bool:
+    """oneOf branches that are provably exclusive: each a single distinct JSON type (integer and
+    number overlap), or each a distinct const."""
+    types = []
+    for b in branches:
+        if not isinstance(b, dict):
+            return False
+        t = b.get("type")
+        if isinstance(t, str):
+            types.append(t)
+        else:
+            break
+    else:
+        kinds = ["number" if t == "integer" else t for t in types]
+        return len(set(kinds)) == len(kinds)
+    consts = [json_key(b["const"]) for b in branches if isinstance(b, dict) and "const" in b]
+    return len(consts) == len(branches) and len(set(consts)) == len(consts)
+
+
+def json_key(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
+                      required_in_properties: bool = True, disjoint_one_of: bool = True) -> None:
+    """Raise GrammarError when the schema uses what `backend` would accept but not enforce.
+
+    Some backends compile keywords they ignore (bounds, uniqueItems, allOf, ...), so outputs can
+    break the schema; measured with benchmarks/grammar.py. Rejecting them keeps "compiled" meaning
+    "every output validates"."""
+    from agentserve.grammar.backend import GrammarError
+
+    def check(node: dict, path: str) -> dict:
+        where = path or "the root"
+        for kw in unsupported:
+            if kw in node and not (kw == "uniqueItems" and node[kw] is False):
+                raise GrammarError(f"{backend} does not enforce '{kw}' (at {where})")
+        if required_in_properties and isinstance(node.get("required"), list):
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            missing = [r for r in node["required"] if r not in props]
+            if missing:
+                raise GrammarError(f"{backend} does not generate required properties missing from "
+                                   f"'properties' ({missing[0]!r} at {where})")
+        if disjoint_one_of and isinstance(node.get("oneOf"), list) and not _disjoint_types(node["oneOf"]):
+            raise GrammarError(f"{backend} compiles 'oneOf' as 'anyOf'; its branches are not provably "
+                               f"exclusive (at {where})")
+        return node
+
+    map_subschemas(schema, check)

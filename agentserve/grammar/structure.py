@@ -1,0 +1,289 @@
+"""A small structural grammar, the common form of tool-call constraints across backends.
+
+Tool-call outputs are "free text, then a marker, then JSON, then ...": more than a JSON schema
+and more than a regex. `tools.build_tool_constraint` writes them as a tree of these JSON nodes,
+which each backend translates to what it speaks (Lark for llguidance, a structural tag for
+xgrammar, one regex for outlines-core):
+
+    {"seq": [node, ...]}            concatenation
+    {"alt": [node, ...]}            alternatives
+    {"star": node} / {"opt": node}  zero or more / zero or one
+    {"lit": "text"}                 literal text
+    {"ws": " \n"}                   zero or more of these (whitespace) characters
+    {"marker": "<tool_call>"}       a format marker; a single (special) token when the tokenizer
+                                    has one, else its text
+    {"json": {...schema...}}        a JSON value valid against the schema
+    {"text": {"exclude": [...], "lead_ws": " \n", "not_start": "{", "then": "<tool_call>" | null}}
+                                    free text that contains none of `exclude` and whose first
+                                    character after optional leading `lead_ws` characters is not
+                                    in `not_start`, followed by the marker `then` (when given)
+
+The "text" node is the free-text-until-trigger part of tool_choice="auto": because the text can
+never contain the trigger, the first trigger always starts a call, and the grammar and the
+tool-call parser agree on where calls are.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable, Optional
+
+_META = set("\\.+*?()|[]{}^$#&-~/\"'")
+
+
+def regex_escape(text: str) -> str:
+    """Escape `text` for the regex dialects of all backends (Rust regex, llguidance, xgrammar,
+    Python re): punctuation that may be special gets a backslash, control chars become escapes."""
+    out = []
+    for ch in text:
+        if ch in _META:
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _class_escape(chars: Iterable[str]) -> str:
+    return "".join(regex_escape(c) for c in sorted(set(chars)))
+
+
+def regex_excluding(words: Iterable[str], not_start: str = "") -> str:
+    """A regex matching every string (possibly empty; newlines included) that contains none of
+    `words` as a substring and does not start with a character in `not_start`.
+
+    Built as the Aho-Corasick automaton of `words` with the match states removed, converted to a
+    regex by state elimination; only plain constructs are used (groups, classes, `*`, `?`, `|`).
+    """
+    words = [w for w in dict.fromkeys(words) if w]
+    goto: list[dict[str, int]] = [{}]
+    fail = [0]
+    out = [False]
+    for w in words:
+        s = 0
+        for ch in w:
+            if ch not in goto[s]:
+                goto.append({})
+                fail.append(0)
+                out.append(False)
+                goto[s][ch] = len(goto) - 1
+            s = goto[s][ch]
+        out[s] = True
+    depth = [0] * len(goto)
+    queue = deque(goto[0].values())
+    while queue:
+        r = queue.popleft()
+        for ch, s in goto[r].items():
+            depth[s] = depth[r] + 1
+            queue.append(s)
+            f = fail[r]
+            while f and ch not in goto[f]:
+                f = fail[f]
+            fail[s] = goto[f].get(ch, 0) if r != 0 else 0
+            out[s] = out[s] or out[fail[s]]
+
+    def delta(s: int, ch: str) -> int:
+        while s and ch not in goto[s]:
+            s = fail[s]
+        return goto[s].get(ch, 0)
+
+    alphabet = sorted(set("".join(words)) | set(not_start))
+    live = [s for s in range(len(goto)) if not out[s]]
+    START, FINAL, FIRST = "I", "F", "S"
+    edges: dict[tuple[Any, Any], list[str]] = {}
+
+    def add(p: Any, q: Any, rx: str) -> None:
+        edges.setdefault((p, q), []).append(rx)
+
+    def char_edges(src: Any, state: int, banned: str) -> None:
+        targets: dict[int, list[str]] = {}
+        for ch in alphabet:
+            if ch in banned:
+                continue
+            q = delta(state, ch)
+            if not out[q]:
+                targets.setdefault(q, []).append(ch)
+        # characters outside the alphabet go back to the root
+        for q, chars in targets.items():
+            if q == 0:
+                add(src, q, f"[^{_class_escape(set(alphabet) - set(chars))}]")
+            elif len(chars) == 1:
+                add(src, q, regex_escape(chars[0]))
+            else:
+                add(src, q, f"[{_class_escape(chars)}]")
+        if 0 not in targets:
+            add(src, 0, f"[^{_class_escape(alphabet)}]")
+
+    for s in live:
+        char_edges(s, s, "")
+        add(s, FINAL, "")
+    if not_start:
+        char_edges(FIRST, 0, not_start)
+        add(FIRST, FINAL, "")
+        add(START, FIRST, "")
+    else:
+        add(START, 0, "")
+
+    def alt(parts: list[str]) -> str:
+        parts = list(dict.fromkeys(parts))
+        nonempty = [p for p in parts if p]
+        if not nonempty:
+            return ""
+        body = nonempty[0] if len(nonempty) == 1 else "(" + "|".join(nonempty) + ")"
+        if len(nonempty) < len(parts):  # an empty alternative
+            return body + "?" if _atomic(body) else "(" + body + ")?"
+        return body
+
+    order = sorted(live, key=lambda s: -depth[s]) + ([FIRST] if not_start else [])
+    for k in order:
+        loop = alt(edges.pop((k, k), []))
+        star = ""
+        if loop:
+            star = (loop if _atomic(loop) else f"({loop})") + "*"
+        ins = [(p, alt(v)) for (p, q), v in list(edges.items()) if q == k]
+        outs = [(q, alt(v)) for (p, q), v in list(edges.items()) if p == k]
+        for key in [e for e in edges if k in e]:
+            del edges[key]
+        for p, a in ins:
+            for q, c in outs:
+                add(p, q, _cat(a, star, c))
+    return alt(edges.get((START, FINAL), []))
+
+
+def _atomic(rx: str) -> bool:
+    """Whether a postfix operator may be appended to `rx` directly."""
+    if len(rx) == 1 or (len(rx) == 2 and rx[0] == "\\"):
+        return True
+    if rx.startswith("[") and rx.endswith("]") and _balanced(rx, "[", "]"):
+        return True
+    if rx.startswith("(") and rx.endswith(")") and _balanced(rx, "(", ")"):
+        return True
+    return False
+
+
+def _balanced(rx: str, open_: str, close: str) -> bool:
+    """rx[0] opens a group/class that closes exactly at the end."""
+    depth = 0
+    i = 0
+    in_class = False
+    while i < len(rx):
+        ch = rx[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if open_ == "(":
+            if in_class:
+                if ch == "]":
+                    in_class = False
+            elif ch == "[":
+                in_class = True
+            elif ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0 and i != len(rx) - 1:
+                    return False
+        else:
+            if ch == "]" and i != len(rx) - 1:
+                return False
+        i += 1
+    return True
+
+
+def _cat(*parts: str) -> str:
+    out = []
+    for p in parts:
+        if not p:
+            continue
+        if "|" in p and not _atomic(p):
+            p = f"({p})"
+        out.append(p)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Translations shared by the regex-based backends
+# --------------------------------------------------------------------------------------------
+
+
+def ws_regex(chars: str) -> str:
+    return f"[{_class_escape(chars)}]*"
+
+
+def text_regex(t: dict) -> str:
+    """The regex of a "text" node without its trigger."""
+    lead = t.get("lead_ws", "")
+    rx = regex_excluding(t.get("exclude", []), t.get("not_start", "") + lead)
+    return (ws_regex(lead) + f"({rx})") if lead else rx
+
+
+def to_regex(node: Any, json_to_regex: Callable[[dict], str]) -> str:
+    """The node as one regex (outlines-core); JSON nodes through `json_to_regex`."""
+    if "seq" in node:
+        return "".join(f"({to_regex(n, json_to_regex)})" for n in node["seq"])
+    if "alt" in node:
+        return "(" + "|".join(f"({to_regex(n, json_to_regex)})" for n in node["alt"]) + ")"
+    if "star" in node:
+        return f"({to_regex(node['star'], json_to_regex)})*"
+    if "opt" in node:
+        return f"({to_regex(node['opt'], json_to_regex)})?"
+    if "lit" in node:
+        return regex_escape(node["lit"])
+    if "ws" in node:
+        return ws_regex(node["ws"])
+    if "marker" in node:
+        return regex_escape(node["marker"])
+    if "json" in node:
+        return json_to_regex(node["json"])
+    if "text" in node:
+        rx = text_regex(node["text"])
+        then = node["text"].get("then")
+        return f"({rx})" + (regex_escape(then) if then else "")
+    raise ValueError(f"unknown structure node {sorted(node)}")
+
+
+def markers(node: Any) -> set[str]:
+    """Every marker the structure names (as marker, text trigger or excluded word)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if "marker" in node:
+            found.add(node["marker"])
+        if "text" in node:
+            if node["text"].get("then"):
+                found.add(node["text"]["then"])
+        for key in ("seq", "alt"):
+            for n in node.get(key, []):
+                found |= markers(n)
+        for key in ("star", "opt"):
+            if key in node:
+                found |= markers(node[key])
+    return found
+
+
+def walk_json(node: Any) -> list[dict]:
+    """The JSON schemas the structure contains."""
+    if isinstance(node, dict):
+        if "json" in node:
+            return [node["json"]]
+        found: list[dict] = []
+        for key in ("seq", "alt"):
+            for n in node.get(key, []):
+                found += walk_json(n)
+        for key in ("star", "opt"):
+            if key in node:
+                found += walk_json(node[key])
+        return found
+    return []
+
+
+def first_text(node: Any) -> Optional[dict]:
+    if isinstance(node, dict) and "text" in node:
+        return node["text"]
+    return None

@@ -1,0 +1,338 @@
+"""Test and benchmark helpers: a small byte-level BPE tokenizer trained locally (no network), and
+random walks through grammar matchers.
+
+Used until/unless `agentserve.testing.tiny.tiny_model_cached` is available; `default_tokenizer_dir`
+prefers a tiny model directory when that module exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
+    "<|start_header_id|>", "<|end_header_id|>",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+    "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]",
+]
+# Qwen adds its tool tags as ordinary (non-special) added tokens.
+ADDED_TOKENS = ["<tool_call>", "</tool_call>"]
+
+
+def _corpus() -> list[str]:
+    base = [
+        '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+        '{"type": "object", "properties": {"a": {"type": "integer"}, "b": [1, 2.5, -3e10, true, false, null]}}',
+        "The quick brown fox jumps over the lazy dog. 0123456789 !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+        "Hello, world! How are you today? I am fine, thanks. Let me call a tool for that.",
+        "def main():\n    print('hi')\n\treturn 0\n",
+        "unicode: café naïve 日本語 emoji 😀 — “quotes” ß ø",
+    ]
+    import random
+
+    rng = random.Random(0)
+    words = ("name id type value items count enabled user email url path query limit offset date time "
+             "city country price amount status message error result data title description order tags "
+             "location unit temperature celsius fahrenheit search file content start end true false null").split()
+    extra = []
+    for _ in range(400):
+        k = rng.sample(words, 4)
+        extra.append('{"%s": "%s", "%s": %d, "%s": [%s], "%s": %s}' % (
+            k[0], " ".join(rng.sample(words, 3)), k[1], rng.randint(0, 99), k[2],
+            ", ".join(rng.sample(words, 2)), k[3], rng.choice(["true", "false", "null", "1.5"])))
+    return base * 50 + extra
+
+
+def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 1000) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                 eos_token="<|eot_id|>")
+    hf.add_tokens(ADDED_TOKENS, special_tokens=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir))
+    return out_dir
+
+
+_CACHE: dict[str, Path] = {}
+
+
+def tiny_tokenizer_dir() -> Path:
+    """A locally trained tokenizer directory (cached per process, in a temp dir)."""
+    if "dir" not in _CACHE:
+        root = Path(os.environ.get("AGENTSERVE_CACHE", tempfile.gettempdir())) / "agentserve-grammar-tok-v2"
+        if not (root / "tokenizer.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix="agentserve-tok-"))
+            train_tiny_tokenizer(tmp)
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                pass  # another process won the race
+            if not (root / "tokenizer.json").exists():
+                root = tmp
+        _CACHE["dir"] = root
+    return _CACHE["dir"]
+
+
+def default_tokenizer_dir(arch: str = "llama3") -> Path:
+    """A tiny model's directory when agentserve.testing.tiny exists, else the local tokenizer."""
+    try:
+        from agentserve.testing.tiny import tiny_model_cached  # type: ignore
+    except Exception:
+        return tiny_tokenizer_dir()
+    return Path(tiny_model_cached(arch))
+
+
+def load_tokenizer(path: Optional[os.PathLike] = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path or default_tokenizer_dir()))
+
+
+# --------------------------------------------------------------------------------------------
+# Random walks: drive a matcher with uniformly random allowed tokens (tests, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+class WalkResult:
+    __slots__ = ("tokens", "finished", "step_seconds")
+
+    def __init__(self, tokens: list, finished: bool, step_seconds: list) -> None:
+        self.tokens = tokens          # generated ids, EOS excluded
+        self.finished = finished      # ended by EOS or termination (False: hit the cap)
+        self.step_seconds = step_seconds  # per token: fill_bitmask + accept_token
+
+
+def decode(info, tokens) -> str:
+    """The exact text of generated tokens (their bytes joined; special tokens as their text)."""
+    return b"".join(info.token_bytes[t] for t in tokens).decode("utf-8", errors="replace")
+
+
+def allowed_ids(row, vocab_size: int):
+    import numpy as np
+
+    bits = np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+    return np.flatnonzero(bits)
+
+
+def random_walk(matcher, rng, *, max_tokens: int = 400, eos_prob: float = 0.5, bitmask=None) -> WalkResult:
+    """Pick uniformly random allowed tokens until EOS/termination or `max_tokens`.
+
+    Once the state is accepting, EOS is picked with probability `eos_prob` (prefer finishing).
+    Every token the mask allows must be accepted by the matcher (checked)."""
+    import time
+
+    import torch
+
+    from agentserve.grammar.backend import allocate_token_bitmask
+
+    info = matcher.tokenizer_info
+    if bitmask is None:
+        bitmask = allocate_token_bitmask(1, info.vocab_size, pin_memory=False)
+    eos = set(info.eos_token_ids)
+    tokens: list[int] = []
+    steps: list[float] = []
+    for _ in range(max_tokens):
+        if matcher.is_terminated():
+            return WalkResult(tokens, True, steps)
+        t0 = time.perf_counter()
+        matcher.fill_bitmask(bitmask, 0)
+        t1 = time.perf_counter()
+        ids = allowed_ids(bitmask[0], info.vocab_size)
+        if len(ids) == 0:
+            raise AssertionError(f"empty mask after {len(tokens)} tokens")
+        eos_allowed = [e for e in info.eos_token_ids if _has(bitmask[0], e)]
+        if eos_allowed and (rng.random() < eos_prob or len(ids) == len(eos_allowed)):
+            tok = eos_allowed[0]
+        else:
+            tok = int(ids[rng.randrange(len(ids))])
+            while tok in eos:
+                tok = int(ids[rng.randrange(len(ids))])
+        t2 = time.perf_counter()
+        if not matcher.accept_token(tok):
+            raise AssertionError(f"matcher refused token {tok} that its own mask allowed")
+        steps.append((t1 - t0) + (time.perf_counter() - t2))
+        if tok in eos:
+            return WalkResult(tokens, True, steps)
+        tokens.append(tok)
+    return WalkResult(tokens, matcher.is_terminated(), steps)
+
+
+def _has(row, token_id: int) -> bool:
+    return bool((int(row[token_id >> 5]) >> (token_id & 31)) & 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Schema sample runs: compile + random walks + jsonschema validation (tests, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_info_for(model_dir) -> "tuple[object, object]":
+    """(HF tokenizer, TokenizerInfo) of a model/tokenizer directory: the model's vocab size and
+    EOS ids come from config.json / generation_config.json when present."""
+    import json as _json
+
+    from agentserve.grammar.backend import TokenizerInfo
+
+    model_dir = Path(model_dir)
+    tok = load_tokenizer(model_dir)
+    vocab = None
+    eos = None
+    if (model_dir / "config.json").exists():
+        vocab = _json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    if (model_dir / "generation_config.json").exists():
+        e = _json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        eos = e if isinstance(e, list) else ([e] if e is not None else None)
+    if vocab is not None and vocab < len(tok):
+        vocab = None
+    return tok, TokenizerInfo.from_hf(tok, vocab_size=vocab, eos_token_ids=eos)
+
+
+def schema_walks(compiled, schema, tok=None, *, walks: int, max_tokens: int, seed: int) -> dict:
+    """Random walks through a compiled JSON-schema grammar, each output json-parsed and validated.
+    Returns {"walks": [{"status": valid|cap|invalid|invalid_json|walk_error|schema_error, ...}],
+    "step_us": [per-token fill+accept microseconds]}."""
+    import json as _json
+    import random
+
+    import jsonschema
+
+    try:
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        schema_error = None
+    except Exception as e:  # the schema itself is broken for jsonschema
+        validator, schema_error = None, f"{type(e).__name__}: {e}"[:200]
+    results = []
+    step_us: list = []
+    for w in range(walks):
+        rng = random.Random(seed * 1000 + w)
+        try:
+            res = random_walk(compiled.new_matcher(), rng, max_tokens=max_tokens)
+        except AssertionError as e:
+            results.append({"status": "walk_error", "detail": str(e)[:200]})
+            continue
+        step_us += [s * 1e6 for s in res.step_seconds]
+        if not res.finished:
+            results.append({"status": "cap", "tokens": len(res.tokens)})
+            continue
+        text = decode(compiled.tokenizer_info, res.tokens)
+        try:
+            value = _json.loads(text)
+        except ValueError as e:
+            results.append({"status": "invalid_json", "detail": f"{e}: {text[:300]!r}"})
+            continue
+        if validator is None:
+            results.append({"status": "schema_error", "detail": schema_error})
+            continue
+        errors = list(validator.iter_errors(value))
+        if errors:
+            results.append({"status": "invalid", "detail": f"{errors[0].message[:200]} in {text[:300]!r}"})
+        else:
+            results.append({"status": "valid", "tokens": len(res.tokens)})
+    return {"walks": results, "step_us": step_us}
+
+
+def _schema_worker(conn, backend_name: str, model_dir, walks: int, max_tokens: int) -> None:
+    import time
+
+    from agentserve.grammar.backend import ConstraintSpec, GrammarError, get_backend
+
+    tok, info = tokenizer_info_for(model_dir)
+    backend = get_backend(backend_name)
+    conn.send(("ready", info.vocab_size))
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        idx, schema = msg
+        t0 = time.perf_counter()
+        try:
+            compiled = backend.compile(ConstraintSpec.json_schema(schema), info)
+        except GrammarError as e:
+            conn.send(("error", idx, time.perf_counter() - t0, str(e)[:300]))
+            continue
+        except Exception as e:  # a library crash: not covered
+            conn.send(("error", idx, time.perf_counter() - t0, f"{type(e).__name__}: {e}"[:300]))
+            continue
+        conn.send(("compiled", idx, time.perf_counter() - t0))
+        out = schema_walks(compiled, schema, tok, walks=walks, max_tokens=max_tokens, seed=idx)
+        conn.send(("walked", idx, out["walks"], out["step_us"]))
+
+
+class SchemaWorker:
+    """A worker process that compiles schemas and walks them; killed and restarted when a compile
+    or the walks exceed their time limit (native compiles cannot be interrupted in-process)."""
+
+    def __init__(self, backend: str, model_dir, *, walks: int = 2, max_tokens: int = 1000,
+                 start_method: str = "spawn") -> None:
+        self.args = (backend, str(model_dir), walks, max_tokens)
+        self.start_method = start_method
+        self.proc = None
+        self.conn = None
+        self.vocab = 0
+
+    def start(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context(self.start_method)
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_schema_worker, args=(child, *self.args), daemon=True)
+        self.proc.start()
+        self.conn = parent
+        if not parent.poll(300):
+            self.kill()
+            raise RuntimeError("schema worker did not start")
+        _, self.vocab = parent.recv()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join()
+        self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(None)
+                self.proc.join(5)
+            finally:
+                self.kill()
+
+    def run(self, idx: int, schema, compile_timeout: float, walk_timeout: float = 60.0) -> dict:
+        """{"status": compiled|error|timeout, "compile_s", "error"?, "walks"?, "step_us"?}"""
+        if self.proc is None:
+            self.start()
+        self.conn.send((idx, schema))
+        if not self.conn.poll(compile_timeout):
+            self.kill()
+            return {"status": "timeout", "compile_s": None}
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            return {"status": "error", "compile_s": msg[2], "error": msg[3]}
+        out = {"status": "compiled", "compile_s": msg[2]}
+        if not self.conn.poll(walk_timeout):
+            self.kill()
+            out.update(walks=[{"status": "walk_timeout"}], step_us=[])
+            return out
+        _, _, walks, step_us = self.conn.recv()
+        out.update(walks=walks, step_us=step_us)
+        return out
+
+    def __enter__(self) -> "SchemaWorker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,203 @@
+"""xgrammar backend: pushdown automata with precomputed per-state token masks.
+
+The vocabulary is given to xgrammar raw (bytes per id, as `TokenizerInfo` decodes them), so
+special tokens look like text to it; the matcher clears their bits (and padding) after every
+fill and refuses them in `accept_token`, except the tool markers in tool-call grammars.
+Tool-call structures compile as xgrammar structural tags.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from agentserve.grammar import structure
+from agentserve.grammar.backend import (
+    CompiledGrammar,
+    ConstraintSpec,
+    GrammarBackend,
+    GrammarError,
+    GrammarMatcher,
+    TokenizerInfo,
+    bitmask_words,
+)
+
+try:
+    import xgrammar as xgr
+except ImportError:  # pragma: no cover - optional dependency
+    xgr = None  # type: ignore[assignment]
+
+# JSON whitespace: at most one whitespace character between tokens (backend.JSON_WHITESPACE is
+# "[ ]?"; xgrammar's bound applies to any of space, tab, newline).
+_MAX_WS = 1
+
+
+def _require() -> None:
+    if xgr is None:
+        raise GrammarError("grammar backend 'xgrammar' is not installed (pip install xgrammar)")
+
+
+def to_structural_format(node: Any) -> dict:
+    """A `structure` tree as an xgrammar structural-tag format."""
+    if "seq" in node:
+        return {"type": "sequence", "elements": [to_structural_format(n) for n in node["seq"]]}
+    if "alt" in node:
+        return {"type": "or", "elements": [to_structural_format(n) for n in node["alt"]]}
+    if "star" in node:
+        return {"type": "star", "content": to_structural_format(node["star"])}
+    if "opt" in node:
+        return {"type": "optional", "content": to_structural_format(node["opt"])}
+    if "lit" in node:
+        return {"type": "const_string", "value": node["lit"]}
+    if "marker" in node:
+        return {"type": "const_string", "value": node["marker"]}
+    if "ws" in node:
+        return {"type": "regex", "pattern": structure.ws_regex(node["ws"])}
+    if "json" in node:
+        return {"type": "json_schema", "json_schema": node["json"], "max_whitespace_cnt": _MAX_WS}
+    if "text" in node:
+        t = node["text"]
+        rx = structure.text_regex(t)
+        then = t.get("then")
+        pattern = f"({rx})" + (structure.regex_escape(then) if then else "")
+        return {"type": "regex", "pattern": pattern}
+    raise GrammarError(f"unknown structure node {sorted(node)}")
+
+
+class XGrammarMatcher(GrammarMatcher):
+    def __init__(self, info: TokenizerInfo, matcher: Any, forbidden: np.ndarray,
+                 forbidden_ids: frozenset[int]) -> None:
+        super().__init__(info)
+        self._m = matcher
+        self._forbidden_neg = ~forbidden
+        self._forbidden_ids = forbidden_ids
+
+    def _accept(self, token_id: int) -> bool:
+        if token_id in self._forbidden_ids:
+            return False
+        return bool(self._m.accept_token(token_id))
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+        bitmask.numpy()[row] &= self._forbidden_neg
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
+    def _copy(self) -> "XGrammarMatcher":
+        return XGrammarMatcher(self.tokenizer_info, self._m.fork(), ~self._forbidden_neg, self._forbidden_ids)
+
+    def _is_accepting(self) -> bool:
+        return bool(self._m.is_completed())
+
+    def _cannot_continue(self) -> bool:
+        bm = torch.zeros((1, bitmask_words(self.tokenizer_info.vocab_size)), dtype=torch.int32)
+        self._fill(bm, 0)
+        self._fix_eos(bm, 0, False)
+        return not bool(bm.any())
+
+
+def _forbidden(info: TokenizerInfo, kind: str) -> tuple[np.ndarray, frozenset[int]]:
+    """Ids xgrammar must never get: padding and special tokens (except tool markers in tool
+    grammars), and tokens with raw control characters. xgrammar (0.2) lets raw control
+    characters into strings with minLength/maxLength, which is invalid JSON; JSON never needs
+    them (strings escape them, and our whitespace policy is a single space), so JSON grammars
+    refuse every token with a byte below 0x20 and tool grammars those other than tab/LF/CR."""
+    tools = kind == "tool_calls"
+
+    def build() -> tuple[np.ndarray, frozenset[int]]:
+        words = info.forbidden_words(allow_markers=tools).copy()
+        bad_bytes = set(range(0x20)) - ({0x09, 0x0A, 0x0D} if tools else set())
+        for i, b in enumerate(info.token_bytes):
+            if any(c in bad_bytes for c in b) and i not in info.eos_token_ids:
+                words[i >> 5] |= np.int32(np.uint32(1 << (i & 31)).view(np.int32))
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: info.vocab_size]
+        return words, frozenset(int(i) for i in np.flatnonzero(bits))
+
+    return info.cached(("xgrammar.forbidden", tools), build)
+
+
+# Keywords xgrammar (0.2) compiles but does not enforce (random walks break them).
+NOT_ENFORCED = frozenset({
+    "uniqueItems", "allOf", "contains", "minContains", "maxContains", "propertyNames",
+    "dependentRequired", "dependentSchemas", "dependencies", "if", "then", "else", "not",
+    "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+})
+
+
+def _check_schema(schema: Any) -> None:
+    """Reject what xgrammar would accept but not enforce (outputs could break the schema)."""
+    from agentserve.grammar.schema_utils import check_enforceable, map_subschemas
+
+    check_enforceable(schema, "xgrammar", NOT_ENFORCED)
+
+    def check(node: dict, path: str) -> dict:
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            raise GrammarError(f"xgrammar does not enforce minLength/maxLength together with "
+                               f"pattern/format (at {path or 'the root'})")
+        return node
+
+    map_subschemas(schema, check)
+
+
+class XGrammarGrammar(CompiledGrammar):
+    def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, compiled: Any) -> None:
+        super().__init__(spec, info, "xgrammar")
+        self._compiled = compiled
+        self._forbidden, self._forbidden_ids = _forbidden(info, spec.kind)
+
+    def new_matcher(self) -> XGrammarMatcher:
+        return XGrammarMatcher(self.tokenizer_info, xgr.GrammarMatcher(self._compiled),
+                               self._forbidden, self._forbidden_ids)
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(self, max_threads: int = 1) -> None:
+        _require()
+        self.max_threads = max_threads
+
+    def compiler(self, info: TokenizerInfo) -> Any:
+        def build() -> Any:
+            encoded = list(info.token_bytes)
+            ti = xgr.TokenizerInfo(encoded, vocab_type=xgr.VocabType.RAW, vocab_size=info.vocab_size,
+                                   stop_token_ids=list(info.eos_token_ids))
+            return xgr.GrammarCompiler(ti, max_threads=self.max_threads, cache_enabled=False)
+
+        return info.cached(("xgrammar.compiler", self.max_threads), build)
+
+    def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> XGrammarGrammar:
+        t0 = time.perf_counter()
+        comp = self.compiler(tokenizer_info)
+        try:
+            if spec.kind == "json_schema":
+                _check_schema(json.loads(str(spec.payload)))
+                compiled = comp.compile_json_schema(spec.payload, any_whitespace=True, max_whitespace_cnt=_MAX_WS)
+            elif spec.kind == "json_object":
+                compiled = comp.compile_json_schema('{"type":"object"}', any_whitespace=True,
+                                                    max_whitespace_cnt=_MAX_WS)
+            elif spec.kind == "regex":
+                compiled = comp.compile_regex(str(spec.payload))
+            elif spec.kind == "choice":
+                compiled = comp.compile_regex("(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")")
+            elif spec.kind == "tool_calls":
+                tree = json.loads(str(spec.payload))["grammar"]
+                for schema in structure.walk_json(tree):
+                    _check_schema(schema)
+                tag = {"type": "structural_tag", "format": to_structural_format(tree)}
+                compiled = comp.compile_structural_tag(json.dumps(tag))
+            else:
+                raise GrammarError(f"xgrammar: unsupported constraint kind {spec.kind!r}")
+        except GrammarError:
+            raise
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError/its own errors
+            msg = str(e).strip().splitlines()
+            raise GrammarError(f"xgrammar cannot compile {spec.kind}: {msg[-1] if msg else type(e).__name__}") from None
+        out = XGrammarGrammar(spec, tokenizer_info, compiled)
+        out.compile_seconds = time.perf_counter() - t0
+        return out
