@@ -76,19 +76,29 @@ def measure(llm: LLM, batch: int, constrained: bool, prompt_len: int, steps: int
         engine.add_request(f"{'c' if constrained else 'u'}{batch}-{i}", rng.integers(10, vocab, size=prompt_len).tolist(),
                            params.clone(seed=i))
     times: list[float] = []
+    sizes: list[int] = []
+    errors: list[str] = []
     while engine.has_unfinished():
-        running = engine.scheduler.num_running
-        decode_only = running == batch and all(r.num_computed_tokens == r.num_tokens - 1 for r in engine.scheduler.running)
+        running = engine.scheduler.running
+        # Steady decode steps only; constrained outputs may end early, so the batch may shrink a little.
+        decode_only = (not engine.scheduler.waiting and len(running) >= max(1, int(batch * 0.9))
+                       and all(r.num_computed_tokens == r.num_tokens - 1 for r in running))
+        n = len(running)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        outs = engine.step()
         elapsed = time.perf_counter() - start
+        errors += [o.error for o in outs if o.error]
         if decode_only and len(times) < steps:
             times.append(elapsed * 1000)
+            sizes.append(n)
+    if errors:
+        print(f"  {len(errors)} requests failed, e.g.: {errors[0]}")
     for rid in list(engine.groups):
         engine.abort(rid)
-    return {"step_ms_median": statistics.median(times) if times else float("nan"), "steps": len(times)}
+    return {"step_ms_median": statistics.median(times) if times else float("nan"), "steps": len(times),
+            "mean_batch": statistics.mean(sizes) if sizes else 0.0, "errors": len(errors)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -124,7 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         overhead = masked["step_ms_median"] / plain["step_ms_median"] - 1
         rows.append({"batch": batch, "unconstrained_ms": plain["step_ms_median"],
                      "constrained_ms": masked["step_ms_median"], "overhead": overhead,
-                     "steps": [plain["steps"], masked["steps"]]})
+                     "steps": [plain["steps"], masked["steps"]], "masked_mean_batch": masked["mean_batch"],
+                     "masked_errors": masked["errors"]})
     result = {"benchmark": "grammar_step", "model": model, "device": device_name(),
               "vocab": llm.engine.arch.vocab_size, "backend": args.grammar_backend, "rows": rows}
     print(f"grammar mask overhead per decode step on {result['device']} (vocab {result['vocab']})")

@@ -3,6 +3,8 @@ the torch reference path, greedy, on the tiny models. Run with `pytest -m gpu`."
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -26,20 +28,25 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprob
 Result = tuple[list[list[int]], list[list[dict[int, float]]]]
 
 
+@functools.lru_cache(maxsize=None)
 def generate(arch: str, dtype: str, backend: str, **kw: object) -> Result:
+    """Cached: several tests compare against the same run (engine builds capture CUDA graphs)."""
     set_backend(backend)
     try:
         llm = LLM(str(tiny_model_cached(arch)), device="cuda", dtype=dtype, attention_backend=backend,
-                  max_num_seqs=8, gpu_memory_utilization=0.3, **kw)
+                  max_num_seqs=8, max_model_len=1024, gpu_memory_utilization=0.3, **kw)
         outs = llm.generate(PROMPTS, PARAMS)
         assert (llm.engine.runner.graphs is not None) == (backend != "torch")
         ids = [o.outputs[0].token_ids for o in outs]
         lps = [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs]
+        del llm
         return ids, lps
     finally:
         set_backend("auto")
+        torch.cuda.empty_cache()
 
 
+@functools.lru_cache(maxsize=None)
 def hf_generate(arch: str, dtype: torch.dtype) -> Result:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
