@@ -2,8 +2,8 @@
 
 Each test runs its own asyncio loop (`run`) with a real grpc.aio server on 127.0.0.1:0 and the real
 client; the engine behind it (tiny model, CPU) is shared by a test module to save start-up time.
-References for exactness come from a separate engine with prefix caching off, so a reference can
-never reuse a session's (possibly wrong) pages by hash.
+References for exactness come from a separate engine, so a reference can never reuse a session's
+(possibly wrong) pages by hash.
 """
 
 from __future__ import annotations
@@ -83,16 +83,26 @@ async def serving(aeng: AsyncEngine, *, api_key: Optional[str] = None, with_clie
 
 @functools.lru_cache(maxsize=None)
 def reference_llm(arch: str = "qwen2") -> LLM:
-    return LLM(model_path(arch), device="cpu", dtype="float32", max_model_len=1024, num_blocks=1024,
-               enable_prefix_caching=False)
+    return LLM(model_path(arch), device="cpu", dtype="float32", max_model_len=1024, num_blocks=8192)
 
 
 def reference(prompts: Sequence[Sequence[int]], max_tokens: int, arch: str = "qwen2",
-              **sampling: Any) -> list[list[int]]:
-    """Greedy stateless generation over exactly these token sequences (no prefix cache)."""
+              tools: Optional[list[dict[str, Any]]] = None, **sampling: Any) -> list[list[int]]:
+    """Greedy stateless generation over exactly these token sequences, on a separate engine (it
+    never sees a session's pages). With tools, under the same tool-call grammar a session turn with
+    those tools gets (tool_choice "auto"). Shorter prompts go first, in small batches, so that the
+    longer ones (later turns of the same conversations) find them in the reference's prefix cache."""
+    if tools:
+        sampling.update(tools=tools, tool_choice="auto")
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling)
-    outs = reference_llm(arch).generate([list(p) for p in prompts], params)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, list[int]] = {}
+    llm = reference_llm(arch)
+    for start in range(0, len(order), 16):
+        wave = order[start:start + 16]
+        outs = llm.generate([list(prompts[i]) for i in wave], params)
+        results.update((i, list(o.outputs[0].token_ids)) for i, o in zip(wave, outs))
+    return [results[i] for i in range(len(prompts))]
 
 
 def render(arch: str, messages: list[dict[str, Any]], tools: Any = None, gen: bool = True) -> str:

@@ -25,9 +25,9 @@ NEW_MESSAGES: list[list[dict[str, Any]]] = [
 ]
 
 
-def _check_exact(turns: list[Any]) -> None:
+def _check_exact(turns: list[Any], tools: Any = TOOLS) -> None:
     prompts = [list(t.done.prompt_token_ids) for t in turns]
-    assert reference(prompts, GREEDY["max_tokens"]) == [t.token_ids for t in turns]
+    assert reference(prompts, GREEDY["max_tokens"], tools=tools) == [t.token_ids for t in turns]
 
 
 def test_turns_are_exact_and_prefill_only_new_tokens() -> None:

@@ -81,7 +81,7 @@ def test_session_tokens_follow_the_chat_template(arch: str) -> None:
                 replies.append(r.token_ids)
             await session.close()
         # the replies are exactly a stateless generate's over the same tokens
-        assert reference(prompts, max_tokens, arch=arch) == replies
+        assert reference(prompts, max_tokens, arch=arch, tools=TOOLS) == replies
 
     try:
         run(body())

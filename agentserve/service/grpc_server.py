@@ -26,7 +26,7 @@ from agentserve.service import agent_pb2_grpc as pb_grpc
 from agentserve.sessions import render as R
 from agentserve.sessions.store import (SessionError, SessionSnapshot, SessionState, SessionStore, TextEvent,
                                        Timing, ToolCallEvent, TurnResult, Usage)
-from agentserve.sessions.tool_calls import make_tool_call_streamer
+from agentserve.sessions.tool_calls import ReplyStream
 
 logger = logging.getLogger(__name__)
 
@@ -310,19 +310,19 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 prompt = list(request.prompt_token_ids)
             else:
                 prompt = request.prompt
-            streamer = make_tool_call_streamer(self.engine, tools, params)
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
+            reply: Optional[ReplyStream] = None
             async with contextlib.aclosing(self.aeng.generate(
                     rid, prompt, params, priority=request.priority, cache_salt=request.cache_salt or None,
                     lora_name=request.adapter or None)) as outs:
                 async for out in outs:
+                    if reply is None:
+                        reply = ReplyStream(self.engine, out.prompt_token_ids, params, tools)
                     comp = out.outputs[0]
-                    text = comp.delta_text
-                    if streamer is not None and text:
-                        text, calls = streamer.feed(text)
-                        for c in calls:
-                            yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
-                                index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
+                    text, calls = reply.feed(out)
+                    for c in calls:
+                        yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
+                            index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
                     if text or (request.return_token_ids and comp.delta_token_ids):
                         yield pb.GenerateEvent(text=pb.TextDelta(
                             text=text, token_ids=comp.delta_token_ids if request.return_token_ids else []))
@@ -335,15 +335,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                         done = pb.GenerateDone(text=comp.text, token_ids=comp.token_ids,
                                                finish_reason=comp.finish_reason or "stop", usage=usage,
                                                timing=timing_to_proto(timing_from_metrics(m, received)))
-                        if streamer is not None:
-                            content, calls = streamer.finish(comp.text)
-                            if calls:
-                                done.text = content
-                                for c in calls:
-                                    done.tool_calls.add(id=c["id"], name=c["function"]["name"],
-                                                        arguments=c["function"]["arguments"])
-                                if done.finish_reason == "stop":
-                                    done.finish_reason = "tool_calls"
+                        content, tool_calls = reply.final()
+                        if content is not None:
+                            done.text = content
+                        for c in tool_calls:
+                            done.tool_calls.add(id=c["id"], name=c["function"]["name"],
+                                                arguments=c["function"]["arguments"])
+                        if tool_calls and done.finish_reason == "stop":
+                            done.finish_reason = "tool_calls"
                         yield pb.GenerateEvent(done=done)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -55,7 +55,7 @@ from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions import render as R
-from agentserve.sessions.tool_calls import make_tool_call_streamer
+from agentserve.sessions.tool_calls import ReplyStream
 
 if TYPE_CHECKING:
     from agentserve.engine.async_engine import AsyncEngine
@@ -171,6 +171,7 @@ class SessionStats:
     swap_ins: int = 0
     swap_in_failures: int = 0  # swapped, but the shared prefix was gone or no pages: recomputed
     drops: int = 0             # evicted without swap (full or no swap space)
+    unpinned: int = 0          # queued turns that gave their pages back (pool full of queued prefixes)
     rerenders: int = 0         # the template re-rendered history differently: re-tokenized
     expired: int = 0
     pages_swapped_out: int = 0
@@ -517,6 +518,45 @@ class SessionStore:
                 if exclusive == 0 and not zero_gain_pass:
                     continue
                 freed += self._evict(s)
+        if freed < wanted and exclude is None:
+            freed += self._unpin_waiting_turns(wanted - freed)
+        return freed
+
+    def _unpin_waiting_turns(self, wanted: int) -> int:
+        """Last resort, before the scheduler preempts running requests: turns that are queued but not
+        running (admitted with the session's pages, or preempted) give up those pages. Without this,
+        a pool full of the prefixes of queued turns would deadlock: nothing runs, and their busy
+        sessions cannot be evicted. The queued request forgets its pages (it will look its prefix up
+        in the prefix cache when admitted) and the session drops its references (EVICTED; a rolled
+        back turn leaves it to recompute). The head of the queue is spared: it is the request asking."""
+        from agentserve.engine.request import RequestStatus
+
+        sched = self.engine.scheduler
+        queued = list(sched.waiting)[1:]
+        freed = 0
+        for req in reversed(queued):  # the newest arrivals first
+            if freed >= wanted:
+                break
+            pending = self._pending.get(req.parent_id)
+            if pending is None or req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                continue
+            s = pending.session
+            tables = [req.block_table, s.block_table]
+            before = self.pool.num_free_blocks
+            if req.block_table:
+                self.engine.kv.free(req)
+                req.num_computed_tokens = 0
+                req.num_cached_tokens = -1  # recounted from the prefix cache at admission
+            if s.block_table:
+                self.pool.free(s.block_table)
+                s.block_table = []
+            if s.state in (SessionState.RESIDENT, SessionState.SWAPPED):
+                self._free_swap(s)
+                s.state = SessionState.EVICTED
+                s.num_computed = 0
+            if any(tables):
+                self.stats.unpinned += 1
+            freed += self.pool.num_free_blocks - before
         return freed
 
     def _evict(self, s: Session) -> int:
@@ -753,26 +793,25 @@ class SessionStore:
                                       cache_salt=s.cache_salt, lora_name=s.adapter)
         if pending.prefix_table:
             kwargs.update(prefix_block_table=pending.prefix_table, num_prefix_computed=pending.num_prefix_computed)
-        streamer = make_tool_call_streamer(self.engine, s.tools, pending.params)
+        reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)
         try:
             async for out in gen:
                 comp = out.outputs[0]
-                text = comp.delta_text
-                if streamer is not None and text:
-                    text, calls = streamer.feed(text)
-                    for c in calls:
-                        queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
+                text, calls = reply.feed(out)
+                for c in calls:
+                    queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
                 if text or comp.delta_token_ids:
                     queue.put_nowait(TextEvent(text, list(comp.delta_token_ids)))
                 if out.finished:
                     result = self._result(pending, out)
-                    if streamer is not None:
-                        content, calls = streamer.finish(comp.text)
-                        if calls:
-                            result.message = dict(result.message, content=content, tool_calls=calls)
-                            if result.finish_reason == "stop":
-                                result.finish_reason = "tool_calls"
+                    content, tool_calls = reply.final()
+                    if content is not None:
+                        result.message = dict(result.message, content=content)
+                    if tool_calls:
+                        result.message["tool_calls"] = tool_calls
+                        if result.finish_reason == "stop":
+                            result.finish_reason = "tool_calls"
                     queue.put_nowait(result)
                     queue.put_nowait(_SENTINEL_DONE)
                     return

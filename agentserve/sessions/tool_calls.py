@@ -1,11 +1,11 @@
-"""Streaming tool-call extraction for turns and Generate, over the grammar package's parser.
+"""Text and tool-call deltas of a reply, for session turns and stateless Generate.
 
-`make_tool_call_streamer(engine, tools, params)` returns an object with
-    feed(text_delta) -> (plain text delta, [ToolCallDelta-like objects with index/id/name/arguments_delta])
-    finish(full_text) -> (content without the calls, [OpenAI tool_call dicts])
-or None when there is nothing to parse (no tools, tool_choice "none") or when the tool-call parser
-(agentserve/grammar/tools.py, being built in the grammar issue) is not available in this build — then
-replies are plain text and no tool calls are reported.
+With tools (and tool_choice other than "none"), a reply is parsed into content and tool calls by the
+grammar package's parser (`agentserve.grammar.tools`, format detected from the chat template:
+Hermes/Qwen `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`). The parser needs the format's
+markers, which may be special tokens that the engine's detokenizer skips, so the reply is decoded
+here a second time with special tokens kept (stop strings applied; the final stop token, e.g. EOS,
+left out). Without tools the engine's own text deltas are passed through.
 """
 
 from __future__ import annotations
@@ -13,33 +13,84 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.engine.request import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 
 @dataclass
-class ToolCallDelta:
+class CallDelta:
     index: int
     id: str
     name: str
     arguments_delta: str
 
 
-def _tool_call_format(engine: Any) -> Optional[str]:
-    fmt = getattr(engine, "tool_call_format", None)
-    if fmt:
-        return str(fmt)
-    family = getattr(getattr(engine, "arch", None), "family", None)
-    return {"qwen2": "hermes", "qwen3": "hermes", "mistral": "mistral", "llama": "llama3_json"}.get(str(family))
+def tool_call_format(tokenizer: Any) -> Optional[str]:
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not template:
+        return None
+    try:
+        from agentserve.grammar.tools import detect_tool_format
+    except ImportError:
+        return None
+    return detect_tool_format(template)
 
 
 def make_tool_call_streamer(engine: Any, tools: Optional[list[dict[str, Any]]], params: SamplingParams) -> Optional[Any]:
+    """The grammar package's session streamer for this reply, or None (no tools, tool_choice "none",
+    no tokenizer / chat template, or no parser in this build)."""
     if not tools or params.tool_choice == "none" or getattr(engine, "tokenizer", None) is None:
         return None
     try:
-        from agentserve.grammar import tools as grammar_tools  # noqa: F401
+        from agentserve.grammar import tools as grammar_tools
     except ImportError:
         return None
     factory = getattr(grammar_tools, "make_session_streamer", None)
-    if factory is None:
+    fmt = tool_call_format(engine.tokenizer)
+    if factory is None or fmt is None:
         return None
-    return factory(_tool_call_format(engine), tools, engine.tokenizer)
+    return factory(fmt, tools, engine.tokenizer)
+
+
+class ReplyStream:
+    """Feed each RequestOutput of a reply; get (text delta, [CallDelta]); `final()` gives
+    (content, OpenAI tool_call dicts) once the reply finished."""
+
+    def __init__(self, engine: Any, prompt_token_ids: list[int], params: SamplingParams,
+                 tools: Optional[list[dict[str, Any]]]) -> None:
+        self.streamer = make_tool_call_streamer(engine, tools, params)
+        self.raw: Optional[IncrementalDetokenizer] = None
+        if self.streamer is not None:
+            self.raw = IncrementalDetokenizer(engine.tokenizer, list(prompt_token_ids), False, list(params.stop or []),
+                                              params.include_stop_str_in_output)
+        self._stopped = False
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.streamer is not None
+
+    def feed(self, out: RequestOutput) -> tuple[str, list[CallDelta]]:
+        comp = out.outputs[0]
+        if self.streamer is None or self.raw is None:
+            return comp.delta_text, []
+        ids = list(comp.delta_token_ids)
+        if out.finished and comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and ids:
+            ids = ids[:-1]  # the stop token (EOS): not part of the reply's text
+        for t in ids:
+            if not self._stopped and self.raw.append(t) is not None:
+                self._stopped = True
+        text, deltas = self.streamer.feed(self.raw.take_new_text(out.finished))
+        if out.finished:
+            more_text, more = self.streamer.flush()
+            text += more_text
+            deltas = list(deltas) + list(more)
+        calls = [CallDelta(d.index, d.id or "", d.name or "", d.arguments_delta or "") for d in deltas]
+        return text, calls
+
+    def final(self) -> tuple[Optional[str], list[dict[str, Any]]]:
+        """(content, tool calls) after the last feed; content None when tools are not parsed."""
+        if self.streamer is None:
+            return None, []
+        content, calls = self.streamer.finish()
+        return content, calls
