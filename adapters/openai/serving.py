@@ -66,6 +66,14 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _clone(params: SamplingParams, **changes: Any) -> SamplingParams:
+    try:
+        return params.clone(**changes)
+    except ValueError as e:  # e.g. min_tokens above the max_tokens a long prompt leaves
+        msg = str(e)
+        raise OpenAIError(400, msg, param=_param_of(msg)) from None
+
+
 def _clamp(lp: float) -> float:
     return max(lp, -9999.0)  # -inf is not JSON
 
@@ -236,7 +244,7 @@ class OpenAIServing:
             # Not given: up to the context limit, or to what the KV cache can hold for one sequence.
             capacity = self.engine.pool.num_blocks * self.engine.pool.block_size
             if n < min(limit, capacity):
-                params = params.clone(max_tokens=min(limit, capacity) - n)
+                params = _clone(params, max_tokens=min(limit, capacity) - n)
         if n >= limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                    f"resulted in {n} tokens. Please reduce the length of the {what}.",
@@ -444,6 +452,7 @@ class OpenAIServing:
             prompt = [prompt]
         params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         prompt_ids: list[list[int]] = []
+        resolved: list[int] = []
         for text, p in zip(texts, prompt):  # type: ignore[arg-type]
             if text is not None:
                 tok = self._need_tokenizer()
@@ -452,11 +461,10 @@ class OpenAIServing:
                 ids = list(p)  # type: ignore[arg-type]
             if not ids:
                 raise OpenAIError(400, "the prompt is empty", param="prompt")
-            params_i = self._validate(ids, params, "prompt")
+            resolved.append(self._validate(ids, params, "prompt").max_tokens or 1)
             prompt_ids.append(ids)
-        params = params_i  # max_tokens resolved (the same for every prompt when it was given)
-        if req.max_tokens is None and len(prompt_ids) > 1:
-            params = params.clone(max_tokens=self.engine.max_model_len - max(len(p) for p in prompt_ids))
+        # max_tokens resolved; left out, it is what the longest prompt leaves (one params for all prompts).
+        params = _clone(params, max_tokens=min(resolved))
         self._check_queue(len(prompt_ids))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         echo_texts = []
