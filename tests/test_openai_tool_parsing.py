@@ -83,6 +83,7 @@ class ScriptedAsyncEngine:
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
                        **kwargs: Any) -> AsyncIterator[RequestOutput]:
         self.last_params = params
+        self.last_kwargs = kwargs
         rng = random.Random(len(self.script))
         text, pos, tokens = "", 0, []
         while pos < len(self.script):
@@ -214,3 +215,27 @@ def test_tool_schema_dialects_and_unsupported_keywords(scripted: tuple[Scripted,
                                          tools=bad, max_tokens=5)
     err = info.value.body
     assert err["param"] == "tools[0].function.parameters.properties.x" and "'not'" in err["message"]
+
+
+def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
+    """Models are the base model and the engine's LoRA adapters (when it has a manager): a request
+    naming an adapter runs with lora_name set; an unknown name is a 404."""
+    from types import SimpleNamespace
+
+    s, _ = scripted
+    s.aeng.script = "ok"
+    s.engine.lora_manager = SimpleNamespace(adapters={"support-bot": object()})  # type: ignore[attr-defined]
+    try:
+        ids = [m.id for m in s.client.models.list().data]
+        assert ids == [s.engine.model_name, "support-bot"]
+        assert s.client.models.retrieve("support-bot").model_extra["parent"] == s.engine.model_name
+        out = s.client.chat.completions.create(model="support-bot", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=5)
+        assert out.model == "support-bot" and s.aeng.last_kwargs.get("lora_name") == "support-bot"
+        s.client.chat.completions.create(model=s.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=5)
+        assert "lora_name" not in s.aeng.last_kwargs
+        with pytest.raises(openai.NotFoundError):
+            s.client.chat.completions.create(model="other-bot", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        del s.engine.lora_manager  # type: ignore[attr-defined]
