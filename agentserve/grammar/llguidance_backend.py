@@ -16,7 +16,6 @@ import torch
 from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import strip_formats
 from agentserve.grammar.backend import (
-    JSON_WHITESPACE,
     CompiledGrammar,
     ConstraintSpec,
     GrammarBackend,
@@ -46,7 +45,11 @@ _ALL_ESCAPES = "\"\\bfnrt"
 
 
 def _json_options(schema: Any = None) -> dict:
-    opts: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+    # JSON as json.dumps / chat templates write it: compact, or one space after ':' and ','
+    # ({"name": "f", "arguments": {"a": 1}}), never unbounded whitespace a model could pad with.
+    # Separators rather than whitespace_pattern: llguidance 1.6 (the newest wheel for Python 3.12,
+    # on the GPU machine) does not bound whitespace_pattern; separators behave alike in 1.6 and 1.9.
+    opts: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
     excluded = _pattern_excluded_escapes(schema) if schema is not None else set()
     if excluded:
         opts["json_allowed_escapes"] = "".join(c for c in _ALL_ESCAPES if c not in excluded)
@@ -260,8 +263,14 @@ class LLGuidanceBackend(GrammarBackend):
             raise GrammarError("llguidance needs a Hugging Face fast tokenizer")
 
         def build() -> Any:
-            return llguidance.hf.from_tokenizer(info.hf_tokenizer, n_vocab=info.vocab_size,
-                                                eos_token=list(info.eos_token_ids))
+            try:
+                return llguidance.hf.from_tokenizer(info.hf_tokenizer, n_vocab=info.vocab_size,
+                                                    eos_token=list(info.eos_token_ids))
+            except TypeError:
+                # llguidance < 1.7 takes one EOS id; the others are allowed by the mask fix-up
+                # (GrammarMatcher._fix_eos), which handles every EOS id alike.
+                return llguidance.hf.from_tokenizer(info.hf_tokenizer, n_vocab=info.vocab_size,
+                                                    eos_token=info.eos_token_ids[0])
 
         return info.cached("llguidance.tokenizer", build)
 

@@ -79,8 +79,23 @@ def json_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+_SIBLING_CONSTRAINTS = ("properties", "required", "additionalProperties", "patternProperties", "items",
+                       "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum",
+                       "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const", "format")
+_OBJECT_KEYWORDS = ("properties", "required", "additionalProperties", "patternProperties",
+                    "minProperties", "maxProperties")
+_TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null",
+            list: "array", dict: "object"}
+
+
+def _fits(value: Any, types: set[str]) -> bool:
+    t = _TYPE_OF.get(type(value), "object")
+    return t in types or (t == "integer" and "number" in types)
+
+
 def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
-                      required_in_properties: bool = True, disjoint_one_of: bool = True) -> None:
+                      required_in_properties: bool = True, disjoint_one_of: bool = True,
+                      applicator_siblings: bool = True, typed_keywords: bool = True) -> None:
     """Raise GrammarError when the schema uses what `backend` would accept but not enforce.
 
     Some backends compile keywords they ignore (bounds, uniqueItems, allOf, ...), so outputs can
@@ -90,8 +105,8 @@ def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
 
     def check(node: dict, path: str) -> dict:
         where = path or "the root"
-        for kw in unsupported:
-            if kw in node and not (kw == "uniqueItems" and node[kw] is False):
+        for kw in node:  # in schema order: the message names the first one
+            if kw in unsupported and not (kw == "uniqueItems" and node[kw] is False):
                 raise GrammarError(f"{backend} does not enforce '{kw}' (at {where})")
         if required_in_properties and isinstance(node.get("required"), list):
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
@@ -102,6 +117,22 @@ def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
         if disjoint_one_of and isinstance(node.get("oneOf"), list) and not _disjoint_types(node["oneOf"]):
             raise GrammarError(f"{backend} compiles 'oneOf' as 'anyOf'; its branches are not provably "
                                f"exclusive (at {where})")
+        t = node.get("type")
+        types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else None
+        if types is not None:
+            values = node.get("enum", []) + ([node["const"]] if "const" in node else [])
+            if isinstance(values, list) and any(not _fits(v, types) for v in values):
+                raise GrammarError(f"{backend}: enum/const values do not match type {t!r} (at {where})")
+            if typed_keywords and "object" not in types and any(k in node for k in _OBJECT_KEYWORDS):
+                kw = next(k for k in _OBJECT_KEYWORDS if k in node)
+                raise GrammarError(f"{backend} mishandles object keyword '{kw}' on type {t!r} (at {where})")
+        if applicator_siblings:
+            for app in ("anyOf", "oneOf", "allOf", "$ref"):
+                if app in node:
+                    sib = next((k for k in _SIBLING_CONSTRAINTS if k in node), None)
+                    if sib is not None:
+                        raise GrammarError(f"{backend} does not combine '{app}' with the sibling keyword "
+                                           f"'{sib}' (at {where})")
         return node
 
     map_subschemas(schema, check)
