@@ -161,7 +161,7 @@ class _LarkWriter:
             return self._special_token(node["marker"]) or json.dumps(node["marker"], ensure_ascii=False)
         if "ws" in node:
             term = self._name("WS")
-            self.rules.append(f"{term}: /{structure.ws_regex(node['ws'])}/")
+            self.rules.append(f"{term}: /{structure.ws_regex(node['ws'], node.get('max'))}/")
             return term
         if "json" in node:
             name = self._name("json")

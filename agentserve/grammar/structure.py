@@ -9,7 +9,7 @@ xgrammar, one regex for outlines-core):
     {"alt": [node, ...]}            alternatives
     {"star": node} / {"opt": node}  zero or more / zero or one
     {"lit": "text"}                 literal text
-    {"ws": " \n"}                   zero or more of these (whitespace) characters
+    {"ws": " \n", "max": 2}         up to `max` (default unbounded) of these whitespace characters
     {"marker": "<tool_call>"}       a format marker; a single (special) token when the tokenizer
                                     has one, else its text
     {"json": {...schema...}}        a JSON value valid against the schema
@@ -213,8 +213,8 @@ def _cat(*parts: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def ws_regex(chars: str) -> str:
-    return f"[{_class_escape(chars)}]*"
+def ws_regex(chars: str, max_count: Optional[int] = None) -> str:
+    return f"[{_class_escape(chars)}]" + ("*" if max_count is None else f"{{0,{int(max_count)}}}")
 
 
 def text_regex(t: dict) -> str:
@@ -237,7 +237,7 @@ def to_regex(node: Any, json_to_regex: Callable[[dict], str]) -> str:
     if "lit" in node:
         return regex_escape(node["lit"])
     if "ws" in node:
-        return ws_regex(node["ws"])
+        return ws_regex(node["ws"], node.get("max"))
     if "marker" in node:
         return regex_escape(node["marker"])
     if "json" in node:

@@ -298,7 +298,9 @@ def _calls_schema(tools: Sequence[ToolDef], fmt: str) -> dict:
 def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool) -> dict:
     """The `structure` tree of the outputs allowed in `fmt` (mode: "auto" or "required")."""
     call = {"json": _calls_schema(tools, fmt)}
-    lead = {"ws": " \n"}  # chat templates often put a space/newline before the first call
+    # chat templates often put a space/newline before the first call; bounded, so an unsure model
+    # cannot emit whitespace forever instead of the call
+    lead = {"ws": " \n", "max": 2}
     if fmt == "hermes":
         body = {"seq": [{"lit": "\n"}, call, {"lit": "\n"}, {"marker": HERMES_CLOSE}]}
         block = {"seq": [{"marker": HERMES_OPEN}, body]}
@@ -319,7 +321,7 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool) 
         array = {"type": "array", "items": _calls_schema(tools, fmt), "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
-        calls = [{"ws": " "}, {"json": array}]
+        calls = [{"ws": " ", "max": 1}, {"json": array}]
         if mode == "required":
             return {"seq": [lead, {"marker": MISTRAL_OPEN}] + calls}
         return {"alt": [{"text": {"exclude": [MISTRAL_OPEN]}},
@@ -397,6 +399,13 @@ class ToolCall:
 
 
 _ALNUM = string.ascii_letters + string.digits
+
+
+def _tool_name(tool: Any) -> Optional[str]:
+    if not isinstance(tool, dict):
+        return None
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    return fn.get("name")
 
 
 def new_call_id(fmt: str) -> str:
@@ -582,7 +591,7 @@ class ToolCallParser:
         if fmt not in TOOL_FORMATS:
             raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
         self.fmt = fmt
-        self.tool_names = [t.name for t in parse_tools(tools)] if tools else []
+        self.tool_names = [_tool_name(t) for t in tools or []]
         self.args_keys = ("arguments", "parameters")
         self.openers = {"hermes": [HERMES_OPEN], "llama3_json": [PYTHON_TAG], "mistral": [MISTRAL_OPEN]}[fmt]
         self.mode = "text"

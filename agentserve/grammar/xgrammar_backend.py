@@ -56,7 +56,7 @@ def to_structural_format(node: Any) -> dict:
     if "marker" in node:
         return {"type": "const_string", "value": node["marker"]}
     if "ws" in node:
-        return {"type": "regex", "pattern": structure.ws_regex(node["ws"])}
+        return {"type": "regex", "pattern": structure.ws_regex(node["ws"], node.get("max"))}
     if "json" in node:
         return {"type": "json_schema", "json_schema": node["json"], "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
