@@ -17,12 +17,14 @@ Message = dict[str, Any]
 class LLM:
     def __init__(self, model: str, device: Optional[str] = None, dtype: str = "auto", **engine_config: Any) -> None:
         self.engine = Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config)
+        self.engine.emit_unfinished = False  # generate() returns finished outputs only
         self._ids = itertools.count()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
         llm = cls.__new__(cls)
         llm.engine = Engine(config)
+        llm.engine.emit_unfinished = False
         llm._ids = itertools.count()
         return llm
 

@@ -104,6 +104,7 @@ def test_stop_strings_and_stop_ids(llm: LLM) -> None:
 
 def test_streamed_deltas_reassemble(llm: LLM) -> None:
     engine = llm.engine
+    engine.emit_unfinished = True  # stream: an output per step, as the servers get
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=["zzz-never"])
     engine.add_request("stream", "A story about a dragon", params)
     text, ids, final = "", [], None
@@ -113,6 +114,7 @@ def test_streamed_deltas_reassemble(llm: LLM) -> None:
             ids += out.outputs[0].delta_token_ids
             final = out
     assert final is not None and final.finished
+    engine.emit_unfinished = False
     assert text == final.outputs[0].text and ids == final.outputs[0].token_ids
     expected = llm.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == expected

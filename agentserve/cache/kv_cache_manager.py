@@ -41,6 +41,16 @@ class KVCacheManager:
         """Makes room for `num_new_tokens` after the computed ones. Returns the (src, dst) page copies
         the runner must do first (copy-on-write of shared pages about to be written), or None when
         there are not enough free pages (nothing is changed then)."""
+        if not new_computed_blocks and num_new_tokens == 1:
+            # Decode fast path (most calls): the token lands in a private page or needs one more page.
+            table, idx = request.block_table, request.num_computed_tokens // self.block_size
+            if idx < len(table) and self.pool.ref_cnt(table[idx]) == 1:
+                return []
+            if idx == len(table):
+                if self.pool.num_free_blocks < 1:
+                    return None
+                table.extend(self.pool.allocate(1))
+                return []
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         table_len = len(request.block_table) + len(new_computed_blocks)
@@ -73,13 +83,17 @@ class KVCacheManager:
         if not self.pool.enable_prefix_caching:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        if num_full <= request.num_registered_blocks:
+            return
         self.update_block_hashes(request)
-        for i in range(num_full):
+        for i in range(request.num_registered_blocks, num_full):
             self.pool.cache_block(request.block_table[i], request.block_hashes[i])
+        request.num_registered_blocks = num_full
 
     def free(self, request: Request) -> None:
         self.pool.free(request.block_table)
         request.block_table = []
+        request.num_registered_blocks = 0
 
     def fork_blocks(self, block_table: list[int]) -> list[int]:
         return self.pool.fork(block_table)

@@ -108,6 +108,8 @@ class Engine:
         self._constraints: Optional["ConstraintManager"] = None  # built on the first constrained request
         self._grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
         self._failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
+        # Streaming callers want an output per step; the offline API only needs finished ones.
+        self.emit_unfinished = True
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -377,6 +379,8 @@ class Engine:
             if children is None:
                 continue
             finished = all(c.is_finished for c in children)
+            if not finished and not self.emit_unfinished:
+                continue
             leader = children[0]
             out = RequestOutput(
                 request_id=parent_id, prompt=self._prompts.get(parent_id), prompt_token_ids=leader.prompt_token_ids,
