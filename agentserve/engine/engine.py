@@ -317,8 +317,10 @@ class Engine:
         if req.logprobs is not None and result.logprobs is not None:
             assert result.logprob_ids is not None and result.ranks is not None
             self._record_logprobs(req, result.logprob_ids[row], result.logprobs[row], result.ranks[row])
-        stop_str = req.detokenizer.append(token) if req.detokenizer is not None else None
         params = req.sampling_params
+        ends_on_eos = token in req.eos_token_ids and not params.ignore_eos
+        # The EOS token ends the text; it is not part of it (even when special tokens are kept).
+        stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
         if req.grammar is not None and not req.grammar.accept_token(token):
             # Masks make this impossible; if it happens the output can no longer be trusted.
             req.error = f"sampled token {token} is not allowed by the output constraint"

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from agentserve.kernels.token_bitmask import apply_token_bitmask
+
 _NEG_INF = float("-inf")
 
 
@@ -62,14 +64,6 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     return logits
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Disallowed tokens (bit 0) get -inf. bitmask: int32 [N, ceil(V/32)]."""
-    vocab = logits.shape[-1]
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
-    return logits.masked_fill(~allowed, _NEG_INF)
-
-
 def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
                       min_p: Optional[torch.Tensor]) -> torch.Tensor:
     """Masks logits outside the top-k / nucleus / min-p sets with -inf (after temperature)."""
@@ -112,7 +106,7 @@ class Sampler:
             logits = logits.index_put((meta.banned_rows, meta.banned_tokens),
                                       torch.tensor(_NEG_INF, device=logits.device))
         if meta.token_bitmask is not None:
-            logits = apply_token_bitmask(logits, meta.token_bitmask)
+            logits = apply_token_bitmask(logits.contiguous(), meta.token_bitmask)  # in place: -inf where disallowed
         greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
             sampled = greedy
