@@ -149,9 +149,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"benchmark": "throughput", "model": model, "device": device_name(),
                               "num_requests": args.num_requests, "prompt_len": [args.min_prompt, args.max_prompt],
                               "output_len": args.output_len, "ours": ours}
+    print(f"ours: {ours['output_tok_s']:.1f} output tok/s, KV memory efficiency "
+          f"{ours['kv_memory_efficiency'] * 100:.1f}%", flush=True)
     if args.peer == "hf":
         slice_n = args.peer_requests or args.num_requests
-        llm.engine.runner.kv_cache = None  # free the KV pool for the peer's cache
+        # Free the KV pool and the CUDA graphs (they hold the pool) for the peer's cache.
+        llm.engine.runner.kv_cache = None
+        llm.engine.runner.graphs = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
