@@ -258,3 +258,37 @@ def test_sessions_past_their_hint_yield_first() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+def test_partial_swap_leaves_a_shared_preamble_to_the_prefix_cache() -> None:
+    # Swap space too small for a whole session but enough for its own pages: the preamble it shares
+    # with a resident session stays on the device (prefix cache); swap-in reuses it and copies the rest.
+    aeng = make_engine(num_blocks=128, max_model_len=1024, swap_space_gb=swap_gb_for("qwen2", 12))
+    system = {"role": "system", "content": "Shared rules for every agent. " + "Be brief and exact. " * 40}
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            store = handle.store
+            a = await client.create_session([system], tools=TOOLS)
+            b = await client.create_session([system], tools=TOOLS)
+            turns = [await a.run_turn(NEW_MESSAGES[0], **GREEDY), await b.run_turn(NEW_MESSAGES[1], **GREEDY)]
+            pages = (await a.refresh()).num_pages
+            assert pages > store.num_swap_slots
+            freed = await aeng.run(lambda: store._evict(store.sessions[a.id]))
+            info = await a.refresh()
+            assert info.state == pb.SESSION_STATE_SWAPPED and 0 < info.num_swapped_pages < pages
+            assert freed == info.num_swapped_pages  # the shared preamble pages are still b's
+            t = await a.run_turn(NEW_MESSAGES[2], **GREEDY)
+            assert t.done.usage.swapped_in_tokens == info.num_kv_tokens == t.done.usage.cached_tokens
+            # full pages still in the prefix cache are reused; at least the partial last page is copied back
+            assert store.stats.swap_ins == 1 and 1 <= store.stats.pages_swapped_in <= info.num_swapped_pages
+            turns.append(t)
+            turns.append(await b.run_turn(NEW_MESSAGES[3], **GREEDY))
+            await a.close()
+            await b.close()
+        _check_exact(turns)
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()

@@ -196,8 +196,8 @@ class Session:
     state: SessionState = SessionState.NEW
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in block_table (or in swap when SWAPPED)
-    swap_slots: list[int] = field(default_factory=list)  # pages [len(swap_prefix_hashes):] in swap space
-    swap_prefix_hashes: list[int] = field(default_factory=list)  # leading pages left to the prefix cache
+    swap_slots: list[int] = field(default_factory=list)  # CPU swap slots of pages [swap_from:] (SWAPPED)
+    swap_from: int = 0  # leading pages left to the prefix cache when swapped out
     busy: Optional["PendingTurn"] = None
     closed: bool = False
     num_turns: int = 0
@@ -283,9 +283,19 @@ class SessionStore:
         return len(self._free_slots)
 
     def residency_counts(self) -> dict[str, int]:
+        """{"new", "resident", "swapped", "evicted": count}; safe to call from any thread."""
         counts = {s.value: 0 for s in SessionState if s is not SessionState.CLOSED}
-        for s in list(self.sessions.values()):
-            counts[s.state.value] += 1
+        for _ in range(5):
+            try:
+                sessions = list(self.sessions.values())
+                break
+            except RuntimeError:  # changed size on the step thread while copying: try again
+                continue
+        else:
+            return counts
+        for s in sessions:
+            if s.state in (SessionState.NEW, SessionState.RESIDENT, SessionState.SWAPPED, SessionState.EVICTED):
+                counts[s.state.value] += 1
         return counts
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -447,7 +457,7 @@ class SessionStore:
     def _free_swap(self, s: Session) -> None:
         self._free_slots.extend(s.swap_slots)
         s.swap_slots = []
-        s.swap_prefix_hashes = []
+        s.swap_from = 0
 
     # --- TTL ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -560,22 +570,32 @@ class SessionStore:
         return freed
 
     def _evict(self, s: Session) -> int:
+        """Swaps the session's pages out to CPU (all of them when swap has room; else all but the
+        leading pages shared with other owners and findable by hash, a common preamble, which the
+        swap-in then looks up in the prefix cache), or drops them when swap is full. Returns the
+        pages freed on the device."""
         table = s.block_table
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
-        # Leading pages shared with other owners and findable by hash stay behind for the prefix cache.
-        k = 0
-        while k < len(table) and self.pool.ref_cnt(table[k]) > 1 and self.pool.blocks[table[k]].block_hash is not None:
-            k += 1
-        need = len(table) - k
-        if need <= len(self._free_slots) and self.num_swap_slots > 0:
-            slots = [self._free_slots.pop() for _ in range(need)]
-            if need:
-                self.kv_cache.swap_out(table[k:], slots)
+        swap_from: Optional[int] = None
+        if self.num_swap_slots > 0:
+            if len(table) <= len(self._free_slots):
+                swap_from = 0
+            else:
+                k = 0
+                while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
+                       and self.pool.blocks[table[k]].block_hash is not None):
+                    k += 1
+                if len(table) - k <= len(self._free_slots):
+                    swap_from = k
+        if swap_from is not None:
+            slots = [self._free_slots.pop() for _ in range(len(table) - swap_from)]
+            if slots:
+                self.kv_cache.swap_out(table[swap_from:], slots)
             s.swap_slots = slots
-            s.swap_prefix_hashes = [self.pool.blocks[b].block_hash for b in table[:k]]  # type: ignore[misc]
+            s.swap_from = swap_from
             s.state = SessionState.SWAPPED
             self.stats.swap_outs += 1
-            self.stats.pages_swapped_out += need
+            self.stats.pages_swapped_out += len(slots)
         else:
             s.state = SessionState.EVICTED
             s.num_computed = 0
@@ -585,40 +605,42 @@ class SessionStore:
         return exclusive
 
     def _swap_in(self, s: Session) -> bool:
-        """Restores a swapped session's pages; on failure (the shared prefix left the prefix cache, or
-        no pages even after evicting other idle sessions) the session becomes EVICTED (recompute)."""
-        k = len(s.swap_prefix_hashes)
-        hits = self.pool.lookup(s.swap_prefix_hashes, k, k * self.block_size) if k else []
-        n = len(s.swap_slots)
-        ok = len(hits) == k
-        if ok:
-            def need() -> int:
-                return n + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
+        """Restores a swapped session's pages: leading full pages still in the prefix cache are
+        reused as they are, the rest are copied back from swap. On failure (pages that were left to
+        the prefix cache are gone, or no free pages even after evicting other idle sessions) the
+        session becomes EVICTED: its turn recomputes, with whatever the prefix cache still holds."""
+        n_pages = s.swap_from + len(s.swap_slots)
+        num_full = min(s.num_computed // self.block_size, n_pages)
+        hashes: list[int] = []
+        if self.pool.enable_prefix_caching and num_full:
+            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
+        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size) if hashes else []
+        ok = len(hits) >= s.swap_from
+        copy = n_pages - len(hits)
 
-            if need() > self.pool.num_free_blocks:
-                self._reclaim(need(), exclude=s)
-            ok = need() <= self.pool.num_free_blocks
-        if not ok:
+        def need() -> int:
+            return copy + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
+
+        if ok and need() > self.pool.num_free_blocks:
+            self._reclaim(need(), exclude=s)
+        if not ok or need() > self.pool.num_free_blocks:
             self._free_swap(s)
             s.state = SessionState.EVICTED
             s.num_computed = 0
             self.stats.swap_in_failures += 1
             return False
         self.pool.touch(hits)
-        fresh = self.pool.allocate(n)
-        if n:
-            self.kv_cache.swap_in(s.swap_slots, fresh)
+        fresh = self.pool.allocate(copy)
+        if copy:
+            self.kv_cache.swap_in(s.swap_slots[len(hits) - s.swap_from:], fresh)
         s.block_table = list(hits) + fresh
         self._free_swap(s)
         s.state = SessionState.RESIDENT
         self.stats.swap_ins += 1
-        self.stats.pages_swapped_in += n
+        self.stats.pages_swapped_in += copy
         # Restored full pages become findable by hash again (forks, evicted-recompute paths).
-        if self.pool.enable_prefix_caching:
-            num_full = min(s.num_computed // self.block_size, len(s.block_table))
-            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
-            for i in range(k, num_full):
-                self.pool.cache_block(s.block_table[i], hashes[i])
+        for i in range(len(hits), min(num_full, len(hashes))):
+            self.pool.cache_block(s.block_table[i], hashes[i])
         return True
 
     # --- turns ----------------------------------------------------------------------------------------
@@ -821,6 +843,8 @@ class SessionStore:
 
     def _result(self, pending: PendingTurn, out: RequestOutput) -> TurnResult:
         comp = out.outputs[0]
+        if pending.session.closed and not pending.committed:
+            raise TurnCancelledError("the session was closed during the turn")
         if not pending.committed or pending.snapshot is None or pending.result_message is None:
             raise RuntimeError(f"turn {pending.request_id} finished without handing its pages back")
         m = out.metrics
