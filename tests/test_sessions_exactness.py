@@ -292,3 +292,35 @@ def test_partial_swap_leaves_a_shared_preamble_to_the_prefix_cache() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+def test_swapped_session_waits_for_pages_instead_of_recomputing() -> None:
+    # A running request holds most of the pool: a swapped session's turn waits for it to finish and
+    # then swaps in (rather than dropping its swap copy and recomputing).
+    aeng = make_engine(num_blocks=48, max_model_len=768)
+    pool = aeng.engine.pool
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            session = await client.create_session([SYSTEM], tools=TOOLS)
+            turns = [await session.run_turn(NEW_MESSAGES[0], **GREEDY), await session.run_turn(NEW_MESSAGES[1], **GREEDY)]
+            held = (await session.refresh()).num_pages
+            prompt = [(5 * i) % 400 + 3 for i in range((pool.num_blocks - held + 4) * BS - 200)]
+            hog = asyncio.ensure_future(client.generate_done(prompt_token_ids=prompt, max_tokens=150, temperature=0,
+                                                             ignore_eos=True))
+            while (await session.refresh()).state != pb.SESSION_STATE_SWAPPED:
+                assert not hog.done()
+                await asyncio.sleep(0.005)
+            t = await session.run_turn(NEW_MESSAGES[2], **GREEDY)
+            assert hog.done()  # the turn could only start once the hog's pages were back
+            assert t.done.timing.swap_wait_ms > 0
+            assert t.done.usage.swapped_in_tokens == t.done.usage.cached_tokens > 0
+            assert handle.store.stats.swap_in_failures == 0
+            turns.append(t)
+            await session.close()
+        _check_exact(turns)
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()

@@ -1,4 +1,4 @@
 """Written by gen_stubs.py with the stubs: what they were generated from."""
 
-PROTO_SHA256 = "1592bc6ed329416be3e5ea894bbb3ecf0cf436775bd0ac558c7f030f4a00d029"
+PROTO_SHA256 = "ed3652427e60cacc9a1417b3c1a250e0719d325539f752f24675445af3962333"
 GRPCIO_TOOLS_VERSION = "1.84.0"

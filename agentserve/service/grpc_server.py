@@ -149,7 +149,7 @@ def usage_to_proto(u: Usage) -> pb.Usage:
 
 def timing_to_proto(t: Timing) -> pb.Timing:
     return pb.Timing(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, ttft_ms=t.ttft_ms, decode_ms=t.decode_ms,
-                     total_ms=t.total_ms, swap_in_ms=t.swap_in_ms)
+                     total_ms=t.total_ms, swap_in_ms=t.swap_in_ms, swap_wait_ms=t.swap_wait_ms)
 
 
 def timing_from_metrics(metrics: Any, received_at: float) -> Timing:

@@ -91,6 +91,11 @@ class TurnCancelledError(SessionError):
     code = "CANCELLED"
 
 
+class _SwapInDeferred(Exception):
+    """The session's pages are in swap and the device has no room for them yet (running requests
+    hold it): the turn waits for pages rather than recomputing the session."""
+
+
 # --- events a turn yields ---------------------------------------------------------------------------
 @dataclass
 class TextEvent:
@@ -123,6 +128,7 @@ class Timing:
     decode_ms: float = 0.0
     total_ms: float = 0.0
     swap_in_ms: float = 0.0
+    swap_wait_ms: float = 0.0
 
 
 @dataclass
@@ -228,6 +234,7 @@ class PendingTurn:
     expected_next_turn_ms: float
     received_at: float
     swap_in_ms: float = 0.0
+    swap_wait_ms: float = 0.0
     swapped_in_tokens: int = 0
     committed: bool = False
     result_message: Optional[dict[str, Any]] = None
@@ -241,7 +248,7 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0) -> None:
+                 expiry_interval: float = 1.0, swap_wait_s: float = 10.0) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
         self.pool = engine.pool
@@ -251,6 +258,7 @@ class SessionStore:
         self.has_template = R.has_chat_template(self.tokenizer)
         self.default_ttl = default_ttl
         self.expiry_interval = expiry_interval
+        self.swap_wait_s = swap_wait_s  # longest a turn waits for pages to swap its session in
         self.sessions: dict[str, Session] = {}
         self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
         self._free_slots: list[int] = list(range(self.kv_cache.num_swap_blocks - 1, -1, -1))
@@ -604,19 +612,38 @@ class SessionStore:
         s.block_table = []
         return exclusive
 
+    def _swap_in_plan(self, s: Session, count: bool) -> tuple[list[int], list[int], int]:
+        """(hashes of the session's full pages, leading pages of them still in the prefix cache, #full)."""
+        num_full = min(s.num_computed // self.block_size, s.swap_from + len(s.swap_slots))
+        hashes: list[int] = []
+        if self.pool.enable_prefix_caching and num_full:
+            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
+        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size if count else 0) if hashes else []
+        if not count:
+            self.pool.hit_tokens -= len(hits) * self.block_size  # a probe, not a prefix-cache query
+        return hashes, hits, num_full
+
+    def _swap_in_fits(self, s: Session) -> bool:
+        """Whether a swap-in can get its pages now (evicting idle sessions if needed). True as well
+        when it cannot succeed at all (the pages left to the prefix cache are gone): no use waiting."""
+        _, hits, _ = self._swap_in_plan(s, count=False)
+        if len(hits) < s.swap_from:
+            return True
+        def need() -> int:
+            return s.swap_from + len(s.swap_slots) - len(hits) + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
+
+        if need() > self.pool.num_free_blocks:
+            self._reclaim(need(), exclude=s)
+        return need() <= self.pool.num_free_blocks
+
     def _swap_in(self, s: Session) -> bool:
         """Restores a swapped session's pages: leading full pages still in the prefix cache are
         reused as they are, the rest are copied back from swap. On failure (pages that were left to
         the prefix cache are gone, or no free pages even after evicting other idle sessions) the
         session becomes EVICTED: its turn recomputes, with whatever the prefix cache still holds."""
-        n_pages = s.swap_from + len(s.swap_slots)
-        num_full = min(s.num_computed // self.block_size, n_pages)
-        hashes: list[int] = []
-        if self.pool.enable_prefix_caching and num_full:
-            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
-        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size) if hashes else []
+        hashes, hits, num_full = self._swap_in_plan(s, count=True)
         ok = len(hits) >= s.swap_from
-        copy = n_pages - len(hits)
+        copy = s.swap_from + len(s.swap_slots) - len(hits)
 
         def need() -> int:
             return copy + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
@@ -645,7 +672,7 @@ class SessionStore:
 
     # --- turns ----------------------------------------------------------------------------------------
     def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
+                    expected_next_turn_ms: float, received_at: float, may_wait: bool = False) -> PendingTurn:
         """Step thread. Builds the turn's prompt, validates it, restores the session's pages and marks
         the session busy. Nothing about the session changes when this raises."""
         s = self._get(session_id)
@@ -657,6 +684,7 @@ class SessionStore:
         if not new and (not s.messages or s.messages[-1]["role"] == "assistant"):
             raise InvalidRequestError("the turn has no new messages (send a user message or tool results)")
         keep = s.num_computed
+        rerendered = False
         if s.raw_tokens:
             prompt = s.token_ids + [t for m in new for t in m["token_ids"]]
             prompt_text = ""
@@ -668,7 +696,7 @@ class SessionStore:
                 # The template renders the history differently from the tokens the session holds.
                 prompt = R.encode(self.tokenizer, prompt_text)
                 keep = min(keep, R.common_prefix_len(s.token_ids, prompt))
-                self.stats.rerenders += 1
+                rerendered = True
         keep = min(keep, len(prompt) - 1)
         if params.max_tokens is None:
             room = min(self.engine.max_model_len, self.pool.num_blocks * self.block_size) - len(prompt)
@@ -679,6 +707,9 @@ class SessionStore:
 
         prefix = "" if s.raw_tokens else R.assistant_content_prefix(self.tokenizer, s.messages + new, s.tools,
                                                                        prompt_text)
+        if may_wait and s.state is SessionState.SWAPPED and not self._swap_in_fits(s):
+            raise _SwapInDeferred()
+        self.stats.rerenders += rerendered
         pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
                               prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
                               content_prefix=prefix, params=params,
@@ -775,8 +806,21 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        pending = await self._run(lambda: self._begin_turn(session_id, messages, params, expected_next_turn_ms,
-                                                           received_at))
+        wait_until = time.monotonic() + self.swap_wait_s
+        waited_from: Optional[float] = None
+        while True:
+            try:
+                pending = await self._run(lambda: self._begin_turn(
+                    session_id, messages, params, expected_next_turn_ms, received_at,
+                    may_wait=time.monotonic() < wait_until))
+                break
+            except _SwapInDeferred:
+                # Running requests hold the pages the session needs: restoring it once they finish
+                # beats recomputing it (which would need the same pages anyway).
+                waited_from = waited_from or time.monotonic()
+                await asyncio.sleep(0.01)
+        if waited_from is not None:
+            pending.swap_wait_ms = (time.monotonic() - waited_from) * 1e3
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
@@ -848,7 +892,7 @@ class SessionStore:
         if not pending.committed or pending.snapshot is None or pending.result_message is None:
             raise RuntimeError(f"turn {pending.request_id} finished without handing its pages back")
         m = out.metrics
-        timing = Timing(swap_in_ms=pending.swap_in_ms, total_ms=(time.monotonic() - pending.received_at) * 1e3)
+        timing = Timing(swap_in_ms=pending.swap_in_ms, swap_wait_ms=pending.swap_wait_ms, total_ms=(time.monotonic() - pending.received_at) * 1e3)
         if m is not None:
             if m.first_scheduled_time is not None:
                 timing.queue_ms = (m.first_scheduled_time - m.arrival_time) * 1e3
