@@ -93,6 +93,9 @@ def test_bad_input_gets_the_right_status_and_the_session_keeps_working(aeng) -> 
             assert code == Code.INVALID_ARGUMENT and "json_schema" in msg
             code, msg = await _turn_code(s, [{"role": "user", "content": "x", "token_ids": [5]}])
             assert code == Code.INVALID_ARGUMENT and "raw-token" in msg
+            bad_schema = {"type": "json_schema", "json_schema": {"type": "object", "not": {"required": ["a"]}}}
+            code, msg = await _turn_code(s, USER, response_format=bad_schema, max_tokens=4)
+            assert code == Code.INVALID_ARGUMENT and "not" in msg
             # nothing above changed the session
             info = await s.refresh()
             assert info.num_turns == 0 and not info.busy and info.state == pb.SESSION_STATE_NEW
@@ -408,3 +411,26 @@ def test_agentserve_serve_process_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tool_call_deltas_reassemble_to_the_final_call(aeng) -> None:  # type: ignore[no-untyped-def]
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            s = await client.create_session([SYSTEM, {"role": "user", "content": "Weather in Paris?"}], tools=TOOLS)
+            r = await s.run_turn(max_tokens=80, temperature=0, tool_choice="required")
+            deltas = [e.tool_call for e in r.events if e.HasField("tool_call")]
+            assert deltas and deltas[0].name in ("get_weather", "read_file") and deltas[0].id
+            assert r.text == ""  # "required": the reply is the call, no free text
+            streamed = "".join(d.arguments_delta for d in deltas if d.index == 0)
+            if r.done.message.tool_calls:  # complete within max_tokens
+                call = r.done.message.tool_calls[0]
+                assert (call.name, call.id, call.arguments) == (deltas[0].name, deltas[0].id, streamed)
+            # the same over stateless Generate with messages
+            events = [ev async for ev in client.generate(messages=[SYSTEM, {"role": "user", "content": "Weather in Paris?"}],
+                                                         tools=TOOLS, tool_choice="required", max_tokens=80,
+                                                         temperature=0)]
+            g_deltas = [e.tool_call for e in events if e.HasField("tool_call")]
+            assert [(d.index, d.name, d.arguments_delta) for d in g_deltas][:1] == [(0, deltas[0].name, deltas[0].arguments_delta)]
+            await s.close()
+
+    run(body())

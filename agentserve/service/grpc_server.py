@@ -326,6 +326,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     if text or (request.return_token_ids and comp.delta_token_ids):
                         yield pb.GenerateEvent(text=pb.TextDelta(
                             text=text, token_ids=comp.delta_token_ids if request.return_token_ids else []))
+                    if out.finished and (out.error or comp.finish_reason == "error"):
+                        if not comp.token_ids:
+                            raise InvalidRequestError(out.error or "the request failed")
+                        raise RuntimeError(out.error or "the request failed")
                     if out.finished:
                         m = out.metrics
                         usage = pb.Usage(prompt_tokens=len(out.prompt_token_ids),

@@ -741,8 +741,8 @@ class SessionStore:
         table, num_computed = out.retained_block_table, out.retained_num_computed_tokens
         out.retained_block_table = None
         s = pending.session
-        if s.closed:
-            self.pool.free(table)
+        if s.closed or out.error or out.outputs[0].finish_reason == "error":
+            self.pool.free(table)  # closed meanwhile, or the turn failed (e.g. its grammar): rolled back
             return
         comp = out.outputs[0]
         output_ids = list(comp.token_ids)
@@ -869,6 +869,10 @@ class SessionStore:
                     queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
                 if text or comp.delta_token_ids:
                     queue.put_nowait(TextEvent(text, list(comp.delta_token_ids)))
+                if out.finished and (out.error or comp.finish_reason == "error"):
+                    if not comp.token_ids:  # failed before generating: its constraint did not compile
+                        raise InvalidRequestError(out.error or "the turn failed")
+                    raise RuntimeError(out.error or "the turn failed")
                 if out.finished:
                     result = self._result(pending, out)
                     content, tool_calls = reply.final()
