@@ -14,6 +14,8 @@ Token ids are synthesized (a dummy model has no tokenizer), so every mode sends 
   python benchmarks/agent_loop.py                                  # tiny qwen2 on CPU
   python benchmarks/agent_loop.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 \\
       --agents 64 --turns 8                                        # the H100 run
+  (to stay under a time limit, run --modes sessions,stateless-prefix and --modes stateless-nocache
+  separately and pass the first run's JSON to the second with --merge)
 
 Prints a table (per-loop latency p50/p95, prefilled tokens per loop, throughput) and writes JSON to
 --out (default $OUT/agent_loop.json when OUT is set). A "loop" is a turn after a tool result (turn
@@ -69,6 +71,8 @@ def build_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", default=None, help="a previous run's JSON (same workload, other modes) to report "
+                    "together with this one, e.g. stateless-nocache run separately")
     ap.add_argument("--out", default=None)
     ap.add_argument("--record", action="store_true", help="append a line to benchmarks/RESULTS.md")
     return ap.parse_args(argv)
@@ -259,6 +263,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       flush=True)
     finally:
         aeng.shutdown()
+    if args.merge:
+        prev = json.loads(Path(args.merge).read_text())
+        same = ("agents", "turns", "preamble_tokens", "task_tokens", "tool_tokens", "decision_tokens", "seed",
+                "tool_latency_ms")
+        diff = [k for k in same if prev["config"].get(k) != (list(getattr(args, k)) if isinstance(getattr(args, k), tuple)
+                                                             else getattr(args, k))]
+        if diff:
+            raise SystemExit(f"--merge {args.merge}: a different workload ({', '.join(diff)})")
+        if prev.get("kv_pool_tokens") != pool_tokens:
+            print(f"note: merged run had a KV pool of {prev.get('kv_pool_tokens')} tokens, this one {pool_tokens}")
+        for mode, r in prev["modes"].items():
+            results.setdefault(mode, r)
     report: dict[str, Any] = {
         "benchmark": "agent_loop", "model": args.model or "tiny-qwen2", "device": device_name() if device == "cuda"
         else "CPU", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
