@@ -31,10 +31,15 @@ Residency: between turns a session's pages are pinned. When the scheduler runs o
 `reclaim`, which takes pages from idle sessions before any running request is preempted: first the
 sessions past their expected-next-turn hint, then those without a hint, then those expected back
 soon, least recently used first within each group. An evicted session's pages are copied to CPU swap
-space when there are enough free slots (SWAPPED; restored on the next turn), else dropped (EVICTED;
-their full pages stay findable by hash until reused, so the next turn recomputes only what is gone).
-Leading pages that are shared with other owners and findable by hash (a common system prompt) are not
-copied: the swap-in finds them in the prefix cache.
+space (SWAPPED) — all of them when there are enough free slots, else all but the leading pages shared
+with other owners and findable by hash (a common system prompt) — or, when swap is full, dropped
+(EVICTED; their full pages stay findable by hash until reused, so the next turn recomputes only what
+is gone). The next turn swaps the session back in, reusing leading pages still in the prefix cache
+and copying the rest; when running requests hold the pages it needs, the turn waits for them (up to
+`swap_wait_s`, reported as Timing.swap_wait_ms) instead of dropping the copy and recomputing. As a
+last resort before preemption, turns that are queued but not running give back the session pages they
+were admitted with (they look their prefix up in the prefix cache when admitted); otherwise a pool
+full of queued turns' prefixes would deadlock.
 """
 
 from __future__ import annotations
@@ -556,7 +561,8 @@ class SessionStore:
             if freed >= wanted:
                 break
             pending = self._pending.get(req.parent_id)
-            if pending is None or req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            if pending is None or req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED,
+                                                     RequestStatus.WAITING_FOR_GRAMMAR):
                 continue
             s = pending.session
             tables = [req.block_table, s.block_table]
