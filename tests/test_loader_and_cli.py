@@ -1,0 +1,84 @@
+"""Loading variants (sharded checkpoints, dummy weights, dtypes), the priority policy, abort at
+any point, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.testing import make_tiny_model, tiny_model_cached
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def test_sharded_checkpoint_loads_like_single_file() -> None:
+    single = LLM(str(tiny_model_cached("llama3")), device="cpu").generate(["Sharded weights"], GREEDY)
+    sharded = LLM(str(tiny_model_cached("llama3", shards=3)), device="cpu").generate(["Sharded weights"], GREEDY)
+    assert sharded[0].outputs[0].token_ids == single[0].outputs[0].token_ids
+
+
+def test_missing_shard_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = make_tiny_model(tmp_path / "m", arch="qwen2", shards=2)
+    shard = sorted(path.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(ValueError, match=shard.name):
+        LLM(str(path), device="cpu")
+
+
+def test_dummy_weights_for_a_config() -> None:
+    llm = LLM(str(tiny_model_cached("qwen3")), device="cpu", load_format="dummy")
+    out = llm.generate([[5, 6, 7, 8]], GREEDY)[0].outputs[0]
+    assert len(out.token_ids) == 16
+    with pytest.raises(ValueError, match="unknown model shape 'no-such-shape'"):
+        LLM("no-such-shape", device="cpu", load_format="dummy")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_load_and_run(dtype: str) -> None:
+    llm = LLM(str(tiny_model_cached("mistral")), device="cpu", dtype=dtype)
+    assert llm.engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    assert len(llm.generate(["Half precision"], GREEDY)[0].outputs[0].token_ids) == 16
+
+
+def test_priority_policy_serves_lower_priority_values_first() -> None:
+    llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", policy="priority", max_num_seqs=1)
+    engine = llm.engine
+    for rid, prio in (("low", 5), ("high", 0), ("mid", 2)):
+        engine.add_request(rid, "Priority test", GREEDY.clone(max_tokens=4), priority=prio)
+    order = []
+    while engine.has_unfinished():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["high", "mid", "low"]
+
+
+def test_abort_at_any_point_frees_pages() -> None:
+    llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", max_num_batched_tokens=8, block_size=4)
+    engine = llm.engine
+    for steps in range(0, 12, 3):  # waiting, mid-prefill, decoding
+        engine.add_request("a", "A prompt long enough to need several prefill chunks here", GREEDY)
+        engine.add_request("b", "Another one", GREEDY)
+        for _ in range(steps):
+            engine.step()
+        assert engine.abort("a") and engine.abort("b")
+        assert not engine.abort("a")  # unknown now
+        assert not engine.has_unfinished()
+        engine.pool.check_all_free()
+
+
+def test_cli_generate_and_tiny_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "tiny"
+    run = subprocess.run([sys.executable, "-m", "agentserve.cli", "tiny-model", str(model), "--arch", "qwen3"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-m", "agentserve.cli", "generate", "--model", str(model), "--device", "cpu",
+                          "--prompt", "Hello", "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "output:" in run.stdout and "tok/s" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "agentserve.cli", "generate", "--model", str(model), "--device", "cpu",
+                          "--prompt", "x", "--max-num-seqs", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_num_seqs" in bad.stderr
