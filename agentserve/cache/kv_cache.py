@@ -38,16 +38,19 @@ class KVCache:
             v.index_copy_(0, dst, v.index_select(0, src))
 
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
+        """Copies pages to CPU swap slots: one gather on the device and one device-to-host copy for
+        all layers (not one synchronous copy per layer and tensor)."""
         dev = torch.tensor(list(device_blocks), device=self.layers[0][0].device)
-        slots = torch.tensor(list(swap_slots))
-        for i, (k, v) in enumerate(self.layers):
-            self.swap[i, 0, slots] = k.index_select(0, dev).cpu()
-            self.swap[i, 1, slots] = v.index_select(0, dev).cpu()
+        staged = torch.stack([torch.stack([k.index_select(0, dev), v.index_select(0, dev)]) for k, v in self.layers])
+        self.swap[:, :, torch.tensor(list(swap_slots))] = staged.cpu()
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
         device = self.layers[0][0].device
         dev = torch.tensor(list(device_blocks), device=device)
-        slots = torch.tensor(list(swap_slots))
+        host = self.swap[:, :, torch.tensor(list(swap_slots))]
+        if device.type == "cuda":
+            host = host.pin_memory()
+        staged = host.to(device, non_blocking=True)  # one host-to-device copy, queued on the stream
         for i, (k, v) in enumerate(self.layers):
-            k.index_copy_(0, dev, self.swap[i, 0, slots].to(device, non_blocking=True))
-            v.index_copy_(0, dev, self.swap[i, 1, slots].to(device, non_blocking=True))
+            k.index_copy_(0, dev, staged[i, 0])
+            v.index_copy_(0, dev, staged[i, 1])
