@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
+from agentserve.grammar.backend import UNICODE_TO_BYTE as BYTE_DECODER
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
@@ -76,20 +76,6 @@ def _clone(params: SamplingParams, **changes: Any) -> SamplingParams:
 
 def _clamp(lp: float) -> float:
     return max(lp, -9999.0)  # -inf is not JSON
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode (the alphabet of byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 async def _wait_disconnect(raw_request: Any) -> None:
@@ -387,7 +373,7 @@ class OpenAIServing:
             if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 with contextlib.suppress(ValueError):
                     return [int(piece[3:5], 16)]
-            decoder = _byte_decoder()
+            decoder = BYTE_DECODER
             if all(c in decoder for c in piece):
                 return [decoder[c] for c in piece]
         return list(text.encode("utf-8"))

@@ -181,7 +181,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
+_UNICODE_TO_BYTE = UNICODE_TO_BYTE
 
 
 def _decoder_kind(hf_tokenizer: Any) -> str:
