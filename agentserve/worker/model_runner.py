@@ -97,17 +97,14 @@ class ModelRunner:
                               self.arch.head_dim, self.dtype, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
+        # One prompt of num_tokens tokens over a one-page cache (every table entry is page 0, no KV
+        # writes): the activations peak as in the largest prefill step.
         meta = AttentionMetadata(
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
-            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((1, -(-num_tokens // self.block_size)), dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([1], dtype=torch.int32, device=self.device), max_query_len=num_tokens,
-            max_seq_len=1)
-        # A single-request prefill with a 1-token context exercises the activations, not attention.
-        meta.seq_lens.fill_(num_tokens)
-        meta.max_seq_len = num_tokens
-        meta.block_tables = torch.zeros((1, -(-num_tokens // self.block_size)), dtype=torch.int32,
-                                        device=self.device)
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            max_query_len=num_tokens, max_seq_len=num_tokens)
         with torch.inference_mode():
             hidden = self.model(ids, positions, dummy_cache.layers, meta)
             logits = self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
