@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_result, device_name  # noqa: E402
+from _results import append_result, command_line, device_name, write_json  # noqa: E402
 
 MODES = ("sessions", "stateless-prefix", "stateless-nocache")
 
@@ -320,11 +319,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_args(argv)
     report = asyncio.run(main_async(args))
     print_table(report)
-    out = args.out or (os.path.join(os.environ["OUT"], "agent_loop.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+    written = write_json(report, args.out, "agent_loop")
+    if written is not None:
+        print(f"wrote {written}")
     if args.record:
         m = report["modes"]
         parts = [f"{k}: loop p50/p95 {v['loop_latency_ms']['p50']:.0f}/{v['loop_latency_ms']['p95']:.0f} ms, "
@@ -336,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "p95_loop_latency_ratio_prefix_over_sessions" in report:
             extra.append(f"p95 prefix/sessions {report['p95_loop_latency_ratio_prefix_over_sessions']:.2f}x")
         pool = f"pool {report['kv_pool_tokens']} of {report['final_conversation_tokens']} tokens"
-        append_result("agent_loop", " ".join(["python benchmarks/agent_loop.py", *(argv or sys.argv[1:])]),
+        append_result("agent_loop", command_line("agent_loop.py", argv),
                       "; ".join(parts + extra + [pool]))
     return 0
 

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "schemas" / "sample.jsonl"
 if not DEFAULT_SAMPLE.exists():

@@ -10,8 +10,6 @@ against the same batch unconstrained, at batch 1 and 64.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_result, device_name  # noqa: E402
+from _results import append_result, command_line, device_name, write_json  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -142,11 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  {'batch':>5}  {'plain ms':>9}  {'masked ms':>9}  {'overhead':>8}")
     for r in rows:
         print(f"  {r['batch']:>5}  {r['unconstrained_ms']:>9.2f}  {r['constrained_ms']:>9.2f}  {r['overhead'] * 100:>7.1f}%")
-    out = args.out or (os.path.join(os.environ["OUT"], "grammar_step.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "grammar_step")
     if args.record:
-        append_result("grammar_step", " ".join(["python benchmarks/grammar_step.py", *(argv or sys.argv[1:])]),
+        append_result("grammar_step", command_line("grammar_step.py", argv),
                       "; ".join(f"batch {r['batch']}: {r['unconstrained_ms']:.2f} -> {r['constrained_ms']:.2f} ms "
                                 f"({r['overhead'] * 100:+.1f}%)" for r in rows))
     return 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_result, device_name  # noqa: E402
+from _results import append_result, command_line, device_name, write_json  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -182,14 +180,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.output_len} out, on {result['device']}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    out = args.out or (os.path.join(os.environ["OUT"], "throughput.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "throughput")
     if args.record:
         summary = f"{ours['output_tok_s']:.1f} out tok/s, KV eff {ours['kv_memory_efficiency'] * 100:.1f}%"
         if "ratio_vs_hf" in result:
             summary += f", hf {result['peer_hf']['output_tok_s']:.1f} tok/s, ratio {result['ratio_vs_hf']:.2f}x"
-        append_result("throughput", " ".join(["python benchmarks/throughput.py", *(argv or sys.argv[1:])]), summary)
+        append_result("throughput", command_line("throughput.py", argv), summary)
     return 0
 
 
