@@ -7,8 +7,6 @@ time to first token for one long prompt (8,192 tokens).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_result, device_name  # noqa: E402
+from _results import append_result, command_line, device_name, write_json  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -38,6 +36,7 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> d
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     rates = []
+    llm.engine.emit_unfinished = True  # per-step outputs: the first token's arrival time is needed
     for r in range(repeats + 1):
         prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()
         engine = llm.engine
@@ -45,7 +44,6 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> d
         _sync()
         first = None
         n = 0
-        start = time.perf_counter()
         while engine.has_unfinished():
             for out in engine.step():
                 n = len(out.outputs[0].token_ids)
@@ -56,6 +54,7 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> d
         if r > 0:  # the first run warms up
             assert first is not None
             rates.append((n - 1) / (end - first))  # decode rate after the first token
+    llm.engine.emit_unfinished = False
     return {"decode_tok_s": statistics.median(rates), "runs": rates}
 
 
@@ -107,11 +106,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  one stream, {args.prompt_len}-token prompt, {args.new_tokens} new: {stream['decode_tok_s']:.1f} tok/s "
           f"(limit {args.bandwidth_limit_tok_s:.0f}, ratio {result['ratio_to_bandwidth_limit']:.2f}; target >= 160)")
     print(f"  time to first token, {args.ttft_prompt_len}-token prompt: {first['ttft_ms']:.1f} ms (target <= 250)")
-    out = args.out or (os.path.join(os.environ["OUT"], "latency.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "latency")
     if args.record:
-        append_result("latency", " ".join(["python benchmarks/latency.py", *(argv or sys.argv[1:])]),
+        append_result("latency", command_line("latency.py", argv),
                       f"{stream['decode_tok_s']:.1f} tok/s one stream; TTFT {first['ttft_ms']:.1f} ms "
                       f"@{args.ttft_prompt_len}")
     return 0
