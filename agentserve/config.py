@@ -38,6 +38,11 @@ class SchedulerConfig(_Strict):
     max_num_seqs: int = Field(default=256, gt=0)
     policy: Literal["fcfs", "priority"] = "fcfs"
     max_waiting: int = Field(default=4096, gt=0, description="Queue bound; past it requests are refused.")
+    decode_reserve_tokens: int = Field(
+        default=256, ge=0,
+        description="Admission counts pages for a request's whole prompt plus this many generated tokens (fewer "
+                    "if max_tokens is lower) as taken, so that admitting it does not later force running requests "
+                    "to be preempted and recomputed.")
 
 
 class LoRAConfig(_Strict):

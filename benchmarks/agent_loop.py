@@ -182,7 +182,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     assert pool.reset_prefix_cache()
     m0 = (engine.metrics.num_preemptions_total, pool.query_tokens, pool.hit_tokens)
     st = handle.store.stats
-    s0 = (st.swap_outs, st.swap_ins, st.drops, st.swap_in_failures, st.unpinned)
+    s0 = (st.swap_outs, st.swap_ins, st.drops, st.swap_in_failures, st.queued_evicted)
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
     async with AgentClient(handle.address) as client:
@@ -197,7 +197,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     q, h = pool.query_tokens - m0[1], pool.hit_tokens - m0[2]
     out.update(preemptions=engine.metrics.num_preemptions_total - m0[0], prefix_hit_rate=h / q if q else 0.0,
                swap_outs=st.swap_outs - s0[0], swap_ins=st.swap_ins - s0[1], drops=st.drops - s0[2],
-               swap_in_failures=st.swap_in_failures - s0[3], unpinned=st.unpinned - s0[4])
+               swap_in_failures=st.swap_in_failures - s0[3], queued_evicted=st.queued_evicted - s0[4])
     pool.enable_prefix_caching = True
     return out
 

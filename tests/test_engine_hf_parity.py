@@ -92,7 +92,8 @@ CONFIGS = {
     "chunk16": dict(max_num_batched_tokens=16, block_size=8),
     "no-prefix-cache": dict(enable_prefix_caching=False, max_num_batched_tokens=16),
     # 32 pages of 4 tokens hold the longest sequence but not all five: preemption must happen.
-    "preemption": dict(num_blocks=32, block_size=4, max_num_batched_tokens=24),
+    # decode_reserve_tokens=0: admission reserves no room for outputs, so decoding runs the pool dry.
+    "preemption": dict(num_blocks=32, block_size=4, max_num_batched_tokens=24, decode_reserve_tokens=0),
 }
 
 

@@ -21,36 +21,67 @@ class KVCache:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
-        # CPU swap space: [num_layers, 2, num_swap_blocks, block_size, Hkv, D], pinned when on CUDA.
+        # CPU swap space, slot-major ([num_swap_blocks, num_layers, 2, block_size, Hkv, D]) so that a run
+        # of consecutive slots is one contiguous host range: a swap is a few large DMA copies.
+        # Pinned on CUDA, so the copies are asynchronous on the stream (the step loop never waits).
         self.num_swap_blocks = num_swap_blocks
-        self.swap = torch.empty((num_layers, 2, num_swap_blocks, *shape[1:]), dtype=dtype,
+        self.swap = torch.empty((num_swap_blocks, num_layers, 2, *shape[1:]), dtype=dtype,
                                 pin_memory=device.type == "cuda" and num_swap_blocks > 0)
+        # Pages staged per device copy: bounds the transient device memory a swap needs (~64 MiB).
+        block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+        self.pages_per_copy = max(1, (64 << 20) // block_bytes)
+
+    def _index(self, ids: Sequence[int]) -> torch.Tensor:
+        """Page ids on the device without a host sync (a pageable copy would wait for the stream)."""
+        device = self.layers[0][0].device
+        host = torch.tensor(list(ids), dtype=torch.int64)
+        if device.type != "cuda":
+            return host
+        return host.pin_memory().to(device, non_blocking=True)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: page dst gets page src's contents in every layer."""
         if not pairs:
             return
-        device = self.layers[0][0].device
-        src = torch.tensor([p[0] for p in pairs], device=device)
-        dst = torch.tensor([p[1] for p in pairs], device=device)
+        src = self._index([p[0] for p in pairs])
+        dst = self._index([p[1] for p in pairs])
         for k, v in self.layers:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
 
+    def _runs(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> list[tuple[list[int], int, int]]:
+        """Splits a swap into (device pages, first slot, slot count) pieces of consecutive slots, each at
+        most pages_per_copy long."""
+        runs: list[tuple[list[int], int, int]] = []
+        i = 0
+        while i < len(swap_slots):
+            j = i + 1
+            while j < len(swap_slots) and j - i < self.pages_per_copy and swap_slots[j] == swap_slots[j - 1] + 1:
+                j += 1
+            runs.append((list(device_blocks[i:j]), swap_slots[i], j - i))
+            i = j
+        return runs
+
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
-        """Copies pages to CPU swap slots: one gather on the device and one device-to-host copy for
-        all layers (not one synchronous copy per layer and tensor)."""
-        dev = torch.tensor(list(device_blocks), device=self.layers[0][0].device)
-        staged = torch.stack([torch.stack([k.index_select(0, dev), v.index_select(0, dev)]) for k, v in self.layers])
-        self.swap[:, :, torch.tensor(list(swap_slots))] = staged.cpu()
+        """Copies pages to CPU swap slots: per run of consecutive slots, one gather on the device and
+        one device-to-host copy for all layers. Queued on the stream (pinned memory): pages freed
+        after this call are rewritten only by later work on the same stream, after the copy."""
+        device = self.layers[0][0].device
+        non_blocking = device.type == "cuda"
+        for blocks, first, count in self._runs(device_blocks, swap_slots):
+            idx = self._index(blocks)
+            staged = torch.stack([torch.stack((k.index_select(0, idx), v.index_select(0, idx)), dim=1)
+                                  for k, v in self.layers], dim=1)  # [n, L, 2, bs, Hkv, D]
+            self.swap[first:first + count].copy_(staged, non_blocking=non_blocking)
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
+        """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous:
+        a slot freed after this call is rewritten only by a later swap_out on the same stream)."""
         device = self.layers[0][0].device
-        dev = torch.tensor(list(device_blocks), device=device)
-        host = self.swap[:, :, torch.tensor(list(swap_slots))]
-        if device.type == "cuda":
-            host = host.pin_memory()
-        staged = host.to(device, non_blocking=True)  # one host-to-device copy, queued on the stream
-        for i, (k, v) in enumerate(self.layers):
-            k.index_copy_(0, dev, staged[i, 0])
-            v.index_copy_(0, dev, staged[i, 1])
+        non_blocking = device.type == "cuda"
+        for blocks, first, count in self._runs(device_blocks, swap_slots):
+            idx = self._index(blocks)
+            staged = self.swap[first:first + count].to(device, non_blocking=non_blocking)
+            for i, (k, v) in enumerate(self.layers):
+                k.index_copy_(0, idx, staged[:, i, 0])
+                v.index_copy_(0, idx, staged[:, i, 1])

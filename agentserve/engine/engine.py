@@ -160,17 +160,20 @@ class Engine:
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
                     prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
-                    retain_blocks: bool = False, share_prefix: bool = False) -> None:
+                    retain_blocks: bool = False, share_prefix: bool = False,
+                    admit_hook: Optional[AdmitHook] = None) -> None:
         """Queues a request. `prefix_block_table` hands in pages (a session's) already holding the KV
         of the first `num_prefix_computed` tokens; the engine takes over those references (with
-        share_prefix it takes its own, copy-on-write, and the caller keeps its references)."""
+        share_prefix it takes its own, copy-on-write, and the caller keeps its references).
+        `admit_hook` hands them in later, when the scheduler admits the request (sessions: a queued
+        turn holds no pages of its own, and its session may be swapped out until then)."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = self.validate(token_ids, params)
-        if params.n > 1 and (retain_blocks or prefix_block_table):
+        if params.n > 1 and (retain_blocks or prefix_block_table or admit_hook is not None):
             raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")
         grammar_future = self._submit_constraint(params) if params.has_constraint else None
         children = []
@@ -189,6 +192,7 @@ class Engine:
             leader.block_table = self.kv.fork_blocks(prefix_block_table) if share_prefix else list(prefix_block_table)
             leader.num_computed_tokens = num_prefix_computed
             leader.num_cached_tokens = num_prefix_computed
+        leader.admit_hook = admit_hook
         self.groups[request_id] = children
         self._prompts[request_id] = prompt_text
         if grammar_future is not None:

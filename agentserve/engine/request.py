@@ -107,6 +107,8 @@ class Request:
         # Pages handed in by the caller (a session's or a forked parent's): the request starts with
         # these `num_computed_tokens` already in place instead of asking the prefix cache.
         self.retain_blocks = False  # keep pages at finish for the caller (sessions) instead of freeing
+        # Called by the scheduler at admission to hand in the prefix's pages (scheduler.AdmitHook).
+        self.admit_hook: Any = None
 
         self.logprobs: Optional[list[PositionLogprobs]] = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0

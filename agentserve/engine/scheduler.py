@@ -3,17 +3,36 @@
 There are no prefill and decode phases: each scheduled request gets some number of new tokens
 (a decode is 1, a prefill chunk is up to the remaining budget). When pages run out, a running
 request is preempted by recompute (its pages freed, its computed count reset).
+
+Admission keeps preemption rare: a waiting request is admitted only when the free pages, less what
+the running requests will still claim (the rest of their prompts and up to `decode_reserve_tokens`
+of output), hold its whole prompt and that much output too. A long prompt admitted on the strength
+of its first chunk alone would otherwise run the pool dry halfway through its prefill and force the
+newest running request (often another long prompt, far into its prefill) out to recompute.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
 from agentserve.engine.request import Request, RequestStatus
+
+
+class AdmitHook(Protocol):
+    """Hands a waiting request the pages of its prefix when it is admitted, not before (a session's
+    turn: the session's pages, swapped back in if they were moved to CPU meanwhile)."""
+
+    def pages_to_restore(self) -> tuple[int, int]:
+        """(free pages the restore will take, pages the request will then start with)."""
+        ...
+
+    def restore(self, request: Request) -> None:
+        """Sets request.block_table / num_computed_tokens (or leaves them empty, to recompute)."""
+        ...
 
 
 @dataclass
@@ -36,13 +55,15 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
+        self.block_size = kv.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Called when a preempted request loses its pages (sessions may want to know).
         self.on_preempt: Optional[Callable[[Request], None]] = None
-        # Called when pages run out, before any running request is preempted: frees pages held by
-        # idle owners (sessions between turns) and returns how many it freed. Argument: pages wanted.
-        self.reclaim: Optional[Callable[[int], int]] = None
+        # Called when pages run out, before a running request is preempted or a waiting one is held
+        # back: frees pages held by idle owners (sessions between turns) and returns how many it
+        # freed. Arguments: pages wanted, the request asking (its own session is left alone).
+        self.reclaim: Optional[Callable[[int, Request], int]] = None
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -94,7 +115,36 @@ class Scheduler:
         if self.reclaim is None:
             return False
         wanted = self.kv.blocks_needed(request.num_computed_tokens + num_new) - len(request.block_table) + 1
-        return self.reclaim(max(wanted, 1)) > 0
+        return self.reclaim(max(wanted - self.kv.pool.num_free_blocks, 1), request) > 0
+
+    # --- admission ----------------------------------------------------------------------------------
+    def _target_blocks(self, request: Request) -> int:
+        """Pages the request is expected to hold: its prompt (and any output so far, after a
+        preemption) plus the next token, or up to decode_reserve_tokens of output."""
+        reserve = min(request.max_tokens, self.config.decode_reserve_tokens)
+        return self.kv.blocks_needed(max(request.num_tokens + 1, request.num_prompt_tokens + reserve))
+
+    def _outstanding_blocks(self) -> int:
+        """Pages the running requests will still claim to reach their targets."""
+        return sum(max(0, self._target_blocks(r) - len(r.block_table)) for r in self.running)
+
+    def _make_room(self, request: Request, need: int, outstanding: int) -> bool:
+        """Whether `need` pages are free beyond what running requests will claim, after asking idle
+        owners to give some back. With nothing running there is nobody to wait for: go ahead (the
+        chunk's own allocation decides)."""
+        short = need - (self.kv.pool.num_free_blocks - outstanding)
+        if short > 0 and self.reclaim is not None:
+            self.reclaim(short, request)
+            short = need - (self.kv.pool.num_free_blocks - outstanding)
+        return short <= 0 or not self.running
+
+    def _admission_need(self, request: Request, computed: list[int]) -> int:
+        pool = self.kv.pool
+        revived = sum(1 for b in computed if pool.ref_cnt(b) == 0)  # cached pages taken off the free list
+        table = request.block_table + computed
+        first_written = request.num_computed_tokens // self.block_size if not computed else len(table)
+        shared = sum(1 for b in table[first_written:] if pool.ref_cnt(b) > 1)  # copied on write
+        return revived + shared + max(0, self._target_blocks(request) - len(table))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -133,14 +183,27 @@ class Scheduler:
         if self.config.policy == "priority" and len(self.waiting) > 1:
             self.waiting = deque(sorted(self.waiting, key=self._priority_key))
         skipped: list[Request] = []
+        outstanding: Optional[int] = None  # computed once, only when something is waiting
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 skipped.append(self.waiting.popleft())  # its grammar is still compiling
                 continue
+            if outstanding is None:
+                outstanding = self._outstanding_blocks()
+            hook = request.admit_hook
+            if hook is not None:
+                to_take, start_pages = hook.pages_to_restore()
+                need = to_take + max(0, self._target_blocks(request) - start_pages) + 1  # +1: a COW copy
+                if not self._make_room(request, need, outstanding):
+                    break  # head-of-line waits for pages
+                request.admit_hook = None
+                hook.restore(request)
             computed: list[int] = []
             if not request.block_table:  # requests handed pages (sessions, forks) skip the lookup
                 computed = self.kv.get_computed_blocks(request)
+            if not self._make_room(request, self._admission_need(request, computed), outstanding):
+                break
             num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             copies = self.kv.allocate_slots(request, num_new, computed)
@@ -149,6 +212,7 @@ class Scheduler:
             if copies is None:
                 break  # head-of-line waits for pages
             self.waiting.popleft()
+            outstanding += max(0, self._target_blocks(request) - len(request.block_table))
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING

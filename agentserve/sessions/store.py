@@ -27,19 +27,20 @@ the session's tokens, messages and pages are exactly as before the turn (the tur
 copy-on-write references, which the abort frees). A turn the engine had already finished is kept
 whole. Either way no page leaks.
 
-Residency: between turns a session's pages are pinned. When the scheduler runs out of pages it calls
-`reclaim`, which takes pages from idle sessions before any running request is preempted: first the
-sessions past their expected-next-turn hint, then those without a hint, then those expected back
-soon, least recently used first within each group. An evicted session's pages are copied to CPU swap
-space (SWAPPED) — all of them when there are enough free slots, else all but the leading pages shared
-with other owners and findable by hash (a common system prompt) — or, when swap is full, dropped
-(EVICTED; their full pages stay findable by hash until reused, so the next turn recomputes only what
-is gone). The next turn swaps the session back in, reusing leading pages still in the prefix cache
-and copying the rest; when running requests hold the pages it needs, the turn waits for them (up to
-`swap_wait_s`, reported as Timing.swap_wait_ms) instead of dropping the copy and recomputing. As a
-last resort before preemption, turns that are queued but not running give back the session pages they
-were admitted with (they look their prefix up in the prefix cache when admitted); otherwise a pool
-full of queued turns' prefixes would deadlock.
+Residency: between turns a session's pages are pinned. A turn's request takes the session's pages
+only when the scheduler admits it (an admit hook, scheduler.AdmitHook): until then a queued turn
+holds nothing of its own, and the scheduler admits it only when its whole prompt fits next to what
+the running requests will claim, so running turns are rarely preempted. When pages run short the
+scheduler calls `reclaim`, which takes pages from sessions before anything running is touched: first
+idle sessions past their expected-next-turn hint, then those without a hint, then those expected
+back soon (least recently used first within each group), and last the sessions whose turn is queued
+but not admitted (the newest arrivals first). An evicted session's pages are copied to CPU swap
+space (SWAPPED) — all of them when there are enough free slots, else all but the leading pages
+shared with other owners and findable by hash (a common system prompt) — or, when swap is full,
+dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn recomputes
+only what is gone). At admission a swapped session is copied back in, reusing leading pages still in
+the prefix cache; its turn waits in the queue while running requests hold the pages it needs
+(Timing.swap_wait_ms) rather than dropping the copy and recomputing.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequence, TypeVar, Union
 
 from agentserve.cache.block_pool import compute_block_hashes
+from agentserve.cache.swap_slots import SwapSlots
 from agentserve.engine.async_engine import EngineDeadError
 from agentserve.engine.engine import InvalidRequestError
-from agentserve.engine.request import RequestOutput
+from agentserve.engine.request import Request, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions import render as R
 from agentserve.sessions.tool_calls import ReplyStream
@@ -96,12 +98,6 @@ class TurnCancelledError(SessionError):
     code = "CANCELLED"
 
 
-class _SwapInDeferred(Exception):
-    """The session's pages are in swap and the device has no room for them yet (running requests
-    hold it): the turn waits for pages rather than recomputing the session."""
-
-
-# --- events a turn yields ---------------------------------------------------------------------------
 @dataclass
 class TextEvent:
     text: str
@@ -182,7 +178,7 @@ class SessionStats:
     swap_ins: int = 0
     swap_in_failures: int = 0  # swapped, but the shared prefix was gone or no pages: recomputed
     drops: int = 0             # evicted without swap (full or no swap space)
-    unpinned: int = 0          # queued turns that gave their pages back (pool full of queued prefixes)
+    queued_evicted: int = 0    # sessions evicted while their turn was queued (the pool was short even so)
     rerenders: int = 0         # the template re-rendered history differently: re-tokenized
     expired: int = 0
     pages_swapped_out: int = 0
@@ -234,10 +230,9 @@ class PendingTurn:
     new_messages: list[dict[str, Any]]
     content_prefix: str
     params: SamplingParams
-    prefix_table: Optional[list[int]]
-    num_prefix_computed: int
     expected_next_turn_ms: float
     received_at: float
+    began_at: float = field(default_factory=time.monotonic)
     swap_in_ms: float = 0.0
     swap_wait_ms: float = 0.0
     swapped_in_tokens: int = 0
@@ -253,7 +248,7 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0, swap_wait_s: float = 10.0) -> None:
+                 expiry_interval: float = 1.0) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
         self.pool = engine.pool
@@ -263,10 +258,9 @@ class SessionStore:
         self.has_template = R.has_chat_template(self.tokenizer)
         self.default_ttl = default_ttl
         self.expiry_interval = expiry_interval
-        self.swap_wait_s = swap_wait_s  # longest a turn waits for pages to swap its session in
         self.sessions: dict[str, Session] = {}
         self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
-        self._free_slots: list[int] = list(range(self.kv_cache.num_swap_blocks - 1, -1, -1))
+        self._swap = SwapSlots(self.kv_cache.num_swap_blocks)
         self.stats = SessionStats()
         self._ids = itertools.count()
         self._expiry_task: Optional[asyncio.Task[None]] = None
@@ -293,7 +287,7 @@ class SessionStore:
 
     @property
     def num_free_swap_slots(self) -> int:
-        return len(self._free_slots)
+        return self._swap.num_free
 
     def residency_counts(self) -> dict[str, int]:
         """{"new", "resident", "swapped", "evicted": count}; safe to call from any thread."""
@@ -468,7 +462,7 @@ class SessionStore:
         s.state = SessionState.CLOSED
 
     def _free_swap(self, s: Session) -> None:
-        self._free_slots.extend(s.swap_slots)
+        self._swap.free(s.swap_slots)
         s.swap_slots = []
         s.swap_from = 0
 
@@ -523,65 +517,42 @@ class SessionStore:
                 if s is not exclude and s.busy is None and s.state is SessionState.RESIDENT and s.block_table]
         return sorted(idle, key=key)
 
-    def _reclaim(self, wanted: int, exclude: Optional[Session] = None) -> int:
-        """The scheduler's hook: `wanted` is the number of pages a request needs to allocate; idle
-        sessions give up pages until that many are free. Returns the pages freed."""
-        wanted = max(1, wanted - self.pool.num_free_blocks)
+    def _reclaim(self, wanted: int, request: Optional[Request] = None, exclude: Optional[Session] = None) -> int:
+        """The scheduler's hook: frees up to `wanted` pages (at least that many if it can) by evicting
+        sessions; the session of `request` (the one asking) is left alone. Returns the pages freed."""
+        if request is not None and exclude is None:
+            asking = self._pending.get(request.parent_id)
+            exclude = asking.session if asking is not None else None
         freed = 0
-        order = self._eviction_order(exclude)
-        # First the sessions whose eviction frees pages now; then, if that was not enough, the ones
-        # whose pages are all shared (dropping their references lets the other owners' pages go).
+        # Idle sessions, then sessions whose turn is still queued (they get their pages back at
+        # admission, from swap). First the sessions whose eviction frees pages now; then, if that was
+        # not enough, the ones whose pages are all shared (dropping their references lets the other
+        # owners' pages go).
+        order = self._eviction_order(exclude) + self._queued_turn_sessions(exclude)
         for zero_gain_pass in (False, True):
             for s in order:
                 if freed >= wanted:
                     return freed
-                if s.state is not SessionState.RESIDENT:
+                if s.state is not SessionState.RESIDENT or not s.block_table:
                     continue
                 exclusive = sum(1 for b in s.block_table if self.pool.ref_cnt(b) == 1)
                 if exclusive == 0 and not zero_gain_pass:
                     continue
                 freed += self._evict(s)
-        if freed < wanted and exclude is None:
-            freed += self._unpin_waiting_turns(wanted - freed)
+                self.stats.queued_evicted += s.busy is not None
         return freed
 
-    def _unpin_waiting_turns(self, wanted: int) -> int:
-        """Last resort, before the scheduler preempts running requests: turns that are queued but not
-        running (admitted with the session's pages, or preempted) give up those pages. Without this,
-        a pool full of the prefixes of queued turns would deadlock: nothing runs, and their busy
-        sessions cannot be evicted. The queued request forgets its pages (it will look its prefix up
-        in the prefix cache when admitted) and the session drops its references (EVICTED; a rolled
-        back turn leaves it to recompute). The head of the queue is spared: it is the request asking."""
-        from agentserve.engine.request import RequestStatus
-
-        sched = self.engine.scheduler
-        queued = list(sched.waiting)[1:]
-        freed = 0
-        for req in reversed(queued):  # the newest arrivals first
-            if freed >= wanted:
-                break
+    def _queued_turn_sessions(self, exclude: Optional[Session]) -> list[Session]:
+        """Resident sessions whose turn waits in the queue without its pages yet, newest arrival first."""
+        queued = []
+        for req in reversed(self.engine.scheduler.waiting):
             pending = self._pending.get(req.parent_id)
-            if pending is None or req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED,
-                                                     RequestStatus.WAITING_FOR_GRAMMAR):
+            if pending is None or req.admit_hook is None:
                 continue
             s = pending.session
-            tables = [req.block_table, s.block_table]
-            before = self.pool.num_free_blocks
-            if req.block_table:
-                self.engine.kv.free(req)
-                req.num_computed_tokens = 0
-                req.num_cached_tokens = -1  # recounted from the prefix cache at admission
-            if s.block_table:
-                self.pool.free(s.block_table)
-                s.block_table = []
-            if s.state in (SessionState.RESIDENT, SessionState.SWAPPED):
-                self._free_swap(s)
-                s.state = SessionState.EVICTED
-                s.num_computed = 0
-            if any(tables):
-                self.stats.unpinned += 1
-            freed += self.pool.num_free_blocks - before
-        return freed
+            if s is not exclude and s.state is SessionState.RESIDENT and s.block_table:
+                queued.append(s)
+        return queued
 
     def _evict(self, s: Session) -> int:
         """Swaps the session's pages out to CPU (all of them when swap has room; else all but the
@@ -592,17 +563,17 @@ class SessionStore:
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
         swap_from: Optional[int] = None
         if self.num_swap_slots > 0:
-            if len(table) <= len(self._free_slots):
+            if len(table) <= self._swap.num_free:
                 swap_from = 0
             else:
                 k = 0
                 while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
                        and self.pool.blocks[table[k]].block_hash is not None):
                     k += 1
-                if len(table) - k <= len(self._free_slots):
+                if len(table) - k <= self._swap.num_free:
                     swap_from = k
         if swap_from is not None:
-            slots = [self._free_slots.pop() for _ in range(len(table) - swap_from)]
+            slots = self._swap.allocate(len(table) - swap_from)
             if slots:
                 self.kv_cache.swap_out(table[swap_from:], slots)
             s.swap_slots = slots
@@ -629,18 +600,14 @@ class SessionStore:
             self.pool.hit_tokens -= len(hits) * self.block_size  # a probe, not a prefix-cache query
         return hashes, hits, num_full
 
-    def _swap_in_fits(self, s: Session) -> bool:
-        """Whether a swap-in can get its pages now (evicting idle sessions if needed). True as well
-        when it cannot succeed at all (the pages left to the prefix cache are gone): no use waiting."""
+    def _restore_cost(self, s: Session) -> tuple[int, int]:
+        """(free pages a swap-in of `s` takes, pages it then holds); (0, 0) when the swap-in cannot work
+        (pages left to the prefix cache are gone: the turn recomputes)."""
         _, hits, _ = self._swap_in_plan(s, count=False)
         if len(hits) < s.swap_from:
-            return True
-        def need() -> int:
-            return s.swap_from + len(s.swap_slots) - len(hits) + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
-
-        if need() > self.pool.num_free_blocks:
-            self._reclaim(need(), exclude=s)
-        return need() <= self.pool.num_free_blocks
+            return 0, 0
+        total = s.swap_from + len(s.swap_slots)
+        return total - len(hits) + sum(1 for b in hits if self.pool.ref_cnt(b) == 0), total
 
     def _swap_in(self, s: Session) -> bool:
         """Restores a swapped session's pages: leading full pages still in the prefix cache are
@@ -655,7 +622,7 @@ class SessionStore:
             return copy + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
 
         if ok and need() > self.pool.num_free_blocks:
-            self._reclaim(need(), exclude=s)
+            self._reclaim(need() - self.pool.num_free_blocks, exclude=s)
         if not ok or need() > self.pool.num_free_blocks:
             self._free_swap(s)
             s.state = SessionState.EVICTED
@@ -678,9 +645,10 @@ class SessionStore:
 
     # --- turns ----------------------------------------------------------------------------------------
     def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float, may_wait: bool = False) -> PendingTurn:
-        """Step thread. Builds the turn's prompt, validates it, restores the session's pages and marks
-        the session busy. Nothing about the session changes when this raises."""
+                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
+        """Step thread. Builds the turn's prompt, validates it and marks the session busy (its pages
+        go to the turn's request at admission, `_admit`). Nothing about the session changes when
+        this raises."""
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
@@ -713,31 +681,39 @@ class SessionStore:
 
         prefix = "" if s.raw_tokens else R.assistant_content_prefix(self.tokenizer, s.messages + new, s.tools,
                                                                        prompt_text)
-        if may_wait and s.state is SessionState.SWAPPED and not self._swap_in_fits(s):
-            raise _SwapInDeferred()
         self.stats.rerenders += rerendered
         pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
                               prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
                               content_prefix=prefix, params=params,
-                              prefix_table=None, num_prefix_computed=0,
                               expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
-        s.busy = pending  # from here on, reclaim leaves the session alone
+        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        if keep < s.num_computed:
+            # Keep only the KV of the common prefix (the pages past it are released).
+            if s.state is SessionState.RESIDENT:
+                pages = -(-keep // self.block_size)
+                self.pool.free(s.block_table[pages:])
+                s.block_table = s.block_table[:pages]
+                s.num_computed = keep
+            elif s.state is SessionState.SWAPPED:  # rare (a re-render of a swapped session): recompute
+                self._free_swap(s)
+                s.state = SessionState.EVICTED
+                s.num_computed = 0
+        self._pending[pending.request_id] = pending
+        return pending
+
+    def _admit(self, pending: PendingTurn, request: Request) -> None:
+        """Step thread (the scheduler's admit hook): the turn's request takes its own copy-on-write
+        references to the session's pages, after swapping them back in if they were moved out."""
+        s = pending.session
         if s.state is SessionState.SWAPPED:
+            pending.swap_wait_ms = (time.monotonic() - pending.began_at) * 1e3
             t0 = time.perf_counter()
             if self._swap_in(s):
                 pending.swapped_in_tokens = s.num_computed
             pending.swap_in_ms = (time.perf_counter() - t0) * 1e3
-        if s.state is SessionState.RESIDENT and keep < s.num_computed:
-            # Keep only the KV of the common prefix (the pages past it are released).
-            pages = -(-keep // self.block_size)
-            self.pool.free(s.block_table[pages:])
-            s.block_table = s.block_table[:pages]
-            s.num_computed = keep
         if s.state is SessionState.RESIDENT and s.num_computed > 0:
-            pending.prefix_table = list(s.block_table)
-            pending.num_prefix_computed = s.num_computed
-        self._pending[pending.request_id] = pending
-        return pending
+            request.block_table = self.engine.kv.fork_blocks(s.block_table)
+            request.num_computed_tokens = request.num_cached_tokens = s.num_computed
 
     def _on_retained(self, out: RequestOutput) -> None:
         """Engine hook (step thread): a turn finished; the session adopts the turn's pages."""
@@ -812,21 +788,8 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        wait_until = time.monotonic() + self.swap_wait_s
-        waited_from: Optional[float] = None
-        while True:
-            try:
-                pending = await self._run(lambda: self._begin_turn(
-                    session_id, messages, params, expected_next_turn_ms, received_at,
-                    may_wait=time.monotonic() < wait_until))
-                break
-            except _SwapInDeferred:
-                # Running requests hold the pages the session needs: restoring it once they finish
-                # beats recomputing it (which would need the same pages anyway).
-                waited_from = waited_from or time.monotonic()
-                await asyncio.sleep(0.01)
-        if waited_from is not None:
-            pending.swap_wait_ms = (time.monotonic() - waited_from) * 1e3
+        pending = await self._run(lambda: self._begin_turn(
+            session_id, messages, params, expected_next_turn_ms, received_at))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
@@ -863,8 +826,7 @@ class SessionStore:
         s = pending.session
         kwargs: dict[str, Any] = dict(retain_blocks=True, share_prefix=True, priority=priority,
                                       cache_salt=s.cache_salt, lora_name=s.adapter)
-        if pending.prefix_table:
-            kwargs.update(prefix_block_table=pending.prefix_table, num_prefix_computed=pending.num_prefix_computed)
+        kwargs["admit_hook"] = _TurnAdmission(self, pending)
         reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)
         try:
@@ -919,3 +881,22 @@ class SessionStore:
         return TurnResult(message=pending.result_message, finish_reason=comp.finish_reason or "stop", usage=usage,
                           timing=timing, token_ids=list(comp.token_ids),
                           prompt_token_ids=list(pending.prompt_token_ids), session=pending.snapshot)
+
+
+class _TurnAdmission:
+    """scheduler.AdmitHook for a session turn (runs on the step thread, inside schedule())."""
+
+    def __init__(self, store: SessionStore, pending: PendingTurn) -> None:
+        self.store = store
+        self.pending = pending
+
+    def pages_to_restore(self) -> tuple[int, int]:
+        s = self.pending.session
+        if s.state is SessionState.RESIDENT:
+            return 0, len(s.block_table)
+        if s.state is SessionState.SWAPPED:
+            return self.store._restore_cost(s)
+        return 0, 0
+
+    def restore(self, request: Request) -> None:
+        self.store._admit(self.pending, request)

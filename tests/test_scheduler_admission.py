@@ -1,0 +1,56 @@
+"""Admission control: a waiting request is admitted only when its whole prompt (plus some output)
+fits next to what running requests will still claim, so long prompts queue instead of forcing
+running ones out to recompute. Outputs are the same either way."""
+
+from __future__ import annotations
+
+from agentserve import SamplingParams
+from agentserve.engine.engine import Engine
+from agentserve.testing import tiny_model_cached
+
+# 40 pages of 8 tokens = 320 tokens; a request needs 13 pages for its 100-token prompt and 16 once it
+# has its 24 output tokens: three prompts fit, three finished requests do not. A 64-token budget
+# admits a prompt chunk by chunk.
+POOL = dict(device="cpu", max_model_len=256, num_blocks=40, block_size=8, max_num_batched_tokens=64)
+
+
+def run_batch(decode_reserve_tokens: int) -> tuple[list[list[int]], int]:
+    engine = Engine.from_kwargs(str(tiny_model_cached("llama")), decode_reserve_tokens=decode_reserve_tokens,
+                                enable_prefix_caching=False, **POOL)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for i in range(6):
+        engine.add_request(f"r{i}", [(7 * i + 3 * j) % 200 + 5 for j in range(100)], params)
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+    engine.pool.check_all_free()
+    return [outputs[f"r{i}"] for i in range(6)], engine.metrics.num_preemptions_total
+
+
+def test_admission_reserve_avoids_preemption_with_identical_outputs() -> None:
+    reserved, preempted_reserved = run_batch(decode_reserve_tokens=256)
+    greedy_chunks, preempted_greedy = run_batch(decode_reserve_tokens=0)
+    assert preempted_reserved == 0
+    # Without the output reserve, three prompts are admitted and their decoding runs the pool dry.
+    assert preempted_greedy > 0
+    assert reserved == greedy_chunks and all(len(t) == 24 for t in reserved)
+
+
+def test_head_of_line_waits_while_running_requests_hold_the_pool() -> None:
+    engine = Engine.from_kwargs(str(tiny_model_cached("llama")), enable_prefix_caching=False, **POOL)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", [(5 * i + j) % 200 + 5 for j in range(120)], params)
+    engine.step()
+    # 120-token prompts with 24 outputs need 18 pages each: two fit in 40, the third waits (it would
+    # fit on its first chunk alone).
+    for _ in range(4):
+        engine.step()
+        assert engine.scheduler.num_running <= 2
+    assert engine.scheduler.num_running == 2 and engine.scheduler.num_waiting == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.metrics.num_preemptions_total == 0
+    engine.pool.check_all_free()
