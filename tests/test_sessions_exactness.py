@@ -324,3 +324,36 @@ def test_swapped_session_waits_for_pages_instead_of_recomputing() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+def test_queued_turns_sessions_yield_to_the_head_of_the_queue() -> None:
+    # Three resident sessions fill most of the pool, then all three send a long turn at once. No
+    # session is idle, so the head of the queue gets its pages from the sessions whose turns wait
+    # behind it (swapped out, and back in when their own turn is admitted): nothing is preempted and
+    # every turn stays exact.
+    aeng = make_engine(num_blocks=48, max_model_len=768, swap_space_gb=swap_gb_for("qwen2", 64))
+    pool = aeng.engine.pool
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            sessions = [await client.create_session([SYSTEM]) for _ in range(3)]
+            first = [await s.run_turn([{"role": "user", "content": f"Agent {i}: " + "plan the next step; " * 20}],
+                                      **GREEDY) for i, s in enumerate(sessions)]
+            held = sum([(await s.refresh()).num_pages for s in sessions])
+            assert held > pool.num_blocks // 2
+            preempted = aeng.engine.metrics.num_preemptions_total
+            long_turn = [{"role": "tool", "tool_call_id": "c1", "content": "row, " * 90}]
+            second = await asyncio.gather(*(s.run_turn(long_turn, **GREEDY) for s in sessions))
+            assert handle.store.stats.queued_evicted >= 1
+            assert aeng.engine.metrics.num_preemptions_total == preempted
+            assert any(t.done.usage.swapped_in_tokens > 0 for t in second)
+            for f, t in zip(first, second):  # restored from swap, never recomputed: all but the new tokens cached
+                assert t.done.usage.cached_tokens == len(f.done.prompt_token_ids) + len(f.token_ids) - 1
+            for s in sessions:
+                await s.close()
+        _check_exact(first + list(second), tools=None)
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()
