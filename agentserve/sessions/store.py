@@ -35,8 +35,8 @@ scheduler calls `reclaim`, which takes pages from sessions before anything runni
 idle sessions past their expected-next-turn hint, then those without a hint, then those expected
 back soon (least recently used first within each group), and last the sessions whose turn is queued
 but not admitted (the newest arrivals first). An evicted session's pages are copied to CPU swap
-space (SWAPPED) — all of them when there are enough free slots, else all but the leading pages
-shared with other owners and findable by hash (a common system prompt) — or, when swap is full,
+space (SWAPPED) — all but the leading pages that other owners still hold and that are findable by
+hash (a common system prompt and tools, left to the prefix cache) — or, when swap is full,
 dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn recomputes
 only what is gone). At admission a swapped session is copied back in, reusing leading pages still in
 the prefix cache; its turn waits in the queue while running requests hold the pages it needs
@@ -555,23 +555,21 @@ class SessionStore:
         return queued
 
     def _evict(self, s: Session) -> int:
-        """Swaps the session's pages out to CPU (all of them when swap has room; else all but the
-        leading pages shared with other owners and findable by hash, a common preamble, which the
-        swap-in then looks up in the prefix cache), or drops them when swap is full. Returns the
-        pages freed on the device."""
+        """Swaps the session's pages out to CPU, or drops them when swap is full. Leading pages that
+        other owners still hold and that are findable by hash (a common system prompt and tools) stay
+        on the device: the swap-in finds them in the prefix cache, and a preamble shared by many
+        agents is neither copied out and back on every eviction nor stored in swap once per agent.
+        Returns the pages freed on the device."""
         table = s.block_table
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
         swap_from: Optional[int] = None
         if self.num_swap_slots > 0:
-            if len(table) <= self._swap.num_free:
-                swap_from = 0
-            else:
-                k = 0
-                while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
-                       and self.pool.blocks[table[k]].block_hash is not None):
-                    k += 1
-                if len(table) - k <= self._swap.num_free:
-                    swap_from = k
+            k = 0
+            while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
+                   and self.pool.blocks[table[k]].block_hash is not None):
+                k += 1
+            if len(table) - k <= self._swap.num_free:
+                swap_from = k
         if swap_from is not None:
             slots = self._swap.allocate(len(table) - swap_from)
             if slots:
