@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pydantic import ValidationError
@@ -88,8 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    sys.argv = [args.script, *args.rest]
-    runpy.run_path(args.script, run_name="__main__")
+    script = args.script
+    if not Path(script).exists() and (Path("benchmarks") / script).exists():
+        script = str(Path("benchmarks") / script)
+    sys.argv = [script, *args.rest]
+    runpy.run_path(script, run_name="__main__")
     return 0
 
 
@@ -119,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="qwen2")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    p.add_argument("script")
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (default: fastpath.py, the GPU "
+                                     "fast-path figures with their limits)")
+    p.add_argument("script", nargs="?", default="benchmarks/fastpath.py")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
