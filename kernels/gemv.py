@@ -76,9 +76,11 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
     (32 registers per thread at 4 warps); BLOCK_N shrinks until there are TARGET_PROGRAMS_PER_SM
     programs per SM, so enough loads are in flight per SM to cover HBM latency without split-K."""
     want = TARGET_PROGRAMS_PER_SM * sms
+    # The tiles depend on the kernel kind only, not on M (and M is not a specialised argument):
+    # every M of a kind runs one compiled kernel, which _precompile builds before graph capture.
     if m <= FMA_MAX_M:
         block_n = 32
-        while block_n > 2 and m * cdiv(n, block_n) < want:
+        while block_n > 2 and cdiv(n, block_n) < want:
             block_n //= 2
         block_k = min(max(64, next_pow2(k)), 4096 // block_n)
         return GemvConfig("fma", block_n, block_k, num_warps=4, num_stages=1)
@@ -89,7 +91,9 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
     return GemvConfig("dot", block_n, min(block_k, max(16, next_pow2(k))), num_warps=4, num_stages=4)
 
 
-@triton.jit
+# M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
+# every batch size of a CUDA-graph capture.
+@triton.jit(do_not_specialize=["M"])
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -121,7 +125,7 @@ def _gemv_fma_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -195,6 +199,24 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out.view(*lead, n)
 
 
+_precompiled: set[tuple] = set()
+
+
+def _precompile(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Compile and load both kernels for this weight shape on its first (uncaptured) call.
+
+    The model runner warms up only batch 1 and its largest batch before capturing the decode
+    graphs; the sizes in between (2, 4, 8) could otherwise reach a kernel kind never launched
+    before, and Triton's compile and module load must not happen inside stream capture."""
+    key = (weight.shape, weight.dtype, bias is not None, x.device)
+    if key in _precompiled or torch.cuda.is_current_stream_capturing():
+        return
+    _precompiled.add(key)
+    limit = MAX_M if _mode == "triton" else AUTO_MAX_M
+    for m in sorted({1, min(FMA_MAX_M + 1, limit)}):
+        gemv_triton(torch.zeros(m, weight.shape[1], dtype=x.dtype, device=x.device), weight, bias)
+
+
 def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Python-only decision (device type, dtype, shapes, a module global): graph-capture safe."""
     if _mode == "torch" or not triton_enabled_for(x):
@@ -208,5 +230,6 @@ def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, or the Triton GEMV for small-M 16-bit CUDA calls when the mode says so."""
     if use_triton_gemv(x, weight):
+        _precompile(x, weight, bias)
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)
