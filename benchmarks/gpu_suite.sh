@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels]
+# kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
+# the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
+# about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
+# KERNELS_LATENCY=1 adds benchmarks/latency.py for both GEMV modes.
 # Installs the offline wheels (.whl/, from ../shared/gpu/wheels.sh), runs `pytest -m gpu`, then every
 # benchmark; JSON goes under $OUT (default benchmarks/out), a summary table is printed last.
 set -uo pipefail
@@ -16,9 +20,21 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n 40; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
+if [ "$MODE" = kernels ]; then
+  run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu.py \
+    tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"
+  run kernels-gemv python3 benchmarks/kernels.py --only gemv,elementwise --out "$OUT/kernels_gemv.json"
+  for mode in torch triton; do
+    AGENTSERVE_GEMV=$mode run "step-profile-gemv-$mode" python3 benchmarks/step_profile.py $DUMMY --batch 1 --steps 200
+  done
+  for mode in ${KERNELS_LATENCY:+torch triton}; do  # opt-in (KERNELS_LATENCY=1): ~2 more minutes
+    AGENTSERVE_GEMV=$mode run "latency-gemv-$mode" python3 benchmarks/latency.py $DUMMY --repeats 2 \
+      --out "$OUT/latency_gemv_$mode.json"
+  done
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
-  run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
+  run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
   run kernels python3 benchmarks/kernels.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
 fi

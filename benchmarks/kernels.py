@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                 # full run, table on stdout, JSON to --out
     python benchmarks/kernels.py --no-sweep      # skip the tile-config sweep
+    python benchmarks/kernels.py --only gemv,elementwise   # just those sections (decode,prefill,elementwise,gemv,sweep)
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, checks the script runs
 
 Reports:
@@ -16,7 +17,9 @@ Reports:
   causally: query at position p costs 4 * head_dim * (p + 1) per head (QK^T and PV), nothing for
   masked-out keys;
 - rms_norm(+residual), silu_and_mul, rotary and write_kv bandwidth (bytes each kernel must move)
-  next to the torch reference's time;
+  next to the torch reference's time, and the fused rotary + KV write against rotary then write_kv;
+- gemv: the Triton GEMV/skinny GEMM against F.linear (cuBLAS) on the 8B decode projections at
+  M = 1/2/4/8 and the per-step linear-layer total (benchmarks/gemv_section.py);
 - a tile sweep (decode BLOCK_N x num_stages, prefill BLOCK_M x BLOCK_N x warps x stages).
 
 Timing: triton.testing.do_bench, median, L2 flushed before each run (so KV comes from HBM).
@@ -34,9 +37,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from agentserve.kernels import activation, kv_write, rmsnorm, rotary
+from agentserve.kernels import activation, kv_write, rmsnorm, rope_kv_write, rotary
 from agentserve.kernels import paged_attention as pa
 from agentserve.kernels._triton_utils import HAS_TRITON, num_sms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gemv_section  # noqa: E402
 
 PEAK_BW_TBS = 3.0        # H100 SXM HBM3, measured copy bandwidth (issue 3)
 PEAK_TFLOPS = 781.0      # H100 SXM bf16 dense matmul, measured (issue 3)
@@ -227,6 +233,12 @@ def bench_elementwise(timer: Timer, shape: Shape, tokens_list: list[int], hidden
             ("write_kv", 4 * tokens * hkv * d * esize + tokens * 8,
              lambda: kv_write.write_kv_triton(k, v, k_cache, v_cache, slots),
              lambda: kv_write.write_kv_ref(k, v, k_cache, v_cache, slots)),
+            # Fused: q in place + k, v straight into the pages. "ref" here is the unfused Triton
+            # pair (rotary then write_kv), i.e. what the model ran before: the speedup is the gain.
+            ("rotary+write_kv fused", (2 * tokens * hq * d + 4 * tokens * hkv * d) * esize + tokens * (d * 4 + 16),
+             lambda: rope_kv_write.rope_and_write_kv_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slots),
+             lambda: (rotary.apply_rotary_triton(q, k, positions, cos_sin),
+                      kv_write.write_kv_triton(k, v, k_cache, v_cache, slots))),
         ]
         for name, nbytes, fn, ref in cases:
             t = timer.ms(fn)
@@ -321,6 +333,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=default_out, help="JSON results path (default: $OUT/kernels.json)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweep")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1 works)")
+    parser.add_argument("--only", default="decode,prefill,elementwise,gemv,sweep",
+                        help="comma-separated sections to run (decode,prefill,elementwise,gemv,sweep)")
     parser.add_argument("--peak-bw", type=float, default=PEAK_BW_TBS, help="HBM ceiling, TB/s")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="bf16 dense ceiling, TFLOP/s")
     args = parser.parse_args(argv)
@@ -358,23 +372,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         tokens_list, hidden, inter = [1, 64, 4096], 4096, 14336
 
     print(f"== {report['device']}  ({sms} SMs)  torch {torch.__version__}  triton {triton.__version__}")
-    print("== decode attention (achieved KV bandwidth)")
-    decode_rows = bench_decode(timer, shapes[0], batches, contexts, split_counts, sms, device)
-    for shape in side_shapes:  # crossover check on other head layouts, fewer points
-        decode_rows += bench_decode(timer, shape, [1, 16, 64], [1024, 4096], split_counts, sms, device)
-    report["decode"] = decode_rows
-    report["split_crossover"] = split_crossover(decode_rows)
+    sections = set(args.only.split(","))
+    decode_rows: list[dict[str, Any]] = []
+    prefill_rows: list[dict[str, Any]] = []
+    report["elementwise"] = []
+    report["split_crossover"] = {}
+    if "decode" in sections:
+        print("== decode attention (achieved KV bandwidth)")
+        decode_rows = bench_decode(timer, shapes[0], batches, contexts, split_counts, sms, device)
+        for shape in side_shapes:  # crossover check on other head layouts, fewer points
+            decode_rows += bench_decode(timer, shape, [1, 16, 64], [1024, 4096], split_counts, sms, device)
+        report["decode"] = decode_rows
+        report["split_crossover"] = split_crossover(decode_rows)
 
-    print("== prefill attention (causal TFLOP/s)")
-    prefill_rows = bench_prefill(timer, shapes[0], prefill_cases(args.smoke), device)
-    for shape in side_shapes:
-        prefill_rows += bench_prefill(timer, shape, prefill_cases(args.smoke)[:1], device)
-    report["prefill"] = prefill_rows
+    if "prefill" in sections:
+        print("== prefill attention (causal TFLOP/s)")
+        prefill_rows = bench_prefill(timer, shapes[0], prefill_cases(args.smoke), device)
+        for shape in side_shapes:
+            prefill_rows += bench_prefill(timer, shape, prefill_cases(args.smoke)[:1], device)
+        report["prefill"] = prefill_rows
 
-    print("== elementwise kernels (bytes moved / time)")
-    report["elementwise"] = bench_elementwise(timer, shapes[0], tokens_list, hidden, inter, device)
+    if "elementwise" in sections:
+        print("== elementwise kernels (bytes moved / time)")
+        report["elementwise"] = bench_elementwise(timer, shapes[0], tokens_list, hidden, inter, device)
 
-    if not args.no_sweep:
+    if "gemv" in sections:
+        print("== gemv: Triton vs F.linear (cuBLAS) on the decode projections")
+        report["gemv"] = gemv_section.bench_gemv(timer.ms, device, PEAK_BW_TBS, smoke=args.smoke)
+
+    if not args.no_sweep and "sweep" in sections:
         print("== tile sweep")
         report["sweep"] = bench_sweep(timer, shapes[0], device, args.smoke)
 
@@ -391,6 +417,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in report["elementwise"]:
         label = f"{r['kernel']} T={r['tokens']}"
         print(f"{label:58s} {r['tbs']:10.2f}TB/s {PEAK_BW_TBS:8.1f}TB/s {r['tbs']/PEAK_BW_TBS:7.1%}")
+    if "gemv" in report:
+        gemv_section.print_summary(report["gemv"], PEAK_BW_TBS)
     print("\n== split-KV crossover (shortest context where the best split beats unsplit by >5%)")
     for key, entry in report["split_crossover"].items():
         best = {c: v["best_splits"] for c, v in entry["contexts"].items()}

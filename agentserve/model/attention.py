@@ -1,4 +1,5 @@
-"""Paged attention for one layer: write this step's K/V into pages, attend over the pages.
+"""Paged attention for one layer: attend over the pages (the step's K/V are already written there
+by the fused rotary + KV-write kernel, see Attention.forward in llama.py).
 
 The backend (torch reference or Triton) is picked inside the kernels' dispatchers by device; this
 module only carries the per-step metadata the model runner builds."""
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from agentserve.kernels.kv_write import write_kv
 from agentserve.kernels.paged_attention import paged_attention
 
 
@@ -23,8 +23,7 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-def paged_attention_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+def paged_attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                            scale, meta.max_query_len, meta.max_seq_len)

@@ -1,4 +1,4 @@
-"""Plain building blocks: RMSNorm, rotary tables (incl. llama3 scaling), the gated MLP."""
+"""Plain building blocks: Linear, RMSNorm, rotary tables (incl. llama3 scaling), the gated MLP."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from agentserve.kernels.activation import silu_and_mul
+from agentserve.kernels.gemv import linear
 from agentserve.kernels.rmsnorm import rms_norm
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose forward may take the Triton GEMV
+    for small-M decode calls; AGENTSERVE_GEMV=torch|triton|auto decides (see kernels/gemv.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +67,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from agentserve.kernels.rotary import apply_rotary
+from agentserve.kernels.rope_kv_write import rope_and_write_kv
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import AttentionMetadata, paged_attention_layer
-from agentserve.model.layers import GatedMLP, RMSNorm
+from agentserve.model.layers import GatedMLP, Linear, RMSNorm
 
 
 class Attention(nn.Module):
@@ -25,8 +25,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -37,11 +37,13 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)[0]
-            k = self.k_norm(k)[0]
-        q, k = apply_rotary(q, k, positions, cos_sin)
-        out = paged_attention_layer(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        # [Qwen3 per-head q/k RMSNorm,] rotary, and the K/V write into the pages: one kernel.
+        q_norm_w = self.q_norm.weight if self.q_norm is not None else None
+        k_norm_w = self.k_norm.weight if self.k_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q = rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                              q_norm_w, k_norm_w, eps)
+        out = paged_attention_layer(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -69,7 +71,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
