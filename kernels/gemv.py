@@ -17,10 +17,11 @@ Neither splits K: BLOCK_N is chosen small enough that N / BLOCK_N fills the SMs 
 weight rows / x rows are clamped onto the last valid row instead of masked, so the hot loads stay
 unmasked and vectorised (16-byte loads along K) whenever K is a multiple of BLOCK_K.
 
-Dispatch (`linear`): AGENTSERVE_GEMV=torch (default until measured) | triton | auto, or
-set_gemv_mode(). "triton" uses these kernels for every CUDA 16-bit call with M <= MAX_M;
-"auto" only where the GPU benchmark (benchmarks/kernels.py, section "gemv") found them faster:
-M <= AUTO_MAX_M. fp32 always goes to F.linear (exactness tests compare against it). Launch
+Dispatch (`linear`): AGENTSERVE_GEMV=auto (default) | torch | triton, or set_gemv_mode().
+"triton" uses these kernels for every CUDA 16-bit call with M <= MAX_M; "auto" only where the
+H100 benchmark (benchmarks/kernels.py, section "gemv", RESULTS.md 2026-11-23) found them faster
+than cuBLAS: M == 1 (the tuned fma tiles beat cuBLAS on every Llama-3.1-8B projection, ~9% over a
+step's linear layers; at M = 2..8 cuBLAS was as fast or faster). fp32 always goes to F.linear (exactness tests compare against it). Launch
 decisions read shapes only: no host syncs, no allocations beyond the output, so the calls can be
 captured in CUDA graphs."""
 
@@ -36,12 +37,12 @@ import torch.nn.functional as F
 from ._triton_utils import cdiv, next_pow2, num_sms, tl, triton, triton_enabled_for
 
 _MODES = ("torch", "triton", "auto")
-_mode: str = os.environ.get("AGENTSERVE_GEMV", "torch")
+_mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
 if _mode not in _MODES:
-    _mode = "torch"
+    _mode = "auto"
 
 MAX_M: int = 16          # largest M the kernels handle ("dot" pads M to 16)
-AUTO_MAX_M: int = 8      # "auto" uses Triton up to this M (revisit with the GPU benchmark)
+AUTO_MAX_M: int = 1      # "auto" uses Triton up to this M (measured: see the module docstring)
 FMA_MAX_M: int = 2       # "fma" up to this M, "dot" above (revisit with the GPU benchmark)
 TARGET_PROGRAMS_PER_SM: int = 4
 
@@ -78,6 +79,14 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
     want = TARGET_PROGRAMS_PER_SM * sms
     # The tiles depend on the kernel kind only, not on M (and M is not a specialised argument):
     # every M of a kind runs one compiled kernel, which _precompile builds before graph capture.
+    if m <= FMA_MAX_M and k % 2048 == 0:
+        # Measured best on the H100 at M = 1 for every 8B projection (qkv, o, gate_up, lm_head:
+        # 4 rows x 2048, 8 warps; the long-K down projection: 2 rows x 2048, 4 warps).
+        if k >= 8192:
+            return GemvConfig("fma", 2, 2048, num_warps=4, num_stages=1)
+        return GemvConfig("fma", 4, 2048, num_warps=8, num_stages=1)
+    if m <= FMA_MAX_M and k % 512 == 0:
+        return GemvConfig("fma", 16, 512, num_warps=8, num_stages=1)  # measured best for K = 3584
     if m <= FMA_MAX_M:
         block_n = 32
         while block_n > 2 and cdiv(n, block_n) < want:
