@@ -38,6 +38,9 @@ class SchedulerConfig(_Strict):
     max_num_seqs: int = Field(default=256, gt=0)
     policy: Literal["fcfs", "priority"] = "fcfs"
     max_waiting: int = Field(default=4096, gt=0, description="Queue bound; past it requests are refused.")
+    async_scheduling: Optional[bool] = Field(
+        default=None, description="Schedule and prepare step N+1 on the CPU while the device runs step N "
+        "(vLLM V1's async scheduling). None: on for CUDA, off elsewhere.")
 
 
 class LoRAConfig(_Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -25,7 +26,8 @@ from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
 from agentserve.sampling_params import SamplingParams
-from agentserve.worker.model_runner import ModelRunner, ScheduledChunk, StepResult
+from agentserve.worker.launched_step import LaunchedStep, StepResult
+from agentserve.worker.model_runner import ModelRunner, ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,17 @@ Prompt = Union[str, Sequence[int]]
 
 class InvalidRequestError(ValueError):
     """Bad input from a caller; the message says what to fix."""
+
+
+class _InflightStep:
+    """A launched step: what was scheduled, and the handle its sampled ids come back through."""
+
+    def __init__(self, chunks: list[ScheduledChunk], handle: LaunchedStep, overlappable: bool) -> None:
+        self.chunks = chunks
+        self.handle = handle
+        # False when the step after this one must not be scheduled before this one is processed.
+        self.overlappable = overlappable
+        self.num_appended = 0
 
 
 def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
@@ -49,6 +62,18 @@ def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
         raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
     raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
                          "(agentserve loads local Hugging Face model directories; there is no hub download)")
+
+
+def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """On by default where it pays (CUDA: the host prepares step N+1 while the device runs N). The
+    environment variable AGENTSERVE_ASYNC_SCHEDULING=0/1 overrides the default (tests use it to run
+    the CPU suite both ways); an explicit config value wins over both."""
+    if config.scheduler.async_scheduling is not None:
+        return config.scheduler.async_scheduling
+    env = os.environ.get("AGENTSERVE_ASYNC_SCHEDULING")
+    if env is not None and env != "":
+        return env not in ("0", "false", "False")
+    return device.type == "cuda"
 
 
 def _load_tokenizer(path: Optional[Path]) -> Any:
@@ -110,6 +135,8 @@ class Engine:
         self._failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
         # Streaming callers want an output per step; the offline API only needs finished ones.
         self.emit_unfinished = True
+        self.async_scheduling = resolve_async_scheduling(config, self.device)
+        self._inflight: Optional[_InflightStep] = None  # async scheduling: launched, not yet processed
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -251,47 +278,90 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches one step and processes the results of one (the same step, or with
+        async scheduling the previous one: step N's sampled ids are read only after step N+1 has been
+        launched, so the host's work on them overlaps the device's work on N+1)."""
         self._poll_grammars()
-        sched = self.scheduler.schedule()
         touched: set[str] = set(self._failed)
         self._failed.clear()
+        prev, self._inflight = self._inflight, None
         num_sampled = 0
-        if not sched.is_empty:
-            ran, num_sampled = self._run(sched)
-            touched |= ran
-        elif self._grammar_waits and not touched:
+        if prev is not None and not prev.overlappable:
+            # The next step needs prev's tokens on the host (grammar masks, penalties, forks).
+            touched |= self._process(prev)
+            num_sampled += prev.num_appended
+            prev = None
+        sched = self.scheduler.schedule()
+        launched = self._launch(sched, prev) if not sched.is_empty else None
+        if prev is not None:
+            touched |= self._process(prev)
+            num_sampled += prev.num_appended
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                touched |= self._process(launched)
+                num_sampled += launched.num_appended
+        elif prev is None and self._grammar_waits and not touched:
             self._wait_for_grammars()
         self._update_metrics(sched, num_sampled)
         return self._collect_outputs(touched)
 
-    def _run(self, sched: SchedulerOutput) -> tuple[set[str], int]:
+    def _needs_host_tokens(self, req: Request) -> bool:
+        """Whether scheduling the step after one that samples `req` needs the sampled token on the
+        host: grammar masks follow the accepted token, penalties count output tokens on the host,
+        and an n > 1 leader forks its siblings once its first token is in."""
+        p = req.sampling_params
+        return (req.grammar is not None or req.request_id in self._pending_forks or p.repetition_penalty != 1.0
+                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+
+    def _launch(self, sched: SchedulerOutput, prev: Optional[_InflightStep]) -> _InflightStep:
         now = time.monotonic()
         chunks = []
+        overlappable = True
         for req in sched.scheduled:
             n = sched.num_scheduled_tokens[req.request_id]
-            chunks.append(ScheduledChunk(req, n, sample=req.num_computed_tokens + n >= req.num_tokens))
+            sample = req.num_computed_tokens + n >= req.num_tokens + req.num_output_placeholders
+            chunks.append(ScheduledChunk(req, n, sample))
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
+            if sample and overlappable and self._needs_host_tokens(req):
+                overlappable = False
         mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
-        result = self.runner.execute(chunks, sched.block_copies, mask_fn)
-        touched: set[str] = set()
-        row = 0
+        handle = self.runner.launch(chunks, sched.block_copies, mask_fn, prev.handle if prev is not None else None)
         for chunk in chunks:
             req = chunk.request
             # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
             prompt_part = max(0, min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens))
             req.num_prefilled_tokens += prompt_part
             self.metrics.prefilled_tokens_total += prompt_part
+            # The KV of these tokens is written by the launched step: later steps (queued behind it on
+            # the device) may rely on it, so they count as computed from now on.
             req.num_computed_tokens += chunk.num_tokens
             self.kv.cache_full_blocks(req)
+            if chunk.sample:
+                req.num_output_placeholders += 1
+        return _InflightStep(chunks, handle, overlappable)
+
+    def _process(self, step: _InflightStep) -> set[str]:
+        """Appends a launched step's sampled tokens (waiting for them), checks stops, forks."""
+        result = step.handle.result()
+        touched: set[str] = set()
+        row = -1
+        for chunk in step.chunks:
             if not chunk.sample:
                 continue
-            self._append_sampled(req, result, row)
             row += 1
+            req = chunk.request
+            if req.is_finished:
+                continue  # aborted, or finished by the step before: this token was computed in vain
+            req.num_output_placeholders -= 1
+            self._append_sampled(req, result, row)
+            step.num_appended += 1
             touched.add(req.parent_id)
             if req.request_id in self._pending_forks and not req.is_finished:
                 self._fork_siblings(req)
-        return touched, row
+        return touched
 
     def _fork_siblings(self, leader: Request) -> None:
         """n > 1: the siblings share the leader's prompt pages and recompute only the last prompt
@@ -353,6 +423,16 @@ class Engine:
         req.status = status
         req.stop_reason = stop_reason
         req.timing.finished = time.monotonic()
+        req.num_output_placeholders = 0
+        if req.num_computed_tokens >= req.num_tokens:
+            # Async scheduling already launched a step over the last token (its output is dropped):
+            # as on the synchronous path, the last token's KV does not count, and retained pages
+            # end at the last computed token.
+            req.num_computed_tokens = req.num_tokens - 1
+            keep = self.kv.blocks_needed(req.num_computed_tokens)
+            if req.retain_blocks and len(req.block_table) > keep:
+                self.pool.free(req.block_table[keep:])
+                del req.block_table[keep:]
         self.scheduler.remove(req, free_blocks=not req.retain_blocks)
         self._pending_forks.pop(req.request_id, None)
         self.metrics.requests_finished_total += 1

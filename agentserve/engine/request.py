@@ -98,6 +98,10 @@ class Request:
         self.error: Optional[str] = None
 
         self.num_computed_tokens = 0
+        # Async scheduling: tokens sampled by launched steps but not yet appended on the host. The
+        # scheduler counts them as known (their KV is computed by the next step, whose input id is
+        # gathered on the device); num_computed_tokens may run up to num_tokens + placeholders.
+        self.num_output_placeholders = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading pages of block_table already offered to the prefix cache
