@@ -228,3 +228,20 @@ def test_sync_is_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_async_scheduling(cfg, torch.device("cpu"))
     cfg = EngineConfig.from_kwargs("x", async_scheduling=False)
     assert not resolve_async_scheduling(cfg, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_decoder_matches_tokenizer_decode(arch: str) -> None:
+    from transformers import AutoTokenizer
+
+    from agentserve.engine.detokenizer import decoder_for
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_cached(arch)))
+    fn = decoder_for(tok)
+    rng = np.random.default_rng(0)
+    special = list(tok.all_special_ids)
+    for _ in range(200):
+        ids = rng.integers(0, len(tok), size=int(rng.integers(0, 12))).tolist() + special[: int(rng.integers(0, 2))]
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert fn(ids, skip) == tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import operator
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from agentserve.worker.model_runner import ModelRunner, ScheduledChunk
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int]]
+_computed_of = operator.attrgetter("num_computed_tokens")
+_table_of = operator.attrgetter("block_table")
 
 
 class InvalidRequestError(ValueError):
@@ -311,9 +314,8 @@ class Engine:
         """Whether scheduling the step after one that samples `req` needs the sampled token on the
         host: grammar masks follow the accepted token, penalties count output tokens on the host,
         and an n > 1 leader forks its siblings once its first token is in."""
-        p = req.sampling_params
-        return (req.grammar is not None or req.request_id in self._pending_forks or p.repetition_penalty != 1.0
-                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+        return (req.grammar is not None or req.uses_penalties
+                or (bool(self._pending_forks) and req.request_id in self._pending_forks))
 
     def _launch(self, sched: SchedulerOutput, prev: Optional[_InflightStep]) -> _InflightStep:
         now = time.monotonic()
@@ -344,23 +346,31 @@ class Engine:
         return _InflightStep(chunks, handle, overlappable)
 
     def _process(self, step: _InflightStep) -> set[str]:
-        """Appends a launched step's sampled tokens (waiting for them), checks stops, forks."""
+        """Appends a launched step's sampled tokens (waiting for them), checks stops, forks. Returns
+        the caller ids that have an output to emit (only finished ones unless emit_unfinished)."""
         result = step.handle.result()
+        sampled = result.sampled
         touched: set[str] = set()
+        emit_all = self.emit_unfinished
+        now = time.monotonic()
         row = -1
+        appended = 0
         for chunk in step.chunks:
             if not chunk.sample:
                 continue
             row += 1
             req = chunk.request
-            if req.is_finished:
+            if req.status >= RequestStatus.FINISHED_STOPPED:
                 continue  # aborted, or finished by the step before: this token was computed in vain
             req.num_output_placeholders -= 1
-            self._append_sampled(req, result, row)
-            step.num_appended += 1
-            touched.add(req.parent_id)
-            if req.request_id in self._pending_forks and not req.is_finished:
+            self._append_sampled(req, sampled[row], result, row, now)
+            appended += 1
+            if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
+                touched.add(req.parent_id)
+            if self._pending_forks and req.request_id in self._pending_forks and not req.is_finished:
                 self._fork_siblings(req)
+        step.num_appended += appended
+        self.metrics.generation_tokens_total += appended
         return touched
 
     def _fork_siblings(self, leader: Request) -> None:
@@ -375,15 +385,14 @@ class Engine:
                 ConstraintManager.attach(sib, fut)  # the leader's compile is done and succeeded
             self.scheduler.add_front(sib)
 
-    def _append_sampled(self, req: Request, result: StepResult, row: int) -> None:
-        token = result.sampled[row]
-        now = time.monotonic()
-        if req.timing.first_token is None:
-            req.timing.first_token = now
-        req.timing.last_token = now
-        req.append_token(token)
+    def _append_sampled(self, req: Request, token: int, result: StepResult, row: int, now: float) -> None:
+        timing = req.timing
+        if timing.first_token is None:
+            timing.first_token = now
+        timing.last_token = now
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
         req.pending_token_ids.append(token)
-        self.metrics.generation_tokens_total += 1
         if req.logprobs is not None and result.logprobs is not None:
             assert result.logprob_ids is not None and result.ranks is not None
             self._record_logprobs(req, result.logprob_ids[row], result.logprobs[row], result.ranks[row])
@@ -391,20 +400,21 @@ class Engine:
         ends_on_eos = token in req.eos_token_ids and not params.ignore_eos
         # The EOS token ends the text; it is not part of it (even when special tokens are kept).
         stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
-        if req.grammar is not None and not req.grammar.accept_token(token):
+        grammar = req.grammar
+        if grammar is not None and not grammar.accept_token(token):
             # Masks make this impossible; if it happens the output can no longer be trusted.
             req.error = f"sampled token {token} is not allowed by the output constraint"
             self._finish(req, RequestStatus.FINISHED_ERROR, None)
-        elif req.grammar is not None and req.grammar.is_terminated():
+        elif grammar is not None and grammar.is_terminated():
             self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
                          (token if token in params.stop_token_ids else None))
         elif stop_str is not None:
             self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
         elif token in params.stop_token_ids:
             self._finish(req, RequestStatus.FINISHED_STOPPED, token)
-        elif token in req.eos_token_ids and not params.ignore_eos:
+        elif ends_on_eos:
             self._finish(req, RequestStatus.FINISHED_STOPPED, None)
-        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             self._finish(req, RequestStatus.FINISHED_LENGTH, None)
 
     def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
@@ -499,7 +509,8 @@ class Engine:
         m.num_preemptions_total += len(sched.preempted)
         m.record_step(num_sampled)
         # KV memory efficiency: tokens held in pages over the slots of the pages they own.
-        held = sum(r.num_computed_tokens for r in self.scheduler.running)
-        allocated = sum(len(r.block_table) for r in self.scheduler.running) * self.pool.block_size
+        running = self.scheduler.running
+        held = sum(map(_computed_of, running))
+        allocated = sum(map(len, map(_table_of, running))) * self.pool.block_size
         m.kv_slots_held += held
         m.kv_slots_allocated += allocated

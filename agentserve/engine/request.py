@@ -89,6 +89,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        # Penalties count output tokens on the host each step (async scheduling must wait for them).
+        self.uses_penalties = (sampling_params.repetition_penalty != 1.0 or sampling_params.presence_penalty != 0.0
+                               or sampling_params.frequency_penalty != 0.0)
         self.eos_token_ids = eos_token_ids
         self.priority = priority
         self.cache_salt = cache_salt

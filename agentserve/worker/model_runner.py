@@ -6,7 +6,9 @@ a LaunchedStep that the engine may read after launching the next step (async sch
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +24,7 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import AttentionMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
-from agentserve.sampling.sampler import Sampler
+from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.launched_step import LaunchedStep, StepResult
@@ -56,6 +58,7 @@ class ModelRunner:
                                 arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
+        self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device)
@@ -144,7 +147,11 @@ class ModelRunner:
         logits_indices = h64[3 * total:3 * total + num_sample]
         query_start, seq_lens = h32[:b + 1], h32[b + 1:2 * b + 1]
         tables = h32[2 * b + 1:].reshape(b, width)
+        # All block tables in one numpy call: the flattened pages land where column < table length.
+        table_lists = [c.request.block_table for c in chunks]
+        table_lens = np.fromiter(map(len, table_lists), dtype=np.int64, count=b)
         tables.fill(0)
+        tables[np.arange(width)[None, :] < table_lens[:, None]] = list(itertools.chain.from_iterable(table_lists))
         query_start[0] = 0
         np.cumsum(num_tokens, out=query_start[1:])
         gather_dst: list[int] = []
@@ -156,7 +163,6 @@ class ModelRunner:
             n = chunk.num_tokens
             start = req.num_computed_tokens
             table = req.block_table
-            tables[i, :len(table)] = table
             if n == 1:  # decode: skip numpy's per-call overhead
                 tokens = req.all_token_ids
                 if start < len(tokens):
@@ -199,9 +205,22 @@ class ModelRunner:
             max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
         return ids_d, d64[total:2 * total], meta, d64[3 * total:3 * total + num_sample]
 
+    def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
+        """The previous step's metadata when the same requests sample in the same order and nothing
+        in it changes per step (penalty counts and min_tokens bans do): decode batches mostly repeat,
+        and this skips rebuilding and copying the columns. The tensors are only read by the sampler."""
+        cached = self._sampling_cache
+        if (cached is not None and len(cached[0]) == len(sampling)
+                and all(map(operator.is_, cached[0], sampling))):
+            return cached[1]
+        meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device)
+        reusable = meta.output_counts is None and meta.banned_rows is None
+        self._sampling_cache = (sampling, meta) if reusable else None
+        return meta
+
     def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
-        decode_only = meta.max_query_len == 1 and all(c.sample for c in chunks)
+        decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                    meta.max_seq_len)
@@ -221,7 +240,7 @@ class ModelRunner:
         self.kv_cache.copy_blocks(block_copies)
         sampling = [c.request for c in chunks if c.sample]
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
-        meta_s = build_sampling_metadata(sampling, self.arch.vocab_size, self.device) if sampling else None
+        meta_s = self._sampling_metadata(sampling) if sampling else None
         logits = self._forward_logits(chunks, prev)
         if logits is None or meta_s is None:
             return LaunchedStep(None, {})
