@@ -321,9 +321,10 @@ class Engine:
         now = time.monotonic()
         chunks = []
         overlappable = True
+        num_scheduled = sched.num_scheduled_tokens
         for req in sched.scheduled:
-            n = sched.num_scheduled_tokens[req.request_id]
-            sample = req.num_computed_tokens + n >= req.num_tokens + req.num_output_placeholders
+            n = num_scheduled[req.request_id]
+            sample = req.num_computed_tokens + n >= len(req.all_token_ids) + req.num_output_placeholders
             chunks.append(ScheduledChunk(req, n, sample))
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
@@ -331,16 +332,19 @@ class Engine:
                 overlappable = False
         mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
         handle = self.runner.launch(chunks, sched.block_copies, mask_fn, prev.handle if prev is not None else None)
+        block_size = self.kv.block_size
         for chunk in chunks:
             req = chunk.request
-            # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
-            prompt_part = max(0, min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens))
-            req.num_prefilled_tokens += prompt_part
-            self.metrics.prefilled_tokens_total += prompt_part
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
+                prompt_part = min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
+                req.num_prefilled_tokens += prompt_part
+                self.metrics.prefilled_tokens_total += prompt_part
             # The KV of these tokens is written by the launched step: later steps (queued behind it on
             # the device) may rely on it, so they count as computed from now on.
             req.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_full_blocks(req)
+            if req.num_computed_tokens // block_size > req.num_registered_blocks:  # a page may have filled
+                self.kv.cache_full_blocks(req)
             if chunk.sample:
                 req.num_output_placeholders += 1
         return _InflightStep(chunks, handle, overlappable)
