@@ -31,7 +31,8 @@ class Seen:
 
 def make_engine(arch: str, async_scheduling: bool, **kw: Any) -> Engine:
     kw.setdefault("max_model_len", 256)
-    return Engine.from_kwargs(str(tiny_model_cached(arch)), device="cpu", async_scheduling=async_scheduling, **kw)
+    kw.setdefault("device", "cpu")
+    return Engine.from_kwargs(str(tiny_model_cached(arch)), async_scheduling=async_scheduling, **kw)
 
 
 def run(engine: Engine, requests: list[tuple[str, Any, SamplingParams]],
@@ -69,8 +70,8 @@ def assert_same(asyn: dict[str, list[Seen]], sync: dict[str, list[Seen]]) -> Non
     values within 1e-3, since the batches differ between the two paths (a finished request still
     rides one step under async scheduling) and a CPU matmul's rounding depends on the batch."""
     assert asyn.keys() == sync.keys()
-    for rid in sync:
-        for a, s in zip(asyn[rid], sync[rid], strict=True):
+    for rid, ref in sync.items():
+        for a, s in zip(asyn[rid], ref, strict=True):
             assert (a.token_ids, a.text, a.finish_reason, a.stop_reason, a.delta_ids, a.delta_text) == \
                 (s.token_ids, s.text, s.finish_reason, s.stop_reason, s.delta_ids, s.delta_text), rid
             assert (a.logprobs is None) == (s.logprobs is None), rid
@@ -150,7 +151,7 @@ def test_aborts_mid_run_free_pages() -> None:
 def test_preemption_in_a_tiny_pool(arch: str) -> None:
     requests = [(f"p{i}", list(range(40 + 7 * i, 52 + 7 * i)), SamplingParams(temperature=0.0, max_tokens=24,
                                                                              ignore_eos=True)) for i in range(6)]
-    kw = dict(block_size=4, num_blocks=22, max_num_seqs=6, enable_prefix_caching=False)
+    kw = {"block_size": 4, "num_blocks": 22, "max_num_seqs": 6, "enable_prefix_caching": False}
     sync, asyn, engine = both(arch, requests, **kw)
     assert_same(asyn, sync)
     assert engine.metrics.num_preemptions_total > 0
@@ -217,9 +218,10 @@ def test_async_scheduling_launches_before_reading_the_previous_step() -> None:
 
 
 def test_sync_is_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     from agentserve.config import EngineConfig
     from agentserve.engine.engine import resolve_async_scheduling
-    import torch
 
     monkeypatch.delenv("AGENTSERVE_ASYNC_SCHEDULING", raising=False)
     cfg = EngineConfig.from_kwargs("x")
@@ -245,3 +247,26 @@ def test_fast_decoder_matches_tokenizer_decode(arch: str) -> None:
         rng.shuffle(ids)
         for skip in (True, False):
             assert fn(ids, skip) == tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_async_scheduling_matches_sync(arch: str, dtype: str) -> None:
+    """On the device (pinned buffers, events, the on-device input gather, CUDA graphs). Same
+    max_tokens for every request: both paths then run the same batches, so even bf16 must agree
+    exactly. Then a mix that finishes at different steps (fp32; batches differ by the wasted rows)."""
+    # A fixed page count skips the memory profiling (engines of earlier tests may still hold memory).
+    kw = {"device": "cuda", "dtype": dtype, "max_num_seqs": 8, "max_model_len": 512, "num_blocks": 256}
+    same = [(f"g{i}", list(range(20 + 9 * i, 40 + 13 * i)), SamplingParams(temperature=0.0, max_tokens=24,
+                                                                          ignore_eos=True, logprobs=3))
+            for i in range(6)]
+    sync = run(make_engine(arch, False, **kw), same)
+    engine = make_engine(arch, True, **kw)
+    assert engine.runner.graphs is not None
+    asyn = run(engine, same)
+    assert_same(asyn, sync)
+    if dtype == "float32":
+        sync, asyn, _ = both(arch, mixed_requests(arch), **kw)
+        assert_same(asyn, sync)
