@@ -1,5 +1,15 @@
 """The engine: add requests, run steps, emit outputs. Everything runs on the caller's thread;
-AsyncEngine (async_engine.py) drives it from a background thread for the servers."""
+AsyncEngine (async_engine.py) drives it from a background thread for the servers.
+
+Async scheduling (vLLM V1's name; SchedulerConfig.async_scheduling, on by default on CUDA): a step
+call schedules and launches step N+1 before it reads step N's sampled ids, so the host's work
+(scheduling, input preparation, appending tokens, stop checks, outputs) overlaps the device's. Each
+request whose token is still in flight carries a placeholder: the scheduler counts it, and step
+N+1 gathers that token from step N's sampled-id tensor on the device. A request that finishes at
+step N has computed one token in vain at N+1; it is dropped when N+1 is processed. Steps whose
+next step needs the tokens on the host (grammar masks, penalties, n > 1 forks) are processed
+before scheduling, as on the synchronous path.
+"""
 
 from __future__ import annotations
 
