@@ -43,6 +43,9 @@ class SchedulerConfig(_Strict):
         description="Admission counts pages for a request's whole prompt plus this many generated tokens (fewer "
                     "if max_tokens is lower) as taken, so that admitting it does not later force running requests "
                     "to be preempted and recomputed.")
+    async_scheduling: Optional[bool] = Field(
+        default=None, description="Schedule and prepare step N+1 on the CPU while the device runs step N "
+        "(vLLM V1's async scheduling). None: on for CUDA, off elsewhere.")
 
 
 class LoRAConfig(_Strict):

@@ -88,10 +88,10 @@ def test_shared_pages_never_written_in_place_by_engine() -> None:
 
     llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", block_size=4)
     engine = llm.engine
-    original = engine.runner.execute
+    original = engine.runner.launch
     violations: list[str] = []
 
-    def checking_execute(chunks, block_copies, *a, **kw):  # type: ignore[no-untyped-def]
+    def checking_launch(chunks, block_copies, *a, **kw):  # type: ignore[no-untyped-def]
         copied_to = {dst for _, dst in block_copies}
         for chunk in chunks:
             req = chunk.request
@@ -102,7 +102,7 @@ def test_shared_pages_never_written_in_place_by_engine() -> None:
                     violations.append(f"{req.request_id} writes shared page {page}")
         return original(chunks, block_copies, *a, **kw)
 
-    engine.runner.execute = checking_execute  # type: ignore[method-assign]
+    engine.runner.launch = checking_launch  # type: ignore[method-assign]
     prompt = "Shared prefix for several requests that fork and share pages"
     llm.generate([prompt] * 3 + [prompt + " with a tail"],
                  SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=9, ignore_eos=True))

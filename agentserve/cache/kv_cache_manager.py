@@ -79,10 +79,13 @@ class KVCacheManager:
         return copies
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Registers the pages whose tokens are all computed now."""
+        """Registers the pages whose tokens are all computed now (or queued for computing on the
+        device: later readers are ordered after the writes). With async scheduling the computed
+        count can include a token still in flight, whose id the hash cannot know yet."""
         if not self.pool.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.block_size, len(request.block_table))
         if num_full <= request.num_registered_blocks:
             return
         self.update_block_hashes(request)

@@ -1,11 +1,23 @@
 """The engine: add requests, run steps, emit outputs. Everything runs on the caller's thread;
-AsyncEngine (async_engine.py) drives it from a background thread for the servers."""
+AsyncEngine (async_engine.py) drives it from a background thread for the servers.
+
+Async scheduling (vLLM V1's name; SchedulerConfig.async_scheduling, on by default on CUDA): a step
+call schedules and launches step N+1 before it reads step N's sampled ids, so the host's work
+(scheduling, input preparation, appending tokens, stop checks, outputs) overlaps the device's. Each
+request whose token is still in flight carries a placeholder: the scheduler counts it, and step
+N+1 gathers that token from step N's sampled-id tensor on the device. A request that finishes at
+step N has computed one token in vain at N+1; it is dropped when N+1 is processed. Steps whose
+next step needs the tokens on the host (grammar masks, penalties, n > 1 forks) are processed
+before scheduling, as on the synchronous path.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import logging
+import operator
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -25,15 +37,29 @@ from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
 from agentserve.sampling_params import SamplingParams
-from agentserve.worker.model_runner import ModelRunner, ScheduledChunk, StepResult
+from agentserve.worker.launched_step import LaunchedStep, StepResult
+from agentserve.worker.model_runner import ModelRunner, ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[int]]
+_computed_of = operator.attrgetter("num_computed_tokens")
+_table_of = operator.attrgetter("block_table")
 
 
 class InvalidRequestError(ValueError):
     """Bad input from a caller; the message says what to fix."""
+
+
+class _InflightStep:
+    """A launched step: what was scheduled, and the handle its sampled ids come back through."""
+
+    def __init__(self, chunks: list[ScheduledChunk], handle: LaunchedStep, overlappable: bool) -> None:
+        self.chunks = chunks
+        self.handle = handle
+        # False when the step after this one must not be scheduled before this one is processed.
+        self.overlappable = overlappable
+        self.num_appended = 0
 
 
 def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
@@ -49,6 +75,18 @@ def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
         raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
     raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
                          "(agentserve loads local Hugging Face model directories; there is no hub download)")
+
+
+def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """On by default where it pays (CUDA: the host prepares step N+1 while the device runs N). The
+    environment variable AGENTSERVE_ASYNC_SCHEDULING=0/1 overrides the default (tests use it to run
+    the CPU suite both ways); an explicit config value wins over both."""
+    if config.scheduler.async_scheduling is not None:
+        return config.scheduler.async_scheduling
+    env = os.environ.get("AGENTSERVE_ASYNC_SCHEDULING")
+    if env is not None and env != "":
+        return env not in ("0", "false", "False")
+    return device.type == "cuda"
 
 
 def _load_tokenizer(path: Optional[Path]) -> Any:
@@ -110,6 +148,8 @@ class Engine:
         self._failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
         # Streaming callers want an output per step; the offline API only needs finished ones.
         self.emit_unfinished = True
+        self.async_scheduling = resolve_async_scheduling(config, self.device)
+        self._inflight: Optional[_InflightStep] = None  # async scheduling: launched, not yet processed
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -255,47 +295,101 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches one step and processes the results of one (the same step, or with
+        async scheduling the previous one: step N's sampled ids are read only after step N+1 has been
+        launched, so the host's work on them overlaps the device's work on N+1)."""
         self._poll_grammars()
-        sched = self.scheduler.schedule()
         touched: set[str] = set(self._failed)
         self._failed.clear()
+        prev, self._inflight = self._inflight, None
         num_sampled = 0
-        if not sched.is_empty:
-            ran, num_sampled = self._run(sched)
-            touched |= ran
-        elif self._grammar_waits and not touched:
+        if prev is not None and not prev.overlappable:
+            # The next step needs prev's tokens on the host (grammar masks, penalties, forks).
+            touched |= self._process(prev)
+            num_sampled += prev.num_appended
+            prev = None
+        sched = self.scheduler.schedule()
+        launched = self._launch(sched, prev) if not sched.is_empty else None
+        if prev is not None:
+            touched |= self._process(prev)
+            num_sampled += prev.num_appended
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                touched |= self._process(launched)
+                num_sampled += launched.num_appended
+        elif prev is None and self._grammar_waits and not touched:
             self._wait_for_grammars()
         self._update_metrics(sched, num_sampled)
         return self._collect_outputs(touched)
 
-    def _run(self, sched: SchedulerOutput) -> tuple[set[str], int]:
+    def _needs_host_tokens(self, req: Request) -> bool:
+        """Whether scheduling the step after one that samples `req` needs the sampled token on the
+        host: grammar masks follow the accepted token, penalties count output tokens on the host,
+        and an n > 1 leader forks its siblings once its first token is in."""
+        return (req.grammar is not None or req.uses_penalties
+                or (bool(self._pending_forks) and req.request_id in self._pending_forks))
+
+    def _launch(self, sched: SchedulerOutput, prev: Optional[_InflightStep]) -> _InflightStep:
         now = time.monotonic()
         chunks = []
+        overlappable = True
+        num_scheduled = sched.num_scheduled_tokens
         for req in sched.scheduled:
-            n = sched.num_scheduled_tokens[req.request_id]
-            chunks.append(ScheduledChunk(req, n, sample=req.num_computed_tokens + n >= req.num_tokens))
+            n = num_scheduled[req.request_id]
+            sample = req.num_computed_tokens + n >= len(req.all_token_ids) + req.num_output_placeholders
+            chunks.append(ScheduledChunk(req, n, sample))
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
+            if sample and overlappable and self._needs_host_tokens(req):
+                overlappable = False
         mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
-        result = self.runner.execute(chunks, sched.block_copies, mask_fn)
-        touched: set[str] = set()
-        row = 0
+        handle = self.runner.launch(chunks, sched.block_copies, mask_fn, prev.handle if prev is not None else None)
+        block_size = self.kv.block_size
         for chunk in chunks:
             req = chunk.request
-            # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
-            prompt_part = max(0, min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens))
-            req.num_prefilled_tokens += prompt_part
-            self.metrics.prefilled_tokens_total += prompt_part
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
+                prompt_part = min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
+                req.num_prefilled_tokens += prompt_part
+                self.metrics.prefilled_tokens_total += prompt_part
+            # The KV of these tokens is written by the launched step: later steps (queued behind it on
+            # the device) may rely on it, so they count as computed from now on.
             req.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_full_blocks(req)
+            if req.num_computed_tokens // block_size > req.num_registered_blocks:  # a page may have filled
+                self.kv.cache_full_blocks(req)
+            if chunk.sample:
+                req.num_output_placeholders += 1
+        return _InflightStep(chunks, handle, overlappable)
+
+    def _process(self, step: _InflightStep) -> set[str]:
+        """Appends a launched step's sampled tokens (waiting for them), checks stops, forks. Returns
+        the caller ids that have an output to emit (only finished ones unless emit_unfinished)."""
+        result = step.handle.result()
+        sampled = result.sampled
+        touched: set[str] = set()
+        emit_all = self.emit_unfinished
+        now = time.monotonic()
+        row = -1
+        appended = 0
+        for chunk in step.chunks:
             if not chunk.sample:
                 continue
-            self._append_sampled(req, result, row)
             row += 1
-            touched.add(req.parent_id)
-            if req.request_id in self._pending_forks and not req.is_finished:
+            req = chunk.request
+            if req.status >= RequestStatus.FINISHED_STOPPED:
+                continue  # aborted, or finished by the step before: this token was computed in vain
+            req.num_output_placeholders -= 1
+            self._append_sampled(req, sampled[row], result, row, now)
+            appended += 1
+            if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
+                touched.add(req.parent_id)
+            if self._pending_forks and req.request_id in self._pending_forks and not req.is_finished:
                 self._fork_siblings(req)
-        return touched, row
+        step.num_appended += appended
+        self.metrics.generation_tokens_total += appended
+        return touched
 
     def _fork_siblings(self, leader: Request) -> None:
         """n > 1: the siblings share the leader's prompt pages and recompute only the last prompt
@@ -309,15 +403,14 @@ class Engine:
                 ConstraintManager.attach(sib, fut)  # the leader's compile is done and succeeded
             self.scheduler.add_front(sib)
 
-    def _append_sampled(self, req: Request, result: StepResult, row: int) -> None:
-        token = result.sampled[row]
-        now = time.monotonic()
-        if req.timing.first_token is None:
-            req.timing.first_token = now
-        req.timing.last_token = now
-        req.append_token(token)
+    def _append_sampled(self, req: Request, token: int, result: StepResult, row: int, now: float) -> None:
+        timing = req.timing
+        if timing.first_token is None:
+            timing.first_token = now
+        timing.last_token = now
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
         req.pending_token_ids.append(token)
-        self.metrics.generation_tokens_total += 1
         if req.logprobs is not None and result.logprobs is not None:
             assert result.logprob_ids is not None and result.ranks is not None
             self._record_logprobs(req, result.logprob_ids[row], result.logprobs[row], result.ranks[row])
@@ -325,20 +418,21 @@ class Engine:
         ends_on_eos = token in req.eos_token_ids and not params.ignore_eos
         # The EOS token ends the text; it is not part of it (even when special tokens are kept).
         stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
-        if req.grammar is not None and not req.grammar.accept_token(token):
+        grammar = req.grammar
+        if grammar is not None and not grammar.accept_token(token):
             # Masks make this impossible; if it happens the output can no longer be trusted.
             req.error = f"sampled token {token} is not allowed by the output constraint"
             self._finish(req, RequestStatus.FINISHED_ERROR, None)
-        elif req.grammar is not None and req.grammar.is_terminated():
+        elif grammar is not None and grammar.is_terminated():
             self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
                          (token if token in params.stop_token_ids else None))
         elif stop_str is not None:
             self._finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
         elif token in params.stop_token_ids:
             self._finish(req, RequestStatus.FINISHED_STOPPED, token)
-        elif token in req.eos_token_ids and not params.ignore_eos:
+        elif ends_on_eos:
             self._finish(req, RequestStatus.FINISHED_STOPPED, None)
-        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             self._finish(req, RequestStatus.FINISHED_LENGTH, None)
 
     def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
@@ -357,6 +451,16 @@ class Engine:
         req.status = status
         req.stop_reason = stop_reason
         req.timing.finished = time.monotonic()
+        req.num_output_placeholders = 0
+        if req.num_computed_tokens >= req.num_tokens:
+            # Async scheduling already launched a step over the last token (its output is dropped):
+            # as on the synchronous path, the last token's KV does not count, and retained pages
+            # end at the last computed token.
+            req.num_computed_tokens = req.num_tokens - 1
+            keep = self.kv.blocks_needed(req.num_computed_tokens)
+            if req.retain_blocks and len(req.block_table) > keep:
+                self.pool.free(req.block_table[keep:])
+                del req.block_table[keep:]
         self.scheduler.remove(req, free_blocks=not req.retain_blocks)
         self._pending_forks.pop(req.request_id, None)
         self.metrics.requests_finished_total += 1
@@ -423,7 +527,8 @@ class Engine:
         m.num_preemptions_total += len(sched.preempted)
         m.record_step(num_sampled)
         # KV memory efficiency: tokens held in pages over the slots of the pages they own.
-        held = sum(r.num_computed_tokens for r in self.scheduler.running)
-        allocated = sum(len(r.block_table) for r in self.scheduler.running) * self.pool.block_size
+        running = self.scheduler.running
+        held = sum(map(_computed_of, running))
+        allocated = sum(map(len, map(_table_of, running))) * self.pool.block_size
         m.kv_slots_held += held
         m.kv_slots_allocated += allocated

@@ -89,6 +89,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        # Penalties count output tokens on the host each step (async scheduling must wait for them).
+        self.uses_penalties = (sampling_params.repetition_penalty != 1.0 or sampling_params.presence_penalty != 0.0
+                               or sampling_params.frequency_penalty != 0.0)
         self.eos_token_ids = eos_token_ids
         self.priority = priority
         self.cache_salt = cache_salt
@@ -98,6 +101,10 @@ class Request:
         self.error: Optional[str] = None
 
         self.num_computed_tokens = 0
+        # Async scheduling: tokens sampled by launched steps but not yet appended on the host. The
+        # scheduler counts them as known (their KV is computed by the next step, whose input id is
+        # gathered on the device); num_computed_tokens may run up to num_tokens + placeholders.
+        self.num_output_placeholders = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading pages of block_table already offered to the prefix cache

@@ -156,7 +156,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_output_placeholders
+            if pending and 0 < request.max_tokens <= request.num_output_tokens + pending:
+                # Async scheduling: the token in flight is its last (max_tokens); it finishes when
+                # that step is processed, so computing past it would only be thrown away.
+                i += 1
+                continue
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -189,6 +195,10 @@ class Scheduler:
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 skipped.append(self.waiting.popleft())  # its grammar is still compiling
                 continue
+            if request.num_output_placeholders:
+                # Preempted while its last sampled token was in flight: a recompute needs that token
+                # on the host, which the next processed step brings. Keep the queue order meanwhile.
+                break
             if outstanding is None:
                 outstanding = self._outstanding_blocks()
             hook = request.admit_hook

@@ -103,8 +103,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         logits = apply_penalties(logits, meta)
         if meta.banned_rows is not None and meta.banned_tokens is not None:
-            logits = logits.index_put((meta.banned_rows, meta.banned_tokens),
-                                      torch.tensor(_NEG_INF, device=logits.device))
+            # new_full fills on the device; torch.tensor(..., device=) would be a blocking copy.
+            logits = logits.index_put((meta.banned_rows, meta.banned_tokens), logits.new_full((), _NEG_INF))
         if meta.token_bitmask is not None:
             logits = apply_token_bitmask(logits.contiguous(), meta.token_bitmask)  # in place: -inf where disallowed
         greedy = logits.argmax(dim=-1)

@@ -67,7 +67,8 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     banned_tokens: list[int] = []
     for row, request in enumerate(requests):
         p = request.sampling_params
-        if request.num_output_tokens < p.min_tokens:
+        # Placeholders: tokens of a step still in flight (async scheduling) count as generated.
+        if request.num_output_tokens + request.num_output_placeholders < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))
             for tok in stops:
                 banned_rows.append(row)

@@ -1,11 +1,14 @@
 """Turns a scheduled step into flat tensors, runs the model, samples on the device.
 
-One host sync per step: the sampled ids (and logprobs, when asked) come back together.
+One host sync per step: the sampled ids (and logprobs, when asked) come back together, through
+a LaunchedStep that the engine may read after launching the next step (async scheduling).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,9 +24,10 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import AttentionMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
-from agentserve.sampling.sampler import Sampler
+from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
+from agentserve.worker.launched_step import LaunchedStep, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +37,6 @@ class ScheduledChunk:
     request: Request
     num_tokens: int   # new tokens computed this step
     sample: bool      # the chunk reaches the end of the sequence: sample the next token
-
-
-@dataclass
-class StepResult:
-    sampled: list[int]                              # one per sampling chunk, in order
-    logprob_ids: Optional[list[list[int]]] = None   # per sampling chunk: sampled token then top-n
-    logprobs: Optional[list[list[float]]] = None
-    ranks: Optional[list[int]] = None
 
 
 class ModelRunner:
@@ -62,6 +58,7 @@ class ModelRunner:
                                 arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
+        self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device)
@@ -125,54 +122,105 @@ class ModelRunner:
         return num_blocks
 
     # --- one step ---------------------------------------------------------------------------------
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            # Pinned staging so the copy is asynchronous: no host-device sync while preparing a step.
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+    def _host_buffer(self, n: int, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        # Pinned memory on CUDA, filled through numpy: one asynchronous copy per dtype and step. The
+        # caching host allocator keeps the block until that copy has run, so a step prepared while
+        # the device still runs the previous one cannot overwrite inputs not yet copied.
+        t = torch.empty(n, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.numpy(), t
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat inputs of a step. A decode whose input token was sampled by `prev` (still in flight
+        under async scheduling) reads it from prev.sampled on the device."""
         bs = self.block_size
         num_tokens = [c.num_tokens for c in chunks]
         total = sum(num_tokens)
-        input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
-        slots = np.empty(total, dtype=np.int64)
-        query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
+        b = len(chunks)
+        num_sample = sum(1 for c in chunks if c.sample)
+        width = max(1, max(len(c.request.block_table) for c in chunks))
+        # int64: input ids, positions, slots, logits indices, then gather (dst, src) pairs, at most one
+        # per decode; int32: query start offsets, context lengths, block tables.
+        h64, t64 = self._host_buffer(3 * total + num_sample + 2 * b, torch.int64)
+        h32, t32 = self._host_buffer(2 * b + 1 + b * width, torch.int32)
+        input_ids, positions, slots = h64[:total], h64[total:2 * total], h64[2 * total:3 * total]
+        logits_indices = h64[3 * total:3 * total + num_sample]
+        query_start, seq_lens = h32[:b + 1], h32[b + 1:2 * b + 1]
+        tables = h32[2 * b + 1:].reshape(b, width)
+        # All block tables in one numpy call: the flattened pages land where column < table length.
+        table_lists = [c.request.block_table for c in chunks]
+        table_lens = np.fromiter(map(len, table_lists), dtype=np.int64, count=b)
+        tables.fill(0)
+        tables[np.arange(width)[None, :] < table_lens[:, None]] = list(itertools.chain.from_iterable(table_lists))
+        query_start[0] = 0
         np.cumsum(num_tokens, out=query_start[1:])
-        seq_lens = np.empty(len(chunks), dtype=np.int32)
-        max_blocks = max(len(c.request.block_table) for c in chunks)
-        tables = np.zeros((len(chunks), max(max_blocks, 1)), dtype=np.int32)
-        logits_indices = []
+        gather_dst: list[int] = []
+        gather_src: list[int] = []
+        lo = 0
+        s = 0
         for i, chunk in enumerate(chunks):
             req = chunk.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + chunk.num_tokens
-            lo, hi = query_start[i], query_start[i + 1]
+            n = chunk.num_tokens
+            start = req.num_computed_tokens
             table = req.block_table
-            tables[i, :len(table)] = table
-            if chunk.num_tokens == 1:  # decode: skip numpy's per-call overhead
-                input_ids[lo] = req.all_token_ids[start]
+            if n == 1:  # decode: skip numpy's per-call overhead
+                tokens = req.all_token_ids
+                if start < len(tokens):
+                    input_ids[lo] = tokens[start]
+                else:  # sampled by the step in flight: filled on the device below
+                    assert prev is not None, f"{req.request_id}: input token {start} not known"
+                    input_ids[lo] = 0
+                    gather_dst.append(lo)
+                    gather_src.append(prev.rows[req.request_id])
                 positions[lo] = start
                 slots[lo] = table[start // bs] * bs + start % bs
             else:
+                end = start + n
+                assert end <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
                 pos = np.arange(start, end)
-                input_ids[lo:hi] = req.all_token_ids[start:end]
-                positions[lo:hi] = pos
-                slots[lo:hi] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
-            seq_lens[i] = end
+                input_ids[lo:lo + n] = req.all_token_ids[start:end]
+                positions[lo:lo + n] = pos
+                slots[lo:lo + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            seq_lens[i] = start + n
+            lo += n
             if chunk.sample:
-                logits_indices.append(hi - 1)
+                logits_indices[s] = lo - 1
+                s += 1
+        g = len(gather_dst)
+        base = 3 * total + num_sample
+        h64[base:base + g] = gather_dst
+        h64[base + g:base + 2 * g] = gather_src
+        if self.device.type == "cuda":
+            d64 = t64[:base + 2 * g].to(self.device, non_blocking=True)
+            d32 = t32.to(self.device, non_blocking=True)
+        else:
+            d64, d32 = t64, t32
+        ids_d = d64[:total]
+        if g:
+            assert prev is not None and prev.sampled is not None
+            ids_d[d64[base:base + g]] = prev.sampled[d64[base + g:base + 2 * g]]
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots), block_tables=self._to_device(tables),
-            query_start_loc=self._to_device(query_start), seq_lens=self._to_device(seq_lens),
+            slot_mapping=d64[2 * total:3 * total], block_tables=d32[2 * b + 1:].view(b, width),
+            query_start_loc=d32[:b + 1], seq_lens=d32[b + 1:2 * b + 1],
             max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
-        return (self._to_device(input_ids), self._to_device(positions), meta,
-                self._to_device(np.asarray(logits_indices, dtype=np.int64)))
+        return ids_d, d64[total:2 * total], meta, d64[3 * total:3 * total + num_sample]
 
-    def _forward_logits(self, chunks: list[ScheduledChunk]) -> Optional[torch.Tensor]:
-        input_ids, positions, meta, logits_indices = self.prepare(chunks)
-        decode_only = meta.max_query_len == 1 and all(c.sample for c in chunks)
+    def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
+        """The previous step's metadata when the same requests sample in the same order and nothing
+        in it changes per step (penalty counts and min_tokens bans do): decode batches mostly repeat,
+        and this skips rebuilding and copying the columns. The tensors are only read by the sampler."""
+        cached = self._sampling_cache
+        if (cached is not None and len(cached[0]) == len(sampling)
+                and all(map(operator.is_, cached[0], sampling))):
+            return cached[1]
+        meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device)
+        reusable = meta.output_counts is None and meta.banned_rows is None
+        self._sampling_cache = (sampling, meta) if reusable else None
+        return meta
+
+    def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
+        input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
+        decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
                                    meta.max_seq_len)
@@ -182,28 +230,34 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_indices])
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
-                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None) -> StepResult:
-        """Runs one step. `token_bitmask_fn(sampling requests)` builds grammar masks on the CPU; it is
-        called after the forward has been launched, so mask building overlaps the GPU's work."""
+    def launch(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+               token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None,
+               prev: Optional[LaunchedStep] = None) -> LaunchedStep:
+        """Queues one step (page copies, forward, sampling, the copy of the sampled ids to the host)
+        and returns without waiting for it. `token_bitmask_fn(sampling requests)` builds grammar masks
+        on the CPU; it is called after the forward has been queued, so mask building overlaps it.
+        `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
         self.kv_cache.copy_blocks(block_copies)
         sampling = [c.request for c in chunks if c.sample]
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
-        meta_s = build_sampling_metadata(sampling, self.arch.vocab_size, self.device) if sampling else None
-        logits = self._forward_logits(chunks)
+        meta_s = self._sampling_metadata(sampling) if sampling else None
+        logits = self._forward_logits(chunks, prev)
         if logits is None or meta_s is None:
-            return StepResult(sampled=[])
+            return LaunchedStep(None, {})
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
         if bitmask is not None and self.device.type == "cuda":
             bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
         meta_s.token_bitmask = bitmask
         out = self.sampler(logits, meta_s)
+        rows = {req.request_id: row for row, req in enumerate(sampling)}
         if out.logprobs is None:
-            return StepResult(sampled=out.sampled_token_ids.tolist())
+            return LaunchedStep(out.sampled_token_ids, rows)
         assert out.logprob_token_ids is not None and out.sampled_ranks is not None
         packed = torch.cat([out.sampled_token_ids[:, None].double(), out.sampled_ranks[:, None].double(),
-                            out.logprob_token_ids.double(), out.logprobs.double()], dim=1).cpu()
-        width = out.logprobs.shape[1]
-        return StepResult(
-            sampled=packed[:, 0].long().tolist(), ranks=packed[:, 1].long().tolist(),
-            logprob_ids=packed[:, 2:2 + width].long().tolist(), logprobs=packed[:, 2 + width:].tolist())
+                            out.logprob_token_ids.double(), out.logprobs.double()], dim=1)
+        return LaunchedStep(out.sampled_token_ids, rows, packed, out.logprobs.shape[1])
+
+    def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None) -> StepResult:
+        """Runs one step and waits for its sampled ids (the synchronous path)."""
+        return self.launch(chunks, block_copies, token_bitmask_fn).result()

@@ -1,0 +1,60 @@
+"""A step whose forward and sampling have been launched on the device but whose sampled ids may not
+be on the host yet. With async scheduling the engine launches step N+1 before it reads step N's
+results: step N+1 gathers its decode input ids from `sampled` on the device, and the host copy of
+the ids comes back through a pinned buffer and an event, without a device-wide sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class StepResult:
+    sampled: list[int]                              # one per sampling chunk, in order
+    logprob_ids: Optional[list[list[int]]] = None   # per sampling chunk: sampled token then top-n
+    logprobs: Optional[list[list[float]]] = None
+    ranks: Optional[list[int]] = None
+
+
+class LaunchedStep:
+    def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int],
+                 packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0) -> None:
+        self.sampled = sampled  # [num sampling rows] int64 on the device; stays there for the next step
+        self.rows = rows        # request id -> its row in `sampled`
+        self._width = logprob_width
+        self._result: Optional[StepResult] = None
+        self._event: Optional[torch.cuda.Event] = None
+        # The device-to-host copies are queued right behind sampling; result() only waits for them.
+        src = packed_logprobs if packed_logprobs is not None else sampled
+        self._host: Optional[torch.Tensor] = None
+        if src is not None:
+            if src.device.type == "cuda":
+                self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                self._host.copy_(src, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:
+                self._host = src
+        self._has_logprobs = packed_logprobs is not None
+
+    def result(self) -> StepResult:
+        """Waits for this step's sampled ids (and logprobs); the one host sync of a step."""
+        if self._result is not None:
+            return self._result
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host
+        if host is None:
+            self._result = StepResult(sampled=[])
+        elif not self._has_logprobs:
+            self._result = StepResult(sampled=host.tolist())
+        else:
+            w = self._width
+            self._result = StepResult(
+                sampled=host[:, 0].long().tolist(), ranks=host[:, 1].long().tolist(),
+                logprob_ids=host[:, 2:2 + w].long().tolist(), logprobs=host[:, 2 + w:].tolist())
+        self._host = None
+        return self._result
