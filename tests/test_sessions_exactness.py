@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from agentserve.service import agent_pb2 as pb
 from conftest_grpc import SYSTEM, TOOLS, make_engine, reference, run, serving, swap_gb_for
 
@@ -30,8 +32,10 @@ def _check_exact(turns: list[Any], tools: Any = TOOLS) -> None:
     assert reference(prompts, GREEDY["max_tokens"], tools=tools) == [t.token_ids for t in turns]
 
 
-def test_turns_are_exact_and_prefill_only_new_tokens() -> None:
-    aeng = make_engine()
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_turns_are_exact_and_prefill_only_new_tokens(async_scheduling: bool) -> None:
+    # (async scheduling is the default on CUDA only; here it runs the same logic on the CPU)
+    aeng = make_engine(async_scheduling=async_scheduling)
 
     async def body() -> None:
         async with serving(aeng) as (handle, client):
