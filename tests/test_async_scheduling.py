@@ -151,7 +151,9 @@ def test_aborts_mid_run_free_pages() -> None:
 def test_preemption_in_a_tiny_pool(arch: str) -> None:
     requests = [(f"p{i}", list(range(40 + 7 * i, 52 + 7 * i)), SamplingParams(temperature=0.0, max_tokens=24,
                                                                              ignore_eos=True)) for i in range(6)]
-    kw = {"block_size": 4, "num_blocks": 22, "max_num_seqs": 6, "enable_prefix_caching": False}
+    # decode_reserve_tokens=0: admission reserves no room for outputs, so decoding runs the pool dry.
+    kw = {"block_size": 4, "num_blocks": 22, "max_num_seqs": 6, "enable_prefix_caching": False,
+          "decode_reserve_tokens": 0}
     sync, asyn, engine = both(arch, requests, **kw)
     assert_same(asyn, sync)
     assert engine.metrics.num_preemptions_total > 0
