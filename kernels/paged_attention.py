@@ -444,6 +444,42 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor)
     return num_q_heads, num_kv_heads, head_dim, page_size
 
 
+def batch_block(batch: int) -> int:
+    """Width of the kernel's vector lookup of which request owns a tile (a constexpr). Coarse on
+    purpose: each distinct value is one more Triton compile, and 64 lanes cost no more than 16."""
+    return max(64, next_pow2(batch))
+
+
+def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, dtype: torch.dtype,
+                            max_batch: int, max_query_len: int) -> int:
+    """Compiles the unified kernel for every (tile, batch-lookup) variant that a serving step can
+    select, on dummy one-token requests: Triton compiles on first use (about a second each), which
+    would otherwise land on the first requests of each batch size and chunk length (measured on an
+    H100: a cold run of the 1,024-request throughput benchmark lost a third of its speed to it).
+    Returns the number of variants launched."""
+    if not triton_enabled_for(k_cache):
+        return 0
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = num_q_heads // num_kv_heads
+    tiles = {}
+    mql = 1
+    while True:  # one representative query length per tile shape
+        tiles.setdefault(attention_config(head_dim, group, mql, dtype), mql)
+        if mql >= max_query_len:
+            break
+        mql = min(2 * mql, max_query_len)
+    batches = sorted({min(b, max_batch) for b in (64 * 2**i for i in range(16)) if b // 2 < max_batch})
+    device = k_cache.device
+    for cfg, mql in tiles.items():
+        for b in batches:
+            q = torch.zeros((b, num_q_heads, head_dim), dtype=dtype, device=device)
+            paged_attention_triton(
+                q, k_cache, v_cache, torch.zeros((b, 1), dtype=torch.int32, device=device),
+                torch.arange(b + 1, dtype=torch.int32, device=device), torch.ones(b, dtype=torch.int32, device=device),
+                1.0, mql, 1)
+    return len(tiles) * len(batches)
+
+
 def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
@@ -478,7 +514,7 @@ def paged_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=max(16, next_pow2(batch)),
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=batch_block(batch),
         PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -142,3 +142,14 @@ def test_swap_round_trip_is_exact_and_asynchronous() -> None:
     torch.cuda.synchronize()
     for (k, v), (k0, v0) in zip(cache.layers, before):
         assert torch.equal(k[back], k0) and torch.equal(v[back], v0)
+
+
+def test_unified_kernel_warmup_covers_the_variants_a_step_selects() -> None:
+    # Every (tile, batch-lookup) pair a step can pick is compiled up front: 4 tile shapes for
+    # GQA 4 in bf16 (decode, short and long chunks) x 3 lookup widths up to 256 requests.
+    from agentserve.kernels.paged_attention import attention_config, batch_block, warmup_unified_variants
+
+    k = torch.zeros((8, 16, 8, 128), dtype=torch.bfloat16, device="cuda")
+    launched = warmup_unified_variants(k, torch.zeros_like(k), 32, torch.bfloat16, 256, 8192)
+    tiles = {attention_config(128, 4, m, torch.bfloat16) for m in (1, 2, 8, 16, 32, 512, 8192)}
+    assert launched == len(tiles) * len({batch_block(b) for b in range(1, 257)}) == 12

@@ -63,6 +63,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device)
             self.graphs.capture()
+        if self.device.type == "cuda":
+            from agentserve.kernels.paged_attention import warmup_unified_variants
+
+            k0, v0 = self.kv_cache.layers[0]
+            warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
+                                    config.scheduler.max_num_batched_tokens)
 
     def _use_cuda_graphs(self) -> bool:
         from agentserve.kernels import HAS_TRITON, get_backend
