@@ -150,7 +150,9 @@ def _attend_kv_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# num_seqs and the block-table row stride (the step's widest table) change every step: Triton would
+# specialise them (== 1, divisible by 16) and compile new variants mid-serving for no speed gain.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     qk_scale, num_seqs,
@@ -241,7 +243,7 @@ def _split_chunk_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.maximum(chunk, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_split_kernel(
     part_out_ptr, part_ml_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
     seq_lens_ptr, qk_scale, num_splits,
