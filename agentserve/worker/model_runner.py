@@ -147,12 +147,18 @@ class ModelRunner:
         width = max(1, max(len(c.request.block_table) for c in chunks))
         # int64: input ids, positions, slots, logits indices, then gather (dst, src) pairs, at most one
         # per decode; int32: query start offsets, context lengths, block tables.
-        h64, t64 = self._host_buffer(3 * total + num_sample + 2 * b, torch.int64)
-        h32, t32 = self._host_buffer(2 * b + 1 + b * width, torch.int32)
-        input_ids, positions, slots = h64[:total], h64[total:2 * total], h64[2 * total:3 * total]
-        logits_indices = h64[3 * total:3 * total + num_sample]
-        query_start, seq_lens = h32[:b + 1], h32[b + 1:2 * b + 1]
-        tables = h32[2 * b + 1:].reshape(b, width)
+        # Every segment starts 16-byte aligned: Triton specialises kernels on pointer alignment, so
+        # segments at odd offsets would compile extra kernel variants mid-serving (and lose vector loads).
+        a64 = -(-total // 2) * 2
+        o_logits = 3 * a64
+        o_gather = o_logits + -(-num_sample // 2) * 2
+        o_seq, o_tab = -(-(b + 1) // 4) * 4, -(-(b + 1) // 4) * 4 + -(-b // 4) * 4
+        h64, t64 = self._host_buffer(o_gather + 2 * b, torch.int64)
+        h32, t32 = self._host_buffer(o_tab + b * width, torch.int32)
+        input_ids, positions, slots = h64[:total], h64[a64:a64 + total], h64[2 * a64:2 * a64 + total]
+        logits_indices = h64[o_logits:o_logits + num_sample]
+        query_start, seq_lens = h32[:b + 1], h32[o_seq:o_seq + b]
+        tables = h32[o_tab:].reshape(b, width)
         # All block tables in one numpy call: the flattened pages land where column < table length.
         table_lists = [c.request.block_table for c in chunks]
         table_lens = np.fromiter(map(len, table_lists), dtype=np.int64, count=b)
@@ -193,7 +199,7 @@ class ModelRunner:
                 logits_indices[s] = lo - 1
                 s += 1
         g = len(gather_dst)
-        base = 3 * total + num_sample
+        base = o_gather
         h64[base:base + g] = gather_dst
         h64[base + g:base + 2 * g] = gather_src
         if self.device.type == "cuda":
@@ -206,10 +212,10 @@ class ModelRunner:
             assert prev is not None and prev.sampled is not None
             ids_d[d64[base:base + g]] = prev.sampled[d64[base + g:base + 2 * g]]
         meta = AttentionMetadata(
-            slot_mapping=d64[2 * total:3 * total], block_tables=d32[2 * b + 1:].view(b, width),
-            query_start_loc=d32[:b + 1], seq_lens=d32[b + 1:2 * b + 1],
+            slot_mapping=d64[2 * a64:2 * a64 + total], block_tables=d32[o_tab:].view(b, width),
+            query_start_loc=d32[:b + 1], seq_lens=d32[o_seq:o_seq + b],
             max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
-        return ids_d, d64[total:2 * total], meta, d64[3 * total:3 * total + num_sample]
+        return ids_d, d64[a64:a64 + total], meta, d64[o_logits:o_logits + num_sample]
 
     def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
         """The previous step's metadata when the same requests sample in the same order and nothing
