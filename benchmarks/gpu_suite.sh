@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -37,6 +37,10 @@ if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
   run kernels python3 benchmarks/kernels.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
+fi
+if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
+  # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).
+  run fastpath python3 benchmarks/fastpath.py $DUMMY --peer hf --peer-requests 256 --out "$OUT/fastpath.json"
 fi
 if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
   run throughput python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --peer hf --peer-requests 256 --out "$OUT/throughput.json"
