@@ -44,9 +44,9 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    path = tiny_model_cached("qwen3")
-    config = EngineConfig.from_kwargs(str(path), device="cpu", num_blocks=2048, served_model_name=MODEL,
-                                      max_model_len=512, max_num_seqs=256)
+    path = tiny_model_cached("qwen3", max_position_embeddings=4096)
+    config = EngineConfig.from_kwargs(str(path), device="cpu", num_blocks=4096, served_model_name=MODEL,
+                                      max_model_len=4096, max_num_seqs=256)
     aeng = AsyncEngine(Engine(config))
     server = ServerThread(create_app(aeng, config)).start()
     yield Live(aeng, server)
@@ -135,7 +135,9 @@ def test_200_concurrent_streams_with_random_disconnects(live: Live) -> None:
 def test_disconnect_aborts_long_requests(live: Live) -> None:
     """A client that gives up on a long request (streaming or not) aborts it at once: the engine does
     not keep generating the remaining thousands of tokens."""
-    long_tokens = 480
+    # Long enough that no request can finish while the test sets up its disconnects, even on a fast
+    # host path (at 480 tokens the non-streaming ones sometimes finished first under load).
+    long_tokens = 3500
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url=live.server.url, timeout=120) as client:
