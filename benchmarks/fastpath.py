@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
-from throughput import hf_model_from_engine, make_prompts, run_hf_peer, run_ours  # noqa: E402
+from throughput import hf_model_from_engine, make_prompts, release_kv_for_peer, run_hf_peer, run_ours  # noqa: E402
 
 from agentserve.llm import LLM  # noqa: E402
 
@@ -87,12 +87,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "single_stream": stream, "single_stream_limit_tok_s": stream_limit,
         "ttft": first, "ttft_limit_ms": ttft_limit_ms, "throughput": ours, "throughput_limit_tok_s": tput_limit}
     if args.peer == "hf":
-        llm.engine.runner.kv_cache = None  # the peer needs the memory of our KV pool and graphs
-        llm.engine.runner.graphs = None
+        release_kv_for_peer(llm)
         hf = hf_model_from_engine(llm)
         del llm
         gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         n = args.peer_requests or args.num_requests
         result["peer_hf"] = run_hf_peer(hf, prompts[:n], 256)
         result["ratio_vs_hf"] = ours["output_tok_s"] / result["peer_hf"]["output_tok_s"]

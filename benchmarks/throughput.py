@@ -50,6 +50,15 @@ def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, A
             "kv_pages": llm.engine.pool.num_blocks}
 
 
+def release_kv_for_peer(llm: LLM) -> None:
+    """Frees our KV pool and the CUDA graphs (they hold the pool) so the peer has room for its cache."""
+    llm.engine.runner.kv_cache = None
+    llm.engine.runner.graphs = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def hf_model_from_engine(llm: LLM) -> Any:
     """A transformers model holding the engine's weights (split back from the fused layout)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -152,12 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{ours['kv_memory_efficiency'] * 100:.1f}%", flush=True)
     if args.peer == "hf":
         slice_n = args.peer_requests or args.num_requests
-        # Free the KV pool and the CUDA graphs (they hold the pool) for the peer's cache.
-        llm.engine.runner.kv_cache = None
-        llm.engine.runner.graphs = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_kv_for_peer(llm)
         hf = hf_model_from_engine(llm)
         del llm
         gc.collect()

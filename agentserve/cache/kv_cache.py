@@ -43,12 +43,8 @@ class KVCache:
         """Copy-on-write: page dst gets page src's contents in every layer."""
         if not pairs:
             return
-        device = self.layers[0][0].device
-        index = torch.tensor(pairs, dtype=torch.long).t().contiguous()  # [2, n]: sources, destinations
-        if device.type == "cuda":
-            # Pinned and non-blocking: a pageable copy would wait for the step still running.
-            index = index.pin_memory().to(device, non_blocking=True)
-        src, dst = index[0], index[1]
+        index = self._index([p[0] for p in pairs] + [p[1] for p in pairs])  # one copy: sources, destinations
+        src, dst = index[:len(pairs)], index[len(pairs):]
         for k, v in self.layers:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))

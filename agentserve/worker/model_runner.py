@@ -32,6 +32,10 @@ from agentserve.worker.launched_step import LaunchedStep, StepResult
 logger = logging.getLogger(__name__)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @dataclass
 class ScheduledChunk:
     request: Request
@@ -149,10 +153,11 @@ class ModelRunner:
         # per decode; int32: query start offsets, context lengths, block tables.
         # Every segment starts 16-byte aligned: Triton specialises kernels on pointer alignment, so
         # segments at odd offsets would compile extra kernel variants mid-serving (and lose vector loads).
-        a64 = -(-total // 2) * 2
+        a64 = _round_up(total, 2)  # 2 int64 = 16 bytes
         o_logits = 3 * a64
-        o_gather = o_logits + -(-num_sample // 2) * 2
-        o_seq, o_tab = -(-(b + 1) // 4) * 4, -(-(b + 1) // 4) * 4 + -(-b // 4) * 4
+        o_gather = o_logits + _round_up(num_sample, 2)
+        o_seq = _round_up(b + 1, 4)  # 4 int32 = 16 bytes
+        o_tab = o_seq + _round_up(b, 4)
         h64, t64 = self._host_buffer(o_gather + 2 * b, torch.int64)
         h32, t32 = self._host_buffer(o_tab + b * width, torch.int32)
         input_ids, positions, slots = h64[:total], h64[a64:a64 + total], h64[2 * a64:2 * a64 + total]
