@@ -151,7 +151,8 @@ class RejectionSampler:
         position_meta = expand_sampling_metadata(meta, spec, num_banned_positions, token_bitmask)
         if meta.banned_rows is not None:
             assert num_banned_positions is not None
-            logits = logits.index_put(_expand_bans(meta, spec, num_banned_positions), accumulate=True)
+            ban_rows, ban_tokens, ban_values = _expand_bans(meta, spec, num_banned_positions)
+            logits = logits.index_put((ban_rows, ban_tokens), ban_values, accumulate=True)
         masked, probs = process_logits(logits, position_meta)
         greedy_ids = masked.argmax(dim=-1)  # [T + N]
 
