@@ -282,3 +282,26 @@ def test_mixed_batch_keeps_greedy_rows_exact() -> None:
     emitted = (out.output_token_ids >= 0).sum(-1)
     assert (emitted == out.num_accepted + 1).all()
     assert np.all(out.num_accepted.numpy() <= np.array(spec.num_draft_tokens))
+
+
+def test_grammar_mask_applies_per_position() -> None:
+    vocab, k = 20, 3
+    logits = torch.randn(k + 1, vocab, generator=torch.Generator().manual_seed(10))
+    allowed = torch.ones(k + 1, vocab, dtype=torch.bool)
+    allowed[1, logits[1].argmax()] = False  # the grammar forbids position 1's favourite
+    allowed[2, :vocab // 2] = False
+    # One 32-bit word per position (vocab <= 32): bit t set = token t allowed.
+    bits = (allowed.to(torch.int64) << torch.arange(vocab)).sum(-1, keepdim=True).to(torch.int32)
+    chain = [int(t) for t in logits.masked_fill(~allowed, float("-inf")).argmax(-1)]
+    reference = sequential_greedy(logits, lambda generated: make_meta([0.0], token_bitmask=bits[len(generated):
+                                                                                               len(generated) + 1]))
+    assert reference == chain and chain[1] != int(logits[1].argmax())
+    sampler = RejectionSampler()
+    spec = SpecDecodeMetadata.build([chain[:k]], CPU)
+    out = sampler(logits.clone(), spec, make_meta([0.0]), token_bitmask=bits)  # masks are applied in place
+    assert out.num_accepted.tolist() == [k] and out.output_token_ids[0].tolist() == chain
+    unmasked = [int(t) for t in logits.argmax(-1)][:k]
+    out = sampler(logits.clone(), SpecDecodeMetadata.build([unmasked], CPU), make_meta([0.0]), token_bitmask=bits)
+    assert out.num_accepted.tolist() == [1] and out.output_token_ids[0, :2].tolist() == chain[:2]
+    with pytest.raises(ValueError, match="bitmask per scored position"):
+        sampler(logits, spec, make_meta([0.0], token_bitmask=bits[:1]))

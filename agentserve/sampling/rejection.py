@@ -143,7 +143,8 @@ class RejectionSampler:
         """`target_logits` [T + N, V]: the target's logits at every scored position (spec's layout).
         `meta`: the usual per-request metadata [N] (generators keyed by request row). `draft_probs`
         [T, V]: the draft's distribution at each draft token, None for a one-hot proposal (n-gram).
-        See `expand_sampling_metadata` for the two keyword arguments."""
+        See `expand_sampling_metadata` for the two keyword arguments. As with `Sampler`, fp32 logits
+        may be masked in place by the grammar (saves a [T + N, V] copy)."""
         num_rows, width = spec.num_rows, spec.max_spec_len + 1
         device = target_logits.device
         logits = target_logits.float()
