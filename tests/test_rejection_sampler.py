@@ -305,3 +305,21 @@ def test_grammar_mask_applies_per_position() -> None:
     assert out.num_accepted.tolist() == [1] and out.output_token_ids[0, :2].tolist() == chain[:2]
     with pytest.raises(ValueError, match="bitmask per scored position"):
         sampler(logits, spec, make_meta([0.0], token_bitmask=bits[:1]))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_synthetic_acceptance_ignores_draft_values(temperature: float) -> None:
+    rows, k, rate = 4000, 4, 0.7
+    logits = torch.randn(rows * (k + 1), 50, generator=torch.Generator().manual_seed(12))
+    spec = SpecDecodeMetadata.build([[49] * k] * rows, CPU)  # drafts the target would almost never pick
+    torch.manual_seed(13)
+    out = RejectionSampler(synthetic_acceptance=rate)(logits, spec, make_meta([temperature] * rows))
+    # Accepted length ~ truncated geometric: P(a >= j) = rate ** j.
+    for j in range(1, k + 1):
+        observed = float((out.num_accepted >= j).double().mean())
+        assert abs(observed - rate ** j) < 5 * (rate ** j * (1 - rate ** j) / rows) ** 0.5 + 1e-3, j
+    if temperature == 0.0:  # the stop position emits the target's own argmax
+        stop = spec.first_logits_indices + out.num_accepted
+        assert (out.output_token_ids.gather(1, out.num_accepted[:, None])[:, 0] == logits[stop].argmax(-1)).all()
+    with pytest.raises(ValueError, match="spec_synthetic_acceptance"):
+        RejectionSampler(synthetic_acceptance=1.5)

@@ -136,6 +136,15 @@ def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int,
 
 
 class RejectionSampler:
+    def __init__(self, synthetic_acceptance: Optional[float] = None) -> None:
+        """`synthetic_acceptance` (benchmarks only, `--spec-synthetic-acceptance`): accept each draft
+        token with this probability whatever its value, and emit the target's own sample where the row
+        stops. On random weights real acceptance is meaningless; this measures the system's cost at a
+        chosen acceptance rate. The output is not the target's distribution."""
+        if synthetic_acceptance is not None and not 0.0 <= synthetic_acceptance <= 1.0:
+            raise ValueError(f"spec_synthetic_acceptance must be in [0, 1], got {synthetic_acceptance}")
+        self.synthetic_acceptance = synthetic_acceptance
+
     def __call__(self, target_logits: torch.Tensor, spec: SpecDecodeMetadata, meta: SamplingMetadata,
                  draft_probs: Optional[torch.Tensor] = None, *,
                  num_banned_positions: Optional[torch.Tensor] = None,
@@ -160,8 +169,12 @@ class RejectionSampler:
         drafts = spec.draft_token_ids
         draft_rows = spec.logits_row_ids.index_select(0, spec.target_logits_indices)
         accepted = drafts == greedy_ids.index_select(0, spec.target_logits_indices)
-        if probs is not None:
+        synthetic = self.synthetic_acceptance is not None
+        if probs is not None or synthetic:
             uniforms, noise = _draw_noise(spec, logits.shape[-1], meta.generators, device)
+        if self.synthetic_acceptance is not None:
+            accepted = uniforms < self.synthetic_acceptance
+        elif probs is not None:
             target_p = probs[spec.target_logits_indices, drafts]
             if draft_probs is None:
                 draft_q = torch.ones_like(target_p)
@@ -184,8 +197,11 @@ class RejectionSampler:
         emit_rows = spec.first_logits_indices + num_accepted
         emitted = greedy_ids.index_select(0, emit_rows)
         if probs is not None:
-            emitted = torch.where(meta.temperature > 0,
-                                  self._recover(probs, emit_rows, num_accepted, spec, draft_probs, noise), emitted)
+            if synthetic:
+                sampled = probs.index_select(0, emit_rows).div(noise).argmax(dim=-1)
+            else:
+                sampled = self._recover(probs, emit_rows, num_accepted, spec, draft_probs, noise)
+            emitted = torch.where(meta.temperature > 0, sampled, emitted)
 
         positions = torch.arange(width, device=device)[None, :]
         output = torch.where(positions < num_accepted[:, None], padded_drafts, -1)
@@ -200,10 +216,10 @@ class RejectionSampler:
         """Random rows' emitted token: from norm(max(p - q, 0)) at the rejected position, from p at the
         bonus position. Only N rows of [V] are touched, not all T + N positions."""
         target = probs.index_select(0, emit_rows)  # [N, V]
-        num_draft = spec.num_draft_tokens_tensor
-        rejected = num_accepted < num_draft
         if spec.total_num_draft_tokens == 0:
             return target.div(noise).argmax(dim=-1)
+        num_draft = spec.num_draft_tokens_tensor
+        rejected = num_accepted < num_draft
         # Index of the rejected draft (clamped for rows that rejected nothing; `rejected` masks them).
         draft_index = (spec.cu_num_draft_tokens.to(torch.int64) - num_draft + num_accepted).clamp(
             max=spec.total_num_draft_tokens - 1)

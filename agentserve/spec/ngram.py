@@ -48,9 +48,10 @@ class NgramProposer:
                 ) -> list[list[int]]:
         """Drafts for each context (prompt + output ids; an int numpy array avoids a per-step copy).
         `num_speculative_tokens[i]` caps row i below the configured k (dynamic speculation, max_tokens)."""
-        limits = num_speculative_tokens or [self.num_speculative_tokens] * len(contexts)
+        if num_speculative_tokens is None:
+            num_speculative_tokens = [self.num_speculative_tokens] * len(contexts)
         return [self.propose_one(np.asarray(c), min(k, self.num_speculative_tokens)).tolist()
-                for c, k in zip(contexts, limits)]
+                for c, k in zip(contexts, num_speculative_tokens, strict=True)]
 
     def propose_one(self, tokens: np.ndarray, k: Optional[int] = None) -> np.ndarray:
         """Up to k draft tokens for one context (empty when its tail occurs nowhere earlier)."""
