@@ -88,8 +88,9 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
     `num_banned_positions[r]` (int64 [N]): how many of row r's leading positions the min_tokens bans in
     `meta` still cover (min_tokens minus tokens generated so far); required when `meta` has bans.
     `token_bitmask` ([T + N, words]): the grammar mask at each position (each position has its own
-    matcher state), replacing `meta.token_bitmask`. Bans are returned already applied, see
-    `RejectionSampler`; the expanded metadata carries no generators (they belong to request rows).
+    matcher state), replacing `meta.token_bitmask`. The expanded metadata has no bans (the
+    `RejectionSampler` applies them per position, see `_expand_bans`) and no generators (they belong
+    to request rows).
     """
     if meta.token_bitmask is not None and token_bitmask is None:
         raise ValueError("a grammar-constrained speculative step needs a bitmask per scored position "
