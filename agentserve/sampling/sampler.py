@@ -97,34 +97,49 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div(q).argmax(dim=-1)
 
 
+def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One sampling row's processing, shared by the sampler and speculative verification so that every
+    scored position sees the same distribution. Returns (masked, probs): `masked` has penalties,
+    min_tokens bans and the grammar mask applied (greedy takes its argmax); `probs` adds temperature
+    and top-k / top-p / min-p (None when every row is greedy). Greedy rows' `probs` are unused."""
+    logits = apply_penalties(logits, meta)
+    if meta.banned_rows is not None and meta.banned_tokens is not None:
+        # new_full fills on the device; torch.tensor(..., device=) would be a blocking copy.
+        logits = logits.index_put((meta.banned_rows, meta.banned_tokens), logits.new_full((), _NEG_INF))
+    if meta.token_bitmask is not None:
+        logits = apply_token_bitmask(logits.contiguous(), meta.token_bitmask)  # in place: -inf where disallowed
+    if meta.all_greedy:
+        return logits, None
+    temp = meta.temperature
+    scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+    scaled = top_k_top_p_min_p(scaled, meta.top_k, meta.top_p, meta.min_p)
+    return logits, scaled.softmax(dim=-1)
+
+
+def token_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
+                   num_logprobs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [M, 1 + n], logprobs [M, 1 + n], ranks [M]) of `token_ids` [M] and the top n under the raw
+    distribution `raw_logprobs` [M, V]."""
+    sampled_lp = raw_logprobs.gather(-1, token_ids[:, None])
+    ranks = (raw_logprobs > sampled_lp).sum(dim=-1) + 1
+    if num_logprobs > 0:
+        top_lp, top_ids = raw_logprobs.topk(num_logprobs, dim=-1)
+        return torch.cat([token_ids[:, None], top_ids], dim=-1), torch.cat([sampled_lp, top_lp], dim=-1), ranks
+    return token_ids[:, None], sampled_lp, ranks
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
-        logits = apply_penalties(logits, meta)
-        if meta.banned_rows is not None and meta.banned_tokens is not None:
-            # new_full fills on the device; torch.tensor(..., device=) would be a blocking copy.
-            logits = logits.index_put((meta.banned_rows, meta.banned_tokens), logits.new_full((), _NEG_INF))
-        if meta.token_bitmask is not None:
-            logits = apply_token_bitmask(logits.contiguous(), meta.token_bitmask)  # in place: -inf where disallowed
-        greedy = logits.argmax(dim=-1)
-        if meta.all_greedy:
+        masked, probs = process_logits(logits, meta)
+        greedy = masked.argmax(dim=-1)
+        if probs is None:
             sampled = greedy
         else:
-            temp = meta.temperature
-            scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
-            scaled = top_k_top_p_min_p(scaled, meta.top_k, meta.top_p, meta.min_p)
-            sampled = random_sample(scaled.softmax(dim=-1), meta.generators)
-            sampled = torch.where(temp > 0, sampled, greedy)
+            sampled = random_sample(probs, meta.generators)
+            sampled = torch.where(meta.temperature > 0, sampled, greedy)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        n = meta.max_num_logprobs or 0
-        sampled_lp = raw_logprobs.gather(-1, sampled[:, None])
-        ranks = (raw_logprobs > sampled_lp).sum(dim=-1) + 1
-        if n > 0:
-            top_lp, top_ids = raw_logprobs.topk(n, dim=-1)
-            ids = torch.cat([sampled[:, None], top_ids], dim=-1)
-            lps = torch.cat([sampled_lp, top_lp], dim=-1)
-        else:
-            ids, lps = sampled[:, None], sampled_lp
+        ids, lps, ranks = token_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
         return SamplerOutput(sampled, ids, lps, ranks)
