@@ -178,8 +178,8 @@ def lora_expand_ref(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
         b = lora_b.float()[slot][:, :, lo:lo + n]                                        # [M, R, n]
         delta[:, lo:lo + n] = torch.bmm(h[:, None, :], b)[:, 0]
         lo += n
-    rows = active.nonzero()[:, 0]  # reference only: a data-dependent shape is fine here
-    y[rows] = (y[rows].float() + delta[rows]).to(y.dtype)
+    # where(), not y[active] +=: no data-dependent shape, so the torch backend stays capturable
+    y.copy_(torch.where(active[:, None], (y.float() + delta).to(y.dtype), y))
 
 
 def add_lora_ref(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

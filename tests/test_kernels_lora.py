@@ -1,6 +1,7 @@
 """Multi-LoRA shrink/expand kernels against the gather + bmm reference, in Triton's interpreter on
 CPU (tiny shapes, fresh random inputs), and the reference against a per-token loop of the LoRA
-formula. Real shapes run under `-m gpu` (tests/test_kernels_lora_gpu.py)."""
+formula. Real shapes (Llama-3.1-8B projections, 1-64 active adapters, ranks 8-64, ragged
+segments, CUDA-graph replay) run at the end of this file under `-m gpu`."""
 
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ def make_lora_case(*, num_tokens: int, max_loras: int, ranks: list[list[int]], m
                    slots: list[int] | None = None, device: str = "cpu") -> dict:
     """Random stacked weights (rank rows past each slot's rank zeroed, as the manager pads them),
     per-slot scaling, and a random slot per token (-1 = base) unless `slots` is given."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     num_slices, n = len(slice_sizes), sum(slice_sizes)
     rank_t = torch.tensor(ranks, dtype=torch.int32)
     assert rank_t.shape == (max_loras, num_slices)
-    a = torch.randn(max_loras, num_slices, max_rank, in_features, generator=g) / in_features ** 0.5
-    b = torch.randn(max_loras, max_rank, n, generator=g) / max_rank ** 0.5
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device)
+
+    a = randn(max_loras, num_slices, max_rank, in_features) / in_features ** 0.5
+    b = randn(max_loras, max_rank, n) / max_rank ** 0.5
     starts = [0]
     for size in slice_sizes:
         starts.append(starts[-1] + size)
@@ -43,15 +48,15 @@ def make_lora_case(*, num_tokens: int, max_loras: int, ranks: list[list[int]], m
             a[slot, s, ranks[slot][s]:] = 0
             b[slot, ranks[slot][s]:, starts[s]:starts[s + 1]] = 0
     if slots is None:
-        token_slots = torch.randint(-1, max_loras, (num_tokens,), generator=g, dtype=torch.int32)
+        token_slots = torch.randint(-1, max_loras, (num_tokens,), generator=g, device=device,
+                                    dtype=torch.int32)
     else:
-        token_slots = torch.tensor(slots, dtype=torch.int32)
+        token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
     return dict(
-        x=torch.randn(num_tokens, in_features, generator=g).to(dtype).to(device),
-        y=torch.randn(num_tokens, n, generator=g).to(dtype).to(device),
-        lora_a=a.to(dtype).to(device), lora_b=b.to(dtype).to(device), ranks=rank_t.to(device),
-        scaling=(0.25 + torch.rand(max_loras, num_slices, generator=g)).to(device),
-        token_slots=token_slots.to(device), slice_sizes=slice_sizes)
+        x=randn(num_tokens, in_features).to(dtype), y=randn(num_tokens, n).to(dtype),
+        lora_a=a.to(dtype), lora_b=b.to(dtype), ranks=rank_t.to(device),
+        scaling=0.25 + torch.rand(max_loras, num_slices, generator=g, device=device),
+        token_slots=token_slots, slice_sizes=slice_sizes)
 
 
 def run_kernels(case: dict, config: lora.LoRAKernelConfig | None = None,
@@ -258,3 +263,102 @@ def test_config_heuristic_splits_k_at_decode_only() -> None:
     assert lora.lora_kernel_config(prefill, 4096, 3, sms=132).split_k == 1
     cfg = lora.lora_kernel_config(decode, 4096, 1, sms=132)
     assert cfg.split_k <= lora.MAX_SPLIT_K and 4096 >= cfg.split_k * cfg.block_k
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, real shapes (`pytest -m gpu`, compiled Triton)
+# ---------------------------------------------------------------------------------------------
+
+compiled_on_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or _INTERPRETED,
+    reason="needs a CUDA device and compiled Triton (unset TRITON_INTERPRET)")
+TOL_GPU = dict(atol=3e-2, rtol=2e-2)
+# Llama-3.1-8B: (in_features, output slices) of qkv, o, gate_up, down.
+MODULES_8B = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
+              "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
+
+
+def ragged_slots(num_active: int, max_loras: int, seed: int) -> list[int]:
+    """A step like the scheduler builds: prefill chunks (ragged, some over BLOCK_M) and decodes,
+    requests contiguous in token order, each on one of `num_active` adapters or the base (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.randperm(max_loras, generator=g)[:num_active].tolist()
+    lengths = [300, 17, 5, 64] + [1] * max(num_active, 24)
+    slots: list[int] = []
+    for i, length in enumerate(lengths):
+        slot = active[i % num_active] if i % 5 != 4 else -1
+        slots += [slot] * length
+    return slots
+
+
+@pytest.mark.gpu
+@compiled_on_gpu
+@pytest.mark.parametrize("module", list(MODULES_8B))
+@pytest.mark.parametrize("rank", [8, 16, 32, 64])
+@pytest.mark.parametrize("num_active", [1, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_shapes(module: str, rank: int, num_active: int, dtype: torch.dtype) -> None:
+    in_features, sizes = MODULES_8B[module]
+    slots = ragged_slots(num_active, 64, seed=rank + num_active)
+    case = make_lora_case(num_tokens=len(slots), max_loras=64, ranks=_uniform_ranks(64, len(sizes), rank),
+                          max_rank=rank, in_features=in_features, slice_sizes=sizes, dtype=dtype,
+                          seed=rank, slots=slots, device="cuda")
+    y = run_kernels(case)
+    assert torch.isfinite(y.float()).all()
+    torch.testing.assert_close(y.float(), run_reference(case).float(), **TOL_GPU)
+
+
+@pytest.mark.gpu
+@compiled_on_gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64, 256])
+def test_gpu_decode_mixed_ranks_padded_to_64(num_tokens: int) -> None:
+    """Decode batches (the split-K path) over adapters of ranks 8..64 padded to max_lora_rank 64,
+    with an adapter that targets q and v only."""
+    ranks = [[(8, 16, 32, 64)[i % 4]] * 3 for i in range(64)]
+    ranks[5] = [16, 0, 16]
+    g = torch.Generator().manual_seed(num_tokens)
+    slots = torch.randint(-1, 64, (num_tokens,), generator=g).tolist()
+    slots[0] = 5
+    case = make_lora_case(num_tokens=num_tokens, max_loras=64, ranks=ranks, max_rank=64, in_features=4096,
+                          slice_sizes=[4096, 1024, 1024], dtype=torch.bfloat16, seed=num_tokens,
+                          slots=slots, device="cuda")
+    y = run_kernels(case)
+    torch.testing.assert_close(y.float(), run_reference(case).float(), **TOL_GPU)
+
+
+@pytest.mark.gpu
+@compiled_on_gpu
+def test_gpu_cuda_graph_replay_with_new_slots() -> None:
+    """Meta build + shrink + expand captured once; replays after rewriting the persistent slot
+    buffer (adapters, base only, one adapter) match the reference: no host syncs, no stale shapes."""
+    m, max_loras = 64, 16
+    case = make_lora_case(num_tokens=m, max_loras=max_loras, ranks=_uniform_ranks(max_loras, 3, 16),
+                          max_rank=16, in_features=4096, slice_sizes=[4096, 1024, 1024],
+                          dtype=torch.bfloat16, seed=0, device="cuda")
+    slot_buf = case["token_slots"].clone()
+    y_base = case["y"].clone()
+    y = torch.empty_like(y_base)
+    starts = lora.slice_starts_for(case["slice_sizes"], torch.device("cuda"))
+
+    def step() -> None:
+        y.copy_(y_base)
+        meta = lora.build_lora_batch_meta(slot_buf, max_loras)
+        h = lora.lora_shrink(case["x"], case["lora_a"], case["ranks"], meta)
+        lora.lora_expand(y, h, case["lora_b"], case["ranks"], case["scaling"], meta, starts)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    patterns = [torch.randint(-1, max_loras, (m,), dtype=torch.int32), torch.full((m,), -1, dtype=torch.int32),
+                torch.full((m,), 3, dtype=torch.int32)]
+    for pattern in patterns:
+        slot_buf.copy_(pattern)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_case = dict(case, token_slots=slot_buf.clone())
+        torch.testing.assert_close(y.float(), run_reference(ref_case).float(), **TOL_GPU)
