@@ -285,9 +285,10 @@ def _lora_expand_kernel(
         if (rank > 0) & (lo < n_lo + BLOCK_N) & (hi > n_lo):
             r_mask = offs_r < rank
             h_ptrs = h_ptr + s * stride_h_slice + rows[:, None] * stride_h_m + offs_r[None, :]
+            h_mask = m_mask[:, None] & r_mask[None, :]  # padded rows: no loads (decode tiles are mostly padding)
             h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
-                h += tl.load(h_ptrs + split * stride_h_split, mask=r_mask[None, :], other=0.0)
+                h += tl.load(h_ptrs + split * stride_h_split, mask=h_mask, other=0.0)
             h = h * tl.load(scaling_ptr + slot * stride_scale_lora + s)
             n_mask = (offs_n >= lo) & (offs_n < hi)
             b = tl.load(b_base, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
