@@ -47,7 +47,7 @@ Kernels
   It reads y, adds, and writes y (each (token, column) has one writer: no atomics).
 
 Both kernels read their launch parameters from shapes only, so they can be captured in CUDA graphs
-together with `build_lora_batch_meta` (torch.sort, scatter_add, cumsum, searchsorted: no syncs).
+together with `build_lora_batch_meta` (torch.sort, searchsorted, cumsum: no syncs).
 """
 
 from __future__ import annotations
@@ -109,12 +109,12 @@ def build_lora_batch_meta(token_slots: torch.Tensor, max_loras: int,
     dev = token_slots.device
     slots = token_slots.to(torch.int64)
     key = torch.where((slots >= 0) & (slots < max_loras), slots, max_loras)  # base rows sort last
-    _, order = torch.sort(key, stable=True)
-    counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))  # bincount would sync to size its output
-    counts = counts[:max_loras]
-    seg_end = torch.cumsum(counts, 0)
-    seg_start = seg_end - counts
+    sorted_key, order = torch.sort(key, stable=True)  # stable: a request's rows stay in order
+    # Segment bounds by binary search in the sorted keys (bincount would sync to size its output).
+    slot_ids = torch.arange(max_loras, dtype=torch.int64, device=dev)
+    seg_start = torch.searchsorted(sorted_key, slot_ids)
+    seg_end = torch.searchsorted(sorted_key, slot_ids, right=True)
+    counts = seg_end - seg_start
     blocks = (counts + bm - 1) // bm
     block_end = torch.cumsum(blocks, 0)
     block_begin = block_end - blocks

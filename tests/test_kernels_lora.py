@@ -131,6 +131,13 @@ def test_out_of_range_slots_are_base_rows() -> None:
     assert sorted(meta.block_slot[meta.block_slot >= 0].tolist()) == [1, 2]
 
 
+def test_empty_step() -> None:
+    case = make_lora_case(num_tokens=0, max_loras=2, ranks=_uniform_ranks(2, 1, 4), max_rank=4,
+                          in_features=16, slice_sizes=[8], dtype=torch.float32, seed=0, slots=[])
+    assert lora.build_lora_batch_meta(case["token_slots"], 2).max_blocks == 0
+    assert run_kernels(case).shape == (0, 8)
+
+
 def test_base_only_batch_has_no_tiles() -> None:
     meta = lora.build_lora_batch_meta(torch.full((9,), -1, dtype=torch.int32), 4, 16)
     assert (meta.block_slot == -1).all()
