@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from agentserve.lora.adapter import (
-    LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError, LoRAAdapterKey, load_lora_adapter, lora_scaling,
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the stacking test runs the kernels too
+
+import pytest  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from agentserve.kernels import lora as lora_kernels  # noqa: E402
+from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from agentserve.lora.adapter import (  # noqa: E402
+    FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError, LoRAAdapterKey, load_lora_adapter,
+    lora_scaling,
 )
-from agentserve.model.arch_config import ArchConfig
-from agentserve.testing import tiny_model_cached
-from agentserve.testing.tiny import ARCHS
+from agentserve.model.arch_config import ArchConfig  # noqa: E402
+from agentserve.testing import tiny_model_cached  # noqa: E402
+from agentserve.testing.tiny import ARCHS  # noqa: E402
+
+_INTERPRETED = HAS_TRITON and type(lora_kernels._lora_shrink_kernel).__name__ == "InterpretedFunction"
 
 ALL = list(LORA_TARGET_MODULES)
 
@@ -113,6 +123,60 @@ def test_bin_weights_and_dtype_cast(tmp_path: Path) -> None:
     assert w_st is not None and w_bin is not None and w_bin.lora_a.dtype == torch.bfloat16
     assert torch.equal(w_bin.lora_a, w_st.lora_a.to(torch.bfloat16))
     assert from_bin.nbytes * 2 == from_st.nbytes
+
+
+@pytest.mark.parametrize("fused", list(FUSED_SLICES))
+def test_stacked_slots_reproduce_peft_fused_projection(fused: str, tmp_path: Path) -> None:
+    """PEFT directory -> load -> slot_weights stacked into kernel buffers -> shrink/expand over the
+    fused base output equals PEFT's own modules, per token, for two adapters (different ranks,
+    target sets and scaling) and base rows in one batch (qwen2: GQA, biased qkv)."""
+    base = tiny_model_cached("qwen2")
+    peft_a = build_peft_adapter(base, tmp_path / "a", r=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], seed=1)
+    peft_b = build_peft_adapter(base, tmp_path / "b", r=8, lora_alpha=4, use_rslora=True, target_modules=ALL,
+                                seed=2)
+    by_slot = {2: (load(tmp_path / "a", base, adapter_id=1), peft_a), 0: (load(tmp_path / "b", base), peft_b)}
+    layer, max_loras, max_rank, modules = 1, 3, 16, FUSED_SLICES[fused]
+    in_features = by_slot[0][0].module_shapes[modules[0]][0]
+    out_features = sum(by_slot[0][0].module_shapes[m][1] for m in modules)
+    lora_a = torch.zeros(max_loras, len(modules), max_rank, in_features)
+    lora_b = torch.zeros(max_loras, max_rank, out_features)
+    ranks = torch.zeros(max_loras, len(modules), dtype=torch.int32)
+    scaling = torch.zeros(max_loras, len(modules))
+    for slot, (adapter, _) in by_slot.items():  # slot 1 stays empty (rank 0 everywhere)
+        w = adapter.slot_weights(layer, fused, max_rank, torch.float32)
+        lora_a[slot], lora_b[slot], ranks[slot], scaling[slot] = w.lora_a, w.lora_b, w.ranks, w.scaling
+    slots = torch.tensor([2, 0, -1, 0, 2, 2, -1, 0, 0], dtype=torch.int32)
+    x = torch.randn(len(slots), in_features)
+    with torch.no_grad():
+        # peft_b wraps every module; its base layers are the base model's (shared by both builds)
+        y_base = torch.cat([peft_module(peft_b, layer, m).base_layer(x) for m in modules], dim=-1)
+        expected = y_base.clone()
+        for slot, (_, peft_model) in by_slot.items():
+            rows = slots == slot
+            expected[rows] = torch.cat([peft_module(peft_model, layer, m)(x[rows]) for m in modules], dim=-1)
+    sizes = [by_slot[0][0].module_shapes[m][1] for m in modules]
+    meta = lora_kernels.build_lora_batch_meta(slots, max_loras)
+    y_ref = y_base.clone()
+    lora_kernels.add_lora(y_ref, x, lora_a, lora_b, ranks, scaling, meta, sizes,
+                          lora_kernels.slice_starts_for(sizes, x.device))
+    torch.testing.assert_close(y_ref, expected, atol=1e-5, rtol=1e-5)
+    assert _INTERPRETED or torch.cuda.is_available()
+    if _INTERPRETED:
+        y_kernel = y_base.clone()
+        shrunk = lora_kernels.lora_shrink(x, lora_a, ranks, meta)
+        lora_kernels.lora_expand(y_kernel, shrunk, lora_b, ranks, scaling, meta,
+                                 lora_kernels.slice_starts_for(sizes, x.device))
+        torch.testing.assert_close(y_kernel, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_slot_weights_refuse_a_smaller_max_rank(tmp_path: Path) -> None:
+    base = tiny_model_cached("llama")
+    build_peft_adapter(base, tmp_path / "a", r=8, target_modules=["o_proj"], seed=3)
+    adapter = load(tmp_path / "a", base)
+    assert adapter.slot_weights(0, "qkv_proj", 8, torch.float32).ranks.tolist() == [0, 0, 0]
+    with pytest.raises(LoRAAdapterError, match="above max_lora_rank 4"):
+        adapter.slot_weights(0, "o_proj", 4, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

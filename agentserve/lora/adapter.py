@@ -16,8 +16,8 @@ How the manager stacks these tensors (see kernels/lora.py for the kernel layout)
 and fused projection (qkv, o, gate_up, down), a GPU slot holds A `[num_slices, max_rank, in]` (each
 slice's lora_a, rank rows zero-padded), B `[max_rank, out]` (each slice's lora_b transposed, slices
 concatenated along out like the fused base weight), and per-slice rank and scaling (rank 0 for a
-projection the adapter does not target: the kernels skip it). `fused_slices` gives the per-slice
-weights in kernel order.
+projection the adapter does not target: the kernels skip it). `LoRAAdapter.slot_weights` builds
+exactly that for one layer and fused projection; the manager copies it into the slot.
 """
 
 from __future__ import annotations
@@ -99,6 +99,17 @@ class LoRAModuleWeights:
         return self.lora_a.shape[0]
 
 
+@dataclass(frozen=True)
+class LoRASlotWeights:
+    """One adapter's share of one layer's fused projection, in the kernels' layout (kernels/lora.py):
+    the manager copies each field into its stacked buffers at the adapter's slot."""
+
+    lora_a: torch.Tensor   # [num_slices, max_rank, in_features], rank rows past each rank zero
+    lora_b: torch.Tensor   # [max_rank, out_features]: each slice's lora_b^T, slices concatenated
+    ranks: torch.Tensor    # [num_slices] int32; 0 = slice not targeted (the kernels skip it)
+    scaling: torch.Tensor  # [num_slices] float32
+
+
 @dataclass
 class LoRAAdapter:
     adapter_id: int
@@ -107,6 +118,7 @@ class LoRAAdapter:
     path: Path
     rank: int  # the largest module rank (rank_pattern may lower some)
     target_modules: frozenset[str]
+    module_shapes: dict[str, tuple[int, int]]  # the base model's (in, out) per module
     # layers[i] maps a PEFT module name ("q_proj", ...) to its weights; untargeted ones are absent.
     layers: list[dict[str, LoRAModuleWeights]] = field(default_factory=list)
 
@@ -124,6 +136,29 @@ class LoRAAdapter:
     def fused_slices(self, layer: int, fused: str) -> list[Optional[LoRAModuleWeights]]:
         """The slices of a fused projection (FUSED_SLICES order); None where not targeted."""
         return [self.layers[layer].get(name) for name in FUSED_SLICES[fused]]
+
+    def slot_weights(self, layer: int, fused: str, max_rank: int, dtype: torch.dtype) -> LoRASlotWeights:
+        """This adapter's A / B^T / ranks / scaling for one fused projection, zero-padded to
+        `max_rank` (the manager's max_lora_rank), on the CPU."""
+        names = FUSED_SLICES[fused]
+        in_features = self.module_shapes[names[0]][0]
+        outs = [self.module_shapes[name][1] for name in names]
+        a = torch.zeros(len(names), max_rank, in_features, dtype=dtype)
+        b = torch.zeros(max_rank, sum(outs), dtype=dtype)
+        ranks = torch.zeros(len(names), dtype=torch.int32)
+        scaling = torch.zeros(len(names), dtype=torch.float32)
+        col = 0
+        for s, (weights, out) in enumerate(zip(self.fused_slices(layer, fused), outs)):
+            if weights is not None:
+                if weights.rank > max_rank:
+                    raise LoRAAdapterError(f"adapter {self.name!r} has rank {weights.rank} in layer {layer} "
+                                           f"{names[s]}, above max_lora_rank {max_rank}")
+                a[s, :weights.rank] = weights.lora_a
+                b[:weights.rank, col:col + out] = weights.lora_b.T
+                ranks[s] = weights.rank
+                scaling[s] = weights.scaling
+            col += out
+        return LoRASlotWeights(lora_a=a, lora_b=b, ranks=ranks, scaling=scaling)
 
 
 def lora_module_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
@@ -286,4 +321,4 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     return LoRAAdapter(
         adapter_id=adapter_id, generation=generation, name=name if name is not None else path.name,
         path=path, rank=max(w.rank for layer in layers for w in layer.values()),
-        target_modules=frozenset(module for _, module in pairs), layers=layers)
+        target_modules=frozenset(module for _, module in pairs), module_shapes=shapes, layers=layers)
