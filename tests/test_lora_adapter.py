@@ -161,7 +161,6 @@ def test_stacked_slots_reproduce_peft_fused_projection(fused: str, tmp_path: Pat
     lora_kernels.add_lora(y_ref, x, lora_a, lora_b, ranks, scaling, meta, sizes,
                           lora_kernels.slice_starts_for(sizes, x.device))
     torch.testing.assert_close(y_ref, expected, atol=1e-5, rtol=1e-5)
-    assert _INTERPRETED or torch.cuda.is_available()
     if _INTERPRETED:
         y_kernel = y_base.clone()
         shrunk = lora_kernels.lora_shrink(x, lora_a, ranks, meta)
