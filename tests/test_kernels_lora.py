@@ -217,6 +217,19 @@ def test_mixed_ranks_under_max_rank_64() -> None:
 
 
 @interpreted
+def test_many_slots_few_active_and_every_slot_active() -> None:
+    """max_loras 64: three adapters used in a ragged step (most tiles unused), then one token on
+    each of the 64 slots (64 single-row tiles)."""
+    ranks = [[(4, 8, 16, 64)[i % 4]] * 3 for i in range(64)]
+    ragged = [9] * 20 + [-1] * 5 + [40] * 3 + [63] * 17 + [9, -1, 40]
+    for slots in (ragged, list(range(64))):
+        case = make_lora_case(num_tokens=len(slots), max_loras=64, ranks=ranks, max_rank=64, in_features=16,
+                              slice_sizes=[16, 8, 8], dtype=torch.float16, seed=len(slots), slots=slots)
+        y = run_kernels(case, lora.LoRAKernelConfig(split_k=1, block_k=16, block_n=32))
+        torch.testing.assert_close(y.float(), run_reference(case).float(), **TOL[torch.float16])
+
+
+@interpreted
 def test_base_rows_and_untargeted_slices_are_untouched() -> None:
     """Base rows keep the base output bit for bit; so do the columns of a slice the adapter does not
     target (rank 0), e.g. an adapter on q and v only."""
