@@ -13,12 +13,19 @@ On CPU the forward is synchronous and includes the model's compute; on CUDA it i
 
   python benchmarks/step_phases.py --tiny llama --batch 64 256                        # CPU, tiny model
   python benchmarks/step_phases.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 --batch 1 64
+
+With --async-scheduling both, each mode runs in its own subprocess: an engine's KV pool (sized to fill
+the GPU) is not released when the engine is dropped, so a second engine in the same process ran out
+of memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -108,7 +115,7 @@ def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: i
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory or named shape (with --load-format dummy)")
@@ -123,28 +130,55 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--no-tokenizer", action="store_true",
                     help="drop the tokenizer (as with dummy named shapes): no detokenization")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.tiny:
-        from agentserve.testing import tiny_model_cached
+    return ap.parse_args(argv)
 
-        model = str(tiny_model_cached(args.tiny))
+
+def measure_mode(args: argparse.Namespace, model: str, async_scheduling: bool) -> list[dict[str, Any]]:
+    """All batches with one engine, in this process."""
+    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
+              max_num_batched_tokens=max(2048, args.prompt_len * 8), async_scheduling=async_scheduling)
+    llm.engine.emit_unfinished = False  # as the offline API and the throughput benchmark
+    if args.no_tokenizer:
+        llm.engine.tokenizer = None
+    timer = PhaseTimer()
+    instrument(llm, timer)
+    rows = []
+    for batch in args.batch:
+        r = run_batch(llm, timer, batch, args.steps, args.prompt_len, seed=batch)
+        rows.append({"async_scheduling": async_scheduling, "batch": batch, **{k: round(v, 4) for k, v in r.items()}})
+    return rows
+
+
+def measure_mode_in_subprocess(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
+    """The same arguments with one mode, in a fresh interpreter (its engine's memory goes with it)."""
+    with tempfile.TemporaryDirectory(prefix="step-phases-") as tmp:
+        out = Path(tmp) / "rows.json"
+        child = [sys.executable, str(Path(__file__).resolve()),
+                 *(["--model", args.model] if args.model else ["--tiny", args.tiny]),
+                 "--load-format", args.load_format, "--dtype", args.dtype, "--batch", *map(str, args.batch),
+                 "--steps", str(args.steps), "--prompt-len", str(args.prompt_len), "--async-scheduling", mode,
+                 "--out", str(out), *(["--device", args.device] if args.device else []),
+                 *(["--no-tokenizer"] if args.no_tokenizer else [])]
+        proc = subprocess.run(child, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"step_phases --async-scheduling {mode} failed (exit {proc.returncode}):\n"
+                             f"{proc.stderr[-4000:]}")
+        rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"]
+        return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.async_scheduling == "both":
+        rows = [row for mode in ("off", "on") for row in measure_mode_in_subprocess(args, mode)]
     else:
         model = args.model
-    modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
-    rows = []
-    for mode in modes:
-        llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-                  max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
-                  max_num_batched_tokens=max(2048, args.prompt_len * 8), async_scheduling=mode)
-        llm.engine.emit_unfinished = False  # as the offline API and the throughput benchmark
-        if args.no_tokenizer:
-            llm.engine.tokenizer = None
-        timer = PhaseTimer()
-        instrument(llm, timer)
-        for batch in args.batch:
-            r = run_batch(llm, timer, batch, args.steps, args.prompt_len, seed=batch)
-            rows.append({"async_scheduling": mode, "batch": batch, **{k: round(v, 4) for k, v in r.items()}})
-        del llm
+        if args.tiny:
+            from agentserve.testing import tiny_model_cached
+
+            model = str(tiny_model_cached(args.tiny))
+        rows = measure_mode(args, model, args.async_scheduling == "on")
     print(f"device: {device_name()}   ms per decode step (host wall time by phase)")
     print(f"{'async':>5} {'batch':>5} " + " ".join(f"{p:>9}" for p in (*PHASES, "step")))
     for row in rows:
