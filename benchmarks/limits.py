@@ -41,7 +41,7 @@ class ModelWork:
         itemsize = torch.finfo(dtype).bits // 8
         embed = model.get_submodule("embed_tokens").weight
         lm_head = model.get_submodule("lm_head").weight
-        tied = lm_head.data_ptr() == embed.data_ptr()
+        tied = lm_head is embed  # the same Parameter (CausalLM ties by assignment)
         params = {id(p): p for p in model.parameters()}  # a tied table is one parameter
         matrices = sum(p.numel() for p in params.values() if p.dim() == 2)
         layer_matmul = matrices - embed.numel() - (0 if tied else lm_head.numel())
