@@ -87,12 +87,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    return run_bench([args.script, *args.rest])
+
+
+def run_bench(argv: list[str]) -> int:
+    """`agentserve bench [SCRIPT] [ARGS...]`: everything after `bench` goes to the script (fastpath.py
+    unless the first word names a .py file), options included: `agentserve bench --peer hf`."""
     import runpy
 
-    script = args.script
+    script, rest = (argv[0], argv[1:]) if argv and argv[0].endswith(".py") else ("benchmarks/fastpath.py", argv)
     if not Path(script).exists() and (Path("benchmarks") / script).exists():
         script = str(Path("benchmarks") / script)
-    sys.argv = [script, *args.rest]
+    sys.argv = [script, *rest]
     runpy.run_path(script, run_name="__main__")
     return 0
 
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"]:  # argparse cannot pass options that precede the script's name through
+        return run_bench(words[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

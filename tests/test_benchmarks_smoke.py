@@ -105,3 +105,15 @@ def test_step_phases_both_modes_smoke(tmp_path: Path) -> None:
     assert [(row["async_scheduling"], row["batch"]) for row in r["rows"]] == [(False, 2), (True, 2)]
     for row in r["rows"]:
         assert positive(row["step"]) and positive(row["forward"])
+
+
+def test_agentserve_bench_passes_leading_options_to_fastpath(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from agentserve import cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # run_bench hands the script its own argv
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "--smoke", "--help"])  # argparse used to reject --smoke before the script saw it
+    assert done.value.code == 0
+    assert "fastpath" in capsys.readouterr().out
