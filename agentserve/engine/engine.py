@@ -447,7 +447,8 @@ class Engine:
                 if self._pending_forks and req.request_id in self._pending_forks and not req.is_finished:
                     self._fork_siblings(req)
             except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
-                self._fail_request(req, request_failure_message("while processing its output", req, e))
+                where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
+                self._fail_request(req, request_failure_message(where, req, e))
             appended += 1
             if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
                 touched.add(req.parent_id)
