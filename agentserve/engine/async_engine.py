@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
@@ -19,7 +18,6 @@ from agentserve.engine.failures import STEP_FAILED, log_step_failure
 from agentserve.engine.request import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
