@@ -1,11 +1,67 @@
-"""Per-request sampling parameters and output constraints, validated on construction."""
+"""Per-request sampling parameters and output constraints, validated on construction.
+
+Validation here is the one place shared by HTTP, gRPC and the offline API: a value that passes it
+must never fail later inside a step (where a failure would reach other requests). Every message
+starts with the field it is about, so the servers can name it (HTTP `param`, gRPC's message)."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 _UNSET_MAX_TOKENS = 16
+# Integers end up in int64 tensors or a torch.Generator seed: anything beyond int64 overflows there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128
+MAX_LOGPROBS = 20
+# Below this temperature logits / temperature overflows float32 to inf and the softmax gives NaN;
+# vLLM clamps the same way (its _MAX_TEMP).
+MIN_POSITIVE_TEMPERATURE = 1e-2
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter out of its range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name} {message}")
+        self.field = field_name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int = INT64_MAX, what: str = "") -> None:
+    if not _is_int(value) or not lo <= value <= hi:
+        raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}]{what}, got {value!r}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise SamplingParamsError(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_text(name: str, value: Any) -> None:
+    """Strings anywhere in value (nested lists/dicts, keys too) must encode as UTF-8: a lone
+    surrogate such as "\\ud800" would otherwise fail later, in the tokenizer or a grammar compile."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SamplingParamsError(name, f"is not valid UTF-8 text (character {e.start}: "
+                                            "a lone surrogate); send valid Unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(name, k)
+            _check_text(name, v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_text(name, v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise SamplingParamsError(name, "must not contain NaN or infinity")
 
 
 @dataclass
@@ -13,11 +69,12 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: disabled
+    top_k: int = 0  # 0 or -1: disabled; at most the vocabulary size (Engine.validate checks that)
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # A signed 64-bit integer, as vLLM's OpenAI server accepts (torch.iinfo(torch.long)).
     seed: Optional[int] = None
     max_tokens: Optional[int] = _UNSET_MAX_TOKENS  # None: up to max_model_len
     min_tokens: int = 0
@@ -44,45 +101,65 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if 0.0 < self.temperature < MIN_POSITIVE_TEMPERATURE:
+            self.temperature = MIN_POSITIVE_TEMPERATURE
 
     def _validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
+        self._validate_numbers()
+        self._validate_lists_and_text()
+        self._validate_constraints()
 
-        if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad(f"top_k must be 0 or -1 (disabled) or a positive integer, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+    def _validate_numbers(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise SamplingParamsError(name, msg)
+
+        _check_int("n", self.n, 1, MAX_N)
+        if _check_float("temperature", self.temperature) < 0:
+            bad("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < _check_float("top_p", self.top_p) <= 1.0:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k, 0, what=" (0 or -1: disabled)")
+        if not 0.0 <= _check_float("min_p", self.min_p) <= 1.0:
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if _check_float("repetition_penalty", self.repetition_penalty) <= 0:
+            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not -2.0 <= _check_float("presence_penalty", self.presence_penalty) <= 2.0:
+            bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= _check_float("frequency_penalty", self.frequency_penalty) <= 2.0:
+            bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, INT64_MIN, INT64_MAX, " (a signed 64-bit integer)")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX):
+            bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    def _validate_lists_and_text(self) -> None:
         if any(not isinstance(s, str) or not s for s in self.stop):  # type: ignore[union-attr]
-            bad("stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids must be non-negative integers")
+            raise SamplingParamsError("stop", "strings must be non-empty strings")
+        _check_text("stop", self.stop)
+        if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+        for name in ("json_schema", "regex", "choice", "tools", "tool_choice"):
+            _check_text(name, getattr(self, name))
+
+    def _validate_constraints(self) -> None:
         constraints = [self.json_schema is not None, self.json_object, self.regex is not None,
                        self.choice is not None, bool(self.tools) and self.tool_choice != "none"]
         if sum(constraints) > 1:
-            bad("at most one of json_schema, json_object, regex, choice and tools may be given")
+            raise ValueError("at most one of json_schema, json_object, regex, choice and tools may be given")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
-            bad("choice must be a non-empty list of strings")
+            raise SamplingParamsError("choice", "must be a non-empty list of strings")
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
-            bad("tool_choice needs tools")
+            raise SamplingParamsError("tool_choice", "needs tools")
+        if isinstance(self.json_schema, dict):
+            try:
+                json.dumps(self.json_schema, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise SamplingParamsError("json_schema", f"is not JSON-serializable: {e}") from None
 
     @property
     def greedy(self) -> bool:

@@ -242,8 +242,8 @@ class OpenAIServing:
                               param="max_tokens", code="context_length_exceeded")
         try:
             return self.engine.validate(prompt_ids, params)  # reads only immutable engine state
-        except ValueError as e:
-            raise OpenAIError(400, str(e), param=what) from None
+        except ValueError as e:  # a sampling field checked against the vocabulary, else the prompt
+            raise OpenAIError(400, str(e), param=_param_of(str(e)) or what) from None
 
     async def _in_pool(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
+from agentserve.engine.failures import STEP_FAILED, log_step_failure
 from agentserve.engine.request import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -28,6 +27,10 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     pass
+
+
+class EngineStepError(RuntimeError):
+    """A step failed in a way no single request could be blamed for; the request was stopped."""
 
 
 class _Stream:
@@ -90,7 +93,8 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
-                logger.exception("engine step failed")
+                # The engine fails what it can trace to one request (or one batch) itself; what
+                # reaches here cannot be traced, so every request still held fails.
                 self._fail_all(e)
                 continue
             for out in outputs:
@@ -102,11 +106,18 @@ class AsyncEngine:
         self._drain_commands()
 
     def _fail_all(self, error: Exception) -> None:
-        for rid in list(self.engine.groups):
-            self.engine.abort(rid)
+        """Every request fails with the same generic error: the exception's text may quote one
+        request's data (a prompt, a grammar), so it goes nowhere but the type into the log."""
+        request_ids = list(self.engine.groups)
+        log_step_failure("engine step", error, request_ids)
+        for rid in request_ids:
+            try:
+                self.engine.abort(rid)
+            except Exception as e:  # noqa: BLE001 - the others must still be told
+                log_step_failure(f"abort of {rid}", e, [rid])
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                stream.put(RuntimeError(f"engine step failed: {error}"))
+                stream.put(EngineStepError(STEP_FAILED))
 
     # --- requests -------------------------------------------------------------------------------------
     @property

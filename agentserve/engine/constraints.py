@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from agentserve.engine.failures import request_failure_message
 from agentserve.engine.request import Request, RequestStatus
 from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
 from agentserve.grammar.compiler import GrammarCompiler
@@ -29,6 +30,7 @@ class ConstraintManager:
         self.compiler = GrammarCompiler(get_backend(backend), self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S)
         self.bitmask = GrammarBitmask(vocab_size, max_batch)
         self._tool_format: Optional[str] = None
+        self._mask_failures: list[tuple[Request, str]] = []
 
     @property
     def tool_format(self) -> str:
@@ -61,8 +63,31 @@ class ConstraintManager:
         return None
 
     def fill_bitmask(self, requests: list[Request]) -> Optional[torch.Tensor]:
-        """Bitmask rows for the sampling requests of a step (None when none is constrained)."""
+        """Bitmask rows for the sampling requests of a step (None when none is constrained). A
+        matcher that fails to fill its row fails its request alone (take_mask_failures): the row is
+        left unconstrained and the token sampled there is dropped when the engine finishes it."""
         rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return None
-        return self.bitmask.fill(rows, batch_size=len(requests))
+        try:
+            return self.bitmask.fill(rows, batch_size=len(requests))
+        except Exception:  # noqa: BLE001 - find the rows at fault, one at a time, below
+            pass
+        good = []
+        scratch = GrammarBitmask.allocate_bitmask(1, self.bitmask.vocab_size)
+        for i, state in rows:
+            try:
+                state.fill(scratch, 0)
+                good.append((i, state))
+            except Exception as e:  # noqa: BLE001 - this request's matcher: its failure alone
+                self._mask_failures.append(
+                    (requests[i], request_failure_message("while filling its output constraint's mask", requests[i], e)))
+        if not good:
+            self.bitmask.fill([], batch_size=len(requests))
+            return None
+        return self.bitmask.fill(good, batch_size=len(requests))
+
+    def take_mask_failures(self) -> list[tuple[Request, str]]:
+        """The requests whose mask could not be filled since the last call, with their errors."""
+        failures, self._mask_failures = self._mask_failures, []
+        return failures

@@ -29,6 +29,8 @@ from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import EngineConfig
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.engine.failures import (STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure,
+                                        request_failure_message)
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
                                        RequestStatus)
@@ -182,6 +184,7 @@ class Engine:
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        self._validate_vocab_params(params, vocab)
         if n >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                       "(prompt plus output must fit)")
@@ -196,6 +199,17 @@ class Engine:
             raise InvalidRequestError(f"the request needs up to {pages} KV pages; the cache has only "
                                       f"{self.pool.num_blocks}")
         return params
+
+    @staticmethod
+    def _validate_vocab_params(params: SamplingParams, vocab: int) -> None:
+        """The parts of SamplingParams only checkable against the model's vocabulary: out of it they
+        would index past the logits inside a step (where the failure would hit the whole batch)."""
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k must be at most the vocabulary size ({vocab}), or 0 / -1 to "
+                                      f"disable it; got {params.top_k}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
@@ -322,6 +336,8 @@ class Engine:
         elif prev is None and self._grammar_waits and not touched:
             self._wait_for_grammars()
         self._update_metrics(sched, num_sampled)
+        touched |= self._failed  # requests failed alone during this step report it now
+        self._failed.clear()
         return self._collect_outputs(touched)
 
     def _needs_host_tokens(self, req: Request) -> bool:
@@ -331,10 +347,10 @@ class Engine:
         return (req.grammar is not None or req.uses_penalties
                 or (bool(self._pending_forks) and req.request_id in self._pending_forks))
 
-    def _launch(self, sched: SchedulerOutput, prev: Optional[_InflightStep]) -> _InflightStep:
+    def _launch(self, sched: SchedulerOutput, prev: Optional[_InflightStep]) -> Optional[_InflightStep]:
         now = time.monotonic()
         chunks = []
-        overlappable = True
+        newest: list[Request] = []  # admitted for the first time in this step
         num_scheduled = sched.num_scheduled_tokens
         for req in sched.scheduled:
             n = num_scheduled[req.request_id]
@@ -342,10 +358,11 @@ class Engine:
             chunks.append(ScheduledChunk(req, n, sample))
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
-            if sample and overlappable and self._needs_host_tokens(req):
-                overlappable = False
-        mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
-        handle = self.runner.launch(chunks, sched.block_copies, mask_fn, prev.handle if prev is not None else None)
+                newest.append(req)
+        chunks, handle = self._launch_isolating_failures(chunks, sched.block_copies, prev, newest)
+        if handle is None:
+            return None
+        overlappable = not any(c.sample and self._needs_host_tokens(c.request) for c in chunks)
         block_size = self.kv.block_size
         for chunk in chunks:
             req = chunk.request
@@ -361,12 +378,56 @@ class Engine:
                 self.kv.cache_full_blocks(req)
             if chunk.sample:
                 req.num_output_placeholders += 1
+        if self._constraints is not None:
+            for req, error in self._constraints.take_mask_failures():
+                self._fail_request(req, error)
         return _InflightStep(chunks, handle, overlappable)
+
+    def _launch_isolating_failures(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+                                   prev: Optional[_InflightStep], newest: list[Request]
+                                   ) -> tuple[list[ScheduledChunk], Optional[LaunchedStep]]:
+        """Launches the step. A failure that no request can be blamed for is retried once without
+        the requests admitted in this step (the likeliest cause: everything else ran before), which
+        fail alone; if the retry fails too, the whole batch fails. Returns the chunks launched."""
+        mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
+        prev_handle = prev.handle if prev is not None else None
+        try:
+            return chunks, self.runner.launch(chunks, block_copies, mask_fn, prev_handle)
+        except Exception as e:  # noqa: BLE001 - contained below, one request or one batch at a time
+            log_step_failure("step launch", e, [c.request.request_id for c in chunks])
+        suspects = set(map(id, newest))
+        kept = [c for c in chunks if id(c.request) not in suspects]
+        for req in newest:
+            self._fail_request(req, STEP_FAILED_FOR_NEW_REQUEST)
+        if kept and len(kept) < len(chunks):
+            try:
+                # Copies are idempotent; pages of the failed requests are free and nobody reads them.
+                return kept, self.runner.launch(kept, block_copies, mask_fn, prev_handle)
+            except Exception as e:  # noqa: BLE001
+                log_step_failure("step launch retry", e, [c.request.request_id for c in kept])
+        for chunk in kept:
+            self._fail_request(chunk.request, STEP_FAILED)
+        return [], None
+
+    def _fail_request(self, req: Request, error: str) -> None:
+        """Finishes one sequence with its own error; the batch goes on. The error goes out with the
+        request's next output (this step's)."""
+        if req.is_finished:
+            return
+        req.error = error
+        self._finish(req, RequestStatus.FINISHED_ERROR, None)
+        self._failed.add(req.parent_id)
 
     def _process(self, step: _InflightStep) -> set[str]:
         """Appends a launched step's sampled tokens (waiting for them), checks stops, forks. Returns
         the caller ids that have an output to emit (only finished ones unless emit_unfinished)."""
-        result = step.handle.result()
+        try:
+            result = step.handle.result()
+        except Exception as e:  # noqa: BLE001 - the device failed this step: its requests fail, no others
+            log_step_failure("step result", e, [c.request.request_id for c in step.chunks])
+            for chunk in step.chunks:
+                self._fail_request(chunk.request, STEP_FAILED)
+            return set()
         sampled = result.sampled
         touched: set[str] = set()
         emit_all = self.emit_unfinished
@@ -381,12 +442,16 @@ class Engine:
             if req.status >= RequestStatus.FINISHED_STOPPED:
                 continue  # aborted, or finished by the step before: this token was computed in vain
             req.num_output_placeholders -= 1
-            self._append_sampled(req, sampled[row], result, row, now)
+            try:
+                self._append_sampled(req, sampled[row], result, row, now)
+                if self._pending_forks and req.request_id in self._pending_forks and not req.is_finished:
+                    self._fork_siblings(req)
+            except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
+                where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
+                self._fail_request(req, request_failure_message(where, req, e))
             appended += 1
             if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
                 touched.add(req.parent_id)
-            if self._pending_forks and req.request_id in self._pending_forks and not req.is_finished:
-                self._fork_siblings(req)
         step.num_appended += appended
         self.metrics.generation_tokens_total += appended
         return touched
