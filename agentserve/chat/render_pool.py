@@ -1,0 +1,87 @@
+"""The render/tokenize worker pool: chat templates and tokenization off the engine's step thread and
+off the event loop, for HTTP and gRPC alike.
+
+Every text is first held to a cheap bound — its length in characters against `max_model_len` times a
+generous number of characters per token — so that what cannot fit is refused before any work that
+grows with its size. Several workers, each with its own copy of the tokenizer (a fast tokenizer is not
+safe to share between threads: concurrent calls can fail with "Already borrowed"), so a small request
+never waits behind a large one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+from agentserve.chat.limits import EdgeLimitError
+from agentserve.config import ServerConfig
+
+T = TypeVar("T")
+
+
+class RenderPool:
+    def __init__(self, tokenizer: Any, max_model_len: int, limits: ServerConfig) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.limits = limits
+        # Characters that certainly hold at least max_model_len tokens (no token spans more).
+        self.max_chars = max_model_len * limits.prompt_bytes_per_token
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=limits.tokenizer_workers,
+                                            thread_name_prefix="agentserve-render")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _worker_tokenizer(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """fn(this worker's tokenizer) on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(self._worker_tokenizer()))
+
+    # --- bounds ---------------------------------------------------------------------------------------
+    def check_chars(self, num_chars: int, field: str) -> None:
+        """Refuses text that cannot fit in the context, before tokenizing it (context_length_exceeded)."""
+        if num_chars > self.max_chars:
+            raise EdgeLimitError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your {field} is "
+                f"{num_chars} characters, more than {self.max_model_len} tokens can hold (at most "
+                f"{self.limits.prompt_bytes_per_token} characters per token). Please reduce the length of the "
+                f"{field}.", field, code="context_length_exceeded")
+
+    def check_messages(self, messages: Sequence[dict[str, Any]], field: str = "messages") -> None:
+        """The cheap bound on a conversation: each message's content, then their sum."""
+        total = 0
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                self.check_chars(len(content), f"{field}[{i}].content")
+                total += len(content)
+        self.check_chars(total, field)
+
+    # --- work (worker threads) ------------------------------------------------------------------------
+    def encode(self, tokenizer: Any, text: str, field: str, *, add_special_tokens: bool) -> list[int]:
+        self.check_chars(len(text), field)
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
+
+    def render(self, tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
+               *, add_generation_prompt: bool, field: str = "messages", chat_template: Optional[str] = None,
+               **template_kwargs: Any) -> str:
+        """The conversation through the chat template; a rendering longer than the context can hold
+        (a template that expands its input) is refused before it is tokenized."""
+        try:
+            text = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False, chat_template=chat_template, **template_kwargs)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError, raise_exception(...) in templates, ...
+            raise EdgeLimitError(f"the chat template rejected the {field}: {e}", field) from None
+        if not isinstance(text, str):
+            raise EdgeLimitError(f"the chat template did not render the {field} to text", field)
+        self.check_chars(len(text), field)  # the template may have expanded its input
+        return text
