@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequen
 
 from agentserve.cache.block_pool import compute_block_hashes
 from agentserve.cache.swap_slots import SwapSlots
+from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import Request, RequestOutput
@@ -248,9 +249,11 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0) -> None:
+                 expiry_interval: float = 1.0, render_pool: Optional[RenderPool] = None) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
+        # Rendering and tokenizing grow with the input: they run here, never on the step thread.
+        self.render_pool = render_pool or RenderPool(engine.tokenizer, engine.max_model_len, engine.config.server)
         self.pool = engine.pool
         self.kv_cache = engine.runner.kv_cache
         self.block_size = engine.pool.block_size
@@ -354,31 +357,33 @@ class SessionStore:
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
                      metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        pool, raw = self.render_pool, raw_tokens or not self.has_template
+        pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
+        rendered = await pool.run(lambda tok: R.prepare_create(pool, tok, messages, tools, raw=raw,
+                                                               vocab_size=self.engine.arch.vocab_size))
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
-            raw_tokens=raw_tokens, metadata=metadata))
+            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
-                    metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        """Step thread. Renders the initial messages (no KV yet: the first turn prefills them, finding
-        any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
+                    metadata: Optional[dict[str, str]] = None,
+                    rendered: Optional[R.RenderedCreate] = None) -> SessionSnapshot:
+        """Step thread. Adopts the initial messages as `create` rendered them in the render pool
+        (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
+        any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
         raw = raw_tokens or not self.has_template
-        if raw and tools:
-            raise InvalidRequestError("tools need a chat template; this session takes raw tokens")
-        tools_n = R.normalize_tools(tools)
-        msgs = R.normalize_messages(messages, raw_tokens=raw, vocab_size=self.engine.arch.vocab_size)
+        if rendered is None:
+            rendered = R.prepare_create(self.render_pool, self.tokenizer, messages, tools, raw=raw,
+                                        vocab_size=self.engine.arch.vocab_size)
+        msgs = rendered.messages
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
-                    tools=tools_n, cache_salt=cache_salt or None, raw_tokens=raw,
+                    tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
                     ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}))
-        if raw:
-            s.token_ids = [t for m in msgs for t in m["token_ids"]]
-        else:
-            s.text = R.render(self.tokenizer, msgs, tools_n, add_generation_prompt=False)
-            s.token_ids = R.encode(self.tokenizer, s.text)
+        s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
                                       f"{self.engine.max_model_len}")
@@ -642,33 +647,45 @@ class SessionStore:
         return True
 
     # --- turns ----------------------------------------------------------------------------------------
+    def _turn_basis(self, session_id: str) -> R.TurnBasis:
+        """The history a turn renders on (references only, read from the event loop: each field is
+        replaced whole on the step thread, and `_begin_turn` checks they are still the session's)."""
+        s = self._get(session_id)
+        if s.busy is not None:
+            raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
+        return R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens)
+
+    async def _render_turn(self, session_id: str, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
+        """The turn's prompt, rendered and tokenized in the render pool (not on the step thread)."""
+        basis = self._turn_basis(session_id)
+        pool = self.render_pool
+        if not basis.raw_tokens:
+            pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
+        return await pool.run(lambda tok: R.prepare_turn(pool, tok, basis, messages, self.engine.arch.vocab_size))
+
     def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
-        """Step thread. Builds the turn's prompt, validates it and marks the session busy (its pages
-        go to the turn's request at admission, `_admit`). Nothing about the session changes when
-        this raises."""
+                    expected_next_turn_ms: float, received_at: float,
+                    rendered: Optional[R.RenderedTurn] = None) -> PendingTurn:
+        """Step thread. Adopts the turn's prompt (as `_render_turn` built it; built inline only without
+        `rendered`), validates it and marks the session busy (its pages go to the turn's request at
+        admission, `_admit`). Nothing about the session changes when this raises."""
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
         if expected_next_turn_ms < 0:
             raise InvalidRequestError("expected_next_turn_ms must be >= 0")
-        new = R.normalize_messages(messages, raw_tokens=s.raw_tokens, vocab_size=self.engine.arch.vocab_size)
-        if not new and (not s.messages or s.messages[-1]["role"] == "assistant"):
-            raise InvalidRequestError("the turn has no new messages (send a user message or tool results)")
+        if rendered is None:
+            rendered = R.prepare_turn(self.render_pool, self.tokenizer, self._turn_basis(session_id), messages,
+                                      self.engine.arch.vocab_size)
+        basis = rendered.basis
+        if basis.token_ids is not s.token_ids or basis.messages is not s.messages or basis.text is not s.text:
+            # Another turn finished between the rendering and now: it was in flight when this one came.
+            raise SessionBusyError(f"session {session_id!r} had a turn in flight; send this turn again")
+        new, prompt, prompt_text = rendered.new_messages, rendered.prompt, rendered.prompt_text
         keep = s.num_computed
-        rerendered = False
-        if s.raw_tokens:
-            prompt = s.token_ids + [t for m in new for t in m["token_ids"]]
-            prompt_text = ""
-        else:
-            prompt_text = R.render(self.tokenizer, s.messages + new, s.tools, add_generation_prompt=True)
-            if prompt_text.startswith(s.text):
-                prompt = s.token_ids + R.encode(self.tokenizer, prompt_text[len(s.text):])
-            else:
-                # The template renders the history differently from the tokens the session holds.
-                prompt = R.encode(self.tokenizer, prompt_text)
-                keep = min(keep, R.common_prefix_len(s.token_ids, prompt))
-                rerendered = True
+        rerendered = rendered.common_prefix is not None
+        if rendered.common_prefix is not None:
+            keep = min(keep, rendered.common_prefix)
         keep = min(keep, len(prompt) - 1)
         if params.max_tokens is None:
             room = min(self.engine.max_model_len, self.pool.num_blocks * self.block_size) - len(prompt)
@@ -677,8 +694,7 @@ class SessionStore:
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
 
-        prefix = "" if s.raw_tokens else R.assistant_content_prefix(self.tokenizer, s.messages + new, s.tools,
-                                                                       prompt_text)
+        prefix = rendered.content_prefix
         self.stats.rerenders += rerendered
         pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
                               prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
@@ -786,8 +802,9 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
+        rendered = await self._render_turn(session_id, messages)
         pending = await self._run(lambda: self._begin_turn(
-            session_id, messages, params, expected_next_turn_ms, received_at))
+            session_id, messages, params, expected_next_turn_ms, received_at, rendered))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
