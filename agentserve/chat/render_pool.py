@@ -14,12 +14,48 @@ import asyncio
 import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from agentserve.chat.limits import EdgeLimitError
 from agentserve.config import ServerConfig
 
 T = TypeVar("T")
+
+
+class _RenderBudget(threading.local):
+    chars: Optional[int] = None  # this thread's bound on a client template's output; None: unbounded
+
+
+_budget = _RenderBudget()
+
+
+class _TemplateOutputTooLarge(Exception):
+    pass
+
+
+def _bounded_concat(parts: Iterable[str]) -> str:
+    """Joins a template's output as Jinja produces it (lazily), and stops the rendering as soon as it
+    passes this thread's budget: a few bytes of template can loop out megabytes."""
+    limit = _budget.chars
+    if limit is None:
+        return "".join(parts)
+    out: list[str] = []
+    size = 0
+    for part in parts:
+        size += len(part)
+        if size > limit:
+            raise _TemplateOutputTooLarge()
+        out.append(part)
+    return "".join(out)
+
+
+def _bound_template(template: str) -> None:
+    """transformers compiles each template string into its own sandboxed Jinja environment (cached),
+    and Template.render joins the output with `environment.concat`: bounding that join bounds the
+    rendering's memory and (for templates that write as they loop) its time."""
+    _compile_jinja_template(template).environment.concat = _bounded_concat
 
 
 class RenderPool:
@@ -76,11 +112,21 @@ class RenderPool:
                **template_kwargs: Any) -> str:
         """The conversation through the chat template; a rendering longer than the context can hold
         (a template that expands its input) is refused before it is tokenized."""
+        if chat_template is not None:  # a client's template: its output is bounded while it renders
+            _bound_template(chat_template)
+            _budget.chars = self.max_chars
         try:
             text = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                                                  tokenize=False, chat_template=chat_template, **template_kwargs)
+        except _TemplateOutputTooLarge:
+            raise EdgeLimitError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, the chat template "
+                f"rendered your {field} to more than {self.max_chars} characters. Please reduce the length of the "
+                f"{field} or fix the template.", field, code="context_length_exceeded") from None
         except Exception as e:  # noqa: BLE001 - jinja's TemplateError, raise_exception(...) in templates, ...
             raise EdgeLimitError(f"the chat template rejected the {field}: {e}", field) from None
+        finally:
+            _budget.chars = None
         if not isinstance(text, str):
             raise EdgeLimitError(f"the chat template did not render the {field} to text", field)
         self.check_chars(len(text), field)  # the template may have expanded its input
