@@ -254,3 +254,15 @@ def test_small_request_not_blocked_behind_large_tokenization() -> None:
             pool.check_chars(1024 * 32 + 1, "prompt")
     finally:
         pool.close()
+
+
+def test_offline_api_shares_the_limits() -> None:
+    from agentserve.llm import LLM
+    from agentserve.sampling_params import SamplingParams
+    from tests.conftest_grpc import model_path
+
+    llm = LLM(model_path(), device="cpu", dtype="float32", max_model_len=256, num_blocks=32, max_stop_strings=2)
+    with pytest.raises(ValueError, match="max-stop-strings"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, stop=["a", "b", "c"]))
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, stop=["a", "b"], ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 2

@@ -247,7 +247,7 @@ class OpenAIServing:
     def _check_edge(self, req: Any) -> None:
         """Limits and string validity that hold for both endpoints, before any work that grows with
         the request's size: every string valid UTF-8, stop strings, JSON schemas."""
-        L.check_utf8(req.model_dump(exclude_none=True), "")
+        L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)
         if req.response_format is not None and req.response_format.json_schema is not None \

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from agentserve.config import ServerConfig
 from agentserve.engine.engine import InvalidRequestError
+from agentserve.sampling_params import SamplingParams
 
 
 class EdgeLimitError(InvalidRequestError):
@@ -121,3 +122,13 @@ def check_utf8(value: Any, field: str) -> None:
 def check_utf8_fields(fields: Iterable[tuple[str, Any]]) -> None:
     for name, value in fields:
         check_utf8(value, name)
+
+
+def check_sampling(params: SamplingParams, limits: ServerConfig) -> None:
+    """The limits a SamplingParams carries (stop strings, the JSON schema, tools): for the offline API,
+    whose requests come as SamplingParams rather than through an HTTP or gRPC edge."""
+    stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    check_stop(stop, limits)
+    if params.json_schema is not None:
+        check_schema(params.json_schema, "json_schema", limits)
+    check_tools(params.tools, limits)

@@ -1,8 +1,9 @@
 """AgentService over grpc.aio: sessions (sessions/store.py), stateless generation, models, health.
 
 Every RPC maps errors to status codes with a readable message: NOT_FOUND (session, model, adapter),
-INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input), FAILED_PRECONDITION (a
-turn already running on the session), RESOURCE_EXHAUSTED (queue full), UNAUTHENTICATED (API key),
+INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input, a per-request limit,
+text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session),
+RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTHENTICATED (API key),
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
 """
 
