@@ -165,6 +165,11 @@ def test_http_limits_name_the_field(strict: AsyncEngine) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await client.create_session(msgs)
                 assert info.value.code() == Code.INVALID_ARGUMENT and "messages" in info.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await client.create_session([{"role": "user", "content": "hi"}], tools=[
+                        {"type": "function", "function": {"name": "f", "parameters": deep}}])
+                assert info.value.code() == Code.INVALID_ARGUMENT
+                assert "tools[0].parameters_json" in info.value.details() and "max-schema-depth" in info.value.details()
                 s = await client.create_session([{"role": "system", "content": "be brief"}])
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await s.run_turn([{"role": "user", "content": "hi"}], max_tokens=2, stop=["a", "b", "c", "d"])

@@ -5,13 +5,14 @@ Every text is first held to a cheap bound — its length in characters against `
 generous number of characters per token — so that what cannot fit is refused before any work that
 grows with its size. Several workers, each with its own copy of the tokenizer (a fast tokenizer is not
 safe to share between threads: concurrent calls can fail with "Already borrowed"), so a small request
-never waits behind a large one.
+never waits behind a large one. The copies are made up front: a request never pays for one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
@@ -65,22 +66,26 @@ class RenderPool:
         self.limits = limits
         # Characters that certainly hold at least max_model_len tokens (no token spans more).
         self.max_chars = max_model_len * limits.prompt_bytes_per_token
-        self._local = threading.local()
+        # One tokenizer per worker; a job takes one for its duration (never more jobs than copies).
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(limits.tokenizer_workers):
+            self._tokenizers.put(copy.deepcopy(tokenizer))
         self._executor = ThreadPoolExecutor(max_workers=limits.tokenizer_workers,
                                             thread_name_prefix="agentserve-render")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _worker_tokenizer(self) -> Any:
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
-        return tok
+    def _with_tokenizer(self, fn: Callable[[Any], T]) -> T:
+        tok = self._tokenizers.get()
+        try:
+            return fn(tok)
+        finally:
+            self._tokenizers.put(tok)
 
     async def run(self, fn: Callable[[Any], T]) -> T:
-        """fn(this worker's tokenizer) on a worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(self._worker_tokenizer()))
+        """fn(a tokenizer of its own) on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._with_tokenizer, fn)
 
     # --- bounds ---------------------------------------------------------------------------------------
     def check_chars(self, num_chars: int, field: str) -> None:

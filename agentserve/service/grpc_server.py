@@ -222,14 +222,20 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             return list(names())
         return list(names or [])
 
-    def _check_edge(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
-                    sampling: Optional[pb.SamplingParams] = None,
+    def _check_tools(self, tools: Sequence[pb.Tool]) -> None:
+        """Tool count and each tool's schema, on the JSON text before it is parsed."""
+        limits = self.store.render_pool.limits
+        L.check_count(len(tools), limits.max_tools, "tools", "max-tools")
+        for i, t in enumerate(tools):
+            if t.parameters_json:
+                L.check_schema(t.parameters_json, f"tools[{i}].parameters_json", limits)
+
+    def _check_edge(self, messages: list[dict[str, Any]], sampling: Optional[pb.SamplingParams] = None,
                     response_format: Optional[pb.ResponseFormat] = None) -> None:
         """Per-request limits and string validity, before any work that grows with the request."""
         limits = self.store.render_pool.limits
         L.check_count(len(messages), limits.max_messages, "messages", "max-messages")
         L.check_utf8(messages, "messages")
-        L.check_tools(tools, limits)
         if sampling is not None:
             L.check_stop(list(sampling.stop), limits, "sampling.stop")
         if response_format is not None and response_format.json_schema:
@@ -239,9 +245,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         async with _errors(context):
             self._check_model(request.model)
             self._check_adapter(request.adapter)
-            L.check_count(len(request.tools), self.store.render_pool.limits.max_tools, "tools", "max-tools")
+            self._check_tools(request.tools)
             messages, tools = messages_from_proto(request.messages), tools_from_proto(request.tools)
-            self._check_edge(messages, tools)
+            self._check_edge(messages)
             snap = await self.store.create(
                 messages, tools=tools,
                 ttl_seconds=request.ttl_seconds, cache_salt=request.cache_salt or None, adapter=request.adapter or None,
@@ -254,7 +260,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         async with _errors(context):
             tools = self.store.session_tools(request.session_id)
             messages = messages_from_proto(request.messages)
-            self._check_edge(messages, None, request.sampling,
+            self._check_edge(messages, request.sampling,
                              request.response_format if request.HasField("response_format") else None)
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
                 "response_format") else None, tools, request.tool_choice)
@@ -312,10 +318,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
             if sum(given) != 1:
                 raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
-            L.check_count(len(request.tools), self.store.render_pool.limits.max_tools, "tools", "max-tools")
+            self._check_tools(request.tools)
             tools = tools_from_proto(request.tools)
             messages = messages_from_proto(request.messages)
-            self._check_edge(messages, tools, request.sampling,
+            self._check_edge(messages, request.sampling,
                              request.response_format if request.HasField("response_format") else None)
             if tools is not None:
                 tools = R.normalize_tools(tools)
