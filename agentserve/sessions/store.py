@@ -647,60 +647,63 @@ class SessionStore:
         return True
 
     # --- turns ----------------------------------------------------------------------------------------
-    def _turn_basis(self, session_id: str) -> R.TurnBasis:
-        """The history a turn renders on (references only, read from the event loop: each field is
-        replaced whole on the step thread, and `_begin_turn` checks they are still the session's)."""
-        s = self._get(session_id)
-        if s.busy is not None:
-            raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
-        return R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens)
-
-    async def _render_turn(self, session_id: str, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
-        """The turn's prompt, rendered and tokenized in the render pool (not on the step thread)."""
-        basis = self._turn_basis(session_id)
-        pool = self.render_pool
-        if not basis.raw_tokens:
-            pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
-        return await pool.run(lambda tok: R.prepare_turn(pool, tok, basis, messages, self.engine.arch.vocab_size))
-
-    def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float,
-                    rendered: Optional[R.RenderedTurn] = None) -> PendingTurn:
-        """Step thread. Adopts the turn's prompt (as `_render_turn` built it; built inline only without
-        `rendered`), validates it and marks the session busy (its pages go to the turn's request at
-        admission, `_admit`). Nothing about the session changes when this raises."""
+    def _reserve_turn(self, session_id: str, params: SamplingParams, expected_next_turn_ms: float,
+                      received_at: float) -> tuple[PendingTurn, R.TurnBasis]:
+        """Step thread, constant time: marks the session busy as its turn arrives, as a turn rendered
+        here used to (eviction then counts it as a session with a turn on its way), and reads the
+        history the turn renders on — which cannot change while the session is busy. The turn's
+        prompt is rendered off this thread; `_begin_turn` adopts it, `_abandon_turn` undoes this."""
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
         if expected_next_turn_ms < 0:
             raise InvalidRequestError("expected_next_turn_ms must be >= 0")
-        if rendered is None:
-            rendered = R.prepare_turn(self.render_pool, self.tokenizer, self._turn_basis(session_id), messages,
-                                      self.engine.arch.vocab_size)
-        basis = rendered.basis
-        if basis.token_ids is not s.token_ids or basis.messages is not s.messages or basis.text is not s.text:
-            # Another turn finished between the rendering and now: it was in flight when this one came.
-            raise SessionBusyError(f"session {session_id!r} had a turn in flight; send this turn again")
+        pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
+                              prompt_token_ids=[], prompt_text="", new_messages=[], content_prefix="", params=params,
+                              expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
+        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        return pending, R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens)
+
+    def _abandon_turn(self, pending: PendingTurn) -> None:
+        """Step thread: a turn that failed or was cancelled before `_begin_turn` put it in the engine
+        gives its session back (releasing it if it was closed meanwhile)."""
+        self._pending.pop(pending.request_id, None)  # _begin_turn may have run (a cancel while it was queued)
+        s = pending.session
+        if s.busy is pending:
+            s.busy = None
+        if s.closed and s.busy is None:
+            self._release(s)
+
+    async def _render_turn(self, basis: R.TurnBasis, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
+        """The turn's prompt, rendered and tokenized in the render pool (not on the step thread)."""
+        pool = self.render_pool
+        if not basis.raw_tokens:
+            pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
+        return await pool.run(lambda tok: R.prepare_turn(pool, tok, basis, messages, self.engine.arch.vocab_size))
+
+    def _begin_turn(self, pending: PendingTurn, rendered: R.RenderedTurn) -> PendingTurn:
+        """Step thread. Adopts the turn's prompt (as `_render_turn` built it) and validates it; the
+        session's pages go to the turn's request at admission (`_admit`). Nothing about the session
+        changes when this raises (the caller then abandons the turn)."""
+        s = pending.session
+        if s.closed:
+            raise TurnCancelledError("the session was closed during the turn")
         new, prompt, prompt_text = rendered.new_messages, rendered.prompt, rendered.prompt_text
         keep = s.num_computed
         rerendered = rendered.common_prefix is not None
         if rendered.common_prefix is not None:
             keep = min(keep, rendered.common_prefix)
         keep = min(keep, len(prompt) - 1)
+        params = pending.params
         if params.max_tokens is None:
             room = min(self.engine.max_model_len, self.pool.num_blocks * self.block_size) - len(prompt)
             params = params.clone(max_tokens=max(1, room))
         params = self.engine.validate(prompt, params)
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
-
-        prefix = rendered.content_prefix
         self.stats.rerenders += rerendered
-        pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
-                              prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
-                              content_prefix=prefix, params=params,
-                              expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
-        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        pending.prompt_token_ids, pending.prompt_text, pending.new_messages = prompt, prompt_text, new
+        pending.content_prefix, pending.params = rendered.content_prefix, params
         if keep < s.num_computed:
             # Keep only the KV of the common prefix (the pages past it are released).
             if s.state is SessionState.RESIDENT:
@@ -802,9 +805,14 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        rendered = await self._render_turn(session_id, messages)
-        pending = await self._run(lambda: self._begin_turn(
-            session_id, messages, params, expected_next_turn_ms, received_at, rendered))
+        pending, basis = await self._run(lambda: self._reserve_turn(session_id, params, expected_next_turn_ms,
+                                                                    received_at))
+        try:
+            rendered = await self._render_turn(basis, messages)
+            await self._run(lambda: self._begin_turn(pending, rendered))
+        except BaseException:
+            self._call_soon(lambda: self._abandon_turn(pending))
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
