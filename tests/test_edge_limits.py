@@ -271,3 +271,21 @@ def test_offline_api_shares_the_limits() -> None:
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, stop=["a", "b", "c"]))
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, stop=["a", "b"], ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_oversized_turn_is_refused_and_the_session_stays_usable(aeng: AsyncEngine) -> None:
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            s = await client.create_session([{"role": "system", "content": "be brief"}])
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await s.run_turn([{"role": "user", "content": "z" * (2 * 2**20)}], max_tokens=2)
+            assert info.value.code() == Code.INVALID_ARGUMENT
+            assert "messages[0].content" in info.value.details() and "context length" in info.value.details()
+            assert time.monotonic() - t0 < 5.0  # refused by the bound, not after tokenizing 2 MiB
+            assert not (await s.refresh()).busy
+            out = await s.run_turn([{"role": "user", "content": "hi"}], max_tokens=2, ignore_eos=True)
+            assert out.done.usage.completion_tokens == 2 and out.done.session.num_turns == 1
+            await s.close()
+
+    run(body())
