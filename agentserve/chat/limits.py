@@ -8,7 +8,7 @@ costs any work that grows with its size.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from agentserve.config import ServerConfig
 from agentserve.engine.engine import InvalidRequestError
@@ -117,11 +117,6 @@ def check_utf8(value: Any, field: str) -> None:
                 stack.append((v, sub))
         elif isinstance(node, (list, tuple)):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
-
-
-def check_utf8_fields(fields: Iterable[tuple[str, Any]]) -> None:
-    for name, value in fields:
-        check_utf8(value, name)
 
 
 def check_sampling(params: SamplingParams, limits: ServerConfig) -> None:

@@ -1,4 +1,5 @@
-"""Messages and tools in OpenAI's shapes: validation, and rendering through the model's chat template.
+"""Messages and tools in OpenAI's shapes: validation, and rendering through the model's chat template
+(in a render pool worker: `prepare_create` and `prepare_turn`; never on the engine's step thread).
 
 Messages here are plain dicts (the gRPC service and the HTTP adapter convert to them):
     {"role": "system" | "user" | "assistant" | "tool", "content": str | None,
@@ -126,18 +127,6 @@ def has_chat_template(tokenizer: Any) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer: Any, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
-           add_generation_prompt: bool) -> str:
-    """The conversation as the chat template writes it (text, special tokens spelled out)."""
-    if not messages:
-        return ""
-    try:
-        return tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
-    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, raise_exception(...) in templates, ...
-        raise _bad(f"the chat template rejected the messages: {e}") from None
-
-
 _MARKER = "@@agentserve-content@@"
 
 
@@ -166,10 +155,6 @@ def decode_continuation(tokenizer: Any, context_ids: Sequence[int], ids: Sequenc
     if full.startswith(base):
         return full[len(base):]
     return tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -204,8 +189,8 @@ def prepare_create(pool: RenderPool, tokenizer: Any, messages: Sequence[Message]
 
 @dataclass
 class TurnBasis:
-    """What a turn's prompt is built on: the session's history as it was read (the step thread
-    checks, by identity, that it is still the session's before adopting the rendering)."""
+    """What a turn's prompt is built on: the session's history, read when the turn reserved the
+    session (it cannot change while the session is busy)."""
     messages: list[Message]
     text: str
     token_ids: list[int]
@@ -215,7 +200,6 @@ class TurnBasis:
 
 @dataclass
 class RenderedTurn:
-    basis: TurnBasis
     new_messages: list[Message]
     prompt: list[int]
     prompt_text: str
@@ -230,7 +214,7 @@ def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: S
         raise _bad("the turn has no new messages (send a user message or tool results)")
     if basis.raw_tokens:
         prompt = basis.token_ids + [t for m in new for t in m["token_ids"]]
-        return RenderedTurn(basis, new, prompt, "", None, "")
+        return RenderedTurn(new, prompt, "", None, "")
     history = basis.messages + new
     prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True)
     common: Optional[int] = None
@@ -242,4 +226,4 @@ def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: S
         prompt = pool.encode(tokenizer, prompt_text, "messages", add_special_tokens=False)
         common = common_prefix_len(basis.token_ids, prompt)
     prefix = assistant_content_prefix(tokenizer, history, basis.tools, prompt_text)
-    return RenderedTurn(basis, new, prompt, prompt_text, common, prefix)
+    return RenderedTurn(new, prompt, prompt_text, common, prefix)
