@@ -65,6 +65,31 @@ class ServerConfig(_Strict):
     grpc_port: Optional[int] = None
     http_port: Optional[int] = None
     api_key: Optional[str] = None
+    # Per-request limits (HTTP, gRPC and the offline API where they apply). Each refuses a request
+    # before it costs work that grows with its size; the defaults are generous for real agent traffic.
+    max_body_bytes: int = Field(
+        default=32 * 2**20, gt=0, description="Largest HTTP request body in bytes, counted on the bytes actually read "
+        "(chunked bodies too); past it the answer is 413.")
+    grpc_max_message_bytes: int = Field(
+        default=32 * 2**20, gt=0, description="Largest gRPC request message in bytes; past it RESOURCE_EXHAUSTED.")
+    max_messages: int = Field(default=4096, gt=0, description="Most messages in one request (chat, session, turn).")
+    max_tools: int = Field(default=256, gt=0, description="Most tools declared in one request or session.")
+    max_schema_bytes: int = Field(
+        default=2**20, gt=0, description="Largest JSON schema (response format, guided_json, a tool's parameters), "
+        "in bytes of its JSON text.")
+    max_schema_depth: int = Field(default=64, gt=0, description="Deepest nesting of objects and arrays in a JSON schema.")
+    max_stop_strings: int = Field(default=64, gt=0, description="Most stop strings in one request.")
+    max_stop_string_chars: int = Field(default=1024, gt=0, description="Longest stop string, in characters.")
+    prompt_bytes_per_token: int = Field(
+        default=32, gt=0, description="Cheap length bound checked before tokenizing: text longer than max_model_len "
+        "times this many characters cannot fit and is refused without tokenizing it.")
+    tokenizer_workers: int = Field(
+        default=4, gt=0, description="Threads that render chat templates and tokenize prompts (shared by HTTP and "
+        "gRPC), so that the engine's step thread only sees token ids and a small request does not wait behind a "
+        "large one.")
+    trust_request_chat_template: bool = Field(
+        default=False, description="Accept a chat template sent in a request (chat_template or "
+        "chat_template_kwargs.chat_template); off, such requests get 400. vLLM's flag of the same name.")
 
 
 class EngineConfig(_Strict):

@@ -6,6 +6,7 @@ import itertools
 import time
 from typing import Any, Optional, Sequence, Union
 
+from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.request import RequestOutput
@@ -45,6 +46,8 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        for params in params_list:  # the server's per-request limits hold offline too
+            check_sampling(params, self.engine.config.server)
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):

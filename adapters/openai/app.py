@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
+from agentserve.chat.limits import EdgeLimitError
+from agentserve.chat.render_pool import RenderPool
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -46,15 +47,41 @@ def _openai_error_response(e: OpenAIError) -> JSONResponse:
     return _error_response(e.status, e.message, e.type, e.param, e.code, headers)
 
 
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from the body's receive channel; an HTTPException so that FastAPI's body reading passes
+    it through to the error handlers (413) instead of answering 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is over the limit of {limit} bytes (--max-body-bytes).")
+
+
 class _GateMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would break streaming and disconnect detection):
-    API key on /v1/*, request body size limit, and per-endpoint request/status counters."""
+    API key on /v1/*, request body size limit, and per-endpoint request/status counters.
+
+    The body limit holds on the bytes actually read, whatever the headers say (a chunked body has no
+    Content-Length): the receive channel counts them and fails the read as soon as the limit is
+    passed, so the rest is never buffered (uvicorn stops reading the socket meanwhile)."""
 
     def __init__(self, app: Any, api_key: Optional[str], metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+
+    def _limited(self, receive: Any) -> Any:
+        read = 0
+
+        async def limited_receive() -> Any:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        return limited_receive
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -94,23 +121,28 @@ class _GateMiddleware:
                     too_big = False
                 if too_big:
                     resp = _error_response(413, f"The request body is {int(length)} bytes; the limit is "
-                                                f"{self.max_body_bytes} bytes.", "invalid_request_error", None,
-                                           "request_too_large")
+                                                f"{self.max_body_bytes} bytes (--max-body-bytes).",
+                                           "invalid_request_error", None, "request_too_large")
                     await resp(scope, receive, counting_send)
                     return
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, self._limited(receive), counting_send)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
 
-def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max_body_bytes: Optional[int] = None,
+               render_pool: Optional[RenderPool] = None) -> FastAPI:
     """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for
-    `server.api_key` and the model path); `session_store` (optional, duck-typed) feeds the session
-    gauges of /metrics."""
+    `server.api_key`, the request limits and the model path); `session_store` (optional, duck-typed)
+    feeds the session gauges of /metrics. `render_pool` is the render/tokenize pool shared with the
+    gRPC service (the app makes, and closes, its own without one); `max_body_bytes` overrides
+    `config.server.max_body_bytes`."""
     metrics = Metrics(async_engine.engine, session_store)
     metrics.install()
-    serving = OpenAIServing(async_engine, config, metrics)
+    own_pool = render_pool is None
+    if render_pool is None:
+        render_pool = RenderPool(async_engine.engine.tokenizer, async_engine.engine.max_model_len, config.server)
+    serving = OpenAIServing(async_engine, config, metrics, render_pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,7 +157,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
         finally:
             task.cancel()
             metrics.uninstall()
-            serving.close()
+            if own_pool:
+                render_pool.close()
 
     app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -138,6 +171,10 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return _openai_error_response(exc)
+
+    @app.exception_handler(EdgeLimitError)
+    async def _edge_limit_error(request: Request, exc: EdgeLimitError) -> JSONResponse:
+        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -163,7 +200,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _error_response(exc.status_code, str(exc.detail), type_, None, None,
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error_response(exc.status_code, str(exc.detail), type_, None, code,
                                dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
@@ -213,7 +251,7 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *,
             return Response(status_code=499)
 
     app.add_middleware(_GateMiddleware, api_key=getattr(config.server, "api_key", None), metrics=metrics,
-                       max_body_bytes=max_body_bytes)
+                       max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
     return app
 
 

@@ -124,6 +124,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template: Optional[str] = None  # refused unless --trust-request-chat-template
 
 
 class CompletionRequest(_SamplingFields):

@@ -15,12 +15,13 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from agentserve.grammar.backend import UNICODE_TO_BYTE as BYTE_DECODER
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of
+from agentserve.chat import limits as L
+from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import CompletionOutput, RequestOutput
@@ -88,7 +89,7 @@ async def _wait_disconnect(raw_request: Any) -> None:
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: Any, config: Any, metrics: Any = None) -> None:
+    def __init__(self, async_engine: Any, config: Any, metrics: Any, render_pool: RenderPool) -> None:
         self.aeng = async_engine
         self.engine = async_engine.engine
         self.config = config
@@ -100,13 +101,11 @@ class OpenAIServing:
             aliases.add(str(self.engine.model_path))
         self.model_aliases = aliases
         self.created = _now()
-        # Chat templates and tokenization are CPU work: off the event loop, one at a time (fast
-        # tokenizers are not re-entrant everywhere), so streaming never stalls behind a long prompt.
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentserve-tokenize")
+        # Chat templates and tokenization are CPU work: in the render pool (shared with gRPC), off the
+        # event loop and the step thread, so streaming never stalls behind a long prompt.
+        self.render_pool = render_pool
+        self.limits = config.server
         self._tool_fmt: Optional[str] = None  # detected lazily ("" when unknown)
-
-    def close(self) -> None:
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- models -------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -245,8 +244,18 @@ class OpenAIServing:
         except ValueError as e:  # a sampling field checked against the vocabulary, else the prompt
             raise OpenAIError(400, str(e), param=_param_of(str(e)) or what) from None
 
-    async def _in_pool(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+    def _check_edge(self, req: Any) -> None:
+        """Limits and string validity that hold for both endpoints, before any work that grows with
+        the request's size: every string valid UTF-8, stop strings, JSON schemas."""
+        L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        L.check_stop(stop, self.limits)
+        if req.response_format is not None and req.response_format.json_schema is not None \
+                and req.response_format.json_schema.json_schema is not None:
+            L.check_schema(req.response_format.json_schema.json_schema, "response_format.json_schema.schema",
+                           self.limits)
+        if req.guided_json is not None:
+            L.check_schema(req.guided_json, "guided_json", self.limits)
 
     def _need_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -413,6 +422,7 @@ class OpenAIServing:
 
     # --- completions --------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw_request: Any) -> Any:
+        self._check_edge(req)
         lora_name = self.resolve_model(req.model)
         if req.suffix:
             raise OpenAIError(400, "suffix is not supported", param="suffix")
@@ -437,12 +447,15 @@ class OpenAIServing:
         if isinstance(prompt, str):
             prompt = [prompt]
         params = self._sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+        pool = self.render_pool
         prompt_ids: list[list[int]] = []
         resolved: list[int] = []
-        for text, p in zip(texts, prompt):  # type: ignore[arg-type]
+        for i, (text, p) in enumerate(zip(texts, prompt)):  # type: ignore[arg-type]
             if text is not None:
-                tok = self._need_tokenizer()
-                ids = await self._in_pool(lambda t=text: list(tok.encode(t)))
+                self._need_tokenizer()
+                field = "prompt" if len(texts) == 1 else f"prompt[{i}]"
+                pool.check_chars(len(text), field)  # before it waits for a worker
+                ids = await pool.run(lambda tok, t=text, f=field: pool.encode(tok, t, f, add_special_tokens=True))
             else:
                 ids = list(p)  # type: ignore[arg-type]
             if not ids:
@@ -560,20 +573,39 @@ class OpenAIServing:
             check_tool_schemas(tools)
         return tools, choice
 
-    def _render_chat(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
-                     req: ChatCompletionRequest) -> list[int]:
-        tok = self.tokenizer
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """Extra chat-template variables; a client-supplied template only with --trust-request-chat-template
+        (a template is a program: a few bytes of Jinja can expand to megabytes)."""
         kwargs = dict(req.chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None)
+        field = "chat_template_kwargs.chat_template"
+        if req.chat_template is not None:
+            template, field = req.chat_template, "chat_template"
+        if template is not None:
+            if not self.limits.trust_request_chat_template:
+                raise OpenAIError(400, f"{field}: this server does not accept chat templates in requests (start "
+                                       "it with --trust-request-chat-template to allow them)", param=field)
+            if not isinstance(template, str):
+                raise OpenAIError(400, f"{field} must be a string", param=field)
+            kwargs["chat_template"] = template
         if req.continue_final_message:
             kwargs["continue_final_message"] = True
-        try:
-            text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
-                                           tokenize=False, **kwargs)
-        except Exception as e:  # noqa: BLE001 - jinja TemplateError, raise_exception() in templates, ...
-            raise OpenAIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        return list(tok.encode(text, add_special_tokens=False))
+        return kwargs
+
+    def _render_chat(self, tok: Any, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
+                     req: ChatCompletionRequest, kwargs: dict[str, Any]) -> list[int]:
+        """A render pool worker: the messages through the chat template, then tokenized."""
+        pool = self.render_pool
+        text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
+        return pool.encode(tok, text, "messages", add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, raw_request: Any) -> Any:
+        self._check_edge(req)
+        L.check_count(len(req.messages), self.limits.max_messages, "messages", "max-messages")
+        L.check_count(len(req.tools or ()), self.limits.max_tools, "tools", "max-tools")
+        for i, t in enumerate(req.tools or ()):
+            if t.function.parameters is not None:
+                L.check_schema(t.function.parameters, f"tools[{i}].function.parameters", self.limits)
         lora_name = self.resolve_model(req.model)
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
@@ -581,7 +613,9 @@ class OpenAIServing:
         if req.continue_final_message and req.add_generation_prompt:
             raise OpenAIError(400, "continue_final_message needs add_generation_prompt=false",
                               param="continue_final_message")
+        template_kwargs = self._template_kwargs(req)
         messages = self._normalize_messages(req.messages)
+        self.render_pool.check_messages(messages)
         tools, tool_choice = self._check_tools(req)
         top_n = 0
         if req.top_logprobs is not None:
@@ -609,7 +643,7 @@ class OpenAIServing:
             if e.param == "max_tokens" and req.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"
             raise
-        prompt_ids = await self._in_pool(self._render_chat, messages, tools, req)
+        prompt_ids = await self.render_pool.run(lambda tok: self._render_chat(tok, messages, tools, req, template_kwargs))
         params = self._validate(prompt_ids, params, "messages")
         self._check_queue(1)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -1,8 +1,9 @@
 """AgentService over grpc.aio: sessions (sessions/store.py), stateless generation, models, health.
 
 Every RPC maps errors to status codes with a readable message: NOT_FOUND (session, model, adapter),
-INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input), FAILED_PRECONDITION (a
-turn already running on the session), RESOURCE_EXHAUSTED (queue full), UNAUTHENTICATED (API key),
+INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input, a per-request limit,
+text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session),
+RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTHENTICATED (API key),
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
 """
 
@@ -18,6 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import grpc
 
+from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.sampling_params import SamplingParams
@@ -220,12 +222,34 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             return list(names())
         return list(names or [])
 
+    def _check_tools(self, tools: Sequence[pb.Tool]) -> None:
+        """Tool count and each tool's schema, on the JSON text before it is parsed."""
+        limits = self.store.render_pool.limits
+        L.check_count(len(tools), limits.max_tools, "tools", "max-tools")
+        for i, t in enumerate(tools):
+            if t.parameters_json:
+                L.check_schema(t.parameters_json, f"tools[{i}].parameters_json", limits)
+
+    def _check_edge(self, messages: list[dict[str, Any]], sampling: Optional[pb.SamplingParams] = None,
+                    response_format: Optional[pb.ResponseFormat] = None) -> None:
+        """Per-request limits and string validity, before any work that grows with the request."""
+        limits = self.store.render_pool.limits
+        L.check_count(len(messages), limits.max_messages, "messages", "max-messages")
+        L.check_utf8(messages, "messages")
+        if sampling is not None:
+            L.check_stop(list(sampling.stop), limits, "sampling.stop")
+        if response_format is not None and response_format.json_schema:
+            L.check_schema(response_format.json_schema, "response_format.json_schema", limits)
+
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
             self._check_model(request.model)
             self._check_adapter(request.adapter)
+            self._check_tools(request.tools)
+            messages, tools = messages_from_proto(request.messages), tools_from_proto(request.tools)
+            self._check_edge(messages)
             snap = await self.store.create(
-                messages_from_proto(request.messages), tools=tools_from_proto(request.tools),
+                messages, tools=tools,
                 ttl_seconds=request.ttl_seconds, cache_salt=request.cache_salt or None, adapter=request.adapter or None,
                 raw_tokens=request.raw_tokens, metadata=dict(request.metadata))
             return snapshot_to_proto(snap)
@@ -235,11 +259,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         received = time.monotonic()
         async with _errors(context):
             tools = self.store.session_tools(request.session_id)
+            messages = messages_from_proto(request.messages)
+            self._check_edge(messages, request.sampling,
+                             request.response_format if request.HasField("response_format") else None)
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
                 "response_format") else None, tools, request.tool_choice)
             ids = request.return_token_ids
             async with contextlib.aclosing(self.store.turn(
-                    request.session_id, messages_from_proto(request.messages), params,
+                    request.session_id, messages, params,
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
                     received_at=received)) as events:
                 async for ev in events:
@@ -291,25 +318,37 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
             if sum(given) != 1:
                 raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
+            self._check_tools(request.tools)
             tools = tools_from_proto(request.tools)
+            messages = messages_from_proto(request.messages)
+            self._check_edge(messages, request.sampling,
+                             request.response_format if request.HasField("response_format") else None)
             if tools is not None:
                 tools = R.normalize_tools(tools)
             if request.tools and not request.messages:
                 raise InvalidRequestError("tools need messages (they are rendered with the chat template)")
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
                 "response_format") else None, tools, request.tool_choice)
-            prompt: Any
+            # Rendering and tokenizing run in the render pool: the step thread only sees token ids.
+            pool = self.store.render_pool
+            prompt: list[int]
             if request.messages:
-                tok = self.engine.tokenizer
-                if not R.has_chat_template(tok):
+                if not R.has_chat_template(self.engine.tokenizer):
                     raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
-                msgs = R.normalize_messages(messages_from_proto(request.messages), raw_tokens=False,
-                                            vocab_size=self.engine.arch.vocab_size)
-                prompt = R.encode(tok, R.render(tok, msgs, tools, add_generation_prompt=True))
+                msgs = R.normalize_messages(messages, raw_tokens=False, vocab_size=self.engine.arch.vocab_size)
+                pool.check_messages(msgs)
+                prompt = await pool.run(lambda tok: pool.encode(
+                    tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages",
+                    add_special_tokens=False))
             elif request.prompt_token_ids:
                 prompt = list(request.prompt_token_ids)
             else:
-                prompt = request.prompt
+                if self.engine.tokenizer is None:
+                    raise InvalidRequestError("this model has no tokenizer: send prompt_token_ids")
+                L.check_utf8(request.prompt, "prompt")
+                pool.check_chars(len(request.prompt), "prompt")
+                text = request.prompt
+                prompt = await pool.run(lambda tok: pool.encode(tok, text, "prompt", add_special_tokens=True))
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
             reply: Optional[ReplyStream] = None
             async with contextlib.aclosing(self.aeng.generate(

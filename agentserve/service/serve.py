@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Optional
 
 import grpc
 
+from agentserve.chat.render_pool import RenderPool
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
@@ -28,11 +29,12 @@ from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
 
-_GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 * 2**20),
-    ("grpc.max_send_message_length", 256 * 2**20),
-    ("grpc.so_reuseport", 0),
-]
+def _grpc_options(config: EngineConfig) -> list[tuple[str, int]]:
+    # Receive: the configured request limit (gRPC answers RESOURCE_EXHAUSTED past it, before the
+    # message is parsed). Send: large, a session's snapshot with its token ids can be big.
+    return [("grpc.max_receive_message_length", config.server.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", 256 * 2**20),
+            ("grpc.so_reuseport", 0)]
 
 
 @dataclass
@@ -80,7 +82,11 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
 
         engine = await asyncio.get_running_loop().run_in_executor(None, Engine, config)
         async_engine = AsyncEngine(engine)
-    store = SessionStore(async_engine, default_ttl=default_ttl, expiry_interval=expiry_interval)
+    engine_ = async_engine.engine
+    # One render/tokenize pool for gRPC and HTTP; the limits are the served config's.
+    render_pool = RenderPool(engine_.tokenizer, engine_.max_model_len, config.server)
+    store = SessionStore(async_engine, default_ttl=default_ttl, expiry_interval=expiry_interval,
+                         render_pool=render_pool)
     store.start()
     servicer = AgentServicer(async_engine, store)
     api_key = config.server.api_key
@@ -91,7 +97,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     try:
         if grpc_port is not None:
             server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
-                                     options=_GRPC_OPTIONS)
+                                     options=_grpc_options(config))
             add_to_server(server, servicer)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
             if not bound:
@@ -101,7 +107,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
         if http_port is not None:
             from agentserve.adapters.openai.app import create_app
 
-            app = create_app(async_engine, config, store)
+            app = create_app(async_engine, config, store, render_pool=render_pool)
             uv = _uvicorn_server(app, host, http_port)
             uv_task = asyncio.get_running_loop().create_task(uv.serve())
             while not uv.started:
@@ -126,6 +132,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
         await store.stop()
         await store.close_all()
         store.detach()
+        render_pool.close()
         if own_engine:
             await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)
 

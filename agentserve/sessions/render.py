@@ -1,4 +1,5 @@
-"""Messages and tools in OpenAI's shapes: validation, and rendering through the model's chat template.
+"""Messages and tools in OpenAI's shapes: validation, and rendering through the model's chat template
+(in a render pool worker: `prepare_create` and `prepare_turn`; never on the engine's step thread).
 
 Messages here are plain dicts (the gRPC service and the HTTP adapter convert to them):
     {"role": "system" | "user" | "assistant" | "tool", "content": str | None,
@@ -9,8 +10,10 @@ Messages here are plain dicts (the gRPC service and the HTTP adapter convert to 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.engine import InvalidRequestError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -124,18 +127,6 @@ def has_chat_template(tokenizer: Any) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer: Any, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
-           add_generation_prompt: bool) -> str:
-    """The conversation as the chat template writes it (text, special tokens spelled out)."""
-    if not messages:
-        return ""
-    try:
-        return tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
-    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, raise_exception(...) in templates, ...
-        raise _bad(f"the chat template rejected the messages: {e}") from None
-
-
 _MARKER = "@@agentserve-content@@"
 
 
@@ -166,13 +157,73 @@ def decode_continuation(tokenizer: Any, context_ids: Sequence[int], ids: Sequenc
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+# --- rendering off the step thread (a render pool worker) --------------------------------------------
+@dataclass
+class RenderedCreate:
+    """A new session's messages, ready for the step thread to adopt."""
+    messages: list[Message]
+    tools: Optional[list[dict[str, Any]]]
+    text: str
+    token_ids: list[int]
+
+
+def prepare_create(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
+                   tools: Optional[Sequence[dict[str, Any]]], *, raw: bool, vocab_size: int) -> RenderedCreate:
+    if raw and tools:
+        raise _bad("tools need a chat template; this session takes raw tokens")
+    tools_n = normalize_tools(tools)
+    msgs = normalize_messages(messages, raw_tokens=raw, vocab_size=vocab_size)
+    if raw:
+        return RenderedCreate(msgs, tools_n, "", [t for m in msgs for t in m["token_ids"]])
+    text = pool.render(tokenizer, msgs, tools_n, add_generation_prompt=False) if msgs else ""
+    return RenderedCreate(msgs, tools_n, text, pool.encode(tokenizer, text, "messages", add_special_tokens=False))
+
+
+@dataclass
+class TurnBasis:
+    """What a turn's prompt is built on: the session's history, read when the turn reserved the
+    session (it cannot change while the session is busy)."""
+    messages: list[Message]
+    text: str
+    token_ids: list[int]
+    tools: Optional[list[dict[str, Any]]]
+    raw_tokens: bool
+
+
+@dataclass
+class RenderedTurn:
+    new_messages: list[Message]
+    prompt: list[int]
+    prompt_text: str
+    common_prefix: Optional[int]  # the history re-rendered differently: tokens it still shares
+    content_prefix: str
+
+
+def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: Sequence[Message],
+                 vocab_size: int) -> RenderedTurn:
+    new = normalize_messages(messages, raw_tokens=basis.raw_tokens, vocab_size=vocab_size)
+    if not new and (not basis.messages or basis.messages[-1]["role"] == "assistant"):
+        raise _bad("the turn has no new messages (send a user message or tool results)")
+    if basis.raw_tokens:
+        prompt = basis.token_ids + [t for m in new for t in m["token_ids"]]
+        return RenderedTurn(new, prompt, "", None, "")
+    history = basis.messages + new
+    prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True)
+    common: Optional[int] = None
+    if prompt_text.startswith(basis.text):
+        prompt = basis.token_ids + pool.encode(tokenizer, prompt_text[len(basis.text):], "messages",
+                                               add_special_tokens=False)
+    else:
+        # The template renders the history differently from the tokens the session holds.
+        prompt = pool.encode(tokenizer, prompt_text, "messages", add_special_tokens=False)
+        common = common_prefix_len(basis.token_ids, prompt)
+    prefix = assistant_content_prefix(tokenizer, history, basis.tools, prompt_text)
+    return RenderedTurn(new, prompt, prompt_text, common, prefix)

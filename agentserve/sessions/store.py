@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequen
 
 from agentserve.cache.block_pool import compute_block_hashes
 from agentserve.cache.swap_slots import SwapSlots
+from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import Request, RequestOutput
@@ -248,9 +249,11 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0) -> None:
+                 expiry_interval: float = 1.0, render_pool: Optional[RenderPool] = None) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
+        # Rendering and tokenizing grow with the input: they run here, never on the step thread.
+        self.render_pool = render_pool or RenderPool(engine.tokenizer, engine.max_model_len, engine.config.server)
         self.pool = engine.pool
         self.kv_cache = engine.runner.kv_cache
         self.block_size = engine.pool.block_size
@@ -354,31 +357,33 @@ class SessionStore:
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
                      metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+        pool, raw = self.render_pool, raw_tokens or not self.has_template
+        pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
+        rendered = await pool.run(lambda tok: R.prepare_create(pool, tok, messages, tools, raw=raw,
+                                                               vocab_size=self.engine.arch.vocab_size))
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
-            raw_tokens=raw_tokens, metadata=metadata))
+            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
-                    metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        """Step thread. Renders the initial messages (no KV yet: the first turn prefills them, finding
-        any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
+                    metadata: Optional[dict[str, str]] = None,
+                    rendered: Optional[R.RenderedCreate] = None) -> SessionSnapshot:
+        """Step thread. Adopts the initial messages as `create` rendered them in the render pool
+        (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
+        any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
         raw = raw_tokens or not self.has_template
-        if raw and tools:
-            raise InvalidRequestError("tools need a chat template; this session takes raw tokens")
-        tools_n = R.normalize_tools(tools)
-        msgs = R.normalize_messages(messages, raw_tokens=raw, vocab_size=self.engine.arch.vocab_size)
+        if rendered is None:
+            rendered = R.prepare_create(self.render_pool, self.tokenizer, messages, tools, raw=raw,
+                                        vocab_size=self.engine.arch.vocab_size)
+        msgs = rendered.messages
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
-                    tools=tools_n, cache_salt=cache_salt or None, raw_tokens=raw,
+                    tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
                     ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}))
-        if raw:
-            s.token_ids = [t for m in msgs for t in m["token_ids"]]
-        else:
-            s.text = R.render(self.tokenizer, msgs, tools_n, add_generation_prompt=False)
-            s.token_ids = R.encode(self.tokenizer, s.text)
+        s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
                                       f"{self.engine.max_model_len}")
@@ -642,49 +647,63 @@ class SessionStore:
         return True
 
     # --- turns ----------------------------------------------------------------------------------------
-    def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
-        """Step thread. Builds the turn's prompt, validates it and marks the session busy (its pages
-        go to the turn's request at admission, `_admit`). Nothing about the session changes when
-        this raises."""
+    def _reserve_turn(self, session_id: str, params: SamplingParams, expected_next_turn_ms: float,
+                      received_at: float) -> tuple[PendingTurn, R.TurnBasis]:
+        """Step thread, constant time: marks the session busy as its turn arrives, as a turn rendered
+        here used to (eviction then counts it as a session with a turn on its way), and reads the
+        history the turn renders on — which cannot change while the session is busy. The turn's
+        prompt is rendered off this thread; `_begin_turn` adopts it, `_abandon_turn` undoes this."""
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
         if expected_next_turn_ms < 0:
             raise InvalidRequestError("expected_next_turn_ms must be >= 0")
-        new = R.normalize_messages(messages, raw_tokens=s.raw_tokens, vocab_size=self.engine.arch.vocab_size)
-        if not new and (not s.messages or s.messages[-1]["role"] == "assistant"):
-            raise InvalidRequestError("the turn has no new messages (send a user message or tool results)")
+        pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
+                              prompt_token_ids=[], prompt_text="", new_messages=[], content_prefix="", params=params,
+                              expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
+        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        return pending, R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens)
+
+    def _abandon_turn(self, pending: PendingTurn) -> None:
+        """Step thread: a turn that failed or was cancelled before `_begin_turn` put it in the engine
+        gives its session back (releasing it if it was closed meanwhile)."""
+        self._pending.pop(pending.request_id, None)  # _begin_turn may have run (a cancel while it was queued)
+        s = pending.session
+        if s.busy is pending:
+            s.busy = None
+        if s.closed and s.busy is None:
+            self._release(s)
+
+    async def _render_turn(self, basis: R.TurnBasis, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
+        """The turn's prompt, rendered and tokenized in the render pool (not on the step thread)."""
+        pool = self.render_pool
+        if not basis.raw_tokens:
+            pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
+        return await pool.run(lambda tok: R.prepare_turn(pool, tok, basis, messages, self.engine.arch.vocab_size))
+
+    def _begin_turn(self, pending: PendingTurn, rendered: R.RenderedTurn) -> PendingTurn:
+        """Step thread. Adopts the turn's prompt (as `_render_turn` built it) and validates it; the
+        session's pages go to the turn's request at admission (`_admit`). Nothing about the session
+        changes when this raises (the caller then abandons the turn)."""
+        s = pending.session
+        if s.closed:
+            raise TurnCancelledError("the session was closed during the turn")
+        new, prompt, prompt_text = rendered.new_messages, rendered.prompt, rendered.prompt_text
         keep = s.num_computed
-        rerendered = False
-        if s.raw_tokens:
-            prompt = s.token_ids + [t for m in new for t in m["token_ids"]]
-            prompt_text = ""
-        else:
-            prompt_text = R.render(self.tokenizer, s.messages + new, s.tools, add_generation_prompt=True)
-            if prompt_text.startswith(s.text):
-                prompt = s.token_ids + R.encode(self.tokenizer, prompt_text[len(s.text):])
-            else:
-                # The template renders the history differently from the tokens the session holds.
-                prompt = R.encode(self.tokenizer, prompt_text)
-                keep = min(keep, R.common_prefix_len(s.token_ids, prompt))
-                rerendered = True
+        rerendered = rendered.common_prefix is not None
+        if rendered.common_prefix is not None:
+            keep = min(keep, rendered.common_prefix)
         keep = min(keep, len(prompt) - 1)
+        params = pending.params
         if params.max_tokens is None:
             room = min(self.engine.max_model_len, self.pool.num_blocks * self.block_size) - len(prompt)
             params = params.clone(max_tokens=max(1, room))
         params = self.engine.validate(prompt, params)
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
-
-        prefix = "" if s.raw_tokens else R.assistant_content_prefix(self.tokenizer, s.messages + new, s.tools,
-                                                                       prompt_text)
         self.stats.rerenders += rerendered
-        pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
-                              prompt_token_ids=prompt, prompt_text=prompt_text, new_messages=new,
-                              content_prefix=prefix, params=params,
-                              expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
-        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        pending.prompt_token_ids, pending.prompt_text, pending.new_messages = prompt, prompt_text, new
+        pending.content_prefix, pending.params = rendered.content_prefix, params
         if keep < s.num_computed:
             # Keep only the KV of the common prefix (the pages past it are released).
             if s.state is SessionState.RESIDENT:
@@ -786,8 +805,14 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        pending = await self._run(lambda: self._begin_turn(
-            session_id, messages, params, expected_next_turn_ms, received_at))
+        pending, basis = await self._run(lambda: self._reserve_turn(session_id, params, expected_next_turn_ms,
+                                                                    received_at))
+        try:
+            rendered = await self._render_turn(basis, messages)
+            await self._run(lambda: self._begin_turn(pending, rendered))
+        except BaseException:
+            self._call_soon(lambda: self._abandon_turn(pending))
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()

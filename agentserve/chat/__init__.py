@@ -1,0 +1,1 @@
+"""Message normalisation and rendering at the edge: request limits and the render/tokenize pool."""

@@ -1,0 +1,129 @@
+"""Per-request limits and text validity at the edge, shared by the HTTP adapter, the gRPC service and
+the offline API: counts (messages, tools, stop strings), JSON schema size and nesting depth, and
+strings that are not valid UTF-8 (a lone surrogate such as "\\ud800", which JSON can spell but no
+tokenizer can take). Each failure is an EdgeLimitError naming the field, checked before the request
+costs any work that grows with its size.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+from agentserve.config import ServerConfig
+from agentserve.engine.engine import InvalidRequestError
+from agentserve.sampling_params import SamplingParams
+
+
+class EdgeLimitError(InvalidRequestError):
+    """A request over a limit, or with an invalid string: HTTP 400 / gRPC INVALID_ARGUMENT. `field` is
+    the request field to fix (OpenAI's `param`); `code` OpenAI's error code, when there is one."""
+
+    def __init__(self, message: str, field: Optional[str], code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+def check_count(count: int, limit: int, field: str, flag: str) -> None:
+    if count > limit:
+        raise EdgeLimitError(f"{field} has {count} entries; this server takes at most {limit} (--{flag})", field)
+
+
+def schema_depth(schema: Any) -> int:
+    """Nesting depth of objects and arrays, iteratively (a deep schema must not exhaust the stack)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def check_schema(schema: Any, field: str, limits: ServerConfig) -> None:
+    """A JSON schema's size (bytes of its JSON text) and nesting depth. A string is parsed first."""
+    if isinstance(schema, str):
+        size = len(schema.encode("utf-8", "surrogatepass"))
+        if size > limits.max_schema_bytes:
+            raise EdgeLimitError(f"{field} is {size} bytes; the limit is {limits.max_schema_bytes} "
+                                 "(--max-schema-bytes)", field)
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError:
+            return  # not JSON: the constraint's own validation names it
+    depth = schema_depth(schema)
+    if depth > limits.max_schema_depth:
+        raise EdgeLimitError(f"{field} nests {depth} levels deep; the limit is {limits.max_schema_depth} "
+                             "(--max-schema-depth)", field)
+    size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    if size > limits.max_schema_bytes:
+        raise EdgeLimitError(f"{field} is {size} bytes of JSON; the limit is {limits.max_schema_bytes} "
+                             "(--max-schema-bytes)", field)
+
+
+def check_stop(stop: Optional[Sequence[str]], limits: ServerConfig, field: str = "stop") -> None:
+    if not stop:
+        return
+    check_count(len(stop), limits.max_stop_strings, field, "max-stop-strings")
+    for i, s in enumerate(stop):
+        if isinstance(s, str) and len(s) > limits.max_stop_string_chars:
+            raise EdgeLimitError(f"{field}[{i}] is {len(s)} characters; the limit is {limits.max_stop_string_chars} "
+                                 "(--max-stop-string-chars)", f"{field}[{i}]")
+
+
+def check_tools(tools: Optional[Sequence[dict[str, Any]]], limits: ServerConfig, field: str = "tools") -> None:
+    """Tool count, and each tool's parameter schema."""
+    if not tools:
+        return
+    check_count(len(tools), limits.max_tools, field, "max-tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        params = fn.get("parameters") if isinstance(fn, dict) else None
+        if params is not None:
+            check_schema(params, f"{field}[{i}].function.parameters", limits)
+
+
+def _lone_surrogate(text: str) -> Optional[int]:
+    if text.isascii():  # the common case, in C, without copying
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_utf8(value: Any, field: str) -> None:
+    """Every string in `value` (a string, or lists/dicts of them, keys included) is valid UTF-8; the
+    first that is not is named by its path (`messages[0].content`). Iterative: no recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, field)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            at = _lone_surrogate(node)
+            if at is not None:
+                raise EdgeLimitError(f"{path} is not valid UTF-8: a lone surrogate (U+{ord(node[at]):04X}) at "
+                                     f"character {at}; send text as valid Unicode", path)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str):
+                    stack.append((k, sub))
+                stack.append((v, sub))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+
+
+def check_sampling(params: SamplingParams, limits: ServerConfig) -> None:
+    """The limits a SamplingParams carries (stop strings, the JSON schema, tools): for the offline API,
+    whose requests come as SamplingParams rather than through an HTTP or gRPC edge."""
+    stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    check_stop(stop, limits)
+    if params.json_schema is not None:
+        check_schema(params.json_schema, "json_schema", limits)
+    check_tools(params.tools, limits)
