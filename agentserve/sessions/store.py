@@ -240,6 +240,7 @@ class PendingTurn:
     result_message: Optional[dict[str, Any]] = None
     snapshot: Optional[SessionSnapshot] = None
     task: Optional["asyncio.Task[None]"] = None
+    loop: Optional[asyncio.AbstractEventLoop] = None  # the loop running `task`
     ended: Optional[asyncio.Event] = None
 
 
@@ -439,11 +440,14 @@ class SessionStore:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
         s.closed = True
         pending = s.busy
-        if pending is None:
-            self._release(s)
-        # else the turn's end (_end_turn, on this thread, after the request is out of the engine)
-        # releases the pages: freeing them now could race with its add_request forking them.
-        s.state = SessionState.CLOSED
+        if pending is not None:
+            # Take the turn's request out now (its own references go with it) and stop the turn's
+            # task, even when the caller of close never gets this far (cancelled meanwhile). A turn
+            # admitted after this finds the session CLOSED and forks nothing from it.
+            self.engine.abort(pending.request_id)
+            if pending.task is not None and pending.loop is not None:
+                pending.loop.call_soon_threadsafe(pending.task.cancel)
+        self._release(s)
         return self._snapshot(s), pending
 
     async def close_all(self) -> None:
@@ -786,13 +790,29 @@ class SessionStore:
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        pending = await self._run(lambda: self._begin_turn(
-            session_id, messages, params, expected_next_turn_ms, received_at))
         loop = asyncio.get_running_loop()
+        begun: list[PendingTurn] = []
+
+        def begin() -> PendingTurn:
+            pending = self._begin_turn(session_id, messages, params, expected_next_turn_ms, received_at)
+            pending.loop = loop
+            begun.append(pending)
+            return pending
+
+        try:
+            pending = await self._run(begin)
+        except asyncio.CancelledError:
+            # Cancelled while `begin` was queued or running: a running step-thread call cannot be
+            # stopped, so it may have marked the session busy. Commands run in order, so this undo
+            # runs after it (and finds nothing when `begin` never ran).
+            self._call_soon(lambda: [self._end_turn(p) for p in begun])
+            raise
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
         task = loop.create_task(self._drive(pending, queue, priority))
         pending.task = task
+        if pending.session.closed:  # closed between begin and now (_close could not cancel a task yet)
+            task.cancel()
 
         def on_done(t: "asyncio.Task[None]") -> None:
             if t.cancelled():
@@ -800,7 +820,11 @@ class SessionStore:
                     "the session was closed during the turn" if pending.session.closed else "the turn was cancelled"))
             elif t.exception() is not None:
                 queue.put_nowait(t.exception())
-            fut = self._call_soon(lambda: self._end_turn(pending))
+            try:
+                fut = self._call_soon(lambda: self._end_turn(pending))
+            except EngineDeadError:  # shutting down: the engine's requests and pages go with it
+                pending.ended.set()  # type: ignore[union-attr]
+                return
             fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(pending.ended.set))  # type: ignore[union-attr]
 
         task.add_done_callback(on_done)
