@@ -22,6 +22,7 @@ from agentserve.grammar.backend import UNICODE_TO_BYTE as BYTE_DECODER
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
+from agentserve.service.tenants import tenant_of_scope
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -258,6 +259,9 @@ class OpenAIServing:
                        raw_request: Any, engine_kwargs: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Runs one engine request per prompt; yields (prompt index, output) as they come. When the
         client disconnects (or this iterator is closed or cancelled) every request is aborted."""
+        if raw_request is not None:  # the caller's tenant namespaces the pages (its salt refines the request's)
+            tenant = tenant_of_scope(raw_request.scope)
+            engine_kwargs = dict(engine_kwargs, cache_salt=tenant.cache_salt(engine_kwargs.get("cache_salt")))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, rid: str, ids: Sequence[int]) -> None:

@@ -46,6 +46,7 @@ the prefix cache; its turn waits in the queue while running requests hold the pa
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import itertools
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TTL_SECONDS = 1800.0
+DEFAULT_MAX_SESSIONS = 8192
+ANONYMOUS_TENANT = ""  # the owner of every session on a server without API keys
 
 
 class SessionState(str, enum.Enum):
@@ -96,6 +99,10 @@ class SessionBusyError(SessionError):
 
 class TurnCancelledError(SessionError):
     code = "CANCELLED"
+
+
+class SessionLimitError(SessionError):
+    code = "RESOURCE_EXHAUSTED"
 
 
 @dataclass
@@ -212,6 +219,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
     expected_by: Optional[float] = None  # monotonic deadline from the expected_next_turn_ms hint
+    tenant: str = ANONYMOUS_TENANT  # the owner: other tenants cannot see or touch the session
 
     @property
     def extra_key(self) -> Optional[tuple[Optional[str], Optional[str]]]:
@@ -249,7 +257,8 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0) -> None:
+                 expiry_interval: float = 1.0, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 max_sessions_per_tenant: Optional[int] = None) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
         self.pool = engine.pool
@@ -260,6 +269,9 @@ class SessionStore:
         self.default_ttl = default_ttl
         self.expiry_interval = expiry_interval
         self.sessions: dict[str, Session] = {}
+        self.max_sessions = max_sessions
+        self.max_sessions_per_tenant = max_sessions_per_tenant or max_sessions
+        self._sessions_of: collections.Counter[str] = collections.Counter()  # tenant -> open sessions
         self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
         self._swap = SwapSlots(self.kv_cache.num_swap_blocks)
         self.stats = SessionStats()
@@ -323,18 +335,33 @@ class SessionStore:
                 fut.set_exception(e)
             return fut
 
-    def session_tools(self, session_id: str) -> Optional[list[dict[str, Any]]]:
+    def session_tools(self, session_id: str, tenant: str = ANONYMOUS_TENANT) -> Optional[list[dict[str, Any]]]:
         """The tools a session was created with (immutable, so readable from any thread)."""
-        s = self.sessions.get(session_id)
-        if s is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
-        return s.tools
+        return self._owned(session_id, tenant).tools
 
     def _get(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
         return s
+
+    def _owned(self, session_id: str, tenant: str) -> Session:
+        """The session, if `tenant` owns it; another tenant's session is NOT_FOUND, like an unknown one."""
+        s = self.sessions.get(session_id)
+        if s is None or s.tenant != tenant:
+            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        return s
+
+    def _add(self, s: Session) -> None:
+        """Registers a new session (create, fork) within the global and the owner's session limits."""
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionLimitError(f"the server has {len(self.sessions)} open sessions (limit {self.max_sessions}); "
+                                    "close idle sessions or retry later")
+        if self._sessions_of[s.tenant] >= self.max_sessions_per_tenant:
+            raise SessionLimitError(f"this API key has {self._sessions_of[s.tenant]} open sessions (limit "
+                                    f"{self.max_sessions_per_tenant}); close some first")
+        self.sessions[s.session_id] = s
+        self._sessions_of[s.tenant] += 1
 
     def _snapshot(self, s: Session, include_messages: bool = False, include_token_ids: bool = False) -> SessionSnapshot:
         kv = s.num_computed if s.state in (SessionState.RESIDENT, SessionState.SWAPPED) else 0
@@ -354,15 +381,15 @@ class SessionStore:
     async def create(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
-                     metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+                     metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
-            raw_tokens=raw_tokens, metadata=metadata))
+            raw_tokens=raw_tokens, metadata=metadata, tenant=tenant))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
-                    metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+                    metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         """Step thread. Renders the initial messages (no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
         if ttl_seconds < 0:
@@ -374,7 +401,7 @@ class SessionStore:
         msgs = R.normalize_messages(messages, raw_tokens=raw, vocab_size=self.engine.arch.vocab_size)
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
                     tools=tools_n, cache_salt=cache_salt or None, raw_tokens=raw,
-                    ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}))
+                    ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}), tenant=tenant)
         if raw:
             s.token_ids = [t for m in msgs for t in m["token_ids"]]
         else:
@@ -384,25 +411,27 @@ class SessionStore:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
                                       f"{self.engine.max_model_len}")
         s.messages = msgs
-        self.sessions[s.session_id] = s
+        self._add(s)
         return self._snapshot(s)
 
     async def get(self, session_id: str, include_messages: bool = False,
-                  include_token_ids: bool = False) -> SessionSnapshot:
-        return await self._run(lambda: self._snapshot(self._get(session_id), include_messages, include_token_ids))
+                  include_token_ids: bool = False, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        return await self._run(lambda: self._snapshot(self._owned(session_id, tenant), include_messages,
+                                                      include_token_ids))
 
-    async def list(self) -> list[SessionSnapshot]:
-        return await self._run(lambda: [self._snapshot(s) for s in self.sessions.values()])
+    async def list(self, *, tenant: str = ANONYMOUS_TENANT) -> list[SessionSnapshot]:
+        return await self._run(lambda: [self._snapshot(s) for s in self.sessions.values() if s.tenant == tenant])
 
-    async def fork(self, session_id: str, *, ttl_seconds: float = 0.0,
-                   metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        return await self._run(lambda: self.fork_sync(session_id, ttl_seconds=ttl_seconds, metadata=metadata))
+    async def fork(self, session_id: str, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None,
+                   tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        return await self._run(lambda: self.fork_sync(session_id, ttl_seconds=ttl_seconds, metadata=metadata,
+                                                      tenant=tenant))
 
-    def fork_sync(self, session_id: str, *, ttl_seconds: float = 0.0,
-                  metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        """Step thread. The child shares every page of the parent (copy-on-write: the first write into
-        a shared partial page copies that one page)."""
-        p = self._get(session_id)
+    def fork_sync(self, session_id: str, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None,
+                  tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        """Step thread. The child (the parent's tenant's) shares every page of the parent
+        (copy-on-write: the first write into a shared partial page copies that one page)."""
+        p = self._owned(session_id, tenant)
         if p.busy is not None:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
         if ttl_seconds < 0:
@@ -412,7 +441,9 @@ class SessionStore:
         c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, tools=p.tools,
                     cache_salt=p.cache_salt, raw_tokens=p.raw_tokens, ttl=ttl_seconds or p.ttl,
                     metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
-                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns)
+                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
+                    tenant=p.tenant)
+        self._add(c)
         if p.state is SessionState.RESIDENT:
             c.block_table = self.engine.kv.fork_blocks(p.block_table)
             c.num_computed = p.num_computed
@@ -421,12 +452,11 @@ class SessionStore:
             c.state = p.state  # NEW or EVICTED: nothing to share; the prefix cache may still hold pages
         now = time.monotonic()
         p.last_active = c.last_active = now
-        self.sessions[c.session_id] = c
         return self._snapshot(c)
 
-    async def close(self, session_id: str) -> SessionSnapshot:
+    async def close(self, session_id: str, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         """Frees the session's pages. A turn in flight is cancelled (rolled back) first."""
-        snap, pending = await self._run(lambda: self._close(session_id))
+        snap, pending = await self._run(lambda: self._close(self._owned(session_id, tenant).session_id))
         if pending is not None:
             if pending.task is not None:
                 pending.task.cancel()
@@ -438,6 +468,9 @@ class SessionStore:
         s = self.sessions.pop(session_id, None)
         if s is None:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        self._sessions_of[s.tenant] -= 1
+        if not self._sessions_of[s.tenant]:
+            del self._sessions_of[s.tenant]
         s.closed = True
         pending = s.busy
         if pending is not None:
@@ -451,9 +484,9 @@ class SessionStore:
         return self._snapshot(s), pending
 
     async def close_all(self) -> None:
-        for sid in list(self.sessions):
+        for sid, s in list(self.sessions.items()):
             try:
-                await self.close(sid)
+                await self.close(sid, tenant=s.tenant)
             except SessionNotFoundError:
                 pass
 
@@ -783,8 +816,8 @@ class SessionStore:
             self._release(s)
 
     async def turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: Optional[SamplingParams] = None,
-                   *, expected_next_turn_ms: float = 0.0, priority: int = 0,
-                   received_at: Optional[float] = None) -> AsyncIterator[TurnEvent]:
+                   *, expected_next_turn_ms: float = 0.0, priority: int = 0, received_at: Optional[float] = None,
+                   tenant: str = ANONYMOUS_TENANT) -> AsyncIterator[TurnEvent]:
         """Runs one turn: yields TextEvents (and ToolCallEvents), then one TurnResult. Leaving the
         iteration early cancels the turn (rolled back unless the engine had already finished it).
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
@@ -794,6 +827,7 @@ class SessionStore:
         begun: list[PendingTurn] = []
 
         def begin() -> PendingTurn:
+            self._owned(session_id, tenant)
             pending = self._begin_turn(session_id, messages, params, expected_next_turn_ms, received_at)
             pending.loop = loop
             begun.append(pending)
