@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
-from agentserve.sessions.store import PendingTurn, SessionStore, TurnCancelledError
+from agentserve.sessions.store import PendingTurn, SessionNotFoundError, SessionStore, TurnCancelledError
 from conftest_grpc import make_engine, serving, swap_gb_for
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -85,9 +85,8 @@ async def _agent(aeng: AsyncEngine, store: SlowSetupStore, ops: list[tuple[str, 
             try:
                 await turn
                 counts["completed"] += 1
-            except (TurnCancelledError, Exception) as e:  # noqa: BLE001 - NOT_FOUND before set-up, or CANCELLED
+            except (SessionNotFoundError, TurnCancelledError):  # closed before its set-up ran, or during the turn
                 counts["closed_under"] += 1
-                assert "not found" in str(e) or isinstance(e, TurnCancelledError), e
             sid = (await store.create([SYSTEM])).session_id
         elif kind == "turn":  # never FAILED_PRECONDITION: a cancelled turn never leaves the session busy
             await _consume(store, sid, i, max_tokens)
@@ -102,7 +101,7 @@ async def _agent(aeng: AsyncEngine, store: SlowSetupStore, ops: list[tuple[str, 
     store.setup_delay = 0.0
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(OPS, min_size=4, max_size=10), min_size=1, max_size=3))
 def test_random_cancellation_points_never_leave_a_session_busy(aeng: AsyncEngine,
                                                                 agents: list[list[tuple[str, float, float, int]]]) -> None:
