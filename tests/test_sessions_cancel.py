@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import grpc
 import pytest

@@ -17,7 +17,6 @@ import pytest
 from agentserve.adapters.client import AgentClient
 from agentserve.cli import build_parser, engine_config_from_args
 from agentserve.config import EngineConfig
-from agentserve.service import agent_pb2 as pb
 from agentserve.service.serve import ServerHandle, running_server
 from agentserve.service.tenants import ANONYMOUS, Tenant, Tenants, load_api_keys, parse_api_key_lines
 from conftest_grpc import model_path, run
