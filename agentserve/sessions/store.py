@@ -25,7 +25,14 @@ longest common token prefix are kept (`stats.rerenders` counts these).
 Cancelling a turn: a turn that the engine had not finished when the cancel arrived is rolled back —
 the session's tokens, messages and pages are exactly as before the turn (the turn ran on its own
 copy-on-write references, which the abort frees). A turn the engine had already finished is kept
-whole. Either way no page leaks.
+whole. Either way no page leaks and the session is not left busy, wherever the cancel lands: while
+the turn's set-up is queued or running on the step thread (an undo queued behind it ends the turn),
+queued for admission, mid-prefill or mid-decode. Closing a session with a turn in flight aborts the
+turn's request and frees every page at once.
+
+Ownership: a session belongs to the tenant that created it (its forks too); every public call takes
+the caller's tenant, and another tenant's session is NOT_FOUND, exactly like an unknown one. Session
+counts are bounded globally and per tenant (SessionLimitError, RESOURCE_EXHAUSTED).
 
 Residency: between turns a session's pages are pinned. A turn's request takes the session's pages
 only when the scheduler admits it (an admit hook, scheduler.AdmitHook): until then a queued turn
@@ -352,14 +359,18 @@ class SessionStore:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
         return s
 
-    def _add(self, s: Session) -> None:
-        """Registers a new session (create, fork) within the global and the owner's session limits."""
+    def _check_room(self, tenant: str) -> None:
+        """SessionLimitError unless one more session of `tenant` fits the global and the tenant's limits."""
         if len(self.sessions) >= self.max_sessions:
             raise SessionLimitError(f"the server has {len(self.sessions)} open sessions (limit {self.max_sessions}); "
                                     "close idle sessions or retry later")
-        if self._sessions_of[s.tenant] >= self.max_sessions_per_tenant:
-            raise SessionLimitError(f"this API key has {self._sessions_of[s.tenant]} open sessions (limit "
+        if self._sessions_of[tenant] >= self.max_sessions_per_tenant:
+            raise SessionLimitError(f"this API key has {self._sessions_of[tenant]} open sessions (limit "
                                     f"{self.max_sessions_per_tenant}); close some first")
+
+    def _add(self, s: Session) -> None:
+        """Registers a new session (create, fork) within the global and the owner's session limits."""
+        self._check_room(s.tenant)
         self.sessions[s.session_id] = s
         self._sessions_of[s.tenant] += 1
 
@@ -394,6 +405,7 @@ class SessionStore:
         any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        self._check_room(tenant)  # before rendering: a refused session costs nothing
         raw = raw_tokens or not self.has_template
         if raw and tools:
             raise InvalidRequestError("tools need a chat template; this session takes raw tokens")
@@ -436,6 +448,7 @@ class SessionStore:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        self._check_room(p.tenant)
         if p.state is SessionState.SWAPPED:
             self._swap_in(p)
         c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, tools=p.tools,
