@@ -11,7 +11,7 @@ keys are configured (on /v1/*; /health and /metrics stay open, as in vLLM), 404 
 not fit, 429 when the key's tenant has `max_requests_per_tenant` requests in flight, 503 when the
 engine's queue is full.
 
-Tenants (service/tenants.py): the key's tenant goes into the request scope (`scope["state"]["tenant"]`),
+Tenants (service/tenants.py): the key's tenant goes into the request scope (`scope["state"][TENANT_SCOPE_KEY]`),
 and the serving code hashes the request's KV pages under the tenant's cache salt.
 """
 
@@ -91,7 +91,7 @@ class _GateMiddleware:
                     return
                 tenant = None
                 if scheme.lower() == b"bearer":
-                    tenant = self.tenants.authenticate(token.strip().decode("latin-1"))
+                    tenant = self.tenants.authenticate(token.strip().decode("utf-8", "replace"))
                 if tenant is None:
                     resp = _error_response(401, "Incorrect API key provided.", "invalid_request_error", None,
                                            "invalid_api_key", {"WWW-Authenticate": "Bearer"})
