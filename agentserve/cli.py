@@ -29,7 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             if name in seen:
                 continue
             seen.add(name)
-            if field.annotation is bool:
+            if name == "api_key":  # repeatable: each key is a tenant
+                parser.add_argument(_flag(name), dest=name, action="append", default=None, help=field.description)
+            elif field.annotation is bool:
                 parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                     help=field.description)
             else:

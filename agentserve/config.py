@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,7 +64,17 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     grpc_port: Optional[int] = None
     http_port: Optional[int] = None
-    api_key: Optional[str] = None
+    api_key: Optional[Union[str, list[str]]] = Field(
+        default=None, description="API key clients must send (repeat the flag for several; each is its own tenant). "
+        "Without any key, every client is one anonymous tenant.")
+    api_key_file: Optional[str] = Field(
+        default=None, description="File of API keys, one 'key[:tenant]' a line ('#' starts a comment); keys "
+        "naming the same tenant share its sessions and prefix cache.")
+    max_sessions: int = Field(default=8192, gt=0, description="Open sessions on the server, all tenants together.")
+    max_sessions_per_tenant: int = Field(default=1024, gt=0, description="Open sessions one tenant may hold.")
+    max_requests_per_tenant: int = Field(
+        default=1024, gt=0, description="Generation requests (turns, completions, streams) one tenant may have "
+        "queued or running; past it requests get RESOURCE_EXHAUSTED / HTTP 429.")
     # Per-request limits (HTTP, gRPC and the offline API where they apply). Each refuses a request
     # before it costs work that grows with its size; the defaults are generous for real agent traffic.
     max_body_bytes: int = Field(

@@ -5,17 +5,20 @@ Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/
 runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` when
-`config.server.api_key` is set (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an
-unknown model, 413 for a request body over `max_body_bytes`, 400 (`context_length_exceeded`) for a
-prompt that does not fit, 503 when the engine's queue is full.
+fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` when API
+keys are configured (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an unknown model,
+413 for a request body over `max_body_bytes`, 400 (`context_length_exceeded`) for a prompt that does
+not fit, 429 when the key's tenant has `max_requests_per_tenant` requests in flight, 503 when the
+engine's queue is full.
+
+Tenants (service/tenants.py): the key's tenant goes into the request scope (`scope["state"][TENANT_SCOPE_KEY]`),
+and the serving code hashes the request's KV pages under the tenant's cache salt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from typing import Any, AsyncIterator, Optional
@@ -31,10 +34,12 @@ from agentserve.adapters.openai.protocol import ChatCompletionRequest, Completio
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.chat.limits import EdgeLimitError
 from agentserve.chat.render_pool import RenderPool
+from agentserve.service.tenants import TENANT_SCOPE_KEY, TenantLimitError, Tenants
 
 logger = logging.getLogger(__name__)
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")  # these take one of the tenant's request slots
 
 
 def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
@@ -57,15 +62,17 @@ class _BodyTooLarge(StarletteHTTPException):
 
 class _GateMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would break streaming and disconnect detection):
-    API key on /v1/*, request body size limit, and per-endpoint request/status counters.
+    API key on /v1/* (its tenant put into the scope), the tenant's limit of requests in flight (held
+    until the response, streamed or not, is over), request body size limit, and per-endpoint
+    request/status counters.
 
     The body limit holds on the bytes actually read, whatever the headers say (a chunked body has no
     Content-Length): the receive channel counts them and fails the read as soon as the limit is
     passed, so the rest is never buffered (uvicorn stops reading the socket meanwhile)."""
 
-    def __init__(self, app: Any, api_key: Optional[str], metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, tenants: Tenants, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.tenants = tenants
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
 
@@ -98,7 +105,8 @@ class _GateMiddleware:
 
         try:
             headers = dict(scope.get("headers") or [])
-            if self.api_key is not None and path.startswith("/v1"):
+            tenant = self.tenants.authenticate(None)  # the anonymous tenant, or None when keys are required
+            if self.tenants.requires_key and path.startswith("/v1"):
                 auth = headers.get(b"authorization", b"")
                 scheme, _, token = auth.partition(b" ")
                 if not auth:
@@ -108,7 +116,10 @@ class _GateMiddleware:
                         "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                     await resp(scope, receive, counting_send)
                     return
-                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                tenant = None
+                if scheme.lower() == b"bearer":
+                    tenant = self.tenants.authenticate(token.strip().decode("utf-8", "replace"))
+                if tenant is None:
                     resp = _error_response(401, "Incorrect API key provided.", "invalid_request_error", None,
                                            "invalid_api_key", {"WWW-Authenticate": "Bearer"})
                     await resp(scope, receive, counting_send)
@@ -125,18 +136,35 @@ class _GateMiddleware:
                                            "invalid_request_error", None, "request_too_large")
                     await resp(scope, receive, counting_send)
                     return
-            await self.app(scope, self._limited(receive), counting_send)
+            limited = self._limited(receive)
+            if tenant is not None:
+                scope.setdefault("state", {})[TENANT_SCOPE_KEY] = tenant
+            if tenant is None or scope.get("method") != "POST" or path not in _GENERATION_ENDPOINTS:
+                await self.app(scope, limited, counting_send)
+                return
+            try:
+                self.tenants.acquire(tenant)
+            except TenantLimitError as e:
+                resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
+                                       {"Retry-After": "1"})
+                await resp(scope, receive, counting_send)
+                return
+            try:
+                await self.app(scope, limited, counting_send)
+            finally:
+                self.tenants.release(tenant)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
 
 def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max_body_bytes: Optional[int] = None,
-               render_pool: Optional[RenderPool] = None) -> FastAPI:
-    """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for
-    `server.api_key`, the request limits and the model path); `session_store` (optional, duck-typed)
-    feeds the session gauges of /metrics. `render_pool` is the render/tokenize pool shared with the
-    gRPC service (the app makes, and closes, its own without one); `max_body_bytes` overrides
-    `config.server.max_body_bytes`."""
+               render_pool: Optional[RenderPool] = None, tenants: Optional[Tenants] = None) -> FastAPI:
+    """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for the API
+    keys, the request limits and the model path); `session_store` (optional, duck-typed) feeds the
+    session gauges of /metrics. `render_pool` is the render/tokenize pool shared with the gRPC service
+    (the app makes, and closes, its own without one); `max_body_bytes` overrides
+    `config.server.max_body_bytes`; `tenants` (shared with the gRPC server) defaults to the tenants of
+    `config.server`."""
     metrics = Metrics(async_engine.engine, session_store)
     metrics.install()
     own_pool = render_pool is None
@@ -250,7 +278,7 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
         except ClientDisconnected:
             return Response(status_code=499)
 
-    app.add_middleware(_GateMiddleware, api_key=getattr(config.server, "api_key", None), metrics=metrics,
+    app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
     return app
 

@@ -23,6 +23,7 @@ from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_sch
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
+from agentserve.service.tenants import tenant_of_scope
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.request import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -267,6 +268,9 @@ class OpenAIServing:
                        raw_request: Any, engine_kwargs: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Runs one engine request per prompt; yields (prompt index, output) as they come. When the
         client disconnects (or this iterator is closed or cancelled) every request is aborted."""
+        if raw_request is not None:  # the caller's tenant namespaces the pages (its salt refines the request's)
+            tenant = tenant_of_scope(raw_request.scope)
+            engine_kwargs = dict(engine_kwargs, cache_salt=tenant.cache_salt(engine_kwargs.get("cache_salt")))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, rid: str, ids: Sequence[int]) -> None:

@@ -298,6 +298,9 @@ class Engine:
             if not req.is_finished:
                 self.scheduler.remove(req, free_blocks=True)
                 req.status = RequestStatus.FINISHED_ABORTED
+            elif req.retain_blocks and req.block_table:
+                # Finished (failed outside a step) but not yet handed to its caller: nobody else frees these.
+                self.kv.free(req)
             self.requests.pop(req.request_id, None)
             self._grammar_waits.pop(req.request_id, None)
         self._pending_forks.pop(children[0].request_id, None)

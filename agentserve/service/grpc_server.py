@@ -5,12 +5,16 @@ INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input, a per-
 text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session),
 RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTHENTICATED (API key),
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
+
+Tenants (service/tenants.py): the API key an RPC carries names its tenant. Sessions are the creating
+tenant's: another tenant's session is NOT_FOUND on every call, and ListSessions lists only one's own.
+A tenant's requests and sessions hash their KV pages under its own cache salt. Past a tenant's limit
+of requests in flight, or the session limits, calls get RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import itertools
 import json
 import logging
@@ -25,6 +29,7 @@ from agentserve.engine.engine import InvalidRequestError
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
+from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions import render as R
 from agentserve.sessions.store import (SessionError, SessionSnapshot, SessionState, SessionStore, TextEvent,
                                        Timing, ToolCallEvent, TurnResult, Usage)
@@ -42,6 +47,10 @@ _STATE = {
 
 
 class NotFoundError(Exception):
+    pass
+
+
+class UnauthenticatedError(Exception):
     pass
 
 
@@ -177,8 +186,10 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, (InvalidRequestError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, QueueFullError):
+    if isinstance(e, (QueueFullError, TenantLimitError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(e)
     if isinstance(e, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
@@ -199,12 +210,26 @@ async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
 
 # --- the service ------------------------------------------------------------------------------------
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, async_engine: AsyncEngine, store: SessionStore) -> None:
+    def __init__(self, async_engine: AsyncEngine, store: SessionStore, tenants: Optional[Tenants] = None) -> None:
         self.aeng = async_engine
         self.engine = async_engine.engine
         self.store = store
+        self.tenants = tenants or Tenants()
         self.serving = True
         self._ids = itertools.count()
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+        tenant = self.tenants.authenticate(presented_key(context.invocation_metadata()))
+        if tenant is None:  # ApiKeyInterceptor turns these away first; this servicer never trusts that alone
+            raise UnauthenticatedError(_UNAUTHENTICATED)
+        return tenant
+
+    @contextlib.asynccontextmanager
+    async def _request_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Tenant]:
+        """The caller's tenant, holding one of its request slots while a generation RPC runs."""
+        tenant = self._tenant(context)
+        with self.tenants.request_slot(tenant):
+            yield tenant
 
     def _check_model(self, model: str) -> None:
         if model and model != self.engine.model_name:
@@ -243,6 +268,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
+            tenant = self._tenant(context)
             self._check_model(request.model)
             self._check_adapter(request.adapter)
             self._check_tools(request.tools)
@@ -250,15 +276,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._check_edge(messages)
             snap = await self.store.create(
                 messages, tools=tools,
-                ttl_seconds=request.ttl_seconds, cache_salt=request.cache_salt or None, adapter=request.adapter or None,
-                raw_tokens=request.raw_tokens, metadata=dict(request.metadata))
+                ttl_seconds=request.ttl_seconds, cache_salt=tenant.cache_salt(request.cache_salt or None),
+                adapter=request.adapter or None, raw_tokens=request.raw_tokens, metadata=dict(request.metadata),
+                tenant=tenant.name)
             return snapshot_to_proto(snap)
         raise AssertionError("unreachable")
 
     async def Turn(self, request: pb.TurnRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TurnEvent]:
         received = time.monotonic()
-        async with _errors(context):
-            tools = self.store.session_tools(request.session_id)
+        async with _errors(context), self._request_slot(context) as tenant:
+            tools = self.store.session_tools(request.session_id, tenant.name)
             messages = messages_from_proto(request.messages)
             self._check_edge(messages, request.sampling,
                              request.response_format if request.HasField("response_format") else None)
@@ -268,7 +295,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             async with contextlib.aclosing(self.store.turn(
                     request.session_id, messages, params,
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
-                    received_at=received)) as events:
+                    received_at=received, tenant=tenant.name)) as events:
                 async for ev in events:
                     if isinstance(ev, TextEvent):
                         if ev.text or (ids and ev.token_ids):
@@ -287,32 +314,36 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
             snap = await self.store.fork(request.session_id, ttl_seconds=request.ttl_seconds,
-                                         metadata=dict(request.metadata) if request.metadata else None)
+                                         metadata=dict(request.metadata) if request.metadata else None,
+                                         tenant=self._tenant(context).name)
             return snapshot_to_proto(snap)
         raise AssertionError("unreachable")
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
             return snapshot_to_proto(await self.store.get(request.session_id, request.include_messages,
-                                                          request.include_token_ids))
+                                                          request.include_token_ids,
+                                                          tenant=self._tenant(context).name))
         raise AssertionError("unreachable")
 
     async def ListSessions(self, request: pb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         async with _errors(context):
-            return pb.ListSessionsResponse(sessions=[snapshot_to_proto(s) for s in await self.store.list()])
+            sessions = await self.store.list(tenant=self._tenant(context).name)
+            return pb.ListSessionsResponse(sessions=[snapshot_to_proto(s) for s in sessions])
         raise AssertionError("unreachable")
 
     async def CloseSession(self, request: pb.CloseSessionRequest,
                            context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         async with _errors(context):
-            return pb.CloseSessionResponse(session=snapshot_to_proto(await self.store.close(request.session_id)))
+            snap = await self.store.close(request.session_id, tenant=self._tenant(context).name)
+            return pb.CloseSessionResponse(session=snapshot_to_proto(snap))
         raise AssertionError("unreachable")
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateEvent]:
         received = time.monotonic()
-        async with _errors(context):
+        async with _errors(context), self._request_slot(context) as tenant:
             self._check_model(request.model)
             self._check_adapter(request.adapter)
             given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
@@ -352,7 +383,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
             reply: Optional[ReplyStream] = None
             async with contextlib.aclosing(self.aeng.generate(
-                    rid, prompt, params, priority=request.priority, cache_salt=request.cache_salt or None,
+                    rid, prompt, params, priority=request.priority,
+                    cache_salt=tenant.cache_salt(request.cache_salt or None),
                     lora_name=request.adapter or None)) as outs:
                 async for out in outs:
                     if reply is None:
@@ -437,39 +469,40 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 # --- API key ----------------------------------------------------------------------------------------
+_UNAUTHENTICATED = "missing or wrong API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
+
+
+def presented_key(metadata: Optional[Sequence[tuple[str, Any]]]) -> Optional[str]:
+    """The key in `authorization: Bearer <key>` or `x-api-key: <key>` metadata, if any."""
+    for key, value in metadata or ():
+        if isinstance(value, bytes):
+            continue
+        key = key.lower()
+        if key == "authorization" and value.lower().startswith("bearer "):
+            return value[7:].strip()
+        if key == "x-api-key":
+            return value.strip()
+    return None
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC needs metadata `authorization: Bearer <key>` (or `x-api-key: <key>`)."""
+    """Every RPC needs metadata `authorization: Bearer <key>` (or `x-api-key: <key>`) with a configured key."""
 
-    def __init__(self, api_key: str) -> None:
-        self._key = api_key.encode()
-
-    def _authorized(self, metadata: Sequence[tuple[str, Any]]) -> bool:
-        for key, value in metadata or ():
-            if isinstance(value, bytes):
-                continue
-            key = key.lower()
-            if key == "authorization" and value.lower().startswith("bearer "):
-                candidate = value[7:].strip()
-            elif key == "x-api-key":
-                candidate = value.strip()
-            else:
-                continue
-            if hmac.compare_digest(candidate.encode(), self._key):
-                return True
-        return False
+    def __init__(self, tenants: Tenants) -> None:
+        self._tenants = tenants
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or self._authorized(handler_call_details.invocation_metadata):
+        metadata = handler_call_details.invocation_metadata
+        if handler is None or self._tenants.authenticate(presented_key(metadata)) is not None:
             return handler
-        msg = "missing or wrong API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
         async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
             yield  # pragma: no cover
 
         kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

@@ -1,7 +1,9 @@
 """`agentserve serve`: one engine, the gRPC AgentService and (with --http-port) the OpenAI-compatible
 HTTP app, in one process and one event loop.
 
-    agentserve serve --model PATH --grpc-port 50051 [--http-port 8000] [--api-key KEY]
+    agentserve serve --model PATH --grpc-port 50051 [--http-port 8000] [--api-key KEY ...] [--api-key-file PATH]
+
+Each API key is a tenant (service/tenants.py); gRPC and HTTP share the tenants and their limits.
 
 SIGINT/SIGTERM shut down gracefully: new RPCs are refused, in-flight ones get `grace` seconds to
 finish and are then cancelled (a cancelled turn rolls back), sessions are closed, the engine stops.
@@ -25,6 +27,7 @@ from agentserve.chat.render_pool import RenderPool
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
+from agentserve.service.tenants import Tenants
 from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,11 @@ class ServerHandle:
     store: SessionStore
     servicer: AgentServicer
     grpc_server: Optional[grpc.aio.Server]
-    api_key: Optional[str]
+    tenants: Tenants
+
+    @property
+    def requires_api_key(self) -> bool:
+        return self.tenants.requires_key
 
     @property
     def engine(self) -> Any:
@@ -76,6 +83,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     """Starts the servers on an engine (a new one from config, or `async_engine`, which then stays up
     afterwards). grpc_port=0 binds a free port; None leaves gRPC off; likewise http_port."""
     host = host or config.server.host or "127.0.0.1"
+    tenants = Tenants.from_config(config.server)  # a bad key file fails before the model loads
     own_engine = async_engine is None
     if async_engine is None:
         from agentserve.engine.engine import Engine
@@ -86,17 +94,17 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     # One render/tokenize pool for gRPC and HTTP; the limits are the served config's.
     render_pool = RenderPool(engine_.tokenizer, engine_.max_model_len, config.server)
     store = SessionStore(async_engine, default_ttl=default_ttl, expiry_interval=expiry_interval,
-                         render_pool=render_pool)
+                         render_pool=render_pool, max_sessions=config.server.max_sessions,
+                         max_sessions_per_tenant=config.server.max_sessions_per_tenant)
     store.start()
-    servicer = AgentServicer(async_engine, store)
-    api_key = config.server.api_key
+    servicer = AgentServicer(async_engine, store, tenants)
     server: Optional[grpc.aio.Server] = None
     uv: Any = None
     uv_task: Optional[asyncio.Task[None]] = None
     bound: Optional[int] = None
     try:
         if grpc_port is not None:
-            server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+            server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tenants)] if tenants.requires_key else None,
                                      options=_grpc_options(config))
             add_to_server(server, servicer)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
@@ -107,7 +115,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
         if http_port is not None:
             from agentserve.adapters.openai.app import create_app
 
-            app = create_app(async_engine, config, store, render_pool=render_pool)
+            app = create_app(async_engine, config, store, render_pool=render_pool, tenants=tenants)
             uv = _uvicorn_server(app, host, http_port)
             uv_task = asyncio.get_running_loop().create_task(uv.serve())
             while not uv.started:
@@ -120,7 +128,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
                 http_bound = uv.servers[0].sockets[0].getsockname()[1]
         yield ServerHandle(address=f"{host}:{bound}" if bound else None, grpc_port=bound, http_port=http_bound,
                            async_engine=async_engine, store=store, servicer=servicer, grpc_server=server,
-                           api_key=api_key)
+                           tenants=tenants)
     finally:
         servicer.serving = False
         if server is not None:
@@ -156,7 +164,8 @@ async def _serve(config: EngineConfig) -> int:
             parts.append(f"HTTP on http://{config.server.host}:{handle.http_port}")
         print(f"agentserve: serving {e.model_name} ({e.pool.num_blocks} KV pages of {e.pool.block_size} tokens, "
               f"{handle.store.num_swap_slots} swap slots) — {', '.join(parts)}"
-              + (" — API key required" if handle.api_key else ""), flush=True)
+              + (f" — API key required ({len(handle.tenants.names)} tenants)" if handle.requires_api_key else ""),
+              flush=True)
         await stop.wait()
         print("agentserve: shutting down (in-flight requests get 5 s)", flush=True)
     return 0

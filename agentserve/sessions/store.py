@@ -25,7 +25,14 @@ longest common token prefix are kept (`stats.rerenders` counts these).
 Cancelling a turn: a turn that the engine had not finished when the cancel arrived is rolled back —
 the session's tokens, messages and pages are exactly as before the turn (the turn ran on its own
 copy-on-write references, which the abort frees). A turn the engine had already finished is kept
-whole. Either way no page leaks.
+whole. Either way no page leaks and the session is not left busy, wherever the cancel lands: while
+the turn's set-up is queued or running on the step thread (an undo queued behind it ends the turn),
+queued for admission, mid-prefill or mid-decode. Closing a session with a turn in flight aborts the
+turn's request and frees every page at once.
+
+Ownership: a session belongs to the tenant that created it (its forks too); every public call takes
+the caller's tenant, and another tenant's session is NOT_FOUND, exactly like an unknown one. Session
+counts are bounded globally and per tenant (SessionLimitError, RESOURCE_EXHAUSTED).
 
 Residency: between turns a session's pages are pinned. A turn's request takes the session's pages
 only when the scheduler admits it (an admit hook, scheduler.AdmitHook): until then a queued turn
@@ -46,6 +53,7 @@ the prefix cache; its turn waits in the queue while running requests hold the pa
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import itertools
@@ -72,6 +80,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TTL_SECONDS = 1800.0
+DEFAULT_MAX_SESSIONS = 8192
+ANONYMOUS_TENANT = ""  # the owner of every session on a server without API keys
 
 
 class SessionState(str, enum.Enum):
@@ -97,6 +107,10 @@ class SessionBusyError(SessionError):
 
 class TurnCancelledError(SessionError):
     code = "CANCELLED"
+
+
+class SessionLimitError(SessionError):
+    code = "RESOURCE_EXHAUSTED"
 
 
 @dataclass
@@ -213,6 +227,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
     expected_by: Optional[float] = None  # monotonic deadline from the expected_next_turn_ms hint
+    tenant: str = ANONYMOUS_TENANT  # the owner: other tenants cannot see or touch the session
 
     @property
     def extra_key(self) -> Optional[tuple[Optional[str], Optional[str]]]:
@@ -241,6 +256,7 @@ class PendingTurn:
     result_message: Optional[dict[str, Any]] = None
     snapshot: Optional[SessionSnapshot] = None
     task: Optional["asyncio.Task[None]"] = None
+    loop: Optional[asyncio.AbstractEventLoop] = None  # the loop running `task`
     ended: Optional[asyncio.Event] = None
 
 
@@ -249,7 +265,8 @@ _SENTINEL_DONE = object()
 
 class SessionStore:
     def __init__(self, async_engine: "AsyncEngine", *, default_ttl: float = DEFAULT_TTL_SECONDS,
-                 expiry_interval: float = 1.0, render_pool: Optional[RenderPool] = None) -> None:
+                 expiry_interval: float = 1.0, render_pool: Optional[RenderPool] = None,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, max_sessions_per_tenant: Optional[int] = None) -> None:
         self.aeng = async_engine
         self.engine = engine = async_engine.engine
         # Rendering and tokenizing grow with the input: they run here, never on the step thread.
@@ -262,6 +279,9 @@ class SessionStore:
         self.default_ttl = default_ttl
         self.expiry_interval = expiry_interval
         self.sessions: dict[str, Session] = {}
+        self.max_sessions = max_sessions
+        self.max_sessions_per_tenant = max_sessions_per_tenant or max_sessions
+        self._sessions_of: collections.Counter[str] = collections.Counter()  # tenant -> open sessions
         self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
         self._swap = SwapSlots(self.kv_cache.num_swap_blocks)
         self.stats = SessionStats()
@@ -325,18 +345,37 @@ class SessionStore:
                 fut.set_exception(e)
             return fut
 
-    def session_tools(self, session_id: str) -> Optional[list[dict[str, Any]]]:
+    def session_tools(self, session_id: str, tenant: str = ANONYMOUS_TENANT) -> Optional[list[dict[str, Any]]]:
         """The tools a session was created with (immutable, so readable from any thread)."""
-        s = self.sessions.get(session_id)
-        if s is None:
-            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
-        return s.tools
+        return self._owned(session_id, tenant).tools
 
     def _get(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
         return s
+
+    def _owned(self, session_id: str, tenant: str) -> Session:
+        """The session, if `tenant` owns it; another tenant's session is NOT_FOUND, like an unknown one."""
+        s = self.sessions.get(session_id)
+        if s is None or s.tenant != tenant:
+            raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        return s
+
+    def _check_room(self, tenant: str) -> None:
+        """SessionLimitError unless one more session of `tenant` fits the global and the tenant's limits."""
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionLimitError(f"the server has {len(self.sessions)} open sessions (limit {self.max_sessions}); "
+                                    "close idle sessions or retry later")
+        if self._sessions_of[tenant] >= self.max_sessions_per_tenant:
+            raise SessionLimitError(f"this API key has {self._sessions_of[tenant]} open sessions (limit "
+                                    f"{self.max_sessions_per_tenant}); close some first")
+
+    def _add(self, s: Session) -> None:
+        """Registers a new session (create, fork) within the global and the owner's session limits."""
+        self._check_room(s.tenant)
+        self.sessions[s.session_id] = s
+        self._sessions_of[s.tenant] += 1
 
     def _snapshot(self, s: Session, include_messages: bool = False, include_token_ids: bool = False) -> SessionSnapshot:
         kv = s.num_computed if s.state in (SessionState.RESIDENT, SessionState.SWAPPED) else 0
@@ -356,25 +395,26 @@ class SessionStore:
     async def create(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
-                     metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
+                     metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         pool, raw = self.render_pool, raw_tokens or not self.has_template
         pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
         rendered = await pool.run(lambda tok: R.prepare_create(pool, tok, messages, tools, raw=raw,
                                                                vocab_size=self.engine.arch.vocab_size))
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
-            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered))
+            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered, tenant=tenant))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
-                    metadata: Optional[dict[str, str]] = None,
-                    rendered: Optional[R.RenderedCreate] = None) -> SessionSnapshot:
+                    metadata: Optional[dict[str, str]] = None, rendered: Optional[R.RenderedCreate] = None,
+                    tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         """Step thread. Adopts the initial messages as `create` rendered them in the render pool
         (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        self._check_room(tenant)  # before rendering: a refused session costs nothing
         raw = raw_tokens or not self.has_template
         if rendered is None:
             rendered = R.prepare_create(self.render_pool, self.tokenizer, messages, tools, raw=raw,
@@ -382,41 +422,46 @@ class SessionStore:
         msgs = rendered.messages
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
                     tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
-                    ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}))
+                    ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}), tenant=tenant)
         s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
                                       f"{self.engine.max_model_len}")
         s.messages = msgs
-        self.sessions[s.session_id] = s
+        self._add(s)
         return self._snapshot(s)
 
     async def get(self, session_id: str, include_messages: bool = False,
-                  include_token_ids: bool = False) -> SessionSnapshot:
-        return await self._run(lambda: self._snapshot(self._get(session_id), include_messages, include_token_ids))
+                  include_token_ids: bool = False, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        return await self._run(lambda: self._snapshot(self._owned(session_id, tenant), include_messages,
+                                                      include_token_ids))
 
-    async def list(self) -> list[SessionSnapshot]:
-        return await self._run(lambda: [self._snapshot(s) for s in self.sessions.values()])
+    async def list(self, *, tenant: str = ANONYMOUS_TENANT) -> list[SessionSnapshot]:
+        return await self._run(lambda: [self._snapshot(s) for s in self.sessions.values() if s.tenant == tenant])
 
-    async def fork(self, session_id: str, *, ttl_seconds: float = 0.0,
-                   metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        return await self._run(lambda: self.fork_sync(session_id, ttl_seconds=ttl_seconds, metadata=metadata))
+    async def fork(self, session_id: str, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None,
+                   tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        return await self._run(lambda: self.fork_sync(session_id, ttl_seconds=ttl_seconds, metadata=metadata,
+                                                      tenant=tenant))
 
-    def fork_sync(self, session_id: str, *, ttl_seconds: float = 0.0,
-                  metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
-        """Step thread. The child shares every page of the parent (copy-on-write: the first write into
-        a shared partial page copies that one page)."""
-        p = self._get(session_id)
+    def fork_sync(self, session_id: str, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None,
+                  tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+        """Step thread. The child (the parent's tenant's) shares every page of the parent
+        (copy-on-write: the first write into a shared partial page copies that one page)."""
+        p = self._owned(session_id, tenant)
         if p.busy is not None:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
         if ttl_seconds < 0:
             raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        self._check_room(p.tenant)
         if p.state is SessionState.SWAPPED:
             self._swap_in(p)
         c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, tools=p.tools,
                     cache_salt=p.cache_salt, raw_tokens=p.raw_tokens, ttl=ttl_seconds or p.ttl,
                     metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
-                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns)
+                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
+                    tenant=p.tenant)
+        self._add(c)
         if p.state is SessionState.RESIDENT:
             c.block_table = self.engine.kv.fork_blocks(p.block_table)
             c.num_computed = p.num_computed
@@ -425,12 +470,11 @@ class SessionStore:
             c.state = p.state  # NEW or EVICTED: nothing to share; the prefix cache may still hold pages
         now = time.monotonic()
         p.last_active = c.last_active = now
-        self.sessions[c.session_id] = c
         return self._snapshot(c)
 
-    async def close(self, session_id: str) -> SessionSnapshot:
+    async def close(self, session_id: str, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         """Frees the session's pages. A turn in flight is cancelled (rolled back) first."""
-        snap, pending = await self._run(lambda: self._close(session_id))
+        snap, pending = await self._run(lambda: self._close(self._owned(session_id, tenant).session_id))
         if pending is not None:
             if pending.task is not None:
                 pending.task.cancel()
@@ -442,19 +486,25 @@ class SessionStore:
         s = self.sessions.pop(session_id, None)
         if s is None:
             raise SessionNotFoundError(f"session {session_id!r} not found (unknown, closed or expired)")
+        self._sessions_of[s.tenant] -= 1
+        if not self._sessions_of[s.tenant]:
+            del self._sessions_of[s.tenant]
         s.closed = True
         pending = s.busy
-        if pending is None:
-            self._release(s)
-        # else the turn's end (_end_turn, on this thread, after the request is out of the engine)
-        # releases the pages: freeing them now could race with its add_request forking them.
-        s.state = SessionState.CLOSED
+        if pending is not None:
+            # Take the turn's request out now (its own references go with it) and stop the turn's
+            # task, even when the caller of close never gets this far (cancelled meanwhile). A turn
+            # admitted after this finds the session CLOSED and forks nothing from it.
+            self.engine.abort(pending.request_id)
+            if pending.task is not None and pending.loop is not None:
+                pending.loop.call_soon_threadsafe(pending.task.cancel)
+        self._release(s)
         return self._snapshot(s), pending
 
     async def close_all(self) -> None:
-        for sid in list(self.sessions):
+        for sid, s in list(self.sessions.items()):
             try:
-                await self.close(sid)
+                await self.close(sid, tenant=s.tenant)
             except SessionNotFoundError:
                 pass
 
@@ -798,26 +848,43 @@ class SessionStore:
             self._release(s)
 
     async def turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: Optional[SamplingParams] = None,
-                   *, expected_next_turn_ms: float = 0.0, priority: int = 0,
-                   received_at: Optional[float] = None) -> AsyncIterator[TurnEvent]:
+                   *, expected_next_turn_ms: float = 0.0, priority: int = 0, received_at: Optional[float] = None,
+                   tenant: str = ANONYMOUS_TENANT) -> AsyncIterator[TurnEvent]:
         """Runs one turn: yields TextEvents (and ToolCallEvents), then one TurnResult. Leaving the
         iteration early cancels the turn (rolled back unless the engine had already finished it).
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
         received_at = time.monotonic() if received_at is None else received_at
         params = params or SamplingParams()
-        pending, basis = await self._run(lambda: self._reserve_turn(session_id, params, expected_next_turn_ms,
-                                                                    received_at))
+        loop = asyncio.get_running_loop()
+        reserved: list[PendingTurn] = []
+
+        def reserve() -> tuple[PendingTurn, R.TurnBasis]:
+            self._owned(session_id, tenant)
+            pending, basis = self._reserve_turn(session_id, params, expected_next_turn_ms, received_at)
+            pending.loop = loop
+            reserved.append(pending)
+            return pending, basis
+
+        try:
+            pending, basis = await self._run(reserve)
+        except asyncio.CancelledError:
+            # Cancelled while `reserve` was queued or running: a running step-thread call cannot be
+            # stopped, so it may have marked the session busy. Commands run in order, so this undo
+            # runs after it (and finds nothing when `reserve` never ran).
+            self._call_soon(lambda: [self._abandon_turn(p) for p in reserved])
+            raise
         try:
             rendered = await self._render_turn(basis, messages)
             await self._run(lambda: self._begin_turn(pending, rendered))
         except BaseException:
             self._call_soon(lambda: self._abandon_turn(pending))
             raise
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pending.ended = asyncio.Event()
         task = loop.create_task(self._drive(pending, queue, priority))
         pending.task = task
+        if pending.session.closed:  # closed between begin and now (_close could not cancel a task yet)
+            task.cancel()
 
         def on_done(t: "asyncio.Task[None]") -> None:
             if t.cancelled():
@@ -825,7 +892,11 @@ class SessionStore:
                     "the session was closed during the turn" if pending.session.closed else "the turn was cancelled"))
             elif t.exception() is not None:
                 queue.put_nowait(t.exception())
-            fut = self._call_soon(lambda: self._end_turn(pending))
+            try:
+                fut = self._call_soon(lambda: self._end_turn(pending))
+            except EngineDeadError:  # shutting down: the engine's requests and pages go with it
+                pending.ended.set()  # type: ignore[union-attr]
+                return
             fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(pending.ended.set))  # type: ignore[union-attr]
 
         task.add_done_callback(on_done)
