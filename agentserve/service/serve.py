@@ -24,6 +24,7 @@ import grpc
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
+from agentserve.service.malformed_requests import MalformedRequestInterceptor
 from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     bound: Optional[int] = None
     try:
         if grpc_port is not None:
-            server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
-                                     options=_GRPC_OPTIONS)
+            interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(api_key)] if api_key else []
+            interceptors.append(MalformedRequestInterceptor())  # innermost: the key check still comes first
+            server = grpc.aio.server(interceptors=interceptors, options=_GRPC_OPTIONS)
             add_to_server(server, servicer)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
             if not bound:

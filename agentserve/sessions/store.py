@@ -50,6 +50,7 @@ import concurrent.futures
 import enum
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -364,8 +365,9 @@ class SessionStore:
                     metadata: Optional[dict[str, str]] = None) -> SessionSnapshot:
         """Step thread. Renders the initial messages (no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache)."""
-        if ttl_seconds < 0:
-            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:  # NaN compares False with everything
+            raise InvalidRequestError(f"ttl_seconds must be a finite number >= 0 (0: the server's default), "
+                                      f"got {ttl_seconds}")
         raw = raw_tokens or not self.has_template
         if raw and tools:
             raise InvalidRequestError("tools need a chat template; this session takes raw tokens")
@@ -404,8 +406,9 @@ class SessionStore:
         p = self._get(session_id)
         if p.busy is not None:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
-        if ttl_seconds < 0:
-            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:  # NaN compares False with everything
+            raise InvalidRequestError(f"ttl_seconds must be a finite number >= 0 (0: the server's default), "
+                                      f"got {ttl_seconds}")
         if p.state is SessionState.SWAPPED:
             self._swap_in(p)
         c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, tools=p.tools,
@@ -650,8 +653,9 @@ class SessionStore:
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
-        if expected_next_turn_ms < 0:
-            raise InvalidRequestError("expected_next_turn_ms must be >= 0")
+        if not math.isfinite(expected_next_turn_ms) or expected_next_turn_ms < 0:
+            raise InvalidRequestError(f"expected_next_turn_ms must be a finite number >= 0 (0: no hint), "
+                                      f"got {expected_next_turn_ms}")
         new = R.normalize_messages(messages, raw_tokens=s.raw_tokens, vocab_size=self.engine.arch.vocab_size)
         if not new and (not s.messages or s.messages[-1]["role"] == "assistant"):
             raise InvalidRequestError("the turn has no new messages (send a user message or tool results)")
