@@ -10,6 +10,13 @@ so a slow compile does not stall the step loop. A compile that timed out cannot 
 native code in a thread): its slot is given back at the deadline so later compiles are not
 blocked, and if it finishes later its result still fills the cache.
 
+A compile is only done once its grammar has been *used*: the worker builds a matcher, fills its
+first bitmask, accepts one allowed token and fills the next (`probe_compiled`). Backends build
+parts of a grammar lazily, so a regex `a{1000000}` or a schema whose `pattern` is that large
+compiles fine and then fails at the first token, and a schema that only refers to itself compiles
+to a grammar that allows no token at all. Probing here makes those the request's compile error,
+before it is admitted, instead of a failure inside the engine's step.
+
 The cache is keyed by (spec, tokenizer identity, backend); hits (and known failures) return an
 already-done future. Failures are cached too (a bad schema fails fast the next time), except
 time-outs, which are retried on the next submit unless the late compile has finished by then.
@@ -29,7 +36,43 @@ from agentserve.grammar.backend import (
     GrammarBackend,
     GrammarError,
     TokenizerInfo,
+    allocate_token_bitmask,
+    bitmask_to_ids,
 )
+
+_MAX_ERROR_CHARS = 500
+
+
+def _short(error: BaseException) -> str:
+    # Backends append their internal state dump after "<state>": not useful to a client.
+    text = str(error).split("<state>")[0].strip()
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+def probe_compiled(compiled: CompiledGrammar) -> None:
+    """Uses a fresh matcher of `compiled` the way the first steps of a request will: fill the first
+    bitmask, accept the lowest allowed non-EOS token, fill the next. Raises GrammarError when that
+    fails or when the first mask allows nothing (not even EOS): no output could ever satisfy the
+    constraint. Two steps catch what backends defer to the first use (lazy lexers, lazy rules);
+    a grammar that fails only deeper in its output still fails inside the step, for its request
+    alone."""
+    spec, info = compiled.spec, compiled.tokenizer_info
+    try:
+        matcher = compiled.new_matcher()
+        bitmask = allocate_token_bitmask(1, info.vocab_size, pin_memory=False)
+        matcher.fill_bitmask(bitmask, 0)
+        allowed = bitmask_to_ids(bitmask[0], info.vocab_size)
+        if not allowed:
+            raise GrammarError(f"the {spec.kind} allows no output at all (for example a schema that only "
+                               "refers to itself, or one no value satisfies)")
+        first = next((t for t in allowed if t not in info.eos_token_ids), None)
+        if first is not None and matcher.accept_token(first):
+            matcher.fill_bitmask(bitmask, 0)
+    except GrammarError as e:
+        raise GrammarError(f"{compiled.backend_name} cannot use this {spec.kind}: {_short(e)}") from None
+    except Exception as e:  # a backend's own exception types: still this constraint's error
+        raise GrammarError(f"{compiled.backend_name} cannot use this {spec.kind}: {type(e).__name__}: "
+                           f"{_short(e)}") from None
 
 
 class _Job:
@@ -130,6 +173,7 @@ class GrammarCompiler:
     def _run(self, job: _Job) -> None:
         try:
             compiled = self.backend.compile(job.spec, self.tokenizer_info)
+            probe_compiled(compiled)
             error: Optional[BaseException] = None
         except GrammarError as e:
             compiled, error = None, e
