@@ -25,6 +25,7 @@ time-outs, which are retried on the next submit unless the late compile has fini
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from concurrent.futures import Future
@@ -47,6 +48,29 @@ def _short(error: BaseException) -> str:
     # Backends append their internal state dump after "<state>": not useful to a client.
     text = str(error).split("<state>")[0].strip()
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+def _string_patterns(node: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str) and value:
+                found.append(value)
+            else:
+                found.extend(_string_patterns(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_string_patterns(item))
+    return found
+
+
+def _unanchored(pattern: str) -> str:
+    # Regex constraints match the whole output: JSON-schema anchors are implied there.
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return pattern or ".*"
 
 
 def probe_compiled(compiled: CompiledGrammar) -> None:
@@ -172,11 +196,14 @@ class GrammarCompiler:
 
     def _run(self, job: _Job) -> None:
         try:
-            compiled = self.backend.compile(job.spec, self.tokenizer_info)
-            probe_compiled(compiled)
+            compiled = self._compile_and_probe(job.spec)
+            if job.spec.kind == "tool_calls":
+                self._probe_each_tool(job.spec)
             error: Optional[BaseException] = None
         except GrammarError as e:
             compiled, error = None, e
+            if job.spec.kind == "tool_calls":
+                error = self._name_failing_tool(job.spec) or e
         except Exception as e:  # a library crash fails this request only
             compiled, error = None, GrammarError(f"{self.backend.name} failed to compile {job.spec.kind}: "
                                                  f"{type(e).__name__}: {e}")
@@ -203,6 +230,50 @@ class GrammarCompiler:
                 self._resolve(job, compiled)
             else:
                 self._resolve_error(job, error)
+
+    def _compile_and_probe(self, spec: ConstraintSpec) -> CompiledGrammar:
+        compiled = self.backend.compile(spec, self.tokenizer_info)
+        probe_compiled(compiled)
+        if spec.kind == "json_schema":
+            self._probe_patterns(json.loads(str(spec.payload)))
+        return compiled
+
+    def _probe_patterns(self, schema: Any) -> None:
+        """Each string `pattern` of the schema, compiled alone as a regex and probed: the probe of
+        the whole schema only reaches the strings on its first path, and a pattern's lexer is built
+        when the output reaches that string (`"pattern": "^d{1000000}$"` compiles, then fails
+        there). A pattern whose standalone regex does not compile is left to the schema's compile,
+        which accepted it in its own dialect."""
+        for pattern in _string_patterns(schema):
+            try:
+                compiled = self.backend.compile(ConstraintSpec.regex(_unanchored(pattern)), self.tokenizer_info)
+            except Exception:  # noqa: BLE001 - see the docstring
+                continue
+            try:
+                probe_compiled(compiled)
+            except GrammarError as e:
+                raise GrammarError(f"the pattern {pattern[:80]!r}{'...' if len(pattern) > 80 else ''} "
+                                   f"cannot be used: {e}") from None
+
+    def _name_failing_tool(self, spec: ConstraintSpec) -> Optional[GrammarError]:
+        """Compiles and probes each tool's call schema alone; the first that fails, named (a client
+        needs to know which tool to fix), or None when each works alone."""
+        from agentserve.grammar.tools import call_schemas_of
+
+        for name, schema in call_schemas_of(spec):
+            try:
+                self._compile_and_probe(ConstraintSpec.json_schema(schema))
+            except Exception as e:  # noqa: BLE001 - any failure names this tool
+                return GrammarError(f"the parameters of tool {json.dumps(name)} cannot be used: {_short(e)}")
+        return None
+
+    def _probe_each_tool(self, spec: ConstraintSpec) -> None:
+        # The probe of the whole tool-call grammar walks one path (the lowest allowed token), through
+        # one tool at most; a tool whose parameters fail on first use would fail only when the model
+        # calls it, inside the step. Each tool alone is probed too (once per tool set: cached).
+        error = self._name_failing_tool(spec)
+        if error is not None:
+            raise error
 
     def _on_timeout(self, job: _Job) -> None:
         with self._lock:
