@@ -23,7 +23,7 @@ from agentserve.service.serve import SHUTDOWN_GRACE_S
 from agentserve.testing.tiny import tiny_model_cached
 
 # Engine shutdown, session close and interpreter exit after the grace period.
-EXIT_SLACK_S = 6.0
+EXIT_SLACK_S = 3.0
 # Long enough that no stream can end on its own within the test (tokens are ~10-100/s on CPU).
 STREAM_TOKENS = 3500
 

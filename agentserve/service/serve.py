@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, NoReturn, Optional
 
 import grpc
 
@@ -174,6 +176,14 @@ async def _serve(config: EngineConfig) -> int:
     return 0
 
 
-def serve(config: EngineConfig) -> int:
+def serve(config: EngineConfig) -> NoReturn:
+    """The CLI's `agentserve serve`: runs until SIGINT/SIGTERM, then exits the process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(config))
+    rc = asyncio.run(_serve(config))
+    # Everything is closed by now. Interpreter finalization after torch and Triton have loaded takes
+    # seconds (native teardown, no Python frame), which would push the exit of a SIGTERMed server
+    # past its grace period: flush and leave.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
