@@ -2,8 +2,10 @@
 
 Two sources:
 - Engine-wide state and counters (running / waiting requests, KV pages, prefix-cache hits, token
-  totals, preemptions) are read from `engine.metrics` (EngineMetrics) at scrape time by a custom
-  collector, so they cover every request in the process (HTTP and gRPC alike).
+  totals, preemptions) are read at scrape time by a custom collector, so they cover every request in
+  the process (HTTP and gRPC alike). The gauges (running, waiting, pages) come from the scheduler and
+  the page pool themselves (`live_engine_gauges`), not from EngineMetrics, which is only refreshed
+  when the engine steps: an idle server must report 0 running and its pages free.
 - Per-request latency histograms (time to first token, inter-token latency, end-to-end latency,
   queue time) are fed from the engine's finish hook (`EngineMetrics.finish_hooks`), which hands
   each finished sequence's timing to us on the step thread. The hook only appends a tuple to a
@@ -21,6 +23,8 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from agentserve.engine.metrics import live_engine_gauges
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +97,17 @@ class _EngineCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(PREFIX + name, doc, value=value)
 
-        yield gauge("num_requests_running", "Sequences in the running batch.", m.num_running)
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", m.num_waiting)
-        yield gauge("kv_cache_pages_used", "KV cache pages (blocks) in use.", m.kv_blocks_used)
-        yield gauge("kv_cache_pages_total", "KV cache pages (blocks) in the pool.", m.kv_blocks_total)
-        yield gauge("kv_cache_usage_ratio", "Share of KV cache pages in use (0..1).", m.kv_usage)
+        live = live_engine_gauges(self.engine)
+        yield gauge("num_requests_running", "Sequences in the running batch.", live.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", live.num_waiting)
+        yield gauge("kv_cache_pages_used", "KV cache pages (blocks) in use.", live.kv_pages_used)
+        yield gauge("kv_cache_pages_total", "KV cache pages (blocks) in the pool.", live.kv_pages_total)
+        yield gauge("kv_cache_usage_ratio", "Share of KV cache pages in use (0..1).", live.kv_usage)
         yield gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over tokens looked up.",
-                    m.prefix_cache_hit_rate)
+                    live.prefix_cache_hit_rate)
         yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache.",
-                      m.prefix_cache_queries)
-        yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits)
+                      live.prefix_cache_queries)
+        yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.", live.prefix_cache_hits)
         yield counter("prompt_tokens", "Prompt tokens of admitted requests.", m.prompt_tokens_total)
         yield counter("prefilled_tokens", "Prompt-side tokens actually computed (cache misses, recomputes).",
                       m.prefilled_tokens_total)

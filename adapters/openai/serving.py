@@ -15,9 +15,10 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from agentserve.grammar.backend import UNICODE_TO_BYTE as BYTE_DECODER
+from agentserve.adapters.openai.constraint_errors import constraint_param
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of
 from agentserve.chat import limits as L
@@ -265,7 +266,9 @@ class OpenAIServing:
 
     # --- running ------------------------------------------------------------------------------------
     async def _outputs(self, request_id: str, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                       raw_request: Any, engine_kwargs: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       raw_request: Any, engine_kwargs: dict[str, Any],
+                       req: Union[ChatCompletionRequest, CompletionRequest]
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Runs one engine request per prompt; yields (prompt index, output) as they come. When the
         client disconnects (or this iterator is closed or cancelled) every request is aborted."""
         if raw_request is not None:  # the caller's tenant namespaces the pages (its salt refines the request's)
@@ -306,7 +309,8 @@ class OpenAIServing:
                     raise self._engine_error(item)
                 if getattr(item, "error", None):
                     # A request that failed alone (e.g. a constraint that does not compile).
-                    raise OpenAIError(400, str(item.error), param=_param_of(str(item.error)))
+                    msg = str(item.error)
+                    raise OpenAIError(400, msg, param=constraint_param(req, msg) or _param_of(msg))
                 yield i, item
         finally:
             if watcher is not None:
@@ -685,7 +689,7 @@ class _CompletionContext:
         self.top_n = req.logprobs
 
     def _outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
-        return self.s._outputs(self.id, self.prompt_ids, self.params, raw_request, self.engine_kwargs)
+        return self.s._outputs(self.id, self.prompt_ids, self.params, raw_request, self.engine_kwargs, self.req)
 
     async def full(self, raw_request: Any) -> dict[str, Any]:
         final: dict[int, RequestOutput] = {}
@@ -790,7 +794,8 @@ class _ChatContext:
         self.model = req.model or serving.model_name
 
     def _outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
-        return self.s._outputs(self.id, [self.prompt_ids], self.params, raw_request, self.engine_kwargs)
+        return self.s._outputs(self.id, [self.prompt_ids], self.params, raw_request, self.engine_kwargs,
+                               self.req)
 
     def _tool_stream(self) -> Optional[ToolCallStream]:
         if not self.tools:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -49,3 +50,34 @@ class EngineMetrics:
             return 0.0
         span = self._window[-1][0] - self._window[0][0]
         return sum(n for _, n in list(self._window)[1:]) / span if span > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """Engine state as of now (not as of the last step): what /metrics and gRPC Health report."""
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+def live_engine_gauges(engine: Any) -> EngineGauges:
+    """Reads the scheduler's queues and the page pool directly, from any thread: EngineMetrics is
+    only refreshed when the engine steps, so after the last request finishes it would report that
+    request as still running until the next step, which an idle server never takes. Each value is one
+    len() or int read of state the step thread owns (atomic under the GIL); together they are not one
+    snapshot, which gauges do not need. `engine` is an Engine (Any: engine.py imports this module)."""
+    scheduler, pool = engine.scheduler, engine.pool
+    return EngineGauges(num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+                        kv_pages_used=pool.num_used_blocks, kv_pages_total=pool.num_blocks,
+                        prefix_cache_queries=pool.query_tokens, prefix_cache_hits=pool.hit_tokens)

@@ -10,6 +10,13 @@ so a slow compile does not stall the step loop. A compile that timed out cannot 
 native code in a thread): its slot is given back at the deadline so later compiles are not
 blocked, and if it finishes later its result still fills the cache.
 
+A compile is only done once its grammar has been *used*: the worker builds a matcher, fills its
+first bitmask, accepts one allowed token and fills the next (`probe_compiled`). Backends build
+parts of a grammar lazily, so a regex `a{1000000}` or a schema whose `pattern` is that large
+compiles fine and then fails at the first token, and a schema that only refers to itself compiles
+to a grammar that allows no token at all. Probing here makes those the request's compile error,
+before it is admitted, instead of a failure inside the engine's step.
+
 The cache is keyed by (spec, tokenizer identity, backend); hits (and known failures) return an
 already-done future. Failures are cached too (a bad schema fails fast the next time), except
 time-outs, which are retried on the next submit unless the late compile has finished by then.
@@ -18,6 +25,7 @@ time-outs, which are retried on the next submit unless the late compile has fini
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from concurrent.futures import Future
@@ -29,7 +37,66 @@ from agentserve.grammar.backend import (
     GrammarBackend,
     GrammarError,
     TokenizerInfo,
+    allocate_token_bitmask,
+    bitmask_to_ids,
 )
+
+_MAX_ERROR_CHARS = 500
+
+
+def _short(error: BaseException) -> str:
+    # Backends append their internal state dump after "<state>": not useful to a client.
+    text = str(error).split("<state>")[0].strip()
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "..."
+
+
+def _string_patterns(node: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str) and value:
+                found.append(value)
+            else:
+                found.extend(_string_patterns(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_string_patterns(item))
+    return found
+
+
+def _unanchored(pattern: str) -> str:
+    # Regex constraints match the whole output: JSON-schema anchors are implied there.
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return pattern or ".*"
+
+
+def probe_compiled(compiled: CompiledGrammar) -> None:
+    """Uses a fresh matcher of `compiled` the way the first steps of a request will: fill the first
+    bitmask, accept the lowest allowed non-EOS token, fill the next. Raises GrammarError when that
+    fails or when the first mask allows nothing (not even EOS): no output could ever satisfy the
+    constraint. Two steps catch what backends defer to the first use (lazy lexers, lazy rules);
+    a grammar that fails only deeper in its output still fails inside the step, for its request
+    alone."""
+    spec, info = compiled.spec, compiled.tokenizer_info
+    try:
+        matcher = compiled.new_matcher()
+        bitmask = allocate_token_bitmask(1, info.vocab_size, pin_memory=False)
+        matcher.fill_bitmask(bitmask, 0)
+        allowed = bitmask_to_ids(bitmask[0], info.vocab_size)
+        if not allowed:
+            raise GrammarError(f"the {spec.kind} allows no output at all (for example a schema that only "
+                               "refers to itself, or one no value satisfies)")
+        first = next((t for t in allowed if t not in info.eos_token_ids), None)
+        if first is not None and matcher.accept_token(first):
+            matcher.fill_bitmask(bitmask, 0)
+    except GrammarError as e:
+        raise GrammarError(f"{compiled.backend_name} cannot use this {spec.kind}: {_short(e)}") from None
+    except Exception as e:  # a backend's own exception types: still this constraint's error
+        raise GrammarError(f"{compiled.backend_name} cannot use this {spec.kind}: {type(e).__name__}: "
+                           f"{_short(e)}") from None
 
 
 class _Job:
@@ -129,10 +196,14 @@ class GrammarCompiler:
 
     def _run(self, job: _Job) -> None:
         try:
-            compiled = self.backend.compile(job.spec, self.tokenizer_info)
+            compiled = self._compile_and_probe(job.spec)
+            if job.spec.kind == "tool_calls":
+                self._probe_each_tool(job.spec)
             error: Optional[BaseException] = None
         except GrammarError as e:
             compiled, error = None, e
+            if job.spec.kind == "tool_calls":
+                error = self._name_failing_tool(job.spec) or e
         except Exception as e:  # a library crash fails this request only
             compiled, error = None, GrammarError(f"{self.backend.name} failed to compile {job.spec.kind}: "
                                                  f"{type(e).__name__}: {e}")
@@ -159,6 +230,50 @@ class GrammarCompiler:
                 self._resolve(job, compiled)
             else:
                 self._resolve_error(job, error)
+
+    def _compile_and_probe(self, spec: ConstraintSpec) -> CompiledGrammar:
+        compiled = self.backend.compile(spec, self.tokenizer_info)
+        probe_compiled(compiled)
+        if spec.kind == "json_schema":
+            self._probe_patterns(json.loads(str(spec.payload)))
+        return compiled
+
+    def _probe_patterns(self, schema: Any) -> None:
+        """Each string `pattern` of the schema, compiled alone as a regex and probed: the probe of
+        the whole schema only reaches the strings on its first path, and a pattern's lexer is built
+        when the output reaches that string (`"pattern": "^d{1000000}$"` compiles, then fails
+        there). A pattern whose standalone regex does not compile is left to the schema's compile,
+        which accepted it in its own dialect."""
+        for pattern in _string_patterns(schema):
+            try:
+                compiled = self.backend.compile(ConstraintSpec.regex(_unanchored(pattern)), self.tokenizer_info)
+            except Exception:  # noqa: BLE001 - see the docstring
+                continue
+            try:
+                probe_compiled(compiled)
+            except GrammarError as e:
+                raise GrammarError(f"the pattern {pattern[:80]!r}{'...' if len(pattern) > 80 else ''} "
+                                   f"cannot be used: {e}") from None
+
+    def _name_failing_tool(self, spec: ConstraintSpec) -> Optional[GrammarError]:
+        """Compiles and probes each tool's call schema alone; the first that fails, named (a client
+        needs to know which tool to fix), or None when each works alone."""
+        from agentserve.grammar.tools import call_schemas_of
+
+        for name, schema in call_schemas_of(spec):
+            try:
+                self._compile_and_probe(ConstraintSpec.json_schema(schema))
+            except Exception as e:  # noqa: BLE001 - any failure names this tool
+                return GrammarError(f"the parameters of tool {json.dumps(name)} cannot be used: {_short(e)}")
+        return None
+
+    def _probe_each_tool(self, spec: ConstraintSpec) -> None:
+        # The probe of the whole tool-call grammar walks one path (the lowest allowed token), through
+        # one tool at most; a tool whose parameters fail on first use would fail only when the model
+        # calls it, inside the step. Each tool alone is probed too (once per tool set: cached).
+        error = self._name_failing_tool(spec)
+        if error is not None:
+            raise error
 
     def _on_timeout(self, job: _Job) -> None:
         with self._lock:

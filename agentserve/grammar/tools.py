@@ -329,6 +329,32 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool) 
     raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
 
 
+def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
+    """(tool name, call schema) for each tool of a "tool_calls" constraint, in declaration order:
+    to find which tool's parameters make a tool-call grammar fail (compile each alone)."""
+    found: list[tuple[str, dict]] = []
+
+    def add(schema: dict) -> None:
+        for one in schema.get("anyOf", [schema]):
+            name = one["properties"]["name"]["const"]
+            if all(name != seen for seen, _ in found):
+                found.append((name, one))
+
+    def visit(node: dict) -> None:
+        if "json" in node:
+            schema = node["json"]
+            add(schema["items"] if schema.get("type") == "array" else schema)
+        for key in ("seq", "alt"):
+            for child in node.get(key, ()):
+                visit(child)
+        for key in ("star", "opt"):
+            if key in node:
+                visit(node[key])
+
+    visit(json.loads(str(spec.payload))["grammar"])
+    return found
+
+
 def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[ToolDef]]:
     if tool_choice is None or tool_choice == "auto":
         return "auto", tools

@@ -26,6 +26,7 @@ import grpc
 from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
+from agentserve.engine.metrics import live_engine_gauges
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
@@ -456,15 +457,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         from agentserve import __version__
 
-        m = self.engine.metrics
+        live = live_engine_gauges(self.engine)  # now, not as of the last step (an idle engine does not step)
         counts = self.store.residency_counts()
         return pb.HealthResponse(
             status=pb.HealthResponse.SERVING if self.serving else pb.HealthResponse.NOT_SERVING,
-            model=self.engine.model_name, num_running=m.num_running, num_waiting=m.num_waiting,
-            kv_pages_used=self.engine.pool.num_used_blocks, kv_pages_total=self.engine.pool.num_blocks,
+            model=self.engine.model_name, num_running=live.num_running, num_waiting=live.num_waiting,
+            kv_pages_used=live.kv_pages_used, kv_pages_total=live.kv_pages_total,
             num_sessions=len(self.store), sessions_resident=counts["resident"], sessions_swapped=counts["swapped"],
             sessions_evicted=counts["evicted"], swap_slots_used=self.store.num_swap_slots - self.store.num_free_swap_slots,
-            swap_slots_total=self.store.num_swap_slots, prefix_cache_hit_rate=self.engine.pool.hit_rate,
+            swap_slots_total=self.store.num_swap_slots, prefix_cache_hit_rate=live.prefix_cache_hit_rate,
             version=__version__)
 
 

@@ -5,8 +5,10 @@ HTTP app, in one process and one event loop.
 
 Each API key is a tenant (service/tenants.py); gRPC and HTTP share the tenants and their limits.
 
-SIGINT/SIGTERM shut down gracefully: new RPCs are refused, in-flight ones get `grace` seconds to
-finish and are then cancelled (a cancelled turn rolls back), sessions are closed, the engine stops.
+SIGINT/SIGTERM shut down gracefully: both servers stop accepting at once (the HTTP listener closes,
+new gRPC calls get UNAVAILABLE), in-flight requests and streams of both get the same `grace`
+seconds to finish and are then cancelled (a cancelled turn rolls back, a cancelled HTTP stream
+aborts its engine requests), sessions are closed, the engine stops.
 
 `running_server(config)` is the same server as an async context manager (tests, demo, benchmarks):
 it binds port 0 on 127.0.0.1 unless told otherwise and yields a ServerHandle with the address.
@@ -17,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, NoReturn, Optional
 
 import grpc
 
@@ -28,6 +32,7 @@ from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
 from agentserve.service.tenants import Tenants
+from agentserve.service.malformed_requests import MalformedRequestInterceptor
 from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -60,7 +65,10 @@ class ServerHandle:
         return self.async_engine.engine
 
 
-def _uvicorn_server(app: Any, host: str, port: int) -> Any:
+SHUTDOWN_GRACE_S = 5.0
+
+
+def _uvicorn_server(app: Any, host: str, port: int, grace: float) -> Any:
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -72,13 +80,15 @@ def _uvicorn_server(app: Any, host: str, port: int) -> Any:
         def install_signal_handlers(self) -> None:  # uvicorn < 0.29
             pass
 
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    # timeout_graceful_shutdown: without it uvicorn waits for every open stream to end on its own.
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                  timeout_graceful_shutdown=grace))
 
 
 @contextlib.asynccontextmanager
 async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEngine] = None,
                          host: Optional[str] = None, grpc_port: Optional[int] = 0, http_port: Optional[int] = None,
-                         grace: float = 5.0, default_ttl: float = DEFAULT_TTL_SECONDS,
+                         grace: float = SHUTDOWN_GRACE_S, default_ttl: float = DEFAULT_TTL_SECONDS,
                          expiry_interval: float = 1.0) -> AsyncIterator[ServerHandle]:
     """Starts the servers on an engine (a new one from config, or `async_engine`, which then stays up
     afterwards). grpc_port=0 binds a free port; None leaves gRPC off; likewise http_port."""
@@ -104,8 +114,9 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     bound: Optional[int] = None
     try:
         if grpc_port is not None:
-            server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tenants)] if tenants.requires_key else None,
-                                     options=_grpc_options(config))
+            interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(tenants)] if tenants.requires_key else []
+            interceptors.append(MalformedRequestInterceptor())  # innermost: the key check still comes first
+            server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
             add_to_server(server, servicer)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
             if not bound:
@@ -116,7 +127,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
             from agentserve.adapters.openai.app import create_app
 
             app = create_app(async_engine, config, store, render_pool=render_pool, tenants=tenants)
-            uv = _uvicorn_server(app, host, http_port)
+            uv = _uvicorn_server(app, host, http_port, grace)
             uv_task = asyncio.get_running_loop().create_task(uv.serve())
             while not uv.started:
                 if uv_task.done():
@@ -130,19 +141,29 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
                            async_engine=async_engine, store=store, servicer=servicer, grpc_server=server,
                            tenants=tenants)
     finally:
-        servicer.serving = False
-        if server is not None:
-            await server.stop(grace)  # in-flight RPCs get `grace` seconds, then are cancelled
-        if uv is not None and uv_task is not None:
-            uv.should_exit = True
-            with contextlib.suppress(Exception):
-                await uv_task
+        await _stop_servers(servicer, server, uv, uv_task, grace)
         await store.stop()
         await store.close_all()
         store.detach()
         render_pool.close()
         if own_engine:
             await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)
+
+
+async def _stop_servers(servicer: AgentServicer, server: Optional[grpc.aio.Server], uv: Any,
+                        uv_task: Optional[asyncio.Task[None]], grace: float) -> None:
+    """Both servers stop accepting now and drain together, each bounded by `grace` (one after the
+    other, HTTP would keep accepting while gRPC drained, and its streams would get no bound)."""
+    servicer.serving = False
+    draining: list[Any] = []
+    if uv is not None and uv_task is not None:
+        uv.should_exit = True  # the server's loop sees it within 0.1 s and closes its listener
+        draining.append(uv_task)
+    if server is not None:
+        draining.append(server.stop(grace))  # refuses new calls; cancels the rest after `grace`
+    for result in await asyncio.gather(*draining, return_exceptions=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            logger.error("stopping a server failed: %r", result)
 
 
 async def _serve(config: EngineConfig) -> int:
@@ -167,10 +188,18 @@ async def _serve(config: EngineConfig) -> int:
               + (f" — API key required ({len(handle.tenants.names)} tenants)" if handle.requires_api_key else ""),
               flush=True)
         await stop.wait()
-        print("agentserve: shutting down (in-flight requests get 5 s)", flush=True)
+        print(f"agentserve: shutting down (in-flight requests get {SHUTDOWN_GRACE_S:g} s)", flush=True)
     return 0
 
 
-def serve(config: EngineConfig) -> int:
+def serve(config: EngineConfig) -> NoReturn:
+    """The CLI's `agentserve serve`: runs until SIGINT/SIGTERM, then exits the process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(config))
+    rc = asyncio.run(_serve(config))
+    # Everything is closed by now. Interpreter finalization after torch and Triton have loaded takes
+    # seconds (native teardown, no Python frame), which would push the exit of a SIGTERMed server
+    # past its grace period: flush and leave.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

@@ -58,6 +58,7 @@ import concurrent.futures
 import enum
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -412,8 +413,9 @@ class SessionStore:
         """Step thread. Adopts the initial messages as `create` rendered them in the render pool
         (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
-        if ttl_seconds < 0:
-            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:  # NaN compares False with everything
+            raise InvalidRequestError(f"ttl_seconds must be a finite number >= 0 (0: the server's default), "
+                                      f"got {ttl_seconds}")
         self._check_room(tenant)  # before rendering: a refused session costs nothing
         raw = raw_tokens or not self.has_template
         if rendered is None:
@@ -451,8 +453,9 @@ class SessionStore:
         p = self._owned(session_id, tenant)
         if p.busy is not None:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
-        if ttl_seconds < 0:
-            raise InvalidRequestError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:  # NaN compares False with everything
+            raise InvalidRequestError(f"ttl_seconds must be a finite number >= 0 (0: the server's default), "
+                                      f"got {ttl_seconds}")
         self._check_room(p.tenant)
         if p.state is SessionState.SWAPPED:
             self._swap_in(p)
@@ -706,8 +709,9 @@ class SessionStore:
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
-        if expected_next_turn_ms < 0:
-            raise InvalidRequestError("expected_next_turn_ms must be >= 0")
+        if not math.isfinite(expected_next_turn_ms) or expected_next_turn_ms < 0:
+            raise InvalidRequestError(f"expected_next_turn_ms must be a finite number >= 0 (0: no hint), "
+                                      f"got {expected_next_turn_ms}")
         pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
                               prompt_token_ids=[], prompt_text="", new_messages=[], content_prefix="", params=params,
                               expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)

@@ -1,0 +1,52 @@
+"""Which request field an output-constraint failure is about (the error's `param`).
+
+A constraint that does not compile fails its request with a message (RequestOutput.error) that the
+engine writes; the HTTP layer knows which field the constraint came from. The compile names the
+tool when a tool's parameters are at fault (grammar/compiler.py: `the parameters of tool "NAME"`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Optional, Sequence, Union
+
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, ToolDefinition
+
+# The engine's text for a compile failure (engine/constraints.py, ConstraintManager.attach).
+COMPILE_FAILED = "the output constraint could not be compiled"
+_TOOL_NAMED = re.compile(r'the parameters of tool ("(?:[^"\\]|\\.)*")')
+
+
+def _tool_index(tools: Sequence[ToolDefinition], name: str) -> Optional[int]:
+    for i, tool in enumerate(tools):
+        if tool.function.name == name:
+            return i
+    return None
+
+
+def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], message: str) -> Optional[str]:
+    """The field of `req` that a constraint compile error is about, or None when `message` is not a
+    constraint compile error."""
+    if COMPILE_FAILED not in message:
+        return None
+    if req.guided_json is not None:
+        return "guided_json"
+    if req.guided_regex is not None:
+        return "guided_regex"
+    if req.guided_choice is not None:
+        return "guided_choice"
+    rf = req.response_format
+    if rf is not None and rf.type == "json_schema":
+        return "response_format.json_schema.schema"
+    if rf is not None and rf.type == "json_object":
+        return "response_format"
+    tools = req.tools if isinstance(req, ChatCompletionRequest) else None
+    if not tools:
+        return None
+    named = _TOOL_NAMED.search(message)
+    if named is not None:
+        index = _tool_index(tools, json.loads(named.group(1)))
+        if index is not None:
+            return f"tools[{index}].function.parameters"
+    return "tools"
