@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -32,11 +32,18 @@ class SlowSetupStore(SessionStore):
 
     setup_delay = 0.0
 
-    def _begin_turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                    expected_next_turn_ms: float, received_at: float) -> PendingTurn:
+    # The set-up runs on the step thread in two calls around the off-thread rendering: the first
+    # marks the session busy, the second adopts the rendered prompt. Either may be cancelled under.
+    def _reserve_turn(self, session_id: str, params: SamplingParams, expected_next_turn_ms: float,
+                      received_at: float) -> tuple[PendingTurn, Any]:
         if self.setup_delay:
-            time.sleep(self.setup_delay)
-        return super()._begin_turn(session_id, messages, params, expected_next_turn_ms, received_at)
+            time.sleep(self.setup_delay / 2)
+        return super()._reserve_turn(session_id, params, expected_next_turn_ms, received_at)
+
+    def _begin_turn(self, pending: PendingTurn, rendered: Any) -> PendingTurn:
+        if self.setup_delay:
+            time.sleep(self.setup_delay / 2)
+        return super()._begin_turn(pending, rendered)
 
 
 @pytest.fixture(scope="module")
