@@ -34,6 +34,7 @@ MAX_TOKENS = 8
 SECRET = "zq-secret-7731"  # in every bad request (its stop string or grammar): no innocent may see it
 BREAK_MATCHER = SECRET + "-matcher"  # a grammar with this in it gets a matcher that raises mid-output
 BREAK_DETOKENIZER = SECRET + "-detokenizer"  # a stop string that makes the detokenizer raise
+BREAK_MASK = SECRET + "-mask"  # a grammar with this in it gets a matcher whose mask fill raises
 INNOCENT_IDS = [[11 + 7 * i, 23 + i, 40 + 3 * i, 5] for i in range(2)]
 INNOCENT_GEN_IDS = [[101 + 5 * i, 77, 9 + i] for i in range(2)]
 INNOCENT_TURNS = ["Say hello to the first tester.", "Name a colour, please."]
@@ -82,8 +83,9 @@ def aeng() -> Iterator[AsyncEngine]:
 
 @pytest.fixture
 def injected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A matcher that raises after two accepted tokens for a grammar that names BREAK_MATCHER, and a
-    detokenizer that fails for a request whose stop strings hold BREAK_DETOKENIZER."""
+    """A matcher that raises after two accepted tokens for a grammar that names BREAK_MATCHER, one
+    whose mask fill raises for a grammar naming BREAK_MASK, and a detokenizer that fails for a request
+    whose stop strings hold BREAK_DETOKENIZER."""
     accepted: dict[int, int] = {}
     accept_token = GrammarState.accept_token
 
@@ -101,7 +103,15 @@ def injected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError(f"tokenizer failed decoding for {SECRET}")
         return append(self, token_id)
 
+    fill = GrammarState.fill
+
+    def failing_fill(self: GrammarState, bitmask: Any, row: int) -> None:
+        if self.grammar is not None and BREAK_MASK in repr(self.grammar.spec):
+            raise RuntimeError(f"mask fill broke on {SECRET}")
+        fill(self, bitmask, row)
+
     monkeypatch.setattr(GrammarState, "accept_token", failing_accept)
+    monkeypatch.setattr(GrammarState, "fill", failing_fill)
     monkeypatch.setattr(IncrementalDetokenizer, "append", failing_append)
 
 
@@ -262,16 +272,22 @@ def test_engine_step_failures_fail_one_request(async_scheduling: bool, injected_
     engine = Engine(make_config(num_blocks=256, async_scheduling=async_scheduling))
     alone = _run_to_end(engine, None)
     assert len(alone) == 6 and all(err is None for _, err in alone.values())
-    bad_cases: list[tuple[SamplingParams, dict[str, Any]]] = [
-        (SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=1), {"seed": 2**70}),  # seed overflows
-        (SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS), {"top_k": 2**63}),  # int64 overflow (top-k column)
-        (SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=[BREAK_DETOKENIZER]), {}),  # detokenizer
-        (SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, regex=f"({BREAK_MATCHER}|[a-z ]{{1,40}})"), {}),  # matcher
+
+    def constrained(marker: str) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, regex=f"({marker}|[a-z ]{{1,40}})")
+
+    # (parameters, fields set after validation, what the bad request's error says)
+    bad_cases: list[tuple[SamplingParams, dict[str, Any], str]] = [
+        (SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=1), {"seed": 2**70}, "internal error"),
+        (SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS), {"top_k": 2**63}, "internal error"),
+        (SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=[BREAK_DETOKENIZER]), {}, "tokenizer failed"),
+        (constrained(BREAK_MATCHER), {}, "matcher broke"),
+        (constrained(BREAK_MASK), {}, "mask fill broke"),
     ]
-    for params, after_validation in bad_cases:
+    for params, after_validation, says in bad_cases:
         result = _run_to_end(engine, params, after_validation)
         _, error = result.pop("bad")
-        assert isinstance(error, str) and error.startswith(("internal error:", "the request failed")), error
+        assert isinstance(error, str) and says in error, error
         assert result == alone
         assert SECRET not in repr(result)
     engine.pool.check_all_free()
