@@ -81,9 +81,10 @@ def valid_request(method: str, session_id: str) -> Message:
         return pb.GenerateRequest(prompt="hello", sampling=sampling)
     if method == "CreateSession":
         return pb.CreateSessionRequest(messages=user)
-    return getattr(pb, SERVICE.methods_by_name[method].input_type.name)(session_id=session_id) \
-        if "session_id" in SERVICE.methods_by_name[method].input_type.fields_by_name \
-        else getattr(pb, SERVICE.methods_by_name[method].input_type.name)()
+    request_class = getattr(pb, SERVICE.methods_by_name[method].input_type.name)
+    if "session_id" in request_class.DESCRIPTOR.fields_by_name:
+        return request_class(session_id=session_id)
+    return request_class()
 
 
 def fill(msg: Message, rng: random.Random, session_ids: list[str], depth: int = 0, skip: float = 0.6) -> Message:
