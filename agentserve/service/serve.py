@@ -24,6 +24,8 @@ import grpc
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
+from agentserve.service.standard_services import (HealthServicer, add_standard_services, exempt_health_checks,
+                                                  mark_draining, mark_serving)
 from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class ServerHandle:
     servicer: AgentServicer
     grpc_server: Optional[grpc.aio.Server]
     api_key: Optional[str]
+    health: Optional[HealthServicer] = None  # grpc.health.v1 (None when gRPC is off)
 
     @property
     def engine(self) -> Any:
@@ -88,11 +91,13 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     uv: Any = None
     uv_task: Optional[asyncio.Task[None]] = None
     bound: Optional[int] = None
+    health: Optional[HealthServicer] = None
     try:
         if grpc_port is not None:
-            server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
-                                     options=_GRPC_OPTIONS)
+            server = grpc.aio.server(interceptors=[exempt_health_checks(ApiKeyInterceptor(api_key))] if api_key
+                                     else None, options=_GRPC_OPTIONS)
             add_to_server(server, servicer)
+            health = await add_standard_services(server)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
             if not bound:
                 raise RuntimeError(f"cannot bind the gRPC server to {host}:{grpc_port}")
@@ -112,10 +117,14 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
             http_bound = http_port
             if http_port == 0 and uv.servers:
                 http_bound = uv.servers[0].sockets[0].getsockname()[1]
+        if health is not None:
+            await mark_serving(health)  # the engine is loaded and both servers listen
         yield ServerHandle(address=f"{host}:{bound}" if bound else None, grpc_port=bound, http_port=http_bound,
                            async_engine=async_engine, store=store, servicer=servicer, grpc_server=server,
-                           api_key=api_key)
+                           api_key=api_key, health=health)
     finally:
+        if health is not None:
+            await mark_draining(health)  # probes and Watch streams see NOT_SERVING before the servers stop
         servicer.serving = False
         if server is not None:
             await server.stop(grace)  # in-flight RPCs get `grace` seconds, then are cancelled
