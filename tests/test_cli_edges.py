@@ -89,3 +89,21 @@ def test_the_proto_is_package_data() -> None:
                               "-d", build], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert (Path(build) / "agentserve" / "service" / "agent.proto").read_bytes() == SOURCE_PROTO.read_bytes()
+
+
+def test_the_install_stamp_is_per_interpreter() -> None:
+    # A second venv is another interpreter path (its python is a link to the same binary): `make test`
+    # there must install into it, not trust the first venv's stamp. -B: print the recipe even where
+    # this interpreter is installed already.
+    def stamp_of(python: str) -> str:
+        run = subprocess.run(["make", "-n", "-B", "install", f"PYTHON={python}"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        (touch,) = [line for line in run.stdout.splitlines() if line.startswith("touch ")]
+        return touch.split()[1]
+
+    with tempfile.TemporaryDirectory() as other_venv:
+        other_python = Path(other_venv) / "python3"
+        other_python.symlink_to(sys.executable)
+        ours, theirs = stamp_of(sys.executable), stamp_of(str(other_python))
+    assert ours.startswith(".venv-stamp-") and theirs.startswith(".venv-stamp-") and ours != theirs
