@@ -44,7 +44,8 @@ def test_a_port_in_use_is_a_one_line_error(flag: str) -> None:
         port = taken.getsockname()[1]
         run = agentserve("serve", "--model", model_path(), "--device", "cpu", flag, str(port))
     assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr == f"agentserve serve: error: cannot listen on 127.0.0.1:{port} ({flag}): address already in use\n"
+    assert run.stderr == (f"agentserve serve: error: cannot listen on 127.0.0.1:{port} ({flag}): "
+                          "address already in use\n")
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -56,8 +56,9 @@ class _HealthChecksExempt(grpc.aio.ServerInterceptor):
     def __init__(self, guard: grpc.aio.ServerInterceptor) -> None:
         self._guard = guard
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return await continuation(handler_call_details)
         return await self._guard.intercept_service(continuation, handler_call_details)
