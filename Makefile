@@ -1,5 +1,6 @@
 PYTHON ?= python3
-STAMP := .venv-stamp
+# One stamp per interpreter: `make test` with another Python (a second venv) installs into that one.
+STAMP := .venv-stamp-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256(sys.executable.encode()).hexdigest()[:12])')
 
 .PHONY: demo test install
 

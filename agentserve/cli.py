@@ -1,17 +1,21 @@
-"""`agentserve serve | demo | generate | tiny-model | bench`."""
+"""`agentserve serve | generate | demo | tiny-model | proto | bench`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from agentserve.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig,
                                SpecConfig)
+from agentserve.testing.tiny import ARCHS
 
 _SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, SpecConfig, ServerConfig)
 _TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend")
@@ -21,27 +25,40 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    if not field.is_required() and field.default is not None:
+        text += f" (default: {field.default})"
+    return text
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    kwargs: dict[str, Any] = dict(dest=name, default=None, help=_help(field))
+    if field.annotation in (bool, Optional[bool]):  # Optional: None means "decide by the device"
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif get_origin(field.annotation) is Literal:
+        kwargs["choices"] = get_args(field.annotation)
+    elif name == "model":
+        kwargs.update(required=True, metavar="PATH")  # a usage error, not a KeyError, when it is missing
+    elif name == "served_model_name":
+        kwargs.update(nargs="+", metavar="NAME")  # vLLM's flag: several names, the first one reported
+    elif name == "api_key":
+        kwargs.update(action="append", metavar="KEY")  # repeatable: each key is a tenant
+    parser.add_argument(_flag(name), **kwargs)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field (defaults stay in the pydantic models)."""
+    """One flag per EngineConfig field, its help from the field's description (defaults stay in the
+    pydantic models: a flag left out is not passed on)."""
     seen = set()
     for cfg_cls in _SECTIONS:
         for name, field in cfg_cls.model_fields.items():
             if name in seen:
                 continue
             seen.add(name)
-            if name == "api_key":  # repeatable: each key is a tenant
-                parser.add_argument(_flag(name), dest=name, action="append", default=None, help=field.description)
-            elif field.annotation is bool:
-                parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                    help=field.description)
-            else:
-                parser.add_argument(_flag(name), dest=name, default=None, help=field.description)
+            _add_field_flag(parser, name, field)
     for name in _TOP_LEVEL:
-        field = EngineConfig.model_fields[name]
-        if field.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(_flag(name), dest=name, default=None, help=field.description)
+        _add_field_flag(parser, name, EngineConfig.model_fields[name])
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -56,8 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from agentserve.sampling_params import SamplingParams
 
     llm = LLM.from_config(engine_config_from_args(args))
-    params = SamplingParams(temperature=float(args.temperature), max_tokens=int(args.max_tokens),
-                            seed=args.sampling_seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
     start = time.perf_counter()
     outputs = llm.generate(args.prompt, params)
     elapsed = time.perf_counter() - start
@@ -82,10 +98,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(arch=args.arch)
 
 
+def _port_taken(host: str, port: int) -> Optional[str]:
+    """Why a server cannot listen on host:port (None when it can). SO_REUSEADDR as the servers set it:
+    only a listening socket blocks the port, not connections of an earlier run in TIME_WAIT."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from agentserve.service.serve import serve
 
-    return serve(engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    if config.server.grpc_port is None and config.server.http_port is None:
+        print("agentserve serve: error: give --grpc-port and/or --http-port", file=sys.stderr)
+        return 2
+    if config.server.grpc_port and config.server.grpc_port == config.server.http_port:
+        print("agentserve serve: error: --grpc-port and --http-port must differ", file=sys.stderr)
+        return 2
+    # Checked before the model loads: a clash is a one-line error now, not a traceback minutes later.
+    for flag, port in (("--grpc-port", config.server.grpc_port), ("--http-port", config.server.http_port)):
+        reason = _port_taken(config.server.host, port) if port else None
+        if reason is not None:
+            print(f"agentserve serve: error: cannot listen on {config.server.host}:{port} ({flag}): {reason.lower()}",
+                  file=sys.stderr)
+            return 1
+    return serve(config)
+
+
+def cmd_proto(args: argparse.Namespace) -> int:
+    print(importlib.resources.files("agentserve.service").joinpath("agent.proto"))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -109,32 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentserve", description="LLM serving runtime for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gRPC and/or OpenAI-compatible HTTP server")
+    p = sub.add_parser("serve", help="run the gRPC and/or OpenAI-compatible HTTP server",
+                       usage="%(prog)s --model PATH [--grpc-port PORT] [--http-port PORT] [options]")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("generate", help="generate from prompts with the offline API")
+    p = sub.add_parser("generate", help="generate from prompts with the offline API",
+                       usage="%(prog)s --model PATH --prompt TEXT [--prompt TEXT ...] [options]")
     add_engine_args(p)
-    p.add_argument("--prompt", action="append", required=True)
-    p.add_argument("--max-tokens", default=64)
-    p.add_argument("--temperature", default=0.0)
-    p.add_argument("--sampling-seed", type=int, default=None)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat the flag for several)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling (default: none)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight model directory")
-    p.add_argument("path")
-    p.add_argument("--arch", default="qwen2")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("path", help="directory to write")
+    p.add_argument("--arch", default="qwen2", choices=ARCHS, help="architecture (default: qwen2)")
+    p.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("demo", help="run the main job on a built-in tiny model")
-    p.add_argument("--arch", default="qwen2")
+    p.add_argument("--arch", default="qwen2", choices=ARCHS, help="architecture of the tiny model (default: qwen2)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("proto", help="print the path of the installed agent.proto (for grpcurl -proto, protoc)")
+    p.set_defaults(func=cmd_proto)
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (default: fastpath.py, the GPU "
                                      "fast-path figures with their limits)")
-    p.add_argument("script", nargs="?", default="benchmarks/fastpath.py")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("script", nargs="?", default="benchmarks/fastpath.py", help="the benchmark script")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed on to the script")
     p.set_defaults(func=cmd_bench)
     return parser
 

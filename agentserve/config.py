@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,26 +19,49 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     model: str = Field(description="Path of a local Hugging Face model directory, or a named shape with load_format='dummy'.")
     tokenizer: Optional[str] = Field(default=None, description="Tokenizer directory; defaults to the model directory.")
-    dtype: DType = "auto"
-    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
-    max_model_len: Optional[int] = Field(default=None, gt=0)
-    seed: int = 0
-    served_model_name: Optional[str] = None
+    dtype: DType = Field(default="auto", description="Weight and activation dtype; 'auto': the checkpoint's on "
+                         "CUDA, float32 on CPU.")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        default="auto", description="'dummy' builds random weights for the model's config (benchmarks).")
+    max_model_len: Optional[int] = Field(default=None, gt=0, description="Longest prompt plus output, in tokens; "
+                                         "defaults to the model's max_position_embeddings.")
+    seed: int = Field(default=0, description="Seed of the random weights of load_format=dummy.")
+    served_model_name: Optional[Union[str, list[str]]] = Field(
+        default=None, description="Name(s) clients use in the `model` field (vLLM's flag; give several to accept "
+        "several). The first is the one /v1/models and ListModels report. Default: the model directory's base "
+        "name; the model path as given is always accepted too.")
+
+    def served_model_names(self) -> list[str]:
+        """The names the APIs report, first the main one. The default is the directory's base name: a
+        path's '/' reads as a provider prefix to agent frameworks (the OpenAI Agents SDK refuses it)."""
+        if isinstance(self.served_model_name, str):
+            return [self.served_model_name]
+        if self.served_model_name:
+            return list(self.served_model_name)
+        # abspath, not resolve(): a symlinked model directory keeps the name it was given.
+        return [Path(os.path.abspath(self.model)).name or self.model]
+
+    def accepted_model_names(self) -> frozenset[str]:
+        """Every name a request's `model` may use for the base model: the served names and the path as given."""
+        return frozenset([*self.served_model_names(), self.model])
 
 
 class CacheConfig(_Strict):
-    block_size: int = Field(default=16, gt=0)
+    block_size: int = Field(default=16, gt=0, description="Tokens per KV page.")
     num_blocks: Optional[int] = Field(default=None, gt=0, description="Fixes the number of KV pages; overrides memory-based sizing.")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    cpu_kv_cache_gb: float = Field(default=1.0, gt=0.0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="Share of the GPU's memory the "
+                                          "engine may use (weights, activations and KV pages).")
+    cpu_kv_cache_gb: float = Field(default=1.0, gt=0.0, description="KV cache size on CPU, in GiB.")
     swap_space_gb: float = Field(default=1.0, ge=0.0, description="CPU swap space for evicted session pages.")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(default=True, description="Reuse the KV pages of a cached prompt prefix.")
 
 
 class SchedulerConfig(_Strict):
-    max_num_batched_tokens: int = Field(default=2048, gt=0)
-    max_num_seqs: int = Field(default=256, gt=0)
-    policy: Literal["fcfs", "priority"] = "fcfs"
+    max_num_batched_tokens: int = Field(default=2048, gt=0, description="Token budget of one engine step "
+                                        "(prefill chunks plus decodes).")
+    max_num_seqs: int = Field(default=256, gt=0, description="Most requests running at once.")
+    policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="Admission order: 'fcfs', or 'priority' (lower priority values first).")
     max_waiting: int = Field(default=4096, gt=0, description="Queue bound; past it requests are refused.")
     decode_reserve_tokens: int = Field(
         default=256, ge=0,
@@ -49,21 +74,22 @@ class SchedulerConfig(_Strict):
 
 
 class LoRAConfig(_Strict):
-    enable_lora: bool = False
-    max_loras: int = Field(default=4, gt=0)
-    max_lora_rank: int = Field(default=64, gt=0)
-    max_cpu_loras: int = Field(default=32, gt=0)
+    enable_lora: bool = Field(default=False, description="Serve LoRA adapters (LoadAdapter, `model` naming one).")
+    max_loras: int = Field(default=4, gt=0, description="LoRA adapters resident on the device at once.")
+    max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank accepted.")
+    max_cpu_loras: int = Field(default=32, gt=0, description="LoRA adapters kept loaded in CPU memory.")
 
 
 class SpecConfig(_Strict):
-    draft_model: Optional[str] = None
-    num_speculative_tokens: int = Field(default=4, gt=0)
+    draft_model: Optional[str] = Field(default=None, description="Draft model directory for speculative decoding.")
+    num_speculative_tokens: int = Field(default=4, gt=0, description="Tokens the draft proposes per step.")
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    grpc_port: Optional[int] = None
-    http_port: Optional[int] = None
+    host: str = Field(default="127.0.0.1", description="Address the servers listen on (0.0.0.0 for all).")
+    grpc_port: Optional[int] = Field(default=None, description="Port of the gRPC AgentService (0: a free port).")
+    http_port: Optional[int] = Field(default=None, description="Port of the OpenAI-compatible HTTP API (0: a free "
+                                     "port).")
     api_key: Optional[Union[str, list[str]]] = Field(
         default=None, description="API key clients must send (repeat the flag for several; each is its own tenant). "
         "Without any key, every client is one anonymous tenant.")
@@ -109,10 +135,12 @@ class EngineConfig(_Strict):
     lora: LoRAConfig = LoRAConfig()
     spec: SpecConfig = SpecConfig()
     server: ServerConfig = ServerConfig()
-    device: Optional[str] = Field(default=None, description="'cuda', 'cpu' or None for CUDA when available.")
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    enforce_eager: bool = False
-    grammar_backend: str = "auto"
+    device: Optional[str] = Field(default=None, description="'cuda' or 'cpu' (default: CUDA when available).")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        default="auto", description="Attention kernels: 'triton', the 'torch' reference, or 'auto' (Triton on CUDA).")
+    enforce_eager: bool = Field(default=False, description="Never capture CUDA graphs.")
+    grammar_backend: str = Field(default="auto", description="Constrained decoding backend: llguidance, outlines, "
+                                 "xgrammar or 'auto' (llguidance).")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -98,7 +98,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = self.engine.model_name
-        aliases = {self.model_name, str(config.model.model)}
+        aliases = {self.model_name, *config.model.accepted_model_names()}
         if getattr(self.engine, "model_path", None) is not None:
             aliases.add(str(self.engine.model_path))
         self.model_aliases = aliases
@@ -129,8 +129,9 @@ class OpenAIServing:
 
     def list_models(self) -> dict[str, Any]:
         root = str(getattr(self.engine, "model_path", None) or self.config.model.model)
-        data = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "agentserve",
-                 "root": root, "parent": None, "max_model_len": self.engine.max_model_len}]
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
+                 "root": root, "parent": None, "max_model_len": self.engine.max_model_len}
+                for name in self.config.model.served_model_names()]
         for name in self.adapter_names():
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
                          "root": name, "parent": self.model_name, "max_model_len": self.engine.max_model_len})

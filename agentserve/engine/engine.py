@@ -132,7 +132,7 @@ class Engine:
             from agentserve.kernels import set_backend
 
             set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
-        self.model_name = config.model.served_model_name or config.model.model
+        self.model_name = config.model.served_model_names()[0]
         self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len)
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)

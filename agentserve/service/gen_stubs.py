@@ -1,4 +1,5 @@
-"""Generates the gRPC stubs in this package from proto/agentserve/v1/agent.proto.
+"""Generates the gRPC stubs in this package from proto/agentserve/v1/agent.proto (the source of
+truth), and copies that .proto into the package (agent.proto, shipped as package data).
 
     python -m agentserve.service.gen_stubs            # regenerate agent_pb2.py, agent_pb2_grpc.py, agent_pb2.pyi
     python -m agentserve.service.gen_stubs --check    # exit 1 when the committed stubs are stale
@@ -32,6 +33,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_REL = "agentserve/v1/agent.proto"
+PACKAGED_PROTO = "agent.proto"
 STUB_FILES = ("agent_pb2.py", "agent_pb2_grpc.py", "agent_pb2.pyi")
 _GENERATED_IMPORT = "from agentserve.v1 import agent_pb2 as"
 _FIXED_IMPORT = "from agentserve.service import agent_pb2 as"
@@ -71,6 +73,8 @@ def generate(out_dir: Path, tools_dir: Path, proto_root: Path = PROTO_ROOT) -> d
                     raise RuntimeError(f"unexpected import layout in generated {name}")
                 text = text.replace(_GENERATED_IMPORT, _FIXED_IMPORT)
             files[name] = text
+    # The installed package carries a copy of the .proto (`agentserve proto` prints its path).
+    files[PACKAGED_PROTO] = (proto_root / PROTO_REL).read_text()
     files["_stub_info.py"] = (
         '"""Written by gen_stubs.py with the stubs: what they were generated from."""\n\n'
         f'PROTO_SHA256 = "{proto_sha256(proto_root)}"\n'

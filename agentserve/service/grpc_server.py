@@ -233,7 +233,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             yield tenant
 
     def _check_model(self, model: str) -> None:
-        if model and model != self.engine.model_name:
+        if model and model not in self.engine.config.model.accepted_model_names():
             raise NotFoundError(f"model {model!r} is not served here; this server serves {self.engine.model_name!r}")
 
     def _check_adapter(self, adapter: str) -> None:
@@ -424,9 +424,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         e = self.engine
         return pb.ListModelsResponse(models=[pb.ModelInfo(
-            id=e.model_name, max_model_len=e.max_model_len, root=str(e.model_path or e.config.model.model),
+            id=name, max_model_len=e.max_model_len, root=str(e.model_path or e.config.model.model),
             adapters=self._adapters(), has_chat_template=R.has_chat_template(e.tokenizer),
-            vocab_size=e.arch.vocab_size)])
+            vocab_size=e.arch.vocab_size) for name in e.config.model.served_model_names()])
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
         async with _errors(context):

@@ -33,6 +33,8 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
 from agentserve.service.tenants import Tenants
 from agentserve.service.malformed_requests import MalformedRequestInterceptor
+from agentserve.service.standard_services import (HealthServicer, add_standard_services, exempt_health_checks,
+                                                  mark_draining, mark_serving)
 from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class ServerHandle:
     @property
     def requires_api_key(self) -> bool:
         return self.tenants.requires_key
+    health: Optional[HealthServicer] = None  # grpc.health.v1 (None when gRPC is off)
 
     @property
     def engine(self) -> Any:
@@ -112,12 +115,15 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     uv: Any = None
     uv_task: Optional[asyncio.Task[None]] = None
     bound: Optional[int] = None
+    health: Optional[HealthServicer] = None
     try:
         if grpc_port is not None:
-            interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(tenants)] if tenants.requires_key else []
+            interceptors: list[grpc.aio.ServerInterceptor] = (
+                [exempt_health_checks(ApiKeyInterceptor(tenants))] if tenants.requires_key else [])
             interceptors.append(MalformedRequestInterceptor())  # innermost: the key check still comes first
             server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
             add_to_server(server, servicer)
+            health = await add_standard_services(server)
             bound = server.add_insecure_port(f"{host}:{grpc_port}")
             if not bound:
                 raise RuntimeError(f"cannot bind the gRPC server to {host}:{grpc_port}")
@@ -137,10 +143,14 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
             http_bound = http_port
             if http_port == 0 and uv.servers:
                 http_bound = uv.servers[0].sockets[0].getsockname()[1]
+        if health is not None:
+            await mark_serving(health)  # the engine is loaded and both servers listen
         yield ServerHandle(address=f"{host}:{bound}" if bound else None, grpc_port=bound, http_port=http_bound,
                            async_engine=async_engine, store=store, servicer=servicer, grpc_server=server,
-                           tenants=tenants)
+                           tenants=tenants, health=health)
     finally:
+        if health is not None:
+            await mark_draining(health)  # probes and Watch streams see NOT_SERVING before the servers stop
         await _stop_servers(servicer, server, uv, uv_task, grace)
         await store.stop()
         await store.close_all()
