@@ -22,17 +22,16 @@ from agentserve.model.quant import UnquantizedLinearMethod
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates the ranks' tensors along the last dim
 
 
-class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp_size: int = 1, tp_rank: int = 0,
-                 all_reduce: Optional[AllReduce] = None) -> None:
+class VocabParallelWeight(nn.Module):
+    """This rank's rows of a [vocab, hidden] weight, and their loader (shared by the embedding and
+    the lm_head, so a tied model points both at one parameter)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_size: int, tp_rank: int) -> None:
         super().__init__()
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
-        if tp_size > 1 and all_reduce is None:
-            raise ValueError("a vocab-parallel embedding with tp_size > 1 needs an all_reduce")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_size, self.tp_rank = tp_size, tp_rank
-        self.all_reduce = all_reduce
         self.rows_per_partition = -(-num_embeddings // tp_size)
         self.vocab_start = tp_rank * self.rows_per_partition
         # rows of the real vocabulary on this rank (the rest of the partition is padding)
@@ -50,6 +49,15 @@ class VocabParallelEmbedding(nn.Module):
         copy_checked(param.data[:rows], loaded_weight[self.vocab_start:self.vocab_end])
         param.data[rows:].zero_()
 
+
+class VocabParallelEmbedding(VocabParallelWeight):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_size: int = 1, tp_rank: int = 0,
+                 all_reduce: Optional[AllReduce] = None) -> None:
+        if tp_size > 1 and all_reduce is None:
+            raise ValueError("a vocab-parallel embedding with tp_size > 1 needs an all_reduce")
+        super().__init__(num_embeddings, embedding_dim, tp_size, tp_rank)
+        self.all_reduce = all_reduce
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
@@ -60,20 +68,16 @@ class VocabParallelEmbedding(nn.Module):
         return self.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection over a vocabulary slice (shares the embedding's layout, so a tied
-    model points both at one parameter)."""
+class ParallelLMHead(VocabParallelWeight):
+    """The output projection over this rank's vocabulary slice."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_size: int = 1, tp_rank: int = 0,
                  all_gather: Optional[AllGather] = None) -> None:
         if tp_size > 1 and all_gather is None:
             raise ValueError("a vocab-parallel lm_head with tp_size > 1 needs an all_gather")
-        super().__init__(num_embeddings, embedding_dim, tp_size, tp_rank, all_reduce=None)
+        super().__init__(num_embeddings, embedding_dim, tp_size, tp_rank)
         self.all_gather = all_gather
         self.quant_method = UnquantizedLinearMethod()  # the Triton GEMV at M == 1 on CUDA, as before
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("ParallelLMHead computes logits (compute_logits), it does not embed tokens")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quant_method.apply(self, hidden)
