@@ -156,3 +156,26 @@ def test_model_loader_fills_fused_params_and_names_what_is_missing(tmp_path: Pat
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"layers\.1\.self_attn\.qkv_proj\.bias"):
         build_model(arch, torch.float32, torch.device("cpu"), tmp_path, "auto", 0)
+
+
+def test_unquantized_method_keeps_the_gemv_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every linear layer and the lm_head multiply through kernels.gemv.linear (the Triton GEMV at
+    M == 1 on CUDA under AGENTSERVE_GEMV), not a plain F.linear of their own."""
+    from agentserve.model import quant
+
+    shapes: list[tuple[int, ...]] = []
+
+    def recording_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shapes.append(tuple(weight.shape))
+        return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(quant, "linear", recording_linear)
+    x = _rand(1, HIDDEN, seed=16)
+    layers = [QKVParallelLinear(HIDDEN, HEAD, 2, 1), MergedColumnParallelLinear(HIDDEN, [6, 6]), ReplicatedLinear(HIDDEN, 3)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight)
+        layer(x)
+    head = ParallelLMHead(10, HIDDEN)
+    torch.nn.init.normal_(head.weight)
+    head.compute_logits(x)
+    assert shapes == [(16, HIDDEN), (12, HIDDEN), (3, HIDDEN), (10, HIDDEN)]
