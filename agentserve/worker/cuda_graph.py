@@ -64,8 +64,8 @@ class DecodeGraphs:
 
     def _meta(self, bs: int, max_seq_len: int) -> ForwardMetadata:
         return ForwardMetadata(slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
-                                 query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
-                                 max_query_len=1, max_seq_len=max_seq_len)
+                               query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+                               max_query_len=1, max_seq_len=max_seq_len)
 
     def _forward(self, bs: int, max_seq_len: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_layers, self._meta(bs, max_seq_len))
