@@ -30,7 +30,7 @@ CHATS: list[list[dict[str, Any]]] = [
      {"role": "user", "content": "Name three prime numbers."}],
     [{"role": "user", "content": "Write one sentence about the sea."}],
 ]
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 
 
 @functools.lru_cache(maxsize=None)
