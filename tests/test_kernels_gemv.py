@@ -115,9 +115,11 @@ def test_dispatch_modes_on_cpu() -> None:
 
 
 def test_model_linear_keeps_state_dict_names() -> None:
-    from agentserve.model.layers import Linear
+    from agentserve.model.linear import ReplicatedLinear
 
-    layer = Linear(16, 8, bias=True)
+    layer = ReplicatedLinear(16, 8, bias=True)
+    torch.nn.init.normal_(layer.weight)  # layers allocate with torch.empty: the loader fills them
+    torch.nn.init.normal_(layer.bias)
     assert set(layer.state_dict()) == {"weight", "bias"}
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

@@ -1,4 +1,4 @@
-"""Plain building blocks: Linear, RMSNorm, rotary tables (incl. llama3 scaling), the gated MLP."""
+"""Plain building blocks: RMSNorm, rotary tables (incl. llama3 scaling), the gated MLP."""
 
 from __future__ import annotations
 
@@ -9,22 +9,16 @@ import torch
 from torch import nn
 
 from agentserve.kernels.activation import silu_and_mul
-from agentserve.kernels.gemv import linear
 from agentserve.kernels.rmsnorm import rms_norm
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose forward may take the Triton GEMV
-    for small-M decode calls; AGENTSERVE_GEMV=torch|triton|auto decides (see kernels/gemv.py)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+from agentserve.model.attention import ForwardMetadata
+from agentserve.model.linear import MergedColumnParallelLinear, RowParallelLinear
+from agentserve.model.parameter import LoadableParameter, default_weight_loader
 
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = LoadableParameter(torch.ones(size), default_weight_loader)  # replicated on every rank
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +57,13 @@ def rope_cos_sin_cache(head_dim: int, theta: float, scaling: Optional[dict[str, 
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel projection (each
+    rank holds matching slices of gate and up, so silu_and_mul stays local) and down row-parallel."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -1,8 +1,9 @@
 """Llama, Mistral, Qwen2 and Qwen3 through one class and config flags (gpt-fast style plain code).
 
 Differences handled by flags: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings,
-explicit head_dim, llama3 rope scaling. Weights use vLLM's fused layout (qkv_proj, gate_up_proj);
-the loader fills the slices from the Hugging Face tensors.
+explicit head_dim, llama3 rope scaling. Weights use vLLM's fused layout (qkv_proj, gate_up_proj)
+in the tensor-parallel layers of linear.py and embedding.py; each parameter's weight_loader fills
+its slice from the Hugging Face tensors. Every layer receives the step's ForwardMetadata.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ from torch import nn
 
 from agentserve.kernels.rope_kv_write import rope_and_write_kv
 from agentserve.model.arch_config import ArchConfig
-from agentserve.model.attention import AttentionMetadata, paged_attention_layer
-from agentserve.model.layers import GatedMLP, Linear, RMSNorm
+from agentserve.model.attention import ForwardMetadata, paged_attention_layer
+from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
+from agentserve.model.layers import GatedMLP, RMSNorm
+from agentserve.model.linear import QKVParallelLinear, RowParallelLinear
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias)
+        # this rank's heads (all of them at tensor-parallel size 1)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -57,21 +63,21 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
                 cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: ForwardMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, meta), residual
 
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
@@ -80,7 +86,7 @@ class CausalLM(nn.Module):
         self.cos_sin_cache = cos_sin_cache
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: ForwardMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (logits are computed for sampled rows only)."""
         x = self.embed_tokens(input_ids)
         residual: Optional[torch.Tensor] = None
@@ -89,4 +95,4 @@ class CausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.lm_head.compute_logits(hidden)

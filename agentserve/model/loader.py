@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
+from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
 
 logger = logging.getLogger(__name__)
 
@@ -20,14 +22,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
            "float": torch.float32}
 
-# HF tensor name suffix -> (our parameter suffix, shard index within the fused parameter or None).
-_FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
-}
+# (our fused parameter, the checkpoint's projection, shard id): vLLM's stacked_params_mapping. The
+# fused layer's weight_loader knows where each shard goes.
+STACKED_PARAMS: list[tuple[str, str, ShardId]] = [
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -57,59 +60,50 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _split_sizes(model: CausalLM, fused: str) -> list[int]:
-    cfg = model.cfg
-    if "qkv_proj" in fused:
-        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
-    return [cfg.intermediate_size, cfg.intermediate_size]
+def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
+    """Our parameter name for a checkpoint tensor, and the shard it fills in a fused parameter."""
+    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    for fused, part, shard_id in STACKED_PARAMS:
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), shard_id
+    return name, None
 
 
 def load_weights(model: CausalLM, path: Path) -> None:
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
+    parameter (every shard of a fused one) was filled."""
+    params: dict[str, LoadableParameter] = {}
+    for name, param in model.named_parameters():  # a tied lm_head shares the embedding's entry
+        assert isinstance(param, LoadableParameter), f"{name} has no weight loader"
+        params[name] = param
+    loaded: dict[str, set[Optional[ShardId]]] = {name: set() for name in params}
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for hf_name in f.keys():
                 if hf_name.endswith(_IGNORED_SUFFIXES):
                     continue
-                name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
-                shard: Optional[int] = None
-                for hf_part, (ours, idx) in _FUSED.items():
-                    if f".{hf_part}." in f".{name}":
-                        name, shard = name.replace(hf_part, ours), idx
-                        break
+                name, shard_id = _param_name(hf_name)
                 if name not in params:
                     if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
                         continue  # some tied checkpoints still carry a copy
                     logger.warning("ignoring unexpected tensor %s in %s", hf_name, file.name)
                     continue
                 param = params[name]
-                tensor = f.get_tensor(hf_name)
-                if shard is None:
-                    target = param.data
-                else:
-                    sizes = _split_sizes(model, name)
-                    start = sum(sizes[:shard])
-                    target = param.data.narrow(0, start, sizes[shard])
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ModelLoadError(f"tensor {hf_name} in {file.name} has shape {tuple(tensor.shape)}, "
-                                         f"the config implies {tuple(target.shape)}")
-                target.copy_(tensor.to(target.dtype))
-                loaded.add(f"{name}:{shard}")
-    expected = set()
-    for name, param in params.items():
-        if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
-            continue
-        if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
-            expected.update(f"{name}:{i}" for i in range(3))
-        elif name.endswith("gate_up_proj.weight"):
-            expected.update(f"{name}:{i}" for i in range(2))
-        else:
-            expected.add(f"{name}:None")
-    missing = sorted(expected - loaded)
+                try:
+                    param.weight_loader(param, f.get_tensor(hf_name), shard_id)
+                except WeightShapeError as e:
+                    raise ModelLoadError(f"tensor {hf_name} in {file.name} {e}") from None
+                loaded[name].add(shard_id)
+    missing = [name for name, param in params.items()
+               if None not in loaded[name] and not set(param.shard_ids) <= loaded[name]]
     if missing:
-        raise ModelLoadError(f"{path}: checkpoint lacks tensors for {[m.split(':')[0] for m in missing][:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}")
+        raise ModelLoadError(f"{path}: checkpoint lacks tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def process_weights_after_loading(model: CausalLM) -> None:
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quant_method.process_weights_after_loading(module)
 
 
 def init_dummy_weights(model: CausalLM, seed: int) -> None:
@@ -129,18 +123,18 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
     torch_default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
-        with torch.device("meta"):
+        # Built in place on the device: the layers allocate with torch.empty (no init to undo), and
+        # their parameters keep their weight loaders (a meta model moved with to_empty may not).
+        with torch.device(device):
             model = CausalLM(arch)
     finally:
         torch.set_default_dtype(torch_default)
-    model = model.to_empty(device=device)
-    if arch.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
         assert path is not None
         load_weights(model, path)
+    process_weights_after_loading(model)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -19,7 +19,7 @@ import torch
 
 from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.paged_attention import num_kv_splits
-from agentserve.model.attention import AttentionMetadata
+from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ class DecodeGraphs:
     def _splits(self, bs: int, max_seq_len: int) -> int:
         return num_kv_splits(bs, max_seq_len, self.num_kv_heads, self.num_sms)
 
-    def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
-                                 query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
-                                 max_query_len=1, max_seq_len=max_seq_len)
+    def _meta(self, bs: int, max_seq_len: int) -> ForwardMetadata:
+        return ForwardMetadata(slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+                               query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+                               max_query_len=1, max_seq_len=max_seq_len)
 
     def _forward(self, bs: int, max_seq_len: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_layers, self._meta(bs, max_seq_len))

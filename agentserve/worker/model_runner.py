@@ -21,7 +21,7 @@ from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.engine.request import Request
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.model.attention import AttentionMetadata
+from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
@@ -106,7 +106,7 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device)
         # One prompt of num_tokens tokens over a one-page cache (every table entry is page 0, no KV
         # writes): the activations peak as in the largest prefill step.
-        meta = AttentionMetadata(
+        meta = ForwardMetadata(
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
             block_tables=torch.zeros((1, -(-num_tokens // self.block_size)), dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
@@ -140,7 +140,7 @@ class ModelRunner:
         return t.numpy(), t
 
     def prepare(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, ForwardMetadata, torch.Tensor]:
         """Flat inputs of a step. A decode whose input token was sampled by `prev` (still in flight
         under async scheduling) reads it from prev.sampled on the device."""
         bs = self.block_size
@@ -216,7 +216,7 @@ class ModelRunner:
         if g:
             assert prev is not None and prev.sampled is not None
             ids_d[d64[base:base + g]] = prev.sampled[d64[base + g:base + 2 * g]]
-        meta = AttentionMetadata(
+        meta = ForwardMetadata(
             slot_mapping=d64[2 * a64:2 * a64 + total], block_tables=d32[o_tab:].view(b, width),
             query_start_loc=d32[:b + 1], seq_lens=d32[o_seq:o_seq + b],
             max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
