@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from agentserve.grammar.backend import ConstraintSpec, GrammarError, canonical_json
