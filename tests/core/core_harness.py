@@ -20,9 +20,13 @@ from typing import Callable, Optional
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
+# Where Request lives is part of what changes (issue #11 moves it to agentserve/request.py): the
+# tests import it from here.
 from agentserve.engine.request import Request, RequestStatus
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
 from agentserve.sampling_params import SamplingParams
+
+__all__ = ["CoreHarness", "Request", "RequestStatus", "StepRecord", "next_token_of_context"]
 
 NextToken = Callable[[Request], int]
 

@@ -8,9 +8,7 @@ import random
 
 import pytest
 
-from core_harness import CoreHarness
-
-from agentserve.engine.request import Request
+from core_harness import CoreHarness, Request
 
 
 def _two_requests_next_to_idle_pages(with_reclaim: bool) -> tuple[CoreHarness, list[tuple[int, str]], list[int]]:

@@ -3,9 +3,7 @@ admission with an output reserve, preemption by recompute, and the page invarian
 
 from __future__ import annotations
 
-from core_harness import CoreHarness
-
-from agentserve.engine.request import RequestStatus
+from core_harness import CoreHarness, RequestStatus
 
 
 def prompt(seed: int, length: int) -> list[int]:
