@@ -61,12 +61,12 @@ def bench_gemv(ms_fn: Callable[[Callable[[], Any]], float], device: str, peak_tb
             heur = gemv.gemv_config(m, n, k)
             got = gemv.gemv_triton(x, w, b)
             err = (got.float() - ref.float()).abs().max().item()
-            t_torch = ms_fn(lambda: F.linear(x, w, b))
-            t_heur = ms_fn(lambda: gemv.gemv_triton(x, w, b))
+            t_torch = ms_fn(lambda x=x, w=w, b=b: F.linear(x, w, b))
+            t_heur = ms_fn(lambda x=x, w=w, b=b: gemv.gemv_triton(x, w, b))
             best: dict[str, Any] = {"fma": None, "dot": None}
             for cfg in sweep_configs(m, k, smoke) if (m in (1, 4) or smoke) else []:
                 try:
-                    t = ms_fn(lambda cfg=cfg: gemv.gemv_triton(x, w, b, config=cfg))
+                    t = ms_fn(lambda cfg=cfg, x=x, w=w, b=b: gemv.gemv_triton(x, w, b, config=cfg))
                 except Exception as e:  # out of shared memory / registers
                     print(f"    {cfg}: {type(e).__name__}", flush=True)
                     continue

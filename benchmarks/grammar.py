@@ -34,6 +34,8 @@ from typing import Optional
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "schemas" / "sample.jsonl"
 if not DEFAULT_SAMPLE.exists():
     DEFAULT_SAMPLE = Path("/work/shared/data/schemas/sample.jsonl")
+# The schema worker (compile + random walks + validation) lives with the grammar tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def _pct(values: list[float], q: float) -> Optional[float]:
 
 def bench_compile(schemas: list[dict], backend: str, *, tokenizer_dir: Optional[str], timeout: float,
                   walks: int, max_tokens: int, walk_timeout: float, verbose: bool) -> dict:
-    from agentserve.grammar.testing import SchemaWorker, default_tokenizer_dir
+    from helpers.grammar_walks import SchemaWorker, default_tokenizer_dir
 
     worker = SchemaWorker(backend, tokenizer_dir or default_tokenizer_dir(), walks=walks, max_tokens=max_tokens,
                           start_method="fork")

@@ -44,6 +44,10 @@ from agentserve.kernels._triton_utils import HAS_TRITON, num_sms
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gemv_section  # noqa: E402
 
+# Random paged batches are built by the kernel tests' helper (tests/helpers/paged_batch.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers.paged_batch import PagedBatch, random_paged_batch  # noqa: E402
+
 PEAK_BW_TBS = 3.0        # H100 SXM HBM3, measured copy bandwidth (issue 3)
 PEAK_TFLOPS = 781.0      # H100 SXM bf16 dense matmul, measured (issue 3)
 
@@ -93,9 +97,9 @@ def causal_flops(q_lens: list[int], ctx_lens: list[int], shape: Shape) -> float:
     return 4.0 * shape.num_q_heads * shape.head_dim * keys_seen
 
 
-def make_batch(shape: Shape, q_lens: list[int], ctx_lens: list[int], device: str) -> pa.PagedBatch:
-    return pa.random_paged_batch(q_lens, ctx_lens, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
-                                 shape.page_size, shape.dtype, device, poison=False, seed=0)
+def make_batch(shape: Shape, q_lens: list[int], ctx_lens: list[int], device: str) -> PagedBatch:
+    return random_paged_batch(q_lens, ctx_lens, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
+                              shape.page_size, shape.dtype, device, poison=False, seed=0)
 
 
 def free(device: str) -> None:
@@ -117,13 +121,13 @@ def bench_decode(timer: Timer, shape: Shape, batches: list[int], contexts: list[
             b = make_batch(shape, [1] * batch, [ctx - 1] * batch, device)
             args = (*b.args(), scale, 1, b.max_seq_len)
             nbytes = kv_bytes([ctx] * batch, shape)
-            t_unsplit = timer.ms(lambda: pa.paged_attention_triton(*args))
+            t_unsplit = timer.ms(lambda args=args: pa.paged_attention_triton(*args))
             heur_splits = pa.num_kv_splits(batch, ctx, shape.num_kv_heads, sms)
             sweep: dict[int, float] = {}
             for s in sorted(set(split_counts) | {heur_splits}):
                 if s <= 1:
                     continue
-                sweep[s] = timer.ms(lambda s=s: pa.paged_attention_decode_split_triton(*args, num_splits=s))
+                sweep[s] = timer.ms(lambda s=s, args=args: pa.paged_attention_decode_split_triton(*args, num_splits=s))
             best_s, t_best_split = min(sweep.items(), key=lambda kv: kv[1]) if sweep else (1, float("inf"))
             t_dispatch = sweep[heur_splits] if heur_splits > 1 else t_unsplit
             t_best = min(t_unsplit, t_best_split)
@@ -172,7 +176,7 @@ def bench_prefill(timer: Timer, shape: Shape, cases: list[tuple[str, list[int], 
     for name, q_lens, ctx_lens in cases:
         b = make_batch(shape, q_lens, ctx_lens, device)
         args = (*b.args(), scale, b.max_query_len, b.max_seq_len)
-        t = timer.ms(lambda: pa.paged_attention_triton(*args, config=config))
+        t = timer.ms(lambda args=args: pa.paged_attention_triton(*args, config=config))
         flops = causal_flops(q_lens, ctx_lens, shape)
         rows.append(dict(shape=shape.name, case=name, ms=t, flops=flops, tflops=flops / t / 1e9,
                          kv_bytes=kv_bytes([q + c for q, c in zip(q_lens, ctx_lens)], shape)))
@@ -224,21 +228,24 @@ def bench_elementwise(timer: Timer, shape: Shape, tokens_list: list[int], hidden
         slots = torch.randperm(pool * shape.page_size, device=device)[:tokens]
         cases: list[tuple[str, int, Callable[[], Any], Callable[[], Any]]] = [
             ("rms_norm+residual", (4 * tokens * hidden + hidden) * esize,
-             lambda: rmsnorm.rms_norm_triton(x, w, 1e-5, res), lambda: rmsnorm.rms_norm_ref(x, w, 1e-5, res)),
+             lambda x=x, res=res: rmsnorm.rms_norm_triton(x, w, 1e-5, res),
+             lambda x=x, res=res: rmsnorm.rms_norm_ref(x, w, 1e-5, res)),
             ("silu_and_mul", 3 * tokens * inter * esize,
-             lambda: activation.silu_and_mul_triton(gate_up), lambda: activation.silu_and_mul_ref(gate_up)),
+             lambda gate_up=gate_up: activation.silu_and_mul_triton(gate_up),
+             lambda gate_up=gate_up: activation.silu_and_mul_ref(gate_up)),
             ("rotary (in place)", 2 * tokens * (hq + hkv) * d * esize + tokens * d * 4,
              lambda: rotary.apply_rotary_triton(q, k, positions, cos_sin),
              lambda: rotary.apply_rotary_ref(q, k, positions, cos_sin)),
             ("write_kv", 4 * tokens * hkv * d * esize + tokens * 8,
-             lambda: kv_write.write_kv_triton(k, v, k_cache, v_cache, slots),
-             lambda: kv_write.write_kv_ref(k, v, k_cache, v_cache, slots)),
+             lambda k_cache=k_cache, v_cache=v_cache: kv_write.write_kv_triton(k, v, k_cache, v_cache, slots),
+             lambda k_cache=k_cache, v_cache=v_cache: kv_write.write_kv_ref(k, v, k_cache, v_cache, slots)),
             # Fused: q in place + k, v straight into the pages. "ref" here is the unfused Triton
             # pair (rotary then write_kv), i.e. what the model ran before: the speedup is the gain.
             ("rotary+write_kv fused", (2 * tokens * hq * d + 4 * tokens * hkv * d) * esize + tokens * (d * 4 + 16),
-             lambda: rope_kv_write.rope_and_write_kv_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slots),
-             lambda: (rotary.apply_rotary_triton(q, k, positions, cos_sin),
-                      kv_write.write_kv_triton(k, v, k_cache, v_cache, slots))),
+             lambda k_cache=k_cache, v_cache=v_cache: rope_kv_write.rope_and_write_kv_triton(
+                 q, k, v, positions, cos_sin, k_cache, v_cache, slots),
+             lambda k_cache=k_cache, v_cache=v_cache: (rotary.apply_rotary_triton(q, k, positions, cos_sin),
+                                                        kv_write.write_kv_triton(k, v, k_cache, v_cache, slots))),
         ]
         for name, nbytes, fn, ref in cases:
             t = timer.ms(fn)
@@ -247,7 +254,8 @@ def bench_elementwise(timer: Timer, shape: Shape, tokens_list: list[int], hidden
                              speedup_vs_torch=t_ref / t))
             print(f"  {name:20s} T={tokens:5d} {t*1e3:8.1f}us {rows[-1]['tbs']:5.2f}TB/s "
                   f"({rows[-1]['tbs']/PEAK_BW_TBS:5.1%})  torch ref {t_ref*1e3:8.1f}us", flush=True)
-        del x, res, gate_up, qkv, k_cache, v_cache
+        # The cases' lambdas hold their tensors as default arguments: drop them with the names.
+        del cases, x, res, gate_up, qkv, k_cache, v_cache
         free(device)
     return rows
 
@@ -268,7 +276,7 @@ def bench_sweep(timer: Timer, shape: Shape, device: str, smoke: bool) -> dict[st
         for stages in ([2] if smoke else [3, 4, 5, 6]):
             cfg = pa.AttnConfig(max(16, group), block_n, 4, stages)
             try:
-                t = timer.ms(lambda: pa.paged_attention_triton(*args, config=cfg))
+                t = timer.ms(lambda args=args, cfg=cfg: pa.paged_attention_triton(*args, config=cfg))
             except Exception as e:  # out of shared memory etc.
                 out["decode"].append(dict(config=asdict(cfg), error=type(e).__name__))
                 continue
@@ -285,7 +293,7 @@ def bench_sweep(timer: Timer, shape: Shape, device: str, smoke: bool) -> dict[st
     for block_n in ([16] if smoke else [32, 64, 128]):
         for stages in ([2] if smoke else [3, 5]):
             try:
-                t = timer.ms(lambda: pa.paged_attention_decode_split_triton(
+                t = timer.ms(lambda args=args, block_n=block_n, stages=stages: pa.paged_attention_decode_split_triton(
                     *args, num_splits=splits, block_n=block_n, num_stages=stages))
             except Exception as e:
                 out["decode_split"].append(dict(block_n=block_n, num_stages=stages, error=type(e).__name__))
@@ -306,7 +314,7 @@ def bench_sweep(timer: Timer, shape: Shape, device: str, smoke: bool) -> dict[st
     for bm, bn, w, s in grid:
         cfg = pa.AttnConfig(bm, bn, w, s)
         try:
-            t = timer.ms(lambda: pa.paged_attention_triton(*args, config=cfg))
+            t = timer.ms(lambda args=args, cfg=cfg: pa.paged_attention_triton(*args, config=cfg))
         except Exception as e:
             out["prefill"].append(dict(config=asdict(cfg), error=type(e).__name__))
             continue

@@ -36,10 +36,6 @@ except ImportError:  # pragma: no cover - platforms without triton wheels
         def cdiv(a: int, b: int) -> int:
             return -(-a // b)
 
-        @staticmethod
-        def next_power_of_2(n: int) -> int:
-            return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
     triton = _TritonStub()  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 

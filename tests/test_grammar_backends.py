@@ -27,7 +27,7 @@ from agentserve.grammar.backend import (
 )
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
-from agentserve.grammar.testing import SchemaWorker, random_walk, tokenizer_info_for
+from helpers.grammar_walks import SchemaWorker, random_walk, tokenizer_info_for
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 

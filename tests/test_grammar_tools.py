@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from agentserve.grammar.backend import BACKEND_NAMES, GrammarError, get_backend
-from agentserve.grammar.testing import decode, random_walk, tokenizer_info_for
+from helpers.grammar_walks import decode, random_walk, tokenizer_info_for
 from agentserve.grammar.tools import (
     HERMES_OPEN,
     MISTRAL_OPEN,

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 import agentserve.kernels as kernels  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
+from helpers.paged_batch import PagedBatch, random_paged_batch  # noqa: E402
 from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 
 _INTERPRETED = HAS_TRITON and type(pa._paged_attention_kernel).__name__ == "InterpretedFunction"
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 SCALE = 0.37  # not 1/sqrt(D), so a kernel that ignores `scale` fails
 
 
-def _check(batch: pa.PagedBatch, out: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+def _check(batch: PagedBatch, out: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
     k_clean, v_clean = batch.clean_caches()
     ref = pa.paged_attention_ref(*batch.args(k_clean, v_clean), SCALE, batch.max_query_len, batch.max_seq_len)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -45,7 +46,7 @@ MIXED = ([9, 1, 4, 13, 1, 6], [21, 40, 11, 0, 3, 17])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (4, 1)])
 @pytest.mark.parametrize("head_dim,page_size", [(16, 4), (32, 16), (24, 8)])
 def test_unified_mixed_batch_fp32(num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
-    batch = pa.random_paged_batch(*MIXED, num_q_heads, num_kv_heads, head_dim, page_size, torch.float32,
+    batch = random_paged_batch(*MIXED, num_q_heads, num_kv_heads, head_dim, page_size, torch.float32,
                                   seed=head_dim * 100 + page_size + num_kv_heads)
     out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
     _check(batch, out, atol=1e-4)
@@ -56,7 +57,7 @@ def test_unified_small_tiles_many_iterations(block_m: int, block_n: int) -> None
     """Forces small tiles so every request spans several query tiles and KV tiles: exercises the
     tile->request search, the unmasked/masked loop split and pages smaller and larger than BLOCK_N."""
     for page_size in (4, 32):
-        batch = pa.random_paged_batch([17, 1, 5, 30], [35, 50, 0, 2], 4, 2, 16, page_size, torch.float32,
+        batch = random_paged_batch([17, 1, 5, 30], [35, 50, 0, 2], 4, 2, 16, page_size, torch.float32,
                                       seed=block_m + block_n + page_size)
         cfg = pa.AttnConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
         out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len, config=cfg)
@@ -64,7 +65,7 @@ def test_unified_small_tiles_many_iterations(block_m: int, block_n: int) -> None
 
 
 def test_unified_fp16_and_strided_q() -> None:
-    batch = pa.random_paged_batch(*MIXED, 4, 2, 32, 8, torch.float16, seed=7)
+    batch = random_paged_batch(*MIXED, 4, 2, 32, 8, torch.float16, seed=7)
     # q as a strided view of a fused projection output, as the model produces it.
     fused = torch.randn(batch.q.shape[0], 4 * 32 + 64, dtype=torch.float16)
     fused[:, : 4 * 32] = batch.q.reshape(batch.q.shape[0], -1)
@@ -76,7 +77,7 @@ def test_unified_fp16_and_strided_q() -> None:
 def test_unified_group_not_power_of_two_and_empty_requests() -> None:
     # GQA group 3 (rows = token * 3 + head), a q_len-0 request and a seq_len-0 padding request
     # (CUDA-graph padding: output must be 0 like the reference, not NaN).
-    batch = pa.random_paged_batch([3, 0, 1, 1], [5, 9, 20, 0], 6, 2, 16, 4, torch.float32, seed=3)
+    batch = random_paged_batch([3, 0, 1, 1], [5, 9, 20, 0], 6, 2, 16, 4, torch.float32, seed=3)
     batch.seq_lens[3] = 0
     batch.max_seq_len = int(batch.seq_lens.max())
     out = pa.paged_attention_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
@@ -86,7 +87,7 @@ def test_unified_group_not_power_of_two_and_empty_requests() -> None:
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,page_size", [(4, 4, 4), (4, 1, 8), (6, 2, 16)])
 def test_split_kv_decode(num_q_heads: int, num_kv_heads: int, page_size: int) -> None:
-    batch = pa.random_paged_batch([1, 1, 1, 1], [70, 1, 33, 130], num_q_heads, num_kv_heads, 16, page_size,
+    batch = random_paged_batch([1, 1, 1, 1], [70, 1, 33, 130], num_q_heads, num_kv_heads, 16, page_size,
                                   torch.float32, seed=num_q_heads + page_size)
     for splits in (1, 2, 3, 8):  # 8 splits of a 2-token context: most splits are empty
         out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len,
@@ -95,7 +96,7 @@ def test_split_kv_decode(num_q_heads: int, num_kv_heads: int, page_size: int) ->
 
 
 def test_split_kv_fp16_padding_rows() -> None:
-    batch = pa.random_paged_batch([1, 0, 1, 1], [90, 5, 40, 0], 4, 2, 32, 16, torch.float16, seed=11)
+    batch = random_paged_batch([1, 0, 1, 1], [90, 5, 40, 0], 4, 2, 32, 16, torch.float16, seed=11)
     batch.seq_lens[3] = 0  # padded decode slot
     out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len, num_splits=4)
     _check(batch, out, atol=2e-3, rtol=1e-2)
@@ -103,7 +104,7 @@ def test_split_kv_fp16_padding_rows() -> None:
 
 
 def test_split_kv_rejects_multi_token_queries() -> None:
-    batch = pa.random_paged_batch([2, 1], [5, 5], 2, 1, 16, 4, torch.float32, seed=1)
+    batch = random_paged_batch([2, 1], [5, 5], 2, 1, 16, 4, torch.float32, seed=1)
     with pytest.raises(ValueError):
         pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 2, batch.max_seq_len)
 
@@ -121,7 +122,7 @@ def test_split_heuristic() -> None:
 
 
 def test_dispatcher_uses_reference_on_cpu() -> None:
-    batch = pa.random_paged_batch(*MIXED, 4, 2, 16, 4, torch.float32, poison=False, seed=5)
+    batch = random_paged_batch(*MIXED, 4, 2, 16, 4, torch.float32, poison=False, seed=5)
     args = (*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
     ref = pa.paged_attention_ref(*args)
     assert torch.equal(pa.paged_attention(*args), ref)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from agentserve.kernels import activation, gemv, kv_write, rmsnorm, rope_kv_write, rotary  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
+from helpers.paged_batch import PagedBatch, random_paged_batch  # noqa: E402
 from agentserve.kernels._triton_utils import HAS_TRITON, next_pow2  # noqa: E402
 
 _INTERPRETED = HAS_TRITON and type(pa._paged_attention_kernel).__name__ == "InterpretedFunction"
@@ -37,7 +38,7 @@ TOL32 = dict(atol=1e-4, rtol=1e-4)
 HEADS = [(8, 8), (32, 8), (32, 4)]  # GQA ratios 1, 4, 8
 
 
-def _ref(batch: pa.PagedBatch, scale: float) -> torch.Tensor:
+def _ref(batch: PagedBatch, scale: float) -> torch.Tensor:
     k_clean, v_clean = batch.clean_caches()
     return pa.paged_attention_ref(*batch.args(k_clean, v_clean), scale, batch.max_query_len, batch.max_seq_len)
 
@@ -80,17 +81,17 @@ def test_attention(dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_h
     decode + verification (decode tiles), and split-KV decode over long contexts (an uneven
     explicit split count, the heuristic's through the dispatcher, and the unsplit kernel)."""
     scale = head_dim ** -0.5
-    batch = pa.random_paged_batch(MIXED_Q, MIXED_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
+    batch = random_paged_batch(MIXED_Q, MIXED_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
                                   seed=1)
     out = pa.paged_attention(*batch.args(), scale, batch.max_query_len, batch.max_seq_len)
     _assert_close(out, _ref(batch, scale), dtype)
 
-    batch = pa.random_paged_batch(VERIFY_Q, VERIFY_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
+    batch = random_paged_batch(VERIFY_Q, VERIFY_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
                                   seed=2)
     out = pa.paged_attention(*batch.args(), scale, batch.max_query_len, batch.max_seq_len)
     _assert_close(out, _ref(batch, scale), dtype)
 
-    batch = pa.random_paged_batch([1, 1, 1], SPLIT_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
+    batch = random_paged_batch([1, 1, 1], SPLIT_CTX, num_q_heads, num_kv_heads, head_dim, page_size, dtype, DEV,
                                   seed=3)
     ref = _ref(batch, scale)
     args = (*batch.args(), scale, 1, batch.max_seq_len)
@@ -105,14 +106,14 @@ def test_attention(dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_h
 
 
 def test_attention_fp32() -> None:
-    batch = pa.random_paged_batch(MIXED_Q, MIXED_CTX, 32, 8, 128, 16, torch.float32, DEV, seed=4)
+    batch = random_paged_batch(MIXED_Q, MIXED_CTX, 32, 8, 128, 16, torch.float32, DEV, seed=4)
     out = pa.paged_attention(*batch.args(), 0.1, batch.max_query_len, batch.max_seq_len)
     _assert_close(out, _ref(batch, 0.1), torch.float32)
 
 
 def test_attention_long_prefill() -> None:
     # A 3000-token prompt in one chunk and its last 512-token chunk over a 2488-token prefix.
-    batch = pa.random_paged_batch([3000, 512], [0, 2488], 32, 8, 128, 16, torch.bfloat16, DEV, seed=5)
+    batch = random_paged_batch([3000, 512], [0, 2488], 32, 8, 128, 16, torch.bfloat16, DEV, seed=5)
     out = pa.paged_attention(*batch.args(), 128 ** -0.5, batch.max_query_len, batch.max_seq_len)
     _assert_close(out, _ref(batch, 128 ** -0.5), torch.bfloat16)
 
@@ -120,7 +121,7 @@ def test_attention_long_prefill() -> None:
 def test_decode_large_batch() -> None:
     gen = torch.Generator().manual_seed(256)
     ctx = torch.randint(0, 800, (256,), generator=gen).tolist()  # bounded by the reference's memory
-    batch = pa.random_paged_batch([1] * 256, ctx, 32, 8, 128, 16, torch.bfloat16, DEV, seed=6)
+    batch = random_paged_batch([1] * 256, ctx, 32, 8, 128, 16, torch.bfloat16, DEV, seed=6)
     args = (*batch.args(), 128 ** -0.5, 1, batch.max_seq_len)
     ref = _ref(batch, 128 ** -0.5)
     _assert_close(pa.paged_attention(*args), ref, torch.bfloat16)

@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 import pytest
 
-from agentserve.service import agent_pb2 as pb
 from conftest_grpc import SYSTEM, TOOLS, make_engine, reference, run, serving
 
 N_AGENTS = 32

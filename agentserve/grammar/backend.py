@@ -158,10 +158,6 @@ class ConstraintSpec:
                                          parallel=getattr(params, "parallel_tool_calls", True))
         return None
 
-    def describe(self) -> str:
-        text = str(self.payload)
-        return f"{self.kind}({text[:60]}{'...' if len(text) > 60 else ''})"
-
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer info
@@ -368,9 +364,6 @@ class GrammarMatcher(abc.ABC):
     def _cannot_continue(self) -> bool:
         """True when no non-EOS token can follow (output complete)."""
 
-    def _forced_tokens(self) -> list[int]:
-        return []
-
     # -- public API -----------------------------------------------------------------------------
     def accept_token(self, token_id: int) -> bool:
         """Advance over `token_id`. False if the grammar does not allow it; the state is unchanged."""
@@ -449,18 +442,6 @@ class GrammarMatcher(abc.ABC):
         other.num_tokens = self.num_tokens
         return other
 
-    def forced_tokens(self) -> list[int]:
-        """Tokens the grammar forces next (jump-forward); [] when unknown or none."""
-        if self.is_terminated():
-            return []
-        return self._forced_tokens()
-
-    def allowed_token_ids(self) -> list[int]:
-        """Debug/test helper: the ids `fill_bitmask` would allow."""
-        bm = torch.zeros((1, bitmask_words(self.tokenizer_info.vocab_size)), dtype=torch.int32)
-        self.fill_bitmask(bm, 0)
-        return bitmask_to_ids(bm[0], self.tokenizer_info.vocab_size)
-
 
 def bitmask_to_ids(row: torch.Tensor, vocab_size: int) -> list[int]:
     bits = (row.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1
@@ -475,7 +456,6 @@ class CompiledGrammar(abc.ABC):
         self.spec = spec
         self.tokenizer_info = tokenizer_info
         self.backend_name = backend_name
-        self.compile_seconds = 0.0
 
     @abc.abstractmethod
     def new_matcher(self) -> GrammarMatcher: ...

@@ -8,7 +8,6 @@ a `deep_copy` of it. llguidance enters a permanent error state on a disallowed t
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -217,9 +216,6 @@ class LLGuidanceMatcher(GrammarMatcher):
     def _cannot_continue(self) -> bool:
         return self._m.is_stopped()
 
-    def _forced_tokens(self) -> list[int]:
-        return list(self._m.compute_ff_tokens())
-
     @staticmethod
     def fill_many(pairs: Sequence[tuple["LLGuidanceMatcher", int]], bitmask: torch.Tensor,
                   executor: Any = None) -> None:
@@ -291,7 +287,6 @@ class LLGuidanceBackend(GrammarBackend):
         raise GrammarError(f"llguidance: unsupported constraint kind {spec.kind!r}")
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> LLGuidanceGrammar:
-        t0 = time.perf_counter()
         lltok = self.tokenizer(tokenizer_info)
         try:
             grammar = self.grammar_text(spec, tokenizer_info)
@@ -300,9 +295,7 @@ class LLGuidanceBackend(GrammarBackend):
         template = llguidance.LLMatcher(lltok, grammar, log_level=self.log_level)
         if template.is_error():
             raise GrammarError(f"llguidance cannot compile {spec.kind}: {_short_error(template.get_error())}")
-        out = LLGuidanceGrammar(spec, tokenizer_info, template)
-        out.compile_seconds = time.perf_counter() - t0
-        return out
+        return LLGuidanceGrammar(spec, tokenizer_info, template)
 
 
 def _short_error(msg: str) -> str:

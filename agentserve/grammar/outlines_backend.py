@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from typing import Any
 
 import torch
@@ -171,13 +170,10 @@ class OutlinesBackend(GrammarBackend):
         raise GrammarError(f"outlines: unsupported constraint kind {spec.kind!r}")
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> OutlinesGrammar:
-        t0 = time.perf_counter()
         regex = self.regex_for(spec)
         vocab = self.vocabulary(tokenizer_info, with_markers=spec.kind == "tool_calls")
         try:
             index = outlines_core.Index(f"({regex}){_END}", vocab)
         except Exception as e:
             raise GrammarError(f"outlines cannot compile {spec.kind}: {e}") from None
-        out = OutlinesGrammar(spec, tokenizer_info, index, regex)
-        out.compile_seconds = time.perf_counter() - t0
-        return out
+        return OutlinesGrammar(spec, tokenizer_info, index, regex)

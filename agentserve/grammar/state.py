@@ -115,10 +115,6 @@ class GrammarBitmask:
         self._rows: list[int] = []
         self._llg_executor = None
 
-    @staticmethod
-    def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
-        return allocate_token_bitmask(batch, vocab_size)
-
     def _ensure(self, batch: int) -> None:
         if self._buf.shape[0] < batch:
             self._buf = allocate_token_bitmask(max(batch, 2 * self._buf.shape[0]), self.vocab_size)

@@ -282,8 +282,3 @@ def walk_json(node: Any) -> list[dict]:
         return found
     return []
 
-
-def first_text(node: Any) -> Optional[dict]:
-    if isinstance(node, dict) and "text" in node:
-        return node["text"]
-    return None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from agentserve.grammar.backend import ConstraintSpec, GrammarError, canonical_json
@@ -427,13 +427,6 @@ class ToolCall:
 _ALNUM = string.ascii_letters + string.digits
 
 
-def _tool_name(tool: Any) -> Optional[str]:
-    if not isinstance(tool, dict):
-        return None
-    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
-    return fn.get("name")
-
-
 def new_call_id(fmt: str) -> str:
     if fmt == "mistral":  # Mistral's templates require 9 alphanumeric characters
         return "".join(secrets.choice(_ALNUM) for _ in range(9))
@@ -617,7 +610,6 @@ class ToolCallParser:
         if fmt not in TOOL_FORMATS:
             raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
         self.fmt = fmt
-        self.tool_names = [_tool_name(t) for t in tools or []]
         self.args_keys = ("arguments", "parameters")
         self.openers = {"hermes": [HERMES_OPEN], "llama3_json": [PYTHON_TAG], "mistral": [MISTRAL_OPEN]}[fmt]
         self.mode = "text"
@@ -625,7 +617,6 @@ class ToolCallParser:
         self.content_parts: list[str] = []
         self.calls: list[ToolCall] = []
         self.truncated = False
-        self.seen_any = False
         self._obj: Optional[_CallObject] = None
         self._call_index = -1
         self._call_id = ""
@@ -735,7 +726,6 @@ class ToolCallParser:
 
     def _feed_char(self, ch: str, events: list) -> None:
         mode = self.mode
-        self.seen_any = True
         if self._finished:
             raise RuntimeError("ToolCallParser.feed after flush/finish")
         if mode == "text":
@@ -901,7 +891,6 @@ class SessionToolStreamer:
 
     def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
         self.parser = ToolCallParser(fmt, tools)
-        self._tail: list[Union[ContentDelta, ToolCallDelta]] = []
 
     @staticmethod
     def _split(events: list) -> tuple[str, list[ToolCallDelta]]:

@@ -9,7 +9,6 @@ Tool-call structures compile as xgrammar structural tags.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import numpy as np
@@ -172,7 +171,6 @@ class XGrammarBackend(GrammarBackend):
         return info.cached(("xgrammar.compiler", self.max_threads), build)
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> XGrammarGrammar:
-        t0 = time.perf_counter()
         comp = self.compiler(tokenizer_info)
         try:
             if spec.kind == "json_schema":
@@ -198,6 +196,4 @@ class XGrammarBackend(GrammarBackend):
         except Exception as e:  # xgrammar raises RuntimeError/ValueError/its own errors
             msg = str(e).strip().splitlines()
             raise GrammarError(f"xgrammar cannot compile {spec.kind}: {msg[-1] if msg else type(e).__name__}") from None
-        out = XGrammarGrammar(spec, tokenizer_info, compiled)
-        out.compile_seconds = time.perf_counter() - t0
-        return out
+        return XGrammarGrammar(spec, tokenizer_info, compiled)

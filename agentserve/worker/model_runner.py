@@ -27,7 +27,7 @@ from agentserve.model.loader import build_model
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
-from agentserve.worker.launched_step import LaunchedStep, StepResult
+from agentserve.worker.launched_step import LaunchedStep
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +273,3 @@ class ModelRunner:
         packed = torch.cat([out.sampled_token_ids[:, None].double(), out.sampled_ranks[:, None].double(),
                             out.logprob_token_ids.double(), out.logprobs.double()], dim=1)
         return LaunchedStep(out.sampled_token_ids, rows, packed, out.logprobs.shape[1])
-
-    def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
-                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None) -> StepResult:
-        """Runs one step and waits for its sampled ids (the synchronous path)."""
-        return self.launch(chunks, block_copies, token_bitmask_fn).result()

@@ -1,97 +1,27 @@
-"""Test and benchmark helpers: a small byte-level BPE tokenizer trained locally (no network), and
-random walks through grammar matchers.
-
-Used until/unless `agentserve.testing.tiny.tiny_model_cached` is available; `default_tokenizer_dir`
-prefers a tiny model directory when that module exists.
-"""
+"""Grammar test and benchmark helpers: random walks through matchers (uniformly random allowed
+tokens), and a worker process that compiles JSON schemas and validates the walks' outputs (a
+native compile cannot be interrupted in-process, so a stuck one is killed with its process)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
-import tempfile
+import random
+import time
 from pathlib import Path
 from typing import Optional
 
-SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
-    "<|start_header_id|>", "<|end_header_id|>",
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-    "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]",
-]
-# Qwen adds its tool tags as ordinary (non-special) added tokens.
-ADDED_TOKENS = ["<tool_call>", "</tool_call>"]
+import jsonschema
+import numpy as np
 
-
-def _corpus() -> list[str]:
-    base = [
-        '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
-        '{"type": "object", "properties": {"a": {"type": "integer"}, "b": [1, 2.5, -3e10, true, false, null]}}',
-        "The quick brown fox jumps over the lazy dog. 0123456789 !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
-        "Hello, world! How are you today? I am fine, thanks. Let me call a tool for that.",
-        "def main():\n    print('hi')\n\treturn 0\n",
-        "unicode: café naïve 日本語 emoji 😀 — “quotes” ß ø",
-    ]
-    import random
-
-    rng = random.Random(0)
-    words = ("name id type value items count enabled user email url path query limit offset date time "
-             "city country price amount status message error result data title description order tags "
-             "location unit temperature celsius fahrenheit search file content start end true false null").split()
-    extra = []
-    for _ in range(400):
-        k = rng.sample(words, 4)
-        extra.append('{"%s": "%s", "%s": %d, "%s": [%s], "%s": %s}' % (
-            k[0], " ".join(rng.sample(words, 3)), k[1], rng.randint(0, 99), k[2],
-            ", ".join(rng.sample(words, 2)), k[3], rng.choice(["true", "false", "null", "1.5"])))
-    return base * 50 + extra
-
-
-def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 1000) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                 eos_token="<|eot_id|>")
-    hf.add_tokens(ADDED_TOKENS, special_tokens=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out_dir))
-    return out_dir
-
-
-_CACHE: dict[str, Path] = {}
-
-
-def tiny_tokenizer_dir() -> Path:
-    """A locally trained tokenizer directory (cached per process, in a temp dir)."""
-    if "dir" not in _CACHE:
-        root = Path(os.environ.get("AGENTSERVE_CACHE", tempfile.gettempdir())) / "agentserve-grammar-tok-v2"
-        if not (root / "tokenizer.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix="agentserve-tok-"))
-            train_tiny_tokenizer(tmp)
-            try:
-                os.replace(tmp, root)
-            except OSError:
-                pass  # another process won the race
-            if not (root / "tokenizer.json").exists():
-                root = tmp
-        _CACHE["dir"] = root
-    return _CACHE["dir"]
+from agentserve.grammar.backend import (ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask,
+                                        get_backend)
+from agentserve.testing.tiny import tiny_model_cached
 
 
 def default_tokenizer_dir(arch: str = "llama3") -> Path:
-    """A tiny model's directory when agentserve.testing.tiny exists, else the local tokenizer."""
-    try:
-        from agentserve.testing.tiny import tiny_model_cached  # type: ignore
-    except Exception:
-        return tiny_tokenizer_dir()
+    """A tiny model's directory (its tokenizer has the chat formats' special tokens)."""
     return Path(tiny_model_cached(arch))
 
 
@@ -121,8 +51,6 @@ def decode(info, tokens) -> str:
 
 
 def allowed_ids(row, vocab_size: int):
-    import numpy as np
-
     bits = np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:vocab_size]
     return np.flatnonzero(bits)
 
@@ -132,12 +60,6 @@ def random_walk(matcher, rng, *, max_tokens: int = 400, eos_prob: float = 0.5, b
 
     Once the state is accepting, EOS is picked with probability `eos_prob` (prefer finishing).
     Every token the mask allows must be accepted by the matcher (checked)."""
-    import time
-
-    import torch
-
-    from agentserve.grammar.backend import allocate_token_bitmask
-
     info = matcher.tokenizer_info
     if bitmask is None:
         bitmask = allocate_token_bitmask(1, info.vocab_size, pin_memory=False)
@@ -182,18 +104,14 @@ def _has(row, token_id: int) -> bool:
 def tokenizer_info_for(model_dir) -> "tuple[object, object]":
     """(HF tokenizer, TokenizerInfo) of a model/tokenizer directory: the model's vocab size and
     EOS ids come from config.json / generation_config.json when present."""
-    import json as _json
-
-    from agentserve.grammar.backend import TokenizerInfo
-
     model_dir = Path(model_dir)
     tok = load_tokenizer(model_dir)
     vocab = None
     eos = None
     if (model_dir / "config.json").exists():
-        vocab = _json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+        vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
     if (model_dir / "generation_config.json").exists():
-        e = _json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        e = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
         eos = e if isinstance(e, list) else ([e] if e is not None else None)
     if vocab is not None and vocab < len(tok):
         vocab = None
@@ -204,11 +122,6 @@ def schema_walks(compiled, schema, tok=None, *, walks: int, max_tokens: int, see
     """Random walks through a compiled JSON-schema grammar, each output json-parsed and validated.
     Returns {"walks": [{"status": valid|cap|invalid|invalid_json|walk_error|schema_error, ...}],
     "step_us": [per-token fill+accept microseconds]}."""
-    import json as _json
-    import random
-
-    import jsonschema
-
     try:
         validator = jsonschema.validators.validator_for(schema)(schema)
         schema_error = None
@@ -229,7 +142,7 @@ def schema_walks(compiled, schema, tok=None, *, walks: int, max_tokens: int, see
             continue
         text = decode(compiled.tokenizer_info, res.tokens)
         try:
-            value = _json.loads(text)
+            value = json.loads(text)
         except ValueError as e:
             results.append({"status": "invalid_json", "detail": f"{e}: {text[:300]!r}"})
             continue
@@ -245,10 +158,6 @@ def schema_walks(compiled, schema, tok=None, *, walks: int, max_tokens: int, see
 
 
 def _schema_worker(conn, backend_name: str, model_dir, walks: int, max_tokens: int) -> None:
-    import time
-
-    from agentserve.grammar.backend import ConstraintSpec, GrammarError, get_backend
-
     tok, info = tokenizer_info_for(model_dir)
     backend = get_backend(backend_name)
     conn.send(("ready", info.vocab_size))
@@ -284,8 +193,6 @@ class SchemaWorker:
         self.vocab = 0
 
     def start(self) -> None:
-        import multiprocessing as mp
-
         ctx = mp.get_context(self.start_method)
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=_schema_worker, args=(child, *self.args), daemon=True)

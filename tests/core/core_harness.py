@@ -1,0 +1,164 @@
+"""Drives Scheduler + KVCacheManager + BlockPool the way the engine does, with no model.
+
+This is the one place that knows the step contract: how a scheduled row turns into computed tokens
+and sampled tokens. Today a row computes `num_scheduled_tokens` tokens and samples one token when it
+reaches the end of its known tokens (Engine._launch / Engine._process on the synchronous path).
+When rows start carrying `num_sampled` (1..k+1) with rejections that roll back
+`num_computed_tokens`, `CoreHarness.step` is what changes; the tests call it and nothing below it.
+
+A fake KV store stands in for the device pages: every written slot records the token id whose KV it
+would hold, page copies copy those records, and after each step every running request's computed
+positions must read back its own tokens (a wrong prefix-cache hit, a missed copy-on-write or a page
+handed out twice shows up as a mismatch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from agentserve.cache.block_pool import BlockPool
+from agentserve.cache.kv_cache_manager import KVCacheManager
+from agentserve.config import SchedulerConfig
+# Where Request lives is part of what changes (issue #11 moves it to agentserve/request.py): the
+# tests import it from here.
+from agentserve.engine.request import Request, RequestStatus
+from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.sampling_params import SamplingParams
+
+__all__ = ["CoreHarness", "Request", "RequestStatus", "StepRecord", "next_token_of_context"]
+
+NextToken = Callable[[Request], int]
+
+
+def next_token_of_context(request: Request) -> int:
+    """A deterministic stand-in for greedy decoding: the next token depends only on the tokens so far,
+    so a request recomputed after a preemption generates exactly what it would have otherwise."""
+    tail = request.all_token_ids[-3:]
+    return (sum(t * (i + 1) for i, t in enumerate(tail)) * 31 + len(request.all_token_ids)) % 997 + 3
+
+
+@dataclass
+class StepRecord:
+    """What one step did: the scheduler's output, the token each sampled row got, who finished."""
+    output: SchedulerOutput
+    num_tokens: dict[str, int]
+    sampled: dict[str, int] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
+
+
+class FakePages:
+    """Per page and slot, the token id whose KV the slot holds (None: never written)."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: list[list[Optional[int]]] = [[None] * block_size for _ in range(num_blocks)]
+
+    def copy(self, src: int, dst: int) -> None:
+        self.slots[dst] = list(self.slots[src])
+
+    def write(self, page: int, offset: int, token_id: int) -> None:
+        self.slots[page][offset] = token_id
+
+    def read(self, request: Request, position: int) -> Optional[int]:
+        return self.slots[request.block_table[position // self.block_size]][position % self.block_size]
+
+
+class CoreHarness:
+    def __init__(self, *, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,
+                 max_num_seqs: int = 16, decode_reserve_tokens: int = 0, enable_prefix_caching: bool = True,
+                 policy: str = "fcfs", next_token: NextToken = next_token_of_context) -> None:
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            decode_reserve_tokens=decode_reserve_tokens, policy=policy), self.kv)
+        self.pages = FakePages(num_blocks, block_size)
+        self.next_token = next_token
+        self.requests: dict[str, Request] = {}
+        self.steps: list[StepRecord] = []
+
+    # --- requests ---------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: list[int], max_tokens: int = 4, **kwargs: object) -> Request:
+        request = Request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                          **kwargs)  # type: ignore[arg-type]
+        self.requests[request_id] = request
+        return request
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int = 4, **kwargs: object) -> Request:
+        request = self.make_request(request_id, prompt, max_tokens, **kwargs)
+        self.scheduler.add(request)
+        return request
+
+    def fork(self, parent: Request, request_id: str, max_tokens: int = 4) -> Request:
+        """A sibling sharing the parent's pages copy-on-write, recomputing only the last prompt token
+        (what the engine does for n > 1 once the leader's first token is in)."""
+        child = self.make_request(request_id, parent.prompt_token_ids, max_tokens)
+        child.block_table = self.kv.fork_blocks(parent.block_table)
+        child.num_computed_tokens = parent.num_prompt_tokens - 1
+        self.scheduler.add_front(child)
+        return child
+
+    def abort(self, request: Request) -> None:
+        self.scheduler.remove(request, free_blocks=True)
+        request.status = RequestStatus.FINISHED_ABORTED
+
+    # --- the step ---------------------------------------------------------------------------------
+    def step(self) -> StepRecord:
+        """Schedules one step, writes its KV into the fake pages, samples and appends one token per
+        row that reached the end of its tokens, finishes requests at max_tokens."""
+        out = self.scheduler.schedule()
+        record = StepRecord(out, dict(out.num_scheduled_tokens))
+        for src, dst in out.block_copies:
+            self.pages.copy(src, dst)
+        for request in out.scheduled:
+            num_new = out.num_scheduled_tokens[request.request_id]
+            self._write_kv(request, num_new)
+            samples = request.num_computed_tokens + num_new >= request.num_tokens
+            request.num_computed_tokens += num_new
+            self.kv.cache_full_blocks(request)
+            if samples:
+                token = self.next_token(request)
+                request.output_token_ids.append(token)
+                request.all_token_ids.append(token)
+                record.sampled[request.request_id] = token
+                if request.num_output_tokens >= request.max_tokens:
+                    request.status = RequestStatus.FINISHED_LENGTH
+                    self.scheduler.remove(request, free_blocks=True)
+                    record.finished.append(request.request_id)
+        self.check_running_kv()
+        self.steps.append(record)
+        return record
+
+    def _write_kv(self, request: Request, num_new: int) -> None:
+        block_size = self.pool.block_size
+        for position in range(request.num_computed_tokens, request.num_computed_tokens + num_new):
+            page = request.block_table[position // block_size]
+            assert self.pool.ref_cnt(page) == 1, (
+                f"{request.request_id} writes position {position} into page {page} shared "
+                f"{self.pool.ref_cnt(page)} ways")
+            self.pages.write(page, position % block_size, request.all_token_ids[position])
+
+    def run(self, max_steps: int = 1000) -> list[StepRecord]:
+        """Steps until nothing is waiting or running; returns the records of these steps."""
+        first = len(self.steps)
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished():
+                return self.steps[first:]
+            self.step()
+        raise AssertionError(f"still unfinished after {max_steps} steps: {self.scheduler.running}, "
+                             f"{list(self.scheduler.waiting)}")
+
+    # --- invariants -------------------------------------------------------------------------------
+    def check_running_kv(self) -> None:
+        """Every running request's computed positions hold its own tokens' KV, in pages it references."""
+        for request in self.scheduler.running:
+            assert len(request.block_table) >= self.kv.blocks_needed(request.num_computed_tokens)
+            for page in request.block_table:
+                assert self.pool.ref_cnt(page) >= 1, f"{request.request_id} holds free page {page}"
+            for position in range(request.num_computed_tokens):
+                assert self.pages.read(request, position) == request.all_token_ids[position], (
+                    f"{request.request_id}: position {position} holds the KV of another token")
+
+    def outputs(self) -> dict[str, list[int]]:
+        return {rid: list(r.output_token_ids) for rid, r in self.requests.items()}
