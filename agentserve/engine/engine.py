@@ -34,7 +34,7 @@ from agentserve.engine.failures import (STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
                                        RequestStatus)
-from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
 from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
