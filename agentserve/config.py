@@ -100,7 +100,8 @@ class ServerConfig(_Strict):
     max_sessions_per_tenant: int = Field(default=1024, gt=0, description="Open sessions one tenant may hold.")
     max_requests_per_tenant: int = Field(
         default=1024, gt=0, description="Generation requests (turns, completions, streams) one tenant may have "
-        "queued or running; past it requests get RESOURCE_EXHAUSTED / HTTP 429.")
+        "queued or running; past it requests get RESOURCE_EXHAUSTED / HTTP 429. Applies once API keys are set "
+        "(without keys only the engine's queue bounds requests).")
     # Per-request limits (HTTP, gRPC and the offline API where they apply). Each refuses a request
     # before it costs work that grows with its size; the defaults are generous for real agent traffic.
     max_body_bytes: int = Field(

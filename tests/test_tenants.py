@@ -18,7 +18,7 @@ from agentserve.adapters.client import AgentClient
 from agentserve.cli import build_parser, engine_config_from_args
 from agentserve.config import EngineConfig
 from agentserve.service.serve import ServerHandle, running_server
-from agentserve.service.tenants import ANONYMOUS, Tenant, Tenants, load_api_keys, parse_api_key_lines
+from agentserve.service.tenants import ANONYMOUS, Tenant, TenantLimitError, Tenants, load_api_keys, parse_api_key_lines
 from conftest_grpc import model_path, run
 
 Code = grpc.StatusCode
@@ -205,3 +205,17 @@ def test_session_and_request_limits(tmp_path: Path) -> None:
                 await sess.close()
 
     run(main(), timeout=240)
+
+
+def test_request_limit_applies_to_keyed_tenants_only() -> None:
+    """Without API keys a server has one anonymous tenant: only the engine's queue bounds it (as in
+    vLLM); with keys each tenant is held to max_requests_per_tenant."""
+    tenants = Tenants(max_requests_per_tenant=1)
+    anonymous = Tenant(ANONYMOUS)
+    for _ in range(3):
+        tenants.acquire(anonymous)
+    assert tenants.in_flight(anonymous) == 3
+    keyed = Tenant("a")
+    tenants.acquire(keyed)
+    with pytest.raises(TenantLimitError):
+        tenants.acquire(keyed)

@@ -12,7 +12,8 @@ request's `cache_salt`), so a prefix-cache hit â€” visible as `cached_tokens` â€
 same tenant's earlier requests.
 
 Limits: `max_requests_per_tenant` generation requests (queued or running) per tenant, shared by gRPC
-and HTTP; the session limits live in the session store.
+and HTTP, once API keys are configured (a server without keys has one tenant, bounded only by the
+engine's queue, as in vLLM); the session limits live in the session store.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Tenants:
     def acquire(self, tenant: Tenant) -> None:
         """Takes one of the tenant's request slots; TenantLimitError when none is left."""
         n = self._in_flight.get(tenant.name, 0)
-        if n >= self.max_requests_per_tenant:
+        if n >= self.max_requests_per_tenant and tenant.name != ANONYMOUS:
             raise TenantLimitError(f"too many requests in flight for this API key ({n}, limit "
                                    f"{self.max_requests_per_tenant}); retry when some have finished")
         self._in_flight[tenant.name] = n + 1
