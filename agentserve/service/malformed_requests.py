@@ -9,8 +9,9 @@ marker, aborts with INVALID_ARGUMENT naming the message type before any servicer
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -49,12 +50,18 @@ def _guard_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[A
     return guarded
 
 
-def _guard_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+def _guard_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], Union[AsyncIterator[Any], Awaitable[None]]]
                   ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
-        async for item in behavior(request, context):
+        result = behavior(request, context)
+        if inspect.isawaitable(result):
+            # grpc.aio also takes streaming handlers that write with context.write() and return None
+            # (grpc.health.v1's Watch does): there is nothing to iterate.
+            await result
+            return
+        async for item in result:
             yield item
 
     return guarded
