@@ -57,7 +57,6 @@ ALLOWED: dict[str, dict[str, str]] = {
         "agentserve/sessions/store.py": "split into types / residency / store",
         "adapters/openai/serving.py": "split into serving / completions / chat / logprobs",
         "tests/test_grpc_api.py": "one file per gRPC method group once the service split lands",
-        "tests/test_kernels_gpu.py": "one GPU test file per kernel family",
         "benchmarks/kernels.py": "one file per benchmarked kernel family",
     },
     "layer": {
