@@ -3,7 +3,7 @@
 On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors at tiny shapes
 (TRITON_INTERPRET must be set before anything imports triton kernels; the Makefile sets it too).
 The interpreter truncates fp32->bf16 casts and multiplies bf16 as raw integers in tl.dot, so
-these tests use fp32 and fp16; bf16 is covered by the GPU tests (tests/test_kernels_gpu.py).
+these tests use fp32 and fp16; bf16 is covered by the GPU tests (tests/test_kernels_gpu_attention.py).
 The dispatchers only pick Triton for CUDA tensors, so the tests call the *_triton functions.
 """
 

@@ -1,5 +1,5 @@
 """Triton GEMV / skinny GEMM against F.linear, in Triton's interpreter on CPU (tiny shapes); the
-real 8B shapes run under `-m gpu` (tests/test_kernels_gpu.py).
+real 8B shapes run under `-m gpu` (tests/test_kernels_gpu_gemv.py).
 
 The interpreter multiplies bf16 tl.dot operands as raw integers, so bf16 runs only through the
 "fma" kernel here; the "dot" kernel's bf16 path is covered on the GPU."""

@@ -1,5 +1,5 @@
 """Fused [q/k RMSNorm +] rotary + paged KV write against the torch reference, in Triton's
-interpreter on CPU (tiny shapes). GPU shapes: tests/test_kernels_gpu.py.
+interpreter on CPU (tiny shapes). GPU shapes: tests/test_kernels_gpu_elementwise.py.
 
 The interpreter truncates fp32->bf16 casts instead of rounding to nearest, so bf16 is compared
 with a tolerance of a few ulps here; fp32/fp16 without the norm are bit-exact (same rounding steps
