@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator, Optional
 
 import openai
@@ -15,6 +16,7 @@ import pytest
 
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
+from agentserve.cache.block_pool import BlockPool
 from agentserve.config import EngineConfig
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
@@ -47,13 +49,9 @@ def _mistral(calls: list[dict[str, Any]]) -> str:
     return "[TOOL_CALLS]" + json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
 
 
-class _Pool:
-    def __init__(self) -> None:
-        self.num_blocks, self.block_size = 1024, 16
-
-
 class ScriptedEngine:
-    """Just enough of Engine for the app: tokenizer, limits, metrics, validate."""
+    """Just enough of Engine for the app: tokenizer, limits, metrics and the live gauges' queues and
+    pages (an idle scheduler, a real empty pool), validate."""
 
     def __init__(self, arch: str) -> None:
         from transformers import AutoTokenizer
@@ -62,7 +60,8 @@ class ScriptedEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.model_name = f"scripted-{arch}"
         self.max_model_len = 4096
-        self.pool = _Pool()
+        self.pool = BlockPool(num_blocks=1024, block_size=16)
+        self.scheduler = SimpleNamespace(num_running=0, num_waiting=0)
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
@@ -220,8 +219,6 @@ def test_tool_schema_dialects_and_unsupported_keywords(scripted: tuple[Scripted,
 def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
     """Models are the base model and the engine's LoRA adapters (when it has a manager): a request
     naming an adapter runs with lora_name set; an unknown name is a 404."""
-    from types import SimpleNamespace
-
     s, _ = scripted
     s.aeng.script = "ok"
     s.engine.lora_manager = SimpleNamespace(adapters={"support-bot": object()})  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import torch
 
 from agentserve.engine.failures import request_failure_message
 from agentserve.engine.request import Request, RequestStatus
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask, get_backend
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
 from agentserve.sampling_params import SamplingParams
@@ -74,7 +74,7 @@ class ConstraintManager:
         except Exception:  # noqa: BLE001 - find the rows at fault, one at a time, below
             pass
         good = []
-        scratch = GrammarBitmask.allocate_bitmask(1, self.bitmask.vocab_size)
+        scratch = allocate_token_bitmask(1, self.bitmask.vocab_size)
         for i, state in rows:
             try:
                 state.fill(scratch, 0)
