@@ -17,7 +17,8 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.backend import (ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask,
+                                       bitmask_to_ids, get_backend)
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.tools import build_tool_constraint
 from agentserve.service import agent_pb2 as pb
@@ -71,7 +72,10 @@ def test_good_constraints_still_compile(compiler: GrammarCompiler) -> None:
                  ConstraintSpec.json_schema({"type": "string", "pattern": "^[a-z]{2,8}$"}),
                  build_tool_constraint([_tool("get_weather", GOOD)], "auto", "hermes")):
         assert spec is not None
-        assert compiler.compile(spec).new_matcher().allowed_token_ids()
+        compiled = compiler.compile(spec)
+        bitmask = allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size, pin_memory=False)
+        compiled.new_matcher().fill_bitmask(bitmask, 0)
+        assert bitmask_to_ids(bitmask[0], compiled.tokenizer_info.vocab_size)  # some first token is allowed
 
 
 @pytest.fixture(scope="module")
