@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
-from agentserve.engine.request import RequestOutput
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 Message = dict[str, Any]

@@ -60,12 +60,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "tests/test_kernels_gpu.py": "one GPU test file per kernel family",
         "benchmarks/kernels.py": "one file per benchmarked kernel family",
     },
-    "layer": {
-        "agentserve.cache.kv_cache_manager -> agentserve.engine.request":
-            "Request moves to agentserve/request.py",
-        "agentserve.worker.input_batch -> agentserve.engine.request": "Request moves to agentserve/request.py",
-        "agentserve.worker.model_runner -> agentserve.engine.request": "Request moves to agentserve/request.py",
-    },
+    "layer": {},
     "cycle": {
         "agentserve.grammar.backend agentserve.grammar.llguidance_backend agentserve.grammar.outlines_backend "
         "agentserve.grammar.schema_utils agentserve.grammar.tools agentserve.grammar.xgrammar_backend":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from agentserve.cache.block_pool import BlockPool, compute_block_hashes
-from agentserve.engine.request import Request
+from agentserve.request import Request
 
 
 def extra_key_of(request: Request) -> Optional[tuple[Optional[str], Optional[str]]]:

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.failures import STEP_FAILED, log_step_failure
-from agentserve.engine.request import RequestOutput
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 T = TypeVar("T")

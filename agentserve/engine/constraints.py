@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.engine.failures import request_failure_message
-from agentserve.engine.request import Request, RequestStatus
+from agentserve.request import Request, RequestStatus
 from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState

@@ -32,8 +32,8 @@ from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.failures import (STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure,
                                         request_failure_message)
 from agentserve.engine.metrics import EngineMetrics
-from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
-                                       RequestStatus)
+from agentserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from agentserve.request import Request, RequestStatus
 from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
 from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError

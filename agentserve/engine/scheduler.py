@@ -19,7 +19,7 @@ from typing import Callable, Optional, Protocol
 
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
-from agentserve.engine.request import Request, RequestStatus
+from agentserve.request import Request, RequestStatus
 
 
 class AdmitHook(Protocol):

@@ -69,7 +69,8 @@ from agentserve.cache.swap_slots import SwapSlots
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError
 from agentserve.engine.engine import InvalidRequestError
-from agentserve.engine.request import Request, RequestOutput
+from agentserve.outputs import RequestOutput
+from agentserve.request import Request
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions import render as R
 from agentserve.sessions.tool_calls import ReplyStream

@@ -19,7 +19,7 @@ import torch
 
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
-from agentserve.engine.request import Request
+from agentserve.request import Request
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache

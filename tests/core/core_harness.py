@@ -20,9 +20,8 @@ from typing import Callable, Optional
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
-# Where Request lives is part of what changes (issue #11 moves it to agentserve/request.py): the
-# tests import it from here.
-from agentserve.engine.request import Request, RequestStatus
+# The tests import Request from here: this is the one place that knows where it lives.
+from agentserve.request import Request, RequestStatus
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
 from agentserve.sampling_params import SamplingParams
 
