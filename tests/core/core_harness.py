@@ -2,7 +2,7 @@
 
 This is the one place that knows the step contract: how a scheduled row turns into computed tokens
 and sampled tokens. Today a row computes `num_scheduled_tokens` tokens and samples one token when it
-reaches the end of its known tokens (Engine._launch / Engine._process on the synchronous path).
+reaches the end of its known tokens (engine/launch.py and OutputProcessor.update_from_output on the synchronous path).
 When rows start carrying `num_sampled` (1..k+1) with rejections that roll back
 `num_computed_tokens`, `CoreHarness.step` is what changes; the tests call it and nothing below it.
 
