@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
+from agentserve.lora.key import LoRAKey
 from agentserve.outputs import PositionLogprobs
 from agentserve.sampling_params import SamplingParams
 
@@ -82,6 +83,7 @@ class Request:
         priority: int = 0,
         cache_salt: Optional[str] = None,
         lora_name: Optional[str] = None,
+        lora_key: Optional[LoRAKey] = None,
         index: int = 0,
         parent_id: Optional[str] = None,
     ) -> None:
@@ -99,6 +101,7 @@ class Request:
         self.priority = priority
         self.cache_salt = cache_salt
         self.lora_name = lora_name
+        self.lora_key = lora_key  # what the prefix cache keys the adapter by (id + load generation)
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[str | int] = None
         self.error: Optional[str] = None

@@ -32,6 +32,7 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.grammar.backend import GrammarError
+from agentserve.lora.key import LoRAKey, LoRAKeys
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput
 from agentserve.request import Request, RequestStatus
@@ -77,6 +78,7 @@ class Engine:
         self.constraints: Optional["ConstraintManager"] = None  # built on the first constrained request
         self.grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
         self.output = OutputProcessor(self)
+        self.lora_keys = LoRAKeys()  # adapter name -> its current id + load generation (prefix-cache keys)
         # Streaming callers want an output per step; the offline API only needs finished ones.
         self.emit_unfinished = True
         self.async_scheduling = resolve_async_scheduling(config, self.device)
@@ -130,6 +132,7 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
+                    lora_key: Optional[LoRAKey] = None,
                     prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
                     retain_blocks: bool = False, share_prefix: bool = False,
                     admit_hook: Optional[AdmitHook] = None) -> None:
@@ -139,6 +142,8 @@ class Engine:
         `admit_hook` hands them in later, when the scheduler admits the request (sessions: a queued
         turn holds no pages of its own, and its session may be swapped out until then)."""
         params = params or SamplingParams()
+        if lora_name is not None and lora_key is None:
+            lora_key = self.lora_keys.key_of(lora_name)
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
@@ -151,7 +156,8 @@ class Engine:
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
-                          cache_salt=cache_salt, lora_name=lora_name, index=i, parent_id=request_id)
+                          cache_salt=cache_salt, lora_name=lora_name, lora_key=lora_key, index=i,
+                          parent_id=request_id)
             if self.tokenizer is not None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          list(params.stop or []), params.include_stop_str_in_output)

@@ -924,7 +924,8 @@ class SessionStore:
     async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
         s = pending.session
         kwargs: dict[str, Any] = dict(retain_blocks=True, share_prefix=True, priority=priority,
-                                      cache_salt=s.cache_salt, lora_name=s.adapter)
+                                      cache_salt=s.cache_salt, lora_name=s.adapter,
+                                      lora_key=self.engine.lora_keys.key_of(s.adapter) if s.adapter else None)
         kwargs["admit_hook"] = _TurnAdmission(self, pending)
         reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)

@@ -26,6 +26,7 @@ from agentserve.config import SchedulerConfig
 from agentserve.request import Request, RequestStatus
 from agentserve.engine.output import accepted_count
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.lora.key import LoRAKeys
 from agentserve.sampling_params import SamplingParams
 
 __all__ = ["CoreHarness", "Request", "RequestStatus", "StepRecord", "greedy_continuation", "next_token_of_context"]
@@ -89,12 +90,16 @@ class CoreHarness:
         self.pages = FakePages(num_blocks, block_size)
         self.next_token = next_token
         self.requests: dict[str, Request] = {}
+        self.lora_keys = LoRAKeys()
         self.steps: list[StepRecord] = []
 
     # --- requests ---------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: list[int], max_tokens: int = 4,
                      stop_token_ids: Optional[list[int]] = None, **kwargs: object) -> Request:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=stop_token_ids or [])
+        lora_name = kwargs.get("lora_name")
+        if isinstance(lora_name, str):  # the engine keys an adapter by its current id + generation
+            kwargs["lora_key"] = self.lora_keys.key_of(lora_name)
         request = Request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
         self.requests[request_id] = request
         return request
