@@ -29,6 +29,17 @@ class LLM:
         llm._ids = itertools.count()
         return llm
 
+    def close(self) -> None:
+        """Releases the engine's device memory, swap space and grammar workers (idempotent); `with
+        LLM(...) as llm:` does it on leaving the block."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

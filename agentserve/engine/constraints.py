@@ -32,6 +32,10 @@ class ConstraintManager:
         self._tool_format: Optional[str] = None
         self._mask_failures: list[tuple[Request, str]] = []
 
+    def close(self) -> None:
+        """Stops the compile workers: queued compiles fail, running ones finish on their own."""
+        self.compiler.shutdown()
+
     @property
     def tool_format(self) -> str:
         if self._tool_format is None:

@@ -25,6 +25,7 @@ from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import EngineConfig
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.engine.failures import log_step_failure
 from agentserve.engine.launch import launch_step
 from agentserve.engine.loading import (decide_max_model_len, generation_eos, load_tokenizer,
                                        resolve_async_scheduling, resolve_model)
@@ -83,6 +84,7 @@ class Engine:
         self.emit_unfinished = True
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
+        self.closed = False
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -141,6 +143,8 @@ class Engine:
         share_prefix it takes its own, copy-on-write, and the caller keeps its references).
         `admit_hook` hands them in later, when the scheduler admits the request (sessions: a queued
         turn holds no pages of its own, and its session may be swapped out until then)."""
+        if self.closed:
+            raise RuntimeError("the engine is closed")
         params = params or SamplingParams()
         if lora_name is not None and lora_key is None:
             lora_key = self.lora_keys.key_of(lora_name)
@@ -230,6 +234,23 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.groups)
+
+    def close(self) -> None:
+        """Releases the device memory (KV pages, CUDA graphs, weights), the pinned swap space and the
+        grammar compile workers, so that another engine fits in this process. Idempotent. The host
+        bookkeeping (queues, page pool counters, metrics) stays readable; no request can be added."""
+        if self.closed:
+            return
+        self.closed = True
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            try:
+                inflight.handle.result()  # the device finishes the step before its memory goes
+            except Exception as e:  # noqa: BLE001 - its requests are beyond help; the release goes on
+                log_step_failure("step result at close", e, [c.request.request_id for c in inflight.chunks])
+        if self.constraints is not None:
+            self.constraints.close()
+        self.runner.close()
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

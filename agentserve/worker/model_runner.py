@@ -79,6 +79,17 @@ class ModelRunner:
             warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
                                     config.scheduler.max_num_batched_tokens)
 
+    def close(self) -> None:
+        """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
+        KV pages, the pinned swap space, the weights. The runner cannot run a step afterwards."""
+        self.graphs = None
+        self._sampling_cache = None
+        self.kv_cache.release()
+        self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def _use_cuda_graphs(self) -> bool:
         from agentserve.kernels import HAS_TRITON, get_backend
 
