@@ -85,6 +85,8 @@ class Engine:
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
         self.closed = False
+        # A speculative proposer: sets spec_token_ids on the requests due for a decode before each schedule.
+        self.spec_proposer: Optional[Callable[[list[Request]], None]] = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -262,11 +264,14 @@ class Engine:
         self.output.failed.clear()
         prev, self._inflight = self._inflight, None
         num_sampled = 0
-        if prev is not None and not prev.overlappable:
-            # The next step needs prev's tokens on the host (grammar masks, penalties, forks).
+        if prev is not None and (not prev.overlappable or self.spec_proposer is not None):
+            # The next step needs prev's tokens on the host (grammar masks, penalties, forks, and
+            # proposals, which continue the known tokens: speculation runs in the synchronous order).
             touched |= self.output.update_from_output(prev)
             num_sampled += prev.num_appended
             prev = None
+        if self.spec_proposer is not None:
+            self.spec_proposer([r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1])
         sched = self.scheduler.schedule()
         launched = launch_step(self, sched, prev) if not sched.is_empty else None
         if prev is not None:

@@ -194,6 +194,8 @@ class Scheduler:
                 i += 1
                 continue
             num_spec = self._num_spec_tokens(request, budget) if num_new == 1 else 0
+            if not num_spec:
+                request.spec_token_ids = []  # proposals hold for this schedule only
             num_new += num_spec
             copies = self._allocate_or_preempt(request, num_new, out)
             if copies is None:
