@@ -23,8 +23,9 @@ PROMPTS = [SHARED + [(7 * i + j) % 150 + 3 for j in range(4 + 9 * i)] for i in r
 SETTINGS = {
     "chunked": dict(max_num_batched_tokens=16),
     "prefix_cache": dict(enable_prefix_caching=True),
-    # 14 pages of 8 tokens for 4 sequences of up to ~75 tokens: preemption by recompute happens.
-    "preemption": dict(num_blocks=14, block_size=8, max_num_batched_tokens=32, max_model_len=128),
+    # 24 pages of 4 tokens for 4 sequences of 52 to 79 tokens, no output reserve at admission:
+    # decoding runs the pool dry and preemption by recompute happens.
+    "preemption": dict(num_blocks=24, block_size=4, max_num_batched_tokens=32, decode_reserve_tokens=0),
 }
 
 
