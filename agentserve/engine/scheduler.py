@@ -106,6 +106,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []  # proposed for a decode it will not run
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         out.preempted.append(victim)
