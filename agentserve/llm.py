@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
-from agentserve.engine.request import RequestOutput
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 Message = dict[str, Any]
@@ -28,6 +28,17 @@ class LLM:
         llm.engine.emit_unfinished = False
         llm._ids = itertools.count()
         return llm
+
+    def close(self) -> None:
+        """Releases the engine's device memory, swap space and grammar workers (idempotent); `with
+        LLM(...) as llm:` does it on leaving the block."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> Any:

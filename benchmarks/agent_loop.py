@@ -207,7 +207,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     from agentserve.config import EngineConfig
     from agentserve.engine.async_engine import AsyncEngine
-    from agentserve.engine.engine import Engine, resolve_model
+    from agentserve.engine.engine import Engine
+    from agentserve.engine.loading import resolve_model
     from agentserve.service.serve import running_server
 
     model = args.model

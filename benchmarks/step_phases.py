@@ -5,8 +5,8 @@
   forward    queuing the forward (graph replay or eager kernels) and sampling, prepare excluded
   sync       LaunchedStep.result: waiting for the sampled ids (the device's time shows up here when
              the host is ahead of it)
-  post       appending tokens, stop checks, detokenizing, building outputs (Engine._process minus
-             the sync, plus Engine._collect_outputs)
+  post       appending tokens, stop checks, detokenizing, building outputs (OutputProcessor.update_from_output
+             minus the sync, plus OutputProcessor.collect_outputs)
   other      the rest of Engine.step
 
 On CPU the forward is synchronous and includes the model's compute; on CUDA it is launch time only.
@@ -69,15 +69,15 @@ def instrument(llm: LLM, timer: PhaseTimer) -> None:
     runner.prepare = timer.wrap("prepare_inputs", runner.prepare)  # type: ignore[method-assign]
     model_runner.build_sampling_metadata = timer.wrap("prepare_sampling", model_runner.build_sampling_metadata)
     runner.launch = timer.wrap("launch", runner.launch)  # type: ignore[method-assign]
-    engine._process = timer.wrap("process", engine._process)  # type: ignore[method-assign]
-    engine._collect_outputs = timer.wrap("collect", engine._collect_outputs)  # type: ignore[method-assign]
+    engine.output.update_from_output = timer.wrap("process", engine.output.update_from_output)  # type: ignore[method-assign]
+    engine.output.collect_outputs = timer.wrap("collect", engine.output.collect_outputs)  # type: ignore[method-assign]
     launched_step.LaunchedStep.result = timer.wrap("sync", launched_step.LaunchedStep.result)  # type: ignore[method-assign]
 
 
 def phases_per_step(total: dict[str, float], step_s: float, steps: int) -> dict[str, float]:
     ms = {k: v * 1000 / steps for k, v in total.items()}
     prepare = ms.get("prepare_inputs", 0.0) + ms.get("prepare_sampling", 0.0)
-    # The sync happens inside _process (and, on the synchronous path, after launch returned).
+    # The sync happens inside update_from_output (and, on the synchronous path, after launch returned).
     out = {"schedule": ms.get("schedule", 0.0), "prepare": prepare,
            "forward": ms.get("launch", 0.0) - prepare, "sync": ms.get("sync", 0.0),
            "post": ms.get("process", 0.0) - ms.get("sync", 0.0) + ms.get("collect", 0.0)}

@@ -223,7 +223,7 @@ def test_sync_is_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from agentserve.config import EngineConfig
-    from agentserve.engine.engine import resolve_async_scheduling
+    from agentserve.engine.loading import resolve_async_scheduling
 
     monkeypatch.delenv("AGENTSERVE_ASYNC_SCHEDULING", raising=False)
     cfg = EngineConfig.from_kwargs("x")

@@ -7,7 +7,7 @@ import pytest
 from agentserve import SamplingParams
 from agentserve.cache.block_pool import BlockPool, NoFreeBlocksError, compute_block_hashes
 from agentserve.cache.kv_cache_manager import KVCacheManager
-from agentserve.engine.request import Request
+from agentserve.request import Request
 
 
 def make_request(tokens: list[int], rid: str = "r", **kw: object) -> Request:

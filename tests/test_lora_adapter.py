@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from agentserve.kernels import lora as lora_kernels  # noqa: E402
 from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.lora.adapter import (  # noqa: E402
-    FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError, LoRAAdapterKey, load_lora_adapter,
+    FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError, load_lora_adapter,
     lora_scaling,
 )
+from agentserve.lora.key import LoRAKey  # noqa: E402
 from agentserve.model.arch_config import ArchConfig  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from agentserve.testing.tiny import ARCHS  # noqa: E402
@@ -61,7 +62,7 @@ def test_loads_every_projection_like_peft(arch: str, tmp_path: Path) -> None:
     base = tiny_model_cached(arch)
     peft_model = build_peft_adapter(base, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL, seed=1)
     adapter = load(tmp_path / "a", base, adapter_id=3, generation=2, name="skill")
-    assert adapter.key == LoRAAdapterKey(3, 2) and adapter.name == "skill" and adapter.rank == 8
+    assert adapter.key == LoRAKey(3, 2) and adapter.name == "skill" and adapter.rank == 8
     assert adapter.target_modules == frozenset(ALL)
     assert len(adapter.layers) == ArchConfig.from_dir(base).num_layers
     for layer in range(len(adapter.layers)):

@@ -19,7 +19,7 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.cache.block_pool import BlockPool
 from agentserve.config import EngineConfig
 from agentserve.engine.metrics import EngineMetrics
-from agentserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from agentserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 

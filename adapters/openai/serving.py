@@ -26,7 +26,7 @@ from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError, QueueFullError
 from agentserve.service.tenants import tenant_of_scope
 from agentserve.engine.engine import InvalidRequestError
-from agentserve.engine.request import CompletionOutput, RequestOutput
+from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

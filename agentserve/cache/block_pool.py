@@ -1,7 +1,7 @@
 """KV pages: refcounts, chained prefix hashes, an LRU free list with lazy eviction, copy-on-write, fork.
 
 A page (block) holds `block_size` consecutive tokens of one sequence's KV. Full pages get a chained
-hash `hash((parent_hash, tokens, extra_key))` so that identical prefixes (same tokens, same adapter,
+hash `hash((parent_hash, tokens, extra_key))` so that identical prefixes (same tokens, same adapter load,
 same tenant salt) find each other. A freed page keeps its hash and stays findable on the free list
 until it is handed out again (lazy eviction, least recently freed first).
 """

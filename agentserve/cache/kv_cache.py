@@ -31,6 +31,12 @@ class KVCache:
         block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
         self.pages_per_copy = max(1, (64 << 20) // block_bytes)
 
+    def release(self) -> None:
+        """Drops the pages and the swap space (the engine is closing); nothing can be copied after."""
+        self.layers = []
+        self.swap = torch.empty(0)
+        self.num_blocks = self.num_swap_blocks = 0
+
     def _index(self, ids: Sequence[int]) -> torch.Tensor:
         """Page ids on the device without a host sync (a pageable copy would wait for the stream)."""
         device = self.layers[0][0].device

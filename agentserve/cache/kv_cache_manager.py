@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Optional
 
 from agentserve.cache.block_pool import BlockPool, compute_block_hashes
-from agentserve.engine.request import Request
+from agentserve.lora.key import LoRAKey
+from agentserve.request import Request
 
 
-def extra_key_of(request: Request) -> Optional[tuple[Optional[str], Optional[str]]]:
-    # Pages are never shared across adapters or tenants.
-    if request.lora_name is None and request.cache_salt is None:
+def extra_key_of(request: Request) -> Optional[tuple[Optional[LoRAKey], Optional[str]]]:
+    # Pages are never shared across adapters (nor across loads of one adapter name) or tenants.
+    if request.lora_key is None and request.cache_salt is None:
         return None
-    return (request.lora_name, request.cache_salt)
+    return (request.lora_key, request.cache_salt)
 
 
 class KVCacheManager:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.failures import STEP_FAILED, log_step_failure
-from agentserve.engine.request import RequestOutput
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -166,6 +169,14 @@ class AsyncEngine:
         return await self.run(lambda: self.engine.abort(request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the step thread, then releases the engine's device memory, swap space and grammar
+        workers (Engine.close). Idempotent. If the thread does not stop within `timeout` (a step
+        stuck on the device), the engine is left as it is: freeing it under a running step would
+        crash that step."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the step thread did not stop within %.0f s; the engine keeps its memory", timeout)
+            return
+        self.engine.close()

@@ -11,10 +11,10 @@ from typing import Any, Optional
 import torch
 
 from agentserve.engine.failures import request_failure_message
-from agentserve.engine.request import Request, RequestStatus
 from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask, get_backend
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
+from agentserve.request import Request, RequestStatus
 from agentserve.sampling_params import SamplingParams
 
 COMPILE_TIMEOUT_S = 30.0
@@ -31,6 +31,10 @@ class ConstraintManager:
         self.bitmask = GrammarBitmask(vocab_size, max_batch)
         self._tool_format: Optional[str] = None
         self._mask_failures: list[tuple[Request, str]] = []
+
+    def close(self) -> None:
+        """Stops the compile workers: queued compiles fail, running ones finish on their own."""
+        self.compiler.shutdown()
 
     @property
     def tool_format(self) -> str:

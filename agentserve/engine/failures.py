@@ -11,7 +11,7 @@ import logging
 import traceback
 from typing import Sequence
 
-from agentserve.engine.request import Request
+from agentserve.request import Request
 
 logger = logging.getLogger("agentserve.engine")
 

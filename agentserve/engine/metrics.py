@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from agentserve.cache.block_pool import BlockPool
+from agentserve.request import Request
+
+_computed_of = operator.attrgetter("num_computed_tokens")
+_table_of = operator.attrgetter("block_table")
 
 
 @dataclass
@@ -43,6 +50,20 @@ class EngineMetrics:
 
     def record_step(self, generated: int) -> None:
         self._window.append((time.monotonic(), generated))
+
+    def update_after_step(self, running: list[Request], num_waiting: int, pool: BlockPool,
+                          num_preempted: int, num_sampled: int) -> None:
+        """The gauges and counters after one engine step."""
+        self.num_running = len(running)
+        self.num_waiting = num_waiting
+        self.kv_blocks_used = pool.num_used_blocks
+        self.prefix_cache_queries = pool.query_tokens
+        self.prefix_cache_hits = pool.hit_tokens
+        self.num_preemptions_total += num_preempted
+        self.record_step(num_sampled)
+        # KV memory efficiency: tokens held in pages over the slots of the pages they own.
+        self.kv_slots_held += sum(map(_computed_of, running))
+        self.kv_slots_allocated += sum(map(len, map(_table_of, running))) * pool.block_size
 
     @property
     def generation_tokens_per_s(self) -> float:

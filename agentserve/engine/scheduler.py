@@ -19,7 +19,7 @@ from typing import Callable, Optional, Protocol
 
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
-from agentserve.engine.request import Request, RequestStatus
+from agentserve.request import Request, RequestStatus
 
 
 class AdmitHook(Protocol):
@@ -39,6 +39,8 @@ class AdmitHook(Protocol):
 class SchedulerOutput:
     scheduled: list[Request] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Request id -> the speculative tokens its row verifies (its last num_scheduled_tokens - 1 tokens).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pages
     preempted: list[Request] = field(default_factory=list)
 
@@ -104,6 +106,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []  # proposed for a decode it will not run
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         out.preempted.append(victim)
@@ -148,9 +151,34 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        self._schedule_waiting(out, budget)
+        return out
 
-        # 1. Running requests, in order (the oldest first, so the newest are preempted).
+    def _num_spec_tokens(self, request: Request, budget: int) -> int:
+        """How many of the request's speculative tokens to verify in this step: none while a sampled
+        token is still in flight (async scheduling: the proposal was made for another position) or
+        when the row could not be verified exactly, none past max_tokens (a row never samples beyond
+        it) and none beyond the token budget. Dropped proposals are cleared."""
+        spec = request.spec_token_ids
+        if not spec:
+            return 0
+        # Verification samples the target at each position with the request's current sampling
+        # inputs; grammar masks, penalty counts and min_tokens bans change within the row.
+        unverifiable = (request.grammar is not None or request.uses_penalties
+                        or request.num_output_tokens < request.sampling_params.min_tokens)
+        if request.num_output_placeholders or unverifiable:
+            request.spec_token_ids = []
+            return 0
+        k = min(len(spec), budget - 1, request.max_tokens - request.num_output_tokens - 1)
+        if k < len(spec):
+            request.spec_token_ids = spec[:max(k, 0)]
+        return max(k, 0)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Running requests, in order (the oldest first, so the newest are preempted). A decode with
+        speculative tokens gets 1 + k tokens and KV slots for all of them (lookahead: rejected ones
+        are overwritten later). Returns the budget left."""
         if self.config.policy == "priority":
             self.running.sort(key=self._priority_key)
         i = 0
@@ -166,26 +194,40 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            while True:
-                copies = self.kv.allocate_slots(request, num_new)
-                if copies is not None:
-                    break
-                if self._reclaim(request, num_new):
-                    continue
-                # The last running request has not been scheduled in this step yet (or is this one).
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is request:
-                    break
+            num_spec = self._num_spec_tokens(request, budget) if num_new == 1 else 0
+            if not num_spec:
+                request.spec_token_ids = []  # proposals hold for this schedule only
+            num_new += num_spec
+            copies = self._allocate_or_preempt(request, num_new, out)
             if copies is None:
                 continue  # the request preempted itself; self.running[i] is the next one
             out.scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
+            if num_spec:
+                out.spec_token_ids[request.request_id] = list(request.spec_token_ids)
             out.block_copies.extend(copies)
             budget -= num_new
             i += 1
+        return budget
 
-        # 2. Waiting requests while there is budget, a sequence slot and pages.
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput
+                             ) -> Optional[list[tuple[int, int]]]:
+        """Slots for a running request, reclaiming idle pages or preempting the newest running
+        requests until they fit; None when the request itself was preempted."""
+        while True:
+            copies = self.kv.allocate_slots(request, num_new)
+            if copies is not None:
+                return copies
+            if self._reclaim(request, num_new):
+                continue
+            # The last running request has not been scheduled in this step yet (or is this one).
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is request:
+                return None
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting requests while there is budget, a sequence slot and pages."""
         if self.config.policy == "priority" and len(self.waiting) > 1:
             self.waiting = deque(sorted(self.waiting, key=self._priority_key))
         skipped: list[Request] = []
@@ -201,35 +243,42 @@ class Scheduler:
                 break
             if outstanding is None:
                 outstanding = self._outstanding_blocks()
-            hook = request.admit_hook
-            if hook is not None:
-                to_take, start_pages = hook.pages_to_restore()
-                need = to_take + max(0, self._target_blocks(request) - start_pages) + 1  # +1: a COW copy
-                if not self._make_room(request, need, outstanding):
-                    break  # head-of-line waits for pages
-                request.admit_hook = None
-                hook.restore(request)
-            computed: list[int] = []
-            if not request.block_table:  # requests handed pages (sessions, forks) skip the lookup
-                computed = self.kv.get_computed_blocks(request)
-            if not self._make_room(request, self._admission_need(request, computed), outstanding):
-                break
-            num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
-            num_new = min(request.num_tokens - num_computed, budget)
-            copies = self.kv.allocate_slots(request, num_new, computed)
-            if copies is None and self._reclaim(request, num_new):
-                copies = self.kv.allocate_slots(request, num_new, computed)
-            if copies is None:
+            num_new = self._admit(request, budget, outstanding, out)
+            if num_new is None:
                 break  # head-of-line waits for pages
-            self.waiting.popleft()
             outstanding += max(0, self._target_blocks(request) - len(request.block_table))
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_computed
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(request)
-            out.num_scheduled_tokens[request.request_id] = num_new
-            out.block_copies.extend(copies)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
-        return out
+
+    def _admit(self, request: Request, budget: int, outstanding: int, out: SchedulerOutput) -> Optional[int]:
+        """Admits the head of the waiting queue if its pages fit; returns the tokens scheduled, or
+        None when it must wait."""
+        hook = request.admit_hook
+        if hook is not None:
+            to_take, start_pages = hook.pages_to_restore()
+            need = to_take + max(0, self._target_blocks(request) - start_pages) + 1  # +1: a COW copy
+            if not self._make_room(request, need, outstanding):
+                return None
+            request.admit_hook = None
+            hook.restore(request)
+        computed: list[int] = []
+        if not request.block_table:  # requests handed pages (sessions, forks) skip the lookup
+            computed = self.kv.get_computed_blocks(request)
+        if not self._make_room(request, self._admission_need(request, computed), outstanding):
+            return None
+        num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
+        num_new = min(request.num_tokens - num_computed, budget)
+        copies = self.kv.allocate_slots(request, num_new, computed)
+        if copies is None and self._reclaim(request, num_new):
+            copies = self.kv.allocate_slots(request, num_new, computed)
+        if copies is None:
+            return None
+        self.waiting.popleft()
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_computed
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.scheduled.append(request)
+        out.num_scheduled_tokens[request.request_id] = num_new
+        out.block_copies.extend(copies)
+        return num_new

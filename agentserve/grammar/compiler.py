@@ -100,7 +100,7 @@ def probe_compiled(compiled: CompiledGrammar) -> None:
 
 
 class _Job:
-    __slots__ = ("key", "spec", "future", "started", "finished", "timed_out")
+    __slots__ = ("key", "spec", "future", "started", "finished", "timed_out", "timer")
 
     def __init__(self, key: Any, spec: ConstraintSpec) -> None:
         self.key = key
@@ -109,6 +109,7 @@ class _Job:
         self.started = 0.0
         self.finished = False
         self.timed_out = False
+        self.timer: Optional[threading.Timer] = None  # the timeout watch, cancelled when the job ends
 
 
 class GrammarCompiler:
@@ -190,9 +191,9 @@ class GrammarCompiler:
             job.started = time.monotonic()
             threading.Thread(target=self._run, args=(job,), name="grammar-compile", daemon=True).start()
             if self.timeout_s is not None:
-                timer = threading.Timer(self.timeout_s, self._on_timeout, args=(job,))
-                timer.daemon = True
-                timer.start()
+                job.timer = threading.Timer(self.timeout_s, self._on_timeout, args=(job,))
+                job.timer.daemon = True
+                job.timer.start()
 
     def _run(self, job: _Job) -> None:
         try:
@@ -209,6 +210,8 @@ class GrammarCompiler:
                                                  f"{type(e).__name__}: {e}")
         with self._lock:
             job.finished = True
+            if job.timer is not None:
+                job.timer.cancel()  # a finished job's watch thread need not outlive it
             late = job.timed_out
             if late:
                 self._stuck -= 1

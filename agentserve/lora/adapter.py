@@ -28,12 +28,13 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from agentserve.lora.key import LoRAKey
 from agentserve.model.arch_config import ArchConfig
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,13 +80,6 @@ class LoRAAdapterError(ValueError):
     """An adapter that cannot be served; the message names the file, module or field at fault."""
 
 
-class LoRAAdapterKey(NamedTuple):
-    """How caches and slots key an adapter: a name can be reloaded, an id + generation cannot."""
-
-    adapter_id: int
-    generation: int
-
-
 @dataclass(frozen=True)
 class LoRAModuleWeights:
     """One projection's LoRA: y += scaling * (x @ lora_a.T) @ lora_b.T."""
@@ -123,8 +117,8 @@ class LoRAAdapter:
     layers: list[dict[str, LoRAModuleWeights]] = field(default_factory=list)
 
     @property
-    def key(self) -> LoRAAdapterKey:
-        return LoRAAdapterKey(self.adapter_id, self.generation)
+    def key(self) -> LoRAKey:
+        return LoRAKey(self.adapter_id, self.generation)
 
     @property
     def nbytes(self) -> int:

@@ -69,7 +69,8 @@ from agentserve.cache.swap_slots import SwapSlots
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import EngineDeadError
 from agentserve.engine.engine import InvalidRequestError
-from agentserve.engine.request import Request, RequestOutput
+from agentserve.outputs import RequestOutput
+from agentserve.request import Request
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions import render as R
 from agentserve.sessions.tool_calls import ReplyStream
@@ -923,7 +924,8 @@ class SessionStore:
     async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
         s = pending.session
         kwargs: dict[str, Any] = dict(retain_blocks=True, share_prefix=True, priority=priority,
-                                      cache_salt=s.cache_salt, lora_name=s.adapter)
+                                      cache_salt=s.cache_salt, lora_name=s.adapter,
+                                      lora_key=self.engine.lora_keys.key_of(s.adapter) if s.adapter else None)
         kwargs["admit_hook"] = _TurnAdmission(self, pending)
         reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
-from agentserve.engine.request import RequestOutput
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from agentserve.engine.request import Request
+from agentserve.request import Request
 from agentserve.sampling.sampler import SamplingMetadata
 
 

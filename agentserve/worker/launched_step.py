@@ -13,17 +13,28 @@ import torch
 
 @dataclass
 class StepResult:
-    sampled: list[int]                              # one per sampling chunk, in order
-    logprob_ids: Optional[list[list[int]]] = None   # per sampling chunk: sampled token then top-n
-    logprobs: Optional[list[list[float]]] = None
-    ranks: Optional[list[int]] = None
+    """Per sampling row (chunks with num_sampled > 0, in order): a list with one entry per sampled
+    position of the row."""
+    sampled: list[list[int]]
+    logprob_ids: Optional[list[list[list[int]]]] = None  # per position: the sampled token then top-n
+    logprobs: Optional[list[list[list[float]]]] = None
+    ranks: Optional[list[list[int]]] = None
+
+
+def _split(flat: list, counts: list[int]) -> list[list]:
+    out, lo = [], 0
+    for n in counts:
+        out.append(flat[lo:lo + n])
+        lo += n
+    return out
 
 
 class LaunchedStep:
-    def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int],
+    def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int], row_counts: list[int],
                  packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0) -> None:
         self.sampled = sampled  # [num sampling rows] int64 on the device; stays there for the next step
-        self.rows = rows        # request id -> its row in `sampled`
+        self.rows = rows        # request id -> its last row in `sampled`
+        self.row_counts = row_counts  # sampled positions of each sampling chunk, in order
         self._width = logprob_width
         self._result: Optional[StepResult] = None
         self._event: Optional[torch.cuda.Event] = None
@@ -50,11 +61,12 @@ class LaunchedStep:
         if host is None:
             self._result = StepResult(sampled=[])
         elif not self._has_logprobs:
-            self._result = StepResult(sampled=host.tolist())
+            self._result = StepResult(sampled=_split(host.tolist(), self.row_counts))
         else:
-            w = self._width
+            w, counts = self._width, self.row_counts
             self._result = StepResult(
-                sampled=host[:, 0].long().tolist(), ranks=host[:, 1].long().tolist(),
-                logprob_ids=host[:, 2:2 + w].long().tolist(), logprobs=host[:, 2 + w:].tolist())
+                sampled=_split(host[:, 0].long().tolist(), counts), ranks=_split(host[:, 1].long().tolist(), counts),
+                logprob_ids=_split(host[:, 2:2 + w].long().tolist(), counts),
+                logprobs=_split(host[:, 2 + w:].tolist(), counts))
         self._host = None
         return self._result

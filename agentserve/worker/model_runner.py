@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,7 +19,7 @@ import torch
 
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
-from agentserve.engine.request import Request
+from agentserve.request import Request
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
@@ -38,9 +38,14 @@ def _round_up(n: int, multiple: int) -> int:
 
 @dataclass
 class ScheduledChunk:
+    """One row of a step (DESIGN.md "The step contract"). The row computes `num_tokens` new tokens:
+    the request's known tokens from num_computed_tokens on, then its `spec_token_ids`. It samples at
+    its last `num_sampled` positions: 0 for a middle prefill chunk, 1 for a decode or the last
+    prefill chunk, k + 1 for a row verifying k speculative tokens."""
     request: Request
-    num_tokens: int   # new tokens computed this step
-    sample: bool      # the chunk reaches the end of the sequence: sample the next token
+    num_tokens: int
+    num_sampled: int
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -73,6 +78,17 @@ class ModelRunner:
             k0, v0 = self.kv_cache.layers[0]
             warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
                                     config.scheduler.max_num_batched_tokens)
+
+    def close(self) -> None:
+        """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
+        KV pages, the pinned swap space, the weights. The runner cannot run a step afterwards."""
+        self.graphs = None
+        self._sampling_cache = None
+        self.kv_cache.release()
+        self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def _use_cuda_graphs(self) -> bool:
         from agentserve.kernels import HAS_TRITON, get_backend
@@ -147,7 +163,7 @@ class ModelRunner:
         num_tokens = [c.num_tokens for c in chunks]
         total = sum(num_tokens)
         b = len(chunks)
-        num_sample = sum(1 for c in chunks if c.sample)
+        num_sample = sum(c.num_sampled for c in chunks)
         width = max(1, max(len(c.request.block_table) for c in chunks))
         # int64: input ids, positions, slots, logits indices, then gather (dst, src) pairs, at most one
         # per decode; int32: query start offsets, context lengths, block tables.
@@ -193,16 +209,19 @@ class ModelRunner:
                 slots[lo] = table[start // bs] * bs + start % bs
             else:
                 end = start + n
-                assert end <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
+                spec = chunk.spec_token_ids
+                known = end - len(spec)
+                assert known <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
                 pos = np.arange(start, end)
-                input_ids[lo:lo + n] = req.all_token_ids[start:end]
+                input_ids[lo:lo + n] = req.all_token_ids[start:known] + spec
                 positions[lo:lo + n] = pos
                 slots[lo:lo + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
             seq_lens[i] = start + n
             lo += n
-            if chunk.sample:
-                logits_indices[s] = lo - 1
-                s += 1
+            k = chunk.num_sampled
+            if k:
+                logits_indices[s:s + k] = np.arange(lo - k, lo)
+                s += k
         g = len(gather_dst)
         base = o_gather
         h64[base:base + g] = gather_dst
@@ -255,21 +274,25 @@ class ModelRunner:
         on the CPU; it is called after the forward has been queued, so mask building overlaps it.
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
         self.kv_cache.copy_blocks(block_copies)
-        sampling = [c.request for c in chunks if c.sample]
+        # One sampling row per sampled position: a request verifying k tokens fills k + 1 rows.
+        sampling = [c.request for c in chunks for _ in range(c.num_sampled)]
+        row_counts = [c.num_sampled for c in chunks if c.num_sampled]
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
         meta_s = self._sampling_metadata(sampling) if sampling else None
         logits = self._forward_logits(chunks, prev)
         if logits is None or meta_s is None:
-            return LaunchedStep(None, {})
+            return LaunchedStep(None, {}, [])
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
         if bitmask is not None and self.device.type == "cuda":
             bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
         meta_s.token_bitmask = bitmask
         out = self.sampler(logits, meta_s)
+        # A request's last sampling row: the next step's decode input when it has no speculative
+        # tokens (steps with speculative rows are processed before the next one is scheduled).
         rows = {req.request_id: row for row, req in enumerate(sampling)}
         if out.logprobs is None:
-            return LaunchedStep(out.sampled_token_ids, rows)
+            return LaunchedStep(out.sampled_token_ids, rows, row_counts)
         assert out.logprob_token_ids is not None and out.sampled_ranks is not None
         packed = torch.cat([out.sampled_token_ids[:, None].double(), out.sampled_ranks[:, None].double(),
                             out.logprob_token_ids.double(), out.logprobs.double()], dim=1)
-        return LaunchedStep(out.sampled_token_ids, rows, packed, out.logprobs.shape[1])
+        return LaunchedStep(out.sampled_token_ids, rows, row_counts, packed, out.logprobs.shape[1])

@@ -1,10 +1,12 @@
 """Drives Scheduler + KVCacheManager + BlockPool the way the engine does, with no model.
 
-This is the one place that knows the step contract: how a scheduled row turns into computed tokens
-and sampled tokens. Today a row computes `num_scheduled_tokens` tokens and samples one token when it
-reaches the end of its known tokens (Engine._launch / Engine._process on the synchronous path).
-When rows start carrying `num_sampled` (1..k+1) with rejections that roll back
-`num_computed_tokens`, `CoreHarness.step` is what changes; the tests call it and nothing below it.
+This is the one place that knows the step contract (DESIGN.md), as engine/launch.py and
+OutputProcessor.update_from_output implement it on the synchronous path: a row computes
+`num_scheduled_tokens` tokens (its known tokens, then the speculative tokens the scheduler gave it);
+when it reaches the end of its known tokens it samples at 1 + k positions, keeps the speculative
+tokens the target's samples accept plus the target's next sample, appended one by one until one
+finishes the request, and rolls `num_computed_tokens` back by the rejected ones. Tests set
+`Request.spec_token_ids` (see `propose`) and call `step`.
 
 A fake KV store stands in for the device pages: every written slot records the token id whose KV it
 would hold, page copies copy those records, and after each step every running request's computed
@@ -15,35 +17,47 @@ handed out twice shows up as a mismatch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
-# Where Request lives is part of what changes (issue #11 moves it to agentserve/request.py): the
-# tests import it from here.
-from agentserve.engine.request import Request, RequestStatus
+# The tests import Request from here: this is the one place that knows where it lives.
+from agentserve.request import Request, RequestStatus
+from agentserve.engine.output import accepted_count
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
+from agentserve.lora.key import LoRAKeys
 from agentserve.sampling_params import SamplingParams
 
-__all__ = ["CoreHarness", "Request", "RequestStatus", "StepRecord", "next_token_of_context"]
+__all__ = ["CoreHarness", "Request", "RequestStatus", "StepRecord", "greedy_continuation", "next_token_of_context"]
 
-NextToken = Callable[[Request], int]
+NextToken = Callable[[Sequence[int]], int]
 
 
-def next_token_of_context(request: Request) -> int:
+def next_token_of_context(tokens: Sequence[int]) -> int:
     """A deterministic stand-in for greedy decoding: the next token depends only on the tokens so far,
     so a request recomputed after a preemption generates exactly what it would have otherwise."""
-    tail = request.all_token_ids[-3:]
-    return (sum(t * (i + 1) for i, t in enumerate(tail)) * 31 + len(request.all_token_ids)) % 997 + 3
+    tail = tokens[-3:]
+    return (sum(t * (i + 1) for i, t in enumerate(tail)) * 31 + len(tokens)) % 997 + 3
+
+
+def greedy_continuation(tokens: Sequence[int], k: int, next_token: NextToken = next_token_of_context) -> list[int]:
+    """The k tokens the stand-in target generates after `tokens` (speculative tokens all accepted)."""
+    context = list(tokens)
+    for _ in range(k):
+        context.append(next_token(context))
+    return context[len(tokens):]
 
 
 @dataclass
 class StepRecord:
-    """What one step did: the scheduler's output, the token each sampled row got, who finished."""
+    """What one step did: the scheduler's output, the last token each sampling row appended (all of
+    them in `appended`), the speculative tokens each row accepted, who finished."""
     output: SchedulerOutput
     num_tokens: dict[str, int]
     sampled: dict[str, int] = field(default_factory=dict)
+    appended: dict[str, list[int]] = field(default_factory=dict)
+    num_accepted: dict[str, int] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
 
 
@@ -76,17 +90,23 @@ class CoreHarness:
         self.pages = FakePages(num_blocks, block_size)
         self.next_token = next_token
         self.requests: dict[str, Request] = {}
+        self.lora_keys = LoRAKeys()
         self.steps: list[StepRecord] = []
 
     # --- requests ---------------------------------------------------------------------------------
-    def make_request(self, request_id: str, prompt: list[int], max_tokens: int = 4, **kwargs: object) -> Request:
-        request = Request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                          **kwargs)  # type: ignore[arg-type]
+    def make_request(self, request_id: str, prompt: list[int], max_tokens: int = 4,
+                     stop_token_ids: Optional[list[int]] = None, **kwargs: object) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=stop_token_ids or [])
+        lora_name = kwargs.get("lora_name")
+        if isinstance(lora_name, str):  # the engine keys an adapter by its current id + generation
+            kwargs["lora_key"] = self.lora_keys.key_of(lora_name)
+        request = Request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
         self.requests[request_id] = request
         return request
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int = 4, **kwargs: object) -> Request:
-        request = self.make_request(request_id, prompt, max_tokens, **kwargs)
+    def add(self, request_id: str, prompt: list[int], max_tokens: int = 4,
+            stop_token_ids: Optional[list[int]] = None, **kwargs: object) -> Request:
+        request = self.make_request(request_id, prompt, max_tokens, stop_token_ids, **kwargs)
         self.scheduler.add(request)
         return request
 
@@ -103,41 +123,65 @@ class CoreHarness:
         self.scheduler.remove(request, free_blocks=True)
         request.status = RequestStatus.FINISHED_ABORTED
 
+    def propose(self, request: Request, num_correct: int, num_wrong: int = 0) -> list[int]:
+        """Gives the request speculative tokens for its next decode: the target's own next
+        `num_correct` tokens, then `num_wrong` tokens the target would not generate."""
+        spec = greedy_continuation(request.all_token_ids, num_correct + num_wrong, self.next_token)
+        for i in range(num_correct, len(spec)):
+            spec[i] = spec[i] % 997 + 1000  # outside next_token_of_context's range: always rejected
+        request.spec_token_ids = spec
+        return list(spec)
+
     # --- the step ---------------------------------------------------------------------------------
     def step(self) -> StepRecord:
-        """Schedules one step, writes its KV into the fake pages, samples and appends one token per
-        row that reached the end of its tokens, finishes requests at max_tokens."""
+        """Schedules one step, writes its KV into the fake pages, samples each row that reached the
+        end of its tokens at 1 + k positions and appends the accepted tokens."""
         out = self.scheduler.schedule()
         record = StepRecord(out, dict(out.num_scheduled_tokens))
         for src, dst in out.block_copies:
             self.pages.copy(src, dst)
         for request in out.scheduled:
             num_new = out.num_scheduled_tokens[request.request_id]
-            self._write_kv(request, num_new)
-            samples = request.num_computed_tokens + num_new >= request.num_tokens
+            spec = out.spec_token_ids.get(request.request_id, [])
+            self._write_kv(request, num_new, spec)
+            samples = request.num_computed_tokens + num_new >= request.num_tokens + len(spec)
             request.num_computed_tokens += num_new
             self.kv.cache_full_blocks(request)
             if samples:
-                token = self.next_token(request)
-                request.output_token_ids.append(token)
-                request.all_token_ids.append(token)
-                record.sampled[request.request_id] = token
-                if request.num_output_tokens >= request.max_tokens:
-                    request.status = RequestStatus.FINISHED_LENGTH
-                    self.scheduler.remove(request, free_blocks=True)
-                    record.finished.append(request.request_id)
+                self._append_row(request, spec, record)
         self.check_running_kv()
         self.steps.append(record)
         return record
 
-    def _write_kv(self, request: Request, num_new: int) -> None:
+    def _append_row(self, request: Request, spec: list[int], record: StepRecord) -> None:
+        context = list(request.all_token_ids)
+        targets = [self.next_token(context + spec[:j]) for j in range(len(spec) + 1)]
+        num_accepted = accepted_count(spec, targets)
+        request.spec_token_ids = []
+        request.num_computed_tokens -= len(spec) - num_accepted
+        record.num_accepted[request.request_id] = num_accepted
+        appended = record.appended.setdefault(request.request_id, [])
+        for token in targets[:num_accepted + 1]:
+            request.output_token_ids.append(token)
+            request.all_token_ids.append(token)
+            appended.append(token)
+            record.sampled[request.request_id] = token
+            stopped = token in request.sampling_params.stop_token_ids
+            if stopped or request.num_output_tokens >= request.max_tokens:
+                request.status = RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_LENGTH
+                self.scheduler.remove(request, free_blocks=True)
+                record.finished.append(request.request_id)
+                return
+
+    def _write_kv(self, request: Request, num_new: int, spec: list[int]) -> None:
         block_size = self.pool.block_size
+        tokens = request.all_token_ids + spec
         for position in range(request.num_computed_tokens, request.num_computed_tokens + num_new):
             page = request.block_table[position // block_size]
             assert self.pool.ref_cnt(page) == 1, (
                 f"{request.request_id} writes position {position} into page {page} shared "
                 f"{self.pool.ref_cnt(page)} ways")
-            self.pages.write(page, position % block_size, request.all_token_ids[position])
+            self.pages.write(page, position % block_size, tokens[position])
 
     def run(self, max_steps: int = 1000) -> list[StepRecord]:
         """Steps until nothing is waiting or running; returns the records of these steps."""

@@ -138,3 +138,17 @@ def test_many_forks_hold_one_reference_each() -> None:
     outputs = h.outputs()
     assert outputs["child1"] == outputs["child2"] == outputs["parent"]
     h.pool.check_all_free()
+
+
+def test_a_reloaded_adapter_name_does_not_hit_the_pages_of_its_earlier_load() -> None:
+    h = CoreHarness(block_size=4)
+    h.add("before", PROMPT, max_tokens=1, lora_name="adapter-a")
+    h.run()
+    same_load = h.add("same", PROMPT, max_tokens=1, lora_name="adapter-a")
+    h.run()
+    h.lora_keys.register("adapter-a")  # unloaded and loaded again: new weights, new generation
+    reloaded = h.add("reloaded", PROMPT, max_tokens=1, lora_name="adapter-a")
+    h.run()
+    assert same_load.num_cached_tokens == 8 and reloaded.num_cached_tokens == 0
+    assert same_load.lora_key != reloaded.lora_key and same_load.lora_key.adapter_id == reloaded.lora_key.adapter_id
+    h.pool.check_all_free()

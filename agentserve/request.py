@@ -1,18 +1,33 @@
-"""A request as the engine tracks it (one sequence), and the outputs the engine emits for it."""
+"""A request as the engine tracks it (one sequence): its tokens, status, timing and page state.
+A bottom-layer module: the scheduler, the KV cache manager and the runner all read it."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
+from agentserve.lora.key import LoRAKey
+from agentserve.outputs import PositionLogprobs
 from agentserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
 
-    from agentserve.engine.detokenizer import IncrementalDetokenizer
+
+class Detokenizer(Protocol):
+    """What the engine's incremental detokenizer (engine/detokenizer.py) offers a request; typed
+    here so that this bottom-layer module does not import the engine."""
+
+    output_text: str
+
+    def append(self, token_id: int) -> Optional[str]:
+        """Adds a token; returns the stop string it completed, if any."""
+        ...
+
+    def take_new_text(self, finished: bool) -> str:
+        ...
 
 
 class RequestStatus(enum.IntEnum):
@@ -43,17 +58,6 @@ _FINISH_REASONS = {
 
 
 @dataclass
-class Logprob:
-    logprob: float
-    rank: int
-    decoded_token: Optional[str] = None
-
-
-# One generated position: token id -> Logprob for the sampled token and the top-n alternatives.
-PositionLogprobs = dict[int, Logprob]
-
-
-@dataclass
 class RequestTiming:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: Optional[float] = None
@@ -79,6 +83,7 @@ class Request:
         priority: int = 0,
         cache_salt: Optional[str] = None,
         lora_name: Optional[str] = None,
+        lora_key: Optional[LoRAKey] = None,
         index: int = 0,
         parent_id: Optional[str] = None,
     ) -> None:
@@ -96,6 +101,7 @@ class Request:
         self.priority = priority
         self.cache_salt = cache_salt
         self.lora_name = lora_name
+        self.lora_key = lora_key  # what the prefix cache keys the adapter by (id + load generation)
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[str | int] = None
         self.error: Optional[str] = None
@@ -105,6 +111,10 @@ class Request:
         # scheduler counts them as known (their KV is computed by the next step, whose input id is
         # gathered on the device); num_computed_tokens may run up to num_tokens + placeholders.
         self.num_output_placeholders = 0
+        # Speculative tokens proposed for the positions after the last known token. The scheduler
+        # schedules them with the next decode (1 + len tokens), the runner samples the target at
+        # each of them, and update_from_output keeps the accepted prefix (engine/output.py).
+        self.spec_token_ids: list[int] = []
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading pages of block_table already offered to the prefix cache
@@ -120,7 +130,7 @@ class Request:
         self.logprobs: Optional[list[PositionLogprobs]] = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.generator: Optional["torch.Generator"] = None
-        self.detokenizer: Optional["IncrementalDetokenizer"] = None
+        self.detokenizer: Optional[Detokenizer] = None
         self.grammar: Any = None  # grammar matcher state (grammar/state.py) when constrained
         self.timing = RequestTiming()
         # Text/ids emitted since the last RequestOutput (for streaming deltas).
@@ -149,58 +159,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.finished
 
-    def append_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
-
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: Optional[float]
-    logprobs: Optional[list[PositionLogprobs]]
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[str | int] = None
-    # What is new since the previous RequestOutput of this request (streaming).
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: Optional[float]
-    first_token_time: Optional[float]
-    finished_time: Optional[float]
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_prefilled_tokens: int
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: Optional[RequestMetrics] = None
-    error: Optional[str] = None
-    # Sessions: the pages and computed-token count the finished sequence hands back when it was
-    # added with retain_blocks (the caller now owns those references).
-    retained_block_table: Optional[list[int]] = None
-    retained_num_computed_tokens: int = 0
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return self.metrics.num_cached_tokens if self.metrics else 0

@@ -1,0 +1,89 @@
+"""Launching one engine step: rows from the scheduler's output, the launch (with failures contained
+to the requests they belong to), and the bookkeeping of what the launched step computes."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional
+
+from agentserve.engine.failures import STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure
+from agentserve.engine.output import InflightStep
+from agentserve.engine.scheduler import SchedulerOutput
+from agentserve.request import Request
+from agentserve.worker.launched_step import LaunchedStep
+from agentserve.worker.model_runner import ScheduledChunk
+
+if TYPE_CHECKING:
+    from agentserve.engine.engine import Engine
+
+
+def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[InflightStep]) -> Optional[InflightStep]:
+    """Turns the scheduler's output into rows and launches them; the rows' tokens count as computed
+    from here on (later steps queue behind this one on the device)."""
+    now = time.monotonic()
+    chunks = []
+    newest: list[Request] = []  # admitted for the first time in this step
+    num_scheduled = sched.num_scheduled_tokens
+    for req in sched.scheduled:
+        n = num_scheduled[req.request_id]
+        spec = sched.spec_token_ids.get(req.request_id, [])
+        # A row samples when it reaches the end of the known tokens: once, plus once per
+        # speculative token it verifies.
+        sample = req.num_computed_tokens + n >= len(req.all_token_ids) + req.num_output_placeholders
+        chunks.append(ScheduledChunk(req, n, 1 + len(spec) if sample else 0, spec))
+        if req.timing.first_scheduled is None:
+            req.timing.first_scheduled = now
+            newest.append(req)
+    chunks, handle = _launch_isolating_failures(engine, chunks, sched.block_copies, prev, newest)
+    if handle is None:
+        return None
+    # Rows with speculative tokens append a number of tokens known only on the host, so the next
+    # step is scheduled after this one is processed (the synchronous order).
+    overlappable = not any(c.num_sampled and (c.spec_token_ids or engine.needs_host_tokens(c.request))
+                           for c in chunks)
+    block_size = engine.kv.block_size
+    for chunk in chunks:
+        req = chunk.request
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
+            prompt_part = min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
+            req.num_prefilled_tokens += prompt_part
+            engine.metrics.prefilled_tokens_total += prompt_part
+        # The KV of these tokens is written by the launched step: later steps (queued behind it on
+        # the device) may rely on it, so they count as computed from now on.
+        req.num_computed_tokens += chunk.num_tokens
+        if req.num_computed_tokens // block_size > req.num_registered_blocks:  # a page may have filled
+            engine.kv.cache_full_blocks(req)
+        if chunk.num_sampled:
+            req.num_output_placeholders += 1  # one per row: update_from_output takes it back
+    if engine.constraints is not None:
+        for req, error in engine.constraints.take_mask_failures():
+            engine.output.fail_request(req, error)
+    return InflightStep(chunks, handle, overlappable)
+
+
+def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+                               prev: Optional[InflightStep], newest: list[Request]
+                               ) -> tuple[list[ScheduledChunk], Optional[LaunchedStep]]:
+    """Launches the step. A failure that no request can be blamed for is retried once without
+    the requests admitted in this step (the likeliest cause: everything else ran before), which
+    fail alone; if the retry fails too, the whole batch fails. Returns the chunks launched."""
+    mask_fn = engine.constraints.fill_bitmask if engine.constraints is not None else None
+    prev_handle = prev.handle if prev is not None else None
+    try:
+        return chunks, engine.runner.launch(chunks, block_copies, mask_fn, prev_handle)
+    except Exception as e:  # noqa: BLE001 - contained below, one request or one batch at a time
+        log_step_failure("step launch", e, [c.request.request_id for c in chunks])
+    suspects = set(map(id, newest))
+    kept = [c for c in chunks if id(c.request) not in suspects]
+    for req in newest:
+        engine.output.fail_request(req, STEP_FAILED_FOR_NEW_REQUEST)
+    if kept and len(kept) < len(chunks):
+        try:
+            # Copies are idempotent; pages of the failed requests are free and nobody reads them.
+            return kept, engine.runner.launch(kept, block_copies, mask_fn, prev_handle)
+        except Exception as e:  # noqa: BLE001
+            log_step_failure("step launch retry", e, [c.request.request_id for c in kept])
+    for chunk in kept:
+        engine.output.fail_request(chunk.request, STEP_FAILED)
+    return [], None

@@ -1,0 +1,84 @@
+"""What an engine is built from: the model's shape and directory, its tokenizer and EOS ids, the
+context length it serves, and whether it schedules asynchronously."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from agentserve.config import EngineConfig
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
+    """The model's shape and directory; with load_format=dummy the model may be a named shape."""
+    path = Path(config.model.model).expanduser()
+    if path.is_dir():
+        return ArchConfig.from_dir(path), path
+    if config.model.load_format == "dummy":
+        from agentserve.testing.tiny import NAMED_SHAPES
+
+        if config.model.model in NAMED_SHAPES:
+            return ArchConfig.from_dict(NAMED_SHAPES[config.model.model]), None
+        raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
+    raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
+                         "(agentserve loads local Hugging Face model directories; there is no hub download)")
+
+
+def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """On by default where it pays (CUDA: the host prepares step N+1 while the device runs N). The
+    environment variable AGENTSERVE_ASYNC_SCHEDULING=0/1 overrides the default (tests use it to run
+    the CPU suite both ways); an explicit config value wins over both."""
+    if config.scheduler.async_scheduling is not None:
+        return config.scheduler.async_scheduling
+    env = os.environ.get("AGENTSERVE_ASYNC_SCHEDULING")
+    if env is not None and env != "":
+        return env not in ("0", "false", "False")
+    return device.type == "cuda"
+
+
+def load_tokenizer(path: Optional[Path]) -> Any:
+    if path is None:
+        return None
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        logger.warning("%s has no tokenizer: prompts must be token ids and outputs carry no text", path)
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {e}") from None
+
+
+def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> frozenset[int]:
+    eos: list[int] = []
+    gen_cfg = path / "generation_config.json" if path else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos = [value] if isinstance(value, int) else list(value or [])
+    if not eos:
+        eos = list(arch.eos_token_ids)
+    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    return frozenset(eos)
+
+
+def decide_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        # Attention here is full; past the window it would differ from the model's training.
+        limit = min(limit, arch.sliding_window)
+    wanted = config.model.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ModelLoadError(f"max_model_len={wanted} exceeds the model's limit of {limit} positions")
+    return wanted

@@ -1,0 +1,265 @@
+"""From a processed step to the requests' tokens and the outputs the engine emits.
+
+`update_from_output` (vLLM's name) takes each sampling row's target samples: a row that verified k
+speculative tokens keeps the accepted ones (each equal to the target's own sample at its position,
+so the output is exactly what the target alone would generate) plus the target's sample after them,
+appended one by one through the stop checks, the grammar, the detokenizer and logprobs; the KV of the
+rejected tokens is not part of the sequence, so `num_computed_tokens` goes back by their count (their
+slots are overwritten by later steps). A failure traced to one request fails it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Optional, Union
+
+from agentserve.engine.constraints import ConstraintManager
+from agentserve.engine.failures import STEP_FAILED, log_step_failure, request_failure_message
+from agentserve.grammar.backend import GrammarError
+from agentserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from agentserve.request import Request, RequestStatus
+from agentserve.worker.launched_step import LaunchedStep, StepResult
+from agentserve.worker.model_runner import ScheduledChunk
+
+if TYPE_CHECKING:
+    from agentserve.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+class InflightStep:
+    """A launched step: what was scheduled, and the handle its sampled ids come back through."""
+
+    def __init__(self, chunks: list[ScheduledChunk], handle: LaunchedStep, overlappable: bool) -> None:
+        self.chunks = chunks
+        self.handle = handle
+        # False when the step after this one must not be scheduled before this one is processed.
+        self.overlappable = overlappable
+        self.num_appended = 0
+
+
+def accepted_count(spec_token_ids: list[int], sampled: list[int]) -> int:
+    """How many speculative tokens the target's samples accept: the leading ones equal to the
+    target's sample at their position (sampled[j] is the target's token after spec[:j])."""
+    n = 0
+    for spec, target in zip(spec_token_ids, sampled):
+        if spec != target:
+            break
+        n += 1
+    return n
+
+
+class OutputProcessor:
+    """Appends sampled tokens, finishes and fails requests, and assembles RequestOutputs. Holds the
+    engine it works for (its queues, pages, metrics and request tables)."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
+
+    # --- one step's samples -------------------------------------------------------------------------
+    def update_from_output(self, step: InflightStep) -> set[str]:
+        """Appends a launched step's sampled tokens (waiting for them), checks stops, forks. Returns
+        the caller ids that have an output to emit (only finished ones unless emit_unfinished)."""
+        try:
+            result = step.handle.result()
+        except Exception as e:  # noqa: BLE001 - the device failed this step: its requests fail, no others
+            log_step_failure("step result", e, [c.request.request_id for c in step.chunks])
+            for chunk in step.chunks:
+                self.fail_request(chunk.request, STEP_FAILED)
+            return set()
+        touched: set[str] = set()
+        emit_all = self.engine.emit_unfinished
+        now = time.monotonic()
+        row = -1
+        appended = 0
+        for chunk in step.chunks:
+            if not chunk.num_sampled:
+                continue
+            row += 1
+            req = chunk.request
+            if req.status >= RequestStatus.FINISHED_STOPPED:
+                continue  # aborted, or finished by the step before: these tokens were computed in vain
+            req.num_output_placeholders -= 1
+            try:
+                appended += self._append_row(req, chunk, result, row, now)
+                if self.engine.pending_forks and req.request_id in self.engine.pending_forks and not req.is_finished:
+                    self._fork_siblings(req)
+            except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
+                where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
+                self.fail_request(req, request_failure_message(where, req, e))
+            if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
+                touched.add(req.parent_id)
+        step.num_appended += appended
+        self.engine.metrics.generation_tokens_total += appended
+        return touched
+
+    def _append_row(self, req: Request, chunk: ScheduledChunk, result: StepResult, row: int, now: float) -> int:
+        """Appends the row's accepted tokens one by one until one finishes the request; rolls back
+        the computed count by the rejected speculative tokens. Returns the tokens appended."""
+        sampled = result.sampled[row]
+        spec = chunk.spec_token_ids
+        num_accepted = accepted_count(spec, sampled)
+        req.spec_token_ids = []  # proposals are for one step; the proposer makes new ones
+        # The launch counted all the row's tokens as computed; the rejected ones are not the sequence's.
+        req.num_computed_tokens -= len(spec) - num_accepted
+        appended = 0
+        for position in range(num_accepted + 1):
+            self._append_token(req, sampled[position], result, row, position, now)
+            appended += 1
+            if req.is_finished:
+                break
+        return appended
+
+    def _append_token(self, req: Request, token: int, result: StepResult, row: int, position: int,
+                      now: float) -> None:
+        timing = req.timing
+        if timing.first_token is None:
+            timing.first_token = now
+        timing.last_token = now
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
+        req.pending_token_ids.append(token)
+        if req.logprobs is not None and result.logprobs is not None:
+            assert result.logprob_ids is not None and result.ranks is not None
+            self._record_logprobs(req, result.logprob_ids[row][position], result.logprobs[row][position],
+                                  result.ranks[row][position])
+        self._check_stop(req, token)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        params = req.sampling_params
+        ends_on_eos = token in req.eos_token_ids and not params.ignore_eos
+        # The EOS token ends the text; it is not part of it (even when special tokens are kept).
+        stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
+        grammar = req.grammar
+        if grammar is not None and not grammar.accept_token(token):
+            # Masks make this impossible; if it happens the output can no longer be trusted.
+            req.error = f"sampled token {token} is not allowed by the output constraint"
+            self.finish(req, RequestStatus.FINISHED_ERROR, None)
+        elif grammar is not None and grammar.is_terminated():
+            self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
+                        (token if token in params.stop_token_ids else None))
+        elif stop_str is not None:
+            self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
+        elif token in params.stop_token_ids:
+            self.finish(req, RequestStatus.FINISHED_STOPPED, token)
+        elif ends_on_eos:
+            self.finish(req, RequestStatus.FINISHED_STOPPED, None)
+        elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.engine.max_model_len:
+            self.finish(req, RequestStatus.FINISHED_LENGTH, None)
+
+    def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
+        assert req.logprobs is not None
+        n = req.sampling_params.logprobs or 0
+        position = {ids[0]: Logprob(lps[0], rank)}
+        for r, (tid, lp) in enumerate(zip(ids[1:1 + n], lps[1:1 + n]), start=1):
+            position.setdefault(tid, Logprob(lp, r))
+        tokenizer = self.engine.tokenizer
+        if tokenizer is not None:
+            for tid, lp in position.items():
+                lp.decoded_token = tokenizer.decode([tid])
+        req.logprobs.append(position)
+        req.cumulative_logprob += lps[0]
+
+    def _fork_siblings(self, leader: Request) -> None:
+        """n > 1: the siblings share the leader's prompt pages and recompute only the last prompt
+        token (copy-on-write of the shared last page), each sampling on its own."""
+        for sib in self.engine.pending_forks.pop(leader.request_id):
+            sib.block_table = self.engine.kv.fork_blocks(leader.block_table)
+            sib.num_computed_tokens = leader.num_prompt_tokens - 1
+            sib.num_cached_tokens = leader.num_cached_tokens
+            if sib.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                fut = self.engine.grammar_waits.pop(sib.request_id)
+                ConstraintManager.attach(sib, fut)  # the leader's compile is done and succeeded
+            self.engine.scheduler.add_front(sib)
+
+    # --- finishing ------------------------------------------------------------------------------------
+    def fail_request(self, req: Request, error: str) -> None:
+        """Finishes one sequence with its own error; the batch goes on. The error goes out with the
+        request's next output (this step's)."""
+        if req.is_finished:
+            return
+        req.error = error
+        self.finish(req, RequestStatus.FINISHED_ERROR, None)
+        self.failed.add(req.parent_id)
+
+    def finish(self, req: Request, status: RequestStatus, stop_reason: Optional[Union[str, int]]) -> None:
+        engine = self.engine
+        req.status = status
+        req.stop_reason = stop_reason
+        req.timing.finished = time.monotonic()
+        req.num_output_placeholders = 0
+        req.spec_token_ids = []
+        if req.num_computed_tokens >= req.num_tokens:
+            # Async scheduling already launched a step over the last token, or a speculative row
+            # ran past a token that finished the request (their outputs are dropped): as on the
+            # synchronous path, the last token's KV does not count, and retained pages end at the
+            # last computed token.
+            req.num_computed_tokens = req.num_tokens - 1
+            keep = engine.kv.blocks_needed(req.num_computed_tokens)
+            if req.retain_blocks and len(req.block_table) > keep:
+                engine.pool.free(req.block_table[keep:])
+                del req.block_table[keep:]
+        engine.scheduler.remove(req, free_blocks=not req.retain_blocks)
+        self.engine.pending_forks.pop(req.request_id, None)
+        engine.metrics.requests_finished_total += 1
+        for hook in engine.metrics.finish_hooks:
+            try:
+                hook(req)
+            except Exception:  # noqa: BLE001 - an exporter must never fail a step
+                logger.exception("finish hook failed")
+
+    # --- outputs ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _completion(req: Request) -> CompletionOutput:
+        finished = req.is_finished
+        text = req.detokenizer.output_text if req.detokenizer else ""
+        delta_text = req.detokenizer.take_new_text(finished) if req.detokenizer else ""
+        delta_ids, req.pending_token_ids = req.pending_token_ids, []
+        return CompletionOutput(
+            index=req.index, text=text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=req.logprobs, finish_reason=req.status.finish_reason if finished else None,
+            stop_reason=req.stop_reason, delta_text=delta_text, delta_token_ids=delta_ids)
+
+    def collect_outputs(self, touched: set[str]) -> list[RequestOutput]:
+        engine = self.engine
+        outputs = []
+        for parent_id in touched:
+            children = engine.groups.get(parent_id)
+            if children is None:
+                continue
+            finished = all(c.is_finished for c in children)
+            if not finished and not engine.emit_unfinished:
+                continue
+            leader = children[0]
+            out = RequestOutput(
+                request_id=parent_id, prompt=engine.prompts.get(parent_id), prompt_token_ids=leader.prompt_token_ids,
+                outputs=[self._completion(c) for c in children], finished=finished,
+                metrics=RequestMetrics(
+                    arrival_time=leader.timing.arrival, first_scheduled_time=leader.timing.first_scheduled,
+                    first_token_time=leader.timing.first_token, finished_time=leader.timing.finished,
+                    num_prompt_tokens=leader.num_prompt_tokens, num_cached_tokens=max(leader.num_cached_tokens, 0),
+                    num_prefilled_tokens=leader.num_prefilled_tokens))
+            errors = [c.error for c in children if c.error]
+            if errors:
+                out.error = errors[0]
+            if finished:
+                self._release_group(parent_id, children, out)
+            outputs.append(out)
+        return outputs
+
+    def _release_group(self, parent_id: str, children: list[Request], out: RequestOutput) -> None:
+        engine = self.engine
+        leader = children[0]
+        if leader.retain_blocks:
+            out.retained_block_table = leader.block_table
+            out.retained_num_computed_tokens = leader.num_computed_tokens
+            leader.block_table = []
+            if engine.on_retained is not None:
+                engine.on_retained(out)
+        for c in children:
+            engine.requests.pop(c.request_id, None)
+        del engine.groups[parent_id]
+        engine.prompts.pop(parent_id, None)

@@ -1,0 +1,67 @@
+"""What the engine emits: per-request outputs, per-position logprobs and request metrics
+(vLLM's names). A bottom-layer module, so that the servers and sessions read outputs without
+importing the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
+# One generated position: token id -> Logprob for the sampled token and the top-n alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[list[PositionLogprobs]]
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[str | int] = None
+    # What is new since the previous RequestOutput of this request (streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: Optional[float]
+    first_token_time: Optional[float]
+    finished_time: Optional[float]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_prefilled_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: Optional[RequestMetrics] = None
+    error: Optional[str] = None
+    # Sessions: the pages and computed-token count the finished sequence hands back when it was
+    # added with retain_blocks (the caller now owns those references).
+    retained_block_table: Optional[list[int]] = None
+    retained_num_computed_tokens: int = 0
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.metrics.num_cached_tokens if self.metrics else 0
