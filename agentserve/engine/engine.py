@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from agentserve.cache.block_pool import BlockPool
+from agentserve.cache.device_ops import DeviceOp
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import EngineConfig
 from agentserve.engine.constraints import ConstraintManager
@@ -326,6 +327,8 @@ class Engine:
             num_sampled += prev.num_appended
             prev = None
         sched = self.scheduler.schedule()
+        if sched.is_empty:  # no forward, but page copies / swaps queued meanwhile (sessions) still run
+            self.runner.execute_device_ops(sched.device_ops)
         launched = self._launch(sched, prev) if not sched.is_empty else None
         if prev is not None:
             touched |= self._process(prev)
@@ -362,7 +365,7 @@ class Engine:
             if req.timing.first_scheduled is None:
                 req.timing.first_scheduled = now
                 newest.append(req)
-        chunks, handle = self._launch_isolating_failures(chunks, sched.block_copies, prev, newest)
+        chunks, handle = self._launch_isolating_failures(chunks, sched.device_ops, prev, newest)
         if handle is None:
             return None
         overlappable = not any(c.sample and self._needs_host_tokens(c.request) for c in chunks)
@@ -386,7 +389,7 @@ class Engine:
                 self._fail_request(req, error)
         return _InflightStep(chunks, handle, overlappable)
 
-    def _launch_isolating_failures(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+    def _launch_isolating_failures(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
                                    prev: Optional[_InflightStep], newest: list[Request]
                                    ) -> tuple[list[ScheduledChunk], Optional[LaunchedStep]]:
         """Launches the step. A failure that no request can be blamed for is retried once without
@@ -395,7 +398,7 @@ class Engine:
         mask_fn = self._constraints.fill_bitmask if self._constraints is not None else None
         prev_handle = prev.handle if prev is not None else None
         try:
-            return chunks, self.runner.launch(chunks, block_copies, mask_fn, prev_handle)
+            return chunks, self.runner.launch(chunks, device_ops, mask_fn, prev_handle)
         except Exception as e:  # noqa: BLE001 - contained below, one request or one batch at a time
             log_step_failure("step launch", e, [c.request.request_id for c in chunks])
         suspects = set(map(id, newest))
@@ -404,8 +407,8 @@ class Engine:
             self._fail_request(req, STEP_FAILED_FOR_NEW_REQUEST)
         if kept and len(kept) < len(chunks):
             try:
-                # Copies are idempotent; pages of the failed requests are free and nobody reads them.
-                return kept, self.runner.launch(kept, block_copies, mask_fn, prev_handle)
+                # The first launch ran (and took off the list) the device ops it got to: none repeat.
+                return kept, self.runner.launch(kept, device_ops, mask_fn, prev_handle)
             except Exception as e:  # noqa: BLE001
                 log_step_failure("step launch retry", e, [c.request.request_id for c in kept])
         for chunk in kept:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
+from agentserve.cache.device_ops import CopyBlocks, DeviceOp
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
 from agentserve.engine.request import Request, RequestStatus
@@ -39,7 +40,8 @@ class AdmitHook(Protocol):
 class SchedulerOutput:
     scheduled: list[Request] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pages
+    # Page copies and swaps to run before this step's forward, in order (cache/device_ops.py).
+    device_ops: list[DeviceOp] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -64,6 +66,8 @@ class Scheduler:
         # back: frees pages held by idle owners (sessions between turns) and returns how many it
         # freed. Arguments: pages wanted, the request asking (its own session is left alone).
         self.reclaim: Optional[Callable[[int, Request], int]] = None
+        # Device ops decided since the last step (sessions' swaps, this step's copies), in order.
+        self._device_ops: list[DeviceOp] = []
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -82,6 +86,14 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def queue_device_ops(self, ops: Sequence[DeviceOp]) -> None:
+        """Ops that the next step runs before its forward, after those queued before them."""
+        self._device_ops.extend(ops)
+
+    def has_device_ops(self) -> bool:
+        """Whether ops wait for a step (an idle engine then runs one with no forward)."""
+        return bool(self._device_ops)
 
     def remove(self, request: Request, free_blocks: bool = True) -> None:
         """Takes a request out of either queue (finish or abort); frees its pages unless the caller
@@ -181,7 +193,7 @@ class Scheduler:
                 continue  # the request preempted itself; self.running[i] is the next one
             out.scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
-            out.block_copies.extend(copies)
+            self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
             budget -= num_new
             i += 1
 
@@ -229,7 +241,8 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
-            out.block_copies.extend(copies)
+            self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        out.device_ops, self._device_ops = self._device_ops, []
         return out
