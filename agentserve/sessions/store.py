@@ -183,7 +183,7 @@ class SessionStore(TurnLifecycle):
     async def get(self, session_id: str, include_messages: bool = False,
                   include_token_ids: bool = False, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
         return await self._run(lambda: snapshot_of(self._owned(session_id, tenant), include_messages,
-                                                      include_token_ids))
+                                                   include_token_ids))
 
     async def list(self, *, tenant: str = ANONYMOUS_TENANT) -> list[SessionSnapshot]:
         return await self._run(lambda: [snapshot_of(s) for s in self.sessions.values() if s.tenant == tenant])
@@ -250,7 +250,6 @@ class SessionStore(TurnLifecycle):
                 await self.close(sid, tenant=s.tenant)
             except SessionNotFoundError:
                 pass
-
 
     # --- TTL ----------------------------------------------------------------------------------------
     def start(self) -> None:
