@@ -13,6 +13,9 @@ import contextlib
 import functools
 from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, TypeVar
 
+import grpc
+import pytest
+
 from agentserve.adapters.client import AgentClient
 from agentserve.cache.kv_cache import bytes_per_block
 from agentserve.config import EngineConfig
@@ -35,6 +38,7 @@ TOOLS = [
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},
 ]
 SYSTEM = {"role": "system", "content": "You are a careful agent. Use the tools when they help; answer briefly."}
+USER = [{"role": "user", "content": "Hello there."}]
 
 
 def model_path(arch: str = "qwen2") -> str:
@@ -64,6 +68,18 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
+
+
+async def rpc_status(coro: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of the RPC error that `coro` must raise."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await coro
+    return err.value.code(), err.value.details() or ""
+
+
+async def turn_status(session: Any, messages: Any, **kw: Any) -> tuple[grpc.StatusCode, str]:
+    """The status of a turn that must fail."""
+    return await rpc_status(session.run_turn(messages, **kw))
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ import pytest
 
 from agentserve import SamplingParams
 from agentserve.cache.block_pool import BlockPool, NoFreeBlocksError, compute_block_hashes
+from agentserve.cache.device_ops import CopyBlocks
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.request import Request
 
@@ -91,8 +92,8 @@ def test_shared_pages_never_written_in_place_by_engine() -> None:
     original = engine.runner.launch
     violations: list[str] = []
 
-    def checking_launch(chunks, block_copies, *a, **kw):  # type: ignore[no-untyped-def]
-        copied_to = {dst for _, dst in block_copies}
+    def checking_launch(chunks, device_ops, *a, **kw):  # type: ignore[no-untyped-def]
+        copied_to = {op.dst for op in device_ops if isinstance(op, CopyBlocks)}
         for chunk in chunks:
             req = chunk.request
             start = req.num_computed_tokens
@@ -100,7 +101,7 @@ def test_shared_pages_never_written_in_place_by_engine() -> None:
                 page = req.block_table[pos // 4]
                 if engine.pool.ref_cnt(page) != 1 and page not in copied_to:
                     violations.append(f"{req.request_id} writes shared page {page}")
-        return original(chunks, block_copies, *a, **kw)
+        return original(chunks, device_ops, *a, **kw)
 
     engine.runner.launch = checking_launch  # type: ignore[method-assign]
     prompt = "Shared prefix for several requests that fork and share pages"

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
-from agentserve.sessions.store import PendingTurn, SessionNotFoundError, SessionStore, TurnCancelledError
+from agentserve.sessions.store import SessionStore
+from agentserve.sessions.types import PendingTurn, SessionNotFoundError, TurnCancelledError
 from conftest_grpc import make_engine, serving, swap_gb_for
 
 SYSTEM = {"role": "system", "content": "You are terse."}

@@ -246,7 +246,7 @@ def test_sessions_past_their_hint_yield_first() -> None:
             await soon.run_turn(user("s"), expected_next_turn_ms=3_600_000, **GREEDY)  # back within an hour
             await late.run_turn(user("l"), expected_next_turn_ms=1, **GREEDY)          # overdue right away
             await asyncio.sleep(0.01)
-            order = await aeng.run(lambda: [s.session_id for s in store._eviction_order()])
+            order = await aeng.run(lambda: [s.session_id for s in store.residency.eviction_order()])
             assert order == [late.id, nohint.id, soon.id]
             # Real pressure that needs about one session's worth of pages: the overdue one goes first.
             own = await aeng.run(lambda: sum(pool.ref_cnt(b) == 1 for b in store.sessions[late.id].block_table))
@@ -278,7 +278,7 @@ def test_partial_swap_leaves_a_shared_preamble_to_the_prefix_cache() -> None:
             turns = [await a.run_turn(NEW_MESSAGES[0], **GREEDY), await b.run_turn(NEW_MESSAGES[1], **GREEDY)]
             pages = (await a.refresh()).num_pages
             assert pages > store.num_swap_slots
-            freed = await aeng.run(lambda: store._evict(store.sessions[a.id]))
+            freed = await aeng.run(lambda: store.residency.evict(store.sessions[a.id]))
             info = await a.refresh()
             assert info.state == pb.SESSION_STATE_SWAPPED and 0 < info.num_swapped_pages < pages
             assert freed == info.num_swapped_pages  # the shared preamble pages are still b's

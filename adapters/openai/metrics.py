@@ -11,14 +11,14 @@ Two sources:
   each finished sequence's timing to us on the step thread. The hook only appends a tuple to a
   deque; the observations happen on the event loop (a background drain, and before every scrape),
   so the step loop pays next to nothing.
-- Sessions resident / swapped come from the session store when one is given (duck-typed).
+- Sessions resident / swapped / evicted come from the session store when one is given
+  (`SessionStore.residency_counts()`, safe from any thread).
 """
 
 from __future__ import annotations
 
 import collections
-import logging
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,7 +26,9 @@ from prometheus_client.registry import Collector
 
 from agentserve.engine.metrics import live_engine_gauges
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from agentserve.engine.engine import Engine
+    from agentserve.sessions.store import SessionStore
 
 PREFIX = "agentserve_"
 
@@ -37,54 +39,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
-def session_counts(store: Any) -> dict[str, int]:
-    """{"resident": n, "swapped": n, "evicted": n} from a session store, duck-typed: a
-    `residency_counts()` / `counts()` / `stats()` method returning such a dict, or sessions (a
-    `sessions` mapping or a `list_sessions()` / `list()` method) whose `state` / `residency` /
-    `status` attribute (a string or an enum) names their residency."""
-    counts = {"resident": 0, "swapped": 0, "evicted": 0}
-    if store is None:
-        return counts
-    for name in ("residency_counts", "counts", "stats"):
-        fn = getattr(store, name, None)
-        if callable(fn):
-            try:
-                got = fn()
-            except TypeError:
-                continue
-            if isinstance(got, dict) and any(k in got for k in counts):
-                for k in counts:
-                    counts[k] = int(got.get(k, 0) or 0)
-                return counts
-    sessions: Iterable[Any] = ()
-    raw = getattr(store, "sessions", None)
-    if isinstance(raw, dict):
-        sessions = list(raw.values())
-    else:
-        for name in ("list_sessions", "list"):
-            fn = getattr(store, name, None)
-            if callable(fn):
-                try:
-                    sessions = list(fn())
-                    break
-                except TypeError:
-                    continue
-    for s in sessions:
-        for attr in ("residency", "state", "status"):
-            value = getattr(s, attr, None)
-            if value is None:
-                continue
-            label = str(getattr(value, "name", value)).lower()
-            for k in counts:
-                if k in label:
-                    counts[k] += 1
-                    break
-            break
-    return counts
-
-
 class _EngineCollector(Collector):
-    def __init__(self, engine: Any, session_store: Any) -> None:
+    def __init__(self, engine: Engine, session_store: Optional[SessionStore]) -> None:
         self.engine = engine
         self.session_store = session_store
 
@@ -116,10 +72,8 @@ class _EngineCollector(Collector):
         yield counter("requests_finished", "Sequences that finished (stop or length).", m.requests_finished_total)
         yield gauge("generation_tokens_per_second", "Recent generation throughput.", m.generation_tokens_per_s)
         sessions = {"resident": 0, "swapped": 0, "evicted": 0}
-        try:
-            sessions = session_counts(self.session_store)
-        except Exception:  # noqa: BLE001 - a broken store must not break the scrape
-            logger.exception("reading session counts failed")
+        if self.session_store is not None:
+            sessions = self.session_store.residency_counts()
         yield gauge("sessions_resident", "Open sessions whose KV pages are resident on the device.",
                     sessions["resident"])
         yield gauge("sessions_swapped", "Open sessions whose KV pages are swapped out to CPU memory.",
@@ -131,7 +85,7 @@ class _EngineCollector(Collector):
 class Metrics:
     """The app's registry: engine collector, latency histograms, HTTP request counters."""
 
-    def __init__(self, engine: Any, session_store: Any = None) -> None:
+    def __init__(self, engine: Engine, session_store: Optional[SessionStore] = None) -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -159,18 +113,15 @@ class Metrics:
 
     # --- engine hook ----------------------------------------------------------------------------------
     def install(self) -> None:
-        hooks = getattr(self.engine.metrics, "finish_hooks", None)
-        if hooks is not None and not self._hook_installed:
-            hooks.append(self._on_finish)
+        if not self._hook_installed:
+            self.engine.metrics.finish_hooks.append(self._on_finish)
             self._hook_installed = True
 
     def uninstall(self) -> None:
-        hooks = getattr(self.engine.metrics, "finish_hooks", None)
-        if hooks is not None and self._hook_installed:
-            try:
+        if self._hook_installed:
+            hooks = self.engine.metrics.finish_hooks
+            if self._on_finish in hooks:  # an engine that closed may have dropped its hooks already
                 hooks.remove(self._on_finish)
-            except ValueError:
-                pass
             self._hook_installed = False
 
     def _on_finish(self, req: Any) -> None:

@@ -89,7 +89,8 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_commands()
-            if not self.engine.has_unfinished():
+            # Ops that sessions queued (swaps) run promptly even when no request is left to step.
+            if not self.engine.has_unfinished() and not self.engine.scheduler.has_device_ops():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

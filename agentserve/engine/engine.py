@@ -273,6 +273,8 @@ class Engine:
         if self.spec_proposer is not None:
             self.spec_proposer([r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1])
         sched = self.scheduler.schedule()
+        if sched.is_empty:  # no forward, but page copies / swaps queued meanwhile (sessions) still run
+            self.runner.execute_device_ops(sched.device_ops)
         launched = launch_step(self, sched, prev) if not sched.is_empty else None
         if prev is not None:
             touched |= self.output.update_from_output(prev)

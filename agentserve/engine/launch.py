@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Optional
 
+from agentserve.cache.device_ops import DeviceOp
 from agentserve.engine.failures import STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure
 from agentserve.engine.output import InflightStep
 from agentserve.engine.scheduler import SchedulerOutput
@@ -34,7 +35,7 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
         if req.timing.first_scheduled is None:
             req.timing.first_scheduled = now
             newest.append(req)
-    chunks, handle = _launch_isolating_failures(engine, chunks, sched.block_copies, prev, newest)
+    chunks, handle = _launch_isolating_failures(engine, chunks, sched.device_ops, prev, newest)
     if handle is None:
         return None
     # Rows with speculative tokens append a number of tokens known only on the host, so the next
@@ -62,7 +63,7 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
     return InflightStep(chunks, handle, overlappable)
 
 
-def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
                                prev: Optional[InflightStep], newest: list[Request]
                                ) -> tuple[list[ScheduledChunk], Optional[LaunchedStep]]:
     """Launches the step. A failure that no request can be blamed for is retried once without
@@ -71,7 +72,7 @@ def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], b
     mask_fn = engine.constraints.fill_bitmask if engine.constraints is not None else None
     prev_handle = prev.handle if prev is not None else None
     try:
-        return chunks, engine.runner.launch(chunks, block_copies, mask_fn, prev_handle)
+        return chunks, engine.runner.launch(chunks, device_ops, mask_fn, prev_handle)
     except Exception as e:  # noqa: BLE001 - contained below, one request or one batch at a time
         log_step_failure("step launch", e, [c.request.request_id for c in chunks])
     suspects = set(map(id, newest))
@@ -80,8 +81,8 @@ def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], b
         engine.output.fail_request(req, STEP_FAILED_FOR_NEW_REQUEST)
     if kept and len(kept) < len(chunks):
         try:
-            # Copies are idempotent; pages of the failed requests are free and nobody reads them.
-            return kept, engine.runner.launch(kept, block_copies, mask_fn, prev_handle)
+            # The first launch ran (and took off the list) the device ops it got to: none repeat.
+            return kept, engine.runner.launch(kept, device_ops, mask_fn, prev_handle)
         except Exception as e:  # noqa: BLE001
             log_step_failure("step launch retry", e, [c.request.request_id for c in kept])
     for chunk in kept:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
+from agentserve.cache.device_ops import CopyBlocks, DeviceOp
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
 from agentserve.request import Request, RequestStatus
@@ -41,7 +42,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # Request id -> the speculative tokens its row verifies (its last num_scheduled_tokens - 1 tokens).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pages
+    # Page copies and swaps to run before this step's forward, in order (cache/device_ops.py).
+    device_ops: list[DeviceOp] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -66,6 +68,8 @@ class Scheduler:
         # back: frees pages held by idle owners (sessions between turns) and returns how many it
         # freed. Arguments: pages wanted, the request asking (its own session is left alone).
         self.reclaim: Optional[Callable[[int, Request], int]] = None
+        # Device ops decided since the last step (sessions' swaps, this step's copies), in order.
+        self._device_ops: list[DeviceOp] = []
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -84,6 +88,14 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def queue_device_ops(self, ops: Sequence[DeviceOp]) -> None:
+        """Ops that the next step runs before its forward, after those queued before them."""
+        self._device_ops.extend(ops)
+
+    def has_device_ops(self) -> bool:
+        """Whether ops wait for a step (an idle engine then runs one with no forward)."""
+        return bool(self._device_ops)
 
     def remove(self, request: Request, free_blocks: bool = True) -> None:
         """Takes a request out of either queue (finish or abort); frees its pages unless the caller
@@ -153,6 +165,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         self._schedule_waiting(out, budget)
+        out.device_ops, self._device_ops = self._device_ops, []
         return out
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
@@ -205,7 +218,7 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = num_new
             if num_spec:
                 out.spec_token_ids[request.request_id] = list(request.spec_token_ids)
-            out.block_copies.extend(copies)
+            self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
             budget -= num_new
             i += 1
         return budget
@@ -280,5 +293,5 @@ class Scheduler:
         self.running.append(request)
         out.scheduled.append(request)
         out.num_scheduled_tokens[request.request_id] = num_new
-        out.block_copies.extend(copies)
+        self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
         return num_new

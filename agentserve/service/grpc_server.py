@@ -16,35 +16,30 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import grpc
 
+from agentserve import __version__
 from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from agentserve.engine.engine import InvalidRequestError
 from agentserve.engine.metrics import live_engine_gauges
+from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
+from agentserve.service.convert import (generate_done_to_proto, messages_from_proto, sampling_from_proto,
+                                        snapshot_to_proto, tools_from_proto, turn_event_to_proto)
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions import render as R
-from agentserve.sessions.store import (SessionError, SessionSnapshot, SessionState, SessionStore, TextEvent,
-                                       Timing, ToolCallEvent, TurnResult, Usage)
+from agentserve.sessions.store import SessionStore
 from agentserve.sessions.tool_calls import ReplyStream
+from agentserve.sessions.types import SessionError
 
 logger = logging.getLogger(__name__)
-
-_STATE = {
-    SessionState.NEW: pb.SESSION_STATE_NEW,
-    SessionState.RESIDENT: pb.SESSION_STATE_RESIDENT,
-    SessionState.SWAPPED: pb.SESSION_STATE_SWAPPED,
-    SessionState.EVICTED: pb.SESSION_STATE_EVICTED,
-    SessionState.CLOSED: pb.SESSION_STATE_CLOSED,
-}
 
 
 class NotFoundError(Exception):
@@ -55,134 +50,10 @@ class UnauthenticatedError(Exception):
     pass
 
 
-# --- proto <-> python -------------------------------------------------------------------------------
-def messages_from_proto(messages: Sequence[pb.Message]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.content or None}
-        if m.tool_calls:
-            d["tool_calls"] = [{"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-                               for tc in m.tool_calls]
-        if m.tool_call_id:
-            d["tool_call_id"] = m.tool_call_id
-        if m.name:
-            d["name"] = m.name
-        if m.token_ids:
-            d["token_ids"] = list(m.token_ids)
-        out.append(d)
-    return out
-
-
-def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]:
-    out = []
-    for i, t in enumerate(tools):
-        params = R.parse_json_object(t.parameters_json, f"tools[{i}].parameters_json") if t.parameters_json else None
-        fn: dict[str, Any] = {"name": t.name}  # OpenAI's key order (templates serialise tools as given)
-        if t.description:
-            fn["description"] = t.description
-        fn["parameters"] = params
-        out.append({"type": "function", "function": fn})
-    return out or None
-
-
-def message_to_proto(m: dict[str, Any]) -> pb.Message:
-    msg = pb.Message(role=m.get("role", ""), content=m.get("content") or "", tool_call_id=m.get("tool_call_id", ""),
-                     name=m.get("name", ""), token_ids=m.get("token_ids") or [])
-    for tc in m.get("tool_calls") or []:
-        fn = tc.get("function", {})
-        args = fn.get("arguments", "")
-        msg.tool_calls.add(id=tc.get("id", ""), name=fn.get("name", ""),
-                           arguments=args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
-    return msg
-
-
-def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.ResponseFormat] = None,
-                        tools: Optional[list[dict[str, Any]]] = None, tool_choice: str = "") -> SamplingParams:
-    kw: dict[str, Any] = {"max_tokens": None}
-    for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty"):
-        if sp.HasField(name):
-            kw[name] = getattr(sp, name)
-    if sp.stop:
-        kw["stop"] = list(sp.stop)
-    if sp.stop_token_ids:
-        kw["stop_token_ids"] = list(sp.stop_token_ids)
-    kw["ignore_eos"] = sp.ignore_eos
-    if response_format is not None and response_format.type not in ("", "text"):
-        kind = response_format.type
-        if kind == "json_object":
-            kw["json_object"] = True
-        elif kind == "json_schema":
-            if not response_format.json_schema:
-                raise InvalidRequestError("response_format.json_schema is empty")
-            kw["json_schema"] = R.parse_json_object(response_format.json_schema, "response_format.json_schema")
-        elif kind == "regex":
-            kw["regex"] = response_format.regex
-        elif kind == "choice":
-            kw["choice"] = list(response_format.choice)
-        else:
-            raise InvalidRequestError(f"response_format.type {kind!r} is not one of text, json_object, json_schema, "
-                                      "regex, choice")
-    if tool_choice and not tools:
-        raise InvalidRequestError("tool_choice needs tools (declare them when creating the session)")
-    if tools and tool_choice != "none":
-        names = [t["function"]["name"] for t in tools]
-        if tool_choice in ("", "auto", "required"):
-            choice: Any = tool_choice or "auto"
-        elif tool_choice in names:
-            choice = {"type": "function", "function": {"name": tool_choice}}
-        else:
-            raise InvalidRequestError(f"tool_choice {tool_choice!r} is not auto, none, required or a declared tool "
-                                      f"({', '.join(names)})")
-        if not any(k in kw for k in ("json_object", "json_schema", "regex", "choice")):
-            kw["tools"], kw["tool_choice"] = tools, choice
-    try:
-        return SamplingParams(**kw)
-    except ValueError as e:
-        raise InvalidRequestError(f"sampling: {e}") from None
-
-
-def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
-    info = pb.SessionInfo(
-        session_id=s.session_id, model=s.model, adapter=s.adapter or "", state=_STATE[s.state], num_tokens=s.num_tokens,
-        num_kv_tokens=s.num_kv_tokens, num_pages=s.num_pages, num_swapped_pages=s.num_swapped_pages,
-        num_turns=s.num_turns, num_messages=s.num_messages, busy=s.busy, parent_id=s.parent_id or "",
-        created_at=s.created_at, last_active_at=s.last_active_at, expires_at=s.expires_at, ttl_seconds=s.ttl_seconds,
-        metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [])
-    for m in s.messages or []:
-        info.messages.append(message_to_proto(m))
-    return info
-
-
-def usage_to_proto(u: Usage) -> pb.Usage:
-    return pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, prefilled_tokens=u.prefilled_tokens,
-                    completion_tokens=u.completion_tokens, swapped_in_tokens=u.swapped_in_tokens)
-
-
-def timing_to_proto(t: Timing) -> pb.Timing:
-    return pb.Timing(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, ttft_ms=t.ttft_ms, decode_ms=t.decode_ms,
-                     total_ms=t.total_ms, swap_in_ms=t.swap_in_ms, swap_wait_ms=t.swap_wait_ms)
-
-
-def timing_from_metrics(metrics: Any, received_at: float) -> Timing:
-    t = Timing(total_ms=(time.monotonic() - received_at) * 1e3)
-    if metrics is None:
-        return t
-    if metrics.first_scheduled_time is not None:
-        t.queue_ms = (metrics.first_scheduled_time - metrics.arrival_time) * 1e3
-        if metrics.first_token_time is not None:
-            t.prefill_ms = (metrics.first_token_time - metrics.first_scheduled_time) * 1e3
-    if metrics.first_token_time is not None:
-        t.ttft_ms = (metrics.first_token_time - received_at) * 1e3
-        if metrics.finished_time is not None:
-            t.decode_ms = (metrics.finished_time - metrics.first_token_time) * 1e3
-    return t
-
-
 # --- errors -----------------------------------------------------------------------------------------
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, SessionError):
-        return getattr(grpc.StatusCode, e.code), str(e)
+        return grpc.StatusCode[e.code], str(e)
     if isinstance(e, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, (InvalidRequestError, ValueError)):
@@ -292,25 +163,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                              request.response_format if request.HasField("response_format") else None)
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
                 "response_format") else None, tools, request.tool_choice)
-            ids = request.return_token_ids
             async with contextlib.aclosing(self.store.turn(
                     request.session_id, messages, params,
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
                     received_at=received, tenant=tenant.name)) as events:
                 async for ev in events:
-                    if isinstance(ev, TextEvent):
-                        if ev.text or (ids and ev.token_ids):
-                            yield pb.TurnEvent(text=pb.TextDelta(text=ev.text, token_ids=ev.token_ids if ids else []))
-                    elif isinstance(ev, ToolCallEvent):
-                        yield pb.TurnEvent(tool_call=pb.ToolCallDelta(index=ev.index, id=ev.id, name=ev.name,
-                                                                      arguments_delta=ev.arguments_delta))
-                    elif isinstance(ev, TurnResult):
-                        yield pb.TurnEvent(done=pb.TurnDone(
-                            message=message_to_proto(ev.message), finish_reason=ev.finish_reason,
-                            usage=usage_to_proto(ev.usage), timing=timing_to_proto(ev.timing),
-                            token_ids=ev.token_ids if ids else [],
-                            prompt_token_ids=ev.prompt_token_ids if ids else [],
-                            session=snapshot_to_proto(ev.session)))
+                    event = turn_event_to_proto(ev, request.return_token_ids)
+                    if event is not None:
+                        yield event
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
@@ -361,65 +221,59 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 raise InvalidRequestError("tools need messages (they are rendered with the chat template)")
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
                 "response_format") else None, tools, request.tool_choice)
-            # Rendering and tokenizing run in the render pool: the step thread only sees token ids.
-            pool = self.store.render_pool
-            prompt: list[int]
-            if request.messages:
-                if not R.has_chat_template(self.engine.tokenizer):
-                    raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
-                msgs = R.normalize_messages(messages, raw_tokens=False, vocab_size=self.engine.arch.vocab_size)
-                pool.check_messages(msgs)
-                prompt = await pool.run(lambda tok: pool.encode(
-                    tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages",
-                    add_special_tokens=False))
-            elif request.prompt_token_ids:
-                prompt = list(request.prompt_token_ids)
-            else:
-                if self.engine.tokenizer is None:
-                    raise InvalidRequestError("this model has no tokenizer: send prompt_token_ids")
-                L.check_utf8(request.prompt, "prompt")
-                pool.check_chars(len(request.prompt), "prompt")
-                text = request.prompt
-                prompt = await pool.run(lambda tok: pool.encode(tok, text, "prompt", add_special_tokens=True))
+            prompt = await self._generate_prompt(request, messages, tools)
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
-            reply: Optional[ReplyStream] = None
             async with contextlib.aclosing(self.aeng.generate(
                     rid, prompt, params, priority=request.priority,
                     cache_salt=tenant.cache_salt(request.cache_salt or None),
                     lora_name=request.adapter or None)) as outs:
-                async for out in outs:
-                    if reply is None:
-                        reply = ReplyStream(self.engine, out.prompt_token_ids, params, tools)
-                    comp = out.outputs[0]
-                    text, calls = reply.feed(out)
-                    for c in calls:
-                        yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
-                            index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
-                    if text or (request.return_token_ids and comp.delta_token_ids):
-                        yield pb.GenerateEvent(text=pb.TextDelta(
-                            text=text, token_ids=comp.delta_token_ids if request.return_token_ids else []))
-                    if out.finished and (out.error or comp.finish_reason == "error"):
-                        if not comp.token_ids:
-                            raise InvalidRequestError(out.error or "the request failed")
-                        raise RuntimeError(out.error or "the request failed")
-                    if out.finished:
-                        m = out.metrics
-                        usage = pb.Usage(prompt_tokens=len(out.prompt_token_ids),
-                                         cached_tokens=m.num_cached_tokens if m else 0,
-                                         prefilled_tokens=m.num_prefilled_tokens if m else 0,
-                                         completion_tokens=len(comp.token_ids))
-                        done = pb.GenerateDone(text=comp.text, token_ids=comp.token_ids,
-                                               finish_reason=comp.finish_reason or "stop", usage=usage,
-                                               timing=timing_to_proto(timing_from_metrics(m, received)))
-                        content, tool_calls = reply.final()
-                        if content is not None:
-                            done.text = content
-                        for c in tool_calls:
-                            done.tool_calls.add(id=c["id"], name=c["function"]["name"],
-                                                arguments=c["function"]["arguments"])
-                        if tool_calls and done.finish_reason == "stop":
-                            done.finish_reason = "tool_calls"
-                        yield pb.GenerateEvent(done=done)
+                async for event in self._generate_events(outs, params, tools, request.return_token_ids, received):
+                    yield event
+
+    async def _generate_prompt(self, request: pb.GenerateRequest, messages: list[dict[str, Any]],
+                               tools: Optional[list[dict[str, Any]]]) -> list[int]:
+        """Generate's prompt tokens. Rendering and tokenizing run in the render pool: the step thread
+        only sees token ids."""
+        pool = self.store.render_pool
+        if request.messages:
+            if not R.has_chat_template(self.engine.tokenizer):
+                raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
+            msgs = R.normalize_messages(messages, raw_tokens=False, vocab_size=self.engine.arch.vocab_size)
+            pool.check_messages(msgs)
+            return await pool.run(lambda tok: pool.encode(
+                tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages", add_special_tokens=False))
+        if request.prompt_token_ids:
+            return list(request.prompt_token_ids)
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: send prompt_token_ids")
+        L.check_utf8(request.prompt, "prompt")
+        pool.check_chars(len(request.prompt), "prompt")
+        text = request.prompt
+        return await pool.run(lambda tok: pool.encode(tok, text, "prompt", add_special_tokens=True))
+
+    async def _generate_events(self, outs: AsyncIterator[RequestOutput], params: SamplingParams,
+                               tools: Optional[list[dict[str, Any]]], return_token_ids: bool,
+                               received: float) -> AsyncIterator[pb.GenerateEvent]:
+        """Generate's stream: text and tool-call deltas, then the final GenerateDone."""
+        reply: Optional[ReplyStream] = None
+        async for out in outs:
+            if reply is None:
+                reply = ReplyStream(self.engine, out.prompt_token_ids, params, tools)
+            comp = out.outputs[0]
+            text, calls = reply.feed(out)
+            for c in calls:
+                yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
+                    index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
+            if text or (return_token_ids and comp.delta_token_ids):
+                yield pb.GenerateEvent(text=pb.TextDelta(
+                    text=text, token_ids=comp.delta_token_ids if return_token_ids else []))
+            if out.finished and (out.error or comp.finish_reason == "error"):
+                if not comp.token_ids:
+                    raise InvalidRequestError(out.error or "the request failed")
+                raise RuntimeError(out.error or "the request failed")
+            if out.finished:
+                content, tool_calls = reply.final()
+                yield pb.GenerateEvent(done=generate_done_to_proto(out, received, content, tool_calls))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         e = self.engine
@@ -455,8 +309,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         raise AssertionError("unreachable")
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        from agentserve import __version__
-
         live = live_engine_gauges(self.engine)  # now, not as of the last step (an idle engine does not step)
         counts = self.store.residency_counts()
         return pb.HealthResponse(

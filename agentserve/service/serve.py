@@ -35,7 +35,8 @@ from agentserve.service.tenants import Tenants
 from agentserve.service.malformed_requests import MalformedRequestInterceptor
 from agentserve.service.standard_services import (HealthServicer, add_standard_services, exempt_health_checks,
                                                   mark_draining, mark_serving)
-from agentserve.sessions.store import DEFAULT_TTL_SECONDS, SessionStore
+from agentserve.sessions.store import SessionStore
+from agentserve.sessions.types import DEFAULT_TTL_SECONDS
 
 logger = logging.getLogger(__name__)
 

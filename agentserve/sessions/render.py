@@ -124,7 +124,7 @@ def normalize_messages(messages: Sequence[Message], *, raw_tokens: bool, vocab_s
 
 
 def has_chat_template(tokenizer: Any) -> bool:
-    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer is not None and bool(tokenizer.chat_template)
 
 
 _MARKER = "@@agentserve-content@@"

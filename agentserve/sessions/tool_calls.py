@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.engine.engine import Engine
 from agentserve.outputs import RequestOutput
+from agentserve.grammar.tools import SessionToolStreamer, detect_tool_format, make_session_streamer
 from agentserve.sampling_params import SamplingParams
 
 
@@ -27,37 +29,27 @@ class CallDelta:
 
 
 def tool_call_format(tokenizer: Any) -> Optional[str]:
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if not template:
+    """The tool-call format the tokenizer's chat template renders; None without a template."""
+    if tokenizer is None or not tokenizer.chat_template:
         return None
-    try:
-        from agentserve.grammar.tools import detect_tool_format
-    except ImportError:
-        return None
-    return detect_tool_format(template)
+    return detect_tool_format(tokenizer.chat_template)
 
 
-def make_tool_call_streamer(engine: Any, tools: Optional[list[dict[str, Any]]], params: SamplingParams) -> Optional[Any]:
+def make_tool_call_streamer(engine: Engine, tools: Optional[list[dict[str, Any]]],
+                            params: SamplingParams) -> Optional[SessionToolStreamer]:
     """The grammar package's session streamer for this reply, or None (no tools, tool_choice "none",
-    no tokenizer / chat template, or no parser in this build)."""
-    if not tools or params.tool_choice == "none" or getattr(engine, "tokenizer", None) is None:
+    no tokenizer or no chat template)."""
+    if not tools or params.tool_choice == "none":
         return None
-    try:
-        from agentserve.grammar import tools as grammar_tools
-    except ImportError:
-        return None
-    factory = getattr(grammar_tools, "make_session_streamer", None)
     fmt = tool_call_format(engine.tokenizer)
-    if factory is None or fmt is None:
-        return None
-    return factory(fmt, tools, engine.tokenizer)
+    return make_session_streamer(fmt, tools, engine.tokenizer) if fmt is not None else None
 
 
 class ReplyStream:
     """Feed each RequestOutput of a reply; get (text delta, [CallDelta]); `final()` gives
     (content, OpenAI tool_call dicts) once the reply finished."""
 
-    def __init__(self, engine: Any, prompt_token_ids: list[int], params: SamplingParams,
+    def __init__(self, engine: Engine, prompt_token_ids: list[int], params: SamplingParams,
                  tools: Optional[list[dict[str, Any]]]) -> None:
         self.streamer = make_tool_call_streamer(engine, tools, params)
         self.raw: Optional[IncrementalDetokenizer] = None

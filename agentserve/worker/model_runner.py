@@ -17,6 +17,7 @@ import numpy as np
 
 import torch
 
+from agentserve.cache.device_ops import DeviceOp, execute_device_ops
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.request import Request
@@ -266,14 +267,19 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_indices])
 
     @torch.inference_mode()
-    def launch(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]],
+    def execute_device_ops(self, ops: list[DeviceOp]) -> None:
+        """Page copies and swaps, in order on the step's stream; each leaves `ops` once it ran."""
+        execute_device_ops(self.kv_cache, ops)
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]] = None,
                prev: Optional[LaunchedStep] = None) -> LaunchedStep:
-        """Queues one step (page copies, forward, sampling, the copy of the sampled ids to the host)
+        """Queues one step (device ops, forward, sampling, the copy of the sampled ids to the host)
         and returns without waiting for it. `token_bitmask_fn(sampling requests)` builds grammar masks
         on the CPU; it is called after the forward has been queued, so mask building overlaps it.
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
-        self.kv_cache.copy_blocks(block_copies)
+        self.execute_device_ops(device_ops)  # first: the forward reads what swaps in and copies write
         # One sampling row per sampled position: a request verifying k tokens fills k + 1 rows.
         sampling = [c.request for c in chunks for _ in range(c.num_sampled)]
         row_counts = [c.num_sampled for c in chunks if c.num_sampled]

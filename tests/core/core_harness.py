@@ -9,9 +9,10 @@ finishes the request, and rolls `num_computed_tokens` back by the rejected ones.
 `Request.spec_token_ids` (see `propose`) and call `step`.
 
 A fake KV store stands in for the device pages: every written slot records the token id whose KV it
-would hold, page copies copy those records, and after each step every running request's computed
-positions must read back its own tokens (a wrong prefix-cache hit, a missed copy-on-write or a page
-handed out twice shows up as a mismatch).
+would hold, the step's device ops (page copies, swaps out and in) copy those records through the
+runner's own `execute_device_ops`, and after each step every running request's computed positions
+must read back its own tokens (a wrong prefix-cache hit, a missed copy-on-write, a swap in of the
+wrong slots or a page handed out twice shows up as a mismatch).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from agentserve.cache.block_pool import BlockPool
+from agentserve.cache.device_ops import DeviceOp, execute_device_ops
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
 # The tests import Request from here: this is the one place that knows where it lives.
@@ -51,10 +53,12 @@ def greedy_continuation(tokens: Sequence[int], k: int, next_token: NextToken = n
 
 @dataclass
 class StepRecord:
-    """What one step did: the scheduler's output, the last token each sampling row appended (all of
-    them in `appended`), the speculative tokens each row accepted, who finished."""
+    """What one step did: the scheduler's output, the device ops it ran (the runner takes them off
+    `output.device_ops` as it runs them), the last token each sampling row appended (all of them in
+    `appended`), the speculative tokens each row accepted, who finished."""
     output: SchedulerOutput
     num_tokens: dict[str, int]
+    device_ops: list[DeviceOp] = field(default_factory=list)
     sampled: dict[str, int] = field(default_factory=dict)
     appended: dict[str, list[int]] = field(default_factory=dict)
     num_accepted: dict[str, int] = field(default_factory=dict)
@@ -62,14 +66,26 @@ class StepRecord:
 
 
 class FakePages:
-    """Per page and slot, the token id whose KV the slot holds (None: never written)."""
+    """Per page and slot, the token id whose KV the slot holds (None: never written); per CPU swap
+    slot, the same for a swapped-out page. A cache/device_ops.PageStore, like the KV cache."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.slots: list[list[Optional[int]]] = [[None] * block_size for _ in range(num_blocks)]
+        self.swap: dict[int, list[Optional[int]]] = {}
 
-    def copy(self, src: int, dst: int) -> None:
-        self.slots[dst] = list(self.slots[src])
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        sources = [list(self.slots[src]) for src, _ in pairs]  # all read before any is written, as on the device
+        for (_, dst), contents in zip(pairs, sources):
+            self.slots[dst] = contents
+
+    def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
+        for page, slot in zip(device_blocks, swap_slots, strict=True):
+            self.swap[slot] = list(self.slots[page])
+
+    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
+        for slot, page in zip(swap_slots, device_blocks, strict=True):
+            self.slots[page] = list(self.swap[slot])
 
     def write(self, page: int, offset: int, token_id: int) -> None:
         self.slots[page][offset] = token_id
@@ -137,9 +153,8 @@ class CoreHarness:
         """Schedules one step, writes its KV into the fake pages, samples each row that reached the
         end of its tokens at 1 + k positions and appends the accepted tokens."""
         out = self.scheduler.schedule()
-        record = StepRecord(out, dict(out.num_scheduled_tokens))
-        for src, dst in out.block_copies:
-            self.pages.copy(src, dst)
+        record = StepRecord(out, dict(out.num_scheduled_tokens), list(out.device_ops))
+        execute_device_ops(self.pages, out.device_ops)  # before the step's writes, as ModelRunner.launch
         for request in out.scheduled:
             num_new = out.num_scheduled_tokens[request.request_id]
             spec = out.spec_token_ids.get(request.request_id, [])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from core_harness import CoreHarness
 
+from agentserve.cache.device_ops import CopyBlocks
+
 PROMPT = [(11 * i) % 300 + 3 for i in range(10)]  # 10 tokens: 2 full pages of 4 and 2 tokens
 
 
@@ -103,7 +105,7 @@ def test_fork_shares_every_page_and_copies_the_partial_last_page_on_write() -> N
     # The parent (running, scheduled first) appends its token to the shared partial page 2: it
     # writes into a private copy. The child then rewrites the last prompt token in page 2, by now
     # its alone, in place. Full pages stay shared.
-    assert record.output.block_copies == [(shared[2], parent.block_table[2])]
+    assert record.device_ops == [CopyBlocks(shared[2], parent.block_table[2])]
     assert parent.block_table[:2] == shared[:2] and parent.block_table[2] != shared[2]
     assert child.block_table == shared
     assert [h.pool.ref_cnt(page) for page in shared] == [2, 2, 1]
@@ -120,7 +122,7 @@ def test_fork_of_a_page_aligned_prompt_copies_the_last_full_page() -> None:
     shared = list(child.block_table)
     record = h.step()
     # The parent decodes into a fresh third page; the child rewrites position 7 of shared page 1.
-    assert record.output.block_copies == [(shared[1], child.block_table[1])]
+    assert record.device_ops == [CopyBlocks(shared[1], child.block_table[1])]
     assert h.pool.ref_cnt(shared[0]) == 2
     h.run()
     h.pool.check_all_free()

@@ -1,0 +1,76 @@
+"""Device operations on KV pages that travel with a step: page copies and swaps.
+
+The host decides them (the scheduler's copy-on-write, sessions' swap out / swap in) and queues them
+on the scheduler (`Scheduler.queue_device_ops`); each step carries the ops queued since the last one
+(`SchedulerOutput.device_ops`, in the order they were decided) and the model runner executes them
+before the step's forward, on the step's stream. Under tensor parallelism every rank runs them on
+its own shard of the pages, which a direct call from the host side would miss.
+
+Ordering is what makes them safe, and is the same as when the host called the KV cache directly:
+- a swap in (or page copy) is queued before the forward that reads its pages, on the same stream;
+- a swapped-out or copied-from page freed on the host is rewritten only by later work on the same
+  stream (a later step's forward, a later op in the list), so the copy reads it first;
+- swap slots freed after a swap in are rewritten only by a later swap out in the list.
+KVCache's swaps are asynchronous on CUDA (pinned host memory); the stream order above is what
+their completion relies on, so no op may run on another stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+
+@dataclass(frozen=True)
+class CopyBlocks:
+    """Copy-on-write: page `dst` gets page `src`'s contents in every layer."""
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Device pages `blocks[i]` go to CPU swap slots `slots[i]`."""
+    blocks: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """CPU swap slots `slots[i]` come back into device pages `blocks[i]`."""
+    slots: tuple[int, ...]
+    blocks: tuple[int, ...]
+
+
+DeviceOp = Union[CopyBlocks, SwapOut, SwapIn]
+
+
+class PageStore(Protocol):
+    """What executes the ops: cache/kv_cache.py's KVCache (the tests' fake pages too)."""
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None: ...
+
+    def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None: ...
+
+    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None: ...
+
+
+def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
+    """Runs `ops` in order and takes each off the list once it ran, so that a launch retried with the
+    same list (Engine: a failed step relaunched without its newest requests) does not run them twice
+    (a swap out repeated after the failed forward wrote into a reused page would copy the wrong KV).
+    Consecutive page copies go in one call, as one step's copy-on-write copies always did."""
+    while ops:
+        head = ops[0]
+        if isinstance(head, CopyBlocks):
+            n = 1
+            while n < len(ops) and isinstance(ops[n], CopyBlocks):
+                n += 1
+            pages.copy_blocks([(op.src, op.dst) for op in ops[:n] if isinstance(op, CopyBlocks)])
+        else:
+            n = 1
+            if isinstance(head, SwapOut):
+                pages.swap_out(head.blocks, head.slots)
+            else:
+                pages.swap_in(head.slots, head.blocks)
+        del ops[:n]

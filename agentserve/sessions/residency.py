@@ -1,0 +1,283 @@
+"""Where a session's KV lives between turns: on the device, in CPU swap space, or nowhere.
+
+Between turns a session's pages are pinned (its block table holds references). A turn's request takes
+the session's pages only when the scheduler admits it (`TurnAdmission`, a scheduler.AdmitHook): until
+then a queued turn holds nothing of its own, and the scheduler admits it only when its whole prompt
+fits next to what the running requests will claim, so running turns are rarely preempted. When pages
+run short the scheduler calls `reclaim`, which takes pages from sessions before anything running is
+touched: first idle sessions past their expected-next-turn hint, then those without a hint, then
+those expected back soon (least recently used first within each group), and last the sessions whose
+turn is queued but not admitted (the newest arrivals first). An evicted session's pages are copied
+to CPU swap space (SWAPPED) — all but the leading pages that other owners still hold and that are
+findable by hash (a common system prompt and tools, left to the prefix cache) — or, when swap is
+full, dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn
+recomputes only what is gone). At admission a swapped session is copied back in, reusing leading
+pages still in the prefix cache; its turn waits in the queue while running requests hold the pages
+it needs (Timing.swap_wait_ms) rather than dropping the copy and recomputing.
+
+The copies themselves are device ops (cache/device_ops.py) queued on the scheduler: they run with
+the next step, before its forward, on every rank. Page bookkeeping changes here at once; the stream
+order of the ops keeps the data right (a page freed after a swap out is rewritten only after it).
+Everything here runs on the engine's step thread.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from agentserve.cache.block_pool import BlockPool, compute_block_hashes
+from agentserve.cache.device_ops import SwapIn, SwapOut
+from agentserve.cache.kv_cache_manager import KVCacheManager
+from agentserve.cache.swap_slots import SwapSlots
+from agentserve.request import Request
+from agentserve.engine.scheduler import Scheduler
+from agentserve.sessions.types import PendingTurn, Session, SessionState, SessionStats
+
+
+class Residency:
+    """Evicts, swaps, drops and restores the pages of a store's sessions (`sessions`, `pending`: the
+    store's own maps of open sessions and of turns in flight by request id)."""
+
+    def __init__(self, pool: BlockPool, kv: KVCacheManager, scheduler: Scheduler, num_swap_slots: int,
+                 sessions: dict[str, Session], pending: dict[str, PendingTurn], stats: SessionStats) -> None:
+        self.pool = pool
+        self.kv = kv
+        self.scheduler = scheduler
+        self.block_size = pool.block_size
+        self.num_swap_slots = num_swap_slots
+        self.sessions = sessions
+        self.pending = pending
+        self.stats = stats
+        self._swap = SwapSlots(num_swap_slots)
+
+    @property
+    def num_free_swap_slots(self) -> int:
+        return self._swap.num_free
+
+    # --- page ownership -------------------------------------------------------------------------------
+    def release(self, s: Session) -> None:
+        """Frees everything the session holds (pages, swap slots); it is CLOSED from here on."""
+        if s.block_table:
+            self.pool.free(s.block_table)
+            s.block_table = []
+        self.free_swap(s)
+        s.num_computed = 0
+        s.state = SessionState.CLOSED
+
+    def free_swap(self, s: Session) -> None:
+        self._swap.free(s.swap_slots)
+        s.swap_slots = []
+        s.swap_from = 0
+
+    def keep_prefix(self, s: Session, keep: int) -> None:
+        """Keeps only the KV of the first `keep` tokens (a re-rendered history shares only those)."""
+        if keep >= s.num_computed:
+            return
+        if s.state is SessionState.RESIDENT:
+            pages = -(-keep // self.block_size)
+            self.pool.free(s.block_table[pages:])
+            s.block_table = s.block_table[:pages]
+            s.num_computed = keep
+        elif s.state is SessionState.SWAPPED:  # rare (a re-render of a swapped session): recompute
+            self.free_swap(s)
+            s.state = SessionState.EVICTED
+            s.num_computed = 0
+
+    def adopt(self, s: Session, block_table: list[int], num_computed: int) -> None:
+        """The session takes a finished turn's pages in place of what it held."""
+        if s.block_table:
+            self.pool.free(s.block_table)
+        self.free_swap(s)
+        s.block_table = block_table
+        s.num_computed = num_computed
+        s.state = SessionState.RESIDENT
+
+    def share(self, parent: Session, child: Session) -> None:
+        """A fork: the child shares every page of the parent (copy-on-write: the first write into a
+        shared partial page copies that one page), after a swapped parent is brought back in."""
+        if parent.state is SessionState.SWAPPED:
+            self.swap_in(parent)
+        if parent.state is SessionState.RESIDENT:
+            child.block_table = self.kv.fork_blocks(parent.block_table)
+            child.num_computed = parent.num_computed
+            child.state = SessionState.RESIDENT
+        else:
+            child.state = parent.state  # NEW or EVICTED: nothing to share; the prefix cache may still hold pages
+
+    # --- eviction ---------------------------------------------------------------------------------------
+    def eviction_order(self, exclude: Optional[Session] = None) -> list[Session]:
+        now = time.monotonic()
+
+        def key(s: Session) -> tuple[int, float]:
+            if s.expected_by is None:
+                group = 1
+            elif now > s.expected_by:
+                group = 0
+            else:
+                group = 2
+            return (group, s.last_active)
+
+        idle = [s for s in self.sessions.values()
+                if s is not exclude and s.busy is None and s.state is SessionState.RESIDENT and s.block_table]
+        return sorted(idle, key=key)
+
+    def reclaim(self, wanted: int, request: Optional[Request] = None, exclude: Optional[Session] = None) -> int:
+        """The scheduler's hook: frees up to `wanted` pages (at least that many if it can) by evicting
+        sessions; the session of `request` (the one asking) is left alone. Returns the pages freed."""
+        if request is not None and exclude is None:
+            asking = self.pending.get(request.parent_id)
+            exclude = asking.session if asking is not None else None
+        freed = 0
+        # Idle sessions, then sessions whose turn is still queued (they get their pages back at
+        # admission, from swap). First the sessions whose eviction frees pages now; then, if that was
+        # not enough, the ones whose pages are all shared (dropping their references lets the other
+        # owners' pages go).
+        order = self.eviction_order(exclude) + self._queued_turn_sessions(exclude)
+        for zero_gain_pass in (False, True):
+            for s in order:
+                if freed >= wanted:
+                    return freed
+                if s.state is not SessionState.RESIDENT or not s.block_table:
+                    continue
+                exclusive = sum(1 for b in s.block_table if self.pool.ref_cnt(b) == 1)
+                if exclusive == 0 and not zero_gain_pass:
+                    continue
+                freed += self.evict(s)
+                self.stats.queued_evicted += s.busy is not None
+        return freed
+
+    def _queued_turn_sessions(self, exclude: Optional[Session]) -> list[Session]:
+        """Resident sessions whose turn waits in the queue without its pages yet, newest arrival first."""
+        queued = []
+        for req in reversed(self.scheduler.waiting):
+            pending = self.pending.get(req.parent_id)
+            if pending is None or req.admit_hook is None:
+                continue
+            s = pending.session
+            if s is not exclude and s.state is SessionState.RESIDENT and s.block_table:
+                queued.append(s)
+        return queued
+
+    def evict(self, s: Session) -> int:
+        """Swaps the session's pages out to CPU, or drops them when swap is full. Leading pages that
+        other owners still hold and that are findable by hash (a common system prompt and tools) stay
+        on the device: the swap-in finds them in the prefix cache, and a preamble shared by many
+        agents is neither copied out and back on every eviction nor stored in swap once per agent.
+        Returns the pages freed on the device."""
+        table = s.block_table
+        exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
+        swap_from: Optional[int] = None
+        if self.num_swap_slots > 0:
+            k = 0
+            while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
+                   and self.pool.blocks[table[k]].block_hash is not None):
+                k += 1
+            if len(table) - k <= self._swap.num_free:
+                swap_from = k
+        if swap_from is not None:
+            slots = self._swap.allocate(len(table) - swap_from)
+            if slots:
+                # Queued before the pages are freed below: whatever reuses them runs after the copy.
+                self.scheduler.queue_device_ops([SwapOut(tuple(table[swap_from:]), tuple(slots))])
+            s.swap_slots = slots
+            s.swap_from = swap_from
+            s.state = SessionState.SWAPPED
+            self.stats.swap_outs += 1
+            self.stats.pages_swapped_out += len(slots)
+        else:
+            s.state = SessionState.EVICTED
+            s.num_computed = 0
+            self.stats.drops += 1
+        self.pool.free(table)
+        s.block_table = []
+        return exclusive
+
+    # --- restore ----------------------------------------------------------------------------------------
+    def _swap_in_plan(self, s: Session, count: bool) -> tuple[list[int], list[int], int]:
+        """(hashes of the session's full pages, leading pages of them still in the prefix cache, #full)."""
+        num_full = min(s.num_computed // self.block_size, s.swap_from + len(s.swap_slots))
+        hashes: list[int] = []
+        if self.pool.enable_prefix_caching and num_full:
+            hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
+        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size if count else 0) if hashes else []
+        if not count:
+            self.pool.hit_tokens -= len(hits) * self.block_size  # a probe, not a prefix-cache query
+        return hashes, hits, num_full
+
+    def restore_cost(self, s: Session) -> tuple[int, int]:
+        """(free pages a swap-in of `s` takes, pages it then holds); (0, 0) when the swap-in cannot work
+        (pages left to the prefix cache are gone: the turn recomputes)."""
+        _, hits, _ = self._swap_in_plan(s, count=False)
+        if len(hits) < s.swap_from:
+            return 0, 0
+        total = s.swap_from + len(s.swap_slots)
+        return total - len(hits) + sum(1 for b in hits if self.pool.ref_cnt(b) == 0), total
+
+    def swap_in(self, s: Session) -> bool:
+        """Restores a swapped session's pages: leading full pages still in the prefix cache are
+        reused as they are, the rest are copied back from swap. On failure (pages that were left to
+        the prefix cache are gone, or no free pages even after evicting other idle sessions) the
+        session becomes EVICTED: its turn recomputes, with whatever the prefix cache still holds."""
+        hashes, hits, num_full = self._swap_in_plan(s, count=True)
+        ok = len(hits) >= s.swap_from
+        copy = s.swap_from + len(s.swap_slots) - len(hits)
+
+        def need() -> int:
+            return copy + sum(1 for b in hits if self.pool.ref_cnt(b) == 0)
+
+        if ok and need() > self.pool.num_free_blocks:
+            self.reclaim(need() - self.pool.num_free_blocks, exclude=s)
+        if not ok or need() > self.pool.num_free_blocks:
+            self.free_swap(s)
+            s.state = SessionState.EVICTED
+            s.num_computed = 0
+            self.stats.swap_in_failures += 1
+            return False
+        self.pool.touch(hits)
+        fresh = self.pool.allocate(copy)
+        if copy:
+            # Queued ahead of any forward that reads these pages (the turn's, in this step or later).
+            self.scheduler.queue_device_ops([SwapIn(tuple(s.swap_slots[len(hits) - s.swap_from:]), tuple(fresh))])
+        s.block_table = list(hits) + fresh
+        self.free_swap(s)
+        s.state = SessionState.RESIDENT
+        self.stats.swap_ins += 1
+        self.stats.pages_swapped_in += copy
+        # Restored full pages become findable by hash again (forks, evicted-recompute paths).
+        for i in range(len(hits), min(num_full, len(hashes))):
+            self.pool.cache_block(s.block_table[i], hashes[i])
+        return True
+
+    def admit(self, pending: PendingTurn, request: Request) -> None:
+        """The turn's request takes its own copy-on-write references to the session's pages, after
+        swapping them back in if they were moved out."""
+        s = pending.session
+        if s.state is SessionState.SWAPPED:
+            pending.swap_wait_ms = (time.monotonic() - pending.began_at) * 1e3
+            t0 = time.perf_counter()
+            if self.swap_in(s):
+                pending.swapped_in_tokens = s.num_computed
+            pending.swap_in_ms = (time.perf_counter() - t0) * 1e3
+        if s.state is SessionState.RESIDENT and s.num_computed > 0:
+            request.block_table = self.kv.fork_blocks(s.block_table)
+            request.num_computed_tokens = request.num_cached_tokens = s.num_computed
+
+
+class TurnAdmission:
+    """scheduler.AdmitHook for a session turn (runs on the step thread, inside schedule())."""
+
+    def __init__(self, residency: Residency, pending: PendingTurn) -> None:
+        self.residency = residency
+        self.pending = pending
+
+    def pages_to_restore(self) -> tuple[int, int]:
+        s = self.pending.session
+        if s.state is SessionState.RESIDENT:
+            return 0, len(s.block_table)
+        if s.state is SessionState.SWAPPED:
+            return self.residency.restore_cost(s)
+        return 0, 0
+
+    def restore(self, request: Request) -> None:
+        self.residency.admit(self.pending, request)

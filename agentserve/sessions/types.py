@@ -1,0 +1,232 @@
+"""What sessions are made of and what their calls return: Session and its state, a turn in flight,
+the events a turn streams, usage and timing, snapshots for clients, counters and the session errors.
+
+A Session's fields are touched only on the engine's step thread (sessions/store.py says why), except
+the immutable ones (tools, tenant) and `state`, which residency counts read from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from agentserve.lora.key import LoRAKey
+from agentserve.outputs import RequestMetrics
+from agentserve.sampling_params import SamplingParams
+
+DEFAULT_TTL_SECONDS = 1800.0
+DEFAULT_MAX_SESSIONS = 8192
+ANONYMOUS_TENANT = ""  # the owner of every session on a server without API keys
+
+
+class SessionState(str, enum.Enum):
+    NEW = "new"            # no KV computed yet
+    RESIDENT = "resident"  # pages on the device
+    SWAPPED = "swapped"    # pages in CPU swap space
+    EVICTED = "evicted"    # pages dropped; recomputed (prefix cache helps) on the next turn
+    CLOSED = "closed"
+
+
+# --- errors -------------------------------------------------------------------------------------------
+class SessionError(Exception):
+    """Base of the session errors; `code` names the gRPC status they map to."""
+    code = "INTERNAL"
+
+
+class SessionNotFoundError(SessionError):
+    code = "NOT_FOUND"
+
+
+class SessionBusyError(SessionError):
+    code = "FAILED_PRECONDITION"
+
+
+class TurnCancelledError(SessionError):
+    code = "CANCELLED"
+
+
+class SessionLimitError(SessionError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+# --- what a turn streams and returns ------------------------------------------------------------------
+@dataclass
+class TextEvent:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class ToolCallEvent:
+    index: int
+    id: str
+    name: str
+    arguments_delta: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    completion_tokens: int = 0
+    swapped_in_tokens: int = 0
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    swap_in_ms: float = 0.0
+    swap_wait_ms: float = 0.0
+
+
+def timing_from_metrics(metrics: Optional[RequestMetrics], received_at: float) -> Timing:
+    """A finished request's phases; `received_at` (monotonic) is when the server got the call."""
+    t = Timing(total_ms=(time.monotonic() - received_at) * 1e3)
+    if metrics is None:
+        return t
+    if metrics.first_scheduled_time is not None:
+        t.queue_ms = (metrics.first_scheduled_time - metrics.arrival_time) * 1e3
+        if metrics.first_token_time is not None:
+            t.prefill_ms = (metrics.first_token_time - metrics.first_scheduled_time) * 1e3
+    if metrics.first_token_time is not None:
+        t.ttft_ms = (metrics.first_token_time - received_at) * 1e3
+        if metrics.finished_time is not None:
+            t.decode_ms = (metrics.finished_time - metrics.first_token_time) * 1e3
+    return t
+
+
+@dataclass
+class SessionSnapshot:
+    session_id: str
+    model: str
+    adapter: Optional[str]
+    state: SessionState
+    num_tokens: int
+    num_kv_tokens: int
+    num_pages: int
+    num_swapped_pages: int
+    num_turns: int
+    num_messages: int
+    busy: bool
+    parent_id: Optional[str]
+    created_at: float
+    last_active_at: float
+    expires_at: float
+    ttl_seconds: float
+    metadata: dict[str, str]
+    raw_tokens: bool
+    messages: Optional[list[dict[str, Any]]] = None
+    token_ids: Optional[list[int]] = None
+
+
+@dataclass
+class TurnResult:
+    message: dict[str, Any]  # the assistant's reply as the client sees it (content, tool_calls)
+    finish_reason: str
+    usage: Usage
+    timing: Timing
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    session: SessionSnapshot
+
+
+TurnEvent = Union[TextEvent, ToolCallEvent, TurnResult]
+
+
+@dataclass
+class SessionStats:
+    turns: int = 0
+    rolled_back: int = 0
+    swap_outs: int = 0
+    swap_ins: int = 0
+    swap_in_failures: int = 0  # swapped, but the shared prefix was gone or no pages: recomputed
+    drops: int = 0             # evicted without swap (full or no swap space)
+    queued_evicted: int = 0    # sessions evicted while their turn was queued (the pool was short even so)
+    rerenders: int = 0         # the template re-rendered history differently: re-tokenized
+    expired: int = 0
+    pages_swapped_out: int = 0
+    pages_swapped_in: int = 0
+
+
+# --- sessions and turns -------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    model: str
+    adapter: Optional[str]
+    tools: Optional[list[dict[str, Any]]]
+    cache_salt: Optional[str]
+    raw_tokens: bool
+    ttl: float
+    metadata: dict[str, str]
+    parent_id: Optional[str] = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # what token_ids decode to (template sessions)
+    state: SessionState = SessionState.NEW
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose KV is in block_table (or in swap when SWAPPED)
+    swap_slots: list[int] = field(default_factory=list)  # CPU swap slots of pages [swap_from:] (SWAPPED)
+    swap_from: int = 0  # leading pages left to the prefix cache when swapped out
+    busy: Optional["PendingTurn"] = None
+    closed: bool = False
+    num_turns: int = 0
+    created_at: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.monotonic)
+    last_active_wall: float = field(default_factory=time.time)
+    expected_by: Optional[float] = None  # monotonic deadline from the expected_next_turn_ms hint
+    tenant: str = ANONYMOUS_TENANT  # the owner: other tenants cannot see or touch the session
+    # The adapter's id + load generation when the session was made: its pages hash under it, so a
+    # reload of the adapter's name never finds this session's KV (nor this session the new load's).
+    lora_key: Optional[LoRAKey] = None
+
+    @property
+    def extra_key(self) -> Optional[tuple[Optional[LoRAKey], Optional[str]]]:
+        # Mirrors kv_cache_manager.extra_key_of for the session's requests.
+        if self.lora_key is None and self.cache_salt is None:
+            return None
+        return (self.lora_key, self.cache_salt)
+
+
+@dataclass(eq=False)
+class PendingTurn:
+    session: Session
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_text: str
+    new_messages: list[dict[str, Any]]
+    content_prefix: str
+    params: SamplingParams
+    expected_next_turn_ms: float
+    received_at: float
+    began_at: float = field(default_factory=time.monotonic)
+    swap_in_ms: float = 0.0
+    swap_wait_ms: float = 0.0
+    swapped_in_tokens: int = 0
+    committed: bool = False
+    result_message: Optional[dict[str, Any]] = None
+    snapshot: Optional[SessionSnapshot] = None
+    task: Optional["asyncio.Task[None]"] = None
+    loop: Optional[asyncio.AbstractEventLoop] = None  # the loop running `task`
+    ended: Optional[asyncio.Event] = None
+
+
+def snapshot_of(s: Session, include_messages: bool = False, include_token_ids: bool = False) -> SessionSnapshot:
+    """What a client sees of a session (step thread: the session must not change meanwhile)."""
+    kv = s.num_computed if s.state in (SessionState.RESIDENT, SessionState.SWAPPED) else 0
+    return SessionSnapshot(
+        session_id=s.session_id, model=s.model, adapter=s.adapter, state=s.state, num_tokens=len(s.token_ids),
+        num_kv_tokens=kv, num_pages=len(s.block_table), num_swapped_pages=len(s.swap_slots),
+        num_turns=s.num_turns, num_messages=len(s.messages), busy=s.busy is not None, parent_id=s.parent_id,
+        created_at=s.created_at, last_active_at=s.last_active_wall, expires_at=s.last_active_wall + s.ttl,
+        ttl_seconds=s.ttl, metadata=dict(s.metadata), raw_tokens=s.raw_tokens,
+        messages=[dict(m) for m in s.messages] if include_messages else None,
+        token_ids=list(s.token_ids) if include_token_ids else None)
