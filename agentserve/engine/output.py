@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Optional, Union
 
 from agentserve.engine.constraints import ConstraintManager
@@ -51,11 +52,13 @@ def accepted_count(spec_token_ids: list[int], sampled: list[int]) -> int:
 
 
 class OutputProcessor:
-    """Appends sampled tokens, finishes and fails requests, and assembles RequestOutputs. Holds the
-    engine it works for (its queues, pages, metrics and request tables)."""
+    """Appends sampled tokens, finishes and fails requests, and assembles RequestOutputs. Works on
+    the engine's queues, pages, metrics and request tables through a weak proxy: a strong reference
+    back would make engine <-> processor a cycle, and an engine dropped without close() would keep
+    its KV pool until the cycle collector happened to run (a second engine then found the device full)."""
 
     def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+        self.engine = weakref.proxy(engine)
         self.failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
 
     # --- one step's samples -------------------------------------------------------------------------

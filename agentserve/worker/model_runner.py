@@ -6,6 +6,8 @@ a LaunchedStep that the engine may read after launching the next step (async sch
 
 from __future__ import annotations
 
+import gc
+
 import itertools
 import logging
 import operator
@@ -114,6 +116,9 @@ class ModelRunner:
     def _profile_num_blocks(self) -> int:
         """Runs one forward at the largest batch, then gives the KV cache what is left of
         gpu_memory_utilization of the device memory."""
+        # An engine dropped without close() and held only by a reference cycle still owns its KV pool
+        # until the cycle collector runs; collect now so that its memory does not count as used.
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
