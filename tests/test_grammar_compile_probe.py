@@ -17,9 +17,11 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec, build_tool_constraint
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
-from agentserve.grammar.tools import build_tool_constraint
 from agentserve.service import agent_pb2 as pb
 from agentserve.testing.tiny import tiny_model_cached
 from tests.conftest_grpc import make_engine, run, serving

@@ -21,7 +21,7 @@ from agentserve.engine.request import CompletionOutput, RequestMetrics, RequestO
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 
-pytest.importorskip("agentserve.grammar.tools")
+pytest.importorskip("agentserve.grammar.tool_parser")
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {

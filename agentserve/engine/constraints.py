@@ -12,7 +12,11 @@ import torch
 
 from agentserve.engine.failures import request_failure_message
 from agentserve.engine.request import Request, RequestStatus
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
+from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
 from agentserve.sampling_params import SamplingParams
@@ -35,8 +39,6 @@ class ConstraintManager:
     @property
     def tool_format(self) -> str:
         if self._tool_format is None:
-            from agentserve.grammar.tools import detect_tool_format
-
             self._tool_format = detect_tool_format(getattr(self.tokenizer, "chat_template", None))
         return self._tool_format
 

@@ -35,7 +35,7 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
                                        RequestStatus)
 from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
-from agentserve.grammar.backend import GrammarError
+from agentserve.grammar.interface import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
 from agentserve.sampling_params import SamplingParams

@@ -1,7 +1,7 @@
 """Text and tool-call deltas of a reply, for session turns and stateless Generate.
 
 With tools (and tool_choice other than "none"), a reply is parsed into content and tool calls by the
-grammar package's parser (`agentserve.grammar.tools`, format detected from the chat template:
+grammar package's parser (`agentserve.grammar.tool_parser`, format detected from the chat template:
 Hermes/Qwen `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`). The parser needs the format's
 markers, which may be special tokens that the engine's detokenizer skips, so the reply is decoded
 here a second time with special tokens kept (stop strings applied; the final stop token, e.g. EOS,
@@ -31,7 +31,7 @@ def tool_call_format(tokenizer: Any) -> Optional[str]:
     if not template:
         return None
     try:
-        from agentserve.grammar.tools import detect_tool_format
+        from agentserve.grammar.tool_formats import detect_tool_format
     except ImportError:
         return None
     return detect_tool_format(template)
@@ -43,10 +43,10 @@ def make_tool_call_streamer(engine: Any, tools: Optional[list[dict[str, Any]]], 
     if not tools or params.tool_choice == "none" or getattr(engine, "tokenizer", None) is None:
         return None
     try:
-        from agentserve.grammar import tools as grammar_tools
+        from agentserve.grammar import tool_parser
     except ImportError:
         return None
-    factory = getattr(grammar_tools, "make_session_streamer", None)
+    factory = getattr(tool_parser, "make_session_streamer", None)
     fmt = tool_call_format(engine.tokenizer)
     if factory is None or fmt is None:
         return None
