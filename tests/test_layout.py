@@ -56,8 +56,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "agentserve.worker.input_batch -> agentserve.engine.request": "Request moves to agentserve/request.py",
         "agentserve.worker.model_runner -> agentserve.engine.request": "Request moves to agentserve/request.py",
     },
-    "cycle": {
-    },
+    "cycle": {},
 }
 
 
