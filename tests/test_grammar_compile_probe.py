@@ -17,7 +17,7 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
-from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.interface import GrammarError, allocate_token_bitmask, bitmask_to_ids
 from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec, build_tool_constraint
 from agentserve.grammar.tokenizer_info import TokenizerInfo
@@ -73,7 +73,10 @@ def test_good_constraints_still_compile(compiler: GrammarCompiler) -> None:
                  ConstraintSpec.json_schema({"type": "string", "pattern": "^[a-z]{2,8}$"}),
                  build_tool_constraint([_tool("get_weather", GOOD)], "auto", "hermes")):
         assert spec is not None
-        assert compiler.compile(spec).new_matcher().allowed_token_ids()
+        vocab_size = compiler.tokenizer_info.vocab_size
+        bitmask = allocate_token_bitmask(1, vocab_size, pin_memory=False)
+        compiler.compile(spec).new_matcher().fill_bitmask(bitmask)
+        assert bitmask_to_ids(bitmask[0], vocab_size)  # some token is allowed first
 
 
 @pytest.fixture(scope="module")
