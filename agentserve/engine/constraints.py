@@ -12,7 +12,7 @@ import torch
 
 from agentserve.engine.failures import request_failure_message
 from agentserve.engine.request import Request, RequestStatus
-from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.interface import GrammarError, allocate_token_bitmask
 from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
@@ -76,7 +76,7 @@ class ConstraintManager:
         except Exception:  # noqa: BLE001 - find the rows at fault, one at a time, below
             pass
         good = []
-        scratch = GrammarBitmask.allocate_bitmask(1, self.bitmask.vocab_size)
+        scratch = allocate_token_bitmask(1, self.bitmask.vocab_size)
         for i, state in rows:
             try:
                 state.fill(scratch, 0)
