@@ -50,6 +50,7 @@ def canonical_json(obj: Any) -> str:
 
 
 def bitmask_words(vocab_size: int) -> int:
+    """int32 words per bitmask row: one bit per token id."""
     return (vocab_size + 31) // 32
 
 
