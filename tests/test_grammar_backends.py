@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from agentserve.grammar.backend import (
-    BACKEND_NAMES,
+from agentserve.grammar.interface import (
     CompiledGrammar,
-    ConstraintSpec,
     GrammarBackend,
     GrammarError,
-    TokenizerInfo,
     allocate_token_bitmask,
     bitmask_to_ids,
-    get_backend,
 )
+from agentserve.grammar.registry import BACKEND_NAMES, get_backend
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
 from helpers.grammar_walks import SchemaWorker, random_walk, tokenizer_info_for

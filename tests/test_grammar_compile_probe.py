@@ -17,10 +17,11 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
-from agentserve.grammar.backend import (ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask,
-                                       bitmask_to_ids, get_backend)
+from agentserve.grammar.interface import GrammarError, allocate_token_bitmask, bitmask_to_ids
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec, build_tool_constraint
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
-from agentserve.grammar.tools import build_tool_constraint
 from agentserve.service import agent_pb2 as pb
 from agentserve.testing.tiny import tiny_model_cached
 from tests.conftest_grpc import make_engine, run, serving
@@ -72,10 +73,10 @@ def test_good_constraints_still_compile(compiler: GrammarCompiler) -> None:
                  ConstraintSpec.json_schema({"type": "string", "pattern": "^[a-z]{2,8}$"}),
                  build_tool_constraint([_tool("get_weather", GOOD)], "auto", "hermes")):
         assert spec is not None
-        compiled = compiler.compile(spec)
-        bitmask = allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size, pin_memory=False)
-        compiled.new_matcher().fill_bitmask(bitmask, 0)
-        assert bitmask_to_ids(bitmask[0], compiled.tokenizer_info.vocab_size)  # some first token is allowed
+        vocab_size = compiler.tokenizer_info.vocab_size
+        bitmask = allocate_token_bitmask(1, vocab_size, pin_memory=False)
+        compiler.compile(spec).new_matcher().fill_bitmask(bitmask)
+        assert bitmask_to_ids(bitmask[0], vocab_size)  # some token is allowed first
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,10 @@ import jsonschema
 import pytest
 
 from agentserve import SamplingParams
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, get_backend
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached

@@ -10,21 +10,15 @@ import random
 import jsonschema
 import pytest
 
-from agentserve.grammar.backend import BACKEND_NAMES, GrammarError, get_backend
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.registry import BACKEND_NAMES, get_backend
 from helpers.grammar_walks import decode, random_walk, tokenizer_info_for
-from agentserve.grammar.tools import (
-    HERMES_OPEN,
-    MISTRAL_OPEN,
-    PYTHON_TAG,
-    ContentDelta,
-    ToolCallDelta,
-    ToolCallParser,
-    build_tool_constraint,
-    detect_tool_format,
-    make_session_streamer,
-    normalize_tool_schema,
-    parse_tools,
-)
+from agentserve.grammar.spec import build_tool_constraint
+from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
+from agentserve.grammar.tool_constraint import parse_tools
+from agentserve.grammar.tool_formats import HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, detect_tool_format
+from agentserve.grammar.tool_parser import ToolCallParser, make_session_streamer
+from agentserve.grammar.tool_schema import normalize_tool_schema
 from agentserve.testing.tiny import ARCHS, TOOL_CALL_FORMAT, tiny_model_cached
 
 

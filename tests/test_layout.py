@@ -28,28 +28,14 @@ ALLOWED: dict[str, dict[str, str]] = {
             "message normalisation moves to agentserve/chat/messages.py",
         "adapters/openai/serving.py: C901 `stream` is too complex":
             "serving.py is split into serving / completions / chat / logprobs",
-        "agentserve/grammar/structure.py: C901 `regex_excluding` is too complex":
-            "one regex builder over every character class case; to be split with grammar/",
-        "agentserve/grammar/tools.py: C901 `_normalize` is too complex":
-            "grammar/tools.py is split into formats / schema dialects / constraint / parsers",
-        "agentserve/grammar/tools.py: C901 `feed` is too complex":
-            "grammar/tools.py is split into one small parser class per format",
-        "agentserve/grammar/tools.py: C901 `_feed_char` is too complex":
-            "grammar/tools.py is split into one small parser class per format",
         "agentserve/sessions/render.py: C901 `normalize_messages` is too complex":
             "message normalisation moves to agentserve/chat/messages.py",
     },
     "size": {
-        "agentserve/grammar/backend.py": "split into interface / spec / tokenizer info / registry",
-        "agentserve/grammar/tools.py": "split into formats / schema dialects / constraint / parsers",
         "adapters/openai/serving.py": "split into serving / completions / chat / logprobs",
     },
     "layer": {},
-    "cycle": {
-        "agentserve.grammar.backend agentserve.grammar.llguidance_backend agentserve.grammar.outlines_backend "
-        "agentserve.grammar.schema_utils agentserve.grammar.tools agentserve.grammar.xgrammar_backend":
-            "backend.py both defines the interface and imports every implementation; the interface split ends it",
-    },
+    "cycle": {},
 }
 
 

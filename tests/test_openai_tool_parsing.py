@@ -23,7 +23,7 @@ from agentserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 
-pytest.importorskip("agentserve.grammar.tools")
+pytest.importorskip("agentserve.grammar.tool_parser")
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {

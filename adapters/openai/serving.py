@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
-from agentserve.grammar.backend import UNICODE_TO_BYTE as BYTE_DECODER
+from agentserve.grammar.tokenizer_info import UNICODE_TO_BYTE as BYTE_DECODER
 from agentserve.adapters.openai.constraint_errors import constraint_param
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.tool_calls import ToolCallStream, check_tool_schemas, tool_format_of

@@ -1,6 +1,6 @@
-"""Tool calls in OpenAI's shapes, on top of the grammar package's parser (agentserve/grammar/tools.py).
+"""Tool calls in OpenAI's shapes, on top of the grammar package's parser (agentserve/grammar/tool_parser.py).
 
-`grammar.tools` detects the model's tool-call format from its chat template and parses generated
+`grammar.tool_formats` detects the model's tool-call format from its chat template and parses generated
 text into calls (Hermes/Qwen `<tool_call>` tags, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`), as
 argument deltas while they are generated. This module turns that into:
 - whole responses: `message.content` plus `message.tool_calls` ([{id, type, function: {name, arguments}}]);
@@ -15,25 +15,20 @@ import logging
 import re
 from typing import Any, Optional
 
+from agentserve.grammar.tool_constraint import parse_tools
+from agentserve.grammar.tool_formats import detect_tool_format
+from agentserve.grammar.tool_parser import ToolCallParser
+
 logger = logging.getLogger(__name__)
 
 
-def _tools_module() -> Any:
-    try:
-        from agentserve.grammar import tools  # noqa: PLC0415 - optional until the grammar package has it
-    except ImportError:
-        return None
-    return tools
-
-
 def tool_format_of(tokenizer: Any) -> Optional[str]:
-    """The chat template's tool-call format name, or None when unknown / no parser installed."""
-    mod = _tools_module()
+    """The chat template's tool-call format name, or None when unknown."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if mod is None or not template:
+    if not template:
         return None
     try:
-        return mod.detect_tool_format(template)
+        return detect_tool_format(template)
     except Exception:  # noqa: BLE001 - an unknown template is "no format", not a server error
         logger.warning("could not detect the tool-call format of the chat template", exc_info=True)
         return None
@@ -42,11 +37,8 @@ def tool_format_of(tokenizer: Any) -> Optional[str]:
 def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
     """Normalizes the tools' parameter schemas as the grammar will (dialects like "type": "dict"
     are fine); raises OpenAIError 400 naming the unsupported keyword and its path."""
-    mod = _tools_module()
-    if mod is None:
-        return
     try:
-        mod.parse_tools(tools)
+        parse_tools(tools)
     except ValueError as e:
         from agentserve.adapters.openai.protocol import OpenAIError
 
@@ -90,10 +82,9 @@ class ToolCallStream:
         self.tools = tools
         self.tool_choice = tool_choice
         self.parallel = parallel
-        mod = _tools_module()
         self._parser = None
-        if mod is not None and fmt is not None:
-            self._parser = mod.ToolCallParser(fmt, tools)
+        if fmt is not None:
+            self._parser = ToolCallParser(fmt, tools)
         self._started: set[int] = set()
 
     # --- streaming ----------------------------------------------------------------------------------

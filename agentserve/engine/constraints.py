@@ -11,7 +11,11 @@ from typing import Any, Optional
 import torch
 
 from agentserve.engine.failures import request_failure_message
-from agentserve.grammar.backend import ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask, get_backend
+from agentserve.grammar.interface import GrammarError, allocate_token_bitmask
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
+from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
 from agentserve.request import Request, RequestStatus
@@ -39,8 +43,6 @@ class ConstraintManager:
     @property
     def tool_format(self) -> str:
         if self._tool_format is None:
-            from agentserve.grammar.tools import detect_tool_format
-
             self._tool_format = detect_tool_format(getattr(self.tokenizer, "chat_template", None))
         return self._tool_format
 

@@ -32,7 +32,7 @@ from agentserve.engine.loading import (decide_max_model_len, generation_eos, loa
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
-from agentserve.grammar.backend import GrammarError
+from agentserve.grammar.interface import GrammarError
 from agentserve.lora.key import LoRAKey, LoRAKeys
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput

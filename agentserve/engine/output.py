@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.failures import STEP_FAILED, log_step_failure, request_failure_message
-from agentserve.grammar.backend import GrammarError
+from agentserve.grammar.interface import GrammarError
 from agentserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from agentserve.request import Request, RequestStatus
 from agentserve.worker.launched_step import LaunchedStep, StepResult

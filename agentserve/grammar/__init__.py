@@ -3,25 +3,25 @@
     from agentserve.grammar import (ConstraintSpec, TokenizerInfo, GrammarCompiler, GrammarState,
                                     GrammarBitmask, get_backend)
 
-See backend.py (interface, default backend and why), compiler.py (cache, thread pool, time
-limit), state.py (per-sequence state, batch bitmask), tools.py (tool-call formats and parsing) and
-kernels/token_bitmask.py (applying the bitmask to logits).
+See interface.py (matcher / compiled grammar / backend ABCs), spec.py (ConstraintSpec),
+tokenizer_info.py, registry.py (backends by name, the default and why), compiler.py (cache, thread
+pool, time limit), state.py (per-sequence state, batch bitmask), tool_formats.py / tool_schema.py /
+tool_constraint.py / tool_parser.py (tool calls) and kernels/token_bitmask.py (applying the
+bitmask to logits).
 """
 
-from agentserve.grammar.backend import (
-    BACKEND_NAMES,
-    DEFAULT_BACKEND,
+from agentserve.grammar.compiler import GrammarCompiler
+from agentserve.grammar.interface import (
     CompiledGrammar,
-    ConstraintSpec,
     GrammarBackend,
     GrammarError,
     GrammarMatcher,
-    TokenizerInfo,
     allocate_token_bitmask,
-    get_backend,
 )
-from agentserve.grammar.compiler import GrammarCompiler
+from agentserve.grammar.registry import BACKEND_NAMES, DEFAULT_BACKEND, get_backend
+from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.state import GrammarBitmask, GrammarState
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 
 __all__ = [
     "BACKEND_NAMES", "DEFAULT_BACKEND", "CompiledGrammar", "ConstraintSpec", "GrammarBackend", "GrammarError",

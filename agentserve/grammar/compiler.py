@@ -31,15 +31,16 @@ import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from agentserve.grammar.backend import (
+from agentserve.grammar.interface import (
     CompiledGrammar,
-    ConstraintSpec,
     GrammarBackend,
     GrammarError,
-    TokenizerInfo,
     allocate_token_bitmask,
     bitmask_to_ids,
 )
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
+from agentserve.grammar.tool_constraint import call_schemas_of
 
 _MAX_ERROR_CHARS = 500
 
@@ -261,8 +262,6 @@ class GrammarCompiler:
     def _name_failing_tool(self, spec: ConstraintSpec) -> Optional[GrammarError]:
         """Compiles and probes each tool's call schema alone; the first that fails, named (a client
         needs to know which tool to fix), or None when each works alone."""
-        from agentserve.grammar.tools import call_schemas_of
-
         for name, schema in call_schemas_of(spec):
             try:
                 self._compile_and_probe(ConstraintSpec.json_schema(schema))

@@ -14,27 +14,13 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import strip_formats
-from agentserve.grammar.backend import (
-    CompiledGrammar,
-    ConstraintSpec,
-    GrammarBackend,
-    GrammarError,
-    GrammarMatcher,
-    TokenizerInfo,
-    canonical_json,
-)
+import llguidance
+import llguidance.hf
+import llguidance.torch as _llg_torch
 
-try:
-    import llguidance
-    import llguidance.hf
-    import llguidance.torch as _llg_torch
-except ImportError:  # pragma: no cover - optional dependency
-    llguidance = None  # type: ignore[assignment]
-
-
-def _require() -> None:
-    if llguidance is None:
-        raise GrammarError("grammar backend 'llguidance' is not installed (pip install llguidance)")
+from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, canonical_json
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 
 
 # String formats llguidance enforces; others are dropped (annotations) instead of failing the schema.
@@ -245,7 +231,6 @@ class LLGuidanceBackend(GrammarBackend):
     name = "llguidance"
 
     def __init__(self, log_level: int = 0) -> None:
-        _require()
         self.log_level = log_level
         self._executor: Any = None
 

@@ -18,21 +18,12 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import check_enforceable, strip_formats
-from agentserve.grammar.backend import (
-    JSON_WHITESPACE,
-    CompiledGrammar,
-    ConstraintSpec,
-    GrammarBackend,
-    GrammarError,
-    GrammarMatcher,
-    TokenizerInfo,
-)
+import outlines_core
+from outlines_core.json_schema import build_regex_from_schema
 
-try:
-    import outlines_core
-    from outlines_core.json_schema import build_regex_from_schema
-except ImportError:  # pragma: no cover - optional dependency
-    outlines_core = None  # type: ignore[assignment]
+from agentserve.grammar.interface import JSON_WHITESPACE, CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 
 # outlines-core 0.2 does not explore transitions out of a final state into a non-final one (after
 # "a", `a|axb` allows only EOS; `(xb)*` allows nothing but EOS). So the regex we compile is
@@ -44,11 +35,6 @@ _END_LEAD = 0xF4
 
 # Tokens a matcher can roll back (speculative drafts are a handful; jump-forward a few dozen).
 MAX_ROLLBACK = 512
-
-
-def _require() -> None:
-    if outlines_core is None:
-        raise GrammarError("grammar backend 'outlines' is not installed (pip install outlines-core)")
 
 
 # String formats outlines-core translates; others are dropped (annotations) instead of failing.
@@ -128,9 +114,6 @@ class OutlinesGrammar(CompiledGrammar):
 
 class OutlinesBackend(GrammarBackend):
     name = "outlines"
-
-    def __init__(self) -> None:
-        _require()
 
     def vocabulary(self, info: TokenizerInfo, with_markers: bool) -> Any:
         """outlines-core Vocabulary: every non-special token (plus the tool markers, for tool

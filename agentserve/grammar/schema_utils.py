@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
+
+from agentserve.grammar.interface import GrammarError
 
 # keyword -> how its value holds subschemas
 SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -74,8 +77,6 @@ def _disjoint_types(branches: list) -> bool:
 
 
 def json_key(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True)
 
 
@@ -101,8 +102,6 @@ def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
     Some backends compile keywords they ignore (bounds, uniqueItems, allOf, ...), so outputs can
     break the schema; measured with benchmarks/grammar.py. Rejecting them keeps "compiled" meaning
     "every output validates"."""
-    from agentserve.grammar.backend import GrammarError
-
     def check(node: dict, path: str) -> dict:
         where = path or "the root"
         for kw in node:  # in schema order: the message names the first one

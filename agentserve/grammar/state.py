@@ -21,14 +21,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import llguidance
 import torch
 
-from agentserve.grammar.backend import (
-    CompiledGrammar,
-    GrammarMatcher,
-    allocate_token_bitmask,
-    bitmask_words,
-)
+from agentserve.grammar.interface import CompiledGrammar, GrammarMatcher, allocate_token_bitmask, bitmask_words
+from agentserve.grammar.llguidance_backend import LLGuidanceMatcher
 
 
 class GrammarState:
@@ -137,13 +134,9 @@ class GrammarBitmask:
         return bm
 
     def _fill_rows(self, rows: Sequence[tuple[int, GrammarState]], bm: torch.Tensor) -> None:
-        from agentserve.grammar.llguidance_backend import LLGuidanceMatcher
-
         llg = [(s.matcher, r) for r, s in rows if isinstance(s.matcher, LLGuidanceMatcher)]
         if len(llg) > 1:
             if self._llg_executor is None:
-                import llguidance
-
                 self._llg_executor = llguidance.LLExecutor()
             LLGuidanceMatcher.fill_many(llg, bm, self._llg_executor)
         for r, s in rows:

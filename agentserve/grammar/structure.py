@@ -55,6 +55,110 @@ def _class_escape(chars: Iterable[str]) -> str:
     return "".join(regex_escape(c) for c in sorted(set(chars)))
 
 
+class _WordAutomaton:
+    """The Aho-Corasick automaton of `words`: state 0 is the root, `matched[s]` when a word ends
+    at s (or at a suffix of it), `depth[s]` the length of the prefix s stands for."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.fail = [0]
+        self.matched = [False]
+        for w in words:
+            self._add_word(w)
+        self.depth = [0] * len(self.goto)
+        self._link_failures()
+
+    def _add_word(self, word: str) -> None:
+        s = 0
+        for ch in word:
+            if ch not in self.goto[s]:
+                self.goto.append({})
+                self.fail.append(0)
+                self.matched.append(False)
+                self.goto[s][ch] = len(self.goto) - 1
+            s = self.goto[s][ch]
+        self.matched[s] = True
+
+    def _link_failures(self) -> None:
+        queue = deque(self.goto[0].values())
+        while queue:
+            r = queue.popleft()
+            for ch, s in self.goto[r].items():
+                self.depth[s] = self.depth[r] + 1
+                queue.append(s)
+                f = self.fail[r]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[s] = self.goto[f].get(ch, 0) if r != 0 else 0
+                self.matched[s] = self.matched[s] or self.matched[self.fail[s]]
+
+    def step(self, s: int, ch: str) -> int:
+        while s and ch not in self.goto[s]:
+            s = self.fail[s]
+        return self.goto[s].get(ch, 0)
+
+
+def _alt(parts: list[str]) -> str:
+    """The alternation of `parts` (duplicates dropped; an empty part makes the whole optional)."""
+    parts = list(dict.fromkeys(parts))
+    nonempty = [p for p in parts if p]
+    if not nonempty:
+        return ""
+    body = nonempty[0] if len(nonempty) == 1 else "(" + "|".join(nonempty) + ")"
+    if len(nonempty) < len(parts):  # an empty alternative
+        return body + "?" if _atomic(body) else "(" + body + ")?"
+    return body
+
+
+class _RegexGraph:
+    """Edges labelled with regexes between states; eliminating every state but the start and the
+    final one leaves the regex of all paths between them."""
+
+    def __init__(self) -> None:
+        self.edges: dict[tuple[Any, Any], list[str]] = {}
+
+    def add(self, p: Any, q: Any, rx: str) -> None:
+        self.edges.setdefault((p, q), []).append(rx)
+
+    def eliminate(self, k: Any) -> None:
+        """Remove state k, joining every path p -> k -> q into one edge p -> q."""
+        loop = _alt(self.edges.pop((k, k), []))
+        star = ((loop if _atomic(loop) else f"({loop})") + "*") if loop else ""
+        ins = [(p, _alt(v)) for (p, q), v in list(self.edges.items()) if q == k]
+        outs = [(q, _alt(v)) for (p, q), v in list(self.edges.items()) if p == k]
+        for key in [e for e in self.edges if k in e]:
+            del self.edges[key]
+        for p, a in ins:
+            for q, c in outs:
+                self.add(p, q, _cat(a, star, c))
+
+    def regex(self, p: Any, q: Any) -> str:
+        return _alt(self.edges.get((p, q), []))
+
+
+def _add_char_edges(graph: _RegexGraph, words: _WordAutomaton, alphabet: list[str], src: Any, state: int,
+                    banned: str) -> None:
+    """Edges from `src` for every character but `banned`, moving as the automaton does from
+    `state`; characters completing a word have no edge."""
+    targets: dict[int, list[str]] = {}
+    for ch in alphabet:
+        if ch in banned:
+            continue
+        q = words.step(state, ch)
+        if not words.matched[q]:
+            targets.setdefault(q, []).append(ch)
+    # characters outside the alphabet go back to the root
+    for q, chars in targets.items():
+        if q == 0:
+            graph.add(src, q, f"[^{_class_escape(set(alphabet) - set(chars))}]")
+        elif len(chars) == 1:
+            graph.add(src, q, regex_escape(chars[0]))
+        else:
+            graph.add(src, q, f"[{_class_escape(chars)}]")
+    if 0 not in targets:
+        graph.add(src, 0, f"[^{_class_escape(alphabet)}]")
+
+
 def regex_excluding(words: Iterable[str], not_start: str = "") -> str:
     """A regex matching every string (possibly empty; newlines included) that contains none of
     `words` as a substring and does not start with a character in `not_start`.
@@ -63,98 +167,24 @@ def regex_excluding(words: Iterable[str], not_start: str = "") -> str:
     regex by state elimination; only plain constructs are used (groups, classes, `*`, `?`, `|`).
     """
     words = [w for w in dict.fromkeys(words) if w]
-    goto: list[dict[str, int]] = [{}]
-    fail = [0]
-    out = [False]
-    for w in words:
-        s = 0
-        for ch in w:
-            if ch not in goto[s]:
-                goto.append({})
-                fail.append(0)
-                out.append(False)
-                goto[s][ch] = len(goto) - 1
-            s = goto[s][ch]
-        out[s] = True
-    depth = [0] * len(goto)
-    queue = deque(goto[0].values())
-    while queue:
-        r = queue.popleft()
-        for ch, s in goto[r].items():
-            depth[s] = depth[r] + 1
-            queue.append(s)
-            f = fail[r]
-            while f and ch not in goto[f]:
-                f = fail[f]
-            fail[s] = goto[f].get(ch, 0) if r != 0 else 0
-            out[s] = out[s] or out[fail[s]]
-
-    def delta(s: int, ch: str) -> int:
-        while s and ch not in goto[s]:
-            s = fail[s]
-        return goto[s].get(ch, 0)
-
+    automaton = _WordAutomaton(words)
     alphabet = sorted(set("".join(words)) | set(not_start))
-    live = [s for s in range(len(goto)) if not out[s]]
-    START, FINAL, FIRST = "I", "F", "S"
-    edges: dict[tuple[Any, Any], list[str]] = {}
-
-    def add(p: Any, q: Any, rx: str) -> None:
-        edges.setdefault((p, q), []).append(rx)
-
-    def char_edges(src: Any, state: int, banned: str) -> None:
-        targets: dict[int, list[str]] = {}
-        for ch in alphabet:
-            if ch in banned:
-                continue
-            q = delta(state, ch)
-            if not out[q]:
-                targets.setdefault(q, []).append(ch)
-        # characters outside the alphabet go back to the root
-        for q, chars in targets.items():
-            if q == 0:
-                add(src, q, f"[^{_class_escape(set(alphabet) - set(chars))}]")
-            elif len(chars) == 1:
-                add(src, q, regex_escape(chars[0]))
-            else:
-                add(src, q, f"[{_class_escape(chars)}]")
-        if 0 not in targets:
-            add(src, 0, f"[^{_class_escape(alphabet)}]")
-
+    live = [s for s in range(len(automaton.goto)) if not automaton.matched[s]]
+    start, final, first = "I", "F", "S"  # FIRST: before the first character (not_start applies)
+    graph = _RegexGraph()
     for s in live:
-        char_edges(s, s, "")
-        add(s, FINAL, "")
+        _add_char_edges(graph, automaton, alphabet, s, s, "")
+        graph.add(s, final, "")
     if not_start:
-        char_edges(FIRST, 0, not_start)
-        add(FIRST, FINAL, "")
-        add(START, FIRST, "")
+        _add_char_edges(graph, automaton, alphabet, first, 0, not_start)
+        graph.add(first, final, "")
+        graph.add(start, first, "")
     else:
-        add(START, 0, "")
-
-    def alt(parts: list[str]) -> str:
-        parts = list(dict.fromkeys(parts))
-        nonempty = [p for p in parts if p]
-        if not nonempty:
-            return ""
-        body = nonempty[0] if len(nonempty) == 1 else "(" + "|".join(nonempty) + ")"
-        if len(nonempty) < len(parts):  # an empty alternative
-            return body + "?" if _atomic(body) else "(" + body + ")?"
-        return body
-
-    order = sorted(live, key=lambda s: -depth[s]) + ([FIRST] if not_start else [])
-    for k in order:
-        loop = alt(edges.pop((k, k), []))
-        star = ""
-        if loop:
-            star = (loop if _atomic(loop) else f"({loop})") + "*"
-        ins = [(p, alt(v)) for (p, q), v in list(edges.items()) if q == k]
-        outs = [(q, alt(v)) for (p, q), v in list(edges.items()) if p == k]
-        for key in [e for e in edges if k in e]:
-            del edges[key]
-        for p, a in ins:
-            for q, c in outs:
-                add(p, q, _cat(a, star, c))
-    return alt(edges.get((START, FINAL), []))
+        graph.add(start, 0, "")
+    # deepest states first keeps the intermediate regexes small
+    for k in sorted(live, key=lambda s: -automaton.depth[s]) + ([first] if not_start else []):
+        graph.eliminate(k)
+    return graph.regex(start, final)
 
 
 def _atomic(rx: str) -> bool:

@@ -15,29 +15,18 @@ import numpy as np
 import torch
 
 from agentserve.grammar import structure
-from agentserve.grammar.backend import (
-    CompiledGrammar,
-    ConstraintSpec,
-    GrammarBackend,
-    GrammarError,
-    GrammarMatcher,
-    TokenizerInfo,
-    bitmask_words,
-)
+from agentserve.grammar.schema_utils import check_enforceable, map_subschemas
+import xgrammar as xgr
 
-try:
-    import xgrammar as xgr
-except ImportError:  # pragma: no cover - optional dependency
-    xgr = None  # type: ignore[assignment]
+from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, bitmask_words
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 
-# JSON whitespace: at most one whitespace character between tokens (backend.JSON_WHITESPACE is
+# JSON whitespace: at most one whitespace character between tokens (interface.JSON_WHITESPACE is
 # "[ ]?"; xgrammar's bound applies to any of space, tab, newline).
 _MAX_WS = 1
 
 
-def _require() -> None:
-    if xgr is None:
-        raise GrammarError("grammar backend 'xgrammar' is not installed (pip install xgrammar)")
 
 
 def to_structural_format(node: Any) -> dict:
@@ -130,8 +119,6 @@ NOT_ENFORCED = frozenset({
 
 def _check_schema(schema: Any) -> None:
     """Reject what xgrammar would accept but not enforce (outputs could break the schema)."""
-    from agentserve.grammar.schema_utils import check_enforceable, map_subschemas
-
     check_enforceable(schema, "xgrammar", NOT_ENFORCED)
 
     def check(node: dict, path: str) -> dict:
@@ -158,7 +145,6 @@ class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
 
     def __init__(self, max_threads: int = 1) -> None:
-        _require()
         self.max_threads = max_threads
 
     def compiler(self, info: TokenizerInfo) -> Any:

@@ -1,7 +1,7 @@
 """Text and tool-call deltas of a reply, for session turns and stateless Generate.
 
 With tools (and tool_choice other than "none"), a reply is parsed into content and tool calls by the
-grammar package's parser (`agentserve.grammar.tools`, format detected from the chat template:
+grammar package's parser (`agentserve.grammar.tool_parser`, format detected from the chat template:
 Hermes/Qwen `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`). The parser needs the format's
 markers, which may be special tokens that the engine's detokenizer skips, so the reply is decoded
 here a second time with special tokens kept (stop strings applied; the final stop token, e.g. EOS,
@@ -16,7 +16,8 @@ from typing import Any, Optional
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.engine import Engine
 from agentserve.outputs import RequestOutput
-from agentserve.grammar.tools import SessionToolStreamer, detect_tool_format, make_session_streamer
+from agentserve.grammar.tool_formats import detect_tool_format
+from agentserve.grammar.tool_parser import SessionToolStreamer, make_session_streamer
 from agentserve.sampling_params import SamplingParams
 
 

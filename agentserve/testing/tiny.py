@@ -40,7 +40,7 @@ CORPUS_PATH = Path(__file__).parent / "data" / "corpus.txt"
 BPE_VOCAB_SIZE = 1000  # learned vocabulary incl. the 256 byte symbols; specials come on top
 VOCAB_MULTIPLE = 64  # model vocab is padded past len(tokenizer) to this multiple
 
-# Tool-call output format of each arch's chat template (for grammar/tools.py and tests).
+# Tool-call output format of each arch's chat template (for grammar/tool_formats.py and tests).
 TOOL_CALL_FORMAT: dict[str, str] = {
     "llama": "llama3_json",  # {"name": ..., "parameters": ...}; several joined by "; "
     "llama3": "llama3_json",

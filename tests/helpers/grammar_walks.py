@@ -15,8 +15,10 @@ from typing import Optional
 import jsonschema
 import numpy as np
 
-from agentserve.grammar.backend import (ConstraintSpec, GrammarError, TokenizerInfo, allocate_token_bitmask,
-                                        get_backend)
+from agentserve.grammar.interface import GrammarError, allocate_token_bitmask
+from agentserve.grammar.registry import get_backend
+from agentserve.grammar.spec import ConstraintSpec
+from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.testing.tiny import tiny_model_cached
 
 

@@ -1,0 +1,107 @@
+"""ConstraintSpec: what a request's output must match, the key of the compile cache.
+
+    spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)   # None: unconstrained
+
+Tool-call constraints are built by `tool_constraint.py` (tool definitions -> grammar payload);
+this module wraps its payload, so that every spec is made here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+from agentserve.grammar.interface import GrammarError, canonical_json
+from agentserve.grammar.tool_constraint import tool_call_payload
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agentserve.sampling_params import SamplingParams
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "tool_calls")
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What a request's output must match. Frozen and hashable: the compile-cache key.
+
+    kind: "json_schema" (payload: canonical JSON of the schema), "json_object" (payload ""),
+    "regex" (payload: the pattern), "choice" (payload: tuple of strings), "tool_calls" (payload:
+    canonical JSON of a tool-call structure built by `build_tool_constraint` below).
+    """
+
+    kind: str
+    payload: Union[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise GrammarError(f"unknown constraint kind {self.kind!r}; expected one of {CONSTRAINT_KINDS}")
+        if self.kind == "choice":
+            if not isinstance(self.payload, tuple) or not self.payload:
+                raise GrammarError("choice needs a non-empty tuple of strings")
+        elif not isinstance(self.payload, str):
+            raise GrammarError(f"{self.kind} payload must be a string")
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def json_schema(cls, schema: Union[str, dict, bool]) -> "ConstraintSpec":
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+        try:
+            return cls("json_schema", canonical_json(schema))
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"json_schema is not JSON-serializable: {e}") from None
+
+    @classmethod
+    def json_object(cls) -> "ConstraintSpec":
+        return cls("json_object", "")
+
+    @classmethod
+    def regex(cls, pattern: str) -> "ConstraintSpec":
+        if not isinstance(pattern, str) or not pattern:
+            raise GrammarError("regex must be a non-empty string")
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> "ConstraintSpec":
+        choices = tuple(choices)
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise GrammarError("choice must be a non-empty list of strings")
+        return cls("choice", choices)
+
+    @classmethod
+    def from_sampling_params(cls, params: "SamplingParams", tool_format: Optional[str] = None
+                             ) -> Optional["ConstraintSpec"]:
+        """The request's constraint, or None when its output is unconstrained.
+
+        `tool_format` ("hermes" | "llama3_json" | "mistral", see `tool_formats.detect_tool_format`) is
+        needed when the request has tools (and tool_choice is not "none")."""
+        if params.json_schema is not None:
+            return cls.json_schema(params.json_schema)
+        if params.json_object:
+            return cls.json_object()
+        if params.regex is not None:
+            return cls.regex(params.regex)
+        if params.choice is not None:
+            return cls.choice(params.choice)
+        if params.tools and params.tool_choice != "none":
+            if tool_format is None:
+                raise GrammarError("request has tools but the model's tool-call format is unknown "
+                                   "(pass tool_format, see grammar.tool_formats.detect_tool_format)")
+            return build_tool_constraint(params.tools, params.tool_choice or "auto", tool_format,
+                                         parallel=params.parallel_tool_calls)
+        return None
+
+
+def build_tool_constraint(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True
+                          ) -> Optional[ConstraintSpec]:
+    """The constraint for a request with tools, or None (tool_choice "none" or no tools)."""
+    payload = tool_call_payload(tools, tool_choice, fmt, parallel)
+    return None if payload is None else ConstraintSpec("tool_calls", payload)

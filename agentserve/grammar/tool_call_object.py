@@ -1,0 +1,215 @@
+"""Tool calls as the streaming parsers of tool_parser.py report them (ContentDelta, ToolCallDelta,
+ToolCall), and the scanning of one call object a character at a time: where the object (and each
+value in it) ends, its name, and its argument text as it arrives. Malformed input raises
+ValueError (the parser keeps such text as content).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+JSON_WS = " \t\r\n"
+
+
+@dataclass
+class ContentDelta:
+    text: str
+
+
+@dataclass
+class ToolCallDelta:
+    index: int
+    arguments_delta: str = ""
+    id: Optional[str] = None      # on the first delta of a call
+    name: Optional[str] = None    # on the first delta of a call
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments_json: str
+
+    @property
+    def arguments(self) -> Any:
+        return json.loads(self.arguments_json)
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments_json}}
+
+
+class JsonValueScanner:
+    """Finds the end of one JSON value, a character at a time."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escape = False
+        self.kind = ""  # "container", "string", "scalar"
+        self.done = False
+
+    def feed(self, ch: str) -> bool:
+        """Consume `ch` if it belongs to the value; False (not consumed) when the value ended before it."""
+        if self.done:
+            return False
+        if not self.kind:
+            self._first_char(ch)
+        elif self.kind == "scalar":
+            if ch in ",}]" or ch in JSON_WS:  # a scalar ends at the first char that is not its own
+                self.done = True
+                return False
+        elif self.in_string:
+            self._string_char(ch)
+        else:
+            self._container_char(ch)
+        return True
+
+    def _first_char(self, ch: str) -> None:
+        if ch in "{[":
+            self.kind, self.depth = "container", 1
+        elif ch == '"':
+            self.kind, self.in_string = "string", True
+        else:
+            self.kind = "scalar"
+
+    def _string_char(self, ch: str) -> None:
+        if self.escape:
+            self.escape = False
+        elif ch == "\\":
+            self.escape = True
+        elif ch == '"':
+            self.in_string = False
+            if self.kind == "string":
+                self.done = True
+
+    def _container_char(self, ch: str) -> None:
+        if ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+            if self.depth == 0:
+                self.done = True
+
+
+def _escaped(buf: str) -> bool:
+    """Whether the last char of `buf` is escaped by an odd run of backslashes."""
+    n = 0
+    i = len(buf) - 2
+    while i >= 0 and buf[i] == "\\":
+        n += 1
+        i -= 1
+    return n % 2 == 1
+
+
+class CallObjectScanner:
+    """Scans one call object `{"name": ..., "arguments": ...}` after its `{`; streams arguments."""
+
+    def __init__(self, args_keys: tuple[str, ...]) -> None:
+        self.args_keys = args_keys
+        self.state = "key_or_end"
+        self.key_buf = ""
+        self.key = ""
+        self.value: Optional[JsonValueScanner] = None
+        self.value_buf = ""
+        self.name: Optional[str] = None
+        self.args_raw = ""         # streamed argument text so far
+        self.args_pending = ""     # argument text not yet reported
+        self.args_is_string = False
+        self.args_final: Optional[str] = None
+        self.done = False
+        self._handlers: dict[str, Callable[[str], bool]] = {
+            "key_or_end": self._key_or_end, "key": self._key_char, "colon": self._colon,
+            "value_start": self._value_start, "value": self._value, "after_value": self._after_value,
+        }
+
+    def feed(self, ch: str) -> bool:
+        """Consume one char; returns False when the object is complete (char not consumed)."""
+        if self.done:
+            return False
+        return self._handlers[self.state](ch)
+
+    def _end_object(self) -> bool:
+        self.done = True
+        self.state = "end"
+        return True
+
+    def _key_or_end(self, ch: str) -> bool:
+        if ch in JSON_WS or ch == ",":
+            return True
+        if ch == '"':
+            self.state, self.key_buf = "key", '"'
+            return True
+        if ch == "}":
+            return self._end_object()
+        raise ValueError(f"unexpected {ch!r} in a tool call object")
+
+    def _key_char(self, ch: str) -> bool:
+        self.key_buf += ch
+        if ch == '"' and not _escaped(self.key_buf):
+            self.key = json.loads(self.key_buf)
+            self.state = "colon"
+        return True
+
+    def _colon(self, ch: str) -> bool:
+        if ch in JSON_WS:
+            return True
+        if ch == ":":
+            self.state = "value_start"
+            return True
+        raise ValueError(f"unexpected {ch!r} after a key in a tool call object")
+
+    def _value_start(self, ch: str) -> bool:
+        if ch in JSON_WS:
+            return True
+        self.value = JsonValueScanner()
+        self.value_buf = ""
+        self.state = "value"
+        if self.key in self.args_keys and ch == '"':
+            self.args_is_string = True
+        return self._value(ch)
+
+    def _value(self, ch: str) -> bool:
+        assert self.value is not None
+        if self.value.feed(ch):
+            self._value_char(ch)
+            if self.value.done:
+                self._value_end()
+            return True
+        self._value_end()
+        return self.feed(ch)
+
+    def _after_value(self, ch: str) -> bool:
+        if ch in JSON_WS:
+            return True
+        if ch == ",":
+            self.state = "key_or_end"
+            return True
+        if ch == "}":
+            return self._end_object()
+        raise ValueError(f"unexpected {ch!r} after a value in a tool call object")
+
+    def _value_char(self, ch: str) -> None:
+        self.value_buf += ch
+        if self.key in self.args_keys and not self.args_is_string:
+            self.args_raw += ch
+            self.args_pending += ch
+
+    def _value_end(self) -> None:
+        self.state = "after_value"
+        if self.key == "name":
+            try:
+                name = json.loads(self.value_buf)
+            except json.JSONDecodeError:
+                name = self.value_buf
+            self.name = name if isinstance(name, str) else json.dumps(name)
+        elif self.key in self.args_keys:
+            if self.args_is_string:  # arguments given as a JSON-encoded string
+                decoded = json.loads(self.value_buf)
+                self.args_raw = decoded if isinstance(decoded, str) else json.dumps(decoded)
+                self.args_pending = self.args_raw
+            self.args_final = self.args_raw

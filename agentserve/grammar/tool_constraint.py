@@ -1,0 +1,164 @@
+"""The tool-call constraint: tool definitions and tool_choice -> the grammar of the allowed outputs.
+
+tool_choice "auto": free text until the format's opener (it can never contain the opener), then
+calls constrained to a declared tool's name and that tool's argument schema; "required" and a
+named tool constrain from the first token; "none": no constraint. The constraint and the parser
+(tool_parser.py) agree on where calls start, so every call the parser returns validates.
+`spec.build_tool_constraint` wraps the payload built here into a ConstraintSpec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+from agentserve.grammar.interface import GrammarError, canonical_json
+from agentserve.grammar.tool_formats import (
+    ARGUMENTS_KEY,
+    HERMES_CLOSE,
+    HERMES_OPEN,
+    MISTRAL_OPEN,
+    PYTHON_TAG,
+    TOOL_FORMATS,
+)
+from agentserve.grammar.tool_schema import normalize_tool_schema
+
+if TYPE_CHECKING:  # pragma: no cover - spec.py imports this module
+    from agentserve.grammar.spec import ConstraintSpec
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    name: str
+    parameters: dict
+    description: str = ""
+
+
+def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
+    """OpenAI-shape tools ({"type": "function", "function": {...}}) or flat {"name", "parameters"}."""
+    out: list[ToolDef] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise GrammarError(f"tools[{i}] must be an object")
+        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        if tool.get("type", "function") != "function":
+            raise GrammarError(f"tools[{i}]: unsupported tool type {tool.get('type')!r}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise GrammarError(f"tools[{i}] needs a non-empty function name")
+        if name in seen:
+            raise GrammarError(f"tools[{i}]: duplicate tool name {name!r}")
+        seen.add(name)
+        params = normalize_tool_schema(fn.get("parameters"), path=f"tools[{i}].function.parameters")
+        out.append(ToolDef(name=name, parameters=params, description=str(fn.get("description") or "")))
+    return out
+
+
+def call_schema(tool: ToolDef, fmt: str) -> dict:
+    """The JSON schema of one call object in the format (name first, then the arguments)."""
+    key = ARGUMENTS_KEY[fmt]
+    return {"type": "object",
+            "properties": {"name": {"const": tool.name}, key: tool.parameters},
+            "required": ["name", key], "additionalProperties": False}
+
+
+def _calls_schema(tools: Sequence[ToolDef], fmt: str) -> dict:
+    schemas = [call_schema(t, fmt) for t in tools]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool) -> dict:
+    """The `structure` tree of the outputs allowed in `fmt` (mode: "auto" or "required")."""
+    call = {"json": _calls_schema(tools, fmt)}
+    # chat templates often put a space/newline before the first call; bounded, so an unsure model
+    # cannot emit whitespace forever instead of the call
+    lead = {"ws": " \n", "max": 2}
+    if fmt == "hermes":
+        body = {"seq": [{"lit": "\n"}, call, {"lit": "\n"}, {"marker": HERMES_CLOSE}]}
+        block = {"seq": [{"marker": HERMES_OPEN}, body]}
+        more = [{"star": {"seq": [{"lit": "\n"}, block]}}] if parallel else []
+        if mode == "required":
+            return {"seq": [lead, block] + more}
+        text_then_call = {"text": {"exclude": [HERMES_OPEN], "then": HERMES_OPEN}}
+        return {"alt": [{"text": {"exclude": [HERMES_OPEN]}},
+                        {"seq": [text_then_call, body] + more}]}
+    if fmt == "llama3_json":
+        seq = {"seq": [call] + ([{"star": {"seq": [{"lit": "; "}, call]}}] if parallel else [])}
+        calls = {"seq": [lead, {"opt": {"marker": PYTHON_TAG}}, seq]}
+        if mode == "required":
+            return calls
+        text = {"exclude": [PYTHON_TAG], "lead_ws": " \n", "not_start": "{"}
+        return {"alt": [calls, {"text": text}, {"seq": [{"text": {**text, "then": PYTHON_TAG}}, seq]}]}
+    if fmt == "mistral":
+        array = {"type": "array", "items": _calls_schema(tools, fmt), "minItems": 1}
+        if not parallel:
+            array["maxItems"] = 1
+        calls = [{"ws": " ", "max": 1}, {"json": array}]
+        if mode == "required":
+            return {"seq": [lead, {"marker": MISTRAL_OPEN}] + calls}
+        return {"alt": [{"text": {"exclude": [MISTRAL_OPEN]}},
+                        {"seq": [{"text": {"exclude": [MISTRAL_OPEN], "then": MISTRAL_OPEN}}] + calls}]}
+    raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
+
+
+def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
+    """(tool name, call schema) for each tool of a "tool_calls" constraint, in declaration order:
+    to find which tool's parameters make a tool-call grammar fail (compile each alone)."""
+    found: list[tuple[str, dict]] = []
+
+    def add(schema: dict) -> None:
+        for one in schema.get("anyOf", [schema]):
+            name = one["properties"]["name"]["const"]
+            if all(name != seen for seen, _ in found):
+                found.append((name, one))
+
+    def visit(node: dict) -> None:
+        if "json" in node:
+            schema = node["json"]
+            add(schema["items"] if schema.get("type") == "array" else schema)
+        for key in ("seq", "alt"):
+            for child in node.get(key, ()):
+                visit(child)
+        for key in ("star", "opt"):
+            if key in node:
+                visit(node[key])
+
+    visit(json.loads(str(spec.payload))["grammar"])
+    return found
+
+
+def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[ToolDef]]:
+    if tool_choice is None or tool_choice == "auto":
+        return "auto", tools
+    if tool_choice == "none":
+        return "none", tools
+    if tool_choice == "required" or tool_choice == "any":
+        return "required", tools
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
+        name = fn.get("name")
+        for t in tools:
+            if t.name == name:
+                return "required", [t]
+        raise GrammarError(f"tool_choice names {name!r}, which is not among the tools "
+                           f"({', '.join(t.name for t in tools)})")
+    raise GrammarError(f"invalid tool_choice {tool_choice!r}: expected 'auto', 'none', 'required' "
+                       "or {'type': 'function', 'function': {'name': ...}}")
+
+
+def tool_call_payload(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True) -> Optional[str]:
+    """The canonical JSON payload of a "tool_calls" constraint, or None (tool_choice "none" or no tools)."""
+    if fmt not in TOOL_FORMATS:
+        raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
+    defs = parse_tools(tools)
+    if not defs:
+        return None
+    mode, defs = _choice_mode(tool_choice, defs)
+    if mode == "none":
+        return None
+    grammar = tool_grammar(defs, fmt, mode, parallel)
+    payload = {"format": fmt, "mode": mode, "parallel": parallel, "tools": [t.name for t in defs],
+               "grammar": grammar}
+    return canonical_json(payload)

@@ -1,0 +1,390 @@
+"""Parsing a model's output into content and tool calls, incrementally: one small parser class per
+tool-call format (tool_formats.py), on a shared base that handles free text, markers split across
+deltas and the call objects themselves (tool_call_object.py, which also defines the events and
+ToolCall it reports).
+
+    parser = ToolCallParser("hermes")      # -> HermesToolParser
+    for delta_text in stream: events = parser.feed(delta_text)   # ContentDelta / ToolCallDelta
+    content, calls = parser.finish()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+from agentserve.grammar.tool_call_object import JSON_WS, CallObjectScanner, ContentDelta, ToolCall, ToolCallDelta
+from agentserve.grammar.tool_formats import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, TOOL_FORMATS, new_call_id
+
+
+Event = Union[ContentDelta, ToolCallDelta]
+
+
+class ToolCallParser:
+    """Incremental parser of a model's output into content and tool calls.
+
+    `ToolCallParser(fmt)` makes the format's parser (HermesToolParser, Llama3JsonToolParser,
+    MistralToolParser). Argument fragments are reported as they arrive (the first delta of a call
+    carries its id and name); the fragments of a call concatenate to its final `arguments_json`.
+    The parser needs the output text with the format's markers (decode without skipping special
+    tokens, or keep the marker tokens). A call cut off by the end of the output is not returned
+    (`truncated`).
+
+    Modes: "text" (free text, watching for the opener), "obj" (inside a call object), and the
+    format's own modes between those (`_feed_format`).
+    """
+
+    fmt = ""
+    opener = ""
+    after_opener_mode = ""          # the mode the opener leads into
+    after_call_mode = ""            # the mode after a call object
+    unclosed_modes: tuple[str, ...] = ()  # modes in which the end of output leaves calls unfinished
+
+    def __new__(cls, fmt: str, tools: Optional[Sequence[Any]] = None) -> "ToolCallParser":
+        if cls is ToolCallParser:
+            if fmt not in PARSERS:
+                raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
+            cls = PARSERS[fmt]
+        return super().__new__(cls)
+
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
+        self.args_keys = ("arguments", "parameters")
+        self.mode = "text"
+        self.pending = ""        # text held back (may be the start of a marker)
+        self.content_parts: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.truncated = False
+        self._obj: Optional[CallObjectScanner] = None
+        self._call_index = -1
+        self._call_id = ""
+        self._announced = False
+        self._finished = False
+        self._between_calls = True  # only whitespace since the start / the last call block
+
+    # -- public -------------------------------------------------------------------------------
+    def feed(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        for ch in text:
+            self._feed_char(ch, events)
+        self._flush_content(events, final=False)
+        self._flush_args(events)
+        return _merge(events)
+
+    def flush(self) -> list[Event]:
+        """End of output: the last deltas (held-back text that turned out not to be a marker)."""
+        events: list[Event] = []
+        if self._finished:
+            return events
+        self._finished = True
+        if self.mode == "text":
+            self._flush_content(events, final=True)
+        elif self.mode == "obj":
+            self._flush_args(events)
+            self.truncated = True  # a call cut off mid-object is not returned
+            self._obj = None
+        elif self.mode in self.unclosed_modes:
+            self.truncated = True  # the format's closing part is missing
+        return _merge(events)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content, complete tool calls). Calls `flush()` if it was not called."""
+        self.flush()
+        return "".join(self.content_parts), list(self.calls)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    # -- per-format hooks ---------------------------------------------------------------------
+    def _feed_format(self, ch: str, events: list[Event]) -> None:
+        """One char in one of the format's own modes (between the opener, the calls and the end)."""
+        raise NotImplementedError
+
+    def _starts_bare_call(self, ch: str) -> bool:
+        """Whether `ch` in text mode starts a call without the opener."""
+        return False
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def _feed_char(self, ch: str, events: list[Event]) -> None:
+        if self._finished:
+            raise RuntimeError("ToolCallParser.feed after flush/finish")
+        if self.mode == "text":
+            self._feed_text(ch, events)
+        elif self.mode == "obj":
+            self._feed_obj(ch, events)
+        else:
+            self._feed_format(ch, events)
+
+    def _feed_text(self, ch: str, events: list[Event]) -> None:
+        if self._starts_bare_call(ch):
+            self.pending = ""
+            self._start_call()
+            return
+        self.pending += ch
+        if self.pending.endswith(self.opener):
+            before = self.pending[: -len(self.opener)]
+            if not (self._between_calls and not before.strip(JSON_WS)):
+                self._emit_content(before, events)
+            self._between_calls = False
+            self.pending = ""
+            self.mode = self.after_opener_mode
+
+    def _feed_obj(self, ch: str, events: list[Event]) -> None:
+        obj = self._obj
+        assert obj is not None
+        try:
+            consumed = obj.feed(ch)
+        except ValueError:
+            self._recover(ch, events)
+            return
+        if obj.done:
+            self._complete_call(events)
+            self.mode = self.after_call_mode
+            if not consumed:
+                self._feed_char(ch, events)
+
+    def _emit_content(self, text: str, events: list[Event]) -> None:
+        if text:
+            self._between_calls = False
+            self.content_parts.append(text)
+            events.append(ContentDelta(text))
+
+    def _flush_content(self, events: list[Event], final: bool) -> None:
+        if self.mode != "text" or not self.pending:
+            return
+        if self._between_calls and not self.pending.strip(JSON_WS):
+            if final:
+                if not self.calls:  # whitespace after the last call is not content
+                    self._emit_content(self.pending, events)
+                self.pending = ""
+            return
+        if final:
+            self._emit_content(self.pending, events)
+            self.pending = ""
+            return
+        keep = _partial_marker_suffix(self.pending, [self.opener])
+        emit = self.pending[: len(self.pending) - keep]
+        if self._between_calls and not emit.strip(JSON_WS):
+            return  # whitespace before what may be the next call: hold it
+        self._emit_content(emit, events)
+        self.pending = self.pending[len(emit):]
+
+    def _flush_args(self, events: list[Event]) -> None:
+        obj = self._obj
+        if obj is None or obj.name is None:
+            return
+        if not self._announced:
+            self._announced = True
+            events.append(ToolCallDelta(index=self._call_index, id=self._call_id, name=obj.name,
+                                        arguments_delta=obj.args_pending))
+            obj.args_pending = ""
+        elif obj.args_pending:
+            events.append(ToolCallDelta(index=self._call_index, arguments_delta=obj.args_pending))
+            obj.args_pending = ""
+
+    def _start_call(self) -> None:
+        self.mode = "obj"
+        self._obj = CallObjectScanner(self.args_keys)
+        self._call_index += 1
+        self._call_id = new_call_id(self.fmt)
+        self._announced = False
+
+    def _complete_call(self, events: list[Event]) -> None:
+        obj = self._obj
+        assert obj is not None
+        self._flush_args(events)
+        if obj.name is None:
+            self.truncated = True  # a call without a name cannot be returned
+        else:
+            args = obj.args_final
+            if args is None:  # no arguments key: an empty object
+                args = "{}"
+                events.append(ToolCallDelta(index=self._call_index, arguments_delta=args))
+            self.calls.append(ToolCall(id=self._call_id, name=obj.name, arguments_json=args))
+        self._obj = None
+
+    def _recover(self, text: str, events: list[Event]) -> None:
+        """Malformed call text (only possible without a constraint): keep it as content."""
+        if self._obj is not None:
+            self._obj = None
+            self.truncated = True
+        self.mode = "text"
+        self.pending += text
+
+
+class HermesToolParser(ToolCallParser):
+    """`<tool_call>\\n{...}\\n</tool_call>` blocks after optional text."""
+
+    fmt = "hermes"
+    opener = HERMES_OPEN
+    after_opener_mode = "open"
+    after_call_mode = "close"
+    unclosed_modes = ("open", "close")
+
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
+        super().__init__(fmt, tools)
+        self._close_buf = ""       # what has arrived of the closing tag
+        self._ws_after_block = ""  # whitespace after a block: content only if text follows
+
+    def _feed_format(self, ch: str, events: list[Event]) -> None:
+        if self.mode == "open":
+            if ch in JSON_WS:
+                return
+            if ch == "{":
+                self._start_call()
+                return
+            self._recover(HERMES_OPEN + ch, events)
+        elif self.mode == "close":
+            self._feed_close_tag(ch, events)
+        else:  # "after_block"
+            self._feed_after_block(ch, events)
+
+    def _feed_close_tag(self, ch: str, events: list[Event]) -> None:
+        if ch in JSON_WS and not self._close_buf:
+            return
+        self._close_buf += ch
+        if HERMES_CLOSE.startswith(self._close_buf):
+            if self._close_buf == HERMES_CLOSE:
+                self.mode = "after_block"
+                self._close_buf = ""
+                self._ws_after_block = ""
+            return
+        # no closing tag: treat what follows as text
+        self.mode = "text"
+        text, self._close_buf = self._close_buf, ""
+        for c in text:
+            self._feed_char(c, events)
+
+    def _feed_after_block(self, ch: str, events: list[Event]) -> None:
+        if ch in JSON_WS:
+            self._ws_after_block += ch
+            return
+        self.mode = "text"
+        self.pending = self._ws_after_block
+        self._ws_after_block = ""
+        self._between_calls = True
+        self._feed_char(ch, events)
+
+
+class Llama3JsonToolParser(ToolCallParser):
+    """`{"name": ..., "parameters": ...}` as the whole output (or after `<|python_tag|>`), `; `-separated."""
+
+    fmt = "llama3_json"
+    opener = PYTHON_TAG
+    after_opener_mode = "list"
+    after_call_mode = "after_call"
+    unclosed_modes = ("list",)
+
+    def _starts_bare_call(self, ch: str) -> bool:
+        # a call at the start of the output (after optional whitespace)
+        return (ch == "{" and not self.content_parts and not self.calls and self._obj is None
+                and not self.pending.strip(JSON_WS))
+
+    def _feed_format(self, ch: str, events: list[Event]) -> None:
+        if ch in JSON_WS:
+            return
+        if self.mode == "list" and ch == "{":
+            self._start_call()
+        elif self.mode == "after_call" and ch == ";":
+            self.mode = "list"
+        else:
+            self._recover(ch, events)
+
+
+class MistralToolParser(ToolCallParser):
+    """`[TOOL_CALLS][{...}, ...]` after optional text."""
+
+    fmt = "mistral"
+    opener = MISTRAL_OPEN
+    after_opener_mode = "open"
+    after_call_mode = "after_call"
+    unclosed_modes = ("open", "list", "after_call")
+
+    def _feed_format(self, ch: str, events: list[Event]) -> None:
+        if self.mode == "done":  # after the array: text again
+            self.mode = "text"
+            self._feed_char(ch, events)
+        elif ch in JSON_WS:
+            return
+        elif self.mode == "open":
+            if ch == "[":
+                self.mode = "list"
+            else:
+                self._recover(MISTRAL_OPEN + ch, events)
+        else:
+            self._feed_list(ch, events)
+
+    def _feed_list(self, ch: str, events: list[Event]) -> None:
+        """Inside the array: "list" (a call may start) or "after_call" (a separator or the end)."""
+        if ch == "]":
+            self.mode = "done"
+        elif ch == ",":
+            self.mode = "list"
+        elif ch == "{" and self.mode == "list":
+            self._start_call()
+        else:
+            self._recover(ch, events)
+
+
+PARSERS: dict[str, type[ToolCallParser]] = {
+    "hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser,
+}
+
+
+def _partial_marker_suffix(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a marker."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), 0, -1):
+            if text.endswith(m[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def _merge(events: list[Event]) -> list[Event]:
+    """Adjacent content deltas joined, and adjacent argument fragments of one call."""
+    out: list[Event] = []
+    for e in events:
+        prev = out[-1] if out else None
+        if isinstance(e, ContentDelta) and isinstance(prev, ContentDelta):
+            out[-1] = ContentDelta(prev.text + e.text)
+        elif (isinstance(e, ToolCallDelta) and isinstance(prev, ToolCallDelta)
+              and e.index == prev.index and e.id is None and e.name is None):
+            out[-1] = ToolCallDelta(index=prev.index, arguments_delta=prev.arguments_delta + e.arguments_delta,
+                                    id=prev.id, name=prev.name)
+        else:
+            out.append(e)
+    return out
+
+
+class SessionToolStreamer:
+    """Adapter for sessions/turns: `feed(text_delta) -> (plain text delta, [ToolCallDelta])` and
+    `finish(full_text=None) -> (content, [OpenAI tool_call dicts])`."""
+
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
+        self.parser = ToolCallParser(fmt, tools)
+
+    @staticmethod
+    def _split(events: list[Event]) -> tuple[str, list[ToolCallDelta]]:
+        text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        return text, [e for e in events if isinstance(e, ToolCallDelta)]
+
+    def feed(self, text_delta: str) -> tuple[str, list[ToolCallDelta]]:
+        return self._split(self.parser.feed(text_delta))
+
+    def flush(self) -> tuple[str, list[ToolCallDelta]]:
+        """The last deltas at the end of the output (held-back text)."""
+        return self._split(self.parser.flush())
+
+    def finish(self, full_text: Optional[str] = None) -> tuple[str, list[dict]]:
+        content, calls = self.parser.finish()
+        return content, [c.to_openai() for c in calls]
+
+
+def make_session_streamer(fmt: Optional[str], tools: Optional[Sequence[Any]], tokenizer: Any = None
+                          ) -> Optional[SessionToolStreamer]:
+    """A streamer for `fmt` (None when the format is unknown). The tokenizer is not needed: the
+    parser works on text (decoded with the format's markers kept)."""
+    if not fmt:
+        return None
+    return SessionToolStreamer(fmt, tools)

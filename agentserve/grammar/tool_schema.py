@@ -1,0 +1,231 @@
+"""Tool parameter schemas: the dialects real tool definitions use, normalised to plain JSON Schema.
+
+Type aliases ("dict", "float", "int", "bool", "list", "str", "string " ...), enums without a type
+(inferred), properties without `"type": "object"`, OpenAPI-2 `"required": true` on properties,
+OpenAPI-3 `nullable`, `"items": "string"` and `"properties": {"x": "int"}` shorthands, draft-4
+tuple `items`. What no backend enforces is rejected with a GrammarError naming its path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from agentserve.grammar.interface import GrammarError
+
+_TYPE_ALIASES = {
+    "object": "object", "dict": "object", "map": "object", "hash": "object", "struct": "object",
+    "number": "number", "float": "number", "double": "number", "decimal": "number", "real": "number",
+    "integer": "integer", "int": "integer", "long": "integer", "int32": "integer", "int64": "integer",
+    "boolean": "boolean", "bool": "boolean",
+    "array": "array", "list": "array", "tuple": "array", "set": "array",
+    "string": "string", "str": "string", "text": "string", "char": "string",
+    "null": "null", "none": "null",
+}
+_ANY_TYPES = ("any", "")
+
+# Keywords that no supported backend enforces: rejected rather than silently dropped.
+UNSUPPORTED_KEYWORDS = (
+    "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "not", "if", "then", "else",
+    "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties", "unevaluatedItems",
+    "contains", "minContains", "maxContains", "propertyNames", "uniqueItems",
+)
+
+_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions")
+_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# Dialect keywords folded into other keywords (required, nullable, additionalItems) or dropped
+# (optional; uniqueItems: false, the only value that passes the unsupported-keyword check).
+_FOLDED_KEYWORDS = ("required", "nullable", "optional", "uniqueItems", "additionalItems")
+_APPLICATORS = ("anyOf", "oneOf", "allOf", "$ref")
+_OBJECT_HINTS = ("properties", "additionalProperties", "patternProperties")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _one_type(t: Any, path: str) -> Optional[str]:
+    """A type name or alias in JSON Schema's spelling; None for "any"."""
+    if not isinstance(t, str):
+        raise GrammarError(f"unsupported type {t!r} at {path}.type")
+    key = t.strip().lower()
+    if key in _ANY_TYPES:
+        return None
+    if key not in _TYPE_ALIASES:
+        raise GrammarError(f"unsupported type {t!r} at {path}.type")
+    return _TYPE_ALIASES[key]
+
+
+def _norm_type(value: Any, path: str) -> Any:
+    if isinstance(value, list):
+        types = [_one_type(t, path) for t in value]
+        if any(t is None for t in types):
+            return None
+        return list(dict.fromkeys(types)) if len(set(types)) > 1 else types[0]
+    return _one_type(value, path)
+
+
+def normalize_tool_schema(schema: Any, path: str = "parameters") -> dict:
+    """A tool's parameter schema in plain JSON Schema, or GrammarError naming what is unsupported
+    (see the module docstring for the dialects it fixes)."""
+    if schema is None or schema == {}:
+        return {"type": "object", "properties": {}}
+    if not isinstance(schema, dict):
+        raise GrammarError(f"tool parameters must be a JSON object schema at {path}, got {type(schema).__name__}")
+    out = _normalize(schema, path)
+    if not isinstance(out, dict):
+        raise GrammarError(f"tool parameters must be an object schema at {path}")
+    t = out.get("type")
+    if t is None:
+        out = {"type": "object", **out}
+    elif t != "object" and not (isinstance(t, list) and "object" in t):
+        raise GrammarError(f"tool parameters must be an object schema, got type {t!r} at {path}.type")
+    return out
+
+
+def _normalize(node: Any, path: str) -> Any:
+    if isinstance(node, bool):
+        return node
+    if isinstance(node, str):  # shorthand: "int" for {"type": "integer"}
+        t = _norm_type(node, path)
+        return {"type": t} if t else {}
+    if not isinstance(node, dict):
+        raise GrammarError(f"expected a schema object at {path}, got {type(node).__name__}")
+    _check_supported(node, path)
+    required = _required_names(node.get("required"))
+    out: dict[str, Any] = {}
+    for key, value in node.items():  # in schema order: property order is generation order
+        _normalize_keyword(node, key, value, path, out, required)
+    _infer_type(out, required)
+    _check_enum_types(out, path)
+    if required:
+        out["required"] = list(dict.fromkeys(required))
+    if node.get("nullable") is True:
+        _make_nullable(out)
+    return out
+
+
+def _check_supported(node: dict, path: str) -> None:
+    for kw in UNSUPPORTED_KEYWORDS:
+        if kw in node and not (kw == "uniqueItems" and node[kw] is False):
+            raise GrammarError(f"unsupported keyword '{kw}' at {path}")
+    ref = node.get("$ref")
+    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
+        raise GrammarError(f"unsupported keyword '$ref' (only local '#/...' references) at {path}")
+
+
+def _required_names(required: Any) -> list[str]:
+    """`required` as a list of names (a single name is accepted; OpenAPI-2 booleans come later)."""
+    if isinstance(required, list):
+        return [r for r in required if isinstance(r, str)]
+    if isinstance(required, str):
+        return [required]
+    return []
+
+
+def _normalize_keyword(node: dict, key: str, value: Any, path: str, out: dict[str, Any],
+                       required: list[str]) -> None:
+    """Write the normalised form of `node[key]` into `out` (OpenAPI-2 required flags into `required`)."""
+    sub = f"{path}.{key}"
+    if key in _FOLDED_KEYWORDS:
+        return
+    if key == "type":
+        t = _norm_type(value, path)
+        if t is not None:
+            out["type"] = t
+    elif key in _MAP_KEYWORDS:
+        out[key] = _normalize_map(key, value, sub, required)
+    elif key in _LIST_KEYWORDS:
+        if not isinstance(value, list) or not value:
+            raise GrammarError(f"'{key}' must be a non-empty array at {sub}")
+        out[key] = [_normalize(v, f"{sub}[{i}]") for i, v in enumerate(value)]
+    elif key == "items":
+        _normalize_items(node, value, path, out)
+    elif key == "additionalProperties":
+        out[key] = _normalize(value, sub)
+    elif key == "enum":
+        if not isinstance(value, list) or not value:
+            raise GrammarError(f"'enum' must be a non-empty array at {sub}")
+        out[key] = list(value)
+    else:
+        out[key] = value
+
+
+def _normalize_map(key: str, value: Any, sub: str, required: list[str]) -> dict[str, Any]:
+    """properties / patternProperties / $defs / definitions: each named subschema normalised."""
+    if not isinstance(value, dict):
+        raise GrammarError(f"'{key}' must be an object at {sub}")
+    mapped = {}
+    for name, prop in value.items():
+        if key == "properties" and isinstance(prop, dict) and isinstance(prop.get("required"), bool):
+            # OpenAPI 2: `"required": true` on the property instead of the parent's list
+            if prop["required"] and name not in required:
+                required.append(name)
+            prop = {k: v for k, v in prop.items() if k != "required"}
+        mapped[name] = _normalize(prop, f"{sub}.{name}")
+    return mapped
+
+
+def _normalize_items(node: dict, value: Any, path: str, out: dict[str, Any]) -> None:
+    sub = f"{path}.items"
+    if not isinstance(value, list):
+        out["items"] = _normalize(value, sub)
+        return
+    # draft-4 tuple form: items [...] + additionalItems -> prefixItems [...] + items
+    # (additionalItems without tuple items is ignored, as JSON Schema does)
+    out["prefixItems"] = [_normalize(v, f"{sub}[{i}]") for i, v in enumerate(value)]
+    extra = node.get("additionalItems", True)
+    if extra is not True:
+        out["items"] = _normalize(extra, f"{path}.additionalItems")
+
+
+def _infer_type(out: dict[str, Any], required: list[str]) -> None:
+    """A missing `type`, from the enum/const values or the keywords present."""
+    if "type" in out:
+        return
+    if "enum" in out or "const" in out:
+        values = out.get("enum", [out.get("const")])
+        types = list(dict.fromkeys(_json_type(v) for v in values))
+        if set(types) == {"integer", "number"}:
+            types = ["number"]
+        if not any(k in out for k in _APPLICATORS):
+            out["type"] = types[0] if len(types) == 1 else types
+    elif any(k in out for k in _OBJECT_HINTS) or required:
+        out["type"] = "object"
+    elif "items" in out or "prefixItems" in out:
+        out["type"] = "array"
+
+
+def _check_enum_types(out: dict[str, Any], path: str) -> None:
+    """Enum values must fit the (possibly aliased) type."""
+    if "type" not in out or "enum" not in out:
+        return
+    t = out["type"]
+    types = set(t) if isinstance(t, list) else {t}
+    if "number" in types:
+        types.add("integer")
+    for v in out["enum"]:
+        if _json_type(v) not in types:
+            raise GrammarError(f"enum value {v!r} does not match type {t!r} at {path}.enum")
+
+
+def _make_nullable(out: dict[str, Any]) -> None:
+    """OpenAPI 3 `nullable: true`: null joins the enum and the type."""
+    if "enum" in out and None not in out["enum"]:
+        out["enum"] = out["enum"] + [None]
+    t = out.get("type")
+    if t is not None:
+        types = t if isinstance(t, list) else [t]
+        if "null" not in types:
+            out["type"] = types + ["null"]
