@@ -11,7 +11,7 @@ import json
 from typing import Any, Optional, Sequence
 
 from agentserve.config import ServerConfig
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.errors import InvalidRequestError
 from agentserve.sampling_params import SamplingParams
 
 

@@ -16,17 +16,10 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.failures import STEP_FAILED, log_step_failure
 from agentserve.engine.request import RequestOutput
+from agentserve.errors import EngineDeadError, QueueFullError
 from agentserve.sampling_params import SamplingParams
 
 T = TypeVar("T")
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class QueueFullError(RuntimeError):
-    pass
 
 
 class EngineStepError(RuntimeError):

@@ -35,6 +35,7 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import (CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput,
                                        RequestStatus)
 from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
+from agentserve.errors import InvalidRequestError
 from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
@@ -47,10 +48,6 @@ logger = logging.getLogger(__name__)
 Prompt = Union[str, Sequence[int]]
 _computed_of = operator.attrgetter("num_computed_tokens")
 _table_of = operator.attrgetter("block_table")
-
-
-class InvalidRequestError(ValueError):
-    """Bad input from a caller; the message says what to fix."""
 
 
 class _InflightStep:

@@ -24,15 +24,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 import grpc
 
 from agentserve.chat import limits as L
-from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, SessionError
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions import render as R
-from agentserve.sessions.store import (SessionError, SessionSnapshot, SessionState, SessionStore, TextEvent,
+from agentserve.sessions.store import (SessionSnapshot, SessionState, SessionStore, TextEvent,
                                        Timing, ToolCallEvent, TurnResult, Usage)
 from agentserve.sessions.tool_calls import ReplyStream
 

@@ -67,8 +67,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequen
 from agentserve.cache.block_pool import compute_block_hashes
 from agentserve.cache.swap_slots import SwapSlots
 from agentserve.chat.render_pool import RenderPool
-from agentserve.engine.async_engine import EngineDeadError
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.errors import EngineDeadError, InvalidRequestError, SessionError
 from agentserve.engine.request import Request, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions import render as R
@@ -91,11 +90,6 @@ class SessionState(str, enum.Enum):
     SWAPPED = "swapped"    # pages in CPU swap space
     EVICTED = "evicted"    # pages dropped; recomputed (prefix cache helps) on the next turn
     CLOSED = "closed"
-
-
-class SessionError(Exception):
-    """Base of the session errors; `code` names the gRPC status they map to."""
-    code = "INTERNAL"
 
 
 class SessionNotFoundError(SessionError):
