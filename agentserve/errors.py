@@ -5,6 +5,8 @@ graph so that chat rendering and the adapters never import the engine (and torch
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class InvalidRequestError(ValueError):
     """Bad input from a caller; the message says what to fix (HTTP 400 / INVALID_ARGUMENT)."""
@@ -21,3 +23,13 @@ class QueueFullError(RuntimeError):
 class SessionError(Exception):
     """Base of the session errors; `code` names the gRPC status they map to."""
     code = "INTERNAL"
+
+
+class FieldError(InvalidRequestError):
+    """Bad input in one request field: `field` is the field to fix (OpenAI's `param`, e.g.
+    "messages[2].content"); `code` OpenAI's error code, when there is one."""
+
+    def __init__(self, message: str, field: Optional[str], code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code

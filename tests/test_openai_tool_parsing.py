@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence
 
 import openai
 import pytest
@@ -18,6 +18,7 @@ from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from agentserve.lora.interface import LoRAManager
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 
@@ -66,9 +67,29 @@ class ScriptedEngine:
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
+        self.lora_manager: Optional[LoRAManager] = None
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         return params if params.max_tokens is not None else params.clone(max_tokens=16)
+
+
+class _Adapters:
+    """A LoRA manager that only names its adapters (routing is what is under test, not loading)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def load(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def unload(self, name: str) -> None:
+        raise NotImplementedError
+
+    def activate(self, names: Sequence[Optional[str]]) -> list[int]:
+        raise NotImplementedError
 
 
 class ScriptedAsyncEngine:
@@ -79,6 +100,9 @@ class ScriptedAsyncEngine:
         self.script = ""
         self.max_pending, self.num_pending = 100, 0
         self.last_params: Optional[SamplingParams] = None
+
+    def is_running(self) -> bool:
+        return True
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
                        **kwargs: Any) -> AsyncIterator[RequestOutput]:
@@ -220,11 +244,9 @@ def test_tool_schema_dialects_and_unsupported_keywords(scripted: tuple[Scripted,
 def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
     """Models are the base model and the engine's LoRA adapters (when it has a manager): a request
     naming an adapter runs with lora_name set; an unknown name is a 404."""
-    from types import SimpleNamespace
-
     s, _ = scripted
     s.aeng.script = "ok"
-    s.engine.lora_manager = SimpleNamespace(adapters={"support-bot": object()})  # type: ignore[attr-defined]
+    s.engine.lora_manager = _Adapters(["support-bot"])
     try:
         ids = [m.id for m in s.client.models.list().data]
         assert ids == [s.engine.model_name, "support-bot"]
@@ -238,4 +260,4 @@ def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
         with pytest.raises(openai.NotFoundError):
             s.client.chat.completions.create(model="other-bot", messages=[{"role": "user", "content": "hi"}])
     finally:
-        del s.engine.lora_manager  # type: ignore[attr-defined]
+        s.engine.lora_manager = None

@@ -50,6 +50,10 @@ class AsyncEngine:
     def from_kwargs(cls, model: str, **kwargs: Any) -> "AsyncEngine":
         return cls(Engine.from_kwargs(model, **kwargs))
 
+    def is_running(self) -> bool:
+        """Whether the step thread is up and not shutting down (what /health reports)."""
+        return self._thread.is_alive() and not self._stopping
+
     # --- running things on the step thread --------------------------------------------------------
     def call_soon(self, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         if self._stopping:

@@ -36,6 +36,7 @@ from agentserve.engine.request import (CompletionOutput, Logprob, Request, Reque
                                        RequestStatus)
 from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
 from agentserve.errors import InvalidRequestError
+from agentserve.lora.interface import LoRAManager
 from agentserve.grammar.backend import GrammarError
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
@@ -122,6 +123,7 @@ class Engine:
         self.arch, self.model_path = resolve_model(config)
         tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
         self.tokenizer = _load_tokenizer(tok_path)
+        self.lora_manager: Optional[LoRAManager] = None  # multi-LoRA serving lands with lora/manager.py
         self.eos_token_ids = _generation_eos(self.model_path, self.arch, self.tokenizer)
         self.max_model_len = self._decide_max_model_len()
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)

@@ -70,8 +70,8 @@ from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import EngineDeadError, InvalidRequestError, SessionError
 from agentserve.engine.request import Request, RequestOutput
 from agentserve.sampling_params import SamplingParams
-from agentserve.sessions import render as R
-from agentserve.sessions.tool_calls import ReplyStream
+from agentserve.chat import render as R
+from agentserve.chat.reply import ReplyStream
 
 if TYPE_CHECKING:
     from agentserve.engine.async_engine import AsyncEngine
@@ -919,7 +919,7 @@ class SessionStore:
         kwargs: dict[str, Any] = dict(retain_blocks=True, share_prefix=True, priority=priority,
                                       cache_salt=s.cache_salt, lora_name=s.adapter)
         kwargs["admit_hook"] = _TurnAdmission(self, pending)
-        reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
+        reply = ReplyStream(self.engine.tokenizer, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params, **kwargs)
         try:
             async for out in gen:
