@@ -11,20 +11,21 @@ Two sources:
   each finished sequence's timing to us on the step thread. The hook only appends a tuple to a
   deque; the observations happen on the event loop (a background drain, and before every scrape),
   so the step loop pays next to nothing.
-- Sessions resident / swapped come from the session store when one is given (duck-typed).
+- Sessions resident / swapped / evicted come from the session store when one is given.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agentserve.engine.metrics import live_engine_gauges
+from agentserve.sessions.store import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -37,50 +38,12 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
-def session_counts(store: Any) -> dict[str, int]:
-    """{"resident": n, "swapped": n, "evicted": n} from a session store, duck-typed: a
-    `residency_counts()` / `counts()` / `stats()` method returning such a dict, or sessions (a
-    `sessions` mapping or a `list_sessions()` / `list()` method) whose `state` / `residency` /
-    `status` attribute (a string or an enum) names their residency."""
-    counts = {"resident": 0, "swapped": 0, "evicted": 0}
+def session_counts(store: Optional[SessionStore]) -> dict[str, int]:
+    """{"resident": n, "swapped": n, "evicted": n}; zeros without a session store."""
     if store is None:
-        return counts
-    for name in ("residency_counts", "counts", "stats"):
-        fn = getattr(store, name, None)
-        if callable(fn):
-            try:
-                got = fn()
-            except TypeError:
-                continue
-            if isinstance(got, dict) and any(k in got for k in counts):
-                for k in counts:
-                    counts[k] = int(got.get(k, 0) or 0)
-                return counts
-    sessions: Iterable[Any] = ()
-    raw = getattr(store, "sessions", None)
-    if isinstance(raw, dict):
-        sessions = list(raw.values())
-    else:
-        for name in ("list_sessions", "list"):
-            fn = getattr(store, name, None)
-            if callable(fn):
-                try:
-                    sessions = list(fn())
-                    break
-                except TypeError:
-                    continue
-    for s in sessions:
-        for attr in ("residency", "state", "status"):
-            value = getattr(s, attr, None)
-            if value is None:
-                continue
-            label = str(getattr(value, "name", value)).lower()
-            for k in counts:
-                if k in label:
-                    counts[k] += 1
-                    break
-            break
-    return counts
+        return {"resident": 0, "swapped": 0, "evicted": 0}
+    counts = store.residency_counts()
+    return {k: counts[k] for k in ("resident", "swapped", "evicted")}
 
 
 class _EngineCollector(Collector):
@@ -159,14 +122,14 @@ class Metrics:
 
     # --- engine hook ----------------------------------------------------------------------------------
     def install(self) -> None:
-        hooks = getattr(self.engine.metrics, "finish_hooks", None)
-        if hooks is not None and not self._hook_installed:
+        hooks = self.engine.metrics.finish_hooks
+        if not self._hook_installed:
             hooks.append(self._on_finish)
             self._hook_installed = True
 
     def uninstall(self) -> None:
-        hooks = getattr(self.engine.metrics, "finish_hooks", None)
-        if hooks is not None and self._hook_installed:
+        hooks = self.engine.metrics.finish_hooks
+        if self._hook_installed:
             try:
                 hooks.remove(self._on_finish)
             except ValueError:
