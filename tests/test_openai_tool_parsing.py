@@ -51,6 +51,11 @@ def _mistral(calls: list[dict[str, Any]]) -> str:
 class _Pool:
     def __init__(self) -> None:
         self.num_blocks, self.block_size = 1024, 16
+        self.num_used_blocks = self.query_tokens = self.hit_tokens = 0  # read by /metrics' live gauges
+
+
+class _Scheduler:
+    num_running = num_waiting = 0  # read by /metrics' live gauges
 
 
 class ScriptedEngine:
@@ -64,6 +69,7 @@ class ScriptedEngine:
         self.model_name = f"scripted-{arch}"
         self.max_model_len = 4096
         self.pool = _Pool()
+        self.scheduler = _Scheduler()
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
