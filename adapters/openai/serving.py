@@ -163,8 +163,9 @@ class OpenAIServing:
             kw["regex"] = req.guided_regex
         if req.guided_choice is not None:
             kw["choice"] = req.guided_choice
-        constraints = {"response_format": rf is not None and rf.type != "text", "guided_json": req.guided_json is not None,
-                       "guided_regex": req.guided_regex is not None, "guided_choice": req.guided_choice is not None}
+        constraints = {"response_format": rf is not None and rf.type != "text",
+                       "guided_json": req.guided_json is not None, "guided_regex": req.guided_regex is not None,
+                       "guided_choice": req.guided_choice is not None}
         given = [k for k, present in constraints.items() if present]
         if len(given) > 1:
             raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])

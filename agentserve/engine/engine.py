@@ -36,8 +36,8 @@ from agentserve.engine.request import (CompletionOutput, Logprob, Request, Reque
                                        RequestStatus)
 from agentserve.engine.scheduler import AdmitHook, Scheduler, SchedulerOutput
 from agentserve.errors import InvalidRequestError
-from agentserve.lora.interface import LoRAManager
 from agentserve.grammar.backend import GrammarError
+from agentserve.lora.interface import LoRAManager
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.loader import resolve_dtype
 from agentserve.sampling_params import SamplingParams

@@ -24,20 +24,20 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 import grpc
 
 from agentserve.chat import limits as L
+from agentserve.chat import render as R
+from agentserve.chat.messages import SESSION_RULES, normalize_messages, parse_json_object
+from agentserve.chat.reply import ReplyStream
+from agentserve.chat.tools import normalize_tools
 from agentserve.engine.async_engine import AsyncEngine
-from agentserve.lora.interface import adapter_names
-from agentserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, SessionError
 from agentserve.engine.metrics import live_engine_gauges
+from agentserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, SessionError
+from agentserve.lora.interface import adapter_names
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
-from agentserve.chat import render as R
-from agentserve.chat.messages import SESSION_RULES, normalize_messages, parse_json_object
-from agentserve.chat.tools import normalize_tools
 from agentserve.sessions.store import (SessionSnapshot, SessionState, SessionStore, TextEvent,
                                        Timing, ToolCallEvent, TurnResult, Usage)
-from agentserve.chat.reply import ReplyStream
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             if request.messages:
                 if not R.has_chat_template(self.engine.tokenizer):
                     raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
-                msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=False, vocab_size=self.engine.arch.vocab_size)
+                msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=False,
+                                          vocab_size=self.engine.arch.vocab_size)
                 pool.check_messages(msgs)
                 prompt = await pool.run(lambda tok: pool.encode(
                     tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages",
