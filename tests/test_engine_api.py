@@ -9,7 +9,7 @@ import pytest
 
 from agentserve import SamplingParams
 from agentserve.engine.async_engine import AsyncEngine
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.errors import InvalidRequestError
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
 from agentserve.testing import tiny_model_cached

@@ -24,7 +24,8 @@ from agentserve.adapters.client import AgentClient
 from agentserve.adapters.client.client import to_sampling
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.detokenizer import IncrementalDetokenizer
-from agentserve.engine.engine import Engine, InvalidRequestError
+from agentserve.engine.engine import Engine
+from agentserve.errors import InvalidRequestError
 from agentserve.grammar.state import GrammarState
 from agentserve.sampling_params import SamplingParams, SamplingParamsError
 from conftest_grpc import SYSTEM, make_config, make_engine, run, serving

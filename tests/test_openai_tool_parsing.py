@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import random
-from types import SimpleNamespace
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence
 
 import openai
 import pytest
 
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
-from agentserve.cache.block_pool import BlockPool
 from agentserve.config import EngineConfig
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from agentserve.lora.interface import LoRAManager
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 
@@ -49,9 +48,18 @@ def _mistral(calls: list[dict[str, Any]]) -> str:
     return "[TOOL_CALLS]" + json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
 
 
+class _Pool:
+    def __init__(self) -> None:
+        self.num_blocks, self.block_size = 1024, 16
+        self.num_used_blocks = self.query_tokens = self.hit_tokens = 0  # read by /metrics' live gauges
+
+
+class _Scheduler:
+    num_running = num_waiting = 0  # read by /metrics' live gauges
+
+
 class ScriptedEngine:
-    """Just enough of Engine for the app: tokenizer, limits, metrics and the live gauges' queues and
-    pages (an idle scheduler, a real empty pool), validate."""
+    """Just enough of Engine for the app: tokenizer, limits, metrics, validate."""
 
     def __init__(self, arch: str) -> None:
         from transformers import AutoTokenizer
@@ -60,14 +68,34 @@ class ScriptedEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.model_name = f"scripted-{arch}"
         self.max_model_len = 4096
-        self.pool = BlockPool(num_blocks=1024, block_size=16)
-        self.scheduler = SimpleNamespace(num_running=0, num_waiting=0)
+        self.pool = _Pool()
+        self.scheduler = _Scheduler()
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
+        self.lora_manager: Optional[LoRAManager] = None
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         return params if params.max_tokens is not None else params.clone(max_tokens=16)
+
+
+class _Adapters:
+    """A LoRA manager that only names its adapters (routing is what is under test, not loading)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def load(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def unload(self, name: str) -> None:
+        raise NotImplementedError
+
+    def activate(self, names: Sequence[Optional[str]]) -> list[int]:
+        raise NotImplementedError
 
 
 class ScriptedAsyncEngine:
@@ -78,6 +106,9 @@ class ScriptedAsyncEngine:
         self.script = ""
         self.max_pending, self.num_pending = 100, 0
         self.last_params: Optional[SamplingParams] = None
+
+    def is_running(self) -> bool:
+        return True
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
                        **kwargs: Any) -> AsyncIterator[RequestOutput]:
@@ -221,7 +252,7 @@ def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
     naming an adapter runs with lora_name set; an unknown name is a 404."""
     s, _ = scripted
     s.aeng.script = "ok"
-    s.engine.lora_manager = SimpleNamespace(adapters={"support-bot": object()})  # type: ignore[attr-defined]
+    s.engine.lora_manager = _Adapters(["support-bot"])
     try:
         ids = [m.id for m in s.client.models.list().data]
         assert ids == [s.engine.model_name, "support-bot"]
@@ -235,4 +266,4 @@ def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
         with pytest.raises(openai.NotFoundError):
             s.client.chat.completions.create(model="other-bot", messages=[{"role": "user", "content": "hi"}])
     finally:
-        del s.engine.lora_manager  # type: ignore[attr-defined]
+        s.engine.lora_manager = None

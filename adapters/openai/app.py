@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,9 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from agentserve.adapters.openai.chat import ChatEndpoint
+from agentserve.adapters.openai.completions import CompletionsEndpoint
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
-from agentserve.chat.limits import EdgeLimitError
 from agentserve.chat.render_pool import RenderPool
+from agentserve.errors import FieldError
 from agentserve.service.tenants import TENANT_SCOPE_KEY, TenantLimitError, Tenants
 
 logger = logging.getLogger(__name__)
@@ -157,73 +159,18 @@ class _GateMiddleware:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
 
-def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max_body_bytes: Optional[int] = None,
-               render_pool: Optional[RenderPool] = None, tenants: Optional[Tenants] = None) -> FastAPI:
-    """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for the API
-    keys, the request limits and the model path); `session_store` (optional, duck-typed) feeds the
-    session gauges of /metrics. `render_pool` is the render/tokenize pool shared with the gRPC service
-    (the app makes, and closes, its own without one); `max_body_bytes` overrides
-    `config.server.max_body_bytes`; `tenants` (shared with the gRPC server) defaults to the tenants of
-    `config.server`."""
-    metrics = Metrics(async_engine.engine, session_store)
-    metrics.install()
-    own_pool = render_pool is None
-    if render_pool is None:
-        render_pool = RenderPool(async_engine.engine.tokenizer, async_engine.engine.max_model_len, config.server)
-    serving = OpenAIServing(async_engine, config, metrics, render_pool)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def drain() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                metrics.drain()
-
-        task = asyncio.create_task(drain())
-        try:
-            yield
-        finally:
-            task.cancel()
-            metrics.uninstall()
-            if own_pool:
-                render_pool.close()
-
-    app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.serving = serving
-    app.state.metrics = metrics
-    app.state.async_engine = async_engine
-    app.state.session_store = session_store
-
-    # --- errors -------------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return _openai_error_response(exc)
 
-    @app.exception_handler(EdgeLimitError)
-    async def _edge_limit_error(request: Request, exc: EdgeLimitError) -> JSONResponse:
+    @app.exception_handler(FieldError)
+    async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
         return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        # Unions report the branch tried ("prompt.str"): keep the field path readable.
-        loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
-                                           "list[list[int]]", "dict[str,any]")]
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            param = None
-        elif first.get("type") == "missing":
-            message = f"'{param}' is a required property"
-        else:
-            message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
-            if first.get("input") is not None and first.get("type") != "model_attributes_type":
-                with contextlib.suppress(TypeError, ValueError):
-                    message += f" (got {json.dumps(first['input'])[:200]})"
-        return _error_response(400, message, "invalid_request_error", param)
+        return _validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -237,12 +184,32 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
         logger.exception("unhandled error on %s", request.url.path)
         return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error")
 
-    # --- routes -------------------------------------------------------------------------------------
+
+def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Unions report the branch tried ("prompt.str"): keep the field path readable.
+    loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
+                                       "list[list[int]]", "dict[str,any]")]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        param = None
+    elif first.get("type") == "missing":
+        message = f"'{param}' is a required property"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
+        if first.get("input") is not None and first.get("type") != "model_attributes_type":
+            with contextlib.suppress(TypeError, ValueError):
+                message += f" (got {json.dumps(first['input'])[:200]})"
+    return _error_response(400, message, "invalid_request_error", param)
+
+
+def _add_status_routes(app: FastAPI, async_engine: Any, metrics: Metrics) -> None:
     @app.get("/health")
     async def health() -> Response:
-        thread = getattr(async_engine, "_thread", None)
-        alive = thread is None or thread.is_alive()
-        if not alive or getattr(async_engine, "_stopping", False):
+        if not async_engine.is_running():
             return _error_response(503, "the engine is not running", "server_error", None, "engine_unavailable")
         return Response(status_code=200)
 
@@ -250,6 +217,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+
+def _add_model_routes(app: FastAPI, serving: OpenAIServing) -> None:
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(serving.list_models())
@@ -258,26 +227,76 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     async def get_model(model_id: str) -> JSONResponse:
         return JSONResponse(serving.get_model(model_id))
 
-    async def _respond(result: Any) -> Response:
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+async def _respond(result: Awaitable[Any]) -> Response:
+    """A whole response as JSON, a stream as server-sent events; 499 when the client went away."""
+    try:
+        body = await result
+    except ClientDisconnected:
+        return Response(status_code=499)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    completions_endpoint = CompletionsEndpoint(serving)
+    chat_endpoint = ChatEndpoint(serving)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
-        try:
-            return await _respond(await serving.completions(body, raw_request))
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _respond(completions_endpoint.create(body, raw_request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
-        try:
-            return await _respond(await serving.chat(body, raw_request))
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _respond(chat_endpoint.create(body, raw_request))
 
+
+def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool]) -> Callable[[FastAPI], Any]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def drain() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                metrics.drain()
+
+        task = asyncio.create_task(drain())
+        try:
+            yield
+        finally:
+            task.cancel()
+            metrics.uninstall()
+            if own_pool is not None:
+                own_pool.close()
+
+    return lifespan
+
+
+def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max_body_bytes: Optional[int] = None,
+               render_pool: Optional[RenderPool] = None, tenants: Optional[Tenants] = None) -> FastAPI:
+    """The FastAPI app over `async_engine` (an AsyncEngine). `config` is the EngineConfig (for the API
+    keys, the request limits and the model path); `session_store` (optional) feeds the session gauges
+    of /metrics. `render_pool` is the render/tokenize pool shared with the gRPC service (the app makes,
+    and closes, its own without one); `max_body_bytes` overrides `config.server.max_body_bytes`;
+    `tenants` (shared with the gRPC server) defaults to the tenants of `config.server`."""
+    metrics = Metrics(async_engine.engine, session_store)
+    metrics.install()
+    own_pool = None
+    if render_pool is None:
+        render_pool = own_pool = RenderPool(async_engine.engine.tokenizer, async_engine.engine.max_model_len,
+                                            config.server)
+    serving = OpenAIServing(async_engine, config, metrics, render_pool)
+    app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=_lifespan(metrics, own_pool), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.state.metrics = metrics
+    app.state.async_engine = async_engine
+    app.state.session_store = session_store
+    _install_error_handlers(app)
+    _add_status_routes(app, async_engine, metrics)
+    _add_model_routes(app, serving)
+    _add_generation_routes(app, serving)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
     return app

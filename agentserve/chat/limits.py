@@ -11,18 +11,12 @@ import json
 from typing import Any, Optional, Sequence
 
 from agentserve.config import ServerConfig
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.errors import FieldError
 from agentserve.sampling_params import SamplingParams
 
 
-class EdgeLimitError(InvalidRequestError):
-    """A request over a limit, or with an invalid string: HTTP 400 / gRPC INVALID_ARGUMENT. `field` is
-    the request field to fix (OpenAI's `param`); `code` OpenAI's error code, when there is one."""
-
-    def __init__(self, message: str, field: Optional[str], code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.code = code
+class EdgeLimitError(FieldError):
+    """A request over a limit, or with an invalid string: HTTP 400 / gRPC INVALID_ARGUMENT."""
 
 
 def check_count(count: int, limit: int, field: str, flag: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.failures import STEP_FAILED, log_step_failure
+from agentserve.errors import EngineDeadError, QueueFullError
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
@@ -24,12 +25,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EngineDeadError(RuntimeError):
-    pass
 
 
-class QueueFullError(RuntimeError):
-    pass
 
 
 class EngineStepError(RuntimeError):

@@ -32,7 +32,9 @@ from agentserve.engine.loading import (decide_max_model_len, generation_eos, loa
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
+from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
+from agentserve.lora.interface import LoRAManager
 from agentserve.lora.key import LoRAKey, LoRAKeys
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput
@@ -45,10 +47,6 @@ logger = logging.getLogger(__name__)
 Prompt = Union[str, Sequence[int]]
 
 
-class InvalidRequestError(ValueError):
-    """Bad input from a caller; the message says what to fix."""
-
-
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -56,6 +54,7 @@ class Engine:
         self.arch, self.model_path = resolve_model(config)
         tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
         self.tokenizer = load_tokenizer(tok_path)
+        self.lora_manager: Optional[LoRAManager] = None  # multi-LoRA serving lands with lora/manager.py
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         self.max_model_len = decide_max_model_len(config, self.arch)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
@@ -80,8 +79,7 @@ class Engine:
         self.grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
         self.output = OutputProcessor(self)
         self.lora_keys = LoRAKeys()  # adapter name -> its current id + load generation (prefix-cache keys)
-        # Streaming callers want an output per step; the offline API only needs finished ones.
-        self.emit_unfinished = True
+        self.emit_unfinished = True  # streaming callers want an output per step; offline, only finished ones
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
         self.closed = False

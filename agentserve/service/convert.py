@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.errors import InvalidRequestError
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
-from agentserve.sessions import render as R
+from agentserve.chat.messages import parse_json_object
 from agentserve.sessions.types import (SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent, TurnEvent,
                                        TurnResult, Usage, timing_from_metrics)
 
@@ -50,7 +50,7 @@ def messages_from_proto(messages: Sequence[pb.Message]) -> list[dict[str, Any]]:
 def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]:
     out = []
     for i, t in enumerate(tools):
-        params = R.parse_json_object(t.parameters_json, f"tools[{i}].parameters_json") if t.parameters_json else None
+        params = parse_json_object(t.parameters_json, f"tools[{i}].parameters_json") if t.parameters_json else None
         fn: dict[str, Any] = {"name": t.name}  # OpenAI's key order (templates serialise tools as given)
         if t.description:
             fn["description"] = t.description
@@ -81,7 +81,7 @@ def _response_format_kwargs(response_format: Optional[pb.ResponseFormat]) -> dic
     if kind == "json_schema":
         if not response_format.json_schema:
             raise InvalidRequestError("response_format.json_schema is empty")
-        return {"json_schema": R.parse_json_object(response_format.json_schema, "response_format.json_schema")}
+        return {"json_schema": parse_json_object(response_format.json_schema, "response_format.json_schema")}
     if kind == "regex":
         return {"regex": response_format.regex}
     if kind == "choice":

@@ -24,8 +24,8 @@ import grpc
 
 from agentserve import __version__
 from agentserve.chat import limits as L
-from agentserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from agentserve.engine.engine import InvalidRequestError
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, SessionError
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -34,10 +34,12 @@ from agentserve.service import agent_pb2_grpc as pb_grpc
 from agentserve.service.convert import (generate_done_to_proto, messages_from_proto, sampling_from_proto,
                                         snapshot_to_proto, tools_from_proto, turn_event_to_proto)
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
-from agentserve.sessions import render as R
 from agentserve.sessions.store import SessionStore
-from agentserve.sessions.tool_calls import ReplyStream
-from agentserve.sessions.types import SessionError
+from agentserve.chat import render as R
+from agentserve.chat.messages import SESSION_RULES, normalize_messages
+from agentserve.chat.reply import ReplyStream
+from agentserve.chat.tools import normalize_tools
+from agentserve.lora.interface import adapter_names
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +115,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 "" if self.engine.config.lora.enable_lora else " (LoRA is not enabled on this server)"))
 
     def _adapters(self) -> list[str]:
-        mgr = getattr(self.engine, "lora_manager", None)
-        names = getattr(mgr, "names", None) if mgr is not None else None
-        if callable(names):
-            return list(names())
-        return list(names or [])
+        return adapter_names(self.engine.lora_manager)
 
     def _check_tools(self, tools: Sequence[pb.Tool]) -> None:
         """Tool count and each tool's schema, on the JSON text before it is parsed."""
@@ -216,7 +214,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._check_edge(messages, request.sampling,
                              request.response_format if request.HasField("response_format") else None)
             if tools is not None:
-                tools = R.normalize_tools(tools)
+                tools = normalize_tools(tools)
             if request.tools and not request.messages:
                 raise InvalidRequestError("tools need messages (they are rendered with the chat template)")
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
@@ -238,7 +236,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if request.messages:
             if not R.has_chat_template(self.engine.tokenizer):
                 raise InvalidRequestError("this model has no chat template: send prompt or prompt_token_ids")
-            msgs = R.normalize_messages(messages, raw_tokens=False, vocab_size=self.engine.arch.vocab_size)
+            msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=False,
+                                      vocab_size=self.engine.arch.vocab_size)
             pool.check_messages(msgs)
             return await pool.run(lambda tok: pool.encode(
                 tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages", add_special_tokens=False))
@@ -258,7 +257,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         reply: Optional[ReplyStream] = None
         async for out in outs:
             if reply is None:
-                reply = ReplyStream(self.engine, out.prompt_token_ids, params, tools)
+                reply = ReplyStream(self.engine.tokenizer, out.prompt_token_ids, params, tools)
             comp = out.outputs[0]
             text, calls = reply.feed(out)
             for c in calls:
@@ -284,15 +283,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
         async with _errors(context):
-            mgr = getattr(self.engine, "lora_manager", None)
-            load = getattr(mgr, "load", None) if mgr is not None else None
-            if load is None:
+            mgr = self.engine.lora_manager
+            if mgr is None:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server "
                                     "build yet" if self.engine.config.lora.enable_lora else
                                     "LoRA is not enabled (start the server with --enable-lora)")
             if not request.name or not request.path:
                 raise InvalidRequestError("LoadAdapter needs a name and a path")
-            await self.aeng.run(lambda: load(request.name, request.path))  # type: ignore[misc]
+            await self.aeng.run(lambda: mgr.load(request.name, request.path))  # type: ignore[union-attr]
             return pb.AdapterInfo(name=request.name, path=request.path)
         raise AssertionError("unreachable")
 
@@ -300,11 +298,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         async with _errors(context):
             self._check_adapter(request.name)
-            mgr = getattr(self.engine, "lora_manager", None)
-            unload = getattr(mgr, "unload", None)
-            if unload is None:
+            mgr = self.engine.lora_manager
+            if mgr is None:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server")
-            await self.aeng.run(lambda: unload(request.name))  # type: ignore[misc]
+            await self.aeng.run(lambda: mgr.unload(request.name))  # type: ignore[union-attr]
             return pb.UnloadAdapterResponse()
         raise AssertionError("unreachable")
 

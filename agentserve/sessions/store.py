@@ -28,9 +28,9 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from agentserve.chat.render_pool import RenderPool
-from agentserve.engine.async_engine import AsyncEngine, EngineDeadError
-from agentserve.engine.engine import InvalidRequestError
-from agentserve.sessions import render as R
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.errors import EngineDeadError, InvalidRequestError
+from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency
 from agentserve.sessions.turns import TurnLifecycle
 from agentserve.sessions.types import (ANONYMOUS_TENANT, DEFAULT_MAX_SESSIONS, DEFAULT_TTL_SECONDS, PendingTurn,

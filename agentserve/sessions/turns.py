@@ -35,13 +35,14 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
 
 from agentserve.chat.render_pool import RenderPool
-from agentserve.engine.async_engine import AsyncEngine, EngineDeadError
-from agentserve.engine.engine import Engine, InvalidRequestError
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
+from agentserve.errors import EngineDeadError, InvalidRequestError
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
-from agentserve.sessions import render as R
+from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency, TurnAdmission
-from agentserve.sessions.tool_calls import ReplyStream
+from agentserve.chat.reply import ReplyStream
 from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, Session, SessionBusyError, SessionStats, TextEvent,
                                        ToolCallEvent, TurnCancelledError, TurnEvent, TurnResult, Usage,
                                        snapshot_of, timing_from_metrics)
@@ -280,7 +281,7 @@ class TurnLifecycle:
 
     async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
         s = pending.session
-        reply = ReplyStream(self.engine, pending.prompt_token_ids, pending.params, s.tools)
+        reply = ReplyStream(self.engine.tokenizer, pending.prompt_token_ids, pending.params, s.tools)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params,
                                  retain_blocks=True, share_prefix=True, priority=priority, cache_salt=s.cache_salt,
                                  lora_name=s.adapter, lora_key=s.lora_key,

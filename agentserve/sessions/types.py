@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from agentserve.errors import SessionError
 from agentserve.lora.key import LoRAKey
 from agentserve.outputs import RequestMetrics
 from agentserve.sampling_params import SamplingParams
@@ -31,9 +32,6 @@ class SessionState(str, enum.Enum):
 
 
 # --- errors -------------------------------------------------------------------------------------------
-class SessionError(Exception):
-    """Base of the session errors; `code` names the gRPC status they map to."""
-    code = "INTERNAL"
 
 
 class SessionNotFoundError(SessionError):

@@ -1,0 +1,318 @@
+"""POST /v1/chat/completions: messages through the chat template (in the render pool) -> one engine
+request -> OpenAI chat.completion responses and SSE chunks, tool calls parsed into `tool_calls`."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
+from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
+from agentserve.adapters.openai.tool_chunks import ToolCallChunks
+from agentserve.chat import limits as L
+from agentserve.chat.messages import OPENAI_RULES, normalize_messages
+from agentserve.chat.reply import opener_is_special, tool_format_of
+from agentserve.chat.tool_schemas import check_tool_schemas
+from agentserve.chat.tools import check_tool_choice
+from agentserve.outputs import CompletionOutput, RequestOutput
+from agentserve.sampling_params import SamplingParams
+
+Tools = Optional[list[dict[str, Any]]]
+
+
+def _check_limits(req: ChatCompletionRequest, limits: Any) -> None:
+    L.check_count(len(req.messages), limits.max_messages, "messages", "max-messages")
+    L.check_count(len(req.tools or ()), limits.max_tools, "tools", "max-tools")
+    for i, t in enumerate(req.tools or ()):
+        if t.function.parameters is not None:
+            L.check_schema(t.function.parameters, f"tools[{i}].function.parameters", limits)
+
+
+def _check_tools(req: ChatCompletionRequest) -> tuple[Tools, Any]:
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = check_tool_choice(tools, req.tool_choice)
+    if tools and choice != "none":
+        check_tool_schemas(tools)
+    return tools, choice
+
+
+def _top_logprobs(req: ChatCompletionRequest) -> int:
+    if req.top_logprobs is None:
+        return 0
+    if not req.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if not 0 <= req.top_logprobs <= 20:
+        raise OpenAIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+    return req.top_logprobs
+
+
+class ChatEndpoint:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.s = serving
+        self._tool_fmt: Optional[str] = None  # detected lazily ("" when unknown)
+
+    def tool_format(self) -> Optional[str]:
+        if self._tool_fmt is None:
+            self._tool_fmt = tool_format_of(self.s.tokenizer) or ""
+        return self._tool_fmt or None
+
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """Extra chat-template variables; a client-supplied template only with --trust-request-chat-template
+        (a template is a program: a few bytes of Jinja can expand to megabytes)."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None)
+        field = "chat_template_kwargs.chat_template"
+        if req.chat_template is not None:
+            template, field = req.chat_template, "chat_template"
+        if template is not None:
+            if not self.s.limits.trust_request_chat_template:
+                raise OpenAIError(400, f"{field}: this server does not accept chat templates in requests (start "
+                                       "it with --trust-request-chat-template to allow them)", param=field)
+            if not isinstance(template, str):
+                raise OpenAIError(400, f"{field} must be a string", param=field)
+            kwargs["chat_template"] = template
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        return kwargs
+
+    def _render(self, tok: Any, messages: list[dict[str, Any]], tools: Tools, req: ChatCompletionRequest,
+                kwargs: dict[str, Any]) -> list[int]:
+        """A render pool worker: the messages through the chat template, then tokenized."""
+        pool = self.s.render_pool
+        text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
+        return pool.encode(tok, text, "messages", add_special_tokens=False)
+
+    def _tool_params(self, req: ChatCompletionRequest, tools: Tools, tool_choice: Any) -> dict[str, Any]:
+        """SamplingParams fields for a reply that may call tools."""
+        extra: dict[str, Any] = {"tools": tools, "tool_choice": tool_choice,
+                                 "parallel_tool_calls": req.parallel_tool_calls}
+        fmt = self.tool_format()
+        if fmt is not None and opener_is_special(self.s.tokenizer, fmt):
+            # The call opener is a special token ([TOOL_CALLS], <|python_tag|>): keep it in the text.
+            extra["skip_special_tokens"] = False
+        return extra
+
+    def _sampling_params(self, req: ChatCompletionRequest, top_n: int, extra: dict[str, Any]) -> SamplingParams:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        try:
+            return self.s.sampling_params(req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,
+                                          extra=extra)
+        except OpenAIError as e:
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+            raise
+
+    def _check_template(self, req: ChatCompletionRequest) -> None:
+        tok = self.s.need_tokenizer()
+        if not tok.chat_template:
+            raise OpenAIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise OpenAIError(400, "continue_final_message needs add_generation_prompt=false",
+                              param="continue_final_message")
+
+    async def create(self, req: ChatCompletionRequest, raw_request: Any) -> Any:
+        self.s.check_edge(req)
+        _check_limits(req, self.s.limits)
+        lora_name = self.s.resolve_model(req.model)
+        self._check_template(req)
+        template_kwargs = self._template_kwargs(req)
+        if not req.messages:
+            raise OpenAIError(400, "messages must be a non-empty list", param="messages")
+        messages = normalize_messages(req.messages, OPENAI_RULES)
+        self.s.render_pool.check_messages(messages)
+        tools, tool_choice = _check_tools(req)
+        top_n = _top_logprobs(req)
+        parse_tools = bool(tools) and tool_choice != "none"
+        params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
+        prompt_ids = await self.s.render_pool.run(
+            lambda tok: self._render(tok, messages, tools, req, template_kwargs))
+        params = self.s.validate(prompt_ids, params, "messages")
+        self.s.check_queue(1)
+        ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,
+                           tools if parse_tools else None, tool_choice, top_n)
+        if req.stream:
+            return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))
+        return await ctx.full(raw_request)
+
+
+class _StreamState:
+    """Per-choice progress of a chat stream."""
+
+    def __init__(self, ctx: "_ChatContext", include_usage: bool, continuous: bool) -> None:
+        n = ctx.params.n
+        self.include_usage, self.continuous = include_usage, continuous
+        self.started = [False] * n
+        self.done = [False] * n
+        self.sent_lp = [0] * n
+        self.completion_tokens = [0] * n
+        self.streams = [ctx.tool_chunks() for _ in range(n)]
+        self.has_calls = [False] * n
+        self.acc = [""] * n  # streamed text per choice, and how much of it went to the tool-call parser
+        self.fed = [0] * n
+        self.cached = 0
+
+
+class _ChatContext:
+    def __init__(self, endpoint: ChatEndpoint, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams, lora_name: Optional[str], tools: Tools, tool_choice: Any,
+                 top_n: int) -> None:
+        serving = endpoint.s
+        self.endpoint, self.s, self.req, self.id = endpoint, serving, req, request_id
+        self.prompt_ids, self.params = prompt_ids, params
+        self.engine_kwargs = serving.engine_kwargs(req, lora_name)
+        self.tools, self.tool_choice = tools, tool_choice
+        # With special tokens kept in the text (for a special tool-call opener), the EOS token that
+        # ended the reply would be in it too: strip it, as it is when special tokens are skipped.
+        tok = serving.tokenizer
+        self.eos_texts: tuple[str, ...] = ()
+        if tools and not params.skip_special_tokens and tok is not None:
+            ids = sorted(serving.engine.eos_token_ids)
+            self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
+        self.top_n = top_n
+        self.created = now()
+        self.model = req.model or serving.model_name
+
+    def outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
+        return self.s.outputs(self.id, [self.prompt_ids], self.params, raw_request, self.engine_kwargs, self.req)
+
+    def tool_chunks(self) -> Optional[ToolCallChunks]:
+        if not self.tools:
+            return None
+        return ToolCallChunks(self.endpoint.tool_format(), self.tools, parallel=self.req.parallel_tool_calls)
+
+    def _strip_eos(self, text: str, c: CompletionOutput) -> str:
+        if self.eos_texts and c.finish_reason == "stop" and c.stop_reason is None:
+            for eos in self.eos_texts:
+                if text.endswith(eos):
+                    return text[:-len(eos)]
+        return text
+
+    def _held_back(self, text: str) -> int:
+        """How much of the text's tail may be the start of an EOS text."""
+        hold = 0
+        for eos in self.eos_texts:
+            for n in range(min(len(eos), len(text)), 0, -1):
+                if text.endswith(eos[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def _safe_text(self, c: CompletionOutput, st: _StreamState) -> str:
+        """The next piece of choice k's text for the parser: with special tokens kept, a tail that may
+        be the start of the EOS text waits until the next delta shows what it is."""
+        k = c.index
+        st.acc[k] += c.delta_text
+        text = st.acc[k]
+        upto = len(self._strip_eos(text, c)) if c.finish_reason is not None else len(text) - self._held_back(text)
+        piece = text[st.fed[k]:upto] if upto > st.fed[k] else ""
+        st.fed[k] = max(st.fed[k], upto)
+        return piece
+
+    def _finish_reason(self, c: CompletionOutput, has_calls: bool) -> Optional[str]:
+        reason = c.finish_reason
+        if has_calls and reason == "stop" and not isinstance(self.tool_choice, dict):
+            return "tool_calls"  # OpenAI answers "stop" for a named tool_choice, "tool_calls" otherwise
+        return reason
+
+    async def full(self, raw_request: Any) -> dict[str, Any]:
+        final: Optional[RequestOutput] = None
+        async with contextlib.aclosing(self.outputs(raw_request)) as it:
+            async for _, out in it:
+                final = out
+        assert final is not None
+        choices = []
+        completion_tokens = 0
+        for c in final.outputs:
+            completion_tokens += len(c.token_ids)
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            calls: list[dict[str, Any]] = []
+            ts = self.tool_chunks()
+            if ts is not None:
+                content, calls = ts.parse_whole(self._strip_eos(c.text, c))
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
+            logprobs = None
+            if self.req.logprobs and c.logprobs is not None:
+                logprobs = {"content": self.s.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
+            reason = self._finish_reason(c, bool(calls))
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
+                            "stop_reason": c.stop_reason})
+            self.s.record_finish(reason)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(len(self.prompt_ids), completion_tokens, final.num_cached_tokens)}
+
+    def _chunk(self, st: _StreamState, index: int, delta: dict[str, Any], logprobs: Any = None,
+               finish: Optional[str] = None, stop_reason: Any = None) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model, "choices": [choice]}
+        if st.include_usage:
+            body["usage"] = usage(len(self.prompt_ids), sum(st.completion_tokens), st.cached) if st.continuous \
+                else None
+        return sse(body)
+
+    def _new_logprobs(self, st: _StreamState, c: CompletionOutput) -> Optional[dict[str, Any]]:
+        k = c.index
+        logprobs = None
+        new_ids = c.token_ids[st.sent_lp[k]:]
+        if self.req.logprobs and c.logprobs is not None and new_ids:
+            logprobs = {"content": self.s.logprobs.chat(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)],
+                                                        self.top_n)}
+        st.sent_lp[k] = len(c.token_ids)
+        st.completion_tokens[k] = len(c.token_ids)
+        return logprobs
+
+    def _choice_chunks(self, st: _StreamState, c: CompletionOutput) -> list[str]:
+        """The chunks one output of choice c.index adds to the stream."""
+        k = c.index
+        chunks = []
+        if not st.started[k]:
+            st.started[k] = True
+            chunks.append(self._chunk(st, k, {"role": "assistant", "content": ""}))
+        logprobs = self._new_logprobs(st, c)
+        ts = st.streams[k]
+        if ts is None:
+            if c.delta_text or logprobs:
+                chunks.append(self._chunk(st, k, {"content": c.delta_text}, logprobs))
+        else:
+            deltas = ts.feed(self._safe_text(c, st))
+            if c.finish_reason is not None:
+                deltas += ts.finish()
+            for j, d in enumerate(deltas):
+                st.has_calls[k] = st.has_calls[k] or "tool_calls" in d
+                chunks.append(self._chunk(st, k, d, logprobs if j == 0 else None))
+            if not deltas and logprobs:
+                chunks.append(self._chunk(st, k, {"content": ""}, logprobs))
+        if c.finish_reason is not None:
+            st.done[k] = True
+            reason = self._finish_reason(c, st.has_calls[k])
+            self.s.record_finish(reason)
+            chunks.append(self._chunk(st, k, {}, None, reason, c.stop_reason))
+        return chunks
+
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        opts = self.req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        st = _StreamState(self, include_usage, include_usage and bool(opts and opts.continuous_usage_stats))
+        try:
+            async with contextlib.aclosing(outputs) as it:
+                async for _, out in it:
+                    st.cached = out.num_cached_tokens
+                    for c in out.outputs:
+                        if not st.done[c.index]:
+                            for chunk in self._choice_chunks(st, c):
+                                yield chunk
+            if include_usage:
+                yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": self.model, "choices": [],
+                           "usage": usage(len(self.prompt_ids), sum(st.completion_tokens), st.cached)})
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except OpenAIError as e:
+            yield sse(e.body())
+            yield "data: [DONE]\n\n"

@@ -1,0 +1,119 @@
+"""A reply's text into content and tool calls: one implementation for the HTTP adapter, session turns
+and stateless gRPC Generate.
+
+The grammar package's parser (`agentserve.grammar.tool_parser.ToolCallParser`) reads the model's tool-call
+format (Hermes/Qwen `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`, detected from the chat
+template). It needs the format's call opener in the text it reads; when the opener is a special token
+the engine's detokenizer would skip it, so either the request keeps special tokens
+(`opener_is_special`, the HTTP adapter) or the reply is decoded a second time with them kept
+(`ReplyStream`, sessions and gRPC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
+from agentserve.grammar.tool_formats import HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, detect_tool_format
+from agentserve.grammar.tool_parser import ToolCallParser
+from agentserve.outputs import RequestOutput
+from agentserve.sampling_params import SamplingParams
+
+ReplyEvent = Union[ContentDelta, ToolCallDelta]
+_OPENERS = {"mistral": MISTRAL_OPEN, "llama3_json": PYTHON_TAG, "hermes": HERMES_OPEN}
+
+
+@dataclass
+class CallDelta:
+    index: int
+    id: str
+    name: str
+    arguments_delta: str
+
+
+def tool_format_of(tokenizer: Any) -> Optional[str]:
+    """The chat template's tool-call format, or None without a tokenizer or chat template."""
+    template = tokenizer.chat_template if tokenizer is not None else None
+    return detect_tool_format(template) if template else None
+
+
+def opener_is_special(tokenizer: Any, fmt: str) -> bool:
+    """Whether the format's call opener is a special token (Mistral's [TOOL_CALLS], Llama's
+    <|python_tag|>), which skip_special_tokens would drop from the text the parser reads."""
+    opener = _OPENERS.get(fmt)
+    if opener is None or tokenizer is None:
+        return False
+    # all_special_tokens lists only the named ones (bos, eos, ...) in transformers 5.
+    for added in tokenizer.added_tokens_decoder.values():
+        if added.content == opener:
+            return bool(added.special)
+    return opener in set(tokenizer.all_special_tokens)
+
+
+class ReplyParser:
+    """Reply text in, events out (ContentDelta / ToolCallDelta, in order); `finish()` gives the
+    content and the complete calls as OpenAI tool_call dicts."""
+
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]]) -> None:
+        self._parser = ToolCallParser(fmt, tools)
+
+    def feed(self, text: str) -> list[ReplyEvent]:
+        return self._parser.feed(text)
+
+    def flush(self) -> list[ReplyEvent]:
+        """End of the reply: text held back as a possible opener that turned out not to be one."""
+        return self._parser.flush()
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        content, calls = self._parser.finish()
+        return content, [c.to_openai() for c in calls]
+
+
+def split_events(events: Sequence[ReplyEvent]) -> tuple[str, list[CallDelta]]:
+    text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    calls = [CallDelta(e.index, e.id or "", e.name or "", e.arguments_delta or "")
+             for e in events if isinstance(e, ToolCallDelta)]
+    return text, calls
+
+
+class ReplyStream:
+    """Sessions and Generate: feed each RequestOutput of a reply, get (text delta, [CallDelta]);
+    `final()` gives (content, OpenAI tool_call dicts) once the reply finished. Without tools (or with
+    tool_choice "none", or no chat template) the engine's own text deltas pass through."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
+                 tools: Optional[list[dict[str, Any]]]) -> None:
+        fmt = tool_format_of(tokenizer) if tools and params.tool_choice != "none" else None
+        self.parser = ReplyParser(fmt, tools) if fmt is not None else None
+        self.raw: Optional[IncrementalDetokenizer] = None
+        if self.parser is not None:
+            self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),
+                                              params.include_stop_str_in_output)
+        self._stopped = False
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.parser is not None
+
+    def feed(self, out: RequestOutput) -> tuple[str, list[CallDelta]]:
+        comp = out.outputs[0]
+        if self.parser is None or self.raw is None:
+            return comp.delta_text, []
+        ids = list(comp.delta_token_ids)
+        if out.finished and comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and ids:
+            ids = ids[:-1]  # the stop token (EOS): not part of the reply's text
+        for t in ids:
+            if not self._stopped and self.raw.append(t) is not None:
+                self._stopped = True
+        events = self.parser.feed(self.raw.take_new_text(out.finished))
+        if out.finished:
+            events = list(events) + list(self.parser.flush())
+        return split_events(events)
+
+    def final(self) -> tuple[Optional[str], list[dict[str, Any]]]:
+        """(content, tool calls) after the last feed; content None when tools are not parsed."""
+        if self.parser is None:
+            return None, []
+        return self.parser.finish()

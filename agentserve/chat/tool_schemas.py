@@ -1,0 +1,23 @@
+"""Tool parameter schemas checked as the grammar package will compile them (dialects such as
+"type": "dict" are fine), so that a tool the grammar cannot constrain is a 400 naming the keyword and
+its path, not a failed request later. Apart from chat/tools.py because it imports the grammar package
+(and torch with it), which message and template handling must not."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from agentserve.errors import FieldError
+from agentserve.grammar.tool_constraint import parse_tools
+
+_TOOL_PATH = re.compile(r"(tools\[\d+\][\w.\[\]$]*)")
+
+
+def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
+    try:
+        parse_tools(tools)
+    except ValueError as e:
+        msg = str(e)
+        match = _TOOL_PATH.search(msg)
+        raise FieldError(f"unsupported tool definition: {msg}", match.group(1) if match else "tools") from None

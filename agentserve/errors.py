@@ -1,0 +1,35 @@
+"""The exception types that cross layers: raised by the engine, sessions and chat rendering, mapped to
+HTTP statuses by adapters/openai and to gRPC codes by service/. They live at the bottom of the import
+graph so that chat rendering and the adapters never import the engine (and torch) just to name them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class InvalidRequestError(ValueError):
+    """Bad input from a caller; the message says what to fix (HTTP 400 / INVALID_ARGUMENT)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step thread has stopped; no request can be served (HTTP 503 / UNAVAILABLE)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are pending than the engine admits (HTTP 503 / RESOURCE_EXHAUSTED)."""
+
+
+class SessionError(Exception):
+    """Base of the session errors; `code` names the gRPC status they map to."""
+    code = "INTERNAL"
+
+
+class FieldError(InvalidRequestError):
+    """Bad input in one request field: `field` is the field to fix (OpenAI's `param`, e.g.
+    "messages[2].content"); `code` OpenAI's error code, when there is one."""
+
+    def __init__(self, message: str, field: Optional[str], code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code

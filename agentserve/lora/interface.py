@@ -1,0 +1,35 @@
+"""What the serving layers (gRPC, HTTP) and the engine need of a LoRA manager, as a typed protocol,
+so that callers use one API instead of guessing at one. An engine without LoRA has
+`engine.lora_manager = None`: callers answer "not enabled" (gRPC UNIMPLEMENTED, HTTP 404 for an
+adapter name) rather than probing for methods.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+
+@runtime_checkable
+class LoRAManager(Protocol):
+    def names(self) -> list[str]:
+        """The adapters a request may name (loaded, on the GPU or in the CPU tier), in load order."""
+        ...
+
+    def load(self, name: str, path: str) -> None:
+        """Loads (or reloads, as a new generation) the PEFT adapter directory at `path` as `name`;
+        raises LoRAAdapterError naming what is wrong with it."""
+        ...
+
+    def unload(self, name: str) -> None:
+        """Forgets `name`; requests already running with it finish on the weights they started with."""
+        ...
+
+    def activate(self, names: Sequence[Optional[str]]) -> list[int]:
+        """Makes the adapters of one step's rows resident in GPU slots (least recently used slots
+        reused); returns each row's slot index, -1 for a row on the base model (name None)."""
+        ...
+
+
+def adapter_names(manager: Optional[LoRAManager]) -> list[str]:
+    """The adapters a request may name; none without a manager."""
+    return manager.names() if manager is not None else []
