@@ -58,6 +58,10 @@ class AsyncEngine:
         return cls(Engine.from_kwargs(model, **kwargs))
 
     # --- running things on the step thread --------------------------------------------------------
+    def is_running(self) -> bool:
+        """Whether the step thread is up and not shutting down (what /health reports)."""
+        return self._thread.is_alive() and not self._stopping
+
     def call_soon(self, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")

@@ -19,10 +19,15 @@ from agentserve.worker.model_runner import ScheduledChunk
 PROMPT = [(17 * i) % 300 + 3 for i in range(7)]
 
 
+class _FakeEngine(SimpleNamespace):
+    """Just the engine state update_from_output touches (a subclass: the processor holds a weak proxy)."""
+
+
 def processor_over(h: CoreHarness) -> OutputProcessor:
-    engine: Any = SimpleNamespace(emit_unfinished=True, metrics=EngineMetrics(), kv=h.kv, pool=h.pool,
+    engine: Any = _FakeEngine(emit_unfinished=True, metrics=EngineMetrics(), kv=h.kv, pool=h.pool,
                                   scheduler=h.scheduler, pending_forks={}, grammar_waits={}, max_model_len=4096,
                                   tokenizer=None, groups={}, requests={}, prompts={}, on_retained=None)
+    h.engine = engine  # the processor's proxy is weak: the harness keeps the fake engine alive
     return OutputProcessor(engine)
 
 
