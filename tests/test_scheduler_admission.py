@@ -54,3 +54,21 @@ def test_head_of_line_waits_while_running_requests_hold_the_pool() -> None:
         engine.step()
     assert engine.metrics.num_preemptions_total == 0
     engine.pool.check_all_free()
+
+
+def test_n2_in_a_pool_that_holds_one_sequence_finishes() -> None:
+    """n=2 where the pool holds one whole sequence: the sibling, forked onto the leader's pages, waits
+    holding a page the preempted leader needs. The scheduler releases the waiting sibling's pages
+    (it recomputes later) instead of stalling the engine for everyone."""
+    engine = Engine.from_kwargs(str(tiny_model_cached("llama")), device="cpu", max_model_len=64, num_blocks=8,
+                                block_size=4, max_num_seqs=1, decode_reserve_tokens=0)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=22, ignore_eos=True)
+    engine.add_request("r", list(range(3, 13)), params)
+    outputs = []
+    for _ in range(400):
+        if not engine.has_unfinished():
+            break
+        outputs += [o for o in engine.step() if o.finished]
+    assert not engine.has_unfinished(), "the engine stalled"
+    assert [len(c.token_ids) for c in outputs[0].outputs] == [22, 22]
+    engine.pool.check_all_free()

@@ -258,10 +258,26 @@ class Scheduler:
                 outstanding = self._outstanding_blocks()
             num_new = self._admit(request, budget, outstanding, out)
             if num_new is None:
+                if not self.running and self._release_waiting_pages(request):
+                    outstanding = None
+                    continue  # nothing runs to free pages: retry the head with the queue's pages
                 break  # head-of-line waits for pages
             outstanding += max(0, self._target_blocks(request) - len(request.block_table))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+
+    def _release_waiting_pages(self, head: Request) -> bool:
+        """Frees the pages that requests behind the head hold while they wait (an n > 1 sibling
+        forked onto its leader's pages); they recompute when admitted. Only when nothing runs: then
+        nothing else will ever free pages, and a head that needs them would wait forever."""
+        released = False
+        for request in self.waiting:
+            if request is not head and request.block_table:
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                request.spec_token_ids = []
+                released = True
+        return released
 
     def _admit(self, request: Request, budget: int, outstanding: int, out: SchedulerOutput) -> Optional[int]:
         """Admits the head of the waiting queue if its pages fit; returns the tokens scheduled, or
