@@ -95,7 +95,7 @@ class LLM:
     def render_chat(self, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]] = None,
                     add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
         tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        if tok is None or not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
         text = tok.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                                        tokenize=False, **template_kwargs)

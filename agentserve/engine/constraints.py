@@ -43,7 +43,7 @@ class ConstraintManager:
     @property
     def tool_format(self) -> str:
         if self._tool_format is None:
-            self._tool_format = detect_tool_format(getattr(self.tokenizer, "chat_template", None))
+            self._tool_format = detect_tool_format(self.tokenizer.chat_template if self.tokenizer is not None else None)
         return self._tool_format
 
     def submit(self, params: SamplingParams) -> "concurrent.futures.Future":
