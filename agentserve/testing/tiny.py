@@ -28,7 +28,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ARCHS: tuple[str, ...] = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
@@ -723,21 +723,29 @@ def tiny_model_cached(arch: str, **kw: Any) -> Path:
     hit = _CACHE.get(key)
     if hit is not None and hit.is_dir():
         return hit
-    root = Path(tempfile.gettempdir()) / "agentserve-tiny"
-    final = root / key
-    if not (final / "config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        scratch = root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        try:
-            make_tiny_model(scratch, arch, **kw)
-            try:
-                os.rename(scratch, final)
-            except OSError:
-                if not (final / "config.json").is_file():
-                    raise  # not a lost race: a real failure
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    final = build_once(Path(tempfile.gettempdir()) / "agentserve-tiny" / key,
+                       lambda scratch: make_tiny_model(scratch, arch, **kw))
     _CACHE[key] = final
+    return final
+
+
+def build_once(final: Path, build: Callable[[Path], Any]) -> Path:
+    """A model directory at `final`, made by `build(scratch)` unless one is already there. The build
+    goes to a scratch directory renamed into place, so concurrent processes never see a half-written
+    model (a process that loses the rename race uses the winner's)."""
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        build(scratch)
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise  # not a lost race: a real failure
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return final
 
 
