@@ -133,10 +133,8 @@ class Request:
         self.detokenizer: Optional[Detokenizer] = None
         self.grammar: Any = None  # grammar matcher state (grammar/state.py) when constrained
         self.timing = RequestTiming()
-        # Text/ids emitted since the last RequestOutput (for streaming deltas).
-        self.pending_text = ""
+        # Token ids emitted since the last RequestOutput (for streaming deltas).
         self.pending_token_ids: list[int] = []
-        self.sent_finished = False
 
     # --- sizes -----------------------------------------------------------------------------------
     @property

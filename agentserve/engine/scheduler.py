@@ -63,7 +63,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Called when a preempted request loses its pages (sessions may want to know).
-        self.on_preempt: Optional[Callable[[Request], None]] = None
         # Called when pages run out, before a running request is preempted or a waiting one is held
         # back: frees pages held by idle owners (sessions between turns) and returns how many it
         # freed. Arguments: pages wanted, the request asking (its own session is left alone).
@@ -122,8 +121,6 @@ class Scheduler:
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         out.preempted.append(victim)
-        if self.on_preempt is not None:
-            self.on_preempt(victim)
         self.waiting.appendleft(victim)
 
     def _reclaim(self, request: Request, num_new: int) -> bool:

@@ -163,13 +163,6 @@ class GrammarCompiler:
         """Blocking convenience: submit and wait (raises GrammarError)."""
         return self.submit(spec).result()
 
-    def get_if_ready(self, spec: ConstraintSpec) -> Optional[CompiledGrammar]:
-        with self._lock:
-            fut = self._cache.get(self.key(spec))
-        if fut is not None and fut.done() and fut.exception() is None:
-            return fut.result()
-        return None
-
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
