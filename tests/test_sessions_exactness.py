@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -347,6 +348,10 @@ def test_queued_turns_sessions_yield_to_the_head_of_the_queue() -> None:
             assert held > pool.num_blocks // 2
             preempted = aeng.engine.metrics.num_preemptions_total
             long_turn = [{"role": "tool", "tool_call_id": "c1", "content": "row, " * 90}]
+            # Hold the step thread for a moment so that all three turns reserve their sessions before
+            # the first one is admitted (otherwise a late turn's session is still idle and simply
+            # evicted as idle, which is right too but not what this test is about).
+            aeng.call_soon(lambda: time.sleep(1.0))
             second = await asyncio.gather(*(s.run_turn(long_turn, **GREEDY) for s in sessions))
             assert handle.store.stats.queued_evicted >= 1
             assert aeng.engine.metrics.num_preemptions_total == preempted
