@@ -81,8 +81,40 @@ class LoRAConfig(_Strict):
 
 
 class SpecConfig(_Strict):
-    draft_model: Optional[str] = Field(default=None, description="Draft model directory for speculative decoding.")
-    num_speculative_tokens: int = Field(default=4, gt=0, description="Tokens the draft proposes per step.")
+    speculative_method: Optional[Literal["draft_model", "ngram"]] = Field(
+        default=None, description="Speculative decoding: 'draft_model' (a smaller model with the target's vocabulary, "
+        "--draft-model) or 'ngram' (prompt lookup in the request's own context, no model). Default: 'draft_model' "
+        "when --draft-model is given, else off.")
+    draft_model: Optional[str] = Field(default=None, description="Draft model directory for speculative decoding "
+                                       "(or a named dummy shape such as 'llama-3.2-1b' with --load-format dummy).")
+    num_speculative_tokens: int = Field(default=4, gt=0, le=16, description="Most tokens proposed per request "
+                                        "and step (dynamic speculation may use fewer, down to 0).")
+    prompt_lookup_min: int = Field(default=2, gt=0, description="N-gram proposer: shortest context tail matched.")
+    prompt_lookup_max: int = Field(default=5, gt=0, description="N-gram proposer: longest context tail matched.")
+    spec_dynamic: bool = Field(default=True, description="Choose k per step from the batch size and the measured "
+                               "acceptance rate (down to 0 at large batch); off: always num_speculative_tokens.")
+    spec_synthetic_acceptance: Optional[float] = Field(
+        default=None, ge=0.0, le=1.0, description="Benchmarks only: accept each draft token with this probability "
+        "whatever its value (measures the system's cost at a chosen acceptance on random weights; outputs are not "
+        "the target's).")
+
+    @property
+    def method(self) -> Optional[str]:
+        """The proposer in use, or None when speculation is off."""
+        if self.speculative_method is not None:
+            return self.speculative_method
+        return "draft_model" if self.draft_model is not None else None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpecConfig":
+        if self.speculative_method == "draft_model" and self.draft_model is None:
+            raise ValueError("speculative_method='draft_model' needs draft_model (--draft-model PATH)")
+        if self.speculative_method == "ngram" and self.draft_model is not None:
+            raise ValueError("speculative_method='ngram' takes no draft_model; drop one of them")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= prompt_lookup_min "
+                             f"({self.prompt_lookup_min})")
+        return self
 
 
 class ServerConfig(_Strict):

@@ -15,6 +15,8 @@ from agentserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    import torch
+
 
 class Detokenizer(Protocol):
     """What the engine's incremental detokenizer (engine/detokenizer.py) offers a request; typed
@@ -115,6 +117,13 @@ class Request:
         # schedules them with the next decode (1 + len tokens), the runner samples the target at
         # each of them, and update_from_output keeps the accepted prefix (engine/output.py).
         self.spec_token_ids: list[int] = []
+        # The draft model's distribution at each proposed token ([k, V] on the device) when the
+        # proposal was sampled from it (random sampling); None for point-mass proposals.
+        self.spec_draft_probs: Optional["torch.Tensor"] = None
+        # Leading positions whose draft-model KV is written (spec/draft.py; <= num_computed_tokens
+        # whenever the draft proposes), and the draft's own random stream for a seeded request.
+        self.num_draft_computed_tokens = 0
+        self.draft_generator: Optional["torch.Generator"] = None
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading pages of block_table already offered to the prefix cache

@@ -38,6 +38,15 @@ def run(arch: str, setting: str, async_scheduling: bool, reference: Optional[dic
     engine = llm.engine
     vocab = engine.arch.vocab_size
 
+    class Propose:
+        """Engine.spec_proposer: `num_correct + num_wrong` tokens every step."""
+
+        def num_tokens_for_step(self, batch_size: int) -> int:
+            return num_correct + num_wrong
+
+        def __call__(self, requests: list[Request], num_tokens: int) -> None:
+            propose(requests)
+
     def propose(requests: list[Request]) -> None:
         assert reference is not None
         for req in requests:
@@ -48,7 +57,7 @@ def run(arch: str, setting: str, async_scheduling: bool, reference: Optional[dic
             req.spec_token_ids = spec
 
     if reference is not None:
-        engine.spec_proposer = propose
+        engine.spec_proposer = Propose()
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, GREEDY)
     outputs: dict[str, list[int]] = {}

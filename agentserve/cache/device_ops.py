@@ -74,3 +74,23 @@ def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
             else:
                 pages.swap_in(head.slots, head.blocks)
         del ops[:n]
+
+
+class PageStores:
+    """Several page stores addressed by the same page ids (the target's KV cache and a draft model's,
+    spec/draft.py): every op runs on each of them, so pages move with all their layers."""
+
+    def __init__(self, stores: Sequence[PageStore]) -> None:
+        self.stores = list(stores)
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        for store in self.stores:
+            store.copy_blocks(pairs)
+
+    def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
+        for store in self.stores:
+            store.swap_out(device_blocks, swap_slots)
+
+    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
+        for store in self.stores:
+            store.swap_in(swap_slots, device_blocks)

@@ -68,10 +68,15 @@ class ConstraintManager:
         request.status = RequestStatus.WAITING
         return None
 
-    def fill_bitmask(self, requests: list[Request]) -> Optional[torch.Tensor]:
-        """Bitmask rows for the sampling requests of a step (None when none is constrained). A
+    def fill_bitmask(self, requests: list[Request], draft_token_ids: Optional[list[list[int]]] = None
+                     ) -> Optional[torch.Tensor]:
+        """Bitmask rows for the sampling requests of a step (None when none is constrained). With
+        `draft_token_ids` (a speculative verification step), request i has len(drafts[i]) + 1 rows, the
+        mask at each of its scored positions (its matcher after the drafts before that position). A
         matcher that fails to fill its row fails its request alone (take_mask_failures): the row is
         left unconstrained and the token sampled there is dropped when the engine finishes it."""
+        if draft_token_ids is not None:
+            return self._fill_with_drafts(requests, draft_token_ids)
         rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return None
@@ -92,6 +97,22 @@ class ConstraintManager:
             self.bitmask.fill([], batch_size=len(requests))
             return None
         return self.bitmask.fill(good, batch_size=len(requests))
+
+    def _fill_with_drafts(self, requests: list[Request], drafts: list[list[int]]) -> Optional[torch.Tensor]:
+        if all(r.grammar is None for r in requests):
+            return None
+        bitmask = allocate_token_bitmask(sum(len(d) + 1 for d in drafts), self.bitmask.vocab_size)
+        first = 0
+        for request, draft in zip(requests, drafts):
+            if request.grammar is not None:
+                try:
+                    request.grammar.fill_with_draft(bitmask, first, draft)
+                except Exception as e:  # noqa: BLE001 - this request's matcher: its failure alone
+                    bitmask[first:first + len(draft) + 1].fill_(-1)
+                    self._mask_failures.append(
+                        (request, request_failure_message("while filling its output constraint's mask", request, e)))
+            first += len(draft) + 1
+        return bitmask
 
     def take_mask_failures(self) -> list[tuple[Request, str]]:
         """The requests whose mask could not be filled since the last call, with their errors."""

@@ -28,10 +28,12 @@ from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.failures import log_step_failure
 from agentserve.engine.launch import launch_step
 from agentserve.engine.loading import (decide_max_model_len, generation_eos, load_tokenizer,
-                                       resolve_async_scheduling, resolve_model)
+                                       resolve_async_scheduling, resolve_draft_model, resolve_model)
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
+from agentserve.engine.speculation import SpecProposer, Speculation
+from agentserve.engine.validation import validate_vocab_params
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
 from agentserve.lora.interface import LoRAManager
@@ -63,7 +65,8 @@ class Engine:
 
             set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
         self.model_name = config.model.served_model_names()[0]
-        self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len)
+        self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len,
+                                  resolve_draft_model(config, self.arch, self.tokenizer))
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -83,8 +86,8 @@ class Engine:
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
         self.closed = False
-        # A speculative proposer: sets spec_token_ids on the requests due for a decode before each schedule.
-        self.spec_proposer: Optional[Callable[[list[Request]], None]] = None
+        # Speculative decoding (engine/speculation.py): proposes drafts for the requests due for a decode.
+        self.spec_proposer: Optional[SpecProposer] = Speculation(self, config.spec) if config.spec.method else None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Engine":
@@ -105,7 +108,7 @@ class Engine:
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        self._validate_vocab_params(params, vocab)
+        validate_vocab_params(params, vocab)
         if n >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                       "(prompt plus output must fit)")
@@ -120,17 +123,6 @@ class Engine:
             raise InvalidRequestError(f"the request needs up to {pages} KV pages; the cache has only "
                                       f"{self.pool.num_blocks}")
         return params
-
-    @staticmethod
-    def _validate_vocab_params(params: SamplingParams, vocab: int) -> None:
-        """The parts of SamplingParams only checkable against the model's vocabulary: out of it they
-        would index past the logits inside a step (where the failure would hit the whole batch)."""
-        if params.top_k > vocab:
-            raise InvalidRequestError(f"top_k must be at most the vocabulary size ({vocab}), or 0 / -1 to "
-                                      f"disable it; got {params.top_k}")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
@@ -262,14 +254,15 @@ class Engine:
         self.output.failed.clear()
         prev, self._inflight = self._inflight, None
         num_sampled = 0
-        if prev is not None and (not prev.overlappable or self.spec_proposer is not None):
+        spec_k = self.spec_proposer.num_tokens_for_step(self.scheduler.num_running) if self.spec_proposer else 0
+        if prev is not None and (not prev.overlappable or spec_k):
             # The next step needs prev's tokens on the host (grammar masks, penalties, forks, and
             # proposals, which continue the known tokens: speculation runs in the synchronous order).
             touched |= self.output.update_from_output(prev)
             num_sampled += prev.num_appended
             prev = None
-        if self.spec_proposer is not None:
-            self.spec_proposer([r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1])
+        if spec_k and self.spec_proposer is not None:
+            self.spec_proposer([r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1], spec_k)
         sched = self.scheduler.schedule()
         if sched.is_empty:  # no forward, but page copies / swaps queued meanwhile (sessions) still run
             self.runner.execute_device_ops(sched.device_ops)

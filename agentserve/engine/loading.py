@@ -17,19 +17,34 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 logger = logging.getLogger(__name__)
 
 
-def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
-    """The model's shape and directory; with load_format=dummy the model may be a named shape."""
-    path = Path(config.model.model).expanduser()
+def resolve_model(config: EngineConfig, model: Optional[str] = None) -> tuple[ArchConfig, Optional[Path]]:
+    """The model's shape and directory (`model`: another one than config.model.model, the draft);
+    with load_format=dummy the model may be a named shape."""
+    name = model if model is not None else config.model.model
+    path = Path(name).expanduser()
     if path.is_dir():
         return ArchConfig.from_dir(path), path
     if config.model.load_format == "dummy":
         from agentserve.testing.tiny import NAMED_SHAPES
 
-        if config.model.model in NAMED_SHAPES:
-            return ArchConfig.from_dict(NAMED_SHAPES[config.model.model]), None
-        raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
-    raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
+        if name in NAMED_SHAPES:
+            return ArchConfig.from_dict(NAMED_SHAPES[name]), None
+        raise ModelLoadError(f"unknown model shape {name!r}; named shapes: {', '.join(NAMED_SHAPES)}")
+    raise ModelLoadError(f"model path {name!r} does not exist or is not a directory "
                          "(agentserve loads local Hugging Face model directories; there is no hub download)")
+
+
+def resolve_draft_model(config: EngineConfig, arch: ArchConfig, tokenizer: Any
+                        ) -> Optional[tuple[ArchConfig, Optional[Path]]]:
+    """The draft model's shape and directory when speculating with one; refuses a draft whose
+    vocabulary is not the target's."""
+    if config.spec.method != "draft_model" or config.spec.draft_model is None:
+        return None
+    from agentserve.spec.draft import check_same_vocabulary
+
+    draft_arch, draft_path = resolve_model(config, config.spec.draft_model)
+    check_same_vocabulary(arch, draft_arch, tokenizer, load_tokenizer(draft_path) if tokenizer is not None else None)
+    return draft_arch, draft_path
 
 
 def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:

@@ -31,6 +31,14 @@ class EngineMetrics:
     # Used token slots over allocated token slots, accumulated per step (KV memory efficiency).
     kv_slots_held: int = 0
     kv_slots_allocated: int = 0
+    # Speculative decoding (vLLM's spec_decode counters): rows that verified drafts, draft tokens
+    # proposed, accepted, and accepted per draft position (index j: drafts accepted at position j).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_rejected_rows: int = 0  # rows that stopped at a rejected draft (not all accepted)
+    spec_accepted_per_position: list = field(default_factory=list)
+    spec_proposed_per_position: list = field(default_factory=list)
     _window: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, generated tokens)
     # Callables run on the step thread with each sequence that finishes (stop or length), e.g. the
     # Prometheus exporter's latency histograms. They must be cheap and must not raise.
@@ -47,6 +55,32 @@ class EngineMetrics:
     @property
     def kv_memory_efficiency(self) -> float:
         return self.kv_slots_held / self.kv_slots_allocated if self.kv_slots_allocated else 1.0
+
+    def record_spec_row(self, num_draft: int, num_accepted: int) -> None:
+        """One verification row: num_draft tokens proposed, the first num_accepted accepted."""
+        if not num_draft:
+            return
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_draft
+        self.spec_num_accepted_tokens += num_accepted
+        self.spec_num_rejected_rows += num_accepted < num_draft
+        grow = num_draft - len(self.spec_proposed_per_position)
+        if grow > 0:
+            self.spec_proposed_per_position.extend([0] * grow)
+            self.spec_accepted_per_position.extend([0] * grow)
+        for j in range(num_draft):
+            self.spec_proposed_per_position[j] += 1
+            self.spec_accepted_per_position[j] += j < num_accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed ones."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verification row emits on average: accepted drafts plus the one the target adds."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
     def record_step(self, generated: int) -> None:
         self._window.append((time.monotonic(), generated))

@@ -1,8 +1,8 @@
 """From a processed step to the requests' tokens and the outputs the engine emits.
 
-`update_from_output` (vLLM's name) takes each sampling row's target samples: a row that verified k
-speculative tokens keeps the accepted ones (each equal to the target's own sample at its position,
-so the output is exactly what the target alone would generate) plus the target's sample after them,
+`update_from_output` (vLLM's name) takes each sampling row's emitted tokens: a row that verified k
+speculative tokens keeps the accepted ones (sampling/rejection.py decides, keeping the target's
+distribution exactly) plus the recovered or bonus token after them,
 appended one by one through the stop checks, the grammar, the detokenizer and logprobs; the KV of the
 rejected tokens is not part of the sequence, so `num_computed_tokens` goes back by their count (their
 slots are overwritten by later steps). A failure traced to one request fails it alone.
@@ -38,17 +38,6 @@ class InflightStep:
         # False when the step after this one must not be scheduled before this one is processed.
         self.overlappable = overlappable
         self.num_appended = 0
-
-
-def accepted_count(spec_token_ids: list[int], sampled: list[int]) -> int:
-    """How many speculative tokens the target's samples accept: the leading ones equal to the
-    target's sample at their position (sampled[j] is the target's token after spec[:j])."""
-    n = 0
-    for spec, target in zip(spec_token_ids, sampled):
-        if spec != target:
-            break
-        n += 1
-    return n
 
 
 class OutputProcessor:
@@ -103,8 +92,13 @@ class OutputProcessor:
         the computed count by the rejected speculative tokens. Returns the tokens appended."""
         sampled = result.sampled[row]
         spec = chunk.spec_token_ids
-        num_accepted = accepted_count(spec, sampled)
+        # A verification row emits its accepted drafts and one more token (the rejection sampler's
+        # layout); a plain row emits its one sample.
+        num_accepted = len(sampled) - 1
+        assert 0 <= num_accepted <= len(spec), f"{req.request_id}: {len(sampled)} tokens for {len(spec)} drafts"
         req.spec_token_ids = []  # proposals are for one step; the proposer makes new ones
+        req.spec_draft_probs = None
+        self.engine.metrics.record_spec_row(len(spec), num_accepted)
         # The launch counted all the row's tokens as computed; the rejected ones are not the sequence's.
         req.num_computed_tokens -= len(spec) - num_accepted
         appended = 0

@@ -92,6 +92,12 @@ class Scheduler:
         """Ops that the next step runs before its forward, after those queued before them."""
         self._device_ops.extend(ops)
 
+    def take_device_ops(self) -> list[DeviceOp]:
+        """The queued ops, for a caller that runs them before the next step (the draft model writes
+        into pages a queued copy or swap-in must fill first)."""
+        ops, self._device_ops = self._device_ops, []
+        return ops
+
     def has_device_ops(self) -> bool:
         """Whether ops wait for a step (an idle engine then runs one with no forward)."""
         return bool(self._device_ops)
@@ -167,17 +173,13 @@ class Scheduler:
 
     def _num_spec_tokens(self, request: Request, budget: int) -> int:
         """How many of the request's speculative tokens to verify in this step: none while a sampled
-        token is still in flight (async scheduling: the proposal was made for another position) or
-        when the row could not be verified exactly, none past max_tokens (a row never samples beyond
+        token is still in flight (async scheduling: the proposal was made for another position),
+        none past max_tokens (a row never samples beyond
         it) and none beyond the token budget. Dropped proposals are cleared."""
         spec = request.spec_token_ids
         if not spec:
             return 0
-        # Verification samples the target at each position with the request's current sampling
-        # inputs; grammar masks, penalty counts and min_tokens bans change within the row.
-        unverifiable = (request.grammar is not None or request.uses_penalties
-                        or request.num_output_tokens < request.sampling_params.min_tokens)
-        if request.num_output_placeholders or unverifiable:
+        if request.num_output_placeholders:
             request.spec_token_ids = []
             return 0
         k = min(len(spec), budget - 1, request.max_tokens - request.num_output_tokens - 1)

@@ -29,9 +29,25 @@ def _split(flat: list, counts: list[int]) -> list[list]:
     return out
 
 
+def _truncate_padded(result: StepResult) -> StepResult:
+    """A verification step's rows are padded to the widest row with -1 (rejection.py's layout): each
+    row keeps its emitted tokens only (accepted drafts, then the recovered or bonus token)."""
+    lengths = [row.index(-1) if -1 in row else len(row) for row in result.sampled]
+
+    def cut(rows: Optional[list]) -> Optional[list]:
+        return None if rows is None else [r[:n] for r, n in zip(rows, lengths)]
+
+    return StepResult(sampled=[r[:n] for r, n in zip(result.sampled, lengths)], logprob_ids=cut(result.logprob_ids),
+                      logprobs=cut(result.logprobs), ranks=cut(result.ranks))
+
+
 class LaunchedStep:
     def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int], row_counts: list[int],
-                 packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0) -> None:
+                 packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0,
+                 padded: bool = False) -> None:
+        """`padded`: a speculative verification step, whose rows all have row_counts' width and end
+        in -1 padding after their emitted tokens."""
+        self.padded = padded
         self.sampled = sampled  # [num sampling rows] int64 on the device; stays there for the next step
         self.rows = rows        # request id -> its last row in `sampled`
         self.row_counts = row_counts  # sampled positions of each sampling chunk, in order
@@ -68,5 +84,7 @@ class LaunchedStep:
                 sampled=_split(host[:, 0].long().tolist(), counts), ranks=_split(host[:, 1].long().tolist(), counts),
                 logprob_ids=_split(host[:, 2:2 + w].long().tolist(), counts),
                 logprobs=_split(host[:, 2 + w:].tolist(), counts))
+        if self.padded:
+            self._result = _truncate_padded(self._result)
         self._host = None
         return self._result

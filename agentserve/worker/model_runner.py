@@ -19,7 +19,7 @@ import numpy as np
 
 import torch
 
-from agentserve.cache.device_ops import DeviceOp, execute_device_ops
+from agentserve.cache.device_ops import DeviceOp, PageStore, PageStores, execute_device_ops
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.request import Request
@@ -27,10 +27,13 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
+from agentserve.sampling.rejection import RejectionSampler
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
+from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.launched_step import LaunchedStep
+from agentserve.worker.spec_verify import sample_verification
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,10 @@ class ScheduledChunk:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ArchConfig, device: torch.device, dtype: torch.dtype,
-                 model_path: Optional[Path], max_model_len: int) -> None:
+                 model_path: Optional[Path], max_model_len: int,
+                 draft: Optional[tuple[ArchConfig, Optional[Path]]] = None) -> None:
+        """`draft`: the draft model's shape and directory (speculative decoding with a draft model);
+        it is loaded before the KV pool is sized, and its KV layers share the pool's page ids."""
         self.config = config
         self.arch = arch
         self.device = device
@@ -63,11 +69,19 @@ class ModelRunner:
         self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
+        self.draft: Optional[DraftModel] = None
+        if draft is not None:
+            self.draft = DraftModel(draft[0], draft[1], dtype, device, config.model.load_format, config.model.seed,
+                                    max_model_len, self.block_size, config.scheduler.max_num_batched_tokens)
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(config.spec.spec_synthetic_acceptance)
         self.num_blocks = self._decide_num_blocks()
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
         self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads,
                                 arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
+        self.pages: PageStore = self.kv_cache
+        if self.draft is not None:
+            self.pages = PageStores([self.kv_cache, self.draft.allocate_cache(self.num_blocks, swap_blocks)])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
         self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
@@ -75,6 +89,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device)
             self.graphs.capture()
+            if self.draft is not None and self.draft.cache is not None:
+                draft_graphs = DecodeGraphs(self.draft.model, self.draft.cache.layers, config.scheduler.max_num_seqs,
+                                            self.max_blocks_per_seq, max_model_len, device)
+                draft_graphs.capture()
+                self.draft.graphs = draft_graphs
         if self.device.type == "cuda":
             from agentserve.kernels.paged_attention import warmup_unified_variants
 
@@ -88,6 +107,8 @@ class ModelRunner:
         self.graphs = None
         self._sampling_cache = None
         self.kv_cache.release()
+        if self.draft is not None:
+            self.draft.release()
         self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -103,7 +124,8 @@ class ModelRunner:
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         a = self.arch
-        return bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        target = bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        return target + (self.draft.block_bytes() if self.draft is not None else 0)
 
     def _decide_num_blocks(self) -> int:
         cache = self.config.cache
@@ -136,7 +158,10 @@ class ModelRunner:
             max_query_len=num_tokens, max_seq_len=num_tokens)
         with torch.inference_mode():
             hidden = self.model(ids, positions, dummy_cache.layers, meta)
-            logits = self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
+            # Logits rows: one per sequence, k + 1 per sequence verifying speculative tokens.
+            spec = self.config.spec
+            rows_per_seq = 1 + (spec.num_speculative_tokens if spec.method is not None else 0)
+            logits = self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs * rows_per_seq:])
             del hidden, logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -274,7 +299,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_device_ops(self, ops: list[DeviceOp]) -> None:
         """Page copies and swaps, in order on the step's stream; each leaves `ops` once it ran."""
-        execute_device_ops(self.kv_cache, ops)
+        execute_device_ops(self.pages, ops)
+
+    def _launch_verification(self, chunks: list[ScheduledChunk], mask_fn: Optional[Callable[..., Optional[torch.Tensor]]],
+                             prev: Optional[LaunchedStep]) -> LaunchedStep:
+        """A step where some rows verify speculative tokens: one sampling row per request, scored at
+        its last k + 1 positions by the rejection sampler (worker/spec_verify.py)."""
+        rows = [c for c in chunks if c.num_sampled]
+        requests = [c.request for c in rows]
+        meta_s = build_sampling_metadata(requests, self.arch.vocab_size, self.device)
+        logits = self._forward_logits(chunks, prev)
+        assert logits is not None
+        return sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],
+                                   meta_s, mask_fn)
 
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
@@ -285,6 +322,8 @@ class ModelRunner:
         on the CPU; it is called after the forward has been queued, so mask building overlaps it.
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
         self.execute_device_ops(device_ops)  # first: the forward reads what swaps in and copies write
+        if any(c.spec_token_ids for c in chunks):
+            return self._launch_verification(chunks, token_bitmask_fn, prev)
         # One sampling row per sampled position: a request verifying k tokens fills k + 1 rows.
         sampling = [c.request for c in chunks for _ in range(c.num_sampled)]
         row_counts = [c.num_sampled for c in chunks if c.num_sampled]

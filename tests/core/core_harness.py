@@ -26,7 +26,6 @@ from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import SchedulerConfig
 # The tests import Request from here: this is the one place that knows where it lives.
 from agentserve.request import Request, RequestStatus
-from agentserve.engine.output import accepted_count
 from agentserve.engine.scheduler import Scheduler, SchedulerOutput
 from agentserve.lora.key import LoRAKeys
 from agentserve.sampling_params import SamplingParams
@@ -171,7 +170,7 @@ class CoreHarness:
     def _append_row(self, request: Request, spec: list[int], record: StepRecord) -> None:
         context = list(request.all_token_ids)
         targets = [self.next_token(context + spec[:j]) for j in range(len(spec) + 1)]
-        num_accepted = accepted_count(spec, targets)
+        num_accepted = next((j for j, (d, t) in enumerate(zip(spec, targets)) if d != t), len(spec))
         request.spec_token_ids = []
         request.num_computed_tokens -= len(spec) - num_accepted
         record.num_accepted[request.request_id] = num_accepted

@@ -33,13 +33,18 @@ def processor_over(h: CoreHarness) -> OutputProcessor:
 
 def launch_row(h: CoreHarness, request: Request, spec: list[int], sampled: list[int]) -> InflightStep:
     """What engine/launch.py does for one decode row verifying `spec`, with `sampled` as the
-    target's samples at its 1 + len(spec) positions."""
+    target's greedy samples at its 1 + len(spec) positions: the row emits what the rejection sampler
+    would (the drafts equal to the target's samples, then the target's sample at the first mismatch),
+    padded with -1 to the row's width."""
     num_tokens = 1 + len(spec)
+    num_accepted = next((j for j, (d, t) in enumerate(zip(spec, sampled)) if d != t), len(spec))
+    emitted = sampled[:num_accepted + 1] + [-1] * (len(spec) - num_accepted)
     assert h.kv.allocate_slots(request, num_tokens) == []
     request.num_computed_tokens += num_tokens
     request.num_output_placeholders += 1
     chunk = ScheduledChunk(request, num_tokens, num_tokens, spec)
-    return InflightStep([chunk], LaunchedStep(torch.tensor(sampled), {}, [num_tokens]), overlappable=False)
+    return InflightStep([chunk], LaunchedStep(torch.tensor(emitted), {}, [num_tokens], padded=True),
+                        overlappable=False)
 
 
 def decoding(h: CoreHarness, max_tokens: int, stop_token_ids: list[int] | None = None) -> Request:

@@ -1,0 +1,163 @@
+"""Speculative decoding on the engine's side: how many tokens to propose this step, and proposing them.
+
+Dynamic speculation. A verification step with k drafts per row emits E(k) = (1 - a^(k+1)) / (1 - a)
+tokens per row on average, where a is the measured per-position acceptance (accepted drafts over
+accepted drafts plus rejections), and costs t(B(k+1)) + k c t(B) against t(B) for a plain decode of
+B rows: t(T) = 1 + T / RIDGE_TOKENS models a step as memory-bound (flat) until the batch's tokens
+make the matmuls compute-bound (linear), and c is the draft's cost relative to the target (its
+parameter share; ~0 for n-gram lookup). The step speculates with the k of the best E(k) / cost, and
+not at all unless that beats plain decoding by MIN_GAIN: at large batch k falls to 0, and the step is
+then a plain decode (CUDA graphs, async scheduling), so speculation never costs throughput there.
+
+Proposals never break an output constraint: the draft model proposes under a copy of the matcher,
+and an n-gram proposal is cut at its first token the matcher refuses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Protocol
+
+import numpy as np
+
+from agentserve.cache.device_ops import CopyBlocks
+from agentserve.config import SpecConfig
+from agentserve.request import Request
+from agentserve.spec.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from agentserve.engine.engine import Engine
+
+# Batched tokens at which a step stops being bound by reading the weights (H200, 7-8B bf16: a
+# 256-row decode step takes ~2.3x a 1-row step, a 512-row step ~4x).
+RIDGE_TOKENS = 128
+MIN_GAIN = 1.1
+PRIOR_ACCEPTANCE = 0.6  # until measured
+NGRAM_COST = 0.02  # host-side lookup, relative to a target step
+
+
+class SpecProposer(Protocol):
+    """What Engine.step asks before each schedule (see Engine.spec_proposer)."""
+
+    def num_tokens_for_step(self, batch_size: int) -> int:
+        """k for the coming step (0: no speculation, the step runs in the async order)."""
+        ...
+
+    def __call__(self, requests: list[Request], num_tokens: int) -> None:
+        """Sets spec_token_ids (and spec_draft_probs) on the requests due for a decode."""
+        ...
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def choose_num_tokens(acceptance: float, batch_size: int, max_k: int, draft_cost: float) -> int:
+    def step_time(tokens: int) -> float:
+        return 1.0 + tokens / RIDGE_TOKENS
+
+    plain = step_time(batch_size)
+    best_k, best_gain = 0, MIN_GAIN
+    for k in range(1, max_k + 1):
+        cost = (step_time(batch_size * (k + 1)) + k * draft_cost * plain) / plain
+        gain = expected_tokens(acceptance, k) / cost
+        if gain > best_gain:
+            best_k, best_gain = k, gain
+    return best_k
+
+
+class Speculation:
+    """The engine's SpecProposer for the configured method (n-gram lookup or a draft model)."""
+
+    def __init__(self, engine: "Engine", config: SpecConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.ngram: Optional[NgramProposer] = None
+        if config.method == "ngram":
+            self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max,
+                                       config.num_speculative_tokens, engine.max_model_len)
+            self.draft_cost = NGRAM_COST
+        else:
+            draft = engine.runner.draft
+            assert draft is not None, "speculative_method='draft_model' without a loaded draft model"
+            target_params = sum(p.numel() for p in engine.runner.model.parameters())
+            self.draft_cost = draft.num_parameters / target_params
+        self._seen = (0, 0)  # (accepted, rejections) already folded into the estimate
+        self.acceptance = PRIOR_ACCEPTANCE
+
+    def _update_acceptance(self) -> None:
+        m = self.engine.metrics
+        accepted = m.spec_num_accepted_tokens - self._seen[0]
+        rejections = m.spec_num_rejected_rows - self._seen[1]
+        if accepted + rejections > 0:
+            measured = accepted / (accepted + rejections)
+            # Weighted by the trials: a busy step moves the estimate more than a single row.
+            weight = min(1.0, (accepted + rejections) / 64)
+            self.acceptance += weight * (measured - self.acceptance)
+        self._seen = (m.spec_num_accepted_tokens, m.spec_num_rejected_rows)
+
+    def num_tokens_for_step(self, batch_size: int) -> int:
+        if batch_size == 0:
+            return 0
+        if not self.config.spec_dynamic:
+            return self.config.num_speculative_tokens
+        self._update_acceptance()
+        return choose_num_tokens(self.acceptance, batch_size, self.config.num_speculative_tokens, self.draft_cost)
+
+    def __call__(self, requests: list[Request], num_tokens: int) -> None:
+        caps = [self._cap(r, num_tokens) for r in requests]
+        rows = [(r, k) for r, k in zip(requests, caps) if k > 0]
+        if not rows:
+            return
+        if self.ngram is not None:
+            for req, k in rows:
+                draft = self.ngram.propose_one(np.asarray(req.all_token_ids), k).tolist()
+                req.spec_token_ids = _valid_prefix(req, draft)
+                req.spec_draft_probs = None
+            return
+        rows = self._reserve_lookahead(rows)
+        if not rows:
+            return
+        draft_model = self.engine.runner.draft
+        assert draft_model is not None
+        proposals = draft_model.propose([r for r, _ in rows], [k for _, k in rows])
+        for (req, _), (tokens, probs) in zip(rows, proposals):
+            req.spec_token_ids = tokens
+            req.spec_draft_probs = probs
+
+    def _cap(self, request: Request, k: int) -> int:
+        """k within max_tokens (the row never samples past it) and the context length."""
+        room = min(request.max_tokens - request.num_output_tokens - 1, self.engine.max_model_len - request.num_tokens)
+        return 0 if request.num_output_placeholders else max(0, min(k, room))
+
+    def _reserve_lookahead(self, rows: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Page slots for the positions the draft writes (n - 1 .. n + k - 2; the verification step
+        uses them for the target's KV too). A request that cannot get them does not speculate. Page
+        copies this needs, and any queued before them, run now: the draft writes next."""
+        kv, scheduler = self.engine.kv, self.engine.scheduler
+        kept = []
+        for req, k in rows:
+            copies = kv.allocate_slots(req, k)
+            if copies is None:
+                continue
+            scheduler.queue_device_ops([CopyBlocks(src, dst) for src, dst in copies])
+            kept.append((req, k))
+        self.engine.runner.execute_device_ops(scheduler.take_device_ops())
+        return kept
+
+
+def _valid_prefix(request: Request, draft: list[int]) -> list[int]:
+    """The longest prefix of `draft` the request's grammar accepts (the matcher is left as it was)."""
+    grammar = request.grammar
+    if grammar is None or not draft:
+        return draft
+    matcher = grammar.matcher
+    accepted = 0
+    for token in draft:
+        if matcher.is_terminated() or not matcher.accept_token(token):
+            break
+        accepted += 1
+    if accepted:
+        matcher.rollback(accepted)
+    return draft[:accepted]

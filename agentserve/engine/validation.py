@@ -1,0 +1,17 @@
+"""Request checks that need the model (its vocabulary), run by Engine.validate before a request is queued."""
+
+from __future__ import annotations
+
+from agentserve.errors import InvalidRequestError
+from agentserve.sampling_params import SamplingParams
+
+
+def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
+    """The parts of SamplingParams only checkable against the model's vocabulary: out of it they
+    would index past the logits inside a step (where the failure would hit the whole batch)."""
+    if params.top_k > vocab:
+        raise InvalidRequestError(f"top_k must be at most the vocabulary size ({vocab}), or 0 / -1 to "
+                                  f"disable it; got {params.top_k}")
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+        raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")

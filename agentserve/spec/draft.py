@@ -1,0 +1,226 @@
+"""Draft-model proposer: a smaller model with the target's vocabulary proposes k tokens per request.
+
+The draft's KV layers live beside the target's over the *same page ids*: a request's block table
+addresses both, so prefix caching, copy-on-write forks, preemption, swap and session residency move
+the draft's KV with the target's (the runner runs every page copy and swap on both caches).
+
+Per request, `Request.num_draft_computed_tokens` counts the leading positions whose draft KV is
+written; it never runs ahead of the target's `num_computed_tokens` (positions the target rolled back
+held rejected drafts). A proposal:
+1. catches up: the draft computes the request's tokens from there to the last known one (the whole
+   prompt the first time; after a verification step the target's new token, plus the last accepted
+   draft when every draft was accepted) and samples d_1 from the last position;
+2. runs k - 1 decode steps (CUDA graphs where captured), feeding d_j at position n - 1 + j.
+It writes draft KV at positions up to n + k - 2, which the engine allocated before (lookahead slots
+the verification step then uses for the target's KV too).
+
+Greedy requests propose the draft's argmax. Random requests sample from the draft's temperature-
+scaled distribution q and hand q to the rejection sampler (acceptance min(1, p/q)); a seeded
+request draws from its own generator, so its proposals, and hence its output, are reproducible.
+With a grammar, the draft proposes under a copy of the request's matcher (each step masked), so
+every proposal is valid; the real matcher is not touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+
+from agentserve.cache.kv_cache import KVCache, bytes_per_block
+from agentserve.grammar.interface import allocate_token_bitmask
+from agentserve.grammar.state import GrammarState
+from agentserve.kernels.token_bitmask import apply_token_bitmask
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.layers import rope_cos_sin_cache
+from agentserve.model.loader import build_model
+from agentserve.request import Request
+from agentserve.spec.draft_inputs import DraftRun, build_draft_inputs
+
+# Catch-ups of at most this many tokens per request run as that many decode steps (CUDA graphs);
+# longer ones (a prompt) as one ragged prefill forward.
+_MAX_DECODE_CATCH_UP = 4
+_DRAFT_SEED_OFFSET = 0x5EED  # a seeded request's draft stream differs from its sampling stream
+
+
+class DecodeRunner(Protocol):
+    """Captured decode graphs (worker/cuda_graph.py's DecodeGraphs) over the draft model."""
+
+    def padded_size(self, bs: int) -> Optional[int]: ...
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor: ...
+
+
+def check_same_vocabulary(target: ArchConfig, draft: ArchConfig, target_tokenizer: object,
+                          draft_tokenizer: object) -> None:
+    """Start-up check: the draft must score the target's token ids."""
+    if target.vocab_size != draft.vocab_size:
+        raise ModelLoadError(f"the draft model's vocabulary has {draft.vocab_size} entries and the target's "
+                             f"{target.vocab_size}: speculative decoding needs a draft with the target's vocabulary")
+    if target_tokenizer is not None and draft_tokenizer is not None:
+        if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():  # type: ignore[attr-defined]
+            raise ModelLoadError("the draft model's tokenizer maps tokens to other ids than the target's: "
+                                 "speculative decoding needs a draft with the target's vocabulary")
+
+
+class DraftModel:
+    def __init__(self, arch: ArchConfig, path: Optional[Path], dtype: torch.dtype, device: torch.device,
+                 load_format: str, seed: int, max_model_len: int, block_size: int, max_tokens_per_forward: int) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.model = build_model(arch, dtype, device, path, load_format, seed)
+        self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
+                                                     max_model_len, device))
+        self.cache: Optional[KVCache] = None
+        self.graphs: Optional[DecodeRunner] = None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def block_bytes(self) -> int:
+        a = self.arch
+        return bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+
+    def allocate_cache(self, num_blocks: int, num_swap_blocks: int) -> KVCache:
+        a = self.arch
+        self.cache = KVCache(a.num_layers, num_blocks, self.block_size, a.num_kv_heads, a.head_dim, self.dtype,
+                             self.device, num_swap_blocks=num_swap_blocks)
+        return self.cache
+
+    def release(self) -> None:
+        self.graphs = None
+        if self.cache is not None:
+            self.cache.release()
+        self.model = self.model.to("meta")
+
+    # --- proposing ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[tuple[list[int], Optional[torch.Tensor]]]:
+        """Up to num_tokens[i] drafts for request i (each due for a decode, with page slots up to
+        position num_tokens - 2 + k), and q at each draft for random requests."""
+        assert self.cache is not None, "allocate_cache first"
+        grammars = [r.grammar.copy() if r.grammar is not None else None for r in requests]
+        temps = [r.sampling_params.temperature for r in requests]
+        logits = self._catch_up(requests)
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        active = list(range(len(requests)))
+        step = 0
+        while True:
+            tokens, q = self._sample(logits, [requests[i] for i in active], [temps[i] for i in active],
+                                     [grammars[i] for i in active])
+            host = tokens.tolist()
+            still: list[int] = []
+            for row, i in enumerate(active):
+                drafts[i].append(host[row])
+                if q is not None and temps[i] > 0:
+                    probs[i].append(q[row])
+                grammar = grammars[i]
+                ended = grammar is not None and (not grammar.accept_token(host[row]) or grammar.is_terminated())
+                if ended and grammar is not None and grammar.rejected:
+                    drafts[i].pop()  # cannot happen under the mask; never propose an invalid token
+                elif len(drafts[i]) < num_tokens[i] and not ended:
+                    still.append(i)
+            step += 1
+            if not still:
+                break
+            logits = self._decode([requests[i] for i in still], [drafts[i][-1] for i in still], step)
+            active = still
+        out: list[tuple[list[int], Optional[torch.Tensor]]] = []
+        for i, req in enumerate(requests):
+            n = req.num_tokens
+            # Written: the catch-up through position n - 1, then d_1 .. d_{m-1} at n .. n + m - 2.
+            req.num_draft_computed_tokens = n + max(len(drafts[i]), 1) - 1
+            q_rows = torch.stack(probs[i][:len(drafts[i])]) if probs[i] and drafts[i] else None
+            out.append((drafts[i], q_rows))
+        return out
+
+    def _catch_up(self, requests: list[Request]) -> torch.Tensor:
+        """Draft logits [R, V] at each request's last known token, after computing the draft KV of
+        every known token not yet written."""
+        starts = [min(r.num_draft_computed_tokens, r.num_computed_tokens) for r in requests]
+        longest = max(r.num_tokens - s for r, s in zip(requests, starts))
+        if longest <= _MAX_DECODE_CATCH_UP:
+            logits: Optional[torch.Tensor] = None
+            for t in range(longest):
+                # Right-aligned: every request feeds its last token in the last of these steps.
+                rows = [(r, r.num_tokens - longest + t) for r, s in zip(requests, starts)
+                        if r.num_tokens - longest + t >= s]
+                step_logits = self._forward_single([r for r, _ in rows], [r.all_token_ids[p] for r, p in rows],
+                                                   [p for _, p in rows])
+                logits = step_logits
+            assert logits is not None and logits.shape[0] == len(requests)
+            return logits
+        return self._prefill(requests, starts)
+
+    def _prefill(self, requests: list[Request], starts: list[int]) -> torch.Tensor:
+        """Ragged forwards of at most max_tokens_per_forward tokens; each request's logits come from
+        the forward that reaches its last known token."""
+        out = torch.empty((len(requests), self.arch.vocab_size), dtype=torch.float32, device=self.device)
+        pos = list(starts)
+        while any(p < r.num_tokens for p, r in zip(pos, requests)):
+            budget = self.max_tokens_per_forward
+            runs: list[DraftRun] = []
+            finishing: list[int] = []  # rows whose last run ends at their last token
+            for i, r in enumerate(requests):
+                if pos[i] >= r.num_tokens or budget <= 0:
+                    continue
+                end = min(r.num_tokens, pos[i] + budget)
+                runs.append(DraftRun(r.all_token_ids[pos[i]:end], pos[i], r.block_table))
+                finishing.append(i if end == r.num_tokens else -1)
+                budget -= end - pos[i]
+                pos[i] = end
+            ids, positions, meta, last = build_draft_inputs(runs, self.block_size, self.device)
+            hidden = self.model(ids, positions, self.cache.layers, meta)  # type: ignore[union-attr]
+            rows = [j for j, i in enumerate(finishing) if i >= 0]
+            if rows:
+                index = torch.tensor(rows, device=self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, last.index_select(0, index)))
+                out[torch.tensor([finishing[j] for j in rows], device=self.device)] = logits.float()
+        return out
+
+    def _decode(self, requests: list[Request], inputs: list[int], step: int) -> torch.Tensor:
+        """One decode step: draft d_step of each request at position n - 1 + step."""
+        return self._forward_single(requests, inputs, [r.num_tokens - 1 + step for r in requests])
+
+    def _forward_single(self, requests: list[Request], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        runs = [DraftRun([t], p, r.block_table) for r, t, p in zip(requests, tokens, positions)]
+        ids, pos, meta, _ = build_draft_inputs(runs, self.block_size, self.device)
+        graphs = self.graphs
+        if graphs is not None and graphs.padded_size(len(runs)) is not None:
+            return graphs.run(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.max_seq_len).float()
+        hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
+        return self.model.compute_logits(hidden).float()
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], temps: list[float],
+                grammars: list[Optional[GrammarState]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(tokens [R], q [R, V] or None when every row is greedy)."""
+        logits = logits.float().contiguous()
+        constrained = [(row, g) for row, g in enumerate(grammars) if g is not None]
+        if constrained:
+            bitmask = allocate_token_bitmask(len(requests), self.arch.vocab_size)
+            for row, grammar in constrained:
+                grammar.fill(bitmask, row)
+            apply_token_bitmask(logits, bitmask.to(self.device, non_blocking=True))
+        greedy = logits.argmax(dim=-1)
+        if all(t == 0 for t in temps):
+            return greedy, None
+        temperature = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self.device)
+        q = (logits / temperature[:, None]).softmax(dim=-1)
+        noise = torch.empty_like(q).exponential_()
+        for row, req in enumerate(requests):
+            seed = req.sampling_params.seed
+            if temps[row] > 0 and seed is not None:
+                if req.draft_generator is None:
+                    req.draft_generator = torch.Generator(device=self.device).manual_seed(
+                        seed + req.index + _DRAFT_SEED_OFFSET)
+                noise[row].exponential_(generator=req.draft_generator)
+        sampled = q.div(noise).argmax(dim=-1)
+        is_random = torch.tensor([t > 0 for t in temps], device=self.device)
+        return torch.where(is_random, sampled, greedy), q
