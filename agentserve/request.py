@@ -15,8 +15,6 @@ from agentserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
-    import torch
-
 
 class Detokenizer(Protocol):
     """What the engine's incremental detokenizer (engine/detokenizer.py) offers a request; typed
