@@ -36,6 +36,7 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.request import Request
+from agentserve.sampling.sampler import top_k_top_p_min_p
 from agentserve.spec.draft_inputs import DraftRun, build_draft_inputs
 
 # Catch-ups of at most this many tokens per request run as that many decode steps (CUDA graphs);
@@ -63,6 +64,17 @@ def check_same_vocabulary(target: ArchConfig, draft: ArchConfig, target_tokenize
         if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():  # type: ignore[attr-defined]
             raise ModelLoadError("the draft model's tokenizer maps tokens to other ids than the target's: "
                                  "speculative decoding needs a draft with the target's vocabulary")
+
+
+def _truncate(scaled: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The requests' own top-k / top-p / min-p on the draft's scaled logits: q then puts its mass where
+    the target's p can (any q keeps the output exact; one close to p is accepted more often)."""
+    params = [r.sampling_params for r in requests]
+    device = scaled.device
+    top_k = torch.tensor([p.top_k for p in params], device=device) if any(p.top_k > 0 for p in params) else None
+    top_p = torch.tensor([p.top_p for p in params], device=device) if any(p.top_p < 1 for p in params) else None
+    min_p = torch.tensor([p.min_p for p in params], device=device) if any(p.min_p > 0 for p in params) else None
+    return top_k_top_p_min_p(scaled, top_k, top_p, min_p)
 
 
 class DraftModel:
@@ -212,7 +224,7 @@ class DraftModel:
         if all(t == 0 for t in temps):
             return greedy, None
         temperature = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self.device)
-        q = (logits / temperature[:, None]).softmax(dim=-1)
+        q = _truncate(logits / temperature[:, None], requests).softmax(dim=-1)
         noise = torch.empty_like(q).exponential_()
         for row, req in enumerate(requests):
             seed = req.sampling_params.seed
