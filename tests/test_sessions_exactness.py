@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agentserve.service import agent_pb2 as pb
-from conftest_grpc import SYSTEM, TOOLS, make_engine, reference, run, serving, swap_gb_for
+from conftest_grpc import SYSTEM, TOOLS, make_engine, model_path, reference, run, serving, swap_gb_for
 
 GREEDY = dict(temperature=0.0, max_tokens=8, return_token_ids=True)
 BS = 16
@@ -74,8 +74,14 @@ def test_turns_are_exact_and_prefill_only_new_tokens(async_scheduling: bool) -> 
         aeng.shutdown()
 
 
-def test_fork_shares_pages_and_both_branches_stay_exact() -> None:
-    aeng = make_engine()
+# Speculation with the target as its own draft: the sessions' pages hold the draft's KV too, and swap,
+# fork and eviction move both (outputs must stay exact; every draft is accepted).
+SPEC = {"plain": {}, "spec": dict(draft_model=model_path("qwen2"), spec_dynamic=False)}
+
+
+@pytest.mark.parametrize("spec", SPEC)
+def test_fork_shares_pages_and_both_branches_stay_exact(spec: str) -> None:
+    aeng = make_engine(**SPEC[spec])
     pool = aeng.engine.pool
 
     async def body() -> None:
@@ -108,6 +114,8 @@ def test_fork_shares_pages_and_both_branches_stay_exact() -> None:
 
     try:
         run(body())
+        m = aeng.engine.metrics
+        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
     finally:
         aeng.shutdown()
 
@@ -120,8 +128,9 @@ async def _pressure(client: Any, pages: int, salt: str) -> None:
     assert len(done.token_ids) == 8
 
 
-def test_swap_out_and_in_is_exact() -> None:
-    aeng = make_engine(num_blocks=48, max_model_len=720)
+@pytest.mark.parametrize("spec", SPEC)
+def test_swap_out_and_in_is_exact(spec: str) -> None:
+    aeng = make_engine(num_blocks=48, max_model_len=720, **SPEC[spec])
     pool = aeng.engine.pool
 
     async def body() -> None:
@@ -158,14 +167,18 @@ def test_swap_out_and_in_is_exact() -> None:
 
     try:
         run(body())
+        m = aeng.engine.metrics
+        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
     finally:
         aeng.shutdown()
 
 
-def test_eviction_without_swap_recomputes_exactly() -> None:
+@pytest.mark.parametrize("spec", SPEC)
+def test_eviction_without_swap_recomputes_exactly(spec: str) -> None:
     # Swap space for 3 pages only: a session holding more is dropped, then recomputed on its next turn
-    # (its full pages still hit the prefix cache until reused).
-    aeng = make_engine(num_blocks=48, max_model_len=768, swap_space_gb=swap_gb_for("qwen2", 3))
+    # (its full pages still hit the prefix cache until reused). A self draft doubles a page's bytes.
+    pages = 3 * (2 if SPEC[spec] else 1)
+    aeng = make_engine(num_blocks=48, max_model_len=768, swap_space_gb=swap_gb_for("qwen2", pages), **SPEC[spec])
     pool = aeng.engine.pool
 
     async def body() -> None:
@@ -195,6 +208,8 @@ def test_eviction_without_swap_recomputes_exactly() -> None:
 
     try:
         run(body())
+        m = aeng.engine.metrics
+        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
     finally:
         aeng.shutdown()
 

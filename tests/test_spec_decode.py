@@ -16,6 +16,7 @@ from agentserve.engine.speculation import choose_num_tokens, expected_tokens
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
 from agentserve.testing import ARCHS, tiny_model_cached
+from helpers.spec_models import small_draft
 
 NEW_TOKENS = 20
 # Repetitive prompts, so that n-gram lookup finds matches (the model's continuations decide whether
@@ -26,12 +27,6 @@ PROMPTS = [SHARED + [(3 * i + j) % 7 + 11 for j in range(6 + 7 * i)] for i in ra
 # tokens with no output reserve at admission: the pool runs dry and requests are preempted.
 ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True,
               num_blocks=30, block_size=4, decode_reserve_tokens=0)
-
-
-def small_draft(arch: str) -> str:
-    """Another random model with the same tokenizer: 1 layer, other hidden size and head shape."""
-    return str(tiny_model_cached(arch, seed=7, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=64))
 
 
 def proposer(kind: str, arch: str) -> dict[str, Any]:

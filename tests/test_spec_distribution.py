@@ -7,20 +7,15 @@ alone or in another batch."""
 
 from __future__ import annotations
 
-import functools
-import shutil
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
+from helpers.spec_models import noisy_draft
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -32,25 +27,10 @@ SETTINGS = [dict(temperature=1.0, top_k=4), dict(temperature=0.7, top_k=8, top_p
             dict(temperature=1.5, top_k=6, min_p=0.1)]
 
 
-@functools.lru_cache(maxsize=None)
-def noisy_draft() -> str:
-    """The target with noise added to every weight: a draft that agrees with it often, not always (two
-    independent random models almost never share their top tokens)."""
-    target = tiny_model_cached(ARCH)
-    out = Path(tempfile.mkdtemp(prefix="noisy-draft-"))
-    shutil.copytree(target, out, dirs_exist_ok=True)
-    weights = load_file(str(target / "model.safetensors"))
-    gen = torch.Generator().manual_seed(3)
-    noisy = {name: w + 0.1 * w.float().std().nan_to_num(0.0) * torch.randn(w.shape, generator=gen).to(w.dtype)
-             for name, w in weights.items()}
-    save_file(noisy, str(out / "model.safetensors"))
-    return str(out)
-
-
 def proposer(kind: str) -> dict[str, Any]:
     if kind == "ngram":
         return dict(speculative_method="ngram", prompt_lookup_min=1, spec_dynamic=False)
-    return dict(draft_model=noisy_draft(), spec_dynamic=False)
+    return dict(draft_model=noisy_draft(ARCH), spec_dynamic=False)
 
 
 def sample(setting: dict[str, Any], spec: dict[str, Any]) -> tuple[list[list[int]], LLM]:

@@ -194,10 +194,12 @@ class OutputProcessor:
             # synchronous path, the last token's KV does not count, and retained pages end at the
             # last computed token.
             req.num_computed_tokens = req.num_tokens - 1
-            keep = engine.kv.blocks_needed(req.num_computed_tokens)
-            if req.retain_blocks and len(req.block_table) > keep:
-                engine.pool.free(req.block_table[keep:])
-                del req.block_table[keep:]
+        keep = engine.kv.blocks_needed(req.num_computed_tokens)
+        if req.retain_blocks and len(req.block_table) > keep:
+            # Pages past the computed tokens (the last token's, speculative lookahead) hold nothing
+            # the session keeps.
+            engine.pool.free(req.block_table[keep:])
+            del req.block_table[keep:]
         engine.scheduler.remove(req, free_blocks=not req.retain_blocks)
         self.engine.pending_forks.pop(req.request_id, None)
         engine.metrics.requests_finished_total += 1

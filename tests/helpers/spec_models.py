@@ -1,0 +1,35 @@
+"""Draft models for speculative-decoding tests, built from the tiny models."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from agentserve.testing import tiny_model_cached
+
+
+def small_draft(arch: str) -> str:
+    """Another random model with the same tokenizer: 1 layer, other hidden size and head shape (its
+    KV pages have another shape than the target's; its proposals are almost never accepted)."""
+    return str(tiny_model_cached(arch, seed=7, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=64))
+
+
+@functools.lru_cache(maxsize=None)
+def noisy_draft(arch: str, noise: float = 0.1) -> str:
+    """The target with noise added to every weight: a draft that agrees with it often, not always (two
+    independent random models almost never share their top tokens)."""
+    target = tiny_model_cached(arch)
+    out = Path(tempfile.mkdtemp(prefix="noisy-draft-"))
+    shutil.copytree(target, out, dirs_exist_ok=True)
+    weights = load_file(str(target / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    noisy = {name: w + noise * w.float().std().nan_to_num(0.0) * torch.randn(w.shape, generator=gen).to(w.dtype)
+             for name, w in weights.items()}
+    save_file(noisy, str(out / "model.safetensors"))
+    return str(out)
