@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agentserve.engine.metrics import live_engine_gauges
+from agentserve.engine.metrics import EngineMetrics, live_engine_gauges
 
 if TYPE_CHECKING:
     from agentserve.engine.engine import Engine
@@ -37,6 +37,28 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+def _spec_decode_metrics(m: EngineMetrics) -> Iterable[Any]:
+    """Speculative decoding, with vLLM's spec_decode names: drafts verified, draft tokens proposed and
+    accepted (in all and per draft position), acceptance rate and mean accepted length."""
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_drafts", "Rows that verified draft tokens.",
+                              value=m.spec_num_drafts)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                              value=m.spec_num_draft_tokens)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                              value=m.spec_num_accepted_tokens)
+    per_position = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                       "Draft tokens accepted at each draft position (0 = the first).",
+                                       labels=["position"])
+    for position, accepted in enumerate(m.spec_accepted_per_position):
+        per_position.add_metric([str(position)], accepted)
+    yield per_position
+    yield GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate", "Accepted draft tokens over proposed ones.",
+                            value=m.spec_acceptance_rate)
+    yield GaugeMetricFamily(PREFIX + "spec_decode_mean_accepted_length",
+                            "Tokens a verification row emits on average (accepted drafts + 1).",
+                            value=m.spec_mean_accepted_length)
 
 
 class _EngineCollector(Collector):
@@ -71,6 +93,7 @@ class _EngineCollector(Collector):
         yield counter("num_preemptions", "Sequences preempted for lack of KV pages.", m.num_preemptions_total)
         yield counter("requests_finished", "Sequences that finished (stop or length).", m.requests_finished_total)
         yield gauge("generation_tokens_per_second", "Recent generation throughput.", m.generation_tokens_per_s)
+        yield from _spec_decode_metrics(m)
         sessions = {"resident": 0, "swapped": 0, "evicted": 0}
         if self.session_store is not None:
             sessions = self.session_store.residency_counts()
