@@ -117,3 +117,12 @@ def test_agentserve_bench_passes_leading_options_to_fastpath(monkeypatch: pytest
         cli.main(["bench", "--smoke", "--help"])  # argparse used to reject --smoke before the script saw it
     assert done.value.code == 0
     assert "fastpath" in capsys.readouterr().out
+
+
+def test_spec_smoke(tmp_path: Path) -> None:
+    r = run_benchmark("spec.py", "--smoke", tmp_path=tmp_path)
+    assert r["base_one_stream"] > 0 and 0 < r["draft_cost"] < 10
+    assert {(row["acceptance"], row["k"]) for row in r["one_stream"]} == {(a, k) for a in (0.6, 0.8) for k in (2, 4, 6)}
+    for row in r["one_stream"]:
+        assert row["tok_s"] > 0 and math.isfinite(row["speedup"]) and 0 < row["theoretical"] < 7
+    assert all(v > 0 for v in r["dynamic_throughput"].values())

@@ -85,6 +85,9 @@ class Speculation:
             self.draft_cost = draft.num_parameters / target_params
         self._seen = (0, 0)  # (accepted, rejections) already folded into the estimate
         self.acceptance = PRIOR_ACCEPTANCE
+        # Most tokens proposed per request and step, and whether k adapts (benchmarks change them).
+        self.max_num_tokens = config.num_speculative_tokens
+        self.dynamic = config.spec_dynamic
 
     def _update_acceptance(self) -> None:
         m = self.engine.metrics
@@ -100,10 +103,10 @@ class Speculation:
     def num_tokens_for_step(self, batch_size: int) -> int:
         if batch_size == 0:
             return 0
-        if not self.config.spec_dynamic:
-            return self.config.num_speculative_tokens
+        if not self.dynamic:
+            return self.max_num_tokens
         self._update_acceptance()
-        return choose_num_tokens(self.acceptance, batch_size, self.config.num_speculative_tokens, self.draft_cost)
+        return choose_num_tokens(self.acceptance, batch_size, self.max_num_tokens, self.draft_cost)
 
     def __call__(self, requests: list[Request], num_tokens: int) -> None:
         caps = [self._cap(r, num_tokens) for r in requests]

@@ -1,0 +1,168 @@
+"""Speculative decoding on the GPU: a draft model at synthetic acceptance rates, one table.
+
+Target dummy Llama-3.1-8B bf16, draft dummy Llama-3.2-1B; on random weights real acceptance means
+nothing, so `spec_synthetic_acceptance` A accepts each draft token with probability A (the system's
+cost at that acceptance). Rows:
+  - one stream (128-token prompt, 256 new tokens) at A in {0.6, 0.8}, k in {2, 4, 6}, fixed k: tok/s,
+    speedup over no speculation, and the theoretical speedup E(k) / (1 + k c), E(k) = (1 - A^(k+1)) /
+    (1 - A) tokens per step and c the draft's decode step over the target's (both measured here as
+    CUDA-graph replays at batch 1);
+  - throughput at batch 16 / 64 / 256 (that many requests at once, 128-token prompts, 256 new tokens)
+    with dynamic speculation (A = 0.8, k <= 4) vs without.
+Targets (issue #12): A = 0.8, k = 4: one stream >= 1.85x and >= 90% of the theoretical speedup;
+batch 256 >= 0.98x of the non-speculative throughput.
+
+  python benchmarks/spec.py                 (GPU)
+  python benchmarks/spec.py --smoke         (CPU: tiny models, a few tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_result, command_line, device_name, write_json  # noqa: E402
+from latency import single_stream  # noqa: E402
+
+from agentserve import SamplingParams  # noqa: E402
+from agentserve.engine.speculation import Speculation, expected_tokens  # noqa: E402
+from agentserve.llm import LLM  # noqa: E402
+
+ACCEPTANCES = (0.6, 0.8)
+KS = (2, 4, 6)
+BATCHES = (16, 64, 256)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--draft-model", default="llama-3.2-1b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny target and draft, few tokens")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--record", action="store_true", help="append a line to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        from agentserve.testing import tiny_model_cached
+
+        args.model = str(tiny_model_cached("llama"))
+        args.draft_model = str(tiny_model_cached("llama", num_layers=1))
+        args.load_format, args.dtype = "auto", "float32"
+        args.prompt_len, args.new_tokens, args.repeats, args.batches = 16, 12, 1, [4]
+    return args
+
+
+def engine_kwargs(args: argparse.Namespace, max_num_seqs: int) -> dict[str, Any]:
+    return dict(load_format=args.load_format, dtype=args.dtype, max_model_len=2048, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=8192)
+
+
+def throughput(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> float:
+    rng = np.random.default_rng(batch)
+    vocab = min(llm.engine.arch.vocab_size - 10, 30000)
+    prompts = [rng.integers(10, vocab, size=prompt_len).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], params.clone(max_tokens=4))  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+
+def step_time_ms(forward: Any, repeats: int = 30) -> float:
+    """Mean time of one batch-1 decode forward (a CUDA-graph replay where captured)."""
+    for _ in range(3):
+        forward()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def decode_forward(model: Any, graphs: Any, layers: Any, device: torch.device) -> Any:
+    """A closure running one batch-1 decode step of `model` at position 128 (page 0)."""
+    from agentserve.spec.draft_inputs import DraftRun, build_draft_inputs
+
+    ids, pos, meta, _ = build_draft_inputs([DraftRun([11], 128, list(range(16)))], 16, device)
+    if graphs is not None:
+        return lambda: graphs.run(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.max_seq_len)
+    return lambda: model.compute_logits(model(ids, pos, layers, meta))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    result: dict[str, Any] = {"device": device_name(), "model": args.model, "draft": args.draft_model}
+    base = LLM(args.model, **engine_kwargs(args, max(args.batches)))
+    result["base_one_stream"] = single_stream(base, args.prompt_len, args.new_tokens, args.repeats)["decode_tok_s"]
+    result["base_throughput"] = {b: throughput(base, b, args.prompt_len, args.new_tokens) for b in args.batches}
+    runner = base.engine.runner
+    target_ms = step_time_ms(decode_forward(runner.model, runner.graphs, runner.kv_cache.layers, base.engine.device))
+    base.close()
+
+    llm = LLM(args.model, draft_model=args.draft_model, num_speculative_tokens=max(KS), spec_dynamic=False,
+              spec_synthetic_acceptance=ACCEPTANCES[0], **engine_kwargs(args, max(args.batches)))
+    draft = llm.engine.runner.draft
+    assert draft is not None and draft.cache is not None
+    draft_ms = step_time_ms(decode_forward(draft.model, draft.graphs, draft.cache.layers, llm.engine.device))
+    cost = draft_ms / target_ms
+    result.update(target_step_ms=target_ms, draft_step_ms=draft_ms, draft_cost=cost)
+    spec = llm.engine.spec_proposer
+    assert isinstance(spec, Speculation)
+    rows = []
+    for acceptance in ACCEPTANCES:
+        llm.engine.runner.rejection_sampler.synthetic_acceptance = acceptance
+        for k in KS:
+            spec.max_num_tokens, spec.dynamic = k, False
+            rate = single_stream(llm, args.prompt_len, args.new_tokens, args.repeats)["decode_tok_s"]
+            theory = expected_tokens(acceptance, k) / (1 + k * cost)
+            rows.append(dict(acceptance=acceptance, k=k, tok_s=rate, speedup=rate / result["base_one_stream"],
+                             theoretical=theory, of_theory=rate / result["base_one_stream"] / theory))
+    result["one_stream"] = rows
+    llm.engine.runner.rejection_sampler.synthetic_acceptance = 0.8
+    spec.max_num_tokens, spec.dynamic = 4, True
+    dyn = {b: throughput(llm, b, args.prompt_len, args.new_tokens) for b in args.batches}
+    result["dynamic_throughput"] = dyn
+    llm.close()
+
+    print(f"device {result['device']}; target step {target_ms:.2f} ms, draft step {draft_ms:.2f} ms (c = {cost:.3f})")
+    print(f"no speculation: one stream {result['base_one_stream']:.1f} tok/s")
+    print("| acceptance | k | tok/s | speedup | theoretical | of theoretical |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['acceptance']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {r['theoretical']:.2f}x | "
+              f"{r['of_theory']:.0%} |")
+    print("| batch | no spec tok/s | dynamic spec tok/s | ratio |\n|---|---|---|---|")
+    for b in args.batches:
+        print(f"| {b} | {result['base_throughput'][b]:.0f} | {dyn[b]:.0f} | {dyn[b] / result['base_throughput'][b]:.3f} |")
+    write_json(result, args.out, "spec")
+    if args.record:
+        key = next(r for r in rows if r["acceptance"] == 0.8 and r["k"] == 4)
+        big = max(args.batches)
+        append_result("spec", command_line("spec.py", argv),
+                      f"A=0.8 k=4 one stream {key['tok_s']:.1f} tok/s = {key['speedup']:.2f}x "
+                      f"({key['of_theory']:.0%} of theoretical {key['theoretical']:.2f}x, c={cost:.3f}); batch {big} "
+                      f"dynamic {dyn[big]:.0f} vs {result['base_throughput'][big]:.0f} tok/s "
+                      f"({dyn[big] / result['base_throughput'][big]:.3f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
