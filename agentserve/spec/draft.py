@@ -115,35 +115,42 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[tuple[list[int], Optional[torch.Tensor]]]:
         """Up to num_tokens[i] drafts for request i (each due for a decode, with page slots up to
-        position num_tokens - 2 + k), and q at each draft for random requests."""
-        assert self.cache is not None, "allocate_cache first"
+        position num_tokens - 2 + k), and q at each draft for random requests. Without grammars the
+        sampled drafts stay on the device until the end (one host sync per proposal); a constrained
+        request's matcher copy needs each token on the host before the next mask."""
         grammars = [r.grammar.copy() if r.grammar is not None else None for r in requests]
+        on_host = any(g is not None for g in grammars)
         temps = [r.sampling_params.temperature for r in requests]
         logits = self._catch_up(requests)
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        steps: list[tuple[list[int], torch.Tensor]] = []  # device-resident drafts: (rows, tokens)
         active = list(range(len(requests)))
         step = 0
         while True:
             tokens, q = self._sample(logits, [requests[i] for i in active], [temps[i] for i in active],
                                      [grammars[i] for i in active])
-            host = tokens.tolist()
-            still: list[int] = []
+            step += 1
             for row, i in enumerate(active):
-                drafts[i].append(host[row])
                 if q is not None and temps[i] > 0:
                     probs[i].append(q[row])
-                grammar = grammars[i]
-                ended = grammar is not None and (not grammar.accept_token(host[row]) or grammar.is_terminated())
-                if ended and grammar is not None and grammar.rejected:
-                    drafts[i].pop()  # cannot happen under the mask; never propose an invalid token
-                elif len(drafts[i]) < num_tokens[i] and not ended:
-                    still.append(i)
-            step += 1
+            if on_host:
+                still = self._accept_on_host(active, tokens.tolist(), drafts, grammars, num_tokens)
+            else:
+                steps.append((active, tokens))
+                still = [i for i in active if step < num_tokens[i]]
             if not still:
                 break
-            logits = self._decode([requests[i] for i in still], [drafts[i][-1] for i in still], step)
+            if on_host:
+                inputs: object = [drafts[i][-1] for i in still]
+            else:
+                keep = [row for row, i in enumerate(active) if step < num_tokens[i]]
+                inputs = tokens if len(keep) == len(active) else tokens.index_select(
+                    0, torch.tensor(keep, device=self.device))
+            logits = self._decode([requests[i] for i in still], inputs, step)
             active = still
+        if steps:
+            self._collect(steps, drafts)
         out: list[tuple[list[int], Optional[torch.Tensor]]] = []
         for i, req in enumerate(requests):
             n = req.num_tokens
@@ -152,6 +159,31 @@ class DraftModel:
             q_rows = torch.stack(probs[i][:len(drafts[i])]) if probs[i] and drafts[i] else None
             out.append((drafts[i], q_rows))
         return out
+
+    @staticmethod
+    def _accept_on_host(active: list[int], host: list[int], drafts: list[list[int]],
+                        grammars: list[Optional[GrammarState]], num_tokens: list[int]) -> list[int]:
+        """Appends each row's token (through its matcher copy); returns the rows that go on."""
+        still: list[int] = []
+        for row, i in enumerate(active):
+            drafts[i].append(host[row])
+            grammar = grammars[i]
+            ended = grammar is not None and (not grammar.accept_token(host[row]) or grammar.is_terminated())
+            if ended and grammar is not None and grammar.rejected:
+                drafts[i].pop()  # cannot happen under the mask; never propose an invalid token
+            elif len(drafts[i]) < num_tokens[i] and not ended:
+                still.append(i)
+        return still
+
+    @staticmethod
+    def _collect(steps: list[tuple[list[int], torch.Tensor]], drafts: list[list[int]]) -> None:
+        """The device-resident drafts to the host, in one copy."""
+        flat = torch.cat([tokens for _, tokens in steps]).tolist()
+        at = 0
+        for rows, tokens in steps:
+            for i in rows:
+                drafts[i].append(flat[at])
+                at += 1
 
     def _catch_up(self, requests: list[Request]) -> torch.Tensor:
         """Draft logits [R, V] at each request's last known token, after computing the draft KV of
@@ -197,13 +229,17 @@ class DraftModel:
                 out[torch.tensor([finishing[j] for j in rows], device=self.device)] = logits.float()
         return out
 
-    def _decode(self, requests: list[Request], inputs: list[int], step: int) -> torch.Tensor:
-        """One decode step: draft d_step of each request at position n - 1 + step."""
+    def _decode(self, requests: list[Request], inputs: object, step: int) -> torch.Tensor:
+        """One decode step: draft d_step of each request at position n - 1 + step (`inputs`: host
+        ids, or the previous step's sampled ids on the device)."""
         return self._forward_single(requests, inputs, [r.num_tokens - 1 + step for r in requests])
 
-    def _forward_single(self, requests: list[Request], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        runs = [DraftRun([t], p, r.block_table) for r, t, p in zip(requests, tokens, positions)]
+    def _forward_single(self, requests: list[Request], tokens: object, positions: list[int]) -> torch.Tensor:
+        host_tokens = tokens if isinstance(tokens, list) else [0] * len(requests)
+        runs = [DraftRun([t], p, r.block_table) for r, t, p in zip(requests, host_tokens, positions)]
         ids, pos, meta, _ = build_draft_inputs(runs, self.block_size, self.device)
+        if isinstance(tokens, torch.Tensor):
+            ids = tokens
         graphs = self.graphs
         if graphs is not None and graphs.padded_size(len(runs)) is not None:
             return graphs.run(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.max_seq_len).float()

@@ -33,7 +33,8 @@ from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.launched_step import LaunchedStep
-from agentserve.worker.spec_verify import sample_verification
+from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
+from agentserve.worker.verify_graphs import VerifyGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,17 @@ class ModelRunner:
             self.pages = PageStores([self.kv_cache, self.draft.allocate_cache(self.num_blocks, swap_blocks)])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
+        self.verify_graphs: Optional[VerifyGraphs] = None
         self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device)
             self.graphs.capture()
+            if config.spec.method is not None:
+                self.verify_graphs = VerifyGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
+                                                  self.max_blocks_per_seq, 1 + config.spec.num_speculative_tokens,
+                                                  device)
+                self.verify_graphs.capture(self.graphs.pool)
             if self.draft is not None and self.draft.cache is not None:
                 draft_graphs = DecodeGraphs(self.draft.model, self.draft.cache.layers, config.scheduler.max_num_seqs,
                                             self.max_blocks_per_seq, max_model_len, device)
@@ -105,6 +112,7 @@ class ModelRunner:
         """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
         KV pages, the pinned swap space, the weights. The runner cannot run a step afterwards."""
         self.graphs = None
+        self.verify_graphs = None
         self._sampling_cache = None
         self.kv_cache.release()
         if self.draft is not None:
@@ -308,7 +316,17 @@ class ModelRunner:
         rows = [c for c in chunks if c.num_sampled]
         requests = [c.request for c in rows]
         meta_s = build_sampling_metadata(requests, self.arch.vocab_size, self.device)
-        logits = self._forward_logits(chunks, prev)
+        q = max(c.num_tokens for c in chunks)
+        if (self.verify_graphs is not None and self.verify_graphs.padded_size(len(chunks), q) is not None
+                and all(c.num_tokens == c.num_sampled and c.request.num_computed_tokens < c.request.num_tokens
+                        for c in chunks)):
+            # Only verification and decode rows, their inputs all on the host: a graph replay.
+            ids, pos, slots, tables, seq_lens, real = padded_verification_inputs(
+                requests, [c.spec_token_ids for c in rows], q, self.block_size, self.max_model_len, self.device)
+            hidden = self.verify_graphs.run(ids, pos, slots, tables, seq_lens, q)
+            logits = self.model.compute_logits(hidden.index_select(0, real))
+        else:
+            logits = self._forward_logits(chunks, prev)
         assert logits is not None
         return sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],
                                    meta_s, mask_fn)
