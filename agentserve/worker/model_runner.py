@@ -23,6 +23,7 @@ from agentserve.cache.device_ops import DeviceOp, execute_device_ops
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.request import Request
+from agentserve.lora.layers import enable_lora, token_slot_indices
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
@@ -63,6 +64,8 @@ class ModelRunner:
         self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
+        # Multi-LoRA: slots wired into the projections before profiling and graph capture (both see them).
+        self.lora_manager = enable_lora(self.model, arch, config.lora, dtype, device)
         self.sampler = Sampler()
         self.num_blocks = self._decide_num_blocks()
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
@@ -73,7 +76,8 @@ class ModelRunner:
         self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
-                                       self.max_blocks_per_seq, max_model_len, device)
+                                       self.max_blocks_per_seq, max_model_len, device,
+                                       lora=self.lora_manager is not None)
             self.graphs.capture()
         if self.device.type == "cuda":
             from agentserve.kernels.paged_attention import warmup_unified_variants
@@ -244,7 +248,9 @@ class ModelRunner:
         meta = ForwardMetadata(
             slot_mapping=d64[2 * a64:2 * a64 + total], block_tables=d32[o_tab:].view(b, width),
             query_start_loc=d32[:b + 1], seq_lens=d32[o_seq:o_seq + b],
-            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
+            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()),
+            lora_slot_indices=token_slot_indices(self.lora_manager, [c.request.lora_key for c in chunks],
+                                                 num_tokens, self.device))
         return ids_d, d64[a64:a64 + total], meta, d64[o_logits:o_logits + num_sample]
 
     def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
@@ -265,7 +271,7 @@ class ModelRunner:
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                   meta.max_seq_len)
+                                   meta.max_seq_len, meta.lora_slot_indices)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if logits_indices.numel() == 0:
             return None
@@ -291,6 +297,8 @@ class ModelRunner:
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
         meta_s = self._sampling_metadata(sampling) if sampling else None
         logits = self._forward_logits(chunks, prev)
+        if self.lora_manager is not None:
+            self.lora_manager.step_launched()  # later loads into this step's slots wait for it
         if logits is None or meta_s is None:
             return LaunchedStep(None, {}, [])
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
