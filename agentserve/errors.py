@@ -42,3 +42,7 @@ class AdapterNotFoundError(LookupError):
 class AdapterInUseError(RuntimeError):
     """Unloading or replacing a LoRA adapter that requests or sessions still use (HTTP 409 /
     FAILED_PRECONDITION); the message names them."""
+
+
+class LoRANotEnabledError(RuntimeError):
+    """A LoRA operation on an engine started without enable_lora (HTTP 404 / gRPC UNIMPLEMENTED)."""

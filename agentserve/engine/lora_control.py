@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional
 
-from agentserve.errors import AdapterInUseError, AdapterNotFoundError
+from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError
 from agentserve.lora.key import LoRAKey, LoRAKeys
+from agentserve.lora.manager import MultiLoRAManager, PreparedAdapter
 
 if TYPE_CHECKING:
     from agentserve.engine.engine import Engine
@@ -65,26 +66,34 @@ class LoRAControl:
         raise AdapterInUseError(f"cannot {action} LoRA adapter {name!r}: it is in use by {' and '.join(parts)}; "
                                 "close the sessions and wait for the requests, or unload with drain")
 
-    def _require_manager(self) -> None:
+    def _require_manager(self) -> MultiLoRAManager:
         if self.manager is None:
-            raise AdapterNotFoundError("LoRA is not enabled on this engine (enable_lora / --enable-lora)")
+            raise LoRANotEnabledError("LoRA is not enabled on this server (start it with --enable-lora)")
+        return self.manager
 
     def load(self, name: str, path: str) -> None:
         """Loads `name` (a reload gets a new generation: no cached KV of the old weights is reused).
         Replacing a name that requests or sessions use is refused (AdapterInUseError)."""
-        self._require_manager()
-        assert self.manager is not None
-        if self.manager.key_of(name) is not None:
-            self._check_unused(name, "replace")
-        self.manager.load(name, path)
+        self.install(self.read(name, path))
+
+    def read(self, name: str, path: str) -> PreparedAdapter:
+        """Reads and checks the adapter (any thread: no engine state is touched); LoRAAdapterError
+        names what is wrong with it."""
+        return self._require_manager().read(name, path)
+
+    def install(self, prepared: PreparedAdapter) -> None:
+        """Binds a read adapter to its name (step thread)."""
+        manager = self._require_manager()
+        if manager.key_of(prepared.name) is not None:
+            self._check_unused(prepared.name, "replace")
+        manager.install(prepared.name, prepared)
 
     def unload(self, name: str, drain: bool = False) -> None:
         """Forgets `name`. Refused while requests or open sessions use it, unless `drain`: then new
         requests can no longer name it and those running finish on its weights."""
-        self._require_manager()
-        assert self.manager is not None
-        if self.manager.key_of(name) is None:
+        manager = self._require_manager()
+        if manager.key_of(name) is None:
             raise AdapterNotFoundError(f"LoRA adapter {name!r} is not loaded")
         if not drain:
             self._check_unused(name, "unload")
-        self.manager.unload(name)
+        manager.unload(name)

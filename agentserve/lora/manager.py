@@ -69,6 +69,15 @@ class _Stacked:
     scaling: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter read and laid out for the slots, not yet bound to its name (MultiLoRAManager.read)."""
+
+    name: str
+    path: Path
+    weights: dict[str, Optional[_Stacked]]
+
+
 class MultiLoRAManager:
     """Implements lora/interface.py's LoRAManager over device slots and a CPU tier."""
 
@@ -129,13 +138,23 @@ class MultiLoRAManager:
     def load(self, name: str, path: str) -> None:
         """Reads and checks the adapter, then (re)binds `name` to it under a new key. The earlier
         weights of a reloaded name stay reachable by their key for requests still using them."""
+        self.install(name, self.read(name, path))
+
+    def read(self, name: str, path: str) -> PreparedAdapter:
+        """The part of a load that grows with the adapter (file reads, checks, padding, pinning). It
+        touches no manager state, so servers run it off the step thread; `install` then binds it."""
         if not name:
             raise LoRAAdapterError("an adapter needs a non-empty name")
-        adapter = self._read(Path(path), LoRAKey(0, 0), name)  # raises before the name changes
+        adapter = self._read(Path(path), LoRAKey(0, 0), name)
+        return PreparedAdapter(name=name, path=Path(path), weights=self._to_slot_layout(adapter))
+
+    def install(self, name: str, prepared: PreparedAdapter) -> None:
+        """Binds `name` to a read adapter under a new key (step thread: cheap, no I/O)."""
+        assert prepared.name == name, "installed under another name than it was read for"
         key = self.keys.register(name)
-        self._paths[key] = Path(path)
+        self._paths[key] = prepared.path
         self._names[name] = key
-        self._put_cpu(key, self._to_slot_layout(adapter))
+        self._put_cpu(key, prepared.weights)
 
     def unload(self, name: str) -> None:
         """Forgets the name and its CPU copy; a request still running with it (drained unload)
