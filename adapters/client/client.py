@@ -264,3 +264,10 @@ class AgentClient:
 
     async def health(self) -> pb.HealthResponse:
         return await self.stub.Health(pb.HealthRequest(), metadata=self.metadata)
+
+    async def load_adapter(self, name: str, path: str) -> pb.AdapterInfo:
+        """Loads (or reloads) the PEFT LoRA directory `path`, on the server's filesystem, as `name`."""
+        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path), metadata=self.metadata)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), metadata=self.metadata)
