@@ -1,0 +1,114 @@
+"""MultiLoRAManager on the CPU: slots hold exactly an adapter's weights in the kernels' layout, are
+reused least-recently-used (never one the step uses), the CPU tier drops its oldest adapters past
+max_cpu_loras and reads them again from disk, reload gives a new generation; plus the CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentserve.cli import build_parser, engine_config_from_args
+from agentserve.config import LoRAConfig
+from agentserve.lora.adapter import LoRAAdapterError, load_lora_adapter
+from agentserve.lora.key import LoRAKey
+from agentserve.lora.manager import FUSED_PROJECTIONS, LoRASlotsExhaustedError, MultiLoRAManager
+from agentserve.model.arch_config import ArchConfig
+from agentserve.testing import tiny_model_cached
+from helpers.lora import ALL_MODULES, build_peft_adapter
+
+ARCH = "llama"
+
+
+@pytest.fixture(scope="module")
+def peft_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    base = tiny_model_cached(ARCH)
+    root = tmp_path_factory.mktemp("peft")
+    targets = [list(ALL_MODULES), ["q_proj", "v_proj"], ["down_proj"], ["o_proj", "gate_proj"]]
+    return [build_peft_adapter(base, root / f"a{i}", seed=i, r=4 * (i + 1), lora_alpha=8, target_modules=t)
+            for i, t in enumerate(targets)]
+
+
+def manager(max_loras: int = 2, max_cpu_loras: int = 2) -> MultiLoRAManager:
+    arch = ArchConfig.from_dir(tiny_model_cached(ARCH))
+    config = LoRAConfig(enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=16)
+    return MultiLoRAManager(arch, config, torch.float32, torch.device("cpu"))
+
+
+def assert_slot_holds(m: MultiLoRAManager, slot: int, path: Path) -> None:
+    adapter = load_lora_adapter(path, m.arch, max_lora_rank=m.max_rank, adapter_id=0)
+    for layer in range(m.arch.num_layers):
+        for fused in FUSED_PROJECTIONS:
+            want = adapter.slot_weights(layer, fused, m.max_rank, torch.float32)
+            stack = m.stack(layer, fused)
+            assert torch.equal(stack.ranks[slot], want.ranks)
+            if int(want.ranks.sum()):
+                assert torch.equal(stack.lora_a[slot], want.lora_a) and torch.equal(stack.lora_b[slot], want.lora_b)
+                assert torch.equal(stack.scaling[slot], want.scaling)
+
+
+def test_slots_hold_the_adapter_and_are_reused_lru(peft_dirs: list[Path]) -> None:
+    m = manager(max_loras=2, max_cpu_loras=4)
+    for i, path in enumerate(peft_dirs):
+        m.load(f"a{i}", str(path))
+    keys = [m.key_of(f"a{i}") for i in range(4)]
+    assert m.names() == ["a0", "a1", "a2", "a3"] and len(set(keys)) == 4
+    assert m.activate([keys[0], None, keys[1], keys[0]]) == [0, -1, 1, 0]
+    assert_slot_holds(m, 0, peft_dirs[0])
+    assert_slot_holds(m, 1, peft_dirs[1])
+    m.activate([keys[1]])                        # a1 most recent: a0's slot is the LRU one
+    assert m.activate([keys[2], keys[1]]) == [0, 1]
+    assert_slot_holds(m, 0, peft_dirs[2])        # an MLP-only adapter over an all-module one: no stale ranks
+    assert m.resident_keys() == [keys[2], keys[1]]
+    assert m.activate([keys[3], keys[2]]) == [1, 0]  # the slot this step uses (a2's) is never the victim
+    with pytest.raises(LoRASlotsExhaustedError, match="3 adapters but there are only 2 LoRA slots"):
+        m.activate(keys[:3])
+    assert m.num_slot_loads == 4 and m.num_disk_reads == 4
+
+
+def test_cpu_tier_evicts_lru_and_reads_again(peft_dirs: list[Path]) -> None:
+    m = manager(max_loras=1, max_cpu_loras=2)
+    for i, path in enumerate(peft_dirs[:3]):
+        m.load(f"a{i}", str(path))
+    assert m.num_disk_reads == 3  # a0 was dropped from the tier when a2 came in
+    slot = m.activate([m.key_of("a0")])[0]
+    assert m.num_disk_reads == 4
+    assert_slot_holds(m, slot, peft_dirs[0])
+    m.activate([m.key_of("a2")])  # still in the tier: no read
+    assert m.num_disk_reads == 4
+
+
+def test_reload_unload_and_refusals(peft_dirs: list[Path], tmp_path: Path) -> None:
+    m = manager()
+    m.load("x", str(peft_dirs[0]))
+    first = m.key_of("x")
+    m.activate([first])
+    m.load("x", str(peft_dirs[1]))
+    second = m.key_of("x")
+    assert first is not None and second == LoRAKey(first.adapter_id, first.generation + 1)
+    assert m.activate([second]) == [1]  # a new key: loaded into another slot, the old one stays until reused
+    assert_slot_holds(m, 1, peft_dirs[1])
+    assert m.activate([first]) == [0]  # a request that started on the old weights still gets them
+    with pytest.raises(LoRAAdapterError, match="does not exist"):
+        m.load("y", str(tmp_path / "nothing"))
+    with pytest.raises(LoRAAdapterError, match="non-empty name"):
+        m.load("", str(peft_dirs[0]))
+    assert m.names() == ["x"]
+    m.unload("x")
+    assert m.names() == [] and m.key_of("x") is None
+    with pytest.raises(KeyError):
+        m.unload("x")
+
+
+def test_cli_lora_flags() -> None:
+    args = build_parser().parse_args([
+        "serve", "--model", "m", "--enable-lora", "--lora-modules", "a=/p/a", '{"name": "b", "path": "/p/b"}',
+        "--max-loras", "8", "--max-lora-rank", "16", "--max-cpu-loras", "64"])
+    lora = engine_config_from_args(args).lora
+    assert lora.enable_lora and (lora.max_loras, lora.max_lora_rank, lora.max_cpu_loras) == (8, 16, 64)
+    assert lora.lora_modules == {"a": "/p/a", "b": "/p/b"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "no-equals-sign"])
+    with pytest.raises(ValueError, match="lora_modules needs enable_lora"):
+        engine_config_from_args(build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "a=/p"]))
