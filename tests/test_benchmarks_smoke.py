@@ -117,3 +117,18 @@ def test_agentserve_bench_passes_leading_options_to_fastpath(monkeypatch: pytest
         cli.main(["bench", "--smoke", "--help"])  # argparse used to reject --smoke before the script saw it
     assert done.value.code == 0
     assert "fastpath" in capsys.readouterr().out
+
+
+def test_lora_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora.py (issue #13) end to end: every throughput run served all its requests, the
+    adapter runs really used adapters (slots were loaded), and every figure is finite and positive."""
+    r = run_benchmark("lora.py", "--smoke", tmp_path=tmp_path)
+    runs = r["throughput"]
+    assert list(runs) == ["base", "1 adapters", "2 adapters", "4 adapters (CPU tier)"]
+    assert [run["distinct_adapters"] for run in runs.values()] == [0, 1, 2, 4]
+    assert runs["base"]["slot_loads"] == 0 and runs["4 adapters (CPU tier)"]["slot_loads"] > 2  # 4 through 2 slots
+    for run in runs.values():
+        assert run["output_tokens"] == 8 * 4 and positive(run["output_tok_s"])
+    for figure in (*r["ratios_vs_base"].values(), r["single_stream"]["ratio"], *r["load"].values()):
+        assert positive(figure)
+    assert len(r["targets_met"]) == 3
