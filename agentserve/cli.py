@@ -45,6 +45,8 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         kwargs.update(nargs="+", metavar="NAME")  # vLLM's flag: several names, the first one reported
     elif name == "api_key":
         kwargs.update(action="append", metavar="KEY")  # repeatable: each key is a tenant
+    elif name == "lora_target_modules":
+        kwargs.update(nargs="+", metavar="MODULE")
     elif name == "lora_modules":
         kwargs.update(nargs="+", metavar="NAME=PATH", type=_lora_module)  # vLLM's flag and forms
     parser.add_argument(_flag(name), **kwargs)

@@ -190,7 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=max(args.max_prompt + args.output_len, args.stream_prompt_len + args.stream_new_tokens) + 16,
               max_num_batched_tokens=2048 if args.smoke else 8192, max_num_seqs=args.max_num_seqs,
-              enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.rank, max_cpu_loras=n_names)
+              enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.rank, max_cpu_loras=n_names,
+              lora_target_modules=targets)  # the other projections run no LoRA kernels
     engine = llm.engine
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
         files = [write_adapter(Path(tmp) / f"a{i}", engine.arch, args.rank, targets, seed=i)

@@ -222,3 +222,20 @@ def test_offline_api_errors(adapter_dirs: dict, tmp_path_factory: pytest.TempPat
     with pytest.raises(LoRANotEnabledError, match="--enable-lora"):
         plain.load_adapter("a", str(dirs["r4-all"]))
     plain.close()
+
+
+def test_lora_target_modules_wraps_only_those_projections(adapter_dirs: dict,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tiny_model_cached("llama")
+    dirs = dirs_for("llama", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    llm = make_llm(base, max_loras=1, lora_target_modules=["q_proj", "v_proj"], lora_modules={"qv": str(dirs["r8-qv"])})
+    layer = llm.engine.runner.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, lora_layers.LoRALinear)
+    assert not isinstance(layer.self_attn.o_proj, lora_layers.LoRALinear)
+    assert not isinstance(layer.mlp.down_proj, lora_layers.LoRALinear)
+    prompt = llm.tokenizer.encode(TEXTS[0])
+    out = llm.generate([prompt], greedy(), adapter="qv")[0]
+    assert list(out.outputs[0].token_ids) == peft_greedy(base, dirs["r8-qv"], [prompt], NEW_TOKENS)[0]
+    with pytest.raises(LoRAAdapterError, match="outside the modules"):
+        llm.load_adapter("all", str(dirs["r4-all"]))
+    llm.close()

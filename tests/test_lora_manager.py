@@ -4,13 +4,20 @@ max_cpu_loras and reads them again from disk, reload gives a new generation; plu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the layout test runs the Triton kernels too
+
+import pytest  # noqa: E402
 
 from agentserve.cli import build_parser, engine_config_from_args
 from agentserve.config import LoRAConfig
+from agentserve.kernels import lora as lora_kernels
+from agentserve.kernels._triton_utils import HAS_TRITON
 from agentserve.lora.adapter import LoRAAdapterError, load_lora_adapter
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRASlotsExhaustedError, MultiLoRAManager
@@ -19,6 +26,7 @@ from agentserve.testing import tiny_model_cached
 from helpers.lora import ALL_MODULES, build_peft_adapter
 
 ARCH = "llama"
+_INTERPRETED = HAS_TRITON and type(lora_kernels._lora_shrink_kernel).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +120,53 @@ def test_cli_lora_flags() -> None:
         build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "no-equals-sign"])
     with pytest.raises(ValueError, match="lora_modules needs enable_lora"):
         engine_config_from_args(build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "a=/p"]))
+
+
+def test_kernels_read_the_slot_major_stacks(peft_dirs: list[Path]) -> None:
+    """A layer's stack is a strided view ([slot, layer, ...] storage): the reference and the Triton
+    kernels (interpreted on the CPU) both give x A^T B^T scale per token's slot on it."""
+    m = manager(max_loras=3, max_cpu_loras=4)
+    for i, path in enumerate(peft_dirs[:3]):
+        m.load(f"a{i}", str(path))
+    slots = m.activate([m.key_of(f"a{i}") for i in range(3)])
+    torch.manual_seed(0)
+    for fused in m.projections:
+        stack = m.stack(1, fused)
+        assert not stack.lora_a.is_contiguous()  # the case under test
+        token_slots = torch.tensor([slots[2], -1, slots[0], slots[1], slots[0], -1], dtype=torch.int32)
+        x = torch.randn(len(token_slots), stack.lora_a.shape[-1])
+        y = torch.randn(len(token_slots), stack.lora_b.shape[-1])
+        expected = y.clone()
+        for t, slot in enumerate(token_slots.tolist()):
+            if slot < 0:
+                continue
+            col = 0
+            for s, n in enumerate(stack.slice_sizes):
+                r = int(stack.ranks[slot, s])
+                if r:
+                    h = x[t] @ stack.lora_a[slot, s, :r].T
+                    expected[t, col:col + n] += float(stack.scaling[slot, s]) * (h @ stack.lora_b[slot, :r, col:col + n])
+                col += n
+        meta = lora_kernels.build_lora_batch_meta(token_slots, m.max_loras)
+        y_ref = y.clone()
+        lora_kernels.add_lora(y_ref, x, stack.lora_a, stack.lora_b, stack.ranks, stack.scaling, meta,
+                              stack.slice_sizes, stack.slice_starts)
+        torch.testing.assert_close(y_ref, expected, atol=1e-4, rtol=1e-4)
+        if _INTERPRETED:
+            y_kernel = y.clone()
+            shrunk = lora_kernels.lora_shrink(x, stack.lora_a, stack.ranks, meta)
+            lora_kernels.lora_expand(y_kernel, shrunk, stack.lora_b, stack.ranks, stack.scaling, meta, stack.slice_starts)
+            torch.testing.assert_close(y_kernel, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_target_modules_limit_slots_and_adapters(peft_dirs: list[Path]) -> None:
+    arch = ArchConfig.from_dir(tiny_model_cached(ARCH))
+    config = LoRAConfig(enable_lora=True, max_loras=1, max_lora_rank=16, lora_target_modules=["q_proj", "v_proj"])
+    m = MultiLoRAManager(arch, config, torch.float32, torch.device("cpu"))
+    assert m.projections == ("qkv_proj",)  # o, gate_up and down hold no slots and run no LoRA kernels
+    m.load("qv", str(peft_dirs[1]))
+    with pytest.raises(LoRAAdapterError, match=r"targets .*down_proj.*outside the modules"):
+        m.load("all", str(peft_dirs[0]))
+    assert m.names() == ["qv"]
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        LoRAConfig(enable_lora=True, lora_target_modules=["embed_tokens"])

@@ -87,7 +87,8 @@ def attach_lora(model: CausalLM, manager: MultiLoRAManager) -> LoRABatch:
     for layer in range(len(model.layers)):
         owners = _projections(model, layer)
         assert set(owners) == set(FUSED_PROJECTIONS)
-        for fused, (owner, attr) in owners.items():
+        for fused in manager.projections:  # projections no allowed module touches stay plain
+            owner, attr = owners[fused]
             base = getattr(owner, attr)
             assert isinstance(base, LinearBase) and (fused in ("o_proj", "down_proj")) == isinstance(
                 base, RowParallelLinear), f"layer {layer} {fused} is not the expected linear layer"

@@ -35,7 +35,8 @@ import torch
 
 from agentserve.config import LoRAConfig
 from agentserve.kernels.lora import slice_starts_for
-from agentserve.lora.adapter import FUSED_SLICES, LoRAAdapter, LoRAAdapterError, load_lora_adapter, lora_module_shapes
+from agentserve.lora.adapter import (FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError,
+                                     load_lora_adapter, lora_module_shapes)
 from agentserve.lora.key import LoRAKey, LoRAKeys
 from agentserve.model.arch_config import ArchConfig
 
@@ -93,16 +94,22 @@ class MultiLoRAManager:
         shapes = lora_module_shapes(arch)
         self.slice_sizes = {f: tuple(shapes[m][1] for m in FUSED_SLICES[f]) for f in FUSED_PROJECTIONS}
         self.in_features = {f: shapes[FUSED_SLICES[f][0]][0] for f in FUSED_PROJECTIONS}
+        # Only the fused projections some allowed module belongs to get slots and LoRA layers: the
+        # others cost neither memory nor kernel launches (SGLang's --lora-target-modules).
+        self.target_modules = frozenset(config.lora_target_modules or LORA_TARGET_MODULES)
+        self.projections = tuple(f for f in FUSED_PROJECTIONS if self.target_modules & set(FUSED_SLICES[f]))
         n, slots, r = arch.num_layers, self.max_loras, self.max_rank
-        self._slots: dict[str, Optional[_Stacked]] = {}
-        for f in FUSED_PROJECTIONS:
+        # Slot-major ([slot, layer, ...]): loading a slot is one contiguous copy per tensor; a layer's
+        # view [:, layer] strides over slots, which the kernels take as given (stride of dim 0).
+        self._slots: dict[str, _Stacked] = {}
+        for f in self.projections:
             s = len(FUSED_SLICES[f])
             self._slots[f] = _Stacked(
-                lora_a=torch.zeros(n, slots, s, r, self.in_features[f], dtype=dtype, device=device),
-                lora_b=torch.zeros(n, slots, r, sum(self.slice_sizes[f]), dtype=dtype, device=device),
-                ranks=torch.zeros(n, slots, s, dtype=torch.int32, device=device),
-                scaling=torch.zeros(n, slots, s, dtype=torch.float32, device=device))
-        self._slice_starts = {f: slice_starts_for(self.slice_sizes[f], device) for f in FUSED_PROJECTIONS}
+                lora_a=torch.zeros(slots, n, s, r, self.in_features[f], dtype=dtype, device=device),
+                lora_b=torch.zeros(slots, n, r, sum(self.slice_sizes[f]), dtype=dtype, device=device),
+                ranks=torch.zeros(slots, n, s, dtype=torch.int32, device=device),
+                scaling=torch.zeros(slots, n, s, dtype=torch.float32, device=device))
+        self._slice_starts = {f: slice_starts_for(self.slice_sizes[f], device) for f in self.projections}
         self._names: dict[str, LoRAKey] = {}           # loaded names, in load order
         self._paths: dict[LoRAKey, Path] = {}           # every key a request may still hold
         self._cpu: OrderedDict[LoRAKey, dict[str, Optional[_Stacked]]] = OrderedDict()  # LRU: oldest first
@@ -119,8 +126,8 @@ class MultiLoRAManager:
     # --- the layers' view ---------------------------------------------------------------------------
     def stack(self, layer: int, fused: str) -> LoRAStack:
         s = self._slots[fused]
-        return LoRAStack(lora_a=s.lora_a[layer], lora_b=s.lora_b[layer], ranks=s.ranks[layer],
-                         scaling=s.scaling[layer], slice_sizes=self.slice_sizes[fused],
+        return LoRAStack(lora_a=s.lora_a[:, layer], lora_b=s.lora_b[:, layer], ranks=s.ranks[:, layer],
+                         scaling=s.scaling[:, layer], slice_sizes=self.slice_sizes[fused],
                          slice_starts=self._slice_starts[fused])
 
     # --- names --------------------------------------------------------------------------------------
@@ -231,12 +238,12 @@ class MultiLoRAManager:
         for f, w in weights.items():
             dst = self._slots[f]
             if w is None:  # not targeted in any layer: rank 0 makes the kernels skip the slot's stale A/B
-                dst.ranks[:, slot].zero_()
+                dst.ranks[slot].zero_()
                 continue
-            dst.lora_a[:, slot].copy_(w.lora_a, non_blocking=True)
-            dst.lora_b[:, slot].copy_(w.lora_b, non_blocking=True)
-            dst.ranks[:, slot].copy_(w.ranks, non_blocking=True)
-            dst.scaling[:, slot].copy_(w.scaling, non_blocking=True)
+            dst.lora_a[slot].copy_(w.lora_a, non_blocking=True)
+            dst.lora_b[slot].copy_(w.lora_b, non_blocking=True)
+            dst.ranks[slot].copy_(w.ranks, non_blocking=True)
+            dst.scaling[slot].copy_(w.scaling, non_blocking=True)
 
     # --- CPU tier -----------------------------------------------------------------------------------
     def _cpu_copy(self, key: LoRAKey) -> dict[str, Optional[_Stacked]]:
@@ -265,8 +272,13 @@ class MultiLoRAManager:
 
     def _to_slot_layout(self, adapter: LoRAAdapter) -> dict[str, Optional[_Stacked]]:
         """The adapter in the slots' layout for every layer (padded, cast; pinned on CUDA)."""
+        outside = adapter.target_modules - self.target_modules
+        if outside:
+            raise LoRAAdapterError(f"adapter {adapter.name!r} targets {', '.join(sorted(outside))}, outside the modules "
+                                   f"this server applies LoRA to (lora_target_modules: "
+                                   f"{', '.join(sorted(self.target_modules))})")
         out: dict[str, Optional[_Stacked]] = {}
-        for f in FUSED_PROJECTIONS:
+        for f in self.projections:
             if not adapter.target_modules & set(FUSED_SLICES[f]):
                 out[f] = None  # nothing to hold (a q/v-only adapter has no MLP weights)
                 continue
