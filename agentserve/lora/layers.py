@@ -60,16 +60,25 @@ class LoRALinear(nn.Module):
             # its slice of B): not wired; refusing beats silently wrong outputs.
             raise NotImplementedError("LoRA with tensor parallelism is not supported yet")
         self.base_layer = base
-        self.stack = stack
         self.batch = batch
+        self.slice_sizes = stack.slice_sizes
+        # Buffers (views of the manager's slot tensors), so that model.to("meta") at close drops them
+        # with the weights; non-persistent: they are no part of the checkpoint.
+        self.lora_a: torch.Tensor
+        self.lora_b: torch.Tensor
+        self.ranks: torch.Tensor
+        self.scaling: torch.Tensor
+        self.slice_starts: torch.Tensor
+        for name in ("lora_a", "lora_b", "ranks", "scaling", "slice_starts"):
+            self.register_buffer(name, getattr(stack, name), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         meta = self.batch.meta
         if meta is None:
             return y
-        s = self.stack
-        add_lora(y, x.contiguous(), s.lora_a, s.lora_b, s.ranks, s.scaling, meta, s.slice_sizes, s.slice_starts)
+        add_lora(y, x.contiguous(), self.lora_a, self.lora_b, self.ranks, self.scaling, meta, self.slice_sizes,
+                 self.slice_starts)
         return y
 
 

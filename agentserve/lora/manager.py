@@ -130,6 +130,13 @@ class MultiLoRAManager:
                          scaling=s.scaling[:, layer], slice_sizes=self.slice_sizes[fused],
                          slice_starts=self._slice_starts[fused])
 
+    def release(self) -> None:
+        """Drops the slots and the CPU tier (engine close: device memory and pinned memory go back).
+        The manager cannot activate adapters afterwards."""
+        self._slots = {}
+        self._cpu.clear()
+        self._slot_read = [None] * self.max_loras
+
     # --- names --------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._names)

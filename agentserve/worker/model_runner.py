@@ -92,6 +92,8 @@ class ModelRunner:
         self.graphs = None
         self._sampling_cache = None
         self.kv_cache.release()
+        if self.lora_manager is not None:
+            self.lora_manager.release()  # the LoRA layers' views go with the model below
         self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
