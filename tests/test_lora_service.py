@@ -77,7 +77,10 @@ def test_grpc_sessions_generate_and_adapter_rpcs(adapters: dict[str, Path], tmp_
             _exact(adapters["a"], await child.run_turn([{"role": "user", "content": "Fork it."}], **GREEDY))
             _exact(adapters["a"], await session.run_turn([{"role": "user", "content": "Parent."}], **GREEDY))
             await child.close()
+            await client.unload_adapter("a", drain=True)  # the open session keeps its weights
+            _exact(adapters["a"], await session.run_turn([{"role": "user", "content": "Drained."}], **GREEDY))
             await session.close()
+            await client.load_adapter("a", str(adapters["a"]))  # loaded again: a new generation
 
             await client.unload_adapter("a")  # nothing uses it any more
             code, _ = await rpc_status(client.unload_adapter("a"))

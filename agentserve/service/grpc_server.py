@@ -304,7 +304,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         async with _errors(context):
             self._tenant(context)
             control = self.engine.lora
-            await self.aeng.run(lambda: control.unload(request.name))
+            await self.aeng.run(lambda: control.unload(request.name, drain=request.drain))
             return pb.UnloadAdapterResponse()
         raise AssertionError("unreachable")
 
