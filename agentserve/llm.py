@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
+from agentserve.errors import LoRANotEnabledError
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
@@ -87,6 +88,8 @@ class LLM:
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
         adapters = _adapters_per_prompt(adapter, len(prompts))
+        if self.engine.lora_manager is None and any(adapters):
+            raise LoRANotEnabledError("adapter= needs an engine started with enable_lora=True")
         ids = []
         try:
             for prompt, params, lora_name in zip(prompts, params_list, adapters):

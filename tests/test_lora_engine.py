@@ -221,6 +221,8 @@ def test_offline_api_errors(adapter_dirs: dict, tmp_path_factory: pytest.TempPat
     plain = LLM(str(base), device="cpu", dtype="float32", max_model_len=256, num_blocks=64)
     with pytest.raises(LoRANotEnabledError, match="--enable-lora"):
         plain.load_adapter("a", str(dirs["r4-all"]))
+    with pytest.raises(LoRANotEnabledError, match="enable_lora"):
+        plain.generate("x", greedy(), adapter="a")  # never silently the base model
     plain.close()
 
 

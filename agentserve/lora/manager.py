@@ -110,7 +110,9 @@ class MultiLoRAManager:
                 ranks=torch.zeros(slots, n, s, dtype=torch.int32, device=device),
                 scaling=torch.zeros(slots, n, s, dtype=torch.float32, device=device))
         self._slice_starts = {f: slice_starts_for(self.slice_sizes[f], device) for f in self.projections}
-        self._names: dict[str, LoRAKey] = {}           # loaded names, in load order
+        # Loaded names, in load order. Replaced, never changed in place: servers read it from other
+        # threads (listing models) while the step thread loads and unloads.
+        self._names: dict[str, LoRAKey] = {}
         self._paths: dict[LoRAKey, Path] = {}           # every key a request may still hold
         self._cpu: OrderedDict[LoRAKey, dict[str, Optional[_Stacked]]] = OrderedDict()  # LRU: oldest first
         self._slot_key: list[Optional[LoRAKey]] = [None] * slots
@@ -167,15 +169,16 @@ class MultiLoRAManager:
         assert prepared.name == name, "installed under another name than it was read for"
         key = self.keys.register(name)
         self._paths[key] = prepared.path
-        self._names[name] = key
+        self._names = {**self._names, name: key}
         self._put_cpu(key, prepared.weights)
 
     def unload(self, name: str) -> None:
         """Forgets the name and its CPU copy; a request still running with it (drained unload)
         reads it again from its directory if it needs it in a slot again."""
-        key = self._names.pop(name, None)
+        key = self._names.get(name)
         if key is None:
             raise KeyError(name)
+        self._names = {n: k for n, k in self._names.items() if n != name}
         self._cpu.pop(key, None)
 
     # --- slots --------------------------------------------------------------------------------------
