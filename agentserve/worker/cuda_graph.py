@@ -91,6 +91,11 @@ class DecodeGraphs:
                     for with_lora in self.lora_modes:
                         self._forward(self.sizes[-1], bucket, with_lora)
                         self._forward(1, bucket, with_lora)
+                if self.lora_slots is not None:
+                    # The LoRA kernels' split-K (a constexpr) follows the batch size: compile every
+                    # size's variant here, not inside a capture.
+                    for bs in self.sizes:
+                        self._forward(bs, self.buckets[0], True)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         # Largest first, so the smaller graphs reuse its memory pool.
