@@ -12,6 +12,7 @@ import grpc
 import httpx
 import pytest
 
+from agentserve.adapters.openai.metrics import parse_metrics
 from agentserve.sessions.types import SessionState
 from agentserve.testing import tiny_model_cached
 from conftest_grpc import SYSTEM, make_engine, rpc_status, run, serving, swap_gb_for
@@ -139,6 +140,9 @@ def test_http_adapter_endpoints_and_model_field(adapters: dict[str, Path], tmp_p
                     # The streamed text withholds a trailing incomplete UTF-8 sequence (decode shows it as U+FFFD).
                     assert texts[name] == aeng.engine.tokenizer.decode(ref).rstrip("\ufffd"), name
                 assert texts["b"] != texts["tiny"]
+                metrics = parse_metrics((await http.get("/metrics")).text)
+                assert metrics["agentserve_lora_adapters_loaded"] == 2 and metrics["agentserve_lora_max_loras"] == 2
+                assert metrics["agentserve_lora_slot_loads_total"] >= 1 and metrics["agentserve_lora_disk_reads_total"] == 2
                 r = await http.post("/v1/completions", json={"model": "zzz", "prompt": "hi", "max_tokens": 2})
                 assert r.status_code == 404
 

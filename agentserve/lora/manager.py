@@ -276,9 +276,10 @@ class MultiLoRAManager:
             self._cpu.popitem(last=False)
 
     def _read(self, path: Path, key: LoRAKey, name: str) -> LoRAAdapter:
+        adapter = load_lora_adapter(path, self.arch, max_lora_rank=self.max_rank, adapter_id=key.adapter_id,
+                                    generation=key.generation, name=name)
         self.num_disk_reads += 1
-        return load_lora_adapter(path, self.arch, max_lora_rank=self.max_rank, adapter_id=key.adapter_id,
-                                 generation=key.generation, name=name)
+        return adapter
 
     def _to_slot_layout(self, adapter: LoRAAdapter) -> dict[str, Optional[_Stacked]]:
         """The adapter in the slots' layout for every layer (padded, cast; pinned on CUDA)."""
