@@ -241,3 +241,22 @@ def test_lora_target_modules_wraps_only_those_projections(adapter_dirs: dict,
     with pytest.raises(LoRAAdapterError, match="outside the modules"):
         llm.load_adapter("all", str(dirs["r4-all"]))
     llm.close()
+
+
+def test_async_scheduling_with_adapters_matches_peft(adapter_dirs: dict,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Async scheduling: step N+1 (and its slot loads) is prepared before step N's tokens are read;
+    one slot, so adapters take turns in it between steps."""
+    base = tiny_model_cached("qwen2")
+    dirs = dirs_for("qwen2", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    llm = make_llm(base, max_loras=1, async_scheduling=True,
+                   lora_modules={"a": str(dirs["r16-mlp"]), "b": str(dirs["r64-kod"])})
+    assert llm.engine.async_scheduling
+    prompts = [llm.tokenizer.encode(t) for t in TEXTS]
+    names: list[Optional[str]] = ["a", None, "b", "a"]
+    outs = llm.generate([p for p in prompts for _ in names], greedy(), adapter=names * len(prompts))
+    for i, out in enumerate(outs):
+        name, prompt = names[i % len(names)], prompts[i // len(names)]
+        ref = peft_greedy(base, dirs["r16-mlp" if name == "a" else "r64-kod"] if name else None, [prompt], NEW_TOKENS)
+        assert list(out.outputs[0].token_ids) == ref[0], (name, i)
+    llm.close()
