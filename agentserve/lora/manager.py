@@ -10,8 +10,9 @@ Tiers
   max_lora_rank, cast and (on CUDA) in pinned memory, so that moving it into a slot is nothing but
   asynchronous copies. More than `max_cpu_loras` adapters: the least recently used are dropped from
   memory and read again from their directory when a request needs them (vLLM's max_cpu_loras).
-- Device slots: per fused projection one tensor [num_layers, max_loras, ...] for each of A, B, ranks
-  and scaling; each layer's LoRALinear (lora/layers.py) holds its layer's view. A step's adapters
+- Device slots: per fused projection one tensor [max_loras, num_layers, ...] for each of A, B, ranks
+  and scaling; each layer's LoRALinear (lora/layers.py) holds its layer's view. Only projections
+  that `lora_target_modules` allows get slots (and LoRA layers). A step's adapters
   get slots in `activate`: resident ones are touched, others take an empty slot or the least
   recently used slot that this step does not use. The scheduler admits at most max_loras distinct
   adapters among running requests, so every running request's adapter stays in a slot (pinned in
@@ -87,7 +88,7 @@ class MultiLoRAManager:
         self.arch = arch
         self.max_loras = config.max_loras
         self.max_rank = config.max_lora_rank
-        self.max_cpu_loras = max(config.max_cpu_loras, config.max_loras)  # a slot's adapter stays in the tier
+        self.max_cpu_loras = max(config.max_cpu_loras, config.max_loras)  # config's documented floor
         self.dtype = dtype
         self.device = device
         self.keys = keys if keys is not None else LoRAKeys()
