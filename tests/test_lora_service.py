@@ -120,7 +120,6 @@ def test_http_adapter_endpoints_and_model_field(adapters: dict[str, Path], tmp_p
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
                 models = (await http.get("/v1/models")).json()["data"]
                 assert {(m["id"], m["parent"]) for m in models} == {("tiny", None), ("a", "tiny")}
-                assert next(m["root"] for m in models if m["id"] == "a") == str(adapters["a"])
 
                 r = await http.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path)})
                 assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]

@@ -61,15 +61,15 @@ def install_lora_error_handlers(app: FastAPI) -> None:
 
 
 def add_lora_routes(app: FastAPI, async_engine: Any) -> None:
-    control = async_engine.engine.lora
-
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        control = async_engine.engine.lora
         prepared = await asyncio.to_thread(control.read, body.lora_name, body.lora_path)
         await async_engine.run(lambda: control.install(prepared))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        control = async_engine.engine.lora
         await async_engine.run(lambda: control.unload(body.lora_name, drain=body.drain))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -112,13 +112,9 @@ class OpenAIServing:
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
                  "root": root, "parent": None, "max_model_len": self.engine.max_model_len}
                 for name in self.config.model.served_model_names()]
-        manager = self.engine.lora_manager
         for name in self.adapter_names():
-            assert manager is not None
-            path = manager.path_of(name)  # vLLM's root: the adapter's directory (None if unloaded meanwhile)
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
-                         "root": str(path) if path is not None else name, "parent": self.model_name,
-                         "max_model_len": self.engine.max_model_len})
+                         "root": name, "parent": self.model_name, "max_model_len": self.engine.max_model_len})
         return {"object": "list", "data": data}
 
     def get_model(self, name: str) -> dict[str, Any]:
