@@ -7,19 +7,25 @@ cap; base-only steps launch no LoRA kernel."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
-import pytest
+import torch
 
-from agentserve import SamplingParams
-from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError
-from agentserve.llm import LLM
-from agentserve.lora import layers as lora_layers
-from agentserve.lora.adapter import LoRAAdapterError
-from agentserve.testing import tiny_model_cached
-from agentserve.testing.tiny import ARCHS
-from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # one test runs the engine through the Triton kernels
+
+import pytest  # noqa: E402
+
+from agentserve import SamplingParams  # noqa: E402
+from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError  # noqa: E402
+from agentserve.llm import LLM  # noqa: E402
+from agentserve.lora import layers as lora_layers  # noqa: E402
+from agentserve.lora.adapter import LoRAAdapterError  # noqa: E402
+from agentserve.testing import tiny_model_cached  # noqa: E402
+from agentserve.testing.tiny import ARCHS  # noqa: E402
+from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy  # noqa: E402
 
 NEW_TOKENS = 6
 TEXTS = ["The quick brown fox jumps over", "def add(a, b):\n    return a + b\n\nprint(add(2,"]
@@ -259,4 +265,26 @@ def test_async_scheduling_with_adapters_matches_peft(adapter_dirs: dict,
         name, prompt = names[i % len(names)], prompts[i // len(names)]
         ref = peft_greedy(base, dirs["r16-mlp" if name == "a" else "r64-kod"] if name else None, [prompt], NEW_TOKENS)
         assert list(out.outputs[0].token_ids) == ref[0], (name, i)
+    llm.close()
+
+
+def test_engine_through_the_triton_kernels_interpreted(adapter_dirs: dict, tmp_path_factory: pytest.TempPathFactory,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's LoRA layers through the Triton shrink / expand (under TRITON_INTERPRET, on the
+    CPU) instead of the torch reference: the kernels read the manager's strided slot stacks, the
+    tile map of a mixed prefill + decode batch, and match PEFT."""
+    from agentserve.kernels import lora as lora_kernels
+
+    if type(lora_kernels._lora_shrink_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run this file alone)")
+    monkeypatch.setattr(lora_kernels, "triton_enabled_for", lambda t: True)
+    base = tiny_model_cached("qwen3")
+    dirs = dirs_for("qwen3", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    llm = make_llm(base, max_loras=2, lora_modules={"a": str(dirs["r4-all"]), "b": str(dirs["r16-mlp"])})
+    prompt = llm.tokenizer.encode(TEXTS[0])
+    names: list[Optional[str]] = ["a", None, "b"]
+    outs = llm.generate([prompt] * 3, greedy(4), adapter=names)
+    for name, out in zip(names, outs):
+        ref = peft_greedy(base, dirs[{"a": "r4-all", "b": "r16-mlp"}[name]] if name else None, [prompt], 4)[0]
+        assert list(out.outputs[0].token_ids) == ref, name
     llm.close()
