@@ -170,3 +170,21 @@ def test_target_modules_limit_slots_and_adapters(peft_dirs: list[Path]) -> None:
     assert m.names() == ["qv"]
     with pytest.raises(ValueError, match="lora_target_modules"):
         LoRAConfig(enable_lora=True, lora_target_modules=["embed_tokens"])
+
+
+def test_warmup_walks_each_kernel_variant_once() -> None:
+    """The variants the warm-up launches are exactly the (BLOCK_M, SPLIT_K) pairs the kernels pick
+    over 1..budget tokens (8B shapes, one layer); on the CPU nothing is launched (no compile)."""
+    from agentserve.lora import warmup
+    from agentserve.testing.tiny import NAMED_SHAPES
+
+    arch = ArchConfig.from_dict({**NAMED_SHAPES["llama-3.1-8b"], "num_hidden_layers": 1})
+    config = LoRAConfig(enable_lora=True, max_loras=64, max_lora_rank=16, lora_target_modules=["q_proj", "v_proj"])
+    m = MultiLoRAManager(arch, config, torch.bfloat16, torch.device("cpu"))
+    variants = {warmup._variant(m, "qkv_proj", n, 132) for n in range(1, 8193)}
+    for n in (1, 7, 100, 600, 8192):
+        meta = lora_kernels.build_lora_batch_meta(torch.full((n,), -1, dtype=torch.int32), 64)
+        picked = lora_kernels.lora_kernel_config(meta, 4096, 3, 132)
+        assert (meta.block_m, picked.split_k) in variants
+    assert {bm for bm, _ in variants} == {16, 64} and len(variants) < 16
+    assert warmup.warmup_lora_kernels(m, 64) == 0

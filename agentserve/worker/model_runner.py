@@ -24,6 +24,7 @@ from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.request import Request
 from agentserve.lora.layers import enable_lora, token_slot_indices
+from agentserve.lora.warmup import warmup_lora_kernels
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
@@ -85,6 +86,8 @@ class ModelRunner:
             k0, v0 = self.kv_cache.layers[0]
             warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
                                     config.scheduler.max_num_batched_tokens)
+            if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
+                warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
 
     def close(self) -> None:
         """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
