@@ -103,15 +103,16 @@ def attach_lora(model: CausalLM, manager: MultiLoRAManager) -> LoRABatch:
                 base, RowParallelLinear), f"layer {layer} {fused} is not the expected linear layer"
             setattr(owner, attr, LoRALinear(base, manager.stack(layer, fused), batch))
 
-    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
-        meta = args[3]  # CausalLM.forward(input_ids, positions, kv_caches, meta)
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # CausalLM.forward(input_ids, positions, kv_caches, meta), meta passed by position or name.
+        meta = kwargs["meta"] if "meta" in kwargs else args[3]
         assert isinstance(meta, ForwardMetadata)
         batch.begin(meta)
 
     def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         batch.end()
 
-    model.register_forward_pre_hook(before)
+    model.register_forward_pre_hook(before, with_kwargs=True)
     model.register_forward_hook(after)
     return batch
 
