@@ -3,6 +3,8 @@
 they finish on its weights). Answers: 200 with a plain-text success line (vLLM's), 400 for a bad
 adapter directory (the message names the file or field), 404 for an unknown adapter or a server
 without LoRA, 409 when the name is in use by requests or open sessions (the message names them).
+Loading a name that is already loaded replaces its weights (vLLM's load_inplace), as a new cache
+generation: no KV computed under the old weights is reused.
 
 The adapter is read off the event loop and off the step thread (file reads grow with its size);
 only binding the name runs on the step thread, like every change the step reads."""
