@@ -69,8 +69,11 @@ class LoRALinear(nn.Module):
         self.ranks: torch.Tensor
         self.scaling: torch.Tensor
         self.slice_starts: torch.Tensor
-        for name in ("lora_a", "lora_b", "ranks", "scaling", "slice_starts"):
-            self.register_buffer(name, getattr(stack, name), persistent=False)
+        self.register_buffer("lora_a", stack.lora_a, persistent=False)
+        self.register_buffer("lora_b", stack.lora_b, persistent=False)
+        self.register_buffer("ranks", stack.ranks, persistent=False)
+        self.register_buffer("scaling", stack.scaling, persistent=False)
+        self.register_buffer("slice_starts", stack.slice_starts, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
