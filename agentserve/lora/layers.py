@@ -85,11 +85,11 @@ class LoRALinear(nn.Module):
         return y
 
 
-def _projections(model: CausalLM, layer: int) -> dict[str, tuple[nn.Module, str]]:
-    """Fused projection name -> (the module that owns it, its attribute name)."""
-    block = model.layers[layer]
-    return {"qkv_proj": (block.self_attn, "qkv_proj"), "o_proj": (block.self_attn, "o_proj"),
-            "gate_up_proj": (block.mlp, "gate_up_proj"), "down_proj": (block.mlp, "down_proj")}
+def _projections(model: CausalLM, layer: int) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Fused projection name -> (the module that owns it under that name, the projection)."""
+    attn, mlp = model.layers[layer].self_attn, model.layers[layer].mlp
+    return {"qkv_proj": (attn, attn.qkv_proj), "o_proj": (attn, attn.o_proj),
+            "gate_up_proj": (mlp, mlp.gate_up_proj), "down_proj": (mlp, mlp.down_proj)}
 
 
 def attach_lora(model: CausalLM, manager: MultiLoRAManager) -> LoRABatch:
@@ -100,11 +100,10 @@ def attach_lora(model: CausalLM, manager: MultiLoRAManager) -> LoRABatch:
         owners = _projections(model, layer)
         assert set(owners) == set(FUSED_PROJECTIONS)
         for fused in manager.projections:  # projections no allowed module touches stay plain
-            owner, attr = owners[fused]
-            base = getattr(owner, attr)
+            owner, base = owners[fused]
             assert isinstance(base, LinearBase) and (fused in ("o_proj", "down_proj")) == isinstance(
                 base, RowParallelLinear), f"layer {layer} {fused} is not the expected linear layer"
-            setattr(owner, attr, LoRALinear(base, manager.stack(layer, fused), batch))
+            owner.register_module(fused, LoRALinear(base, manager.stack(layer, fused), batch))  # replaces it
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # CausalLM.forward(input_ids, positions, kv_caches, meta), meta passed by position or name.
