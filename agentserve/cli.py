@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import json
 import socket
 import sys
 import time
@@ -44,7 +45,25 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         kwargs.update(nargs="+", metavar="NAME")  # vLLM's flag: several names, the first one reported
     elif name == "api_key":
         kwargs.update(action="append", metavar="KEY")  # repeatable: each key is a tenant
+    elif name == "lora_target_modules":
+        kwargs.update(nargs="+", metavar="MODULE")
+    elif name == "lora_modules":
+        kwargs.update(nargs="+", metavar="NAME=PATH", type=_lora_module)  # vLLM's flag and forms
     parser.add_argument(_flag(name), **kwargs)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """vLLM's --lora-modules forms: name=path, or JSON {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+            return str(obj["name"]), str(obj["path"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected JSON with \"name\" and \"path\"") from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH (a PEFT adapter directory)")
+    return name, path
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +84,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func")}
     engine_keys = {n for c in _SECTIONS for n in c.model_fields} | set(_TOP_LEVEL)
     kwargs = {k: v for k, v in given.items() if k in engine_keys and k != "model"}
+    if "lora_modules" in kwargs:  # [(name, path), ...] from the flag -> {name: path}
+        kwargs["lora_modules"] = dict(kwargs["lora_modules"])  # type: ignore[call-overload]
     return EngineConfig.from_kwargs(given["model"], **kwargs)  # pydantic converts "8" -> 8 etc.
 
 

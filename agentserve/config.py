@@ -77,7 +77,24 @@ class LoRAConfig(_Strict):
     enable_lora: bool = Field(default=False, description="Serve LoRA adapters (LoadAdapter, `model` naming one).")
     max_loras: int = Field(default=4, gt=0, description="LoRA adapters resident on the device at once.")
     max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank accepted.")
-    max_cpu_loras: int = Field(default=32, gt=0, description="LoRA adapters kept loaded in CPU memory.")
+    max_cpu_loras: int = Field(default=32, gt=0, description="LoRA adapters kept in CPU memory (at least "
+                               "max_loras; the least recently used beyond it are read again from their directory).")
+    lora_target_modules: Optional[list[str]] = Field(
+        default=None, description="The modules adapters may target (of q_proj k_proj v_proj o_proj gate_proj "
+        "up_proj down_proj; SGLang's flag): projections outside them run no LoRA kernels and hold no slots. "
+        "Default: all seven.")
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="Adapters loaded at start: name -> PEFT "
+                                         "directory (vLLM's --lora-modules name=path).")
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "LoRAConfig":
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        bad = [m for m in self.lora_target_modules or [] if m not in known]
+        if bad or self.lora_target_modules == []:
+            raise ValueError(f"lora_target_modules: {bad or 'an empty list'} is not allowed; choose from {', '.join(known)}")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+        return self
 
 
 class SpecConfig(_Strict):

@@ -33,3 +33,16 @@ class FieldError(InvalidRequestError):
         super().__init__(message)
         self.field = field
         self.code = code
+
+
+class AdapterNotFoundError(LookupError):
+    """A LoRA adapter name that is not loaded (HTTP 404 / NOT_FOUND)."""
+
+
+class AdapterInUseError(RuntimeError):
+    """Unloading or replacing a LoRA adapter that requests or sessions still use (HTTP 409 /
+    FAILED_PRECONDITION); the message names them."""
+
+
+class LoRANotEnabledError(RuntimeError):
+    """A LoRA operation on an engine started without enable_lora (HTTP 404 / gRPC UNIMPLEMENTED)."""

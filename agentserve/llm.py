@@ -9,10 +9,23 @@ from typing import Any, Optional, Sequence, Union
 from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
+from agentserve.errors import LoRANotEnabledError
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 Message = dict[str, Any]
+# adapter= of generate / chat: one LoRA adapter name for every prompt, or one (name or None) per prompt.
+AdapterArg = Union[None, str, Sequence[Optional[str]]]
+
+
+def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional[str]]:
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * num_prompts
+    names = list(adapter)
+    if len(names) != num_prompts:
+        raise ValueError(f"{num_prompts} prompts but {len(names)} adapters (give one name, or one name or None "
+                         "per prompt)")
+    return names
 
 
 class LLM:
@@ -44,10 +57,25 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads (or reloads, with new weights and a fresh cache key) the PEFT LoRA directory at `path`
+        as `name`. Needs enable_lora=True. Raises LoRAAdapterError naming what is wrong with it."""
+        self.engine.lora.load(name, str(path))
+
+    def unload_adapter(self, name: str, drain: bool = False) -> None:
+        """Forgets adapter `name` (AdapterNotFoundError if it is not loaded; AdapterInUseError while
+        requests use it, unless `drain`)."""
+        self.engine.lora.unload(name, drain=drain)
+
+    def list_adapters(self) -> list[str]:
+        return self.engine.lora_manager.names() if self.engine.lora_manager is not None else []
+
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Prompts are strings or token-id lists (one prompt or a list). Outputs come in input order."""
+                 use_tqdm: bool = False, adapter: AdapterArg = None) -> list[RequestOutput]:
+        """Prompts are strings or token-id lists (one prompt or a list). Outputs come in input order.
+        `adapter`: a loaded LoRA adapter's name for all prompts, or a name (or None: the base model)
+        per prompt."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -59,11 +87,14 @@ class LLM:
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
+        adapters = _adapters_per_prompt(adapter, len(prompts))
+        if self.engine.lora_manager is None and any(adapters):
+            raise LoRANotEnabledError("adapter= needs an engine started with enable_lora=True")
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora_name in zip(prompts, params_list, adapters):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, lora_name=lora_name)
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:
@@ -104,11 +135,11 @@ class LLM:
     def chat(self, messages: Union[Sequence[Message], Sequence[Sequence[Message]]],
              sampling_params: Optional[SamplingParams] = None, tools: Optional[list[dict[str, Any]]] = None,
              tool_choice: Union[None, str, dict[str, Any]] = None, use_tqdm: bool = False,
-             **template_kwargs: Any) -> list[RequestOutput]:
+             adapter: AdapterArg = None, **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = sampling_params or SamplingParams()
         if tools is not None:
             params = params.clone(tools=tools, tool_choice=tool_choice or "auto")
         prompts = [self.render_chat(conv, tools=tools, **template_kwargs) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, adapter=adapter)

@@ -126,3 +126,16 @@ def test_spec_smoke(tmp_path: Path) -> None:
     for row in r["one_stream"]:
         assert row["tok_s"] > 0 and math.isfinite(row["speedup"]) and 0 < row["theoretical"] < 7
     assert all(v > 0 for v in r["dynamic_throughput"].values())
+def test_lora_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora.py (issue #13) end to end: every throughput run served all its requests, the
+    adapter runs really used adapters (slots were loaded), and every figure is finite and positive."""
+    r = run_benchmark("lora.py", "--smoke", tmp_path=tmp_path)
+    runs = r["throughput"]
+    assert list(runs) == ["base", "1 adapters", "2 adapters", "4 adapters (CPU tier)"]
+    assert [run["distinct_adapters"] for run in runs.values()] == [0, 1, 2, 4]
+    assert runs["base"]["slot_loads"] == 0 and runs["4 adapters (CPU tier)"]["slot_loads"] > 2  # 4 through 2 slots
+    for run in runs.values():
+        assert run["output_tokens"] == 8 * 4 and positive(run["output_tok_s"])
+    for figure in (*r["ratios_vs_base"].values(), r["single_stream"]["ratio"], *r["load"].values()):
+        assert positive(figure)
+    assert len(r["targets_met"]) == 3

@@ -34,6 +34,7 @@ from agentserve.adapters.openai.protocol import ChatCompletionRequest, Completio
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
+from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import FieldError
 from agentserve.service.tenants import TENANT_SCOPE_KEY, TenantLimitError, Tenants
@@ -297,6 +298,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     _add_status_routes(app, async_engine, metrics)
     _add_model_routes(app, serving)
     _add_generation_routes(app, serving)
+    install_lora_error_handlers(app)
+    add_lora_routes(app, async_engine)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
     return app

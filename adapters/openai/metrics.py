@@ -94,6 +94,13 @@ class _EngineCollector(Collector):
         yield counter("requests_finished", "Sequences that finished (stop or length).", m.requests_finished_total)
         yield gauge("generation_tokens_per_second", "Recent generation throughput.", m.generation_tokens_per_s)
         yield from _spec_decode_metrics(m)
+        lora = self.engine.lora_manager
+        if lora is not None:  # only on a server started with --enable-lora
+            yield gauge("lora_adapters_loaded", "LoRA adapters requests may name.", len(lora.names()))
+            yield gauge("lora_max_loras", "LoRA adapters resident on the device at once (max_loras).", lora.max_loras)
+            yield counter("lora_slot_loads", "LoRA adapters copied into a device slot.", lora.num_slot_loads)
+            yield counter("lora_disk_reads", "LoRA adapters read from their directory (loads, CPU-tier misses).",
+                          lora.num_disk_reads)
         sessions = {"resident": 0, "swapped": 0, "evicted": 0}
         if self.session_store is not None:
             sessions = self.session_store.residency_counts()

@@ -36,8 +36,8 @@ from agentserve.engine.speculation import SpecProposer, Speculation
 from agentserve.engine.validation import validate_vocab_params
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
-from agentserve.lora.interface import LoRAManager
-from agentserve.lora.key import LoRAKey, LoRAKeys
+from agentserve.engine.lora_control import LoRAControl
+from agentserve.lora.key import LoRAKey
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput
 from agentserve.request import Request, RequestStatus
@@ -56,7 +56,6 @@ class Engine:
         self.arch, self.model_path = resolve_model(config)
         tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
         self.tokenizer = load_tokenizer(tok_path)
-        self.lora_manager: Optional[LoRAManager] = None  # multi-LoRA serving lands with lora/manager.py
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         self.max_model_len = decide_max_model_len(config, self.arch)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
@@ -67,6 +66,7 @@ class Engine:
         self.model_name = config.model.served_model_names()[0]
         self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len,
                                   resolve_draft_model(config, self.arch, self.tokenizer))
+        self.lora_manager = self.runner.lora_manager  # None without enable_lora (lora/interface.py)
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -81,7 +81,7 @@ class Engine:
         self.constraints: Optional["ConstraintManager"] = None  # built on the first constrained request
         self.grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
         self.output = OutputProcessor(self)
-        self.lora_keys = LoRAKeys()  # adapter name -> its current id + load generation (prefix-cache keys)
+        self.lora = LoRAControl(self)  # adapter names -> keys (id + load generation), load / unload by name
         self.emit_unfinished = True  # streaming callers want an output per step; offline, only finished ones
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
@@ -138,8 +138,8 @@ class Engine:
         if self.closed:
             raise RuntimeError("the engine is closed")
         params = params or SamplingParams()
-        if lora_name is not None and lora_key is None:
-            lora_key = self.lora_keys.key_of(lora_name)
+        if lora_key is None:  # a name not loaded fails here, never later inside a step
+            lora_key = self.lora.resolve(lora_name)
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None

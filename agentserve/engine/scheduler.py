@@ -69,6 +69,9 @@ class Scheduler:
         self.reclaim: Optional[Callable[[int, Request], int]] = None
         # Device ops decided since the last step (sessions' swaps, this step's copies), in order.
         self._device_ops: list[DeviceOp] = []
+        # Multi-LoRA (set by the engine with LoRA enabled): at most this many distinct adapters among
+        # running requests, so each step's adapters fit the device slots; others wait, skipped over.
+        self.max_loras: Optional[int] = None
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -244,10 +247,15 @@ class Scheduler:
             self.waiting = deque(sorted(self.waiting, key=self._priority_key))
         skipped: list[Request] = []
         outstanding: Optional[int] = None  # computed once, only when something is waiting
+        adapters = {r.lora_key for r in self.running if r.lora_key is not None} if self.max_loras else set()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 skipped.append(self.waiting.popleft())  # its grammar is still compiling
+                continue
+            key = request.lora_key
+            if self.max_loras and key is not None and key not in adapters and len(adapters) >= self.max_loras:
+                skipped.append(self.waiting.popleft())  # every LoRA slot is taken: wait for one to free
                 continue
             if request.num_output_placeholders:
                 # Preempted while its last sampled token was in flight: a recompute needs that token
@@ -263,6 +271,8 @@ class Scheduler:
                 break  # head-of-line waits for pages
             outstanding += max(0, self._target_blocks(request) - len(request.block_table))
             budget -= num_new
+            if key is not None:
+                adapters.add(key)
         self.waiting.extendleft(reversed(skipped))
 
     def _release_waiting_pages(self, head: Request) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
+from agentserve.lora.key import LoRAKey
+
 
 @runtime_checkable
 class LoRAManager(Protocol):
@@ -21,12 +23,18 @@ class LoRAManager(Protocol):
         ...
 
     def unload(self, name: str) -> None:
-        """Forgets `name`; requests already running with it finish on the weights they started with."""
+        """Forgets `name`; requests already running with it finish on the weights they started with.
+        (Whether anything still uses it is the engine's check: engine/lora_control.py.)"""
         ...
 
-    def activate(self, names: Sequence[Optional[str]]) -> list[int]:
+    def key_of(self, name: str) -> Optional[LoRAKey]:
+        """The name's current key (id + load generation); None when it is not loaded."""
+        ...
+
+    def activate(self, keys: Sequence[Optional[LoRAKey]]) -> list[int]:
         """Makes the adapters of one step's rows resident in GPU slots (least recently used slots
-        reused); returns each row's slot index, -1 for a row on the base model (name None)."""
+        reused); returns each row's slot index, -1 for a row on the base model (key None). Keys,
+        not names: a request keeps the weights it started with across a reload of its name."""
         ...
 
 

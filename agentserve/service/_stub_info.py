@@ -1,4 +1,4 @@
 """Written by gen_stubs.py with the stubs: what they were generated from."""
 
-PROTO_SHA256 = "ed3652427e60cacc9a1417b3c1a250e0719d325539f752f24675445af3962333"
+PROTO_SHA256 = "00ce7ede2b9e76e12e7458e48bcc63259eb6221b1252f8a77a1255fb8df65fd1"
 GRPCIO_TOOLS_VERSION = "1.84.0"

@@ -14,6 +14,7 @@ of requests in flight, or the session limits, calls get RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -25,7 +26,8 @@ import grpc
 from agentserve import __version__
 from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine
-from agentserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, SessionError
+from agentserve.errors import (AdapterInUseError, AdapterNotFoundError, EngineDeadError, InvalidRequestError,
+                               LoRANotEnabledError, QueueFullError, SessionError)
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -56,8 +58,12 @@ class UnauthenticatedError(Exception):
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, SessionError):
         return grpc.StatusCode[e.code], str(e)
-    if isinstance(e, NotFoundError):
+    if isinstance(e, (NotFoundError, AdapterNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, LoRANotEnabledError):
+        return grpc.StatusCode.UNIMPLEMENTED, str(e)
+    if isinstance(e, AdapterInUseError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, (InvalidRequestError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, (QueueFullError, TenantLimitError)):
@@ -283,25 +289,22 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
         async with _errors(context):
-            mgr = self.engine.lora_manager
-            if mgr is None:
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server "
-                                    "build yet" if self.engine.config.lora.enable_lora else
-                                    "LoRA is not enabled (start the server with --enable-lora)")
+            self._tenant(context)
             if not request.name or not request.path:
-                raise InvalidRequestError("LoadAdapter needs a name and a path")
-            await self.aeng.run(lambda: mgr.load(request.name, request.path))  # type: ignore[union-attr]
+                raise InvalidRequestError("LoadAdapter needs a name and a path (a PEFT adapter directory)")
+            control = self.engine.lora
+            # Read off the event loop and the step thread (grows with the adapter); bound on the step thread.
+            prepared = await asyncio.to_thread(control.read, request.name, request.path)
+            await self.aeng.run(lambda: control.install(prepared))
             return pb.AdapterInfo(name=request.name, path=request.path)
         raise AssertionError("unreachable")
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         async with _errors(context):
-            self._check_adapter(request.name)
-            mgr = self.engine.lora_manager
-            if mgr is None:
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA adapters are not supported by this server")
-            await self.aeng.run(lambda: mgr.unload(request.name))  # type: ignore[union-attr]
+            self._tenant(context)
+            control = self.engine.lora
+            await self.aeng.run(lambda: control.unload(request.name, drain=request.drain))
             return pb.UnloadAdapterResponse()
         raise AssertionError("unreachable")
 

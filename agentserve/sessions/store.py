@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.errors import EngineDeadError, InvalidRequestError
+from agentserve.lora.key import LoRAKey
 from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency
 from agentserve.sessions.turns import TurnLifecycle
@@ -67,6 +68,7 @@ class SessionStore(TurnLifecycle):
         engine.session_store = self  # the engine's owner finds the store through it (tests: pages left)
         engine.scheduler.reclaim = self.residency.reclaim
         engine.on_retained = self._on_retained
+        engine.lora.session_users = self._sessions_using  # unloading an adapter checks its sessions
 
     def detach(self) -> None:
         """Unhooks the store from the engine (after close_all), so the engine can serve another store."""
@@ -74,8 +76,14 @@ class SessionStore(TurnLifecycle):
             self.engine.scheduler.reclaim = None
             self.engine.on_retained = None
             self.engine.session_store = None
+            self.engine.lora.session_users = None
 
     # --- plumbing -----------------------------------------------------------------------------------
+    def _sessions_using(self, key: LoRAKey) -> list[str]:
+        """Open sessions bound to an adapter key (step thread, like every change to self.sessions)."""
+        return [s.session_id for s in list(self.sessions.values())
+                if s.lora_key == key and s.state is not SessionState.CLOSED]
+
     def __len__(self) -> int:
         return len(self.sessions)
 
@@ -172,7 +180,7 @@ class SessionStore(TurnLifecycle):
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
                     tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
                     ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}), tenant=tenant,
-                    lora_key=self.engine.lora_keys.key_of(adapter) if adapter else None)
+                    lora_key=self.engine.lora.resolve(adapter or None))
         s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "

@@ -23,6 +23,8 @@ from agentserve.cache.device_ops import DeviceOp, PageStore, PageStores, execute
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.config import EngineConfig
 from agentserve.request import Request
+from agentserve.lora.layers import enable_lora, token_slot_indices
+from agentserve.lora.warmup import warmup_lora_kernels
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
@@ -70,6 +72,8 @@ class ModelRunner:
         self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
+        # Multi-LoRA: slots wired into the projections before profiling and graph capture (both see them).
+        self.lora_manager = enable_lora(self.model, arch, config.lora, dtype, device)
         self.draft: Optional[DraftModel] = None
         if draft is not None:
             self.draft = DraftModel(draft[0], draft[1], dtype, device, config.model.load_format, config.model.seed,
@@ -89,7 +93,8 @@ class ModelRunner:
         self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
-                                       self.max_blocks_per_seq, max_model_len, device)
+                                       self.max_blocks_per_seq, max_model_len, device,
+                                       lora=self.lora_manager is not None)
             self.graphs.capture()
             if config.spec.method is not None:
                 self.verify_graphs = VerifyGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
@@ -107,6 +112,8 @@ class ModelRunner:
             k0, v0 = self.kv_cache.layers[0]
             warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
                                     config.scheduler.max_num_batched_tokens)
+            if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
+                warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
 
     def close(self) -> None:
         """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
@@ -117,6 +124,8 @@ class ModelRunner:
         self.kv_cache.release()
         if self.draft is not None:
             self.draft.release()
+        if self.lora_manager is not None:
+            self.lora_manager.release()  # the LoRA layers' views go with the model below
         self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -277,7 +286,9 @@ class ModelRunner:
         meta = ForwardMetadata(
             slot_mapping=d64[2 * a64:2 * a64 + total], block_tables=d32[o_tab:].view(b, width),
             query_start_loc=d32[:b + 1], seq_lens=d32[o_seq:o_seq + b],
-            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()))
+            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()),
+            lora_slot_indices=token_slot_indices(self.lora_manager, [c.request.lora_key for c in chunks],
+                                                 num_tokens, self.device))
         return ids_d, d64[a64:a64 + total], meta, d64[o_logits:o_logits + num_sample]
 
     def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
@@ -298,7 +309,7 @@ class ModelRunner:
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                   meta.max_seq_len)
+                                   meta.max_seq_len, meta.lora_slot_indices)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if logits_indices.numel() == 0:
             return None
@@ -317,7 +328,10 @@ class ModelRunner:
         requests = [c.request for c in rows]
         meta_s = build_sampling_metadata(requests, self.arch.vocab_size, self.device)
         q = max(c.num_tokens for c in chunks)
-        if (self.verify_graphs is not None and self.verify_graphs.padded_size(len(chunks), q) is not None
+        # The verification graphs are captured without LoRA: steps with adapter rows run eager (prepare
+        # fills their slot indices), so the target applies each request's adapter.
+        lora_rows = self.lora_manager is not None and any(c.request.lora_key is not None for c in chunks)
+        if (self.verify_graphs is not None and not lora_rows and self.verify_graphs.padded_size(len(chunks), q) is not None
                 and all(c.num_tokens == c.num_sampled and c.request.num_computed_tokens < c.request.num_tokens
                         for c in chunks)):
             # Only verification and decode rows, their inputs all on the host: a graph replay.
@@ -341,13 +355,18 @@ class ModelRunner:
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
         self.execute_device_ops(device_ops)  # first: the forward reads what swaps in and copies write
         if any(c.spec_token_ids for c in chunks):
-            return self._launch_verification(chunks, token_bitmask_fn, prev)
+            step = self._launch_verification(chunks, token_bitmask_fn, prev)
+            if self.lora_manager is not None:
+                self.lora_manager.step_launched()  # later loads into this step's slots wait for it
+            return step
         # One sampling row per sampled position: a request verifying k tokens fills k + 1 rows.
         sampling = [c.request for c in chunks for _ in range(c.num_sampled)]
         row_counts = [c.num_sampled for c in chunks if c.num_sampled]
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
         meta_s = self._sampling_metadata(sampling) if sampling else None
         logits = self._forward_logits(chunks, prev)
+        if self.lora_manager is not None:
+            self.lora_manager.step_launched()  # later loads into this step's slots wait for it
         if logits is None or meta_s is None:
             return LaunchedStep(None, {}, [])
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None

@@ -1,0 +1,99 @@
+"""The engine's side of multi-LoRA: adapter names -> keys at add_request, and loading / unloading
+by name with the checks that need the engine's view (which requests and sessions use a name).
+
+The manager (lora/manager.py, built by the model runner) owns the weights, slots and the
+name -> key map; without LoRA enabled there is no manager and names only key the prefix cache
+(the behaviour before multi-LoRA, which cache-isolation tests rely on)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError
+from agentserve.lora.key import LoRAKey, LoRAKeys
+from agentserve.lora.manager import MultiLoRAManager, PreparedAdapter
+
+if TYPE_CHECKING:
+    from agentserve.engine.engine import Engine
+
+# Shown in "in use" messages: enough ids to find the users, not a wall of them.
+_MAX_NAMED = 8
+
+
+class LoRAControl:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.manager = engine.runner.lora_manager
+        self.keys = self.manager.keys if self.manager is not None else LoRAKeys()
+        if self.manager is not None:
+            engine.scheduler.max_loras = self.manager.max_loras  # admission keeps a step's adapters in slots
+            for name, path in engine.config.lora.lora_modules.items():
+                self.manager.load(name, path)
+        # Open sessions bound to a key (set by the session store: the engine does not import sessions).
+        self.session_users: Optional[Callable[[LoRAKey], list[str]]] = None
+
+    def resolve(self, name: Optional[str]) -> Optional[LoRAKey]:
+        """The key a new request with adapter `name` runs under (None: the base model)."""
+        if name is None:
+            return None
+        if self.manager is None:
+            return self.keys.key_of(name)
+        key = self.manager.key_of(name)
+        if key is None:
+            loaded = ", ".join(repr(n) for n in self.manager.names()) or "none"
+            raise AdapterNotFoundError(f"LoRA adapter {name!r} is not loaded (loaded: {loaded})")
+        return key
+
+    def users(self, name: str) -> tuple[list[str], list[str]]:
+        """(request ids, session ids) that use the name's current weights."""
+        key = self.manager.key_of(name) if self.manager is not None else None
+        if key is None:
+            return [], []
+        requests = [r.parent_id for r in self.engine.requests.values()
+                    if r.lora_key == key and not r.is_finished]
+        sessions = self.session_users(key) if self.session_users is not None else []
+        return list(dict.fromkeys(requests)), sessions
+
+    def _check_unused(self, name: str, action: str) -> None:
+        requests, sessions = self.users(name)
+        if not requests and not sessions:
+            return
+        parts = []
+        if requests:
+            parts.append(f"{len(requests)} request(s) ({', '.join(requests[:_MAX_NAMED])})")
+        if sessions:
+            parts.append(f"{len(sessions)} open session(s) ({', '.join(sessions[:_MAX_NAMED])})")
+        raise AdapterInUseError(f"cannot {action} LoRA adapter {name!r}: it is in use by {' and '.join(parts)}; "
+                                "close the sessions and wait for the requests, or unload with drain")
+
+    def _require_manager(self) -> MultiLoRAManager:
+        if self.manager is None:
+            raise LoRANotEnabledError("LoRA is not enabled on this server (start it with --enable-lora)")
+        return self.manager
+
+    def load(self, name: str, path: str) -> None:
+        """Loads `name` (a reload gets a new generation: no cached KV of the old weights is reused).
+        Replacing a name that requests or sessions use is refused (AdapterInUseError)."""
+        self.install(self.read(name, path))
+
+    def read(self, name: str, path: str) -> PreparedAdapter:
+        """Reads and checks the adapter (any thread: no engine state is touched); LoRAAdapterError
+        names what is wrong with it."""
+        return self._require_manager().read(name, path)
+
+    def install(self, prepared: PreparedAdapter) -> None:
+        """Binds a read adapter to its name (step thread)."""
+        manager = self._require_manager()
+        if manager.key_of(prepared.name) is not None:
+            self._check_unused(prepared.name, "replace")
+        manager.install(prepared.name, prepared)
+
+    def unload(self, name: str, drain: bool = False) -> None:
+        """Forgets `name`. Refused while requests or open sessions use it, unless `drain`: then new
+        requests can no longer name it and those running finish on its weights."""
+        manager = self._require_manager()
+        if manager.key_of(name) is None:
+            raise AdapterNotFoundError(f"LoRA adapter {name!r} is not loaded")
+        if not drain:
+            self._check_unused(name, "unload")
+        manager.unload(name)

@@ -1,0 +1,55 @@
+"""PEFT adapters over the tiny models, and PEFT's own greedy tokens for them (each adapter merged into
+the base weights with merge_and_unload): the reference every multi-LoRA engine test compares with."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_peft_adapter(base: Path, out: Path, *, seed: int = 0, scale: float = 1.0, **lora_kw: Any) -> Path:
+    """Saves a PEFT LoRA over the model at `base` with random non-zero A and B (`scale` multiplies B,
+    so tests can make adapters whose effect on greedy tokens is certain)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kw))
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _merged(base: str, adapter: Optional[str]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+def peft_greedy(base: Path, adapter: Optional[Path], prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations (no EOS stop) of the merged model, one full forward per token."""
+    model = _merged(str(base), str(adapter) if adapter is not None else None)
+    outs = []
+    for prompt in prompts:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        outs.append(ids[len(prompt):])
+    return outs
