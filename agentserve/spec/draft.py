@@ -37,12 +37,20 @@ from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
-from agentserve.spec.draft_inputs import DraftRun, build_draft_inputs
+from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_draft_inputs, build_padded_inputs
 
-# Catch-ups of at most this many tokens per request run as that many decode steps (CUDA graphs);
-# longer ones (a prompt) as one ragged prefill forward.
-_MAX_DECODE_CATCH_UP = 4
+# Catch-ups of at most this many tokens per request run as one replay of a catch-up graph (or, without
+# graphs, as that many decode steps); longer ones (a prompt) as ragged prefill forwards.
+MAX_DECODE_CATCH_UP = 4
 _DRAFT_SEED_OFFSET = 0x5EED  # a seeded request's draft stream differs from its sampling stream
+
+
+class PaddedRunner(Protocol):
+    """Graphs over runs padded to q tokens (worker/verify_graphs.py's VerifyGraphs): hidden states."""
+
+    def padded_size(self, bs: int, q: int) -> Optional[int]: ...
+
+    def run(self, inputs: PaddedInputs, q: int) -> torch.Tensor: ...
 
 
 class DecodeRunner(Protocol):
@@ -85,11 +93,13 @@ class DraftModel:
         self.device = device
         self.block_size = block_size
         self.max_tokens_per_forward = max_tokens_per_forward
+        self.max_model_len = max_model_len
         self.model = build_model(arch, dtype, device, path, load_format, seed)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.cache: Optional[KVCache] = None
         self.graphs: Optional[DecodeRunner] = None
+        self.catch_up_graphs: Optional[PaddedRunner] = None
 
     @property
     def num_parameters(self) -> int:
@@ -107,6 +117,7 @@ class DraftModel:
 
     def release(self) -> None:
         self.graphs = None
+        self.catch_up_graphs = None
         if self.cache is not None:
             self.cache.release()
         self.model = self.model.to("meta")
@@ -190,7 +201,13 @@ class DraftModel:
         every known token not yet written."""
         starts = [min(r.num_draft_computed_tokens, r.num_computed_tokens) for r in requests]
         longest = max(r.num_tokens - s for r, s in zip(requests, starts))
-        if longest <= _MAX_DECODE_CATCH_UP:
+        graphs = self.catch_up_graphs
+        if 1 < longest and graphs is not None and graphs.padded_size(len(requests), longest) is not None:
+            runs = [DraftRun(r.all_token_ids[s:r.num_tokens], s, r.block_table) for r, s in zip(requests, starts)]
+            padded = build_padded_inputs(runs, longest, self.block_size, self.max_model_len, self.device)
+            hidden = graphs.run(padded, longest)
+            return self.model.compute_logits(hidden.index_select(0, padded.last_index)).float()
+        if longest <= MAX_DECODE_CATCH_UP:
             logits: Optional[torch.Tensor] = None
             for t in range(longest):
                 # Right-aligned: every request feeds its last token in the last of these steps.

@@ -36,6 +36,7 @@ from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.launched_step import LaunchedStep
 from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
+from agentserve.worker.spec_graphs import capture_spec_graphs
 from agentserve.worker.verify_graphs import VerifyGraphs
 
 logger = logging.getLogger(__name__)
@@ -96,16 +97,8 @@ class ModelRunner:
                                        self.max_blocks_per_seq, max_model_len, device,
                                        lora=self.lora_manager is not None)
             self.graphs.capture()
-            if config.spec.method is not None:
-                self.verify_graphs = VerifyGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
-                                                  self.max_blocks_per_seq, 1 + config.spec.num_speculative_tokens,
-                                                  device)
-                self.verify_graphs.capture(self.graphs.pool)
-            if self.draft is not None and self.draft.cache is not None:
-                draft_graphs = DecodeGraphs(self.draft.model, self.draft.cache.layers, config.scheduler.max_num_seqs,
-                                            self.max_blocks_per_seq, max_model_len, device)
-                draft_graphs.capture()
-                self.draft.graphs = draft_graphs
+            self.verify_graphs = capture_spec_graphs(config, self.model, self.kv_cache.layers, self.draft,
+                                                     self.max_blocks_per_seq, max_model_len, device, self.graphs.pool)
         if self.device.type == "cuda":
             from agentserve.kernels.paged_attention import warmup_unified_variants
 
@@ -326,7 +319,8 @@ class ModelRunner:
         its last k + 1 positions by the rejection sampler (worker/spec_verify.py)."""
         rows = [c for c in chunks if c.num_sampled]
         requests = [c.request for c in rows]
-        meta_s = build_sampling_metadata(requests, self.arch.vocab_size, self.device)
+        meta_s = self._sampling_metadata(requests)
+        meta_s.token_bitmask = None  # per scored position here: passed to the sampler on its own
         q = max(c.num_tokens for c in chunks)
         # The verification graphs are captured without LoRA: steps with adapter rows run eager (prepare
         # fills their slot indices), so the target applies each request's adapter.
@@ -335,10 +329,10 @@ class ModelRunner:
                 and all(c.num_tokens == c.num_sampled and c.request.num_computed_tokens < c.request.num_tokens
                         for c in chunks)):
             # Only verification and decode rows, their inputs all on the host: a graph replay.
-            ids, pos, slots, tables, seq_lens, real = padded_verification_inputs(
-                requests, [c.spec_token_ids for c in rows], q, self.block_size, self.max_model_len, self.device)
-            hidden = self.verify_graphs.run(ids, pos, slots, tables, seq_lens, q)
-            logits = self.model.compute_logits(hidden.index_select(0, real))
+            padded = padded_verification_inputs(requests, [c.spec_token_ids for c in rows], q, self.block_size,
+                                                self.max_model_len, self.device)
+            hidden = self.verify_graphs.run(padded, q)
+            logits = self.model.compute_logits(hidden.index_select(0, padded.real_index))
         else:
             logits = self._forward_logits(chunks, prev)
         assert logits is not None

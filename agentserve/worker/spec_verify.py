@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from agentserve.request import Request
 from agentserve.sampling.rejection import RejectionSampler, num_banned_positions_for
 from agentserve.sampling.sampler import SamplingMetadata
+from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_padded_inputs
 from agentserve.spec.metadata import SpecDecodeMetadata
 from agentserve.worker.launched_step import LaunchedStep
 
@@ -76,36 +76,12 @@ def sample_verification(sampler: RejectionSampler, logits: torch.Tensor, request
     return LaunchedStep(flat, {}, counts, packed, ids.shape[1], padded=True)
 
 
+
 def padded_verification_inputs(requests: list[Request], drafts: list[list[int]], q: int, block_size: int,
-                               max_model_len: int, device: torch.device
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor]:
+                               max_model_len: int, device: torch.device) -> PaddedInputs:
     """A verification step laid out q tokens per row for VerifyGraphs (worker/verify_graphs.py): each
-    row's last known token and drafts, then padding (token 0, slot -1, positions continuing past the
-    row's, clamped to the context). Returns (ids, positions, slots, block tables, context lengths,
-    flat indices of the real scored positions in spec/metadata.py's order)."""
-    bs = len(requests)
-    width = max(1, max(len(r.block_table) for r in requests))
-    ids = np.zeros((bs, q), dtype=np.int64)
-    slots = np.full((bs, q), -1, dtype=np.int64)
-    tables = np.zeros((bs, width), dtype=np.int32)
-    starts = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=bs)
-    positions = np.minimum(starts[:, None] + np.arange(q)[None, :], max_model_len - 1)
-    real: list[int] = []
-    for i, (req, draft) in enumerate(zip(requests, drafts)):
-        n = 1 + len(draft)
-        ids[i, 0] = req.all_token_ids[req.num_computed_tokens]
-        ids[i, 1:n] = draft
-        table = req.block_table
-        tables[i, :len(table)] = table
-        pos = positions[i, :n]
-        slots[i, :n] = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
-        real.extend(range(i * q, i * q + n))
-    seq_lens = (starts + q).astype(np.int32)
-
-    def to_device(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-    return (to_device(ids.reshape(-1)), to_device(positions.reshape(-1)), to_device(slots.reshape(-1)),
-            to_device(tables), to_device(seq_lens), to_device(np.asarray(real, dtype=np.int64)))
+    row's last known token and its drafts, then padding; `real_index` lists the scored positions in
+    spec/metadata.py's order."""
+    runs = [DraftRun([r.all_token_ids[r.num_computed_tokens], *d], r.num_computed_tokens, r.block_table)
+            for r, d in zip(requests, drafts)]
+    return build_padded_inputs(runs, q, block_size, max_model_len, device)

@@ -22,6 +22,7 @@ import torch
 
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
+from agentserve.spec.draft_inputs import PaddedInputs
 from agentserve.worker.cuda_graph import capture_sizes
 
 logger = logging.getLogger(__name__)
@@ -81,21 +82,20 @@ class VerifyGraphs:
             return None
         return next((s for s in self.sizes if s >= bs), None)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor, q: int) -> torch.Tensor:
-        """Inputs already laid out q tokens per row on the device; returns hidden [bs * q, H] (a view
-        into graph memory, valid until the next replay)."""
-        bs = seq_lens.shape[0]
+    def run(self, inputs: PaddedInputs, q: int) -> torch.Tensor:
+        """`inputs` laid out q tokens per row (spec/draft_inputs.py); returns hidden [bs * q, H] (a
+        view into graph memory, valid until the next replay)."""
+        bs = inputs.seq_lens.shape[0]
         size = self.padded_size(bs, q)
         assert size is not None
         n = bs * q
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
+        self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
+        self.positions[:n].copy_(inputs.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(inputs.slot_mapping, non_blocking=True)
         self.slot_mapping[n:size * q].fill_(-1)
-        self.seq_lens[:bs].copy_(seq_lens, non_blocking=True)
+        self.seq_lens[:bs].copy_(inputs.seq_lens, non_blocking=True)
         self.seq_lens[bs:size].fill_(q)
-        width = block_tables.shape[1]
-        self.block_tables[:bs, :width].copy_(block_tables, non_blocking=True)
+        width = inputs.block_tables.shape[1]
+        self.block_tables[:bs, :width].copy_(inputs.block_tables, non_blocking=True)
         self.graphs[(size, q)].replay()
         return self.hidden[(size, q)][:n]
