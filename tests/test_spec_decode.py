@@ -36,19 +36,22 @@ def proposer(kind: str, arch: str) -> dict[str, Any]:
     return dict(draft_model=draft)
 
 
-def generate(arch: str, params: SamplingParams, async_scheduling: bool, **kw: Any) -> tuple[list[list[int]], LLM]:
-    llm = LLM(str(tiny_model_cached(arch)), async_scheduling=async_scheduling, **{**ENGINE, **kw})
-    outs = llm.generate(PROMPTS, params)
-    return [o.outputs[0].token_ids for o in outs], llm
-
-
 @functools.lru_cache(maxsize=None)
-def plain(arch: str, async_scheduling: bool) -> tuple[tuple[int, ...], ...]:
-    outs, llm = generate(arch, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                         async_scheduling)
+def plain_with_logprobs(arch: str, async_scheduling: bool) -> tuple[tuple[tuple[int, ...], ...], list[list[float]]]:
+    llm = LLM(str(tiny_model_cached(arch)), async_scheduling=async_scheduling, **ENGINE)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1))
     assert llm.engine.metrics.num_preemptions_total > 0  # the setting does preempt
     llm.close()
-    return tuple(map(tuple, outs))
+    return (tuple(tuple(o.outputs[0].token_ids) for o in outs), [sampled_logprobs(o) for o in outs])
+
+
+def plain(arch: str, async_scheduling: bool) -> tuple[tuple[int, ...], ...]:
+    return plain_with_logprobs(arch, async_scheduling)[0]
+
+
+def sampled_logprobs(out: Any) -> list[float]:
+    completion = out.outputs[0]
+    return [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -56,8 +59,14 @@ def plain(arch: str, async_scheduling: bool) -> tuple[tuple[int, ...], ...]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_outputs_identical_with_speculation(arch: str, kind: str, async_scheduling: bool) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
-    outs, llm = generate(arch, params, async_scheduling, spec_dynamic=False, **proposer(kind, arch))
-    assert [tuple(o) for o in outs] == list(plain(arch, async_scheduling))
+    llm = LLM(str(tiny_model_cached(arch)), async_scheduling=async_scheduling, spec_dynamic=False,
+              **{**ENGINE, **proposer(kind, arch)})
+    results = llm.generate(PROMPTS, params)
+    want_tokens, want_logprobs = plain_with_logprobs(arch, async_scheduling)
+    assert [tuple(o.outputs[0].token_ids) for o in results] == list(want_tokens)
+    # Logprobs are the target's, whichever position of a verification row the token came from.
+    for got, want in zip(map(sampled_logprobs, results), want_logprobs):
+        assert got == pytest.approx(want, abs=1e-4)
     m = llm.engine.metrics
     assert m.spec_num_draft_tokens > 0
     if kind == "self":
@@ -136,3 +145,25 @@ def test_dynamic_speculation_stops_when_proposals_are_rejected() -> None:
     assert spec is not None and spec.num_tokens_for_step(len(PROMPTS)) == 0
     m = llm.engine.metrics
     assert 0 < m.spec_num_drafts < 40 * len(PROMPTS) // 2  # stopped speculating early on
+
+
+def test_aborts_mid_speculation_free_every_page() -> None:
+    arch = "llama"
+    llm = LLM(str(tiny_model_cached(arch)), draft_model=str(tiny_model_cached(arch)), spec_dynamic=False,
+              async_scheduling=False, **ENGINE)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params)
+    for _ in range(4):
+        engine.step()
+    assert engine.metrics.spec_num_accepted_tokens > 0
+    assert engine.abort("r1") and engine.abort("r3")
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert set(finished) == {"r0", "r2"}
+    assert [tuple(finished["r0"]), tuple(finished["r2"])] == [plain(arch, False)[0], plain(arch, False)[2]]
+    engine.pool.check_all_free()
