@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
@@ -33,11 +34,13 @@ from agentserve.grammar.interface import allocate_token_bitmask
 from agentserve.grammar.state import GrammarState
 from agentserve.kernels.token_bitmask import apply_token_bitmask
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
-from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_draft_inputs, build_padded_inputs
+from agentserve.spec.draft_inputs import (DraftRun, PaddedInputs, block_tables_of, build_decode_inputs,
+                                          build_draft_inputs, build_padded_inputs)
 
 # Catch-ups of at most this many tokens per request run as one replay of a catch-up graph (or, without
 # graphs, as that many decode steps); longer ones (a prompt) as ragged prefill forwards.
@@ -83,6 +86,11 @@ def _truncate(scaled: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     top_p = torch.tensor([p.top_p for p in params], device=device) if any(p.top_p < 1 for p in params) else None
     min_p = torch.tensor([p.min_p for p in params], device=device) if any(p.min_p > 0 for p in params) else None
     return top_k_top_p_min_p(scaled, top_k, top_p, min_p)
+
+
+def _device_tables(host_tables: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(host_tables.astype(np.int32))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class DraftModel:
@@ -133,6 +141,9 @@ class DraftModel:
         on_host = any(g is not None for g in grammars)
         temps = [r.sampling_params.temperature for r in requests]
         logits = self._catch_up(requests)
+        # The decode steps' block tables: on the device once per proposal (rows picked per step).
+        host_tables = block_tables_of([DraftRun([], 0, r.block_table) for r in requests])
+        tables = _device_tables(host_tables, self.device)
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         steps: list[tuple[list[int], torch.Tensor]] = []  # device-resident drafts: (rows, tokens)
@@ -158,7 +169,7 @@ class DraftModel:
                 keep = [row for row, i in enumerate(active) if step < num_tokens[i]]
                 inputs = tokens if len(keep) == len(active) else tokens.index_select(
                     0, torch.tensor(keep, device=self.device))
-            logits = self._decode([requests[i] for i in still], inputs, step)
+            logits = self._decode(requests, still, host_tables, tables, inputs, step)
             active = still
         if steps:
             self._collect(steps, drafts)
@@ -246,10 +257,27 @@ class DraftModel:
                 out[torch.tensor([finishing[j] for j in rows], device=self.device)] = logits.float()
         return out
 
-    def _decode(self, requests: list[Request], inputs: object, step: int) -> torch.Tensor:
-        """One decode step: draft d_step of each request at position n - 1 + step (`inputs`: host
-        ids, or the previous step's sampled ids on the device)."""
-        return self._forward_single(requests, inputs, [r.num_tokens - 1 + step for r in requests])
+    def _decode(self, requests: list[Request], rows: list[int], host_tables: np.ndarray, tables: torch.Tensor,
+                inputs: object, step: int) -> torch.Tensor:
+        """One decode step of requests[rows]: draft d_step of each at position n - 1 + step (`inputs`:
+        host ids, or the previous step's sampled ids on the device)."""
+        positions = [requests[i].num_tokens - 1 + step for i in rows]
+        host_ids = inputs if isinstance(inputs, list) else [0] * len(rows)
+        ids, pos, slots, seq_lens = build_decode_inputs(host_ids, positions, host_tables[rows], self.block_size,
+                                                        self.device)
+        if isinstance(inputs, torch.Tensor):
+            ids = inputs
+        if len(rows) < tables.shape[0]:
+            tables = tables.index_select(0, torch.tensor(rows, device=self.device))
+        graphs = self.graphs
+        max_seq_len = max(positions) + 1
+        if graphs is not None and graphs.padded_size(len(rows)) is not None:
+            return graphs.run(ids, pos, slots, tables, seq_lens, max_seq_len).float()
+        meta = ForwardMetadata(slot_mapping=slots, block_tables=tables,
+                               query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=self.device),
+                               seq_lens=seq_lens.to(torch.int32), max_query_len=1, max_seq_len=max_seq_len)
+        hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
+        return self.model.compute_logits(hidden).float()
 
     def _forward_single(self, requests: list[Request], tokens: object, positions: list[int]) -> torch.Tensor:
         host_tokens = tokens if isinstance(tokens, list) else [0] * len(requests)

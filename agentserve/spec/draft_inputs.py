@@ -32,6 +32,21 @@ def _to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.Tens
     return list(torch.split(flat, [p.size for p in parts]))
 
 
+def block_tables_of(runs: list[DraftRun]) -> np.ndarray:
+    """The runs' block tables as one int64 array (zero-padded to the widest)."""
+    return _tables(runs)
+
+
+def build_decode_inputs(tokens: list[int], positions: list[int], tables: np.ndarray, block_size: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row at `positions` over host `tables` [R, width]: (ids, positions, slots, context
+    lengths), int64, in one copy. A draft's decode steps reuse the proposal's device block tables."""
+    pos = np.asarray(positions, dtype=np.int64)
+    slots = tables[np.arange(len(positions)), pos // block_size] * block_size + pos % block_size
+    ids, d_pos, d_slots, seq_lens = _to_device([np.asarray(tokens, dtype=np.int64), pos, slots, pos + 1], device)
+    return ids, d_pos, d_slots, seq_lens
+
+
 def _tables(runs: list[DraftRun]) -> np.ndarray:
     width = max(1, max(len(r.block_table) for r in runs))
     tables = np.zeros((len(runs), width), dtype=np.int64)
