@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors.torch import load_file, save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, write_json  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
+from agentserve.testing.drafts import first_layers_copy  # noqa: E402
 from agentserve.testing.real import cache_root, smollm2_cached  # noqa: E402
 
 RECORD = {"id": "ord-20931", "customer": "Ada Lovelace", "items": [{"sku": "KB-88", "qty": 2}, {"sku": "MS-12",
@@ -44,25 +43,6 @@ TEXT = [
     [{"role": "user", "content": "Give three tips for writing clear emails."}],
     [{"role": "user", "content": "Explain what a hash map is to a beginner."}],
 ]
-
-
-def truncated_draft(model_dir: Path, num_layers: int) -> Path:
-    """SmolLM2 with only its first `num_layers` decoder layers (embedding, final norm and head kept)."""
-    out = cache_root() / f"{model_dir.name}-first{num_layers}"
-    if (out / "config.json").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.name not in ("config.json", "model.safetensors") and f.is_file():
-            (out / f.name).write_bytes(f.read_bytes())
-    config = json.loads((model_dir / "config.json").read_text())
-    config["num_hidden_layers"] = num_layers
-    weights = load_file(str(model_dir / "model.safetensors"))
-    kept = {k: v for k, v in weights.items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
-    save_file(kept, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 def run(model: str, conversations: list[Any], max_tokens: int, **spec: Any) -> dict[str, Any]:
@@ -96,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     model_dir = smollm2_cached()
-    draft = truncated_draft(model_dir, args.draft_layers)
+    draft = first_layers_copy(model_dir, args.draft_layers, cache_root())
     k = args.num_speculative_tokens
     cases = [("agent", AGENT, "ngram", dict(speculative_method="ngram", num_speculative_tokens=k)),
              ("agent", AGENT, f"first {args.draft_layers} layers", dict(draft_model=str(draft), num_speculative_tokens=k)),
