@@ -13,6 +13,7 @@ import torch
 
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.gguf import find_gguf_file, gguf_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
     """The model's shape and directory; with load_format=dummy the model may be a named shape."""
     path = Path(config.model.model).expanduser()
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return ArchConfig.from_dict(gguf_config_dict(gguf_file)), gguf_file
     if path.is_dir():
         return ArchConfig.from_dir(path), path
     if config.model.load_format == "dummy":
@@ -47,6 +51,14 @@ def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool
 def load_tokenizer(path: Optional[Path]) -> Any:
     if path is None:
         return None
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:  # the tokenizer and chat template are in the GGUF metadata
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
+            raise ModelLoadError(f"cannot load the tokenizer from {gguf_file}: {e}") from None
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         logger.warning("%s has no tokenizer: prompts must be token ids and outputs carry no text", path)
         return None

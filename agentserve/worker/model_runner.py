@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agentserve.cache.device_ops import DeviceOp, execute_device_ops
-from agentserve.cache.kv_cache import KVCache, bytes_per_block
+from agentserve.cache.kv_cache import KVCache, bytes_per_block, kv_cache_torch_dtype
 from agentserve.config import EngineConfig
 from agentserve.request import Request
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
@@ -60,14 +60,16 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
-        self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed)
+        self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed,
+                                 quantization=config.model.quantization)
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.sampler = Sampler()
         self.num_blocks = self._decide_num_blocks()
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
         self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads,
-                                arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
+                                arch.head_dim, self.kv_dtype, device, num_swap_blocks=swap_blocks)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
         self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
@@ -103,7 +105,7 @@ class ModelRunner:
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         a = self.arch
-        return bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        return bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype)
 
     def _decide_num_blocks(self) -> int:
         cache = self.config.cache
@@ -123,7 +125,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
         dummy_cache = KVCache(self.arch.num_layers, 1, self.block_size, self.arch.num_kv_heads,
-                              self.arch.head_dim, self.dtype, self.device)
+                              self.arch.head_dim, self.kv_dtype, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         # One prompt of num_tokens tokens over a one-page cache (every table entry is page 0, no KV
