@@ -140,4 +140,5 @@ def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
             values = _unpermute_rotary(values, heads)
         elif arch == "llama" and ".attn_k." in tensor.name:
             values = _unpermute_rotary(values, kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), file.name
+        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+        yield name, torch.from_numpy(np.array(values, dtype=np.float32)), file.name
