@@ -30,6 +30,7 @@ from agentserve.model.loader import build_model
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
+from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ModelRunner:
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
+        if self.kv_dtype != dtype:  # fp8 pages: per-layer scales from one calibration forward
+            calibrate_kv_scales(self.model, dtype, device, max_model_len)
         self.sampler = Sampler()
         self.num_blocks = self._decide_num_blocks()
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
