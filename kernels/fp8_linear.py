@@ -218,6 +218,8 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if m == 0:  # cuBLASLt refuses empty operands
+        return x.new_empty(*lead, n)
     if input_scale is not None:
         xq = quantize_static_ref(x2, input_scale)
         xs = input_scale.float().reshape(1, 1).expand(m, 1).contiguous()
