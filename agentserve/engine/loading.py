@@ -33,7 +33,7 @@ def resolve_model(config: EngineConfig) -> tuple[ArchConfig, Optional[Path]]:
             return ArchConfig.from_dict(NAMED_SHAPES[config.model.model]), None
         raise ModelLoadError(f"unknown model shape {config.model.model!r}; named shapes: {', '.join(NAMED_SHAPES)}")
     raise ModelLoadError(f"model path {config.model.model!r} does not exist or is not a directory "
-                         "(agentserve loads local Hugging Face model directories; there is no hub download)")
+                         "(agentserve loads local Hugging Face model directories and GGUF files; there is no hub download)")
 
 
 def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
