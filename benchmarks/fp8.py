@@ -5,6 +5,8 @@
   prompt, and the 1,024-request throughput (prompts uniform 64-512, 256 output tokens, ignore_eos),
   as benchmarks/fastpath.py measures them; ratios FP8 / bf16 (targets: one stream >= 1.7x,
   throughput >= 1.3x) and the KV pool each engine gets at the same gpu_memory_utilization;
+- part "gemv": the batch-1 projections of Llama-3.1-8B alone, bf16 GEMV vs FP8 GEMV (and the
+  W8A8 path at M = 1 for reference): microseconds and weight bandwidth per shape (CUDA only);
 - part "agent-loop": the sessions agent loop (benchmarks/agent_loop.py) with a bf16 KV cache and
   with an FP8 one in the same bytes (twice the pages): resident KV tokens, swaps, p50/p95 loop
   latency.
@@ -37,7 +39,8 @@ from agentserve.llm import LLM  # noqa: E402
 
 TARGET_ONE_STREAM = 1.7   # the byte limit is 2x (half the weight bytes per decode step)
 TARGET_THROUGHPUT = 1.3
-PARTS = ("weights", "agent-loop")
+PARTS = ("weights", "gemv", "agent-loop")
+GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Llama-3.1-8B: K -> N
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -119,6 +122,40 @@ def part_weights(args: argparse.Namespace) -> dict[str, Any]:
                             "throughput": ratios["throughput"] >= TARGET_THROUGHPUT}}
 
 
+def _time_us(fn: Any, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def part_gemv(args: argparse.Namespace) -> dict[str, Any]:
+    """Per 8B projection at M = 1: bf16 GEMV (kernels.gemv) vs FP8 GEMV vs W8A8 _scaled_mm."""
+    from agentserve.kernels import fp8_linear, gemv
+
+    if not torch.cuda.is_available():
+        return {"skipped": "needs CUDA"}
+    rows = []
+    for k, n in GEMV_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        wq, ws = fp8_linear.quantize_weight_per_channel(w)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bf16_us = _time_us(lambda: gemv.gemv_triton(x, w))
+        fp8_us = _time_us(lambda: fp8_linear.fp8_gemv_triton(x, wq, ws))
+        mm_us = _time_us(lambda: fp8_linear.fp8_scaled_mm(x, wq, ws))
+        rows.append({"k": k, "n": n, "bf16_us": bf16_us, "fp8_us": fp8_us, "scaled_mm_us": mm_us,
+                     "bf16_tb_s": 2 * n * k / bf16_us / 1e6, "fp8_tb_s": n * k / fp8_us / 1e6,
+                     "speedup": bf16_us / fp8_us})
+        print(f"  {k}x{n}: bf16 {bf16_us:.1f} us, fp8 {fp8_us:.1f} us ({bf16_us / fp8_us:.2f}x), "
+              f"scaled_mm {mm_us:.1f} us", flush=True)
+    return {"rows": rows}
+
+
 def part_agent_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The sessions loop with bf16 pages, then with fp8 pages in the same bytes."""
     common = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype, "--agents",
@@ -187,6 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "weights" in parts:
         print("FP8 weights vs bf16 ...", flush=True)
         result["weights"] = part_weights(args)
+    if "gemv" in parts:
+        print("batch-1 projections, bf16 GEMV vs FP8 GEMV ...", flush=True)
+        result["gemv"] = part_gemv(args)
     if "agent-loop" in parts:
         print("agent loop, FP8 KV vs bf16 at the same memory ...", flush=True)
         result["agent_loop"] = part_agent_loop(args)
