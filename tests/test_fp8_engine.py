@@ -1,6 +1,7 @@
 """The CPU engine with an FP8 KV cache (and FP8 weights): pool sizing counts e4m3 bytes, sessions
 stay exact across turns, swap-out / swap-in (the swap space holds e4m3 pages, moved bit for bit)
-and forks, grammar-constrained outputs stay valid, and the CLI flags reach the config.
+and forks, grammar-constrained outputs stay valid, the KV scales come from the checkpoint or a
+calibration, and the CLI flags reach the config.
 
 "Exact" here: a session turn reading its cached e4m3 pages gives the same tokens as a stateless
 generate with the same settings over the whole prompt. The kernels read every key and value from
@@ -11,16 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from agentserve import SamplingParams
 from agentserve.cache.kv_cache import bytes_per_block
 from agentserve.cli import add_engine_args, engine_config_from_args
 from agentserve.kernels.fp8_utils import FP8_DTYPE
 from agentserve.llm import LLM
+from agentserve.model.arch_config import ArchConfig
 from agentserve.service import agent_pb2 as pb
 from conftest_grpc import SYSTEM, TOOLS, make_engine, model_path, run, serving
 
@@ -126,3 +132,35 @@ def test_cli_flags_reach_the_config() -> None:
     assert config.model.quantization == "fp8" and config.cache.kv_cache_dtype == "fp8"
     config = engine_config_from_args(parser.parse_args(["--model", "m"]))
     assert config.model.quantization is None and config.cache.kv_cache_dtype == "auto"
+
+
+def _attention_scales(llm: LLM) -> list[tuple[float, float]]:
+    return [(float(layer.self_attn.k_scale), float(layer.self_attn.v_scale)) for layer in llm.engine.runner.model.layers]
+
+
+def test_kv_scales_come_from_the_checkpoint_or_a_calibration(tmp_path: Path) -> None:
+    """An FP8 checkpoint's kv-cache scales (self_attn.k_scale / v_scale, or the older k_proj /
+    v_proj output_scale) are used as they are; without them the runner calibrates each layer."""
+    src = Path(model_path("qwen2"))
+    dst = tmp_path / "with_scales"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    num_layers = ArchConfig.from_dir(src).num_layers
+    for i in range(num_layers):
+        if i == 0:  # the older naming on the first layer
+            tensors[f"model.layers.{i}.self_attn.k_proj.output_scale"] = torch.tensor([0.03])
+            tensors[f"model.layers.{i}.self_attn.v_proj.output_scale"] = torch.tensor([0.002])
+        else:
+            tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([0.01 * (i + 1)])
+            tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.001, 0.004])  # per head: the max
+    save_file(tensors, str(dst / "model.safetensors"))
+    with LLM(str(dst), device="cpu", dtype="float32", num_blocks=64, kv_cache_dtype="fp8") as llm:
+        want = [(0.03, 0.002)] + [(0.01 * (i + 1), 0.004) for i in range(1, num_layers)]
+        got = _attention_scales(llm)
+        assert [s for pair in got for s in pair] == pytest.approx([s for pair in want for s in pair])
+        assert llm.generate(["The quick brown fox"], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0].token_ids
+    with LLM(str(src), device="cpu", dtype="float32", num_blocks=64, kv_cache_dtype="fp8") as llm:
+        calibrated = _attention_scales(llm)
+        assert all(0 < s < 1 for pair in calibrated for s in pair) and len(set(calibrated)) == num_layers
+    with LLM(str(src), device="cpu", dtype="float32", num_blocks=64) as llm:  # 16-bit pages: never calibrated
+        assert set(_attention_scales(llm)) == {(1.0, 1.0)}

@@ -85,6 +85,8 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        # Set when the checkpoint carried fp8 KV-cache scales (else the runner calibrates them).
+        self.kv_scales_loaded = False
 
     def set_rope_cache(self, cos_sin_cache: torch.Tensor) -> None:
         self.cos_sin_cache = cos_sin_cache

@@ -37,6 +37,11 @@ STACKED_PARAMS: list[tuple[str, str, ShardId]] = [
 ]
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# KV-cache scales of FP8 checkpoints (compressed-tensors kv_cache_scheme): the attention's k_scale /
+# v_scale, or the older k_proj / v_proj output_scale. Used when the KV cache is fp8 (per-head scales
+# are reduced to their maximum: the kernels take one scale per layer).
+_KV_SCALE_SUFFIXES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
+                      ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
 
 
 def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
@@ -90,6 +95,16 @@ def checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     return _safetensors_tensors(path)
 
 
+def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor) -> bool:
+    for suffix, buffer in _KV_SCALE_SUFFIXES.items():
+        if hf_name.endswith(suffix):
+            attention = model.get_submodule(_param_name(hf_name[:-len(suffix)])[0] + ".self_attn")
+            getattr(attention, buffer).fill_(float(tensor.float().max()))
+            model.kv_scales_loaded = True
+            return True
+    return False
+
+
 def load_weights(model: CausalLM, path: Path) -> None:
     """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
     parameter (every shard of a fused one) was filled."""
@@ -101,6 +116,8 @@ def load_weights(model: CausalLM, path: Path) -> None:
     for hf_name, tensor, source in checkpoint_tensors(path):
         name, shard_id = _param_name(hf_name)
         if name not in params:
+            if _load_kv_scale(model, hf_name, tensor):
+                continue
             if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
                 continue  # some tied checkpoints still carry a copy
             logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)

@@ -66,7 +66,7 @@ class ModelRunner:
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
-        if self.kv_dtype != dtype:  # fp8 pages: per-layer scales from one calibration forward
+        if self.kv_dtype != dtype and not self.model.kv_scales_loaded:  # fp8 pages: calibrated per-layer scales
             calibrate_kv_scales(self.model, dtype, device, max_model_len)
         self.sampler = Sampler()
         self.num_blocks = self._decide_num_blocks()
