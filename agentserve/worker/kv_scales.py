@@ -6,7 +6,8 @@ most of its precision unless the scale lifts them. Before any page is written, o
 fixed random tokens into a 16-bit scratch cache measures each layer's largest |K| and |V|; the
 scale maps twice that to 448 (headroom for activations larger than the calibration's; a value
 past it saturates, never NaN). Measured on SmolLM2-135M (benchmarks/NOTES.md): teacher-forced
-top-1 agreement with the unquantized model 94.7% at scale 1.0, 96.2% calibrated.
+top-1 agreement with the unquantized model 94.7% at scale 1.0, 96.2% calibrated. An FP8
+checkpoint that carries its own KV scales skips this (model/loader.py loads them).
 """
 
 from __future__ import annotations
