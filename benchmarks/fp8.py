@@ -41,6 +41,9 @@ TARGET_ONE_STREAM = 1.7   # the byte limit is 2x (half the weight bytes per deco
 TARGET_THROUGHPUT = 1.3
 PARTS = ("weights", "gemv", "agent-loop")
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Llama-3.1-8B: K -> N
+# FP8 GEMV tiles tried besides the heuristic (which reuses the bf16 GEMV's tiles, in elements): the
+# same bytes in flight as the tuned bf16 tiles (2x the K or the rows), and smaller ones.
+FP8_GEMV_SWEEP = [(4, 4096, 8), (8, 2048, 8), (2, 4096, 4), (4, 2048, 4), (16, 512, 8), (8, 1024, 4)]
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -122,13 +125,13 @@ def part_weights(args: argparse.Namespace) -> dict[str, Any]:
                             "throughput": ratios["throughput"] >= TARGET_THROUGHPUT}}
 
 
-def _time_us(fn: Any, iters: int = 50) -> float:
+def _time_us(fn: Any, *args: Any, iters: int = 50, **kwargs: Any) -> float:
     for _ in range(5):
-        fn()
+        fn(*args, **kwargs)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        fn()
+        fn(*args, **kwargs)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
@@ -145,14 +148,20 @@ def part_gemv(args: argparse.Namespace) -> dict[str, Any]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         wq, ws = fp8_linear.quantize_weight_per_channel(w)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        bf16_us = _time_us(lambda: gemv.gemv_triton(x, w))
-        fp8_us = _time_us(lambda: fp8_linear.fp8_gemv_triton(x, wq, ws))
-        mm_us = _time_us(lambda: fp8_linear.fp8_scaled_mm(x, wq, ws))
+        bf16_us = _time_us(gemv.gemv_triton, x, w)
+        fp8_us = _time_us(fp8_linear.fp8_gemv_triton, x, wq, ws)
+        mm_us = _time_us(fp8_linear.fp8_scaled_mm, x, wq, ws)
+        sweep = {}
+        for rows_n, block_k, warps in FP8_GEMV_SWEEP:
+            if k % block_k == 0:
+                cfg = gemv.GemvConfig("fma", rows_n, block_k, num_warps=warps, num_stages=1)
+                sweep[f"{rows_n}x{block_k}/{warps}w"] = _time_us(fp8_linear.fp8_gemv_triton, x, wq, ws, config=cfg)
+        best = min(sweep, key=sweep.__getitem__) if sweep else None
         rows.append({"k": k, "n": n, "bf16_us": bf16_us, "fp8_us": fp8_us, "scaled_mm_us": mm_us,
                      "bf16_tb_s": 2 * n * k / bf16_us / 1e6, "fp8_tb_s": n * k / fp8_us / 1e6,
-                     "speedup": bf16_us / fp8_us})
+                     "speedup": bf16_us / fp8_us, "fp8_sweep_us": sweep, "fp8_best": best})
         print(f"  {k}x{n}: bf16 {bf16_us:.1f} us, fp8 {fp8_us:.1f} us ({bf16_us / fp8_us:.2f}x), "
-              f"scaled_mm {mm_us:.1f} us", flush=True)
+              f"scaled_mm {mm_us:.1f} us; best fp8 tile {best} {sweep.get(best, float('nan')):.1f} us", flush=True)
     return {"rows": rows}
 
 

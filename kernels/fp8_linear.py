@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
-from .gemv import gemv_config
+from .gemv import GemvConfig, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -167,8 +167,9 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M."""
+                    bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None) -> torch.Tensor:
+    """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M.
+    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep)."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -183,7 +184,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
         return out.view(*lead, n)
     # The 16-bit GEMV's tiles (in elements), fma kind only: an fp8 tile is half the bytes of the
     # same tile in bf16, the fp32 partial sums (the register budget) are the same.
-    cfg = gemv_config(1, n, k, num_sms(x.device) if x.is_cuda else 132)
+    cfg = config or gemv_config(1, n, k, num_sms(x.device) if x.is_cuda else 132)
     b = bias.contiguous() if bias is not None else weight_scale
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),

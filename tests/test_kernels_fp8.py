@@ -72,6 +72,9 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     ref = fl.fp8_linear_ref(x, wq, ws, b)
     assert y.shape == (m, n) and y.dtype == x.dtype
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    # explicit tiles (the GPU benchmark's sweep): several row blocks and K iterations
+    tiles = fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1)
+    torch.testing.assert_close(fl.fp8_gemv_triton(x, wq, ws, b, config=tiles), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_fp8_gemv_rejects_large_batches() -> None:
