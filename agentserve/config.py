@@ -17,7 +17,8 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    model: str = Field(description="Path of a local Hugging Face model directory, or a named shape with load_format='dummy'.")
+    model: str = Field(description="Path of a local Hugging Face model directory or GGUF file (or a directory "
+                       "holding one), or a named shape with load_format='dummy'.")
     tokenizer: Optional[str] = Field(default=None, description="Tokenizer directory; defaults to the model directory.")
     dtype: DType = Field(default="auto", description="Weight and activation dtype; 'auto': the checkpoint's on "
                          "CUDA, float32 on CPU.")
@@ -26,6 +27,10 @@ class ModelConfig(_Strict):
     max_model_len: Optional[int] = Field(default=None, gt=0, description="Longest prompt plus output, in tokens; "
                                          "defaults to the model's max_position_embeddings.")
     seed: int = Field(default=0, description="Seed of the random weights of load_format=dummy.")
+    quantization: Optional[Literal["fp8"]] = Field(
+        default=None, description="'fp8': serve the linear layers with e4m3 weights (a 16-bit checkpoint is "
+        "quantized at load, per output channel). FP8 checkpoints (compressed-tensors, fine-grained fp8) are read "
+        "as their quantization_config says, with or without this flag.")
     served_model_name: Optional[Union[str, list[str]]] = Field(
         default=None, description="Name(s) clients use in the `model` field (vLLM's flag; give several to accept "
         "several). The first is the one /v1/models and ListModels report. Default: the model directory's base "
@@ -54,6 +59,9 @@ class CacheConfig(_Strict):
     cpu_kv_cache_gb: float = Field(default=1.0, gt=0.0, description="KV cache size on CPU, in GiB.")
     swap_space_gb: float = Field(default=1.0, ge=0.0, description="CPU swap space for evicted session pages.")
     enable_prefix_caching: bool = Field(default=True, description="Reuse the KV pages of a cached prompt prefix.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        default="auto", description="KV page dtype: 'auto' (the model dtype) or 'fp8' (e4m3 with per-layer scales: "
+        "twice the tokens in the same memory).")
 
 
 class SchedulerConfig(_Strict):

@@ -69,6 +69,7 @@ def build_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="'auto' or 'fp8' (benchmarks/fp8.py compares them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--merge", default=None, help="a previous run's JSON (same workload, other modes) to report "
                     "together with this one, e.g. stateless-nocache run separately")
@@ -221,6 +222,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     base = dict(load_format=args.load_format, dtype=args.dtype, device=device, max_model_len=max_len,
                 block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
+                kv_cache_dtype=args.kv_cache_dtype,
                 swap_space_gb=args.swap_space_gb if args.swap_space_gb is not None else (32.0 if device == "cuda" else 4.0))
     arch, _ = resolve_model(EngineConfig.from_kwargs(model, **base))
     w = Workload(args, arch.vocab_size)

@@ -4,6 +4,11 @@ One entry point serves prefill chunks with a cached prefix, single-token decode 
 verification: request b owns queries [query_start_loc[b], query_start_loc[b+1]) whose absolute
 positions are the last q_len positions of its seq_lens[b] tokens; each query attends causally to
 keys 0..its own position, read through block_tables[b].
+
+An fp8 (e4m3) cache holds K / k_scale and V / v_scale with one fp32 scale per layer (`k_scale`,
+`v_scale`: [1] device tensors). The kernels load the fp8 tiles (half the bytes of bf16), convert
+them to the query dtype in registers for the tensor-core dots, fold k_scale into the softmax scale
+and v_scale into the output, and accumulate in fp32 as for 16-bit caches.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Optional
 import torch
 
 from ._triton_utils import next_pow2, num_sms, tl, triton, triton_enabled_for
+from .fp8_utils import is_fp8, raw_bytes
+from .kv_write import kv_scales_or_ones
 
 
 def paged_attention_ref(
@@ -26,6 +33,8 @@ def paged_attention_ref(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    k_scale: Optional[torch.Tensor] = None,  # [1] fp32: required for an fp8 cache, else unused
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vectorised torch reference: pads queries to [B, max_query_len] and gathers each request's
     pages into [B, max_seq_len], then masks. Memory is O(B * max_seq_len); fine for the reference."""
@@ -45,8 +54,11 @@ def paged_attention_ref(
     # Keys/values gathered through the block table -> [B, Lk, Hkv, D].
     num_blocks_needed = (max_seq_len + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks_needed].long()
-    k = k_cache[tables].reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
-    v = v_cache[tables].reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
+    # Gathered as raw bytes: advanced indexing is not implemented for fp8 on every device.
+    k = raw_bytes(k_cache)[tables].view(k_cache.dtype)
+    v = raw_bytes(v_cache)[tables].view(v_cache.dtype)
+    k = k.reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
+    v = v.reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
 
     # Query i of request b is at absolute position seq_len - q_len + i.
     q_pos = (seq_lens_l - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]
@@ -59,6 +71,9 @@ def paged_attention_ref(
     qh = qh.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * max_query_len, head_dim)
     kh = k.transpose(1, 2).float()                         # [B, Hkv, Lk, D]
     vh = v.transpose(1, 2).float()
+    if is_fp8(k_cache):
+        k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
+        kh, vh = kh * k_scale.float(), vh * v_scale.float()
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, Hkv, G * Lq, Lk]
     scores = scores.view(batch, num_kv_heads, group, max_query_len, max_seq_len)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
@@ -110,6 +125,7 @@ def _attend_kv_tile(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     offs_n, offs_d, d_mask,
     PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N) of one request.
 
@@ -131,6 +147,8 @@ def _attend_kv_tile(
     k_ptrs = (k_cache_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
               + offs_d[None, :])
     k = _load_kv_tile(k_ptrs, kv_valid, d_mask, MASK, PAD_D)
+    if KV_FP8:  # e4m3 -> the query dtype in registers (k_scale is folded into qk_scale)
+        k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     qk = qk * qk_scale
     if MASK:
@@ -144,6 +162,8 @@ def _attend_kv_tile(
     v_ptrs = (v_cache_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
               + offs_d[None, :])
     v = _load_kv_tile(v_ptrs, kv_valid, d_mask, MASK, PAD_D)
+    if KV_FP8:  # v_scale is applied to the output
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None]
     # P in the cache dtype (bf16/fp16) for the tensor cores, as FlashAttention does; accumulate fp32.
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -155,12 +175,12 @@ def _attend_kv_tile(
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    qk_scale, num_seqs,
+    k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid: (num_q_tiles_upper_bound, num_kv_heads).
 
@@ -207,6 +227,8 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     # Keys 0..p_min are visible to every row of the tile: those KV tiles need no mask at all.
     # Only the tiles overlapping [p_min + 1, p_max] (at most BLOCK_Q / BLOCK_N + 1 of them) are
@@ -219,16 +241,18 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, j * BLOCK_N, seq_len,
             qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION)
+            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION, KV_FP8)
     for j in range(num_full, num_all):
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, j * BLOCK_N, seq_len,
             qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION)
+            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION, KV_FP8)
 
     # l_i == 0 only for a request with seq_len == 0 (padding); the reference outputs 0 there.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     o_ptrs = out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
@@ -246,12 +270,13 @@ def _split_chunk_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_split_kernel(
     part_out_ptr, part_ml_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
-    seq_lens_ptr, qk_scale, num_splits,
+    seq_lens_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); decode only (q_len <= 1).
     num_splits is a runtime argument so that each split count does not compile a new kernel.
@@ -289,6 +314,8 @@ def _paged_attention_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     num_full = (kv_end - kv_start) // BLOCK_N
     num_all = (kv_end - kv_start + BLOCK_N - 1) // BLOCK_N
@@ -296,13 +323,15 @@ def _paged_attention_split_kernel(
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, kv_start + j * BLOCK_N,
             seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION)
+            offs_n, offs_d, d_mask, PAGE_SIZE, False, PAD_D, DOT_PRECISION, KV_FP8)
     for j in range(num_full, num_all):
         acc, l_i, m_i = _attend_kv_tile(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, kv_start + j * BLOCK_N,
             seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION)
+            offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)  # the partials combine linearly: scale each once here
     p_ptrs = (part_out_ptr + q_row * stride_pt + head[:, None] * stride_ph + split * stride_ps
               + offs_d[None, :])
     tl.store(p_ptrs, acc, mask=row_valid[:, None] & d_mask[None, :])
@@ -472,13 +501,14 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
         mql = min(2 * mql, max_query_len)
     batches = sorted({min(b, max_batch) for b in (64 * 2**i for i in range(16)) if b // 2 < max_batch})
     device = k_cache.device
+    ones = torch.ones(1, dtype=torch.float32, device=device)  # KV scales of an fp8 cache
     for cfg, mql in tiles.items():
         for b in batches:
             q = torch.zeros((b, num_q_heads, head_dim), dtype=dtype, device=device)
             paged_attention_triton(
                 q, k_cache, v_cache, torch.zeros((b, 1), dtype=torch.int32, device=device),
                 torch.arange(b + 1, dtype=torch.int32, device=device), torch.ones(b, dtype=torch.int32, device=device),
-                1.0, mql, 1)
+                1.0, mql, 1, k_scale=ones, v_scale=ones)
     return len(tiles) * len(batches)
 
 
@@ -486,6 +516,7 @@ def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
     max_seq_len: int, *, out: Optional[torch.Tensor] = None, config: Optional[AttnConfig] = None,
+    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unified paged attention (any mix of prefill chunks, decode and verification).
 
@@ -509,15 +540,16 @@ def paged_attention_triton(
     grid = (num_tokens // block_q + batch, num_kv_heads)
     if num_tokens == 0 or batch == 0:
         return out
+    k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
     _paged_attention_kernel[grid](
-        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
         scale * _LOG2E, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=batch_block(batch),
-        PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype),
+        PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -528,6 +560,7 @@ def paged_attention_decode_split_triton(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
     max_seq_len: int, *, num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
     block_n: Optional[int] = None, num_stages: Optional[int] = None,
+    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Flash-decoding for decode-only batches (every q_len <= 1; max_query_len must be <= 1).
 
@@ -557,8 +590,10 @@ def paged_attention_decode_split_triton(
     # Python ints only, so this allocation is legal inside CUDA graph capture.
     part_out = torch.empty((num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((num_tokens, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+    k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
     _paged_attention_split_kernel[(batch, num_kv_heads, num_splits)](
-        part_out, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale * _LOG2E,
+        part_out, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
+        scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
@@ -566,7 +601,7 @@ def paged_attention_decode_split_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
         num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES),
     )
     _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
@@ -581,18 +616,19 @@ def paged_attention_decode_split_triton(
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int) -> torch.Tensor:
+                    max_seq_len: int, k_scale: Optional[torch.Tensor] = None,
+                    v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatcher: Triton on CUDA (split-KV for decode-only batches when use_split_kv says so), the
     torch reference elsewhere or when the backend is forced to "torch". Decides from Python ints
     and shapes only, never from device values."""
     if not triton_enabled_for(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                   max_query_len, max_seq_len)
+                                   max_query_len, max_seq_len, k_scale, v_scale)
     if max_query_len <= 1:
         splits = num_kv_splits(seq_lens.shape[0], max_seq_len, k_cache.shape[2], num_sms(q.device))
         if splits > 1:
             return paged_attention_decode_split_triton(q, k_cache, v_cache, block_tables, query_start_loc,
                                                        seq_lens, scale, max_query_len, max_seq_len,
-                                                       num_splits=splits)
+                                                       num_splits=splits, k_scale=k_scale, v_scale=v_scale)
     return paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                  max_query_len, max_seq_len)
+                                  max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale)

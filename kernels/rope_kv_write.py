@@ -6,7 +6,8 @@ rotary, KV write — each a few microseconds of launch and tail for a few KB of 
 that is ~3 x 32 launches per step of pure overhead, so they are fused: one program per token
 loads cos/sin once, normalises and rotates its q heads in place, normalises and rotates its k
 heads and stores them straight into the page slot together with v. The rotated k is not written
-back to the qkv buffer: attention reads keys only from the cache.
+back to the qkv buffer: attention reads keys only from the cache. An fp8 cache gets k / k_scale and
+v / v_scale rounded to e4m3 in the same store (kv_write.py).
 
 Rounding follows the separate kernels (and so the torch references) step by step, so the fused
 path gives the same bits as rms_norm -> apply_rotary -> write_kv in 16-bit dtypes.
@@ -20,7 +21,8 @@ from typing import Optional
 import torch
 
 from ._triton_utils import next_pow2, tl, triton, triton_enabled_for
-from .kv_write import write_kv, write_kv_ref
+from .fp8_utils import is_fp8, to_cache_dtype
+from .kv_write import kv_scales_or_ones, write_kv, write_kv_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 
@@ -33,7 +35,7 @@ def rope_and_write_kv_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = 1e-6, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k/v: [T, Hkv, D]; caches [num_blocks, page, Hkv, D]; slot -1 = skip.
 
@@ -44,7 +46,7 @@ def rope_and_write_kv_ref(
     if k_norm_weight is not None:
         k = rms_norm_ref(k, k_norm_weight, eps)[0]
     q, k = apply_rotary_ref(q, k, positions, cos_sin_cache)
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k
 
 
@@ -72,12 +74,12 @@ def _norm_rotate(x1, x2, w_ptr, offs, d_mask, cos, sin, eps, dt: tl.constexpr,
 @triton.jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, slot_mapping_ptr, cos_sin_ptr,
-    q_norm_ptr, k_norm_ptr, eps,
+    q_norm_ptr, k_norm_ptr, k_scale_ptr, v_scale_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid: (T,). One program per token: all q heads (rotated in place), all kv heads (to the page)."""
     token = tl.program_id(0).to(tl.int64)
@@ -111,23 +113,30 @@ def _rope_kv_write_kernel(
     k1 = tl.load(k_src, mask=mask_k, other=0.0).to(tl.float32)
     k2 = tl.load(k_src + HALF, mask=mask_k, other=0.0).to(tl.float32)
     k1, k2 = _norm_rotate(k1, k2, k_norm_ptr, offs, d_mask, cos, sin, eps, dt_k, HEAD_DIM, HALF, HAS_NORM)
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr).to(tl.float32)
     kc_ty = k_cache_ptr.dtype.element_ty
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_hk[:, None] * stride_kch + offs[None, :]
-    tl.store(k_dst, k1.to(kc_ty), mask=mask_k)
-    tl.store(k_dst + HALF, k2.to(kc_ty), mask=mask_k)
+    tl.store(k_dst, to_cache_dtype(k1, k_scale, kc_ty, KV_FP8), mask=mask_k)
+    tl.store(k_dst + HALF, to_cache_dtype(k2, k_scale, kc_ty, KV_FP8), mask=mask_k)
 
     vc_ty = v_cache_ptr.dtype.element_ty
     v_src = v_ptr + token * stride_vt + offs_hk[:, None] * stride_vh + offs[None, :]
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_hk[:, None] * stride_vch + offs[None, :]
-    tl.store(v_dst, tl.load(v_src, mask=mask_k, other=0.0).to(vc_ty), mask=mask_k)
-    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask_k, other=0.0).to(vc_ty), mask=mask_k)
+    v1 = tl.load(v_src, mask=mask_k, other=0.0)
+    v2 = tl.load(v_src + HALF, mask=mask_k, other=0.0)
+    tl.store(v_dst, to_cache_dtype(v1, v_scale, vc_ty, KV_FP8), mask=mask_k)
+    tl.store(v_dst + HALF, to_cache_dtype(v2, v_scale, vc_ty, KV_FP8), mask=mask_k)
 
 
 def rope_and_write_kv_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = 1e-6, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same contract as rope_and_write_kv_ref, except that q is rotated in place (returned) and the
     rotated k exists only in the cache. q/k/v may be strided views of a fused qkv output (last dim
@@ -151,15 +160,17 @@ def rope_and_write_kv_triton(
     has_norm = q_norm_weight is not None
     half = head_dim // 2
     block_hq = next_pow2(num_q_heads)
+    k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
     _rope_kv_write_kernel[(num_tokens,)](
         q, k, v, k_cache, v_cache, positions.contiguous(), slot_mapping.contiguous(), cos_sin_cache.contiguous(),
-        q_norm_weight.contiguous() if has_norm else q, k_norm_weight.contiguous() if has_norm else q, float(eps),
+        q_norm_weight.contiguous() if has_norm else q, k_norm_weight.contiguous() if has_norm else q,
+        k_scale, v_scale, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_sin_cache.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_HALF=next_pow2(half), BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(num_kv_heads),
-        PAGE_SIZE=k_cache.shape[1], HAS_NORM=has_norm,
+        PAGE_SIZE=k_cache.shape[1], HAS_NORM=has_norm, KV_FP8=is_fp8(k_cache),
         num_warps=4 if block_hq * half >= 1024 else 1,
     )
     return q
@@ -169,7 +180,7 @@ def rope_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = 1e-6, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dispatcher; returns the rotated q (the caller attends over the caches, never over k).
 
@@ -177,13 +188,13 @@ def rope_and_write_kv(
     elsewhere, or with the kernel backend forced to "torch": the reference."""
     if not triton_enabled_for(q):
         return rope_and_write_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                     q_norm_weight, k_norm_weight, eps)[0]
+                                     q_norm_weight, k_norm_weight, eps, k_scale, v_scale)[0]
     if FUSED:
         return rope_and_write_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                        q_norm_weight, k_norm_weight, eps)
+                                        q_norm_weight, k_norm_weight, eps, k_scale, v_scale)
     if q_norm_weight is not None and k_norm_weight is not None:
         q = rms_norm(q, q_norm_weight, eps)[0]
         k = rms_norm(k, k_norm_weight, eps)[0]
     q, k = apply_rotary(q, k, positions, cos_sin_cache)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q

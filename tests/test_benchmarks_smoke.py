@@ -89,6 +89,22 @@ def test_fastpath_smoke(tmp_path: Path) -> None:
     assert set(r["target_ratios"]) == set(r["ratios"]) == set(r["targets_met"])
 
 
+def test_fp8_smoke(tmp_path: Path) -> None:
+    """benchmarks/fp8.py on CPU: both parts run; FP8 weights take fewer bytes than the model dtype's,
+    and the FP8 agent loop gets the bf16 (here: fp32) pool's bytes as 4x the pages."""
+    r = run_benchmark("fp8.py", "--smoke", tmp_path=tmp_path)
+    w = r["weights"]
+    for run in (w["bf16"], w["fp8"]):
+        for figure in (run["single_stream"]["decode_tok_s"], run["ttft"]["ttft_ms"], run["throughput"]["output_tok_s"]):
+            assert positive(figure)
+    assert all(positive(v) for v in w["ratios"].values())
+    assert w["fp8"]["weight_bytes"] < w["bf16"]["weight_bytes"]
+    a = r["agent_loop"]
+    assert a["kv_bytes_ratio"] == 4 and a["fp8"]["kv_pool_tokens"] == 4 * a["bf16"]["kv_pool_tokens"]
+    for run in (a["bf16"], a["fp8"]):
+        assert positive(run["loop_latency_ms"]["p95"]) and positive(run["gen_tok_s"])
+
+
 def test_grammar_step_smoke_with_async_scheduling(tmp_path: Path) -> None:
     r = run_benchmark("grammar_step.py", "--smoke", "--async-scheduling", "on", tmp_path=tmp_path)
     assert [row["batch"] for row in r["rows"]] == [1, 4]

@@ -1,10 +1,25 @@
-"""Device KV tensors (one K and one V tensor per layer), page copies, and CPU swap space."""
+"""Device KV tensors (one K and one V tensor per layer), page copies, and CPU swap space.
+
+The page dtype is the model's, or float8_e4m3fn with kv_cache_dtype="fp8" (the attention layers own
+the per-layer K/V scales). Copies and swaps move fp8 pages through uint8 views: the exact bits, and
+index_copy_ is not implemented for fp8 on every device."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The page dtype for CacheConfig.kv_cache_dtype ('fp8' and vLLM's 'fp8_e4m3' are e4m3)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; expected one of {KV_CACHE_DTYPES}")
+    return model_dtype if kv_cache_dtype == "auto" else FP8_DTYPE
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -52,6 +67,7 @@ class KVCache:
         index = self._index([p[0] for p in pairs] + [p[1] for p in pairs])  # one copy: sources, destinations
         src, dst = index[:len(pairs)], index[len(pairs):]
         for k, v in self.layers:
+            k, v = raw_bytes(k), raw_bytes(v)
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
 
@@ -76,9 +92,9 @@ class KVCache:
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
             idx = self._index(blocks)
-            staged = torch.stack([torch.stack((k.index_select(0, idx), v.index_select(0, idx)), dim=1)
-                                  for k, v in self.layers], dim=1)  # [n, L, 2, bs, Hkv, D]
-            self.swap[first:first + count].copy_(staged, non_blocking=non_blocking)
+            staged = torch.stack([torch.stack((raw_bytes(k).index_select(0, idx), raw_bytes(v).index_select(0, idx)),
+                                              dim=1) for k, v in self.layers], dim=1)  # [n, L, 2, bs, Hkv, D]
+            raw_bytes(self.swap)[first:first + count].copy_(staged, non_blocking=non_blocking)
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
         """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous:
@@ -87,7 +103,7 @@ class KVCache:
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
             idx = self._index(blocks)
-            staged = self.swap[first:first + count].to(device, non_blocking=non_blocking)
+            staged = raw_bytes(self.swap[first:first + count]).to(device, non_blocking=non_blocking)
             for i, (k, v) in enumerate(self.layers):
-                k.index_copy_(0, idx, staged[:, i, 0])
-                v.index_copy_(0, idx, staged[:, i, 1])
+                raw_bytes(k).index_copy_(0, idx, staged[:, i, 0])
+                raw_bytes(v).index_copy_(0, idx, staged[:, i, 1])

@@ -13,15 +13,20 @@ import torch
 
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.gguf import find_gguf_file, gguf_config_dict
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model(config: EngineConfig, model: Optional[str] = None) -> tuple[ArchConfig, Optional[Path]]:
     """The model's shape and directory (`model`: another one than config.model.model, the draft);
-    with load_format=dummy the model may be a named shape."""
+    with load_format=dummy the model may be a named shape; a GGUF file (or a directory holding one)
+    is read from its metadata."""
     name = model if model is not None else config.model.model
     path = Path(name).expanduser()
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return ArchConfig.from_dict(gguf_config_dict(gguf_file)), gguf_file
     if path.is_dir():
         return ArchConfig.from_dir(path), path
     if config.model.load_format == "dummy":
@@ -31,7 +36,7 @@ def resolve_model(config: EngineConfig, model: Optional[str] = None) -> tuple[Ar
             return ArchConfig.from_dict(NAMED_SHAPES[name]), None
         raise ModelLoadError(f"unknown model shape {name!r}; named shapes: {', '.join(NAMED_SHAPES)}")
     raise ModelLoadError(f"model path {name!r} does not exist or is not a directory "
-                         "(agentserve loads local Hugging Face model directories; there is no hub download)")
+                         "(agentserve loads local Hugging Face model directories and GGUF files; there is no hub download)")
 
 
 def resolve_draft_model(config: EngineConfig, arch: ArchConfig, tokenizer: Any
@@ -62,6 +67,14 @@ def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool
 def load_tokenizer(path: Optional[Path]) -> Any:
     if path is None:
         return None
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:  # the tokenizer and chat template are in the GGUF metadata
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
+            raise ModelLoadError(f"cannot load the tokenizer from {gguf_file}: {e}") from None
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         logger.warning("%s has no tokenizer: prompts must be token ids and outputs carry no text", path)
         return None

@@ -29,6 +29,8 @@ class ForwardMetadata:
 
 
 def paged_attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          meta: ForwardMetadata, scale: float) -> torch.Tensor:
+                          meta: ForwardMetadata, scale: float, k_scale: Optional[torch.Tensor] = None,
+                          v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """k_scale / v_scale: the layer's KV scales, read when the pages are fp8."""
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                           scale, meta.max_query_len, meta.max_seq_len)
+                           scale, meta.max_query_len, meta.max_seq_len, k_scale, v_scale)

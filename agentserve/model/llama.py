@@ -35,6 +35,10 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Scales of an fp8 KV cache (stored = value / scale; 1.0: e4m3's range +-448 holds the K and V
+        # values of the models served here). Buffers, not parameters: checkpoints need not carry them.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
@@ -48,8 +52,8 @@ class Attention(nn.Module):
         k_norm_w = self.k_norm.weight if self.k_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         q = rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
-                              q_norm_w, k_norm_w, eps)
-        out = paged_attention_layer(q, kv_cache[0], kv_cache[1], meta, self.scale)
+                              q_norm_w, k_norm_w, eps, self.k_scale, self.v_scale)
+        out = paged_attention_layer(q, kv_cache[0], kv_cache[1], meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -81,6 +85,8 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        # Set when the checkpoint carried fp8 KV-cache scales (else the runner calibrates them).
+        self.kv_scales_loaded = False
 
     def set_rope_cache(self, cos_sin_cache: torch.Tensor) -> None:
         self.cos_sin_cache = cos_sin_cache

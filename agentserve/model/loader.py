@@ -1,20 +1,24 @@
-"""Builds a CausalLM from a local Hugging Face directory (single or sharded safetensors) or with
-dummy weights for a config or a named shape."""
+"""Builds a CausalLM from a local Hugging Face directory (single or sharded safetensors), a GGUF
+file, or with dummy weights for a config or a named shape; FP8 layers when the checkpoint or the
+`quantization` option asks for them (model/quant_config.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
 
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.fp8 import quantize_linear_layers
+from agentserve.model.gguf import find_gguf_file, gguf_tensors
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
+from agentserve.model.quant_config import ONLINE_FP8, Fp8Config, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,11 @@ STACKED_PARAMS: list[tuple[str, str, ShardId]] = [
 ]
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# KV-cache scales of FP8 checkpoints (compressed-tensors kv_cache_scheme): the attention's k_scale /
+# v_scale, or the older k_proj / v_proj output_scale. Used when the KV cache is fp8 (per-head scales
+# are reduced to their maximum: the kernels take one scale per layer).
+_KV_SCALE_SUFFIXES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
+                      ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
 
 
 def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
@@ -69,6 +78,33 @@ def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
     return name, None
 
 
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(checkpoint name, tensor, file name) for every tensor of a safetensors checkpoint."""
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                if not hf_name.endswith(_IGNORED_SUFFIXES):
+                    yield hf_name, f.get_tensor(hf_name), file.name
+
+
+def checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """A GGUF file (or a directory holding one and no config.json) or a safetensors directory."""
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return gguf_tensors(gguf_file)
+    return _safetensors_tensors(path)
+
+
+def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor) -> bool:
+    for suffix, buffer in _KV_SCALE_SUFFIXES.items():
+        if hf_name.endswith(suffix):
+            attention = model.get_submodule(_param_name(hf_name[:-len(suffix)])[0] + ".self_attn")
+            getattr(attention, buffer).fill_(float(tensor.float().max()))
+            model.kv_scales_loaded = True
+            return True
+    return False
+
+
 def load_weights(model: CausalLM, path: Path) -> None:
     """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
     parameter (every shard of a fused one) was filled."""
@@ -77,23 +113,21 @@ def load_weights(model: CausalLM, path: Path) -> None:
         assert isinstance(param, LoadableParameter), f"{name} has no weight loader"
         params[name] = param
     loaded: dict[str, set[Optional[ShardId]]] = {name: set() for name in params}
-    for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                if hf_name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                name, shard_id = _param_name(hf_name)
-                if name not in params:
-                    if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints still carry a copy
-                    logger.warning("ignoring unexpected tensor %s in %s", hf_name, file.name)
-                    continue
-                param = params[name]
-                try:
-                    param.weight_loader(param, f.get_tensor(hf_name), shard_id)
-                except WeightShapeError as e:
-                    raise ModelLoadError(f"tensor {hf_name} in {file.name} {e}") from None
-                loaded[name].add(shard_id)
+    for hf_name, tensor, source in checkpoint_tensors(path):
+        name, shard_id = _param_name(hf_name)
+        if name not in params:
+            if _load_kv_scale(model, hf_name, tensor):
+                continue
+            if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+                continue  # some tied checkpoints still carry a copy
+            logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)
+            continue
+        param = params[name]
+        try:
+            param.weight_loader(param, tensor, shard_id)
+        except WeightShapeError as e:
+            raise ModelLoadError(f"tensor {hf_name} in {source} {e}") from None
+        loaded[name].add(shard_id)
     missing = [name for name, param in params.items()
                if None not in loaded[name] and not set(param.shard_ids) <= loaded[name]]
     if missing:
@@ -118,8 +152,18 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
                 param.uniform_(-0.02, 0.02, generator=gen)
 
 
+def checkpoint_quantization(path: Optional[Path], load_format: str, quantization: Optional[str]) -> Optional[Fp8Config]:
+    """The FP8 scheme of the checkpoint (its config.json's quantization_config) or of the
+    `quantization` option. Random (dummy) weights are always quantized at load."""
+    config_file = path / "config.json" if path is not None and path.is_dir() else None
+    hf_config = json.loads(config_file.read_text()) if config_file is not None and config_file.is_file() else {}
+    quant = resolve_quantization(hf_config, quantization)
+    return ONLINE_FP8 if quant is not None and load_format == "dummy" else quant
+
+
 def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path: Optional[Path],
-                load_format: str, seed: int) -> CausalLM:
+                load_format: str, seed: int, quantization: Optional[str] = None) -> CausalLM:
+    quant = checkpoint_quantization(path, load_format, quantization)
     torch_default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
@@ -127,6 +171,11 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
         # their parameters keep their weight loaders (a meta model moved with to_empty may not).
         with torch.device(device):
             model = CausalLM(arch)
+            if quant is not None:
+                try:
+                    quantize_linear_layers(model, quant)
+                except WeightShapeError as e:
+                    raise ModelLoadError(f"{path}: {e}") from None
     finally:
         torch.set_default_dtype(torch_default)
     if load_format == "dummy":

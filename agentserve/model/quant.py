@@ -2,7 +2,8 @@
 
 A linear layer owns a LinearMethodBase: `create_weights` registers the parameters the method needs
 (an FP8 method would add scales), `process_weights_after_loading` converts them once the checkpoint
-is in, `apply` computes x @ W^T (+ bias). UnquantizedLinearMethod keeps W in the model dtype.
+is in, `apply` computes x @ W^T (+ bias). UnquantizedLinearMethod keeps W in the model dtype;
+Fp8LinearMethod (model/fp8.py) keeps e4m3 weights with per-channel scales.
 """
 
 from __future__ import annotations

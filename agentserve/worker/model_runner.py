@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agentserve.cache.device_ops import DeviceOp, PageStore, PageStores, execute_device_ops
-from agentserve.cache.kv_cache import KVCache, bytes_per_block
+from agentserve.cache.kv_cache import KVCache, bytes_per_block, kv_cache_torch_dtype
 from agentserve.config import EngineConfig
 from agentserve.request import Request
 from agentserve.lora.layers import enable_lora, token_slot_indices
@@ -34,6 +34,7 @@ from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
+from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
 from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
 from agentserve.worker.spec_graphs import capture_spec_graphs
@@ -70,9 +71,13 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
-        self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed)
+        self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed,
+                                 quantization=config.model.quantization)
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
+        if self.kv_dtype != dtype and not self.model.kv_scales_loaded:  # fp8 pages: calibrated per-layer scales
+            calibrate_kv_scales(self.model, dtype, device, max_model_len)
         # Multi-LoRA: slots wired into the projections before profiling and graph capture (both see them).
         self.lora_manager = enable_lora(self.model, arch, config.lora, dtype, device)
         self.draft: Optional[DraftModel] = None
@@ -84,7 +89,7 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
         self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads,
-                                arch.head_dim, dtype, device, num_swap_blocks=swap_blocks)
+                                arch.head_dim, self.kv_dtype, device, num_swap_blocks=swap_blocks)
         self.pages: PageStore = self.kv_cache
         if self.draft is not None:
             self.pages = PageStores([self.kv_cache, self.draft.allocate_cache(self.num_blocks, swap_blocks)])
@@ -134,7 +139,7 @@ class ModelRunner:
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         a = self.arch
-        target = bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        target = bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype)
         return target + (self.draft.block_bytes() if self.draft is not None else 0)
 
     def _decide_num_blocks(self) -> int:
@@ -155,7 +160,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
         dummy_cache = KVCache(self.arch.num_layers, 1, self.block_size, self.arch.num_kv_heads,
-                              self.arch.head_dim, self.dtype, self.device)
+                              self.arch.head_dim, self.kv_dtype, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         # One prompt of num_tokens tokens over a one-page cache (every table entry is page 0, no KV

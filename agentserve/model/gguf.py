@@ -1,0 +1,144 @@
+"""GGUF checkpoints (llama.cpp's format): the model shape from the file's metadata, and its tensors
+dequantized to fp32 at load under their Hugging Face names (the loader then casts them to the
+serving dtype, or quantizes them to FP8 with quantization="fp8").
+
+`--model path/to/model.gguf`, or a directory that holds exactly one .gguf file and no config.json.
+The tokenizer and chat template come from the same metadata through transformers (engine/loading.py).
+Supported architectures: llama (also Mistral GGUFs, which llama.cpp writes as llama), qwen2, qwen3;
+tensor types: whatever the gguf library dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants,
+the IQ types); anything else is a ModelLoadError naming the architecture or tensor type.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from agentserve.model.arch_config import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# GGUF general.architecture -> the Hugging Face class our ArchConfig knows.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# llama.cpp tensor names (after "blk.N.") -> Hugging Face names (after "model.layers.N.").
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}
+
+
+def find_gguf_file(path: Path) -> Optional[Path]:
+    """The GGUF file `path` names: the file itself, or the single .gguf in a directory without a
+    config.json (a Hugging Face directory with a config.json is read as safetensors)."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf checkpoint")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        raise ModelLoadError(f"{path} holds several GGUF files ({', '.join(f.name for f in files)}); "
+                             "pass the one to serve as --model")
+    return files[0] if files else None
+
+
+def _reader(file: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(file))
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"cannot read GGUF file {file}: {e}") from None
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config_dict(file: Path) -> dict[str, Any]:
+    """A Hugging Face style config.json dict for ArchConfig.from_dict, from the file's metadata."""
+    reader = _reader(file)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {file.name}; supported: "
+                             f"{', '.join(GGUF_ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ModelLoadError(f"{file.name} carries rope_freqs (llama3-style rope scaling factors), which the GGUF "
+                             "loader does not map yet; use the Hugging Face checkpoint")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    config: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch,
+        "hidden_size": hidden, "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
+        "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens))),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        # Dequantized weights are served in bf16 on the GPU (fp32 on the CPU, like every model there).
+        "torch_dtype": "bfloat16",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    return config
+
+
+def _hf_name(name: str) -> Optional[str]:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    parts = name.split(".")  # blk.N.<tensor>.<weight|bias>
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the rotary halves of each q/k head (its rope pairs adjacent
+    dims, Hugging Face's pairs dim i with i + d/2); undo it, as transformers does for llama GGUFs."""
+    rows = weight.shape[0]
+    w = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(Hugging Face name, fp32 tensor, file name) for every tensor of the file."""
+    from gguf.quants import dequantize
+
+    reader = _reader(file)
+    arch = _field(reader, "general.architecture")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            logger.warning("ignoring unexpected GGUF tensor %s in %s", tensor.name, file.name)
+            continue
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"GGUF tensor {tensor.name} in {file.name} has type {tensor.tensor_type.name}, "
+                                 "which cannot be dequantized") from None
+        values = values.reshape([int(d) for d in reversed(tensor.shape)])  # ggml lists dims innermost first
+        if arch == "llama" and ".attn_q." in tensor.name:
+            values = _unpermute_rotary(values, heads)
+        elif arch == "llama" and ".attn_k." in tensor.name:
+            values = _unpermute_rotary(values, kv_heads)
+        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+        yield name, torch.from_numpy(np.array(values, dtype=np.float32)), file.name

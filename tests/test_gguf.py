@@ -1,0 +1,196 @@
+"""GGUF checkpoints: the model shape from the metadata, tensors dequantized and renamed at load.
+
+- Tiny llama / qwen2 / qwen3 models written to GGUF here the way llama.cpp's converter writes them
+  (its tensor names; q/k rows of llama permuted for its rotary layout; fp32 tensors, so nothing is
+  lost) give exactly the tokens the same weights give from the Hugging Face directory.
+- The real SmolLM2-135M GGUF (Q4_1 / Q8_0 tensors): greedy replies identical to transformers
+  loading the same file, with its own tokenizer and chat template; also served with FP8 weights.
+- A GGUF architecture or tensor type that is not supported is a clear error naming it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.testing import tiny_model_cached
+from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
+
+gguf = pytest.importorskip("gguf")
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
+PROMPTS = ["The quick brown fox", "In a distant galaxy, a small robot named"]
+_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute for q/k weights."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_name(hf: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_NAMES[module]}.{kind}"
+
+
+def write_gguf(src: Path, dst: Path, arch_name: str, extra_tensor: Any = None) -> Path:
+    arch = ArchConfig.from_dir(src)
+    tensors = load_file(str(src / "model.safetensors"))
+    writer = gguf.GGUFWriter(str(dst), arch_name)
+    writer.add_block_count(arch.num_layers)
+    writer.add_context_length(arch.max_position_embeddings)
+    writer.add_embedding_length(arch.hidden_size)
+    writer.add_feed_forward_length(arch.intermediate_size)
+    writer.add_head_count(arch.num_heads)
+    writer.add_head_count_kv(arch.num_kv_heads)
+    writer.add_key_length(arch.head_dim)
+    writer.add_value_length(arch.head_dim)
+    writer.add_rope_freq_base(arch.rope_theta)
+    writer.add_layer_norm_rms_eps(arch.rms_norm_eps)
+    writer.add_vocab_size(arch.vocab_size)
+    writer.add_bos_token_id(arch.bos_token_id or 0)
+    writer.add_eos_token_id(arch.eos_token_ids[0])
+    for name, t in tensors.items():
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            continue
+        w = t.float().numpy()
+        if arch_name == "llama" and ".q_proj." in name:
+            w = _llama_cpp_permute(w, arch.num_heads)
+        elif arch_name == "llama" and ".k_proj." in name:
+            w = _llama_cpp_permute(w, arch.num_kv_heads)
+        writer.add_tensor(_gguf_name(name), np.ascontiguousarray(w))
+    if extra_tensor is not None:
+        writer.add_tensor(*extra_tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def _outputs(llm: LLM, prompts: list[Any]) -> tuple[list[list[int]], list[list[float]]]:
+    outs = llm.generate(prompts, GREEDY)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return tokens, [[p[t].logprob for p, t in zip(o.outputs[0].logprobs or [], o.outputs[0].token_ids)] for o in outs]
+
+
+@pytest.mark.parametrize("tiny_arch,gguf_arch", [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_tiny_gguf_matches_the_safetensors_model(tiny_arch: str, gguf_arch: str, tmp_path: Path) -> None:
+    src = tiny_model_cached(tiny_arch)
+    file = write_gguf(src, tmp_path / "model.gguf", gguf_arch)
+    # The tokenizer from the Hugging Face directory: these files carry no tokenizer metadata.
+    with LLM(str(file), tokenizer=str(src), num_blocks=64) as from_gguf, LLM(str(src), num_blocks=64) as ref:
+        assert from_gguf.engine.arch.architecture == ref.engine.arch.architecture
+        assert from_gguf.engine.arch.attention_bias == ref.engine.arch.attention_bias
+        assert _outputs(from_gguf, PROMPTS) == _outputs(ref, PROMPTS)
+    # A directory holding the file (and no config.json) loads the same way.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.move(str(file), folder / "m.gguf")
+    with LLM(str(folder), tokenizer=str(src), num_blocks=64) as from_dir:
+        assert from_dir.engine.arch.num_layers == ArchConfig.from_dir(src).num_layers
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:
+    file = write_gguf(tiny_model_cached("llama"), tmp_path / "m.gguf", "gpt2")
+    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gpt2'"):
+        LLM(str(file), tokenizer=str(tiny_model_cached("llama")), num_blocks=16)
+
+
+def test_unsupported_gguf_tensor_type_is_named(tmp_path: Path) -> None:
+    """An integer tensor where a weight belongs: the gguf library cannot dequantize I32."""
+    src = tiny_model_cached("llama")
+    tensors = load_file(str(src / "model.safetensors"))
+    shape = tuple(tensors["model.layers.1.mlp.up_proj.weight"].shape)
+    file = tmp_path / "m.gguf"
+    write_gguf(src, file, "llama")
+    # Rewrite with the up projection of layer 1 as an I32 tensor.
+    broken = tmp_path / "broken.gguf"
+    reader = gguf.GGUFReader(str(file))
+    writer = gguf.GGUFWriter(str(broken), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith(("llama.", "tokenizer.")):
+            value = field.contents()
+            writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            writer.add_tensor(t.name, np.zeros(shape, dtype=np.int32))
+        else:
+            writer.add_tensor(t.name, np.array(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="blk.1.ffn_up.weight .* has type I32"):
+        LLM(str(broken), tokenizer=str(src), num_blocks=16)
+
+
+def test_directory_with_several_gguf_files_is_refused(tmp_path: Path) -> None:
+    for name in ("a.gguf", "b.gguf"):
+        write_gguf(tiny_model_cached("llama"), tmp_path / name, "llama")
+    with pytest.raises(ModelLoadError, match="several GGUF files"):
+        LLM(str(tmp_path), num_blocks=16)
+
+
+# --- the real SmolLM2-135M GGUF ---------------------------------------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three colors."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    try:
+        return smollm2_gguf_path()
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    new_tokens = 16
+    with LLM(str(smollm2_gguf), max_model_len=1024) as llm:
+        tok = llm.tokenizer
+        assert tok.chat_template and "<|im_start|>" in tok.chat_template  # from the GGUF metadata
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                   for c in CHATS]
+        outs = llm.generate([list(p) for p in prompts], SamplingParams(max_tokens=new_tokens, temperature=0.0))
+        got = [o.outputs[0].token_ids for o in outs]
+        assert llm.engine.eos_token_ids == frozenset({2})
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32).eval()
+    for ids, tokens in zip(prompts, got):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([list(ids)]), max_new_tokens=new_tokens, do_sample=False)
+        assert tokens == ref[0, len(ids):].tolist()[:len(tokens)]
+        assert len(tokens) == new_tokens or tokens[-1] == 2  # stopped only at EOS
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_serves_with_fp8_weights(smollm2_gguf: Path) -> None:
+    with LLM(str(smollm2_gguf), max_model_len=1024, quantization="fp8") as llm:
+        qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+        assert qkv.weight.dtype == torch.float8_e4m3fn
+        out = llm.chat(CHATS[0], SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0].text
+        assert "Paris" in out
