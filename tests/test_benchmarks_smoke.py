@@ -117,3 +117,15 @@ def test_agentserve_bench_passes_leading_options_to_fastpath(monkeypatch: pytest
         cli.main(["bench", "--smoke", "--help"])  # argparse used to reject --smoke before the script saw it
     assert done.value.code == 0
     assert "fastpath" in capsys.readouterr().out
+
+
+def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> None:
+    """Issue #14: the same agents over /v1/responses with previous_response_id prefill per loop what
+    the gRPC sessions prefill (within 5%)."""
+    report = run_benchmark("agent_loop.py", "--modes", "sessions,responses", "--agents", "2", "--turns", "3",
+                           "--preamble-tokens", "256", "--tool-tokens", "60,120", "--decision-tokens", "4,8",
+                           "--tool-latency-ms", "10", tmp_path=tmp_path)
+    sessions, responses = report["modes"]["sessions"], report["modes"]["responses"]
+    assert responses["loops"] == sessions["loops"] == 4
+    assert positive(sessions["prefilled_per_loop"]) and positive(responses["cached_per_loop"])
+    assert abs(report["prefill_ratio_responses_over_sessions"] - 1) <= 0.05

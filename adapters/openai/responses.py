@@ -98,7 +98,8 @@ class ResponsesEndpoint:
     def _params(req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any) -> SamplingParams:
         kw: dict[str, Any] = {"temperature": 1.0 if req.temperature is None else req.temperature,
                               "top_p": 1.0 if req.top_p is None else req.top_p,
-                              "max_tokens": req.max_output_tokens, "seed": req.seed}
+                              "max_tokens": req.max_output_tokens, "seed": req.seed, "ignore_eos": req.ignore_eos,
+                              "top_k": 0 if req.top_k is None else req.top_k}
         kw.update(I.text_format_kwargs(req.text))
         if tools and choice != "none":
             kw.update(tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)

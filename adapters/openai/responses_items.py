@@ -45,6 +45,9 @@ class ResponsesRequest(BaseModel):
     previous_response_id: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
+    # vLLM extras
+    ignore_eos: bool = False
+    top_k: Optional[int] = None
 
 
 def new_id(prefix: str) -> str:
