@@ -137,7 +137,8 @@ class ResponsesEndpoint:
         tools, choice = self._check(req)
         params = self._params(req, tools, choice)
         items = I.normalize_input(req.input)
-        prev = self.store.get(req.previous_response_id, tenant.name) if req.previous_response_id else None
+        prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id") \
+            if req.previous_response_id else None
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
         if not new_messages:
             raise OpenAIError(400, "input must contain at least one item", param="input")

@@ -76,14 +76,14 @@ class ResponsesStore:
         # A dict membership test is atomic: safe beside the step thread that expires sessions.
         return r.session_id in self.sessions.sessions
 
-    def get(self, response_id: str, tenant: str) -> StoredResponse:
+    def get(self, response_id: str, tenant: str, param: str = "response_id") -> StoredResponse:
         r = self._by_id.get(response_id)
         if r is not None and not self._alive(r):
             self._forget(r)
             r = None
         if r is None or r.tenant != tenant:
             raise OpenAIError(404, f"Response with id '{response_id}' not found (unknown, deleted, not stored, or "
-                                   "expired with its session).", param="response_id", code="response_not_found")
+                                   "expired with its session).", param=param, code="response_not_found")
         return r
 
     def add(self, r: StoredResponse) -> None:
