@@ -227,3 +227,23 @@ def test_stored_responses_expire_with_their_session() -> None:
     finally:
         server.stop()
         aeng.shutdown()
+
+
+def test_call_cut_off_by_max_output_tokens(live: Live) -> None:
+    """A call cut off by max_output_tokens comes back as far as it got, in both modes: the response is
+    incomplete (max_output_tokens) and its last item, the call, too."""
+    note = [{"type": "function", "name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+        "additionalProperties": False}}]
+    kw = dict(model=MODEL, input="Take a note.", tools=note, tool_choice="required", max_output_tokens=20,
+              temperature=0)
+    r = live.a.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    call = _call_of(r)
+    assert call.name == "note" and call.status == "incomplete" and '"text"' in call.arguments
+    events = list(live.a.responses.create(stream=True, **kw))
+    assert events[-1].type == "response.incomplete"
+    streamed = _call_of(events[-1].response)
+    assert streamed.arguments == call.arguments and streamed.status == "incomplete"
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert done[-1].item.status == "incomplete"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from agentserve.adapters.openai.responses_items import (ResponsesRequest, function_call_item, message_item,
-                                                        new_id)
+from agentserve.adapters.openai.responses_items import (ResponsesRequest, function_call_item, mark_cut_off,
+                                                        message_item, new_id)
 
 Item = dict[str, Any]
 
@@ -130,6 +130,7 @@ class ResponseEvents:
 
     def finish(self, final_body: dict[str, Any]) -> list[str]:
         """Closes the open items; the last event carries the whole response (with these items)."""
+        mark_cut_off(self.output, final_body["status"])  # before the items' done events carry them
         events = self._close_text() + self._close_call()
         self.body = dict(final_body, output=self.output)
         kind = "response.completed" if self.body["status"] == "completed" else "response.incomplete"

@@ -206,12 +206,19 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str, st
 
 
 def output_items(message: Message, status: str) -> list[Item]:
-    """A turn's reply (content, tool_calls) as output items: the text first, then each call."""
+    """A turn's reply (content, tool_calls) as output items: the text first, then each call. In an
+    incomplete response (max_output_tokens) the last item is the one cut off."""
     items: list[Item] = []
     if message.get("content"):
-        items.append(message_item(new_id("msg"), message["content"], status))
+        items.append(message_item(new_id("msg"), message["content"]))
     for call in message.get("tool_calls") or []:
         fn = call["function"]
         args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])
-        items.append(function_call_item(new_id("fc"), call["id"], fn["name"], args, status))
+        items.append(function_call_item(new_id("fc"), call["id"], fn["name"], args))
+    mark_cut_off(items, status)
     return items
+
+
+def mark_cut_off(items: list[Item], status: str) -> None:
+    if items and status == "incomplete":
+        items[-1]["status"] = "incomplete"
