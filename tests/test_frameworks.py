@@ -122,6 +122,19 @@ def test_agents_sdk_streamed(agents_sdk: Any) -> None:
         assert t in types
 
 
+def test_agents_sdk_continues_with_previous_response_id(agents_sdk: Any) -> None:
+    """Server-side conversation state: the second run sends only its new input with the first run's
+    last response id, and the earlier conversation comes from the resident session."""
+    # A typed answer ends by itself (the SDK refuses an incomplete response; random text would run on).
+    agent = agents_sdk.Agent(name="chat", instructions="Be brief.", model=MODEL, output_type=Verdict,
+                             model_settings=agents_sdk.ModelSettings(max_tokens=32, temperature=0))
+    first = agents_sdk.Runner.run_sync(agent, "Hello there.")
+    second = agents_sdk.Runner.run_sync(agent, "And again?", previous_response_id=first.last_response_id)
+    before, after = first.raw_responses[-1].usage, second.raw_responses[-1].usage
+    assert after.input_tokens_details.cached_tokens >= before.input_tokens + before.output_tokens - 1
+    assert after.input_tokens > after.input_tokens_details.cached_tokens
+
+
 # --- pydantic-ai ----------------------------------------------------------------------------------------
 def test_pydantic_ai_tools_and_native_output(base_url: str) -> None:
     pytest.importorskip("pydantic_ai", reason="pydantic-ai-slim is not installed (pip install -e '.[dev]')")
