@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
-from agent_loop_responses import TEXT_MODES, TextWorkload, run_text_mode  # noqa: E402
+from agent_loop_responses import TextWorkload, run_text_mode, text_workload  # noqa: E402
 
 MODES = ("sessions", "stateless-prefix", "stateless-nocache", "responses")
 
@@ -250,15 +250,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
-    text = None
-    if "responses" in modes:
-        if any(m not in TEXT_MODES for m in modes):
-            raise SystemExit(f"the responses mode runs a text workload: combine it with {', '.join(TEXT_MODES)} only")
-        if engine.tokenizer is None or not engine.tokenizer.chat_template:
-            raise SystemExit("the responses mode needs a model with a tokenizer and a chat template")
-        text = TextWorkload(w, args.seed, engine.tokenizer)
-        print("text workload (the Responses API takes text): sessions and responses send the same chat messages",
-              flush=True)
+    text = text_workload(modes, w, args.seed, engine.tokenizer)
     results: dict[str, Any] = {}
     try:
         async with running_server(config, async_engine=aeng, http_port=0 if text is not None else None) as handle:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import Any, Optional
 
 TEXT_MODES = ("sessions", "responses")
 # Texts aim a little under the raw token counts: the chat template adds its markers to every message,
@@ -39,6 +39,19 @@ class TextWorkload:
         self.tasks = [text(len(t)) for t in raw.tasks]
         self.results = [[text(len(r)) for r in agent] for agent in raw.results]
         self.decisions, self.latency = raw.decisions, raw.latency
+
+
+def text_workload(modes: list[str], raw: Any, seed: int, tokenizer: Any) -> Optional[TextWorkload]:
+    """The text workload when the responses mode runs (None otherwise); SystemExit for what cannot."""
+    if "responses" not in modes:
+        return None
+    if any(m not in TEXT_MODES for m in modes):
+        raise SystemExit(f"the responses mode runs a text workload: combine it with {', '.join(TEXT_MODES)} only")
+    if tokenizer is None or not tokenizer.chat_template:
+        raise SystemExit("the responses mode needs a model with a tokenizer and a chat template")
+    print("text workload (the Responses API takes text): sessions and responses send the same chat messages",
+          flush=True)
+    return TextWorkload(raw, seed, tokenizer)
 
 
 def _record(agent: int, turn: int, start: float, prompt: int, cached: int, generated: int,
