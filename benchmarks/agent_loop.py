@@ -18,6 +18,8 @@ Token ids are synthesized (a dummy model has no tokenizer), so every mode sends 
   python benchmarks/agent_loop.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 \\
       --agents 64 --turns 8                                        # the H100 run
   python benchmarks/agent_loop.py --modes sessions,responses       # Responses API vs gRPC sessions
+  agentserve tiny-model /tmp/tok --arch llama3 && python benchmarks/agent_loop.py --model llama-3.1-8b \
+      --load-format dummy --dtype bfloat16 --tokenizer /tmp/tok --modes sessions,responses   # on the GPU
   (to stay under a time limit, run --modes sessions,stateless-prefix and --modes stateless-nocache
   separately and pass the first run's JSON to the second with --merge)
 
@@ -55,6 +57,9 @@ def build_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model dir or named shape (default: a tiny qwen2 on CPU)")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory with a chat template, for the responses "
+                    "mode's text workload when the model has none (a dummy shape): e.g. `agentserve tiny-model DIR "
+                    "--arch llama3`")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
     ap.add_argument("--agents", type=int, default=4)
@@ -228,6 +233,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     max_len = -(-(max_final_tokens(args) + 64) // args.block_size) * args.block_size
     base = dict(load_format=args.load_format, dtype=args.dtype, device=device, max_model_len=max_len,
+                tokenizer=args.tokenizer,
                 block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
                 swap_space_gb=args.swap_space_gb if args.swap_space_gb is not None else (32.0 if device == "cuda" else 4.0))
