@@ -159,8 +159,8 @@ def test_pydantic_ai_tools_and_native_output(base_url: str) -> None:
     result = agent.run_sync("Is it sunny in Paris?")
     assert isinstance(result.output, Verdict)
     assert all(c in CITIES for c in calls)
-    requests = [m for m in result.all_messages() if m.kind == "response"]
-    assert len(requests) == len(calls) + 1
+    replies = [m for m in result.all_messages() if m.kind == "response"]
+    assert len(replies) == len(calls) + 1  # a call, then (the tool switched off) the typed answer
 
 
 # --- LangChain ------------------------------------------------------------------------------------------
