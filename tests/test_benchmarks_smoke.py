@@ -155,3 +155,13 @@ def test_lora_smoke(tmp_path: Path) -> None:
     for figure in (*r["ratios_vs_base"].values(), r["single_stream"]["ratio"], *r["load"].values()):
         assert positive(figure)
     assert len(r["targets_met"]) == 3
+def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> None:
+    """Issue #14: the same agents over /v1/responses with previous_response_id prefill per loop what
+    the gRPC sessions prefill (within 5%)."""
+    report = run_benchmark("agent_loop.py", "--modes", "sessions,responses", "--agents", "2", "--turns", "3",
+                           "--preamble-tokens", "256", "--tool-tokens", "60,120", "--decision-tokens", "4,8",
+                           "--tool-latency-ms", "10", tmp_path=tmp_path)
+    sessions, responses = report["modes"]["sessions"], report["modes"]["responses"]
+    assert responses["loops"] == sessions["loops"] == 4
+    assert positive(sessions["prefilled_per_loop"]) and positive(responses["cached_per_loop"])
+    assert abs(report["prefill_ratio_responses_over_sessions"] - 1) <= 0.05

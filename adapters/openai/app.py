@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: `create_app(async_engine, config, session_store=None) -> FastAPI`.
 
 Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
-(JSON or SSE streaming), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port`
+(JSON or SSE streaming), the Responses API (POST /v1/responses, GET / DELETE /v1/responses/{id}, GET
+/v1/responses/{id}/input_items: responses.py), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port`
 runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
@@ -33,6 +34,8 @@ from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
+from agentserve.adapters.openai.responses import ResponsesEndpoint
+from agentserve.adapters.openai.responses_items import ResponsesRequest
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
@@ -41,8 +44,8 @@ from agentserve.service.tenants import TENANT_SCOPE_KEY, TenantLimitError, Tenan
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")  # these take one of the tenant's request slots
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
+_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")  # these take one of the tenant's request slots
 
 
 def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
@@ -254,7 +257,27 @@ def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
         return await _respond(chat_endpoint.create(body, raw_request))
 
 
-def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool]) -> Callable[[FastAPI], Any]:
+def _add_responses_routes(app: FastAPI, responses: ResponsesEndpoint) -> None:
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, raw_request: Request) -> Response:
+        return await _respond(responses.create(body, raw_request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, raw_request: Request) -> JSONResponse:
+        return JSONResponse(responses.retrieve(response_id, raw_request))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, raw_request: Request) -> JSONResponse:
+        return JSONResponse(await responses.delete(response_id, raw_request))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, raw_request: Request, limit: int = 20, order: str = "desc",
+                                   after: Optional[str] = None) -> JSONResponse:
+        return JSONResponse(responses.input_items(response_id, raw_request, limit, order, after))
+
+
+def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool],
+              responses: ResponsesEndpoint) -> Callable[[FastAPI], Any]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def drain() -> None:
@@ -267,6 +290,7 @@ def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool]) -> Callable[[Fas
             yield
         finally:
             task.cancel()
+            await responses.close()
             metrics.uninstall()
             if own_pool is not None:
                 own_pool.close()
@@ -288,8 +312,9 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
         render_pool = own_pool = RenderPool(async_engine.engine.tokenizer, async_engine.engine.max_model_len,
                                             config.server)
     serving = OpenAIServing(async_engine, config, metrics, render_pool)
-    app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=_lifespan(metrics, own_pool), docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    responses = ResponsesEndpoint(serving, session_store)
+    app = FastAPI(title="agentserve OpenAI-compatible API", lifespan=_lifespan(metrics, own_pool, responses),
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.async_engine = async_engine
@@ -300,6 +325,7 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     _add_generation_routes(app, serving)
     install_lora_error_handlers(app)
     add_lora_routes(app, async_engine)
+    _add_responses_routes(app, responses)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
     return app

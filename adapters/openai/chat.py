@@ -24,14 +24,37 @@ Tools = Optional[list[dict[str, Any]]]
 def _check_limits(req: ChatCompletionRequest, limits: Any) -> None:
     L.check_count(len(req.messages), limits.max_messages, "messages", "max-messages")
     L.check_count(len(req.tools or ()), limits.max_tools, "tools", "max-tools")
+    L.check_count(len(req.functions or ()), limits.max_tools, "functions", "max-tools")
     for i, t in enumerate(req.tools or ()):
         if t.function.parameters is not None:
             L.check_schema(t.function.parameters, f"tools[{i}].function.parameters", limits)
+    for i, f in enumerate(req.functions or ()):
+        if f.parameters is not None:
+            L.check_schema(f.parameters, f"functions[{i}].parameters", limits)
+
+
+def _legacy_functions(req: ChatCompletionRequest) -> tuple[Tools, Any]:
+    """The pre-tools fields `functions` / `function_call` as tools / tool_choice (never ignored;
+    mixed with tools they are refused)."""
+    for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(req, legacy) is not None and getattr(req, current) is not None:
+            raise OpenAIError(400, f"{legacy} is the legacy form of {current}: give one of them", param=legacy)
+    tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions or ()]
+    choice = req.function_call
+    if isinstance(choice, dict):
+        if not isinstance(choice.get("name"), str):
+            raise OpenAIError(400, "function_call must be 'none', 'auto' or {'name': ...}", param="function_call")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools or None, choice
 
 
 def _check_tools(req: ChatCompletionRequest) -> tuple[Tools, Any]:
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    choice = check_tool_choice(tools, req.tool_choice)
+    tools: Tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice
+    if req.functions is not None or req.function_call is not None:
+        legacy_tools, legacy_choice = _legacy_functions(req)
+        tools, choice = tools or legacy_tools, choice if req.function_call is None else legacy_choice
+    choice = check_tool_choice(tools, choice)
     if tools and choice != "none":
         check_tool_schemas(tools)
     return tools, choice
@@ -179,7 +202,8 @@ class _ChatContext:
     def tool_chunks(self) -> Optional[ToolCallChunks]:
         if not self.tools:
             return None
-        return ToolCallChunks(self.endpoint.tool_format(), self.tools, parallel=self.req.parallel_tool_calls)
+        return ToolCallChunks(self.endpoint.tool_format(), self.tools, parallel=self.req.parallel_tool_calls,
+                              typed_answer=self.params.typed_answer)
 
     def _strip_eos(self, text: str, c: CompletionOutput) -> str:
         if self.eos_texts and c.finish_reason == "stop" and c.stop_reason is None:

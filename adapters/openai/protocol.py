@@ -120,6 +120,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[ToolDefinition]] = None
     tool_choice: Union[None, str, dict[str, Any]] = None
     parallel_tool_calls: bool = True
+    # The legacy function-calling fields (before tools): mapped to tools / tool_choice.
+    functions: Optional[list[FunctionDefinition]] = None
+    function_call: Union[None, str, dict[str, Any]] = None
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

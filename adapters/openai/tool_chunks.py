@@ -19,9 +19,10 @@ class ToolCallChunks:
     """Per-choice state: feed text deltas, get chat-chunk deltas; or parse a whole text. Without a
     known tool-call format the text is all content."""
 
-    def __init__(self, fmt: Optional[str], tools: list[dict[str, Any]], parallel: bool = True) -> None:
+    def __init__(self, fmt: Optional[str], tools: list[dict[str, Any]], parallel: bool = True,
+                 typed_answer: bool = False) -> None:
         self.parallel = parallel
-        self._parser = ReplyParser(fmt, tools) if fmt is not None else None
+        self._parser = ReplyParser(fmt, tools, typed_answer) if fmt is not None else None
         self._started: set[int] = set()
 
     def _call_chunk(self, index: int, call_id: Optional[str], name: Optional[str], arguments: str) -> Optional[Chunk]:

@@ -54,10 +54,13 @@ def opener_is_special(tokenizer: Any, fmt: str) -> bool:
 
 class ReplyParser:
     """Reply text in, events out (ContentDelta / ToolCallDelta, in order); `finish()` gives the
-    content and the complete calls as OpenAI tool_call dicts."""
+    content and the calls as OpenAI tool_call dicts: the complete ones, then a call cut off by the
+    end of the reply (max_tokens) as far as it got — streams have sent its fragments already, and the
+    client decides what to do with it (the finish_reason says "length").
+    `typed_answer`: tools beside a json_schema / json_object final answer (see ToolCallParser)."""
 
-    def __init__(self, fmt: str, tools: Optional[Sequence[Any]]) -> None:
-        self._parser = ToolCallParser(fmt, tools)
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]], typed_answer: bool = False) -> None:
+        self._parser = ToolCallParser(fmt, tools, bare_calls=not typed_answer)
 
     def feed(self, text: str) -> list[ReplyEvent]:
         return self._parser.feed(text)
@@ -68,7 +71,8 @@ class ReplyParser:
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         content, calls = self._parser.finish()
-        return content, [c.to_openai() for c in calls]
+        partial = self._parser.partial_call
+        return content, [c.to_openai() for c in calls + ([partial] if partial is not None else [])]
 
 
 def split_events(events: Sequence[ReplyEvent]) -> tuple[str, list[CallDelta]]:
@@ -86,7 +90,7 @@ class ReplyStream:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
                  tools: Optional[list[dict[str, Any]]]) -> None:
         fmt = tool_format_of(tokenizer) if tools and params.tool_choice != "none" else None
-        self.parser = ReplyParser(fmt, tools) if fmt is not None else None
+        self.parser = ReplyParser(fmt, tools, params.typed_answer) if fmt is not None else None
         self.raw: Optional[IncrementalDetokenizer] = None
         if self.parser is not None:
             self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),

@@ -53,6 +53,24 @@ def _named_function(choice: dict[str, Any], names: list[str]) -> None:
         raise FieldError(f"tool_choice names the function {name!r}, which is not in tools", "tool_choice")
 
 
+def _allowed_tools(choice: dict[str, Any], names: list[str]) -> None:
+    """{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}} (Chat Completions; the Responses
+    API puts mode and tools inline): a subset of the declared tools the reply may call."""
+    spec = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"), dict) else choice
+    field = "tool_choice.allowed_tools" if spec is not choice else "tool_choice"
+    if spec.get("mode", "auto") not in ("auto", "required"):
+        raise FieldError(f"{field}.mode must be 'auto' or 'required'; got {spec.get('mode')!r}", f"{field}.mode")
+    entries = spec.get("tools")
+    if not isinstance(entries, list) or not entries:
+        raise FieldError(f"{field}.tools must be a non-empty list of {{'type': 'function', 'function': "
+                         "{'name': ...}}", f"{field}.tools")
+    for j, entry in enumerate(entries):
+        fn = entry.get("function") if isinstance(entry, dict) and isinstance(entry.get("function"), dict) else entry
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in names:
+            raise FieldError(f"{field}.tools[{j}] names {name!r}, which is not in tools", f"{field}.tools[{j}]")
+
+
 def check_tool_choice(tools: Optional[list[Tool]], choice: Any) -> Any:
     """OpenAI's tool_choice against the declared tools; returns it with its default ("auto" when
     tools are given)."""
@@ -62,7 +80,9 @@ def check_tool_choice(tools: Optional[list[Tool]], choice: Any) -> Any:
     if isinstance(choice, str) and choice not in TOOL_CHOICE_MODES:
         raise FieldError("tool_choice must be 'none', 'auto', 'required' or "
                          f"{{'type': 'function', 'function': {{'name': ...}}}}; got {choice!r}", "tool_choice")
-    if isinstance(choice, dict):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        _allowed_tools(choice, names)
+    elif isinstance(choice, dict):
         _named_function(choice, names)
     if choice not in (None, "none") and not tools:
         raise FieldError("tool_choice needs tools", "tool_choice")

@@ -83,6 +83,12 @@ class ConstraintSpec:
 
         `tool_format` ("hermes" | "llama3_json" | "mistral", see `tool_formats.detect_tool_format`) is
         needed when the request has tools (and tool_choice is not "none")."""
+        if params.tools and params.tool_choice != "none":
+            if tool_format is None:
+                raise GrammarError("request has tools but the model's tool-call format is unknown "
+                                   "(pass tool_format, see grammar.tool_formats.detect_tool_format)")
+            return build_tool_constraint(params.tools, params.tool_choice or "auto", tool_format,
+                                         parallel=params.parallel_tool_calls, answer_schema=_answer_schema(params))
         if params.json_schema is not None:
             return cls.json_schema(params.json_schema)
         if params.json_object:
@@ -91,17 +97,20 @@ class ConstraintSpec:
             return cls.regex(params.regex)
         if params.choice is not None:
             return cls.choice(params.choice)
-        if params.tools and params.tool_choice != "none":
-            if tool_format is None:
-                raise GrammarError("request has tools but the model's tool-call format is unknown "
-                                   "(pass tool_format, see grammar.tool_formats.detect_tool_format)")
-            return build_tool_constraint(params.tools, params.tool_choice or "auto", tool_format,
-                                         parallel=params.parallel_tool_calls)
         return None
 
 
-def build_tool_constraint(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True
-                          ) -> Optional[ConstraintSpec]:
-    """The constraint for a request with tools, or None (tool_choice "none" or no tools)."""
-    payload = tool_call_payload(tools, tool_choice, fmt, parallel)
+def _answer_schema(params: "SamplingParams") -> Optional[dict]:
+    """The typed final answer beside tools: the json_schema, {"type": "object"} for json_object."""
+    if params.json_schema is not None:
+        schema = ConstraintSpec.json_schema(params.json_schema).payload
+        return json.loads(str(schema))
+    return {"type": "object"} if params.json_object else None
+
+
+def build_tool_constraint(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True,
+                          answer_schema: Optional[dict] = None) -> Optional[ConstraintSpec]:
+    """The constraint for a request with tools, or None (tool_choice "none" or no tools). With
+    `answer_schema` (tool_choice "auto"), the output is tool calls or a final answer matching it."""
+    payload = tool_call_payload(tools, tool_choice, fmt, parallel, answer_schema)
     return None if payload is None else ConstraintSpec("tool_calls", payload)

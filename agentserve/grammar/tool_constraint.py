@@ -69,8 +69,19 @@ def _calls_schema(tools: Sequence[ToolDef], fmt: str) -> dict:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
-def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool) -> dict:
-    """The `structure` tree of the outputs allowed in `fmt` (mode: "auto" or "required")."""
+def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
+                 answer_schema: Optional[dict] = None) -> dict:
+    """The `structure` tree of the outputs allowed in `fmt` (mode: "auto" or "required"). With an
+    `answer_schema` in mode "auto": one or more calls, or a final answer (JSON matching the schema)
+    instead of free text; the calls then always start with the format's opener, so that the parser
+    can tell a call from an answer (llama3_json's bare calls are JSON too)."""
+    if answer_schema is not None and mode == "auto":
+        calls = tool_grammar(tools, fmt, "required", parallel)
+        if fmt == "llama3_json":
+            call = {"json": _calls_schema(tools, fmt)}
+            more = [{"star": {"seq": [{"lit": "; "}, call]}}] if parallel else []
+            calls = {"seq": [{"ws": " \n", "max": 2}, {"marker": PYTHON_TAG}, call] + more}
+        return {"alt": [calls, {"json": answer_schema, "answer": True}]}
     call = {"json": _calls_schema(tools, fmt)}
     # chat templates often put a space/newline before the first call; bounded, so an unsure model
     # cannot emit whitespace forever instead of the call
@@ -115,7 +126,7 @@ def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
                 found.append((name, one))
 
     def visit(node: dict) -> None:
-        if "json" in node:
+        if "json" in node and not node.get("answer"):  # the typed final answer is no call
             schema = node["json"]
             add(schema["items"] if schema.get("type") == "array" else schema)
         for key in ("seq", "alt"):
@@ -129,6 +140,25 @@ def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
     return found
 
 
+def _allowed_tools(tool_choice: dict, tools: list[ToolDef]) -> tuple[str, list[ToolDef]]:
+    """tool_choice {"type": "allowed_tools", ...}: Chat Completions nests {"mode", "tools"} under
+    "allowed_tools", the Responses API gives them inline; each tool names a function either way."""
+    spec = tool_choice.get("allowed_tools") if isinstance(tool_choice.get("allowed_tools"), dict) else tool_choice
+    mode = spec.get("mode", "auto")
+    if mode not in ("auto", "required"):
+        raise GrammarError(f"tool_choice.allowed_tools.mode must be 'auto' or 'required', got {mode!r}")
+    names = []
+    for entry in spec.get("tools") or []:
+        fn = entry.get("function") if isinstance(entry, dict) and isinstance(entry.get("function"), dict) else entry
+        names.append(fn.get("name") if isinstance(fn, dict) else None)
+    by_name = {t.name: t for t in tools}
+    unknown = [n for n in names if n not in by_name]
+    if not names or unknown:
+        raise GrammarError("tool_choice.allowed_tools.tools must name declared tools; "
+                           f"{'none given' if not names else f'unknown: {unknown}'}")
+    return mode, [by_name[n] for n in dict.fromkeys(names)]
+
+
 def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[ToolDef]]:
     if tool_choice is None or tool_choice == "auto":
         return "auto", tools
@@ -136,6 +166,8 @@ def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[Tool
         return "none", tools
     if tool_choice == "required" or tool_choice == "any":
         return "required", tools
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        return _allowed_tools(tool_choice, tools)
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
         name = fn.get("name")
@@ -148,8 +180,10 @@ def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[Tool
                        "or {'type': 'function', 'function': {'name': ...}}")
 
 
-def tool_call_payload(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True) -> Optional[str]:
-    """The canonical JSON payload of a "tool_calls" constraint, or None (tool_choice "none" or no tools)."""
+def tool_call_payload(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel: bool = True,
+                      answer_schema: Optional[dict] = None) -> Optional[str]:
+    """The canonical JSON payload of a "tool_calls" constraint, or None (tool_choice "none" or no
+    tools). `answer_schema`: a typed final answer allowed instead of calls (tool_choice "auto")."""
     if fmt not in TOOL_FORMATS:
         raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
     defs = parse_tools(tools)
@@ -158,7 +192,9 @@ def tool_call_payload(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel
     mode, defs = _choice_mode(tool_choice, defs)
     if mode == "none":
         return None
-    grammar = tool_grammar(defs, fmt, mode, parallel)
+    grammar = tool_grammar(defs, fmt, mode, parallel, answer_schema)
     payload = {"format": fmt, "mode": mode, "parallel": parallel, "tools": [t.name for t in defs],
                "grammar": grammar}
+    if answer_schema is not None and mode == "auto":
+        payload["answer"] = True
     return canonical_json(payload)

@@ -26,8 +26,10 @@ class ToolCallParser:
     MistralToolParser). Argument fragments are reported as they arrive (the first delta of a call
     carries its id and name); the fragments of a call concatenate to its final `arguments_json`.
     The parser needs the output text with the format's markers (decode without skipping special
-    tokens, or keep the marker tokens). A call cut off by the end of the output is not returned
-    (`truncated`).
+    tokens, or keep the marker tokens). A call cut off by the end of the output is not among the
+    calls (`truncated`); when its name had arrived it is `partial_call` (its arguments as far as they
+    got), for the servers to return with finish_reason "length". `bare_calls=False` (a typed final
+    answer beside tools): a JSON output is the answer; llama3_json calls start with `<|python_tag|>`.
 
     Modes: "text" (free text, watching for the opener), "obj" (inside a call object), and the
     format's own modes between those (`_feed_format`).
@@ -39,15 +41,18 @@ class ToolCallParser:
     after_call_mode = ""            # the mode after a call object
     unclosed_modes: tuple[str, ...] = ()  # modes in which the end of output leaves calls unfinished
 
-    def __new__(cls, fmt: str, tools: Optional[Sequence[Any]] = None) -> "ToolCallParser":
+    def __new__(cls, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True
+                ) -> "ToolCallParser":
         if cls is ToolCallParser:
             if fmt not in PARSERS:
                 raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
             cls = PARSERS[fmt]
         return super().__new__(cls)
 
-    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True) -> None:
         self.args_keys = ("arguments", "parameters")
+        self.bare_calls = bare_calls
+        self.partial_call: Optional[ToolCall] = None
         self.mode = "text"
         self.pending = ""        # text held back (may be the start of a marker)
         self.content_parts: list[str] = []
@@ -79,7 +84,11 @@ class ToolCallParser:
             self._flush_content(events, final=True)
         elif self.mode == "obj":
             self._flush_args(events)
-            self.truncated = True  # a call cut off mid-object is not returned
+            self.truncated = True  # a call cut off mid-object is not among the calls
+            obj = self._obj
+            if obj is not None and obj.name is not None:
+                args = obj.args_final if obj.args_final is not None else obj.args_raw
+                self.partial_call = ToolCall(id=self._call_id, name=obj.name, arguments_json=args)
             self._obj = None
         elif self.mode in self.unclosed_modes:
             self.truncated = True  # the format's closing part is missing
@@ -220,8 +229,8 @@ class HermesToolParser(ToolCallParser):
     after_call_mode = "close"
     unclosed_modes = ("open", "close")
 
-    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
-        super().__init__(fmt, tools)
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True) -> None:
+        super().__init__(fmt, tools, bare_calls=bare_calls)
         self._close_buf = ""       # what has arrived of the closing tag
         self._ws_after_block = ""  # whitespace after a block: content only if text follows
 
@@ -276,7 +285,7 @@ class Llama3JsonToolParser(ToolCallParser):
 
     def _starts_bare_call(self, ch: str) -> bool:
         # a call at the start of the output (after optional whitespace)
-        return (ch == "{" and not self.content_parts and not self.calls and self._obj is None
+        return (self.bare_calls and ch == "{" and not self.content_parts and not self.calls and self._obj is None
                 and not self.pending.strip(JSON_WS))
 
     def _feed_format(self, ch: str, events: list[Event]) -> None:

@@ -207,17 +207,45 @@ def _infer_type(out: dict[str, Any], required: list[str]) -> None:
         out["type"] = "array"
 
 
+def _coerced(value: Any, types: set[str]) -> Any:
+    """`value` as one of `types` when the conversion loses nothing (the string "1" as the integer 1,
+    "true" as true, 2 as "2"); `value` itself when it already fits or no lossless conversion exists."""
+    if _json_type(value) in types:
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if "integer" in types and text.lstrip("-").isdigit() and str(int(text)) == text:
+            return int(text)
+        if "number" in types:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is not None and repr(number) == text:
+                return number
+        if "boolean" in types and text in ("true", "false"):
+            return text == "true"
+    elif isinstance(value, float) and "integer" in types and value.is_integer():
+        return int(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and "string" in types:
+        return str(value)
+    return value
+
+
 def _check_enum_types(out: dict[str, Any], path: str) -> None:
-    """Enum values must fit the (possibly aliased) type."""
+    """Enum values must fit the (possibly aliased) type; values that convert to it losslessly are
+    converted (real tool sets declare `"type": "integer", "enum": ["1", "2"]`)."""
     if "type" not in out or "enum" not in out:
         return
     t = out["type"]
     types = set(t) if isinstance(t, list) else {t}
     if "number" in types:
         types.add("integer")
-    for v in out["enum"]:
+    values = [_coerced(v, types) for v in out["enum"]]
+    for v in values:
         if _json_type(v) not in types:
             raise GrammarError(f"enum value {v!r} does not match type {t!r} at {path}.enum")
+    out["enum"] = values
 
 
 def _make_nullable(out: dict[str, Any]) -> None:

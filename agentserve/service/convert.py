@@ -26,7 +26,7 @@ _STATE = {
 # SamplingParams fields declared `optional` in the proto: copied only when the client set them.
 _OPTIONAL_SAMPLING = frozenset(("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
                                 "presence_penalty", "frequency_penalty", "repetition_penalty"))
-_CONSTRAINT_KEYS = ("json_object", "json_schema", "regex", "choice")
+_EXCLUSIVE_CONSTRAINT_KEYS = ("regex", "choice")
 
 
 # --- messages and tools -----------------------------------------------------------------------------
@@ -116,7 +116,9 @@ def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.Resp
     kw["ignore_eos"] = sp.ignore_eos
     kw.update(_response_format_kwargs(response_format))
     choice = _tool_choice(tools, tool_choice)
-    if choice is not None and not any(k in kw for k in _CONSTRAINT_KEYS):  # a response_format wins
+    # Tools combine with a json_schema / json_object response_format (calls, or a typed final
+    # answer); a regex or choice response_format wins over them.
+    if choice is not None and not any(k in kw for k in _EXCLUSIVE_CONSTRAINT_KEYS):
         kw["tools"], kw["tool_choice"] = tools, choice
     try:
         return SamplingParams(**kw)

@@ -163,6 +163,13 @@ class TurnLifecycle:
             return
         comp = out.outputs[0]
         output_ids = list(comp.token_ids)
+        if comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and output_ids:
+            # The stop token (EOS) was sampled, never fed (it has no KV), and the chat template ends the
+            # reply with its own end-of-turn marker, which may be another token (a tiny model's
+            # <|endoftext|> against ChatML's <|im_end|>): the history, like its assistant message, stops
+            # before it, so the next turn's render extends it and reuses every page.
+            output_ids = output_ids[:-1]
+            num_computed = min(num_computed, len(pending.prompt_token_ids) + len(output_ids))
         self.residency.adopt(s, table, num_computed)
         s.token_ids = pending.prompt_token_ids + output_ids
         history_msg, client_msg = self._assistant_messages(s, comp, pending)

@@ -1,0 +1,143 @@
+"""The Responses API's response object and its streamed events (the official event types):
+
+    response.created, response.in_progress
+    response.output_item.added / .done                (a message or a function_call item)
+    response.content_part.added / .done               (the message's output_text part)
+    response.output_text.delta / .done
+    response.function_call_arguments.delta / .done
+    response.completed | response.incomplete           (the whole response, as retrieve returns it)
+
+Every event carries `type` and a `sequence_number`; the SSE frames name the type as their `event`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from agentserve.adapters.openai.responses_items import (ResponsesRequest, function_call_item, mark_cut_off,
+                                                        message_item, new_id)
+
+Item = dict[str, Any]
+
+
+def responses_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response_body(response_id: str, req: ResponsesRequest, model: str, created_at: int, *, status: str,
+                  output: list[Item], usage: Optional[dict[str, Any]] = None,
+                  incomplete_reason: Optional[str] = None) -> dict[str, Any]:
+    """The response object (what create returns, retrieve returns and the last event carries)."""
+    text = req.text if req.text is not None else {"format": {"type": "text"}}
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "status": status, "error": None,
+        "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": model,
+        "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
+        "store": req.store is not False, "temperature": 1.0 if req.temperature is None else req.temperature,
+        "text": text, "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+        "tools": list(req.tools or []), "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+        "usage": usage, "user": req.user, "metadata": dict(req.metadata or {}),
+    }
+
+
+def sse_event(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class ResponseEvents:
+    """The events of one streamed response, built from the turn's text and tool-call deltas; the
+    output items it streamed are the final response's `output` (same ids, same text)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.output: list[Item] = []
+        self._seq = 0
+        self._text: Optional[Item] = None       # the message item being streamed
+        self._call: Optional[Item] = None       # the function_call item being streamed
+        self._call_index = -1                   # the turn's index of that call
+
+    def _event(self, type_: str, **fields: Any) -> str:
+        event = {"type": type_, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return sse_event(event)
+
+    def start(self) -> list[str]:
+        snapshot = dict(self.body, status="in_progress", output=[], usage=None)
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def _open(self, item: Item) -> str:
+        self.output.append(item)
+        added = dict(item, status="in_progress")
+        if item["type"] == "message":
+            added["content"] = []
+        return self._event("response.output_item.added", output_index=len(self.output) - 1, item=added)
+
+    def text(self, delta: str) -> list[str]:
+        if not delta:
+            return []
+        events = self._close_call()
+        if self._text is None:
+            self._text = message_item(new_id("msg"), "")
+            events.append(self._open(self._text))
+            events.append(self._event("response.content_part.added", item_id=self._text["id"],
+                                      output_index=len(self.output) - 1, content_index=0,
+                                      part={"type": "output_text", "text": "", "annotations": []}))
+        self._text["content"][0]["text"] += delta
+        events.append(self._event("response.output_text.delta", item_id=self._text["id"],
+                                  output_index=len(self.output) - 1, content_index=0, delta=delta, logprobs=[]))
+        return events
+
+    def call(self, index: int, call_id: str, name: str, delta: str) -> list[str]:
+        events = self._close_text()
+        if index != self._call_index:
+            events += self._close_call()
+            self._call_index = index
+            self._call = function_call_item(new_id("fc"), call_id, name, "")
+            events.append(self._open(self._call))
+        assert self._call is not None
+        if delta:
+            self._call["arguments"] += delta
+            events.append(self._event("response.function_call_arguments.delta", item_id=self._call["id"],
+                                      output_index=len(self.output) - 1, delta=delta))
+        return events
+
+    def _close_text(self) -> list[str]:
+        item, self._text = self._text, None
+        if item is None:
+            return []
+        at = self.output.index(item)
+        part = item["content"][0]
+        return [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
+                            text=part["text"], logprobs=[]),
+                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
+                            part=part),
+                self._event("response.output_item.done", output_index=at, item=item)]
+
+    def _close_call(self) -> list[str]:
+        item, self._call = self._call, None
+        if item is None:
+            return []
+        at = self.output.index(item)
+        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                            name=item["name"], arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=at, item=item)]
+
+    def finish(self, final_body: dict[str, Any]) -> list[str]:
+        """Closes the open items; the last event carries the whole response (with these items)."""
+        mark_cut_off(self.output, final_body["status"])  # before the items' done events carry them
+        events = self._close_text() + self._close_call()
+        self.body = dict(final_body, output=self.output)
+        kind = "response.completed" if self.body["status"] == "completed" else "response.incomplete"
+        events.append(self._event(kind, response=self.body))
+        return events
+
+    def failed(self, message: str, code: Optional[str]) -> list[str]:
+        body = dict(self.body, status="failed", output=self.output, error={"code": code or "server_error",
+                                                                           "message": message})
+        return [self._event("response.failed", response=body)]

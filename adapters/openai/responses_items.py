@@ -1,0 +1,224 @@
+"""The Responses API's request shapes (POST /v1/responses), turned into what sessions take: input
+items into chat messages, Responses tools and tool_choice into their Chat Completions forms,
+`text.format` into an output constraint.
+
+Input items (OpenAI's shapes): messages `{"role", "content"}` (with or without `"type": "message"`;
+content a string or input_text / output_text parts; "developer" is "system"), `function_call`
+`{"call_id", "name", "arguments"}` and `function_call_output` `{"call_id", "output"}`. Consecutive
+function calls (and the assistant text right before them) become one assistant message with
+`tool_calls`, as chat templates expect. Anything else is a 400 naming the item.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from agentserve.adapters.openai.protocol import OpenAIError
+
+Message = dict[str, Any]
+Item = dict[str, Any]
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses. Unknown fields are accepted and ignored (include, truncation, reasoning,
+    prompt_cache_key, ...), as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: Optional[str] = None
+    input: Union[str, list[dict[str, Any]]] = ""
+    instructions: Optional[str] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[None, str, dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[dict[str, Any]] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    store: Optional[bool] = None
+    stream: Optional[bool] = None
+    previous_response_id: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    # vLLM extras
+    ignore_eos: bool = False
+    top_k: Optional[int] = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# --- tools --------------------------------------------------------------------------------------------
+def chat_tools(tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+    """Responses function tools `{"type": "function", "name", "description", "parameters", "strict"}`
+    in the Chat Completions form chat templates take; hosted tools are refused (this server runs none)."""
+    out = []
+    for i, tool in enumerate(tools or []):
+        kind = tool.get("type")
+        if kind != "function":
+            raise OpenAIError(400, f"tools[{i}].type {kind!r} is not supported: this server runs function tools "
+                                   "only (the client runs them)", param=f"tools[{i}].type")
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise OpenAIError(400, f"tools[{i}].name must be a non-empty string", param=f"tools[{i}].name")
+        fn: dict[str, Any] = {"name": name}
+        if tool.get("description"):
+            fn["description"] = tool["description"]
+        params = tool.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise OpenAIError(400, f"tools[{i}].parameters must be a JSON object schema", param=f"tools[{i}].parameters")
+        fn["parameters"] = params or {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    """Responses tool_choice -> the Chat Completions form: a named function `{"type": "function",
+    "name"}` nests its name under "function"; "auto" / "none" / "required" and allowed_tools
+    (which chat/tools.py reads inline) pass through."""
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str):
+            raise OpenAIError(400, "tool_choice must name the function: {'type': 'function', 'name': ...}",
+                              param="tool_choice.name")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if isinstance(choice, dict) and choice.get("type") not in ("allowed_tools",):
+        raise OpenAIError(400, f"tool_choice of type {choice.get('type')!r} is not supported (function tools only)",
+                          param="tool_choice.type")
+    return choice
+
+
+def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """`text.format` as SamplingParams keywords: json_schema {"name", "schema", "strict"} or json_object."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return {}
+    if not isinstance(fmt, dict):
+        raise OpenAIError(400, "text.format must be an object", param="text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise OpenAIError(400, "text.format.schema must be a JSON schema object when type is 'json_schema'",
+                              param="text.format.schema")
+        return {"json_schema": schema}
+    raise OpenAIError(400, f"text.format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
+                      param="text.format.type")
+
+
+# --- input items -> chat messages ----------------------------------------------------------------------
+def _text_of(content: Any, at: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise OpenAIError(400, f"{at}.content must be a string or a list of content parts", param=f"{at}.content")
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") \
+                and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise OpenAIError(400, f"{at}.content[{j}]: content parts of type {kind!r} are not supported (this "
+                                   "model takes text only)", param=f"{at}.content[{j}].type")
+    return "\n".join(texts)
+
+
+def normalize_input(value: Union[str, list[dict[str, Any]]]) -> list[Item]:
+    """The request's input as a list of items, each with an id (input_items lists them)."""
+    items: list[Item] = [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) \
+        else [dict(item) for item in value]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise OpenAIError(400, f"input[{i}] must be an object", param=f"input[{i}]")
+        if "role" in item:
+            item.setdefault("type", "message")
+        item.setdefault("id", new_id("msg" if item.get("type") == "message" else "item"))
+    return items
+
+
+def _function_call(item: Item, at: str) -> dict[str, Any]:
+    name, call_id, args = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
+    if not isinstance(name, str) or not name or not isinstance(call_id, str) or not call_id:
+        raise OpenAIError(400, f"{at}: a function_call item needs call_id and name", param=f"{at}.call_id")
+    if not isinstance(args, str):
+        args = json.dumps(args)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args or "{}"}}
+
+
+def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = None) -> list[Message]:
+    """Input items as chat messages. `known_calls` (call_id -> name, from earlier responses) names
+    the function of a function_call_output whose call is not among these items."""
+    names = dict(known_calls or {})
+    out: list[Message] = []
+    for i, item in enumerate(items):
+        at, kind = f"input[{i}]", item.get("type")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise OpenAIError(400, f"{at}.role must be one of user, system, developer, assistant; got {role!r}",
+                                  param=f"{at}.role")
+            out.append({"role": "system" if role == "developer" else role,
+                        "content": _text_of(item.get("content"), at)})
+        elif kind == "function_call":
+            call = _function_call(item, at)
+            names[call["id"]] = call["function"]["name"]
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not call_id:
+                raise OpenAIError(400, f"{at}: a function_call_output item needs the call_id of its call",
+                                  param=f"{at}.call_id")
+            text = output if isinstance(output, str) else _text_of(output, at) if isinstance(output, list) \
+                else json.dumps(output)
+            message: Message = {"role": "tool", "tool_call_id": call_id, "content": text or " "}
+            if call_id in names:
+                message["name"] = names[call_id]
+            out.append(message)
+        else:
+            raise OpenAIError(400, f"{at}.type {kind!r} is not supported (messages, function_call and "
+                                   "function_call_output items)", param=f"{at}.type")
+    return out
+
+
+# --- a reply -> output items ---------------------------------------------------------------------------
+def message_item(item_id: str, text: str, status: str = "completed") -> Item:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> Item:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def output_items(message: Message, status: str) -> list[Item]:
+    """A turn's reply (content, tool_calls) as output items: the text first, then each call. In an
+    incomplete response (max_output_tokens) the last item is the one cut off."""
+    items: list[Item] = []
+    if message.get("content"):
+        items.append(message_item(new_id("msg"), message["content"]))
+    for call in message.get("tool_calls") or []:
+        fn = call["function"]
+        args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])
+        items.append(function_call_item(new_id("fc"), call["id"], fn["name"], args))
+    mark_cut_off(items, status)
+    return items
+
+
+def mark_cut_off(items: list[Item], status: str) -> None:
+    if items and status == "incomplete":
+        items[-1]["status"] = "incomplete"
