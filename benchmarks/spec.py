@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from latency import single_stream  # noqa: E402
+from throughput import make_prompts, run_ours  # noqa: E402
 
-from agentserve import SamplingParams  # noqa: E402
 from agentserve.engine.speculation import Speculation, expected_tokens  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 
@@ -70,18 +69,9 @@ def engine_kwargs(args: argparse.Namespace, max_num_seqs: int) -> dict[str, Any]
 
 
 def throughput(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> float:
-    rng = np.random.default_rng(batch)
+    """Output tok/s of `batch` requests at once (prompts of prompt_len random tokens)."""
     vocab = min(llm.engine.arch.vocab_size - 10, 30000)
-    prompts = [rng.integers(10, vocab, size=prompt_len).tolist() for _ in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(prompts[:2], params.clone(max_tokens=4))  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+    return run_ours(llm, make_prompts(batch, prompt_len, prompt_len, vocab, seed=batch), new_tokens)["output_tok_s"]
 
 
 def step_time_ms(forward: Any, repeats: int = 30) -> float:
