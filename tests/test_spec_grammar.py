@@ -17,12 +17,21 @@ from agentserve import SamplingParams
 from agentserve.grammar.tool_parser import ToolCallParser
 from agentserve.llm import LLM
 from agentserve.testing import TOOL_CALL_FORMAT, tiny_model_cached
-from conftest_grpc import TOOLS
 from helpers.spec_models import noisy_draft
 
 ARCH = "qwen2"
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "schemas" / "sample.jsonl"
 NUM_SCHEMAS = 12
+# Bounded arguments: a random-weight model wanders inside free strings, and a call cut off by
+# max_tokens ("length") would show nothing about validity.
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "read_file", "description": "Read a file",
+                                      "parameters": {"type": "object", "properties": {
+                                          "path": {"enum": ["notes.txt", "todo.md"]}}, "required": ["path"]}}},
+]
 MAX_TOKENS = 256
 
 
