@@ -15,6 +15,7 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
+from agentserve.parallel.shard import TPShard
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,14 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
 
 
 def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path: Optional[Path],
-                load_format: str, seed: int) -> CausalLM:
+                load_format: str, seed: int, tp: Optional[TPShard] = None) -> CausalLM:
     torch_default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
         # Built in place on the device: the layers allocate with torch.empty (no init to undo), and
         # their parameters keep their weight loaders (a meta model moved with to_empty may not).
         with torch.device(device):
-            model = CausalLM(arch)
+            model = CausalLM(arch, tp)
     finally:
         torch.set_default_dtype(torch_default)
     if load_format == "dummy":
