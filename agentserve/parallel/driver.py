@@ -68,9 +68,9 @@ class TensorParallelDriver(TensorParallelRank):
         if self.failure is None:
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
             if dead:
-                self.failure = self._describe_failure(dead)
+                self._fail(self._describe_failure(dead))
         if self.failure is not None:
-            raise self.failure
+            raise TensorParallelError(str(self.failure))
 
     def _guarded(self, send: Callable[[], T]) -> T:
         self.check_ranks()
@@ -80,9 +80,15 @@ class TensorParallelDriver(TensorParallelRank):
             for p in self.processes:
                 p.join(timeout=1.0)
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
-            self.failure = self._describe_failure(dead) if dead else TensorParallelError(
-                f"a tensor-parallel collective failed: {e}")
-            raise self.failure from None
+            self._fail(self._describe_failure(dead) if dead else TensorParallelError(
+                f"a tensor-parallel collective failed: {e}"))
+            raise TensorParallelError(str(self.failure)) from None
+
+    def _fail(self, failure: TensorParallelError) -> None:
+        # Logged here, with its text: the engine logs step failures without exception texts (they
+        # may carry request data); this one names ranks and their errors only.
+        self.failure = failure
+        logger.error("%s; the engine cannot run steps any more (every step fails until it is restarted)", failure)
 
     def _describe_failure(self, dead: list[tuple[int, Optional[int]]]) -> TensorParallelError:
         return describe_failure(self.errors, dead)
