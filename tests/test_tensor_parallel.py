@@ -7,7 +7,6 @@ starts; close(), a killed rank and a SIGTERM of rank 0 leave no process behind."
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
