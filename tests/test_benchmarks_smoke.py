@@ -139,3 +139,14 @@ def test_lora_smoke(tmp_path: Path) -> None:
     for figure in (*r["ratios_vs_base"].values(), r["single_stream"]["ratio"], *r["load"].values()):
         assert positive(figure)
     assert len(r["targets_met"]) == 3
+
+
+def test_tp_smoke(tmp_path: Path) -> None:
+    """benchmarks/tp.py (issue #17) end to end on the CPU: TP 1 (graphs and eager) and TP 2 over gloo,
+    and the large-model run at TP 2; every figure is finite and positive."""
+    r = run_benchmark("tp.py", "--smoke", tmp_path=tmp_path)
+    assert [run["tensor_parallel_size"] for run in r["runs"]] == [1, 1, 2, 2]
+    for run in r["runs"]:
+        assert positive(run["single_stream"]["decode_tok_s"]) and positive(run["throughput"]["output_tok_s"])
+        assert run["throughput"]["output_tokens"] == run["throughput"]["requests"] * 4
+    assert positive(r["runs"][3]["ttft"]["ttft_s"]) and positive(r["small_single_stream_speedup_tp2_over_tp1"])
