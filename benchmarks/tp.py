@@ -133,9 +133,11 @@ def ttft(llm: LLM, prompt_len: int, repeats: int) -> dict[str, Any]:
     return {"ttft_s": statistics.median(times), "runs": times, "prompt_tokens": prompt_len}
 
 
-def measure(args: argparse.Namespace, model: str, tp: int, prompts: list[list[int]], with_ttft: bool,
-            enforce_eager: bool = False) -> dict[str, Any]:
+def measure(args: argparse.Namespace, model: str, tp: int, with_ttft: bool, enforce_eager: bool = False
+            ) -> dict[str, Any]:
     llm = open_engine(args, model, tp, enforce_eager)
+    # The same prompts (seed 0) for every run of a model.
+    prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, llm.engine.arch.vocab_size, 0)
     try:
         result = {"model": model, "tensor_parallel_size": tp, "enforce_eager": enforce_eager or tp > 1,
                   "single_stream": single_stream(llm, args.stream_prompt_len, args.stream_new_tokens, args.repeats),
@@ -150,12 +152,11 @@ def measure(args: argparse.Namespace, model: str, tp: int, prompts: list[list[in
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, 32000, 0)
-    runs = [measure(args, args.small_model, 1, prompts, False),
-            measure(args, args.small_model, 1, prompts, False, enforce_eager=True),
-            measure(args, args.small_model, 2, prompts, False)]
+    runs = [measure(args, args.small_model, 1, False),
+            measure(args, args.small_model, 1, False, enforce_eager=True),
+            measure(args, args.small_model, 2, False)]
     if not args.skip_large:
-        runs.append(measure(args, args.large_model, 2, prompts, True))
+        runs.append(measure(args, args.large_model, 2, True))
     tp1, tp1_eager, tp2 = runs[0], runs[1], runs[2]
     speedup = tp2["single_stream"]["decode_tok_s"] / tp1["single_stream"]["decode_tok_s"]
     result: dict[str, Any] = {"runs": runs, "small_single_stream_speedup_tp2_over_tp1": speedup,
