@@ -23,7 +23,8 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
-from agentserve.parallel.driver import TensorParallelDriver, TensorParallelError
+from agentserve.parallel.driver import TensorParallelDriver
+from agentserve.parallel.rank import TensorParallelError
 from agentserve.sessions.store import SessionStore
 from agentserve.testing import ARCHS, tiny_model_cached
 from conftest_grpc import SYSTEM, make_config, run, swap_gb_for

@@ -27,7 +27,7 @@ from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.parallel import protocol
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
-from agentserve.parallel.rank import TensorParallelRank
+from agentserve.parallel.rank import TensorParallelError, TensorParallelRank
 from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.worker import WorkerArgs, worker_main
 
@@ -37,10 +37,6 @@ T = TypeVar("T")
 _JOIN_TIMEOUT_S = 10.0
 
 
-class TensorParallelError(RuntimeError):
-    """A rank failed; the message names it."""
-
-
 class TensorParallelDriver(TensorParallelRank):
     def __init__(self, groups: ProcessGroups, processes: list[multiprocessing.process.BaseProcess],
                  errors: "multiprocessing.queues.Queue[tuple[int, str]]", store: dist.TCPStore) -> None:
@@ -48,7 +44,6 @@ class TensorParallelDriver(TensorParallelRank):
         self.store = store  # the rendezvous server lives in this process: kept for the groups' lifetime
         self.processes = processes  # processes[i] is rank i + 1
         self.errors = errors
-        self.failure: Optional[TensorParallelError] = None
         self.closed = False
 
     # --- sending steps ------------------------------------------------------------------------------

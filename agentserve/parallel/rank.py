@@ -7,6 +7,8 @@ sends each step to the others (driver.py); the other ranks' runners only receive
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from agentserve.cache.device_ops import DeviceOp
@@ -15,10 +17,17 @@ from agentserve.parallel.groups import ProcessGroups
 from agentserve.parallel.shard import TPShard
 
 
+class TensorParallelError(RuntimeError):
+    """A rank failed; the message names it."""
+
+
 class TensorParallelRank:
     def __init__(self, groups: ProcessGroups) -> None:
         self.groups = groups
         self.shard: TPShard = groups.shard()
+        # Set (on rank 0) once a rank has failed: the model cannot run without it, so the engine
+        # reports itself unhealthy (AsyncEngine.is_running) and every later step fails.
+        self.failure: Optional[TensorParallelError] = None
 
     @property
     def is_driver(self) -> bool:
