@@ -45,10 +45,17 @@ class ProcessGroups:
         self.device_group.allreduce([tensor]).wait()
         return tensor
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather_to_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0 gets the ranks' tensors concatenated along the last dim (the lm_head's logits:
+        only rank 0 samples); the other ranks get their own tensor back."""
         tensor = tensor.contiguous()
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        if self.rank != 0:
+            self.device_group.gather([], [tensor], opts).wait()
+            return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        self.device_group.allgather([parts], [tensor]).wait()
+        self.device_group.gather([parts], [tensor], opts).wait()
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, tensor: torch.Tensor, control: bool = False) -> None:
@@ -66,4 +73,4 @@ class ProcessGroups:
         return int(t.item())
 
     def shard(self) -> TPShard:
-        return TPShard(self.size, self.rank, self.all_reduce, self.all_gather)
+        return TPShard(self.size, self.rank, self.all_reduce, self.gather_to_first)

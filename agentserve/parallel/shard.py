@@ -22,7 +22,9 @@ class TPShard:
     size: int
     rank: int
     all_reduce: Collective   # sums a tensor over the ranks (after row-parallel layers, the embedding)
-    all_gather: Collective   # concatenates the ranks' tensors along the last dim (lm_head logits)
+    # The lm_head's logits: rank 0 gets the ranks' slices concatenated along the last dim (it alone
+    # samples); the others keep their slice.
+    gather_logits: Collective
 
 
 def check_divisible(arch: ArchConfig, tp_size: int) -> None:
