@@ -7,6 +7,7 @@ starts; close(), a killed rank and a SIGTERM of rank 0 leave no process behind."
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,9 @@ from agentserve import SamplingParams
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
-from agentserve.model.arch_config import ModelLoadError
+from agentserve.cli import add_engine_args, engine_config_from_args
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.driver import TensorParallelDriver
 from agentserve.parallel.rank import TensorParallelError
 from agentserve.sessions.store import SessionStore
@@ -78,6 +81,36 @@ def test_two_ranks_give_the_one_rank_greedy_tokens(arch: str) -> None:
         assert [p.is_alive() for p in workers] == [True]
     assert two == one
     assert [p.exitcode for p in workers] == [0]  # left on the shutdown message, not killed
+
+
+def test_one_kv_head_is_replicated_on_both_ranks() -> None:
+    """Fewer KV heads than ranks (MQA): each rank holds the one KV head and half the query heads."""
+    path = str(tiny_model_cached("llama", num_heads=4, num_kv_heads=1))
+    one = greedy_tokens(path, PROMPTS)
+    with LLM(path, **ENGINE, tensor_parallel_size=2) as llm:
+        two = [[c.token_ids for c in o.outputs] for o in llm.generate(PROMPTS, GREEDY)]
+        qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+        assert (qkv.num_heads, qkv.num_kv_heads, qkv.num_kv_head_replicas) == (2, 1, 2)
+    assert two == one
+
+
+@pytest.mark.parametrize("heads, kv_heads, size, ok", [(4, 2, 2, True), (4, 1, 2, True), (8, 2, 4, True),
+                                                       (3, 3, 2, False), (4, 3, 2, False), (8, 3, 4, False)])
+def test_divisibility_check(heads: int, kv_heads: int, size: int, ok: bool) -> None:
+    arch = ArchConfig.from_dir(tiny_model_cached("llama"))
+    arch.num_heads, arch.num_kv_heads = heads, kv_heads
+    if ok:
+        check_divisible(arch, size)
+    else:
+        with pytest.raises(ModelLoadError, match=f"tensor_parallel_size={size} does not divide"):
+            check_divisible(arch, size)
+
+
+def test_cli_flag_sets_the_tensor_parallel_size() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(["--model", "m", "--tensor-parallel-size", "2"]))
+    assert config.tensor_parallel_size == 2
 
 
 def test_prefix_caching_preemption_and_forks_match_one_rank() -> None:
