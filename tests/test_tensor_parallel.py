@@ -227,3 +227,23 @@ def test_sigterm_of_rank_zero_leaves_no_worker_behind() -> None:
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 1
     assert wait_gone(pids) == []
+
+
+def test_rank_zero_failing_mid_step_stops_the_ranks_and_close_terminates_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0's forward fails after the step went out: the worker waits in a collective rank 0 will
+    not reach, so the driver fails for good (no later step may run out of step) and close() ends it."""
+    llm = LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2)
+    driver = driver_of(llm)
+    worker = driver.processes[0]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("rank 0 layer failure")
+
+    monkeypatch.setattr(llm.engine.runner.model.layers[1], "forward", broken)
+    out = llm.generate(PROMPTS[:1], GREEDY)[0]
+    assert out.outputs[0].finish_reason == "error"
+    assert driver.failure is not None and "out of step" in str(driver.failure)
+    start = time.monotonic()
+    llm.close()
+    assert time.monotonic() - start < 8.0
+    assert worker.exitcode is not None and wait_gone([worker.pid or 0]) == []

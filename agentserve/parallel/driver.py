@@ -27,7 +27,8 @@ from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.parallel import protocol
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
-from agentserve.parallel.rank import TensorParallelError, TensorParallelRank
+from agentserve.model.llama import CausalLM
+from agentserve.parallel.rank import KVLayers, TensorParallelError, TensorParallelRank, shard_forward
 from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.worker import WorkerArgs, worker_main
 
@@ -50,9 +51,13 @@ class TensorParallelDriver(TensorParallelRank):
     def agree_num_blocks(self, num_blocks: int) -> int:
         return self._guarded(lambda: super(TensorParallelDriver, self).agree_num_blocks(num_blocks))
 
-    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: ForwardMetadata,
-                     logits_indices: torch.Tensor) -> None:
-        self._guarded(lambda: protocol.send_forward(self.groups, input_ids, positions, meta, logits_indices))
+    def run_forward(self, model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
+                    meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        def step() -> Optional[torch.Tensor]:
+            protocol.send_forward(self.groups, input_ids, positions, meta, logits_indices)
+            return shard_forward(model, kv_layers, input_ids, positions, meta, logits_indices)
+
+        return self._guarded(step)
 
     def send_device_ops(self, ops: list[DeviceOp]) -> None:
         if ops:
@@ -67,17 +72,22 @@ class TensorParallelDriver(TensorParallelRank):
         if self.failure is not None:
             raise TensorParallelError(str(self.failure))
 
-    def _guarded(self, send: Callable[[], T]) -> T:
+    def _guarded(self, work: Callable[[], T]) -> T:
+        """Runs work that every rank takes part in. Any failure in it leaves the ranks out of step
+        (the others wait in a collective this rank will not reach, or it broke because a rank is
+        gone), so it fails the driver for good, naming the ranks that exited if any did."""
         self.check_ranks()
         try:
-            return send()
-        except RuntimeError as e:  # a collective broke: a peer is gone (or going)
+            return work()
+        except BaseException as e:
             for p in self.processes:
                 p.join(timeout=1.0)
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
             self._fail(self._describe_failure(dead) if dead else TensorParallelError(
-                f"a tensor-parallel collective failed: {e}"))
-            raise TensorParallelError(str(self.failure)) from None
+                f"rank 0 failed in a step every rank takes part in ({type(e).__name__}); the ranks are out of step"))
+            if dead:
+                raise TensorParallelError(str(self.failure)) from None
+            raise  # rank 0's own error, as it is (the engine logs its type and stack)
 
     def _fail(self, failure: TensorParallelError) -> None:
         # Logged here, with its text: the engine logs step failures without exception texts (they
@@ -94,12 +104,14 @@ class TensorParallelDriver(TensorParallelRank):
         if self.closed:
             return
         self.closed = True
+        grace = 0.0  # out of step or a rank gone: the others cannot take a message; terminate them
         if self.failure is None and all(p.exitcode is None for p in self.processes):
             try:
                 protocol.send(self.groups, protocol.MessageKind.SHUTDOWN)
+                grace = _JOIN_TIMEOUT_S
             except RuntimeError as e:
                 logger.warning("tensor-parallel shutdown message failed (%s); terminating the workers", e)
-        stop_processes(self.processes)
+        stop_processes(self.processes, grace)
 
 
 def describe_failure(errors: "multiprocessing.queues.Queue[tuple[int, str]]",
@@ -117,8 +129,9 @@ def describe_failure(errors: "multiprocessing.queues.Queue[tuple[int, str]]",
     return TensorParallelError("; ".join(parts))
 
 
-def stop_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:
-    deadline = time.monotonic() + _JOIN_TIMEOUT_S
+def stop_processes(processes: list[multiprocessing.process.BaseProcess], grace: float = 0.0) -> None:
+    """Waits up to `grace` seconds for the processes to exit, then terminates (and kills) the rest."""
+    deadline = time.monotonic() + grace
     for p in processes:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in processes:

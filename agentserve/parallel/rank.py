@@ -13,8 +13,23 @@ import torch
 
 from agentserve.cache.device_ops import DeviceOp
 from agentserve.model.attention import ForwardMetadata
+from agentserve.model.llama import CausalLM
 from agentserve.parallel.groups import ProcessGroups
 from agentserve.parallel.shard import TPShard
+
+
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def shard_forward(model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
+                  meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+    """One step's forward on this rank's shard, the same on every rank (so their collectives match):
+    the layers, then the lm_head on the sampled rows (None when no row samples). Rank 0's result
+    holds the whole vocabulary's logits; the others' are their slices, unused."""
+    hidden = model(input_ids, positions, kv_layers, meta)
+    if logits_indices.numel() == 0:
+        return None
+    return model.compute_logits(hidden[logits_indices])
 
 
 class TensorParallelError(RuntimeError):
@@ -38,8 +53,9 @@ class TensorParallelRank:
         hold (rank 0 also holds a draft model's pages when speculating with one)."""
         return self.groups.min_over_ranks(num_blocks)
 
-    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: ForwardMetadata,
-                     logits_indices: torch.Tensor) -> None:
+    def run_forward(self, model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
+                    meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """Rank 0: sends the step's inputs to the other ranks and runs its own share (driver.py)."""
         raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
 
     def send_device_ops(self, ops: list[DeviceOp]) -> None:

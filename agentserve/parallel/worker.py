@@ -28,7 +28,7 @@ from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
 from agentserve.parallel.protocol import MessageKind, receive, unpack_forward
-from agentserve.parallel.rank import TensorParallelRank
+from agentserve.parallel.rank import TensorParallelRank, shard_forward
 
 
 @dataclass
@@ -90,8 +90,5 @@ def _serve(args: WorkerArgs) -> None:
             if message.kind == MessageKind.DEVICE_OPS:
                 execute_device_ops(runner.kv_cache, message.payload)
                 continue
-            input_ids, positions, meta, logits_indices = unpack_forward(message)
-            hidden = runner.model(input_ids, positions, runner.kv_cache.layers, meta)
-            if logits_indices.numel():
-                runner.model.compute_logits(hidden[logits_indices])  # its share of the logits all-gather
+            shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message))
     runner.close()

@@ -317,8 +317,8 @@ class ModelRunner:
 
     def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
-        if self.parallel is not None:
-            self.parallel.send_forward(input_ids, positions, meta, logits_indices)
+        if self.parallel is not None:  # sends the step to the other ranks, then runs this rank's share
+            return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, logits_indices)
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
