@@ -4,8 +4,10 @@ them. Rank 0 itself runs the scheduler, the servers and sampling (the engine's p
 Failures: a rank that exits (an error at load, a crash, a kill) fails rank 0's next collective or
 message; rank 0 then raises TensorParallelError naming the rank, its exit status and its error, and
 every later step raises the same error (the engine fails those steps' requests with it), because
-the model's shards cannot run without the lost rank. close() (and any failure at start-up) stops
-every worker: asked to leave, then terminated, then killed, so no process outlives the engine.
+the model's shards cannot run without the lost rank. The same holds when rank 0 itself fails in the
+middle of a step (the others wait in a collective it will not reach: the ranks are out of step).
+close() (and any failure at start-up) stops every worker: asked to leave when they can take a
+message, else (or if they do not leave) terminated, then killed, so no process outlives the engine.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from agentserve.cache.device_ops import DeviceOp
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
+from agentserve.model.llama import CausalLM
 from agentserve.parallel import protocol
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
-from agentserve.model.llama import CausalLM
 from agentserve.parallel.rank import KVLayers, TensorParallelError, TensorParallelRank, shard_forward
 from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.worker import WorkerArgs, worker_main
