@@ -18,11 +18,13 @@ import time
 from typing import Any
 
 import pytest
+import torch
 
 from agentserve import SamplingParams
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
+from agentserve.cache.kv_cache import bytes_per_block
 from agentserve.cli import add_engine_args, engine_config_from_args
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.parallel.shard import check_divisible
@@ -92,6 +94,17 @@ def test_one_kv_head_is_replicated_on_both_ranks() -> None:
         qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
         assert (qkv.num_heads, qkv.num_kv_heads, qkv.num_kv_head_replicas) == (2, 1, 2)
     assert two == one
+
+
+def test_kv_pool_is_sized_from_each_ranks_share_of_the_heads() -> None:
+    """cpu_kv_cache_gb is per rank (like gpu_memory_utilization per GPU): a rank holding half the KV
+    heads fits twice the pages of a one-rank engine."""
+    path = str(tiny_model_cached("llama"))
+    with LLM(path, device="cpu", dtype="float32", cpu_kv_cache_gb=0.002, tensor_parallel_size=2) as llm:
+        a = llm.engine.arch
+        per_rank = bytes_per_block(a.num_layers, 16, a.num_kv_heads // 2, a.head_dim, torch.float32)
+        assert llm.engine.runner.num_blocks == llm.engine.pool.num_blocks == int(0.002 * 2**30 // per_rank)
+        assert llm.engine.runner.kv_cache.layers[0][0].shape[2] == a.num_kv_heads // 2
 
 
 @pytest.mark.parametrize("heads, kv_heads, size, ok", [(4, 2, 2, True), (4, 1, 2, True), (8, 2, 4, True),
