@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from agentserve.cache.kv_cache import bytes_per_block
 from agentserve.cli import add_engine_args, engine_config_from_args
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.parallel.shard import check_divisible
+from agentserve.parallel import driver as driver_module
 from agentserve.parallel.driver import TensorParallelDriver
 from agentserve.parallel.rank import TensorParallelError
 from agentserve.sessions.store import SessionStore
@@ -260,3 +262,21 @@ def test_rank_zero_failing_mid_step_stops_the_ranks_and_close_terminates_them(mo
     llm.close()
     assert time.monotonic() - start < 8.0
     assert worker.exitcode is not None and wait_gone([worker.pid or 0]) == []
+
+
+def test_a_rank_failing_to_load_is_named_and_no_process_is_left(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Rank 1 gets a directory without weights (rank 0 loads the real one): the engine does not
+    start, and its error names rank 1 and the load error it reported."""
+    real_args = driver_module.WorkerArgs
+
+    def broken_dir(*args: Any) -> driver_module.WorkerArgs:
+        worker_args = real_args(*args)
+        worker_args.model_path = tmp_path
+        return worker_args
+
+    monkeypatch.setattr(driver_module, "WorkerArgs", broken_dir)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(TensorParallelError, match=r"tensor-parallel rank 1 exited with status 1: ModelLoadError"):
+        LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2)
+    assert set(multiprocessing.active_children()) == before
