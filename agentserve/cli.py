@@ -19,7 +19,7 @@ from agentserve.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfi
 from agentserve.testing.tiny import ARCHS
 
 _SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, SpecConfig, ServerConfig)
-_TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend")
+_TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend", "tensor_parallel_size")
 
 
 def _flag(name: str) -> str:

@@ -165,3 +165,14 @@ def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> Non
     assert responses["loops"] == sessions["loops"] == 4
     assert positive(sessions["prefilled_per_loop"]) and positive(responses["cached_per_loop"])
     assert abs(report["prefill_ratio_responses_over_sessions"] - 1) <= 0.05
+
+
+def test_tp_smoke(tmp_path: Path) -> None:
+    """benchmarks/tp.py (issue #17) end to end on the CPU: TP 1 (graphs and eager) and TP 2 over gloo,
+    and the large-model run at TP 2; every figure is finite and positive."""
+    r = run_benchmark("tp.py", "--smoke", tmp_path=tmp_path)
+    assert [run["tensor_parallel_size"] for run in r["runs"]] == [1, 1, 2, 2]
+    for run in r["runs"]:
+        assert positive(run["single_stream"]["decode_tok_s"]) and positive(run["throughput"]["output_tok_s"])
+        assert run["throughput"]["output_tokens"] == run["throughput"]["requests"] * 4
+    assert positive(r["runs"][3]["ttft"]["ttft_s"]) and positive(r["small_single_stream_speedup_tp2_over_tp1"])

@@ -40,9 +40,9 @@ from agentserve.engine.lora_control import LoRAControl
 from agentserve.lora.key import LoRAKey
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput
+from agentserve.parallel.runner import start_model_runner
 from agentserve.request import Request, RequestStatus
 from agentserve.sampling_params import SamplingParams
-from agentserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ class Engine:
 
             set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
         self.model_name = config.model.served_model_names()[0]
-        self.runner = ModelRunner(config, self.arch, self.device, self.dtype, self.model_path, self.max_model_len,
-                                  resolve_draft_model(config, self.arch, self.tokenizer))
+        # With tensor_parallel_size > 1 this starts the other ranks too (parallel/runner.py).
+        self.runner = start_model_runner(config, self.arch, self.device, self.dtype, self.model_path,
+                                         self.max_model_len, resolve_draft_model(config, self.arch, self.tokenizer))
         self.lora_manager = self.runner.lora_manager  # None without enable_lora (lora/interface.py)
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)

@@ -19,7 +19,9 @@ from agentserve.model.linear import AllReduce
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError, copy_checked
 from agentserve.model.quant import UnquantizedLinearMethod
 
-AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates the ranks' tensors along the last dim
+# Concatenates the ranks' tensors along the last dim: on the rank that samples at least (parallel/
+# gathers the logits to rank 0 only; the other ranks get their own slice back, unused).
+AllGather = Callable[[torch.Tensor], torch.Tensor]
 
 
 class VocabParallelWeight(nn.Module):

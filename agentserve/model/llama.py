@@ -19,20 +19,28 @@ from agentserve.model.attention import ForwardMetadata, paged_attention_layer
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentserve.model.layers import GatedMLP, RMSNorm
 from agentserve.model.linear import QKVParallelLinear, RowParallelLinear
+from agentserve.parallel.shard import TPShard
+
+
+def _tp_place(tp: Optional[TPShard]) -> tuple[int, int]:
+    """The size and rank a parallel layer is built with (tensor-parallel size 1 without a shard)."""
+    return (1, 0) if tp is None else (tp.size, tp.rank)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: Optional[TPShard] = None) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
+        tp_size, tp_rank = _tp_place(tp)
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.attention_bias)
+                                          bias=cfg.attention_bias, tp_size=tp_size, tp_rank=tp_rank)
         # this rank's heads (all of them at tensor-parallel size 1)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False,
+                                        tp_size=tp_size, tp_rank=tp_rank, all_reduce=tp.all_reduce if tp else None)
         self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # Scales of an fp8 KV cache (stored = value / scale; 1.0: e4m3's range +-448 holds the K and V
@@ -58,12 +66,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: Optional[TPShard] = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
                 cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -75,13 +83,18 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    """`tp`: this rank's shard under tensor parallelism (parallel/); None builds the whole model."""
+
+    def __init__(self, cfg: ArchConfig, tp: Optional[TPShard] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        tp_size, tp_rank = _tp_place(tp)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size, tp_rank,
+                                                   all_reduce=tp.all_reduce if tp else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_size, tp_rank,
+                                      all_gather=tp.gather_logits if tp else None)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)

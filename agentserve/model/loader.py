@@ -19,6 +19,7 @@ from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
 from agentserve.model.quant_config import ONLINE_FP8, Fp8Config, resolve_quantization
+from agentserve.parallel.shard import TPShard
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +163,18 @@ def checkpoint_quantization(path: Optional[Path], load_format: str, quantization
 
 
 def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path: Optional[Path],
-                load_format: str, seed: int, quantization: Optional[str] = None) -> CausalLM:
+                load_format: str, seed: int, quantization: Optional[str] = None,
+                tp: Optional[TPShard] = None) -> CausalLM:
     quant = checkpoint_quantization(path, load_format, quantization)
+    if quant is not None and tp is not None:  # an FP8 checkpoint: its scales are not sharded yet
+        raise ModelLoadError(f"{path}: FP8 checkpoints are not supported with tensor_parallel_size={tp.size}")
     torch_default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
         # Built in place on the device: the layers allocate with torch.empty (no init to undo), and
         # their parameters keep their weight loaders (a meta model moved with to_empty may not).
         with torch.device(device):
-            model = CausalLM(arch)
+            model = CausalLM(arch, tp)
             if quant is not None:
                 try:
                     quantize_linear_layers(model, quant)

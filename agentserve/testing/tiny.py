@@ -768,6 +768,12 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
         head_dim=128, rope_theta=500000.0, rope_scaling=dict(_LLAMA31_ROPE), tie_word_embeddings=False,
         rms_norm_eps=1e-5, max_position_embeddings=131072, attention_bias=False,
     ),
+    "llama-3.1-70b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=8192,
+        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, rope_theta=500000.0, rope_scaling=dict(_LLAMA31_ROPE), tie_word_embeddings=False,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, attention_bias=False,
+    ),
     "llama-3.2-1b": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -29,6 +29,7 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
+from agentserve.parallel.rank import TensorParallelRank
 from agentserve.sampling.rejection import RejectionSampler
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
 from agentserve.spec.draft import DraftModel
@@ -62,9 +63,12 @@ class ScheduledChunk:
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ArchConfig, device: torch.device, dtype: torch.dtype,
                  model_path: Optional[Path], max_model_len: int,
-                 draft: Optional[tuple[ArchConfig, Optional[Path]]] = None) -> None:
+                 draft: Optional[tuple[ArchConfig, Optional[Path]]] = None,
+                 parallel: Optional[TensorParallelRank] = None) -> None:
         """`draft`: the draft model's shape and directory (speculative decoding with a draft model);
-        it is loaded before the KV pool is sized, and its KV layers share the pool's page ids."""
+        it is loaded before the KV pool is sized, and its KV layers share the pool's page ids.
+        `parallel`: this rank under tensor parallelism (parallel/); rank 0's sends each step to the others."""
+        self.parallel = parallel
         self.config = config
         self.arch = arch
         self.device = device
@@ -72,7 +76,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
         self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed,
-                                 quantization=config.model.quantization)
+                                 quantization=config.model.quantization,
+                                 tp=self.parallel.shard if self.parallel is not None else None)
+        self.kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads  # all of them at tp 1
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
@@ -87,8 +93,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(config.spec.spec_synthetic_acceptance)
         self.num_blocks = self._decide_num_blocks()
+        if self.parallel is not None:
+            self.num_blocks = self.parallel.agree_num_blocks(self.num_blocks)
         swap_blocks = int(config.cache.swap_space_gb * 2**30 // self._block_bytes())
-        self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads,
+        self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, self.kv_heads_per_rank,
                                 arch.head_dim, self.kv_dtype, device, num_swap_blocks=swap_blocks)
         self.pages: PageStore = self.kv_cache
         if self.draft is not None:
@@ -108,7 +116,7 @@ class ModelRunner:
             from agentserve.kernels.paged_attention import warmup_unified_variants
 
             k0, v0 = self.kv_cache.layers[0]
-            warmup_unified_variants(k0, v0, arch.num_heads, dtype, config.scheduler.max_num_seqs,
+            warmup_unified_variants(k0, v0, self.model.layers[0].self_attn.num_heads, dtype, config.scheduler.max_num_seqs,
                                     config.scheduler.max_num_batched_tokens)
             if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
                 warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
@@ -125,6 +133,8 @@ class ModelRunner:
         if self.lora_manager is not None:
             self.lora_manager.release()  # the LoRA layers' views go with the model below
         self.model = self.model.to("meta")  # drops the weights' storage; the module stays typed
+        if self.parallel is not None:
+            self.parallel.shutdown()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -133,13 +143,14 @@ class ModelRunner:
         from agentserve.kernels import HAS_TRITON, get_backend
 
         # The torch reference attention has data-dependent shapes and cannot be captured.
-        return (self.device.type == "cuda" and not self.config.enforce_eager and HAS_TRITON
+        # Tensor parallelism runs eagerly: replaying graphs on every rank with the step's inputs is not wired.
+        return (self.device.type == "cuda" and not self.config.enforce_eager and HAS_TRITON and self.parallel is None
                 and get_backend() != "torch")
 
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         a = self.arch
-        target = bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype)
+        target = bytes_per_block(a.num_layers, self.block_size, self.kv_heads_per_rank, a.head_dim, self.kv_dtype)
         return target + (self.draft.block_bytes() if self.draft is not None else 0)
 
     def _decide_num_blocks(self) -> int:
@@ -159,7 +170,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-        dummy_cache = KVCache(self.arch.num_layers, 1, self.block_size, self.arch.num_kv_heads,
+        dummy_cache = KVCache(self.arch.num_layers, 1, self.block_size, self.kv_heads_per_rank,
                               self.arch.head_dim, self.kv_dtype, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
@@ -304,6 +315,8 @@ class ModelRunner:
 
     def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
+        if self.parallel is not None:  # sends the step to the other ranks, then runs this rank's share
+            return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, logits_indices)
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
@@ -315,7 +328,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_device_ops(self, ops: list[DeviceOp]) -> None:
-        """Page copies and swaps, in order on the step's stream; each leaves `ops` once it ran."""
+        """Page copies and swaps, in order on the step's stream (on every rank); each leaves `ops` once it ran."""
+        if self.parallel is not None:
+            self.parallel.send_device_ops(ops)
         execute_device_ops(self.pages, ops)
 
     def _launch_verification(self, chunks: list[ScheduledChunk], mask_fn: Optional[Callable[..., Optional[torch.Tensor]]],

@@ -1,0 +1,76 @@
+"""The process groups of one tensor-parallel engine, made straight from a TCPStore.
+
+Two groups: `control` (gloo, CPU tensors: step headers and small host values) and `device` (NCCL on
+CUDA, the same gloo group on CPU: activations and the step's flat tensors). They are made from the
+store rather than through init_process_group, so no process-wide default group exists: several
+engines may come and go in one process (the tests build many), each with its own groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from agentserve.parallel.shard import TPShard
+
+# A collective waits this long for a rank that neither answers nor exits (an exited rank's closed
+# sockets fail the collective at once); the start-up rendezvous waits as long for every rank.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
+
+
+def disable_nvls() -> None:
+    """NCCL's NVLink multicast (NVLS) is kept off in every process of the engine: it reserves device
+    memory per communicator and has hung on the lent H200 machines (KINDS.md)."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+
+
+class ProcessGroups:
+    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, COLLECTIVE_TIMEOUT)
+        if device.type == "cuda":
+            disable_nvls()
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = COLLECTIVE_TIMEOUT
+            self.device_group: dist.ProcessGroup = dist.ProcessGroupNCCL(
+                dist.PrefixStore("device", store), rank, size, options)
+        else:
+            self.device_group = self.control
+
+    # --- collectives --------------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.device_group.allreduce([tensor]).wait()
+        return tensor
+
+    def gather_to_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0 gets the ranks' tensors concatenated along the last dim (the lm_head's logits:
+        only rank 0 samples); the other ranks get their own tensor back."""
+        tensor = tensor.contiguous()
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        if self.rank != 0:
+            self.device_group.gather([], [tensor], opts).wait()
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        self.device_group.gather([parts], [tensor], opts).wait()
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, tensor: torch.Tensor, control: bool = False) -> None:
+        """From rank 0 into `tensor` on every other rank."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        group = self.control if control else self.device_group
+        group.broadcast([tensor], opts).wait()
+
+    def min_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.control.allreduce([t], opts).wait()
+        return int(t.item())
+
+    def shard(self) -> TPShard:
+        return TPShard(self.size, self.rank, self.all_reduce, self.gather_to_first)
