@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["base_one_stream"] = single_stream(base, args.prompt_len, args.new_tokens, args.repeats)["decode_tok_s"]
     result["base_throughput"] = {b: throughput(base, b, args.prompt_len, args.new_tokens) for b in args.batches}
     if torch.cuda.is_available():
-        result["base_cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+        result["base_cuda_alloc_retries"] = torch.cuda.memory_stats()["num_alloc_retries"]
     runner = base.engine.runner
     target_ms = step_time_ms(decode_forward(runner.model, runner.graphs, runner.kv_cache.layers, base.engine.device))
     base.close()
@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Allocator retries (cudaFree + retry) slow large batches down; recorded to tell them apart from
         # the policy when the dynamic ratio falls (NOTES.md: the 0.78x run).
         stats = torch.cuda.memory_stats()
-        result["cuda_alloc_retries"] = stats.get("num_alloc_retries", 0)
+        result["cuda_alloc_retries"] = stats["num_alloc_retries"]
         result["cuda_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
     llm.close()
 
