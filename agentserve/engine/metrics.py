@@ -38,7 +38,6 @@ class EngineMetrics:
     spec_num_accepted_tokens: int = 0
     spec_num_rejected_rows: int = 0  # rows that stopped at a rejected draft (not all accepted)
     spec_accepted_per_position: list = field(default_factory=list)
-    spec_proposed_per_position: list = field(default_factory=list)
     _window: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, generated tokens)
     # Callables run on the step thread with each sequence that finishes (stop or length), e.g. the
     # Prometheus exporter's latency histograms. They must be cheap and must not raise.
@@ -64,13 +63,11 @@ class EngineMetrics:
         self.spec_num_draft_tokens += num_draft
         self.spec_num_accepted_tokens += num_accepted
         self.spec_num_rejected_rows += num_accepted < num_draft
-        grow = num_draft - len(self.spec_proposed_per_position)
+        grow = num_draft - len(self.spec_accepted_per_position)
         if grow > 0:
-            self.spec_proposed_per_position.extend([0] * grow)
             self.spec_accepted_per_position.extend([0] * grow)
-        for j in range(num_draft):
-            self.spec_proposed_per_position[j] += 1
-            self.spec_accepted_per_position[j] += j < num_accepted
+        for j in range(num_accepted):
+            self.spec_accepted_per_position[j] += 1
 
     @property
     def spec_acceptance_rate(self) -> float:

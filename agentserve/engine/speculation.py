@@ -156,11 +156,7 @@ def _valid_prefix(request: Request, draft: list[int]) -> list[int]:
     if grammar is None or not draft:
         return draft
     matcher = grammar.matcher
-    accepted = 0
-    for token in draft:
-        if matcher.is_terminated() or not matcher.accept_token(token):
-            break
-        accepted += 1
+    accepted = matcher.accept_tokens(draft)
     if accepted:
         matcher.rollback(accepted)
     return draft[:accepted]

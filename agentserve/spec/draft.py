@@ -219,14 +219,17 @@ class DraftModel:
             hidden = graphs.run(padded, longest)
             return self.model.compute_logits(hidden.index_select(0, padded.last_index)).float()
         if longest <= MAX_DECODE_CATCH_UP:
+            host_tables = block_tables_of([DraftRun([], 0, r.block_table) for r in requests])
             logits: Optional[torch.Tensor] = None
             for t in range(longest):
                 # Right-aligned: every request feeds its last token in the last of these steps.
-                rows = [(r, r.num_tokens - longest + t) for r, s in zip(requests, starts)
-                        if r.num_tokens - longest + t >= s]
-                step_logits = self._forward_single([r for r, _ in rows], [r.all_token_ids[p] for r, p in rows],
-                                                   [p for _, p in rows])
-                logits = step_logits
+                rows = [i for i, (r, s) in enumerate(zip(requests, starts)) if r.num_tokens - longest + t >= s]
+                positions = [requests[i].num_tokens - longest + t for i in rows]
+                ids, pos, slots, seq_lens = build_decode_inputs(
+                    [requests[i].all_token_ids[p] for i, p in zip(rows, positions)], positions, host_tables[rows],
+                    self.block_size, self.device)
+                logits = self._forward_tokens(ids, pos, slots, _device_tables(host_tables[rows], self.device),
+                                              seq_lens, max(positions) + 1)
             assert logits is not None and logits.shape[0] == len(requests)
             return logits
         return self._prefill(requests, starts)
@@ -269,25 +272,18 @@ class DraftModel:
             ids = inputs
         if len(rows) < tables.shape[0]:
             tables = tables.index_select(0, torch.tensor(rows, device=self.device))
+        return self._forward_tokens(ids, pos, slots, tables, seq_lens, max(positions) + 1)
+
+    def _forward_tokens(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                        seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """Logits of one token per row: a decode-graph replay where one is captured for the batch size,
+        else an eager forward."""
         graphs = self.graphs
-        max_seq_len = max(positions) + 1
-        if graphs is not None and graphs.padded_size(len(rows)) is not None:
+        if graphs is not None and graphs.padded_size(ids.shape[0]) is not None:
             return graphs.run(ids, pos, slots, tables, seq_lens, max_seq_len).float()
         meta = ForwardMetadata(slot_mapping=slots, block_tables=tables,
-                               query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=self.device),
+                               query_start_loc=torch.arange(ids.shape[0] + 1, dtype=torch.int32, device=self.device),
                                seq_lens=seq_lens.to(torch.int32), max_query_len=1, max_seq_len=max_seq_len)
-        hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
-        return self.model.compute_logits(hidden).float()
-
-    def _forward_single(self, requests: list[Request], tokens: object, positions: list[int]) -> torch.Tensor:
-        host_tokens = tokens if isinstance(tokens, list) else [0] * len(requests)
-        runs = [DraftRun([t], p, r.block_table) for r, t, p in zip(requests, host_tokens, positions)]
-        ids, pos, meta, _ = build_draft_inputs(runs, self.block_size, self.device)
-        if isinstance(tokens, torch.Tensor):
-            ids = tokens
-        graphs = self.graphs
-        if graphs is not None and graphs.padded_size(len(runs)) is not None:
-            return graphs.run(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.max_seq_len).float()
         hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
         return self.model.compute_logits(hidden).float()
 
