@@ -29,7 +29,7 @@ from _results import append_result, command_line, device_name, write_json  # noq
 from ceilings import measure_ceilings  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
 from limits import ModelWork  # noqa: E402
-from throughput import hf_model_from_engine, make_prompts, release_kv_for_peer, run_hf_peer, run_ours  # noqa: E402
+from throughput import add_workload_args, hf_model_from_engine, make_prompts, release_kv_for_peer, run_hf_peer, run_ours  # noqa: E402
 
 from agentserve.llm import LLM  # noqa: E402
 
@@ -48,10 +48,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--num-requests", type=int, default=1024)
-    ap.add_argument("--min-prompt", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agent_loop  # noqa: E402
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
-from throughput import make_prompts, run_ours  # noqa: E402
+from throughput import add_workload_args, make_prompts, run_ours  # noqa: E402
 
 from agentserve.cache.kv_cache import bytes_per_block, kv_cache_torch_dtype  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -53,10 +53,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default=None)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
-    ap.add_argument("--num-requests", type=int, default=1024)
-    ap.add_argument("--min-prompt", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)

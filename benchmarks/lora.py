@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
-from throughput import make_prompts  # noqa: E402
+from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -54,10 +54,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--num-requests", type=int, default=1024)
-    ap.add_argument("--min-prompt", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default=",".join(ATTENTION_MODULES),

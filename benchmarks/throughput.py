@@ -24,6 +24,15 @@ from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 
 
+def add_workload_args(ap: argparse.ArgumentParser, num_requests: int = 1024) -> None:
+    """The throughput workload's flags (requests, prompts uniform in [min, max], output length), shared
+    by every benchmark that runs it."""
+    ap.add_argument("--num-requests", type=int, default=num_requests)
+    ap.add_argument("--min-prompt", type=int, default=64)
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+
+
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(lo, hi + 1, size=n)
@@ -128,10 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--num-requests", type=int, default=1024)
-    ap.add_argument("--min-prompt", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)

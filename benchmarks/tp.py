@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, write_json  # noqa: E402
-from throughput import make_prompts  # noqa: E402
+from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -42,10 +42,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--min-prompt", type=int, default=64)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    add_workload_args(ap, num_requests=256)
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)
     ap.add_argument("--ttft-prompt-len", type=int, default=8192)
