@@ -11,7 +11,7 @@ import gc
 import itertools
 import logging
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -339,8 +339,7 @@ class ModelRunner:
         its last k + 1 positions by the rejection sampler (worker/spec_verify.py)."""
         rows = [c for c in chunks if c.num_sampled]
         requests = [c.request for c in rows]
-        meta_s = self._sampling_metadata(requests)
-        meta_s.token_bitmask = None  # per scored position here: passed to the sampler on its own
+        meta_s = self._sampling_metadata(requests)  # its grammar masks are per scored position: passed apart
         q = max(c.num_tokens for c in chunks)
         # The verification graphs are captured without LoRA: steps with adapter rows run eager (prepare
         # fills their slot indices), so the target applies each request's adapter.
@@ -386,8 +385,8 @@ class ModelRunner:
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
         if bitmask is not None and self.device.type == "cuda":
             bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
-        meta_s.token_bitmask = bitmask
-        out = self.sampler(logits, meta_s)
+        # A copy with this step's mask: the metadata may be cached for the next step, the mask never is.
+        out = self.sampler(logits, replace(meta_s, token_bitmask=bitmask))
         # A request's last sampling row: the next step's decode input when it has no speculative
         # tokens (steps with speculative rows are processed before the next one is scheduled).
         rows = {req.request_id: row for row, req in enumerate(sampling)}
