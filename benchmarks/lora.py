@@ -205,11 +205,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Uniform: every adapter serves the same number of requests (+-1), in a random order.
         return [names[int(i) % k] for i in rng.permutation(len(prompts))] if k else [None] * len(prompts)
 
-    runs: dict[str, dict[str, Any]] = {"base": run_throughput(llm, prompts, spread(0), args.output_len)}
-    for k in counts:
-        runs[f"{k} adapters"] = run_throughput(llm, prompts, spread(k), args.output_len)
-    runs[f"{args.cpu_tier_adapters} adapters (CPU tier)"] = run_throughput(
-        llm, prompts, spread(args.cpu_tier_adapters), args.output_len)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, k in [("base", 0), *((f"{k} adapters", k) for k in counts),
+                    (f"{args.cpu_tier_adapters} adapters (CPU tier)", args.cpu_tier_adapters)]:
+        runs[name] = run_throughput(llm, prompts, spread(k), args.output_len)
+        print(f"{name}: {runs[name]['output_tok_s']:.0f} out tok/s, {runs[name]['slot_loads']} slot loads", flush=True)
     stream_base = single_stream(llm, args.stream_prompt_len, args.stream_new_tokens, args.repeats, None)
     stream_lora = single_stream(llm, args.stream_prompt_len, args.stream_new_tokens, args.repeats, names[0])
     manager = engine.lora_manager

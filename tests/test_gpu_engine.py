@@ -12,6 +12,7 @@ from agentserve import SamplingParams
 from agentserve.kernels import set_backend
 from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
+from helpers.logprobs_close import assert_close_greedy
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -66,18 +67,6 @@ def hf_generate(arch: str, dtype: torch.dtype) -> Result:
             steps.append(dict(zip(idx.tolist(), values.tolist())))
         lps.append(steps)
     return ids, lps
-
-
-def assert_close_greedy(ref: Result, got: Result, what: str) -> None:
-    """bf16: vLLM's check_logprobs_close rule. Two correct implementations that round differently
-    may split at a near-tie; where the sequences first differ, each token must be in the other's
-    top-5, and nothing after that point is compared. Before it, tokens are identical."""
-    for i, (ref_ids, ids) in enumerate(zip(ref[0], got[0])):
-        for pos, (a, b) in enumerate(zip(ref_ids, ids)):
-            if a != b:
-                assert b in ref[1][i][pos] and a in got[1][i][pos], \
-                    f"{what} prompt {i}: diverged at {pos} outside the top-5 ({a} vs {b})"
-                break
 
 
 @pytest.mark.parametrize("arch", ARCHS)

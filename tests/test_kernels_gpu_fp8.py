@@ -26,6 +26,7 @@ from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E40
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16, llama3_cos_sin  # noqa: E402
+from helpers.logprobs_close import assert_close_greedy  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, *GPU_SKIPS]
@@ -133,7 +134,15 @@ def test_rope_kv_write_fp8_8b_shapes() -> None:
                                          k_scale=k_scale, v_scale=v_scale)
     torch.testing.assert_close(split(buf)[0], q_ref, **TOL16)
     for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
-        assert float((got.view(torch.uint8) != want.view(torch.uint8)).float().mean()) < 1e-3
+        # Every token lands in its slot with the same e4m3 value up to the last rounding step: the
+        # compiled kernel's f32 -> e4m3 conversion may round a value that sits on (or within an
+        # f32 ulp of) a midpoint the other way than torch's cast (measured on the H200: 1.4% of the
+        # bytes), so a differing byte must be the neighbouring code of the same sign, and rare.
+        got_codes, want_codes = got.view(torch.uint8).int(), want.view(torch.uint8).int()
+        differ = got_codes != want_codes
+        assert float(differ.float().mean()) < 0.03
+        same_sign = (got_codes[differ] & 0x80) == (want_codes[differ] & 0x80)
+        assert bool(same_sign.all()) and int((got_codes - want_codes).abs().max()) <= 1
         torch.testing.assert_close(got.float(), want.float(), atol=0.0, rtol=2 ** -3)
 
 
@@ -194,25 +203,28 @@ def test_fp8_pages_copy_and_swap_exactly() -> None:
 PROMPTS = ["The quick brown fox", "In a distant galaxy, a small robot named", "def fibonacci(n):\n    if n < 2:"]
 
 
-def _run_tiny(**kw: object) -> tuple[list[list[int]], list[list[float]]]:
+def _run_tiny(**kw: object) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
+    """Greedy tokens and each position's top-5 logprobs of a tiny llama on CUDA."""
     with LLM(str(tiny_model_cached("llama")), device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=1024,
              gpu_memory_utilization=0.3, **kw) as llm:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5))
         assert llm.engine.runner.model.layers[0].self_attn.qkv_proj.weight.dtype == (
             FP8_DTYPE if kw.get("quantization") else torch.bfloat16)
-        tokens = [o.outputs[0].token_ids for o in outs]
-        return tokens, [[p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
+        return ([list(o.outputs[0].token_ids) for o in outs],
+                [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs])
 
 
 def test_engine_fp8_weights_and_kv_graphs_match_eager() -> None:
     fp8 = dict(quantization="fp8", kv_cache_dtype="fp8")
     graphs = _run_tiny(**fp8)
     eager = _run_tiny(enforce_eager=True, **fp8)
-    # Same kernels; a graph pads the decode batch (3 -> 4 rows), which may pick another cuBLASLt
-    # algorithm for the W8A8 GEMM: identical for a long prefix, not necessarily to the last token.
-    assert all(a[:8] == b[:8] for a, b in zip(graphs[0], eager[0]))
+    # Same kernels, but a graph pads the decode batch (3 -> 4 rows), which may pick another
+    # cuBLASLt algorithm for the W8A8 GEMM (another summation order): random tiny weights have
+    # near-ties, so the runs may split there, and only there (vLLM's check_logprobs_close rule).
+    assert_close_greedy(eager, graphs, "fp8 graphs vs eager")
     bf16 = _run_tiny()
-    # Random tiny weights leave small logit margins: compare the first tokens and the logprob level.
+    # Random tiny weights leave small logit margins: fp8 rounding may flip a token early, so compare
+    # the first tokens loosely and the level of the chosen tokens' logprobs.
     assert sum(a[:4] == b[:4] for a, b in zip(graphs[0], bf16[0])) >= 2
-    mean = [sum(lp) / len(lp) for lp in (graphs[1][0], bf16[1][0])]
-    assert abs(mean[0] - mean[1]) < 0.5
+    first = [[pos[t] for pos, t in zip(run[1][0], run[0][0])] for run in (graphs, bf16)]
+    assert abs(sum(first[0]) / len(first[0]) - sum(first[1]) / len(first[1])) < 0.5

@@ -17,6 +17,7 @@ from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
 from agentserve.worker.cuda_graph import DecodeGraphs
 from helpers.lora import ALL_MODULES, build_peft_adapter
+from helpers.logprobs_close import assert_close_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -87,17 +88,6 @@ def peft_run(arch: str, adapters: dict[str, Path], dtype: torch.dtype) -> Result
                 steps.append(dict(zip(idx.tolist(), values.tolist())))
             lps.append(steps)
     return ids, lps
-
-
-def assert_close_greedy(ref: Result, got: Result, what: str) -> None:
-    """vLLM's check_logprobs_close: identical until the first difference, where each token must be
-    in the other's top-5; nothing after it is compared."""
-    for i, (ref_ids, ids) in enumerate(zip(ref[0], got[0])):
-        for pos, (a, b) in enumerate(zip(ref_ids, ids)):
-            if a != b:
-                assert b in ref[1][i][pos] and a in got[1][i][pos], \
-                    f"{what} request {i}: diverged at {pos} outside the top-5 ({a} vs {b})"
-                break
 
 
 @pytest.mark.parametrize("arch", ARCHS)
