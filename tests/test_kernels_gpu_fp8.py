@@ -126,23 +126,25 @@ def test_rope_kv_write_fp8_8b_shapes() -> None:
         q, k, v = t.split([hq * d, hkv * d, hkv * d], dim=-1)
         return q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
 
-    caches = [torch.zeros(blocks, page, hkv, d, device=DEV, dtype=FP8_DTYPE) for _ in range(4)]
+    caches = [torch.zeros(blocks, page, hkv, d, device=DEV, dtype=FP8_DTYPE) for _ in range(2)]
     buf = qkv.clone()
     rkv.rope_and_write_kv_triton(*split(buf), positions, cos_sin, caches[0], caches[1], slots,
                                  k_scale=k_scale, v_scale=v_scale)
-    q_ref, _ = rkv.rope_and_write_kv_ref(*split(qkv.clone()), positions, cos_sin, caches[2], caches[3], slots,
+    q_ref, _ = rkv.rope_and_write_kv_ref(*split(qkv.clone()), positions, cos_sin,
+                                         torch.zeros_like(caches[0]), torch.zeros_like(caches[1]), slots,
                                          k_scale=k_scale, v_scale=v_scale)
     torch.testing.assert_close(split(buf)[0], q_ref, **TOL16)
-    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
-        # Every token lands in its slot with the same e4m3 value up to the last rounding step: the
-        # compiled kernel's f32 -> e4m3 conversion may round a value that sits on (or within an
-        # f32 ulp of) a midpoint the other way than torch's cast (measured on the H200: 1.4% of the
-        # bytes), so a differing byte must be the neighbouring code of the same sign, and rare.
+    # The same kernel into a bf16 cache gives its own rotated K (bf16 rotations may differ from the
+    # torch reference by an ulp, measured on the H200: 16% of the elements, which after e4m3
+    # rounding is any number of codes near zero). torch's e4m3 cast of those exact values is what
+    # the fp8 store must write, in the same slots, untouched elsewhere: bit for bit but for ties.
+    bf16_caches = [torch.zeros(blocks, page, hkv, d, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    rkv.rope_and_write_kv_triton(*split(qkv.clone()), positions, cos_sin, bf16_caches[0], bf16_caches[1], slots)
+    for got, rotated, scale in ((caches[0], bf16_caches[0], k_scale), (caches[1], bf16_caches[1], v_scale)):
+        want = quantize_kv_ref(rotated, scale)
         got_codes, want_codes = got.view(torch.uint8).int(), want.view(torch.uint8).int()
-        differ = got_codes != want_codes
-        assert float(differ.float().mean()) < 0.03
-        same_sign = (got_codes[differ] & 0x80) == (want_codes[differ] & 0x80)
-        assert bool(same_sign.all()) and int((got_codes - want_codes).abs().max()) <= 1
+        assert float((got_codes != want_codes).float().mean()) < 1e-3
+        assert int((got_codes - want_codes).abs().max()) <= 1
         torch.testing.assert_close(got.float(), want.float(), atol=0.0, rtol=2 ** -3)
 
 
