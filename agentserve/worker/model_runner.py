@@ -120,6 +120,7 @@ class ModelRunner:
             self.parallel.shutdown()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            gc.collect()  # blocks held only by a reference cycle are freed before the cache goes back
             torch.cuda.empty_cache()
 
     def _use_cuda_graphs(self) -> bool:
