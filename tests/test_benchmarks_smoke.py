@@ -5,13 +5,11 @@ The limits are also checked against the issue's own figures for the 8B shape on 
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,9 @@ sys.path.insert(0, str(BENCH))
 
 from ceilings import measure_ceilings  # noqa: E402
 from limits import ModelWork  # noqa: E402
-from throughput import release_kv_for_peer  # noqa: E402
 
-from agentserve.llm import LLM  # noqa: E402
 from agentserve.model.arch_config import ArchConfig  # noqa: E402
 from agentserve.model.llama import CausalLM  # noqa: E402
-from agentserve.testing import tiny_model_cached  # noqa: E402
 from agentserve.testing.tiny import NAMED_SHAPES  # noqa: E402
 
 
@@ -82,17 +77,6 @@ def test_tied_embeddings_are_read_in_full() -> None:
         model = CausalLM(arch).to(torch.bfloat16)
     work = ModelWork.from_model(model, arch, torch.bfloat16)
     assert work.tied_embeddings and work.decode_weight_bytes == work.weight_bytes
-
-
-def test_release_kv_for_peer_frees_the_pool_and_keeps_the_weights() -> None:
-    """The transformers peer (throughput.py, fastpath.py --peer hf) runs in the same process: our KV
-    pool must be gone before it sizes its cache (it used to stay alive through the runner's page stores)."""
-    with LLM(str(tiny_model_cached("qwen2")), device="cpu", dtype="float32") as llm:
-        kv_ref = weakref.ref(llm.engine.runner.kv_cache.layers[0][0])
-        release_kv_for_peer(llm)
-        gc.collect()
-        assert kv_ref() is None
-        assert not any(p.is_meta for p in llm.engine.runner.model.parameters())
 
 
 def test_fastpath_smoke(tmp_path: Path) -> None:
