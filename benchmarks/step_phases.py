@@ -152,7 +152,9 @@ def measure_mode(args: argparse.Namespace, model: str, async_scheduling: bool) -
             rows = []
             for batch in args.batch:
                 r = run_batch(llm, timer, batch, args.steps, args.prompt_len, seed=batch)
+                # The KV pool's size: the same in both modes when the first engine's memory came back.
                 rows.append({"async_scheduling": async_scheduling, "batch": batch,
+                             "kv_pages": llm.engine.pool.num_blocks,
                              **{k: round(v, 4) for k, v in r.items()}})
         finally:
             undo()
@@ -168,7 +170,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = str(tiny_model_cached(args.tiny))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.async_scheduling]
     rows = [row for async_scheduling in modes for row in measure_mode(args, model, async_scheduling)]
-    print(f"device: {device_name()}   ms per decode step (host wall time by phase)")
+    pages = {("on" if row["async_scheduling"] else "off"): row["kv_pages"] for row in rows}
+    print(f"device: {device_name()}   KV pages per engine: "
+          + ", ".join(f"async {mode} {n}" for mode, n in pages.items()))
+    print("ms per decode step (host wall time by phase)")
     print(f"{'async':>5} {'batch':>5} " + " ".join(f"{p:>9}" for p in (*PHASES, "step")))
     for row in rows:
         print(f"{'on' if row['async_scheduling'] else 'off':>5} {row['batch']:>5} "
