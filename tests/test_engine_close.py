@@ -8,6 +8,7 @@ second engine of the same size fits."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import gc
 import threading
@@ -38,6 +39,16 @@ def wait_for_threads_to_end(names: set[str], timeout: float = 10.0) -> list[str]
         time.sleep(0.05)
 
 
+def closure_values(fn: types.FunctionType) -> list[Any]:
+    values = []
+    for cell in fn.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet assigned holds nothing
+            pass
+    return values
+
+
 def reachable_tensor_bytes(root: object) -> dict[str, int]:
     """Storage bytes of every non-meta tensor reachable from `root`, by the first path that reached it:
     through agentserve objects, torch modules, containers, bound methods, closures and partials (not
@@ -59,12 +70,12 @@ def reachable_tensor_bytes(root: object) -> dict[str, int]:
         children: list[tuple[Any, str]] = []
         if isinstance(obj, dict):
             children = [(v, f"{path}[{k!r}]") for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             children = [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
         elif isinstance(obj, types.MethodType):
             children = [(obj.__self__, f"{path}.__self__"), (obj.__func__, path)]
         elif isinstance(obj, types.FunctionType):
-            children = [(c.cell_contents, f"{path}.<closure>") for c in obj.__closure__ or () if c.cell_contents is not c]
+            children = [(value, f"{path}.<closure>") for value in closure_values(obj)]
         elif isinstance(obj, functools.partial):
             children = [(obj.func, path), *((a, f"{path}(arg)") for a in obj.args),
                         *((v, f"{path}({k}=)") for k, v in obj.keywords.items())]
