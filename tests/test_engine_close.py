@@ -187,6 +187,7 @@ def test_gpu_memory_of_a_draft_engine_with_cuda_graphs_comes_back() -> None:
     llm.close()
     gc.collect()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - start < 64 * 2**20
+    # The pools were > 100 GiB; the slack is for cuBLAS workspaces (one per stream, graph capture's included).
+    assert torch.cuda.memory_allocated() - start < 256 * 2**20
     # The allocator's cache (graph pools included) went back to the device too: close ran empty_cache.
-    assert torch.cuda.memory_reserved() - start_reserved < 64 * 2**20
+    assert torch.cuda.memory_reserved() - start_reserved < 256 * 2**20
