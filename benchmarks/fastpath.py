@@ -1,7 +1,8 @@
 """The GPU fast-path figures in one command, on one loaded model, as a table of result, limit, ratio
 and target. The limits come from the machine's ceilings, measured first (benchmarks/ceilings.py: device
-copy bandwidth, matmul rate in the model's dtype), and the model's shape (benchmarks/limits.py), so
-each ratio is true on whatever GPU runs it:
+copy bandwidth, matmul rate in the model's dtype; `--ceilings table` takes a known GPU's measured figures
+instead, and they stand in when measuring runs out of memory), and the model's shape
+(benchmarks/limits.py), so each ratio is true on whatever GPU runs it:
   - one stream: 128-token prompt, 256 new tokens (limit: bytes read per decode step / copy rate);
   - time to first token of one 8,192-token prompt (limit: its FLOPs / matmul rate);
   - throughput: 1,024 requests, prompts uniform 64-512 (seed 0), 256 output tokens, ignore_eos
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
-from ceilings import measure_ceilings  # noqa: E402
+from ceilings import add_ceilings_arg, device_ceilings  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
 from limits import ModelWork  # noqa: E402
 from throughput import add_workload_args, hf_model_from_engine, make_prompts, release_kv_for_peer, run_hf_peer, run_ours  # noqa: E402
@@ -55,6 +56,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--ttft-prompt-len", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer", choices=["hf"], default=None)
+    add_ceilings_arg(ap)
     ap.add_argument("--peer-requests", type=int, default=None)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run: a tiny float32 model, 8 short requests, small ceilings measurement")
@@ -91,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               max_num_batched_tokens=max(args.ttft_prompt_len, 2048), max_num_seqs=args.max_num_seqs)
     engine = llm.engine
     # Measured after the engine is built (its KV pool is sized already) and before any figure.
-    ceilings = measure_ceilings(engine.device, engine.dtype, smoke=args.smoke)
+    ceilings = device_ceilings(engine.device, engine.dtype, smoke=args.smoke, source=args.ceilings)
     work = ModelWork.from_model(engine.runner.model, engine.arch, engine.dtype)
 
     # Throughput first, on the fresh engine (as benchmarks/throughput.py measures it), then latency.
@@ -144,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      f"ours {result['ratio_vs_hf']:.1f}x", "", ""))
     print(f"GPU fast path on {result['device']} ({args.model}, {args.dtype}); ratios are result/limit "
           "(limit/result for TTFT)")
-    print(f"measured ceilings: {ceilings.describe()}; one decode step reads "
+    print(f"ceilings: {ceilings.describe()}; one decode step reads "
           f"{work.decode_weight_bytes / 1e9:.3g} GB of weights")
     print(table(rows))
     write_json(result, args.out, "fastpath")

@@ -1,4 +1,4 @@
-"""What every section of benchmarks/kernels.py shares: the ceilings' defaults, the head layouts,
+"""What every section of benchmarks/kernels.py shares: the head layouts,
 the timer, random paged batches, and the byte and FLOP counts the figures divide by."""
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import torch
 # Random paged batches are built by the kernel tests' helper (tests/helpers/paged_batch.py).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from helpers.paged_batch import PagedBatch, random_paged_batch  # noqa: E402
-
-PEAK_BW_TBS = 3.0        # H100 SXM HBM3, measured copy bandwidth (issue 3)
-PEAK_TFLOPS = 781.0      # H100 SXM bf16 dense matmul, measured (issue 3)
 
 
 @dataclass

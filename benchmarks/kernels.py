@@ -1,4 +1,5 @@
-"""Per-kernel benchmark of the Triton kernels on an H100 (or any CUDA GPU) against its ceilings.
+"""Per-kernel benchmark of the Triton kernels on a CUDA GPU against its ceilings (copy rate and bf16 matmul
+rate, measured at start by benchmarks/ceilings.py, or --ceilings table for a known GPU's figures).
 
     python benchmarks/kernels.py                 # full run, table on stdout, JSON to --out
     python benchmarks/kernels.py --no-sweep      # skip the tile-config sweep
@@ -8,12 +9,12 @@
 Reports:
 - decode attention (Llama-3.1-8B: 32 q / 8 kv heads, head_dim 128, page 16, bf16) at batch
   1/16/64/256 x context 512..8192, unsplit vs split-KV (the heuristic's split count and the best of
-  a sweep), as achieved bandwidth = K+V bytes of every context / time, against 3.0 TB/s;
+  a sweep), as achieved bandwidth = K+V bytes of every context / time, against the copy rate;
 - the split-KV crossover: per batch, the shortest context at which splitting wins by > 5%, and
   whether `use_split_kv` agrees; plus the same for two more shapes (Llama-3.2-1B: head_dim 64;
   Qwen2.5-7B: 28 q / 4 kv heads);
 - prefill attention: one 8192-token prompt, 512-token chunks over 0/2048/7680-token prefixes and a
-  batch of 16 fresh 512-token prompts, as TFLOP/s against 781 (bf16 dense). FLOPs are counted
+  batch of 16 fresh 512-token prompts, as TFLOP/s against the bf16 matmul rate. FLOPs are counted
   causally: query at position p costs 4 * head_dim * (p + 1) per head (QK^T and PV), nothing for
   masked-out keys;
 - rms_norm(+residual), silu_and_mul, rotary and write_kv bandwidth (bytes each kernel must move)
@@ -45,7 +46,8 @@ import elementwise_section  # noqa: E402
 import gemv_section  # noqa: E402
 import prefill_section  # noqa: E402
 import sweep_section  # noqa: E402
-from kernel_bench import LLAMA_1B, LLAMA_8B, PEAK_BW_TBS, PEAK_TFLOPS, QWEN_7B, SMOKE, Shape, Timer  # noqa: E402
+from ceilings import add_ceilings_arg, device_ceilings  # noqa: E402
+from kernel_bench import LLAMA_1B, LLAMA_8B, QWEN_7B, SMOKE, Shape, Timer  # noqa: E402
 
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels._triton_utils import HAS_TRITON, num_sms  # noqa: E402
@@ -139,8 +141,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1 works)")
     parser.add_argument("--only", default=SECTION_NAMES,
                         help=f"comma-separated sections to run ({SECTION_NAMES})")
-    parser.add_argument("--peak-bw", type=float, default=PEAK_BW_TBS, help="HBM ceiling, TB/s")
-    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="bf16 dense ceiling, TFLOP/s")
+    parser.add_argument("--peak-bw", type=float, default=None, help="HBM ceiling, TB/s (default: --ceilings)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 dense ceiling, TFLOP/s (default: --ceilings)")
+    add_ceilings_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -183,9 +187,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    ceilings = device_ceilings(torch.device(device), torch.bfloat16, smoke=args.smoke, source=args.ceilings)
+    peak_tbs = args.peak_bw if args.peak_bw is not None else ceilings.copy_bytes_s / 1e12
+    peak_tflops = args.peak_tflops if args.peak_tflops is not None else ceilings.matmul_flop_s / 1e12
     run = BenchRun(Timer(device), device, num_sms(torch.device(device)) if device == "cuda" else 132, args.smoke,
-                   SMOKE_PLAN if args.smoke else FULL_PLAN, args.peak_bw, args.peak_tflops)
+                   SMOKE_PLAN if args.smoke else FULL_PLAN, peak_tbs, peak_tflops)
     report = report_header(run)
+    overridden = args.peak_bw is not None or args.peak_tflops is not None
+    report["ceilings"]["source"] = (f"--peak-bw / --peak-tflops where given, else {ceilings.source}" if overridden
+                                    else ceilings.source)
+    print(f"ceilings: {peak_tbs:.3g} TB/s, {peak_tflops:.3g} TFLOP/s ({report['ceilings']['source']})")
     print(f"== {report['device']}  ({run.sms} SMs)  torch {torch.__version__}  triton {report['triton']}")
     sections = set(args.only.split(","))
     for name, section in SECTIONS.items():

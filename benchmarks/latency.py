@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
-from ceilings import measure_ceilings  # noqa: E402
+from ceilings import add_ceilings_arg, device_ceilings  # noqa: E402
 from limits import ModelWork  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
@@ -88,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--bandwidth-limit-tok-s", type=float, default=None,
                     help="one-stream limit; default: bytes read per decode step / the copy rate measured at start")
+    add_ceilings_arg(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if limit is None:
         engine = llm.engine
         # On CPU (the tiny default model) a smoke-sized measurement is enough: its ratio means little.
-        ceilings = measure_ceilings(engine.device, engine.dtype, smoke=engine.device.type != "cuda")
+        ceilings = device_ceilings(engine.device, engine.dtype, smoke=engine.device.type != "cuda", source=args.ceilings)
         work = ModelWork.from_model(engine.runner.model, engine.arch, engine.dtype)
         limit = work.single_stream_tok_s(ceilings.copy_bytes_s, args.prompt_len, args.new_tokens)
     stream = single_stream(llm, args.prompt_len, args.new_tokens, args.repeats)
@@ -114,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "ttft": first, "single_stream_limit_tok_s": limit,
               "ratio_to_bandwidth_limit": stream["decode_tok_s"] / limit,
               "ceilings": ceilings.as_dict() if ceilings is not None else None}
-    print(f"latency on {result['device']} ({model})" + (f"; measured {ceilings.describe()}" if ceilings else ""))
+    print(f"latency on {result['device']} ({model})" + (f"; ceilings {ceilings.describe()}" if ceilings else ""))
     print(f"  one stream, {args.prompt_len}-token prompt, {args.new_tokens} new: {stream['decode_tok_s']:.1f} tok/s "
           f"(limit {limit:.0f}, ratio {result['ratio_to_bandwidth_limit']:.2f}; issue #16 target >= 0.90)")
     print(f"  time to first token, {args.ttft_prompt_len}-token prompt: {first['ttft_ms']:.1f} ms "

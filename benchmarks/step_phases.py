@@ -14,18 +14,15 @@ On CPU the forward is synchronous and includes the model's compute; on CUDA it i
   python benchmarks/step_phases.py --tiny llama --batch 64 256                        # CPU, tiny model
   python benchmarks/step_phases.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 --batch 1 64
 
-With --async-scheduling both, each mode runs in its own subprocess: an engine's KV pool (sized to fill
-the GPU) is not released when the engine is dropped, so a second engine in the same process ran out
-of memory.
+With --async-scheduling both, the two modes run one after the other in this process: the first
+engine is closed (LLM.close(): KV pool, CUDA graphs, weights) before the second is built, whose KV
+pool is sized to fill the GPU again.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -63,15 +60,23 @@ class PhaseTimer:
         self.total.clear()
 
 
-def instrument(llm: LLM, timer: PhaseTimer) -> None:
+def instrument(llm: LLM, timer: PhaseTimer) -> Callable[[], None]:
+    """Wraps the phases' callables; returns what undoes the wraps of module and class attributes (they
+    outlive the engine: a second engine in this process would otherwise be timed through both wraps)."""
     engine, runner = llm.engine, llm.engine.runner
     engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
     runner.prepare = timer.wrap("prepare_inputs", runner.prepare)  # type: ignore[method-assign]
-    model_runner.build_sampling_metadata = timer.wrap("prepare_sampling", model_runner.build_sampling_metadata)
     runner.launch = timer.wrap("launch", runner.launch)  # type: ignore[method-assign]
     engine.output.update_from_output = timer.wrap("process", engine.output.update_from_output)  # type: ignore[method-assign]
     engine.output.collect_outputs = timer.wrap("collect", engine.output.collect_outputs)  # type: ignore[method-assign]
-    launched_step.LaunchedStep.result = timer.wrap("sync", launched_step.LaunchedStep.result)  # type: ignore[method-assign]
+    build_sampling_metadata, result = model_runner.build_sampling_metadata, launched_step.LaunchedStep.result
+    model_runner.build_sampling_metadata = timer.wrap("prepare_sampling", build_sampling_metadata)
+    launched_step.LaunchedStep.result = timer.wrap("sync", result)  # type: ignore[method-assign]
+
+    def undo() -> None:
+        model_runner.build_sampling_metadata = build_sampling_metadata
+        launched_step.LaunchedStep.result = result  # type: ignore[method-assign]
+    return undo
 
 
 def phases_per_step(total: dict[str, float], step_s: float, steps: int) -> dict[str, float]:
@@ -134,52 +139,41 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def measure_mode(args: argparse.Namespace, model: str, async_scheduling: bool) -> list[dict[str, Any]]:
-    """All batches with one engine, in this process."""
-    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
-              max_num_batched_tokens=max(2048, args.prompt_len * 8), async_scheduling=async_scheduling)
-    llm.engine.emit_unfinished = False  # as the offline API and the throughput benchmark
-    if args.no_tokenizer:
-        llm.engine.tokenizer = None
-    timer = PhaseTimer()
-    instrument(llm, timer)
-    rows = []
-    for batch in args.batch:
-        r = run_batch(llm, timer, batch, args.steps, args.prompt_len, seed=batch)
-        rows.append({"async_scheduling": async_scheduling, "batch": batch, **{k: round(v, 4) for k, v in r.items()}})
+    """All batches with one engine, closed at the end so that the next mode's engine fits."""
+    with LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+             max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
+             max_num_batched_tokens=max(2048, args.prompt_len * 8), async_scheduling=async_scheduling) as llm:
+        llm.engine.emit_unfinished = False  # as the offline API and the throughput benchmark
+        if args.no_tokenizer:
+            llm.engine.tokenizer = None
+        timer = PhaseTimer()
+        undo = instrument(llm, timer)
+        try:
+            rows = []
+            for batch in args.batch:
+                r = run_batch(llm, timer, batch, args.steps, args.prompt_len, seed=batch)
+                # The KV pool's size: the same in both modes when the first engine's memory came back.
+                rows.append({"async_scheduling": async_scheduling, "batch": batch,
+                             "kv_pages": llm.engine.pool.num_blocks,
+                             **{k: round(v, 4) for k, v in r.items()}})
+        finally:
+            undo()
     return rows
-
-
-def measure_mode_in_subprocess(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
-    """The same arguments with one mode, in a fresh interpreter (its engine's memory goes with it)."""
-    with tempfile.TemporaryDirectory(prefix="step-phases-") as tmp:
-        out = Path(tmp) / "rows.json"
-        child = [sys.executable, str(Path(__file__).resolve()),
-                 *(["--model", args.model] if args.model else ["--tiny", args.tiny]),
-                 "--load-format", args.load_format, "--dtype", args.dtype, "--batch", *map(str, args.batch),
-                 "--steps", str(args.steps), "--prompt-len", str(args.prompt_len), "--async-scheduling", mode,
-                 "--out", str(out), *(["--device", args.device] if args.device else []),
-                 *(["--no-tokenizer"] if args.no_tokenizer else [])]
-        proc = subprocess.run(child, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"step_phases --async-scheduling {mode} failed (exit {proc.returncode}):\n"
-                             f"{proc.stderr[-4000:]}")
-        rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"]
-        return rows
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.async_scheduling == "both":
-        rows = [row for mode in ("off", "on") for row in measure_mode_in_subprocess(args, mode)]
-    else:
-        model = args.model
-        if args.tiny:
-            from agentserve.testing import tiny_model_cached
+    model = args.model
+    if args.tiny:
+        from agentserve.testing import tiny_model_cached
 
-            model = str(tiny_model_cached(args.tiny))
-        rows = measure_mode(args, model, args.async_scheduling == "on")
-    print(f"device: {device_name()}   ms per decode step (host wall time by phase)")
+        model = str(tiny_model_cached(args.tiny))
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.async_scheduling]
+    rows = [row for async_scheduling in modes for row in measure_mode(args, model, async_scheduling)]
+    pages = {("on" if row["async_scheduling"] else "off"): row["kv_pages"] for row in rows}
+    print(f"device: {device_name()}   KV pages per engine: "
+          + ", ".join(f"async {mode} {n}" for mode, n in pages.items()))
+    print("ms per decode step (host wall time by phase)")
     print(f"{'async':>5} {'batch':>5} " + " ".join(f"{p:>9}" for p in (*PHASES, "step")))
     for row in rows:
         print(f"{'on' if row['async_scheduling'] else 'off':>5} {row['batch']:>5} "

@@ -60,9 +60,12 @@ def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, A
 
 
 def release_kv_for_peer(llm: LLM) -> None:
-    """Frees our KV pool and the CUDA graphs (they hold the pool) so the peer has room for its cache."""
-    llm.engine.runner.kv_cache = None
-    llm.engine.runner.graphs = None
+    """Frees our KV pool and the CUDA graphs (they hold the pool) so the peer has room for its cache;
+    the weights stay, for the peer to borrow. The pool is emptied in place: the runner's page stores
+    refer to the same object, so dropping the runner's attribute alone kept every page alive."""
+    runner = llm.engine.runner
+    runner.graphs = runner.verify_graphs = None
+    runner.kv_cache.release()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

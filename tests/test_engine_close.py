@@ -1,15 +1,21 @@
 """Engines release what they hold: LLM.close() / `with LLM(...)`, Engine.close() and
 AsyncEngine.shutdown() free the KV pages, the pinned swap space, the weights, the CUDA graphs and
 the grammar workers, stop the step thread, and are idempotent; a second engine in the same process
-works. The GPU test checks the device memory comes back and a second engine of the same size fits."""
+works. After close no tensor storage stays reachable from the engine (with a draft model and LoRA too).
+The GPU tests check the device memory comes back (CUDA graphs and a draft model's included) and a
+second engine of the same size fits."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import gc
 import threading
 import time
+import types
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +39,55 @@ def wait_for_threads_to_end(names: set[str], timeout: float = 10.0) -> list[str]
         time.sleep(0.05)
 
 
+def closure_values(fn: types.FunctionType) -> list[Any]:
+    values = []
+    for cell in fn.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet assigned holds nothing
+            pass
+    return values
+
+
+def reachable_tensor_bytes(root: object) -> dict[str, int]:
+    """Storage bytes of every non-meta tensor reachable from `root`, by the first path that reached it:
+    through agentserve objects, torch modules, containers, bound methods, closures and partials (not
+    through weak proxies, which keep nothing alive)."""
+    found: dict[str, int] = {}
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "engine")]
+    while stack:
+        obj, path = stack.pop()
+        if obj is None or isinstance(obj, (str, bytes, int, float, type, types.ModuleType, *weakref.ProxyTypes)):
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_meta and obj.untyped_storage().nbytes():
+                found[path] = obj.untyped_storage().nbytes()
+            continue
+        children: list[tuple[Any, str]] = []
+        if isinstance(obj, dict):
+            children = [(v, f"{path}[{k!r}]") for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        elif isinstance(obj, types.MethodType):
+            children = [(obj.__self__, f"{path}.__self__"), (obj.__func__, path)]
+        elif isinstance(obj, types.FunctionType):
+            children = [(value, f"{path}.<closure>") for value in closure_values(obj)]
+        elif isinstance(obj, functools.partial):
+            children = [(obj.func, path), *((a, f"{path}(arg)") for a in obj.args),
+                        *((v, f"{path}({k}=)") for k, v in obj.keywords.items())]
+        elif type(obj).__module__.startswith("agentserve") or isinstance(obj, torch.nn.Module):
+            attrs = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+            for cls in type(obj).__mro__:
+                attrs.update({n: getattr(obj, n) for n in getattr(cls, "__slots__", ()) if hasattr(obj, n)})
+            children = [(v, f"{path}.{k}") for k, v in attrs.items()]
+        stack.extend(children)
+    return found
+
+
 def test_llm_close_frees_kv_swap_and_weights_and_a_second_engine_works() -> None:
     path = str(tiny_model_cached("llama"))
     with LLM(path, device="cpu", dtype="float32", swap_space_gb=0.01) as llm:
@@ -51,6 +106,27 @@ def test_llm_close_frees_kv_swap_and_weights_and_a_second_engine_works() -> None
         llm.generate(PROMPT, GREEDY)
     with LLM(path, device="cpu", dtype="float32") as second:
         assert second.generate(PROMPT, GREEDY)[0].outputs[0].token_ids == first
+
+
+def test_a_closed_engine_holds_no_tensors_with_a_draft_model_and_lora() -> None:
+    """Every tensor the engine reaches (target and draft KV pages and weights, swap space, LoRA slots,
+    sampling caches) is gone after close: a new attribute holding device memory fails this test."""
+    path = str(tiny_model_cached("qwen2"))
+    llm = LLM(path, device="cpu", dtype="float32", swap_space_gb=0.01, draft_model=path, spec_dynamic=False,
+              enable_lora=True)
+    assert llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+    assert llm.engine.metrics.spec_num_draft_tokens > 0  # the draft ran
+    draft = llm.engine.runner.draft
+    assert draft is not None and draft.cache is not None
+    draft_kv_ref = weakref.ref(draft.cache.layers[0][0])
+    held = reachable_tensor_bytes(llm.engine)
+    kv_bytes = llm.engine.runner.kv_cache.layers[0][0].untyped_storage().nbytes()
+    assert sum(held.values()) > kv_bytes  # the walk reaches the pools
+    llm.close()
+    gc.collect()
+    assert draft_kv_ref() is None
+    assert all(p.is_meta for p in draft.model.parameters())
+    assert reachable_tensor_bytes(llm.engine) == {}
 
 
 def test_async_engine_shutdown_stops_the_step_thread_and_grammar_workers() -> None:
@@ -93,3 +169,25 @@ def test_gpu_memory_comes_back_and_a_second_large_engine_fits() -> None:
     assert torch.cuda.memory_allocated() - start < 64 * 2**20
     with LLM(path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.85, swap_space_gb=1) as second:
         assert second.generate(PROMPT, GREEDY)[0].outputs[0].token_ids == first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_memory_of_a_draft_engine_with_cuda_graphs_comes_back() -> None:
+    path = str(tiny_model_cached("llama"))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    start, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.85, draft_model=path,
+              spec_dynamic=False)
+    draft = llm.engine.runner.draft
+    assert llm.engine.runner.graphs is not None and draft is not None and draft.graphs is not None
+    assert llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+    assert torch.cuda.memory_allocated() - start > 2**30
+    llm.close()
+    gc.collect()
+    torch.cuda.synchronize()
+    # The pools were > 100 GiB; the slack is for cuBLAS workspaces (one per stream, graph capture's included).
+    assert torch.cuda.memory_allocated() - start < 256 * 2**20
+    # The allocator's cache (graph pools included) went back to the device too: close ran empty_cache.
+    assert torch.cuda.memory_reserved() - start_reserved < 256 * 2**20

@@ -137,6 +137,7 @@ class MultiLoRAManager:
         """Drops the slots and the CPU tier (engine close: device memory and pinned memory go back).
         The manager cannot activate adapters afterwards."""
         self._slots = {}
+        self._slice_starts = {}
         self._cpu.clear()
         self._slot_read = [None] * self.max_loras
 

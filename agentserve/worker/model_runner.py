@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import gc
 
-import itertools
 import logging
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
-
-import numpy as np
 
 import torch
 
@@ -23,7 +20,7 @@ from agentserve.cache.device_ops import DeviceOp, PageStore, PageStores, execute
 from agentserve.cache.kv_cache import KVCache, bytes_per_block, kv_cache_torch_dtype
 from agentserve.config import EngineConfig
 from agentserve.request import Request
-from agentserve.lora.layers import enable_lora, token_slot_indices
+from agentserve.lora.layers import enable_lora
 from agentserve.lora.warmup import warmup_lora_kernels
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
@@ -39,25 +36,11 @@ from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
 from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
 from agentserve.worker.spec_graphs import capture_spec_graphs
+# ScheduledChunk lives with the input builder; engine code imports it from here as before.
+from agentserve.worker.step_inputs import ScheduledChunk, StepInputs, build_step_inputs
 from agentserve.worker.verify_graphs import VerifyGraphs
 
 logger = logging.getLogger(__name__)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclass
-class ScheduledChunk:
-    """One row of a step (DESIGN.md "The step contract"). The row computes `num_tokens` new tokens:
-    the request's known tokens from num_computed_tokens on, then its `spec_token_ids`. It samples at
-    its last `num_sampled` positions: 0 for a middle prefill chunk, 1 for a decode or the last
-    prefill chunk, k + 1 for a row verifying k speculative tokens."""
-    request: Request
-    num_tokens: int
-    num_sampled: int
-    spec_token_ids: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -137,6 +120,7 @@ class ModelRunner:
             self.parallel.shutdown()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            gc.collect()  # blocks held only by a reference cycle are freed before the cache goes back
             torch.cuda.empty_cache()
 
     def _use_cuda_graphs(self) -> bool:
@@ -205,100 +189,10 @@ class ModelRunner:
         return num_blocks
 
     # --- one step ---------------------------------------------------------------------------------
-    def _host_buffer(self, n: int, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
-        # Pinned memory on CUDA, filled through numpy: one asynchronous copy per dtype and step. The
-        # caching host allocator keeps the block until that copy has run, so a step prepared while
-        # the device still runs the previous one cannot overwrite inputs not yet copied.
-        t = torch.empty(n, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.numpy(), t
-
-    def prepare(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, ForwardMetadata, torch.Tensor]:
-        """Flat inputs of a step. A decode whose input token was sampled by `prev` (still in flight
-        under async scheduling) reads it from prev.sampled on the device."""
-        bs = self.block_size
-        num_tokens = [c.num_tokens for c in chunks]
-        total = sum(num_tokens)
-        b = len(chunks)
-        num_sample = sum(c.num_sampled for c in chunks)
-        width = max(1, max(len(c.request.block_table) for c in chunks))
-        # int64: input ids, positions, slots, logits indices, then gather (dst, src) pairs, at most one
-        # per decode; int32: query start offsets, context lengths, block tables.
-        # Every segment starts 16-byte aligned: Triton specialises kernels on pointer alignment, so
-        # segments at odd offsets would compile extra kernel variants mid-serving (and lose vector loads).
-        a64 = _round_up(total, 2)  # 2 int64 = 16 bytes
-        o_logits = 3 * a64
-        o_gather = o_logits + _round_up(num_sample, 2)
-        o_seq = _round_up(b + 1, 4)  # 4 int32 = 16 bytes
-        o_tab = o_seq + _round_up(b, 4)
-        h64, t64 = self._host_buffer(o_gather + 2 * b, torch.int64)
-        h32, t32 = self._host_buffer(o_tab + b * width, torch.int32)
-        input_ids, positions, slots = h64[:total], h64[a64:a64 + total], h64[2 * a64:2 * a64 + total]
-        logits_indices = h64[o_logits:o_logits + num_sample]
-        query_start, seq_lens = h32[:b + 1], h32[o_seq:o_seq + b]
-        tables = h32[o_tab:].reshape(b, width)
-        # All block tables in one numpy call: the flattened pages land where column < table length.
-        table_lists = [c.request.block_table for c in chunks]
-        table_lens = np.fromiter(map(len, table_lists), dtype=np.int64, count=b)
-        tables.fill(0)
-        tables[np.arange(width)[None, :] < table_lens[:, None]] = list(itertools.chain.from_iterable(table_lists))
-        query_start[0] = 0
-        np.cumsum(num_tokens, out=query_start[1:])
-        gather_dst: list[int] = []
-        gather_src: list[int] = []
-        lo = 0
-        s = 0
-        for i, chunk in enumerate(chunks):
-            req = chunk.request
-            n = chunk.num_tokens
-            start = req.num_computed_tokens
-            table = req.block_table
-            if n == 1:  # decode: skip numpy's per-call overhead
-                tokens = req.all_token_ids
-                if start < len(tokens):
-                    input_ids[lo] = tokens[start]
-                else:  # sampled by the step in flight: filled on the device below
-                    assert prev is not None, f"{req.request_id}: input token {start} not known"
-                    input_ids[lo] = 0
-                    gather_dst.append(lo)
-                    gather_src.append(prev.rows[req.request_id])
-                positions[lo] = start
-                slots[lo] = table[start // bs] * bs + start % bs
-            else:
-                end = start + n
-                spec = chunk.spec_token_ids
-                known = end - len(spec)
-                assert known <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
-                pos = np.arange(start, end)
-                input_ids[lo:lo + n] = req.all_token_ids[start:known] + spec
-                positions[lo:lo + n] = pos
-                slots[lo:lo + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
-            seq_lens[i] = start + n
-            lo += n
-            k = chunk.num_sampled
-            if k:
-                logits_indices[s:s + k] = np.arange(lo - k, lo)
-                s += k
-        g = len(gather_dst)
-        base = o_gather
-        h64[base:base + g] = gather_dst
-        h64[base + g:base + 2 * g] = gather_src
-        if self.device.type == "cuda":
-            d64 = t64[:base + 2 * g].to(self.device, non_blocking=True)
-            d32 = t32.to(self.device, non_blocking=True)
-        else:
-            d64, d32 = t64, t32
-        ids_d = d64[:total]
-        if g:
-            assert prev is not None and prev.sampled is not None
-            ids_d[d64[base:base + g]] = prev.sampled[d64[base + g:base + 2 * g]]
-        meta = ForwardMetadata(
-            slot_mapping=d64[2 * a64:2 * a64 + total], block_tables=d32[o_tab:].view(b, width),
-            query_start_loc=d32[:b + 1], seq_lens=d32[o_seq:o_seq + b],
-            max_query_len=max(num_tokens), max_seq_len=int(seq_lens.max()),
-            lora_slot_indices=token_slot_indices(self.lora_manager, [c.request.lora_key for c in chunks],
-                                                 num_tokens, self.device))
-        return ids_d, d64[a64:a64 + total], meta, d64[o_logits:o_logits + num_sample]
+    def prepare(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep] = None) -> StepInputs:
+        """Flat inputs of a step (worker/step_inputs.py). A decode whose input token was sampled by
+        `prev` (still in flight under async scheduling) reads it from prev.sampled on the device."""
+        return build_step_inputs(chunks, self.block_size, self.device, self.lora_manager, prev)
 
     def _sampling_metadata(self, sampling: list[Request]) -> SamplingMetadata:
         """The previous step's metadata when the same requests sample in the same order and nothing
