@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from agentserve.cache.device_ops import DeviceOp
 from agentserve.config import EngineConfig
+from agentserve.lora.manager import SlotTensors
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
@@ -64,6 +65,9 @@ class TensorParallelDriver(TensorParallelRank):
     def send_device_ops(self, ops: list[DeviceOp]) -> None:
         if ops:
             self._guarded(lambda: protocol.send_device_ops(self.groups, ops))
+
+    def send_lora_slot(self, slot: int, tensors: SlotTensors) -> None:
+        self._guarded(lambda: protocol.send_lora_slot(self.groups, slot, tensors))
 
     def check_ranks(self) -> None:
         """Raises TensorParallelError if a rank has exited (or failed before)."""

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from agentserve.cache.device_ops import DeviceOp
+from agentserve.lora.manager import SlotTensors
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
 from agentserve.parallel.groups import ProcessGroups
@@ -59,6 +60,10 @@ class TensorParallelRank:
         raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
 
     def send_device_ops(self, ops: list[DeviceOp]) -> None:
+        raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
+
+    def send_lora_slot(self, slot: int, tensors: SlotTensors) -> None:
+        """Rank 0: the other ranks load the adapter rank 0 loads into `slot` (lora/manager.py)."""
         raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
 
     def shutdown(self) -> None:
