@@ -2,8 +2,9 @@
 
 Greedy outputs at tensor_parallel_size=2 are the one-rank outputs on every tiny architecture, with
 prefix caching, preemption, copy-on-write forks, sessions swapped out and back in, and speculation
-(the draft replicated on rank 0); LoRA and FP8 are in test_tensor_parallel_lora_fp8.py. A model whose heads do not divide is refused before any process
-starts; close(), a killed rank and a SIGTERM of rank 0 leave no process behind."""
+(the draft replicated on rank 0); LoRA and FP8 are in test_tensor_parallel_lora_fp8.py. A model whose
+heads do not divide is refused before any process starts; close(), a killed rank and a SIGTERM of
+rank 0 leave no process behind."""
 
 from __future__ import annotations
 
