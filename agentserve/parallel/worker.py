@@ -93,5 +93,5 @@ def _serve(args: WorkerArgs) -> None:
                 assert runner.lora_manager is not None, "rank 0 serves LoRA; every rank has the same config"
                 runner.lora_manager.load_slot(*unpack_lora_slot(message))
             else:
-                shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message))
+                shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message), graphs=runner.graphs)
     runner.close()
