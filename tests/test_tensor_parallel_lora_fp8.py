@@ -122,6 +122,22 @@ def test_adapters_loaded_reloaded_and_swapped_through_one_slot_match_one_rank(ad
     assert one[4 * n:] == one[n:2 * n]  # the reloaded name serves the weights it was reloaded with
 
 
+def test_lora_over_fp8_weights_with_ngram_speculation_matches_one_rank(adapter_root: Path) -> None:
+    """Adapters on FP8 layers (the delta joins the FP8 row-parallel partial output), in steps that
+    verify n-gram drafts (rows with adapters run eagerly on every rank)."""
+    base = tiny_model_cached("llama")
+    dirs = {n: str(p) for n, p in adapters_for(base, adapter_root).items()}
+    kw: dict[str, Any] = dict(**LORA, max_loras=2, lora_modules=dirs, quantization="fp8",
+                              speculative_method="ngram", spec_dynamic=False)
+    names: list[Optional[str]] = [None, "all", "kod"]
+    with LLM(str(base), **ENGINE, **kw) as llm:
+        one = tokens(llm, names)
+    with LLM(str(base), **ENGINE, **kw, tensor_parallel_size=2) as llm:
+        two = tokens(llm, names)
+        assert llm.engine.metrics.spec_num_drafts > 0
+    assert two == one
+
+
 # --- FP8 -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_online_fp8_matches_one_rank(arch: str) -> None:
