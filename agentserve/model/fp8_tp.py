@@ -10,6 +10,11 @@ the scales it computes itself come out as at tensor-parallel size 1.
 - 128x128 block scales are cut by whole blocks: by block rows for a column-parallel layer (per q / k
   / v or gate / up slice), by block columns for a row-parallel one. A split that falls inside a block
   would need a block shared by two ranks; it is refused when the layer is built.
+
+Activations are another matter: on CUDA, batches above the GEMV's quantize x per token (W8A8), and a
+row-parallel rank does so over its own columns of x, as vLLM does; those steps round slightly
+differently from one rank. The CPU reference (and the batch-1 GEMV) leave x unquantized, so there
+tensor parallelism reproduces one rank's FP8 outputs.
 """
 
 from __future__ import annotations
