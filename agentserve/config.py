@@ -200,7 +200,7 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="Ranks (GPUs, or CPU processes over gloo) one model is split over, the Megatron "
         "way (vLLM's flag). Its heads and MLP width must divide by it. Rank 0 schedules and samples; the others "
-        "run their shard of each step. Steps run eagerly (no CUDA graphs) when it is above 1.")
+        "run their shard of each step; LoRA adapters and FP8 scales are split with their layers.")
     grammar_backend: str = Field(default="auto", description="Constrained decoding backend: llguidance, outlines, "
                                  "xgrammar or 'auto' (llguidance).")
 
@@ -208,14 +208,6 @@ class EngineConfig(_Strict):
     def _check(self) -> "EngineConfig":
         if self.scheduler.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.tensor_parallel_size > 1 and self.lora.enable_lora:
-            # The LoRA layers (lora/layers.py) do not shard A and B with their projections yet.
-            raise ValueError(f"enable_lora is not supported with tensor_parallel_size={self.tensor_parallel_size}; "
-                             "use tensor_parallel_size=1 to serve LoRA adapters")
-        if self.tensor_parallel_size > 1 and (self.model.quantization is not None or self.cache.kv_cache_dtype != "auto"):
-            # FP8 weight scales and KV scales are not sharded with their weights and heads yet.
-            raise ValueError(f"quantization / kv_cache_dtype fp8 is not supported with tensor_parallel_size="
-                             f"{self.tensor_parallel_size}; use tensor_parallel_size=1 for FP8")
         return self
 
     @classmethod

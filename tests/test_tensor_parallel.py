@@ -2,8 +2,9 @@
 
 Greedy outputs at tensor_parallel_size=2 are the one-rank outputs on every tiny architecture, with
 prefix caching, preemption, copy-on-write forks, sessions swapped out and back in, and speculation
-(the draft replicated on rank 0). A model whose heads do not divide is refused before any process
-starts; close(), a killed rank and a SIGTERM of rank 0 leave no process behind."""
+(the draft replicated on rank 0); LoRA and FP8 are in test_tensor_parallel_lora_fp8.py. A model whose
+heads do not divide is refused before any process starts; close(), a killed rank and a SIGTERM of
+rank 0 leave no process behind."""
 
 from __future__ import annotations
 
@@ -203,11 +204,6 @@ def test_heads_that_do_not_divide_are_refused_before_any_process_starts() -> Non
     assert set(multiprocessing.active_children()) == before
 
 
-def test_lora_with_tensor_parallelism_is_refused() -> None:
-    with pytest.raises(ValueError, match="enable_lora is not supported with tensor_parallel_size=2"):
-        LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2, enable_lora=True)
-
-
 def test_a_killed_rank_fails_the_step_naming_it_and_close_leaves_no_process(caplog: pytest.LogCaptureFixture) -> None:
     llm = LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2)
     driver = driver_of(llm)
@@ -281,8 +277,3 @@ def test_a_rank_failing_to_load_is_named_and_no_process_is_left(monkeypatch: pyt
         LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2)
     assert set(multiprocessing.active_children()) == before
 
-
-@pytest.mark.parametrize("fp8", [dict(quantization="fp8"), dict(kv_cache_dtype="fp8")])
-def test_fp8_with_tensor_parallelism_is_refused(fp8: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match="not supported with tensor_parallel_size=2"):
-        LLM(str(tiny_model_cached("llama")), **ENGINE, tensor_parallel_size=2, **fp8)

@@ -13,6 +13,10 @@ clears it. A base-only step therefore runs no LoRA kernel at all: the wrappers s
 return the base output. The tile map is built with device ops only, so a decode CUDA graph captured
 with a persistent slot-index buffer replays it for any slot assignment (worker/cuda_graph.py).
 
+Tensor parallelism: the slots hold this rank's shard of each adapter (lora/tensor_parallel.py). A
+column-parallel projection adds its columns of the delta to its output slice; a row-parallel one adds
+its partial delta to its partial output, before the all-reduce that sums both over the ranks.
+
 Speculation seam: a draft model is a separate CausalLM that is never wrapped, so it runs as the base
 model; the target applies each request's adapter.
 """
@@ -29,6 +33,7 @@ from agentserve.config import LoRAConfig
 from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRAStack, MultiLoRAManager
+from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.linear import LinearBase, RowParallelLinear
@@ -55,11 +60,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: LinearBase, stack: LoRAStack, batch: LoRABatch) -> None:
         super().__init__()
-        if base.tp_size != 1:
-            # Row-parallel shrink needs an all-reduce of the partial h (and column-parallel expand
-            # its slice of B): not wired; refusing beats silently wrong outputs.
-            raise NotImplementedError("LoRA with tensor parallelism is not supported yet")
         self.base_layer = base
+        # Row-parallel under tensor parallelism: the delta joins the partial output before the sum.
+        self.all_reduce = base.all_reduce if isinstance(base, RowParallelLinear) else None
         self.batch = batch
         self.slice_sizes = stack.slice_sizes
         # Buffers (views of the manager's slot tensors), so that model.to("meta") at close drops them
@@ -76,13 +79,17 @@ class LoRALinear(nn.Module):
         self.register_buffer("slice_starts", stack.slice_starts, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        base = self.base_layer
+        if self.all_reduce is not None:
+            assert isinstance(base, RowParallelLinear)
+            y = base.forward_partial(x)
+        else:
+            y = base(x)
         meta = self.batch.meta
-        if meta is None:
-            return y
-        add_lora(y, x.contiguous(), self.lora_a, self.lora_b, self.ranks, self.scaling, meta, self.slice_sizes,
-                 self.slice_starts)
-        return y
+        if meta is not None:
+            add_lora(y, x.contiguous(), self.lora_a, self.lora_b, self.ranks, self.scaling, meta, self.slice_sizes,
+                     self.slice_starts)
+        return y if self.all_reduce is None else self.all_reduce(y)
 
 
 def _projections(model: CausalLM, layer: int) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -124,7 +131,7 @@ def enable_lora(model: CausalLM, arch: ArchConfig, config: LoRAConfig, dtype: to
     """The model runner's entry: a manager with its slots wired into the model, or None without LoRA."""
     if not config.enable_lora:
         return None
-    manager = MultiLoRAManager(arch, config, dtype, device)
+    manager = MultiLoRAManager(arch, config, dtype, device, shard_layout=LoRAShardLayout.of_model(model))
     attach_lora(model, manager)
     return manager
 

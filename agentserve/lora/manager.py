@@ -23,6 +23,11 @@ last step that read the slot (an event recorded in `step_launched`), and the ste
 the copies' event before its forward; the host never waits. On the CPU the copies are plain.
 
 The base model's weights are never touched: the deltas are added to the projections' outputs.
+
+Tensor parallelism: each rank's slots hold its shard of the adapters (lora/tensor_parallel.py).
+Rank 0's manager decides everything (names, keys, CPU tier, which adapter goes in which slot) and
+tells a listener of each slot load (`on_slot_load`: the driver sends the whole adapter to the other
+ranks); the other ranks' managers only copy what they are sent into their slots (`load_slot`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -39,9 +44,14 @@ from agentserve.kernels.lora import slice_starts_for
 from agentserve.lora.adapter import (FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError,
                                      load_lora_adapter, lora_module_shapes)
 from agentserve.lora.key import LoRAKey, LoRAKeys
+from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 
 FUSED_PROJECTIONS: tuple[str, ...] = tuple(FUSED_SLICES)
+# A whole adapter as one slot load copies it: per fused projection (A, B^T, ranks, scaling) over all
+# layers, or None where the adapter targets none of its slices.
+SlotTensors = dict[str, Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]
+SlotLoadListener = Callable[[int, SlotTensors], None]
 
 
 class LoRASlotsExhaustedError(RuntimeError):
@@ -84,7 +94,8 @@ class MultiLoRAManager:
     """Implements lora/interface.py's LoRAManager over device slots and a CPU tier."""
 
     def __init__(self, arch: ArchConfig, config: LoRAConfig, dtype: torch.dtype, device: torch.device,
-                 keys: Optional[LoRAKeys] = None) -> None:
+                 keys: Optional[LoRAKeys] = None, shard_layout: Optional[LoRAShardLayout] = None) -> None:
+        """`shard_layout`: this rank's cut of the projections under tensor parallelism (None: whole)."""
         self.arch = arch
         self.max_loras = config.max_loras
         self.max_rank = config.max_lora_rank
@@ -92,7 +103,8 @@ class MultiLoRAManager:
         self.dtype = dtype
         self.device = device
         self.keys = keys if keys is not None else LoRAKeys()
-        shapes = lora_module_shapes(arch)
+        self.shard_layout = shard_layout
+        shapes = shard_layout.local_shapes(arch) if shard_layout is not None else lora_module_shapes(arch)
         self.slice_sizes = {f: tuple(shapes[m][1] for m in FUSED_SLICES[f]) for f in FUSED_PROJECTIONS}
         self.in_features = {f: shapes[FUSED_SLICES[f][0]][0] for f in FUSED_PROJECTIONS}
         # Only the fused projections some allowed module belongs to get slots and LoRA layers: the
@@ -123,6 +135,7 @@ class MultiLoRAManager:
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._slot_read: list[Optional[torch.cuda.Event]] = [None] * slots  # last step that read a slot
         self._step_slots: list[int] = []
+        self._slot_listener: Optional[SlotLoadListener] = None
         self.num_slot_loads = 0  # adapters copied into a slot (metrics, tests)
         self.num_disk_reads = 0  # adapters read from their directory (load, or again after CPU eviction)
 
@@ -184,6 +197,16 @@ class MultiLoRAManager:
         self._cpu.pop(key, None)
 
     # --- slots --------------------------------------------------------------------------------------
+    def on_slot_load(self, listener: SlotLoadListener) -> None:
+        """Rank 0 under tensor parallelism: `listener(slot, whole adapter)` runs at each slot load,
+        before this rank's copy (the other ranks load the same slot with it)."""
+        self._slot_listener = listener
+
+    def load_slot(self, slot: int, tensors: SlotTensors) -> None:
+        """The other ranks under tensor parallelism: copies rank 0's slot load (a whole adapter) into
+        this rank's slot, cut to its shard; in order on the step's stream, after the steps before."""
+        self._copy_into(slot, {f: None if t is None else _Stacked(*t) for f, t in tensors.items()})
+
     def activate(self, keys: Sequence[Optional[LoRAKey]]) -> list[int]:
         """Makes each row's adapter resident; returns each row's slot (-1: the base model)."""
         wanted = list(dict.fromkeys(k for k in keys if k is not None))
@@ -233,6 +256,9 @@ class MultiLoRAManager:
         self._slot_of[key] = slot
         self._slot_lru.move_to_end(slot)
         self.num_slot_loads += 1
+        if self._slot_listener is not None:
+            self._slot_listener(slot, {f: None if w is None else (w.lora_a, w.lora_b, w.ranks, w.scaling)
+                                       for f, w in weights.items()})
         if not self._cuda:
             self._copy_into(slot, weights)
             return
@@ -252,8 +278,11 @@ class MultiLoRAManager:
             if w is None:  # not targeted in any layer: rank 0 makes the kernels skip the slot's stale A/B
                 dst.ranks[slot].zero_()
                 continue
-            dst.lora_a[slot].copy_(w.lora_a, non_blocking=True)
-            dst.lora_b[slot].copy_(w.lora_b, non_blocking=True)
+            lora_a, lora_b = w.lora_a, w.lora_b
+            if self.shard_layout is not None:  # the CPU tier and rank 0's messages hold whole adapters
+                lora_a, lora_b = self.shard_layout.shard(self.arch, f, lora_a, lora_b)
+            dst.lora_a[slot].copy_(lora_a, non_blocking=True)
+            dst.lora_b[slot].copy_(lora_b, non_blocking=True)
             dst.ranks[slot].copy_(w.ranks, non_blocking=True)
             dst.scaling[slot].copy_(w.scaling, non_blocking=True)
 

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear, quantize_weight_per_channel
+from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear
+from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader, WeightShapeError, copy_checked
 from agentserve.model.quant import LinearMethodBase
@@ -51,8 +52,6 @@ class Fp8LinearMethod(LinearMethodBase):
             torch.empty(n, k, dtype=dtype), weight_loader, output_dim=0, input_dim=1, shard_ids=shard_ids))
         if not cfg.checkpoint_fp8:
             return
-        if layer.tp_size != 1 and cfg.weight_strategy != "channel":
-            raise WeightShapeError(f"{cfg.weight_strategy} FP8 scales are loaded at tensor-parallel size 1 only")
         if cfg.weight_strategy == "channel":
             def channel_loader(param: LoadableParameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
                 weight_loader(param, loaded.reshape(-1, 1), shard_id)  # [n] and [n, 1] both occur
@@ -62,10 +61,13 @@ class Fp8LinearMethod(LinearMethodBase):
             scale = LoadableParameter(torch.empty(len(shard_ids), dtype=torch.float32),
                                       _per_shard_scalar_loader(shard_ids), shard_ids=shard_ids)
         else:
+            assert isinstance(layer, LinearBase)
+            check_block_split(layer, shard_ids, cfg.block_size)  # tensor parallelism cuts whole blocks
             bn, bk = cfg.block_size
             rows = sum(_cdiv(s, bn) for s in output_partition_sizes)
             scale = LoadableParameter(torch.empty(rows, _cdiv(k, bk), dtype=torch.float32),
-                                      _block_scale_loader(shard_ids, output_partition_sizes, bn), shard_ids=shard_ids)
+                                      _block_scale_loader(layer, shard_ids, output_partition_sizes, cfg.block_size),
+                                      shard_ids=shard_ids)
         layer.register_parameter(cfg.scale_name, scale)
         if cfg.static_activations:
             layer.register_parameter("input_scale", LoadableParameter(
@@ -73,17 +75,18 @@ class Fp8LinearMethod(LinearMethodBase):
                 shard_ids=shard_ids))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        assert isinstance(layer, LinearBase)
         cfg = self.config
         weight = layer.weight.data
         if not cfg.checkpoint_fp8:
-            weight_q, scale = quantize_weight_per_channel(weight)
+            weight_q, scale = quantize_per_channel(layer, weight)
         elif cfg.weight_strategy == "channel":
             weight_q, scale = weight, layer.weight_scale.data.reshape(-1)
         elif cfg.weight_strategy == "tensor":
             sizes = torch.tensor(layer.output_partition_sizes, device=weight.device)
             weight_q, scale = weight, torch.repeat_interleave(layer.weight_scale.data, sizes)
         else:
-            weight_q, scale = quantize_weight_per_channel(self._dequantize_blocks(layer))
+            weight_q, scale = quantize_per_channel(layer, self._dequantize_blocks(layer))
             delattr(layer, cfg.scale_name)
         layer.weight = nn.Parameter(weight_q.contiguous(), requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
@@ -120,16 +123,21 @@ def _per_shard_scalar_loader(shard_ids: tuple[Optional[ShardId], ...]) -> Weight
     return load
 
 
-def _block_scale_loader(shard_ids: tuple[Optional[ShardId], ...], sizes: list[int], block_n: int) -> WeightLoader:
+def _block_scale_loader(layer: LinearBase, shard_ids: tuple[Optional[ShardId], ...], sizes: list[int],
+                        block: tuple[int, int]) -> WeightLoader:
     """A shard's [ceil(n / block_n), ceil(k / block_k)] block scales into its rows of the fused
-    parameter (each shard's blocks start at a block boundary of its own rows)."""
+    parameter (each shard's blocks start at a block boundary of its own rows); under tensor
+    parallelism, this rank's blocks of them (model/fp8_tp.py)."""
+    block_n, block_k = block
     offsets = [sum(_cdiv(s, block_n) for s in sizes[:i]) for i in range(len(sizes))]
 
     def load(param: LoadableParameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
         if shard_id is None and len(shard_ids) > 1:
             raise WeightShapeError("block scales of a fused projection must come per projection")
         i = shard_ids.index(shard_id)
-        copy_checked(param.data.narrow(0, offsets[i], _cdiv(sizes[i], block_n)), loaded.float())
+        rows = _cdiv(sizes[i], block_n)
+        copy_checked(param.data.narrow(0, offsets[i], rows),
+                     rank_block_scales(layer, loaded, shard_id, rows, block_k).float())
     return load
 
 
@@ -156,8 +164,11 @@ def quantize_linear_layers(model: nn.Module, config: Fp8Config) -> int:
         shard_ids = module.weight.shard_ids
         del module.weight
         module.quant_method = Fp8LinearMethod(config)
-        module.quant_method.create_weights(module, module.input_size_per_partition, module.output_partition_sizes,
-                                           dtype, module.weight_loader, shard_ids)
+        try:
+            module.quant_method.create_weights(module, module.input_size_per_partition,
+                                               module.output_partition_sizes, dtype, module.weight_loader, shard_ids)
+        except WeightShapeError as e:
+            raise WeightShapeError(f"{name}: {e}") from None
         count += 1
     return count
 

@@ -68,6 +68,12 @@ class LinearBase(nn.Module):
                       shard_id: Optional[ShardId] = None) -> None:
         raise NotImplementedError
 
+    def output_shard(self, shard_id: Optional[ShardId] = None) -> tuple[int, int]:
+        """(which slice, of how many) of the checkpoint's output rows of `shard_id` this rank holds:
+        (0, 1) where the outputs are not split. Things sharded with the weight's rows (FP8 block
+        scales) cut their slice with it."""
+        return 0, 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 
@@ -97,6 +103,9 @@ class ColumnParallelLinear(LinearBase):
                       shard_id: Optional[ShardId] = None) -> None:
         assert shard_id is None, "a plain column-parallel layer has no shards"
         self._load_rows(param, loaded_weight, 0, self.output_size_per_partition, self.tp_rank, self.tp_size)
+
+    def output_shard(self, shard_id: Optional[ShardId] = None) -> tuple[int, int]:
+        return self.tp_rank, self.tp_size
 
     @staticmethod
     def _load_rows(param: LoadableParameter, loaded_weight: torch.Tensor, offset: int, size: int,
@@ -173,12 +182,13 @@ class QKVParallelLinear(ColumnParallelLinear):
             return
         assert shard_id in self.shard_offsets, f"bad shard id {shard_id!r} (expected q, k or v)"
         offset, size = self.shard_offsets[shard_id]
-        if shard_id == "q":
-            self._load_rows(param, loaded_weight, offset, size, self.tp_rank, self.tp_size)
-        else:
-            # KV heads replicated over several ranks: ranks r*replicas .. (r+1)*replicas-1 load slice r.
-            self._load_rows(param, loaded_weight, offset, size, self.tp_rank // self.num_kv_head_replicas,
-                            self.tp_size // self.num_kv_head_replicas)
+        self._load_rows(param, loaded_weight, offset, size, *self.output_shard(shard_id))
+
+    def output_shard(self, shard_id: Optional[ShardId] = None) -> tuple[int, int]:
+        if shard_id in ("k", "v"):
+            # KV heads replicated over several ranks: ranks r*replicas .. (r+1)*replicas-1 hold slice r.
+            return self.tp_rank // self.num_kv_head_replicas, self.tp_size // self.num_kv_head_replicas
+        return self.tp_rank, self.tp_size
 
 
 class RowParallelLinear(LinearBase):
@@ -207,6 +217,11 @@ class RowParallelLinear(LinearBase):
         copy_checked(param.data, loaded_weight.narrow(dim, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The bias joins the sum once (rank 0), not tp_size times.
-        out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        out = self.forward_partial(x)
         return out if self.all_reduce is None else self.all_reduce(out)
+
+    def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output, before the sum over ranks (a LoRA layer adds its own
+        share of the adapter's delta to it: lora/layers.py)."""
+        # The bias joins the sum once (rank 0), not tp_size times.
+        return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)

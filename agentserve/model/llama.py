@@ -88,6 +88,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ArchConfig, tp: Optional[TPShard] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp  # start-up work that spans the ranks (KV scale calibration, LoRA slots) reads it
         tp_size, tp_rank = _tp_place(tp)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_size, tp_rank,
                                                    all_reduce=tp.all_reduce if tp else None)

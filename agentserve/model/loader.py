@@ -166,8 +166,6 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
                 load_format: str, seed: int, quantization: Optional[str] = None,
                 tp: Optional[TPShard] = None) -> CausalLM:
     quant = checkpoint_quantization(path, load_format, quantization)
-    if quant is not None and tp is not None:  # an FP8 checkpoint: its scales are not sharded yet
-        raise ModelLoadError(f"{path}: FP8 checkpoints are not supported with tensor_parallel_size={tp.size}")
     torch_default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)

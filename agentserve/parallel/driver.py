@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from agentserve.cache.device_ops import DeviceOp
 from agentserve.config import EngineConfig
+from agentserve.lora.manager import SlotTensors
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
@@ -33,6 +34,7 @@ from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disabl
 from agentserve.parallel.rank import KVLayers, TensorParallelError, TensorParallelRank, shard_forward
 from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.worker import WorkerArgs, worker_main
+from agentserve.worker.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,20 @@ class TensorParallelDriver(TensorParallelRank):
         return self._guarded(lambda: super(TensorParallelDriver, self).agree_num_blocks(num_blocks))
 
     def run_forward(self, model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
-                    meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+                    meta: ForwardMetadata, logits_indices: torch.Tensor,
+                    graphs: Optional[DecodeGraphs] = None) -> Optional[torch.Tensor]:
         def step() -> Optional[torch.Tensor]:
             protocol.send_forward(self.groups, input_ids, positions, meta, logits_indices)
-            return shard_forward(model, kv_layers, input_ids, positions, meta, logits_indices)
+            return shard_forward(model, kv_layers, input_ids, positions, meta, logits_indices, graphs)
 
         return self._guarded(step)
 
     def send_device_ops(self, ops: list[DeviceOp]) -> None:
         if ops:
             self._guarded(lambda: protocol.send_device_ops(self.groups, ops))
+
+    def send_lora_slot(self, slot: int, tensors: SlotTensors) -> None:
+        self._guarded(lambda: protocol.send_lora_slot(self.groups, slot, tensors))
 
     def check_ranks(self) -> None:
         """Raises TensorParallelError if a rank has exited (or failed before)."""

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.cache.device_ops import DeviceOp
+from agentserve.lora.manager import SlotTensors
 from agentserve.model.attention import ForwardMetadata
 from agentserve.parallel.groups import ProcessGroups
 
@@ -25,6 +26,7 @@ class MessageKind(IntEnum):
     FORWARD = 1     # run the model on the step's flat tensors (and the lm_head on the sampled rows)
     DEVICE_OPS = 2  # page copies and swaps on this rank's shard of the KV cache
     SHUTDOWN = 3    # leave the loop and exit
+    LORA_SLOT = 4   # copy a whole LoRA adapter (rank 0's slot load) into this rank's slot, cut to its shard
 
 
 @dataclass
@@ -61,19 +63,37 @@ def receive(groups: ProcessGroups) -> Message:
 # --- the forward message: a step's flat inputs -----------------------------------------------------
 def send_forward(groups: ProcessGroups, input_ids: torch.Tensor, positions: torch.Tensor, meta: ForwardMetadata,
                  logits_indices: torch.Tensor) -> None:
-    assert meta.lora_slot_indices is None, "LoRA is refused under tensor parallelism (config.py)"
+    lora = [meta.lora_slot_indices] if meta.lora_slot_indices is not None else []  # rows with adapters
     send(groups, MessageKind.FORWARD, (meta.max_query_len, meta.max_seq_len),
          [input_ids, positions, meta.slot_mapping, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-          logits_indices])
+          logits_indices, *lora])
 
 
 def unpack_forward(message: Message) -> tuple[torch.Tensor, torch.Tensor, ForwardMetadata, torch.Tensor]:
     max_query_len, max_seq_len = message.payload
-    input_ids, positions, slots, tables, query_start, seq_lens, logits_indices = message.tensors
+    input_ids, positions, slots, tables, query_start, seq_lens, logits_indices, *lora = message.tensors
     meta = ForwardMetadata(slot_mapping=slots, block_tables=tables, query_start_loc=query_start, seq_lens=seq_lens,
-                           max_query_len=max_query_len, max_seq_len=max_seq_len)
+                           max_query_len=max_query_len, max_seq_len=max_seq_len,
+                           lora_slot_indices=lora[0] if lora else None)
     return input_ids, positions, meta, logits_indices
 
 
 def send_device_ops(groups: ProcessGroups, ops: list[DeviceOp]) -> None:
     send(groups, MessageKind.DEVICE_OPS, list(ops))  # a copy: the runner takes ops off its list as they run
+
+
+# --- LoRA slot loads: the whole adapter rank 0 copies into a slot --------------------------------------
+def send_lora_slot(groups: ProcessGroups, slot: int, tensors: SlotTensors) -> None:
+    """The adapter goes whole (each rank cuts its shard): rank 0's CPU tier holds it whole, and one
+    broadcast serves every rank. On CUDA it travels device to device (NCCL), so it is staged first."""
+    present = [(fused, t is not None) for fused, t in tensors.items()]
+    flat = [x.to(groups.device) for t in tensors.values() if t is not None for x in t]
+    send(groups, MessageKind.LORA_SLOT, (slot, present), flat)
+
+
+def unpack_lora_slot(message: Message) -> tuple[int, SlotTensors]:
+    slot, present = message.payload
+    flat = iter(message.tensors)
+    tensors: SlotTensors = {fused: (next(flat), next(flat), next(flat), next(flat)) if has else None
+                            for fused, has in present}
+    return slot, tensors

@@ -12,20 +12,32 @@ from typing import Optional
 import torch
 
 from agentserve.cache.device_ops import DeviceOp
+from agentserve.lora.manager import SlotTensors
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
 from agentserve.parallel.groups import ProcessGroups
 from agentserve.parallel.shard import TPShard
+from agentserve.worker.cuda_graph import DecodeGraphs
 
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def shard_forward(model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
-                  meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+                  meta: ForwardMetadata, logits_indices: torch.Tensor,
+                  graphs: Optional[DecodeGraphs] = None) -> Optional[torch.Tensor]:
     """One step's forward on this rank's shard, the same on every rank (so their collectives match):
     the layers, then the lm_head on the sampled rows (None when no row samples). Rank 0's result
-    holds the whole vocabulary's logits; the others' are their slices, unused."""
+    holds the whole vocabulary's logits; the others' are their slices, unused.
+
+    With CUDA graphs (`graphs`, captured on every rank in the same order), a decode-only step whose
+    batch has a captured size replays one: every rank decides from the same step inputs, so all pick
+    the same padded size and context bucket, and replay the same collectives."""
+    bs = meta.seq_lens.shape[0]
+    if (graphs is not None and meta.max_query_len == 1 and logits_indices.shape[0] == bs
+            and graphs.padded_size(bs) is not None):
+        return graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                          meta.max_seq_len, meta.lora_slot_indices)
     hidden = model(input_ids, positions, kv_layers, meta)
     if logits_indices.numel() == 0:
         return None
@@ -54,11 +66,16 @@ class TensorParallelRank:
         return self.groups.min_over_ranks(num_blocks)
 
     def run_forward(self, model: CausalLM, kv_layers: KVLayers, input_ids: torch.Tensor, positions: torch.Tensor,
-                    meta: ForwardMetadata, logits_indices: torch.Tensor) -> Optional[torch.Tensor]:
+                    meta: ForwardMetadata, logits_indices: torch.Tensor,
+                    graphs: Optional[DecodeGraphs] = None) -> Optional[torch.Tensor]:
         """Rank 0: sends the step's inputs to the other ranks and runs its own share (driver.py)."""
         raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
 
     def send_device_ops(self, ops: list[DeviceOp]) -> None:
+        raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
+
+    def send_lora_slot(self, slot: int, tensors: SlotTensors) -> None:
+        """Rank 0: the other ranks load the adapter rank 0 loads into `slot` (lora/manager.py)."""
         raise AssertionError(f"rank {self.groups.rank} receives steps; only rank 0 sends them")
 
     def shutdown(self) -> None:

@@ -21,8 +21,12 @@ def start_model_runner(config: EngineConfig, arch: ArchConfig, device: torch.dev
     rank's build fails, the workers are stopped before the error goes on."""
     driver = launch_tensor_parallel(config, arch, model_path, dtype, max_model_len, device)
     try:
-        return ModelRunner(config, arch, device, dtype, model_path, max_model_len, draft, driver)
+        runner = ModelRunner(config, arch, device, dtype, model_path, max_model_len, draft, driver)
     except BaseException:
         if driver is not None:
             driver.shutdown()
         raise
+    if driver is not None and runner.lora_manager is not None:
+        # Every slot rank 0 loads, the other ranks load too (each its shard), before the step that reads it.
+        runner.lora_manager.on_slot_load(driver.send_lora_slot)
+    return runner

@@ -41,3 +41,12 @@ def check_divisible(arch: ArchConfig, tp_size: int) -> None:
     if problems:
         raise ModelLoadError(f"tensor_parallel_size={tp_size} does not divide the model's "
                              f"{', '.join(problems)}; choose a size that divides them")
+
+
+def max_over_ranks(tensor: torch.Tensor, all_reduce: Collective, size: int, rank: int) -> torch.Tensor:
+    """The elementwise max of `tensor` over the ranks, through the sum the layers already hold: each
+    rank fills its own row of a zero stack, so the sum is every rank's tensor, exactly (x + 0 == x).
+    Start-up only (FP8 scales, KV scale calibration): every rank must call it at the same point."""
+    stack = tensor.new_zeros((size, *tensor.shape))
+    stack[rank] = tensor
+    return all_reduce(stack).amax(dim=0)

@@ -27,7 +27,7 @@ from agentserve.cache.device_ops import execute_device_ops
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
-from agentserve.parallel.protocol import MessageKind, receive, unpack_forward
+from agentserve.parallel.protocol import MessageKind, receive, unpack_forward, unpack_lora_slot
 from agentserve.parallel.rank import TensorParallelRank, shard_forward
 
 
@@ -89,6 +89,9 @@ def _serve(args: WorkerArgs) -> None:
                 break
             if message.kind == MessageKind.DEVICE_OPS:
                 execute_device_ops(runner.kv_cache, message.payload)
-                continue
-            shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message))
+            elif message.kind == MessageKind.LORA_SLOT:
+                assert runner.lora_manager is not None, "rank 0 serves LoRA; every rank has the same config"
+                runner.lora_manager.load_slot(*unpack_lora_slot(message))
+            else:
+                shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message), graphs=runner.graphs)
     runner.close()

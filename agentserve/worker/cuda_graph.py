@@ -60,7 +60,9 @@ class DecodeGraphs:
         self.lora_slots: Optional[torch.Tensor] = torch.full((n,), -1, dtype=torch.int32, device=device) if lora else None
         self.lora_modes = (False, True) if lora else (False,)
         self.buckets = context_buckets(max_model_len)
-        self.num_kv_heads = model.cfg.num_kv_heads
+        # This rank's KV heads (all of them at tensor-parallel size 1): the attention kernels pick their
+        # split count from the cache's heads, and a graph's key must be the split count it runs.
+        self.num_kv_heads = model.layers[0].self_attn.num_kv_heads
         self.num_sms = num_sms(device)
         # (batch size, split count, with LoRA) -> graph and its output.
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}

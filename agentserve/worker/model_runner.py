@@ -92,9 +92,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device,
                                        lora=self.lora_manager is not None)
-            self.graphs.capture()
-            self.verify_graphs = capture_spec_graphs(config, self.model, self.kv_cache.layers, self.draft,
-                                                     self.max_blocks_per_seq, max_model_len, device, self.graphs.pool)
+            self.graphs.capture()  # under tensor parallelism, on every rank: the ranks replay together
+            if self.parallel is None:  # verification replays (and the draft's graphs) are rank 0's alone
+                self.verify_graphs = capture_spec_graphs(config, self.model, self.kv_cache.layers, self.draft,
+                                                         self.max_blocks_per_seq, max_model_len, device, self.graphs.pool)
         if self.device.type == "cuda":
             from agentserve.kernels.paged_attention import warmup_unified_variants
 
@@ -127,9 +128,7 @@ class ModelRunner:
         from agentserve.kernels import HAS_TRITON, get_backend
 
         # The torch reference attention has data-dependent shapes and cannot be captured.
-        # Tensor parallelism runs eagerly: replaying graphs on every rank with the step's inputs is not wired.
-        return (self.device.type == "cuda" and not self.config.enforce_eager and HAS_TRITON and self.parallel is None
-                and get_backend() != "torch")
+        return self.device.type == "cuda" and not self.config.enforce_eager and HAS_TRITON and get_backend() != "torch"
 
     # --- sizing -------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -210,7 +209,8 @@ class ModelRunner:
     def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
         if self.parallel is not None:  # sends the step to the other ranks, then runs this rank's share
-            return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, logits_indices)
+            return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, logits_indices,
+                                             self.graphs)
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
