@@ -112,6 +112,10 @@ class SpecConfig(_Strict):
         "when --draft-model is given, else off.")
     draft_model: Optional[str] = Field(default=None, description="Draft model directory for speculative decoding "
                                        "(or a named dummy shape such as 'llama-3.2-1b' with --load-format dummy).")
+    draft_quantization: Optional[Literal["fp8"]] = Field(
+        default=None, description="Quantize the draft model's weights at load ('fp8': e4m3, per output channel), "
+        "independently of --quantization (which applies to the target). A pre-quantized draft checkpoint is "
+        "served in its own scheme without it.")
     num_speculative_tokens: int = Field(default=4, gt=0, le=16, description="Most tokens proposed per request "
                                         "and step (dynamic speculation may use fewer, down to 0).")
     prompt_lookup_min: int = Field(default=2, gt=0, description="N-gram proposer: shortest context tail matched.")
@@ -136,6 +140,9 @@ class SpecConfig(_Strict):
             raise ValueError("speculative_method='draft_model' needs draft_model (--draft-model PATH)")
         if self.speculative_method == "ngram" and self.draft_model is not None:
             raise ValueError("speculative_method='ngram' takes no draft_model; drop one of them")
+        if self.draft_quantization is not None and self.draft_model is None:
+            raise ValueError("draft_quantization applies to a draft model: give draft_model (--draft-model PATH) "
+                             "or drop draft_quantization")
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= prompt_lookup_min "
                              f"({self.prompt_lookup_min})")

@@ -95,14 +95,17 @@ def _device_tables(host_tables: np.ndarray, device: torch.device) -> torch.Tenso
 
 class DraftModel:
     def __init__(self, arch: ArchConfig, path: Optional[Path], dtype: torch.dtype, device: torch.device,
-                 load_format: str, seed: int, max_model_len: int, block_size: int, max_tokens_per_forward: int) -> None:
+                 load_format: str, seed: int, max_model_len: int, block_size: int, max_tokens_per_forward: int,
+                 quantization: Optional[str] = None) -> None:
         self.arch = arch
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         self.max_tokens_per_forward = max_tokens_per_forward
         self.max_model_len = max_model_len
-        self.model = build_model(arch, dtype, device, path, load_format, seed)
+        # Its own quantization (draft_quantization, or its checkpoint's quantization_config), not the
+        # target's: an FP8 draft under a bf16 target and the reverse are both valid.
+        self.model = build_model(arch, dtype, device, path, load_format, seed, quantization=quantization)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.cache: Optional[KVCache] = None
