@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - platforms without triton wheels
     tl = None  # type: ignore[assignment]
 
 __all__ = ["HAS_TRITON", "triton", "tl", "set_backend", "get_backend", "triton_enabled_for", "cdiv",
-           "next_pow2", "num_sms", "INTERPRET"]
+           "next_pow2", "num_sms", "dot_modes", "INTERPRET"]
 
 # True when Triton runs its CPU interpreter (tests); kernels then see CPU tensors.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -99,3 +99,11 @@ def num_sms(device: torch.device | None = None) -> int:
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
     return _num_sms(index)
+
+
+def dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for tl.dot on `dtype` tiles. The interpreter multiplies bf16 tl.dot
+    operands as raw integers, so under it bf16 tiles are upcast to fp32 first; compiled kernels feed
+    bf16 to the tensor cores. fp32 stays IEEE-exact."""
+    upcast = INTERPRET and dtype == torch.bfloat16
+    return upcast, "ieee" if (dtype == torch.float32 or upcast) else "tf32"

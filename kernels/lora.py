@@ -45,6 +45,7 @@ Kernels
 - expand: grid (tiles, cdiv(out_features, BLOCK_N)) over the concatenated output. A column tile may
   straddle two slices; each slice it touches adds dot(scale_s * h_s, B_s tile) for its own columns.
   It reads y, adds, and writes y (each (token, column) has one writer: no atomics).
+- decode-sized steps, with AGENTSERVE_LORA_FUSED=1: both in one launch (kernels/lora_fused.py).
 
 Both kernels read their launch parameters from shapes only, so they can be captured in CUDA graphs
 together with `build_lora_batch_meta` (torch.sort, searchsorted, cumsum: no syncs).
@@ -57,7 +58,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._triton_utils import INTERPRET, cdiv, next_pow2, num_sms, tl, triton, triton_enabled_for
+from ._triton_utils import cdiv, dot_modes, next_pow2, num_sms, tl, triton, triton_enabled_for
+from .lora_fused import add_lora_fused, use_fused_lora
 
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 MAX_SPLIT_K = 16
@@ -322,13 +324,6 @@ def lora_kernel_config(meta: LoRABatchMeta, in_features: int, num_slices: int,
     return LoRAKernelConfig(split_k=split_k, block_k=block_k, block_n=64)
 
 
-def _dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
-    # The interpreter multiplies bf16 tl.dot operands as raw integers, so under it bf16 tiles are
-    # upcast to fp32 first; compiled kernels feed bf16 to the tensor cores. fp32 stays IEEE-exact.
-    upcast = INTERPRET and dtype == torch.bfloat16
-    return upcast, "ieee" if (dtype == torch.float32 or upcast) else "tf32"
-
-
 def _check_shapes(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRABatchMeta) -> None:
     if lora_a.dim() != 4 or x.dim() != 2 or x.shape[1] != lora_a.shape[3]:
         raise ValueError(f"lora: x {tuple(x.shape)} does not match A {tuple(lora_a.shape)} "
@@ -352,7 +347,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
     h = torch.empty((cfg.split_k, num_slices, meta.num_tokens, max_rank), dtype=torch.float32, device=x.device)
     if meta.max_blocks == 0:
         return h
-    upcast, precision = _dot_modes(lora_a.dtype)
+    upcast, precision = dot_modes(lora_a.dtype)
     _lora_shrink_kernel[(meta.max_blocks, cfg.split_k, num_slices)](
         x, lora_a, h, meta.sorted_token_ids, meta.block_slot, meta.block_row_start, meta.block_row_end,
         ranks, k, max_rank, x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
@@ -378,7 +373,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ran
     if meta.max_blocks == 0 or n == 0:
         return
     block_n = config.block_n if config is not None else 64
-    upcast, precision = _dot_modes(lora_b.dtype)
+    upcast, precision = dot_modes(lora_b.dtype)
     _lora_expand_kernel[(meta.max_blocks, cdiv(n, block_n))](
         shrunk, lora_b, y, meta.sorted_token_ids, meta.block_slot, meta.block_row_start, meta.block_row_end,
         ranks, scaling, slice_starts, n, shrunk.stride(0), shrunk.stride(1), shrunk.stride(2),
@@ -392,8 +387,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
              ranks: torch.Tensor, scaling: torch.Tensor, meta: LoRABatchMeta,
              slice_sizes: Sequence[int], slice_starts: torch.Tensor) -> None:
     """y += the LoRA delta of every adapter token, in place (y: the fused base projection's output).
-    Triton for CUDA tensors, the gather + bmm reference otherwise."""
-    if triton_enabled_for(x):
-        lora_expand(y, lora_shrink(x, lora_a, ranks, meta), lora_b, ranks, scaling, meta, slice_starts)
-    else:
+    CUDA: shrink + expand, or for decode-sized steps with AGENTSERVE_LORA_FUSED=1 the one-launch
+    kernel of kernels/lora_fused.py; elsewhere the gather + bmm reference."""
+    if not triton_enabled_for(x):
         add_lora_ref(y, x, lora_a, lora_b, ranks, scaling, meta.token_slots, slice_sizes)
+    elif use_fused_lora(meta.num_tokens):
+        add_lora_fused(y, x, lora_a, lora_b, ranks, scaling, meta, slice_starts)
+    else:
+        lora_expand(y, lora_shrink(x, lora_a, ranks, meta), lora_b, ranks, scaling, meta, slice_starts)
