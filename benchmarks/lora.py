@@ -15,6 +15,7 @@ needed (each name is its own adapter to the engine: own key, own CPU-tier entry,
 
   python benchmarks/lora.py                        (GPU: dummy Llama-3.1-8B bf16)
   python benchmarks/lora.py --smoke --out x.json   (CPU: a tiny model, a few short requests)
+  python benchmarks/lora.py --lora-fused on        (A/B: the one-launch LoRA kernel for decode steps)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from _results import append_result, command_line, device_name, write_json  # noq
 from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
+from agentserve.kernels.lora_fused import FUSED_MAX_TOKENS, lora_fused_enabled, set_lora_fused  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.lora.adapter import ATTENTION_MODULES, lora_module_shapes  # noqa: E402
 from agentserve.model.arch_config import ArchConfig  # noqa: E402
@@ -66,6 +69,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lora-fused", choices=("on", "off"), default=None,
+                    help=f"AGENTSERVE_LORA_FUSED for this run: one fused shrink+expand launch per projection for "
+                         f"steps of <= {FUSED_MAX_TOKENS} tokens (kernels/lora_fused.py); default: the environment's")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: a tiny float32 model, small workloads")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -184,6 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     counts = [int(c) for c in args.counts.split(",")]
     targets = args.targets.split(",")
     n_names = max(max(counts), args.cpu_tier_adapters)
+    if args.lora_fused is not None:  # before the engine exists: its decode graphs capture the choice
+        os.environ["AGENTSERVE_LORA_FUSED"] = "1" if args.lora_fused == "on" else "0"  # worker processes (TP)
+        set_lora_fused(args.lora_fused == "on")  # this process imported the kernels already
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=max(args.max_prompt + args.output_len, args.stream_prompt_len + args.stream_new_tokens) + 16,
               max_num_batched_tokens=2048 if args.smoke else 8192, max_num_seqs=args.max_num_seqs,
@@ -227,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            f"{key_cpu} >= {TARGET_512}x base": ratios[key_cpu] >= TARGET_512}
     result: dict[str, Any] = {
         "benchmark": "lora", "model": args.model, "device": device_name(), "rank": args.rank, "targets": targets,
-        "max_loras": args.max_loras, "max_cpu_loras": n_names, "throughput": runs, "ratios_vs_base": ratios,
+        "max_loras": args.max_loras, "max_cpu_loras": n_names, "lora_fused": lora_fused_enabled(), "throughput": runs, "ratios_vs_base": ratios,
         "single_stream": {"base": stream_base, "adapter": stream_lora, "ratio": stream_ratio},
         "load": {"one_adapter_ms": one_load_ms, f"{n_names - 1}_adapters_s": all_load_s, "slot_copy_ms": slot_ms},
         "targets_met": met}
@@ -243,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows.append((f"{n_names - 1} adapter loads, 8 reader threads, s", f"{all_load_s:.2f}", "", ""))
     rows.append(("adapter copy into a device slot, ms", f"{slot_ms:.2f}", "", ""))
     print(table(rows))
+    print(f"fused LoRA kernel for steps of <= {FUSED_MAX_TOKENS} tokens: {'on' if lora_fused_enabled() else 'off'}")
     for what, ok in met.items():
         print(f"target {what}: {'met' if ok else 'NOT met'}")
 
@@ -255,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if on_gpu and not args.no_record:
         summary = "; ".join(f"{name} {r['output_tok_s']:.0f} tok/s ({ratios[name]:.2f}x)" for name, r in runs.items())
         summary += (f"; one stream {stream_lora['decode_tok_s']:.1f} vs {stream_base['decode_tok_s']:.1f} tok/s "
-                    f"({stream_ratio:.2f}x); load {one_load_ms:.0f} ms, slot copy {slot_ms:.2f} ms")
+                    f"({stream_ratio:.2f}x); load {one_load_ms:.0f} ms, slot copy {slot_ms:.2f} ms; "
+                    f"fused LoRA kernel {'on' if lora_fused_enabled() else 'off'}")
         append_result("lora", command_line("lora.py", argv), summary)
     llm.close()
     return 0

@@ -14,6 +14,7 @@ import torch
 from agentserve.kernels.lora import (LoRABatchMeta, add_lora, build_lora_batch_meta, default_block_m,
                                      lora_kernel_config, max_lora_blocks)
 from agentserve.kernels._triton_utils import num_sms, triton_enabled_for
+from agentserve.kernels.lora_fused import use_fused_lora
 from agentserve.lora.manager import MultiLoRAManager
 
 
@@ -42,9 +43,11 @@ def warmup_lora_kernels(manager: MultiLoRAManager, max_num_tokens: int) -> int:
     launched = 0
     for fused in manager.projections:
         stack = manager.stack(0, fused)
-        seen: set[tuple[int, int]] = set()
+        seen: set[tuple[int, int] | str] = set()
         for m in range(1, max_num_tokens + 1):
-            variant = _variant(manager, fused, m, sms)
+            # With AGENTSERVE_LORA_FUSED on, small steps take kernels/lora_fused.py's one kernel, whose
+            # tiles come from the weight shapes only: one variant, whatever (BLOCK_M, SPLIT_K) says.
+            variant = "fused" if use_fused_lora(m) else _variant(manager, fused, m, sms)
             if variant in seen:
                 continue
             seen.add(variant)
