@@ -6,6 +6,7 @@ through `add_lora` run at the end of this file under `-m gpu`."""
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import torch
 
@@ -187,6 +188,27 @@ def test_fused_equals_two_kernel_path() -> None:
     torch.testing.assert_close(fused, two, atol=1e-5, rtol=1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("switch", [True, False])
+def test_add_lora_dispatch(monkeypatch: pytest.MonkeyPatch, switch: bool) -> None:
+    """`add_lora` on the Triton path (forced for the interpreter's CPU tensors): the fused kernel for
+    steps of <= FUSED_MAX_TOKENS tokens when the switch is on, shrink + expand otherwise; both right."""
+    calls: list[int] = []
+    real = lora.add_lora_fused
+    monkeypatch.setattr(lora, "triton_enabled_for", lambda t: True)
+    monkeypatch.setattr(lora, "add_lora_fused", lambda y, *a: (calls.append(y.shape[0]), real(y, *a))[1])
+    monkeypatch.setattr(lora_fused, "_fused_enabled", switch)
+    for num_tokens in (1, MAX_M, MAX_M + 1):
+        case = make_lora_case(num_tokens=num_tokens, max_loras=3, ranks=[[4, 4], [8, 8], [16, 0]], max_rank=16,
+                              in_features=32, slice_sizes=[16, 16], dtype=torch.float32, seed=num_tokens)
+        y = case["y"].clone()
+        meta = lora.build_lora_batch_meta(case["token_slots"], 3)
+        lora.add_lora(y, case["x"], case["lora_a"], case["lora_b"], case["ranks"], case["scaling"], meta,
+                      case["slice_sizes"], lora.slice_starts_for(case["slice_sizes"], y.device))
+        torch.testing.assert_close(y, run_reference(case), **TOL[torch.float32])
+    assert calls == ([1, MAX_M] if switch else [])
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU, real shapes (`pytest -m gpu`, compiled Triton)
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +222,7 @@ MODULES_8B = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096])}
 
 
 @pytest.fixture
-def fused_on():
+def fused_on() -> Iterator[None]:
     before = lora_fused.lora_fused_enabled()
     lora_fused.set_lora_fused(True)
     yield
