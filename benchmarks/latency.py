@@ -34,29 +34,32 @@ def _vocab(llm: LLM) -> int:
     return min(llm.engine.arch.vocab_size - 10, 30000)
 
 
-def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int,
+                  lora_name: Optional[str] = None) -> dict[str, Any]:
+    """Decode tok/s of one request (optionally with a LoRA adapter), from its first token to its last:
+    the median of `repeats` runs after one warm-up run."""
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engine = llm.engine
+    engine.emit_unfinished = True  # per-step outputs: the first token's arrival time is needed
     rates = []
-    llm.engine.emit_unfinished = True  # per-step outputs: the first token's arrival time is needed
-    for r in range(repeats + 1):
-        prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()
-        engine = llm.engine
-        engine.add_request(f"s{r}", prompt, params)
-        _sync()
-        first = None
-        n = 0
-        while engine.has_unfinished():
-            for out in engine.step():
-                n = len(out.outputs[0].token_ids)
-                if first is None and n:
-                    first = time.perf_counter()
-        _sync()
-        end = time.perf_counter()
-        if r > 0:  # the first run warms up
-            assert first is not None
-            rates.append((n - 1) / (end - first))  # decode rate after the first token
-    llm.engine.emit_unfinished = False
+    try:
+        for r in range(repeats + 1):
+            prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()
+            engine.add_request(f"stream-{lora_name}-{r}", prompt, params, lora_name=lora_name)
+            first, n = None, 0
+            while engine.has_unfinished():
+                for out in engine.step():
+                    n = len(out.outputs[0].token_ids)
+                    if first is None and n:
+                        _sync()
+                        first = time.perf_counter()
+            _sync()
+            if r > 0:  # the first run warms up
+                assert first is not None
+                rates.append((n - 1) / (time.perf_counter() - first))  # decode rate after the first token
+    finally:
+        engine.emit_unfinished = False
     return {"decode_tok_s": statistics.median(rates), "runs": rates}
 
 

@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
+from latency import single_stream  # noqa: E402
 from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
@@ -137,31 +137,6 @@ def run_throughput(llm: LLM, prompts: list[list[int]], adapters: list[Optional[s
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_s": out_tokens / elapsed,
             "requests_s": len(prompts) / elapsed, "distinct_adapters": len({a for a in adapters if a}),
             "slot_loads": (manager.num_slot_loads if manager is not None else 0) - loads_before}
-
-
-def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int, adapter: Optional[str]) -> dict[str, Any]:
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    engine = llm.engine
-    engine.emit_unfinished = True  # per-step outputs: the first token's arrival time
-    rates = []
-    try:
-        for r in range(repeats + 1):
-            prompt = rng.integers(10, min(engine.arch.vocab_size, 32000) - 10, size=prompt_len).tolist()
-            engine.add_request(f"stream-{adapter}-{r}", prompt, params, lora_name=adapter)
-            first, n = None, 0
-            while engine.has_unfinished():
-                for out in engine.step():
-                    n = len(out.outputs[0].token_ids)
-                    if first is None and n:
-                        _sync()
-                        first = time.perf_counter()
-            _sync()
-            if r > 0 and first is not None:  # the first run warms up
-                rates.append((n - 1) / (time.perf_counter() - first))
-    finally:
-        engine.emit_unfinished = False
-    return {"decode_tok_s": statistics.median(rates), "runs": rates}
 
 
 def slot_load_ms(llm: LLM, name: str) -> float:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, write_json  # noqa: E402
+from latency import single_stream  # noqa: E402
 from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
@@ -73,32 +74,6 @@ def open_engine(args: argparse.Namespace, model: str, tp: int, enforce_eager: bo
     return LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format, max_model_len=max_len,
                max_num_batched_tokens=2048 if args.smoke else 8192, tensor_parallel_size=tp,
                enforce_eager=enforce_eager, **({"num_blocks": 256} if args.smoke else {}))
-
-
-def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
-    """Decode tok/s of one request, from its first token to its last (median of `repeats`)."""
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    engine = llm.engine
-    engine.emit_unfinished = True  # per-step outputs: the first token's arrival time
-    rates = []
-    try:
-        for r in range(repeats + 1):
-            prompt = rng.integers(10, min(engine.arch.vocab_size, 32000) - 10, size=prompt_len).tolist()
-            engine.add_request(f"stream-{r}", prompt, params)
-            first, n = None, 0
-            while engine.has_unfinished():
-                for out in engine.step():
-                    n = len(out.outputs[0].token_ids)
-                    if first is None and n:
-                        _sync()
-                        first = time.perf_counter()
-            _sync()
-            if r > 0 and first is not None:  # the first run warms up
-                rates.append((n - 1) / (time.perf_counter() - first))
-    finally:
-        engine.emit_unfinished = False
-    return {"decode_tok_s": statistics.median(rates), "runs": rates}
 
 
 def throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, Any]:

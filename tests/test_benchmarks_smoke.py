@@ -141,7 +141,13 @@ def test_spec_smoke(tmp_path: Path) -> None:
     assert {(row["acceptance"], row["k"]) for row in r["one_stream"]} == {(a, k) for a in (0.6, 0.8) for k in (2, 4, 6)}
     for row in r["one_stream"]:
         assert row["tok_s"] > 0 and math.isfinite(row["speedup"]) and 0 < row["theoretical"] < 7
-    assert all(v > 0 for v in r["dynamic_throughput"].values())
+    for runs in (r["base_throughput"], r["dynamic_throughput"]):
+        for v in runs.values():
+            assert v["output_tok_s"] > 0 and len(v["runs"]) >= 1 and v["speculative_rows_per_run"] >= 0
+    # The base engine has no draft: no speculative rows.
+    assert all(v["speculative_rows_per_run"] == 0 for v in r["base_throughput"].values())
+
+
 def test_lora_smoke(tmp_path: Path) -> None:
     """benchmarks/lora.py (issue #13) end to end: every throughput run served all its requests, the
     adapter runs really used adapters (slots were loaded), and every figure is finite and positive."""
