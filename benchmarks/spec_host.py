@@ -4,7 +4,10 @@ On the GPU the host's work between the proposal's sync and the verification laun
 verification's sync and the next proposal, sits on the critical path (the device idles meanwhile:
 a speculative step runs in the synchronous order). On the CPU with a tiny model the forwards are
 small, so the rest of Engine.step is what this measures. The target is its own draft and
-`spec_synthetic_acceptance` fixes the acceptance (default 0.8), k fixed (default 4).
+`spec_synthetic_acceptance` fixes the acceptance (default 0.8), k fixed (default 4). By default the
+step takes the GPU's code paths (padded verification and catch-up inputs, draft decode replays) with
+eager stand-ins for the CUDA graphs, so the host builds what it builds on the GPU; pinned host
+buffers exist on CUDA only, so their cost does not show here.
 
 Phases, ms per Engine.step (median over the measured steps; `mean step` is the mean):
   propose        Speculation.__call__ minus the draft's forwards (catch-up and k - 1 decode steps:
@@ -43,6 +46,9 @@ from _results import append_result, command_line, device_name, write_json  # noq
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.engine.engine import Engine  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
+from agentserve.model.attention import ForwardMetadata  # noqa: E402
+from agentserve.spec.draft import MAX_DECODE_CATCH_UP  # noqa: E402
+from agentserve.spec.draft_inputs import PaddedInputs  # noqa: E402
 from agentserve.worker import model_runner  # noqa: E402
 
 PHASES = ("propose", "draft fwd", "schedule", "verify inputs", "target fwd", "reject", "verify rest",
@@ -55,20 +61,71 @@ class StepTimer:
     def __init__(self) -> None:
         self.current: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
+        self._open: set[str] = set()  # names being timed: a nested call of the same name is inside it
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if name in self._open:
+                return fn(*args, **kwargs)
+            self._open.add(name)
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.current[name] += time.perf_counter() - t
+                self._open.discard(name)
         return timed
 
     def end_step(self, record: bool) -> None:
         if record:
             self.steps.append(dict(self.current))
         self.current.clear()
+
+
+class EagerPaddedGraphs:
+    """Stands in for VerifyGraphs on the CPU: the same padded inputs, run eagerly, so the host builds
+    exactly what it builds for the GPU's verification and catch-up replays."""
+
+    def __init__(self, model: Any, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], max_query_len: int) -> None:
+        self.model, self.kv_layers, self.max_query_len = model, kv_layers, max_query_len
+
+    def padded_size(self, bs: int, q: int) -> Optional[int]:
+        return bs if 2 <= q <= self.max_query_len else None
+
+    def run(self, inputs: PaddedInputs, q: int) -> torch.Tensor:
+        bs = inputs.seq_lens.shape[0]
+        meta = ForwardMetadata(slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
+                               query_start_loc=torch.arange(bs + 1, dtype=torch.int32) * q, seq_lens=inputs.seq_lens,
+                               max_query_len=q, max_seq_len=int(inputs.seq_lens.max()))
+        return self.model(inputs.input_ids, inputs.positions, self.kv_layers, meta)
+
+
+class EagerDecodeGraphs:
+    """Stands in for the draft's DecodeGraphs on the CPU (inputs already built; returns logits)."""
+
+    def __init__(self, model: Any, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.model, self.kv_layers = model, kv_layers
+
+    def padded_size(self, bs: int) -> Optional[int]:
+        return bs
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        bs = input_ids.shape[0]
+        meta = ForwardMetadata(slot_mapping=slot_mapping, block_tables=block_tables,
+                               query_start_loc=torch.arange(bs + 1, dtype=torch.int32), seq_lens=seq_lens.to(torch.int32),
+                               max_query_len=1, max_seq_len=max_seq_len)
+        return self.model.compute_logits(self.model(input_ids, positions, self.kv_layers, meta))
+
+
+def use_graph_paths(engine: Engine, k: int) -> None:
+    """The GPU's code paths (verification and catch-up over padded inputs, draft decode replays),
+    with eager stand-ins for the graphs."""
+    runner, draft = engine.runner, engine.runner.draft
+    assert draft is not None and draft.cache is not None
+    runner.verify_graphs = EagerPaddedGraphs(runner.model, runner.kv_cache.layers, 1 + k)  # type: ignore[assignment]
+    draft.graphs = EagerDecodeGraphs(draft.model, draft.cache.layers)
+    draft.catch_up_graphs = EagerPaddedGraphs(draft.model, draft.cache.layers, MAX_DECODE_CATCH_UP)
 
 
 def instrument(engine: Engine, timer: StepTimer) -> Callable[[], None]:
@@ -89,6 +146,11 @@ def instrument(engine: Engine, timer: StepTimer) -> Callable[[], None]:
     for model, name in ((draft.model, "draft fwd"), (runner.model, "target fwd")):
         model.forward = timer.wrap(name, model.forward)  # type: ignore[method-assign]
         model.compute_logits = timer.wrap(name, model.compute_logits)  # type: ignore[method-assign]
+    # The stand-ins' whole run is the forward (on the GPU, a replay), as is the draft's eager path.
+    for graphs, name in ((runner.verify_graphs, "target fwd"), (draft.graphs, "draft fwd"),
+                         (draft.catch_up_graphs, "draft fwd")):
+        if graphs is not None:
+            graphs.run = timer.wrap(name, graphs.run)  # type: ignore[method-assign]
     engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
     runner.prepare = timer.wrap("verify inputs", runner.prepare)  # type: ignore[method-assign]
     runner._sampling_metadata = timer.wrap("verify inputs", runner._sampling_metadata)  # type: ignore[method-assign]
@@ -159,6 +221,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on a shared CPU)")
+    ap.add_argument("--eager-paths", action="store_true",
+                    help="the CPU's own paths (ragged eager verification) instead of the GPU's padded graph paths")
     ap.add_argument("--label", default="", help="a note for RESULTS.md (e.g. before / after)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--record", action="store_true", help="append a line to benchmarks/RESULTS.md")
@@ -176,6 +240,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              max_model_len=args.prompt_len + 6 * args.steps + 128, max_num_seqs=max(args.batch),
              async_scheduling=False) as llm:
         engine = llm.engine
+        if not args.eager_paths:
+            use_graph_paths(engine, args.k)
         timer = StepTimer()
         undo = instrument(engine, timer)
         try:
@@ -183,14 +249,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         finally:
             undo()
     print(f"device: {device_name()}, torch threads {args.threads}; tiny {args.arch} as its own draft, "
-          f"k = {args.k}, synthetic acceptance {args.acceptance}")
+          f"k = {args.k}, synthetic acceptance {args.acceptance}, {'eager' if args.eager_paths else 'graph'} paths")
     print("ms per speculative step (median over steps; host = step minus the two models' forwards)")
     print(f"{'batch':>5} {'tok/step':>8} " + " ".join(f"{p:>13}" for p in PHASES) + f" {'mean host':>10}")
     for r in rows:
         print(f"{r['batch']:>5} {r['tokens_per_step']:8.2f} " + " ".join(f"{r[p]:13.3f}" for p in PHASES)
               + f" {r['mean_host_ms']:10.3f}")
     command = command_line("spec_host.py", argv)
-    write_json({"command": command, "device": device_name(), "label": args.label, "rows": rows},
+    write_json({"command": command, "device": device_name(), "label": args.label,
+                "paths": "eager" if args.eager_paths else "graph (eager stand-ins)", "rows": rows},
                args.out, "spec_host")
     if args.record:
         figures = "; ".join(
