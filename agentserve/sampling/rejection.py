@@ -168,7 +168,7 @@ class RejectionSampler:
         greedy_ids = masked.argmax(dim=-1)  # [T + N]
 
         drafts = spec.draft_token_ids
-        draft_rows = spec.logits_row_ids.index_select(0, spec.target_logits_indices)
+        draft_rows = spec.draft_row_ids
         accepted = drafts == greedy_ids.index_select(0, spec.target_logits_indices)
         synthetic = self.synthetic_acceptance is not None
         if probs is not None or synthetic:
@@ -187,7 +187,7 @@ class RejectionSampler:
             accepted = torch.where(meta.temperature.index_select(0, draft_rows) > 0, random_accepted, accepted)
 
         # Accepted count = length of the all-accepted prefix of each row.
-        draft_positions = spec.logits_positions.index_select(0, spec.target_logits_indices)
+        draft_positions = spec.draft_positions
         padded_drafts = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
         padded_drafts[draft_rows, draft_positions] = drafts
         padded_accepted = torch.zeros((num_rows, width), dtype=torch.int64, device=device)

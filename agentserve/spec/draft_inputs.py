@@ -35,8 +35,6 @@ def to_device_packed(parts: list[np.ndarray], device: torch.device) -> list[torc
     return list(torch.split(flat, sizes))
 
 
-
-
 def block_tables_of(runs: list[DraftRun]) -> np.ndarray:
     """The runs' block tables as one int64 array (zero-padded to the widest)."""
     return _tables(runs)
@@ -109,15 +107,16 @@ def padded_host_parts(runs: list[DraftRun], q: int, block_size: int, max_model_l
     tables = _tables(runs)
     starts = np.fromiter((r.start for r in runs), dtype=np.int64, count=num_runs)
     positions = np.minimum(starts[:, None] + np.arange(q)[None, :], max_model_len - 1)
-    lengths = np.fromiter((len(r.tokens) for r in runs), dtype=np.int64, count=num_runs)
-    real_mask = np.arange(q)[None, :] < lengths[:, None]
-    ids[real_mask] = np.fromiter((t for r in runs for t in r.tokens), dtype=np.int64, count=int(lengths.sum()))
-    rows, cols = np.nonzero(real_mask)
-    pos = positions[rows, cols]
-    slots[rows, cols] = tables[rows, pos // block_size] * block_size + pos % block_size
-    real = rows * q + cols  # row-major: run after run, in token order
-    last = np.arange(num_runs, dtype=np.int64) * q + lengths - 1
-    return [ids, positions, slots, tables, starts + q, real, last]
+    real: list[int] = []
+    last = np.empty(num_runs, dtype=np.int64)
+    for i, run in enumerate(runs):
+        n = len(run.tokens)
+        ids[i, :n] = run.tokens
+        pos = positions[i, :n]
+        slots[i, :n] = tables[i, pos // block_size] * block_size + pos % block_size
+        real.extend(range(i * q, i * q + n))
+        last[i] = i * q + n - 1
+    return [ids, positions, slots, tables, starts + q, np.asarray(real, dtype=np.int64), last]
 
 
 def padded_from_device(d: list[torch.Tensor], table_shape: tuple[int, ...]) -> PaddedInputs:
