@@ -80,16 +80,22 @@ def plan_proposal(requests: list[Request], starts: list[int], num_tokens: list[i
         ids = np.fromiter((r.all_token_ids[r.num_tokens - 1] for r in requests), dtype=np.int64, count=num_rows)
         parts += [ids, *_decode_parts(host_tables, np.arange(num_rows), last, block_size)]
     k = np.asarray(num_tokens, dtype=np.int64)
-    planned: list[tuple[int, list[int], int, bool, bool]] = []  # step, rows, first part, keep?, index?
+    # Decode step s >= 1 runs the rows with k_i > s, at positions n_i - 1 + s: every planned step's
+    # positions, slots and context lengths in one numpy pass, step after step.
+    num_steps = int(k.max()) - 1 if plan_steps and num_rows else 0
+    step_of, row_of = np.nonzero(k[None, :] > np.arange(1, num_steps + 1)[:, None])
+    steps_at = len(parts)
+    parts += _decode_parts(host_tables, row_of, last[row_of] + step_of + 1, block_size)
+    bounds = np.searchsorted(step_of, np.arange(num_steps + 1))
+    planned: list[tuple[int, np.ndarray, int, bool, bool]] = []  # step, rows, its index parts
     previous = np.arange(num_rows)
-    for step in range(1, int(k.max()) if plan_steps and num_rows else 1):
-        rows = np.flatnonzero(k > step)
-        keep = rows.size < previous.size
-        planned.append((step, rows.tolist(), len(parts), keep, rows.size < num_rows))
-        parts += _decode_parts(host_tables, rows, last[rows] + step, block_size)
+    for step in range(1, num_steps + 1):
+        rows = row_of[bounds[step - 1]:bounds[step]]
+        keep, index = rows.size < previous.size, rows.size < num_rows
+        planned.append((step, rows, len(parts), keep, index))
         if keep:
             parts.append(np.flatnonzero(k[previous] > step))
-        if rows.size < num_rows:
+        if index:
             parts.append(rows)
         previous = rows
     d = to_device_packed(parts, device)
@@ -104,10 +110,12 @@ def plan_proposal(requests: list[Request], starts: list[int], num_tokens: list[i
         ids, positions, slots, seq_lens = d[decode_at:decode_at + 4]
         catch_up = DecodeStepInputs(list(range(num_rows)), ids, positions, slots, seq_lens, int(last.max()) + 1)
     steps = {}
+    positions, slots, seq_lens = d[steps_at:steps_at + 3]
     for step, rows, at, keep, index in planned:
-        positions, slots, seq_lens = d[at:at + 3]
-        extra = iter(d[at + 3:at + 3 + keep + index])
-        steps[step] = DecodeStepInputs(rows, None, positions, slots, seq_lens, int(last[rows].max()) + step + 1,
+        lo, hi = int(bounds[step - 1]), int(bounds[step])
+        extra = iter(d[at:at + keep + index])
+        steps[step] = DecodeStepInputs(rows.tolist(), None, positions[lo:hi], slots[lo:hi], seq_lens[lo:hi],
+                                       int(last[rows].max()) + step + 1,
                                        keep_index=next(extra) if keep else None,
                                        row_index=next(extra) if index else None)
     return ProposalPlan(host_tables, tables, padded, catch_up, steps)
