@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from agentserve import SamplingParams
 from agentserve.llm import LLM
@@ -51,7 +52,9 @@ def test_graph_paths_keep_greedy_outputs(draft: str) -> None:
 
 def test_spec_host_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "spec_host.json"
-    assert spec_host.main(["--steps", "3", "--batch", "1", "2", "--prompt-len", "8", "--out", str(out)]) == 0
+    threads = str(torch.get_num_threads())  # the benchmark sets torch's threads: keep this process's
+    assert spec_host.main(["--steps", "3", "--batch", "1", "2", "--prompt-len", "8", "--threads", threads,
+                           "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     for row in rows:

@@ -13,6 +13,8 @@ held rejected drafts). A proposal:
 2. runs k - 1 decode steps (CUDA graphs where captured), feeding d_j at position n - 1 + j.
 It writes draft KV at positions up to n + k - 2, which the engine allocated before (lookahead slots
 the verification step then uses for the target's KV too).
+The inputs of these forwards that are known before the first draft is sampled (all but the ids of
+steps 2..k without grammars) are built and copied to the device once per proposal (spec/draft_plan.py).
 
 Greedy requests propose the draft's argmax. Random requests sample from the draft's temperature-
 scaled distribution q and hand q to the rejection sampler (acceptance min(1, p/q)); a seeded
