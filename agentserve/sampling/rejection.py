@@ -113,17 +113,19 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
 
 
 def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int, torch.Generator],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uniforms [T], exponential noise [N, V]). Unseeded rows share one draw per tensor; each seeded
-    row then redraws its own slice from its generator. That per-row loop is unavoidable: a
-    torch.Generator drives one tensor op at a time. It runs over seeded rows only and issues two small
-    device ops per row, never a per-token Python loop."""
+                device: torch.device, with_noise: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(uniforms [T], exponential noise [N, V], or None without `with_noise`). Unseeded rows share one
+    draw per tensor; each seeded row then redraws its own slice from its generator. That per-row loop
+    is unavoidable: a torch.Generator drives one tensor op at a time. It runs over seeded rows only and
+    issues two small device ops per row, never a per-token Python loop. Synthetic acceptance with
+    every row greedy needs the uniforms alone (no token is drawn): a [N, V] draw fewer per step."""
     num_rows = spec.num_rows
     uniforms = torch.empty(spec.total_num_draft_tokens, device=device)
-    noise = torch.empty(num_rows, vocab_size, device=device)
+    noise = torch.empty(num_rows, vocab_size, device=device) if with_noise else None
     if len(generators) < num_rows:
         uniforms.uniform_()
-        noise.exponential_()
+        if noise is not None:
+            noise.exponential_()
     if generators:
         starts = [0]
         for k in spec.num_draft_tokens:
@@ -132,7 +134,8 @@ def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int,
             k = spec.num_draft_tokens[row]
             if k:  # a zero-length draw would still advance some generators' offsets
                 uniforms[starts[row]:starts[row] + k].uniform_(generator=gen)
-            noise[row].exponential_(generator=gen)
+            if noise is not None:
+                noise[row].exponential_(generator=gen)
     return uniforms, noise
 
 
@@ -168,11 +171,11 @@ class RejectionSampler:
         greedy_ids = masked.argmax(dim=-1)  # [T + N]
 
         drafts = spec.draft_token_ids
-        draft_rows = spec.logits_row_ids.index_select(0, spec.target_logits_indices)
+        draft_rows = spec.draft_row_ids
         accepted = drafts == greedy_ids.index_select(0, spec.target_logits_indices)
         synthetic = self.synthetic_acceptance is not None
         if probs is not None or synthetic:
-            uniforms, noise = _draw_noise(spec, logits.shape[-1], meta.generators, device)
+            uniforms, noise = _draw_noise(spec, logits.shape[-1], meta.generators, device, with_noise=probs is not None)
         if self.synthetic_acceptance is not None:
             accepted = uniforms < self.synthetic_acceptance
         elif probs is not None:
@@ -187,7 +190,7 @@ class RejectionSampler:
             accepted = torch.where(meta.temperature.index_select(0, draft_rows) > 0, random_accepted, accepted)
 
         # Accepted count = length of the all-accepted prefix of each row.
-        draft_positions = spec.logits_positions.index_select(0, spec.target_logits_indices)
+        draft_positions = spec.draft_positions
         padded_drafts = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
         padded_drafts[draft_rows, draft_positions] = drafts
         padded_accepted = torch.zeros((num_rows, width), dtype=torch.int64, device=device)
@@ -198,6 +201,7 @@ class RejectionSampler:
         emit_rows = spec.first_logits_indices + num_accepted
         emitted = greedy_ids.index_select(0, emit_rows)
         if probs is not None:
+            assert noise is not None
             if synthetic:
                 sampled = probs.index_select(0, emit_rows).div(noise).argmax(dim=-1)
             else:

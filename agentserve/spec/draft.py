@@ -13,6 +13,8 @@ held rejected drafts). A proposal:
 2. runs k - 1 decode steps (CUDA graphs where captured), feeding d_j at position n - 1 + j.
 It writes draft KV at positions up to n + k - 2, which the engine allocated before (lookahead slots
 the verification step then uses for the target's KV too).
+The inputs of these forwards that are known before the first draft is sampled (all but the ids of
+steps 2..k without grammars) are built and copied to the device once per proposal (spec/draft_plan.py).
 
 Greedy requests propose the draft's argmax. Random requests sample from the draft's temperature-
 scaled distribution q and hand q to the rejection sampler (acceptance min(1, p/q)); a seeded
@@ -39,8 +41,8 @@ from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
-from agentserve.spec.draft_inputs import (DraftRun, PaddedInputs, block_tables_of, build_decode_inputs,
-                                          build_draft_inputs, build_padded_inputs)
+from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_decode_inputs, build_draft_inputs
+from agentserve.spec.draft_plan import DecodeStepInputs, ProposalPlan, plan_proposal
 
 # Catch-ups of at most this many tokens per request run as one replay of a catch-up graph (or, without
 # graphs, as that many decode steps); longer ones (a prompt) as ragged prefill forwards.
@@ -143,10 +145,12 @@ class DraftModel:
         grammars = [r.grammar.copy() if r.grammar is not None else None for r in requests]
         on_host = any(g is not None for g in grammars)
         temps = [r.sampling_params.temperature for r in requests]
-        logits = self._catch_up(requests)
-        # The decode steps' block tables: on the device once per proposal (rows picked per step).
-        host_tables = block_tables_of([DraftRun([], 0, r.block_table) for r in requests])
-        tables = _device_tables(host_tables, self.device)
+        starts = [min(r.num_draft_computed_tokens, r.num_computed_tokens) for r in requests]
+        # Every forward's inputs that are known now, in one copy (spec/draft_plan.py).
+        plan = plan_proposal(requests, starts, num_tokens, not on_host, self._padded_catch_up(requests, starts),
+                             self.block_size, self.max_model_len, self.device)
+        logits = self._catch_up(requests, starts, plan)
+        host_tables, tables = plan.host_tables, plan.tables
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         steps: list[tuple[list[int], torch.Tensor]] = []  # device-resident drafts: (rows, tokens)
@@ -166,13 +170,16 @@ class DraftModel:
                 still = [i for i in active if step < num_tokens[i]]
             if not still:
                 break
+            planned = plan.step(step, still)
             if on_host:
                 inputs: object = [drafts[i][-1] for i in still]
+            elif len(still) == len(active):
+                inputs = tokens
             else:
-                keep = [row for row, i in enumerate(active) if step < num_tokens[i]]
-                inputs = tokens if len(keep) == len(active) else tokens.index_select(
-                    0, torch.tensor(keep, device=self.device))
-            logits = self._decode(requests, still, host_tables, tables, inputs, step)
+                keep = planned.keep_index if planned is not None else torch.tensor(
+                    [row for row, i in enumerate(active) if step < num_tokens[i]], device=self.device)
+                inputs = tokens.index_select(0, keep)
+            logits = self._decode(requests, still, host_tables, tables, inputs, step, planned)
             active = still
         if steps:
             self._collect(steps, drafts)
@@ -210,19 +217,27 @@ class DraftModel:
                 drafts[i].append(flat[at])
                 at += 1
 
-    def _catch_up(self, requests: list[Request]) -> torch.Tensor:
-        """Draft logits [R, V] at each request's last known token, after computing the draft KV of
-        every known token not yet written."""
-        starts = [min(r.num_draft_computed_tokens, r.num_computed_tokens) for r in requests]
+    def _padded_catch_up(self, requests: list[Request], starts: list[int]) -> Optional[int]:
+        """q of the catch-up as one padded-graph replay, or None where no catch-up graph runs it."""
         longest = max(r.num_tokens - s for r, s in zip(requests, starts))
         graphs = self.catch_up_graphs
         if 1 < longest and graphs is not None and graphs.padded_size(len(requests), longest) is not None:
-            runs = [DraftRun(r.all_token_ids[s:r.num_tokens], s, r.block_table) for r, s in zip(requests, starts)]
-            padded = build_padded_inputs(runs, longest, self.block_size, self.max_model_len, self.device)
-            hidden = graphs.run(padded, longest)
-            return self.model.compute_logits(hidden.index_select(0, padded.last_index)).float()
+            return longest
+        return None
+
+    def _catch_up(self, requests: list[Request], starts: list[int], plan: ProposalPlan) -> torch.Tensor:
+        """Draft logits [R, V] at each request's last known token, after computing the draft KV of
+        every known token not yet written (from position starts[i])."""
+        longest = max(r.num_tokens - s for r, s in zip(requests, starts))
+        if plan.catch_up_padded is not None:
+            assert self.catch_up_graphs is not None
+            hidden = self.catch_up_graphs.run(plan.catch_up_padded, longest)
+            return self.model.compute_logits(hidden.index_select(0, plan.catch_up_padded.last_index)).float()
+        if plan.catch_up_decode is not None:  # one token per request
+            c = plan.catch_up_decode
+            return self._forward_tokens(c.ids, c.positions, c.slots, plan.tables, c.seq_lens, c.max_seq_len)
         if longest <= MAX_DECODE_CATCH_UP:
-            host_tables = block_tables_of([DraftRun([], 0, r.block_table) for r in requests])
+            host_tables = plan.host_tables
             logits: Optional[torch.Tensor] = None
             for t in range(longest):
                 # Right-aligned: every request feeds its last token in the last of these steps.
@@ -264,9 +279,15 @@ class DraftModel:
         return out
 
     def _decode(self, requests: list[Request], rows: list[int], host_tables: np.ndarray, tables: torch.Tensor,
-                inputs: object, step: int) -> torch.Tensor:
+                inputs: object, step: int, planned: Optional[DecodeStepInputs]) -> torch.Tensor:
         """One decode step of requests[rows]: draft d_step of each at position n - 1 + step (`inputs`:
-        host ids, or the previous step's sampled ids on the device)."""
+        host ids, or the previous step's sampled ids on the device; `planned`: the step's other
+        inputs, already on the device)."""
+        if planned is not None and isinstance(inputs, torch.Tensor):
+            if planned.row_index is not None:
+                tables = tables.index_select(0, planned.row_index)
+            return self._forward_tokens(inputs, planned.positions, planned.slots, tables, planned.seq_lens,
+                                        planned.max_seq_len)
         positions = [requests[i].num_tokens - 1 + step for i in rows]
         host_ids = inputs if isinstance(inputs, list) else [0] * len(rows)
         ids, pos, slots, seq_lens = build_decode_inputs(host_ids, positions, host_tables[rows], self.block_size,

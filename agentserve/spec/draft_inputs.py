@@ -23,13 +23,16 @@ class DraftRun:
     block_table: list[int]
 
 
-def _to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """One int64 host buffer, one copy; int32 parts come back as int32 views' copies."""
-    host = torch.from_numpy(np.concatenate([p.astype(np.int64).reshape(-1) for p in parts]))
-    if device.type == "cuda":
-        host = host.pin_memory()
+def to_device_packed(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The parts (any integer dtype) as int64 device tensors [part.size], from one host buffer and one
+    copy. On CUDA the buffer is allocated pinned and filled in place: no pageable intermediate and
+    second memcpy (pin_memory() of a numpy-built tensor), and the copy is asynchronous. The caching
+    host allocator keeps the block until the copy has run."""
+    sizes = [p.size for p in parts]
+    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
+    np.concatenate([p.reshape(-1) for p in parts], out=host.numpy())
     flat = host.to(device, non_blocking=True)
-    return list(torch.split(flat, [p.size for p in parts]))
+    return list(torch.split(flat, sizes))
 
 
 def block_tables_of(runs: list[DraftRun]) -> np.ndarray:
@@ -43,7 +46,7 @@ def build_decode_inputs(tokens: list[int], positions: list[int], tables: np.ndar
     lengths), int64, in one copy. A draft's decode steps reuse the proposal's device block tables."""
     pos = np.asarray(positions, dtype=np.int64)
     slots = tables[np.arange(len(positions)), pos // block_size] * block_size + pos % block_size
-    ids, d_pos, d_slots, seq_lens = _to_device([np.asarray(tokens, dtype=np.int64), pos, slots, pos + 1], device)
+    ids, d_pos, d_slots, seq_lens = to_device_packed([np.asarray(tokens, dtype=np.int64), pos, slots, pos + 1], device)
     return ids, d_pos, d_slots, seq_lens
 
 
@@ -69,7 +72,7 @@ def build_draft_inputs(runs: list[DraftRun], block_size: int, device: torch.devi
     slots = tables[row_of_token, positions // block_size] * block_size + positions % block_size
     ids = np.fromiter((t for r in runs for t in r.tokens), dtype=np.int64, count=total)
     seq_lens = starts + lengths
-    d_ids, d_pos, d_slots, d_tables, d_cu, d_seq, d_last = _to_device(
+    d_ids, d_pos, d_slots, d_tables, d_cu, d_seq, d_last = to_device_packed(
         [ids, positions, slots, tables, cu, seq_lens, cu[1:] - 1], device)
     meta = ForwardMetadata(slot_mapping=d_slots, block_tables=d_tables.to(torch.int32).view(tables.shape),
                            query_start_loc=d_cu.to(torch.int32), seq_lens=d_seq.to(torch.int32),
@@ -92,6 +95,12 @@ class PaddedInputs:
 
 def build_padded_inputs(runs: list[DraftRun], q: int, block_size: int, max_model_len: int,
                         device: torch.device) -> PaddedInputs:
+    parts = padded_host_parts(runs, q, block_size, max_model_len)
+    return padded_from_device(to_device_packed(parts, device), parts[3].shape)
+
+
+def padded_host_parts(runs: list[DraftRun], q: int, block_size: int, max_model_len: int) -> list[np.ndarray]:
+    """PaddedInputs' fields on the host, in its order (callers may pack more parts into the same copy)."""
     num_runs = len(runs)
     ids = np.zeros((num_runs, q), dtype=np.int64)
     slots = np.full((num_runs, q), -1, dtype=np.int64)
@@ -107,7 +116,11 @@ def build_padded_inputs(runs: list[DraftRun], q: int, block_size: int, max_model
         slots[i, :n] = tables[i, pos // block_size] * block_size + pos % block_size
         real.extend(range(i * q, i * q + n))
         last[i] = i * q + n - 1
-    d = _to_device([ids, positions, slots, tables, starts + q, np.asarray(real, dtype=np.int64), last], device)
+    return [ids, positions, slots, tables, starts + q, np.asarray(real, dtype=np.int64), last]
+
+
+def padded_from_device(d: list[torch.Tensor], table_shape: tuple[int, ...]) -> PaddedInputs:
+    """PaddedInputs from the device views of padded_host_parts' arrays, in that order."""
     return PaddedInputs(input_ids=d[0], positions=d[1], slot_mapping=d[2],
-                        block_tables=d[3].to(torch.int32).view(tables.shape), seq_lens=d[4].to(torch.int32),
+                        block_tables=d[3].to(torch.int32).view(table_shape), seq_lens=d[4].to(torch.int32),
                         real_index=d[5], last_index=d[6])

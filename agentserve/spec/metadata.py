@@ -33,6 +33,10 @@ class SpecDecodeMetadata:
     logits_positions: torch.Tensor       # [T + N] int64
     first_logits_indices: torch.Tensor   # [N] int64, s_i
     max_spec_len: int                    # max k_i (0 when nothing is speculated)
+    # Per draft token: its request row and its position j in that row (logits_row_ids and
+    # logits_positions at target_logits_indices, computed on the host with the rest).
+    draft_row_ids: torch.Tensor          # [T] int64
+    draft_positions: torch.Tensor        # [T] int64
 
     @property
     def num_rows(self) -> int:
@@ -55,6 +59,19 @@ class SpecDecodeMetadata:
         cumulative scheduled-token count); by default each row schedules exactly k_i + 1 tokens, as a
         pure verification step does. Everything is computed on the host and copied in one transfer.
         """
+        parts, num_draft = cls.host_parts(draft_token_ids, query_end_loc)
+        host = torch.empty(sum(p.size for p in parts), dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Filled in place in pinned memory (on CUDA): the copy is asynchronous, with no pageable
+        # intermediate (a pageable copy would make the host wait for the running forward).
+        np.concatenate(parts, out=host.numpy())
+        return cls.from_device(list(torch.split(host.to(device, non_blocking=True), [p.size for p in parts])),
+                               num_draft)
+
+    @staticmethod
+    def host_parts(draft_token_ids: Sequence[Sequence[int]],
+                   query_end_loc: Optional[Sequence[int]] = None) -> tuple[list[np.ndarray], list[int]]:
+        """The fields' host arrays (int64) in from_device's order, and k_i per row: callers may send
+        them in a copy of their own (the verification step packs them with its inputs)."""
         num_rows = len(draft_token_ids)
         num_draft = np.fromiter((len(d) for d in draft_token_ids), dtype=np.int64, count=num_rows)
         num_sampled = num_draft + 1
@@ -81,18 +98,17 @@ class SpecDecodeMetadata:
         flat_drafts = np.fromiter((t for d in draft_token_ids for t in d), dtype=np.int64,
                                   count=int(num_draft.sum()))
 
-        # One host buffer, one copy to the device; the fields are views into it.
         parts = [flat_drafts, target_logits_indices, bonus_logits_indices, logits_indices, row_ids, positions,
-                 first, np.cumsum(num_draft), num_draft]
-        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-        if device.type == "cuda":
-            # Pinned + non_blocking: a pageable copy would make the host wait for the running forward.
-            host = host.pin_memory()
-        buf = host.to(device, non_blocking=True)
-        views = torch.split(buf, [len(p) for p in parts])
+                 first, np.cumsum(num_draft), num_draft, row_ids[target_logits_indices],
+                 positions[target_logits_indices]]
+        return [p.astype(np.int64, copy=False) for p in parts], num_draft.tolist()
+
+    @classmethod
+    def from_device(cls, views: list[torch.Tensor], num_draft_tokens: list[int]) -> "SpecDecodeMetadata":
+        """From the device copies of host_parts' arrays (views into one buffer)."""
         return cls(
-            draft_token_ids=views[0], num_draft_tokens=num_draft.tolist(), num_draft_tokens_tensor=views[8],
+            draft_token_ids=views[0], num_draft_tokens=num_draft_tokens, num_draft_tokens_tensor=views[8],
             cu_num_draft_tokens=views[7].to(torch.int32), target_logits_indices=views[1],
             bonus_logits_indices=views[2], logits_indices=views[3], logits_row_ids=views[4],
             logits_positions=views[5], first_logits_indices=views[6],
-            max_spec_len=int(num_draft.max()) if num_rows else 0)
+            max_spec_len=max(num_draft_tokens, default=0), draft_row_ids=views[9], draft_positions=views[10])

@@ -243,15 +243,15 @@ class ModelRunner:
                 and all(c.num_tokens == c.num_sampled and c.request.num_computed_tokens < c.request.num_tokens
                         for c in chunks)):
             # Only verification and decode rows, their inputs all on the host: a graph replay.
-            padded = padded_verification_inputs(requests, [c.spec_token_ids for c in rows], q, self.block_size,
-                                                self.max_model_len, self.device)
+            padded, spec = padded_verification_inputs(requests, [c.spec_token_ids for c in rows], q,
+                                                      self.block_size, self.max_model_len, self.device)
             hidden = self.verify_graphs.run(padded, q)
             logits = self.model.compute_logits(hidden.index_select(0, padded.real_index))
         else:
-            logits = self._forward_logits(chunks, prev)
+            logits, spec = self._forward_logits(chunks, prev), None
         assert logits is not None
         return sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],
-                                   meta_s, mask_fn)
+                                   meta_s, mask_fn, spec)
 
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],

@@ -20,7 +20,8 @@ import torch
 from agentserve.request import Request
 from agentserve.sampling.rejection import RejectionSampler, num_banned_positions_for
 from agentserve.sampling.sampler import SamplingMetadata
-from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_padded_inputs
+from agentserve.spec.draft_inputs import (DraftRun, PaddedInputs, padded_from_device, padded_host_parts,
+                                          to_device_packed)
 from agentserve.spec.metadata import SpecDecodeMetadata
 from agentserve.worker.launched_step import LaunchedStep
 
@@ -49,12 +50,14 @@ def _draft_probs(requests: list[Request], drafts: list[list[int]], vocab_size: i
 
 
 def sample_verification(sampler: RejectionSampler, logits: torch.Tensor, requests: list[Request],
-                        drafts: list[list[int]], meta: SamplingMetadata,
-                        mask_fn: Optional[DraftMaskFn]) -> LaunchedStep:
+                        drafts: list[list[int]], meta: SamplingMetadata, mask_fn: Optional[DraftMaskFn],
+                        spec: Optional[SpecDecodeMetadata] = None) -> LaunchedStep:
     """`logits` [sum(k_i + 1), V]: the target's logits at every scored position; `meta`: one row per
-    request. Returns the launched step (the emitted tokens' copy to the host is queued)."""
+    request; `spec`: the drafts' metadata when already on the device (else built here). Returns the
+    launched step (the emitted tokens' copy to the host is queued)."""
     device = logits.device
-    spec = SpecDecodeMetadata.build(drafts, device)
+    if spec is None:
+        spec = SpecDecodeMetadata.build(drafts, device)
     num_banned = None
     if meta.banned_rows is not None:
         generated = [r.num_output_tokens + r.num_output_placeholders for r in requests]
@@ -78,10 +81,15 @@ def sample_verification(sampler: RejectionSampler, logits: torch.Tensor, request
 
 
 def padded_verification_inputs(requests: list[Request], drafts: list[list[int]], q: int, block_size: int,
-                               max_model_len: int, device: torch.device) -> PaddedInputs:
+                               max_model_len: int, device: torch.device) -> tuple[PaddedInputs, SpecDecodeMetadata]:
     """A verification step laid out q tokens per row for VerifyGraphs (worker/verify_graphs.py): each
     row's last known token and its drafts, then padding; `real_index` lists the scored positions in
-    spec/metadata.py's order."""
+    spec/metadata.py's order. The drafts' SpecDecodeMetadata travels in the same host-to-device copy
+    (the device idles while the host prepares a verification step: one copy fewer on that path)."""
     runs = [DraftRun([r.all_token_ids[r.num_computed_tokens], *d], r.num_computed_tokens, r.block_table)
             for r, d in zip(requests, drafts)]
-    return build_padded_inputs(runs, q, block_size, max_model_len, device)
+    padded = padded_host_parts(runs, q, block_size, max_model_len)
+    spec, num_draft = SpecDecodeMetadata.host_parts(drafts)
+    d = to_device_packed(padded + spec, device)
+    return (padded_from_device(d[:len(padded)], padded[3].shape),
+            SpecDecodeMetadata.from_device(d[len(padded):], num_draft))
