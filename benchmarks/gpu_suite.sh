@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -31,6 +31,22 @@ if [ "$MODE" = kernels ]; then
     AGENTSERVE_GEMV=$mode run "latency-gemv-$mode" python3 benchmarks/latency.py $DUMMY --repeats 2 \
       --out "$OUT/latency_gemv_$mode.json"
   done
+fi
+if [ "$MODE" = pending ]; then
+  # What the end of the 2026-12-02 session left unverified on the GPU, most important first (~9 min on
+  # one H200): the re-written fp8 rope+KV store test, the fused LoRA kernel, the speculation paths after
+  # the host-time cut (spec/draft_plan.py), engine close returning GPU memory; then the speculation
+  # benchmark (batch 256 as a median, with speculative rows counted), the LoRA one-stream A/B and the
+  # graph-timed FP8 GEMV tile sweep.
+  run pytest-pending python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+    tests/test_kernels_gpu_fp8.py tests/test_kernels_lora_fused.py tests/test_gpu_spec.py tests/test_engine_close.py \
+    --junitxml "$OUT/pytest_pending.xml"
+  TMO=300 run spec python3 benchmarks/spec.py --repeats 2 --batches 16 256 --out "$OUT/spec.json"
+  for fused in off on; do
+    TMO=240 run "lora-fused-$fused" python3 benchmarks/lora.py --lora-fused $fused --counts 1 --cpu-tier-adapters 8 \
+      --num-requests 256 --no-record --out "$OUT/lora_fused_$fused.json"
+  done
+  TMO=180 run fp8-gemv python3 benchmarks/fp8.py --parts gemv --out "$OUT/fp8_gemv.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
