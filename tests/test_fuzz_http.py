@@ -32,8 +32,11 @@ SEED = 20261202
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[ServerThread, dict]]:
+    # LoRA on, so that its load/unload routes are in the schema and fuzzed too (random names and paths:
+    # 400 / 404 / 409, never a 5xx).
     config = EngineConfig.from_kwargs(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=512,
-                                      served_model_name="tiny", max_model_len=MAX_MODEL_LEN)
+                                      served_model_name="tiny", max_model_len=MAX_MODEL_LEN, enable_lora=True,
+                                      max_loras=1, max_lora_rank=8)
     aeng = AsyncEngine(Engine(config))
     app = create_app(aeng, config)
     thread = ServerThread(app).start()
@@ -51,7 +54,8 @@ def test_http_fuzz_from_openapi_has_no_server_errors(server: tuple[ServerThread,
     session = requests.Session()
     started = time.monotonic()
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models",
+                                              "/v1/responses", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, database=None, deadline=None,
@@ -76,6 +80,7 @@ def test_http_fuzz_from_openapi_has_no_server_errors(server: tuple[ServerThread,
     print(f"\nHTTP fuzz (schemathesis {schemathesis.__version__}, seed {SEED}): {sum(sent.values())} requests "
           f"in {elapsed:.1f} s; per operation {dict(sorted(sent.items()))}; "
           f"status codes {dict(sorted(statuses.items()))}")
-    for label in ("POST /v1/completions", "POST /v1/chat/completions"):  # the bodies to fuzz
+    for label in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
+                  "POST /v1/load_lora_adapter"):  # the bodies to fuzz
         assert sent[label] == 2 * EXAMPLES_PER_OPERATION, sent
     assert not server_errors, "\n".join(server_errors[:10])
