@@ -113,7 +113,8 @@ class SpecConfig(_Strict):
     draft_model: Optional[str] = Field(default=None, description="Draft model directory for speculative decoding "
                                        "(or a named dummy shape such as 'llama-3.2-1b' with --load-format dummy).")
     draft_quantization: Optional[Literal["fp8"]] = Field(
-        default=None, description="Quantize the draft model's weights at load ('fp8': e4m3, per output channel), "
+        default=None, description="Quantize the draft model's weights at load ('fp8': e4m3, per output channel, "
+        "its lm_head included: proposals are verified, and the head is a large share of a small draft's bytes), "
         "independently of --quantization (which applies to the target). A pre-quantized draft checkpoint is "
         "served in its own scheme without it.")
     num_speculative_tokens: int = Field(default=4, gt=0, le=16, description="Most tokens proposed per request "

@@ -44,6 +44,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--draft-model", default="llama-3.2-1b")
+    ap.add_argument("--draft-quantization", default=None, choices=["fp8"],
+                    help="quantize the draft (its lm_head included) to FP8; with synthetic acceptance this measures "
+                         "the cost side only: benchmarks/spec_acceptance.py --fp8-draft measures what it does to "
+                         "real acceptance")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -108,7 +112,8 @@ def decode_forward(model: Any, graphs: Any, layers: Any, device: torch.device) -
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    result: dict[str, Any] = {"device": device_name(), "model": args.model, "draft": args.draft_model}
+    result: dict[str, Any] = {"device": device_name(), "model": args.model, "draft": args.draft_model,
+                              "draft_quantization": args.draft_quantization}
     base = LLM(args.model, **engine_kwargs(args, max(args.batches)))
     result["base_one_stream"] = single_stream(base, args.prompt_len, args.new_tokens, args.repeats)["decode_tok_s"]
     result["base_throughput"] = {b: throughput(base, b, args.prompt_len, args.new_tokens, args.repeats)
@@ -119,7 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     target_ms = step_time_ms(decode_forward(runner.model, runner.graphs, runner.kv_cache.layers, base.engine.device))
     base.close()
 
-    llm = LLM(args.model, draft_model=args.draft_model, num_speculative_tokens=max(KS), spec_dynamic=False,
+    llm = LLM(args.model, draft_model=args.draft_model, draft_quantization=args.draft_quantization,
+              num_speculative_tokens=max(KS), spec_dynamic=False,
               spec_synthetic_acceptance=ACCEPTANCES[0], **engine_kwargs(args, max(args.batches)))
     draft = llm.engine.runner.draft
     assert draft is not None and draft.cache is not None

@@ -72,6 +72,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--draft-layers", type=int, default=8)
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--fp8-draft", action="store_true",
+                    help="also the truncated draft and the whole model as drafts with draft_quantization=fp8 (their "
+                         "lm_head included): what an FP8 draft costs in acceptance")
     ap.add_argument("--out", default=None)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
@@ -82,6 +85,12 @@ def main(argv: Optional[list[str]] = None) -> int:
              ("agent", AGENT, f"first {args.draft_layers} layers", dict(draft_model=str(draft), num_speculative_tokens=k)),
              ("text", TEXT, "ngram", dict(speculative_method="ngram", num_speculative_tokens=k)),
              ("text", TEXT, f"first {args.draft_layers} layers", dict(draft_model=str(draft), num_speculative_tokens=k))]
+    if args.fp8_draft:
+        for workload, convs in (("agent", AGENT), ("text", TEXT)):
+            cases += [(workload, convs, f"first {args.draft_layers} layers, fp8",
+                       dict(draft_model=str(draft), draft_quantization="fp8", num_speculative_tokens=k)),
+                      (workload, convs, "whole model, fp8",
+                       dict(draft_model=str(model_dir), draft_quantization="fp8", num_speculative_tokens=k))]
     plain = {name: run(str(model_dir), convs, args.max_tokens) for name, convs in (("agent", AGENT), ("text", TEXT))}
     rows = []
     print("| workload | proposer | identical | acceptance | mean accepted length | tokens/step (plain -> spec) |")

@@ -15,7 +15,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -108,12 +108,14 @@ def test_llm_close_frees_kv_swap_and_weights_and_a_second_engine_works() -> None
         assert second.generate(PROMPT, GREEDY)[0].outputs[0].token_ids == first
 
 
-def test_a_closed_engine_holds_no_tensors_with_a_draft_model_and_lora() -> None:
-    """Every tensor the engine reaches (target and draft KV pages and weights, swap space, LoRA slots,
-    sampling caches) is gone after close: a new attribute holding device memory fails this test."""
+@pytest.mark.parametrize("draft_quantization", [None, "fp8"])
+def test_a_closed_engine_holds_no_tensors_with_a_draft_model_and_lora(draft_quantization: Optional[str]) -> None:
+    """Every tensor the engine reaches (target and draft KV pages and weights, an FP8 draft's lm_head
+    copy, swap space, LoRA slots, sampling caches) is gone after close: a new attribute holding device
+    memory fails this test."""
     path = str(tiny_model_cached("qwen2"))
     llm = LLM(path, device="cpu", dtype="float32", swap_space_gb=0.01, draft_model=path, spec_dynamic=False,
-              enable_lora=True)
+              enable_lora=True, draft_quantization=draft_quantization)
     assert llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
     assert llm.engine.metrics.spec_num_draft_tokens > 0  # the draft ran
     draft = llm.engine.runner.draft

@@ -13,6 +13,8 @@ import torch
 from agentserve import SamplingParams
 from agentserve.kernels.fp8_utils import FP8_DTYPE
 from agentserve.llm import LLM
+from agentserve.model.fp8_lm_head import Fp8LMHeadMethod, quantize_lm_head
+from agentserve.model.embedding import ParallelLMHead
 from agentserve.testing import tiny_model_cached
 from helpers.fp8_checkpoints import channel_quantizer, compressed_tensors_config, write_checkpoints
 
@@ -39,7 +41,11 @@ def test_online_fp8_draft_keeps_the_targets_greedy_tokens(arch: str) -> None:
     with LLM(path, draft_model=path, draft_quantization="fp8", spec_dynamic=False, num_speculative_tokens=3,
              **ENGINE) as llm:
         assert _draft_weight_dtype(llm) == FP8_DTYPE
-        assert llm.engine.runner.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32  # target as is
+        draft_head = llm.engine.runner.draft.model.lm_head  # type: ignore[union-attr]
+        assert isinstance(draft_head.quant_method, Fp8LMHeadMethod) and draft_head.weight_fp8.dtype == FP8_DTYPE
+        target = llm.engine.runner.model
+        assert target.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32  # the target as it is
+        assert not isinstance(target.lm_head.quant_method, Fp8LMHeadMethod)
         assert _tokens(llm) == want
         m = llm.engine.metrics
         # The FP8 copy of the target proposes; on random tiny weights some near-ties flip.
@@ -76,3 +82,18 @@ def test_draft_quantization_needs_a_draft_model() -> None:
     with pytest.raises(ValueError, match="draft_quantization"):
         LLM(str(tiny_model_cached("llama")), device="cpu", draft_model=str(tiny_model_cached("llama")),
             draft_quantization="int4")
+
+
+def test_fp8_lm_head_logits_within_e4m3_rounding() -> None:
+    torch.manual_seed(0)
+    head = ParallelLMHead(300, 64)
+    head.weight.data.copy_(torch.randn(300, 64))
+    hidden = torch.randn(5, 64)
+    exact = head.compute_logits(hidden)
+    quantize_lm_head(head)
+    fp8 = head.compute_logits(hidden)
+    assert fp8.shape == exact.shape and not torch.equal(fp8, exact)
+    # Per-row e4m3 weights: ~2^-4 relative error per weight, averaging out over the 64-term dot products.
+    assert float((fp8 - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    with pytest.raises(ValueError, match="never sharded"):
+        quantize_lm_head(ParallelLMHead(300, 64, tp_size=2, tp_rank=0, all_gather=lambda t: t))

@@ -17,7 +17,7 @@ from torch import nn
 
 from agentserve.model.linear import AllReduce
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError, copy_checked
-from agentserve.model.quant import UnquantizedLinearMethod
+from agentserve.model.quant import LinearMethodBase, UnquantizedLinearMethod
 
 # Concatenates the ranks' tensors along the last dim: on the rank that samples at least (parallel/
 # gathers the logits to rank 0 only; the other ranks get their own slice back, unused).
@@ -79,7 +79,8 @@ class ParallelLMHead(VocabParallelWeight):
             raise ValueError("a vocab-parallel lm_head with tp_size > 1 needs an all_gather")
         super().__init__(num_embeddings, embedding_dim, tp_size, tp_rank)
         self.all_gather = all_gather
-        self.quant_method = UnquantizedLinearMethod()  # the Triton GEMV at M == 1 on CUDA, as before
+        # The Triton GEMV at M == 1 on CUDA, as before; a draft model's may be FP8 (model/fp8_lm_head.py).
+        self.quant_method: LinearMethodBase = UnquantizedLinearMethod()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quant_method.apply(self, hidden)

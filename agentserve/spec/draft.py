@@ -38,6 +38,7 @@ from agentserve.kernels.token_bitmask import apply_token_bitmask
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
+from agentserve.model.fp8_lm_head import quantize_lm_head
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
@@ -108,6 +109,8 @@ class DraftModel:
         # Its own quantization (draft_quantization, or its checkpoint's quantization_config), not the
         # target's: an FP8 draft under a bf16 target and the reverse are both valid.
         self.model = build_model(arch, dtype, device, path, load_format, seed, quantization=quantization)
+        if quantization == "fp8":
+            quantize_lm_head(self.model.lm_head)  # proposals are verified: the head may be FP8 too
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.cache: Optional[KVCache] = None
