@@ -42,6 +42,8 @@ if [ "$MODE" = pending ]; then
     tests/test_kernels_gpu_fp8.py tests/test_kernels_lora_fused.py tests/test_gpu_spec.py tests/test_engine_close.py \
     --junitxml "$OUT/pytest_pending.xml"
   TMO=300 run spec python3 benchmarks/spec.py --repeats 2 --batches 16 256 --out "$OUT/spec.json"
+  TMO=240 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 \
+    --out "$OUT/spec_fp8_draft.json"
   for fused in off on; do
     TMO=240 run "lora-fused-$fused" python3 benchmarks/lora.py --lora-fused $fused --counts 1 --cpu-tier-adapters 8 \
       --num-requests 256 --no-record --out "$OUT/lora_fused_$fused.json"

@@ -73,3 +73,32 @@ def test_constrained_outputs_valid_with_speculation_on_the_gpu(kind: str) -> Non
         jsonschema.validate(json.loads(completion.text), SCHEMA)
     assert llm.engine.metrics.spec_num_draft_tokens > 0
     llm.close()
+
+
+def test_fp8_self_draft_in_bf16_through_graphs() -> None:
+    """The target as its own FP8 draft (layers and lm_head e4m3: the FP8 GEMV inside the draft's decode
+    graphs) in bf16: the target's outputs by vLLM's logprobs-close rule (verification scores k + 1
+    positions in one forward, plain decoding one, so bf16 may split at a near-tie), and the FP8 copy's
+    proposals mostly accepted."""
+    from agentserve.kernels.fp8_utils import FP8_DTYPE
+    from helpers.logprobs_close import assert_close_greedy
+
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=5)
+
+    def run(llm: LLM) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
+        outs = llm.generate(PROMPTS, params)
+        return ([list(o.outputs[0].token_ids) for o in outs],
+                [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs])
+
+    path = str(tiny_model_cached("llama"))
+    kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=16, max_model_len=1024, gpu_memory_utilization=0.3)
+    with LLM(path, **kw) as plain:
+        want = run(plain)
+    with LLM(path, draft_model=path, draft_quantization="fp8", spec_dynamic=False, **kw) as llm:
+        draft = llm.engine.runner.draft
+        assert draft is not None and draft.graphs is not None
+        assert draft.model.lm_head.weight_fp8.dtype == FP8_DTYPE
+        assert_close_greedy(want, run(llm), "fp8 self-draft")
+        m = llm.engine.metrics
+        assert m.spec_num_draft_tokens > 0 and m.spec_num_accepted_tokens / m.spec_num_draft_tokens > 0.5
+        llm.engine.pool.check_all_free()
