@@ -58,8 +58,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._triton_utils import cdiv, dot_modes, next_pow2, num_sms, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    cdiv,
+    dot_modes,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+    triton_enabled_for,
+)
 from .lora_fused import add_lora_fused, use_fused_lora
+from .lora_slices import slice_in_tile
 
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 MAX_SPLIT_K = 16
@@ -265,10 +274,8 @@ def _lora_expand_kernel(
     n_lo = nt * BLOCK_N
     touched = 0
     for s in tl.static_range(NUM_SLICES):
-        lo = tl.load(slice_starts_ptr + s)
-        hi = tl.load(slice_starts_ptr + s + 1)
-        rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
-        touched += ((rank > 0) & (lo < n_lo + BLOCK_N) & (hi > n_lo)).to(tl.int32)
+        hit, _lo, _hi, _rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
+        touched += hit.to(tl.int32)
     if touched == 0:
         return  # no targeted slice in these columns: y stays as the base layer wrote it
     start = tl.load(block_start_ptr + tile)
@@ -281,10 +288,8 @@ def _lora_expand_kernel(
     b_base = b_ptr + slot.to(tl.int64) * stride_b_lora + offs_r[:, None] * stride_b_rank + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
-        lo = tl.load(slice_starts_ptr + s)
-        hi = tl.load(slice_starts_ptr + s + 1)
-        rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
-        if (rank > 0) & (lo < n_lo + BLOCK_N) & (hi > n_lo):
+        hit, lo, hi, rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
+        if hit:
             r_mask = offs_r < rank
             h_ptrs = h_ptr + s * stride_h_slice + rows[:, None] * stride_h_m + offs_r[None, :]
             h_mask = m_mask[:, None] & r_mask[None, :]  # padded rows: no loads (decode tiles are mostly padding)

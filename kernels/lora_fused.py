@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ._triton_utils import cdiv, dot_modes, next_pow2, tl, triton
+from .lora_slices import slice_in_tile
 
 if TYPE_CHECKING:  # only a type here: kernels/lora.py imports this module to dispatch
     from .lora import LoRABatchMeta
@@ -136,10 +137,8 @@ def _lora_fused_kernel(
     n_lo = nt * BLOCK_N
     touched = 0
     for s in tl.static_range(NUM_SLICES):
-        lo = tl.load(slice_starts_ptr + s)
-        hi = tl.load(slice_starts_ptr + s + 1)
-        rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
-        touched += ((rank > 0) & (lo < n_lo + BLOCK_N) & (hi > n_lo)).to(tl.int32)
+        hit, _lo, _hi, _rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
+        touched += hit.to(tl.int32)
     if touched == 0:
         return  # no targeted slice in these columns: y stays as the base layer wrote it
     start = tl.load(block_start_ptr + tile)
@@ -156,10 +155,8 @@ def _lora_fused_kernel(
     b_base = b_ptr + slot64 * stride_b_lora + offs_r[:, None] * stride_b_rank + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
-        lo = tl.load(slice_starts_ptr + s)
-        hi = tl.load(slice_starts_ptr + s + 1)
-        rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
-        if (rank > 0) & (lo < n_lo + BLOCK_N) & (hi > n_lo):
+        hit, lo, hi, rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
+        if hit:
             r_mask = offs_r < rank
             # Shrink, recomputed by every column tile of the slice: h = x[rows] @ A_s[:rank]^T.
             x_ptrs = x_base

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from agentserve.kernels import lora  # noqa: E402
 from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.lora import assert_graph_replays_match  # noqa: E402
 
 _INTERPRETED = HAS_TRITON and type(lora._lora_shrink_kernel).__name__ == "InterpretedFunction"
 interpreted = pytest.mark.skipif(
@@ -366,19 +367,5 @@ def test_gpu_cuda_graph_replay_with_new_slots() -> None:
         h = lora.lora_shrink(case["x"], case["lora_a"], case["ranks"], meta)
         lora.lora_expand(y, h, case["lora_b"], case["ranks"], case["scaling"], meta, starts)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and warm up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    patterns = [torch.randint(-1, max_loras, (m,), dtype=torch.int32), torch.full((m,), -1, dtype=torch.int32),
-                torch.full((m,), 3, dtype=torch.int32)]
-    for pattern in patterns:
-        slot_buf.copy_(pattern)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_case = dict(case, token_slots=slot_buf.clone())
-        torch.testing.assert_close(y.float(), run_reference(ref_case).float(), **TOL_GPU)
+    assert_graph_replays_match(step, slot_buf, max_loras, y,
+                               lambda slots: run_reference(dict(case, token_slots=slots)), **TOL_GPU)

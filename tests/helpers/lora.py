@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -53,3 +53,26 @@ def peft_greedy(base: Path, adapter: Optional[Path], prompts: Sequence[Sequence[
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         outs.append(ids[len(prompt):])
     return outs
+
+
+def assert_graph_replays_match(step: Callable[[], None], slot_buf: torch.Tensor, max_loras: int, y: torch.Tensor,
+                               reference: Callable[[torch.Tensor], torch.Tensor], **tol: Any) -> None:
+    """Captures `step` (which writes y from the slot indices in the persistent `slot_buf`) in a CUDA
+    graph, then replays it with new slot patterns (random, all base rows, one slot for every row):
+    each replay must give reference(those slots)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    m = slot_buf.numel()
+    patterns = [torch.randint(-1, max_loras, (m,), dtype=torch.int32), torch.full((m,), -1, dtype=torch.int32),
+                torch.full((m,), 3, dtype=torch.int32)]
+    for pattern in patterns:
+        slot_buf.copy_(pattern)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.float(), reference(slot_buf.clone()).float(), **tol)
