@@ -39,7 +39,7 @@ if [ "$MODE" = pending ]; then
   # benchmark (batch 256 as a median, with speculative rows counted), the LoRA one-stream A/B and the
   # graph-timed FP8 GEMV tile sweep.
   run pytest-pending python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-    tests/test_kernels_gpu_fp8.py tests/test_kernels_lora_fused.py tests/test_gpu_spec.py tests/test_engine_close.py \
+    tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py tests/test_kernels_lora_fused.py tests/test_gpu_spec.py tests/test_engine_close.py \
     --junitxml "$OUT/pytest_pending.xml"
   TMO=300 run spec python3 benchmarks/spec.py --repeats 2 --batches 16 256 --out "$OUT/spec.json"
   TMO=240 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 \

@@ -68,7 +68,7 @@ from ._triton_utils import (
     triton_enabled_for,
 )
 from .lora_fused import add_lora_fused, use_fused_lora
-from .lora_slices import slice_in_tile
+from .lora_slices import add_to_rows, any_slice_in_tile, expand_slice, shrink_tile, slice_in_tile, tile_rows
 
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 MAX_SPLIT_K = 16
@@ -224,12 +224,7 @@ def _lora_shrink_kernel(
     rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
     if rank == 0:
         return  # the adapter does not target this slice; expand skips it too
-    start = tl.load(block_start_ptr + tile)
-    end = tl.load(block_end_ptr + tile)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    # Rows past the segment are clamped onto its last row (loads stay unmasked), stores masked.
-    rows = tl.load(sorted_ids_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    rows, m_mask = tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     offs_kk = tl.arange(0, BLOCK_K)
@@ -237,21 +232,8 @@ def _lora_shrink_kernel(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_lora + s * stride_a_slice
               + offs_r[:, None] * stride_a_rank + offs_k[None, :])
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
-        else:
-            k_mask = offs_kk < K - k0
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
-        x_ptrs += SPLIT_K * BLOCK_K
-        a_ptrs += SPLIT_K * BLOCK_K
+    acc = shrink_tile(x_ptrs, a_ptrs, r_mask, offs_kk, split * BLOCK_K, K, SPLIT_K * BLOCK_K, BLOCK_M, BLOCK_R,
+                      EVEN_K, UPCAST, DOT_PRECISION)
     h_ptrs = h_ptr + split * stride_h_split + s * stride_h_slice + rows[:, None] * stride_h_m + offs_r[None, :]
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
@@ -272,17 +254,9 @@ def _lora_expand_kernel(
     if slot < 0:
         return
     n_lo = nt * BLOCK_N
-    touched = 0
-    for s in tl.static_range(NUM_SLICES):
-        hit, _lo, _hi, _rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
-        touched += hit.to(tl.int32)
-    if touched == 0:
+    if not any_slice_in_tile(slice_starts_ptr, ranks_ptr, slot, stride_rank_lora, n_lo, NUM_SLICES, BLOCK_N):
         return  # no targeted slice in these columns: y stays as the base layer wrote it
-    start = tl.load(block_start_ptr + tile)
-    end = tl.load(block_end_ptr + tile)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ids_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    rows, m_mask = tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     b_base = b_ptr + slot.to(tl.int64) * stride_b_lora + offs_r[:, None] * stride_b_rank + offs_n[None, :]
@@ -296,16 +270,9 @@ def _lora_expand_kernel(
             h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
                 h += tl.load(h_ptrs + split * stride_h_split, mask=h_mask, other=0.0)
-            h = h * tl.load(scaling_ptr + slot * stride_scale_lora + s)
-            n_mask = (offs_n >= lo) & (offs_n < hi)
-            b = tl.load(b_base, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            acc = tl.dot(h.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    y_mask = m_mask[:, None] & (offs_n[None, :] < N)
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            acc = expand_slice(acc, h, tl.load(scaling_ptr + slot * stride_scale_lora + s), b_base, r_mask, offs_n,
+                               lo, hi, UPCAST, DOT_PRECISION)
+    add_to_rows(y_ptr, acc, rows, m_mask, offs_n, N, stride_ym)
 
 
 @dataclass(frozen=True)

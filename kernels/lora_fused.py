@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ._triton_utils import cdiv, dot_modes, next_pow2, tl, triton
-from .lora_slices import slice_in_tile
+from .lora_slices import add_to_rows, any_slice_in_tile, expand_slice, shrink_tile, slice_in_tile, tile_rows
 
 if TYPE_CHECKING:  # only a type here: kernels/lora.py imports this module to dispatch
     from .lora import LoRABatchMeta
@@ -135,18 +135,9 @@ def _lora_fused_kernel(
     if slot < 0:
         return  # an unused tile: base rows and empty slots make none
     n_lo = nt * BLOCK_N
-    touched = 0
-    for s in tl.static_range(NUM_SLICES):
-        hit, _lo, _hi, _rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
-        touched += hit.to(tl.int32)
-    if touched == 0:
+    if not any_slice_in_tile(slice_starts_ptr, ranks_ptr, slot, stride_rank_lora, n_lo, NUM_SLICES, BLOCK_N):
         return  # no targeted slice in these columns: y stays as the base layer wrote it
-    start = tl.load(block_start_ptr + tile)
-    end = tl.load(block_end_ptr + tile)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    # Rows past the segment are clamped onto its last row (x loads stay unmasked), the store masked.
-    rows = tl.load(sorted_ids_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    rows, m_mask = tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_kk = tl.arange(0, BLOCK_K)
@@ -159,36 +150,13 @@ def _lora_fused_kernel(
         if hit:
             r_mask = offs_r < rank
             # Shrink, recomputed by every column tile of the slice: h = x[rows] @ A_s[:rank]^T.
-            x_ptrs = x_base
             a_ptrs = (a_ptr + slot64 * stride_a_lora + s * stride_a_slice + offs_r[:, None] * stride_a_rank
                       + offs_kk[None, :])
-            h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    x = tl.load(x_ptrs)
-                    a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
-                else:
-                    k_mask = offs_kk < K - k0
-                    x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-                    a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    a = a.to(tl.float32)
-                h = tl.dot(x.to(a.dtype), tl.trans(a), h, input_precision=DOT_PRECISION)
-                x_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
-            # Expand this slice's columns of the tile (h rounded to B's dtype, as kernels/lora.py's
-            # expand does, so both paths feed the tensor cores the same operands).
-            h = h * tl.load(scaling_ptr + slot * stride_scale_lora + s)
-            n_mask = (offs_n >= lo) & (offs_n < hi)
-            b = tl.load(b_base, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            acc = tl.dot(h.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    y_mask = m_mask[:, None] & (offs_n[None, :] < N)
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            h = shrink_tile(x_base, a_ptrs, r_mask, offs_kk, 0, K, BLOCK_K, BLOCK_M, BLOCK_R, EVEN_K, UPCAST,
+                            DOT_PRECISION)
+            acc = expand_slice(acc, h, tl.load(scaling_ptr + slot * stride_scale_lora + s), b_base, r_mask, offs_n,
+                               lo, hi, UPCAST, DOT_PRECISION)
+    add_to_rows(y_ptr, acc, rows, m_mask, offs_n, N, stride_ym)
 
 
 def _check_fused_shapes(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
