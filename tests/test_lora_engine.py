@@ -288,3 +288,25 @@ def test_engine_through_the_triton_kernels_interpreted(adapter_dirs: dict, tmp_p
         ref = peft_greedy(base, dirs[{"a": "r4-all", "b": "r16-mlp"}[name]] if name else None, [prompt], 4)[0]
         assert list(out.outputs[0].token_ids) == ref, name
     llm.close()
+
+
+def test_adapters_in_use_names_running_and_waiting_adapters(adapter_dirs: dict,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What /metrics' lora_requests_info shows: with one slot, one adapter runs and the others wait;
+    nothing once every request has finished."""
+    base = tiny_model_cached("qwen2")
+    dirs = dirs_for("qwen2", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    names = ["r4-all", "r8-qv", "r16-mlp"]
+    llm = make_llm(base, max_loras=1, lora_modules={n: str(dirs[n]) for n in names})
+    engine = llm.engine
+    prompt = llm.tokenizer.encode(TEXTS[0])
+    for i, name in enumerate([*names, None]):
+        engine.add_request(f"r{i}", prompt, greedy(4), lora_name=name)
+    assert engine.lora.adapters_in_use() == ([], sorted(names))
+    engine.step()
+    running, waiting = engine.lora.adapters_in_use()
+    assert len(running) == 1 and sorted(running + waiting) == sorted(names)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.lora.adapters_in_use() == ([], [])
+    llm.close()

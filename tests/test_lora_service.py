@@ -142,6 +142,10 @@ def test_http_adapter_endpoints_and_model_field(adapters: dict[str, Path], tmp_p
                 metrics = parse_metrics((await http.get("/metrics")).text)
                 assert metrics["agentserve_lora_adapters_loaded"] == 2 and metrics["agentserve_lora_max_loras"] == 2
                 assert metrics["agentserve_lora_slot_loads_total"] >= 1 and metrics["agentserve_lora_disk_reads_total"] == 2
+                assert metrics["agentserve_lora_adapters_running"] == 0 == metrics["agentserve_lora_adapters_waiting"]
+                info = [line for line in (await http.get("/metrics")).text.splitlines()
+                        if line.startswith("agentserve_lora_requests_info{")]
+                assert len(info) == 1 and 'max_lora="2"' in info[0] and 'running_lora_adapters=""' in info[0]
                 r = await http.post("/v1/completions", json={"model": "zzz", "prompt": "hi", "max_tokens": 2})
                 assert r.status_code == 404
 

@@ -18,6 +18,7 @@ Two sources:
 from __future__ import annotations
 
 import collections
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -101,6 +102,14 @@ class _EngineCollector(Collector):
             yield counter("lora_slot_loads", "LoRA adapters copied into a device slot.", lora.num_slot_loads)
             yield counter("lora_disk_reads", "LoRA adapters read from their directory (loads, CPU-tier misses).",
                           lora.num_disk_reads)
+            running, waiting = self.engine.lora.adapters_in_use()
+            # vLLM's lora_requests_info: the adapters as labels, the scrape time as the value.
+            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "LoRA adapters of running and waiting requests.",
+                                     labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            info.add_metric([",".join(running), ",".join(waiting), str(lora.max_loras)], time.time())
+            yield info
+            yield gauge("lora_adapters_running", "Distinct LoRA adapters of running requests.", len(running))
+            yield gauge("lora_adapters_waiting", "Distinct LoRA adapters only waiting requests use.", len(waiting))
         sessions = {"resident": 0, "swapped": 0, "evicted": 0}
         if self.session_store is not None:
             sessions = self.session_store.residency_counts()

@@ -97,3 +97,15 @@ class LoRAControl:
         if not drain:
             self._check_unused(name, "unload")
         manager.unload(name)
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(names of the adapters running requests use, names of those only waiting requests use), for
+        /metrics (vLLM's lora_requests_info). Callable from any thread: the queues are copied first
+        (one C-level copy each under the GIL) and only read after."""
+        if self.manager is None:
+            return [], []
+        names = {key: name for name in self.manager.names() if (key := self.manager.key_of(name)) is not None}
+        scheduler = self.engine.scheduler
+        running = {names.get(r.lora_key, "?") for r in list(scheduler.running) if r.lora_key is not None}
+        waiting = {names.get(r.lora_key, "?") for r in list(scheduler.waiting) if r.lora_key is not None}
+        return sorted(running), sorted(waiting - running)
