@@ -30,7 +30,8 @@ from _results import append_result, command_line, device_name, write_json  # noq
 from ceilings import add_ceilings_arg, device_ceilings  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
 from limits import ModelWork  # noqa: E402
-from throughput import add_workload_args, hf_model_from_engine, make_prompts, release_kv_for_peer, run_hf_peer, run_ours  # noqa: E402
+from throughput import (add_dummy_model_args, add_workload_args, hf_model_from_engine, make_prompts,  # noqa: E402
+                        release_kv_for_peer, run_hf_peer, run_ours)
 
 from agentserve.llm import LLM  # noqa: E402
 
@@ -45,10 +46,7 @@ TARGET_THROUGHPUT = 0.74
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default=None)
+    add_dummy_model_args(ap)
     add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--stream-prompt-len", type=int, default=128)

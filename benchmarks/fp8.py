@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agent_loop  # noqa: E402
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
-from throughput import add_workload_args, make_prompts, run_ours  # noqa: E402
+from throughput import add_dummy_model_args, add_workload_args, make_prompts, run_ours  # noqa: E402
 
 from agentserve.cache.kv_cache import bytes_per_block, kv_cache_torch_dtype  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -48,10 +48,7 @@ FP8_GEMV_SWEEP = [(4, 4096, 8), (8, 2048, 8), (2, 4096, 4), (4, 2048, 4), (16, 5
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default=None)
+    add_dummy_model_args(ap)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from latency import single_stream  # noqa: E402
-from throughput import add_workload_args, make_prompts  # noqa: E402
+from throughput import add_dummy_model_args, add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.kernels.lora_fused import FUSED_MAX_TOKENS, lora_fused_enabled, set_lora_fused  # noqa: E402
@@ -53,10 +53,7 @@ TARGET_512 = 0.80
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default=None)
+    add_dummy_model_args(ap)
     add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)

@@ -24,6 +24,14 @@ from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 
 
+def add_dummy_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model flags of the GPU benchmarks that default to a dummy Llama-3.1-8B in bf16."""
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default=None)
+
+
 def add_workload_args(ap: argparse.ArgumentParser, num_requests: int = 1024) -> None:
     """The throughput workload's flags (requests, prompts uniform in [min, max], output length), shared
     by every benchmark that runs it."""
