@@ -29,6 +29,19 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "b": build_peft_adapter(base, root / "b", seed=22, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
 
 
+def assert_mixed_batch_matches_peft(llm: LLM, base: Path, adapters: dict[str, Path], kind: str) -> None:
+    """Every prompt under adapter a, the base model and adapter b in one batch: greedy tokens equal to
+    PEFT's merged model of the same adapter."""
+    names: list[Optional[str]] = ["a", None, "b"]
+    prompts = [p for p in PROMPTS for _ in names]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                        adapter=names * len(PROMPTS))
+    for i, out in enumerate(outs):
+        name = names[i % len(names)]
+        ref = peft_greedy(base, adapters[name] if name else None, [prompts[i]], NEW_TOKENS)[0]
+        assert list(out.outputs[0].token_ids) == ref, (kind, name, i)
+
+
 @pytest.mark.parametrize("kind", ["ngram", "self", "small"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_speculation_with_adapters_is_exact(kind: str, async_scheduling: bool, adapters: dict[str, Path]) -> None:
@@ -38,14 +51,7 @@ def test_speculation_with_adapters_is_exact(kind: str, async_scheduling: bool, a
     llm = LLM(str(base), device="cpu", dtype="float32", max_num_batched_tokens=32, num_blocks=256,
               async_scheduling=async_scheduling, spec_dynamic=False, enable_lora=True, max_loras=1,
               lora_modules={n: str(p) for n, p in adapters.items()}, **spec)
-    names: list[Optional[str]] = ["a", None, "b"]
-    prompts = [p for p in PROMPTS for _ in names]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                        adapter=names * len(PROMPTS))
-    for i, out in enumerate(outs):
-        name = names[i % len(names)]
-        ref = peft_greedy(base, adapters[name] if name else None, [prompts[i]], NEW_TOKENS)[0]
-        assert list(out.outputs[0].token_ids) == ref, (kind, name, i)
+    assert_mixed_batch_matches_peft(llm, base, adapters, kind)
     assert llm.engine.metrics.spec_num_draft_tokens > 0  # speculation did run
     llm.close()
 
@@ -62,12 +68,5 @@ def test_speculation_with_adapters_on_gpu_graphs(kind: str, adapters: dict[str, 
     llm = LLM(str(base), device="cuda", dtype="float32", max_num_seqs=16, max_model_len=512,
               gpu_memory_utilization=0.3, spec_dynamic=False, enable_lora=True, max_loras=1,
               lora_modules={n: str(p) for n, p in adapters.items()}, **spec)
-    names: list[Optional[str]] = ["a", None, "b"]
-    prompts = [p for p in PROMPTS for _ in names]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                        adapter=names * len(PROMPTS))
-    for i, out in enumerate(outs):
-        name = names[i % len(names)]
-        ref = peft_greedy(base, adapters[name] if name else None, [prompts[i]], NEW_TOKENS)[0]
-        assert list(out.outputs[0].token_ids) == ref, (kind, name, i)
+    assert_mixed_batch_matches_peft(llm, base, adapters, kind)
     llm.close()
