@@ -12,7 +12,7 @@ from agentserve import SamplingParams
 from agentserve.kernels import set_backend
 from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
-from helpers.logprobs_close import assert_close_greedy
+from helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -38,10 +38,8 @@ def generate(arch: str, dtype: str, backend: str, **kw: object) -> Result:
                   max_num_seqs=8, max_model_len=1024, gpu_memory_utilization=0.3, **kw)
         outs = llm.generate(PROMPTS, PARAMS)
         assert (llm.engine.runner.graphs is not None) == (backend != "torch")
-        ids = [o.outputs[0].token_ids for o in outs]
-        lps = [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs]
         del llm
-        return ids, lps
+        return greedy_result(outs)
     finally:
         set_backend("auto")
         torch.cuda.empty_cache()
@@ -56,15 +54,8 @@ def hf_generate(arch: str, dtype: torch.dtype) -> Result:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
     ids, lps = [], []
     for text in PROMPTS:
-        prompt = tok.encode(text)
-        with torch.no_grad():
-            gen = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, do_sample=False,
-                                 min_new_tokens=32, output_logits=True, return_dict_in_generate=True)
-        ids.append(gen.sequences[0, len(prompt):].tolist())
-        steps = []
-        for logits in gen.logits:
-            values, idx = logits[0].float().log_softmax(-1).topk(5)
-            steps.append(dict(zip(idx.tolist(), values.tolist())))
+        tokens, steps = hf_greedy(model, tok.encode(text), 32)
+        ids.append(tokens)
         lps.append(steps)
     return ids, lps
 

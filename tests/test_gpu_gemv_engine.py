@@ -11,6 +11,7 @@ from agentserve import SamplingParams
 from agentserve.kernels import gemv
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
+from helpers.logprobs_close import greedy_result
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -26,10 +27,8 @@ def _generate(arch: str, mode: str) -> tuple[list[list[int]], list[list[dict[int
         llm = LLM(str(tiny_model_cached(arch)), device="cuda", dtype="bfloat16", max_num_seqs=4,
                   max_model_len=512, gpu_memory_utilization=0.2)
         outs = llm.generate(PROMPTS, PARAMS)
-        ids = [o.outputs[0].token_ids for o in outs]
-        lps = [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs]
         del llm
-        return ids, lps
+        return greedy_result(outs)
     finally:
         gemv.set_gemv_mode(before)
         torch.cuda.empty_cache()

@@ -81,14 +81,12 @@ def test_fp8_self_draft_in_bf16_through_graphs() -> None:
     positions in one forward, plain decoding one, so bf16 may split at a near-tie), and the FP8 copy's
     proposals mostly accepted."""
     from agentserve.kernels.fp8_utils import FP8_DTYPE
-    from helpers.logprobs_close import assert_close_greedy
+    from helpers.logprobs_close import assert_close_greedy, greedy_result
 
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=5)
 
     def run(llm: LLM) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
-        outs = llm.generate(PROMPTS, params)
-        return ([list(o.outputs[0].token_ids) for o in outs],
-                [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs])
+        return greedy_result(llm.generate(PROMPTS, params))
 
     path = str(tiny_model_cached("llama"))
     kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=16, max_model_len=1024, gpu_memory_utilization=0.3)

@@ -26,7 +26,7 @@ from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E40
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16, llama3_cos_sin  # noqa: E402
-from helpers.logprobs_close import assert_close_greedy  # noqa: E402
+from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, *GPU_SKIPS]
@@ -212,8 +212,7 @@ def _run_tiny(**kw: object) -> tuple[list[list[int]], list[list[dict[int, float]
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5))
         assert llm.engine.runner.model.layers[0].self_attn.qkv_proj.weight.dtype == (
             FP8_DTYPE if kw.get("quantization") else torch.bfloat16)
-        return ([list(o.outputs[0].token_ids) for o in outs],
-                [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs])
+        return greedy_result(outs)
 
 
 def test_engine_fp8_weights_and_kv_graphs_match_eager() -> None:

@@ -17,7 +17,7 @@ from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
 from agentserve.worker.cuda_graph import DecodeGraphs
 from helpers.lora import ALL_MODULES, build_peft_adapter
-from helpers.logprobs_close import assert_close_greedy
+from helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -55,8 +55,7 @@ def run_engine(arch: str, adapters: dict[str, Path], dtype: str, **kw: Any) -> R
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
                                                     logprobs=5), adapter=names)
         assert llm.engine.lora_manager is not None and llm.engine.lora_manager.num_slot_loads > 2
-        return ([list(o.outputs[0].token_ids) for o in outs],
-                [[{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs])
+        return greedy_result(outs)
     finally:
         llm.close()
 
@@ -77,15 +76,8 @@ def peft_run(arch: str, adapters: dict[str, Path], dtype: torch.dtype) -> Result
         for prompt, n in zip(prompts, names):
             if n != name:
                 continue
-            with torch.no_grad():
-                gen = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=NEW_TOKENS,
-                                     min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                                     return_dict_in_generate=True)
-            ids.append(gen.sequences[0, len(prompt):].tolist())
-            steps = []
-            for logits in gen.logits:
-                values, idx = logits[0].float().log_softmax(-1).topk(5)
-                steps.append(dict(zip(idx.tolist(), values.tolist())))
+            tokens, steps = hf_greedy(model, prompt, NEW_TOKENS)
+            ids.append(tokens)
             lps.append(steps)
     return ids, lps
 
