@@ -21,12 +21,12 @@ from agentserve.grammar.interface import (
     allocate_token_bitmask,
     bitmask_to_ids,
 )
-from agentserve.grammar.registry import BACKEND_NAMES, get_backend
+from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.state import GrammarBitmask, GrammarState
-from helpers.grammar_walks import SchemaWorker, random_walk, tokenizer_info_for
+from helpers.grammar_walks import SchemaWorker, available_backends, random_walk, tokenizer_info_for
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import tiny_model_cached
 
@@ -35,15 +35,7 @@ if not SAMPLE.exists():
     SAMPLE = Path("/work/shared/data/schemas/sample.jsonl")
 
 
-def _available(name: str) -> bool:
-    try:
-        get_backend(name)
-    except GrammarError:
-        return False
-    return True
-
-
-BACKENDS = [b for b in BACKEND_NAMES if _available(b)]
+BACKENDS = available_backends()
 
 # Backends reject what they would compile but not enforce (see check_enforceable), so every output
 # of every backend must validate; the libraries' own gaps show up as "not covered", never as

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 
 from agentserve.grammar.interface import GrammarError
-from agentserve.grammar.registry import BACKEND_NAMES, get_backend
-from helpers.grammar_walks import decode, random_walk, tokenizer_info_for
+from agentserve.grammar.registry import get_backend
+from helpers.grammar_walks import available_backends, decode, random_walk, tokenizer_info_for
 from agentserve.grammar.spec import build_tool_constraint
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
 from agentserve.grammar.tool_constraint import parse_tools
@@ -22,15 +22,7 @@ from agentserve.grammar.tool_schema import normalize_tool_schema
 from agentserve.testing.tiny import ARCHS, TOOL_CALL_FORMAT, tiny_model_cached
 
 
-def _available(name: str) -> bool:
-    try:
-        get_backend(name)
-    except GrammarError:
-        return False
-    return True
-
-
-BACKENDS = [b for b in BACKEND_NAMES if _available(b)]
+BACKENDS = available_backends()
 
 # Real-world dialects: "dict"/"int"/"float", enums without type, OpenAPI-2 required flags, nesting.
 TOOLS = [

@@ -11,26 +11,17 @@ import random
 import jsonschema
 import pytest
 
-from agentserve.grammar.interface import GrammarError
-from agentserve.grammar.registry import BACKEND_NAMES, get_backend
+from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tool_constraint import call_schemas_of
 from agentserve.grammar.tool_formats import HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG
 from agentserve.grammar.tool_parser import ToolCallParser
 from agentserve.sampling_params import SamplingParams
 from agentserve.testing.tiny import TOOL_CALL_FORMAT, tiny_model_cached
-from helpers.grammar_walks import decode, random_walk, tokenizer_info_for
+from helpers.grammar_walks import available_backends, decode, random_walk, tokenizer_info_for
 
 
-def _available(name: str) -> bool:
-    try:
-        get_backend(name)
-    except GrammarError:
-        return False
-    return True
-
-
-BACKENDS = [b for b in BACKEND_NAMES if _available(b)]
+BACKENDS = available_backends()
 ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                          "days": {"type": "integer", "enum": ["1", "2"]}},
         "required": ["city"], "additionalProperties": False}

@@ -16,10 +16,22 @@ import jsonschema
 import numpy as np
 
 from agentserve.grammar.interface import GrammarError, allocate_token_bitmask
-from agentserve.grammar.registry import get_backend
+from agentserve.grammar.registry import BACKEND_NAMES, get_backend
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.testing.tiny import tiny_model_cached
+
+
+def available_backends() -> list[str]:
+    """The grammar backends installed here (a backend whose package is missing raises GrammarError)."""
+    available = []
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+        except GrammarError:
+            continue
+        available.append(name)
+    return available
 
 
 def default_tokenizer_dir(arch: str = "llama3") -> Path:
