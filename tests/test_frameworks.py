@@ -71,13 +71,18 @@ def _weather_tool(agents: Any, calls: list[str], once: bool = False, result: Any
     return agents.function_tool(get_weather, is_enabled=enabled)
 
 
+
+def _weather_agent(agents: Any, calls: list[str]) -> Any:
+    """An agent that must call get_weather once and stops with the tool's result as its output."""
+    return agents.Agent(
+        name="weather", instructions="Call get_weather.", model=MODEL, tools=[_weather_tool(agents, calls)],
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=agents.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=64,
+                                            temperature=0))
+
 def test_agents_sdk_function_tool(agents_sdk: Any) -> None:
     calls: list[str] = []
-    agent = agents_sdk.Agent(
-        name="weather", instructions="Call get_weather.", model=MODEL, tools=[_weather_tool(agents_sdk, calls)],
-        tool_use_behavior="stop_on_first_tool",
-        model_settings=agents_sdk.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=64,
-                                                temperature=0))
+    agent = _weather_agent(agents_sdk, calls)
     result = agents_sdk.Runner.run_sync(agent, "What is the weather in Paris?")
     assert len(calls) == 1 and calls[0] in CITIES
     assert result.final_output == f"sunny in {calls[0]}"
@@ -103,11 +108,7 @@ def test_agents_sdk_output_type_with_tools(agents_sdk: Any) -> None:
 
 def test_agents_sdk_streamed(agents_sdk: Any) -> None:
     calls: list[str] = []
-    agent = agents_sdk.Agent(
-        name="weather", instructions="Call get_weather.", model=MODEL, tools=[_weather_tool(agents_sdk, calls)],
-        tool_use_behavior="stop_on_first_tool",
-        model_settings=agents_sdk.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=64,
-                                                temperature=0))
+    agent = _weather_agent(agents_sdk, calls)
 
     async def run() -> tuple[Any, list[str]]:
         streamed = agents_sdk.Runner.run_streamed(agent, "Weather in Rome?")
