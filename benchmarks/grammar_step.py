@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
+from latency import sync_device  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
@@ -65,11 +65,6 @@ def synthetic_tokenizer(vocab_size: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _prefilling(engine: Any) -> bool:
     """Requests still waiting (for a slot or a grammar compile) or with prompt tokens to run."""
     return bool(engine.scheduler.num_waiting) or any(r.num_computed_tokens < r.num_prompt_tokens
@@ -98,12 +93,12 @@ def measure(llm: LLM, batch: int, constrained: bool, prompt_len: int, steps: int
         errors += [o.error for o in engine.step() if o.error]
     keep = max(1, int(batch * 0.9))
     sizes: list[int] = []
-    _sync()
+    sync_device()
     start = time.perf_counter()
     while len(sizes) < steps and len(engine.scheduler.running) >= keep:
         sizes.append(len(engine.scheduler.running))
         errors += [o.error for o in engine.step() if o.error]
-    _sync()
+    sync_device()
     elapsed = time.perf_counter() - start
     if errors:
         print(f"  {len(errors)} requests failed, e.g.: {errors[0]}")

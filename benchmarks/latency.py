@@ -25,7 +25,8 @@ from agentserve import SamplingParams  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 
 
-def _sync() -> None:
+def sync_device() -> None:
+    """Waits for the GPU's queued work (timings end there); nothing on the CPU."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -52,9 +53,9 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int,
                 for out in engine.step():
                     n = len(out.outputs[0].token_ids)
                     if first is None and n:
-                        _sync()
+                        sync_device()
                         first = time.perf_counter()
-            _sync()
+            sync_device()
             if r > 0:  # the first run warms up
                 assert first is not None
                 rates.append((n - 1) / (time.perf_counter() - first))  # decode rate after the first token
@@ -69,10 +70,10 @@ def ttft(llm: LLM, prompt_len: int, repeats: int) -> dict[str, Any]:
     times = []
     for r in range(repeats + 1):
         prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()  # fresh: no prefix-cache hit
-        _sync()
+        sync_device()
         start = time.perf_counter()
         llm.generate([prompt], params)
-        _sync()
+        sync_device()
         if r > 0:
             times.append((time.perf_counter() - start) * 1000)
     return {"ttft_ms": statistics.median(times), "runs_ms": times}

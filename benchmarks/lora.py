@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
-from latency import single_stream  # noqa: E402
+from latency import single_stream, sync_device  # noqa: E402
 from throughput import add_dummy_model_args, add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
@@ -114,21 +114,16 @@ def load_adapters(llm: LLM, names: list[str], files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def run_throughput(llm: LLM, prompts: list[list[int]], adapters: list[Optional[str]], output_len: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     warm = min(len(prompts), 64)  # compiles the LoRA kernels' prefill variants outside the timing
     llm.generate(prompts[:warm], params.clone(max_tokens=2), adapter=adapters[:warm])
     manager = llm.engine.lora_manager
     loads_before = manager.num_slot_loads if manager is not None else 0
-    _sync()
+    sync_device()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, adapter=adapters)
-    _sync()
+    sync_device()
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_s": out_tokens / elapsed,
@@ -142,11 +137,11 @@ def slot_load_ms(llm: LLM, name: str) -> float:
     assert manager is not None
     key = manager.key_of(name)
     assert key is not None and key not in manager.resident_keys(), "the adapter must not be resident"
-    _sync()
+    sync_device()
     start = time.perf_counter()
     manager.activate([key])
     manager.step_launched()
-    _sync()
+    sync_device()
     return (time.perf_counter() - start) * 1e3
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, write_json  # noqa: E402
-from latency import single_stream  # noqa: E402
+from latency import single_stream, sync_device  # noqa: E402
 from throughput import add_workload_args, make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
@@ -63,11 +62,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def open_engine(args: argparse.Namespace, model: str, tp: int, enforce_eager: bool = False) -> LLM:
     max_len = max(args.max_prompt + args.output_len, args.stream_prompt_len + args.stream_new_tokens,
                   args.ttft_prompt_len + 8) + 16
@@ -79,10 +73,10 @@ def open_engine(args: argparse.Namespace, model: str, tp: int, enforce_eager: bo
 def throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:4], params.clone(max_tokens=2))  # warm-up
-    _sync()
+    sync_device()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
-    _sync()
+    sync_device()
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_s": out_tokens / elapsed,
@@ -96,10 +90,10 @@ def ttft(llm: LLM, prompt_len: int, repeats: int) -> dict[str, Any]:
     times = []
     for r in range(repeats + 1):
         prompt = rng.integers(10, min(llm.engine.arch.vocab_size, 32000) - 10, size=prompt_len).tolist()
-        _sync()
+        sync_device()
         start = time.perf_counter()
         llm.generate([prompt], params)
-        _sync()
+        sync_device()
         if r > 0:
             times.append(time.perf_counter() - start)
     return {"ttft_s": statistics.median(times), "runs": times, "prompt_tokens": prompt_len}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 # (token ids per request, top-n {token: logprob} per position per request)
 Result = tuple[list[list[int]], list[list[dict[int, float]]]]
 
@@ -30,8 +32,6 @@ def greedy_result(outs: Sequence[Any]) -> Result:
 def hf_greedy(model: Any, prompt: list[int], new_tokens: int, top_n: int = 5) -> tuple[list[int], list[dict[int, float]]]:
     """transformers' greedy continuation of `prompt` on the model's device (exactly new_tokens
     tokens) and each position's top-n {token: logprob}, for the same comparison."""
-    import torch
-
     with torch.no_grad():
         gen = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, output_logits=True,
