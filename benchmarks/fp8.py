@@ -40,10 +40,14 @@ from agentserve.llm import LLM  # noqa: E402
 TARGET_ONE_STREAM = 1.7   # the byte limit is 2x (half the weight bytes per decode step)
 TARGET_THROUGHPUT = 1.3
 PARTS = ("weights", "gemv", "agent-loop")
-GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Llama-3.1-8B: K -> N
-# FP8 GEMV tiles tried besides the heuristic (which reuses the bf16 GEMV's tiles, in elements): the
-# same bytes in flight as the tuned bf16 tiles (2x the K or the rows), and smaller ones.
-FP8_GEMV_SWEEP = [(4, 4096, 8), (8, 2048, 8), (2, 4096, 4), (4, 2048, 4), (16, 512, 8), (8, 1024, 4)]
+# Llama-3.1-8B: K -> N (qkv, o, gate_up, down, lm_head)
+GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+# FP8 GEMV tiles tried besides the heuristic (fp8_gemv_config): rows x K / warps.
+FP8_GEMV_SWEEP = [(4, 4096, 8), (8, 2048, 8), (4, 2048, 4), (16, 512, 8), (8, 1024, 4), (16, 1024, 8),
+                  (32, 512, 8), (8, 512, 4), (16, 256, 4)]
+# bf16 GEMV tiles tried besides its heuristic (gemv_config, tuned on the H100 with eager timing).
+BF16_GEMV_SWEEP = [(4, 2048, 8), (2, 2048, 4), (8, 1024, 8), (8, 1024, 4), (4, 1024, 4), (16, 512, 8),
+                   (8, 512, 4), (2, 4096, 8)]
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -148,6 +152,18 @@ def _time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs
 GEMV_WORKING_SET = 200 * 2**20
 
 
+def _sweep(fn: Any, arg_sets: list[tuple[Any, ...]], tiles: list[tuple[int, int, int]], k: int) -> dict[str, float]:
+    """Device us per call of fn with each fma tile (rows x K / warps) whose K divides the input's."""
+    from agentserve.kernels import gemv
+
+    timed = {}
+    for rows_n, block_k, warps in tiles:
+        if k % block_k == 0:
+            cfg = gemv.GemvConfig("fma", rows_n, block_k, num_warps=warps, num_stages=1)
+            timed[f"{rows_n}x{block_k}/{warps}w"] = _time_us(fn, arg_sets, config=cfg)
+    return timed
+
+
 def part_gemv(args: argparse.Namespace) -> dict[str, Any]:
     """Per 8B projection at M = 1: bf16 GEMV (kernels.gemv) vs FP8 GEMV vs W8A8 _scaled_mm."""
     from agentserve.kernels import fp8_linear, gemv
@@ -160,22 +176,24 @@ def part_gemv(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
         quantized = [fp8_linear.quantize_weight_per_channel(w) for w in weights]
-        bf16_us = _time_us(gemv.gemv_triton, [(x, w) for w in weights])
-        del weights
+        bf16_sets = [(x, w) for w in weights]
+        bf16_us = _time_us(gemv.gemv_triton, bf16_sets)
+        bf16_sweep = _sweep(gemv.gemv_triton, bf16_sets, BF16_GEMV_SWEEP, k)
+        del weights, bf16_sets
         fp8_sets = [(x, wq, ws) for wq, ws in quantized]
         fp8_us = _time_us(fp8_linear.fp8_gemv_triton, fp8_sets)
         mm_us = _time_us(fp8_linear.fp8_scaled_mm, fp8_sets)
-        sweep = {}
-        for rows_n, block_k, warps in FP8_GEMV_SWEEP:
-            if k % block_k == 0:
-                cfg = gemv.GemvConfig("fma", rows_n, block_k, num_warps=warps, num_stages=1)
-                sweep[f"{rows_n}x{block_k}/{warps}w"] = _time_us(fp8_linear.fp8_gemv_triton, fp8_sets, config=cfg)
+        sweep = _sweep(fp8_linear.fp8_gemv_triton, fp8_sets, FP8_GEMV_SWEEP, k)
         best = min(sweep, key=sweep.__getitem__) if sweep else None
+        bf16_best = min(bf16_sweep, key=bf16_sweep.__getitem__) if bf16_sweep else None
         rows.append({"k": k, "n": n, "bf16_us": bf16_us, "fp8_us": fp8_us, "scaled_mm_us": mm_us,
                      "bf16_tb_s": 2 * n * k / bf16_us / 1e6, "fp8_tb_s": n * k / fp8_us / 1e6,
-                     "speedup": bf16_us / fp8_us, "fp8_sweep_us": sweep, "fp8_best": best})
-        print(f"  {k}x{n}: bf16 {bf16_us:.1f} us, fp8 {fp8_us:.1f} us ({bf16_us / fp8_us:.2f}x), "
-              f"scaled_mm {mm_us:.1f} us; best fp8 tile {best} {sweep.get(best, float('nan')):.1f} us", flush=True)
+                     "speedup": bf16_us / fp8_us, "fp8_sweep_us": sweep, "fp8_best": best,
+                     "bf16_sweep_us": bf16_sweep, "bf16_best": bf16_best})
+        print(f"  {k}x{n}: bf16 {bf16_us:.1f} us ({2 * n * k / bf16_us / 1e6:.2f} TB/s), fp8 {fp8_us:.1f} us "
+              f"({n * k / fp8_us / 1e6:.2f} TB/s, {bf16_us / fp8_us:.2f}x), scaled_mm {mm_us:.1f} us; "
+              f"best fp8 tile {best} {sweep.get(best, float('nan')):.1f} us; "
+              f"best bf16 tile {bf16_best} {bf16_sweep.get(bf16_best, float('nan')):.1f} us", flush=True)
     return {"rows": rows}
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -49,6 +49,25 @@ if [ "$MODE" = pending ]; then
       --num-requests 256 --no-record --out "$OUT/lora_fused_$fused.json"
   done
   TMO=180 run fp8-gemv python3 benchmarks/fp8.py --parts gemv --out "$OUT/fp8_gemv.json"
+fi
+if [ "$MODE" = pdl ]; then
+  # Programmatic dependent launch (kernels/_triton_utils.py) and the H200 FP8 GEMV tiles, 2026-12-02
+  # (~9 min): the GPU tests the last session left unverified plus the PDL chain test, the graph-timed
+  # bf16 + fp8 GEMV tile sweep, one stream / TTFT with PDL off vs on, the LoRA one-stream ratio with
+  # the two-kernel vs fused LoRA path, the FP8-draft speculation table.
+  TMO=260 run pytest-pdl python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_pdl.py \
+    tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv.py tests/test_kernels_lora_fused.py tests/test_gpu_spec.py \
+    tests/test_engine_close.py tests/test_kernels_lora.py --junitxml "$OUT/pytest_pdl.xml"
+  TMO=120 run gemv-sweep python3 benchmarks/fp8.py --parts gemv --out "$OUT/fp8_gemv.json"
+  for pdl in 0 1; do
+    AGENTSERVE_PDL=$pdl TMO=100 run "latency-pdl-$pdl" python3 benchmarks/latency.py $DUMMY --repeats 2 --out "$OUT/latency_pdl_$pdl.json"
+  done
+  for fused in off on; do
+    TMO=100 run "lora-fused-$fused" python3 benchmarks/lora.py --lora-fused $fused --counts 1 --cpu-tier-adapters 2 \
+      --num-requests 64 --no-record --out "$OUT/lora_fused_$fused.json"
+  done
+  TMO=90 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 \
+    --out "$OUT/spec_fp8_draft.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -40,7 +40,24 @@ except ImportError:  # pragma: no cover - platforms without triton wheels
     tl = None  # type: ignore[assignment]
 
 __all__ = ["HAS_TRITON", "triton", "tl", "set_backend", "get_backend", "triton_enabled_for", "cdiv",
-           "next_pow2", "num_sms", "dot_modes", "INTERPRET"]
+           "next_pow2", "num_sms", "dot_modes", "INTERPRET", "gdc_wait", "gdc_launch_dependents", "pdl_launch",
+           "set_pdl"]
+
+# Programmatic dependent launch (Hopper+): grid-dependency control lets a kernel's programs start
+# while the previous kernel in the stream drains, hiding the ~1-3 us launch gap between the ~290
+# small kernels of a batch-1 decode step. Each kernel launched this way calls `gdc_wait()` before it
+# reads anything an earlier kernel wrote and before its first store (the caching allocator reuses
+# buffers, so an early store could clobber a predecessor's input), then `gdc_launch_dependents()`.
+# Since every such kernel waits, its completion still implies its predecessor's, so kernels
+# launched normally after it keep full stream order.
+try:  # pragma: no cover - depends on the installed Triton
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # pragma: no cover
+    gdc_wait = gdc_launch_dependents = None  # referenced only under USE_PDL=True, which needs them
+    _HAS_PDL = False
 
 # True when Triton runs its CPU interpreter (tests); kernels then see CPU tensors.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -107,3 +124,28 @@ def dot_modes(dtype: torch.dtype) -> tuple[bool, str]:
     bf16 to the tensor cores. fp32 stays IEEE-exact."""
     upcast = INTERPRET and dtype == torch.bfloat16
     return upcast, "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+
+
+# AGENTSERVE_PDL=0 turns programmatic dependent launch off (A/B runs; drivers without support).
+_pdl_wanted: bool = os.environ.get("AGENTSERVE_PDL", "1") != "0"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels launched from now on (benchmarks'
+    A/B runs). Kernels already captured in a CUDA graph keep the mode they were captured with."""
+    global _pdl_wanted
+    _pdl_wanted = enabled
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    return _HAS_PDL and not INTERPRET and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
+    """Launch arguments for a kernel that takes `USE_PDL: tl.constexpr` and follows the protocol
+    above: programmatic dependent launch on a Hopper (or newer) CUDA device, off elsewhere."""
+    if _pdl_wanted and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None
+                                                  else torch.cuda.current_device()):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}

@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, next_pow2, num_sms, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
+)
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
 from .gemv import GemvConfig, gemv_config
 
@@ -98,7 +100,10 @@ def fp8_linear_ref(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.
 
 @triton.jit(do_not_specialize=["M"])
 def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-                            FP8MAX: tl.constexpr, MINSCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+                            FP8MAX: tl.constexpr, MINSCALE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], tl.float32)
@@ -124,7 +129,7 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     block_k = min(4096, max(16, next_pow2(k)))
     _quant_per_token_kernel[(m,)](x, xq, scale, m, k, x.stride(0), xq.stride(0),
                                   FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE, BLOCK_K=block_k,
-                                  num_warps=4 if block_k >= 1024 else 1)
+                                  num_warps=4 if block_k >= 1024 else 1, **pdl_launch(x))
     return xq, scale
 
 
@@ -136,9 +141,13 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
@@ -166,6 +175,20 @@ def _fp8_gemv_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+def fp8_gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:
+    """FP8 GEMV tiles (fma kind). Measured on the H200 (benchmarks/fp8.py --parts gemv: a CUDA graph
+    over weight copies larger than the L2, 2026-12-02): the bf16 GEMV's tiles keep half the bytes in
+    flight with 1-byte weights; 16 rows x 512 / 8 warps won for the wide projections (qkv 9.3 vs
+    11.3 us, gate_up 33.9 vs 42.2 us: 1792 programs), 8 rows x 1024 / 4 warps where 16-row tiles
+    leave fewer than two programs per SM (o 7.2 vs 8.4 us) and for the long-K down projection
+    (17.8 vs 20.4 us). K not a multiple of the tile falls back to the 16-bit GEMV's heuristic."""
+    if k % 1024 == 0 and (k >= 8192 or cdiv(n, 16) < 2 * sms):
+        return GemvConfig("fma", 8, 1024, num_warps=4, num_stages=1)
+    if k % 512 == 0:
+        return GemvConfig("fma", 16, 512, num_warps=8, num_stages=1)
+    return gemv_config(1, n, k, sms)
+
+
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None) -> torch.Tensor:
     """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M.
@@ -182,14 +205,12 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*lead, n)
-    # The 16-bit GEMV's tiles (in elements), fma kind only: an fp8 tile is half the bytes of the
-    # same tile in bf16, the fp32 partial sums (the register budget) are the same.
-    cfg = config or gemv_config(1, n, k, num_sms(x.device) if x.is_cuda else 132)
+    cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132)
     b = bias.contiguous() if bias is not None else weight_scale
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

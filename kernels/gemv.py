@@ -34,7 +34,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, next_pow2, num_sms, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
+)
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -106,8 +108,12 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
@@ -139,8 +145,12 @@ def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK_N),). acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ w[BLOCK_N, BLOCK_K]^T."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     nb = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,13 +208,13 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _gemv_dot_kernel[(cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
             DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

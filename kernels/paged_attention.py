@@ -18,7 +18,9 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import next_pow2, num_sms, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
+)
 from .fp8_utils import is_fp8, raw_bytes
 from .kv_write import kv_scales_or_ones
 
@@ -181,6 +183,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (num_q_tiles_upper_bound, num_kv_heads).
 
@@ -189,6 +192,9 @@ def _paged_attention_kernel(
     (each request wastes at most one id). The grid size T // BLOCK_Q + B therefore depends only on
     shapes, so a mixed batch of one long prefill chunk and many decodes launches no idle programs
     beyond B, and the launch is CUDA-graph safe."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -277,12 +283,16 @@ def _paged_attention_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); decode only (q_len <= 1).
     num_splits is a runtime argument so that each split count does not compile a new kernel.
 
     Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
     the split's keys; the reduce kernel combines them with a log-sum-exp."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -346,9 +356,13 @@ def _paged_attention_split_reduce_kernel(
     stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
     BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Flash-decoding phase 2. Grid: (B, num_q_heads). out = sum_s w_s acc_s / sum_s w_s l_s with
     w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     seq_idx = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq_idx)
@@ -550,7 +564,7 @@ def paged_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=batch_block(batch),
         PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(out),
     )
     return out
 
@@ -602,14 +616,14 @@ def paged_attention_decode_split_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
         DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
-        num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES),
+        num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES), **pdl_launch(part_out),
     )
     _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
         out, part_out, part_ml, query_start_loc, seq_lens, num_splits,
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
         BLOCK_S=max(2, next_pow2(num_splits)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=block_n, num_warps=4 if head_dim >= 128 else 2,
+        BLOCK_N=block_n, num_warps=4 if head_dim >= 128 else 2, **pdl_launch(out),
     )
     return out
 

@@ -6,7 +6,9 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import next_pow2, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, triton_enabled_for,
+)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -26,6 +28,7 @@ def _rms_norm_kernel(
     x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si,
     n_inner, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (rows,). A row is the last dim; rows are addressed as (outer, inner) so a strided
     [T, H, D] view (per-head q/k norm of a fused qkv output) needs no copy.
@@ -33,6 +36,9 @@ def _rms_norm_kernel(
     Rounding follows the reference step by step: the residual sum is rounded to the model dtype
     (new_res dtype) before the statistics, the normalised row is rounded to the model dtype before
     the weight multiply, and that product is rounded once to the output dtype."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     inner = row % n_inner
@@ -84,7 +90,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight.contiguous(), out, new_res,
             x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si, n_inner, hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x),
         )
     if residual is None:
         return out.view(orig_shape), orig_x

@@ -20,7 +20,9 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import next_pow2, tl, triton, triton_enabled_for
+from ._triton_utils import (
+    gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, triton_enabled_for,
+)
 from .fp8_utils import is_fp8, to_cache_dtype
 from .kv_write import kv_scales_or_ones, write_kv, write_kv_ref
 from .rmsnorm import rms_norm, rms_norm_ref
@@ -80,8 +82,12 @@ def _rope_kv_write_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (T,). One program per token: all q heads (rotated in place), all kv heads (to the page)."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -171,7 +177,7 @@ def rope_and_write_kv_triton(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_HALF=next_pow2(half), BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(num_kv_heads),
         PAGE_SIZE=k_cache.shape[1], HAS_NORM=has_norm, KV_FP8=is_fp8(k_cache),
-        num_warps=4 if block_hq * half >= 1024 else 1,
+        num_warps=4 if block_hq * half >= 1024 else 1, **pdl_launch(q),
     )
     return q
 
