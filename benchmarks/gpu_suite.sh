@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -68,6 +68,21 @@ if [ "$MODE" = pdl ]; then
   done
   TMO=90 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 \
     --out "$OUT/spec_fp8_draft.json"
+fi
+if [ "$MODE" = diag ]; then
+  # After the pdl run (2026-12-02): the FP8 engine graph-vs-eager test with PDL off and on (its full
+  # report kept), where a speculative iteration's time goes, the LoRA one-stream ratio with PDL in the
+  # LoRA kernels and the H200 bf16 tiles, and the FP8-vs-bf16 one stream / TTFT / throughput.
+  for pdl in 0 1; do
+    AGENTSERVE_PDL=$pdl TMO=120 run "fp8-engine-pdl-$pdl" python3 -m pytest -m gpu -q -p no:cacheprovider -x -rA \
+      tests/test_kernels_gpu_fp8.py -k "engine_fp8 or rope_kv_write_fp8" -o log_cli=false > "$OUT/fp8_engine_pdl_$pdl.txt" 2>&1
+    tail -n 30 "$OUT/fp8_engine_pdl_$pdl.txt"
+  done
+  TMO=120 run spec-profile python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8 \
+    --out "$OUT/spec_profile.json"
+  TMO=100 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record \
+    --out "$OUT/lora_one_stream.json"
+  TMO=200 run fp8-weights python3 benchmarks/fp8.py --parts weights --repeats 2 --out "$OUT/fp8_weights.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -61,8 +61,11 @@ import torch
 from ._triton_utils import (
     cdiv,
     dot_modes,
+    gdc_launch_dependents,
+    gdc_wait,
     next_pow2,
     num_sms,
+    pdl_launch,
     tl,
     triton,
     triton_enabled_for,
@@ -212,9 +215,13 @@ def _lora_shrink_kernel(
     stride_h_split, stride_h_slice, stride_h_m, stride_rank_lora,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (max_blocks, SPLIT_K, num_slices). h[split, s, row, r] = sum over this split's K
     chunks (interleaved, BLOCK_K apart by SPLIT_K) of x[row] . A[slot, s, r]."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
@@ -245,9 +252,13 @@ def _lora_expand_kernel(
     stride_b_lora, stride_b_rank, stride_ym, stride_rank_lora, stride_scale_lora,
     NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (max_blocks, cdiv(N, BLOCK_N)) over the concatenated slices. For each slice the column
     tile touches: acc += (scale * sum_split h[split, s, rows]) @ B^T[slot, :, its columns]."""
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     nt = tl.program_id(1)
     slot = tl.load(block_slot_ptr + tile)
@@ -326,7 +337,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
         h.stride(0), h.stride(1), h.stride(2), ranks.stride(0),
         BLOCK_M=meta.block_m, BLOCK_R=max(MIN_BLOCK, next_pow2(max_rank)), BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, UPCAST=upcast,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x))
     return h
 
 
@@ -352,7 +363,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ran
         lora_b.stride(0), lora_b.stride(1), y.stride(0), ranks.stride(0), scaling.stride(0),
         NUM_SLICES=num_slices, SPLIT_K=split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n,
         BLOCK_R=max(MIN_BLOCK, next_pow2(max_rank)), UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=config.num_warps if config is not None else 4)
+        num_warps=config.num_warps if config is not None else 4, **pdl_launch(shrunk))
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -1,0 +1,143 @@
+"""Where a speculative single-stream iteration's time goes on the GPU: wall time per engine step, the
+device's busy time (the union of its kernels and copies) and idle time per step, the host phases
+that leave it idle, and the kernels that fill it (torch.profiler, one stream, synthetic acceptance).
+
+benchmarks/spec.py measures the speedup; this says why it is below theory: the gap between
+(1 + k c) target steps and the measured step is either device work beyond that model (the k + 1-token
+verification, the catch-up) or host time on the critical path (a speculative step runs synchronously).
+
+  python benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8
+  python benchmarks/spec_profile.py --smoke            # CPU, tiny models: the script's plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_json  # noqa: E402
+
+from agentserve import SamplingParams  # noqa: E402
+from agentserve.engine.output import OutputProcessor  # noqa: E402
+from agentserve.engine.scheduler import Scheduler  # noqa: E402
+from agentserve.llm import LLM  # noqa: E402
+from agentserve.sampling.rejection import RejectionSampler  # noqa: E402
+from agentserve.spec.draft import DraftModel  # noqa: E402
+from agentserve.worker.model_runner import ModelRunner  # noqa: E402
+
+# Host phases: (class, method) wrapped in a profiler range of this name.
+PHASES: list[tuple[type, str, str]] = [
+    (DraftModel, "propose", "propose (draft)"),
+    (Scheduler, "schedule", "schedule"),
+    (ModelRunner, "launch", "verification launch"),
+    (RejectionSampler, "__call__", "rejection sampling"),
+    (OutputProcessor, "update_from_output", "update_from_output"),
+]
+
+
+def _wrap(cls: type, name: str, label: str) -> Callable[[], None]:
+    original = getattr(cls, name)
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with record_function(label):
+            return original(self, *args, **kwargs)
+
+    setattr(cls, name, timed)
+    return lambda: setattr(cls, name, original)
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, -1.0
+    for s, e in sorted(intervals):
+        if s > end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    return busy
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--draft-model", default="llama-3.2-1b")
+    ap.add_argument("--draft-quantization", default=None, choices=["fp8"])
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--acceptance", type=float, default=0.8)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    kwargs: dict[str, Any] = dict(load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=8)
+    if args.smoke:
+        from agentserve.testing import tiny_model_cached
+
+        args.model, args.draft_model = str(tiny_model_cached("llama")), str(tiny_model_cached("llama", num_layers=1))
+        kwargs = dict(dtype="float32", max_model_len=512, max_num_seqs=4)
+        args.new_tokens = 16
+    llm = LLM(args.model, draft_model=args.draft_model, draft_quantization=args.draft_quantization,
+              num_speculative_tokens=args.k, spec_dynamic=False, spec_synthetic_acceptance=args.acceptance, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    prompt = np.random.default_rng(0).integers(10, 20000 if not args.smoke else 100, size=128).tolist()
+    llm.generate([prompt], params)  # warm-up
+    restore = [_wrap(cls, name, label) for cls, name, label in PHASES]
+    steps_before = llm.engine.metrics.spec_num_drafts
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with profile(activities=activities) as prof:
+            llm.generate([prompt], params)
+    finally:
+        for undo in restore:
+            undo()
+    verifications = llm.engine.metrics.spec_num_drafts - steps_before
+    events = prof.events()
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    host_ranges: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name in {label for _, _, label in PHASES}:
+            host_ranges[e.name].append(e.time_range.elapsed_us())
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for e in device:
+        kernels[e.name[:70]].append(e.time_range.elapsed_us())
+    result: dict[str, Any] = {"model": args.model, "draft": args.draft_model, "draft_quantization": args.draft_quantization,
+                              "k": args.k, "acceptance": args.acceptance, "verifications": verifications}
+    if device:
+        start = min(e.time_range.start for e in device)
+        end = max(e.time_range.end for e in device)
+        busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+        per = max(1, verifications)
+        result.update(wall_us_per_verification=(end - start) / per, busy_us_per_verification=busy / per,
+                      idle_us_per_verification=(end - start - busy) / per)
+        print(f"per verification ({verifications}): wall {(end - start) / per:.0f} us, device busy {busy / per:.0f} us, "
+              f"idle {(end - start - busy) / per:.0f} us")
+    result["host_phases_us"] = {name: {"calls": len(v), "median": statistics.median(v), "total_per_verification":
+                                       sum(v) / max(1, verifications)} for name, v in host_ranges.items()}
+    for name, v in result["host_phases_us"].items():
+        print(f"  host {name}: {v['calls']} calls, median {v['median']:.0f} us, {v['total_per_verification']:.0f} us "
+              "per verification")
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    result["device_kernels"] = [{"name": n, "count": len(v), "total_us_per_verification": sum(v) / max(1, verifications),
+                                 "mean_us": sum(v) / len(v)} for n, v in top]
+    for k in result["device_kernels"]:
+        print(f"  dev {k['total_us_per_verification']:8.1f} us/verif  {k['count']:6d} x {k['mean_us']:7.1f} us  {k['name']}")
+    llm.close()
+    write_json(result, args.out, "spec_profile")
+    if args.out is None:
+        print(json.dumps({k: v for k, v in result.items() if k != "device_kernels"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
