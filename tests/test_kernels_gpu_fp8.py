@@ -224,8 +224,11 @@ def test_engine_fp8_weights_and_kv_graphs_match_eager() -> None:
     # near-ties, so the runs may split there, and only there (vLLM's check_logprobs_close rule).
     assert_close_greedy(eager, graphs, "fp8 graphs vs eager")
     bf16 = _run_tiny()
-    # Random tiny weights leave small logit margins: fp8 rounding may flip a token early, so compare
-    # the first tokens loosely and the level of the chosen tokens' logprobs.
-    assert sum(a[:4] == b[:4] for a, b in zip(graphs[0], bf16[0])) >= 2
+    # Random tiny weights leave small logit margins, so e4m3 rounding (~6% per weight) flips
+    # near-ties early: the same tiny model on the CPU reference kernels agrees with bf16 on the first
+    # 4 tokens for 1 of these 3 prompts (weights and KV in fp8). What must hold is vLLM's rule: where
+    # the runs first split, each one's token is in the other's top-5; and the chosen tokens' logprobs
+    # sit at the same level.
+    assert_close_greedy(bf16, graphs, "fp8 vs bf16")
     first = [[pos[t] for pos, t in zip(run[1][0], run[0][0])] for run in (graphs, bf16)]
     assert abs(sum(first[0]) / len(first[0]) - sum(first[1]) / len(first[1])) < 0.5
