@@ -115,6 +115,10 @@ class Request:
         # schedules them with the next decode (1 + len tokens), the runner samples the target at
         # each of them, and update_from_output keeps the accepted prefix (engine/output.py).
         self.spec_token_ids: list[int] = []
+        # A draft model's proposal that stays on the device until the verification's result comes
+        # back ([k] int64): spec_token_ids then holds DRAFT_ON_DEVICE placeholders of the same count
+        # (the host only needs how many; spec/device_drafts.py puts the values in place on the device).
+        self.spec_token_ids_device: Optional["torch.Tensor"] = None
         # The draft model's distribution at each proposed token ([k, V] on the device) when the
         # proposal was sampled from it (random sampling); None for point-mass proposals.
         self.spec_draft_probs: Optional["torch.Tensor"] = None

@@ -60,3 +60,79 @@ def test_spec_host_benchmark_runs(tmp_path: Path) -> None:
     for row in rows:
         assert 0 < row["host"] < row["step"]
         assert row["draft fwd"] > 0 and row["target fwd"] > 0
+
+
+def _count_device_proposals(llm: LLM) -> list[int]:
+    """Wraps the draft's propose: counts the proposals whose drafts stayed on the device."""
+    draft = llm.engine.runner.draft
+    assert draft is not None
+    counts = [0]
+    original = draft.propose
+
+    def propose(requests: list, num_tokens: list[int], keep_on_device: bool = False) -> list:
+        out = original(requests, num_tokens, keep_on_device)
+        counts[0] += any(on_device is not None for _, _, on_device in out)
+        return out
+
+    draft.propose = propose  # type: ignore[method-assign]
+    return counts
+
+
+def _seeded(llm: LLM) -> list[list[int]]:
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=m, ignore_eos=True, seed=100 + i)
+              for i, m in enumerate(MAX_TOKENS)]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+
+
+def test_device_resident_drafts_match_host_drafts() -> None:
+    """spec/device_drafts.py: drafts left on the device into the verification give the same tokens as
+    drafts read back first, greedy and seeded random (the same draws, only where the values live),
+    and the path is really taken."""
+    target = str(tiny_model_cached("llama"))
+    with LLM(target, **ENGINE) as llm:
+        expected = generate(llm)
+    results = {}
+    for keep in (True, False):
+        with LLM(target, draft_model=noisy_draft("llama"), num_speculative_tokens=3, spec_dynamic=False,
+                 **ENGINE) as llm:
+            spec_host.use_graph_paths(llm.engine, 3)
+            if not keep:  # the verification graphs stay; only the proposal reads its drafts back
+                draft = llm.engine.runner.draft
+                assert draft is not None
+                host_propose = draft.propose
+                draft.propose = lambda reqs, ks, keep_on_device=False: host_propose(reqs, ks, False)  # type: ignore[method-assign]
+            counts = _count_device_proposals(llm)
+            greedy = generate(llm)
+            m = llm.engine.metrics
+            # Wrong draft values would still give exact outputs (they are only rejected more often):
+            # the same drafts show as the same acceptance, position by position.
+            accepted = list(m.spec_accepted_per_position)
+            results[keep] = (greedy, _seeded(llm), counts[0], accepted, m.spec_num_accepted_tokens)
+            assert m.spec_num_rejected_rows > 0
+    assert results[True][0] == results[False][0] == expected
+    assert results[True][1] == results[False][1]
+    assert results[True][2] > 0 and results[False][2] == 0
+    assert results[True][3] == results[False][3] and results[True][4] == results[False][4]
+
+
+def test_device_drafts_read_back_for_an_eager_verification() -> None:
+    """A verification step that cannot replay a graph (here: more rows than the stand-in takes)
+    builds its inputs on the host: the device drafts come back in one copy, outputs unchanged."""
+    target = str(tiny_model_cached("llama"))
+    with LLM(target, **ENGINE) as llm:
+        expected = generate(llm)
+    with LLM(target, draft_model=noisy_draft("llama"), num_speculative_tokens=3, spec_dynamic=False, **ENGINE) as llm:
+        spec_host.use_graph_paths(llm.engine, 3)
+        graphs = llm.engine.runner.verify_graphs
+        assert graphs is not None
+        replayable = graphs.padded_size
+        graphs.padded_size = lambda bs, q: replayable(bs, q) if bs <= 2 else None  # type: ignore[method-assign]
+        counts = _count_device_proposals(llm)
+        assert generate(llm) == expected
+        assert counts[0] > 0
+        accepted = list(llm.engine.metrics.spec_accepted_per_position)
+    # The same run with every verification replayed (no read-back): the same drafts were verified.
+    with LLM(target, draft_model=noisy_draft("llama"), num_speculative_tokens=3, spec_dynamic=False, **ENGINE) as llm:
+        spec_host.use_graph_paths(llm.engine, 3)
+        assert generate(llm) == expected
+        assert list(llm.engine.metrics.spec_accepted_per_position) == accepted

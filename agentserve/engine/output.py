@@ -98,6 +98,7 @@ class OutputProcessor:
         assert 0 <= num_accepted <= len(spec), f"{req.request_id}: {len(sampled)} tokens for {len(spec)} drafts"
         req.spec_token_ids = []  # proposals are for one step; the proposer makes new ones
         req.spec_draft_probs = None
+        req.spec_token_ids_device = None
         self.engine.metrics.record_spec_row(len(spec), num_accepted)
         # The launch counted all the row's tokens as computed; the rejected ones are not the sequence's.
         req.num_computed_tokens -= len(spec) - num_accepted

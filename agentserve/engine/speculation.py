@@ -118,16 +118,22 @@ class Speculation:
                 draft = self.ngram.propose_one(np.asarray(req.all_token_ids), k).tolist()
                 req.spec_token_ids = _valid_prefix(req, draft)
                 req.spec_draft_probs = None
+                req.spec_token_ids_device = None
             return
         rows = self._reserve_lookahead(rows)
         if not rows:
             return
         draft_model = self.engine.runner.draft
         assert draft_model is not None
-        proposals = draft_model.propose([r for r, _ in rows], [k for _, k in rows])
-        for (req, _), (tokens, probs) in zip(rows, proposals):
+        runner = self.engine.runner
+        # Drafts stay on the device into a verification-graph step (spec/device_drafts.py); with
+        # tensor parallelism the step's inputs travel to the other ranks from the host.
+        keep_on_device = runner.verify_graphs is not None and runner.parallel is None
+        proposals = draft_model.propose([r for r, _ in rows], [k for _, k in rows], keep_on_device)
+        for (req, _), (tokens, probs, on_device) in zip(rows, proposals):
             req.spec_token_ids = tokens
             req.spec_draft_probs = probs
+            req.spec_token_ids_device = on_device
 
     def _cap(self, request: Request, k: int) -> int:
         """k within max_tokens (the row never samples past it) and the context length."""

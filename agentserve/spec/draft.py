@@ -42,6 +42,7 @@ from agentserve.model.fp8_lm_head import quantize_lm_head
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
+from agentserve.spec.device_drafts import DRAFT_ON_DEVICE
 from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_decode_inputs, build_draft_inputs
 from agentserve.spec.draft_plan import DecodeStepInputs, ProposalPlan, plan_proposal
 
@@ -140,11 +141,14 @@ class DraftModel:
 
     # --- proposing ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[tuple[list[int], Optional[torch.Tensor]]]:
+    def propose(self, requests: list[Request], num_tokens: list[int], keep_on_device: bool = False
+                ) -> list[tuple[list[int], Optional[torch.Tensor], Optional[torch.Tensor]]]:
         """Up to num_tokens[i] drafts for request i (each due for a decode, with page slots up to
-        position num_tokens - 2 + k), and q at each draft for random requests. Without grammars the
-        sampled drafts stay on the device until the end (one host sync per proposal); a constrained
-        request's matcher copy needs each token on the host before the next mask."""
+        position num_tokens - 2 + k), q at each draft for random requests, and the drafts on the
+        device when they were left there. Without grammars the sampled drafts stay on the device until
+        the end (one host sync per proposal); with `keep_on_device` and the same count for every row,
+        not even that: the host gets DRAFT_ON_DEVICE placeholders (spec/device_drafts.py). A
+        constrained request's matcher copy needs each token on the host before the next mask."""
         grammars = [r.grammar.copy() if r.grammar is not None else None for r in requests]
         on_host = any(g is not None for g in grammars)
         temps = [r.sampling_params.temperature for r in requests]
@@ -184,15 +188,21 @@ class DraftModel:
                 inputs = tokens.index_select(0, keep)
             logits = self._decode(requests, still, host_tables, tables, inputs, step, planned)
             active = still
-        if steps:
+        on_device: Optional[torch.Tensor] = None
+        if steps and keep_on_device and all(len(rows) == len(requests) for rows, _ in steps):
+            # Every row ran every step (the same count each): [R, k], row i's drafts in order.
+            on_device = torch.stack([tokens for _, tokens in steps], dim=1)
+            for i in range(len(requests)):
+                drafts[i] = [DRAFT_ON_DEVICE] * len(steps)
+        elif steps:
             self._collect(steps, drafts)
-        out: list[tuple[list[int], Optional[torch.Tensor]]] = []
+        out: list[tuple[list[int], Optional[torch.Tensor], Optional[torch.Tensor]]] = []
         for i, req in enumerate(requests):
             n = req.num_tokens
             # Written: the catch-up through position n - 1, then d_1 .. d_{m-1} at n .. n + m - 2.
             req.num_draft_computed_tokens = n + max(len(drafts[i]), 1) - 1
             q_rows = torch.stack(probs[i][:len(drafts[i])]) if probs[i] and drafts[i] else None
-            out.append((drafts[i], q_rows))
+            out.append((drafts[i], q_rows, on_device[i] if on_device is not None else None))
         return out
 
     @staticmethod

@@ -34,6 +34,7 @@ from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
+from agentserve.spec.device_drafts import materialize_drafts
 from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
 from agentserve.worker.spec_graphs import capture_spec_graphs
 # ScheduledChunk lives with the input builder; engine code imports it from here as before.
@@ -248,6 +249,8 @@ class ModelRunner:
             hidden = self.verify_graphs.run(padded, q)
             logits = self.model.compute_logits(hidden.index_select(0, padded.real_index))
         else:
+            # The eager step builds its inputs on the host: drafts left on the device come back first.
+            materialize_drafts(requests, [c.spec_token_ids for c in rows])
             logits, spec = self._forward_logits(chunks, prev), None
         assert logits is not None
         return sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],

@@ -20,6 +20,7 @@ import torch
 from agentserve.request import Request
 from agentserve.sampling.rejection import RejectionSampler, num_banned_positions_for
 from agentserve.sampling.sampler import SamplingMetadata
+from agentserve.spec.device_drafts import device_rows, scatter_device_drafts, scatter_indexes
 from agentserve.spec.draft_inputs import (DraftRun, PaddedInputs, padded_from_device, padded_host_parts,
                                           to_device_packed)
 from agentserve.spec.metadata import SpecDecodeMetadata
@@ -35,8 +36,9 @@ def _draft_probs(requests: list[Request], drafts: list[list[int]], vocab_size: i
     greedy drafting): then the sampler uses the one-hot q itself, without a [T, V] tensor."""
     if all(r.spec_draft_probs is None for r, d in zip(requests, drafts) if d):
         return None
+    on_device = device_rows(requests, drafts)
     parts = []
-    for request, draft in zip(requests, drafts):
+    for request, draft, values in zip(requests, drafts, on_device):
         if not draft:
             continue
         probs = request.spec_draft_probs
@@ -44,7 +46,8 @@ def _draft_probs(requests: list[Request], drafts: list[list[int]], vocab_size: i
             parts.append(probs[:len(draft)].float())
         else:  # a point mass on each draft token
             one_hot = torch.zeros(len(draft), vocab_size, device=device)
-            one_hot[torch.arange(len(draft)), torch.tensor(draft)] = 1.0
+            tokens = values if values is not None else torch.tensor(draft, device=device)
+            one_hot[torch.arange(len(draft), device=device), tokens] = 1.0
             parts.append(one_hot)
     return torch.cat(parts)
 
@@ -90,6 +93,13 @@ def padded_verification_inputs(requests: list[Request], drafts: list[list[int]],
             for r, d in zip(requests, drafts)]
     padded = padded_host_parts(runs, q, block_size, max_model_len)
     spec, num_draft = SpecDecodeMetadata.host_parts(drafts)
-    d = to_device_packed(padded + spec, device)
-    return (padded_from_device(d[:len(padded)], padded[3].shape),
-            SpecDecodeMetadata.from_device(d[len(padded):], num_draft))
+    # Drafts still on the device (spec/device_drafts.py) are placeholders in both host builds: their
+    # positions travel in the same copy and the values are put in place on the device after it.
+    on_device = device_rows(requests, drafts)
+    indexes = list(scatter_indexes(drafts, on_device, q)) if any(t is not None for t in on_device) else []
+    d = to_device_packed(padded + spec + indexes, device)
+    inputs = padded_from_device(d[:len(padded)], padded[3].shape)
+    metadata = SpecDecodeMetadata.from_device(d[len(padded):len(padded) + len(spec)], num_draft)
+    if indexes:
+        scatter_device_drafts(on_device, inputs.input_ids, d[-2], metadata.draft_token_ids, d[-1])
+    return inputs, metadata
