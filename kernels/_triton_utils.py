@@ -139,7 +139,9 @@ def set_pdl(enabled: bool) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(index: int) -> bool:
-    return _HAS_PDL and not INTERPRET and torch.cuda.get_device_capability(index)[0] >= 9
+    # NVIDIA only: ROCm reports its own capability numbers, and griddepcontrol is PTX.
+    return (_HAS_PDL and not INTERPRET and torch.version.hip is None
+            and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
 def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
