@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from agentserve.kernels import _triton_utils, activation, fp8_linear, gemv, paged_attention  # noqa: E402
+from agentserve.kernels import _triton_utils, activation, fp8_linear, gemv, lora, paged_attention  # noqa: E402
 from agentserve.kernels import rmsnorm, rope_kv_write  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, llama3_cos_sin  # noqa: E402
 
@@ -39,6 +39,9 @@ def _weights(seed: int) -> list[dict[str, torch.Tensor]]:
                  "norm1": torch.rand(HIDDEN, device=DEV, generator=g).to(torch.bfloat16) + 0.5,
                  "norm2": torch.rand(HIDDEN, device=DEV, generator=g).to(torch.bfloat16) + 0.5}
         layer["down_q"], layer["down_s"] = fp8_linear.quantize_weight_per_channel(w(HIDDEN, INTER))
+        # A rank-16 adapter on q/k/v in slot 1 of 2 (the shrink and expand kernels, PDL-launched too).
+        layer["lora_a"] = torch.randn(2, 3, 16, HIDDEN, device=DEV, generator=g).to(torch.bfloat16) / HIDDEN ** 0.5
+        layer["lora_b"] = torch.randn(2, 16, qkv_out, device=DEV, generator=g).to(torch.bfloat16) / 4
         layers.append(layer)
     return layers
 
@@ -50,6 +53,9 @@ def _decode_chain(x: torch.Tensor, layers: list[dict[str, torch.Tensor]], cache:
     for i, layer in enumerate(layers):
         h, residual = rmsnorm.rms_norm_triton(h, layer["norm1"], 1e-5, None if i == 0 else residual)
         qkv = gemv.gemv_triton(h, layer["qkv"])
+        lora.add_lora(qkv, h, layer["lora_a"], layer["lora_b"], cache["lora_ranks"], cache["lora_scaling"],
+                      cache["lora_meta"], [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM],
+                      cache["lora_starts"])
         q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
         q = rope_kv_write.rope_and_write_kv_triton(
             q.view(1, HEADS, HEAD_DIM), k.view(1, KV_HEADS, HEAD_DIM), v.view(1, KV_HEADS, HEAD_DIM),
@@ -74,7 +80,12 @@ def _cache(seed: int, context: int) -> dict:
             "block_tables": torch.arange(pages, device=DEV, dtype=torch.int32)[None],
             "query_start_loc": torch.tensor([0, 1], device=DEV, dtype=torch.int32),
             "seq_lens": torch.tensor([context + 1], device=DEV, dtype=torch.int32),
-            "max_seq_len": context + 1}
+            "max_seq_len": context + 1,
+            "lora_meta": lora.build_lora_batch_meta(torch.tensor([1], device=DEV), 2),
+            "lora_ranks": torch.tensor([[0, 0, 0], [16, 16, 16]], device=DEV, dtype=torch.int32),
+            "lora_scaling": torch.full((2, 3), 2.0, device=DEV),
+            "lora_starts": lora.slice_starts_for([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM],
+                                                 torch.device(DEV))}
 
 
 def _run(pdl: bool, graph: bool, x: torch.Tensor, layers: list, context: int) -> torch.Tensor:
