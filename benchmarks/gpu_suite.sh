@@ -95,6 +95,10 @@ if [ "$MODE" = next ]; then
     --out "$OUT/spec_fp8_draft.json"
   TMO=60 run spec-profile python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --out "$OUT/spec_profile.json"
   TMO=120 run fastpath python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath.json"
+  for prefetch in 0 1; do  # the GEMVs' first weight tile before the PDL wait (kernels/gemv.py), one stream
+    AGENTSERVE_GEMV_PREFETCH=$prefetch TMO=60 run "latency-prefetch-$prefetch" python3 benchmarks/latency.py $DUMMY \
+      --repeats 2 --out "$OUT/latency_prefetch_$prefetch.json"
+  done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -34,7 +34,7 @@ from ._triton_utils import (
     cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
 )
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
-from .gemv import GemvConfig, gemv_config
+from .gemv import GemvConfig, fma_launch_args, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -141,13 +141,10 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
@@ -156,8 +153,29 @@ def _fp8_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PREFETCH_W:
+        # Weights are never written by an earlier kernel of the step: the first tile loads before
+        # the wait, so under PDL the weight stream starts while the previous kernel still runs.
+        if EVEN_K:
+            w_first = tl.load(w_ptrs)
+        else:
+            w_first = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
+        gdc_wait()
+        gdc_launch_dependents()
+    if PREFETCH_W:  # the first K tile, peeled (0 + a == a: the same sums as the loop's)
+        if EVEN_K:
+            x_first = tl.load(x_ptrs)
+        else:
+            x_first = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
+        acc = w_first.to(tl.float32) * x_first.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_start = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        k_start = 0
+    for k0 in range(k_start, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -190,9 +208,11 @@ def fp8_gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None,
+                    prefetch_weights: Optional[bool] = None) -> torch.Tensor:
     """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M.
-    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep)."""
+    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep);
+    `prefetch_weights` as in gemv_triton."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -210,7 +230,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fma_launch_args(x2, prefetch_weights))
     return out.view(*lead, n)
 
 
