@@ -34,7 +34,7 @@ from ._triton_utils import (
     cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
 )
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
-from .gemv import GemvConfig, fma_launch_args, gemv_config
+from .gemv import GemvConfig, fma_launch_args, fma_row_sums, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -153,41 +153,9 @@ def _fp8_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    if PREFETCH_W:
-        # Weights are never written by an earlier kernel of the step: the first tile loads before
-        # the wait, so under PDL the weight stream starts while the previous kernel still runs.
-        if EVEN_K:
-            w_first = tl.load(w_ptrs)
-        else:
-            w_first = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
-    if PREFETCH_W:  # the first K tile, peeled (0 + a == a: the same sums as the loop's)
-        if EVEN_K:
-            x_first = tl.load(x_ptrs)
-        else:
-            x_first = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
-        acc = w_first.to(tl.float32) * x_first.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        k_start = BLOCK_K
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        k_start = 0
-    for k0 in range(k_start, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            k_mask = offs_k + k0 < K
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+    acc_rows = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
-    y = tl.sum(acc, 1) * tl.load(ws_ptr + rows)
+    y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)

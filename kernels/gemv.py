@@ -107,23 +107,12 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
     return GemvConfig("dot", block_n, min(block_k, max(16, next_pow2(k))), num_warps=4, num_stages=4)
 
 
-# M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
-# every batch size of a CUDA-graph capture.
-@triton.jit(do_not_specialize=["M"])
-def _gemv_fma_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
-):
-    """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    nb = pid // M
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamp, don't mask: keeps the loads vectorised
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + m * stride_xm + offs_k
+@triton.jit
+def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr):
+    """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
+    accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
+    nothing before it in the calling kernel may load an earlier kernel's output or store."""
     if PREFETCH_W:
         # Weights are never written by an earlier kernel of the step: the first tile loads before
         # the wait, so under PDL the weight stream starts while the previous kernel still runs.
@@ -157,7 +146,27 @@ def _gemv_fma_kernel(
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    y = tl.sum(acc, 1)
+    return tl.sum(acc, 1)
+
+
+# M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
+# every batch size of a CUDA-graph capture.
+@triton.jit(do_not_specialize=["M"])
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
+):
+    """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
+    pid = tl.program_id(0)
+    m = (pid % M).to(tl.int64)
+    nb = pid // M
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamp, don't mask: keeps the loads vectorised
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + m * stride_xm + offs_k
+    y = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
