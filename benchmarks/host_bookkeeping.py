@@ -8,7 +8,8 @@
   collect      OutputProcessor.collect_outputs
 
 step_phases.py reports means over all steps by coarser phases; this reports medians, which a loaded
-machine disturbs less, of the phases the bookkeeping lives in. The forward is not counted.
+machine disturbs less, of the phases the bookkeeping lives in. The forward is not counted (on CUDA
+`result` includes the wait for the device).
 
   python benchmarks/host_bookkeeping.py --tiny llama --batch 256 --steps 100
 """
@@ -91,6 +92,7 @@ def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: i
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", default="llama", help="a tiny test architecture (agentserve.testing.tiny)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[256])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -106,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     model = str(tiny_model_cached(args.tiny))
     rows = []
-    with LLM(model, device="cpu", max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
+    with LLM(model, device=args.device, max_model_len=args.prompt_len + args.steps + 128, max_num_seqs=max(args.batch),
              max_num_batched_tokens=max(2048, args.prompt_len * max(args.batch)),
              async_scheduling=args.async_scheduling == "on") as llm:
         if not args.with_tokenizer:
