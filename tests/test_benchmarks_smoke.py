@@ -123,6 +123,15 @@ def test_step_phases_both_modes_smoke(tmp_path: Path) -> None:
         assert positive(row["step"]) and positive(row["forward"])
 
 
+def test_host_bookkeeping_smoke(tmp_path: Path) -> None:
+    r = run_benchmark("host_bookkeeping.py", "--batch", "2", "4", "--steps", "3", "--prompt-len", "8",
+                      tmp_path=tmp_path)
+    assert [row["batch"] for row in r["rows"]] == [2, 4]
+    for row in r["rows"]:
+        assert positive(row["total"]) and positive(row["update"]) and positive(row["step_inputs"])
+        assert all(math.isfinite(v) and v >= 0 for k, v in row.items() if k != "batch")
+
+
 def test_agentserve_bench_passes_leading_options_to_fastpath(monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     from agentserve import cli

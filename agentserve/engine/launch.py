@@ -39,12 +39,15 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
     if handle is None:
         return None
     # Rows with speculative tokens append a number of tokens known only on the host, so the next
-    # step is scheduled after this one is processed (the synchronous order).
-    overlappable = not any(c.num_sampled and (c.spec_token_ids or engine.needs_host_tokens(c.request))
-                           for c in chunks)
-    block_size = engine.kv.block_size
+    # step is scheduled after this one is processed (the synchronous order). Decided in the same
+    # pass as the bookkeeping below (neither changes what the other reads).
+    overlappable = True
+    kv = engine.kv
+    block_size = kv.block_size
     for chunk in chunks:
         req = chunk.request
+        if overlappable and chunk.num_sampled and (chunk.spec_token_ids or engine.needs_host_tokens(req)):
+            overlappable = False
         if req.num_computed_tokens < req.num_prompt_tokens:
             # Prefilled = prompt positions actually run through the model (cache misses, recomputes).
             prompt_part = min(chunk.num_tokens, req.num_prompt_tokens - req.num_computed_tokens)
@@ -54,7 +57,7 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
         # the device) may rely on it, so they count as computed from now on.
         req.num_computed_tokens += chunk.num_tokens
         if req.num_computed_tokens // block_size > req.num_registered_blocks:  # a page may have filled
-            engine.kv.cache_full_blocks(req)
+            kv.cache_full_blocks(req)
         if chunk.num_sampled:
             req.num_output_placeholders += 1  # one per row: update_from_output takes it back
     if engine.constraints is not None:

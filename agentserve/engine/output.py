@@ -62,7 +62,11 @@ class OutputProcessor:
                 self.fail_request(chunk.request, STEP_FAILED)
             return set()
         touched: set[str] = set()
-        emit_all = self.engine.emit_unfinished
+        engine = self.engine  # read once: every attribute through the weak proxy costs a lookup
+        emit_all = engine.emit_unfinished
+        forks = engine.pending_forks
+        max_model_len = engine.max_model_len
+        sampled = result.sampled
         now = time.monotonic()
         row = -1
         appended = 0
@@ -75,8 +79,13 @@ class OutputProcessor:
                 continue  # aborted, or finished by the step before: these tokens were computed in vain
             req.num_output_placeholders -= 1
             try:
-                appended += self._append_row(req, chunk, result, row, now)
-                if self.engine.pending_forks and req.request_id in self.engine.pending_forks and not req.is_finished:
+                tokens = sampled[row]
+                if len(tokens) == 1 and not chunk.spec_token_ids:
+                    self._append_plain(req, tokens[0], result, row, now, max_model_len)
+                    appended += 1
+                else:
+                    appended += self._append_row(req, chunk, result, row, now)
+                if forks and req.request_id in forks and not req.is_finished:
                     self._fork_siblings(req)
             except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
                 where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
@@ -84,8 +93,32 @@ class OutputProcessor:
             if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
                 touched.add(req.parent_id)
         step.num_appended += appended
-        self.engine.metrics.generation_tokens_total += appended
+        engine.metrics.generation_tokens_total += appended
         return touched
+
+    def _append_plain(self, req: Request, token: int, result: StepResult, row: int, now: float,
+                      max_model_len: int) -> None:
+        """A row with one sampled token and no speculative tokens (a decode, a prompt's last chunk):
+        what _append_row and _append_token do for it, inline, since at a large batch almost every
+        row is one. `_check_stop` runs only when it can act: with a detokenizer (stop strings) or a
+        grammar, on an EOS or stop id (ignore_eos is decided there), or at a length limit."""
+        req.spec_token_ids = []
+        req.spec_draft_probs = None
+        timing = req.timing
+        if timing.first_token is None:
+            timing.first_token = now
+        timing.last_token = now
+        output, all_ids = req.output_token_ids, req.all_token_ids
+        output.append(token)
+        all_ids.append(token)
+        req.pending_token_ids.append(token)
+        if req.logprobs is not None and result.logprobs is not None:
+            assert result.logprob_ids is not None and result.ranks is not None
+            self._record_logprobs(req, result.logprob_ids[row][0], result.logprobs[row][0], result.ranks[row][0])
+        if (req.detokenizer is not None or req.grammar is not None or token in req.eos_token_ids
+                or token in req.sampling_params.stop_token_ids or len(output) >= req.max_tokens
+                or len(all_ids) >= max_model_len):
+            self._check_stop(req, token)
 
     def _append_row(self, req: Request, chunk: ScheduledChunk, result: StepResult, row: int, now: float) -> int:
         """Appends the row's accepted tokens one by one until one finishes the request; rolls back

@@ -209,8 +209,8 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            num_spec = self._num_spec_tokens(request, budget) if num_new == 1 else 0
-            if not num_spec:
+            num_spec = self._num_spec_tokens(request, budget) if num_new == 1 and request.spec_token_ids else 0
+            if not num_spec and request.spec_token_ids:
                 request.spec_token_ids = []  # proposals hold for this schedule only
             num_new += num_spec
             copies = self._allocate_or_preempt(request, num_new, out)
@@ -220,7 +220,8 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = num_new
             if num_spec:
                 out.spec_token_ids[request.request_id] = list(request.spec_token_ids)
-            self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
+            if copies:  # a decode in a private page has none: skip building a generator per row
+                self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
             budget -= num_new
             i += 1
         return budget

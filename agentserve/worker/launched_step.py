@@ -22,6 +22,8 @@ class StepResult:
 
 
 def _split(flat: list, counts: list[int]) -> list[list]:
+    if len(flat) == len(counts):  # every row sampled one position (counts are >= 1): no slicing
+        return [[x] for x in flat]
     out, lo = [], 0
     for n in counts:
         out.append(flat[lo:lo + n])

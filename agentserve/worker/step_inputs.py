@@ -80,43 +80,55 @@ def build_step_inputs(chunks: list[ScheduledChunk], block_size: int, device: tor
     table_lens = np.fromiter(map(len, table_lists), dtype=np.int64, count=b)
     tables.fill(0)
     tables[np.arange(width)[None, :] < table_lens[:, None]] = list(itertools.chain.from_iterable(table_lists))
+    # Per-row columns from numpy: starts, context lengths, query offsets, and for decode rows (one
+    # token: the common case at a large batch) their positions and slots, without a per-row numpy call.
+    starts = np.fromiter((c.request.num_computed_tokens for c in chunks), dtype=np.int64, count=b)
+    counts = np.array(num_tokens, dtype=np.int64)
+    ends = np.cumsum(counts)  # each row's end in the flat tokens
     query_start[0] = 0
-    np.cumsum(num_tokens, out=query_start[1:])
-    gather_dst: list[int] = []
+    query_start[1:] = ends
+    seq_lens[:] = starts + counts
+    decode = counts == 1
+    dec_rows = np.flatnonzero(decode)
+    dec_lo, dec_pos = ends[dec_rows] - 1, starts[dec_rows]
+    positions[dec_lo] = dec_pos
+    slots[dec_lo] = tables[dec_rows, dec_pos // bs].astype(np.int64) * bs + dec_pos % bs
+    dec_ids: list[int] = []
+    gathered: list[int] = []  # decode rows (their index among dec_rows) whose input is gathered
     gather_src: list[int] = []
-    lo = 0
-    s = 0
-    for i, chunk in enumerate(chunks):
+    for k, i in enumerate(dec_rows.tolist()):
+        req = chunks[i].request
+        start, tokens = req.num_computed_tokens, req.all_token_ids
+        if start < len(tokens):
+            dec_ids.append(tokens[start])
+        else:  # sampled by the step in flight: filled on the device below
+            assert prev is not None, f"{req.request_id}: input token {start} not known"
+            dec_ids.append(0)
+            gathered.append(k)
+            gather_src.append(prev.rows[req.request_id])
+    input_ids[dec_lo] = dec_ids
+    gather_dst = dec_lo[gathered]
+    for i in np.flatnonzero(~decode).tolist():  # prefill chunks and verification rows
+        chunk = chunks[i]
         req = chunk.request
         n = chunk.num_tokens
         start = req.num_computed_tokens
-        table = req.block_table
-        if n == 1:  # decode: skip numpy's per-call overhead
-            tokens = req.all_token_ids
-            if start < len(tokens):
-                input_ids[lo] = tokens[start]
-            else:  # sampled by the step in flight: filled on the device below
-                assert prev is not None, f"{req.request_id}: input token {start} not known"
-                input_ids[lo] = 0
-                gather_dst.append(lo)
-                gather_src.append(prev.rows[req.request_id])
-            positions[lo] = start
-            slots[lo] = table[start // bs] * bs + start % bs
-        else:
-            end = start + n
-            spec = chunk.spec_token_ids
-            known = end - len(spec)
-            assert known <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
-            pos = np.arange(start, end)
-            input_ids[lo:lo + n] = req.all_token_ids[start:known] + spec
-            positions[lo:lo + n] = pos
-            slots[lo:lo + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
-        seq_lens[i] = start + n
-        lo += n
-        k = chunk.num_sampled
-        if k:
-            logits_indices[s:s + k] = np.arange(lo - k, lo)
-            s += k
+        lo, end = int(ends[i]) - n, start + n
+        spec = chunk.spec_token_ids
+        known = end - len(spec)
+        assert known <= len(req.all_token_ids), f"{req.request_id}: chunk past the known tokens"
+        pos = np.arange(start, end)
+        input_ids[lo:lo + n] = req.all_token_ids[start:known] + spec
+        positions[lo:lo + n] = pos
+        slots[lo:lo + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+    # Logits rows: each sampling row's last num_sampled positions, in row order.
+    sample_counts = np.fromiter((c.num_sampled for c in chunks), dtype=np.int64, count=b)
+    if num_sample == int(np.count_nonzero(sample_counts)):  # every sampling row samples once
+        logits_indices[:] = ends[sample_counts > 0] - 1
+    else:
+        first = np.repeat(ends - sample_counts, sample_counts)  # each sampled position's row's first
+        offset = np.arange(num_sample) - np.repeat(np.cumsum(sample_counts) - sample_counts, sample_counts)
+        logits_indices[:] = first + offset
     g = len(gather_dst)
     base = o_gather
     h64[base:base + g] = gather_dst
