@@ -167,3 +167,39 @@ def test_aborts_mid_speculation_free_every_page() -> None:
     assert set(finished) == {"r0", "r2"}
     assert [tuple(finished["r0"]), tuple(finished["r2"])] == [plain(arch, False)[0], plain(arch, False)[2]]
     engine.pool.check_all_free()
+
+
+def test_dynamic_speculation_plans_for_the_batch_being_admitted() -> None:
+    """While requests wait for admission the batch is filling up: k is chosen for the batch it grows
+    to (here 64 rows: compute-bound, k = 0), not for the few rows running in the first steps. The
+    benchmark's batch-256 run speculated in exactly those ramp-up steps (38 rows per run)."""
+    arch = "llama"
+    llm = LLM(str(tiny_model_cached(arch)), device="cpu", dtype="float32", draft_model=small_draft(arch),
+              max_num_seqs=64, max_num_batched_tokens=64)
+    engine = llm.engine
+    spec = engine.spec_proposer
+    assert spec is not None
+    asked: list[int] = []
+    while_waiting: list[int] = []  # k chosen in steps with requests still waiting
+    choose = spec.num_tokens_for_step
+
+    def record(batch_size: int) -> int:
+        asked.append(batch_size)
+        k = choose(batch_size)
+        if engine.scheduler.waiting:
+            while_waiting.append(k)
+        return k
+
+    spec.num_tokens_for_step = record  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i in range(64):  # 16-token prompts, 64 scheduled tokens per step: admission takes many steps
+        engine.add_request(f"r{i}", [5 + i % 7] * 16, params)
+    engine.step()
+    running = engine.scheduler.num_running
+    assert running < 64 and asked[0] == 64
+    # Planned for the rows running now, the same draft would speculate.
+    assert choose_num_tokens(spec.acceptance, running, spec.max_num_tokens, spec.draft_cost) > 0
+    while engine.has_unfinished():
+        engine.step()
+    # No speculation while the batch fills (64 rows are not worth it); the tail, a few rows, may.
+    assert len(while_waiting) > 3 and set(while_waiting) == {0}

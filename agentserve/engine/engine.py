@@ -255,7 +255,7 @@ class Engine:
         self.output.failed.clear()
         prev, self._inflight = self._inflight, None
         num_sampled = 0
-        spec_k = self.spec_proposer.num_tokens_for_step(self.scheduler.num_running) if self.spec_proposer else 0
+        spec_k = self.spec_proposer.num_tokens_for_step(self.scheduler.num_rows_ahead) if self.spec_proposer else 0
         if prev is not None and (not prev.overlappable or spec_k):
             # The next step needs prev's tokens on the host (grammar masks, penalties, forks, and
             # proposals, which continue the known tokens: speculation runs in the synchronous order).

@@ -88,6 +88,13 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_rows_ahead(self) -> int:
+        """The batch the running one grows to once the waiting requests are admitted (at most
+        max_num_seqs): speculation plans for it, so a batch filling up (its steps prefill-heavy,
+        larger ones next) does not speculate as if it stayed small."""
+        return min(self.config.max_num_seqs, len(self.running) + len(self.waiting))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
