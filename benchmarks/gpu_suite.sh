@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -85,19 +85,29 @@ if [ "$MODE" = diag ]; then
   TMO=200 run fp8-weights python3 benchmarks/fp8.py --parts weights --repeats 2 --out "$OUT/fp8_weights.json"
 fi
 if [ "$MODE" = next ]; then
-  # What the third session of 2026-12-02 left unmeasured (~9 min on one H200): the GPU tests of the
-  # device-resident drafts, the PDL chain and the FP8 engine test's new check; then the speculation
-  # table with the FP8 draft (device drafts), where an iteration's time goes (device activity only),
-  # and the bf16 fast-path figures with PDL and the H200 tiles.
-  TMO=240 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
-    tests/test_kernels_pdl.py tests/test_kernels_gpu_fp8.py --junitxml "$OUT/pytest_next.xml"
+  # The GPU tests the third session of 2026-12-02 left unrun (~6 min on one H200): device-resident
+  # drafts (speculation graphs), the PDL chain (with LoRA, and the GEMVs' weights before the wait),
+  # the FP8 engine test's logprobs-close check, the LoRA expand in the GEMV epilogue (kernel and engine
+  # vs PEFT). Then `next-bench`.
+  TMO=420 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_pdl.py \
+    tests/test_kernels_gemv_lora.py tests/test_gpu_spec.py tests/test_kernels_gpu_fp8.py \
+    "tests/test_lora_gpu.py::test_bf16_gemv_epilogue_logprobs_close_to_peft_merged" --junitxml "$OUT/pytest_next.xml"
+fi
+if [ "$MODE" = next-bench ]; then
+  # Its figures (~8 min): the FP8-draft speculation table (device drafts, dynamic k planned for the
+  # batch being admitted), the speculation profile, the fast path, and three A/Bs that decide defaults:
+  # GEMV weight prefetch (one stream), LoRA expand in the GEMV epilogue (LoRA one stream).
   TMO=150 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 \
     --out "$OUT/spec_fp8_draft.json"
   TMO=60 run spec-profile python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --out "$OUT/spec_profile.json"
   TMO=120 run fastpath python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath.json"
-  for prefetch in 0 1; do  # the GEMVs' first weight tile before the PDL wait (kernels/gemv.py), one stream
+  for prefetch in 0 1; do
     AGENTSERVE_GEMV_PREFETCH=$prefetch TMO=60 run "latency-prefetch-$prefetch" python3 benchmarks/latency.py $DUMMY \
       --repeats 2 --out "$OUT/latency_prefetch_$prefetch.json"
+  done
+  for epilogue in 0 1; do
+    AGENTSERVE_LORA_GEMV=$epilogue TMO=90 run "lora-gemv-$epilogue" python3 benchmarks/lora.py --counts 1 \
+      --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_gemv_$epilogue.json"
   done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then

@@ -46,8 +46,8 @@ def _requests(tok: Any) -> tuple[list[list[int]], list[Optional[str]]]:
     return [p for _ in names for p in prompts], [n for n in names for _ in prompts]
 
 
-def run_engine(arch: str, adapters: dict[str, Path], dtype: str, **kw: Any) -> Result:
-    llm = LLM(str(tiny_model_cached(arch)), device="cuda", dtype=dtype, max_num_seqs=16, max_model_len=512,
+def run_engine(arch: str, adapters: dict[str, Path], dtype: str, max_num_seqs: int = 16, **kw: Any) -> Result:
+    llm = LLM(str(tiny_model_cached(arch)), device="cuda", dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=512,
               gpu_memory_utilization=0.3, enable_lora=True, max_loras=2, max_lora_rank=64,
               lora_modules={n: str(p) for n, p in adapters.items()}, **kw)
     try:
@@ -96,6 +96,29 @@ def test_bf16_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str,
     exact = sum(a == b for a, b in zip(ref[0], ours[0]))
     print(f"{arch} bf16 LoRA vs PEFT: {exact}/{len(ref[0])} sequences identical")
     assert_close_greedy(ref, ours, f"{arch} bf16 LoRA")
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_bf16_gemv_epilogue_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str, Path]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """AGENTSERVE_LORA_GEMV=1 (kernels/gemv_lora.py): one request at a time, so every decode step is a
+    batch-1 GEMV with the expand in its epilogue (in the decode graphs and eagerly)."""
+    from agentserve.kernels import gemv_lora
+    from agentserve.lora import layers
+
+    calls = [0]
+    real = layers.gemv_add_lora
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(gemv_lora, "LORA_GEMV", True)
+    monkeypatch.setattr(layers, "gemv_add_lora", counting)
+    ours = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=1)
+    assert calls[0] > 0
+    ref = peft_run(arch, dirs[arch], torch.bfloat16)
+    assert_close_greedy(ref, ours, f"{arch} bf16 LoRA, expand in the GEMV epilogue")
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
