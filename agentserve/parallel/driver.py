@@ -30,7 +30,7 @@ from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
 from agentserve.parallel import protocol
-from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, ProcessGroups, disable_nvls
+from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, CollectiveError, ProcessGroups, disable_nvls
 from agentserve.parallel.rank import KVLayers, TensorParallelError, TensorParallelRank, shard_forward
 from agentserve.parallel.shard import check_divisible
 from agentserve.parallel.worker import WorkerArgs, worker_main
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _JOIN_TIMEOUT_S = 10.0
+_PEER_EXIT_WAIT_S = 15.0  # after a broken collective: how long an exiting rank may take to go
 
 
 class TensorParallelDriver(TensorParallelRank):
@@ -88,8 +89,9 @@ class TensorParallelDriver(TensorParallelRank):
         try:
             return work()
         except BaseException as e:
-            for p in self.processes:
-                p.join(timeout=1.0)
+            # A broken collective means a rank is gone or going: its exit (after it reported its
+            # error) can take seconds on a loaded machine, so wait for it there, to name it.
+            wait_for_an_exit(self.processes, _PEER_EXIT_WAIT_S if isinstance(e, CollectiveError) else 1.0)
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
             self._fail(self._describe_failure(dead) if dead else TensorParallelError(
                 f"rank 0 failed in a step every rank takes part in ({type(e).__name__}); the ranks are out of step"))
@@ -135,6 +137,16 @@ def describe_failure(errors: "multiprocessing.queues.Queue[tuple[int, str]]",
     parts = [f"tensor-parallel rank {rank} exited with status {code}"
              + (f": {reasons[rank]}" if rank in reasons else "") for rank, code in dead]
     return TensorParallelError("; ".join(parts))
+
+
+def wait_for_an_exit(processes: list[multiprocessing.process.BaseProcess], patience: float) -> None:
+    """Returns once one of the processes has exited (then gives the others a moment to follow), or
+    after `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and all(p.exitcode is None for p in processes):
+        time.sleep(0.05)
+    for p in processes:
+        p.join(timeout=0.2)
 
 
 def stop_processes(processes: list[multiprocessing.process.BaseProcess], grace: float = 0.0) -> None:

@@ -21,6 +21,18 @@ from agentserve.parallel.shard import TPShard
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
 
 
+class CollectiveError(RuntimeError):
+    """A collective over the ranks failed: in practice a peer has exited (its closed sockets end the
+    collective at once), so the caller waits for it to exit and names it."""
+
+
+def _complete(work: dist.Work) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise CollectiveError(str(e)) from e
+
+
 def disable_nvls() -> None:
     """NCCL's NVLink multicast (NVLS) is kept off in every process of the engine: it reserves device
     memory per communicator and has hung on the lent H200 machines (KINDS.md)."""
@@ -42,7 +54,7 @@ class ProcessGroups:
 
     # --- collectives --------------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.device_group.allreduce([tensor]).wait()
+        _complete(self.device_group.allreduce([tensor]))
         return tensor
 
     def gather_to_first(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -52,10 +64,10 @@ class ProcessGroups:
         opts = dist.GatherOptions()
         opts.rootRank = 0
         if self.rank != 0:
-            self.device_group.gather([], [tensor], opts).wait()
+            _complete(self.device_group.gather([], [tensor], opts))
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        self.device_group.gather([parts], [tensor], opts).wait()
+        _complete(self.device_group.gather([parts], [tensor], opts))
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, tensor: torch.Tensor, control: bool = False) -> None:
@@ -63,13 +75,13 @@ class ProcessGroups:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         group = self.control if control else self.device_group
-        group.broadcast([tensor], opts).wait()
+        _complete(group.broadcast([tensor], opts))
 
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self.control.allreduce([t], opts).wait()
+        _complete(self.control.allreduce([t], opts))
         return int(t.item())
 
     def shard(self) -> TPShard:
