@@ -23,13 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, device_name, write_json  # noqa: E402
-from step_phases import PhaseTimer  # noqa: E402
+from step_phases import PhaseTimer, fill_decode_batch  # noqa: E402
 
-from agentserve import SamplingParams  # noqa: E402
 from agentserve.engine import engine as engine_module  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.worker import launched_step, model_runner  # noqa: E402
@@ -65,16 +63,7 @@ def step_phases(total: dict[str, float]) -> dict[str, float]:
 
 def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: int) -> dict[str, float]:
     engine = llm.engine
-    rng = np.random.default_rng(batch)
-    vocab = engine.arch.vocab_size
-    for i in range(batch):
-        engine.add_request(f"b{batch}-{i}", rng.integers(10, min(vocab, 32000) - 10, size=prompt_len).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True))
-    while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                              for r in engine.scheduler.running):
-        engine.step()  # prefill everything first: only decode steps are measured
-    for _ in range(3):
-        engine.step()
+    fill_decode_batch(llm, batch, steps, prompt_len, seed=batch)
     per_step: list[dict[str, float]] = []
     for _ in range(steps):
         timer.reset()

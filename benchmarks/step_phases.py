@@ -91,7 +91,9 @@ def phases_per_step(total: dict[str, float], step_s: float, steps: int) -> dict[
     return out
 
 
-def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: int, seed: int) -> dict[str, float]:
+def fill_decode_batch(llm: LLM, batch: int, steps: int, prompt_len: int, seed: int) -> None:
+    """`batch` requests of random prompts that decode for longer than `steps`, prefilled (and 3
+    decode steps run), so that the next steps are decode steps of the whole batch."""
     engine = llm.engine
     vocab = engine.arch.vocab_size
     rng = np.random.default_rng(seed)
@@ -103,6 +105,11 @@ def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: i
         engine.step()  # prefill everything first: only decode steps are measured
     for _ in range(3):
         engine.step()
+
+
+def run_batch(llm: LLM, timer: PhaseTimer, batch: int, steps: int, prompt_len: int, seed: int) -> dict[str, float]:
+    engine = llm.engine
+    fill_decode_batch(llm, batch, steps, prompt_len, seed)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     timer.reset()

@@ -34,7 +34,7 @@ from ._triton_utils import (
     cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
 )
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
-from .gemv import GemvConfig, fma_launch_args, fma_row_sums, gemv_config
+from .gemv import GemvConfig, fma_launch_args, fma_program_rows, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -145,15 +145,8 @@ def _fp8_gemv_kernel(
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    nb = pid // M
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + m * stride_xm + offs_k
-    acc_rows = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
+    m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
+                                                 EVEN_K, USE_PDL, PREFETCH_W)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:

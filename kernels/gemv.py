@@ -149,6 +149,23 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
     return tl.sum(acc, 1)
 
 
+@triton.jit
+def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr):
+    """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
+    adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
+    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
+    pid = tl.program_id(0)
+    m = (pid % M).to(tl.int64)
+    nb = pid // M
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + m * stride_xm + offs_k
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
+
+
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
 # every batch size of a CUDA-graph capture.
 @triton.jit(do_not_specialize=["M"])
@@ -158,15 +175,8 @@ def _gemv_fma_kernel(
     USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    nb = pid // M
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamp, don't mask: keeps the loads vectorised
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + m * stride_xm + offs_k
-    y = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
+    m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
+                                          USE_PDL, PREFETCH_W)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)

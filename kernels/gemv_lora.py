@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, next_pow2, num_sms, tl, triton
-from .gemv import FMA_MAX_M, fma_launch_args, fma_row_sums, gemv_config, use_triton_gemv
+from .gemv import FMA_MAX_M, fma_launch_args, fma_program_rows, gemv_config, use_triton_gemv
 
 LORA_GEMV: bool = os.environ.get("AGENTSERVE_LORA_GEMV", "0") == "1"
 
@@ -45,15 +45,8 @@ def _gemv_lora_kernel(
     USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),), as kernels/gemv.py's fma kernel."""
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    nb = pid // M
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + m * stride_xm + offs_k
-    y = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
+    m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
+                                          USE_PDL, PREFETCH_W)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     out_ty = y_ptr.dtype.element_ty
