@@ -147,6 +147,14 @@ class Request:
         # Token ids emitted since the last RequestOutput (for streaming deltas).
         self.pending_token_ids: list[int] = []
 
+    # --- speculation -----------------------------------------------------------------------------
+    def clear_proposal(self) -> None:
+        """Drops the speculative proposal (its tokens, the draft's q, the drafts left on the device):
+        a proposal is for one step, and a dropped one is never verified."""
+        self.spec_token_ids = []
+        self.spec_draft_probs = None
+        self.spec_token_ids_device = None
+
     # --- sizes -----------------------------------------------------------------------------------
     @property
     def num_prompt_tokens(self) -> int:

@@ -210,7 +210,8 @@ def _row_by_row(proc: OutputProcessor, req: Request, token: int, result: Any, ro
     req.spec_token_ids = []
     req.spec_draft_probs = None
     proc.engine.metrics.record_spec_row(0, 0)
-    proc._append_token(req, token, result, row, 0, now)
+    proc._record_token(req, token, result, row, 0, now)
+    proc._check_stop(req, token)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -99,25 +99,14 @@ class OutputProcessor:
     def _append_plain(self, req: Request, token: int, result: StepResult, row: int, now: float,
                       max_model_len: int) -> None:
         """A row with one sampled token and no speculative tokens (a decode, a prompt's last chunk):
-        what _append_row and _append_token do for it, inline, since at a large batch almost every
-        row is one. `_check_stop` runs only when it can act: with a detokenizer (stop strings) or a
+        what _append_row does for it, without the speculation bookkeeping, since at a large batch
+        almost every row is one. `_check_stop` runs only when it can act: with a detokenizer (stop strings) or a
         grammar, on an EOS or stop id (ignore_eos is decided there), or at a length limit."""
-        req.spec_token_ids = []
-        req.spec_draft_probs = None
-        timing = req.timing
-        if timing.first_token is None:
-            timing.first_token = now
-        timing.last_token = now
-        output, all_ids = req.output_token_ids, req.all_token_ids
-        output.append(token)
-        all_ids.append(token)
-        req.pending_token_ids.append(token)
-        if req.logprobs is not None and result.logprobs is not None:
-            assert result.logprob_ids is not None and result.ranks is not None
-            self._record_logprobs(req, result.logprob_ids[row][0], result.logprobs[row][0], result.ranks[row][0])
+        req.clear_proposal()
+        self._record_token(req, token, result, row, 0, now)
         if (req.detokenizer is not None or req.grammar is not None or token in req.eos_token_ids
-                or token in req.sampling_params.stop_token_ids or len(output) >= req.max_tokens
-                or len(all_ids) >= max_model_len):
+                or token in req.sampling_params.stop_token_ids or len(req.output_token_ids) >= req.max_tokens
+                or len(req.all_token_ids) >= max_model_len):
             self._check_stop(req, token)
 
     def _append_row(self, req: Request, chunk: ScheduledChunk, result: StepResult, row: int, now: float) -> int:
@@ -129,22 +118,22 @@ class OutputProcessor:
         # layout); a plain row emits its one sample.
         num_accepted = len(sampled) - 1
         assert 0 <= num_accepted <= len(spec), f"{req.request_id}: {len(sampled)} tokens for {len(spec)} drafts"
-        req.spec_token_ids = []  # proposals are for one step; the proposer makes new ones
-        req.spec_draft_probs = None
-        req.spec_token_ids_device = None
+        req.clear_proposal()  # proposals are for one step; the proposer makes new ones
         self.engine.metrics.record_spec_row(len(spec), num_accepted)
         # The launch counted all the row's tokens as computed; the rejected ones are not the sequence's.
         req.num_computed_tokens -= len(spec) - num_accepted
         appended = 0
         for position in range(num_accepted + 1):
-            self._append_token(req, sampled[position], result, row, position, now)
+            self._record_token(req, sampled[position], result, row, position, now)
+            self._check_stop(req, sampled[position])
             appended += 1
             if req.is_finished:
                 break
         return appended
 
-    def _append_token(self, req: Request, token: int, result: StepResult, row: int, position: int,
+    def _record_token(self, req: Request, token: int, result: StepResult, row: int, position: int,
                       now: float) -> None:
+        """Appends a sampled token (and its logprobs) to the request; stops are checked apart."""
         timing = req.timing
         if timing.first_token is None:
             timing.first_token = now
@@ -156,7 +145,6 @@ class OutputProcessor:
             assert result.logprob_ids is not None and result.ranks is not None
             self._record_logprobs(req, result.logprob_ids[row][position], result.logprobs[row][position],
                                   result.ranks[row][position])
-        self._check_stop(req, token)
 
     def _check_stop(self, req: Request, token: int) -> None:
         params = req.sampling_params
@@ -221,7 +209,7 @@ class OutputProcessor:
         req.stop_reason = stop_reason
         req.timing.finished = time.monotonic()
         req.num_output_placeholders = 0
-        req.spec_token_ids = []
+        req.clear_proposal()
         if req.num_computed_tokens >= req.num_tokens:
             # Async scheduling already launched a step over the last token, or a speculative row
             # ran past a token that finished the request (their outputs are dropped): as on the

@@ -133,7 +133,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
-        victim.spec_token_ids = []  # proposed for a decode it will not run
+        victim.clear_proposal()  # proposed for a decode it will not run
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         out.preempted.append(victim)
@@ -190,7 +190,7 @@ class Scheduler:
         if not spec:
             return 0
         if request.num_output_placeholders:
-            request.spec_token_ids = []
+            request.clear_proposal()
             return 0
         k = min(len(spec), budget - 1, request.max_tokens - request.num_output_tokens - 1)
         if k < len(spec):
@@ -218,7 +218,7 @@ class Scheduler:
                 continue
             num_spec = self._num_spec_tokens(request, budget) if num_new == 1 and request.spec_token_ids else 0
             if not num_spec and request.spec_token_ids:
-                request.spec_token_ids = []  # proposals hold for this schedule only
+                request.clear_proposal()  # proposals hold for this schedule only
             num_new += num_spec
             copies = self._allocate_or_preempt(request, num_new, out)
             if copies is None:
@@ -292,7 +292,7 @@ class Scheduler:
             if request is not head and request.block_table:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
-                request.spec_token_ids = []
+                request.clear_proposal()
                 released = True
         return released
 
