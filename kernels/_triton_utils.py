@@ -40,8 +40,7 @@ except ImportError:  # pragma: no cover - platforms without triton wheels
     tl = None  # type: ignore[assignment]
 
 __all__ = ["HAS_TRITON", "triton", "tl", "set_backend", "get_backend", "triton_enabled_for", "cdiv",
-           "next_pow2", "num_sms", "dot_modes", "INTERPRET", "gdc_wait", "gdc_launch_dependents", "pdl_launch",
-           "set_pdl"]
+           "next_pow2", "num_sms", "dot_modes", "INTERPRET", "pdl_begin", "pdl_launch", "set_pdl"]
 
 # Programmatic dependent launch (Hopper+): grid-dependency control lets a kernel's programs start
 # while the previous kernel in the stream drains, hiding the ~1-3 us launch gap between the ~290
@@ -151,3 +150,13 @@ def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
                                                   else torch.cuda.current_device()):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_begin(USE_PDL: tl.constexpr):
+    """The protocol's first statement in every kernel that takes USE_PDL (see above): wait for the
+    previous kernel, then let the next one launch. Nothing in the kernel may load an earlier kernel's
+    output or store before it (weights, never written during a step, may load before it)."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (
-    cdiv, gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import cdiv, next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -19,9 +17,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Grid: (rows, cdiv(I, BLOCK)). Rounds silu(gate) to the output dtype before the multiply, as
     the reference's two torch ops do (F.silu computes in fp32 and rounds)."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter

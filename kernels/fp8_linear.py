@@ -30,9 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (
-    cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
 from .gemv import GemvConfig, fma_launch_args, fma_program_rows, gemv_config
 
@@ -101,9 +99,7 @@ def fp8_linear_ref(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.
 @triton.jit(do_not_specialize=["M"])
 def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                             FP8MAX: tl.constexpr, MINSCALE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], tl.float32)

@@ -34,9 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (
-    cdiv, gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -120,9 +118,7 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
             w_first = tl.load(w_ptrs)
         else:
             w_first = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if PREFETCH_W:  # the first K tile, peeled (0 + a == a: the same sums as the loop's)
         if EVEN_K:
             x_first = tl.load(x_ptrs)
@@ -190,9 +186,7 @@ def _gemv_dot_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK_N),). acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, BLOCK_K] @ w[BLOCK_N, BLOCK_K]^T."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     nb = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -28,11 +28,9 @@ LORA_GEMV: bool = os.environ.get("AGENTSERVE_LORA_GEMV", "0") == "1"
 
 
 def use_gemv_lora(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Python-only decision (graph-capture safe): the flag, and a 16-bit CUDA GEMV of the fma kind."""
-    if not LORA_GEMV or not use_triton_gemv(x, weight):
-        return False
-    m = x.numel() // x.shape[-1]
-    return m <= FMA_MAX_M and gemv_config(m, weight.shape[0], weight.shape[1]).kind == "fma"
+    """Python-only decision (graph-capture safe): the flag, and a 16-bit CUDA GEMV of the fma kind
+    (gemv_config picks it for every M <= FMA_MAX_M)."""
+    return LORA_GEMV and use_triton_gemv(x, weight) and x.numel() // x.shape[-1] <= FMA_MAX_M
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -59,16 +59,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._triton_utils import (
-    cdiv,
-    dot_modes,
-    gdc_launch_dependents,
-    gdc_wait,
-    next_pow2,
-    num_sms,
-    pdl_launch,
-    tl,
-    triton,
-    triton_enabled_for,
+    cdiv, dot_modes, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for,
 )
 from .lora_fused import add_lora_fused, use_fused_lora
 from .lora_slices import add_to_rows, any_slice_in_tile, expand_slice, shrink_tile, slice_in_tile, tile_rows
@@ -219,9 +210,7 @@ def _lora_shrink_kernel(
 ):
     """Grid: (max_blocks, SPLIT_K, num_slices). h[split, s, row, r] = sum over this split's K
     chunks (interleaved, BLOCK_K apart by SPLIT_K) of x[row] . A[slot, s, r]."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
@@ -256,9 +245,7 @@ def _lora_expand_kernel(
 ):
     """Grid: (max_blocks, cdiv(N, BLOCK_N)) over the concatenated slices. For each slice the column
     tile touches: acc += (scale * sum_split h[split, s, rows]) @ B^T[slot, :, its columns]."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     tile = tl.program_id(0)
     nt = tl.program_id(1)
     slot = tl.load(block_slot_ptr + tile)

@@ -18,9 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import (
-    gdc_launch_dependents, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import is_fp8, raw_bytes
 from .kv_write import kv_scales_or_ones
 
@@ -192,9 +190,7 @@ def _paged_attention_kernel(
     (each request wastes at most one id). The grid size T // BLOCK_Q + B therefore depends only on
     shapes, so a mixed batch of one long prefill chunk and many decodes launches no idle programs
     beyond B, and the launch is CUDA-graph safe."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -290,9 +286,7 @@ def _paged_attention_split_kernel(
 
     Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
     the split's keys; the reduce kernel combines them with a log-sum-exp."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -360,9 +354,7 @@ def _paged_attention_split_reduce_kernel(
 ):
     """Flash-decoding phase 2. Grid: (B, num_q_heads). out = sum_s w_s acc_s / sum_s w_s l_s with
     w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     seq_idx = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq_idx)

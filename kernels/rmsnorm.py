@@ -6,9 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import (
-    gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -36,9 +34,7 @@ def _rms_norm_kernel(
     Rounding follows the reference step by step: the residual sum is rounded to the model dtype
     (new_res dtype) before the statistics, the normalised row is rounded to the model dtype before
     the weight multiply, and that product is rounded once to the output dtype."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     inner = row % n_inner

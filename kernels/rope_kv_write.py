@@ -20,9 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import (
-    gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch, tl, triton, triton_enabled_for,
-)
+from ._triton_utils import next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import is_fp8, to_cache_dtype
 from .kv_write import kv_scales_or_ones, write_kv, write_kv_ref
 from .rmsnorm import rms_norm, rms_norm_ref
@@ -85,9 +83,7 @@ def _rope_kv_write_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (T,). One program per token: all q heads (rotated in place), all kv heads (to the page)."""
-    if USE_PDL:  # programmatic dependent launch: see kernels/_triton_utils.py
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)

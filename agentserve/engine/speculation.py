@@ -123,9 +123,9 @@ class Speculation:
         rows = self._reserve_lookahead(rows)
         if not rows:
             return
-        draft_model = self.engine.runner.draft
-        assert draft_model is not None
         runner = self.engine.runner
+        draft_model = runner.draft
+        assert draft_model is not None
         # Drafts stay on the device into a verification-graph step (spec/device_drafts.py); with
         # tensor parallelism the step's inputs travel to the other ranks from the host.
         keep_on_device = runner.verify_graphs is not None and runner.parallel is None

@@ -86,8 +86,8 @@ class LoRALinear(nn.Module):
         if (meta is not None and isinstance(base.quant_method, UnquantizedLinearMethod)
                 and use_gemv_lora(x, base.weight)):
             # Batch-1 decode with AGENTSERVE_LORA_GEMV=1: the expand rides in the base GEMV's epilogue
-            # (kernels/gemv_lora.py). A row-parallel layer's bias joins on rank 0 only, as in forward_partial.
-            bias = base.bias if not isinstance(base, RowParallelLinear) or base.tp_rank == 0 else None
+            # (kernels/gemv_lora.py); a row-parallel layer adds its partial output's bias.
+            bias = base.partial_bias if isinstance(base, RowParallelLinear) else base.bias
             xc = x.contiguous()
             shrunk = lora_shrink(xc, self.lora_a, self.ranks, meta)
             y = gemv_add_lora(xc, base.weight, bias, shrunk, self.lora_b, self.ranks, self.scaling, meta.token_slots,

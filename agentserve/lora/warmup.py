@@ -69,9 +69,11 @@ def _warm_gemv_lora(manager: MultiLoRAManager, fused: str) -> int:
     stack = manager.stack(0, fused)
     k, n = stack.lora_a.shape[-1], stack.lora_b.shape[-1]
     x = torch.zeros(1, k, dtype=stack.lora_a.dtype, device=manager.device)
-    weight = torch.zeros(n, k, dtype=stack.lora_a.dtype, device=manager.device)
-    if not use_gemv_lora(x, weight):
+    # The decision reads the weight's shape, dtype and layout only: a meta tensor answers it without
+    # allocating the projection's N x K (hundreds of MB) when the path is off.
+    if not use_gemv_lora(x, torch.empty(n, k, dtype=x.dtype, device="meta")):
         return 0
+    weight = torch.zeros(n, k, dtype=x.dtype, device=manager.device)
     slots = torch.full((1,), -1, dtype=torch.int32, device=manager.device)
     shrunk = lora_shrink(x, stack.lora_a, stack.ranks, build_lora_batch_meta(slots, manager.max_loras))
     for bias in (None, torch.zeros(n, dtype=x.dtype, device=x.device)):

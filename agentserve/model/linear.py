@@ -220,8 +220,12 @@ class RowParallelLinear(LinearBase):
         out = self.forward_partial(x)
         return out if self.all_reduce is None else self.all_reduce(out)
 
+    @property
+    def partial_bias(self) -> Optional[torch.Tensor]:
+        """The bias this rank adds to its share: it joins the sum once (rank 0), not tp_size times."""
+        return self.bias if self.tp_rank == 0 else None
+
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output, before the sum over ranks (a LoRA layer adds its own
         share of the adapter's delta to it: lora/layers.py)."""
-        # The bias joins the sum once (rank 0), not tp_size times.
-        return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        return self.quant_method.apply(self, x, self.partial_bias)
