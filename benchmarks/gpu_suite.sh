@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -108,6 +108,30 @@ if [ "$MODE" = next-bench ]; then
   for epilogue in 0 1; do
     AGENTSERVE_LORA_GEMV=$epilogue TMO=90 run "lora-gemv-$epilogue" python3 benchmarks/lora.py --counts 1 \
       --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_gemv_$epilogue.json"
+  done
+fi
+if [ "$MODE" = spec-ab ]; then
+  # After next-bench (2026-12-02, fourth session): the FP8 draft's 2-token catch-up ran W8A8
+  # _scaled_mm (GEMV up to M = 1 only): the FP8 GEMV up to M = 2 vs 1, with the throughput runs'
+  # warm-up (the first run at a batch size was up to 20% slow in both engines). ~5 min.
+  for maxm in 1 2; do
+    AGENTSERVE_FP8_GEMV_MAX_M=$maxm TMO=170 run "spec-fp8-gemv-m$maxm" python3 benchmarks/spec.py --draft-quantization fp8 \
+      --repeats 3 --batches 16 256 --out "$OUT/spec_fp8_gemv_m$maxm.json"
+  done
+fi
+if [ "$MODE" = lora-side ]; then
+  # The LoRA shrink on a side stream (lora/side_stream.py): its GPU test (tokens and logprobs equal to
+  # the serial order, close to PEFT), the one-stream A/B, then the base throughput at max_num_seqs 128
+  # vs 256 (512 adapters over 1,024 requests with max_loras 64 run at most ~128 rows: the bound). ~6 min.
+  TMO=200 run pytest-lora-side python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_lora_gpu.py -k side_stream \
+    --junitxml "$OUT/pytest_lora_side.xml"
+  for side in 0 1; do
+    AGENTSERVE_LORA_SIDE_STREAM=$side TMO=80 run "lora-side-$side" python3 benchmarks/lora.py --counts 1 \
+      --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_side_$side.json"
+  done
+  for seqs in 128 256; do
+    TMO=80 run "throughput-seqs-$seqs" python3 benchmarks/throughput.py $DUMMY --max-num-seqs $seqs \
+      --out "$OUT/throughput_seqs_$seqs.json"
   done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then

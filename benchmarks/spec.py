@@ -76,9 +76,13 @@ def engine_kwargs(args: argparse.Namespace, max_num_seqs: int) -> dict[str, Any]
 def throughput(llm: LLM, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
     """Output tok/s of `batch` requests at once (prompts of prompt_len random tokens): the median of
     `repeats` runs (one run at batch 256 is ~4 s, short enough for a one-off stall to move it by 25%),
-    with the verification steps it ran (k > 0 rows), which tell the policy apart from noise."""
+    with the verification steps it ran (k > 0 rows), which tell the policy apart from noise. One run
+    before them is not counted: on the H200 the first run at a batch size was up to 20% slower in both
+    engines (batch 256: 18,268 then 22,576 and 22,570 tok/s without speculation, 2026-12-02), the
+    one-off cost of first launches (Triton compiles of shapes not seen before, allocator growth)."""
     vocab = min(llm.engine.arch.vocab_size - 10, 30000)
     prompts = make_prompts(batch, prompt_len, prompt_len, vocab, seed=batch)
+    run_ours(llm, prompts, new_tokens)  # warm-up, not counted
     metrics = llm.engine.metrics
     drafts_before = metrics.spec_num_drafts
     rates = [run_ours(llm, prompts, new_tokens)["output_tok_s"] for _ in range(repeats)]
