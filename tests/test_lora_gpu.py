@@ -98,6 +98,19 @@ def test_bf16_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str,
     assert_close_greedy(ref, ours, f"{arch} bf16 LoRA")
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Wraps module.name so that the returned one-element list counts its calls."""
+    calls = [0]
+    real = getattr(module, name)
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_side_stream_shrink_same_as_serial(arch: str, dirs: dict[str, dict[str, Path]],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,15 +120,8 @@ def test_side_stream_shrink_same_as_serial(arch: str, dirs: dict[str, dict[str, 
     from agentserve.lora import layers, side_stream
 
     serial = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=4)
-    calls = [0]
-    real = layers.base_then_lora_overlapped
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls[0] += 1
-        return real(*args)
-
     monkeypatch.setattr(side_stream, "LORA_SIDE_STREAM", True)
-    monkeypatch.setattr(layers, "base_then_lora_overlapped", counting)
+    calls = count_calls(monkeypatch, layers, "base_then_lora_overlapped")
     overlapped = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=4)
     assert calls[0] > 0
     assert overlapped[0] == serial[0]
@@ -131,15 +137,8 @@ def test_bf16_gemv_epilogue_logprobs_close_to_peft_merged(arch: str, dirs: dict[
     from agentserve.kernels import gemv_lora
     from agentserve.lora import layers
 
-    calls = [0]
-    real = layers.gemv_add_lora
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls[0] += 1
-        return real(*args)
-
     monkeypatch.setattr(gemv_lora, "LORA_GEMV", True)
-    monkeypatch.setattr(layers, "gemv_add_lora", counting)
+    calls = count_calls(monkeypatch, layers, "gemv_add_lora")
     ours = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=1)
     assert calls[0] > 0
     ref = peft_run(arch, dirs[arch], torch.bfloat16)
