@@ -65,7 +65,6 @@ from .lora_fused import add_lora_fused, use_fused_lora
 from .lora_slices import add_to_rows, any_slice_in_tile, expand_slice, shrink_tile, slice_in_tile, tile_rows
 
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
-NO_PDL = {"USE_PDL": False}
 MAX_SPLIT_K = 16
 
 
@@ -308,27 +307,14 @@ def _check_shapes(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, me
         raise ValueError("lora: x rows and A rows must be contiguous")
 
 
-def lora_shrink_buffer(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta,
-                       config: Optional[LoRAKernelConfig] = None) -> torch.Tensor:
-    """An empty partial buffer of the shape lora_shrink writes (allocated on the current stream)."""
-    max_loras, num_slices, max_rank, k = lora_a.shape
-    cfg = config or lora_kernel_config(meta, k, num_slices, num_sms(x.device) if x.is_cuda else 132)
-    return torch.empty((cfg.split_k, num_slices, meta.num_tokens, max_rank), dtype=torch.float32, device=x.device)
-
-
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRABatchMeta,
-                config: Optional[LoRAKernelConfig] = None, out: Optional[torch.Tensor] = None,
-                pdl: bool = True) -> torch.Tensor:
-    """Triton shrink. Returns the fp32 split-K partials [SPLIT_K, num_slices, M, max_rank] (into `out`,
-    from lora_shrink_buffer with the same config, if given); rows of base tokens (and slices of rank
-    0) are left unwritten — expand never reads them. `pdl=False`: launched without programmatic
-    dependent launch (a kernel on a side stream, whose predecessor is an event, not a kernel)."""
+                config: Optional[LoRAKernelConfig] = None) -> torch.Tensor:
+    """Triton shrink. Returns the fp32 split-K partials [SPLIT_K, num_slices, M, max_rank]; rows of
+    base tokens (and slices of rank 0) are left unwritten — expand never reads them."""
     _check_shapes(x, lora_a, ranks, meta)
     max_loras, num_slices, max_rank, k = lora_a.shape
     cfg = config or lora_kernel_config(meta, k, num_slices, num_sms(x.device) if x.is_cuda else 132)
-    h = out if out is not None else lora_shrink_buffer(x, lora_a, meta, cfg)
-    if tuple(h.shape) != (cfg.split_k, num_slices, meta.num_tokens, max_rank):
-        raise ValueError(f"lora: shrink buffer {tuple(h.shape)} does not match the kernel's split")
+    h = torch.empty((cfg.split_k, num_slices, meta.num_tokens, max_rank), dtype=torch.float32, device=x.device)
     if meta.max_blocks == 0:
         return h
     upcast, precision = dot_modes(lora_a.dtype)
@@ -338,17 +324,15 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
         h.stride(0), h.stride(1), h.stride(2), ranks.stride(0),
         BLOCK_M=meta.block_m, BLOCK_R=max(MIN_BLOCK, next_pow2(max_rank)), BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, UPCAST=upcast,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **(pdl_launch(x) if pdl else NO_PDL))
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x))
     return h
 
 
 def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
                 scaling: torch.Tensor, meta: LoRABatchMeta, slice_starts: torch.Tensor,
-                config: Optional[LoRAKernelConfig] = None, pdl: bool = True) -> None:
+                config: Optional[LoRAKernelConfig] = None) -> None:
     """Triton expand, in place: y[t, slice s] += scale * h_s[t] @ B_s^T for every adapter token.
-    `shrunk` is lora_shrink's partial buffer; `slice_starts` comes from slice_starts_for. `pdl=False`:
-    launched without programmatic dependent launch (after a join of two streams)."""
+    `shrunk` is lora_shrink's partial buffer; `slice_starts` comes from slice_starts_for."""
     max_loras, max_rank, n = lora_b.shape
     split_k, num_slices = shrunk.shape[0], shrunk.shape[1]
     if y.dim() != 2 or y.shape != (meta.num_tokens, n) or y.stride(1) != 1 or lora_b.stride(2) != 1:
@@ -366,7 +350,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ran
         lora_b.stride(0), lora_b.stride(1), y.stride(0), ranks.stride(0), scaling.stride(0),
         NUM_SLICES=num_slices, SPLIT_K=split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n,
         BLOCK_R=max(MIN_BLOCK, next_pow2(max_rank)), UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=config.num_warps if config is not None else 4, **(pdl_launch(shrunk) if pdl else NO_PDL))
+        num_warps=config.num_warps if config is not None else 4, **pdl_launch(shrunk))
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -112,24 +112,6 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
-def test_side_stream_shrink_same_as_serial(arch: str, dirs: dict[str, dict[str, Path]],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """AGENTSERVE_LORA_SIDE_STREAM=1 (lora/side_stream.py): the shrink of every decode step (in the
-    decode graphs and eagerly) runs on a second stream beside the base projection. The same kernels
-    on the same inputs: tokens and logprobs equal to the serial order, and close to PEFT."""
-    from agentserve.lora import layers, side_stream
-
-    serial = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=4)
-    monkeypatch.setattr(side_stream, "LORA_SIDE_STREAM", True)
-    calls = count_calls(monkeypatch, layers, "base_then_lora_overlapped")
-    overlapped = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=4)
-    assert calls[0] > 0
-    assert overlapped[0] == serial[0]
-    assert overlapped[1] == serial[1]
-    assert_close_greedy(peft_run(arch, dirs[arch], torch.bfloat16), overlapped, f"{arch} bf16 LoRA, side stream")
-
-
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_bf16_gemv_epilogue_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str, Path]],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """AGENTSERVE_LORA_GEMV=1 (kernels/gemv_lora.py): one request at a time, so every decode step is a

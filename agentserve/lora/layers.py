@@ -34,7 +34,6 @@ from agentserve.kernels.gemv_lora import gemv_add_lora, use_gemv_lora
 from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta, lora_shrink
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRAStack, MultiLoRAManager
-from agentserve.lora.side_stream import base_then_lora_overlapped, use_side_stream
 from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
@@ -93,13 +92,6 @@ class LoRALinear(nn.Module):
             shrunk = lora_shrink(xc, self.lora_a, self.ranks, meta)
             y = gemv_add_lora(xc, base.weight, bias, shrunk, self.lora_b, self.ranks, self.scaling, meta.token_slots,
                               self.slice_starts)
-            return y if self.all_reduce is None else self.all_reduce(y)
-        if meta is not None and use_side_stream(x, meta):
-            # Decode-sized CUDA step with AGENTSERVE_LORA_SIDE_STREAM=1: the shrink runs beside the
-            # base projection (lora/side_stream.py).
-            base_forward = base.forward_partial if isinstance(base, RowParallelLinear) else base
-            y = base_then_lora_overlapped(base_forward, x.contiguous(), self.lora_a, self.lora_b, self.ranks,
-                                          self.scaling, meta, self.slice_starts)
             return y if self.all_reduce is None else self.all_reduce(y)
         if self.all_reduce is not None:
             assert isinstance(base, RowParallelLinear)
