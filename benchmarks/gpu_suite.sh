@@ -86,29 +86,20 @@ if [ "$MODE" = diag ]; then
 fi
 if [ "$MODE" = next ]; then
   # The GPU tests the third session of 2026-12-02 left unrun (~6 min on one H200): device-resident
-  # drafts (speculation graphs), the PDL chain (with LoRA, and the GEMVs' weights before the wait),
-  # the FP8 engine test's logprobs-close check, the LoRA expand in the GEMV epilogue (kernel and engine
-  # vs PEFT). Then `next-bench`.
+  # drafts (speculation graphs), the PDL chain (with LoRA), the FP8 engine test's logprobs-close
+  # check. (It also ran the GEMV-prefetch and LoRA-GEMV-epilogue tests, removed since with their code.)
+  # Then `next-bench`.
   TMO=420 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_pdl.py \
-    tests/test_kernels_gemv_lora.py tests/test_gpu_spec.py tests/test_kernels_gpu_fp8.py \
-    "tests/test_lora_gpu.py::test_bf16_gemv_epilogue_logprobs_close_to_peft_merged" --junitxml "$OUT/pytest_next.xml"
+    tests/test_gpu_spec.py tests/test_kernels_gpu_fp8.py --junitxml "$OUT/pytest_next.xml"
 fi
 if [ "$MODE" = next-bench ]; then
   # Its figures (~8 min): the FP8-draft speculation table (device drafts, dynamic k planned for the
-  # batch being admitted), the speculation profile, the fast path, and three A/Bs that decide defaults:
-  # GEMV weight prefetch (one stream), LoRA expand in the GEMV epilogue (LoRA one stream).
+  # batch being admitted), the speculation profile, the fast path. (The GEMV weight prefetch and LoRA
+  # GEMV epilogue A/Bs it also ran lost: their code is removed, RESULTS.md has the figures.)
   TMO=150 run spec-fp8-draft python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 \
     --out "$OUT/spec_fp8_draft.json"
   TMO=60 run spec-profile python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --out "$OUT/spec_profile.json"
   TMO=120 run fastpath python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath.json"
-  for prefetch in 0 1; do
-    AGENTSERVE_GEMV_PREFETCH=$prefetch TMO=60 run "latency-prefetch-$prefetch" python3 benchmarks/latency.py $DUMMY \
-      --repeats 2 --out "$OUT/latency_prefetch_$prefetch.json"
-  done
-  for epilogue in 0 1; do
-    AGENTSERVE_LORA_GEMV=$epilogue TMO=90 run "lora-gemv-$epilogue" python3 benchmarks/lora.py --counts 1 \
-      --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_gemv_$epilogue.json"
-  done
 fi
 if [ "$MODE" = spec-ab ]; then
   # After next-bench (2026-12-02, fourth session): the FP8 draft's 2-token catch-up ran W8A8
@@ -120,15 +111,9 @@ if [ "$MODE" = spec-ab ]; then
   done
 fi
 if [ "$MODE" = lora-side ]; then
-  # The LoRA shrink on a side stream (lora/side_stream.py): its GPU test (tokens and logprobs equal to
-  # the serial order, close to PEFT), the one-stream A/B, then the base throughput at max_num_seqs 128
-  # vs 256 (512 adapters over 1,024 requests with max_loras 64 run at most ~128 rows: the bound). ~6 min.
-  TMO=200 run pytest-lora-side python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_lora_gpu.py -k side_stream \
-    --junitxml "$OUT/pytest_lora_side.xml"
-  for side in 0 1; do
-    AGENTSERVE_LORA_SIDE_STREAM=$side TMO=80 run "lora-side-$side" python3 benchmarks/lora.py --counts 1 \
-      --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_side_$side.json"
-  done
+  # The base throughput at max_num_seqs 128 (512 adapters over 1,024 requests with max_loras 64 run at
+  # most ~128 rows: their ceiling). (It also ran the LoRA side-stream shrink's test and A/B: no gain,
+  # code removed.)
   for seqs in 128; do  # max_num_seqs 256: the fastpath run's 13,128 tok/s, same session
     TMO=80 run "throughput-seqs-$seqs" python3 benchmarks/throughput.py $DUMMY --max-num-seqs $seqs \
       --out "$OUT/throughput_seqs_$seqs.json"

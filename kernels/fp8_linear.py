@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
-from .gemv import GemvConfig, fma_launch_args, fma_program_rows, gemv_config
+from .gemv import GemvConfig, fma_program_rows, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -137,12 +137,12 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
     m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
-                                                 EVEN_K, USE_PDL, PREFETCH_W)
+                                                 EVEN_K, USE_PDL)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -165,11 +165,9 @@ def fp8_gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None,
-                    prefetch_weights: Optional[bool] = None) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None) -> torch.Tensor:
     """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M.
-    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep);
-    `prefetch_weights` as in gemv_triton."""
+    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep)."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -187,7 +185,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fma_launch_args(x2, prefetch_weights))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

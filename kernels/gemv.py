@@ -107,31 +107,14 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 @triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr):
+                 USE_PDL: tl.constexpr):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
-    nothing before it in the calling kernel may load an earlier kernel's output or store."""
-    if PREFETCH_W:
-        # Weights are never written by an earlier kernel of the step: the first tile loads before
-        # the wait, so under PDL the weight stream starts while the previous kernel still runs.
-        if EVEN_K:
-            w_first = tl.load(w_ptrs)
-        else:
-            w_first = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
+    first weight tile before the wait measured 4.5% slower on the H200: benchmarks/NOTES.md.)"""
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
-    if PREFETCH_W:  # the first K tile, peeled (0 + a == a: the same sums as the loop's)
-        if EVEN_K:
-            x_first = tl.load(x_ptrs)
-        else:
-            x_first = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
-        acc = w_first.to(tl.float32) * x_first.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        k_start = BLOCK_K
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        k_start = 0
-    for k0 in range(k_start, K, BLOCK_K):
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -147,7 +130,7 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
     sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
@@ -159,7 +142,7 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH_W)
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
@@ -168,11 +151,11 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
     m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                                          USE_PDL, PREFETCH_W)
+                                          USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
@@ -213,26 +196,10 @@ def _gemv_dot_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-# AGENTSERVE_GEMV_PREFETCH=1: under PDL the fma GEMVs load their first weight tile before waiting for
-# the previous kernel (the weight stream overlaps that kernel's tail). Off until measured on the H200
-# (benchmarks/gpu_suite.sh next runs the A/B); the outputs are bitwise the same either way.
-GEMV_PREFETCH: bool = os.environ.get("AGENTSERVE_GEMV_PREFETCH", "0") == "1"
-
-
-def fma_launch_args(x: torch.Tensor, prefetch_weights: Optional[bool]) -> dict[str, bool]:
-    """PDL launch arguments of an fma GEMV kernel and whether it loads its first weight tile before
-    waiting for the previous kernel (by default: under PDL with AGENTSERVE_GEMV_PREFETCH=1)."""
-    launch = pdl_launch(x)
-    prefetch = launch["USE_PDL"] and GEMV_PREFETCH if prefetch_weights is None else prefetch_weights
-    return {**launch, "PREFETCH_W": prefetch}
-
-
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                config: Optional[GemvConfig] = None, out: Optional[torch.Tensor] = None,
-                prefetch_weights: Optional[bool] = None) -> torch.Tensor:
+                config: Optional[GemvConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as F.linear for x [..., K] with prod(leading dims) <= MAX_M; weight [N, K] with
-    a contiguous last dim. `config` overrides the heuristic (tests, the benchmark's sweep);
-    `prefetch_weights` the fma kernel's peeled first tile (tests: the same sums either way)."""
+    a contiguous last dim. `config` overrides the heuristic (tests, the benchmark's sweep)."""
     n, k = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -260,7 +227,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fma_launch_args(x2, prefetch_weights))
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _gemv_dot_kernel[(cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),

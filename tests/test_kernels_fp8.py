@@ -238,12 +238,3 @@ def test_fp8_attention_needs_scales() -> None:
         pa.paged_attention_triton(*batch.args(), SCALE, 1, batch.max_seq_len)
 
 
-@pytest.mark.parametrize("k,block_k", [(256, 64), (100, 32)], ids=["even", "ragged"])
-def test_fp8_gemv_prefetched_first_tile_gives_the_same_sums(k: int, block_k: int) -> None:
-    """As the 16-bit GEMV: the peeled first tile (loaded before the PDL wait) changes no bit."""
-    _, wq, ws = _random_linear(24, k, seed=k)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
-    tiles = fl.GemvConfig("fma", 8, block_k, num_warps=1, num_stages=1)
-    plain = fl.fp8_gemv_triton(x, wq, ws, config=tiles, prefetch_weights=False)
-    assert torch.equal(fl.fp8_gemv_triton(x, wq, ws, config=tiles, prefetch_weights=True), plain)
-    torch.testing.assert_close(plain, fl.fp8_linear_ref(x, wq, ws), atol=1e-4, rtol=1e-4)

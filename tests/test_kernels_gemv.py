@@ -125,14 +125,3 @@ def test_model_linear_keeps_state_dict_names() -> None:
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-@interpreted
-@pytest.mark.parametrize("k,block_k", [(256, 64), (100, 32), (64, 64)], ids=["even", "ragged", "one-tile"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefetched_first_tile_gives_the_same_sums(k: int, block_k: int, dtype: torch.dtype) -> None:
-    """The fma kernel's PDL variant loads its first weight tile before waiting and peels that K
-    iteration: bitwise the same outputs as the plain loop (on the GPU it runs with PDL)."""
-    x, w, b = _inputs(2, 40, k, dtype, True, seed=k)
-    cfg = gemv.GemvConfig("fma", 8, block_k, num_warps=1, num_stages=1)
-    plain = gemv.gemv_triton(x, w, b, config=cfg, prefetch_weights=False)
-    assert torch.equal(gemv.gemv_triton(x, w, b, config=cfg, prefetch_weights=True), plain)
-    torch.testing.assert_close(plain.float(), _reference(x, w, b), **TOL[dtype])

@@ -98,35 +98,6 @@ def test_bf16_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str,
     assert_close_greedy(ref, ours, f"{arch} bf16 LoRA")
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
-    """Wraps module.name so that the returned one-element list counts its calls."""
-    calls = [0]
-    real = getattr(module, name)
-
-    def counting(*args: Any) -> Any:
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(module, name, counting)
-    return calls
-
-
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
-def test_bf16_gemv_epilogue_logprobs_close_to_peft_merged(arch: str, dirs: dict[str, dict[str, Path]],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """AGENTSERVE_LORA_GEMV=1 (kernels/gemv_lora.py): one request at a time, so every decode step is a
-    batch-1 GEMV with the expand in its epilogue (in the decode graphs and eagerly)."""
-    from agentserve.kernels import gemv_lora
-    from agentserve.lora import layers
-
-    monkeypatch.setattr(gemv_lora, "LORA_GEMV", True)
-    calls = count_calls(monkeypatch, layers, "gemv_add_lora")
-    ours = run_engine(arch, dirs[arch], "bfloat16", max_num_seqs=1)
-    assert calls[0] > 0
-    ref = peft_run(arch, dirs[arch], torch.bfloat16)
-    assert_close_greedy(ref, ours, f"{arch} bf16 LoRA, expand in the GEMV epilogue")
-
-
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_cuda_graphs_with_lora_match_eager(arch: str, dirs: dict[str, dict[str, Path]],
                                            monkeypatch: pytest.MonkeyPatch) -> None:

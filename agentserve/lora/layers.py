@@ -30,15 +30,13 @@ import torch
 from torch import nn
 
 from agentserve.config import LoRAConfig
-from agentserve.kernels.gemv_lora import gemv_add_lora, use_gemv_lora
-from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta, lora_shrink
+from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRAStack, MultiLoRAManager
 from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.linear import LinearBase, RowParallelLinear
-from agentserve.model.quant import UnquantizedLinearMethod
 from agentserve.model.llama import CausalLM
 
 
@@ -83,16 +81,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         meta = self.batch.meta
-        if (meta is not None and isinstance(base.quant_method, UnquantizedLinearMethod)
-                and use_gemv_lora(x, base.weight)):
-            # Batch-1 decode with AGENTSERVE_LORA_GEMV=1: the expand rides in the base GEMV's epilogue
-            # (kernels/gemv_lora.py); a row-parallel layer adds its partial output's bias.
-            bias = base.partial_bias if isinstance(base, RowParallelLinear) else base.bias
-            xc = x.contiguous()
-            shrunk = lora_shrink(xc, self.lora_a, self.ranks, meta)
-            y = gemv_add_lora(xc, base.weight, bias, shrunk, self.lora_b, self.ranks, self.scaling, meta.token_slots,
-                              self.slice_starts)
-            return y if self.all_reduce is None else self.all_reduce(y)
         if self.all_reduce is not None:
             assert isinstance(base, RowParallelLinear)
             y = base.forward_partial(x)

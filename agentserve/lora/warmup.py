@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from agentserve.kernels.gemv_lora import gemv_add_lora, use_gemv_lora
 from agentserve.kernels.lora import (LoRABatchMeta, add_lora, build_lora_batch_meta, default_block_m,
-                                     lora_kernel_config, lora_shrink, max_lora_blocks)
+                                     lora_kernel_config, max_lora_blocks)
 from agentserve.kernels._triton_utils import num_sms, triton_enabled_for
 from agentserve.kernels.lora_fused import use_fused_lora
 from agentserve.lora.manager import MultiLoRAManager
@@ -58,24 +57,6 @@ def warmup_lora_kernels(manager: MultiLoRAManager, max_num_tokens: int) -> int:
             add_lora(y, x, stack.lora_a, stack.lora_b, stack.ranks, stack.scaling, meta, stack.slice_sizes,
                      stack.slice_starts)
             launched += 1
-        launched += _warm_gemv_lora(manager, fused)
     torch.cuda.synchronize(device)
     return launched
 
-
-def _warm_gemv_lora(manager: MultiLoRAManager, fused: str) -> int:
-    """With AGENTSERVE_LORA_GEMV=1, batch-1 decode takes kernels/gemv_lora.py (the expand in the base
-    GEMV's epilogue): its variants for this projection's shape, with and without a bias."""
-    stack = manager.stack(0, fused)
-    k, n = stack.lora_a.shape[-1], stack.lora_b.shape[-1]
-    x = torch.zeros(1, k, dtype=stack.lora_a.dtype, device=manager.device)
-    # The decision reads the weight's shape, dtype and layout only: a meta tensor answers it without
-    # allocating the projection's N x K (hundreds of MB) when the path is off.
-    if not use_gemv_lora(x, torch.empty(n, k, dtype=x.dtype, device="meta")):
-        return 0
-    weight = torch.zeros(n, k, dtype=x.dtype, device=manager.device)
-    slots = torch.full((1,), -1, dtype=torch.int32, device=manager.device)
-    shrunk = lora_shrink(x, stack.lora_a, stack.ranks, build_lora_batch_meta(slots, manager.max_loras))
-    for bias in (None, torch.zeros(n, dtype=x.dtype, device=x.device)):
-        gemv_add_lora(x, weight, bias, shrunk, stack.lora_b, stack.ranks, stack.scaling, slots, stack.slice_starts)
-    return 2
