@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ._triton_utils import next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
+from .fp8_linear import MIN_SCALE
+from .fp8_utils import FP8_DTYPE, FP8_MAX
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -27,6 +29,8 @@ def _rms_norm_kernel(
     n_inner, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    q_ptr=None, s_ptr=None, q_so=0, QUANT_FP8: tl.constexpr = False, FP8MAX: tl.constexpr = 448.0,
+    MINSCALE: tl.constexpr = 1.0,
 ):
     """Grid: (rows,). A row is the last dim; rows are addressed as (outer, inner) so a strided
     [T, H, D] view (per-head q/k norm of a fused qkv output) needs no copy.
@@ -49,7 +53,16 @@ def _rms_norm_kernel(
     var = tl.sum(x * x, 0) / n_cols
     normed = (x * tl.rsqrt(var + eps)).to(new_res_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + outer * o_so + inner * o_si + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    out = (w * normed).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + outer * o_so + inner * o_si + offs, out, mask=mask)
+    if QUANT_FP8:
+        # The row's per-token e4m3 quantization (2-D rows only), as kernels/fp8_linear.py's
+        # _quant_per_token_kernel computes it from the stored 16-bit values: bitwise the same.
+        xf = out.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(xf), 0) / FP8MAX, MINSCALE)
+        tl.store(s_ptr + row, scale)
+        q = tl.minimum(tl.maximum(xf / scale, -FP8MAX), FP8MAX)
+        tl.store(q_ptr + row * q_so + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -60,9 +73,11 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    residual: Optional[torch.Tensor] = None,
+                    fp8_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as rms_norm_ref: returns fresh (out, new_residual) tensors (new_residual is x
-    itself without a residual); inputs are never modified."""
+    itself without a residual); inputs are never modified. `fp8_out` (2-D x only): e4m3 [rows,
+    hidden] and fp32 [rows, 1] tensors that also receive out's per-token quantization."""
     orig_x, orig_shape, hidden = x, x.shape, x.shape[-1]
     if x.dim() not in (2, 3):  # 1-D or >3-D: flatten to rows (a copy only if the layout needs it)
         x = x.reshape(-1, hidden)
@@ -83,14 +98,31 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r_so, r_si, _ = _row_strides(residual) if residual is not None else (0, 0, 1)
         o_so, o_si, _ = _row_strides(out)
         n_so, n_si, _ = _row_strides(new_res)
+        quant: dict[str, Any] = {}
+        if fp8_out is not None:
+            assert x.dim() == 2, "fp8 output of a 2-D rms_norm only"
+            quant = dict(q_ptr=fp8_out[0], s_ptr=fp8_out[1], q_so=fp8_out[0].stride(0), QUANT_FP8=True,
+                         FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE)
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight.contiguous(), out, new_res,
             x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si, n_inner, hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x), **quant,
         )
     if residual is None:
         return out.view(orig_shape), orig_x
     return out.view(orig_shape), new_res.view(orig_shape)
+
+
+def rms_norm_fp8_out(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rms_norm_triton of 2-D x [T, hidden] plus the output's per-token e4m3 quantization, in one
+    kernel: (out, new_residual, out_q e4m3 [T, hidden], out_scale fp32 [T, 1]), bitwise what
+    quantize_per_token_triton(out) returns (an FP8 layer reading `out` skips that pass)."""
+    rows = x.shape[0]
+    xq = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    xs = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    out, new_res = rms_norm_triton(x, weight, eps, residual, fp8_out=(xq, xs))
+    return out, new_res, xq, xs
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
