@@ -246,13 +246,16 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
 # of running quantize_per_token_triton. One slot: the producer runs right before its consumer, and
 # every fp8_linear call empties it, so an offer never outlives the next linear layer.
 _offered: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+# Opt-in (AGENTSERVE_FP8_FUSED_QUANT=1) until its GPU test and the H200 throughput A/B have run.
+FUSED_ACTIVATION_QUANT: bool = os.environ.get("AGENTSERVE_FP8_FUSED_QUANT", "0") == "1"
 
 
 def wants_quantized_input(x: torch.Tensor) -> bool:
     """Whether fp8_linear would quantize `x` per token (the _scaled_mm path of a 16-bit CUDA
     activation above the GEMV's M): the producers' decision, from shapes and globals only."""
     m = x.numel() // x.shape[-1] if x.dim() == 2 and x.shape[-1] else 0
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and m > GEMV_MAX_M and triton_enabled_for(x)
+    return (FUSED_ACTIVATION_QUANT and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and m > GEMV_MAX_M
+            and triton_enabled_for(x))
 
 
 def offer_quantized_input(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -28,9 +28,8 @@ def _rms_norm_kernel(
     x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si,
     n_inner, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    q_ptr, s_ptr, q_so, QUANT_FP8: tl.constexpr, FP8MAX: tl.constexpr, MINSCALE: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    q_ptr=None, s_ptr=None, q_so=0, QUANT_FP8: tl.constexpr = False, FP8MAX: tl.constexpr = 448.0,
-    MINSCALE: tl.constexpr = 1.0,
 ):
     """Grid: (rows,). A row is the last dim; rows are addressed as (outer, inner) so a strided
     [T, H, D] view (per-head q/k norm of a fused qkv output) needs no copy.
@@ -98,15 +97,15 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r_so, r_si, _ = _row_strides(residual) if residual is not None else (0, 0, 1)
         o_so, o_si, _ = _row_strides(out)
         n_so, n_si, _ = _row_strides(new_res)
-        quant: dict[str, Any] = {}
         if fp8_out is not None:
             assert x.dim() == 2, "fp8 output of a 2-D rms_norm only"
-            quant = dict(q_ptr=fp8_out[0], s_ptr=fp8_out[1], q_so=fp8_out[0].stride(0), QUANT_FP8=True,
-                         FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE)
+        # Without an fp8 output its pointers are never dereferenced: x stands in for them.
+        q, q_scale = fp8_out if fp8_out is not None else (x, x)
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight.contiguous(), out, new_res,
             x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si, n_inner, hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x), **quant,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, q_ptr=q, s_ptr=q_scale, q_so=q.stride(0),
+            QUANT_FP8=fp8_out is not None, FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE, num_warps=num_warps, **pdl_launch(x),
         )
     if residual is None:
         return out.view(orig_shape), orig_x

@@ -248,6 +248,7 @@ def test_activations_quantized_by_their_producers_change_nothing(monkeypatch: py
         offers[0] += 1
         real_offer(*args)
 
+    monkeypatch.setattr(fl, "FUSED_ACTIVATION_QUANT", True)
     monkeypatch.setattr(layers, "offer_quantized_input", counting)
     fused = _run_tiny(quantization="fp8")
     assert offers[0] > 0
