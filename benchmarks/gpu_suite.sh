@@ -122,10 +122,16 @@ fi
 if [ "$MODE" = next5 ]; then
   # What the fourth session of 2026-12-02 left unrun (~9 min on one H200): the GPU tests of the FP8
   # producers' quantization (AGENTSERVE_FP8_FUSED_QUANT), the PDL chain and the elementwise kernels
-  # (the rms_norm kernel's signature changed), then the FP8 A/B that decides the flag's default, and
-  # the two #16 benchmarks fixed on the CPU but never re-measured on the H200.
+  # (the rms_norm kernel's signature changed), the SDPA first-chunk prefill; the TTFT A/B of the
+  # latter, the FP8 A/B of the former (both decide defaults), and the two #16 benchmarks fixed on
+  # the CPU but never re-measured on the H200.
   TMO=300 run pytest-next5 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu_fp8.py \
-    tests/test_kernels_pdl.py tests/test_kernels_gpu_elementwise.py --junitxml "$OUT/pytest_next5.xml"
+    tests/test_kernels_pdl.py tests/test_kernels_gpu_elementwise.py tests/test_gpu_prefill_sdpa.py \
+    --junitxml "$OUT/pytest_next5.xml"
+  for attn in paged sdpa; do
+    AGENTSERVE_PREFILL_ATTENTION=$attn TMO=60 run "latency-prefill-$attn" python3 benchmarks/latency.py $DUMMY \
+      --repeats 2 --out "$OUT/latency_prefill_$attn.json"
+  done
   for fused in 0 1; do
     AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=240 run "fp8-weights-fused-$fused" python3 benchmarks/fp8.py --parts weights \
       --repeats 2 --out "$OUT/fp8_weights_fused_$fused.json"

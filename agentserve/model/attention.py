@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from agentserve.kernels.paged_attention import paged_attention
+from agentserve.model.prefill_sdpa import sdpa_prefill, use_sdpa_prefill
 
 
 @dataclass
@@ -32,5 +33,7 @@ def paged_attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           meta: ForwardMetadata, scale: float, k_scale: Optional[torch.Tensor] = None,
                           v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k_scale / v_scale: the layer's KV scales, read when the pages are fp8."""
+    if use_sdpa_prefill(q.shape[0], meta.block_tables.shape[0], meta.max_query_len, meta.max_seq_len):
+        return sdpa_prefill(q, k_cache, v_cache, meta.slot_mapping, scale, k_scale, v_scale)
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                            scale, meta.max_query_len, meta.max_seq_len, k_scale, v_scale)

@@ -1,0 +1,63 @@
+"""GPU (`pytest -m gpu`): the first-chunk prefill attention through scaled_dot_product_attention
+(model/prefill_sdpa.py; cuDNN or FlashAttention on an H200) against the Triton paged kernel at
+Llama-3.1-8B's head shapes on scattered bf16 pages, and an engine run that takes it against one
+that does not (vLLM's logprobs-close rule)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from agentserve import SamplingParams  # noqa: E402
+from agentserve.kernels import paged_attention as pa  # noqa: E402
+from agentserve.llm import LLM  # noqa: E402
+from agentserve.model import attention, prefill_sdpa  # noqa: E402
+from agentserve.testing import tiny_model_cached  # noqa: E402
+from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16  # noqa: E402
+from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
+from helpers.paged_batch import random_paged_batch  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, *GPU_SKIPS]
+
+
+@pytest.mark.parametrize("tokens", [1024, 4099])
+def test_matches_the_triton_paged_kernel_at_8b_head_shapes(tokens: int) -> None:
+    page = 16
+    batch = random_paged_batch([tokens], [0], 32, 8, 128, page, torch.bfloat16, DEV, seed=tokens)
+    pos = torch.arange(tokens, device=DEV)
+    slots = batch.block_tables[0, pos // page].long() * page + pos % page
+    out = prefill_sdpa.sdpa_prefill(batch.q, batch.k_cache, batch.v_cache, slots, 128 ** -0.5)
+    ref = pa.paged_attention_triton(*batch.args(), 128 ** -0.5, batch.max_query_len, batch.max_seq_len)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), **TOL16)
+
+
+def _run(prompts: list[list[int]]) -> Any:
+    with LLM(str(tiny_model_cached("llama3")), device="cuda", dtype="bfloat16", max_num_seqs=1, max_model_len=2048,
+             gpu_memory_utilization=0.3) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5))
+        return greedy_result(outs)
+
+
+def test_engine_logprobs_close_with_and_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [[(i * 37 + 11) % 200 + 3 for i in range(1500)], [(i * 53 + 5) % 190 + 7 for i in range(1100)]]
+    paged = _run(prompts)
+    calls = [0]
+    real = attention.sdpa_prefill
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
+    monkeypatch.setattr(attention, "sdpa_prefill", counting)
+    sdpa = _run(prompts)
+    assert calls[0] > 0
+    assert_close_greedy(paged, sdpa, "prefill attention: sdpa vs paged")
