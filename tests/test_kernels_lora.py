@@ -132,6 +132,20 @@ def test_out_of_range_slots_are_base_rows() -> None:
     assert sorted(meta.block_slot[meta.block_slot >= 0].tolist()) == [1, 2]
 
 
+@interpreted
+@pytest.mark.parametrize("slot", [-1, 0, 3, 7, 8, 1000])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_one_token_tile_map_is_the_general_one(slot: int, block_m: int) -> None:
+    """Batch-1 steps build their tile map in one kernel (one_token_lora_batch_meta): the same tiles
+    as the general device-ops path, for a valid slot, a base row and slots out of range (max_loras 8)."""
+    slots = torch.tensor([slot], dtype=torch.int32)
+    general = lora.build_lora_batch_meta(slots, 8, block_m)  # CPU tensors: the torch ops
+    one = lora.one_token_lora_batch_meta(slots, 8, block_m)
+    for name in ("sorted_token_ids", "block_slot", "block_row_start", "block_row_end"):
+        assert torch.equal(getattr(one, name), getattr(general, name).to(torch.int32)), name
+    assert (one.block_m, one.max_loras, one.max_blocks) == (general.block_m, general.max_loras, general.max_blocks)
+
+
 def test_empty_step() -> None:
     case = make_lora_case(num_tokens=0, max_loras=2, ranks=_uniform_ranks(2, 1, 4), max_rank=4,
                           in_features=16, slice_sizes=[8], dtype=torch.float32, seed=0, slots=[])
