@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -120,32 +120,37 @@ if [ "$MODE" = lora-side ]; then
   done
 fi
 if [ "$MODE" = next5 ]; then
-  # What the fourth session of 2026-12-02 left unrun, part 1 (~8 min on one H200): the GPU tests of
+  # What the fourth session of 2026-12-02 left unrun, part 1 (~9 min on one H200): the GPU tests of
   # the FP8 producers' quantization (AGENTSERVE_FP8_FUSED_QUANT), the PDL chain and the elementwise
-  # kernels (the rms_norm kernel's signature changed), the SDPA first-chunk prefill; the TTFT A/B of
-  # the latter; the speculation table with the verification's M = 5 projections on the Triton "dot"
-  # GEMV (AGENTSERVE_GEMV=triton) vs cuBLAS (the profile had cuBLAS at 2.7-4.1 TB/s there).
-  TMO=300 run pytest-next5 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu_fp8.py \
+  # kernels (the rms_norm kernel's signature changed), the SDPA first-chunk prefill, the LoRA graphs
+  # (the one-token tile-map kernel); the TTFT A/B of the SDPA prefill; LoRA one stream.
+  TMO=330 run pytest-next5 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu_fp8.py \
     tests/test_kernels_pdl.py tests/test_kernels_gpu_elementwise.py tests/test_gpu_prefill_sdpa.py \
-    --junitxml "$OUT/pytest_next5.xml"
+    "tests/test_lora_gpu.py::test_cuda_graphs_with_lora_match_eager" --junitxml "$OUT/pytest_next5.xml"
   for attn in paged sdpa; do
     AGENTSERVE_PREFILL_ATTENTION=$attn TMO=60 run "latency-prefill-$attn" python3 benchmarks/latency.py $DUMMY \
       --repeats 2 --out "$OUT/latency_prefill_$attn.json"
+  done
+  TMO=90 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record \
+    --out "$OUT/lora_one_stream.json"
+fi
+if [ "$MODE" = next5-bench ]; then
+  # Part 2 (~9 min): the FP8 A/B that decides AGENTSERVE_FP8_FUSED_QUANT's default; the speculation
+  # table with the verification's M = 5 projections on the Triton "dot" GEMV (AGENTSERVE_GEMV=triton)
+  # vs cuBLAS (the profile had cuBLAS at 2.7-4.1 TB/s there).
+  for fused in 0 1; do
+    AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=200 run "fp8-weights-fused-$fused" python3 benchmarks/fp8.py --parts weights \
+      --repeats 1 --out "$OUT/fp8_weights_fused_$fused.json"
   done
   for gemv in auto triton; do
     AGENTSERVE_GEMV=$gemv TMO=100 run "spec-gemv-$gemv" python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 \
       --batches 16 --out "$OUT/spec_gemv_$gemv.json"
   done
 fi
-if [ "$MODE" = next5-bench ]; then
-  # Part 2 (~10 min): the FP8 A/B that decides AGENTSERVE_FP8_FUSED_QUANT's default, and the two #16
-  # benchmarks fixed on the CPU but never re-measured on the H200.
-  for fused in 0 1; do
-    AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=240 run "fp8-weights-fused-$fused" python3 benchmarks/fp8.py --parts weights \
-      --repeats 2 --out "$OUT/fp8_weights_fused_$fused.json"
-  done
-  TMO=60 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
-  TMO=60 run step-phases python3 benchmarks/step_phases.py $DUMMY --out "$OUT/step_phases.json"
+if [ "$MODE" = next5-extra ]; then
+  # Part 3 (~3 min): the two #16 benchmarks fixed on the CPU but never re-measured on the H200.
+  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
+  TMO=80 run step-phases python3 benchmarks/step_phases.py $DUMMY --out "$OUT/step_phases.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
