@@ -133,6 +133,10 @@ if [ "$MODE" = next5 ]; then
   done
   TMO=90 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record \
     --out "$OUT/lora_one_stream.json"
+  for keys in 128 64; do  # split-KV at batch 1 for short contexts (512: the default, measured above as paged)
+    AGENTSERVE_SPLIT_MIN_KEYS=$keys TMO=60 run "latency-split-$keys" python3 benchmarks/latency.py $DUMMY \
+      --repeats 2 --out "$OUT/latency_split_$keys.json"
+  done
 fi
 if [ "$MODE" = next5-bench ]; then
   # Part 2 (~9 min): the FP8 A/B that decides AGENTSERVE_FP8_FUSED_QUANT's default; the speculation

@@ -13,6 +13,7 @@ and v_scale into the output, and accumulate in fp32 as for 16-bit caches.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -427,7 +428,11 @@ SPLIT_BLOCK_N: int = 64
 # Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
 # prints the crossover it measures.
 SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after splitting
-SPLIT_MIN_KEYS: int = 512          # never give a split fewer keys; measured on H100: at 512 keys B=1 unsplit wins
+# Never give a split fewer keys. Measured on the H100 outside a CUDA graph (where the reduce kernel's
+# launch counted): at 512 keys B=1 unsplit wins. Inside a graph with PDL at batch 1 an unsplit decode
+# runs 8 programs (one per KV head of an 8B) and took ~10 us per layer at ~300 keys on the H200;
+# AGENTSERVE_SPLIT_MIN_KEYS lets the GPU benchmark A/B smaller values (benchmarks/gpu_suite.sh next5).
+SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "512"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
 
 
