@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._triton_utils import (
     cdiv, dot_modes, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for,
@@ -100,37 +101,22 @@ def max_lora_blocks(num_tokens: int, max_loras: int, block_m: int) -> int:
     return cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
 
 
-@triton.jit
-def _one_token_tile_map_kernel(slots_ptr, sorted_ptr, block_slot_ptr, row_start_ptr, row_end_ptr, max_loras,
-                               NUM_TILES: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """Grid: (1,). The tile map of a one-token step (batch-1 decode): tile 0 holds the token if its
-    slot is in [0, max_loras), every other tile is unused."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
-    slot = tl.load(slots_ptr).to(tl.int32)
-    valid = (slot >= 0) & (slot < max_loras)
-    tiles = tl.arange(0, NUM_TILES)
-    first = tiles == 0
-    tl.store(sorted_ptr, slot * 0)
-    tl.store(block_slot_ptr + tiles, tl.where(first & valid, slot, -1))
-    tl.store(row_start_ptr + tiles, tl.zeros([NUM_TILES], dtype=tl.int32))
-    tl.store(row_end_ptr + tiles, tl.where(first & valid, 1, 0).to(tl.int32))
-
-
 def one_token_lora_batch_meta(token_slots: torch.Tensor, max_loras: int, block_m: int) -> LoRABatchMeta:
-    """build_lora_batch_meta's result for one token in one Triton launch instead of ~30 small torch
-    kernels (sort, searchsorted, cumsum, ...): in a batch-1 decode graph with an adapter those were
-    a step's longest run of launches after the projections."""
+    """build_lora_batch_meta's result for one token (batch-1 decode) in closed form: tile 0 holds the
+    token if its slot is in [0, max_loras), the other tile is unused. ~8 small kernels instead of the
+    general path's ~30 (sort, searchsorted, cumsum, gathers): in a batch-1 decode graph with an
+    adapter those were the longest run of launches after the projections."""
     num_tiles = max_lora_blocks(1, max_loras, block_m)
-    assert num_tiles == 2, "one token: its tile and one partial-tile bound"  # a power of 2 for tl.arange
-    dev = token_slots.device
-    sorted_ids = torch.empty(1, dtype=torch.int32, device=dev)
-    block_slot = torch.empty(num_tiles, dtype=torch.int32, device=dev)
-    row_start = torch.empty(num_tiles, dtype=torch.int32, device=dev)
-    row_end = torch.empty(num_tiles, dtype=torch.int32, device=dev)
-    _one_token_tile_map_kernel[(1,)](token_slots, sorted_ids, block_slot, row_start, row_end, max_loras,
-                                     NUM_TILES=num_tiles, num_warps=1, **pdl_launch(token_slots))
-    return LoRABatchMeta(token_slots=token_slots, sorted_token_ids=sorted_ids, block_slot=block_slot,
-                         block_row_start=row_start, block_row_end=row_end, block_m=block_m, max_loras=max_loras)
+    slot = token_slots.to(torch.int32)
+    valid = (slot >= 0) & (slot < max_loras)
+    unused = num_tiles - 1
+    return LoRABatchMeta(
+        token_slots=token_slots,
+        sorted_token_ids=torch.zeros(1, dtype=torch.int32, device=slot.device),
+        block_slot=F.pad(torch.where(valid, slot, -1), (0, unused), value=-1),
+        block_row_start=torch.zeros(num_tiles, dtype=torch.int32, device=slot.device),
+        block_row_end=F.pad(valid.to(torch.int32), (0, unused)),
+        block_m=block_m, max_loras=max_loras)
 
 
 def build_lora_batch_meta(token_slots: torch.Tensor, max_loras: int,
@@ -144,8 +130,14 @@ def build_lora_batch_meta(token_slots: torch.Tensor, max_loras: int,
         raise ValueError(f"max_loras must be >= 1, got {max_loras}")
     m = token_slots.shape[0]
     bm = block_m if block_m is not None else default_block_m(m)
-    if m == 1 and triton_enabled_for(token_slots):
+    if m == 1:
         return one_token_lora_batch_meta(token_slots, max_loras, bm)
+    return general_lora_batch_meta(token_slots, max_loras, bm)
+
+
+def general_lora_batch_meta(token_slots: torch.Tensor, max_loras: int, bm: int) -> LoRABatchMeta:
+    """The tile map of any number of tokens, by device ops (counting sort by slot, tiles per slot)."""
+    m = token_slots.shape[0]
     dev = token_slots.device
     slots = token_slots.to(torch.int64)
     key = torch.where((slots >= 0) & (slots < max_loras), slots, max_loras)  # base rows sort last

@@ -132,17 +132,18 @@ def test_out_of_range_slots_are_base_rows() -> None:
     assert sorted(meta.block_slot[meta.block_slot >= 0].tolist()) == [1, 2]
 
 
-@interpreted
 @pytest.mark.parametrize("slot", [-1, 0, 3, 7, 8, 1000])
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_one_token_tile_map_is_the_general_one(slot: int, block_m: int) -> None:
-    """Batch-1 steps build their tile map in one kernel (one_token_lora_batch_meta): the same tiles
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_one_token_tile_map_is_the_general_one(slot: int, block_m: int, dtype: torch.dtype) -> None:
+    """Batch-1 steps build their tile map in closed form (one_token_lora_batch_meta): the same tiles
     as the general device-ops path, for a valid slot, a base row and slots out of range (max_loras 8)."""
-    slots = torch.tensor([slot], dtype=torch.int32)
-    general = lora.build_lora_batch_meta(slots, 8, block_m)  # CPU tensors: the torch ops
-    one = lora.one_token_lora_batch_meta(slots, 8, block_m)
+    slots = torch.tensor([slot], dtype=dtype)
+    one = lora.build_lora_batch_meta(slots, 8, block_m)
+    general = lora.general_lora_batch_meta(slots, 8, block_m)
     for name in ("sorted_token_ids", "block_slot", "block_row_start", "block_row_end"):
-        assert torch.equal(getattr(one, name), getattr(general, name).to(torch.int32)), name
+        ours, ref = getattr(one, name), getattr(general, name)
+        assert ours.dtype == ref.dtype == torch.int32 and torch.equal(ours, ref), name
     assert (one.block_m, one.max_loras, one.max_blocks) == (general.block_m, general.max_loras, general.max_blocks)
 
 
