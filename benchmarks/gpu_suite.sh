@@ -152,9 +152,16 @@ if [ "$MODE" = next5-bench ]; then
   done
 fi
 if [ "$MODE" = next5-extra ]; then
-  # Part 3 (~3 min): the two #16 benchmarks fixed on the CPU but never re-measured on the H200.
+  # Part 3 (~6 min): the two #16 benchmarks fixed on the CPU but never re-measured on the H200; the
+  # 1,024-request throughput at vLLM V1's H100/H200-class offline defaults (max_num_seqs 1024,
+  # max_num_batched_tokens 16384) and at 512 / 8192, against the 256 / 8192 of fastpath.py.
   TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
   TMO=80 run step-phases python3 benchmarks/step_phases.py $DUMMY --out "$OUT/step_phases.json"
+  for shape in "512 8192" "1024 16384"; do
+    set -- $shape
+    TMO=80 run "throughput-$1-$2" python3 benchmarks/throughput.py $DUMMY --max-num-seqs $1 --max-num-batched-tokens $2 \
+      --out "$OUT/throughput_$1_$2.json"
+  done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
