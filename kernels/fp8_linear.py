@@ -244,7 +244,7 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
 # output's per-token quantization in the same kernel and offer it here; the next fp8_linear call on
 # that very tensor (the same Python object: a view or copy of it does not match) takes it instead
 # of running quantize_per_token_triton. One slot: the producer runs right before its consumer, and
-# every fp8_linear call empties it, so an offer never outlives the next linear layer.
+# every fp8_linear call empties it, so an offer never outlives the next FP8 linear call.
 _offered: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 # Opt-in (AGENTSERVE_FP8_FUSED_QUANT=1) until its GPU test and the H200 throughput A/B have run.
 FUSED_ACTIVATION_QUANT: bool = os.environ.get("AGENTSERVE_FP8_FUSED_QUANT", "0") == "1"
