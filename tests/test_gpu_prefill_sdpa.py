@@ -20,6 +20,7 @@ from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.model import attention, prefill_sdpa  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
+from helpers.calls import count_calls  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16  # noqa: E402
 from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
@@ -49,15 +50,8 @@ def _run(prompts: list[list[int]]) -> Any:
 def test_engine_logprobs_close_with_and_without(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[(i * 37 + 11) % 200 + 3 for i in range(1500)], [(i * 53 + 5) % 190 + 7 for i in range(1100)]]
     paged = _run(prompts)
-    calls = [0]
-    real = attention.sdpa_prefill
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls[0] += 1
-        return real(*args)
-
     monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
-    monkeypatch.setattr(attention, "sdpa_prefill", counting)
+    calls = count_calls(monkeypatch, attention, "sdpa_prefill")
     sdpa = _run(prompts)
     assert calls[0] > 0
     assert_close_greedy(paged, sdpa, "prefill attention: sdpa vs paged")

@@ -26,6 +26,7 @@ from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
 from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
+from helpers.calls import count_calls  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16, llama3_cos_sin  # noqa: E402
 from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
@@ -241,15 +242,8 @@ def test_activations_quantized_by_their_producers_change_nothing(monkeypatch: py
     tokens and logprobs as with the consumers quantizing, in the decode graphs and eager prefill."""
     from agentserve.model import layers, loader
 
-    offers = [0]
-    real_offer = layers.offer_quantized_input
-
-    def counting(*args: torch.Tensor) -> None:
-        offers[0] += 1
-        real_offer(*args)
-
     monkeypatch.setattr(fl, "FUSED_ACTIVATION_QUANT", True)
-    monkeypatch.setattr(layers, "offer_quantized_input", counting)
+    offers = count_calls(monkeypatch, layers, "offer_quantized_input")
     fused = _run_tiny(quantization="fp8")
     assert offers[0] > 0
     monkeypatch.setattr(loader, "quantize_activations_at_their_producers", lambda model: 0)

@@ -6,7 +6,6 @@ cuDNN / FlashAttention backends run it: tests/test_gpu_prefill_sdpa.py.)"""
 
 from __future__ import annotations
 
-from typing import Any
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from agentserve.kernels.paged_attention import paged_attention_ref
 from agentserve.llm import LLM
 from agentserve.model import attention, prefill_sdpa
 from agentserve.testing import tiny_model_cached
+from helpers.calls import count_calls
 from helpers.paged_batch import PagedBatch, random_paged_batch
 
 SCALE = 0.125
@@ -72,15 +72,8 @@ def _generate(prompts: list[list[int]]) -> list[list[int]]:
 def test_engine_greedy_tokens_match_the_paged_path(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[(i * 37 + 11) % 200 + 3 for i in range(300)], [(i * 53 + 5) % 190 + 7 for i in range(40)]]
     paged = _generate(prompts)
-    calls = [0]
-    real = attention.sdpa_prefill
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls[0] += 1
-        return real(*args)
-
     monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
     monkeypatch.setattr(prefill_sdpa, "SDPA_MIN_TOKENS", 64)
-    monkeypatch.setattr(attention, "sdpa_prefill", counting)
+    calls = count_calls(monkeypatch, attention, "sdpa_prefill")
     assert _generate(prompts) == paged
     assert calls[0] > 0  # the 300-token prompt's first chunk, in every layer
