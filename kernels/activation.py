@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_linear import MIN_SCALE
-from .fp8_utils import FP8_DTYPE, FP8_MAX
+from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, s
         val = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up).to(dt)
         tl.store(out_ptr + row * stride_o + cols, val, mask=mask)
         amax = tl.maximum(amax, tl.abs(val.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, 0) / FP8MAX, MINSCALE)
+    scale = per_token_scale(tl.max(amax, 0), FP8MAX, MINSCALE)
     tl.store(s_ptr + row, scale)
     for c0 in range(0, n_inter, BLOCK):
         cols = c0 + offs
@@ -74,7 +74,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_o, s
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + n_inter + cols, mask=mask, other=0.0).to(tl.float32)
         val = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
-        q = tl.minimum(tl.maximum(val / scale, -FP8MAX), FP8MAX)
+        q = scaled_to_fp8_range(val, scale, FP8MAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -89,8 +89,8 @@ def silu_and_mul_fp8_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     out = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     xq = torch.empty((rows, inter), dtype=FP8_DTYPE, device=x.device)
     xs = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    if rows == 0 or inter == 0:
-        return out, xq, xs.fill_(MIN_SCALE)
+    if rows == 0:
+        return out, xq, xs
     block = min(2048, next_pow2(inter))
     _silu_and_mul_fp8_kernel[(rows,)](
         x, out, xq, xs, x.stride(0), out.stride(0), xq.stride(0), inter, FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE,

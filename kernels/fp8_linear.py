@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from .fp8_utils import FP8_DTYPE, FP8_MAX, to_fp8_saturated
+from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
 from .gemv import GemvConfig, fma_program_rows, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
@@ -106,12 +106,12 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / FP8MAX, MINSCALE)
+    scale = per_token_scale(tl.max(amax, 0), FP8MAX, MINSCALE)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / scale, -FP8MAX), FP8MAX)
+        y = scaled_to_fp8_range(x, scale, FP8MAX)
         tl.store(q_ptr + row * stride_qm + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -253,9 +253,8 @@ FUSED_ACTIVATION_QUANT: bool = os.environ.get("AGENTSERVE_FP8_FUSED_QUANT", "0")
 def wants_quantized_input(x: torch.Tensor) -> bool:
     """Whether fp8_linear would quantize `x` per token (the _scaled_mm path of a 16-bit CUDA
     activation above the GEMV's M): the producers' decision, from shapes and globals only."""
-    m = x.numel() // x.shape[-1] if x.dim() == 2 and x.shape[-1] else 0
-    return (FUSED_ACTIVATION_QUANT and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and m > GEMV_MAX_M
-            and triton_enabled_for(x))
+    return (FUSED_ACTIVATION_QUANT and x.dim() == 2 and x.shape[0] > GEMV_MAX_M and x.shape[1] > 0
+            and x.dtype in (torch.float16, torch.bfloat16) and triton_enabled_for(x))
 
 
 def offer_quantized_input(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> None:

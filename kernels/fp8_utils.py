@@ -32,11 +32,25 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def per_token_scale(amax, FP8MAX: tl.constexpr, MINSCALE: tl.constexpr):
+    """A row's e4m3 scale from its largest magnitude (fp32): that maps to FP8MAX, and the scale is
+    never below MINSCALE (an all-zero row stays finite). Every per-token quantizer uses this rule,
+    so kernels that fuse it (rms_norm_fp8_out, silu_and_mul_fp8_out) give the same bits."""
+    return tl.maximum(amax / FP8MAX, MINSCALE)
+
+
+@triton.jit
+def scaled_to_fp8_range(x, scale, FP8MAX: tl.constexpr):
+    """x / scale (fp32) saturated at +-FP8MAX, ready for the e4m3 cast (a plain cast would give
+    NaN out of range)."""
+    return tl.minimum(tl.maximum(x / scale, -FP8MAX), FP8MAX)
+
+
+@triton.jit
 def to_cache_dtype(x, scale, out_ty: tl.constexpr, KV_FP8: tl.constexpr):
     """x (any float) -> the cache's element type: divided by the layer's scale and saturated at
     +-448 for an e4m3 cache, a plain cast otherwise."""
     if KV_FP8:
-        y = x.to(tl.float32) / scale
-        return tl.minimum(tl.maximum(y, -448.0), 448.0).to(out_ty)
+        return scaled_to_fp8_range(x.to(tl.float32), scale, 448.0).to(out_ty)
     else:
         return x.to(out_ty)

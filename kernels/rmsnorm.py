@@ -8,7 +8,7 @@ import torch
 
 from ._triton_utils import next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_linear import MIN_SCALE
-from .fp8_utils import FP8_DTYPE, FP8_MAX
+from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -58,9 +58,9 @@ def _rms_norm_kernel(
         # The row's per-token e4m3 quantization (2-D rows only), as kernels/fp8_linear.py's
         # _quant_per_token_kernel computes it from the stored 16-bit values: bitwise the same.
         xf = out.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(xf), 0) / FP8MAX, MINSCALE)
+        scale = per_token_scale(tl.max(tl.abs(xf), 0), FP8MAX, MINSCALE)
         tl.store(s_ptr + row, scale)
-        q = tl.minimum(tl.maximum(xf / scale, -FP8MAX), FP8MAX)
+        q = scaled_to_fp8_range(xf, scale, FP8MAX)
         tl.store(q_ptr + row * q_so + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
