@@ -59,4 +59,3 @@ def warmup_lora_kernels(manager: MultiLoRAManager, max_num_tokens: int) -> int:
             launched += 1
     torch.cuda.synchronize(device)
     return launched
-

@@ -29,12 +29,12 @@ from agentserve.model.loader import build_model
 from agentserve.parallel.rank import TensorParallelRank
 from agentserve.sampling.rejection import RejectionSampler
 from agentserve.sampling.sampler import Sampler, SamplingMetadata
+from agentserve.spec.device_drafts import materialize_drafts
 from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
-from agentserve.spec.device_drafts import materialize_drafts
 from agentserve.worker.spec_verify import padded_verification_inputs, sample_verification
 from agentserve.worker.spec_graphs import capture_spec_graphs
 # ScheduledChunk lives with the input builder; engine code imports it from here as before.
