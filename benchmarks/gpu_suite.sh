@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -162,6 +162,38 @@ if [ "$MODE" = next5-extra ]; then
     TMO=80 run "throughput-$1-$2" python3 benchmarks/throughput.py $DUMMY --max-num-seqs $1 --max-num-batched-tokens $2 \
       --out "$OUT/throughput_$1_$2.json"
   done
+fi
+if [ "$MODE" = next6 ]; then
+  # Fifth session, first repair call (~9 min): the SDPA prefill after its -1-slot fix (the KV-pool
+  # sizing forward faulted in its gather), the LoRA graphs test that fault poisoned, the per-token
+  # quantizer test's tolerance, the attention kernels with SPLIT_MIN_KEYS 64; then the TTFT A/B of
+  # the SDPA prefill and the FP8 throughput with the producers' fused quantization off / on.
+  TMO=200 run pytest-next6 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_prefill_sdpa.py \
+    "tests/test_lora_gpu.py::test_cuda_graphs_with_lora_match_eager" \
+    "tests/test_kernels_gpu_fp8.py::test_quantize_per_token_matches_reference" --junitxml "$OUT/pytest_next6.xml"
+  TMO=120 run pytest-attention python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 \
+    tests/test_kernels_gpu_attention.py --junitxml "$OUT/pytest_next6_attention.xml"
+  for attn in paged sdpa; do
+    AGENTSERVE_PREFILL_ATTENTION=$attn TMO=60 run "latency-prefill-$attn" python3 benchmarks/latency.py $DUMMY \
+      --repeats 2 --out "$OUT/latency_prefill_$attn.json"
+  done
+  for fused in 0 1; do
+    AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=90 run "throughput-fp8-fused-$fused" python3 benchmarks/throughput.py $DUMMY \
+      --quantization fp8 --out "$OUT/throughput_fp8_fused_$fused.json"
+  done
+fi
+if [ "$MODE" = next6-bench ]; then
+  # Fifth session, second call (~8 min): the speculation table with the verification's M = 5
+  # projections on the Triton GEMV vs cuBLAS; the two #16 benchmarks fixed on the CPU; the 1,024-request
+  # throughput at max_num_seqs 512 (fastpath: 256).
+  for gemv in auto triton; do
+    AGENTSERVE_GEMV=$gemv TMO=100 run "spec-gemv-$gemv" python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 \
+      --batches 16 --out "$OUT/spec_gemv_$gemv.json"
+  done
+  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
+  TMO=80 run step-phases python3 benchmarks/step_phases.py $DUMMY --out "$OUT/step_phases.json"
+  TMO=80 run "throughput-512-8192" python3 benchmarks/throughput.py $DUMMY --max-num-seqs 512 --max-num-batched-tokens 8192 \
+    --out "$OUT/throughput_512_8192.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -153,6 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="weights (as --quantization of serve)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--peer", choices=["hf"], default=None)
     ap.add_argument("--peer-requests", type=int, default=None, help="run the peer on a slice (say so)")
@@ -168,6 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
+              quantization=args.quantization,
               max_model_len=args.max_prompt + args.output_len + 16)
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, llm.engine.arch.vocab_size, args.seed)
     ours = run_ours(llm, prompts, args.output_len)

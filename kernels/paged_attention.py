@@ -430,9 +430,10 @@ SPLIT_BLOCK_N: int = 64
 SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after splitting
 # Never give a split fewer keys. Measured on the H100 outside a CUDA graph (where the reduce kernel's
 # launch counted): at 512 keys B=1 unsplit wins. Inside a graph with PDL at batch 1 an unsplit decode
-# runs 8 programs (one per KV head of an 8B) and took ~10 us per layer at ~300 keys on the H200;
-# AGENTSERVE_SPLIT_MIN_KEYS lets the GPU benchmark A/B smaller values (benchmarks/gpu_suite.sh next5).
-SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "512"))
+# runs 8 programs (one per KV head of an 8B) and took ~10 us per layer at ~300 keys on the H200.
+# There (graphs + PDL, 128-token prompt, 256 new) 512 / 128 / 64 gave 231.2 / 235.2 / 235.8 tok/s
+# one stream (benchmarks/NOTES.md); AGENTSERVE_SPLIT_MIN_KEYS keeps the A/B reproducible.
+SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
 
 
@@ -456,7 +457,7 @@ def use_split_kv(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) 
     """Flash-decoding pays off when the decode grid (batch * kv_heads programs) leaves SMs idle and
     the contexts are long enough to give each partition >= SPLIT_MIN_KEYS keys; i.e. when
     num_kv_splits(...) > 1. For Llama-3.1-8B (8 kv heads) on an H100 (132 SMs) that is batch <= 16
-    with max_seq_len >= 512 (batch 16 -> 2 splits; batch 1 -> up to 33 splits at >= 8.4k keys)."""
+    with max_seq_len >= 2 * SPLIT_MIN_KEYS (batch 16 -> 2 splits; batch 1 -> up to 33 splits)."""
     return num_kv_splits(batch, max_seq_len, num_kv_heads, num_sms) > 1
 
 

@@ -49,6 +49,7 @@ def _run(prompts: list[list[int]]) -> Any:
 
 def test_engine_logprobs_close_with_and_without(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[(i * 37 + 11) % 200 + 3 for i in range(1500)], [(i * 53 + 5) % 190 + 7 for i in range(1100)]]
+    monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", False)
     paged = _run(prompts)
     monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
     calls = count_calls(monkeypatch, attention, "sdpa_prefill")

@@ -112,12 +112,13 @@ def test_split_kv_rejects_multi_token_queries() -> None:
 def test_split_heuristic() -> None:
     # Llama-3.1-8B on an H100: 8 kv heads, 132 SMs.
     assert pa.use_split_kv(1, 8192, 8, 132)
-    assert pa.num_kv_splits(1, 8192, 8, 132) == 16  # capped by SPLIT_MIN_KEYS (8192 / 512)
+    assert pa.num_kv_splits(1, 8192, 8, 132) == 33  # capped by ~SPLIT_TARGET_WAVES programs per SM
+    assert pa.num_kv_splits(1, 640, 8, 132) == 640 // pa.SPLIT_MIN_KEYS  # capped by SPLIT_MIN_KEYS
     assert pa.num_kv_splits(1, 1 << 20, 8, 132) == 33  # capped by ~SPLIT_TARGET_WAVES programs per SM
     assert pa.use_split_kv(16, 4096, 8, 132)  # 128 programs < 132 SMs -> 2 splits
     assert not pa.use_split_kv(17, 4096, 8, 132)  # a full wave already
     assert not pa.use_split_kv(64, 8192, 8, 132)
-    assert not pa.use_split_kv(1, 900, 8, 132)  # too short to give two splits >= 512 keys
+    assert not pa.use_split_kv(1, 2 * pa.SPLIT_MIN_KEYS - 1, 8, 132)  # too short to give two splits
     assert pa.num_kv_splits(1, 10**9, 1, 132) == pa.SPLIT_MAX
 
 

@@ -63,9 +63,10 @@ def test_quantize_per_token_matches_reference() -> None:
     xq, xs = fl.quantize_per_token_triton(x)
     rq, rs = fl.quantize_per_token_ref(x)
     torch.testing.assert_close(xs, rs)
-    # Round to nearest on both sides; a division rounded differently may move a value by one step.
+    # Round to nearest on both sides; a division rounded differently may move a value by one step,
+    # which is 2^-3 of it at the bottom of a binade, plus the fp32 rounding of the two scales.
     assert float((xq.view(torch.uint8) != rq.view(torch.uint8)).float().mean()) < 1e-3
-    torch.testing.assert_close(xq.float() * xs, rq.float() * rs, atol=0.0, rtol=2 ** -3)
+    torch.testing.assert_close(xq.float() * xs, rq.float() * rs, atol=0.0, rtol=2 ** -3 + 2 ** -20)
 
 
 @pytest.mark.parametrize("k,n", SHAPES_8B, ids=[f"{k}x{n}" for k, n in SHAPES_8B])

@@ -1,5 +1,5 @@
 """The first-chunk prefill attention through scaled_dot_product_attention (model/prefill_sdpa.py,
-AGENTSERVE_PREFILL_ATTENTION=sdpa): against the paged reference on scattered, NaN-poisoned pages
+on by default, AGENTSERVE_PREFILL_ATTENTION=paged turns it off): against the paged reference on scattered, NaN-poisoned pages
 (a read outside the step's slots would show), with an fp8 cache, grouped-query heads; which steps
 take it; and an engine run that takes it gives the paged path's greedy tokens. (On the GPU the
 cuDNN / FlashAttention backends run it: tests/test_gpu_prefill_sdpa.py.)"""
@@ -39,6 +39,23 @@ def test_matches_the_paged_reference_on_scattered_pages(hq: int, hkv: int, page:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_unwritten_slots_do_not_fault_and_leave_written_tokens_exact() -> None:
+    # The KV-pool sizing forward runs one long prompt whose slots are all -1 (no KV writes): the
+    # gather must not index out of bounds (on the GPU that was a device-side assert that poisoned the
+    # process). Tokens after a -1 slot see a garbage key there, so only the output shape and the
+    # tokens before the first unwritten one are checked against the reference.
+    tokens, page = 20, 16
+    batch = random_paged_batch([tokens], [0], 4, 2, 32, page, torch.float32, seed=7)
+    slots = _slots(batch, tokens, page)
+    all_unwritten = prefill_sdpa.sdpa_prefill(batch.q, batch.k_cache, batch.v_cache, torch.full_like(slots, -1),
+                                              SCALE)
+    assert all_unwritten.shape == batch.q.shape
+    slots[12:] = -1
+    out = prefill_sdpa.sdpa_prefill(batch.q, batch.k_cache, batch.v_cache, slots, SCALE)
+    full = prefill_sdpa.sdpa_prefill(batch.q, batch.k_cache, batch.v_cache, _slots(batch, tokens, page), SCALE)
+    torch.testing.assert_close(out[:12], full[:12])
+
+
 def test_fp8_pages_are_dequantized_with_the_layer_scales() -> None:
     tokens, page = 33, 16
     batch = random_paged_batch([tokens], [0], 4, 2, 32, page, torch.float32, poison=False, seed=7)
@@ -52,7 +69,8 @@ def test_fp8_pages_are_dequantized_with_the_layer_scales() -> None:
 
 def test_only_a_long_first_chunk_of_one_sequence_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     n = prefill_sdpa.SDPA_MIN_TOKENS
-    assert not prefill_sdpa.use_sdpa_prefill(n, 1, n, n) or prefill_sdpa.PREFILL_SDPA  # off by default
+    monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", False)
+    assert not prefill_sdpa.use_sdpa_prefill(n, 1, n, n)  # AGENTSERVE_PREFILL_ATTENTION=paged
     monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
     assert prefill_sdpa.use_sdpa_prefill(n, 1, n, n)
     assert not prefill_sdpa.use_sdpa_prefill(n, 1, n, n + 100)  # cached context before the chunk
@@ -71,6 +89,7 @@ def _generate(prompts: list[list[int]]) -> list[list[int]]:
 
 def test_engine_greedy_tokens_match_the_paged_path(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[(i * 37 + 11) % 200 + 3 for i in range(300)], [(i * 53 + 5) % 190 + 7 for i in range(40)]]
+    monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", False)
     paged = _generate(prompts)
     monkeypatch.setattr(prefill_sdpa, "PREFILL_SDPA", True)
     monkeypatch.setattr(prefill_sdpa, "SDPA_MIN_TOKENS", 64)
