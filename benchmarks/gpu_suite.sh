@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench|next7]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -194,6 +194,20 @@ if [ "$MODE" = next6-bench ]; then
   TMO=80 run step-phases python3 benchmarks/step_phases.py $DUMMY --out "$OUT/step_phases.json"
   TMO=80 run "throughput-512-8192" python3 benchmarks/throughput.py $DUMMY --max-num-seqs 512 --max-num-batched-tokens 8192 \
     --out "$OUT/throughput_512_8192.json"
+fi
+if [ "$MODE" = next7 ]; then
+  # Fifth session, third call (~6 min): grammar rows kept in async scheduling (the previous step is
+  # processed inside the next one's launch): its GPU test and async vs sync on the device, the
+  # grammar_step overhead; then the #16 table with this session's defaults (SDPA first-chunk
+  # prefill, SPLIT_MIN_KEYS 64; max_num_seqs 512, with 256 after it as the A/B; no peer: its ratio is in
+  # the earlier runs) and LoRA one stream.
+  TMO=150 run pytest-next7 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_async_scheduling.py \
+    -k "grammar or (matches_sync and llama3)" --junitxml "$OUT/pytest_next7.xml"
+  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
+  TMO=200 run fastpath python3 benchmarks/fastpath.py $DUMMY --max-num-seqs 512 --out "$OUT/fastpath.json"
+  TMO=80 run throughput-256 python3 benchmarks/throughput.py $DUMMY --max-num-seqs 256 --out "$OUT/throughput_256.json"
+  TMO=90 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record \
+    --out "$OUT/lora_one_stream.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -1,10 +1,11 @@
 """Async scheduling (step N+1 launched before step N's sampled ids are processed) gives exactly the
 outputs of the synchronous path: greedy and seeded tokens, text, finish reasons, logprobs, streamed
 deltas; requests finishing at different steps, max_tokens=1, stop strings and ids, EOS, aborts
-mid-run, preemption in a tiny pool, fall-backs (penalties, n > 1, grammars); pages all free after."""
+mid-run, preemption in a tiny pool, fall-backs (penalties, n > 1); grammar batches overlapped; pages all free after."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -197,6 +198,61 @@ def test_grammar_requests_fall_back_and_stay_valid() -> None:
         assert isinstance(json.loads(asyn["json"][0].text)["a"], int)
 
 
+def _schema_requests(n: int) -> list[tuple[str, Any, SamplingParams]]:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "bc", "d"]}}},
+              "required": ["name", "n"]}
+    reqs: list[tuple[str, Any, SamplingParams]] = []
+    for i in range(n):
+        # Seeded sampling (so the outputs differ per request), greedy, short max_tokens (cut off by
+        # length), and a plain request in the same batch.
+        params = SamplingParams(temperature=0.9 if i % 2 else 0.0, seed=7 + i, max_tokens=8 + 9 * (i % 4),
+                                json_schema=schema, logprobs=1 if i % 3 == 0 else None)
+        reqs.append((f"json{i}", f"Give JSON number {i}:", params))
+    reqs.append(("free", "Hello there", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)))
+    return reqs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama3"])
+def test_grammar_batches_overlap_and_stay_exact(arch: str) -> None:
+    """Grammar rows no longer force the synchronous order: step N+1's forward is launched before
+    step N's tokens are read, and step N is processed (its tokens accepted by the matchers) inside
+    N+1's launch, before N+1's masks are filled. Outputs stay those of the synchronous path, valid
+    against the schema when they stop, and every page comes back."""
+    import jsonschema
+
+    requests = _schema_requests(6)
+    sync = run(make_engine(arch, False), requests)
+    engine = make_engine(arch, True)
+    order: list[str] = []
+    launch, result = engine.runner.launch, LaunchedStep.result
+
+    def launching(*a: Any, **k: Any) -> Any:
+        order.append("launch")
+        out = launch(*a, **k)
+        order.append("launched")
+        return out
+
+    def reading(self: LaunchedStep) -> Any:
+        order.append("read")
+        return result(self)
+
+    engine.runner.launch = launching  # type: ignore[method-assign]
+    LaunchedStep.result = reading  # type: ignore[method-assign]
+    try:
+        asyn = run(engine, requests)
+    finally:
+        LaunchedStep.result = result  # type: ignore[method-assign]
+    assert_same(asyn, sync)
+    schema = requests[0][2].json_schema
+    stopped = [s for rid, comps in asyn.items() if rid != "free" for s in comps if s.finish_reason == "stop"]
+    for s in stopped:
+        jsonschema.validate(json.loads(s.text), schema)
+    # Reads inside a launch (between its start and its end): the overlap with grammar rows.
+    inside = sum(1 for i, ev in enumerate(order[:-1]) if ev == "launch" and order[i + 1] == "read")
+    assert inside >= 5, order[:20]
+
+
 def test_async_scheduling_launches_before_reading_the_previous_step() -> None:
     """The overlap itself: step N+1 is launched while step N's ids have not been read yet."""
     engine = make_engine("llama", True)
@@ -272,3 +328,16 @@ def test_cuda_async_scheduling_matches_sync(arch: str, dtype: str) -> None:
     if dtype == "float32":
         sync, asyn, _ = both(arch, mixed_requests(arch), **kw)
         assert_same(asyn, sync)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["qwen2", "llama3"])
+def test_cuda_grammar_batches_overlap_and_match_sync(arch: str) -> None:
+    """Grammar masks under async scheduling on the device: step N is processed inside step N+1's
+    launch (pinned mask buffer reused step after step, the bitmask kernel, CUDA graphs). fp32, so the
+    batches that differ by a finished request's wasted row give the same tokens."""
+    kw = {"device": "cuda", "dtype": "float32", "max_num_seqs": 8, "max_model_len": 512, "num_blocks": 256}
+    sync, asyn, engine = both(arch, _schema_requests(7), **kw)
+    assert engine.runner.graphs is not None
+    assert_same(asyn, sync)

@@ -77,7 +77,9 @@ class ConstraintManager:
         left unconstrained and the token sampled there is dropped when the engine finishes it."""
         if draft_token_ids is not None:
             return self._fill_with_drafts(requests, draft_token_ids)
-        rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
+        # A request finished by the step before (processed while this one launched) samples in vain:
+        # its matcher may have terminated, so its row stays unconstrained.
+        rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None and not r.is_finished]
         if not rows:
             return None
         try:
@@ -99,12 +101,12 @@ class ConstraintManager:
         return self.bitmask.fill(good, batch_size=len(requests))
 
     def _fill_with_drafts(self, requests: list[Request], drafts: list[list[int]]) -> Optional[torch.Tensor]:
-        if all(r.grammar is None for r in requests):
+        if all(r.grammar is None or r.is_finished for r in requests):
             return None
         bitmask = allocate_token_bitmask(sum(len(d) + 1 for d in drafts), self.bitmask.vocab_size)
         first = 0
         for request, draft in zip(requests, drafts):
-            if request.grammar is not None:
+            if request.grammar is not None and not request.is_finished:
                 try:
                     request.grammar.fill_with_draft(bitmask, first, draft)
                 except Exception as e:  # noqa: BLE001 - this request's matcher: its failure alone

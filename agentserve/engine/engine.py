@@ -257,8 +257,8 @@ class Engine:
         num_sampled = 0
         spec_k = self.spec_proposer.num_tokens_for_step(self.scheduler.num_rows_ahead) if self.spec_proposer else 0
         if prev is not None and (not prev.overlappable or spec_k):
-            # The next step needs prev's tokens on the host (grammar masks, penalties, forks, and
-            # proposals, which continue the known tokens: speculation runs in the synchronous order).
+            # The next step needs prev's tokens on the host (penalties, forks, and proposals, which
+            # continue the known tokens: speculation runs in the synchronous order).
             touched |= self.output.update_from_output(prev)
             num_sampled += prev.num_appended
             prev = None
@@ -287,8 +287,8 @@ class Engine:
 
     def needs_host_tokens(self, req: Request) -> bool:
         """Whether scheduling the step after one that samples `req` needs the sampled token on the
-        host: grammar masks follow the accepted token, penalties count output tokens on the host,
-        and an n > 1 leader forks its siblings once its first token is in."""
-        return (req.grammar is not None or req.uses_penalties
-                or (bool(self.pending_forks) and req.request_id in self.pending_forks))
+        host: penalties count output tokens on the host, and an n > 1 leader forks its siblings once
+        its first token is in. (Grammar masks need it too, but only for the next step's sampling,
+        which is queued after its forward: launch.py processes the step there.)"""
+        return req.uses_penalties or (bool(self.pending_forks) and req.request_id in self.pending_forks)
 

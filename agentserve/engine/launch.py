@@ -4,7 +4,7 @@ to the requests they belong to), and the bookkeeping of what the launched step c
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agentserve.cache.device_ops import DeviceOp
 from agentserve.engine.failures import STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure
@@ -46,6 +46,10 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
     block_size = kv.block_size
     for chunk in chunks:
         req = chunk.request
+        if req.is_finished:
+            # Finished while this step was launching (the step before it, processed early for the
+            # grammar masks, ended it): the row computes in vain and its pages are already freed.
+            continue
         if overlappable and chunk.num_sampled and (chunk.spec_token_ids or engine.needs_host_tokens(req)):
             overlappable = False
         if req.num_computed_tokens < req.num_prompt_tokens:
@@ -72,7 +76,7 @@ def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], d
     """Launches the step. A failure that no request can be blamed for is retried once without
     the requests admitted in this step (the likeliest cause: everything else ran before), which
     fail alone; if the retry fails too, the whole batch fails. Returns the chunks launched."""
-    mask_fn = engine.constraints.fill_bitmask if engine.constraints is not None else None
+    mask_fn = _grammar_mask_fn(engine, prev)
     prev_handle = prev.handle if prev is not None else None
     try:
         return chunks, engine.runner.launch(chunks, device_ops, mask_fn, prev_handle)
@@ -91,3 +95,23 @@ def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], d
     for chunk in kept:
         engine.output.fail_request(chunk.request, STEP_FAILED)
     return [], None
+
+
+def _grammar_mask_fn(engine: "Engine", prev: Optional[InflightStep]) -> Optional[Callable[..., Any]]:
+    """The step's grammar-mask builder, which the runner calls after queuing the forward. With async
+    scheduling the step before (prev) is still unprocessed at that point, and its sampled tokens are
+    what advances the matchers: so it is processed right there, first. Reading its tokens, accepting
+    them in the matchers and filling the masks then overlap this step's forward on the device,
+    instead of running before the step is even scheduled (SGLang turns its overlap off for grammar
+    batches; this keeps it). The engine's own call for prev afterwards returns the same outputs."""
+    constraints = engine.constraints
+    if constraints is None:
+        return None
+    if prev is None:
+        return constraints.fill_bitmask
+
+    def fill_after_prev(requests: list[Request], draft_token_ids: Optional[list[list[int]]] = None) -> Any:
+        if any(r.grammar is not None for r in requests):
+            engine.output.update_from_output(prev)
+        return constraints.fill_bitmask(requests, draft_token_ids)
+    return fill_after_prev

@@ -38,6 +38,10 @@ class InflightStep:
         # False when the step after this one must not be scheduled before this one is processed.
         self.overlappable = overlappable
         self.num_appended = 0
+        # Processed once: a step with grammar rows processes the one before it early (inside its own
+        # launch, see launch.py), and the engine's regular call then gets the same outputs back.
+        self.processed = False
+        self.touched: set[str] = set()
 
 
 class OutputProcessor:
@@ -53,7 +57,11 @@ class OutputProcessor:
     # --- one step's samples -------------------------------------------------------------------------
     def update_from_output(self, step: InflightStep) -> set[str]:
         """Appends a launched step's sampled tokens (waiting for them), checks stops, forks. Returns
-        the caller ids that have an output to emit (only finished ones unless emit_unfinished)."""
+        the caller ids that have an output to emit (only finished ones unless emit_unfinished).
+        A second call for the same step does nothing and returns the first call's ids."""
+        if step.processed:
+            return step.touched
+        step.processed = True
         try:
             result = step.handle.result()
         except Exception as e:  # noqa: BLE001 - the device failed this step: its requests fail, no others
@@ -94,6 +102,7 @@ class OutputProcessor:
                 touched.add(req.parent_id)
         step.num_appended += appended
         engine.metrics.generation_tokens_total += appended
+        step.touched = touched
         return touched
 
     def _append_plain(self, req: Request, token: int, result: StepResult, row: int, now: float,
