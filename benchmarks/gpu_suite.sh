@@ -121,8 +121,8 @@ if [ "$MODE" = lora-side ]; then
 fi
 if [ "$MODE" = next5 ]; then
   # What the fourth session of 2026-12-02 left unrun, part 1 (~9 min on one H200): the GPU tests of
-  # the FP8 producers' quantization (AGENTSERVE_FP8_FUSED_QUANT), the PDL chain and the elementwise
-  # kernels (the rms_norm kernel's signature changed), the SDPA first-chunk prefill, the LoRA graphs
+  # the FP8 path (they held the FP8 producers' quantization test, removed with that flag), the PDL
+  # chain and the elementwise kernels, the SDPA first-chunk prefill, the LoRA graphs
   # (the one-token tile-map kernel); the TTFT A/B of the SDPA prefill; LoRA one stream.
   TMO=330 run pytest-next5 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu_fp8.py \
     tests/test_kernels_pdl.py tests/test_kernels_gpu_elementwise.py tests/test_gpu_prefill_sdpa.py \
@@ -139,13 +139,10 @@ if [ "$MODE" = next5 ]; then
   done
 fi
 if [ "$MODE" = next5-bench ]; then
-  # Part 2 (~9 min): the FP8 A/B that decides AGENTSERVE_FP8_FUSED_QUANT's default; the speculation
-  # table with the verification's M = 5 projections on the Triton "dot" GEMV (AGENTSERVE_GEMV=triton)
-  # vs cuBLAS (the profile had cuBLAS at 2.7-4.1 TB/s there).
-  for fused in 0 1; do
-    AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=200 run "fp8-weights-fused-$fused" python3 benchmarks/fp8.py --parts weights \
-      --repeats 1 --out "$OUT/fp8_weights_fused_$fused.json"
-  done
+  # Part 2: the speculation table with the verification's M = 5 projections on the Triton
+  # "dot" GEMV (AGENTSERVE_GEMV=triton) vs cuBLAS (the profile had cuBLAS at 2.7-4.1 TB/s there).
+  # (The FP8 producers' fused quantization A/B, AGENTSERVE_FP8_FUSED_QUANT=0/1, ran on 2026-12-02 as
+  # next6's throughput pair: no gain, and the flag was removed.)
   for gemv in auto triton; do
     AGENTSERVE_GEMV=$gemv TMO=100 run "spec-gemv-$gemv" python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 \
       --batches 16 --out "$OUT/spec_gemv_$gemv.json"
@@ -167,7 +164,7 @@ if [ "$MODE" = next6 ]; then
   # Fifth session, first repair call (~9 min): the SDPA prefill after its -1-slot fix (the KV-pool
   # sizing forward faulted in its gather), the LoRA graphs test that fault poisoned, the per-token
   # quantizer test's tolerance, the attention kernels with SPLIT_MIN_KEYS 64; then the TTFT A/B of
-  # the SDPA prefill and the FP8 throughput with the producers' fused quantization off / on.
+  # the SDPA prefill.
   TMO=200 run pytest-next6 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu_prefill_sdpa.py \
     "tests/test_lora_gpu.py::test_cuda_graphs_with_lora_match_eager" \
     "tests/test_kernels_gpu_fp8.py::test_quantize_per_token_matches_reference" --junitxml "$OUT/pytest_next6.xml"
@@ -177,10 +174,8 @@ if [ "$MODE" = next6 ]; then
     AGENTSERVE_PREFILL_ATTENTION=$attn TMO=60 run "latency-prefill-$attn" python3 benchmarks/latency.py $DUMMY \
       --repeats 2 --out "$OUT/latency_prefill_$attn.json"
   done
-  for fused in 0 1; do
-    AGENTSERVE_FP8_FUSED_QUANT=$fused TMO=90 run "throughput-fp8-fused-$fused" python3 benchmarks/throughput.py $DUMMY \
-      --quantization fp8 --out "$OUT/throughput_fp8_fused_$fused.json"
-  done
+  # The FP8 throughput A/B of the producers' fused quantization (AGENTSERVE_FP8_FUSED_QUANT=0/1) ran
+  # here on 2026-12-02: 17,411 vs 17,298 out tok/s, no gain; the flag was removed (RESULTS.md, NOTES.md).
 fi
 if [ "$MODE" = next6-bench ]; then
   # Fifth session, second call (~8 min): the speculation table with the verification's M = 5

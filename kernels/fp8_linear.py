@@ -206,11 +206,9 @@ def scaled_mm_supported(k: int, n: int) -> bool:
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
-                  quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                  bias: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8 on the fp8 tensor cores: x quantized per token (or with the static input scale), then
-    one rowwise-scaled GEMM. weight_scale must be fp32 [N]; the output is x's dtype. `quantized`:
-    x's per-token quantization already made (by the kernel that produced x; 2-D x)."""
+    one rowwise-scaled GEMM. weight_scale must be fp32 [N]; the output is x's dtype."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -219,9 +217,7 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
     m = x2.shape[0]
     if m == 0:  # cuBLASLt refuses empty operands
         return x.new_empty(*lead, n)
-    if quantized is not None:
-        xq, xs = quantized
-    elif input_scale is not None:
+    if input_scale is not None:
         xq = quantize_static_ref(x2, input_scale)
         xs = input_scale.float().reshape(1, 1).expand(m, 1).contiguous()
     elif triton_enabled_for(x2):
@@ -237,51 +233,15 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
     return y.reshape(*lead, n)
 
 
-# ---------------------------------------------------------------------------------------------
-# Activations quantized by the kernel that produced them (rms_norm_fp8_out, silu_and_mul_fp8_out)
-# ---------------------------------------------------------------------------------------------
-# A norm or SiLU-mul whose output goes to an FP8 layer with dynamic activation scales can write the
-# output's per-token quantization in the same kernel and offer it here; the next fp8_linear call on
-# that very tensor (the same Python object: a view or copy of it does not match) takes it instead
-# of running quantize_per_token_triton. One slot: the producer runs right before its consumer, and
-# every fp8_linear call empties it, so an offer never outlives the next FP8 linear call.
-_offered: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-# Opt-in (AGENTSERVE_FP8_FUSED_QUANT=1) until its GPU test and the H200 throughput A/B have run.
-FUSED_ACTIVATION_QUANT: bool = os.environ.get("AGENTSERVE_FP8_FUSED_QUANT", "0") == "1"
-
-
-def wants_quantized_input(x: torch.Tensor) -> bool:
-    """Whether fp8_linear would quantize `x` per token (the _scaled_mm path of a 16-bit CUDA
-    activation above the GEMV's M): the producers' decision, from shapes and globals only."""
-    return (FUSED_ACTIVATION_QUANT and x.dim() == 2 and x.shape[0] > GEMV_MAX_M and x.shape[1] > 0
-            and x.dtype in (torch.float16, torch.bfloat16) and triton_enabled_for(x))
-
-
-def offer_quantized_input(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> None:
-    """x's per-token quantization (e4m3 [M, K], fp32 [M, 1]) for the next fp8_linear call on x."""
-    global _offered
-    _offered = (x, x_q, x_scale)
-
-
-def _take_offered(x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    global _offered
-    offered, _offered = _offered, None
-    if offered is None or offered[0] is not x:
-        return None
-    return offered[1], offered[2]
-
-
 def fp8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                bias: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CUDA 16-bit activations: the FP8 GEMV for M <= GEMV_MAX_M (dynamic activations only), else
     _scaled_mm (falling back to the reference for shapes cuBLASLt refuses). Elsewhere: the reference."""
-    offered = _take_offered(x)
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
         return fp8_linear_ref(x, weight_q, weight_scale, bias, input_scale, quantize_input=_cpu_activation_quant)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < m <= GEMV_MAX_M and input_scale is None and triton_enabled_for(x):
         return fp8_gemv_triton(x, weight_q, weight_scale, bias)
     if scaled_mm_supported(*weight_q.shape[::-1]):
-        return fp8_scaled_mm(x, weight_q, weight_scale, bias, input_scale,
-                             quantized=offered if input_scale is None else None)
+        return fp8_scaled_mm(x, weight_q, weight_scale, bias, input_scale)
     return fp8_linear_ref(x, weight_q, weight_scale, bias, input_scale)

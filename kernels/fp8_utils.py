@@ -34,15 +34,15 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def per_token_scale(amax, FP8MAX: tl.constexpr, MINSCALE: tl.constexpr):
     """A row's e4m3 scale from its largest magnitude (fp32): that maps to FP8MAX, and the scale is
-    never below MINSCALE (an all-zero row stays finite). Every per-token quantizer uses this rule,
-    so kernels that fuse it (rms_norm_fp8_out, silu_and_mul_fp8_out) give the same bits."""
+    never below MINSCALE (an all-zero row stays finite). The per-token activation quantizer's rule
+    (kernels/fp8_linear.py _quant_per_token_kernel)."""
     return tl.maximum(amax / FP8MAX, MINSCALE)
 
 
 @triton.jit
 def scaled_to_fp8_range(x, scale, FP8MAX: tl.constexpr):
     """x / scale (fp32) saturated at +-FP8MAX, ready for the e4m3 cast (a plain cast would give
-    NaN out of range)."""
+    NaN out of range): the per-token activation quantizer and the KV-cache cast (to_cache_dtype)."""
     return tl.minimum(tl.maximum(x / scale, -FP8MAX), FP8MAX)
 
 

@@ -7,8 +7,6 @@ from typing import Optional
 import torch
 
 from ._triton_utils import next_pow2, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from .fp8_linear import MIN_SCALE
-from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -28,7 +26,6 @@ def _rms_norm_kernel(
     x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si,
     n_inner, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-    q_ptr, s_ptr, q_so, QUANT_FP8: tl.constexpr, FP8MAX: tl.constexpr, MINSCALE: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (rows,). A row is the last dim; rows are addressed as (outer, inner) so a strided
@@ -52,16 +49,7 @@ def _rms_norm_kernel(
     var = tl.sum(x * x, 0) / n_cols
     normed = (x * tl.rsqrt(var + eps)).to(new_res_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (w * normed).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + outer * o_so + inner * o_si + offs, out, mask=mask)
-    if QUANT_FP8:
-        # The row's per-token e4m3 quantization (2-D rows only), as kernels/fp8_linear.py's
-        # _quant_per_token_kernel computes it from the stored 16-bit values: bitwise the same.
-        xf = out.to(tl.float32)
-        scale = per_token_scale(tl.max(tl.abs(xf), 0), FP8MAX, MINSCALE)
-        tl.store(s_ptr + row, scale)
-        q = scaled_to_fp8_range(xf, scale, FP8MAX)
-        tl.store(q_ptr + row * q_so + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + outer * o_so + inner * o_si + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -72,11 +60,9 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: Optional[torch.Tensor] = None,
-                    fp8_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as rms_norm_ref: returns fresh (out, new_residual) tensors (new_residual is x
-    itself without a residual); inputs are never modified. `fp8_out` (2-D x only): e4m3 [rows,
-    hidden] and fp32 [rows, 1] tensors that also receive out's per-token quantization."""
+    itself without a residual); inputs are never modified."""
     orig_x, orig_shape, hidden = x, x.shape, x.shape[-1]
     if x.dim() not in (2, 3):  # 1-D or >3-D: flatten to rows (a copy only if the layout needs it)
         x = x.reshape(-1, hidden)
@@ -97,31 +83,14 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r_so, r_si, _ = _row_strides(residual) if residual is not None else (0, 0, 1)
         o_so, o_si, _ = _row_strides(out)
         n_so, n_si, _ = _row_strides(new_res)
-        if fp8_out is not None:
-            assert x.dim() == 2, "fp8 output of a 2-D rms_norm only"
-        # Without an fp8 output its pointers are never dereferenced: x stands in for them.
-        q, q_scale = fp8_out if fp8_out is not None else (x, x)
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight.contiguous(), out, new_res,
             x_so, x_si, r_so, r_si, o_so, o_si, n_so, n_si, n_inner, hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, q_ptr=q, s_ptr=q_scale, q_so=q.stride(0),
-            QUANT_FP8=fp8_out is not None, FP8MAX=FP8_MAX, MINSCALE=MIN_SCALE, num_warps=num_warps, **pdl_launch(x),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x),
         )
     if residual is None:
         return out.view(orig_shape), orig_x
     return out.view(orig_shape), new_res.view(orig_shape)
-
-
-def rms_norm_fp8_out(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rms_norm_triton of 2-D x [T, hidden] plus the output's per-token e4m3 quantization, in one
-    kernel: (out, new_residual, out_q e4m3 [T, hidden], out_scale fp32 [T, 1]), bitwise what
-    quantize_per_token_triton(out) returns (an FP8 layer reading `out` skips that pass)."""
-    rows = x.shape[0]
-    xq = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    xs = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    out, new_res = rms_norm_triton(x, weight, eps, residual, fp8_out=(xq, xs))
-    return out, new_res, xq, xs
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -3,8 +3,7 @@ CUDA): the FP8-weight GEMV (batch 1..4), the per-token activation quantizer and 
 against their fp32 references, both under CUDA-graph capture; the fp8 KV write (fused with rotary)
 and the paged attention paths over e4m3 pages (prefill chunks with a cached prefix, decode,
 verification, split-KV decode at 8k); page copies and swaps of fp8 pages; and the engine on a tiny
-model with FP8 weights and an FP8 KV cache (CUDA graphs against eager, and against bf16), and with
-activations quantized by the kernels that produce them against quantized by their consumers.
+model with FP8 weights and an FP8 KV cache (CUDA graphs against eager, and against bf16).
 Fresh random inputs and scales everywhere. Budget: well under three minutes on an H200."""
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
 from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
-from helpers.calls import count_calls  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS, TOL16, llama3_cos_sin  # noqa: E402
 from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
@@ -236,19 +234,3 @@ def test_engine_fp8_weights_and_kv_graphs_match_eager() -> None:
     first = [[pos[t] for pos, t in zip(run[1][0], run[0][0])] for run in (graphs, bf16)]
     assert abs(sum(first[0]) / len(first[0]) - sum(first[1]) / len(first[1])) < 0.5
 
-
-def test_activations_quantized_by_their_producers_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The input norms and SiLU-mul of an FP8 model write the per-token quantization their W8A8
-    consumer would compute (kernels/fp8_linear.py offer_quantized_input): the same bits, so the same
-    tokens and logprobs as with the consumers quantizing, in the decode graphs and eager prefill."""
-    from agentserve.model import layers, loader
-
-    monkeypatch.setattr(fl, "FUSED_ACTIVATION_QUANT", True)
-    offers = count_calls(monkeypatch, layers, "offer_quantized_input")
-    fused = _run_tiny(quantization="fp8")
-    assert offers[0] > 0
-    monkeypatch.setattr(loader, "quantize_activations_at_their_producers", lambda model: 0)
-    offers[0] = 0
-    unfused = _run_tiny(quantization="fp8")
-    assert offers[0] == 0
-    assert fused == unfused

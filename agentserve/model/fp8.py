@@ -24,7 +24,6 @@ from torch import nn
 from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
-from agentserve.model.llama import CausalLM, DecoderLayer
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader, WeightShapeError, copy_checked
 from agentserve.model.quant import LinearMethodBase
 from agentserve.model.quant_config import Fp8Config
@@ -172,27 +171,6 @@ def quantize_linear_layers(model: nn.Module, config: Fp8Config) -> int:
             raise WeightShapeError(f"{name}: {e}") from None
         count += 1
     return count
-
-
-def quantize_activations_at_their_producers(model: CausalLM) -> int:
-    """Marks the norms and SiLU-muls whose output only an FP8 layer with dynamic activation scales
-    reads (qkv after the input norm, gate_up after the post-attention norm, down after SiLU-mul):
-    on CUDA they write the per-token e4m3 quantization beside the output in the same kernel, and the
-    layer skips its own quantization pass (kernels/fp8_linear.py). Returns how many were marked."""
-    def dynamic_fp8(layer: LinearBase) -> bool:
-        method = layer.quant_method
-        return isinstance(method, Fp8LinearMethod) and not method.config.static_activations
-
-    marked = 0
-    for decoder in model.layers:
-        assert isinstance(decoder, DecoderLayer)
-        for producer, consumer in ((decoder.input_layernorm, decoder.self_attn.qkv_proj),
-                                   (decoder.post_attention_layernorm, decoder.mlp.gate_up_proj)):
-            producer.fp8_output = dynamic_fp8(consumer)
-            marked += producer.fp8_output
-        decoder.mlp.fp8_down_input = dynamic_fp8(decoder.mlp.down_proj)
-        marked += decoder.mlp.fp8_down_input
-    return marked
 
 
 def dequantized_weight(layer: LinearBase) -> torch.Tensor:

@@ -8,9 +8,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from agentserve.kernels.activation import silu_and_mul, silu_and_mul_fp8_out
-from agentserve.kernels.fp8_linear import offer_quantized_input, wants_quantized_input
-from agentserve.kernels.rmsnorm import rms_norm, rms_norm_fp8_out
+from agentserve.kernels.activation import silu_and_mul
+from agentserve.kernels.rmsnorm import rms_norm
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.linear import MergedColumnParallelLinear, RowParallelLinear
 from agentserve.model.parameter import LoadableParameter, default_weight_loader
@@ -22,15 +21,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = LoadableParameter(torch.ones(size), default_weight_loader)  # replicated on every rank
         self.eps = eps
-        # Set when an FP8 layer with dynamic activation scales reads the output (model/fp8.py): the
-        # kernel then also quantizes the output per token and offers it to that layer.
-        self.fp8_output = False
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fp8_output and wants_quantized_input(x):
-            out, new_residual, out_q, out_scale = rms_norm_fp8_out(x, self.weight, self.eps, residual)
-            offer_quantized_input(out, out_q, out_scale)
-            return out, new_residual
         return rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -76,14 +68,6 @@ class GatedMLP(nn.Module):
                                                        tp_size=tp_size, tp_rank=tp_rank)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, tp_size=tp_size,
                                            tp_rank=tp_rank, all_reduce=tp.all_reduce if tp is not None else None)
-        # Set when down_proj is FP8 with dynamic activation scales (model/fp8.py): SiLU-mul then
-        # also quantizes its output per token and offers it to down_proj.
-        self.fp8_down_input = False
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.fp8_down_input and wants_quantized_input(gate_up):
-            act, act_q, act_scale = silu_and_mul_fp8_out(gate_up)
-            offer_quantized_input(act, act_q, act_scale)
-            return self.down_proj(act)
-        return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

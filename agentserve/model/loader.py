@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.model.fp8 import quantize_activations_at_their_producers, quantize_linear_layers
+from agentserve.model.fp8 import quantize_linear_layers
 from agentserve.model.gguf import find_gguf_file, gguf_tensors
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
@@ -176,7 +176,6 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
             if quant is not None:
                 try:
                     quantize_linear_layers(model, quant)
-                    quantize_activations_at_their_producers(model)
                 except WeightShapeError as e:
                     raise ModelLoadError(f"{path}: {e}") from None
     finally:
