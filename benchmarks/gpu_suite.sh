@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench|next7]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench|next7|next8]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -203,6 +203,11 @@ if [ "$MODE" = next7 ]; then
   TMO=80 run throughput-256 python3 benchmarks/throughput.py $DUMMY --max-num-seqs 256 --out "$OUT/throughput_256.json"
   TMO=90 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record \
     --out "$OUT/lora_one_stream.json"
+fi
+if [ "$MODE" = next8 ]; then
+  # Fifth session, last call (~3 min): where the host's time goes in a batch-64 step with grammar
+  # masks after the overlap (grammar_step: +23% at batch 64, target < 5%).
+  TMO=120 run grammar-host python3 benchmarks/grammar_host.py $DUMMY --batch 64 --out "$OUT/grammar_host.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
