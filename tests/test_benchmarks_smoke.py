@@ -115,6 +115,16 @@ def test_grammar_step_smoke_with_async_scheduling(tmp_path: Path) -> None:
     assert r["async_scheduling"] is True
 
 
+def test_grammar_host_smoke(tmp_path: Path) -> None:
+    r = run_benchmark("grammar_host.py", "--smoke", tmp_path=tmp_path)
+    plain, masked = r["rows"]["plain"], r["rows"]["constrained"]
+    assert positive(plain["step_ms"]) and positive(masked["step_ms"])
+    # The timers saw the step's parts: masks filled only in the constrained run.
+    assert positive(masked["host_ms_per_step"]["  fill masks"]) and positive(plain["host_ms_per_step"]["schedule"])
+    assert positive(masked["host_ms_per_step"]["    matcher fills"])
+    assert plain["host_ms_per_step"]["    matcher fills"] == 0
+
+
 def test_step_phases_both_modes_smoke(tmp_path: Path) -> None:
     r = run_benchmark("step_phases.py", "--tiny", "llama", "--batch", "2", "--steps", "3", "--prompt-len", "16",
                       "--async-scheduling", "both", tmp_path=tmp_path)
