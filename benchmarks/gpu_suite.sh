@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench|next7|next8]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|pending|pdl|diag|next|next-bench|spec-ab|lora-side|next5|next5-bench|next5-extra|next6|next6-bench|next7|next8|next9]
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
@@ -208,6 +208,13 @@ if [ "$MODE" = next8 ]; then
   # Fifth session, last call (~3 min): where the host's time goes in a batch-64 step with grammar
   # masks after the overlap (grammar_step: +23% at batch 64, target < 5%).
   TMO=120 run grammar-host python3 benchmarks/grammar_host.py $DUMMY --batch 64 --out "$OUT/grammar_host.json"
+fi
+if [ "$MODE" = next9 ]; then
+  # Why 64 matcher fills take 3.6 ms on a 16-core host (2 cores here: 3.3 ms): the CPUs the process
+  # may use, and the fills with torch's OpenMP threads kept from spinning beside llguidance's pool.
+  nproc; python3 -c "import os; print('affinity', len(os.sched_getaffinity(0)))"; cat /sys/fs/cgroup/cpu.max 2>/dev/null
+  OMP_NUM_THREADS=1 TMO=100 run grammar-host-omp1 python3 benchmarks/grammar_host.py $DUMMY --batch 64 \
+    --out "$OUT/grammar_host_omp1.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
