@@ -7,8 +7,9 @@ call schedules and launches step N+1 before it reads step N's sampled ids, so th
 request whose token is still in flight carries a placeholder: the scheduler counts it, and step
 N+1 gathers that token from step N's sampled-id tensor on the device. A request that finishes at
 step N has computed one token in vain at N+1; it is dropped when N+1 is processed. Steps whose
-next step needs the tokens on the host (grammar masks, penalties, n > 1 forks) are processed
-before scheduling, as on the synchronous path.
+next step needs the tokens on the host (penalties, n > 1 forks, speculation) are processed before
+scheduling, as on the synchronous path. Grammar masks need them only for N+1's sampling: step N is
+processed inside N+1's launch, after N+1's forward is queued (launch.py).
 """
 
 from __future__ import annotations
