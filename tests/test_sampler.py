@@ -85,6 +85,31 @@ def test_greedy_is_argmax() -> None:
     assert out.sampled_token_ids.tolist() == logits.argmax(-1).tolist()
 
 
+def test_noise_drawn_ahead_gives_the_same_tokens() -> None:
+    """model_runner.launch draws the noise before the grammar masks: the same generators (device
+    generator for the batch, own generators for seeded rows) give the same tokens either way."""
+    from agentserve.sampling.sampler import draw_noise
+
+    logits = torch.randn(6, 300)
+    temps = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.9, 1.0])
+
+    def meta() -> SamplingMetadata:
+        gens = {1: torch.Generator().manual_seed(5), 4: torch.Generator().manual_seed(9)}
+        return SamplingMetadata(temperature=temps, all_greedy=False, top_k=None, top_p=None, min_p=None,
+                                generators=gens)
+
+    torch.manual_seed(3)
+    inline = Sampler()(logits.clone(), meta()).sampled_token_ids
+    torch.manual_seed(3)
+    m = meta()
+    noise = draw_noise(6, 300, m.generators, logits.device)
+    ahead = Sampler()(logits.clone(), m, noise).sampled_token_ids
+    assert ahead.tolist() == inline.tolist()
+    torch.manual_seed(4)  # other device draws: the unseeded rows may change, the seeded ones may not
+    other = Sampler()(logits.clone(), meta()).sampled_token_ids
+    assert other[1] == inline[1] and other[4] == inline[4] and other[2] == logits[2].argmax()
+
+
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(str(tiny_model_cached("llama3")), device="cpu", dtype="float32")

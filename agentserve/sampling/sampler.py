@@ -88,13 +88,26 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
     return logits
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
+def draw_noise(num_rows: int, vocab_size: int, generators: dict[int, torch.Generator],
+               device: torch.device) -> torch.Tensor:
+    """The exponential race's noise q [num_rows, vocab_size] fp32: the device's generator for the
+    batch, each seeded row's own generator over its row (one kernel per seeded row). Needs nothing
+    from the logits, so a step can draw it early (model_runner.launch does, before grammar masks)."""
+    q = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
+    if len(generators) < num_rows:
         q.exponential_()
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
-    return probs.div(q).argmax(dim=-1)
+    return q
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
+                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """argmax(probs / q); `noise`: q drawn earlier by draw_noise (the same draws: each generator is
+    used once per step, whenever that happens)."""
+    if noise is None:
+        noise = draw_noise(probs.shape[0], probs.shape[1], generators, probs.device)
+    return probs.div(noise).argmax(dim=-1)
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -129,7 +142,9 @@ def token_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata,
+                 noise: Optional[torch.Tensor] = None) -> SamplerOutput:
+        """`noise`: the random rows' q from draw_noise, when the caller drew it ahead."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         masked, probs = process_logits(logits, meta)
@@ -137,7 +152,7 @@ class Sampler:
         if probs is None:
             sampled = greedy
         else:
-            sampled = random_sample(probs, meta.generators)
+            sampled = random_sample(probs, meta.generators, noise)
             sampled = torch.where(meta.temperature > 0, sampled, greedy)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)

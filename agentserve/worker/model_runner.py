@@ -28,7 +28,7 @@ from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.parallel.rank import TensorParallelRank
 from agentserve.sampling.rejection import RejectionSampler
-from agentserve.sampling.sampler import Sampler, SamplingMetadata
+from agentserve.sampling.sampler import Sampler, SamplingMetadata, draw_noise
 from agentserve.spec.device_drafts import materialize_drafts
 from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
@@ -280,11 +280,17 @@ class ModelRunner:
             self.lora_manager.step_launched()  # later loads into this step's slots wait for it
         if logits is None or meta_s is None:
             return LaunchedStep(None, {}, [])
+        noise = None
+        if token_bitmask_fn is not None and not meta_s.all_greedy:
+            # The mask callback may first wait for the previous step's tokens (async scheduling,
+            # engine/launch.py); the sampling noise needs nothing from them (one kernel per seeded
+            # row), so it is queued now, while the host would otherwise wait, not after the masks.
+            noise = draw_noise(logits.shape[0], logits.shape[1], meta_s.generators, logits.device)
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
         if bitmask is not None and self.device.type == "cuda":
             bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
         # A copy with this step's mask: the metadata may be cached for the next step, the mask never is.
-        out = self.sampler(logits, replace(meta_s, token_bitmask=bitmask))
+        out = self.sampler(logits, replace(meta_s, token_bitmask=bitmask), noise)
         # A request's last sampling row: the next step's decode input when it has no speculative
         # tokens (steps with speculative rows are processed before the next one is scheduled).
         rows = {req.request_id: row for row, req in enumerate(sampling)}
