@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from agentserve.sampling.sampler import SamplingMetadata, process_logits, token_logprobs
+from agentserve.sampling.sampler import SamplingMetadata, draw_noise, process_logits, token_logprobs
 from agentserve.spec.metadata import SpecDecodeMetadata
 
 _NEG_INF = float("-inf")
@@ -121,11 +121,8 @@ def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int,
     every row greedy needs the uniforms alone (no token is drawn): a [N, V] draw fewer per step."""
     num_rows = spec.num_rows
     uniforms = torch.empty(spec.total_num_draft_tokens, device=device)
-    noise = torch.empty(num_rows, vocab_size, device=device) if with_noise else None
     if len(generators) < num_rows:
         uniforms.uniform_()
-        if noise is not None:
-            noise.exponential_()
     if generators:
         starts = [0]
         for k in spec.num_draft_tokens:
@@ -134,8 +131,9 @@ def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int,
             k = spec.num_draft_tokens[row]
             if k:  # a zero-length draw would still advance some generators' offsets
                 uniforms[starts[row]:starts[row] + k].uniform_(generator=gen)
-            if noise is not None:
-                noise[row].exponential_(generator=gen)
+    # After every uniform, as each generator (and the device's) then draws its noise: the same
+    # sequence per generator as drawing a row's uniforms and noise together.
+    noise = draw_noise(num_rows, vocab_size, generators, device) if with_noise else None
     return uniforms, noise
 
 
