@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, num_sms, pdl_begin, pdl_launch, tl, triton
-from .gemv import fma_row_sums, gemv_config, use_triton_gemv
+from .gemv import fma_program_rows, fma_row_sums, gemv_config, use_triton_gemv
 
 SHRINK_IN_GEMV: bool = os.environ.get("AGENTSERVE_LORA_SHRINK_IN_GEMV", "0") == "1"
 
@@ -39,18 +39,16 @@ def _gemv_lora_shrink_kernel(
     pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     base_blocks = tl.cdiv(N, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     if pid < base_blocks:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-        y = fma_row_sums(w_ptr + rows[:, None] * stride_wn + offs_k[None, :], x_ptr + offs_k, offs_k, K, BLOCK_N,
-                         BLOCK_K, EVEN_K, False)
+        # The base GEMV's program as kernels/gemv.py runs it (M = 1: program pid = weight block pid).
+        _, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, 1, N, K, 0, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, False)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
         slot = tl.load(slots_ptr).to(tl.int64)
         if slot >= 0:
+            offs_k = tl.arange(0, BLOCK_K)
             offs_j = (pid - base_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
             rows = tl.minimum(offs_j, NUM_A_ROWS - 1).to(tl.int64)
             a_rows = a_ptr + slot * stride_a_slot + rows[:, None] * K + offs_k[None, :]
