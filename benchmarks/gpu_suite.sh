@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next2]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,25 +33,18 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = next ]; then
-  # What the fifth session of 2026-12-02 left for the H200 (~9 min; its earlier calls are in
-  # RESULTS.md with their commands): why 64 grammar mask fills took 3.6 ms on a 16-core host (the
-  # CPUs the process may use, the fills with torch's OpenMP threads kept from spinning beside
-  # llguidance's pool), grammar_step with the sampling noise drawn before the masks, and the LoRA
-  # shrink in the base GEMV.
-  nproc; python3 -c "import os; print('affinity', len(os.sched_getaffinity(0)))"; cat /sys/fs/cgroup/cpu.max 2>/dev/null
-  TMO=100 run grammar-host python3 benchmarks/grammar_host.py $DUMMY --batch 64 --out "$OUT/grammar_host.json"
-  OMP_NUM_THREADS=1 TMO=100 run grammar-host-omp1 python3 benchmarks/grammar_host.py $DUMMY --batch 64 \
-    --out "$OUT/grammar_host_omp1.json"
-  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
-  # The LoRA shrink as extra rows of the one-token base GEMV (kernels/gemv_lora_shrink.py): its GPU
-  # tests, then LoRA one stream with it off / on (#13: 0.891x, target 0.90x).
-  TMO=150 run pytest-gemv-lora-shrink python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_kernels_gemv_lora_shrink.py --junitxml "$OUT/pytest_gemv_lora_shrink.xml"
-  for shrink in 0 1; do
-    AGENTSERVE_LORA_SHRINK_IN_GEMV=$shrink TMO=90 run "lora-one-stream-shrink-$shrink" python3 benchmarks/lora.py \
-      --counts 1 --cpu-tier-adapters 2 --num-requests 64 --no-record --out "$OUT/lora_one_stream_shrink_$shrink.json"
+if [ "$MODE" = next2 ]; then
+  # Third session of 2026-12-03 (~8 min): how llguidance's fill scales with threads on this host
+  # (template copies vs fresh matchers), grammar_step both ways, where the adapter's one-stream
+  # time goes (kernels per step, base vs adapter), and FP8 vs bf16 weights at max_num_seqs 512.
+  TMO=120 run grammar-fill python3 benchmarks/grammar_fill.py --batch 64 --threads 1,2,4,8,12,16 --out "$OUT/grammar_fill.json"
+  for mode in copy fresh; do
+    AGENTSERVE_LLG_MATCHER=$mode TMO=80 run "grammar-step-$mode" python3 benchmarks/grammar_step.py $DUMMY \
+      --out "$OUT/grammar_step_$mode.json"
   done
+  TMO=120 run lora-profile python3 benchmarks/lora_profile.py --out "$OUT/lora_profile.json"
+  TMO=330 run fp8-weights-512 python3 benchmarks/fp8.py --parts weights --max-num-seqs 512 --repeats 1 \
+    --out "$OUT/fp8_weights_512.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

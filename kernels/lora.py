@@ -63,7 +63,7 @@ from ._triton_utils import (
     cdiv, dot_modes, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for,
 )
 from .lora_fused import add_lora_fused, use_fused_lora
-from .lora_slices import add_to_rows, any_slice_in_tile, expand_slice, shrink_tile, slice_in_tile, tile_rows
+from .lora_slices import add_to_rows, any_slice_in_tile, expand_dot, shrink_dot, shrink_tile, slice_in_tile, tile_rows
 
 MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 MAX_SPLIT_K = 16
@@ -236,27 +236,45 @@ def _lora_shrink_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (max_blocks, SPLIT_K, num_slices). h[split, s, row, r] = sum over this split's K
-    chunks (interleaved, BLOCK_K apart by SPLIT_K) of x[row] . A[slot, s, r]."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    chunks (interleaved, BLOCK_K apart by SPLIT_K) of x[row] . A[slot, s, r].
+
+    The tile map, the rank and the first chunk of A load before the PDL wait: none is written by an
+    earlier kernel of the step (the tile map and the slots are filled before it starts), so only x
+    (the previous kernels' output) is left after the wait. A decode step's LoRA kernels are tiny
+    (a rank-16 shrink reads 0.4 MB), and their time was the chain of dependent loads after the wait
+    (benchmarks/NOTES.md, lora_profile)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     s = tl.program_id(2)
     slot = tl.load(block_slot_ptr + tile)
-    if slot < 0:
-        return  # an unused tile: the base rows and empty slots make none
-    rank = tl.load(ranks_ptr + slot * stride_rank_lora + s)
-    if rank == 0:
-        return  # the adapter does not target this slice; expand skips it too
+    slot_c = tl.maximum(slot, 0)  # an unused tile reads slot 0's metadata, then returns
+    rank = tl.load(ranks_ptr + slot_c * stride_rank_lora + s)
     rows, m_mask = tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
+    r_mask = offs_r < tl.where(slot >= 0, rank, 0)
     offs_kk = tl.arange(0, BLOCK_K)
-    offs_k = split * BLOCK_K + offs_kk
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_a_lora + s * stride_a_slice
-              + offs_r[:, None] * stride_a_rank + offs_k[None, :])
-    acc = shrink_tile(x_ptrs, a_ptrs, r_mask, offs_kk, split * BLOCK_K, K, SPLIT_K * BLOCK_K, BLOCK_M, BLOCK_R,
-                      EVEN_K, UPCAST, DOT_PRECISION)
+    k_first = split * BLOCK_K
+    a_ptrs = (a_ptr + slot_c.to(tl.int64) * stride_a_lora + s * stride_a_slice
+              + offs_r[:, None] * stride_a_rank + (k_first + offs_kk)[None, :])
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_first + offs_kk)[None, :]
+    k_mask = offs_kk < K - k_first
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    if slot < 0:
+        return  # an unused tile: the base rows and empty slots make none
+    if rank == 0:
+        return  # the adapter does not target this slice; expand skips it too
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+    acc = shrink_dot(tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), x, a, UPCAST, DOT_PRECISION)
+    step = SPLIT_K * BLOCK_K
+    acc = shrink_tile(acc, x_ptrs + step, a_ptrs + step, r_mask, offs_kk, k_first + step, K, step, EVEN_K, UPCAST,
+                      DOT_PRECISION)
     h_ptrs = h_ptr + split * stride_h_split + s * stride_h_slice + rows[:, None] * stride_h_m + offs_r[None, :]
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
@@ -264,27 +282,34 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     h_ptr, b_ptr, y_ptr, sorted_ids_ptr, block_slot_ptr, block_start_ptr, block_end_ptr, ranks_ptr,
-    scaling_ptr, slice_starts_ptr, N, stride_h_split, stride_h_slice, stride_h_m,
+    scaling_ptr, slice_starts_ptr, N, MAX_RANK, stride_h_split, stride_h_slice, stride_h_m,
     stride_b_lora, stride_b_rank, stride_ym, stride_rank_lora, stride_scale_lora,
     NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (max_blocks, cdiv(N, BLOCK_N)) over the concatenated slices. For each slice the column
-    tile touches: acc += (scale * sum_split h[split, s, rows]) @ B^T[slot, :, its columns]."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    tile touches: acc += (scale * sum_split h[split, s, rows]) @ B^T[slot, :, its columns].
+
+    As in the shrink, the tile map, the slice test and B's tile (all slices' columns of it, one
+    load) come before the PDL wait; h and y after it."""
     tile = tl.program_id(0)
     nt = tl.program_id(1)
     slot = tl.load(block_slot_ptr + tile)
-    if slot < 0:
-        return
+    slot_c = tl.maximum(slot, 0)  # an unused tile reads slot 0's metadata, then returns
     n_lo = nt * BLOCK_N
-    if not any_slice_in_tile(slice_starts_ptr, ranks_ptr, slot, stride_rank_lora, n_lo, NUM_SLICES, BLOCK_N):
-        return  # no targeted slice in these columns: y stays as the base layer wrote it
+    touched = any_slice_in_tile(slice_starts_ptr, ranks_ptr, slot_c, stride_rank_lora, n_lo, NUM_SLICES, BLOCK_N)
     rows, m_mask = tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    b_base = b_ptr + slot.to(tl.int64) * stride_b_lora + offs_r[:, None] * stride_b_rank + offs_n[None, :]
+    b_ptrs = b_ptr + slot_c.to(tl.int64) * stride_b_lora + offs_r[:, None] * stride_b_rank + offs_n[None, :]
+    n_end = tl.where((slot >= 0) & touched, N, 0)  # nothing to load for a tile that returns
+    b_tile = tl.load(b_ptrs, mask=(offs_r < MAX_RANK)[:, None] & (offs_n < n_end)[None, :], other=0.0)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    if slot < 0:
+        return
+    if not touched:
+        return  # no targeted slice in these columns: y stays as the base layer wrote it
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
         hit, lo, hi, rank = slice_in_tile(slice_starts_ptr, ranks_ptr, slot, s, stride_rank_lora, n_lo, BLOCK_N)
@@ -295,8 +320,9 @@ def _lora_expand_kernel(
             h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
                 h += tl.load(h_ptrs + split * stride_h_split, mask=h_mask, other=0.0)
-            acc = expand_slice(acc, h, tl.load(scaling_ptr + slot * stride_scale_lora + s), b_base, r_mask, offs_n,
-                               lo, hi, UPCAST, DOT_PRECISION)
+            # B rows past this slice's rank may hold an earlier adapter's values: zeroed here.
+            b = tl.where(r_mask[:, None] & ((offs_n >= lo) & (offs_n < hi))[None, :], b_tile, 0.0)
+            acc = expand_dot(acc, h, tl.load(scaling_ptr + slot * stride_scale_lora + s), b, UPCAST, DOT_PRECISION)
     add_to_rows(y_ptr, acc, rows, m_mask, offs_n, N, stride_ym)
 
 
@@ -373,7 +399,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ran
     upcast, precision = dot_modes(lora_b.dtype)
     _lora_expand_kernel[(meta.max_blocks, cdiv(n, block_n))](
         shrunk, lora_b, y, meta.sorted_token_ids, meta.block_slot, meta.block_row_start, meta.block_row_end,
-        ranks, scaling, slice_starts, n, shrunk.stride(0), shrunk.stride(1), shrunk.stride(2),
+        ranks, scaling, slice_starts, n, max_rank, shrunk.stride(0), shrunk.stride(1), shrunk.stride(2),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), ranks.stride(0), scaling.stride(0),
         NUM_SLICES=num_slices, SPLIT_K=split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n,
         BLOCK_R=max(MIN_BLOCK, next_pow2(max_rank)), UPCAST=upcast, DOT_PRECISION=precision,

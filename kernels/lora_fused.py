@@ -152,8 +152,8 @@ def _lora_fused_kernel(
             # Shrink, recomputed by every column tile of the slice: h = x[rows] @ A_s[:rank]^T.
             a_ptrs = (a_ptr + slot64 * stride_a_lora + s * stride_a_slice + offs_r[:, None] * stride_a_rank
                       + offs_kk[None, :])
-            h = shrink_tile(x_base, a_ptrs, r_mask, offs_kk, 0, K, BLOCK_K, BLOCK_M, BLOCK_R, EVEN_K, UPCAST,
-                            DOT_PRECISION)
+            h = shrink_tile(tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), x_base, a_ptrs, r_mask, offs_kk, 0, K,
+                            BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
             acc = expand_slice(acc, h, tl.load(scaling_ptr + slot * stride_scale_lora + s), b_base, r_mask, offs_n,
                                lo, hi, UPCAST, DOT_PRECISION)
     add_to_rows(y_ptr, acc, rows, m_mask, offs_n, N, stride_ym)

@@ -33,17 +33,19 @@ def tile_rows(sorted_ids_ptr, block_start_ptr, block_end_ptr, tile, BLOCK_M: tl.
     start = tl.load(block_start_ptr + tile)
     end = tl.load(block_end_ptr + tile)
     offs_m = start + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_ids_ptr + tl.minimum(offs_m, end - 1)).to(tl.int64)
+    # Clamped at 0 too: an unused tile (empty segment) may read its rows before it returns (the
+    # kernels load their metadata before the PDL wait), and must not read before the buffer.
+    rows = tl.load(sorted_ids_ptr + tl.maximum(tl.minimum(offs_m, end - 1), 0)).to(tl.int64)
     return rows, offs_m < end
 
 
 @triton.jit
-def shrink_tile(x_ptrs, a_ptrs, r_mask, offs_kk, k_start, K, STEP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BLOCK_M, BLOCK_R] fp32 sum over K chunks k_start, k_start + STEP, ... of x . A^T: the pointers
-    start at chunk k_start (x rows along dim 0, A's rank rows along dim 0), rank rows past r_mask are
-    not loaded. Shared by the split-K shrink (kernels/lora.py) and the fused kernel (kernels/lora_fused.py)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+def shrink_tile(acc, x_ptrs, a_ptrs, r_mask, offs_kk, k_start, K, STEP: tl.constexpr, EVEN_K: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_R] fp32 plus the sum over K chunks k_start, k_start + STEP, ... of x . A^T:
+    the pointers start at chunk k_start (x rows along dim 0, A's rank rows along dim 0), rank rows
+    past r_mask are not loaded. Shared by the split-K shrink (kernels/lora.py) and the fused kernel
+    (kernels/lora_fused.py)."""
     for k0 in range(k_start, K, STEP):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -52,13 +54,19 @@ def shrink_tile(x_ptrs, a_ptrs, r_mask, offs_kk, k_start, K, STEP: tl.constexpr,
             k_mask = offs_kk < K - k0
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
+        acc = shrink_dot(acc, x, a, UPCAST, DOT_PRECISION)
         x_ptrs += STEP
         a_ptrs += STEP
     return acc
+
+
+@triton.jit
+def shrink_dot(acc, x, a, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x . a^T for one K chunk (x [BLOCK_M, BLOCK_K], a [BLOCK_R, BLOCK_K] as loaded)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        a = a.to(tl.float32)
+    return tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -67,6 +75,13 @@ def expand_slice(acc, h, scale, b_base, r_mask, offs_n, lo, hi, UPCAST: tl.const
     both LoRA paths feed the tensor cores the same operands)."""
     n_mask = (offs_n >= lo) & (offs_n < hi)
     b = tl.load(b_base, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    return expand_dot(acc, h, scale, b, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def expand_dot(acc, h, scale, b, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + (scale * h) @ b, b the slice's [BLOCK_R, BLOCK_N] tile of B with rows past the rank and
+    columns outside the slice zeroed."""
     if UPCAST:
         b = b.to(tl.float32)
     return tl.dot((h * scale).to(b.dtype), b, acc, input_precision=DOT_PRECISION)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.engine.failures import request_failure_message
-from agentserve.grammar.interface import GrammarError, allocate_token_bitmask
+from agentserve.grammar.interface import CompiledGrammar, GrammarError, GrammarMatcher, allocate_token_bitmask
 from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
@@ -24,6 +24,25 @@ from agentserve.sampling_params import SamplingParams
 COMPILE_TIMEOUT_S = 30.0
 
 
+class PreparedGrammar:
+    """A compiled grammar and one matcher already built for the request that asked for it.
+
+    Building a matcher can take a millisecond (llguidance builds each one fresh: see
+    llguidance_backend.MATCHER_MODE); it is done on a worker thread when the compile finishes, not
+    on the engine thread at admission. The sequences of an n > 1 request share the future: the
+    first takes the prepared matcher, the others build theirs."""
+
+    def __init__(self, compiled: CompiledGrammar, matcher: GrammarMatcher) -> None:
+        self.compiled = compiled
+        self._matcher: Optional[GrammarMatcher] = matcher
+
+    def take_state(self) -> GrammarState:
+        matcher, self._matcher = self._matcher, None
+        if matcher is None:
+            return GrammarState.from_compiled(self.compiled)
+        return GrammarState(matcher, self.compiled)
+
+
 class ConstraintManager:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int], backend: str,
                  max_batch: int) -> None:
@@ -33,12 +52,14 @@ class ConstraintManager:
         self.info = TokenizerInfo.from_hf(tokenizer, vocab_size=vocab_size, eos_token_ids=sorted(eos_token_ids))
         self.compiler = GrammarCompiler(get_backend(backend), self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S)
         self.bitmask = GrammarBitmask(vocab_size, max_batch)
+        self._matcher_builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agentserve-matcher")
         self._tool_format: Optional[str] = None
         self._mask_failures: list[tuple[Request, str]] = []
 
     def close(self) -> None:
         """Stops the compile workers: queued compiles fail, running ones finish on their own."""
         self.compiler.shutdown()
+        self._matcher_builder.shutdown(wait=False, cancel_futures=True)
 
     @property
     def tool_format(self) -> str:
@@ -52,19 +73,38 @@ class ConstraintManager:
         fmt = self.tool_format if params.tools else None
         spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)
         assert spec is not None
-        return self.compiler.submit(spec)
+        prepared: concurrent.futures.Future = concurrent.futures.Future()
+
+        def build(compiled: CompiledGrammar) -> None:
+            try:
+                prepared.set_result(PreparedGrammar(compiled, compiled.new_matcher()))
+            except Exception as e:  # noqa: BLE001 - reaches the request through attach
+                prepared.set_exception(e)
+
+        def on_compiled(done: "concurrent.futures.Future") -> None:
+            error = done.exception()
+            if error is not None:
+                prepared.set_exception(error)
+                return
+            try:
+                self._matcher_builder.submit(build, done.result())
+            except RuntimeError as e:  # the manager was closed meanwhile
+                prepared.set_exception(GrammarError(f"the grammar service stopped: {e}"))
+
+        self.compiler.submit(spec).add_done_callback(on_compiled)
+        return prepared
 
     @staticmethod
     def attach(request: Request, future: "concurrent.futures.Future") -> Optional[str]:
         """Gives a waiting request its matcher once the compile is done; returns an error message
         when the compile failed."""
         try:
-            compiled = future.result(timeout=0)
+            prepared: PreparedGrammar = future.result(timeout=0)
         except GrammarError as e:
             return f"the output constraint could not be compiled: {e}"
         except Exception as e:  # noqa: BLE001 - a backend crash fails this request only
             return f"the output constraint could not be compiled: {type(e).__name__}: {e}"
-        request.grammar = GrammarState.from_compiled(compiled)
+        request.grammar = prepared.take_state()
         request.status = RequestStatus.WAITING
         return None
 

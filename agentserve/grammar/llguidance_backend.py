@@ -8,6 +8,7 @@ a `deep_copy` of it. llguidance enters a permanent error state on a disallowed t
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -24,6 +25,13 @@ from agentserve.grammar.tokenizer_info import TokenizerInfo
 
 
 # String formats llguidance enforces; others are dropped (annotations) instead of failing the schema.
+# How a request's matcher is made from the compiled grammar: "fresh" builds an independent matcher
+# from the grammar text (~1 ms, on a worker thread: engine/constraints.py); "copy" deep-copies one
+# template (3 us). Deep copies share the template's lexer state, and their parallel mask fills do not
+# scale: 64 rows took 1.3-2.0 ms on 1-16 threads of the H200's host (more threads, slower) against
+# 0.65 ms for fresh matchers (benchmarks/grammar_fill.py), and the grammar_step overhead at batch 64
+# went from +34% to +3% (benchmarks/NOTES.md).
+MATCHER_MODE = os.environ.get("AGENTSERVE_LLG_MATCHER", "fresh")
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 
 _ALL_ESCAPES = "\"\\bfnrt"
@@ -219,11 +227,16 @@ class LLGuidanceMatcher(GrammarMatcher):
 
 
 class LLGuidanceGrammar(CompiledGrammar):
-    def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, template: Any) -> None:
+    def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, template: Any, lltok: Any, grammar: str,
+                 log_level: int) -> None:
         super().__init__(spec, info, "llguidance")
         self._template = template
+        self._fresh_args = (lltok, grammar, log_level)
 
     def new_matcher(self) -> LLGuidanceMatcher:
+        if MATCHER_MODE == "fresh":
+            lltok, grammar, log_level = self._fresh_args
+            return LLGuidanceMatcher(self.tokenizer_info, llguidance.LLMatcher(lltok, grammar, log_level=log_level))
         return LLGuidanceMatcher(self.tokenizer_info, self._template.deep_copy())
 
 
@@ -280,7 +293,7 @@ class LLGuidanceBackend(GrammarBackend):
         template = llguidance.LLMatcher(lltok, grammar, log_level=self.log_level)
         if template.is_error():
             raise GrammarError(f"llguidance cannot compile {spec.kind}: {_short_error(template.get_error())}")
-        return LLGuidanceGrammar(spec, tokenizer_info, template)
+        return LLGuidanceGrammar(spec, tokenizer_info, template, lltok, grammar, self.log_level)
 
 
 def _short_error(msg: str) -> str:

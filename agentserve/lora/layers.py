@@ -30,15 +30,13 @@ import torch
 from torch import nn
 
 from agentserve.config import LoRAConfig
-from agentserve.kernels.gemv_lora_shrink import gemv_with_lora_shrink, use_shrink_in_gemv
-from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta, lora_expand
+from agentserve.kernels.lora import LoRABatchMeta, add_lora, build_lora_batch_meta
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRAStack, MultiLoRAManager
 from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.linear import LinearBase, RowParallelLinear
-from agentserve.model.quant import UnquantizedLinearMethod
 from agentserve.model.llama import CausalLM
 
 
@@ -83,12 +81,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         meta = self.batch.meta
-        if (meta is not None and self.all_reduce is None and isinstance(base.quant_method, UnquantizedLinearMethod)
-                and use_shrink_in_gemv(x, base.weight, self.lora_a)):
-            # One token (decode at batch 1): the shrink rides the base GEMV's launch as extra rows.
-            y, shrunk = gemv_with_lora_shrink(x, base.weight, base.bias, self.lora_a, meta.token_slots)
-            lora_expand(y, shrunk, self.lora_b, self.ranks, self.scaling, meta, self.slice_starts)
-            return y
         if self.all_reduce is not None:
             assert isinstance(base, RowParallelLinear)
             y = base.forward_partial(x)
