@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next2]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next3]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,18 +33,16 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = next2 ]; then
-  # Third session of 2026-12-03 (~8 min): how llguidance's fill scales with threads on this host
-  # (template copies vs fresh matchers), grammar_step both ways, where the adapter's one-stream
-  # time goes (kernels per step, base vs adapter), and FP8 vs bf16 weights at max_num_seqs 512.
-  TMO=120 run grammar-fill python3 benchmarks/grammar_fill.py --batch 64 --threads 1,2,4,8,12,16 --out "$OUT/grammar_fill.json"
-  for mode in copy fresh; do
-    AGENTSERVE_LLG_MATCHER=$mode TMO=80 run "grammar-step-$mode" python3 benchmarks/grammar_step.py $DUMMY \
-      --out "$OUT/grammar_step_$mode.json"
-  done
-  TMO=120 run lora-profile python3 benchmarks/lora_profile.py --out "$OUT/lora_profile.json"
-  TMO=330 run fp8-weights-512 python3 benchmarks/fp8.py --parts weights --max-num-seqs 512 --repeats 1 \
-    --out "$OUT/fp8_weights_512.json"
+if [ "$MODE" = next3 ]; then
+  # Third call of 2026-12-03 (~8 min): the LoRA kernels with their metadata and weights loaded before
+  # the PDL wait (GPU kernel tests, the whole lora.py table, the per-kernel profile), and the grammar
+  # path with fresh llguidance matchers as the default (its GPU tests, grammar_step).
+  TMO=240 run pytest-lora-grammar-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lora.py \
+    tests/test_kernels_lora_fused.py tests/test_async_scheduling.py tests/test_grammar_bitmask.py \
+    --junitxml "$OUT/pytest_lora_grammar_gpu.xml"
+  TMO=420 run lora python3 benchmarks/lora.py --no-record --out "$OUT/lora_full.json"
+  TMO=100 run lora-profile python3 benchmarks/lora_profile.py --out "$OUT/lora_profile.json"
+  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
