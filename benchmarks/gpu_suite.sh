@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next3]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next4]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,16 +33,16 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = next3 ]; then
-  # Third call of 2026-12-03 (~8 min): the LoRA kernels with their metadata and weights loaded before
-  # the PDL wait (GPU kernel tests, the whole lora.py table, the per-kernel profile), and the grammar
-  # path with fresh llguidance matchers as the default (its GPU tests, grammar_step).
-  TMO=240 run pytest-lora-grammar-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lora.py \
-    tests/test_kernels_lora_fused.py tests/test_async_scheduling.py tests/test_grammar_bitmask.py \
-    --junitxml "$OUT/pytest_lora_grammar_gpu.xml"
-  TMO=420 run lora python3 benchmarks/lora.py --no-record --out "$OUT/lora_full.json"
-  TMO=100 run lora-profile python3 benchmarks/lora_profile.py --out "$OUT/lora_profile.json"
-  TMO=80 run grammar-step python3 benchmarks/grammar_step.py $DUMMY --out "$OUT/grammar_step.json"
+if [ "$MODE" = next4 ]; then
+  # Fourth call of 2026-12-03 (~6 min, the session's last device time): RMSNorm, rope + KV write and
+  # the paged-attention kernels with their step metadata and constants loaded before the PDL wait:
+  # their GPU tests, then one stream (base and with an adapter) and FP8 vs bf16 weights.
+  TMO=150 run pytest-pdl-hoist-gpu python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels_pdl.py \
+    tests/test_kernels_gpu_attention.py tests/test_kernels_gpu_elementwise.py tests/test_kernels_rope_kv.py \
+    tests/test_kernels_gpu_fp8.py --junitxml "$OUT/pytest_pdl_hoist_gpu.xml"
+  TMO=100 run lora-one-stream python3 benchmarks/lora.py --counts 1 --cpu-tier-adapters 2 --num-requests 64 \
+    --no-record --out "$OUT/lora_one_stream.json"
+  TMO=110 run fp8-weights python3 benchmarks/fp8.py --parts weights --repeats 1 --out "$OUT/fp8_weights.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -191,7 +191,6 @@ def _paged_attention_kernel(
     (each request wastes at most one id). The grid size T // BLOCK_Q + B therefore depends only on
     shapes, so a mixed batch of one long prefill chunk and many decodes launches no idle programs
     beyond B, and the launch is CUDA-graph safe."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -206,9 +205,14 @@ def _paged_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + seq_idx)
     q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
     tile = pid - (q_start // BLOCK_Q + seq_idx)
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    # The tile map above is step metadata (filled before the step's first kernel): it loads before
+    # the PDL wait; q and the keys after it.
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq_idx)
     ctx_len = seq_len - q_len  # cached prefix: the queries are the last q_len positions
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -230,8 +234,6 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
-    if KV_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     # Keys 0..p_min are visible to every row of the tile: those KV tiles need no mask at all.
     # Only the tiles overlapping [p_min + 1, p_max] (at most BLOCK_Q / BLOCK_N + 1 of them) are
@@ -287,15 +289,20 @@ def _paged_attention_split_kernel(
 
     Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
     the split's keys; the reduce kernel combines them with a log-sum-exp."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # The step's metadata (filled before its first kernel) and the fp8 scales load before the PDL
+    # wait; q and the newest keys (the previous kernels' output) after it.
     q_start = tl.load(query_start_loc_ptr + seq_idx)
     q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if q_len <= 0:
         return
-    seq_len = tl.load(seq_lens_ptr + seq_idx)
     chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
     kv_start = split * chunk
     if kv_start >= seq_len:
@@ -319,8 +326,6 @@ def _paged_attention_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
-    if KV_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     num_full = (kv_end - kv_start) // BLOCK_N
     num_all = (kv_end - kv_start + BLOCK_N - 1) // BLOCK_N
@@ -336,7 +341,7 @@ def _paged_attention_split_kernel(
             offs_n, offs_d, d_mask, PAGE_SIZE, True, PAD_D, DOT_PRECISION, KV_FP8)
 
     if KV_FP8:
-        acc = acc * tl.load(v_scale_ptr)  # the partials combine linearly: scale each once here
+        acc = acc * v_scale  # the partials combine linearly: scale each once here
     p_ptrs = (part_out_ptr + q_row * stride_pt + head[:, None] * stride_ph + split * stride_ps
               + offs_d[None, :])
     tl.store(p_ptrs, acc, mask=row_valid[:, None] & d_mask[None, :])
@@ -355,14 +360,14 @@ def _paged_attention_split_reduce_kernel(
 ):
     """Flash-decoding phase 2. Grid: (B, num_q_heads). out = sum_s w_s acc_s / sum_s w_s l_s with
     w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     seq_idx = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    q_start = tl.load(query_start_loc_ptr + seq_idx)  # metadata: before the PDL wait
     q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if q_len <= 0:
         return
-    seq_len = tl.load(seq_lens_ptr + seq_idx)
     chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
     num_valid = (seq_len + chunk - 1) // chunk  # 0 when seq_len == 0: output 0, like the reference
 

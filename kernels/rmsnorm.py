@@ -34,12 +34,15 @@ def _rms_norm_kernel(
     Rounding follows the reference step by step: the residual sum is rounded to the model dtype
     (new_res dtype) before the statistics, the normalised row is rounded to the model dtype before
     the weight multiply, and that product is rounded once to the output dtype."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     inner = row % n_inner
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
+    # The weight is never written during a step: it loads before the PDL wait (the wait ends the
+    # previous kernel; only x and the residual are its output).
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     x = tl.load(x_ptr + outer * x_so + inner * x_si + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + outer * r_so + inner * r_si + offs, mask=mask, other=0.0).to(tl.float32)
@@ -48,7 +51,6 @@ def _rms_norm_kernel(
         x = s.to(tl.float32)
     var = tl.sum(x * x, 0) / n_cols
     normed = (x * tl.rsqrt(var + eps)).to(new_res_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + outer * o_so + inner * o_si + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -82,14 +82,25 @@ def _rope_kv_write_kernel(
     HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """Grid: (T,). One program per token: all q heads (rotated in place), all kv heads (to the page)."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    """Grid: (T,). One program per token: all q heads (rotated in place), all kv heads (to the page).
+
+    The step's positions and slots (filled before the step's first kernel), the cos/sin rows and
+    the fp8 scales load before the PDL wait: a chain of dependent loads (position, then its cos/sin
+    row) off the critical path; q, k and v (the projection's output) load after it."""
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     d_mask = offs < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs + offs, mask=d_mask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs, mask=d_mask, other=0.0)
+    # -1 marks padding (CUDA-graph batches): its k/v are not written anywhere.
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr).to(tl.float32)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
 
     # q: normalise + rotate in place. Same thread loads and stores each element: in place is safe.
     dt_q = q_ptr.dtype.element_ty
@@ -102,8 +113,6 @@ def _rope_kv_write_kernel(
     tl.store(q_src, q1, mask=mask_q)
     tl.store(q_src + HALF, q2, mask=mask_q)
 
-    # -1 marks padding (CUDA-graph batches): its k/v are not written anywhere.
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
     block = slot // PAGE_SIZE
@@ -115,11 +124,6 @@ def _rope_kv_write_kernel(
     k1 = tl.load(k_src, mask=mask_k, other=0.0).to(tl.float32)
     k2 = tl.load(k_src + HALF, mask=mask_k, other=0.0).to(tl.float32)
     k1, k2 = _norm_rotate(k1, k2, k_norm_ptr, offs, d_mask, cos, sin, eps, dt_k, HEAD_DIM, HALF, HAS_NORM)
-    k_scale = 1.0
-    v_scale = 1.0
-    if KV_FP8:
-        k_scale = tl.load(k_scale_ptr).to(tl.float32)
-        v_scale = tl.load(v_scale_ptr).to(tl.float32)
     kc_ty = k_cache_ptr.dtype.element_ty
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_hk[:, None] * stride_kch + offs[None, :]
     tl.store(k_dst, to_cache_dtype(k1, k_scale, kc_ty, KV_FP8), mask=mask_k)
