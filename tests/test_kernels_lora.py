@@ -235,21 +235,15 @@ def test_mixed_ranks_under_max_rank_64() -> None:
 @interpreted
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_rows_past_the_rank_are_never_used(split_k: int) -> None:
-    """A slot that held a higher-rank adapter before keeps its old rows past the new rank; the
-    kernels (which load B's tile for all slices at once, before the PDL wait) must mask them."""
-    ranks = [[4, 8, 2], [8, 8, 8], [2, 4, 8]]
-    case = make_lora_case(num_tokens=9, max_loras=3, ranks=ranks, max_rank=8, in_features=32,
-                          slice_sizes=[16, 8, 8], dtype=torch.float32, seed=11, slots=[0, 1, 2, -1, 2, 0, 1, 1, 2])
-    expected = naive_lora(case)
+    """Stale rows past a slot's rank (an earlier adapter's) are masked: B's tile loads whole, early."""
+    ranks, starts = [[4, 8, 2], [8, 8, 8], [2, 4, 8]], [0, 16, 24, 32]
+    case = make_lora_case(num_tokens=9, max_loras=3, ranks=ranks, max_rank=8, in_features=32, slice_sizes=[16, 8, 8],
+                          dtype=torch.float32, seed=11, slots=[0, 1, 2, -1, 2, 0, 1, 1, 2])
     stale = dict(case, lora_a=case["lora_a"].clone(), lora_b=case["lora_b"].clone())
-    starts = [0, 16, 24, 32]
-    for slot in range(3):
-        for sl in range(3):
-            r = ranks[slot][sl]
-            stale["lora_a"][slot, sl, r:] = 1e3
-            stale["lora_b"][slot, r:, starts[sl]:starts[sl + 1]] = 1e3
+    for slot, sl in [(slot, sl) for slot in range(3) for sl in range(3)]:
+        stale["lora_a"][slot, sl, ranks[slot][sl]:] = stale["lora_b"][slot, ranks[slot][sl]:, starts[sl]:starts[sl + 1]] = 1e3
     y = run_kernels(stale, lora.LoRAKernelConfig(split_k=split_k, block_k=16, block_n=16))
-    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    torch.testing.assert_close(y, naive_lora(case), **TOL[torch.float32])
 
 
 @interpreted
