@@ -1,6 +1,7 @@
 """How requests get their matchers: llguidance matchers built fresh from the grammar text (their
-parallel fills scale; deep copies of one template share lexer state and do not), built on a worker
-thread when the compile finishes (ConstraintManager.submit -> PreparedGrammar), one per sequence."""
+parallel fills scale; deep copies of one template share lexer state and do not) unless the grammar
+is slow to build, on a worker thread when the compile finishes (ConstraintManager.submit ->
+PreparedGrammar), one per sequence."""
 
 from __future__ import annotations
 
@@ -87,6 +88,17 @@ def test_fresh_matchers_are_independent(compiled, tok_info, monkeypatch) -> None
     assert bitmask_to_ids(mask, vocab) != start
     b.fill(mask, 0)
     assert bitmask_to_ids(mask, vocab) == start
+
+
+def test_auto_builds_fresh_matchers_only_for_grammars_that_build_fast(compiled, monkeypatch) -> None:
+    # A huge schema can take tens of ms to build (26 ms for a 157 KB one): its requests get copies.
+    monkeypatch.setattr(llguidance_backend, "MATCHER_MODE", "auto")
+    assert 0 < compiled.build_ms <= llguidance_backend.FRESH_MAX_BUILD_MS
+    assert compiled.builds_fresh_matchers()
+    monkeypatch.setattr(llguidance_backend, "FRESH_MAX_BUILD_MS", compiled.build_ms / 2)
+    assert not compiled.builds_fresh_matchers()
+    monkeypatch.setattr(llguidance_backend, "MATCHER_MODE", "fresh")
+    assert compiled.builds_fresh_matchers()
 
 
 def _request(rid: str, params: SamplingParams) -> Request:

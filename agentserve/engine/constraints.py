@@ -52,7 +52,8 @@ class ConstraintManager:
         self.info = TokenizerInfo.from_hf(tokenizer, vocab_size=vocab_size, eos_token_ids=sorted(eos_token_ids))
         self.compiler = GrammarCompiler(get_backend(backend), self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S)
         self.bitmask = GrammarBitmask(vocab_size, max_batch)
-        self._matcher_builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agentserve-matcher")
+        # Two builders: one slow build (a large schema) does not hold up the requests behind it.
+        self._matcher_builder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="agentserve-matcher")
         self._tool_format: Optional[str] = None
         self._mask_failures: list[tuple[Request, str]] = []
 

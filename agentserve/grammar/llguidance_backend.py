@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -25,13 +26,16 @@ from agentserve.grammar.tokenizer_info import TokenizerInfo
 
 
 # String formats llguidance enforces; others are dropped (annotations) instead of failing the schema.
-# How a request's matcher is made from the compiled grammar: "fresh" builds an independent matcher
-# from the grammar text (~1 ms, on a worker thread: engine/constraints.py); "copy" deep-copies one
-# template (3 us). Deep copies share the template's lexer state, and their parallel mask fills do not
-# scale: 64 rows took 1.3-2.0 ms on 1-16 threads of the H200's host (more threads, slower) against
-# 0.65 ms for fresh matchers (benchmarks/grammar_fill.py), and the grammar_step overhead at batch 64
-# went from +34% to +3% (benchmarks/NOTES.md).
-MATCHER_MODE = os.environ.get("AGENTSERVE_LLG_MATCHER", "fresh")
+# How a request's matcher is made from the compiled grammar. "fresh": an independent matcher built
+# from the grammar text (~1 ms for a tool schema with a 128k vocabulary, 26 ms for a 157 KB schema;
+# it runs on a worker thread, engine/constraints.py). "copy": a deep copy of one template (3-40 us).
+# Copies share the template's lexer state, and their parallel mask fills do not scale: 64 rows took
+# 1.3-2.0 ms on 1-16 threads of the H200's host against 0.65 ms for fresh matchers
+# (benchmarks/grammar_fill.py); grammar_step's batch-64 overhead went +34% -> +1-3%
+# (benchmarks/NOTES.md). "auto" (default): fresh when the grammar built in at most
+# FRESH_MAX_BUILD_MS at compile time, so one huge schema cannot cost every request tens of ms of CPU.
+MATCHER_MODE = os.environ.get("AGENTSERVE_LLG_MATCHER", "auto")
+FRESH_MAX_BUILD_MS = 5.0
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 
 _ALL_ESCAPES = "\"\\bfnrt"
@@ -228,13 +232,17 @@ class LLGuidanceMatcher(GrammarMatcher):
 
 class LLGuidanceGrammar(CompiledGrammar):
     def __init__(self, spec: ConstraintSpec, info: TokenizerInfo, template: Any, lltok: Any, grammar: str,
-                 log_level: int) -> None:
+                 log_level: int, build_ms: float) -> None:
         super().__init__(spec, info, "llguidance")
         self._template = template
         self._fresh_args = (lltok, grammar, log_level)
+        self.build_ms = build_ms  # what building the template took: a fresh matcher costs about as much
+
+    def builds_fresh_matchers(self) -> bool:
+        return MATCHER_MODE == "fresh" or (MATCHER_MODE == "auto" and self.build_ms <= FRESH_MAX_BUILD_MS)
 
     def new_matcher(self) -> LLGuidanceMatcher:
-        if MATCHER_MODE == "fresh":
+        if self.builds_fresh_matchers():
             lltok, grammar, log_level = self._fresh_args
             return LLGuidanceMatcher(self.tokenizer_info, llguidance.LLMatcher(lltok, grammar, log_level=log_level))
         return LLGuidanceMatcher(self.tokenizer_info, self._template.deep_copy())
@@ -290,10 +298,12 @@ class LLGuidanceBackend(GrammarBackend):
             grammar = self.grammar_text(spec, tokenizer_info)
         except ValueError as e:
             raise GrammarError(f"llguidance: invalid {spec.kind}: {e}") from None
+        start = time.perf_counter()
         template = llguidance.LLMatcher(lltok, grammar, log_level=self.log_level)
+        build_ms = (time.perf_counter() - start) * 1e3
         if template.is_error():
             raise GrammarError(f"llguidance cannot compile {spec.kind}: {_short_error(template.get_error())}")
-        return LLGuidanceGrammar(spec, tokenizer_info, template, lltok, grammar, self.log_level)
+        return LLGuidanceGrammar(spec, tokenizer_info, template, lltok, grammar, self.log_level, build_ms)
 
 
 def _short_error(msg: str) -> str:
