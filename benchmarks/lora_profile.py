@@ -6,6 +6,7 @@ activity only, kernels inside CUDA graph replays included), base request vs adap
 the per-kernel difference, plus each run's device busy and idle time per step.
 
   python benchmarks/lora_profile.py                   # dummy Llama-3.1-8B, rank-16 q/k/v/o adapter
+  python benchmarks/lora_profile.py --batch 128 --adapters 64   # the 512-adapter workload's step
   python benchmarks/lora_profile.py --smoke           # CPU, tiny model: the script's plumbing only
 """
 
@@ -33,14 +34,15 @@ from agentserve.llm import LLM  # noqa: E402
 from agentserve.lora.adapter import ATTENTION_MODULES  # noqa: E402
 
 
-def profile_stream(llm: LLM, prompt: list[int], new_tokens: int, adapter: Optional[str]) -> dict[str, Any]:
-    """Kernels per decode step of one request (the prefill's kernels are a few among hundreds of
-    steps' worth), device busy / idle per step."""
+def profile_batch(llm: LLM, prompts: list[list[int]], new_tokens: int,
+                  adapters: list[Optional[str]]) -> dict[str, Any]:
+    """Kernels per decode step of a batch (request i with adapters[i]; the prefill's kernels are a
+    few among hundreds of steps' worth), device busy / idle per step."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([prompt], params, adapter=adapter)  # warm-up: compiles, graphs
+    llm.generate(prompts, params, adapter=adapters)  # warm-up: compiles, graphs
     activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        llm.generate([prompt], params, adapter=adapter)
+        llm.generate(prompts, params, adapter=adapters)
     wanted = DeviceType.CUDA if torch.cuda.is_available() else DeviceType.CPU
     device = [e for e in prof.events() if e.device_type == wanted]
     kernels: dict[str, list[float]] = defaultdict(list)
@@ -60,6 +62,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    ap.add_argument("--adapters", type=int, default=1,
+                    help="distinct adapters over the batch (request i uses adapter i %% N), e.g. --batch 128 "
+                         "--adapters 64: the step of the 512-adapter workload, whose slots cap it at 128 rows")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -69,14 +75,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         args.model, args.rank, args.new_tokens = str(tiny_model_cached("llama")), 4, 8
         kwargs = dict(dtype="float32", max_model_len=256, max_num_seqs=4)
+    kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], args.batch)
     targets = list(ATTENTION_MODULES)
-    llm = LLM(args.model, enable_lora=True, max_loras=4, max_lora_rank=args.rank, lora_target_modules=targets,
-              **kwargs)
+    llm = LLM(args.model, enable_lora=True, max_loras=max(4, args.adapters), max_lora_rank=args.rank,
+              lora_target_modules=targets, **kwargs)
+    names = [f"a{i}" for i in range(args.adapters)]
     with tempfile.TemporaryDirectory(prefix="lora-profile-") as tmp:
-        llm.load_adapter("a0", str(write_adapter(Path(tmp) / "a0", llm.engine.arch, args.rank, targets, seed=0)))
-    prompt = np.random.default_rng(0).integers(10, 100 if args.smoke else 20000, size=128).tolist()
-    base = profile_stream(llm, prompt, args.new_tokens, None)
-    lora = profile_stream(llm, prompt, args.new_tokens, "a0")
+        for i, name in enumerate(names):
+            llm.load_adapter(name, str(write_adapter(Path(tmp) / name, llm.engine.arch, args.rank, targets, seed=i)))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 100 if args.smoke else 20000, size=128).tolist() for _ in range(args.batch)]
+    base = profile_batch(llm, prompts, args.new_tokens, [None] * args.batch)
+    lora = profile_batch(llm, prompts, args.new_tokens, [names[i % args.adapters] for i in range(args.batch)])
     llm.close()
     print(f"{'per decode step':<20} {'base':>9} {'adapter':>9} {'diff':>9}")
     for key in ("wall_us_per_step", "busy_us_per_step", "idle_us_per_step"):
@@ -90,7 +100,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         b, x = base["kernels"].get(n, zero), lora["kernels"].get(n, zero)
         print(f"{n:<80} {b['us_per_step']:8.1f} {x['us_per_step']:8.1f} {diff:8.1f} "
               f"{b['count_per_step']:7.1f} {x['count_per_step']:7.1f}")
-    write_json({"model": args.model, "rank": args.rank, "base": base, "adapter": lora}, args.out, "lora_profile")
+    write_json({"model": args.model, "rank": args.rank, "batch": args.batch, "adapters": args.adapters, "base": base,
+                "adapter": lora}, args.out, "lora_profile")
     return 0
 
 
