@@ -144,3 +144,21 @@ def test_a_failed_compile_reaches_attach_as_the_requests_error(tok_and_info) -> 
         assert req.grammar is None
     finally:
         manager.close()
+
+
+def test_a_cancelled_compile_fails_the_request_instead_of_hanging(tok_and_info, monkeypatch) -> None:
+    tokenizer, tok_info = tok_and_info
+    manager = ConstraintManager(tokenizer, tok_info.vocab_size, frozenset(tok_info.eos_token_ids), "llguidance",
+                                max_batch=4)
+    cancelled: concurrent.futures.Future = concurrent.futures.Future()
+    monkeypatch.setattr(manager.compiler, "submit", lambda spec: cancelled)
+    try:
+        params = SamplingParams(max_tokens=8, json_schema=SCHEMA)
+        future = manager.submit(params)
+        assert cancelled.cancel()
+        concurrent.futures.wait([future], timeout=5)
+        req = _request("cancelled", params)
+        error = ConstraintManager.attach(req, future)
+        assert error is not None and "cancelled" in error
+    finally:
+        manager.close()

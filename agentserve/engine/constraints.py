@@ -83,6 +83,9 @@ class ConstraintManager:
                 prepared.set_exception(e)
 
         def on_compiled(done: "concurrent.futures.Future") -> None:
+            if done.cancelled():  # exception() would raise: the request must still hear of it
+                prepared.set_exception(GrammarError("the compile was cancelled (the grammar service stopped)"))
+                return
             error = done.exception()
             if error is not None:
                 prepared.set_exception(error)
