@@ -201,3 +201,23 @@ def test_tp_smoke(tmp_path: Path) -> None:
         assert positive(run["single_stream"]["decode_tok_s"]) and positive(run["throughput"]["output_tok_s"])
         assert run["throughput"]["output_tokens"] == run["throughput"]["requests"] * 4
     assert positive(r["runs"][3]["ttft"]["ttft_s"]) and positive(r["small_single_stream_speedup_tp2_over_tp1"])
+
+
+def test_grammar_fill_smoke(tmp_path: Path) -> None:
+    """benchmarks/grammar_fill.py: template copies and fresh matchers both fill every row, timed."""
+    r = run_benchmark("grammar_fill.py", "--batch", "4", "--vocab", "2048", "--threads", "1,2", "--repeats", "3",
+                      tmp_path=tmp_path)
+    assert [(row["matchers"], row["threads"]) for row in r["rows"]] == [
+        ("shared", 1), ("shared", 2), ("separate", 1), ("separate", 2)]
+    assert all(positive(row["fill_ms"]) for row in r["rows"]) and positive(r["serial_ms"])
+
+
+def test_lora_profile_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora_profile.py: per-step device activity of a base and an adapter batch; the adapter
+    run does the LoRA work the base run does not (on CPU: the reference's batched matmuls)."""
+    r = run_benchmark("lora_profile.py", "--smoke", "--batch", "3", "--adapters", "2", tmp_path=tmp_path)
+    assert (r["batch"], r["adapters"]) == (3, 2)
+    base, lora = r["base"], r["adapter"]
+    assert positive(base["busy_us_per_step"]) and positive(lora["busy_us_per_step"])
+    bmm = [run["kernels"].get("aten::bmm", {"count_per_step": 0.0})["count_per_step"] for run in (base, lora)]
+    assert bmm[1] > bmm[0]
