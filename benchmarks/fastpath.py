@@ -12,6 +12,7 @@ The per-kernel table is benchmarks/kernels.py.
 
   python benchmarks/fastpath.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 [--peer hf]
   agentserve bench                (the same, with those defaults)
+  agentserve bench --agent-loop   (and, last, the agent loop: issue #16's figures in one run)
   python benchmarks/fastpath.py --smoke      (CPU: a tiny model, small workloads, small ceilings)
 """
 
@@ -42,6 +43,10 @@ from agentserve.llm import LLM  # noqa: E402
 TARGET_ONE_STREAM = 0.90
 TARGET_TTFT = 0.82
 TARGET_THROUGHPUT = 0.74
+# The agent loop's targets are ratios between modes already: p95 loop latency of stateless requests
+# with prefix caching over the sessions', and prefilled tokens per loop without caching over theirs.
+TARGET_AGENT_P95 = 3.0
+TARGET_AGENT_PREFILL = 5.0
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -56,6 +61,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--peer", choices=["hf"], default=None)
     add_ceilings_arg(ap)
     ap.add_argument("--peer-requests", type=int, default=None)
+    ap.add_argument("--agent-loop", action="store_true",
+                    help="last, on a fresh engine: the agent loop (benchmarks/agent_loop.py: 64 agents x 8 turns, "
+                         "KV pool 25%% of the conversations; sessions vs stateless with and without prefix caching)")
+    ap.add_argument("--agent-loop-args", default="", help="more benchmarks/agent_loop.py options, one string")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run: a tiny float32 model, 8 short requests, small ceilings measurement")
     ap.add_argument("--out", default=None)
@@ -81,6 +90,35 @@ def table(rows: list[tuple[str, ...]]) -> str:
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_agent_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/agent_loop.py's three modes on a fresh engine of the same model (the issue's
+    workload; a small one on the CPU smoke run), as its report."""
+    import asyncio
+    import shlex
+
+    import agent_loop
+
+    argv = ["--modes", "sessions,stateless-prefix,stateless-nocache"]
+    if args.smoke:  # agent_loop's own CPU model (a tiny qwen2 with a long context), a few short loops
+        argv += ["--agents", "2", "--turns", "3", "--preamble-tokens", "64", "--tool-tokens", "16,48",
+                 "--decision-tokens", "4,8", "--tool-latency-ms", "5"]
+    else:
+        argv += ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
+                 "--agents", "64", "--turns", "8"]
+    return asyncio.run(agent_loop.main_async(agent_loop.build_args(argv + shlex.split(args.agent_loop_args))))
+
+
+def agent_loop_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The issue's two agent-loop targets as table rows."""
+    p95 = report["p95_loop_latency_ratio_prefix_over_sessions"]
+    prefill = report["prefill_reduction_vs_nocache"]
+    sessions = report["modes"]["sessions"]["loop_latency_ms"]["p95"]
+    return [("agent loop p95, stateless+prefix / sessions", f"{p95:.2f}x", "", "",
+             f">= {TARGET_AGENT_P95:.0f}x (sessions p95 {sessions:.0f} ms)", "met" if p95 >= TARGET_AGENT_P95 else "NOT met"),
+            ("agent loop prefill per loop, no cache / sessions", f"{prefill:.1f}x", "", "",
+             f">= {TARGET_AGENT_PREFILL:.0f}x", "met" if prefill >= TARGET_AGENT_PREFILL else "NOT met")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -123,6 +161,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         n = args.peer_requests or args.num_requests
         result["peer_hf"] = run_hf_peer(hf, prompts[:n], args.output_len)
         result["ratio_vs_hf"] = ours["output_tok_s"] / result["peer_hf"]["output_tok_s"]
+        del hf
+    else:
+        llm.close()
+        del llm, engine
+    if args.agent_loop:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        result["agent_loop"] = run_agent_loop(args)
 
     def met(key: str) -> str:
         return "met" if result["targets_met"][key] else "NOT met"
@@ -142,6 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p = result["peer_hf"]
         rows.append((f"transformers generate_batch ({p['requests']} req), tok/s", f"{p['output_tok_s']:.0f}", "",
                      f"ours {result['ratio_vs_hf']:.1f}x", "", ""))
+    if "agent_loop" in result:
+        rows.extend(agent_loop_rows(result["agent_loop"]))
     print(f"GPU fast path on {result['device']} ({args.model}, {args.dtype}); ratios are result/limit "
           "(limit/result for TTFT)")
     print(f"ceilings: {ceilings.describe()}; one decode step reads "
@@ -156,6 +205,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "ratio_vs_hf" in result:
             summary += (f"; transformers generate_batch ({result['peer_hf']['requests']} req) "
                         f"{result['peer_hf']['output_tok_s']:.0f} tok/s, ratio {result['ratio_vs_hf']:.1f}x")
+        if "agent_loop" in result:
+            loop = result["agent_loop"]
+            summary += (f"; agent loop p95 stateless+prefix/sessions "
+                        f"{loop['p95_loop_latency_ratio_prefix_over_sessions']:.2f}x (sessions p95 "
+                        f"{loop['modes']['sessions']['loop_latency_ms']['p95']:.0f} ms), prefill per loop "
+                        f"nocache/sessions {loop['prefill_reduction_vs_nocache']:.1f}x")
         append_result("fastpath", command_line("fastpath.py", argv), summary)
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -49,6 +49,12 @@ if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
   run kernels python3 benchmarks/kernels.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
+fi
+if [ "$MODE" = bench16 ]; then
+  # Issue #16's figures in one `agentserve bench` run (~8-9 min): one stream, TTFT 8k, throughput with
+  # the transformers peer, then the agent loop's three modes on a fresh engine.
+  TMO=590 run bench16 python3 -m agentserve.cli bench $DUMMY --peer hf --peer-requests 256 --agent-loop \
+    --out "$OUT/bench16.json"
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).

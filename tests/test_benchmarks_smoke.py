@@ -221,3 +221,15 @@ def test_lora_profile_smoke(tmp_path: Path) -> None:
     assert positive(base["busy_us_per_step"]) and positive(lora["busy_us_per_step"])
     bmm = [run["kernels"].get("aten::bmm", {"count_per_step": 0.0})["count_per_step"] for run in (base, lora)]
     assert bmm[1] > bmm[0]
+
+
+def test_fastpath_with_the_agent_loop_smoke(tmp_path: Path) -> None:
+    """`agentserve bench --agent-loop`: the fast-path figures, then the agent loop's three modes on a
+    fresh engine (the first one closed), in one report."""
+    r = run_benchmark("fastpath.py", "--smoke", "--agent-loop", tmp_path=tmp_path)
+    assert positive(r["single_stream"]["decode_tok_s"]) and positive(r["throughput"]["output_tok_s"])
+    loop = r["agent_loop"]
+    assert list(loop["modes"]) == ["sessions", "stateless-prefix", "stateless-nocache"]
+    assert all(m["loops"] > 0 for m in loop["modes"].values())
+    assert positive(loop["p95_loop_latency_ratio_prefix_over_sessions"])
+    assert loop["prefill_reduction_vs_nocache"] > 1  # sessions prefill only what is new
