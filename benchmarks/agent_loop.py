@@ -44,6 +44,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from agent_loop_responses import TextWorkload, run_text_mode, text_workload  # noqa: E402
+from device_op_timer import DeviceOpTimer  # noqa: E402
 
 MODES = ("sessions", "stateless-prefix", "stateless-nocache", "responses")
 
@@ -183,7 +184,7 @@ def summarize(rec: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     }
 
 
-async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace,
+async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace, timer: DeviceOpTimer,
                    text: Optional[TextWorkload] = None) -> dict[str, Any]:
     from agentserve.adapters.client import AgentClient
 
@@ -197,6 +198,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     s0 = (st.swap_outs, st.swap_ins, st.drops, st.swap_in_failures, st.queued_evicted)
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
+    timer.take()  # what the warm-up and earlier modes moved
     start = time.perf_counter()
     if text is not None:
         await run_text_mode(mode, handle, text, args.agents, args.turns, hint, rec)
@@ -213,6 +215,8 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     out.update(preemptions=engine.metrics.num_preemptions_total - m0[0], prefix_hit_rate=h / q if q else 0.0,
                swap_outs=st.swap_outs - s0[0], swap_ins=st.swap_ins - s0[1], drops=st.drops - s0[2],
                swap_in_failures=st.swap_in_failures - s0[3], queued_evicted=st.queued_evicted - s0[4])
+    ops = timer.take()
+    out.update(ops, device_ops_share_of_wall=ops["device_ops_gpu_ms"] / (wall * 1e3))
     pool.enable_prefix_caching = True
     return out
 
@@ -260,6 +264,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
     text = text_workload(modes, w, args.seed, engine.tokenizer)
     results: dict[str, Any] = {}
+    timer = DeviceOpTimer()
+    uninstall = timer.install()
     try:
         async with running_server(config, async_engine=aeng, http_port=0 if text is not None else None) as handle:
             from agentserve.adapters.client import AgentClient
@@ -274,12 +280,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await warm.close()
             for mode in modes:
                 print(f"running {mode} ...", flush=True)
-                results[mode] = await run_mode(mode, handle, w, args, text)
+                results[mode] = await run_mode(mode, handle, w, args, timer, text)
                 r = results[mode]
                 print(f"  {mode}: {r['wall_s']:.1f} s, loop p50 {r['loop_latency_ms']['p50']:.0f} ms, "
                       f"p95 {r['loop_latency_ms']['p95']:.0f} ms, prefilled/loop {r['prefilled_per_loop']:.0f}",
                       flush=True)
     finally:
+        uninstall()
         aeng.shutdown()
     if args.merge:
         prev = json.loads(Path(args.merge).read_text())
@@ -328,6 +335,10 @@ def print_table(report: dict[str, Any]) -> None:
         print("  ".join(c.rjust(wd) for c, wd in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * wd for wd in widths))
+    for mode, r in report["modes"].items():
+        if r.get("device_ops_gpu_ms"):
+            print(f"{mode}: page copies and swaps held the step's stream for {r['device_ops_gpu_ms']:.0f} ms of GPU "
+                  f"({r['device_ops_share_of_wall']:.0%} of the wall; pages {r['device_op_pages']})")
     if "prefill_reduction_vs_nocache" in report:
         print(f"sessions prefill {report['prefill_reduction_vs_nocache']:.1f}x fewer tokens per loop than "
               f"stateless without prefix caching (target >= 5x); {report['prompt_reduction_vs_nocache']:.1f}x fewer "

@@ -233,3 +233,31 @@ def test_fastpath_with_the_agent_loop_smoke(tmp_path: Path) -> None:
     assert all(m["loops"] > 0 for m in loop["modes"].values())
     assert positive(loop["p95_loop_latency_ratio_prefix_over_sessions"])
     assert loop["prefill_reduction_vs_nocache"] > 1  # sessions prefill only what is new
+    # The device-op timer ran (no CUDA events on the CPU: pages counted, no GPU time).
+    assert all("device_op_pages" in m and m["device_ops_gpu_ms"] == 0 for m in loop["modes"].values())
+
+
+def test_device_op_timer_counts_the_pages_each_op_moves() -> None:
+    from types import SimpleNamespace
+
+    from device_op_timer import DeviceOpTimer
+
+    from agentserve.cache.device_ops import CopyBlocks, SwapIn, SwapOut
+    from agentserve.worker.model_runner import ModelRunner
+
+    moved: list[str] = []
+    pages = SimpleNamespace(copy_blocks=lambda pairs: moved.append("copy"),
+                            swap_out=lambda blocks, slots: moved.append("out"),
+                            swap_in=lambda slots, blocks: moved.append("in"))
+    runner = SimpleNamespace(parallel=None, pages=pages)
+    timer = DeviceOpTimer()
+    undo = timer.install()
+    try:
+        ops = [SwapOut((1, 2, 3), (0, 1, 2)), CopyBlocks(4, 5), SwapIn((0, 1), (6, 7))]
+        ModelRunner.execute_device_ops(runner, ops)  # type: ignore[arg-type]
+    finally:
+        undo()
+    assert moved == ["out", "copy", "in"] and ops == []
+    taken = timer.take()
+    assert taken["device_op_pages"] == {"SwapOut": 3, "CopyBlocks": 1, "SwapIn": 2}
+    assert taken["device_ops_gpu_ms"] == 0 and timer.take()["device_op_pages"] == {}
