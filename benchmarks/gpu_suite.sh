@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -34,15 +34,20 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # What the session of 2026-12-03 left for the H200 (~9 min; its calls are in RESULTS.md with their
-  # commands): the GPU kernel tests the metadata hoist did not reach in its call (FP8, rope + KV
-  # write), the LoRA step of the 512-adapter workload profiled (128 rows over 64 adapters: kernels
-  # vs bytes), and speculation after the hoists (the draft's small kernels gained most).
+  # What the session of 2026-12-03 left for the H200 (~8 min; its calls are in RESULTS.md with their
+  # commands): the GPU tests its kernel changes did not reach (FP8 kernels, rope + KV write; the LoRA
+  # engine against PEFT and graphs vs eager; the Triton GEMV engine), then the LoRA step of the
+  # 512-adapter workload profiled (128 rows over 64 adapters: kernels vs bytes).
   TMO=200 run pytest-hoist-rest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
-    tests/test_kernels_rope_kv.py --junitxml "$OUT/pytest_hoist_rest_gpu.xml"
+    tests/test_kernels_rope_kv.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_hoist_rest_gpu.xml"
+  TMO=200 run pytest-lora-engine-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_lora_gpu.py \
+    -k "graphs or bf16" --junitxml "$OUT/pytest_lora_engine_gpu.xml"
   TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
     --out "$OUT/lora_profile_128x64.json"
-  TMO=240 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
+fi
+if [ "$MODE" = next-spec ]; then
+  # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).
+  TMO=300 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
