@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
 from grammar_step import SCHEMA, synthetic_tokenizer  # noqa: E402
 
+from agentserve.grammar.interface import bitmask_to_ids  # noqa: E402
+
 import llguidance  # noqa: E402
 import llguidance.hf  # noqa: E402
 import llguidance.torch as llg_torch  # noqa: E402
@@ -44,9 +46,7 @@ def advanced_matchers(tokenizer: Any, grammar: str, batch: int, steps: int, shar
         m = template.deep_copy() if shared else llguidance.LLMatcher(tokenizer, grammar)
         for _ in range(steps):
             llg_torch.fill_next_token_bitmask(m, mask, 0)
-            bits = np.unpackbits(mask[0].numpy().view(np.uint8), bitorder="little")[: tokenizer.vocab_size]
-            allowed = np.flatnonzero(bits)
-            allowed = allowed[allowed != tokenizer.eos_token]
+            allowed = [t for t in bitmask_to_ids(mask[0], tokenizer.vocab_size) if t != tokenizer.eos_token]
             if len(allowed) == 0 or m.is_stopped():
                 break
             m.consume_token(int(rng.choice(allowed)))
@@ -68,8 +68,7 @@ def time_fill(executor: Any, base: list[Any], vocab: int, repeats: int, seed: in
         llg_torch.fill_next_token_bitmask_par(executor, pairs, mask)
         times.append((time.perf_counter() - start) * 1000)
         for i, m in enumerate(matchers):
-            bits = np.unpackbits(mask[i].numpy().view(np.uint8), bitorder="little")[:vocab]
-            allowed = np.flatnonzero(bits)
+            allowed = bitmask_to_ids(mask[i], vocab)
             if m.is_stopped() or len(allowed) < 2:
                 matchers[i] = base[i].deep_copy()
                 continue

@@ -154,9 +154,11 @@ def pdl_launch(t: torch.Tensor) -> dict[str, bool]:
 
 @triton.jit
 def pdl_begin(USE_PDL: tl.constexpr):
-    """The protocol's first statement in every kernel that takes USE_PDL (see above): wait for the
-    previous kernel, then let the next one launch. Nothing in the kernel may load an earlier kernel's
-    output or store before it (weights, never written during a step, may load before it)."""
+    """The protocol's wait in every kernel that takes USE_PDL (see above): wait for the previous
+    kernel, then let the next one launch. Nothing in the kernel may store before it, nor load what a
+    kernel of the step writes. What none does may load before it, off the critical path: weights,
+    constants (cos/sin, fp8 scales) and the step's metadata (positions, slots, seq lens, tile maps),
+    all in place before the step's first kernel runs."""
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
