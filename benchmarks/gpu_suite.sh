@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -44,6 +44,19 @@ if [ "$MODE" = next ]; then
     -k "graphs or bf16" --junitxml "$OUT/pytest_lora_engine_gpu.xml"
   TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
     --out "$OUT/lora_profile_128x64.json"
+fi
+if [ "$MODE" = swap ]; then
+  # Swap copies on their own streams (#16 agent loop, 2026-12-03 seventh session; ~8 min): the GPU tests,
+  # then the agent loop's sessions mode with the copies on the step's stream vs on copy streams, and
+  # stateless + prefix caching once for the p95 ratio (same workload, pool 25%, 64 GB swap).
+  TMO=240 run pytest-swap-streams-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
+  for streams in 0 1; do
+    AGENTSERVE_SWAP_STREAMS=$streams TMO=200 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
+      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
+  done
+  TMO=200 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes stateless-prefix \
+    --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
 fi
 if [ "$MODE" = next-spec ]; then
   # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).

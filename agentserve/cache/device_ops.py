@@ -11,8 +11,9 @@ Ordering is what makes them safe, and is the same as when the host called the KV
 - a swapped-out or copied-from page freed on the host is rewritten only by later work on the same
   stream (a later step's forward, a later op in the list), so the copy reads it first;
 - swap slots freed after a swap in are rewritten only by a later swap out in the list.
-KVCache's swaps are asynchronous on CUDA (pinned host memory); the stream order above is what
-their completion relies on, so no op may run on another stream.
+KVCache's swaps are asynchronous on CUDA (pinned host memory). Their gathers and scatters run on the
+step's stream, so the order above holds for the pages; only the PCIe copy between a private staging
+buffer and the swap slots runs on a copy stream (cache/swap_streams.py), which orders the slots itself.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from agentserve.cache.swap_streams import SWAP_STREAMS, SwapStreams
 from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -45,9 +46,15 @@ class KVCache:
         # Pages staged per device copy: bounds the transient device memory a swap needs (~64 MiB).
         block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
         self.pages_per_copy = max(1, (64 << 20) // block_bytes)
+        # PCIe copies off the step's stream (cache/swap_streams.py); None: on it (CPU, or the A/B flag).
+        self.swap_streams = (SwapStreams(device) if device.type == "cuda" and num_swap_blocks > 0 and SWAP_STREAMS
+                             else None)
 
     def release(self) -> None:
         """Drops the pages and the swap space (the engine is closing); nothing can be copied after."""
+        if self.swap_streams is not None:
+            self.swap_streams.synchronize()  # no copy may still use the pinned swap space
+            self.swap_streams = None
         self.layers = []
         self.swap = torch.empty(0)
         self.num_blocks = self.num_swap_blocks = 0
@@ -86,24 +93,35 @@ class KVCache:
 
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
         """Copies pages to CPU swap slots: per run of consecutive slots, one gather on the device and
-        one device-to-host copy for all layers. Queued on the stream (pinned memory): pages freed
-        after this call are rewritten only by later work on the same stream, after the copy."""
+        one device-to-host copy for all layers. The gather is queued on the step's stream: pages freed
+        after this call are rewritten only by later work on that stream, after it has read them. The
+        copy to the pinned host memory follows on a copy stream (swap_streams) or on the same one."""
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
             idx = self._index(blocks)
             staged = torch.stack([torch.stack((raw_bytes(k).index_select(0, idx), raw_bytes(v).index_select(0, idx)),
                                               dim=1) for k, v in self.layers], dim=1)  # [n, L, 2, bs, Hkv, D]
-            raw_bytes(self.swap)[first:first + count].copy_(staged, non_blocking=non_blocking)
+            host = raw_bytes(self.swap)[first:first + count]
+            if self.swap_streams is not None:
+                self.swap_streams.copy_out(staged, host, range(first, first + count))
+            else:
+                host.copy_(staged, non_blocking=non_blocking)
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
-        """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous:
-        a slot freed after this call is rewritten only by a later swap_out on the same stream)."""
+        """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous: a
+        slot freed after this call is rewritten only by a later swap_out, which waits for this copy).
+        With swap_streams the host-to-device copy starts now on the copy stream and the step's stream
+        waits for it only at the scatter into the pages."""
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
             idx = self._index(blocks)
-            staged = raw_bytes(self.swap[first:first + count]).to(device, non_blocking=non_blocking)
+            host = raw_bytes(self.swap[first:first + count])
+            if self.swap_streams is not None:
+                staged = self.swap_streams.copy_in(host, range(first, first + count))
+            else:
+                staged = host.to(device, non_blocking=non_blocking)
             for i, (k, v) in enumerate(self.layers):
                 raw_bytes(k).index_copy_(0, idx, staged[:, i, 0])
                 raw_bytes(v).index_copy_(0, idx, staged[:, i, 1])

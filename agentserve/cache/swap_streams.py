@@ -1,0 +1,105 @@
+"""Swap copies on their own CUDA streams, so that moving a session's KV over PCIe stalls no step.
+
+A swap is a device-side gather or scatter of pages (fast: device bandwidth) and a host <-> device
+copy of the staged pages (slow: ~50 GB/s of PCIe, ~10 ms for a 4k-token Llama-3.1-8B conversation).
+On the step's stream every request of every later step waited for that copy. Here the gather and
+the scatter stay on the step's stream (so pages are read before any later forward rewrites them,
+and written before any later forward reads them: the order cache/device_ops.py relies on), and only
+the PCIe copy moves to a copy stream:
+
+- swap out: the gathered pages are a private device buffer; its device-to-host copy runs on
+  `out_stream` after an event of the step's stream. The pages themselves are free right away (the
+  gather has read them in stream order); the buffer is kept alive for the copy by record_stream.
+- swap in: the host-to-device copy runs on `in_stream` as soon as the op is issued (with async
+  scheduling that is while the previous step's forward runs), and the step's stream waits for it
+  only at the scatter, just before the forward that reads the pages.
+- the swap slots (pinned host memory) are the one thing both streams touch: each copy waits for
+  the last copy of another stream that used any of its slots (a swap in reading slots that a swap
+  out is still writing, a swap out reusing slots that a swap in is still reading).
+- staged swap-out buffers still waiting for PCIe are bounded (MAX_STAGED_BYTES): past it the host
+  waits for the oldest copies, so a burst of evictions cannot eat the memory the KV pool left free.
+
+AGENTSERVE_SWAP_STREAMS=0 keeps every copy on the step's stream (the previous behaviour, for A/B).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Sequence
+
+import torch
+
+SWAP_STREAMS: bool = os.environ.get("AGENTSERVE_SWAP_STREAMS", "1") == "1"
+MAX_STAGED_BYTES = 1 << 30
+
+
+class SwapStreams:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.out_stream = torch.cuda.Stream(device)
+        self.in_stream = torch.cuda.Stream(device)
+        # The last copy (either direction) that used each swap slot: its completion event.
+        self._slot_events: dict[int, torch.cuda.Event] = {}
+        # Swap-out copies in flight with the size of the device buffer each keeps alive, oldest first.
+        self._staged: deque[tuple[torch.cuda.Event, int]] = deque()
+        self.staged_bytes = 0
+
+    def _after_slots(self, stream: torch.cuda.Stream, slots: Sequence[int]) -> None:
+        """`stream` waits for the last earlier copy of each slot (one wait per distinct copy)."""
+        waited: set[int] = set()
+        for slot in slots:
+            event = self._slot_events.get(slot)
+            if event is not None and id(event) not in waited:
+                waited.add(id(event))
+                stream.wait_event(event)
+
+    def _mark(self, slots: Sequence[int], event: torch.cuda.Event) -> None:
+        for slot in slots:
+            self._slot_events[slot] = event
+
+    def _bound_staged(self, nbytes: int) -> None:
+        while self._staged and self._staged[0][0].query():  # finished copies release their buffers
+            self.staged_bytes -= self._staged.popleft()[1]
+        while self._staged and self.staged_bytes + nbytes > MAX_STAGED_BYTES:
+            event, size = self._staged.popleft()
+            event.synchronize()
+            self.staged_bytes -= size
+
+    def copy_out(self, staged: torch.Tensor, host: torch.Tensor, slots: Sequence[int]) -> None:
+        """`host` (pinned, slots' rows) gets `staged`, which the current stream has just produced."""
+        self._bound_staged(staged.nbytes)
+        gathered = torch.cuda.Event()
+        gathered.record()  # on the step's stream, after the gather
+        self.out_stream.wait_event(gathered)
+        self._after_slots(self.out_stream, slots)
+        with torch.cuda.stream(self.out_stream):
+            host.copy_(staged, non_blocking=True)
+        staged.record_stream(self.out_stream)  # not reused by the allocator before the copy is done
+        done = torch.cuda.Event()
+        done.record(self.out_stream)
+        self._mark(slots, done)
+        self._staged.append((done, staged.nbytes))
+        self.staged_bytes += staged.nbytes
+
+    def copy_in(self, host: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """A device copy of `host` (pinned, slots' rows) that the current stream may read from now on
+        (it waits for the copy at this point of its order, not the host)."""
+        self._after_slots(self.in_stream, slots)
+        with torch.cuda.stream(self.in_stream):
+            staged = host.to(self.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.in_stream)
+        self._mark(slots, done)
+        step_stream = torch.cuda.current_stream(self.device)
+        step_stream.wait_event(done)
+        staged.record_stream(step_stream)  # allocated on in_stream, read by the scatter on this one
+        return staged
+
+    def synchronize(self) -> None:
+        """Every copy issued so far has finished (before the pinned swap space is dropped)."""
+        self.out_stream.synchronize()
+        self.in_stream.synchronize()
+        self._staged.clear()
+        self.staged_bytes = 0
+        self._slot_events.clear()

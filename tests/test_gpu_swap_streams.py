@@ -1,0 +1,135 @@
+"""GPU: swap copies on their own streams (agentserve/cache/swap_streams.py) stay exact while the step's
+stream keeps running: pages freed after a swap out and rewritten at once, swap slots reused while an
+earlier copy of them may still be in flight, the staged-bytes bound, and sessions swapped out and in
+through the gRPC service giving the same tokens with the copy streams as without. Run with
+`pytest -m gpu`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentserve.cache import kv_cache as kv_cache_module
+from agentserve.cache import swap_streams
+from agentserve.cache.kv_cache import KVCache
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# Large enough that a swap's PCIe copy takes milliseconds: races show up if the ordering is wrong.
+DEVICE = "cuda"
+LAYERS, BLOCKS, BS, HEADS, DIM = 8, 512, 16, 8, 128
+
+
+def _cache(num_swap_blocks: int) -> KVCache:
+    cache = KVCache(LAYERS, BLOCKS, BS, HEADS, DIM, torch.bfloat16, torch.device("cuda"), num_swap_blocks=num_swap_blocks)
+    assert cache.swap_streams is not None, "AGENTSERVE_SWAP_STREAMS=0 in the environment"
+    for k, v in cache.layers:
+        k.normal_()
+        v.normal_()
+    return cache
+
+
+def _pages(cache: KVCache, pages: list[int]) -> list[torch.Tensor]:
+    index = torch.tensor(pages, device="cuda")
+    return [t.index_select(0, index).clone() for layer in cache.layers for t in layer]
+
+
+def _busy_rewrite(cache: KVCache, pages: list[int]) -> None:
+    """Work on the step's stream that takes a while, then overwrites `pages` (as a later forward
+    writing into reused pages would)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20):
+        a = a @ a
+        a = a / a.abs().amax().clamp(min=1)
+    index = torch.tensor(pages, device="cuda")
+    for k, v in cache.layers:
+        k.index_fill_(0, index, float(a[0, 0]) + 7.0)
+        v.index_fill_(0, index, -3.0)
+
+
+def test_swapped_out_pages_rewritten_at_once_come_back_exact() -> None:
+    torch.manual_seed(0)
+    cache = _cache(num_swap_blocks=256)
+    pages = list(range(10, 210))  # ~105 MB across the layers
+    saved = _pages(cache, pages)
+    cache.swap_out(pages, list(range(0, 200)))
+    _busy_rewrite(cache, pages)  # no host sync in between: only stream order protects the copy
+    back = list(range(300, 500))
+    cache.swap_in(list(range(0, 200)), back)
+    for before, after in zip(saved, _pages(cache, back)):
+        assert torch.equal(before, after)
+    cache.release()
+
+
+def test_reused_swap_slots_wait_for_the_copies_in_flight() -> None:
+    # slots S: swap out A; swap in S -> B; at once swap out C into the same S (write after read);
+    # swap in S -> D (read after write). B must hold A's KV and D C's.
+    torch.manual_seed(1)
+    cache = _cache(num_swap_blocks=128)
+    slots = list(range(0, 120))
+    a, c = list(range(0, 120)), list(range(120, 240))
+    b, d = list(range(240, 360)), list(range(360, 480))
+    saved_a, saved_c = _pages(cache, a), _pages(cache, c)
+    for _ in range(3):
+        cache.swap_out(a, slots)
+        cache.swap_in(slots, b)
+        cache.swap_out(c, slots)
+        cache.swap_in(slots, d)
+        for before, after in zip(saved_a, _pages(cache, b)):
+            assert torch.equal(before, after)
+        for before, after in zip(saved_c, _pages(cache, d)):
+            assert torch.equal(before, after)
+    cache.release()
+
+
+def test_staged_swap_out_buffers_stay_under_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    cache = _cache(num_swap_blocks=400)
+    assert cache.swap_streams is not None
+    monkeypatch.setattr(swap_streams, "MAX_STAGED_BYTES", 16 << 20)
+    cache.pages_per_copy = 16  # 8 MiB pieces: the bound holds two
+    pages = list(range(0, 400))
+    saved = _pages(cache, pages)
+    cache.swap_out(pages, list(range(0, 400)))
+    assert cache.swap_streams.staged_bytes <= 16 << 20
+    _busy_rewrite(cache, pages)
+    cache.swap_in(list(range(0, 400)), list(range(100, 500)))
+    for before, after in zip(saved, _pages(cache, list(range(100, 500)))):
+        assert torch.equal(before, after)
+    cache.release()
+
+
+def _session_turns(monkeypatch: pytest.MonkeyPatch, streams: bool) -> tuple[list[list[int]], int]:
+    """Two sessions that evict each other in turn (every turn swaps one out and the other in)."""
+    from conftest_grpc import SYSTEM, make_engine, run, serving
+
+    monkeypatch.setattr(kv_cache_module, "SWAP_STREAMS", streams)
+    aeng = make_engine(device=DEVICE, num_blocks=36, max_model_len=720)
+    # Different text per session: their pages must not be shared through the prefix cache.
+    messages = [[[{"role": "user", "content": f"Agent {a} step {i}: read file_{a}{i}.txt, report its size " * 3}]
+                 for a in range(2)] for i in range(4)]
+    tokens: list[list[int]] = []
+
+    async def body() -> int:
+        async with serving(aeng) as (handle, client):
+            sessions = [await client.create_session([SYSTEM]) for _ in range(2)]
+            for turn in messages:
+                for s, message in zip(sessions, turn):
+                    t = await s.run_turn(message, temperature=0.0, max_tokens=24, ignore_eos=True, return_token_ids=True)
+                    tokens.append(list(t.token_ids))
+            for s in sessions:
+                await s.close()
+            return handle.store.stats.swap_ins
+
+    try:
+        swap_ins = run(body())
+    finally:
+        aeng.shutdown()
+    return tokens, swap_ins
+
+
+def test_sessions_swapping_each_other_out_match_the_single_stream_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_streams, swap_ins = _session_turns(monkeypatch, True)
+    assert swap_ins >= 3, "the workload must swap sessions in (pool too large for the test)"
+    without, _ = _session_turns(monkeypatch, False)
+    assert with_streams == without
