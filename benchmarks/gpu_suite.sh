@@ -57,6 +57,10 @@ if [ "$MODE" = swap ]; then
   done
   TMO=200 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes stateless-prefix \
     --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
+  # Left from the sixth session (~2 min): speculation after its kernel changes, the 128 x 64 LoRA step.
+  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
+  TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
+    --out "$OUT/lora_profile_128x64.json"
 fi
 if [ "$MODE" = next-spec ]; then
   # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).
