@@ -10,6 +10,11 @@
   throughput   every request's prompt and generated tokens (but the last) through the layers, the
                lm_head for each sampled token, causal attention over each token's context: FLOPs /
                matmul rate (the workload is compute bound at the batch sizes it runs at)
+  throughput, with the decode KV reads
+               the same FLOPs, plus the time each decode token's attention takes to read the K and V of
+               its whole context (one query per sequence per step: nothing reuses those bytes, so they
+               are memory bound at any batch size, and they run in kernels of their own, after the
+               projections that make their queries): FLOPs / matmul rate + KV bytes / copy rate
 
 Counts are the least work, not what a kernel happens to do (the engine itself runs the lm_head only on
 sampled positions, as counted here).
@@ -89,3 +94,16 @@ class ModelWork:
     def throughput_tok_s(self, matmul_flop_s: float, prompt_lens: Sequence[int], output_len: int) -> float:
         flop = sum(self.request_flop(p, output_len) for p in prompt_lens)
         return len(prompt_lens) * output_len / (flop / matmul_flop_s)
+
+    def decode_kv_bytes(self, prompt_len: int, output_len: int) -> float:
+        """K and V bytes the decode steps of one request read: token j (j = 0..output_len-2) attends
+        over prompt_len + j + 1 keys."""
+        decode = output_len - 1
+        return self.kv_bytes_per_token * (decode * (prompt_len + 1) + decode * (decode - 1) / 2)
+
+    def throughput_kv_tok_s(self, matmul_flop_s: float, copy_bytes_s: float, prompt_lens: Sequence[int],
+                            output_len: int) -> float:
+        """throughput_tok_s with the decode attention's KV reads added as memory time."""
+        flop = sum(self.request_flop(p, output_len) for p in prompt_lens)
+        kv = sum(self.decode_kv_bytes(p, output_len) for p in prompt_lens)
+        return len(prompt_lens) * output_len / (flop / matmul_flop_s + kv / copy_bytes_s)

@@ -69,6 +69,13 @@ def test_limits_match_issue_16_for_llama_8b_on_h200() -> None:
     assert work.ttft_ms(806e12, 8192) == pytest.approx(expected_flop / 806e12 * 1e3, rel=0.01)
     # One request of p prompt tokens and 1 output token costs exactly its prefill.
     assert work.request_flop(100, 1) == work.prefill_flop(100)
+    # Decode KV reads: 3 output tokens after a 10-token prompt run 2 decode steps over 11 and 12 keys.
+    assert work.decode_kv_bytes(10, 3) == 23 * 2 * 32 * 8 * 128 * 2
+    assert work.decode_kv_bytes(10, 1) == 0
+    flop = work.request_flop(300, 256)
+    kv_s = work.decode_kv_bytes(300, 256) / 4.26e12
+    assert work.throughput_kv_tok_s(806e12, 4.26e12, [300], 256) == pytest.approx(256 / (flop / 806e12 + kv_s))
+    assert work.throughput_kv_tok_s(806e12, 4.26e12, [300], 256) < work.throughput_tok_s(806e12, [300], 256)
 
 
 def test_tied_embeddings_are_read_in_full() -> None:
