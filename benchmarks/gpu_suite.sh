@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap|swap2]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -61,6 +61,17 @@ if [ "$MODE" = swap ]; then
   TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
   TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
     --out "$OUT/lora_profile_128x64.json"
+fi
+if [ "$MODE" = swap2 ]; then
+  # The swap A/B again with the gRPC wheels (health, reflection) in .whl, then the LoRA tile sweep in
+  # CUDA graphs (benchmarks/lora_tiles.py: the 128-row / 64-adapter step's kernels ran at ~0.8 TB/s).
+  TMO=150 run pytest-swap-sessions-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
+  for streams in 0 1; do
+    AGENTSERVE_SWAP_STREAMS=$streams TMO=150 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
+      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
+  done
+  TMO=200 run lora-tiles python3 benchmarks/lora_tiles.py --out "$OUT/lora_tiles.json"
 fi
 if [ "$MODE" = next-spec ]; then
   # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).
