@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap|swap2]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap|swap2|next7]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -72,6 +72,22 @@ if [ "$MODE" = swap2 ]; then
       $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
   done
   TMO=200 run lora-tiles python3 benchmarks/lora_tiles.py --out "$OUT/lora_tiles.json"
+fi
+if [ "$MODE" = next7 ]; then
+  # Seventh session, one call (~10 min, in order of need; the last parts may hit the call's limit):
+  # swap streams with sessions (gRPC wheels now in .whl), the LoRA kernels' GPU tests with the new
+  # tiles, lora.py's 64 and 512-adapter throughput, the agent loop's sessions A/B, the tile sweep.
+  TMO=100 run pytest-swap-sessions-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
+  TMO=120 run pytest-lora-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lora.py \
+    -k "decode_mixed or cuda_graph or (real_shapes and bfloat16 and (16 or 64))" --junitxml "$OUT/pytest_lora_kernels_gpu.xml"
+  TMO=200 run lora-512 python3 benchmarks/lora.py --counts 64 --cpu-tier-adapters 512 --repeats 1 --no-record \
+    --out "$OUT/lora_512.json"
+  for streams in 1 0; do
+    AGENTSERVE_SWAP_STREAMS=$streams TMO=110 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
+      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
+  done
+  TMO=150 run lora-tiles python3 benchmarks/lora_tiles.py --out "$OUT/lora_tiles.json"
 fi
 if [ "$MODE" = next-spec ]; then
   # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).

@@ -41,10 +41,12 @@ Kernels
   rank are never loaded). Split-K partials go to their own planes of an fp32 buffer
   `[SPLIT_K, num_slices, M, max_rank]` and are summed by expand, so there are no atomics, no
   memset and the result is deterministic. Decode wants split-K (one token's shrink is a pure read
-  of A, too little work for one SM); prefill has enough tiles and uses SPLIT_K = 1.
+  of A, too little work for one SM; with many adapters, a K walk of 1-2 chunks per program keeps
+  enough loads in flight); prefill has enough tiles and uses SPLIT_K = 1 or 2.
 - expand: grid (tiles, cdiv(out_features, BLOCK_N)) over the concatenated output. A column tile may
   straddle two slices; each slice it touches adds dot(scale_s * h_s, B_s tile) for its own columns.
-  It reads y, adds, and writes y (each (token, column) has one writer: no atomics).
+  It reads y, adds, and writes y (each (token, column) has one writer: no atomics). BLOCK_N grows
+  from 64 to 256 when the grid has tiles enough (expand_block_n: many adapters in a decode step).
 - decode-sized steps, with AGENTSERVE_LORA_FUSED=1: both in one launch (kernels/lora_fused.py).
 
 Both kernels read their launch parameters from shapes only, so they can be captured in CUDA graphs
@@ -335,16 +337,41 @@ class LoRAKernelConfig:
     num_stages: int = 2
 
 
+# Programs per SM the decode-sized (BLOCK_M 16) grids aim for. A decode step's LoRA kernels are pure
+# weight reads spread over many tiny programs, so what sets their time is how many loads each SM
+# has in flight, not the work per program: at 128 rows over 64 adapters (2 rows each) the former
+# target of 2 per SM left each shrink program 8 dependent K-chunks and each expand program 2 KB of
+# B, and the 128 LoRA kernels of a step read ~1.7 GB at ~0.8 TB/s (benchmarks/NOTES.md, lora_profile).
+DECODE_PROGRAMS_PER_SM = 8
+PREFILL_PROGRAMS_PER_SM = 2
+EXPAND_BLOCK_NS = (256, 128, 64)
+
+
 def lora_kernel_config(meta: LoRABatchMeta, in_features: int, num_slices: int,
                        sms: int = 132) -> LoRAKernelConfig:
-    """Tiles from static shapes only. Split-K until the shrink grid covers the SMs about twice
-    (decode: a few tiles; each split's partial plane is M x max_rank fp32, read back by expand)."""
+    """Tiles from static shapes only. Split-K until the shrink grid covers the SMs a few times over
+    (decode: few rows per tile; each split's partial plane is M x max_rank fp32, read back by expand).
+    `block_n` here is for a 64-column output; lora_expand picks its own with expand_block_n."""
     block_k = min(256, max(MIN_BLOCK, next_pow2(in_features)))
+    per_sm = DECODE_PROGRAMS_PER_SM if meta.block_m == MIN_BLOCK else PREFILL_PROGRAMS_PER_SM
     split_k = 1
-    while (split_k < MAX_SPLIT_K and meta.max_blocks * num_slices * split_k < 2 * sms
+    while (split_k < MAX_SPLIT_K and meta.max_blocks * num_slices * split_k < per_sm * sms
            and in_features >= 2 * split_k * block_k):
         split_k *= 2
     return LoRAKernelConfig(split_k=split_k, block_k=block_k, block_n=64)
+
+
+def expand_block_n(meta: LoRABatchMeta, out_features: int, sms: int = 132) -> int:
+    """The expand's column tile: the widest that still gives a decode-sized step's grid
+    DECODE_PROGRAMS_PER_SM programs per SM (many adapters: few wide programs, each loading 8 KB of B
+    instead of 2 KB behind the same metadata loads); 64 where the grid is small anyway (one stream:
+    2 tiles) and for prefill tiles (64 rows: the [64, BLOCK_N] fp32 accumulator stays small)."""
+    if meta.block_m != MIN_BLOCK:
+        return 64
+    for block_n in EXPAND_BLOCK_NS:
+        if meta.max_blocks * cdiv(out_features, block_n) >= DECODE_PROGRAMS_PER_SM * sms:
+            return block_n
+    return 64
 
 
 def _check_shapes(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRABatchMeta) -> None:
@@ -395,7 +422,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, ran
         raise ValueError("lora: slice_starts must have num_slices + 1 entries and scaling match ranks")
     if meta.max_blocks == 0 or n == 0:
         return
-    block_n = config.block_n if config is not None else 64
+    block_n = config.block_n if config is not None else expand_block_n(meta, n, num_sms(y.device) if y.is_cuda else 132)
     upcast, precision = dot_modes(lora_b.dtype)
     _lora_expand_kernel[(meta.max_blocks, cdiv(n, block_n))](
         shrunk, lora_b, y, meta.sorted_token_ids, meta.block_slot, meta.block_row_start, meta.block_row_end,

@@ -268,3 +268,16 @@ def test_device_op_timer_counts_the_pages_each_op_moves() -> None:
     taken = timer.take()
     assert taken["device_op_pages"] == {"SwapOut": 3, "CopyBlocks": 1, "SwapIn": 2}
     assert taken["device_ops_gpu_ms"] == 0 and timer.take()["device_op_pages"] == {}
+
+
+def test_lora_tiles_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora_tiles.py (interpreter, tiny shapes): every row times the previous tiles, the
+    heuristic's and the best swept config, and names that config."""
+    env_interpret = os.environ.get("TRITON_INTERPRET")
+    if env_interpret != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the LoRA kernels on the CPU)")
+    r = run_benchmark("lora_tiles.py", "--smoke", tmp_path=tmp_path)
+    assert r["rows"]
+    for row in r["rows"]:
+        assert positive(row["previous_us"]) and positive(row["heuristic_us"]) and positive(row["best_us"])
+        assert set(row["best"]) == {"split_k", "block_k", "block_n", "num_warps", "num_stages"}

@@ -1,7 +1,7 @@
 """Compiling the LoRA kernels' variants before serving, so no request waits on a Triton compile.
 
 The shrink / expand kernels take their tile shapes as constexprs chosen from the step's token count
-(kernels/lora.py: BLOCK_M 16 or 64, split-K from the tile count), so a server would otherwise
+(kernels/lora.py: BLOCK_M 16 or 64, split-K and the expand's BLOCK_N from the tile count), so a server would otherwise
 compile a new variant (a second or more each) whenever a step first reaches a new one. The decode
 CUDA graphs compile theirs at capture (worker/cuda_graph.py); this covers every eager step size up
 to the token budget: it walks the token counts, keeps one per distinct variant, and launches each
@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from agentserve.kernels.lora import (LoRABatchMeta, add_lora, build_lora_batch_meta, default_block_m,
-                                     lora_kernel_config, max_lora_blocks)
+                                     expand_block_n, lora_kernel_config, max_lora_blocks)
 from agentserve.kernels._triton_utils import num_sms, triton_enabled_for
 from agentserve.kernels.lora_fused import use_fused_lora
 from agentserve.lora.manager import MultiLoRAManager
 
 
-def _variant(manager: MultiLoRAManager, fused: str, num_tokens: int, sms: int) -> tuple[int, int]:
-    """(BLOCK_M, SPLIT_K) the kernels use for `num_tokens` tokens on this projection."""
+def _variant(manager: MultiLoRAManager, fused: str, num_tokens: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, SPLIT_K, the expand's BLOCK_N) the kernels use for `num_tokens` tokens on this projection."""
     block_m = default_block_m(num_tokens)
     blocks = max_lora_blocks(num_tokens, manager.max_loras, block_m)
     # lora_kernel_config reads the tile count from the meta's shape only: a shell of that shape.
@@ -28,12 +28,12 @@ def _variant(manager: MultiLoRAManager, fused: str, num_tokens: int, sms: int) -
                          block_row_end=shell, block_m=block_m, max_loras=manager.max_loras)
     stack = manager.stack(0, fused)
     config = lora_kernel_config(meta, stack.lora_a.shape[-1], stack.lora_a.shape[1], sms)
-    return block_m, config.split_k
+    return block_m, config.split_k, expand_block_n(meta, stack.lora_b.shape[-1], sms)
 
 
 @torch.inference_mode()
 def warmup_lora_kernels(manager: MultiLoRAManager, max_num_tokens: int) -> int:
-    """Launches every (projection, BLOCK_M, SPLIT_K) variant a step of 1..max_num_tokens tokens can
+    """Launches every (projection, BLOCK_M, SPLIT_K, BLOCK_N) variant a step of 1..max_num_tokens tokens can
     use; returns how many were launched (0 off CUDA: the torch reference needs no compile)."""
     device = manager.device
     probe = torch.empty(1, device=device)
@@ -43,7 +43,7 @@ def warmup_lora_kernels(manager: MultiLoRAManager, max_num_tokens: int) -> int:
     launched = 0
     for fused in manager.projections:
         stack = manager.stack(0, fused)
-        seen: set[tuple[int, int] | str] = set()
+        seen: set[tuple[int, int, int] | str] = set()
         for m in range(1, max_num_tokens + 1):
             # With AGENTSERVE_LORA_FUSED on, small steps take kernels/lora_fused.py's one kernel, whose
             # tiles come from the weight shapes only: one variant, whatever (BLOCK_M, SPLIT_K) says.
