@@ -173,8 +173,8 @@ def test_target_modules_limit_slots_and_adapters(peft_dirs: list[Path]) -> None:
 
 
 def test_warmup_walks_each_kernel_variant_once() -> None:
-    """The variants the warm-up launches are exactly the (BLOCK_M, SPLIT_K) pairs the kernels pick
-    over 1..budget tokens (8B shapes, one layer); on the CPU nothing is launched (no compile)."""
+    """The variants the warm-up launches are exactly the (BLOCK_M, SPLIT_K, expand BLOCK_N) triples the
+    kernels pick over 1..budget tokens (8B shapes, one layer); on the CPU nothing is launched (no compile)."""
     from agentserve.lora import warmup
     from agentserve.testing.tiny import NAMED_SHAPES
 
@@ -185,6 +185,6 @@ def test_warmup_walks_each_kernel_variant_once() -> None:
     for n in (1, 7, 100, 600, 8192):
         meta = lora_kernels.build_lora_batch_meta(torch.full((n,), -1, dtype=torch.int32), 64)
         picked = lora_kernels.lora_kernel_config(meta, 4096, 3, 132)
-        assert (meta.block_m, picked.split_k) in variants
-    assert {bm for bm, _ in variants} == {16, 64} and len(variants) < 16
+        assert (meta.block_m, picked.split_k, lora_kernels.expand_block_n(meta, 6144, 132)) in variants
+    assert {bm for bm, _, _ in variants} == {16, 64} and len(variants) < 16
     assert warmup.warmup_lora_kernels(m, 64) == 0
