@@ -343,6 +343,10 @@ class LoRAKernelConfig:
 # target of 2 per SM left each shrink program 8 dependent K-chunks and each expand program 2 KB of
 # B, and the 128 LoRA kernels of a step read ~1.7 GB at ~0.8 TB/s (benchmarks/NOTES.md, lora_profile).
 DECODE_PROGRAMS_PER_SM = 8
+# The shrink's split-K stops at half that: in the graph-timed sweep (benchmarks/lora_tiles.py, H200)
+# the best split at 128 and 256 rows over 64 adapters was 4 for qkv and 8 for o, which is where 4
+# programs per SM puts them (8 per SM gave 8 and 16: 3% and 12% slower per layer).
+SHRINK_PROGRAMS_PER_SM = 4
 PREFILL_PROGRAMS_PER_SM = 2
 EXPAND_BLOCK_NS = (256, 128, 64)
 
@@ -353,7 +357,7 @@ def lora_kernel_config(meta: LoRABatchMeta, in_features: int, num_slices: int,
     (decode: few rows per tile; each split's partial plane is M x max_rank fp32, read back by expand).
     `block_n` here is for a 64-column output; lora_expand picks its own with expand_block_n."""
     block_k = min(256, max(MIN_BLOCK, next_pow2(in_features)))
-    per_sm = DECODE_PROGRAMS_PER_SM if meta.block_m == MIN_BLOCK else PREFILL_PROGRAMS_PER_SM
+    per_sm = SHRINK_PROGRAMS_PER_SM if meta.block_m == MIN_BLOCK else PREFILL_PROGRAMS_PER_SM
     split_k = 1
     while (split_k < MAX_SPLIT_K and meta.max_blocks * num_slices * split_k < per_sm * sms
            and in_features >= 2 * split_k * block_k):

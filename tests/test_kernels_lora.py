@@ -329,15 +329,17 @@ def test_config_heuristic_splits_k_at_decode_only() -> None:
 
 def test_many_adapters_in_a_decode_step_get_more_splits_and_wider_expand_tiles() -> None:
     """128 rows over 64 adapters (the 512-adapter workload's step): the shrink grid reaches
-    DECODE_PROGRAMS_PER_SM per SM through split-K and the expand takes 256-column tiles; one stream
-    keeps the tiles it was tuned with (split-K 16, 64 columns); prefill keeps 64 columns."""
+    SHRINK_PROGRAMS_PER_SM per SM through split-K (4 for qkv, 8 for o: the sweep's best) and the
+    expand takes 256-column tiles; one stream keeps the tiles it was tuned with (split-K 16, 64
+    columns); prefill keeps 64 columns."""
     one = lora.build_lora_batch_meta(torch.zeros(1, dtype=torch.int32), 64)
     many = lora.build_lora_batch_meta(torch.arange(128, dtype=torch.int32) % 64, 64)
     prefill = lora.build_lora_batch_meta(torch.zeros(4096, dtype=torch.int32), 64)
     assert lora.lora_kernel_config(one, 4096, 3, sms=132).split_k == 16
     assert lora.expand_block_n(one, 6144, sms=132) == 64
     cfg = lora.lora_kernel_config(many, 4096, 3, sms=132)
-    assert many.max_blocks * 3 * cfg.split_k >= lora.DECODE_PROGRAMS_PER_SM * 132 and cfg.split_k == 8
+    assert many.max_blocks * 3 * cfg.split_k >= lora.SHRINK_PROGRAMS_PER_SM * 132 and cfg.split_k == 4
+    assert lora.lora_kernel_config(many, 4096, 1, sms=132).split_k == 8
     assert lora.expand_block_n(many, 6144, sms=132) == 256 and lora.expand_block_n(many, 4096, sms=132) == 256
     assert lora.expand_block_n(prefill, 6144, sms=132) == 64
     assert lora.lora_kernel_config(prefill, 4096, 3, sms=132).split_k <= 2
