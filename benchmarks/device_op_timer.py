@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from agentserve.cache.device_ops import CopyBlocks, DeviceOp
+from agentserve.cache.device_ops import CopyBlocks, DeviceOp, SwapInStart
 from agentserve.worker.model_runner import ModelRunner
 
 
@@ -26,7 +26,8 @@ class DeviceOpTimer:
 
         def timed(runner: ModelRunner, ops: list[DeviceOp]) -> None:
             for op in ops:  # counted first: execute_device_ops takes each op off the list as it runs
-                timer.pages[type(op).__name__] += 1 if isinstance(op, CopyBlocks) else len(op.blocks)
+                timer.pages[type(op).__name__] += (1 if isinstance(op, CopyBlocks) else
+                                                   len(op.slots) if isinstance(op, SwapInStart) else len(op.blocks))
             if not ops or not torch.cuda.is_available():
                 return original(runner, ops)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -6,6 +6,8 @@ through the gRPC service giving the same tokens with the copy streams as without
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -95,6 +97,33 @@ def test_staged_swap_out_buffers_stay_under_the_bound(monkeypatch: pytest.Monkey
     _busy_rewrite(cache, pages)
     cache.swap_in(list(range(0, 400)), list(range(100, 500)))
     for before, after in zip(saved, _pages(cache, list(range(100, 500)))):
+        assert torch.equal(before, after)
+    cache.release()
+
+
+def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact() -> None:
+    # Start: the copy runs on the copy stream while the step's stream keeps working; ready() turns
+    # true by itself; the finish writes the pages. A second start is finished before it arrives
+    # (the step's stream then waits for it): exact too.
+    torch.manual_seed(3)
+    cache = _cache(num_swap_blocks=256)
+    pages = list(range(0, 200))
+    saved = _pages(cache, pages)
+    cache.swap_out(pages, list(range(0, 200)))
+    _busy_rewrite(cache, pages)
+    cache.swap_in_start(list(range(0, 200)), ticket=7)
+    _busy_rewrite(cache, list(range(200, 210)))  # step work meanwhile, on other pages
+    deadline = time.monotonic() + 10
+    while not cache.swap_in_ready(7):
+        assert time.monotonic() < deadline, "the copy never arrived"
+        time.sleep(0.001)
+    back = list(range(300, 500))
+    cache.swap_in_finish(back, ticket=7)
+    for before, after in zip(saved, _pages(cache, back)):
+        assert torch.equal(before, after)
+    cache.swap_in_start(list(range(0, 200)), ticket=8)
+    cache.swap_in_finish(pages, ticket=8)  # at once: ordered by the stream wait, not by the host
+    for before, after in zip(saved, _pages(cache, pages)):
         assert torch.equal(before, after)
     cache.release()
 

@@ -43,7 +43,23 @@ class SwapIn:
     blocks: tuple[int, ...]
 
 
-DeviceOp = Union[CopyBlocks, SwapOut, SwapIn]
+@dataclass(frozen=True)
+class SwapInStart:
+    """A swap in's first half: CPU swap slots `slots[i]` start their copy into a device staging
+    buffer named `ticket` (on CUDA over a copy stream, without holding up the step's stream)."""
+    slots: tuple[int, ...]
+    ticket: int
+
+
+@dataclass(frozen=True)
+class SwapInFinish:
+    """The second half: the staged copy `ticket` goes into device pages `blocks` (blocks[i] gets the
+    swap slot at position i of its SwapInStart), in the step's stream order."""
+    blocks: tuple[int, ...]
+    ticket: int
+
+
+DeviceOp = Union[CopyBlocks, SwapOut, SwapIn, SwapInStart, SwapInFinish]
 
 
 class PageStore(Protocol):
@@ -54,6 +70,14 @@ class PageStore(Protocol):
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None: ...
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None: ...
+
+    def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None: ...
+
+    def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None: ...
+
+    def swap_in_ready(self, ticket: int) -> bool:
+        """Whether the copy of swap_in_start(ticket) has arrived (a finish would not wait for it)."""
+        ...
 
 
 def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
@@ -72,8 +96,12 @@ def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
             n = 1
             if isinstance(head, SwapOut):
                 pages.swap_out(head.blocks, head.slots)
-            else:
+            elif isinstance(head, SwapIn):
                 pages.swap_in(head.slots, head.blocks)
+            elif isinstance(head, SwapInStart):
+                pages.swap_in_start(head.slots, head.ticket)
+            else:
+                pages.swap_in_finish(head.blocks, head.ticket)
         del ops[:n]
 
 
@@ -95,3 +123,14 @@ class PageStores:
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
         for store in self.stores:
             store.swap_in(swap_slots, device_blocks)
+
+    def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
+        for store in self.stores:
+            store.swap_in_start(swap_slots, ticket)
+
+    def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
+        for store in self.stores:
+            store.swap_in_finish(device_blocks, ticket)
+
+    def swap_in_ready(self, ticket: int) -> bool:
+        return all(store.swap_in_ready(ticket) for store in self.stores)

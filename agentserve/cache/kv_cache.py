@@ -6,7 +6,7 @@ index_copy_ is not implemented for fp8 on every device."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -46,6 +46,8 @@ class KVCache:
         # Pages staged per device copy: bounds the transient device memory a swap needs (~64 MiB).
         block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
         self.pages_per_copy = max(1, (64 << 20) // block_bytes)
+        # Started swap ins waiting for their finish: ticket -> (positions, staged rows, copy's event).
+        self._staged_in: dict[int, list[tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]]] = {}
         # PCIe copies off the step's stream (cache/swap_streams.py); None: on it (CPU, or the A/B flag).
         self.swap_streams = (SwapStreams(device) if device.type == "cuda" and num_swap_blocks > 0 and SWAP_STREAMS
                              else None)
@@ -55,6 +57,7 @@ class KVCache:
         if self.swap_streams is not None:
             self.swap_streams.synchronize()  # no copy may still use the pinned swap space
             self.swap_streams = None
+        self._staged_in.clear()
         self.layers = []
         self.swap = torch.empty(0)
         self.num_blocks = self.num_swap_blocks = 0
@@ -116,12 +119,44 @@ class KVCache:
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
-            idx = self._index(blocks)
             host = raw_bytes(self.swap[first:first + count])
             if self.swap_streams is not None:
                 staged = self.swap_streams.copy_in(host, range(first, first + count))
             else:
                 staged = host.to(device, non_blocking=non_blocking)
-            for i, (k, v) in enumerate(self.layers):
-                raw_bytes(k).index_copy_(0, idx, staged[:, i, 0])
-                raw_bytes(v).index_copy_(0, idx, staged[:, i, 1])
+            self._scatter(staged, blocks)
+
+    def _scatter(self, staged: torch.Tensor, blocks: Sequence[int]) -> None:
+        """Staged swap rows [n, L, 2, bs, Hkv, D] into device pages `blocks`, on the current stream."""
+        idx = self._index(blocks)
+        for i, (k, v) in enumerate(self.layers):
+            raw_bytes(k).index_copy_(0, idx, staged[:, i, 0])
+            raw_bytes(v).index_copy_(0, idx, staged[:, i, 1])
+
+    def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
+        """swap_in's copy alone, into staging buffers kept under `ticket` until swap_in_finish. With
+        swap_streams it runs on the copy stream and nothing waits for it yet (sessions start a
+        returning session's copy and admit its turn once swap_in_ready says it has arrived);
+        otherwise it is queued on the step's stream like any swap."""
+        device = self.layers[0][0].device
+        staged: list[tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]] = []
+        # Runs over positions 0..n-1 (the pages come with the finish): one copy per run of slots.
+        for positions, first, count in self._runs(list(range(len(swap_slots))), swap_slots):
+            host = raw_bytes(self.swap[first:first + count])
+            if self.swap_streams is not None:
+                rows, done = self.swap_streams.start_in(host, range(first, first + count))
+                staged.append((positions, rows, done))
+            else:
+                staged.append((positions, host.to(device, non_blocking=device.type == "cuda"), None))
+        self._staged_in[ticket] = staged
+
+    def swap_in_ready(self, ticket: int) -> bool:
+        return all(done is None or done.query() for _, _, done in self._staged_in.get(ticket, ()))
+
+    def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
+        """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
+        for positions, rows, done in self._staged_in.pop(ticket):
+            if done is not None:
+                assert self.swap_streams is not None
+                self.swap_streams.finish_in(rows, done)
+            self._scatter(rows, [device_blocks[p] for p in positions])

@@ -82,18 +82,28 @@ class SwapStreams:
         self._staged.append((done, staged.nbytes))
         self.staged_bytes += staged.nbytes
 
-    def copy_in(self, host: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
-        """A device copy of `host` (pinned, slots' rows) that the current stream may read from now on
-        (it waits for the copy at this point of its order, not the host)."""
+    def start_in(self, host: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Starts a device copy of `host` (pinned, slots' rows) on the copy stream: (the copy, its
+        completion event). Nothing on the step's stream waits for it until finish_in."""
         self._after_slots(self.in_stream, slots)
         with torch.cuda.stream(self.in_stream):
             staged = host.to(self.device, non_blocking=True)
         done = torch.cuda.Event()
         done.record(self.in_stream)
         self._mark(slots, done)
+        return staged, done
+
+    def finish_in(self, staged: torch.Tensor, done: torch.cuda.Event) -> None:
+        """The current stream may read `staged` from here on (it waits for the copy at this point of
+        its order, not the host; a no-op wait once the copy has arrived)."""
         step_stream = torch.cuda.current_stream(self.device)
         step_stream.wait_event(done)
         staged.record_stream(step_stream)  # allocated on in_stream, read by the scatter on this one
+
+    def copy_in(self, host: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """start_in and finish_in at once: a copy the current stream may read from now on."""
+        staged, done = self.start_in(host, slots)
+        self.finish_in(staged, done)
         return staged
 
     def synchronize(self) -> None:

@@ -32,7 +32,13 @@ class AdmitHook(Protocol):
         ...
 
     def restore(self, request: Request) -> None:
-        """Sets request.block_table / num_computed_tokens (or leaves them empty, to recompute)."""
+        """Sets request.block_table / num_computed_tokens (or leaves them empty, to recompute). Called
+        again (a no-op) on each later try while restoring() holds."""
+        ...
+
+    def restoring(self) -> bool:
+        """Whether the pages restore() handed over are still being copied in (a swap in's copy in
+        flight): the request waits, and the queue behind it moves on meanwhile."""
         ...
 
 
@@ -265,6 +271,9 @@ class Scheduler:
             if self.max_loras and key is not None and key not in adapters and len(adapters) >= self.max_loras:
                 skipped.append(self.waiting.popleft())  # every LoRA slot is taken: wait for one to free
                 continue
+            if request.admit_hook is not None and request.admit_hook.restoring():
+                skipped.append(self.waiting.popleft())  # its pages are on their way: admitted when in
+                continue
             if request.num_output_placeholders:
                 # Preempted while its last sampled token was in flight: a recompute needs that token
                 # on the host, which the next processed step brings. Keep the queue order meanwhile.
@@ -273,6 +282,9 @@ class Scheduler:
                 outstanding = self._outstanding_blocks()
             num_new = self._admit(request, budget, outstanding, out)
             if num_new is None:
+                if request.admit_hook is not None and request.admit_hook.restoring():
+                    skipped.append(self.waiting.popleft())  # its copy has just started
+                    continue
                 if not self.running and self._release_waiting_pages(request):
                     outstanding = None
                     continue  # nothing runs to free pages: retry the head with the queue's pages
@@ -305,8 +317,10 @@ class Scheduler:
             need = to_take + max(0, self._target_blocks(request) - start_pages) + 1  # +1: a COW copy
             if not self._make_room(request, need, outstanding):
                 return None
-            request.admit_hook = None
             hook.restore(request)
+            if hook.restoring():
+                return None
+            request.admit_hook = None
         computed: list[int] = []
         if not request.block_table:  # requests handed pages (sessions, forks) skip the lookup
             computed = self.kv.get_computed_blocks(request)

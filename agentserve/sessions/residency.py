@@ -18,21 +18,31 @@ it needs (Timing.swap_wait_ms) rather than dropping the copy and recomputing.
 The copies themselves are device ops (cache/device_ops.py) queued on the scheduler: they run with
 the next step, before its forward, on every rank. Page bookkeeping changes here at once; the stream
 order of the ops keeps the data right (a page freed after a swap out is rewritten only after it).
-Everything here runs on the engine's step thread.
+A swap in is two ops: SwapInStart begins the copy (on CUDA over a copy stream, which no step waits
+for), SwapInFinish writes it into the pages. Between them the session is RESIDENT but `restoring`:
+its turn stays queued (TurnAdmission.restoring, polled by the scheduler) until the copy has arrived,
+so the steps meanwhile run without waiting for PCIe, and the finish is queued with the step that
+admits the turn. Anything else that touches a restoring session's pages settles it first (queues the
+finish at once). Everything here runs on the engine's step thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from agentserve.cache.block_pool import BlockPool, compute_block_hashes
-from agentserve.cache.device_ops import SwapIn, SwapOut
+from agentserve.cache.device_ops import SwapInFinish, SwapInStart, SwapOut
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.cache.swap_slots import SwapSlots
 from agentserve.request import Request
 from agentserve.engine.scheduler import Scheduler
-from agentserve.sessions.types import PendingTurn, Session, SessionState, SessionStats
+from agentserve.sessions.types import PendingTurn, Restore, Session, SessionState, SessionStats
+
+# Swap ins whose copies may be in flight at once: each holds a staging copy of its pages on the
+# device beside the KV pool, so they are bounded (the oldest is finished to start one more).
+MAX_RESTORES_IN_FLIGHT = 2
 
 
 class Residency:
@@ -40,7 +50,8 @@ class Residency:
     store's own maps of open sessions and of turns in flight by request id)."""
 
     def __init__(self, pool: BlockPool, kv: KVCacheManager, scheduler: Scheduler, num_swap_slots: int,
-                 sessions: dict[str, Session], pending: dict[str, PendingTurn], stats: SessionStats) -> None:
+                 sessions: dict[str, Session], pending: dict[str, PendingTurn], stats: SessionStats,
+                 copy_ready: Callable[[int], bool] = lambda ticket: True) -> None:
         self.pool = pool
         self.kv = kv
         self.scheduler = scheduler
@@ -50,6 +61,10 @@ class Residency:
         self.pending = pending
         self.stats = stats
         self._swap = SwapSlots(num_swap_slots)
+        # Whether a started swap in's copy has arrived (ModelRunner.swap_in_ready: rank 0's pages).
+        self.copy_ready = copy_ready
+        self._tickets = itertools.count()
+        self._restoring: list[Session] = []  # sessions with a copy in flight, oldest first
 
     @property
     def num_free_swap_slots(self) -> int:
@@ -58,6 +73,7 @@ class Residency:
     # --- page ownership -------------------------------------------------------------------------------
     def release(self, s: Session) -> None:
         """Frees everything the session holds (pages, swap slots); it is CLOSED from here on."""
+        self.settle(s)
         if s.block_table:
             self.pool.free(s.block_table)
             s.block_table = []
@@ -72,6 +88,7 @@ class Residency:
 
     def keep_prefix(self, s: Session, keep: int) -> None:
         """Keeps only the KV of the first `keep` tokens (a re-rendered history shares only those)."""
+        self.settle(s)
         if keep >= s.num_computed:
             return
         if s.state is SessionState.RESIDENT:
@@ -86,6 +103,7 @@ class Residency:
 
     def adopt(self, s: Session, block_table: list[int], num_computed: int) -> None:
         """The session takes a finished turn's pages in place of what it held."""
+        self.settle(s)
         if s.block_table:
             self.pool.free(s.block_table)
         self.free_swap(s)
@@ -98,6 +116,7 @@ class Residency:
         shared partial page copies that one page), after a swapped parent is brought back in."""
         if parent.state is SessionState.SWAPPED:
             self.swap_in(parent)
+        self.settle(parent)  # the child's first forward may come before the parent's turn
         if parent.state is SessionState.RESIDENT:
             child.block_table = self.kv.fork_blocks(parent.block_table)
             child.num_computed = parent.num_computed
@@ -155,7 +174,7 @@ class Residency:
             if pending is None or req.admit_hook is None:
                 continue
             s = pending.session
-            if s is not exclude and s.state is SessionState.RESIDENT and s.block_table:
+            if s is not exclude and s.state is SessionState.RESIDENT and s.block_table and s.restoring is None:
                 queued.append(s)
         return queued
 
@@ -165,6 +184,7 @@ class Residency:
         on the device: the swap-in finds them in the prefix cache, and a preamble shared by many
         agents is neither copied out and back on every eviction nor stored in swap once per agent.
         Returns the pages freed on the device."""
+        self.settle(s)
         table = s.block_table
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
         swap_from: Optional[int] = None
@@ -236,18 +256,52 @@ class Residency:
             return False
         self.pool.touch(hits)
         fresh = self.pool.allocate(copy)
-        if copy:
-            # Queued ahead of any forward that reads these pages (the turn's, in this step or later).
-            self.scheduler.queue_device_ops([SwapIn(tuple(s.swap_slots[len(hits) - s.swap_from:]), tuple(fresh))])
         s.block_table = list(hits) + fresh
+        # Restored full pages become findable by hash again (forks, evicted-recompute paths), once
+        # their data is in them.
+        restore = Restore(next(self._tickets), tuple(fresh), tuple(hashes[:min(num_full, len(hashes))]), len(hits))
+        if copy:
+            if len(self._restoring) >= MAX_RESTORES_IN_FLIGHT:
+                self._finish_restore(self._restoring[0])
+            # Started now; finished (written into the pages) before any forward that reads them.
+            self.scheduler.queue_device_ops([SwapInStart(tuple(s.swap_slots[len(hits) - s.swap_from:]), restore.ticket)])
+            s.restoring = restore
+            self._restoring.append(s)
+        else:
+            self._register_restored(s, restore)
         self.free_swap(s)
         s.state = SessionState.RESIDENT
         self.stats.swap_ins += 1
         self.stats.pages_swapped_in += copy
-        # Restored full pages become findable by hash again (forks, evicted-recompute paths).
-        for i in range(len(hits), min(num_full, len(hashes))):
-            self.pool.cache_block(s.block_table[i], hashes[i])
         return True
+
+    def restored(self, s: Session) -> bool:
+        """Whether the session's pages can be read: no copy in flight, or it has arrived (then its
+        finish is queued here, ahead of the forward that will read the pages)."""
+        if s.restoring is None:
+            return True
+        if not self.copy_ready(s.restoring.ticket):
+            return False
+        self._finish_restore(s)
+        return True
+
+    def settle(self, s: Session) -> None:
+        """Queues the finish of the session's copy now, arrived or not (the step's stream then waits
+        for it): for what touches the pages before its turn runs (eviction, forks, release)."""
+        if s.restoring is not None:
+            self._finish_restore(s)
+
+    def _finish_restore(self, s: Session) -> None:
+        restore = s.restoring
+        assert restore is not None
+        s.restoring = None
+        self._restoring.remove(s)
+        self.scheduler.queue_device_ops([SwapInFinish(restore.blocks, restore.ticket)])
+        self._register_restored(s, restore)
+
+    def _register_restored(self, s: Session, restore: Restore) -> None:
+        for i in range(restore.first_hashed, len(restore.hashes)):
+            self.pool.cache_block(s.block_table[i], restore.hashes[i])
 
     def admit(self, pending: PendingTurn, request: Request) -> None:
         """The turn's request takes its own copy-on-write references to the session's pages, after
@@ -270,6 +324,7 @@ class TurnAdmission:
     def __init__(self, residency: Residency, pending: PendingTurn) -> None:
         self.residency = residency
         self.pending = pending
+        self.started = False
 
     def pages_to_restore(self) -> tuple[int, int]:
         s = self.pending.session
@@ -280,4 +335,10 @@ class TurnAdmission:
         return 0, 0
 
     def restore(self, request: Request) -> None:
-        self.residency.admit(self.pending, request)
+        if not self.started:  # the scheduler asks again while the copy is in flight
+            self.started = True
+            self.residency.admit(self.pending, request)
+
+    def restoring(self) -> bool:
+        """Whether the turn waits for its session's pages to arrive (the scheduler skips it meanwhile)."""
+        return self.started and not self.residency.restored(self.pending.session)

@@ -175,6 +175,7 @@ class Session:
     swap_slots: list[int] = field(default_factory=list)  # CPU swap slots of pages [swap_from:] (SWAPPED)
     swap_from: int = 0  # leading pages left to the prefix cache when swapped out
     busy: Optional["PendingTurn"] = None
+    restoring: Optional["Restore"] = None  # a swap in whose copy is in flight (RESIDENT, pages not yet written)
     closed: bool = False
     num_turns: int = 0
     created_at: float = field(default_factory=time.time)
@@ -192,6 +193,17 @@ class Session:
         if self.lora_key is None and self.cache_salt is None:
             return None
         return (self.lora_key, self.cache_salt)
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A swap in whose copy is in flight (sessions/residency.py): the copy is named `ticket`, goes into
+    `blocks` when finished, and only then are the restored full pages `hashes[first_hashed:]`
+    registered in the prefix cache (before, another request could find them and read nothing)."""
+    ticket: int
+    blocks: tuple[int, ...]
+    hashes: tuple[int, ...]
+    first_hashed: int
 
 
 @dataclass(eq=False)

@@ -229,6 +229,12 @@ class ModelRunner:
             self.parallel.send_device_ops(ops)
         execute_device_ops(self.pages, ops)
 
+    def swap_in_ready(self, ticket: int) -> bool:
+        """Whether the copy of a started swap in (cache/device_ops.SwapInStart) has arrived in this
+        rank's staging buffers (a finish would not wait for it). Other ranks' finishes wait for their
+        own copies on their streams, so this rank's answer only paces admission."""
+        return self.pages.swap_in_ready(ticket)
+
     def _launch_verification(self, chunks: list[ScheduledChunk], mask_fn: Optional[Callable[..., Optional[torch.Tensor]]],
                              prev: Optional[LaunchedStep]) -> LaunchedStep:
         """A step where some rows verify speculative tokens: one sampling row per request, scored at

@@ -72,6 +72,7 @@ class FakePages:
         self.block_size = block_size
         self.slots: list[list[Optional[int]]] = [[None] * block_size for _ in range(num_blocks)]
         self.swap: dict[int, list[Optional[int]]] = {}
+        self.staged: dict[int, list[list[Optional[int]]]] = {}  # started swap ins, by ticket
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         sources = [list(self.slots[src]) for src, _ in pairs]  # all read before any is written, as on the device
@@ -85,6 +86,16 @@ class FakePages:
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
         for slot, page in zip(swap_slots, device_blocks, strict=True):
             self.slots[page] = list(self.swap[slot])
+
+    def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
+        self.staged[ticket] = [list(self.swap[slot]) for slot in swap_slots]  # the copy reads the slots now
+
+    def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
+        for page, contents in zip(device_blocks, self.staged.pop(ticket), strict=True):
+            self.slots[page] = contents
+
+    def swap_in_ready(self, ticket: int) -> bool:
+        return True
 
     def write(self, page: int, offset: int, token_id: int) -> None:
         self.slots[page][offset] = token_id

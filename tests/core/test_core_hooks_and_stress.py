@@ -58,9 +58,30 @@ class SessionPages:
         return 0, len(self.pages)
 
     def restore(self, request: Request) -> None:
+        if self.restored:
+            return
         request.block_table = self.pages
         request.num_computed_tokens = len(self.history) - 1  # the last token's logits are needed
         self.restored = True
+
+    def restoring(self) -> bool:
+        return False
+
+
+class SlowCopyPages(SessionPages):
+    """Like SessionPages, but the pages' copy takes `polls` more scheduler checks to arrive after the
+    restore (a swap in whose host-to-device copy is in flight)."""
+
+    def __init__(self, h: CoreHarness, history: list[int], polls: int) -> None:
+        super().__init__(h, history)
+        self.polls = polls
+        self.checks = 0
+
+    def restoring(self) -> bool:
+        if not self.restored:
+            return False
+        self.checks += 1
+        return self.checks <= self.polls
 
 
 def test_a_queued_turn_gets_its_sessions_pages_when_admitted() -> None:
@@ -120,4 +141,38 @@ def test_a_waiting_fork_never_starves_the_request_ahead_of_it() -> None:
     h.step()
     h.fork(leader, "sibling", max_tokens=22)
     h.run(max_steps=300)
+    h.pool.check_all_free()
+
+
+def _turn_behind_a_copy(polls: int) -> tuple[CoreHarness, SlowCopyPages, Request, Request]:
+    h = CoreHarness(block_size=4, enable_prefix_caching=False)
+    history = list(range(3, 13))
+    h.add("turn1", history[:-1], max_tokens=1)
+    h.run()
+    hook = SlowCopyPages(h, history, polls=polls)
+    turn = h.make_request("turn2", history, max_tokens=2)
+    hook.pages = h.pool.allocate(3)
+    for position, token in enumerate(history):
+        h.pages.write(hook.pages[position // 4], position % 4, token)
+    turn.admit_hook = hook
+    h.scheduler.add(turn)
+    other = h.add("other", list(range(40, 46)), max_tokens=3)  # behind the turn in the queue
+    return h, hook, turn, other
+
+
+def test_a_turn_whose_pages_are_still_copying_waits_and_the_queue_moves_on() -> None:
+    h, hook, turn, other = _turn_behind_a_copy(polls=3)
+    first = h.step()
+    assert hook.restored and turn.admit_hook is hook, "restored, but its copy has not arrived"
+    assert "turn2" not in first.num_tokens and first.num_tokens.get("other") == 6, "the queue moved on"
+    while turn.admit_hook is not None:
+        record = h.step()
+        assert "turn2" not in record.num_tokens or turn.admit_hook is None
+    assert hook.checks > hook.polls
+    h.run()
+    assert turn.output_token_ids and other.output_token_ids
+    control, control_hook, _, _ = _turn_behind_a_copy(polls=0)
+    assert "turn2" in control.step().num_tokens  # no copy in flight: admitted at once
+    control.run()
+    assert h.outputs() == control.outputs(), "waiting for the copy changes no token"
     h.pool.check_all_free()

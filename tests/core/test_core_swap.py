@@ -84,3 +84,22 @@ def test_copy_blocks_copies_every_layer() -> None:
     cache.copy_blocks([(0, 1), (2, 3)])
     for before, after in zip(saved, page_contents(cache, [1, 3])):
         assert torch.equal(before, after)
+
+
+def test_swap_in_in_two_halves_equals_swap_in() -> None:
+    # SwapInStart copies the slots (runs of consecutive slots, pieces of pages_per_copy) into staging;
+    # SwapInFinish writes them into the pages it is given, position by position.
+    cache = small_cache(num_blocks=8, num_swap_blocks=8)
+    pages, slots = [1, 2, 5, 6, 7], [0, 1, 2, 5, 6]
+    saved = page_contents(cache, pages)
+    cache.swap_out(pages, slots)
+    for k, v in cache.layers:
+        k.zero_()
+        v.zero_()
+    cache.swap_in_start(slots, ticket=3)
+    assert cache.swap_in_ready(3)  # CPU: the copy is done when queued
+    back = [7, 0, 3, 4, 1]
+    cache.swap_in_finish(back, ticket=3)
+    for before, after in zip(saved, page_contents(cache, back)):
+        assert torch.equal(before, after)
+    assert not cache._staged_in  # the staging buffers go with the finish
