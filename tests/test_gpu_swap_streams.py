@@ -111,6 +111,7 @@ def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact() 
     saved = _pages(cache, pages)
     cache.swap_out(pages, list(range(0, 200)))
     _busy_rewrite(cache, pages)
+    assert not cache.swap_in_ready(7), "a ticket not started yet has not arrived"
     cache.swap_in_start(list(range(0, 200)), ticket=7)
     _busy_rewrite(cache, list(range(200, 210)))  # step work meanwhile, on other pages
     deadline = time.monotonic() + 10

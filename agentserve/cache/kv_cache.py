@@ -151,7 +151,12 @@ class KVCache:
         self._staged_in[ticket] = staged
 
     def swap_in_ready(self, ticket: int) -> bool:
-        return all(done is None or done.query() for _, _, done in self._staged_in.get(ticket, ()))
+        staged = self._staged_in.get(ticket)
+        if staged is None:
+            # Not started yet (its op runs with the next step): with copy streams the copy is still
+            # to come; without, it will be queued on the step's stream ahead of the finish anyway.
+            return self.swap_streams is None
+        return all(done is None or done.query() for _, _, done in staged)
 
     def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
