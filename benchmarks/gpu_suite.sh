@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|next-spec|bench16|swap|swap2|next7]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -34,64 +34,20 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # What the session of 2026-12-03 left for the H200 (~8 min; its calls are in RESULTS.md with their
-  # commands): the GPU tests its kernel changes did not reach (FP8 kernels, rope + KV write; the LoRA
-  # engine against PEFT and graphs vs eager; the Triton GEMV engine), then the LoRA step of the
-  # 512-adapter workload profiled (128 rows over 64 adapters: kernels vs bytes).
-  TMO=200 run pytest-hoist-rest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
-    tests/test_kernels_rope_kv.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_hoist_rest_gpu.xml"
-  TMO=200 run pytest-lora-engine-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_lora_gpu.py \
-    -k "graphs or bf16" --junitxml "$OUT/pytest_lora_engine_gpu.xml"
-  TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
-    --out "$OUT/lora_profile_128x64.json"
-fi
-if [ "$MODE" = swap ]; then
-  # Swap copies on their own streams (#16 agent loop, 2026-12-03 seventh session; ~8 min): the GPU tests,
-  # then the agent loop's sessions mode with the copies on the step's stream vs on copy streams, and
-  # stateless + prefix caching once for the p95 ratio (same workload, pool 25%, 64 GB swap).
-  TMO=240 run pytest-swap-streams-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+  # Left by the seventh session (2026-12-03; ~9 min): the two-op swap in (start the copy, admit the
+  # turn when it has arrived) on the GPU, then its agent-loop A/B (predicted: the step's stream
+  # device-op time 9.7 s -> ~1-2 s, sessions p95 ~8.2 s -> ~6-6.5 s) with stateless + prefix
+  # caching for the p95 ratio, then the 512-adapter LoRA run after the split-K tweak.
+  TMO=100 run pytest-swap-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
     --junitxml "$OUT/pytest_swap_streams_gpu.xml"
-  for streams in 0 1; do
-    AGENTSERVE_SWAP_STREAMS=$streams TMO=200 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
-      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
-  done
-  TMO=200 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes stateless-prefix \
-    --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
-  # Left from the sixth session (~2 min): speculation after its kernel changes, the 128 x 64 LoRA step.
-  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
-  TMO=120 run lora-profile-128x64 python3 benchmarks/lora_profile.py --batch 128 --adapters 64 --new-tokens 64 \
-    --out "$OUT/lora_profile_128x64.json"
-fi
-if [ "$MODE" = swap2 ]; then
-  # The swap A/B again with the gRPC wheels (health, reflection) in .whl, then the LoRA tile sweep in
-  # CUDA graphs (benchmarks/lora_tiles.py: the 128-row / 64-adapter step's kernels ran at ~0.8 TB/s).
-  TMO=150 run pytest-swap-sessions-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
-  for streams in 0 1; do
-    AGENTSERVE_SWAP_STREAMS=$streams TMO=150 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
-      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
-  done
-  TMO=200 run lora-tiles python3 benchmarks/lora_tiles.py --out "$OUT/lora_tiles.json"
-fi
-if [ "$MODE" = next7 ]; then
-  # Seventh session, one call (~10 min, in order of need; the last parts may hit the call's limit):
-  # swap streams with sessions (gRPC wheels now in .whl), the LoRA kernels' GPU tests with the new
-  # tiles, lora.py's 64 and 512-adapter throughput, the agent loop's sessions A/B, the tile sweep.
-  TMO=100 run pytest-swap-sessions-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
-  TMO=120 run pytest-lora-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_lora.py \
-    -k "decode_mixed or cuda_graph or (real_shapes and bfloat16 and (16 or 64))" --junitxml "$OUT/pytest_lora_kernels_gpu.xml"
-  TMO=200 run lora-512 python3 benchmarks/lora.py --counts 64 --cpu-tier-adapters 512 --repeats 1 --no-record \
-    --out "$OUT/lora_512.json"
   for streams in 1 0; do
     AGENTSERVE_SWAP_STREAMS=$streams TMO=110 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
       $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
   done
-  TMO=150 run lora-tiles python3 benchmarks/lora_tiles.py --out "$OUT/lora_tiles.json"
-fi
-if [ "$MODE" = next-spec ]; then
-  # Speculation after the 2026-12-03 kernel changes (predicted A = 0.8, k = 4: 1.65x -> ~1.72-1.76x).
-  TMO=300 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
+  TMO=150 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes stateless-prefix \
+    --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
+  TMO=180 run lora-512 python3 benchmarks/lora.py --counts 64 --cpu-tier-adapters 512 --repeats 1 --no-record \
+    --out "$OUT/lora_512.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
