@@ -36,6 +36,11 @@ def _pages(cache: KVCache, pages: list[int]) -> list[torch.Tensor]:
     return [t.index_select(0, index).clone() for layer in cache.layers for t in layer]
 
 
+def _assert_pages(cache: KVCache, saved: list[torch.Tensor], pages: list[int]) -> None:
+    for before, after in zip(saved, _pages(cache, pages), strict=True):
+        assert torch.equal(before, after)
+
+
 def _busy_rewrite(cache: KVCache, pages: list[int]) -> None:
     """Work on the step's stream that takes a while, then overwrites `pages` (as a later forward
     writing into reused pages would)."""
@@ -58,8 +63,7 @@ def test_swapped_out_pages_rewritten_at_once_come_back_exact() -> None:
     _busy_rewrite(cache, pages)  # no host sync in between: only stream order protects the copy
     back = list(range(300, 500))
     cache.swap_in(list(range(0, 200)), back)
-    for before, after in zip(saved, _pages(cache, back)):
-        assert torch.equal(before, after)
+    _assert_pages(cache, saved, back)
     cache.release()
 
 
@@ -77,10 +81,8 @@ def test_reused_swap_slots_wait_for_the_copies_in_flight() -> None:
         cache.swap_in(slots, b)
         cache.swap_out(c, slots)
         cache.swap_in(slots, d)
-        for before, after in zip(saved_a, _pages(cache, b)):
-            assert torch.equal(before, after)
-        for before, after in zip(saved_c, _pages(cache, d)):
-            assert torch.equal(before, after)
+        _assert_pages(cache, saved_a, b)
+        _assert_pages(cache, saved_c, d)
     cache.release()
 
 
@@ -96,8 +98,7 @@ def test_staged_swap_out_buffers_stay_under_the_bound(monkeypatch: pytest.Monkey
     assert cache.swap_streams.staged_bytes <= 16 << 20
     _busy_rewrite(cache, pages)
     cache.swap_in(list(range(0, 400)), list(range(100, 500)))
-    for before, after in zip(saved, _pages(cache, list(range(100, 500)))):
-        assert torch.equal(before, after)
+    _assert_pages(cache, saved, list(range(100, 500)))
     cache.release()
 
 
@@ -120,12 +121,10 @@ def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact() 
         time.sleep(0.001)
     back = list(range(300, 500))
     cache.swap_in_finish(back, ticket=7)
-    for before, after in zip(saved, _pages(cache, back)):
-        assert torch.equal(before, after)
+    _assert_pages(cache, saved, back)
     cache.swap_in_start(list(range(0, 200)), ticket=8)
     cache.swap_in_finish(pages, ticket=8)  # at once: ordered by the stream wait, not by the host
-    for before, after in zip(saved, _pages(cache, pages)):
-        assert torch.equal(before, after)
+    _assert_pages(cache, saved, pages)
     cache.release()
 
 

@@ -84,6 +84,17 @@ class SlowCopyPages(SessionPages):
         return self.checks <= self.polls
 
 
+def _queue_turn(h: CoreHarness, hook: SessionPages, history: list[int]) -> Request:
+    """Queues the session's next turn over `history`, its KV written into pages the hook hands over."""
+    turn = h.make_request("turn2", history, max_tokens=2)
+    hook.pages = h.pool.allocate(3)
+    for position, token in enumerate(history):
+        h.pages.write(hook.pages[position // 4], position % 4, token)
+    turn.admit_hook = hook
+    h.scheduler.add(turn)
+    return turn
+
+
 def test_a_queued_turn_gets_its_sessions_pages_when_admitted() -> None:
     h = CoreHarness(block_size=4, enable_prefix_caching=False)
     history = list(range(3, 13))
@@ -91,12 +102,7 @@ def test_a_queued_turn_gets_its_sessions_pages_when_admitted() -> None:
     h.run()
     assert first.output_token_ids  # the turn's KV is in pages now freed; a session would keep them
     hook = SessionPages(h, history)
-    turn = h.make_request("turn2", history, max_tokens=2)
-    hook.pages = h.pool.allocate(3)
-    for position, token in enumerate(history):
-        h.pages.write(hook.pages[position // 4], position % 4, token)
-    turn.admit_hook = hook
-    h.scheduler.add(turn)
+    turn = _queue_turn(h, hook, history)
     record = h.step()
     assert hook.restored and turn.admit_hook is None
     assert record.num_tokens == {"turn2": 1}, "only the last token is recomputed"
@@ -150,12 +156,7 @@ def _turn_behind_a_copy(polls: int) -> tuple[CoreHarness, SlowCopyPages, Request
     h.add("turn1", history[:-1], max_tokens=1)
     h.run()
     hook = SlowCopyPages(h, history, polls=polls)
-    turn = h.make_request("turn2", history, max_tokens=2)
-    hook.pages = h.pool.allocate(3)
-    for position, token in enumerate(history):
-        h.pages.write(hook.pages[position // 4], position % 4, token)
-    turn.admit_hook = hook
-    h.scheduler.add(turn)
+    turn = _queue_turn(h, hook, history)
     other = h.add("other", list(range(40, 46)), max_tokens=3)  # behind the turn in the queue
     return h, hook, turn, other
 
