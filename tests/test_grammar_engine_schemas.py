@@ -1,5 +1,5 @@
 """Every schema of the real-world sample that the default backend compiles: outputs of a tiny
-random-weight model (garbage unless constrained), 3 seeds each, through the engine, all parse and
+random-weight model (garbage unless constrained), 2 seeds each, through the engine, all parse and
 validate with jsonschema. Coverage (share compiled) is reported, not hidden."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "schemas" / "sample.jsonl"
-SEEDS = (0, 1, 2)
+# Two seeds per schema (three before): this test is the suite's slowest (113 s on 2026-12-02, 270-352 s
+# on 2026-12-03's slower runs), and `make test` must stay under 30 minutes on the 2-core CI machine.
+SEEDS = (0, 1)
 MAX_TOKENS = 768
 
 
