@@ -249,28 +249,26 @@ def test_device_op_timer_counts_the_pages_each_op_moves() -> None:
 
     from device_op_timer import DeviceOpTimer
 
-    from agentserve.cache.device_ops import CopyBlocks, SwapIn, SwapInFinish, SwapInStart, SwapOut
+    from agentserve.cache.device_ops import CopyBlocks, SwapInFinish, SwapInStart, SwapOut
     from agentserve.worker.model_runner import ModelRunner
 
     moved: list[str] = []
     pages = SimpleNamespace(copy_blocks=lambda pairs: moved.append("copy"),
                             swap_out=lambda blocks, slots: moved.append("out"),
-                            swap_in=lambda slots, blocks: moved.append("in"),
                             swap_in_start=lambda slots, ticket: moved.append("start"),
                             swap_in_finish=lambda blocks, ticket: moved.append("finish"))
     runner = SimpleNamespace(parallel=None, pages=pages)
     timer = DeviceOpTimer()
     undo = timer.install()
     try:
-        ops = [SwapOut((1, 2, 3), (0, 1, 2)), CopyBlocks(4, 5), SwapIn((0, 1), (6, 7)),
-               SwapInStart((3, 4, 5, 6), 1), SwapInFinish((8, 9, 10, 11), 1)]
+        ops = [SwapOut((1, 2, 3), (0, 1, 2)), CopyBlocks(4, 5), SwapInStart((3, 4, 5, 6), 1),
+               SwapInFinish((8, 9, 10, 11), 1)]
         ModelRunner.execute_device_ops(runner, ops)  # type: ignore[arg-type]
     finally:
         undo()
-    assert moved == ["out", "copy", "in", "start", "finish"] and ops == []
+    assert moved == ["out", "copy", "start", "finish"] and ops == []
     taken = timer.take()
-    assert taken["device_op_pages"] == {"SwapOut": 3, "CopyBlocks": 1, "SwapIn": 2, "SwapInStart": 4,
-                                        "SwapInFinish": 4}
+    assert taken["device_op_pages"] == {"SwapOut": 3, "CopyBlocks": 1, "SwapInStart": 4, "SwapInFinish": 4}
     assert taken["device_ops_gpu_ms"] == 0 and timer.take()["device_op_pages"] == {}
 
 

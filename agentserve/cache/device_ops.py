@@ -37,16 +37,9 @@ class SwapOut:
 
 
 @dataclass(frozen=True)
-class SwapIn:
-    """CPU swap slots `slots[i]` come back into device pages `blocks[i]`."""
-    slots: tuple[int, ...]
-    blocks: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class SwapInStart:
-    """A swap in's first half: CPU swap slots `slots[i]` start their copy into a device staging
-    buffer named `ticket` (on CUDA over a copy stream, without holding up the step's stream)."""
+    """A swap in's first half: CPU swap slots `slots[i]` start their copy back to the device, into a
+    staging buffer named `ticket` (on CUDA over a copy stream, without holding up the step's stream)."""
     slots: tuple[int, ...]
     ticket: int
 
@@ -59,7 +52,7 @@ class SwapInFinish:
     ticket: int
 
 
-DeviceOp = Union[CopyBlocks, SwapOut, SwapIn, SwapInStart, SwapInFinish]
+DeviceOp = Union[CopyBlocks, SwapOut, SwapInStart, SwapInFinish]
 
 
 class PageStore(Protocol):
@@ -68,8 +61,6 @@ class PageStore(Protocol):
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None: ...
 
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None: ...
-
-    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None: ...
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None: ...
 
@@ -96,8 +87,6 @@ def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
             n = 1
             if isinstance(head, SwapOut):
                 pages.swap_out(head.blocks, head.slots)
-            elif isinstance(head, SwapIn):
-                pages.swap_in(head.slots, head.blocks)
             elif isinstance(head, SwapInStart):
                 pages.swap_in_start(head.slots, head.ticket)
             else:
@@ -119,10 +108,6 @@ class PageStores:
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
         for store in self.stores:
             store.swap_out(device_blocks, swap_slots)
-
-    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
-        for store in self.stores:
-            store.swap_in(swap_slots, device_blocks)
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         for store in self.stores:

@@ -6,7 +6,7 @@ index_copy_ is not implemented for fp8 on every device."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -14,6 +14,8 @@ from agentserve.cache.swap_streams import SWAP_STREAMS, SwapStreams
 from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# A run of a swap in on its way: (positions in the swap's slot list, staged rows, the copy's event or None).
+StagedRun = tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +49,7 @@ class KVCache:
         block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
         self.pages_per_copy = max(1, (64 << 20) // block_bytes)
         # Started swap ins waiting for their finish: ticket -> (positions, staged rows, copy's event).
-        self._staged_in: dict[int, list[tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]]] = {}
+        self._staged_in: dict[int, list[StagedRun]] = {}
         # PCIe copies off the step's stream (cache/swap_streams.py); None: on it (CPU, or the A/B flag).
         self.swap_streams = (SwapStreams(device) if device.type == "cuda" and num_swap_blocks > 0 and SWAP_STREAMS
                              else None)
@@ -115,40 +117,40 @@ class KVCache:
         """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous: a
         slot freed after this call is rewritten only by a later swap_out, which waits for this copy).
         With swap_streams the host-to-device copy starts now on the copy stream and the step's stream
-        waits for it only at the scatter into the pages."""
+        waits for it only at the scatter into the pages. Run by run: one staged piece at a time."""
+        for run in self._copy_in(swap_slots):
+            self._place(run, device_blocks)
+
+    def _copy_in(self, swap_slots: Sequence[int]) -> Iterator[StagedRun]:
+        """Starts the host-to-device copy of each run of consecutive slots (pieces of pages_per_copy),
+        lazily: (positions in swap_slots, the staged rows [n, L, 2, bs, Hkv, D], the copy's event, or
+        None when it is queued on the step's stream)."""
         device = self.layers[0][0].device
-        non_blocking = device.type == "cuda"
-        for blocks, first, count in self._runs(device_blocks, swap_slots):
+        for positions, first, count in self._runs(list(range(len(swap_slots))), swap_slots):
             host = raw_bytes(self.swap[first:first + count])
             if self.swap_streams is not None:
-                staged = self.swap_streams.copy_in(host, range(first, first + count))
+                rows, done = self.swap_streams.start_in(host, range(first, first + count))
+                yield positions, rows, done
             else:
-                staged = host.to(device, non_blocking=non_blocking)
-            self._scatter(staged, blocks)
+                yield positions, host.to(device, non_blocking=device.type == "cuda"), None
 
-    def _scatter(self, staged: torch.Tensor, blocks: Sequence[int]) -> None:
-        """Staged swap rows [n, L, 2, bs, Hkv, D] into device pages `blocks`, on the current stream."""
-        idx = self._index(blocks)
+    def _place(self, run: StagedRun, device_blocks: Sequence[int]) -> None:
+        """A staged run into its pages (device_blocks[i] gets position i), on the current stream."""
+        positions, rows, done = run
+        if done is not None:
+            assert self.swap_streams is not None
+            self.swap_streams.finish_in(rows, done)
+        idx = self._index([device_blocks[p] for p in positions])
         for i, (k, v) in enumerate(self.layers):
-            raw_bytes(k).index_copy_(0, idx, staged[:, i, 0])
-            raw_bytes(v).index_copy_(0, idx, staged[:, i, 1])
+            raw_bytes(k).index_copy_(0, idx, rows[:, i, 0])
+            raw_bytes(v).index_copy_(0, idx, rows[:, i, 1])
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         """swap_in's copy alone, into staging buffers kept under `ticket` until swap_in_finish. With
         swap_streams it runs on the copy stream and nothing waits for it yet (sessions start a
         returning session's copy and admit its turn once swap_in_ready says it has arrived);
         otherwise it is queued on the step's stream like any swap."""
-        device = self.layers[0][0].device
-        staged: list[tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]] = []
-        # Runs over positions 0..n-1 (the pages come with the finish): one copy per run of slots.
-        for positions, first, count in self._runs(list(range(len(swap_slots))), swap_slots):
-            host = raw_bytes(self.swap[first:first + count])
-            if self.swap_streams is not None:
-                rows, done = self.swap_streams.start_in(host, range(first, first + count))
-                staged.append((positions, rows, done))
-            else:
-                staged.append((positions, host.to(device, non_blocking=device.type == "cuda"), None))
-        self._staged_in[ticket] = staged
+        self._staged_in[ticket] = list(self._copy_in(swap_slots))
 
     def swap_in_ready(self, ticket: int) -> bool:
         staged = self._staged_in.get(ticket)
@@ -160,8 +162,5 @@ class KVCache:
 
     def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
-        for positions, rows, done in self._staged_in.pop(ticket):
-            if done is not None:
-                assert self.swap_streams is not None
-                self.swap_streams.finish_in(rows, done)
-            self._scatter(rows, [device_blocks[p] for p in positions])
+        for run in self._staged_in.pop(ticket):
+            self._place(run, device_blocks)

@@ -100,12 +100,6 @@ class SwapStreams:
         step_stream.wait_event(done)
         staged.record_stream(step_stream)  # allocated on in_stream, read by the scatter on this one
 
-    def copy_in(self, host: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
-        """start_in and finish_in at once: a copy the current stream may read from now on."""
-        staged, done = self.start_in(host, slots)
-        self.finish_in(staged, done)
-        return staged
-
     def synchronize(self) -> None:
         """Every copy issued so far has finished (before the pinned swap space is dropped)."""
         self.out_stream.synchronize()

@@ -83,10 +83,6 @@ class FakePages:
         for page, slot in zip(device_blocks, swap_slots, strict=True):
             self.swap[slot] = list(self.slots[page])
 
-    def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
-        for slot, page in zip(swap_slots, device_blocks, strict=True):
-            self.slots[page] = list(self.swap[slot])
-
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         self.staged[ticket] = [list(self.swap[slot]) for slot in swap_slots]  # the copy reads the slots now
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from core_harness import CoreHarness
 
-from agentserve.cache.device_ops import CopyBlocks, SwapIn, SwapOut, execute_device_ops
+from agentserve.cache.device_ops import CopyBlocks, SwapInFinish, SwapInStart, SwapOut, execute_device_ops
 from agentserve.cache.kv_cache import KVCache
 from agentserve.cache.swap_slots import SwapSlots
 
@@ -45,10 +45,10 @@ def test_swap_round_trip_goes_through_the_steps_device_ops() -> None:
 
     # Restore into whatever pages are free: with nothing to schedule, the step carries only the op.
     fresh = h.pool.allocate(len(held))
-    swap_in = SwapIn(swap, tuple(fresh))
-    h.scheduler.queue_device_ops([swap_in])
+    swap_in = [SwapInStart(swap, 0), SwapInFinish(tuple(fresh), 0)]
+    h.scheduler.queue_device_ops(swap_in)
     record = h.step()
-    assert record.output.is_empty and record.device_ops == [swap_in]
+    assert record.output.is_empty and record.device_ops == swap_in
     assert [h.pages.slots[page] for page in fresh] == kv_before
     slots.free(list(swap))
 
@@ -73,7 +73,7 @@ def test_queued_ops_come_before_the_steps_copy_on_write_copies_in_order() -> Non
     shared = list(parent.block_table)
     h.fork(parent, "child", max_tokens=6)
     spare = h.pool.allocate(1)
-    ops = [SwapOut((shared[0],), (0,)), SwapIn((0,), (spare[0],))]
+    ops = [SwapOut((shared[0],), (0,)), SwapInStart((0,), 0), SwapInFinish((spare[0],), 0)]
     h.scheduler.queue_device_ops(ops[:1])
     h.scheduler.queue_device_ops(ops[1:])
     record = h.step()
@@ -93,7 +93,7 @@ def test_executor_runs_ops_in_order_once() -> None:
         v.copy_(-k)
     page0 = [t[0].clone() for layer in cache.layers for t in layer]
     # Order matters: the swap out reads page 1 after the copy wrote it; the swap in reads that slot.
-    ops = [CopyBlocks(0, 1), SwapOut((1,), (1,)), SwapIn((1,), (3,))]
+    ops = [CopyBlocks(0, 1), SwapOut((1,), (1,)), SwapInStart((1,), 0), SwapInFinish((3,), 0)]
     execute_device_ops(cache, ops)
     assert ops == []
     for before, layer_tensor in zip(page0, (t for layer in cache.layers for t in layer)):
