@@ -123,6 +123,10 @@ class SpecConfig(_Strict):
     prompt_lookup_max: int = Field(default=5, gt=0, description="N-gram proposer: longest context tail matched.")
     spec_dynamic: bool = Field(default=True, description="Choose k per step from the batch size and the measured "
                                "acceptance rate (down to 0 at large batch); off: always num_speculative_tokens.")
+    spec_device_continuation: bool = Field(
+        default=True, description="Queue each draft proposal on the device right behind the verification it "
+        "continues from (from its accepted tokens, before the host reads them), so the host's processing of a "
+        "speculative step overlaps the draft's forwards; off: propose once the host has the verified tokens.")
     spec_synthetic_acceptance: Optional[float] = Field(
         default=None, ge=0.0, le=1.0, description="Benchmarks only: accept each draft token with this probability "
         "whatever its value (measures the system's cost at a chosen acceptance on random weights; outputs are not "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|spec8|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -48,6 +48,19 @@ if [ "$MODE" = next ]; then
     --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
   TMO=180 run lora-512 python3 benchmarks/lora.py --counts 64 --cpu-tier-adapters 512 --repeats 1 --no-record \
     --out "$OUT/lora_512.json"
+fi
+if [ "$MODE" = spec8 ]; then
+  # Eighth session (2026-12-03; ~4 min): proposals queued on the device behind each verification
+  # (spec/continuation.py) through the graphs, then spec.py with its continuation-off A/B row
+  # (predicted: A=0.8 k=4 1.65x -> ~1.80-1.95x; NOTES.md "Eighth session").
+  TMO=240 run pytest-spec-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_spec.py \
+    --junitxml "$OUT/pytest_spec_gpu.xml"
+  TMO=300 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 256 --out "$OUT/spec_s8.json"
+  TMO=150 run prefill-profile python3 benchmarks/prefill_profile.py --out "$OUT/prefill_profile_s8.json"
+  # The seventh session's two-op swap in with the copy streams on: its run in `next` hit the 110 s
+  # timeout (a cold 75 s model load); the same run with room.
+  TMO=240 run agent-loop-sessions-streams1 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams1.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -161,6 +161,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                              tokens_per_verification=drawn, expected_tokens_per_verification=expected_tokens(acceptance, k),
                              of_theory_at_drawn=rate / result["base_one_stream"] / (drawn / (1 + k * cost))))
     result["one_stream"] = rows
+    # A/B of the proposals queued on the device behind each verification (spec/continuation.py).
+    llm.engine.runner.rejection_sampler.synthetic_acceptance = 0.8
+    spec.max_num_tokens = 4
+    m = llm.engine.metrics
+    result["continued_share"] = m.spec_num_continued_proposals / max(1, m.spec_num_drafts)
+    spec.continues = False
+    torch.manual_seed(DRAW_SEED)
+    off = single_stream(llm, args.prompt_len, args.new_tokens, args.repeats)["decode_tok_s"]
+    spec.continues = True
+    result["a08_k4_without_continuation"] = dict(tok_s=off, speedup=off / result["base_one_stream"])
     llm.engine.runner.rejection_sampler.synthetic_acceptance = 0.8
     spec.max_num_tokens, spec.dynamic = 4, True
     dyn = {b: throughput(llm, b, args.prompt_len, args.new_tokens, args.repeats) for b in args.batches}
@@ -181,6 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {r['acceptance']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {r['theoretical']:.2f}x | "
               f"{r['of_theory']:.0%} | {r['tokens_per_verification']:.2f} / {r['expected_tokens_per_verification']:.2f} | "
               f"{r['of_theory_at_drawn']:.0%} |")
+    off = result["a08_k4_without_continuation"]
+    print(f"A=0.8 k=4 without the device continuation: {off['tok_s']:.1f} tok/s = {off['speedup']:.2f}x "
+          f"(proposals continued on the device in the runs above: {result['continued_share']:.0%})")
     print("| batch | no spec tok/s | dynamic spec tok/s | ratio | speculative rows per run |\n|---|---|---|---|---|")
     for b in args.batches:
         base_rate, dyn_rate = result["base_throughput"][b]["output_tok_s"], dyn[b]["output_tok_s"]

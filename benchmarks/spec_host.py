@@ -141,6 +141,8 @@ def instrument(engine: Engine, timer: StepTimer) -> Callable[[], None]:
             return proposer.num_tokens_for_step(batch_size)
 
         __call__ = staticmethod(timer.wrap("propose", proposer.__call__))
+        # The proposal queued behind each verification (spec/continuation.py): its launches.
+        after_launch = staticmethod(timer.wrap("propose", proposer.after_launch))
 
     engine.spec_proposer = TimedProposer()
     for model, name in ((draft.model, "draft fwd"), (runner.model, "target fwd")):

@@ -47,6 +47,9 @@ def run(arch: str, setting: str, async_scheduling: bool, reference: Optional[dic
         def __call__(self, requests: list[Request], num_tokens: int) -> None:
             propose(requests)
 
+        def after_launch(self, step: object) -> None:
+            pass  # its proposals are made on the host, from the reference
+
     def propose(requests: list[Request]) -> None:
         assert reference is not None
         for req in requests:

@@ -52,7 +52,11 @@ def test_greedy_identical_with_speculation_on_the_gpu(arch: str, kind: str) -> N
     m = llm.engine.metrics
     assert m.spec_num_draft_tokens > 0
     if kind == "self":
+        # Every proposal accepted, most of them queued on the device behind their verification
+        # (spec/continuation.py, through the draft's catch-up and decode graphs).
         assert m.spec_num_accepted_tokens == m.spec_num_draft_tokens
+    if kind != "ngram":
+        assert m.spec_num_continued_proposals > m.spec_num_drafts // 2
     llm.engine.pool.check_all_free()
     llm.close()
 

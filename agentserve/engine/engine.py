@@ -269,6 +269,8 @@ class Engine:
         if sched.is_empty:  # no forward, but page copies / swaps queued meanwhile (sessions) still run
             self.runner.execute_device_ops(sched.device_ops)
         launched = launch_step(self, sched, prev) if not sched.is_empty else None
+        if launched is not None and self.spec_proposer is not None:
+            self.spec_proposer.after_launch(launched)
         if prev is not None:
             touched |= self.output.update_from_output(prev)
             num_sampled += prev.num_appended

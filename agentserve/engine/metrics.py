@@ -37,6 +37,7 @@ class EngineMetrics:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_rejected_rows: int = 0  # rows that stopped at a rejected draft (not all accepted)
+    spec_num_continued_proposals: int = 0  # proposals adopted from the device (spec/continuation.py)
     spec_accepted_per_position: list = field(default_factory=list)
     _window: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, generated tokens)
     # Callables run on the step thread with each sequence that finishes (stop or length), e.g. the

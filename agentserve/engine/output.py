@@ -131,6 +131,8 @@ class OutputProcessor:
         self.engine.metrics.record_spec_row(len(spec), num_accepted)
         # The launch counted all the row's tokens as computed; the rejected ones are not the sequence's.
         req.num_computed_tokens -= len(spec) - num_accepted
+        # The draft's KV past the accepted tokens holds rejected drafts: never count it as written.
+        req.num_draft_computed_tokens = min(req.num_draft_computed_tokens, req.num_computed_tokens)
         appended = 0
         for position in range(num_accepted + 1):
             self._record_token(req, sampled[position], result, row, position, now)

@@ -139,6 +139,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
+        victim.num_draft_computed_tokens = 0  # its pages (the draft's KV with them) are freed
         victim.clear_proposal()  # proposed for a decode it will not run
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1

@@ -21,7 +21,10 @@ import numpy as np
 
 from agentserve.cache.device_ops import CopyBlocks
 from agentserve.config import SpecConfig
+from agentserve.spec.device_drafts import DRAFT_ON_DEVICE
+from agentserve.engine.output import InflightStep
 from agentserve.request import Request
+from agentserve.spec.continuation import PendingProposal, can_continue, continue_proposal
 from agentserve.spec.ngram import NgramProposer
 
 if TYPE_CHECKING:
@@ -44,6 +47,11 @@ class SpecProposer(Protocol):
 
     def __call__(self, requests: list[Request], num_tokens: int) -> None:
         """Sets spec_token_ids (and spec_draft_probs) on the requests due for a decode."""
+        ...
+
+    def after_launch(self, step: InflightStep) -> None:
+        """Called with every launched step, before its results are read (a draft proposal may be queued
+        behind a verification on the device: spec/continuation.py)."""
         ...
 
 
@@ -88,6 +96,13 @@ class Speculation:
         # Most tokens proposed per request and step, and whether k adapts (benchmarks change them).
         self.max_num_tokens = config.num_speculative_tokens
         self.dynamic = config.spec_dynamic
+        # Proposals queued on the device behind each verification (spec/continuation.py): rank 0 runs
+        # the draft, and with tensor parallelism the verification's inputs travel from the host.
+        self.continues = (config.spec_device_continuation and self.ngram is None
+                          and engine.runner.parallel is None)
+        self.pending: Optional[PendingProposal] = None
+        self._step_k = 0
+        self._reserved_for_continuation: set[str] = set()  # request ids with pages up to P + 2k
 
     def _update_acceptance(self) -> None:
         m = self.engine.metrics
@@ -106,9 +121,15 @@ class Speculation:
         if not self.dynamic:
             return self.max_num_tokens
         self._update_acceptance()
-        return choose_num_tokens(self.acceptance, batch_size, self.max_num_tokens, self.draft_cost)
+        k = choose_num_tokens(self.acceptance, batch_size, self.max_num_tokens, self.draft_cost)
+        if not k:
+            self.pending = None  # the step is a plain decode: nothing adopts the queued drafts
+        return k
 
     def __call__(self, requests: list[Request], num_tokens: int) -> None:
+        pending, self.pending = self.pending, None
+        self._step_k = num_tokens
+        self._reserved_for_continuation.clear()
         caps = [self._cap(r, num_tokens) for r in requests]
         rows = [(r, k) for r, k in zip(requests, caps) if k > 0]
         if not rows:
@@ -129,11 +150,53 @@ class Speculation:
         # Drafts stay on the device into a verification-graph step (spec/device_drafts.py); with
         # tensor parallelism the step's inputs travel to the other ranks from the host.
         keep_on_device = runner.verify_graphs is not None and runner.parallel is None
+        if pending is not None:
+            rows = self._adopt(pending, rows)
+            if not rows:
+                return
         proposals = draft_model.propose([r for r, _ in rows], [k for _, k in rows], keep_on_device)
         for (req, _), (tokens, probs, on_device) in zip(rows, proposals):
             req.spec_token_ids = tokens
             req.spec_draft_probs = probs
             req.spec_token_ids_device = on_device
+
+    def _adopt(self, pending: PendingProposal, rows: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Gives each row the drafts queued for it where the continuation assumed its state; returns
+        the rows left to propose for from the host."""
+        left = []
+        for req, k in rows:
+            taken = pending.take(req, k)
+            if taken is None:
+                left.append((req, k))
+                continue
+            drafts, probs = taken
+            m = drafts.shape[0]
+            req.spec_token_ids = [DRAFT_ON_DEVICE] * m
+            req.spec_token_ids_device = drafts
+            req.spec_draft_probs = probs
+            req.num_draft_computed_tokens = req.num_tokens + m - 1  # as DraftModel.propose counts them
+            self.engine.metrics.spec_num_continued_proposals += 1
+        return left
+
+    def after_launch(self, step: InflightStep) -> None:
+        self.pending = None
+        verified = step.handle.verified
+        if not self.continues or verified is None:
+            return
+        draft_model = self.engine.runner.draft
+        assert draft_model is not None
+        requests, rows, counts = [], [], []
+        sampling = [c for c in step.chunks if c.num_sampled]
+        for row, chunk in enumerate(sampling):
+            req = chunk.request
+            if (chunk.spec_token_ids and not req.is_finished and can_continue(req)
+                    and req.request_id in self._reserved_for_continuation):
+                requests.append(req)
+                rows.append(row)
+                counts.append(len(chunk.spec_token_ids))
+        if requests:
+            emitted, num_accepted = verified
+            self.pending = continue_proposal(draft_model, requests, rows, counts, self._step_k, emitted, num_accepted)
 
     def _cap(self, request: Request, k: int) -> int:
         """k within max_tokens (the row never samples past it) and the context length."""
@@ -147,7 +210,13 @@ class Speculation:
         kv, scheduler = self.engine.kv, self.engine.scheduler
         kept = []
         for req, k in rows:
-            copies = kv.allocate_slots(req, k)
+            # A continuation queued behind the verification writes draft KV up to P + 2k (P = n - 1).
+            room = min(2 * k + 1, self.engine.max_model_len - req.num_computed_tokens)
+            copies = kv.allocate_slots(req, room) if self.continues and can_continue(req) and room > k else None
+            if copies is not None:
+                self._reserved_for_continuation.add(req.request_id)
+            else:
+                copies = kv.allocate_slots(req, k)
             if copies is None:
                 continue
             scheduler.queue_device_ops([CopyBlocks(src, dst) for src, dst in copies])

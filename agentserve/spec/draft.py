@@ -164,7 +164,7 @@ class DraftModel:
         active = list(range(len(requests)))
         step = 0
         while True:
-            tokens, q = self._sample(logits, [requests[i] for i in active], [temps[i] for i in active],
+            tokens, q = self.sample(logits, [requests[i] for i in active], [temps[i] for i in active],
                                      [grammars[i] for i in active])
             step += 1
             for row, i in enumerate(active):
@@ -248,7 +248,7 @@ class DraftModel:
             return self.model.compute_logits(hidden.index_select(0, plan.catch_up_padded.last_index)).float()
         if plan.catch_up_decode is not None:  # one token per request
             c = plan.catch_up_decode
-            return self._forward_tokens(c.ids, c.positions, c.slots, plan.tables, c.seq_lens, c.max_seq_len)
+            return self.forward_tokens(c.ids, c.positions, c.slots, plan.tables, c.seq_lens, c.max_seq_len)
         if longest <= MAX_DECODE_CATCH_UP:
             host_tables = plan.host_tables
             logits: Optional[torch.Tensor] = None
@@ -259,7 +259,7 @@ class DraftModel:
                 ids, pos, slots, seq_lens = build_decode_inputs(
                     [requests[i].all_token_ids[p] for i, p in zip(rows, positions)], positions, host_tables[rows],
                     self.block_size, self.device)
-                logits = self._forward_tokens(ids, pos, slots, _device_tables(host_tables[rows], self.device),
+                logits = self.forward_tokens(ids, pos, slots, _device_tables(host_tables[rows], self.device),
                                               seq_lens, max(positions) + 1)
             assert logits is not None and logits.shape[0] == len(requests)
             return logits
@@ -299,7 +299,7 @@ class DraftModel:
         if planned is not None and isinstance(inputs, torch.Tensor):
             if planned.row_index is not None:
                 tables = tables.index_select(0, planned.row_index)
-            return self._forward_tokens(inputs, planned.positions, planned.slots, tables, planned.seq_lens,
+            return self.forward_tokens(inputs, planned.positions, planned.slots, tables, planned.seq_lens,
                                         planned.max_seq_len)
         positions = [requests[i].num_tokens - 1 + step for i in rows]
         host_ids = inputs if isinstance(inputs, list) else [0] * len(rows)
@@ -309,9 +309,22 @@ class DraftModel:
             ids = inputs
         if len(rows) < tables.shape[0]:
             tables = tables.index_select(0, torch.tensor(rows, device=self.device))
-        return self._forward_tokens(ids, pos, slots, tables, seq_lens, max(positions) + 1)
+        return self.forward_tokens(ids, pos, slots, tables, seq_lens, max(positions) + 1)
 
-    def _forward_tokens(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+    def forward_padded(self, inputs: PaddedInputs, q: int, max_seq_len: int) -> torch.Tensor:
+        """Hidden states [R * q, H] of runs laid out q tokens each: a catch-up graph replay where one is
+        captured for the batch size, else an eager forward (`max_seq_len`: an upper bound of the
+        context lengths, for the eager kernels)."""
+        rows = inputs.seq_lens.shape[0]
+        graphs = self.catch_up_graphs
+        if graphs is not None and graphs.padded_size(rows, q) is not None:
+            return graphs.run(inputs, q)
+        meta = ForwardMetadata(slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
+                               query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device=self.device) * q,
+                               seq_lens=inputs.seq_lens, max_query_len=q, max_seq_len=max_seq_len)
+        return self.model(inputs.input_ids, inputs.positions, self.cache.layers, meta)  # type: ignore[union-attr]
+
+    def forward_tokens(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
         """Logits of one token per row: a decode-graph replay where one is captured for the batch size,
         else an eager forward."""
@@ -324,7 +337,7 @@ class DraftModel:
         hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
         return self.model.compute_logits(hidden).float()
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request], temps: list[float],
+    def sample(self, logits: torch.Tensor, requests: list[Request], temps: list[float],
                 grammars: list[Optional[GrammarState]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(tokens [R], q [R, V] or None when every row is greedy)."""
         logits = logits.float().contiguous()

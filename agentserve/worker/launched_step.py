@@ -68,6 +68,9 @@ class LaunchedStep:
             else:
                 self._host = src
         self._has_logprobs = packed_logprobs is not None
+        # A verification step's emitted tokens [N, w] and accepted-draft counts [N] on the device, for
+        # a draft proposal queued behind it (spec/continuation.py); None for other steps.
+        self.verified: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def result(self) -> StepResult:
         """Waits for this step's sampled ids (and logprobs); the one host sync of a step."""

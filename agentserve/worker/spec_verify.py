@@ -74,12 +74,15 @@ def sample_verification(sampler: RejectionSampler, logits: torch.Tensor, request
     flat = out.output_token_ids.reshape(-1)
     counts = [width] * num_rows
     if out.logprobs is None:
-        return LaunchedStep(flat, {}, counts, padded=True)
-    assert out.logprob_token_ids is not None and out.sampled_ranks is not None
-    ids = out.logprob_token_ids.reshape(num_rows * width, -1)
-    packed = torch.cat([flat[:, None].double(), out.sampled_ranks.reshape(-1, 1).double(), ids.double(),
-                        out.logprobs.reshape(num_rows * width, -1).double()], dim=1)
-    return LaunchedStep(flat, {}, counts, packed, ids.shape[1], padded=True)
+        step = LaunchedStep(flat, {}, counts, padded=True)
+    else:
+        assert out.logprob_token_ids is not None and out.sampled_ranks is not None
+        ids = out.logprob_token_ids.reshape(num_rows * width, -1)
+        packed = torch.cat([flat[:, None].double(), out.sampled_ranks.reshape(-1, 1).double(), ids.double(),
+                            out.logprobs.reshape(num_rows * width, -1).double()], dim=1)
+        step = LaunchedStep(flat, {}, counts, packed, ids.shape[1], padded=True)
+    step.verified = (out.output_token_ids, out.num_accepted)
+    return step
 
 
 

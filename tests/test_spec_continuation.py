@@ -1,0 +1,72 @@
+"""Draft proposals queued on the device behind each verification (spec/continuation.py), on the CPU's
+eager path: outputs identical to no speculation, proposals identical to the host's, and the draft KV
+they write right (the target as its own draft accepts every proposal only if every continued
+catch-up and decode step used the right tokens, positions and slots)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.testing import ARCHS, tiny_model_cached
+from helpers.spec_models import small_draft
+
+# Chunked prefill, prefix caching and a pool small enough to preempt (as tests/test_spec_decode.py).
+ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True,
+              num_blocks=22, block_size=4, decode_reserve_tokens=0, spec_dynamic=False, num_speculative_tokens=3)
+SHARED = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8]
+PROMPTS = [SHARED + [(3 * i + j) % 7 + 11 for j in range(4 + 5 * i)] for i in range(4)]
+MAX_TOKENS = [9, 20, 13, 17]  # rows leave the batch at different steps: the rest keep their continuations
+
+
+def run(arch: str, draft: str | None, continuation: bool = True, async_scheduling: bool = False,
+        **params: Any) -> tuple[list[list[int]], Any]:
+    extra = dict(draft_model=draft, spec_device_continuation=continuation) if draft is not None else {}
+    llm = LLM(str(tiny_model_cached(arch)), async_scheduling=async_scheduling, **{**ENGINE, **extra})
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True, **params) for n in MAX_TOKENS])
+    metrics = llm.engine.metrics
+    llm.engine.pool.check_all_free()
+    llm.close()
+    return [o.outputs[0].token_ids for o in outs], metrics
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_as_its_own_draft_accepts_every_continued_proposal(arch: str, async_scheduling: bool) -> None:
+    want, _ = run(arch, None, async_scheduling=async_scheduling, temperature=0.0)
+    got, m = run(arch, str(tiny_model_cached(arch)), async_scheduling=async_scheduling, temperature=0.0)
+    assert got == want
+    assert m.num_preemptions_total > 0  # the pool is small enough to preempt
+    # Most proposals came from the device (the first of each request, and those after a
+    # preemption or a prefill chunk, from the host).
+    assert m.spec_num_continued_proposals > m.spec_num_drafts // 2
+    assert m.spec_num_accepted_tokens == m.spec_num_draft_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_different_draft_proposes_the_same_from_the_device_as_from_the_host(arch: str) -> None:
+    want, _ = run(arch, None, temperature=0.0)
+    on, m_on = run(arch, small_draft(arch), continuation=True, temperature=0.0)
+    off, m_off = run(arch, small_draft(arch), continuation=False, temperature=0.0)
+    assert on == off == want
+    assert m_on.spec_num_continued_proposals > 0 and m_off.spec_num_continued_proposals == 0
+    assert m_on.spec_num_rejected_rows > 0  # most proposals of a different draft are rejected
+    # The same drafts, wherever they were proposed: the same acceptance at every position.
+    assert m_on.spec_accepted_per_position == m_off.spec_accepted_per_position
+    assert m_on.spec_num_draft_tokens == m_off.spec_num_draft_tokens
+
+
+def test_random_rows_continue_and_seeded_rows_do_not() -> None:
+    arch = "llama"
+    draft = str(tiny_model_cached(arch))
+    _, m = run(arch, draft, temperature=0.8)
+    # q = p for the target as its own draft: min(1, p / q) accepts (almost) everything.
+    assert m.spec_num_continued_proposals > m.spec_num_drafts // 2
+    assert m.spec_num_accepted_tokens >= 0.95 * m.spec_num_draft_tokens
+    first, m_seeded = run(arch, draft, temperature=0.8, seed=7)
+    again, _ = run(arch, draft, temperature=0.8, seed=7)
+    assert m_seeded.spec_num_continued_proposals == 0 and m_seeded.spec_num_drafts > 0
+    assert first == again  # a seeded request is reproducible
