@@ -62,6 +62,14 @@ if [ "$MODE" = spec8 ]; then
   TMO=240 run agent-loop-sessions-streams1 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams1.json"
 fi
+if [ "$MODE" = specprof ]; then
+  # Eighth session: the continuation moved A=0.8 k=4 only 396.9 -> 400.0 tok/s; is the iteration
+  # device-bound? Device busy / idle per verification and its kernels, continuation on and off.
+  for cont in on off; do
+    TMO=200 run "spec-profile-$cont" python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8 \
+      $([ $cont = off ] && echo --no-continuation) --out "$OUT/spec_profile_$cont.json"
+  done
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"

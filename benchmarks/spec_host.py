@@ -143,6 +143,7 @@ def instrument(engine: Engine, timer: StepTimer) -> Callable[[], None]:
         __call__ = staticmethod(timer.wrap("propose", proposer.__call__))
         # The proposal queued behind each verification (spec/continuation.py): its launches.
         after_launch = staticmethod(timer.wrap("propose", proposer.after_launch))
+        release = staticmethod(proposer.release)
 
     engine.spec_proposer = TimedProposer()
     for model, name in ((draft.model, "draft fwd"), (runner.model, "target fwd")):

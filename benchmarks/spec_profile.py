@@ -32,6 +32,7 @@ from _results import write_json  # noqa: E402
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.engine.output import OutputProcessor  # noqa: E402
 from agentserve.engine.scheduler import Scheduler  # noqa: E402
+from agentserve.engine.speculation import Speculation  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.sampling.rejection import RejectionSampler  # noqa: E402
 from agentserve.spec.draft import DraftModel  # noqa: E402
@@ -40,6 +41,7 @@ from agentserve.worker.model_runner import ModelRunner  # noqa: E402
 # Host phases: (class, method) wrapped in a profiler range of this name.
 PHASES: list[tuple[type, str, str]] = [
     (DraftModel, "propose", "propose (draft)"),
+    (Speculation, "after_launch", "continuation launch"),
     (Scheduler, "schedule", "schedule"),
     (ModelRunner, "launch", "verification launch"),
     (RejectionSampler, "__call__", "rejection sampling"),
@@ -83,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--acceptance", type=float, default=0.8)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-continuation", action="store_true",
+                    help="proposals from the host after each verification (spec_device_continuation off)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -94,7 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         kwargs = dict(dtype="float32", max_model_len=512, max_num_seqs=4)
         args.new_tokens = 16
     llm = LLM(args.model, draft_model=args.draft_model, draft_quantization=args.draft_quantization,
-              num_speculative_tokens=args.k, spec_dynamic=False, spec_synthetic_acceptance=args.acceptance, **kwargs)
+              num_speculative_tokens=args.k, spec_dynamic=False, spec_synthetic_acceptance=args.acceptance,
+              spec_device_continuation=not args.no_continuation, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     prompt = np.random.default_rng(0).integers(10, 20000 if not args.smoke else 100, size=128).tolist()
     llm.generate([prompt], params)  # warm-up

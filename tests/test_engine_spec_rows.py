@@ -50,6 +50,9 @@ def run(arch: str, setting: str, async_scheduling: bool, reference: Optional[dic
         def after_launch(self, step: object) -> None:
             pass  # its proposals are made on the host, from the reference
 
+        def release(self) -> None:
+            pass
+
     def propose(requests: list[Request]) -> None:
         assert reference is not None
         for req in requests:

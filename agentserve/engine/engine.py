@@ -244,6 +244,8 @@ class Engine:
                 log_step_failure("step result at close", e, [c.request.request_id for c in inflight.chunks])
         if self.constraints is not None:
             self.constraints.close()
+        if self.spec_proposer is not None:
+            self.spec_proposer.release()
         self.runner.close()
 
     # --- the step -----------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class SpecProposer(Protocol):
         behind a verification on the device: spec/continuation.py)."""
         ...
 
+    def release(self) -> None:
+        """Drops what it holds on the device (Engine.close)."""
+        ...
+
 
 def expected_tokens(acceptance: float, k: int) -> float:
     if acceptance >= 1.0:
@@ -197,6 +201,9 @@ class Speculation:
         if requests:
             emitted, num_accepted = verified
             self.pending = continue_proposal(draft_model, requests, rows, counts, self._step_k, emitted, num_accepted)
+
+    def release(self) -> None:
+        self.pending = None
 
     def _cap(self, request: Request, k: int) -> int:
         """k within max_tokens (the row never samples past it) and the context length."""
