@@ -37,9 +37,12 @@ from .gemv import GemvConfig, fma_program_rows, gemv_config
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 # Largest M that takes the FP8 GEMV (above it: _scaled_mm). AGENTSERVE_FP8_GEMV_MAX_M overrides it
-# for the GPU benchmark's A/B runs; the GEMV kernel itself handles any M up to GEMV_LIMIT_M.
+# for the GPU benchmark's A/B runs; the GEMV kernel itself handles any M up to GEMV_LIMIT_M. 2: an
+# FP8 draft's catch-up after every verification is a 2-token forward (spec/continuation.py), which
+# through _scaled_mm cost ~0.5 ms more per speculative iteration on the H200 than a 1-token step
+# (64 W8A8 GEMMs at ~13 us plus their per-token activation quantization, against ~8 us GEMVs).
 GEMV_LIMIT_M = 4
-GEMV_MAX_M: int = min(GEMV_LIMIT_M, int(os.environ.get("AGENTSERVE_FP8_GEMV_MAX_M", "1")))
+GEMV_MAX_M: int = min(GEMV_LIMIT_M, int(os.environ.get("AGENTSERVE_FP8_GEMV_MAX_M", "2")))
 _cpu_activation_quant = False
 
 

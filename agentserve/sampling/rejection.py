@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from agentserve.kernels.argmax import argmax_rows
 from agentserve.sampling.sampler import SamplingMetadata, draw_noise, process_logits, token_logprobs
 from agentserve.spec.metadata import SpecDecodeMetadata
 
@@ -166,7 +167,7 @@ class RejectionSampler:
             ban_rows, ban_tokens, ban_values = _expand_bans(meta, spec, num_banned_positions)
             logits = logits.index_put((ban_rows, ban_tokens), ban_values, accumulate=True)
         masked, probs = process_logits(logits, position_meta)
-        greedy_ids = masked.argmax(dim=-1)  # [T + N]
+        greedy_ids = argmax_rows(masked)  # [T + N]
 
         drafts = spec.draft_token_ids
         draft_rows = spec.draft_row_ids

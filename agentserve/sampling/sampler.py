@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from agentserve.kernels.argmax import argmax_rows
 from agentserve.kernels.token_bitmask import apply_token_bitmask
 
 _NEG_INF = float("-inf")
@@ -107,7 +108,7 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
     used once per step, whenever that happens)."""
     if noise is None:
         noise = draw_noise(probs.shape[0], probs.shape[1], generators, probs.device)
-    return probs.div(noise).argmax(dim=-1)
+    return argmax_rows(probs.div(noise))
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -148,7 +149,7 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         masked, probs = process_logits(logits, meta)
-        greedy = masked.argmax(dim=-1)
+        greedy = argmax_rows(masked)
         if probs is None:
             sampled = greedy
         else:

@@ -34,6 +34,7 @@ import torch
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
 from agentserve.grammar.interface import allocate_token_bitmask
 from agentserve.grammar.state import GrammarState
+from agentserve.kernels.argmax import argmax_rows
 from agentserve.kernels.token_bitmask import apply_token_bitmask
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
@@ -347,7 +348,7 @@ class DraftModel:
             for row, grammar in constrained:
                 grammar.fill(bitmask, row)
             apply_token_bitmask(logits, bitmask.to(self.device, non_blocking=True))
-        greedy = logits.argmax(dim=-1)
+        greedy = argmax_rows(logits)
         if all(t == 0 for t in temps):
             return greedy, None
         temperature = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self.device)
@@ -360,6 +361,6 @@ class DraftModel:
                     req.draft_generator = torch.Generator(device=self.device).manual_seed(
                         seed + req.index + _DRAFT_SEED_OFFSET)
                 noise[row].exponential_(generator=req.draft_generator)
-        sampled = q.div(noise).argmax(dim=-1)
+        sampled = argmax_rows(q.div(noise))
         is_random = torch.tensor([t > 0 for t in temps], device=self.device)
         return torch.where(is_random, sampled, greedy), q
