@@ -40,6 +40,28 @@ def test_matches_the_triton_paged_kernel_at_8b_head_shapes(tokens: int) -> None:
     torch.testing.assert_close(out.float(), ref.float(), **TOL16)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pages_to_query_heads_gather_at_8b_shapes(fp8: bool) -> None:
+    """kernels/kv_gather.py at an 8,192-token prompt (32 query / 8 kv heads of 128) against the
+    index_select + repeat_interleave it replaces, bf16 and fp8 pages."""
+    from agentserve.kernels.fp8_utils import quantize_kv_ref
+    from agentserve.kernels.kv_gather import gather_expand_triton
+
+    tokens, page = 8192, 16
+    g = torch.Generator(device=DEV).manual_seed(3)
+    k_cache = torch.randn(tokens // page + 8, page, 8, 128, device=DEV, generator=g, dtype=torch.bfloat16)
+    v_cache = torch.randn(tokens // page + 8, page, 8, 128, device=DEV, generator=g, dtype=torch.bfloat16)
+    scales: tuple[Any, Any] = (None, None)
+    if fp8:
+        scales = (torch.tensor([0.02], device=DEV), torch.tensor([0.015], device=DEV))
+        k_cache, v_cache = quantize_kv_ref(k_cache, scales[0]), quantize_kv_ref(v_cache, scales[1])
+    slots = torch.randperm(k_cache.shape[0] * page, device=DEV, generator=g)[:tokens]
+    k, v = gather_expand_triton(k_cache, v_cache, slots, 32, torch.bfloat16, *scales)
+    for got, cache, scale in ((k, k_cache, scales[0]), (v, v_cache, scales[1])):
+        want = prefill_sdpa._gather(cache, slots, scale, torch.bfloat16).transpose(0, 1).repeat_interleave(4, dim=0)
+        assert torch.equal(got, want)
+
+
 def _run(prompts: list[list[int]]) -> Any:
     with LLM(str(tiny_model_cached("llama3")), device="cuda", dtype="bfloat16", max_num_seqs=1, max_model_len=2048,
              gpu_memory_utilization=0.3) as llm:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from agentserve.kernels._triton_utils import triton_enabled_for
 from agentserve.kernels.fp8_utils import is_fp8
+from agentserve.kernels.kv_gather import gather_expand_triton
 
 PREFILL_SDPA: bool = os.environ.get("AGENTSERVE_PREFILL_ATTENTION", "sdpa") == "sdpa"
 SDPA_MIN_TOKENS = 1024
@@ -56,13 +58,17 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Causal attention of q [T, Hq, D] over the T keys and values the step wrote at slot_mapping
     (one sequence, positions 0..T-1): [T, Hq, D] in q's dtype."""
     num_tokens, num_q_heads, _ = q.shape
-    k = _gather(k_cache, slot_mapping, k_scale, q.dtype)
-    v = _gather(v_cache, slot_mapping, v_scale, q.dtype)
-    group = num_q_heads // k.shape[1]
-    # [1, H, T, D]; KV heads repeated for grouped-query attention (every backend takes equal heads).
+    # [1, H, T, D]; KV heads repeated for grouped-query attention (cuDNN takes equal heads only).
     qh = q.transpose(0, 1).unsqueeze(0)
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
+    if triton_enabled_for(q):  # one pass from the pages into the query heads' layout
+        k_heads, v_heads = gather_expand_triton(k_cache, v_cache, slot_mapping, num_q_heads, q.dtype, k_scale, v_scale)
+        kh, vh = k_heads.unsqueeze(0), v_heads.unsqueeze(0)
+    else:
+        k = _gather(k_cache, slot_mapping, k_scale, q.dtype)
+        v = _gather(v_cache, slot_mapping, v_scale, q.dtype)
+        group = num_q_heads // k.shape[1]
+        kh = k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
+        vh = v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
     if q.is_cuda:
         with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
