@@ -70,6 +70,15 @@ if [ "$MODE" = specprof ]; then
       $([ $cont = off ] && echo --no-continuation) --out "$OUT/spec_profile_$cont.json"
   done
 fi
+if [ "$MODE" = last8 ]; then
+  # Eighth session's last ~3 device minutes: the new kernels' GPU tests (split argmax, pages-to-heads
+  # gather), then TTFT's profile and the spec table with FP8 GEMV M <= 2 + the split argmax
+  # (predicted: TTFT 211.8 -> ~206 ms; A=0.8 k=4 1.66x -> ~1.80x; NOTES.md "Eighth session").
+  TMO=90 run pytest-new-kernels python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_argmax.py \
+    tests/test_gpu_prefill_sdpa.py --junitxml "$OUT/pytest_last8.xml"
+  TMO=60 run prefill-profile python3 benchmarks/prefill_profile.py --out "$OUT/prefill_profile_last8.json"
+  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec_last8.json"
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
