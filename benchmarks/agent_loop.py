@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from agent_loop_responses import TextWorkload, run_text_mode, text_workload  # noqa: E402
 from device_op_timer import DeviceOpTimer  # noqa: E402
+from step_timeline import StepTimeline, describe  # noqa: E402
 
 MODES = ("sessions", "stateless-prefix", "stateless-nocache", "responses")
 
@@ -185,7 +186,7 @@ def summarize(rec: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace, timer: DeviceOpTimer,
-                   text: Optional[TextWorkload] = None) -> dict[str, Any]:
+                   timeline: StepTimeline, text: Optional[TextWorkload] = None) -> dict[str, Any]:
     from agentserve.adapters.client import AgentClient
 
     engine = handle.engine
@@ -199,6 +200,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
     timer.take()  # what the warm-up and earlier modes moved
+    timeline.take()
     start = time.perf_counter()
     if text is not None:
         await run_text_mode(mode, handle, text, args.agents, args.turns, hint, rec)
@@ -217,6 +219,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
                swap_in_failures=st.swap_in_failures - s0[3], queued_evicted=st.queued_evicted - s0[4])
     ops = timer.take()
     out.update(ops, device_ops_share_of_wall=ops["device_ops_gpu_ms"] / (wall * 1e3))
+    out["timeline"] = timeline.take()
     pool.enable_prefix_caching = True
     return out
 
@@ -264,8 +267,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
     text = text_workload(modes, w, args.seed, engine.tokenizer)
     results: dict[str, Any] = {}
-    timer = DeviceOpTimer()
-    uninstall = timer.install()
+    timer, timeline = DeviceOpTimer(), StepTimeline()
+    uninstalls = [timer.install(), timeline.install()]
     try:
         async with running_server(config, async_engine=aeng, http_port=0 if text is not None else None) as handle:
             from agentserve.adapters.client import AgentClient
@@ -280,13 +283,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await warm.close()
             for mode in modes:
                 print(f"running {mode} ...", flush=True)
-                results[mode] = await run_mode(mode, handle, w, args, timer, text)
+                results[mode] = await run_mode(mode, handle, w, args, timer, timeline, text)
                 r = results[mode]
                 print(f"  {mode}: {r['wall_s']:.1f} s, loop p50 {r['loop_latency_ms']['p50']:.0f} ms, "
                       f"p95 {r['loop_latency_ms']['p95']:.0f} ms, prefilled/loop {r['prefilled_per_loop']:.0f}",
                       flush=True)
+                print(f"  {mode} steps: {describe(r['timeline'])}", flush=True)
     finally:
-        uninstall()
+        for undo in uninstalls:
+            undo()
         aeng.shutdown()
     if args.merge:
         prev = json.loads(Path(args.merge).read_text())

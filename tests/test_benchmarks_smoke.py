@@ -197,6 +197,10 @@ def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> Non
     assert responses["loops"] == sessions["loops"] == 4
     assert positive(sessions["prefilled_per_loop"]) and positive(responses["cached_per_loop"])
     assert abs(report["prefill_ratio_responses_over_sessions"] - 1) <= 0.05
+    # The step timeline (benchmarks/step_timeline.py) saw the mode's steps: prefills and decodes.
+    timeline = sessions["timeline"]
+    assert timeline["steps"] == timeline["steps_with_prefill"] + timeline["decode_only_steps"]
+    assert timeline["steps_with_prefill"] > 0 and positive(timeline["decode_rows_per_step"])
 
 
 def test_tp_smoke(tmp_path: Path) -> None:

@@ -1,0 +1,104 @@
+"""Where a benchmark mode's wall time goes, step by step (diagnostic for issue #16's agent loop: the
+sessions' p95 did not move when 3 s of swap work left the step's stream, so the stream's time is
+not the whole story). Wraps ModelRunner.launch: per launched step, its scheduled tokens split into
+prefill tokens and decode rows, and (on CUDA) events around the launch on the step's stream, whose
+gaps are the device's idle time between steps; wraps Engine.step for the scheduler's queue at each
+step. Read once per mode with take()."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from agentserve.engine.engine import Engine
+from agentserve.worker.model_runner import ModelRunner
+
+
+@dataclass
+class _Step:
+    host_start: float
+    prefill_tokens: int
+    decode_rows: int
+    events: Optional[tuple[torch.cuda.Event, torch.cuda.Event]]
+
+
+class StepTimeline:
+    def __init__(self) -> None:
+        self._steps: list[_Step] = []
+        self._queues: list[tuple[float, int, int]] = []  # (time, running, waiting) at each engine step
+        self._start = time.perf_counter()
+
+    def install(self) -> Callable[[], None]:
+        """Wraps ModelRunner.launch and Engine.step; returns the undo."""
+        launch, step = ModelRunner.launch, Engine.step
+        timeline = self
+
+        def timed_launch(runner: ModelRunner, chunks: list[Any], *args: Any, **kwargs: Any) -> Any:
+            decode = sum(1 for c in chunks if c.num_tokens == 1 + len(c.spec_token_ids) and c.num_sampled)
+            prefill = sum(c.num_tokens for c in chunks) - decode
+            events = None
+            if torch.cuda.is_available():
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+            out = launch(runner, chunks, *args, **kwargs)
+            if events is not None:
+                events[1].record()
+            timeline._steps.append(_Step(time.perf_counter(), prefill, decode, events))
+            return out
+
+        def queued_step(engine: Engine) -> Any:
+            s = engine.scheduler
+            timeline._queues.append((time.perf_counter(), s.num_running, s.num_waiting))
+            return step(engine)
+
+        ModelRunner.launch = timed_launch  # type: ignore[method-assign]
+        Engine.step = queued_step  # type: ignore[method-assign]
+
+        def undo() -> None:
+            ModelRunner.launch = launch  # type: ignore[method-assign]
+            Engine.step = step  # type: ignore[method-assign]
+        return undo
+
+    def take(self) -> dict[str, Any]:
+        """Summary of the steps since the last take (synchronizes the device)."""
+        steps, queues, start = self._steps, self._queues, self._start
+        self._steps, self._queues, self._start = [], [], time.perf_counter()
+        wall_ms = (self._start - start) * 1e3
+        out: dict[str, Any] = {"steps": len(steps), "wall_ms": wall_ms}
+        if not steps:
+            return out
+        with_prefill = [s for s in steps if s.prefill_tokens]
+        decode_only = [s for s in steps if not s.prefill_tokens]
+        out.update(steps_with_prefill=len(with_prefill), decode_only_steps=len(decode_only),
+                   prefill_tokens_per_prefill_step=sum(s.prefill_tokens for s in with_prefill) / max(1, len(with_prefill)),
+                   decode_rows_per_step=sum(s.decode_rows for s in steps) / len(steps),
+                   decode_rows_per_decode_only_step=sum(s.decode_rows for s in decode_only) / max(1, len(decode_only)))
+        if queues:
+            out["mean_running"] = sum(q[1] for q in queues) / len(queues)
+            out["mean_waiting"] = sum(q[2] for q in queues) / len(queues)
+        timed = [s.events for s in steps if s.events is not None]
+        if timed:
+            torch.cuda.synchronize()
+            # Busy: each step from its first queued work to its last on the stream; idle: the gaps.
+            busy = sum(a.elapsed_time(b) for a, b in timed)
+            span = timed[0][0].elapsed_time(timed[-1][1])
+            prefill_ms = sum(s.events[0].elapsed_time(s.events[1]) for s in with_prefill if s.events is not None)
+            out.update(device_span_ms=span, device_step_ms=busy, device_gap_ms=span - busy,
+                       device_prefill_step_ms=prefill_ms, device_decode_only_step_ms=busy - prefill_ms)
+        return out
+
+
+def describe(t: dict[str, Any]) -> str:
+    if not t.get("steps"):
+        return "no steps"
+    text = (f"{t['steps']} steps ({t['steps_with_prefill']} with prefill, {t['prefill_tokens_per_prefill_step']:.0f} "
+            f"prefill tokens each; {t['decode_only_steps']} decode-only, {t['decode_rows_per_decode_only_step']:.1f} "
+            f"rows each); queue: {t.get('mean_running', 0):.1f} running, {t.get('mean_waiting', 0):.1f} waiting")
+    if "device_span_ms" in t:
+        text += (f"; device: steps {t['device_step_ms']:.0f} ms (prefill steps {t['device_prefill_step_ms']:.0f}, "
+                 f"decode-only {t['device_decode_only_step_ms']:.0f}), gaps between steps {t['device_gap_ms']:.0f} ms "
+                 f"of {t['wall_ms']:.0f} ms wall")
+    return text
