@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -268,8 +269,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     text = text_workload(modes, w, args.seed, engine.tokenizer)
     results: dict[str, Any] = {}
     timer, timeline = DeviceOpTimer(), StepTimeline()
-    uninstalls = [timer.install(), timeline.install()]
-    try:
+    with contextlib.ExitStack() as installed:  # undone last to first: the timers, then the engine
+        installed.callback(aeng.shutdown)
+        installed.callback(timer.install())
+        installed.callback(timeline.install())
         async with running_server(config, async_engine=aeng, http_port=0 if text is not None else None) as handle:
             from agentserve.adapters.client import AgentClient
 
@@ -289,10 +292,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"p95 {r['loop_latency_ms']['p95']:.0f} ms, prefilled/loop {r['prefilled_per_loop']:.0f}",
                       flush=True)
                 print(f"  {mode} steps: {describe(r['timeline'])}", flush=True)
-    finally:
-        for undo in uninstalls:
-            undo()
-        aeng.shutdown()
     if args.merge:
         prev = json.loads(Path(args.merge).read_text())
         same = ("agents", "turns", "preamble_tokens", "task_tokens", "tool_tokens", "decision_tokens", "seed",
