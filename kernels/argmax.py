@@ -41,19 +41,19 @@ def _argmax_chunk_kernel(x_ptr, stride_row, n_cols, num_chunks, val_ptr, idx_ptr
 
 
 @triton.jit
-def _argmax_merge_kernel(val_ptr, idx_ptr, num_chunks, out_ptr, CHUNKS: tl.constexpr):
+def _argmax_merge_kernel(val_ptr, idx_ptr, num_chunks, out_ptr, CHUNKS: tl.constexpr, PAST_END: tl.constexpr):
     """Grid (rows,): the first index at the row's maximum over its chunks (a NaN chunk first)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CHUNKS)
     mask = offs < num_chunks
     vals = tl.load(val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(idx_ptr + row * num_chunks + offs, mask=mask, other=_INDEX_PAST_END)
+    idx = tl.load(idx_ptr + row * num_chunks + offs, mask=mask, other=PAST_END)
     is_nan = idx < 0
     if tl.max(is_nan.to(tl.int32), axis=0) > 0:
-        first = tl.min(tl.where(is_nan, -1 - idx, _INDEX_PAST_END), axis=0)
+        first = tl.min(tl.where(is_nan, -1 - idx, PAST_END), axis=0)
     else:
         best = tl.max(vals, axis=0)
-        first = tl.min(tl.where(vals == best, idx, _INDEX_PAST_END), axis=0)
+        first = tl.min(tl.where(vals == best, idx, PAST_END), axis=0)
     tl.store(out_ptr + row, first)
 
 
@@ -67,7 +67,9 @@ def argmax_triton(x: torch.Tensor) -> torch.Tensor:
     idx = torch.empty((rows, chunks), dtype=torch.int64, device=x.device)
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     _argmax_chunk_kernel[(rows, chunks)](x, x.stride(0), cols, chunks, vals, idx, CHUNK_SIZE=CHUNK, num_warps=4)
-    _argmax_merge_kernel[(rows,)](vals, idx, chunks, out, CHUNKS=next_pow2(chunks), num_warps=1)
+    # (A module global inside a compiled kernel must be a constexpr: passed as one.)
+    _argmax_merge_kernel[(rows,)](vals, idx, chunks, out, CHUNKS=next_pow2(chunks), PAST_END=_INDEX_PAST_END,
+                                  num_warps=1)
     return out
 
 

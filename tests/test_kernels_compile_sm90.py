@@ -1,0 +1,52 @@
+"""The newest Triton kernels compiled for an H100/H200 (sm_90) on this CPU machine, through Triton's
+whole pipeline to a cubin: what the interpreter cannot catch (a module global read inside a kernel
+failed the first H200 run of kernels/argmax.py) fails here, before device time is spent on it. The
+compile runs in a fresh process without TRITON_INTERPRET (the interpreter patches triton.language
+in the process that uses it). The kernels run for real in tests/test_kernels_gpu_*.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from agentserve.kernels import argmax, kv_gather
+
+    SM90 = GPUTarget("cuda", 90, 32)
+
+    def build(kernel, signature, constexprs):
+        out = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=SM90)
+        assert out.asm["cubin"], kernel.fn.__name__
+        print("compiled", kernel.fn.__name__, sorted(constexprs.items()))
+
+    for dtype in ("fp32", "bf16"):
+        build(argmax._argmax_chunk_kernel,
+              {"x_ptr": "*" + dtype, "stride_row": "i32", "n_cols": "i32", "num_chunks": "i32",
+               "val_ptr": "*fp32", "idx_ptr": "*i64", "CHUNK_SIZE": "constexpr"}, {"CHUNK_SIZE": argmax.CHUNK})
+    build(argmax._argmax_merge_kernel,
+          {"val_ptr": "*fp32", "idx_ptr": "*i64", "num_chunks": "i32", "out_ptr": "*i64",
+           "CHUNKS": "constexpr", "PAST_END": "constexpr"}, {"CHUNKS": 64, "PAST_END": argmax._INDEX_PAST_END})
+    for cache, fp8 in (("bf16", False), ("fp8e4nv", True)):
+        build(kv_gather._gather_expand_kernel,
+              {"k_cache": "*" + cache, "v_cache": "*" + cache, "slots_ptr": "*i64", "k_out": "*bf16",
+               "v_out": "*bf16", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "n_tokens": "i32",
+               "slot_stride": "i32", "head_stride": "i32", "GROUP": "constexpr", "HEAD_DIM": "constexpr",
+               "BLOCK_D": "constexpr", "TOKENS": "constexpr", "IS_FP8": "constexpr"},
+              {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "TOKENS": kv_gather.BLOCK_T, "IS_FP8": fp8})
+''')
+
+
+def test_new_kernels_compile_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 5
