@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear
+from agentserve.kernels._triton_utils import triton_enabled_for
+from agentserve.kernels.fp8_linear import FP8_DTYPE, GEMV_MAX_M, dequantize_weight, fp8_gemv_config, fp8_linear
+from agentserve.kernels.gemv_norm import FUSED_NORM_GEMV, rms_norm_gemv_triton, sms_of
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader, WeightShapeError, copy_checked
@@ -109,6 +111,20 @@ class Fp8LinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         input_scale = layer.input_scale if self.config.static_activations else None
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, input_scale)
+
+    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                             norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        weight = layer.weight
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # Where fp8_linear takes the FP8 GEMV: dynamic activations, 16-bit CUDA inputs, few rows.
+        if not (FUSED_NORM_GEMV and not self.config.static_activations and triton_enabled_for(x)
+                and x.dtype in (torch.float16, torch.bfloat16) and 0 < m <= GEMV_MAX_M
+                and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1 and norm_weight.dtype == x.dtype
+                and (residual is None or residual.dtype == x.dtype)):
+            return None
+        config = fp8_gemv_config(weight.shape[0], weight.shape[1], sms_of(x))
+        return rms_norm_gemv_triton(x, residual, norm_weight, eps, weight, config, layer.weight_scale, bias)
 
 
 def _per_shard_scalar_loader(shard_ids: tuple[Optional[ShardId], ...]) -> WeightLoader:

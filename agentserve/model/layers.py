@@ -70,4 +70,8 @@ class GatedMLP(nn.Module):
                                            tp_rank=tp_rank, all_reduce=tp.all_reduce if tp is not None else None)
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The rest after gate_up_proj (a decoder layer fuses that projection with its norm)."""
+        return self.down_proj(silu_and_mul(gate_up))

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from agentserve.kernels.gemv import linear
+from agentserve.kernels.gemv import gemv_config, linear, use_triton_gemv
+from agentserve.kernels.gemv_norm import FUSED_NORM_GEMV, rms_norm_gemv_triton, sms_of
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader
 
 
@@ -33,6 +34,14 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y = x @ W^T (+ bias) for this rank's partition."""
 
+    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                             norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(apply(rms_norm(x, residual)), the new residual) as one kernel where this method's small-batch
+        GEMV would run (kernels/gemv_norm.py, AGENTSERVE_FUSED_NORM_GEMV=1); None elsewhere, and the
+        caller runs the norm and then apply (model/norm_linear.py)."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -45,3 +54,15 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # kernels.gemv.linear: the Triton GEMV at M == 1 on CUDA (AGENTSERVE_GEMV), else F.linear.
         return linear(x, layer.weight, bias)
+
+    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                             norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        weight = layer.weight
+        if not (FUSED_NORM_GEMV and use_triton_gemv(x, weight) and norm_weight.dtype == x.dtype
+                and (residual is None or residual.dtype == x.dtype)):
+            return None
+        config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], sms_of(x))
+        if config.kind != "fma":
+            return None
+        return rms_norm_gemv_triton(x, residual, norm_weight, eps, weight, config, bias=bias)
