@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|spec8|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -34,50 +34,21 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the seventh session (2026-12-03; ~9 min): the two-op swap in (start the copy, admit the
-  # turn when it has arrived) on the GPU, then its agent-loop A/B (predicted: the step's stream
-  # device-op time 9.7 s -> ~1-2 s, sessions p95 ~8.2 s -> ~6-6.5 s) with stateless + prefix
-  # caching for the p95 ratio, then the 512-adapter LoRA run after the split-K tweak.
-  TMO=100 run pytest-swap-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    --junitxml "$OUT/pytest_swap_streams_gpu.xml"
-  for streams in 1 0; do
-    AGENTSERVE_SWAP_STREAMS=$streams TMO=110 run "agent-loop-sessions-streams$streams" python3 benchmarks/agent_loop.py \
-      $DUMMY --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams$streams.json"
+  # Left by the eighth session (2026-12-03; ~9 min), predictions in NOTES.md "Eighth session":
+  # the new kernels' GPU tests (split argmax fixed after its compile failure, fused norm + GEMV),
+  # then spec.py with FP8 GEMV M <= 2 + the split argmax, and the fused norm's A/B on the spec
+  # table and one stream (predicted A=0.8 k=4 ~1.80x -> ~1.87x; one stream ~241 -> ~250 tok/s),
+  # then the agent loop's sessions mode with its new step timeline (where the 43 s go).
+  TMO=200 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_argmax.py \
+    tests/test_kernels_gpu_gemv_norm.py tests/test_gpu_spec.py --junitxml "$OUT/pytest_next.xml"
+  for fused in 0 1; do
+    AGENTSERVE_FUSED_NORM_GEMV=$fused TMO=120 run "spec-fused$fused" python3 benchmarks/spec.py --draft-quantization fp8 \
+      --repeats 2 --batches 16 --out "$OUT/spec_fused$fused.json"
+    AGENTSERVE_FUSED_NORM_GEMV=$fused TMO=90 run "latency-fused$fused" python3 benchmarks/latency.py $DUMMY --repeats 2 \
+      --out "$OUT/latency_fused$fused.json"
   done
-  TMO=150 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes stateless-prefix \
-    --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
-  TMO=180 run lora-512 python3 benchmarks/lora.py --counts 64 --cpu-tier-adapters 512 --repeats 1 --no-record \
-    --out "$OUT/lora_512.json"
-fi
-if [ "$MODE" = spec8 ]; then
-  # Eighth session (2026-12-03; ~4 min): proposals queued on the device behind each verification
-  # (spec/continuation.py) through the graphs, then spec.py with its continuation-off A/B row
-  # (predicted: A=0.8 k=4 1.65x -> ~1.80-1.95x; NOTES.md "Eighth session").
-  TMO=240 run pytest-spec-gpu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_spec.py \
-    --junitxml "$OUT/pytest_spec_gpu.xml"
-  TMO=300 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 256 --out "$OUT/spec_s8.json"
-  TMO=150 run prefill-profile python3 benchmarks/prefill_profile.py --out "$OUT/prefill_profile_s8.json"
-  # The seventh session's two-op swap in with the copy streams on: its run in `next` hit the 110 s
-  # timeout (a cold 75 s model load); the same run with room.
-  TMO=240 run agent-loop-sessions-streams1 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_streams1.json"
-fi
-if [ "$MODE" = specprof ]; then
-  # Eighth session: the continuation moved A=0.8 k=4 only 396.9 -> 400.0 tok/s; is the iteration
-  # device-bound? Device busy / idle per verification and its kernels, continuation on and off.
-  for cont in on off; do
-    TMO=200 run "spec-profile-$cont" python3 benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8 \
-      $([ $cont = off ] && echo --no-continuation) --out "$OUT/spec_profile_$cont.json"
-  done
-fi
-if [ "$MODE" = last8 ]; then
-  # Eighth session's last ~3 device minutes: the new kernels' GPU tests (split argmax, pages-to-heads
-  # gather), then TTFT's profile and the spec table with FP8 GEMV M <= 2 + the split argmax
-  # (predicted: TTFT 211.8 -> ~206 ms; A=0.8 k=4 1.66x -> ~1.80x; NOTES.md "Eighth session").
-  TMO=90 run pytest-new-kernels python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_argmax.py \
-    tests/test_gpu_prefill_sdpa.py --junitxml "$OUT/pytest_last8.xml"
-  TMO=60 run prefill-profile python3 benchmarks/prefill_profile.py --out "$OUT/prefill_profile_last8.json"
-  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec_last8.json"
+  TMO=150 run agent-loop-sessions python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions \
+    --swap-space-gb 64 --out "$OUT/agent_loop_sessions_timeline.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
