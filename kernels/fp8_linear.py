@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
-from .gemv import GemvConfig, fma_program_rows, gemv_config
+from .gemv import GemvConfig, as_rows, fma_program_rows, gemv_config
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -173,9 +173,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep)."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, k)
     m = x2.shape[0]
     if m > GEMV_LIMIT_M or weight_q.stride(-1) != 1 or weight_q.dtype != FP8_DTYPE:
         raise ValueError(f"fp8 gemv: x {tuple(x.shape)} weight {tuple(weight_q.shape)} {weight_q.dtype} "

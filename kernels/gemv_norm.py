@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton
-from .gemv import GemvConfig
+from .gemv import GemvConfig, as_rows, fma_program_tile
 
 FUSED_NORM_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_NORM_GEMV", "0") == "1"
 
@@ -38,13 +38,7 @@ def _rms_norm_gemv_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),), the M programs of one weight block adjacent (as the fma GEMV)."""
-    pid = tl.program_id(0)
-    m = (pid % M).to(tl.int64)
-    nb = pid // M
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    m, nb, offs_n, rows, offs_k, w_ptrs = fma_program_tile(w_ptr, M, N, stride_wn, BLOCK_N, BLOCK_K)
     pdl_begin(USE_PDL)  # x and the residual are the previous kernel's output: kernels/_triton_utils.py
     # The row's statistics, over the residual sum rounded to the model dtype (rms_norm's order).
     offs_row = tl.arange(0, ROW)
@@ -94,9 +88,7 @@ def rms_norm_gemv_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm
     The norm weight and the residual have x's dtype (the caller checks)."""
     n, k = weight.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, k)
     m = x2.shape[0]
     r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     new_res = torch.empty_like(x2) if r2 is not None else x2

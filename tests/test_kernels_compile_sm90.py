@@ -1,4 +1,4 @@
-"""The newest Triton kernels compiled for an H100/H200 (sm_90) on this CPU machine, through Triton's
+"""The newest (and most recently changed) Triton kernels compiled for an H100/H200 (sm_90) on this CPU machine, through Triton's
 whole pipeline to a cubin: what the interpreter cannot catch (a module global read inside a kernel
 failed the first H200 run of kernels/argmax.py) fails here, before device time is spent on it. The
 compile runs in a fresh process without TRITON_INTERPRET (the interpreter patches triton.language
@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from agentserve.kernels import argmax, gemv_norm, kv_gather
+    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_norm, kv_gather
 
     SM90 = GPUTarget("cuda", 90, 32)
 
@@ -42,6 +42,13 @@ SCRIPT = textwrap.dedent('''
                "slot_stride": "i32", "head_stride": "i32", "GROUP": "constexpr", "HEAD_DIM": "constexpr",
                "BLOCK_D": "constexpr", "TOKENS": "constexpr", "IS_FP8": "constexpr"},
               {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "TOKENS": kv_gather.BLOCK_T, "IS_FP8": fp8})
+    # The fma GEMVs share their program set-up with the fused norm (gemv.fma_program_tile).
+    gemv_args = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+                 "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
+    tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
+    build(gemv._gemv_fma_kernel, gemv_args, tiles)
+    build(fp8_linear._fp8_gemv_kernel, {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32"}, tiles)
     for weight, residual in (("bf16", True), ("bf16", False), ("fp8e4nv", True)):
         build(gemv_norm._rms_norm_gemv_kernel,
               {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "new_res_ptr": "*bf16", "w_ptr": "*" + weight,
@@ -59,4 +66,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 8
+    assert run.stdout.count("compiled") == 10
