@@ -1,5 +1,6 @@
 """Speculation's counters over the servers: /metrics has vLLM's spec_decode names (drafts, draft tokens,
-accepted tokens in all and per position, acceptance rate, mean accepted length), consistent with the
+accepted tokens in all and per position, acceptance rate, mean accepted length, proposals continued on
+the device), consistent with the
 engine's own counts, with the target as its own draft (everything accepted)."""
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def test_spec_decode_metrics_are_exported() -> None:
         assert metrics["agentserve_spec_decode_num_draft_tokens_total"] == m.spec_num_draft_tokens
         assert metrics["agentserve_spec_decode_num_accepted_tokens_total"] == m.spec_num_accepted_tokens
         assert metrics["agentserve_spec_decode_acceptance_rate"] == 1.0
+        # Proposals after the first came from the device, behind their verification (spec/continuation.py).
+        continued = metrics["agentserve_spec_decode_num_continued_proposals_total"]
+        assert continued == m.spec_num_continued_proposals and 0 < continued < m.spec_num_drafts
         # 3 drafts + the bonus token per verification row, fewer in the last rows (max_tokens caps the drafts).
         mean = metrics["agentserve_spec_decode_mean_accepted_length"]
         assert mean == 1 + m.spec_num_accepted_tokens / m.spec_num_drafts and 3.0 < mean <= 4.0

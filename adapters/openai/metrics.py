@@ -55,6 +55,9 @@ def _spec_decode_metrics(m: EngineMetrics) -> Iterable[Any]:
     for position, accepted in enumerate(m.spec_accepted_per_position):
         per_position.add_metric([str(position)], accepted)
     yield per_position
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_continued_proposals",
+                              "Proposals queued on the device behind their verification and adopted.",
+                              value=m.spec_num_continued_proposals)
     yield GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate", "Accepted draft tokens over proposed ones.",
                             value=m.spec_acceptance_rate)
     yield GaugeMetricFamily(PREFIX + "spec_decode_mean_accepted_length",
