@@ -113,17 +113,23 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     last_draft = out.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
     ids = torch.stack([torch.where(accepted > 0, last_draft, d_last), new_token], dim=1)
     first = d_base + accepted  # P + a
-    positions = first[:, None] + torch.arange(CATCH_UP_TOKENS, device=device)[None, :]
+    # Every forward's positions at once, one row per forward (0-1: the catch-up's x_a and t; 1 + s:
+    # decode step s, feeding d_s), so each step reads a contiguous row: a few small kernels per
+    # proposal instead of a few per forward (they queue behind the verification on the device).
     # A row never attends past its own pages (a row near max_tokens reserved fewer: what it would
     # read there is not its own, and what it writes there is dropped); `bound`, the furthest any row
     # reaches, sizes the eager kernels' work.
+    positions = first[:, None] + torch.arange(num_tokens + 1, device=device)[None, :]  # [R, k + 1]
     reach = torch.clamp(d_pages * block_size, max=max_len)
+    slots = _slots(tables_i64, d_pages, positions, block_size, max_len).t().contiguous()
+    seq_lens = torch.minimum(positions + 1, reach[:, None]).t().contiguous()
+    positions = positions.clamp(max=max_len - 1).t().contiguous()
     bound = min(max(bases) + 2 * num_tokens + 1, max_len, tables.shape[1] * block_size)
     last_index = torch.arange(count, device=device) * CATCH_UP_TOKENS + CATCH_UP_TOKENS - 1
     padded = PaddedInputs(
-        input_ids=ids.reshape(-1), positions=positions.clamp(max=max_len - 1).reshape(-1),
-        slot_mapping=_slots(tables_i64, d_pages, positions, block_size, max_len).reshape(-1),
-        block_tables=tables_i32, seq_lens=torch.minimum(first + CATCH_UP_TOKENS, reach).to(torch.int32),
+        input_ids=ids.reshape(-1), positions=positions[:CATCH_UP_TOKENS].t().reshape(-1),
+        slot_mapping=slots[:CATCH_UP_TOKENS].t().reshape(-1), block_tables=tables_i32,
+        seq_lens=seq_lens[CATCH_UP_TOKENS - 1].to(torch.int32),
         real_index=torch.arange(count * CATCH_UP_TOKENS, device=device), last_index=last_index)
     hidden = draft.forward_padded(padded, CATCH_UP_TOKENS, bound)
     logits = draft.model.compute_logits(hidden.index_select(0, last_index)).float()
@@ -132,11 +138,8 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     tokens, q = draft.sample(logits, requests, temps, no_grammars)
     steps, probs = [tokens], [q]
     for step in range(1, num_tokens):
-        pos = first[:, None] + 1 + step  # d_step's position, [R, 1]
-        slots = _slots(tables_i64, d_pages, pos, block_size, max_len).squeeze(1)
-        pos = pos.squeeze(1)
-        logits = draft.forward_tokens(tokens, pos.clamp(max=max_len - 1), slots, tables_i32,
-                                      torch.minimum(pos + 1, reach), bound)
+        at = CATCH_UP_TOKENS - 1 + step  # d_step at P + a + 1 + step
+        logits = draft.forward_tokens(tokens, positions[at], slots[at], tables_i32, seq_lens[at], bound)
         tokens, q = draft.sample(logits, requests, temps, no_grammars)
         steps.append(tokens)
         probs.append(q)
