@@ -234,14 +234,21 @@ def fp8_scaled_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.T
     return y.reshape(*lead, n)
 
 
+def use_fp8_gemv(x: torch.Tensor, input_scale: Optional[torch.Tensor]) -> bool:
+    """Whether fp8_linear takes the FP8 GEMV for `x`: CUDA 16-bit activations quantized dynamically
+    (no static input scale), at most GEMV_MAX_M rows. Python-only (shapes, dtypes): graph-capture safe."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and input_scale is None
+            and 0 < m <= GEMV_MAX_M and triton_enabled_for(x))
+
+
 def fp8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                bias: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CUDA 16-bit activations: the FP8 GEMV for M <= GEMV_MAX_M (dynamic activations only), else
     _scaled_mm (falling back to the reference for shapes cuBLASLt refuses). Elsewhere: the reference."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
         return fp8_linear_ref(x, weight_q, weight_scale, bias, input_scale, quantize_input=_cpu_activation_quant)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < m <= GEMV_MAX_M and input_scale is None and triton_enabled_for(x):
+    if use_fp8_gemv(x, input_scale):
         return fp8_gemv_triton(x, weight_q, weight_scale, bias)
     if scaled_mm_supported(*weight_q.shape[::-1]):
         return fp8_scaled_mm(x, weight_q, weight_scale, bias, input_scale)

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.kernels import fp8_linear, gemv, gemv_norm, rmsnorm  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
-from agentserve.model import fp8 as fp8_model, quant  # noqa: E402
+from agentserve.model import fp8 as fp8_model, norm_linear, quant  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS  # noqa: E402
 from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
@@ -75,8 +75,8 @@ def test_engine_with_the_fused_norm_is_logprobs_close(monkeypatch: pytest.Monkey
         calls.append(1)
         return fused(*args, **kwargs)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(norm_linear, "FUSED_NORM_GEMV", True)
     for module in (quant, fp8_model):
-        monkeypatch.setattr(module, "FUSED_NORM_GEMV", True)
         monkeypatch.setattr(module, "rms_norm_gemv_triton", counted)
     got = run()
     assert calls  # the decode steps (batch 1: the Triton GEMV) took the fused kernel

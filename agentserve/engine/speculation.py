@@ -193,8 +193,8 @@ class Speculation:
         sampling = [c for c in step.chunks if c.num_sampled]
         for row, chunk in enumerate(sampling):
             req = chunk.request
-            if (chunk.spec_token_ids and not req.is_finished and can_continue(req)
-                    and req.request_id in self._reserved_for_continuation):
+            # Reserved for a continuation this step: can_continue(req) held there.
+            if chunk.spec_token_ids and not req.is_finished and req.request_id in self._reserved_for_continuation:
                 requests.append(req)
                 rows.append(row)
                 counts.append(len(chunk.spec_token_ids))

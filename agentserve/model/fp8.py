@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from agentserve.kernels._triton_utils import triton_enabled_for
-from agentserve.kernels.fp8_linear import FP8_DTYPE, GEMV_MAX_M, dequantize_weight, fp8_gemv_config, fp8_linear
-from agentserve.kernels.gemv_norm import FUSED_NORM_GEMV, rms_norm_gemv_triton, sms_of
+from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_gemv_config, fp8_linear, use_fp8_gemv
+from agentserve.kernels.gemv_norm import rms_norm_gemv_triton, sms_of
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader, WeightShapeError, copy_checked
@@ -116,12 +115,9 @@ class Fp8LinearMethod(LinearMethodBase):
                              norm_weight: torch.Tensor, eps: float,
                              bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         weight = layer.weight
-        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        # Where fp8_linear takes the FP8 GEMV: dynamic activations, 16-bit CUDA inputs, few rows.
-        if not (FUSED_NORM_GEMV and not self.config.static_activations and triton_enabled_for(x)
-                and x.dtype in (torch.float16, torch.bfloat16) and 0 < m <= GEMV_MAX_M
-                and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1 and norm_weight.dtype == x.dtype
-                and (residual is None or residual.dtype == x.dtype)):
+        input_scale = layer.input_scale if self.config.static_activations else None
+        # Only where apply would take the FP8 GEMV.
+        if not (use_fp8_gemv(x, input_scale) and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1):
             return None
         config = fp8_gemv_config(weight.shape[0], weight.shape[1], sms_of(x))
         return rms_norm_gemv_triton(x, residual, norm_weight, eps, weight, config, layer.weight_scale, bias)

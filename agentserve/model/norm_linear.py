@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from agentserve.kernels.gemv_norm import FUSED_NORM_GEMV
 from agentserve.model.layers import RMSNorm
 from agentserve.model.linear import LinearBase
 
@@ -18,7 +19,8 @@ from agentserve.model.linear import LinearBase
 def rms_norm_then_linear(norm: RMSNorm, linear: nn.Module, x: torch.Tensor,
                          residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(norm(x, residual)), the new residual)."""
-    if isinstance(linear, LinearBase):
+    if (FUSED_NORM_GEMV and isinstance(linear, LinearBase) and norm.weight.dtype == x.dtype
+            and (residual is None or residual.dtype == x.dtype)):
         fused = linear.quant_method.apply_after_rms_norm(linear, x, residual, norm.weight, norm.eps, linear.bias)
         if fused is not None:
             return fused

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from agentserve.kernels.gemv import gemv_config, linear, use_triton_gemv
-from agentserve.kernels.gemv_norm import FUSED_NORM_GEMV, rms_norm_gemv_triton, sms_of
+from agentserve.kernels.gemv_norm import rms_norm_gemv_triton, sms_of
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader
 
 
@@ -38,8 +38,9 @@ class LinearMethodBase(ABC):
                              norm_weight: torch.Tensor, eps: float,
                              bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(apply(rms_norm(x, residual)), the new residual) as one kernel where this method's small-batch
-        GEMV would run (kernels/gemv_norm.py, AGENTSERVE_FUSED_NORM_GEMV=1); None elsewhere, and the
-        caller runs the norm and then apply (model/norm_linear.py)."""
+        GEMV would run (kernels/gemv_norm.py); None elsewhere, and the caller runs the norm and then
+        apply. The caller (model/norm_linear.py) checks the flag (AGENTSERVE_FUSED_NORM_GEMV=1) and
+        that the norm weight and the residual have x's dtype."""
         return None
 
 
@@ -59,8 +60,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
                              norm_weight: torch.Tensor, eps: float,
                              bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         weight = layer.weight
-        if not (FUSED_NORM_GEMV and use_triton_gemv(x, weight) and norm_weight.dtype == x.dtype
-                and (residual is None or residual.dtype == x.dtype)):
+        if not use_triton_gemv(x, weight):  # only where apply would take the Triton GEMV
             return None
         config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], sms_of(x))
         if config.kind != "fma":
