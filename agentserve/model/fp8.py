@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_gemv_config, fp8_linear, use_fp8_gemv
-from agentserve.kernels.gemv_norm import rms_norm_gemv_triton, sms_of
+from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader, WeightShapeError, copy_checked
@@ -111,16 +112,15 @@ class Fp8LinearMethod(LinearMethodBase):
         input_scale = layer.input_scale if self.config.static_activations else None
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, input_scale)
 
-    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
-                             norm_weight: torch.Tensor, eps: float,
-                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         weight = layer.weight
         input_scale = layer.input_scale if self.config.static_activations else None
         # Only where apply would take the FP8 GEMV.
         if not (use_fp8_gemv(x, input_scale) and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1):
             return None
-        config = fp8_gemv_config(weight.shape[0], weight.shape[1], sms_of(x))
-        return rms_norm_gemv_triton(x, residual, norm_weight, eps, weight, config, layer.weight_scale, bias)
+        config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device))
+        return gemv_silu_mul_triton(x, weight, config, layer.weight_scale, bias)
 
 
 def _per_shard_scalar_loader(shard_ids: tuple[Optional[ShardId], ...]) -> WeightLoader:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from agentserve.kernels.activation import silu_and_mul
+from agentserve.kernels.gemv_silu import FUSED_SILU_GEMV
 from agentserve.kernels.rmsnorm import rms_norm
 from agentserve.model.attention import ForwardMetadata
-from agentserve.model.linear import MergedColumnParallelLinear, RowParallelLinear
+from agentserve.model.linear import LinearBase, MergedColumnParallelLinear, RowParallelLinear
 from agentserve.model.parameter import LoadableParameter, default_weight_loader
 from agentserve.parallel.shard import TPShard
 
@@ -70,8 +71,15 @@ class GatedMLP(nn.Module):
                                            tp_rank=tp_rank, all_reduce=tp.all_reduce if tp is not None else None)
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
-        return self.down(self.gate_up_proj(x))
+        return self.down_proj(self.activation(x))
 
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The rest after gate_up_proj (a decoder layer fuses that projection with its norm)."""
-        return self.down_proj(silu_and_mul(gate_up))
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x): one kernel where the projection's quant method fuses the activation into
+        its small-batch GEMV (kernels/gemv_silu.py), else the projection and then silu_and_mul. A
+        projection wrapped for LoRA (lora/layers.py) is not a LinearBase: two steps, its deltas applied."""
+        proj = self.gate_up_proj
+        if FUSED_SILU_GEMV and isinstance(proj, LinearBase):
+            fused = proj.quant_method.apply_silu_and_mul(proj, x, proj.bias)
+            if fused is not None:
+                return fused
+        return silu_and_mul(proj(x))

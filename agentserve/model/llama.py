@@ -19,7 +19,6 @@ from agentserve.model.attention import ForwardMetadata, paged_attention_layer
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentserve.model.layers import GatedMLP, RMSNorm
 from agentserve.model.linear import QKVParallelLinear, RowParallelLinear
-from agentserve.model.norm_linear import rms_norm_then_linear
 from agentserve.parallel.shard import TPShard
 
 
@@ -49,11 +48,10 @@ class Attention(nn.Module):
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
-    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
-        """`qkv`: qkv_proj's output (the decoder layer computes it with the norm before it)."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -78,11 +76,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
                 cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: ForwardMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each norm with the projection after it: one kernel at small batch (model/norm_linear.py).
-        qkv, residual = rms_norm_then_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        h = self.self_attn(qkv, positions, cos_sin, kv_cache, meta)
-        gate_up, residual = rms_norm_then_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
-        return self.mlp.down(gate_up), residual
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, meta), residual
 
 
 class CausalLM(nn.Module):

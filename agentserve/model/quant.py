@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.gemv import gemv_config, linear, use_triton_gemv
-from agentserve.kernels.gemv_norm import rms_norm_gemv_triton, sms_of
+from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader
 
 
@@ -34,13 +35,10 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y = x @ W^T (+ bias) for this rank's partition."""
 
-    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
-                             norm_weight: torch.Tensor, eps: float,
-                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(apply(rms_norm(x, residual)), the new residual) as one kernel where this method's small-batch
-        GEMV would run (kernels/gemv_norm.py); None elsewhere, and the caller runs the norm and then
-        apply. The caller (model/norm_linear.py) checks the flag (AGENTSERVE_FUSED_NORM_GEMV=1) and
-        that the norm weight and the residual have x's dtype."""
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """silu_and_mul(apply(x)) for a fused gate|up layer as one kernel where this method's small-batch
+        GEMV would run (kernels/gemv_silu.py); None elsewhere, and the caller runs the two steps."""
         return None
 
 
@@ -56,13 +54,12 @@ class UnquantizedLinearMethod(LinearMethodBase):
         # kernels.gemv.linear: the Triton GEMV at M == 1 on CUDA (AGENTSERVE_GEMV), else F.linear.
         return linear(x, layer.weight, bias)
 
-    def apply_after_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
-                             norm_weight: torch.Tensor, eps: float,
-                             bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         weight = layer.weight
         if not use_triton_gemv(x, weight):  # only where apply would take the Triton GEMV
             return None
-        config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], sms_of(x))
+        config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], num_sms(x.device))
         if config.kind != "fma":
             return None
-        return rms_norm_gemv_triton(x, residual, norm_weight, eps, weight, config, bias=bias)
+        return gemv_silu_mul_triton(x, weight, config, bias=bias)
