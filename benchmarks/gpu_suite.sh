@@ -34,21 +34,18 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the eighth session (2026-12-03; ~9 min), predictions in NOTES.md "Eighth session":
-  # the new kernels' GPU tests (split argmax fixed after its compile failure, fused norm + GEMV),
-  # then spec.py with FP8 GEMV M <= 2 + the split argmax, and the fused norm's A/B on the spec
-  # table and one stream (predicted A=0.8 k=4 ~1.80x -> ~1.87x; one stream ~241 -> ~250 tok/s),
-  # then the agent loop's sessions mode with its new step timeline (where the 43 s go).
-  TMO=200 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_argmax.py \
-    tests/test_kernels_gpu_gemv_norm.py tests/test_gpu_spec.py --junitxml "$OUT/pytest_next.xml"
-  for fused in 0 1; do
-    AGENTSERVE_FUSED_NORM_GEMV=$fused TMO=120 run "spec-fused$fused" python3 benchmarks/spec.py --draft-quantization fp8 \
-      --repeats 2 --batches 16 --out "$OUT/spec_fused$fused.json"
-    AGENTSERVE_FUSED_NORM_GEMV=$fused TMO=90 run "latency-fused$fused" python3 benchmarks/latency.py $DUMMY --repeats 2 \
-      --out "$OUT/latency_fused$fused.json"
+  # Left by the ninth session (2026-12-03; ~6 min), predictions in NOTES.md "Ninth session": the fused
+  # gate_up + SiLU GEMV and the split-KV reduce inside the split kernel (GPU tests, then one stream with
+  # both, each off, the spec table, and one stream with an adapter, whose gate_up does not fuse).
+  TMO=200 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_silu.py \
+    tests/test_kernels_gpu_attention.py --junitxml "$OUT/pytest_next.xml"
+  for flags in "" "AGENTSERVE_FUSED_SILU_GEMV=0" "AGENTSERVE_SPLIT_FUSED_REDUCE=0"; do
+    TMO=90 run "latency ${flags:-both-on}" env $flags python3 benchmarks/latency.py $DUMMY --repeats 2 \
+      --out "$OUT/latency_${flags:-on}.json"
   done
-  TMO=150 run agent-loop-sessions python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions \
-    --swap-space-gb 64 --out "$OUT/agent_loop_sessions_timeline.json"
+  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
+  TMO=150 run lora-one-stream python3 benchmarks/lora.py $DUMMY --counts 1 --cpu-tier-adapters 2 --num-requests 64 \
+    --no-record --out "$OUT/lora_one_stream.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
