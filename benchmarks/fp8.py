@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agent_loop  # noqa: E402
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
+from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
 from throughput import add_dummy_model_args, add_workload_args, make_prompts, run_ours  # noqa: E402
 
@@ -123,35 +124,6 @@ def part_weights(args: argparse.Namespace) -> dict[str, Any]:
                             "throughput": ratios["throughput"] >= TARGET_THROUGHPUT}}
 
 
-def _time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs: Any) -> float:
-    """Device microseconds per call of fn, from a CUDA graph of `iters` calls: an eager loop would time
-    the Python launch path (~20-30 us, more than these kernels take). The calls cycle through
-    `arg_sets`, copies of the weights that together exceed the L2 cache, so each call reads HBM."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and autotunes outside the capture
-        for a in arg_sets:
-            fn(*a, **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            fn(*arg_sets[i % len(arg_sets)], **kwargs)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
-# Weight copies per shape: at least this many bytes in all, 4x the H200's 50 MB L2 (the engine reads
-# each layer's weights once per step, from HBM).
-GEMV_WORKING_SET = 200 * 2**20
-
-
 def _sweep(fn: Any, arg_sets: list[tuple[Any, ...]], tiles: list[tuple[int, int, int]], k: int) -> dict[str, float]:
     """Device us per call of fn with each fma tile (rows x K / warps) whose K divides the input's."""
     from agentserve.kernels import gemv
@@ -160,7 +132,7 @@ def _sweep(fn: Any, arg_sets: list[tuple[Any, ...]], tiles: list[tuple[int, int,
     for rows_n, block_k, warps in tiles:
         if k % block_k == 0:
             cfg = gemv.GemvConfig("fma", rows_n, block_k, num_warps=warps, num_stages=1)
-            timed[f"{rows_n}x{block_k}/{warps}w"] = _time_us(fn, arg_sets, config=cfg)
+            timed[f"{rows_n}x{block_k}/{warps}w"] = time_us(fn, arg_sets, config=cfg)
     return timed
 
 
@@ -177,12 +149,12 @@ def part_gemv(args: argparse.Namespace) -> dict[str, Any]:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
         quantized = [fp8_linear.quantize_weight_per_channel(w) for w in weights]
         bf16_sets = [(x, w) for w in weights]
-        bf16_us = _time_us(gemv.gemv_triton, bf16_sets)
+        bf16_us = time_us(gemv.gemv_triton, bf16_sets)
         bf16_sweep = _sweep(gemv.gemv_triton, bf16_sets, BF16_GEMV_SWEEP, k)
         del weights, bf16_sets
         fp8_sets = [(x, wq, ws) for wq, ws in quantized]
-        fp8_us = _time_us(fp8_linear.fp8_gemv_triton, fp8_sets)
-        mm_us = _time_us(fp8_linear.fp8_scaled_mm, fp8_sets)
+        fp8_us = time_us(fp8_linear.fp8_gemv_triton, fp8_sets)
+        mm_us = time_us(fp8_linear.fp8_scaled_mm, fp8_sets)
         sweep = _sweep(fp8_linear.fp8_gemv_triton, fp8_sets, FP8_GEMV_SWEEP, k)
         best = min(sweep, key=sweep.__getitem__) if sweep else None
         bf16_best = min(bf16_sweep, key=bf16_sweep.__getitem__) if bf16_sweep else None

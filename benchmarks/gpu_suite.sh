@@ -47,6 +47,15 @@ if [ "$MODE" = next ]; then
   TMO=150 run lora-one-stream python3 benchmarks/lora.py $DUMMY --counts 1 --cpu-tier-adapters 2 --num-requests 64 \
     --no-record --out "$OUT/lora_one_stream.json"
 fi
+if [ "$MODE" = rows ]; then
+  # Ninth session (~5 min): the few-rows GEMV for the batch-1 verification (kernels/gemv_rows.py): its GPU
+  # tests, the M = 5 sweep against cuBLAS, then the spec table with it on (AGENTSERVE_GEMV_ROWS=1).
+  TMO=150 run pytest-rows python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_rows.py \
+    --junitxml "$OUT/pytest_rows.xml"
+  TMO=200 run gemv-rows python3 benchmarks/gemv_rows.py --rows 5 --out "$OUT/gemv_rows.json"
+  AGENTSERVE_GEMV_ROWS=1 TMO=120 run spec-rows python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 \
+    --batches 16 --out "$OUT/spec_rows.json"
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
+from .gemv_rows import GEMV_ROWS, ROWS_MAX_M, gemv_rows_triton
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -277,9 +278,34 @@ def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return 0 < m <= (MAX_M if _mode == "triton" else AUTO_MAX_M) and weight.stride(-1) == 1
 
 
+def use_gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear takes the weight-stationary few-rows GEMV (kernels/gemv_rows.py): AGENTSERVE_GEMV_ROWS=1,
+    "auto" mode, CUDA 16-bit, AUTO_MAX_M < M <= ROWS_MAX_M. Python-only: graph-capture safe."""
+    if not GEMV_ROWS or _mode != "auto" or not triton_enabled_for(x):
+        return False
+    if weight.dtype not in (torch.float16, torch.bfloat16) or x.dtype != weight.dtype or weight.stride(-1) != 1:
+        return False
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return AUTO_MAX_M < m <= ROWS_MAX_M
+
+
+def _precompile_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Every BLOCK_M variant (2, 4, 8 rows) of the few-rows GEMV for this weight shape, on its first
+    uncaptured call (the decode graphs of batch 2..8 and the verification may reach any of them)."""
+    key = ("rows", weight.shape, weight.dtype, bias is not None, x.device)
+    if key in _precompiled or torch.cuda.is_current_stream_capturing():
+        return
+    _precompiled.add(key)
+    for m in (2, 4, ROWS_MAX_M):
+        gemv_rows_triton(torch.zeros(m, weight.shape[1], dtype=x.dtype, device=x.device), weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, or the Triton GEMV for small-M 16-bit CUDA calls when the mode says so."""
+    """F.linear, or the Triton GEMVs for small-M 16-bit CUDA calls when the mode says so."""
     if use_triton_gemv(x, weight):
         _precompile(x, weight, bias)
         return gemv_triton(x, weight, bias)
+    if use_gemv_rows(x, weight):
+        _precompile_rows(x, weight, bias)
+        return gemv_rows_triton(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_silu, kv_gather, paged_attention
+    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_rows, gemv_silu, kv_gather, paged_attention
 
     SM90 = GPUTarget("cuda", 90, 32)
 
@@ -78,6 +78,10 @@ SCRIPT = textwrap.dedent('''
            "BLOCK_S": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr",
            "USE_PDL": "constexpr"},
           {"BLOCK_S": 64, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_N": 64, "USE_PDL": True})
+    for block_m, block_n, block_k in ((8, 4, 256), (2, 2, 2048)):
+        build(gemv_rows._gemv_rows_kernel, {**gemv_args, "BLOCK_M": "constexpr"},
+              {"HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True,
+               "USE_PDL": True})
 ''')
 
 
@@ -85,4 +89,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 12
+    assert run.stdout.count("compiled") == 14

@@ -1,0 +1,36 @@
+"""Device time of one kernel call, from a CUDA graph of many calls over weight copies larger than the L2
+(benchmarks/fp8.py --parts gemv, benchmarks/gemv_rows.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Weight copies per shape: at least this many bytes in all, 4x the H200's 50 MB L2 (the engine reads
+# each layer's weights once per step, from HBM).
+GEMV_WORKING_SET = 200 * 2**20
+
+
+def time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs: Any) -> float:
+    """Device microseconds per call of fn, from a CUDA graph of `iters` calls: an eager loop would time
+    the Python launch path (~20-30 us, more than these kernels take). The calls cycle through
+    `arg_sets`, copies of the weights that together exceed the L2 cache, so each call reads HBM."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and autotunes outside the capture
+        for a in arg_sets:
+            fn(*a, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fn(*arg_sets[i % len(arg_sets)], **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
