@@ -279,22 +279,16 @@ def _paged_attention_split_kernel(
     stride_qt, stride_qh,
     stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    out_ptr, counter_ptr, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+    KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); decode only (q_len <= 1).
     num_splits is a runtime argument so that each split count does not compile a new kernel.
 
     Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
-    the split's keys; the reduce kernel combines them with a log-sum-exp. With FUSED_REDUCE the
-    last program of each (sequence, kv head) to finish combines them itself (phase 2 without a
-    second launch): every program, empty splits included, counts itself on counter_ptr[seq, kv
-    head] after its partial stores (release), and the one that sees num_splits - 1 earlier arrivals
-    (acquire) reads the partials past L1 and writes the output of the group's query heads, then
-    puts the counter back to 0 for the next launch."""
+    the split's keys; the reduce kernel combines them with a log-sum-exp."""
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -311,13 +305,9 @@ def _paged_attention_split_kernel(
         return
     chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
     kv_start = split * chunk
-    # A split past the sequence's end holds no keys: it stores nothing (the reduce recomputes which
-    # splits exist and never reads it), but with FUSED_REDUCE it still counts its arrival.
-    has_keys = kv_start < seq_len
-    if not FUSED_REDUCE:
-        if not has_keys:
-            return
-    kv_end = tl.maximum(tl.minimum(kv_start + chunk, seq_len), kv_start)
+    if kv_start >= seq_len:
+        return  # the reduce kernel recomputes which splits exist and never reads this one
+    kv_end = tl.minimum(kv_start + chunk, seq_len)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -354,47 +344,10 @@ def _paged_attention_split_kernel(
         acc = acc * v_scale  # the partials combine linearly: scale each once here
     p_ptrs = (part_out_ptr + q_row * stride_pt + head[:, None] * stride_ph + split * stride_ps
               + offs_d[None, :])
-    store_rows = row_valid & (offs_m * 0 + kv_start < seq_len)  # has_keys, as a vector
-    tl.store(p_ptrs, acc, mask=store_rows[:, None] & d_mask[None, :])
+    tl.store(p_ptrs, acc, mask=row_valid[:, None] & d_mask[None, :])
     ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + split * stride_ms
-    tl.store(ml_ptrs, m_i, mask=store_rows)
-    tl.store(ml_ptrs + 1, l_i, mask=store_rows)
-    if FUSED_REDUCE:
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        counter = counter_ptr + seq_idx * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            tl.atomic_xchg(counter, 0)
-            for g in tl.static_range(GROUP):
-                _combine_splits(out_ptr, part_out_ptr, part_ml_ptr, q_row, kv_head * GROUP + g, seq_len, num_splits,
-                                stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh,
-                                stride_ms, BLOCK_S, HEAD_DIM, BLOCK_D, BLOCK_N, ".cg")
-
-
-@triton.jit
-def _combine_splits(out_ptr, part_out_ptr, part_ml_ptr, q_row, head, seq_len, num_splits,
-                    stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
-                    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CACHE: tl.constexpr):
-    """out = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max_s m_s) over the splits that hold
-    keys of this sequence, for one query head. CACHE: the partials' load cache modifier (".cg" reads
-    past L1, which another program's stores in the same launch do not update)."""
-    chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
-    num_valid = (seq_len + chunk - 1) // chunk  # 0 when seq_len == 0: output 0, like the reference
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_valid
-    ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + offs_s * stride_ms
-    m = tl.load(ml_ptrs, mask=s_mask, other=-1.0e30, cache_modifier=CACHE)
-    l = tl.load(ml_ptrs + 1, mask=s_mask, other=0.0, cache_modifier=CACHE)
-    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
-    p_ptrs = part_out_ptr + q_row * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
-    acc = tl.load(p_ptrs, mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0, cache_modifier=CACHE)
-    num = tl.sum(acc * w[:, None], 0)
-    den = tl.sum(l * w, 0)
-    out = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(ml_ptrs, m_i, mask=row_valid)
+    tl.store(ml_ptrs + 1, l_i, mask=row_valid)
 
 
 @triton.jit
@@ -415,9 +368,24 @@ def _paged_attention_split_reduce_kernel(
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if q_len <= 0:
         return
-    _combine_splits(out_ptr, part_out_ptr, part_ml_ptr, q_start.to(tl.int64), head, seq_len, num_splits,
-                    stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ms,
-                    BLOCK_S, HEAD_DIM, BLOCK_D, BLOCK_N, "")
+    chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
+    num_valid = (seq_len + chunk - 1) // chunk  # 0 when seq_len == 0: output 0, like the reference
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_valid
+    q_row = q_start.to(tl.int64)
+    ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + offs_s * stride_ms
+    m = tl.load(ml_ptrs, mask=s_mask, other=-1.0e30)
+    l = tl.load(ml_ptrs + 1, mask=s_mask, other=0.0)
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    p_ptrs = part_out_ptr + q_row * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
+    acc = tl.load(p_ptrs, mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,24 +440,6 @@ SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after spli
 # one stream (benchmarks/NOTES.md); AGENTSERVE_SPLIT_MIN_KEYS keeps the A/B reproducible.
 SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
-# Phase 2 inside the split kernel (its last program per sequence and kv head), not a second launch:
-# ~4.7 us per layer at batch 1 on the H200 (benchmarks/NOTES.md). AGENTSERVE_SPLIT_FUSED_REDUCE=0: two kernels.
-SPLIT_FUSED_REDUCE: bool = os.environ.get("AGENTSERVE_SPLIT_FUSED_REDUCE", "1") == "1"
-_split_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def split_arrival_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the fused reduce, one per (sequence, kv head), persistent per
-    (device, stream): each launch leaves them at zero again (the last arrival resets its counter), so
-    no memset per layer, and two streams never share one. A launch inside CUDA graph capture that finds
-    none allocates them in the graph's pool, zeroed by a memset that the graph replays."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _split_counters.get(key)
-    if counters is None or counters.numel() < size:
-        counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-        _split_counters[key] = counters
-    return counters
 
 
 def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) -> int:
@@ -628,13 +578,11 @@ def paged_attention_decode_split_triton(
     max_seq_len: int, *, num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
     block_n: Optional[int] = None, num_stages: Optional[int] = None,
     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-    fused_reduce: Optional[bool] = None,
 ) -> torch.Tensor:
     """Flash-decoding for decode-only batches (every q_len <= 1; max_query_len must be <= 1).
 
     num_splits defaults to num_kv_splits(batch, max_seq_len, ...). Correctness does not depend on
-    max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count.
-    fused_reduce (default SPLIT_FUSED_REDUCE): phase 2 in the split kernel's last programs."""
+    max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count."""
     if max_query_len > 1:
         raise ValueError("the split-KV path handles decode-only batches (max_query_len <= 1)")
     num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
@@ -660,9 +608,6 @@ def paged_attention_decode_split_triton(
     part_out = torch.empty((num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((num_tokens, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
-    fused = SPLIT_FUSED_REDUCE if fused_reduce is None else fused_reduce
-    counters = split_arrival_counters(q.device, batch * num_kv_heads) if fused else seq_lens
-    block_s = max(2, next_pow2(num_splits))
     _paged_attention_split_kernel[(batch, num_kv_heads, num_splits)](
         part_out, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
         scale * _LOG2E,
@@ -671,19 +616,16 @@ def paged_attention_decode_split_triton(
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out, counters, out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
-        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache), FUSED_REDUCE=fused, BLOCK_S=block_s,
+        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
         num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES), **pdl_launch(part_out),
     )
-    if fused:
-        return out
     _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
         out, part_out, part_ml, query_start_loc, seq_lens, num_splits,
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
-        BLOCK_S=block_s, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_S=max(2, next_pow2(num_splits)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=4 if head_dim >= 128 else 2, **pdl_launch(out),
     )
     return out

@@ -85,25 +85,20 @@ def test_unified_group_not_power_of_two_and_empty_requests() -> None:
     assert out[-1].abs().max() == 0
 
 
-@pytest.mark.parametrize("fused_reduce", [True, False])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,page_size", [(4, 4, 4), (4, 1, 8), (6, 2, 16)])
-def test_split_kv_decode(num_q_heads: int, num_kv_heads: int, page_size: int, fused_reduce: bool) -> None:
+def test_split_kv_decode(num_q_heads: int, num_kv_heads: int, page_size: int) -> None:
     batch = random_paged_batch([1, 1, 1, 1], [70, 1, 33, 130], num_q_heads, num_kv_heads, 16, page_size,
                                   torch.float32, seed=num_q_heads + page_size)
     for splits in (1, 2, 3, 8):  # 8 splits of a 2-token context: most splits are empty
         out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len,
-                                                     num_splits=splits, block_n=16, fused_reduce=fused_reduce)
+                                                     num_splits=splits, block_n=16)
         _check(batch, out, atol=1e-4)
-    if fused_reduce:  # every launch leaves its arrival counters at zero for the next one
-        assert not pa.split_arrival_counters(batch.q.device, 4 * num_kv_heads).any()
 
 
-@pytest.mark.parametrize("fused_reduce", [True, False])
-def test_split_kv_fp16_padding_rows(fused_reduce: bool) -> None:
+def test_split_kv_fp16_padding_rows() -> None:
     batch = random_paged_batch([1, 0, 1, 1], [90, 5, 40, 0], 4, 2, 32, 16, torch.float16, seed=11)
     batch.seq_lens[3] = 0  # padded decode slot
-    out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len, num_splits=4,
-                                                 fused_reduce=fused_reduce)
+    out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 1, batch.max_seq_len, num_splits=4)
     _check(batch, out, atol=2e-3, rtol=1e-2)
     assert out[-1].abs().max() == 0
 

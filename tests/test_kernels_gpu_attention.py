@@ -171,21 +171,3 @@ def test_attention_cuda_graph_replay(split: bool) -> None:
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
         ref = pa.paged_attention_ref(q, k_ref, v_ref, tables, qsl, seq_lens, scale, 1, int(seq_lens.max()))
         _assert_close(out, ref, dtype)
-
-
-def test_split_fused_reduce_equals_the_two_kernels_on_every_launch() -> None:
-    """The fused reduce (the last program of each sequence and kv head combines the splits) runs the
-    same combine as the reduce kernel over the same partials, so the outputs are bitwise equal; many
-    launches over many splits catch an arrival counted before its partials are visible, or a counter
-    not put back to zero (the launch after it would never reduce, or reduce early)."""
-    batch = random_paged_batch([1] * 4, [4000, 700, 63, 2900], 32, 8, 128, 16, torch.bfloat16, DEV, seed=9)
-    args = (*batch.args(), 128 ** -0.5, 1, batch.max_seq_len)
-    want = pa.paged_attention_decode_split_triton(*args, num_splits=32, fused_reduce=False)
-    _assert_close(want, _ref(batch, 128 ** -0.5), torch.bfloat16)
-    for splits in (32, 7, 64):
-        want = pa.paged_attention_decode_split_triton(*args, num_splits=splits, fused_reduce=False)
-        for _ in range(50):
-            got = pa.paged_attention_decode_split_triton(*args, num_splits=splits, fused_reduce=True)
-            assert torch.equal(got, want), splits
-    torch.cuda.synchronize()
-    assert not pa.split_arrival_counters(batch.q.device, 4 * 8).any()
