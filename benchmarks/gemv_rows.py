@@ -1,12 +1,16 @@
-"""The weight-stationary few-rows GEMV (kernels/gemv_rows.py) against cuBLAS and the one-row GEMV, per
-Llama-3.1-8B projection, at the M of a batch-1 speculative verification (k + 1 rows): device us per
-call from a CUDA graph over weight copies larger than the L2, with a sweep of its tiles.
+"""The GEMV's "dot" kernel (kernels/gemv.py: tl.dot over M padded to 16, weight tiles streamed through
+the software pipeline) against cuBLAS and the one-row GEMV, per Llama-3.1-8B projection, at the M of a
+batch-1 speculative verification (k + 1 rows): device us per call from a CUDA graph over weight copies
+larger than the L2, with a sweep of its tiles. (A weight-stationary fp32-FMA kernel for these rows
+measured 2.4-3x slower than cuBLAS here, compute-bound: benchmarks/RESULTS.md.)
 
-  python benchmarks/gemv_rows.py                       # M = 2, 3, 5, 8 on the GPU
+  python benchmarks/gemv_rows.py                       # M = 3, 5, 8 on the GPU
   python benchmarks/gemv_rows.py --rows 5 --out x.json
 
-Prints one line per (M, shape): cuBLAS, the one-row GEMV at M = 1 (the decode step's reference),
-the rows kernel with its default tiles and the best of the sweep, in us and TB/s; writes JSON."""
+Prints one line per (M, shape): cuBLAS, the one-row GEMV at M = 1 (the decode step's reference), the
+dot kernel with its default tiles and the best of the sweep, in us and TB/s; then, per M, the one tile
+with the lowest sum over a layer's four projections as `BEST_DOT_TILE=BLOCK_N,BLOCK_K,warps,stages`
+(what AGENTSERVE_GEMV_DOT_TILE takes); writes JSON."""
 
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
 
 # (K, N) of Llama-3.1-8B's qkv, o, gate_up, down and lm_head.
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
-# (BLOCK_N, BLOCK_K, num_warps)
-SWEEP = [(4, 256, 4), (4, 512, 8), (2, 512, 4), (2, 1024, 8), (8, 256, 8), (8, 128, 4), (1, 1024, 4), (1, 2048, 8)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+SWEEP = [(16, 256, 4, 4), (16, 512, 4, 3), (16, 128, 4, 8), (32, 128, 4, 4), (32, 256, 4, 4), (32, 256, 4, 6),
+         (32, 128, 4, 8), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 8, 3), (16, 256, 4, 6), (32, 512, 8, 3)]
 
 
 def measure(rows: list[int]) -> list[dict[str, Any]]:
-    from agentserve.kernels import gemv, gemv_rows
+    from agentserve.kernels import gemv
 
     out = []
     for k, n in SHAPES:
@@ -39,39 +44,49 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
         for m in rows:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), w) for w in weights]
             cublas = time_us(F.linear, sets)
-            default = time_us(gemv_rows.gemv_rows_triton, sets)
+            default = time_us(gemv.gemv_triton, sets)  # gemv_config's tiles ("dot" for M >= 3)
             sweep = {}
-            for block_n, block_k, warps in SWEEP:
-                if k % block_k == 0 and max(2, 1 << (m - 1).bit_length()) * block_n * block_k <= 16384:
-                    sweep[f"{block_n}x{block_k}/{warps}w"] = time_us(gemv_rows.gemv_rows_triton, sets,
-                                                                     config=(block_n, block_k, warps))
+            for block_n, block_k, warps, stages in SWEEP:
+                if k % block_k == 0:
+                    cfg = gemv.GemvConfig("dot", block_n, block_k, num_warps=warps, num_stages=stages)
+                    sweep[f"{block_n},{block_k},{warps},{stages}"] = time_us(gemv.gemv_triton, sets, config=cfg)
             best = min(sweep, key=sweep.__getitem__)
             tb = 2 * n * k / 1e6
-            row = {"m": m, "k": k, "n": n, "cublas_us": cublas, "gemv_m1_us": one, "rows_us": default,
-                   "rows_config": list(gemv_rows.rows_config(m, n, k)), "sweep_us": sweep, "best": best,
-                   "best_us": sweep[best]}
-            out.append(row)
+            out.append({"m": m, "k": k, "n": n, "cublas_us": cublas, "gemv_m1_us": one, "dot_us": default,
+                        "sweep_us": sweep, "best": best, "best_us": sweep[best]})
             print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), one-row GEMV at M=1 {one:.1f}, "
-                  f"rows {default:.1f} ({tb / default:.2f} TB/s), best {best} {sweep[best]:.1f} us", flush=True)
+                  f"dot {default:.1f} ({tb / default:.2f} TB/s), best {best} {sweep[best]:.1f} us "
+                  f"({tb / sweep[best]:.2f} TB/s)", flush=True)
         del weights
     return out
 
 
+def best_uniform_tile(rows: list[dict[str, Any]], m: int) -> tuple[str, float]:
+    """The swept tile with the lowest sum over one layer's four projections (qkv, o, gate_up, down) at M."""
+    layer = [r for r in rows if r["m"] == m and r["n"] != 128256]
+    totals = {tile: sum(r["sweep_us"].get(tile, float("inf")) for r in layer) for tile in layer[0]["sweep_us"]}
+    best = min(totals, key=totals.__getitem__)
+    return best, totals[best]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="2,3,5,8")
+    ap.add_argument("--rows", default="3,5,8")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 0
     rows = [int(r) for r in args.rows.split(",")]
-    result = {"benchmark": "gemv_rows", "device": device_name(), "rows": measure(rows)}
+    result: dict[str, Any] = {"benchmark": "gemv_rows", "device": device_name(), "rows": measure(rows), "best": {}}
     for m in rows:
-        per = [r for r in result["rows"] if r["m"] == m]
-        print(f"M={m} per 8B layer (qkv+o+gate_up+down): cuBLAS {sum(r['cublas_us'] for r in per[:4]):.1f} us, "
-              f"rows {sum(r['rows_us'] for r in per[:4]):.1f}, rows best {sum(r['best_us'] for r in per[:4]):.1f}, "
-              f"one-row GEMV at M=1 {sum(r['gemv_m1_us'] for r in per[:4]):.1f}")
+        per = [r for r in result["rows"] if r["m"] == m and r["n"] != 128256]
+        tile, total = best_uniform_tile(result["rows"], m)
+        result["best"][m] = {"tile": tile, "layer_us": total}
+        print(f"M={m} per 8B layer (qkv+o+gate_up+down): cuBLAS {sum(r['cublas_us'] for r in per):.1f} us, "
+              f"dot {sum(r['dot_us'] for r in per):.1f}, best per shape {sum(r['best_us'] for r in per):.1f}, "
+              f"best one tile {total:.1f} ({tile}), one-row GEMV at M=1 {sum(r['gemv_m1_us'] for r in per):.1f}")
+        print(f"BEST_DOT_TILE={tile}")
     write_json(result, args.out, "gemv_rows")
     return 0
 

@@ -34,27 +34,17 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the ninth session (2026-12-03; ~6 min), predictions in NOTES.md "Ninth session": the fused
-  # gate_up + SiLU GEMV and the split-KV reduce inside the split kernel (GPU tests, then one stream with
-  # both, each off, the spec table, and one stream with an adapter, whose gate_up does not fuse).
-  TMO=200 run pytest-next python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_silu.py \
-    tests/test_kernels_gpu_attention.py --junitxml "$OUT/pytest_next.xml"
-  for flags in "" "AGENTSERVE_FUSED_SILU_GEMV=0" "AGENTSERVE_SPLIT_FUSED_REDUCE=0"; do
-    TMO=90 run "latency ${flags:-both-on}" env $flags python3 benchmarks/latency.py $DUMMY --repeats 2 \
-      --out "$OUT/latency_${flags:-on}.json"
-  done
-  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
-  TMO=150 run lora-one-stream python3 benchmarks/lora.py $DUMMY --counts 1 --cpu-tier-adapters 2 --num-requests 64 \
-    --no-record --out "$OUT/lora_one_stream.json"
-fi
-if [ "$MODE" = rows ]; then
-  # Ninth session (~5 min): the few-rows GEMV for the batch-1 verification (kernels/gemv_rows.py): its GPU
-  # tests, the M = 5 sweep against cuBLAS, then the spec table with it on (AGENTSERVE_GEMV_ROWS=1).
-  TMO=150 run pytest-rows python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_rows.py \
-    --junitxml "$OUT/pytest_rows.xml"
-  TMO=200 run gemv-rows python3 benchmarks/gemv_rows.py --rows 5 --out "$OUT/gemv_rows.json"
-  AGENTSERVE_GEMV_ROWS=1 TMO=120 run spec-rows python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 \
-    --batches 16 --out "$OUT/spec_rows.json"
+  # Left by the ninth session (2026-12-03; ~5 min), predictions in NOTES.md "Ninth session": the Triton
+  # GEMV's dot kernel for the batch-1 verification's 5 rows (GPU tests; the dot tile sweep at M = 5
+  # against cuBLAS; the spec table with AGENTSERVE_GEMV_DOT_ROWS=1 and the sweep's best tile), then the
+  # pinned PCIe copy rates behind the agent loop's swaps.
+  TMO=150 run pytest-dot python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_dot_rows.py \
+    --junitxml "$OUT/pytest_dot_rows.xml"
+  TMO=200 run gemv-dot python3 benchmarks/gemv_rows.py --rows 5 --out "$OUT/gemv_dot.json"
+  tile=$(python3 -c "import json; print(json.load(open('$OUT/gemv_dot.json'))['best']['5']['tile'])")
+  AGENTSERVE_GEMV_DOT_ROWS=1 AGENTSERVE_GEMV_DOT_TILE=$tile TMO=120 run "spec-dot-$tile" python3 benchmarks/spec.py \
+    --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec_dot_rows.json"
+  TMO=60 run pcie python3 benchmarks/pcie.py --out "$OUT/pcie.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_rows, gemv_silu, kv_gather
+    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_silu, kv_gather
 
     SM90 = GPUTarget("cuda", 90, 32)
 
@@ -57,10 +57,6 @@ SCRIPT = textwrap.dedent('''
                "EVEN_K": "constexpr", "USE_PDL": "constexpr"},
               {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
                "EVEN_K": True, "USE_PDL": True})
-    for block_m, block_n, block_k in ((8, 4, 256), (2, 2, 2048)):
-        build(gemv_rows._gemv_rows_kernel, {**gemv_args, "BLOCK_M": "constexpr"},
-              {"HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True,
-               "USE_PDL": True})
 ''')
 
 
@@ -68,4 +64,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 11
+    assert run.stdout.count("compiled") == 9
