@@ -10,7 +10,7 @@ measured 2.4-3x slower than cuBLAS here, compute-bound: benchmarks/RESULTS.md.)
 Prints one line per (M, shape): cuBLAS, the one-row GEMV at M = 1 (the decode step's reference), the
 dot kernel with its default tiles and the best of the sweep, in us and TB/s; then, per M, the one tile
 with the lowest sum over a layer's four projections as `BEST_DOT_TILE=BLOCK_N,BLOCK_K,warps,stages`
-(what AGENTSERVE_GEMV_DOT_TILE takes); writes JSON."""
+(the H200 sweep of 2026-12-03 found none faster than cuBLAS at M = 5: RESULTS.md); writes JSON."""
 
 from __future__ import annotations
 

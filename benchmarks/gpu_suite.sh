@@ -34,17 +34,13 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the ninth session (2026-12-03; ~5 min), predictions in NOTES.md "Ninth session": the Triton
-  # GEMV's dot kernel for the batch-1 verification's 5 rows (GPU tests; the dot tile sweep at M = 5
-  # against cuBLAS; the spec table with AGENTSERVE_GEMV_DOT_ROWS=1 and the sweep's best tile), then the
-  # pinned PCIe copy rates behind the agent loop's swaps.
-  TMO=150 run pytest-dot python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_dot_rows.py \
-    --junitxml "$OUT/pytest_dot_rows.xml"
-  TMO=200 run gemv-dot python3 benchmarks/gemv_rows.py --rows 5 --out "$OUT/gemv_dot.json"
-  tile=$(python3 -c "import json; print(json.load(open('$OUT/gemv_dot.json'))['best']['5']['tile'])")
-  AGENTSERVE_GEMV_DOT_ROWS=1 AGENTSERVE_GEMV_DOT_TILE=$tile TMO=120 run "spec-dot-$tile" python3 benchmarks/spec.py \
-    --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec_dot_rows.json"
-  TMO=60 run pcie python3 benchmarks/pcie.py --out "$OUT/pcie.json"
+  # Left by the ninth session (2026-12-03; ~3 min), predictions in NOTES.md "Ninth session": the KV pages
+  # in one pool, so a swap's gather / scatter is one kernel per piece (the swap GPU tests, then the
+  # agent loop's sessions mode against this session's first call: p95 7,682 ms, 41.5 s).
+  TMO=60 run pytest-swap python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    --junitxml "$OUT/pytest_swap.xml"
+  TMO=150 run agent-loop-sessions python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions \
+    --swap-space-gb 64 --out "$OUT/agent_loop_sessions_pool.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

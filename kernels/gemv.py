@@ -45,13 +45,6 @@ MAX_M: int = 16          # largest M the kernels handle ("dot" pads M to 16)
 AUTO_MAX_M: int = 1      # "auto" uses Triton up to this M (measured: see the module docstring)
 FMA_MAX_M: int = 2       # "fma" up to this M, "dot" above (revisit with the GPU benchmark)
 TARGET_PROGRAMS_PER_SM: int = 4
-# "auto" mode with AGENTSERVE_GEMV_DOT_ROWS=1: the Triton kernels for AUTO_MAX_M < M <= DOT_ROWS_MAX_M as
-# well ("dot" from M = 3), for the batch-1 verification (k + 1 rows), where cuBLAS reached 2.5-4.1 TB/s
-# on the 8B's projections against 3.8-4.1 for the one-row GEMV (H200, benchmarks/gemv_rows.py). Off
-# until measured with the dot tiles swept there; AGENTSERVE_GEMV_DOT_TILE="BLOCK_N,BLOCK_K,warps,stages"
-# overrides the dot kernel's tile for every shape (the sweep's A/B).
-DOT_ROWS: bool = os.environ.get("AGENTSERVE_GEMV_DOT_ROWS", "0") == "1"
-DOT_ROWS_MAX_M: int = 8
 
 
 def set_gemv_mode(mode: str) -> None:
@@ -77,19 +70,6 @@ class GemvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-
-
-def parse_dot_tile(text: Optional[str]) -> Optional[GemvConfig]:
-    """"BLOCK_N,BLOCK_K,num_warps,num_stages" -> a "dot" GemvConfig (None for None or "")."""
-    if not text:
-        return None
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) != 4:
-        raise ValueError(f"AGENTSERVE_GEMV_DOT_TILE={text!r}: expected BLOCK_N,BLOCK_K,num_warps,num_stages")
-    return GemvConfig("dot", parts[0], parts[1], num_warps=parts[2], num_stages=parts[3])
-
-
-DOT_TILE: Optional[GemvConfig] = parse_dot_tile(os.environ.get("AGENTSERVE_GEMV_DOT_TILE"))
 
 
 def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
@@ -118,8 +98,6 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
             block_n //= 2
         block_k = min(max(64, next_pow2(k)), 4096 // block_n)
         return GemvConfig("fma", block_n, block_k, num_warps=4, num_stages=1)
-    if DOT_TILE is not None:
-        return DOT_TILE
     block_n = 128
     while block_n > 16 and cdiv(n, block_n) < want // 2:
         block_n //= 2
@@ -284,7 +262,7 @@ def _precompile(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if key in _precompiled or torch.cuda.is_current_stream_capturing():
         return
     _precompiled.add(key)
-    limit = MAX_M if _mode == "triton" else DOT_ROWS_MAX_M if DOT_ROWS else AUTO_MAX_M
+    limit = MAX_M if _mode == "triton" else AUTO_MAX_M
     for m in sorted({1, min(FMA_MAX_M + 1, limit)}):
         gemv_triton(torch.zeros(m, weight.shape[1], dtype=x.dtype, device=x.device), weight, bias)
 
@@ -299,21 +277,9 @@ def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return 0 < m <= (MAX_M if _mode == "triton" else AUTO_MAX_M) and weight.stride(-1) == 1
 
 
-def use_dot_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear takes the Triton kernels for a few rows beyond AUTO_MAX_M (AGENTSERVE_GEMV_DOT_ROWS=1,
-    "auto" mode, CUDA 16-bit, M <= DOT_ROWS_MAX_M: the batch-1 verification's k + 1 rows) instead of
-    cuBLAS. Python-only: graph-capture safe."""
-    if not DOT_ROWS or _mode != "auto" or not triton_enabled_for(x):
-        return False
-    if weight.dtype not in (torch.float16, torch.bfloat16) or x.dtype != weight.dtype or weight.stride(-1) != 1:
-        return False
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return AUTO_MAX_M < m <= DOT_ROWS_MAX_M
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, or the Triton GEMV for small-M 16-bit CUDA calls when the mode says so."""
-    if use_triton_gemv(x, weight) or use_dot_rows(x, weight):
+    if use_triton_gemv(x, weight):
         _precompile(x, weight, bias)
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)

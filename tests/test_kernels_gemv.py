@@ -126,26 +126,3 @@ def test_model_linear_keeps_state_dict_names() -> None:
 
 
 
-
-def test_dot_rows_dispatch_and_tile_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    """AGENTSERVE_GEMV_DOT_ROWS=1 sends CUDA 16-bit calls with 1 < M <= 8 to the Triton kernels ("auto"
-    mode only); AGENTSERVE_GEMV_DOT_TILE overrides the dot tile for every shape."""
-    w = torch.randn(8, 16, dtype=torch.bfloat16)
-    monkeypatch.setattr(gemv, "DOT_ROWS", True)
-    assert not gemv.use_dot_rows(torch.randn(4, 16, dtype=torch.bfloat16), w)  # CPU tensors: never
-    monkeypatch.setattr(gemv, "triton_enabled_for", lambda t: True)
-    assert gemv.use_dot_rows(torch.randn(5, 16, dtype=torch.bfloat16), w)
-    assert gemv.use_dot_rows(torch.randn(2, 16, dtype=torch.bfloat16), w)
-    assert not gemv.use_dot_rows(torch.randn(1, 16, dtype=torch.bfloat16), w)  # the one-row GEMV's
-    assert not gemv.use_dot_rows(torch.randn(9, 16, dtype=torch.bfloat16), w)  # cuBLAS
-    assert not gemv.use_dot_rows(torch.randn(4, 16), w.float())  # fp32 always goes to F.linear
-    monkeypatch.setattr(gemv, "DOT_ROWS", False)
-    assert not gemv.use_dot_rows(torch.randn(4, 16, dtype=torch.bfloat16), w)
-    tile = gemv.parse_dot_tile("32,256,4,6")
-    assert tile == gemv.GemvConfig("dot", 32, 256, num_warps=4, num_stages=6)
-    assert gemv.parse_dot_tile("") is None
-    with pytest.raises(ValueError, match="BLOCK_N,BLOCK_K,num_warps,num_stages"):
-        gemv.parse_dot_tile("32,256")
-    monkeypatch.setattr(gemv, "DOT_TILE", tile)
-    assert gemv.gemv_config(5, 4096, 4096) == tile
-    assert gemv.gemv_config(1, 4096, 4096).kind == "fma"  # the one-row tiles stay

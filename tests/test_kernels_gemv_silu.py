@@ -20,6 +20,7 @@ from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.kernels.activation import silu_and_mul_ref  # noqa: E402
 from agentserve.kernels.fp8_linear import fp8_linear_ref, quantize_weight_per_channel  # noqa: E402
 from agentserve.kernels.gemv import GemvConfig  # noqa: E402
+from helpers.calls import count_calls  # noqa: E402
 
 _INTERPRETED = HAS_TRITON and type(gemv_silu._gemv_silu_mul_kernel).__name__ == "InterpretedFunction"
 pytestmark = pytest.mark.skipif(
@@ -74,19 +75,12 @@ def test_mlp_takes_the_fused_kernel_where_the_gemv_would_run(monkeypatch: pytest
         mlp.down_proj.weight.copy_(torch.randn(64, 40) / 8)
     x = torch.randn(1, 64)
     want = silu_and_mul_ref(F.linear(x, mlp.gate_up_proj.weight))
-    calls = []
-    fused = gemv_silu.gemv_silu_mul_triton
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return fused(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(quant, "gemv_silu_mul_triton", counted)
+    calls = count_calls(monkeypatch, quant, "gemv_silu_mul_triton")
     torch.testing.assert_close(mlp.activation(x), want)  # CPU: no Triton GEMV, two steps
-    assert not calls
+    assert calls[0] == 0
     monkeypatch.setattr(quant, "use_triton_gemv", lambda x, w: True)
     torch.testing.assert_close(mlp.activation(x), want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1
+    assert calls[0] == 1
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", False)
     mlp.activation(x)
-    assert len(calls) == 1
+    assert calls[0] == 1

@@ -20,6 +20,7 @@ from agentserve.kernels._triton_utils import num_sms  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.model import fp8 as fp8_model, layers, quant  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
+from helpers.calls import count_calls  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS  # noqa: E402
 from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E402
 
@@ -61,16 +62,8 @@ def test_engine_with_the_fused_activation_is_logprobs_close(monkeypatch: pytest.
 
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", False)
     want = run()
-    calls = []
-    fused = gemv_silu.gemv_silu_mul_triton
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return fused(*args, **kwargs)  # type: ignore[arg-type]
-
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", True)
-    for module in (quant, fp8_model):
-        monkeypatch.setattr(module, "gemv_silu_mul_triton", counted)
+    calls = [count_calls(monkeypatch, module, "gemv_silu_mul_triton") for module in (quant, fp8_model)]
     got = run()
-    assert calls  # the decode steps (batch 1: the GEMVs) took the fused kernel
+    assert sum(c[0] for c in calls)  # the decode steps (batch 1: the GEMVs) took the fused kernel
     assert_close_greedy(want, got, f"fused gate_up + silu_and_mul ({quantization or 'bf16'})")

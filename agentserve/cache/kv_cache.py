@@ -1,4 +1,4 @@
-"""Device KV tensors (one K and one V tensor per layer), page copies, and CPU swap space.
+"""Device KV pages (one pool; a K and a V view per layer), page copies, and CPU swap space.
 
 The page dtype is the model's, or float8_e4m3fn with kv_cache_dtype="fp8" (the attention layers own
 the per-layer K/V scales). Copies and swaps move fp8 pages through uint8 views: the exact bits, and
@@ -35,10 +35,13 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        # One allocation [L, 2, num_blocks, ...] whose per-layer K and V views the model reads: a page
+        # copy or swap moves a page of every layer with one gather or scatter over `by_page` (page-major
+        # view, [num_blocks, L, 2, ...]) instead of one per layer and tensor (on the H200's agent loop,
+        # ~100 small kernels and their Python launches per 64 MiB piece of a swap, on the step's stream).
+        self.pool = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [(self.pool[i, 0], self.pool[i, 1])
+                                                                for i in range(num_layers)]
         # CPU swap space, slot-major ([num_swap_blocks, num_layers, 2, block_size, Hkv, D]) so that a run
         # of consecutive slots is one contiguous host range: a swap is a few large DMA copies.
         # Pinned on CUDA, so the copies are asynchronous on the stream (the step loop never waits).
@@ -61,8 +64,14 @@ class KVCache:
             self.swap_streams = None
         self._staged_in.clear()
         self.layers = []
+        self.pool = torch.empty(0)
         self.swap = torch.empty(0)
         self.num_blocks = self.num_swap_blocks = 0
+
+    def by_page(self) -> torch.Tensor:
+        """The pool's exact bits (uint8 for fp8 pages) as [num_blocks, L, 2, block_size, Hkv, D]: page-major,
+        the swap space's layout, so one index op on dim 0 gathers or scatters whole pages."""
+        return raw_bytes(self.pool).permute(2, 0, 1, 3, 4, 5)
 
     def _index(self, ids: Sequence[int]) -> torch.Tensor:
         """Page ids on the device without a host sync (a pageable copy would wait for the stream)."""
@@ -78,10 +87,8 @@ class KVCache:
             return
         index = self._index([p[0] for p in pairs] + [p[1] for p in pairs])  # one copy: sources, destinations
         src, dst = index[:len(pairs)], index[len(pairs):]
-        for k, v in self.layers:
-            k, v = raw_bytes(k), raw_bytes(v)
-            k.index_copy_(0, dst, k.index_select(0, src))
-            v.index_copy_(0, dst, v.index_select(0, src))
+        pages = self.by_page()
+        pages.index_copy_(0, dst, pages.index_select(0, src))
 
     def _runs(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> list[tuple[list[int], int, int]]:
         """Splits a swap into (device pages, first slot, slot count) pieces of consecutive slots, each at
@@ -104,9 +111,7 @@ class KVCache:
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
-            idx = self._index(blocks)
-            staged = torch.stack([torch.stack((raw_bytes(k).index_select(0, idx), raw_bytes(v).index_select(0, idx)),
-                                              dim=1) for k, v in self.layers], dim=1)  # [n, L, 2, bs, Hkv, D]
+            staged = self.by_page().index_select(0, self._index(blocks))  # [n, L, 2, bs, Hkv, D], contiguous
             host = raw_bytes(self.swap)[first:first + count]
             if self.swap_streams is not None:
                 self.swap_streams.copy_out(staged, host, range(first, first + count))
@@ -140,10 +145,7 @@ class KVCache:
         if done is not None:
             assert self.swap_streams is not None
             self.swap_streams.finish_in(rows, done)
-        idx = self._index([device_blocks[p] for p in positions])
-        for i, (k, v) in enumerate(self.layers):
-            raw_bytes(k).index_copy_(0, idx, rows[:, i, 0])
-            raw_bytes(v).index_copy_(0, idx, rows[:, i, 1])
+        self.by_page().index_copy_(0, self._index([device_blocks[p] for p in positions]), rows)
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         """swap_in's copy alone, into staging buffers kept under `ticket` until swap_in_finish. With
