@@ -34,13 +34,15 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the ninth session (2026-12-03; ~3 min), predictions in NOTES.md "Ninth session": the KV pages
-  # in one pool, so a swap's gather / scatter is one kernel per piece (the swap GPU tests, then the
-  # agent loop's sessions mode against this session's first call: p95 7,682 ms, 41.5 s).
-  TMO=60 run pytest-swap python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    --junitxml "$OUT/pytest_swap.xml"
-  TMO=150 run agent-loop-sessions python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions \
-    --swap-space-gb 64 --out "$OUT/agent_loop_sessions_pool.json"
+  # Left by the ninth session (2026-12-03; ~7 min), predictions in NOTES.md "Ninth session": split-KV at
+  # full grids for long contexts (AGENTSERVE_SPLIT_LONG=1) on the agent loop's sessions, A/B in one
+  # engine each, then stateless + prefix caching in the same call (the ratio from one machine).
+  for long in 0 1; do
+    AGENTSERVE_SPLIT_LONG=$long TMO=150 run "agent-loop-sessions-long$long" python3 benchmarks/agent_loop.py $DUMMY \
+      --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_long$long.json"
+  done
+  TMO=150 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes stateless-prefix --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

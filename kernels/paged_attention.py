@@ -440,6 +440,15 @@ SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after spli
 # one stream (benchmarks/NOTES.md); AGENTSERVE_SPLIT_MIN_KEYS keeps the A/B reproducible.
 SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
+# Long contexts at batches whose decode grid already fills the SMs (AGENTSERVE_SPLIT_LONG=1; off until
+# measured on the H200's agent loop): one program per (request, kv head) streams its whole context,
+# so the step waits for the longest request's programs (agent sessions: 2k-11k tokens side by side)
+# and for a partial last wave (batch 26 x 8 heads = 208 programs on 132 SMs). A few splits of at
+# least SPLIT_LONG_MIN_KEYS keys, for about SPLIT_LONG_WAVES waves, let the SMs share the long rows.
+SPLIT_LONG: bool = os.environ.get("AGENTSERVE_SPLIT_LONG", "0") == "1"
+SPLIT_LONG_MIN_CONTEXT: int = 4096
+SPLIT_LONG_MIN_KEYS: int = 1024
+SPLIT_LONG_WAVES: float = 4.0
 
 
 def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) -> int:
@@ -449,10 +458,14 @@ def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int)
     is below the SM count, SMs sit idle and each program streams a whole long context alone, far
     from the HBM bandwidth. Splitting each sequence into S partitions multiplies the programs by S;
     we pick S so that there are about SPLIT_TARGET_WAVES programs per SM, but never fewer than
-    SPLIT_MIN_KEYS keys per partition (short contexts gain nothing and pay the reduce kernel)."""
+    SPLIT_MIN_KEYS keys per partition (short contexts gain nothing and pay the reduce kernel). With
+    SPLIT_LONG, contexts of SPLIT_LONG_MIN_CONTEXT keys or more split at full grids too (see there)."""
     programs = max(1, batch * num_kv_heads)
     if programs >= num_sms:
-        return 1
+        if not SPLIT_LONG or max_seq_len < SPLIT_LONG_MIN_CONTEXT:
+            return 1
+        want = -(-int(SPLIT_LONG_WAVES * num_sms) // programs)
+        return max(1, min(want, max_seq_len // SPLIT_LONG_MIN_KEYS, SPLIT_MAX))
     want = int(SPLIT_TARGET_WAVES * num_sms) // programs
     by_len = max_seq_len // SPLIT_MIN_KEYS
     return max(1, min(want, by_len, SPLIT_MAX))

@@ -122,6 +122,18 @@ def test_split_heuristic() -> None:
     assert pa.num_kv_splits(1, 10**9, 1, 132) == pa.SPLIT_MAX
 
 
+def test_split_heuristic_for_long_contexts_at_full_grids(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pa.num_kv_splits(26, 16384, 8, 132) == 1  # off by default
+    monkeypatch.setattr(pa, "SPLIT_LONG", True)
+    assert pa.num_kv_splits(26, 16384, 8, 132) == 3  # 208 programs -> ~4 waves: 3 splits
+    assert pa.num_kv_splits(64, 8192, 8, 132) == 2
+    assert pa.num_kv_splits(26, 2048, 8, 132) == 1  # short contexts: unchanged
+    assert pa.num_kv_splits(26, 5000, 8, 132) == 3
+    assert pa.num_kv_splits(200, 4096, 8, 132) == 1  # 1,600 programs: ~12 waves already
+    assert pa.num_kv_splits(100, 4096, 2, 132) == 3  # 200 programs
+    assert pa.num_kv_splits(8, 8192, 8, 132) == 4  # below a full grid: the short-grid rule, as before
+
+
 def test_dispatcher_uses_reference_on_cpu() -> None:
     batch = random_paged_batch(*MIXED, 4, 2, 16, 4, torch.float32, poison=False, seed=5)
     args = (*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len)
