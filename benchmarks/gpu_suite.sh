@@ -34,7 +34,7 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the ninth session (2026-12-03; ~7 min), predictions in NOTES.md "Ninth session": split-KV at
+  # Left by the ninth session (2026-12-03; ~9 min), predictions in NOTES.md "Ninth session": split-KV at
   # full grids for long contexts (AGENTSERVE_SPLIT_LONG=1) on the agent loop's sessions, A/B in one
   # engine each, then stateless + prefix caching in the same call (the ratio from one machine).
   for long in 0 1; do
@@ -43,6 +43,9 @@ if [ "$MODE" = next ]; then
   done
   TMO=150 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes stateless-prefix --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
+  # The decode tiles at batch 1 over short contexts (one stream, verification, draft): set the best with
+  # AGENTSERVE_DECODE_BLOCK_N / AGENTSERVE_DECODE_STAGES for latency.py and spec.py in the next call.
+  TMO=200 run attention-short python3 benchmarks/attention_short.py --out "$OUT/attention_short.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -420,14 +420,18 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
     rows = max(1, max_query_len) * group
     block_m = max(min_m, min(128, next_pow2(rows)))
     if block_m <= 32:
-        return AttnConfig(block_m, 64, num_warps=4, num_stages=DECODE_NUM_STAGES)
+        return AttnConfig(block_m, DECODE_BLOCK_N, num_warps=4, num_stages=DECODE_NUM_STAGES)
     return AttnConfig(block_m, 64, num_warps=8 if block_m >= 128 else 4, num_stages=3 if head_dim <= 128 else 2)
 
 
-# Pipeline depth of the memory-bound decode/verification tiles (unified and split kernels).
-DECODE_NUM_STAGES: int = 5
-# KV tile of the split-KV kernel (keys per iteration).
-SPLIT_BLOCK_N: int = 64
+# Keys per iteration and pipeline depth of the memory-bound decode / verification tiles (unified and
+# split kernels). At batch 1 and a few hundred keys these kernels are latency-bound (~10 us per layer
+# on the H200 for ~300 keys: a chain of 64-key tiles per program); AGENTSERVE_DECODE_BLOCK_N and
+# AGENTSERVE_DECODE_STAGES override both for the H200 sweep (benchmarks/attention_short.py). A stage
+# holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need fewer stages.
+DECODE_BLOCK_N: int = int(os.environ.get("AGENTSERVE_DECODE_BLOCK_N", "64"))
+DECODE_NUM_STAGES: int = int(os.environ.get("AGENTSERVE_DECODE_STAGES", "5"))
+SPLIT_BLOCK_N: int = DECODE_BLOCK_N
 
 
 # Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
