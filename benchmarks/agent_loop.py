@@ -342,7 +342,8 @@ def print_table(report: dict[str, Any]) -> None:
     for mode, r in report["modes"].items():
         if r.get("device_ops_gpu_ms"):
             print(f"{mode}: page copies and swaps held the step's stream for {r['device_ops_gpu_ms']:.0f} ms of GPU "
-                  f"({r['device_ops_share_of_wall']:.0%} of the wall; pages {r['device_op_pages']})")
+                  f"({r['device_ops_share_of_wall']:.0%} of the wall; the host spent {r['device_ops_host_ms']:.0f} ms "
+                  f"issuing them; pages {r['device_op_pages']})")
     if "prefill_reduction_vs_nocache" in report:
         print(f"sessions prefill {report['prefill_reduction_vs_nocache']:.1f}x fewer tokens per loop than "
               f"stateless without prefix caching (target >= 5x); {report['prompt_reduction_vs_nocache']:.1f}x fewer "
