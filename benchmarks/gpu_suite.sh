@@ -37,6 +37,8 @@ if [ "$MODE" = next ]; then
   # Left by the ninth session (2026-12-03; ~9 min), predictions in NOTES.md "Ninth session": split-KV at
   # full grids for long contexts (AGENTSERVE_SPLIT_LONG=1) on the agent loop's sessions, A/B in one
   # engine each, then stateless + prefix caching in the same call (the ratio from one machine).
+  TMO=150 run pytest-split-long python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_split_long.py \
+    --junitxml "$OUT/pytest_split_long.xml"
   for long in 0 1; do
     AGENTSERVE_SPLIT_LONG=$long TMO=150 run "agent-loop-sessions-long$long" python3 benchmarks/agent_loop.py $DUMMY \
       --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_long$long.json"
