@@ -35,16 +35,15 @@ if [ "$MODE" = kernels ]; then
 fi
 if [ "$MODE" = next ]; then
   # Left by the ninth session (2026-12-03; ~9 min), predictions in NOTES.md "Ninth session": split-KV at
-  # full grids for long contexts (AGENTSERVE_SPLIT_LONG=1) on the agent loop's sessions, A/B in one
-  # engine each, then stateless + prefix caching in the same call (the ratio from one machine).
+  # full grids for long contexts (AGENTSERVE_SPLIT_LONG=1): its GPU test, the agent loop's sessions with
+  # it off, then sessions and stateless + prefix caching with it on (the ratio from one machine).
   TMO=150 run pytest-split-long python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_split_long.py \
     --junitxml "$OUT/pytest_split_long.xml"
-  for long in 0 1; do
-    AGENTSERVE_SPLIT_LONG=$long TMO=150 run "agent-loop-sessions-long$long" python3 benchmarks/agent_loop.py $DUMMY \
-      --agents 64 --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_long$long.json"
-  done
-  TMO=150 run agent-loop-prefix python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes stateless-prefix --swap-space-gb 64 --out "$OUT/agent_loop_prefix.json"
+  AGENTSERVE_SPLIT_LONG=0 TMO=150 run agent-loop-sessions-long0 python3 benchmarks/agent_loop.py $DUMMY --agents 64 \
+    --turns 8 --modes sessions --swap-space-gb 64 --out "$OUT/agent_loop_sessions_long0.json"
+  # Both modes on one engine (one model load): the ratio with split-long on.
+  AGENTSERVE_SPLIT_LONG=1 TMO=240 run agent-loop-long1 python3 benchmarks/agent_loop.py $DUMMY --agents 64 \
+    --turns 8 --modes sessions,stateless-prefix --swap-space-gb 64 --out "$OUT/agent_loop_long1.json"
   # The decode tiles at batch 1 over short contexts (one stream, verification, draft): set the best with
   # AGENTSERVE_DECODE_BLOCK_N / AGENTSERVE_DECODE_STAGES for latency.py and spec.py in the next call.
   TMO=200 run attention-short python3 benchmarks/attention_short.py --out "$OUT/attention_short.json"
