@@ -431,6 +431,8 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
 # holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need fewer stages.
 DECODE_BLOCK_N: int = int(os.environ.get("AGENTSERVE_DECODE_BLOCK_N", "64"))
 DECODE_NUM_STAGES: int = int(os.environ.get("AGENTSERVE_DECODE_STAGES", "5"))
+if DECODE_BLOCK_N < 16 or DECODE_BLOCK_N & (DECODE_BLOCK_N - 1):
+    raise ValueError(f"AGENTSERVE_DECODE_BLOCK_N={DECODE_BLOCK_N}: a power of two >= 16 (keys per KV tile)")
 SPLIT_BLOCK_N: int = DECODE_BLOCK_N
 
 

@@ -27,8 +27,9 @@ from helpers.logprobs_close import assert_close_greedy, greedy_result  # noqa: E
 pytestmark = [pytest.mark.gpu, *GPU_SKIPS]
 
 
-def test_bf16_matches_gemv_then_silu_and_mul() -> None:
-    k, n = 4096, 28672  # Llama-3.1-8B's gate_up
+@pytest.mark.parametrize("k,n", [(4096, 28672), (8192, 8192)], ids=["8b", "long-k"])
+def test_bf16_matches_gemv_then_silu_and_mul(k: int, n: int) -> None:
+    # Llama-3.1-8B's gate_up; K >= 8192 (70B-class hidden sizes) takes 2-row tiles: one output column each.
     x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
     weight = (torch.randn(n, k, device=DEV) / k ** 0.5).to(torch.bfloat16)
     config = gemv.gemv_config(1, n, k, num_sms(x.device))

@@ -42,3 +42,13 @@ def test_copy_and_swap_round_trips_every_layer(dtype: torch.dtype) -> None:
     cache.swap_in_start([6, 0], ticket=3)
     cache.swap_in_finish([2, 3], ticket=3)
     assert all(torch.equal(a, b) for a, b in zip(_pages(cache, [2, 3]), _pages(cache, [5, 6])))
+
+
+def test_copy_blocks_in_pieces_and_chained_pairs() -> None:
+    cache = _filled(torch.bfloat16)  # pages_per_copy 2: five pairs are three pieces
+    want = _pages(cache, [0, 1, 2, 3, 4])
+    cache.copy_blocks([(0, 5), (1, 6), (2, 7), (3, 8), (4, 9)])
+    assert all(torch.equal(a, b) for a, b in zip(_pages(cache, [5, 6, 7, 8, 9]), want))
+    before = _pages(cache, [1, 2])
+    cache.copy_blocks([(1, 2), (2, 3)])  # a chain: page 3 gets page 2 as it was before the copy
+    assert all(torch.equal(a, b) for a, b in zip(_pages(cache, [2, 3]), before))

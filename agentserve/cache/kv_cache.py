@@ -85,10 +85,16 @@ class KVCache:
         """Copy-on-write: page dst gets page src's contents in every layer."""
         if not pairs:
             return
-        index = self._index([p[0] for p in pairs] + [p[1] for p in pairs])  # one copy: sources, destinations
-        src, dst = index[:len(pairs)], index[len(pairs):]
         pages = self.by_page()
-        pages.index_copy_(0, dst, pages.index_select(0, src))
+        # In pieces of pages_per_copy, as swaps are: the gather holds every layer of each page it copies.
+        # Pairs that chain (a destination another pair reads) take one gather, so every source is read
+        # before any page is written (copy-on-write destinations are fresh pages: not in practice).
+        sources = {p[0] for p in pairs}
+        step = len(pairs) if any(d in sources for _, d in pairs) else self.pages_per_copy
+        for i in range(0, len(pairs), step):
+            piece = pairs[i:i + step]
+            index = self._index([p[0] for p in piece] + [p[1] for p in piece])  # one copy: sources, destinations
+            pages.index_copy_(0, index[len(piece):], pages.index_select(0, index[:len(piece)]))
 
     def _runs(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> list[tuple[list[int], int, int]]:
         """Splits a swap into (device pages, first slot, slot count) pieces of consecutive slots, each at
