@@ -13,11 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import argmax  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(argmax._argmax_chunk_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(argmax._argmax_chunk_kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,11 +21,9 @@ import pytest  # noqa: E402
 import agentserve.kernels as kernels  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from helpers.paged_batch import PagedBatch, random_paged_batch  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(pa._paged_attention_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(pa._paged_attention_kernel)
 
 SCALE = 0.37  # not 1/sqrt(D), so a kernel that ignores `scale` fails
 

@@ -24,13 +24,11 @@ from agentserve.kernels import fp8_linear as fl  # noqa: E402
 from agentserve.kernels import kv_write as kvw  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(fl._fp8_gemv_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(fl._fp8_gemv_kernel)
 
 E4M3_STEP = 2.0 ** -3  # relative spacing of e4m3 values (3 mantissa bits)
 

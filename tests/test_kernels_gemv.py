@@ -17,11 +17,10 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from agentserve.kernels import gemv  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON, cdiv  # noqa: E402
+from agentserve.kernels._triton_utils import cdiv  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(gemv._gemv_fma_kernel).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+interpreted = interpreter_only(gemv._gemv_fma_kernel)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
        torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}

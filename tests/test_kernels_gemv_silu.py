@@ -16,15 +16,13 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from agentserve.kernels import gemv_silu  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.kernels.activation import silu_and_mul_ref  # noqa: E402
 from agentserve.kernels.fp8_linear import fp8_linear_ref, quantize_weight_per_channel  # noqa: E402
 from agentserve.kernels.gemv import GemvConfig  # noqa: E402
 from helpers.calls import count_calls  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(gemv_silu._gemv_silu_mul_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(gemv_silu._gemv_silu_mul_kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -15,13 +15,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import kv_gather  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.kernels.fp8_utils import quantize_kv_ref  # noqa: E402
 from agentserve.model.prefill_sdpa import _gather  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(kv_gather._gather_expand_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(kv_gather._gather_expand_kernel)
 
 
 def reference(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, hq: int, dtype: torch.dtype,

@@ -15,12 +15,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import lora  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.interpreter import interpreter_only, is_interpreted  # noqa: E402
 from helpers.lora import assert_graph_replays_match  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(lora._lora_shrink_kernel).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+_INTERPRETED = is_interpreted(lora._lora_shrink_kernel)
+interpreted = interpreter_only(lora._lora_shrink_kernel)
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
        torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}

@@ -17,12 +17,11 @@ import pytest  # noqa: E402
 from test_kernels_lora import TOL, make_lora_case, run_reference  # noqa: E402
 
 from agentserve.kernels import lora, lora_fused  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.interpreter import interpreter_only, is_interpreted  # noqa: E402
 from helpers.lora import assert_graph_replays_match  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(lora_fused._lora_fused_kernel).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+_INTERPRETED = is_interpreted(lora_fused._lora_fused_kernel)
+interpreted = interpreter_only(lora_fused._lora_fused_kernel)
 MAX_M = lora_fused.FUSED_MAX_TOKENS
 
 

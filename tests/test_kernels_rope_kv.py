@@ -17,11 +17,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
+from helpers.interpreter import interpreter_only  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(rkv._rope_kv_write_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not _INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 set before the kernels are imported")
+pytestmark = interpreter_only(rkv._rope_kv_write_kernel)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}

@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from agentserve.kernels import lora as lora_kernels  # noqa: E402
-from agentserve.kernels._triton_utils import HAS_TRITON  # noqa: E402
 from agentserve.lora.adapter import (  # noqa: E402
     FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError, load_lora_adapter,
     lora_scaling,
@@ -28,8 +27,9 @@ from agentserve.lora.key import LoRAKey  # noqa: E402
 from agentserve.model.arch_config import ArchConfig  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from agentserve.testing.tiny import ARCHS  # noqa: E402
+from helpers.interpreter import is_interpreted  # noqa: E402
 
-_INTERPRETED = HAS_TRITON and type(lora_kernels._lora_shrink_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(lora_kernels._lora_shrink_kernel)
 
 ALL = list(LORA_TARGET_MODULES)
 

@@ -25,6 +25,7 @@ from agentserve.lora import layers as lora_layers  # noqa: E402
 from agentserve.lora.adapter import LoRAAdapterError  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from agentserve.testing.tiny import ARCHS  # noqa: E402
+from helpers.interpreter import is_interpreted  # noqa: E402
 from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy  # noqa: E402
 
 NEW_TOKENS = 6
@@ -275,7 +276,7 @@ def test_engine_through_the_triton_kernels_interpreted(adapter_dirs: dict, tmp_p
     tile map of a mixed prefill + decode batch, and match PEFT."""
     from agentserve.kernels import lora as lora_kernels
 
-    if type(lora_kernels._lora_shrink_kernel).__name__ != "InterpretedFunction":
+    if not is_interpreted(lora_kernels._lora_shrink_kernel):
         pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run this file alone)")
     monkeypatch.setattr(lora_kernels, "triton_enabled_for", lambda t: True)
     base = tiny_model_cached("qwen3")

@@ -17,16 +17,16 @@ import pytest  # noqa: E402
 from agentserve.cli import build_parser, engine_config_from_args
 from agentserve.config import LoRAConfig
 from agentserve.kernels import lora as lora_kernels
-from agentserve.kernels._triton_utils import HAS_TRITON
 from agentserve.lora.adapter import LoRAAdapterError, load_lora_adapter
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.manager import FUSED_PROJECTIONS, LoRASlotsExhaustedError, MultiLoRAManager
 from agentserve.model.arch_config import ArchConfig
 from agentserve.testing import tiny_model_cached
+from helpers.interpreter import is_interpreted
 from helpers.lora import ALL_MODULES, build_peft_adapter
 
 ARCH = "llama"
-_INTERPRETED = HAS_TRITON and type(lora_kernels._lora_shrink_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(lora_kernels._lora_shrink_kernel)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import torch
 
 from agentserve.kernels import paged_attention as pa
 from agentserve.kernels._triton_utils import HAS_TRITON
+from .interpreter import is_interpreted
 
-_INTERPRETED = HAS_TRITON and type(pa._paged_attention_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(pa._paged_attention_kernel)
 # Each GPU test module adds these to its own `pytest.mark.gpu` (benchmarks/gpu_suite.sh finds the
 # GPU modules by grepping for "mark.gpu", so the mark itself stays written in every module).
 GPU_SKIPS = [
