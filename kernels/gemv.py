@@ -129,26 +129,18 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def fma_program_tile(w_ptr, M, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """An fma GEMV program's place (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block
-    are adjacent, so the 2nd..Mth read of it hits L2): (its row m of x, its weight block, its output
-    columns, their rows clamped into range, the K offsets, the block's first weight tile pointers).
-    Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
+def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
+    adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
+    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    return m, nb, offs_n, rows, offs_k, w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-
-
-@triton.jit
-def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """An fma GEMV program (fma_program_tile's place): its row m of x, its output rows, and their
-    fp32 sums."""
-    m, nb, offs_n, rows, offs_k, w_ptrs = fma_program_tile(w_ptr, M, N, stride_wn, BLOCK_N, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
     return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
 

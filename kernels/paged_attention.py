@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
+from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import is_fp8, raw_bytes
 from .kv_write import kv_scales_or_ones
 
@@ -470,7 +470,7 @@ def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int)
     if programs >= num_sms:
         if not SPLIT_LONG or max_seq_len < SPLIT_LONG_MIN_CONTEXT:
             return 1
-        want = -(-int(SPLIT_LONG_WAVES * num_sms) // programs)
+        want = cdiv(int(SPLIT_LONG_WAVES * num_sms), programs)
         return max(1, min(want, max_seq_len // SPLIT_LONG_MIN_KEYS, SPLIT_MAX))
     want = int(SPLIT_TARGET_WAVES * num_sms) // programs
     by_len = max_seq_len // SPLIT_MIN_KEYS
