@@ -45,10 +45,10 @@ def resolve_draft_model(config: EngineConfig, arch: ArchConfig, tokenizer: Any
     vocabulary is not the target's."""
     if config.spec.method != "draft_model" or config.spec.draft_model is None:
         return None
-    from agentserve.spec.draft import check_same_vocabulary
+    from agentserve.spec.draft_vocab import check_draft_vocabulary
 
     draft_arch, draft_path = resolve_model(config, config.spec.draft_model)
-    check_same_vocabulary(arch, draft_arch, tokenizer, load_tokenizer(draft_path) if tokenizer is not None else None)
+    check_draft_vocabulary(arch, draft_arch, tokenizer, load_tokenizer(draft_path) if tokenizer is not None else None)
     return draft_arch, draft_path
 
 

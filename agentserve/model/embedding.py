@@ -59,8 +59,13 @@ class VocabParallelEmbedding(VocabParallelWeight):
             raise ValueError("a vocab-parallel embedding with tp_size > 1 needs an all_reduce")
         super().__init__(num_embeddings, embedding_dim, tp_size, tp_rank)
         self.all_reduce = all_reduce
+        # Set for a draft with fewer rows than its target's vocabulary (spec/draft_vocab.py): the target
+        # may emit a padding id past them, looked up here in the last row instead of out of bounds.
+        self.max_id: Optional[int] = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.max_id is not None:
+            input_ids = input_ids.clamp(max=self.max_id)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         in_slice = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
@@ -81,9 +86,16 @@ class ParallelLMHead(VocabParallelWeight):
         self.all_gather = all_gather
         # The Triton GEMV at M == 1 on CUDA, as before; a draft model's may be FP8 (model/fp8_lm_head.py).
         self.quant_method: LinearMethodBase = UnquantizedLinearMethod()
+        # The logits' width: the vocabulary, or a draft's target's when their tables are padded to other
+        # sizes (spec/draft_vocab.py); columns past this table's rows are -inf (never chosen).
+        self.num_logits = num_embeddings
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quant_method.apply(self, hidden)
         if self.all_gather is not None:
             logits = self.all_gather(logits)
-        return logits[..., :self.num_embeddings]  # drop the padding rows of the last slice
+        # Drop the padding rows of the last slice (and a draft's rows past its target's vocabulary).
+        logits = logits[..., :min(self.num_embeddings, self.num_logits)]
+        if self.num_logits > self.num_embeddings:
+            logits = F.pad(logits, (0, self.num_logits - self.num_embeddings), value=float("-inf"))
+        return logits

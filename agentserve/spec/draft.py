@@ -36,7 +36,7 @@ from agentserve.grammar.interface import allocate_token_bitmask
 from agentserve.grammar.state import GrammarState
 from agentserve.kernels.argmax import argmax_rows
 from agentserve.kernels.token_bitmask import apply_token_bitmask
-from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.fp8_lm_head import quantize_lm_head
@@ -46,6 +46,7 @@ from agentserve.sampling.sampler import top_k_top_p_min_p
 from agentserve.spec.device_drafts import DRAFT_ON_DEVICE
 from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_decode_inputs, build_draft_inputs
 from agentserve.spec.draft_plan import DecodeStepInputs, ProposalPlan, plan_proposal
+from agentserve.spec.draft_vocab import fit_draft_vocabulary
 
 # Catch-ups of at most this many tokens per request run as one replay of a catch-up graph (or, without
 # graphs, as that many decode steps); longer ones (a prompt) as ragged prefill forwards.
@@ -70,18 +71,6 @@ class DecodeRunner(Protocol):
             block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor: ...
 
 
-def check_same_vocabulary(target: ArchConfig, draft: ArchConfig, target_tokenizer: object,
-                          draft_tokenizer: object) -> None:
-    """Start-up check: the draft must score the target's token ids."""
-    if target.vocab_size != draft.vocab_size:
-        raise ModelLoadError(f"the draft model's vocabulary has {draft.vocab_size} entries and the target's "
-                             f"{target.vocab_size}: speculative decoding needs a draft with the target's vocabulary")
-    if target_tokenizer is not None and draft_tokenizer is not None:
-        if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():  # type: ignore[attr-defined]
-            raise ModelLoadError("the draft model's tokenizer maps tokens to other ids than the target's: "
-                                 "speculative decoding needs a draft with the target's vocabulary")
-
-
 def _truncate(scaled: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The requests' own top-k / top-p / min-p on the draft's scaled logits: q then puts its mass where
     the target's p can (any q keeps the output exact; one close to p is accepted more often)."""
@@ -101,8 +90,9 @@ def _device_tables(host_tables: np.ndarray, device: torch.device) -> torch.Tenso
 class DraftModel:
     def __init__(self, arch: ArchConfig, path: Optional[Path], dtype: torch.dtype, device: torch.device,
                  load_format: str, seed: int, max_model_len: int, block_size: int, max_tokens_per_forward: int,
-                 quantization: Optional[str] = None) -> None:
+                 target_vocab_size: int, quantization: Optional[str] = None) -> None:
         self.arch = arch
+        self.vocab_size = target_vocab_size  # its logits' width: the target's ids (spec/draft_vocab.py)
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
@@ -113,6 +103,7 @@ class DraftModel:
         self.model = build_model(arch, dtype, device, path, load_format, seed, quantization=quantization)
         if quantization == "fp8":
             quantize_lm_head(self.model.lm_head)  # proposals are verified: the head may be FP8 too
+        fit_draft_vocabulary(self.model, target_vocab_size)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.cache: Optional[KVCache] = None
@@ -269,7 +260,7 @@ class DraftModel:
     def _prefill(self, requests: list[Request], starts: list[int]) -> torch.Tensor:
         """Ragged forwards of at most max_tokens_per_forward tokens; each request's logits come from
         the forward that reaches its last known token."""
-        out = torch.empty((len(requests), self.arch.vocab_size), dtype=torch.float32, device=self.device)
+        out = torch.empty((len(requests), self.vocab_size), dtype=torch.float32, device=self.device)
         pos = list(starts)
         while any(p < r.num_tokens for p, r in zip(pos, requests)):
             budget = self.max_tokens_per_forward
@@ -344,7 +335,7 @@ class DraftModel:
         logits = logits.float().contiguous()
         constrained = [(row, g) for row, g in enumerate(grammars) if g is not None]
         if constrained:
-            bitmask = allocate_token_bitmask(len(requests), self.arch.vocab_size)
+            bitmask = allocate_token_bitmask(len(requests), self.vocab_size)
             for row, grammar in constrained:
                 grammar.fill(bitmask, row)
             apply_token_bitmask(logits, bitmask.to(self.device, non_blocking=True))

@@ -74,7 +74,7 @@ class ModelRunner:
         if draft is not None:
             self.draft = DraftModel(draft[0], draft[1], dtype, device, config.model.load_format, config.model.seed,
                                     max_model_len, self.block_size, config.scheduler.max_num_batched_tokens,
-                                    quantization=config.spec.draft_quantization)
+                                    target_vocab_size=arch.vocab_size, quantization=config.spec.draft_quantization)
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(config.spec.spec_synthetic_acceptance)
         self.num_blocks = self._decide_num_blocks()

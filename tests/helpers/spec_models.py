@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,4 +33,26 @@ def noisy_draft(arch: str, noise: float = 0.1) -> str:
     noisy = {name: w + noise * w.float().std().nan_to_num(0.0) * torch.randn(w.shape, generator=gen).to(w.dtype)
              for name, w in weights.items()}
     save_file(noisy, str(out / "model.safetensors"))
+    return str(out)
+
+
+@functools.lru_cache(maxsize=None)
+def repadded_draft(arch: str, vocab_size: int) -> str:
+    """The target itself with its embedding (and untied lm_head) cut or zero-padded to vocab_size rows: the
+    same model under another padding, as a family's small and large checkpoints are (every proposal
+    is the target's own token, so acceptance is 100% only if the ids line up)."""
+    target = tiny_model_cached(arch)
+    out = Path(tempfile.mkdtemp(prefix=f"repadded-draft-{vocab_size}-"))
+    shutil.copytree(target, out, dirs_exist_ok=True)
+    weights = load_file(str(target / "model.safetensors"))
+    for name, w in weights.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            resized = torch.zeros((vocab_size, *w.shape[1:]), dtype=w.dtype)
+            rows = min(vocab_size, w.shape[0])
+            resized[:rows] = w[:rows]
+            weights[name] = resized
+    save_file(weights, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] = vocab_size
+    (out / "config.json").write_text(json.dumps(config))
     return str(out)
