@@ -400,7 +400,8 @@ class AttnConfig:
     num_stages: int
 
 
-def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> AttnConfig:
+def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype,
+                     programs: int = 0, num_sms: int = 132) -> AttnConfig:
     """Tile sizes for the unified kernel on Hopper (head_dim 64/128; pages 16/32 — BLOCK_N need
     not match the page size because keys are gathered through the block table per key).
 
@@ -409,6 +410,8 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
       compile to mma.sync and stream K/V through cp.async. The page-id load feeding the K/V
       addresses takes one pipeline stage, so num_stages=5 is what gives K/V two buffers in flight
       (num_stages=3 leaves a single buffer: no overlap of the next tile's load with this tile's math).
+      Small grids (`programs`: requests x kv heads, at most DECODE_WIDE_MAX_WAVES per SM) take wider
+      key tiles (decode_tile).
     - Prefill uses 128 rows (FlashAttention-2's tile on Hopper; compiles to wgmma) with 8 warps,
       which keeps head_dim 128 at ~214 registers without spills.
     - fp32 (tests, tiny models) uses 16x16 tiles: fp32 operands with exact ("ieee") dots spill
@@ -420,20 +423,41 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
     rows = max(1, max_query_len) * group
     block_m = max(min_m, min(128, next_pow2(rows)))
     if block_m <= 32:
-        return AttnConfig(block_m, DECODE_BLOCK_N, num_warps=4, num_stages=DECODE_NUM_STAGES)
+        block_n, stages = decode_tile(programs, num_sms, head_dim)
+        return AttnConfig(block_m, block_n, num_warps=4, num_stages=stages)
     return AttnConfig(block_m, 64, num_warps=8 if block_m >= 128 else 4, num_stages=3 if head_dim <= 128 else 2)
 
 
 # Keys per iteration and pipeline depth of the memory-bound decode / verification tiles (unified and
-# split kernels). At batch 1 and a few hundred keys these kernels are latency-bound (~10 us per layer
-# on the H200 for ~300 keys: a chain of 64-key tiles per program); AGENTSERVE_DECODE_BLOCK_N and
-# AGENTSERVE_DECODE_STAGES override both for the H200 sweep (benchmarks/attention_short.py). A stage
-# holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need fewer stages.
-DECODE_BLOCK_N: int = int(os.environ.get("AGENTSERVE_DECODE_BLOCK_N", "64"))
-DECODE_NUM_STAGES: int = int(os.environ.get("AGENTSERVE_DECODE_STAGES", "5"))
-if DECODE_BLOCK_N < 16 or DECODE_BLOCK_N & (DECODE_BLOCK_N - 1):
-    raise ValueError(f"AGENTSERVE_DECODE_BLOCK_N={DECODE_BLOCK_N}: a power of two >= 16 (keys per KV tile)")
-SPLIT_BLOCK_N: int = DECODE_BLOCK_N
+# split kernels). A stage holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need
+# fewer stages. Small grids are latency-bound: each program walks its keys as a chain of dependent
+# load-dot-softmax-dot tiles, so fewer, wider tiles shorten it. Graph-timed on the H200 (benchmarks/
+# attention_short.py, 2026-12-03, batch 1, 128-1,000 keys, decode split and unified, the 5-query
+# verification, 8B and 1B layouts): 128 keys x 2 stages beat 64 x 5 in all 18 cases, by 1-2 us per
+# layer at 128-300 keys (8B split decode at 300 keys 8.7 -> 7.2 us, verification 13.6 -> 12.0 us)
+# and 6 us at 1,000. Large grids (the throughput batches) keep the narrow tile until measured there.
+# AGENTSERVE_DECODE_BLOCK_N / AGENTSERVE_DECODE_STAGES force one tile everywhere (A/B runs).
+DECODE_TILE_WIDE: tuple[int, int] = (128, 2)
+DECODE_TILE_NARROW: tuple[int, int] = (64, 5)
+DECODE_WIDE_MAX_WAVES: int = 8  # grids up to this many programs per SM take the wide tile
+_FORCED_BLOCK_N = os.environ.get("AGENTSERVE_DECODE_BLOCK_N")
+_FORCED_STAGES = os.environ.get("AGENTSERVE_DECODE_STAGES")
+if _FORCED_BLOCK_N is not None:
+    _n = int(_FORCED_BLOCK_N)
+    if _n < 16 or _n & (_n - 1):
+        raise ValueError(f"AGENTSERVE_DECODE_BLOCK_N={_n}: a power of two >= 16 (keys per KV tile)")
+
+
+def decode_tile(programs: int, num_sms: int, head_dim: int) -> tuple[int, int]:
+    """(keys per KV tile, pipeline stages) of a decode / verification grid of `programs` programs.
+    Head dims above 128 keep the narrow tile (two wide K and V stages would not fit shared memory)."""
+    small_grid = programs <= DECODE_WIDE_MAX_WAVES * num_sms and head_dim <= 128
+    block_n, stages = DECODE_TILE_WIDE if small_grid else DECODE_TILE_NARROW
+    if _FORCED_BLOCK_N is not None:
+        block_n = int(_FORCED_BLOCK_N)
+    if _FORCED_STAGES is not None:
+        stages = int(_FORCED_STAGES)
+    return block_n, stages
 
 
 # Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
@@ -446,12 +470,13 @@ SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after spli
 # one stream (benchmarks/NOTES.md); AGENTSERVE_SPLIT_MIN_KEYS keeps the A/B reproducible.
 SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
-# Long contexts at batches whose decode grid already fills the SMs (AGENTSERVE_SPLIT_LONG=1; off until
-# measured on the H200's agent loop): one program per (request, kv head) streams its whole context,
+# Long contexts at batches whose decode grid already fills the SMs (on by default since its H200 A/B on
+# the agent loop, 2026-12-03: decode-only steps 16.2 -> 14.2 ms, sessions p95 6.5 -> 6.2 s;
+# AGENTSERVE_SPLIT_LONG=0 turns it off): one program per (request, kv head) streams its whole context,
 # so the step waits for the longest request's programs (agent sessions: 2k-11k tokens side by side)
 # and for a partial last wave (batch 26 x 8 heads = 208 programs on 132 SMs). A few splits of at
 # least SPLIT_LONG_MIN_KEYS keys, for about SPLIT_LONG_WAVES waves, let the SMs share the long rows.
-SPLIT_LONG: bool = os.environ.get("AGENTSERVE_SPLIT_LONG", "0") == "1"
+SPLIT_LONG: bool = os.environ.get("AGENTSERVE_SPLIT_LONG", "1") == "1"
 SPLIT_LONG_MIN_CONTEXT: int = 4096
 SPLIT_LONG_MIN_KEYS: int = 1024
 SPLIT_LONG_WAVES: float = 4.0
@@ -530,8 +555,9 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
     group = num_q_heads // num_kv_heads
     tiles = {}
     mql = 1
-    while True:  # one representative query length per tile shape
-        tiles.setdefault(attention_config(head_dim, group, mql, dtype), mql)
+    while True:  # one representative query length per tile shape, small grids' and large grids' tiles
+        for programs in (0, 1 << 30):
+            tiles.setdefault(attention_config(head_dim, group, mql, dtype, programs=programs), mql)
         if mql >= max_query_len:
             break
         mql = min(2 * mql, max_query_len)
@@ -544,7 +570,7 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
             paged_attention_triton(
                 q, k_cache, v_cache, torch.zeros((b, 1), dtype=torch.int32, device=device),
                 torch.arange(b + 1, dtype=torch.int32, device=device), torch.ones(b, dtype=torch.int32, device=device),
-                1.0, mql, 1, k_scale=ones, v_scale=ones)
+                1.0, mql, 1, config=cfg, k_scale=ones, v_scale=ones)
     return len(tiles) * len(batches)
 
 
@@ -568,7 +594,8 @@ def paged_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_tokens, batch = q.shape[0], seq_lens.shape[0]
-    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype)
+    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype, programs=batch * num_kv_heads,
+                                     num_sms=num_sms(q.device))
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} must be >= the GQA group size {group}")
     block_q = cfg.block_m // group
@@ -618,9 +645,10 @@ def paged_attention_decode_split_triton(
     if num_splits is None:
         num_splits = num_kv_splits(batch, max_seq_len, num_kv_heads, num_sms(q.device))
     num_splits = max(1, min(int(num_splits), SPLIT_MAX))
-    if block_n is None:
-        block_n = 16 if q.dtype == torch.float32 else SPLIT_BLOCK_N
     fp32 = q.dtype == torch.float32
+    tile_n, tile_stages = decode_tile(batch * num_kv_heads * num_splits, num_sms(q.device), head_dim)
+    if block_n is None:
+        block_n = 16 if fp32 else tile_n
     block_d = max(16, next_pow2(head_dim))
     # Partials in fp32: [T, Hq, S, D] accumulators and [T, Hq, S, 2] (max, sum). Shapes depend on
     # Python ints only, so this allocation is legal inside CUDA graph capture.
@@ -638,7 +666,7 @@ def paged_attention_decode_split_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
         DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
-        num_warps=4, num_stages=2 if fp32 else (num_stages or DECODE_NUM_STAGES), **pdl_launch(part_out),
+        num_warps=4, num_stages=2 if fp32 else (num_stages or tile_stages), **pdl_launch(part_out),
     )
     _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
         out, part_out, part_ml, query_start_loc, seq_lens, num_splits,

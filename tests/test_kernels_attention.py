@@ -107,7 +107,8 @@ def test_split_kv_rejects_multi_token_queries() -> None:
         pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 2, batch.max_seq_len)
 
 
-def test_split_heuristic() -> None:
+def test_split_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pa, "SPLIT_LONG", False)  # the short-grid rule alone (the long rule: below)
     # Llama-3.1-8B on an H100: 8 kv heads, 132 SMs.
     assert pa.use_split_kv(1, 8192, 8, 132)
     assert pa.num_kv_splits(1, 8192, 8, 132) == 33  # capped by ~SPLIT_TARGET_WAVES programs per SM
@@ -121,7 +122,8 @@ def test_split_heuristic() -> None:
 
 
 def test_split_heuristic_for_long_contexts_at_full_grids(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert pa.num_kv_splits(26, 16384, 8, 132) == 1  # off by default
+    monkeypatch.setattr(pa, "SPLIT_LONG", False)
+    assert pa.num_kv_splits(26, 16384, 8, 132) == 1  # AGENTSERVE_SPLIT_LONG=0: a full grid never splits
     monkeypatch.setattr(pa, "SPLIT_LONG", True)
     assert pa.num_kv_splits(26, 16384, 8, 132) == 3  # 208 programs -> ~4 waves: 3 splits
     assert pa.num_kv_splits(64, 8192, 8, 132) == 2
@@ -130,6 +132,19 @@ def test_split_heuristic_for_long_contexts_at_full_grids(monkeypatch: pytest.Mon
     assert pa.num_kv_splits(200, 4096, 8, 132) == 1  # 1,600 programs: ~12 waves already
     assert pa.num_kv_splits(100, 4096, 2, 132) == 3  # 200 programs
     assert pa.num_kv_splits(8, 8192, 8, 132) == 4  # below a full grid: the short-grid rule, as before
+
+
+def test_decode_tile_is_wide_on_small_grids_only() -> None:
+    wide, narrow = pa.DECODE_TILE_WIDE, pa.DECODE_TILE_NARROW
+    assert wide[0] > narrow[0]
+    assert pa.decode_tile(8, 132, 128) == wide  # batch 1, 8 kv heads
+    assert pa.decode_tile(26 * 8 * 3, 132, 128) == wide  # the agent loop's long-context split grid
+    assert pa.decode_tile(256 * 8, 132, 128) == narrow  # a throughput batch
+    assert pa.decode_tile(8, 132, 256) == narrow  # two wide stages of 256-dim keys would not fit
+    bf16 = torch.bfloat16
+    assert pa.attention_config(128, 4, 5, bf16, programs=8).block_n == wide[0]  # batch-1 verification
+    assert pa.attention_config(128, 4, 1, bf16, programs=4096).block_n == narrow[0]
+    assert pa.attention_config(128, 4, 512, bf16, programs=8).block_n == 64  # prefill tiles do not move
 
 
 def test_dispatcher_uses_reference_on_cpu() -> None:
