@@ -3,9 +3,11 @@ from a CUDA graph over separate caches (graph_timer.time_us), on the Llama-3.1-8
 
 - decode_long: 27 decode rows over 2k-11k-token contexts (the agent loop's decode-only steps), split at
   the engine's count (SPLIT_LONG) and unsplit, per decode tile (BLOCK_N x stages);
-- mixed_long: the same 26 decode rows plus 8 prefill chunks of 200 tokens over 2k-11k-token contexts
-  (the agent loop's steps with prefill: ~1,600 new tokens), per prefill tile (BLOCK_M x BLOCK_N x warps x
-  stages), with the effective attention TFLOP/s;
+- prefill tiles (BLOCK_M x BLOCK_N x warps x stages), with the effective attention TFLOP/s: mixed_long
+  (26 decode rows plus 8 prefill chunks of 200 tokens over 2k-11k-token contexts) and mixed_turns (the
+  same decode rows plus turns of 1,100 and 560 tokens: the agent loop's steps with prefill, ~1,660 new
+  tokens each), a 2,048-token chunk after 6,144 cached tokens, a whole 8,192-token prompt, and 16
+  prompts of 64-512 tokens (the throughput workload's prefill);
 - decode_batch256: 256 decode rows over 64-512-token contexts (the throughput workload), per decode tile.
 
   python benchmarks/attention_mixed.py [--out x.json]
@@ -31,9 +33,9 @@ from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels._triton_utils import num_sms  # noqa: E402
 
 DECODE_TILES = [(64, 5), (64, 3), (128, 3), (128, 2), (256, 2)]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the engine's prefill tile.
-PREFILL_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 4, 4),
-                 (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the engine's prefill tile, the second the earlier one.
+PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (64, 128, 4, 2),
+                 (64, 32, 4, 4), (32, 64, 4, 3)]
 SETS = 4  # separate caches per graph (each set is larger than the L2)
 
 
@@ -77,19 +79,29 @@ def decode_rows(name: str, shape: Shape, ctx: list[int], split: bool) -> dict[st
     return row
 
 
-def mixed_rows(shape: Shape) -> dict[str, Any]:
-    prefill_ctx = _contexts(8, 2000, 11000, 1)
-    decode_ctx = _contexts(26, 2000, 11000, 2)
-    q_lens = [200] * 8 + [1] * 26
-    sets = _sets(shape, q_lens, prefill_ctx + decode_ctx)
-    flops = sum(4 * q * (c + q / 2) * shape.num_q_heads * shape.head_dim
-                for q, c in zip(q_lens, prefill_ctx + decode_ctx))
-    row: dict[str, Any] = {"case": "mixed_long", "prefill_tokens": 1600, "decode_rows": 26, "gflop": flops / 1e9,
+def prefill_rows(shape: Shape, case: str, q_lens: list[int], ctx_lens: list[int]) -> dict[str, Any]:
+    """One step's prefill-tile attention: us per layer per tile and the effective TFLOP/s (causal)."""
+    sets = _sets(shape, q_lens, ctx_lens)
+    flops = sum(4 * q * (c + q / 2) * shape.num_q_heads * shape.head_dim for q, c in zip(q_lens, ctx_lens))
+    row: dict[str, Any] = {"case": case, "new_tokens": sum(q_lens), "rows": len(q_lens), "gflop": flops / 1e9,
                            "tiles": {}}
     for m, n, warps, stages in PREFILL_TILES:
         t = _timed(pa.paged_attention_triton, sets, config=pa.AttnConfig(m, n, warps, stages))
         row["tiles"][f"{m}x{n}w{warps}s{stages}"] = t
     return row
+
+
+def prefill_cases() -> list[tuple[str, list[int], list[int]]]:
+    """(case, new tokens per row, cached tokens per row): the agent loop's mixed steps, a chunk of a long
+    prompt after 6k cached tokens, a whole 8k prompt (the unified path when SDPA does not take it),
+    and the throughput workload's prompts (16 of 64-512 tokens, nothing cached)."""
+    short = _contexts(16, 64, 512, 5)
+    decode_ctx = _contexts(26, 2000, 11000, 2)
+    return [("mixed_long", [200] * 8 + [1] * 26, _contexts(8, 2000, 11000, 1) + decode_ctx),
+            ("mixed_turns", [1100, 560] + [1] * 26, _contexts(2, 2000, 11000, 6) + decode_ctx),
+            ("chunk_2048_after_6144", [2048], [6144]),
+            ("prompt_8192", [8192], [0]),
+            ("prompts_64_512", short, [0] * len(short))]
 
 
 def _print_tiles(label: str, tiles: dict[str, Any], extra: str = "") -> None:
@@ -116,11 +128,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if split:
             _print_tiles(f"{name} split S={row['splits']}", row["split"])
         torch.cuda.empty_cache()
-    row = mixed_rows(shape)
-    rows.append(row)
-    best = min((v for v in row["tiles"].values() if isinstance(v, float)), default=float("nan"))
-    _print_tiles("mixed_long prefill tiles", row["tiles"], f" ({row['gflop']:.0f} GFLOP: {row['gflop'] / best * 1e3:.0f} "
-                 "TFLOP/s at the best)" if best == best else "")
+    for case, q_lens, ctx_lens in prefill_cases():
+        row = prefill_rows(shape, case, q_lens, ctx_lens)
+        rows.append(row)
+        timed = [v for v in row["tiles"].values() if isinstance(v, float)]
+        best = min(timed) if timed else float("nan")
+        _print_tiles(f"{case} prefill tiles", row["tiles"],
+                     f" ({row['gflop']:.0f} GFLOP: {row['gflop'] / best * 1e3:.0f} TFLOP/s at the best)")
+        torch.cuda.empty_cache()
     write_json({"benchmark": "attention_mixed", "device": device_name(), "rows": rows}, args.out, "attention_mixed")
     return 0
 

@@ -7,7 +7,7 @@ a few hundred keys (~10 us per layer on the H200): fewer, wider KV tiles shorten
   python benchmarks/attention_short.py [--contexts 128,300,1000] [--out x.json]
 
 Prints one line per (layout, context, query length, path) with every tile's time and the best;
-AGENTSERVE_DECODE_BLOCK_N / AGENTSERVE_DECODE_STAGES set the engine's tiles (kernels/paged_attention.py)."""
+AGENTSERVE_DECODE_TILE=keys,stages sets the engine's decode tile (kernels/paged_attention.decode_tile)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|s10|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|s10b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,19 +33,19 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = s10 ]; then
-  # Tenth session (2026-12-03; ~8 min), predictions in NOTES.md "Tenth session": 128-key decode tiles on
-  # small grids and split-long on by default. Their GPU tests, the agent loop's and throughput's attention
-  # shapes per tile, one stream with the new and the old tiles, the spec table, the agent loop's ratio.
-  TMO=200 run pytest-s10 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu_attention.py \
-    "tests/test_gpu_engine.py::test_unified_kernel_warmup_covers_the_variants_a_step_selects" --junitxml "$OUT/pytest_s10.xml"
+if [ "$MODE" = s10b ]; then
+  # Tenth session, second call (~8 min), predictions in NOTES.md "Tenth session": the 128-key decode tile
+  # everywhere and 64-row prefill tiles for mixed steps. Their GPU tests, every attention shape per tile,
+  # throughput with the new and the earlier tiles, the agent loop's ratio, one stream and TTFT.
+  TMO=200 run pytest-s10b python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_kernels_gpu_attention.py \
+    "tests/test_gpu_engine.py::test_unified_kernel_warmup_covers_the_variants_a_step_selects" --junitxml "$OUT/pytest_s10b.xml"
   TMO=150 run attention-mixed python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
-  TMO=90 run latency-wide python3 benchmarks/latency.py $DUMMY --repeats 2 --out "$OUT/latency_wide.json"
-  AGENTSERVE_DECODE_BLOCK_N=64 AGENTSERVE_DECODE_STAGES=5 TMO=90 run latency-narrow python3 benchmarks/latency.py $DUMMY \
-    --repeats 2 --out "$OUT/latency_narrow.json"
-  TMO=120 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec.json"
+  TMO=120 run throughput-new python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --out "$OUT/throughput_new.json"
+  AGENTSERVE_DECODE_TILE=64,5 AGENTSERVE_PREFILL_TILE=128,64,8,3 TMO=120 run throughput-earlier-tiles \
+    python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --out "$OUT/throughput_earlier_tiles.json"
   TMO=240 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions,stateless-prefix \
     --swap-space-gb 64 --out "$OUT/agent_loop.json"
+  TMO=90 run latency python3 benchmarks/latency.py $DUMMY --repeats 2 --out "$OUT/latency.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

@@ -77,7 +77,7 @@ def bench_sweep(timer: Timer, shape: Shape, device: str, smoke: bool) -> dict[st
     out["defaults"] = {
         "decode": asdict(pa.attention_config(shape.head_dim, group, 1, shape.dtype)),
         "prefill": asdict(pa.attention_config(shape.head_dim, group, 4096, shape.dtype)),
-        "split_block_n": pa.SPLIT_BLOCK_N, "decode_num_stages": pa.DECODE_NUM_STAGES,
+        "split_block_n": pa.decode_tile(shape.head_dim)[0], "decode_num_stages": pa.decode_tile(shape.head_dim)[1],
     }
     return out
 

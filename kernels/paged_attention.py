@@ -401,63 +401,81 @@ class AttnConfig:
 
 
 def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype,
-                     programs: int = 0, num_sms: int = 132) -> AttnConfig:
+                     num_tokens: int = 0, num_seqs: int = 0) -> AttnConfig:
     """Tile sizes for the unified kernel on Hopper (head_dim 64/128; pages 16/32 — BLOCK_N need
     not match the page size because keys are gathered through the block table per key).
 
     - BLOCK_M covers max_query_len * GROUP rows when that is small (decode: 1 token x GROUP heads;
       verification: k+1 tokens x GROUP heads), so tl.dot pads few rows; these memory-bound shapes
-      compile to mma.sync and stream K/V through cp.async. The page-id load feeding the K/V
-      addresses takes one pipeline stage, so num_stages=5 is what gives K/V two buffers in flight
-      (num_stages=3 leaves a single buffer: no overlap of the next tile's load with this tile's math).
-      Small grids (`programs`: requests x kv heads, at most DECODE_WIDE_MAX_WAVES per SM) take wider
-      key tiles (decode_tile).
-    - Prefill uses 128 rows (FlashAttention-2's tile on Hopper; compiles to wgmma) with 8 warps,
-      which keeps head_dim 128 at ~214 registers without spills.
+      compile to mma.sync and stream K/V through cp.async, in decode_tile's key tiles.
+    - Larger queries (prefill chunks, mixed steps) use PREFILL_TILE: 64 rows (16 tokens x 4 heads of
+      an 8B), 64 keys, 4 warps, 3 stages; steps whose sequences average PREFILL_LONG_MEAN_TOKENS new
+      tokens or more (`num_tokens` over `num_seqs`: long prompts, no decode rows among them) keep
+      FlashAttention-2's 128 x 64 / 8 warps (PREFILL_LONG_TILE), measured at 337 TFLOP/s on an 8k prompt.
     - fp32 (tests, tiny models) uses 16x16 tiles: fp32 operands with exact ("ieee") dots spill
       heavily at larger tiles; speed does not matter there, exactness does.
-    `python benchmarks/kernels.py --sweep` times alternatives on the GPU."""
+    `python benchmarks/attention_mixed.py` and `attention_short.py` time alternatives on the GPU."""
     min_m = max(16, next_pow2(group))
     if dtype == torch.float32:
         return AttnConfig(min_m, 16, num_warps=4, num_stages=2)
     rows = max(1, max_query_len) * group
-    block_m = max(min_m, min(128, next_pow2(rows)))
+    block_m = max(min_m, min(PREFILL_TILE[0], next_pow2(rows)))
     if block_m <= 32:
-        block_n, stages = decode_tile(programs, num_sms, head_dim)
+        block_n, stages = decode_tile(head_dim)
         return AttnConfig(block_m, block_n, num_warps=4, num_stages=stages)
-    return AttnConfig(block_m, 64, num_warps=8 if block_m >= 128 else 4, num_stages=3 if head_dim <= 128 else 2)
+    tile = PREFILL_TILE
+    if num_seqs > 0 and num_tokens >= PREFILL_LONG_MEAN_TOKENS * num_seqs:
+        tile = PREFILL_LONG_TILE
+        block_m = max(min_m, min(tile[0], next_pow2(rows)))
+    _, block_n, warps, stages = tile
+    return AttnConfig(block_m, block_n, num_warps=warps, num_stages=stages if head_dim <= 128 else 2)
 
+
+def _tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A comma-separated override of a tile (A/B runs), checked: sizes and warps are powers of two, as the
+    kernels need; the last value is the pipeline's stage count."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    values = tuple(int(v) for v in raw.split(","))
+    if len(values) != len(default) or any(v < 1 for v in values) or any(v & (v - 1) for v in values[:-1]):
+        raise ValueError(f"{name}={raw!r}: {len(default)} comma-separated values, like {','.join(map(str, default))} "
+                         "(powers of two but the last, the stage count)")
+    return values
+
+
+# Prefill and mixed steps: (BLOCK_M, BLOCK_N, num_warps, num_stages). Graph-timed on the H200
+# (benchmarks/attention_mixed.py, 2026-12-03): a step of 8 chunks of 200 tokens plus 26 decode rows,
+# all over 2k-11k-token contexts (the agent loop's steps with prefill), took 869.5 us per layer with 64
+# x 64 / 4 warps / 3 stages against 1,161.6 with the earlier 128 x 64 / 8 / 3 (FlashAttention-2's tile):
+# a decode row in a mixed step fills a whole query tile (GROUP valid rows of BLOCK_M) and walks its
+# context with it, and chunks pad less to 16-token than to 32-token tiles.
+# Whole long prompts (no decode rows beside them) keep the earlier tile until measured against it.
+# AGENTSERVE_PREFILL_TILE=128,64,8,3 restores the earlier tile everywhere (A/B runs).
+PREFILL_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_PREFILL_TILE", (64, 64, 4, 3))
+PREFILL_LONG_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_PREFILL_LONG_TILE", (128, 64, 8, 3))
+PREFILL_LONG_MEAN_TOKENS: int = 1024
+if min(PREFILL_TILE[0], PREFILL_LONG_TILE[0]) < 64:
+    raise ValueError("AGENTSERVE_PREFILL_TILE / _LONG_TILE: BLOCK_M >= 64 (smaller query tiles are the decode tiles)")
 
 # Keys per iteration and pipeline depth of the memory-bound decode / verification tiles (unified and
 # split kernels). A stage holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need
-# fewer stages. Small grids are latency-bound: each program walks its keys as a chain of dependent
-# load-dot-softmax-dot tiles, so fewer, wider tiles shorten it. Graph-timed on the H200 (benchmarks/
-# attention_short.py, 2026-12-03, batch 1, 128-1,000 keys, decode split and unified, the 5-query
-# verification, 8B and 1B layouts): 128 keys x 2 stages beat 64 x 5 in all 18 cases, by 1-2 us per
-# layer at 128-300 keys (8B split decode at 300 keys 8.7 -> 7.2 us, verification 13.6 -> 12.0 us)
-# and 6 us at 1,000. Large grids (the throughput batches) keep the narrow tile until measured there.
-# AGENTSERVE_DECODE_BLOCK_N / AGENTSERVE_DECODE_STAGES force one tile everywhere (A/B runs).
-DECODE_TILE_WIDE: tuple[int, int] = (128, 2)
-DECODE_TILE_NARROW: tuple[int, int] = (64, 5)
-DECODE_WIDE_MAX_WAVES: int = 8  # grids up to this many programs per SM take the wide tile
-_FORCED_BLOCK_N = os.environ.get("AGENTSERVE_DECODE_BLOCK_N")
-_FORCED_STAGES = os.environ.get("AGENTSERVE_DECODE_STAGES")
-if _FORCED_BLOCK_N is not None:
-    _n = int(_FORCED_BLOCK_N)
-    if _n < 16 or _n & (_n - 1):
-        raise ValueError(f"AGENTSERVE_DECODE_BLOCK_N={_n}: a power of two >= 16 (keys per KV tile)")
+# fewer stages: each program walks its keys as a chain of dependent load-dot-softmax-dot tiles, and
+# fewer, wider tiles shorten it. Graph-timed on the H200 (benchmarks/attention_short.py and
+# attention_mixed.py, 2026-12-03): 128 keys x 2 stages beat the earlier 64 x 5 in every case measured:
+# batch 1 over 128-1,000 keys (18 cases: decode split and unified, the 5-query verification, 8B and
+# 1B layouts; 8B split decode at 300 keys 8.7 -> 7.2 us), 27 rows over 2k-11k keys (split 218.9 ->
+# 202.7 us) and batch 256 over 64-512 keys (102.4 -> 85.5 us). Head dims above 128 keep 64 x 5 (two
+# wide K and V stages would not fit shared memory). AGENTSERVE_DECODE_TILE=64,5 forces a tile.
+DECODE_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_DECODE_TILE", (128, 2))
+DECODE_TILE_LARGE_HEADS: tuple[int, int] = (64, 5)
 
 
-def decode_tile(programs: int, num_sms: int, head_dim: int) -> tuple[int, int]:
-    """(keys per KV tile, pipeline stages) of a decode / verification grid of `programs` programs.
-    Head dims above 128 keep the narrow tile (two wide K and V stages would not fit shared memory)."""
-    small_grid = programs <= DECODE_WIDE_MAX_WAVES * num_sms and head_dim <= 128
-    block_n, stages = DECODE_TILE_WIDE if small_grid else DECODE_TILE_NARROW
-    if _FORCED_BLOCK_N is not None:
-        block_n = int(_FORCED_BLOCK_N)
-    if _FORCED_STAGES is not None:
-        stages = int(_FORCED_STAGES)
-    return block_n, stages
+def decode_tile(head_dim: int) -> tuple[int, int]:
+    """(keys per KV tile, pipeline stages) of the decode / verification kernels."""
+    if head_dim > 128 and "AGENTSERVE_DECODE_TILE" not in os.environ:
+        return DECODE_TILE_LARGE_HEADS
+    return DECODE_TILE[0], DECODE_TILE[1]
 
 
 # Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
@@ -555,9 +573,9 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
     group = num_q_heads // num_kv_heads
     tiles = {}
     mql = 1
-    while True:  # one representative query length per tile shape, small grids' and large grids' tiles
-        for programs in (0, 1 << 30):
-            tiles.setdefault(attention_config(head_dim, group, mql, dtype, programs=programs), mql)
+    while True:  # one representative query length per tile shape (mixed steps' and long prompts' tiles)
+        tiles.setdefault(attention_config(head_dim, group, mql, dtype), mql)
+        tiles.setdefault(attention_config(head_dim, group, mql, dtype, num_tokens=mql, num_seqs=1), mql)
         if mql >= max_query_len:
             break
         mql = min(2 * mql, max_query_len)
@@ -594,8 +612,8 @@ def paged_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_tokens, batch = q.shape[0], seq_lens.shape[0]
-    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype, programs=batch * num_kv_heads,
-                                     num_sms=num_sms(q.device))
+    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype, num_tokens=q.shape[0],
+                                     num_seqs=seq_lens.shape[0])
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} must be >= the GQA group size {group}")
     block_q = cfg.block_m // group
@@ -646,7 +664,7 @@ def paged_attention_decode_split_triton(
         num_splits = num_kv_splits(batch, max_seq_len, num_kv_heads, num_sms(q.device))
     num_splits = max(1, min(int(num_splits), SPLIT_MAX))
     fp32 = q.dtype == torch.float32
-    tile_n, tile_stages = decode_tile(batch * num_kv_heads * num_splits, num_sms(q.device), head_dim)
+    tile_n, tile_stages = decode_tile(head_dim)
     if block_n is None:
         block_n = 16 if fp32 else tile_n
     block_d = max(16, next_pow2(head_dim))

@@ -134,17 +134,30 @@ def test_split_heuristic_for_long_contexts_at_full_grids(monkeypatch: pytest.Mon
     assert pa.num_kv_splits(8, 8192, 8, 132) == 4  # below a full grid: the short-grid rule, as before
 
 
-def test_decode_tile_is_wide_on_small_grids_only() -> None:
-    wide, narrow = pa.DECODE_TILE_WIDE, pa.DECODE_TILE_NARROW
-    assert wide[0] > narrow[0]
-    assert pa.decode_tile(8, 132, 128) == wide  # batch 1, 8 kv heads
-    assert pa.decode_tile(26 * 8 * 3, 132, 128) == wide  # the agent loop's long-context split grid
-    assert pa.decode_tile(256 * 8, 132, 128) == narrow  # a throughput batch
-    assert pa.decode_tile(8, 132, 256) == narrow  # two wide stages of 256-dim keys would not fit
+def test_tiles() -> None:
+    assert pa.decode_tile(128) == (128, 2) and pa.decode_tile(64) == (128, 2)
+    assert pa.decode_tile(256) == pa.DECODE_TILE_LARGE_HEADS  # two wide stages would not fit shared memory
     bf16 = torch.bfloat16
-    assert pa.attention_config(128, 4, 5, bf16, programs=8).block_n == wide[0]  # batch-1 verification
-    assert pa.attention_config(128, 4, 1, bf16, programs=4096).block_n == narrow[0]
-    assert pa.attention_config(128, 4, 512, bf16, programs=8).block_n == 64  # prefill tiles do not move
+    assert pa.attention_config(128, 4, 5, bf16).block_n == 128  # verification: decode tile
+    prefill = pa.attention_config(128, 4, 512, bf16)
+    assert (prefill.block_m, prefill.block_n, prefill.num_warps, prefill.num_stages) == (64, 64, 4, 3)
+    assert pa.attention_config(128, 32, 512, bf16).block_m == 64  # GQA 32: 2 tokens per tile
+    assert pa.attention_config(256, 4, 512, bf16).num_stages == 2
+    # Long prompts with no decode rows beside them keep the 128-row tile; a mixed step does not.
+    long = pa.attention_config(128, 4, 8192, bf16, num_tokens=8192, num_seqs=1)
+    assert (long.block_m, long.num_warps) == (128, 8)
+    assert pa.attention_config(128, 4, 1100, bf16, num_tokens=1100 + 560 + 26, num_seqs=28).block_m == 64
+
+
+def test_tile_overrides_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSERVE_PREFILL_TILE", "128,64,8,3")
+    assert pa._tile_from_env("AGENTSERVE_PREFILL_TILE", (64, 64, 4, 3)) == (128, 64, 8, 3)
+    monkeypatch.setenv("AGENTSERVE_PREFILL_TILE", "128,60,8,3")
+    with pytest.raises(ValueError, match="powers of two but the last"):
+        pa._tile_from_env("AGENTSERVE_PREFILL_TILE", (64, 64, 4, 3))
+    monkeypatch.setenv("AGENTSERVE_DECODE_TILE", "64")
+    with pytest.raises(ValueError, match="2 comma-separated values"):
+        pa._tile_from_env("AGENTSERVE_DECODE_TILE", (128, 2))
 
 
 def test_dispatcher_uses_reference_on_cpu() -> None:
