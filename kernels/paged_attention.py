@@ -281,14 +281,16 @@ def _paged_attention_split_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, BLOCK_Q: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
 ):
-    """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); decode only (q_len <= 1).
+    """Flash-decoding phase 1. Grid: (B, num_kv_heads, num_splits); each sequence's query is its last
+    q_len <= BLOCK_Q tokens (decode: 1; a speculative verification: k + 1), causal among themselves.
     num_splits is a runtime argument so that each split count does not compile a new kernel.
 
     Writes, per (token, head, split), the unnormalised accumulator and the running (max, sum) of
-    the split's keys; the reduce kernel combines them with a log-sum-exp."""
+    the split's keys; the reduce kernel combines them with a log-sum-exp. A row that sees none of a
+    split's keys (its last keys, after the row's token) leaves max -1e30 and sum 0: weight 0 there."""
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -313,21 +315,24 @@ def _paged_attention_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    row_valid = offs_m < GROUP
+    # Row r is token r // GROUP of the query (at position seq_len - q_len + that) and head r % GROUP.
+    tok = offs_m // GROUP
+    row_valid = (tok < q_len) & (tok < BLOCK_Q)
     head = kv_head * GROUP + offs_m % GROUP
-    # The single query sits at position seq_len - 1 and sees every key of the sequence, so the
-    # only mask is the sequence end, applied through q_pos on the last (partial) tile.
-    q_pos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
-    q_row = q_start.to(tl.int64)
-    q_ptrs = q_ptr + q_row * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q_pos = seq_len - q_len + tok
+    q_row = q_start.to(tl.int64) + tok
+    q_ptrs = q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    # Keys before the first query token's position + 1 are visible to every row: unmasked tiles; the
+    # rest (causality among the query tokens, the sequence end) go through the masked tiles.
+    visible_end = tl.minimum(kv_end, seq_len - q_len + 1)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt
 
-    num_full = (kv_end - kv_start) // BLOCK_N
+    num_full = tl.maximum(visible_end - kv_start, 0) // BLOCK_N
     num_all = (kv_end - kv_start + BLOCK_N - 1) // BLOCK_N
     for j in range(0, num_full):
         acc, l_i, m_i = _attend_kv_tile(
@@ -342,7 +347,7 @@ def _paged_attention_split_kernel(
 
     if KV_FP8:
         acc = acc * v_scale  # the partials combine linearly: scale each once here
-    p_ptrs = (part_out_ptr + q_row * stride_pt + head[:, None] * stride_ph + split * stride_ps
+    p_ptrs = (part_out_ptr + q_row[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
               + offs_d[None, :])
     tl.store(p_ptrs, acc, mask=row_valid[:, None] & d_mask[None, :])
     ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + split * stride_ms
@@ -358,15 +363,16 @@ def _paged_attention_split_reduce_kernel(
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """Flash-decoding phase 2. Grid: (B, num_q_heads). out = sum_s w_s acc_s / sum_s w_s l_s with
-    w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
+    """Flash-decoding phase 2. Grid: (B, num_q_heads, query tokens). out = sum_s w_s acc_s / sum_s w_s l_s
+    with w_s = 2^(m_s - max_s m_s) over the splits that hold keys of this sequence."""
     seq_idx = tl.program_id(0)
     head = tl.program_id(1)
+    tok = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq_idx)  # metadata: before the PDL wait
     q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
-    if q_len <= 0:
+    if tok >= q_len:
         return
     chunk = _split_chunk_len(seq_len, num_splits, BLOCK_N)
     num_valid = (seq_len + chunk - 1) // chunk  # 0 when seq_len == 0: output 0, like the reference
@@ -374,7 +380,7 @@ def _paged_attention_split_reduce_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_valid
-    q_row = q_start.to(tl.int64)
+    q_row = q_start.to(tl.int64) + tok
     ml_ptrs = part_ml_ptr + q_row * stride_mt + head * stride_mh + offs_s * stride_ms
     m = tl.load(ml_ptrs, mask=s_mask, other=-1.0e30)
     l = tl.load(ml_ptrs + 1, mask=s_mask, other=0.0)
@@ -488,6 +494,10 @@ SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after spli
 # one stream (benchmarks/NOTES.md); AGENTSERVE_SPLIT_MIN_KEYS keeps the A/B reproducible.
 SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
+# Queries of up to this many tokens per sequence (a speculative verification's k + 1, a draft's
+# catch-up) split too: at batch 1 a verification of 5 tokens otherwise runs one program per KV head
+# (8 of 132 SMs). AGENTSERVE_SPLIT_MAX_QUERY_LEN=1 splits decode rows only (A/B runs).
+SPLIT_MAX_QUERY_LEN: int = int(os.environ.get("AGENTSERVE_SPLIT_MAX_QUERY_LEN", "8"))
 # Long contexts at batches whose decode grid already fills the SMs (on by default since its H200 A/B on
 # the agent loop, 2026-12-03: decode-only steps 16.2 -> 14.2 ms, sessions p95 6.5 -> 6.2 s;
 # AGENTSERVE_SPLIT_LONG=0 turns it off): one program per (request, kv head) streams its whole context,
@@ -643,12 +653,16 @@ def paged_attention_decode_split_triton(
     block_n: Optional[int] = None, num_stages: Optional[int] = None,
     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Flash-decoding for decode-only batches (every q_len <= 1; max_query_len must be <= 1).
+    """Flash-decoding for batches of short queries: decode (q_len 1) and speculative verification or
+    catch-up rows (q_len <= SPLIT_MAX_QUERY_LEN, each the last q_len tokens of its sequence, causal).
 
     num_splits defaults to num_kv_splits(batch, max_seq_len, ...). Correctness does not depend on
-    max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count."""
-    if max_query_len > 1:
-        raise ValueError("the split-KV path handles decode-only batches (max_query_len <= 1)")
+    max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count.
+    max_query_len must bound every row's query length (it sizes the tiles and the reduce grid)."""
+    if max_query_len > SPLIT_MAX_QUERY_LEN:
+        raise ValueError(f"the split-KV path handles queries of at most {SPLIT_MAX_QUERY_LEN} tokens "
+                         f"(max_query_len {max_query_len})")
+    block_q = next_pow2(max(1, max_query_len))
     num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
     group = num_q_heads // num_kv_heads
     q = _last_dim_contiguous(q)
@@ -682,11 +696,11 @@ def paged_attention_decode_split_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
-        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
+        BLOCK_M=max(16, next_pow2(block_q * group)), BLOCK_N=block_n, PAD_D=block_d != head_dim,
+        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache), BLOCK_Q=block_q,
         num_warps=4, num_stages=2 if fp32 else (num_stages or tile_stages), **pdl_launch(part_out),
     )
-    _paged_attention_split_reduce_kernel[(batch, num_q_heads)](
+    _paged_attention_split_reduce_kernel[(batch, num_q_heads, max(1, max_query_len))](
         out, part_out, part_ml, query_start_loc, seq_lens, num_splits,
         out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
@@ -700,13 +714,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int, k_scale: Optional[torch.Tensor] = None,
                     v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Dispatcher: Triton on CUDA (split-KV for decode-only batches when use_split_kv says so), the
+    """Dispatcher: Triton on CUDA (split-KV for batches of queries of at most SPLIT_MAX_QUERY_LEN tokens
+    when num_kv_splits says so: decode, speculative verification and catch-up), the
     torch reference elsewhere or when the backend is forced to "torch". Decides from Python ints
     and shapes only, never from device values."""
     if not triton_enabled_for(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                    max_query_len, max_seq_len, k_scale, v_scale)
-    if max_query_len <= 1:
+    if max_query_len <= SPLIT_MAX_QUERY_LEN:
         splits = num_kv_splits(seq_lens.shape[0], max_seq_len, k_cache.shape[2], num_sms(q.device))
         if splits > 1:
             return paged_attention_decode_split_triton(q, k_cache, v_cache, block_tables, query_start_loc,

@@ -101,10 +101,24 @@ def test_split_kv_fp16_padding_rows() -> None:
     assert out[-1].abs().max() == 0
 
 
-def test_split_kv_rejects_multi_token_queries() -> None:
-    batch = random_paged_batch([2, 1], [5, 5], 2, 1, 16, 4, torch.float32, seed=1)
-    with pytest.raises(ValueError):
-        pa.paged_attention_decode_split_triton(*batch.args(), SCALE, 2, batch.max_seq_len)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,page_size", [(4, 4, 4), (4, 1, 8), (6, 2, 16)])
+def test_split_kv_short_queries(num_q_heads: int, num_kv_heads: int, page_size: int) -> None:
+    """Verification-shaped rows (the last q_len tokens of each sequence, causal among themselves) with
+    decode rows, a whole short prompt and a row whose last split lies past its first tokens (ctx 14,
+    q 5: keys 16-18 of a 16-key split are invisible to the first rows)."""
+    batch = random_paged_batch([5, 1, 3, 5, 2, 5], [70, 1, 33, 14, 130, 0], num_q_heads, num_kv_heads, 16,
+                               page_size, torch.float32, seed=num_q_heads * 7 + page_size)
+    for splits in (1, 2, 3, 8):
+        out = pa.paged_attention_decode_split_triton(*batch.args(), SCALE, batch.max_query_len, batch.max_seq_len,
+                                                     num_splits=splits, block_n=16)
+        _check(batch, out, atol=1e-4)
+
+
+def test_split_kv_rejects_longer_queries() -> None:
+    n = pa.SPLIT_MAX_QUERY_LEN + 1
+    batch = random_paged_batch([n, 1], [5, 5], 2, 1, 16, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="at most"):
+        pa.paged_attention_decode_split_triton(*batch.args(), SCALE, n, batch.max_seq_len)
 
 
 def test_split_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_silu, kv_gather
+    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_silu, kv_gather, paged_attention
 
     SM90 = GPUTarget("cuda", 90, 32)
 
@@ -57,6 +57,17 @@ SCRIPT = textwrap.dedent('''
                "EVEN_K": "constexpr", "USE_PDL": "constexpr"},
               {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
                "EVEN_K": True, "USE_PDL": True})
+    # Split-KV over short multi-token queries (speculative verification: BLOCK_Q tokens per program).
+    split_args = {name: "i32" for name in (
+        "num_splits", "stride_qt", "stride_qh", "stride_pt", "stride_ph", "stride_ps", "stride_mt", "stride_mh",
+        "stride_ms", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_bt")}
+    split_args.update({"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16",
+                       "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32",
+                       "seq_lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32"})
+    consts = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "PAGE_SIZE": 16, "BLOCK_M": 32, "BLOCK_N": 128,
+              "PAD_D": False, "DOT_PRECISION": "tf32", "KV_FP8": False, "BLOCK_Q": 8, "USE_PDL": True}
+    split_args.update({k: "constexpr" for k in consts})
+    build(paged_attention._paged_attention_split_kernel, split_args, consts)
 ''')
 
 
@@ -64,4 +75,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 9
+    assert run.stdout.count("compiled") == 10

@@ -117,6 +117,20 @@ def test_decode_large_batch() -> None:
     _assert_close(pa.paged_attention_decode_split_triton(*args, num_splits=4), ref, torch.bfloat16)
 
 
+def test_split_kv_verification_rows() -> None:
+    """Speculative verification through the split path at the 8B's layout: 5-token queries (causal
+    among themselves) at batch 1 and 4, and a context whose last split holds only keys after the first
+    query tokens (126 cached + 5 new over 128-key tiles: keys 128-130 are invisible to rows 0 and 1)."""
+    scale = 128 ** -0.5
+    for q_lens, ctx in (([5], [300]), ([5], [126]), ([5, 5, 5, 5], [126, 1000, 37, 4000])):
+        batch = random_paged_batch(q_lens, ctx, 32, 8, 128, 16, torch.bfloat16, DEV, seed=sum(ctx))
+        ref = _ref(batch, scale)
+        args = (*batch.args(), scale, 5, batch.max_seq_len)
+        _assert_close(pa.paged_attention(*args), ref, torch.bfloat16)  # the dispatcher's split count
+        for splits in (2, 3, 8):
+            _assert_close(pa.paged_attention_decode_split_triton(*args, num_splits=splits), ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_attention_cuda_graph_replay(split: bool) -> None:
     """Captured once, replayed with longer contexts (beyond the capture's max_seq_len), new block

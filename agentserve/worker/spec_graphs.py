@@ -24,14 +24,14 @@ def capture_spec_graphs(config: EngineConfig, model: CausalLM, kv_layers: list[t
         return None
     max_num_seqs = config.scheduler.max_num_seqs
     verify = VerifyGraphs(model, kv_layers, max_num_seqs, max_blocks_per_seq, 1 + config.spec.num_speculative_tokens,
-                          device)
+                          max_model_len, device)
     verify.capture(pool)
     if draft is not None and draft.cache is not None:
         decode = DecodeGraphs(draft.model, draft.cache.layers, max_num_seqs, max_blocks_per_seq, max_model_len, device)
         decode.capture()
         draft.graphs = decode
         catch_up = VerifyGraphs(draft.model, draft.cache.layers, max_num_seqs, max_blocks_per_seq, MAX_DECODE_CATCH_UP,
-                                device)
+                                max_model_len, device)
         catch_up.capture(decode.pool)
         draft.catch_up_graphs = catch_up
     return verify

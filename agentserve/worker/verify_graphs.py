@@ -10,8 +10,10 @@ Rows with fewer than q - 1 drafts are padded at their end: the padding tokens wr
 sit at positions after the row's real tokens (so causal attention keeps them out of every real
 query's context) and their hidden states are never read. Padded batch rows have context length q.
 The graphs return hidden states; the caller computes logits for the real scored positions only.
-With q > 1 the unified attention kernel reads every length from device tensors and its launch
-depends on q alone (not on the context length), so one graph serves any context.
+The attention kernels read every length from device tensors, so one graph serves any context: the
+graphs are captured with the longest context (`max_model_len`) as the bound that sizes the split-KV
+count at small batches (kernels/paged_attention.num_kv_splits); at a short context the splits past
+its keys exit at once, as in the decode graphs' largest bucket.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ MAX_VERIFY_BATCH = 32
 
 class VerifyGraphs:
     def __init__(self, model: CausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], max_num_seqs: int,
-                 max_blocks_per_seq: int, max_query_len: int, device: torch.device) -> None:
+                 max_blocks_per_seq: int, max_query_len: int, max_model_len: int, device: torch.device) -> None:
         self.model = model
+        self.max_model_len = max_model_len
         self.kv_layers = kv_layers
         self.sizes = capture_sizes(min(max_num_seqs, MAX_VERIFY_BATCH))
         self.query_lens = list(range(2, max_query_len + 1))
@@ -51,7 +54,7 @@ class VerifyGraphs:
     def _forward(self, bs: int, q: int) -> torch.Tensor:
         meta = ForwardMetadata(slot_mapping=self.slot_mapping[:bs * q], block_tables=self.block_tables[:bs],
                                query_start_loc=self.query_start_loc[q][:bs + 1], seq_lens=self.seq_lens[:bs],
-                               max_query_len=q, max_seq_len=q)
+                               max_query_len=q, max_seq_len=self.max_model_len)
         return self.model(self.input_ids[:bs * q], self.positions[:bs * q], self.kv_layers, meta)
 
     @torch.inference_mode()
