@@ -406,8 +406,7 @@ class AttnConfig:
     num_stages: int
 
 
-def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype,
-                     num_tokens: int = 0, num_seqs: int = 0) -> AttnConfig:
+def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> AttnConfig:
     """Tile sizes for the unified kernel on Hopper (head_dim 64/128; pages 16/32 — BLOCK_N need
     not match the page size because keys are gathered through the block table per key).
 
@@ -415,9 +414,7 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
       verification: k+1 tokens x GROUP heads), so tl.dot pads few rows; these memory-bound shapes
       compile to mma.sync and stream K/V through cp.async, in decode_tile's key tiles.
     - Larger queries (prefill chunks, mixed steps) use PREFILL_TILE: 64 rows (16 tokens x 4 heads of
-      an 8B), 64 keys, 4 warps, 3 stages; steps whose sequences average PREFILL_LONG_MEAN_TOKENS new
-      tokens or more (`num_tokens` over `num_seqs`: long prompts, no decode rows among them) keep
-      FlashAttention-2's 128 x 64 / 8 warps (PREFILL_LONG_TILE), measured at 337 TFLOP/s on an 8k prompt.
+      an 8B), 64 keys, 4 warps, 3 stages.
     - fp32 (tests, tiny models) uses 16x16 tiles: fp32 operands with exact ("ieee") dots spill
       heavily at larger tiles; speed does not matter there, exactness does.
     `python benchmarks/attention_mixed.py` and `attention_short.py` time alternatives on the GPU."""
@@ -429,11 +426,7 @@ def attention_config(head_dim: int, group: int, max_query_len: int, dtype: torch
     if block_m <= 32:
         block_n, stages = decode_tile(head_dim)
         return AttnConfig(block_m, block_n, num_warps=4, num_stages=stages)
-    tile = PREFILL_TILE
-    if num_seqs > 0 and num_tokens >= PREFILL_LONG_MEAN_TOKENS * num_seqs:
-        tile = PREFILL_LONG_TILE
-        block_m = max(min_m, min(tile[0], next_pow2(rows)))
-    _, block_n, warps, stages = tile
+    _, block_n, warps, stages = PREFILL_TILE
     return AttnConfig(block_m, block_n, num_warps=warps, num_stages=stages if head_dim <= 128 else 2)
 
 
@@ -451,18 +444,18 @@ def _tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # Prefill and mixed steps: (BLOCK_M, BLOCK_N, num_warps, num_stages). Graph-timed on the H200
-# (benchmarks/attention_mixed.py, 2026-12-03): a step of 8 chunks of 200 tokens plus 26 decode rows,
-# all over 2k-11k-token contexts (the agent loop's steps with prefill), took 869.5 us per layer with 64
-# x 64 / 4 warps / 3 stages against 1,161.6 with the earlier 128 x 64 / 8 / 3 (FlashAttention-2's tile):
-# a decode row in a mixed step fills a whole query tile (GROUP valid rows of BLOCK_M) and walks its
-# context with it, and chunks pad less to 16-token than to 32-token tiles.
-# Whole long prompts (no decode rows beside them) keep the earlier tile until measured against it.
-# AGENTSERVE_PREFILL_TILE=128,64,8,3 restores the earlier tile everywhere (A/B runs).
+# (benchmarks/attention_mixed.py, 2026-12-03, us per layer, this tile against the earlier 128 x 64 / 8
+# warps / 3 stages, FlashAttention-2's): the agent loop's mixed steps (26 decode rows beside 8 chunks of
+# 200 tokens, or turns of 1,100 + 560 tokens, all over 2k-11k-token contexts) 866 / 781 against 1,156 /
+# 1,056; a 2,048-token chunk after 6,144 cached tokens 737 against 804; a whole 8,192-token prompt 1,590
+# against 1,677; 16 prompts of 64-512 tokens 130 against 137. In mixed steps a decode row fills a whole
+# query tile (GROUP valid rows of BLOCK_M) and walks its context with it, and chunks pad less to 16-token
+# tiles. 128 x 128 / 8 warps / 2 stages was ~4% faster still on the long prompts alone (711 / 1,530)
+# and 8-20% slower on the mixed and short ones: not taken (one tile, correctness-tested on the GPU).
+# AGENTSERVE_PREFILL_TILE=128,64,8,3 restores the earlier tile (A/B runs).
 PREFILL_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_PREFILL_TILE", (64, 64, 4, 3))
-PREFILL_LONG_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_PREFILL_LONG_TILE", (128, 64, 8, 3))
-PREFILL_LONG_MEAN_TOKENS: int = 1024
-if min(PREFILL_TILE[0], PREFILL_LONG_TILE[0]) < 64:
-    raise ValueError("AGENTSERVE_PREFILL_TILE / _LONG_TILE: BLOCK_M >= 64 (smaller query tiles are the decode tiles)")
+if PREFILL_TILE[0] < 64:
+    raise ValueError("AGENTSERVE_PREFILL_TILE: BLOCK_M >= 64 (smaller query tiles are the decode tiles)")
 
 # Keys per iteration and pipeline depth of the memory-bound decode / verification tiles (unified and
 # split kernels). A stage holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need
@@ -496,8 +489,12 @@ SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
 # Queries of up to this many tokens per sequence (a speculative verification's k + 1, a draft's
 # catch-up) split too: at batch 1 a verification of 5 tokens otherwise runs one program per KV head
-# (8 of 132 SMs). AGENTSERVE_SPLIT_MAX_QUERY_LEN=1 splits decode rows only (A/B runs).
-SPLIT_MAX_QUERY_LEN: int = int(os.environ.get("AGENTSERVE_SPLIT_MAX_QUERY_LEN", "8"))
+# (8 of 132 SMs). Off (1: decode rows only) until measured on the H200: AGENTSERVE_SPLIT_MAX_QUERY_LEN=8
+# turns it on (the kernels accept up to SPLIT_QUERY_LEN_LIMIT tokens).
+SPLIT_QUERY_LEN_LIMIT: int = 8
+SPLIT_MAX_QUERY_LEN: int = int(os.environ.get("AGENTSERVE_SPLIT_MAX_QUERY_LEN", "1"))
+if not 1 <= SPLIT_MAX_QUERY_LEN <= SPLIT_QUERY_LEN_LIMIT:
+    raise ValueError(f"AGENTSERVE_SPLIT_MAX_QUERY_LEN={SPLIT_MAX_QUERY_LEN}: 1 to {SPLIT_QUERY_LEN_LIMIT}")
 # Long contexts at batches whose decode grid already fills the SMs (on by default since its H200 A/B on
 # the agent loop, 2026-12-03: decode-only steps 16.2 -> 14.2 ms, sessions p95 6.5 -> 6.2 s;
 # AGENTSERVE_SPLIT_LONG=0 turns it off): one program per (request, kv head) streams its whole context,
@@ -583,9 +580,8 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
     group = num_q_heads // num_kv_heads
     tiles = {}
     mql = 1
-    while True:  # one representative query length per tile shape (mixed steps' and long prompts' tiles)
+    while True:  # one representative query length per tile shape
         tiles.setdefault(attention_config(head_dim, group, mql, dtype), mql)
-        tiles.setdefault(attention_config(head_dim, group, mql, dtype, num_tokens=mql, num_seqs=1), mql)
         if mql >= max_query_len:
             break
         mql = min(2 * mql, max_query_len)
@@ -622,8 +618,7 @@ def paged_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_tokens, batch = q.shape[0], seq_lens.shape[0]
-    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype, num_tokens=q.shape[0],
-                                     num_seqs=seq_lens.shape[0])
+    cfg = config or attention_config(head_dim, group, max_query_len, q.dtype)
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} must be >= the GQA group size {group}")
     block_q = cfg.block_m // group
@@ -659,8 +654,8 @@ def paged_attention_decode_split_triton(
     num_splits defaults to num_kv_splits(batch, max_seq_len, ...). Correctness does not depend on
     max_seq_len (partitions are sized from seq_lens on the device); it only sizes the split count.
     max_query_len must bound every row's query length (it sizes the tiles and the reduce grid)."""
-    if max_query_len > SPLIT_MAX_QUERY_LEN:
-        raise ValueError(f"the split-KV path handles queries of at most {SPLIT_MAX_QUERY_LEN} tokens "
+    if max_query_len > SPLIT_QUERY_LEN_LIMIT:
+        raise ValueError(f"the split-KV path handles queries of at most {SPLIT_QUERY_LEN_LIMIT} tokens "
                          f"(max_query_len {max_query_len})")
     block_q = next_pow2(max(1, max_query_len))
     num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
