@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|s10b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,19 +33,17 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = s10b ]; then
-  # Tenth session, second call (~8 min), predictions in NOTES.md "Tenth session": the 128-key decode tile
-  # everywhere and 64-row prefill tiles for mixed steps. Their GPU tests, every attention shape per tile,
-  # throughput with the new and the earlier tiles, the agent loop's ratio, one stream and TTFT.
-  TMO=200 run pytest-s10b python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_kernels_gpu_attention.py \
-    "tests/test_gpu_engine.py::test_unified_kernel_warmup_covers_the_variants_a_step_selects" --junitxml "$OUT/pytest_s10b.xml"
-  TMO=150 run attention-mixed python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
-  TMO=120 run throughput-new python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --out "$OUT/throughput_new.json"
-  AGENTSERVE_DECODE_TILE=64,5 AGENTSERVE_PREFILL_TILE=128,64,8,3 TMO=120 run throughput-earlier-tiles \
-    python3 benchmarks/throughput.py $DUMMY --num-requests 1024 --out "$OUT/throughput_earlier_tiles.json"
-  TMO=240 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 --modes sessions,stateless-prefix \
-    --swap-space-gb 64 --out "$OUT/agent_loop.json"
-  TMO=90 run latency python3 benchmarks/latency.py $DUMMY --repeats 2 --out "$OUT/latency.json"
+if [ "$MODE" = next ]; then
+  # Left by the tenth session (2026-12-03; ~7 min), predictions in NOTES.md "Tenth session": split-KV for
+  # multi-token queries (speculative verification and catch-up; off until this A/B). Its kernel GPU test,
+  # the speculation GPU tests with it on, then the spec table with it off and on.
+  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=300 run pytest-split-verify python3 -m pytest -m gpu -q -p no:cacheprovider \
+    --durations=5 "tests/test_kernels_gpu_attention.py::test_split_kv_verification_rows" tests/test_gpu_spec.py \
+    --junitxml "$OUT/pytest_split_verify.xml"
+  for q in 1 8; do
+    AGENTSERVE_SPLIT_MAX_QUERY_LEN=$q TMO=120 run "spec-split-q$q" python3 benchmarks/spec.py --draft-quantization fp8 \
+      --repeats 2 --batches 16 --out "$OUT/spec_split_q$q.json"
+  done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

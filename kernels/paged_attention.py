@@ -454,8 +454,9 @@ def _tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
 # and 8-20% slower on the mixed and short ones: not taken (one tile, correctness-tested on the GPU).
 # AGENTSERVE_PREFILL_TILE=128,64,8,3 restores the earlier tile (A/B runs).
 PREFILL_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_PREFILL_TILE", (64, 64, 4, 3))
-if PREFILL_TILE[0] < 64:
-    raise ValueError("AGENTSERVE_PREFILL_TILE: BLOCK_M >= 64 (smaller query tiles are the decode tiles)")
+if PREFILL_TILE[0] < 64 or PREFILL_TILE[1] < 16:
+    raise ValueError("AGENTSERVE_PREFILL_TILE: BLOCK_M >= 64 (smaller query tiles are the decode tiles) and "
+                     "BLOCK_N >= 16 (tl.dot's smallest)")
 
 # Keys per iteration and pipeline depth of the memory-bound decode / verification tiles (unified and
 # split kernels). A stage holds a K and a V tile (2 x BLOCK_N x head_dim elements), so wider tiles need
@@ -467,6 +468,8 @@ if PREFILL_TILE[0] < 64:
 # 202.7 us) and batch 256 over 64-512 keys (102.4 -> 85.5 us). Head dims above 128 keep 64 x 5 (two
 # wide K and V stages would not fit shared memory). AGENTSERVE_DECODE_TILE=64,5 forces a tile.
 DECODE_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_DECODE_TILE", (128, 2))
+if DECODE_TILE[0] < 16:
+    raise ValueError("AGENTSERVE_DECODE_TILE: keys per tile >= 16 (tl.dot's smallest)")
 DECODE_TILE_LARGE_HEADS: tuple[int, int] = (64, 5)
 
 
