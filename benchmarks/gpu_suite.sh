@@ -34,12 +34,13 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the tenth session (2026-12-03; ~7 min), predictions in NOTES.md "Tenth session": split-KV for
-  # multi-token queries (speculative verification and catch-up; off until this A/B). Its kernel GPU test,
-  # the speculation GPU tests with it on, then the spec table with it off and on.
-  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=300 run pytest-split-verify python3 -m pytest -m gpu -q -p no:cacheprovider \
-    --durations=5 "tests/test_kernels_gpu_attention.py::test_split_kv_verification_rows" tests/test_gpu_spec.py \
-    --junitxml "$OUT/pytest_split_verify.xml"
+  # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The engine-level
+  # GPU tests have not run with the tenth session's tiles (128-key decode, 64-row prefill; only the kernel
+  # tests did): those first, with split-KV for multi-token queries (speculative verification and catch-up;
+  # off until this A/B) turned on, so the spec tests cover it too; then the spec table with it off and on.
+  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=420 run pytest-tiles-split-verify python3 -m pytest -m gpu -q -p no:cacheprovider \
+    --durations=8 tests/test_kernels_gpu_attention.py tests/test_gpu_engine.py tests/test_gpu_spec.py \
+    tests/test_gpu_split_long.py --junitxml "$OUT/pytest_tiles_split_verify.xml"
   for q in 1 8; do
     AGENTSERVE_SPLIT_MAX_QUERY_LEN=$q TMO=120 run "spec-split-q$q" python3 benchmarks/spec.py --draft-quantization fp8 \
       --repeats 2 --batches 16 --out "$OUT/spec_split_q$q.json"
