@@ -78,11 +78,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             _add_field_flag(parser, name, field)
     for name in _TOP_LEVEL:
         _add_field_flag(parser, name, EngineConfig.model_fields[name])
+    parser.add_argument("--speculative-config", dest="speculative_config", default=None, metavar="JSON",
+                        help="vLLM's speculative_config as JSON, e.g. '{\"model\": \"PATH\", \"num_speculative_tokens\": "
+                        "4}' or '{\"method\": \"ngram\", \"prompt_lookup_max\": 4}' (read onto --draft-model, "
+                        "--speculative-method, --num-speculative-tokens, ...)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func")}
-    engine_keys = {n for c in _SECTIONS for n in c.model_fields} | set(_TOP_LEVEL)
+    engine_keys = {n for c in _SECTIONS for n in c.model_fields} | set(_TOP_LEVEL) | {"speculative_config"}
     kwargs = {k: v for k, v in given.items() if k in engine_keys and k != "model"}
     if "lora_modules" in kwargs:  # [(name, path), ...] from the flag -> {name: path}
         kwargs["lora_modules"] = dict(kwargs["lora_modules"])  # type: ignore[call-overload]

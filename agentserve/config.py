@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentserve.speculative_config import merge_speculative_config
+
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -224,7 +226,9 @@ class EngineConfig(_Strict):
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> "EngineConfig":
-        """Builds the nested config from flat keyword arguments (vLLM style: LLM(model, max_num_seqs=8))."""
+        """Builds the nested config from flat keyword arguments (vLLM style: LLM(model, max_num_seqs=8)),
+        vLLM's `speculative_config` dict among them (agentserve/speculative_config.py)."""
+        kwargs = merge_speculative_config(kwargs)
         sections: dict[str, dict[str, object]] = {name: {} for name in ("model", "cache", "scheduler", "lora", "spec", "server")}
         section_of = {
             name: section
