@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from agentserve.chat.limits import check_sampling
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.errors import LoRANotEnabledError
+from agentserve.lora.request import LoRARequest
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 Message = dict[str, Any]
 # adapter= of generate / chat: one LoRA adapter name for every prompt, or one (name or None) per prompt.
 AdapterArg = Union[None, str, Sequence[Optional[str]]]
+# lora_request= (vLLM's form): one LoRARequest for every prompt, or one (or None) per prompt.
+LoRARequestArg = Union[None, LoRARequest, Sequence[Optional[LoRARequest]]]
 
 
 def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional[str]]:
@@ -70,12 +74,38 @@ class LLM:
     def list_adapters(self) -> list[str]:
         return self.engine.lora_manager.names() if self.engine.lora_manager is not None else []
 
+    def _adapter_names(self, lora_request: LoRARequestArg) -> AdapterArg:
+        """adapter= names for vLLM's lora_request=, loading each adapter on its first use. A name already
+        loaded from another directory is an error (reload it with load_adapter to change its weights)."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            requests: list[Optional[LoRARequest]] = [lora_request]
+        else:
+            requests = list(lora_request)
+        for req in {r for r in requests if r is not None}:
+            if self.engine.lora_manager is None:
+                raise LoRANotEnabledError("lora_request= needs an engine started with enable_lora=True")
+            loaded = self.engine.lora_manager.path_of(req.lora_name)
+            if loaded is None:
+                self.load_adapter(req.lora_name, req.lora_path)
+            elif loaded.resolve() != Path(req.lora_path).resolve():
+                raise ValueError(f"LoRARequest {req.lora_name!r}: that name is loaded from {str(loaded)!r}, not "
+                                 f"{req.lora_path!r}; use another lora_name, or load_adapter() to replace it")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return lora_request.lora_name if lora_request is not None else None
+        return [r.lora_name if r is not None else None for r in requests]
+
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-                 use_tqdm: bool = False, adapter: AdapterArg = None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, adapter: AdapterArg = None,
+                 lora_request: LoRARequestArg = None) -> list[RequestOutput]:
         """Prompts are strings or token-id lists (one prompt or a list). Outputs come in input order.
         `adapter`: a loaded LoRA adapter's name for all prompts, or a name (or None: the base model)
-        per prompt."""
+        per prompt. `lora_request`: vLLM's form of the same (agentserve.lora.request.LoRARequest, loaded
+        on first use); give one of the two."""
+        if lora_request is not None:
+            if adapter is not None:
+                raise ValueError("give adapter= or lora_request=, not both")
+            adapter = self._adapter_names(lora_request)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -135,11 +165,12 @@ class LLM:
     def chat(self, messages: Union[Sequence[Message], Sequence[Sequence[Message]]],
              sampling_params: Optional[SamplingParams] = None, tools: Optional[list[dict[str, Any]]] = None,
              tool_choice: Union[None, str, dict[str, Any]] = None, use_tqdm: bool = False,
-             adapter: AdapterArg = None, **template_kwargs: Any) -> list[RequestOutput]:
+             adapter: AdapterArg = None, lora_request: LoRARequestArg = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = sampling_params or SamplingParams()
         if tools is not None:
             params = params.clone(tools=tools, tool_choice=tool_choice or "auto")
         prompts = [self.render_chat(conv, tools=tools, **template_kwargs) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm=use_tqdm, adapter=adapter)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, adapter=adapter, lora_request=lora_request)
