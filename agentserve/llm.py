@@ -22,6 +22,32 @@ AdapterArg = Union[None, str, Sequence[Optional[str]]]
 LoRARequestArg = Union[None, LoRARequest, Sequence[Optional[LoRARequest]]]
 
 
+# vLLM's prompt dicts (TextPrompt / TokensPrompt): {"prompt": text} or {"prompt_token_ids": ids}.
+_PROMPT_KEYS = {"prompt", "prompt_token_ids"}
+
+
+def _prompt_from_dict(prompt: dict[str, Any]) -> Prompt:
+    unknown = sorted(set(prompt) - _PROMPT_KEYS)
+    if unknown or len(prompt) != 1:
+        what = f"{', '.join(map(repr, unknown))} not supported" if unknown else "give exactly one of them"
+        raise ValueError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids' (token ids): {what}")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError("a prompt dict's 'prompt' must be text")
+        return prompt["prompt"]
+    ids = prompt["prompt_token_ids"]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError("a prompt dict's 'prompt_token_ids' must be a list of token ids")
+    return list(ids)
+
+
+def _prompt_list(prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]]) -> list[Prompt]:
+    """One prompt (text, token ids or a vLLM prompt dict) or a list of them, as a list of texts / id lists."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    return [_prompt_from_dict(p) if isinstance(p, dict) else p for p in prompts]  # type: ignore[union-attr]
+
+
 def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional[str]]:
     if adapter is None or isinstance(adapter, str):
         return [adapter] * num_prompts
@@ -94,11 +120,12 @@ class LLM:
             return lora_request.lora_name if lora_request is not None else None
         return [r.lora_name if r is not None else None for r in requests]
 
-    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+    def generate(self, prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  use_tqdm: bool = False, adapter: AdapterArg = None,
                  lora_request: LoRARequestArg = None) -> list[RequestOutput]:
-        """Prompts are strings or token-id lists (one prompt or a list). Outputs come in input order.
+        """Prompts are strings, token-id lists or vLLM's prompt dicts ({"prompt": text} or
+        {"prompt_token_ids": ids}), one prompt or a list. Outputs come in input order.
         `adapter`: a loaded LoRA adapter's name for all prompts, or a name (or None: the base model)
         per prompt. `lora_request`: vLLM's form of the same (agentserve.lora.request.LoRARequest, loaded
         on first use); give one of the two."""
@@ -106,9 +133,7 @@ class LLM:
             if adapter is not None:
                 raise ValueError("give adapter= or lora_request=, not both")
             adapter = self._adapter_names(lora_request)
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
         else:
