@@ -16,6 +16,7 @@ _UNSET_MAX_TOKENS = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias (OpenAI documents no bound; this one keeps a step's pairs small)
 # Below this temperature logits / temperature overflows float32 to inf and the softmax gives NaN;
 # vLLM clamps the same way (its _MAX_TEMP).
 MIN_POSITIVE_TEMPERATURE = 1e-2
@@ -82,6 +83,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token (0: only the sampled token's)
+    # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
+    logit_bias: Optional[dict[int, float]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Output constraints (grammar/): at most one of these.
@@ -136,6 +139,18 @@ class SamplingParams:
             bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases")
+        for token, value in self.logit_bias.items():
+            if not _is_int(token) or not 0 <= token <= INT64_MAX:
+                raise SamplingParamsError("logit_bias", f"keys must be token ids (non-negative integers), got {token!r}")
+            if not -100.0 <= _check_float("logit_bias", value) <= 100.0:
+                raise SamplingParamsError("logit_bias", f"values must be in [-100, 100], got {value!r} for token {token}")
 
     def _validate_lists_and_text(self) -> None:
         if any(not isinstance(s, str) or not s for s in self.stop):  # type: ignore[union-attr]

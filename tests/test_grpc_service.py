@@ -110,6 +110,12 @@ def test_generate_health_models_and_raw_token_sessions(aeng) -> None:  # type: i
             assert list(d2.token_ids) == list(done.token_ids) and d2.usage.cached_tokens > 0
             d3 = await client.generate_done(messages=[SYSTEM] + USER, max_tokens=5, temperature=0)
             assert d3.usage.completion_tokens == 5
+            forced = await client.generate_done(prompt_token_ids=ids, max_tokens=4, temperature=0,
+                                                return_token_ids=True, logit_bias={42: 100.0})
+            assert list(forced.token_ids) == [42] * 4  # logit_bias (map<int32, float>)
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await client.generate_done(prompt_token_ids=ids, max_tokens=4, logit_bias={-3: 1.0})
+            assert bad.value.code() == Code.INVALID_ARGUMENT and "logit_bias" in (bad.value.details() or "")
 
             # a raw-token session: messages are token ids, appended verbatim
             raw = await client.create_session([{"role": "system", "token_ids": list(range(10, 60))}], raw_tokens=True)

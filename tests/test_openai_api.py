@@ -138,6 +138,18 @@ def test_completion_logprobs(live: Live) -> None:
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
+def test_logit_bias_forces_and_bans_tokens(live: Live) -> None:
+    """(Bans, and exactness under speculation: tests/test_logit_bias.py.)"""
+    tok = live.aeng.engine.tokenizer
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0)
+    plain = live.client.completions.create(**kw)
+    forced = live.client.completions.create(logit_bias={"42": 100}, **kw)
+    assert forced.choices[0].text == tok.decode([42] * 5) != plain.choices[0].text
+    chat = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, temperature=0, logit_bias={"42": 100})
+    assert chat.choices[0].message.content == tok.decode([42] * 3)
+
+
 # --- chat ---------------------------------------------------------------------------------------------
 
 

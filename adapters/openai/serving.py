@@ -32,8 +32,21 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "stop", "stop_token_ids", "seed",
-           "choice", "tool_choice", "json_schema", "regex")
+           "choice", "tool_choice", "json_schema", "regex", "logit_bias")
 
+
+def _token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
+    """OpenAI's logit_bias keys are token ids as JSON strings ("50256"): ints for SamplingParams."""
+    if not logit_bias:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in logit_bias.items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise OpenAIError(400, f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                              param="logit_bias") from None
+    return bias
 
 class ClientDisconnected(Exception):
     """The HTTP client went away; its requests were aborted."""
@@ -173,8 +186,7 @@ class OpenAIServing:
 
     def sampling_params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int],
                          extra: Optional[dict[str, Any]] = None) -> SamplingParams:
-        if req.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+        logit_bias = _token_bias(req.logit_bias)
         if req.n > MAX_N:
             raise OpenAIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
@@ -199,6 +211,7 @@ class OpenAIServing:
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=logit_bias,
         )
         kw.update(self._constraint(req))
         kw.update(extra or {})

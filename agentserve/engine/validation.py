@@ -15,3 +15,6 @@ def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
         raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")
+    bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+    if bad:
+        raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab}); got {bad[:5]}")

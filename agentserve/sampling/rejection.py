@@ -81,6 +81,24 @@ def _expand_bans(meta: SamplingMetadata, spec: SpecDecodeMetadata,
     return logit_rows.reshape(-1), tokens.reshape(-1), values.reshape(-1)
 
 
+def _expand_bias(meta: SamplingMetadata, spec: SpecDecodeMetadata
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """logit_bias (row, token, value) triples -> one per scored position of each row. As in _expand_bans
+    the shapes stay static: every triple covers max_spec_len + 1 positions, those past its row's last
+    repeat the last with value 0."""
+    if meta.bias_rows is None or meta.bias_tokens is None or meta.bias_values is None:
+        return None, None, None
+    width = spec.max_spec_len + 1
+    pos = torch.arange(width, device=meta.bias_rows.device)
+    rows = meta.bias_rows
+    num_positions = spec.num_draft_tokens_tensor.index_select(0, rows) + 1
+    logit_rows = spec.first_logits_indices.index_select(0, rows)[:, None] + torch.minimum(
+        pos[None, :], (num_positions - 1)[:, None])
+    values = torch.where(pos[None, :] < num_positions[:, None], meta.bias_values[:, None], 0.0)
+    tokens = meta.bias_tokens[:, None].expand_as(logit_rows)
+    return logit_rows.reshape(-1), tokens.reshape(-1), values.reshape(-1)
+
+
 def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
                              num_banned_positions: Optional[torch.Tensor] = None,
                              token_bitmask: Optional[torch.Tensor] = None) -> SamplingMetadata:
@@ -99,6 +117,7 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
     if meta.banned_rows is not None and num_banned_positions is None:
         raise ValueError("min_tokens bans under speculation need num_banned_positions per row")
     rows = spec.logits_row_ids
+    bias_rows, bias_tokens, bias_values = _expand_bias(meta, spec)
 
     def per_position(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.index_select(0, rows)
@@ -110,7 +129,8 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
         presence_penalty=per_position(meta.presence_penalty),
         frequency_penalty=per_position(meta.frequency_penalty), prompt_mask=per_position(meta.prompt_mask),
         output_counts=None if meta.output_counts is None else _counts_with_drafts(meta.output_counts, spec),
-        banned_rows=None, banned_tokens=None, token_bitmask=token_bitmask)
+        banned_rows=None, banned_tokens=None, token_bitmask=token_bitmask, bias_rows=bias_rows,
+        bias_tokens=bias_tokens, bias_values=bias_values)
 
 
 def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int, torch.Generator],

@@ -36,6 +36,10 @@ class SamplingMetadata:
     # Tokens that may not be sampled yet (min_tokens: EOS and stop ids), as (row, token) pairs.
     banned_rows: Optional[torch.Tensor] = None
     banned_tokens: Optional[torch.Tensor] = None
+    # logit_bias as (row, token, value) triples added to the logits first (None when no row has one).
+    bias_rows: Optional[torch.Tensor] = None
+    bias_tokens: Optional[torch.Tensor] = None
+    bias_values: Optional[torch.Tensor] = None
     max_num_logprobs: Optional[int] = None  # None: no row wants logprobs
     # Grammar: int32 bitmask [N, ceil(V / 32)] for constrained rows (others all ones).
     token_bitmask: Optional[torch.Tensor] = None
@@ -115,7 +119,10 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.
     """One sampling row's processing, shared by the sampler and speculative verification so that every
     scored position sees the same distribution. Returns (masked, probs): `masked` has penalties,
     min_tokens bans and the grammar mask applied (greedy takes its argmax); `probs` adds temperature
-    and top-k / top-p / min-p (None when every row is greedy). Greedy rows' `probs` are unused."""
+    and top-k / top-p / min-p (None when every row is greedy). Greedy rows' `probs` are unused.
+    logit_bias comes first (OpenAI: added to the model's logits before sampling)."""
+    if meta.bias_rows is not None and meta.bias_tokens is not None and meta.bias_values is not None:
+        logits = logits.index_put((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
     logits = apply_penalties(logits, meta)
     if meta.banned_rows is not None and meta.banned_tokens is not None:
         # new_full fills on the device; torch.tensor(..., device=) would be a blocking copy.

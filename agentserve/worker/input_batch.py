@@ -76,6 +76,11 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     if banned_rows:
         meta.banned_rows = col(banned_rows, torch.int64)
         meta.banned_tokens = col(banned_tokens, torch.int64)
+    biased = [(row, tok, val) for row, p in enumerate(params) for tok, val in (p.logit_bias or {}).items()]
+    if biased:
+        meta.bias_rows = col([b[0] for b in biased], torch.int64)
+        meta.bias_tokens = col([b[1] for b in biased], torch.int64)
+        meta.bias_values = col([float(b[2]) for b in biased], torch.float32)
 
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     meta.max_num_logprobs = max(wanted) if wanted else None
