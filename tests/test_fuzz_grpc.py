@@ -98,8 +98,9 @@ def fill(msg: Message, rng: random.Random, session_ids: list[str], depth: int = 
             continue
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             target = getattr(msg, name)
-            for _ in range(rng.randrange(3)):
-                target[rng.choice(STRINGS)] = rng.choice(STRINGS)
+            entry = field.message_type.fields_by_name
+            for _ in range(rng.randrange(3)):  # string maps (metadata) and number maps (logit_bias) alike
+                target[_scalar(entry["key"], rng)] = _scalar(entry["value"], rng)
             continue
         if field.message_type is not None:
             if depth >= 3:
