@@ -150,6 +150,30 @@ def test_logit_bias_forces_and_bans_tokens(live: Live) -> None:
     assert chat.choices[0].message.content == tok.decode([42] * 3)
 
 
+def test_tokenize_and_detokenize(live: Live) -> None:
+    tok = live.aeng.engine.tokenizer
+    text = "Once upon a time"
+    r = live.http.post("/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode(text, add_special_tokens=True) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 1024 and r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
+    plain = live.http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert live.http.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": text}
+    # The messages form counts the prompt a chat completion gets.
+    chat = live.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()
+    done = live.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0)
+    assert chat["count"] == done.usage.prompt_tokens > 0
+    for path, body, status, param in (
+            ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt"),
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "add_special_tokens"),
+            ("/tokenize", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
+            ("/detokenize", {"tokens": [-1, 5]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [1], "extra": 1}, 400, "extra")):
+        r = live.http.post(path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["error"]["param"] == param, r.json()
+
+
 # --- chat ---------------------------------------------------------------------------------------------
 
 

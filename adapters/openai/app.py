@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentserve.adapters.openai.metrics import Metrics
+from agentserve.adapters.openai.tokenize_routes import add_tokenize_routes
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
@@ -247,6 +248,7 @@ async def _respond(result: Awaitable[Any]) -> Response:
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
     completions_endpoint = CompletionsEndpoint(serving)
     chat_endpoint = ChatEndpoint(serving)
+    add_tokenize_routes(app, serving, chat_endpoint)  # /tokenize renders messages as chat completions do
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:

@@ -134,10 +134,9 @@ class ChatEndpoint:
             raise OpenAIError(400, "continue_final_message needs add_generation_prompt=false",
                               param="continue_final_message")
 
-    async def create(self, req: ChatCompletionRequest, raw_request: Any) -> Any:
-        self.s.check_edge(req)
-        _check_limits(req, self.s.limits)
-        lora_name = self.s.resolve_model(req.model)
+    def prepare_prompt(self, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], Tools, Any, dict[str, Any]]:
+        """The checks before rendering (template, messages, tools): (messages, tools, tool_choice, template
+        kwargs), for render_prompt. Shared with POST /tokenize."""
         self._check_template(req)
         template_kwargs = self._template_kwargs(req)
         if not req.messages:
@@ -145,11 +144,22 @@ class ChatEndpoint:
         messages = normalize_messages(req.messages, OPENAI_RULES)
         self.s.render_pool.check_messages(messages)
         tools, tool_choice = _check_tools(req)
+        return messages, tools, tool_choice, template_kwargs
+
+    async def render_prompt(self, req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: Tools,
+                            template_kwargs: dict[str, Any]) -> list[int]:
+        """The prompt's token ids: the chat template in a render pool worker, then the tokenizer."""
+        return await self.s.render_pool.run(lambda tok: self._render(tok, messages, tools, req, template_kwargs))
+
+    async def create(self, req: ChatCompletionRequest, raw_request: Any) -> Any:
+        self.s.check_edge(req)
+        _check_limits(req, self.s.limits)
+        lora_name = self.s.resolve_model(req.model)
+        messages, tools, tool_choice, template_kwargs = self.prepare_prompt(req)
         top_n = _top_logprobs(req)
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
-        prompt_ids = await self.s.render_pool.run(
-            lambda tok: self._render(tok, messages, tools, req, template_kwargs))
+        prompt_ids = await self.render_prompt(req, messages, tools, template_kwargs)
         params = self.s.validate(prompt_ids, params, "messages")
         self.s.check_queue(1)
         ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,
