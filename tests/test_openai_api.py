@@ -150,6 +150,13 @@ def test_logit_bias_forces_and_bans_tokens(live: Live) -> None:
     assert chat.choices[0].message.content == tok.decode([42] * 3)
 
 
+def test_version_and_ping(live: Live) -> None:
+    import agentserve
+
+    assert live.http.get("/version").json() == {"version": agentserve.__version__}
+    assert live.http.get("/ping").status_code == live.http.post("/ping").status_code == 200
+
+
 def test_tokenize_and_detokenize(live: Live) -> None:
     tok = live.aeng.engine.tokenizer
     text = "Once upon a time"

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import agentserve
 from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.tokenize_routes import add_tokenize_routes
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
@@ -217,6 +218,14 @@ def _add_status_routes(app: FastAPI, async_engine: Any, metrics: Metrics) -> Non
         if not async_engine.is_running():
             return _error_response(503, "the engine is not running", "server_error", None, "engine_unavailable")
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # vLLM's (SageMaker's) liveness route: /health's answer
+        return await health()
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": agentserve.__version__})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
