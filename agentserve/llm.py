@@ -103,10 +103,8 @@ class LLM:
     def _adapter_names(self, lora_request: LoRARequestArg) -> AdapterArg:
         """adapter= names for vLLM's lora_request=, loading each adapter on its first use. A name already
         loaded from another directory is an error (reload it with load_adapter to change its weights)."""
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            requests: list[Optional[LoRARequest]] = [lora_request]
-        else:
-            requests = list(lora_request)
+        single = lora_request is None or isinstance(lora_request, LoRARequest)
+        requests: list[Optional[LoRARequest]] = [lora_request] if single else list(lora_request)  # type: ignore[list-item, arg-type]
         for req in {r for r in requests if r is not None}:
             if self.engine.lora_manager is None:
                 raise LoRANotEnabledError("lora_request= needs an engine started with enable_lora=True")
@@ -116,9 +114,8 @@ class LLM:
             elif loaded.resolve() != Path(req.lora_path).resolve():
                 raise ValueError(f"LoRARequest {req.lora_name!r}: that name is loaded from {str(loaded)!r}, not "
                                  f"{req.lora_path!r}; use another lora_name, or load_adapter() to replace it")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            return lora_request.lora_name if lora_request is not None else None
-        return [r.lora_name if r is not None else None for r in requests]
+        names = [r.lora_name if r is not None else None for r in requests]
+        return names[0] if single else names
 
     def generate(self, prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,

@@ -79,9 +79,9 @@ def speculative_options(value: object) -> dict[str, object]:
 def merge_speculative_config(kwargs: dict[str, object]) -> dict[str, object]:
     """Engine keyword arguments with `speculative_config` (if any) replaced by the options it sets; an
     option also given on its own must agree with it."""
-    if kwargs.get("speculative_config") is None:
-        return {k: v for k, v in kwargs.items() if k != "speculative_config"}
     merged = {k: v for k, v in kwargs.items() if k != "speculative_config"}
+    if kwargs.get("speculative_config") is None:
+        return merged
     for option, value in speculative_options(kwargs["speculative_config"]).items():
         if option in merged and merged[option] != value:
             raise ValueError(f"{option}={merged[option]!r} conflicts with speculative_config's {value!r}: give it "

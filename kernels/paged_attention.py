@@ -471,11 +471,13 @@ DECODE_TILE: tuple[int, ...] = _tile_from_env("AGENTSERVE_DECODE_TILE", (128, 2)
 if DECODE_TILE[0] < 16:
     raise ValueError("AGENTSERVE_DECODE_TILE: keys per tile >= 16 (tl.dot's smallest)")
 DECODE_TILE_LARGE_HEADS: tuple[int, int] = (64, 5)
+# A tile forced through the environment holds for large heads too (read once, as _tile_from_env reads it).
+_DECODE_TILE_FORCED: bool = bool(os.environ.get("AGENTSERVE_DECODE_TILE"))
 
 
 def decode_tile(head_dim: int) -> tuple[int, int]:
     """(keys per KV tile, pipeline stages) of the decode / verification kernels."""
-    if head_dim > 128 and "AGENTSERVE_DECODE_TILE" not in os.environ:
+    if head_dim > 128 and not _DECODE_TILE_FORCED:
         return DECODE_TILE_LARGE_HEADS
     return DECODE_TILE[0], DECODE_TILE[1]
 

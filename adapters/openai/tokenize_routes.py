@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,10 +52,8 @@ async def _chat_ids(chat: ChatEndpoint, body: TokenizeRequest) -> list[int]:
               "continue_final_message": body.continue_final_message, "chat_template_kwargs": body.chat_template_kwargs}
     try:
         req = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:  # what the chat endpoint's own parsing would refuse: a 400 there too
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise OpenAIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
+    except ValidationError as e:  # what the chat endpoint's own parsing refuses: its 400, from the app's handler
+        raise RequestValidationError(e.errors()) from None
     messages, tools, _, template_kwargs = chat.prepare_prompt(req)
     return await chat.render_prompt(req, messages, tools, template_kwargs)
 

@@ -63,19 +63,26 @@ def _counts_with_drafts(output_counts: torch.Tensor, spec: SpecDecodeMetadata) -
     return counts + running - running.index_select(0, spec.first_logits_indices.index_select(0, spec.logits_row_ids))
 
 
+def _positions_of(rows: torch.Tensor, spec: SpecDecodeMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """For per-request entries on `rows`: (logits rows [E, max_spec_len + 1], in-row mask [E, width]).
+    Every entry covers max_spec_len + 1 positions so the shapes stay static (no boolean selection, so
+    no host sync); positions past its row's last repeat the last and are False in the mask."""
+    pos = torch.arange(spec.max_spec_len + 1, device=rows.device)
+    num_positions = spec.num_draft_tokens_tensor.index_select(0, rows) + 1
+    logit_rows = spec.first_logits_indices.index_select(0, rows)[:, None] + torch.minimum(
+        pos[None, :], (num_positions - 1)[:, None])
+    return logit_rows, pos[None, :] < num_positions[:, None]
+
+
 def _expand_bans(meta: SamplingMetadata, spec: SpecDecodeMetadata,
                  num_banned_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits rows, tokens, additive values) for min_tokens bans: a ban of row r covers its first
-    `num_banned_positions[r]` positions. Pairs past that (or past the row) add 0 instead of -inf,
-    which keeps the shapes static (no boolean selection, so no host sync)."""
+    `num_banned_positions[r]` positions. Pairs past that (or past the row) add 0 instead of -inf."""
     assert meta.banned_rows is not None and meta.banned_tokens is not None
-    width = spec.max_spec_len + 1
-    pos = torch.arange(width, device=meta.banned_rows.device)
     rows = meta.banned_rows
-    num_positions = spec.num_draft_tokens_tensor.index_select(0, rows) + 1
-    covered = pos[None, :] < torch.minimum(num_banned_positions.index_select(0, rows), num_positions)[:, None]
-    logit_rows = spec.first_logits_indices.index_select(0, rows)[:, None] + torch.minimum(
-        pos[None, :], (num_positions - 1)[:, None])
+    logit_rows, in_row = _positions_of(rows, spec)
+    pos = torch.arange(logit_rows.shape[1], device=rows.device)
+    covered = in_row & (pos[None, :] < num_banned_positions.index_select(0, rows)[:, None])
     values = torch.zeros(covered.shape, device=rows.device).masked_fill(covered, _NEG_INF)
     tokens = meta.banned_tokens[:, None].expand_as(logit_rows)
     return logit_rows.reshape(-1), tokens.reshape(-1), values.reshape(-1)
@@ -83,18 +90,12 @@ def _expand_bans(meta: SamplingMetadata, spec: SpecDecodeMetadata,
 
 def _expand_bias(meta: SamplingMetadata, spec: SpecDecodeMetadata
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """logit_bias (row, token, value) triples -> one per scored position of each row. As in _expand_bans
-    the shapes stay static: every triple covers max_spec_len + 1 positions, those past its row's last
-    repeat the last with value 0."""
+    """logit_bias (row, token, value) triples -> one per scored position of each row (value 0 at the
+    padding positions _positions_of adds)."""
     if meta.bias_rows is None or meta.bias_tokens is None or meta.bias_values is None:
         return None, None, None
-    width = spec.max_spec_len + 1
-    pos = torch.arange(width, device=meta.bias_rows.device)
-    rows = meta.bias_rows
-    num_positions = spec.num_draft_tokens_tensor.index_select(0, rows) + 1
-    logit_rows = spec.first_logits_indices.index_select(0, rows)[:, None] + torch.minimum(
-        pos[None, :], (num_positions - 1)[:, None])
-    values = torch.where(pos[None, :] < num_positions[:, None], meta.bias_values[:, None], 0.0)
+    logit_rows, in_row = _positions_of(meta.bias_rows, spec)
+    values = torch.where(in_row, meta.bias_values[:, None], 0.0)
     tokens = meta.bias_tokens[:, None].expand_as(logit_rows)
     return logit_rows.reshape(-1), tokens.reshape(-1), values.reshape(-1)
 
