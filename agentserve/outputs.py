@@ -57,6 +57,8 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     error: Optional[str] = None
+    # vLLM's prompt_logprobs: one entry per prompt token (None for the first) when the request asked.
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     # Sessions: the pages and computed-token count the finished sequence hands back when it was
     # added with retain_blocks (the caller now owns those references).
     retained_block_table: Optional[list[int]] = None

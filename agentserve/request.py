@@ -139,6 +139,12 @@ class Request:
         self.admit_hook: Any = None
 
         self.logprobs: Optional[list[PositionLogprobs]] = [] if sampling_params.logprobs is not None else None
+        # Prompt logprobs (worker/prompt_logprobs.py): one entry per prompt token, None for the first
+        # (nothing precedes it); the cursor is the next prompt token a launched step will score. Only
+        # the first of n > 1 sequences scores: the others fork its prompt's pages, and share the scores.
+        self.prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = (
+            [None] if sampling_params.prompt_logprobs is not None and index == 0 else None)
+        self.num_prompt_logprobs_planned = 1
         self.cumulative_logprob = 0.0
         self.generator: Optional["torch.Generator"] = None
         self.detokenizer: Optional[Detokenizer] = None

@@ -83,6 +83,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token (0: only the sampled token's)
+    prompt_logprobs: Optional[int] = None  # top-n logprobs per prompt token (0: only the prompt token's)
     # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
     logit_bias: Optional[dict[int, float]] = None
     skip_special_tokens: bool = True
@@ -139,6 +140,9 @@ class SamplingParams:
             bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         self._validate_logit_bias()
 
     def _validate_logit_bias(self) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from typing import Any, AsyncIterator, Optional
 
+from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
 from agentserve.adapters.openai.tool_chunks import ToolCallChunks
@@ -68,6 +69,12 @@ def _top_logprobs(req: ChatCompletionRequest) -> int:
     if not 0 <= req.top_logprobs <= 20:
         raise OpenAIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
     return req.top_logprobs
+
+
+def _check_prompt_logprobs(req: ChatCompletionRequest) -> None:
+    if req.prompt_logprobs is not None and req.stream:
+        raise OpenAIError(400, "prompt_logprobs is not available when stream is true (as in vLLM)",
+                          param="prompt_logprobs")
 
 
 class ChatEndpoint:
@@ -157,6 +164,7 @@ class ChatEndpoint:
         lora_name = self.s.resolve_model(req.model)
         messages, tools, tool_choice, template_kwargs = self.prepare_prompt(req)
         top_n = _top_logprobs(req)
+        _check_prompt_logprobs(req)
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
         prompt_ids = await self.render_prompt(req, messages, tools, template_kwargs)
@@ -274,8 +282,11 @@ class _ChatContext:
             choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
                             "stop_reason": c.stop_reason})
             self.s.record_finish(reason)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+        body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(len(self.prompt_ids), completion_tokens, final.num_cached_tokens)}
+        if self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(final.prompt_logprobs)
+        return body
 
     def _chunk(self, st: _StreamState, index: int, delta: dict[str, Any], logprobs: Any = None,
                finish: Optional[str] = None, stop_reason: Any = None) -> str:

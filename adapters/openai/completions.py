@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Optional
 
+from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import CompletionRequest, OpenAIError
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, clone_params, now, sse, usage
 from agentserve.outputs import CompletionOutput, RequestOutput
@@ -33,8 +35,22 @@ def _check_unsupported(req: CompletionRequest) -> None:
     if req.best_of is not None and req.best_of != req.n:
         raise OpenAIError(400, f"best_of must equal n (got best_of={req.best_of}, n={req.n}); best_of > n is "
                                "not supported", param="best_of")
+    if req.max_tokens == 0 and not req.echo:
+        raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens")
+
+
+def _prompt_logprobs(req: CompletionRequest) -> Optional[int]:
+    """vLLM's: echo with logprobs scores the echoed prompt with the same top n (or prompt_logprobs' n if wider)."""
     if req.echo and req.logprobs is not None:
-        raise OpenAIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
+        return max(req.logprobs, req.prompt_logprobs or 0)
+    return req.prompt_logprobs
+
+
+def _joined(first: Optional[dict[str, Any]], second: dict[str, Any]) -> dict[str, Any]:
+    """Two runs of completions logprobs (the echoed prompt's, then the generated tokens') as one."""
+    if first is None:
+        return second
+    return {key: first[key] + second[key] for key in first}
 
 
 class CompletionsEndpoint:
@@ -66,7 +82,10 @@ class CompletionsEndpoint:
         lora_name = self.s.resolve_model(req.model)
         _check_unsupported(req)
         texts, prompts = _prompts(req)
-        params = self.s.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+        # echo with max_tokens 0 (vLLM's, for scoring a prompt): one token is generated and dropped.
+        echo_only = req.echo and req.max_tokens == 0
+        params = self.s.sampling_params(req, max_tokens=1 if echo_only else req.max_tokens, logprobs=req.logprobs,
+                                        extra={"prompt_logprobs": _prompt_logprobs(req)})
         prompt_ids, resolved = await self._tokenize(texts, prompts, params)
         # max_tokens resolved; left out, it is what the longest prompt leaves (one params for all prompts).
         params = clone_params(params, max_tokens=min(resolved))
@@ -77,7 +96,7 @@ class CompletionsEndpoint:
         if req.echo:
             echo_texts = [text if text is not None else (tok.decode(ids) if tok is not None else "")
                           for text, ids in zip(texts, prompt_ids)]
-        ctx = _CompletionContext(self.s, req, request_id, prompt_ids, params, echo_texts, lora_name)
+        ctx = _CompletionContext(self.s, req, request_id, prompt_ids, params, echo_texts, lora_name, echo_only)
         if req.stream:
             return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))
         return await ctx.full(raw_request)
@@ -92,6 +111,7 @@ class _StreamState:
         self.sent_lp = [0] * num
         self.done = [False] * num
         self.echoed = [not echo] * num
+        self.sent_prompt_lp = [False] * num
         self.offsets = [len(ctx.echo_texts[i // ctx.params.n]) if echo else 0 for i in range(num)]
         self.completion_tokens = [0] * num
         self.cached = [0] * len(ctx.prompt_ids)
@@ -100,8 +120,9 @@ class _StreamState:
 class _CompletionContext:
     def __init__(self, serving: OpenAIServing, req: CompletionRequest, request_id: str,
                  prompt_ids: list[list[int]], params: SamplingParams, echo_texts: list[str],
-                 lora_name: Optional[str]) -> None:
+                 lora_name: Optional[str], echo_only: bool) -> None:
         self.s, self.req, self.id = serving, req, request_id
+        self.echo_only = echo_only
         self.prompt_ids, self.params, self.echo_texts = prompt_ids, params, echo_texts
         self.engine_kwargs = serving.engine_kwargs(req, lora_name)
         self.created = now()
@@ -124,17 +145,34 @@ class _CompletionContext:
             out = final[i]
             cached += out.num_cached_tokens
             for c in out.outputs:
+                c = self._visible(c)
                 completion_tokens += len(c.token_ids)
                 prefix = self.echo_texts[i] if self.req.echo else ""
-                logprobs = None
+                logprobs = self._echo_logprobs(i, out)
                 if self.top_n is not None and c.logprobs is not None:
-                    logprobs = self.s.logprobs.completion(c.token_ids, c.logprobs, self.top_n, len(prefix))
+                    offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) if logprobs else len(prefix)
+                    logprobs = _joined(logprobs, self.s.logprobs.completion(c.token_ids, c.logprobs, self.top_n, offset))
                 choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                "prompt_logprobs": vllm_prompt_logprobs(out.prompt_logprobs)
+                                if self.req.prompt_logprobs is not None else None})
                 self.s.record_finish(c.finish_reason)
         choices.sort(key=lambda ch: ch["index"])
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self.prompt_tokens, completion_tokens, cached)}
+
+    def _visible(self, c: CompletionOutput) -> CompletionOutput:
+        """An echo-only request (max_tokens 0) shows none of the one token it generated."""
+        if not self.echo_only:
+            return c
+        return replace(c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None, delta_text="",
+                       delta_token_ids=[], finish_reason="length" if c.finish_reason is not None else None)
+
+    def _echo_logprobs(self, i: int, out: RequestOutput) -> Optional[dict[str, Any]]:
+        """The echoed prompt's part of a choice's logprobs (echo with logprobs), from offset 0."""
+        if not self.req.echo or self.top_n is None or out.prompt_logprobs is None:
+            return None
+        return self.s.logprobs.completion(self.prompt_ids[i], out.prompt_logprobs, self.top_n, 0)
 
     def _chunk(self, st: _StreamState, choices: list[dict[str, Any]], include_usage: bool, continuous: bool) -> str:
         body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
@@ -143,27 +181,36 @@ class _CompletionContext:
             body["usage"] = usage(self.prompt_tokens, sum(st.completion_tokens), sum(st.cached)) if continuous else None
         return sse(body)
 
-    def _choice_delta(self, st: _StreamState, i: int, c: CompletionOutput) -> Optional[dict[str, Any]]:
+    def _choice_delta(self, st: _StreamState, i: int, out: RequestOutput, c: CompletionOutput) -> Optional[dict[str, Any]]:
         """The next chunk's choice for output c of prompt i (None when there is nothing to send)."""
         k = i * self.params.n + c.index
+        c = self._visible(c)
         text = c.delta_text
+        logprobs = None
+        extra: dict[str, Any] = {}
         if not st.echoed[k]:
             text = self.echo_texts[i] + text
             st.echoed[k] = True
-        logprobs = None
+            logprobs = self._echo_logprobs(i, out)
+            if logprobs is not None:
+                st.offsets[k] = sum(len(t) for t in logprobs["tokens"])
+        if self.req.prompt_logprobs is not None and not st.sent_prompt_lp[k] and out.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs)
+            st.sent_prompt_lp[k] = True
         new_ids = c.token_ids[st.sent_lp[k]:]
         if self.top_n is not None and c.logprobs is not None and new_ids:
-            logprobs = self.s.logprobs.completion(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)], self.top_n,
-                                                  st.offsets[k])
-            st.offsets[k] += sum(len(t) for t in logprobs["tokens"])
+            generated = self.s.logprobs.completion(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)], self.top_n,
+                                                   st.offsets[k])
+            st.offsets[k] += sum(len(t) for t in generated["tokens"])
+            logprobs = _joined(logprobs, generated)
         st.sent_lp[k] = len(c.token_ids)
         st.completion_tokens[k] = len(c.token_ids)
         if c.finish_reason is not None:
             st.done[k] = True
             self.s.record_finish(c.finish_reason)
-        if text or logprobs or c.finish_reason is not None:
+        if text or logprobs or extra or c.finish_reason is not None:
             return {"index": k, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason}
+                    "stop_reason": c.stop_reason, **extra}
         return None
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
@@ -178,7 +225,7 @@ class _CompletionContext:
                     for c in out.outputs:
                         if st.done[i * self.params.n + c.index]:
                             continue
-                        choice = self._choice_delta(st, i, c)
+                        choice = self._choice_delta(st, i, out, c)
                         if choice is not None:
                             yield self._chunk(st, [choice], include_usage, continuous)
             if include_usage:

@@ -4,7 +4,7 @@ top_logprobs) and completions' parallel lists (tokens, token_logprobs, top_logpr
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from agentserve.outputs import Logprob
 from agentserve.grammar.tokenizer_info import UNICODE_TO_BYTE as BYTE_DECODER
@@ -57,10 +57,23 @@ class LogprobFormatter:
                             "bytes": self.token_bytes(tid, text), "top_logprobs": top_list})
         return content
 
-    def completion(self, token_ids: Sequence[int], positions: Positions, top_n: int,
+    def completion(self, token_ids: Sequence[int], positions: Sequence[Optional[dict[int, Logprob]]], top_n: int,
                    offset: int) -> dict[str, Any]:
-        tokens, token_lps, tops, offsets = [], [], [], []
+        """`positions`: None for a position without logprobs (an echoed prompt's first token: its
+        token_logprobs and top_logprobs entries are null, as OpenAI's)."""
+        tokens: list[str] = []
+        token_lps: list[Optional[float]] = []
+        tops: list[Optional[dict[str, float]]] = []
+        offsets: list[int] = []
         for tid, pos in zip(token_ids, positions):
+            if pos is None:
+                text = self.token_text(tid, None)
+                tokens.append(text)
+                token_lps.append(None)
+                tops.append(None)
+                offsets.append(offset)
+                offset += len(text)
+                continue
             lp = pos.get(tid)
             text = self.token_text(tid, lp)
             tokens.append(text)
@@ -73,3 +86,13 @@ class LogprobFormatter:
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(positions: Optional[Sequence[Optional[dict[int, Logprob]]]]) -> Optional[list[Any]]:
+    """vLLM's `prompt_logprobs` response field: per prompt token None (the first) or {token id: {logprob,
+    rank, decoded_token}} for the prompt token and its top alternatives."""
+    if positions is None:
+        return None
+    return [None if pos is None else {str(tid): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for tid, lp in pos.items()}
+            for pos in positions]

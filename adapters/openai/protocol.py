@@ -109,6 +109,7 @@ class _SamplingFields(_Request):
     guided_choice: Optional[list[str]] = None
     cache_salt: Optional[str] = None
     priority: int = 0
+    prompt_logprobs: Optional[int] = None
 
 
 class ChatCompletionRequest(_SamplingFields):

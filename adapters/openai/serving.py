@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "stop", "stop_token_ids", "seed",
+           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids", "seed",
            "choice", "tool_choice", "json_schema", "regex", "logit_bias")
 
 
@@ -209,6 +209,7 @@ class OpenAIServing:
             stop_token_ids=req.stop_token_ids or [],
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=logit_bias,

@@ -35,6 +35,9 @@ class KVCacheManager:
         its logits are needed to sample."""
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if request.prompt_logprobs is not None:
+            # Cached pages carry no logits: only the positions already scored may come from the cache.
+            max_blocks = min(max_blocks, (request.num_prompt_logprobs_planned - 1) // self.block_size)
         return self.pool.lookup(request.block_hashes, max_blocks, request.num_tokens)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,

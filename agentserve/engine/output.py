@@ -22,6 +22,7 @@ from agentserve.outputs import CompletionOutput, Logprob, RequestMetrics, Reques
 from agentserve.request import Request, RequestStatus
 from agentserve.worker.launched_step import LaunchedStep, StepResult
 from agentserve.worker.model_runner import ScheduledChunk
+from agentserve.worker.prompt_logprobs import PromptScores
 
 if TYPE_CHECKING:
     from agentserve.engine.engine import Engine
@@ -69,6 +70,8 @@ class OutputProcessor:
             for chunk in step.chunks:
                 self.fail_request(chunk.request, STEP_FAILED)
             return set()
+        if step.handle.prompt_scores is not None:
+            self._record_prompt_logprobs(step.handle.prompt_scores)
         touched: set[str] = set()
         engine = self.engine  # read once: every attribute through the weak proxy costs a lookup
         emit_all = engine.emit_unfinished
@@ -192,6 +195,31 @@ class OutputProcessor:
         req.logprobs.append(position)
         req.cumulative_logprob += lps[0]
 
+    def _record_prompt_logprobs(self, scores: PromptScores) -> None:
+        """Appends the prompt tokens a step scored to their requests' prompt_logprobs, in prompt order."""
+        rows = scores.rows()
+        plan = scores.plan
+        tokenizer = self.engine.tokenizer
+        decoded: dict[int, str] = {}
+        lo = 0
+        for req, first, count in zip(plan.requests, plan.first_token, plan.counts):
+            entries, n = req.prompt_logprobs, req.sampling_params.prompt_logprobs or 0
+            for k in range(count):
+                if entries is None or first + k != len(entries):
+                    continue  # finished meanwhile, or already recorded
+                row = rows[lo + k]
+                target = req.prompt_token_ids[first + k]
+                position = {target: Logprob(row[0], int(row[1]))}
+                for r, (tid, lp) in enumerate(zip(row[2:2 + n], row[2 + plan.num_top:2 + plan.num_top + n]), start=1):
+                    position.setdefault(int(tid), Logprob(lp, r))
+                if tokenizer is not None:
+                    for tid, lp in position.items():
+                        if tid not in decoded:
+                            decoded[tid] = tokenizer.decode([tid])
+                        lp.decoded_token = decoded[tid]
+                entries.append(position)
+            lo += count
+
     def _fork_siblings(self, leader: Request) -> None:
         """n > 1: the siblings share the leader's prompt pages and recompute only the last prompt
         token (copy-on-write of the shared last page), each sampling on its own."""
@@ -269,6 +297,7 @@ class OutputProcessor:
             out = RequestOutput(
                 request_id=parent_id, prompt=engine.prompts.get(parent_id), prompt_token_ids=leader.prompt_token_ids,
                 outputs=[self._completion(c) for c in children], finished=finished,
+                prompt_logprobs=leader.prompt_logprobs,
                 metrics=RequestMetrics(
                     arrival_time=leader.timing.arrival, first_scheduled_time=leader.timing.first_scheduled,
                     first_token_time=leader.timing.first_token, finished_time=leader.timing.finished,

@@ -96,6 +96,9 @@ class TurnLifecycle:
         s = self._get(session_id)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs is not available on session turns: the resident history "
+                                      "is not recomputed, so it has no logits; use a stateless request")
         if not math.isfinite(expected_next_turn_ms) or expected_next_turn_ms < 0:
             raise InvalidRequestError(f"expected_next_turn_ms must be a finite number >= 0 (0: no hint), "
                                       f"got {expected_next_turn_ms}")

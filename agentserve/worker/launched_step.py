@@ -6,9 +6,12 @@ the ids comes back through a pinned buffer and an event, without a device-wide s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from agentserve.worker.prompt_logprobs import PromptScores
 
 
 @dataclass
@@ -46,10 +49,12 @@ def _truncate_padded(result: StepResult) -> StepResult:
 class LaunchedStep:
     def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int], row_counts: list[int],
                  packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0,
-                 padded: bool = False) -> None:
+                 padded: bool = False, prompt_scores: Optional["PromptScores"] = None) -> None:
         """`padded`: a speculative verification step, whose rows all have row_counts' width and end
-        in -1 padding after their emitted tokens."""
+        in -1 padding after their emitted tokens. `prompt_scores`: the prompt logprobs its prefill
+        rows scored (worker/prompt_logprobs.py)."""
         self.padded = padded
+        self.prompt_scores = prompt_scores
         self.sampled = sampled  # [num sampling rows] int64 on the device; stays there for the next step
         self.rows = rows        # request id -> its last row in `sampled`
         self.row_counts = row_counts  # sampled positions of each sampling chunk, in order

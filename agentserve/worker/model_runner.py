@@ -32,6 +32,7 @@ from agentserve.sampling.sampler import Sampler, SamplingMetadata, draw_noise
 from agentserve.spec.device_drafts import materialize_drafts
 from agentserve.spec.draft import DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
+from agentserve.worker.prompt_logprobs import PromptLogprobRows, PromptScores, plan_prompt_logprob_rows, score_prompt_rows
 from agentserve.worker.input_batch import build_sampling_metadata
 from agentserve.worker.kv_scales import calibrate_kv_scales
 from agentserve.worker.launched_step import LaunchedStep
@@ -208,19 +209,46 @@ class ModelRunner:
         self._sampling_cache = (sampling, meta) if reusable else None
         return meta
 
-    def _forward_logits(self, chunks: list[ScheduledChunk], prev: Optional[LaunchedStep]) -> Optional[torch.Tensor]:
+    def _forward_logits(self, chunks: list[ScheduledChunk],
+                        prev: Optional[LaunchedStep]) -> tuple[Optional[torch.Tensor], Optional[PromptScores]]:
+        """The sampled rows' logits, and the prompt logprobs that rows of this step score (if any)."""
+        plan = plan_prompt_logprob_rows(chunks)
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
         if self.parallel is not None:  # sends the step to the other ranks, then runs this rank's share
-            return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, logits_indices,
-                                             self.graphs)
+            if plan is None:
+                return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta,
+                                                 logits_indices, self.graphs), None
+            return self._parallel_forward_with_prompt_rows(input_ids, positions, meta, logits_indices, plan)
         decode_only = meta.max_query_len == 1 and logits_indices.shape[0] == len(chunks)  # all sample
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(chunks)) is not None:
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                                   meta.max_seq_len, meta.lora_slot_indices)
+                                   meta.max_seq_len, meta.lora_slot_indices), None
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        scores = None
+        if plan is not None:
+            rows = torch.tensor(plan.flat_indices, dtype=torch.int64, device=self.device)
+            scores = PromptScores(plan, score_prompt_rows(
+                lambda lo, hi: self.model.compute_logits(hidden[rows[lo:hi]]), plan, self.device))
         if logits_indices.numel() == 0:
-            return None
-        return self.model.compute_logits(hidden[logits_indices])
+            return None, scores
+        return self.model.compute_logits(hidden[logits_indices]), scores
+
+    def _parallel_forward_with_prompt_rows(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                                           meta: ForwardMetadata, logits_indices: torch.Tensor,
+                                           plan: PromptLogprobRows) -> tuple[Optional[torch.Tensor], PromptScores]:
+        """Tensor parallel: the ranks compute the logits of the sampled and the prompt rows together,
+        in ascending flat order (the order a decode graph's rows come in, should the step replay one)."""
+        assert self.parallel is not None
+        prompt_rows = torch.tensor(plan.flat_indices, dtype=torch.int64, device=self.device)
+        merged, _ = torch.sort(torch.cat([logits_indices, prompt_rows]))
+        logits = self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta, merged,
+                                           self.graphs)
+        assert logits is not None
+        prompt_logits = logits[torch.searchsorted(merged, prompt_rows)]
+        scores = PromptScores(plan, score_prompt_rows(lambda lo, hi: prompt_logits[lo:hi], plan, self.device))
+        if logits_indices.numel() == 0:
+            return None, scores
+        return logits[torch.searchsorted(merged, logits_indices)], scores
 
     @torch.inference_mode()
     def execute_device_ops(self, ops: list[DeviceOp]) -> None:
@@ -257,10 +285,12 @@ class ModelRunner:
         else:
             # The eager step builds its inputs on the host: drafts left on the device come back first.
             materialize_drafts(requests, [c.spec_token_ids for c in rows])
-            logits, spec = self._forward_logits(chunks, prev), None
+            (logits, scores), spec = self._forward_logits(chunks, prev), None
         assert logits is not None
-        return sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],
+        step = sample_verification(self.rejection_sampler, logits, requests, [c.spec_token_ids for c in rows],
                                    meta_s, mask_fn, spec)
+        step.prompt_scores = scores
+        return step
 
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
@@ -281,11 +311,11 @@ class ModelRunner:
         row_counts = [c.num_sampled for c in chunks if c.num_sampled]
         # Sampling inputs are staged before the forward is launched, so their copies queue behind it.
         meta_s = self._sampling_metadata(sampling) if sampling else None
-        logits = self._forward_logits(chunks, prev)
+        logits, scores = self._forward_logits(chunks, prev)
         if self.lora_manager is not None:
             self.lora_manager.step_launched()  # later loads into this step's slots wait for it
         if logits is None or meta_s is None:
-            return LaunchedStep(None, {}, [])
+            return LaunchedStep(None, {}, [], prompt_scores=scores)
         noise = None
         if token_bitmask_fn is not None and not meta_s.all_greedy:
             # The mask callback may first wait for the previous step's tokens (async scheduling,
@@ -301,8 +331,9 @@ class ModelRunner:
         # tokens (steps with speculative rows are processed before the next one is scheduled).
         rows = {req.request_id: row for row, req in enumerate(sampling)}
         if out.logprobs is None:
-            return LaunchedStep(out.sampled_token_ids, rows, row_counts)
+            return LaunchedStep(out.sampled_token_ids, rows, row_counts, prompt_scores=scores)
         assert out.logprob_token_ids is not None and out.sampled_ranks is not None
         packed = torch.cat([out.sampled_token_ids[:, None].double(), out.sampled_ranks[:, None].double(),
                             out.logprob_token_ids.double(), out.logprobs.double()], dim=1)
-        return LaunchedStep(out.sampled_token_ids, rows, row_counts, packed, out.logprobs.shape[1])
+        return LaunchedStep(out.sampled_token_ids, rows, row_counts, packed, out.logprobs.shape[1],
+                            prompt_scores=scores)

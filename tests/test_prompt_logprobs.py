@@ -1,0 +1,160 @@
+"""vLLM's prompt_logprobs: the raw log-probability of every prompt token given the tokens before it, with
+its rank and the top n alternatives, checked against Hugging Face transformers on the same weights, across
+chunked prefill, the prefix cache (cached pages carry no logits), preemption by recompute, n > 1 and
+speculation; and over HTTP as OpenAI's completions echo + logprobs (the official client) and vLLM's
+`prompt_logprobs` field."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import openai
+import pytest
+import torch
+import transformers
+
+from agentserve import SamplingParams
+from agentserve.adapters.openai.app import create_app
+from agentserve.adapters.openai.server import ServerThread
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
+from agentserve.llm import LLM
+from agentserve.outputs import Logprob
+from agentserve.sampling_params import SamplingParamsError
+from agentserve.testing import tiny_model_cached
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 30, 31, 32, 40, 41, 42, 43], [11, 12, 13, 14, 15, 11, 12, 13, 14]]
+ENGINE = dict(device="cpu", dtype="float32", block_size=4)
+
+
+def _reference(path: str, prompt: list[int]) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+
+
+def _check(entries: Optional[list[Optional[dict[int, Logprob]]]], prompt: list[int], ref: torch.Tensor, n: int) -> None:
+    assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+    for i in range(1, len(prompt)):
+        position = entries[i]
+        assert position is not None
+        token = position[prompt[i]]
+        assert math.isclose(token.logprob, ref[i - 1, prompt[i]].item(), abs_tol=1e-4)
+        assert token.rank == int((ref[i - 1] > ref[i - 1, prompt[i]]).sum()) + 1
+        top = {tid: lp for tid, lp in position.items() if lp.rank <= n and (tid != prompt[i] or token.rank <= n)}
+        assert sorted(top) == sorted(ref[i - 1].topk(n).indices.tolist())
+        assert all(math.isclose(lp.logprob, ref[i - 1, tid].item(), abs_tol=1e-4) for tid, lp in top.items())
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_prompt_logprobs_match_transformers_across_chunks_and_the_prefix_cache(arch: str) -> None:
+    path = str(tiny_model_cached(arch))
+    refs = [_reference(path, p) for p in PROMPTS]
+    # A 5-token budget splits each prompt into chunks; the second call finds the prompts' pages cached.
+    llm = LLM(path, num_blocks=64, max_num_batched_tokens=5, enable_prefix_caching=True, **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=3)
+    for _ in range(2):
+        outs = llm.generate(PROMPTS, params)
+        for out, prompt, ref in zip(outs, PROMPTS, refs):
+            _check(out.prompt_logprobs, prompt, ref, 3)
+    plain = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=3))
+    assert all(o.prompt_logprobs is None for o in plain)
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in outs]
+    # Without prompt logprobs the cache is used again (the pages scored above were registered).
+    assert all(o.num_cached_tokens > 0 for o in plain)
+    llm.close()
+
+
+def test_prompt_logprobs_survive_preemption_n_and_speculation() -> None:
+    path = str(tiny_model_cached("llama3"))
+    refs = [_reference(path, p) for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
+    want = LLM(path, num_blocks=64, **ENGINE).generate(PROMPTS, params)
+    # 14 pages of 4 tokens cannot hold both requests to the end (no room reserved for outputs at
+    # admission): one is preempted and recomputed.
+    small = LLM(path, num_blocks=14, max_num_batched_tokens=6, decode_reserve_tokens=0, **ENGINE)
+    outs = small.generate(PROMPTS, params)
+    assert small.engine.metrics.num_preemptions_total > 0
+    for out, prompt, ref, w in zip(outs, PROMPTS, refs, want):
+        _check(out.prompt_logprobs, prompt, ref, 2)
+        assert out.outputs[0].token_ids == w.outputs[0].token_ids
+    small.close()
+    many = LLM(path, num_blocks=64, **ENGINE).generate(PROMPTS[:1], params.clone(n=3, temperature=1.0, seed=1))
+    assert len(many[0].outputs) == 3
+    _check(many[0].prompt_logprobs, PROMPTS[0], refs[0], 2)
+    spec = LLM(path, num_blocks=64, num_speculative_tokens=3, draft_model=path, spec_dynamic=False, **ENGINE)
+    outs = spec.generate(PROMPTS, params)
+    assert spec.engine.metrics.spec_num_draft_tokens > 0
+    for out, prompt, ref, w in zip(outs, PROMPTS, refs, want):
+        _check(out.prompt_logprobs, prompt, ref, 2)
+        assert out.outputs[0].token_ids == w.outputs[0].token_ids
+    spec.close()
+
+
+def test_prompt_logprobs_are_validated() -> None:
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(SamplingParamsError, match="prompt_logprobs must be in"):
+            SamplingParams(prompt_logprobs=bad)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[openai.OpenAI]:
+    path = tiny_model_cached("qwen2")
+    config = EngineConfig.from_kwargs(str(path), device="cpu", num_blocks=256, served_model_name="tiny",
+                                      max_model_len=512)
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config)).start()
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    server.stop()
+    aeng.shutdown()
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    path = str(tiny_model_cached("qwen2"))
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tok(text)["input_ids"]
+    ref = _reference(path, ids)
+    # lm-eval-harness's loglikelihood request shape, and vLLM's echo-only max_tokens=0.
+    for max_tokens in (1, 0):
+        out = client.completions.create(model="tiny", prompt=text, max_tokens=max_tokens, temperature=0, echo=True,
+                                        logprobs=2)
+        lp = out.choices[0].logprobs
+        assert lp is not None
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.tokens) == len(ids) + max_tokens
+        assert "".join(lp.tokens[:len(ids)]) == tok.decode(ids)
+        for i in range(1, len(ids)):
+            assert math.isclose(lp.token_logprobs[i], ref[i - 1, ids[i]].item(), abs_tol=1e-3)
+            assert 2 <= len(lp.top_logprobs[i]) <= 3
+        assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+        assert out.usage.completion_tokens == max_tokens
+        assert out.choices[0].text.startswith(text)
+        if max_tokens == 0:
+            assert out.choices[0].text == text and out.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt=text, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    streamed = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == len(ids) + 3
+    assert math.isclose(streamed[1], ref[0, ids[1]].item(), abs_tol=1e-3)
+
+
+def test_vllm_prompt_logprobs_field_over_http(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": 1})
+    field = out.choices[0].model_extra["prompt_logprobs"]
+    assert field[0] is None and len(field) == 4
+    assert "7" in field[2] and {"logprob", "rank", "decoded_token"} <= set(field[2]["7"])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    scored = chat.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                       extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs must be in"):
+        client.completions.create(model="tiny", prompt="hi", extra_body={"prompt_logprobs": 50})
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=0)
