@@ -22,8 +22,11 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.outputs import Logprob
+from agentserve.request import Request
 from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
+from agentserve.worker.prompt_logprobs import plan_prompt_logprob_rows
+from agentserve.worker.step_inputs import ScheduledChunk
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 30, 31, 32, 40, 41, 42, 43], [11, 12, 13, 14, 15, 11, 12, 13, 14]]
 ENGINE = dict(device="cpu", dtype="float32", block_size=4)
@@ -158,3 +161,32 @@ def test_vllm_prompt_logprobs_field_over_http(client: openai.OpenAI) -> None:
         client.completions.create(model="tiny", prompt="hi", extra_body={"prompt_logprobs": 50})
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=0)
+
+
+def test_prompt_logprobs_under_tensor_parallelism() -> None:
+    """Two ranks over gloo: the sampled rows' and the prompt rows' logits come back together (in ascending
+    flat order), the prompt logprobs are transformers', the tokens the one-rank engine's."""
+    path = str(tiny_model_cached("llama3"))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    want = LLM(path, num_blocks=64, **ENGINE).generate(PROMPTS, params)
+    with LLM(path, num_blocks=64, max_num_batched_tokens=7, tensor_parallel_size=2, **ENGINE) as llm:
+        outs = llm.generate(PROMPTS, params)
+    for out, prompt, w in zip(outs, PROMPTS, want):
+        _check(out.prompt_logprobs, prompt, _reference(path, prompt), 2)
+        assert out.outputs[0].token_ids == w.outputs[0].token_ids
+
+
+def test_the_plan_scores_each_prompt_token_once() -> None:
+    """Rows past the prompt's second-to-last position and rows below the cursor (a recompute after
+    preemption) score nothing; only the first of n sequences scores."""
+    params = SamplingParams(prompt_logprobs=1)
+    req = Request("r", list(range(10, 20)), params)
+    plan = plan_prompt_logprob_rows([ScheduledChunk(req, 4, 0), ScheduledChunk(Request("s", [1, 2], SamplingParams()), 1, 1)])
+    assert plan is not None and plan.flat_indices == [0, 1, 2, 3] and plan.target_ids == [11, 12, 13, 14]
+    assert plan.first_token == [1] and req.num_prompt_logprobs_planned == 5
+    req.num_computed_tokens = 4
+    plan = plan_prompt_logprob_rows([ScheduledChunk(req, 6, 1)])  # the last chunk: position 9 samples
+    assert plan is not None and plan.flat_indices == [0, 1, 2, 3, 4] and plan.target_ids == [15, 16, 17, 18, 19]
+    req.num_computed_tokens = 0  # preempted: the recompute scores nothing again
+    assert plan_prompt_logprob_rows([ScheduledChunk(req, 10, 1)]) is None
+    assert Request("r2", [1, 2, 3], params, index=1).prompt_logprobs is None
