@@ -86,6 +86,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None  # top-n logprobs per prompt token (0: only the prompt token's)
     # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
     logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None  # vLLM's: only these tokens may be sampled
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Output constraints (grammar/): at most one of these.
@@ -162,6 +163,11 @@ class SamplingParams:
         _check_text("stop", self.stop)
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
+                or any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.allowed_token_ids)):
+            raise SamplingParamsError("allowed_token_ids", "must be a non-empty list of token ids (non-negative "
+                                                           "integers)")
         for name in ("json_schema", "regex", "choice", "tools", "tool_choice"):
             _check_text(name, getattr(self, name))
 

@@ -116,6 +116,12 @@ def test_generate_health_models_and_raw_token_sessions(aeng) -> None:  # type: i
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await client.generate_done(prompt_token_ids=ids, max_tokens=4, logit_bias={-3: 1.0})
             assert bad.value.code() == Code.INVALID_ARGUMENT and "logit_bias" in (bad.value.details() or "")
+            only = await client.generate_done(prompt_token_ids=ids, max_tokens=6, temperature=0, return_token_ids=True,
+                                              allowed_token_ids=[42, 77])
+            assert set(only.token_ids) <= {42, 77}  # allowed_token_ids (repeated int32, field 15)
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await client.generate_done(prompt_token_ids=ids, max_tokens=4, allowed_token_ids=[10**8])
+            assert bad.value.code() == Code.INVALID_ARGUMENT and "allowed_token_ids" in (bad.value.details() or "")
 
             # a raw-token session: messages are token ids, appended verbatim
             raw = await client.create_session([{"role": "system", "token_ids": list(range(10, 60))}], raw_tokens=True)

@@ -148,6 +148,11 @@ def test_logit_bias_forces_and_bans_tokens(live: Live) -> None:
     chat = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=3, temperature=0, logit_bias={"42": 100})
     assert chat.choices[0].message.content == tok.decode([42] * 3)
+    allowed = live.client.completions.create(extra_body={"allowed_token_ids": [42, 43]}, logprobs=0, **kw)
+    lp = allowed.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == 5 and set(lp.tokens) <= {tok.decode([42]), tok.decode([43])}
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        live.client.completions.create(extra_body={"allowed_token_ids": [10**8]}, **kw)
 
 
 def test_version_and_ping(live: Live) -> None:

@@ -110,6 +110,7 @@ class _SamplingFields(_Request):
     cache_salt: Optional[str] = None
     priority: int = 0
     prompt_logprobs: Optional[int] = None
+    allowed_token_ids: Optional[list[int]] = None
 
 
 class ChatCompletionRequest(_SamplingFields):

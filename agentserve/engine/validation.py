@@ -18,3 +18,6 @@ def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     bad = [t for t in (params.logit_bias or {}) if t >= vocab]
     if bad:
         raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab}); got {bad[:5]}")
+    bad = [t for t in (params.allowed_token_ids or []) if t >= vocab]
+    if bad:
+        raise InvalidRequestError(f"allowed_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")

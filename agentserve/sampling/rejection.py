@@ -129,6 +129,7 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
         repetition_penalty=per_position(meta.repetition_penalty),
         presence_penalty=per_position(meta.presence_penalty),
         frequency_penalty=per_position(meta.frequency_penalty), prompt_mask=per_position(meta.prompt_mask),
+        allowed_mask=per_position(meta.allowed_mask),
         output_counts=None if meta.output_counts is None else _counts_with_drafts(meta.output_counts, spec),
         banned_rows=None, banned_tokens=None, token_bitmask=token_bitmask, bias_rows=bias_rows,
         bias_tokens=bias_tokens, bias_values=bias_values)

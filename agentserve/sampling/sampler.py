@@ -40,6 +40,8 @@ class SamplingMetadata:
     bias_rows: Optional[torch.Tensor] = None
     bias_tokens: Optional[torch.Tensor] = None
     bias_values: Optional[torch.Tensor] = None
+    # allowed_token_ids: [N, V] bool, False where a row may not sample (None when no row restricts).
+    allowed_mask: Optional[torch.Tensor] = None
     max_num_logprobs: Optional[int] = None  # None: no row wants logprobs
     # Grammar: int32 bitmask [N, ceil(V / 32)] for constrained rows (others all ones).
     token_bitmask: Optional[torch.Tensor] = None
@@ -124,6 +126,8 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.
     if meta.bias_rows is not None and meta.bias_tokens is not None and meta.bias_values is not None:
         logits = logits.index_put((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
     logits = apply_penalties(logits, meta)
+    if meta.allowed_mask is not None:
+        logits = logits.masked_fill(~meta.allowed_mask, _NEG_INF)
     if meta.banned_rows is not None and meta.banned_tokens is not None:
         # new_full fills on the device; torch.tensor(..., device=) would be a blocking copy.
         logits = logits.index_put((meta.banned_rows, meta.banned_tokens), logits.new_full((), _NEG_INF))

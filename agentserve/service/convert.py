@@ -116,6 +116,8 @@ def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.Resp
     kw["ignore_eos"] = sp.ignore_eos
     if sp.logit_bias:
         kw["logit_bias"] = dict(sp.logit_bias)
+    if sp.allowed_token_ids:
+        kw["allowed_token_ids"] = list(sp.allowed_token_ids)
     kw.update(_response_format_kwargs(response_format))
     choice = _tool_choice(tools, tool_choice)
     # Tools combine with a json_schema / json_object response_format (calls, or a typed final

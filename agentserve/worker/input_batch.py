@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +18,9 @@ def _generator_for(request: Request, device: torch.device) -> Optional[torch.Gen
         # n > 1 children of a seeded request each get their own stream.
         request.generator = torch.Generator(device=device).manual_seed(seed + request.index)
     return request.generator
+
+
+Column = Callable[[list, torch.dtype], torch.Tensor]
 
 
 def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device,
@@ -44,25 +47,45 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
 
     meta = SamplingMetadata(temperature=col(temps, torch.float32), all_greedy=all_greedy, top_k=top_k,
                             top_p=top_p, min_p=min_p, generators=generators, token_bitmask=token_bitmask)
+    _add_penalties(meta, requests, vocab_size, device, col)
+    _add_bans_and_biases(meta, requests, col)
+    if any(p.allowed_token_ids is not None for p in params):
+        allowed = torch.ones(len(requests), vocab_size, dtype=torch.bool)
+        for row, p in enumerate(params):
+            if p.allowed_token_ids is not None:
+                allowed[row] = False
+                allowed[row, torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = True
+        meta.allowed_mask = allowed.to(device, non_blocking=True)
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    meta.max_num_logprobs = max(wanted) if wanted else None
+    return meta
 
+
+def _add_penalties(meta: SamplingMetadata, requests: list[Request], vocab_size: int, device: torch.device,
+                   col: Column) -> None:
+    params = [r.sampling_params for r in requests]
     uses_rep = any(p.repetition_penalty != 1.0 for p in params)
     uses_freq = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
-    if uses_rep or uses_freq:
-        counts = torch.zeros(len(requests), vocab_size, dtype=torch.int32)
-        prompt_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
-        for row, request in enumerate(requests):
-            if request.output_token_ids:
-                out = torch.tensor(request.output_token_ids)
-                counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
-            prompt_mask[row, torch.tensor(request.prompt_token_ids)] = True
-        meta.output_counts = counts.to(device, non_blocking=True)
-        meta.prompt_mask = prompt_mask.to(device, non_blocking=True)
-        if uses_rep:
-            meta.repetition_penalty = col([p.repetition_penalty for p in params], torch.float32)
-        if uses_freq:
-            meta.presence_penalty = col([p.presence_penalty for p in params], torch.float32)
-            meta.frequency_penalty = col([p.frequency_penalty for p in params], torch.float32)
+    if not (uses_rep or uses_freq):
+        return
+    counts = torch.zeros(len(requests), vocab_size, dtype=torch.int32)
+    prompt_mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+    for row, request in enumerate(requests):
+        if request.output_token_ids:
+            out = torch.tensor(request.output_token_ids)
+            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+        prompt_mask[row, torch.tensor(request.prompt_token_ids)] = True
+    meta.output_counts = counts.to(device, non_blocking=True)
+    meta.prompt_mask = prompt_mask.to(device, non_blocking=True)
+    if uses_rep:
+        meta.repetition_penalty = col([p.repetition_penalty for p in params], torch.float32)
+    if uses_freq:
+        meta.presence_penalty = col([p.presence_penalty for p in params], torch.float32)
+        meta.frequency_penalty = col([p.frequency_penalty for p in params], torch.float32)
 
+
+def _add_bans_and_biases(meta: SamplingMetadata, requests: list[Request], col: Column) -> None:
+    """min_tokens bans (EOS and stop ids while too few tokens exist) and logit_bias, as (row, token) pairs."""
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
     for row, request in enumerate(requests):
@@ -76,12 +99,9 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     if banned_rows:
         meta.banned_rows = col(banned_rows, torch.int64)
         meta.banned_tokens = col(banned_tokens, torch.int64)
-    biased = [(row, tok, val) for row, p in enumerate(params) for tok, val in (p.logit_bias or {}).items()]
+    biased = [(row, tok, val) for row, r in enumerate(requests)
+              for tok, val in (r.sampling_params.logit_bias or {}).items()]
     if biased:
         meta.bias_rows = col([b[0] for b in biased], torch.int64)
         meta.bias_tokens = col([b[1] for b in biased], torch.int64)
         meta.bias_values = col([float(b[2]) for b in biased], torch.float32)
-
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    meta.max_num_logprobs = max(wanted) if wanted else None
-    return meta
