@@ -98,6 +98,8 @@ class Request:
         self.uses_penalties = (sampling_params.repetition_penalty != 1.0 or sampling_params.presence_penalty != 0.0
                                or sampling_params.frequency_penalty != 0.0)
         self.eos_token_ids = eos_token_ids
+        # bad_words as token id sequences (sampling/bad_words.py; set by the engine, which has the tokenizer).
+        self.bad_words_token_ids: list[list[int]] = []
         self.priority = priority
         self.cache_salt = cache_salt
         self.lora_name = lora_name

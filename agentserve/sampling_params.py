@@ -87,6 +87,7 @@ class SamplingParams:
     # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None  # vLLM's: only these tokens may be sampled
+    bad_words: Optional[list[str]] = None  # vLLM's: words the output may not contain (sampling/bad_words.py)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Output constraints (grammar/): at most one of these.
@@ -168,6 +169,10 @@ class SamplingParams:
                 or any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.allowed_token_ids)):
             raise SamplingParamsError("allowed_token_ids", "must be a non-empty list of token ids (non-negative "
                                                            "integers)")
+        if self.bad_words is not None and (not isinstance(self.bad_words, (list, tuple)) or any(
+                not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise SamplingParamsError("bad_words", "must be a list of non-empty strings")
+        _check_text("bad_words", self.bad_words)
         for name in ("json_schema", "regex", "choice", "tools", "tool_choice"):
             _check_text(name, getattr(self, name))
 

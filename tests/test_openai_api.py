@@ -153,6 +153,11 @@ def test_logit_bias_forces_and_bans_tokens(live: Live) -> None:
     assert lp is not None and len(lp.tokens) == 5 and set(lp.tokens) <= {tok.decode([42]), tok.decode([43])}
     with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
         live.client.completions.create(extra_body={"allowed_token_ids": [10**8]}, **kw)
+    word = tok.decode([plain.choices[0].text and tok.encode(plain.choices[0].text, add_special_tokens=False)[0]]).strip()
+    avoided = live.client.completions.create(extra_body={"bad_words": [word]}, **kw)
+    assert word and word not in avoided.choices[0].text.split()
+    with pytest.raises(openai.BadRequestError, match="bad_words"):
+        live.client.completions.create(extra_body={"bad_words": [""]}, **kw)
 
 
 def test_version_and_ping(live: Live) -> None:

@@ -31,7 +31,7 @@ ToolLike = Union[dict[str, Any], pb.Tool]
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "stop",
                     "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                    "logit_bias", "allowed_token_ids")
+                    "logit_bias", "allowed_token_ids", "bad_words")
 
 
 def to_message(m: MessageLike) -> pb.Message:
@@ -70,6 +70,8 @@ def to_sampling(**kw: Any) -> pb.SamplingParams:
             sp.stop_token_ids.extend(value)
         elif name == "allowed_token_ids":
             sp.allowed_token_ids.extend(value)
+        elif name == "bad_words":
+            sp.bad_words.extend([value] if isinstance(value, str) else list(value))
         elif name == "logit_bias":  # a map field: {token id: bias}, JSON-style string keys accepted
             sp.logit_bias.update({int(k): float(v) for k, v in value.items()})
         else:

@@ -111,6 +111,7 @@ class _SamplingFields(_Request):
     priority: int = 0
     prompt_logprobs: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
 
 
 class ChatCompletionRequest(_SamplingFields):

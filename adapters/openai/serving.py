@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids",
-           "seed", "choice", "tool_choice", "json_schema", "regex", "logit_bias", "allowed_token_ids")
+           "seed", "choice", "tool_choice", "json_schema", "regex", "logit_bias", "allowed_token_ids",
+           "bad_words")
 
 
 def _token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
@@ -214,6 +215,7 @@ class OpenAIServing:
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=logit_bias,
             allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
         )
         kw.update(self._constraint(req))
         kw.update(extra or {})

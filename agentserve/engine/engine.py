@@ -35,6 +35,7 @@ from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.engine.speculation import SpecProposer, Speculation
 from agentserve.engine.validation import validate_vocab_params
+from agentserve.sampling.bad_words import bad_words_token_ids
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
 from agentserve.engine.lora_control import LoRAControl
@@ -149,6 +150,7 @@ class Engine:
         params = self.validate(token_ids, params)
         if params.n > 1 and (retain_blocks or prefix_block_table or admit_hook is not None):
             raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")
+        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words, self.arch.vocab_size) if params.bad_words else []
         grammar_future = self._submit_constraint(params) if params.has_constraint else None
         children = []
         for i in range(params.n):
@@ -160,6 +162,7 @@ class Engine:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          list(params.stop or []), params.include_stop_str_in_output)
             req.retain_blocks = retain_blocks
+            req.bad_words_token_ids = bad_words
             children.append(req)
             self.requests[rid] = req
         leader = children[0]
@@ -292,8 +295,9 @@ class Engine:
 
     def needs_host_tokens(self, req: Request) -> bool:
         """Whether scheduling the step after one that samples `req` needs the sampled token on the
-        host: penalties count output tokens on the host, and an n > 1 leader forks its siblings once
-        its first token is in. (Grammar masks need it too, but only for the next step's sampling,
+        host: penalties count output tokens on the host, bad words match them there, and an n > 1 leader
+        forks its siblings once its first token is in. (Grammar masks need it too, but only for the next step's sampling,
         which is queued after its forward: launch.py processes the step there.)"""
-        return req.uses_penalties or (bool(self.pending_forks) and req.request_id in self.pending_forks)
+        return (req.uses_penalties or bool(req.bad_words_token_ids)
+                or (bool(self.pending_forks) and req.request_id in self.pending_forks))
 

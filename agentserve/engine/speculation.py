@@ -208,7 +208,9 @@ class Speculation:
     def _cap(self, request: Request, k: int) -> int:
         """k within max_tokens (the row never samples past it) and the context length."""
         room = min(request.max_tokens - request.num_output_tokens - 1, self.engine.max_model_len - request.num_tokens)
-        return 0 if request.num_output_placeholders else max(0, min(k, room))
+        if request.num_output_placeholders or request.bad_words_token_ids:
+            return 0  # bad words: each position's bans depend on the drafts before it (sampling/bad_words.py)
+        return max(0, min(k, room))
 
     def _reserve_lookahead(self, rows: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
         """Page slots for the positions the draft writes (n - 1 .. n + k - 2; the verification step

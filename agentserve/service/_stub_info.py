@@ -1,4 +1,4 @@
 """Written by gen_stubs.py with the stubs: what they were generated from."""
 
-PROTO_SHA256 = "b2052f93393243fca7abfea175ad696d4cc57a410fb53e6208720df274768934"
+PROTO_SHA256 = "1344b6fb3a8cf045d2ba53d018797eb0f290b29ab26d32c004648806b65e1b45"
 GRPCIO_TOOLS_VERSION = "1.84.0"

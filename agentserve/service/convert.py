@@ -118,6 +118,8 @@ def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.Resp
         kw["logit_bias"] = dict(sp.logit_bias)
     if sp.allowed_token_ids:
         kw["allowed_token_ids"] = list(sp.allowed_token_ids)
+    if sp.bad_words:
+        kw["bad_words"] = list(sp.bad_words)
     kw.update(_response_format_kwargs(response_format))
     choice = _tool_choice(tools, tool_choice)
     # Tools combine with a json_schema / json_object response_format (calls, or a typed final

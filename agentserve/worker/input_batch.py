@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from agentserve.sampling.bad_words import banned_next_tokens
 from agentserve.request import Request
 from agentserve.sampling.sampler import SamplingMetadata
 
@@ -101,6 +102,10 @@ def _add_bans_and_biases(meta: SamplingMetadata, requests: list[Request], col: C
         meta.banned_tokens = col(banned_tokens, torch.int64)
     biased = [(row, tok, val) for row, r in enumerate(requests)
               for tok, val in (r.sampling_params.logit_bias or {}).items()]
+    # Bad words' bans as -inf biases: a request with bad words never speculates, so its row has one
+    # scored position, which a bias covers in a verification step too (unlike min_tokens bans).
+    biased += [(row, tok, float("-inf")) for row, r in enumerate(requests) if r.bad_words_token_ids
+               for tok in banned_next_tokens(r.bad_words_token_ids, r.output_token_ids)]
     if biased:
         meta.bias_rows = col([b[0] for b in biased], torch.int64)
         meta.bias_tokens = col([b[1] for b in biased], torch.int64)

@@ -205,7 +205,8 @@ class ModelRunner:
                 and all(map(operator.is_, cached[0], sampling))):
             return cached[1]
         meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device)
-        reusable = meta.output_counts is None and meta.banned_rows is None
+        reusable = (meta.output_counts is None and meta.banned_rows is None
+                    and not any(r.bad_words_token_ids for r in sampling))
         self._sampling_cache = (sampling, meta) if reusable else None
         return meta
 
