@@ -34,17 +34,17 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The engine-level
-  # GPU tests have not run with the tenth session's tiles (128-key decode, 64-row prefill; only the kernel
-  # tests did): those first, with split-KV for multi-token queries (speculative verification and catch-up;
-  # off until this A/B) turned on, so the spec tests cover it too; then the spec table with it off and on.
-  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=420 run pytest-tiles-split-verify python3 -m pytest -m gpu -q -p no:cacheprovider \
-    --durations=8 tests/test_kernels_gpu_attention.py tests/test_gpu_engine.py tests/test_gpu_spec.py \
-    tests/test_gpu_split_long.py --junitxml "$OUT/pytest_tiles_split_verify.xml"
+  # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The spec table
+  # with split-KV for multi-token queries (speculative verification and catch-up) off and on first; then
+  # the engine-level GPU tests, which have not run with the tenth session's tiles (128-key decode, 64-row
+  # prefill; only the kernel tests did), with the multi-token split on so that the spec tests cover it.
   for q in 1 8; do
     AGENTSERVE_SPLIT_MAX_QUERY_LEN=$q TMO=120 run "spec-split-q$q" python3 benchmarks/spec.py --draft-quantization fp8 \
       --repeats 2 --batches 16 --out "$OUT/spec_split_q$q.json"
   done
+  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=420 run pytest-tiles-split-verify python3 -m pytest -m gpu -v -rf -p no:cacheprovider \
+    --durations=8 tests/test_gpu_spec.py tests/test_gpu_engine.py tests/test_gpu_split_long.py \
+    tests/test_kernels_gpu_attention.py --junitxml "$OUT/pytest_tiles_split_verify.xml"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

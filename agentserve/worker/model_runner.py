@@ -283,6 +283,7 @@ class ModelRunner:
                                                       self.block_size, self.max_model_len, self.device)
             hidden = self.verify_graphs.run(padded, q)
             logits = self.model.compute_logits(hidden.index_select(0, padded.real_index))
+            scores = None  # only verification and decode rows: no prefill chunk scores its prompt
         else:
             # The eager step builds its inputs on the host: drafts left on the device come back first.
             materialize_drafts(requests, [c.spec_token_ids for c in rows])
