@@ -51,6 +51,8 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int,
             first, n = None, 0
             while engine.has_unfinished():
                 for out in engine.step():
+                    if out.error:  # a failed step must stop the benchmark, not read as a slow stream
+                        raise RuntimeError(f"benchmark request {out.request_id} failed: {out.error}")
                     n = len(out.outputs[0].token_ids)
                     if first is None and n:
                         sync_device()

@@ -59,6 +59,9 @@ def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, A
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    failed = [o for o in outs if o.error]
+    if failed:  # a failed step must stop the benchmark, not read as a low throughput
+        raise RuntimeError(f"{len(failed)} benchmark requests failed, the first: {failed[0].error}")
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tok_s": out_tokens / elapsed,
