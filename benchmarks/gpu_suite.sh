@@ -56,6 +56,11 @@ if [ "$MODE" = rest ]; then
     tests/test_gpu_engine.py::test_unified_kernel_warmup_covers_the_variants_a_step_selects \
     "tests/test_gpu_engine.py::test_triton_path_with_tiny_chunks_and_prefix_cache[qwen3]" --junitxml "$OUT/pytest_rest.xml"
 fi
+if [ "$MODE" = splitlong ]; then
+  # The split-long engine test after its stale precondition was fixed (split-long is on by default now).
+  TMO=150 run pytest-splitlong python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_gpu_split_long.py \
+    --junitxml "$OUT/pytest_splitlong.xml"
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"

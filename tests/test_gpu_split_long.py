@@ -25,6 +25,7 @@ def test_engine_with_split_long_is_logprobs_close(monkeypatch: pytest.MonkeyPatc
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
     monkeypatch.setattr(pa, "SPLIT_LONG_MIN_CONTEXT", 512)
     monkeypatch.setattr(pa, "SPLIT_LONG_MIN_KEYS", 128)
+    monkeypatch.setattr(pa, "SPLIT_LONG", False)  # the reference run: split-long is on by default
     assert pa.num_kv_splits(batch, 2048, 2, num_sms(torch.device("cuda"))) == 1  # off: one program per head
 
     def run() -> tuple[list[list[int]], list[list[dict[int, float]]]]:
