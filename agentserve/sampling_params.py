@@ -94,6 +94,7 @@ class SamplingParams:
     json_schema: Union[None, str, dict[str, Any]] = None
     json_object: bool = False
     regex: Optional[str] = None
+    grammar: Optional[str] = None  # a context-free grammar: GBNF / EBNF, or Lark with the llguidance backend
     choice: Optional[list[str]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[None, str, dict[str, Any]] = None
@@ -173,17 +174,19 @@ class SamplingParams:
                 not isinstance(w, str) or not w.strip() for w in self.bad_words)):
             raise SamplingParamsError("bad_words", "must be a list of non-empty strings")
         _check_text("bad_words", self.bad_words)
-        for name in ("json_schema", "regex", "choice", "tools", "tool_choice"):
+        for name in ("json_schema", "regex", "grammar", "choice", "tools", "tool_choice"):
             _check_text(name, getattr(self, name))
 
     def _validate_constraints(self) -> None:
         # Tools combine with json_schema / json_object: "tool calls, or a final answer matching the
         # schema" (agent frameworks send both on their typed path); never with regex or choice.
         answers = [self.json_schema is not None, self.json_object]
-        others = [self.regex is not None, self.choice is not None]
+        others = [self.regex is not None, self.choice is not None, self.grammar is not None]
         if sum(answers + others) > 1 or (self.tools_active and any(others)):
-            raise ValueError("at most one of json_schema, json_object, regex and choice may be given (tools combine "
-                             "only with json_schema or json_object)")
+            raise ValueError("at most one of json_schema, json_object, regex, choice and grammar may be given (tools "
+                             "combine only with json_schema or json_object)")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise SamplingParamsError("grammar", "must be a non-empty string (GBNF / EBNF, or Lark)")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise SamplingParamsError("choice", "must be a non-empty list of strings")
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
@@ -211,7 +214,7 @@ class SamplingParams:
     @property
     def has_constraint(self) -> bool:
         return (self.json_schema is not None or self.json_object or self.regex is not None
-                or self.choice is not None or self.tools_active)
+                or self.choice is not None or self.grammar is not None or self.tools_active)
 
     def clone(self, **changes: Any) -> "SamplingParams":
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -95,6 +95,8 @@ def to_response_format(rf: Union[None, str, dict[str, Any], pb.ResponseFormat]) 
         out.regex = rf["regex"]
     elif kind == "choice":
         out.choice.extend(rf["choice"])
+    elif kind == "grammar":
+        out.grammar = rf["grammar"]
     return out
 
 

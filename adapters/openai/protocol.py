@@ -79,6 +79,15 @@ class ResponseFormat(_Request):
     json_schema: Optional[JSONSchemaFormat] = None
 
 
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (its successor to the guided_* fields): at most one of these."""
+    json_schema: Union[None, str, dict[str, Any]] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's and vLLM's extras)."""
 
@@ -107,6 +116,8 @@ class _SamplingFields(_Request):
     guided_json: Union[None, str, dict[str, Any]] = None
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[StructuredOutputs] = None
     cache_salt: Optional[str] = None
     priority: int = 0
     prompt_logprobs: Optional[int] = None

@@ -32,8 +32,18 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids",
-           "seed", "choice", "tool_choice", "json_schema", "regex", "logit_bias", "allowed_token_ids",
+           "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias", "allowed_token_ids",
            "bad_words")
+
+
+def _parsed_schema(schema: Any, field: str) -> Any:
+    """A JSON schema given as JSON text (guided_json's and structured_outputs.json's string form) parsed."""
+    if not isinstance(schema, str):
+        return schema
+    try:
+        return json.loads(schema)
+    except json.JSONDecodeError as e:
+        raise OpenAIError(400, f"{field} is not valid JSON: {e}", param=field) from None
 
 
 def _token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
@@ -165,22 +175,19 @@ class OpenAIServing:
                 kw["json_object"] = True
             else:
                 kw["json_schema"] = schema
-        if req.guided_json is not None:
-            schema = req.guided_json
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except json.JSONDecodeError as e:
-                    raise OpenAIError(400, f"guided_json is not valid JSON: {e}", param="guided_json") from None
-            kw["json_schema"] = schema
-        if req.guided_regex is not None:
-            kw["regex"] = req.guided_regex
-        if req.guided_choice is not None:
-            kw["choice"] = req.guided_choice
-        constraints = {"response_format": rf is not None and rf.type != "text",
-                       "guided_json": req.guided_json is not None, "guided_regex": req.guided_regex is not None,
-                       "guided_choice": req.guided_choice is not None}
-        given = [k for k, present in constraints.items() if present]
+        given = ["response_format"] if rf is not None and rf.type != "text" else []
+        so = req.structured_outputs
+        fields = {"json_schema": [("guided_json", req.guided_json), ("structured_outputs.json", so and so.json_schema)],
+                  "regex": [("guided_regex", req.guided_regex), ("structured_outputs.regex", so and so.regex)],
+                  "choice": [("guided_choice", req.guided_choice), ("structured_outputs.choice", so and so.choice)],
+                  "grammar": [("guided_grammar", req.guided_grammar), ("structured_outputs.grammar", so and so.grammar)],
+                  "json_object": [("structured_outputs.json_object", so and so.json_object)]}
+        for key, sources in fields.items():
+            for name, value in sources:
+                if value is None or value is False:
+                    continue
+                given.append(name)
+                kw[key] = _parsed_schema(value, name) if key == "json_schema" else value
         if len(given) > 1:
             raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])
         return kw

@@ -18,6 +18,7 @@ from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import strip_formats
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 import llguidance.torch as _llg_torch
 
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, canonical_json
@@ -284,6 +285,12 @@ class LLGuidanceBackend(GrammarBackend):
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())
         if spec.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec.payload)
+        if spec.kind == "grammar":
+            try:
+                lark = any_to_lark(str(spec.payload))  # Lark as it is; GBNF / EBNF converted to Lark
+            except GbnfToLarkError as e:
+                raise ValueError(str(e)) from None
+            return llguidance.LLMatcher.grammar_from_lark(lark)
         if spec.kind == "choice":
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.payload)
             return llguidance.LLMatcher.grammar_from_lark(lark)

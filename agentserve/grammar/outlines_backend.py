@@ -150,6 +150,9 @@ class OutlinesBackend(GrammarBackend):
             return "(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")"
         if spec.kind == "tool_calls":
             return structure.to_regex(json.loads(str(spec.payload))["grammar"], schema_to_regex)
+        if spec.kind == "grammar":
+            raise GrammarError("grammar (a context-free grammar) is not supported by the outlines backend, which "
+                               "compiles regular languages only; use grammar_backend llguidance or xgrammar")
         raise GrammarError(f"outlines: unsupported constraint kind {spec.kind!r}")
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> OutlinesGrammar:

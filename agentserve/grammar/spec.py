@@ -18,7 +18,7 @@ from agentserve.grammar.tool_constraint import tool_call_payload
 if TYPE_CHECKING:  # pragma: no cover
     from agentserve.sampling_params import SamplingParams
 
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "tool_calls")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class ConstraintSpec:
     """What a request's output must match. Frozen and hashable: the compile-cache key.
 
     kind: "json_schema" (payload: canonical JSON of the schema), "json_object" (payload ""),
-    "regex" (payload: the pattern), "choice" (payload: tuple of strings), "tool_calls" (payload:
+    "regex" (payload: the pattern), "choice" (payload: tuple of strings), "grammar" (payload: a
+    context-free grammar's text, GBNF / EBNF or Lark, as the backend reads it), "tool_calls" (payload:
     canonical JSON of a tool-call structure built by `build_tool_constraint` below).
     """
 
@@ -70,6 +71,12 @@ class ConstraintSpec:
         return cls("regex", pattern)
 
     @classmethod
+    def grammar(cls, text: str) -> "ConstraintSpec":
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError("grammar must be a non-empty string")
+        return cls("grammar", text)
+
+    @classmethod
     def choice(cls, choices: Sequence[str]) -> "ConstraintSpec":
         choices = tuple(choices)
         if not choices or not all(isinstance(c, str) for c in choices):
@@ -97,6 +104,8 @@ class ConstraintSpec:
             return cls.regex(params.regex)
         if params.choice is not None:
             return cls.choice(params.choice)
+        if params.grammar is not None:
+            return cls.grammar(params.grammar)
         return None
 
 

@@ -167,6 +167,8 @@ class XGrammarBackend(GrammarBackend):
                                                     max_whitespace_cnt=_MAX_WS)
             elif spec.kind == "regex":
                 compiled = comp.compile_regex(str(spec.payload))
+            elif spec.kind == "grammar":
+                compiled = comp.compile_grammar(str(spec.payload))  # GBNF / EBNF (`root ::= ...`)
             elif spec.kind == "choice":
                 compiled = comp.compile_regex("(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")")
             elif spec.kind == "tool_calls":

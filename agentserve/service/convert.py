@@ -26,7 +26,7 @@ _STATE = {
 # SamplingParams fields declared `optional` in the proto: copied only when the client set them.
 _OPTIONAL_SAMPLING = frozenset(("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
                                 "presence_penalty", "frequency_penalty", "repetition_penalty"))
-_EXCLUSIVE_CONSTRAINT_KEYS = ("regex", "choice")
+_EXCLUSIVE_CONSTRAINT_KEYS = ("regex", "choice", "grammar")
 
 
 # --- messages and tools -----------------------------------------------------------------------------
@@ -86,8 +86,10 @@ def _response_format_kwargs(response_format: Optional[pb.ResponseFormat]) -> dic
         return {"regex": response_format.regex}
     if kind == "choice":
         return {"choice": list(response_format.choice)}
+    if kind == "grammar":
+        return {"grammar": response_format.grammar}
     raise InvalidRequestError(f"response_format.type {kind!r} is not one of text, json_object, json_schema, "
-                              "regex, choice")
+                              "regex, choice, grammar")
 
 
 def _tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: str) -> Any:
