@@ -51,12 +51,13 @@ def _check(entries: Optional[list[Optional[dict[int, Logprob]]]], prompt: list[i
         assert all(math.isclose(lp.logprob, ref[i - 1, tid].item(), abs_tol=1e-4) for tid, lp in top.items())
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
-def test_prompt_logprobs_match_transformers_across_chunks_and_the_prefix_cache(arch: str) -> None:
+@pytest.mark.parametrize("arch,async_scheduling", [("llama3", False), ("qwen3", True)])
+def test_prompt_logprobs_match_transformers_across_chunks_and_the_prefix_cache(arch: str, async_scheduling: bool) -> None:
     path = str(tiny_model_cached(arch))
     refs = [_reference(path, p) for p in PROMPTS]
     # A 5-token budget splits each prompt into chunks; the second call finds the prompts' pages cached.
-    llm = LLM(path, num_blocks=64, max_num_batched_tokens=5, enable_prefix_caching=True, **ENGINE)
+    llm = LLM(path, num_blocks=64, max_num_batched_tokens=5, enable_prefix_caching=True,
+              async_scheduling=async_scheduling, **ENGINE)
     params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=3)
     for _ in range(2):
         outs = llm.generate(PROMPTS, params)
