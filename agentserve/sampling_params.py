@@ -84,6 +84,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token (0: only the sampled token's)
     prompt_logprobs: Optional[int] = None  # top-n logprobs per prompt token (0: only the prompt token's)
+    # vLLM's: keep only the prompt's last k tokens (-1: the last max_model_len - 1, what the model can take).
+    truncate_prompt_tokens: Optional[int] = None
     # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None  # vLLM's: only these tokens may be sampled
@@ -143,6 +145,10 @@ class SamplingParams:
             bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.truncate_prompt_tokens is not None and (not _is_int(self.truncate_prompt_tokens) or not (
+                self.truncate_prompt_tokens == -1 or 1 <= self.truncate_prompt_tokens <= INT64_MAX)):
+            bad("truncate_prompt_tokens", f"must be a positive integer or -1 (the model's limit), got "
+                                          f"{self.truncate_prompt_tokens!r}")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")

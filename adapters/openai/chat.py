@@ -111,7 +111,7 @@ class ChatEndpoint:
         """A render pool worker: the messages through the chat template, then tokenized."""
         pool = self.s.render_pool
         text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
-        return pool.encode(tok, text, "messages", add_special_tokens=False)
+        return pool.encode(tok, text, "messages", add_special_tokens=req.add_special_tokens)
 
     def _tool_params(self, req: ChatCompletionRequest, tools: Tools, tool_choice: Any) -> dict[str, Any]:
         """SamplingParams fields for a reply that may call tools."""
@@ -167,7 +167,7 @@ class ChatEndpoint:
         _check_prompt_logprobs(req)
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
-        prompt_ids = await self.render_prompt(req, messages, tools, template_kwargs)
+        prompt_ids = self.s.truncate(await self.render_prompt(req, messages, tools, template_kwargs), params)
         params = self.s.validate(prompt_ids, params, "messages")
         self.s.check_queue(1)
         ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,

@@ -57,9 +57,9 @@ class CompletionsEndpoint:
     def __init__(self, serving: OpenAIServing) -> None:
         self.s = serving
 
-    async def _tokenize(self, texts: list[Optional[str]], prompts: list[Any], params: SamplingParams
-                        ) -> tuple[list[list[int]], list[int]]:
-        """Token ids per prompt, and the max_tokens each leaves."""
+    async def _tokenize(self, texts: list[Optional[str]], prompts: list[Any], params: SamplingParams,
+                        add_special_tokens: bool) -> tuple[list[list[int]], list[int]]:
+        """Token ids per prompt (truncated as truncate_prompt_tokens asks), and the max_tokens each leaves."""
         pool = self.s.render_pool
         prompt_ids: list[list[int]] = []
         resolved: list[int] = []
@@ -68,9 +68,11 @@ class CompletionsEndpoint:
                 self.s.need_tokenizer()
                 field = "prompt" if len(texts) == 1 else f"prompt[{i}]"
                 pool.check_chars(len(text), field)  # before it waits for a worker
-                ids = await pool.run(lambda tok, t=text, f=field: pool.encode(tok, t, f, add_special_tokens=True))
+                ids = await pool.run(lambda tok, t=text, f=field: pool.encode(tok, t, f,
+                                                                              add_special_tokens=add_special_tokens))
             else:
                 ids = list(p)
+            ids = self.s.truncate(ids, params)
             if not ids:
                 raise OpenAIError(400, "the prompt is empty", param="prompt")
             resolved.append(self.s.validate(ids, params, "prompt").max_tokens or 1)
@@ -86,7 +88,7 @@ class CompletionsEndpoint:
         echo_only = req.echo and req.max_tokens == 0
         params = self.s.sampling_params(req, max_tokens=1 if echo_only else req.max_tokens, logprobs=req.logprobs,
                                         extra={"prompt_logprobs": _prompt_logprobs(req)})
-        prompt_ids, resolved = await self._tokenize(texts, prompts, params)
+        prompt_ids, resolved = await self._tokenize(texts, prompts, params, req.add_special_tokens)
         # max_tokens resolved; left out, it is what the longest prompt leaves (one params for all prompts).
         params = clone_params(params, max_tokens=min(resolved))
         self.s.check_queue(len(prompt_ids))
@@ -94,8 +96,9 @@ class CompletionsEndpoint:
         tok = self.s.tokenizer
         echo_texts = []
         if req.echo:
-            echo_texts = [text if text is not None else (tok.decode(ids) if tok is not None else "")
-                          for text, ids in zip(texts, prompt_ids)]
+            # The prompt as given, or as the model saw it when it was token ids or truncated.
+            echo_texts = [text if text is not None and params.truncate_prompt_tokens is None
+                          else (tok.decode(ids) if tok is not None else "") for text, ids in zip(texts, prompt_ids)]
         ctx = _CompletionContext(self.s, req, request_id, prompt_ids, params, echo_texts, lora_name, echo_only)
         if req.stream:
             return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))

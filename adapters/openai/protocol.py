@@ -121,6 +121,7 @@ class _SamplingFields(_Request):
     cache_salt: Optional[str] = None
     priority: int = 0
     prompt_logprobs: Optional[int] = None
+    truncate_prompt_tokens: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
 
@@ -139,6 +140,7 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Union[None, str, dict[str, Any]] = None
     # vLLM extras
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the chat template places them; true adds the tokenizer's too (vLLM's)
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     chat_template: Optional[str] = None  # refused unless --trust-request-chat-template
@@ -151,3 +153,4 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[int] = None
     max_tokens: Optional[int] = 16
     suffix: Optional[str] = None
+    add_special_tokens: bool = True  # the tokenizer's BOS etc. before the prompt text (vLLM's)

@@ -22,6 +22,7 @@ from agentserve.adapters.openai.protocol import ChatCompletionRequest, Completio
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import EngineDeadError, FieldError, InvalidRequestError, QueueFullError
+from agentserve.engine.validation import truncate_prompt
 from agentserve.lora.interface import adapter_names
 from agentserve.outputs import RequestOutput
 from agentserve.service.tenants import tenant_of_scope
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids",
+           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens", "stop", "stop_token_ids",
            "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias", "allowed_token_ids",
            "bad_words")
 
@@ -218,6 +219,7 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=req.prompt_logprobs,
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=logit_bias,
@@ -231,6 +233,10 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             msg = str(e)
             raise OpenAIError(400, msg, param=param_of(msg)) from None
+
+    def truncate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """truncate_prompt_tokens applied (as the engine applies it), before validate counts the prompt."""
+        return truncate_prompt(prompt_ids, params, self.engine.max_model_len)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> SamplingParams:
         n, limit = len(prompt_ids), self.engine.max_model_len

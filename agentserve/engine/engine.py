@@ -34,7 +34,7 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.engine.speculation import SpecProposer, Speculation
-from agentserve.engine.validation import validate_vocab_params
+from agentserve.engine.validation import truncate_prompt, validate_vocab_params
 from agentserve.sampling.bad_words import bad_words_token_ids
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
@@ -147,6 +147,8 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if prefix_block_table is None and admit_hook is None:  # sessions keep their history whole
+            token_ids = truncate_prompt(token_ids, params, self.max_model_len)
         params = self.validate(token_ids, params)
         if params.n > 1 and (retain_blocks or prefix_block_table or admit_hook is not None):
             raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")

@@ -6,6 +6,16 @@ from agentserve.errors import InvalidRequestError
 from agentserve.sampling_params import SamplingParams
 
 
+def truncate_prompt(token_ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """The prompt's last truncate_prompt_tokens tokens (vLLM's left truncation); -1 keeps what the model
+    can take with room for one output token."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return token_ids
+    k = max_model_len - 1 if k == -1 else k
+    return token_ids[-k:] if len(token_ids) > k else token_ids
+
+
 def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     """The parts of SamplingParams only checkable against the model's vocabulary: out of it they
     would index past the logits inside a step (where the failure would hit the whole batch)."""
