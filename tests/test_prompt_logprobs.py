@@ -21,7 +21,7 @@ from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
-from agentserve.outputs import Logprob
+from agentserve.outputs import Logprob, RequestOutput
 from agentserve.request import Request
 from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
@@ -49,6 +49,13 @@ def _check(entries: Optional[list[Optional[dict[int, Logprob]]]], prompt: list[i
         top = {tid: lp for tid, lp in position.items() if lp.rank <= n and (tid != prompt[i] or token.rank <= n)}
         assert sorted(top) == sorted(ref[i - 1].topk(n).indices.tolist())
         assert all(math.isclose(lp.logprob, ref[i - 1, tid].item(), abs_tol=1e-4) for tid, lp in top.items())
+
+
+def _check_outputs(outs: list[RequestOutput], refs: list[torch.Tensor], want: list[RequestOutput]) -> None:
+    """Prompt logprobs against transformers (top 2), generated tokens against the plain engine's."""
+    for out, prompt, ref, w in zip(outs, PROMPTS, refs, want):
+        _check(out.prompt_logprobs, prompt, ref, 2)
+        assert out.outputs[0].token_ids == w.outputs[0].token_ids
 
 
 @pytest.mark.parametrize("arch,async_scheduling", [("llama3", False), ("qwen3", True)])
@@ -79,21 +86,15 @@ def test_prompt_logprobs_survive_preemption_n_and_speculation() -> None:
     # 14 pages of 4 tokens cannot hold both requests to the end (no room reserved for outputs at
     # admission): one is preempted and recomputed.
     small = LLM(path, num_blocks=14, max_num_batched_tokens=6, decode_reserve_tokens=0, **ENGINE)
-    outs = small.generate(PROMPTS, params)
+    _check_outputs(small.generate(PROMPTS, params), refs, want)
     assert small.engine.metrics.num_preemptions_total > 0
-    for out, prompt, ref, w in zip(outs, PROMPTS, refs, want):
-        _check(out.prompt_logprobs, prompt, ref, 2)
-        assert out.outputs[0].token_ids == w.outputs[0].token_ids
     small.close()
     many = LLM(path, num_blocks=64, **ENGINE).generate(PROMPTS[:1], params.clone(n=3, temperature=1.0, seed=1))
     assert len(many[0].outputs) == 3
     _check(many[0].prompt_logprobs, PROMPTS[0], refs[0], 2)
     spec = LLM(path, num_blocks=64, num_speculative_tokens=3, draft_model=path, spec_dynamic=False, **ENGINE)
-    outs = spec.generate(PROMPTS, params)
+    _check_outputs(spec.generate(PROMPTS, params), refs, want)
     assert spec.engine.metrics.spec_num_draft_tokens > 0
-    for out, prompt, ref, w in zip(outs, PROMPTS, refs, want):
-        _check(out.prompt_logprobs, prompt, ref, 2)
-        assert out.outputs[0].token_ids == w.outputs[0].token_ids
     spec.close()
 
 

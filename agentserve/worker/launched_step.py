@@ -46,6 +46,18 @@ def _truncate_padded(result: StepResult) -> StepResult:
                       logprobs=cut(result.logprobs), ranks=cut(result.ranks))
 
 
+def copy_to_host(src: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """A device tensor's copy into pinned host memory, queued on the current stream, and the event that
+    marks it done (None for a tensor already on the host, returned as it is)."""
+    if src.device.type != "cuda":
+        return src, None
+    host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+    host.copy_(src, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class LaunchedStep:
     def __init__(self, sampled: Optional[torch.Tensor], rows: dict[str, int], row_counts: list[int],
                  packed_logprobs: Optional[torch.Tensor] = None, logprob_width: int = 0,
@@ -65,13 +77,7 @@ class LaunchedStep:
         src = packed_logprobs if packed_logprobs is not None else sampled
         self._host: Optional[torch.Tensor] = None
         if src is not None:
-            if src.device.type == "cuda":
-                self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-                self._host.copy_(src, non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record()
-            else:
-                self._host = src
+            self._host, self._event = copy_to_host(src)
         self._has_logprobs = packed_logprobs is not None
         # A verification step's emitted tokens [N, w] and accepted-draft counts [N] on the device, for
         # a draft proposal queued behind it (spec/continuation.py); None for other steps.

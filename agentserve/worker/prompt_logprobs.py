@@ -21,6 +21,7 @@ import torch
 
 from agentserve.request import Request
 from agentserve.sampling.sampler import token_logprobs
+from agentserve.worker.launched_step import copy_to_host
 from agentserve.worker.step_inputs import ScheduledChunk
 
 # Rows scored at once: a slice's logits are rows x vocabulary floats twice (the logits and their
@@ -84,14 +85,7 @@ class PromptScores:
 
     def __init__(self, plan: PromptLogprobRows, scores: torch.Tensor) -> None:
         self.plan = plan
-        self._event: Optional[torch.cuda.Event] = None
-        if scores.device.type == "cuda":
-            self._host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
-            self._host.copy_(scores, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = scores
+        self._host, self._event = copy_to_host(scores)
 
     def rows(self) -> list[list[float]]:
         if self._event is not None:
