@@ -9,11 +9,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import openai
 import pytest
 
 from agentserve import SamplingParams
+from agentserve.adapters.client.client import to_response_format
 from agentserve.llm import LLM
+from agentserve.service import agent_pb2 as pb
+from agentserve.service.convert import sampling_from_proto
 from agentserve.testing import tiny_model_cached
+from helpers.live_server import live_openai
 from helpers.spec_models import noisy_draft
 
 ARCH = "qwen2"
@@ -85,25 +90,9 @@ def test_bad_grammars_fail_alone() -> None:
 
 
 def test_grammar_over_http_and_grpc() -> None:
-    import openai
-
-    from agentserve.adapters.client.client import to_response_format
-    from agentserve.adapters.openai.app import create_app
-    from agentserve.adapters.openai.server import ServerThread
-    from agentserve.config import EngineConfig
-    from agentserve.engine.async_engine import AsyncEngine
-    from agentserve.engine.engine import Engine
-    from agentserve.service import agent_pb2 as pb
-    from agentserve.service.convert import sampling_from_proto
-
     rf = to_response_format({"type": "grammar", "grammar": YES_NO_LARK})
     assert rf is not None and sampling_from_proto(pb.SamplingParams(), rf).grammar == YES_NO_LARK
-    config = EngineConfig.from_kwargs(str(tiny_model_cached(ARCH)), device="cpu", num_blocks=256, served_model_name="m",
-                                      max_model_len=512)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with live_openai(ARCH, max_model_len=512) as client:
         for extra in ({"guided_grammar": YES_NO_LARK}, {"structured_outputs": {"grammar": YES_NO_LARK}}):
             out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "ok?"}], max_tokens=8,
                                                  extra_body=extra)
@@ -116,6 +105,3 @@ def test_grammar_over_http_and_grpc() -> None:
                                                                          "guided_regex": "a+"})
         with pytest.raises(openai.BadRequestError, match="grammar"):
             client.completions.create(model="m", prompt="x", extra_body={"guided_grammar": "root ::= [a-"})
-    finally:
-        server.stop()
-        aeng.shutdown()

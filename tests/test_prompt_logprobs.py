@@ -15,11 +15,6 @@ import torch
 import transformers
 
 from agentserve import SamplingParams
-from agentserve.adapters.openai.app import create_app
-from agentserve.adapters.openai.server import ServerThread
-from agentserve.config import EngineConfig
-from agentserve.engine.async_engine import AsyncEngine
-from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.outputs import Logprob, RequestOutput
 from agentserve.request import Request
@@ -27,6 +22,7 @@ from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
 from agentserve.worker.prompt_logprobs import plan_prompt_logprob_rows
 from agentserve.worker.step_inputs import ScheduledChunk
+from helpers.live_server import live_openai
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 30, 31, 32, 40, 41, 42, 43], [11, 12, 13, 14, 15, 11, 12, 13, 14]]
 ENGINE = dict(device="cpu", dtype="float32", block_size=4)
@@ -106,14 +102,8 @@ def test_prompt_logprobs_are_validated() -> None:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[openai.OpenAI]:
-    path = tiny_model_cached("qwen2")
-    config = EngineConfig.from_kwargs(str(path), device="cpu", num_blocks=256, served_model_name="tiny",
-                                      max_model_len=512)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    server.stop()
-    aeng.shutdown()
+    with live_openai("qwen2", served_model_name="tiny", max_model_len=512) as c:
+        yield c
 
 
 def test_completions_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:

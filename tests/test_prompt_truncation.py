@@ -10,14 +10,10 @@ import openai
 import pytest
 
 from agentserve import SamplingParams
-from agentserve.adapters.openai.app import create_app
-from agentserve.adapters.openai.server import ServerThread
-from agentserve.config import EngineConfig
-from agentserve.engine.async_engine import AsyncEngine
-from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
+from helpers.live_server import live_openai
 
 PROMPT = list(range(20, 60))
 
@@ -39,13 +35,8 @@ def test_offline_truncation_keeps_the_last_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[openai.OpenAI]:
-    config = EngineConfig.from_kwargs(str(tiny_model_cached("llama3")), device="cpu", num_blocks=256,
-                                      served_model_name="m", max_model_len=256)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    server.stop()
-    aeng.shutdown()
+    with live_openai("llama3", max_model_len=256) as c:
+        yield c
 
 
 def test_http_truncation_and_special_tokens(client: openai.OpenAI) -> None:

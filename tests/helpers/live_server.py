@@ -1,0 +1,29 @@
+"""An OpenAI-compatible server on loopback over a tiny model, for tests that talk to it with the official
+client: `with live_openai("qwen2", max_model_len=512) as client: ...`."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import openai
+
+from agentserve.adapters.openai.app import create_app
+from agentserve.adapters.openai.server import ServerThread
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
+from agentserve.testing import tiny_model_cached
+
+
+@contextlib.contextmanager
+def live_openai(arch: str, served_model_name: str = "m", **engine: Any) -> Iterator[openai.OpenAI]:
+    config = EngineConfig.from_kwargs(str(tiny_model_cached(arch)), device="cpu", served_model_name=served_model_name,
+                                      **{"num_blocks": 256, **engine})
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config)).start()
+    try:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    finally:
+        server.stop()
+        aeng.shutdown()
