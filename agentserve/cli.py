@@ -19,7 +19,8 @@ from agentserve.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfi
 from agentserve.testing.tiny import ARCHS
 
 _SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, SpecConfig, ServerConfig)
-_TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend", "tensor_parallel_size")
+_TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend", "reasoning_parser",
+              "tensor_parallel_size")
 
 
 def _flag(name: str) -> str:

@@ -217,6 +217,10 @@ class EngineConfig(_Strict):
         "run their shard of each step; LoRA adapters and FP8 scales are split with their layers.")
     grammar_backend: str = Field(default="auto", description="Constrained decoding backend: llguidance, outlines, "
                                  "xgrammar or 'auto' (llguidance).")
+    reasoning_parser: Optional[str] = Field(
+        default=None, description="vLLM's reasoning parser for models that think first: 'qwen3' or 'deepseek_r1' "
+        "(<think> ... </think>). Chat replies carry the reasoning as reasoning_content, and output constraints "
+        "(schemas, tool calls) apply after it.")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

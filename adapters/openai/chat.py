@@ -13,6 +13,7 @@ from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.adapters.openai.tool_chunks import ToolCallChunks
 from agentserve.chat import limits as L
 from agentserve.chat.messages import OPENAI_RULES, normalize_messages
+from agentserve.chat.reasoning import ReasoningStream, split_reasoning
 from agentserve.chat.reply import opener_is_special, tool_format_of
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
@@ -188,6 +189,8 @@ class _StreamState:
         self.sent_lp = [0] * n
         self.completion_tokens = [0] * n
         self.streams = [ctx.tool_chunks() for _ in range(n)]
+        parser = ctx.reasoning_parser
+        self.reasoning = [ReasoningStream(parser, ctx.in_reasoning) if parser else None for _ in range(n)]
         self.has_calls = [False] * n
         self.acc = [""] * n  # streamed text per choice, and how much of it went to the tool-call parser
         self.fed = [0] * n
@@ -211,6 +214,10 @@ class _ChatContext:
             ids = sorted(serving.engine.eos_token_ids)
             self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
         self.top_n = top_n
+        markers = serving.engine.reasoning
+        self.reasoning_parser: Optional[str] = markers.parser if markers is not None else None
+        # Whether the reply starts inside a reasoning block (the grammar's rule: grammar/reasoning.py).
+        self.in_reasoning = markers is not None and not markers.ended_in(prompt_ids)
         self.created = now()
         self.model = req.model or serving.model_name
 
@@ -240,11 +247,11 @@ class _ChatContext:
                     break
         return hold
 
-    def _safe_text(self, c: CompletionOutput, st: _StreamState) -> str:
-        """The next piece of choice k's text for the parser: with special tokens kept, a tail that may
-        be the start of the EOS text waits until the next delta shows what it is."""
+    def _safe_text(self, c: CompletionOutput, st: _StreamState, delta: str) -> str:
+        """The next piece of choice k's text (`delta`: its new content) for the parser: with special tokens
+        kept, a tail that may be the start of the EOS text waits until the next delta shows what it is."""
         k = c.index
-        st.acc[k] += c.delta_text
+        st.acc[k] += delta
         text = st.acc[k]
         upto = len(self._strip_eos(text, c)) if c.finish_reason is not None else len(text) - self._held_back(text)
         piece = text[st.fed[k]:upto] if upto > st.fed[k] else ""
@@ -267,11 +274,15 @@ class _ChatContext:
         completion_tokens = 0
         for c in final.outputs:
             completion_tokens += len(c.token_ids)
-            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            reasoning, text = (split_reasoning(self.reasoning_parser, c.text, self.in_reasoning) if self.reasoning_parser
+                               else (None, c.text))
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
             calls: list[dict[str, Any]] = []
             ts = self.tool_chunks()
             if ts is not None:
-                content, calls = ts.parse_whole(self._strip_eos(c.text, c))
+                content, calls = ts.parse_whole(self._strip_eos(text, c))
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
@@ -319,12 +330,20 @@ class _ChatContext:
             st.started[k] = True
             chunks.append(self._chunk(st, k, {"role": "assistant", "content": ""}))
         logprobs = self._new_logprobs(st, c)
+        delta = c.delta_text
+        rs = st.reasoning[k]
+        if rs is not None:
+            thought, delta = rs.feed(delta)
+            delta += rs.finish()[1] if c.finish_reason is not None else ""
+            if thought:
+                chunks.append(self._chunk(st, k, {"reasoning_content": thought}, logprobs))
+                logprobs = None
         ts = st.streams[k]
         if ts is None:
-            if c.delta_text or logprobs:
-                chunks.append(self._chunk(st, k, {"content": c.delta_text}, logprobs))
+            if delta or logprobs:
+                chunks.append(self._chunk(st, k, {"content": delta}, logprobs))
         else:
-            deltas = ts.feed(self._safe_text(c, st))
+            deltas = ts.feed(self._safe_text(c, st, delta))
             if c.finish_reason is not None:
                 deltas += ts.finish()
             for j, d in enumerate(deltas):

@@ -17,6 +17,7 @@ from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.grammar.compiler import GrammarCompiler
+from agentserve.grammar.reasoning import ReasoningMarkers, wrap_for_reasoning
 from agentserve.grammar.state import GrammarBitmask, GrammarState
 from agentserve.request import Request, RequestStatus
 from agentserve.sampling_params import SamplingParams
@@ -99,16 +100,19 @@ class ConstraintManager:
         return prepared
 
     @staticmethod
-    def attach(request: Request, future: "concurrent.futures.Future") -> Optional[str]:
-        """Gives a waiting request its matcher once the compile is done; returns an error message
-        when the compile failed."""
+    def attach(request: Request, future: "concurrent.futures.Future",
+               reasoning: Optional[ReasoningMarkers] = None) -> Optional[str]:
+        """Gives a waiting request its matcher once the compile is done (behind its reasoning block when
+        a reasoning parser is configured: grammar/reasoning.py); returns an error message when the
+        compile failed."""
         try:
             prepared: PreparedGrammar = future.result(timeout=0)
         except GrammarError as e:
             return f"the output constraint could not be compiled: {e}"
         except Exception as e:  # noqa: BLE001 - a backend crash fails this request only
             return f"the output constraint could not be compiled: {type(e).__name__}: {e}"
-        request.grammar = prepared.take_state()
+        state = prepared.take_state()
+        request.grammar = GrammarState(wrap_for_reasoning(state.matcher, reasoning, request.prompt_token_ids), state.grammar)
         request.status = RequestStatus.WAITING
         return None
 

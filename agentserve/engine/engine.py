@@ -38,6 +38,7 @@ from agentserve.engine.validation import truncate_prompt, validate_vocab_params
 from agentserve.sampling.bad_words import bad_words_token_ids
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.engine.lora_control import LoRAControl
 from agentserve.lora.key import LoRAKey
 from agentserve.model.loader import resolve_dtype
@@ -60,6 +61,10 @@ class Engine:
         self.tokenizer = load_tokenizer(tok_path)
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         self.max_model_len = decide_max_model_len(config, self.arch)
+        # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
+        # fails at once.
+        self.reasoning: Optional[ReasoningMarkers] = (
+            ReasoningMarkers.for_tokenizer(config.reasoning_parser, self.tokenizer) if config.reasoning_parser else None)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         if config.attention_backend != "auto":
             from agentserve.kernels import set_backend
@@ -204,7 +209,7 @@ class Engine:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
-            error = ConstraintManager.attach(req, fut)
+            error = ConstraintManager.attach(req, fut, self.reasoning)
             if error is not None:
                 self.output.fail_request(req, error)
 

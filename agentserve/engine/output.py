@@ -229,7 +229,7 @@ class OutputProcessor:
             sib.num_cached_tokens = leader.num_cached_tokens
             if sib.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 fut = self.engine.grammar_waits.pop(sib.request_id)
-                ConstraintManager.attach(sib, fut)  # the leader's compile is done and succeeded
+                ConstraintManager.attach(sib, fut, self.engine.reasoning)  # the leader's compile succeeded
             self.engine.scheduler.add_front(sib)
 
     # --- finishing ------------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""A reply's reasoning apart from its answer (vLLM's reasoning parsers, `reasoning_content` in chat
+replies), decided as the grammar decides where an output constraint starts (grammar/reasoning.py): a reply
+starts inside the reasoning when its prompt left a block open (or opened none: Qwen3 in thinking mode
+opens it itself), or when it opens one itself; the reasoning runs to `</think>` (a leading `<think>` is not
+part of it), the content is the rest. A reply that starts inside the reasoning and never closes it was
+cut short while thinking: it is all reasoning. A prompt that closed the block (Qwen3 with thinking off)
+gives a reply that is all content, unless the reply opens a block of its own.
+
+`ReasoningStream` splits streamed deltas the same way (the markers are single tokens: each arrives whole).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from agentserve.grammar.reasoning import REASONING_PARSERS
+
+
+def split_reasoning(parser: str, text: str, in_reasoning: bool) -> tuple[Optional[str], str]:
+    """(reasoning or None, content) of a whole reply; `in_reasoning`: the prompt left the reply inside a block."""
+    start, end = REASONING_PARSERS[parser]
+    body = text.lstrip()
+    opened = body.startswith(start)
+    if not (in_reasoning or opened):
+        return None, text
+    if opened:
+        body = body[len(start):]
+    if end not in body:
+        return body, ""
+    reasoning, content = body.split(end, 1)
+    return reasoning, content
+
+
+class ReasoningStream:
+    """One streamed choice: feed(delta) -> (reasoning delta, content delta)."""
+
+    def __init__(self, parser: str, in_reasoning: bool) -> None:
+        self.start, self.end = REASONING_PARSERS[parser]
+        self.in_reasoning = in_reasoning
+        self.decided = False  # whether the reply's first text showed if it opens a block itself
+        self.held = ""
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        if not self.decided:
+            self.held += delta
+            stripped = self.held.lstrip()
+            if len(stripped) < len(self.start) and self.start.startswith(stripped):
+                return "", ""  # may still become the start marker: wait for more text
+            self.decided = True
+            delta, self.held = self.held, ""
+            if stripped.startswith(self.start):
+                self.in_reasoning = True
+                delta = stripped[len(self.start):]
+            elif self.in_reasoning:
+                delta = stripped  # as split_reasoning: the reasoning starts at the first non-space
+        if not self.in_reasoning:
+            return "", delta
+        if self.end in delta:
+            reasoning, content = delta.split(self.end, 1)
+            self.in_reasoning = False
+            return reasoning, content
+        return delta, ""
+
+    def finish(self) -> tuple[str, str]:
+        """Text held back while undecided (a reply that was only whitespace or the start of the marker)."""
+        held, self.held = self.held, ""
+        if self.decided or not held:
+            return "", ""
+        self.decided = True
+        return (held.lstrip(), "") if self.in_reasoning else ("", held)

@@ -1,0 +1,123 @@
+"""Constrained outputs after a reasoning block (vLLM's `--reasoning-parser`): a model that thinks first
+(Qwen3, DeepSeek-R1: `<think> ... </think>`) writes its reasoning freely, and the request's constraint
+(JSON schema, tool calls, regex, grammar) applies from the token after `</think>` on. Without this, a
+constraint from the first token forbids the thinking the model was trained to do.
+
+Whether the reasoning already ended in the prompt is vLLM's rule: the last of the two marker tokens in
+the prompt decides (`</think>`: ended, e.g. Qwen3 with enable_thinking=False, whose template writes an
+empty block; `<think>`, or neither: the reply starts inside the reasoning). The markers must each be one
+token of the tokenizer; a parser whose markers are not is refused at start-up, naming them.
+
+`ReasoningMatcher` wraps the constraint's matcher: while thinking every token but EOS is allowed (a reply
+that ends inside its reasoning has no answer; it runs to max_tokens and reports "length"), `</think>`
+ends the thinking, and after it every call goes to the inner matcher. Rollback (speculative drafts) and
+copy (the draft's own matcher) follow the tokens across the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from agentserve.grammar.interface import GrammarError, GrammarMatcher
+
+# vLLM's parser names -> their (start, end) marker texts.
+REASONING_PARSERS: dict[str, tuple[str, str]] = {
+    "qwen3": ("<think>", "</think>"),
+    "deepseek_r1": ("<think>", "</think>"),
+}
+
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    parser: str
+    start_text: str
+    end_text: str
+    start_id: int
+    end_id: int
+
+    @classmethod
+    def for_tokenizer(cls, parser: str, tokenizer: Any) -> "ReasoningMarkers":
+        if parser not in REASONING_PARSERS:
+            raise GrammarError(f"reasoning_parser {parser!r} is not one of {sorted(REASONING_PARSERS)}")
+        start, end = REASONING_PARSERS[parser]
+        if tokenizer is None:
+            raise GrammarError(f"reasoning_parser {parser!r} needs the model's tokenizer")
+        ids = []
+        for text in (start, end):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise GrammarError(f"reasoning_parser {parser!r}: {text!r} is not one token of this tokenizer "
+                                   f"({encoded}); the model does not use these reasoning markers")
+            ids.append(encoded[0])
+        return cls(parser, start, end, ids[0], ids[1])
+
+    def ended_in(self, prompt_token_ids: Sequence[int]) -> bool:
+        """Whether the prompt already closed the reasoning (the last marker in it is the end)."""
+        for token in reversed(prompt_token_ids):
+            if token == self.start_id:
+                return False
+            if token == self.end_id:
+                return True
+        return False
+
+
+class ReasoningMatcher(GrammarMatcher):
+    def __init__(self, inner: GrammarMatcher, end_id: int, thinking: bool) -> None:
+        super().__init__(inner.tokenizer_info)
+        self.inner = inner
+        self.end_id = end_id
+        self.thinking = thinking
+        # Per accepted non-EOS token: whether the inner matcher took it (for rollback across the end marker).
+        self._to_inner: list[bool] = []
+
+    def _accept(self, token_id: int) -> bool:
+        if self.thinking:
+            if token_id == self.end_id:
+                self.thinking = False
+            self._to_inner.append(False)
+            return True
+        if not self.inner.accept_token(token_id):
+            return False
+        self._to_inner.append(True)
+        return True
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if self.thinking:
+            bitmask[row].fill_(-1)  # EOS is masked after this by the caller (not accepting)
+        else:
+            self.inner.fill_bitmask(bitmask, row)
+
+    def _rollback(self, num_tokens: int) -> None:
+        taken = self._to_inner[-num_tokens:]
+        del self._to_inner[-num_tokens:]
+        inner = sum(taken)
+        if inner:
+            self.inner.rollback(inner)
+        if not taken[0]:
+            # The first token undone was a thinking token: the state is inside the reasoning again
+            # (the end marker, if undone, is among them; earlier end markers do not exist).
+            self.thinking = True
+
+    def _copy(self) -> "ReasoningMatcher":
+        other = ReasoningMatcher(self.inner.copy(), self.end_id, self.thinking)
+        other._to_inner = list(self._to_inner)
+        return other
+
+    def _is_accepting(self) -> bool:
+        return not self.thinking and self.inner.is_accepting()
+
+    def _cannot_continue(self) -> bool:
+        # The inner matcher never sees EOS (this wrapper takes it), so its termination is the grammar's end.
+        return not self.thinking and self.inner.is_terminated()
+
+
+def wrap_for_reasoning(matcher: GrammarMatcher, markers: Optional[ReasoningMarkers],
+                       prompt_token_ids: Sequence[int]) -> GrammarMatcher:
+    """The request's matcher, behind a reasoning block when a parser is configured and the prompt left
+    the reply inside one."""
+    if markers is None or markers.ended_in(prompt_token_ids):
+        return matcher
+    return ReasoningMatcher(matcher, markers.end_id, thinking=True)
