@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from agentserve.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig,
                                SpecConfig)
 from agentserve.testing.tiny import ARCHS
+from agentserve.vllm_flags import add_vllm_flags, check_tool_call_parser, engine_kwargs_from_vllm_flags
 
 _SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, SpecConfig, ServerConfig)
 _TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend", "reasoning_parser",
@@ -89,6 +90,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func")}
     engine_keys = {n for c in _SECTIONS for n in c.model_fields} | set(_TOP_LEVEL) | {"speculative_config"}
     kwargs = {k: v for k, v in given.items() if k in engine_keys and k != "model"}
+    kwargs.update(engine_kwargs_from_vllm_flags(args))  # vLLM's names for the same options (serve)
     if "lora_modules" in kwargs:  # [(name, path), ...] from the flag -> {name: path}
         kwargs["lora_modules"] = dict(kwargs["lora_modules"])  # type: ignore[call-overload]
     return EngineConfig.from_kwargs(given["model"], **kwargs)  # pydantic converts "8" -> 8 etc.
@@ -142,6 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agentserve.service.serve import serve
 
     config = engine_config_from_args(args)
+    if args.tool_call_parser is not None:
+        check_tool_call_parser(args.tool_call_parser, _chat_template_of(config))
     if config.server.grpc_port is None and config.server.http_port is None:
         print("agentserve serve: error: give --grpc-port and/or --http-port", file=sys.stderr)
         return 2
@@ -156,6 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
     return serve(config)
+
+
+def _chat_template_of(config: EngineConfig) -> Optional[str]:
+    """The chat template the server will use (the tokenizer's, or --chat-template's), read before the model loads."""
+    from agentserve.engine.loading import apply_chat_template_override, load_tokenizer, resolve_model
+
+    _, path = resolve_model(config)
+    tok_path = Path(config.model.tokenizer) if config.model.tokenizer else path
+    tokenizer = load_tokenizer(tok_path)
+    apply_chat_template_override(tokenizer, config.model.chat_template)
+    return tokenizer.chat_template if tokenizer is not None else None
 
 
 def cmd_proto(args: argparse.Namespace) -> int:
@@ -187,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC and/or OpenAI-compatible HTTP server",
                        usage="%(prog)s --model PATH [--grpc-port PORT] [--http-port PORT] [options]")
     add_engine_args(p)
+    add_vllm_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from prompts with the offline API",

@@ -33,6 +33,14 @@ class ModelConfig(_Strict):
         default=None, description="'fp8': serve the linear layers with e4m3 weights (a 16-bit checkpoint is "
         "quantized at load, per output channel). FP8 checkpoints (compressed-tensors, fine-grained fp8) are read "
         "as their quantization_config says, with or without this flag.")
+    chat_template: Optional[str] = Field(
+        default=None, description="A chat template (Jinja) replacing the tokenizer's: a file path, or the template "
+        "itself (vLLM's --chat-template).")
+    generation_config: str = Field(
+        default="auto", description="Where default sampling parameters come from when a request leaves them unset "
+        "(vLLM's flag): 'auto' reads the model's generation_config.json (temperature, top_p, top_k, min_p, "
+        "repetition_penalty), 'vllm' uses none (temperature 1.0 etc.), or a directory holding a "
+        "generation_config.json.")
     served_model_name: Optional[Union[str, list[str]]] = Field(
         default=None, description="Name(s) clients use in the `model` field (vLLM's flag; give several to accept "
         "several). The first is the one /v1/models and ListModels report. Default: the model directory's base "

@@ -87,6 +87,11 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's generation_config.json sampling defaults (engine/generation_defaults.py),
+        used when generate or chat get no sampling parameters."""
+        return SamplingParams(**self.engine.default_sampling)
+
     def load_adapter(self, name: str, path: str) -> None:
         """Loads (or reloads, with new weights and a fresh cache key) the PEFT LoRA directory at `path`
         as `name`. Needs enable_lora=True. Raises LoRAAdapterError naming what is wrong with it."""
@@ -132,7 +137,7 @@ class LLM:
             adapter = self._adapter_names(lora_request)
         prompts = _prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
@@ -191,7 +196,7 @@ class LLM:
              **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         if tools is not None:
             params = params.clone(tools=tools, tool_choice=tool_choice or "auto")
         prompts = [self.render_chat(conv, tools=tools, **template_kwargs) for conv in conversations]  # type: ignore[arg-type]

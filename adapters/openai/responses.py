@@ -94,12 +94,12 @@ class ResponsesEndpoint:
                               param="max_output_tokens")
         return tools, choice
 
-    @staticmethod
-    def _params(req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any) -> SamplingParams:
-        kw: dict[str, Any] = {"temperature": 1.0 if req.temperature is None else req.temperature,
-                              "top_p": 1.0 if req.top_p is None else req.top_p,
-                              "max_tokens": req.max_output_tokens, "seed": req.seed, "ignore_eos": req.ignore_eos,
-                              "top_k": 0 if req.top_k is None else req.top_k}
+    def _params(self, req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any) -> SamplingParams:
+        # Fields left unset take the model's defaults (generation_config.json), then SamplingParams'.
+        kw: dict[str, Any] = dict(self.s.engine.default_sampling)
+        kw.update({name: value for name, value in (("temperature", req.temperature), ("top_p", req.top_p),
+                                                   ("top_k", req.top_k)) if value is not None})
+        kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos)
         kw.update(I.text_format_kwargs(req.text))
         if tools and choice != "none":
             kw.update(tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)

@@ -202,13 +202,16 @@ class OpenAIServing:
             raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if req.stream_options is not None and not req.stream:
             raise OpenAIError(400, "stream_options can only be given when stream is true", param="stream_options")
+        # Fields left unset take the model's defaults (generation_config.json), then SamplingParams'.
+        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                    **self.engine.default_sampling}
         kw: dict[str, Any] = dict(
             n=req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            temperature=defaults["temperature"] if req.temperature is None else req.temperature,
+            top_p=defaults["top_p"] if req.top_p is None else req.top_p,
+            top_k=defaults["top_k"] if req.top_k is None else req.top_k,
+            min_p=defaults["min_p"] if req.min_p is None else req.min_p,
+            repetition_penalty=defaults["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             seed=req.seed,

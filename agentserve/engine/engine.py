@@ -28,7 +28,8 @@ from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.failures import log_step_failure
 from agentserve.engine.launch import launch_step
-from agentserve.engine.loading import (decide_max_model_len, generation_eos, load_tokenizer,
+from agentserve.engine.generation_defaults import read_generation_defaults
+from agentserve.engine.loading import (apply_chat_template_override, decide_max_model_len, generation_eos, load_tokenizer,
                                        resolve_async_scheduling, resolve_draft_model, resolve_model)
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
@@ -59,7 +60,10 @@ class Engine:
         self.arch, self.model_path = resolve_model(config)
         tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
         self.tokenizer = load_tokenizer(tok_path)
+        apply_chat_template_override(self.tokenizer, config.model.chat_template)
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
+        # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
+        self.default_sampling = read_generation_defaults(config.model.generation_config, self.model_path)
         self.max_model_len = decide_max_model_len(config, self.arch)
         # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
         # fails at once.

@@ -86,6 +86,18 @@ def load_tokenizer(path: Optional[Path]) -> Any:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {e}") from None
 
 
+def apply_chat_template_override(tokenizer: Any, template: Optional[str]) -> None:
+    """vLLM's --chat-template: a file's contents, or the template itself, replaces the tokenizer's."""
+    if template is None:
+        return
+    if tokenizer is None:
+        raise ModelLoadError("chat_template was given, but the model has no tokenizer to apply it with")
+    path = Path(template)
+    if "{" not in template and len(template) < 4096 and not path.is_file():
+        raise ModelLoadError(f"chat_template {template!r} is neither a file nor a template (no Jinja tags)")
+    tokenizer.chat_template = path.read_text() if "{" not in template and path.is_file() else template
+
+
 def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> frozenset[int]:
     eos: list[int] = []
     gen_cfg = path / "generation_config.json" if path else None

@@ -108,8 +108,11 @@ def _tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: str) -> Any
 
 
 def sampling_from_proto(sp: pb.SamplingParams, response_format: Optional[pb.ResponseFormat] = None,
-                        tools: Optional[list[dict[str, Any]]] = None, tool_choice: str = "") -> SamplingParams:
-    kw: dict[str, Any] = {"max_tokens": None}
+                        tools: Optional[list[dict[str, Any]]] = None, tool_choice: str = "",
+                        defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
+    """`defaults`: the model's sampling defaults for the optional fields the request leaves unset
+    (engine/generation_defaults.py)."""
+    kw: dict[str, Any] = {"max_tokens": None, **(defaults or {})}
     kw.update((fd.name, value) for fd, value in sp.ListFields() if fd.name in _OPTIONAL_SAMPLING)
     if sp.stop:
         kw["stop"] = list(sp.stop)

@@ -17,8 +17,10 @@ from agentserve.testing import tiny_model_cached
 
 
 @contextlib.contextmanager
-def live_openai(arch: str, served_model_name: str = "m", **engine: Any) -> Iterator[openai.OpenAI]:
-    config = EngineConfig.from_kwargs(str(tiny_model_cached(arch)), device="cpu", served_model_name=served_model_name,
+def live_openai(arch_or_path: str, served_model_name: str = "m", **engine: Any) -> Iterator[openai.OpenAI]:
+    """`arch_or_path`: a tiny architecture's name, or a model directory."""
+    model = arch_or_path if "/" in arch_or_path else str(tiny_model_cached(arch_or_path))
+    config = EngineConfig.from_kwargs(model, device="cpu", served_model_name=served_model_name,
                                       **{"num_blocks": 256, **engine})
     aeng = AsyncEngine(Engine(config))
     server = ServerThread(create_app(aeng, config)).start()

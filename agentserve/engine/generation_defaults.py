@@ -1,0 +1,48 @@
+"""Default sampling parameters from the model's generation_config.json (vLLM's `--generation-config auto`,
+its default): a request that leaves temperature, top_p, top_k, min_p or repetition_penalty unset gets the
+model's values (Qwen2.5's card, for one, asks for temperature 0.7, top_p 0.8, top_k 20 and a repetition
+penalty of 1.05), over HTTP, gRPC and `LLM.generate` without sampling parameters. 'vllm' turns them off;
+a directory path reads its generation_config.json instead."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from agentserve.model.arch_config import ModelLoadError
+from agentserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# generation_config.json keys -> SamplingParams fields (the ones vLLM takes over).
+_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+           "repetition_penalty": "repetition_penalty"}
+
+
+def read_generation_defaults(mode: str, model_path: Optional[Path]) -> dict[str, Any]:
+    """SamplingParams fields and their defaults ({} when there are none)."""
+    if mode == "vllm":
+        return {}
+    folder = model_path if mode == "auto" else Path(mode)
+    if mode != "auto" and not (folder / "generation_config.json").is_file():
+        raise ModelLoadError(f"generation_config {mode!r}: no generation_config.json there (give 'auto', 'vllm' "
+                             "or a directory holding one)")
+    path = folder / "generation_config.json" if folder is not None and folder.is_dir() else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    defaults = {field: raw[key] for key, field in _FIELDS.items()
+                if isinstance(raw.get(key), (int, float)) and not isinstance(raw.get(key), bool)}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ModelLoadError(f"{path} holds sampling defaults agentserve cannot use ({e}); pass "
+                             "--generation-config vllm to ignore them") from None
+    if defaults:
+        logger.info("default sampling parameters from %s: %s (--generation-config vllm turns them off)", path, defaults)
+    return defaults
