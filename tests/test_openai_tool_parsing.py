@@ -72,6 +72,8 @@ class ScriptedEngine:
         self.scheduler = _Scheduler()
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
+        self.default_sampling: dict = {}  # no generation_config.json sampling defaults
+        self.reasoning = None  # no reasoning parser
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
         self.lora_manager: Optional[LoRAManager] = None
 
