@@ -46,6 +46,11 @@ def _prompt_logprobs(req: CompletionRequest) -> Optional[int]:
     return req.prompt_logprobs
 
 
+def _text_end(logprobs: dict[str, Any]) -> int:
+    """Where the text a run of completions logprobs covers ends (its offsets start at 0)."""
+    return sum(len(t) for t in logprobs["tokens"])
+
+
 def _joined(first: Optional[dict[str, Any]], second: dict[str, Any]) -> dict[str, Any]:
     """Two runs of completions logprobs (the echoed prompt's, then the generated tokens') as one."""
     if first is None:
@@ -153,7 +158,7 @@ class _CompletionContext:
                 prefix = self.echo_texts[i] if self.req.echo else ""
                 logprobs = self._echo_logprobs(i, out)
                 if self.top_n is not None and c.logprobs is not None:
-                    offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) if logprobs else len(prefix)
+                    offset = _text_end(logprobs) if logprobs else len(prefix)
                     logprobs = _joined(logprobs, self.s.logprobs.completion(c.token_ids, c.logprobs, self.top_n, offset))
                 choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
@@ -196,7 +201,7 @@ class _CompletionContext:
             st.echoed[k] = True
             logprobs = self._echo_logprobs(i, out)
             if logprobs is not None:
-                st.offsets[k] = sum(len(t) for t in logprobs["tokens"])
+                st.offsets[k] = _text_end(logprobs)
         if self.req.prompt_logprobs is not None and not st.sent_prompt_lp[k] and out.prompt_logprobs is not None:
             extra["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs)
             st.sent_prompt_lp[k] = True

@@ -95,10 +95,7 @@ class ResponsesEndpoint:
         return tools, choice
 
     def _params(self, req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any) -> SamplingParams:
-        # Fields left unset take the model's defaults (generation_config.json), then SamplingParams'.
-        kw: dict[str, Any] = dict(self.s.engine.default_sampling)
-        kw.update({name: value for name, value in (("temperature", req.temperature), ("top_p", req.top_p),
-                                                   ("top_k", req.top_k)) if value is not None})
+        kw = self.s.with_model_defaults(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
         kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos)
         kw.update(I.text_format_kwargs(req.text))
         if tools and choice != "none":

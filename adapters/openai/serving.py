@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 
 MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens", "stop", "stop_token_ids",
-           "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias", "allowed_token_ids",
-           "bad_words")
+           "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
+           "stop", "stop_token_ids", "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias",
+           "allowed_token_ids", "bad_words")
 
 
 def _parsed_schema(schema: Any, field: str) -> Any:
@@ -202,16 +202,11 @@ class OpenAIServing:
             raise OpenAIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if req.stream_options is not None and not req.stream:
             raise OpenAIError(400, "stream_options can only be given when stream is true", param="stream_options")
-        # Fields left unset take the model's defaults (generation_config.json), then SamplingParams'.
-        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                    **self.engine.default_sampling}
-        kw: dict[str, Any] = dict(
+        kw: dict[str, Any] = self.with_model_defaults(
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty)
+        kw.update(
             n=req.n,
-            temperature=defaults["temperature"] if req.temperature is None else req.temperature,
-            top_p=defaults["top_p"] if req.top_p is None else req.top_p,
-            top_k=defaults["top_k"] if req.top_k is None else req.top_k,
-            min_p=defaults["min_p"] if req.min_p is None else req.min_p,
-            repetition_penalty=defaults["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             seed=req.seed,
@@ -236,6 +231,11 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             msg = str(e)
             raise OpenAIError(400, msg, param=param_of(msg)) from None
+
+    def with_model_defaults(self, **given: Any) -> dict[str, Any]:
+        """Sampling fields as a request gives them (None: left unset) over the model's generation_config.json
+        defaults (engine/generation_defaults.py); fields neither sets keep SamplingParams' own defaults."""
+        return {**self.engine.default_sampling, **{name: value for name, value in given.items() if value is not None}}
 
     def truncate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """truncate_prompt_tokens applied (as the engine applies it), before validate counts the prompt."""

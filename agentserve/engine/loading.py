@@ -92,10 +92,13 @@ def apply_chat_template_override(tokenizer: Any, template: Optional[str]) -> Non
         return
     if tokenizer is None:
         raise ModelLoadError("chat_template was given, but the model has no tokenizer to apply it with")
-    path = Path(template)
-    if "{" not in template and len(template) < 4096 and not path.is_file():
+    if "{" in template:  # Jinja tags: the template itself
+        tokenizer.chat_template = template
+        return
+    # (A long text is no file name: is_file() would raise on it.)
+    if len(template) >= 4096 or not Path(template).is_file():
         raise ModelLoadError(f"chat_template {template!r} is neither a file nor a template (no Jinja tags)")
-    tokenizer.chat_template = path.read_text() if "{" not in template and path.is_file() else template
+    tokenizer.chat_template = Path(template).read_text()
 
 
 def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> frozenset[int]:

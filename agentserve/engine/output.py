@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.failures import STEP_FAILED, log_step_failure, request_failure_message
 from agentserve.grammar.interface import GrammarError
-from agentserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from agentserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from agentserve.request import Request, RequestStatus
 from agentserve.worker.launched_step import LaunchedStep, StepResult
 from agentserve.worker.model_runner import ScheduledChunk
@@ -182,24 +182,32 @@ class OutputProcessor:
         elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.engine.max_model_len:
             self.finish(req, RequestStatus.FINISHED_LENGTH, None)
 
+    def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[int], top_lps: Sequence[float],
+                  decoded: dict[int, str]) -> PositionLogprobs:
+        """One position's logprobs: the token's, then the top ones after it (ranks from 1), each with its
+        text (`decoded`: texts already decoded, shared by the positions of one call)."""
+        position = {token: Logprob(logprob, rank)}
+        for r, (tid, lp) in enumerate(zip(top_ids, top_lps), start=1):
+            position.setdefault(int(tid), Logprob(lp, r))
+        tokenizer = self.engine.tokenizer
+        if tokenizer is not None:
+            for tid, entry in position.items():
+                if tid not in decoded:
+                    decoded[tid] = tokenizer.decode([tid])
+                entry.decoded_token = decoded[tid]
+        return position
+
     def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
         assert req.logprobs is not None
         n = req.sampling_params.logprobs or 0
-        position = {ids[0]: Logprob(lps[0], rank)}
-        for r, (tid, lp) in enumerate(zip(ids[1:1 + n], lps[1:1 + n]), start=1):
-            position.setdefault(tid, Logprob(lp, r))
-        tokenizer = self.engine.tokenizer
-        if tokenizer is not None:
-            for tid, lp in position.items():
-                lp.decoded_token = tokenizer.decode([tid])
-        req.logprobs.append(position)
+        req.logprobs.append(self._position(ids[0], lps[0], rank, ids[1:1 + n], lps[1:1 + n], {}))
         req.cumulative_logprob += lps[0]
 
     def _record_prompt_logprobs(self, scores: PromptScores) -> None:
         """Appends the prompt tokens a step scored to their requests' prompt_logprobs, in prompt order."""
         rows = scores.rows()
         plan = scores.plan
-        tokenizer = self.engine.tokenizer
+        w = plan.num_top
         decoded: dict[int, str] = {}
         lo = 0
         for req, first, count in zip(plan.requests, plan.first_token, plan.counts):
@@ -208,16 +216,8 @@ class OutputProcessor:
                 if entries is None or first + k != len(entries):
                     continue  # finished meanwhile, or already recorded
                 row = rows[lo + k]
-                target = req.prompt_token_ids[first + k]
-                position = {target: Logprob(row[0], int(row[1]))}
-                for r, (tid, lp) in enumerate(zip(row[2:2 + n], row[2 + plan.num_top:2 + plan.num_top + n]), start=1):
-                    position.setdefault(int(tid), Logprob(lp, r))
-                if tokenizer is not None:
-                    for tid, lp in position.items():
-                        if tid not in decoded:
-                            decoded[tid] = tokenizer.decode([tid])
-                        lp.decoded_token = decoded[tid]
-                entries.append(position)
+                entries.append(self._position(req.prompt_token_ids[first + k], row[0], int(row[1]), row[2:2 + n],
+                                              row[2 + w:2 + w + n], decoded))
             lo += count
 
     def _fork_siblings(self, leader: Request) -> None:

@@ -32,9 +32,7 @@ REASONING_PARSERS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class ReasoningMarkers:
-    parser: str
-    start_text: str
-    end_text: str
+    parser: str  # a REASONING_PARSERS name (its marker texts are there)
     start_id: int
     end_id: int
 
@@ -52,7 +50,7 @@ class ReasoningMarkers:
                 raise GrammarError(f"reasoning_parser {parser!r}: {text!r} is not one token of this tokenizer "
                                    f"({encoded}); the model does not use these reasoning markers")
             ids.append(encoded[0])
-        return cls(parser, start, end, ids[0], ids[1])
+        return cls(parser, ids[0], ids[1])
 
     def ended_in(self, prompt_token_ids: Sequence[int]) -> bool:
         """Whether the prompt already closed the reasoning (the last marker in it is the end)."""
