@@ -89,8 +89,11 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the model's generation_config.json sampling defaults (engine/generation_defaults.py),
-        used when generate or chat get no sampling parameters."""
-        return SamplingParams(**self.engine.default_sampling)
+        used when generate or chat get no sampling parameters; its max_new_tokens is their max_tokens."""
+        defaults = self.engine.generation_defaults
+        if defaults.max_tokens is None:
+            return SamplingParams(**defaults.sampling)
+        return SamplingParams(**defaults.sampling, max_tokens=defaults.max_tokens)
 
     def load_adapter(self, name: str, path: str) -> None:
         """Loads (or reloads, with new weights and a fresh cache key) the PEFT LoRA directory at `path`

@@ -16,6 +16,7 @@ import pytest
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
+from agentserve.engine.generation_defaults import GenerationDefaults
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from agentserve.lora.interface import LoRAManager
@@ -72,7 +73,8 @@ class ScriptedEngine:
         self.scheduler = _Scheduler()
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
-        self.default_sampling: dict = {}  # no generation_config.json sampling defaults
+        self.generation_defaults = GenerationDefaults()  # no generation_config.json defaults
+        self.default_sampling = self.generation_defaults.sampling
         self.reasoning = None  # no reasoning parser
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
         self.lora_manager: Optional[LoRAManager] = None

@@ -48,10 +48,36 @@ def test_generation_config_supplies_the_default_sampling(tmp_path: Path) -> None
             assert (plain.choices[0].text == greedy_http.choices[0].text) == expect_greedy
 
 
+def test_generation_config_max_new_tokens_caps_requests_without_max_tokens(tmp_path: Path) -> None:
+    model = _with_generation_config(tmp_path, {"max_new_tokens": 5})
+    llm = LLM(str(model), **ENGINE)
+    assert llm.get_default_sampling_params().max_tokens == 5
+    # Offline without parameters (ignore_eos would need parameters: a random model may stop early, never late).
+    assert all(len(o.outputs[0].token_ids) <= 5 for o in llm.generate(PROMPTS))
+    # A request's own max_tokens stands; an unset one (None: the context's room) is capped by the model's.
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)
+    assert [len(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)] == [5, 5]
+    assert [len(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params.clone(max_tokens=9))] == [9, 9]
+    llm.close()
+    with live_openai(str(model), max_model_len=256) as client:
+        messages = [{"role": "user", "content": "hi"}]
+        unset = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert unset.usage.completion_tokens == 5 and unset.choices[0].finish_reason == "length"
+        given = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=7,
+                                               extra_body={"ignore_eos": True})
+        assert given.usage.completion_tokens == 7
+        # Legacy completions default max_tokens to 16 (OpenAI's and vLLM's protocol): a given value, kept.
+        legacy = client.completions.create(model="m", prompt=PROMPTS[0], temperature=0, extra_body={"ignore_eos": True})
+        assert legacy.usage.completion_tokens == 16
+
+
 def test_unusable_generation_defaults_and_bad_modes_are_refused(tmp_path: Path) -> None:
     model = _with_generation_config(tmp_path, {"top_p": 1.5})
     with pytest.raises(ModelLoadError, match="generation-config vllm"):
         LLM(str(model), **ENGINE)
+    with pytest.raises(ModelLoadError, match="max_tokens"):
+        LLM(str(_with_generation_config(tmp_path / "b", {"max_new_tokens": 0})), **ENGINE)
     with pytest.raises(ModelLoadError, match="no generation_config.json"):
         LLM(str(tiny_model_cached("qwen2")), generation_config=str(tmp_path / "nowhere"), **ENGINE)
 

@@ -63,7 +63,8 @@ class Engine:
         apply_chat_template_override(self.tokenizer, config.model.chat_template)
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
-        self.default_sampling = read_generation_defaults(config.model.generation_config, self.model_path)
+        self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
+        self.default_sampling = self.generation_defaults.sampling
         self.max_model_len = decide_max_model_len(config, self.arch)
         # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
         # fails at once.
@@ -125,7 +126,7 @@ class Engine:
             raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                       "(prompt plus output must fit)")
         if params.max_tokens is None:
-            params = params.clone(max_tokens=self.max_model_len - n)
+            params = params.clone(max_tokens=self.generation_defaults.output_cap(self.max_model_len - n))
         elif n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "

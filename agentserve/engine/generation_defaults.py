@@ -1,13 +1,15 @@
 """Default sampling parameters from the model's generation_config.json (vLLM's `--generation-config auto`,
 its default): a request that leaves temperature, top_p, top_k, min_p or repetition_penalty unset gets the
 model's values (Qwen2.5's card, for one, asks for temperature 0.7, top_p 0.8, top_k 20 and a repetition
-penalty of 1.05), over HTTP, gRPC and `LLM.generate` without sampling parameters. 'vllm' turns them off;
-a directory path reads its generation_config.json instead."""
+penalty of 1.05), over HTTP, gRPC and `LLM.generate` without sampling parameters. Its max_new_tokens caps
+the output of a request that sets no max_tokens (as vLLM does; a request's own max_tokens stands). 'vllm'
+turns them off; a directory path reads its generation_config.json instead."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,28 +23,41 @@ _FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "mi
            "repetition_penalty": "repetition_penalty"}
 
 
-def read_generation_defaults(mode: str, model_path: Optional[Path]) -> dict[str, Any]:
-    """SamplingParams fields and their defaults ({} when there are none)."""
+@dataclass(frozen=True)
+class GenerationDefaults:
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields -> the model's values
+    # max_new_tokens: the output cap of a request without max_tokens (else: the context's room).
+    max_tokens: Optional[int] = None
+
+    def output_cap(self, room: int) -> int:
+        """max_tokens for a request that sets none, given the tokens left in its context."""
+        return room if self.max_tokens is None else min(room, self.max_tokens)
+
+
+def read_generation_defaults(mode: str, model_path: Optional[Path]) -> GenerationDefaults:
+    """The model's defaults (none when it has no generation_config.json or mode is 'vllm')."""
     if mode == "vllm":
-        return {}
+        return GenerationDefaults()
     folder = model_path if mode == "auto" else Path(mode)
     if mode != "auto" and not (folder / "generation_config.json").is_file():
         raise ModelLoadError(f"generation_config {mode!r}: no generation_config.json there (give 'auto', 'vllm' "
                              "or a directory holding one)")
     path = folder / "generation_config.json" if folder is not None and folder.is_dir() else None
     if path is None or not path.is_file():
-        return {}
+        return GenerationDefaults()
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
     defaults = {field: raw[key] for key, field in _FIELDS.items()
                 if isinstance(raw.get(key), (int, float)) and not isinstance(raw.get(key), bool)}
+    max_new = raw.get("max_new_tokens")
     try:
-        SamplingParams(**defaults)
+        SamplingParams(**defaults, max_tokens=max_new)
     except ValueError as e:
         raise ModelLoadError(f"{path} holds sampling defaults agentserve cannot use ({e}); pass "
                              "--generation-config vllm to ignore them") from None
-    if defaults:
-        logger.info("default sampling parameters from %s: %s (--generation-config vllm turns them off)", path, defaults)
-    return defaults
+    if defaults or max_new is not None:
+        logger.info("default sampling parameters from %s: %s, max_new_tokens %s (--generation-config vllm turns "
+                    "them off)", path, defaults, max_new)
+    return GenerationDefaults(defaults, max_new)
