@@ -7,6 +7,7 @@ speculation; and over HTTP as OpenAI's completions echo + logprobs (the official
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterator, Optional
 
 import openai
@@ -182,3 +183,31 @@ def test_the_plan_scores_each_prompt_token_once() -> None:
     req.num_computed_tokens = 0  # preempted: the recompute scores nothing again
     assert plan_prompt_logprob_rows([ScheduledChunk(req, 10, 1)]) is None
     assert Request("r2", [1, 2, 3], params, index=1).prompt_logprobs is None
+
+
+def test_return_tokens_as_token_ids(client: openai.OpenAI) -> None:
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}" (the request's field, or the
+    server's flag when the request leaves it unset)."""
+    prompt = [5, 6, 7, 8]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2,
+                                    extra_body={"return_tokens_as_token_ids": True})
+    tokens = out.choices[0].logprobs.tokens
+    assert tokens[:4] == [f"token_id:{t}" for t in prompt] and len(tokens) == 7
+    assert all(re.fullmatch(r"token_id:\d+", t) for top in out.choices[0].logprobs.top_logprobs[1:] for t in top)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(re.fullmatch(r"token_id:\d+", e.token) for e in content)
+    assert all(re.fullmatch(r"token_id:\d+", t.token) for e in content for t in e.top_logprobs)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, logprobs=True)
+    assert not any(e.token.startswith("token_id:") for e in plain.choices[0].logprobs.content)
+    # The same greedy tokens: the names are the ids of the texts the plain request returned.
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model_cached("qwen2")))
+    assert [tok.decode([int(e.token.split(":")[1])]) for e in content] == [e.token for e in plain.choices[0].logprobs.content]
+    with live_openai("qwen2", served_model_name="tiny", max_model_len=256, return_tokens_as_token_ids=True) as flagged:
+        on = flagged.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True)
+        assert all(e.token.startswith("token_id:") for e in on.choices[0].logprobs.content)
+        off = flagged.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True,
+                                              extra_body={"return_tokens_as_token_ids": False})
+        assert not any(e.token.startswith("token_id:") for e in off.choices[0].logprobs.content)

@@ -214,6 +214,7 @@ class _ChatContext:
             ids = sorted(serving.engine.eos_token_ids)
             self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
         self.top_n = top_n
+        self.logprobs = serving.logprob_formatter(req.return_tokens_as_token_ids)
         markers = serving.engine.reasoning
         self.reasoning_parser: Optional[str] = markers.parser if markers is not None else None
         # Whether the reply starts inside a reasoning block (the grammar's rule: grammar/reasoning.py).
@@ -288,7 +289,7 @@ class _ChatContext:
                     message["tool_calls"] = calls
             logprobs = None
             if self.req.logprobs and c.logprobs is not None:
-                logprobs = {"content": self.s.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
+                logprobs = {"content": self.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
             reason = self._finish_reason(c, bool(calls))
             choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
                             "stop_reason": c.stop_reason})
@@ -316,7 +317,7 @@ class _ChatContext:
         logprobs = None
         new_ids = c.token_ids[st.sent_lp[k]:]
         if self.req.logprobs and c.logprobs is not None and new_ids:
-            logprobs = {"content": self.s.logprobs.chat(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)],
+            logprobs = {"content": self.logprobs.chat(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)],
                                                         self.top_n)}
         st.sent_lp[k] = len(c.token_ids)
         st.completion_tokens[k] = len(c.token_ids)

@@ -136,6 +136,7 @@ class _CompletionContext:
         self.created = now()
         self.model = req.model or serving.model_name
         self.top_n = req.logprobs
+        self.logprobs = serving.logprob_formatter(req.return_tokens_as_token_ids)
         self.prompt_tokens = sum(len(p) for p in prompt_ids)
 
     def outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -159,7 +160,7 @@ class _CompletionContext:
                 logprobs = self._echo_logprobs(i, out)
                 if self.top_n is not None and c.logprobs is not None:
                     offset = _text_end(logprobs) if logprobs else len(prefix)
-                    logprobs = _joined(logprobs, self.s.logprobs.completion(c.token_ids, c.logprobs, self.top_n, offset))
+                    logprobs = _joined(logprobs, self.logprobs.completion(c.token_ids, c.logprobs, self.top_n, offset))
                 choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                 "prompt_logprobs": vllm_prompt_logprobs(out.prompt_logprobs)
@@ -180,7 +181,7 @@ class _CompletionContext:
         """The echoed prompt's part of a choice's logprobs (echo with logprobs), from offset 0."""
         if not self.req.echo or self.top_n is None or out.prompt_logprobs is None:
             return None
-        return self.s.logprobs.completion(self.prompt_ids[i], out.prompt_logprobs, self.top_n, 0)
+        return self.logprobs.completion(self.prompt_ids[i], out.prompt_logprobs, self.top_n, 0)
 
     def _chunk(self, st: _StreamState, choices: list[dict[str, Any]], include_usage: bool, continuous: bool) -> str:
         body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
@@ -207,7 +208,7 @@ class _CompletionContext:
             st.sent_prompt_lp[k] = True
         new_ids = c.token_ids[st.sent_lp[k]:]
         if self.top_n is not None and c.logprobs is not None and new_ids:
-            generated = self.s.logprobs.completion(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)], self.top_n,
+            generated = self.logprobs.completion(new_ids, c.logprobs[st.sent_lp[k]:len(c.token_ids)], self.top_n,
                                                    st.offsets[k])
             st.offsets[k] += sum(len(t) for t in generated["tokens"])
             logprobs = _joined(logprobs, generated)

@@ -17,10 +17,14 @@ def _clamp(lp: float) -> float:
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, tokens_as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        # vLLM's return_tokens_as_token_ids: a token is named "token_id:{id}" (its bytes stay its own).
+        self.tokens_as_ids = tokens_as_ids
 
     def token_text(self, token_id: int, lp: Any) -> str:
+        if self.tokens_as_ids:
+            return f"token_id:{token_id}"
         if lp is not None and lp.decoded_token is not None:
             return lp.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"

@@ -121,6 +121,7 @@ class _SamplingFields(_Request):
     cache_salt: Optional[str] = None
     priority: int = 0
     prompt_logprobs: Optional[int] = None
+    return_tokens_as_token_ids: Optional[bool] = None  # None: the server's --return-tokens-as-token-ids
     truncate_prompt_tokens: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
