@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -60,6 +60,21 @@ if [ "$MODE" = splitlong ]; then
   # The split-long engine test after its stale precondition was fixed (split-long is on by default now).
   TMO=150 run pytest-splitlong python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_gpu_split_long.py \
     --junitxml "$OUT/pytest_splitlong.xml"
+fi
+if [ "$MODE" = s12a ]; then
+  # The twelfth session's GPU tests (~8 min): the new per-request-features module first (prompt logprobs,
+  # allowed ids, bad words, logit bias through graphs, async and speculation), then the engine-level tests
+  # that have not run on the current kernels, most telling first; -v -rf so that a cut run names its failures.
+  E=tests/test_gpu_engine.py; A=tests/test_async_scheduling.py; L=tests/test_lora_gpu.py
+  TMO=520 run pytest-s12a python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=10 \
+    tests/test_gpu_request_features.py "$E::test_swap_round_trip_is_exact_and_asynchronous" \
+    "$E::test_triton_path_matches_torch_reference_bf16[qwen2]" "$E::test_bf16_matches_transformers[llama]" \
+    "$E::test_bf16_matches_transformers[mistral]" "$E::test_bf16_matches_transformers[qwen2]" \
+    tests/test_lora_spec.py "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "$L::test_base_only_decode_replays_the_base_graph" \
+    "$L::test_slot_reload_waits_for_the_step_reading_it" "$A::test_cuda_grammar_batches_overlap_and_match_sync[qwen2]" \
+    "$A::test_cuda_async_scheduling_matches_sync[bfloat16-llama3]" tests/test_engine_close.py \
+    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[llama]" "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[mistral]" \
+    --junitxml "$OUT/pytest_s12a.xml"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
