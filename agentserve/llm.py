@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from agentserve.chat.limits import check_sampling
+from agentserve.chat.messages import template_messages
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.errors import LoRANotEnabledError
@@ -188,7 +189,7 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None or not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
-        text = tok.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+        text = tok.apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                                        tokenize=False, **template_kwargs)
         return list(tok.encode(text, add_special_tokens=False))
 

@@ -95,6 +95,25 @@ def test_chat_template_override(tmp_path: Path) -> None:
         LLM(str(tiny_model_cached("qwen2")), chat_template=str(tmp_path / "missing.jinja"), **ENGINE)
 
 
+def test_tool_call_messages_without_content_on_a_template_that_concatenates_it(tmp_path: Path) -> None:
+    """An assistant message that only calls tools (content null or absent, as clients send it back) reaches
+    the template with empty content, as vLLM passes it: SmolLM2's and other plain templates add
+    message['content'] to a string, which a null content breaks."""
+    template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}
+    for assistant in ({"role": "assistant", "tool_calls": [call]}, {"role": "assistant", "content": None, "tool_calls": [call]}):
+        messages = [{"role": "user", "content": "find x"}, assistant,
+                    {"role": "tool", "tool_call_id": "call_1", "content": "x is 42"}]
+        llm = LLM(str(tiny_model_cached("qwen2")), chat_template=template, **ENGINE)
+        rendered = llm.render_chat(messages)
+        assert llm.tokenizer.decode(rendered) == "<user>find x\n<assistant>\n<tool>x is 42\n<assistant>"
+        llm.close()
+        with live_openai("qwen2", max_model_len=256, chat_template=template) as client:
+            out = client.chat.completions.create(model="m", messages=messages, max_tokens=2)
+            assert out.usage.prompt_tokens == len(rendered)
+
+
 def test_vllm_serve_flags() -> None:
     path = str(tiny_model_cached("qwen2"))
     args = build_parser().parse_args(["serve", "--model", path, "--port", "8123", "--swap-space", "2",

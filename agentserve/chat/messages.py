@@ -166,6 +166,13 @@ def _text_message(m: Message, role: str, i: int, at: str, rules: MessageRules) -
     return msg
 
 
+def template_messages(messages: Sequence[Message]) -> list[Message]:
+    """The messages as a chat template reads them: a null or missing content (an assistant message that
+    only calls tools) is the empty string, as vLLM passes it, since templates that concatenate
+    message['content'] fail on a null one and those that test it treat both alike."""
+    return [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in messages]
+
+
 def normalize_messages(messages: Sequence[Message], rules: MessageRules, *, raw_tokens: bool = False,
                        vocab_size: int = 0, where: str = "messages") -> list[Message]:
     """Checks roles and shapes; returns the messages in the form chat templates take (tool-call

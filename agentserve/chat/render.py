@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from agentserve.chat.messages import SESSION_RULES, Message, normalize_messages
+from agentserve.chat.messages import SESSION_RULES, Message, normalize_messages, template_messages
 from agentserve.chat.render_pool import RenderPool
 from agentserve.chat.tools import normalize_tools
 from agentserve.errors import FieldError, InvalidRequestError
@@ -27,8 +27,8 @@ def assistant_content_prefix(tokenizer: Any, messages: Sequence[Message], tools:
     (Llama 2's ' ' after '[/INST]'; '' for most templates). A reply is recorded in the history
     without it, so that re-rendering the history reproduces the generated text exactly."""
     try:
-        text = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": _MARKER}], tools=tools,
-                                             add_generation_prompt=False, tokenize=False)
+        text = tokenizer.apply_chat_template(template_messages([*messages, {"role": "assistant", "content": _MARKER}]),
+                                             tools=tools, add_generation_prompt=False, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses the probe: assume no separator
         return ""
     at = text.find(_MARKER)

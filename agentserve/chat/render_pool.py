@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from agentserve.chat.limits import EdgeLimitError
+from agentserve.chat.messages import template_messages
 from agentserve.config import ServerConfig
 
 T = TypeVar("T")
@@ -121,8 +122,9 @@ class RenderPool:
             _bound_template(chat_template)
             _budget.chars = self.max_chars
         try:
-            text = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False, chat_template=chat_template, **template_kwargs)
+            text = tokenizer.apply_chat_template(template_messages(messages), tools=tools,
+                                                 add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                 chat_template=chat_template, **template_kwargs)
         except _TemplateOutputTooLarge:
             raise EdgeLimitError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, the chat template "

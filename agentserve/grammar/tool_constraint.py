@@ -2,7 +2,8 @@
 
 tool_choice "auto": free text until the format's opener (it can never contain the opener), then
 calls constrained to a declared tool's name and that tool's argument schema; "required" and a
-named tool constrain from the first token; "none": no constraint. The constraint and the parser
+named tool constrain from the first token (a named tool: one call of it, as in vLLM); "none": no
+constraint. The constraint and the parser
 (tool_parser.py) agree on where calls start, so every call the parser returns validates.
 `spec.build_tool_constraint` wraps the payload built here into a ConstraintSpec.
 """
@@ -173,7 +174,7 @@ def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[Tool
         name = fn.get("name")
         for t in tools:
             if t.name == name:
-                return "required", [t]
+                return "named", [t]
         raise GrammarError(f"tool_choice names {name!r}, which is not among the tools "
                            f"({', '.join(t.name for t in tools)})")
     raise GrammarError(f"invalid tool_choice {tool_choice!r}: expected 'auto', 'none', 'required' "
@@ -192,6 +193,8 @@ def tool_call_payload(tools: Sequence[Any], tool_choice: Any, fmt: str, parallel
     mode, defs = _choice_mode(tool_choice, defs)
     if mode == "none":
         return None
+    if mode == "named":  # one call of that tool, as vLLM answers a named tool_choice
+        mode, parallel = "required", False
     grammar = tool_grammar(defs, fmt, mode, parallel, answer_schema)
     payload = {"format": fmt, "mode": mode, "parallel": parallel, "tools": [t.name for t in defs],
                "grammar": grammar}
