@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
+from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.tool_constraint import tool_call_payload
 
@@ -56,7 +57,7 @@ class ConstraintSpec:
         if not isinstance(schema, dict):
             raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
         try:
-            return cls("json_schema", canonical_json(schema))
+            return cls("json_schema", canonical_json(close_objects(schema)))
         except (TypeError, ValueError) as e:
             raise GrammarError(f"json_schema is not JSON-serializable: {e}") from None
 

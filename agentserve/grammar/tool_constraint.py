@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
+from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.tool_formats import (
     ARGUMENTS_KEY,
@@ -52,7 +53,7 @@ def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
         if name in seen:
             raise GrammarError(f"tools[{i}]: duplicate tool name {name!r}")
         seen.add(name)
-        params = normalize_tool_schema(fn.get("parameters"), path=f"tools[{i}].function.parameters")
+        params = close_objects(normalize_tool_schema(fn.get("parameters"), path=f"tools[{i}].function.parameters"))
         out.append(ToolDef(name=name, parameters=params, description=str(fn.get("description") or "")))
     return out
 
