@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -19,7 +19,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || export PYTHONPATH=$PYTHONPATH:$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n 40; echo "--- $name took $((SECONDS - t0)) s"; }
+run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n "${TAIL:-40}"; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
@@ -75,6 +75,20 @@ if [ "$MODE" = s12a ]; then
     "$A::test_cuda_async_scheduling_matches_sync[bfloat16-llama3]" tests/test_engine_close.py \
     "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[llama]" "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[mistral]" \
     --junitxml "$OUT/pytest_s12a.xml"
+fi
+if [ "$MODE" = s12b ]; then
+  # The twelfth session's last call (~8 min): the GPU tests s12a could not reach, engine-level first
+  # (tiny chunks, fp32 against transformers, LoRA against PEFT merged in fp32 and bf16, async fp32), then
+  # the kernel modules; -v -rf so that a cut run names what ran.
+  E=tests/test_gpu_engine.py; A=tests/test_async_scheduling.py
+  TMO=500 TAIL=250 run pytest-s12b python3 -m pytest -m gpu -v -rf -p no:cacheprovider \
+    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache" "$E::test_fp32_matches_transformers_on_gpu" \
+    tests/test_lora_gpu.py "$A::test_cuda_async_scheduling_matches_sync[float32-llama]" \
+    "$A::test_cuda_async_scheduling_matches_sync[float32-qwen3]" tests/test_gpu_swap_streams.py \
+    tests/test_gpu_prefill_sdpa.py tests/test_grammar_bitmask.py tests/test_kernels_pdl.py \
+    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_argmax.py \
+    tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
+    tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s12b.xml"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

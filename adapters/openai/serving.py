@@ -125,12 +125,12 @@ class OpenAIServing:
         # event loop and the step thread, so streaming never stalls behind a long prompt.
         self.render_pool = render_pool
         self.limits = config.server
-        self._logprobs_by_names = {False: LogprobFormatter(self.tokenizer),
+        self._logprob_formatters = {False: LogprobFormatter(self.tokenizer),
                                    True: LogprobFormatter(self.tokenizer, tokens_as_ids=True)}
 
     def logprob_formatter(self, tokens_as_ids: Optional[bool]) -> LogprobFormatter:
         """The request's return_tokens_as_token_ids, or the server's when it leaves it unset."""
-        return self._logprobs_by_names[self.limits.return_tokens_as_token_ids if tokens_as_ids is None
+        return self._logprob_formatters[self.limits.return_tokens_as_token_ids if tokens_as_ids is None
                                        else tokens_as_ids]
 
     # --- models -------------------------------------------------------------------------------------

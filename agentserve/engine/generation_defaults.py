@@ -49,7 +49,7 @@ def read_generation_defaults(mode: str, model_path: Optional[Path]) -> Generatio
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
-    defaults = {field: raw[key] for key, field in _FIELDS.items()
+    defaults = {name: raw[key] for key, name in _FIELDS.items()
                 if isinstance(raw.get(key), (int, float)) and not isinstance(raw.get(key), bool)}
     max_new = raw.get("max_new_tokens")
     try:
