@@ -330,6 +330,13 @@ def test_parser_truncated_call_is_not_returned() -> None:
     assert parser.truncated and calls == []
     parser, _, content, calls = _parse_all("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}', 3)
     assert parser.truncated and calls == [("f", "{}")]  # the call is complete, the list is not
+    # The next call's opener cut off after a complete call (max_tokens): neither content nor a call; text
+    # after a call that is no opener stays content.
+    done = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    for tail, want_content in (("\n<tool", ""), ("\n<tool_c", ""), ("\nok", "\nok")):
+        parser, events, content, calls = _parse_all("hermes", done + tail, 3)
+        assert calls == [("f", "{}")] and content == want_content
+        assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == want_content
 
 
 def test_parser_string_arguments_and_ids() -> None:

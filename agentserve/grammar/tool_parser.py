@@ -167,7 +167,11 @@ class ToolCallParser:
                 self.pending = ""
             return
         if final:
-            self._emit_content(self.pending, events)
+            if self.calls and self._between_calls and self.opener.startswith(self.pending.lstrip(JSON_WS)):
+                # The next call's opener, cut off by max_tokens after complete calls: not content.
+                self.truncated = True
+            else:
+                self._emit_content(self.pending, events)
             self.pending = ""
             return
         keep = _partial_marker_suffix(self.pending, [self.opener])
