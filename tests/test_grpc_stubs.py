@@ -38,3 +38,14 @@ def test_regenerating_gives_the_committed_stubs() -> None:
         files = gen_stubs.generate(Path(tmp), tools)
     for name, text in files.items():
         assert (gen_stubs.PACKAGE_DIR / name).read_text() == text, f"{name} differs from a fresh generation"
+
+
+def test_client_tools_in_the_openai_or_the_proto_shape() -> None:
+    import json
+
+    from agentserve.adapters.client.client import to_tool
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    shapes = [{"type": "function", "function": {"name": "f", "parameters": schema}},
+              {"name": "f", "parameters": schema}, {"name": "f", "parameters_json": json.dumps(schema)}]
+    assert all(json.loads(to_tool(t).parameters_json) == schema and to_tool(t).name == "f" for t in shapes)
+    assert to_tool({"name": "g"}).parameters_json == ""  # no arguments

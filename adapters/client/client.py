@@ -52,8 +52,9 @@ def to_tool(t: ToolLike) -> pb.Tool:
         return t
     fn = t.get("function", t)
     params = fn.get("parameters")
-    return pb.Tool(name=fn.get("name", ""), description=fn.get("description") or "",
-                   parameters_json=json.dumps(params) if params is not None else "")
+    # OpenAI's shape (parameters: a schema) or the proto's (parameters_json: its JSON text).
+    text = json.dumps(params) if params is not None else fn.get("parameters_json") or ""
+    return pb.Tool(name=fn.get("name", ""), description=fn.get("description") or "", parameters_json=text)
 
 
 def to_sampling(**kw: Any) -> pb.SamplingParams:
