@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from agentserve.adapters.client.client import to_tool
 from agentserve.service import _stub_info, agent_pb2, agent_pb2_grpc, gen_stubs
 
 
@@ -41,9 +43,6 @@ def test_regenerating_gives_the_committed_stubs() -> None:
 
 
 def test_client_tools_in_the_openai_or_the_proto_shape() -> None:
-    import json
-
-    from agentserve.adapters.client.client import to_tool
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
     shapes = [{"type": "function", "function": {"name": "f", "parameters": schema}},
               {"name": "f", "parameters": schema}, {"name": "f", "parameters_json": json.dumps(schema)}]
