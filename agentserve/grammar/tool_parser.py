@@ -160,19 +160,15 @@ class ToolCallParser:
     def _flush_content(self, events: list[Event], final: bool) -> None:
         if self.mode != "text" or not self.pending:
             return
-        if self._between_calls and not self.pending.strip(JSON_WS):
-            if final:
-                if not self.calls:  # whitespace after the last call is not content
-                    self._emit_content(self.pending, events)
-                self.pending = ""
-            return
-        if final:
-            if self.calls and self._between_calls and self.opener.startswith(self.pending.lstrip(JSON_WS)):
-                # The next call's opener, cut off by max_tokens after complete calls: not content.
-                self.truncated = True
+        if final:  # after complete calls, whitespace or the next call's opener cut off by max_tokens: not content
+            rest = self.pending.lstrip(JSON_WS)
+            if self.calls and self._between_calls and self.opener.startswith(rest):
+                self.truncated = self.truncated or bool(rest)
             else:
                 self._emit_content(self.pending, events)
             self.pending = ""
+            return
+        if self._between_calls and not self.pending.strip(JSON_WS):
             return
         keep = _partial_marker_suffix(self.pending, [self.opener])
         emit = self.pending[: len(self.pending) - keep]
