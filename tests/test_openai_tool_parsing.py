@@ -74,7 +74,6 @@ class ScriptedEngine:
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.generation_defaults = GenerationDefaults()  # no generation_config.json defaults
-        self.default_sampling = self.generation_defaults.sampling
         self.reasoning = None  # no reasoning parser
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
         self.lora_manager: Optional[LoRAManager] = None

@@ -241,7 +241,7 @@ class OpenAIServing:
     def with_model_defaults(self, **given: Any) -> dict[str, Any]:
         """Sampling fields as a request gives them (None: left unset) over the model's generation_config.json
         defaults (engine/generation_defaults.py); fields neither sets keep SamplingParams' own defaults."""
-        return {**self.engine.default_sampling, **{name: value for name, value in given.items() if value is not None}}
+        return {**self.engine.generation_defaults.sampling, **{name: value for name, value in given.items() if value is not None}}
 
     def truncate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """truncate_prompt_tokens applied (as the engine applies it), before validate counts the prompt."""

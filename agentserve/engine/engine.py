@@ -64,7 +64,6 @@ class Engine:
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
         self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
-        self.default_sampling = self.generation_defaults.sampling
         self.max_model_len = decide_max_model_len(config, self.arch)
         # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
         # fails at once.

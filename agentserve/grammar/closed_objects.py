@@ -15,7 +15,7 @@ or the object being a branch of a combinator whose other branches or parent decl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 # Keywords that already decide other keys, or that bring keys from elsewhere (so a closed object would
 # refuse keys the schema allows).
@@ -31,10 +31,7 @@ _DATA_KEYWORDS = ("enum", "const", "default", "examples", "required", "not", "if
 
 def close_objects(schema: Any) -> Any:
     """A copy of `schema` with its open objects closed (see the module's rule); other values as given."""
-    merged_refs: set[str] = set()
-    _walk(schema, False, lambda node, mergeable: mergeable and isinstance(node.get("$ref"), str)
-          and merged_refs.add(node["$ref"]))
-    return _close(schema, False, frozenset(merged_refs), "#")
+    return _close(schema, False, frozenset(_merged_refs(schema, False)), "#")
 
 
 def _closable(node: dict) -> bool:
@@ -56,22 +53,25 @@ def _branches_mergeable(node: dict, key: str) -> bool:
     return key == "allOf" or "properties" in node
 
 
-def _walk(node: Any, mergeable: bool, visit: Any) -> None:
+def _merged_refs(node: Any, mergeable: bool) -> Iterator[str]:
+    """The $refs of combinator branches merged with other keys (their definitions must stay open): the same
+    walk as _close's, which needs them before it reaches the definitions."""
     if isinstance(node, list):
         for item in node:
-            _walk(item, mergeable, visit)
+            yield from _merged_refs(item, mergeable)
         return
     if not isinstance(node, dict):
         return
-    visit(node, mergeable)
+    if mergeable and isinstance(node.get("$ref"), str):
+        yield node["$ref"]
     for key, value in node.items():
         if key in _COMBINATORS and isinstance(value, list):
-            _walk(value, _branches_mergeable(node, key), visit)
+            yield from _merged_refs(value, _branches_mergeable(node, key))
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             for sub in value.values():
-                _walk(sub, False, visit)
+                yield from _merged_refs(sub, False)
         elif key not in _DATA_KEYWORDS:
-            _walk(value, False, visit)
+            yield from _merged_refs(value, False)
 
 
 def _close(node: Any, mergeable: bool, merged_refs: frozenset[str], pointer: str) -> Any:

@@ -166,7 +166,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._check_edge(messages, request.sampling,
                              request.response_format if request.HasField("response_format") else None)
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
-                "response_format") else None, tools, request.tool_choice, self.aeng.engine.default_sampling)
+                "response_format") else None, tools, request.tool_choice, self.aeng.engine.generation_defaults.sampling)
             async with contextlib.aclosing(self.store.turn(
                     request.session_id, messages, params,
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
@@ -224,7 +224,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             if request.tools and not request.messages:
                 raise InvalidRequestError("tools need messages (they are rendered with the chat template)")
             params = sampling_from_proto(request.sampling, request.response_format if request.HasField(
-                "response_format") else None, tools, request.tool_choice, self.aeng.engine.default_sampling)
+                "response_format") else None, tools, request.tool_choice, self.aeng.engine.generation_defaults.sampling)
             prompt = await self._generate_prompt(request, messages, tools)
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
             async with contextlib.aclosing(self.aeng.generate(
