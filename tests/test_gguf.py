@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,28 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_NAMES[module]}.{kind}"
 
 
+def _llama_cpp_rope_freqs(arch: ArchConfig) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's rope_freqs for a llama3 rope_scaling: per-dimension divisors."""
+    scaling = arch.rope_scaling or {}
+    freqs = 1.0 / (arch.rope_theta ** (np.arange(0, arch.head_dim, 2, dtype=np.float32) / arch.head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            divisors.append(1.0)
+        elif wavelen > old_len / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
 def write_gguf(src: Path, dst: Path, arch_name: str, extra_tensor: Any = None) -> Path:
+    """`src`'s weights and shape as llama.cpp's converter writes them, rope scaling included (llama3 as
+    a rope_freqs tensor, others as rope.scaling.* metadata)."""
     arch = ArchConfig.from_dir(src)
     tensors = load_file(str(src / "model.safetensors"))
     writer = gguf.GGUFWriter(str(dst), arch_name)
@@ -66,6 +89,14 @@ def write_gguf(src: Path, dst: Path, arch_name: str, extra_tensor: Any = None) -
     writer.add_vocab_size(arch.vocab_size)
     writer.add_bos_token_id(arch.bos_token_id or 0)
     writer.add_eos_token_id(arch.eos_token_ids[0])
+    scaling = arch.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(arch))
+    elif scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
+        writer.add_rope_scaling_factor(scaling["factor"])
+        if "original_max_position_embeddings" in scaling:
+            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     for name, t in tensors.items():
         if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
@@ -105,6 +136,40 @@ def test_tiny_gguf_matches_the_safetensors_model(tiny_arch: str, gguf_arch: str,
     shutil.move(str(file), folder / "m.gguf")
     with LLM(str(folder), tokenizer=str(src), num_blocks=64) as from_dir:
         assert from_dir.engine.arch.num_layers == ArchConfig.from_dir(src).num_layers
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    None,  # llama3 from the tiny llama3 model's own config: a rope_freqs tensor
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 2.0},
+])
+def test_gguf_rope_scaling_matches_the_safetensors_model(rope_scaling: Any, tmp_path: Path) -> None:
+    """Llama 3.x GGUFs carry rope_freqs (their llama3 scaling), Qwen long-context ones yarn metadata:
+    either way the tokens are those of the Hugging Face directory with the same scaling, and the
+    logprobs equal up to the divisors' rounding."""
+    src = tiny_model_cached("llama3")
+    if rope_scaling is not None:
+        src = shutil.copytree(src, tmp_path / "scaled")
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(dict(cfg, rope_scaling=rope_scaling)))
+    file = write_gguf(src, tmp_path / "model.gguf", "llama")
+    with LLM(str(file), tokenizer=str(src), num_blocks=64) as from_gguf, LLM(str(src), num_blocks=64) as ref:
+        expected = ArchConfig.from_dir(src).rope_scaling
+        assert expected is not None
+        assert from_gguf.engine.arch.rope_scaling["rope_type"] == (
+            "frequency_factors" if expected["rope_type"] == "llama3" else expected["rope_type"])
+        prompts = [PROMPTS[1] + " " + PROMPTS[0] * 8]  # past the original context of the yarn case
+        got_tokens, got_lps = _outputs(from_gguf, prompts)
+        ref_tokens, ref_lps = _outputs(ref, prompts)
+    assert got_tokens == ref_tokens
+    assert np.allclose(got_lps, ref_lps, atol=1e-4)
+    # The same weights without the scaling give other logprobs: the check above could not pass by
+    # ignoring the scaling on both sides.
+    plain = shutil.copytree(src, tmp_path / "plain")
+    (plain / "config.json").write_text(json.dumps(dict(json.loads((src / "config.json").read_text()),
+                                                       rope_scaling=None)))
+    with LLM(str(write_gguf(plain, tmp_path / "plain.gguf", "llama")), tokenizer=str(src), num_blocks=64) as unscaled:
+        assert not np.allclose(_outputs(unscaled, prompts)[1], ref_lps, atol=1e-3)
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:

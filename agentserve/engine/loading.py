@@ -14,6 +14,7 @@ import torch
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.gguf import find_gguf_file, gguf_config_dict
+from agentserve.model.rope_scaling import scaled_max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> fr
 
 
 def decide_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
-    limit = arch.max_position_embeddings
+    limit = scaled_max_positions(arch.rope_scaling, arch.max_position_embeddings)
     if arch.sliding_window:
         # Attention here is full; past the window it would differ from the model's training.
         limit = min(limit, arch.sliding_window)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from agentserve.model.rope_scaling import RopeScalingError, normalized_rope_scaling
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -62,10 +64,11 @@ class ArchConfig:
         # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
         rope_params = cfg.get("rope_parameters") or {}
         rope_theta = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params else None)
-        if scaling is not None:
-            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-            scaling = None if rope_type == "default" else dict(scaling, rope_type=rope_type)
+        max_positions = int(cfg.get("max_position_embeddings", 4096))
+        try:
+            scaling = normalized_rope_scaling(cfg.get("rope_scaling") or rope_params or None, max_positions)
+        except RopeScalingError as e:
+            raise ModelLoadError(str(e)) from None
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         use_sw = cfg.get("use_sliding_window", family == "mistral")
@@ -75,7 +78,7 @@ class ArchConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",

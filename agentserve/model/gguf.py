@@ -74,9 +74,6 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {file.name}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ModelLoadError(f"{file.name} carries rope_freqs (llama3-style rope scaling factors), which the GGUF "
-                             "loader does not map yet; use the Hugging Face checkpoint")
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
@@ -96,8 +93,32 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
         "torch_dtype": "bfloat16",
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "rope_scaling": _rope_scaling(reader, arch),
     }
     return config
+
+
+def _rope_scaling(reader: Any, arch: str) -> Optional[dict[str, Any]]:
+    """config.json's rope_scaling for the file: llama.cpp stores Llama 3.x's llama3 scaling as a
+    `rope_freqs` tensor of per-dimension divisors (computed by its converter from the same formula),
+    and linear / YaRN scaling as `<arch>.rope.scaling.*` metadata."""
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        from gguf.quants import dequantize
+
+        factors = dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        return {"rope_type": "frequency_factors", "factors": [float(f) for f in factors]}
+    rope_type = _field(reader, f"{arch}.rope.scaling.type")
+    if rope_type in (None, "none"):
+        return None
+    scaling: dict[str, Any] = {"rope_type": rope_type}
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if factor is not None:
+        scaling["factor"] = float(factor)
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
 
 
 def _hf_name(name: str) -> Optional[str]:
@@ -126,6 +147,8 @@ def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue  # rotary frequencies, read into rope_scaling by gguf_config_dict
         name = _hf_name(tensor.name)
         if name is None:
             logger.warning("ignoring unexpected GGUF tensor %s in %s", tensor.name, file.name)

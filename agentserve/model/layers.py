@@ -1,8 +1,7 @@
-"""Plain building blocks: RMSNorm, rotary tables (incl. llama3 scaling), the gated MLP."""
+"""Plain building blocks: RMSNorm, rotary tables (scaled as model/rope_scaling.py says), the gated MLP."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -14,6 +13,7 @@ from agentserve.kernels.rmsnorm import rms_norm
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.linear import LinearBase, MergedColumnParallelLinear, RowParallelLinear
 from agentserve.model.parameter import LoadableParameter, default_weight_loader
+from agentserve.model.rope_scaling import rope_frequencies
 from agentserve.parallel.shard import TPShard
 
 
@@ -27,35 +27,17 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
-    """Inverse frequencies computed the way transformers does, so fp32 positions match exactly."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    rope_type = scaling["rope_type"]
-    if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])
-    if rope_type == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_len = float(scaling["original_max_position_embeddings"])
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
-
-
 def rope_cos_sin_cache(head_dim: int, theta: float, scaling: Optional[dict[str, Any]], max_positions: int,
                        device: torch.device) -> torch.Tensor:
-    """[max_positions, head_dim] fp32: cos of the half-dim frequencies, then sin."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    """[max_positions, head_dim] fp32: cos of the half-dim frequencies, then sin, both times the scaling's
+    attention factor (as transformers applies it to cos and sin; 1.0 but for YaRN)."""
+    rope = rope_frequencies(head_dim, theta, scaling)
     positions = torch.arange(max_positions, dtype=torch.int64).float()
-    freqs = positions[:, None] * inv_freq[None, :]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    freqs = positions[:, None] * rope.inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return torch.cat([cos, sin], dim=-1).to(device)
 
 
 class GatedMLP(nn.Module):
