@@ -37,10 +37,12 @@ class ArchConfig:
     rope_scaling: Optional[dict[str, Any]]
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool  # qkv projections have a bias (Qwen2)
+    attention_bias: bool  # qkv projections have a bias (Qwen2; Llama / Qwen3 when config.json says so)
     qk_norm: bool  # per-head RMSNorm on q and k before rotary (Qwen3)
     sliding_window: Optional[int]
     torch_dtype: Optional[str]
+    o_proj_bias: bool = False  # Llama / Qwen3 with attention_bias: o_proj has one too
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down have biases
     bos_token_id: Optional[int] = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -69,6 +71,14 @@ class ArchConfig:
             scaling = normalized_rope_scaling(cfg.get("rope_scaling") or rope_params or None, max_positions)
         except RopeScalingError as e:
             raise ModelLoadError(str(e)) from None
+        # transformers' own per-family rules: Qwen2's q/k/v always carry a bias and its o_proj never;
+        # Mistral has none; Llama and Qwen3 follow attention_bias (q/k/v and o), Llama mlp_bias too.
+        configured_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = {"qwen2": True, "mistral": False}.get(family, configured_bias)
+        hidden_act = cfg.get("hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ModelLoadError(f"config.json hidden_act {hidden_act!r} is not supported; the {arch} layers "
+                                 "served here use silu")
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         use_sw = cfg.get("use_sliding_window", family == "mistral")
@@ -80,7 +90,9 @@ class ArchConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            attention_bias=qkv_bias,
+            o_proj_bias=configured_bias and family in ("llama", "qwen3"),
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and family == "llama",
             qk_norm=family == "qwen3",
             sliding_window=cfg.get("sliding_window") if use_sw else None,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),

@@ -44,12 +44,13 @@ class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel projection (each
     rank holds matching slices of gate and up, so silu_and_mul stays local) and down row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp: Optional[TPShard] = None) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: Optional[TPShard] = None,
+                 bias: bool = False) -> None:
         super().__init__()
         tp_size, tp_rank = (tp.size, tp.rank) if tp is not None else (1, 0)
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], bias=False,
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
                                                        tp_size=tp_size, tp_rank=tp_rank)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, tp_size=tp_size,
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp_size=tp_size,
                                            tp_rank=tp_rank, all_reduce=tp.all_reduce if tp is not None else None)
 
     def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Llama, Mistral, Qwen2 and Qwen3 through one class and config flags (gpt-fast style plain code).
 
-Differences handled by flags: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings,
-explicit head_dim, llama3 rope scaling. Weights use vLLM's fused layout (qkv_proj, gate_up_proj)
+Differences handled by flags: qkv bias (Qwen2; Llama / Qwen3 with attention_bias, o_proj too), MLP
+biases (Llama's mlp_bias), per-head q/k RMSNorm (Qwen3), tied embeddings, explicit head_dim, rope
+scaling (model/rope_scaling.py). Weights use vLLM's fused layout (qkv_proj, gate_up_proj)
 in the tensor-parallel layers of linear.py and embedding.py; each parameter's weight_loader fills
 its slice from the Hugging Face tensors. Every layer receives the step's ForwardMetadata.
 """
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False,
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias,
                                         tp_size=tp_size, tp_rank=tp_rank, all_reduce=tp.all_reduce if tp else None)
         self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -71,7 +72,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
                 cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
