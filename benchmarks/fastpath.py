@@ -132,6 +132,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ceilings = device_ceilings(engine.device, engine.dtype, smoke=args.smoke, source=args.ceilings)
     work = ModelWork.from_model(engine.runner.model, engine.arch, engine.dtype)
 
+    # TTFT once on the fresh engine too, before the long throughput run heats the GPU (latency.py measures
+    # it there); the table's figure stays the one after the throughput run, as this benchmark always had.
+    ttft_fresh = ttft(llm, args.ttft_prompt_len, args.repeats)
     # Throughput first, on the fresh engine (as benchmarks/throughput.py measures it), then latency.
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, engine.arch.vocab_size, 0)
     ours = run_ours(llm, prompts, args.output_len)
@@ -153,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "benchmark": "fastpath", "model": args.model, "device": device_name(), "ceilings": ceilings.as_dict(),
         "model_work": {**work.as_dict(), "decode_weight_bytes": work.decode_weight_bytes},
         "single_stream": stream, "single_stream_limit_tok_s": stream_limit,
-        "ttft": first, "ttft_limit_ms": ttft_limit_ms, "throughput": ours, "throughput_limit_tok_s": tput_limit,
+        "ttft": first, "ttft_fresh_engine": ttft_fresh, "ttft_limit_ms": ttft_limit_ms, "throughput": ours, "throughput_limit_tok_s": tput_limit,
         "throughput_kv_limit_tok_s": tput_kv_limit,
         "ratios": ratios, "target_ratios": targets, "targets_met": {k: ratios[k] >= targets[k] for k in ratios}}
     if args.peer == "hf":
@@ -185,6 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              f">= {TARGET_ONE_STREAM:.2f} = {num(TARGET_ONE_STREAM * stream_limit)} tok/s", met("single_stream")),
             (f"TTFT, {t}-token prompt, ms", f"{first['ttft_ms']:.1f}", num(ttft_limit_ms), f"{ratios['ttft']:.2f}",
              f">= {TARGET_TTFT:.2f} = <= {num(ttft_limit_ms / TARGET_TTFT)} ms", met("ttft")),
+            ("  the same on the fresh engine, before the throughput run", f"{ttft_fresh['ttft_ms']:.1f}", "",
+             f"{ttft_limit_ms / ttft_fresh['ttft_ms']:.2f}", "", ""),
             (f"throughput ({args.num_requests} req), output tok/s", f"{ours['output_tok_s']:.0f}",
              num(tput_limit), f"{ratios['throughput']:.2f}",
              f">= {TARGET_THROUGHPUT:.2f} = {num(TARGET_THROUGHPUT * tput_limit)} tok/s", met("throughput")),

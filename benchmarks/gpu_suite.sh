@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -90,6 +90,18 @@ if [ "$MODE" = s12b ]; then
     tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
     tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s12b.xml"
 fi
+if [ "$MODE" = s13 ]; then
+  # The thirteenth session's GPU tests (~8 min): the new config variants (biases on every projection, YaRN)
+  # on the fast path against transformers, then the kernel modules and async fp32 that last ran on the
+  # tenth session's kernels; -v -rf so that a cut run names what ran.
+  A=tests/test_async_scheduling.py
+  TMO=520 TAIL=250 run pytest-s13 python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_gpu_arch_variants.py \
+    "$A::test_cuda_async_scheduling_matches_sync[float32-llama]" "$A::test_cuda_async_scheduling_matches_sync[float32-qwen3]" \
+    tests/test_gpu_swap_streams.py tests/test_gpu_prefill_sdpa.py tests/test_grammar_bitmask.py tests/test_kernels_pdl.py \
+    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_argmax.py \
+    tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
+    tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s13.xml"
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
@@ -99,8 +111,13 @@ fi
 if [ "$MODE" = bench16 ]; then
   # Issue #16's figures in one `agentserve bench` run (~8-9 min): one stream, TTFT 8k, throughput with
   # the transformers peer, then the agent loop's three modes on a fresh engine.
+  # The GPU's clocks, temperature, power and throttle reasons once a second beside it (why TTFT after the
+  # throughput run sits above latency.py's on a fresh engine: the thirteenth session's question).
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+    --format=csv -lms 1000 > "$OUT/gpu_clocks.csv" 2>&1 & CLOCKS=$!
   TMO=590 run bench16 python3 -m agentserve.cli bench $DUMMY --peer hf --peer-requests 256 --agent-loop \
     --out "$OUT/bench16.json"
+  kill $CLOCKS
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).

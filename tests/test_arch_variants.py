@@ -5,8 +5,6 @@ parallelism. An activation other than silu is a start-up error naming it."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,33 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.testing import tiny_model_cached
-from tests.helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
-from tests.helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
+from helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
+from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
+from helpers.model_variants import biased_model
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
 NEW_TOKENS = 16
-
-
-def _biased_model(tmp_path: Path, arch: str, **flags: bool) -> Path:
-    """The cached tiny model with `flags` set in its config and every bias they create drawn at random
-    (zero biases would hide a layer that ignores them)."""
-    src = tiny_model_cached(arch)
-    path = tmp_path / f"{arch}-biased"
-    shutil.copytree(src, path)
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(dict(cfg, **flags)))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(7)
-    biases = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-                biases += 1
-    assert biases > 0
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("arch,flags,biased", [
@@ -52,7 +29,7 @@ def _biased_model(tmp_path: Path, arch: str, **flags: bool) -> Path:
 ])
 def test_biased_variants_match_transformers(tmp_path: Path, arch: str, flags: dict[str, bool],
                                             biased: tuple[str, ...]) -> None:
-    path = _biased_model(tmp_path, arch, **flags)
+    path = biased_model(tmp_path, arch, **flags)
     shape = ArchConfig.from_dir(path)
     assert (shape.attention_bias, shape.o_proj_bias, shape.mlp_bias) == ("q" in biased, "o" in biased, "mlp" in biased)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -85,7 +62,7 @@ def test_unsupported_activation_is_named() -> None:
 
 def test_lora_over_biased_projections_matches_peft(tmp_path: Path) -> None:
     """LoRA on every projection of a Llama whose projections all carry biases: PEFT merged is the reference."""
-    path = _biased_model(tmp_path, "llama", attention_bias=True, mlp_bias=True)
+    path = biased_model(tmp_path, "llama", attention_bias=True, mlp_bias=True)
     adapter = build_peft_adapter(path, tmp_path / "adapter", seed=3, scale=4.0, r=8, lora_alpha=16,
                                  target_modules=list(ALL_MODULES))
     prompts = [AutoTokenizer.from_pretrained(path).encode(p) for p in PROMPTS]
@@ -102,7 +79,7 @@ def test_lora_over_biased_projections_matches_peft(tmp_path: Path) -> None:
 
 def test_biased_llama_under_tensor_parallelism(tmp_path: Path) -> None:
     """Two ranks over gloo: the row-parallel o_proj and down_proj biases join the sum once."""
-    path = _biased_model(tmp_path, "llama", attention_bias=True, mlp_bias=True)
+    path = biased_model(tmp_path, "llama", attention_bias=True, mlp_bias=True)
     prompts = [AutoTokenizer.from_pretrained(path).encode(p) for p in PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     runs = []

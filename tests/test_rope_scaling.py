@@ -5,8 +5,6 @@ types are a start-up error naming the type; YaRN extends the served context as v
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,8 @@ from agentserve.llm import LLM
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.rope_scaling import normalized_rope_scaling, rope_frequencies, scaled_max_positions
 from agentserve.testing import tiny_model_cached
-from tests.helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
+from helpers.logprobs_close import assert_close_greedy, greedy_result, hf_greedy
+from helpers.model_variants import with_config
 
 YARN_CASES: dict[str, dict[str, Any]] = {
     "qwen-card": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
@@ -51,15 +50,9 @@ def test_yarn_frequencies_match_transformers(case: str) -> None:
     assert ours.attention_factor != 1.0 or case == "factor-from-lengths"
 
 
-def _scaled_model(tmp_path: Path, arch: str, rope_scaling: dict[str, Any], max_positions: int) -> Path:
-    """A copy of the cached tiny model whose config.json carries `rope_scaling` (weights unchanged)."""
-    path = tmp_path / f"{arch}-scaled"
-    shutil.copytree(tiny_model_cached(arch), path)
-    cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(rope_scaling=rope_scaling, max_position_embeddings=max_positions)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return path
+def scaled_model(tmp_path: Path, arch: str, rope_scaling: dict[str, Any], max_positions: int) -> Path:
+    return with_config(tmp_path, arch, f"{arch}-scaled", rope_scaling=rope_scaling,
+                       max_position_embeddings=max_positions)
 
 
 PROMPT = ("Once upon a time there lived a king who had three daughters, and the youngest of them was so "
@@ -77,7 +70,7 @@ NEW_TOKENS = 24
     ("llama", {"type": "dynamic", "factor": 4.0}),
 ])
 def test_scaled_model_matches_transformers(tmp_path: Path, arch: str, rope_scaling: dict[str, Any]) -> None:
-    path = _scaled_model(tmp_path, arch, rope_scaling, max_positions=256)
+    path = scaled_model(tmp_path, arch, rope_scaling, max_positions=256)
     prompt = AutoTokenizer.from_pretrained(path).encode(PROMPT)
     assert len(prompt) > 48  # past the original context of every YaRN case: the interpolated band matters
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -97,7 +90,7 @@ def test_scaled_model_matches_transformers(tmp_path: Path, arch: str, rope_scali
 def test_yarn_changes_outputs(tmp_path: Path) -> None:
     """The check above could pass if the scaling were ignored on both sides: plain RoPE must differ."""
     plain = tiny_model_cached("qwen2")
-    scaled = _scaled_model(tmp_path, "qwen2", {"type": "yarn", "factor": 4.0,
+    scaled = scaled_model(tmp_path, "qwen2", {"type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 32}, 256)
     prompt = AutoTokenizer.from_pretrained(plain).encode(PROMPT)
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
@@ -124,7 +117,7 @@ def test_served_context_follows_yarn_like_vllm() -> None:
 
 
 def test_dynamic_ntk_refuses_contexts_past_the_trained_one(tmp_path: Path) -> None:
-    path = _scaled_model(tmp_path, "llama", {"type": "dynamic", "factor": 4.0}, 256)
+    path = scaled_model(tmp_path, "llama", {"type": "dynamic", "factor": 4.0}, 256)
     with pytest.raises(ModelLoadError, match="max_model_len=1024 exceeds the model's limit of 256"):
         LLM(str(path), device="cpu", dtype="float32", max_model_len=1024)
 
@@ -137,6 +130,6 @@ def test_dynamic_ntk_refuses_contexts_past_the_trained_one(tmp_path: Path) -> No
 ])
 def test_unsupported_or_incomplete_scaling_is_a_clear_error(tmp_path: Path, rope_scaling: dict[str, Any],
                                                              message: str) -> None:
-    path = _scaled_model(tmp_path, "llama", rope_scaling, 256)
+    path = scaled_model(tmp_path, "llama", rope_scaling, 256)
     with pytest.raises(ModelLoadError, match=message):
         LLM(str(path), device="cpu", dtype="float32")
