@@ -66,16 +66,20 @@ def single_stream(llm: LLM, prompt_len: int, new_tokens: int, repeats: int,
     return {"decode_tok_s": statistics.median(rates), "runs": rates}
 
 
-def ttft(llm: LLM, prompt_len: int, repeats: int) -> dict[str, Any]:
-    rng = np.random.default_rng(1)
+def ttft(llm: LLM, prompt_len: int, repeats: int, seed: int = 1) -> dict[str, Any]:
+    """Median time to first token over `repeats` prompts (after one warm-up). A caller measuring twice on
+    one engine passes another seed: the same prompts would hit the prefix cache."""
+    rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     times = []
     for r in range(repeats + 1):
         prompt = rng.integers(10, _vocab(llm), size=prompt_len).tolist()  # fresh: no prefix-cache hit
         sync_device()
         start = time.perf_counter()
-        llm.generate([prompt], params)
+        out = llm.generate([prompt], params)[0]
         sync_device()
+        if out.num_cached_tokens:  # a TTFT that prefilled less than its prompt is not a TTFT figure
+            raise RuntimeError(f"TTFT prompt {r} hit the prefix cache ({out.num_cached_tokens} tokens)")
         if r > 0:
             times.append((time.perf_counter() - start) * 1000)
     return {"ttft_ms": statistics.median(times), "runs_ms": times}
