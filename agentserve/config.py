@@ -263,8 +263,9 @@ class EngineConfig(_Strict):
             else:
                 raise ValueError(f"unknown engine option {key!r}")
         sections["model"]["model"] = model
-        return cls(
-            model=ModelConfig(**sections["model"]), cache=CacheConfig(**sections["cache"]),
-            scheduler=SchedulerConfig(**sections["scheduler"]), lora=LoRAConfig(**sections["lora"]),
-            spec=SpecConfig(**sections["spec"]), server=ServerConfig(**sections["server"]), **top,
-        )
+        # model_validate: the sections are checked by pydantic exactly as keyword construction would.
+        return cls.model_validate(dict(
+            top, model=ModelConfig.model_validate(sections["model"]), cache=CacheConfig.model_validate(sections["cache"]),
+            scheduler=SchedulerConfig.model_validate(sections["scheduler"]), lora=LoRAConfig.model_validate(sections["lora"]),
+            spec=SpecConfig.model_validate(sections["spec"]), server=ServerConfig.model_validate(sections["server"]),
+        ))

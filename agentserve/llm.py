@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from agentserve.chat.limits import check_sampling
 from agentserve.chat.messages import template_messages
@@ -44,9 +44,12 @@ def _prompt_from_dict(prompt: dict[str, Any]) -> Prompt:
 
 def _prompt_list(prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]]) -> list[Prompt]:
     """One prompt (text, token ids or a vLLM prompt dict) or a list of them, as a list of texts / id lists."""
+    items: Sequence[Union[Prompt, dict[str, Any]]]
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]  # type: ignore[list-item]
-    return [_prompt_from_dict(p) if isinstance(p, dict) else p for p in prompts]  # type: ignore[union-attr]
+        items = [cast(Union[Prompt, dict[str, Any]], prompts)]  # one prompt: text, a prompt dict or token ids
+    else:
+        items = cast(Sequence[Union[Prompt, dict[str, Any]]], prompts)
+    return [_prompt_from_dict(p) if isinstance(p, dict) else p for p in items]
 
 
 def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional[str]]:

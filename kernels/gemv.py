@@ -225,7 +225,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return out.view(*lead, n)
     cfg = config or gemv_config(m, n, k, num_sms(x.device) if x.is_cuda else 132)
     has_bias = bias is not None
-    b = bias.contiguous() if has_bias else weight
+    b = bias.contiguous() if bias is not None else weight
     even_k = k % cfg.block_k == 0
     if cfg.kind == "fma":
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](

@@ -583,7 +583,7 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
         return 0
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = num_q_heads // num_kv_heads
-    tiles = {}
+    tiles: dict[AttnConfig, int] = {}  # tile shape -> the query length that selects it
     mql = 1
     while True:  # one representative query length per tile shape
         tiles.setdefault(attention_config(head_dim, group, mql, dtype), mql)

@@ -169,7 +169,8 @@ def rope_and_write_kv_triton(
     k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
     _rope_kv_write_kernel[(num_tokens,)](
         q, k, v, k_cache, v_cache, positions.contiguous(), slot_mapping.contiguous(), cos_sin_cache.contiguous(),
-        q_norm_weight.contiguous() if has_norm else q, k_norm_weight.contiguous() if has_norm else q,
+        q_norm_weight.contiguous() if q_norm_weight is not None else q,
+        k_norm_weight.contiguous() if k_norm_weight is not None else q,
         k_scale, v_scale, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -1,4 +1,5 @@
-"""The lint gate (tools/check_layout.py): ruff F + C901 (max complexity 15), files of at most 400
+"""The lint gate (tools/check_layout.py): ruff F + C901 (max complexity 15), mypy over the shipped code
+(agentserve, kernels, adapters), files of at most 400
 lines outside kernels/ and agentserve/testing/, no upward import from the core layers, no import
 cycle. The known violations below are allowed until the restructure of issue #11 removes them; any
 other violation fails, and so does an allowed one that is gone (delete its entry: the list only
@@ -22,6 +23,7 @@ _spec.loader.exec_module(check_layout)
 # Violation key -> why it is tolerated for now. Each entry goes away with the change that fixes it.
 ALLOWED: dict[str, dict[str, str]] = {
     "ruff": {},
+    "types": {},
     "size": {},
     "layer": {},
     "cycle": {},
@@ -33,20 +35,21 @@ def violations() -> dict[str, list[object]]:
     graph = check_layout.import_graph()
     return {
         "ruff": check_layout.ruff_violations(),
+        "types": check_layout.type_violations(),
         "size": check_layout.size_violations(),
         "layer": check_layout.layer_violations(graph),
         "cycle": check_layout.cycle_violations(graph),
     }
 
 
-@pytest.mark.parametrize("check", ["ruff", "size", "layer", "cycle"])
+@pytest.mark.parametrize("check", ["ruff", "types", "size", "layer", "cycle"])
 def test_no_new_violations(check: str, violations: dict[str, list[object]]) -> None:
     new = [v for v in violations[check] if v.key not in ALLOWED[check]]  # type: ignore[attr-defined]
     assert not new, f"new {check} violations (fix them; the allow-list only shrinks):\n" + "\n".join(
         v.detail for v in new)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("check", ["ruff", "size", "layer", "cycle"])
+@pytest.mark.parametrize("check", ["ruff", "types", "size", "layer", "cycle"])
 def test_allowed_violations_still_exist(check: str, violations: dict[str, list[object]]) -> None:
     present = {v.key for v in violations[check]}  # type: ignore[attr-defined]
     fixed = [key for key in ALLOWED[check] if key not in present]
@@ -70,3 +73,11 @@ def test_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     }
     assert [c.key for c in check_layout.cycle_violations(graph)] == ["agentserve.a agentserve.b"]
     assert [v.key for v in check_layout.layer_violations(graph)] == ["agentserve.cache.x -> agentserve.sessions.y"]
+
+
+def test_type_check_catches_a_type_error(tmp_path: Path) -> None:
+    """The type gate reports what mypy finds (a gate that cannot fail would let anything through)."""
+    bad = tmp_path / "bad_types.py"
+    bad.write_text("def half(n: int) -> int:\n    return n / 2\n\n\ncount: int = half('4')\n")
+    found = check_layout.type_violations((str(bad),))
+    assert sorted(v.key.split(" ", 2)[1] for v in found) == ["arg-type", "return-value"], [v.detail for v in found]

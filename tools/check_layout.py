@@ -1,5 +1,5 @@
-"""Layout checks for the repository: ruff (pyflakes and complexity), file sizes, import layers,
-import cycles. `python tools/check_layout.py` prints every violation and exits 1 if there is any;
+"""Layout checks for the repository: ruff (pyflakes and complexity), mypy over the package's code, file
+sizes, import layers, import cycles. `python tools/check_layout.py` prints every violation and exits 1 if there is any;
 tests/test_layout.py runs the same checks against an allow-list of the known ones.
 
 Each violation has a stable key (no line numbers, no complexity scores), so that an allow-list
@@ -37,7 +37,7 @@ UPPER_LAYERS = tuple(f"agentserve.{name}" for name in (
 
 @dataclass(frozen=True)
 class Violation:
-    check: str   # "ruff", "size", "layer" or "cycle"
+    check: str   # "ruff", "types", "size", "layer" or "cycle"
     key: str     # stable identity, matched against allow-lists
     detail: str  # what to look at (may carry line numbers)
 
@@ -67,6 +67,27 @@ def ruff_violations() -> list[Violation]:
         message = _SCORE.sub("", item["message"])
         found.append(Violation("ruff", f"{path}: {item['code']} {message}",
                                f"{path}:{item['location']['row']}: {item['code']} {item['message']}"))
+    return found
+
+
+_MYPY_LINE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<message>.*?)(?:  \[(?P<code>[a-z-]+)\])?$")
+
+
+def type_violations(paths: tuple[str, ...] = ()) -> list[Violation]:
+    """mypy over the shipped code (agentserve, its kernels and adapters; or `paths`) with pyproject's
+    [tool.mypy]."""
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "--hide-error-context",
+                           "--no-pretty", "--show-error-codes", *paths], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"mypy failed (is the dev extra installed? pip install mypy): "
+                           f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    found = []
+    for line in proc.stdout.splitlines():
+        m = _MYPY_LINE.match(line)
+        if m is None:
+            continue  # notes and context lines
+        path, message, code = m.group("path"), m.group("message"), m.group("code") or "error"
+        found.append(Violation("types", f"{path}: {code} {message}", f"{path}:{m.group('line')}: {message} [{code}]"))
     return found
 
 
@@ -244,7 +265,8 @@ def cycle_violations(graph: Optional[dict[str, list[Import]]] = None) -> list[Vi
 
 def all_violations() -> list[Violation]:
     graph = import_graph()
-    return ruff_violations() + size_violations() + layer_violations(graph) + cycle_violations(graph)
+    return (ruff_violations() + type_violations() + size_violations() + layer_violations(graph)
+            + cycle_violations(graph))
 
 
 def main() -> int:

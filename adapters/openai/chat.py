@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
@@ -222,7 +222,7 @@ class _ChatContext:
         self.created = now()
         self.model = req.model or serving.model_name
 
-    def outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def outputs(self, raw_request: Any) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         return self.s.outputs(self.id, [self.prompt_ids], self.params, raw_request, self.engine_kwargs, self.req)
 
     def tool_chunks(self) -> Optional[ToolCallChunks]:
@@ -359,7 +359,7 @@ class _ChatContext:
             chunks.append(self._chunk(st, k, {}, None, reason, c.stop_reason))
         return chunks
 
-    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def stream(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> AsyncIterator[str]:
         opts = self.req.stream_options
         include_usage = bool(opts and opts.include_usage)
         st = _StreamState(self, include_usage, include_usage and bool(opts and opts.continuous_usage_stats))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import CompletionRequest, OpenAIError
@@ -139,7 +139,7 @@ class _CompletionContext:
         self.logprobs = serving.logprob_formatter(req.return_tokens_as_token_ids)
         self.prompt_tokens = sum(len(p) for p in prompt_ids)
 
-    def outputs(self, raw_request: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def outputs(self, raw_request: Any) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         return self.s.outputs(self.id, self.prompt_ids, self.params, raw_request, self.engine_kwargs, self.req)
 
     async def full(self, raw_request: Any) -> dict[str, Any]:
@@ -147,7 +147,7 @@ class _CompletionContext:
         async with contextlib.aclosing(self.outputs(raw_request)) as it:
             async for i, out in it:
                 final[i] = out
-        choices = []
+        choices: list[dict[str, Any]] = []
         n = self.params.n
         completion_tokens = cached = 0
         for i in range(len(self.prompt_ids)):
@@ -222,7 +222,7 @@ class _CompletionContext:
                     "stop_reason": c.stop_reason, **extra}
         return None
 
-    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def stream(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> AsyncIterator[str]:
         opts = self.req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts and opts.continuous_usage_stats)

@@ -51,7 +51,7 @@ class LogprobFormatter:
         for tid, pos in zip(token_ids, positions):
             lp = pos.get(tid)
             text = self.token_text(tid, lp)
-            top_list = []
+            top_list: list[dict[str, Any]] = []
             for other_id, other in sorted(pos.items(), key=lambda kv: kv[1].rank):
                 if 1 <= other.rank <= top_n and len(top_list) < top_n:
                     t = self.token_text(other_id, other)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.protocol import OpenAIError
@@ -29,7 +29,7 @@ from agentserve.errors import SessionError
 from agentserve.sampling_params import SamplingParams
 from agentserve.service.tenants import Tenant, tenant_of_scope
 from agentserve.sessions.store import SessionStore
-from agentserve.sessions.types import TextEvent, ToolCallEvent, TurnResult
+from agentserve.sessions.types import TextEvent, ToolCallEvent, TurnEvent, TurnResult
 
 _SESSION_STATUS = {"NOT_FOUND": 404, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499}
 
@@ -222,7 +222,7 @@ class _ResponseRun:
                 else {"role": "assistant", "content": None, "tool_calls": []}, body=body, input_items=self.items))
         return body
 
-    def _turn_events(self) -> AsyncIterator[Any]:
+    def _turn_events(self) -> AsyncGenerator[TurnEvent, None]:
         return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name)
 
     async def _end(self) -> None:
@@ -253,12 +253,12 @@ class _ResponseRun:
         try:
             first = await events.__anext__()
         except Exception as e:  # noqa: BLE001
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             await self._end()
             raise self.e.http_error(e) from None
         return self._sse(first, events)
 
-    async def _sse(self, first: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    async def _sse(self, first: Any, events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[str]:
         writer = ResponseEvents(self._body("in_progress", [], None))
         try:
             for chunk in writer.start():
@@ -287,5 +287,5 @@ class _ResponseRun:
             for chunk in writer.failed(message, err.code if isinstance(err, OpenAIError) else None):
                 yield chunk
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             await self._end()

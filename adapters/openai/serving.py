@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, Optional, Sequence, Union
 
 from agentserve.adapters.openai.constraint_errors import constraint_param
 from agentserve.adapters.openai.logprobs import LogprobFormatter
@@ -291,7 +291,7 @@ class OpenAIServing:
     async def outputs(self, request_id: str, prompts: Sequence[Sequence[int]], params: SamplingParams,
                        raw_request: Any, engine_kwargs: dict[str, Any],
                        req: Union[ChatCompletionRequest, CompletionRequest]
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Runs one engine request per prompt; yields (prompt index, output) as they come. When the
         client disconnects (or this iterator is closed or cancelled) every request is aborted."""
         if raw_request is not None:  # the caller's tenant namespaces the pages (its salt refines the request's)
@@ -342,7 +342,7 @@ class OpenAIServing:
                 t.cancel()
 
     @staticmethod
-    async def primed(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def primed(it: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         """Waits for the first output before a stream's headers go out, so that what fails before
         generation starts (queue full, a constraint that does not compile, ...) still gets its HTTP
         status; returns an iterator that replays it. The first chunk of a stream carries the first
@@ -352,17 +352,17 @@ class OpenAIServing:
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await it.aclose()  # type: ignore[attr-defined]
+            await it.aclose()
             raise
 
-        async def replay() -> AsyncIterator[Any]:
+        async def replay() -> AsyncGenerator[Any, None]:
             try:
                 if first is not None:
                     yield first
                     async for item in it:
                         yield item
             finally:
-                await it.aclose()  # type: ignore[attr-defined]
+                await it.aclose()
 
         return replay()
 

@@ -56,7 +56,8 @@ def _named_function(choice: dict[str, Any], names: list[str]) -> None:
 def _allowed_tools(choice: dict[str, Any], names: list[str]) -> None:
     """{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}} (Chat Completions; the Responses
     API puts mode and tools inline): a subset of the declared tools the reply may call."""
-    spec = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"), dict) else choice
+    nested = choice.get("allowed_tools")
+    spec: dict[str, Any] = nested if isinstance(nested, dict) else choice
     field = "tool_choice.allowed_tools" if spec is not choice else "tool_choice"
     if spec.get("mode", "auto") not in ("auto", "required"):
         raise FieldError(f"{field}.mode must be 'auto' or 'required'; got {spec.get('mode')!r}", f"{field}.mode")

@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+from typing import Any, AsyncGenerator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.engine.failures import STEP_FAILED, log_step_failure
@@ -132,7 +132,7 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
-                       **kwargs: Any) -> AsyncIterator[RequestOutput]:
+                       **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         """Streams RequestOutputs (cumulative text plus deltas) until the request finishes. Leaving
         the iteration early (break, cancellation, client gone) aborts the request."""
         if self.num_pending >= self.max_pending:

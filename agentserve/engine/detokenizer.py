@@ -37,8 +37,10 @@ def decoder_for(tokenizer: Any) -> Callable[[list[int], bool], str]:
              and _defining_module(cls, "decode") in _STOCK_DECODE_MODULES
              and _defining_module(cls, "_decode") in _STOCK_BACKEND_MODULES)
     if stock:
+        fast: Any = backend  # the tokenizers library's Tokenizer (stock is only true when there is one)
+
         def fn(ids: list[int], skip: bool) -> str:
-            return backend.decode(ids, skip_special_tokens=skip)
+            return fast.decode(ids, skip_special_tokens=skip)
     else:
         def fn(ids: list[int], skip: bool) -> str:
             return tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)

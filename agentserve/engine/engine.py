@@ -90,6 +90,7 @@ class Engine:
         # Called on the step thread with each finished output that carries retained pages (sessions adopt
         # them there, so no consumer race can lose them); it sets out.retained_block_table = None once adopted.
         self.on_retained: Optional[Callable[[RequestOutput], None]] = None
+        self.session_store: Optional[object] = None  # the attached SessionStore (sessions/store.py; tests read it)
         self.constraints: Optional["ConstraintManager"] = None  # built on the first constrained request
         self.grammar_waits: dict[str, "concurrent.futures.Future"] = {}  # request id -> its compile
         self.output = OutputProcessor(self)
@@ -126,7 +127,8 @@ class Engine:
                                       "(prompt plus output must fit)")
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.generation_defaults.output_cap(self.max_model_len - n))
-        elif n + params.max_tokens > self.max_model_len:
+        assert params.max_tokens is not None  # set above when the request left it out
+        if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
                 f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt")

@@ -39,7 +39,7 @@ def read_generation_defaults(mode: str, model_path: Optional[Path]) -> Generatio
     if mode == "vllm":
         return GenerationDefaults()
     folder = model_path if mode == "auto" else Path(mode)
-    if mode != "auto" and not (folder / "generation_config.json").is_file():
+    if folder is not None and mode != "auto" and not (folder / "generation_config.json").is_file():
         raise ModelLoadError(f"generation_config {mode!r}: no generation_config.json there (give 'auto', 'vllm' "
                              "or a directory holding one)")
     path = folder / "generation_config.json" if folder is not None and folder.is_dir() else None

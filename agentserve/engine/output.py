@@ -182,10 +182,11 @@ class OutputProcessor:
         elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.engine.max_model_len:
             self.finish(req, RequestStatus.FINISHED_LENGTH, None)
 
-    def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[int], top_lps: Sequence[float],
+    def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[float], top_lps: Sequence[float],
                   decoded: dict[int, str]) -> PositionLogprobs:
         """One position's logprobs: the token's, then the top ones after it (ranks from 1), each with its
-        text (`decoded`: texts already decoded, shared by the positions of one call)."""
+        text (`decoded`: texts already decoded, shared by the positions of one call). The top ids may come
+        as floats, from the packed float rows prompt logprobs are read back in."""
         position = {token: Logprob(logprob, rank)}
         for r, (tid, lp) in enumerate(zip(top_ids, top_lps), start=1):
             position.setdefault(int(tid), Logprob(lp, r))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ import llguidance.torch as _llg_torch
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, canonical_json
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
+
+if TYPE_CHECKING:  # declared in llguidance's stub only: no runtime name to import
+    from llguidance._lib import JsonCompileOptions
 
 
 # String formats llguidance enforces; others are dropped (annotations) instead of failing the schema.
@@ -42,12 +45,12 @@ FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname
 _ALL_ESCAPES = "\"\\bfnrt"
 
 
-def _json_options(schema: Any = None) -> dict:
+def _json_options(schema: Any = None) -> JsonCompileOptions:
     # JSON as json.dumps / chat templates write it: compact, or one space after ':' and ','
     # ({"name": "f", "arguments": {"a": 1}}), never unbounded whitespace a model could pad with.
     # Separators rather than whitespace_pattern: llguidance 1.6 (the newest wheel for Python 3.12,
     # on the GPU machine) does not bound whitespace_pattern; separators behave alike in 1.6 and 1.9.
-    opts: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
+    opts: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
     excluded = _pattern_excluded_escapes(schema) if schema is not None else set()
     if excluded:
         opts["json_allowed_escapes"] = "".join(c for c in _ALL_ESCAPES if c not in excluded)
@@ -284,7 +287,7 @@ class LLGuidanceBackend(GrammarBackend):
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())
         if spec.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(spec.payload)
+            return llguidance.LLMatcher.grammar_from_regex(str(spec.payload))
         if spec.kind == "grammar":
             try:
                 lark = any_to_lark(str(spec.payload))  # Lark as it is; GBNF / EBNF converted to Lark
@@ -295,7 +298,7 @@ class LLGuidanceBackend(GrammarBackend):
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.payload)
             return llguidance.LLMatcher.grammar_from_lark(lark)
         if spec.kind == "tool_calls":
-            tree = json.loads(spec.payload)["grammar"]
+            tree = json.loads(str(spec.payload))["grammar"]
             return llguidance.LLMatcher.grammar_from_lark(_LarkWriter(self.tokenizer(info), info).grammar(tree))
         raise GrammarError(f"llguidance: unsupported constraint kind {spec.kind!r}")
 

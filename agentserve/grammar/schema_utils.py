@@ -108,7 +108,8 @@ def check_enforceable(schema: Any, backend: str, unsupported: frozenset[str], *,
             if kw in unsupported and not (kw == "uniqueItems" and node[kw] is False):
                 raise GrammarError(f"{backend} does not enforce '{kw}' (at {where})")
         if required_in_properties and isinstance(node.get("required"), list):
-            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            declared = node.get("properties")
+            props = declared if isinstance(declared, dict) else {}
             missing = [r for r in node["required"] if r not in props]
             if missing:
                 raise GrammarError(f"{backend} does not generate required properties missing from "

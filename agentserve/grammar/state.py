@@ -110,7 +110,7 @@ class GrammarBitmask:
         self.words = bitmask_words(vocab_size)
         self._buf = allocate_token_bitmask(max(1, max_batch), vocab_size)
         self._rows: list[int] = []
-        self._llg_executor = None
+        self._llg_executor: Optional[llguidance.LLExecutor] = None
 
     def _ensure(self, batch: int) -> None:
         if self._buf.shape[0] < batch:

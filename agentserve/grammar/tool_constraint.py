@@ -44,7 +44,8 @@ def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict):
             raise GrammarError(f"tools[{i}] must be an object")
-        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        nested = tool.get("function")
+        fn = nested if isinstance(nested, dict) else tool
         if tool.get("type", "function") != "function":
             raise GrammarError(f"tools[{i}]: unsupported tool type {tool.get('type')!r}")
         name = fn.get("name")
@@ -108,11 +109,11 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
         array = {"type": "array", "items": _calls_schema(tools, fmt), "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
-        calls = [{"ws": " ", "max": 1}, {"json": array}]
+        after_open: list[dict[str, Any]] = [{"ws": " ", "max": 1}, {"json": array}]
         if mode == "required":
-            return {"seq": [lead, {"marker": MISTRAL_OPEN}] + calls}
+            return {"seq": [lead, {"marker": MISTRAL_OPEN}] + after_open}
         return {"alt": [{"text": {"exclude": [MISTRAL_OPEN]}},
-                        {"seq": [{"text": {"exclude": [MISTRAL_OPEN], "then": MISTRAL_OPEN}}] + calls}]}
+                        {"seq": [{"text": {"exclude": [MISTRAL_OPEN], "then": MISTRAL_OPEN}}] + after_open}]}
     raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
 
 
@@ -145,15 +146,16 @@ def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
 def _allowed_tools(tool_choice: dict, tools: list[ToolDef]) -> tuple[str, list[ToolDef]]:
     """tool_choice {"type": "allowed_tools", ...}: Chat Completions nests {"mode", "tools"} under
     "allowed_tools", the Responses API gives them inline; each tool names a function either way."""
-    spec = tool_choice.get("allowed_tools") if isinstance(tool_choice.get("allowed_tools"), dict) else tool_choice
+    nested = tool_choice.get("allowed_tools")
+    spec: dict = nested if isinstance(nested, dict) else tool_choice
     mode = spec.get("mode", "auto")
     if mode not in ("auto", "required"):
         raise GrammarError(f"tool_choice.allowed_tools.mode must be 'auto' or 'required', got {mode!r}")
-    names = []
+    names: list[object] = []  # the client's values: not necessarily strings
     for entry in spec.get("tools") or []:
         fn = entry.get("function") if isinstance(entry, dict) and isinstance(entry.get("function"), dict) else entry
         names.append(fn.get("name") if isinstance(fn, dict) else None)
-    by_name = {t.name: t for t in tools}
+    by_name: dict[object, ToolDef] = {t.name: t for t in tools}
     unknown = [n for n in names if n not in by_name]
     if not names or unknown:
         raise GrammarError("tool_choice.allowed_tools.tools must name declared tools; "
@@ -171,7 +173,8 @@ def _choice_mode(tool_choice: Any, tools: list[ToolDef]) -> tuple[str, list[Tool
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
         return _allowed_tools(tool_choice, tools)
     if isinstance(tool_choice, dict):
-        fn = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
+        nested = tool_choice.get("function")
+        fn = nested if isinstance(nested, dict) else tool_choice
         name = fn.get("name")
         for t in tools:
             if t.name == name:

@@ -37,9 +37,9 @@ def _template_text(chat_template: Union[None, str, dict, Sequence[Any]]) -> str:
     """A chat template's source: one string, a {name: template} dict, or a list of named templates."""
     if isinstance(chat_template, dict):
         return "\n".join(str(v) for v in chat_template.values())
-    if isinstance(chat_template, (list, tuple)):
-        return "\n".join(str(t.get("template", "")) if isinstance(t, dict) else str(t) for t in chat_template)
-    return chat_template or ""
+    if chat_template is None or isinstance(chat_template, str):
+        return chat_template or ""
+    return "\n".join(str(t.get("template", "")) if isinstance(t, dict) else str(t) for t in chat_template)
 
 
 def detect_tool_format(chat_template: Union[None, str, dict, Sequence[Any]], override: Optional[str] = None) -> str:

@@ -268,11 +268,11 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     blocks: dict[tuple[int, str], str] = {}
     for key, tensor in state.items():
-        layer, block, module, ab = _split_key(key, weights_file)
+        layer, block, module, side = _split_key(key, weights_file)
         if layer >= arch.num_layers:
             raise LoRAAdapterError(f"{weights_file}: weight {key!r} is for layer {layer}, but the base "
                                    f"model has {arch.num_layers} layers")
-        pairs.setdefault((layer, module), {})[ab] = tensor
+        pairs.setdefault((layer, module), {})[side] = tensor
         blocks[(layer, module)] = block
     if not pairs:
         raise LoRAAdapterError(f"{weights_file} holds no LoRA weights")

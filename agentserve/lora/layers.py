@@ -94,7 +94,8 @@ class LoRALinear(nn.Module):
 
 def _projections(model: CausalLM, layer: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Fused projection name -> (the module that owns it under that name, the projection)."""
-    attn, mlp = model.layers[layer].self_attn, model.layers[layer].mlp
+    decoder = model.decoder_layer(layer)
+    attn, mlp = decoder.self_attn, decoder.mlp
     return {"qkv_proj": (attn, attn.qkv_proj), "o_proj": (attn, attn.o_proj),
             "gate_up_proj": (mlp, mlp.gate_up_proj), "down_proj": (mlp, mlp.down_proj)}
 

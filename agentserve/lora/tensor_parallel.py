@@ -39,7 +39,7 @@ class LoRAShardLayout:
         """The layout of the model's own shard; None for a whole (one-rank) model."""
         if model.tp is None or model.tp.size == 1:
             return None
-        qkv = model.layers[0].self_attn.qkv_proj
+        qkv = model.decoder_layer(0).self_attn.qkv_proj
         return cls(model.tp.size, model.tp.rank, qkv.num_kv_head_replicas)
 
     def _output_slice(self, module: str) -> tuple[int, int]:

@@ -55,8 +55,9 @@ class Fp8LinearMethod(LinearMethodBase):
         if not cfg.checkpoint_fp8:
             return
         if cfg.weight_strategy == "channel":
-            def channel_loader(param: LoadableParameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
-                weight_loader(param, loaded.reshape(-1, 1), shard_id)  # [n] and [n, 1] both occur
+            def channel_loader(param: LoadableParameter, loaded_weight: torch.Tensor,
+                               shard_id: Optional[ShardId] = None) -> None:
+                weight_loader(param, loaded_weight.reshape(-1, 1), shard_id)  # [n] and [n, 1] both occur
             scale = LoadableParameter(torch.empty(n, 1, dtype=torch.float32), channel_loader, output_dim=0,
                                       shard_ids=shard_ids)
         elif cfg.weight_strategy == "tensor":
@@ -96,7 +97,7 @@ class Fp8LinearMethod(LinearMethodBase):
             # x is quantized once for all shards of a fused layer: the largest scale clips none of them.
             layer.input_scale = nn.Parameter(layer.input_scale.data.max().reshape(1), requires_grad=False)
 
-    def _dequantize_blocks(self, layer: nn.Module) -> torch.Tensor:
+    def _dequantize_blocks(self, layer: LinearBase) -> torch.Tensor:
         bn, bk = self.config.block_size
         block_scales = getattr(layer, self.config.scale_name).data
         k = layer.weight.shape[1]
@@ -114,6 +115,7 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
                            bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        assert isinstance(layer, LinearBase)  # quantize_linear_layers gives this method to linear layers only
         weight = layer.weight
         input_scale = layer.input_scale if self.config.static_activations else None
         # Only where apply would take the FP8 GEMV.
@@ -125,13 +127,13 @@ class Fp8LinearMethod(LinearMethodBase):
 
 def _per_shard_scalar_loader(shard_ids: tuple[Optional[ShardId], ...]) -> WeightLoader:
     """One scalar per checkpoint projection of a fused layer (per-tensor weight or input scales)."""
-    def load(param: LoadableParameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
-        if loaded.numel() != 1:
-            raise WeightShapeError(f"has shape {tuple(loaded.shape)}, a per-tensor scale has one element")
+    def load(param: LoadableParameter, loaded_weight: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
+        if loaded_weight.numel() != 1:
+            raise WeightShapeError(f"has shape {tuple(loaded_weight.shape)}, a per-tensor scale has one element")
         if shard_id is None and len(shard_ids) > 1:  # a checkpoint that fused the projections
-            param.data.fill_(float(loaded.reshape(())))
+            param.data.fill_(float(loaded_weight.reshape(())))
             return
-        param.data[shard_ids.index(shard_id)] = loaded.reshape(()).float()
+        param.data[shard_ids.index(shard_id)] = loaded_weight.reshape(()).float()
     return load
 
 
@@ -143,13 +145,13 @@ def _block_scale_loader(layer: LinearBase, shard_ids: tuple[Optional[ShardId], .
     block_n, block_k = block
     offsets = [sum(_cdiv(s, block_n) for s in sizes[:i]) for i in range(len(sizes))]
 
-    def load(param: LoadableParameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
+    def load(param: LoadableParameter, loaded_weight: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
         if shard_id is None and len(shard_ids) > 1:
             raise WeightShapeError("block scales of a fused projection must come per projection")
         i = shard_ids.index(shard_id)
         rows = _cdiv(sizes[i], block_n)
         copy_checked(param.data.narrow(0, offsets[i], rows),
-                     rank_block_scales(layer, loaded, shard_id, rows, block_k).float())
+                     rank_block_scales(layer, loaded_weight, shard_id, rows, block_k).float())
     return load
 
 
@@ -173,6 +175,7 @@ def quantize_linear_layers(model: nn.Module, config: Fp8Config) -> int:
             continue
         if any(ignored):
             raise WeightShapeError(f"{name} fuses projections of which only some are quantized")
+        assert isinstance(module.weight, LoadableParameter)  # as built, before any method replaced it
         shard_ids = module.weight.shard_ids
         del module.weight
         module.quant_method = Fp8LinearMethod(config)

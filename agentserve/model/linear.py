@@ -42,6 +42,13 @@ def divide(numerator: int, denominator: int) -> int:
 class LinearBase(nn.Module):
     """Holds the partition sizes and the quant method; subclasses define the weight loader."""
 
+    # Parameters the quant method registers (create_weights, process_weights_after_loading), declared
+    # for the type checker (nn.Module.__getattr__ types them as Tensor | Module): every method's
+    # `weight`; Fp8LinearMethod's `weight_scale` and, with static activation scales, `input_scale`.
+    weight: nn.Parameter
+    weight_scale: nn.Parameter
+    input_scale: nn.Parameter
+
     def __init__(self, input_size_per_partition: int, output_partition_sizes: list[int], bias: bool,
                  quant_method: Optional[LinearMethodBase], tp_size: int, tp_rank: int,
                  shard_ids: tuple[Optional[ShardId], ...] = (None,), shard_bias: bool = True) -> None:

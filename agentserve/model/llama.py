@@ -46,6 +46,8 @@ class Attention(nn.Module):
         self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # Scales of an fp8 KV cache (stored = value / scale; 1.0: e4m3's range +-448 holds the K and V
         # values of the models served here). Buffers, not parameters: checkpoints need not carry them.
+        self.k_scale: torch.Tensor
+        self.v_scale: torch.Tensor
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
@@ -102,6 +104,12 @@ class CausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
         # Set when the checkpoint carried fp8 KV-cache scales (else the runner calibrates them).
         self.kv_scales_loaded = False
+
+    def decoder_layer(self, index: int) -> DecoderLayer:
+        """self.layers[index] as its class (nn.ModuleList types its items as plain Modules)."""
+        layer = self.layers[index]
+        assert isinstance(layer, DecoderLayer)
+        return layer
 
     def set_rope_cache(self, cos_sin_cache: torch.Tensor) -> None:
         self.cos_sin_cache = cos_sin_cache

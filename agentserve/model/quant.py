@@ -57,6 +57,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
                            bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         weight = layer.weight
+        assert isinstance(weight, torch.Tensor)  # the parameter create_weights registered
         if not use_triton_gemv(x, weight):  # only where apply would take the Triton GEMV
             return None
         config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], num_sms(x.device))

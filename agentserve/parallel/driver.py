@@ -18,7 +18,7 @@ import multiprocessing.queues
 import queue
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ _PEER_EXIT_WAIT_S = 15.0  # after a broken collective: how long an exiting rank 
 
 
 class TensorParallelDriver(TensorParallelRank):
-    def __init__(self, groups: ProcessGroups, processes: list[multiprocessing.process.BaseProcess],
+    def __init__(self, groups: ProcessGroups, processes: Sequence[multiprocessing.process.BaseProcess],
                  errors: "multiprocessing.queues.Queue[tuple[int, str]]", store: dist.TCPStore) -> None:
         super().__init__(groups)
         self.store = store  # the rendezvous server lives in this process: kept for the groups' lifetime
@@ -105,7 +105,7 @@ class TensorParallelDriver(TensorParallelRank):
         self.failure = failure
         logger.error("%s; the engine cannot run steps any more (every step fails until it is restarted)", failure)
 
-    def _describe_failure(self, dead: list[tuple[int, Optional[int]]]) -> TensorParallelError:
+    def _describe_failure(self, dead: Sequence[tuple[int, Optional[int]]]) -> TensorParallelError:
         return describe_failure(self.errors, dead)
 
     # --- stopping -----------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class TensorParallelDriver(TensorParallelRank):
 
 
 def describe_failure(errors: "multiprocessing.queues.Queue[tuple[int, str]]",
-                     dead: list[tuple[int, Optional[int]]]) -> TensorParallelError:
+                     dead: Sequence[tuple[int, Optional[int]]]) -> TensorParallelError:
     """An error naming each exited rank, its exit status and the error it reported (if it could)."""
     reasons: dict[int, str] = {}
     while True:
@@ -139,7 +139,7 @@ def describe_failure(errors: "multiprocessing.queues.Queue[tuple[int, str]]",
     return TensorParallelError("; ".join(parts))
 
 
-def wait_for_an_exit(processes: list[multiprocessing.process.BaseProcess], patience: float) -> None:
+def wait_for_an_exit(processes: Sequence[multiprocessing.process.BaseProcess], patience: float) -> None:
     """Returns once one of the processes has exited (then gives the others a moment to follow), or
     after `patience` seconds."""
     deadline = time.monotonic() + patience
@@ -149,7 +149,7 @@ def wait_for_an_exit(processes: list[multiprocessing.process.BaseProcess], patie
         p.join(timeout=0.2)
 
 
-def stop_processes(processes: list[multiprocessing.process.BaseProcess], grace: float = 0.0) -> None:
+def stop_processes(processes: Sequence[multiprocessing.process.BaseProcess], grace: float = 0.0) -> None:
     """Waits up to `grace` seconds for the processes to exit, then terminates (and kills) the rest."""
     deadline = time.monotonic() + grace
     for p in processes:
@@ -192,7 +192,7 @@ def launch_tensor_parallel(config: EngineConfig, arch: ArchConfig, model_path: O
     return TensorParallelDriver(groups, processes, errors, store)
 
 
-def _wait_for_workers(store: dist.TCPStore, processes: list[multiprocessing.process.BaseProcess],
+def _wait_for_workers(store: dist.TCPStore, processes: Sequence[multiprocessing.process.BaseProcess],
                       errors: "multiprocessing.queues.Queue[tuple[int, str]]") -> None:
     """Every worker has reached the store (so a rank that dies while starting is named rather than
     waited for until the rendezvous times out)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,18 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
 class CollectiveError(RuntimeError):
     """A collective over the ranks failed: in practice a peer has exited (its closed sockets end the
     collective at once), so the caller waits for it to exit and names it."""
+
+
+class CollectiveBackend(Protocol):
+    """The collectives a gloo or NCCL backend runs (pybind exposes them on torch's Backend objects; its type
+    stubs leave them out, so the groups are typed by this protocol)."""
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: dist.AllreduceOptions = ...) -> dist.Work: ...
+
+    def gather(self, output: list[list[torch.Tensor]], inputs: list[torch.Tensor],
+               opts: dist.GatherOptions = ...) -> dist.Work: ...
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: dist.BroadcastOptions = ...) -> dist.Work: ...
 
 
 def _complete(work: dist.Work) -> None:
@@ -42,13 +55,15 @@ def disable_nvls() -> None:
 class ProcessGroups:
     def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device) -> None:
         self.rank, self.size, self.device = rank, size, device
-        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, COLLECTIVE_TIMEOUT)
+        self.control = cast(CollectiveBackend, dist.ProcessGroupGloo(
+            dist.PrefixStore("control", store), rank, size, COLLECTIVE_TIMEOUT))
+        self.device_group: CollectiveBackend
         if device.type == "cuda":
             disable_nvls()
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = COLLECTIVE_TIMEOUT
-            self.device_group: dist.ProcessGroup = dist.ProcessGroupNCCL(
-                dist.PrefixStore("device", store), rank, size, options)
+            self.device_group = cast(CollectiveBackend, dist.ProcessGroupNCCL(
+                dist.PrefixStore("device", store), rank, size, options))
         else:
             self.device_group = self.control
 
@@ -80,7 +95,7 @@ class ProcessGroups:
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
+        opts.reduceOp = dist.ReduceOp(dist.ReduceOp.MIN)
         _complete(self.control.allreduce([t], opts))
         return int(t.item())
 

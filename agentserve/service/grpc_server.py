@@ -227,10 +227,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 "response_format") else None, tools, request.tool_choice, self.aeng.engine.generation_defaults.sampling)
             prompt = await self._generate_prompt(request, messages, tools)
             rid = f"gen-{next(self._ids)}-{int(received * 1e6)}"
-            async with contextlib.aclosing(self.aeng.generate(
-                    rid, prompt, params, priority=request.priority,
-                    cache_salt=tenant.cache_salt(request.cache_salt or None),
-                    lora_name=request.adapter or None)) as outs:
+            outs = self.aeng.generate(rid, prompt, params, priority=request.priority,
+                                      cache_salt=tenant.cache_salt(request.cache_salt or None),
+                                      lora_name=request.adapter or None)
+            async with contextlib.aclosing(outs):
                 async for event in self._generate_events(outs, params, tools, request.return_token_ids, received):
                     yield event
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, NoReturn, Optional
 
 import grpc
+from grpc_health.v1 import health as grpc_health
 
 from agentserve.chat.render_pool import RenderPool
 from agentserve.config import EngineConfig
@@ -33,8 +34,8 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
 from agentserve.service.tenants import Tenants
 from agentserve.service.malformed_requests import MalformedRequestInterceptor
-from agentserve.service.standard_services import (HealthServicer, add_standard_services, exempt_health_checks,
-                                                  mark_draining, mark_serving)
+from agentserve.service.standard_services import (add_standard_services, exempt_health_checks, mark_draining,
+                                                  mark_serving)
 from agentserve.sessions.store import SessionStore
 from agentserve.sessions.types import DEFAULT_TTL_SECONDS
 
@@ -62,7 +63,7 @@ class ServerHandle:
     @property
     def requires_api_key(self) -> bool:
         return self.tenants.requires_key
-    health: Optional[HealthServicer] = None  # grpc.health.v1 (None when gRPC is off)
+    health: Optional[grpc_health.aio.HealthServicer] = None  # grpc.health.v1 (None when gRPC is off)
 
     @property
     def engine(self) -> Any:
@@ -85,8 +86,9 @@ def _uvicorn_server(app: Any, host: str, port: int, grace: float) -> Any:
             pass
 
     # timeout_graceful_shutdown: without it uvicorn waits for every open stream to end on its own.
+    # uvicorn annotates it int, but only hands it to asyncio.timeout, which takes any float (tests use 0.2 s).
     return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                  timeout_graceful_shutdown=grace))
+                                  timeout_graceful_shutdown=grace))  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -116,7 +118,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     uv: Any = None
     uv_task: Optional[asyncio.Task[None]] = None
     bound: Optional[int] = None
-    health: Optional[HealthServicer] = None
+    health: Optional[grpc_health.aio.HealthServicer] = None
     try:
         if grpc_port is not None:
             interceptors: list[grpc.aio.ServerInterceptor] = (

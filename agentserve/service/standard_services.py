@@ -28,13 +28,13 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # The overall server status is the empty service name (the health protocol's convention).
 _HEALTH_STATUS_KEYS = (health.OVERALL_HEALTH, AGENT_SERVICE)
 
-HealthServicer = health.aio.HealthServicer
 
-
-async def add_standard_services(server: grpc.aio.Server) -> HealthServicer:
+# The servicer is grpc_health's asyncio one, health.aio.HealthServicer (health.HealthServicer is the
+# sync one): its set() and enter_graceful_shutdown() are awaited.
+async def add_standard_services(server: grpc.aio.Server) -> health.aio.HealthServicer:
     """Adds reflection and grpc.health.v1 to `server` (before it starts); returns the health
     servicer, NOT_SERVING until `mark_serving`."""
-    health_servicer = HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     for key in _HEALTH_STATUS_KEYS:  # the servicer starts with "" SERVING: nothing is ready before we say so
         await health_servicer.set(key, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -42,12 +42,12 @@ async def add_standard_services(server: grpc.aio.Server) -> HealthServicer:
     return health_servicer
 
 
-async def mark_serving(health_servicer: HealthServicer) -> None:
+async def mark_serving(health_servicer: health.aio.HealthServicer) -> None:
     for key in _HEALTH_STATUS_KEYS:
         await health_servicer.set(key, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def mark_draining(health_servicer: HealthServicer) -> None:
+async def mark_draining(health_servicer: health.aio.HealthServicer) -> None:
     """NOT_SERVING for good (later `mark_serving` calls are ignored)."""
     await health_servicer.enter_graceful_shutdown()
 

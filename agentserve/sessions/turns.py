@@ -32,7 +32,8 @@ import concurrent.futures
 import itertools
 import math
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar
 
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import AsyncEngine
@@ -117,6 +118,11 @@ class TurnLifecycle:
             s.busy = None
         if s.closed and s.busy is None:
             self.residency.release(s)
+
+    def _abandon_turns(self, reserved: Sequence[PendingTurn]) -> None:
+        """Step thread: `_abandon_turn` for each turn a cancelled `turn` had reserved (none or one)."""
+        for pending in reserved:
+            self._abandon_turn(pending)
 
     async def _render_turn(self, basis: R.TurnBasis, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
         """The turn's prompt, rendered and tokenized in the render pool (not on the step thread)."""
@@ -222,7 +228,7 @@ class TurnLifecycle:
     # --- the turn (event loop) -----------------------------------------------------------------------
     async def turn(self, session_id: str, messages: Sequence[dict[str, Any]], params: Optional[SamplingParams] = None,
                    *, expected_next_turn_ms: float = 0.0, priority: int = 0, received_at: Optional[float] = None,
-                   tenant: str = ANONYMOUS_TENANT) -> AsyncIterator[TurnEvent]:
+                   tenant: str = ANONYMOUS_TENANT) -> AsyncGenerator[TurnEvent, None]:
         """Runs one turn: yields TextEvents (and ToolCallEvents), then one TurnResult. Leaving the
         iteration early cancels the turn (rolled back unless the engine had already finished it).
         Use it under contextlib.aclosing (or exhaust it) so that cancellation is prompt."""
@@ -244,7 +250,7 @@ class TurnLifecycle:
             # Cancelled while `reserve` was queued or running: a running step-thread call cannot be
             # stopped, so it may have marked the session busy. Commands run in order, so this undo
             # runs after it (and finds nothing when `reserve` never ran).
-            self._call_soon(lambda: [self._abandon_turn(p) for p in reserved])
+            self._call_soon(lambda: self._abandon_turns(reserved))
             raise
         try:
             rendered = await self._render_turn(basis, messages)

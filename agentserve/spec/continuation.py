@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from agentserve.grammar.state import GrammarState
 from agentserve.request import Request
 from agentserve.spec.draft import DraftModel
 from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, block_tables_of, to_device_packed
@@ -134,7 +135,7 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     hidden = draft.forward_padded(padded, CATCH_UP_TOKENS, bound)
     logits = draft.model.compute_logits(hidden.index_select(0, last_index)).float()
     temps = [r.sampling_params.temperature for r in requests]
-    no_grammars = [None] * count
+    no_grammars: list[Optional[GrammarState]] = [None] * count
     tokens, q = draft.sample(logits, requests, temps, no_grammars)
     steps, probs = [tokens], [q]
     for step in range(1, num_tokens):

@@ -124,6 +124,10 @@ class DraftModel:
                              self.device, num_swap_blocks=num_swap_blocks)
         return self.cache
 
+    def _kv_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        assert self.cache is not None, "the runner allocates the draft's cache before any forward"
+        return self.cache.layers
+
     def release(self) -> None:
         self.graphs = None
         self.catch_up_graphs = None
@@ -174,9 +178,12 @@ class DraftModel:
                 inputs: object = [drafts[i][-1] for i in still]
             elif len(still) == len(active):
                 inputs = tokens
+            elif planned is not None:
+                # The plan saw the same rows stop as `still` did, so it holds their keep index.
+                assert planned.keep_index is not None
+                inputs = tokens.index_select(0, planned.keep_index)
             else:
-                keep = planned.keep_index if planned is not None else torch.tensor(
-                    [row for row, i in enumerate(active) if step < num_tokens[i]], device=self.device)
+                keep = torch.tensor([row for row, i in enumerate(active) if step < num_tokens[i]], device=self.device)
                 inputs = tokens.index_select(0, keep)
             logits = self._decode(requests, still, host_tables, tables, inputs, step, planned)
             active = still
@@ -240,6 +247,7 @@ class DraftModel:
             return self.model.compute_logits(hidden.index_select(0, plan.catch_up_padded.last_index)).float()
         if plan.catch_up_decode is not None:  # one token per request
             c = plan.catch_up_decode
+            assert c.ids is not None  # a catch-up's ids are known on the host (planned with it)
             return self.forward_tokens(c.ids, c.positions, c.slots, plan.tables, c.seq_lens, c.max_seq_len)
         if longest <= MAX_DECODE_CATCH_UP:
             host_tables = plan.host_tables
@@ -275,7 +283,7 @@ class DraftModel:
                 budget -= end - pos[i]
                 pos[i] = end
             ids, positions, meta, last = build_draft_inputs(runs, self.block_size, self.device)
-            hidden = self.model(ids, positions, self.cache.layers, meta)  # type: ignore[union-attr]
+            hidden = self.model(ids, positions, self._kv_layers(), meta)
             rows = [j for j, i in enumerate(finishing) if i >= 0]
             if rows:
                 index = torch.tensor(rows, device=self.device)
@@ -314,7 +322,7 @@ class DraftModel:
         meta = ForwardMetadata(slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
                                query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device=self.device) * q,
                                seq_lens=inputs.seq_lens, max_query_len=q, max_seq_len=max_seq_len)
-        return self.model(inputs.input_ids, inputs.positions, self.cache.layers, meta)  # type: ignore[union-attr]
+        return self.model(inputs.input_ids, inputs.positions, self._kv_layers(), meta)
 
     def forward_tokens(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
@@ -326,7 +334,7 @@ class DraftModel:
         meta = ForwardMetadata(slot_mapping=slots, block_tables=tables,
                                query_start_loc=torch.arange(ids.shape[0] + 1, dtype=torch.int32, device=self.device),
                                seq_lens=seq_lens.to(torch.int32), max_query_len=1, max_seq_len=max_seq_len)
-        hidden = self.model(ids, pos, self.cache.layers, meta)  # type: ignore[union-attr]
+        hidden = self.model(ids, pos, self._kv_layers(), meta)
         return self.model.compute_logits(hidden).float()
 
     def sample(self, logits: torch.Tensor, requests: list[Request], temps: list[float],

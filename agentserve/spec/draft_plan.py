@@ -77,8 +77,9 @@ def plan_proposal(requests: list[Request], starts: list[int], num_tokens: list[i
         parts += host[:3] + host[4:]  # its block tables are the proposal's
     elif all(s == p for s, p in zip(starts, last)):
         decode_at = len(parts)
-        ids = np.fromiter((r.all_token_ids[r.num_tokens - 1] for r in requests), dtype=np.int64, count=num_rows)
-        parts += [ids, *_decode_parts(host_tables, np.arange(num_rows), last, block_size)]
+        host_ids = np.fromiter((r.all_token_ids[r.num_tokens - 1] for r in requests), dtype=np.int64,
+                               count=num_rows)
+        parts += [host_ids, *_decode_parts(host_tables, np.arange(num_rows), last, block_size)]
     k = np.asarray(num_tokens, dtype=np.int64)
     # Decode step s >= 1 runs the rows with k_i > s, at positions n_i - 1 + s: every planned step's
     # positions, slots and context lengths in one numpy pass, step after step.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -27,6 +27,10 @@ from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.paged_attention import num_kv_splits
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
+
+if TYPE_CHECKING:
+    # torch's type of a graph memory pool (what CUDAGraph.pool() returns), private in torch: named once here.
+    from torch.cuda import _POOL_HANDLE as GraphPool
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +66,12 @@ class DecodeGraphs:
         self.buckets = context_buckets(max_model_len)
         # This rank's KV heads (all of them at tensor-parallel size 1): the attention kernels pick their
         # split count from the cache's heads, and a graph's key must be the split count it runs.
-        self.num_kv_heads = model.layers[0].self_attn.num_kv_heads
+        self.num_kv_heads = model.decoder_layer(0).self_attn.num_kv_heads
         self.num_sms = num_sms(device)
         # (batch size, split count, with LoRA) -> graph and its output.
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int, bool], torch.Tensor] = {}
-        self.pool: Optional[tuple] = None
+        self.pool: Optional[GraphPool] = None
 
     def _splits(self, bs: int, max_seq_len: int) -> int:
         return num_kv_splits(bs, max_seq_len, self.num_kv_heads, self.num_sms)
@@ -132,7 +136,7 @@ class DecodeGraphs:
         bucket = next(b for b in self.buckets if b >= max_seq_len)
         with_lora = lora_slot_indices is not None
         key = (size, self._splits(size, bucket), with_lora)
-        if with_lora:
+        if lora_slot_indices is not None:
             assert self.lora_slots is not None, "graphs captured without LoRA"
             self.lora_slots[:bs].copy_(lora_slot_indices, non_blocking=True)
             self.lora_slots[bs:size].fill_(-1)

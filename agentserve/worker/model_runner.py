@@ -63,7 +63,7 @@ class ModelRunner:
         self.model = build_model(arch, dtype, device, model_path, config.model.load_format, config.model.seed,
                                  quantization=config.model.quantization,
                                  tp=self.parallel.shard if self.parallel is not None else None)
-        self.kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads  # all of them at tp 1
+        self.kv_heads_per_rank = self.model.decoder_layer(0).self_attn.num_kv_heads  # all of them at tp 1
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)  # fp8: half the bytes per page
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
@@ -103,8 +103,8 @@ class ModelRunner:
             from agentserve.kernels.paged_attention import warmup_unified_variants
 
             k0, v0 = self.kv_cache.layers[0]
-            warmup_unified_variants(k0, v0, self.model.layers[0].self_attn.num_heads, dtype, config.scheduler.max_num_seqs,
-                                    config.scheduler.max_num_batched_tokens)
+            warmup_unified_variants(k0, v0, self.model.decoder_layer(0).self_attn.num_heads, dtype,
+                                    config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
             if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
                 warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
 
@@ -275,6 +275,7 @@ class ModelRunner:
         # The verification graphs are captured without LoRA: steps with adapter rows run eager (prepare
         # fills their slot indices), so the target applies each request's adapter.
         lora_rows = self.lora_manager is not None and any(c.request.lora_key is not None for c in chunks)
+        logits: Optional[torch.Tensor]  # _forward_logits types its logits Optional (None: no row samples)
         if (self.verify_graphs is not None and not lora_rows and self.verify_graphs.padded_size(len(chunks), q) is not None
                 and all(c.num_tokens == c.num_sampled and c.request.num_computed_tokens < c.request.num_tokens
                         for c in chunks)):

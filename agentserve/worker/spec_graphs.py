@@ -4,7 +4,7 @@ not seen yet after a verification step: the bonus token, the last accepted draft
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -14,10 +14,13 @@ from agentserve.spec.draft import MAX_DECODE_CATCH_UP, DraftModel
 from agentserve.worker.cuda_graph import DecodeGraphs
 from agentserve.worker.verify_graphs import VerifyGraphs
 
+if TYPE_CHECKING:
+    from agentserve.worker.cuda_graph import GraphPool
+
 
 def capture_spec_graphs(config: EngineConfig, model: CausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
                         draft: Optional[DraftModel], max_blocks_per_seq: int, max_model_len: int,
-                        device: torch.device, pool: object) -> Optional[VerifyGraphs]:
+                        device: torch.device, pool: Optional[GraphPool]) -> Optional[VerifyGraphs]:
     """Captures them (sharing `pool`, the decode graphs' memory pool, for the target's) and hands the
     draft its own; returns the target's verification graphs (None when speculation is off)."""
     if config.spec.method is None:

@@ -19,6 +19,7 @@ its keys exit at once, as in the decode graphs' largest bucket.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -26,6 +27,9 @@ from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
 from agentserve.spec.draft_inputs import PaddedInputs
 from agentserve.worker.cuda_graph import capture_sizes
+
+if TYPE_CHECKING:
+    from agentserve.worker.cuda_graph import GraphPool
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class VerifyGraphs:
         return self.model(self.input_ids[:bs * q], self.positions[:bs * q], self.kv_layers, meta)
 
     @torch.inference_mode()
-    def capture(self, pool: object = None) -> None:
+    def capture(self, pool: Optional[GraphPool] = None) -> None:
         """`pool`: the decode graphs' memory pool, shared (only one graph runs at a time)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
