@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -101,6 +101,19 @@ if [ "$MODE" = s13 ]; then
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_argmax.py \
     tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
     tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s13.xml"
+fi
+if [ "$MODE" = s13b ]; then
+  # The thirteenth session's last call (~8 min): the GPU paths the type-gate edits touched (decode graphs,
+  # speculation's draft and verification graphs, LoRA graphs, FP8, the Triton path against transformers),
+  # then fastpath without the peer and the agent loop: TTFT on the fresh engine and after the throughput
+  # run, now on different prompts (the question s13's bench16 could not answer).
+  E=tests/test_gpu_engine.py; L=tests/test_lora_gpu.py
+  TMO=330 TAIL=60 run pytest-s13b python3 -m pytest -m gpu -v -rf -p no:cacheprovider -x \
+    "$E::test_fp32_matches_transformers_on_gpu[llama3]" "$E::test_fp32_matches_transformers_on_gpu[qwen3]" \
+    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[qwen2]" tests/test_gpu_spec.py \
+    "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "tests/test_gpu_arch_variants.py::test_variant_matches_transformers_on_gpu[llama-biases-bfloat16]" \
+    --junitxml "$OUT/pytest_s13b.xml"
+  TMO=230 run fastpath-ttft python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath_ttft.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
