@@ -5,6 +5,7 @@ the chat template)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,13 @@ import pytest
 
 from agentserve import SamplingParams
 from agentserve.cli import build_parser, engine_config_from_args
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
+from agentserve.sessions.store import SessionStore
+from agentserve.sessions.types import TurnResult
 from agentserve.testing import tiny_model_cached
 from agentserve.vllm_flags import check_tool_call_parser
 from helpers.live_server import live_openai
@@ -70,6 +76,26 @@ def test_generation_config_max_new_tokens_caps_requests_without_max_tokens(tmp_p
         # Legacy completions default max_tokens to 16 (OpenAI's and vLLM's protocol): a given value, kept.
         legacy = client.completions.create(model="m", prompt=PROMPTS[0], temperature=0, extra_body={"ignore_eos": True})
         assert legacy.usage.completion_tokens == 16
+    # A session turn that sets no max_tokens is capped the same way (it resolved its own limit before).
+    assert _session_turn_tokens(model, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)) == 5
+    assert _session_turn_tokens(model, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=9)) == 9
+
+
+def _session_turn_tokens(model: Path, params: SamplingParams) -> int:
+    async def turn() -> int:
+        aeng = AsyncEngine(Engine(EngineConfig.from_kwargs(str(model), **ENGINE)))
+        store = SessionStore(aeng)
+        try:
+            session = await store.create([{"role": "user", "content": "hi"}])
+            events = [e async for e in store.turn(session.session_id, [], params)]
+            result = events[-1]
+            assert isinstance(result, TurnResult)
+            return len(result.token_ids)
+        finally:
+            await store.close_all()
+            aeng.shutdown()
+
+    return asyncio.run(turn())
 
 
 def test_unusable_generation_defaults_and_bad_modes_are_refused(tmp_path: Path) -> None:

@@ -249,12 +249,8 @@ class OpenAIServing:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> SamplingParams:
         n, limit = len(prompt_ids), self.engine.max_model_len
-        if params.max_tokens is None:
-            # Not given: up to the context limit, or to what the KV cache can hold for one sequence.
-            capacity = self.engine.pool.num_blocks * self.engine.pool.block_size
-            # The model's generation_config max_new_tokens caps it, as in vLLM.
-            if n < min(limit, capacity):
-                params = clone_params(params, max_tokens=self.engine.generation_defaults.output_cap(min(limit, capacity) - n))
+        if params.max_tokens is None and n < limit:
+            params = clone_params(params, max_tokens=self.engine.default_max_tokens(n))  # as every entry point
         if n >= limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                    f"resulted in {n} tokens. Please reduce the length of the {what}.",

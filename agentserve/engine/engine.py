@@ -112,6 +112,14 @@ class Engine:
             raise InvalidRequestError("this model has no tokenizer: pass prompts as token id lists")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    def default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """max_tokens of a request that sets none (offline, HTTP and session turns alike): the room left in the
+        context or in what the KV cache holds for one sequence, whichever is smaller, capped by the model's
+        generation_config max_new_tokens as in vLLM. At least 1: a prompt that leaves no room fails
+        validation with its own message."""
+        room = min(self.max_model_len, self.pool.num_blocks * self.pool.block_size) - num_prompt_tokens
+        return max(1, self.generation_defaults.output_cap(room))
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """Raises InvalidRequestError naming the problem; returns params with max_tokens resolved."""
         n = len(prompt_token_ids)
@@ -126,7 +134,7 @@ class Engine:
             raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                       "(prompt plus output must fit)")
         if params.max_tokens is None:
-            params = params.clone(max_tokens=self.generation_defaults.output_cap(self.max_model_len - n))
+            params = params.clone(max_tokens=self.default_max_tokens(n))
         assert params.max_tokens is not None  # set above when the request left it out
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(

@@ -145,10 +145,7 @@ class TurnLifecycle:
             keep = min(keep, rendered.common_prefix)
         keep = min(keep, len(prompt) - 1)
         params = pending.params
-        if params.max_tokens is None:
-            room = min(self.engine.max_model_len, self.residency.pool.num_blocks * self.residency.block_size)
-            params = params.clone(max_tokens=max(1, room - len(prompt)))
-        params = self.engine.validate(prompt, params)
+        params = self.engine.validate(prompt, params)  # resolves an unset max_tokens as every entry point does
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
         self.stats.rerenders += rerendered
