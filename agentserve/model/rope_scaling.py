@@ -19,6 +19,11 @@ from typing import Any, Optional
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "frequency_factors")
+# Numeric fields that must be positive where given (a zero factor would divide by zero; a string fails later).
+_POSITIVE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                     "attention_factor")
+# Numeric fields where 0 means "the default" to transformers (beta_* fall back to 32 / 1, mscale is unused).
+_NON_NEGATIVE_NUMBERS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # Checked when config.json is read, so a half-written rope_scaling fails at start-up, naming the key.
 _REQUIRED_KEYS = {
     "linear": ("factor",),
@@ -112,6 +117,18 @@ def normalized_rope_scaling(raw: Optional[dict[str, Any]], max_position_embeddin
     scaling = dict(raw, rope_type=rope_type)
     for key in _REQUIRED_KEYS[rope_type]:
         _required(scaling, key)
+    for key in _POSITIVE_NUMBERS + _NON_NEGATIVE_NUMBERS:
+        value, positive = scaling.get(key), key in _POSITIVE_NUMBERS
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 or
+                                                                                (value == 0 and not positive)):
+            raise RopeScalingError(f"rope_scaling {key!r} must be a {'positive' if positive else 'non-negative'} "
+                                   f"number, got {value!r}")
+    factors = scaling.get("factors")
+    if rope_type == "frequency_factors" and (not isinstance(factors, list) or not all(
+            isinstance(f, (int, float)) and f > 0 for f in factors)):
+        raise RopeScalingError("rope frequency factors must be a list of positive numbers")
     if rope_type == "yarn" and scaling.get("factor") is None:
         # DeepSeek-style configs leave factor out and mean the ratio of the two context lengths.
         scaling["factor"] = max_position_embeddings / float(_required(scaling, "original_max_position_embeddings"))
