@@ -128,6 +128,7 @@ def test_dynamic_ntk_refuses_contexts_past_the_trained_one(tmp_path: Path) -> No
     ({"rope_type": "yarn", "factor": 4.0}, "'original_max_position_embeddings'"),
     ({"rope_type": "llama3", "factor": 8.0}, "'low_freq_factor'"),
     ({"type": "linear", "factor": 0}, "'factor' must be a positive number, got 0"),
+    ({"rope_type": "frequency_factors", "factors": [1.0, 2.0]}, "rope frequency factors have 2 entries"),
     ({"type": "yarn", "factor": "4x", "original_max_position_embeddings": 64}, "'factor' must be a positive number"),
 ])
 def test_unsupported_or_incomplete_scaling_is_a_clear_error(tmp_path: Path, rope_scaling: dict[str, Any],

@@ -79,6 +79,10 @@ class ArchConfig:
         if hidden_act not in ("silu", "swish"):
             raise ModelLoadError(f"config.json hidden_act {hidden_act!r} is not supported; the {arch} layers "
                                  "served here use silu")
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        if scaling is not None and scaling["rope_type"] == "frequency_factors" and len(scaling["factors"]) != head_dim // 2:
+            raise ModelLoadError(f"rope frequency factors have {len(scaling['factors'])} entries; the model's rotary "
+                                 f"dimension needs {head_dim // 2}")
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         use_sw = cfg.get("use_sliding_window", family == "mistral")
@@ -86,7 +90,7 @@ class ArchConfig:
             architecture=arch, family=family, vocab_size=vocab, hidden_size=hidden,
             intermediate_size=inter, num_layers=layers, num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

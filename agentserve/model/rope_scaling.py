@@ -148,10 +148,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict[str, An
     if rope_type == "yarn":
         return _yarn(head_dim, theta, scaling)
     if rope_type == "frequency_factors":
-        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
-        if factors.numel() != head_dim // 2:
-            raise RopeScalingError(f"rope frequency factors have {factors.numel()} entries; the model's rotary "
-                                   f"dimension needs {head_dim // 2}")
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)  # as many as head_dim // 2 (ArchConfig)
         return RopeFrequencies(default_inv_freq(head_dim, theta) / factors, 1.0)
     raise RopeScalingError(f"unsupported rope_scaling type {rope_type!r}")
 
