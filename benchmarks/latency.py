@@ -96,6 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ttft-prompt-len", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 weights (online, from the dummy bf16)")
     ap.add_argument("--bandwidth-limit-tok-s", type=float, default=None,
                     help="one-stream limit; default: bytes read per decode step / the copy rate measured at start")
     add_ceilings_arg(ap)
@@ -110,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=max(args.ttft_prompt_len, args.prompt_len + args.new_tokens) + 16,
               max_num_batched_tokens=max(args.ttft_prompt_len, 2048), max_num_seqs=64,
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend, quantization=args.quantization)
     limit = args.bandwidth_limit_tok_s
     ceilings = None
     if limit is None:
