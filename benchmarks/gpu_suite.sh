@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|s14a|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -114,24 +114,6 @@ if [ "$MODE" = s13b ]; then
     "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "tests/test_gpu_arch_variants.py::test_variant_matches_transformers_on_gpu[llama-biases-bfloat16]" \
     --junitxml "$OUT/pytest_s13b.xml"
   TMO=230 run fastpath-ttft python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath_ttft.json"
-fi
-if [ "$MODE" = s14a ]; then
-  # The fourteenth session's first call (~9 min): the fused o_proj / down_proj + residual add + RMSNorm GEMV
-  # (kernels/gemv_add_norm.py) on the GPU (kernel tests, bf16 engines against transformers, the biased
-  # Llama, the FP8 self-draft through graphs), then one stream with it off and on, bf16 and FP8 weights
-  # (predictions in NOTES.md "Fourteenth session").
-  E=tests/test_gpu_engine.py
-  TMO=320 TAIL=60 run pytest-s14a python3 -m pytest -m gpu -v -rf -p no:cacheprovider -x \
-    tests/test_kernels_gpu_gemv_add_norm.py "$E::test_bf16_matches_transformers" \
-    "tests/test_gpu_arch_variants.py::test_variant_matches_transformers_on_gpu[llama-biases-bfloat16]" \
-    tests/test_gpu_spec.py::test_fp8_self_draft_in_bf16_through_graphs --junitxml "$OUT/pytest_s14a.xml"
-  for quant in bf16 fp8; do
-    QARG=""; [ "$quant" = fp8 ] && QARG="--quantization fp8"
-    for flag in 0 1; do
-      AGENTSERVE_FUSED_ADD_NORM_GEMV=$flag TMO=110 TAIL=6 run "latency-$quant-addnorm$flag" python3 benchmarks/latency.py \
-        $DUMMY $QARG --repeats 3 --ttft-prompt-len 512 --out "$OUT/latency_${quant}_addnorm$flag.json"
-    done
-  done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

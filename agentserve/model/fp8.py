@@ -23,7 +23,6 @@ from torch import nn
 
 from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_gemv_config, fp8_linear, use_fp8_gemv
-from agentserve.kernels.gemv_add_norm import gemv_add_rms_norm_triton, workspace_for
 from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase
@@ -124,23 +123,6 @@ class Fp8LinearMethod(LinearMethodBase):
             return None
         config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device))
         return gemv_silu_mul_triton(x, weight, config, layer.weight_scale, bias)
-
-    def apply_add_rms_norm(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
-                           residual: torch.Tensor, norm_weight: torch.Tensor,
-                           eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        assert isinstance(layer, LinearBase)  # quantize_linear_layers gives this method to linear layers only
-        weight = layer.weight
-        input_scale = layer.input_scale if self.config.static_activations else None
-        # Only where apply would take the FP8 GEMV.
-        if not (use_fp8_gemv(x, input_scale) and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1
-                and residual.dtype == x.dtype):
-            return None
-        config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device))
-        workspace = workspace_for(weight) if config.kind == "fma" else None
-        if workspace is None:
-            return None
-        return gemv_add_rms_norm_triton(x, weight, config, residual, norm_weight, eps, workspace,
-                                        layer.weight_scale, bias)
 
 
 def _per_shard_scalar_loader(shard_ids: tuple[Optional[ShardId], ...]) -> WeightLoader:

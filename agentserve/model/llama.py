@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from agentserve.kernels.rope_kv_write import rope_and_write_kv
-from agentserve.model.add_norm import project_add_norm
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata, paged_attention_layer
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -54,12 +53,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(x, positions, cos_sin, kv_cache, meta))
-
-    def attend(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-               kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
-        """The attention output [T, heads x head_dim] before o_proj (which DecoderLayer fuses with the
-        norm after it: model/add_norm.py)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -72,7 +65,7 @@ class Attention(nn.Module):
         q = rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
                               q_norm_w, k_norm_w, eps, self.k_scale, self.v_scale)
         out = paged_attention_layer(q, kv_cache[0], kv_cache[1], meta, self.scale, self.k_scale, self.v_scale)
-        return out.reshape(num_tokens, self.q_size)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -83,15 +76,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp, bias=cfg.mlp_bias)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata,
-                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: this layer's input, already through its input_layernorm; residual: the residual stream.
-        Returns next_norm's output (the next layer's input_layernorm, or the model's final norm) and the
-        new residual stream: each norm runs with the projection before it (model/add_norm.py)."""
-        a = self.self_attn.attend(h, positions, cos_sin, kv_cache, meta)
-        h, residual = project_add_norm(self.self_attn.o_proj, a, residual, self.post_attention_layernorm)
-        return project_add_norm(self.mlp.down_proj, self.mlp.activation(h), residual, next_norm)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
+                cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: ForwardMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, meta), residual
 
 
 class CausalLM(nn.Module):
@@ -126,12 +117,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: ForwardMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (logits are computed for sampled rows only)."""
-        h, residual = self.decoder_layer(0).input_layernorm(self.embed_tokens(input_ids))
-        num_layers = min(len(self.layers), len(kv_caches))
-        for i, kv_cache in enumerate(kv_caches[:num_layers]):
-            next_norm = self.decoder_layer(i + 1).input_layernorm if i + 1 < num_layers else self.norm
-            h, residual = self.decoder_layer(i)(h, residual, positions, self.cos_sin_cache, kv_cache, meta, next_norm)
-        return h
+        x = self.embed_tokens(input_ids)
+        residual: Optional[torch.Tensor] = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

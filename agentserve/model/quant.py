@@ -16,7 +16,6 @@ from torch import nn
 
 from agentserve.kernels._triton_utils import num_sms
 from agentserve.kernels.gemv import gemv_config, linear, use_triton_gemv
-from agentserve.kernels.gemv_add_norm import gemv_add_rms_norm_triton, workspace_for
 from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader
 
@@ -42,14 +41,6 @@ class LinearMethodBase(ABC):
         GEMV would run (kernels/gemv_silu.py); None elsewhere, and the caller runs the two steps."""
         return None
 
-    def apply_add_rms_norm(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
-                           residual: torch.Tensor, norm_weight: torch.Tensor,
-                           eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """rms_norm(apply(x) + bias, norm_weight, eps, residual) -> (normed, new residual) as one kernel
-        where this method's small-batch GEMV would run (kernels/gemv_add_norm.py); None elsewhere, and
-        the caller runs the two steps (model/add_norm.py)."""
-        return None
-
 
 class UnquantizedLinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -73,16 +64,3 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if config.kind != "fma":
             return None
         return gemv_silu_mul_triton(x, weight, config, bias=bias)
-
-    def apply_add_rms_norm(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
-                           residual: torch.Tensor, norm_weight: torch.Tensor,
-                           eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        weight = layer.weight
-        assert isinstance(weight, torch.Tensor)  # the parameter create_weights registered
-        if not use_triton_gemv(x, weight) or residual.dtype != x.dtype:  # only where apply takes the GEMV
-            return None
-        config = gemv_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], num_sms(x.device))
-        workspace = workspace_for(weight) if config.kind == "fma" else None
-        if workspace is None:
-            return None
-        return gemv_add_rms_norm_triton(x, weight, config, residual, norm_weight, eps, workspace, bias=bias)
