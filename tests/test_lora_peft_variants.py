@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from peft.tuners.lora.config import VeloraConfig
 from safetensors.torch import load_file, save_file
 
 from agentserve import SamplingParams
@@ -60,6 +61,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "use_dora": False, "exclude_modules": None, "revision": "main"}),
     "fan-in-fan-out": dict(r=4, target_modules=["v_proj", "o_proj"], config_edit={"fan_in_fan_out": True}),
     "multi-arch": dict(r=4, target_modules=["q_proj", "v_proj"], config_edit={"target_modules": MULTI_ARCH_TARGETS}),
+    # VeLoRA compresses activations in training only; it saves lora_velora_embed tensors besides A / B.
+    "velora": dict(r=4, target_modules=["q_proj", "down_proj"], velora_config=VeloraConfig()),
     "r1": dict(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "r64": dict(r=64, lora_alpha=16, target_modules="all-linear"),
 }
@@ -83,7 +86,7 @@ def build_variant(base: Path, root: Path, name: str, seed: int) -> Path:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_variants_in_one_mixed_batch_match_peft_merged(arch: str, tmp_path: Path) -> None:
-    """Base + every variant in one generate, 4 slots for 20 adapters (slots are reused mid-batch)."""
+    """Base + every variant in one generate, 4 slots for 21 adapters (slots are reused mid-batch)."""
     base = tiny_model_cached(arch)
     dirs = {name: build_variant(base, tmp_path, name, seed) for seed, name in enumerate(VARIANTS)}
     saved = json.loads((dirs["all-linear"] / "adapter_config.json").read_text())["target_modules"]
@@ -99,6 +102,8 @@ def test_variants_in_one_mixed_batch_match_peft_merged(arch: str, tmp_path: Path
         ref = peft_greedy(base, dirs[name], [prompt], NEW_TOKENS)[0]
         assert list(out.outputs[0].token_ids) == ref, name
         assert ref != base_ref, f"{name} does not change greedy tokens: the comparison would prove nothing"
+    manager = llm.engine.lora_manager
+    assert manager is not None and manager.num_slot_loads >= len(VARIANTS)  # every adapter went through a slot
     llm.close()
 
 
@@ -135,6 +140,7 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "ia3": (dict(config_edit={"peft_type": "IA3"}), r"peft_type 'IA3' is not supported"),
     "rank-above-max": (dict(r=32), r"layer 0 q_proj has rank 32, above max_lora_rank 16"),
     "alpha-not-a-number": (dict(config_edit={"lora_alpha": "sixteen"}), r"lora_alpha must be a number"),
+    "rslora-as-string": (dict(config_edit={"use_rslora": "false"}), r"use_rslora must be true or false, not 'false'"),
     "bad-pattern": (dict(config_edit={"rank_pattern": {"q_proj(": 4}}), r"'q_proj\(' .* is not a valid regex"),
 }
 
@@ -147,6 +153,14 @@ def test_unservable_adapters_are_refused_by_name(case: str, qwen2_llm: LLM, tmp_
     with pytest.raises(LoRAAdapterError, match=message):
         qwen2_llm.load_adapter(case, str(path))
     assert case not in qwen2_llm.list_adapters()
+
+
+def test_bin_weights_that_are_not_tensors(qwen2_llm: LLM, tmp_path: Path) -> None:
+    path = save_peft_variant(tiny_model_cached("qwen2"), tmp_path / "a", r=4, target_modules=["q_proj"], safe=False)
+    state = torch.load(path / "adapter_model.bin", weights_only=True)
+    torch.save({**state, "base_model.model.step": 7}, path / "adapter_model.bin")
+    with pytest.raises(LoRAAdapterError, match="holds entries that are not tensors: base_model.model.step"):
+        qwen2_llm.load_adapter("a", str(path))
 
 
 def test_pissa_converted_to_plain_lora_is_served_exactly(tmp_path: Path) -> None:

@@ -180,6 +180,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise LoRAAdapterError(f"{bin_path} could not be read as a torch state dict: {e}") from None
         if not isinstance(state, dict):
             raise LoRAAdapterError(f"{bin_path} does not hold a state dict")
+        not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise LoRAAdapterError(f"{bin_path} holds entries that are not tensors: {', '.join(not_tensors[:3])}")
         return state
     raise LoRAAdapterError(f"{path} has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
 

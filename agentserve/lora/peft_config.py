@@ -131,10 +131,13 @@ def scaling_config(cfg: dict[str, Any], where: Path) -> LoRAScalingConfig:
         return {str(k): number(f"{field}[{k!r}]", v) for k, v in value.items()}
 
     rank = cfg.get("r")
+    use_rslora = cfg.get("use_rslora") or False
+    if not isinstance(use_rslora, bool):  # a hand-written "false" string would otherwise be truthy
+        raise LoRAAdapterError(f"{where}: use_rslora must be true or false, not {use_rslora!r}")
     return LoRAScalingConfig(
         rank=None if rank is None else int(number("r", rank)),
         alpha=number("lora_alpha", cfg.get("lora_alpha", _DEFAULT_ALPHA)),
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_rslora=use_rslora,
         rank_pattern={k: int(v) for k, v in patterns("rank_pattern").items()},
         alpha_pattern=patterns("alpha_pattern"))
 
