@@ -198,19 +198,21 @@ def _rewrite_keys(src: Path, dst: Path, rename: dict[str, str]) -> Path:
     return dst
 
 
-def test_weight_keys_with_an_adapter_name_segment(tmp_path: Path) -> None:
-    """Unsaved state dicts name the adapter in each key (lora_A.default.weight, lora_A.<name>.weight):
-    the same tensors as the saved keys, so the same tokens as PEFT gives for the saved adapter."""
+def test_weight_key_forms(tmp_path: Path) -> None:
+    """Unsaved state dicts name the adapter in each key (lora_A.default.weight, lora_A.<name>.weight);
+    transformers' own adapter saving (model.add_adapter + save_pretrained) drops the base_model.model.
+    prefix. The same tensors as PEFT's saved keys, so the same tokens as PEFT gives for that adapter."""
     base = tiny_model_cached("mistral")
     plain = save_peft_variant(base, tmp_path / "plain", seed=4, r=4, target_modules=["q_proj", "up_proj"])
     dirs = {"plain": plain,
             "default": _rewrite_keys(plain, tmp_path / "default", {".weight": ".default.weight"}),
-            "custom": _rewrite_keys(plain, tmp_path / "custom", {".weight": ".my-skill.weight"})}
+            "custom": _rewrite_keys(plain, tmp_path / "custom", {".weight": ".my-skill.weight"}),
+            "no-prefix": _rewrite_keys(plain, tmp_path / "no-prefix", {"base_model.model.": ""})}
     llm = make_llm(base, lora_modules={n: str(p) for n, p in dirs.items()})
     prompt = llm.tokenizer.encode(TEXT)
-    outs = llm.generate([prompt] * 3, greedy(), adapter=list(dirs))
+    outs = llm.generate([prompt] * len(dirs), greedy(), adapter=list(dirs))
     ref = peft_greedy(base, plain, [prompt], NEW_TOKENS)[0]
-    assert [list(o.outputs[0].token_ids) for o in outs] == [ref] * 3
+    assert [list(o.outputs[0].token_ids) for o in outs] == [ref] * len(dirs)
     assert ref == peft_greedy(base, dirs["default"], [prompt], NEW_TOKENS)[0]  # PEFT reads ".default." too
     both = _rewrite_keys(plain, tmp_path / "both", {})
     state = load_file(str(both / "adapter_model.safetensors"))
