@@ -6,8 +6,9 @@ seven attention / MLP projections (q, k, v, o, gate, up, down), ranks up to `max
 `lora_alpha` / `alpha_pattern` / `rank_pattern` scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)
 and any subset of layers (`layers_to_transform`). Anything that would change the math in a way
 the kernels do not apply (DoRA, LoRA on embeddings or lm_head, fully trained `modules_to_save`, a
-LoRA bias, ...) is refused with an error naming it: serving such an adapter as plain LoRA would
-silently give wrong outputs.
+LoRA bias, an initialisation that rewrote the base weights, ...) is refused with an error naming it:
+serving such an adapter as plain LoRA would silently give wrong outputs. lora/peft_config.py judges
+the config; the weight keys are judged here (they are what a config can leave out or get wrong).
 
 An adapter is identified by `(adapter_id, generation)`, never by its name: reloading a name gives
 a new generation, so prefix-cache keys and session pages built under the old weights never match.
@@ -22,19 +23,20 @@ exactly that for one layer and fused projection; the manager copies it into the 
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from agentserve.lora.key import LoRAKey
+from agentserve.lora.peft_config import (CONFIG_FILE, LoRAAdapterError, check_adapter_config, read_adapter_config,
+                                         scaling_config)
 from agentserve.model.arch_config import ArchConfig
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -47,37 +49,37 @@ FUSED_SLICES: dict[str, tuple[str, ...]] = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
 # base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight; the adapter-name segment
 # (lora_A.default.weight) appears in unsaved state dicts, the prefixes vary with how it was saved.
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
+# The module path (group 1) is PEFT's name for the module, which rank_pattern / alpha_pattern match.
+_KEY = re.compile(r"^(?:base_model\.model\.)?((?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+))"
                   r"\.lora_(A|B)(?:\.[\w-]+)?\.weight$")
-_UNSUPPORTED_KEYS = (
-    ("lora_embedding_", "LoRA on embeddings"),
-    ("lora_magnitude_vector", "DoRA (use_dora)"),
-    ("lm_head", "LoRA on lm_head"),
-    ("embed_tokens", "LoRA or trained weights on embed_tokens"),
-)
-_UNSUPPORTED_TARGETS = {"embed_tokens": "embeddings", "lm_head": "lm_head"}
-# Config flags whose truthy value changes the math beyond y += scale * B A x.
-_UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA (use_dora) is not supported",
-    "lora_bias": "a LoRA bias (lora_bias) is not supported",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D layout) is not supported",
-    "modules_to_save": "modules_to_save (fully trained copies of base modules) is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported",
-    "target_parameters": "LoRA on parameters (target_parameters) is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QA-LoRA (use_qalora) is not supported",
-}
+# Saved tensors that are no part of inference: VeLoRA's activation-compression state (its forward
+# outside training is plain LoRA).
+_TRAINING_ONLY_KEYS = ("lora_velora_embed",)
+_EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 
-class LoRAAdapterError(ValueError):
-    """An adapter that cannot be served; the message names the file, module or field at fault."""
+def _unsupported_key(key: str) -> Optional[str]:
+    """What a weight key holds that this server cannot apply, or None for a LoRA A / B weight."""
+    if "lora_embedding_" in key:
+        return "LoRA on embeddings (lora_embedding_A / lora_embedding_B)"
+    if "lora_magnitude_vector" in key:
+        return "DoRA (use_dora)"
+    for module in _EMBEDDING_MODULES:
+        if module in key:
+            if ".lora_" in key:
+                return f"LoRA on {module}"
+            return (f"a full copy of {module} (saved by save_embedding_layers or modules_to_save, e.g. after "
+                    "resizing the vocabulary)")
+    if key.endswith(".lora_B.bias") or re.search(r"\.lora_B\.[\w-]+\.bias$", key):
+        return "a LoRA bias (lora_bias)"
+    if key.endswith(".bias"):
+        return "a trained base-layer bias (bias='all' or 'lora_only')"
+    return None
 
 
 @dataclass(frozen=True)
@@ -164,40 +166,6 @@ def lora_module_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise LoRAAdapterError(f"{path} has no {CONFIG_FILE} (is it a PEFT adapter directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoRAAdapterError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise LoRAAdapterError(f"{cfg_path} must hold a JSON object")
-    return cfg
-
-
-def _check_config(cfg: dict[str, Any], where: Path) -> None:
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise LoRAAdapterError(f"{where}: peft_type {peft_type!r} is not supported; only LORA adapters are")
-    for flag, problem in _UNSUPPORTED_FLAGS.items():
-        if cfg.get(flag):
-            raise LoRAAdapterError(f"{where}: {problem} ({flag}={cfg[flag]!r})")
-    targets = cfg.get("target_modules")
-    # A string is a regex (or "all-linear"): the weights tell what it matched, checked below.
-    if isinstance(targets, list):
-        for target in targets:
-            leaf = str(target).rsplit(".", 1)[-1]
-            if leaf in _UNSUPPORTED_TARGETS:
-                raise LoRAAdapterError(
-                    f"{where}: target module {target!r} ({_UNSUPPORTED_TARGETS[leaf]}) is not supported; "
-                    f"supported: {', '.join(LORA_TARGET_MODULES)}")
-            if leaf not in LORA_TARGET_MODULES:
-                raise LoRAAdapterError(f"{where}: target module {target!r} is not supported; "
-                                       f"supported: {', '.join(LORA_TARGET_MODULES)}")
-
-
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     st_path, bin_path = path / SAFETENSORS_FILE, path / BIN_FILE
     if st_path.is_file():
@@ -212,16 +180,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise LoRAAdapterError(f"{bin_path} could not be read as a torch state dict: {e}") from None
         if not isinstance(state, dict):
             raise LoRAAdapterError(f"{bin_path} does not hold a state dict")
+        not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise LoRAAdapterError(f"{bin_path} holds entries that are not tensors: {', '.join(not_tensors[:3])}")
         return state
     raise LoRAAdapterError(f"{path} has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
-
-
-def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -229,23 +192,32 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _split_key(key: str, where: Path) -> tuple[int, str, str, str]:
-    for marker, what in _UNSUPPORTED_KEYS:
-        if marker in key:
-            raise LoRAAdapterError(f"{where}: {what} is not supported (weight {key!r})")
+@dataclass(frozen=True)
+class _WeightKey:
+    layer: int
+    module: str       # "q_proj", ...
+    module_path: str  # PEFT's name of the module ("model.layers.0.self_attn.q_proj")
+    side: str         # "A" or "B"
+
+
+def _split_key(key: str, where: Path) -> Optional[_WeightKey]:
+    """The LoRA weight a key names; None for a tensor inference does not use; raises for the rest."""
+    if any(marker in key for marker in _TRAINING_ONLY_KEYS):
+        return None
+    problem = _unsupported_key(key)
+    if problem is not None:
+        raise LoRAAdapterError(f"{where}: {problem} is not supported (weight {key!r})")
     match = _KEY.match(key)
     if match is None:
-        if key.endswith(".bias"):
-            raise LoRAAdapterError(f"{where}: a LoRA bias is not supported (weight {key!r})")
         raise LoRAAdapterError(f"{where}: unexpected weight {key!r}; expected LoRA A/B weights of "
                                f"{', '.join(LORA_TARGET_MODULES)}")
-    layer, block, module, ab = match.groups()
+    module_path, layer, block, module, side = match.groups()
     if module not in LORA_TARGET_MODULES:
         raise LoRAAdapterError(f"{where}: weight {key!r} targets module {module!r}, which is not supported; "
                                f"supported: {', '.join(LORA_TARGET_MODULES)}")
     if (block == "self_attn") != (module in ATTENTION_MODULES):
         raise LoRAAdapterError(f"{where}: weight {key!r} puts {module} under {block}")
-    return int(layer), block, module, ab
+    return _WeightKey(layer=int(layer), module=module, module_path=module_path, side=side)
 
 
 def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int, adapter_id: int,
@@ -259,29 +231,32 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     path = Path(path)
     if not path.is_dir():
         raise LoRAAdapterError(f"LoRA adapter directory {path} does not exist")
-    cfg = _read_config(path)
+    cfg = read_adapter_config(path)
     where = path / CONFIG_FILE
-    _check_config(cfg, where)
+    check_adapter_config(cfg, where)
+    scaling_cfg = scaling_config(cfg, where)
     weights_file = path / (SAFETENSORS_FILE if (path / SAFETENSORS_FILE).is_file() else BIN_FILE)
     state = _read_weights(path)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    blocks: dict[tuple[int, str], str] = {}
+    module_paths: dict[tuple[int, str], str] = {}
     for key, tensor in state.items():
-        layer, block, module, side = _split_key(key, weights_file)
-        if layer >= arch.num_layers:
-            raise LoRAAdapterError(f"{weights_file}: weight {key!r} is for layer {layer}, but the base "
+        parsed = _split_key(key, weights_file)
+        if parsed is None:
+            continue
+        if parsed.layer >= arch.num_layers:
+            raise LoRAAdapterError(f"{weights_file}: weight {key!r} is for layer {parsed.layer}, but the base "
                                    f"model has {arch.num_layers} layers")
-        pairs.setdefault((layer, module), {})[side] = tensor
-        blocks[(layer, module)] = block
+        if parsed.side in pairs.get((parsed.layer, parsed.module), {}):
+            # e.g. both lora_A.weight and lora_A.<adapter name>.weight: which one PEFT would use is unclear
+            raise LoRAAdapterError(f"{weights_file}: layer {parsed.layer} {parsed.module} has more than one "
+                                   f"lora_{parsed.side} weight (one of them: {key!r})")
+        pairs.setdefault((parsed.layer, parsed.module), {})[parsed.side] = tensor
+        module_paths[(parsed.layer, parsed.module)] = parsed.module_path
     if not pairs:
         raise LoRAAdapterError(f"{weights_file} holds no LoRA weights")
 
     shapes = lora_module_shapes(arch)
-    alpha = float(cfg.get("lora_alpha", 8))
-    use_rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern: dict[str, Any] = cfg.get("rank_pattern") or {}
-    alpha_pattern: dict[str, Any] = cfg.get("alpha_pattern") or {}
     layers: list[dict[str, LoRAModuleWeights]] = [{} for _ in range(arch.num_layers)]
     for (layer, module), ab in sorted(pairs.items()):
         what = f"layer {layer} {module}"
@@ -303,15 +278,14 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
             raise LoRAAdapterError(
                 f"{weights_file}: {what} maps {a.shape[1]} -> {b.shape[0]} features, but the base model's "
                 f"{module} maps {in_features} -> {out_features} (an adapter for a different model?)")
-        module_path = f"model.layers.{layer}.{blocks[(layer, module)]}.{module}"
-        pattern_rank = int(_pattern_value(rank_pattern, module_path, cfg.get("r", rank)))
-        if pattern_rank != rank:
-            raise LoRAAdapterError(f"{where}: {what} has rank {rank} in its weights but {pattern_rank} in "
+        module_path = module_paths[(layer, module)]
+        config_rank = scaling_cfg.module_rank(module_path)
+        if config_rank is not None and config_rank != rank:
+            raise LoRAAdapterError(f"{where}: {what} has rank {rank} in its weights but {config_rank} in "
                                    "the config (r / rank_pattern)")
-        module_alpha = float(_pattern_value(alpha_pattern, module_path, alpha))
         layers[layer][module] = LoRAModuleWeights(
             lora_a=a.to(dtype or a.dtype).contiguous(), lora_b=b.to(dtype or b.dtype).contiguous(),
-            scaling=lora_scaling(module_alpha, rank, use_rslora))
+            scaling=lora_scaling(scaling_cfg.module_alpha(module_path), rank, scaling_cfg.use_rslora))
     return LoRAAdapter(
         adapter_id=adapter_id, generation=generation, name=name if name is not None else path.name,
         path=path, rank=max(w.rank for layer in layers for w in layer.values()),

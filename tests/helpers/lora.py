@@ -4,6 +4,7 @@ the base weights with merge_and_unload): the reference every multi-LoRA engine t
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +29,33 @@ def build_peft_adapter(base: Path, out: Path, *, seed: int = 0, scale: float = 1
                     param.mul_(scale)
     peft_model.save_pretrained(out)
     return out
+
+
+def save_peft_variant(base: Path, out: Path, *, seed: int = 0, adapter_name: str = "default", safe: bool = True,
+                      save_kwargs: Optional[dict[str, Any]] = None,
+                      config_edit: Optional[dict[str, Any]] = None, **lora_kw: Any) -> Path:
+    """Saves a PEFT LoRA over the model at `base` as PEFT writes it for `lora_kw` (init_lora_weights
+    defaults to False), with random noise added to every lora_B so that even a zero-B initialisation
+    changes outputs. `save_kwargs` go to save_pretrained; `config_edit` is then merged into the saved
+    adapter_config.json (to mimic configs from other PEFT versions or tools). Returns the directory
+    holding adapter_config.json (PEFT puts a non-default adapter name in a subdirectory)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora_kw.setdefault("init_lora_weights", False)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kw), adapter_name=adapter_name)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param))
+    peft_model.save_pretrained(out, safe_serialization=safe, **(save_kwargs or {}))
+    path = out if adapter_name == "default" else out / adapter_name
+    if config_edit:
+        cfg_path = path / "adapter_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **config_edit}))
+    return path
 
 
 @functools.lru_cache(maxsize=8)
