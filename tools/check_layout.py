@@ -30,7 +30,7 @@ GENERATED = re.compile(r"^agentserve/service/agent_pb2(_grpc)?\.py$")
 
 # The core layers and what they must never import (DESIGN.md, "Layering").
 LOWER_LAYERS = tuple(f"agentserve.{name}" for name in (
-    "cache", "worker", "model", "sampling", "spec", "lora", "parallel", "kernels", "request", "errors", "config"))
+    "cache", "worker", "model", "sampling", "spec", "lora", "parallel", "kernels", "request", "errors", "config", "json_file"))
 UPPER_LAYERS = tuple(f"agentserve.{name}" for name in (
     "engine", "sessions", "service", "adapters", "chat", "testing"))
 

@@ -24,11 +24,12 @@ modules were adapted, and those are checked one by one.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from agentserve.json_file import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 _SUPPORTED_PEFT_TYPE = "LORA"
@@ -80,16 +81,8 @@ class LoRAScalingConfig:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise LoRAAdapterError(f"{path} has no {CONFIG_FILE} (is it a PEFT adapter directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoRAAdapterError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise LoRAAdapterError(f"{cfg_path} must hold a JSON object")
-    return cfg
+    return read_json_object(path / CONFIG_FILE, LoRAAdapterError,
+                            f"{path} has no {CONFIG_FILE} (is it a PEFT adapter directory?)")
 
 
 def check_adapter_config(cfg: dict[str, Any], where: Path) -> None:

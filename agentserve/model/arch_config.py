@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from agentserve.json_file import read_json_object
 from agentserve.model.rope_scaling import RopeScalingError, normalized_rope_scaling
 
 SUPPORTED_ARCHITECTURES = {
@@ -105,11 +105,5 @@ class ArchConfig:
 
     @classmethod
     def from_dir(cls, path: Path) -> "ArchConfig":
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise ModelLoadError(f"{path} has no config.json (is it a Hugging Face model directory?)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
-        return cls.from_dict(cfg)
+        return cls.from_dict(read_json_object(path / "config.json", ModelLoadError,
+                                              f"{path} has no config.json (is it a Hugging Face model directory?)"))
