@@ -183,6 +183,12 @@ def test_fp8_kv_cache_with_and_without_checkpoint_scales(tmp_path: Path) -> None
         "quant_method": "compressed-tensors", "format": "dense", "config_groups": {}, "kv_cache_scheme": FP8_KV}}))
     assert set(_methods(kv_only).values()) == {UnquantizedLinearMethod}
     assert _tokens(kv_only, kv_cache_dtype="fp8") == got
+    # Scales for some layers only: the others would keep scale 1 (neither calibrated nor the checkpoint's).
+    save_file({n: t for n, t in load_file(str(deq / "model.safetensors")).items() if "layers.1.self_attn.kv" not in n},
+              str(kv_only / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"KV-cache scales for some layers but not for "
+                                             r"\['layers.1.self_attn.k_scale', 'layers.1.self_attn.v_scale'\]"):
+        LLM(str(kv_only), num_blocks=16, kv_cache_dtype="fp8")
 
 
 def _with_config(src: Path, dst: Path, qc: dict[str, Any]) -> Path:

@@ -110,15 +110,30 @@ def checkpoint_tensor_names(path: Path) -> list[str]:
     return names
 
 
-def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor) -> bool:
+def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor, scaled: set[str]) -> bool:
+    """A KV-cache scale into its attention's buffer; `scaled` collects the (attention, buffer) names."""
     for suffix, buffers in _KV_SCALE_SUFFIXES.items():
         if hf_name.endswith(suffix):
-            attention = model.get_submodule(_param_name(hf_name[:-len(suffix)])[0] + ".self_attn")
+            attention_name = _param_name(hf_name[:-len(suffix)])[0] + ".self_attn"
+            attention = model.get_submodule(attention_name)
             for buffer in buffers:
                 getattr(attention, buffer).fill_(float(tensor.float().max()))
-            model.kv_scales_loaded = True
+                scaled.add(f"{attention_name}.{buffer}")
             return True
     return False
+
+
+def _check_kv_scales(model: CausalLM, scaled: set[str]) -> None:
+    """A checkpoint's KV scales cover every layer or none: the runner calibrates all layers or none,
+    and a layer left at scale 1 would clip its fp8 pages at +-448."""
+    if not scaled:
+        return
+    wanted = {f"layers.{i}.self_attn.{b}" for i in range(model.cfg.num_layers) for b in ("k_scale", "v_scale")}
+    lacking = sorted(wanted - scaled)
+    if lacking:
+        raise ModelLoadError(f"the checkpoint has KV-cache scales for some layers but not for {lacking[:4]}"
+                             f"{' ...' if len(lacking) > 4 else ''}")
+    model.kv_scales_loaded = True
 
 
 class _WeightSink:
@@ -153,6 +168,7 @@ def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None)
     dtype are dequantized with their scales first (model/fp8_checkpoint.py)."""
     sink = _WeightSink(model)
     dequantizer = Fp8WeightDequantizer(quant) if quant is not None and quant.checkpoint_fp8 else None
+    kv_scaled: set[str] = set()
     for hf_name, tensor, source in checkpoint_tensors(path):
         name, _ = _param_name(hf_name)
         param = sink.params.get(name)
@@ -169,7 +185,7 @@ def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None)
             ready = dequantizer.add_scale(hf_name, tensor)  # the scale of a layer served unquantized
             if ready is not None:
                 sink.load(*ready, source)
-        elif _load_kv_scale(model, hf_name, tensor):
+        elif _load_kv_scale(model, hf_name, tensor, kv_scaled):
             continue
         elif name == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue  # some tied checkpoints still carry a copy
@@ -177,6 +193,7 @@ def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None)
             logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)
     if dequantizer is not None:
         dequantizer.check_done()
+    _check_kv_scales(model, kv_scaled)
     missing = sink.missing()
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
