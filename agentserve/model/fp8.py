@@ -11,7 +11,8 @@ scales. 128x128 block scales are dequantized and re-quantized per channel: one m
 each weight, in exchange for one GEMM path (vLLM runs a block-scaled GEMM instead).
 
 `quantize_linear_layers` swaps the method of a built model's linear layers (the model classes
-construct UnquantizedLinearMethod; the lm_head and embeddings stay in the model dtype, as in vLLM).
+construct UnquantizedLinearMethod; the lm_head and embeddings stay in the model dtype, as in vLLM;
+a pre-quantized checkpoint's FP8 layers are those it stores weight scales for, model/fp8_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agentserve.model.parameter import LoadableParameter, ShardId, WeightLoader,
 from agentserve.model.quant import LinearMethodBase
 from agentserve.model.quant_config import Fp8Config
 
-# Our fused layer -> the checkpoint projections it holds (for the ignore list).
+# Our fused layer -> the checkpoint projections it holds (which of them the checkpoint quantized).
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -162,19 +163,18 @@ def _checkpoint_modules(name: str) -> list[str]:
     return [f"model.{prefix}.{p}" if prefix else p for p in parts]
 
 
-def quantize_linear_layers(model: nn.Module, config: Fp8Config) -> int:
-    """Gives every linear layer not on the ignore list an Fp8LinearMethod (replacing the weights it
-    was built with); call it under the build's default dtype and device. Returns the count."""
+def quantize_linear_layers(model: nn.Module, config: Fp8Config,
+                           quantized_modules: Optional[frozenset[str]] = None) -> int:
+    """Gives linear layers an Fp8LinearMethod (replacing the weights they were built with): every one
+    when quantizing at load, else those whose every checkpoint projection is in `quantized_modules`
+    (model/fp8_checkpoint.py); call it under the build's default dtype and device. Returns the count."""
     count = 0
     dtype = torch.get_default_dtype()
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase):
             continue
-        ignored = [config.is_ignored(m) for m in _checkpoint_modules(name)]
-        if all(ignored):
-            continue
-        if any(ignored):
-            raise WeightShapeError(f"{name} fuses projections of which only some are quantized")
+        if quantized_modules is not None and not set(_checkpoint_modules(name)) <= quantized_modules:
+            continue  # FP8 parts of a partly quantized fused layer are dequantized at load
         assert isinstance(module.weight, LoadableParameter)  # as built, before any method replaced it
         shard_ids = module.weight.shard_ids
         del module.weight

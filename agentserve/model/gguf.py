@@ -3,6 +3,10 @@ dequantized to fp32 at load under their Hugging Face names (the loader then cast
 serving dtype, or quantizes them to FP8 with quantization="fp8").
 
 `--model path/to/model.gguf`, or a directory that holds exactly one .gguf file and no config.json.
+A model split by llama.cpp's gguf-split (`<name>-00001-of-0000N.gguf` ...) is served from its first
+shard, or from a directory that holds its shards and nothing else: the metadata is in the first
+shard, the tensors are spread over all of them. A directory holding several models (say one file per
+quantization type, as GGUF repositories publish them) is an error listing them.
 The tokenizer and chat template come from the same metadata through transformers (engine/loading.py).
 Supported architectures: llama (also Mistral GGUFs, which llama.cpp writes as llama), qwen2, qwen3;
 tensor types: whatever the gguf library dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants,
@@ -12,6 +16,7 @@ the IQ types); anything else is a ModelLoadError naming the architecture or tens
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -32,13 +37,26 @@ _LAYER_TENSORS = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# gguf-split's shard names (llama.cpp's LLAMA_SPLIT_PATH format).
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
 
 
+def _is_one_split_model(files: list[Path]) -> bool:
+    """Whether `files` (sorted) are exactly the shards 1..N of one gguf-split model."""
+    matches = [_SHARD_NAME.match(f.name) for f in files]
+    if not all(matches):
+        return False
+    keys = {(m["prefix"], m["count"]) for m in matches if m is not None}
+    indices = [int(m["index"]) for m in matches if m is not None]
+    return len(keys) == 1 and indices == list(range(1, len(files) + 1)) and int(next(iter(keys))[1]) == len(files)
+
+
 def find_gguf_file(path: Path) -> Optional[Path]:
-    """The GGUF file `path` names: the file itself, or the single .gguf in a directory without a
-    config.json (a Hugging Face directory with a config.json is read as safetensors)."""
+    """The GGUF file `path` names: the file itself, or the single .gguf (or the first shard of the
+    one split model) in a directory without a config.json (a Hugging Face directory with a
+    config.json is read as safetensors)."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf checkpoint")
@@ -46,7 +64,7 @@ def find_gguf_file(path: Path) -> Optional[Path]:
     if not path.is_dir() or (path / "config.json").is_file():
         return None
     files = sorted(path.glob("*.gguf"))
-    if len(files) > 1:
+    if len(files) > 1 and not _is_one_split_model(files):
         raise ModelLoadError(f"{path} holds several GGUF files ({', '.join(f.name for f in files)}); "
                              "pass the one to serve as --model")
     return files[0] if files else None
@@ -66,17 +84,40 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def _readers(file: Path) -> list[tuple[Path, Any]]:
+    """(file, reader) of every shard of the model `file` starts (just `file` unless it is split); the
+    first holds the metadata."""
+    first = _reader(file)
+    count = int(_field(first, "split.count", 1))
+    if count <= 1:
+        return [(file, first)]
+    match = _SHARD_NAME.match(file.name)
+    index = int(_field(first, "split.no", 0))
+    if match is None or index != 0:
+        raise ModelLoadError(f"{file.name} is shard {index + 1} of a GGUF model split in {count}; pass the first "
+                             f"shard (<name>-00001-of-{count:05d}.gguf)")
+    shards = [file.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+    missing = [f.name for f in shards if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{file.name} is the first of {count} GGUF shards, but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing next to it")
+    return [(file, first), *((f, _reader(f)) for f in shards)]
+
+
 def gguf_config_dict(file: Path) -> dict[str, Any]:
     """A Hugging Face style config.json dict for ArchConfig.from_dict, from the file's metadata."""
-    reader = _reader(file)
+    readers = _readers(file)
+    reader = readers[0][1]
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {file.name}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for _, r in readers for t in r.tensors}
+    names = set(tensors)
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{file.name} has no token_embd.weight tensor")
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens", [])
     config: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch,
         "hidden_size": hidden, "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
@@ -86,23 +127,24 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
         "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
-        "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens))),
+        # The embedding's rows (ggml lists the hidden size first): <arch>.vocab_size is optional (the
+        # converter writes it for some architectures only) and the token list may be shorter.
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
         # Dequantized weights are served in bf16 on the GPU (fp32 on the CPU, like every model there).
         "torch_dtype": "bfloat16",
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "rope_scaling": _rope_scaling(reader, arch),
+        "rope_scaling": _rope_scaling(reader, tensors.get("rope_freqs.weight"), arch),
     }
     return config
 
 
-def _rope_scaling(reader: Any, arch: str) -> Optional[dict[str, Any]]:
+def _rope_scaling(reader: Any, freqs: Any, arch: str) -> Optional[dict[str, Any]]:
     """config.json's rope_scaling for the file: llama.cpp stores Llama 3.x's llama3 scaling as a
     `rope_freqs` tensor of per-dimension divisors (computed by its converter from the same formula),
     and linear / YaRN scaling as `<arch>.rope.scaling.*` metadata."""
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         from gguf.quants import dequantize
 
@@ -139,13 +181,20 @@ def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(Hugging Face name, fp32 tensor, file name) for every tensor of the file."""
+    """(Hugging Face name, fp32 tensor, file name) for every tensor of the file (of every shard)."""
+    readers = _readers(file)
+    metadata = readers[0][1]
+    arch = _field(metadata, "general.architecture")
+    heads = int(_field(metadata, f"{arch}.attention.head_count"))
+    kv_heads = int(_field(metadata, f"{arch}.attention.head_count_kv", heads))
+    for shard, reader in readers:
+        yield from _shard_tensors(shard, reader, arch, heads, kv_heads)
+
+
+def _shard_tensors(file: Path, reader: Any, arch: str, heads: int, kv_heads: int
+                   ) -> Iterator[tuple[str, torch.Tensor, str]]:
     from gguf.quants import dequantize
 
-    reader = _reader(file)
-    arch = _field(reader, "general.architecture")
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue  # rotary frequencies, read into rope_scaling by gguf_config_dict

@@ -14,6 +14,8 @@ from safetensors import safe_open
 
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.fp8 import quantize_linear_layers
+from agentserve.model.fp8_checkpoint import (FLOAT8_DTYPES, Fp8WeightDequantizer, check_weight_dtype,
+                                             quantized_checkpoint_modules)
 from agentserve.model.gguf import find_gguf_file, gguf_tensors
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
@@ -38,11 +40,14 @@ STACKED_PARAMS: list[tuple[str, str, ShardId]] = [
 ]
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# KV-cache scales of FP8 checkpoints (compressed-tensors kv_cache_scheme): the attention's k_scale /
-# v_scale, or the older k_proj / v_proj output_scale. Used when the KV cache is fp8 (per-head scales
-# are reduced to their maximum: the kernels take one scale per layer).
-_KV_SCALE_SUFFIXES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
-                      ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
+# KV-cache scales of FP8 checkpoints: the attention's k_scale / v_scale (compressed-tensors
+# kv_cache_scheme), the older k_proj / v_proj output_scale, ModelOpt's k_proj.k_scale / v_proj.v_scale,
+# and AutoFP8's one kv_scale for both. Used when the KV cache is fp8 (per-head scales are reduced to
+# their maximum: the kernels take one scale per layer).
+_KV_SCALE_SUFFIXES = {".self_attn.k_scale": ("k_scale",), ".self_attn.v_scale": ("v_scale",),
+                      ".self_attn.k_proj.output_scale": ("k_scale",), ".self_attn.v_proj.output_scale": ("v_scale",),
+                      ".self_attn.k_proj.k_scale": ("k_scale",), ".self_attn.v_proj.v_scale": ("v_scale",),
+                      ".self_attn.kv_scale": ("k_scale", "v_scale")}
 
 
 def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
@@ -96,41 +101,100 @@ def checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     return _safetensors_tensors(path)
 
 
-def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor) -> bool:
-    for suffix, buffer in _KV_SCALE_SUFFIXES.items():
+def checkpoint_tensor_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors checkpoint, read from the headers (no tensor data)."""
+    names: list[str] = []
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
+
+
+def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor, scaled: set[str]) -> bool:
+    """A KV-cache scale into its attention's buffer; `scaled` collects the (attention, buffer) names."""
+    for suffix, buffers in _KV_SCALE_SUFFIXES.items():
         if hf_name.endswith(suffix):
-            attention = model.get_submodule(_param_name(hf_name[:-len(suffix)])[0] + ".self_attn")
-            getattr(attention, buffer).fill_(float(tensor.float().max()))
-            model.kv_scales_loaded = True
+            attention_name = _param_name(hf_name[:-len(suffix)])[0] + ".self_attn"
+            attention = model.get_submodule(attention_name)
+            for buffer in buffers:
+                getattr(attention, buffer).fill_(float(tensor.float().max()))
+                scaled.add(f"{attention_name}.{buffer}")
             return True
     return False
 
 
-def load_weights(model: CausalLM, path: Path) -> None:
-    """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
-    parameter (every shard of a fused one) was filled."""
-    params: dict[str, LoadableParameter] = {}
-    for name, param in model.named_parameters():  # a tied lm_head shares the embedding's entry
-        assert isinstance(param, LoadableParameter), f"{name} has no weight loader"
-        params[name] = param
-    loaded: dict[str, set[Optional[ShardId]]] = {name: set() for name in params}
-    for hf_name, tensor, source in checkpoint_tensors(path):
+def _check_kv_scales(model: CausalLM, scaled: set[str]) -> None:
+    """A checkpoint's KV scales cover every layer or none: the runner calibrates all layers or none,
+    and a layer left at scale 1 would clip its fp8 pages at +-448."""
+    if not scaled:
+        return
+    wanted = {f"layers.{i}.self_attn.{b}" for i in range(model.cfg.num_layers) for b in ("k_scale", "v_scale")}
+    lacking = sorted(wanted - scaled)
+    if lacking:
+        raise ModelLoadError(f"the checkpoint has KV-cache scales for some layers but not for {lacking[:4]}"
+                             f"{' ...' if len(lacking) > 4 else ''}")
+    model.kv_scales_loaded = True
+
+
+class _WeightSink:
+    """Hands checkpoint tensors to their parameters' weight loaders and records what was filled."""
+
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.params: dict[str, LoadableParameter] = {}
+        for name, param in model.named_parameters():  # a tied lm_head shares the embedding's entry
+            assert isinstance(param, LoadableParameter), f"{name} has no weight loader"
+            self.params[name] = param
+        self.loaded: dict[str, set[Optional[ShardId]]] = {name: set() for name in self.params}
+
+    def load(self, hf_name: str, tensor: torch.Tensor, source: str) -> None:
         name, shard_id = _param_name(hf_name)
-        if name not in params:
-            if _load_kv_scale(model, hf_name, tensor):
-                continue
-            if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
-                continue  # some tied checkpoints still carry a copy
-            logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)
-            continue
-        param = params[name]
+        param = self.params[name]
+        check_weight_dtype(hf_name, tensor, param)
         try:
             param.weight_loader(param, tensor, shard_id)
         except WeightShapeError as e:
             raise ModelLoadError(f"tensor {hf_name} in {source} {e}") from None
-        loaded[name].add(shard_id)
-    missing = [name for name, param in params.items()
-               if None not in loaded[name] and not set(param.shard_ids) <= loaded[name]]
+        self.loaded[name].add(shard_id)
+
+    def missing(self) -> list[str]:
+        return [name for name, param in self.params.items()
+                if None not in self.loaded[name] and not set(param.shard_ids) <= self.loaded[name]]
+
+
+def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None) -> None:
+    """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
+    parameter (every shard of a fused one) was filled. FP8 tensors of layers served in the model
+    dtype are dequantized with their scales first (model/fp8_checkpoint.py)."""
+    sink = _WeightSink(model)
+    dequantizer = Fp8WeightDequantizer(quant) if quant is not None and quant.checkpoint_fp8 else None
+    kv_scaled: set[str] = set()
+    for hf_name, tensor, source in checkpoint_tensors(path):
+        name, _ = _param_name(hf_name)
+        param = sink.params.get(name)
+        if param is not None and tensor.dtype in FLOAT8_DTYPES and param.dtype not in FLOAT8_DTYPES:
+            if dequantizer is None:
+                raise ModelLoadError(f"tensor {hf_name} in {source} is {tensor.dtype}, but config.json has no FP8 "
+                                     "quantization_config to read its scale from")
+            dequantized = dequantizer.add_weight(hf_name, tensor)
+            if dequantized is not None:
+                sink.load(hf_name, dequantized, source)
+        elif param is not None:
+            sink.load(hf_name, tensor, source)
+        elif dequantizer is not None and dequantizer.is_scale(hf_name):
+            ready = dequantizer.add_scale(hf_name, tensor)  # the scale of a layer served unquantized
+            if ready is not None:
+                sink.load(*ready, source)
+        elif _load_kv_scale(model, hf_name, tensor, kv_scaled):
+            continue
+        elif name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue  # some tied checkpoints still carry a copy
+        elif not (dequantizer is not None and hf_name.endswith(".input_scale")):  # of a layer served unquantized
+            logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)
+    if dequantizer is not None:
+        dequantizer.check_done()
+    _check_kv_scales(model, kv_scaled)
+    missing = sink.missing()
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
@@ -174,8 +238,11 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
         with torch.device(device):
             model = CausalLM(arch, tp)
             if quant is not None:
+                # A checkpoint's FP8 layers are those it stores weight scales for (model/fp8_checkpoint.py).
+                quantized = quantized_checkpoint_modules(checkpoint_tensor_names(path), quant) \
+                    if quant.checkpoint_fp8 and path is not None else None
                 try:
-                    quantize_linear_layers(model, quant)
+                    quantize_linear_layers(model, quant, quantized)
                 except WeightShapeError as e:
                     raise ModelLoadError(f"{path}: {e}") from None
     finally:
@@ -184,7 +251,7 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
         init_dummy_weights(model, seed)
     else:
         assert path is not None
-        load_weights(model, path)
+        load_weights(model, path, quant)
     process_weights_after_loading(model)
     model.eval()
     model.requires_grad_(False)

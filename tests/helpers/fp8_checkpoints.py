@@ -22,20 +22,22 @@ Tensors = dict[str, torch.Tensor]
 Quantizer = Callable[[str, torch.Tensor], tuple[Tensors, torch.Tensor]]
 
 
-def _is_projection(name: str) -> bool:
+def is_projection(name: str) -> bool:
     return name.endswith(".weight") and any(f".{p}." in name for p in PROJECTIONS)
 
 
-def write_checkpoints(src: Path, dst: Path, quantizer: Quantizer, quantization_config: Optional[dict[str, Any]]
-                      ) -> tuple[Path, Path]:
-    """Two copies of the tiny model `src`: dst/fp8 with its projections stored by `quantizer` and
-    `quantization_config` in config.json, and dst/deq with the dequantized weights in fp32."""
+def write_checkpoints(src: Path, dst: Path, quantizer: Quantizer, quantization_config: Optional[dict[str, Any]],
+                      quantized_tensor: Callable[[str], bool] = is_projection,
+                      extra_tensors: Optional[Tensors] = None) -> tuple[Path, Path]:
+    """Two copies of the tiny model `src`: dst/fp8 with its projections (the tensors `quantized_tensor`
+    picks) stored by `quantizer` and `quantization_config` in config.json, and dst/deq with the
+    dequantized weights in fp32; both with `extra_tensors` (KV-cache scales, say)."""
     tensors: Tensors = {}
     for f in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    quantized, dequantized = {}, {}
+    quantized, dequantized = dict(extra_tensors or {}), dict(extra_tensors or {})
     for name, t in tensors.items():
-        if _is_projection(name):
+        if quantized_tensor(name):
             stored, deq = quantizer(name, t.float())
             quantized.update(stored)
             dequantized[name] = deq.float().contiguous()
@@ -79,7 +81,11 @@ def tensor_quantizer(static_input: bool) -> Quantizer:
     return q
 
 
-def block_quantizer(block: tuple[int, int]) -> Quantizer:
+def block_quantizer(block: tuple[int, int], requantized: bool = False) -> Quantizer:
+    """Fine-grained FP8 (`weight_scale_inv` per block; partial blocks at the edges). `requantized`:
+    the dequantized weight the engine serves an FP8 layer with, the block-dequantized weight rounded
+    once more per output channel (model/fp8.py); else the block-dequantized weight itself (what a
+    layer served unquantized computes with)."""
     bn, bk = block
 
     def q(name: str, w: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
@@ -92,12 +98,15 @@ def block_quantizer(block: tuple[int, int]) -> Quantizer:
         wq = to_fp8_saturated(tiles / scale_inv[:, None, :, None]).view(nb * bn, kb * bk)[:n, :k].contiguous()
         full = scale_inv.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
         deq = wq.float() * full
+        if requantized:
+            deq = dequantize_weight(*quantize_weight_per_channel(deq))
         return {name: wq, f"{name}_scale_inv": scale_inv}, deq
     return q
 
 
 def compressed_tensors_config(weight_strategy: str, activations: Optional[dict[str, Any]],
                               ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, Any]:
+    """quantization_config as llm-compressor writes it for an FP8 scheme (one group for every Linear)."""
     return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": list(ignore),
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": activations,
                                           "weights": {"num_bits": 8, "type": "float", "strategy": weight_strategy,

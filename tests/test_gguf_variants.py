@@ -1,0 +1,104 @@
+"""GGUF files laid out the way llama.cpp's convert_hf_to_gguf.py and gguf-split write them, built here
+from tiny models (tests/helpers/gguf_checkpoints.py): each serves exactly the greedy tokens of the
+engine on the Hugging Face directory holding the weights the file dequantizes to, or fails at
+start-up naming what is wrong.
+
+- the tokenizer and chat template from the file's `tokenizer.ggml.*` metadata (GPT-2 style BPE, as
+  written for Qwen2 / Qwen3 / Llama 3), no tokenizer= needed;
+- Q8_0 / Q4_0 / F16 / BF16 tensors (gguf.quants quantizes them), tied and separate output.weight,
+  a Mistral model written as llama, no `<arch>.vocab_size` key;
+- a model split in shards: served from its first shard or from a directory holding them; a missing
+  shard, a later shard passed as the model, or a directory of unrelated files are errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.testing import tiny_model_cached
+from helpers.gguf_checkpoints import dequantized_copy, write_gguf
+
+gguf = pytest.importorskip("gguf")
+
+PROMPTS = ["The quick brown fox", "In a distant galaxy, a small robot named"]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors, héllo 123!"}]
+
+
+def _tokens(path: Path, **kwargs: Any) -> list[list[int]]:
+    with LLM(str(path), num_blocks=64, **kwargs) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("tiny_arch,gguf_arch,pre", [("qwen2", "qwen2", "qwen2"), ("qwen3", "qwen3", "qwen2"),
+                                                     ("llama3", "llama", "llama-bpe")])
+def test_tokenizer_and_chat_template_from_gguf_metadata(tiny_arch: str, gguf_arch: str, pre: str,
+                                                        tmp_path: Path) -> None:
+    src = tiny_model_cached(tiny_arch)
+    file = write_gguf(src, tmp_path / "m.gguf", gguf_arch, tokenizer_pre=pre)
+    with LLM(str(file), num_blocks=64) as from_gguf, LLM(str(src), num_blocks=64) as ref:
+        ours, theirs = from_gguf.tokenizer, ref.tokenizer
+        assert ours.chat_template == theirs.chat_template
+        text = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+        assert ours.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == text
+        assert ours(text, add_special_tokens=False)["input_ids"] == theirs(text, add_special_tokens=False)["input_ids"]
+        got = [o.outputs[0].token_ids for o in from_gguf.chat([CHAT], GREEDY)]
+        want = [o.outputs[0].token_ids for o in ref.chat([CHAT], GREEDY)]
+        assert got == want
+        assert from_gguf.engine.eos_token_ids <= ref.engine.eos_token_ids
+
+
+@pytest.mark.parametrize("tiny_arch,gguf_arch,qtype,tie", [
+    ("llama", "llama", "Q8_0", None), ("qwen2", "qwen2", "F16", None), ("qwen3", "qwen3", "BF16", None),
+    ("llama", "llama", "Q4_0", True),  # no output.weight: the lm_head is the embedding
+    ("mistral", "llama", "Q8_0", None),  # convert_hf_to_gguf writes Mistral as llama (permuted q / k)
+])
+def test_quantized_tensor_types_match_the_dequantized_weights(tiny_arch: str, gguf_arch: str, qtype: str,
+                                                             tie: Any, tmp_path: Path) -> None:
+    src = tiny_model_cached(tiny_arch)
+    file = write_gguf(src, tmp_path / "m.gguf", gguf_arch, qtype=qtype, tie=tie)
+    reference = dequantized_copy(src, tmp_path / "deq", qtype, tie=tie)
+    with LLM(str(file), tokenizer=str(src), num_blocks=64) as llm:
+        assert llm.engine.arch.tie_word_embeddings == ArchConfig.from_dir(reference).tie_word_embeddings
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == _tokens(reference)
+
+
+def test_vocab_size_comes_from_the_embedding(tmp_path: Path) -> None:
+    """convert_hf_to_gguf writes `<arch>.vocab_size` for some architectures only: without it (and
+    without a token list) the embedding's rows give the vocabulary (it was 0)."""
+    src = tiny_model_cached("qwen2")
+    file = write_gguf(src, tmp_path / "m.gguf", "qwen2", drop_keys=("vocab_size",))
+    assert _tokens(file, tokenizer=str(src)) == _tokens(src)
+
+
+def test_split_model_from_its_first_shard_or_its_directory(tmp_path: Path) -> None:
+    src = tiny_model_cached("llama3")
+    (tmp_path / "split").mkdir()
+    first = write_gguf(src, tmp_path / "split" / "m.gguf", "llama", tokenizer_pre="llama-bpe", split_max_tensors=7)
+    names = sorted(f.name for f in first.parent.iterdir())
+    count = len(names)
+    assert count >= 3 and names == [f"m-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    want = _tokens(src)
+    assert _tokens(first) == want  # the tokenizer from the first shard's metadata
+    assert _tokens(first.parent) == want
+    with pytest.raises(ModelLoadError, match=rf"m-00002-of-{count:05d}.gguf is shard 2 of a GGUF model split in "
+                                             rf"{count}; pass the first shard"):
+        LLM(str(first.parent / names[1]), tokenizer=str(src), num_blocks=16)
+    (first.parent / names[2]).unlink()
+    with pytest.raises(ModelLoadError, match=f"is the first of {count} GGUF shards, but {names[2]} is missing"):
+        LLM(str(first), tokenizer=str(src), num_blocks=16)
+    # Shards of two different splits (or files of several quantizations) in one directory: which to serve?
+    other = tmp_path / "two"
+    other.mkdir()
+    for name in names[:2]:
+        shutil.copy(first.parent / name, other / name)
+    shutil.copy(first, other / "n-00001-of-00002.gguf")
+    with pytest.raises(ModelLoadError, match="holds several GGUF files"):
+        LLM(str(other), tokenizer=str(src), num_blocks=16)
