@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|s14b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -114,22 +114,6 @@ if [ "$MODE" = s13b ]; then
     "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "tests/test_gpu_arch_variants.py::test_variant_matches_transformers_on_gpu[llama-biases-bfloat16]" \
     --junitxml "$OUT/pytest_s13b.xml"
   TMO=230 run fastpath-ttft python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath_ttft.json"
-fi
-if [ "$MODE" = s14b ]; then
-  # The fourteenth session's FP8 bit decode (kernels/gemv.py FP8_BITS; ~8 min, predictions in NOTES.md):
-  # its GPU tests and the FP8 kernels' and engine tests, then the FP8 GEMV sweep and FP8 one stream with
-  # the decode off and on.
-  TMO=200 TAIL=30 run pytest-s14b python3 -m pytest -m gpu -q -rf -p no:cacheprovider -x \
-    tests/test_kernels_gpu_fp8_bit_decode.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8.py \
-    tests/test_gpu_spec.py::test_fp8_self_draft_in_bf16_through_graphs --junitxml "$OUT/pytest_s14b.xml"
-  for flag in 0 1; do
-    AGENTSERVE_FP8_BIT_DECODE=$flag TMO=150 TAIL=8 run "fp8-gemv-bits$flag" python3 benchmarks/fp8.py $DUMMY \
-      --parts gemv --out "$OUT/fp8_gemv_bits$flag.json"
-  done
-  for flag in 0 1; do
-    AGENTSERVE_FP8_BIT_DECODE=$flag TMO=110 TAIL=6 run "latency-fp8-bits$flag" python3 benchmarks/latency.py \
-      $DUMMY --quantization fp8 --repeats 3 --ttft-prompt-len 512 --out "$OUT/latency_fp8_bits$flag.json"
-  done
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.

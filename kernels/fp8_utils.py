@@ -3,17 +3,12 @@ rounding in torch and in Triton."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._triton_utils import tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# Whether the FP8 GEMVs decode e4m3 weights by bit placement (gemv.fma_row_sums, FP8_BITS) instead of
-# the hardware's conversions; read at each launch. AGENTSERVE_FP8_BIT_DECODE=0 for the A/B runs.
-FP8_BIT_DECODE: bool = os.environ.get("AGENTSERVE_FP8_BIT_DECODE", "1") == "1"
 
 
 def is_fp8(t: torch.Tensor) -> bool:

@@ -106,24 +106,12 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 @triton.jit
-def e4m3_bits_as_scaled_f32(b):
-    """e4m3 bytes (uint8) -> fp32 equal to their e4m3 values times 2^-120, with integer ops only: the
-    sign to bit 31, the 4 exponent and 3 mantissa bits to bits 23-26 and 20-22 (an exponent field of
-    E reads as 2^(E - 127) = 2^(E - 7) x 2^-120; E = 0 gives the fp32 subnormal of the e4m3 one, also
-    x 2^-120). e4m3fn's NaN byte reads as a finite value: scaled weights never hold it."""
-    u = b.to(tl.uint32)
-    return (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, FP8_BITS: tl.constexpr):
+                 USE_PDL: tl.constexpr):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
-    first weight tile before the wait measured 4.5% slower on the H200: benchmarks/NOTES.md.)
-    FP8_BITS: w_ptrs address e4m3 weights as uint8 bytes, decoded by bit placement instead of the
-    hardware's e4m3 -> f16 -> f32 conversions (e4m3_bits_as_scaled_f32; the sums are the same)."""
+    first weight tile before the wait measured 4.5% slower on the H200: benchmarks/NOTES.md.)"""
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -134,22 +122,15 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
             k_mask = offs_k + k0 < K
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-        if FP8_BITS:
-            # The weight decodes as its value x 2^-120; the activation chunk scaled by 2^64 keeps the
-            # products (the true ones x 2^-56) in fp32's normal range; the sums are scaled back below.
-            acc += e4m3_bits_as_scaled_f32(w) * (x.to(tl.float32) * 18446744073709551616.0)[None, :]
-        else:
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if FP8_BITS:
-        return tl.sum(acc, 1) * 72057594037927936.0  # 2^56
     return tl.sum(acc, 1)
 
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, FP8_BITS: tl.constexpr):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
     sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
@@ -161,7 +142,7 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, FP8_BITS)
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
@@ -174,7 +155,7 @@ def _gemv_fma_kernel(
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
     m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                                          USE_PDL, False)
+                                          USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)

@@ -24,8 +24,6 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, pdl_launch, tl, triton
-from . import fp8_utils
-from .fp8_utils import FP8_DTYPE
 from .gemv import GemvConfig, as_rows, fma_row_sums
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
@@ -35,7 +33,7 @@ FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
 def _gemv_silu_mul_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, FP8_BITS: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(I, BLOCK_I),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of it hits L2). Tile row 2p is the gate row of output column ib * BLOCK_I + p, row 2p + 1
@@ -48,8 +46,7 @@ def _gemv_silu_mul_kernel(
     rows = (col + (r % 2) * I).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
-                        FP8_BITS)
+    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -79,11 +76,9 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
     if m == 0 or inter == 0:
         return out.view(*lead, inter)
     block_i = max(1, config.block_n // 2)
-    fp8_bits = weight.dtype == FP8_DTYPE and fp8_utils.FP8_BIT_DECODE
     _gemv_silu_mul_kernel[(m * cdiv(inter, block_i),)](
-        x2, weight.view(torch.uint8) if fp8_bits else weight, weight_scale if weight_scale is not None else x2,
+        x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, FP8_BITS=fp8_bits, num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl_launch(x2))
+        EVEN_K=k % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)

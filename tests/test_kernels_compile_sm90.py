@@ -48,19 +48,15 @@ SCRIPT = textwrap.dedent('''
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
     tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
     build(gemv._gemv_fma_kernel, gemv_args, tiles)
-    # FP8 weights through the hardware's conversions, and as bytes decoded by bit placement (FP8_BITS).
-    for weight, bits in (("fp8e4nv", False), ("u8", True)):
-        for even_k in (True, False):  # the ragged-K path loads the bytes masked
-            build(fp8_linear._fp8_gemv_kernel, {**gemv_args, "w_ptr": "*" + weight, "ws_ptr": "*fp32",
-                                                "FP8_BITS": "constexpr"}, {**tiles, "FP8_BITS": bits, "EVEN_K": even_k})
-    for weight, bits in (("bf16", False), ("fp8e4nv", False), ("u8", True)):
+    build(fp8_linear._fp8_gemv_kernel, {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32"}, tiles)
+    for weight in ("bf16", "fp8e4nv"):
         build(gemv_silu._gemv_silu_mul_kernel,
               {"x_ptr": "*bf16", "w_ptr": "*" + weight, "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
                "M": "i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-               "EVEN_K": "constexpr", "FP8_BITS": "constexpr", "USE_PDL": "constexpr"},
+               "EVEN_K": "constexpr", "USE_PDL": "constexpr"},
               {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-               "EVEN_K": True, "FP8_BITS": bits, "USE_PDL": True})
+               "EVEN_K": True, "USE_PDL": True})
     # Split-KV over short multi-token queries (speculative verification: BLOCK_Q tokens per program).
     split_args = {name: "i32" for name in (
         "num_splits", "stride_qt", "stride_qh", "stride_pt", "stride_ph", "stride_ps", "stride_mt", "stride_mh",
@@ -79,4 +75,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 14
+    assert run.stdout.count("compiled") == 10
