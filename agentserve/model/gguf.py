@@ -66,6 +66,12 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def gguf_has_tokenizer(file: Path) -> bool:
+    """Whether the file carries a tokenizer (llama.cpp's converter always writes one; a file written
+    with only the weights has none, and is served with token ids as a directory without one is)."""
+    return _reader(file).fields.get("tokenizer.ggml.tokens") is not None
+
+
 def gguf_config_dict(file: Path) -> dict[str, Any]:
     """A Hugging Face style config.json dict for ArchConfig.from_dict, from the file's metadata."""
     reader = _reader(file)
