@@ -21,7 +21,8 @@ from agentserve.model.arch_config import ModelLoadError
 from agentserve.testing import tiny_model_cached
 from helpers.gguf_files import write_gguf
 from helpers.spec_pairs import (foreign_family_draft, llama_copy_of_qwen2, mistral_copy_of_llama, more_kv_heads_copy,
-                                rope_scaled_draft, shaped_draft, short_context_copy, untied_copy)
+                                rope_scaled_draft, shaped_draft, short_context_copy, sliding_window_draft,
+                                untied_copy)
 
 # Repetitive and plain prompts; the longest (40 tokens) runs past the short-context draft's 16 positions.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17], [(7 * i) % 90 + 20 for i in range(40)]]
@@ -46,6 +47,7 @@ RANDOM_DRAFTS: dict[str, tuple[str, Callable[[], str]]] = {
     "linear_rope": ("llama", lambda: rope_scaled_draft("llama", "linear", 4.0)),
     "yarn_rope": ("mistral", lambda: rope_scaled_draft("mistral", "yarn", 4.0)),
     "short_context": ("llama", lambda: shaped_draft("llama", max_position_embeddings=16)),
+    "sliding_window": ("mistral", lambda: sliding_window_draft("mistral", 8)),
 }
 EQUIVALENT_DRAFTS: dict[str, tuple[str, Callable[[], str]]] = {
     "untied_copy": ("qwen2", lambda: untied_copy("qwen2")),

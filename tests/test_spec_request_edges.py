@@ -137,6 +137,29 @@ def test_seeded_random_n_greater_than_one_reproduces() -> None:
     assert len({tuple(c[0]) for c in first[0]}) > 1  # the n sequences draw their own tokens
 
 
+def test_preemption_in_a_tight_pool_with_deep_lookahead() -> None:
+    """14 to 20 pages of 4 tokens for 5 sequences of 34 to 54 tokens, k = 16: lookahead slots (and the
+    continuation's 2k + 1) compete with decodes, requests are preempted and recomputed, and the
+    target as its own draft is still accepted every time."""
+    path = str(tiny_model_cached("llama"))
+    prompts = [[(5 * i + 3 * j) % 50 + 5 for j in range(10 + 5 * i)] for i in range(5)]
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    for num_blocks in (14, 20):
+        pool = dict(device="cpu", dtype="float32", block_size=4, num_blocks=num_blocks, decode_reserve_tokens=0,
+                    enable_prefix_caching=True, max_num_batched_tokens=16)
+        plain = LLM(path, **pool)
+        want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+        plain.close()
+        llm = LLM(path, draft_model=path, num_speculative_tokens=16, spec_dynamic=False, **pool)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+        m = llm.engine.metrics
+        assert m.spec_num_draft_tokens > 0 and m.spec_num_accepted_tokens == m.spec_num_draft_tokens
+        if num_blocks == 14:
+            assert m.num_preemptions_total > 0
+        llm.engine.pool.check_all_free()
+        llm.close()
+
+
 # --- configuration edges ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option,value,message", [

@@ -66,6 +66,15 @@ def foreign_family_draft(target_arch: str, draft_arch: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def sliding_window_draft(arch: str, window: int) -> str:
+    """`arch`'s small draft whose config limits attention to a sliding window the target does not have
+    (the draft attends in full: its proposals are guesses either way, verified by the target)."""
+    out = _copy(tiny_model_cached(arch, seed=7, num_layers=1), f"window-{window}-draft-")
+    _edit_config(out, sliding_window=window, use_sliding_window=True)
+    return str(out)
+
+
+@functools.lru_cache(maxsize=None)
 def rope_scaled_draft(arch: str, rope_type: str, factor: float) -> str:
     """`arch`'s small draft with a rope_scaling entry of its own (the target has none, or another)."""
     out = _copy(tiny_model_cached(arch, seed=7, num_layers=1), f"rope-{rope_type}-draft-")
