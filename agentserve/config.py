@@ -115,6 +115,11 @@ class LoRAConfig(_Strict):
         return self
 
 
+# The n-gram proposer's default tail lengths (SpecConfig.prompt_lookup_min / _max).
+_DEFAULT_LOOKUP_MIN = 2
+_DEFAULT_LOOKUP_MAX = 5
+
+
 class SpecConfig(_Strict):
     speculative_method: Optional[Literal["draft_model", "ngram"]] = Field(
         default=None, description="Speculative decoding: 'draft_model' (a smaller model with the target's vocabulary, "
@@ -129,8 +134,10 @@ class SpecConfig(_Strict):
         "served in its own scheme without it.")
     num_speculative_tokens: int = Field(default=4, gt=0, le=16, description="Most tokens proposed per request "
                                         "and step (dynamic speculation may use fewer, down to 0).")
-    prompt_lookup_min: int = Field(default=2, gt=0, description="N-gram proposer: shortest context tail matched.")
-    prompt_lookup_max: int = Field(default=5, gt=0, description="N-gram proposer: longest context tail matched.")
+    prompt_lookup_min: int = Field(default=_DEFAULT_LOOKUP_MIN, gt=0, description="N-gram proposer: shortest context "
+                                   "tail matched (given alone above the default maximum, the maximum follows it).")
+    prompt_lookup_max: int = Field(default=_DEFAULT_LOOKUP_MAX, gt=0, description="N-gram proposer: longest context "
+                                   "tail matched (given alone below the default minimum, the minimum follows it).")
     spec_dynamic: bool = Field(default=True, description="Choose k per step from the batch size and the measured "
                                "acceptance rate (down to 0 at large batch); off: always num_speculative_tokens.")
     spec_device_continuation: bool = Field(
@@ -141,6 +148,30 @@ class SpecConfig(_Strict):
         default=None, ge=0.0, le=1.0, description="Benchmarks only: accept each draft token with this probability "
         "whatever its value (measures the system's cost at a chosen acceptance on random weights; outputs are not "
         "the target's).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_counts(cls, values: object) -> object:
+        """Counts given as booleans are refused (pydantic would read True as 1). A prompt-lookup bound
+        given alone that contradicts the other's default carries the other with it, as vLLM's
+        speculative_config does (prompt_lookup_min=8 alone means 8..8, not an error about a max of
+        5 that nobody set)."""
+        if not isinstance(values, dict):
+            return values
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            if isinstance(values.get(name), bool):
+                raise ValueError(f"{name} must be an integer, got {values[name]!r}")
+        low, high = values.get("prompt_lookup_min"), values.get("prompt_lookup_max")
+        if (low is None) != (high is None):
+            values = dict(values)
+            try:
+                if low is not None and int(low) > _DEFAULT_LOOKUP_MAX:
+                    values["prompt_lookup_max"] = low
+                elif high is not None and 0 < int(high) < _DEFAULT_LOOKUP_MIN:
+                    values["prompt_lookup_min"] = high
+            except (TypeError, ValueError):
+                pass  # not a number: the field's own validation names it
+        return values
 
     @property
     def method(self) -> Optional[str]:

@@ -13,7 +13,7 @@ import torch
 
 from agentserve.config import EngineConfig
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.model.gguf import find_gguf_file, gguf_config_dict
+from agentserve.model.gguf import find_gguf_file, gguf_config_dict, gguf_has_tokenizer
 from agentserve.model.rope_scaling import scaled_max_positions
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ def resolve_draft_model(config: EngineConfig, arch: ArchConfig, tokenizer: Any
         return None
     from agentserve.spec.draft_vocab import check_draft_vocabulary
 
-    draft_arch, draft_path = resolve_model(config, config.spec.draft_model)
-    check_draft_vocabulary(arch, draft_arch, tokenizer, load_tokenizer(draft_path) if tokenizer is not None else None)
+    try:
+        draft_arch, draft_path = resolve_model(config, config.spec.draft_model)
+        check_draft_vocabulary(arch, draft_arch, tokenizer, load_tokenizer(draft_path) if tokenizer is not None else None)
+    except ModelLoadError as e:
+        # The same loaders serve the target: say that it is the draft (--draft-model) that is wrong.
+        raise ModelLoadError(f"draft_model {config.spec.draft_model!r} (--draft-model): {e}") from None
     return draft_arch, draft_path
 
 
@@ -71,6 +75,11 @@ def load_tokenizer(path: Optional[Path]) -> Any:
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:  # the tokenizer and chat template are in the GGUF metadata
         from transformers import AutoTokenizer
+
+        if not gguf_has_tokenizer(gguf_file):
+            logger.warning("%s has no tokenizer metadata: prompts must be token ids and outputs carry no text",
+                           gguf_file)
+            return None
 
         try:
             return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)

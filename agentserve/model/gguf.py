@@ -104,6 +104,12 @@ def _readers(file: Path) -> list[tuple[Path, Any]]:
     return [(file, first), *((f, _reader(f)) for f in shards)]
 
 
+def gguf_has_tokenizer(file: Path) -> bool:
+    """Whether the file carries a tokenizer (llama.cpp's converter always writes one; a file written
+    with only the weights has none, and is served with token ids as a directory without one is)."""
+    return _reader(file).fields.get("tokenizer.ggml.tokens") is not None
+
+
 def gguf_config_dict(file: Path) -> dict[str, Any]:
     """A Hugging Face style config.json dict for ArchConfig.from_dict, from the file's metadata."""
     readers = _readers(file)
