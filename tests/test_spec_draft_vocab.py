@@ -18,7 +18,7 @@ from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentserve.spec.draft_vocab import check_draft_vocabulary
 from agentserve.testing import ARCHS, tiny_model_cached
-from helpers.spec_models import repadded_draft
+from helpers.spec_models import greedy_token_ids, repadded_draft
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 20, 21]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -34,10 +34,7 @@ def vocab_sizes(arch: str) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def plain(arch: str) -> list[list[int]]:
-    llm = LLM(str(tiny_model_cached(arch)), **ENGINE)
-    out = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, PARAMS)]
-    llm.close()
-    return out
+    return greedy_token_ids(str(tiny_model_cached(arch)), PROMPTS, PARAMS, **ENGINE)
 
 
 @pytest.mark.parametrize("padding", ["fewer_rows", "more_rows"])

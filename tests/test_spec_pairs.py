@@ -20,6 +20,7 @@ from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
 from agentserve.testing import tiny_model_cached
 from helpers.gguf_checkpoints import write_gguf
+from helpers.spec_models import greedy_token_ids
 from helpers.spec_pairs import (foreign_family_draft, llama_copy_of_qwen2, mistral_copy_of_llama, more_kv_heads_copy,
                                 rope_scaled_draft, shaped_draft, short_context_copy, sliding_window_draft,
                                 untied_copy)
@@ -60,10 +61,7 @@ EQUIVALENT_DRAFTS: dict[str, tuple[str, Callable[[], str]]] = {
 
 @functools.lru_cache(maxsize=None)
 def plain(arch: str) -> list[list[int]]:
-    llm = LLM(str(tiny_model_cached(arch)), **ENGINE)
-    out = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, PARAMS)]
-    llm.close()
-    return out
+    return greedy_token_ids(str(tiny_model_cached(arch)), PROMPTS, PARAMS, **ENGINE)
 
 
 def speculate(arch: str, draft: str, k: int = 3) -> tuple[list[list[int]], int, int]:

@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,3 +57,14 @@ def repadded_draft(arch: str, vocab_size: int) -> str:
     config["vocab_size"] = vocab_size
     (out / "config.json").write_text(json.dumps(config))
     return str(out)
+
+
+def greedy_token_ids(model: str, prompts: list[list[int]], params: Any, **engine: Any) -> list[list[int]]:
+    """The token ids an engine of `model` without speculation generates for `prompts` (the reference
+    the speculative runs must equal); the engine is closed after."""
+    from agentserve.llm import LLM
+
+    llm = LLM(model, **engine)
+    out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    llm.close()
+    return out
