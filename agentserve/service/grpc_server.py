@@ -2,7 +2,8 @@
 
 Every RPC maps errors to status codes with a readable message: NOT_FOUND (session, model, adapter),
 INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input, a per-request limit,
-text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session),
+text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session; an adapter
+in use), ALREADY_EXISTS (an adapter name taken: the base model's, or loaded without `replace`),
 RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTHENTICATED (API key),
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
 
