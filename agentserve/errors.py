@@ -46,3 +46,14 @@ class AdapterInUseError(RuntimeError):
 
 class LoRANotEnabledError(RuntimeError):
     """A LoRA operation on an engine started without enable_lora (HTTP 404 / gRPC UNIMPLEMENTED)."""
+
+
+class AdapterNameTakenError(RuntimeError):
+    """Loading a LoRA adapter under a name already taken: by the base model (requests naming it would
+    never reach the adapter) or by a loaded adapter without an explicit replace (HTTP 409 /
+    ALREADY_EXISTS)."""
+
+
+class AdapterNameError(InvalidRequestError):
+    """A LoRA adapter name no client could use reliably (empty, padded, control characters, too
+    long): HTTP 400 naming lora_name / INVALID_ARGUMENT."""

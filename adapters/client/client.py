@@ -275,9 +275,11 @@ class AgentClient:
     async def health(self) -> pb.HealthResponse:
         return await self.stub.Health(pb.HealthRequest(), metadata=self.metadata)
 
-    async def load_adapter(self, name: str, path: str) -> pb.AdapterInfo:
-        """Loads (or reloads) the PEFT LoRA directory `path`, on the server's filesystem, as `name`."""
-        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path), metadata=self.metadata)
+    async def load_adapter(self, name: str, path: str, replace: bool = False) -> pb.AdapterInfo:
+        """Loads the PEFT LoRA directory `path`, on the server's filesystem, as `name`; `replace`
+        reloads a name already loaded with new weights (else ALREADY_EXISTS)."""
+        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path, replace=replace),
+                                           metadata=self.metadata)
 
     async def unload_adapter(self, name: str, drain: bool = False) -> None:
         """Unloads `name`; with `drain`, even while requests or sessions use it (they finish on it)."""

@@ -1,10 +1,11 @@
 """vLLM's runtime LoRA endpoints: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
 /v1/unload_lora_adapter {"lora_name"} (plus agentserve's "drain": unload even while requests use it;
 they finish on its weights). Answers: 200 with a plain-text success line (vLLM's), 400 for a bad
-adapter directory (the message names the file or field), 404 for an unknown adapter or a server
-without LoRA, 409 when the name is in use by requests or open sessions (the message names them).
-Loading a name that is already loaded replaces its weights (vLLM's load_inplace), as a new cache
-generation: no KV computed under the old weights is reused.
+adapter directory (the message names the file or field) or a bad name (empty, padded, control
+characters), 404 for an unknown adapter or a server without LoRA, 409 when the name is taken (the
+base model's, or a loaded adapter's without `load_inplace`) or in use by requests or open sessions
+(the message names them). Loading a name that is already loaded needs vLLM's `load_inplace: true`;
+it then replaces its weights as a new cache generation: no KV computed under the old weights is reused.
 
 The adapter is read off the event loop and off the step thread (file reads grow with its size);
 only binding the name runs on the step thread, like every change the step reads."""
@@ -16,22 +17,25 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError
+from agentserve.errors import (AdapterInUseError, AdapterNameError, AdapterNameTakenError, AdapterNotFoundError,
+                               LoRANotEnabledError)
 from agentserve.lora.adapter import LoRAAdapterError
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # vLLM clients may send load_inplace etc.; they change nothing here
+    model_config = ConfigDict(extra="allow")  # vLLM clients may send lora_int_id etc.; they change nothing here
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    # Strict: "yes" or 1 must not replace a loaded adapter's weights by accident.
+    load_inplace: StrictBool = False
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # vLLM's optional lora_int_id is accepted and ignored
     lora_name: str = Field(min_length=1)
-    drain: bool = False
+    drain: StrictBool = False  # strict: "no" must not read as true and unload under running requests
 
 
 def _error(status: int, message: str, param: Optional[str], code: str) -> JSONResponse:
@@ -57,6 +61,14 @@ def install_lora_error_handlers(app: FastAPI) -> None:
     async def _in_use(request: Request, exc: AdapterInUseError) -> JSONResponse:
         return _error(409, str(exc), "lora_name", "adapter_in_use")
 
+    @app.exception_handler(AdapterNameTakenError)
+    async def _name_taken(request: Request, exc: AdapterNameTakenError) -> JSONResponse:
+        return _error(409, str(exc), "lora_name", "lora_name_taken")
+
+    @app.exception_handler(AdapterNameError)
+    async def _bad_name(request: Request, exc: AdapterNameError) -> JSONResponse:
+        return _error(400, str(exc), "lora_name", "invalid_lora_name")
+
     @app.exception_handler(LoRAAdapterError)
     async def _bad_adapter(request: Request, exc: LoRAAdapterError) -> JSONResponse:
         return _error(400, str(exc), "lora_path", "invalid_lora_adapter")
@@ -66,8 +78,8 @@ def add_lora_routes(app: FastAPI, async_engine: Any) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         control = async_engine.engine.lora
-        prepared = await asyncio.to_thread(control.read, body.lora_name, body.lora_path)
-        await async_engine.run(lambda: control.install(prepared))
+        prepared = await asyncio.to_thread(control.read, body.lora_name, body.lora_path, body.load_inplace)
+        await async_engine.run(lambda: control.install(prepared, body.load_inplace))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")

@@ -7,9 +7,12 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agentserve.cache.device_ops import DeviceOp
-from agentserve.engine.failures import STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure
+from agentserve.engine.failures import (STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST, log_step_failure,
+                                       request_failure_message)
 from agentserve.engine.output import InflightStep
 from agentserve.engine.scheduler import SchedulerOutput
+from agentserve.lora.adapter import LoRAAdapterError
+from agentserve.lora.key import LoRAKey
 from agentserve.request import Request
 from agentserve.worker.launched_step import LaunchedStep
 from agentserve.worker.model_runner import ScheduledChunk
@@ -35,6 +38,10 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
         if req.timing.first_scheduled is None:
             req.timing.first_scheduled = now
             newest.append(req)
+    chunks = _without_unreadable_adapters(engine, chunks)
+    if not chunks:  # every row failed alone; the step's page copies and swaps still run
+        engine.runner.execute_device_ops(sched.device_ops)
+        return None
     chunks, handle = _launch_isolating_failures(engine, chunks, sched.device_ops, prev, newest)
     if handle is None:
         return None
@@ -68,6 +75,36 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
         for req, error in engine.constraints.take_mask_failures():
             engine.output.fail_request(req, error)
     return InflightStep(chunks, handle, overlappable)
+
+
+def _without_unreadable_adapters(engine: "Engine", chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+    """The chunks whose LoRA weights can be put in a slot. An adapter out of its slot and out of the
+    CPU tier (unloaded with drain while a session or request still uses it, or evicted from the tier)
+    is read again from its directory; when that fails (the directory was removed or changed since),
+    its requests fail alone here, with the reason. Inside the launch the failure could not be traced
+    to them, and every request admitted in the step would fail with it."""
+    manager = engine.runner.lora_manager
+    if manager is None:
+        return chunks
+    unreadable: dict[LoRAKey, LoRAAdapterError] = {}
+    for key in dict.fromkeys(c.request.lora_key for c in chunks if c.request.lora_key is not None):
+        try:
+            manager.ensure_weights(key)
+        except LoRAAdapterError as e:
+            unreadable[key] = e
+    if not unreadable:
+        return chunks
+    kept = []
+    for chunk in chunks:
+        req = chunk.request
+        error = unreadable.get(req.lora_key) if req.lora_key is not None else None
+        if error is None:
+            kept.append(chunk)
+            continue
+        where = (f"reading LoRA adapter {req.lora_name!r} again from its directory (its weights had left memory; "
+                 "load it again and retry, or start a new session)")
+        engine.output.fail_request(req, request_failure_message(where, req, error))
+    return kept
 
 
 def _launch_isolating_failures(engine: "Engine", chunks: list[ScheduledChunk], device_ops: list[DeviceOp],

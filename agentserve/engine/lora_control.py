@@ -7,9 +7,11 @@ name -> key map; without LoRA enabled there is no manager and names only key the
 
 from __future__ import annotations
 
+import unicodedata
 from typing import TYPE_CHECKING, Callable, Optional
 
-from agentserve.errors import AdapterInUseError, AdapterNotFoundError, LoRANotEnabledError
+from agentserve.errors import (AdapterInUseError, AdapterNameError, AdapterNameTakenError, AdapterNotFoundError,
+                               LoRANotEnabledError)
 from agentserve.lora.key import LoRAKey, LoRAKeys
 from agentserve.lora.manager import MultiLoRAManager, PreparedAdapter
 
@@ -18,6 +20,22 @@ if TYPE_CHECKING:
 
 # Shown in "in use" messages: enough ids to find the users, not a wall of them.
 _MAX_NAMED = 8
+# Adapter names travel as `model` in HTTP bodies, in /metrics labels and in logs: bounded, printable.
+MAX_ADAPTER_NAME_CHARS = 256
+
+
+def check_adapter_name(name: str) -> None:
+    """Raises AdapterNameError (HTTP 400 / INVALID_ARGUMENT) for a name no client could use
+    reliably: empty, padded with whitespace, holding control characters, or too long."""
+    if not name:
+        raise AdapterNameError("the adapter name must not be empty")
+    if len(name) > MAX_ADAPTER_NAME_CHARS:
+        raise AdapterNameError(f"the adapter name is {len(name)} characters long; the limit is "
+                               f"{MAX_ADAPTER_NAME_CHARS}")
+    if name != name.strip():
+        raise AdapterNameError(f"the adapter name {name!r} starts or ends with whitespace; strip it")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise AdapterNameError(f"the adapter name {name!r} holds control or format characters; use printable ones")
 
 
 class LoRAControl:
@@ -28,6 +46,7 @@ class LoRAControl:
         if self.manager is not None:
             engine.scheduler.max_loras = self.manager.max_loras  # admission keeps a step's adapters in slots
             for name, path in engine.config.lora.lora_modules.items():
+                self._check_new_name(name, replace=False)
                 self.manager.load(name, path)
         # Open sessions bound to a key (set by the session store: the engine does not import sessions).
         self.session_users: Optional[Callable[[LoRAKey], list[str]]] = None
@@ -71,19 +90,41 @@ class LoRAControl:
             raise LoRANotEnabledError("LoRA is not enabled on this server (start it with --enable-lora)")
         return self.manager
 
-    def load(self, name: str, path: str) -> None:
+    def base_model_names(self) -> frozenset[str]:
+        """Every `model` value that means the base model (an adapter under one would be unreachable)."""
+        names = set(self.engine.config.model.accepted_model_names())
+        if self.engine.model_path is not None:
+            names.add(str(self.engine.model_path))
+        return frozenset(names)
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        """A name a load may bind: valid, not the base model's, and not a loaded adapter's unless
+        the caller asked to replace it (an accidental second load must not swap weights under users)."""
+        manager = self._require_manager()  # without LoRA that is the answer, whatever the name
+        check_adapter_name(name)
+        if name in self.base_model_names():
+            raise AdapterNameTakenError(f"the adapter name {name!r} is the base model's name; requests naming it would "
+                                        "get the base model, never the adapter: choose another name")
+        if not replace and manager.key_of(name) is not None:
+            raise AdapterNameTakenError(f"LoRA adapter {name!r} is already loaded (from {manager.path_of(name)}); "
+                                        "unload it first, or load with replace (HTTP: load_inplace) to swap its weights")
+
+    def load(self, name: str, path: str, replace: bool = True) -> None:
         """Loads `name` (a reload gets a new generation: no cached KV of the old weights is reused).
         Replacing a name that requests or sessions use is refused (AdapterInUseError)."""
-        self.install(self.read(name, path))
+        self.install(self.read(name, path, replace), replace)
 
-    def read(self, name: str, path: str) -> PreparedAdapter:
-        """Reads and checks the adapter (any thread: no engine state is touched); LoRAAdapterError
-        names what is wrong with it."""
+    def read(self, name: str, path: str, replace: bool) -> PreparedAdapter:
+        """Checks the name, then reads and checks the adapter (any thread: the name map is replaced,
+        never changed in place); LoRAAdapterError names what is wrong with it. The name is checked
+        again in `install`, which is authoritative (another load may bind it meanwhile)."""
+        self._check_new_name(name, replace)
         return self._require_manager().read(name, path)
 
-    def install(self, prepared: PreparedAdapter) -> None:
+    def install(self, prepared: PreparedAdapter, replace: bool) -> None:
         """Binds a read adapter to its name (step thread)."""
         manager = self._require_manager()
+        self._check_new_name(prepared.name, replace)
         if manager.key_of(prepared.name) is not None:
             self._check_unused(prepared.name, "replace")
         manager.install(prepared.name, prepared)

@@ -235,6 +235,14 @@ class MultiLoRAManager:
                 self._slot_read[slot] = event
         self._step_slots = []
 
+    def ensure_weights(self, key: LoRAKey) -> None:
+        """Makes sure `activate` will find the key's weights: in a slot, in the CPU tier, or read
+        again now from its directory (a drained or CPU-evicted adapter). Raises LoRAAdapterError
+        when they cannot be read (the directory was removed or broken since the load), so the engine
+        fails the requests of that key alone instead of the whole step."""
+        if key not in self._slot_of:
+            self._cpu_copy(key)
+
     def resident_keys(self) -> list[Optional[LoRAKey]]:
         return list(self._slot_key)
 

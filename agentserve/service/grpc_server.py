@@ -2,7 +2,8 @@
 
 Every RPC maps errors to status codes with a readable message: NOT_FOUND (session, model, adapter),
 INVALID_ARGUMENT (bad messages, roles, sampling, schema, over-long input, a per-request limit,
-text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session),
+text that is not valid UTF-8), FAILED_PRECONDITION (a turn already running on the session; an adapter
+in use), ALREADY_EXISTS (an adapter name taken: the base model's, or loaded without `replace`),
 RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTHENTICATED (API key),
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
 
@@ -26,8 +27,8 @@ import grpc
 from agentserve import __version__
 from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine
-from agentserve.errors import (AdapterInUseError, AdapterNotFoundError, EngineDeadError, InvalidRequestError,
-                               LoRANotEnabledError, QueueFullError, SessionError)
+from agentserve.errors import (AdapterInUseError, AdapterNameTakenError, AdapterNotFoundError, EngineDeadError,
+                               InvalidRequestError, LoRANotEnabledError, QueueFullError, SessionError)
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -64,6 +65,8 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNIMPLEMENTED, str(e)
     if isinstance(e, AdapterInUseError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, AdapterNameTakenError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(e)
     if isinstance(e, (InvalidRequestError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, (QueueFullError, TenantLimitError)):
@@ -294,8 +297,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 raise InvalidRequestError("LoadAdapter needs a name and a path (a PEFT adapter directory)")
             control = self.engine.lora
             # Read off the event loop and the step thread (grows with the adapter); bound on the step thread.
-            prepared = await asyncio.to_thread(control.read, request.name, request.path)
-            await self.aeng.run(lambda: control.install(prepared))
+            prepared = await asyncio.to_thread(control.read, request.name, request.path, request.replace)
+            await self.aeng.run(lambda: control.install(prepared, request.replace))
             return pb.AdapterInfo(name=request.name, path=request.path)
         raise AssertionError("unreachable")
 
@@ -303,6 +306,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         async with _errors(context):
             self._tenant(context)
+            if not request.name:
+                raise InvalidRequestError("UnloadAdapter needs the name of a loaded adapter")
             control = self.engine.lora
             await self.aeng.run(lambda: control.unload(request.name, drain=request.drain))
             return pb.UnloadAdapterResponse()
