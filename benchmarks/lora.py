@@ -108,9 +108,10 @@ def load_adapters(llm: LLM, names: list[str], files: list[Path]) -> float:
     control = llm.engine.lora
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        prepared = list(pool.map(lambda i: control.read(names[i], str(files[i % len(files)])), range(len(names))))
+        prepared = list(pool.map(lambda i: control.read(names[i], str(files[i % len(files)]), replace=False),
+                                 range(len(names))))
     for p in prepared:
-        control.install(p)
+        control.install(p, replace=False)
     return time.perf_counter() - start
 
 

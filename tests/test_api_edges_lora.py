@@ -18,8 +18,9 @@ import openai
 import pytest
 
 from agentserve.testing import tiny_model_cached
-from conftest_grpc import SYSTEM, make_engine, rpc_status, run, serving
-from helpers.api_edges import assert_error, completion_token_ids, greedy_body, wait_idle_and_clean
+from conftest_grpc import SYSTEM, make_engine, rpc_status, serving
+from helpers.api_edges import (assert_error, completion_token_ids, greedy_body, run_and_shutdown,
+                               wait_idle_and_clean)
 from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
 
 ARCH = "qwen2"
@@ -119,10 +120,7 @@ def test_http_load_unload_bad_input_and_model_field(adapters: dict[str, Path], t
                 assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
         await wait_idle_and_clean(aeng)
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
 
 
 def test_grpc_adapter_rpcs_bad_input(adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -162,10 +160,7 @@ def test_grpc_adapter_rpcs_bad_input(adapters: dict[str, Path], tmp_path: Path) 
             assert list(done.token_ids) == _reference(adapters["b"])
         await wait_idle_and_clean(aeng)
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
 
 
 def test_reload_while_session_open_never_reuses_stale_kv(adapters: dict[str, Path]) -> None:
@@ -201,10 +196,7 @@ def test_reload_while_session_open_never_reuses_stale_kv(adapters: dict[str, Pat
                 await session.close()
         await wait_idle_and_clean(aeng)
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
 
 
 def test_drained_adapter_with_its_directory_gone_fails_alone(adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -236,10 +228,7 @@ def test_drained_adapter_with_its_directory_gone_fails_alone(adapters: dict[str,
             await session.close()
         await wait_idle_and_clean(aeng)
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
 
 
 def test_lora_endpoints_without_lora(adapters: dict[str, Path]) -> None:
@@ -258,7 +247,4 @@ def test_lora_endpoints_without_lora(adapters: dict[str, Path]) -> None:
                 assert_error(r, 404, "model", "model_not_found", "`a`")
                 assert [m["id"] for m in (await http.get("/v1/models")).json()["data"]] == ["tiny"]
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())

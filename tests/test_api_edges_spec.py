@@ -17,8 +17,9 @@ import openai
 import pytest
 
 from agentserve.testing import tiny_model_cached
-from conftest_grpc import TOOLS, make_engine, run, serving
-from helpers.api_edges import assert_error, completion_token_ids, greedy_body, wait_idle_and_clean
+from conftest_grpc import TOOLS, make_engine, serving
+from helpers.api_edges import (assert_error, completion_token_ids, greedy_body, run_and_shutdown,
+                               wait_idle_and_clean)
 from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
 from helpers.spec_models import noisy_draft
 
@@ -97,10 +98,7 @@ def test_request_features_under_speculation(kind: str, adapters: dict[str, Path]
         await wait_idle_and_clean(aeng)
         assert aeng.engine.metrics.spec_num_draft_tokens > 0  # the features above did run speculatively
 
-    try:
-        run(body(), timeout=400)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=400)
 
 
 def test_disconnect_mid_stream_under_speculation_leaks_nothing(adapters: dict[str, Path]) -> None:
@@ -124,10 +122,7 @@ def test_disconnect_mid_stream_under_speculation_leaks_nothing(adapters: dict[st
                 # Nothing holds "a" any more: it unloads without drain.
                 assert (await http.post("/v1/unload_lora_adapter", json={"lora_name": "a"})).status_code == 200
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
 
 
 def test_mixed_batch_bad_requests_and_adapter_churn_fail_alone(adapters: dict[str, Path]) -> None:
@@ -165,7 +160,4 @@ def test_mixed_batch_bad_requests_and_adapter_churn_fail_alone(adapters: dict[st
         await wait_idle_and_clean(aeng)
         assert aeng.engine.lora.adapters_in_use() == ([], [])
 
-    try:
-        run(body(), timeout=300)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body())
