@@ -184,6 +184,10 @@ class Residency:
         on the device: the swap-in finds them in the prefix cache, and a preamble shared by many
         agents is neither copied out and back on every eviction nor stored in swap once per agent.
         Returns the pages freed on the device."""
+        if s.state is not SessionState.RESIDENT or not s.block_table:
+            # Nothing on the device to give up. A swapped session evicted again would otherwise
+            # lose its swap slots (overwritten by an empty list) while keeping its KV count.
+            return 0
         self.settle(s)
         table = s.block_table
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
