@@ -129,13 +129,16 @@ class KVCache:
         slot freed after this call is rewritten only by a later swap_out, which waits for this copy).
         With swap_streams the host-to-device copy starts now on the copy stream and the step's stream
         waits for it only at the scatter into the pages. Run by run: one staged piece at a time."""
-        for run in self._copy_in(swap_slots):
+        for run in self._copy_in(swap_slots, own_rows=False):
             self._place(run, device_blocks)
 
-    def _copy_in(self, swap_slots: Sequence[int]) -> Iterator[StagedRun]:
+    def _copy_in(self, swap_slots: Sequence[int], own_rows: bool) -> Iterator[StagedRun]:
         """Starts the host-to-device copy of each run of consecutive slots (pieces of pages_per_copy),
         lazily: (positions in swap_slots, the staged rows [n, L, 2, bs, Hkv, D], the copy's event, or
-        None when it is queued on the step's stream)."""
+        None when it is queued on the step's stream). `own_rows`: the rows must not share memory with
+        the swap slots (a staged swap in outlives its slots, which are freed when it starts: on the
+        CPU, `.to(device)` would return a view of them, and a swap out reusing the slots before the
+        finish would hand the session another session's pages)."""
         device = self.layers[0][0].device
         for positions, first, count in self._runs(list(range(len(swap_slots))), swap_slots):
             host = raw_bytes(self.swap[first:first + count])
@@ -143,7 +146,7 @@ class KVCache:
                 rows, done = self.swap_streams.start_in(host, range(first, first + count))
                 yield positions, rows, done
             else:
-                yield positions, host.to(device, non_blocking=device.type == "cuda"), None
+                yield positions, host.to(device, non_blocking=device.type == "cuda", copy=own_rows), None
 
     def _place(self, run: StagedRun, device_blocks: Sequence[int]) -> None:
         """A staged run into its pages (device_blocks[i] gets position i), on the current stream."""
@@ -158,7 +161,7 @@ class KVCache:
         swap_streams it runs on the copy stream and nothing waits for it yet (sessions start a
         returning session's copy and admit its turn once swap_in_ready says it has arrived);
         otherwise it is queued on the step's stream like any swap."""
-        self._staged_in[ticket] = list(self._copy_in(swap_slots))
+        self._staged_in[ticket] = list(self._copy_in(swap_slots, own_rows=True))
 
     def swap_in_ready(self, ticket: int) -> bool:
         staged = self._staged_in.get(ticket)
