@@ -52,7 +52,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             for i, name in enumerate("abc")}
 
 
-def _engine_pair(num_blocks: int, swap_slots: float, **config: Any) -> tuple[AsyncEngine, LLM]:
+def engine_pair(num_blocks: int, swap_slots: float, **config: Any) -> tuple[AsyncEngine, LLM]:
     """The engine under test (a small pool, so pages move) and a stateless reference of the same config."""
     aeng = AsyncEngine(Engine(make_config(num_blocks=num_blocks, swap_space_gb=swap_gb_for("qwen2", swap_slots),
                                           **config)))
@@ -60,7 +60,7 @@ def _engine_pair(num_blocks: int, swap_slots: float, **config: Any) -> tuple[Asy
     return aeng, reference
 
 
-async def _evict_resident(store: SessionStore, session_id: str) -> SessionState:
+async def evict_resident(store: SessionStore, session_id: str) -> SessionState:
     """Evicts the session if it is resident (pressure may have moved it out already)."""
     info = await store.get(session_id)
     if info.state is not SessionState.RESIDENT:
@@ -68,7 +68,7 @@ async def _evict_resident(store: SessionStore, session_id: str) -> SessionState:
     return await evict(store, session_id)
 
 
-def _no_adapter_in_use(aeng: AsyncEngine) -> None:
+def no_adapter_in_use(aeng: AsyncEngine) -> None:
     assert aeng.engine.lora.adapters_in_use() == ([], [])
     assert not aeng.engine.scheduler.running and not aeng.engine.scheduler.waiting
 
@@ -78,7 +78,7 @@ def test_adapter_sessions_interleaved_swapped_evicted_and_forked_stay_exact(adap
     # Four adapters' worth of sessions (a twice, b, c and the base) on one LoRA slot, a pool of 40
     # pages and swap for 6: turns interleave and run concurrently, pages swap out and back, are
     # dropped and recomputed, and a fork keeps its parent's adapter.
-    aeng, reference = _engine_pair(40, 6, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
+    aeng, reference = engine_pair(40, 6, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
                                    lora_modules=adapters)
 
     async def body() -> None:
@@ -90,12 +90,12 @@ def test_adapter_sessions_interleaved_swapped_evicted_and_forked_stay_exact(adap
             for i, sid in enumerate(sids):
                 turns.append(await run_turn(store, sid, f"Agent {i}, round {r}: what next?" + " more" * 8 * r, GREEDY))
             for sid in sids[r % 2::2]:
-                await _evict_resident(store, sid)
+                await evict_resident(store, sid)
         # All at once: the scheduler keeps one adapter per step and reclaims queued sessions' pages.
         aeng.call_soon(lambda: time.sleep(0.3))  # every turn reserves its session before the first is admitted
         turns += await asyncio.gather(*(run_turn(store, sid, f"Agent {i}: all together now.", GREEDY)
                                         for i, sid in enumerate(sids)))
-        assert await _evict_resident(store, sids[0]) in (SessionState.SWAPPED, SessionState.EVICTED)
+        assert await evict_resident(store, sids[0]) in (SessionState.SWAPPED, SessionState.EVICTED)
         child = (await store.fork(sids[0])).session_id
         assert (await store.get(child)).adapter == "a"
         turns.append(await run_turn(store, child, "The fork goes on.", GREEDY))
@@ -105,7 +105,7 @@ def test_adapter_sessions_interleaved_swapped_evicted_and_forked_stay_exact(adap
         assert st.swap_outs >= 1 and st.swap_ins >= 1 and st.drops >= 1, st
         assert_exact(reference, turns)
         await assert_clean(store)
-        _no_adapter_in_use(aeng)
+        no_adapter_in_use(aeng)
 
     try:
         run(body())
@@ -121,7 +121,7 @@ def test_drained_and_reloaded_adapter_keeps_sessions_on_their_own_weights(adapte
     # the session's turn fails alone with a clear error and the session is left as it was.
     moved = tmp_path / "d"
     shutil.copytree(adapters["a"], moved)
-    aeng, reference = _engine_pair(64, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
+    aeng, reference = engine_pair(64, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
                                    lora_modules={"d": str(moved), "b": adapters["b"]}, **SPEC["ngram"])
     reference.load_adapter("a", adapters["a"])
     reference.load_adapter("c", adapters["c"])
@@ -155,7 +155,7 @@ def test_drained_and_reloaded_adapter_keeps_sessions_on_their_own_weights(adapte
             before.state, before.num_kv_tokens, before.num_pages, before.num_turns, False)
         assert_exact(reference, turns_b)
         await assert_clean(store)
-        _no_adapter_in_use(aeng)
+        no_adapter_in_use(aeng)
 
     try:
         run(body())
@@ -166,7 +166,7 @@ def test_drained_and_reloaded_adapter_keeps_sessions_on_their_own_weights(adapte
 # --- speculation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", SPEC)
 def test_speculative_sessions_swap_fork_evict_stop_and_grammar_stay_exact(spec: str) -> None:
-    aeng, reference = _engine_pair(40, 12, max_model_len=512, **SPEC[spec])
+    aeng, reference = engine_pair(40, 12, max_model_len=512, **SPEC[spec])
 
     async def body() -> None:
         store = SessionStore(aeng)
@@ -174,7 +174,7 @@ def test_speculative_sessions_swap_fork_evict_stop_and_grammar_stay_exact(spec: 
         plain = (await store.create([SYSTEM])).session_id
         turns = [await run_turn(store, tools, "Hello, weather in Paris?", GREEDY),
                  await run_turn(store, plain, "Say hello hello hello hello", GREEDY)]
-        states = {await _evict_resident(store, sid) for sid in (tools, plain)}
+        states = {await evict_resident(store, sid) for sid in (tools, plain)}
         assert states <= {SessionState.SWAPPED, SessionState.EVICTED}
         turns += [await run_turn(store, tools, "And in Rome?", GREEDY),  # the first turns after a swap in
                   await run_turn(store, plain, "Again", GREEDY)]
@@ -194,12 +194,12 @@ def test_speculative_sessions_swap_fork_evict_stop_and_grammar_stay_exact(spec: 
         turns.append(await run_turn(store, tools, "Call a tool.", SamplingParams(
             temperature=0.0, max_tokens=30, tools=TOOLS, tool_choice="required")))
         assert turns[-1].result.message["tool_calls"][0]["function"]["name"] in ("get_weather", "read_file")
-        await _evict_resident(store, tools)
+        await evict_resident(store, tools)
         turns.append(await run_turn(store, tools, "After the tool call.", GREEDY))
         assert store.stats.swap_ins >= 1
         assert_exact(reference, turns)
         await assert_clean(store)
-        _no_adapter_in_use(aeng)
+        no_adapter_in_use(aeng)
 
     try:
         run(body())
@@ -214,7 +214,7 @@ def test_speculative_sessions_swap_fork_evict_stop_and_grammar_stay_exact(spec: 
 # --- fp8 KV ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["plain", "self_draft"])
 def test_fp8_session_swap_and_fork_match_fp8_stateless(spec: str) -> None:
-    aeng, reference = _engine_pair(40, 16, max_model_len=1024, kv_cache_dtype="fp8", **SPEC.get(spec, {}))
+    aeng, reference = engine_pair(40, 16, max_model_len=1024, kv_cache_dtype="fp8", **SPEC.get(spec, {}))
     pool = aeng.engine.pool
 
     async def body() -> None:
@@ -241,36 +241,11 @@ def test_fp8_session_swap_and_fork_match_fp8_stateless(spec: str) -> None:
 
 
 # --- failures --------------------------------------------------------------------------------------
-def test_evicting_a_swapped_session_again_keeps_its_swap_copy() -> None:
-    # Residency.evict on a session already swapped out used to overwrite its swap slots with an
-    # empty list (leaking them) while keeping its KV count: the next turn then ran on no pages.
-    aeng, reference = _engine_pair(40, 12, max_model_len=512)
-
-    async def body() -> None:
-        store = SessionStore(aeng)
-        sid = (await store.create([SYSTEM])).session_id
-        turns = [await run_turn(store, sid, "Hello.", GREEDY)]
-        assert await evict(store, sid) is SessionState.SWAPPED
-        swapped = (await store.get(sid)).num_swapped_pages
-        assert swapped > 0 and await evict(store, sid) is SessionState.SWAPPED
-        assert (await store.get(sid)).num_swapped_pages == swapped
-        assert store.num_free_swap_slots == store.num_swap_slots - swapped
-        turns.append(await run_turn(store, sid, "Back in.", GREEDY))
-        assert turns[-1].result.usage.swapped_in_tokens == turns[0].result.session.num_kv_tokens
-        assert_exact(reference, turns)
-        await assert_clean(store)
-
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
-
-
 def test_bad_turns_fail_alone_and_close_mid_turn_over_grpc(adapters: dict[str, str]) -> None:
     # Over a real grpcio client: a session on adapter "a" with n-gram speculation. Turns with bad
     # parameters fail with INVALID_ARGUMENT and a readable message, leaving the session's pages as
     # they were; an unknown adapter is NOT_FOUND; closing the session mid-turn cancels the turn.
-    aeng, reference = _engine_pair(64, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
+    aeng, reference = engine_pair(64, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
                                    lora_modules={"a": adapters["a"]}, **SPEC["ngram"])
 
     async def body() -> None:
@@ -317,7 +292,7 @@ def test_bad_turns_fail_alone_and_close_mid_turn_over_grpc(adapters: dict[str, s
             assert code == grpc.StatusCode.CANCELLED and "closed" in msg
             await session.close()
             await aeng.run(lambda: aeng.engine.pool.check_all_free())
-            _no_adapter_in_use(aeng)
+            no_adapter_in_use(aeng)
             for turn, params in ((first, GREEDY), (second, GREEDY),
                                  (third, SamplingParams(temperature=0.0, max_tokens=20, json_schema=SCHEMA))):
                 out = reference.generate([list(turn.done.prompt_token_ids)], params, adapter="a")
@@ -330,7 +305,7 @@ def test_bad_turns_fail_alone_and_close_mid_turn_over_grpc(adapters: dict[str, s
 
 
 def test_close_mid_turn_on_the_store_rolls_back_and_frees_everything(adapters: dict[str, str]) -> None:
-    aeng, _ = _engine_pair(40, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
+    aeng, _ = engine_pair(40, 8, max_model_len=512, enable_lora=True, max_loras=1, max_lora_rank=8,
                            lora_modules={"b": adapters["b"]}, **SPEC["self_draft"])
 
     async def body() -> None:
@@ -345,7 +320,7 @@ def test_close_mid_turn_on_the_store_rolls_back_and_frees_everything(adapters: d
         with pytest.raises(TurnCancelledError, match="closed during the turn"):
             await task
         await assert_clean(store)
-        _no_adapter_in_use(aeng)
+        no_adapter_in_use(aeng)
 
     try:
         run(body())

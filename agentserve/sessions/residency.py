@@ -174,8 +174,14 @@ class Residency:
             if pending is None or req.admit_hook is None:
                 continue
             s = pending.session
-            if s is not exclude and s.state is SessionState.RESIDENT and s.block_table and s.restoring is None:
-                queued.append(s)
+            if s is exclude or s.state is not SessionState.RESIDENT or not s.block_table:
+                continue
+            if s.restoring is not None and req.block_table:
+                continue  # its turn already holds the pages on their way in: evicting frees none of them
+            # A restore in flight whose turn holds none of its pages (the scheduler released them while
+            # the turn waited) is evictable: else a head of the queue that needs those pages, with
+            # nothing running, would wait for them forever. The turn restores again when admitted.
+            queued.append(s)
         return queued
 
     def evict(self, s: Session) -> int:
@@ -339,7 +345,9 @@ class TurnAdmission:
         return 0, 0
 
     def restore(self, request: Request) -> None:
-        if not self.started:  # the scheduler asks again while the copy is in flight
+        # The scheduler asks again while the copy is in flight (the request holds the pages then);
+        # a request whose pages it released while waiting takes the session's pages again.
+        if not self.started or not request.block_table:
             self.started = True
             self.residency.admit(self.pending, request)
 
