@@ -14,10 +14,11 @@ from typing import Any, Literal, Optional, Sequence, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from agentserve.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, ServerConfig,
-                               SpecConfig)
+from agentserve.config import (DTYPE_ALIASES, CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
+                               ServerConfig, SpecConfig)
 from agentserve.testing.tiny import ARCHS
-from agentserve.vllm_flags import add_vllm_flags, check_tool_call_parser, engine_kwargs_from_vllm_flags
+from agentserve.vllm_flags import (add_vllm_flags, check_tool_call_parser, engine_kwargs_from_vllm_flags,
+                                   kv_cache_dtype_flag, quantization_from_flag)
 
 _SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, SpecConfig, ServerConfig)
 _TOP_LEVEL = ("device", "attention_backend", "enforce_eager", "grammar_backend", "reasoning_parser",
@@ -41,6 +42,10 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         kwargs["action"] = argparse.BooleanOptionalAction
     elif get_origin(field.annotation) is Literal:
         kwargs["choices"] = get_args(field.annotation)
+        if name == "dtype":
+            kwargs["choices"] += tuple(DTYPE_ALIASES)  # vLLM's half / float (ModelConfig maps them)
+        elif name == "kv_cache_dtype":
+            kwargs["type"] = kv_cache_dtype_flag  # vLLM's other values: an error with the reason
     elif name == "model":
         kwargs.update(required=True, metavar="PATH")  # a usage error, not a KeyError, when it is missing
     elif name == "served_model_name":
@@ -91,6 +96,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     engine_keys = {n for c in _SECTIONS for n in c.model_fields} | set(_TOP_LEVEL) | {"speculative_config"}
     kwargs = {k: v for k, v in given.items() if k in engine_keys and k != "model"}
     kwargs.update(engine_kwargs_from_vllm_flags(args))  # vLLM's names for the same options (serve)
+    if "quantization" in kwargs:  # vLLM's method names: fp8, or what the checkpoint already says (else an error)
+        quantization = quantization_from_flag(str(kwargs.pop("quantization")), given["model"])
+        if quantization is not None:
+            kwargs["quantization"] = quantization
     if "lora_modules" in kwargs:  # [(name, path), ...] from the flag -> {name: path}
         kwargs["lora_modules"] = dict(kwargs["lora_modules"])  # type: ignore[call-overload]
     return EngineConfig.from_kwargs(given["model"], **kwargs)  # pydantic converts "8" -> 8 etc.
@@ -164,11 +173,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _chat_template_of(config: EngineConfig) -> Optional[str]:
     """The chat template the server will use (the tokenizer's, or --chat-template's), read before the model loads."""
-    from agentserve.engine.loading import apply_chat_template_override, load_tokenizer, resolve_model
+    from agentserve.engine.loading import apply_chat_template_override, load_model_tokenizer, resolve_model
 
     _, path = resolve_model(config)
-    tok_path = Path(config.model.tokenizer) if config.model.tokenizer else path
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_model_tokenizer(config, path)
     apply_chat_template_override(tokenizer, config.model.chat_template)
     return tokenizer.chat_template if tokenizer is not None else None
 
@@ -244,9 +252,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValidationError, ValueError) as e:
+    except ValidationError as e:
+        print(f"agentserve: error: {_flag_errors(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"agentserve: error: {e}", file=sys.stderr)
         return 2
+
+
+def _flag_errors(error: ValidationError) -> str:
+    """pydantic's errors as the flags the user typed (its own text names the field only, over several lines)."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][-1]) if item["loc"] else None
+        where = f"{_flag(field)} ({field}): " if field is not None else ""
+        lines.append(f"{where}{item['msg']}" + (f", got {item['input']!r}" if field is not None else ""))
+    return "; ".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agentserve.speculative_config import merge_speculative_config
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+# vLLM's other names for the same dtypes (`vllm serve --dtype half` is common in its docs).
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 class _Strict(BaseModel):
@@ -45,6 +47,11 @@ class ModelConfig(_Strict):
         default=None, description="Name(s) clients use in the `model` field (vLLM's flag; give several to accept "
         "several). The first is the one /v1/models and ListModels report. Default: the model directory's base "
         "name; the model path as given is always accepted too.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     def served_model_names(self) -> list[str]:
         """The names the APIs report, first the main one. The default is the directory's base name: a

@@ -10,15 +10,23 @@ said so). A flag that asks for something agentserve does not do is an error nami
                                 the tool-call format from the template; a different one is an error)
     --enable-auto-tool-choice, --enable-chunked-prefill, --trust-remote-code, --disable-log-requests,
     --disable-log-stats: accepted; what they turn on is always on here (or, for remote code, never needed)
+    --quantization NAME         fp8; vLLM's names for what the checkpoint already says (gguf for a GGUF
+                                file, compressed-tensors / fbgemm_fp8 / fp8 for such a checkpoint) are
+                                accepted; every other method (awq, gptq, bitsandbytes, ...) is an error
+    --kv-cache-dtype NAME       auto, fp8, fp8_e4m3; vLLM's fp8_e5m2 / bfloat16 / ... are errors saying why
+    --dtype half|float          vLLM's aliases of float16 / float32 (config.DTYPE_ALIASES)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 from agentserve.grammar.tool_formats import detect_tool_format
+from agentserve.model.gguf import find_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +88,52 @@ def check_tool_call_parser(parser: Optional[str], chat_template: Optional[str]) 
     if detected != _TOOL_PARSERS[parser]:
         raise SystemExit(f"--tool-call-parser {parser!r}: this model's chat template writes {detected or 'no'} tool "
                          "calls; agentserve parses the format the template shows (leave the flag out)")
+
+
+# vLLM's --quantization methods that name a checkpoint's own quantization_config: agentserve reads
+# that config whether or not the flag is given, so the flag only has to agree with it.
+_CHECKPOINT_METHODS = ("compressed-tensors", "fbgemm_fp8")
+_QUANTIZATION_HINT = ("agentserve serves FP8: --quantization fp8 quantizes a 16-bit checkpoint at load, and FP8 "
+                      "checkpoints (compressed-tensors, fp8, fbgemm_fp8) and GGUF files load without the flag")
+
+
+def quantization_from_flag(method: str, model: str) -> Optional[str]:
+    """The engine's `quantization` for vLLM's --quantization METHOD (None: the checkpoint says it all).
+    Refusing the methods agentserve has no kernels for is the honest answer: their packed integer
+    weights served any other way would be garbage, and vLLM itself errors on a method the checkpoint
+    does not match."""
+    if method == "fp8":
+        return "fp8"
+    path = Path(model).expanduser()
+    if method == "gguf":
+        if path.exists() and find_gguf_file(path) is not None:
+            return None  # the GGUF's tensors are dequantized at load (model/gguf.py)
+        raise SystemExit(f"--quantization gguf: {model} is not a .gguf file (nor a directory holding one); "
+                         "leave the flag out for a Hugging Face checkpoint")
+    if method in _CHECKPOINT_METHODS:
+        config_file = path / "config.json"
+        found = (json.loads(config_file.read_text()).get("quantization_config") or {}).get("quant_method") \
+            if config_file.is_file() else None
+        if found == method:
+            return None
+        raise SystemExit(f"--quantization {method}: the checkpoint's quantization_config says {found or 'none'}; "
+                         f"leave the flag out ({_QUANTIZATION_HINT})")
+    raise SystemExit(f"--quantization {method}: agentserve cannot serve {method} weights ({_QUANTIZATION_HINT}); "
+                     "serve the model's 16-bit or FP8 checkpoint instead")
+
+
+# vLLM's --kv-cache-dtype values agentserve does not take, and why.
+_KV_CACHE_DTYPE_REFUSALS = {
+    "fp8_e5m2": "agentserve's fp8 KV pages are e4m3 (with calibrated per-layer scales): use --kv-cache-dtype fp8",
+    "bfloat16": "the KV pages are in the model's dtype: use --kv-cache-dtype auto (with --dtype bfloat16 for bf16)",
+    "float16": "the KV pages are in the model's dtype: use --kv-cache-dtype auto (with --dtype float16 for fp16)",
+    "fp8_inc": "Intel Gaudi's fp8 is not supported: use --kv-cache-dtype fp8 (e4m3)",
+    "fp8_ds_mla": "DeepSeek MLA's fp8 layout is not supported: use --kv-cache-dtype fp8 (e4m3)",
+}
+
+
+def kv_cache_dtype_flag(value: str) -> str:
+    """argparse type of --kv-cache-dtype: vLLM's values agentserve refuses get a reason, not only a list."""
+    if value in _KV_CACHE_DTYPE_REFUSALS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not supported: {_KV_CACHE_DTYPE_REFUSALS[value]}")
+    return value

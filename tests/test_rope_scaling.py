@@ -118,7 +118,7 @@ def test_served_context_follows_yarn_like_vllm() -> None:
 
 def test_dynamic_ntk_refuses_contexts_past_the_trained_one(tmp_path: Path) -> None:
     path = scaled_model(tmp_path, "llama", {"type": "dynamic", "factor": 4.0}, 256)
-    with pytest.raises(ModelLoadError, match="max_model_len=1024 exceeds the model's limit of 256"):
+    with pytest.raises(ModelLoadError, match=r"max_model_len=1024 \(--max-model-len\) exceeds the model's limit of 256"):
         LLM(str(path), device="cpu", dtype="float32", max_model_len=1024)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -29,7 +28,7 @@ from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.failures import log_step_failure
 from agentserve.engine.launch import launch_step
 from agentserve.engine.generation_defaults import read_generation_defaults
-from agentserve.engine.loading import (apply_chat_template_override, decide_max_model_len, generation_eos, load_tokenizer,
+from agentserve.engine.loading import (apply_chat_template_override, decide_max_model_len, generation_eos, load_model_tokenizer,
                                        resolve_async_scheduling, resolve_draft_model, resolve_model)
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
@@ -58,8 +57,7 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.arch, self.model_path = resolve_model(config)
-        tok_path = Path(config.model.tokenizer) if config.model.tokenizer else self.model_path
-        self.tokenizer = load_tokenizer(tok_path)
+        self.tokenizer = load_model_tokenizer(config, self.model_path)
         apply_chat_template_override(self.tokenizer, config.model.chat_template)
         self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
         # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).

@@ -29,6 +29,10 @@ def resolve_model(config: EngineConfig, model: Optional[str] = None) -> tuple[Ar
     if gguf_file is not None:
         return ArchConfig.from_dict(gguf_config_dict(gguf_file)), gguf_file
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            # Neither format: say both, not only the Hugging Face one (a GGUF user expects a .gguf here).
+            raise ModelLoadError(f"model directory {name!r} (--model) holds neither a config.json (a Hugging Face "
+                                 "model directory) nor a .gguf file: give --model a model directory or a .gguf file")
         return ArchConfig.from_dir(path), path
     if config.model.load_format == "dummy":
         from agentserve.testing.tiny import NAMED_SHAPES
@@ -67,6 +71,23 @@ def resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool
     if env is not None and env != "":
         return env not in ("0", "false", "False")
     return device.type == "cuda"
+
+
+def load_model_tokenizer(config: EngineConfig, model_path: Optional[Path]) -> Any:
+    """The tokenizer the engine serves with: --tokenizer's when given (then it must exist and hold one:
+    a typo must not silently serve token ids only), else the model's own (which may have none)."""
+    if config.model.tokenizer is None:
+        return load_tokenizer(model_path)
+    given = config.model.tokenizer
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"tokenizer {given!r} (--tokenizer) does not exist: give a tokenizer directory or a "
+                             ".gguf file with tokenizer metadata, or leave --tokenizer out to use the model's")
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise ModelLoadError(f"tokenizer {given!r} (--tokenizer) holds no tokenizer (tokenizer.json, "
+                             "tokenizer_config.json, tokenizer.model, or a .gguf file's tokenizer metadata)")
+    return tokenizer
 
 
 def load_tokenizer(path: Optional[Path]) -> Any:
@@ -133,5 +154,6 @@ def decide_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
     if wanted is None:
         return limit
     if wanted > limit:
-        raise ModelLoadError(f"max_model_len={wanted} exceeds the model's limit of {limit} positions")
+        raise ModelLoadError(f"max_model_len={wanted} (--max-model-len) exceeds the model's limit of {limit} "
+                             f"positions (its context length): give --max-model-len {limit} or less, or leave it out")
     return wanted
