@@ -70,6 +70,14 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
     return asyncio.run(bounded())
 
 
+def run_and_shutdown(aeng: AsyncEngine, body: Awaitable[None], timeout: float = 300.0) -> None:
+    """Runs a test's body against the engine, then shuts the engine down, pass or fail."""
+    try:
+        run(body, timeout=timeout)
+    finally:
+        aeng.shutdown()
+
+
 async def rpc_status(coro: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
     """The status code and details of the RPC error that `coro` must raise."""
     with pytest.raises(grpc.aio.AioRpcError) as err:

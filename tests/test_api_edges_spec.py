@@ -17,9 +17,8 @@ import openai
 import pytest
 
 from agentserve.testing import tiny_model_cached
-from conftest_grpc import TOOLS, make_engine, serving
-from helpers.api_edges import (assert_error, completion_token_ids, greedy_body, run_and_shutdown,
-                               wait_idle_and_clean)
+from conftest_grpc import TOOLS, make_engine, run_and_shutdown, serving
+from helpers.api_edges import assert_error, completion_token_ids, greedy_body, wait_idle_and_clean
 from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
 from helpers.spec_models import noisy_draft
 

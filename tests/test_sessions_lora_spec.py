@@ -27,7 +27,7 @@ from agentserve.sampling_params import SamplingParams
 from agentserve.sessions.store import SessionStore
 from agentserve.sessions.types import SessionState, TurnCancelledError
 from agentserve.testing import tiny_model_cached
-from conftest_grpc import TOOLS, make_config, model_path, rpc_status, run, serving, swap_gb_for
+from conftest_grpc import TOOLS, make_config, model_path, rpc_status, run, run_and_shutdown, serving, swap_gb_for
 from helpers.lora import ALL_MODULES, build_peft_adapter
 from helpers.session_turns import Turn, assert_clean, assert_exact, evict, run_turn
 
@@ -107,10 +107,7 @@ def test_adapter_sessions_interleaved_swapped_evicted_and_forked_stay_exact(adap
         await assert_clean(store)
         no_adapter_in_use(aeng)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_drained_and_reloaded_adapter_keeps_sessions_on_their_own_weights(adapters: dict[str, str],
@@ -157,10 +154,7 @@ def test_drained_and_reloaded_adapter_keeps_sessions_on_their_own_weights(adapte
         await assert_clean(store)
         no_adapter_in_use(aeng)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 # --- speculation ----------------------------------------------------------------------------------
@@ -234,10 +228,7 @@ def test_fp8_session_swap_and_fork_match_fp8_stateless(spec: str) -> None:
         assert_exact(reference, turns)
         await assert_clean(store)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 # --- failures --------------------------------------------------------------------------------------
@@ -298,10 +289,7 @@ def test_bad_turns_fail_alone_and_close_mid_turn_over_grpc(adapters: dict[str, s
                 out = reference.generate([list(turn.done.prompt_token_ids)], params, adapter="a")
                 assert turn.token_ids == list(out[0].outputs[0].token_ids)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_close_mid_turn_on_the_store_rolls_back_and_frees_everything(adapters: dict[str, str]) -> None:
@@ -322,7 +310,4 @@ def test_close_mid_turn_on_the_store_rolls_back_and_frees_everything(adapters: d
         await assert_clean(store)
         no_adapter_in_use(aeng)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)

@@ -15,7 +15,7 @@ import pytest
 from agentserve.sampling_params import SamplingParams
 from agentserve.sessions.store import SessionStore
 from agentserve.sessions.types import SessionState
-from conftest_grpc import run
+from conftest_grpc import run_and_shutdown
 from helpers.session_turns import Turn, assert_clean, assert_exact, evict, run_turn
 from test_sessions_lora_spec import GREEDY, SPEC, SYSTEM, adapters, engine_pair, evict_resident, no_adapter_in_use
 
@@ -58,10 +58,7 @@ def test_a_swap_in_in_flight_keeps_its_pages_when_its_slots_are_reused(kv_cache_
         assert_exact(reference, turns)
         await assert_clean(store)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_slow_swap_ins_under_concurrent_adapter_turns_neither_stall_nor_drift(adapters: dict[str, str]) -> None:
@@ -103,10 +100,7 @@ def test_slow_swap_ins_under_concurrent_adapter_turns_neither_stall_nor_drift(ad
         await assert_clean(store)
         no_adapter_in_use(aeng)
 
-    try:
-        run(body(), timeout=90)
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=90)
 
 
 def test_evicting_a_swapped_session_again_keeps_its_swap_copy() -> None:
@@ -128,7 +122,4 @@ def test_evicting_a_swapped_session_again_keeps_its_swap_copy() -> None:
         assert_exact(reference, turns)
         await assert_clean(store)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Coroutine, Optional
+from typing import Any, Optional
 
 import httpx
 
 from agentserve.engine.async_engine import AsyncEngine
-from conftest_grpc import run
 
 
 def completion_token_ids(body: dict[str, Any], index: int = 0) -> list[int]:
@@ -47,10 +46,3 @@ async def wait_idle_and_clean(aeng: AsyncEngine, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
     await aeng.run(aeng.engine.pool.check_all_free)
 
-
-def run_and_shutdown(aeng: AsyncEngine, body: Coroutine[Any, Any, None], timeout: float = 300.0) -> None:
-    """Runs a test's body on the event loop the servers use, then shuts the engine down, pass or fail."""
-    try:
-        run(body, timeout=timeout)
-    finally:
-        aeng.shutdown()
