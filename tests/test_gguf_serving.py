@@ -25,7 +25,6 @@ from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
 from agentserve.testing import tiny_model_cached
-from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
 from conftest_grpc import run, serving
 
 pytestmark = pytest.mark.real_model
@@ -40,14 +39,6 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 IM_END = 2  # <|im_end|>: the GGUF's eos_token_id
 
 
-@pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    try:
-        return smollm2_gguf_path()
-    except RealModelUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _serve_args(*flags: str) -> Any:
     return build_parser().parse_args(["serve", *flags])
 
@@ -55,45 +46,45 @@ def _serve_args(*flags: str) -> Any:
 # --- start-up: flags and bad combinations -----------------------------------------------------
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "marlin"])
-def test_quantization_methods_without_kernels_are_refused_naming_the_flag(gguf_file: Path, method: str) -> None:
+def test_quantization_methods_without_kernels_are_refused_naming_the_flag(smollm2_gguf: Path, method: str) -> None:
     with pytest.raises(SystemExit, match=f"--quantization {method}: agentserve cannot serve {method} weights.*"
                                          "--quantization fp8"):
-        engine_config_from_args(_serve_args("--model", str(gguf_file), "--quantization", method))
+        engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--quantization", method))
 
 
-def test_quantization_names_the_checkpoint_already_says_are_accepted(gguf_file: Path) -> None:
-    assert engine_config_from_args(_serve_args("--model", str(gguf_file), "--quantization", "gguf")
+def test_quantization_names_the_checkpoint_already_says_are_accepted(smollm2_gguf: Path) -> None:
+    assert engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--quantization", "gguf")
                                    ).model.quantization is None
-    assert engine_config_from_args(_serve_args("--model", str(gguf_file), "--quantization", "fp8")
+    assert engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--quantization", "fp8")
                                    ).model.quantization == "fp8"
     with pytest.raises(SystemExit, match="--quantization gguf: .* is not a .gguf file"):
         engine_config_from_args(_serve_args("--model", str(tiny_model_cached("qwen2")), "--quantization", "gguf"))
     with pytest.raises(SystemExit, match="--quantization compressed-tensors: the checkpoint's quantization_config "
                                          "says none; leave the flag out"):
-        engine_config_from_args(_serve_args("--model", str(gguf_file), "--quantization", "compressed-tensors"))
+        engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--quantization", "compressed-tensors"))
 
 
 @pytest.mark.parametrize("value,hint", [("fp8_e5m2", "use --kv-cache-dtype fp8"),
                                         ("bfloat16", "use --kv-cache-dtype auto")])
-def test_vllm_kv_cache_dtypes_agentserve_lacks_say_what_to_use(gguf_file: Path, value: str, hint: str,
+def test_vllm_kv_cache_dtypes_agentserve_lacks_say_what_to_use(smollm2_gguf: Path, value: str, hint: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        _serve_args("--model", str(gguf_file), "--kv-cache-dtype", value)
+        _serve_args("--model", str(smollm2_gguf), "--kv-cache-dtype", value)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --kv-cache-dtype" in err and hint in err
-    assert engine_config_from_args(_serve_args("--model", str(gguf_file), "--kv-cache-dtype", "fp8_e4m3")
+    assert engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--kv-cache-dtype", "fp8_e4m3")
                                    ).cache.kv_cache_dtype == "fp8_e4m3"
 
 
-def test_vllm_dtype_aliases(gguf_file: Path) -> None:
+def test_vllm_dtype_aliases(smollm2_gguf: Path) -> None:
     for alias, dtype in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
-        assert engine_config_from_args(_serve_args("--model", str(gguf_file), "--dtype", alias)).model.dtype == dtype
-    assert EngineConfig.from_kwargs(str(gguf_file), dtype="half").model.dtype == "float16"
+        assert engine_config_from_args(_serve_args("--model", str(smollm2_gguf), "--dtype", alias)).model.dtype == dtype
+    assert EngineConfig.from_kwargs(str(smollm2_gguf), dtype="half").model.dtype == "float16"
 
 
-def test_config_errors_name_the_flag(gguf_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--model", str(gguf_file), "--http-port", "0", "--max-num-seqs", "0"]) == 2
+def test_config_errors_name_the_flag(smollm2_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(smollm2_gguf), "--http-port", "0", "--max-num-seqs", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("agentserve: error: --max-num-seqs (max_num_seqs): Input should be greater than 0")
     assert "validation error for" not in err and err.count("\n") == 1
@@ -109,14 +100,14 @@ def test_bad_model_paths_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     assert "(--model) holds neither a config.json" in err and "nor a .gguf file" in err
 
 
-def test_tokenizer_and_context_flags_are_checked(gguf_file: Path, tmp_path: Path) -> None:
+def test_tokenizer_and_context_flags_are_checked(smollm2_gguf: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"tokenizer '.*nowhere' \(--tokenizer\) does not exist"):
-        LLM(str(gguf_file), tokenizer=str(tmp_path / "nowhere"), num_blocks=8)
+        LLM(str(smollm2_gguf), tokenizer=str(tmp_path / "nowhere"), num_blocks=8)
     with pytest.raises(ModelLoadError, match=r"\(--tokenizer\) holds no tokenizer"):
-        LLM(str(gguf_file), tokenizer=str(tmp_path), num_blocks=8)
+        LLM(str(smollm2_gguf), tokenizer=str(tmp_path), num_blocks=8)
     with pytest.raises(ModelLoadError, match=r"max_model_len=100000 \(--max-model-len\) exceeds the model's limit of "
                                              r"8192 positions .*give --max-model-len 8192 or less"):
-        LLM(str(gguf_file), max_model_len=100000, num_blocks=8)
+        LLM(str(smollm2_gguf), max_model_len=100000, num_blocks=8)
 
 
 # --- the real GGUF over HTTP ---------------------------------------------------------------------
@@ -135,8 +126,8 @@ def _served(model: Path, **engine: Any) -> Iterator[tuple[openai.OpenAI, str, As
 
 
 @pytest.fixture(scope="module")
-def bf16(gguf_file: Path) -> Iterator[tuple[openai.OpenAI, str, AsyncEngine]]:
-    with _served(gguf_file) as served:
+def bf16(smollm2_gguf: Path) -> Iterator[tuple[openai.OpenAI, str, AsyncEngine]]:
+    with _served(smollm2_gguf) as served:
         yield served
 
 
@@ -149,13 +140,13 @@ def _greedy_chat(client: openai.OpenAI, messages: Any, max_tokens: int = 8) -> t
     return ids, choice.message.content or "", choice.finish_reason
 
 
-def test_models_and_tokenizer_routes_follow_the_gguf(bf16: Any, gguf_file: Path) -> None:
+def test_models_and_tokenizer_routes_follow_the_gguf(bf16: Any, smollm2_gguf: Path) -> None:
     from transformers import AutoTokenizer
 
     client, url, _ = bf16
     (model,) = client.models.list().data
     assert model.id == "smol" and model.model_dump()["max_model_len"] == 2048
-    reference = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    reference = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     for chat in CHATS[:2]:
         got = httpx.post(url + "/tokenize", json={"model": "smol", "messages": chat, "add_generation_prompt": True})
         want = reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -194,13 +185,13 @@ def test_tool_calls_and_json_schema_are_valid(bf16: Any) -> None:
     _check_json_schema_output(client)
 
 
-def test_fp8_weights_and_kv_serve_valid_outputs(bf16: Any, gguf_file: Path) -> None:
+def test_fp8_weights_and_kv_serve_valid_outputs(bf16: Any, smollm2_gguf: Path) -> None:
     """FP8 weights (quantized at load) and FP8 KV pages: the greedy replies start like the unquantized
     model's for most chats, and constrained outputs stay valid. Only the first token is compared: with
     both FP8 on this 135M model the second often differs (measured 4/5 first tokens, 2/5 first two;
     e4m3's cost on a model this small, tests/test_fp8_real_model.py)."""
     reference = [_greedy_chat(bf16[0], chat, max_tokens=2)[0] for chat in CHATS]
-    with _served(gguf_file, quantization="fp8", kv_cache_dtype="fp8") as (client, _, aeng):
+    with _served(smollm2_gguf, quantization="fp8", kv_cache_dtype="fp8") as (client, _, aeng):
         assert str(aeng.engine.runner.kv_dtype) == "torch.float8_e4m3fn"
         got = [_greedy_chat(client, chat, max_tokens=2)[0] for chat in CHATS]
         _check_json_schema_output(client)
