@@ -1,4 +1,4 @@
-"""The "decode" section of benchmarks/kernels.py: decode attention at batch x context, unsplit vs
+"""The "decode" section of benchmarks/kernel_suite.py: decode attention at batch x context, unsplit vs
 split-KV (the heuristic's split count and the best of a sweep), as achieved bandwidth = K+V bytes
 of every context / time, against the HBM ceiling; and the split-KV crossover: per batch, the
 shortest context at which splitting wins by > 5%, and whether `use_split_kv` agrees."""

@@ -1,4 +1,4 @@
-"""The "elementwise" section of benchmarks/kernels.py: rms_norm(+residual), silu_and_mul, rotary and
+"""The "elementwise" section of benchmarks/kernel_suite.py: rms_norm(+residual), silu_and_mul, rotary and
 write_kv bandwidth (the bytes each kernel must move / time) next to the torch reference's time, and
 the fused rotary + KV write against rotary then write_kv."""
 

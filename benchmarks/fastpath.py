@@ -8,7 +8,7 @@ instead, and they stand in when measuring runs out of memory), and the model's s
   - throughput: 1,024 requests, prompts uniform 64-512 (seed 0), 256 output tokens, ignore_eos
     (limit: the workload's FLOPs / matmul rate), and with --peer hf the ratio to transformers'
     generate_batch on the same weights (on a --peer-requests slice if given).
-The per-kernel table is benchmarks/kernels.py.
+The per-kernel table is benchmarks/kernel_suite.py.
 
   python benchmarks/fastpath.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 [--peer hf]
   agentserve bench                (the same, with those defaults)

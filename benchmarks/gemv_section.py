@@ -1,4 +1,4 @@
-"""The "gemv" section of benchmarks/kernels.py: Triton GEMV vs F.linear (cuBLAS) on the decode
+"""The "gemv" section of benchmarks/kernel_suite.py: Triton GEMV vs F.linear (cuBLAS) on the decode
 projections of Llama-3.1-8B (and Qwen2.5-7B's biased qkv), M = 1, 2, 4, 8.
 
 For every (shape, M) it times F.linear, the dispatcher's heuristic Triton config, and a small
@@ -6,7 +6,7 @@ sweep of "fma" and "dot" configs, as achieved bandwidth = (weight + x + y bytes)
 the HBM ceiling. Then it adds the per-step totals at M=1 (32 layers x (qkv, o, gate_up, down) +
 lm_head), which is what decides AGENTSERVE_GEMV's default: the predicted saving per decode step.
 
-Run alone: `python benchmarks/kernels.py --only gemv` (prints a table; JSON under "gemv")."""
+Run alone: `python benchmarks/kernel_suite.py --only gemv` (prints a table; JSON under "gemv")."""
 
 from __future__ import annotations
 

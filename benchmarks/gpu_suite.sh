@@ -24,7 +24,7 @@ DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
     tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"
-  run kernels-gemv python3 benchmarks/kernels.py --only gemv,elementwise --out "$OUT/kernels_gemv.json"
+  run kernels-gemv python3 benchmarks/kernel_suite.py --only gemv,elementwise --out "$OUT/kernels_gemv.json"
   for mode in torch triton; do
     AGENTSERVE_GEMV=$mode run "step-profile-gemv-$mode" python3 benchmarks/step_profile.py $DUMMY --batch 1 --steps 200
   done
@@ -118,7 +118,7 @@ fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
-  run kernels python3 benchmarks/kernels.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
+  run kernels python3 benchmarks/kernel_suite.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
 fi
 if [ "$MODE" = bench16 ]; then

@@ -1,4 +1,4 @@
-"""What every section of benchmarks/kernels.py shares: the head layouts,
+"""What every section of benchmarks/kernel_suite.py shares: the head layouts,
 the timer, random paged batches, and the byte and FLOP counts the figures divide by."""
 
 from __future__ import annotations

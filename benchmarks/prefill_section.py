@@ -1,4 +1,4 @@
-"""The "prefill" section of benchmarks/kernels.py: prefill attention on one 8192-token prompt,
+"""The "prefill" section of benchmarks/kernel_suite.py: prefill attention on one 8192-token prompt,
 512-token chunks over 0/2048/7680-token prefixes, a batch of 16 fresh 512-token prompts and a
 chunk mixed with decodes, as TFLOP/s against the bf16 dense ceiling. FLOPs are counted causally:
 query at position p costs 4 * head_dim * (p + 1) per head (QK^T and PV), nothing for masked-out keys."""

@@ -8,6 +8,15 @@ verification, the catch-up) or host time on the critical path (a speculative ste
 
   python benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8
   python benchmarks/spec_profile.py --smoke            # CPU, tiny models: the script's plumbing only
+  python benchmarks/spec_profile.py --events ...       # no profiler: CUDA events between the phases
+
+`--events` leaves out torch.profiler (which slows the host and so inflates the idle it measures) and
+records a CUDA event on the stream where each bracketed phase starts and ends. Differences between
+consecutive events are device time (work queued between them), or idle where the device reached the
+later event only because the host recorded it late. Per verification it prints the verification's device
+span (forward, logits, rejection sampling, the result's copy), the continuation's (the next proposal's
+draft forwards), the gap from the continuation's end to the next verification's start (the device
+waiting for the host's processing of the result), and the host's own time per phase.
 """
 
 from __future__ import annotations
@@ -65,6 +74,83 @@ def _wrap(cls: type, name: str, label: str, host_ranges: dict[str, list[float]])
     return lambda: setattr(cls, name, original)
 
 
+EVENT_PHASES: list[tuple[type, str, str]] = [
+    (ModelRunner, "launch", "verification"),
+    (Speculation, "after_launch", "continuation"),
+    (OutputProcessor, "update_from_output", "update_from_output"),
+    (Speculation, "__call__", "adopt / propose"),
+    (Scheduler, "schedule", "schedule"),
+]
+
+
+def _wrap_events(cls: type, name: str, label: str, marks: list[tuple[str, str, Any, float]]) -> Callable[[], None]:
+    """Records (label, "start" / "end", CUDA event, host perf_counter) around the method."""
+    original = getattr(cls, name)
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        marks.append((label, "start", start, time.perf_counter()))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            marks.append((label, "end", end, time.perf_counter()))
+
+    setattr(cls, name, timed)
+    return lambda: setattr(cls, name, original)
+
+
+def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    """Per verification: device spans between the phases' events, and the host's time per phase (us)."""
+    marks: list[tuple[str, str, Any, float]] = []
+    restore = [_wrap_events(cls, name, label, marks) for cls, name, label in EVENT_PHASES]
+    steps_before = llm.engine.metrics.spec_num_drafts
+    t0 = time.perf_counter()
+    try:
+        llm.generate([prompt], params)
+    finally:
+        for undo in restore:
+            undo()
+    wall = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    verifications = llm.engine.metrics.spec_num_drafts - steps_before
+    host: dict[str, list[float]] = defaultdict(list)
+    opened: dict[str, float] = {}
+    for label, kind, _, t in marks:
+        if kind == "start":
+            opened[label] = t
+        elif label in opened:
+            host[label].append((t - opened.pop(label)) * 1e6)
+    # Device spans: the verification's launch start -> end, its continuation's start -> end, and the
+    # continuation's end -> the next verification's start (idle unless the host queued work between).
+    device_marks = [(label, kind, ev) for label, kind, ev, _ in marks if label in ("verification", "continuation")]
+    spans: dict[str, list[float]] = defaultdict(list)
+    last: dict[tuple[str, str], Any] = {}
+    for label, kind, ev in device_marks:
+        if label == "verification" and kind == "start" and ("continuation", "end") in last:
+            spans["continuation end -> next verification"].append(last[("continuation", "end")].elapsed_time(ev) * 1e3)
+            spans["iteration (verification start -> next)"].append(
+                last[("verification", "start")].elapsed_time(ev) * 1e3)
+        if label == "continuation" and kind == "start" and ("verification", "end") in last:
+            spans["verification end -> continuation"].append(last[("verification", "end")].elapsed_time(ev) * 1e3)
+        if kind == "end":
+            spans[label].append(last[(label, "start")].elapsed_time(ev) * 1e3)
+        last[(label, kind)] = ev
+    out: dict[str, Any] = {"verifications": verifications, "wall_us_per_verification": wall * 1e6 / max(1, verifications),
+                           "device_us": {k: {"n": len(v), "median": statistics.median(v), "mean": statistics.fmean(v)}
+                                         for k, v in spans.items() if v},
+                           "host_us": {k: {"n": len(v), "median": statistics.median(v), "mean": statistics.fmean(v)}
+                                       for k, v in host.items()}}
+    print(f"events, per verification ({verifications}): wall {out['wall_us_per_verification']:.0f} us")
+    for name, v in out["device_us"].items():
+        print(f"  device {name}: median {v['median']:.0f} us, mean {v['mean']:.0f} us ({v['n']})")
+    for name, v in out["host_us"].items():
+        print(f"  host {name}: median {v['median']:.0f} us, mean {v['mean']:.0f} us ({v['n']})")
+    return out
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     busy, end = 0.0, -1.0
     for s, e in sorted(intervals):
@@ -87,9 +173,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-continuation", action="store_true",
                     help="proposals from the host after each verification (spec_device_continuation off)")
+    ap.add_argument("--events", action="store_true",
+                    help="CUDA events between the phases instead of torch.profiler (GPU only; see the docstring)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.events and not torch.cuda.is_available():
+        ap.error("--events times CUDA events: it needs a GPU")
     kwargs: dict[str, Any] = dict(load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=8)
     if args.smoke:
         from agentserve.testing import tiny_model_cached
@@ -103,6 +193,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     prompt = np.random.default_rng(0).integers(10, 20000 if not args.smoke else 100, size=128).tolist()
     llm.generate([prompt], params)  # warm-up
+    if args.events:
+        timeline = _event_timeline(llm, prompt, params)
+        llm.close()
+        write_json({"model": args.model, "draft": args.draft_model, "draft_quantization": args.draft_quantization,
+                    "k": args.k, "acceptance": args.acceptance, "events": timeline}, args.out, "spec_events")
+        return 0
     host_ranges: dict[str, list[float]] = defaultdict(list)
     restore = [_wrap(cls, name, label, host_ranges) for cls, name, label in PHASES]
     steps_before = llm.engine.metrics.spec_num_drafts

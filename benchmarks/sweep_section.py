@@ -1,4 +1,4 @@
-"""The "sweep" section of benchmarks/kernels.py: the attention tile configs around the defaults
+"""The "sweep" section of benchmarks/kernel_suite.py: the attention tile configs around the defaults
 (decode BLOCK_N x num_stages, split-KV decode BLOCK_N x num_stages, prefill BLOCK_M x BLOCK_N x
 warps x stages), the best of each, and the defaults the kernels use, to compare."""
 

@@ -482,7 +482,7 @@ def decode_tile(head_dim: int) -> tuple[int, int]:
     return DECODE_TILE[0], DECODE_TILE[1]
 
 
-# Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernels.py`, which
+# Split-KV heuristic constants (see use_split_kv). Tuned by `python benchmarks/kernel_suite.py`, which
 # prints the crossover it measures.
 SPLIT_TARGET_WAVES: float = 2.0   # aim for this many programs per SM after splitting
 # Never give a split fewer keys. Measured on the H100 outside a CUDA graph (where the reduce kernel's

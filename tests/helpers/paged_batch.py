@@ -1,4 +1,4 @@
-"""Random ragged paged-attention batches for the kernel tests and benchmarks/kernels.py: scattered
+"""Random ragged paged-attention batches for the kernel tests and benchmarks/kernel_suite.py: scattered
 pages, NaN poison wherever a kernel must not read."""
 
 from __future__ import annotations

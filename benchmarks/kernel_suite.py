@@ -1,10 +1,10 @@
 """Per-kernel benchmark of the Triton kernels on a CUDA GPU against its ceilings (copy rate and bf16 matmul
 rate, measured at start by benchmarks/ceilings.py, or --ceilings table for a known GPU's figures).
 
-    python benchmarks/kernels.py                 # full run, table on stdout, JSON to --out
-    python benchmarks/kernels.py --no-sweep      # skip the tile-config sweep
-    python benchmarks/kernels.py --only gemv,elementwise   # just those sections (decode,prefill,elementwise,gemv,sweep)
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, checks the script runs
+    python benchmarks/kernel_suite.py                 # full run, table on stdout, JSON to --out
+    python benchmarks/kernel_suite.py --no-sweep      # skip the tile-config sweep
+    python benchmarks/kernel_suite.py --only gemv,elementwise   # just those sections (decode,prefill,elementwise,gemv,sweep)
+    TRITON_INTERPRET=1 python benchmarks/kernel_suite.py --smoke   # CPU: tiny shapes, checks the script runs
 
 Reports:
 - decode attention (Llama-3.1-8B: 32 q / 8 kv heads, head_dim 128, page 16, bf16) at batch
