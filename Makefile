@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m agentserve.cli demo
+	PYTHONSAFEPATH=1 $(PYTHON) -m agentserve.cli demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -x --durations=15
+	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -x --durations=15

@@ -33,6 +33,21 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
+if [ "$MODE" = s15a ]; then
+  # Fifteenth session (~8 min): the draft's continuation as one CUDA graph (predictions in NOTES.md). GPU tests
+  # first, then the iteration's device spans by CUDA events (graphs on with the multi-token split off and on,
+  # graphs off), then the spec table with both on.
+  TMO=300 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
+    --junitxml "$OUT/pytest_spec.xml"
+  for v in "1 1" "1 8" "0 8"; do
+    set -- $v
+    AGENTSERVE_CONTINUATION_GRAPHS=$1 AGENTSERVE_SPLIT_MAX_QUERY_LEN=$2 TMO=150 TAIL=20 run "events-graphs$1-q$2" \
+      python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 \
+      --out "$OUT/events_graphs$1_q$2.json"
+  done
+  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=200 run spec-graphs-q8 python3 benchmarks/spec.py --draft-quantization fp8 \
+    --repeats 2 --batches 16 256 --out "$OUT/spec_graphs_q8.json"
+fi
 if [ "$MODE" = next ]; then
   # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The spec table
   # with split-KV for multi-token queries (speculative verification and catch-up) off and on first; then

@@ -45,7 +45,9 @@ from agentserve.engine.speculation import Speculation  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.sampling.rejection import RejectionSampler  # noqa: E402
 from agentserve.spec.draft import DraftModel  # noqa: E402
+from agentserve.worker.continuation_graphs import ContinuationGraphs  # noqa: E402
 from agentserve.worker.model_runner import ModelRunner  # noqa: E402
+from agentserve.worker.verify_graphs import VerifyGraphs  # noqa: E402
 
 # Host phases: (class, method) wrapped in a profiler range of this name.
 PHASES: list[tuple[type, str, str]] = [
@@ -80,6 +82,9 @@ EVENT_PHASES: list[tuple[type, str, str]] = [
     (OutputProcessor, "update_from_output", "update_from_output"),
     (Speculation, "__call__", "adopt / propose"),
     (Scheduler, "schedule", "schedule"),
+    (VerifyGraphs, "run", "verification graph (inputs + replay)"),
+    (RejectionSampler, "__call__", "rejection sampling"),
+    (ContinuationGraphs, "run", "continuation graph (inputs + replay)"),
 ]
 
 
@@ -125,9 +130,15 @@ def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams) -> dict
             host[label].append((t - opened.pop(label)) * 1e6)
     # Device spans: the verification's launch start -> end, its continuation's start -> end, and the
     # continuation's end -> the next verification's start (idle unless the host queued work between).
-    device_marks = [(label, kind, ev) for label, kind, ev, _ in marks if label in ("verification", "continuation")]
+    # Every phase's own span (start -> end: the device time of the work it queued, while the host is ahead).
     spans: dict[str, list[float]] = defaultdict(list)
     last: dict[tuple[str, str], Any] = {}
+    for label, kind, ev, _ in marks:
+        if kind == "end" and (label, "start") in last and label not in ("verification", "continuation"):
+            spans[label].append(last[(label, "start")].elapsed_time(ev) * 1e3)
+        last[(label, kind)] = ev
+    device_marks = [(label, kind, ev) for label, kind, ev, _ in marks if label in ("verification", "continuation")]
+    last = {}
     for label, kind, ev in device_marks:
         if label == "verification" and kind == "start" and ("continuation", "end") in last:
             spans["continuation end -> next verification"].append(last[("continuation", "end")].elapsed_time(ev) * 1e3)

@@ -4,8 +4,17 @@ must have all its pages free (DESIGN.md's page invariant)."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import torch
+# `python -m pytest` puts the working directory first on sys.path; at the repository root its kernels/
+# (installed as agentserve.kernels) would then shadow the `kernels` package that transformers >= 5.25
+# imports. agentserve itself comes from the installed package, so the root is not needed there.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ.setdefault("PYTHONSAFEPATH", "1")  # and so for the Python subprocesses tests start there
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run through the interpreter on CPU; it must be set before triton is imported.
@@ -13,7 +22,6 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import weakref
-from pathlib import Path
 from typing import Iterator
 
 import pytest

@@ -104,3 +104,42 @@ def test_fp8_self_draft_in_bf16_through_graphs() -> None:
         m = llm.engine.metrics
         assert m.spec_num_draft_tokens > 0 and m.spec_num_accepted_tokens / m.spec_num_draft_tokens > 0.5
         llm.engine.pool.check_all_free()
+
+
+def test_continuation_graphs_propose_what_the_eager_continuation_does() -> None:
+    """A greedy proposal queued behind its verification as one graph replay (worker/continuation_graphs.py)
+    against the eager continuation (spec/continuation.py) on the same engine, with a different small draft
+    whose proposals are partly rejected: the same proposals (acceptance per position equal), the target's
+    outputs unchanged, and the replays actually ran."""
+    from agentserve.worker.continuation_graphs import ContinuationGraphs
+
+    llm = make("llama", draft_model=small_draft("llama"), spec_dynamic=False)
+    draft = llm.engine.runner.draft
+    assert draft is not None and isinstance(draft.continuation_graphs, ContinuationGraphs)
+    graphs = draft.continuation_graphs
+    replayed: list[bool] = []
+    original = graphs.run
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        drafts = original(*args, **kwargs)
+        replayed.append(drafts is not None)
+        return drafts
+
+    graphs.run = counted  # type: ignore[method-assign]
+
+    def run() -> tuple[list[list[int]], list[int], int]:
+        m = llm.engine.metrics
+        m.spec_accepted_per_position = []
+        accepted, continued = m.spec_num_accepted_tokens, m.spec_num_continued_proposals
+        outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+        assert m.spec_num_continued_proposals > continued
+        return outs, list(m.spec_accepted_per_position), m.spec_num_accepted_tokens - accepted
+
+    with_graphs = run()
+    assert replayed and all(replayed)
+    draft.continuation_graphs = None
+    eager = run()
+    assert with_graphs == eager
+    assert 0 < with_graphs[2]  # some proposals accepted, and (a different draft) not all of them
+    llm.engine.pool.check_all_free()
+    llm.close()

@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
+from agentserve.worker.continuation_graphs import ContinuationGraphs
 from helpers.spec_models import small_draft
 
 # Chunked prefill, prefix caching and a pool small enough to preempt (as tests/test_spec_decode.py).
@@ -70,3 +72,48 @@ def test_random_rows_continue_and_seeded_rows_do_not() -> None:
     again, _ = run(arch, draft, temperature=0.8, seed=7)
     assert m_seeded.spec_num_continued_proposals == 0 and m_seeded.spec_num_drafts > 0
     assert first == again  # a seeded request is reproducible
+
+
+class _EagerContinuationGraphs(ContinuationGraphs):
+    """The captured continuation's computation run eagerly (no CUDA graph on the CPU): its inputs staged
+    as for a replay, then the body the capture records."""
+
+    def _replay(self, size: int, bucket: int) -> torch.Tensor:
+        return self._propose(size, bucket)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(arch: str) -> None:
+    """worker/continuation_graphs.py derives every input of the catch-up and the decode steps on the device
+    from the verification's output, over padded rows: the same proposals as spec/continuation.py's eager
+    path (acceptance per position equal, with a different draft), with chunked prefill and prefix caching."""
+    want, _ = run(arch, None, temperature=0.0)
+    llm = LLM(str(tiny_model_cached(arch)), **{**ENGINE, "draft_model": small_draft(arch)})
+    runner = llm.engine.runner
+    draft = runner.draft
+    assert draft is not None and draft.cache is not None
+    graphs = _EagerContinuationGraphs(draft.model, draft.cache.layers, llm.engine.config.scheduler.max_num_seqs,
+                                      runner.max_blocks_per_seq, 3, draft.block_size, draft.max_model_len,
+                                      torch.device("cpu"))
+    staged: list[int] = []
+    original = graphs.run
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        drafts = original(*args, **kwargs)
+        staged.append(drafts is not None)
+        return drafts
+
+    graphs.run = counted  # type: ignore[method-assign]
+    draft.continuation_graphs = graphs
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in MAX_TOKENS])
+    m_graphs = llm.engine.metrics
+    llm.engine.pool.check_all_free()
+    llm.close()
+    _, m_eager = run(arch, small_draft(arch), temperature=0.0)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    # Most continuations replay; those of a verification narrower than k + 1 (rows capped by max_tokens) or
+    # of random rows fall back to the eager path.
+    assert sum(staged) > len(staged) // 2 and m_graphs.spec_num_continued_proposals > 0
+    assert m_graphs.spec_num_rejected_rows > 0
+    assert m_graphs.spec_accepted_per_position == m_eager.spec_accepted_per_position
+    assert m_graphs.spec_num_draft_tokens == m_eager.spec_num_draft_tokens

@@ -81,7 +81,7 @@ class PendingProposal:
         return self.drafts[row, :m], probs
 
 
-def _slots(tables: torch.Tensor, num_pages: torch.Tensor, positions: torch.Tensor, block_size: int,
+def device_slots(tables: torch.Tensor, num_pages: torch.Tensor, positions: torch.Tensor, block_size: int,
            max_model_len: int) -> torch.Tensor:
     """KV slots of `positions` [R, m] through the rows' tables; -1 (no write) past a row's pages or the
     model's length (the table is zero-padded: page 0 belongs to someone else)."""
@@ -101,6 +101,14 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     block_size, max_len, device = draft.block_size, draft.max_model_len, draft.device
     count = len(requests)
     bases = [r.num_tokens - 1 for r in requests]
+    graphs = draft.continuation_graphs
+    if graphs is not None and all(r.sampling_params.temperature == 0 for r in requests):
+        width = max(1, max(len(r.block_table) for r in requests))
+        bound = min(max(bases) + 2 * num_tokens + 1, max_len, width * block_size)
+        drafts = graphs.run(rows, bases, [r.all_token_ids[-1] for r in requests], [r.block_table for r in requests],
+                            num_tokens, emitted, num_accepted, bound)
+        if drafts is not None:  # one replay (worker/continuation_graphs.py); else the eager path below
+            return PendingProposal(requests, bases, verified, num_tokens, drafts, [None] * num_tokens)
     tables = block_tables_of([DraftRun([], 0, r.block_table) for r in requests])
     d_rows, d_base, d_last, d_pages, d_tables = to_device_packed(
         [np.asarray(rows, dtype=np.int64), np.asarray(bases, dtype=np.int64),
@@ -122,7 +130,7 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     # reaches, sizes the eager kernels' work.
     positions = first[:, None] + torch.arange(num_tokens + 1, device=device)[None, :]  # [R, k + 1]
     reach = torch.clamp(d_pages * block_size, max=max_len)
-    slots = _slots(tables_i64, d_pages, positions, block_size, max_len).t().contiguous()
+    slots = device_slots(tables_i64, d_pages, positions, block_size, max_len).t().contiguous()
     seq_lens = torch.minimum(positions + 1, reach[:, None]).t().contiguous()
     positions = positions.clamp(max=max_len - 1).t().contiguous()
     bound = min(max(bases) + 2 * num_tokens + 1, max_len, tables.shape[1] * block_size)

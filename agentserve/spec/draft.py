@@ -71,6 +71,14 @@ class DecodeRunner(Protocol):
             block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor: ...
 
 
+class ContinuationRunner(Protocol):
+    """Captured greedy continuations (worker/continuation_graphs.py's ContinuationGraphs)."""
+
+    def run(self, rows: list[int], bases: list[int], last_tokens: list[int], block_tables: list[list[int]],
+            num_tokens: int, emitted: torch.Tensor, num_accepted: torch.Tensor, bound: int
+            ) -> Optional[torch.Tensor]: ...
+
+
 def _truncate(scaled: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The requests' own top-k / top-p / min-p on the draft's scaled logits: q then puts its mass where
     the target's p can (any q keeps the output exact; one close to p is accepted more often)."""
@@ -109,6 +117,7 @@ class DraftModel:
         self.cache: Optional[KVCache] = None
         self.graphs: Optional[DecodeRunner] = None
         self.catch_up_graphs: Optional[PaddedRunner] = None
+        self.continuation_graphs: Optional[ContinuationRunner] = None
 
     @property
     def num_parameters(self) -> int:
@@ -131,6 +140,7 @@ class DraftModel:
     def release(self) -> None:
         self.graphs = None
         self.catch_up_graphs = None
+        self.continuation_graphs = None
         if self.cache is not None:
             self.cache.release()
         self.model = self.model.to("meta")
