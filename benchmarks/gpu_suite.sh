@@ -48,6 +48,18 @@ if [ "$MODE" = s15a ]; then
   AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=200 run spec-graphs-q8 python3 benchmarks/spec.py --draft-quantization fp8 \
     --repeats 2 --batches 16 256 --out "$OUT/spec_graphs_q8.json"
 fi
+if [ "$MODE" = s15b ]; then
+  # Fifteenth session, second measurement (~7 min): continuation graphs for every k <= num_speculative_tokens,
+  # the multi-token split on by default. GPU tests (speculation, speculation with LoRA and request features,
+  # the split kernel's verification rows), the event spans with their largest iterations and the draft's
+  # forwards alone, then the spec table.
+  TMO=330 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
+    tests/test_lora_spec.py "tests/test_kernels_gpu_attention.py::test_split_kv_verification_rows" \
+    tests/test_gpu_request_features.py --junitxml "$OUT/pytest_spec.xml"
+  TMO=150 TAIL=24 run events python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 \
+    --new-tokens 256 --out "$OUT/events.json"
+  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 256 --out "$OUT/spec.json"
+fi
 if [ "$MODE" = next ]; then
   # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The spec table
   # with split-KV for multi-token queries (speculative verification and catch-up) off and on first; then

@@ -37,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from spec import decode_forward, step_time_ms  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
 from agentserve.engine.output import OutputProcessor  # noqa: E402
@@ -45,6 +46,7 @@ from agentserve.engine.speculation import Speculation  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.sampling.rejection import RejectionSampler  # noqa: E402
 from agentserve.spec.draft import DraftModel  # noqa: E402
+from agentserve.spec.draft_inputs import DraftRun, build_padded_inputs  # noqa: E402
 from agentserve.worker.continuation_graphs import ContinuationGraphs  # noqa: E402
 from agentserve.worker.model_runner import ModelRunner  # noqa: E402
 from agentserve.worker.verify_graphs import VerifyGraphs  # noqa: E402
@@ -107,6 +109,14 @@ def _wrap_events(cls: type, name: str, label: str, marks: list[tuple[str, str, A
     return lambda: setattr(cls, name, original)
 
 
+def _summary(values: list[float]) -> dict[str, Any]:
+    """Median, mean and the five largest (index in order of occurrence, us): a mean above the median
+    comes from a few iterations (the first proposal, a host stall) or from all of them."""
+    largest = sorted(enumerate(values), key=lambda iv: -iv[1])[:5]
+    return {"n": len(values), "median": statistics.median(values), "mean": statistics.fmean(values),
+            "largest": [(i, round(v, 1)) for i, v in largest]}
+
+
 def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
     """Per verification: device spans between the phases' events, and the host's time per phase (us)."""
     marks: list[tuple[str, str, Any, float]] = []
@@ -150,15 +160,34 @@ def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams) -> dict
             spans[label].append(last[(label, "start")].elapsed_time(ev) * 1e3)
         last[(label, kind)] = ev
     out: dict[str, Any] = {"verifications": verifications, "wall_us_per_verification": wall * 1e6 / max(1, verifications),
-                           "device_us": {k: {"n": len(v), "median": statistics.median(v), "mean": statistics.fmean(v)}
-                                         for k, v in spans.items() if v},
+                           "device_us": {k: _summary(v) for k, v in spans.items() if v},
                            "host_us": {k: {"n": len(v), "median": statistics.median(v), "mean": statistics.fmean(v)}
                                        for k, v in host.items()}}
     print(f"events, per verification ({verifications}): wall {out['wall_us_per_verification']:.0f} us")
     for name, v in out["device_us"].items():
-        print(f"  device {name}: median {v['median']:.0f} us, mean {v['mean']:.0f} us ({v['n']})")
+        print(f"  device {name}: median {v['median']:.0f} us, mean {v['mean']:.0f} us ({v['n']}); largest "
+              + ", ".join(f"#{i} {t:.0f}" for i, t in v["largest"]))
     for name, v in out["host_us"].items():
         print(f"  host {name}: median {v['median']:.0f} us, mean {v['mean']:.0f} us ({v['n']})")
+    return out
+
+
+def _draft_forward_ms(llm: LLM) -> dict[str, float]:
+    """The draft's forwards alone (graph replays, ms): a decode step (1 token) and the continuation's
+    2-token catch-up, at position 128."""
+    draft = llm.engine.runner.draft
+    assert draft is not None and draft.cache is not None and draft.catch_up_graphs is not None
+    catch_up_graphs = draft.catch_up_graphs
+    padded = build_padded_inputs([DraftRun([11, 12], 127, list(range(16)))], 2, draft.block_size, draft.max_model_len,
+                                 draft.device)
+
+    def catch_up() -> None:
+        hidden = catch_up_graphs.run(padded, 2)
+        draft.model.compute_logits(hidden.index_select(0, padded.last_index))
+
+    out = {"decode_1_token": step_time_ms(decode_forward(draft.model, draft.graphs, draft.cache.layers, draft.device)),
+           "catch_up_2_tokens": step_time_ms(catch_up)}
+    print("  draft forwards alone: " + ", ".join(f"{k} {v:.3f} ms" for k, v in out.items()))
     return out
 
 
@@ -206,6 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm.generate([prompt], params)  # warm-up
     if args.events:
         timeline = _event_timeline(llm, prompt, params)
+        timeline["draft_forward_ms"] = _draft_forward_ms(llm)
         llm.close()
         write_json({"model": args.model, "draft": args.draft_model, "draft_quantization": args.draft_quantization,
                     "k": args.k, "acceptance": args.acceptance, "events": timeline}, args.out, "spec_events")

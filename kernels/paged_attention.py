@@ -494,10 +494,11 @@ SPLIT_MIN_KEYS: int = int(os.environ.get("AGENTSERVE_SPLIT_MIN_KEYS", "64"))
 SPLIT_MAX: int = 64                # partial-result buffer bound; plenty for 128k contexts
 # Queries of up to this many tokens per sequence (a speculative verification's k + 1, a draft's
 # catch-up) split too: at batch 1 a verification of 5 tokens otherwise runs one program per KV head
-# (8 of 132 SMs). Off (1: decode rows only) until measured on the H200: AGENTSERVE_SPLIT_MAX_QUERY_LEN=8
-# turns it on (the kernels accept up to SPLIT_QUERY_LEN_LIMIT tokens).
+# (8 of 132 SMs). On since the H200 A/Bs (A = 0.8, k = 4 iteration -0.9% in the eleventh session, -1.5%
+# and -1.8% in the fifteenth: benchmarks/NOTES.md); AGENTSERVE_SPLIT_MAX_QUERY_LEN=1 splits decode rows
+# only (the kernels accept up to SPLIT_QUERY_LEN_LIMIT tokens).
 SPLIT_QUERY_LEN_LIMIT: int = 8
-SPLIT_MAX_QUERY_LEN: int = int(os.environ.get("AGENTSERVE_SPLIT_MAX_QUERY_LEN", "1"))
+SPLIT_MAX_QUERY_LEN: int = int(os.environ.get("AGENTSERVE_SPLIT_MAX_QUERY_LEN", "8"))
 if not 1 <= SPLIT_MAX_QUERY_LEN <= SPLIT_QUERY_LEN_LIMIT:
     raise ValueError(f"AGENTSERVE_SPLIT_MAX_QUERY_LEN={SPLIT_MAX_QUERY_LEN}: 1 to {SPLIT_QUERY_LEN_LIMIT}")
 # Long contexts at batches whose decode grid already fills the SMs (on by default since its H200 A/B on
