@@ -106,6 +106,7 @@ class Speculation:
                           and engine.runner.parallel is None)
         self.pending: Optional[PendingProposal] = None
         self._step_k = 0
+        self._coming_k = 0  # k chosen for the step being scheduled (0: it does not speculate)
         self._reserved_for_continuation: set[str] = set()  # request ids with pages up to P + 2k
 
     def _update_acceptance(self) -> None:
@@ -120,6 +121,10 @@ class Speculation:
         self._seen = (m.spec_num_accepted_tokens, m.spec_num_rejected_rows)
 
     def num_tokens_for_step(self, batch_size: int) -> int:
+        self._coming_k = self._num_tokens_for_step(batch_size)
+        return self._coming_k
+
+    def _num_tokens_for_step(self, batch_size: int) -> int:
         if batch_size == 0:
             return 0
         if not self.dynamic:
@@ -184,11 +189,20 @@ class Speculation:
 
     def after_launch(self, step: InflightStep) -> None:
         self.pending = None
+        draft_model = self.engine.runner.draft
+        if draft_model is None:  # n-gram lookup
+            return
+        if self._coming_k:
+            # The draft's KV of the prompt chunks just launched, queued right behind them: otherwise the
+            # first proposal after the first token computes the whole prompt in the draft from the host
+            # (~21 ms on the H200 for a 128-token prompt, FP8 1B draft: benchmarks/NOTES.md). Not at batch
+            # sizes where speculation is off (k = 0): a draft prefill there would cost throughput.
+            draft_model.prefill_computed([c.request for c in step.chunks if not c.spec_token_ids
+                                          and not c.request.is_finished
+                                          and c.request.num_computed_tokens - c.num_tokens < c.request.num_prompt_tokens])
         verified = step.handle.verified
         if not self.continues or verified is None:
             return
-        draft_model = self.engine.runner.draft
-        assert draft_model is not None
         requests, rows, counts = [], [], []
         sampling = [c for c in step.chunks if c.num_sampled]
         for row, chunk in enumerate(sampling):

@@ -275,31 +275,47 @@ class DraftModel:
             return logits
         return self._prefill(requests, starts)
 
-    def _prefill(self, requests: list[Request], starts: list[int]) -> torch.Tensor:
-        """Ragged forwards of at most max_tokens_per_forward tokens; each request's logits come from
-        the forward that reaches its last known token."""
-        out = torch.empty((len(requests), self.vocab_size), dtype=torch.float32, device=self.device)
+    def _prefill(self, requests: list[Request], starts: list[int], ends: Optional[list[int]] = None
+                 ) -> torch.Tensor:
+        """Ragged forwards of at most max_tokens_per_forward tokens over each request's tokens from
+        starts[i] to ends[i] (default: its last known token); each request's logits come from the
+        forward that reaches its end (rows that computed nothing keep zeros)."""
+        out = torch.zeros((len(requests), self.vocab_size), dtype=torch.float32, device=self.device)
+        stop = list(ends) if ends is not None else [r.num_tokens for r in requests]
         pos = list(starts)
-        while any(p < r.num_tokens for p, r in zip(pos, requests)):
+        while any(p < e for p, e in zip(pos, stop)):
             budget = self.max_tokens_per_forward
             runs: list[DraftRun] = []
-            finishing: list[int] = []  # rows whose last run ends at their last token
+            finishing: list[int] = []  # rows whose last run ends at their end
             for i, r in enumerate(requests):
-                if pos[i] >= r.num_tokens or budget <= 0:
+                if pos[i] >= stop[i] or budget <= 0:
                     continue
-                end = min(r.num_tokens, pos[i] + budget)
+                end = min(stop[i], pos[i] + budget)
                 runs.append(DraftRun(r.all_token_ids[pos[i]:end], pos[i], r.block_table))
-                finishing.append(i if end == r.num_tokens else -1)
+                finishing.append(i if end == stop[i] else -1)
                 budget -= end - pos[i]
                 pos[i] = end
             ids, positions, meta, last = build_draft_inputs(runs, self.block_size, self.device)
             hidden = self.model(ids, positions, self._kv_layers(), meta)
             rows = [j for j, i in enumerate(finishing) if i >= 0]
-            if rows:
+            if rows and ends is None:
                 index = torch.tensor(rows, device=self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, last.index_select(0, index)))
                 out[torch.tensor([finishing[j] for j in rows], device=self.device)] = logits.float()
         return out
+
+    @torch.inference_mode()
+    def prefill_computed(self, requests: list[Request]) -> None:
+        """The draft's KV of every token the target has computed (or has just been launched to compute),
+        queued now: run right behind a prefill chunk, the draft's share of the prompt overlaps the target's
+        on the host and no longer delays the first proposal after the first token (Speculation.after_launch
+        in engine/speculation.py)."""
+        rows = [r for r in requests if r.num_draft_computed_tokens < r.num_computed_tokens]
+        if not rows:
+            return
+        self._prefill(rows, [r.num_draft_computed_tokens for r in rows], [r.num_computed_tokens for r in rows])
+        for r in rows:
+            r.num_draft_computed_tokens = r.num_computed_tokens
 
     def _decode(self, requests: list[Request], rows: list[int], host_tables: np.ndarray, tables: torch.Tensor,
                 inputs: object, step: int, planned: Optional[DecodeStepInputs]) -> torch.Tensor:
