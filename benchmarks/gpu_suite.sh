@@ -60,6 +60,14 @@ if [ "$MODE" = s15b ]; then
     --new-tokens 256 --out "$OUT/events.json"
   TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 256 --out "$OUT/spec.json"
 fi
+if [ "$MODE" = s15c ]; then
+  # Fifteenth session, third measurement (~7 min): the draft's prompt share behind the target's prefill.
+  TMO=300 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
+    tests/test_gpu_request_features.py --junitxml "$OUT/pytest_spec.xml"
+  TMO=150 TAIL=24 run events python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 \
+    --new-tokens 256 --out "$OUT/events.json"
+  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
+fi
 if [ "$MODE" = next ]; then
   # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The spec table
   # with split-KV for multi-token queries (speculative verification and catch-up) off and on first; then
