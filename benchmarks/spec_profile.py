@@ -117,14 +117,30 @@ def _summary(values: list[float]) -> dict[str, Any]:
             "largest": [(i, round(v, 1)) for i, v in largest]}
 
 
-def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+def _stream(llm: LLM, prompt: list[int], params: SamplingParams, per_step_outputs: bool) -> None:
+    """One request to its end: llm.generate, or engine.step() with an output every step (as
+    benchmarks/latency.py's single_stream drives it for spec.py)."""
+    if not per_step_outputs:
+        llm.generate([prompt], params)
+        return
+    engine = llm.engine
+    engine.emit_unfinished = True
+    try:
+        engine.add_request(f"stream-{time.monotonic_ns()}", prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.emit_unfinished = False
+
+
+def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams, per_step_outputs: bool) -> dict[str, Any]:
     """Per verification: device spans between the phases' events, and the host's time per phase (us)."""
     marks: list[tuple[str, str, Any, float]] = []
     restore = [_wrap_events(cls, name, label, marks) for cls, name, label in EVENT_PHASES]
     steps_before = llm.engine.metrics.spec_num_drafts
     t0 = time.perf_counter()
     try:
-        llm.generate([prompt], params)
+        _stream(llm, prompt, params, per_step_outputs)
     finally:
         for undo in restore:
             undo()
@@ -213,6 +229,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-continuation", action="store_true",
                     help="proposals from the host after each verification (spec_device_continuation off)")
+    ap.add_argument("--like-spec-py", action="store_true",
+                    help="the engine spec.py builds (max_num_seqs 256, 8,192 batched tokens, k <= 6 captured, "
+                    "k set per run)")
+    ap.add_argument("--per-step-outputs", action="store_true",
+                    help="engine.step() with an output every step, as spec.py's single stream runs")
     ap.add_argument("--events", action="store_true",
                     help="CUDA events between the phases instead of torch.profiler (GPU only; see the docstring)")
     ap.add_argument("--smoke", action="store_true")
@@ -221,6 +242,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.events and not torch.cuda.is_available():
         ap.error("--events times CUDA events: it needs a GPU")
     kwargs: dict[str, Any] = dict(load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=8)
+    captured_k = args.k
+    if args.like_spec_py:
+        kwargs.update(max_num_seqs=256, max_num_batched_tokens=8192)
+        captured_k = max(6, args.k)
     if args.smoke:
         from agentserve.testing import tiny_model_cached
 
@@ -228,13 +253,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         kwargs = dict(dtype="float32", max_model_len=512, max_num_seqs=4)
         args.new_tokens = 16
     llm = LLM(args.model, draft_model=args.draft_model, draft_quantization=args.draft_quantization,
-              num_speculative_tokens=args.k, spec_dynamic=False, spec_synthetic_acceptance=args.acceptance,
+              num_speculative_tokens=captured_k, spec_dynamic=False, spec_synthetic_acceptance=args.acceptance,
               spec_device_continuation=not args.no_continuation, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     prompt = np.random.default_rng(0).integers(10, 20000 if not args.smoke else 100, size=128).tolist()
+    spec = llm.engine.spec_proposer
+    assert isinstance(spec, Speculation)
+    spec.max_num_tokens = args.k
     llm.generate([prompt], params)  # warm-up
     if args.events:
-        timeline = _event_timeline(llm, prompt, params)
+        timeline = _event_timeline(llm, prompt, params, args.per_step_outputs)
         timeline["draft_forward_ms"] = _draft_forward_ms(llm)
         llm.close()
         write_json({"model": args.model, "draft": args.draft_model, "draft_quantization": args.draft_quantization,
