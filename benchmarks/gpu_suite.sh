@@ -69,17 +69,16 @@ if [ "$MODE" = s15c ]; then
   TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
 fi
 if [ "$MODE" = next ]; then
-  # Left by the tenth session (2026-12-03; ~9 min), predictions in NOTES.md "Tenth session". The spec table
-  # with split-KV for multi-token queries (speculative verification and catch-up) off and on first; then
-  # the engine-level GPU tests, which have not run with the tenth session's tiles (128-key decode, 64-row
-  # prefill; only the kernel tests did), with the multi-token split on so that the spec tests cover it.
-  for q in 1 8; do
-    AGENTSERVE_SPLIT_MAX_QUERY_LEN=$q TMO=120 run "spec-split-q$q" python3 benchmarks/spec.py --draft-quantization fp8 \
-      --repeats 2 --batches 16 --out "$OUT/spec_split_q$q.json"
+  # Left by the fifteenth session (~7 min), predictions in NOTES.md "Two-row GEMVs": the pair kernels' GPU
+  # tests, then the catch-up and the spec table with them off and on.
+  TMO=200 run pytest-pair python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_gemv_pair.py \
+    --junitxml "$OUT/pytest_pair.xml"
+  for p in 0 1; do
+    AGENTSERVE_GEMV_PAIR_ROWS=$p TMO=150 TAIL=24 run "events-pair$p" python3 benchmarks/spec_profile.py --events \
+      --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_pair$p.json"
+    AGENTSERVE_GEMV_PAIR_ROWS=$p TMO=200 run "spec-pair$p" python3 benchmarks/spec.py --draft-quantization fp8 \
+      --repeats 3 --batches 16 256 --out "$OUT/spec_pair$p.json"
   done
-  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=420 run pytest-tiles-split-verify python3 -m pytest -m gpu -v -rf -p no:cacheprovider \
-    --durations=8 tests/test_gpu_spec.py tests/test_gpu_engine.py tests/test_gpu_split_long.py \
-    tests/test_kernels_gpu_attention.py --junitxml "$OUT/pytest_tiles_split_verify.xml"
 fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,

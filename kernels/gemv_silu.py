@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from . import gemv_pair
 from ._triton_utils import cdiv, pdl_launch, tl, triton
 from .gemv import GemvConfig, as_rows, fma_row_sums
 
@@ -76,6 +77,10 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
     if m == 0 or inter == 0:
         return out.view(*lead, inter)
     block_i = max(1, config.block_n // 2)
+    if m == 2 and gemv_pair.PAIR_ROWS:  # one program per weight block for both rows (kernels/gemv_pair.py)
+        gemv_pair.gemv_silu_mul_pair(x2, weight, weight_scale, bias.contiguous() if bias is not None else None, out,
+                                     block_i, config.block_k, config.num_warps, config.num_stages)
+        return out.view(*lead, inter)
     _gemv_silu_mul_kernel[(m * cdiv(inter, block_i),)](
         x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),

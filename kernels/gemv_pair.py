@@ -1,0 +1,156 @@
+"""Two-row GEMVs: each weight tile loaded (and, for e4m3, converted) once for both rows of x.
+
+The small-batch "fma" GEMV (kernels/gemv.py) runs M programs per weight block for M rows, adjacent so
+that the 2nd row's read of the block hits L2. At M = 2 that doubles the programs, their ramp-up and the
+conversions of FP8 tiles, for the same HBM bytes. An FP8 draft model's catch-up after every
+speculative verification is such a 2-token forward (spec/continuation.py): on the H200 it took 0.86 ms
+against 0.69 ms for the draft's 1-token decode step (benchmarks/NOTES.md, fifteenth session), about
+64 GEMVs x ~2.7 us. Here one program holds two fp32 accumulators: the tile's bytes are read and
+converted once, and each weight feeds two FMAs.
+
+Used for M == 2 by fp8_linear.fp8_gemv_triton and gemv_silu.gemv_silu_mul_triton when PAIR_ROWS is on
+(AGENTSERVE_GEMV_PAIR_ROWS=1; off until measured on the H200). The sums are the one-row kernel's up to
+the fp32 reduction order (same tiles, same K loop).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._triton_utils import cdiv, pdl_begin, pdl_launch, tl, triton
+
+PAIR_ROWS: bool = os.environ.get("AGENTSERVE_GEMV_PAIR_ROWS", "0") == "1"
+
+
+@triton.jit
+def fma_row_sums_pair(w_ptrs, x0_ptrs, x1_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """fma_row_sums (kernels/gemv.py) for two rows of x over the same weight tiles: (sums of row 0,
+    sums of row 1), each [BLOCK_N] fp32. Holds the PDL wait, as fma_row_sums does."""
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x0 = tl.load(x0_ptrs)
+            x1 = tl.load(x1_ptrs)
+        else:
+            k_mask = offs_k + k0 < K
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            x0 = tl.load(x0_ptrs, mask=k_mask, other=0.0)
+            x1 = tl.load(x1_ptrs, mask=k_mask, other=0.0)
+        wf = w.to(tl.float32)
+        acc0 += wf * x0.to(tl.float32)[None, :]
+        acc1 += wf * x1.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x0_ptrs += BLOCK_K
+        x1_ptrs += BLOCK_K
+    return tl.sum(acc0, 1), tl.sum(acc1, 1)
+
+
+@triton.jit
+def _fp8_gemv_pair_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """Grid: (cdiv(N, BLOCK_N),): y[0:2, block] from e4m3 W with per-row scales (fp8_linear's GEMV)."""
+    nb = tl.program_id(0)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    y0, y1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, BLOCK_N, BLOCK_K,
+                               EVEN_K, USE_PDL)
+    scale = tl.load(ws_ptr + rows)
+    y0 *= scale
+    y1 *= scale
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows).to(tl.float32)
+        y0 += bias
+        y1 += bias
+    dt = y_ptr.dtype.element_ty
+    mask = offs_n < N
+    tl.store(y_ptr + offs_n, y0.to(dt), mask=mask)
+    tl.store(y_ptr + stride_ym + offs_n, y1.to(dt), mask=mask)
+
+
+@triton.jit
+def _silu_mul_of(sums, BLOCK_I: tl.constexpr, dt: tl.constexpr):
+    """silu(gate) * up of a tile's interleaved gate / up sums, rounded as gemv_silu's kernel rounds."""
+    gate, up = tl.split(tl.reshape(sums.to(dt).to(tl.float32), [BLOCK_I, 2]))
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    return (silu * up).to(dt)
+
+
+@triton.jit
+def _gemv_silu_mul_pair_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, I, K, stride_xm, stride_wn, stride_ym,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    """Grid: (cdiv(I, BLOCK_I),): gemv_silu's _gemv_silu_mul_kernel for two rows of x at once (tile row
+    2p: the gate row of output column ib * BLOCK_I + p, row 2p + 1 its up row)."""
+    ib = tl.program_id(0)
+    r = tl.arange(0, 2 * BLOCK_I)
+    col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
+    rows = (col + (r % 2) * I).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    s0, s1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, 2 * BLOCK_I,
+                               BLOCK_K, EVEN_K, USE_PDL)
+    if HAS_SCALE:
+        scale = tl.load(ws_ptr + rows)
+        s0 *= scale
+        s1 *= scale
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows).to(tl.float32)
+        s0 += bias
+        s1 += bias
+    dt = y_ptr.dtype.element_ty
+    offs_out = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = offs_out < I
+    tl.store(y_ptr + offs_out, _silu_mul_of(s0, BLOCK_I, dt), mask=mask)
+    tl.store(y_ptr + stride_ym + offs_out, _silu_mul_of(s1, BLOCK_I, dt), mask=mask)
+
+
+def set_pair_rows(enabled: bool) -> None:
+    """Whether M == 2 GEMVs take the two-row kernels (tests and A/B runs; AGENTSERVE_GEMV_PAIR_ROWS)."""
+    global PAIR_ROWS
+    PAIR_ROWS = enabled
+
+
+def pair_warps(block_n: int, block_k: int, num_warps: int) -> int:
+    """Warps for a two-row program over the one-row tile: enough that each thread's two accumulators
+    stay at <= 64 fp32 registers (the one-row kernel's tiles hold up to 64 per thread)."""
+    while block_n * block_k // (32 * num_warps) > 32 and num_warps < 16:
+        num_warps *= 2
+    return num_warps
+
+
+def fp8_gemv_pair(x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  out: torch.Tensor, block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
+    """out[2, N] = x2[2, K] @ (W_q * scale)^T (+ bias), fp8_gemv_triton's contract at M == 2."""
+    n, k = weight_q.shape
+    _fp8_gemv_pair_kernel[(cdiv(n, block_n),)](
+        x2, weight_q, weight_scale, bias if bias is not None else weight_scale, out, n, k, x2.stride(0),
+        weight_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=pair_warps(block_n, block_k, num_warps), num_stages=num_stages,
+        **pdl_launch(x2))
+
+
+def gemv_silu_mul_pair(x2: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], out: torch.Tensor, block_i: int, block_k: int, num_warps: int,
+                       num_stages: int) -> None:
+    """out[2, I] = silu_and_mul(x2 @ dequant(weight)^T + bias), gemv_silu_mul_triton's contract at M == 2."""
+    n, k = weight.shape
+    inter = n // 2
+    _gemv_silu_mul_pair_kernel[(cdiv(inter, block_i),)](
+        x2, weight, weight_scale if weight_scale is not None else x2, bias if bias is not None else x2, out, inter, k,
+        x2.stride(0), weight.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_I=block_i, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        num_warps=pair_warps(2 * block_i, block_k, num_warps), num_stages=num_stages, **pdl_launch(x2))
