@@ -63,6 +63,8 @@ class RequestOutput:
     # added with retain_blocks (the caller now owns those references).
     retained_block_table: Optional[list[int]] = None
     retained_num_computed_tokens: int = 0
+    # ... and how many leading tokens of them hold the draft model's KV too (speculative decoding).
+    retained_num_draft_computed_tokens: int = 0
 
     @property
     def num_cached_tokens(self) -> int:

@@ -33,41 +33,6 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = s15a ]; then
-  # Fifteenth session (~8 min): the draft's continuation as one CUDA graph (predictions in NOTES.md). GPU tests
-  # first, then the iteration's device spans by CUDA events (graphs on with the multi-token split off and on,
-  # graphs off), then the spec table with both on.
-  TMO=300 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
-    --junitxml "$OUT/pytest_spec.xml"
-  for v in "1 1" "1 8" "0 8"; do
-    set -- $v
-    AGENTSERVE_CONTINUATION_GRAPHS=$1 AGENTSERVE_SPLIT_MAX_QUERY_LEN=$2 TMO=150 TAIL=20 run "events-graphs$1-q$2" \
-      python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 \
-      --out "$OUT/events_graphs$1_q$2.json"
-  done
-  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=200 run spec-graphs-q8 python3 benchmarks/spec.py --draft-quantization fp8 \
-    --repeats 2 --batches 16 256 --out "$OUT/spec_graphs_q8.json"
-fi
-if [ "$MODE" = s15b ]; then
-  # Fifteenth session, second measurement (~7 min): continuation graphs for every k <= num_speculative_tokens,
-  # the multi-token split on by default. GPU tests (speculation, speculation with LoRA and request features,
-  # the split kernel's verification rows), the event spans with their largest iterations and the draft's
-  # forwards alone, then the spec table.
-  TMO=330 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
-    tests/test_lora_spec.py "tests/test_kernels_gpu_attention.py::test_split_kv_verification_rows" \
-    tests/test_gpu_request_features.py --junitxml "$OUT/pytest_spec.xml"
-  TMO=150 TAIL=24 run events python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 \
-    --new-tokens 256 --out "$OUT/events.json"
-  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 2 --batches 16 256 --out "$OUT/spec.json"
-fi
-if [ "$MODE" = s15c ]; then
-  # Fifteenth session, third measurement (~7 min): the draft's prompt share behind the target's prefill.
-  TMO=300 run pytest-spec python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=8 tests/test_gpu_spec.py \
-    tests/test_gpu_request_features.py --junitxml "$OUT/pytest_spec.xml"
-  TMO=150 TAIL=24 run events python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 \
-    --new-tokens 256 --out "$OUT/events.json"
-  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
-fi
 if [ "$MODE" = next ]; then
   # Left by the fifteenth session (~7 min), predictions in NOTES.md "Two-row GEMVs": the pair kernels' GPU
   # tests, then the catch-up and the spec table with them off and on.

@@ -318,6 +318,7 @@ class OutputProcessor:
         if leader.retain_blocks:
             out.retained_block_table = leader.block_table
             out.retained_num_computed_tokens = leader.num_computed_tokens
+            out.retained_num_draft_computed_tokens = min(leader.num_draft_computed_tokens, leader.num_computed_tokens)
             leader.block_table = []
             if engine.on_retained is not None:
                 engine.on_retained(out)

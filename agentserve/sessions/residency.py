@@ -101,14 +101,16 @@ class Residency:
             s.state = SessionState.EVICTED
             s.num_computed = 0
 
-    def adopt(self, s: Session, block_table: list[int], num_computed: int) -> None:
-        """The session takes a finished turn's pages in place of what it held."""
+    def adopt(self, s: Session, block_table: list[int], num_computed: int, num_draft_computed: int = 0) -> None:
+        """The session takes a finished turn's pages in place of what it held (`num_draft_computed`:
+        leading tokens whose draft-model KV they hold too)."""
         self.settle(s)
         if s.block_table:
             self.pool.free(s.block_table)
         self.free_swap(s)
         s.block_table = block_table
         s.num_computed = num_computed
+        s.num_draft_computed = min(num_draft_computed, num_computed)
         s.state = SessionState.RESIDENT
 
     def share(self, parent: Session, child: Session) -> None:
@@ -120,6 +122,7 @@ class Residency:
         if parent.state is SessionState.RESIDENT:
             child.block_table = self.kv.fork_blocks(parent.block_table)
             child.num_computed = parent.num_computed
+            child.num_draft_computed = parent.num_draft_computed
             child.state = SessionState.RESIDENT
         else:
             child.state = parent.state  # NEW or EVICTED: nothing to share; the prefix cache may still hold pages
@@ -326,6 +329,9 @@ class Residency:
         if s.state is SessionState.RESIDENT and s.num_computed > 0:
             request.block_table = self.kv.fork_blocks(s.block_table)
             request.num_computed_tokens = request.num_cached_tokens = s.num_computed
+            # The draft's KV moved with the pages (resident, swapped, forked), so the turn's draft computes
+            # only past it, not the whole history again.
+            request.num_draft_computed_tokens = min(s.num_draft_computed, s.num_computed)
 
 
 class TurnAdmission:

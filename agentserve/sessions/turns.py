@@ -176,7 +176,7 @@ class TurnLifecycle:
             # before it, so the next turn's render extends it and reuses every page.
             output_ids = output_ids[:-1]
             num_computed = min(num_computed, len(pending.prompt_token_ids) + len(output_ids))
-        self.residency.adopt(s, table, num_computed)
+        self.residency.adopt(s, table, num_computed, out.retained_num_draft_computed_tokens)
         s.token_ids = pending.prompt_token_ids + output_ids
         history_msg, client_msg = self._assistant_messages(s, comp, pending)
         if not s.raw_tokens:

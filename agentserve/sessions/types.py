@@ -172,6 +172,9 @@ class Session:
     state: SessionState = SessionState.NEW
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in block_table (or in swap when SWAPPED)
+    # Of those, the leading tokens whose draft-model KV is there too (speculative decoding: a turn's draft
+    # computes only past them). Read clamped to num_computed, which every path that drops pages lowers.
+    num_draft_computed: int = 0
     swap_slots: list[int] = field(default_factory=list)  # CPU swap slots of pages [swap_from:] (SWAPPED)
     swap_from: int = 0  # leading pages left to the prefix cache when swapped out
     busy: Optional["PendingTurn"] = None
