@@ -19,7 +19,7 @@ from agentserve.chat.render_pool import RenderPool
 from agentserve.config import ServerConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service import agent_pb2 as pb
-from tests.conftest_grpc import make_engine, run, serving
+from conftest_grpc import make_engine, run, serving
 
 BIG = 50 * 2**20  # 50 MB
 Code = grpc.StatusCode
@@ -263,7 +263,7 @@ def test_small_request_not_blocked_behind_large_tokenization() -> None:
 def test_offline_api_shares_the_limits() -> None:
     from agentserve.llm import LLM
     from agentserve.sampling_params import SamplingParams
-    from tests.conftest_grpc import model_path
+    from conftest_grpc import model_path
 
     llm = LLM(model_path(), device="cpu", dtype="float32", max_model_len=256, num_blocks=32, max_stop_strings=2)
     with pytest.raises(ValueError, match="max-stop-strings"):

@@ -17,7 +17,7 @@ from google.protobuf import descriptor as D
 from google.protobuf.message import Message
 
 from agentserve.service import agent_pb2 as pb
-from tests.conftest_grpc import make_engine, run, serving
+from conftest_grpc import make_engine, run, serving
 
 SEED = 20261202
 CALLS_PER_METHOD = 200        # random messages per method

@@ -24,7 +24,7 @@ from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.service import agent_pb2 as pb
 from agentserve.testing.tiny import tiny_model_cached
-from tests.conftest_grpc import make_engine, run, serving
+from conftest_grpc import make_engine, run, serving
 
 HUGE_PATTERN = {"type": "string", "pattern": "^d{1000000}$"}
 SELF_REF = {"$ref": "#"}

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from agentserve.service import agent_pb2 as pb
-from tests.conftest_grpc import make_engine, run, serving
+from conftest_grpc import make_engine, run, serving
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
 # Truncated varint, a length prefix past the end, invalid UTF-8 in field 1 of every request that has a
