@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from agentserve.kernels import argmax, fp8_linear, gemv, gemv_pair, gemv_silu, kv_gather, paged_attention
+    from agentserve.kernels import (argmax, fp8_linear, gemv, gemv_pair, gemv_silu, greedy_verify, kv_gather,
+                                    paged_attention)
 
     SM90 = GPUTarget("cuda", 90, 32)
 
@@ -67,6 +68,10 @@ SCRIPT = textwrap.dedent('''
            "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
            "EVEN_K": "constexpr", "USE_PDL": "constexpr"},
           {"HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": 8, "BLOCK_K": 512, "EVEN_K": True, "USE_PDL": True})
+    build(greedy_verify._greedy_verify_kernel,
+          {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
+           "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",
+           "HAS_ACCEPT": "constexpr", "BLOCK_W": "constexpr"}, {"HAS_ACCEPT": True, "BLOCK_W": 8})
     # Split-KV over short multi-token queries (speculative verification: BLOCK_Q tokens per program).
     split_args = {name: "i32" for name in (
         "num_splits", "stride_qt", "stride_qh", "stride_pt", "stride_ph", "stride_ps", "stride_mt", "stride_mh",
@@ -85,4 +90,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 12
+    assert run.stdout.count("compiled") == 13

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from agentserve.kernels import greedy_verify as greedy_verify_kernel
 from agentserve.kernels.argmax import argmax_rows
 from agentserve.sampling.sampler import SamplingMetadata, draw_noise, process_logits, token_logprobs
 from agentserve.spec.metadata import SpecDecodeMetadata
@@ -181,6 +182,8 @@ class RejectionSampler:
         may be masked in place by the grammar (saves a [T + N, V] copy)."""
         num_rows, width = spec.num_rows, spec.max_spec_len + 1
         device = target_logits.device
+        if greedy_verify_kernel.GREEDY_VERIFY and _plain_greedy(meta, token_bitmask):
+            return self._greedy_verify(target_logits, spec, meta)
         logits = target_logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         position_meta = expand_sampling_metadata(meta, spec, num_banned_positions, token_bitmask)
@@ -236,6 +239,22 @@ class RejectionSampler:
             return RejectionSamplerOutput(output, num_accepted, None, None, None)
         return self._logprobs(raw_logprobs, output, num_accepted, spec, meta.max_num_logprobs or 0)
 
+    def _greedy_verify(self, target_logits: torch.Tensor, spec: SpecDecodeMetadata,
+                       meta: SamplingMetadata) -> RejectionSamplerOutput:
+        """Every row greedy, nothing processing the logits: the argmaxes, then one kernel for the accepted
+        prefixes and the emitted tokens (kernels/greedy_verify.py). The same output, and the same random
+        draws in synthetic mode, as the general path below."""
+        greedy_ids = argmax_rows(target_logits)  # the argmax of the 16-bit logits is that of their fp32 copy
+        flags = None
+        if self.synthetic_acceptance is not None:
+            uniforms, _ = _draw_noise(spec, target_logits.shape[-1], meta.generators, target_logits.device,
+                                      with_noise=False)
+            flags = uniforms < self.synthetic_acceptance
+        output, num_accepted = greedy_verify_kernel.greedy_verify(
+            greedy_ids, spec.draft_token_ids, flags, spec.first_logits_indices, spec.num_draft_tokens_tensor,
+            spec.cu_num_draft_tokens, spec.max_spec_len + 1)
+        return RejectionSamplerOutput(output, num_accepted, None, None, None)
+
     @staticmethod
     def _recover(probs: torch.Tensor, emit_rows: torch.Tensor, num_accepted: torch.Tensor,
                  spec: SpecDecodeMetadata, draft_probs: Optional[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
@@ -280,6 +299,13 @@ class RejectionSampler:
         return RejectionSamplerOutput(
             output, num_accepted, torch.where(emitted[..., None], padded_ids, -1),
             torch.where(emitted[..., None], padded_lps, _NEG_INF), torch.where(emitted, padded_ranks, 0))
+
+
+def _plain_greedy(meta: SamplingMetadata, token_bitmask: Optional[torch.Tensor]) -> bool:
+    """Every row greedy with nothing that changes its logits or asks for logprobs."""
+    return (meta.all_greedy and meta.max_num_logprobs is None and token_bitmask is None and meta.token_bitmask is None
+            and meta.repetition_penalty is None and meta.frequency_penalty is None and meta.presence_penalty is None
+            and meta.banned_rows is None and meta.bias_rows is None and meta.allowed_mask is None)
 
 
 def num_banned_positions_for(num_generated: Sequence[int], min_tokens: Sequence[int],
