@@ -34,15 +34,23 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the fifteenth session (~7 min), predictions in NOTES.md "Two-row GEMVs": the pair kernels' GPU
-  # tests, then the catch-up and the spec table with them off and on.
-  TMO=200 run pytest-pair python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_gemv_pair.py \
-    --junitxml "$OUT/pytest_pair.xml"
-  for p in 0 1; do
-    AGENTSERVE_GEMV_PAIR_ROWS=$p TMO=150 TAIL=24 run "events-pair$p" python3 benchmarks/spec_profile.py --events \
-      --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_pair$p.json"
-    AGENTSERVE_GEMV_PAIR_ROWS=$p TMO=200 run "spec-pair$p" python3 benchmarks/spec.py --draft-quantization fp8 \
-      --repeats 3 --batches 16 256 --out "$OUT/spec_pair$p.json"
+  # Left by the fifteenth session (~5 min), predictions in NOTES.md "Two-row GEMVs" and "Greedy verification in
+  # one kernel": their GPU tests, then the iteration's spans with neither, the pair rows, and both.
+  TMO=200 run pytest-next python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_gemv_pair.py \
+    tests/test_kernels_gpu_greedy_verify.py --junitxml "$OUT/pytest_next.xml"
+  for v in "0 0" "1 0" "1 1"; do
+    set -- $v
+    AGENTSERVE_GEMV_PAIR_ROWS=$1 AGENTSERVE_GREEDY_VERIFY=$2 TMO=150 TAIL=24 run "events-pair$1-greedy$2" \
+      python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 \
+      --out "$OUT/events_pair$1_greedy$2.json"
+  done
+fi
+if [ "$MODE" = next2 ]; then
+  # Then (~5 min) the spec table without and with both (keep each on that gains >= 1% at A = 0.8, k = 4).
+  for v in "0 0" "1 1"; do
+    set -- $v
+    AGENTSERVE_GEMV_PAIR_ROWS=$1 AGENTSERVE_GREEDY_VERIFY=$2 TMO=240 run "spec-pair$1-greedy$2" python3 benchmarks/spec.py \
+      --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec_pair$1_greedy$2.json"
   done
 fi
 if [ "$MODE" = rest ]; then
