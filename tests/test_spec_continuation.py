@@ -82,13 +82,15 @@ class _EagerContinuationGraphs(ContinuationGraphs):
         return self._propose(size, bucket, k)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(arch: str) -> None:
+@pytest.mark.parametrize("arch,async_scheduling", [(arch, False) for arch in ARCHS] + [("llama", True)])
+def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(arch: str,
+                                                                                async_scheduling: bool) -> None:
     """worker/continuation_graphs.py derives every input of the catch-up and the decode steps on the device
     from the verification's output, over padded rows: the same proposals as spec/continuation.py's eager
     path (acceptance per position equal, with a different draft), with chunked prefill and prefix caching."""
     want, _ = run(arch, None, temperature=0.0)
-    llm = LLM(str(tiny_model_cached(arch)), **{**ENGINE, "draft_model": small_draft(arch)})
+    llm = LLM(str(tiny_model_cached(arch)), async_scheduling=async_scheduling,
+              **{**ENGINE, "draft_model": small_draft(arch)})
     runner = llm.engine.runner
     draft = runner.draft
     assert draft is not None and draft.cache is not None
@@ -109,7 +111,7 @@ def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(
     m_graphs = llm.engine.metrics
     llm.engine.pool.check_all_free()
     llm.close()
-    _, m_eager = run(arch, small_draft(arch), temperature=0.0)
+    _, m_eager = run(arch, small_draft(arch), async_scheduling=async_scheduling, temperature=0.0)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert staged and all(staged) and m_graphs.spec_num_continued_proposals > 0
     assert m_graphs.spec_num_rejected_rows > 0
