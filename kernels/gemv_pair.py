@@ -53,6 +53,20 @@ def fma_row_sums_pair(w_ptrs, x0_ptrs, x1_ptrs, offs_k, K, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Both rows' sums times the weight rows' scales (once per output, not per weight), plus the bias."""
+    if HAS_SCALE:
+        scale = tl.load(ws_ptr + rows)
+        s0 *= scale
+        s1 *= scale
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows).to(tl.float32)
+        s0 += bias
+        s1 += bias
+    return s0, s1
+
+
+@triton.jit
 def _fp8_gemv_pair_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -66,13 +80,7 @@ def _fp8_gemv_pair_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     y0, y1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, BLOCK_N, BLOCK_K,
                                EVEN_K, USE_PDL)
-    scale = tl.load(ws_ptr + rows)
-    y0 *= scale
-    y1 *= scale
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows).to(tl.float32)
-        y0 += bias
-        y1 += bias
+    y0, y1 = _scaled_pair(y0, y1, rows, ws_ptr, b_ptr, True, HAS_BIAS)
     dt = y_ptr.dtype.element_ty
     mask = offs_n < N
     tl.store(y_ptr + offs_n, y0.to(dt), mask=mask)
@@ -103,14 +111,7 @@ def _gemv_silu_mul_pair_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     s0, s1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, 2 * BLOCK_I,
                                BLOCK_K, EVEN_K, USE_PDL)
-    if HAS_SCALE:
-        scale = tl.load(ws_ptr + rows)
-        s0 *= scale
-        s1 *= scale
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows).to(tl.float32)
-        s0 += bias
-        s1 += bias
+    s0, s1 = _scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE, HAS_BIAS)
     dt = y_ptr.dtype.element_ty
     offs_out = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = offs_out < I

@@ -15,7 +15,7 @@ import torch
 from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
-from helpers.spec_models import small_draft
+from helpers.spec_models import record_replays, small_draft
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -120,16 +120,7 @@ def test_continuation_graphs_propose_what_the_eager_continuation_does() -> None:
     llm = make("llama", draft_model=str(tiny_model_cached("llama")), spec_dynamic=False)
     draft = llm.engine.runner.draft
     assert draft is not None and isinstance(draft.continuation_graphs, ContinuationGraphs)
-    graphs = draft.continuation_graphs
-    replayed: list[bool] = []
-    original = graphs.run
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        drafts = original(*args, **kwargs)
-        replayed.append(drafts is not None)
-        return drafts
-
-    graphs.run = counted  # type: ignore[method-assign]
+    replayed = record_replays(draft.continuation_graphs)
 
     def run() -> tuple[list[list[int]], int, int]:
         m = llm.engine.metrics

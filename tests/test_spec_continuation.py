@@ -14,7 +14,7 @@ from agentserve import SamplingParams
 from agentserve.llm import LLM
 from agentserve.testing import ARCHS, tiny_model_cached
 from agentserve.worker.continuation_graphs import ContinuationGraphs
-from helpers.spec_models import small_draft
+from helpers.spec_models import record_replays, small_draft
 
 # Chunked prefill, prefix caching and a pool small enough to preempt (as tests/test_spec_decode.py).
 ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=True,
@@ -97,15 +97,7 @@ def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(
     graphs = _EagerContinuationGraphs(draft.model, draft.cache.layers, llm.engine.config.scheduler.max_num_seqs,
                                       runner.max_blocks_per_seq, 3, draft.block_size, draft.max_model_len,
                                       torch.device("cpu"))
-    staged: list[int] = []
-    original = graphs.run
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        drafts = original(*args, **kwargs)
-        staged.append(drafts is not None)
-        return drafts
-
-    graphs.run = counted  # type: ignore[method-assign]
+    staged = record_replays(graphs)
     draft.continuation_graphs = graphs
     outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in MAX_TOKENS])
     m_graphs = llm.engine.metrics

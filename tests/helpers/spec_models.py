@@ -68,3 +68,18 @@ def greedy_token_ids(model: str, prompts: list[list[int]], params: Any, **engine
     out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     llm.close()
     return out
+
+
+def record_replays(graphs: Any) -> list[bool]:
+    """Wraps a ContinuationGraphs' run() (worker/continuation_graphs.py): the returned list gets, per
+    call, whether it replayed (drafts) or declined (None: the eager continuation ran instead)."""
+    replayed: list[bool] = []
+    original = graphs.run
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        drafts = original(*args, **kwargs)
+        replayed.append(drafts is not None)
+        return drafts
+
+    graphs.run = counted
+    return replayed
