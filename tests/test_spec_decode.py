@@ -91,6 +91,9 @@ def test_n_greater_than_one_and_stops_with_speculation(kind: str) -> None:
         assert [c.token_ids for c in out.outputs] == [cut, cut]
     assert outs[1].outputs[0].token_ids == list(ref[1][:first_stop + 1])
     assert outs[1].outputs[0].finish_reason == "stop"
+    if kind == "self":  # the siblings' draft starts from the leader's KV in the shared pages: all accepted
+        m = llm.engine.metrics
+        assert m.spec_num_draft_tokens > 0 and m.spec_num_accepted_tokens == m.spec_num_draft_tokens
     llm.engine.pool.check_all_free()
     llm.close()
 

@@ -227,6 +227,9 @@ class OutputProcessor:
         for sib in self.engine.pending_forks.pop(leader.request_id):
             sib.block_table = self.engine.kv.fork_blocks(leader.block_table)
             sib.num_computed_tokens = leader.num_prompt_tokens - 1
+            # The shared pages hold the leader's draft KV too (speculative decoding): the sibling's draft
+            # starts where the leader's stands, not from the first prompt token.
+            sib.num_draft_computed_tokens = min(leader.num_draft_computed_tokens, sib.num_computed_tokens)
             sib.num_cached_tokens = leader.num_cached_tokens
             if sib.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 fut = self.engine.grammar_waits.pop(sib.request_id)
