@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import os
 import socket
 import sys
 import time
@@ -271,4 +272,10 @@ def _flag_errors(error: ValidationError) -> str:
 
 
 if __name__ == "__main__":
+    # `python -m agentserve.cli` puts the working directory first on sys.path (Python < 3.11 has no -P to
+    # stop it). In a checkout of this repository that makes its top-level kernels/ (installed as
+    # agentserve.kernels) shadow the `kernels` package transformers >= 5.25 imports; agentserve itself is
+    # already imported from its installed location, so the working directory is not needed.
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
     sys.exit(main())

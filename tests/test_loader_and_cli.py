@@ -3,8 +3,10 @@ any point, and the CLI."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +84,16 @@ def test_cli_generate_and_tiny_model(tmp_path) -> None:  # type: ignore[no-untyp
     bad = subprocess.run([sys.executable, "-m", "agentserve.cli", "generate", "--model", str(model), "--device", "cpu",
                           "--prompt", "x", "--max-num-seqs", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_num_seqs" in bad.stderr
+
+
+def test_cli_runs_from_the_repository_root_on_any_python() -> None:
+    """`python -m agentserve.cli` in a checkout, without -P / PYTHONSAFEPATH (Python 3.10 has neither):
+    the working directory's kernels/ must not shadow the `kernels` package transformers >= 5.25 imports
+    while loading a Llama tokenizer."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    run = subprocess.run([sys.executable, "-m", "agentserve.cli", "generate", "--model", str(tiny_model_cached("llama")),
+                          "--device", "cpu", "--prompt", "Hello", "--max-tokens", "3"], capture_output=True, text=True,
+                         timeout=120, cwd=root, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "output:" in run.stdout
