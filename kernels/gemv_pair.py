@@ -8,9 +8,9 @@ against 0.69 ms for the draft's 1-token decode step (benchmarks/NOTES.md, fiftee
 64 GEMVs x ~2.7 us. Here one program holds two fp32 accumulators: the tile's bytes are read and
 converted once, and each weight feeds two FMAs.
 
-Used for M == 2 by fp8_linear.fp8_gemv_triton and gemv_silu.gemv_silu_mul_triton when PAIR_ROWS is on
-(AGENTSERVE_GEMV_PAIR_ROWS=1; off until measured on the H200). The sums are the one-row kernel's up to
-the fp32 reduction order (same tiles, same K loop).
+Used for M == 2 by fp8_linear.fp8_gemv_triton and (through fma_row_sums_pair, its gate_up + SiLU kernel)
+gemv_silu.gemv_silu_mul_triton when PAIR_ROWS is on (AGENTSERVE_GEMV_PAIR_ROWS=1; off until measured on
+the H200). The sums are the one-row kernel's up to the fp32 reduction order (same tiles, same K loop).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def fma_row_sums_pair(w_ptrs, x0_ptrs, x1_ptrs, offs_k, K, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Both rows' sums times the weight rows' scales (once per output, not per weight), plus the bias."""
     if HAS_SCALE:
         scale = tl.load(ws_ptr + rows)
@@ -80,43 +80,11 @@ def _fp8_gemv_pair_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     y0, y1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, BLOCK_N, BLOCK_K,
                                EVEN_K, USE_PDL)
-    y0, y1 = _scaled_pair(y0, y1, rows, ws_ptr, b_ptr, True, HAS_BIAS)
+    y0, y1 = scaled_pair(y0, y1, rows, ws_ptr, b_ptr, True, HAS_BIAS)
     dt = y_ptr.dtype.element_ty
     mask = offs_n < N
     tl.store(y_ptr + offs_n, y0.to(dt), mask=mask)
     tl.store(y_ptr + stride_ym + offs_n, y1.to(dt), mask=mask)
-
-
-@triton.jit
-def _silu_mul_of(sums, BLOCK_I: tl.constexpr, dt: tl.constexpr):
-    """silu(gate) * up of a tile's interleaved gate / up sums, rounded as gemv_silu's kernel rounds."""
-    gate, up = tl.split(tl.reshape(sums.to(dt).to(tl.float32), [BLOCK_I, 2]))
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    return (silu * up).to(dt)
-
-
-@triton.jit
-def _gemv_silu_mul_pair_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, I, K, stride_xm, stride_wn, stride_ym,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    """Grid: (cdiv(I, BLOCK_I),): gemv_silu's _gemv_silu_mul_kernel for two rows of x at once (tile row
-    2p: the gate row of output column ib * BLOCK_I + p, row 2p + 1 its up row)."""
-    ib = tl.program_id(0)
-    r = tl.arange(0, 2 * BLOCK_I)
-    col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
-    rows = (col + (r % 2) * I).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    s0, s1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, 2 * BLOCK_I,
-                               BLOCK_K, EVEN_K, USE_PDL)
-    s0, s1 = _scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE, HAS_BIAS)
-    dt = y_ptr.dtype.element_ty
-    offs_out = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = offs_out < I
-    tl.store(y_ptr + offs_out, _silu_mul_of(s0, BLOCK_I, dt), mask=mask)
-    tl.store(y_ptr + stride_ym + offs_out, _silu_mul_of(s1, BLOCK_I, dt), mask=mask)
 
 
 def set_pair_rows(enabled: bool) -> None:
@@ -142,16 +110,3 @@ def fp8_gemv_pair(x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.
         weight_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, num_warps=pair_warps(block_n, block_k, num_warps), num_stages=num_stages,
         **pdl_launch(x2))
-
-
-def gemv_silu_mul_pair(x2: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], out: torch.Tensor, block_i: int, block_k: int, num_warps: int,
-                       num_stages: int) -> None:
-    """out[2, I] = silu_and_mul(x2 @ dequant(weight)^T + bias), gemv_silu_mul_triton's contract at M == 2."""
-    n, k = weight.shape
-    inter = n // 2
-    _gemv_silu_mul_pair_kernel[(cdiv(inter, block_i),)](
-        x2, weight, weight_scale if weight_scale is not None else x2, bias if bias is not None else x2, out, inter, k,
-        x2.stride(0), weight.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_I=block_i, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=pair_warps(2 * block_i, block_k, num_warps), num_stages=num_stages, **pdl_launch(x2))

@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent('''
     pair_args = {k: v for k, v in gemv_args.items() if k != "M"}
     build(gemv_pair._fp8_gemv_pair_kernel, {**pair_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32"},
           {**tiles, "BLOCK_N": 16, "BLOCK_K": 512})
-    build(gemv_pair._gemv_silu_mul_pair_kernel,
+    build(gemv_silu._gemv_silu_mul_pair_kernel,
           {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
            "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
            "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
