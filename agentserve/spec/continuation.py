@@ -81,7 +81,7 @@ class PendingProposal:
         return self.drafts[row, :m], probs
 
 
-def device_slots(tables: torch.Tensor, num_pages: torch.Tensor, positions: torch.Tensor, block_size: int,
+def _slots(tables: torch.Tensor, num_pages: torch.Tensor, positions: torch.Tensor, block_size: int,
            max_model_len: int) -> torch.Tensor:
     """KV slots of `positions` [R, m] through the rows' tables; -1 (no write) past a row's pages or the
     model's length (the table is zero-padded: page 0 belongs to someone else)."""
@@ -89,6 +89,27 @@ def device_slots(tables: torch.Tensor, num_pages: torch.Tensor, positions: torch
     valid = (page < num_pages[:, None]) & (positions < max_model_len)
     blocks = tables.gather(1, page.clamp(max=tables.shape[1] - 1))
     return torch.where(valid, blocks * block_size + positions % block_size, torch.full_like(positions, -1))
+
+
+def continuation_inputs(accepted: torch.Tensor, emitted: torch.Tensor, last: torch.Tensor, base: torch.Tensor,
+                        pages: torch.Tensor, tables: torch.Tensor, steps: torch.Tensor, block_size: int,
+                        max_model_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every forward's inputs of a continuation at once, from per-row device tensors: the verification's
+    accepted count a and emitted tokens [R, w], the token before P, P, the row's page count and block
+    table [R, width] (int64), and steps = arange(k + 1). Returns (ids [R, 2]: x_a and t; positions, slots
+    and context lengths (int32), each [k + 1, R]: row 0-1 the catch-up's x_a and t, row 1 + s decode step
+    s, feeding d_s). One row per forward, so each step reads a contiguous row: a few small kernels per
+    proposal instead of a few per forward (they queue behind the verification on the device). A row never
+    attends past its own pages (a row near max_tokens reserved fewer: what it would read there is not its
+    own, and what it writes there is dropped); a row without pages (a graph's padding) reads one key."""
+    new_token = emitted.gather(1, accepted[:, None]).squeeze(1)
+    last_draft = emitted.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+    ids = torch.stack([torch.where(accepted > 0, last_draft, last), new_token], dim=1)
+    positions = (base + accepted)[:, None] + steps[None, :]  # P + a + [0, k]
+    reach = torch.clamp(pages * block_size, max=max_model_len)
+    slots = _slots(tables, pages, positions, block_size, max_model_len).t().contiguous()
+    seq_lens = torch.minimum(positions + 1, reach[:, None]).clamp(min=1).t().to(torch.int32).contiguous()
+    return ids, positions.clamp(max=max_model_len - 1).t().contiguous(), slots, seq_lens
 
 
 @torch.inference_mode()
@@ -101,10 +122,11 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     block_size, max_len, device = draft.block_size, draft.max_model_len, draft.device
     count = len(requests)
     bases = [r.num_tokens - 1 for r in requests]
+    # The furthest position + 1 any row reaches (sizes the eager kernels' work, picks a graph's bucket).
+    width = max(1, max(len(r.block_table) for r in requests))
+    bound = min(max(bases) + 2 * num_tokens + 1, max_len, width * block_size)
     graphs = draft.continuation_graphs
     if graphs is not None and all(r.sampling_params.temperature == 0 for r in requests):
-        width = max(1, max(len(r.block_table) for r in requests))
-        bound = min(max(bases) + 2 * num_tokens + 1, max_len, width * block_size)
         drafts = graphs.run(rows, bases, [r.all_token_ids[-1] for r in requests], [r.block_table for r in requests],
                             num_tokens, emitted, num_accepted, bound)
         if drafts is not None:  # one replay (worker/continuation_graphs.py); else the eager path below
@@ -116,29 +138,14 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
          np.fromiter((len(r.block_table) for r in requests), dtype=np.int64, count=count), tables], device)
     tables_i64 = d_tables.view(tables.shape)
     tables_i32 = tables_i64.to(torch.int32)
-    accepted = num_accepted.index_select(0, d_rows)
-    out = emitted.index_select(0, d_rows)
-    new_token = out.gather(1, accepted[:, None]).squeeze(1)
-    last_draft = out.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-    ids = torch.stack([torch.where(accepted > 0, last_draft, d_last), new_token], dim=1)
-    first = d_base + accepted  # P + a
-    # Every forward's positions at once, one row per forward (0-1: the catch-up's x_a and t; 1 + s:
-    # decode step s, feeding d_s), so each step reads a contiguous row: a few small kernels per
-    # proposal instead of a few per forward (they queue behind the verification on the device).
-    # A row never attends past its own pages (a row near max_tokens reserved fewer: what it would
-    # read there is not its own, and what it writes there is dropped); `bound`, the furthest any row
-    # reaches, sizes the eager kernels' work.
-    positions = first[:, None] + torch.arange(num_tokens + 1, device=device)[None, :]  # [R, k + 1]
-    reach = torch.clamp(d_pages * block_size, max=max_len)
-    slots = device_slots(tables_i64, d_pages, positions, block_size, max_len).t().contiguous()
-    seq_lens = torch.minimum(positions + 1, reach[:, None]).t().contiguous()
-    positions = positions.clamp(max=max_len - 1).t().contiguous()
-    bound = min(max(bases) + 2 * num_tokens + 1, max_len, tables.shape[1] * block_size)
+    ids, positions, slots, seq_lens = continuation_inputs(
+        num_accepted.index_select(0, d_rows), emitted.index_select(0, d_rows), d_last, d_base, d_pages, tables_i64,
+        torch.arange(num_tokens + 1, device=device), block_size, max_len)
     last_index = torch.arange(count, device=device) * CATCH_UP_TOKENS + CATCH_UP_TOKENS - 1
     padded = PaddedInputs(
         input_ids=ids.reshape(-1), positions=positions[:CATCH_UP_TOKENS].t().reshape(-1),
         slot_mapping=slots[:CATCH_UP_TOKENS].t().reshape(-1), block_tables=tables_i32,
-        seq_lens=seq_lens[CATCH_UP_TOKENS - 1].to(torch.int32),
+        seq_lens=seq_lens[CATCH_UP_TOKENS - 1],
         real_index=torch.arange(count * CATCH_UP_TOKENS, device=device), last_index=last_index)
     hidden = draft.forward_padded(padded, CATCH_UP_TOKENS, bound)
     logits = draft.model.compute_logits(hidden.index_select(0, last_index)).float()

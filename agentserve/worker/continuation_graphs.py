@@ -30,7 +30,7 @@ import torch
 from agentserve.kernels.argmax import argmax_rows
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.llama import CausalLM
-from agentserve.spec.continuation import CATCH_UP_TOKENS, device_slots
+from agentserve.spec.continuation import CATCH_UP_TOKENS, continuation_inputs
 from agentserve.worker.cuda_graph import capture_sizes, context_buckets
 
 if TYPE_CHECKING:
@@ -68,19 +68,12 @@ class ContinuationGraphs:
 
     def _propose(self, bs: int, bound: int, k: int) -> torch.Tensor:
         """The drafts [bs, k] of continue_proposal's greedy path, from the static buffers."""
-        block_size, max_len = self.block_size, self.max_model_len
         rows = self.inputs[:bs]
-        base, last, pages, tables = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, _META:]
-        accepted, out = self.accepted[:bs], self.emitted[:bs]
-        new_token = out.gather(1, accepted[:, None]).squeeze(1)
-        last_draft = out.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-        ids = torch.stack([torch.where(accepted > 0, last_draft, last), new_token], dim=1)
-        positions = (base + accepted)[:, None] + self.steps[None, :k + 1]  # [bs, k + 1]
-        reach = torch.clamp(pages * block_size, max=max_len)
-        slots = device_slots(tables, pages, positions, block_size, max_len).t().contiguous()
-        # A padded row has no pages: one key (its own row's page 0 is only read) and no writes.
-        seq_lens = torch.minimum(positions + 1, reach[:, None]).clamp(min=1).t().to(torch.int32).contiguous()
-        positions = positions.clamp(max=max_len - 1).t().contiguous()
+        tables = rows[:, _META:]
+        # A padded row has no pages: no writes, one key read.
+        ids, positions, slots, seq_lens = continuation_inputs(
+            self.accepted[:bs], self.emitted[:bs], rows[:, 2], rows[:, 1], rows[:, 3], tables, self.steps[:k + 1],
+            self.block_size, self.max_model_len)
         tables_i32 = tables.to(torch.int32)
         meta = ForwardMetadata(slot_mapping=slots[:CATCH_UP_TOKENS].t().reshape(-1), block_tables=tables_i32,
                                query_start_loc=self.query_start_loc[CATCH_UP_TOKENS][:bs + 1],
