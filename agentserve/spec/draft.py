@@ -273,14 +273,18 @@ class DraftModel:
                                               seq_lens, max(positions) + 1)
             assert logits is not None and logits.shape[0] == len(requests)
             return logits
-        return self._prefill(requests, starts)
+        logits = self._prefill(requests, starts)
+        assert logits is not None
+        return logits
 
     def _prefill(self, requests: list[Request], starts: list[int], ends: Optional[list[int]] = None
-                 ) -> torch.Tensor:
+                 ) -> Optional[torch.Tensor]:
         """Ragged forwards of at most max_tokens_per_forward tokens over each request's tokens from
-        starts[i] to ends[i] (default: its last known token); each request's logits come from the
-        forward that reaches its end (rows that computed nothing keep zeros)."""
-        out = torch.zeros((len(requests), self.vocab_size), dtype=torch.float32, device=self.device)
+        starts[i] to ends[i]. Without `ends`: to its last known token, and the logits there [R, V] come
+        from the forward that reaches it (every row computes at least that token); with `ends`: the KV
+        only, no logits (None)."""
+        out = (torch.empty((len(requests), self.vocab_size), dtype=torch.float32, device=self.device)
+               if ends is None else None)
         stop = list(ends) if ends is not None else [r.num_tokens for r in requests]
         pos = list(starts)
         while any(p < e for p, e in zip(pos, stop)):
@@ -298,7 +302,7 @@ class DraftModel:
             ids, positions, meta, last = build_draft_inputs(runs, self.block_size, self.device)
             hidden = self.model(ids, positions, self._kv_layers(), meta)
             rows = [j for j, i in enumerate(finishing) if i >= 0]
-            if rows and ends is None:
+            if rows and out is not None:
                 index = torch.tensor(rows, device=self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, last.index_select(0, index)))
                 out[torch.tensor([finishing[j] for j in rows], device=self.device)] = logits.float()
