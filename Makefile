@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	PYTHONSAFEPATH=1 $(PYTHON) -m agentserve.cli demo
+	$(PYTHON) -m agentserve.cli demo
 
 test: $(STAMP)
-	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -x --durations=15
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -x --durations=15
