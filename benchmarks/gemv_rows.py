@@ -7,6 +7,8 @@ measured 2.4-3x slower than cuBLAS here, compute-bound: benchmarks/RESULTS.md.)
   python benchmarks/gemv_rows.py                       # M = 3, 5, 8 on the GPU
   python benchmarks/gemv_rows.py --rows 5 --out x.json
 
+cuBLASLt (torch.backends.cuda.preferred_blas_library) is timed beside torch's default cuBLAS.
+
 Prints one line per (M, shape): cuBLAS, the one-row GEMV at M = 1 (the decode step's reference), the
 dot kernel with its default tiles and the best of the sweep, in us and TB/s; then, per M, the one tile
 with the lowest sum over a layer's four projections as `BEST_DOT_TILE=BLOCK_N,BLOCK_K,warps,stages`
@@ -44,6 +46,7 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
         for m in rows:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), w) for w in weights]
             cublas = time_us(F.linear, sets)
+            cublaslt = time_us(_linear_cublaslt, sets)
             default = time_us(gemv.gemv_triton, sets)  # gemv_config's tiles ("dot" for M >= 3)
             sweep = {}
             for block_n, block_k, warps, stages in SWEEP:
@@ -52,13 +55,24 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
                     sweep[f"{block_n},{block_k},{warps},{stages}"] = time_us(gemv.gemv_triton, sets, config=cfg)
             best = min(sweep, key=sweep.__getitem__)
             tb = 2 * n * k / 1e6
-            out.append({"m": m, "k": k, "n": n, "cublas_us": cublas, "gemv_m1_us": one, "dot_us": default,
+            out.append({"m": m, "k": k, "n": n, "cublas_us": cublas, "cublaslt_us": cublaslt, "gemv_m1_us": one, "dot_us": default,
                         "sweep_us": sweep, "best": best, "best_us": sweep[best]})
-            print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), one-row GEMV at M=1 {one:.1f}, "
+            print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), cuBLASLt {cublaslt:.1f}, one-row GEMV at M=1 {one:.1f}, "
                   f"dot {default:.1f} ({tb / default:.2f} TB/s), best {best} {sweep[best]:.1f} us "
                   f"({tb / sweep[best]:.2f} TB/s)", flush=True)
         del weights
     return out
+
+
+def _linear_cublaslt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear through cuBLASLt's heuristics (torch's default bf16 GEMM goes to cuBLAS): whether it
+    picks better tiles for a verification's few rows."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return F.linear(x, w)
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def best_uniform_tile(rows: list[dict[str, Any]], m: int) -> tuple[str, float]:
@@ -84,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tile, total = best_uniform_tile(result["rows"], m)
         result["best"][m] = {"tile": tile, "layer_us": total}
         print(f"M={m} per 8B layer (qkv+o+gate_up+down): cuBLAS {sum(r['cublas_us'] for r in per):.1f} us, "
+              f"cuBLASLt {sum(r['cublaslt_us'] for r in per):.1f}, "
               f"dot {sum(r['dot_us'] for r in per):.1f}, best per shape {sum(r['best_us'] for r in per):.1f}, "
               f"best one tile {total:.1f} ({tile}), one-row GEMV at M=1 {sum(r['gemv_m1_us'] for r in per):.1f}")
         print(f"BEST_DOT_TILE={tile}")

@@ -34,23 +34,22 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next ]; then
-  # Left by the fifteenth session (~5 min), predictions in NOTES.md "Two-row GEMVs" and "Greedy verification in
-  # one kernel": their GPU tests, then the iteration's spans with neither, the pair rows, and both.
-  TMO=200 run pytest-next python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_gemv_pair.py \
-    tests/test_kernels_gpu_greedy_verify.py --junitxml "$OUT/pytest_next.xml"
-  for v in "0 0" "1 0" "1 1"; do
-    set -- $v
-    AGENTSERVE_GEMV_PAIR_ROWS=$1 AGENTSERVE_GREEDY_VERIFY=$2 TMO=150 TAIL=24 run "events-pair$1-greedy$2" \
-      python3 benchmarks/spec_profile.py --events --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 \
-      --out "$OUT/events_pair$1_greedy$2.json"
-  done
+  # The sixteenth session (~5 min): the greedy verification kernel's GPU tests (after the test's fix), the
+  # verification's M = 5 GEMMs under cuBLAS and cuBLASLt, the iteration's spans with the greedy kernel on
+  # (its default now) and the draft's 1- vs 2-token kernels side by side, then with cuBLASLt preferred.
+  TMO=200 run pytest-next python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_greedy_verify.py \
+    --junitxml "$OUT/pytest_next.xml"
+  TMO=150 TAIL=30 run gemv-rows python3 benchmarks/gemv_rows.py --rows 1,5 --out "$OUT/gemv_rows.json"
+  TMO=150 TAIL=60 run events-greedy python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
+    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_greedy.json"
+  TORCH_BLAS_PREFER_CUBLASLT=1 TMO=120 TAIL=24 run events-cublaslt python3 benchmarks/spec_profile.py --events \
+    --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_cublaslt.json"
 fi
 if [ "$MODE" = next2 ]; then
-  # Then (~5 min) the spec table without and with both (keep each on that gains >= 1% at A = 0.8, k = 4).
-  for v in "0 0" "1 1"; do
-    set -- $v
-    AGENTSERVE_GEMV_PAIR_ROWS=$1 AGENTSERVE_GREEDY_VERIFY=$2 TMO=240 run "spec-pair$1-greedy$2" python3 benchmarks/spec.py \
-      --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec_pair$1_greedy$2.json"
+  # Then (~5 min) the spec table with and without the greedy kernel (kept on if it gains at A = 0.8, k = 4).
+  for v in 0 1; do
+    AGENTSERVE_GREEDY_VERIFY=$v TMO=240 run "spec-greedy$v" python3 benchmarks/spec.py \
+      --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec_greedy$v.json"
   done
 fi
 if [ "$MODE" = rest ]; then

@@ -9,6 +9,7 @@ verification, the catch-up) or host time on the critical path (a speculative ste
   python benchmarks/spec_profile.py --draft-quantization fp8 --k 4 --acceptance 0.8
   python benchmarks/spec_profile.py --smoke            # CPU, tiny models: the script's plumbing only
   python benchmarks/spec_profile.py --events ...       # no profiler: CUDA events between the phases
+  python benchmarks/spec_profile.py --events --draft-kernels ...  # and the draft's 1- vs 2-token kernels
 
 `--events` leaves out torch.profiler (which slows the host and so inflates the idle it measures) and
 records a CUDA event on the stream where each bracketed phase starts and ends. Differences between
@@ -188,9 +189,9 @@ def _event_timeline(llm: LLM, prompt: list[int], params: SamplingParams, per_ste
     return out
 
 
-def _draft_forward_ms(llm: LLM) -> dict[str, float]:
+def _draft_forward_ms(llm: LLM, kernels: bool = False) -> dict[str, Any]:
     """The draft's forwards alone (graph replays, ms): a decode step (1 token) and the continuation's
-    2-token catch-up, at position 128."""
+    2-token catch-up, at position 128; with `kernels`, their kernels side by side (torch.profiler)."""
     draft = llm.engine.runner.draft
     assert draft is not None and draft.cache is not None and draft.catch_up_graphs is not None
     catch_up_graphs = draft.catch_up_graphs
@@ -201,10 +202,37 @@ def _draft_forward_ms(llm: LLM) -> dict[str, float]:
         hidden = catch_up_graphs.run(padded, 2)
         draft.model.compute_logits(hidden.index_select(0, padded.last_index))
 
-    out = {"decode_1_token": step_time_ms(decode_forward(draft.model, draft.graphs, draft.cache.layers, draft.device)),
-           "catch_up_2_tokens": step_time_ms(catch_up)}
+    decode = decode_forward(draft.model, draft.graphs, draft.cache.layers, draft.device)
+    out = {"decode_1_token": step_time_ms(decode), "catch_up_2_tokens": step_time_ms(catch_up)}
     print("  draft forwards alone: " + ", ".join(f"{k} {v:.3f} ms" for k, v in out.items()))
+    if kernels:
+        out["kernels_us_per_forward"] = _kernel_diff({"decode_1_token": decode, "catch_up_2_tokens": catch_up})
     return out
+
+
+def _kernel_diff(forwards: dict[str, Callable[[], None]], repeats: int = 20) -> list[dict[str, Any]]:
+    """Each forward's kernels under torch.profiler (us per forward, by name), side by side, largest
+    difference first: what a 2-token catch-up runs beyond a 1-token decode step."""
+    per: dict[str, dict[str, float]] = {}
+    for label, forward in forwards.items():
+        forward()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                forward()
+            torch.cuda.synchronize()
+        sums: dict[str, float] = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                sums[e.name[:80]] += e.time_range.elapsed_us() / repeats
+        per[label] = sums
+    a, b = list(per)
+    rows = [{"name": n, a: per[a].get(n, 0.0), b: per[b].get(n, 0.0)} for n in set(per[a]) | set(per[b])]
+    rows.sort(key=lambda r: -abs(r[b] - r[a]))
+    print(f"  kernels, us per forward: {a} total {sum(per[a].values()):.1f}, {b} total {sum(per[b].values()):.1f}")
+    for r in rows[:30]:
+        print(f"    {r[a]:8.1f} {r[b]:8.1f} {r[b] - r[a]:+8.1f}  {r['name']}")
+    return rows
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -236,6 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="engine.step() with an output every step, as spec.py's single stream runs")
     ap.add_argument("--events", action="store_true",
                     help="CUDA events between the phases instead of torch.profiler (GPU only; see the docstring)")
+    ap.add_argument("--draft-kernels", action="store_true",
+                    help="with --events: the draft's 1-token and 2-token forwards' kernels side by side")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -263,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm.generate([prompt], params)  # warm-up
     if args.events:
         timeline = _event_timeline(llm, prompt, params, args.per_step_outputs)
-        timeline["draft_forward_ms"] = _draft_forward_ms(llm)
+        timeline["draft_forward_ms"] = _draft_forward_ms(llm, args.draft_kernels)
         llm.close()
         write_json({"model": args.model, "draft": args.draft_model, "draft_quantization": args.draft_quantization,
                     "k": args.k, "acceptance": args.acceptance, "events": timeline}, args.out, "spec_events")

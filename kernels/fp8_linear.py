@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from . import gemv_pair
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
 from .gemv import GemvConfig, as_rows, fma_program_rows, gemv_config
 
@@ -184,10 +183,6 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
         return out.view(*lead, n)
     cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132)
     b = bias.contiguous() if bias is not None else weight_scale
-    if m == 2 and gemv_pair.PAIR_ROWS:  # one program per weight block for both rows (kernels/gemv_pair.py)
-        gemv_pair.fp8_gemv_pair(x2, weight_q, weight_scale, bias.contiguous() if bias is not None else None, out,
-                                cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
-        return out.view(*lead, n)
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,

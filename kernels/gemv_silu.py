@@ -13,8 +13,7 @@ again before the multiply, as kernels/activation.py does), so the values match i
 fp32 reduction order may differ between tile shapes, as it does between any two GEMV tiles.
 
 Used where the layer's GEMV would run (model/quant.py, model/fp8.py decide: 16-bit weights at M == 1,
-FP8 at M <= fp8_linear.GEMV_MAX_M); AGENTSERVE_FUSED_SILU_GEMV=0 turns it off (the H200 A/B). At M == 2
-with kernels/gemv_pair.PAIR_ROWS on, one program computes both rows over each weight tile.
+FP8 at M <= fp8_linear.GEMV_MAX_M); AGENTSERVE_FUSED_SILU_GEMV=0 turns it off (the H200 A/B).
 """
 
 from __future__ import annotations
@@ -24,10 +23,8 @@ from typing import Optional
 
 import torch
 
-from . import gemv_pair
 from ._triton_utils import cdiv, pdl_launch, tl, triton
 from .gemv import GemvConfig, as_rows, fma_row_sums
-from .gemv_pair import fma_row_sums_pair, scaled_pair
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
 
@@ -75,39 +72,6 @@ def _gemv_silu_mul_kernel(
              mask=offs_out < I)
 
 
-@triton.jit
-def _gemv_silu_mul_pair_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, I, K, stride_xm, stride_wn, stride_ym,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    """Grid: (cdiv(I, BLOCK_I),): gemv_silu's _gemv_silu_mul_kernel for two rows of x at once (tile row
-    2p: the gate row of output column ib * BLOCK_I + p, row 2p + 1 its up row)."""
-    ib = tl.program_id(0)
-    rows, offs_k, w_ptrs = _gate_up_tile(w_ptr, stride_wn, ib, I, BLOCK_I, BLOCK_K)
-    s0, s1 = fma_row_sums_pair(w_ptrs, x_ptr + offs_k, x_ptr + stride_xm + offs_k, offs_k, K, 2 * BLOCK_I,
-                               BLOCK_K, EVEN_K, USE_PDL)
-    s0, s1 = scaled_pair(s0, s1, rows, ws_ptr, b_ptr, HAS_SCALE, HAS_BIAS)
-    dt = y_ptr.dtype.element_ty
-    offs_out = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = offs_out < I
-    tl.store(y_ptr + offs_out, _silu_mul_of(s0, BLOCK_I, dt), mask=mask)
-    tl.store(y_ptr + stride_ym + offs_out, _silu_mul_of(s1, BLOCK_I, dt), mask=mask)
-
-
-def _gemv_silu_mul_pair(x2: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], out: torch.Tensor, block_i: int, block_k: int, num_warps: int,
-                       num_stages: int) -> None:
-    """out[2, I] = silu_and_mul(x2 @ dequant(weight)^T + bias), gemv_silu_mul_triton's contract at M == 2."""
-    n, k = weight.shape
-    inter = n // 2
-    _gemv_silu_mul_pair_kernel[(cdiv(inter, block_i),)](
-        x2, weight, weight_scale if weight_scale is not None else x2, bias if bias is not None else x2, out, inter, k,
-        x2.stride(0), weight.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_I=block_i, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=gemv_pair.pair_warps(2 * block_i, block_k, num_warps), num_stages=num_stages, **pdl_launch(x2))
-
-
 def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig,
                          weight_scale: Optional[torch.Tensor] = None,
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -126,10 +90,6 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
     if m == 0 or inter == 0:
         return out.view(*lead, inter)
     block_i = max(1, config.block_n // 2)
-    if m == 2 and gemv_pair.PAIR_ROWS:  # one program per weight block for both rows (kernels/gemv_pair.py)
-        _gemv_silu_mul_pair(x2, weight, weight_scale, bias.contiguous() if bias is not None else None, out,
-                            block_i, config.block_k, config.num_warps, config.num_stages)
-        return out.view(*lead, inter)
     _gemv_silu_mul_kernel[(m * cdiv(inter, block_i),)](
         x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),

@@ -9,8 +9,8 @@ then the argmax at the first position not accepted. The general path spends ~20 
 gathers, a scatter): ~60 us per verification on the H200 at batch 1 (benchmarks/NOTES.md, fifteenth
 session). Here one program per row reads the row's argmaxes and drafts and writes its output and count.
 
-Used by RejectionSampler when GREEDY_VERIFY is on (AGENTSERVE_GREEDY_VERIFY=1; off until measured on
-the H200) and the step qualifies (every row greedy, no penalties, bans, bias, allowed-token masks,
+Used by RejectionSampler when GREEDY_VERIFY is on (the default; AGENTSERVE_GREEDY_VERIFY=0 turns it off)
+and the step qualifies (every row greedy, no penalties, bans, bias, allowed-token masks,
 grammar masks or logprobs). `greedy_verify_ref` is the torch reference.
 """
 
@@ -23,7 +23,10 @@ import torch
 
 from ._triton_utils import next_pow2, tl, triton, triton_enabled_for
 
-GREEDY_VERIFY: bool = os.environ.get("AGENTSERVE_GREEDY_VERIFY", "0") == "1"
+GREEDY_VERIFY: bool = os.environ.get("AGENTSERVE_GREEDY_VERIFY", "1") == "1"
+# Lanes per row: at least this many, so that drafts truncated near max_tokens (width 2..k) reuse one
+# compiled variant (a compile mid-serving stalled two verifications by ~65 ms each on the H200).
+MIN_BLOCK_W = 16
 
 
 def set_greedy_verify(enabled: bool) -> None:
@@ -32,7 +35,11 @@ def set_greedy_verify(enabled: bool) -> None:
     GREEDY_VERIFY = enabled
 
 
-@triton.jit
+# Not specialized on the pointers' alignment or the ints' values: the metadata's fields are views into one
+# buffer at offsets that move with the batch's draft counts, and each new combination would compile.
+@triton.jit(do_not_specialize=["width", "stride_out"],
+            do_not_specialize_on_alignment=["greedy_ptr", "drafts_ptr", "accept_ptr", "first_ptr", "num_draft_ptr",
+                                            "cu_ptr", "out_ptr", "num_acc_ptr"])
 def _greedy_verify_kernel(greedy_ptr, drafts_ptr, accept_ptr, first_ptr, num_draft_ptr, cu_ptr, out_ptr, num_acc_ptr,
                           width, stride_out, HAS_ACCEPT: tl.constexpr, BLOCK_W: tl.constexpr):
     """Grid (N,). greedy [T + N] int64: the argmax of every scored position; drafts [T] int64 and
@@ -58,6 +65,23 @@ def _greedy_verify_kernel(greedy_ptr, drafts_ptr, accept_ptr, first_ptr, num_dra
     out = tl.where(j == accepted, emitted, out)
     tl.store(out_ptr + row.to(tl.int64) * stride_out + j, out, mask=j < width)
     tl.store(num_acc_ptr + row, accepted.to(tl.int64))
+
+
+def block_width(width: int) -> int:
+    """The kernel's lanes per row for an output `width` (max drafts + 1)."""
+    return max(MIN_BLOCK_W, next_pow2(width))
+
+
+def warmup_greedy_verify(device: torch.device, max_width: int) -> None:
+    """Compiles the kernel's variants (real and synthetic acceptance, each lane count up to `max_width`)
+    before serving, so that no verification waits on a Triton compile."""
+    for width in sorted({block_width(w) for w in range(1, max_width + 1)}):
+        greedy = torch.zeros(width + 1, dtype=torch.int64, device=device)
+        drafts = torch.zeros(width - 1, dtype=torch.int64, device=device) if width > 1 else greedy[:0]
+        count = torch.tensor([width - 1], dtype=torch.int64, device=device)
+        first = torch.zeros(1, dtype=torch.int64, device=device)
+        for flags in (None, torch.ones(width - 1, dtype=torch.bool, device=device)):
+            greedy_verify_triton(greedy, drafts, flags, first, count, count.to(torch.int32), width)
 
 
 def greedy_verify_ref(greedy_ids: torch.Tensor, draft_token_ids: torch.Tensor, accepted_flags: Optional[torch.Tensor],
@@ -97,7 +121,7 @@ def greedy_verify_triton(greedy_ids: torch.Tensor, draft_token_ids: torch.Tensor
     flags = accepted_flags.to(torch.int8) if accepted_flags is not None else drafts
     _greedy_verify_kernel[(rows,)](greedy_ids, drafts, flags, first_logits_indices, num_draft_tokens,
                                    cu_num_draft_tokens, out, num_accepted, width, out.stride(0),
-                                   HAS_ACCEPT=accepted_flags is not None, BLOCK_W=max(2, next_pow2(width)),
+                                   HAS_ACCEPT=accepted_flags is not None, BLOCK_W=block_width(width),
                                    num_warps=1)
     return out, num_accepted
 

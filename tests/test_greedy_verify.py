@@ -59,6 +59,21 @@ def _greedy_meta(rows: int, **extra: object) -> SamplingMetadata:
 
 
 @interpreter_only(gv._greedy_verify_kernel)
+def test_rows_wider_than_the_minimum_lanes_and_the_warmup() -> None:
+    # 16 drafts (the most num_speculative_tokens allows): width 17 takes the next lane count.
+    assert gv.block_width(2) == gv.block_width(16) == gv.MIN_BLOCK_W and gv.block_width(17) == 2 * gv.MIN_BLOCK_W
+    drafts = [list(range(1, 17)), list(range(1, 10)) + [0]]
+    spec = SpecDecodeMetadata.build(drafts, CPU)
+    greedy = torch.tensor(list(range(1, 18)) + list(range(1, 12)))
+    args = (greedy, spec.draft_token_ids, None, spec.first_logits_indices, spec.num_draft_tokens_tensor,
+            spec.cu_num_draft_tokens, spec.max_spec_len + 1)
+    out, accepted = gv.greedy_verify_triton(*args)
+    assert accepted.tolist() == [16, 9]
+    assert out[0].tolist() == list(range(1, 18)) and out[1, :10].tolist() == list(range(1, 10)) + [10]
+    gv.warmup_greedy_verify(CPU, 17)  # both acceptance modes at both lane counts, without error
+
+
+@interpreter_only(gv._greedy_verify_kernel)
 @pytest.mark.parametrize("synthetic", [False, True])
 def test_kernel_matches_its_reference(synthetic: bool) -> None:
     for seed in range(4):

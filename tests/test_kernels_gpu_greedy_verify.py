@@ -30,7 +30,7 @@ def restore_flag() -> Iterator[None]:
 @pytest.mark.parametrize("synthetic", [False, True])
 def test_kernel_matches_its_reference(synthetic: bool) -> None:
     drafts = [[3, 4, 5, 6], [], [7], [8, 9, 10], [11, 12, 13, 14]]
-    spec = SpecDecodeMetadata.build(drafts, DEV)
+    spec = SpecDecodeMetadata.build(drafts, torch.device(DEV))
     greedy = torch.tensor([3, 4, 0, 6, 9, 1, 7, 2, 8, 1, 10, 5, 11, 12, 13, 14, 15], device=DEV)
     flags = torch.rand(spec.total_num_draft_tokens, device=DEV) < 0.6 if synthetic else None
     args = (greedy, spec.draft_token_ids, flags, spec.first_logits_indices, spec.num_draft_tokens_tensor,

@@ -107,6 +107,10 @@ class ModelRunner:
                                     config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
             if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
                 warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
+            if config.spec.method is not None:
+                from agentserve.kernels.greedy_verify import warmup_greedy_verify
+
+                warmup_greedy_verify(self.device, config.spec.num_speculative_tokens + 1)
 
     def close(self) -> None:
         """Releases the device memory the runner holds: the CUDA graphs (and their memory pool), the
