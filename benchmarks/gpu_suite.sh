@@ -46,11 +46,15 @@ if [ "$MODE" = next ]; then
     --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_cublaslt.json"
 fi
 if [ "$MODE" = next2 ]; then
-  # Then (~5 min) the spec table with and without the greedy kernel (kept on if it gains at A = 0.8, k = 4).
-  for v in 0 1; do
-    AGENTSERVE_GREEDY_VERIFY=$v TMO=240 run "spec-greedy$v" python3 benchmarks/spec.py \
-      --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec_greedy$v.json"
-  done
+  # The sixteenth session's second call (~7 min): the FP8 GEMV kernels' GPU tests with the two-row tiles,
+  # the draft's FP8 GEMVs at M = 1 and 2 with a tile sweep, the iteration's spans and the draft's kernels
+  # with the two-row tiles, then the spec table (greedy verification kernel and two-row tiles on).
+  TMO=150 run pytest-fp8 python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
+    tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_fp8.xml"
+  TMO=120 TAIL=12 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json"
+  TMO=120 TAIL=45 run events-rows python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
+    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_rows.json"
+  TMO=260 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
 fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,

@@ -60,7 +60,7 @@ def test_weight_quantization_per_channel_roundtrip() -> None:
     assert ((deq - w).abs() <= w.abs().amax(1, keepdim=True) * E4M3_STEP / 2 + 1e-12).all()
 
 
-@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 64, False), (1, 33, 100, True), (3, 16, 48, True)])
+@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 64, False), (1, 33, 100, True), (3, 16, 48, True), (2, 40, 1024, True)])
 def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     _, wq, ws = _random_linear(n, k, seed=m * 100 + n)
     g = torch.Generator().manual_seed(k)
@@ -73,6 +73,15 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     # explicit tiles (the GPU benchmark's sweep): several row blocks and K iterations
     tiles = fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1)
     torch.testing.assert_close(fl.fp8_gemv_triton(x, wq, ws, b, config=tiles), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_gemv_tiles_at_two_rows_keep_the_one_row_grid() -> None:
+    # Twice the rows over half the K chunk: the same weights per program, half the blocks (the grid of
+    # M programs per block stays the M = 1 grid's size).
+    for n, k in [(16384, 2048), (3072, 2048), (2048, 8192)]:
+        one, two = fl.fp8_gemv_config(n, k, 132), fl.fp8_gemv_config(n, k, 132, 2)
+        assert (two.block_n, two.block_k, two.num_warps) == (2 * one.block_n, one.block_k // 2, one.num_warps)
+        assert 2 * -(-n // two.block_n) == -(-n // one.block_n)
 
 
 def test_fp8_gemv_rejects_large_batches() -> None:

@@ -122,7 +122,7 @@ class Fp8LinearMethod(LinearMethodBase):
         # Only where apply would take the FP8 GEMV.
         if not (use_fp8_gemv(x, input_scale) and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1):
             return None
-        config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device))
+        config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device), x.numel() // x.shape[-1])
         return gemv_silu_mul_triton(x, weight, config, layer.weight_scale, bias)
 
 

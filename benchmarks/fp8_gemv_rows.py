@@ -1,0 +1,94 @@
+"""The FP8 GEMVs of a draft model's forward at M = 1 (its decode step) and M = 2 (the 2-token catch-up
+after every verification: spec/continuation.py), with a sweep of the fma tiles at each M.
+
+Why: on the H200 the FP8 Llama-3.2-1B draft's catch-up took 0.86 ms against 0.69 ms for its decode step,
+and the kernel diff (spec_profile.py --events --draft-kernels, 2026-12-04) put +139 us of the +173 us in
+the fused gate_up + SiLU GEMV (13.4 -> 22.1 us per layer) and +47 us in the other FP8 GEMVs: the M = 1
+tiles run M programs per weight block, so at M = 2 the grid doubles. This measures each tile at both M
+(device us per call from a CUDA graph over weight copies larger than the L2) and prints, per shape and M,
+the default tile and the best of the sweep.
+
+  python benchmarks/fp8_gemv_rows.py [--hidden 2048 --intermediate 8192 --qkv 3072] [--out x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import device_name, write_json  # noqa: E402
+from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
+
+# (rows per program, BLOCK_K, warps): the M = 1 winners and tiles with more rows and fewer K per chunk
+# (as many weights per program, half the programs for the same N).
+SWEEP = [(8, 1024, 4), (16, 512, 8), (16, 512, 4), (32, 256, 8), (32, 256, 4), (16, 256, 4), (32, 512, 8),
+         (64, 128, 8), (8, 512, 4), (16, 1024, 8), (4, 2048, 4), (32, 128, 4)]
+
+
+def _shapes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one layer's projections."""
+    return [("qkv", args.qkv, args.hidden), ("o", args.hidden, args.hidden),
+            ("gate_up", 2 * args.intermediate, args.hidden), ("down", args.hidden, args.intermediate)]
+
+
+def measure(args: argparse.Namespace, rows: list[int]) -> list[dict[str, Any]]:
+    from agentserve.kernels import fp8_linear, gemv, gemv_silu
+    from agentserve.kernels._triton_utils import num_sms
+
+    out = []
+    sms = num_sms(torch.device("cuda"))
+    for name, n, k in _shapes(args):
+        copies = max(2, -(-GEMV_WORKING_SET // (n * k)))
+        quantized = [fp8_linear.quantize_weight_per_channel(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                                                            / k ** 0.5) for _ in range(copies)]
+        fn: Callable[..., torch.Tensor]
+        if name == "gate_up":
+            def fn(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, config: gemv.GemvConfig) -> torch.Tensor:
+                return gemv_silu.gemv_silu_mul_triton(x, wq, config, ws)
+        else:
+            def fn(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, config: gemv.GemvConfig) -> torch.Tensor:
+                return fp8_linear.fp8_gemv_triton(x, wq, ws, config=config)
+        for m in rows:
+            sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), wq, ws) for wq, ws in quantized]
+            default_cfg = fp8_linear.fp8_gemv_config(n, k, sms, m)
+            default = time_us(fn, sets, config=default_cfg)
+            sweep = {f"{r}x{bk}/{w}w": time_us(fn, sets, config=gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1))
+                     for r, bk, w in SWEEP if k % bk == 0}
+            best = min(sweep, key=sweep.__getitem__)
+            out.append({"shape": name, "n": n, "k": k, "m": m, "default": f"{default_cfg.block_n}x{default_cfg.block_k}/"
+                        f"{default_cfg.num_warps}w", "default_us": default, "sweep_us": sweep, "best": best,
+                        "best_us": sweep[best]})
+            print(f"  {name} {n}x{k} M={m}: default {out[-1]['default']} {default:.1f} us, best {best} "
+                  f"{sweep[best]:.1f} us | " + " ".join(f"{t} {v:.1f}" for t, v in sweep.items()), flush=True)
+        del quantized
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--qkv", type=int, default=3072, help="the fused qkv's rows (Llama-3.2-1B: 32 + 2 x 8 heads of 64)")
+    ap.add_argument("--rows", default="1,2")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return 0
+    rows = [int(r) for r in args.rows.split(",")]
+    result = {"benchmark": "fp8_gemv_rows", "device": device_name(), "rows": measure(args, rows)}
+    for m in rows:
+        per = [r for r in result["rows"] if r["m"] == m]
+        print(f"M={m} per layer: default tiles {sum(r['default_us'] for r in per):.1f} us, best per shape "
+              f"{sum(r['best_us'] for r in per):.1f} us ({', '.join(r['shape'] + ' ' + r['best'] for r in per)})")
+    write_json(result, args.out, "fp8_gemv_rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
