@@ -8,12 +8,16 @@ tiles run M programs per weight block, so at M = 2 the grid doubles. This measur
 (device us per call from a CUDA graph over weight copies larger than the L2) and prints, per shape and M,
 the default tile and the best of the sweep.
 
-  python benchmarks/fp8_gemv_rows.py [--hidden 2048 --intermediate 8192 --qkv 3072] [--out x.json]
+  python benchmarks/fp8_gemv_rows.py [--models 1b,8b] [--rows 1,2] [--out x.json] [--write-tiles t.json]
+
+`--write-tiles` writes each (kernel, N, K, M)'s best tile as the table kernels/fp8_gemv_tiles.py reads
+(shipped as kernels/configs/fp8_gemv_<device>.json; AGENTSERVE_FP8_GEMV_TILES=t.json for an A/B run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,30 +28,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
 from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
 
-# (rows per program, BLOCK_K, warps): the M = 1 winners and tiles with more rows and fewer K per chunk
-# (as many weights per program, half the programs for the same N).
-SWEEP = [(8, 1024, 4), (16, 512, 8), (16, 512, 4), (32, 256, 8), (32, 256, 4), (16, 256, 4), (32, 512, 8),
-         (64, 128, 8), (8, 512, 4), (16, 1024, 8), (4, 2048, 4), (32, 128, 4)]
+# (rows per program, BLOCK_K, warps): 8 KB tiles from 4 to 128 rows at 4 and 8 warps, and some 4 KB and
+# 16 KB ones.
+SWEEP = [(4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (32, 256, 4),
+         (32, 256, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (8, 512, 4), (16, 256, 4),
+         (16, 1024, 8), (32, 512, 8), (8, 2048, 8)]
+# (hidden, intermediate, qkv rows) of the models the benchmarks run: the Llama-3.2-1B draft (32 + 2 x 8
+# heads of 64) and the Llama-3.1-8B target (32 + 2 x 8 heads of 128).
+MODELS = {"1b": (2048, 8192, 3072), "8b": (4096, 14336, 6144)}
 
 
-def _shapes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """(name, N, K) of one layer's projections."""
-    return [("qkv", args.qkv, args.hidden), ("o", args.hidden, args.hidden),
-            ("gate_up", 2 * args.intermediate, args.hidden), ("down", args.hidden, args.intermediate)]
+def _shapes(models: list[str]) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one layer's projections, per model."""
+    out = []
+    for name in models:
+        hidden, inter, qkv = MODELS[name]
+        out += [(f"{name} qkv", qkv, hidden), (f"{name} o", hidden, hidden), (f"{name} gate_up", 2 * inter, hidden),
+                (f"{name} down", hidden, inter)]
+    return out
 
 
-def measure(args: argparse.Namespace, rows: list[int]) -> list[dict[str, Any]]:
+def measure(models: list[str], rows: list[int]) -> list[dict[str, Any]]:
     from agentserve.kernels import fp8_linear, gemv, gemv_silu
     from agentserve.kernels._triton_utils import num_sms
 
     out = []
     sms = num_sms(torch.device("cuda"))
-    for name, n, k in _shapes(args):
+    device = device_name()
+    for name, n, k in _shapes(models):
         copies = max(2, -(-GEMV_WORKING_SET // (n * k)))
         quantized = [fp8_linear.quantize_weight_per_channel(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                                                             / k ** 0.5) for _ in range(copies)]
         fn: Callable[..., torch.Tensor]
-        if name == "gate_up":
+        kernel = "gemv_silu" if name.endswith("gate_up") else "gemv"
+        if kernel == "gemv_silu":
             def fn(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, config: gemv.GemvConfig) -> torch.Tensor:
                 return gemv_silu.gemv_silu_mul_triton(x, wq, config, ws)
         else:
@@ -55,12 +69,12 @@ def measure(args: argparse.Namespace, rows: list[int]) -> list[dict[str, Any]]:
                 return fp8_linear.fp8_gemv_triton(x, wq, ws, config=config)
         for m in rows:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), wq, ws) for wq, ws in quantized]
-            default_cfg = fp8_linear.fp8_gemv_config(n, k, sms, m)
+            default_cfg = fp8_linear.fp8_gemv_config(n, k, sms, m, kernel=kernel, device_name=device)
             default = time_us(fn, sets, config=default_cfg)
             sweep = {f"{r}x{bk}/{w}w": time_us(fn, sets, config=gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1))
                      for r, bk, w in SWEEP if k % bk == 0}
             best = min(sweep, key=sweep.__getitem__)
-            out.append({"shape": name, "n": n, "k": k, "m": m, "default": f"{default_cfg.block_n}x{default_cfg.block_k}/"
+            out.append({"shape": name, "kernel": kernel, "n": n, "k": k, "m": m, "default": f"{default_cfg.block_n}x{default_cfg.block_k}/"
                         f"{default_cfg.num_warps}w", "default_us": default, "sweep_us": sweep, "best": best,
                         "best_us": sweep[best]})
             print(f"  {name} {n}x{k} M={m}: default {out[-1]['default']} {default:.1f} us, best {best} "
@@ -69,24 +83,36 @@ def measure(args: argparse.Namespace, rows: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def _tile_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """A table entry (kernels/fp8_gemv_tiles.py) for a measured row's best tile."""
+    tile, warps = row["best"].rstrip("w").split("/")
+    block_n, block_k = tile.split("x")
+    return {"kernel": row["kernel"], "n": row["n"], "k": row["k"], "m": row["m"], "block_n": int(block_n),
+            "block_k": int(block_k), "num_warps": int(warps), "us": round(row["best_us"], 2)}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=8192)
-    ap.add_argument("--qkv", type=int, default=3072, help="the fused qkv's rows (Llama-3.2-1B: 32 + 2 x 8 heads of 64)")
+    ap.add_argument("--models", default="1b,8b", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--rows", default="1,2")
+    ap.add_argument("--write-tiles", default=None, help="the best tiles as a kernels/fp8_gemv_tiles.py table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 0
     rows = [int(r) for r in args.rows.split(",")]
-    result = {"benchmark": "fp8_gemv_rows", "device": device_name(), "rows": measure(args, rows)}
-    for m in rows:
-        per = [r for r in result["rows"] if r["m"] == m]
-        print(f"M={m} per layer: default tiles {sum(r['default_us'] for r in per):.1f} us, best per shape "
-              f"{sum(r['best_us'] for r in per):.1f} us ({', '.join(r['shape'] + ' ' + r['best'] for r in per)})")
+    models = args.models.split(",")
+    result = {"benchmark": "fp8_gemv_rows", "device": device_name(), "rows": measure(models, rows)}
+    for model in models:
+        for m in rows:
+            per = [r for r in result["rows"] if r["m"] == m and r["shape"].startswith(model + " ")]
+            print(f"{model} M={m} per layer: default tiles {sum(r['default_us'] for r in per):.1f} us, best per shape "
+                  f"{sum(r['best_us'] for r in per):.1f} us ({', '.join(r['shape'] + ' ' + r['best'] for r in per)})")
     write_json(result, args.out, "fp8_gemv_rows")
+    if args.write_tiles:
+        Path(args.write_tiles).write_text(json.dumps({"device": result["device"], "source": "benchmarks/fp8_gemv_rows.py",
+                                                      "tiles": [_tile_entry(r) for r in result["rows"]]}, indent=1))
     return 0
 
 

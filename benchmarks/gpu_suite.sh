@@ -56,6 +56,20 @@ if [ "$MODE" = next2 ]; then
     --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_rows.json"
   TMO=260 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
 fi
+if [ "$MODE" = next3 ]; then
+  # The sixteenth session's third call (~6 min): the FP8 GEMV tiles swept for the 1B draft's and the 8B's
+  # shapes at M = 1 and 2 into a table, then with that table: the iteration's spans and the draft's
+  # kernels, the spec table, and the FP8 8B's one stream and TTFT (latency.py).
+  TMO=150 TAIL=24 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
+    --write-tiles "$OUT/fp8_gemv_tiles.json"
+  export AGENTSERVE_FP8_GEMV_TILES="$OUT/fp8_gemv_tiles.json"
+  TMO=120 TAIL=45 run events-tiles python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
+    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_tiles.json"
+  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
+  TMO=150 TAIL=20 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
+    --out "$OUT/latency_fp8.json"
+  unset AGENTSERVE_FP8_GEMV_TILES
+fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,
   # most telling first (the multi-token split's kernel test, split-long in the engine, bf16 against

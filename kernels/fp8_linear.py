@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .fp8_gemv_tiles import device_name_of, fp8_gemv_tile
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
-from .gemv import GemvConfig, as_rows, fma_program_rows, gemv_config
+from .gemv import GemvConfig, as_rows, fma_program_rows
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -42,8 +43,6 @@ MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 # through _scaled_mm cost ~0.5 ms more per speculative iteration on the H200 than a 1-token step
 # (64 W8A8 GEMMs at ~13 us plus their per-token activation quantization, against ~8 us GEMVs).
 GEMV_LIMIT_M = 4
-# Whether M >= 2 takes tiles of twice the rows over half the K chunk (fp8_gemv_config says why).
-ROW_SCALING: bool = os.environ.get("AGENTSERVE_FP8_GEMV_ROW_SCALING", "1") == "1"
 GEMV_MAX_M: int = min(GEMV_LIMIT_M, int(os.environ.get("AGENTSERVE_FP8_GEMV_MAX_M", "2")))
 _cpu_activation_quant = False
 
@@ -155,28 +154,11 @@ def _fp8_gemv_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1) -> GemvConfig:
-    """FP8 GEMV tiles (fma kind) for M rows of x. Measured on the H200 (benchmarks/fp8.py --parts gemv: a
-    CUDA graph over weight copies larger than the L2, 2026-12-02): the bf16 GEMV's tiles keep half the
-    bytes in flight with 1-byte weights; 16 rows x 512 / 8 warps won for the wide projections (qkv 9.3
-    vs 11.3 us, gate_up 33.9 vs 42.2 us: 1792 programs), 8 rows x 1024 / 4 warps where 16-row tiles
-    leave fewer than two programs per SM (o 7.2 vs 8.4 us) and for the long-K down projection
-    (17.8 vs 20.4 us). K not a multiple of the tile falls back to the 16-bit GEMV's heuristic.
-
-    At M >= 2 (a draft's 2-token catch-up) the kernel runs M programs per weight block: with the M = 1
-    tiles the grid doubles, and the FP8 draft's gate_up + SiLU took 22.1 us per layer at M = 2 against
-    13.4 at M = 1 (H200, 2026-12-04). There each program takes twice the rows over half the K chunk
-    (the same weights and accumulator registers per program, half the blocks), so the grid stays the
-    M = 1 grid's size (ROW_SCALING; AGENTSERVE_FP8_GEMV_ROW_SCALING=0 keeps the M = 1 tiles)."""
-    if k % 1024 == 0 and (k >= 8192 or cdiv(n, 16) < 2 * sms):
-        cfg = GemvConfig("fma", 8, 1024, num_warps=4, num_stages=1)
-    elif k % 512 == 0:
-        cfg = GemvConfig("fma", 16, 512, num_warps=8, num_stages=1)
-    else:
-        return gemv_config(1, n, k, sms)
-    if m >= 2 and ROW_SCALING:
-        return GemvConfig("fma", 2 * cfg.block_n, cfg.block_k // 2, num_warps=cfg.num_warps, num_stages=1)
-    return cfg
+def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1, *, kernel: str = "gemv",
+                    device_name: Optional[str] = None) -> GemvConfig:
+    """FP8 GEMV tiles (fma kind) for M rows of x over an [n, k] weight: the device's measured table, else
+    a heuristic (kernels/fp8_gemv_tiles.py). `kernel` "gemv_silu" asks for the gate_up + SiLU twin's."""
+    return fp8_gemv_tile(kernel, n, k, m, sms, device_name)
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -193,7 +175,8 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*lead, n)
-    cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132, m)
+    cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132, m,
+                                     device_name=device_name_of(x.device))
     b = bias.contiguous() if bias is not None else weight_scale
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),

@@ -11,7 +11,9 @@ case and nothing else; the KV write is also checked on inputs that need no round
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ from agentserve.kernels import kv_write as kvw  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
 from agentserve.kernels.fp8_utils import FP8_DTYPE, quantize_kv_ref  # noqa: E402
+from agentserve.kernels.gemv import gemv_config  # noqa: E402
 from helpers.paged_batch import random_paged_batch  # noqa: E402
 from helpers.interpreter import interpreter_only  # noqa: E402
 
@@ -75,13 +78,43 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     torch.testing.assert_close(fl.fp8_gemv_triton(x, wq, ws, b, config=tiles), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_fp8_gemv_tiles_at_two_rows_keep_the_one_row_grid() -> None:
-    # Twice the rows over half the K chunk: the same weights per program, half the blocks (the grid of
-    # M programs per block stays the M = 1 grid's size).
-    for n, k in [(16384, 2048), (3072, 2048), (2048, 8192)]:
-        one, two = fl.fp8_gemv_config(n, k, 132), fl.fp8_gemv_config(n, k, 132, 2)
-        assert (two.block_n, two.block_k, two.num_warps) == (2 * one.block_n, one.block_k // 2, one.num_warps)
-        assert 2 * -(-n // two.block_n) == -(-n // one.block_n)
+def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:
+    # ~8 KB of weights per program, the fewest rows keeping M x blocks <= 4 per SM: the tiles that won
+    # on the H200 for the FP8 Llama-3.2-1B draft's o / down, qkv and gate_up at M = 1 and 2
+    # (benchmarks/RESULTS.md, 2026-12-04), and the Llama-3.1-8B's qkv and o at M = 1.
+    want = {(2048, 2048, 1): (4, 2048), (2048, 2048, 2): (8, 1024), (2048, 8192, 1): (4, 2048),
+            (3072, 2048, 1): (8, 1024), (3072, 2048, 2): (16, 512), (16384, 2048, 1): (32, 256),
+            (16384, 2048, 2): (64, 128), (6144, 4096, 1): (16, 512), (4096, 4096, 1): (8, 1024)}
+    for (n, k, m), tile in want.items():
+        cfg = fl.fp8_gemv_config(n, k, 132, m)  # no device name: the heuristic
+        assert (cfg.kind, cfg.block_n, cfg.block_k) == ("fma", *tile), (n, k, m)
+    # A K the tile's chunk does not divide: the 16-bit GEMV's heuristic.
+    assert fl.fp8_gemv_config(40, 100, 132, 1) == gemv_config(1, 40, 100, 132)
+
+
+def test_fp8_gemv_tables_take_precedence_per_kernel_and_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentserve.kernels import fp8_gemv_tiles as tiles
+
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps({"device": "GPU X", "tiles": [
+        {"kernel": "gemv_silu", "n": 16384, "k": 2048, "m": 2, "block_n": 32, "block_k": 128, "num_warps": 8}]}))
+    monkeypatch.setenv("AGENTSERVE_FP8_GEMV_TILES", str(table))
+    tiles._table.cache_clear()
+    try:
+        hit = fl.fp8_gemv_config(16384, 2048, 132, 2, kernel="gemv_silu", device_name="GPU X")
+        assert (hit.block_n, hit.block_k, hit.num_warps) == (32, 128, 8)
+        for kernel, m in [("gemv", 2), ("gemv_silu", 1)]:  # other entries: the heuristic
+            assert fl.fp8_gemv_config(16384, 2048, 132, m, kernel=kernel, device_name="GPU X") == \
+                tiles.heuristic_tile(16384, 2048, 132, m)
+        with pytest.raises(ValueError, match="unknown kernel"):
+            fl.fp8_gemv_config(16384, 2048, 132, 2, kernel="gemm", device_name="GPU X")
+        monkeypatch.setenv("AGENTSERVE_FP8_GEMV_TILES", str(tmp_path / "missing.json"))
+        tiles._table.cache_clear()
+        with pytest.raises(FileNotFoundError, match="AGENTSERVE_FP8_GEMV_TILES"):
+            fl.fp8_gemv_config(16384, 2048, 132, 2, device_name="GPU X")
+    finally:
+        tiles._table.cache_clear()
+    assert tiles.table_path("NVIDIA H200").name == "fp8_gemv_NVIDIA_H200.json"
 
 
 def test_fp8_gemv_rejects_large_batches() -> None:
