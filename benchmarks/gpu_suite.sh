@@ -70,6 +70,15 @@ if [ "$MODE" = next3 ]; then
     --out "$OUT/latency_fp8.json"
   unset AGENTSERVE_FP8_GEMV_TILES
 fi
+if [ "$MODE" = next4 ]; then
+  # The sixteenth session's last call (~6 min): the shipped FP8 GEMV table's tiles against the reference
+  # at their shapes, the FP8 paths through the engine (heuristic tiles on the tiny models), then the spec
+  # table with the shipped table (no override).
+  TMO=230 TAIL=30 run pytest-tiles python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests/test_kernels_gpu_fp8_tiles.py \
+    tests/test_kernels_gpu_gemv_silu.py tests/test_gpu_spec.py::test_fp8_self_draft_in_bf16_through_graphs \
+    "tests/test_gpu_spec.py::test_greedy_identical_with_speculation_on_the_gpu[small-llama]" --junitxml "$OUT/pytest_tiles.xml"
+  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
+fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,
   # most telling first (the multi-token split's kernel test, split-long in the engine, bf16 against
