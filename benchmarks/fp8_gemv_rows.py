@@ -36,6 +36,7 @@ SWEEP = [(4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (
 # (hidden, intermediate, qkv rows) of the models the benchmarks run: the Llama-3.2-1B draft (32 + 2 x 8
 # heads of 64) and the Llama-3.1-8B target (32 + 2 x 8 heads of 128).
 MODELS = {"1b": (2048, 8192, 3072), "8b": (4096, 14336, 6144)}
+VOCAB = 128256  # Llama 3's; an FP8 model's (or draft's) lm_head takes the FP8 GEMV at batch 1 (model/fp8_lm_head.py)
 
 
 def _shapes(models: list[str]) -> list[tuple[str, int, int]]:
@@ -44,7 +45,7 @@ def _shapes(models: list[str]) -> list[tuple[str, int, int]]:
     for name in models:
         hidden, inter, qkv = MODELS[name]
         out += [(f"{name} qkv", qkv, hidden), (f"{name} o", hidden, hidden), (f"{name} gate_up", 2 * inter, hidden),
-                (f"{name} down", hidden, inter)]
+                (f"{name} down", hidden, inter), (f"{name} lm_head", VOCAB, hidden)]
     return out
 
 
@@ -106,7 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {"benchmark": "fp8_gemv_rows", "device": device_name(), "rows": measure(models, rows)}
     for model in models:
         for m in rows:
-            per = [r for r in result["rows"] if r["m"] == m and r["shape"].startswith(model + " ")]
+            per = [r for r in result["rows"] if r["m"] == m and r["shape"].startswith(model + " ")
+                   and not r["shape"].endswith("lm_head")]
             print(f"{model} M={m} per layer: default tiles {sum(r['default_us'] for r in per):.1f} us, best per shape "
                   f"{sum(r['best_us'] for r in per):.1f} us ({', '.join(r['shape'] + ' ' + r['best'] for r in per)})")
     write_json(result, args.out, "fp8_gemv_rows")

@@ -79,6 +79,14 @@ if [ "$MODE" = next4 ]; then
     "tests/test_gpu_spec.py::test_greedy_identical_with_speculation_on_the_gpu[small-llama]" --junitxml "$OUT/pytest_tiles.xml"
   TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
 fi
+if [ "$MODE" = next5 ]; then
+  # The sixteenth session's last device minutes (~2 min): the sweep again with the lm_heads (the table's
+  # missing shapes), then the FP8 8B's one stream with the heuristic's 32-row cap (lm_head 32 x 256).
+  TMO=60 TAIL=8 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
+    --write-tiles "$OUT/fp8_gemv_tiles.json"
+  TMO=60 TAIL=6 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
+    --out "$OUT/latency_fp8.json"
+fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,
   # most telling first (the multi-token split's kernel test, split-long in the engine, bf16 against

@@ -79,12 +79,14 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
 
 
 def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:
-    # ~8 KB of weights per program, the fewest rows keeping M x blocks <= 4 per SM: the tiles that won
-    # on the H200 for the FP8 Llama-3.2-1B draft's o / down, qkv and gate_up at M = 1 and 2
-    # (benchmarks/RESULTS.md, 2026-12-04), and the Llama-3.1-8B's qkv and o at M = 1.
+    # ~8 KB of weights per program, the fewest rows (4 to 32) keeping M x blocks <= 4 per SM: the tiles
+    # that won (or tied) on the H200 for the FP8 Llama-3.2-1B draft's o / down, qkv and gate_up at M = 1
+    # and 2 (benchmarks/RESULTS.md, 2026-12-04), and the Llama-3.1-8B's qkv and o at M = 1; a vocabulary's
+    # lm_head stops at 32 rows.
     want = {(2048, 2048, 1): (4, 2048), (2048, 2048, 2): (8, 1024), (2048, 8192, 1): (4, 2048),
             (3072, 2048, 1): (8, 1024), (3072, 2048, 2): (16, 512), (16384, 2048, 1): (32, 256),
-            (16384, 2048, 2): (64, 128), (6144, 4096, 1): (16, 512), (4096, 4096, 1): (8, 1024)}
+            (16384, 2048, 2): (32, 256), (6144, 4096, 1): (16, 512), (4096, 4096, 1): (8, 1024),
+            (128256, 4096, 1): (32, 256)}  # 1B gate_up at M = 2: 32 x 256 15.9 us, 64 x 128 15.8
     for (n, k, m), tile in want.items():
         cfg = fl.fp8_gemv_config(n, k, 132, m)  # no device name: the heuristic
         assert (cfg.kind, cfg.block_n, cfg.block_k) == ("fma", *tile), (n, k, m)
