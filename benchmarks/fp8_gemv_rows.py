@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
-from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
+from graph_timer import GEMV_WORKING_SET, parse_gpu_args, time_us  # noqa: E402
 
 # (rows per program, BLOCK_K, warps): 8 KB tiles from 4 to 128 rows at 4 and 8 warps, and some 4 KB and
 # 16 KB ones.
@@ -97,12 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--models", default="1b,8b", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--rows", default="1,2")
     ap.add_argument("--write-tiles", default=None, help="the best tiles as a kernels/fp8_gemv_tiles.py table")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    parsed = parse_gpu_args(ap, argv)
+    if parsed is None:
         return 0
-    rows = [int(r) for r in args.rows.split(",")]
+    args, rows = parsed
     models = args.models.split(",")
     result = {"benchmark": "fp8_gemv_rows", "device": device_name(), "rows": measure(models, rows)}
     for model in models:

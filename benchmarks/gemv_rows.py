@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
-from graph_timer import GEMV_WORKING_SET, time_us  # noqa: E402
+from graph_timer import GEMV_WORKING_SET, parse_gpu_args, time_us  # noqa: E402
 
 # (K, N) of Llama-3.1-8B's qkv, o, gate_up, down and lm_head.
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
@@ -86,12 +86,10 @@ def best_uniform_tile(rows: list[dict[str, Any]], m: int) -> tuple[str, float]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="3,5,8")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    parsed = parse_gpu_args(ap, argv)
+    if parsed is None:
         return 0
-    rows = [int(r) for r in args.rows.split(",")]
+    args, rows = parsed
     result: dict[str, Any] = {"benchmark": "gemv_rows", "device": device_name(), "rows": measure(rows), "best": {}}
     for m in rows:
         per = [r for r in result["rows"] if r["m"] == m and r["n"] != 128256]

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from typing import Any, Optional
 
 import torch
 
@@ -34,3 +35,14 @@ def time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
+
+
+def parse_gpu_args(ap: argparse.ArgumentParser, argv: Optional[list[str]]) -> Optional[tuple[argparse.Namespace, list[int]]]:
+    """The GEMV sweeps' command line (their `--rows`, comma-separated ints, and `--out` added here): (args,
+    rows), or None after saying so where there is no GPU to time."""
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return None
+    return args, [int(r) for r in args.rows.split(",")]
