@@ -90,6 +90,7 @@ def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:
     for (n, k, m), tile in want.items():
         cfg = fl.fp8_gemv_config(n, k, 132, m)  # no device name: the heuristic
         assert (cfg.kind, cfg.block_n, cfg.block_k) == ("fma", *tile), (n, k, m)
+        assert cfg.num_warps == (8 if tile[0] == 16 else 4)
     # A K the tile's chunk does not divide: the 16-bit GEMV's heuristic.
     assert fl.fp8_gemv_config(40, 100, 132, 1) == gemv_config(1, 40, 100, 132)
 
