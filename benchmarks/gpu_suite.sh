@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next5|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -33,59 +33,17 @@ if [ "$MODE" = kernels ]; then
       --out "$OUT/latency_gemv_$mode.json"
   done
 fi
-if [ "$MODE" = next ]; then
-  # The sixteenth session (~5 min): the greedy verification kernel's GPU tests (after the test's fix), the
-  # verification's M = 5 GEMMs under cuBLAS and cuBLASLt, the iteration's spans with the greedy kernel on
-  # (its default now) and the draft's 1- vs 2-token kernels side by side, then with cuBLASLt preferred.
-  TMO=200 run pytest-next python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_kernels_gpu_greedy_verify.py \
-    --junitxml "$OUT/pytest_next.xml"
-  TMO=150 TAIL=30 run gemv-rows python3 benchmarks/gemv_rows.py --rows 1,5 --out "$OUT/gemv_rows.json"
-  TMO=150 TAIL=60 run events-greedy python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
-    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_greedy.json"
-  TORCH_BLAS_PREFER_CUBLASLT=1 TMO=120 TAIL=24 run events-cublaslt python3 benchmarks/spec_profile.py --events \
-    --draft-quantization fp8 --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_cublaslt.json"
-fi
-if [ "$MODE" = next2 ]; then
-  # The sixteenth session's second call (~7 min): the FP8 GEMV kernels' GPU tests with the two-row tiles,
-  # the draft's FP8 GEMVs at M = 1 and 2 with a tile sweep, the iteration's spans and the draft's kernels
-  # with the two-row tiles, then the spec table (greedy verification kernel and two-row tiles on).
-  TMO=150 run pytest-fp8 python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
-    tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_fp8.xml"
-  TMO=120 TAIL=12 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json"
-  TMO=120 TAIL=45 run events-rows python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
-    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_rows.json"
-  TMO=260 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
-fi
-if [ "$MODE" = next3 ]; then
-  # The sixteenth session's third call (~6 min): the FP8 GEMV tiles swept for the 1B draft's and the 8B's
-  # shapes at M = 1 and 2 into a table, then with that table: the iteration's spans and the draft's
-  # kernels, the spec table, and the FP8 8B's one stream and TTFT (latency.py).
-  TMO=150 TAIL=24 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
-    --write-tiles "$OUT/fp8_gemv_tiles.json"
-  export AGENTSERVE_FP8_GEMV_TILES="$OUT/fp8_gemv_tiles.json"
-  TMO=120 TAIL=45 run events-tiles python3 benchmarks/spec_profile.py --events --draft-kernels --draft-quantization fp8 \
-    --k 4 --acceptance 0.8 --new-tokens 256 --out "$OUT/events_tiles.json"
-  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
-  TMO=150 TAIL=20 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-    --out "$OUT/latency_fp8.json"
-  unset AGENTSERVE_FP8_GEMV_TILES
-fi
-if [ "$MODE" = next4 ]; then
-  # The sixteenth session's last call (~6 min): the shipped FP8 GEMV table's tiles against the reference
-  # at their shapes, the FP8 paths through the engine (heuristic tiles on the tiny models), then the spec
-  # table with the shipped table (no override).
-  TMO=230 TAIL=30 run pytest-tiles python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests/test_kernels_gpu_fp8_tiles.py \
-    tests/test_kernels_gpu_gemv_silu.py tests/test_gpu_spec.py::test_fp8_self_draft_in_bf16_through_graphs \
-    "tests/test_gpu_spec.py::test_greedy_identical_with_speculation_on_the_gpu[small-llama]" --junitxml "$OUT/pytest_tiles.xml"
-  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
-fi
 if [ "$MODE" = next5 ]; then
-  # The sixteenth session's last device minutes (~2 min): the sweep again with the lm_heads (the table's
-  # missing shapes), then the FP8 8B's one stream with the heuristic's 32-row cap (lm_head 32 x 256).
+  # Left by the sixteenth session (~4 min + start): the sweep again with the lm_heads (the table's missing
+  # shapes) into a table, then with it the FP8 8B's one stream and the spec table; ship the sweep's table
+  # (kernels/configs/) if the figures hold or gain.
   TMO=60 TAIL=8 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
     --write-tiles "$OUT/fp8_gemv_tiles.json"
+  export AGENTSERVE_FP8_GEMV_TILES="$OUT/fp8_gemv_tiles.json"
   TMO=60 TAIL=6 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
     --out "$OUT/latency_fp8.json"
+  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
+  unset AGENTSERVE_FP8_GEMV_TILES
 fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,
