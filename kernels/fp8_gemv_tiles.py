@@ -34,6 +34,8 @@ PROGRAMS_PER_SM = 4        # the grid the heuristic keeps to
 # gate_up (28,672 rows) the sweep's 128 x 64 took 62.7 us against 33.3 for 32 x 256 and 31.9 for 16 x 256.
 # The heuristic stops at 32 rows, which covers the lm_head (128,256 rows) too.
 MAX_ROWS = 32
+KERNELS = ("gemv", "gemv_silu")
+INT_FIELDS = ("n", "k", "m", "block_n", "block_k", "num_warps")
 
 
 def table_path(device_name: str) -> Path:
@@ -49,10 +51,17 @@ def _table(device_name: str) -> dict[tuple[str, int, int, int], GemvConfig]:
         if override:
             raise FileNotFoundError(f"AGENTSERVE_FP8_GEMV_TILES={override}: no such file")
         return {}
-    entries = json.loads(path.read_text())["tiles"]
-    return {(e["kernel"], e["n"], e["k"], e["m"]): GemvConfig("fma", e["block_n"], e["block_k"],
-                                                              num_warps=e["num_warps"], num_stages=1)
-            for e in entries}
+    table: dict[tuple[str, int, int, int], GemvConfig] = {}
+    try:
+        for e in json.loads(path.read_text())["tiles"]:
+            if e["kernel"] not in KERNELS or not all(isinstance(e[f], int) and e[f] > 0 for f in INT_FIELDS):
+                raise ValueError(f"entry {e}")
+            table[(e["kernel"], e["n"], e["k"], e["m"])] = GemvConfig("fma", e["block_n"], e["block_k"],
+                                                                      num_warps=e["num_warps"], num_stages=1)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"FP8 GEMV tile table {path}: {err} (each entry needs kernel in {KERNELS} and positive "
+                         f"ints {', '.join(INT_FIELDS)}; benchmarks/fp8_gemv_rows.py --write-tiles writes one)") from err
+    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +93,7 @@ def heuristic_tile(n: int, k: int, sms: int, m: int) -> GemvConfig:
 def fp8_gemv_tile(kernel: str, n: int, k: int, m: int, sms: int, device_name: Optional[str]) -> GemvConfig:
     """The tile for `kernel` ("gemv" or "gemv_silu") over an [n, k] e4m3 weight at M rows: the device's
     table entry if it has one, else the heuristic."""
-    if kernel not in ("gemv", "gemv_silu"):
+    if kernel not in KERNELS:
         raise ValueError(f"fp8 gemv tiles: unknown kernel {kernel!r}")
     if device_name is not None:
         tile = _table(device_name).get((kernel, n, k, m))

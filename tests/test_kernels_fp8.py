@@ -115,9 +115,20 @@ def test_fp8_gemv_tables_take_precedence_per_kernel_and_m(tmp_path: Path, monkey
         tiles._table.cache_clear()
         with pytest.raises(FileNotFoundError, match="AGENTSERVE_FP8_GEMV_TILES"):
             fl.fp8_gemv_config(16384, 2048, 132, 2, device_name="GPU X")
+        for bad in ['{"tiles": [{"kernel": "gemv", "n": 8}]}', '{"tiles": [{"kernel": "gemm", "n": 1, "k": 1, "m": 1, '
+                    '"block_n": 1, "block_k": 1, "num_warps": 4}]}', "not json"]:
+            table.write_text(bad)
+            monkeypatch.setenv("AGENTSERVE_FP8_GEMV_TILES", str(table))
+            tiles._table.cache_clear()
+            with pytest.raises(ValueError, match="FP8 GEMV tile table .*tiles.json"):
+                fl.fp8_gemv_config(16384, 2048, 132, 2, device_name="GPU X")
     finally:
         tiles._table.cache_clear()
     assert tiles.table_path("NVIDIA H200").name == "fp8_gemv_NVIDIA_H200.json"
+    monkeypatch.delenv("AGENTSERVE_FP8_GEMV_TILES")
+    shipped = tiles._table("NVIDIA H200")  # the shipped table parses
+    tiles._table.cache_clear()
+    assert shipped[("gemv_silu", 16384, 2048, 2)].block_n == 64
 
 
 def test_fp8_gemv_rejects_large_batches() -> None:
