@@ -4,10 +4,11 @@ Weights are stored as float8_e4m3fn with one fp32 scale per output channel (what
 checkpoint format reduces to here: per-tensor and 128x128-block scales are converted at load,
 see agentserve/model/fp8.py). Three ways to apply them:
 
-- `fp8_gemv_triton` (batch 1 on CUDA): one read of the fp8 weights, dequantized in registers and
-  multiplied with the 16-bit activations (W8A16: the activation is not quantized, so batch 1 loses
-  nothing to activation rounding), fp32 accumulation, the channel scale applied once per output.
-  At batch 1 a decode step is bound by the bytes of weights it reads; fp8 halves them.
+- `fp8_gemv_triton` (M <= GEMV_MAX_M on CUDA: batch 1, a draft's 2-token catch-up): one read of the
+  fp8 weights, dequantized in registers and multiplied with the 16-bit activations (W8A16: the
+  activation is not quantized, so batch 1 loses nothing to activation rounding), fp32 accumulation,
+  the channel scale applied once per output. At batch 1 a decode step is bound by the bytes of weights
+  it reads; fp8 halves them. Its tiles per shape and M: kernels/fp8_gemv_tiles.py.
 - `fp8_scaled_mm` (larger batches on CUDA): activations quantized per token to e4m3 (dynamic
   scales, `quantize_per_token`, a Triton kernel) or with the checkpoint's static per-tensor input
   scale, then `torch._scaled_mm` with rowwise scales (cuBLASLt / CUTLASS on Hopper): W8A8 on the
