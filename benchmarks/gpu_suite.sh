@@ -34,11 +34,18 @@ if [ "$MODE" = kernels ]; then
   done
 fi
 if [ "$MODE" = next5 ]; then
-  # Left by the sixteenth session (~4 min + start): the sweep again with the lm_heads (the table's missing
-  # shapes) into a table, then with it the FP8 8B's one stream and the spec table; ship the sweep's table
-  # (kernels/configs/) if the figures hold or gain.
-  TMO=60 TAIL=8 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
+  # Left by the sixteenth session (~5 min + start), predictions in NOTES.md (sixteenth session): the FP8 sweep
+  # again with the lm_heads and the prefetching K loop ("+p" tiles) into a table; the bf16 GEMVs at M = 1
+  # with and without the prefetching loop; the bf16 one stream without and with it; then with the sweep's
+  # table the FP8 8B's one stream and the spec table. Ship the table (kernels/configs/) if the figures hold
+  # or gain; make AGENTSERVE_GEMV_PREFETCH_LOOP the default if the bf16 one stream gains >= 1%.
+  TMO=90 TAIL=12 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
     --write-tiles "$OUT/fp8_gemv_tiles.json"
+  TMO=60 TAIL=8 run gemv-rows python3 benchmarks/gemv_rows.py --rows 1 --out "$OUT/gemv_rows.json"
+  for v in 0 1; do
+    AGENTSERVE_GEMV_PREFETCH_LOOP=$v TMO=60 TAIL=6 run "latency-bf16-prefetch$v" python3 benchmarks/latency.py $DUMMY \
+      --repeats 2 --out "$OUT/latency_bf16_prefetch$v.json"
+  done
   export AGENTSERVE_FP8_GEMV_TILES="$OUT/fp8_gemv_tiles.json"
   TMO=60 TAIL=6 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
     --out "$OUT/latency_fp8.json"

@@ -53,7 +53,7 @@ def _gate_up_tile(w_ptr, stride_wn, ib, I, BLOCK_I: tl.constexpr, BLOCK_K: tl.co
 def _gemv_silu_mul_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(I, BLOCK_I),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of it hits L2). Tile row 2p is the gate row of output column ib * BLOCK_I + p, row 2p + 1
@@ -62,7 +62,8 @@ def _gemv_silu_mul_kernel(
     m = (pid % M).to(tl.int64)
     ib = pid // M
     rows, offs_k, w_ptrs = _gate_up_tile(w_ptr, stride_wn, ib, I, BLOCK_I, BLOCK_K)
-    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL)
+    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
+                        PREFETCH)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -94,5 +95,6 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
         x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
+        EVEN_K=k % config.block_k == 0, PREFETCH=config.prefetch, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)
