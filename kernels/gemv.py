@@ -117,16 +117,20 @@ def _heuristic_tiles(m: int, n: int, k: int, sms: int) -> GemvConfig:
 
 
 @triton.jit
-def _fma_chunk(w_ptrs, x_ptrs, offs_k, k0, K, EVEN_K: tl.constexpr):
-    """One K chunk of the weight tile and of x (masked past K unless EVEN_K)."""
+def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
+    """The K chunk at k0 of a [rows, BLOCK_K] tile (TILE) or a [BLOCK_K] vector, zero past K unless EVEN_K."""
     if EVEN_K:
-        w = tl.load(w_ptrs)
-        x = tl.load(x_ptrs)
+        chunk = tl.load(ptrs)
     else:
         k_mask = offs_k + k0 < K
-        w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-    return w, x
+        chunk = tl.load(ptrs, mask=k_mask[None, :] if TILE else k_mask, other=0.0)
+    return chunk
+
+
+@triton.jit
+def _fma_chunk(w_ptrs, x_ptrs, offs_k, k0, K, EVEN_K: tl.constexpr):
+    """One K chunk of the weight tile and of x."""
+    return _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True), _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
 
 
 @triton.jit
@@ -213,13 +217,8 @@ def _gemv_dot_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = offs_k + k0 < K
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
