@@ -94,9 +94,10 @@ def heuristic_tile(n: int, k: int, sms: int, m: int) -> GemvConfig:
     return GemvConfig("fma", rows, block_k, num_warps=8 if rows == 16 else 4, num_stages=1)
 
 
-def fp8_gemv_tile(kernel: str, n: int, k: int, m: int, sms: int, device_name: Optional[str]) -> GemvConfig:
-    """The tile for `kernel` ("gemv" or "gemv_silu") over an [n, k] e4m3 weight at M rows: the device's
-    table entry if it has one, else the heuristic."""
+def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1, *, kernel: str = "gemv",
+                    device_name: Optional[str] = None) -> GemvConfig:
+    """The tile for `kernel` ("gemv", or "gemv_silu": the gate_up + SiLU twin) over an [n, k] e4m3 weight
+    at M rows: the named device's table entry if it has one, else the heuristic."""
     if kernel not in KERNELS:
         raise ValueError(f"fp8 gemv tiles: unknown kernel {kernel!r}")
     if device_name is not None:

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fp8_gemv_tiles import device_name_of, fp8_gemv_tile
+from .fp8_gemv_tiles import device_name_of, fp8_gemv_config
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
 from .gemv import GemvConfig, as_rows, fma_program_rows
@@ -153,13 +153,6 @@ def _fp8_gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1, *, kernel: str = "gemv",
-                    device_name: Optional[str] = None) -> GemvConfig:
-    """FP8 GEMV tiles (fma kind) for M rows of x over an [n, k] weight: the device's measured table, else
-    a heuristic (kernels/fp8_gemv_tiles.py). `kernel` "gemv_silu" asks for the gate_up + SiLU twin's."""
-    return fp8_gemv_tile(kernel, n, k, m, sms, device_name)
 
 
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,

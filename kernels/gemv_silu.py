@@ -29,26 +29,6 @@ from .gemv import GemvConfig, as_rows, fma_row_sums
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
 
 
-@triton.jit
-def _silu_mul_of(sums, BLOCK_I: tl.constexpr, dt: tl.constexpr):
-    """silu(gate) * up of a tile's interleaved gate / up sums, rounded as gemv_silu's kernel rounds."""
-    gate, up = tl.split(tl.reshape(sums.to(dt).to(tl.float32), [BLOCK_I, 2]))
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    return (silu * up).to(dt)
-
-
-@triton.jit
-def _gate_up_tile(w_ptr, stride_wn, ib, I, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Output block ib's weight rows (tile row 2p: the gate row of column ib * BLOCK_I + p, row 2p + 1 its
-    up row; out-of-range columns clamped onto the last one: unmasked vector loads), the K offsets and the
-    first K chunk's pointers."""
-    r = tl.arange(0, 2 * BLOCK_I)
-    col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
-    rows = (col + (r % 2) * I).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    return rows, offs_k, w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_silu_mul_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
@@ -61,16 +41,22 @@ def _gemv_silu_mul_kernel(
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     ib = pid // M
-    rows, offs_k, w_ptrs = _gate_up_tile(w_ptr, stride_wn, ib, I, BLOCK_I, BLOCK_K)
+    r = tl.arange(0, 2 * BLOCK_I)
+    col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
+    rows = (col + (r % 2) * I).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
                         PREFETCH)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:
         sums += tl.load(b_ptr + rows).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    gate, up = tl.split(tl.reshape(sums.to(dt).to(tl.float32), [BLOCK_I, 2]))
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
     offs_out = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-    tl.store(y_ptr + m * stride_ym + offs_out, _silu_mul_of(sums, BLOCK_I, y_ptr.dtype.element_ty),
-             mask=offs_out < I)
+    tl.store(y_ptr + m * stride_ym + offs_out, (silu * up).to(dt), mask=offs_out < I)
 
 
 def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig,

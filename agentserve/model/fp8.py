@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from agentserve.kernels._triton_utils import num_sms
-from agentserve.kernels.fp8_gemv_tiles import device_name_of
-from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_gemv_config, fp8_linear, use_fp8_gemv
+from agentserve.kernels.fp8_gemv_tiles import device_name_of, fp8_gemv_config
+from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear, use_fp8_gemv
 from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
 from agentserve.model.linear import LinearBase

@@ -183,7 +183,7 @@ class RejectionSampler:
         num_rows, width = spec.num_rows, spec.max_spec_len + 1
         device = target_logits.device
         if greedy_verify_kernel.GREEDY_VERIFY and _plain_greedy(meta, token_bitmask):
-            return self._greedy_verify(target_logits, spec, meta)
+            return self._greedy_verify(target_logits, spec, meta, width)
         logits = target_logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         position_meta = expand_sampling_metadata(meta, spec, num_banned_positions, token_bitmask)
@@ -239,8 +239,8 @@ class RejectionSampler:
             return RejectionSamplerOutput(output, num_accepted, None, None, None)
         return self._logprobs(raw_logprobs, output, num_accepted, spec, meta.max_num_logprobs or 0)
 
-    def _greedy_verify(self, target_logits: torch.Tensor, spec: SpecDecodeMetadata,
-                       meta: SamplingMetadata) -> RejectionSamplerOutput:
+    def _greedy_verify(self, target_logits: torch.Tensor, spec: SpecDecodeMetadata, meta: SamplingMetadata,
+                       width: int) -> RejectionSamplerOutput:
         """Every row greedy, nothing processing the logits: the argmaxes, then one kernel for the accepted
         prefixes and the emitted tokens (kernels/greedy_verify.py). The same output, and the same random
         draws in synthetic mode, as the general path below."""
@@ -252,7 +252,7 @@ class RejectionSampler:
             flags = uniforms < self.synthetic_acceptance
         output, num_accepted = greedy_verify_kernel.greedy_verify(
             greedy_ids, spec.draft_token_ids, flags, spec.first_logits_indices, spec.num_draft_tokens_tensor,
-            spec.cu_num_draft_tokens, spec.max_spec_len + 1)
+            spec.cu_num_draft_tokens, width)
         return RejectionSamplerOutput(output, num_accepted, None, None, None)
 
     @staticmethod
