@@ -29,12 +29,11 @@ from _results import device_name, write_json  # noqa: E402
 from graph_timer import GEMV_WORKING_SET, parse_gpu_args, time_us  # noqa: E402
 
 # (rows per program, BLOCK_K, warps): 8 KB tiles from 4 to 128 rows at 4 and 8 warps, and some 4 KB and
-# 16 KB ones; each also with the prefetching K loop (GemvConfig.prefetch, "+p" in the labels) where the
-# tile runs more than one K chunk.
+# 16 KB ones. (A prefetching K loop was swept too and lost at every shape: benchmarks/NOTES.md,
+# seventeenth session.)
 TILES = [(4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (32, 256, 4),
          (32, 256, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (8, 512, 4), (16, 256, 4),
          (16, 1024, 8), (32, 512, 8), (8, 2048, 8)]
-SWEEP = [(*tile, prefetch) for tile in TILES for prefetch in (False, True)]
 # (hidden, intermediate, qkv rows) of the models the benchmarks run: the Llama-3.2-1B draft (32 + 2 x 8
 # heads of 64) and the Llama-3.1-8B target (32 + 2 x 8 heads of 128).
 MODELS = {"1b": (2048, 8192, 3072), "8b": (4096, 14336, 6144)}
@@ -74,8 +73,7 @@ def measure(models: list[str], rows: list[int]) -> list[dict[str, Any]]:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), wq, ws) for wq, ws in quantized]
             default_cfg = fp8_linear.fp8_gemv_config(n, k, sms, m, kernel=kernel, device_name=device)
             default = time_us(fn, sets, config=default_cfg)
-            tiles = [gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1, prefetch=p)
-                     for r, bk, w, p in SWEEP if k % bk == 0 and (not p or k > bk)]
+            tiles = [gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1) for r, bk, w in TILES if k % bk == 0]
             sweep = {_label(cfg): time_us(fn, sets, config=cfg) for cfg in tiles}
             best = min(sweep, key=sweep.__getitem__)
             out.append({"shape": name, "kernel": kernel, "n": n, "k": k, "m": m, "default": _label(default_cfg),
@@ -87,17 +85,16 @@ def measure(models: list[str], rows: list[int]) -> list[dict[str, Any]]:
 
 
 def _label(cfg: Any) -> str:
-    """A tile's label: rows x BLOCK_K / warps, "+p" with the prefetching K loop."""
-    return f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w" + ("+p" if cfg.prefetch else "")
+    """A tile's label: rows x BLOCK_K / warps."""
+    return f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
 
 
 def _tile_entry(row: dict[str, Any]) -> dict[str, Any]:
     """A table entry (kernels/fp8_gemv_tiles.py) for a measured row's best tile (its _label parsed)."""
-    label, prefetch = row["best"].removesuffix("+p"), row["best"].endswith("+p")
-    tile, warps = label.rstrip("w").split("/")
+    tile, warps = row["best"].rstrip("w").split("/")
     block_n, block_k = tile.split("x")
     return {"kernel": row["kernel"], "n": row["n"], "k": row["k"], "m": row["m"], "block_n": int(block_n),
-            "block_k": int(block_k), "num_warps": int(warps), "prefetch": prefetch, "us": round(row["best_us"], 2)}
+            "block_k": int(block_k), "num_warps": int(warps), "us": round(row["best_us"], 2)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

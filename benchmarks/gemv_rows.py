@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,7 +37,6 @@ SWEEP = [(16, 256, 4, 4), (16, 512, 4, 3), (16, 128, 4, 8), (32, 128, 4, 4), (32
 
 def measure(rows: list[int]) -> list[dict[str, Any]]:
     from agentserve.kernels import gemv
-    from agentserve.kernels._triton_utils import num_sms
 
     out = []
     for k, n in SHAPES:
@@ -46,9 +44,6 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
         one_sets = [(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), w) for w in weights]
         one = time_us(gemv.gemv_triton, one_sets)
-        # The same M = 1 tile with the prefetching K loop (GemvConfig.prefetch).
-        one_prefetch = time_us(gemv.gemv_triton, one_sets,
-                               config=replace(gemv.gemv_config(1, n, k, num_sms(torch.device("cuda"))), prefetch=True))
         for m in rows:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), w) for w in weights]
             cublas = time_us(F.linear, sets)
@@ -62,10 +57,9 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
             best = min(sweep, key=sweep.__getitem__)
             tb = 2 * n * k / 1e6
             out.append({"m": m, "k": k, "n": n, "cublas_us": cublas, "cublaslt_us": cublaslt, "gemv_m1_us": one,
-                        "gemv_m1_prefetch_us": one_prefetch, "dot_us": default,
+                        "dot_us": default,
                         "sweep_us": sweep, "best": best, "best_us": sweep[best]})
-            print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), cuBLASLt {cublaslt:.1f}, one-row GEMV at M=1 {one:.1f} "
-                  f"(prefetch {one_prefetch:.1f}), "
+            print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), cuBLASLt {cublaslt:.1f}, one-row GEMV at M=1 {one:.1f}, "
                   f"dot {default:.1f} ({tb / default:.2f} TB/s), best {best} {sweep[best]:.1f} us "
                   f"({tb / sweep[best]:.2f} TB/s)", flush=True)
         del weights
@@ -106,8 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"M={m} per 8B layer (qkv+o+gate_up+down): cuBLAS {sum(r['cublas_us'] for r in per):.1f} us, "
               f"cuBLASLt {sum(r['cublaslt_us'] for r in per):.1f}, "
               f"dot {sum(r['dot_us'] for r in per):.1f}, best per shape {sum(r['best_us'] for r in per):.1f}, "
-              f"best one tile {total:.1f} ({tile}), one-row GEMV at M=1 {sum(r['gemv_m1_us'] for r in per):.1f} "
-              f"(prefetch {sum(r['gemv_m1_prefetch_us'] for r in per):.1f})")
+              f"best one tile {total:.1f} ({tile}), one-row GEMV at M=1 {sum(r['gemv_m1_us'] for r in per):.1f}")
         print(f"BEST_DOT_TILE={tile}")
     write_json(result, args.out, "gemv_rows")
     return 0

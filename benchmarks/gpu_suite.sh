@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|next5|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -32,25 +32,6 @@ if [ "$MODE" = kernels ]; then
     AGENTSERVE_GEMV=$mode run "latency-gemv-$mode" python3 benchmarks/latency.py $DUMMY --repeats 2 \
       --out "$OUT/latency_gemv_$mode.json"
   done
-fi
-if [ "$MODE" = next5 ]; then
-  # Left by the sixteenth session (~5 min + start), predictions in NOTES.md (sixteenth session): the FP8 sweep
-  # again with the lm_heads and the prefetching K loop ("+p" tiles) into a table; the bf16 GEMVs at M = 1
-  # with and without the prefetching loop; the bf16 one stream without and with it; then with the sweep's
-  # table the FP8 8B's one stream and the spec table. Ship the table (kernels/configs/) if the figures hold
-  # or gain; make AGENTSERVE_GEMV_PREFETCH_LOOP the default if the bf16 one stream gains >= 1%.
-  TMO=90 TAIL=12 run fp8-gemv-rows python3 benchmarks/fp8_gemv_rows.py --out "$OUT/fp8_gemv_rows.json" \
-    --write-tiles "$OUT/fp8_gemv_tiles.json"
-  TMO=60 TAIL=8 run gemv-rows python3 benchmarks/gemv_rows.py --rows 1 --out "$OUT/gemv_rows.json"
-  for v in 0 1; do
-    AGENTSERVE_GEMV_PREFETCH_LOOP=$v TMO=60 TAIL=6 run "latency-bf16-prefetch$v" python3 benchmarks/latency.py $DUMMY \
-      --repeats 2 --out "$OUT/latency_bf16_prefetch$v.json"
-  done
-  export AGENTSERVE_FP8_GEMV_TILES="$OUT/fp8_gemv_tiles.json"
-  TMO=60 TAIL=6 run latency-fp8 python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-    --out "$OUT/latency_fp8.json"
-  TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec.json"
-  unset AGENTSERVE_FP8_GEMV_TILES
 fi
 if [ "$MODE" = rest ]; then
   # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,

@@ -56,14 +56,11 @@ def _table(device_name: str) -> dict[tuple[str, int, int, int], GemvConfig]:
         for e in json.loads(path.read_text())["tiles"]:
             if e["kernel"] not in KERNELS or not all(isinstance(e[f], int) and e[f] > 0 for f in INT_FIELDS):
                 raise ValueError(f"entry {e}")
-            if not isinstance(e.get("prefetch", False), bool):
-                raise ValueError(f"entry {e}: prefetch must be true or false")
             table[(e["kernel"], e["n"], e["k"], e["m"])] = GemvConfig("fma", e["block_n"], e["block_k"],
-                                                                      num_warps=e["num_warps"], num_stages=1,
-                                                                      prefetch=e.get("prefetch", False))
+                                                                      num_warps=e["num_warps"], num_stages=1)
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"FP8 GEMV tile table {path}: {err} (each entry needs kernel in {KERNELS} and positive "
-                         f"ints {', '.join(INT_FIELDS)}, optionally prefetch: bool; benchmarks/fp8_gemv_rows.py "
+                         f"ints {', '.join(INT_FIELDS)}; benchmarks/fp8_gemv_rows.py "
                          "--write-tiles writes one)") from err
     return table
 

@@ -142,12 +142,12 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
     m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
-                                                 EVEN_K, USE_PDL, PREFETCH)
+                                                 EVEN_K, USE_PDL)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -175,7 +175,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

@@ -28,7 +28,7 @@ captured in CUDA graphs."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -45,9 +45,6 @@ MAX_M: int = 16          # largest M the kernels handle ("dot" pads M to 16)
 AUTO_MAX_M: int = 1      # "auto" uses Triton up to this M (measured: see the module docstring)
 FMA_MAX_M: int = 2       # "fma" up to this M, "dot" above (revisit with the GPU benchmark)
 TARGET_PROGRAMS_PER_SM: int = 4
-# The 16-bit fma GEMV's K loop with each chunk's loads issued before the previous chunk's math
-# (fma_row_sums' PREFETCH): off until measured on the H200 (benchmarks/NOTES.md, sixteenth session).
-PREFETCH_LOOP: bool = os.environ.get("AGENTSERVE_GEMV_PREFETCH_LOOP", "0") == "1"
 
 
 def set_gemv_mode(mode: str) -> None:
@@ -73,17 +70,9 @@ class GemvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-    prefetch: bool = False  # fma kind: each K chunk's loads issued before the previous chunk's math
 
 
 def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
-    """The tiles for M rows of x over an [n, k] weight: _heuristic_tiles, with the prefetching K loop on
-    the fma tiles where PREFETCH_LOOP is on (AGENTSERVE_GEMV_PREFETCH_LOOP=1; off until an H200 A/B)."""
-    cfg = _heuristic_tiles(m, n, k, sms)
-    return replace(cfg, prefetch=True) if PREFETCH_LOOP and cfg.kind == "fma" else cfg
-
-
-def _heuristic_tiles(m: int, n: int, k: int, sms: int) -> GemvConfig:
     """Heuristic tiles (H100). The fma tile holds BLOCK_N * BLOCK_K = 4096 fp32 partial sums
     (32 registers per thread at 4 warps); BLOCK_N shrinks until there are TARGET_PROGRAMS_PER_SM
     programs per SM, so enough loads are in flight per SM to cover HBM latency without split-K."""
@@ -128,46 +117,27 @@ def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr)
 
 
 @triton.jit
-def _fma_chunk(w_ptrs, x_ptrs, offs_k, k0, K, EVEN_K: tl.constexpr):
-    """One K chunk of the weight tile and of x."""
-    return _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True), _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
-
-
-@triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, PREFETCH: tl.constexpr = False):
+                 USE_PDL: tl.constexpr):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
-    first weight tile before the wait measured 4.5% slower on the H200: benchmarks/NOTES.md.)
-
-    PREFETCH (GemvConfig.prefetch) issues each chunk's loads before the previous chunk's conversions and
-    FMAs (registers double-buffered by hand; the fma tiles launch with one Triton stage), so a program
-    keeps a load in flight while it computes. Same sums, same order."""
+    first weight tile before the wait measured 4.5% slower on the H200, and issuing each chunk's loads
+    before the previous chunk's math 7% slower: benchmarks/NOTES.md.)"""
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:
-        w, x = _fma_chunk(w_ptrs, x_ptrs, offs_k, 0, K, EVEN_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            w_next, x_next = _fma_chunk(w_ptrs, x_ptrs, offs_k, k0, K, EVEN_K)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            w = w_next
-            x = x_next
+    for k0 in range(0, K, BLOCK_K):
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            w, x = _fma_chunk(w_ptrs, x_ptrs, offs_k, k0, K, EVEN_K)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
     return tl.sum(acc, 1)
 
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr = False):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
     sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
@@ -179,7 +149,7 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH)
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
@@ -188,11 +158,11 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
     m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                                          USE_PDL, PREFETCH)
+                                          USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
@@ -262,7 +232,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if cfg.kind == "fma":
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, PREFETCH=cfg.prefetch,
+            HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _gemv_dot_kernel[(cdiv(n, cfg.block_n),)](

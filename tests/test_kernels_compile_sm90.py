@@ -44,14 +44,12 @@ SCRIPT = textwrap.dedent('''
                "BLOCK_D": "constexpr", "TOKENS": "constexpr", "IS_FP8": "constexpr"},
               {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "TOKENS": kv_gather.BLOCK_T, "IS_FP8": fp8})
     # The fma GEMVs share their K loop with the fused gate_up + silu (gemv.fma_row_sums).
-    # Each also with the prefetching K loop (GemvConfig.prefetch), over a ragged K.
+    # Each over an even and a ragged K.
     gemv_args = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                  "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr",
-                 "PREFETCH": "constexpr"}
-    for prefetch in (False, True):
-        tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": not prefetch, "USE_PDL": True,
-                 "PREFETCH": prefetch}
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
+    for even_k in (True, False):
+        tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": even_k, "USE_PDL": True}
         build(gemv._gemv_fma_kernel, gemv_args, tiles)
         build(fp8_linear._fp8_gemv_kernel, {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32"}, tiles)
         for weight in ("bf16", "fp8e4nv"):
@@ -59,9 +57,9 @@ SCRIPT = textwrap.dedent('''
                   {"x_ptr": "*bf16", "w_ptr": "*" + weight, "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
                    "M": "i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                    "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-                   "EVEN_K": "constexpr", "USE_PDL": "constexpr", "PREFETCH": "constexpr"},
+                   "EVEN_K": "constexpr", "USE_PDL": "constexpr"},
                   {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-                   "EVEN_K": not prefetch, "USE_PDL": True, "PREFETCH": prefetch})
+                   "EVEN_K": even_k, "USE_PDL": True})
     build(greedy_verify._greedy_verify_kernel,
           {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
            "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",

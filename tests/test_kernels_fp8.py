@@ -77,9 +77,6 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     tiles = fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1)
     plain = fl.fp8_gemv_triton(x, wq, ws, b, config=tiles)
     torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
-    # the prefetching K loop: the same chunks in the same order
-    ahead = fl.fp8_gemv_triton(x, wq, ws, b, config=fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1, prefetch=True))
-    assert torch.equal(plain, ahead)
 
 
 def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:

@@ -122,17 +122,3 @@ def test_model_linear_keeps_state_dict_names() -> None:
     assert set(layer.state_dict()) == {"weight", "bias"}
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-
-
-
-
-
-@interpreted
-@pytest.mark.parametrize("k,block_k", [(192, 64), (100, 32), (40, 64)])  # even, ragged tail, one partial chunk
-def test_prefetch_gives_the_same_sums(k: int, block_k: int) -> None:
-    # The prefetching K loop (GemvConfig.prefetch) adds the same chunks in the same order: bitwise equal.
-    x, w, b = _inputs(2, 40, k, torch.float16, True, seed=k)
-    plain = gemv.gemv_triton(x, w, b, config=gemv.GemvConfig("fma", 16, block_k, num_stages=1))
-    ahead = gemv.gemv_triton(x, w, b, config=gemv.GemvConfig("fma", 16, block_k, num_stages=1, prefetch=True))
-    assert torch.equal(plain, ahead)
-    torch.testing.assert_close(ahead.float(), _reference(x, w, b), **TOL[torch.float16])

@@ -82,20 +82,3 @@ def test_mlp_takes_the_fused_kernel_where_the_gemv_would_run(monkeypatch: pytest
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", False)
     mlp.activation(x)
     assert calls[0] == 1
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_prefetch_gives_the_same_values(fp8: bool) -> None:
-    # GemvConfig.prefetch: each K chunk's loads before the previous chunk's math; same sums, same order.
-    g = torch.Generator().manual_seed(9)
-    inter, k = 19, 200  # a partial last block, a ragged K tail
-    x = torch.randn(2, k, generator=g).to(torch.float16)
-    weight = torch.randn(2 * inter, k, generator=g) / k ** 0.5
-    kwargs = {}
-    if fp8:
-        weight, kwargs["weight_scale"] = quantize_weight_per_channel(weight)
-    else:
-        weight = weight.to(torch.float16)
-    plain = gemv_silu.gemv_silu_mul_triton(x, weight, GemvConfig("fma", 8, 64, num_stages=1), **kwargs)
-    ahead = gemv_silu.gemv_silu_mul_triton(x, weight, GemvConfig("fma", 8, 64, num_stages=1, prefetch=True), **kwargs)
-    assert torch.equal(plain, ahead)
