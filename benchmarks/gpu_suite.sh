@@ -25,7 +25,7 @@ if [ "$MODE" = s17 ]; then
   # Seventeenth session (~5 min + start), predictions in NOTES.md (seventeenth session): the folded norms'
   # GPU tests (kernels at the 8B shapes, engines folded vs not, the folded engine vs transformers) and the
   # shipped FP8 tile table's tests; then bf16 one stream with AGENTSERVE_FOLD_NORMS=0 and 1, and spec.py.
-  # (ran once at 8e0e2c4: 70 passed, the one failure fixed since; ~9.5 min, too long to repeat with the rest)
+  # (ran once at ffcd86e: 70 passed, the one failure fixed since; ~9.5 min, too long to repeat with the rest)
   [ -n "${S17_TESTS:-}" ] && TAIL=25 run pytest-s17 python3 -m pytest -m gpu -q -p no:cacheprovider \
     tests/test_gpu_folded_norms.py tests/test_gpu_engine.py tests/test_kernels_gpu_fp8_tiles.py \
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_s17.xml"
