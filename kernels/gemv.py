@@ -173,6 +173,13 @@ def _gemv_fma_kernel(
     into W's columns (model/folded_norms.py); the statistic comes from the program's own K loop.
     HAS_RESIDUAL: y = residual + (x @ W^T (+ bias)), the product rounded to the output dtype first, as
     transformers adds a projection's output to the residual stream."""
+    if HAS_RESIDUAL:
+        # Loaded before the K loop (after the PDL wait: the residual is an earlier kernel's output), so the
+        # load's latency hides behind the weight stream instead of adding to every program's tail.
+        pdl_begin(USE_PDL)
+        pid = tl.program_id(0)
+        res_rows = tl.minimum((pid // M) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+        residual = tl.load(res_ptr + (pid % M).to(tl.int64) * stride_rm + res_rows).to(tl.float32)
     m, offs_n, rows, y, squares = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
                                                    EVEN_K, USE_PDL, HAS_NORM)
     if HAS_NORM:
@@ -180,7 +187,7 @@ def _gemv_fma_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     if HAS_RESIDUAL:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + m * stride_rm + rows).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + residual
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
