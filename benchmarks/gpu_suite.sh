@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|s17|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -21,25 +21,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n "${TAIL:-40}"; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
-if [ "$MODE" = s17 ]; then
-  # Seventeenth session (~5 min + start), predictions in NOTES.md (seventeenth session): the folded norms'
-  # GPU tests (kernels at the 8B shapes, engines folded vs not, the folded engine vs transformers) and the
-  # shipped FP8 tile table's tests; then bf16 one stream with AGENTSERVE_FOLD_NORMS=0 and 1, and spec.py.
-  # (ran once at ffcd86e: 70 passed, the one failure fixed since; ~9.5 min, too long to repeat with the rest)
-  [ -n "${S17_TESTS:-}" ] && TAIL=25 run pytest-s17 python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_gpu_folded_norms.py tests/test_gpu_engine.py tests/test_kernels_gpu_fp8_tiles.py \
-    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_s17.xml"
-  TMO=60 TAIL=8 run folded-norms python3 benchmarks/folded_norms.py --out "$OUT/folded_norms.json"
-  for v in 0 1; do
-    AGENTSERVE_FOLD_NORMS=$v TMO=60 TAIL=6 run "latency-bf16-fold$v" python3 benchmarks/latency.py $DUMMY \
-      --repeats 2 --out "$OUT/latency_bf16_fold$v.json"
-  done
-  [ -n "${S17_SPEC:-}" ] && TMO=200 run spec python3 benchmarks/spec.py --draft-quantization fp8 --repeats 3 \
-    --batches 16 256 --out "$OUT/spec.json"
-  [ -n "${S17_TESTS:-}" ] && TMO=120 TAIL=5 run pytest-silu python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_gemv_silu.py \
-    -k engine_with_the_fused_activation
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
     tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"

@@ -146,7 +146,7 @@ def _fp8_gemv_kernel(
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
-    m, offs_n, rows, acc_rows, _ = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
+    m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
                                                  EVEN_K, USE_PDL)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)

@@ -118,35 +118,29 @@ def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr)
 
 @triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, X_SQUARES: tl.constexpr = False):
+                 USE_PDL: tl.constexpr):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
-    accumulated elementwise, reduced once at the end; with X_SQUARES also the sum of x's squares over
-    the whole row (an RMSNorm's statistic from the x chunks the loop loads anyway: no extra traffic),
-    else 0. It also holds the PDL wait (kernels/_triton_utils.py):
+    accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
     first weight tile before the wait measured 4.5% slower on the H200, and issuing each chunk's loads
     before the previous chunk's math 7% slower: benchmarks/NOTES.md.)"""
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-        if X_SQUARES:
-            squares += x * x
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    return tl.sum(acc, 1), tl.sum(squares, 0)
+    return tl.sum(acc, 1)
 
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, X_SQUARES: tl.constexpr = False):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
-    adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, their fp32 sums
-    and (X_SQUARES) x's sum of squares. Out-of-range rows are clamped, not masked: the loads stay
-    unmasked and vectorised."""
+    adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
+    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
@@ -155,39 +149,22 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    sums, squares = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, X_SQUARES)
-    return m, offs_n, rows, sums, squares
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
 # every batch size of a CUDA-graph capture.
 @triton.jit(do_not_specialize=["M"])
 def _gemv_fma_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, norm_eps,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, HAS_NORM: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
-    """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent.
-
-    HAS_NORM: y = rsqrt(mean(x^2) + eps) * (x @ W^T) (+ bias), an RMSNorm of x whose weight is folded
-    into W's columns (model/folded_norms.py); the statistic comes from the program's own K loop.
-    HAS_RESIDUAL: y = residual + (x @ W^T (+ bias)), the product rounded to the output dtype first, as
-    transformers adds a projection's output to the residual stream."""
-    if HAS_RESIDUAL:
-        # Loaded before the K loop (after the PDL wait: the residual is an earlier kernel's output), so the
-        # load's latency hides behind the weight stream instead of adding to every program's tail.
-        pdl_begin(USE_PDL)
-        pid = tl.program_id(0)
-        res_rows = tl.minimum((pid // M) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-        residual = tl.load(res_ptr + (pid % M).to(tl.int64) * stride_rm + res_rows).to(tl.float32)
-    m, offs_n, rows, y, squares = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
-                                                   EVEN_K, USE_PDL, HAS_NORM)
-    if HAS_NORM:
-        y = y * tl.rsqrt(squares / K + norm_eps)
+    """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
+    m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
+                                          USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
-    if HAS_RESIDUAL:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + residual
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -228,12 +205,9 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                config: Optional[GemvConfig] = None, out: Optional[torch.Tensor] = None,
-                norm_eps: Optional[float] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                config: Optional[GemvConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as F.linear for x [..., K] with prod(leading dims) <= MAX_M; weight [N, K] with
-    a contiguous last dim. `config` overrides the heuristic (tests, the benchmark's sweep).
-    `norm_eps`: F.linear(rms_norm(x, ones, norm_eps), weight, bias) instead, in one pass (fma tiles).
-    `residual` [..., N]: residual + F.linear(...) (fma tiles)."""
+    a contiguous last dim. `config` overrides the heuristic (tests, the benchmark's sweep)."""
     n, k = weight.shape
     lead = x.shape[:-1]
     x2 = as_rows(x, k)
@@ -255,17 +229,10 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     has_bias = bias is not None
     b = bias.contiguous() if bias is not None else weight
     even_k = k % cfg.block_k == 0
-    if (norm_eps is not None or residual is not None) and cfg.kind != "fma":
-        raise ValueError(f"gemv: a fused norm or residual needs an fma tile, got {cfg}")
-    if residual is not None and residual.shape != (*lead, n):
-        raise ValueError(f"gemv: residual {tuple(residual.shape)} does not match the output {(*lead, n)}")
-    res = as_rows(residual, n) if residual is not None else out
     if cfg.kind == "fma":
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](
-            x2, weight, b, out, res, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
-            norm_eps if norm_eps is not None else 0.0,
+            x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-            HAS_NORM=norm_eps is not None, HAS_RESIDUAL=residual is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _gemv_dot_kernel[(cdiv(n, cfg.block_n),)](

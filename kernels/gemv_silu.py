@@ -31,14 +31,13 @@ FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_silu_mul_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym, norm_eps,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
+    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(I, BLOCK_I),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of it hits L2). Tile row 2p is the gate row of output column ib * BLOCK_I + p, row 2p + 1
-    its up row; out-of-range columns are clamped onto the last one (unmasked vector loads). HAS_NORM:
-    x is RMS-normalised first (weight folded into W: kernels/gemv.py's _gemv_fma_kernel)."""
+    its up row; out-of-range columns are clamped onto the last one (unmasked vector loads)."""
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     ib = pid // M
@@ -47,12 +46,9 @@ def _gemv_silu_mul_kernel(
     rows = (col + (r % 2) * I).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    sums, squares = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K,
-                                 USE_PDL, HAS_NORM)
+    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
-    if HAS_NORM:
-        sums = sums * tl.rsqrt(squares / K + norm_eps)
     if HAS_BIAS:
         sums += tl.load(b_ptr + rows).to(tl.float32)
     dt = y_ptr.dtype.element_ty
@@ -64,11 +60,10 @@ def _gemv_silu_mul_kernel(
 
 def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig,
                          weight_scale: Optional[torch.Tensor] = None,
-                         bias: Optional[torch.Tensor] = None, norm_eps: Optional[float] = None) -> torch.Tensor:
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu_and_mul(x @ dequant(weight)^T + bias) for x [..., K] with few rows, weight [2I, K] (16-bit,
     or e4m3 with `weight_scale` fp32 [2I]). `config` is the "fma" tile the plain GEMV would use for
-    [2I, K]: a program here covers the same number of weight rows (half as many output columns).
-    `norm_eps`: x RMS-normalised first (its weight folded into `weight`: model/folded_norms.py)."""
+    [2I, K]: a program here covers the same number of weight rows (half as many output columns)."""
     n, k = weight.shape
     if n % 2 or config.kind != "fma" or weight.stride(-1) != 1 or x.shape[-1] != k:
         raise ValueError(f"gemv_silu_mul: x {tuple(x.shape)} weight {tuple(weight.shape)} config {config} "
@@ -84,8 +79,7 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
     _gemv_silu_mul_kernel[(m * cdiv(inter, block_i),)](
         x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
-        norm_eps if norm_eps is not None else 0.0,
-        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, HAS_NORM=norm_eps is not None,
-        BLOCK_I=block_i, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
         num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)

@@ -18,7 +18,7 @@ from agentserve import SamplingParams  # noqa: E402
 from agentserve.kernels import activation, fp8_linear, gemv, gemv_silu  # noqa: E402
 from agentserve.kernels._triton_utils import num_sms  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
-from agentserve.model import folded_norms, fp8 as fp8_model, layers, quant  # noqa: E402
+from agentserve.model import fp8 as fp8_model, layers, quant  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
 from helpers.calls import count_calls  # noqa: E402
 from helpers.gpu_kernels import DEV, GPU_SKIPS  # noqa: E402
@@ -61,8 +61,6 @@ def test_engine_with_the_fused_activation_is_logprobs_close(monkeypatch: pytest.
                  max_model_len=1024, gpu_memory_utilization=0.3, quantization=quantization) as llm:
             return greedy_result(llm.generate(prompts, params))
 
-    # the unfolded model's gate_up (folded norms call the fused kernel whatever FUSED_SILU_GEMV says)
-    monkeypatch.setattr(folded_norms, "FOLD_NORMS", False)
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", False)
     want = run()
     monkeypatch.setattr(layers, "FUSED_SILU_GEMV", True)

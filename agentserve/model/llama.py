@@ -18,7 +18,6 @@ from agentserve.kernels.rope_kv_write import rope_and_write_kv
 from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata, paged_attention_layer
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
-from agentserve.model.folded_norms import folded_forward
 from agentserve.model.layers import GatedMLP, RMSNorm
 from agentserve.model.linear import QKVParallelLinear, RowParallelLinear
 from agentserve.parallel.shard import TPShard
@@ -54,13 +53,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, kv_cache, meta))
-
-    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-               kv_cache: tuple[torch.Tensor, torch.Tensor], meta: ForwardMetadata) -> torch.Tensor:
-        """The attention between the projections: qkv_proj's output in, o_proj's input [T, q_size] out."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -71,7 +65,7 @@ class Attention(nn.Module):
         q = rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
                               q_norm_w, k_norm_w, eps, self.k_scale, self.v_scale)
         out = paged_attention_layer(q, kv_cache[0], kv_cache[1], meta, self.scale, self.k_scale, self.v_scale)
-        return out.reshape(num_tokens, self.q_size)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -110,8 +104,6 @@ class CausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
         # Set when the checkpoint carried fp8 KV-cache scales (else the runner calibrates them).
         self.kv_scales_loaded = False
-        # Set by model/folded_norms.py's fold_norms: one-token forwards run without norm kernels.
-        self.norms_folded = False
 
     def decoder_layer(self, index: int) -> DecoderLayer:
         """self.layers[index] as its class (nn.ModuleList types its items as plain Modules)."""
@@ -125,8 +117,6 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: ForwardMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (logits are computed for sampled rows only)."""
-        if self.norms_folded and input_ids.shape[0] == 1:
-            return folded_forward(self, input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         residual: Optional[torch.Tensor] = None
         for layer, kv_cache in zip(self.layers, kv_caches):

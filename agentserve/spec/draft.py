@@ -40,7 +40,6 @@ from agentserve.model.arch_config import ArchConfig
 from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.fp8_lm_head import quantize_lm_head
-from agentserve.model.folded_norms import fold_norms
 from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
@@ -113,7 +112,6 @@ class DraftModel:
         if quantization == "fp8":
             quantize_lm_head(self.model.lm_head)  # proposals are verified: the head may be FP8 too
         fit_draft_vocabulary(self.model, target_vocab_size)
-        fold_norms(self.model)  # a 16-bit draft's steps without norm kernels (model/folded_norms.py)
         self.model.set_rope_cache(rope_cos_sin_cache(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                                      max_model_len, device))
         self.cache: Optional[KVCache] = None

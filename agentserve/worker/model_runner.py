@@ -24,7 +24,6 @@ from agentserve.lora.layers import enable_lora
 from agentserve.lora.warmup import warmup_lora_kernels
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.attention import ForwardMetadata
-from agentserve.model.folded_norms import fold_norms
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.parallel.rank import TensorParallelRank
@@ -72,9 +71,6 @@ class ModelRunner:
             calibrate_kv_scales(self.model, dtype, device, max_model_len)
         # Multi-LoRA: slots wired into the projections before profiling and graph capture (both see them).
         self.lora_manager = enable_lora(self.model, arch, config.lora, dtype, device)
-        # The RMSNorm weights into the projections that read them (not under LoRA or tensor parallelism):
-        # one-token forwards then run without norm kernels (model/folded_norms.py).
-        fold_norms(self.model)
         self.draft: Optional[DraftModel] = None
         if draft is not None:
             self.draft = DraftModel(draft[0], draft[1], dtype, device, config.model.load_format, config.model.seed,
