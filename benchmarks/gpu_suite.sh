@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|s17b|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -21,24 +21,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n "${TAIL:-40}"; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
-if [ "$MODE" = s17b ]; then
-  # Seventeenth session (~4 min + start), prediction in NOTES.md ("The FP8 GEMV on the tensor cores"): the dot
-  # kernel's GPU test, its tile sweep against the fma tiles, the FP8 8B one stream with the fma tiles and with the
-  # sweep's best dot tile; speculation (FP8 draft) with the dot tile only if the one stream gained.
-  TMO=120 TAIL=4 run pytest-fp8-dot python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
-    -k tensor_cores
-  TMO=150 TAIL=26 run fp8-gemv-dot python3 benchmarks/fp8_gemv_dot.py --out "$OUT/fp8_gemv_dot.json"
-  tile=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['best_dot_tile'])" "$OUT/fp8_gemv_dot.json")
-  TMO=60 TAIL=6 run latency-fp8-fma python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-    --out "$OUT/latency_fp8_fma.json"
-  AGENTSERVE_FP8_GEMV_DOT=$tile TMO=60 TAIL=6 run "latency-fp8-dot-$tile" python3 benchmarks/latency.py $DUMMY \
-    --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_dot.json"
-  gained=$(python3 -c "import json, sys; a, b = (json.load(open(p))['single_stream']['decode_tok_s'] for p in sys.argv[1:]); print(int(b > a * 1.01))" \
-    "$OUT/latency_fp8_fma.json" "$OUT/latency_fp8_dot.json")
-  [ "$gained" = 1 ] && AGENTSERVE_FP8_GEMV_DOT=$tile TMO=150 run spec-dot python3 benchmarks/spec.py \
-    --draft-quantization fp8 --repeats 2 --batches 16 --out "$OUT/spec_dot.json"
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
     tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"

@@ -38,24 +38,6 @@ KERNELS = ("gemv", "gemv_silu")
 INT_FIELDS = ("n", "k", "m", "block_n", "block_k", "num_warps")
 
 
-def _dot_tile_from_env() -> Optional[GemvConfig]:
-    """AGENTSERVE_FP8_GEMV_DOT=BLOCK_N,BLOCK_K,warps,stages: every FP8 GEMV on the tensor cores with that
-    tile (kernels/fp8_linear.py's dot kernel; gate_up then runs that GEMV and silu_and_mul), for the A/B
-    against the fma tiles (benchmarks/fp8_gemv_dot.py sweeps it)."""
-    text = os.environ.get("AGENTSERVE_FP8_GEMV_DOT")
-    if not text:
-        return None
-    try:
-        block_n, block_k, warps, stages = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"AGENTSERVE_FP8_GEMV_DOT={text!r}: expected BLOCK_N,BLOCK_K,warps,stages "
-                         "(four integers, e.g. 64,256,4,3)") from None
-    return GemvConfig("dot", block_n, block_k, num_warps=warps, num_stages=stages)
-
-
-DOT_TILE: Optional[GemvConfig] = _dot_tile_from_env()
-
-
 def table_path(device_name: str) -> Path:
     """The shipped table's file for a device (its name with every run of non-alphanumerics as '_')."""
     return CONFIG_DIR / f"fp8_gemv_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json"
@@ -115,8 +97,6 @@ def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1, *, kernel: str =
     at M rows: the named device's table entry if it has one, else the heuristic."""
     if kernel not in KERNELS:
         raise ValueError(f"fp8 gemv tiles: unknown kernel {kernel!r}")
-    if DOT_TILE is not None:
-        return DOT_TILE
     if device_name is not None:
         tile = _table(device_name).get((kernel, n, k, m))
         if tile is not None:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_gemv_tiles import device_name_of, fp8_gemv_config
-from ._triton_utils import cdiv, dot_modes, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
+from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
-from .gemv import GemvConfig, as_rows, fma_program_rows, load_k_chunk
+from .gemv import GemvConfig, as_rows, fma_program_rows
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -155,47 +155,10 @@ def _fp8_gemv_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _fp8_gemv_dot_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    """Grid: (cdiv(N, BLOCK_N),). The 16-bit GEMV's "dot" kernel over e4m3 weight tiles: each tile is widened
-    to x's dtype in registers (exact: every e4m3 value is a bf16 and an fp16 value) and multiplied with all
-    M rows of x (padded to BLOCK_M) on the tensor cores, fp32 accumulation, the channel scale once on the
-    sums. The fma kernel does the same arithmetic on the CUDA cores: a conversion and an FMA per weight
-    (UPCAST: the interpreter's tl.dot, which mishandles 16-bit operands, gets fp32 ones)."""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
-    nb = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
-    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
-        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        if UPCAST:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y = acc * tl.load(ws_ptr + rows_n)[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
 def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, *, config: Optional[GemvConfig] = None) -> torch.Tensor:
     """fp8_linear_ref's contract (no input scale) for x [..., K] with prod(leading dims) <= GEMV_LIMIT_M.
-    `config` (an "fma" or a "dot" GemvConfig) overrides the tiles (tests, the benchmarks' sweeps)."""
+    `config` (an "fma" GemvConfig) overrides the tiles (tests, benchmarks/fp8.py's sweep)."""
     n, k = weight_q.shape
     lead = x.shape[:-1]
     x2 = as_rows(x, k)
@@ -209,13 +172,6 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132, m,
                                      device_name=device_name_of(x.device))
     b = bias.contiguous() if bias is not None else weight_scale
-    if cfg.kind == "dot":
-        _fp8_gemv_dot_kernel[(cdiv(n, cfg.block_n),)](
-            x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            EVEN_K=k % cfg.block_k == 0, UPCAST=dot_modes(x.dtype)[0], num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **pdl_launch(x2))
-        return out.view(*lead, n)
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,

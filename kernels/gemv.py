@@ -106,7 +106,7 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 @triton.jit
-def load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
+def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
     """The K chunk at k0 of a [rows, BLOCK_K] tile (TILE) or a [BLOCK_K] vector, zero past K unless EVEN_K."""
     if EVEN_K:
         chunk = tl.load(ptrs)
@@ -127,8 +127,8 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -187,8 +187,8 @@ def _gemv_dot_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
-        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -52,11 +52,6 @@ SCRIPT = textwrap.dedent('''
         tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": even_k, "USE_PDL": True}
         build(gemv._gemv_fma_kernel, gemv_args, tiles)
         build(fp8_linear._fp8_gemv_kernel, {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32"}, tiles)
-        # the FP8 GEMV on the tensor cores (e4m3 tiles widened to bf16, tl.dot over M padded to 16)
-        build(fp8_linear._fp8_gemv_dot_kernel, {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
-                                                 "BLOCK_M": "constexpr", "UPCAST": "constexpr"},
-              {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "EVEN_K": even_k, "UPCAST": False,
-               "USE_PDL": True})
         for weight in ("bf16", "fp8e4nv"):
             build(gemv_silu._gemv_silu_mul_kernel,
                   {"x_ptr": "*bf16", "w_ptr": "*" + weight, "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
@@ -87,4 +82,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 17
+    assert run.stdout.count("compiled") == 15

@@ -22,7 +22,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from agentserve.kernels import fp8_gemv_tiles  # noqa: E402
 from agentserve.kernels import fp8_linear as fl  # noqa: E402
 from agentserve.kernels import kv_write as kvw  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
@@ -78,32 +77,6 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     tiles = fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1)
     plain = fl.fp8_gemv_triton(x, wq, ws, b, config=tiles)
     torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 64, False), (1, 33, 100, True), (3, 16, 48, True), (4, 70, 256, True)])
-def test_fp8_gemv_on_the_tensor_cores_matches_reference(dtype: torch.dtype, m: int, n: int, k: int, bias: bool) -> None:
-    # The "dot" tiles: e4m3 widened to x's dtype (exact), tl.dot over M padded to 16; several row blocks,
-    # K iterations with a ragged tail (k = 100, 48), a partial last block (n = 33, 70).
-    _, wq, ws = _random_linear(n, k, seed=m * 100 + n)
-    g = torch.Generator().manual_seed(k)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    y = fl.fp8_gemv_triton(x, wq, ws, b, config=fl.GemvConfig("dot", 16, 32, num_warps=4, num_stages=2))
-    ref = fl.fp8_linear_ref(x.float(), wq, ws, None if b is None else b.float())
-    assert y.shape == (m, n) and y.dtype == dtype
-    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)  # one rounding of an fp32 sum
-
-
-def test_fp8_dot_tile_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AGENTSERVE_FP8_GEMV_DOT", "64,256,4,3")
-    tile = fp8_gemv_tiles._dot_tile_from_env()
-    assert tile == fl.GemvConfig("dot", 64, 256, num_warps=4, num_stages=3)
-    monkeypatch.setattr(fp8_gemv_tiles, "DOT_TILE", tile)
-    assert fl.fp8_gemv_config(4096, 4096, 132, 1, kernel="gemv_silu") == tile
-    monkeypatch.setenv("AGENTSERVE_FP8_GEMV_DOT", "64,256")
-    with pytest.raises(ValueError, match="AGENTSERVE_FP8_GEMV_DOT"):
-        fp8_gemv_tiles._dot_tile_from_env()
 
 
 def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:

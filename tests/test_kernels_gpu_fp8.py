@@ -56,20 +56,6 @@ def test_fp8_gemv_8b_shapes(k: int, n: int) -> None:
         torch.testing.assert_close(y.float(), ref, **TOL16)  # one bf16 rounding of an fp32 sum
 
 
-@pytest.mark.parametrize("k,n", SHAPES_8B, ids=[f"{k}x{n}" for k, n in SHAPES_8B])
-def test_fp8_gemv_on_the_tensor_cores_8b_shapes(k: int, n: int) -> None:
-    # the dot kernel (AGENTSERVE_FP8_GEMV_DOT) at the tiles benchmarks/fp8_gemv_dot.py sweeps
-    wq, ws = _weights(n, k, seed=n + 1)
-    for m, tile in ((1, (64, 256, 4, 3)), (2, (128, 128, 8, 3)), (4, (32, 512, 4, 3))):
-        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        bias = torch.randn(n, device=DEV, dtype=torch.bfloat16) if m == 2 else None
-        config = fl.GemvConfig("dot", tile[0], tile[1], num_warps=tile[2], num_stages=tile[3])
-        y = fl.fp8_gemv_triton(x, wq, ws, bias, config=config)
-        ref = fl.fp8_linear_ref(x.float(), wq, ws, None if bias is None else bias.float())
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        torch.testing.assert_close(y.float(), ref, **TOL16)
-
-
 def test_quantize_per_token_matches_reference() -> None:
     x = torch.randn(300, 4096, device=DEV, dtype=torch.bfloat16) * torch.rand(300, 1, device=DEV).mul(8).exp()
     xq, xs = fl.quantize_per_token_triton(x)

@@ -125,8 +125,6 @@ class Fp8LinearMethod(LinearMethodBase):
             return None
         config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device), x.numel() // x.shape[-1],
                                  kernel="gemv_silu", device_name=device_name_of(x.device))
-        if config.kind != "fma":  # the tensor-core tiles (AGENTSERVE_FP8_GEMV_DOT): the GEMV, then silu_and_mul
-            return None
         return gemv_silu_mul_triton(x, weight, config, layer.weight_scale, bias)
 
 
