@@ -110,14 +110,16 @@ def measure(num_layers: int, fp8: bool, pdl: bool) -> dict[str, float]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--weights", default="bf16,fp8", help="comma-separated: bf16, fp8")
+    ap.add_argument("--pdl", default="on,off", help="comma-separated: on, off")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 0
     result: dict[str, Any] = {"benchmark": "gemv_chain", "device": device_name(), "layers": args.layers, "runs": {}}
-    for fp8 in (False, True):
-        for pdl in (True, False):
+    for fp8 in [w == "fp8" for w in args.weights.split(",")]:
+        for pdl in [p == "on" for p in args.pdl.split(",")]:
             key = f"{'fp8' if fp8 else 'bf16'} pdl {'on' if pdl else 'off'}"
             r = measure(args.layers, fp8, pdl)
             result["runs"][key] = r

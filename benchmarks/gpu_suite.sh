@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|chain|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|chain|wfirst|rest|splitlong|s12a|s12b|s13|s13b|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -21,6 +21,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n "${TAIL:-40}"; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
+if [ "$MODE" = wfirst ]; then
+  # Seventeenth session (~2 min + start): the FP8 GEMVs' first weight chunk before the PDL wait, off and on: the
+  # FP8 chain (PDL on) and the FP8 8B one stream (prediction in NOTES.md).
+  for v in 0 1; do
+    AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT=$v TMO=60 TAIL=3 run "chain-fp8-wfirst$v" python3 benchmarks/gemv_chain.py \
+      --weights fp8 --pdl on --out "$OUT/chain_fp8_wfirst$v.json"
+  done
+  for v in 0 1; do
+    AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT=$v TMO=70 TAIL=4 run "latency-fp8-wfirst$v" python3 benchmarks/latency.py $DUMMY \
+      --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_wfirst$v.json"
+  done
+  ls -la "$OUT"; exit 0
+fi
 if [ "$MODE" = chain ]; then
   # Seventeenth session (~1.5 min + start): a layer's four GEMVs as one dependent chain in a graph against the
   # kernels alone, bf16 and FP8, PDL on and off (benchmarks/gemv_chain.py; prediction in NOTES.md).

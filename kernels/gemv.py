@@ -45,6 +45,9 @@ MAX_M: int = 16          # largest M the kernels handle ("dot" pads M to 16)
 AUTO_MAX_M: int = 1      # "auto" uses Triton up to this M (measured: see the module docstring)
 FMA_MAX_M: int = 2       # "fma" up to this M, "dot" above (revisit with the GPU benchmark)
 TARGET_PROGRAMS_PER_SM: int = 4
+# The FP8 fma GEMVs' first weight chunk loaded before the PDL wait (fma_row_sums' W_FIRST): off until the
+# H200 A/B (benchmarks/NOTES.md, seventeenth session). AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT=1 turns it on.
+FP8_WEIGHTS_BEFORE_WAIT: bool = os.environ.get("AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT", "0") == "1"
 
 
 def set_gemv_mode(mode: str) -> None:
@@ -118,15 +121,25 @@ def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr)
 
 @triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
     first weight tile before the wait measured 4.5% slower on the H200, and issuing each chunk's loads
-    before the previous chunk's math 7% slower: benchmarks/NOTES.md.)"""
-    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    before the previous chunk's math 7% slower: benchmarks/NOTES.md.)
+
+    W_FIRST loads the first weight chunk before the wait (weights are never written by a step), so the
+    program's first HBM read overlaps the previous kernel's tail; then the rest of the loop as usual,
+    same sums in the same order."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if W_FIRST:
+        w_first = _load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
+    pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
+    if W_FIRST:
+        acc += w_first.to(tl.float32) * _load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
         w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -137,7 +150,7 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
     sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
@@ -149,7 +162,7 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + m * stride_xm + offs_k
-    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL)
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves

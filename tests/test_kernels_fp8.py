@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import fp8_linear as fl  # noqa: E402
+from agentserve.kernels import gemv_silu  # noqa: E402
 from agentserve.kernels import kv_write as kvw  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
@@ -77,6 +78,25 @@ def test_fp8_gemv_matches_reference(m: int, n: int, k: int, bias: bool) -> None:
     tiles = fl.GemvConfig("fma", 8, 32, num_warps=1, num_stages=1)
     plain = fl.fp8_gemv_triton(x, wq, ws, b, config=tiles)
     torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [100, 256, 40])  # a ragged tail, even chunks, one partial chunk
+def test_fp8_weights_before_the_wait_give_the_same_values(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # W_FIRST (AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT): the first weight chunk loaded before the PDL wait, the same
+    # chunks summed in the same order: bitwise equal, plain GEMV and gate_up + SiLU.
+    _, wq, ws = _random_linear(34, k, seed=k)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    cfg = fl.GemvConfig("fma", 8, 64, num_warps=1, num_stages=1)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return fl.fp8_gemv_triton(x, wq, ws, config=cfg), gemv_silu.gemv_silu_mul_triton(x, wq, cfg, ws)
+
+    plain = run()
+    monkeypatch.setattr(fl, "FP8_WEIGHTS_BEFORE_WAIT", True)
+    monkeypatch.setattr(gemv_silu, "FP8_WEIGHTS_BEFORE_WAIT", True)
+    early = run()
+    assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
+    torch.testing.assert_close(early[0].float(), fl.fp8_linear_ref(x.float(), wq, ws), atol=2e-2, rtol=2e-2)
 
 
 def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:
