@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
-from graph_timer import time_us  # noqa: E402
+from graph_timer import graph_replay_us, time_us  # noqa: E402
 
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 COPY_BYTES_S = 4.26e12  # shared/gpu/README.md, the H200's measured device copy rate
@@ -82,21 +82,7 @@ def measure(num_layers: int, fp8: bool, pdl: bool) -> dict[str, float]:
         return x
 
     x0 = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    chain(x0)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain(x0)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 10
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    chain_us = start.elapsed_time(end) * 1e3 / reps / num_layers
+    chain_us = graph_replay_us(lambda: chain(x0)) / num_layers
     alone = {}
     for name, rows, cols in SHAPES:
         fn = silu if name == "gate_up" else linear

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +35,25 @@ def time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
+
+
+def graph_replay_us(fn: Callable[[], Any], reps: int = 10) -> float:
+    """Device microseconds per replay of a CUDA graph capturing one call of fn (warmed and compiled by an
+    eager call first): a whole chain of kernels as the engine's decode graphs run it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
 
 
 def parse_gpu_args(ap: argparse.ArgumentParser, argv: Optional[list[str]]) -> Optional[tuple[argparse.Namespace, list[int]]]:

@@ -26,6 +26,7 @@ from agentserve.kernels import lora
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import write_json  # noqa: E402
+from graph_timer import graph_replay_us  # noqa: E402
 
 MODULES = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096])]
 SMOKE_MODULES = [("qkv", 64, [64, 16, 16])]
@@ -42,22 +43,12 @@ def timed_layers(run_layer: Callable[[int], None], layers: int, smoke: bool) -> 
         for i in range(layers):
             run_layer(i)
         return (time.perf_counter() - t0) * 1e6 / layers
-    for i in range(layers):  # compiles and warms before capture
-        run_layer(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def all_layers() -> None:
         for i in range(layers):
             run_layer(i)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 20
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * layers)
+
+    return graph_replay_us(all_layers, reps=20) / layers
 
 
 def sweep_case(module: tuple[str, int, list[int]], tokens: int, adapters: int, layers: int, max_loras: int,
