@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|chain|wfirst|rest|splitlong|s12a|s12b|s13|s13b|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|wfirst|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -39,12 +39,6 @@ if [ "$MODE" = wfirst ]; then
     --draft-quantization fp8 --repeats 3 --batches 16 256 --out "$OUT/spec_wfirst.json"
   ls -la "$OUT"; exit 0
 fi
-if [ "$MODE" = chain ]; then
-  # Seventeenth session (~1.5 min + start): a layer's four GEMVs as one dependent chain in a graph against the
-  # kernels alone, bf16 and FP8, PDL on and off (benchmarks/gemv_chain.py; prediction in NOTES.md).
-  TMO=200 TAIL=8 run gemv-chain python3 benchmarks/gemv_chain.py --out "$OUT/gemv_chain.json"
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
     tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"
@@ -56,75 +50,6 @@ if [ "$MODE" = kernels ]; then
     AGENTSERVE_GEMV=$mode run "latency-gemv-$mode" python3 benchmarks/latency.py $DUMMY --repeats 2 \
       --out "$OUT/latency_gemv_$mode.json"
   done
-fi
-if [ "$MODE" = rest ]; then
-  # The eleventh session's last device minutes (~5 min): the GPU tests `next` could not reach in its limit,
-  # most telling first (the multi-token split's kernel test, split-long in the engine, bf16 against
-  # transformers on two archs, the kernel-variant warmup), with the multi-token split on.
-  AGENTSERVE_SPLIT_MAX_QUERY_LEN=8 TMO=250 run pytest-rest python3 -m pytest -m gpu -v -rf -p no:cacheprovider \
-    "tests/test_kernels_gpu_attention.py::test_split_kv_verification_rows" tests/test_gpu_split_long.py \
-    "tests/test_gpu_engine.py::test_bf16_matches_transformers[llama3]" "tests/test_gpu_engine.py::test_bf16_matches_transformers[qwen3]" \
-    tests/test_gpu_engine.py::test_unified_kernel_warmup_covers_the_variants_a_step_selects \
-    "tests/test_gpu_engine.py::test_triton_path_with_tiny_chunks_and_prefix_cache[qwen3]" --junitxml "$OUT/pytest_rest.xml"
-fi
-if [ "$MODE" = splitlong ]; then
-  # The split-long engine test after its stale precondition was fixed (split-long is on by default now).
-  TMO=150 run pytest-splitlong python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_gpu_split_long.py \
-    --junitxml "$OUT/pytest_splitlong.xml"
-fi
-if [ "$MODE" = s12a ]; then
-  # The twelfth session's GPU tests (~8 min): the new per-request-features module first (prompt logprobs,
-  # allowed ids, bad words, logit bias through graphs, async and speculation), then the engine-level tests
-  # that have not run on the current kernels, most telling first; -v -rf so that a cut run names its failures.
-  E=tests/test_gpu_engine.py; A=tests/test_async_scheduling.py; L=tests/test_lora_gpu.py
-  TMO=520 run pytest-s12a python3 -m pytest -m gpu -v -rf -p no:cacheprovider --durations=10 \
-    tests/test_gpu_request_features.py "$E::test_swap_round_trip_is_exact_and_asynchronous" \
-    "$E::test_triton_path_matches_torch_reference_bf16[qwen2]" "$E::test_bf16_matches_transformers[llama]" \
-    "$E::test_bf16_matches_transformers[mistral]" "$E::test_bf16_matches_transformers[qwen2]" \
-    tests/test_lora_spec.py "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "$L::test_base_only_decode_replays_the_base_graph" \
-    "$L::test_slot_reload_waits_for_the_step_reading_it" "$A::test_cuda_grammar_batches_overlap_and_match_sync[qwen2]" \
-    "$A::test_cuda_async_scheduling_matches_sync[bfloat16-llama3]" tests/test_engine_close.py \
-    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[llama]" "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[mistral]" \
-    --junitxml "$OUT/pytest_s12a.xml"
-fi
-if [ "$MODE" = s12b ]; then
-  # The twelfth session's last call (~8 min): the GPU tests s12a could not reach, engine-level first
-  # (tiny chunks, fp32 against transformers, LoRA against PEFT merged in fp32 and bf16, async fp32), then
-  # the kernel modules; -v -rf so that a cut run names what ran.
-  E=tests/test_gpu_engine.py; A=tests/test_async_scheduling.py
-  TMO=500 TAIL=250 run pytest-s12b python3 -m pytest -m gpu -v -rf -p no:cacheprovider \
-    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache" "$E::test_fp32_matches_transformers_on_gpu" \
-    tests/test_lora_gpu.py "$A::test_cuda_async_scheduling_matches_sync[float32-llama]" \
-    "$A::test_cuda_async_scheduling_matches_sync[float32-qwen3]" tests/test_gpu_swap_streams.py \
-    tests/test_gpu_prefill_sdpa.py tests/test_grammar_bitmask.py tests/test_kernels_pdl.py \
-    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_argmax.py \
-    tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
-    tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s12b.xml"
-fi
-if [ "$MODE" = s13 ]; then
-  # The thirteenth session's GPU tests (~8 min): the new config variants (biases on every projection, YaRN)
-  # on the fast path against transformers, then the kernel modules and async fp32 that last ran on the
-  # tenth session's kernels; -v -rf so that a cut run names what ran.
-  A=tests/test_async_scheduling.py
-  TMO=520 TAIL=250 run pytest-s13 python3 -m pytest -m gpu -v -rf -p no:cacheprovider tests/test_gpu_arch_variants.py \
-    "$A::test_cuda_async_scheduling_matches_sync[float32-llama]" "$A::test_cuda_async_scheduling_matches_sync[float32-qwen3]" \
-    tests/test_gpu_swap_streams.py tests/test_gpu_prefill_sdpa.py tests/test_grammar_bitmask.py tests/test_kernels_pdl.py \
-    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_argmax.py \
-    tests/test_kernels_gpu_elementwise.py tests/test_kernels_gpu_fp8.py tests/test_kernels_lora.py \
-    tests/test_kernels_lora_fused.py --junitxml "$OUT/pytest_s13.xml"
-fi
-if [ "$MODE" = s13b ]; then
-  # The thirteenth session's last call (~8 min): the GPU paths the type-gate edits touched (decode graphs,
-  # speculation's draft and verification graphs, LoRA graphs, FP8, the Triton path against transformers),
-  # then fastpath without the peer and the agent loop: TTFT on the fresh engine and after the throughput
-  # run, now on different prompts (the question s13's bench16 could not answer).
-  E=tests/test_gpu_engine.py; L=tests/test_lora_gpu.py
-  TMO=330 TAIL=60 run pytest-s13b python3 -m pytest -m gpu -v -rf -p no:cacheprovider -x \
-    "$E::test_fp32_matches_transformers_on_gpu[llama3]" "$E::test_fp32_matches_transformers_on_gpu[qwen3]" \
-    "$E::test_triton_path_with_tiny_chunks_and_prefix_cache[qwen2]" tests/test_gpu_spec.py \
-    "$L::test_cuda_graphs_with_lora_match_eager[llama3]" "tests/test_gpu_arch_variants.py::test_variant_matches_transformers_on_gpu[llama-biases-bfloat16]" \
-    --junitxml "$OUT/pytest_s13b.xml"
-  TMO=230 run fastpath-ttft python3 benchmarks/fastpath.py $DUMMY --out "$OUT/fastpath_ttft.json"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   # Only the modules that hold GPU tests: the others import CPU-test tools the GPU machine lacks.
