@@ -17,31 +17,21 @@ def time_us(fn: Any, arg_sets: list[tuple[Any, ...]], iters: int = 60, **kwargs:
     """Device microseconds per call of fn, from a CUDA graph of `iters` calls: an eager loop would time
     the Python launch path (~20-30 us, more than these kernels take). The calls cycle through
     `arg_sets`, copies of the weights that together exceed the L2 cache, so each call reads HBM."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and autotunes outside the capture
-        for a in arg_sets:
-            fn(*a, **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def calls() -> None:
         for i in range(iters):
             fn(*arg_sets[i % len(arg_sets)], **kwargs)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+
+    return graph_replay_us(calls, reps=1) / iters
 
 
 def graph_replay_us(fn: Callable[[], Any], reps: int = 10) -> float:
     """Device microseconds per replay of a CUDA graph capturing one call of fn (warmed and compiled by an
-    eager call first): a whole chain of kernels as the engine's decode graphs run it."""
-    fn()
-    torch.cuda.synchronize()
+    eager call on a side stream first): a whole chain of kernels as the engine's decode graphs run it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and autotunes outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
