@@ -57,8 +57,7 @@ def measure(rows: list[int]) -> list[dict[str, Any]]:
             best = min(sweep, key=sweep.__getitem__)
             tb = 2 * n * k / 1e6
             out.append({"m": m, "k": k, "n": n, "cublas_us": cublas, "cublaslt_us": cublaslt, "gemv_m1_us": one,
-                        "dot_us": default,
-                        "sweep_us": sweep, "best": best, "best_us": sweep[best]})
+                        "dot_us": default, "sweep_us": sweep, "best": best, "best_us": sweep[best]})
             print(f"  M={m} {k}x{n}: cuBLAS {cublas:.1f} us ({tb / cublas:.2f} TB/s), cuBLASLt {cublaslt:.1f}, one-row GEMV at M=1 {one:.1f}, "
                   f"dot {default:.1f} ({tb / default:.2f} TB/s), best {best} {sweep[best]:.1f} us "
                   f"({tb / sweep[best]:.2f} TB/s)", flush=True)

@@ -82,6 +82,5 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, W_FIRST=weight_scale is not None and FP8_WEIGHTS_BEFORE_WAIT,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl_launch(x2))
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)
