@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .fp8_gemv_tiles import device_name_of, fp8_gemv_config
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
-from .gemv import FP8_WEIGHTS_BEFORE_WAIT, GemvConfig, as_rows, fma_program_rows
+from .gemv import GemvConfig, as_rows, fma_program_rows, weights_before_wait
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -175,7 +175,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        W_FIRST=FP8_WEIGHTS_BEFORE_WAIT, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
+        W_FIRST=weights_before_wait(weight_q), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

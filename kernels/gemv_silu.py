@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, pdl_launch, tl, triton
-from .gemv import FP8_WEIGHTS_BEFORE_WAIT, GemvConfig, as_rows, fma_row_sums
+from .gemv import GemvConfig, as_rows, fma_row_sums, weights_before_wait
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
 
@@ -81,6 +81,6 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
         x2, weight, weight_scale if weight_scale is not None else x2,
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, W_FIRST=weight_scale is not None and FP8_WEIGHTS_BEFORE_WAIT,
+        EVEN_K=k % config.block_k == 0, W_FIRST=weights_before_wait(weight),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from agentserve.kernels import fp8_linear as fl  # noqa: E402
-from agentserve.kernels import gemv_silu  # noqa: E402
+from agentserve.kernels import gemv, gemv_silu  # noqa: E402
 from agentserve.kernels import kv_write as kvw  # noqa: E402
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 from agentserve.kernels import rope_kv_write as rkv  # noqa: E402
@@ -91,9 +91,9 @@ def test_fp8_weights_before_the_wait_give_the_same_values(k: int, monkeypatch: p
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         return fl.fp8_gemv_triton(x, wq, ws, config=cfg), gemv_silu.gemv_silu_mul_triton(x, wq, cfg, ws)
 
+    monkeypatch.setattr(gemv, "FP8_WEIGHTS_BEFORE_WAIT", False)
     plain = run()
-    monkeypatch.setattr(fl, "FP8_WEIGHTS_BEFORE_WAIT", True)
-    monkeypatch.setattr(gemv_silu, "FP8_WEIGHTS_BEFORE_WAIT", True)
+    monkeypatch.setattr(gemv, "FP8_WEIGHTS_BEFORE_WAIT", True)
     early = run()
     assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
     torch.testing.assert_close(early[0].float(), fl.fp8_linear_ref(x.float(), wq, ws), atol=2e-2, rtol=2e-2)
