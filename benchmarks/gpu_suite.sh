@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|wfirst16|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -21,23 +21,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; timeout "${TMO:-900}" "$@" 2>&1 | grep -v "it/s\]" | tail -n "${TAIL:-40}"; echo "--- $name took $((SECONDS - t0)) s"; }
 DUMMY="--model llama-3.1-8b --load-format dummy --dtype bfloat16"
-if [ "$MODE" = wfirst16 ]; then
-  # Eighteenth session (~3 min + start): the GEMV kernels' GPU tests with W_FIRST now on for FP8, then the 16-bit
-  # GEMVs' first weight chunk before the PDL wait per weight size: the bf16 chain with it off and on everywhere
-  # (per kernel), and the bf16 8B one stream with it off, on for weights <= 64 MB (qkv, o) and on everywhere.
-  TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_kernels_gpu_gemv.py \
-    tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_fp8_tiles.py \
-    tests/test_gpu_gemv_engine.py
-  for mb in 0 100000; do
-    AGENTSERVE_GEMV_WEIGHTS_BEFORE_WAIT_MAX_MB=$mb TMO=60 TAIL=3 run "chain-bf16-wfirst$mb" \
-      python3 benchmarks/gemv_chain.py --weights bf16 --pdl on --out "$OUT/chain_bf16_wfirst$mb.json"
-  done
-  for mb in 0 64 100000; do
-    AGENTSERVE_GEMV_WEIGHTS_BEFORE_WAIT_MAX_MB=$mb TMO=70 TAIL=4 run "latency-bf16-wfirst$mb" python3 \
-      benchmarks/latency.py $DUMMY --repeats 2 --out "$OUT/latency_bf16_wfirst$mb.json"
-  done
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = kernels ]; then
   run pytest-kernels-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu_*.py \
     tests/test_grammar_bitmask.py tests/test_gpu_gemv_engine.py --junitxml "$OUT/pytest_kernels_gpu.xml"

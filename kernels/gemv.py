@@ -45,21 +45,16 @@ MAX_M: int = 16          # largest M the kernels handle ("dot" pads M to 16)
 AUTO_MAX_M: int = 1      # "auto" uses Triton up to this M (measured: see the module docstring)
 FMA_MAX_M: int = 2       # "fma" up to this M, "dot" above (revisit with the GPU benchmark)
 TARGET_PROGRAMS_PER_SM: int = 4
-# fma_row_sums' W_FIRST (the first weight chunk loaded before the PDL wait) per weight. FP8 weights: on
-# (H200, eighteenth session: the FP8 8B layer's four GEMVs in a chain 63.1 -> 61.0 us, one stream 378.1 ->
-# 382.8 tok/s; AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT=0 turns it off). 16-bit weights: those of at most
-# WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT bytes (AGENTSERVE_GEMV_WEIGHTS_BEFORE_WAIT_MAX_MB; 0, i.e. none, until
-# the per-shape A/B: the third session measured it 4.5% slower over every 16-bit GEMV, benchmarks/NOTES.md).
+# fma_row_sums' W_FIRST (the first weight chunk loaded before the PDL wait) for FP8 weights: on (H200,
+# eighteenth session: the FP8 8B layer's four GEMVs in a chain 63.1 -> 61.0 us, one stream 378.1 -> 382.8
+# tok/s; AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT=0 turns it off). Never for 16-bit weights: measured slower twice
+# (third session, -4.5% one stream; eighteenth, per size: 244.7 tok/s off, 242.9 on qkv and o, 239.6 on all).
 FP8_WEIGHTS_BEFORE_WAIT: bool = os.environ.get("AGENTSERVE_FP8_WEIGHTS_BEFORE_WAIT", "1") == "1"
-WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT: int = int(float(os.environ.get("AGENTSERVE_GEMV_WEIGHTS_BEFORE_WAIT_MAX_MB", "0"))
-                                               * 2 ** 20)
 
 
 def weights_before_wait(weight: torch.Tensor) -> bool:
     """Whether an fma GEMV over `weight` loads its first weight chunk before the PDL wait (W_FIRST)."""
-    if weight.element_size() == 1:
-        return FP8_WEIGHTS_BEFORE_WAIT
-    return weight.numel() * weight.element_size() <= WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT
+    return weight.element_size() == 1 and FP8_WEIGHTS_BEFORE_WAIT
 
 
 def set_gemv_mode(mode: str) -> None:
@@ -183,11 +178,11 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent."""
     m, offs_n, rows, y = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                                          USE_PDL, W_FIRST)
+                                          USE_PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
@@ -258,8 +253,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _gemv_fma_kernel[(m * cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-            W_FIRST=weights_before_wait(weight), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **pdl_launch(x2))
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _gemv_dot_kernel[(cdiv(n, cfg.block_n),)](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0),

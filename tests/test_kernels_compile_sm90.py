@@ -50,9 +50,9 @@ SCRIPT = textwrap.dedent('''
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
     for even_k in (True, False):
         tiles = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": even_k, "USE_PDL": True}
+        build(gemv._gemv_fma_kernel, gemv_args, tiles)
         # with and without the first weight chunk before the PDL wait (gemv.weights_before_wait)
         for w_first in (False, True):
-            build(gemv._gemv_fma_kernel, {**gemv_args, "W_FIRST": "constexpr"}, {**tiles, "W_FIRST": w_first})
             build(fp8_linear._fp8_gemv_kernel,
                   {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"},
                   {**tiles, "W_FIRST": w_first})
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent('''
                    "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
                    "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr"},
                   {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": True})
+                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16"})
     build(greedy_verify._greedy_verify_kernel,
           {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
            "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",
@@ -86,4 +86,4 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 19
+    assert run.stdout.count("compiled") == 17

@@ -69,31 +69,6 @@ def test_ragged_k_strided_x_and_leading_dims(kind: str) -> None:
 
 
 @interpreted
-@pytest.mark.parametrize("k", [100, 256, 40])  # a ragged tail, even chunks, one partial chunk
-def test_weights_before_the_wait_per_size_give_the_same_values(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # W_FIRST for 16-bit weights up to WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT: the first weight chunk loaded
-    # before the PDL wait, the same chunks summed in the same order: bitwise equal, plain GEMV and gate_up + SiLU.
-    from agentserve.kernels import gemv_silu
-
-    x, w, b = _inputs(2, 34, k, torch.bfloat16, True, seed=k)
-    cfg = gemv.GemvConfig("fma", 8, 64, num_warps=1, num_stages=1)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        return gemv.gemv_triton(x, w, b, config=cfg), gemv_silu.gemv_silu_mul_triton(x, w, cfg, bias=b)
-
-    monkeypatch.setattr(gemv, "WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT", 0)
-    assert not gemv.weights_before_wait(w)
-    plain = run()
-    monkeypatch.setattr(gemv, "WEIGHTS_BEFORE_WAIT_MAX_BYTES_16BIT", w.numel() * w.element_size())
-    assert gemv.weights_before_wait(w)
-    early = run()
-    assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
-    torch.testing.assert_close(early[0].float(), _reference(x, w, b), **TOL[torch.bfloat16])
-    # the byte limit is per weight: a larger one stays after the wait
-    assert not gemv.weights_before_wait(torch.empty(35, k, dtype=torch.bfloat16))
-
-
-@interpreted
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_heuristic_config_runs(m: int) -> None:
     x, w, b = _inputs(m, 96, 256, torch.float16, False, seed=m + 10)
