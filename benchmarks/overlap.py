@@ -175,8 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.cuda.empty_cache()
     result: dict[str, Any] = {"benchmark": "overlap", "device": device_name(), "layers": args.layers,
                               "context": [lo, hi], "rows": rows_out}
-    if args.out:
-        write_json(args.out, result)
+    write_json(result, args.out, "overlap")
     return 0
 
 
