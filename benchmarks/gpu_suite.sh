@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -38,6 +38,19 @@ if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
   run kernels python3 benchmarks/kernel_suite.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
+fi
+if [ "$MODE" = order ]; then
+  # Eighteenth session (~6 min + start; not run: no machine was lent after its third call): decode rows longest
+  # first in the unified attention kernel. GPU tests, the kernel by row order and tile, then the 1,024-request
+  # throughput with the order off and on (prediction in NOTES.md).
+  TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_decode_row_order.py \
+    tests/test_kernels_gpu_attention.py
+  TMO=200 TAIL=4 run attention-order python3 benchmarks/attention_order.py --out "$OUT/attention_order.json"
+  for v in 0 1; do
+    AGENTSERVE_DECODE_ROW_ORDER=$v TMO=240 TAIL=6 run "throughput-order$v" python3 benchmarks/throughput.py $DUMMY \
+      --out "$OUT/throughput_order$v.json"
+  done
+  ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = bench16 ]; then
   # Issue #16's figures in one `agentserve bench` run (~8-9 min): one stream, TTFT 8k, throughput with
