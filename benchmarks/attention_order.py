@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
+from decode_rows_args import add_decode_rows_args, parse_decode_rows_args  # noqa: E402
 from graph_timer import time_us  # noqa: E402
 from kernel_bench import LLAMA_8B, make_batch  # noqa: E402
 
@@ -67,16 +68,13 @@ def measure(batch: int, lo: int, hi: int) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="256,512")
-    ap.add_argument("--context", default="64,767", help="rows' contexts, uniform in LO,HI")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    add_decode_rows_args(ap, batches="256,512", context="64,767")
+    parsed = parse_decode_rows_args(ap, argv)
+    if parsed is None:
         return 0
-    lo, hi = (int(v) for v in args.context.split(","))
+    args, batches, lo, hi = parsed
     rows = []
-    for batch in (int(v) for v in args.batches.split(",")):
+    for batch in batches:
         row = measure(batch, lo, hi)
         rows.append(row)
         cells = " ".join(f"{k} {v:.1f} ({row['kv_gb'] / v * 1e3:.2f})" if isinstance(v, float) else f"{k} {v}"

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
+from decode_rows_args import add_decode_rows_args, parse_decode_rows_args  # noqa: E402
 from graph_timer import graph_replay_us  # noqa: E402
 from kernel_bench import LLAMA_8B, make_batch  # noqa: E402
 
@@ -139,19 +140,16 @@ class Variants:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="256,512,1024")
-    ap.add_argument("--context", default="64,768", help="decode rows' contexts, uniform in LO,HI")
+    add_decode_rows_args(ap, batches="256,512,1024", context="64,768")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    parsed = parse_decode_rows_args(ap, argv)
+    if parsed is None:
         return 0
-    lo, hi = (int(v) for v in args.context.split(","))
+    args, batches, lo, hi = parsed
     weights = _weights(args.layers)
     gen = torch.Generator().manual_seed(0)
     rows_out = []
-    for batch in (int(v) for v in args.batches.split(",")):
+    for batch in batches:
         contexts = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
         half = batch // 2
         a = HalfBatch(half, contexts[:half], args.layers)
