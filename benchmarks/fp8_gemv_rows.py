@@ -30,10 +30,13 @@ from graph_timer import GEMV_WORKING_SET, parse_gpu_args, time_us  # noqa: E402
 
 # (rows per program, BLOCK_K, warps): 8 KB tiles from 4 to 128 rows at 4 and 8 warps, and some 4 KB and
 # 16 KB ones. (A prefetching K loop was swept too and lost at every shape: benchmarks/NOTES.md,
-# seventeenth session.)
+# seventeenth session.) Then one-warp tiles: with more than one warp, the fp8 kernels' K loop moves each x
+# chunk through shared memory between barriers (x's 16-byte loads hold 8 bf16, the weights' 16 fp8: a
+# layout conversion, seen in the sm_90 PTX; the bf16 GEMV's loop has none), and with one warp it does not
+# (eighteenth session, benchmarks/NOTES.md).
 TILES = [(4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (32, 256, 4),
          (32, 256, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (8, 512, 4), (16, 256, 4),
-         (16, 1024, 8), (32, 512, 8), (8, 2048, 8)]
+         (16, 1024, 8), (32, 512, 8), (8, 2048, 8), (2, 1024, 1), (4, 512, 1), (4, 1024, 1), (8, 512, 1)]
 # (hidden, intermediate, qkv rows) of the models the benchmarks run: the Llama-3.2-1B draft (32 + 2 x 8
 # heads of 64) and the Llama-3.1-8B target (32 + 2 x 8 heads of 128).
 MODELS = {"1b": (2048, 8192, 3072), "8b": (4096, 14336, 6144)}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|fp8warp|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -49,6 +49,23 @@ if [ "$MODE" = order ]; then
   for v in 0 1; do
     AGENTSERVE_DECODE_ROW_ORDER=$v TMO=240 TAIL=6 run "throughput-order$v" python3 benchmarks/throughput.py $DUMMY \
       --out "$OUT/throughput_order$v.json"
+  done
+  ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = fp8warp ]; then
+  # Eighteenth session (~5 min + start; not run: no machine was lent): the FP8 tile sweep with one-warp tiles
+  # (whose K loop has no shared-memory round trip for x), written as a table, then the FP8 chain and the FP8
+  # 8B one stream on the shipped table and on the new one (prediction in NOTES.md).
+  TMO=400 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b --rows 1,2 \
+    --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_warp.json"
+  for tiles in shipped warp; do
+    (
+      [ $tiles = warp ] && export AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_warp.json
+      TMO=60 TAIL=3 run "chain-fp8-$tiles" python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
+        --out "$OUT/chain_fp8_$tiles.json"
+      TMO=70 TAIL=4 run "latency-fp8-$tiles" python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
+        --out "$OUT/latency_fp8_$tiles.json"
+    )
   done
   ls -la "$OUT"; exit 0
 fi
