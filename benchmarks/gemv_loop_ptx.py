@@ -6,7 +6,8 @@ stride divisibility the runtime would specialise (so the loads vectorise as they
 Why (eighteenth session, benchmarks/NOTES.md): the FP8 GEMVs read ~3.5 TB/s where the bf16 ones read ~4.2.
 Their K loop moves each x chunk through shared memory between barriers: x's 16-byte loads hold 8 bf16
 while a thread's 16-byte weight load holds 16 fp8, so x is converted to the weights' layout every
-iteration; with one warp per program the conversion stays inside the warp.
+iteration; with one warp per program the conversion stays inside the warp, and the K loop over groups of 8
+weights (kernels/fp8_k_loop.py, "grouped K") has none at any warp count.
 
   python benchmarks/gemv_loop_ptx.py [--out x.json]   # the shipped 8B tiles, bf16 and FP8, and one-warp FP8 tiles
 """
@@ -36,11 +37,11 @@ DIVISIBLE = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "ws_ptr", "N", "I", "K", "strid
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
         "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
-FP8 = {**GEMV, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"}
+FP8 = {**GEMV, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
 SILU = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
         "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_SCALE": "constexpr",
         "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr",
-        "USE_PDL": "constexpr", "W_FIRST": "constexpr"}
+        "USE_PDL": "constexpr", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
 
 
 def loop_body(ptx):
@@ -73,16 +74,22 @@ for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
            {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, c.num_warps,
            c.block_n * c.block_k / (32 * c.num_warps))
     c = fp8_linear.fp8_gemv_config(n, k, 132, 1, device_name="NVIDIA H200")
-    report(f"fp8 gemv {n}x{k} {c.block_n}x{c.block_k}/{c.num_warps}w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "W_FIRST": True}, c.num_warps,
-           c.block_n * c.block_k / (32 * c.num_warps))
+    for grouped in (False, True):
+        report(f"fp8 gemv {n}x{k} {c.block_n}x{c.block_k}/{c.num_warps}w" + (" grouped K" if grouped else ""),
+               fp8_linear._fp8_gemv_kernel, FP8, {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n,
+                                                  "BLOCK_K": c.block_k, "W_FIRST": True, "GROUPED_K": grouped},
+               c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
 c = fp8_linear.fp8_gemv_config(28672, 4096, 132, 1, kernel="gemv_silu", device_name="NVIDIA H200")
-report(f"fp8 gemv_silu 28672x4096 {c.block_n}x{c.block_k}/{c.num_warps}w", gemv_silu._gemv_silu_mul_kernel, SILU,
-       {**fixed, "HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": c.block_n // 2, "BLOCK_K": c.block_k,
-        "W_FIRST": True}, c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
+for grouped in (False, True):
+    report(f"fp8 gemv_silu 28672x4096 {c.block_n}x{c.block_k}/{c.num_warps}w" + (" grouped K" if grouped else ""),
+           gemv_silu._gemv_silu_mul_kernel, SILU, {**fixed, "HAS_SCALE": True, "HAS_BIAS": False,
+                                                   "BLOCK_I": c.block_n // 2, "BLOCK_K": c.block_k, "W_FIRST": True,
+                                                   "GROUPED_K": grouped},
+           c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
 for rows, block_k in ((2, 1024), (4, 512), (4, 1024), (8, 512)):
     report(f"fp8 gemv one-warp {rows}x{block_k}/1w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True}, 1, rows * block_k / 32)
+           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True, "GROUPED_K": False}, 1,
+           rows * block_k / 32)
 '''
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|fp8warp|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|fp8k|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -52,21 +52,26 @@ if [ "$MODE" = order ]; then
   done
   ls -la "$OUT"; exit 0
 fi
-if [ "$MODE" = fp8warp ]; then
-  # Eighteenth session (~5 min + start; not run: no machine was lent): the FP8 tile sweep with one-warp tiles
-  # (whose K loop has no shared-memory round trip for x), written as a table, then the FP8 chain and the FP8
-  # 8B one stream on the shipped table and on the new one (prediction in NOTES.md).
-  TMO=400 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b --rows 1,2 \
-    --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_warp.json"
-  for tiles in shipped warp; do
-    (
-      [ $tiles = warp ] && export AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_warp.json
-      TMO=60 TAIL=3 run "chain-fp8-$tiles" python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
-        --out "$OUT/chain_fp8_$tiles.json"
-      TMO=70 TAIL=4 run "latency-fp8-$tiles" python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-        --out "$OUT/latency_fp8_$tiles.json"
-    )
+if [ "$MODE" = fp8k ]; then
+  # Eighteenth session (~9 min + start; not run: no machine was lent): the FP8 GEMVs' K loop without x's layout
+  # conversion (kernels/fp8_k_loop.py, AGENTSERVE_FP8_GEMV_GROUPED_K) and one-warp tiles. GPU tests with it on;
+  # the FP8 chain and 8B one stream with it off and on (shipped tiles); then the tile sweep with it on, written
+  # as a table, and the chain and one stream on that table (prediction in NOTES.md).
+  AGENTSERVE_FP8_GEMV_GROUPED_K=1 TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu \
+    tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8_tiles.py
+  for g in 0 1; do
+    AGENTSERVE_FP8_GEMV_GROUPED_K=$g TMO=60 TAIL=3 run "chain-fp8-grouped$g" python3 benchmarks/gemv_chain.py \
+      --weights fp8 --pdl on --out "$OUT/chain_fp8_grouped$g.json"
+    AGENTSERVE_FP8_GEMV_GROUPED_K=$g TMO=70 TAIL=4 run "latency-fp8-grouped$g" python3 benchmarks/latency.py $DUMMY \
+      --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_grouped$g.json"
   done
+  AGENTSERVE_FP8_GEMV_GROUPED_K=1 TMO=300 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b \
+    --rows 1,2 --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_grouped.json"
+  export AGENTSERVE_FP8_GEMV_GROUPED_K=1 AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_grouped.json
+  TMO=60 TAIL=3 run chain-fp8-grouped-table python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
+    --out "$OUT/chain_fp8_grouped_table.json"
+  TMO=70 TAIL=4 run latency-fp8-grouped-table python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
+    --out "$OUT/latency_fp8_grouped_table.json"
   ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = bench16 ]; then

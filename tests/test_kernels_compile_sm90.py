@@ -45,6 +45,10 @@ SCRIPT = textwrap.dedent('''
               {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "TOKENS": kv_gather.BLOCK_T, "IS_FP8": fp8})
     # The fma GEMVs share their K loop with the fused gate_up + silu (gemv.fma_row_sums).
     # Each over an even and a ragged K.
+    silu_args = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                 "M": "i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
+                 "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
+                 "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr"}
     gemv_args = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                  "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
@@ -54,16 +58,19 @@ SCRIPT = textwrap.dedent('''
         # with and without the first weight chunk before the PDL wait (gemv.weights_before_wait)
         for w_first in (False, True):
             build(fp8_linear._fp8_gemv_kernel,
-                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"},
-                  {**tiles, "W_FIRST": w_first})
+                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"},
+                  {**tiles, "W_FIRST": w_first, "GROUPED_K": False})
+        # the K loop over groups of 8 weights (kernels/fp8_k_loop.py), plain and gate_up + SiLU
+        build(fp8_linear._fp8_gemv_kernel,
+              {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"},
+              {**tiles, "W_FIRST": True, "GROUPED_K": True})
+        build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "GROUPED_K": "constexpr"},
+              {"HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": 2, "BLOCK_K": 1024, "EVEN_K": even_k, "USE_PDL": True,
+               "W_FIRST": True, "GROUPED_K": True})
         for weight in ("bf16", "fp8e4nv"):
-            build(gemv_silu._gemv_silu_mul_kernel,
-                  {"x_ptr": "*bf16", "w_ptr": "*" + weight, "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                   "M": "i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
-                   "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-                   "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr"},
+            build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "w_ptr": "*" + weight, "GROUPED_K": "constexpr"},
                   {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16"})
+                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16", "GROUPED_K": False})
     build(greedy_verify._greedy_verify_kernel,
           {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
            "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",
@@ -98,4 +105,46 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 19
+    assert run.stdout.count("compiled") == 23
+
+
+LOOP_SCRIPT = textwrap.dedent(r'''
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from agentserve.kernels import fp8_linear, gemv
+
+    ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
+    FP8 = {**ARGS, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
+
+    def loop_barriers(kernel, signature, constexprs, warps):
+        # the runtime's divisibility specialisation, so the loads vectorise as on the device
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+                 for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "ws_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym")
+                 if n in signature}
+        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        lines = ptx.splitlines()
+        labels = {m.group(1): i for i, l in enumerate(lines) for m in [re.match(r"^(\$L__BB\d+_\d+):", l.strip())] if m}
+        loops = [lines[labels[m.group(1)]:i] for i, l in enumerate(lines)
+                 for m in [re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", l)] if m and labels.get(m.group(1), i) < i]
+        assert loops, "no K loop found"
+        return sum("bar.sync" in l for l in max(loops, key=len))
+
+    tile = {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
+    print("bf16", loop_barriers(gemv._gemv_fma_kernel, ARGS, {**tile, "BLOCK_N": 4}, 4))
+    print("fp8-grouped", loop_barriers(fp8_linear._fp8_gemv_kernel, FP8, {**tile, "W_FIRST": True, "GROUPED_K": True}, 4))
+''')
+
+
+def test_gemv_k_loops_have_no_barrier() -> None:
+    """The bf16 GEMV's K loop and the FP8 one over groups of 8 weights (kernels/fp8_k_loop.py) compile to loops
+    without a barrier: a layout conversion of x inside the loop (what the plain FP8 loop has with more than
+    one warp, benchmarks/gemv_loop_ptx.py) would put one there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["bf16", "0", "fp8-grouped", "0"], run.stdout
