@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from ._triton_utils import pdl_begin, tl, triton
+from .k_chunk import load_k_chunk
 
 FP8_GROUPED_K: bool = os.environ.get("AGENTSERVE_FP8_GEMV_GROUPED_K", "0") == "1"
 
@@ -27,17 +28,6 @@ def grouped_k(block_k: int, num_warps: int) -> bool:
     groups per K chunk as threads (block_k >= 256 x warps), else threads share a group's columns, x is
     replicated across them and converted again (the PTX: benchmarks/gemv_loop_ptx.py)."""
     return FP8_GROUPED_K and block_k % 8 == 0 and block_k >= 256 * num_warps
-
-
-@triton.jit
-def _load_grouped_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
-    """The K chunk at k0 of a [rows, BLOCK_K / 8, 8] tile (TILE) or of x's [BLOCK_K / 8, 8], zero past K."""
-    if EVEN_K:
-        chunk = tl.load(ptrs)
-    else:
-        k_mask = offs_k + k0 < K
-        chunk = tl.load(ptrs, mask=tl.expand_dims(k_mask, 0) if TILE else k_mask, other=0.0)
-    return chunk
 
 
 @triton.jit
@@ -51,16 +41,16 @@ def fma_row_sums_grouped(w_rows, x_row, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
     x_ptrs = x_row + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K // 8, 8], dtype=tl.float32)
     if W_FIRST:
-        w_first = _load_grouped_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
+        w_first = load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if W_FIRST:
-        x = _load_grouped_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False)
+        x = load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False)
         acc += w_first.to(tl.float32) * tl.expand_dims(x.to(tl.float32), 0)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
-        w = _load_grouped_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        x = _load_grouped_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
+        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
         acc += w.to(tl.float32) * tl.expand_dims(x.to(tl.float32), 0)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_k_loop import fma_row_sums_grouped
+from .k_chunk import load_k_chunk
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -117,17 +118,6 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 @triton.jit
-def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
-    """The K chunk at k0 of a [rows, BLOCK_K] tile (TILE) or a [BLOCK_K] vector, zero past K unless EVEN_K."""
-    if EVEN_K:
-        chunk = tl.load(ptrs)
-    else:
-        k_mask = offs_k + k0 < K
-        chunk = tl.load(ptrs, mask=k_mask[None, :] if TILE else k_mask, other=0.0)
-    return chunk
-
-
-@triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
@@ -141,15 +131,15 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
     same sums in the same order. Which weights take it: weights_before_wait."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if W_FIRST:
-        w_first = _load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
+        w_first = load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if W_FIRST:
-        acc += w_first.to(tl.float32) * _load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32)[None, :]
+        acc += w_first.to(tl.float32) * load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
-        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
+        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -215,8 +205,8 @@ def _gemv_dot_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
-        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
+        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
