@@ -57,6 +57,8 @@ if [ "$MODE" = fp8k ]; then
   # conversion (kernels/fp8_k_loop.py, AGENTSERVE_FP8_GEMV_GROUPED_K) and one-warp tiles. GPU tests with it on;
   # the FP8 chain and 8B one stream with it off and on (shipped tiles); then the tile sweep with it on, written
   # as a table, and the chain and one stream on that table (prediction in NOTES.md).
+  # the K loops' PTX under this machine's Triton (the finding was made with a newer one on the CPU machine)
+  TMO=120 TAIL=20 run gemv-loop-ptx python3 benchmarks/gemv_loop_ptx.py --out "$OUT/gemv_loop_ptx.json"
   AGENTSERVE_FP8_GEMV_GROUPED_K=1 TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu \
     tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8_tiles.py
   for g in 0 1; do
