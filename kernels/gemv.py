@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from .fp8_k_loop import fma_row_sums_grouped
+from .fp8_k_loop import grouped_k_ptrs
 from .k_chunk import load_k_chunk
 
 _MODES = ("torch", "triton", "auto")
@@ -119,31 +119,40 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 @triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
+                 USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False, GROUPED: tl.constexpr = False):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
     first weight tile before the wait measured 4.5% slower on the H200, and issuing each chunk's loads
     before the previous chunk's math 7% slower: benchmarks/NOTES.md.)
 
-    W_FIRST loads the first weight chunk before the wait (weights are never written by a step), so the
-    program's first HBM read overlaps the previous kernel's tail; then the rest of the loop as usual,
-    same sums in the same order. Which weights take it: weights_before_wait."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    The tile is [BLOCK_N, BLOCK_K] over x's [BLOCK_K], or with GROUPED [BLOCK_N, BLOCK_K / 8, 8] over
+    [BLOCK_K / 8, 8] (kernels/fp8_k_loop.py: grouped_k_ptrs). W_FIRST loads the first weight chunk before
+    the wait (weights are never written by a step), so the program's first HBM read overlaps the previous
+    kernel's tail; then the rest of the loop as usual, same sums in the same order. Which weights take it:
+    weights_before_wait."""
+    if GROUPED:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 8, 8], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if W_FIRST:
         w_first = load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if W_FIRST:
-        acc += w_first.to(tl.float32) * load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32)[None, :]
+        acc += w_first.to(tl.float32) * tl.expand_dims(load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32), 0)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
         w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * tl.expand_dims(x.to(tl.float32), 0)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    return tl.sum(acc, 1)
+    if GROUPED:
+        sums = tl.sum(tl.sum(acc, 2), 1)
+    else:
+        sums = tl.sum(acc, 1)
+    return sums
 
 
 @triton.jit
@@ -160,14 +169,13 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     if GROUPED_K:
-        sums = fma_row_sums_grouped(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, K, BLOCK_N, BLOCK_K, EVEN_K,
-                                    USE_PDL, W_FIRST)
+        w_ptrs, x_ptrs, offs_k = grouped_k_ptrs(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, BLOCK_K)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
         x_ptrs = x_ptr + m * stride_xm + offs_k
-        sums = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST)
-    return m, offs_n, rows, sums
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST,
+                                         GROUPED_K)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves

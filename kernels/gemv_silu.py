@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, pdl_launch, tl, triton
-from .fp8_k_loop import fma_row_sums_grouped, grouped_k
+from .fp8_k_loop import grouped_k, grouped_k_ptrs
 from .gemv import GemvConfig, as_rows, fma_row_sums, weights_before_wait
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
@@ -47,13 +47,12 @@ def _gemv_silu_mul_kernel(
     col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
     rows = (col + (r % 2) * I).to(tl.int64)
     if GROUPED_K:  # 8-bit weights in groups of 8 (kernels/fp8_k_loop.py)
-        sums = fma_row_sums_grouped(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, K, 2 * BLOCK_I, BLOCK_K,
-                                    EVEN_K, USE_PDL, W_FIRST)
+        w_ptrs, x_ptrs, offs_k = grouped_k_ptrs(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, BLOCK_K)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-        sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K,
-                            USE_PDL, W_FIRST)
+        x_ptrs = x_ptr + m * stride_xm + offs_k
+    sums = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL, W_FIRST, GROUPED_K)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:

@@ -1,4 +1,4 @@
-"""The GEMVs' K-chunk load (kernels/gemv.py's fma and dot loops, kernels/fp8_k_loop.py's grouped one)."""
+"""The GEMVs' K-chunk load (kernels/gemv.py's fma loop, plain and grouped, and its dot loop)."""
 
 from __future__ import annotations
 
