@@ -42,12 +42,16 @@ DECODE_ROW_ORDER: bool = os.environ.get("AGENTSERVE_DECODE_ROW_ORDER", "0") == "
 DECODE_ROW_ORDER_MIN_ROWS = 64
 
 
+def orders_decode_rows(rows: int) -> bool:
+    """Whether decode steps of `rows` rows take their rows longest context first (on CUDA)."""
+    return DECODE_ROW_ORDER and rows >= DECODE_ROW_ORDER_MIN_ROWS
+
+
 def with_decode_row_order(meta: ForwardMetadata) -> ForwardMetadata:
     """The step's metadata with its decode rows ordered longest context first, where that applies: one
     argsort per forward (inside the decode graphs, from their seq_lens buffer), read by every layer."""
-    rows = meta.seq_lens.shape[0]
-    if (not DECODE_ROW_ORDER or meta.max_query_len != 1 or rows < DECODE_ROW_ORDER_MIN_ROWS
-            or not meta.seq_lens.is_cuda or meta.decode_row_order is not None):
+    if (meta.max_query_len != 1 or not orders_decode_rows(meta.seq_lens.shape[0]) or not meta.seq_lens.is_cuda
+            or meta.decode_row_order is not None):
         return meta
     order = torch.argsort(meta.seq_lens, descending=True).to(torch.int32)
     return dataclasses.replace(meta, decode_row_order=order)
