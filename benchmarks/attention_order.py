@@ -26,30 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
 from decode_rows_args import add_decode_rows_args, parse_decode_rows_args  # noqa: E402
-from graph_timer import time_us  # noqa: E402
-from kernel_bench import LLAMA_8B, make_batch  # noqa: E402
+from attention_mixed import paged_arg_sets, time_tile_us  # noqa: E402
+from kernel_bench import LLAMA_8B  # noqa: E402
 
 from agentserve.kernels import paged_attention as pa  # noqa: E402
 
-SETS = 4  # separate caches per graph (together larger than the L2)
 # (block_n, num_stages, num_warps): the engine's decode tile first
 TILES = [(128, 2, 4), (128, 2, 8), (128, 1, 4), (64, 2, 4), (64, 3, 4)]
 
 
 def _orders(contexts: list[int]) -> dict[str, list[int]]:
     return {"drawn": contexts, "longest_first": sorted(contexts, reverse=True), "shortest_first": sorted(contexts)}
-
-
-def _time(contexts: list[int], **kw: Any) -> Any:
-    sets = []
-    for _ in range(SETS):
-        b = make_batch(LLAMA_8B, [1] * len(contexts), [c - 1 for c in contexts], "cuda")
-        sets.append((*b.args(), LLAMA_8B.head_dim ** -0.5, 1, b.max_seq_len))
-    fn = kw.pop("fn")
-    try:
-        return time_us(fn, sets, iters=4 * SETS, **kw)
-    except Exception as e:  # a tile that does not fit shared memory
-        return type(e).__name__
 
 
 def measure(batch: int, lo: int, hi: int) -> dict[str, Any]:
@@ -59,10 +46,12 @@ def measure(batch: int, lo: int, hi: int) -> dict[str, Any]:
     kv_bytes = sum(contexts) * LLAMA_8B.num_kv_heads * LLAMA_8B.head_dim * 2 * 2
     row: dict[str, Any] = {"batch": batch, "mean_context": sum(contexts) / batch, "kv_gb": kv_bytes / 1e9, "us": {}}
     for order, ctx in _orders(contexts).items():
+        sets = paged_arg_sets(LLAMA_8B, [1] * len(ctx), [c - 1 for c in ctx])  # one batch per order, every tile
         for block_n, stages, warps in TILES:
             cfg = pa.AttnConfig(max(16, group), block_n, warps, stages)
-            row["us"][f"{order} {block_n}x{stages}w{warps}"] = _time(ctx, fn=pa.paged_attention_triton, config=cfg)
-        row["us"][f"{order} split2"] = _time(ctx, fn=pa.paged_attention_decode_split_triton, num_splits=2)
+            row["us"][f"{order} {block_n}x{stages}w{warps}"] = time_tile_us(pa.paged_attention_triton, sets, config=cfg)
+        row["us"][f"{order} split2"] = time_tile_us(pa.paged_attention_decode_split_triton, sets, num_splits=2)
+        del sets
     return row
 
 

@@ -33,6 +33,8 @@ from decode_rows_args import add_decode_rows_args, parse_decode_rows_args  # noq
 from graph_timer import graph_replay_us  # noqa: E402
 from kernel_bench import LLAMA_8B, make_batch  # noqa: E402
 
+from agentserve.kernels import paged_attention as pa  # noqa: E402
+
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 
 
@@ -69,7 +71,6 @@ class HalfBatch(Rows):
         self.kv = [make_batch(LLAMA_8B, [1] * rows, [c - 1 for c in contexts], "cuda") for _ in range(num_layers)]
 
     def attention(self, layer: int) -> None:
-        from agentserve.kernels import paged_attention as pa
         b = self.kv[layer]
         pa.paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens,
                            LLAMA_8B.head_dim ** -0.5, 1, b.max_seq_len)
