@@ -25,42 +25,16 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
 
+TESTS = str(Path(__file__).resolve().parent.parent / "tests")  # the compile and loop helpers: tests/helpers/sm90_ptx.py
+
 SCRIPT = r'''
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 from agentserve.kernels import fp8_linear, gemv, gemv_silu
-
-SM90 = GPUTarget("cuda", 90, 32)
-DIVISIBLE = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "ws_ptr", "N", "I", "K", "stride_xm", "stride_wn", "stride_ym")
-GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-        "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
-FP8 = {**GEMV, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
-SILU = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
-        "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_SCALE": "constexpr",
-        "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr",
-        "USE_PDL": "constexpr", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
-
-
-def loop_body(ptx):
-    """The longest backward-branch body: the K loop."""
-    lines = ptx.splitlines()
-    labels = {m.group(1): i for i, l in enumerate(lines) for m in [re.match(r"^(\$L__BB\d+_\d+):", l.strip())] if m}
-    best = []
-    for i, l in enumerate(lines):
-        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", l)
-        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > len(best):
-            best = lines[labels[m.group(1)]:i + 1]
-    return [l.strip() for l in best if l.strip() and not l.strip().startswith(("$", "//", "{", "}", "."))]
+from helpers.sm90_ptx import FP8_GEMV as FP8, FP8_SILU as SILU, GEMV, compile_ptx, k_loop
 
 
 def report(name, kernel, signature, constexprs, warps, elems):
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in signature}
-    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=SM90,
-                         options={"num_warps": warps, "num_stages": 1}).asm["ptx"]
-    body = loop_body(ptx)
+    body = k_loop(compile_ptx(kernel, signature, constexprs, warps))
     text = "\n".join(body)
     print(json.dumps({"case": name, "instr_per_weight": round(len(body) / elems, 2),
                       "global_loads": text.count("ld.global"), "barriers": text.count("bar.sync"),
@@ -98,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, *filter(None, [env.get("PYTHONPATH")])])  # tests/helpers
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         print(run.stderr[-3000:])

@@ -109,34 +109,16 @@ def test_new_kernels_compile_for_sm90() -> None:
 
 
 LOOP_SCRIPT = textwrap.dedent(r'''
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from agentserve.kernels import fp8_linear, gemv
-
-    ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
-            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
-    FP8 = {**ARGS, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"}
+    from helpers.sm90_ptx import FP8_GEMV, GEMV, compile_ptx, k_loop
 
     def loop_barriers(kernel, signature, constexprs, warps):
-        # the runtime's divisibility specialisation, so the loads vectorise as on the device
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-                 for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "ws_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym")
-                 if n in signature}
-        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-        lines = ptx.splitlines()
-        labels = {m.group(1): i for i, l in enumerate(lines) for m in [re.match(r"^(\$L__BB\d+_\d+):", l.strip())] if m}
-        loops = [lines[labels[m.group(1)]:i] for i, l in enumerate(lines)
-                 for m in [re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", l)] if m and labels.get(m.group(1), i) < i]
-        assert loops, "no K loop found"
-        return sum("bar.sync" in l for l in max(loops, key=len))
+        return sum("bar.sync" in line for line in k_loop(compile_ptx(kernel, signature, constexprs, warps)))
 
     tile = {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
-    print("bf16", loop_barriers(gemv._gemv_fma_kernel, ARGS, {**tile, "BLOCK_N": 4}, 4))
-    print("fp8-grouped", loop_barriers(fp8_linear._fp8_gemv_kernel, FP8, {**tile, "W_FIRST": True, "GROUPED_K": True}, 4))
+    print("bf16", loop_barriers(gemv._gemv_fma_kernel, GEMV, {**tile, "BLOCK_N": 4}, 4))
+    print("fp8-grouped", loop_barriers(fp8_linear._fp8_gemv_kernel, FP8_GEMV,
+                                       {**tile, "W_FIRST": True, "GROUPED_K": True}, 4))
 ''')
 
 
@@ -145,6 +127,8 @@ def test_gemv_k_loops_have_no_barrier() -> None:
     without a barrier: a layout conversion of x inside the loop (what the plain FP8 loop has with more than
     one warp, benchmarks/gemv_loop_ptx.py) would put one there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),  # tests/helpers/sm90_ptx.py
+                                         *filter(None, [env.get("PYTHONPATH")])])
     run = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["bf16", "0", "fp8-grouped", "0"], run.stdout
