@@ -114,6 +114,7 @@ def test_fp8_grouped_k_loop_matches_the_reference(k: int, monkeypatch: pytest.Mo
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         return fl.fp8_gemv_triton(x, wq, ws, b, config=cfg), gemv_silu.gemv_silu_mul_triton(x, wq, cfg, ws)
 
+    monkeypatch.setattr(fp8_k_loop, "FP8_GROUPED_K", False)  # whatever AGENTSERVE_FP8_GEMV_GROUPED_K says
     plain = run()
     monkeypatch.setattr(fp8_k_loop, "FP8_GROUPED_K", True)
     assert fp8_k_loop.grouped_k(cfg.block_k, 1) and not fp8_k_loop.grouped_k(60, 1)
