@@ -82,9 +82,12 @@ class CacheConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
+    # Unset, both follow the device (engine/batch_defaults.py): 8192 and 1024 on GPUs of >= 70 GiB but A100s.
     max_num_batched_tokens: int = Field(default=2048, gt=0, description="Token budget of one engine step "
-                                        "(prefill chunks plus decodes).")
-    max_num_seqs: int = Field(default=256, gt=0, description="Most requests running at once.")
+                                        "(prefill chunks plus decodes). Default: 8192 on GPUs of >= 70 GiB other "
+                                        "than the A100, else 2048.")
+    max_num_seqs: int = Field(default=256, gt=0, description="Most requests running at once. Default: 1024 on GPUs "
+                              "of >= 70 GiB other than the A100, else 256.")
     policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="Admission order: 'fcfs', or 'priority' (lower priority values first).")
     max_waiting: int = Field(default=4096, gt=0, description="Queue bound; past it requests are refused.")

@@ -53,7 +53,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dummy_model_args(ap)
     add_workload_args(ap)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: the engine's for this device (engine/batch_defaults.py: 1,024 on an H200, else 256)")
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)
     ap.add_argument("--ttft-prompt-len", type=int, default=8192)
@@ -126,7 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=max(args.ttft_prompt_len, args.max_prompt + args.output_len,
                                 args.stream_prompt_len + args.stream_new_tokens) + 16,
-              max_num_batched_tokens=max(args.ttft_prompt_len, 2048), max_num_seqs=args.max_num_seqs)
+              max_num_batched_tokens=max(args.ttft_prompt_len, 2048),
+              **({} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}))
     engine = llm.engine
     # Measured after the engine is built (its KV pool is sized already) and before any figure.
     ceilings = device_ceilings(engine.device, engine.dtype, smoke=args.smoke, source=args.ceilings)
@@ -154,6 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     result: dict[str, Any] = {
         "benchmark": "fastpath", "model": args.model, "device": device_name(), "ceilings": ceilings.as_dict(),
+        "max_num_seqs": engine.config.scheduler.max_num_seqs,
         "model_work": {**work.as_dict(), "decode_weight_bytes": work.decode_weight_bytes},
         "single_stream": stream, "single_stream_limit_tok_s": stream_limit,
         "ttft": first, "ttft_fresh_engine": ttft_fresh, "ttft_limit_ms": ttft_limit_ms, "throughput": ours, "throughput_limit_tok_s": tput_limit,
@@ -190,7 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              f">= {TARGET_TTFT:.2f} = <= {num(ttft_limit_ms / TARGET_TTFT)} ms", met("ttft")),
             ("  the same on the fresh engine, before the throughput run", f"{ttft_fresh['ttft_ms']:.1f}", "",
              f"{ttft_limit_ms / ttft_fresh['ttft_ms']:.2f}", "", ""),
-            (f"throughput ({args.num_requests} req), output tok/s", f"{ours['output_tok_s']:.0f}",
+            (f"throughput ({args.num_requests} req, max_num_seqs {result['max_num_seqs']}), output tok/s",
+             f"{ours['output_tok_s']:.0f}",
              num(tput_limit), f"{ratios['throughput']:.2f}",
              f">= {TARGET_THROUGHPUT:.2f} = {num(TARGET_THROUGHPUT * tput_limit)} tok/s", met("throughput")),
             ("  the same, limit with the decode KV reads", "", num(tput_kv_limit),

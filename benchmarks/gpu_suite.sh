@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|fp8k|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|seqs|fp8k|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -48,8 +48,19 @@ if [ "$MODE" = order ]; then
   TMO=200 TAIL=4 run attention-order python3 benchmarks/attention_order.py --out "$OUT/attention_order.json"
   for v in 0 1; do
     AGENTSERVE_DECODE_ROW_ORDER=$v TMO=240 TAIL=6 run "throughput-order$v" python3 benchmarks/throughput.py $DUMMY \
-      --out "$OUT/throughput_order$v.json"
+      --max-num-seqs 256 --out "$OUT/throughput_order$v.json"
   done
+  ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = seqs ]; then
+  # Nineteenth session (~5 min + start; not run: no machine was lent): max_num_seqs / max_num_batched_tokens
+  # follow the device as in vLLM V1 (1,024 / 8,192 on this GPU; engine/batch_defaults.py), decode steps above
+  # 512 rows run eagerly. GPU tests, then the 1,024-request throughput at 512 and at the default (the order
+  # mode's 256 run is the baseline; prediction in NOTES.md).
+  TMO=240 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_gpu_batch_defaults.py
+  TMO=200 TAIL=6 run throughput-seqs512 python3 benchmarks/throughput.py $DUMMY --max-num-seqs 512 \
+    --out "$OUT/throughput_seqs512.json"
+  TMO=200 TAIL=6 run throughput-seqs-default python3 benchmarks/throughput.py $DUMMY --out "$OUT/throughput_default.json"
   ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = fp8k ]; then

@@ -153,7 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default=None)
     add_workload_args(ap)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: the engine's for this device (engine/batch_defaults.py: 1,024 on an H200, else 256)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="weights (as --quantization of serve)")
@@ -169,8 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from agentserve.testing import tiny_model_cached
 
         model = str(tiny_model_cached("qwen2"))
-    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    seqs = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format, **seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
               quantization=args.quantization,
               max_model_len=args.max_prompt + args.output_len + 16)
@@ -178,8 +180,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ours = run_ours(llm, prompts, args.output_len)
     result: dict[str, Any] = {"benchmark": "throughput", "model": model, "device": device_name(),
                               "num_requests": args.num_requests, "prompt_len": [args.min_prompt, args.max_prompt],
-                              "output_len": args.output_len, "ours": ours}
-    print(f"ours: {ours['output_tok_s']:.1f} output tok/s, KV memory efficiency "
+                              "output_len": args.output_len,
+                              "max_num_seqs": llm.engine.config.scheduler.max_num_seqs, "ours": ours}
+    print(f"ours (max_num_seqs {result['max_num_seqs']}): {ours['output_tok_s']:.1f} output tok/s, KV memory efficiency "
           f"{ours['kv_memory_efficiency'] * 100:.1f}%", flush=True)
     if args.peer == "hf":
         slice_n = args.peer_requests or args.num_requests

@@ -187,6 +187,17 @@ def test_lora_smoke(tmp_path: Path) -> None:
     for figure in (*r["ratios_vs_base"].values(), r["single_stream"]["ratio"], *r["load"].values()):
         assert positive(figure)
     assert len(r["targets_met"]) == 3
+
+
+def test_lora_schedule_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora_schedule.py: 16 requests over 8 adapters (2 each) with 2 slots run at most 4 rows, and
+    every adapter holds its slot for the 6 decode steps of its requests, so >= 4 waves x 6 steps."""
+    r = run_benchmark("lora_schedule.py", "--smoke", tmp_path=tmp_path)
+    base, lora = r["runs"]["base"], r["runs"]["8 adapters"]
+    assert r["max_rows_with_adapters"] == 4 and r["decode_steps_bound_with_adapters"] == 24
+    assert base["tokens"] == lora["tokens"]  # the same prompts and outputs
+    assert 0 < lora["mean_rows"] <= 4 < base["mean_rows"] <= 8
+    assert lora["steps"] >= 24 > base["steps"]
 def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> None:
     """Issue #14: the same agents over /v1/responses with previous_response_id prefill per loop what
     the gRPC sessions prefill (within 5%)."""

@@ -23,6 +23,7 @@ import torch
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.kv_cache_manager import KVCacheManager
 from agentserve.config import EngineConfig
+from agentserve.engine.batch_defaults import with_device_batch_defaults
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.failures import log_step_failure
@@ -54,8 +55,10 @@ Prompt = Union[str, Sequence[int]]
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # max_num_seqs / max_num_batched_tokens left unset follow the device (engine/batch_defaults.py).
+        config = with_device_batch_defaults(config, self.device)
+        self.config = config
         self.arch, self.model_path = resolve_model(config)
         self.tokenizer = load_model_tokenizer(config, self.model_path)
         apply_chat_template_override(self.tokenizer, config.model.chat_template)

@@ -1,9 +1,9 @@
 """CUDA graphs for decode-only steps (every scheduled request computes exactly one token).
 
-Graphs are captured at padded batch sizes (1, 2, 4, 8, then steps of 8 up to the cap) over
-persistent input buffers; a step copies its inputs into the first rows, pads the rest (slot -1:
-no KV write; context length 1: a harmless read), replays the graph for the next captured size and
-reads the logits of its rows. The attention kernels take every length from device tensors, so a
+Graphs are captured at padded batch sizes (1, 2, 4, 8, then steps of 8 up to max_num_seqs, at most
+MAX_CAPTURE_SIZE: larger steps run eagerly) over persistent input buffers; a step copies its inputs
+into the first rows, pads the rest (slot -1: no KV write; context length 1: a harmless read),
+replays the graph for the next captured size and reads the logits of its rows. The attention kernels take every length from device tensors, so a
 graph serves any context up to the max_seq_len it was captured with; that bound only sets the
 split-KV partition count. Short contexts must not pay for a split count chosen for max_model_len
 (empty partitions plus a reduce kernel per layer), so each batch size is captured once per
@@ -40,10 +40,18 @@ def context_buckets(max_model_len: int) -> list[int]:
     return buckets + [max_model_len]
 
 
+# The largest decode batch captured (vLLM's max_cudagraph_capture_size default): larger decode steps
+# run eagerly. At > 512 rows a step's device time (~17 ms for an 8B at 512) dwarfs its launch cost,
+# which async scheduling hides anyway, while every captured size costs capture time and graph memory
+# once per context bucket (and twice with LoRA).
+MAX_CAPTURE_SIZE = 512
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
-    if not sizes or sizes[-1] < max_num_seqs:
-        sizes.append(max_num_seqs)
+    cap = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4) if s < cap] + list(range(8, cap + 1, 8))
+    if not sizes or sizes[-1] < cap:
+        sizes.append(cap)
     return sizes
 
 
