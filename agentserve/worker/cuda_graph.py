@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -97,6 +98,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -125,7 +127,8 @@ class DecodeGraphs:
                     self.pool = graph.pool()
                 self.graphs[key] = graph
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs for batch sizes %s", len(self.graphs), self.sizes)
+        logger.info("captured %d decode CUDA graphs for batch sizes %s in %.1f s", len(self.graphs), self.sizes,
+                    time.perf_counter() - start)
 
     def padded_size(self, bs: int) -> Optional[int]:
         for size in self.sizes:
