@@ -5,11 +5,11 @@ caller left `max_num_seqs` / `max_num_batched_tokens` unset runs up to 1,024 req
 8,192-token step budget; everywhere else (smaller GPUs, the CPU) the config's own defaults stay (256 and
 2,048). Why: on such a GPU a decode step's GEMMs are still well below the matmul rate at 256 rows (the
 H200 measured cuBLAS at 621 TFLOP/s for the 8B's projections at M = 256 against 710 at 512), and the KV
-pool has room for many more sequences. The scheduler admits a request only when its pages fit
-(scheduler._make_room), so a larger cap never overcommits memory: the pool, not the cap, bounds the
-batch. vLLM excludes the A100 because its PR #17885 measured a throughput loss there with the larger
-budget; this keeps that rule. Values a caller gives (keyword, flag, config file) are never changed:
-pydantic's `model_fields_set` tells them apart from defaults.
+pool has room for many more sequences. The scheduler admits a request only when its prompt and a decode
+reserve fit beside what the running requests will claim (scheduler._make_room), so with a larger cap the
+pool, not the cap, bounds the batch. vLLM excludes the A100 because its PR #17885 measured a throughput
+loss there with the larger budget; this keeps that rule. Values a caller gives (keyword or flag) are
+never changed: pydantic's `model_fields_set` tells them apart from defaults.
 
 The step budget is vLLM's server value (8,192) for offline use too (vLLM's LLM class takes 16,384): one
 budget for both entry points, and an 8,192-token prompt is still one prefill chunk.
