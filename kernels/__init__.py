@@ -5,6 +5,27 @@ reference beside it. The engine calls the dispatching function; on CPU it is the
 (the default; also `"triton"`) uses Triton for CUDA tensors. The environment variable
 AGENTSERVE_KERNEL_BACKEND sets the initial value."""
 
-from ._triton_utils import HAS_TRITON, get_backend, set_backend
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`, not as agentserve.kernels: the repository root is on sys.path (a
+    # script, `python -c` or a notebook run from the checkout), where this directory shadows Hugging Face's
+    # `kernels` package, which transformers imports while loading Llama configs (a confusing "cannot import
+    # name 'CUDAProperties' from 'kernels'"). Load that package in this one's place; agentserve imports this
+    # directory only under its package name.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["HAS_TRITON", "get_backend", "set_backend"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or ".") != _root])
+    if _spec is None or _spec.loader is None:
+        raise ImportError("no `kernels` package is installed (this repository's kernels/ directory is "
+                          "agentserve.kernels, not a top-level `kernels`)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
+    _spec.loader.exec_module(_module)
+else:
+    from ._triton_utils import HAS_TRITON, get_backend, set_backend
+
+    __all__ = ["HAS_TRITON", "get_backend", "set_backend"]
