@@ -86,13 +86,14 @@ def test_cli_generate_and_tiny_model(tmp_path) -> None:  # type: ignore[no-untyp
     assert bad.returncode == 2 and "max_num_seqs" in bad.stderr
 
 
-def test_cli_runs_from_the_repository_root_on_any_python() -> None:
-    """`python -m agentserve.cli` in a checkout, without -P / PYTHONSAFEPATH (Python 3.10 has neither):
-    the working directory's kernels/ must not shadow the `kernels` package transformers >= 5.25 imports
-    while loading a Llama tokenizer."""
+@pytest.mark.parametrize("module", ["agentserve.cli", "agentserve"])
+def test_cli_runs_from_the_repository_root_on_any_python(module: str) -> None:
+    """`python -m agentserve.cli` (or `python -m agentserve`) in a checkout, without -P / PYTHONSAFEPATH
+    (Python 3.10 has neither): the working directory's kernels/ must not shadow the `kernels` package
+    transformers >= 5.25 imports while loading a Llama tokenizer."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
-    run = subprocess.run([sys.executable, "-m", "agentserve.cli", "generate", "--model", str(tiny_model_cached("llama")),
+    run = subprocess.run([sys.executable, "-m", module, "generate", "--model", str(tiny_model_cached("llama")),
                           "--device", "cpu", "--prompt", "Hello", "--max-tokens", "3"], capture_output=True, text=True,
                          timeout=120, cwd=root, env=env)
     assert run.returncode == 0, run.stderr
