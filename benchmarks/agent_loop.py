@@ -45,6 +45,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from agent_loop_responses import TextWorkload, run_text_mode, text_workload  # noqa: E402
+from agent_loop_tail import describe as describe_tail, tail_breakdown  # noqa: E402
 from device_op_timer import DeviceOpTimer  # noqa: E402
 from step_timeline import StepTimeline, describe  # noqa: E402
 
@@ -154,7 +155,7 @@ def _record(agent: int, turn: int, start: float, usage: Any, timing: Any) -> dic
     return {"agent": agent, "turn": turn, "latency_ms": (time.perf_counter() - start) * 1e3,
             "prompt": usage.prompt_tokens, "cached": usage.cached_tokens, "prefilled": usage.prefilled_tokens,
             "generated": usage.completion_tokens, "swapped_in": usage.swapped_in_tokens, "ttft_ms": timing.ttft_ms,
-            "queue_ms": timing.queue_ms}
+            "queue_ms": timing.queue_ms, "decode_ms": timing.decode_ms, "swap_wait_ms": timing.swap_wait_ms}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -183,6 +184,7 @@ def summarize(rec: list[dict[str, Any]], wall: float) -> dict[str, Any]:
                                   "p95": pct([r["latency_ms"] for r in first], 0.95)},
         "prefilled_total": sum(r["prefilled"] for r in rec), "generated_total": gen,
         "gen_tok_s": gen / wall if wall else 0, "loops_per_s": len(loops) / wall if wall else 0,
+        "tail": tail_breakdown(loops),
     }
 
 
@@ -292,6 +294,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"p95 {r['loop_latency_ms']['p95']:.0f} ms, prefilled/loop {r['prefilled_per_loop']:.0f}",
                       flush=True)
                 print(f"  {mode} steps: {describe(r['timeline'])}", flush=True)
+                print(f"  {mode} {describe_tail(r['tail'])}", flush=True)
     if args.merge:
         prev = json.loads(Path(args.merge).read_text())
         same = ("agents", "turns", "preamble_tokens", "task_tokens", "tool_tokens", "decision_tokens", "seed",
