@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|order|seqs|fp8k|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -38,54 +38,6 @@ if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   run pytest-gpu python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 $(grep -l "mark.gpu" tests/test_*.py) --junitxml "$OUT/pytest_gpu.xml"
   run kernels python3 benchmarks/kernel_suite.py ${KERNEL_BENCH_ARGS:-} --out "$OUT/kernels.json"
   run latency python3 benchmarks/latency.py $DUMMY --out "$OUT/latency.json"
-fi
-if [ "$MODE" = order ]; then
-  # Eighteenth session (~6 min + start; not run: no machine was lent after its third call): decode rows longest
-  # first in the unified attention kernel. GPU tests, the kernel by row order and tile, then the 1,024-request
-  # throughput with the order off and on (prediction in NOTES.md).
-  TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_decode_row_order.py \
-    tests/test_kernels_gpu_attention.py
-  TMO=200 TAIL=4 run attention-order python3 benchmarks/attention_order.py --out "$OUT/attention_order.json"
-  for v in 0 1; do
-    AGENTSERVE_DECODE_ROW_ORDER=$v TMO=240 TAIL=6 run "throughput-order$v" python3 benchmarks/throughput.py $DUMMY \
-      --max-num-seqs 256 --out "$OUT/throughput_order$v.json"
-  done
-  ls -la "$OUT"; exit 0
-fi
-if [ "$MODE" = seqs ]; then
-  # Nineteenth session (~5 min + start; not run: no machine was lent): max_num_seqs / max_num_batched_tokens
-  # follow the device as in vLLM V1 (1,024 / 8,192 on this GPU; engine/batch_defaults.py), decode steps above
-  # 512 rows run eagerly. GPU tests, then the 1,024-request throughput at 512 and at the default (the order
-  # mode's 256 run is the baseline; prediction in NOTES.md).
-  TMO=240 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_gpu_batch_defaults.py
-  TMO=200 TAIL=6 run throughput-seqs512 python3 benchmarks/throughput.py $DUMMY --max-num-seqs 512 \
-    --out "$OUT/throughput_seqs512.json"
-  TMO=200 TAIL=6 run throughput-seqs-default python3 benchmarks/throughput.py $DUMMY --out "$OUT/throughput_default.json"
-  ls -la "$OUT"; exit 0
-fi
-if [ "$MODE" = fp8k ]; then
-  # Eighteenth session (~9 min + start; not run: no machine was lent): the FP8 GEMVs' K loop without x's layout
-  # conversion (kernels/fp8_k_loop.py, AGENTSERVE_FP8_GEMV_GROUPED_K) and one-warp tiles. GPU tests with it on;
-  # the FP8 chain and 8B one stream with it off and on (shipped tiles); then the tile sweep with it on, written
-  # as a table, and the chain and one stream on that table (prediction in NOTES.md).
-  # the K loops' PTX under this machine's Triton (the finding was made with a newer one on the CPU machine)
-  TMO=120 TAIL=20 run gemv-loop-ptx python3 benchmarks/gemv_loop_ptx.py --out "$OUT/gemv_loop_ptx.json"
-  AGENTSERVE_FP8_GEMV_GROUPED_K=1 TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu \
-    tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8_tiles.py
-  for g in 0 1; do
-    AGENTSERVE_FP8_GEMV_GROUPED_K=$g TMO=60 TAIL=3 run "chain-fp8-grouped$g" python3 benchmarks/gemv_chain.py \
-      --weights fp8 --pdl on --out "$OUT/chain_fp8_grouped$g.json"
-    AGENTSERVE_FP8_GEMV_GROUPED_K=$g TMO=70 TAIL=4 run "latency-fp8-grouped$g" python3 benchmarks/latency.py $DUMMY \
-      --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_grouped$g.json"
-  done
-  AGENTSERVE_FP8_GEMV_GROUPED_K=1 TMO=300 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b \
-    --rows 1,2 --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_grouped.json"
-  export AGENTSERVE_FP8_GEMV_GROUPED_K=1 AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_grouped.json
-  TMO=60 TAIL=3 run chain-fp8-grouped-table python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
-    --out "$OUT/chain_fp8_grouped_table.json"
-  TMO=70 TAIL=4 run latency-fp8-grouped-table python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-    --out "$OUT/latency_fp8_grouped_table.json"
-  ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = bench16 ]; then
   # Issue #16's figures in one `agentserve bench` run (~8-9 min): one stream, TTFT 8k, throughput with
