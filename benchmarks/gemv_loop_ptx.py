@@ -6,8 +6,8 @@ stride divisibility the runtime would specialise (so the loads vectorise as they
 Why (eighteenth session, benchmarks/NOTES.md): the FP8 GEMVs read ~3.5 TB/s where the bf16 ones read ~4.2.
 Their K loop moves each x chunk through shared memory between barriers: x's 16-byte loads hold 8 bf16
 while a thread's 16-byte weight load holds 16 fp8, so x is converted to the weights' layout every
-iteration; with one warp per program the conversion stays inside the warp, and the K loop over groups of 8
-weights (kernels/fp8_k_loop.py, "grouped K") has none at any warp count.
+iteration; with one warp per program the conversion stays inside the warp. (A K loop over groups of 8 weights
+without the conversion was built and measured slower on the H200: NOTES.md, nineteenth session.)
 
   python benchmarks/gemv_loop_ptx.py [--out x.json]   # the shipped 8B tiles, bf16 and FP8, and one-warp FP8 tiles
 """
@@ -48,21 +48,16 @@ for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
            {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, c.num_warps,
            c.block_n * c.block_k / (32 * c.num_warps))
     c = fp8_linear.fp8_gemv_config(n, k, 132, 1, device_name="NVIDIA H200")
-    for grouped in (False, True):
-        report(f"fp8 gemv {n}x{k} {c.block_n}x{c.block_k}/{c.num_warps}w" + (" grouped K" if grouped else ""),
-               fp8_linear._fp8_gemv_kernel, FP8, {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n,
-                                                  "BLOCK_K": c.block_k, "W_FIRST": True, "GROUPED_K": grouped},
-               c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
-c = fp8_linear.fp8_gemv_config(28672, 4096, 132, 1, kernel="gemv_silu", device_name="NVIDIA H200")
-for grouped in (False, True):
-    report(f"fp8 gemv_silu 28672x4096 {c.block_n}x{c.block_k}/{c.num_warps}w" + (" grouped K" if grouped else ""),
-           gemv_silu._gemv_silu_mul_kernel, SILU, {**fixed, "HAS_SCALE": True, "HAS_BIAS": False,
-                                                   "BLOCK_I": c.block_n // 2, "BLOCK_K": c.block_k, "W_FIRST": True,
-                                                   "GROUPED_K": grouped},
+    report(f"fp8 gemv {n}x{k} {c.block_n}x{c.block_k}/{c.num_warps}w", fp8_linear._fp8_gemv_kernel, FP8,
+           {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "W_FIRST": True},
            c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
+c = fp8_linear.fp8_gemv_config(28672, 4096, 132, 1, kernel="gemv_silu", device_name="NVIDIA H200")
+report(f"fp8 gemv_silu 28672x4096 {c.block_n}x{c.block_k}/{c.num_warps}w", gemv_silu._gemv_silu_mul_kernel, SILU,
+       {**fixed, "HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": c.block_n // 2, "BLOCK_K": c.block_k,
+        "W_FIRST": True}, c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
 for rows, block_k in ((2, 1024), (4, 512), (4, 1024), (8, 512)):
     report(f"fp8 gemv one-warp {rows}x{block_k}/1w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True, "GROUPED_K": False}, 1,
+           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True}, 1,
            rows * block_k / 32)
 '''
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from .fp8_gemv_tiles import device_name_of, fp8_gemv_config
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
-from .fp8_k_loop import grouped_k
 from .gemv import GemvConfig, as_rows, fma_program_rows, weights_before_wait
 
 # Smallest per-token / per-channel scale: keeps all-zero rows finite (0 / tiny = 0).
@@ -143,12 +142,12 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False, GROUPED_K: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
     m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
-                                                 EVEN_K, USE_PDL, W_FIRST, GROUPED_K)
+                                                 EVEN_K, USE_PDL, W_FIRST)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -176,8 +175,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        W_FIRST=weights_before_wait(weight_q), GROUPED_K=grouped_k(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_launch(x2))
+        W_FIRST=weights_before_wait(weight_q), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

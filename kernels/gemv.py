@@ -35,8 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from .fp8_k_loop import grouped_k_ptrs
-from .k_chunk import load_k_chunk
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -118,64 +116,60 @@ def gemv_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
 
 
 @triton.jit
+def _load_k_chunk(ptrs, offs_k, k0, K, EVEN_K: tl.constexpr, TILE: tl.constexpr):
+    """The K chunk at k0 of a [rows, BLOCK_K] tile (TILE) or a [BLOCK_K] vector, zero past K unless EVEN_K."""
+    if EVEN_K:
+        chunk = tl.load(ptrs)
+    else:
+        k_mask = offs_k + k0 < K
+        chunk = tl.load(ptrs, mask=k_mask[None, :] if TILE else k_mask, other=0.0)
+    return chunk
+
+
+@triton.jit
 def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False, GROUPED: tl.constexpr = False):
+                 USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """The fma kernels' K loop (16-bit and fp8 weight tiles): fp32 partial products of BLOCK_N rows
     accumulated elementwise, reduced once at the end. It also holds the PDL wait (kernels/_triton_utils.py):
     nothing before it in the calling kernel may load an earlier kernel's output or store. (Loading the
     first weight tile before the wait measured 4.5% slower on the H200, and issuing each chunk's loads
     before the previous chunk's math 7% slower: benchmarks/NOTES.md.)
 
-    The tile is [BLOCK_N, BLOCK_K] over x's [BLOCK_K], or with GROUPED [BLOCK_N, BLOCK_K / 8, 8] over
-    [BLOCK_K / 8, 8] (kernels/fp8_k_loop.py: grouped_k_ptrs). W_FIRST loads the first weight chunk before
-    the wait (weights are never written by a step), so the program's first HBM read overlaps the previous
-    kernel's tail; then the rest of the loop as usual, same sums in the same order. Which weights take it:
-    weights_before_wait."""
-    if GROUPED:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 8, 8], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    W_FIRST loads the first weight chunk before the wait (weights are never written by a step), so the
+    program's first HBM read overlaps the previous kernel's tail; then the rest of the loop as usual,
+    same sums in the same order. Which weights take it: weights_before_wait."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if W_FIRST:
-        w_first = load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
+        w_first = _load_k_chunk(w_ptrs, offs_k, 0, K, EVEN_K, True)
     pdl_begin(USE_PDL)  # programmatic dependent launch: kernels/_triton_utils.py
     if W_FIRST:
-        acc += w_first.to(tl.float32) * tl.expand_dims(load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32), 0)
+        acc += w_first.to(tl.float32) * _load_k_chunk(x_ptrs, offs_k, 0, K, EVEN_K, False).to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
-        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
-        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
-        acc += w.to(tl.float32) * tl.expand_dims(x.to(tl.float32), 0)
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, False)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if GROUPED:
-        sums = tl.sum(tl.sum(acc, 2), 1)
-    else:
-        sums = tl.sum(acc, 1)
-    return sums
+    return tl.sum(acc, 1)
 
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False,
-                     GROUPED_K: tl.constexpr = False):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
-    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised.
-    GROUPED_K: the K loop over groups of 8 weights (8-bit weights: kernels/fp8_k_loop.py)."""
+    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    if GROUPED_K:
-        w_ptrs, x_ptrs, offs_k = grouped_k_ptrs(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, BLOCK_K)
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-        x_ptrs = x_ptr + m * stride_xm + offs_k
-    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST,
-                                         GROUPED_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + m * stride_xm + offs_k
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves
@@ -213,8 +207,8 @@ def _gemv_dot_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
-        w = load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
+        x = _load_k_chunk(x_ptrs, offs_k, k0, K, EVEN_K, True)
+        w = _load_k_chunk(w_ptrs, offs_k, k0, K, EVEN_K, True)
         acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

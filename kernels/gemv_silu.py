@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, pdl_launch, tl, triton
-from .fp8_k_loop import grouped_k, grouped_k_ptrs
 from .gemv import GemvConfig, as_rows, fma_row_sums, weights_before_wait
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
@@ -35,7 +34,6 @@ def _gemv_silu_mul_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False,
-    GROUPED_K: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(I, BLOCK_I),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of it hits L2). Tile row 2p is the gate row of output column ib * BLOCK_I + p, row 2p + 1
@@ -46,13 +44,10 @@ def _gemv_silu_mul_kernel(
     r = tl.arange(0, 2 * BLOCK_I)
     col = tl.minimum(ib * BLOCK_I + r // 2, I - 1)
     rows = (col + (r % 2) * I).to(tl.int64)
-    if GROUPED_K:  # 8-bit weights in groups of 8 (kernels/fp8_k_loop.py)
-        w_ptrs, x_ptrs, offs_k = grouped_k_ptrs(w_ptr + rows * stride_wn, x_ptr + m * stride_xm, BLOCK_K)
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-        x_ptrs = x_ptr + m * stride_xm + offs_k
-    sums = fma_row_sums(w_ptrs, x_ptrs, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL, W_FIRST, GROUPED_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
+                        W_FIRST)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -87,6 +82,5 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, W_FIRST=weights_before_wait(weight),
-        GROUPED_K=weight_scale is not None and grouped_k(config.block_k, config.num_warps),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)

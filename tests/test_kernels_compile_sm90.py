@@ -58,19 +58,12 @@ SCRIPT = textwrap.dedent('''
         # with and without the first weight chunk before the PDL wait (gemv.weights_before_wait)
         for w_first in (False, True):
             build(fp8_linear._fp8_gemv_kernel,
-                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"},
-                  {**tiles, "W_FIRST": w_first, "GROUPED_K": False})
-        # the K loop over groups of 8 weights (kernels/fp8_k_loop.py), plain and gate_up + SiLU
-        build(fp8_linear._fp8_gemv_kernel,
-              {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "GROUPED_K": "constexpr"},
-              {**tiles, "W_FIRST": True, "GROUPED_K": True})
-        build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "GROUPED_K": "constexpr"},
-              {"HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": 2, "BLOCK_K": 1024, "EVEN_K": even_k, "USE_PDL": True,
-               "W_FIRST": True, "GROUPED_K": True})
+                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"},
+                  {**tiles, "W_FIRST": w_first})
         for weight in ("bf16", "fp8e4nv"):
-            build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "w_ptr": "*" + weight, "GROUPED_K": "constexpr"},
+            build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "w_ptr": "*" + weight},
                   {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16", "GROUPED_K": False})
+                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16"})
     build(greedy_verify._greedy_verify_kernel,
           {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
            "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",
@@ -105,30 +98,24 @@ def test_new_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 23
+    assert run.stdout.count("compiled") == 19
 
 
 LOOP_SCRIPT = textwrap.dedent(r'''
-    from agentserve.kernels import fp8_linear, gemv
-    from helpers.sm90_ptx import FP8_GEMV, GEMV, compile_ptx, k_loop
+    from agentserve.kernels import gemv
+    from helpers.sm90_ptx import GEMV, compile_ptx, k_loop
 
-    def loop_barriers(kernel, signature, constexprs, warps):
-        return sum("bar.sync" in line for line in k_loop(compile_ptx(kernel, signature, constexprs, warps)))
-
-    tile = {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
-    print("bf16", loop_barriers(gemv._gemv_fma_kernel, GEMV, {**tile, "BLOCK_N": 4}, 4))
-    print("fp8-grouped", loop_barriers(fp8_linear._fp8_gemv_kernel, FP8_GEMV,
-                                       {**tile, "W_FIRST": True, "GROUPED_K": True}, 4))
+    tile = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
+    print("bf16", sum("bar.sync" in line for line in k_loop(compile_ptx(gemv._gemv_fma_kernel, GEMV, tile, 4))))
 ''')
 
 
-def test_gemv_k_loops_have_no_barrier() -> None:
-    """The bf16 GEMV's K loop and the FP8 one over groups of 8 weights (kernels/fp8_k_loop.py) compile to loops
-    without a barrier: a layout conversion of x inside the loop (what the plain FP8 loop has with more than
-    one warp, benchmarks/gemv_loop_ptx.py) would put one there."""
+def test_gemv_k_loop_has_no_barrier() -> None:
+    """The bf16 GEMV's K loop compiles to a loop without a barrier: a layout conversion of x inside the loop
+    (what the FP8 loop has with more than one warp, benchmarks/gemv_loop_ptx.py) would put one there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),  # tests/helpers/sm90_ptx.py
                                          *filter(None, [env.get("PYTHONPATH")])])
     run = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["bf16", "0", "fp8-grouped", "0"], run.stdout
+    assert run.stdout.split() == ["bf16", "0"], run.stdout

@@ -99,36 +99,6 @@ def test_fp8_weights_before_the_wait_give_the_same_values(k: int, monkeypatch: p
     torch.testing.assert_close(early[0].float(), fl.fp8_linear_ref(x.float(), wq, ws), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("k", [700, 512, 100, 7])  # a ragged tail, even chunks, one partial chunk, one partial group
-def test_fp8_grouped_k_loop_matches_the_reference(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The K loop over groups of 8 weights (kernels/fp8_k_loop.py, AGENTSERVE_FP8_GEMV_GROUPED_K): the same
-    # products summed in another order, so close to the reference and to the plain loop, not bitwise; with
-    # W_FIRST on and off bitwise equal (same chunks, same order); plain GEMV and gate_up + SiLU, M = 1 and 2.
-    from agentserve.kernels import fp8_k_loop
-
-    _, wq, ws = _random_linear(34, k, seed=k + 1)
-    b = torch.randn(34, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-    x = torch.randn(2, k, generator=torch.Generator().manual_seed(k + 2)).to(torch.bfloat16)
-    cfg = fl.GemvConfig("fma", 8, 256, num_warps=1, num_stages=1)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        return fl.fp8_gemv_triton(x, wq, ws, b, config=cfg), gemv_silu.gemv_silu_mul_triton(x, wq, cfg, ws)
-
-    monkeypatch.setattr(fp8_k_loop, "FP8_GROUPED_K", False)  # whatever AGENTSERVE_FP8_GEMV_GROUPED_K says
-    plain = run()
-    monkeypatch.setattr(fp8_k_loop, "FP8_GROUPED_K", True)
-    assert fp8_k_loop.grouped_k(cfg.block_k, 1) and not fp8_k_loop.grouped_k(60, 1)
-    assert fp8_k_loop.grouped_k(1024, 4) and not fp8_k_loop.grouped_k(512, 4)  # a group of 8 per thread
-    grouped = run()
-    ref = fl.fp8_linear_ref(x.float(), wq, ws, b.float())
-    torch.testing.assert_close(grouped[0].float(), ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(grouped[0], plain[0], atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(grouped[1], plain[1], atol=2e-2, rtol=2e-2)
-    monkeypatch.setattr(gemv, "FP8_WEIGHTS_BEFORE_WAIT", not gemv.FP8_WEIGHTS_BEFORE_WAIT)
-    other = run()
-    assert torch.equal(other[0], grouped[0]) and torch.equal(other[1], grouped[1])
-
-
 def test_fp8_gemv_heuristic_tiles_are_the_h200_sweeps_winners() -> None:
     # ~8 KB of weights per program, the fewest rows (4 to 32) keeping M x blocks <= 4 per SM: the tiles
     # that won (or tied) on the H200 for the FP8 Llama-3.2-1B draft's o / down, qkv and gate_up at M = 1
