@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_result, command_line, device_name, write_json  # noqa: E402
 from lora import table, write_adapter, load_adapters  # noqa: E402
+from step_timeline import StepTimeline  # noqa: E402
 from throughput import make_prompts  # noqa: E402
 
 from agentserve import SamplingParams  # noqa: E402
-from agentserve.engine.scheduler import SchedulerOutput  # noqa: E402
 from agentserve.llm import LLM  # noqa: E402
 from agentserve.lora.adapter import ATTENTION_MODULES  # noqa: E402
 from agentserve.testing import tiny_model_cached  # noqa: E402
@@ -55,30 +55,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-class StepLog:
-    """Wraps the engine's scheduler.schedule and records each non-empty step's rows and tokens."""
-
-    def __init__(self, llm: LLM) -> None:
-        self.steps: list[tuple[int, int]] = []  # (rows, tokens) per step
-        scheduler = llm.engine.scheduler
-        schedule = scheduler.schedule
-
-        def recorded() -> SchedulerOutput:
-            out = schedule()
-            if not out.is_empty:
-                self.steps.append((len(out.scheduled), sum(out.num_scheduled_tokens.values())))
-            return out
-
-        scheduler.schedule = recorded  # type: ignore[method-assign]
-
-    def summary(self) -> dict[str, Any]:
-        rows = np.array([r for r, _ in self.steps])
-        decode_only = np.array([r == t for r, t in self.steps])
-        return {"steps": len(self.steps), "decode_only_steps": int(decode_only.sum()),
-                "mean_rows": float(rows.mean()), "mean_rows_decode_only": float(rows[decode_only].mean()),
-                "tokens": int(sum(t for _, t in self.steps))}
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     targets = list(ATTENTION_MODULES)
@@ -86,7 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               max_model_len=args.max_prompt + args.output_len + 16, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_lora=True, max_loras=args.max_loras,
               max_lora_rank=4, max_cpu_loras=args.adapters, lora_target_modules=targets)
-    log = StepLog(llm)
+    timeline = StepTimeline()
+    uninstall = timeline.install()
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, llm.engine.arch.vocab_size, 0)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     runs: dict[str, dict[str, Any]] = {}
@@ -98,10 +75,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         for label, k in (("base", 0), (f"{args.adapters} adapters", args.adapters)):
             # As lora.py: every adapter serves the same number of requests (+-1), in a random order.
             adapters = [names[int(i) % k] for i in rng.permutation(len(prompts))] if k else [None] * len(prompts)
-            log.steps.clear()
+            timeline.take()  # the steps before this run
             start = time.perf_counter()
-            llm.generate(prompts, params, adapter=adapters)
-            runs[label] = {**log.summary(), "wall_s": time.perf_counter() - start}
+            outs = llm.generate(prompts, params, adapter=adapters)
+            runs[label] = {**timeline.take(), "wall_s": time.perf_counter() - start,
+                           "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    uninstall()
     llm.close()
     per_adapter = -(-args.num_requests // args.adapters)
     max_rows = min(args.max_num_seqs, args.max_loras * per_adapter)
@@ -109,19 +88,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     bound = -(-args.adapters // args.max_loras) * args.output_len
     result = {"benchmark": "lora_schedule", "device": device_name(), "config": vars(args), "runs": runs,
               "max_rows_with_adapters": max_rows, "decode_steps_bound_with_adapters": bound}
-    rows = [("run", "steps", "decode-only steps", "mean rows", "mean rows, decode-only", "bound")]
+    rows = [("run", "steps", "decode-only steps", "rows per decode-only step", "bound")]
     for label, r in runs.items():
         limit = f"{max_rows} rows, >= {bound} steps" if label != "base" else f"{args.max_num_seqs} rows"
-        rows.append((label, str(r["steps"]), str(r["decode_only_steps"]), f"{r['mean_rows']:.1f}",
-                     f"{r['mean_rows_decode_only']:.1f}", limit))
+        rows.append((label, str(r["steps"]), str(r["decode_only_steps"]), f"{r['decode_rows_per_decode_only_step']:.1f}",
+                     limit))
     print(table(rows))
     write_json(result, args.out, "lora_schedule")
     if args.record:
         a = runs[f"{args.adapters} adapters"]
         append_result("lora_schedule", command_line("lora_schedule.py", argv),
-                      f"base {runs['base']['steps']} steps (mean {runs['base']['mean_rows_decode_only']:.1f} decode "
+                      f"base {runs['base']['steps']} steps (mean {runs['base']['decode_rows_per_decode_only_step']:.1f} decode "
                       f"rows); {args.adapters} adapters over max_loras {args.max_loras}: {a['steps']} steps "
-                      f"(bound {bound} decode steps), mean {a['mean_rows_decode_only']:.1f} decode rows of {max_rows}")
+                      f"(bound {bound} decode steps), mean {a['decode_rows_per_decode_only_step']:.1f} decode rows of {max_rows}")
     return 0
 
 

@@ -195,8 +195,8 @@ def test_lora_schedule_smoke(tmp_path: Path) -> None:
     r = run_benchmark("lora_schedule.py", "--smoke", tmp_path=tmp_path)
     base, lora = r["runs"]["base"], r["runs"]["8 adapters"]
     assert r["max_rows_with_adapters"] == 4 and r["decode_steps_bound_with_adapters"] == 24
-    assert base["tokens"] == lora["tokens"]  # the same prompts and outputs
-    assert 0 < lora["mean_rows"] <= 4 < base["mean_rows"] <= 8
+    assert base["output_tokens"] == lora["output_tokens"] == 16 * 6  # the same prompts and outputs
+    assert 0 < lora["decode_rows_per_decode_only_step"] <= 4 < base["decode_rows_per_decode_only_step"] <= 8
     assert lora["steps"] >= 24 > base["steps"]
 def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> None:
     """Issue #14: the same agents over /v1/responses with previous_response_id prefill per loop what
