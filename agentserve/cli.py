@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import os
 import socket
 import sys
 import time
@@ -272,10 +271,6 @@ def _flag_errors(error: ValidationError) -> str:
 
 
 if __name__ == "__main__":
-    # `python -m agentserve.cli` puts the working directory first on sys.path (Python < 3.11 has no -P to
-    # stop it). In a checkout of this repository that makes its top-level kernels/ (installed as
-    # agentserve.kernels) shadow the `kernels` package transformers >= 5.25 imports; agentserve itself is
-    # already imported from its installed location, so the working directory is not needed.
-    cwd = os.getcwd()
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+    # Run from a checkout, the working directory on sys.path puts its kernels/ where transformers looks for
+    # Hugging Face's `kernels`: kernels/__init__.py hands that name on to the installed package.
     sys.exit(main())
