@@ -31,8 +31,8 @@ from _results import append_result, command_line, device_name, write_json  # noq
 from ceilings import add_ceilings_arg, device_ceilings  # noqa: E402
 from latency import single_stream, ttft  # noqa: E402
 from limits import ModelWork  # noqa: E402
-from throughput import (add_dummy_model_args, add_workload_args, hf_model_from_engine, make_prompts,  # noqa: E402
-                        release_kv_for_peer, run_hf_peer, run_ours)
+from throughput import (add_dummy_model_args, add_max_num_seqs_arg, add_workload_args, hf_model_from_engine,  # noqa: E402
+                        make_prompts, max_num_seqs_kwargs, release_kv_for_peer, run_hf_peer, run_ours)
 
 from agentserve.llm import LLM  # noqa: E402
 
@@ -53,8 +53,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dummy_model_args(ap)
     add_workload_args(ap)
-    ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="default: the engine's for this device (engine/batch_defaults.py: 1,024 on an H200, else 256)")
+    add_max_num_seqs_arg(ap)
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--stream-new-tokens", type=int, default=256)
     ap.add_argument("--ttft-prompt-len", type=int, default=8192)
@@ -128,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               max_model_len=max(args.ttft_prompt_len, args.max_prompt + args.output_len,
                                 args.stream_prompt_len + args.stream_new_tokens) + 16,
               max_num_batched_tokens=max(args.ttft_prompt_len, 2048),
-              **({} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}))
+              **max_num_seqs_kwargs(args.max_num_seqs))
     engine = llm.engine
     # Measured after the engine is built (its KV pool is sized already) and before any figure.
     ceilings = device_ceilings(engine.device, engine.dtype, smoke=args.smoke, source=args.ceilings)

@@ -41,6 +41,17 @@ def add_workload_args(ap: argparse.ArgumentParser, num_requests: int = 1024) -> 
     ap.add_argument("--output-len", type=int, default=256)
 
 
+def add_max_num_seqs_arg(ap: argparse.ArgumentParser) -> None:
+    """--max-num-seqs, unset by default: the engine then takes its own for the device."""
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: the engine's for this device (engine/batch_defaults.py: 1,024 on an H200, else 256)")
+
+
+def max_num_seqs_kwargs(max_num_seqs: Optional[int]) -> dict[str, int]:
+    """The engine keyword for --max-num-seqs; none when it is unset, so the device's default applies."""
+    return {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
+
+
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(lo, hi + 1, size=n)
@@ -153,8 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default=None)
     add_workload_args(ap)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="default: the engine's for this device (engine/batch_defaults.py: 1,024 on an H200, else 256)")
+    add_max_num_seqs_arg(ap)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="weights (as --quantization of serve)")
@@ -170,8 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from agentserve.testing import tiny_model_cached
 
         model = str(tiny_model_cached("qwen2"))
-    seqs = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
-    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format, **seqs,
+    llm = LLM(model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              **max_num_seqs_kwargs(args.max_num_seqs),
               max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
               quantization=args.quantization,
