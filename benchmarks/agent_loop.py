@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -199,7 +200,9 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     assert pool.reset_prefix_cache()
     m0 = (engine.metrics.num_preemptions_total, pool.query_tokens, pool.hit_tokens)
     st = handle.store.stats
-    s0 = (st.swap_outs, st.swap_ins, st.drops, st.swap_in_failures, st.queued_evicted)
+    counted = ("swap_outs", "swap_ins", "drops", "swap_in_failures", "queued_evicted", "pages_swapped_out",
+               "pages_swap_reused", "swap_copies_released")
+    s0 = dataclasses.asdict(st)
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
     timer.take()  # what the warm-up and earlier modes moved
@@ -218,8 +221,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     out = summarize(rec, wall)
     q, h = pool.query_tokens - m0[1], pool.hit_tokens - m0[2]
     out.update(preemptions=engine.metrics.num_preemptions_total - m0[0], prefix_hit_rate=h / q if q else 0.0,
-               swap_outs=st.swap_outs - s0[0], swap_ins=st.swap_ins - s0[1], drops=st.drops - s0[2],
-               swap_in_failures=st.swap_in_failures - s0[3], queued_evicted=st.queued_evicted - s0[4])
+               **{name: value - s0[name] for name, value in dataclasses.asdict(st).items() if name in counted})
     ops = timer.take()
     out.update(ops, device_ops_share_of_wall=ops["device_ops_gpu_ms"] / (wall * 1e3))
     out["timeline"] = timeline.take()

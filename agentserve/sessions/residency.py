@@ -11,7 +11,9 @@ turn is queued but not admitted (the newest arrivals first). An evicted session'
 to CPU swap space (SWAPPED) — all but the leading pages that other owners still hold and that are
 findable by hash (a common system prompt and tools, left to the prefix cache) — or, when swap is
 full, dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn
-recomputes only what is gone). At admission a swapped session is copied back in, reusing leading
+recomputes only what is gone). A swap-in keeps the swap copies of the session's full pages, so its
+next swap-out copies only the pages written since (sessions/swap_copies.py). At admission a swapped
+session is copied back in, reusing leading
 pages still in the prefix cache; its turn waits in the queue while running requests hold the pages
 it needs (Timing.swap_wait_ms) rather than dropping the copy and recomputing.
 
@@ -35,9 +37,9 @@ from typing import Callable, Optional
 from agentserve.cache.block_pool import BlockPool, compute_block_hashes
 from agentserve.cache.device_ops import SwapInFinish, SwapInStart, SwapOut
 from agentserve.cache.kv_cache_manager import KVCacheManager
-from agentserve.cache.swap_slots import SwapSlots
 from agentserve.request import Request
 from agentserve.engine.scheduler import Scheduler
+from agentserve.sessions.swap_copies import SwapCopies
 from agentserve.sessions.types import PendingTurn, Restore, Session, SessionState, SessionStats
 
 # Swap ins whose copies may be in flight at once: each holds a staging copy of its pages on the
@@ -51,7 +53,7 @@ class Residency:
 
     def __init__(self, pool: BlockPool, kv: KVCacheManager, scheduler: Scheduler, num_swap_slots: int,
                  sessions: dict[str, Session], pending: dict[str, PendingTurn], stats: SessionStats,
-                 copy_ready: Callable[[int], bool] = lambda ticket: True) -> None:
+                 copy_ready: Callable[[int], bool] = lambda ticket: True, pages_hold_draft: bool = False) -> None:
         self.pool = pool
         self.kv = kv
         self.scheduler = scheduler
@@ -60,7 +62,9 @@ class Residency:
         self.sessions = sessions
         self.pending = pending
         self.stats = stats
-        self._swap = SwapSlots(num_swap_slots)
+        # Swap slots of swapped sessions, and the copies a swap-in keeps (`pages_hold_draft`: a draft model's
+        # KV lives in the same pages, so a page's copy is final only once the draft's KV is there too).
+        self.copies = SwapCopies(num_swap_slots, sessions, pool.block_size, pages_hold_draft)
         # Whether a started swap in's copy has arrived (ModelRunner.swap_in_ready: rank 0's pages).
         self.copy_ready = copy_ready
         self._tickets = itertools.count()
@@ -68,7 +72,7 @@ class Residency:
 
     @property
     def num_free_swap_slots(self) -> int:
-        return self._swap.num_free
+        return self.copies.num_free
 
     # --- page ownership -------------------------------------------------------------------------------
     def release(self, s: Session) -> None:
@@ -82,9 +86,7 @@ class Residency:
         s.state = SessionState.CLOSED
 
     def free_swap(self, s: Session) -> None:
-        self._swap.free(s.swap_slots)
-        s.swap_slots = []
-        s.swap_from = 0
+        self.copies.free(s)
 
     def keep_prefix(self, s: Session, keep: int) -> None:
         """Keeps only the KV of the first `keep` tokens (a re-rendered history shares only those)."""
@@ -96,6 +98,7 @@ class Residency:
             self.pool.free(s.block_table[pages:])
             s.block_table = s.block_table[:pages]
             s.num_computed = keep
+            self.copies.keep_final(s, keep // self.block_size)  # copies of the pages kept whole stay valid
         elif s.state is SessionState.SWAPPED:  # rare (a re-render of a swapped session): recompute
             self.free_swap(s)
             s.state = SessionState.EVICTED
@@ -103,15 +106,18 @@ class Residency:
 
     def adopt(self, s: Session, block_table: list[int], num_computed: int, num_draft_computed: int = 0) -> None:
         """The session takes a finished turn's pages in place of what it held (`num_draft_computed`:
-        leading tokens whose draft-model KV they hold too)."""
+        leading tokens whose draft-model KV they hold too). The turn extended the session's history, so
+        the copies a resident session kept of its full pages stay valid."""
         self.settle(s)
         if s.block_table:
             self.pool.free(s.block_table)
-        self.free_swap(s)
+        if s.state is not SessionState.RESIDENT:
+            self.free_swap(s)
         s.block_table = block_table
         s.num_computed = num_computed
         s.num_draft_computed = min(num_draft_computed, num_computed)
         s.state = SessionState.RESIDENT
+        self.copies.keep_final(s)
 
     def share(self, parent: Session, child: Session) -> None:
         """A fork: the child shares every page of the parent (copy-on-write: the first write into a
@@ -200,25 +206,28 @@ class Residency:
         self.settle(s)
         table = s.block_table
         exclusive = sum(1 for b in table if self.pool.ref_cnt(b) == 1)
-        swap_from: Optional[int] = None
+        swapped = False
         if self.num_swap_slots > 0:
             k = 0
             while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
                    and self.pool.blocks[table[k]].block_hash is not None):
                 k += 1
-            if len(table) - k <= self._swap.num_free:
-                swap_from = k
-        if swap_from is not None:
-            slots = self._swap.allocate(len(table) - swap_from)
-            if slots:
-                # Queued before the pages are freed below: whatever reuses them runs after the copy.
-                self.scheduler.queue_device_ops([SwapOut(tuple(table[swap_from:]), tuple(slots))])
-            s.swap_slots = slots
-            s.swap_from = swap_from
-            s.state = SessionState.SWAPPED
-            self.stats.swap_outs += 1
-            self.stats.pages_swapped_out += len(slots)
-        else:
+            missing = self.copies.missing(s, k, len(table))
+            if missing > self.copies.num_free:
+                self.stats.swap_copies_released += self.copies.release_others(missing, exclude=s)
+            if missing <= self.copies.num_free:
+                to_copy = self.copies.cover(s, k)  # the pages' kept copies are reused, the rest copied
+                if to_copy:
+                    # Queued before the pages are freed below: whatever reuses them runs after the copy.
+                    blocks, slots = zip(*to_copy)
+                    self.scheduler.queue_device_ops([SwapOut(tuple(blocks), tuple(slots))])
+                s.state = SessionState.SWAPPED
+                swapped = True
+                self.stats.swap_outs += 1
+                self.stats.pages_swapped_out += len(to_copy)
+                self.stats.pages_swap_reused += len(s.swap_slots) - len(to_copy)
+        if not swapped:
+            self.free_swap(s)
             s.state = SessionState.EVICTED
             s.num_computed = 0
             self.stats.drops += 1
@@ -282,8 +291,8 @@ class Residency:
             self._restoring.append(s)
         else:
             self._register_restored(s, restore)
-        self.free_swap(s)
         s.state = SessionState.RESIDENT
+        self.copies.keep_final(s)  # the full pages' copies stay: the next swap-out of `s` skips them
         self.stats.swap_ins += 1
         self.stats.pages_swapped_in += copy
         return True

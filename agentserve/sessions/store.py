@@ -62,7 +62,8 @@ class SessionStore(TurnLifecycle):
         self._pending: dict[str, PendingTurn] = {}  # request id -> turn in flight
         self.stats = SessionStats()
         self.residency = Residency(engine.pool, engine.kv, engine.scheduler, engine.runner.kv_cache.num_swap_blocks,
-                                   self.sessions, self._pending, self.stats, copy_ready=engine.runner.swap_in_ready)
+                                   self.sessions, self._pending, self.stats, copy_ready=engine.runner.swap_in_ready,
+                                   pages_hold_draft=engine.runner.draft is not None)
         self._ids = itertools.count()
         self._expiry_task: Optional[asyncio.Task[None]] = None
         engine.session_store = self  # the engine's owner finds the store through it (tests: pages left)

@@ -152,6 +152,8 @@ class SessionStats:
     expired: int = 0
     pages_swapped_out: int = 0
     pages_swapped_in: int = 0
+    pages_swap_reused: int = 0      # pages a swap-out did not copy: the copy kept since their swap-in was valid
+    swap_copies_released: int = 0   # resident sessions' kept copies given up for another session's swap-out
 
 
 # --- sessions and turns -------------------------------------------------------------------------------
@@ -175,8 +177,10 @@ class Session:
     # Of those, the leading tokens whose draft-model KV is there too (speculative decoding: a turn's draft
     # computes only past them). Read clamped to num_computed, which every path that drops pages lowers.
     num_draft_computed: int = 0
-    swap_slots: list[int] = field(default_factory=list)  # CPU swap slots of pages [swap_from:] (SWAPPED)
-    swap_from: int = 0  # leading pages left to the prefix cache when swapped out
+    # CPU swap slots of pages [swap_from:] (SWAPPED), or of some of its full pages kept since a swap-in
+    # (RESIDENT: sessions/swap_copies.py); swap_from: leading pages left to the prefix cache when swapped out.
+    swap_slots: list[int] = field(default_factory=list)
+    swap_from: int = 0
     busy: Optional["PendingTurn"] = None
     restoring: Optional["Restore"] = None  # a swap in whose copy is in flight (RESIDENT, pages not yet written)
     closed: bool = False
@@ -237,7 +241,8 @@ def snapshot_of(s: Session, include_messages: bool = False, include_token_ids: b
     kv = s.num_computed if s.state in (SessionState.RESIDENT, SessionState.SWAPPED) else 0
     return SessionSnapshot(
         session_id=s.session_id, model=s.model, adapter=s.adapter, state=s.state, num_tokens=len(s.token_ids),
-        num_kv_tokens=kv, num_pages=len(s.block_table), num_swapped_pages=len(s.swap_slots),
+        num_kv_tokens=kv, num_pages=len(s.block_table),
+        num_swapped_pages=len(s.swap_slots) if s.state is SessionState.SWAPPED else 0,
         num_turns=s.num_turns, num_messages=len(s.messages), busy=s.busy is not None, parent_id=s.parent_id,
         created_at=s.created_at, last_active_at=s.last_active_wall, expires_at=s.last_active_wall + s.ttl,
         ttl_seconds=s.ttl, metadata=dict(s.metadata), raw_tokens=s.raw_tokens,
