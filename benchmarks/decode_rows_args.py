@@ -1,5 +1,5 @@
-"""The command line the decode-batch GPU benchmarks share (benchmarks/overlap.py, benchmarks/attention_order.py):
-batch sizes and the rows' context range, checked for CUDA."""
+"""The decode-batch GPU benchmark's command line (benchmarks/overlap.py): batch sizes and the rows' context
+range, checked for CUDA."""
 
 from __future__ import annotations
 

@@ -175,45 +175,36 @@ def _attend_kv_tile(
 # specialise them (== 1, divisible by 16) and compile new variants mid-serving for no speed gain.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
-    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, row_order_ptr,
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    USE_PDL: tl.constexpr = False, ROW_ORDER: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
-    """Grid: (num_q_tiles_upper_bound, num_kv_heads), or (B, num_kv_heads) with ROW_ORDER.
+    """Grid: (num_q_tiles_upper_bound, num_kv_heads).
 
     Query tiles are numbered globally: request b owns tile ids starting at
     query_start_loc[b] // BLOCK_Q + b, which is an upper bound that needs no host-side prefix sum
     (each request wastes at most one id). The grid size T // BLOCK_Q + B therefore depends only on
     shapes, so a mixed batch of one long prefill chunk and many decodes launches no idle programs
-    beyond B, and the launch is CUDA-graph safe.
-
-    ROW_ORDER (every request's query fits one tile: decode): program i serves request row_order[i]
-    (a permutation of the requests, longest context first), so the longest programs start in the
-    first waves and the shortest fill the last one, instead of stragglers of random length."""
+    beyond B, and the launch is CUDA-graph safe."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
 
-    if ROW_ORDER:
-        seq_idx = tl.load(row_order_ptr + pid).to(tl.int32)
-        q_start = tl.load(query_start_loc_ptr + seq_idx)
-        q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
-        tile = 0
-    else:
-        # Which request owns this tile: count the requests whose first tile id is <= pid (one vector
-        # load of query_start_loc instead of a serial binary search of dependent loads).
-        offs_b = tl.arange(0, BLOCK_B)
-        b_mask = offs_b < num_seqs
-        starts = tl.load(query_start_loc_ptr + offs_b, mask=b_mask, other=0)
-        first_tile = starts // BLOCK_Q + offs_b
-        seq_idx = tl.sum(((first_tile <= pid) & b_mask).to(tl.int32), 0) - 1
-        q_start = tl.load(query_start_loc_ptr + seq_idx)
-        q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
-        tile = pid - (q_start // BLOCK_Q + seq_idx)
+    # Which request owns this tile: count the requests whose first tile id is <= pid (one vector
+    # load of query_start_loc instead of a serial binary search of dependent loads).
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < num_seqs
+    starts = tl.load(query_start_loc_ptr + offs_b, mask=b_mask, other=0)
+    first_tile = starts // BLOCK_Q + offs_b
+    seq_idx = tl.sum(((first_tile <= pid) & b_mask).to(tl.int32), 0) - 1
+
+    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    q_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + seq_idx)
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
@@ -583,12 +574,12 @@ def batch_block(batch: int) -> int:
 
 
 def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, dtype: torch.dtype,
-                            max_batch: int, max_query_len: int, row_order: bool = False) -> int:
+                            max_batch: int, max_query_len: int) -> int:
     """Compiles the unified kernel for every (tile, batch-lookup) variant that a serving step can
     select, on dummy one-token requests: Triton compiles on first use (about a second each), which
     would otherwise land on the first requests of each batch size and chunk length (measured on an
     H100: a cold run of the 1,024-request throughput benchmark lost a third of its speed to it).
-    `row_order`: the decode tile's row-ordered variant too. Returns the number of variants launched."""
+    Returns the number of variants launched."""
     if not triton_enabled_for(k_cache):
         return 0
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -610,13 +601,7 @@ def warmup_unified_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_
                 q, k_cache, v_cache, torch.zeros((b, 1), dtype=torch.int32, device=device),
                 torch.arange(b + 1, dtype=torch.int32, device=device), torch.ones(b, dtype=torch.int32, device=device),
                 1.0, mql, 1, config=cfg, k_scale=ones, v_scale=ones)
-    if row_order:
-        q = torch.zeros((1, num_q_heads, head_dim), dtype=dtype, device=device)
-        one = torch.ones(1, dtype=torch.int32, device=device)
-        paged_attention_triton(q, k_cache, v_cache, torch.zeros((1, 1), dtype=torch.int32, device=device),
-                               torch.arange(2, dtype=torch.int32, device=device), one, 1.0, 1, 1,
-                               k_scale=ones, v_scale=ones, row_order=one - 1)
-    return len(tiles) * len(batches) + int(row_order)
+    return len(tiles) * len(batches)
 
 
 def paged_attention_triton(
@@ -624,16 +609,12 @@ def paged_attention_triton(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
     max_seq_len: int, *, out: Optional[torch.Tensor] = None, config: Optional[AttnConfig] = None,
     k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-    row_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unified paged attention (any mix of prefill chunks, decode and verification).
 
     Same contract as paged_attention_ref. max_seq_len is unused by the kernel (KV loop bounds come
     from seq_lens on the device) and max_query_len only picks the tile shape, so any upper bound
-    works, e.g. inside a captured CUDA graph. `config` overrides the tile choice (tests, tuning).
-    `row_order` ([B] ints, a permutation of the requests, e.g. decode_row_order's): the order in which
-    the programs take the requests, for steps whose queries each fit one tile (max_query_len <= the
-    tile's query tokens); the output is the same."""
+    works, e.g. inside a captured CUDA graph. `config` overrides the tile choice (tests, tuning)."""
     num_q_heads, num_kv_heads, head_dim, page_size = _check_shapes(q, k_cache, v_cache)
     group = num_q_heads // num_kv_heads
     q = _last_dim_contiguous(q)
@@ -648,24 +629,20 @@ def paged_attention_triton(
         raise ValueError(f"block_m {cfg.block_m} must be >= the GQA group size {group}")
     block_q = cfg.block_m // group
     block_d = max(16, next_pow2(head_dim))
-    if row_order is not None and (max_query_len > block_q or row_order.shape != (batch,)):
-        raise ValueError(f"row_order {tuple(row_order.shape)} needs one entry per request and queries of at most "
-                         f"{block_q} tokens (max_query_len {max_query_len})")
-    grid = (batch if row_order is not None else num_tokens // block_q + batch, num_kv_heads)
+    grid = (num_tokens // block_q + batch, num_kv_heads)
     if num_tokens == 0 or batch == 0:
         return out
     k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
     _paged_attention_kernel[grid](
-        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        row_order if row_order is not None else seq_lens, k_scale, v_scale, scale * _LOG2E, batch,
+        out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
+        scale * _LOG2E, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        # With row_order the tile map's lookup is not read: one BLOCK_B, one compiled variant for every batch.
-        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=64 if row_order is not None else batch_block(batch),
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_B=batch_block(batch),
         PAD_D=block_d != head_dim, DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=is_fp8(k_cache),
-        ROW_ORDER=row_order is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(out),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(out),
     )
     return out
 
@@ -737,12 +714,11 @@ def paged_attention_decode_split_triton(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int, k_scale: Optional[torch.Tensor] = None,
-                    v_scale: Optional[torch.Tensor] = None, row_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatcher: Triton on CUDA (split-KV for batches of queries of at most SPLIT_MAX_QUERY_LEN tokens
     when num_kv_splits says so: decode, speculative verification and catch-up), the
     torch reference elsewhere or when the backend is forced to "torch". Decides from Python ints
-    and shapes only, never from device values. `row_order` (decode steps: max_query_len 1) is the
-    unified kernel's program order over the requests (paged_attention_triton); the others ignore it."""
+    and shapes only, never from device values."""
     if not triton_enabled_for(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                    max_query_len, max_seq_len, k_scale, v_scale)
@@ -753,5 +729,4 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                        seq_lens, scale, max_query_len, max_seq_len,
                                                        num_splits=splits, k_scale=k_scale, v_scale=v_scale)
     return paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                  max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale,
-                                  row_order=row_order if max_query_len == 1 else None)
+                                  max_query_len, max_seq_len, k_scale=k_scale, v_scale=v_scale)

@@ -191,30 +191,3 @@ def test_attention_config_covers_group() -> None:
             for dtype in (torch.float32, torch.bfloat16):
                 cfg = pa.attention_config(128, group, mql, dtype)
                 assert cfg.block_m >= group and cfg.block_m >= 16 and cfg.block_n >= 16
-
-
-def test_decode_rows_in_any_program_order_give_the_same_values() -> None:
-    # row_order (decode rows longest first, agentserve.model.attention.with_decode_row_order): program i takes
-    # request row_order[i]; each request's output is computed by the same program code: bitwise equal.
-    ctx = [37, 3, 20, 0, 51, 9, 16]
-    batch = random_paged_batch([1] * len(ctx), ctx, 4, 2, 16, 4, torch.float16, seed=71)
-    plain = pa.paged_attention_triton(*batch.args(), SCALE, 1, batch.max_seq_len)
-    longest_first = torch.argsort(batch.seq_lens, descending=True).to(torch.int32)
-    for order in (longest_first, torch.randperm(len(ctx), generator=torch.Generator().manual_seed(3)).to(torch.int32)):
-        out = pa.paged_attention_triton(*batch.args(), SCALE, 1, batch.max_seq_len, row_order=order)
-        assert torch.equal(out, plain)
-    _check(batch, plain, atol=2e-3)
-    # Queries of several tokens work too while each fits one query tile (32 tokens x 2 heads here); a tile
-    # of 8 tokens does not hold the 13-token one: refused.
-    mixed = random_paged_batch(*MIXED, 4, 2, 16, 4, torch.float16, seed=72)
-    reverse = torch.arange(len(MIXED[0]) - 1, -1, -1, dtype=torch.int32)
-    cfg = pa.AttnConfig(64, 16, 4, 1)
-    assert torch.equal(pa.paged_attention_triton(*mixed.args(), SCALE, mixed.max_query_len, mixed.max_seq_len,
-                                                 config=cfg, row_order=reverse),
-                       pa.paged_attention_triton(*mixed.args(), SCALE, mixed.max_query_len, mixed.max_seq_len,
-                                                 config=cfg))
-    with pytest.raises(ValueError, match="row_order"):
-        pa.paged_attention_triton(*mixed.args(), SCALE, mixed.max_query_len, mixed.max_seq_len,
-                                  config=pa.AttnConfig(16, 16, 4, 1), row_order=reverse)
-    with pytest.raises(ValueError, match="row_order"):  # one entry per request
-        pa.paged_attention_triton(*batch.args(), SCALE, 1, batch.max_seq_len, row_order=longest_first[:3])

@@ -117,19 +117,6 @@ def test_decode_large_batch() -> None:
     _assert_close(pa.paged_attention_decode_split_triton(*args, num_splits=4), ref, torch.bfloat16)
 
 
-def test_decode_rows_longest_first() -> None:
-    """The unified kernel's programs taking the decode rows longest first (row_order, as the engine's
-    with_decode_row_order builds it) give the same bits as the batch order, at the throughput batch."""
-    gen = torch.Generator().manual_seed(257)
-    ctx = torch.randint(0, 800, (256,), generator=gen).tolist()
-    batch = random_paged_batch([1] * 256, ctx, 32, 8, 128, 16, torch.bfloat16, DEV, seed=7)
-    args = (*batch.args(), 128 ** -0.5, 1, batch.max_seq_len)
-    order = torch.argsort(batch.seq_lens, descending=True).to(torch.int32)
-    plain = pa.paged_attention_triton(*args)
-    assert torch.equal(pa.paged_attention(*args, row_order=order), plain)
-    _assert_close(plain, _ref(batch, 128 ** -0.5), torch.bfloat16)
-
-
 def test_split_kv_verification_rows() -> None:
     """Speculative verification through the split path at the 8B's layout: 5-token queries (causal
     among themselves) at batch 1 and 4, and a context whose last split holds only keys after the first

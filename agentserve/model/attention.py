@@ -7,8 +7,6 @@ model runner (and the CUDA graphs) build one ForwardMetadata per step from the s
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,32 +27,6 @@ class ForwardMetadata:
     # [T] int32: the LoRA slot of each token (-1: the base model); None while no adapter is active.
     # Not read yet: the multi-LoRA layers will take it from here, as every layer gets this object.
     lora_slot_indices: Optional[torch.Tensor] = None
-    # [B] int32 (decode steps on CUDA): the requests longest context first, the unified attention kernel's
-    # program order (with_decode_row_order); None: the requests in batch order.
-    decode_row_order: Optional[torch.Tensor] = None
-
-
-# Decode rows longest first in the unified attention kernel (batches of at least DECODE_ROW_ORDER_MIN_ROWS,
-# whose grids run several waves of programs of uneven length): off until the H200 measures it
-# (benchmarks/NOTES.md, eighteenth session: benchmarks/attention_order.py, then the throughput A/B).
-# AGENTSERVE_DECODE_ROW_ORDER=1 turns it on.
-DECODE_ROW_ORDER: bool = os.environ.get("AGENTSERVE_DECODE_ROW_ORDER", "0") == "1"
-DECODE_ROW_ORDER_MIN_ROWS = 64
-
-
-def orders_decode_rows(rows: int) -> bool:
-    """Whether decode steps of `rows` rows take their rows longest context first (on CUDA)."""
-    return DECODE_ROW_ORDER and rows >= DECODE_ROW_ORDER_MIN_ROWS
-
-
-def with_decode_row_order(meta: ForwardMetadata) -> ForwardMetadata:
-    """The step's metadata with its decode rows ordered longest context first, where that applies: one
-    argsort per forward (inside the decode graphs, from their seq_lens buffer), read by every layer."""
-    if (meta.max_query_len != 1 or not orders_decode_rows(meta.seq_lens.shape[0]) or not meta.seq_lens.is_cuda
-            or meta.decode_row_order is not None):
-        return meta
-    order = torch.argsort(meta.seq_lens, descending=True).to(torch.int32)
-    return dataclasses.replace(meta, decode_row_order=order)
 
 
 def paged_attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,4 +36,4 @@ def paged_attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if use_sdpa_prefill(q.shape[0], meta.block_tables.shape[0], meta.max_query_len, meta.max_seq_len):
         return sdpa_prefill(q, k_cache, v_cache, meta.slot_mapping, scale, k_scale, v_scale)
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                           scale, meta.max_query_len, meta.max_seq_len, k_scale, v_scale, meta.decode_row_order)
+                           scale, meta.max_query_len, meta.max_seq_len, k_scale, v_scale)

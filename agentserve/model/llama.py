@@ -16,7 +16,7 @@ from torch import nn
 
 from agentserve.kernels.rope_kv_write import rope_and_write_kv
 from agentserve.model.arch_config import ArchConfig
-from agentserve.model.attention import ForwardMetadata, paged_attention_layer, with_decode_row_order
+from agentserve.model.attention import ForwardMetadata, paged_attention_layer
 from agentserve.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentserve.model.layers import GatedMLP, RMSNorm
 from agentserve.model.linear import QKVParallelLinear, RowParallelLinear
@@ -119,7 +119,6 @@ class CausalLM(nn.Module):
         """Returns the final hidden states [T, hidden] (logits are computed for sampled rows only)."""
         x = self.embed_tokens(input_ids)
         residual: Optional[torch.Tensor] = None
-        meta = with_decode_row_order(meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
         return self.norm(x, residual)[0]

@@ -23,7 +23,7 @@ from agentserve.request import Request
 from agentserve.lora.layers import enable_lora
 from agentserve.lora.warmup import warmup_lora_kernels
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.model.attention import ForwardMetadata, orders_decode_rows
+from agentserve.model.attention import ForwardMetadata
 from agentserve.model.layers import rope_cos_sin_cache
 from agentserve.model.loader import build_model
 from agentserve.parallel.rank import TensorParallelRank
@@ -104,8 +104,7 @@ class ModelRunner:
 
             k0, v0 = self.kv_cache.layers[0]
             warmup_unified_variants(k0, v0, self.model.decoder_layer(0).self_attn.num_heads, dtype,
-                                    config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens,
-                                    row_order=orders_decode_rows(config.scheduler.max_num_seqs))
+                                    config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
             if self.lora_manager is not None:  # no Triton compile mid-serving for any step size
                 warmup_lora_kernels(self.lora_manager, config.scheduler.max_num_batched_tokens)
             if config.spec.method is not None:
