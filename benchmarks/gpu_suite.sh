@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|swapcopies]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -49,6 +49,17 @@ if [ "$MODE" = bench16 ]; then
   TMO=590 run bench16 python3 -m agentserve.cli bench $DUMMY --peer hf --peer-requests 256 --agent-loop \
     --out "$OUT/bench16.json"
   kill $CLOCKS
+fi
+if [ "$MODE" = swapcopies ]; then
+  # Twentieth session (~7 min): the swap copies kept after a swap-in (sessions/swap_copies.py). The GPU tests
+  # of the swap streams and the attention kernels (the row order's removal), then the agent loop with the
+  # copies kept (sessions and stateless + prefix caching) and the sessions mode without them, in one call.
+  run pytest-gpu-swap python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    tests/test_kernels_gpu_attention.py tests/test_kernels_compile_sm90.py --junitxml "$OUT/pytest_gpu_swap.xml"
+  TMO=300 run agent-loop-kept python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --out "$OUT/agent_loop_kept.json"
+  AGENTSERVE_KEEP_SWAP_COPIES=0 TMO=200 run agent-loop-off python3 benchmarks/agent_loop.py $DUMMY --agents 64 \
+    --turns 8 --modes sessions --out "$OUT/agent_loop_off.json"
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).

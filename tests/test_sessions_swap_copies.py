@@ -149,3 +149,15 @@ def test_an_eviction_short_of_slots_takes_kept_copies_before_dropping() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+def test_with_kept_copies_off_a_swap_in_frees_every_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentserve.sessions import swap_copies
+
+    monkeypatch.setattr(swap_copies, "KEEP_SWAP_COPIES", False)
+    sessions: dict[str, Session] = {}
+    copies = SwapCopies(8, sessions, block_size=16, pages_hold_draft=False)
+    s = sessions["a"] = _session("a", SessionState.RESIDENT, num_computed=64, pages=4)
+    copies.cover(s, 0)
+    copies.keep_final(s)
+    assert s.swap_slots == [] and copies.num_free == 8

@@ -16,15 +16,19 @@ it), and with a draft model sharing the pages, a page counts as full only where 
 computed too (the draft fills its positions later, into the same pages).
 
 Slots freed here may still be read or written by a copy in flight; cache/swap_streams.py orders every
-copy after the last earlier copy of each of its slots.
+copy after the last earlier copy of each of its slots. AGENTSERVE_KEEP_SWAP_COPIES=0 keeps none (every
+swap-out copies the whole session, the earlier behaviour), for A/B runs.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from agentserve.cache.swap_slots import SwapSlots
 from agentserve.sessions.types import Session, SessionState
+
+KEEP_SWAP_COPIES: bool = os.environ.get("AGENTSERVE_KEEP_SWAP_COPIES", "1") == "1"
 
 
 class SwapCopies:
@@ -57,6 +61,8 @@ class SwapCopies:
     def keep_final(self, s: Session, pages: Optional[int] = None) -> None:
         """Keeps only the copies of pages below `pages` (default: the session's final pages)."""
         end = self.final_pages(s) if pages is None else pages
+        if not KEEP_SWAP_COPIES:
+            end = 0
         keep = max(0, min(len(s.swap_slots), end - s.swap_from))
         self.slots.free(s.swap_slots[keep:])
         s.swap_slots = s.swap_slots[:keep]
