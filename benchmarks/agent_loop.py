@@ -201,7 +201,7 @@ async def run_mode(mode: str, handle: Any, w: Workload, args: argparse.Namespace
     m0 = (engine.metrics.num_preemptions_total, pool.query_tokens, pool.hit_tokens)
     st = handle.store.stats
     counted = ("swap_outs", "swap_ins", "drops", "swap_in_failures", "queued_evicted", "pages_swapped_out",
-               "pages_swap_reused", "swap_copies_released")
+               "pages_swap_reused", "swap_copies_released", "swap_in_finishes_forced")
     s0 = dataclasses.asdict(st)
     rec: list[dict[str, Any]] = []
     hint = args.tool_latency_ms * 1.5
@@ -348,7 +348,9 @@ def print_table(report: dict[str, Any]) -> None:
         if r.get("device_ops_gpu_ms"):
             print(f"{mode}: page copies and swaps held the step's stream for {r['device_ops_gpu_ms']:.0f} ms of GPU "
                   f"({r['device_ops_share_of_wall']:.0%} of the wall; the host spent {r['device_ops_host_ms']:.0f} ms "
-                  f"issuing them; pages {r['device_op_pages']})")
+                  f"issuing them; pages {r['device_op_pages']}; GPU ms by kind "
+                  f"{ {k: round(v) for k, v in r['device_op_gpu_ms_by_kind'].items()} }, host ms by kind "
+                  f"{ {k: round(v) for k, v in r['device_op_host_ms_by_kind'].items()} })")
     if "prefill_reduction_vs_nocache" in report:
         print(f"sessions prefill {report['prefill_reduction_vs_nocache']:.1f}x fewer tokens per loop than "
               f"stateless without prefix caching (target >= 5x); {report['prompt_reduction_vs_nocache']:.1f}x fewer "

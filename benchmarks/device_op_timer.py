@@ -19,9 +19,10 @@ from agentserve.worker.model_runner import ModelRunner
 
 class DeviceOpTimer:
     def __init__(self) -> None:
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # Per op kind (consecutive page copies are one group, as execute_device_ops runs them): events.
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.pages: Counter[str] = Counter()
-        self.host_ms = 0.0
+        self.host_ms: Counter[str] = Counter()
 
     def install(self) -> Callable[[], None]:
         """Wraps ModelRunner.execute_device_ops; returns the undo."""
@@ -34,22 +35,32 @@ class DeviceOpTimer:
                                                    len(op.slots) if isinstance(op, SwapInStart) else len(op.blocks))
             if not ops or not torch.cuda.is_available():
                 return original(runner, ops)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
-            start.record()
-            original(runner, ops)
-            end.record()
-            timer.host_ms += (time.perf_counter() - t0) * 1e3
-            timer._events.append((start, end))
+            while ops:  # one kind at a time, each between its own events; taken off `ops` as the runner would
+                n = 1
+                while isinstance(ops[0], CopyBlocks) and n < len(ops) and isinstance(ops[n], CopyBlocks):
+                    n += 1
+                group, kind = ops[:n], type(ops[0]).__name__
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                start.record()
+                original(runner, group)
+                end.record()
+                timer.host_ms[kind] += (time.perf_counter() - t0) * 1e3
+                timer._events.append((kind, start, end))
+                del ops[:n]
 
         ModelRunner.execute_device_ops = timed  # type: ignore[method-assign]
         return lambda: setattr(ModelRunner, "execute_device_ops", original)
 
     def take(self) -> dict[str, Any]:
-        """GPU and host ms spent in the ops and pages moved since the last take (synchronizes the device)."""
+        """GPU and host ms spent in the ops (in all, and per kind) and pages moved since the last take
+        (synchronizes the device)."""
         if self._events:
             torch.cuda.synchronize()
-        ms = sum(s.elapsed_time(e) for s, e in self._events)
-        pages, self._events, self.pages = dict(self.pages), [], Counter()
-        host_ms, self.host_ms = self.host_ms, 0.0
-        return {"device_ops_gpu_ms": ms, "device_ops_host_ms": host_ms, "device_op_pages": pages}
+        gpu: Counter[str] = Counter()
+        for kind, s, e in self._events:
+            gpu[kind] += s.elapsed_time(e)
+        pages, host = dict(self.pages), dict(self.host_ms)
+        self._events, self.pages, self.host_ms = [], Counter(), Counter()
+        return {"device_ops_gpu_ms": sum(gpu.values()), "device_ops_host_ms": sum(host.values()),
+                "device_op_pages": pages, "device_op_gpu_ms_by_kind": dict(gpu), "device_op_host_ms_by_kind": host}

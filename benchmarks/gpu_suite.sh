@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|swapcopies]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|swapcopies|swapops]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -60,6 +60,14 @@ if [ "$MODE" = swapcopies ]; then
     --modes sessions,stateless-prefix --out "$OUT/agent_loop_kept.json"
   AGENTSERVE_KEEP_SWAP_COPIES=0 TMO=200 run agent-loop-off python3 benchmarks/agent_loop.py $DUMMY --agents 64 \
     --turns 8 --modes sessions --out "$OUT/agent_loop_off.json"
+fi
+if [ "$MODE" = swapops ]; then
+  # Twentieth session (~4 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
+  # at the default two swap-ins in flight and at four.
+  for n in 2 4; do
+    AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT=$n TMO=200 run "agent-loop-inflight-$n" python3 benchmarks/agent_loop.py $DUMMY \
+      --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_inflight$n.json"
+  done
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).

@@ -31,6 +31,7 @@ finish at once). Everything here runs on the engine's step thread.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Callable, Optional
 
@@ -44,7 +45,8 @@ from agentserve.sessions.types import PendingTurn, Restore, Session, SessionStat
 
 # Swap ins whose copies may be in flight at once: each holds a staging copy of its pages on the
 # device beside the KV pool, so they are bounded (the oldest is finished to start one more).
-MAX_RESTORES_IN_FLIGHT = 2
+# AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT overrides it (A/B runs of the agent loop).
+MAX_RESTORES_IN_FLIGHT = int(os.environ.get("AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT", "2"))
 
 
 class Residency:
@@ -284,7 +286,7 @@ class Residency:
         restore = Restore(next(self._tickets), tuple(fresh), tuple(hashes[:min(num_full, len(hashes))]), len(hits))
         if copy:
             if len(self._restoring) >= MAX_RESTORES_IN_FLIGHT:
-                self._finish_restore(self._restoring[0])
+                self._finish_restore(self._restoring[0], forced=True)
             # Started now; finished (written into the pages) before any forward that reads them.
             self.scheduler.queue_device_ops([SwapInStart(tuple(s.swap_slots[len(hits) - s.swap_from:]), restore.ticket)])
             s.restoring = restore
@@ -311,11 +313,13 @@ class Residency:
         """Queues the finish of the session's copy now, arrived or not (the step's stream then waits
         for it): for what touches the pages before its turn runs (eviction, forks, release)."""
         if s.restoring is not None:
-            self._finish_restore(s)
+            self._finish_restore(s, forced=True)
 
-    def _finish_restore(self, s: Session) -> None:
+    def _finish_restore(self, s: Session, forced: bool = False) -> None:
+        """`forced`: queued without having seen the copy arrive (the step's stream may wait for it)."""
         restore = s.restoring
         assert restore is not None
+        self.stats.swap_in_finishes_forced += forced
         s.restoring = None
         self._restoring.remove(s)
         self.scheduler.queue_device_ops([SwapInFinish(restore.blocks, restore.ticket)])

@@ -154,6 +154,7 @@ class SessionStats:
     pages_swapped_in: int = 0
     pages_swap_reused: int = 0      # pages a swap-out did not copy: the copy kept since their swap-in was valid
     swap_copies_released: int = 0   # resident sessions' kept copies given up for another session's swap-out
+    swap_in_finishes_forced: int = 0  # swap-ins written into their pages before their copy was seen to arrive
 
 
 # --- sessions and turns -------------------------------------------------------------------------------
