@@ -62,11 +62,15 @@ if [ "$MODE" = swapcopies ]; then
     --turns 8 --modes sessions --out "$OUT/agent_loop_off.json"
 fi
 if [ "$MODE" = swapops ]; then
-  # Twentieth session (~4 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
-  # at the default two swap-ins in flight and at four.
-  for n in 2 4; do
-    AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT=$n TMO=200 run "agent-loop-inflight-$n" python3 benchmarks/agent_loop.py $DUMMY \
-      --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_inflight$n.json"
+  # Twentieth session (~6 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
+  # with the page kernels (kernels/page_copy.py) against torch's index ops, and at four swap-ins in flight.
+  run pytest-gpu-page-copy python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
+    tests/test_gpu_swap_streams.py --junitxml "$OUT/pytest_gpu_page_copy.xml"
+  for variant in triton torch inflight4; do
+    ( export AGENTSERVE_PAGE_COPY=$([ $variant = torch ] && echo torch || echo triton)
+      export AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT=$([ $variant = inflight4 ] && echo 4 || echo 2)
+      TMO=200 run "agent-loop-$variant" python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+        --modes sessions --out "$OUT/agent_loop_$variant.json" )
   done
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then

@@ -6,14 +6,20 @@ index_copy_ is not implemented for fp8 on every device."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from agentserve.cache.swap_streams import SWAP_STREAMS, SwapStreams
+from agentserve.kernels._triton_utils import triton_enabled_for
 from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes
+from agentserve.kernels.page_copy import gather_pages, page_rows_supported, scatter_pages
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# Whole-page gathers and scatters (swaps, page copies) through kernels/page_copy.py on CUDA; "torch" keeps
+# index_select / index_copy_ over the page-major view (the A/B of the twentieth session's agent loop).
+PAGE_COPY: str = os.environ.get("AGENTSERVE_PAGE_COPY", "triton")
 # A run of a swap in on its way: (positions in the swap's slot list, staged rows, the copy's event or None).
 StagedRun = tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]
 
@@ -73,6 +79,22 @@ class KVCache:
         the swap space's layout, so one index op on dim 0 gathers or scatters whole pages."""
         return raw_bytes(self.pool).permute(2, 0, 1, 3, 4, 5)
 
+    def _page_kernels(self) -> bool:
+        return PAGE_COPY == "triton" and triton_enabled_for(self.pool) and page_rows_supported(raw_bytes(self.pool))
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Pages `index` (device int64) as a new [n, L, 2, block_size, Hkv, D] tensor of the pool's bits."""
+        if self._page_kernels():
+            return gather_pages(raw_bytes(self.pool), index)
+        return self.by_page().index_select(0, index)
+
+    def scatter(self, index: torch.Tensor, pages: torch.Tensor) -> None:
+        """Writes `pages` ([n, L, 2, ...], the pool's bits) into the pool's pages `index`."""
+        if self._page_kernels():
+            scatter_pages(raw_bytes(self.pool), index, pages)
+        else:
+            self.by_page().index_copy_(0, index, pages)
+
     def _index(self, ids: Sequence[int]) -> torch.Tensor:
         """Page ids on the device without a host sync (a pageable copy would wait for the stream)."""
         device = self.layers[0][0].device
@@ -85,7 +107,6 @@ class KVCache:
         """Copy-on-write: page dst gets page src's contents in every layer."""
         if not pairs:
             return
-        pages = self.by_page()
         # In pieces of pages_per_copy, as swaps are: the gather holds every layer of each page it copies.
         # Pairs that chain (a destination another pair reads) take one gather, so every source is read
         # before any page is written (copy-on-write destinations are fresh pages: not in practice).
@@ -94,7 +115,7 @@ class KVCache:
         for i in range(0, len(pairs), step):
             piece = pairs[i:i + step]
             index = self._index([p[0] for p in piece] + [p[1] for p in piece])  # one copy: sources, destinations
-            pages.index_copy_(0, index[len(piece):], pages.index_select(0, index[:len(piece)]))
+            self.scatter(index[len(piece):], self.gather(index[:len(piece)]))
 
     def _runs(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> list[tuple[list[int], int, int]]:
         """Splits a swap into (device pages, first slot, slot count) pieces of consecutive slots, each at
@@ -117,7 +138,7 @@ class KVCache:
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
         for blocks, first, count in self._runs(device_blocks, swap_slots):
-            staged = self.by_page().index_select(0, self._index(blocks))  # [n, L, 2, bs, Hkv, D], contiguous
+            staged = self.gather(self._index(blocks))  # [n, L, 2, bs, Hkv, D], contiguous
             host = raw_bytes(self.swap)[first:first + count]
             if self.swap_streams is not None:
                 self.swap_streams.copy_out(staged, host, range(first, first + count))
@@ -154,7 +175,7 @@ class KVCache:
         if done is not None:
             assert self.swap_streams is not None
             self.swap_streams.finish_in(rows, done)
-        self.by_page().index_copy_(0, self._index([device_blocks[p] for p in positions]), rows)
+        self.scatter(self._index([device_blocks[p] for p in positions]), rows)
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         """swap_in's copy alone, into staging buffers kept under `ticket` until swap_in_finish. With
