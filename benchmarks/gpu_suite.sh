@@ -62,13 +62,15 @@ if [ "$MODE" = swapcopies ]; then
     --turns 8 --modes sessions --out "$OUT/agent_loop_off.json"
 fi
 if [ "$MODE" = swapops ]; then
-  # Twentieth session (~6 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
-  # with the page kernels (kernels/page_copy.py) against torch's index ops, and at four swap-ins in flight.
+  # Twentieth session (~7 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
+  # with the page kernels (kernels/page_copy.py) against torch's index ops, at four swap-ins in flight, and
+  # with idle sessions expected back evicted least recently used first instead of latest expected first.
   run pytest-gpu-page-copy python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
     tests/test_gpu_swap_streams.py --junitxml "$OUT/pytest_gpu_page_copy.xml"
-  for variant in triton torch inflight4; do
+  for variant in default torch inflight4 lru; do
     ( export AGENTSERVE_PAGE_COPY=$([ $variant = torch ] && echo torch || echo triton)
       export AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT=$([ $variant = inflight4 ] && echo 4 || echo 2)
+      export AGENTSERVE_EVICT_ORDER=$([ $variant = lru ] && echo lru || echo expected)
       TMO=200 run "agent-loop-$variant" python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
         --modes sessions --out "$OUT/agent_loop_$variant.json" )
   done
