@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|swapcopies|swapops]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions20]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -50,30 +50,14 @@ if [ "$MODE" = bench16 ]; then
     --out "$OUT/bench16.json"
   kill $CLOCKS
 fi
-if [ "$MODE" = swapcopies ]; then
-  # Twentieth session (~7 min): the swap copies kept after a swap-in (sessions/swap_copies.py). The GPU tests
-  # of the swap streams and the attention kernels (the row order's removal), then the agent loop with the
-  # copies kept (sessions and stateless + prefix caching) and the sessions mode without them, in one call.
-  run pytest-gpu-swap python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    tests/test_kernels_gpu_attention.py tests/test_kernels_compile_sm90.py --junitxml "$OUT/pytest_gpu_swap.xml"
-  TMO=300 run agent-loop-kept python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions,stateless-prefix --out "$OUT/agent_loop_kept.json"
-  AGENTSERVE_KEEP_SWAP_COPIES=0 TMO=200 run agent-loop-off python3 benchmarks/agent_loop.py $DUMMY --agents 64 \
-    --turns 8 --modes sessions --out "$OUT/agent_loop_off.json"
-fi
-if [ "$MODE" = swapops ]; then
-  # Twentieth session (~7 min): what the sessions' 2.1 s of device ops are, per op kind (device_op_timer.py),
-  # with the page kernels (kernels/page_copy.py) against torch's index ops, at four swap-ins in flight, and
-  # with idle sessions expected back evicted least recently used first instead of latest expected first.
-  run pytest-gpu-page-copy python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
-    tests/test_gpu_swap_streams.py --junitxml "$OUT/pytest_gpu_page_copy.xml"
-  for variant in default torch inflight4 lru; do
-    ( export AGENTSERVE_PAGE_COPY=$([ $variant = torch ] && echo torch || echo triton)
-      export AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT=$([ $variant = inflight4 ] && echo 4 || echo 2)
-      export AGENTSERVE_EVICT_ORDER=$([ $variant = lru ] && echo lru || echo expected)
-      TMO=200 run "agent-loop-$variant" python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-        --modes sessions --out "$OUT/agent_loop_$variant.json" )
-  done
+if [ "$MODE" = sessions20 ]; then
+  # Twentieth session (~5 min): the GPU tests of the page kernels and the swap streams, then the agent loop's ratio
+  # (sessions and stateless + prefix caching in one process) at the session's defaults: kept swap copies,
+  # page kernels, four swap-ins in flight. (swapcopies and swapops, its A/B runs, are in results/s20.)
+  TMO=120 run pytest-gpu-sessions python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
+    tests/test_gpu_swap_streams.py --junitxml "$OUT/pytest_gpu_sessions.xml"
+  TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).

@@ -5,9 +5,9 @@ the session's pages only when the scheduler admits it (`TurnAdmission`, a schedu
 then a queued turn holds nothing of its own, and the scheduler admits it only when its whole prompt
 fits next to what the running requests will claim, so running turns are rarely preempted. When pages
 run short the scheduler calls `reclaim`, which takes pages from sessions before anything running is
-touched: first idle sessions past their expected-next-turn hint, then those without a hint (least
-recently used first in both), then those expected back, the latest expected first, and last the
-sessions whose turn is queued but not admitted (the newest arrivals first). An evicted session's pages are copied
+touched: first idle sessions past their expected-next-turn hint, then those without a hint, then
+those expected back soon (least recently used first within each group), and last the sessions whose
+turn is queued but not admitted (the newest arrivals first). An evicted session's pages are copied
 to CPU swap space (SWAPPED) — all but the leading pages that other owners still hold and that are
 findable by hash (a common system prompt and tools, left to the prefix cache) — or, when swap is
 full, dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn
@@ -44,10 +44,11 @@ from agentserve.sessions.swap_copies import SwapCopies
 from agentserve.sessions.types import PendingTurn, Restore, Session, SessionState, SessionStats
 
 # Swap ins whose copies may be in flight at once: each holds a staging copy of its pages on the
-# device beside the KV pool, so they are bounded (the oldest is finished to start one more).
-# AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT overrides it (A/B runs of the agent loop).
-MAX_RESTORES_IN_FLIGHT = int(os.environ.get("AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT", "2"))
-EVICT_ORDER: str = os.environ.get("AGENTSERVE_EVICT_ORDER", "expected")
+# device beside the KV pool, so they are bounded (the oldest is finished to start one more, and the
+# step's stream then waits for its copy). Four: on the H200's agent loop (64 agents, pool 25%) two forced
+# 36 of ~300 finishes before their copy arrived, four forced 2, and the swap-in scatters' stream time
+# fell 328 -> 184 ms (benchmarks/NOTES.md, twentieth session). AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT overrides it.
+MAX_RESTORES_IN_FLIGHT = int(os.environ.get("AGENTSERVE_MAX_SWAP_INS_IN_FLIGHT", "4"))
 
 
 class Residency:
@@ -138,19 +139,20 @@ class Residency:
 
     # --- eviction ---------------------------------------------------------------------------------------
     def eviction_order(self, exclude: Optional[Session] = None) -> list[Session]:
-        """Idle resident sessions, the first to evict first: those past their expected-next-turn hint
-        and those without one, least recently used first; then those expected back, the latest expected
-        first (the page that is needed furthest in the future goes first, as Belady's rule has it: with
-        equal hints that is the most recently active one, whose turn comes last; AGENTSERVE_EVICT_ORDER=lru
-        orders them least recently used first too, for A/B runs)."""
+        """Idle resident sessions, the first to evict first: past their expected-next-turn hint, then without
+        one, then expected back; least recently used first in each group. (Latest expected first among those
+        expected back, Belady's order, was measured on the H200's agent loop: the same swap-ins, since under
+        that pressure every idle session is evicted anyway; benchmarks/NOTES.md, twentieth session.)"""
         now = time.monotonic()
 
         def key(s: Session) -> tuple[int, float]:
             if s.expected_by is None:
-                return (1, s.last_active)
-            if now > s.expected_by:
-                return (0, s.last_active)
-            return (2, s.last_active if EVICT_ORDER == "lru" else -s.expected_by)
+                group = 1
+            elif now > s.expected_by:
+                group = 0
+            else:
+                group = 2
+            return (group, s.last_active)
 
         idle = [s for s in self.sessions.values()
                 if s is not exclude and s.busy is None and s.state is SessionState.RESIDENT and s.block_table]
