@@ -34,33 +34,22 @@ def page_rows_supported(pool: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _gather_pages_kernel(rows_ptr, out_ptr, ids_ptr, num_blocks, ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """out[i, r, :] = rows[r, ids[i], :] for one chunk of BLOCK words."""
+def _move_pages_kernel(rows_ptr, buf_ptr, ids_ptr, num_blocks, ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr,
+                       BLOCK: tl.constexpr, TO_POOL: tl.constexpr):
+    """One chunk of BLOCK words between rows[r, ids[i], :] and buf[i, r, :]: a gather into buf, or with
+    TO_POOL a scatter into the pool's rows."""
     i = tl.program_id(0)
     r = tl.program_id(1)
     c = tl.program_id(2)
     page = tl.load(ids_ptr + i).to(tl.int64)
     offs = c * BLOCK + tl.arange(0, BLOCK)
     mask = offs < ROW_WORDS
-    src = rows_ptr + (r * num_blocks + page) * ROW_WORDS + offs
-    dst = out_ptr + (i.to(tl.int64) * NUM_ROWS + r) * ROW_WORDS + offs
-    tl.store(dst, tl.load(src, mask=mask), mask=mask)
-
-
-@triton.jit
-def _scatter_pages_kernel(rows_ptr, src_ptr, ids_ptr, num_blocks, ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """rows[r, ids[i], :] = src[i, r, :] for one chunk of BLOCK words."""
-    i = tl.program_id(0)
-    r = tl.program_id(1)
-    c = tl.program_id(2)
-    page = tl.load(ids_ptr + i).to(tl.int64)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < ROW_WORDS
-    src = src_ptr + (i.to(tl.int64) * NUM_ROWS + r) * ROW_WORDS + offs
-    dst = rows_ptr + (r * num_blocks + page) * ROW_WORDS + offs
-    tl.store(dst, tl.load(src, mask=mask), mask=mask)
+    pool_row = rows_ptr + (r * num_blocks + page) * ROW_WORDS + offs
+    buf_row = buf_ptr + (i.to(tl.int64) * NUM_ROWS + r) * ROW_WORDS + offs
+    if TO_POOL:
+        tl.store(pool_row, tl.load(buf_row, mask=mask), mask=mask)
+    else:
+        tl.store(buf_row, tl.load(pool_row, mask=mask), mask=mask)
 
 
 def _grid(n: int, rows: torch.Tensor) -> tuple[tuple[int, int, int], int]:
@@ -75,8 +64,8 @@ def gather_pages(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, *pool.shape[:2], *pool.shape[3:]), dtype=pool.dtype, device=pool.device)
     if n:
         grid, block = _grid(n, rows)
-        _gather_pages_kernel[grid](rows, out.view(torch.uint8).view(torch.int32), ids, rows.shape[1],
-                                   ROW_WORDS=rows.shape[2], NUM_ROWS=rows.shape[0], BLOCK=block, num_warps=4)
+        _move_pages_kernel[grid](rows, out.view(torch.uint8).view(torch.int32), ids, rows.shape[1],
+                                 ROW_WORDS=rows.shape[2], NUM_ROWS=rows.shape[0], BLOCK=block, TO_POOL=False, num_warps=4)
     return out
 
 
@@ -89,5 +78,5 @@ def scatter_pages(pool: torch.Tensor, ids: torch.Tensor, pages: torch.Tensor) ->
         raise ValueError(f"pages {tuple(pages.shape)} {pages.dtype} do not match {expected} {pool.dtype}")
     if n:
         grid, block = _grid(n, rows)
-        _scatter_pages_kernel[grid](rows, pages.contiguous().view(torch.uint8).view(torch.int32), ids, rows.shape[1],
-                                    ROW_WORDS=rows.shape[2], NUM_ROWS=rows.shape[0], BLOCK=block, num_warps=4)
+        _move_pages_kernel[grid](rows, pages.contiguous().view(torch.uint8).view(torch.int32), ids, rows.shape[1],
+                                 ROW_WORDS=rows.shape[2], NUM_ROWS=rows.shape[0], BLOCK=block, TO_POOL=True, num_warps=4)

@@ -17,7 +17,7 @@ from agentserve.kernels import page_copy  # noqa: E402
 from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes  # noqa: E402
 from helpers.interpreter import interpreter_only  # noqa: E402
 
-pytestmark = interpreter_only(page_copy._gather_pages_kernel)
+pytestmark = interpreter_only(page_copy._move_pages_kernel)
 
 
 def _pool(dtype: torch.dtype, layers: int, blocks: int, page: int, hkv: int, head_dim: int) -> torch.Tensor:
