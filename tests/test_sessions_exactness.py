@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agentserve.service import agent_pb2 as pb
-from conftest_grpc import SYSTEM, TOOLS, make_engine, model_path, reference, run, serving, swap_gb_for
+from conftest_grpc import SYSTEM, TOOLS, make_engine, model_path, reference, run_and_shutdown, serving, swap_gb_for
 
 GREEDY = dict(temperature=0.0, max_tokens=8, return_token_ids=True)
 BS = 16
@@ -26,6 +26,13 @@ NEW_MESSAGES: list[list[dict[str, Any]]] = [
     [{"role": "tool", "tool_call_id": "c2", "content": "buy milk\nwalk the dog\n" * 4}],
     [{"role": "user", "content": "Thanks! Now summarise both in one sentence."}],
 ]
+
+
+def _check_every_proposal_accepted(aeng: Any, spec: str) -> None:
+    """With SPEC's draft (the target's own weights) every proposal is accepted: a session's pages that lost or
+    staled the draft's KV would show as rejected proposals."""
+    m = aeng.engine.metrics
+    assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
 
 
 def _check_exact(turns: list[Any], tools: Any = TOOLS) -> None:
@@ -68,10 +75,7 @@ def test_turns_are_exact_and_prefill_only_new_tokens(async_scheduling: bool) -> 
             await session.close()
         _check_exact(turns)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 # Speculation with the target as its own draft: the sessions' pages hold the draft's KV too, and swap,
@@ -112,12 +116,8 @@ def test_fork_shares_pages_and_both_branches_stay_exact(spec: str) -> None:
                 await s.close()
         _check_exact(turns)
 
-    try:
-        run(body())
-        m = aeng.engine.metrics
-        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
+    _check_every_proposal_accepted(aeng, spec)
 
 
 async def _pressure(client: Any, pages: int, salt: str) -> None:
@@ -165,12 +165,8 @@ def test_swap_out_and_in_is_exact(spec: str) -> None:
             assert handle.store.num_free_swap_slots == handle.store.num_swap_slots
         _check_exact(turns)
 
-    try:
-        run(body())
-        m = aeng.engine.metrics
-        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
+    _check_every_proposal_accepted(aeng, spec)
 
 
 @pytest.mark.parametrize("spec", SPEC)
@@ -206,12 +202,8 @@ def test_eviction_without_swap_recomputes_exactly(spec: str) -> None:
             await session.close()
         _check_exact(turns)
 
-    try:
-        run(body())
-        m = aeng.engine.metrics
-        assert not SPEC[spec] or m.spec_num_accepted_tokens == m.spec_num_draft_tokens > 0
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
+    _check_every_proposal_accepted(aeng, spec)
 
 
 def test_shared_preamble_is_held_once() -> None:
@@ -239,10 +231,7 @@ def test_shared_preamble_is_held_once() -> None:
                 await s.close()
         _check_exact(results)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_sessions_past_their_hint_yield_first() -> None:
@@ -274,10 +263,7 @@ def test_sessions_past_their_hint_yield_first() -> None:
             for s in (late, soon, nohint):
                 await s.close()
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_partial_swap_leaves_a_shared_preamble_to_the_prefix_cache() -> None:
@@ -308,10 +294,7 @@ def test_partial_swap_leaves_a_shared_preamble_to_the_prefix_cache() -> None:
             await b.close()
         _check_exact(turns)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_swapped_session_waits_for_pages_instead_of_recomputing() -> None:
@@ -340,10 +323,7 @@ def test_swapped_session_waits_for_pages_instead_of_recomputing() -> None:
             await session.close()
         _check_exact(turns)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)
 
 
 def test_queued_turns_sessions_yield_to_the_head_of_the_queue() -> None:
@@ -377,7 +357,4 @@ def test_queued_turns_sessions_yield_to_the_head_of_the_queue() -> None:
                 await s.close()
         _check_exact(first + list(second), tools=None)
 
-    try:
-        run(body())
-    finally:
-        aeng.shutdown()
+    run_and_shutdown(aeng, body(), timeout=120)

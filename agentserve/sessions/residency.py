@@ -13,9 +13,9 @@ findable by hash (a common system prompt and tools, left to the prefix cache) â€
 full, dropped (EVICTED; their full pages stay findable by hash until reused, so the next turn
 recomputes only what is gone). A swap-in keeps the swap copies of the session's full pages, so its
 next swap-out copies only the pages written since (sessions/swap_copies.py). At admission a swapped
-session is copied back in, reusing leading
-pages still in the prefix cache; its turn waits in the queue while running requests hold the pages
-it needs (Timing.swap_wait_ms) rather than dropping the copy and recomputing.
+session is copied back in, reusing leading pages still in the prefix cache; its turn waits in the
+queue while running requests hold the pages it needs (Timing.swap_wait_ms) rather than dropping the
+copy and recomputing.
 
 The copies themselves are device ops (cache/device_ops.py) queued on the scheduler: they run with
 the next step, before its forward, on every rank. Page bookkeeping changes here at once; the stream
