@@ -3,7 +3,9 @@
 in the step waits for them. CUDA events around ModelRunner.execute_device_ops, read once per
 benchmark mode; on the CPU (no events) it counts pages only. The host's time inside the calls is
 timed too (issuing the copies, waiting on copy-stream events or a staged-bytes bound): when it
-exceeds the GPU time, the step's stream idles on the host, not on the copies."""
+exceeds the GPU time, the step's stream idles on the host, not on the copies. Also counted: the page
+kernels (gathers and scatters) the ops launched, and the host's waits at the swap-out staging bound
+(cache/swap_streams.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from agentserve.cache.device_ops import CopyBlocks, DeviceOp, SwapInStart
+from agentserve.cache.device_ops import CopyBlocks, DeviceOp, PageStores, SwapInStart
+from agentserve.cache.kv_cache import KVCache
+from agentserve.cache.swap_streams import SwapStreams
 from agentserve.worker.model_runner import ModelRunner
 
 
@@ -23,13 +27,33 @@ class DeviceOpTimer:
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.pages: Counter[str] = Counter()
         self.host_ms: Counter[str] = Counter()
+        self.page_kernels = 0  # gathers and scatters launched by the ops
+        # The swap streams seen, with their bound-wait counters at the last take.
+        self._streams: dict[int, tuple[SwapStreams, int, float]] = {}
+
+    def _watch_streams(self, runner: ModelRunner) -> None:
+        stores = runner.pages.stores if isinstance(runner.pages, PageStores) else [runner.pages]
+        for store in stores:
+            streams = store.swap_streams if isinstance(store, KVCache) else None
+            if streams is not None and id(streams) not in self._streams:
+                self._streams[id(streams)] = (streams, streams.bound_waits, streams.bound_wait_ms)
 
     def install(self) -> Callable[[], None]:
-        """Wraps ModelRunner.execute_device_ops; returns the undo."""
+        """Wraps ModelRunner.execute_device_ops and KVCache's page moves; returns the undo."""
         original = ModelRunner.execute_device_ops
+        gather, scatter = KVCache.gather, KVCache.scatter
         timer = self
 
+        def counted_gather(cache: KVCache, index: Any) -> Any:
+            timer.page_kernels += 1
+            return gather(cache, index)
+
+        def counted_scatter(cache: KVCache, index: Any, pages: Any) -> None:
+            timer.page_kernels += 1
+            scatter(cache, index, pages)
+
         def timed(runner: ModelRunner, ops: list[DeviceOp]) -> None:
+            timer._watch_streams(runner)
             for op in ops:  # counted first: execute_device_ops takes each op off the list as it runs
                 timer.pages[type(op).__name__] += (1 if isinstance(op, CopyBlocks) else
                                                    len(op.slots) if isinstance(op, SwapInStart) else len(op.blocks))
@@ -50,7 +74,13 @@ class DeviceOpTimer:
                 del ops[:n]
 
         ModelRunner.execute_device_ops = timed  # type: ignore[method-assign]
-        return lambda: setattr(ModelRunner, "execute_device_ops", original)
+        KVCache.gather = counted_gather  # type: ignore[method-assign]
+        KVCache.scatter = counted_scatter  # type: ignore[method-assign]
+
+        def undo() -> None:
+            ModelRunner.execute_device_ops = original  # type: ignore[method-assign]
+            KVCache.gather, KVCache.scatter = gather, scatter  # type: ignore[method-assign]
+        return undo
 
     def take(self) -> dict[str, Any]:
         """GPU and host ms spent in the ops (in all, and per kind) and pages moved since the last take
@@ -62,5 +92,12 @@ class DeviceOpTimer:
             gpu[kind] += s.elapsed_time(e)
         pages, host = dict(self.pages), dict(self.host_ms)
         self._events, self.pages, self.host_ms = [], Counter(), Counter()
+        waits, wait_ms = 0, 0.0
+        for key, (streams, seen_waits, seen_ms) in self._streams.items():
+            waits += streams.bound_waits - seen_waits
+            wait_ms += streams.bound_wait_ms - seen_ms
+            self._streams[key] = (streams, streams.bound_waits, streams.bound_wait_ms)
+        kernels, self.page_kernels = self.page_kernels, 0
         return {"device_ops_gpu_ms": sum(gpu.values()), "device_ops_host_ms": sum(host.values()),
-                "device_op_pages": pages, "device_op_gpu_ms_by_kind": dict(gpu), "device_op_host_ms_by_kind": host}
+                "device_op_pages": pages, "device_op_gpu_ms_by_kind": dict(gpu), "device_op_host_ms_by_kind": host,
+                "page_kernels": kernels, "staging_bound_waits": waits, "staging_bound_wait_ms": wait_ms}

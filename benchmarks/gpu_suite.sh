@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions20]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -50,12 +50,15 @@ if [ "$MODE" = bench16 ]; then
     --out "$OUT/bench16.json"
   kill $CLOCKS
 fi
-if [ "$MODE" = sessions20 ]; then
-  # Twentieth session (~4 min): with SESSIONS20_TESTS=1 the GPU tests of the page kernels and the swap streams, then the agent loop's ratio
-  # (sessions and stateless + prefix caching in one process) at the session's defaults: kept swap copies,
-  # page kernels, four swap-ins in flight. (swapcopies and swapops, its A/B runs, are in results/s20.)
-  [ -n "${SESSIONS20_TESTS:-}" ] && TMO=120 run pytest-gpu-sessions python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_kernels_gpu_page_copy.py tests/test_gpu_swap_streams.py --junitxml "$OUT/pytest_gpu_sessions.xml"
+if [ "$MODE" = sessions21 ]; then
+  # Twenty-first session (~7 min): the GPU tests of the page kernels, the swap streams and the engine's swaps;
+  # the sessions mode alone with the old 1 GiB staging bound (the A/B of the bound sized from free memory);
+  # then the agent loop's ratio (sessions and stateless + prefix caching in one process) at the defaults:
+  # the bound from free memory, swaps in 256 MiB pieces of one gather or scatter each.
+  TMO=180 run pytest-gpu-sessions python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
+    tests/test_gpu_swap_streams.py tests/test_gpu_engine.py --junitxml "$OUT/pytest_gpu_sessions.xml"
+  AGENTSERVE_SWAP_STAGING_GB=1 TMO=150 run agent-loop-staging-1gib python3 benchmarks/agent_loop.py $DUMMY \
+    --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_staging_1gib.json"
   TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
 fi

@@ -287,6 +287,31 @@ def test_device_op_timer_counts_the_pages_each_op_moves() -> None:
     assert taken["device_ops_gpu_ms"] == 0 and timer.take()["device_op_pages"] == {}
 
 
+def test_device_op_timer_counts_the_page_kernels_of_a_real_cache() -> None:
+    import torch
+    from types import SimpleNamespace
+
+    from device_op_timer import DeviceOpTimer
+
+    from agentserve.cache.device_ops import CopyBlocks, SwapOut
+    from agentserve.cache.kv_cache import KVCache
+    from agentserve.worker.model_runner import ModelRunner
+
+    cache = KVCache(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=1, head_dim=4, dtype=torch.float32,
+                    device=torch.device("cpu"), num_swap_blocks=8)
+    cache.pages_per_copy = 2
+    runner = SimpleNamespace(parallel=None, pages=cache)
+    timer = DeviceOpTimer()
+    undo = timer.install()
+    try:  # three pages in two pieces (two gathers), then one copy (a gather and a scatter)
+        ModelRunner.execute_device_ops(runner, [SwapOut((1, 2, 3), (5, 0, 1)), CopyBlocks(4, 5)])  # type: ignore[arg-type]
+    finally:
+        undo()
+    taken = timer.take()
+    assert taken["page_kernels"] == 4 and taken["staging_bound_waits"] == 0  # no swap streams on the CPU
+    assert timer.take()["page_kernels"] == 0
+
+
 def test_lora_tiles_smoke(tmp_path: Path) -> None:
     """benchmarks/lora_tiles.py (interpreter, tiny shapes): every row times the previous tiles, the
     heuristic's and the best swept config, and names that config."""

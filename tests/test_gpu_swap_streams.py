@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from agentserve.cache import kv_cache as kv_cache_module
-from agentserve.cache import swap_streams
 from agentserve.cache.kv_cache import KVCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -86,16 +85,21 @@ def test_reused_swap_slots_wait_for_the_copies_in_flight() -> None:
     cache.release()
 
 
-def test_staged_swap_out_buffers_stay_under_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staged_swap_out_buffers_stay_under_the_bound() -> None:
     torch.manual_seed(2)
     cache = _cache(num_swap_blocks=400)
     assert cache.swap_streams is not None
-    monkeypatch.setattr(swap_streams, "MAX_STAGED_BYTES", 16 << 20)
+    assert 1 << 30 <= cache.swap_streams.max_staged_bytes <= 4 << 30  # sized from the free device memory
+    cache.swap_streams.max_staged_bytes = 16 << 20
     cache.pages_per_copy = 16  # 8 MiB pieces: the bound holds two
     pages = list(range(0, 400))
     saved = _pages(cache, pages)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(50):  # the gathers, and the copies after them, queue behind ~10 ms of step work
+        a = (a @ a) / 64
     cache.swap_out(pages, list(range(0, 400)))
     assert cache.swap_streams.staged_bytes <= 16 << 20
+    assert cache.swap_streams.bound_waits > 0, "the third piece's gather was queued without waiting for the first"
     _busy_rewrite(cache, pages)
     cache.swap_in(list(range(0, 400)), list(range(100, 500)))
     _assert_pages(cache, saved, list(range(100, 500)))

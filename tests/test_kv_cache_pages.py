@@ -52,3 +52,35 @@ def test_copy_blocks_in_pieces_and_chained_pairs() -> None:
     before = _pages(cache, [1, 2])
     cache.copy_blocks([(1, 2), (2, 3)])  # a chain: page 3 gets page 2 as it was before the copy
     assert all(torch.equal(a, b) for a, b in zip(_pages(cache, [2, 3]), before))
+
+
+def test_a_swap_of_scattered_slots_is_one_gather_or_scatter_per_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slots in five runs of one or two (kept swap copies and released slots fragment them): the pages
+    # still move in pieces of pages_per_copy, one gather (out) or scatter (in) each, with one host copy
+    # per run of consecutive slots inside a piece; the swap in's rows own their memory, so slots reused
+    # by a later swap out before the finish do not change what the finish writes.
+    cache = _filled(torch.bfloat16)
+    cache.pages_per_copy = 4
+    calls = {"gather": 0, "scatter": 0}
+    gather, scatter = cache.gather, cache.scatter
+
+    def counted_gather(index: torch.Tensor) -> torch.Tensor:
+        calls["gather"] += 1
+        return gather(index)
+
+    def counted_scatter(index: torch.Tensor, pages: torch.Tensor) -> None:
+        calls["scatter"] += 1
+        scatter(index, pages)
+
+    monkeypatch.setattr(cache, "gather", counted_gather)
+    monkeypatch.setattr(cache, "scatter", counted_scatter)
+    blocks, slots = [5, 0, 9, 2, 7, 3], [8, 1, 2, 6, 4, 5]
+    before = _pages(cache, blocks)
+    cache.swap_out(blocks, slots)
+    assert calls == {"gather": 2, "scatter": 0}  # 6 pages in pieces of 4: two, over five slot runs
+    cache.swap_in_start(slots, ticket=1)
+    cache.swap_out([11, 10, 1, 4, 6, 8], slots)  # the slots are reused before the finish
+    back = [1, 4, 6, 8, 10, 11]
+    cache.swap_in_finish(back, ticket=1)
+    assert calls == {"gather": 4, "scatter": 2}
+    assert all(torch.equal(a, b) for a, b in zip(_pages(cache, back), before))

@@ -20,8 +20,12 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Whole-page gathers and scatters (swaps, page copies) through kernels/page_copy.py on CUDA; "torch" keeps
 # index_select / index_copy_ over the page-major view (the A/B of the twentieth session's agent loop).
 PAGE_COPY: str = os.environ.get("AGENTSERVE_PAGE_COPY", "triton")
-# A run of a swap in on its way: (positions in the swap's slot list, staged rows, the copy's event or None).
-StagedRun = tuple[list[int], torch.Tensor, Optional[torch.cuda.Event]]
+# A piece of a swap in on its way: (positions in the swap's slot list, staged rows, the copy's event or None).
+StagedPiece = tuple[range, torch.Tensor, Optional[torch.cuda.Event]]
+# Bytes of pages per gather or scatter of a swap or page copy: the transient device memory one piece
+# holds. Each piece costs the host an index upload, a kernel launch and (swaps) events and stream
+# waits, ~0.1-0.3 ms; 256 MiB is 128 pages of Llama-3.1-8B, an 8k-token conversation in ~4 pieces.
+PIECE_BYTES = 256 << 20
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -54,11 +58,11 @@ class KVCache:
         self.num_swap_blocks = num_swap_blocks
         self.swap = torch.empty((num_swap_blocks, num_layers, 2, *shape[1:]), dtype=dtype,
                                 pin_memory=device.type == "cuda" and num_swap_blocks > 0)
-        # Pages staged per device copy: bounds the transient device memory a swap needs (~64 MiB).
+        # Pages per gather or scatter (PIECE_BYTES of them).
         block_bytes = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-        self.pages_per_copy = max(1, (64 << 20) // block_bytes)
+        self.pages_per_copy = max(1, PIECE_BYTES // block_bytes)
         # Started swap ins waiting for their finish: ticket -> (positions, staged rows, copy's event).
-        self._staged_in: dict[int, list[StagedRun]] = {}
+        self._staged_in: dict[int, list[StagedPiece]] = {}
         # PCIe copies off the step's stream (cache/swap_streams.py); None: on it (CPU, or the A/B flag).
         self.swap_streams = (SwapStreams(device) if device.type == "cuda" and num_swap_blocks > 0 and SWAP_STREAMS
                              else None)
@@ -117,72 +121,81 @@ class KVCache:
             index = self._index([p[0] for p in piece] + [p[1] for p in piece])  # one copy: sources, destinations
             self.scatter(index[len(piece):], self.gather(index[:len(piece)]))
 
-    def _runs(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> list[tuple[list[int], int, int]]:
-        """Splits a swap into (device pages, first slot, slot count) pieces of consecutive slots, each at
-        most pages_per_copy long."""
-        runs: list[tuple[list[int], int, int]] = []
-        i = 0
-        while i < len(swap_slots):
-            j = i + 1
-            while j < len(swap_slots) and j - i < self.pages_per_copy and swap_slots[j] == swap_slots[j - 1] + 1:
-                j += 1
-            runs.append((list(device_blocks[i:j]), swap_slots[i], j - i))
-            i = j
-        return runs
+    def _pieces(self, swap_slots: Sequence[int]) -> Iterator[tuple[range, list[tuple[int, int, int]]]]:
+        """Splits a swap into pieces of at most pages_per_copy positions (in swap_slots' order), each with
+        its runs of consecutive slots: (positions, [(offset in the piece, first slot, slot count)]). A
+        piece is one gather or scatter on the device whatever its slots; a run is one host copy."""
+        for start in range(0, len(swap_slots), self.pages_per_copy):
+            positions = range(start, min(len(swap_slots), start + self.pages_per_copy))
+            runs: list[tuple[int, int, int]] = []
+            i = positions.start
+            while i < positions.stop:
+                j = i + 1
+                while j < positions.stop and swap_slots[j] == swap_slots[j - 1] + 1:
+                    j += 1
+                runs.append((i - positions.start, swap_slots[i], j - i))
+                i = j
+            yield positions, runs
 
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
-        """Copies pages to CPU swap slots: per run of consecutive slots, one gather on the device and
-        one device-to-host copy for all layers. The gather is queued on the step's stream: pages freed
-        after this call are rewritten only by later work on that stream, after it has read them. The
-        copy to the pinned host memory follows on a copy stream (swap_streams) or on the same one."""
+        """Copies pages to CPU swap slots: per piece, one gather on the device and one device-to-host copy
+        per run of consecutive slots in it. The gather is queued on the step's stream: pages freed after
+        this call are rewritten only by later work on that stream, after it has read them. The copies to
+        the pinned host memory follow on a copy stream (swap_streams) or on the same one."""
         device = self.layers[0][0].device
         non_blocking = device.type == "cuda"
-        for blocks, first, count in self._runs(device_blocks, swap_slots):
-            staged = self.gather(self._index(blocks))  # [n, L, 2, bs, Hkv, D], contiguous
-            host = raw_bytes(self.swap)[first:first + count]
+        swap = raw_bytes(self.swap)
+        for positions, runs in self._pieces(swap_slots):
+            staged = self.gather(self._index(device_blocks[positions.start:positions.stop]))  # [n, L, 2, bs, Hkv, D]
+            copies = [(staged[offset:offset + count], swap[first:first + count], range(first, first + count))
+                      for offset, first, count in runs]
             if self.swap_streams is not None:
-                self.swap_streams.copy_out(staged, host, range(first, first + count))
+                self.swap_streams.copy_out(staged, copies)
             else:
-                host.copy_(staged, non_blocking=non_blocking)
+                for rows, host, _ in copies:
+                    host.copy_(rows, non_blocking=non_blocking)
 
     def swap_in(self, swap_slots: Sequence[int], device_blocks: Sequence[int]) -> None:
         """Copies swap slots back into device pages (the reverse of swap_out, equally asynchronous: a
         slot freed after this call is rewritten only by a later swap_out, which waits for this copy).
-        With swap_streams the host-to-device copy starts now on the copy stream and the step's stream
-        waits for it only at the scatter into the pages. Run by run: one staged piece at a time."""
-        for run in self._copy_in(swap_slots, own_rows=False):
-            self._place(run, device_blocks)
+        With swap_streams the host-to-device copies start now on the copy stream and the step's stream
+        waits for them only at the scatter into the pages. Piece by piece: one staged piece at a time."""
+        for piece in self._copy_in(swap_slots):
+            self._place(piece, device_blocks)
 
-    def _copy_in(self, swap_slots: Sequence[int], own_rows: bool) -> Iterator[StagedRun]:
-        """Starts the host-to-device copy of each run of consecutive slots (pieces of pages_per_copy),
-        lazily: (positions in swap_slots, the staged rows [n, L, 2, bs, Hkv, D], the copy's event, or
-        None when it is queued on the step's stream). `own_rows`: the rows must not share memory with
-        the swap slots (a staged swap in outlives its slots, which are freed when it starts: on the
-        CPU, `.to(device)` would return a view of them, and a swap out reusing the slots before the
-        finish would hand the session another session's pages)."""
+    def _copy_in(self, swap_slots: Sequence[int]) -> Iterator[StagedPiece]:
+        """Starts the host-to-device copies of each piece, lazily: (its positions in swap_slots, the staged
+        rows [n, L, 2, bs, Hkv, D], the copies' event, or None when they are queued on the step's stream).
+        The rows never share memory with the swap slots (a staged swap in outlives its slots, which are
+        freed when it starts: a view of them, as `.to(device)` gives on the CPU, would hand the session
+        the pages of whichever session's swap out reused the slots before the finish)."""
         device = self.layers[0][0].device
-        for positions, first, count in self._runs(list(range(len(swap_slots))), swap_slots):
-            host = raw_bytes(self.swap[first:first + count])
+        swap = raw_bytes(self.swap)
+        for positions, runs in self._pieces(swap_slots):
+            hosts = [(swap[first:first + count], range(first, first + count)) for _, first, count in runs]
             if self.swap_streams is not None:
-                rows, done = self.swap_streams.start_in(host, range(first, first + count))
+                rows, done = self.swap_streams.start_in(hosts)
                 yield positions, rows, done
-            else:
-                yield positions, host.to(device, non_blocking=device.type == "cuda", copy=own_rows), None
+                continue
+            rows = torch.empty((len(positions), *swap.shape[1:]), dtype=swap.dtype, device=device)
+            for (offset, _, count), (host, _) in zip(runs, hosts):
+                rows[offset:offset + count].copy_(host, non_blocking=device.type == "cuda")
+            yield positions, rows, None
 
-    def _place(self, run: StagedRun, device_blocks: Sequence[int]) -> None:
-        """A staged run into its pages (device_blocks[i] gets position i), on the current stream."""
-        positions, rows, done = run
+    def _place(self, piece: StagedPiece, device_blocks: Sequence[int]) -> None:
+        """A staged piece into its pages (device_blocks[i] gets position i), on the current stream."""
+        positions, rows, done = piece
         if done is not None:
             assert self.swap_streams is not None
             self.swap_streams.finish_in(rows, done)
-        self.scatter(self._index([device_blocks[p] for p in positions]), rows)
+        self.scatter(self._index(device_blocks[positions.start:positions.stop]), rows)
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
         """swap_in's copy alone, into staging buffers kept under `ticket` until swap_in_finish. With
         swap_streams it runs on the copy stream and nothing waits for it yet (sessions start a
         returning session's copy and admit its turn once swap_in_ready says it has arrived);
         otherwise it is queued on the step's stream like any swap."""
-        self._staged_in[ticket] = list(self._copy_in(swap_slots, own_rows=True))
+        self._staged_in[ticket] = list(self._copy_in(swap_slots))
 
     def swap_in_ready(self, ticket: int) -> bool:
         staged = self._staged_in.get(ticket)
@@ -194,5 +207,5 @@ class KVCache:
 
     def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
-        for run in self._staged_in.pop(ticket):
-            self._place(run, device_blocks)
+        for piece in self._staged_in.pop(ticket):
+            self._place(piece, device_blocks)

@@ -16,8 +16,12 @@ the PCIe copy moves to a copy stream:
 - the swap slots (pinned host memory) are the one thing both streams touch: each copy waits for
   the last copy of another stream that used any of its slots (a swap in reading slots that a swap
   out is still writing, a swap out reusing slots that a swap in is still reading).
-- staged swap-out buffers still waiting for PCIe are bounded (MAX_STAGED_BYTES): past it the host
+- staged swap-out buffers still waiting for PCIe are bounded (`max_staged_bytes`): past it the host
   waits for the oldest copies, so a burst of evictions cannot eat the memory the KV pool left free.
+  The bound is a quarter of the device memory free once the pool is allocated, between 1 and 4 GiB
+  (`AGENTSERVE_SWAP_STAGING_GB` sets it): one 8k-token Llama-3.1-8B conversation is ~1 GiB, and a
+  turn's admission often evicts several, so a 1 GiB bound made the host wait on PCIe (~20 ms a GiB)
+  while the step's stream ran out of queued work. `bound_waits` / `bound_wait_ms` count those waits.
 
 AGENTSERVE_SWAP_STREAMS=0 keeps every copy on the step's stream (the previous behaviour, for A/B).
 """
@@ -25,13 +29,25 @@ AGENTSERVE_SWAP_STREAMS=0 keeps every copy on the step's stream (the previous be
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 SWAP_STREAMS: bool = os.environ.get("AGENTSERVE_SWAP_STREAMS", "1") == "1"
-MAX_STAGED_BYTES = 1 << 30
+_STAGING_GB: Optional[str] = os.environ.get("AGENTSERVE_SWAP_STAGING_GB")
+MIN_STAGED_BYTES = 1 << 30
+MAX_STAGED_BYTES = 4 << 30
+
+
+def staged_bytes_bound(device: torch.device) -> int:
+    """The staged swap-out bytes allowed in flight: AGENTSERVE_SWAP_STAGING_GB, else a quarter of the
+    device memory free now (after the KV pool), clamped to [1, 4] GiB."""
+    if _STAGING_GB is not None:
+        return max(1, int(float(_STAGING_GB) * 2**30))
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(max(free // 4, MIN_STAGED_BYTES), MAX_STAGED_BYTES)
 
 
 class SwapStreams:
@@ -44,6 +60,10 @@ class SwapStreams:
         # Swap-out copies in flight with the size of the device buffer each keeps alive, oldest first.
         self._staged: deque[tuple[torch.cuda.Event, int]] = deque()
         self.staged_bytes = 0
+        self.max_staged_bytes = staged_bytes_bound(device)
+        # The host's waits for staged copies at the bound (diagnostics: benchmarks/device_op_timer.py).
+        self.bound_waits = 0
+        self.bound_wait_ms = 0.0
 
     def _after_slots(self, stream: torch.cuda.Stream, slots: Sequence[int]) -> None:
         """`stream` waits for the last earlier copy of each slot (one wait per distinct copy)."""
@@ -61,20 +81,26 @@ class SwapStreams:
     def _bound_staged(self, nbytes: int) -> None:
         while self._staged and self._staged[0][0].query():  # finished copies release their buffers
             self.staged_bytes -= self._staged.popleft()[1]
-        while self._staged and self.staged_bytes + nbytes > MAX_STAGED_BYTES:
+        while self._staged and self.staged_bytes + nbytes > self.max_staged_bytes:
             event, size = self._staged.popleft()
+            start = time.perf_counter()
             event.synchronize()
+            self.bound_waits += 1
+            self.bound_wait_ms += (time.perf_counter() - start) * 1e3
             self.staged_bytes -= size
 
-    def copy_out(self, staged: torch.Tensor, host: torch.Tensor, slots: Sequence[int]) -> None:
-        """`host` (pinned, slots' rows) gets `staged`, which the current stream has just produced."""
+    def copy_out(self, staged: torch.Tensor, copies: Sequence[tuple[torch.Tensor, torch.Tensor, range]]) -> None:
+        """Each (device rows, host rows, their slots) of `copies`: the host rows (pinned) get the device
+        rows, slices of `staged`, which the current stream has just produced."""
         self._bound_staged(staged.nbytes)
         gathered = torch.cuda.Event()
         gathered.record()  # on the step's stream, after the gather
         self.out_stream.wait_event(gathered)
+        slots = [slot for _, _, run in copies for slot in run]
         self._after_slots(self.out_stream, slots)
         with torch.cuda.stream(self.out_stream):
-            host.copy_(staged, non_blocking=True)
+            for rows, host, _ in copies:
+                host.copy_(rows, non_blocking=True)
         staged.record_stream(self.out_stream)  # not reused by the allocator before the copy is done
         done = torch.cuda.Event()
         done.record(self.out_stream)
@@ -82,12 +108,20 @@ class SwapStreams:
         self._staged.append((done, staged.nbytes))
         self.staged_bytes += staged.nbytes
 
-    def start_in(self, host: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Starts a device copy of `host` (pinned, slots' rows) on the copy stream: (the copy, its
-        completion event). Nothing on the step's stream waits for it until finish_in."""
+    def start_in(self, copies: Sequence[tuple[torch.Tensor, range]]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Starts the device copy of each (host rows (pinned), their slots) on the copy stream, one after
+        the other into one new device tensor: (the tensor, the copies' completion event). Nothing on the
+        step's stream waits for it until finish_in."""
+        slots = [slot for _, run in copies for slot in run]
         self._after_slots(self.in_stream, slots)
+        first = copies[0][0]
         with torch.cuda.stream(self.in_stream):
-            staged = host.to(self.device, non_blocking=True)
+            staged = torch.empty((sum(host.shape[0] for host, _ in copies), *first.shape[1:]), dtype=first.dtype,
+                                 device=self.device)
+            offset = 0
+            for host, _ in copies:
+                staged[offset:offset + host.shape[0]].copy_(host, non_blocking=True)
+                offset += host.shape[0]
         done = torch.cuda.Event()
         done.record(self.in_stream)
         self._mark(slots, done)
