@@ -39,7 +39,7 @@ PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 
 SETS = 4  # separate caches per graph (each set is larger than the L2)
 
 
-def paged_arg_sets(shape: Shape, q_lens: list[int], ctx_lens: list[int]) -> list[tuple[Any, ...]]:
+def _paged_arg_sets(shape: Shape, q_lens: list[int], ctx_lens: list[int]) -> list[tuple[Any, ...]]:
     """SETS random paged batches of these rows (new and cached tokens), as the attention kernels' arguments."""
     out = []
     for _ in range(SETS):
@@ -48,7 +48,7 @@ def paged_arg_sets(shape: Shape, q_lens: list[int], ctx_lens: list[int]) -> list
     return out
 
 
-def time_tile_us(fn: Callable[..., Any], sets: list[tuple[Any, ...]], **kw: Any) -> Any:
+def _time_tile_us(fn: Callable[..., Any], sets: list[tuple[Any, ...]], **kw: Any) -> Any:
     """Device us per call of fn over the sets (graph_timer), or the error's name for a tile that cannot run."""
     try:
         return time_us(fn, sets, iters=4 * SETS, **kw)
@@ -62,19 +62,19 @@ def _contexts(n: int, lo: int, hi: int, seed: int) -> list[int]:
 
 
 def decode_rows(name: str, shape: Shape, ctx: list[int], split: bool) -> dict[str, Any]:
-    sets = paged_arg_sets(shape, [1] * len(ctx), ctx)
+    sets = _paged_arg_sets(shape, [1] * len(ctx), ctx)
     group = shape.num_q_heads // shape.num_kv_heads
     row: dict[str, Any] = {"case": name, "rows": len(ctx), "mean_context": sum(ctx) / len(ctx), "unified": {}}
     for block_n, stages in DECODE_TILES:
         cfg = pa.AttnConfig(max(16, group), block_n, 4, stages)
-        row["unified"][f"{block_n}x{stages}"] = time_tile_us(pa.paged_attention_triton, sets, config=cfg)
+        row["unified"][f"{block_n}x{stages}"] = _time_tile_us(pa.paged_attention_triton, sets, config=cfg)
     if split:
         saved = pa.SPLIT_LONG
         pa.SPLIT_LONG = True
         splits = pa.num_kv_splits(len(ctx), max(ctx) + 1, shape.num_kv_heads, num_sms(torch.device("cuda")))
         pa.SPLIT_LONG = saved
         row["splits"] = splits
-        row["split"] = {f"{n}x{s}": time_tile_us(pa.paged_attention_decode_split_triton, sets, num_splits=splits,
+        row["split"] = {f"{n}x{s}": _time_tile_us(pa.paged_attention_decode_split_triton, sets, num_splits=splits,
                                            block_n=n, num_stages=s) for n, s in DECODE_TILES}
     kv_bytes = sum(ctx) * shape.num_kv_heads * shape.head_dim * 2 * 2
     row["kv_gb"] = kv_bytes / 1e9
@@ -83,12 +83,12 @@ def decode_rows(name: str, shape: Shape, ctx: list[int], split: bool) -> dict[st
 
 def prefill_rows(shape: Shape, case: str, q_lens: list[int], ctx_lens: list[int]) -> dict[str, Any]:
     """One step's prefill-tile attention: us per layer per tile and the effective TFLOP/s (causal)."""
-    sets = paged_arg_sets(shape, q_lens, ctx_lens)
+    sets = _paged_arg_sets(shape, q_lens, ctx_lens)
     flops = sum(4 * q * (c + q / 2) * shape.num_q_heads * shape.head_dim for q, c in zip(q_lens, ctx_lens))
     row: dict[str, Any] = {"case": case, "new_tokens": sum(q_lens), "rows": len(q_lens), "gflop": flops / 1e9,
                            "tiles": {}}
     for m, n, warps, stages in PREFILL_TILES:
-        t = time_tile_us(pa.paged_attention_triton, sets, config=pa.AttnConfig(m, n, warps, stages))
+        t = _time_tile_us(pa.paged_attention_triton, sets, config=pa.AttnConfig(m, n, warps, stages))
         row["tiles"][f"{m}x{n}w{warps}s{stages}"] = t
     return row
 

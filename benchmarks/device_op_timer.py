@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from agentserve.cache.device_ops import CopyBlocks, DeviceOp, PageStores, SwapInStart
+from agentserve.cache.device_ops import CopyBlocks, DeviceOp, PageStores, SwapInStart, head_group
 from agentserve.cache.kv_cache import KVCache
 from agentserve.cache.swap_streams import SwapStreams
 from agentserve.worker.model_runner import ModelRunner
@@ -23,7 +23,7 @@ from agentserve.worker.model_runner import ModelRunner
 
 class DeviceOpTimer:
     def __init__(self) -> None:
-        # Per op kind (consecutive page copies are one group, as execute_device_ops runs them): events.
+        # Per op kind (the groups execute_device_ops runs: device_ops.head_group): events.
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.pages: Counter[str] = Counter()
         self.host_ms: Counter[str] = Counter()
@@ -60,9 +60,7 @@ class DeviceOpTimer:
             if not ops or not torch.cuda.is_available():
                 return original(runner, ops)
             while ops:  # one kind at a time, each between its own events; taken off `ops` as the runner would
-                n = 1
-                while isinstance(ops[0], CopyBlocks) and n < len(ops) and isinstance(ops[n], CopyBlocks):
-                    n += 1
+                n = head_group(ops)
                 group, kind = ops[:n], type(ops[0]).__name__
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 t0 = time.perf_counter()

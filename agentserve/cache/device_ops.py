@@ -71,26 +71,31 @@ class PageStore(Protocol):
         ...
 
 
+def head_group(ops: Sequence[DeviceOp]) -> int:
+    """How many ops from the head of `ops` run as one call: consecutive page copies go together (as one
+    step's copy-on-write copies always did), any other op alone."""
+    n = 1
+    if isinstance(ops[0], CopyBlocks):
+        while n < len(ops) and isinstance(ops[n], CopyBlocks):
+            n += 1
+    return n
+
+
 def execute_device_ops(pages: PageStore, ops: list[DeviceOp]) -> None:
     """Runs `ops` in order and takes each off the list once it ran, so that a launch retried with the
     same list (Engine: a failed step relaunched without its newest requests) does not run them twice
     (a swap out repeated after the failed forward wrote into a reused page would copy the wrong KV).
-    Consecutive page copies go in one call, as one step's copy-on-write copies always did."""
+    Consecutive page copies go in one call (head_group)."""
     while ops:
-        head = ops[0]
+        head, n = ops[0], head_group(ops)
         if isinstance(head, CopyBlocks):
-            n = 1
-            while n < len(ops) and isinstance(ops[n], CopyBlocks):
-                n += 1
             pages.copy_blocks([(op.src, op.dst) for op in ops[:n] if isinstance(op, CopyBlocks)])
+        elif isinstance(head, SwapOut):
+            pages.swap_out(head.blocks, head.slots)
+        elif isinstance(head, SwapInStart):
+            pages.swap_in_start(head.slots, head.ticket)
         else:
-            n = 1
-            if isinstance(head, SwapOut):
-                pages.swap_out(head.blocks, head.slots)
-            elif isinstance(head, SwapInStart):
-                pages.swap_in_start(head.slots, head.ticket)
-            else:
-                pages.swap_in_finish(head.blocks, head.ticket)
+            pages.swap_in_finish(head.blocks, head.ticket)
         del ops[:n]
 
 
