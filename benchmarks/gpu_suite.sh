@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|fp8halves]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -61,6 +61,28 @@ if [ "$MODE" = sessions21 ]; then
     --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_staging_1gib.json"
   TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
+fi
+if [ "$MODE" = fp8halves ]; then
+  # Twenty-first session (~9 min + start): the FP8 GEMVs' halves K loop (kernels/fp8_halves.py,
+  # AGENTSERVE_FP8_GEMV_HALVES): GPU tests with it on; the FP8 chain and 8B one stream off and on (the shipped
+  # table's tiles, carried to the halves loop's); the tile sweep with it on, written as a table; the chain and one
+  # stream on that table (prediction in NOTES.md).
+  AGENTSERVE_FP8_GEMV_HALVES=1 TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_kernels_gpu_fp8_halves.py \
+    tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8_tiles.py
+  for h in 0 1; do
+    AGENTSERVE_FP8_GEMV_HALVES=$h TMO=60 TAIL=3 run "chain-fp8-halves$h" python3 benchmarks/gemv_chain.py \
+      --weights fp8 --pdl on --out "$OUT/chain_fp8_halves$h.json"
+    AGENTSERVE_FP8_GEMV_HALVES=$h TMO=70 TAIL=4 run "latency-fp8-halves$h" python3 benchmarks/latency.py $DUMMY \
+      --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_halves$h.json"
+  done
+  AGENTSERVE_FP8_GEMV_HALVES=1 TMO=300 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b \
+    --rows 1,2 --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_halves.json"
+  export AGENTSERVE_FP8_GEMV_HALVES=1 AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_halves.json
+  TMO=60 TAIL=3 run chain-fp8-halves-table python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
+    --out "$OUT/chain_fp8_halves_table.json"
+  TMO=70 TAIL=4 run latency-fp8-halves-table python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
+    --out "$OUT/latency_fp8_halves_table.json"
+  ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).
