@@ -36,6 +36,7 @@ DECODE_TILES = [(64, 5), (64, 3), (128, 3), (128, 2), (256, 2)]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the engine's prefill tile, the second the earlier one.
 PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (64, 128, 4, 2),
                  (64, 32, 4, 4), (32, 64, 4, 3)]
+SPLIT_COUNTS = (2, 3, 4, 5, 6, 8, 12)
 SETS = 4  # separate caches per graph (each set is larger than the L2)
 
 
@@ -76,6 +77,11 @@ def decode_rows(name: str, shape: Shape, ctx: list[int], split: bool) -> dict[st
         row["splits"] = splits
         row["split"] = {f"{n}x{s}": _time_tile_us(pa.paged_attention_decode_split_triton, sets, num_splits=splits,
                                            block_n=n, num_stages=s) for n, s in DECODE_TILES}
+        # The split count at the engine's decode tile: waves of programs against keys per program (the
+        # sessions' decode-only steps spend ~half their device time here: benchmarks/NOTES.md, 21st session).
+        block_n, stages = pa.decode_tile(shape.head_dim)
+        row["split_counts"] = {str(n): _time_tile_us(pa.paged_attention_decode_split_triton, sets, num_splits=n,
+                                                     block_n=block_n, num_stages=stages) for n in SPLIT_COUNTS}
     kv_bytes = sum(ctx) * shape.num_kv_heads * shape.head_dim * 2 * 2
     row["kv_gb"] = kv_bytes / 1e9
     return row
@@ -129,6 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _print_tiles(f"{name} unified", row["unified"], f" ({row['kv_gb']:.2f} GB of K+V)")
         if split:
             _print_tiles(f"{name} split S={row['splits']}", row["split"])
+            _print_tiles(f"{name} split counts", row["split_counts"])
         torch.cuda.empty_cache()
     for case, q_lens, ctx_lens in prefill_cases():
         row = prefill_rows(shape, case, q_lens, ctx_lens)

@@ -51,7 +51,7 @@ if [ "$MODE" = bench16 ]; then
   kill $CLOCKS
 fi
 if [ "$MODE" = sessions21 ]; then
-  # Twenty-first session (~7 min): the GPU tests of the page kernels, the swap streams and the engine's swaps;
+  # Twenty-first session (~8-9 min): the GPU tests of the page kernels, the swap streams and the engine's swaps;
   # the sessions mode alone with the old 1 GiB staging bound (the A/B of the bound sized from free memory);
   # then the agent loop's ratio (sessions and stateless + prefix caching in one process) at the defaults:
   # the bound from free memory, swaps in 256 MiB pieces of one gather or scatter each.
@@ -61,6 +61,8 @@ if [ "$MODE" = sessions21 ]; then
     --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_staging_1gib.json"
   TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
+  # The long-context decode attention (half the sessions' decode-only step) per split count.
+  TMO=150 TAIL=12 run attention-mixed python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
 fi
 if [ "$MODE" = fp8halves ]; then
   # Twenty-first session (~9 min + start): the FP8 GEMVs' halves K loop (kernels/fp8_halves.py,
