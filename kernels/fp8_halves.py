@@ -26,23 +26,25 @@ from ._triton_utils import pdl_begin, tl, triton
 FP8_GEMV_HALVES: bool = os.environ.get("AGENTSERVE_FP8_GEMV_HALVES", "0") == "1"
 WARP_K = 512  # K per warp and chunk: 32 threads x 16 weights
 MAX_WARPS = 8
+MAX_ROWS = 16  # the accumulator holds 8 fp32 per row and thread: 128 registers at 16 rows
 
 
 def halves_fit(block_n: int, block_k: int, num_warps: int, k: int) -> bool:
-    """Whether the halves loop runs this tile: every warp along K, even chunks, at least 2 rows (the
+    """Whether the halves loop runs this tile: every warp along K, even chunks, 2 to MAX_ROWS rows (the
     gate_up + SiLU twin splits its rows into gate and up)."""
-    return block_k == WARP_K * num_warps and num_warps <= MAX_WARPS and k % block_k == 0 and block_n >= 2
+    return (block_k == WARP_K * num_warps and num_warps <= MAX_WARPS and k % block_k == 0
+            and 2 <= block_n <= MAX_ROWS)
 
 
 def halves_tile(block_n: int, block_k: int, k: int) -> Optional[tuple[int, int, int]]:
     """(rows, BLOCK_K, warps) for the halves loop carrying a plain tile's bytes per program (rows x BLOCK_K
-    weights): its K chunk widened to >= 512 (rows shrunk to match), one warp per 512 of it, the chunk
-    halved until it divides K. None when no such tile fits K."""
+    weights): its K chunk widened to >= 512 and to <= MAX_ROWS rows (rows shrunk to match), one warp per
+    512 of it, the chunk halved until it divides K. None when no such tile fits K."""
     weights = block_n * block_k
-    chunk = min(max(block_k, WARP_K), WARP_K * MAX_WARPS)
+    chunk = min(max(block_k, WARP_K, weights // MAX_ROWS), WARP_K * MAX_WARPS)
     while chunk >= WARP_K:
         rows = weights // chunk
-        if k % chunk == 0 and rows >= 2:
+        if k % chunk == 0 and 2 <= rows <= MAX_ROWS:
             return rows, chunk, chunk // WARP_K
         chunk //= 2
     return None

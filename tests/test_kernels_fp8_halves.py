@@ -37,8 +37,11 @@ def test_halves_tiles_keep_the_bytes_per_program_with_every_warp_along_k() -> No
     assert fp8_halves.halves_tile(2, 8192, 8192) == (4, 4096, 8)  # at most 8 warps
     assert fp8_halves.halves_tile(4, 2048, 3072) == (8, 1024, 2)  # halved until it divides K
     assert fp8_halves.halves_tile(4, 2048, 1000) is None  # no chunk of >= 512 divides K
+    assert fp8_halves.halves_tile(32, 512, 4096) == (16, 1024, 2)  # at most 16 rows: the chunk widens instead
+    assert fp8_halves.halves_tile(64, 1024, 2048) is None  # 32 rows at the widest chunk that divides K
     assert fp8_halves.halves_fit(4, 2048, 4, 4096) and not fp8_halves.halves_fit(4, 2048, 8, 4096)
     assert not fp8_halves.halves_fit(4, 2048, 4, 3072) and not fp8_halves.halves_fit(1, 512, 1, 512)
+    assert not fp8_halves.halves_fit(32, 512, 1, 512)
 
 
 def test_the_switch_decides_the_tiles(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,7 +45,13 @@ def staged_bytes_bound(device: torch.device) -> int:
     """The staged swap-out bytes allowed in flight: AGENTSERVE_SWAP_STAGING_GB, else a quarter of the
     device memory free now (after the KV pool), clamped to [1, 4] GiB."""
     if _STAGING_GB is not None:
-        return max(1, int(float(_STAGING_GB) * 2**30))
+        try:
+            gib = float(_STAGING_GB)
+        except ValueError:
+            gib = -1.0
+        if not gib > 0:
+            raise ValueError(f"AGENTSERVE_SWAP_STAGING_GB={_STAGING_GB!r}: expected a number of GiB above 0")
+        return max(1, int(gib * 2**30))
     free, _ = torch.cuda.mem_get_info(device)
     return min(max(free // 4, MIN_STAGED_BYTES), MAX_STAGED_BYTES)
 
