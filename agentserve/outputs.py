@@ -5,7 +5,7 @@ importing the engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Collection, Optional
 
 
 @dataclass
@@ -35,6 +35,15 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def ends_on_stop_token(self, eos_token_ids: Collection[int]) -> bool:
+        """Whether the last token is the EOS or stop token id that ended the output: sampled but never
+        fed (no KV), and not part of the reply's text. A "stop" with neither a stop string nor a stop
+        id whose last token is no EOS ended because its output constraint completed (a regex or choice
+        that can take no more tokens): that last token is the reply's own."""
+        if self.finish_reason != "stop" or not self.token_ids or isinstance(self.stop_reason, str):
+            return False
+        return isinstance(self.stop_reason, int) or self.token_ids[-1] in eos_token_ids
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """The gRPC session methods on loopback (CreateSession, Turn, ForkSession, GetSession, CloseSession):
 status codes for bad input (and Generate's), cancelling a turn mid-stream (rolled back, nothing
 leaks), closing a session during a turn, TTL expiry, tool-call deltas that reassemble to the final
-call (Turn and Generate)."""
+call (Turn and Generate), replies ended by their constraint completing (no EOS) kept whole."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -220,5 +221,33 @@ def test_tool_call_deltas_reassemble_to_the_final_call(aeng) -> None:  # type: i
             g_deltas = [e.tool_call for e in events if e.HasField("tool_call")]
             assert [(d.index, d.name, d.arguments_delta) for d in g_deltas][:1] == [(0, deltas[0].name, deltas[0].arguments_delta)]
             await s.close()
+
+    run(body())
+
+
+def test_a_reply_ended_by_its_constraint_keeps_its_last_token(aeng) -> None:  # type: ignore[no-untyped-def]
+    # A regex output ends when the regex can take no more tokens, with no EOS sampled (finish
+    # "stop", no stop string or id): its last token is the reply's, in what the client gets (also
+    # when tools are declared and the reply is parsed for calls) and in the session's history.
+    regex = {"type": "regex", "regex": "(yes|no) sir"}
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            for tools in ((), TOOLS):
+                s = await client.create_session([SYSTEM], tools=tools)
+                r = await s.run_turn(USER, max_tokens=20, temperature=0, response_format=regex, return_token_ids=True)
+                assert r.done.finish_reason == "stop" and re.fullmatch("(yes|no) sir", r.done.message.content), (
+                    tools, r.done.message.content)
+                assert r.text == r.done.message.content
+                info = await s.refresh(include_messages=True, include_token_ids=True)
+                assert info.messages[-1].content == r.done.message.content
+                assert list(info.token_ids)[-len(r.token_ids):] == r.token_ids
+                nxt = await s.run_turn([{"role": "user", "content": "ok"}], max_tokens=2, temperature=0,
+                                       return_token_ids=True)
+                assert list(nxt.done.prompt_token_ids)[:len(info.token_ids)] == list(info.token_ids)
+                await s.close()
+                g = await client.generate_done(messages=[SYSTEM, *USER], tools=tools, max_tokens=20, temperature=0,
+                                               response_format=regex)
+                assert re.fullmatch("(yes|no) sir", g.text), (tools, g.text)
 
     run(body())

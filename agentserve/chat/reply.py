@@ -12,7 +12,7 @@ the engine's detokenizer would skip it, so either the request keeps special toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Collection, Optional, Sequence, Union
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
@@ -88,7 +88,8 @@ class ReplyStream:
     tool_choice "none", or no chat template) the engine's own text deltas pass through."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
-                 tools: Optional[list[dict[str, Any]]]) -> None:
+                 tools: Optional[list[dict[str, Any]]], eos_token_ids: Collection[int]) -> None:
+        self.eos_token_ids = eos_token_ids
         fmt = tool_format_of(tokenizer) if tools and params.tool_choice != "none" else None
         self.parser = ReplyParser(fmt, tools, params.typed_answer) if fmt is not None else None
         self.raw: Optional[IncrementalDetokenizer] = None
@@ -106,7 +107,7 @@ class ReplyStream:
         if self.parser is None or self.raw is None:
             return comp.delta_text, []
         ids = list(comp.delta_token_ids)
-        if out.finished and comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and ids:
+        if out.finished and ids and comp.ends_on_stop_token(self.eos_token_ids):
             ids = ids[:-1]  # the stop token (EOS): not part of the reply's text
         for t in ids:
             if not self._stopped and self.raw.append(t) is not None:

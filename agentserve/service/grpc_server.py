@@ -266,7 +266,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         reply: Optional[ReplyStream] = None
         async for out in outs:
             if reply is None:
-                reply = ReplyStream(self.engine.tokenizer, out.prompt_token_ids, params, tools)
+                reply = ReplyStream(self.engine.tokenizer, out.prompt_token_ids, params, tools,
+                                    self.engine.eos_token_ids)
             comp = out.outputs[0]
             text, calls = reply.feed(out)
             for c in calls:

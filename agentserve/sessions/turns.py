@@ -169,7 +169,7 @@ class TurnLifecycle:
             return
         comp = out.outputs[0]
         output_ids = list(comp.token_ids)
-        if comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and output_ids:
+        if comp.ends_on_stop_token(self.engine.eos_token_ids):
             # The stop token (EOS) was sampled, never fed (it has no KV), and the chat template ends the
             # reply with its own end-of-turn marker, which may be another token (a tiny model's
             # <|endoftext|> against ChatML's <|im_end|>): the history, like its assistant message, stops
@@ -200,7 +200,7 @@ class TurnLifecycle:
             return {"role": "assistant", "token_ids": ids}, {"role": "assistant", "content": comp.text or ""}
         # History: the model's own text with special tokens spelled out (so the template re-renders
         # it as generated), minus a final stop token, which the template writes as its end marker.
-        if comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str) and ids:
+        if comp.ends_on_stop_token(self.engine.eos_token_ids):
             ids = ids[:-1]
         raw_text = R.decode_continuation(self.tokenizer, pending.prompt_token_ids, ids)
         prefix = pending.content_prefix
@@ -294,7 +294,8 @@ class TurnLifecycle:
 
     async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
         s = pending.session
-        reply = ReplyStream(self.engine.tokenizer, pending.prompt_token_ids, pending.params, s.tools)
+        reply = ReplyStream(self.engine.tokenizer, pending.prompt_token_ids, pending.params, s.tools,
+                            self.engine.eos_token_ids)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params,
                                  retain_blocks=True, share_prefix=True, priority=priority, cache_salt=s.cache_salt,
                                  lora_name=s.adapter, lora_key=s.lora_key,
