@@ -7,6 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Collection, Optional
 
+from agentserve.errors import InvalidRequestError
+
+# The start of the error of a request whose own token restrictions (allowed_token_ids, bad_words) left
+# its output constraint no token to sample: a contradiction in the request, not a server fault.
+CONSTRAINT_CONFLICT = "no token satisfies both the output constraint and"
+
 
 @dataclass
 class Logprob:
@@ -78,3 +84,12 @@ class RequestOutput:
     @property
     def num_cached_tokens(self) -> int:
         return self.metrics.num_cached_tokens if self.metrics else 0
+
+    def failure(self, default: str) -> Exception:
+        """The exception for an output that finished with an error: InvalidRequestError where the
+        request's own input is at fault (a constraint that did not compile, so nothing was generated;
+        a constraint its token restrictions contradict), else RuntimeError (INTERNAL)."""
+        message = self.error or default
+        if not self.outputs[0].token_ids or message.startswith(CONSTRAINT_CONFLICT):
+            return InvalidRequestError(message)
+        return RuntimeError(message)

@@ -1,7 +1,8 @@
 """The gRPC session methods on loopback (CreateSession, Turn, ForkSession, GetSession, CloseSession):
 status codes for bad input (and Generate's), cancelling a turn mid-stream (rolled back, nothing
 leaks), closing a session during a turn, TTL expiry, tool-call deltas that reassemble to the final
-call (Turn and Generate), replies ended by their constraint completing (no EOS) kept whole."""
+call (Turn and Generate), replies ended by their constraint completing (no EOS) kept whole, an
+output constraint that contradicts allowed_token_ids / bad_words (INVALID_ARGUMENT, failing alone)."""
 
 from __future__ import annotations
 
@@ -249,5 +250,35 @@ def test_a_reply_ended_by_its_constraint_keeps_its_last_token(aeng) -> None:  # 
                 g = await client.generate_done(messages=[SYSTEM, *USER], tools=tools, max_tokens=20, temperature=0,
                                                response_format=regex)
                 assert re.fullmatch("(yes|no) sir", g.text), (tools, g.text)
+
+    run(body())
+
+
+def test_a_constraint_that_contradicts_the_token_restrictions_is_invalid_argument(aeng) -> None:  # type: ignore[no-untyped-def]
+    # The constraint allows only "yes", the request's own allowed_token_ids / bad_words forbid it:
+    # no token can be sampled. That is the client's contradiction (INVALID_ARGUMENT naming the fields),
+    # not a server fault; a request beside it completes and the session is left as it was.
+    choice = {"type": "choice", "choice": ["yes"]}
+    cases: list[dict[str, Any]] = [dict(allowed_token_ids=[3]), dict(bad_words=["yes"])]
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, client):
+            s = await client.create_session([SYSTEM])
+            before = await s.refresh()
+            for kw in cases:
+                field = next(iter(kw))
+                side = client.generate_done(prompt_token_ids=list(range(3, 20)), max_tokens=6, temperature=0,
+                                            ignore_eos=True)
+                (code, msg), done = await asyncio.gather(
+                    rpc_status(client.generate_done("hello", max_tokens=8, temperature=0, response_format=choice,
+                                                    **kw)), side)
+                assert code == Code.INVALID_ARGUMENT and field in msg and "output constraint" in msg, (code, msg)
+                assert len(done.token_ids) == 6
+                code, msg = await turn_status(s, USER, max_tokens=8, temperature=0, response_format=choice, **kw)
+                assert code == Code.INVALID_ARGUMENT and field in msg and "output constraint" in msg, (code, msg)
+                after = await s.refresh()
+                assert (after.num_turns, after.num_kv_tokens, after.busy) == (before.num_turns, before.num_kv_tokens,
+                                                                              False)
+            await s.close()
 
     run(body())

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.failures import STEP_FAILED, log_step_failure, request_failure_message
 from agentserve.grammar.interface import GrammarError
-from agentserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from agentserve.outputs import (CONSTRAINT_CONFLICT, CompletionOutput, Logprob, PositionLogprobs, RequestMetrics,
+                                RequestOutput)
 from agentserve.request import Request, RequestStatus
 from agentserve.worker.launched_step import LaunchedStep, StepResult
 from agentserve.worker.model_runner import ScheduledChunk
@@ -167,8 +168,14 @@ class OutputProcessor:
         stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
         grammar = req.grammar
         if grammar is not None and not grammar.accept_token(token):
-            # Masks make this impossible; if it happens the output can no longer be trusted.
-            req.error = f"sampled token {token} is not allowed by the output constraint"
+            # Masks make this impossible unless the request's own restrictions masked every token the
+            # constraint allows (the sampler then picks among none); either way the output is over.
+            restricting = [f for f in ("allowed_token_ids", "bad_words") if getattr(params, f)]
+            if restricting:
+                req.error = (f"{CONSTRAINT_CONFLICT} {' and '.join(restricting)} at output position "
+                             f"{len(req.output_token_ids) - 1}: they leave no token to sample; loosen one of them")
+            else:
+                req.error = f"sampled token {token} is not allowed by the output constraint"
             self.finish(req, RequestStatus.FINISHED_ERROR, None)
         elif grammar is not None and grammar.is_terminated():
             self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else

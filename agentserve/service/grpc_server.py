@@ -277,9 +277,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 yield pb.GenerateEvent(text=pb.TextDelta(
                     text=text, token_ids=comp.delta_token_ids if return_token_ids else []))
             if out.finished and (out.error or comp.finish_reason == "error"):
-                if not comp.token_ids:
-                    raise InvalidRequestError(out.error or "the request failed")
-                raise RuntimeError(out.error or "the request failed")
+                raise out.failure("the request failed")
             if out.finished:
                 content, tool_calls = reply.final()
                 yield pb.GenerateEvent(done=generate_done_to_proto(out, received, content, tool_calls))

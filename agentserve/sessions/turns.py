@@ -309,9 +309,7 @@ class TurnLifecycle:
                 if text or comp.delta_token_ids:
                     queue.put_nowait(TextEvent(text, list(comp.delta_token_ids)))
                 if out.finished and (out.error or comp.finish_reason == "error"):
-                    if not comp.token_ids:  # failed before generating: its constraint did not compile
-                        raise InvalidRequestError(out.error or "the turn failed")
-                    raise RuntimeError(out.error or "the turn failed")
+                    raise out.failure("the turn failed")
                 if out.finished:
                     queue.put_nowait(self._final_result(pending, out, reply))
                     queue.put_nowait(_SENTINEL_DONE)
