@@ -170,7 +170,8 @@ class OutputProcessor:
         if grammar is not None and not grammar.accept_token(token):
             # Masks make this impossible unless the request's own restrictions masked every token the
             # constraint allows (the sampler then picks among none); either way the output is over.
-            restricting = [f for f in ("allowed_token_ids", "bad_words") if getattr(params, f)]
+            restricting = [name for name, value in (("allowed_token_ids", params.allowed_token_ids),
+                                                    ("bad_words", params.bad_words)) if value]
             if restricting:
                 req.error = (f"{CONSTRAINT_CONFLICT} {' and '.join(restricting)} at output position "
                              f"{len(req.output_token_ids) - 1}: they leave no token to sample; loosen one of them")
