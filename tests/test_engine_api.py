@@ -55,6 +55,19 @@ def test_bad_prompts_fail_alone_and_engine_keeps_serving(llm: LLM) -> None:
     assert [o.request_id for o in done] == ["good"] and len(done[0].outputs[0].token_ids) == 8
 
 
+def test_a_request_larger_than_the_kv_cache_names_its_lengths() -> None:
+    # A pool of 4 pages of 16 tokens under max_model_len 256: the request fits the model, not the cache.
+    small = LLM(str(tiny_model_cached("qwen2")), device="cpu", max_model_len=256, num_blocks=4)
+    with pytest.raises(InvalidRequestError, match=r"prompt \(40 tokens\) \+ max_tokens \(60\) needs up to 7 KV pages "
+                       r"of 16 tokens; the KV cache has only 4 \(64 tokens\); lower max_tokens"):
+        small.engine.add_request("big", [5] * 40, SamplingParams(max_tokens=60))
+    small.engine.add_request("fits", [5] * 40, SamplingParams(max_tokens=8, ignore_eos=True))
+    done = []
+    while small.engine.has_unfinished():
+        done += [o for o in small.engine.step() if o.finished]
+    assert [len(o.outputs[0].token_ids) for o in done] == [8]
+
+
 def test_unknown_model_path() -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         LLM("/nonexistent/model/dir", device="cpu")

@@ -143,8 +143,10 @@ class Engine:
                 f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt")
         pages = self.kv.blocks_needed(n + params.max_tokens)
         if pages > self.pool.num_blocks:
-            raise InvalidRequestError(f"the request needs up to {pages} KV pages; the cache has only "
-                                      f"{self.pool.num_blocks}")
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs up to {pages} KV pages of "
+                f"{self.kv.block_size} tokens; the KV cache has only {self.pool.num_blocks} "
+                f"({self.pool.num_blocks * self.kv.block_size} tokens); lower max_tokens or shorten the prompt")
         return params
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
