@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.interface import GrammarError, canonical_json
+from agentserve.grammar.schema_utils import map_subschemas
 from agentserve.grammar.tool_formats import (
     ARGUMENTS_KEY,
     HERMES_CLOSE,
@@ -59,17 +60,61 @@ def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
     return out
 
 
+def _has_local_ref(schema: Any) -> bool:
+    """Whether any subschema holds a local reference ("#", "#/...")."""
+    found = False
+
+    def visit(node: dict, path: str) -> dict:
+        nonlocal found
+        found = found or str(node.get("$ref", "")).startswith("#")
+        return node
+
+    map_subschemas(schema, visit)
+    return found
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """The schema with each local reference ('#', '#/...') made relative to `base` instead of the root."""
+    def fix(node: dict, path: str) -> dict:
+        ref = node.get("$ref")
+        return {**node, "$ref": base + ref[1:]} if isinstance(ref, str) and ref.startswith("#") else node
+
+    return map_subschemas(schema, fix)
+
+
 def call_schema(tool: ToolDef, fmt: str) -> dict:
-    """The JSON schema of one call object in the format (name first, then the arguments)."""
+    """The JSON schema of one call object in the format (name first, then the arguments).
+
+    The parameters' references ('#/$defs/X', '#') point into the parameters, but inside the call
+    object the root is the call: parameters that use them move to the call's `$defs` under a slot
+    of their own (the tool name, hex-encoded: unique and pointer-safe), their references rebased
+    there. _calls_schema lifts these `$defs` to the root of what is compiled."""
     key = ARGUMENTS_KEY[fmt]
-    return {"type": "object",
-            "properties": {"name": {"const": tool.name}, key: tool.parameters},
-            "required": ["name", key], "additionalProperties": False}
+    params: dict = tool.parameters
+    defs: dict[str, Any] = {}
+    if _has_local_ref(params):
+        slot = "tool_" + tool.name.encode().hex()
+        defs[slot] = _rebased(params, f"#/$defs/{slot}")
+        params = {"$ref": f"#/$defs/{slot}"}
+    schema = {"type": "object",
+              "properties": {"name": {"const": tool.name}, key: params},
+              "required": ["name", key], "additionalProperties": False}
+    return {**schema, "$defs": defs} if defs else schema
 
 
-def _calls_schema(tools: Sequence[ToolDef], fmt: str) -> dict:
+def _calls_schema(tools: Sequence[ToolDef], fmt: str, *, array: bool = False, parallel: bool = True) -> dict:
+    """One call of any of the tools; with `array`, Mistral's list of one or more calls (at most one
+    without `parallel`). The calls' `$defs` sit at the root, where their references point."""
     schemas = [call_schema(t, fmt) for t in tools]
-    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    defs: dict[str, Any] = {}
+    for one in schemas:
+        defs.update(one.pop("$defs", {}))
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    if array:
+        schema = {"type": "array", "items": schema, "minItems": 1}
+        if not parallel:
+            schema["maxItems"] = 1
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
@@ -106,9 +151,7 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
         text = {"exclude": [PYTHON_TAG], "lead_ws": " \n", "not_start": "{"}
         return {"alt": [calls, {"text": text}, {"seq": [{"text": {**text, "then": PYTHON_TAG}}, seq]}]}
     if fmt == "mistral":
-        array = {"type": "array", "items": _calls_schema(tools, fmt), "minItems": 1}
-        if not parallel:
-            array["maxItems"] = 1
+        array = _calls_schema(tools, fmt, array=True, parallel=parallel)
         after_open: list[dict[str, Any]] = [{"ws": " ", "max": 1}, {"json": array}]
         if mode == "required":
             return {"seq": [lead, {"marker": MISTRAL_OPEN}] + after_open}
@@ -122,16 +165,17 @@ def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
     to find which tool's parameters make a tool-call grammar fail (compile each alone)."""
     found: list[tuple[str, dict]] = []
 
-    def add(schema: dict) -> None:
+    def add(schema: dict, defs: Optional[dict]) -> None:
         for one in schema.get("anyOf", [schema]):
             name = one["properties"]["name"]["const"]
             if all(name != seen for seen, _ in found):
-                found.append((name, one))
+                # the root's $defs go along: the call's parameters may refer to them
+                found.append((name, {**one, "$defs": defs} if defs else one))
 
     def visit(node: dict) -> None:
         if "json" in node and not node.get("answer"):  # the typed final answer is no call
             schema = node["json"]
-            add(schema["items"] if schema.get("type") == "array" else schema)
+            add(schema["items"] if schema.get("type") == "array" else schema, schema.get("$defs"))
         for key in ("seq", "alt"):
             for child in node.get(key, ()):
                 visit(child)
