@@ -91,14 +91,17 @@ class OutputProcessor:
                 continue  # aborted, or finished by the step before: these tokens were computed in vain
             req.num_output_placeholders -= 1
             try:
+                if forks and req.request_id in forks:
+                    # n > 1: the siblings fork from the leader's prompt pages as soon as its prompt is in,
+                    # before its token is appended: a leader that finishes on that token (max_tokens=1,
+                    # an EOS, a stop) gives its pages back, and siblings not forked by then never ran.
+                    self._fork_siblings(req)
                 tokens = sampled[row]
                 if len(tokens) == 1 and not chunk.spec_token_ids:
                     self._append_plain(req, tokens[0], result, row, now, max_model_len)
                     appended += 1
                 else:
                     appended += self._append_row(req, chunk, result, row, now)
-                if forks and req.request_id in forks and not req.is_finished:
-                    self._fork_siblings(req)
             except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
                 where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
                 self.fail_request(req, request_failure_message(where, req, e))
