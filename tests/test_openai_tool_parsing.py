@@ -270,3 +270,17 @@ def test_adapter_models_route_to_lora(scripted: tuple[Scripted, Any]) -> None:
             s.client.chat.completions.create(model="other-bot", messages=[{"role": "user", "content": "hi"}])
     finally:
         s.engine.lora_manager = None
+
+
+def test_call_cut_off_by_a_stop_string_is_not_tool_calls(scripted: tuple[Scripted, Any]) -> None:
+    """A stop string inside a call's arguments ends the reply mid-call: the call comes back as far as it
+    got (as with max_tokens), and finish_reason stays "stop": "tool_calls" promises complete calls."""
+    s, render = scripted
+    whole = render([CALL_A])
+    s.aeng.script = whole[:whole.index("Paris")]  # what a request with stop="Paris" gets
+    out = _ask(s, False, tool_choice="required", stop="Paris")
+    calls = out.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather" and calls[0].function.arguments.endswith('"')
+    assert out.choices[0].finish_reason == "stop"
+    _, streamed, finish = _reassemble(list(_ask(s, True, tool_choice="required", stop="Paris")))
+    assert finish == "stop" and streamed[0]["arguments"] == calls[0].function.arguments

@@ -259,9 +259,11 @@ class _ChatContext:
         st.fed[k] = max(st.fed[k], upto)
         return piece
 
-    def _finish_reason(self, c: CompletionOutput, has_calls: bool) -> Optional[str]:
+    def _finish_reason(self, c: CompletionOutput, has_calls: bool, cut_off: bool = False) -> Optional[str]:
+        """"tool_calls" promises complete calls: a stop string inside a call's arguments ends the reply
+        with that call cut off (returned as far as it got, as max_tokens does), which stays "stop"."""
         reason = c.finish_reason
-        if has_calls and reason == "stop" and not isinstance(self.tool_choice, dict):
+        if has_calls and not cut_off and reason == "stop" and not isinstance(self.tool_choice, dict):
             return "tool_calls"  # OpenAI answers "stop" for a named tool_choice, "tool_calls" otherwise
         return reason
 
@@ -290,7 +292,7 @@ class _ChatContext:
             logprobs = None
             if self.req.logprobs and c.logprobs is not None:
                 logprobs = {"content": self.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
-            reason = self._finish_reason(c, bool(calls))
+            reason = self._finish_reason(c, bool(calls), ts is not None and ts.cut_off)
             choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
                             "stop_reason": c.stop_reason})
             self.s.record_finish(reason)
@@ -354,7 +356,7 @@ class _ChatContext:
                 chunks.append(self._chunk(st, k, {"content": ""}, logprobs))
         if c.finish_reason is not None:
             st.done[k] = True
-            reason = self._finish_reason(c, st.has_calls[k])
+            reason = self._finish_reason(c, st.has_calls[k], ts is not None and ts.cut_off)
             self.s.record_finish(reason)
             chunks.append(self._chunk(st, k, {}, None, reason, c.stop_reason))
         return chunks

@@ -51,6 +51,11 @@ class ToolCallChunks:
                 out.append(chunk)
         return out
 
+    @property
+    def cut_off(self) -> bool:
+        """After finish() or parse_whole(): whether the last call was cut off (a stop, max_tokens)."""
+        return self._parser is not None and self._parser.cut_off
+
     def feed(self, text: str) -> list[Chunk]:
         if self._parser is None:
             return [{"content": text}] if text else []

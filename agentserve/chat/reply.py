@@ -69,6 +69,11 @@ class ReplyParser:
         """End of the reply: text held back as a possible opener that turned out not to be one."""
         return self._parser.flush()
 
+    @property
+    def cut_off(self) -> bool:
+        """After flush() or finish(): whether the reply ended inside a call (its arguments incomplete)."""
+        return self._parser.partial_call is not None
+
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         content, calls = self._parser.finish()
         partial = self._parser.partial_call
