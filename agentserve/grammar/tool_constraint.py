@@ -82,19 +82,31 @@ def _rebased(schema: Any, base: str) -> Any:
     return map_subschemas(schema, fix)
 
 
+# Keywords that give a schema its own base URI ("id": draft 4): local references inside resolve against it.
+_BASE_URI_KEYWORDS = ("$id", "id")
+
+
+def _without_base_uri(schema: dict) -> dict:
+    """The parameters without their root base URI: once rebased, their references ('#/$defs/<slot>/...')
+    point from the compiled schema's root, which a `$id` there would hide (llguidance: "Pointer ...
+    does not exist", or a fetch of the URI). A base URI names the document; it constrains nothing."""
+    return {k: v for k, v in schema.items() if not (k in _BASE_URI_KEYWORDS and isinstance(v, str))}
+
+
 def call_schema(tool: ToolDef, fmt: str) -> dict:
     """The JSON schema of one call object in the format (name first, then the arguments).
 
     The parameters' references ('#/$defs/X', '#') point into the parameters, but inside the call
     object the root is the call: parameters that use them move to the call's `$defs` under a slot
     of their own (the tool name, hex-encoded: unique and pointer-safe), their references rebased
-    there. _calls_schema lifts these `$defs` to the root of what is compiled."""
+    there and their root `$id` dropped. _calls_schema lifts these `$defs` to the root of what is
+    compiled."""
     key = ARGUMENTS_KEY[fmt]
     params: dict = tool.parameters
     defs: dict[str, Any] = {}
     if _has_local_ref(params):
         slot = "tool_" + tool.name.encode().hex()
-        defs[slot] = _rebased(params, f"#/$defs/{slot}")
+        defs[slot] = _rebased(_without_base_uri(params), f"#/$defs/{slot}")
         params = {"$ref": f"#/$defs/{slot}"}
     schema = {"type": "object",
               "properties": {"name": {"const": tool.name}, key: params},
