@@ -50,15 +50,49 @@ NOT_ENFORCED = frozenset({
 })
 
 
+# outlines-core expands recursive references ("$ref": "#", cycles through $defs) this many levels deep
+# (its default), each level a copy of the whole regex at every place the reference is used. The size
+# grows geometrically: the sample's Github_medium/o33692 (18 optional properties, an array of itself)
+# is 3.8 MB at depth 0, 61 MB at 1, 974 MB at 2 and ~15 GB at 3; building it took the server's memory
+# until the OS killed the process, and a compile thread cannot be stopped at its time limit.
+RECURSION_DEPTH = 3
+# Regexes larger than this are refused before outlines-core builds them (or their token index): the
+# largest that compiled over the sample was 0.86 MB (14 s on 2 cores); all from 1.7 MB on timed out.
+MAX_REGEX_CHARS = 4_000_000
+
+
+def _build_regex(text: str, depth: int) -> str:
+    try:
+        return build_regex_from_schema(text, whitespace_pattern=JSON_WHITESPACE, max_recursion_depth=depth)
+    except Exception as e:  # outlines-core raises ValueError/TypeError/RuntimeError variants
+        raise GrammarError(f"outlines cannot translate the JSON schema: {e}") from None
+
+
+def _too_large(size: float, what: str) -> GrammarError:
+    return GrammarError(f"outlines cannot compile this JSON schema: its regex{what} would be {size / 1e6:,.1f} MB "
+                        f"(limit {MAX_REGEX_CHARS / 1e6:g} MB); use grammar_backend llguidance, which "
+                        "does not expand the schema into one regex")
+
+
 def schema_to_regex(schema: Any) -> str:
+    """The schema's regex, sized before it is built: depth 0 first, then, when the schema refers to
+    itself (depth 1 differs), the growth per level predicts the size at RECURSION_DEPTH."""
     if isinstance(schema, str):
         schema = json.loads(schema)
     check_enforceable(schema, "outlines", NOT_ENFORCED)
     text = json.dumps(strip_formats(schema, FORMATS))
-    try:
-        return build_regex_from_schema(text, whitespace_pattern=JSON_WHITESPACE)
-    except Exception as e:  # outlines-core raises ValueError/TypeError/RuntimeError variants
-        raise GrammarError(f"outlines cannot translate the JSON schema: {e}") from None
+    regex = _build_regex(text, 0)
+    if len(regex) > MAX_REGEX_CHARS:
+        raise _too_large(len(regex), "")
+    if "$ref" not in text:
+        return regex
+    deeper = _build_regex(text, 1)
+    if deeper == regex:  # no recursion: every depth gives the same regex
+        return regex
+    estimate = len(deeper) * (len(deeper) / len(regex)) ** (RECURSION_DEPTH - 1)
+    if estimate > MAX_REGEX_CHARS:
+        raise _too_large(estimate, f" (its recursive references expanded {RECURSION_DEPTH} levels deep)")
+    return _build_regex(text, RECURSION_DEPTH)
 
 
 class OutlinesMatcher(GrammarMatcher):
