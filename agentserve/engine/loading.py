@@ -3,7 +3,6 @@ context length it serves, and whether it schedules asynchronously."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.config import EngineConfig
+from agentserve.json_file import read_json_object
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.gguf import find_gguf_file, gguf_config_dict, gguf_has_tokenizer
 from agentserve.model.rope_scaling import scaled_max_positions
@@ -136,7 +136,7 @@ def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> fr
     eos: list[int] = []
     gen_cfg = path / "generation_config.json" if path else None
     if gen_cfg is not None and gen_cfg.is_file():
-        value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        value = read_json_object(gen_cfg, ModelLoadError, "").get("eos_token_id")
         eos = [value] if isinstance(value, int) else list(value or [])
     if not eos:
         eos = list(arch.eos_token_ids)

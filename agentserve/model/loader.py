@@ -4,14 +4,16 @@ file, or with dummy weights for a config or a named shape; FP8 layers when the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from agentserve.json_file import read_json_object
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.fp8 import quantize_linear_layers
 from agentserve.model.fp8_checkpoint import (FLOAT8_DTYPES, Fp8WeightDequantizer, check_weight_dtype,
@@ -63,7 +65,9 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json_object(index, ModelLoadError, "").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map naming the shards of each tensor")
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -73,6 +77,16 @@ def _safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights (only safetensors checkpoints are supported)")
     return files
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, its errors (a damaged header, a truncated or empty file) as ModelLoadError naming the file."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ModelLoadError(f"{file} is not a valid safetensors file ({e}); download it again") from None
 
 
 def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
@@ -87,7 +101,7 @@ def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(checkpoint name, tensor, file name) for every tensor of a safetensors checkpoint."""
     for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for hf_name in f.keys():
                 if not hf_name.endswith(_IGNORED_SUFFIXES):
                     yield hf_name, f.get_tensor(hf_name), file.name
@@ -105,7 +119,7 @@ def checkpoint_tensor_names(path: Path) -> list[str]:
     """The tensor names of a safetensors checkpoint, read from the headers (no tensor data)."""
     names: list[str] = []
     for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             names.extend(f.keys())
     return names
 
