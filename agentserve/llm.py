@@ -197,14 +197,25 @@ class LLM:
         return list(tok.encode(text, add_special_tokens=False))
 
     def chat(self, messages: Union[Sequence[Message], Sequence[Sequence[Message]]],
-             sampling_params: Optional[SamplingParams] = None, tools: Optional[list[dict[str, Any]]] = None,
+             sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+             tools: Optional[list[dict[str, Any]]] = None,
              tool_choice: Union[None, str, dict[str, Any]] = None, use_tqdm: bool = False,
              adapter: AdapterArg = None, lora_request: LoRARequestArg = None,
-             **template_kwargs: Any) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a list of conversations, through the chat template."""
+             chat_template_kwargs: Optional[dict[str, Any]] = None, **template_kwargs: Any) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations, through the chat template;
+        one SamplingParams for all or one per conversation. `chat_template_kwargs` (vLLM's: e.g.
+        {"enable_thinking": False}) are template variables merged over the other keywords."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params = sampling_params or self.get_default_sampling_params()
+        if tools is None and tool_choice not in (None, "none"):  # vLLM: "When using tool_choice, tools must be set"
+            raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(conversations)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(conversations):
+                raise ValueError(f"{len(conversations)} conversations but {len(params_list)} sampling params")
         if tools is not None:
-            params = params.clone(tools=tools, tool_choice=tool_choice or "auto")
+            params_list = [p.clone(tools=tools, tool_choice=tool_choice or "auto") for p in params_list]
+        template_kwargs.update(chat_template_kwargs or {})
         prompts = [self.render_chat(conv, tools=tools, **template_kwargs) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm=use_tqdm, adapter=adapter, lora_request=lora_request)
+        return self.generate(prompts, params_list, use_tqdm=use_tqdm, adapter=adapter, lora_request=lora_request)

@@ -1,0 +1,51 @@
+"""LLM.chat's vLLM keywords: chat_template_kwargs reach the template, tools apply with one SamplingParams
+per conversation, and a tool_choice without tools is refused rather than ignored."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.testing import tiny_model_cached
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+CONV = [{"role": "user", "content": "hi"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# Reads a variable the way Qwen3's template reads enable_thinking.
+TEMPLATE = ("{% for m in messages %}<{{ m.content }}>{% endfor %}"
+            "{% if enable_thinking is defined and not enable_thinking %}NOTHINK{% endif %}"
+            "{% if add_generation_prompt %}GEN{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(str(tiny_model_cached("qwen2")), device="cpu", max_model_len=256)
+
+
+def _prompt_text(llm: LLM, **kwargs: object) -> str:
+    return llm.tokenizer.decode(llm.chat(CONV, PARAMS, chat_template=TEMPLATE, **kwargs)[0].prompt_token_ids)
+
+
+def test_chat_template_kwargs_reach_the_template(llm: LLM) -> None:
+    assert _prompt_text(llm) == "<hi>GEN"
+    assert _prompt_text(llm, chat_template_kwargs={"enable_thinking": False}) == "<hi>NOTHINKGEN"
+    # As in vLLM, chat_template_kwargs are merged last: they override the keywords of chat() itself.
+    assert _prompt_text(llm, chat_template_kwargs={"add_generation_prompt": False}) == "<hi>"
+
+
+def test_tools_apply_to_each_of_a_list_of_sampling_params(llm: LLM) -> None:
+    params = [PARAMS, PARAMS.clone(max_tokens=3)]
+    outs = llm.chat([CONV, CONV], params, tools=TOOLS, tool_choice="required")
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3]
+    # tool_choice "required" constrains the reply to a tool call: both start the same way.
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids[:2]
+    with pytest.raises(ValueError, match="2 conversations but 1 sampling params"):
+        llm.chat([CONV, CONV], [PARAMS], tools=TOOLS)
+
+
+def test_tool_choice_without_tools_is_an_error(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="tool_choice 'required' needs tools"):
+        llm.chat(CONV, PARAMS, tool_choice="required")
+    assert llm.chat(CONV, PARAMS, tool_choice="none")[0].outputs[0].token_ids  # vLLM allows "none" alone
