@@ -15,6 +15,7 @@ from agentserve.errors import LoRANotEnabledError
 from agentserve.lora.request import LoRARequest
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
+from agentserve.vllm_flags import engine_kwargs_from_vllm_llm_kwargs
 
 Message = dict[str, Any]
 # adapter= of generate / chat: one LoRA adapter name for every prompt, or one (name or None) per prompt.
@@ -64,6 +65,7 @@ def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional
 
 class LLM:
     def __init__(self, model: str, device: Optional[str] = None, dtype: str = "auto", **engine_config: Any) -> None:
+        engine_config = engine_kwargs_from_vllm_llm_kwargs(engine_config)  # trust_remote_code, swap_space, ...
         self.engine = Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config)
         self.engine.emit_unfinished = False  # generate() returns finished outputs only
         self._ids = itertools.count()

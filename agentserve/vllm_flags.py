@@ -1,6 +1,7 @@
 """vLLM's `vllm serve` flags that agentserve takes as they are, so that a vLLM command line works here:
 aliases onto agentserve's own options, and flags for behaviour agentserve always has (accepted, and
-said so). A flag that asks for something agentserve does not do is an error naming it.
+said so). A flag that asks for something agentserve does not do is an error naming it. LLM(...) reads
+vLLM's keywords of these flags the same way (engine_kwargs_from_vllm_llm_kwargs).
 
     --port N                    --http-port N
     --swap-space GiB            --swap-space-gb GiB
@@ -75,6 +76,24 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
     for name, why in _ALWAYS_ON.items():
         if given.get(name):
             logger.info("--%s: %s", name.replace("_", "-"), why)
+    return kw
+
+
+def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's LLM(...) keywords of the flags above, read as the CLI reads them: swap_space (GiB) is
+    swap_space_gb, and those of behaviour agentserve always has are accepted (turning chunked prefill
+    off is not: agentserve has no unchunked path)."""
+    kw = dict(kwargs)
+    if "swap_space" in kw:
+        if "swap_space_gb" in kw:
+            raise ValueError("swap_space and swap_space_gb are the same option; give one")
+        kw["swap_space_gb"] = kw.pop("swap_space")
+    if kw.get("enable_chunked_prefill") is False:
+        raise ValueError("enable_chunked_prefill=False: agentserve always chunks prefill under max_num_batched_tokens")
+    for name, why in _ALWAYS_ON.items():
+        if name in kw:
+            kw.pop(name)
+            logger.info("%s: %s", name, why)
     return kw
 
 

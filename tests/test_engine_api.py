@@ -98,6 +98,17 @@ def test_unknown_engine_option() -> None:
         LLM(str(tiny_model_cached("qwen2")), device="cpu", max_num_seq=4)
 
 
+def test_vllm_llm_keywords_are_taken_as_the_cli_takes_their_flags() -> None:
+    # vLLM's LLM(...) keywords whose `vllm serve` flags agentserve accepts (agentserve/vllm_flags.py).
+    llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", max_model_len=128, trust_remote_code=True,
+              swap_space=0.5, enable_chunked_prefill=True, disable_log_stats=True)
+    assert llm.engine.config.cache.swap_space_gb == 0.5
+    with pytest.raises(ValueError, match="swap_space and swap_space_gb"):
+        LLM(str(tiny_model_cached("qwen2")), device="cpu", swap_space=1, swap_space_gb=2)
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
+        LLM(str(tiny_model_cached("qwen2")), device="cpu", enable_chunked_prefill=False)
+
+
 def test_stop_strings_and_stop_ids(llm: LLM) -> None:
     base = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     full = llm.generate(["Once upon a time"], base)[0].outputs[0]
