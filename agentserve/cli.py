@@ -203,13 +203,32 @@ def run_bench(argv: list[str]) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser; serve's also takes the model positionally (`vllm serve MODEL`), so --model
+    is required here rather than by argparse: one of the two forms."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "model_tag"):
+            tag = parsed.model_tag
+            del parsed.model_tag
+            if tag is not None and parsed.model not in (None, tag):
+                self.error(f"MODEL ({tag}) and --model ({parsed.model}) name different models; give one")
+            parsed.model = tag if tag is not None else parsed.model
+            if parsed.model is None:
+                self.error("the following arguments are required: --model (or MODEL, vllm serve's positional form)")
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentserve", description="LLM serving runtime for AI agents")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("serve", help="run the gRPC and/or OpenAI-compatible HTTP server",
-                       usage="%(prog)s --model PATH [--grpc-port PORT] [--http-port PORT] [options]")
+                       usage="%(prog)s [MODEL | --model PATH] [--grpc-port PORT] [--http-port PORT] [options]")
     add_engine_args(p)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="vLLM's positional form of --model")
+    next(a for a in p._actions if a.dest == "model").required = False  # either form (_Parser checks)
     add_vllm_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -31,6 +31,24 @@ def test_a_missing_model_is_a_usage_error(command: list[str]) -> None:
     assert run.stderr.startswith("usage: agentserve ") and "the following arguments are required: --model" in run.stderr
 
 
+def test_serve_takes_the_model_positionally_as_vllm_serve_does() -> None:
+    path = model_path()
+    config = engine_config_from_args(build_parser().parse_args(["serve", path, "--port", "0"]))
+    assert config.model.model == path and config.server.http_port == 0
+    same = engine_config_from_args(build_parser().parse_args(["serve", path, "--model", path, "--port", "0"]))
+    assert same.model.model == path
+    run = agentserve("serve", path, "--model", path + "-other", "--port", "0")
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "name different models" in run.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--port", "99999"), ("--grpc-port", "-1"), ("--http-port", "70000")])
+def test_a_port_out_of_range_is_a_one_line_error(flag: str, value: str) -> None:
+    run = agentserve("serve", "--model", model_path(), flag, value)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert ("less than or equal to 65535" if value.isdigit() else "greater than or equal to 0") in run.stderr
+    assert run.stderr.startswith("agentserve: error: --") and value in run.stderr
+
+
 def test_serve_without_a_port_says_which_flags_to_give() -> None:
     run = agentserve("serve", "--model", model_path())
     assert (run.returncode, run.stderr) == (2, "agentserve serve: error: give --grpc-port and/or --http-port\n")
