@@ -101,6 +101,17 @@ class LLM:
             return SamplingParams(**defaults.sampling)
         return SamplingParams(**defaults.sampling, max_tokens=defaults.max_tokens)
 
+    def _params_per_prompt(self, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]], count: int,
+                           what: str) -> list[SamplingParams]:
+        """One SamplingParams per prompt (or conversation): the one given (or the defaults) for all, or the
+        list given, which must have one per prompt."""
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            return [sampling_params or self.get_default_sampling_params()] * count
+        params_list = list(sampling_params)
+        if len(params_list) != count:
+            raise ValueError(f"{count} {what} but {len(params_list)} sampling params")
+        return params_list
+
     def load_adapter(self, name: str, path: str) -> None:
         """Loads (or reloads, with new weights and a fresh cache key) the PEFT LoRA directory at `path`
         as `name`. Needs enable_lora=True. Raises LoRAAdapterError naming what is wrong with it."""
@@ -145,12 +156,7 @@ class LLM:
                 raise ValueError("give adapter= or lora_request=, not both")
             adapter = self._adapter_names(lora_request)
         prompts = _prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        params_list = self._params_per_prompt(sampling_params, len(prompts), "prompts")
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
         adapters = _adapters_per_prompt(adapter, len(prompts))
@@ -210,12 +216,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if tools is None and tool_choice not in (None, "none"):  # vLLM: "When using tool_choice, tools must be set"
             raise ValueError(f"tool_choice {tool_choice!r} needs tools")
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or self.get_default_sampling_params()] * len(conversations)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(conversations):
-                raise ValueError(f"{len(conversations)} conversations but {len(params_list)} sampling params")
+        params_list = self._params_per_prompt(sampling_params, len(conversations), "conversations")
         if tools is not None:
             params_list = [p.clone(tools=tools, tool_choice=tool_choice or "auto") for p in params_list]
         template_kwargs.update(chat_template_kwargs or {})
