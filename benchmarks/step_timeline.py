@@ -1,9 +1,9 @@
 """Where a benchmark mode's wall time goes, step by step (diagnostic for issue #16's agent loop: the
 sessions' p95 did not move when 3 s of swap work left the step's stream, so the stream's time is
 not the whole story). Wraps ModelRunner.launch: per launched step, its scheduled tokens split into
-prefill tokens and decode rows, and (on CUDA) events around the launch on the step's stream, whose
-gaps are the device's idle time between steps; wraps Engine.step for the scheduler's queue at each
-step. Read once per mode with take()."""
+prefill tokens, decode rows and the keys those rows attend to, and (on CUDA) events around the launch
+on the step's stream, whose gaps are the device's idle time between steps; wraps Engine.step for the
+scheduler's queue at each step. Read once per mode with take()."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class _Step:
     host_start: float
     prefill_tokens: int
     decode_rows: int
+    decode_context: int  # keys the decode rows attend to (their K and V read in every layer)
     events: Optional[tuple[torch.cuda.Event, torch.cuda.Event]]
 
 
@@ -37,8 +38,11 @@ class StepTimeline:
         timeline = self
 
         def timed_launch(runner: ModelRunner, chunks: list[Any], *args: Any, **kwargs: Any) -> Any:
-            decode = sum(1 for c in chunks if c.num_tokens == 1 + len(c.spec_token_ids) and c.num_sampled)
+            decoding = [c for c in chunks if c.num_tokens == 1 + len(c.spec_token_ids) and c.num_sampled]
+            decode = len(decoding)
             prefill = sum(c.num_tokens for c in chunks) - decode
+            # Before the launch's bookkeeping: computed tokens plus the row's own.
+            context = sum(c.request.num_computed_tokens + c.num_tokens for c in decoding)
             events = None
             if torch.cuda.is_available():
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -46,7 +50,7 @@ class StepTimeline:
             out = launch(runner, chunks, *args, **kwargs)
             if events is not None:
                 events[1].record()
-            timeline._steps.append(_Step(time.perf_counter(), prefill, decode, events))
+            timeline._steps.append(_Step(time.perf_counter(), prefill, decode, context, events))
             return out
 
         def queued_step(engine: Engine) -> Any:
@@ -75,7 +79,9 @@ class StepTimeline:
         out.update(steps_with_prefill=len(with_prefill), decode_only_steps=len(decode_only),
                    prefill_tokens_per_prefill_step=sum(s.prefill_tokens for s in with_prefill) / max(1, len(with_prefill)),
                    decode_rows_per_step=sum(s.decode_rows for s in steps) / len(steps),
-                   decode_rows_per_decode_only_step=sum(s.decode_rows for s in decode_only) / max(1, len(decode_only)))
+                   decode_rows_per_decode_only_step=sum(s.decode_rows for s in decode_only) / max(1, len(decode_only)),
+                   # What a decode-only step's attention reads: the modes' steps compare at equal KV bytes.
+                   decode_context_per_decode_only_step=sum(s.decode_context for s in decode_only) / max(1, len(decode_only)))
         if queues:
             out["mean_running"] = sum(q[1] for q in queues) / len(queues)
             out["mean_waiting"] = sum(q[2] for q in queues) / len(queues)
@@ -96,7 +102,7 @@ def describe(t: dict[str, Any]) -> str:
         return "no steps"
     text = (f"{t['steps']} steps ({t['steps_with_prefill']} with prefill, {t['prefill_tokens_per_prefill_step']:.0f} "
             f"prefill tokens each; {t['decode_only_steps']} decode-only, {t['decode_rows_per_decode_only_step']:.1f} "
-            f"rows each); queue: {t.get('mean_running', 0):.1f} running, {t.get('mean_waiting', 0):.1f} waiting")
+            f"rows each over {t['decode_context_per_decode_only_step']:.0f} keys in all); queue: {t.get('mean_running', 0):.1f} running, {t.get('mean_waiting', 0):.1f} waiting")
     if "device_span_ms" in t:
         text += (f"; device: steps {t['device_step_ms']:.0f} ms (prefill steps {t['device_prefill_step_ms']:.0f}, "
                  f"decode-only {t['device_decode_only_step_ms']:.0f}), gaps between steps {t['device_gap_ms']:.0f} ms "

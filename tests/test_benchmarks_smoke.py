@@ -212,6 +212,8 @@ def test_agent_loop_responses_mode_prefills_like_sessions(tmp_path: Path) -> Non
     timeline = sessions["timeline"]
     assert timeline["steps"] == timeline["steps_with_prefill"] + timeline["decode_only_steps"]
     assert timeline["steps_with_prefill"] > 0 and positive(timeline["decode_rows_per_step"])
+    # Each decode-only step's rows attend to at least the preamble (256 tokens) each.
+    assert timeline["decode_context_per_decode_only_step"] >= 256 * timeline["decode_rows_per_decode_only_step"]
 
 
 def test_tp_smoke(tmp_path: Path) -> None:
