@@ -207,9 +207,10 @@ class SpecConfig(_Strict):
 
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="Address the servers listen on (0.0.0.0 for all).")
-    grpc_port: Optional[int] = Field(default=None, ge=0, le=65535, description="Port of the gRPC AgentService (0: a free port).")
-    http_port: Optional[int] = Field(default=None, ge=0, le=65535, description="Port of the OpenAI-compatible HTTP API (0: a free "
-                                     "port).")
+    grpc_port: Optional[int] = Field(default=None, ge=0, le=65535,
+                                     description="Port of the gRPC AgentService (0: a free port).")
+    http_port: Optional[int] = Field(default=None, ge=0, le=65535,
+                                     description="Port of the OpenAI-compatible HTTP API (0: a free port).")
     api_key: Optional[Union[str, list[str]]] = Field(
         default=None, description="API key clients must send (repeat the flag for several; each is its own tenant). "
         "Without any key, every client is one anonymous tenant.")

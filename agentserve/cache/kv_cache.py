@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from agentserve.cache.swap_slots import consecutive_runs
 from agentserve.cache.swap_streams import SWAP_STREAMS, SwapStreams
 from agentserve.kernels._triton_utils import triton_enabled_for
 from agentserve.kernels.fp8_utils import FP8_DTYPE, raw_bytes
@@ -127,15 +128,8 @@ class KVCache:
         piece is one gather or scatter on the device whatever its slots; a run is one host copy."""
         for start in range(0, len(swap_slots), self.pages_per_copy):
             positions = range(start, min(len(swap_slots), start + self.pages_per_copy))
-            runs: list[tuple[int, int, int]] = []
-            i = positions.start
-            while i < positions.stop:
-                j = i + 1
-                while j < positions.stop and swap_slots[j] == swap_slots[j - 1] + 1:
-                    j += 1
-                runs.append((i - positions.start, swap_slots[i], j - i))
-                i = j
-            yield positions, runs
+            piece = swap_slots[positions.start:positions.stop]
+            yield positions, [(offset, piece[offset], count) for offset, count in consecutive_runs(piece)]
 
     def swap_out(self, device_blocks: Sequence[int], swap_slots: Sequence[int]) -> None:
         """Copies pages to CPU swap slots: per piece, one gather on the device and one device-to-host copy

@@ -8,6 +8,21 @@ single range is long enough, pieces of several. Freed slots merge back with thei
 from __future__ import annotations
 
 import bisect
+from typing import Sequence
+
+
+def consecutive_runs(values: Sequence[int]) -> list[tuple[int, int]]:
+    """(offset, length) of each run of consecutive integers in `values`, in order: one host copy per run of
+    swap slots in a swap (cache/kv_cache.py), one merge per run of freed slots here."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(values):
+        j = i + 1
+        while j < len(values) and values[j] == values[j - 1] + 1:
+            j += 1
+        runs.append((i, j - i))
+        i = j
+    return runs
 
 
 class SwapSlots:
@@ -45,13 +60,8 @@ class SwapSlots:
 
     def free(self, slots: list[int]) -> None:
         ordered = sorted(slots)
-        i = 0
-        while i < len(ordered):  # one merge per run of consecutive slots
-            j = i + 1
-            while j < len(ordered) and ordered[j] == ordered[j - 1] + 1:
-                j += 1
-            self._free_run(ordered[i], j - i)
-            i = j
+        for i, n in consecutive_runs(ordered):
+            self._free_run(ordered[i], n)
 
     def _free_run(self, start: int, n: int) -> None:
         end = start + n
