@@ -5,7 +5,17 @@ graph so that chat rendering and the adapters never import the engine (and torch
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional
+
+
+class FailureKind(str, Enum):
+    """Whose fault it is that a request finished with an error (RequestOutput.error_kind): its own
+    input (a constraint that does not compile, or one its own token restrictions contradict: HTTP 400 /
+    INVALID_ARGUMENT), or the server's (a step that failed, a matcher or detokenizer that broke: HTTP 500
+    / INTERNAL)."""
+    INVALID_REQUEST = "invalid_request"
+    INTERNAL = "internal"
 
 
 class InvalidRequestError(ValueError):

@@ -7,12 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Collection, Optional
 
-from agentserve.errors import InvalidRequestError
-
-# The start of the error of a request whose own token restrictions (allowed_token_ids, bad_words) left
-# its output constraint no token to sample: a contradiction in the request, not a server fault.
-CONSTRAINT_CONFLICT = "no token satisfies both the output constraint and"
-
+from agentserve.errors import FailureKind, InvalidRequestError
 
 @dataclass
 class Logprob:
@@ -72,6 +67,7 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     error: Optional[str] = None
+    error_kind: FailureKind = FailureKind.INTERNAL  # whose fault `error` is
     # vLLM's prompt_logprobs: one entry per prompt token (None for the first) when the request asked.
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     # Sessions: the pages and computed-token count the finished sequence hands back when it was
@@ -87,9 +83,8 @@ class RequestOutput:
 
     def failure(self, default: str) -> Exception:
         """The exception for an output that finished with an error: InvalidRequestError where the
-        request's own input is at fault (a constraint that did not compile, so nothing was generated;
-        a constraint its token restrictions contradict), else RuntimeError (INTERNAL)."""
+        request's own input is at fault, else RuntimeError (INTERNAL)."""
         message = self.error or default
-        if not self.outputs[0].token_ids or message.startswith(CONSTRAINT_CONFLICT):
+        if self.error_kind is FailureKind.INVALID_REQUEST:
             return InvalidRequestError(message)
         return RuntimeError(message)

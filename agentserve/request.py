@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
+from agentserve.errors import FailureKind
 from agentserve.lora.key import LoRAKey
 from agentserve.outputs import PositionLogprobs
 from agentserve.sampling_params import SamplingParams
@@ -107,6 +108,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[str | int] = None
         self.error: Optional[str] = None
+        self.error_kind = FailureKind.INTERNAL  # whose fault `error` is, once it is set
 
         self.num_computed_tokens = 0
         # Async scheduling: tokens sampled by launched steps but not yet appended on the host. The

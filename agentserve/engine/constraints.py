@@ -110,6 +110,8 @@ class ConstraintManager:
         except GrammarError as e:
             return f"the output constraint could not be compiled: {e}"
         except Exception as e:  # noqa: BLE001 - a backend crash fails this request only
+            # ... as the request's fault too: its constraint is what the backend cannot take, and sending it
+            # again would fail the same way.
             return f"the output constraint could not be compiled: {type(e).__name__}: {e}"
         state = prepared.take_state()
         request.grammar = GrammarState(wrap_for_reasoning(state.matcher, reasoning, request.prompt_token_ids), state.grammar)

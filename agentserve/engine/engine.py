@@ -37,7 +37,7 @@ from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.engine.speculation import SpecProposer, Speculation
 from agentserve.engine.validation import truncate_prompt, validate_vocab_params
 from agentserve.sampling.bad_words import bad_words_token_ids
-from agentserve.errors import InvalidRequestError
+from agentserve.errors import FailureKind, InvalidRequestError
 from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.engine.lora_control import LoRAControl
@@ -228,7 +228,7 @@ class Engine:
                 continue
             error = ConstraintManager.attach(req, fut, self.reasoning)
             if error is not None:
-                self.output.fail_request(req, error)
+                self.output.fail_request(req, error, FailureKind.INVALID_REQUEST)
 
     def _wait_for_grammars(self) -> None:
         # Nothing else to run: block briefly on the compiles instead of spinning.

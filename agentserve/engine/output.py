@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from agentserve.engine.constraints import ConstraintManager
 from agentserve.engine.failures import STEP_FAILED, log_step_failure, request_failure_message
+from agentserve.errors import FailureKind
 from agentserve.grammar.interface import GrammarError
-from agentserve.outputs import (CONSTRAINT_CONFLICT, CompletionOutput, Logprob, PositionLogprobs, RequestMetrics,
+from agentserve.outputs import (CompletionOutput, Logprob, PositionLogprobs, RequestMetrics,
                                 RequestOutput)
 from agentserve.request import Request, RequestStatus
 from agentserve.worker.launched_step import LaunchedStep, StepResult
@@ -103,8 +104,11 @@ class OutputProcessor:
                 else:
                     appended += self._append_row(req, chunk, result, row, now)
             except Exception as e:  # noqa: BLE001 - detokenizer, matcher, stop checks: this request's own
-                where = "in its output constraint" if isinstance(e, GrammarError) else "while processing its output"
-                self.fail_request(req, request_failure_message(where, req, e))
+                if isinstance(e, GrammarError):  # its constraint reached a limit of the backend's
+                    self.fail_request(req, request_failure_message("in its output constraint", req, e),
+                                      FailureKind.INVALID_REQUEST)
+                else:
+                    self.fail_request(req, request_failure_message("while processing its output", req, e))
             if emit_all or req.status >= RequestStatus.FINISHED_STOPPED:
                 touched.add(req.parent_id)
         step.num_appended += appended
@@ -176,8 +180,10 @@ class OutputProcessor:
             restricting = [name for name, value in (("allowed_token_ids", params.allowed_token_ids),
                                                     ("bad_words", params.bad_words)) if value]
             if restricting:
-                req.error = (f"{CONSTRAINT_CONFLICT} {' and '.join(restricting)} at output position "
-                             f"{len(req.output_token_ids) - 1}: they leave no token to sample; loosen one of them")
+                req.error = (f"no token satisfies both the output constraint and {' and '.join(restricting)} at "
+                             f"output position {len(req.output_token_ids) - 1}: they leave no token to sample; "
+                             "loosen one of them")
+                req.error_kind = FailureKind.INVALID_REQUEST  # the request contradicts itself
             else:
                 req.error = f"sampled token {token} is not allowed by the output constraint"
             self.finish(req, RequestStatus.FINISHED_ERROR, None)
@@ -248,12 +254,13 @@ class OutputProcessor:
             self.engine.scheduler.add_front(sib)
 
     # --- finishing ------------------------------------------------------------------------------------
-    def fail_request(self, req: Request, error: str) -> None:
+    def fail_request(self, req: Request, error: str, kind: FailureKind = FailureKind.INTERNAL) -> None:
         """Finishes one sequence with its own error; the batch goes on. The error goes out with the
         request's next output (this step's)."""
         if req.is_finished:
             return
         req.error = error
+        req.error_kind = kind
         self.finish(req, RequestStatus.FINISHED_ERROR, None)
         self.failed.add(req.parent_id)
 
@@ -318,9 +325,9 @@ class OutputProcessor:
                     first_token_time=leader.timing.first_token, finished_time=leader.timing.finished,
                     num_prompt_tokens=leader.num_prompt_tokens, num_cached_tokens=max(leader.num_cached_tokens, 0),
                     num_prefilled_tokens=leader.num_prefilled_tokens))
-            errors = [c.error for c in children if c.error]
-            if errors:
-                out.error = errors[0]
+            failed = [c for c in children if c.error]
+            if failed:
+                out.error, out.error_kind = failed[0].error, failed[0].error_kind
             if finished:
                 self._release_group(parent_id, children, out)
             outputs.append(out)
