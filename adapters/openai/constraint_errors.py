@@ -1,4 +1,5 @@
-"""Which request field an output-constraint failure is about (the error's `param`).
+"""The HTTP error of a request that failed inside the engine, and which request field an output-constraint
+failure is about (the error's `param`).
 
 A constraint that does not compile fails its request with a message (RequestOutput.error) that the
 engine writes; the HTTP layer knows which field the constraint came from. The compile names the
@@ -11,7 +12,8 @@ import json
 import re
 from typing import Optional, Sequence, Union
 
-from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, ToolDefinition
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, ToolDefinition
+from agentserve.errors import FailureKind
 
 # The engine's text for a compile failure (engine/constraints.py, ConstraintManager.attach).
 COMPILE_FAILED = "the output constraint could not be compiled"
@@ -50,3 +52,13 @@ def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], messa
         if index is not None:
             return f"tools[{index}].function.parameters"
     return "tools"
+
+
+def request_failure(message: str, kind: FailureKind, req: Union[ChatCompletionRequest, CompletionRequest],
+                    message_param: Optional[str]) -> OpenAIError:
+    """A request failed alone: by its own input (400 naming the field: the constraint's, else
+    `message_param`, the field the message starts with) or by a fault of the server's (500; the engine
+    logged it with the request's id)."""
+    if kind is FailureKind.INVALID_REQUEST:
+        return OpenAIError(400, message, param=constraint_param(req, message) or message_param)
+    return OpenAIError(500, message)

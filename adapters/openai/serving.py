@@ -16,12 +16,12 @@ import logging
 import time
 from typing import Any, AsyncGenerator, Optional, Sequence, Union
 
-from agentserve.adapters.openai.constraint_errors import constraint_param
+from agentserve.adapters.openai.constraint_errors import request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
-from agentserve.errors import EngineDeadError, FailureKind, FieldError, InvalidRequestError, QueueFullError
+from agentserve.errors import EngineDeadError, FieldError, InvalidRequestError, QueueFullError
 from agentserve.engine.validation import truncate_prompt
 from agentserve.lora.interface import adapter_names
 from agentserve.outputs import RequestOutput
@@ -327,12 +327,7 @@ class OpenAIServing:
                 if isinstance(item, BaseException):
                     raise self.engine_error(item)
                 if item.error:
-                    # A request that failed alone: by its own input (a constraint that does not compile)
-                    # or by a fault of the server's (logged by the engine, with its id), which is no 400.
-                    msg = str(item.error)
-                    if item.error_kind is not FailureKind.INVALID_REQUEST:
-                        raise OpenAIError(500, msg)
-                    raise OpenAIError(400, msg, param=constraint_param(req, msg) or param_of(msg))
+                    raise request_failure(item.error, item.error_kind, req, param_of(item.error))
                 yield i, item
         finally:
             if watcher is not None:
