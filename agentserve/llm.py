@@ -197,12 +197,18 @@ class LLM:
 
     def render_chat(self, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]] = None,
                     add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        return self._rendered_chat(messages, tools, add_generation_prompt, **template_kwargs)[1]
+
+    def _rendered_chat(self, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
+                       add_generation_prompt: bool, **template_kwargs: Any) -> tuple[str, list[int]]:
+        """The chat template's text for a conversation, and its token ids (the template writes the special
+        tokens itself, so none are added)."""
         tok = self.engine.tokenizer
         if tok is None or not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
         text = tok.apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                                        tokenize=False, **template_kwargs)
-        return list(tok.encode(text, add_special_tokens=False))
+        return text, list(tok.encode(text, add_special_tokens=False))
 
     def chat(self, messages: Union[Sequence[Message], Sequence[Sequence[Message]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
@@ -220,5 +226,11 @@ class LLM:
         if tools is not None:
             params_list = [p.clone(tools=tools, tool_choice=tool_choice or "auto") for p in params_list]
         template_kwargs.update(chat_template_kwargs or {})
-        prompts = [self.render_chat(conv, tools=tools, **template_kwargs) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params_list, use_tqdm=use_tqdm, adapter=adapter, lora_request=lora_request)
+        add_generation_prompt = bool(template_kwargs.pop("add_generation_prompt", True))
+        rendered = [self._rendered_chat(conv, tools, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
+                    for conv in conversations]
+        outputs = self.generate([ids for _, ids in rendered], params_list, use_tqdm=use_tqdm, adapter=adapter,
+                                lora_request=lora_request)
+        for out, (text, _) in zip(outputs, rendered):
+            out.prompt = text  # as vLLM's chat: the rendered conversation
+        return outputs

@@ -1,5 +1,6 @@
 """LLM.chat's vLLM keywords: chat_template_kwargs reach the template, tools apply with one SamplingParams
-per conversation, and a tool_choice without tools is refused rather than ignored."""
+per conversation, a tool_choice without tools is refused rather than ignored, and each output carries the
+rendered prompt."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def llm() -> LLM:
 
 
 def _prompt_text(llm: LLM, **kwargs: object) -> str:
-    return llm.tokenizer.decode(llm.chat(CONV, PARAMS, chat_template=TEMPLATE, **kwargs)[0].prompt_token_ids)
+    out = llm.chat(CONV, PARAMS, chat_template=TEMPLATE, **kwargs)[0]
+    text = llm.tokenizer.decode(out.prompt_token_ids)
+    assert out.prompt == text  # as vLLM's chat, the output carries the rendered conversation
+    return text
 
 
 def test_chat_template_kwargs_reach_the_template(llm: LLM) -> None:
