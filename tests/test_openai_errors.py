@@ -152,6 +152,14 @@ def test_missing_fields_and_bad_json(live: Live) -> None:
     _error(r, 400, param="prompt", contains="required")
     r = live.http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     _error(r, 400, contains="not valid JSON")
+    # A body that is no JSON object says what it is instead (it said "'None' is a required property").
+    for body, content_type, says in [(b"", "application/json", "body is empty"), (b"", None, "body is empty"),
+                                     (b'{"model": "m"}', "text/plain", "got Content-Type: text/plain"),
+                                     (b"[]", "application/json", "got a JSON array"),
+                                     (b"null", "application/json", "got a JSON null")]:
+        r = live.http.post("/v1/chat/completions", content=body,
+                           headers={"Content-Type": content_type} if content_type else {})
+        assert _error(r, 400, contains=says)["param"] is None
     r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "suffix": "y"})
     _error(r, 400, param="suffix", contains="not supported")
     r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "best_of": 3})

@@ -176,7 +176,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error_response(exc)
+        return _validation_error_response(exc, request.headers.get("content-type", ""))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -191,9 +191,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error")
 
 
-def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
+def _validation_error_response(exc: RequestValidationError, content_type: str) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("loc") == ("body",):  # the body as a whole: empty, not JSON, or not an object
+        return _error_response(400, _body_problem(first, content_type), "invalid_request_error", None)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Unions report the branch tried ("prompt.str"): keep the field path readable.
     loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
@@ -210,6 +212,18 @@ def _validation_error_response(exc: RequestValidationError) -> JSONResponse:
             with contextlib.suppress(TypeError, ValueError):
                 message += f" (got {json.dumps(first['input'])[:200]})"
     return _error_response(400, message, "invalid_request_error", param)
+
+
+def _body_problem(error: dict[str, Any], content_type: str) -> str:
+    """What is wrong with a request body that is no JSON object, in words a client can act on."""
+    if error.get("type") == "missing":
+        return "The request body is empty: send the request as a JSON object"
+    if content_type and "json" not in content_type.split(";", 1)[0]:
+        return (f"The request body must be a JSON object sent with Content-Type: application/json "
+                f"(got Content-Type: {content_type[:100]})")
+    got = type(error.get("input")).__name__
+    kind = {"list": "array", "str": "string", "NoneType": "null", "dict": "object"}.get(got, got)
+    return f"The request body must be a JSON object, got a JSON {kind}"
 
 
 def _add_status_routes(app: FastAPI, async_engine: Any, metrics: Metrics) -> None:
