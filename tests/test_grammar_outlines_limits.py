@@ -67,3 +67,30 @@ def test_exploding_recursive_schema_is_refused_at_once() -> None:
 @pytest.mark.skipif("outlines" not in available_backends(), reason="outlines-core not installed")
 def test_small_recursive_schema_still_compiles() -> None:
     assert _compile_in_child(SMALL_RECURSIVE)["status"] == "compiled"
+
+
+def test_properties_that_allow_any_value() -> None:
+    """Github_medium/o4263 of the sample: optional properties whose schema is `{}`. outlines-core wrote `{}` as
+    an ungrouped alternation, so the object could go on with a bare value (`{"a":truenull}`, invalid JSON) and
+    never with the property itself; walks through the compiled grammar are now valid JSON the schema accepts."""
+    if "outlines" not in available_backends():
+        pytest.skip("outlines-core is not installed")
+    import re
+
+    from agentserve.grammar.outlines_backend import schema_to_regex
+    from agentserve.grammar.registry import get_backend
+    from agentserve.grammar.spec import ConstraintSpec
+    from agentserve.testing.tiny import tiny_model_cached
+    from helpers.grammar_walks import schema_walks, tokenizer_info_for
+
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "x": {}, "note": {"description": "free"},
+                                               "b": {"type": "boolean"}}, "required": ["a"]}
+    regex = schema_to_regex(schema)
+    assert re.fullmatch(regex, '{"a":truenull}') is None
+    for text in ['{"a":true,"x":null}', '{"a":true,"x":{"k":[1,"s"]},"note":2}', '{"a":false,"x":"s","b":true}']:
+        assert re.fullmatch(regex, text), text
+    tok, info = tokenizer_info_for(tiny_model_cached("llama3"))
+    compiled = get_backend("outlines").compile(ConstraintSpec.json_schema(schema), info)
+    walks = schema_walks(compiled, schema, tok, walks=12, max_tokens=300, seed=4263)["walks"]
+    assert all(w["status"] in ("valid", "cap") for w in walks), walks
+    assert sum(w["status"] == "valid" for w in walks) >= 6, walks

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from agentserve.grammar import structure
-from agentserve.grammar.schema_utils import check_enforceable, strip_formats
+from agentserve.grammar.schema_utils import check_enforceable, map_subschemas, strip_formats
 import outlines_core
 from outlines_core.json_schema import build_regex_from_schema
 
@@ -61,6 +61,22 @@ RECURSION_DEPTH = 3
 MAX_REGEX_CHARS = 4_000_000
 
 
+# A subschema that constrains nothing ({}, or annotations only) becomes this: outlines-core 0.2 writes
+# `{}` as an alternation it does not group, so an optional property of that schema let the object go on
+# with any bare value (`{"a":truenull}`) and never with the property itself. The type list is grouped.
+ANY_VALUE = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "$schema", "$id", "deprecated",
+                          "readOnly", "writeOnly"})
+
+
+def _typed_any(schema: Any) -> Any:
+    """`schema` with each subschema that allows any value spelled as ANY_VALUE."""
+    def fix(node: dict, path: str) -> dict:
+        return {**node, **ANY_VALUE} if set(node) <= _ANNOTATIONS else node
+
+    return map_subschemas(schema, fix)
+
+
 def _build_regex(text: str, depth: int) -> str:
     try:
         return build_regex_from_schema(text, whitespace_pattern=JSON_WHITESPACE, max_recursion_depth=depth)
@@ -80,7 +96,7 @@ def schema_to_regex(schema: Any) -> str:
     if isinstance(schema, str):
         schema = json.loads(schema)
     check_enforceable(schema, "outlines", NOT_ENFORCED)
-    text = json.dumps(strip_formats(schema, FORMATS))
+    text = json.dumps(_typed_any(strip_formats(schema, FORMATS)))
     regex = _build_regex(text, 0)
     if len(regex) > MAX_REGEX_CHARS:
         raise _too_large(len(regex), "")
