@@ -104,6 +104,14 @@ def _readers(file: Path) -> list[tuple[Path, Any]]:
     return [(file, first), *((f, _reader(f)) for f in shards)]
 
 
+def without_gguf_padding(vocab: dict[str, int]) -> dict[str, int]:
+    """A tokenizer's vocabulary less llama.cpp's placeholders: its converter lists every id up to the
+    embedding's rows, naming those past the Hugging Face tokenizer's "[PAD<id>]" (convert_hf_to_gguf.py's
+    get_vocab_base), so the same tokenizer from a GGUF and from its Hugging Face directory (or from
+    GGUFs of one family padded to other sizes) would otherwise differ."""
+    return {token: i for token, i in vocab.items() if token != f"[PAD{i}]"}
+
+
 def gguf_has_tokenizer(file: Path) -> bool:
     """Whether the file carries a tokenizer (llama.cpp's converter always writes one; a file written
     with only the weights has none, and is served with token ids as a directory without one is)."""

@@ -5,8 +5,9 @@ Families pad their embedding tables to different multiples per model size while 
 The rows past the tokenizer are padding, so such a draft proposes for the target exactly as one of
 the same size would: its logits are cut or padded (with -inf, never proposed) to the target's width,
 and an id it has no row for (a padding id the target sampled) is looked up in its last row; that only
-shapes the draft's later proposals, which the target verifies. Tokenizers that map any token to another
-id, or a tokenizer with more ids than either model has rows, are refused.
+shapes the draft's later proposals, which the target verifies. A GGUF's tokenizer also names those
+padding rows ("[PAD<id>]", model/gguf.py); they are left out of the comparison. Tokenizers that map any
+token to another id, or a tokenizer with more ids than either model has rows, are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.gguf import without_gguf_padding
 from agentserve.model.llama import CausalLM
 
 
@@ -21,8 +23,9 @@ def check_draft_vocabulary(target: ArchConfig, draft: ArchConfig, target_tokeniz
                            draft_tokenizer: Optional[Any]) -> None:
     """Start-up check: the draft must score the target's token ids (ModelLoadError saying why not)."""
     if target_tokenizer is not None and draft_tokenizer is not None:
-        target_vocab = target_tokenizer.get_vocab()
-        if target_vocab != draft_tokenizer.get_vocab():
+        # A GGUF's tokenizer also names its embedding's padding rows: they are no tokens.
+        target_vocab = without_gguf_padding(target_tokenizer.get_vocab())
+        if target_vocab != without_gguf_padding(draft_tokenizer.get_vocab()):
             raise ModelLoadError("the draft model's tokenizer maps tokens to other ids than the target's: "
                                  "speculative decoding needs a draft with the target's vocabulary")
         num_ids = max(target_vocab.values()) + 1
