@@ -92,6 +92,16 @@ def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:
         LLM(str(file), tokenizer=str(tiny_model_cached("llama")), num_blocks=16)
 
 
+def test_mixture_of_experts_written_as_llama_is_named(tmp_path: Path) -> None:
+    """llama.cpp writes Mixtral as `llama` with `llama.expert_count` (and ffn_*_exps tensors): an
+    architecture agentserve lacks, refused naming it (it was "checkpoint lacks tensors for
+    [...mlp.gate_up_proj.weight ...]" after building the model)."""
+    src = tiny_model_cached("llama")
+    file = write_gguf(src, tmp_path / "m.gguf", "llama", extra_keys={"expert_count": 8, "expert_used_count": 2})
+    with pytest.raises(ModelLoadError, match="mixture-of-experts GGUF .*8 experts.* not supported"):
+        LLM(str(file), tokenizer=str(src), num_blocks=16)
+
+
 def test_unsupported_gguf_tensor_type_is_named(tmp_path: Path) -> None:
     """An integer tensor where a weight belongs: the gguf library cannot dequantize I32."""
     src = tiny_model_cached("llama")

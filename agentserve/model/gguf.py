@@ -8,7 +8,8 @@ shard, or from a directory that holds its shards and nothing else: the metadata 
 shard, the tensors are spread over all of them. A directory holding several models (say one file per
 quantization type, as GGUF repositories publish them) is an error listing them.
 The tokenizer and chat template come from the same metadata through transformers (engine/loading.py).
-Supported architectures: llama (also Mistral GGUFs, which llama.cpp writes as llama), qwen2, qwen3;
+Supported architectures: llama (also Mistral GGUFs, which llama.cpp writes as llama; not Mixtral, which
+it writes as llama with experts), qwen2, qwen3;
 tensor types: whatever the gguf library dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants,
 the IQ types); anything else is a ModelLoadError naming the architecture or tensor type.
 """
@@ -126,6 +127,11 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {file.name}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
+    # llama.cpp writes Mixtral as llama with experts (ffn_*_exps tensors, which no dense MLP reads).
+    experts = int(_field(reader, f"{arch}.expert_count", 0))
+    if experts > 0:
+        raise ModelLoadError(f"{file.name} is a mixture-of-experts GGUF ({arch} with {experts} experts, e.g. "
+                             "Mixtral), which is not supported; only dense llama, qwen2 and qwen3 models are")
     tensors = {t.name: t for _, r in readers for t in r.tensors}
     names = set(tensors)
     if "token_embd.weight" not in tensors:

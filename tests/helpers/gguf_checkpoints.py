@@ -112,11 +112,13 @@ def _add_tokenizer(writer: Any, src: Path, vocab_size: int, pre: str) -> None:
 
 def write_gguf(src: Path, dst: Path, arch_name: str, *, qtype: Optional[str] = None, tokenizer_pre: Optional[str] = None,
                split_max_tensors: int = 0, drop_keys: tuple[str, ...] = (), tie: Optional[bool] = None,
-               extra_tensor: Optional[tuple[str, np.ndarray]] = None) -> Path:
+               extra_tensor: Optional[tuple[str, np.ndarray]] = None, extra_keys: Optional[dict[str, int]] = None
+               ) -> Path:
     """`src` as a GGUF file at `dst` (the first shard's path when splitting): 2-D tensors stored as
     `qtype` (a gguf.GGMLQuantizationType name; F32 when None); the tokenizer when `tokenizer_pre` is
     given (else only its bos / eos ids); `drop_keys`: metadata keys (after the arch prefix) left out,
-    as some converters do; `tie`: write no output.weight (True) even when the checkpoint has an lm_head."""
+    as some converters do; `tie`: write no output.weight (True) even when the checkpoint has an lm_head;
+    `extra_keys`: more integer metadata (after the arch prefix)."""
     import gguf
 
     arch = ArchConfig.from_dir(src)
@@ -126,7 +128,7 @@ def write_gguf(src: Path, dst: Path, arch_name: str, *, qtype: Optional[str] = N
             "attention.head_count": arch.num_heads, "attention.head_count_kv": arch.num_kv_heads,
             "attention.key_length": arch.head_dim, "attention.value_length": arch.head_dim,
             "rope.freq_base": float(arch.rope_theta), "attention.layer_norm_rms_epsilon": float(arch.rms_norm_eps),
-            "vocab_size": arch.vocab_size}
+            "vocab_size": arch.vocab_size, **(extra_keys or {})}
     for key, value in keys.items():
         if key not in drop_keys:
             kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
