@@ -130,6 +130,16 @@ def test_unsupported_gguf_tensor_type_is_named(tmp_path: Path) -> None:
         LLM(str(broken), tokenizer=str(src), num_blocks=16)
 
 
+def test_gguf_next_to_a_config_json_says_to_pass_the_file(tmp_path: Path) -> None:
+    """A directory with a config.json is read as a Hugging Face checkpoint; holding a .gguf file and no
+    safetensors, the error names the file to pass (it said only safetensors checkpoints are supported)."""
+    src = tiny_model_cached("llama")
+    write_gguf(src, tmp_path / "m.gguf", "llama")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelLoadError, match=r"has no \*.safetensors weights but holds m.gguf: pass the .gguf file"):
+        LLM(str(tmp_path), tokenizer=str(src), num_blocks=16)
+
+
 def test_directory_with_several_gguf_files_is_refused(tmp_path: Path) -> None:
     for name in ("a.gguf", "b.gguf"):
         write_gguf(tiny_model_cached("llama"), tmp_path / name, "llama")

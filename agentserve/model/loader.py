@@ -74,8 +74,14 @@ def _safetensors_files(path: Path) -> list[Path]:
             raise ModelLoadError(f"{path}: shards named in model.safetensors.index.json are missing: {missing}")
         return files
     files = sorted(path.glob("*.safetensors"))
+    gguf_files = sorted(f.name for f in path.glob("*.gguf"))
+    if not files and gguf_files:  # a directory with a config.json is read as Hugging Face (model/gguf.py)
+        raise ModelLoadError(f"{path} has no *.safetensors weights but holds {', '.join(gguf_files)}: pass the "
+                             ".gguf file itself as the model (a directory with a config.json is read as a "
+                             "Hugging Face checkpoint)")
     if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights (only safetensors checkpoints are supported)")
+        raise ModelLoadError(f"{path} has no *.safetensors weights (a Hugging Face directory needs safetensors; "
+                             "a GGUF checkpoint is passed as its .gguf file)")
     return files
 
 
