@@ -201,6 +201,10 @@ def _with_config(src: Path, dst: Path, qc: dict[str, Any]) -> Path:
 INT4_W4A16 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True}
 INT8 = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
 FP8_CHANNEL = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}
+# llm-compressor's 2:4 sparse models (RedHatAI "Sparse-...-2of4-FP8-dynamic"): the weights stored as
+# their nonzero halves plus bitmasks, under names no dense layer reads.
+SPARSE_24_BITMASK = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "global_sparsity": 0.45,
+                     "targets": ["Linear"], "ignore": ["lm_head"]}
 
 
 def _ct(weights: dict[str, Any], acts: Any, fmt: str, **extra: Any) -> dict[str, Any]:
@@ -216,6 +220,10 @@ def _ct(weights: dict[str, Any], acts: Any, fmt: str, **extra: Any) -> dict[str,
     (_ct(FP8_CHANNEL | {"symmetric": False}, DYNAMIC_TOKEN, "float-quantized"), "float8 channel asymmetric"),
     (_ct(FP8_CHANNEL, DYNAMIC_TOKEN, "dense"), "format dense"),
     (_ct(FP8_CHANNEL, DYNAMIC_TOKEN, "float-quantized", kv_cache_scheme=INT8), "kv_cache_scheme int8"),
+    (_ct(FP8_CHANNEL, DYNAMIC_TOKEN, "float-quantized", sparsity_config=SPARSE_24_BITMASK),
+     "sparsity format 'sparse-24-bitmask' (2:4)"),
+    ({"quant_method": "compressed-tensors", "config_groups": {}, "sparsity_config": SPARSE_24_BITMASK},
+     "sparsity format 'sparse-24-bitmask'"),
     ({"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic"}, "'e5m2'"),
     ({"quant_method": "modelopt", "quant_algo": "FP8"}, "quant_method 'modelopt'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
@@ -225,6 +233,17 @@ def test_unsupported_schemes_fail_at_start_up_naming_them(qc: dict[str, Any], ne
     with pytest.raises(ModelLoadError, match="unsupported quantization scheme") as err:
         LLM(str(dst), num_blocks=16)
     assert needle in str(err.value)
+
+
+def test_sparsity_config_with_dense_storage_loads_its_fp8_weights(tmp_path: Path) -> None:
+    """A 2:4 sparsity_config whose format is "dense" stores ordinary weights (zeros included): they
+    serve as any FP8 checkpoint's."""
+    qc = compressed_tensors_config("channel", DYNAMIC_TOKEN) | {"sparsity_config": SPARSE_24_BITMASK | {"format": "dense"}}
+    fp8, deq = write_checkpoints(tiny_model_cached("llama"), tmp_path, channel_quantizer(torch.bfloat16), qc)
+    assert _tokens(fp8) == _tokens(deq)
+    sparse_only = _with_config(deq, tmp_path / "sparse_only", {"quant_method": "compressed-tensors", "config_groups": {},
+                                                               "sparsity_config": qc["sparsity_config"]})
+    assert set(_methods(sparse_only).values()) == {UnquantizedLinearMethod}
 
 
 def test_fp8_tensors_without_scales_are_an_error(tmp_path: Path) -> None:

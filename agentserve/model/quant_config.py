@@ -6,6 +6,7 @@ Supported checkpoints:
   weights ("float-quantized" or "naive-quantized" format) with per-channel, per-tensor or block
   scales (`weight_scale`), activations dynamic (per token, tensor or group) or static per tensor
   (`input_scale`); an optional float8 `kv_cache_scheme` (k_scale / v_scale tensors, model/loader.py);
+  a `sparsity_config` (2:4 models) only with dense storage;
 - Hugging Face / vLLM "fp8": fine-grained block scales (`weight_scale_inv`, Qwen3 "-FP8", DeepSeek
   style) or per-tensor scales (`weight_scale`, optional static `input_scale`);
 - "fbgemm_fp8" (Meta's Llama 3.1 FP8): per-channel scales, dynamic per-token activations.
@@ -71,12 +72,28 @@ def _ct_kv_cache_scheme(qc: dict[str, Any]) -> None:
                              "(only a float8 KV cache, served with kv_cache_dtype='fp8')")
 
 
+def _ct_dense_sparsity(qc: dict[str, Any]) -> bool:
+    """Whether the checkpoint has a sparsity_config (llm-compressor's 2:4 models), which must store its
+    weights dense: "sparse-24-bitmask" and the other compressed formats keep each weight as its
+    nonzeros plus a bitmask, tensors no dense layer reads."""
+    sparsity = qc.get("sparsity_config")
+    if not sparsity:
+        return False
+    fmt = sparsity.get("format", "dense")
+    if fmt != "dense":
+        raise ModelLoadError(f"unsupported quantization scheme: compressed-tensors sparsity format {fmt!r} "
+                             f"({sparsity.get('sparsity_structure', '?')}): the weights are stored compressed; "
+                             "only dense storage of sparse weights is supported")
+    return True
+
+
 def _compressed_tensors(qc: dict[str, Any]) -> Optional[Fp8Config]:
     _ct_kv_cache_scheme(qc)
+    dense_sparsity = _ct_dense_sparsity(qc)
     groups = list((qc.get("config_groups") or {}).values())
     if not groups:
-        if qc.get("kv_cache_scheme"):
-            return None  # a KV-cache-only checkpoint: 16-bit weights, k_scale / v_scale tensors
+        if qc.get("kv_cache_scheme") or dense_sparsity:
+            return None  # 16-bit weights; k_scale / v_scale tensors of a KV-cache-only checkpoint
         raise ModelLoadError("compressed-tensors quantization_config has no config_groups")
     schemes = {(repr(g.get("weights")), repr(g.get("input_activations"))) for g in groups}
     if len(schemes) > 1:
