@@ -15,6 +15,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# A config.json without `architectures` (one written by Config(...).save_pretrained) is read by its
+# model_type, as transformers' AutoModelForCausalLM does.
+ARCHITECTURE_OF_MODEL_TYPE = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
 
 
 class ModelLoadError(ValueError):
@@ -49,7 +52,8 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ArchConfig":
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None) if archs else \
+            ARCHITECTURE_OF_MODEL_TYPE.get(str(cfg.get("model_type")))
         if arch is None:
             raise ModelLoadError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
