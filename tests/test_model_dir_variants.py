@@ -48,3 +48,20 @@ def test_unsupported_model_type_without_architectures_is_named() -> None:
     with pytest.raises(ModelLoadError, match="unsupported architecture 'gemma'"):
         ArchConfig.from_dict({"model_type": "gemma", "hidden_size": 64, "num_attention_heads": 4,
                               "vocab_size": 128, "intermediate_size": 128, "num_hidden_layers": 2})
+
+
+@pytest.mark.parametrize("dropped", ["model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                                     "model.layers.1.input_layernorm.weight", "lm_head.weight"])
+def test_a_missing_tensor_is_named_as_the_checkpoint_names_it(tmp_path: Path, dropped: str) -> None:
+    """The error names the tensor the user can look for in the checkpoint (model.layers.1.mlp.up_proj.weight),
+    not the engine's fused parameter (layers.1.mlp.gate_up_proj.weight) nor the shard that is present."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "lacking"
+    shutil.copytree(tiny_model_cached("llama"), path)  # untied: the checkpoint has its own lm_head
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[dropped]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="checkpoint lacks tensors") as err:
+        LLM(str(path), device="cpu", dtype="float32", num_blocks=16)
+    assert f"['{dropped}']" in str(err.value)

@@ -178,8 +178,23 @@ class _WeightSink:
         self.loaded[name].add(shard_id)
 
     def missing(self) -> list[str]:
-        return [name for name, param in self.params.items()
-                if None not in self.loaded[name] and not set(param.shard_ids) <= self.loaded[name]]
+        """The checkpoint names of the tensors no parameter (or shard of a fused one) was filled from."""
+        names: list[str] = []
+        for name, param in self.params.items():
+            if None not in self.loaded[name]:
+                names.extend(_checkpoint_name(name, shard_id) for shard_id in param.shard_ids
+                             if shard_id not in self.loaded[name])
+        return names
+
+
+def _checkpoint_name(name: str, shard_id: Optional[ShardId]) -> str:
+    """The Hugging Face name of our parameter `name` (of its shard `shard_id` in a fused one): the
+    inverse of _param_name, so that an error names a tensor the user can look for in the checkpoint."""
+    if shard_id is not None:
+        fused, part = next((fused, part) for fused, part, sid in STACKED_PARAMS
+                           if sid == shard_id and f".{fused}." in name)
+        name = name.replace(f".{fused}.", f".{part}.")
+    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
 def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None) -> None:
