@@ -65,3 +65,38 @@ def test_a_missing_tensor_is_named_as_the_checkpoint_names_it(tmp_path: Path, dr
     with pytest.raises(ModelLoadError, match="checkpoint lacks tensors") as err:
         LLM(str(path), device="cpu", dtype="float32", num_blocks=16)
     assert f"['{dropped}']" in str(err.value)
+
+
+MINIMAL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+           "intermediate_size": 128, "num_hidden_layers": 2}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_keys_left_out_take_transformers_family_defaults(model_type: str) -> None:
+    """head_dim (Qwen3: 128, not hidden / heads) and Mistral's sliding_window (4096) as transformers'
+    config classes fill them in when config.json leaves them out."""
+    from transformers import AutoConfig
+
+    ours = ArchConfig.from_dict(dict(MINIMAL, model_type=model_type))
+    ref = AutoConfig.for_model(model_type, **MINIMAL).to_dict()
+    # The attention modules read a config without head_dim (Llama's, Qwen2's) as hidden / heads; a
+    # config class without sliding_window (Llama's) has no window.
+    assert ours.head_dim == (ref.get("head_dim") or MINIMAL["hidden_size"] // MINIMAL["num_attention_heads"])
+    assert ours.sliding_window == ref.get("sliding_window")
+    assert (ours.head_dim, ours.sliding_window) == {"qwen3": (128, None), "mistral": (16, 4096)}.get(model_type, (16, None))
+
+
+def test_qwen3_without_head_dim_matches_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.logprobs_close import hf_greedy
+
+    src = tiny_model_cached("qwen3", head_dim=128)
+    path = tmp_path / "qwen3-no-head-dim"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["head_dim"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    prompts = [AutoTokenizer.from_pretrained(path).encode(p) for p in PROMPTS]
+    assert _tokens(path) == [hf_greedy(model, p, 8)[0] for p in prompts]

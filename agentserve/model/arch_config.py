@@ -18,6 +18,13 @@ SUPPORTED_ARCHITECTURES = {
 # A config.json without `architectures` (one written by Config(...).save_pretrained) is read by its
 # model_type, as transformers' AutoModelForCausalLM does.
 ARCHITECTURE_OF_MODEL_TYPE = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
+# What transformers' config classes give keys that config.json leaves out, where that is not the
+# generic reading below (head_dim = hidden / heads, no sliding window): Qwen3Config's head_dim is 128
+# and MistralConfig's sliding_window 4096. A key present with null keeps its null meaning.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 128},
+    "mistral": {"sliding_window": 4096},
+}
 
 
 class ModelLoadError(ValueError):
@@ -59,6 +66,7 @@ class ArchConfig:
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         family = SUPPORTED_ARCHITECTURES[arch]
+        cfg = {**_FAMILY_DEFAULTS.get(family, {}), **cfg}
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
