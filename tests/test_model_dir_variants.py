@@ -100,3 +100,12 @@ def test_qwen3_without_head_dim_matches_transformers(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
     prompts = [AutoTokenizer.from_pretrained(path).encode(p) for p in PROMPTS]
     assert _tokens(path) == [hf_greedy(model, p, 8)[0] for p in prompts]
+
+
+def test_a_sliding_window_limit_names_the_window(tmp_path: Path) -> None:
+    """Attention here is full, so a model with a sliding window serves at most the window; asking for
+    more names sliding_window, not max_position_embeddings (which is larger: "its context length" misled)."""
+    path = _copy_with_config(tmp_path, "mistral", {"sliding_window": 32, "max_position_embeddings": 256})
+    with pytest.raises(ModelLoadError, match=r"max_model_len=64 \(--max-model-len\) exceeds the model's limit of 32 "
+                                             r"positions \(its sliding_window"):
+        LLM(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)

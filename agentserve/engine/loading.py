@@ -147,13 +147,15 @@ def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> fr
 
 def decide_max_model_len(config: EngineConfig, arch: ArchConfig) -> int:
     limit = scaled_max_positions(arch.rope_scaling, arch.max_position_embeddings)
-    if arch.sliding_window:
+    what = "its context length"
+    if arch.sliding_window and arch.sliding_window < limit:
         # Attention here is full; past the window it would differ from the model's training.
-        limit = min(limit, arch.sliding_window)
+        limit = arch.sliding_window
+        what = "its sliding_window in config.json: sliding-window attention is not implemented, so no sequence may outgrow it"
     wanted = config.model.max_model_len
     if wanted is None:
         return limit
     if wanted > limit:
         raise ModelLoadError(f"max_model_len={wanted} (--max-model-len) exceeds the model's limit of {limit} "
-                             f"positions (its context length): give --max-model-len {limit} or less, or leave it out")
+                             f"positions ({what}): give --max-model-len {limit} or less, or leave it out")
     return wanted
