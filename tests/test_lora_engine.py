@@ -311,3 +311,36 @@ def test_adapters_in_use_names_running_and_waiting_adapters(adapter_dirs: dict,
         engine.step()
     assert engine.lora.adapters_in_use() == ([], [])
     llm.close()
+
+
+def test_a_directory_overwritten_since_its_load_is_not_read_again(adapter_dirs: dict,
+                                                                   tmp_path_factory: pytest.TempPathFactory,
+                                                                   tmp_path: Path) -> None:
+    """A trainer saves its next checkpoint into the directory an adapter was loaded from. With one
+    CPU-tier entry the adapter's weights leave memory when another adapter is used, and its next
+    request would read the directory again: serving the new files under the old key would mix the
+    new weights with the prefix-cache pages of the old ones (tokens of neither). That request fails
+    alone with the reason; the base request beside it completes; loading the name again serves the
+    new weights exactly."""
+    import shutil
+
+    base = tiny_model_cached("llama3")
+    dirs = dirs_for("llama3", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    live = tmp_path / "checkpoint"
+    shutil.copytree(dirs["r4-all"], live)
+    llm = make_llm(base, max_loras=1, max_cpu_loras=1, lora_modules={"a": str(live), "b": str(dirs["r8-qv"])})
+    prompt = llm.tokenizer.encode(" ".join(TEXTS * 3))
+    first = llm.generate([prompt], greedy(), adapter="a")[0]
+    assert list(first.outputs[0].token_ids) == peft_greedy(base, dirs["r4-all"], [prompt], NEW_TOKENS)[0]
+    llm.generate([prompt], greedy(), adapter="b")  # a's weights leave the slot and the CPU tier
+    shutil.rmtree(live)
+    shutil.copytree(dirs["r16-mlp"], live)
+    changed, beside = llm.generate([prompt, prompt], greedy(), adapter=["a", None])
+    assert changed.error is not None and "changed since it was loaded" in changed.error, changed.error
+    assert not changed.outputs[0].token_ids
+    assert list(beside.outputs[0].token_ids) == peft_greedy(base, None, [prompt], NEW_TOKENS)[0]
+    llm.load_adapter("a", str(live))  # a new key: the new weights, none of the old pages
+    again = llm.generate([prompt], greedy(), adapter="a")[0]
+    assert again.num_cached_tokens == 0
+    assert list(again.outputs[0].token_ids) == peft_greedy(base, dirs["r16-mlp"], [prompt], NEW_TOKENS)[0]
+    llm.close()

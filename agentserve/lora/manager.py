@@ -9,7 +9,8 @@ Tiers
 - CPU tier: each loaded adapter in the slot layout (kernels/lora.py), already zero-padded to
   max_lora_rank, cast and (on CUDA) in pinned memory, so that moving it into a slot is nothing but
   asynchronous copies. More than `max_cpu_loras` adapters: the least recently used are dropped from
-  memory and read again from their directory when a request needs them (vLLM's max_cpu_loras).
+  memory and read again from their directory when a request needs them (vLLM's max_cpu_loras),
+  unless the directory's files changed since the load (lora/source.py): then those requests fail.
 - Device slots: per fused projection one tensor [max_loras, num_layers, ...] for each of A, B, ranks
   and scaling; each layer's LoRALinear (lora/layers.py) holds its layer's view. Only projections
   that `lora_target_modules` allows get slots (and LoRA layers). A step's adapters
@@ -44,6 +45,7 @@ from agentserve.kernels.lora import slice_starts_for
 from agentserve.lora.adapter import (FUSED_SLICES, LORA_TARGET_MODULES, LoRAAdapter, LoRAAdapterError,
                                      load_lora_adapter, lora_module_shapes)
 from agentserve.lora.key import LoRAKey, LoRAKeys
+from agentserve.lora.source import AdapterSource
 from agentserve.lora.tensor_parallel import LoRAShardLayout
 from agentserve.model.arch_config import ArchConfig
 
@@ -86,7 +88,7 @@ class PreparedAdapter:
     """An adapter read and laid out for the slots, not yet bound to its name (MultiLoRAManager.read)."""
 
     name: str
-    path: Path
+    source: AdapterSource  # the directory and its files as read (a read again must find the same)
     weights: dict[str, Optional[_Stacked]]
 
 
@@ -126,7 +128,7 @@ class MultiLoRAManager:
         # Loaded names, in load order. Replaced, never changed in place: servers read it from other
         # threads (listing models) while the step thread loads and unloads.
         self._names: dict[str, LoRAKey] = {}
-        self._paths: dict[LoRAKey, Path] = {}           # every key a request may still hold
+        self._sources: dict[LoRAKey, AdapterSource] = {}  # every key a request may still hold
         self._cpu: OrderedDict[LoRAKey, dict[str, Optional[_Stacked]]] = OrderedDict()  # LRU: oldest first
         self._slot_key: list[Optional[LoRAKey]] = [None] * slots
         self._slot_of: dict[LoRAKey, int] = {}
@@ -164,7 +166,7 @@ class MultiLoRAManager:
 
     def path_of(self, name: str) -> Optional[Path]:
         key = self._names.get(name)
-        return self._paths[key] if key is not None else None
+        return self._sources[key].path if key is not None else None
 
     def load(self, name: str, path: str) -> None:
         """Reads and checks the adapter, then (re)binds `name` to it under a new key. The earlier
@@ -176,14 +178,15 @@ class MultiLoRAManager:
         touches no manager state, so servers run it off the step thread; `install` then binds it."""
         if not name:
             raise LoRAAdapterError("an adapter needs a non-empty name")
-        adapter = self._read(Path(path), LoRAKey(0, 0), name)
-        return PreparedAdapter(name=name, path=Path(path), weights=self._to_slot_layout(adapter))
+        source = AdapterSource.of(Path(path))
+        adapter = self._read(source.path, LoRAKey(0, 0), name)
+        return PreparedAdapter(name=name, source=source, weights=self._to_slot_layout(adapter))
 
     def install(self, name: str, prepared: PreparedAdapter) -> None:
         """Binds `name` to a read adapter under a new key (step thread: cheap, no I/O)."""
         assert prepared.name == name, "installed under another name than it was read for"
         key = self.keys.register(name)
-        self._paths[key] = prepared.path
+        self._sources[key] = prepared.source
         self._names = {**self._names, name: key}
         self._put_cpu(key, prepared.weights)
 
@@ -300,11 +303,13 @@ class MultiLoRAManager:
         if weights is not None:
             self._cpu.move_to_end(key)
             return weights
-        path = self._paths.get(key)
-        if path is None:
+        source = self._sources.get(key)
+        if source is None:
             raise LoRAAdapterError(f"adapter {key} is not loaded")
-        name = next((n for n, k in self._names.items() if k == key), path.name)
-        weights = self._to_slot_layout(self._read(path, key, name))
+        name = next((n for n, k in self._names.items() if k == key), source.path.name)
+        source.check_unchanged(name)  # other files now would be served under this key's cached pages
+        weights = self._to_slot_layout(self._read(source.path, key, name))
+        source.check_unchanged(name)  # and files replaced while they were being read
         self._put_cpu(key, weights)
         return weights
 
