@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,15 @@ def test_missing_directory_config_and_weights(good_adapter: Path, tmp_path: Path
     (no_weights / "adapter_model.safetensors").unlink()
     with pytest.raises(LoRAAdapterError, match="neither adapter_model.safetensors nor adapter_model.bin"):
         load(no_weights, base)
+
+
+def test_a_file_given_for_the_directory(good_adapter: Path) -> None:
+    """A path to one of the adapter's files (it exists: saying it does not would send the user looking
+    in the wrong place) is refused with the directory to give instead."""
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        with pytest.raises(LoRAAdapterError, match=rf"{name} is a file, not a directory; give the PEFT adapter "
+                                                   rf"directory that holds it \({re.escape(str(good_adapter))}\)"):
+            load(good_adapter / name, tiny_model_cached("llama"))
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -229,6 +229,9 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     the problem for a missing directory or file, an unsupported feature or module, a rank above
     `max_lora_rank`, or a shape the base model does not have."""
     path = Path(path)
+    if path.is_file():  # e.g. the adapter_model.safetensors inside it
+        raise LoRAAdapterError(f"{path} is a file, not a directory; give the PEFT adapter directory that holds it "
+                               f"({path.parent})")
     if not path.is_dir():
         raise LoRAAdapterError(f"LoRA adapter directory {path} does not exist")
     cfg = read_adapter_config(path)
