@@ -13,7 +13,10 @@ def read_json_object(path: Path, error: type[Exception], missing: str) -> dict[s
     if not path.is_file():
         raise error(missing)
     try:
-        value = json.loads(path.read_text())
+        # JSON files are UTF-8 (RFC 8259); the locale's encoding would read them differently per machine.
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # e.g. UTF-16, as Windows editors and PowerShell's Out-File write
+        raise error(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise error(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):

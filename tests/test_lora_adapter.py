@@ -214,6 +214,16 @@ def test_missing_directory_config_and_weights(good_adapter: Path, tmp_path: Path
         load(no_weights, base)
 
 
+def test_a_config_that_is_not_utf8_is_named(good_adapter: Path, tmp_path: Path) -> None:
+    """PowerShell's Out-File writes UTF-16 with a byte-order mark: the error names the file and says what
+    it is not, rather than a bare UnicodeDecodeError."""
+    path = _copy(good_adapter, tmp_path / "utf16")
+    config = path / "adapter_config.json"
+    config.write_bytes(config.read_text().encode("utf-16"))
+    with pytest.raises(LoRAAdapterError, match=rf"{re.escape(str(config))} is not UTF-8 text"):
+        load(path, tiny_model_cached("llama"))
+
+
 def test_a_file_given_for_the_directory(good_adapter: Path) -> None:
     """A path to one of the adapter's files (it exists: saying it does not would send the user looking
     in the wrong place) is refused with the directory to give instead."""
