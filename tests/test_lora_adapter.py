@@ -214,6 +214,27 @@ def test_missing_directory_config_and_weights(good_adapter: Path, tmp_path: Path
         load(no_weights, base)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_and_numbers(good_adapter: Path, tmp_path: Path, value: float) -> None:
+    """A diverged training run saves NaN / inf LoRA weights; served, its requests would answer the argmax of
+    NaN logits (token 0) for ever, with no error anywhere. Refused at load, naming the module; so is a
+    non-finite lora_alpha / alpha_pattern (Python's json writes and reads NaN and Infinity)."""
+    base = tiny_model_cached("llama")
+    state = load_file(str(good_adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    state[key] = state[key].clone()
+    state[key][3, 2] = value
+    path = _copy(good_adapter, tmp_path / "diverged")
+    save_file(state, str(path / "adapter_model.safetensors"))
+    with pytest.raises(LoRAAdapterError, match=r"layer 1 v_proj has NaN or infinite values in its lora_B"):
+        load(path, base)
+    for field, edit in [("lora_alpha", {"lora_alpha": value}), (r"alpha_pattern\['q_proj'\]",
+                                                                 {"alpha_pattern": {"q_proj": value}})]:
+        path = _copy(good_adapter, tmp_path / f"config-{field[:5]}", edit)
+        with pytest.raises(LoRAAdapterError, match=rf"{field} must be a finite number, not {value}"):
+            load(path, base)
+
+
 def test_a_config_that_is_not_utf8_is_named(good_adapter: Path, tmp_path: Path) -> None:
     """PowerShell's Out-File writes UTF-16 with a byte-order mark: the error names the file and says what
     it is not, rather than a bare UnicodeDecodeError."""

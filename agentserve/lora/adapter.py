@@ -220,6 +220,36 @@ def _split_key(key: str, where: Path) -> Optional[_WeightKey]:
     return _WeightKey(layer=int(layer), module=module, module_path=module_path, side=side)
 
 
+def _checked_pair(ab: dict[str, torch.Tensor], layer: int, module: str, shape: tuple[int, int], max_lora_rank: int,
+                  weights_file: Path, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's (lora_A, lora_B), checked against the base module's (in, out) `shape`."""
+    what = f"layer {layer} {module}"
+    if set(ab) != {"A", "B"}:
+        missing = "lora_B" if "A" in ab else "lora_A"
+        raise LoRAAdapterError(f"{weights_file}: {what} has no {missing} weight")
+    a, b = ab["A"], ab["B"]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise LoRAAdapterError(f"{weights_file}: {what} has lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)}; expected [r, in] and [out, r]")
+    rank = a.shape[0]
+    if rank > max_lora_rank:
+        raise LoRAAdapterError(f"{where}: {what} has rank {rank}, above max_lora_rank {max_lora_rank}; "
+                               f"raise --max-lora-rank to at least {rank}")
+    if rank < 1:
+        raise LoRAAdapterError(f"{weights_file}: {what} has rank 0")
+    in_features, out_features = shape
+    if a.shape[1] != in_features or b.shape[0] != out_features:
+        raise LoRAAdapterError(
+            f"{weights_file}: {what} maps {a.shape[1]} -> {b.shape[0]} features, but the base model's "
+            f"{module} maps {in_features} -> {out_features} (an adapter for a different model?)")
+    for side, tensor in (("lora_A", a), ("lora_B", b)):
+        # Served, such weights make every logit of the adapter's requests NaN: token 0 for ever.
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoRAAdapterError(f"{weights_file}: {what} has NaN or infinite values in its {side} "
+                                   "(saved from a diverged training run?)")
+    return a, b
+
+
 def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int, adapter_id: int,
                       generation: int = 0, name: Optional[str] = None,
                       dtype: Optional[torch.dtype] = None) -> LoRAAdapter:
@@ -227,7 +257,7 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
 
     Tensors stay on the CPU (in `dtype` if given, else as stored); raises LoRAAdapterError naming
     the problem for a missing directory or file, an unsupported feature or module, a rank above
-    `max_lora_rank`, or a shape the base model does not have."""
+    `max_lora_rank`, a shape the base model does not have, or NaN / infinite weights."""
     path = Path(path)
     if path.is_file():  # e.g. the adapter_model.safetensors inside it
         raise LoRAAdapterError(f"{path} is a file, not a directory; give the PEFT adapter directory that holds it "
@@ -263,24 +293,8 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     layers: list[dict[str, LoRAModuleWeights]] = [{} for _ in range(arch.num_layers)]
     for (layer, module), ab in sorted(pairs.items()):
         what = f"layer {layer} {module}"
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise LoRAAdapterError(f"{weights_file}: {what} has no {missing} weight")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise LoRAAdapterError(f"{weights_file}: {what} has lora_A {tuple(a.shape)} and lora_B "
-                                   f"{tuple(b.shape)}; expected [r, in] and [out, r]")
+        a, b = _checked_pair(ab, layer, module, shapes[module], max_lora_rank, weights_file, where)
         rank = a.shape[0]
-        if rank > max_lora_rank:
-            raise LoRAAdapterError(f"{where}: {what} has rank {rank}, above max_lora_rank {max_lora_rank}; "
-                                   f"raise --max-lora-rank to at least {rank}")
-        if rank < 1:
-            raise LoRAAdapterError(f"{weights_file}: {what} has rank 0")
-        in_features, out_features = shapes[module]
-        if a.shape[1] != in_features or b.shape[0] != out_features:
-            raise LoRAAdapterError(
-                f"{weights_file}: {what} maps {a.shape[1]} -> {b.shape[0]} features, but the base model's "
-                f"{module} maps {in_features} -> {out_features} (an adapter for a different model?)")
         module_path = module_paths[(layer, module)]
         config_rank = scaling_cfg.module_rank(module_path)
         if config_rank is not None and config_rank != rank:

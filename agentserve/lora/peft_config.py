@@ -24,6 +24,7 @@ modules were adapted, and those are checked one by one.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def scaling_config(cfg: dict[str, Any], where: Path) -> LoRAScalingConfig:
     def number(field: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LoRAAdapterError(f"{where}: {field} must be a number, not {value!r}")
+        if not math.isfinite(value):  # json reads NaN / Infinity: a scaling of them makes every output NaN
+            raise LoRAAdapterError(f"{where}: {field} must be a finite number, not {value!r}")
         return float(value)
 
     def patterns(field: str) -> dict[str, float]:
