@@ -30,14 +30,21 @@ def greedy_result(outs: Sequence[Any]) -> Result:
 
 
 def hf_greedy(model: Any, prompt: list[int], new_tokens: int, top_n: int = 5) -> tuple[list[int], list[dict[int, float]]]:
-    """transformers' greedy continuation of `prompt` on the model's device (exactly new_tokens
-    tokens) and each position's top-n {token: logprob}, for the same comparison."""
-    with torch.no_grad():
-        gen = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+    """transformers' greedy continuation of `prompt` on the model's device (exactly new_tokens tokens,
+    past any EOS, as the engine's ignore_eos) and each position's top-n {token: logprob}, for the same
+    comparison. A plain forward loop over the model's own KV cache: generate() with min_new_tokens
+    would mask the EOS logit (a different argmax where EOS leads), and it takes no eos_token_id of None."""
+    ids = torch.tensor([prompt], device=model.device)
+    past = None
+    tokens: list[int] = []
     steps = []
-    for logits in gen.logits:
-        values, idx = logits[0].float().log_softmax(-1).topk(top_n)
-        steps.append(dict(zip(idx.tolist(), values.tolist())))
-    return gen.sequences[0, len(prompt):].tolist(), steps
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logprobs = out.logits[0, -1].float().log_softmax(-1)
+            values, idx = logprobs.topk(top_n)
+            steps.append(dict(zip(idx.tolist(), values.tolist())))
+            tokens.append(int(logprobs.argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]], device=model.device)], dim=1)
+    return tokens, steps
