@@ -224,6 +224,12 @@ class Speculation:
         room = min(request.max_tokens - request.num_output_tokens - 1, self.engine.max_model_len - request.num_tokens)
         if request.num_output_placeholders or request.bad_words_token_ids:
             return 0  # bad words: each position's bans depend on the drafts before it (sampling/bad_words.py)
+        params = request.sampling_params
+        if self.dynamic and params.temperature > 0 and params.seed is not None:
+            # A seeded row's draws follow its drafts (k uniforms, then the noise), and dynamic k follows the
+            # batch size and everyone's acceptance: speculating, the same seed would give other tokens as
+            # the traffic changes. Without drafts it samples exactly as without speculation.
+            return 0
         return max(0, min(k, room))
 
     def _reserve_lookahead(self, rows: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
