@@ -13,6 +13,7 @@ fork of it is). See responses_store.py for when a continuation starts a new sess
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
@@ -48,6 +49,7 @@ class ResponsesEndpoint:
         self._sessions = session_store
         self._owned_sessions: Optional[SessionStore] = None
         self._store: Optional[ResponsesStore] = None
+        self.closing: set[asyncio.Future[None]] = set()  # sessions being closed after their responses
 
     # --- the session store (the server's, or one of our own when the app runs without one) ----------
     @property
@@ -227,12 +229,21 @@ class _ResponseRun:
 
     async def _end(self) -> None:
         """After the turn: a turn that did not finish gives its predecessor back; a response that is
-        not kept takes its session (or fork) with it."""
+        not kept takes its session (or fork) with it. The close runs to its end even when this task is
+        being cancelled: a client that leaves a stream has the server cancel the stream's task, and
+        under anyio every await of its clean-up again, which would leave the session open (holding
+        pages and one of the tenant's sessions) until its TTL."""
         if self.plan.claimed is not None and not self.committed:
             self.plan.claimed.continued = False
         if self.plan.close_after or (not self.committed and self.plan.claimed is None):
-            with contextlib.suppress(SessionError):
-                await self.e.sessions.close(self.plan.session_id, tenant=self.tenant.name)
+            closing = asyncio.ensure_future(self._close_session())
+            self.e.closing.add(closing)  # the loop keeps only weak references to tasks
+            closing.add_done_callback(self.e.closing.discard)
+            await asyncio.shield(closing)
+
+    async def _close_session(self) -> None:
+        with contextlib.suppress(SessionError):
+            await self.e.sessions.close(self.plan.session_id, tenant=self.tenant.name)
 
     async def full(self) -> dict[str, Any]:
         try:
@@ -252,10 +263,14 @@ class _ResponseRun:
         events = self._turn_events()
         try:
             first = await events.__anext__()
-        except Exception as e:  # noqa: BLE001
-            await events.aclose()
-            await self._end()
-            raise self.e.http_error(e) from None
+        except BaseException as e:  # cancelled too: the session must still be given back
+            try:
+                await events.aclose()
+            finally:
+                await self._end()
+            if isinstance(e, Exception):
+                raise self.e.http_error(e) from None
+            raise
         return self._sse(first, events)
 
     async def _sse(self, first: Any, events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[str]:
@@ -287,5 +302,7 @@ class _ResponseRun:
             for chunk in writer.failed(message, err.code if isinstance(err, OpenAIError) else None):
                 yield chunk
         finally:
-            await events.aclose()
-            await self._end()
+            try:
+                await events.aclose()
+            finally:
+                await self._end()
