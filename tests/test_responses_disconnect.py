@@ -83,3 +83,33 @@ def test_dropped_streams_close_their_sessions() -> None:
                 await handle.async_engine.run(handle.engine.pool.check_all_free)
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_client_that_leaves_a_whole_response_stops_its_turn() -> None:
+    """Without `stream`, a client that gives up (a timeout, a closed connection) stops the turn at
+    once, as /v1/completions and /v1/chat/completions abort theirs: the engine does not generate the
+    remaining tokens for nobody, and the rolled-back response's session is closed."""
+
+    async def main() -> None:
+        async with running_server(_config(), grpc_port=None, http_port=0) as handle:
+            engine = handle.engine
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                first = (await http.post("/v1/responses", json=_body(max_output_tokens=4))).json()
+                for extra in ({}, {"previous_response_id": first["id"], "input": "Go on."}):
+                    generated = engine.metrics.generation_tokens_total
+                    post = asyncio.ensure_future(http.post("/v1/responses", json=_body(
+                        max_output_tokens=900, ignore_eos=True, **extra)))
+                    while engine.metrics.generation_tokens_total - generated < 8:  # decoding
+                        await asyncio.sleep(0.005)
+                    post.cancel()
+                    await asyncio.gather(post, return_exceptions=True)
+                    await _settled(handle, sessions=1, timeout=5)
+                    assert engine.metrics.generation_tokens_total - generated < 600
+                r = await http.post("/v1/responses", json=_body(max_output_tokens=3, previous_response_id=first["id"],
+                                                                input="Go on."))
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]
+                await handle.store.close_all()
+                await handle.async_engine.run(engine.pool.check_all_free)
+
+    asyncio.run(asyncio.wait_for(main(), 120))

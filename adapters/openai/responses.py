@@ -22,7 +22,7 @@ from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_events import ResponseEvents, response_body, responses_usage
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
-from agentserve.adapters.openai.serving import OpenAIServing, now, param_of
+from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, param_of, wait_disconnect
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
@@ -150,7 +150,7 @@ class ResponsesEndpoint:
         run = _ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key)
         if req.stream:
             return await run.stream()
-        return await run.full()
+        return await run.full(raw_request)
 
     def http_error(self, e: BaseException) -> BaseException:
         if isinstance(e, SessionError):
@@ -245,7 +245,24 @@ class _ResponseRun:
         with contextlib.suppress(SessionError):
             await self.e.sessions.close(self.plan.session_id, tenant=self.tenant.name)
 
-    async def full(self) -> dict[str, Any]:
+    async def full(self, raw_request: Any) -> dict[str, Any]:
+        """The whole response. A client that leaves first cancels the turn (rolled back, its
+        session given back by `_end`), as the other endpoints abort their requests: the engine
+        does not generate the rest of a reply nobody will read."""
+        reply = asyncio.ensure_future(self._full())
+        gone = asyncio.ensure_future(wait_disconnect(raw_request))
+        try:
+            await asyncio.wait((reply, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not reply.done():
+                reply.cancel()
+                await asyncio.wait((reply,))  # its clean-up (`_end`) has run when this returns
+        if reply.cancelled():
+            raise ClientDisconnected()
+        return reply.result()
+
+    async def _full(self) -> dict[str, Any]:
         try:
             async with contextlib.aclosing(self._turn_events()) as events:
                 async for ev in events:

@@ -99,7 +99,7 @@ def clone_params(params: SamplingParams, **changes: Any) -> SamplingParams:
         raise OpenAIError(400, msg, param=param_of(msg)) from None
 
 
-async def _wait_disconnect(raw_request: Any) -> None:
+async def wait_disconnect(raw_request: Any) -> None:
     """Returns when the client has gone (or the response is complete: uvicorn then answers
     http.disconnect as well; by then nothing is left to abort)."""
     while True:
@@ -309,7 +309,7 @@ class OpenAIServing:
                  for i, ids in enumerate(prompts)]
 
         async def watch() -> None:
-            await _wait_disconnect(raw_request)
+            await wait_disconnect(raw_request)
             for t in pumps:  # abort at once, even if nobody is iterating us right now
                 t.cancel()
             queue.put_nowait((-1, _GONE))
