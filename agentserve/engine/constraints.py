@@ -57,6 +57,8 @@ class ConstraintManager:
         self._matcher_builder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="agentserve-matcher")
         self._tool_format: Optional[str] = None
         self._mask_failures: list[tuple[Request, str]] = []
+        # A request's prepared-grammar future -> the compile it waits for, until that compile ends.
+        self._compile_of: dict[concurrent.futures.Future, concurrent.futures.Future] = {}
 
     def close(self) -> None:
         """Stops the compile workers: queued compiles fail, running ones finish on their own."""
@@ -96,8 +98,19 @@ class ConstraintManager:
             except RuntimeError as e:  # the manager was closed meanwhile
                 prepared.set_exception(GrammarError(f"the grammar service stopped: {e}"))
 
-        self.compiler.submit(spec).add_done_callback(on_compiled)
+        compile_future = self.compiler.submit(spec)
+        if not compile_future.done():
+            self._compile_of[prepared] = compile_future
+            compile_future.add_done_callback(lambda _f: self._compile_of.pop(prepared, None))
+        compile_future.add_done_callback(on_compiled)
         return prepared
+
+    def withdraw(self, prepared: "concurrent.futures.Future") -> None:
+        """The request that `submit` returned `prepared` to was aborted before its grammar was ready:
+        its compile is dropped unless it already runs or another request waits for it too."""
+        compile_future = self._compile_of.pop(prepared, None)
+        if compile_future is not None:
+            self.compiler.withdraw(compile_future)
 
     @staticmethod
     def attach(request: Request, future: "concurrent.futures.Future",

@@ -240,6 +240,7 @@ class Engine:
         children = self.groups.pop(request_id, None)
         if children is None:
             return False
+        waits = {self.grammar_waits[r.request_id] for r in children if r.request_id in self.grammar_waits}
         for req in children:
             if not req.is_finished:
                 self.scheduler.remove(req, free_blocks=True)
@@ -251,6 +252,9 @@ class Engine:
             self.grammar_waits.pop(req.request_id, None)
         self.pending_forks.pop(children[0].request_id, None)
         self.prompts.pop(request_id, None)
+        if self.constraints is not None:
+            for fut in waits:  # one per request (its n sequences share it): a queued compile it alone needs is dropped
+                self.constraints.withdraw(fut)
         return True
 
     def has_unfinished(self) -> bool:

@@ -101,12 +101,13 @@ def probe_compiled(compiled: CompiledGrammar) -> None:
 
 
 class _Job:
-    __slots__ = ("key", "spec", "future", "started", "finished", "timed_out", "timer")
+    __slots__ = ("key", "spec", "future", "waiters", "started", "finished", "timed_out", "timer")
 
     def __init__(self, key: Any, spec: ConstraintSpec) -> None:
         self.key = key
         self.spec = spec
         self.future: Future = Future()
+        self.waiters = 1  # submits that got this job's future and have not withdrawn
         self.started = 0.0
         self.finished = False
         self.timed_out = False
@@ -151,6 +152,7 @@ class GrammarCompiler:
             job = self._inflight.get(key)
             if job is not None:
                 self.stats["hits"] += 1
+                job.waiters += 1
                 return job.future
             self.stats["misses"] += 1
             job = _Job(key, spec)
@@ -158,6 +160,22 @@ class GrammarCompiler:
             self._queue.append(job)
             self._dispatch_locked()
             return job.future
+
+    def withdraw(self, future: "Future[CompiledGrammar]") -> None:
+        """One caller of `submit` that got `future` no longer needs it (its request was aborted). A
+        compile still queued that no caller needs any more is dropped, so requests that are gone do
+        not hold the workers that others' compiles wait for; a running one finishes (native code
+        cannot be stopped) and fills the cache. The future is cancelled only when nobody waits on it."""
+        with self._lock:
+            job = next((j for j in self._queue if j.future is future), None)
+            if job is None:  # a cache hit, or running or done by now
+                return
+            job.waiters -= 1
+            if job.waiters > 0:
+                return
+            self._queue.remove(job)
+            self._inflight.pop(job.key, None)
+        job.future.cancel()
 
     def compile(self, spec: ConstraintSpec) -> CompiledGrammar:
         """Blocking convenience: submit and wait (raises GrammarError)."""
