@@ -65,7 +65,7 @@ def test_http_load_unload_bad_input_and_model_field(adapters: dict[str, Path], t
                     ({"lora_name": "b", "lora_path": str(tmp_path / "nowhere")}, 400, "lora_path",
                      "invalid_lora_adapter", "does not exist"),
                     ({"lora_name": "b", "lora_path": str(tmp_path / "file")}, 400, "lora_path",
-                     "invalid_lora_adapter", "does not exist"),
+                     "invalid_lora_adapter", "is a file, not a directory"),
                     ({"lora_name": "b", "lora_path": str(tmp_path)}, 400, "lora_path", "invalid_lora_adapter",
                      "adapter_config.json"),
                     ({"lora_name": "b", "lora_path": str(adapters["other_arch"])}, 400, "lora_path",

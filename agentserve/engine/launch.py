@@ -11,6 +11,7 @@ from agentserve.engine.failures import (STEP_FAILED, STEP_FAILED_FOR_NEW_REQUEST
                                        request_failure_message)
 from agentserve.engine.output import InflightStep
 from agentserve.engine.scheduler import SchedulerOutput
+from agentserve.errors import FailureKind
 from agentserve.lora.adapter import LoRAAdapterError
 from agentserve.lora.key import LoRAKey
 from agentserve.request import Request
@@ -103,7 +104,9 @@ def _without_unreadable_adapters(engine: "Engine", chunks: list[ScheduledChunk])
             continue
         where = (f"reading LoRA adapter {req.lora_name!r} again from its directory (its weights had left memory; "
                  "load it again and retry, or start a new session)")
-        engine.output.fail_request(req, request_failure_message(where, req, error))
+        # Not the server's fault: the adapter the request names can no longer be served as loaded, and the
+        # message says what to do (a 400 / INVALID_ARGUMENT, as for an adapter that is not loaded).
+        engine.output.fail_request(req, request_failure_message(where, req, error), FailureKind.INVALID_REQUEST)
     return kept
 
 

@@ -34,7 +34,7 @@ FileIdentity = Optional[tuple[int, int, int, int]]
 def _identity(path: Path) -> FileIdentity:
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent, or the "directory" is a file (the loader says so)
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
