@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union, cast
 
 from agentserve.chat.limits import check_sampling
-from agentserve.chat.messages import template_messages
+from agentserve.chat.messages import OPENAI_RULES, normalize_messages, template_messages
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
 from agentserve.errors import LoRANotEnabledError
@@ -202,11 +202,14 @@ class LLM:
     def _rendered_chat(self, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
                        add_generation_prompt: bool, **template_kwargs: Any) -> tuple[str, list[int]]:
         """The chat template's text for a conversation, and its token ids (the template writes the special
-        tokens itself, so none are added)."""
+        tokens itself, so none are added). The messages are OpenAI's shapes, put in the form templates
+        take as the HTTP API puts them (a call's JSON-string arguments as the object, content parts as
+        text): templates write arguments with `tojson`, which would write a string again as JSON."""
         tok = self.engine.tokenizer
         if tok is None or not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
-        text = tok.apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+        msgs = template_messages(normalize_messages(messages, OPENAI_RULES))
+        text = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
                                        tokenize=False, **template_kwargs)
         return text, list(tok.encode(text, add_special_tokens=False))
 

@@ -53,3 +53,21 @@ def test_tool_choice_without_tools_is_an_error(llm: LLM) -> None:
     with pytest.raises(ValueError, match="tool_choice 'required' needs tools"):
         llm.chat(CONV, PARAMS, tool_choice="required")
     assert llm.chat(CONV, PARAMS, tool_choice="none")[0].outputs[0].token_ids  # vLLM allows "none" alone
+
+
+# How Qwen2.5's and Llama 3.1's templates write a history: a call's arguments through `tojson` (they
+# expect the object, as vLLM's chat passes it) and a message's content as a string.
+TOJSON_TEMPLATE = ("{% for m in messages %}{% if m.tool_calls %}{% for tc in m.tool_calls %}"
+                   "<call>{{ tc.function.arguments | tojson }}</call>{% endfor %}"
+                   "{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}")
+
+
+def test_a_history_in_openai_shapes_renders_as_the_http_api_renders_it(llm: LLM) -> None:
+    """Agent frameworks send back a call's arguments as a JSON string and tool results as content parts;
+    the template must see the arguments object and the text, not a string written again as JSON."""
+    conv = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]
+    text = llm.chat(conv, PARAMS, chat_template=TOJSON_TEMPLATE)[0].prompt
+    assert text == '<user>weather?<call>{"city": "Paris"}</call><tool>sunny'
