@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from agentserve.grammar import structure
+from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.schema_utils import strip_formats
 import llguidance
 import llguidance.hf
@@ -280,6 +281,18 @@ class LLGuidanceBackend(GrammarBackend):
 
         return info.cached("llguidance.tokenizer", build)
 
+    def added_texts(self, info: TokenizerInfo) -> list[str]:
+        """The texts of the added tokens llguidance treats as special (all added tokens, whether or
+        not the tokenizer marks them special)."""
+        lltok = self.tokenizer(info)
+
+        def build() -> list[str]:
+            added = info.hf_tokenizer.added_tokens_decoder if info.hf_tokenizer is not None else {}
+            return sorted({t.content for i, t in added.items()
+                           if t.content and i < lltok.vocab_size and lltok.is_special_token(i)})
+
+        return info.cached("llguidance.added_texts", build)
+
     def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         if spec.kind == "json_schema":
             schema = strip_formats(json.loads(str(spec.payload)), FORMATS)
@@ -304,6 +317,8 @@ class LLGuidanceBackend(GrammarBackend):
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> LLGuidanceGrammar:
         lltok = self.tokenizer(tokenizer_info)
+        if spec.kind in ("json_schema", "tool_calls"):
+            check_forced_text(json.loads(str(spec.payload)), self.added_texts(tokenizer_info), self.name)
         try:
             grammar = self.grammar_text(spec, tokenizer_info)
         except ValueError as e:
