@@ -77,3 +77,10 @@ def test_tools_and_tool_choice() -> None:
         check_tool_choice(tools, {"type": "function", "function": {"name": "g"}})
     with pytest.raises(FieldError, match="needs tools"):
         check_tool_choice(None, "required")
+
+
+def test_a_duplicate_tool_name_is_named_with_its_index() -> None:
+    tools = [{"type": "function", "function": {"name": n}} for n in ("a", "get_weather", "b", "get_weather")]
+    with pytest.raises(FieldError, match="'get_weather'") as err:
+        check_tool_choice(tools, "auto")
+    assert err.value.field == "tools[3].function.name"

@@ -76,8 +76,10 @@ def check_tool_choice(tools: Optional[list[Tool]], choice: Any) -> Any:
     """OpenAI's tool_choice against the declared tools; returns it with its default ("auto" when
     tools are given)."""
     names = [t["function"]["name"] for t in tools or []]
-    if len(set(names)) != len(names):
-        raise FieldError("tools declares a function name twice", "tools")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise FieldError(f"tools[{i}].function.name {name!r} is declared twice (also tools[{names.index(name)}]); "
+                             "each function needs a name of its own", f"tools[{i}].function.name")
     if isinstance(choice, str) and choice not in TOOL_CHOICE_MODES:
         raise FieldError("tool_choice must be 'none', 'auto', 'required' or "
                          f"{{'type': 'function', 'function': {{'name': ...}}}}; got {choice!r}", "tool_choice")
