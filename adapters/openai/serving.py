@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 from agentserve.adapters.openai.constraint_errors import request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import EngineDeadError, FieldError, InvalidRequestError, QueueFullError
@@ -267,7 +268,9 @@ class OpenAIServing:
 
     def check_edge(self, req: Any) -> None:
         """Limits and string validity that hold for both endpoints, before any work that grows with
-        the request's size: every string valid UTF-8, stop strings, JSON schemas."""
+        the request's size: every string valid UTF-8, stop strings, JSON schemas; vLLM's fields of
+        features agentserve lacks refused by name."""
+        check_vllm_unsupported(req)
         L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)

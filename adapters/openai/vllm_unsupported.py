@@ -1,0 +1,49 @@
+"""vLLM request fields agentserve does not implement, refused by name (400 with the field as `param`).
+
+Unknown fields are otherwise ignored (clients send OpenAI fields that do not matter here), but these
+are vLLM's own and each changes what the reply is: dropping one would answer 200 with an output the
+client did not ask for (sampled text instead of beam search, free text instead of a structural tag's
+format). A field at the value vLLM's clients send when the feature is off (false, null, an empty list,
+best_of equal to n) is accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from agentserve.adapters.openai.protocol import OpenAIError
+
+# field -> (is it asking for the feature?, what to say)
+_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "use_beam_search": (bool, "beam search is not supported (sample with n instead)"),
+    "structural_tag": (lambda v: v is not None, "structural tags are not supported (use tools, guided_json or "
+                                                "guided_grammar)"),
+    "guided_whitespace_pattern": (lambda v: v is not None, "a whitespace pattern for JSON is not supported"),
+    "logits_processors": (bool, "custom logits processors are not supported (logit_bias, allowed_token_ids and "
+                                "bad_words are)"),
+    "prompt_embeds": (lambda v: v is not None, "prompt embeddings are not supported (send text or token ids)"),
+}
+_REFUSED_STRUCTURED_OUTPUTS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "structural_tag": _REFUSED["structural_tag"],
+    "whitespace_pattern": (lambda v: v is not None, "a whitespace pattern for JSON is not supported"),
+}
+
+
+def _check(extra: Optional[dict[str, Any]], refused: dict[str, tuple[Callable[[Any], bool], str]],
+           prefix: str) -> None:
+    for name, value in (extra or {}).items():
+        if name in refused and refused[name][0](value):
+            param = prefix + name
+            raise OpenAIError(400, f"{param}: {refused[name][1]}", param=param)
+
+
+def check_vllm_unsupported(req: Any) -> None:
+    """400 for a vLLM field of `req` (a completions or chat request) that asks for what agentserve lacks."""
+    extra = req.model_extra
+    _check(extra, _REFUSED, "")
+    best_of = (extra or {}).get("best_of")  # completions declares best_of and checks it itself
+    if best_of is not None and best_of != req.n:
+        raise OpenAIError(400, f"best_of: best_of must equal n (got best_of={best_of}, n={req.n}); best_of > n is "
+                               "not supported", param="best_of")
+    if req.structured_outputs is not None:
+        _check(req.structured_outputs.model_extra, _REFUSED_STRUCTURED_OUTPUTS, "structured_outputs.")

@@ -1,0 +1,68 @@
+"""vLLM's request fields as a vLLM client sends them: those agentserve implements behave as in vLLM,
+and those it does not (beam search, structural tags, custom logits processors, ...) are a 400 naming the
+field, never silently dropped (the reply would look right and be something else)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from helpers.live_server import live_openai
+
+MESSAGES = [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with live_openai("qwen2", max_model_len=256) as client:
+        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        with httpx.Client(base_url=base, timeout=30) as h:
+            yield h
+
+
+def _chat(http: httpx.Client, **fields: Any) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 3,
+                                                   "temperature": 0, **fields})
+
+
+def _completion(http: httpx.Client, **fields: Any) -> httpx.Response:
+    return http.post("/v1/completions", json={"model": "m", "prompt": "Hello there", "max_tokens": 3,
+                                              "temperature": 0, **fields})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"best_of": 3}, "best_of"),
+    ({"structural_tag": "{\"structures\": [], \"triggers\": []}"}, "structural_tag"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": " "}},
+     "structured_outputs.whitespace_pattern"),
+    ({"logits_processors": ["my_module.MyProcessor"]}, "logits_processors"),
+])
+def test_chat_fields_agentserve_lacks_are_refused_by_name(http: httpx.Client, fields: dict, param: str) -> None:
+    r = _chat(http, **fields)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ({"logits_processors": ["my_module.MyProcessor"]}, "logits_processors"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+])
+def test_completion_fields_agentserve_lacks_are_refused_by_name(http: httpx.Client, fields: dict, param: str) -> None:
+    r = _completion(http, **fields)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_vllm_defaults_of_those_fields_are_accepted(http: httpx.Client) -> None:
+    """What vLLM's own clients send when the feature is off: no error."""
+    off = {"use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "best_of": 1,
+           "structural_tag": None, "guided_whitespace_pattern": None}
+    assert _chat(http, **off).status_code == 200
+    assert _completion(http, **off).status_code == 200
