@@ -66,3 +66,30 @@ def test_vllm_defaults_of_those_fields_are_accepted(http: httpx.Client) -> None:
            "structural_tag": None, "guided_whitespace_pattern": None}
     assert _chat(http, **off).status_code == 200
     assert _completion(http, **off).status_code == 200
+
+
+PREFILLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello wor"}]
+
+
+def _stream_text(http: httpx.Client, **fields: Any) -> str:
+    import json
+    text = ""
+    with http.stream("POST", "/v1/chat/completions", json={"model": "m", "max_tokens": 3, "temperature": 0,
+                                                           "stream": True, **fields}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+    return text
+
+
+def test_chat_echo_prepends_the_continued_assistant_message_as_vllm_does(http: httpx.Client) -> None:
+    """vLLM's chat `echo`: the reply starts with the last message when it is the assistant's (the message
+    continue_final_message continues); a last message of another role is not echoed."""
+    cont = {"messages": PREFILLED, "add_generation_prompt": False, "continue_final_message": True}
+    plain = _chat(http, **cont).json()["choices"][0]["message"]["content"]
+    echoed = _chat(http, echo=True, **cont).json()["choices"][0]["message"]["content"]
+    assert echoed == "Hello wor" + plain
+    assert _stream_text(http, echo=True, **cont) == echoed
+    user_last = _chat(http).json()["choices"][0]["message"]["content"]
+    assert _chat(http, echo=True).json()["choices"][0]["message"]["content"] == user_last

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
+from agentserve.adapters.openai.chat_echo import echo_prefix
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
@@ -172,7 +173,7 @@ class ChatEndpoint:
         params = self.s.validate(prompt_ids, params, "messages")
         self.s.check_queue(1)
         ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,
-                           tools if parse_tools else None, tool_choice, top_n)
+                           tools if parse_tools else None, tool_choice, top_n, echo_prefix(messages, req.echo))
         if req.stream:
             return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))
         return await ctx.full(raw_request)
@@ -200,8 +201,9 @@ class _StreamState:
 class _ChatContext:
     def __init__(self, endpoint: ChatEndpoint, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, lora_name: Optional[str], tools: Tools, tool_choice: Any,
-                 top_n: int) -> None:
+                 top_n: int, echo: str) -> None:
         serving = endpoint.s
+        self.echo = echo  # what each choice's content starts with (vLLM's echo)
         self.endpoint, self.s, self.req, self.id = endpoint, serving, req, request_id
         self.prompt_ids, self.params = prompt_ids, params
         self.engine_kwargs = serving.engine_kwargs(req, lora_name)
@@ -289,6 +291,8 @@ class _ChatContext:
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
+            if self.echo:
+                message["content"] = self.echo + (message["content"] or "")
             logprobs = None
             if self.req.logprobs and c.logprobs is not None:
                 logprobs = {"content": self.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
@@ -332,6 +336,8 @@ class _ChatContext:
         if not st.started[k]:
             st.started[k] = True
             chunks.append(self._chunk(st, k, {"role": "assistant", "content": ""}))
+            if self.echo:
+                chunks.append(self._chunk(st, k, {"content": self.echo}))
         logprobs = self._new_logprobs(st, c)
         delta = c.delta_text
         rs = st.reasoning[k]
