@@ -93,3 +93,17 @@ def test_chat_echo_prepends_the_continued_assistant_message_as_vllm_does(http: h
     assert _stream_text(http, echo=True, **cont) == echoed
     user_last = _chat(http).json()["choices"][0]["message"]["content"]
     assert _chat(http, echo=True).json()["choices"][0]["message"]["content"] == user_last
+
+
+def test_chat_documents_reach_the_chat_template() -> None:
+    """vLLM's chat `documents` (RAG) go to the template as `documents`, as apply_chat_template takes them."""
+    template = ("{% for d in documents or [] %}[doc {{ d.title }}: {{ d.text }}]{% endfor %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    docs = [{"title": "colors", "text": "red green blue yellow"}]
+    with live_openai("qwen2", max_model_len=256, chat_template=template) as client:
+        plain = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+        with_docs = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1,
+                                                   extra_body={"documents": docs})
+        as_kwargs = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1,
+                                                   extra_body={"chat_template_kwargs": {"documents": docs}})
+    assert with_docs.usage.prompt_tokens == as_kwargs.usage.prompt_tokens > plain.usage.prompt_tokens

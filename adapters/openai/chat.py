@@ -106,6 +106,8 @@ class ChatEndpoint:
             kwargs["chat_template"] = template
         if req.continue_final_message:
             kwargs["continue_final_message"] = True
+        if req.documents is not None:  # apply_chat_template's own argument, as vLLM passes it
+            kwargs["documents"] = req.documents
         return kwargs
 
     def _render(self, tok: Any, messages: list[dict[str, Any]], tools: Tools, req: ChatCompletionRequest,
