@@ -16,6 +16,8 @@ vLLM's keywords of these flags the same way (engine_kwargs_from_vllm_llm_kwargs)
                                 accepted; every other method (awq, gptq, bitsandbytes, ...) is an error
     --kv-cache-dtype NAME       auto, fp8, fp8_e4m3; vLLM's fp8_e5m2 / bfloat16 / ... are errors saying why
     --dtype half|float          vLLM's aliases of float16 / float32 (config.DTYPE_ALIASES)
+    VLLM_API_KEY (environment)  the API key when neither --api-key nor --api-key-file is given, as vLLM
+                                reads it (a deployment that keeps its key there must not come up open)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,6 +71,10 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
         kw["http_port"] = given["port"]
     if given.get("swap_space") is not None:
         kw["swap_space_gb"] = given["swap_space"]
+    env_key = os.environ.get("VLLM_API_KEY")
+    if env_key and given.get("api_key") is None and given.get("api_key_file") is None:
+        kw["api_key"] = env_key
+        logger.info("the API key is VLLM_API_KEY's (vLLM's environment variable for --api-key)")
     backend = given.get("guided_decoding_backend")
     if backend is not None:
         if backend not in _GRAMMAR_BACKENDS:
