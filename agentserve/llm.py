@@ -93,6 +93,10 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_tokenizer(self) -> Any:
+        """vLLM's accessor of the same tokenizer (scripts render prompts with its chat template)."""
+        return self.engine.tokenizer
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the model's generation_config.json sampling defaults (engine/generation_defaults.py),
         used when generate or chat get no sampling parameters; its max_new_tokens is their max_tokens."""
