@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agentserve.adapters.openai.vllm_metrics import VLLMNamesCollector
 from agentserve.engine.metrics import EngineMetrics, live_engine_gauges
 
 if TYPE_CHECKING:
@@ -148,7 +149,11 @@ class Metrics:
                                      ["endpoint", "status"], registry=r)
         self.finished = Counter(PREFIX + "request_success", "Finished OpenAI API completions by finish reason.",
                                 ["finished_reason"], registry=r)
-        r.register(_EngineCollector(engine, session_store))
+        engine_collector = _EngineCollector(engine, session_store)
+        r.register(engine_collector)
+        # The same series under vLLM's names, for dashboards and alerts brought over from vLLM.
+        r.register(VLLMNamesCollector([engine_collector, self.ttft, self.itl, self.e2e, self.queue, self.prompt_len,
+                                       self.gen_len, self.finished], PREFIX, engine.model_name))
         # Finished sequences' timings, appended on the step thread, observed on the event loop.
         self._pending: collections.deque = collections.deque(maxlen=1_000_000)
         self._hook_installed = False

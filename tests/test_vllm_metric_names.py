@@ -1,0 +1,29 @@
+"""/metrics also carries vLLM's metric names (`vllm:...{model_name=...}`), so that the dashboards and
+alerts of a vLLM deployment keep working on agentserve, with the values of agentserve's own series."""
+
+from __future__ import annotations
+
+import httpx
+
+from agentserve.adapters.openai.metrics import parse_metrics
+from helpers.live_server import live_openai
+
+
+def test_vllm_metric_names_mirror_agentserve_series() -> None:
+    with live_openai("qwen2", max_model_len=256) as client:
+        out = client.completions.create(model="m", prompt="one two three", max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        m = parse_metrics(httpx.get(base + "/metrics", timeout=30).text)
+    label = '{model_name="m"}'
+    assert m["vllm:num_requests_running" + label] == 0 and m["vllm:num_requests_waiting" + label] == 0
+    assert m["vllm:kv_cache_usage_perc" + label] == m["vllm:gpu_cache_usage_perc" + label] == \
+        m["agentserve_kv_cache_usage_ratio"]
+    assert m["vllm:prompt_tokens_total" + label] == m["agentserve_prompt_tokens_total"] == out.usage.prompt_tokens
+    assert m["vllm:generation_tokens_total" + label] == m["agentserve_generation_tokens_total"] == 4
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "inter_token_latency_seconds", "time_per_output_token_seconds", "request_prompt_tokens",
+                      "request_generation_tokens"):
+        assert m[f"vllm:{histogram}_count" + label] >= 1, histogram
+    assert m['vllm:e2e_request_latency_seconds_sum' + label] == m["agentserve_e2e_request_latency_seconds_sum"]
+    assert m['vllm:request_success_total{finished_reason="length",model_name="m"}'] == 1
