@@ -31,8 +31,9 @@ def _flag(name: str) -> str:
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
-    if not field.is_required() and field.default is not None:
-        text += f" (default: {field.default})"
+    default = field.get_default(call_default_factory=True)  # a factory's value, not pydantic's placeholder
+    if not field.is_required() and default is not None:
+        text += f" (default: {default})"
     return text
 
 

@@ -20,3 +20,8 @@ def test_vllm_api_key_from_the_environment_protects_the_server(monkeypatch: pyte
     assert _config("--port", "8000", "--api-key", "flag-key").server.api_key == ["flag-key"]  # the flag wins
     monkeypatch.delenv("VLLM_API_KEY")
     assert _config("--port", "8000").server.api_key is None
+
+
+def test_help_shows_no_placeholder_defaults() -> None:
+    """A field whose default is built by a factory (--lora-modules: {}) showed pydantic's placeholder."""
+    assert "PydanticUndefined" not in build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
