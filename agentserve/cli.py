@@ -37,6 +37,10 @@ def _help(field: FieldInfo) -> str:
     return text
 
 
+# vllm serve's short forms of engine flags.
+VLLM_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "quantization": ("-q",)}
+
+
 def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
     kwargs: dict[str, Any] = dict(dest=name, default=None, help=_help(field))
     if field.annotation in (bool, Optional[bool]):  # Optional: None means "decide by the device"
@@ -57,7 +61,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         kwargs.update(nargs="+", metavar="MODULE")
     elif name == "lora_modules":
         kwargs.update(nargs="+", metavar="NAME=PATH", type=_lora_module)  # vLLM's flag and forms
-    parser.add_argument(_flag(name), **kwargs)
+    parser.add_argument(_flag(name), *VLLM_SHORT_FLAGS.get(name, ()), **kwargs)
 
 
 def _lora_module(text: str) -> tuple[str, str]:

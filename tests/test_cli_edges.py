@@ -126,3 +126,9 @@ def test_the_install_stamp_is_per_interpreter() -> None:
         other_python.symlink_to(sys.executable)
         ours, theirs = stamp_of(sys.executable), stamp_of(str(other_python))
     assert ours.startswith(".venv-stamp-") and theirs.startswith(".venv-stamp-") and ours != theirs
+
+
+def test_vllm_short_flags() -> None:
+    short = build_parser().parse_args(["serve", "/m/tiny", "-tp", "2", "-q", "fp8"])
+    long = build_parser().parse_args(["serve", "/m/tiny", "--tensor-parallel-size", "2", "--quantization", "fp8"])
+    assert vars(short) == vars(long) and long.tensor_parallel_size is not None and long.quantization == "fp8"
