@@ -109,6 +109,13 @@ class TensorParallelDriver(TensorParallelRank):
         return describe_failure(self.errors, dead)
 
     # --- stopping -----------------------------------------------------------------------------------
+    def abandon_start(self) -> None:
+        """Stops the workers after rank 0 failed to build its runner. They are then in a start-up
+        collective (the KV pool's agreement, a profiling forward) that rank 0 will not reach, not
+        waiting for a message: a shutdown message would wait for them in vain, so they are terminated."""
+        self.failure = TensorParallelError("rank 0 failed to build its runner; the ranks are out of step")
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Asks the workers to leave, then terminates and kills any still there. Idempotent."""
         if self.closed:
