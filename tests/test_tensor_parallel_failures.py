@@ -3,20 +3,35 @@
 - Rank 0 failing while it builds its runner (a draft model that does not load: the draft lives on
   rank 0 only) fails the engine's start-up with that error, at once, and leaves no worker behind;
   the worker is then waiting in a start-up collective, not for a message.
+- A rank killed while the engine is idle (no step has run into it yet) makes every health check
+  report the server unhealthy: HTTP /health, AgentService.Health and grpc.health.v1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentserve.adapters.client import AgentClient
+from agentserve.config import EngineConfig
 from agentserve.llm import LLM
 from agentserve.model.arch_config import ModelLoadError
+from agentserve.parallel.driver import TensorParallelDriver
+from agentserve.service import agent_pb2
+from agentserve.service.serve import running_server
 from agentserve.testing import tiny_model_cached
+from conftest_grpc import run
 
 ENGINE: dict[str, Any] = dict(device="cpu", dtype="float32", num_blocks=64)
 
@@ -52,3 +67,42 @@ def test_rank_zero_failing_to_build_its_runner_fails_start_up_at_once(tmp_path: 
     assert len(raised) == 1 and isinstance(raised[0], ModelLoadError), raised
     assert "not a valid safetensors file" in str(raised[0])
     assert set(multiprocessing.active_children()) == before
+
+
+async def health_reports(address: str, http_port: int) -> tuple[int, int, int]:
+    """(HTTP /health status code, AgentService.Health status, grpc.health.v1 Check status)."""
+    async with httpx.AsyncClient() as http:
+        http_status = (await http.get(f"http://127.0.0.1:{http_port}/health")).status_code
+    async with AgentClient(address) as client:
+        agent_status = (await client.health()).status
+    async with grpc.aio.insecure_channel(address) as channel:
+        check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    return http_status, agent_status, check.status
+
+
+def test_a_rank_killed_while_idle_makes_every_health_check_unhealthy() -> None:
+    config = EngineConfig.from_kwargs(str(tiny_model_cached("qwen2")), **ENGINE, max_model_len=256,
+                                      tensor_parallel_size=2)
+    serving = (200, agent_pb2.HealthResponse.SERVING, health_pb2.HealthCheckResponse.SERVING)
+    unhealthy = (503, agent_pb2.HealthResponse.NOT_SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def body() -> list[tuple[int, int, int]]:
+        async with running_server(config, grpc_port=0, http_port=0) as handle:
+            assert handle.address is not None and handle.http_port is not None
+            seen = [await health_reports(handle.address, handle.http_port)]
+            driver = handle.engine.runner.parallel
+            assert isinstance(driver, TensorParallelDriver)
+            worker = driver.processes[0]
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=10)
+            deadline = time.monotonic() + 10.0  # grpc.health.v1 follows the engine within a few seconds
+            while True:
+                now = await health_reports(handle.address, handle.http_port)
+                if now == unhealthy or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            seen.append(now)
+            return seen
+
+    assert run(body()) == [serving, unhealthy]

@@ -60,9 +60,9 @@ class AsyncEngine:
     # --- running things on the step thread --------------------------------------------------------
     def is_running(self) -> bool:
         """Whether the step thread is up and not shutting down (what /health reports), and no
-        tensor-parallel rank has failed (the model cannot run without it)."""
+        tensor-parallel rank has failed or exited (the model cannot run without it)."""
         parallel = self.engine.runner.parallel
-        return self._thread.is_alive() and not self._stopping and (parallel is None or parallel.failure is None)
+        return self._thread.is_alive() and not self._stopping and (parallel is None or parallel.is_healthy())
 
     def call_soon(self, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         if self._stopping:

@@ -72,6 +72,12 @@ class TensorParallelDriver(TensorParallelRank):
     def send_lora_slot(self, slot: int, tensors: SlotTensors) -> None:
         self._guarded(lambda: protocol.send_lora_slot(self.groups, slot, tensors))
 
+    def is_healthy(self) -> bool:
+        """No rank has failed, and every worker process is still there: a rank killed while the
+        engine is idle counts at once, before a step runs into its absence (health checks ask this
+        from the servers' thread; it only polls the processes and records nothing)."""
+        return self.failure is None and all(p.exitcode is None for p in self.processes)
+
     def check_ranks(self) -> None:
         """Raises TensorParallelError if a rank has exited (or failed before)."""
         if self.failure is None:

@@ -56,6 +56,10 @@ class TensorParallelRank:
         # reports itself unhealthy (AsyncEngine.is_running) and every later step fails.
         self.failure: Optional[TensorParallelError] = None
 
+    def is_healthy(self) -> bool:
+        """No rank has failed (rank 0's driver also looks at its workers' processes)."""
+        return self.failure is None
+
     @property
     def is_driver(self) -> bool:
         return self.groups.rank == 0

@@ -316,7 +316,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         live = live_engine_gauges(self.engine)  # now, not as of the last step (an idle engine does not step)
         counts = self.store.residency_counts()
         return pb.HealthResponse(
-            status=pb.HealthResponse.SERVING if self.serving else pb.HealthResponse.NOT_SERVING,
+            status=(pb.HealthResponse.SERVING if self.serving and self.aeng.is_running()
+                    else pb.HealthResponse.NOT_SERVING),
             model=self.engine.model_name, num_running=live.num_running, num_waiting=live.num_waiting,
             kv_pages_used=live.kv_pages_used, kv_pages_total=live.kv_pages_total,
             num_sessions=len(self.store), sessions_resident=counts["resident"], sessions_swapped=counts["swapped"],

@@ -34,8 +34,8 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
 from agentserve.service.tenants import Tenants
 from agentserve.service.malformed_requests import MalformedRequestInterceptor
-from agentserve.service.standard_services import (add_standard_services, exempt_health_checks, mark_draining,
-                                                  mark_serving)
+from agentserve.service.standard_services import (add_standard_services, exempt_health_checks, follow_engine,
+                                                  mark_draining, mark_serving)
 from agentserve.sessions.store import SessionStore
 from agentserve.sessions.types import DEFAULT_TTL_SECONDS
 
@@ -119,6 +119,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
     uv_task: Optional[asyncio.Task[None]] = None
     bound: Optional[int] = None
     health: Optional[grpc_health.aio.HealthServicer] = None
+    following: Optional[asyncio.Task[None]] = None
     try:
         if grpc_port is not None:
             interceptors: list[grpc.aio.ServerInterceptor] = (
@@ -148,10 +149,13 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
                 http_bound = uv.servers[0].sockets[0].getsockname()[1]
         if health is not None:
             await mark_serving(health)  # the engine is loaded and both servers listen
+            following = asyncio.get_running_loop().create_task(follow_engine(health, async_engine.is_running))
         yield ServerHandle(address=f"{host}:{bound}" if bound else None, grpc_port=bound, http_port=http_bound,
                            async_engine=async_engine, store=store, servicer=servicer, grpc_server=server,
                            tenants=tenants, health=health)
     finally:
+        if following is not None:
+            following.cancel()
         if health is not None:
             await mark_draining(health)  # probes and Watch streams see NOT_SERVING before the servers stop
         await _stop_servers(servicer, server, uv, uv_task, grace)

@@ -5,7 +5,7 @@
 - health checking (`grpc.health.v1.Health`): Kubernetes gRPC probes, load balancers. The overall
   status ("") and "agentserve.v1.AgentService" are NOT_SERVING until `mark_serving` (called once the
   engine is loaded and the server listens) and NOT_SERVING again from `mark_draining` (shutdown)
-  on, which also reaches open Watch streams.
+  on, or once the engine stops running (`follow_engine`), which also reaches open Watch streams.
 
 API keys: a Kubernetes gRPC probe cannot send metadata (its spec has only a port and a service
 name), so `exempt_health_checks` lets grpc.health.v1 calls past the API-key interceptor, like the
@@ -15,6 +15,7 @@ unauthenticated HTTP `/health` of vLLM. Everything else, reflection included, ne
 
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable
 
 import grpc
@@ -45,6 +46,17 @@ async def add_standard_services(server: grpc.aio.Server) -> health.aio.HealthSer
 async def mark_serving(health_servicer: health.aio.HealthServicer) -> None:
     for key in _HEALTH_STATUS_KEYS:
         await health_servicer.set(key, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def follow_engine(health_servicer: health.aio.HealthServicer, is_running: Callable[[], bool],
+                        interval_s: float = 1.0) -> None:
+    """NOT_SERVING once the engine stops running (a tensor-parallel rank lost, the step thread gone):
+    the health servicer only knows what it is told, and probes must see what /health sees. An
+    engine that stopped does not come back, so this ends there."""
+    while is_running():
+        await asyncio.sleep(interval_s)
+    for key in _HEALTH_STATUS_KEYS:
+        await health_servicer.set(key, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def mark_draining(health_servicer: health.aio.HealthServicer) -> None:
