@@ -4,7 +4,8 @@
   rank 0 only) fails the engine's start-up with that error, at once, and leaves no worker behind;
   the worker is then waiting in a start-up collective, not for a message.
 - A rank killed while the engine is idle (no step has run into it yet) makes every health check
-  report the server unhealthy: HTTP /health, AgentService.Health and grpc.health.v1.
+  report the server unhealthy: HTTP /health, AgentService.Health and grpc.health.v1; requests
+  then get UNAVAILABLE / 503 (the engine cannot serve any), not an internal error telling them to retry.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_a_rank_killed_while_idle_makes_every_health_check_unhealthy() -> None:
     serving = (200, agent_pb2.HealthResponse.SERVING, health_pb2.HealthCheckResponse.SERVING)
     unhealthy = (503, agent_pb2.HealthResponse.NOT_SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def body() -> list[tuple[int, int, int]]:
+    async def body() -> list[Any]:
         async with running_server(config, grpc_port=0, http_port=0) as handle:
             assert handle.address is not None and handle.http_port is not None
             seen = [await health_reports(handle.address, handle.http_port)]
@@ -103,6 +104,15 @@ def test_a_rank_killed_while_idle_makes_every_health_check_unhealthy() -> None:
                     break
                 await asyncio.sleep(0.2)
             seen.append(now)
+            async with AgentClient(handle.address) as client:
+                try:
+                    await client.generate_done(prompt_token_ids=[5, 6, 7], max_tokens=2)
+                except grpc.aio.AioRpcError as e:
+                    seen.append((e.code(), "tensor-parallel rank" in (e.details() or "")))
+            async with httpx.AsyncClient() as http:
+                r = await http.post(f"http://127.0.0.1:{handle.http_port}/v1/completions",
+                                    json={"model": handle.engine.model_name, "prompt": "hi", "max_tokens": 2})
+                seen.append((r.status_code, r.json()["error"]["code"]))
             return seen
 
-    assert run(body()) == [serving, unhealthy]
+    assert run(body()) == [serving, unhealthy, (grpc.StatusCode.UNAVAILABLE, True), (503, "engine_unavailable")]

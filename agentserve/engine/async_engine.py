@@ -135,6 +135,11 @@ class AsyncEngine:
                        **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         """Streams RequestOutputs (cumulative text plus deltas) until the request finishes. Leaving
         the iteration early (break, cancellation, client gone) aborts the request."""
+        parallel = self.engine.runner.parallel
+        if parallel is not None and not parallel.is_healthy():
+            # Every step would fail: refused as unavailable, not admitted to fail as an internal error.
+            raise EngineDeadError("a tensor-parallel rank has failed, so the model cannot run; the server must be "
+                                  "restarted (its log names the rank)")
         if self.num_pending >= self.max_pending:
             raise QueueFullError(f"the server has {self.num_pending} requests in flight (limit {self.max_pending})")
         stream = _Stream(asyncio.get_running_loop())
