@@ -510,7 +510,7 @@ if not 1 <= SPLIT_MAX_QUERY_LEN <= SPLIT_QUERY_LEN_LIMIT:
 SPLIT_LONG: bool = os.environ.get("AGENTSERVE_SPLIT_LONG", "1") == "1"
 SPLIT_LONG_MIN_CONTEXT: int = 4096
 SPLIT_LONG_MIN_KEYS: int = 1024
-SPLIT_LONG_WAVES: float = 4.0
+SPLIT_LONG_WAVES: float = float(os.environ.get("AGENTSERVE_SPLIT_LONG_WAVES", "4"))
 
 
 def num_kv_splits(batch: int, max_seq_len: int, num_kv_heads: int, num_sms: int) -> int:
