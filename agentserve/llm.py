@@ -95,7 +95,7 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         """vLLM's accessor of the same tokenizer (scripts render prompts with its chat template)."""
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the model's generation_config.json sampling defaults (engine/generation_defaults.py),

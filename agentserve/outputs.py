@@ -9,6 +9,7 @@ from typing import Collection, Optional
 
 from agentserve.errors import FailureKind, InvalidRequestError
 
+
 @dataclass
 class Logprob:
     logprob: float

@@ -76,12 +76,12 @@ class TensorParallelDriver(TensorParallelRank):
         """No rank has failed, and every worker process is still there: a rank killed while the
         engine is idle counts at once, before a step runs into its absence (health checks ask this
         from the servers' thread; it only polls the processes and records nothing)."""
-        return self.failure is None and all(p.exitcode is None for p in self.processes)
+        return self.failure is None and not self._dead_ranks()
 
     def check_ranks(self) -> None:
         """Raises TensorParallelError if a rank has exited (or failed before)."""
         if self.failure is None:
-            dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
+            dead = self._dead_ranks()
             if dead:
                 self._fail(self._describe_failure(dead))
         if self.failure is not None:
@@ -98,12 +98,16 @@ class TensorParallelDriver(TensorParallelRank):
             # A broken collective means a rank is gone or going: its exit (after it reported its
             # error) can take seconds on a loaded machine, so wait for it there, to name it.
             wait_for_an_exit(self.processes, _PEER_EXIT_WAIT_S if isinstance(e, CollectiveError) else 1.0)
-            dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
+            dead = self._dead_ranks()
             self._fail(self._describe_failure(dead) if dead else TensorParallelError(
                 f"rank 0 failed in a step every rank takes part in ({type(e).__name__}); the ranks are out of step"))
             if dead:
                 raise TensorParallelError(str(self.failure)) from None
             raise  # rank 0's own error, as it is (the engine logs its type and stack)
+
+    def _dead_ranks(self) -> list[tuple[int, Optional[int]]]:
+        """(rank, exit code) of each worker process that has exited."""
+        return [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
 
     def _fail(self, failure: TensorParallelError) -> None:
         # Logged here, with its text: the engine logs step failures without exception texts (they
