@@ -37,10 +37,6 @@ from graph_timer import GEMV_WORKING_SET, parse_gpu_args, time_us  # noqa: E402
 TILES = [(4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (32, 256, 4),
          (32, 256, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (8, 512, 4), (16, 256, 4),
          (16, 1024, 8), (32, 512, 8), (8, 2048, 8), (2, 1024, 1), (4, 512, 1), (4, 1024, 1), (8, 512, 1)]
-# With AGENTSERVE_FP8_GEMV_HALVES=1 (kernels/fp8_halves.py), also the tiles its K loop runs (every warp along K:
-# BLOCK_K = 512 x warps); on those the loop is the halves one, on the others the plain one.
-HALVES_TILES = [(2, 2048, 4), (4, 2048, 4), (8, 2048, 4), (2, 4096, 8), (4, 4096, 8), (4, 1024, 2), (8, 1024, 2),
-                (16, 1024, 2), (8, 512, 1), (16, 512, 1)]
 # (hidden, intermediate, qkv rows) of the models the benchmarks run: the Llama-3.2-1B draft (32 + 2 x 8
 # heads of 64) and the Llama-3.1-8B target (32 + 2 x 8 heads of 128).
 MODELS = {"1b": (2048, 8192, 3072), "8b": (4096, 14336, 6144)}
@@ -58,9 +54,8 @@ def _shapes(models: list[str]) -> list[tuple[str, int, int]]:
 
 
 def measure(models: list[str], rows: list[int]) -> list[dict[str, Any]]:
-    from agentserve.kernels import fp8_halves, fp8_linear, gemv, gemv_silu
+    from agentserve.kernels import fp8_linear, gemv, gemv_silu
     from agentserve.kernels._triton_utils import num_sms
-    from agentserve.kernels.fp8_gemv_tiles import halves_config
 
     out = []
     sms = num_sms(torch.device("cuda"))
@@ -79,11 +74,9 @@ def measure(models: list[str], rows: list[int]) -> list[dict[str, Any]]:
                 return fp8_linear.fp8_gemv_triton(x, wq, ws, config=config)
         for m in rows:
             sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), wq, ws) for wq, ws in quantized]
-            # The engine's tile: the table's or the heuristic's, carried to the halves loop's when it is on.
-            default_cfg = halves_config(fp8_linear.fp8_gemv_config(n, k, sms, m, kernel=kernel, device_name=device), k)
+            default_cfg = fp8_linear.fp8_gemv_config(n, k, sms, m, kernel=kernel, device_name=device)
             default = time_us(fn, sets, config=default_cfg)
-            candidates = TILES + (HALVES_TILES if fp8_halves.FP8_GEMV_HALVES else [])
-            tiles = [gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1) for r, bk, w in candidates if k % bk == 0]
+            tiles = [gemv.GemvConfig("fma", r, bk, num_warps=w, num_stages=1) for r, bk, w in TILES if k % bk == 0]
             sweep = {_label(cfg): time_us(fn, sets, config=cfg) for cfg in tiles}
             best = min(sweep, key=sweep.__getitem__)
             out.append({"shape": name, "kernel": kernel, "n": n, "k": k, "m": m, "default": _label(default_cfg),

@@ -46,7 +46,6 @@ def _layers(n: int, fp8: bool) -> list[dict[str, Any]]:
 def _ops(fp8: bool) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
     """(gemv(x, w, scale), gate_up_silu(x, w, scale)) with the engine's tiles."""
     from agentserve.kernels import fp8_linear, gemv, gemv_silu
-    from agentserve.kernels.fp8_gemv_tiles import halves_config
     from agentserve.kernels._triton_utils import num_sms
 
     sms = num_sms(torch.device("cuda"))
@@ -55,9 +54,9 @@ def _ops(fp8: bool) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Te
             return fp8_linear.fp8_gemv_triton(x, w, s)
 
         def silu(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            cfg = halves_config(fp8_linear.fp8_gemv_config(w.shape[0], w.shape[1], sms, 1, kernel="gemv_silu",
-                                                           device_name=device_name()), w.shape[1])
-            return gemv_silu.gemv_silu_mul_triton(x, w, cfg, s)  # the tile the engine takes (model/fp8.py)
+            cfg = fp8_linear.fp8_gemv_config(w.shape[0], w.shape[1], sms, 1, kernel="gemv_silu",
+                                             device_name=device_name())
+            return gemv_silu.gemv_silu_mul_triton(x, w, cfg, s)
     else:
         def linear(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
             return gemv.gemv_triton(x, w)

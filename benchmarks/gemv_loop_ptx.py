@@ -9,8 +9,7 @@ while a thread's 16-byte weight load holds 16 fp8, so x is converted to the weig
 iteration; with one warp per program the conversion stays inside the warp. (A K loop over groups of 8 weights
 without the conversion was built and measured slower on the H200: NOTES.md, nineteenth session.)
 
-  python benchmarks/gemv_loop_ptx.py [--out x.json]   # the shipped 8B tiles, bf16 and FP8, the FP8 halves loop
-                                                      # (kernels/fp8_halves.py) on its tiles, one-warp FP8 tiles
+  python benchmarks/gemv_loop_ptx.py [--out x.json]   # the shipped 8B tiles, bf16 and FP8, and one-warp FP8 tiles
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ TESTS = str(Path(__file__).resolve().parent.parent / "tests")  # the compile and
 
 SCRIPT = r'''
 import json
-from agentserve.kernels import fp8_halves, fp8_linear, gemv, gemv_silu
+from agentserve.kernels import fp8_linear, gemv, gemv_silu
 from helpers.sm90_ptx import FP8_GEMV as FP8, FP8_SILU as SILU, GEMV, compile_ptx, k_loop
 
 
@@ -50,23 +49,15 @@ for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
            c.block_n * c.block_k / (32 * c.num_warps))
     c = fp8_linear.fp8_gemv_config(n, k, 132, 1, device_name="NVIDIA H200")
     report(f"fp8 gemv {n}x{k} {c.block_n}x{c.block_k}/{c.num_warps}w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "W_FIRST": True, "HALVES": False},
+           {**fixed, "HAS_BIAS": False, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "W_FIRST": True},
            c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
-    h = fp8_halves.halves_tile(c.block_n, c.block_k, k)
-    report(f"fp8 gemv halves {n}x{k} {h[0]}x{h[1]}/{h[2]}w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": h[0], "BLOCK_K": h[1], "W_FIRST": True, "HALVES": True},
-           h[2], h[0] * h[1] / (32 * h[2]))
 c = fp8_linear.fp8_gemv_config(28672, 4096, 132, 1, kernel="gemv_silu", device_name="NVIDIA H200")
 report(f"fp8 gemv_silu 28672x4096 {c.block_n}x{c.block_k}/{c.num_warps}w", gemv_silu._gemv_silu_mul_kernel, SILU,
        {**fixed, "HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": c.block_n // 2, "BLOCK_K": c.block_k,
-        "W_FIRST": True, "HALVES": False}, c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
-h = fp8_halves.halves_tile(c.block_n, c.block_k, 4096)
-report(f"fp8 gemv_silu halves 28672x4096 {h[0]}x{h[1]}/{h[2]}w", gemv_silu._gemv_silu_mul_kernel, SILU,
-       {**fixed, "HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": h[0] // 2, "BLOCK_K": h[1], "W_FIRST": True,
-        "HALVES": True}, h[2], h[0] * h[1] / (32 * h[2]))
+        "W_FIRST": True}, c.num_warps, c.block_n * c.block_k / (32 * c.num_warps))
 for rows, block_k in ((2, 1024), (4, 512), (4, 1024), (8, 512)):
     report(f"fp8 gemv one-warp {rows}x{block_k}/1w", fp8_linear._fp8_gemv_kernel, FP8,
-           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True, "HALVES": False}, 1,
+           {**fixed, "HAS_BIAS": False, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True}, 1,
            rows * block_k / 32)
 '''
 

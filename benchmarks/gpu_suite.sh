@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|fp8halves|s22]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -67,40 +67,11 @@ fi
 if [ "$MODE" = s22 ]; then
   # Twenty-second session: one call (< 10 min) for when only one machine comes, most valuable first. The swap
   # changes shipped on by default (staging bound from free memory, 256 MiB pieces) have never run on a GPU:
-  # their tests first; then #16's agent-loop ratio at the defaults; then the FP8 halves loop (off by default):
-  # its tests and the chain off / on with the shipped table's tiles.
+  # their tests first; then #16's agent-loop ratio at the defaults.
   TMO=150 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
     tests/test_gpu_swap_streams.py tests/test_gpu_engine.py -k "swap or gather" --junitxml "$OUT/pytest_gpu_swaps.xml"
   TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  AGENTSERVE_FP8_GEMV_HALVES=1 TMO=60 TAIL=6 run gpu-tests-halves python3 -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_kernels_gpu_fp8_halves.py
-  for h in 0 1; do
-    AGENTSERVE_FP8_GEMV_HALVES=$h TMO=40 TAIL=3 run "chain-fp8-halves$h" python3 benchmarks/gemv_chain.py \
-      --weights fp8 --pdl on --out "$OUT/chain_fp8_halves$h.json"
-  done
-  ls -la "$OUT"; exit 0
-fi
-if [ "$MODE" = fp8halves ]; then
-  # Twenty-first session (~9 min + start): the FP8 GEMVs' halves K loop (kernels/fp8_halves.py,
-  # AGENTSERVE_FP8_GEMV_HALVES): GPU tests with it on; the FP8 chain and 8B one stream off and on (the shipped
-  # table's tiles, carried to the halves loop's); the tile sweep with it on, written as a table; the chain and one
-  # stream on that table (prediction in NOTES.md).
-  AGENTSERVE_FP8_GEMV_HALVES=1 TMO=300 TAIL=6 run gpu-tests python3 -m pytest -q -m gpu tests/test_kernels_gpu_fp8_halves.py \
-    tests/test_kernels_gpu_fp8.py tests/test_kernels_gpu_gemv_silu.py tests/test_kernels_gpu_fp8_tiles.py
-  for h in 0 1; do
-    AGENTSERVE_FP8_GEMV_HALVES=$h TMO=60 TAIL=3 run "chain-fp8-halves$h" python3 benchmarks/gemv_chain.py \
-      --weights fp8 --pdl on --out "$OUT/chain_fp8_halves$h.json"
-    AGENTSERVE_FP8_GEMV_HALVES=$h TMO=70 TAIL=4 run "latency-fp8-halves$h" python3 benchmarks/latency.py $DUMMY \
-      --quantization fp8 --repeats 2 --out "$OUT/latency_fp8_halves$h.json"
-  done
-  AGENTSERVE_FP8_GEMV_HALVES=1 TMO=300 TAIL=30 run fp8-sweep python3 benchmarks/fp8_gemv_rows.py --models 1b,8b \
-    --rows 1,2 --out "$OUT/fp8_gemv_rows.json" --write-tiles "$OUT/fp8_tiles_halves.json"
-  export AGENTSERVE_FP8_GEMV_HALVES=1 AGENTSERVE_FP8_GEMV_TILES=$OUT/fp8_tiles_halves.json
-  TMO=60 TAIL=3 run chain-fp8-halves-table python3 benchmarks/gemv_chain.py --weights fp8 --pdl on \
-    --out "$OUT/chain_fp8_halves_table.json"
-  TMO=70 TAIL=4 run latency-fp8-halves-table python3 benchmarks/latency.py $DUMMY --quantization fp8 --repeats 2 \
-    --out "$OUT/latency_fp8_halves_table.json"
   ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then

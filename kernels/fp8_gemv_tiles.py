@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-from . import fp8_halves
 from ._triton_utils import cdiv, next_pow2
 from .gemv import GemvConfig, gemv_config
 
@@ -103,23 +102,3 @@ def fp8_gemv_config(n: int, k: int, sms: int = 132, m: int = 1, *, kernel: str =
         if tile is not None:
             return tile
     return heuristic_tile(n, k, sms, m)
-
-
-def uses_halves(cfg: GemvConfig, k: int) -> bool:
-    """Whether an FP8 GEMV with this tile runs kernels/fp8_halves.py's K loop (AGENTSERVE_FP8_GEMV_HALVES=1 and a
-    tile it fits)."""
-    return (fp8_halves.FP8_GEMV_HALVES and cfg.kind == "fma"
-            and fp8_halves.halves_fit(cfg.block_n, cfg.block_k, cfg.num_warps, k))
-
-
-def halves_config(cfg: GemvConfig, k: int) -> GemvConfig:
-    """With AGENTSERVE_FP8_GEMV_HALVES=1, the tile the halves K loop runs for a plain FP8 tile (the same weights
-    per program, every warp along K: fp8_halves.halves_tile), unless the tile fits it already or no such
-    tile divides K; `cfg` itself otherwise."""
-    if not fp8_halves.FP8_GEMV_HALVES or cfg.kind != "fma" or uses_halves(cfg, k):
-        return cfg
-    tile = fp8_halves.halves_tile(cfg.block_n, cfg.block_k, k)
-    if tile is None:
-        return cfg
-    rows, block_k, warps = tile
-    return GemvConfig("fma", rows, block_k, num_warps=warps, num_stages=1)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fp8_gemv_tiles import device_name_of, fp8_gemv_config, halves_config, uses_halves
+from .fp8_gemv_tiles import device_name_of, fp8_gemv_config
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
 from .fp8_utils import FP8_DTYPE, FP8_MAX, per_token_scale, scaled_to_fp8_range, to_fp8_saturated
 from .gemv import GemvConfig, as_rows, fma_program_rows, weights_before_wait
@@ -142,12 +142,12 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False, HALVES: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(N, BLOCK_N),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of the block hits L2). Out-of-range rows are clamped, not masked: unmasked vector loads."""
     m, offs_n, rows, acc_rows = fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N, BLOCK_K,
-                                                 EVEN_K, USE_PDL, W_FIRST, HALVES)
+                                                 EVEN_K, USE_PDL, W_FIRST)
     # The channel scale is constant along K: applied once to the sum, not to every weight.
     y = acc_rows * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -169,14 +169,13 @@ def fp8_gemv_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*lead, n)
-    cfg = config or halves_config(fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132, m,
-                                                   device_name=device_name_of(x.device)), k)
+    cfg = config or fp8_gemv_config(n, k, num_sms(x.device) if x.is_cuda else 132, m,
+                                     device_name=device_name_of(x.device))
     b = bias.contiguous() if bias is not None else weight_scale
     _fp8_gemv_kernel[(m * cdiv(n, cfg.block_n),)](
         x2, weight_q, weight_scale, b, out, m, n, k, x2.stride(0), weight_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        W_FIRST=weights_before_wait(weight_q), HALVES=uses_halves(cfg, k), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_launch(x2))
+        W_FIRST=weights_before_wait(weight_q), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     return out.view(*lead, n)
 
 

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import cdiv, next_pow2, num_sms, pdl_begin, pdl_launch, tl, triton, triton_enabled_for
-from .fp8_halves import fp8_row_sums_halves
 
 _MODES = ("torch", "triton", "auto")
 _mode: str = os.environ.get("AGENTSERVE_GEMV", "auto")
@@ -158,12 +157,10 @@ def fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 @triton.jit
 def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False,
-                     HALVES: tl.constexpr = False):
+                     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, W_FIRST: tl.constexpr = False):
     """An fma GEMV program (grid (M * cdiv(N, BLOCK_N),); the M programs of one weight block are
     adjacent, so the 2nd..Mth read of it hits L2): its row m of x, its output rows, and their fp32
-    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised. HALVES:
-    FP8 weights through kernels/fp8_halves.py's K loop (its tiles only: fp8_halves.halves_fit)."""
+    sums. Out-of-range rows are clamped, not masked: the loads stay unmasked and vectorised."""
     pid = tl.program_id(0)
     m = (pid % M).to(tl.int64)
     nb = pid // M
@@ -171,12 +168,8 @@ def fma_program_rows(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_N: tl.co
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    if HALVES:
-        sums = fp8_row_sums_halves(w_ptrs, x_ptr + m * stride_xm, K, BLOCK_N, BLOCK_K, USE_PDL, W_FIRST)
-    else:
-        sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL,
-                            W_FIRST)
-    return m, offs_n, rows, sums
+    x_ptrs = x_ptr + m * stride_xm + offs_k
+    return m, offs_n, rows, fma_row_sums(w_ptrs, x_ptrs, offs_k, K, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, W_FIRST)
 
 
 # M is not specialised (Triton would otherwise compile M == 1 separately), so one binary serves

@@ -24,8 +24,6 @@ from typing import Optional
 import torch
 
 from ._triton_utils import cdiv, pdl_launch, tl, triton
-from .fp8_gemv_tiles import uses_halves
-from .fp8_halves import fp8_row_sums_halves
 from .gemv import GemvConfig, as_rows, fma_row_sums, weights_before_wait
 
 FUSED_SILU_GEMV: bool = os.environ.get("AGENTSERVE_FUSED_SILU_GEMV", "1") == "1"
@@ -36,7 +34,6 @@ def _gemv_silu_mul_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, W_FIRST: tl.constexpr = False,
-    HALVES: tl.constexpr = False,
 ):
     """Grid: (M * cdiv(I, BLOCK_I),); the M programs of one weight block are adjacent (the 2nd..Mth
     read of it hits L2). Tile row 2p is the gate row of output column ib * BLOCK_I + p, row 2p + 1
@@ -49,11 +46,8 @@ def _gemv_silu_mul_kernel(
     rows = (col + (r % 2) * I).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    if HALVES:  # FP8 weights through kernels/fp8_halves.py's K loop
-        sums = fp8_row_sums_halves(w_ptrs, x_ptr + m * stride_xm, K, 2 * BLOCK_I, BLOCK_K, USE_PDL, W_FIRST)
-    else:
-        sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
-                            W_FIRST)
+    sums = fma_row_sums(w_ptrs, x_ptr + m * stride_xm + offs_k, offs_k, K, 2 * BLOCK_I, BLOCK_K, EVEN_K, USE_PDL,
+                        W_FIRST)
     if HAS_SCALE:
         sums = sums * tl.load(ws_ptr + rows)
     if HAS_BIAS:
@@ -70,8 +64,7 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu_and_mul(x @ dequant(weight)^T + bias) for x [..., K] with few rows, weight [2I, K] (16-bit,
     or e4m3 with `weight_scale` fp32 [2I]). `config` is the "fma" tile the plain GEMV would use for
-    [2I, K]: a program here covers the same number of weight rows (half as many output columns). FP8
-    weights take kernels/fp8_halves.py's K loop where fp8_gemv_tiles.uses_halves says so."""
+    [2I, K]: a program here covers the same number of weight rows (half as many output columns)."""
     n, k = weight.shape
     if n % 2 or config.kind != "fma" or weight.stride(-1) != 1 or x.shape[-1] != k:
         raise ValueError(f"gemv_silu_mul: x {tuple(x.shape)} weight {tuple(weight.shape)} config {config} "
@@ -89,6 +82,5 @@ def gemv_silu_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: GemvConf
         bias.contiguous() if bias is not None else x2, out, m, inter, k, x2.stride(0), weight.stride(0), out.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_I=block_i, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, W_FIRST=weights_before_wait(weight),
-        HALVES=weight_scale is not None and uses_halves(config, k),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x2))
     return out.view(*lead, inter)

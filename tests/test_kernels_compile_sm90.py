@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent('''
     silu_args = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
                  "M": "i32", "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                  "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-                 "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr", "HALVES": "constexpr"}
+                 "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr"}
     gemv_args = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                  "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
@@ -58,12 +58,12 @@ SCRIPT = textwrap.dedent('''
         # with and without the first weight chunk before the PDL wait (gemv.weights_before_wait)
         for w_first in (False, True):
             build(fp8_linear._fp8_gemv_kernel,
-                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "HALVES": "constexpr"},
-                  {**tiles, "W_FIRST": w_first, "HALVES": False})
+                  {**gemv_args, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"},
+                  {**tiles, "W_FIRST": w_first})
         for weight in ("bf16", "fp8e4nv"):
             build(gemv_silu._gemv_silu_mul_kernel, {**silu_args, "w_ptr": "*" + weight},
                   {"HAS_SCALE": weight != "bf16", "HAS_BIAS": weight == "bf16", "BLOCK_I": 2, "BLOCK_K": 1024,
-                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16", "HALVES": False})
+                   "EVEN_K": even_k, "USE_PDL": True, "W_FIRST": weight != "bf16"})
     build(greedy_verify._greedy_verify_kernel,
           {"greedy_ptr": "*i64", "drafts_ptr": "*i64", "accept_ptr": "*i8", "first_ptr": "*i64", "num_draft_ptr": "*i64",
            "cu_ptr": "*i32", "out_ptr": "*i64", "num_acc_ptr": "*i64", "width": "i32", "stride_out": "i32",
@@ -100,8 +100,8 @@ def test_new_kernels_compile_for_sm90() -> None:
 
 
 LOOP_SCRIPT = textwrap.dedent(r'''
-    from agentserve.kernels import fp8_linear, gemv, gemv_silu
-    from helpers.sm90_ptx import FP8_GEMV, FP8_SILU, GEMV, compile_ptx, k_loop
+    from agentserve.kernels import gemv
+    from helpers.sm90_ptx import GEMV, compile_ptx, k_loop
 
     def report(name, body):
         text = "\n".join(body)
@@ -111,25 +111,17 @@ LOOP_SCRIPT = textwrap.dedent(r'''
 
     tile = {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True}
     report("bf16", k_loop(compile_ptx(gemv._gemv_fma_kernel, GEMV, tile, 4)))
-    # kernels/fp8_halves.py's loop on its tiles (every warp along K), GEMV and gate_up + SiLU
-    for rows, block_k, warps in ((4, 2048, 4), (8, 1024, 2), (16, 512, 1)):
-        fp8 = {**tile, "BLOCK_N": rows, "BLOCK_K": block_k, "W_FIRST": True, "HALVES": True}
-        report(f"halves{rows}", k_loop(compile_ptx(fp8_linear._fp8_gemv_kernel, FP8_GEMV,
-                                                   fp8, warps)))
-    silu = {"HAS_SCALE": True, "HAS_BIAS": False, "BLOCK_I": 4, "BLOCK_K": 1024, "EVEN_K": True, "USE_PDL": True,
-            "W_FIRST": True, "HALVES": True}
-    report("silu", k_loop(compile_ptx(gemv_silu._gemv_silu_mul_kernel, FP8_SILU, silu, 2)))
 ''')
 
 
-def test_gemv_k_loops_have_no_barrier() -> None:
-    """The bf16 GEMV's K loop and the FP8 halves loop (kernels/fp8_halves.py) compile to loops without a barrier
-    or a shared-memory store, all their global loads 16 bytes wide: a layout conversion of x inside the loop
-    (what the plain FP8 loop has with more than one warp, benchmarks/gemv_loop_ptx.py) would put them there."""
+def test_gemv_k_loop_has_no_barrier() -> None:
+    """The bf16 GEMV's K loop compiles to a loop without a barrier or a shared-memory store, all its global
+    loads 16 bytes wide: a layout conversion of x inside the loop (what the FP8 loop has with more than one
+    warp, benchmarks/gemv_loop_ptx.py) would put them there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),  # tests/helpers/sm90_ptx.py
                                          *filter(None, [env.get("PYTHONPATH")])])
     run = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.splitlines()]
-    assert lines == [[name, "0", "True"] for name in ("bf16", "halves4", "halves8", "halves16", "silu")], run.stdout
+    assert lines == [["bf16", "0", "True"]], run.stdout

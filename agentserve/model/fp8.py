@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from agentserve.kernels._triton_utils import num_sms
-from agentserve.kernels.fp8_gemv_tiles import device_name_of, fp8_gemv_config, halves_config
+from agentserve.kernels.fp8_gemv_tiles import device_name_of, fp8_gemv_config
 from agentserve.kernels.fp8_linear import FP8_DTYPE, dequantize_weight, fp8_linear, use_fp8_gemv
 from agentserve.kernels.gemv_silu import gemv_silu_mul_triton
 from agentserve.model.fp8_tp import check_block_split, quantize_per_channel, rank_block_scales
@@ -123,9 +123,8 @@ class Fp8LinearMethod(LinearMethodBase):
         # Only where apply would take the FP8 GEMV.
         if not (use_fp8_gemv(x, input_scale) and weight.dtype == FP8_DTYPE and weight.stride(-1) == 1):
             return None
-        config = halves_config(fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device),
-                                               x.numel() // x.shape[-1], kernel="gemv_silu",
-                                               device_name=device_name_of(x.device)), weight.shape[1])
+        config = fp8_gemv_config(weight.shape[0], weight.shape[1], num_sms(x.device), x.numel() // x.shape[-1],
+                                 kernel="gemv_silu", device_name=device_name_of(x.device))
         return gemv_silu_mul_triton(x, weight, config, layer.weight_scale, bias)
 
 

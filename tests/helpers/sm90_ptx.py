@@ -11,11 +11,11 @@ from typing import Any
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
         "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "USE_PDL": "constexpr"}
-FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr", "HALVES": "constexpr"}
+FP8_GEMV = {**GEMV, "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "W_FIRST": "constexpr"}
 FP8_SILU = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
             "I": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
             "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-            "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr", "HALVES": "constexpr"}
+            "EVEN_K": "constexpr", "USE_PDL": "constexpr", "W_FIRST": "constexpr"}
 # What the runtime specialises as divisible by 16 for these shapes, so the loads vectorise as on the device.
 DIVISIBLE = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "ws_ptr", "N", "I", "K", "stride_xm", "stride_wn", "stride_ym")
 
