@@ -30,6 +30,10 @@ class DeviceOpTimer:
         self.page_kernels = 0  # gathers and scatters launched by the ops
         # The swap streams seen, with their bound-wait counters at the last take.
         self._streams: dict[int, tuple[SwapStreams, int, float]] = {}
+        # The host's ms inside each part of the ops (index uploads, page kernels, copy-stream calls): which
+        # part makes a swap cost ~1-2 ms of host time.
+        self.part_ms: Counter[str] = Counter()
+        self._allocator = _allocator_counts()
 
     def _watch_streams(self, runner: ModelRunner) -> None:
         stores = runner.pages.stores if isinstance(runner.pages, PageStores) else [runner.pages]
@@ -46,11 +50,28 @@ class DeviceOpTimer:
 
         def counted_gather(cache: KVCache, index: Any) -> Any:
             timer.page_kernels += 1
-            return gather(cache, index)
+            t0 = time.perf_counter()
+            out = gather(cache, index)
+            timer.part_ms["gather"] += (time.perf_counter() - t0) * 1e3
+            return out
 
         def counted_scatter(cache: KVCache, index: Any, pages: Any) -> None:
             timer.page_kernels += 1
+            t0 = time.perf_counter()
             scatter(cache, index, pages)
+            timer.part_ms["scatter"] += (time.perf_counter() - t0) * 1e3
+
+        def timed_part(owner: Any, name: str) -> Callable[[], None]:
+            original_part = getattr(owner, name)
+
+            def part(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return original_part(*args, **kwargs)
+                finally:
+                    timer.part_ms[name] += (time.perf_counter() - t0) * 1e3
+            setattr(owner, name, part)
+            return lambda: setattr(owner, name, original_part)
 
         def timed(runner: ModelRunner, ops: list[DeviceOp]) -> None:
             timer._watch_streams(runner)
@@ -74,10 +95,15 @@ class DeviceOpTimer:
         ModelRunner.execute_device_ops = timed  # type: ignore[method-assign]
         KVCache.gather = counted_gather  # type: ignore[method-assign]
         KVCache.scatter = counted_scatter  # type: ignore[method-assign]
+        undo_parts = [timed_part(KVCache, "_index"), timed_part(SwapStreams, "copy_out"),
+                      timed_part(SwapStreams, "start_in"), timed_part(SwapStreams, "finish_in"),
+                      timed_part(SwapStreams, "_bound_staged")]
 
         def undo() -> None:
             ModelRunner.execute_device_ops = original  # type: ignore[method-assign]
             KVCache.gather, KVCache.scatter = gather, scatter  # type: ignore[method-assign]
+            for undo_part in undo_parts:
+                undo_part()
         return undo
 
     def take(self) -> dict[str, Any]:
@@ -96,6 +122,21 @@ class DeviceOpTimer:
             wait_ms += streams.bound_wait_ms - seen_ms
             self._streams[key] = (streams, streams.bound_waits, streams.bound_wait_ms)
         kernels, self.page_kernels = self.page_kernels, 0
-        return {"device_ops_gpu_ms": sum(gpu.values()), "device_ops_host_ms": sum(host.values()),
+        parts, self.part_ms = dict(self.part_ms), Counter()
+        allocator = _allocator_counts()
+        allocator_delta = {k: allocator[k] - self._allocator.get(k, 0) for k in allocator}
+        self._allocator = allocator
+        return {"device_op_host_ms_by_part": parts, "allocator_counts": allocator_delta,
+                "device_ops_gpu_ms": sum(gpu.values()), "device_ops_host_ms": sum(host.values()),
                 "device_op_pages": pages, "device_op_gpu_ms_by_kind": dict(gpu), "device_op_host_ms_by_kind": host,
                 "page_kernels": kernels, "staging_bound_waits": waits, "staging_bound_wait_ms": wait_ms}
+
+
+def _allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's counters whose growth means host stalls: cudaMalloc retries after
+    freeing the cache (each synchronizes the device), device mallocs and frees (cudaFree synchronizes)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                              "num_sync_all_streams", "num_ooms")}

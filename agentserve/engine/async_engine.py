@@ -25,10 +25,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
-
-
-
 class EngineStepError(RuntimeError):
     """A step failed in a way no single request could be blamed for; the request was stopped."""
 
@@ -39,7 +35,27 @@ class _Stream:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        deliver(self.loop, [(self.queue, item)])
+
+
+Delivery = list[tuple["asyncio.Queue[RequestOutput | BaseException]", "RequestOutput | BaseException"]]
+
+
+def _put_all(items: Delivery) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def deliver(loop: asyncio.AbstractEventLoop, items: Delivery) -> None:
+    """Hands items to their streams' queues on the streams' event loop, in one callback: each
+    call_soon_threadsafe writes the loop's wake-up pipe, and every write lets the event loop take the
+    GIL from the step thread (which may then wait up to the switch interval, 5 ms, to get it back)
+    while it is launching the next step. A closed loop has no consumer left: its items are dropped
+    rather than stopping the step thread."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the loop was closed: its requests' consumers are gone
+        logger.warning("dropped %d outputs for a closed event loop", len(items))
 
 
 class AsyncEngine:
@@ -104,13 +120,20 @@ class AsyncEngine:
                 # reaches here cannot be traced, so every request still held fails.
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
+            self._publish(outputs)
         self._drain_commands()
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """The step's outputs to their streams: one hand-over per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, Delivery] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        for loop, items in by_loop.items():
+            deliver(loop, items)
 
     def _fail_all(self, error: Exception) -> None:
         """Every request fails with the same generic error: the exception's text may quote one
