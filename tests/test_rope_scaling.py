@@ -30,6 +30,8 @@ YARN_CASES: dict[str, dict[str, Any]] = {
     "attention-factor": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
                          "attention_factor": 0.9},
     "factor-from-lengths": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 64},
+    # transformers reads a missing original context as max_position_embeddings
+    "no-original-context": {"rope_type": "yarn", "factor": 4.0},
 }
 
 
@@ -68,6 +70,9 @@ NEW_TOKENS = 24
                "mscale": 0.707, "mscale_all_dim": 1.0}),
     ("mistral", {"type": "linear", "factor": 2.0}),
     ("llama", {"type": "dynamic", "factor": 4.0}),
+    # no original_max_position_embeddings: transformers takes max_position_embeddings
+    ("qwen2", {"type": "yarn", "factor": 4.0}),
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
 ])
 def test_scaled_model_matches_transformers(tmp_path: Path, arch: str, rope_scaling: dict[str, Any]) -> None:
     path = scaled_model(tmp_path, arch, rope_scaling, max_positions=256)
@@ -111,6 +116,9 @@ def test_served_context_follows_yarn_like_vllm() -> None:
     # Qwen3 ships max_position_embeddings 40960 over a 32k original context.
     qwen3 = _arch({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 40960)
     assert scaled_max_positions(qwen3.rope_scaling, qwen3.max_position_embeddings) == 131072
+    # without original_max_position_embeddings the original context is max_position_embeddings (transformers)
+    no_original = _arch({"type": "yarn", "factor": 4.0}, 40960)
+    assert scaled_max_positions(no_original.rope_scaling, no_original.max_position_embeddings) == 163840
     for other in ({"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}, None):
         arch = _arch(other)
         assert scaled_max_positions(arch.rope_scaling, arch.max_position_embeddings) == 32768
@@ -125,7 +133,7 @@ def test_dynamic_ntk_refuses_contexts_past_the_trained_one(tmp_path: Path) -> No
 @pytest.mark.parametrize("rope_scaling,message", [
     ({"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}, "unsupported rope_scaling type 'longrope'"),
     ({"rope_type": "mrope", "mrope_section": [16, 24, 24]}, "unsupported rope_scaling type 'mrope'"),
-    ({"rope_type": "yarn", "factor": 4.0}, "'original_max_position_embeddings'"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": None}, "'original_max_position_embeddings'"),
     ({"rope_type": "llama3", "factor": 8.0}, "'low_freq_factor'"),
     ({"type": "linear", "factor": 0}, "'factor' must be a positive number, got 0"),
     ({"rope_type": "frequency_factors", "factors": [1.0, 2.0]}, "rope frequency factors have 2 entries"),

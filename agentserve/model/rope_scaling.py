@@ -34,6 +34,10 @@ _REQUIRED_KEYS = {
 }
 
 
+# Types whose original_max_position_embeddings defaults to max_position_embeddings, as in transformers.
+_ORIGINAL_CONTEXT_TYPES = ("llama3", "yarn")
+
+
 class RopeScalingError(ValueError):
     """A rope_scaling this engine cannot apply exactly; the message names the field."""
 
@@ -115,6 +119,10 @@ def normalized_rope_scaling(raw: Optional[dict[str, Any]], max_position_embeddin
     if rope_type == "default":
         return None
     scaling = dict(raw, rope_type=rope_type)
+    if rope_type in _ORIGINAL_CONTEXT_TYPES:
+        # transformers' standardize_rope_params: a config that leaves the pretraining context out means
+        # max_position_embeddings (an explicit null is still refused below, as transformers fails on it).
+        scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
     for key in _REQUIRED_KEYS[rope_type]:
         _required(scaling, key)
     for key in _POSITIVE_NUMBERS + _NON_NEGATIVE_NUMBERS:
