@@ -27,7 +27,9 @@ class ModelConfig(_Strict):
     dtype: DType = Field(default="auto", description="Weight and activation dtype; 'auto': the checkpoint's on "
                          "CUDA, float32 on CPU.")
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
-        default="auto", description="'dummy' builds random weights for the model's config (benchmarks).")
+        default="auto", description="'auto' reads the directory's *.safetensors, or its PyTorch .bin files where it "
+        "has none (vLLM's fallback); 'safetensors' reads safetensors only; 'dummy' builds random weights for the "
+        "model's config (benchmarks).")
     max_model_len: Optional[int] = Field(default=None, gt=0, description="Longest prompt plus output, in tokens; "
                                          "defaults to the model's max_position_embeddings.")
     seed: int = Field(default=0, description="Seed of the random weights of load_format=dummy.")

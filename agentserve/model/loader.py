@@ -1,20 +1,18 @@
-"""Builds a CausalLM from a local Hugging Face directory (single or sharded safetensors), a GGUF
+"""Builds a CausalLM from a local Hugging Face directory (safetensors or .bin, single or sharded), a GGUF
 file, or with dummy weights for a config or a named shape; FP8 layers when the checkpoint or the
 `quantization` option asks for them (model/quant_config.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from agentserve.json_file import read_json_object
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.checkpoint_files import file_tensor_names, file_tensors, weight_files
 from agentserve.model.fp8 import quantize_linear_layers
 from agentserve.model.fp8_checkpoint import (FLOAT8_DTYPES, Fp8WeightDequantizer, check_weight_dtype,
                                              quantized_checkpoint_modules)
@@ -62,39 +60,6 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
     return _DTYPES[name]
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json_object(index, ModelLoadError, "").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{index} has no weight_map naming the shards of each tensor")
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{path}: shards named in model.safetensors.index.json are missing: {missing}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    gguf_files = sorted(f.name for f in path.glob("*.gguf"))
-    if not files and gguf_files:  # a directory with a config.json is read as Hugging Face (model/gguf.py)
-        raise ModelLoadError(f"{path} has no *.safetensors weights but holds {', '.join(gguf_files)}: pass the "
-                             ".gguf file itself as the model (a directory with a config.json is read as a "
-                             "Hugging Face checkpoint)")
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights (a Hugging Face directory needs safetensors; "
-                             "a GGUF checkpoint is passed as its .gguf file)")
-    return files
-
-
-@contextlib.contextmanager
-def _open_safetensors(file: Path) -> Iterator[Any]:
-    """safe_open, its errors (a damaged header, a truncated or empty file) as ModelLoadError naming the file."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as e:
-        raise ModelLoadError(f"{file} is not a valid safetensors file ({e}); download it again") from None
-
-
 def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
     """Our parameter name for a checkpoint tensor, and the shard it fills in a fused parameter."""
     name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
@@ -104,30 +69,25 @@ def _param_name(hf_name: str) -> tuple[str, Optional[ShardId]]:
     return name, None
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(checkpoint name, tensor, file name) for every tensor of a safetensors checkpoint."""
-    for file in _safetensors_files(path):
-        with _open_safetensors(file) as f:
-            for hf_name in f.keys():
-                if not hf_name.endswith(_IGNORED_SUFFIXES):
-                    yield hf_name, f.get_tensor(hf_name), file.name
+def _hf_tensors(path: Path, load_format: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(checkpoint name, tensor, file name) for every tensor of a Hugging Face checkpoint directory."""
+    for file in weight_files(path, load_format):
+        for hf_name, tensor in file_tensors(file):
+            if not hf_name.endswith(_IGNORED_SUFFIXES):
+                yield hf_name, tensor, file.name
 
 
-def checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """A GGUF file (or a directory holding one and no config.json) or a safetensors directory."""
+def checkpoint_tensors(path: Path, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor, str]]:
+    """A GGUF file (or a directory holding one and no config.json) or a Hugging Face directory."""
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:
         return gguf_tensors(gguf_file)
-    return _safetensors_tensors(path)
+    return _hf_tensors(path, load_format)
 
 
-def checkpoint_tensor_names(path: Path) -> list[str]:
-    """The tensor names of a safetensors checkpoint, read from the headers (no tensor data)."""
-    names: list[str] = []
-    for file in _safetensors_files(path):
-        with _open_safetensors(file) as f:
-            names.extend(f.keys())
-    return names
+def checkpoint_tensor_names(path: Path, load_format: str = "auto") -> list[str]:
+    """The tensor names of a Hugging Face checkpoint (safetensors: read from the headers, no tensor data)."""
+    return [name for file in weight_files(path, load_format) for name in file_tensor_names(file)]
 
 
 def _load_kv_scale(model: CausalLM, hf_name: str, tensor: torch.Tensor, scaled: set[str]) -> bool:
@@ -197,14 +157,14 @@ def _checkpoint_name(name: str, shard_id: Optional[ShardId]) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None) -> None:
+def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None, load_format: str = "auto") -> None:
     """Hands each checkpoint tensor to its parameter's weight_loader, then checks that every
     parameter (every shard of a fused one) was filled. FP8 tensors of layers served in the model
     dtype are dequantized with their scales first (model/fp8_checkpoint.py)."""
     sink = _WeightSink(model)
     dequantizer = Fp8WeightDequantizer(quant) if quant is not None and quant.checkpoint_fp8 else None
     kv_scaled: set[str] = set()
-    for hf_name, tensor, source in checkpoint_tensors(path):
+    for hf_name, tensor, source in checkpoint_tensors(path, load_format):
         name, _ = _param_name(hf_name)
         param = sink.params.get(name)
         if param is not None and tensor.dtype in FLOAT8_DTYPES and param.dtype not in FLOAT8_DTYPES:
@@ -274,7 +234,7 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
             model = CausalLM(arch, tp)
             if quant is not None:
                 # A checkpoint's FP8 layers are those it stores weight scales for (model/fp8_checkpoint.py).
-                quantized = quantized_checkpoint_modules(checkpoint_tensor_names(path), quant) \
+                quantized = quantized_checkpoint_modules(checkpoint_tensor_names(path, load_format), quant) \
                     if quant.checkpoint_fp8 and path is not None else None
                 try:
                     quantize_linear_layers(model, quant, quantized)
@@ -286,7 +246,7 @@ def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device, path
         init_dummy_weights(model, seed)
     else:
         assert path is not None
-        load_weights(model, path, quant)
+        load_weights(model, path, quant, load_format)
     process_weights_after_loading(model)
     model.eval()
     model.requires_grad_(False)
