@@ -2,14 +2,14 @@
 the same tiny weights (each adapter merged into the base with merge_and_unload, fp32, greedy): every
 way of naming target modules (all-linear, a regex, full module paths, a subset, a list written for
 several architectures), rank_pattern / alpha_pattern keyed by module and by layer, rsLoRA,
-layers_to_transform with and without layers_pattern, initialisations that leave plain LoRA, .bin
+layers_to_transform with and without layers_pattern, exclude_modules, initialisations that leave plain LoRA, .bin
 weights, a named adapter's subdirectory, adapter-name segments in weight keys, configs from other
 PEFT versions or tools (extra keys, no task_type, base_model_name_or_path elsewhere, fan_in_fan_out),
 ranks 1 to 64 — all in one mixed batch with the base model, on the five tiny archs (GQA, qwen2's qkv
 bias, qwen3's q/k norm, tied embeddings). Then every adapter that is not plain LoRA over this base is
 refused with an error naming why (DoRA, LoRA bias, trained biases, embeddings / lm_head,
 modules_to_save, base-rewriting initialisations like PiSSA, other variants, a rank above
-max_lora_rank), while the PiSSA adapter PEFT converts to plain LoRA is served exactly."""
+max_lora_rank, weights that disagree with target_modules), while the PiSSA adapter PEFT converts to plain LoRA is served exactly."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "multi-arch": dict(r=4, target_modules=["q_proj", "v_proj"], config_edit={"target_modules": MULTI_ARCH_TARGETS}),
     # VeLoRA compresses activations in training only; it saves lora_velora_embed tensors besides A / B.
     "velora": dict(r=4, target_modules=["q_proj", "down_proj"], velora_config=VeloraConfig()),
+    "exclude": dict(r=4, target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"]),
+    "exclude-regex": dict(r=4, target_modules=["q_proj", "up_proj"], exclude_modules=r".*layers\.0\..*"),
+    # a full module path is taken as it is; layers_to_transform limits only the names matched as suffixes
+    "full-path-and-layers": dict(r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
+                                 layers_to_transform=[1]),
     "r1": dict(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "r64": dict(r=64, lora_alpha=16, target_modules="all-linear"),
 }
@@ -86,7 +91,7 @@ def build_variant(base: Path, root: Path, name: str, seed: int) -> Path:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_variants_in_one_mixed_batch_match_peft_merged(arch: str, tmp_path: Path) -> None:
-    """Base + every variant in one generate, 4 slots for 21 adapters (slots are reused mid-batch)."""
+    """Base + every variant in one generate, 4 slots for 24 adapters (slots are reused mid-batch)."""
     base = tiny_model_cached(arch)
     dirs = {name: build_variant(base, tmp_path, name, seed) for seed, name in enumerate(VARIANTS)}
     saved = json.loads((dirs["all-linear"] / "adapter_config.json").read_text())["target_modules"]
@@ -142,6 +147,21 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "alpha-not-a-number": (dict(config_edit={"lora_alpha": "sixteen"}), r"lora_alpha must be a number"),
     "rslora-as-string": (dict(config_edit={"use_rslora": "false"}), r"use_rslora must be true or false, not 'false'"),
     "bad-pattern": (dict(config_edit={"rank_pattern": {"q_proj(": 4}}), r"'q_proj\(' .* is not a valid regex"),
+    # target_modules and the weights disagree: PEFT builds from the config (drops untargeted tensors, initialises
+    # targeted modules without tensors afresh), so serving the weights would not give PEFT's outputs.
+    "weights-beyond-targets": (dict(target_modules=["q_proj", "k_proj", "v_proj"],
+                                    config_edit={"target_modules": ["q_proj", "v_proj"]}),
+                               r"has LoRA weights for model\.layers\.0\.self_attn\.k_proj, "
+                               r"model\.layers\.1\.self_attn\.k_proj, which target_modules \['q_proj', 'v_proj'\]"),
+    "targets-without-weights": (dict(config_edit={"target_modules": ["q_proj", "v_proj", "o_proj"]}),
+                                r"target_modules \['o_proj', 'q_proj', 'v_proj'\] covers model\.layers\.0\.self_attn"
+                                r"\.o_proj, model\.layers\.1\.self_attn\.o_proj, but adapter_model\.safetensors has no"),
+    "excluded-but-saved": (dict(config_edit={"exclude_modules": ["v_proj"]}),
+                           r"has LoRA weights for model\.layers\.0\.self_attn\.v_proj"),
+    "layers-but-saved": (dict(config_edit={"layers_to_transform": [0]}),
+                         r"has LoRA weights for model\.layers\.1\.self_attn\.q_proj"),
+    "targets-not-names": (dict(config_edit={"target_modules": 5}), r"target_modules must be a module name regex"),
+    "bad-target-regex": (dict(config_edit={"target_modules": "q_proj("}), r"target_modules .* is not a valid regex"),
 }
 
 

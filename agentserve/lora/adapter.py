@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from agentserve.lora.key import LoRAKey
 from agentserve.lora.peft_config import (CONFIG_FILE, LoRAAdapterError, check_adapter_config, read_adapter_config,
                                          scaling_config)
+from agentserve.lora.peft_targets import check_weights_match_targets, read_peft_targets
 from agentserve.model.arch_config import ArchConfig
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -187,6 +188,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise LoRAAdapterError(f"{path} has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
 
 
+def base_module_path(layer: int, module: str) -> str:
+    """The base model's name of a projection, as PEFT matches target_modules against it."""
+    return f"model.layers.{layer}.{'self_attn' if module in ATTENTION_MODULES else 'mlp'}.{module}"
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -303,6 +309,12 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
         layers[layer][module] = LoRAModuleWeights(
             lora_a=a.to(dtype or a.dtype).contiguous(), lora_b=b.to(dtype or b.dtype).contiguous(),
             scaling=lora_scaling(scaling_cfg.module_alpha(module_path), rank, scaling_cfg.use_rslora))
+    # after the shape checks: an adapter for another model is named as that, not as a targeting mismatch
+    targets = read_peft_targets(cfg, where)
+    if targets is not None:
+        base_paths = [base_module_path(layer, module) for layer in range(arch.num_layers)
+                      for module in LORA_TARGET_MODULES]
+        check_weights_match_targets(targets, base_paths, {base_module_path(*key) for key in pairs}, weights_file, where)
     return LoRAAdapter(
         adapter_id=adapter_id, generation=generation, name=name if name is not None else path.name,
         path=path, rank=max(w.rank for layer in layers for w in layer.values()),

@@ -18,8 +18,8 @@ Not refused, because PEFT serves them as plain LoRA too: fan_in_fan_out (it only
 base stores its weight; PEFT resets it to False for nn.Linear, and lora_A / lora_B are [r, in] /
 [out, r] either way), lora_dropout (training only), VeLoRA (a training-memory trick), the other
 initialisations (gaussian, orthogonal, eva, mica, ...), and target_modules names that match no
-module of this model (configs written for several architectures): the saved weights say which
-modules were adapted, and those are checked one by one.
+module of this model (configs written for several architectures). The modules the config does
+target must be exactly those the weights adapt (lora/peft_targets.py).
 """
 
 from __future__ import annotations

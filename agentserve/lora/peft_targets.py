@@ -1,0 +1,114 @@
+"""Which of the base model's projections a PEFT adapter_config.json adapts (target_modules,
+exclude_modules, layers_to_transform / layers_pattern), with PEFT's own matching rules
+(peft.tuners.tuners_utils.check_target_module_exists), and the check that the saved weights adapt
+exactly those.
+
+PEFT builds LoRA layers from the config, not from the weights: a saved tensor for a module the
+config does not target is dropped without a word, and a targeted module without tensors keeps its
+fresh initialisation. Serving the weights instead would give other outputs than PEFT does, so either
+disagreement is an error naming the modules (a hand-edited config, or weights trimmed or merged by
+another tool)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from agentserve.lora.peft_config import LoRAAdapterError
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
+_SHOWN = 4  # module paths an error lists before "..."
+
+
+@dataclass(frozen=True)
+class PeftTargets:
+    target_modules: Union[str, frozenset[str]]  # a regex (fullmatch) or names / dotted suffixes
+    exclude_modules: Union[str, frozenset[str], None]
+    layers_to_transform: Union[int, frozenset[int], None]
+    layers_patterns: tuple[str, ...]
+
+    def covers(self, module_path: str) -> bool:
+        """PEFT's check_target_module_exists for a module of the base model ("model.layers.0.self_attn.q_proj")."""
+        if isinstance(self.exclude_modules, str):
+            if re.fullmatch(self.exclude_modules, module_path):
+                return False
+        elif self.exclude_modules and (module_path in self.exclude_modules or
+                                       any(module_path.endswith(f".{name}") for name in self.exclude_modules)):
+            return False
+        if isinstance(self.target_modules, str):
+            return self.target_modules.lower() == ALL_LINEAR or bool(re.fullmatch(self.target_modules, module_path))
+        if module_path in self.target_modules:
+            return True  # a full path is taken as it is, whatever layers_to_transform says
+        if not any(module_path.endswith(f".{name}") for name in self.target_modules):
+            return False
+        if self.layers_to_transform is None or self.layers_to_transform == frozenset():
+            return True
+        return self._layer_index(module_path) in (
+            {self.layers_to_transform} if isinstance(self.layers_to_transform, int) else self.layers_to_transform)
+
+    def _layer_index(self, module_path: str) -> Optional[int]:
+        """The first numbered segment (after one of layers_pattern, when given), as PEFT finds it."""
+        patterns = [rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." for pattern in self.layers_patterns] or \
+            [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+        for pattern in patterns:
+            match = re.match(pattern, module_path)
+            if match is not None:
+                return int(match.group("idx"))
+        return None
+
+
+def _names(value: Any, field: str, where: Path) -> Union[str, frozenset[str], None]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    raise LoRAAdapterError(f"{where}: {field} must be a module name regex or a list of module names, not {value!r}")
+
+
+def read_peft_targets(cfg: dict[str, Any], where: Path) -> Optional[PeftTargets]:
+    """The config's targeting fields; None when it names no target_modules (PEFT then takes its
+    per-model-type defaults, and the saved weights are the only record of what was adapted)."""
+    targets = _names(cfg.get("target_modules"), "target_modules", where)
+    if targets is None:
+        return None
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        layers = frozenset(layers)
+    elif layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)):
+        raise LoRAAdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, not {layers!r}")
+    patterns = cfg.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise LoRAAdapterError(f"{where}: layers_pattern must be a name or a list of names, not {patterns!r}")
+    return PeftTargets(target_modules=targets, exclude_modules=_names(cfg.get("exclude_modules"), "exclude_modules",
+                                                                      where),
+                       layers_to_transform=layers, layers_patterns=tuple(patterns))
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths[:_SHOWN]) + (f" ... ({len(paths)} in all)" if len(paths) > _SHOWN else "")
+
+
+def check_weights_match_targets(targets: PeftTargets, base_paths: list[str], adapted_paths: set[str],
+                                weights_file: Path, where: Path) -> None:
+    """Raises LoRAAdapterError unless the weights adapt exactly the base modules the config targets.
+    `base_paths`: every LoRA-targetable module of the base model; `adapted_paths`: those with weights."""
+    try:
+        targeted = {path for path in base_paths if targets.covers(path)}
+    except re.error as e:
+        raise LoRAAdapterError(f"{where}: target_modules / exclude_modules is not a valid regex: {e}") from None
+    shown = sorted(targets.target_modules) if isinstance(targets.target_modules, frozenset) else targets.target_modules
+    untargeted = sorted(adapted_paths - targeted)
+    if untargeted:
+        raise LoRAAdapterError(
+            f"{weights_file} has LoRA weights for {_listed(untargeted)}, which target_modules {shown!r} (with "
+            f"exclude_modules / layers_to_transform) in {where.name} does not cover; PEFT would ignore them: add the "
+            "modules to target_modules or remove their weights")
+    without_weights = sorted(targeted - adapted_paths)
+    if without_weights:
+        raise LoRAAdapterError(
+            f"{where}: target_modules {shown!r} covers {_listed(without_weights)}, but {weights_file.name} has no "
+            "LoRA weights for them (PEFT would initialise them afresh): remove them from target_modules or save "
+            "the adapter again")
