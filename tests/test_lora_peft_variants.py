@@ -68,6 +68,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # a full module path is taken as it is; layers_to_transform limits only the names matched as suffixes
     "full-path-and-layers": dict(r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
                                  layers_to_transform=[1]),
+    # o_proj targeted but not saved: PEFT initialises it afresh with lora_B = 0, so it adds nothing there either
+    "targets-without-weights": dict(r=4, target_modules=["q_proj", "v_proj"],
+                                    config_edit={"target_modules": ["q_proj", "v_proj", "o_proj"],
+                                                 "init_lora_weights": True}),
     "r1": dict(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "r64": dict(r=64, lora_alpha=16, target_modules="all-linear"),
 }
@@ -91,7 +95,7 @@ def build_variant(base: Path, root: Path, name: str, seed: int) -> Path:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_variants_in_one_mixed_batch_match_peft_merged(arch: str, tmp_path: Path) -> None:
-    """Base + every variant in one generate, 4 slots for 24 adapters (slots are reused mid-batch)."""
+    """Base + every variant in one generate, 4 slots for 25 adapters (slots are reused mid-batch)."""
     base = tiny_model_cached(arch)
     dirs = {name: build_variant(base, tmp_path, name, seed) for seed, name in enumerate(VARIANTS)}
     saved = json.loads((dirs["all-linear"] / "adapter_config.json").read_text())["target_modules"]
@@ -153,9 +157,10 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
                                     config_edit={"target_modules": ["q_proj", "v_proj"]}),
                                r"has LoRA weights for model\.layers\.0\.self_attn\.k_proj, "
                                r"model\.layers\.1\.self_attn\.k_proj, which target_modules \['q_proj', 'v_proj'\]"),
-    "targets-without-weights": (dict(config_edit={"target_modules": ["q_proj", "v_proj", "o_proj"]}),
+    "targets-without-weights-random-init": (dict(config_edit={"target_modules": ["q_proj", "v_proj", "o_proj"],
+                                                               "init_lora_weights": False}),
                                 r"target_modules \['o_proj', 'q_proj', 'v_proj'\] covers model\.layers\.0\.self_attn"
-                                r"\.o_proj, model\.layers\.1\.self_attn\.o_proj, but adapter_model\.safetensors has no"),
+                                r"\.o_proj, model\.layers\.1\.self_attn\.o_proj, but adapter_model\.safetensors has no .*init_lora_weights=false"),
     "excluded-but-saved": (dict(config_edit={"exclude_modules": ["v_proj"]}),
                            r"has LoRA weights for model\.layers\.0\.self_attn\.v_proj"),
     "layers-but-saved": (dict(config_edit={"layers_to_transform": [0]}),

@@ -314,7 +314,8 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
     if targets is not None:
         base_paths = [base_module_path(layer, module) for layer in range(arch.num_layers)
                       for module in LORA_TARGET_MODULES]
-        check_weights_match_targets(targets, base_paths, {base_module_path(*key) for key in pairs}, weights_file, where)
+        check_weights_match_targets(targets, base_paths, {base_module_path(*key) for key in pairs}, weights_file, where,
+                                    fresh_modules_add_nothing=cfg.get("init_lora_weights", True) is not False)
     return LoRAAdapter(
         adapter_id=adapter_id, generation=generation, name=name if name is not None else path.name,
         path=path, rank=max(w.rank for layer in layers for w in layer.values()),

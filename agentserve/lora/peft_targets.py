@@ -5,18 +5,22 @@ exactly those.
 
 PEFT builds LoRA layers from the config, not from the weights: a saved tensor for a module the
 config does not target is dropped without a word, and a targeted module without tensors keeps its
-fresh initialisation. Serving the weights instead would give other outputs than PEFT does, so either
-disagreement is an error naming the modules (a hand-edited config, or weights trimmed or merged by
-another tool)."""
+fresh initialisation. Serving such tensors would give other outputs than PEFT does, so they are an
+error naming the modules (a hand-edited config, or weights trimmed or merged by another tool). A
+fresh initialisation adds nothing (lora_B starts at zero) except with init_lora_weights=false, so
+targeted modules without tensors are served unadapted with a warning, or refused under that one."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from agentserve.lora.peft_config import LoRAAdapterError
+
+logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
 _SHOWN = 4  # module paths an error lists before "..."
@@ -92,9 +96,12 @@ def _listed(paths: list[str]) -> str:
 
 
 def check_weights_match_targets(targets: PeftTargets, base_paths: list[str], adapted_paths: set[str],
-                                weights_file: Path, where: Path) -> None:
-    """Raises LoRAAdapterError unless the weights adapt exactly the base modules the config targets.
-    `base_paths`: every LoRA-targetable module of the base model; `adapted_paths`: those with weights."""
+                                weights_file: Path, where: Path, fresh_modules_add_nothing: bool = True) -> None:
+    """Raises LoRAAdapterError when the weights adapt a base module the config does not target (PEFT drops
+    them). Targeted modules without weights are served unadapted: PEFT initialises them afresh, which adds
+    nothing (lora_B = 0) unless `fresh_modules_add_nothing` is False (init_lora_weights=false: random B),
+    then they are refused too. `base_paths`: every LoRA-targetable module of the base model;
+    `adapted_paths`: those with weights."""
     try:
         targeted = {path for path in base_paths if targets.covers(path)}
     except re.error as e:
@@ -107,8 +114,12 @@ def check_weights_match_targets(targets: PeftTargets, base_paths: list[str], ada
             f"exclude_modules / layers_to_transform) in {where.name} does not cover; PEFT would ignore them: add the "
             "modules to target_modules or remove their weights")
     without_weights = sorted(targeted - adapted_paths)
-    if without_weights:
+    if without_weights and not fresh_modules_add_nothing:
         raise LoRAAdapterError(
             f"{where}: target_modules {shown!r} covers {_listed(without_weights)}, but {weights_file.name} has no "
-            "LoRA weights for them (PEFT would initialise them afresh): remove them from target_modules or save "
-            "the adapter again")
+            "LoRA weights for them, and init_lora_weights=false would give them random weights in PEFT: remove them "
+            "from target_modules or save the adapter again")
+    if without_weights:
+        # PEFT's other initialisations start lora_B at zero, so these modules add nothing there either.
+        logger.warning("%s: target_modules covers %s, but %s has no LoRA weights for them: served unadapted, as PEFT "
+                       "does (lora_B starts at zero)", where, _listed(without_weights), weights_file.name)
