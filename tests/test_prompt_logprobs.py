@@ -42,7 +42,10 @@ def _check(entries: Optional[list[Optional[dict[int, Logprob]]]], prompt: list[i
         assert position is not None
         token = position[prompt[i]]
         assert math.isclose(token.logprob, ref[i - 1, prompt[i]].item(), abs_tol=1e-4)
-        assert token.rank == int((ref[i - 1] > ref[i - 1, prompt[i]]).sum()) + 1
+        # Ranks among logprobs within the tolerance of the token's own may come out either way (random
+        # weights give near-ties: another transformers release moved one of them across).
+        value = ref[i - 1, prompt[i]]
+        assert int((ref[i - 1] > value + 1e-4).sum()) + 1 <= token.rank <= int((ref[i - 1] > value - 1e-4).sum()) + 1
         top = {tid: lp for tid, lp in position.items() if lp.rank <= n and (tid != prompt[i] or token.rank <= n)}
         assert sorted(top) == sorted(ref[i - 1].topk(n).indices.tolist())
         assert all(math.isclose(lp.logprob, ref[i - 1, tid].item(), abs_tol=1e-4) for tid, lp in top.items())
