@@ -32,7 +32,10 @@ class ModelConfig(_Strict):
         "model's config (benchmarks).")
     max_model_len: Optional[int] = Field(default=None, gt=0, description="Longest prompt plus output, in tokens; "
                                          "defaults to the model's max_position_embeddings.")
-    seed: int = Field(default=0, description="Seed of the random weights of load_format=dummy.")
+    # At most int64's: the draft model's stream is seeded a fixed offset above it, within torch's uint64 seeds.
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Random seed (vLLM's): of the sampling of requests that give no seed "
+                      "of their own (the same requests in the same order sample the same tokens after a restart), "
+                      "and of the random weights of load_format=dummy.")
     quantization: Optional[Literal["fp8"]] = Field(
         default=None, description="'fp8': serve the linear layers with e4m3 weights (a 16-bit checkpoint is "
         "quantized at load, per output channel). FP8 checkpoints (compressed-tensors, fine-grained fp8) are read "

@@ -136,17 +136,18 @@ def expand_sampling_metadata(meta: SamplingMetadata, spec: SpecDecodeMetadata,
         bias_tokens=bias_tokens, bias_values=bias_values)
 
 
-def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int, torch.Generator],
-                device: torch.device, with_noise: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, meta: SamplingMetadata, device: torch.device,
+                with_noise: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(uniforms [T], exponential noise [N, V], or None without `with_noise`). Unseeded rows share one
-    draw per tensor; each seeded row then redraws its own slice from its generator. That per-row loop
+    draw per tensor (from meta.unseeded_generator); each seeded row then redraws its own slice from its
+    generator. That per-row loop
     is unavoidable: a torch.Generator drives one tensor op at a time. It runs over seeded rows only and
     issues two small device ops per row, never a per-token Python loop. Synthetic acceptance with
     every row greedy needs the uniforms alone (no token is drawn): a [N, V] draw fewer per step."""
-    num_rows = spec.num_rows
+    num_rows, generators, unseeded = spec.num_rows, meta.generators, meta.unseeded_generator
     uniforms = torch.empty(spec.total_num_draft_tokens, device=device)
     if len(generators) < num_rows:
-        uniforms.uniform_()
+        uniforms.uniform_(generator=unseeded)
     if generators:
         starts = [0]
         for k in spec.num_draft_tokens:
@@ -157,7 +158,7 @@ def _draw_noise(spec: SpecDecodeMetadata, vocab_size: int, generators: dict[int,
                 uniforms[starts[row]:starts[row] + k].uniform_(generator=gen)
     # After every uniform, as each generator (and the device's) then draws its noise: the same
     # sequence per generator as drawing a row's uniforms and noise together.
-    noise = draw_noise(num_rows, vocab_size, generators, device) if with_noise else None
+    noise = draw_noise(num_rows, vocab_size, generators, device, unseeded) if with_noise else None
     return uniforms, noise
 
 
@@ -199,7 +200,7 @@ class RejectionSampler:
         accepted = drafts == greedy_ids.index_select(0, spec.target_logits_indices)
         synthetic = self.synthetic_acceptance is not None
         if probs is not None or synthetic:
-            uniforms, noise = _draw_noise(spec, logits.shape[-1], meta.generators, device, with_noise=probs is not None)
+            uniforms, noise = _draw_noise(spec, logits.shape[-1], meta, device, with_noise=probs is not None)
         if self.synthetic_acceptance is not None:
             accepted = uniforms < self.synthetic_acceptance
         elif probs is not None:
@@ -247,7 +248,7 @@ class RejectionSampler:
         greedy_ids = argmax_rows(target_logits)  # the argmax of the 16-bit logits is that of their fp32 copy
         flags = None
         if self.synthetic_acceptance is not None:
-            uniforms, _ = _draw_noise(spec, target_logits.shape[-1], meta.generators, target_logits.device,
+            uniforms, _ = _draw_noise(spec, target_logits.shape[-1], meta, target_logits.device,
                                       with_noise=False)
             flags = uniforms < self.synthetic_acceptance
         output, num_accepted = greedy_verify_kernel.greedy_verify(

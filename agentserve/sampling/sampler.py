@@ -27,6 +27,9 @@ class SamplingMetadata:
     top_p: Optional[torch.Tensor]      # [N] fp32; None when no row uses it
     min_p: Optional[torch.Tensor]      # [N] fp32
     generators: dict[int, torch.Generator]  # row -> generator for seeded rows
+    # The other rows' generator: the engine's, seeded by --seed (vLLM's), so that unseeded requests are
+    # reproducible across restarts. None: torch's default generator.
+    unseeded_generator: Optional[torch.Generator] = None
     # Penalties (None when no row uses them).
     repetition_penalty: Optional[torch.Tensor] = None  # [N]
     presence_penalty: Optional[torch.Tensor] = None    # [N]
@@ -96,24 +99,25 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
 
 
 def draw_noise(num_rows: int, vocab_size: int, generators: dict[int, torch.Generator],
-               device: torch.device) -> torch.Tensor:
-    """The exponential race's noise q [num_rows, vocab_size] fp32: the device's generator for the
-    batch, each seeded row's own generator over its row (one kernel per seeded row). Needs nothing
-    from the logits, so a step can draw it early (model_runner.launch does, before grammar masks)."""
+               device: torch.device, unseeded: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The exponential race's noise q [num_rows, vocab_size] fp32: `unseeded` (the engine's
+    generator) for the batch, each seeded row's own generator over its row (one kernel per seeded
+    row). Needs nothing from the logits, so a step can draw it early (model_runner.launch does,
+    before grammar masks)."""
     q = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
     if len(generators) < num_rows:
-        q.exponential_()
+        q.exponential_(generator=unseeded)
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
     return q
 
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
-                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  noise: Optional[torch.Tensor] = None, unseeded: Optional[torch.Generator] = None) -> torch.Tensor:
     """argmax(probs / q); `noise`: q drawn earlier by draw_noise (the same draws: each generator is
     used once per step, whenever that happens)."""
     if noise is None:
-        noise = draw_noise(probs.shape[0], probs.shape[1], generators, probs.device)
+        noise = draw_noise(probs.shape[0], probs.shape[1], generators, probs.device, unseeded)
     return argmax_rows(probs.div(noise))
 
 
@@ -164,7 +168,7 @@ class Sampler:
         if probs is None:
             sampled = greedy
         else:
-            sampled = random_sample(probs, meta.generators, noise)
+            sampled = random_sample(probs, meta.generators, noise, meta.unseeded_generator)
             sampled = torch.where(meta.temperature > 0, sampled, greedy)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)

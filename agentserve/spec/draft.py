@@ -109,6 +109,9 @@ class DraftModel:
         # Its own quantization (draft_quantization, or its checkpoint's quantization_config), not the
         # target's: an FP8 draft under a bf16 target and the reverse are both valid.
         self.model = build_model(arch, dtype, device, path, load_format, seed, quantization=quantization)
+        # Unseeded requests' proposals: the engine's --seed makes them reproducible too (a stream apart
+        # from the target's sampling generator).
+        self.sampling_generator = torch.Generator(device=device).manual_seed(seed + _DRAFT_SEED_OFFSET)
         if quantization == "fp8":
             quantize_lm_head(self.model.lm_head)  # proposals are verified: the head may be FP8 too
         fit_draft_vocabulary(self.model, target_vocab_size)
@@ -382,7 +385,7 @@ class DraftModel:
             return greedy, None
         temperature = torch.tensor([t if t > 0 else 1.0 for t in temps], device=self.device)
         q = _truncate(logits / temperature[:, None], requests).softmax(dim=-1)
-        noise = torch.empty_like(q).exponential_()
+        noise = torch.empty_like(q).exponential_(generator=self.sampling_generator)
         for row, req in enumerate(requests):
             seed = req.sampling_params.seed
             if temps[row] > 0 and seed is not None:

@@ -25,7 +25,8 @@ Column = Callable[[list, torch.dtype], torch.Tensor]
 
 
 def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device,
-                            token_bitmask: Optional[torch.Tensor] = None) -> SamplingMetadata:
+                            token_bitmask: Optional[torch.Tensor] = None,
+                            unseeded_generator: Optional[torch.Generator] = None) -> SamplingMetadata:
     params = [r.sampling_params for r in requests]
     temps = [p.temperature for p in params]
     all_greedy = all(t == 0.0 for t in temps)
@@ -47,7 +48,8 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
             generators[row] = gen
 
     meta = SamplingMetadata(temperature=col(temps, torch.float32), all_greedy=all_greedy, top_k=top_k,
-                            top_p=top_p, min_p=min_p, generators=generators, token_bitmask=token_bitmask)
+                            top_p=top_p, min_p=min_p, generators=generators, token_bitmask=token_bitmask,
+                            unseeded_generator=unseeded_generator)
     _add_penalties(meta, requests, vocab_size, device, col)
     _add_bans_and_biases(meta, requests, col)
     if any(p.allowed_token_ids is not None for p in params):

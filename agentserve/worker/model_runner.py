@@ -77,6 +77,10 @@ class ModelRunner:
                                     max_model_len, self.block_size, config.scheduler.max_num_batched_tokens,
                                     target_vocab_size=arch.vocab_size, quantization=config.spec.draft_quantization)
         self.sampler = Sampler()
+        # vLLM's --seed: requests without their own seed draw from this, so that the same requests in the
+        # same order sample the same tokens after a restart (and the engine's draws are its own: code
+        # sharing the process and torch's default generator does not shift them).
+        self.sampling_generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.rejection_sampler = RejectionSampler(config.spec.spec_synthetic_acceptance)
         self.num_blocks = self._decide_num_blocks()
         if self.parallel is not None:
@@ -208,7 +212,8 @@ class ModelRunner:
         if (cached is not None and len(cached[0]) == len(sampling)
                 and all(map(operator.is_, cached[0], sampling))):
             return cached[1]
-        meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device)
+        meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device,
+                                       unseeded_generator=self.sampling_generator)
         reusable = (meta.output_counts is None and meta.banned_rows is None
                     and not any(r.bad_words_token_ids for r in sampling))
         self._sampling_cache = (sampling, meta) if reusable else None
@@ -328,7 +333,8 @@ class ModelRunner:
             # The mask callback may first wait for the previous step's tokens (async scheduling,
             # engine/launch.py); the sampling noise needs nothing from them (one kernel per seeded
             # row), so it is queued now, while the host would otherwise wait, not after the masks.
-            noise = draw_noise(logits.shape[0], logits.shape[1], meta_s.generators, logits.device)
+            noise = draw_noise(logits.shape[0], logits.shape[1], meta_s.generators, logits.device,
+                               meta_s.unseeded_generator)
         bitmask = token_bitmask_fn(sampling) if token_bitmask_fn is not None else None
         if bitmask is not None and self.device.type == "cuda":
             bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
