@@ -36,6 +36,9 @@ class ModelConfig(_Strict):
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Random seed (vLLM's): of the sampling of requests that give no seed "
                       "of their own (the same requests in the same order sample the same tokens after a restart), "
                       "and of the random weights of load_format=dummy.")
+    max_logprobs: int = Field(
+        default=20, ge=-1, description="Most logprobs (and top_logprobs, prompt_logprobs) a request may ask for "
+        "(vLLM's flag; -1: no cap but the vocabulary size); past it the request is refused.")
     quantization: Optional[Literal["fp8"]] = Field(
         default=None, description="'fp8': serve the linear layers with e4m3 weights (a 16-bit checkpoint is "
         "quantized at load, per output channel). FP8 checkpoints (compressed-tensors, fine-grained fp8) are read "

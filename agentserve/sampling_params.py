@@ -15,7 +15,6 @@ _UNSET_MAX_TOKENS = 16
 # Integers end up in int64 tensors or a torch.Generator seed: anything beyond int64 overflows there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128
-MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias (OpenAI documents no bound; this one keeps a step's pairs small)
 # Below this temperature logits / temperature overflows float32 to inf and the softmax gives NaN;
 # vLLM clamps the same way (its _MAX_TEMP).
@@ -143,15 +142,15 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or self.min_tokens < 0 or (
                 self.max_tokens is not None and self.min_tokens > self.max_tokens):
             bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        # Their upper bound is the engine's max_logprobs (engine/validation.py: validate_logprobs).
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
         if self.truncate_prompt_tokens is not None and (not _is_int(self.truncate_prompt_tokens) or not (
                 self.truncate_prompt_tokens == -1 or 1 <= self.truncate_prompt_tokens <= INT64_MAX)):
             bad("truncate_prompt_tokens", f"must be a positive integer or -1 (the model's limit), got "
                                           f"{self.truncate_prompt_tokens!r}")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
-                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
         self._validate_logit_bias()
 
     def _validate_logit_bias(self) -> None:

@@ -18,6 +18,7 @@ from agentserve.chat.reasoning import ReasoningStream, split_reasoning
 from agentserve.chat.reply import opener_is_special, tool_format_of
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
+from agentserve.engine.validation import logprobs_limit
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 
@@ -63,13 +64,14 @@ def _check_tools(req: ChatCompletionRequest) -> tuple[Tools, Any]:
     return tools, choice
 
 
-def _top_logprobs(req: ChatCompletionRequest) -> int:
+def _top_logprobs(req: ChatCompletionRequest, limit: int) -> int:
+    """`limit`: the engine's (--max-logprobs, engine/validation.py), named here as top_logprobs."""
     if req.top_logprobs is None:
         return 0
     if not req.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    if not 0 <= req.top_logprobs <= 20:
-        raise OpenAIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+    if not 0 <= req.top_logprobs <= limit:
+        raise OpenAIError(400, f"top_logprobs must be in [0, {limit}], got {req.top_logprobs}", param="top_logprobs")
     return req.top_logprobs
 
 
@@ -167,7 +169,7 @@ class ChatEndpoint:
         _check_limits(req, self.s.limits)
         lora_name = self.s.resolve_model(req.model)
         messages, tools, tool_choice, template_kwargs = self.prepare_prompt(req)
-        top_n = _top_logprobs(req)
+        top_n = _top_logprobs(req, logprobs_limit(self.s.config.model.max_logprobs, self.s.engine.arch.vocab_size))
         _check_prompt_logprobs(req)
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})

@@ -16,6 +16,20 @@ def truncate_prompt(token_ids: list[int], params: SamplingParams, max_model_len:
     return token_ids[-k:] if len(token_ids) > k else token_ids
 
 
+def logprobs_limit(max_logprobs: int, vocab: int) -> int:
+    """The most logprobs a request may ask for: the engine's max_logprobs (vLLM's flag; -1: no cap),
+    never past the vocabulary (top-n of more tokens than the logits have would fail inside a step)."""
+    return vocab if max_logprobs == -1 else min(max_logprobs, vocab)
+
+
+def validate_logprobs(params: SamplingParams, max_logprobs: int, vocab: int) -> None:
+    limit = logprobs_limit(max_logprobs, vocab)
+    for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        if value is not None and value > limit:
+            raise InvalidRequestError(f"{name} must be in [0, {limit}], got {value} (the server's --max-logprobs "
+                                      f"is {max_logprobs})")
+
+
 def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     """The parts of SamplingParams only checkable against the model's vocabulary: out of it they
     would index past the logits inside a step (where the failure would hit the whole batch)."""
