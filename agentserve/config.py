@@ -256,6 +256,10 @@ class ServerConfig(_Strict):
     trust_request_chat_template: bool = Field(
         default=False, description="Accept a chat template sent in a request (chat_template or "
         "chat_template_kwargs.chat_template); off, such requests get 400. vLLM's flag of the same name.")
+    response_role: str = Field(
+        default="assistant", min_length=1, description="The role of chat completion replies (message.role, a "
+        "stream's first delta.role) after a generation prompt; without one (add_generation_prompt false) a reply "
+        "continues the last message in its role. vLLM's flag of the same name.")
     return_tokens_as_token_ids: bool = Field(
         default=False, description="Name the tokens in logprobs as 'token_id:{id}' rather than their text (for "
         "tokens that do not decode to text alone); a request's return_tokens_as_token_ids overrides it. vLLM's "

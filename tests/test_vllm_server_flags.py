@@ -1,8 +1,9 @@
 """`vllm serve` flags a vLLM user relies on, over real HTTP: --max-logprobs (a request asking for more
-logprobs is a 400 naming its field)."""
+logprobs is a 400 naming its field), --response-role (the role of chat replies)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator
 
 import httpx
@@ -19,7 +20,7 @@ MESSAGES = [{"role": "user", "content": "Say hi"}]
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
-    with live_openai("qwen2", max_model_len=256, max_logprobs=2) as client:
+    with live_openai("qwen2", max_model_len=256, max_logprobs=2, response_role="bot") as client:
         base = str(client.base_url).rstrip("/").removesuffix("/v1")
         with httpx.Client(base_url=base, timeout=60) as h:
             yield h
@@ -33,9 +34,11 @@ def _post(http: httpx.Client, path: str, headers: dict[str, str] | None = None, 
 
 
 def test_cli_takes_the_vllm_flags() -> None:
-    args = build_parser().parse_args(["serve", str(tiny_model_cached("qwen2")), "--max-logprobs", "5", "--seed", "9"])
+    args = build_parser().parse_args(["serve", str(tiny_model_cached("qwen2")), "--max-logprobs", "5",
+                                      "--response-role", "bot", "--seed", "9"])
     config = engine_config_from_args(args)
     assert config.model.max_logprobs == 5 and config.model.seed == 9
+    assert config.server.response_role == "bot"
 
 
 @pytest.mark.parametrize("path, fields, param", [
@@ -63,3 +66,16 @@ def test_offline_max_logprobs() -> None:
             llm.generate("Hello", SamplingParams(max_tokens=2, prompt_logprobs=31))
     with pytest.raises(ValueError, match="max_logprobs"):
         LLM(str(tiny_model_cached("qwen2")), device="cpu", max_logprobs=-2)
+
+
+def test_response_role_names_chat_replies(http: httpx.Client) -> None:
+    whole = _post(http, "/v1/chat/completions").json()
+    assert whole["choices"][0]["message"]["role"] == "bot"
+    with http.stream("POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 3,
+                                                          "stream": True}) as r:
+        first = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+    assert first["choices"][0]["delta"]["role"] == "bot"
+    # Without a generation prompt the reply continues the last message, in its role (vLLM).
+    cont = _post(http, "/v1/chat/completions", add_generation_prompt=False,
+                 messages=[*MESSAGES, {"role": "assistant", "content": "Hi"}]).json()
+    assert cont["choices"][0]["message"]["role"] == "assistant"

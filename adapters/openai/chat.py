@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
-from agentserve.adapters.openai.chat_echo import echo_prefix
+from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
@@ -176,8 +176,9 @@ class ChatEndpoint:
         prompt_ids = self.s.truncate(await self.render_prompt(req, messages, tools, template_kwargs), params)
         params = self.s.validate(prompt_ids, params, "messages")
         self.s.check_queue(1)
+        role = reply_role(messages, req.add_generation_prompt, self.s.limits.response_role)
         ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,
-                           tools if parse_tools else None, tool_choice, top_n, echo_prefix(messages, req.echo))
+                           tools if parse_tools else None, tool_choice, top_n, echo_prefix(messages, req.echo, role), role)
         if req.stream:
             return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))
         return await ctx.full(raw_request)
@@ -205,9 +206,9 @@ class _StreamState:
 class _ChatContext:
     def __init__(self, endpoint: ChatEndpoint, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, lora_name: Optional[str], tools: Tools, tool_choice: Any,
-                 top_n: int, echo: str) -> None:
+                 top_n: int, echo: str, role: str) -> None:
         serving = endpoint.s
-        self.echo = echo  # what each choice's content starts with (vLLM's echo)
+        self.echo, self.role = echo, role  # what each choice's content starts with (vLLM's echo); its role
         self.endpoint, self.s, self.req, self.id = endpoint, serving, req, request_id
         self.prompt_ids, self.params = prompt_ids, params
         self.engine_kwargs = serving.engine_kwargs(req, lora_name)
@@ -285,7 +286,7 @@ class _ChatContext:
             completion_tokens += len(c.token_ids)
             reasoning, text = (split_reasoning(self.reasoning_parser, c.text, self.in_reasoning) if self.reasoning_parser
                                else (None, c.text))
-            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": self.role, "content": text}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
             calls: list[dict[str, Any]] = []
@@ -339,7 +340,7 @@ class _ChatContext:
         chunks = []
         if not st.started[k]:
             st.started[k] = True
-            chunks.append(self._chunk(st, k, {"role": "assistant", "content": ""}))
+            chunks.append(self._chunk(st, k, {"role": self.role, "content": ""}))
             if self.echo:
                 chunks.append(self._chunk(st, k, {"content": self.echo}))
         logprobs = self._new_logprobs(st, c)

@@ -143,7 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the chat template places them; true adds the tokenizer's too (vLLM's)
     continue_final_message: bool = False
-    echo: bool = False  # the reply starts with the last message when it is the assistant's (chat_echo.py)
+    echo: bool = False  # the reply starts with the last message when it has the reply's role (chat_echo.py)
     documents: Optional[list[dict[str, Any]]] = None  # RAG documents, handed to the chat template (vLLM's)
     chat_template_kwargs: Optional[dict[str, Any]] = None
     chat_template: Optional[str] = None  # refused unless --trust-request-chat-template
