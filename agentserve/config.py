@@ -260,6 +260,10 @@ class ServerConfig(_Strict):
         default="assistant", min_length=1, description="The role of chat completion replies (message.role, a "
         "stream's first delta.role) after a generation prompt; without one (add_generation_prompt false) a reply "
         "continues the last message in its role. vLLM's flag of the same name.")
+    enable_request_id_headers: bool = Field(
+        default=False, description="Answer every HTTP request with an X-Request-Id header: the request's own, else "
+        "a fresh id. vLLM's flag of the same name. A request's X-Request-Id names its completion (the response's "
+        "id) with or without it.")
     return_tokens_as_token_ids: bool = Field(
         default=False, description="Name the tokens in logprobs as 'token_id:{id}' rather than their text (for "
         "tokens that do not decode to text alone); a request's return_tokens_as_token_ids overrides it. vLLM's "

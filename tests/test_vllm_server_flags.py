@@ -1,9 +1,11 @@
 """`vllm serve` flags a vLLM user relies on, over real HTTP: --max-logprobs (a request asking for more
-logprobs is a 400 naming its field), --response-role (the role of chat replies)."""
+logprobs is a 400 naming its field), --response-role (the role of chat replies), X-Request-Id (names the
+completion; echoed with --enable-request-id-headers; a reused id never mixes two requests up)."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import httpx
@@ -20,7 +22,8 @@ MESSAGES = [{"role": "user", "content": "Say hi"}]
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
-    with live_openai("qwen2", max_model_len=256, max_logprobs=2, response_role="bot") as client:
+    with live_openai("qwen2", max_model_len=256, max_logprobs=2, response_role="bot",
+                     enable_request_id_headers=True) as client:
         base = str(client.base_url).rstrip("/").removesuffix("/v1")
         with httpx.Client(base_url=base, timeout=60) as h:
             yield h
@@ -35,10 +38,10 @@ def _post(http: httpx.Client, path: str, headers: dict[str, str] | None = None, 
 
 def test_cli_takes_the_vllm_flags() -> None:
     args = build_parser().parse_args(["serve", str(tiny_model_cached("qwen2")), "--max-logprobs", "5",
-                                      "--response-role", "bot", "--seed", "9"])
+                                      "--response-role", "bot", "--enable-request-id-headers", "--seed", "9"])
     config = engine_config_from_args(args)
     assert config.model.max_logprobs == 5 and config.model.seed == 9
-    assert config.server.response_role == "bot"
+    assert config.server.response_role == "bot" and config.server.enable_request_id_headers
 
 
 @pytest.mark.parametrize("path, fields, param", [
@@ -79,3 +82,37 @@ def test_response_role_names_chat_replies(http: httpx.Client) -> None:
     cont = _post(http, "/v1/chat/completions", add_generation_prompt=False,
                  messages=[*MESSAGES, {"role": "assistant", "content": "Hi"}]).json()
     assert cont["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_x_request_id_names_the_completion_and_is_echoed(http: httpx.Client) -> None:
+    r = _post(http, "/v1/chat/completions", headers={"X-Request-Id": "trace-1"})
+    assert r.json()["id"] == "chatcmpl-trace-1" and r.headers["x-request-id"] == "trace-1"
+    r = _post(http, "/v1/completions", headers={"X-Request-Id": "trace-2"})
+    assert r.json()["id"] == "cmpl-trace-2" and r.headers["x-request-id"] == "trace-2"
+    r = _post(http, "/v1/completions", request_id="from-body")  # vLLM's body field, when no header
+    assert r.json()["id"] == "cmpl-from-body" and r.headers["x-request-id"]
+    assert http.get("/v1/models").headers["x-request-id"]  # every response, a fresh id without one
+
+
+def test_concurrent_requests_reusing_an_x_request_id_stay_apart(http: httpx.Client) -> None:
+    """Two requests in flight with the same X-Request-Id: both succeed with their own tokens (a shared
+    engine id would refuse one, or mix their outputs and aborts)."""
+    def run(seed: int) -> dict:
+        r = _post(http, "/v1/completions", headers={"X-Request-Id": "same"}, max_tokens=24, ignore_eos=True,
+                  temperature=1.0, seed=seed, n=2)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    alone = [run(seed) for seed in (1, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, [1, 2, 1, 2]))
+    for i, body in enumerate(together):
+        assert body["id"] == "cmpl-same"
+        assert [c["text"] for c in body["choices"]] == [c["text"] for c in alone[i % 2]["choices"]]
+
+
+def test_without_the_flag_no_header_is_added() -> None:
+    with live_openai("qwen2", max_model_len=256) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=MESSAGES, max_tokens=2, extra_headers={"X-Request-Id": "abc"})
+        assert raw.parse().id == "chatcmpl-abc" and "x-request-id" not in raw.headers

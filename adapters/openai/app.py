@@ -38,6 +38,7 @@ from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
 from agentserve.adapters.openai.responses import ResponsesEndpoint
 from agentserve.adapters.openai.responses_items import ResponsesRequest
+from agentserve.adapters.openai.request_ids import RequestIdHeaderMiddleware
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
@@ -353,6 +354,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     _add_responses_routes(app, responses)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
+    if config.server.enable_request_id_headers:  # outermost: the gate's 401 / 413 / 429 answers carry it too
+        app.add_middleware(RequestIdHeaderMiddleware)
     return app
 
 

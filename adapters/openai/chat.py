@@ -4,12 +4,12 @@ request -> OpenAI chat.completion responses and SSE chunks, tool calls parsed in
 from __future__ import annotations
 
 import contextlib
-import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
+from agentserve.adapters.openai.request_ids import response_id
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
 from agentserve.adapters.openai.tool_chunks import ToolCallChunks
 from agentserve.chat import limits as L
@@ -177,7 +177,7 @@ class ChatEndpoint:
         params = self.s.validate(prompt_ids, params, "messages")
         self.s.check_queue(1)
         role = reply_role(messages, req.add_generation_prompt, self.s.limits.response_role)
-        ctx = _ChatContext(self, req, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, lora_name,
+        ctx = _ChatContext(self, req, response_id("chatcmpl", raw_request, req.request_id), prompt_ids, params, lora_name,
                            tools if parse_tools else None, tool_choice, top_n, echo_prefix(messages, req.echo, role), role)
         if req.stream:
             return ctx.stream(await self.s.primed(ctx.outputs(raw_request)))

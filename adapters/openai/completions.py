@@ -4,12 +4,12 @@ text_completion responses and SSE chunks (echo, logprobs with text offsets, usag
 from __future__ import annotations
 
 import contextlib
-import uuid
 from dataclasses import replace
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import CompletionRequest, OpenAIError
+from agentserve.adapters.openai.request_ids import response_id
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, clone_params, now, sse, usage
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
@@ -97,7 +97,7 @@ class CompletionsEndpoint:
         # max_tokens resolved; left out, it is what the longest prompt leaves (one params for all prompts).
         params = clone_params(params, max_tokens=min(resolved))
         self.s.check_queue(len(prompt_ids))
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = response_id("cmpl", raw_request, req.request_id)
         tok = self.s.tokenizer
         echo_texts = []
         if req.echo:

@@ -125,6 +125,7 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    request_id: Optional[str] = None  # the response's id (request_ids.py); an X-Request-Id header wins
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 from agentserve.adapters.openai.constraint_errors import request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
@@ -308,7 +309,7 @@ class OpenAIServing:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((i, e))
 
-        pumps = [asyncio.create_task(pump(i, request_id if len(prompts) == 1 else f"{request_id}-{i}", ids))
+        pumps = [asyncio.create_task(pump(i, engine_request_id(request_id, i, len(prompts)), ids))
                  for i, ids in enumerate(prompts)]
 
         async def watch() -> None:
