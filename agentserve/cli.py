@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat the flag for several)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
-    p.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling (default: none)")
+    p.add_argument("--sampling-seed", type=int, default=None,
+                   help="the prompts' own seed (SamplingParams.seed, a request's `seed`); without it the sampling "
+                        "follows the engine's --seed, reproducible run to run (default: none)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-weight model directory")
