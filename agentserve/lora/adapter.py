@@ -24,7 +24,6 @@ exactly that for one layer and fused projection; the manager copies it into the 
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ from agentserve.lora.key import LoRAKey
 from agentserve.lora.peft_config import (CONFIG_FILE, LoRAAdapterError, check_adapter_config, read_adapter_config,
                                          scaling_config)
 from agentserve.lora.peft_targets import check_weights_match_targets, read_peft_targets
-from agentserve.model.arch_config import ArchConfig
+from agentserve.model.arch_config import ArchConfig, ModelLoadError
+from agentserve.model.checkpoint_files import load_bin_state_dict
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -176,15 +176,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise LoRAAdapterError(f"{st_path} is not a valid safetensors file: {e}") from None
     if bin_path.is_file():
         try:
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a bad pickle / zip / truncation
-            raise LoRAAdapterError(f"{bin_path} could not be read as a torch state dict: {e}") from None
-        if not isinstance(state, dict):
-            raise LoRAAdapterError(f"{bin_path} does not hold a state dict")
-        not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if not_tensors:
-            raise LoRAAdapterError(f"{bin_path} holds entries that are not tensors: {', '.join(not_tensors[:3])}")
-        return state
+            return load_bin_state_dict(bin_path)
+        except ModelLoadError as e:  # a refused pickle, a bad zip, a truncation, not a state dict of tensors
+            raise LoRAAdapterError(str(e)) from None
     raise LoRAAdapterError(f"{path} has neither {SAFETENSORS_FILE} nor {BIN_FILE}")
 
 
