@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -72,6 +72,20 @@ if [ "$MODE" = s22 ]; then
     tests/test_gpu_swap_streams.py tests/test_gpu_engine.py -k "swap or gather" --junitxml "$OUT/pytest_gpu_swaps.xml"
   TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
+  ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = s23a ]; then
+  # Twenty-third session (< 10 min): why the sessions' decode-only steps run 2.7 ms longer than the stateless
+  # mode's at the same KV reads (the timeline splits them by device ops; host time per part of the swaps;
+  # allocator counters), with the outputs handed to the event loop once per step; the sessions mode again with
+  # a 0.5 ms thread switch interval (the GIL question); then the FP8 and bf16 GEMV kernels' GPU tests after
+  # the halves loop's removal.
+  TMO=330 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
+  TMO=170 TAIL=14 run agent-loop-switch05 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions --switch-interval-ms 0.5 --out "$OUT/agent_loop_switch05.json"
+  TMO=${GEMV_TMO:-80} run pytest-gpu-gemv python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
+    tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_gpu_gemv.xml"
   ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
