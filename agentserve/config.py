@@ -246,6 +246,8 @@ class ServerConfig(_Strict):
     max_schema_depth: int = Field(default=64, gt=0, description="Deepest nesting of objects and arrays in a JSON schema.")
     max_stop_strings: int = Field(default=64, gt=0, description="Most stop strings in one request.")
     max_stop_string_chars: int = Field(default=1024, gt=0, description="Longest stop string, in characters.")
+    max_bad_words: int = Field(default=64, gt=0, description="Most bad_words in one request.")
+    max_bad_word_chars: int = Field(default=1024, gt=0, description="Longest bad word, in characters.")
     prompt_bytes_per_token: int = Field(
         default=32, gt=0, description="Cheap length bound checked before tokenizing: text longer than max_model_len "
         "times this many characters cannot fit and is refused without tokenizing it.")

@@ -1,5 +1,5 @@
 """Per-request limits and text validity at the edge, shared by the HTTP adapter, the gRPC service and
-the offline API: counts (messages, tools, stop strings), JSON schema size and nesting depth, and
+the offline API: counts (messages, tools, stop strings, bad words), JSON schema size and nesting depth, and
 strings that are not valid UTF-8 (a lone surrogate such as "\\ud800", which JSON can spell but no
 tokenizer can take). Each failure is an EdgeLimitError naming the field, checked before the request
 costs any work that grows with its size.
@@ -8,7 +8,7 @@ costs any work that grows with its size.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from agentserve.config import ServerConfig
 from agentserve.errors import FieldError
@@ -60,14 +60,46 @@ def check_schema(schema: Any, field: str, limits: ServerConfig) -> None:
                              "(--max-schema-bytes)", field)
 
 
-def check_stop(stop: Optional[Sequence[str]], limits: ServerConfig, field: str = "stop") -> None:
-    if not stop:
+def _check_strings(strings: Optional[Sequence[str]], field: str, max_count: int, count_flag: str,
+                   max_chars: int, chars_flag: str) -> None:
+    if not strings:
         return
-    check_count(len(stop), limits.max_stop_strings, field, "max-stop-strings")
-    for i, s in enumerate(stop):
-        if isinstance(s, str) and len(s) > limits.max_stop_string_chars:
-            raise EdgeLimitError(f"{field}[{i}] is {len(s)} characters; the limit is {limits.max_stop_string_chars} "
-                                 "(--max-stop-string-chars)", f"{field}[{i}]")
+    check_count(len(strings), max_count, field, count_flag)
+    for i, s in enumerate(strings):
+        if isinstance(s, str) and len(s) > max_chars:
+            raise EdgeLimitError(f"{field}[{i}] is {len(s)} characters; the limit is {max_chars} (--{chars_flag})",
+                                 f"{field}[{i}]")
+
+
+def check_stop(stop: Optional[Sequence[str]], limits: ServerConfig, field: str = "stop") -> None:
+    _check_strings(stop, field, limits.max_stop_strings, "max-stop-strings", limits.max_stop_string_chars,
+                   "max-stop-string-chars")
+
+
+def check_bad_words(bad_words: Optional[Sequence[str]], limits: ServerConfig, field: str = "bad_words") -> None:
+    """Each bad word is tokenized when the request is added and matched against the output at every
+    step, on the step thread: an unbounded list would stall every other request."""
+    _check_strings(bad_words, field, limits.max_bad_words, "max-bad-words", limits.max_bad_word_chars,
+                   "max-bad-word-chars")
+
+
+# OpenAI's limits on `metadata` (Responses, Assistants): 16 pairs, keys of at most 64 characters,
+# values of at most 512. A session echoes its metadata in every SessionInfo, so it must stay small.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> None:
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise EdgeLimitError(f"{field} has {len(metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed", field)
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise EdgeLimitError(f"{field} key {key[:16]!r}... is {len(key)} characters; keys may have at most "
+                                 f"{MAX_METADATA_KEY_CHARS}", field)
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise EdgeLimitError(f"{field}[{key!r}] is {len(value)} characters; values may have at most "
+                                 f"{MAX_METADATA_VALUE_CHARS}", f"{field}[{key!r}]")
 
 
 def check_tools(tools: Optional[Sequence[dict[str, Any]]], limits: ServerConfig, field: str = "tools") -> None:
@@ -118,6 +150,7 @@ def check_sampling(params: SamplingParams, limits: ServerConfig) -> None:
     whose requests come as SamplingParams rather than through an HTTP or gRPC edge."""
     stop = [params.stop] if isinstance(params.stop, str) else params.stop
     check_stop(stop, limits)
+    check_bad_words(params.bad_words, limits)
     if params.json_schema is not None:
         check_schema(params.json_schema, "json_schema", limits)
     check_tools(params.tools, limits)

@@ -142,6 +142,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         L.check_utf8(messages, "messages")
         if sampling is not None:
             L.check_stop(list(sampling.stop), limits, "sampling.stop")
+            L.check_bad_words(list(sampling.bad_words), limits, "sampling.bad_words")
         if response_format is not None and response_format.json_schema:
             L.check_schema(response_format.json_schema, "response_format.json_schema", limits)
 
@@ -151,6 +152,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._check_model(request.model)
             self._check_adapter(request.adapter)
             self._check_tools(request.tools)
+            L.check_metadata(request.metadata)
             messages, tools = messages_from_proto(request.messages), tools_from_proto(request.tools)
             self._check_edge(messages)
             snap = await self.store.create(
@@ -181,6 +183,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         async with _errors(context):
+            L.check_metadata(request.metadata)
             snap = await self.store.fork(request.session_id, ttl_seconds=request.ttl_seconds,
                                          metadata=dict(request.metadata) if request.metadata else None,
                                          tenant=self._tenant(context).name)
