@@ -36,7 +36,7 @@ def aeng() -> AsyncEngine:
 @pytest.fixture(scope="module")
 def strict() -> AsyncEngine:
     engine = make_engine(max_model_len=1024, num_blocks=128, max_messages=4, max_tools=2, max_stop_strings=3,
-                         max_stop_string_chars=16, max_schema_depth=6, max_schema_bytes=2048)
+                         max_stop_string_chars=16, max_bad_words=3, max_bad_word_chars=16, max_schema_depth=6, max_schema_bytes=2048)
     yield engine
     engine.shutdown()
 
@@ -143,6 +143,8 @@ def test_http_limits_name_the_field(strict: AsyncEngine) -> None:
         ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(3)]}, "tools", "max-tools"),
         ({"stop": ["a", "b", "c", "d"]}, "stop", "max-stop-strings"),
         ({"stop": ["x" * 17]}, "stop[0]", "max-stop-string-chars"),
+        ({"bad_words": ["a", "b", "c", "d"]}, "bad_words", "max-bad-words"),
+        ({"bad_words": ["x" * 17]}, "bad_words[0]", "max-bad-word-chars"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": deep}}},
          "response_format.json_schema.schema", "max-schema-depth"),
         ({"guided_json": {"type": "object", "description": "d" * 3000}}, "guided_json", "max-schema-bytes"),

@@ -269,12 +269,13 @@ class OpenAIServing:
 
     def check_edge(self, req: Any) -> None:
         """Limits and string validity that hold for both endpoints, before any work that grows with
-        the request's size: every string valid UTF-8, stop strings, JSON schemas; vLLM's fields of
+        the request's size: every string valid UTF-8, stop strings, bad words, JSON schemas; vLLM's fields of
         features agentserve lacks refused by name."""
         check_vllm_unsupported(req)
         L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)
+        L.check_bad_words(req.bad_words, self.limits)
         if req.response_format is not None and req.response_format.json_schema is not None \
                 and req.response_format.json_schema.json_schema is not None:
             L.check_schema(req.response_format.json_schema.json_schema, "response_format.json_schema.schema",
