@@ -95,7 +95,9 @@ def _response_format_kwargs(response_format: Optional[pb.ResponseFormat]) -> dic
 def _tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: str) -> Any:
     """OpenAI's tool_choice value for the declared tools; None when tools are not in play."""
     if tool_choice and not tools:
-        raise InvalidRequestError("tool_choice needs tools (declare them when creating the session)")
+        # Generate declares its tools in the request; a turn has its session's tools.
+        raise InvalidRequestError("tool_choice needs tools: declare them in GenerateRequest.tools, or in "
+                                  "CreateSessionRequest.tools for a session's turns")
     if not tools or tool_choice == "none":
         return None
     names = [t["function"]["name"] for t in tools]

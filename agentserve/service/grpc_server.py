@@ -218,8 +218,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._check_model(request.model)
             self._check_adapter(request.adapter)
             given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
-            if sum(given) != 1:
-                raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
+            if not any(given):  # proto3 cannot tell an empty prompt from an absent one
+                raise InvalidRequestError("the prompt is empty: give exactly one of prompt (non-empty text), "
+                                          "prompt_token_ids and messages")
+            if sum(given) > 1:
+                raise InvalidRequestError(f"give exactly one of prompt, prompt_token_ids and messages, not {sum(given)}")
             self._check_tools(request.tools)
             tools = tools_from_proto(request.tools)
             messages = messages_from_proto(request.messages)

@@ -1,0 +1,52 @@
+"""INVALID_ARGUMENT messages tell a gRPC client what to fix in the RPC it actually sent."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from agentserve.service import agent_pb2 as pb
+from agentserve.service import agent_pb2_grpc as pb_grpc
+from conftest_grpc import make_engine, run, serving
+
+
+async def _generate_error(stub: pb_grpc.AgentServiceStub, request: pb.GenerateRequest) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Generate(request, timeout=30):
+            pass
+    return err.value
+
+
+def test_generate_messages_name_the_fix() -> None:
+    aeng = make_engine(num_blocks=64)
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, _client):
+            async with grpc.aio.insecure_channel(handle.address) as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                err = await _generate_error(stub, pb.GenerateRequest(
+                    messages=[pb.Message(role="user", content="hi")], tool_choice="required",
+                    sampling=pb.SamplingParams(max_tokens=2)))
+                # Generate has no session: the fix is its own tools field.
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "tool_choice" in (err.details() or "") and "GenerateRequest.tools" in (err.details() or "")
+
+                err = await _generate_error(stub, pb.GenerateRequest(prompt="", sampling=pb.SamplingParams(max_tokens=2)))
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in (err.details() or "")
+                err = await _generate_error(stub, pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]))
+                assert "not 2" in (err.details() or "")
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one of" in (err.details() or "")
+
+                session = await stub.CreateSession(pb.CreateSessionRequest())
+                with pytest.raises(grpc.aio.AioRpcError) as turn_err:
+                    async for _ in stub.Turn(pb.TurnRequest(session_id=session.session_id, tool_choice="auto",
+                                                            messages=[pb.Message(role="user", content="hi")])):
+                        pass
+                assert turn_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "CreateSessionRequest.tools" in (turn_err.value.details() or "")
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()
