@@ -109,6 +109,11 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        # Each generated token is looked up in stop_token_ids, and allowed_token_ids becomes a mask at
+        # every step, on the step thread: repeats (a client can send millions) would slow every request.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
         if 0.0 < self.temperature < MIN_POSITIVE_TEMPERATURE:
             self.temperature = MIN_POSITIVE_TEMPERATURE
 

@@ -6,6 +6,7 @@ created, and the next request is served as usual."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -94,5 +95,30 @@ def test_session_metadata_over_the_limits_is_invalid_argument(aeng: AsyncEngine,
                 listed = (await stub.ListSessions(pb.ListSessionsRequest())).sessions
                 assert [s.session_id for s in listed] == [parent.session_id]
                 await stub.CloseSession(pb.CloseSessionRequest(session_id=parent.session_id))
+
+    run(body())
+
+
+def test_repeated_token_ids_are_kept_once(aeng: AsyncEngine) -> None:
+    """stop_token_ids is searched for every generated token and allowed_token_ids turned into a mask at
+    every step, on the step thread: a request repeating ids a million times must cost no more there
+    than one naming each id once."""
+    async def body() -> None:
+        async with serving(aeng, with_client=False) as (handle, _client):
+            async with grpc.aio.insecure_channel(handle.address) as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                call = stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(
+                    max_tokens=200, ignore_eos=True, stop_token_ids=[7, 9] * 500_000,
+                    allowed_token_ids=[3, 5, 7] * 500_000)), timeout=60)
+                events = call.__aiter__()
+                await events.__anext__()  # the request is in the engine now
+                params = [r.sampling_params for r in list(aeng.engine.requests.values())]
+                assert [(p.stop_token_ids, p.allowed_token_ids) for p in params] == [([7, 9], [3, 5, 7])]
+                call.cancel()
+                for _ in range(500):  # the server aborts the request once it sees the cancellation
+                    if not aeng.engine.requests:
+                        break
+                    await asyncio.sleep(0.01)
+        assert not aeng.engine.requests and aeng.engine.pool.num_used_blocks == 0
 
     run(body())
