@@ -50,3 +50,33 @@ def test_generate_messages_name_the_fix() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+def test_a_turn_past_max_model_len_names_the_session_history() -> None:
+    aeng = make_engine(num_blocks=128, max_model_len=64)
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, _client):
+            async with grpc.aio.insecure_channel(handle.address) as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                session = await stub.CreateSession(pb.CreateSessionRequest(
+                    raw_tokens=True, messages=[pb.Message(role="user", token_ids=[5] * 60)]))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in stub.Turn(pb.TurnRequest(session_id=session.session_id, messages=[
+                            pb.Message(role="user", token_ids=[6] * 4)])):
+                        pass
+                details = err.value.details() or ""
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "history (60 tokens)" in details and "64 tokens" in details and "new session" in details
+                # Nothing changed: a turn that fits still runs.
+                info = await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+                assert (info.num_tokens, info.num_turns) == (60, 0)
+                async for _ in stub.Turn(pb.TurnRequest(session_id=session.session_id, sampling=pb.SamplingParams(
+                        max_tokens=2), messages=[pb.Message(role="user", token_ids=[6])])):
+                    pass
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()

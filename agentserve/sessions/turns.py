@@ -145,6 +145,12 @@ class TurnLifecycle:
             keep = min(keep, rendered.common_prefix)
         keep = min(keep, len(prompt) - 1)
         params = pending.params
+        limit = self.engine.max_model_len
+        if len(prompt) >= limit:  # the engine's message would blame a prompt the client never sent whole
+            raise InvalidRequestError(
+                f"the session's history ({len(s.token_ids)} tokens) and this turn's messages make {len(prompt)} "
+                f"tokens; max_model_len is {limit} (prompt plus output must fit): send shorter messages or "
+                "continue in a new session")
         params = self.engine.validate(prompt, params)  # resolves an unset max_tokens as every entry point does
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
