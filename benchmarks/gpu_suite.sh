@@ -78,12 +78,12 @@ if [ "$MODE" = s23a ]; then
   # Twenty-third session (< 10 min): why the sessions' decode-only steps run 2.7 ms longer than the stateless
   # mode's at the same KV reads (the timeline splits them by device ops; host time per part of the swaps;
   # allocator counters), with the outputs handed to the event loop once per step; the sessions mode again with
-  # a 0.5 ms thread switch interval (the GIL question); then the FP8 and bf16 GEMV kernels' GPU tests after
+  # a 0.5 ms thread switch interval (the GIL question; both modes: the ratio at it); then the FP8 and bf16 GEMV kernels' GPU tests after
   # the halves loop's removal.
-  TMO=330 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+  TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  TMO=170 TAIL=14 run agent-loop-switch05 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions --switch-interval-ms 0.5 --out "$OUT/agent_loop_switch05.json"
+  TMO=250 TAIL=30 run agent-loop-switch05 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --switch-interval-ms 0.5 --out "$OUT/agent_loop_switch05.json"
   TMO=${GEMV_TMO:-80} run pytest-gpu-gemv python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_gpu_gemv.xml"
   ls -la "$OUT"; exit 0
