@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from agentserve.grammar.closed_objects import close_objects
+from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.tool_constraint import tool_call_payload
 
@@ -56,6 +57,7 @@ class ConstraintSpec:
             schema = {}
         if not isinstance(schema, dict):
             raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+        schema = numeric_exclusive_bounds(schema)
         try:
             return cls("json_schema", canonical_json(close_objects(schema)))
         except (TypeError, ValueError) as e:

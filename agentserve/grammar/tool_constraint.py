@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from agentserve.grammar.closed_objects import close_objects
+from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.schema_utils import map_subschemas
 from agentserve.grammar.tool_formats import (
@@ -55,7 +56,8 @@ def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
         if name in seen:
             raise GrammarError(f"tools[{i}]: duplicate tool name {name!r}")
         seen.add(name)
-        params = close_objects(normalize_tool_schema(fn.get("parameters"), path=f"tools[{i}].function.parameters"))
+        where = f"tools[{i}].function.parameters"
+        params = close_objects(normalize_tool_schema(numeric_exclusive_bounds(fn.get("parameters"), where), path=where))
         out.append(ToolDef(name=name, parameters=params, description=str(fn.get("description") or "")))
     return out
 
