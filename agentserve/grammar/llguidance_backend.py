@@ -317,8 +317,7 @@ class LLGuidanceBackend(GrammarBackend):
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> LLGuidanceGrammar:
         lltok = self.tokenizer(tokenizer_info)
-        if spec.kind in ("json_schema", "tool_calls"):
-            check_forced_text(json.loads(str(spec.payload)), self.added_texts(tokenizer_info), self.name)
+        check_forced_text(spec, self.added_texts(tokenizer_info), self.name)
         try:
             grammar = self.grammar_text(spec, tokenizer_info)
         except ValueError as e:
