@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from agentserve.grammar import structure
+from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern
 from agentserve.grammar.schema_utils import check_enforceable, map_subschemas, strip_formats
 import outlines_core
 from outlines_core.json_schema import build_regex_from_schema
@@ -39,6 +40,36 @@ MAX_ROLLBACK = 512
 
 # String formats outlines-core translates; others are dropped (annotations) instead of failing.
 FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
+
+
+# outlines-core's date-time and time regexes have no UTC offset, which RFC 3339 requires, and a year of any
+# length ("5048653648271310837813009467045489276673-02-08T05:19:12Z"); those formats are written with
+# RFC 3339's own grammar instead (a `pattern` in their place).
+_RFC3339_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+RFC3339_PATTERNS = {"time": f"^{_RFC3339_TIME}$",
+                    "date-time": f"^[0-9]{{4}}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T{_RFC3339_TIME}$"}
+
+
+def _rfc3339_patterns(schema: Any) -> Any:
+    """`schema` with each date-time / time format (without a pattern of its own) as RFC 3339's pattern."""
+    def fix(node: dict, path: str) -> dict:
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt in RFC3339_PATTERNS and "pattern" not in node:
+            node = {**{k: v for k, v in node.items() if k != "format"}, "pattern": RFC3339_PATTERNS[fmt]}
+        return node
+
+    return map_subschemas(schema, fix)
+
+
+def _json_safe_patterns(schema: Any) -> Any:
+    """`schema` with each string `pattern` limited to what a JSON string holds unescaped (outlines_patterns)."""
+    def fix(node: dict, path: str) -> dict:
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            node = {**node, "pattern": json_string_pattern(pattern, f"{path}.pattern" if path else "pattern")}
+        return node
+
+    return map_subschemas(schema, fix)
 
 
 # Keywords outlines-core (0.2) compiles but does not enforce (random walks break them).
@@ -96,7 +127,7 @@ def schema_to_regex(schema: Any) -> str:
     if isinstance(schema, str):
         schema = json.loads(schema)
     check_enforceable(schema, "outlines", NOT_ENFORCED)
-    text = json.dumps(_typed_any(strip_formats(schema, FORMATS)))
+    text = json.dumps(_typed_any(_json_safe_patterns(strip_formats(_rfc3339_patterns(schema), FORMATS))))
     regex = _build_regex(text, 0)
     if len(regex) > MAX_REGEX_CHARS:
         raise _too_large(len(regex), "")
@@ -206,7 +237,7 @@ class OutlinesBackend(GrammarBackend):
         raise GrammarError(f"outlines: unsupported constraint kind {spec.kind!r}")
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> OutlinesGrammar:
-        regex = self.regex_for(spec)
+        regex = ascii_class_escapes(self.regex_for(spec))
         vocab = self.vocabulary(tokenizer_info, with_markers=spec.kind == "tool_calls")
         try:
             index = outlines_core.Index(f"({regex}){_END}", vocab)
