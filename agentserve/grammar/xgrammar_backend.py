@@ -21,6 +21,8 @@ import xgrammar as xgr
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, bitmask_words
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
+from agentserve.grammar import utf8_tails
+from agentserve.grammar.utf8_tails import invalid_after, utf8_tail
 
 # JSON whitespace: at most one whitespace character between tokens (interface.JSON_WHITESPACE is
 # "[ ]?"; xgrammar's bound applies to any of space, tab, newline).
@@ -63,21 +65,35 @@ class XGrammarMatcher(GrammarMatcher):
         self._m = matcher
         self._forbidden_neg = ~forbidden
         self._forbidden_ids = forbidden_ids
+        # The incomplete UTF-8 character the output ends with, and what it was before each accepted
+        # token (for rollback): xgrammar's own automaton lets invalid sequences through (utf8_tails).
+        self._tail = b""
+        self._tails: list[bytes] = []
 
     def _accept(self, token_id: int) -> bool:
-        if token_id in self._forbidden_ids:
+        if token_id in self._forbidden_ids or token_id in invalid_after(self.tokenizer_info, self._tail)[1]:
             return False
-        return bool(self._m.accept_token(token_id))
+        if not self._m.accept_token(token_id):
+            return False
+        self._tails.append(self._tail)
+        self._tail = utf8_tail(self._tail, self.tokenizer_info.token_bytes[token_id])
+        return True
 
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._m.fill_next_token_bitmask(bitmask, row)
-        bitmask.numpy()[row] &= self._forbidden_neg
+        words = bitmask.numpy()[row]
+        words &= self._forbidden_neg
+        words &= invalid_after(self.tokenizer_info, self._tail)[0]
 
     def _rollback(self, num_tokens: int) -> None:
         self._m.rollback(num_tokens)
+        self._tail = self._tails[-num_tokens]
+        del self._tails[-num_tokens:]
 
     def _copy(self) -> "XGrammarMatcher":
-        return XGrammarMatcher(self.tokenizer_info, self._m.fork(), ~self._forbidden_neg, self._forbidden_ids)
+        other = XGrammarMatcher(self.tokenizer_info, self._m.fork(), ~self._forbidden_neg, self._forbidden_ids)
+        other._tail, other._tails = self._tail, list(self._tails)
+        return other
 
     def _is_accepting(self) -> bool:
         return bool(self._m.is_completed())
@@ -135,6 +151,7 @@ class XGrammarGrammar(CompiledGrammar):
         super().__init__(spec, info, "xgrammar")
         self._compiled = compiled
         self._forbidden, self._forbidden_ids = _forbidden(info, spec.kind)
+        utf8_tails.build_all(info)
 
     def new_matcher(self) -> XGrammarMatcher:
         return XGrammarMatcher(self.tokenizer_info, xgr.GrammarMatcher(self._compiled),
