@@ -70,3 +70,11 @@ def test_tool_parameters_with_a_boolean_bound_name_the_tool() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
     with pytest.raises(GrammarError, match=r"tools\[0\].function.parameters.properties.n"):
         build_tool_constraint(tools, "required", "hermes")
+
+
+@pytest.mark.skipif("xgrammar" not in available_backends(), reason="xgrammar not installed")
+def test_xgrammar_errors_carry_no_log_time_or_source_line(info) -> None:
+    # xgrammar's own message began "[12:23:42] /project/cpp/json_schema_converter.cc:3562: ..."
+    with pytest.raises(GrammarError) as refused:
+        GrammarCompiler(get_backend("xgrammar"), info).compile(ConstraintSpec.json_schema({"$ref": "#"}))
+    assert str(refused.value).startswith("xgrammar cannot compile json_schema: Circular $ref"), refused.value

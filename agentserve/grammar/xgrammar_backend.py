@@ -9,6 +9,7 @@ Tool-call structures compile as xgrammar structural tags.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,10 @@ def _forbidden(info: TokenizerInfo, kind: str) -> tuple[np.ndarray, frozenset[in
     return info.cached(("xgrammar.forbidden", tools), build)
 
 
+# xgrammar's messages start with its log's time and C++ source line ("[12:23:42] /project/cpp/
+# json_schema_converter.cc:3562: "): nothing a client can act on.
+_SOURCE_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
+
 # Keywords xgrammar (0.2) compiles but does not enforce (random walks break them).
 NOT_ENFORCED = frozenset({
     "uniqueItems", "allOf", "contains", "minContains", "maxContains", "propertyNames",
@@ -200,5 +205,6 @@ class XGrammarBackend(GrammarBackend):
             raise
         except Exception as e:  # xgrammar raises RuntimeError/ValueError/its own errors
             msg = str(e).strip().splitlines()
-            raise GrammarError(f"xgrammar cannot compile {spec.kind}: {msg[-1] if msg else type(e).__name__}") from None
+            reason = _SOURCE_PREFIX.sub("", msg[-1]) if msg else type(e).__name__
+            raise GrammarError(f"xgrammar cannot compile {spec.kind}: {reason}") from None
         return XGrammarGrammar(spec, tokenizer_info, compiled)
