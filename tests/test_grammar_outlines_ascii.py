@@ -87,3 +87,22 @@ def test_a_regex_constraint_reads_class_escapes_as_ascii(compiler: GrammarCompil
 ])
 def test_ascii_class_escapes(regex: str, ascii_regex: str) -> None:
     assert ascii_class_escapes(regex) == ascii_regex
+
+
+def test_uri_outputs_are_json(compiler: GrammarCompiler) -> None:
+    # outlines-core's uri regex ('urn:...:[^\s]+') let raw control characters and '"' in: 10 of 11 invalid
+    schema = {"type": "object", "properties": {"k": {"type": "string", "format": "uri"}}, "required": ["k"]}
+    for text in _values(compiler, ConstraintSpec.json_schema(schema), seeds=40):
+        assert json.loads(text)["k"].startswith(("http", "ftp", "urn:")), text  # a raw control character fails here
+
+
+def test_an_email_cannot_open_a_quoted_local_part(compiler: GrammarCompiler) -> None:
+    # outlines-core's email regex allows '"a b"@c.d': its first '"' would end the JSON string early
+    schema = {"type": "object", "properties": {"k": {"type": "string", "format": "email"}}, "required": ["k"]}
+    compiled = compiler.compile(ConstraintSpec.json_schema(schema))
+    info = compiled.tokenizer_info
+    matcher = compiled.new_matcher()
+    for byte in b'{"k":"':
+        assert matcher.accept_token(info.token_bytes.index(bytes([byte])))
+    assert not matcher.accept_token(info.token_bytes.index(b'"'))  # an empty email is no email either
+    assert matcher.accept_token(info.token_bytes.index(b"a"))
