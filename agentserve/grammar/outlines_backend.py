@@ -18,7 +18,15 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern
-from agentserve.grammar.schema_utils import check_enforceable, map_subschemas, strip_formats
+from agentserve.grammar.schema_utils import (
+    FULL_DATE_REGEX,
+    IPV4_REGEX,
+    TIME_REGEX,
+    check_enforceable,
+    formats_as_patterns,
+    map_subschemas,
+    strip_formats,
+)
 import outlines_core
 from outlines_core.json_schema import URI, build_regex_from_schema
 
@@ -42,31 +50,22 @@ MAX_ROLLBACK = 512
 FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
 
 
-# Formats written as a `pattern` of ours in their place (then made JSON-safe like any pattern):
+# Formats written as a `pattern` of ours in their place (then made JSON-safe like any pattern): dates
+# with each month's own last day (its regex allowed "4167-02-31"), ipv4 (not translated: any string);
 # outlines-core's date-time and time regexes have no UTC offset, which RFC 3339 requires, and a year of
 # any length ("5048653648271310837813009467045489276673-02-08T05:19:12Z"); its uri regex's negated
 # classes let a raw '"' or control character into the string (10 of 11 finished outputs were invalid
 # JSON), and its email regex allows a quoted local part ('"a b"@c.d') whose quotes end the JSON string.
-_RFC3339_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _EMAIL_LABEL = "[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _EMAIL_ATOM = "[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
 FORMAT_PATTERNS = {
-    "time": f"^{_RFC3339_TIME}$",
-    "date-time": f"^[0-9]{{4}}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T{_RFC3339_TIME}$",
+    "time": f"^{TIME_REGEX}$",
+    "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
+    "date": f"^{FULL_DATE_REGEX}$",
+    "ipv4": f"^{IPV4_REGEX}$",
     "uri": f"^{URI[1:-1]}$",  # outlines-core's, without the quotes it writes around a string's regex
     "email": f"^{_EMAIL_ATOM}(\\.{_EMAIL_ATOM})*@({_EMAIL_LABEL}\\.)+{_EMAIL_LABEL}$",
 }
-
-
-def _format_patterns(schema: Any) -> Any:
-    """`schema` with each format of FORMAT_PATTERNS (without a pattern of its own) as that pattern."""
-    def fix(node: dict, path: str) -> dict:
-        fmt = node.get("format")
-        if isinstance(fmt, str) and fmt in FORMAT_PATTERNS and "pattern" not in node:
-            node = {**{k: v for k, v in node.items() if k != "format"}, "pattern": FORMAT_PATTERNS[fmt]}
-        return node
-
-    return map_subschemas(schema, fix)
 
 
 def _json_safe_patterns(schema: Any) -> Any:
@@ -135,7 +134,7 @@ def schema_to_regex(schema: Any) -> str:
     if isinstance(schema, str):
         schema = json.loads(schema)
     check_enforceable(schema, "outlines", NOT_ENFORCED)
-    text = json.dumps(_typed_any(_json_safe_patterns(strip_formats(_format_patterns(schema), FORMATS))))
+    text = json.dumps(_typed_any(_json_safe_patterns(strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS))))
     regex = _build_regex(text, 0)
     if len(regex) > MAX_REGEX_CHARS:
         raise _too_large(len(regex), "")

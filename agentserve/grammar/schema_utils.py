@@ -57,6 +57,30 @@ def strip_formats(schema: Any, supported: frozenset[str]) -> Any:
     return map_subschemas(schema, fix)
 
 
+# Formats some backends get wrong, as regexes (no anchors) whose every match is valid. IPv4: octets up to
+# 255 without leading zeros. Date (RFC 3339 full-date): each month's own last day; February stops at
+# the 28th, since a regex cannot tell leap years without spelling them out (a valid subset).
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_REGEX = f"({_OCTET}\\.){{3}}{_OCTET}"
+# RFC 3339 time with its required UTC offset.
+TIME_REGEX = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+FULL_DATE_REGEX = ("[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+                   "|02-(0[1-9]|1[0-9]|2[0-8]))")
+
+
+def formats_as_patterns(schema: Any, patterns: dict[str, str]) -> Any:
+    """`schema` with each `format` named in `patterns` (on a node without a pattern of its own) replaced
+    by that pattern: for a backend whose own regex for the format is wrong."""
+
+    def fix(node: dict, path: str) -> dict:
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt in patterns and "pattern" not in node:
+            node = {**{k: v for k, v in node.items() if k != "format"}, "pattern": patterns[fmt]}
+        return node
+
+    return map_subschemas(schema, fix)
+
+
 def _disjoint_types(branches: list) -> bool:
     """oneOf branches that are provably exclusive: each a single distinct JSON type (integer and
     number overlap), or each a distinct const."""

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from agentserve.grammar import structure
-from agentserve.grammar.schema_utils import check_enforceable, map_subschemas
+from agentserve.grammar.schema_utils import (
+    FULL_DATE_REGEX,
+    IPV4_REGEX,
+    TIME_REGEX,
+    check_enforceable,
+    formats_as_patterns,
+    map_subschemas,
+)
 import xgrammar as xgr
 
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, bitmask_words
@@ -49,7 +56,8 @@ def to_structural_format(node: Any) -> dict:
     if "ws" in node:
         return {"type": "regex", "pattern": structure.ws_regex(node["ws"], node.get("max"))}
     if "json" in node:
-        return {"type": "json_schema", "json_schema": node["json"], "max_whitespace_cnt": _MAX_WS}
+        return {"type": "json_schema", "json_schema": formats_as_patterns(node["json"], FORMAT_PATTERNS),
+                "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
         t = node["text"]
         rx = structure.text_regex(t)
@@ -138,6 +146,12 @@ NOT_ENFORCED = frozenset({
 })
 
 
+# xgrammar's ipv4 regex allows octets past 255 and leading zeros ("426.904.30.98", "07.22.091.30"), and
+# its date and date-time regexes days past the month's end ("4167-02-31"): validators refuse those.
+FORMAT_PATTERNS = {"ipv4": f"^{IPV4_REGEX}$", "date": f"^{FULL_DATE_REGEX}$",
+                   "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$"}
+
+
 def _check_schema(schema: Any) -> None:
     """Reject what xgrammar would accept but not enforce (outputs could break the schema)."""
     check_enforceable(schema, "xgrammar", NOT_ENFORCED)
@@ -182,8 +196,10 @@ class XGrammarBackend(GrammarBackend):
         comp = self.compiler(tokenizer_info)
         try:
             if spec.kind == "json_schema":
-                _check_schema(json.loads(str(spec.payload)))
-                compiled = comp.compile_json_schema(spec.payload, any_whitespace=True, max_whitespace_cnt=_MAX_WS)
+                schema = formats_as_patterns(json.loads(str(spec.payload)), FORMAT_PATTERNS)
+                _check_schema(schema)
+                compiled = comp.compile_json_schema(json.dumps(schema), any_whitespace=True,
+                                                    max_whitespace_cnt=_MAX_WS)
             elif spec.kind == "json_object":
                 compiled = comp.compile_json_schema('{"type":"object"}', any_whitespace=True,
                                                     max_whitespace_cnt=_MAX_WS)
