@@ -39,6 +39,24 @@ _MAX_WS = 1
 
 
 
+def _bounded_strings_as_patterns(schema: Any) -> Any:
+    """Tool-call JSON with each length-bounded string as a pattern of characters a JSON string holds
+    unescaped. xgrammar (0.2) lets raw control characters into a string with minLength/maxLength; JSON
+    grammars refuse those tokens (_forbidden), but tool-call grammars must allow tab, LF and CR (text
+    and whitespace around the calls), so '"a": ["\\t"]' with a raw tab came out. The pattern gives up
+    escapes in those strings: a valid subset."""
+    def fix(node: dict, path: str) -> dict:
+        bounds = ("minLength", "maxLength")
+        if node.get("type") != "string" or not any(b in node for b in bounds) or \
+                any(k in node for k in ("pattern", "format", "enum", "const")):
+            return node
+        low, high = node.get("minLength", 0), node.get("maxLength", "")
+        return {**{k: v for k, v in node.items() if k not in bounds},
+                "pattern": f'^[^"\\\\\\x00-\\x1F]{{{low},{high}}}$'}
+
+    return map_subschemas(schema, fix)
+
+
 def to_structural_format(node: Any) -> dict:
     """A `structure` tree as an xgrammar structural-tag format."""
     if "seq" in node:
@@ -56,8 +74,8 @@ def to_structural_format(node: Any) -> dict:
     if "ws" in node:
         return {"type": "regex", "pattern": structure.ws_regex(node["ws"], node.get("max"))}
     if "json" in node:
-        return {"type": "json_schema", "json_schema": formats_as_patterns(node["json"], FORMAT_PATTERNS),
-                "max_whitespace_cnt": _MAX_WS}
+        schema = _bounded_strings_as_patterns(formats_as_patterns(node["json"], FORMAT_PATTERNS))
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
         t = node["text"]
         rx = structure.text_regex(t)
