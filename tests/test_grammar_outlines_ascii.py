@@ -106,3 +106,21 @@ def test_an_email_cannot_open_a_quoted_local_part(compiler: GrammarCompiler) -> 
         assert matcher.accept_token(info.token_bytes.index(bytes([byte])))
     assert not matcher.accept_token(info.token_bytes.index(b'"'))  # an empty email is no email either
     assert matcher.accept_token(info.token_bytes.index(b"a"))
+
+
+@pytest.mark.parametrize("schema, key, where", [
+    ({"type": "object", "properties": {'a"b': {"type": "integer"}}, "required": ['a"b']}, 'a"b', "properties"),
+    ({"type": "object", "properties": {"k": {"const": {'q"': 1}}}, "required": ["k"]}, 'q"', "properties.k.const"),
+    ({"enum": [{"a\\b": 1}]}, "a\\b", "enum"),
+])
+def test_an_object_key_with_a_quote_or_backslash_is_refused(compiler: GrammarCompiler, schema: dict, key: str,
+                                                            where: str) -> None:
+    # outlines-core wrote '{"a"b": 1}' (invalid JSON), and 'a\b' failed with a message about DFAs
+    with pytest.raises(GrammarError, match=re.escape(f"cannot write the object key {key!r} (at {where})")):
+        compiler.compile(ConstraintSpec.json_schema(schema))
+
+
+def test_string_values_with_quotes_and_backslashes_still_compile(compiler: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"k": {"enum": ['a"b', "c\\d", {"a": 'x"y\\'}]}}, "required": ["k"]}
+    for text in _values(compiler, ConstraintSpec.json_schema(schema)):
+        jsonschema.validate(json.loads(text), schema)

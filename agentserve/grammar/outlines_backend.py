@@ -79,6 +79,32 @@ def _json_safe_patterns(schema: Any) -> Any:
     return map_subschemas(schema, fix)
 
 
+def _check_object_keys(schema: Any) -> None:
+    """GrammarError for an object key (a property name, a key of a const or enum object) holding '"' or a
+    backslash: outlines-core writes keys without escaping those ('{"a"b": 1}' for the property 'a"b', invalid
+    JSON; 'a\\b' became a regex word boundary and failed with a message about DFAs)."""
+    def check_value(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if '"' in key or "\\" in key:
+                    raise GrammarError(f"outlines cannot write the object key {key!r} (at {where}): outlines-core does "
+                                       "not escape '\"' or '\\' in keys; use grammar_backend llguidance or xgrammar")
+                check_value(item, where)
+        elif isinstance(value, list):
+            for item in value:
+                check_value(item, where)
+
+    def check(node: dict, path: str) -> dict:
+        if isinstance(node.get("properties"), dict):
+            check_value({name: None for name in node["properties"]}, f"{path}.properties" if path else "properties")
+        for keyword in ("const", "enum"):
+            if keyword in node:
+                check_value(node[keyword], f"{path}.{keyword}" if path else keyword)
+        return node
+
+    map_subschemas(schema, check)
+
+
 # Keywords outlines-core (0.2) compiles but does not enforce (random walks break them).
 NOT_ENFORCED = frozenset({
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
@@ -134,6 +160,7 @@ def schema_to_regex(schema: Any) -> str:
     if isinstance(schema, str):
         schema = json.loads(schema)
     check_enforceable(schema, "outlines", NOT_ENFORCED)
+    _check_object_keys(schema)
     text = json.dumps(_typed_any(_json_safe_patterns(strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS))))
     regex = _build_regex(text, 0)
     if len(regex) > MAX_REGEX_CHARS:
