@@ -13,6 +13,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
@@ -135,6 +137,21 @@ def test_streaming_events(live: Live) -> None:
     jsonschema.validate(json.loads(deltas), WEATHER)
 
 
+def test_objects_validate_against_the_client_schema(live: Live) -> None:
+    """Every response object and event validates against the openai client's own models (strict: the
+    client builds them without validation, but typed consumers validate them), with and without calls."""
+    body = {"model": MODEL, "input": "Weather in Paris?", "tools": TOOLS, "max_output_tokens": 30, "temperature": 0}
+    for choice in ("required", "none"):
+        resp = live.http.post("/v1/responses", json=dict(body, tool_choice=choice))
+        assert resp.status_code == 200, resp.text
+        Response.model_validate(resp.json())
+        with live.http.stream("POST", "/v1/responses", json=dict(body, tool_choice=choice, stream=True)) as s:
+            events = [json.loads(line[len("data: "):]) for line in s.iter_lines() if line.startswith("data: ")]
+        for event in events:
+            TypeAdapter(ResponseStreamEvent).validate_python(event)
+        assert events[-1]["response"]["usage"]["input_tokens_details"]["cache_write_tokens"] == 0
+
+
 def test_retrieve_delete_input_items(live: Live) -> None:
     r = live.a.responses.create(model=MODEL, input=[{"role": "user", "content": "Hi"},
                                                     {"role": "user", "content": [{"type": "input_text", "text": "!"}]}],
@@ -200,11 +217,16 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         (dict(input="x", text={"format": {"type": "yaml"}}), "text.format.type"),
         (dict(input="x", max_output_tokens=0), "max_output_tokens"),
         (dict(input="x", tools=TOOLS, tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
+        # Tool errors name the Responses path (flat tools), not the Chat Completions one (tools[i].function).
+        (dict(input="x", tools=TOOLS + TOOLS), "tools[1].name"),
+        (dict(input="x", tools=[{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "strin"}}}}]), "tools[0].parameters.properties.a.type"),
     ]
     for kw, param in cases:
         resp = live.http.post("/v1/responses", json={"model": MODEL, **kw})
         assert resp.status_code == 400, (kw, resp.text)
         assert resp.json()["error"]["param"] == param, (kw, resp.json())
+        assert ".function." not in resp.json()["error"]["message"], resp.json()
     missing = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_x"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
 

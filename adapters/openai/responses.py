@@ -26,7 +26,7 @@ from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
-from agentserve.errors import SessionError
+from agentserve.errors import FieldError, SessionError
 from agentserve.sampling_params import SamplingParams
 from agentserve.service.tenants import Tenant, tenant_of_scope
 from agentserve.sessions.store import SessionStore
@@ -84,10 +84,13 @@ class ResponsesEndpoint:
         if not tok.chat_template:
             raise OpenAIError(400, "this model has no chat template: use /v1/completions", param="input")
         tools = I.chat_tools(req.tools)
-        L.check_tools(tools, self.s.limits)
-        choice = check_tool_choice(tools, I.chat_tool_choice(req.tool_choice))
-        if tools and choice != "none":
-            check_tool_schemas(tools)
+        try:
+            L.check_tools(tools, self.s.limits)
+            choice = check_tool_choice(tools, I.chat_tool_choice(req.tool_choice))
+            if tools and choice != "none":
+                check_tool_schemas(tools)
+        except FieldError as e:
+            raise I.responses_tool_field_error(e) from None
         fmt = (req.text or {}).get("format")
         if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)

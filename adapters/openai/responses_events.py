@@ -22,7 +22,10 @@ Item = dict[str, Any]
 
 
 def responses_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+    # The openai client's ResponseUsage requires cache_write_tokens (OpenAI's prompt-cache writes, which
+    # it reports apart from reads); this server's prefix cache reports hits only: 0, as for any request.
+    details = {"cached_tokens": cached_tokens, "cache_write_tokens": 0}
+    return {"input_tokens": prompt_tokens, "input_tokens_details": details,
             "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens}
 

@@ -12,12 +12,14 @@ function calls (and the assistant text right before them) become one assistant m
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.errors import FieldError
 
 Message = dict[str, Any]
 Item = dict[str, Any]
@@ -76,6 +78,18 @@ def chat_tools(tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str,
         fn["parameters"] = params or {"type": "object", "properties": {}}
         out.append({"type": "function", "function": fn})
     return out or None
+
+
+_CHAT_TOOL_PATH = re.compile(r"(tools\[\d+\])\.function\.")
+
+
+def responses_tool_field_error(error: FieldError) -> FieldError:
+    """A tool check's error (chat/tools.py and the grammar name Chat Completions paths such as
+    `tools[1].function.name`) with the path of the Responses request, whose tools are flat
+    (`tools[1].name`): the field the client has to fix."""
+    def flat(text: str) -> str:
+        return _CHAT_TOOL_PATH.sub(r"\1.", text)
+    return type(error)(flat(str(error)), flat(error.field) if error.field else error.field, error.code)
 
 
 def chat_tool_choice(choice: Any) -> Any:
