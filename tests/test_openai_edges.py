@@ -31,3 +31,15 @@ def test_n_with_sequences_finishing_on_their_first_token(client: openai.OpenAI) 
                                                                            max_tokens=1, stream=True)
                for c in ch.choices if c.finish_reason}
     assert reasons == {0: "length", 1: "length"}
+
+
+def test_null_openai_fields_mean_their_defaults(client: openai.OpenAI) -> None:
+    """Fields OpenAI's API declares nullable, sent as null by clients that serialize every optional field
+    (n, stream, logprobs, the penalties, parallel_tool_calls; echo on completions): their defaults."""
+    nulls = dict(n=None, stream=None, logprobs=None, presence_penalty=None, frequency_penalty=None)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    out = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, tools=[tool],
+                                         extra_body=dict(nulls, parallel_tool_calls=None))
+    assert len(out.choices) == 1 and out.choices[0].logprobs is None
+    comp = client.completions.create(model="m", prompt="Hello", max_tokens=2, extra_body=dict(nulls, echo=None))
+    assert len(comp.choices) == 1 and comp.usage.completion_tokens == 2

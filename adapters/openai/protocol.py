@@ -9,9 +9,9 @@ built as plain dicts in serving.py (cheaper than models, and the exact OpenAI JS
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OpenAIError(Exception):
@@ -48,6 +48,16 @@ def error_body(message: str, type: str, param: Optional[str] = None, code: Optio
 class _Request(BaseModel):
     # Unknown fields are ignored (OpenAI clients send many this server has no use for).
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+    # Fields OpenAI's API declares nullable whose null means the default ("n": null, "stream": null):
+    # clients that serialize every optional field send them (vLLM takes them too).
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(name, False) is None for name in cls.NULL_MEANS_DEFAULT):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
+        return data
 
 
 class StreamOptions(_Request):
@@ -90,6 +100,7 @@ class StructuredOutputs(_Request):
 
 class _SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's and vLLM's extras)."""
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = ("frequency_penalty", "presence_penalty", "n", "stream")
 
     model: Optional[str] = None
     frequency_penalty: float = 0.0
@@ -129,6 +140,7 @@ class _SamplingFields(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT + ("logprobs", "parallel_tool_calls")
     messages: list[dict[str, Any]]
     logprobs: bool = False
     top_logprobs: Optional[int] = None
@@ -151,6 +163,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
+    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT + ("echo",)
     prompt: Union[str, list[str], list[int], list[list[int]]]
     best_of: Optional[int] = None
     echo: bool = False
