@@ -221,6 +221,11 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         (dict(input="x", tools=TOOLS + TOOLS), "tools[1].name"),
         (dict(input="x", tools=[{"type": "function", "name": "f", "parameters": {
             "type": "object", "properties": {"a": {"type": "strin"}}}}]), "tools[0].parameters.properties.a.type"),
+        # Input item errors name the item (not the chat message it becomes).
+        (dict(input=[{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{oops"}]),
+         "input[0].arguments"),
+        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]),
+         "input[0].output[0].type"),
     ]
     for kw, param in cases:
         resp = live.http.post("/v1/responses", json={"model": MODEL, **kw})

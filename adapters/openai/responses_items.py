@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.chat.messages import parse_json_object
 from agentserve.errors import FieldError
 
 Message = dict[str, Any]
@@ -130,11 +131,12 @@ def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- input items -> chat messages ----------------------------------------------------------------------
-def _text_of(content: Any, at: str) -> str:
+def _text_of(content: Any, at: str, key: str = "content") -> str:
+    """A message's content (or a function_call_output's output, `key`) as text."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise OpenAIError(400, f"{at}.content must be a string or a list of content parts", param=f"{at}.content")
+        raise OpenAIError(400, f"{at}.{key} must be a string or a list of content parts", param=f"{at}.{key}")
     texts = []
     for j, part in enumerate(content):
         if isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") \
@@ -142,8 +144,8 @@ def _text_of(content: Any, at: str) -> str:
             texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise OpenAIError(400, f"{at}.content[{j}]: content parts of type {kind!r} are not supported (this "
-                                   "model takes text only)", param=f"{at}.content[{j}].type")
+            raise OpenAIError(400, f"{at}.{key}[{j}]: content parts of type {kind!r} are not supported (this "
+                                   "model takes text only)", param=f"{at}.{key}[{j}].type")
     return "\n".join(texts)
 
 
@@ -166,6 +168,8 @@ def _function_call(item: Item, at: str) -> dict[str, Any]:
         raise OpenAIError(400, f"{at}: a function_call item needs call_id and name", param=f"{at}.call_id")
     if not isinstance(args, str):
         args = json.dumps(args)
+    # Checked here, where the item's path is known (the session would name its own message index).
+    parse_json_object(args or "{}", f"{at}.arguments")
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args or "{}"}}
 
 
@@ -196,7 +200,7 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
             if not isinstance(call_id, str) or not call_id:
                 raise OpenAIError(400, f"{at}: a function_call_output item needs the call_id of its call",
                                   param=f"{at}.call_id")
-            text = output if isinstance(output, str) else _text_of(output, at) if isinstance(output, list) \
+            text = output if isinstance(output, str) else _text_of(output, at, "output") if isinstance(output, list) \
                 else json.dumps(output)
             message: Message = {"role": "tool", "tool_call_id": call_id, "content": text or " "}
             if call_id in names:
