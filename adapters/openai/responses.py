@@ -209,14 +209,15 @@ class _ResponseRun:
         usage = None
         if result is not None:
             u = result.usage
-            usage = responses_usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+            usage = responses_usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
         reason = "max_output_tokens" if result is not None and result.finish_reason == "length" else None
         return response_body(self.id, self.req, self.model, self.created, status=status, output=output,
                              usage=usage, incomplete_reason=reason)
 
     def _finish(self, result: TurnResult, output: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
         status = "incomplete" if result.finish_reason == "length" else "completed"
-        body = self._body(status, I.output_items(result.message, status) if output is None else output, result)
+        body = self._body(status, I.output_items(result.message, status, result.parts) if output is None else output,
+                          result)
         reply = {k: v for k, v in result.message.items() if k in ("role", "content", "tool_calls")}
         self.committed = True
         if self.req.store is not False:
@@ -301,8 +302,12 @@ class _ResponseRun:
             ev: Any = first
             while True:
                 if isinstance(ev, TextEvent):
-                    for chunk in writer.text(ev.text):
-                        yield chunk
+                    if ev.parts is not None:  # a reasoning parser split it: the reasoning is an item of its own
+                        for chunk in writer.reasoning(ev.parts.reasoning) + writer.text(ev.parts.content):
+                            yield chunk
+                    else:
+                        for chunk in writer.text(ev.text):
+                            yield chunk
                 elif isinstance(ev, ToolCallEvent):
                     for chunk in writer.call(ev.index, ev.id, ev.name, ev.arguments_delta):
                         yield chunk

@@ -1,8 +1,10 @@
 """The Responses API's response object and its streamed events (the official event types):
 
     response.created, response.in_progress
-    response.output_item.added / .done                (a message or a function_call item)
-    response.content_part.added / .done               (the message's output_text part)
+    response.output_item.added / .done                (a reasoning, message or function_call item)
+    response.content_part.added / .done               (the message's output_text part, the reasoning's
+                                                       reasoning_text part)
+    response.reasoning_text.delta / .done             (with a reasoning parser: the reply's reasoning)
     response.output_text.delta / .done
     response.function_call_arguments.delta / .done
     response.completed | response.incomplete           (the whole response, as retrieve returns it)
@@ -16,17 +18,18 @@ import json
 from typing import Any, Optional
 
 from agentserve.adapters.openai.responses_items import (ResponsesRequest, function_call_item, mark_cut_off,
-                                                        message_item, new_id)
+                                                        message_item, new_id, reasoning_item)
 
 Item = dict[str, Any]
 
 
-def responses_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def responses_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int,
+                    reasoning_tokens: int = 0) -> dict[str, Any]:
     # The openai client's ResponseUsage requires cache_write_tokens (OpenAI's prompt-cache writes, which
     # it reports apart from reads); this server's prefix cache reports hits only: 0, as for any request.
     details = {"cached_tokens": cached_tokens, "cache_write_tokens": 0}
     return {"input_tokens": prompt_tokens, "input_tokens_details": details,
-            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt_tokens + completion_tokens}
 
 
@@ -60,6 +63,7 @@ class ResponseEvents:
         self.body = body
         self.output: list[Item] = []
         self._seq = 0
+        self._thought: Optional[Item] = None    # the reasoning item being streamed
         self._text: Optional[Item] = None       # the message item being streamed
         self._call: Optional[Item] = None       # the function_call item being streamed
         self._call_index = -1                   # the turn's index of that call
@@ -77,14 +81,29 @@ class ResponseEvents:
     def _open(self, item: Item) -> str:
         self.output.append(item)
         added = dict(item, status="in_progress")
-        if item["type"] == "message":
+        if item["type"] in ("message", "reasoning"):
             added["content"] = []
         return self._event("response.output_item.added", output_index=len(self.output) - 1, item=added)
+
+    def reasoning(self, delta: str) -> list[str]:
+        if not delta:
+            return []
+        events = self._close_text() + self._close_call()
+        if self._thought is None:
+            self._thought = reasoning_item(new_id("rs"), "")
+            events.append(self._open(self._thought))
+            events.append(self._event("response.content_part.added", item_id=self._thought["id"],
+                                      output_index=len(self.output) - 1, content_index=0,
+                                      part={"type": "reasoning_text", "text": ""}))
+        self._thought["content"][0]["text"] += delta
+        events.append(self._event("response.reasoning_text.delta", item_id=self._thought["id"],
+                                  output_index=len(self.output) - 1, content_index=0, delta=delta))
+        return events
 
     def text(self, delta: str) -> list[str]:
         if not delta:
             return []
-        events = self._close_call()
+        events = self._close_thought() + self._close_call()
         if self._text is None:
             self._text = message_item(new_id("msg"), "")
             events.append(self._open(self._text))
@@ -97,7 +116,7 @@ class ResponseEvents:
         return events
 
     def call(self, index: int, call_id: str, name: str, delta: str) -> list[str]:
-        events = self._close_text()
+        events = self._close_thought() + self._close_text()
         if index != self._call_index:
             events += self._close_call()
             self._call_index = index
@@ -122,6 +141,18 @@ class ResponseEvents:
                             part=part),
                 self._event("response.output_item.done", output_index=at, item=item)]
 
+    def _close_thought(self) -> list[str]:
+        item, self._thought = self._thought, None
+        if item is None:
+            return []
+        at = self.output.index(item)
+        part = item["content"][0]
+        return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0,
+                            text=part["text"]),
+                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
+                            part=part),
+                self._event("response.output_item.done", output_index=at, item=item)]
+
     def _close_call(self) -> list[str]:
         item, self._call = self._call, None
         if item is None:
@@ -134,7 +165,7 @@ class ResponseEvents:
     def finish(self, final_body: dict[str, Any]) -> list[str]:
         """Closes the open items; the last event carries the whole response (with these items)."""
         mark_cut_off(self.output, final_body["status"])  # before the items' done events carry them
-        events = self._close_text() + self._close_call()
+        events = self._close_thought() + self._close_text() + self._close_call()
         self.body = dict(final_body, output=self.output)
         kind = "response.completed" if self.body["status"] == "completed" else "response.incomplete"
         events.append(self._event(kind, response=self.body))

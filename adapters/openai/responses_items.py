@@ -6,7 +6,10 @@ Input items (OpenAI's shapes): messages `{"role", "content"}` (with or without `
 content a string or input_text / output_text parts; "developer" is "system"), `function_call`
 `{"call_id", "name", "arguments"}` and `function_call_output` `{"call_id", "output"}`. Consecutive
 function calls (and the assistant text right before them) become one assistant message with
-`tool_calls`, as chat templates expect. Anything else is a 400 naming the item.
+`tool_calls`, as chat templates expect. A `reasoning` item (what a reasoning model's earlier response
+output, given back by clients that keep the conversation themselves) becomes the `reasoning_content`
+of the assistant message after it, as chat templates that show earlier reasoning read it. Anything
+else is a 400 naming the item.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.chat.messages import parse_json_object
 from agentserve.errors import FieldError
+from agentserve.sessions.types import ReplyParts
 
 Message = dict[str, Any]
 Item = dict[str, Any]
@@ -178,6 +182,7 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
     the function of a function_call_output whose call is not among these items."""
     names = dict(known_calls or {})
     out: list[Message] = []
+    thought: Optional[str] = None  # a reasoning item's text, for the assistant message that follows it
     for i, item in enumerate(items):
         at, kind = f"input[{i}]", item.get("type")
         if kind == "message":
@@ -185,16 +190,24 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
             if role not in ("user", "system", "developer", "assistant"):
                 raise OpenAIError(400, f"{at}.role must be one of user, system, developer, assistant; got {role!r}",
                                   param=f"{at}.role")
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": _text_of(item.get("content"), at)})
+            said: Message = {"role": "system" if role == "developer" else role, "content": _text_of(item.get("content"), at)}
+            if role == "assistant" and thought:
+                said["reasoning_content"] = thought
+            thought = None
+            out.append(said)
+        elif kind == "reasoning":
+            thought = _reasoning_text(item, at)
         elif kind == "function_call":
             call = _function_call(item, at)
             names[call["id"]] = call["function"]["name"]
             last = out[-1] if out else None
-            if last is not None and last["role"] == "assistant":
+            if last is not None and last["role"] == "assistant" and not thought:
                 last.setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if thought:
+                    out[-1]["reasoning_content"] = thought
+            thought = None
         elif kind == "function_call_output":
             call_id, output = item.get("call_id"), item.get("output")
             if not isinstance(call_id, str) or not call_id:
@@ -202,6 +215,7 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
                                   param=f"{at}.call_id")
             text = output if isinstance(output, str) else _text_of(output, at, "output") if isinstance(output, list) \
                 else json.dumps(output)
+            thought = None
             message: Message = {"role": "tool", "tool_call_id": call_id, "content": text or " "}
             if call_id in names:
                 message["name"] = names[call_id]
@@ -210,6 +224,22 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
             raise OpenAIError(400, f"{at}.type {kind!r} is not supported (messages, function_call and "
                                    "function_call_output items)", param=f"{at}.type")
     return out
+
+
+def _reasoning_text(item: Item, at: str) -> str:
+    """A reasoning item's text: its reasoning_text content parts, else its summary's texts (an item with
+    only encrypted_content, from another server, carries nothing this one can read: empty)."""
+    for key, part_type in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(key)
+        if parts is None:
+            continue
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and p.get("type") == part_type
+                                                  and isinstance(p.get("text"), str) for p in parts):
+            raise OpenAIError(400, f"{at}.{key} must be a list of {{'type': '{part_type}', 'text': ...}} parts",
+                              param=f"{at}.{key}")
+        if parts:
+            return "\n".join(p["text"] for p in parts)
+    return ""
 
 
 # --- a reply -> output items ---------------------------------------------------------------------------
@@ -223,12 +253,21 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str, st
             "status": status}
 
 
-def output_items(message: Message, status: str) -> list[Item]:
-    """A turn's reply (content, tool_calls) as output items: the text first, then each call. In an
-    incomplete response (max_output_tokens) the last item is the one cut off."""
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> Item:
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def output_items(message: Message, status: str, parts: Optional[ReplyParts] = None) -> list[Item]:
+    """A turn's reply (content, tool_calls) as output items: its reasoning (`parts`, with a reasoning
+    parser), the text, then each call. In an incomplete response (max_output_tokens) the last item is
+    the one cut off."""
     items: list[Item] = []
-    if message.get("content"):
-        items.append(message_item(new_id("msg"), message["content"]))
+    if parts is not None and parts.reasoning:
+        items.append(reasoning_item(new_id("rs"), parts.reasoning))
+    content = parts.content if parts is not None else message.get("content")
+    if content:
+        items.append(message_item(new_id("msg"), content))
     for call in message.get("tool_calls") or []:
         fn = call["function"]
         args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])

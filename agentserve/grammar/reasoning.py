@@ -52,6 +52,17 @@ class ReasoningMarkers:
             ids.append(encoded[0])
         return cls(parser, ids[0], ids[1])
 
+    def reasoning_tokens(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
+        """How many output tokens are reasoning (the markers included): usage's reasoning_tokens."""
+        thinking, count = not self.ended_in(prompt_token_ids), 0
+        for token in output_token_ids:
+            if token == self.start_id:
+                thinking = True
+            count += thinking
+            if token == self.end_id:
+                thinking = False
+        return count
+
     def ended_in(self, prompt_token_ids: Sequence[int]) -> bool:
         """Whether the prompt already closed the reasoning (the last marker in it is the end)."""
         for token in reversed(prompt_token_ids):

@@ -43,9 +43,10 @@ from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency, TurnAdmission
+from agentserve.chat.reasoning import ReasoningStream, split_reasoning
 from agentserve.chat.reply import ReplyStream
-from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, Session, SessionBusyError, SessionStats, TextEvent,
-                                       ToolCallEvent, TurnCancelledError, TurnEvent, TurnResult, Usage,
+from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, ReplyParts, Session, SessionBusyError, SessionStats,
+                                       TextEvent, ToolCallEvent, TurnCancelledError, TurnEvent, TurnResult, Usage,
                                        snapshot_of, timing_from_metrics)
 
 T = TypeVar("T")
@@ -306,6 +307,10 @@ class TurnLifecycle:
                                  retain_blocks=True, share_prefix=True, priority=priority, cache_salt=s.cache_salt,
                                  lora_name=s.adapter, lora_key=s.lora_key,
                                  admit_hook=TurnAdmission(self.residency, pending))
+        markers = self.engine.reasoning
+        # Whether the reply starts inside a reasoning block: the rule chat completions and the grammar follow.
+        in_reasoning = markers is not None and not markers.ended_in(pending.prompt_token_ids)
+        thoughts = ReasoningStream(markers.parser, in_reasoning) if markers is not None else None
         try:
             async for out in gen:
                 comp = out.outputs[0]
@@ -313,11 +318,23 @@ class TurnLifecycle:
                 for c in calls:
                     queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
                 if text or comp.delta_token_ids:
-                    queue.put_nowait(TextEvent(text, list(comp.delta_token_ids)))
+                    parts = ReplyParts(*thoughts.feed(text)) if thoughts is not None else None
+                    queue.put_nowait(TextEvent(text, list(comp.delta_token_ids), parts))
                 if out.finished and (out.error or comp.finish_reason == "error"):
                     raise out.failure("the turn failed")
                 if out.finished:
-                    queue.put_nowait(self._final_result(pending, out, reply))
+                    if thoughts is not None:
+                        held = ReplyParts(*thoughts.finish())  # text held while undecided (only a marker's start)
+                        if held.reasoning or held.content:
+                            queue.put_nowait(TextEvent("", [], held))
+                    result = self._final_result(pending, out, reply)
+                    if markers is not None:
+                        thought, answer = split_reasoning(markers.parser, result.message.get("content") or "",
+                                                          in_reasoning)
+                        result.parts = ReplyParts(thought or "", answer)
+                        result.usage.reasoning_tokens = markers.reasoning_tokens(pending.prompt_token_ids,
+                                                                                 result.token_ids)
+                    queue.put_nowait(result)
                     queue.put_nowait(_SENTINEL_DONE)
                     return
         finally:

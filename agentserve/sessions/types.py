@@ -51,10 +51,19 @@ class SessionLimitError(SessionError):
 
 
 # --- what a turn streams and returns ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplyParts:
+    """A reply's text (or a delta of it) split by the engine's reasoning parser (--reasoning-parser), the
+    markers dropped: what the APIs that report reasoning apart (Responses' reasoning items) show."""
+    reasoning: str
+    content: str
+
+
 @dataclass
 class TextEvent:
     text: str
     token_ids: list[int]
+    parts: Optional[ReplyParts] = None  # `text` split, with a reasoning parser; None without one
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Usage:
     prefilled_tokens: int = 0
     completion_tokens: int = 0
     swapped_in_tokens: int = 0
+    reasoning_tokens: int = 0  # of the completion's, inside a reasoning block (with a reasoning parser)
 
 
 @dataclass
@@ -134,6 +144,8 @@ class TurnResult:
     token_ids: list[int]
     prompt_token_ids: list[int]
     session: SessionSnapshot
+    # The reply's content split by the reasoning parser (None without one; `message` keeps it whole).
+    parts: Optional[ReplyParts] = None
 
 
 TurnEvent = Union[TextEvent, ToolCallEvent, TurnResult]
