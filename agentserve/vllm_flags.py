@@ -5,6 +5,7 @@ vLLM's keywords of these flags the same way (engine_kwargs_from_vllm_llm_kwargs)
 
     --port N                    --http-port N
     --swap-space GiB            --swap-space-gb GiB
+    --scheduling-policy NAME    --policy NAME (fcfs or priority)
     --guided-decoding-backend   --grammar-backend (vLLM's "guidance" is llguidance)
     --chat-template, --generation-config: engine options (config.ModelConfig)
     --tool-call-parser NAME     checked against the format the chat template shows (agentserve reads
@@ -52,6 +53,8 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=None, help="vLLM's name for --http-port")
     group.add_argument("--swap-space", type=float, default=None, dest="swap_space",
                        help="vLLM's name for --swap-space-gb (GiB of host memory for swapped-out KV)")
+    group.add_argument("--scheduling-policy", default=None, dest="scheduling_policy", choices=("fcfs", "priority"),
+                       help="vLLM's name for --policy")
     group.add_argument("--guided-decoding-backend", default=None, dest="guided_decoding_backend",
                        help="vLLM's name for --grammar-backend ('guidance' is llguidance)")
     group.add_argument("--tool-call-parser", default=None, dest="tool_call_parser",
@@ -71,6 +74,10 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
         kw["http_port"] = given["port"]
     if given.get("swap_space") is not None:
         kw["swap_space_gb"] = given["swap_space"]
+    if given.get("scheduling_policy") is not None:
+        if given.get("policy") not in (None, given["scheduling_policy"]):
+            raise SystemExit("--scheduling-policy and --policy name different policies; give one")
+        kw["policy"] = given["scheduling_policy"]
     env_key = os.environ.get("VLLM_API_KEY")
     if env_key and given.get("api_key") is None and given.get("api_key_file") is None:
         kw["api_key"] = env_key
@@ -95,6 +102,10 @@ def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]
         if "swap_space_gb" in kw:
             raise ValueError("swap_space and swap_space_gb are the same option; give one")
         kw["swap_space_gb"] = kw.pop("swap_space")
+    if "scheduling_policy" in kw:
+        if "policy" in kw:
+            raise ValueError("scheduling_policy and policy are the same option; give one")
+        kw["policy"] = kw.pop("scheduling_policy")
     if kw.get("enable_chunked_prefill") is False:
         raise ValueError("enable_chunked_prefill=False: agentserve always chunks prefill under max_num_batched_tokens")
     for name, why in _ALWAYS_ON.items():

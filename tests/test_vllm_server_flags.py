@@ -116,3 +116,25 @@ def test_without_the_flag_no_header_is_added() -> None:
         raw = client.chat.completions.with_raw_response.create(
             model="m", messages=MESSAGES, max_tokens=2, extra_headers={"X-Request-Id": "abc"})
         assert raw.parse().id == "chatcmpl-abc" and "x-request-id" not in raw.headers
+
+
+def test_priority_without_the_priority_policy_is_a_400(http: httpx.Client) -> None:
+    """vLLM refuses a priority the fcfs scheduler would ignore; --scheduling-policy is vLLM's --policy."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        resp = _post(http, path, priority=3)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "priority" and "--scheduling-policy priority" in resp.json()["error"]["message"]
+        assert _post(http, path, priority=0).status_code == 200
+    path = str(tiny_model_cached("qwen2"))
+    config = engine_config_from_args(build_parser().parse_args(["serve", path, "--scheduling-policy", "priority"]))
+    assert config.scheduler.policy == "priority"
+    with pytest.raises(SystemExit, match="different policies"):
+        engine_config_from_args(build_parser().parse_args(["serve", path, "--scheduling-policy", "priority",
+                                                           "--policy", "fcfs"]))
+    llm = LLM(path, device="cpu", scheduling_policy="priority")
+    assert llm.engine.config.scheduler.policy == "priority"
+    llm.close()
+    with live_openai("qwen2", max_model_len=256, policy="priority") as client:
+        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        with httpx.Client(base_url=base, timeout=60) as h:
+            assert _post(h, "/v1/completions", priority=3).status_code == 200

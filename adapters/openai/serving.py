@@ -388,6 +388,11 @@ class OpenAIServing:
         if req.cache_salt:
             kw["cache_salt"] = req.cache_salt
         if req.priority:
+            if self.engine.config.scheduler.policy != "priority":
+                # vLLM's answer: a priority the fcfs scheduler would ignore is the client's mistake, not a no-op.
+                raise OpenAIError(400, f"priority is {req.priority}, but the server schedules first come, first "
+                                       "served: start it with --scheduling-policy priority, or leave priority out",
+                                  param="priority")
             kw["priority"] = req.priority
         return kw
 
