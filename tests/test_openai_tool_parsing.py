@@ -17,6 +17,7 @@ from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
 from agentserve.config import EngineConfig
 from agentserve.engine.generation_defaults import GenerationDefaults
+from agentserve.engine.loading import resolve_model
 from agentserve.engine.metrics import EngineMetrics
 from agentserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from agentserve.lora.interface import LoRAManager
@@ -76,6 +77,7 @@ class ScriptedEngine:
         self.generation_defaults = GenerationDefaults()  # no generation_config.json defaults
         self.reasoning = None  # no reasoning parser
         self.config = EngineConfig.from_kwargs(str(self.model_path), served_model_name=self.model_name)
+        self.arch, _ = resolve_model(self.config)  # the vocabulary bounds top_logprobs (--max-logprobs)
         self.lora_manager: Optional[LoRAManager] = None
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
