@@ -53,12 +53,15 @@ def decoder_for(tokenizer: Any) -> Callable[[list[int], bool], str]:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool,
-                 stop: list[str], include_stop_str_in_output: bool) -> None:
+                 stop: list[str], include_stop_str_in_output: bool, min_tokens: int) -> None:
         self.tokenizer = tokenizer
         self._decode_fn = decoder_for(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output
+        # As vLLM: a stop string counts only in text that output tokens past the first min_tokens add.
+        self.min_tokens = min_tokens
+        self.num_output_tokens = 0
         self.max_stop_len = max((len(s) for s in stop), default=0)
         # A few prompt tokens of context so that the first output token decodes with its spacing.
         context = prompt_token_ids[-4:]
@@ -75,6 +78,7 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> Optional[str]:
         """Adds one token; returns the matched stop string when one now occurs in the output."""
         self.token_ids.append(token_id)
+        self.num_output_tokens += 1
         prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset:])
         if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
@@ -85,10 +89,14 @@ class IncrementalDetokenizer:
             new_text = ""
         if not new_text:
             return None
-        start = max(0, len(self.output_text) - self.max_stop_len + 1)
+        old_len = len(self.output_text)
         self.output_text += new_text
+        if self.num_output_tokens <= self.min_tokens:
+            return None
         for stop in self.stop:
-            pos = self.output_text.find(stop, start)
+            # A match must end in the new text: one wholly in older text was either checked then or lay
+            # in the text of the first min_tokens tokens, where stop strings do not count.
+            pos = self.output_text.find(stop, max(0, old_len - len(stop) + 1))
             if pos != -1:
                 end = pos + len(stop) if self.include_stop else pos
                 self.output_text = self.output_text[:end]

@@ -185,7 +185,8 @@ class Engine:
                           parent_id=request_id)
             if self.tokenizer is not None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
-                                                         list(params.stop or []), params.include_stop_str_in_output)
+                                                         list(params.stop or []), params.include_stop_str_in_output,
+                                                         params.min_tokens)
             req.retain_blocks = retain_blocks
             req.bad_words_token_ids = bad_words
             children.append(req)

@@ -171,8 +171,10 @@ class OutputProcessor:
     def _check_stop(self, req: Request, token: int) -> None:
         params = req.sampling_params
         ends_on_eos = token in req.eos_token_ids and not params.ignore_eos
-        # The EOS token ends the text; it is not part of it (even when special tokens are kept).
-        stop_str = req.detokenizer.append(token) if req.detokenizer is not None and not ends_on_eos else None
+        # As vLLM: the token that ends the output (an EOS, a stop id) is not part of its text unless
+        # include_stop_str_in_output asks for it (even when special tokens are kept).
+        decoded = not (ends_on_eos or token in params.stop_token_ids) or params.include_stop_str_in_output
+        stop_str = req.detokenizer.append(token) if req.detokenizer is not None and decoded else None
         grammar = req.grammar
         if grammar is not None and not grammar.accept_token(token):
             # Masks make this impossible unless the request's own restrictions masked every token the

@@ -1,0 +1,57 @@
+"""vLLM's stop semantics in the offline API: the stop id that ends an output is in its token ids but not
+its text (unless include_stop_str_in_output), and stop strings count only in the text that tokens past
+the first min_tokens add."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.testing import tiny_model_cached
+
+PROMPT = "hello world"
+GREEDY = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(str(tiny_model_cached("llama")), device="cpu", max_model_len=256)
+
+
+def _text(llm: LLM, **params: object) -> tuple[str, list[int]]:
+    out = llm.generate(PROMPT, SamplingParams(**{**GREEDY, **params}))[0].outputs[0]
+    return out.text, out.token_ids
+
+
+def test_stop_token_text_is_left_out_unless_include_stop_str_in_output(llm: LLM) -> None:
+    full_text, full_ids = _text(llm)
+    stop_id = full_ids[1]
+    head_text, _ = _text(llm, max_tokens=1)
+    with_stop_text, _ = _text(llm, max_tokens=2)
+    assert with_stop_text != head_text  # the stop token has text of its own
+    out = llm.generate(PROMPT, SamplingParams(stop_token_ids=[stop_id], **GREEDY))[0].outputs[0]
+    assert out.token_ids == full_ids[:2] and out.stop_reason == stop_id and out.finish_reason == "stop"
+    assert out.text == head_text
+    kept = llm.generate(PROMPT, SamplingParams(stop_token_ids=[stop_id], include_stop_str_in_output=True,
+                                               **GREEDY))[0].outputs[0]
+    assert kept.token_ids == full_ids[:2] and kept.text == with_stop_text
+
+
+@pytest.mark.parametrize("min_tokens", [0, 2, 4])
+def test_stop_strings_count_only_after_min_tokens(llm: LLM, min_tokens: int) -> None:
+    full_text, full_ids = _text(llm)
+    second_token_text, _ = _text(llm, max_tokens=2)
+    first_token_text, _ = _text(llm, max_tokens=1)
+    stop = second_token_text[len(first_token_text):].strip()
+    assert stop and stop in full_text
+    head = _text(llm, max_tokens=min_tokens)[0] if min_tokens else ""
+    pos = full_text.find(stop, max(0, len(head) - len(stop) + 1))  # a match must end past the head
+    out = llm.generate(PROMPT, SamplingParams(stop=stop, min_tokens=min_tokens, **GREEDY))[0].outputs[0]
+    if pos == -1:
+        assert out.finish_reason == "length" and out.text == full_text
+    else:
+        assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == full_text[:pos]
+    assert len(out.token_ids) > min_tokens
+    if min_tokens >= 2:  # the stop string lies in the first min_tokens tokens: it does not end the output
+        assert out.text != full_text[:full_text.find(stop)]
