@@ -90,7 +90,11 @@ class SamplingParams:
     allowed_token_ids: Optional[list[int]] = None  # vLLM's: only these tokens may be sampled
     bad_words: Optional[list[str]] = None  # vLLM's: words the output may not contain (sampling/bad_words.py)
     skip_special_tokens: bool = True
+    # vLLM's: with special tokens kept, whether decoding puts spaces between adjacent special tokens.
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: False gives token ids only (text "", logprobs without decoded_token); stop strings need text.
+    detokenize: bool = True
     # Output constraints (grammar/): at most one of these.
     json_schema: Union[None, str, dict[str, Any]] = None
     json_object: bool = False
@@ -172,6 +176,9 @@ class SamplingParams:
     def _validate_lists_and_text(self) -> None:
         if any(not isinstance(s, str) or not s for s in self.stop):  # type: ignore[union-attr]
             raise SamplingParamsError("stop", "strings must be non-empty strings")
+        if self.stop and not self.detokenize:
+            raise SamplingParamsError("stop", "strings are matched in the output text: they need detokenize=True "
+                                              "(or end the output with stop_token_ids)")
         _check_text("stop", self.stop)
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be non-negative integers")

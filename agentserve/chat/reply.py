@@ -100,7 +100,8 @@ class ReplyStream:
         self.raw: Optional[IncrementalDetokenizer] = None
         if self.parser is not None:
             self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),
-                                              params.include_stop_str_in_output, params.min_tokens)
+                                              params.include_stop_str_in_output, params.min_tokens,
+                                              params.spaces_between_special_tokens)
         self._stopped = False
 
     @property

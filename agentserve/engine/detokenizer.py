@@ -51,11 +51,23 @@ def decoder_for(tokenizer: Any) -> Callable[[list[int], bool], str]:
     return fn
 
 
+def _decoder_without_spaces_between_special_tokens(tokenizer: Any) -> Callable[[list[int], bool], str]:
+    """decode(ids, skip_special_tokens) through transformers, which alone takes that option (the Rust
+    tokenizer's decode has none)."""
+    def fn(ids: list[int], skip: bool) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False,
+                                spaces_between_special_tokens=False)
+    return fn
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool,
-                 stop: list[str], include_stop_str_in_output: bool, min_tokens: int) -> None:
+                 stop: list[str], include_stop_str_in_output: bool, min_tokens: int,
+                 spaces_between_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
         self._decode_fn = decoder_for(tokenizer)
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            self._decode_fn = _decoder_without_spaces_between_special_tokens(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output

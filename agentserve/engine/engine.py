@@ -183,10 +183,10 @@ class Engine:
             req = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
                           cache_salt=cache_salt, lora_name=lora_name, lora_key=lora_key, index=i,
                           parent_id=request_id)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and params.detokenize:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          list(params.stop or []), params.include_stop_str_in_output,
-                                                         params.min_tokens)
+                                                         params.min_tokens, params.spaces_between_special_tokens)
             req.retain_blocks = retain_blocks
             req.bad_words_token_ids = bad_words
             children.append(req)

@@ -202,15 +202,16 @@ class OutputProcessor:
             self.finish(req, RequestStatus.FINISHED_LENGTH, None)
 
     def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[float], top_lps: Sequence[float],
-                  decoded: dict[int, str]) -> PositionLogprobs:
+                  decoded: Optional[dict[int, str]]) -> PositionLogprobs:
         """One position's logprobs: the token's, then the top ones after it (ranks from 1), each with its
-        text (`decoded`: texts already decoded, shared by the positions of one call). The top ids may come
-        as floats, from the packed float rows prompt logprobs are read back in."""
+        text (`decoded`: texts already decoded, shared by the positions of one call; None: no texts, for
+        detokenize=False). The top ids may come as floats, from the packed float rows prompt logprobs are
+        read back in."""
         position = {token: Logprob(logprob, rank)}
         for r, (tid, lp) in enumerate(zip(top_ids, top_lps), start=1):
             position.setdefault(int(tid), Logprob(lp, r))
         tokenizer = self.engine.tokenizer
-        if tokenizer is not None:
+        if tokenizer is not None and decoded is not None:
             for tid, entry in position.items():
                 if tid not in decoded:
                     decoded[tid] = tokenizer.decode([tid])
@@ -220,7 +221,8 @@ class OutputProcessor:
     def _record_logprobs(self, req: Request, ids: list[int], lps: list[float], rank: int) -> None:
         assert req.logprobs is not None
         n = req.sampling_params.logprobs or 0
-        req.logprobs.append(self._position(ids[0], lps[0], rank, ids[1:1 + n], lps[1:1 + n], {}))
+        decoded: Optional[dict[int, str]] = {} if req.sampling_params.detokenize else None
+        req.logprobs.append(self._position(ids[0], lps[0], rank, ids[1:1 + n], lps[1:1 + n], decoded))
         req.cumulative_logprob += lps[0]
 
     def _record_prompt_logprobs(self, scores: PromptScores) -> None:
@@ -237,7 +239,8 @@ class OutputProcessor:
                     continue  # finished meanwhile, or already recorded
                 row = rows[lo + k]
                 entries.append(self._position(req.prompt_token_ids[first + k], row[0], int(row[1]), row[2:2 + n],
-                                              row[2 + w:2 + w + n], decoded))
+                                              row[2 + w:2 + w + n],
+                                              decoded if req.sampling_params.detokenize else None))
             lo += count
 
     def _fork_siblings(self, leader: Request) -> None:
