@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union, cast
 
@@ -66,22 +67,28 @@ def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional
 class LLM:
     def __init__(self, model: str, device: Optional[str] = None, dtype: str = "auto", **engine_config: Any) -> None:
         engine_config = engine_kwargs_from_vllm_llm_kwargs(engine_config)  # trust_remote_code, swap_space, ...
-        self.engine = Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config)
-        self.engine.emit_unfinished = False  # generate() returns finished outputs only
-        self._ids = itertools.count()
+        self._own(Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
         llm = cls.__new__(cls)
-        llm.engine = Engine(config)
-        llm.engine.emit_unfinished = False
-        llm._ids = itertools.count()
+        llm._own(Engine(config))
         return llm
+
+    def _own(self, engine: Engine) -> None:
+        self.engine = engine
+        self.engine.emit_unfinished = False  # generate() returns finished outputs only
+        self._ids = itertools.count()
+        # Deleting the LLM closes its engine at once: the engine's own reference cycles would keep its
+        # device memory until a garbage collection, and benchmarks build the next engine right after
+        # `del llm`. Not at interpreter exit, where the process's shutdown releases everything.
+        self._closer = weakref.finalize(self, engine.close)
+        self._closer.atexit = False
 
     def close(self) -> None:
         """Releases the engine's device memory, swap space and grammar workers (idempotent); `with
-        LLM(...) as llm:` does it on leaving the block."""
-        self.engine.close()
+        LLM(...) as llm:` does it on leaving the block, and deleting the LLM does it too."""
+        self._closer()
 
     def __enter__(self) -> "LLM":
         return self

@@ -108,6 +108,23 @@ def test_llm_close_frees_kv_swap_and_weights_and_a_second_engine_works() -> None
         assert second.generate(PROMPT, GREEDY)[0].outputs[0].token_ids == first
 
 
+def test_deleting_an_llm_frees_its_engine_without_waiting_for_a_garbage_collection() -> None:
+    """`del llm` then a new LLM (as benchmarks do): the engine's reference cycles must not keep the
+    first engine's KV pages and weights until the collector happens to run."""
+    path = str(tiny_model_cached("llama"))
+    llm = LLM(path, device="cpu", dtype="float32")
+    assert llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+    engine = llm.engine
+    kv_ref = weakref.ref(engine.runner.kv_cache.layers[0][0])
+    gc.disable()  # only reference counting may free it
+    try:
+        del llm
+        assert engine.closed and kv_ref() is None
+        assert all(p.is_meta for p in engine.runner.model.parameters())
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("draft_quantization", [None, "fp8"])
 def test_a_closed_engine_holds_no_tensors_with_a_draft_model_and_lora(draft_quantization: Optional[str]) -> None:
     """Every tensor the engine reaches (target and draft KV pages and weights, an FP8 draft's lm_head
