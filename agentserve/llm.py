@@ -229,10 +229,18 @@ class LLM:
              tools: Optional[list[dict[str, Any]]] = None,
              tool_choice: Union[None, str, dict[str, Any]] = None, use_tqdm: bool = False,
              adapter: AdapterArg = None, lora_request: LoRARequestArg = None,
-             chat_template_kwargs: Optional[dict[str, Any]] = None, **template_kwargs: Any) -> list[RequestOutput]:
+             chat_template_kwargs: Optional[dict[str, Any]] = None, chat_template_content_format: str = "auto",
+             mm_processor_kwargs: Optional[dict[str, Any]] = None, **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations, through the chat template;
         one SamplingParams for all or one per conversation. `chat_template_kwargs` (vLLM's: e.g.
-        {"enable_thinking": False}) are template variables merged over the other keywords."""
+        {"enable_thinking": False}) are template variables merged over the other keywords.
+        vLLM's chat_template_content_format and mm_processor_kwargs are keywords of chat, not template
+        variables: content parts reach templates as text (vLLM's "string"), and there are no multimodal inputs."""
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format {chat_template_content_format!r} is not supported: "
+                             "content parts reach the chat template as one text ('string'); use 'auto' or 'string'")
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs is not supported: agentserve serves text-only models")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if tools is None and tool_choice not in (None, "none"):  # vLLM: "When using tool_choice, tools must be set"
             raise ValueError(f"tool_choice {tool_choice!r} needs tools")

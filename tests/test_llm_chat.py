@@ -71,3 +71,13 @@ def test_a_history_in_openai_shapes_renders_as_the_http_api_renders_it(llm: LLM)
             {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]
     text = llm.chat(conv, PARAMS, chat_template=TOJSON_TEMPLATE)[0].prompt
     assert text == '<user>weather?<call>{"city": "Paris"}</call><tool>sunny'
+
+
+def test_vllm_chat_keywords_are_not_template_variables(llm: LLM) -> None:
+    """vLLM's chat keywords that agentserve does not implement are errors naming them, not variables
+    handed to the template (where they would be silently ignored); their defaults are accepted."""
+    assert _prompt_text(llm, chat_template_content_format="string", mm_processor_kwargs=None) == "<hi>GEN"
+    with pytest.raises(ValueError, match="chat_template_content_format 'openai'"):
+        llm.chat(CONV, PARAMS, chat_template_content_format="openai")
+    with pytest.raises(ValueError, match="mm_processor_kwargs"):
+        llm.chat(CONV, PARAMS, mm_processor_kwargs={"num_crops": 4})
