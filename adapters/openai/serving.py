@@ -271,7 +271,7 @@ class OpenAIServing:
         """Limits and string validity that hold for both endpoints, before any work that grows with
         the request's size: every string valid UTF-8, stop strings, bad words, JSON schemas; vLLM's fields of
         features agentserve lacks refused by name."""
-        check_vllm_unsupported(req)
+        check_vllm_unsupported(req, self.engine.config.scheduler.policy)
         L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)
@@ -388,11 +388,6 @@ class OpenAIServing:
         if req.cache_salt:
             kw["cache_salt"] = req.cache_salt
         if req.priority:
-            if self.engine.config.scheduler.policy != "priority":
-                # vLLM's answer: a priority the fcfs scheduler would ignore is the client's mistake, not a no-op.
-                raise OpenAIError(400, f"priority is {req.priority}, but the server schedules first come, first "
-                                       "served: start it with --scheduling-policy priority, or leave priority out",
-                                  param="priority")
             kw["priority"] = req.priority
         return kw
 

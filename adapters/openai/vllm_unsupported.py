@@ -37,8 +37,13 @@ def _check(extra: Optional[dict[str, Any]], refused: dict[str, tuple[Callable[[A
             raise OpenAIError(400, f"{param}: {refused[name][1]}", param=param)
 
 
-def check_vllm_unsupported(req: Any) -> None:
-    """400 for a vLLM field of `req` (a completions or chat request) that asks for what agentserve lacks."""
+def check_vllm_unsupported(req: Any, policy: str) -> None:
+    """400 for a vLLM field of `req` (a completions or chat request) that asks for what agentserve lacks,
+    or for what the server's configuration would ignore (`policy`: its scheduling policy)."""
+    if req.priority and policy != "priority":
+        # vLLM's answer: a priority the fcfs scheduler would ignore is the client's mistake, not a no-op.
+        raise OpenAIError(400, f"priority is {req.priority}, but the server schedules first come, first served: "
+                               "start it with --scheduling-policy priority, or leave priority out", param="priority")
     extra = req.model_extra
     _check(extra, _REFUSED, "")
     best_of = (extra or {}).get("best_of")  # completions declares best_of and checks it itself
