@@ -86,9 +86,6 @@ def build_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", help="'auto' or 'fp8' (benchmarks/fp8.py compares them)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--switch-interval-ms", type=float, default=None,
-                    help="the interpreter's thread switch interval (sys.setswitchinterval; default 5 ms): how long the "
-                         "step thread may wait for the GIL while the event loop (server and clients) holds it")
     ap.add_argument("--merge", default=None, help="a previous run's JSON (same workload, other modes) to report "
                     "together with this one, e.g. stateless-nocache run separately")
     ap.add_argument("--out", default=None)
@@ -369,8 +366,6 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_args(argv)
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     report = asyncio.run(main_async(args))
     print_table(report)
     written = write_json(report, args.out, "agent_loop")

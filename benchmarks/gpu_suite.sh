@@ -78,14 +78,14 @@ if [ "$MODE" = s23a ]; then
   # Twenty-third session (< 10 min): why the sessions' decode-only steps run 2.7 ms longer than the stateless
   # mode's at the same KV reads (the timeline splits them by device ops; host time per part of the swaps;
   # allocator counters), with the outputs handed to the event loop once per step; the sessions mode again with
-  # a 0.5 ms thread switch interval (the GIL question; both modes: the ratio at it); then the FP8 and bf16 GEMV kernels' GPU tests after
+  # the interpreter's 5 ms switch interval against the engine's 0.5 ms default (the GIL question; both modes); then the FP8 and bf16 GEMV kernels' GPU tests after
   # the halves loop's removal (SKIP_GEMV=1 leaves them out: they passed on an H100 in this session's first call).
   # Needs grpcio-health-checking and grpcio-reflection among the wheels (../shared/gpu/wheels.sh
   # grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0): the server imports them.
+  AGENTSERVE_SWITCH_INTERVAL_MS=0 TMO=250 TAIL=30 run agent-loop-switch5 python3 benchmarks/agent_loop.py $DUMMY \
+    --agents 64 --turns 8 --modes sessions,stateless-prefix --out "$OUT/agent_loop_switch5.json"
   TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  TMO=250 TAIL=30 run agent-loop-switch05 python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions,stateless-prefix --switch-interval-ms 0.5 --out "$OUT/agent_loop_switch05.json"
   [ -n "${SKIP_GEMV:-}" ] || TMO=90 run pytest-gpu-gemv python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_gpu_gemv.xml"
   ls -la "$OUT"; exit 0

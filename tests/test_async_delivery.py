@@ -38,3 +38,25 @@ def test_closed_loop_drops_its_items_without_raising() -> None:
     loop.close()
     deliver(loop, [(q, "x")])  # raised RuntimeError ("Event loop is closed") into the step thread before
     assert q.empty()
+
+
+def test_switch_interval_is_shortened_never_lengthened() -> None:
+    """The step thread gets the GIL back within the engine's switch interval (0.5 ms by default, not
+    CPython's 5 ms); a process that set a shorter one keeps it, and 0 leaves the interpreter's."""
+    import sys
+
+    from agentserve.engine.async_engine import SWITCH_INTERVAL_MS, shorten_switch_interval
+    before = sys.getswitchinterval()
+    try:
+        assert SWITCH_INTERVAL_MS == 0.5
+        sys.setswitchinterval(0.005)
+        shorten_switch_interval()
+        assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
+        sys.setswitchinterval(0.0001)
+        shorten_switch_interval()
+        assert abs(sys.getswitchinterval() - 0.0001) < 1e-9
+        sys.setswitchinterval(0.005)
+        shorten_switch_interval(0.0)
+        assert abs(sys.getswitchinterval() - 0.005) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
