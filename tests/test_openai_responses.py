@@ -226,6 +226,9 @@ def test_bad_requests_name_the_field(live: Live) -> None:
          "input[0].arguments"),
         (dict(input=[{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]),
          "input[0].output[0].type"),
+        # metadata is kept with the response: OpenAI's bounds (16 pairs, values up to 512 characters)
+        (dict(input="x", metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
+        (dict(input="x", metadata={"note": "v" * 513}), "metadata['note']"),
     ]
     for kw, param in cases:
         resp = live.http.post("/v1/responses", json={"model": MODEL, **kw})

@@ -80,6 +80,8 @@ class ResponsesEndpoint:
     # --- request -> turn -----------------------------------------------------------------------------
     def _check(self, req: I.ResponsesRequest) -> tuple[Optional[list[dict[str, Any]]], Any]:
         L.check_utf8(req.model_dump(exclude_none=True), "")
+        if req.metadata:
+            L.check_metadata(req.metadata)  # stored with the response and returned by every retrieve
         tok = self.s.need_tokenizer()
         if not tok.chat_template:
             raise OpenAIError(400, "this model has no chat template: use /v1/completions", param="input")
