@@ -85,19 +85,24 @@ class ResponseEvents:
             added["content"] = []
         return self._event("response.output_item.added", output_index=len(self.output) - 1, item=added)
 
+    def _open_part(self, item: Item, empty_part: dict[str, Any]) -> list[str]:
+        """A message or reasoning item opened with its one content part."""
+        return [self._open(item), self._event("response.content_part.added", item_id=item["id"],
+                                              output_index=len(self.output) - 1, content_index=0, part=empty_part)]
+
+    def _part_delta(self, item: Item, type_: str, delta: str, **extra: Any) -> str:
+        item["content"][0]["text"] += delta
+        return self._event(type_, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
+                           delta=delta, **extra)
+
     def reasoning(self, delta: str) -> list[str]:
         if not delta:
             return []
         events = self._close_text() + self._close_call()
         if self._thought is None:
             self._thought = reasoning_item(new_id("rs"), "")
-            events.append(self._open(self._thought))
-            events.append(self._event("response.content_part.added", item_id=self._thought["id"],
-                                      output_index=len(self.output) - 1, content_index=0,
-                                      part={"type": "reasoning_text", "text": ""}))
-        self._thought["content"][0]["text"] += delta
-        events.append(self._event("response.reasoning_text.delta", item_id=self._thought["id"],
-                                  output_index=len(self.output) - 1, content_index=0, delta=delta))
+            events += self._open_part(self._thought, {"type": "reasoning_text", "text": ""})
+        events.append(self._part_delta(self._thought, "response.reasoning_text.delta", delta))
         return events
 
     def text(self, delta: str) -> list[str]:
@@ -106,13 +111,8 @@ class ResponseEvents:
         events = self._close_thought() + self._close_call()
         if self._text is None:
             self._text = message_item(new_id("msg"), "")
-            events.append(self._open(self._text))
-            events.append(self._event("response.content_part.added", item_id=self._text["id"],
-                                      output_index=len(self.output) - 1, content_index=0,
-                                      part={"type": "output_text", "text": "", "annotations": []}))
-        self._text["content"][0]["text"] += delta
-        events.append(self._event("response.output_text.delta", item_id=self._text["id"],
-                                  output_index=len(self.output) - 1, content_index=0, delta=delta, logprobs=[]))
+            events += self._open_part(self._text, {"type": "output_text", "text": "", "annotations": []})
+        events.append(self._part_delta(self._text, "response.output_text.delta", delta, logprobs=[]))
         return events
 
     def call(self, index: int, call_id: str, name: str, delta: str) -> list[str]:
@@ -129,29 +129,24 @@ class ResponseEvents:
                                       output_index=len(self.output) - 1, delta=delta))
         return events
 
-    def _close_text(self) -> list[str]:
-        item, self._text = self._text, None
+    def _close_part(self, item: Optional[Item], type_: str, **extra: Any) -> list[str]:
+        """A message or reasoning item's text done, its content part done, the item done."""
         if item is None:
             return []
         at = self.output.index(item)
         part = item["content"][0]
-        return [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
-                            text=part["text"], logprobs=[]),
+        return [self._event(type_, item_id=item["id"], output_index=at, content_index=0, text=part["text"], **extra),
                 self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
                             part=part),
                 self._event("response.output_item.done", output_index=at, item=item)]
 
+    def _close_text(self) -> list[str]:
+        item, self._text = self._text, None
+        return self._close_part(item, "response.output_text.done", logprobs=[])
+
     def _close_thought(self) -> list[str]:
         item, self._thought = self._thought, None
-        if item is None:
-            return []
-        at = self.output.index(item)
-        part = item["content"][0]
-        return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0,
-                            text=part["text"]),
-                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
-                            part=part),
-                self._event("response.output_item.done", output_index=at, item=item)]
+        return self._close_part(item, "response.reasoning_text.done")
 
     def _close_call(self) -> list[str]:
         item, self._call = self._call, None

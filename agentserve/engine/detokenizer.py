@@ -65,9 +65,8 @@ class IncrementalDetokenizer:
                  stop: list[str], include_stop_str_in_output: bool, min_tokens: int,
                  spaces_between_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
-        self._decode_fn = decoder_for(tokenizer)
-        if not (skip_special_tokens or spaces_between_special_tokens):
-            self._decode_fn = _decoder_without_spaces_between_special_tokens(tokenizer)
+        self._decode_fn = (decoder_for(tokenizer) if skip_special_tokens or spaces_between_special_tokens
+                           else _decoder_without_spaces_between_special_tokens(tokenizer))
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output

@@ -19,6 +19,13 @@ from agentserve.grammar.interface import GrammarError
 _CLASS_RANGES = {"d": "0-9", "w": "A-Za-z0-9_"}
 
 
+def _class_members_start(pattern: str, start: int) -> int:
+    """Where the members of the class opened at `start` begin to need reading: past '[' or '[^', and past a
+    ']' first in the class, which is a literal member, not the class's end."""
+    i = start + 2 if pattern.startswith("[^", start) else start + 1
+    return i + 1 if pattern.startswith("]", i) else i
+
+
 def ascii_class_escapes(regex: str) -> str:
     """`regex` with `\\d` and `\\w` spelled as ASCII ranges. `\\D` and `\\W` are left Unicode: what they
     match then is outside both ECMA's and Python's `\\d` / `\\w`, so a value matches under either reading."""
@@ -37,13 +44,11 @@ def ascii_class_escapes(regex: str) -> str:
             continue
         if ch == "[" and not in_class:
             in_class = True
-            # a ']' first in the class (after an optional '^') is a literal member, not its end
-            end_of_open = i + 2 if regex.startswith("[^", i) else i + 1
-            if regex.startswith("]", end_of_open):
-                out.append(regex[i:end_of_open + 1])
-                i = end_of_open + 1
-                continue
-        elif ch == "]" and in_class:
+            first = _class_members_start(regex, i)
+            out.append(regex[i:first])
+            i = first
+            continue
+        if ch == "]" and in_class:
             in_class = False
         out.append(ch)
         i += 1
@@ -63,9 +68,7 @@ def _refuse(text: str, where: str) -> GrammarError:
 
 def _class_end(pattern: str, start: int) -> int:
     """The index of the ']' that closes the class opened at `start`."""
-    i = start + 2 if pattern.startswith("[^", start) else start + 1
-    if pattern.startswith("]", i):  # a ']' first in the class is a member
-        i += 1
+    i = _class_members_start(pattern, start)
     while i < len(pattern) and pattern[i] != "]":
         i += 2 if pattern[i] == "\\" else 1
     return i
