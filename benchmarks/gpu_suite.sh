@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -88,6 +88,15 @@ if [ "$MODE" = s23a ]; then
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   [ -n "${SKIP_GEMV:-}" ] || TMO=90 run pytest-gpu-gemv python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_fp8.py \
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_gpu_gemv.xml"
+  ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = s24a ]; then
+  # Twenty-fourth session (< 6 min): does a swap's PCIe copy on its own stream stall a step's small input and
+  # output copies (copy engine order)? The microbenchmark first (~1 min), then #16's agent-loop ratio on the
+  # H200 at the defaults (0.5 ms switch interval since s23).
+  TMO=120 TAIL=30 run copy-contention python3 benchmarks/copy_contention.py --out "$OUT/copy_contention.json"
+  TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
