@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agentserve.cache import kv_cache as kv_cache_module
+from agentserve.cache import swap_streams as swap_streams_module
 from agentserve.cache.kv_cache import KVCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -106,10 +107,13 @@ def test_staged_swap_out_buffers_stay_under_the_bound() -> None:
     cache.release()
 
 
-def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact() -> None:
+@pytest.mark.parametrize("swap_in_copy", ["kernel", "engine"])
+def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact(monkeypatch: pytest.MonkeyPatch,
+                                                                              swap_in_copy: str) -> None:
     # Start: the copy runs on the copy stream while the step's stream keeps working; ready() turns
     # true by itself; the finish writes the pages. A second start is finished before it arrives
-    # (the step's stream then waits for it): exact too.
+    # (the step's stream then waits for it): exact too. By the copy kernel (the default) and the copy engine.
+    monkeypatch.setattr(swap_streams_module, "SWAP_IN_COPY", swap_in_copy)
     torch.manual_seed(3)
     cache = _cache(num_swap_blocks=256)
     pages = list(range(0, 200))

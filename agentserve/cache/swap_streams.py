@@ -23,6 +23,13 @@ the PCIe copy moves to a copy stream:
   turn's admission often evicts several, so a 1 GiB bound made the host wait on PCIe (~20 ms a GiB)
   while the step's stream ran out of queued work. `bound_waits` / `bound_wait_ms` count those waits.
 
+The copy engine serves all streams' host-to-device copies in issue order, so a swap in's copy on
+`in_stream` held back the next steps' own small input uploads until it was done (an H100 step of 13 ms
+took 32-35 ms behind a 1 GiB swap in; pieces down to 8 MiB did not help; benchmarks/copy_contention.py).
+Swap ins therefore read the pinned slots with a kernel (kernels/host_copy.py) on `in_stream`, which
+leaves the copy engine to the steps; AGENTSERVE_SWAP_IN_COPY=engine keeps the copy engine (for A/B).
+Swap outs stay on the copy engine: a device-to-host copy in flight did not slow a step.
+
 AGENTSERVE_SWAP_STREAMS=0 keeps every copy on the step's stream (the previous behaviour, for A/B).
 """
 
@@ -35,7 +42,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from agentserve.kernels.host_copy import copy_from_host
+
 SWAP_STREAMS: bool = os.environ.get("AGENTSERVE_SWAP_STREAMS", "1") == "1"
+SWAP_IN_COPY: str = os.environ.get("AGENTSERVE_SWAP_IN_COPY", "kernel")
 _STAGING_GB: Optional[str] = os.environ.get("AGENTSERVE_SWAP_STAGING_GB")
 MIN_STAGED_BYTES = 1 << 30
 MAX_STAGED_BYTES = 4 << 30
@@ -57,8 +67,12 @@ def staged_bytes_bound(device: torch.device) -> int:
 
 
 class SwapStreams:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, swap_in_copy: Optional[str] = None) -> None:
+        swap_in_copy = SWAP_IN_COPY if swap_in_copy is None else swap_in_copy
+        if swap_in_copy not in ("kernel", "engine"):
+            raise ValueError(f"AGENTSERVE_SWAP_IN_COPY={swap_in_copy!r}: expected 'kernel' or 'engine'")
         self.device = device
+        self.swap_in_by_kernel = swap_in_copy == "kernel"
         self.out_stream = torch.cuda.Stream(device)
         self.in_stream = torch.cuda.Stream(device)
         # The last copy (either direction) that used each swap slot: its completion event.
@@ -126,7 +140,11 @@ class SwapStreams:
                                  device=self.device)
             offset = 0
             for host, _ in copies:
-                staged[offset:offset + host.shape[0]].copy_(host, non_blocking=True)
+                rows = staged[offset:offset + host.shape[0]]
+                if self.swap_in_by_kernel and rows.nbytes % 4 == 0:  # whole 32-bit words (always for real heads)
+                    copy_from_host(rows, host)  # the slots are pinned: the kernel reads them over PCIe
+                else:
+                    rows.copy_(host, non_blocking=True)
                 offset += host.shape[0]
         done = torch.cuda.Event()
         done.record(self.in_stream)
