@@ -351,7 +351,8 @@ def print_table(report: dict[str, Any]) -> None:
                   f"issuing them; pages {r['device_op_pages']}; GPU ms by kind "
                   f"{ {k: round(v) for k, v in r['device_op_gpu_ms_by_kind'].items()} }, host ms by kind "
                   f"{ {k: round(v) for k, v in r['device_op_host_ms_by_kind'].items()} }; {r['page_kernels']} page "
-                  f"kernels; {r['staging_bound_waits']} waits at the staging bound, {r['staging_bound_wait_ms']:.0f} ms)")
+                  f"kernels; {r['staging_bound_waits']} waits at the staging bound, {r['staging_bound_wait_ms']:.0f} ms; "
+                  f"swap-in pacing {r['swap_in_pacing']})")
     if "prefill_reduction_vs_nocache" in report:
         print(f"sessions prefill {report['prefill_reduction_vs_nocache']:.1f}x fewer tokens per loop than "
               f"stateless without prefix caching (target >= 5x); {report['prompt_reduction_vs_nocache']:.1f}x fewer "

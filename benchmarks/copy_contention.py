@@ -7,9 +7,9 @@ inputs, a chain of GEMVs over ~1 GB of weights (device-bound, no PCIe), and one 
 copy of its sampled tokens. It is timed on its stream (events) alone, then with a 1 GiB swap copy issued
 just before it on another stream, whole or in pieces of several sizes, in either direction. If the
 copy engine serves the streams' copies in order, the step's small copies wait behind the swap's piece
-in flight: its span grows by up to one piece's PCIe time (~20 ms for 1 GiB at ~50 GB/s). Last, the same
-swap in by a kernel reading the pinned memory (kernels/host_copy.py) at several program counts: the
-copy's rate and what its resident programs cost the step.
+in flight: its span grows by up to one piece's PCIe time (~20 ms for 1 GiB at ~50 GB/s). (The s24
+session's second call also timed the swap in by a kernel reading the pinned memory: it slowed the step
+as much; results/s24/call2_h100.)
 
   python benchmarks/copy_contention.py [--gib 1] [--out x.json]"""
 
@@ -24,8 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import device_name, write_json  # noqa: E402
-
-from agentserve.kernels.host_copy import copy_from_host  # noqa: E402
 
 
 class Step:
@@ -52,12 +50,7 @@ class Step:
 
 
 def swap_copy(direction: str, host: torch.Tensor, dev: torch.Tensor, piece: int, stream: torch.cuda.Stream) -> None:
-    """The whole buffer in `piece`-byte copies on `stream` (piece 0: one copy); direction "kernel": host to
-    device by kernels/host_copy.py with `piece` programs."""
-    if direction == "kernel":
-        with torch.cuda.stream(stream):
-            copy_from_host(dev, host, programs=piece)
-        return
+    """The whole buffer in `piece`-byte copies on `stream` (piece 0: one copy)."""
     n = host.numel()
     step = piece or n
     with torch.cuda.stream(stream):
@@ -111,18 +104,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     steps = {"with_copies": Step(args.gemvs, 6), "no_copies": Step(args.gemvs, 6, with_copies=False)}
     for step in steps.values():
         step.run()
-    copy_from_host(dev, host)  # compiled before timing
     loads: list[Optional[tuple[str, int]]] = [None]
     for direction in ("d2h", "h2d"):
         loads += [(direction, piece) for piece in (0, 64 << 20, 1 << 20)]
-    loads += [("kernel", programs) for programs in (16, 32, 64, 132)]
     rows: list[dict[str, Any]] = []
     print(f"{'step':12} {'swap copy':18} {'step median':>12} {'step max':>10} {'copy':>9}")
     for name, step in steps.items():
         for load in loads:
             r = time_step(step, load, host, dev, side, args.repeats)
-            label = ("none" if load is None else f"h2d kernel x{load[1]}" if load[0] == "kernel"
-                     else f"{load[0]} {'whole' if not load[1] else f'{load[1] >> 20} MiB'}")
+            label = "none" if load is None else f"{load[0]} {'whole' if not load[1] else f'{load[1] >> 20} MiB'}"
             rows.append({"step": name, "load": label, **r})
             print(f"{name:12} {label:18} {r['step_ms_median']:10.2f}ms {r['step_ms_max']:8.2f}ms "
                   f"{r.get('swap_copy_ms', 0.0):7.2f}ms")

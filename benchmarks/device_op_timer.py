@@ -97,7 +97,7 @@ class DeviceOpTimer:
         KVCache.scatter = counted_scatter  # type: ignore[method-assign]
         undo_parts = [timed_part(KVCache, "_index"), timed_part(SwapStreams, "copy_out"),
                       timed_part(SwapStreams, "start_in"), timed_part(SwapStreams, "finish_in"),
-                      timed_part(SwapStreams, "_bound_staged")]
+                      timed_part(SwapStreams, "_bound_staged"), timed_part(SwapStreams, "step_launched")]
 
         def undo() -> None:
             ModelRunner.execute_device_ops = original  # type: ignore[method-assign]
@@ -117,6 +117,11 @@ class DeviceOpTimer:
         pages, host = dict(self.pages), dict(self.host_ms)
         self._events, self.pages, self.host_ms = [], Counter(), Counter()
         waits, wait_ms = 0, 0.0
+        # The pacer's swap-in chunks (cache/swap_in_pacer.py): handed out after steps' uploads, or forced by
+        # a finish or a swap out (cumulative over the engine's life), and its measured rate.
+        paced = {"paced_chunks": sum(s.pacer.paced_chunks for s, _, _ in self._streams.values()),
+                 "forced_chunks": sum(s.pacer.forced_chunks for s, _, _ in self._streams.values()),
+                 "gb_s": [round(s.pacer.bytes_per_s / 1e9, 1) for s, _, _ in self._streams.values()]}
         for key, (streams, seen_waits, seen_ms) in self._streams.items():
             waits += streams.bound_waits - seen_waits
             wait_ms += streams.bound_wait_ms - seen_ms
@@ -129,7 +134,8 @@ class DeviceOpTimer:
         return {"device_op_host_ms_by_part": parts, "allocator_counts": allocator_delta,
                 "device_ops_gpu_ms": sum(gpu.values()), "device_ops_host_ms": sum(host.values()),
                 "device_op_pages": pages, "device_op_gpu_ms_by_kind": dict(gpu), "device_op_host_ms_by_kind": host,
-                "page_kernels": kernels, "staging_bound_waits": waits, "staging_bound_wait_ms": wait_ms}
+                "page_kernels": kernels, "staging_bound_waits": waits, "staging_bound_wait_ms": wait_ms,
+                "swap_in_pacing": paced}
 
 
 def _allocator_counts() -> dict[str, int]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a|s24b]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a|s24c]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -99,16 +99,15 @@ if [ "$MODE" = s24a ]; then
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
 fi
-if [ "$MODE" = s24b ]; then
-  # Twenty-fourth session (< 8 min): swap ins by a kernel reading the pinned slots (kernels/host_copy.py) so that
-  # the copy engine is left to the steps' uploads (s24a: a 13 ms step took 32-35 ms behind a 1 GiB swap-in copy).
-  # The microbenchmark with the kernel's program counts; the GPU tests of the kernel and the swap streams; the
-  # sessions mode with the copy engine (the A/B), then both modes at the new default.
-  TMO=120 TAIL=30 run copy-contention python3 benchmarks/copy_contention.py --out "$OUT/copy_contention.json"
-  TMO=150 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_host_copy.py \
-    tests/test_gpu_swap_streams.py tests/test_kernels_gpu_page_copy.py --junitxml "$OUT/pytest_gpu_swaps.xml"
-  AGENTSERVE_SWAP_IN_COPY=engine TMO=150 TAIL=12 run agent-loop-engine python3 benchmarks/agent_loop.py $DUMMY \
-    --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_engine.json"
+if [ "$MODE" = s24c ]; then
+  # Twenty-fourth session (< 6 min): swap-in copies paced behind the steps' uploads (cache/swap_in_pacer.py; s24a:
+  # a 13 ms step took 32-35 ms behind a 1 GiB swap-in copy; s24b: a kernel reading the pinned slots cost the
+  # step as much). The GPU tests of the swap streams and page kernels; the sessions mode unpaced (the A/B),
+  # then both modes at the new default.
+  TMO=150 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    tests/test_kernels_gpu_page_copy.py --junitxml "$OUT/pytest_gpu_swaps.xml"
+  AGENTSERVE_SWAP_IN_PACING=0 TMO=150 TAIL=12 run agent-loop-unpaced python3 benchmarks/agent_loop.py $DUMMY \
+    --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_unpaced.json"
   TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0

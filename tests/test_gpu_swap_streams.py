@@ -107,13 +107,13 @@ def test_staged_swap_out_buffers_stay_under_the_bound() -> None:
     cache.release()
 
 
-@pytest.mark.parametrize("swap_in_copy", ["kernel", "engine"])
+@pytest.mark.parametrize("pacing", [True, False])
 def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact(monkeypatch: pytest.MonkeyPatch,
-                                                                              swap_in_copy: str) -> None:
-    # Start: the copy runs on the copy stream while the step's stream keeps working; ready() turns
-    # true by itself; the finish writes the pages. A second start is finished before it arrives
-    # (the step's stream then waits for it): exact too. By the copy kernel (the default) and the copy engine.
-    monkeypatch.setattr(swap_streams_module, "SWAP_IN_COPY", swap_in_copy)
+                                                                              pacing: bool) -> None:
+    # Start: the copy runs on the copy stream while the step's stream keeps working (paced: as launched
+    # steps let it); ready() turns true by itself; the finish writes the pages. A second start is finished
+    # before it arrives, or before it was issued (the step's stream then waits for it): exact too.
+    monkeypatch.setattr(swap_streams_module, "SWAP_IN_PACING", pacing)
     torch.manual_seed(3)
     cache = _cache(num_swap_blocks=256)
     pages = list(range(0, 200))
@@ -126,6 +126,7 @@ def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact(mo
     deadline = time.monotonic() + 10
     while not cache.swap_in_ready(7):
         assert time.monotonic() < deadline, "the copy never arrived"
+        cache.step_launched()  # the engine's steps, each letting the pacer issue what is due
         time.sleep(0.001)
     back = list(range(300, 500))
     cache.swap_in_finish(back, ticket=7)
@@ -133,6 +134,25 @@ def test_a_started_swap_in_arrives_without_the_step_stream_and_finishes_exact(mo
     cache.swap_in_start(list(range(0, 200)), ticket=8)
     cache.swap_in_finish(pages, ticket=8)  # at once: ordered by the stream wait, not by the host
     _assert_pages(cache, saved, pages)
+    cache.release()
+
+
+def test_a_queued_swap_in_reads_its_slots_before_a_swap_out_reuses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Paced: the swap in is still queued on the host when its slots (freed at its start) are taken by
+    # another session's swap out; the swap out must issue it first, or it would copy the new pages.
+    monkeypatch.setattr(swap_streams_module, "SWAP_IN_PACING", True)
+    torch.manual_seed(4)
+    cache = _cache(num_swap_blocks=128)
+    first, second = list(range(0, 100)), list(range(100, 200))
+    saved = _pages(cache, first)
+    cache.swap_out(first, list(range(0, 100)))
+    cache.swap_in_start(list(range(0, 100)), ticket=1)
+    assert cache.swap_streams is not None and cache.swap_streams.pacer.queued, "the swap in should wait for a step"
+    cache.swap_out(second, list(range(0, 100)))  # the same slots, other contents
+    assert not cache.swap_streams.pacer.queued, "the swap out issued the queued swap in first"
+    back = list(range(300, 400))
+    cache.swap_in_finish(back, ticket=1)
+    _assert_pages(cache, saved, back)
     cache.release()
 
 

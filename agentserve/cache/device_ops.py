@@ -70,6 +70,10 @@ class PageStore(Protocol):
         """Whether the copy of swap_in_start(ticket) has arrived (a finish would not wait for it)."""
         ...
 
+    def step_launched(self) -> None:
+        """A step's own uploads are queued: swap-in copies held back behind them may go now."""
+        ...
+
 
 def head_group(ops: Sequence[DeviceOp]) -> int:
     """How many ops from the head of `ops` run as one call: consecutive page copies go together (as one
@@ -124,3 +128,7 @@ class PageStores:
 
     def swap_in_ready(self, ticket: int) -> bool:
         return all(store.swap_in_ready(ticket) for store in self.stores)
+
+    def step_launched(self) -> None:
+        for store in self.stores:
+            store.step_launched()

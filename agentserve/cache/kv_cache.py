@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from agentserve.cache.swap_in_pacer import InCopy
 from agentserve.cache.swap_slots import consecutive_runs
 from agentserve.cache.swap_streams import SWAP_STREAMS, SwapStreams
 from agentserve.kernels._triton_utils import triton_enabled_for
@@ -21,8 +22,9 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Whole-page gathers and scatters (swaps, page copies) through kernels/page_copy.py on CUDA; "torch" keeps
 # index_select / index_copy_ over the page-major view (the A/B of the twentieth session's agent loop).
 PAGE_COPY: str = os.environ.get("AGENTSERVE_PAGE_COPY", "triton")
-# A piece of a swap in on its way: (positions in the swap's slot list, staged rows, the copy's event or None).
-StagedPiece = tuple[range, torch.Tensor, Optional[torch.cuda.Event]]
+# A piece of a swap in on its way: (positions in the swap's slot list, staged rows, the copy on the copy
+# stream, or None when it is queued on the step's stream).
+StagedPiece = tuple[range, torch.Tensor, Optional[InCopy]]
 # Bytes of pages per gather or scatter of a swap or page copy: the transient device memory one piece
 # holds. Each piece costs the host an index upload, a kernel launch and (swaps) events and stream
 # waits, ~0.1-0.3 ms; 256 MiB is 128 pages of Llama-3.1-8B, an 8k-token conversation in ~4 pieces.
@@ -159,7 +161,7 @@ class KVCache:
 
     def _copy_in(self, swap_slots: Sequence[int]) -> Iterator[StagedPiece]:
         """Starts the host-to-device copies of each piece, lazily: (its positions in swap_slots, the staged
-        rows [n, L, 2, bs, Hkv, D], the copies' event, or None when they are queued on the step's stream).
+        rows [n, L, 2, bs, Hkv, D], its copy on the copy stream, or None when queued on the step's stream).
         The rows never share memory with the swap slots (a staged swap in outlives its slots, which are
         freed when it starts: a view of them, as `.to(device)` gives on the CPU, would hand the session
         the pages of whichever session's swap out reused the slots before the finish)."""
@@ -168,8 +170,8 @@ class KVCache:
         for positions, runs in self._pieces(swap_slots):
             hosts = [(swap[first:first + count], range(first, first + count)) for _, first, count in runs]
             if self.swap_streams is not None:
-                rows, done = self.swap_streams.start_in(hosts)
-                yield positions, rows, done
+                copy = self.swap_streams.start_in(hosts)
+                yield positions, copy.staged, copy
                 continue
             rows = torch.empty((len(positions), *swap.shape[1:]), dtype=swap.dtype, device=device)
             for (offset, _, count), (host, _) in zip(runs, hosts):
@@ -178,10 +180,10 @@ class KVCache:
 
     def _place(self, piece: StagedPiece, device_blocks: Sequence[int]) -> None:
         """A staged piece into its pages (device_blocks[i] gets position i), on the current stream."""
-        positions, rows, done = piece
-        if done is not None:
+        positions, rows, copy = piece
+        if copy is not None:
             assert self.swap_streams is not None
-            self.swap_streams.finish_in(rows, done)
+            self.swap_streams.finish_in(copy)
         self.scatter(self._index(device_blocks[positions.start:positions.stop]), rows)
 
     def swap_in_start(self, swap_slots: Sequence[int], ticket: int) -> None:
@@ -197,7 +199,12 @@ class KVCache:
             # Not started yet (its op runs with the next step): with copy streams the copy is still
             # to come; without, it will be queued on the step's stream ahead of the finish anyway.
             return self.swap_streams is None
-        return all(done is None or done.query() for _, _, done in staged)
+        return all(copy is None or copy.arrived() for _, _, copy in staged)
+
+    def step_launched(self) -> None:
+        """A step's uploads are queued: paced swap-in copies due now follow them (swap_in_pacer.py)."""
+        if self.swap_streams is not None:
+            self.swap_streams.step_launched()
 
     def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""

@@ -10,9 +10,10 @@ the PCIe copy moves to a copy stream:
 - swap out: the gathered pages are a private device buffer; its device-to-host copy runs on
   `out_stream` after an event of the step's stream. The pages themselves are free right away (the
   gather has read them in stream order); the buffer is kept alive for the copy by record_stream.
-- swap in: the host-to-device copy runs on `in_stream` as soon as the op is issued (with async
-  scheduling that is while the previous step's forward runs), and the step's stream waits for it
-  only at the scatter, just before the forward that reads the pages.
+- swap in: the host-to-device copy runs on `in_stream`, paced behind the steps' own uploads
+  (swap_in_pacer.py: the copy engine serves all streams' uploads in issue order, so a step's inputs
+  issued after a 1 GiB swap in waited ~20 ms for it), and the step's stream waits for it only at the
+  scatter, just before the forward that reads the pages.
 - the swap slots (pinned host memory) are the one thing both streams touch: each copy waits for
   the last copy of another stream that used any of its slots (a swap in reading slots that a swap
   out is still writing, a swap out reusing slots that a swap in is still reading).
@@ -22,13 +23,6 @@ the PCIe copy moves to a copy stream:
   (`AGENTSERVE_SWAP_STAGING_GB` sets it): one 8k-token Llama-3.1-8B conversation is ~1 GiB, and a
   turn's admission often evicts several, so a 1 GiB bound made the host wait on PCIe (~20 ms a GiB)
   while the step's stream ran out of queued work. `bound_waits` / `bound_wait_ms` count those waits.
-
-The copy engine serves all streams' host-to-device copies in issue order, so a swap in's copy on
-`in_stream` held back the next steps' own small input uploads until it was done (an H100 step of 13 ms
-took 32-35 ms behind a 1 GiB swap in; pieces down to 8 MiB did not help; benchmarks/copy_contention.py).
-Swap ins therefore read the pinned slots with a kernel (kernels/host_copy.py) on `in_stream`, which
-leaves the copy engine to the steps; AGENTSERVE_SWAP_IN_COPY=engine keeps the copy engine (for A/B).
-Swap outs stay on the copy engine: a device-to-host copy in flight did not slow a step.
 
 AGENTSERVE_SWAP_STREAMS=0 keeps every copy on the step's stream (the previous behaviour, for A/B).
 """
@@ -42,10 +36,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from agentserve.kernels.host_copy import copy_from_host
+from agentserve.cache.swap_in_pacer import InCopy, SwapInPacer, chunk_bytes, chunked
 
 SWAP_STREAMS: bool = os.environ.get("AGENTSERVE_SWAP_STREAMS", "1") == "1"
-SWAP_IN_COPY: str = os.environ.get("AGENTSERVE_SWAP_IN_COPY", "kernel")
+# Swap ins paced behind the steps' uploads (swap_in_pacer.py); 0 issues each at its start (for A/B).
+SWAP_IN_PACING: bool = os.environ.get("AGENTSERVE_SWAP_IN_PACING", "1") == "1"
 _STAGING_GB: Optional[str] = os.environ.get("AGENTSERVE_SWAP_STAGING_GB")
 MIN_STAGED_BYTES = 1 << 30
 MAX_STAGED_BYTES = 4 << 30
@@ -67,12 +62,10 @@ def staged_bytes_bound(device: torch.device) -> int:
 
 
 class SwapStreams:
-    def __init__(self, device: torch.device, swap_in_copy: Optional[str] = None) -> None:
-        swap_in_copy = SWAP_IN_COPY if swap_in_copy is None else swap_in_copy
-        if swap_in_copy not in ("kernel", "engine"):
-            raise ValueError(f"AGENTSERVE_SWAP_IN_COPY={swap_in_copy!r}: expected 'kernel' or 'engine'")
+    def __init__(self, device: torch.device, pacing: Optional[bool] = None) -> None:
         self.device = device
-        self.swap_in_by_kernel = swap_in_copy == "kernel"
+        self.pacing = SWAP_IN_PACING if pacing is None else pacing
+        self.pacer = SwapInPacer()
         self.out_stream = torch.cuda.Stream(device)
         self.in_stream = torch.cuda.Stream(device)
         # The last copy (either direction) that used each swap slot: its completion event.
@@ -112,11 +105,12 @@ class SwapStreams:
     def copy_out(self, staged: torch.Tensor, copies: Sequence[tuple[torch.Tensor, torch.Tensor, range]]) -> None:
         """Each (device rows, host rows, their slots) of `copies`: the host rows (pinned) get the device
         rows, slices of `staged`, which the current stream has just produced."""
+        slots = [slot for _, _, run in copies for slot in run]
+        self._issue(self.pacer.through(slots=slots))  # a queued swap in still has to read these slots
         self._bound_staged(staged.nbytes)
         gathered = torch.cuda.Event()
         gathered.record()  # on the step's stream, after the gather
         self.out_stream.wait_event(gathered)
-        slots = [slot for _, _, run in copies for slot in run]
         self._after_slots(self.out_stream, slots)
         with torch.cuda.stream(self.out_stream):
             for rows, host, _ in copies:
@@ -128,38 +122,65 @@ class SwapStreams:
         self._staged.append((done, staged.nbytes))
         self.staged_bytes += staged.nbytes
 
-    def start_in(self, copies: Sequence[tuple[torch.Tensor, range]]) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Starts the device copy of each (host rows (pinned), their slots) on the copy stream, one after
-        the other into one new device tensor: (the tensor, the copies' completion event). Nothing on the
-        step's stream waits for it until finish_in."""
-        slots = [slot for _, run in copies for slot in run]
-        self._after_slots(self.in_stream, slots)
+    def start_in(self, copies: Sequence[tuple[torch.Tensor, range]]) -> InCopy:
+        """A copy of each (host rows (pinned), their slots), one after the other into one new device
+        tensor (the InCopy's `staged`). Paced (swap_in_pacer.py): queued until a launched step's
+        uploads are on their way (step_launched) or something needs it (finish_in, a swap out of its
+        slots); unpaced: issued now. Nothing on the step's stream waits for it until finish_in."""
         first = copies[0][0]
         with torch.cuda.stream(self.in_stream):
             staged = torch.empty((sum(host.shape[0] for host, _ in copies), *first.shape[1:]), dtype=first.dtype,
                                  device=self.device)
-            offset = 0
-            for host, _ in copies:
-                rows = staged[offset:offset + host.shape[0]]
-                if self.swap_in_by_kernel and rows.nbytes % 4 == 0:  # whole 32-bit words (always for real heads)
-                    copy_from_host(rows, host)  # the slots are pinned: the kernel reads them over PCIe
-                else:
-                    rows.copy_(host, non_blocking=True)
-                offset += host.shape[0]
-        done = torch.cuda.Event()
-        done.record(self.in_stream)
-        self._mark(slots, done)
-        return staged, done
+        copy = InCopy(chunked(staged, copies), staged, frozenset(slot for _, run in copies for slot in run))
+        self.pacer.queue(copy)
+        if not self.pacing:
+            self._issue(self.pacer.all())
+        return copy
 
-    def finish_in(self, staged: torch.Tensor, done: torch.cuda.Event) -> None:
-        """The current stream may read `staged` from here on (it waits for the copy at this point of
-        its order, not the host; a no-op wait once the copy has arrived)."""
+    def _issue(self, work: list[tuple[InCopy, int]]) -> None:
+        """Issues each (copy, its next chunks) on the copy stream, oldest first, as one timed batch; a copy
+        whose last chunk went gets its completion event (and marks its slots with it)."""
+        if not work:
+            return
+        for copy, _ in work:
+            if not copy.started:  # its slots' earlier copies (a swap out still writing them) go first
+                self._after_slots(self.in_stream, sorted(copy.slots))
+                copy.started = True
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        nbytes = 0
+        with torch.cuda.stream(self.in_stream):
+            start.record(self.in_stream)
+            for copy, count in work:
+                for _ in range(count):
+                    chunk = copy.chunks.popleft()
+                    chunk[0].copy_(chunk[1], non_blocking=True)
+                    nbytes += chunk_bytes(chunk)
+                if not copy.chunks:
+                    done = torch.cuda.Event()
+                    done.record(self.in_stream)
+                    copy.done = done
+                    self._mark(sorted(copy.slots), done)
+            end.record(self.in_stream)
+        self.pacer.batch_issued(start, end, nbytes)
+
+    def step_launched(self) -> None:
+        """A step's uploads are queued: the swap-in chunks due now follow them to the copy engine."""
+        self._issue(self.pacer.due())
+
+    def finish_in(self, copy: InCopy) -> None:
+        """The current stream may read `copy.staged` from here on (it waits for the copy at this point of
+        its order, not the host; a no-op wait once the copy has arrived). A copy still queued is issued
+        now, with every copy queued before it."""
+        if not copy.issued:
+            self._issue(self.pacer.through(copy=copy))
+        assert copy.done is not None
         step_stream = torch.cuda.current_stream(self.device)
-        step_stream.wait_event(done)
-        staged.record_stream(step_stream)  # allocated on in_stream, read by the scatter on this one
+        step_stream.wait_event(copy.done)
+        copy.staged.record_stream(step_stream)  # allocated on in_stream, read by the scatter on this one
 
     def synchronize(self) -> None:
-        """Every copy issued so far has finished (before the pinned swap space is dropped)."""
+        """Every copy started so far has finished (before the pinned swap space is dropped)."""
+        self._issue(self.pacer.all())
         self.out_stream.synchronize()
         self.in_stream.synchronize()
         self._staged.clear()

@@ -94,4 +94,5 @@ def _serve(args: WorkerArgs) -> None:
                 runner.lora_manager.load_slot(*unpack_lora_slot(message))
             else:
                 shard_forward(runner.model, runner.kv_cache.layers, *unpack_forward(message), graphs=runner.graphs)
+                runner.kv_cache.step_launched()  # paced swap-in copies follow the step's uploads
     runner.close()

@@ -312,6 +312,14 @@ class ModelRunner:
         and returns without waiting for it. `token_bitmask_fn(sampling requests)` builds grammar masks
         on the CPU; it is called after the forward has been queued, so mask building overlaps it.
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
+        step = self._launch(chunks, device_ops, token_bitmask_fn, prev)
+        # Swap-in copies held back so far follow this step's uploads to the copy engine (cache/swap_in_pacer.py).
+        self.pages.step_launched()
+        return step
+
+    def _launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],
+                token_bitmask_fn: Optional[Callable[[list[Request]], Optional[torch.Tensor]]],
+                prev: Optional[LaunchedStep]) -> LaunchedStep:
         self.execute_device_ops(device_ops)  # first: the forward reads what swaps in and copies write
         if any(c.spec_token_ids for c in chunks):
             step = self._launch_verification(chunks, token_bitmask_fn, prev)

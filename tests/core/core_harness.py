@@ -93,6 +93,9 @@ class FakePages:
     def swap_in_ready(self, ticket: int) -> bool:
         return True
 
+    def step_launched(self) -> None:
+        """Nothing is held back: swap ins here copy at their start."""
+
     def write(self, page: int, offset: int, token_id: int) -> None:
         self.slots[page][offset] = token_id
 

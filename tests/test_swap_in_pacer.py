@@ -1,0 +1,112 @@
+"""The swap-in pacer (agentserve/cache/swap_in_pacer.py) on the host, with stand-in events: chunks cover
+every row of a swap's runs; a launched step hands out what the copy engine moves in the period's share
+less what is in flight, and always something when nothing is; a finish or a swap out of queued slots
+forces the queued copies up to theirs, oldest first; finished batches set the rate."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, cast
+
+import torch
+
+from agentserve.cache import swap_in_pacer
+from agentserve.cache.swap_in_pacer import InCopy, SwapInPacer, chunked
+
+MiB = 1 << 20
+
+
+class FakeEvent:
+    def __init__(self, finished: bool = False, ms: float = 0.0) -> None:
+        self.finished = finished
+        self.ms = ms
+
+    def query(self) -> bool:
+        return self.finished
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return end.ms
+
+
+def _copy(chunks_mib: list[int], slots: range) -> InCopy:
+    chunks = deque((torch.empty(0), torch.empty(n * MiB, dtype=torch.uint8)) for n in chunks_mib)
+    return InCopy(chunks, torch.empty(0), frozenset(slots))
+
+
+def _counts(work: list[tuple[InCopy, int]]) -> list[tuple[int, int]]:
+    return [(id(c), n) for c, n in work]
+
+
+def test_chunks_cover_every_row_of_every_run_in_order() -> None:
+    host = torch.arange(40 * 6, dtype=torch.float32).view(40, 6)  # rows of 24 bytes
+    copies = [(host[3:20], range(3, 20)), (host[30:31], range(30, 31)), (host[0:2], range(0, 2))]
+    staged = torch.zeros(20, 6)
+    chunks = chunked(staged, copies, chunk_bytes=5 * 24)
+    assert max(dst.shape[0] for dst, _ in chunks) == 5
+    for dst, src in chunks:
+        dst.copy_(src)
+    assert torch.equal(staged, torch.cat([host[3:20], host[30:31], host[0:2]]))
+    one_row = chunked(torch.zeros(20, 6), copies, chunk_bytes=1)  # a chunk smaller than a row: a row each
+    assert len(one_row) == 20
+
+
+def test_nothing_in_flight_hands_out_a_chunk_whatever_the_budget() -> None:
+    pacer = SwapInPacer(initial_bytes_per_s=1.0)  # a budget of ~0 bytes
+    big = _copy([32, 32], range(0, 4))
+    pacer.queue(big)
+    assert _counts(pacer.due(now=10.0)) == [(id(big), 1)]
+    big.chunks.popleft()
+    pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(False)), 32 * MiB)
+    assert _counts(pacer.due(now=10.001)) == [], "one chunk in flight: none over the budget"
+
+
+def test_the_budget_is_the_period_share_less_what_is_in_flight() -> None:
+    pacer = SwapInPacer(initial_bytes_per_s=3e9)
+    first, second = _copy([32] * 4, range(0, 4)), _copy([32] * 8, range(8, 16))
+    pacer.queue(first)
+    pacer.queue(second)
+    assert _counts(pacer.due(now=0.0)) == [(id(first), 4), (id(second), 2)]  # 0.7 x 100 ms x 3 GB/s = 200 MiB
+    for copy, n in [(first, 4), (second, 2)]:
+        for _ in range(n):
+            copy.chunks.popleft()
+    assert list(pacer.queued) == [second], "the second copy stays queued with its 6 chunks left"
+    pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(False)), 5 * MiB)  # still in flight
+    # 20 ms later: 0.7 x 20 ms x 3 GB/s = 40 MiB, less 5 MiB in flight: one 32 MiB chunk.
+    assert _counts(pacer.due(now=0.02)) == [(id(second), 1)]
+
+
+def test_forcing_issues_everything_up_to_the_copy_or_the_slots_oldest_first() -> None:
+    pacer = SwapInPacer()
+    a, b, c = _copy([32, 32], range(0, 2)), _copy([32], range(2, 3)), _copy([32, 32, 32], range(3, 6))
+    for copy in (a, b, c):
+        pacer.queue(copy)
+    a.chunks.popleft()  # a's first chunk was issued by an earlier step
+    assert _counts(pacer.through(copy=b)) == [(id(a), 1), (id(b), 1)]
+    assert list(pacer.queued) == [c]
+    assert _counts(pacer.through(slots=[100, 101])) == [], "no queued copy reads those slots"
+    assert _counts(pacer.through(slots=[4])) == [(id(c), 3)]
+    assert not pacer.queued
+
+
+def test_finished_batches_set_the_rate_and_leave_the_flight() -> None:
+    pacer = SwapInPacer(initial_bytes_per_s=25e9)
+    pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(True, ms=2.0)), 100_000_000)  # 50 GB/s
+    pacer.queue(_copy([32] * 100, range(0, 1)))
+    pacer.due(now=0.0)
+    assert pacer.bytes_per_s == 0.7 * 25e9 + 0.3 * 50e9
+    assert not pacer.batches
+
+
+def test_an_unissued_copy_has_not_arrived() -> None:
+    copy = _copy([1], range(0, 1))
+    assert not copy.issued and not copy.arrived()
+    copy.done = cast(Any, FakeEvent(True))
+    assert copy.arrived()
+
+
+def test_the_first_call_counts_the_longest_period() -> None:
+    pacer = SwapInPacer(initial_bytes_per_s=1e9)
+    pacer.queue(_copy([16] * 10, range(0, 1)))
+    # 0.7 x MAX_PERIOD_S x 1 GB/s = 70 MB: four 16 MiB chunks.
+    assert sum(n for _, n in pacer.due(now=123.0)) == int(swap_in_pacer.PERIOD_SHARE * swap_in_pacer.MAX_PERIOD_S
+                                                         * 1e9) // (16 * MiB)
