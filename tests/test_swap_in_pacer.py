@@ -110,3 +110,41 @@ def test_the_first_call_counts_the_longest_period() -> None:
     # 0.7 x MAX_PERIOD_S x 1 GB/s = 70 MB: four 16 MiB chunks.
     assert sum(n for _, n in pacer.due(now=123.0)) == int(swap_in_pacer.PERIOD_SHARE * swap_in_pacer.MAX_PERIOD_S
                                                          * 1e9) // (16 * MiB)
+
+
+class RecordingPages:
+    """Wraps the runner's page store: which of the pacer's two calls each engine step made."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step_launched(self) -> None:
+        self.calls.append("step")
+        self.inner.step_launched()
+
+    def no_step_launched(self) -> None:
+        self.calls.append("idle")
+        self.inner.no_step_launched()
+
+
+def test_the_engine_lets_paced_copies_go_after_each_launch_and_when_it_has_nothing_to_launch() -> None:
+    # Without the idle call a session waiting for its swap in (the only work) would wait forever: its
+    # copy would be held for a step that never comes.
+    from agentserve.engine.engine import Engine
+    from agentserve.sampling_params import SamplingParams
+    from agentserve.testing.tiny import tiny_model_cached
+
+    engine = Engine.from_kwargs(str(tiny_model_cached("llama")), max_model_len=128, device="cpu")
+    pages = RecordingPages(engine.runner.pages)
+    engine.runner.pages = cast(Any, pages)
+    engine.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    launched = pages.calls.count("step")
+    assert launched >= 3 and "idle" not in pages.calls
+    engine.step()  # nothing left to launch
+    assert pages.calls[-1] == "idle" and pages.calls.count("step") == launched

@@ -74,6 +74,10 @@ class PageStore(Protocol):
         """A step's own uploads are queued: swap-in copies held back behind them may go now."""
         ...
 
+    def no_step_launched(self) -> None:
+        """The engine had nothing to launch: swap-in copies held back need not wait for one."""
+        ...
+
 
 def head_group(ops: Sequence[DeviceOp]) -> int:
     """How many ops from the head of `ops` run as one call: consecutive page copies go together (as one
@@ -132,3 +136,7 @@ class PageStores:
     def step_launched(self) -> None:
         for store in self.stores:
             store.step_launched()
+
+    def no_step_launched(self) -> None:
+        for store in self.stores:
+            store.no_step_launched()

@@ -206,6 +206,11 @@ class KVCache:
         if self.swap_streams is not None:
             self.swap_streams.step_launched()
 
+    def no_step_launched(self) -> None:
+        """The engine had nothing to launch: queued swap-in copies need not wait for a step's uploads."""
+        if self.swap_streams is not None:
+            self.swap_streams.no_step_launched()
+
     def swap_in_finish(self, device_blocks: Sequence[int], ticket: int) -> None:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
         for piece in self._staged_in.pop(ticket):

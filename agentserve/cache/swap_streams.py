@@ -167,6 +167,10 @@ class SwapStreams:
         """A step's uploads are queued: the swap-in chunks due now follow them to the copy engine."""
         self._issue(self.pacer.due())
 
+    def no_step_launched(self) -> None:
+        """No step's uploads are coming (the engine has nothing to launch): every queued copy goes now."""
+        self._issue(self.pacer.all())
+
     def finish_in(self, copy: InCopy) -> None:
         """The current stream may read `copy.staged` from here on (it waits for the copy at this point of
         its order, not the host; a no-op wait once the copy has arrived). A copy still queued is issued

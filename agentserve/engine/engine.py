@@ -302,7 +302,7 @@ class Engine:
             self.spec_proposer([r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1], spec_k)
         sched = self.scheduler.schedule()
         if sched.is_empty:  # no forward, but page copies / swaps queued meanwhile (sessions) still run
-            self.runner.execute_device_ops(sched.device_ops)
+            self.runner.execute_idle_device_ops(sched.device_ops)
         launched = launch_step(self, sched, prev) if not sched.is_empty else None
         if launched is not None and self.spec_proposer is not None:
             self.spec_proposer.after_launch(launched)

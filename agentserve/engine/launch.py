@@ -41,7 +41,7 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
             newest.append(req)
     chunks = _without_unreadable_adapters(engine, chunks)
     if not chunks:  # every row failed alone; the step's page copies and swaps still run
-        engine.runner.execute_device_ops(sched.device_ops)
+        engine.runner.execute_idle_device_ops(sched.device_ops)
         return None
     chunks, handle = _launch_isolating_failures(engine, chunks, sched.device_ops, prev, newest)
     if handle is None:

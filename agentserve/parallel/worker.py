@@ -89,6 +89,7 @@ def _serve(args: WorkerArgs) -> None:
                 break
             if message.kind == MessageKind.DEVICE_OPS:
                 execute_device_ops(runner.kv_cache, message.payload)
+                runner.kv_cache.step_launched()  # an idle engine's ops come alone: let paced copies progress
             elif message.kind == MessageKind.LORA_SLOT:
                 assert runner.lora_manager is not None, "rank 0 serves LoRA; every rank has the same config"
                 runner.lora_manager.load_slot(*unpack_lora_slot(message))

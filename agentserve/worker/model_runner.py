@@ -267,6 +267,12 @@ class ModelRunner:
             self.parallel.send_device_ops(ops)
         execute_device_ops(self.pages, ops)
 
+    def execute_idle_device_ops(self, ops: list[DeviceOp]) -> None:
+        """A step without a forward (nothing schedulable): its device ops, then the swap-in copies held back
+        for a step's uploads (cache/swap_in_pacer.py) go at once, since none are coming."""
+        self.execute_device_ops(ops)
+        self.pages.no_step_launched()
+
     def swap_in_ready(self, ticket: int) -> bool:
         """Whether the copy of a started swap in (cache/device_ops.SwapInStart) has arrived in this
         rank's staging buffers (a finish would not wait for it). Other ranks' finishes wait for their

@@ -96,6 +96,9 @@ class FakePages:
     def step_launched(self) -> None:
         """Nothing is held back: swap ins here copy at their start."""
 
+    def no_step_launched(self) -> None:
+        """Nothing is held back: swap ins here copy at their start."""
+
     def write(self, page: int, offset: int, token_id: int) -> None:
         self.slots[page][offset] = token_id
 
