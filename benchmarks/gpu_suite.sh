@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a|s24c]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a|s24c|s24d]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -109,6 +109,17 @@ if [ "$MODE" = s24c ]; then
   AGENTSERVE_SWAP_IN_PACING=0 TMO=150 TAIL=12 run agent-loop-unpaced python3 benchmarks/agent_loop.py $DUMMY \
     --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_unpaced.json"
   TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
+    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
+  ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = s24d ]; then
+  # Twenty-fourth session (< 4 min): the paced swap-in chunks gated on an event after each step's uploads (s24c:
+  # pacing by host order alone left the decode steps with ops at 21 ms: the uploads wait on the step's stream
+  # for the previous forward while the copy stream is free). The GPU swap tests (the sessions one hung in s24c
+  # before the idle engine released queued copies), then both modes (s24c's unpaced sessions p95: 5,723 ms).
+  TMO=90 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
+    tests/test_kernels_gpu_page_copy.py --junitxml "$OUT/pytest_gpu_swaps.xml"
+  TMO=200 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
 fi

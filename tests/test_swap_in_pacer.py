@@ -6,7 +6,7 @@ forces the queued copies up to theirs, oldest first; finished batches set the ra
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, cast
+from typing import Any, Optional, cast
 
 import torch
 
@@ -50,29 +50,38 @@ def test_chunks_cover_every_row_of_every_run_in_order() -> None:
     assert len(one_row) == 20
 
 
-def test_nothing_in_flight_hands_out_a_chunk_whatever_the_budget() -> None:
+def test_a_launch_hands_out_a_chunk_whatever_the_budget() -> None:
     pacer = SwapInPacer(initial_bytes_per_s=1.0)  # a budget of ~0 bytes
     big = _copy([32, 32], range(0, 4))
     pacer.queue(big)
     assert _counts(pacer.due(now=10.0)) == [(id(big), 1)]
     big.chunks.popleft()
-    pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(False)), 32 * MiB)
-    assert _counts(pacer.due(now=10.001)) == [], "one chunk in flight: none over the budget"
+    assert _counts(pacer.due(now=10.001)) == [(id(big), 1)]
+    big.chunks.popleft()
+    assert not pacer.queued
 
 
-def test_the_budget_is_the_period_share_less_what_is_in_flight() -> None:
+def test_the_budget_is_the_period_share_of_the_shorter_of_this_period_and_the_typical_one() -> None:
     pacer = SwapInPacer(initial_bytes_per_s=3e9)
-    first, second = _copy([32] * 4, range(0, 4)), _copy([32] * 8, range(8, 16))
+    first, second = _copy([32] * 4, range(0, 4)), _copy([32] * 40, range(8, 48))
     pacer.queue(first)
     pacer.queue(second)
-    assert _counts(pacer.due(now=0.0)) == [(id(first), 4), (id(second), 2)]  # 0.7 x 100 ms x 3 GB/s = 200 MiB
-    for copy, n in [(first, 4), (second, 2)]:
-        for _ in range(n):
-            copy.chunks.popleft()
-    assert list(pacer.queued) == [second], "the second copy stays queued with its 6 chunks left"
-    pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(False)), 5 * MiB)  # still in flight
-    # 20 ms later: 0.7 x 20 ms x 3 GB/s = 40 MiB, less 5 MiB in flight: one 32 MiB chunk.
-    assert _counts(pacer.due(now=0.02)) == [(id(second), 1)]
+
+    def issue(work: list[tuple[InCopy, int]]) -> int:
+        for copy, n in work:
+            for _ in range(n):
+                copy.chunks.popleft()
+        return sum(n for _, n in work)
+
+    # The first launch counts MAX_PERIOD_S: 0.7 x 100 ms x 3 GB/s = 200 MiB, six chunks.
+    assert _counts(pacer.due(now=0.0)) == [(id(first), 4), (id(second), 2)]
+    issue([(first, 4), (second, 2)])
+    assert list(pacer.queued) == [second], "the second copy stays queued with its chunks left"
+    # Decode-like launches 20 ms apart: 0.7 x 20 ms x 3 GB/s = 40 MiB, one chunk each.
+    for i in range(1, 6):
+        assert issue(pacer.due(now=0.02 * i)) == 1
+    # A long (prefill) period: the typical one still sizes the budget (one chunk, not 0.7 x 100 ms).
+    assert issue(pacer.due(now=0.1 + 0.1)) == 1
 
 
 def test_forcing_issues_everything_up_to_the_copy_or_the_slots_oldest_first() -> None:
@@ -88,7 +97,7 @@ def test_forcing_issues_everything_up_to_the_copy_or_the_slots_oldest_first() ->
     assert not pacer.queued
 
 
-def test_finished_batches_set_the_rate_and_leave_the_flight() -> None:
+def test_finished_batches_set_the_rate() -> None:
     pacer = SwapInPacer(initial_bytes_per_s=25e9)
     pacer.batch_issued(cast(Any, FakeEvent(True)), cast(Any, FakeEvent(True, ms=2.0)), 100_000_000)  # 50 GB/s
     pacer.queue(_copy([32] * 100, range(0, 1)))
@@ -122,9 +131,9 @@ class RecordingPages:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def step_launched(self) -> None:
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
         self.calls.append("step")
-        self.inner.step_launched()
+        self.inner.step_launched(inputs_uploaded)
 
     def no_step_launched(self) -> None:
         self.calls.append("idle")

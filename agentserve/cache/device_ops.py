@@ -19,7 +19,9 @@ buffer and the swap slots runs on a copy stream (cache/swap_streams.py), which o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class PageStore(Protocol):
         """Whether the copy of swap_in_start(ticket) has arrived (a finish would not wait for it)."""
         ...
 
-    def step_launched(self) -> None:
-        """A step's own uploads are queued: swap-in copies held back behind them may go now."""
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
+        """A step's own uploads are queued (and done on the device once `inputs_uploaded` has
+        happened): swap-in copies held back behind them may go now."""
         ...
 
     def no_step_launched(self) -> None:
@@ -133,9 +136,9 @@ class PageStores:
     def swap_in_ready(self, ticket: int) -> bool:
         return all(store.swap_in_ready(ticket) for store in self.stores)
 
-    def step_launched(self) -> None:
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
         for store in self.stores:
-            store.step_launched()
+            store.step_launched(inputs_uploaded)
 
     def no_step_launched(self) -> None:
         for store in self.stores:

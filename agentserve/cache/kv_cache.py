@@ -201,10 +201,10 @@ class KVCache:
             return self.swap_streams is None
         return all(copy is None or copy.arrived() for _, _, copy in staged)
 
-    def step_launched(self) -> None:
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
         """A step's uploads are queued: paced swap-in copies due now follow them (swap_in_pacer.py)."""
         if self.swap_streams is not None:
-            self.swap_streams.step_launched()
+            self.swap_streams.step_launched(inputs_uploaded)
 
     def no_step_launched(self) -> None:
         """The engine had nothing to launch: queued swap-in copies need not wait for a step's uploads."""

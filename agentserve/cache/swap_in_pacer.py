@@ -10,8 +10,10 @@ steps that carried swap ins took 24-27 ms against 12-13 ms for the others). A ke
 slots instead of the copy engine cost the step as much (its resident programs slow the GEMVs).
 
 So a started swap in is queued on the host (`InCopy`), and the model runner calls `due()` once per
-launched step, after the step's uploads are queued: it hands out queued copies, oldest first, up to
-what the engine moves in one step period at the measured rate, less what is still in flight. A copy
+launched step, after the step's uploads are queued: it hands out chunks of the queued copies, oldest
+first, up to what the engine moves in most of one step at the measured rate; they wait on the copy
+stream for an event after the step's uploads (an upload waits on the step's stream for the previous
+forward while the copy stream is free: host order alone would put the chunks first). A copy
 the step's stream needs (a finish), or whose slots a swap out is about to reuse, is issued at once by
 the caller with everything queued before it (`through`), so pacing never reorders slot use and never
 makes a finish wait for the host.
@@ -32,6 +34,8 @@ INITIAL_BYTES_PER_S = 25e9
 PERIOD_SHARE = 0.7
 # The longest period counted (a first step after idle time would hand out everything queued).
 MAX_PERIOD_S = 0.1
+# Periods whose median bounds the one counted (a few steps: decode steps are the common, short case).
+PERIODS_KEPT = 8
 # Bytes per copy: the pacing's grain (~0.6 ms of PCIe 5), small enough to fill a step's budget closely.
 CHUNK_BYTES = 32 << 20
 
@@ -82,6 +86,7 @@ class SwapInPacer:
         self.batches: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
         self.bytes_per_s = initial_bytes_per_s
         self._last_due: Optional[float] = None
+        self._periods: deque[float] = deque(maxlen=PERIODS_KEPT)  # the last launches' periods (s)
         # Diagnostics (benchmarks/device_op_timer.py): chunks handed out by due(), and forced by through().
         self.paced_chunks = 0
         self.forced_chunks = 0
@@ -93,14 +98,13 @@ class SwapInPacer:
         """The caller issued chunks of `nbytes` between `start` and `end` (timing events, copy stream)."""
         self.batches.append((start, end, nbytes))
 
-    def _in_flight(self) -> int:
-        """Drops finished batches (timing each into the rate); the bytes still in flight."""
+    def _settle(self) -> None:
+        """Drops finished batches, timing each into the rate."""
         while self.batches and self.batches[0][1].query():
             start, end, nbytes = self.batches.popleft()
             ms = start.elapsed_time(end)
             if ms > 0:  # a short moving average: one slow batch should not stall pacing
                 self.bytes_per_s = 0.7 * self.bytes_per_s + 0.3 * (nbytes / (ms / 1e3))
-        return sum(b[2] for b in self.batches)
 
     def _take(self, limit: Optional[int], first_free: bool) -> list[tuple[InCopy, int]]:
         """(copy, chunks) from the front of the queue: up to `limit` bytes (None: no limit), and at
@@ -126,14 +130,19 @@ class SwapInPacer:
 
     def due(self, now: Optional[float] = None) -> list[tuple[InCopy, int]]:
         """What to issue after this step's uploads: (copy, its next chunks), oldest first, up to the
-        bytes the engine moves in PERIOD_SHARE of the time since the last call, less those in flight;
-        at least one chunk when nothing is in flight (a swap in always progresses)."""
+        bytes the engine moves in PERIOD_SHARE of one step, and at least one chunk (a swap in always
+        progresses). The chunks start once the step's inputs are on the device and must be done before
+        the next step's are: a step lasts about the time between launches, but a long prefill step's
+        period must not size the budget of the short decode step that may follow it, so the period
+        counted is the smaller of this one and the median of the last PERIODS_KEPT."""
         now = time.perf_counter() if now is None else now
         period = MAX_PERIOD_S if self._last_due is None else min(MAX_PERIOD_S, now - self._last_due)
         self._last_due = now
-        in_flight = self._in_flight()
-        budget = max(0, int(PERIOD_SHARE * period * self.bytes_per_s) - in_flight)
-        out = self._take(budget, first_free=in_flight == 0)
+        self._periods.append(period)
+        typical = sorted(self._periods)[len(self._periods) // 2]
+        self._settle()
+        budget = int(PERIOD_SHARE * min(period, typical) * self.bytes_per_s)
+        out = self._take(budget, first_free=True)
         self.paced_chunks += sum(n for _, n in out)
         return out
 

@@ -137,11 +137,14 @@ class SwapStreams:
             self._issue(self.pacer.all())
         return copy
 
-    def _issue(self, work: list[tuple[InCopy, int]]) -> None:
-        """Issues each (copy, its next chunks) on the copy stream, oldest first, as one timed batch; a copy
-        whose last chunk went gets its completion event (and marks its slots with it)."""
+    def _issue(self, work: list[tuple[InCopy, int]], after: Optional[torch.cuda.Event] = None) -> None:
+        """Issues each (copy, its next chunks) on the copy stream, oldest first, as one timed batch (after
+        the event `after`, if given); a copy whose last chunk went gets its completion event (and marks
+        its slots with it)."""
         if not work:
             return
+        if after is not None:
+            self.in_stream.wait_event(after)
         for copy, _ in work:
             if not copy.started:  # its slots' earlier copies (a swap out still writing them) go first
                 self._after_slots(self.in_stream, sorted(copy.slots))
@@ -163,9 +166,12 @@ class SwapStreams:
             end.record(self.in_stream)
         self.pacer.batch_issued(start, end, nbytes)
 
-    def step_launched(self) -> None:
-        """A step's uploads are queued: the swap-in chunks due now follow them to the copy engine."""
-        self._issue(self.pacer.due())
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
+        """A step's uploads are queued: the swap-in chunks due now follow them to the copy engine. The
+        uploads wait on the step's stream for the previous forward, while the copy stream is free: a
+        chunk issued after them in host order would still reach the engine first. So the chunks wait
+        for `inputs_uploaded` (recorded on the step's stream after them) and run during the forward."""
+        self._issue(self.pacer.due(), after=inputs_uploaded)
 
     def no_step_launched(self) -> None:
         """No step's uploads are coming (the engine has nothing to launch): every queued copy goes now."""

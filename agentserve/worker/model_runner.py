@@ -89,6 +89,8 @@ class ModelRunner:
         self.kv_cache = KVCache(arch.num_layers, self.num_blocks, self.block_size, self.kv_heads_per_rank,
                                 arch.head_dim, self.kv_dtype, device, num_swap_blocks=swap_blocks)
         self.pages: PageStore = self.kv_cache
+        # Recorded on the step's stream once a launch's inputs are uploaded (the paced swap-in copies wait for it).
+        self._inputs_uploaded: Optional[torch.cuda.Event] = None
         if self.draft is not None:
             self.pages = PageStores([self.kv_cache, self.draft.allocate_cache(self.num_blocks, swap_blocks)])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -224,6 +226,9 @@ class ModelRunner:
         """The sampled rows' logits, and the prompt logprobs that rows of this step score (if any)."""
         plan = plan_prompt_logprob_rows(chunks)
         input_ids, positions, meta, logits_indices = self.prepare(chunks, prev)
+        if self.device.type == "cuda":  # the step's uploads are queued: paced swap-in copies start after them
+            self._inputs_uploaded = torch.cuda.Event()
+            self._inputs_uploaded.record()
         if self.parallel is not None:  # sends the step to the other ranks, then runs this rank's share
             if plan is None:
                 return self.parallel.run_forward(self.model, self.kv_cache.layers, input_ids, positions, meta,
@@ -318,9 +323,10 @@ class ModelRunner:
         and returns without waiting for it. `token_bitmask_fn(sampling requests)` builds grammar masks
         on the CPU; it is called after the forward has been queued, so mask building overlaps it.
         `prev`: the step launched before this one, whose sampled ids feed this step's decodes."""
+        self._inputs_uploaded = None
         step = self._launch(chunks, device_ops, token_bitmask_fn, prev)
         # Swap-in copies held back so far follow this step's uploads to the copy engine (cache/swap_in_pacer.py).
-        self.pages.step_launched()
+        self.pages.step_launched(self._inputs_uploaded)
         return step
 
     def _launch(self, chunks: list[ScheduledChunk], device_ops: list[DeviceOp],

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from agentserve.cache.block_pool import BlockPool
 from agentserve.cache.device_ops import DeviceOp, execute_device_ops
 from agentserve.cache.kv_cache_manager import KVCacheManager
@@ -93,7 +95,7 @@ class FakePages:
     def swap_in_ready(self, ticket: int) -> bool:
         return True
 
-    def step_launched(self) -> None:
+    def step_launched(self, inputs_uploaded: Optional[torch.cuda.Event] = None) -> None:
         """Nothing is held back: swap ins here copy at their start."""
 
     def no_step_launched(self) -> None:
