@@ -151,7 +151,9 @@ class SwapStreams:
                 copy.started = True
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         nbytes = 0
-        with torch.cuda.stream(self.in_stream):
+        # Inference mode: the staged tensor may have been allocated inside a step's (an inference tensor),
+        # and an idle engine issues queued copies outside one, where an in-place copy into it is refused.
+        with torch.inference_mode(), torch.cuda.stream(self.in_stream):
             start.record(self.in_stream)
             for copy, count in work:
                 for _ in range(count):
