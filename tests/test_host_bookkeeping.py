@@ -166,6 +166,7 @@ def test_one_token_rows_match_independent_expectations(async_scheduling: bool, m
     engine = _engine(async_scheduling, tokenizer=False)
     eos = refs[0][6]
     engine.eos_token_ids = frozenset({eos})  # a token the greedy runs do produce
+    engine.output.tokenizer_eos_id = eos  # as the tokenizer's own EOS: stop_reason None (others stop by id)
     requests, expect = [], {}
     for i, (prompt, ref) in enumerate(zip(prompts, refs)):
         stop = ref[4 + i % 3]

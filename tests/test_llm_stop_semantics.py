@@ -55,3 +55,17 @@ def test_stop_strings_count_only_after_min_tokens(llm: LLM, min_tokens: int) -> 
     assert len(out.token_ids) > min_tokens
     if min_tokens >= 2:  # the stop string lies in the first min_tokens tokens: it does not end the output
         assert out.text != full_text[:full_text.find(stop)]
+
+
+def test_the_generation_configs_other_eos_ids_are_stop_reasons_by_id() -> None:
+    # As vLLM: the tokenizer's EOS ends with stop_reason None; the generation config's other EOS ids (the
+    # tiny Llama 3's <|end_of_text|> and <|eom_id|>) are stop tokens, reported by id; neither is in the text.
+    llm = LLM(str(tiny_model_cached("llama3")), device="cpu", max_model_len=256)
+    tokenizer = llm.get_tokenizer()
+    own = tokenizer.eos_token_id
+    others = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>")]
+    assert own not in others and 0 not in others
+    for eos, reason in [(own, None), *[(other, other) for other in others]]:
+        out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[eos]))[0].outputs[0]
+        assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason == reason
+        assert out.text == ""

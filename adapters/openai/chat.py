@@ -217,6 +217,7 @@ class _ChatContext:
         # ended the reply would be in it too: strip it, as it is when special tokens are skipped.
         tok = serving.tokenizer
         self.eos_texts: tuple[str, ...] = ()
+        self.eos_ids = frozenset(serving.engine.eos_token_ids)  # the generation config's others stop by id
         if tools and not params.skip_special_tokens and tok is not None:
             ids = sorted(serving.engine.eos_token_ids)
             self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
@@ -239,7 +240,7 @@ class _ChatContext:
                               typed_answer=self.params.typed_answer)
 
     def _strip_eos(self, text: str, c: CompletionOutput) -> str:
-        if self.eos_texts and c.finish_reason == "stop" and c.stop_reason is None:
+        if self.eos_texts and c.finish_reason == "stop" and (c.stop_reason is None or c.stop_reason in self.eos_ids):
             for eos in self.eos_texts:
                 if text.endswith(eos):
                     return text[:-len(eos)]

@@ -56,6 +56,9 @@ class OutputProcessor:
     def __init__(self, engine: "Engine") -> None:
         self.engine = weakref.proxy(engine)
         self.failed: set[str] = set()  # caller ids failed inside the engine, to report at the next step
+        # The tokenizer's own EOS ends an output with stop_reason None; the generation config's other EOS
+        # ids (Llama 3's <|eom_id|>, Qwen's <|endoftext|>) are stop tokens in vLLM, reported by id.
+        self.tokenizer_eos_id: Optional[int] = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
 
     # --- one step's samples -------------------------------------------------------------------------
     def update_from_output(self, step: InflightStep) -> set[str]:
@@ -191,15 +194,20 @@ class OutputProcessor:
             self.finish(req, RequestStatus.FINISHED_ERROR, None)
         elif grammar is not None and grammar.is_terminated():
             self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
-                        (token if token in params.stop_token_ids else None))
+                        token if token in params.stop_token_ids else self._eos_stop_reason(token) if ends_on_eos
+                        else None)
         elif stop_str is not None:
             self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
         elif token in params.stop_token_ids:
             self.finish(req, RequestStatus.FINISHED_STOPPED, token)
         elif ends_on_eos:
-            self.finish(req, RequestStatus.FINISHED_STOPPED, None)
+            self.finish(req, RequestStatus.FINISHED_STOPPED, self._eos_stop_reason(token))
         elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.engine.max_model_len:
             self.finish(req, RequestStatus.FINISHED_LENGTH, None)
+
+    def _eos_stop_reason(self, token: int) -> Optional[int]:
+        """vLLM's stop_reason for an EOS: None for the tokenizer's own, the id for the generation config's others."""
+        return None if token == self.tokenizer_eos_id else token
 
     def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[float], top_lps: Sequence[float],
                   decoded: Optional[dict[int, str]]) -> PositionLogprobs:
