@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.model.gguf import find_gguf_file
+from agentserve.vllm_llm_options import take_vllm_only_llm_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,24 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """vLLM's LLM(...) keywords of the flags above, read as the CLI reads them: swap_space (GiB) is
-    swap_space_gb, and those of behaviour agentserve always has are accepted (turning chunked prefill
-    off is not: agentserve has no unchunked path)."""
-    kw = dict(kwargs)
+    swap_space_gb, guided_decoding_backend and structured_outputs_config={'backend': ...} are
+    grammar_backend, and those of behaviour agentserve always has are accepted (turning chunked prefill
+    off is not: agentserve has no unchunked path); vLLM's keywords without an agentserve option are
+    accepted at their defaults (agentserve/vllm_llm_options.py)."""
+    kw = take_vllm_only_llm_kwargs(kwargs)  # tokenizer_mode, revision, download_dir, ... at their defaults
+    backends = [kw.pop("guided_decoding_backend", None)]  # vLLM's older keyword, then its structured outputs'
+    outputs_config = kw.pop("structured_outputs_config", None)
+    if outputs_config is not None:
+        if not isinstance(outputs_config, dict) or set(outputs_config) - {"backend"}:
+            raise ValueError(f"structured_outputs_config={outputs_config!r}: only {{'backend': name}} is supported "
+                             f"(one of {sorted(_GRAMMAR_BACKENDS)})")
+        backends.append(outputs_config.get("backend"))
+    for backend in filter(None, backends):
+        if backend not in _GRAMMAR_BACKENDS:
+            raise ValueError(f"structured outputs backend {backend!r} is not one of {sorted(_GRAMMAR_BACKENDS)}")
+        if kw.setdefault("grammar_backend", _GRAMMAR_BACKENDS[backend]) != _GRAMMAR_BACKENDS[backend]:
+            raise ValueError(f"structured outputs backend {backend!r} and grammar_backend "
+                             f"{kw['grammar_backend']!r} disagree; give one")
     if "swap_space" in kw:
         if "swap_space_gb" in kw:
             raise ValueError("swap_space and swap_space_gb are the same option; give one")

@@ -1,0 +1,64 @@
+"""vLLM's LLM(...) keywords without an agentserve option (agentserve/vllm_llm_options.py): at their defaults
+they are accepted (vLLM code's boilerplate runs unchanged), any other value is a ValueError naming the
+keyword and what to do; structured_outputs_config / guided_decoding_backend choose the grammar backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.testing import tiny_model_cached
+from agentserve.vllm_flags import engine_kwargs_from_vllm_llm_kwargs
+
+VLLM_DEFAULTS: dict[str, Any] = dict(
+    tokenizer_mode="auto", revision=None, tokenizer_revision=None, code_revision=None, download_dir=None,
+    hf_token=None, hf_overrides=None, cpu_offload_gb=0, compilation_config=None, logits_processors=None,
+    runner="auto", convert="auto", pooler_config=None, allowed_local_media_path="", mm_processor_kwargs=None,
+    pipeline_parallel_size=1, data_parallel_size=1, enable_sleep_mode=False, kv_cache_memory_bytes=None,
+    max_seq_len_to_capture=8192, disable_custom_all_reduce=False, disable_async_output_proc=False,
+    structured_outputs_config={"backend": "xgrammar"})
+
+
+def test_vllm_boilerplate_at_defaults_builds_an_engine_that_generates() -> None:
+    llm = LLM(str(tiny_model_cached("llama")), device="cpu", max_model_len=128, **VLLM_DEFAULTS)
+    assert llm.engine.config.grammar_backend == "xgrammar"
+    out = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("revision", "main", "local model directories"),
+    ("download_dir", "/tmp/hub", "no model hub"),
+    ("tokenizer_mode", "mistral", "AutoTokenizer"),
+    ("cpu_offload_gb", 4, "never offloaded"),
+    ("runner", "pooling", "generative models only"),
+    ("compilation_config", 3, "torch.compiled"),
+    ("pipeline_parallel_size", 2, "tensor_parallel_size"),
+    ("hf_overrides", {"rope_theta": 1e6}, "config.json"),
+])
+def test_a_value_agentserve_does_not_do_is_refused_by_name(name: str, value: Any, says: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name}=") as err:
+        engine_kwargs_from_vllm_llm_kwargs({name: value})
+    assert says in str(err.value)
+
+
+def test_the_structured_outputs_backend_maps_onto_grammar_backend() -> None:
+    assert engine_kwargs_from_vllm_llm_kwargs({"guided_decoding_backend": "guidance"}) == {"grammar_backend": "llguidance"}
+    assert engine_kwargs_from_vllm_llm_kwargs({"structured_outputs_config": {"backend": "outlines"}}) == {
+        "grammar_backend": "outlines"}
+    with pytest.raises(ValueError, match="'lm-format-enforcer' is not one of"):
+        engine_kwargs_from_vllm_llm_kwargs({"structured_outputs_config": {"backend": "lm-format-enforcer"}})
+    with pytest.raises(ValueError, match="only {'backend': name}"):
+        engine_kwargs_from_vllm_llm_kwargs({"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}})
+    with pytest.raises(ValueError, match="disagree"):
+        engine_kwargs_from_vllm_llm_kwargs({"guided_decoding_backend": "xgrammar", "grammar_backend": "outlines"})
+
+
+def test_unknown_keywords_still_fail_in_the_engine_config() -> None:
+    kept = engine_kwargs_from_vllm_llm_kwargs({"max_num_seqs": 4, "no_such_option": 1})
+    assert kept == {"max_num_seqs": 4, "no_such_option": 1}
+    with pytest.raises(ValueError, match="unknown engine option 'no_such_option'"):
+        LLM(str(tiny_model_cached("llama")), device="cpu", no_such_option=1)
