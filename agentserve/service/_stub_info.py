@@ -1,4 +1,4 @@
 """Written by gen_stubs.py with the stubs: what they were generated from."""
 
-PROTO_SHA256 = "3e4a3766eb4cb1f79a33b5a45aef5c203377c81605b9a4452957a27ad43e0137"
+PROTO_SHA256 = "4b009ffeb12eaf62cfa7cd5a4d4b57a0b813b6743106e2468bd92a451e67617f"
 GRPCIO_TOOLS_VERSION = "1.84.0"
