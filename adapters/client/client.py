@@ -11,6 +11,8 @@
         print(result.text, result.tool_calls, result.done.usage)
         child = await session.fork()
         await session.close()
+        async for info in client.iter_sessions():                          # ListSessions, page by page
+            print(info.session_id, info.num_turns)
 
 Errors arrive as grpc.aio.AioRpcError (`.code()`, `.details()`).
 """
@@ -234,8 +236,29 @@ class AgentClient:
         await s.refresh(include_messages, include_token_ids)
         return s
 
-    async def list_sessions(self) -> list[pb.SessionInfo]:
-        return list((await self.stub.ListSessions(pb.ListSessionsRequest(), metadata=self.metadata)).sessions)
+    async def list_sessions(self, page_size: int = 0, page_token: str = "") -> list[pb.SessionInfo]:
+        """One page of this API key's tenant's sessions, in creation order: `page_size` of them (0: the
+        server's default, 100; at most 1000) after `page_token`. Every session: `iter_sessions`; the
+        next page's token: `list_sessions_page`."""
+        return (await self.list_sessions_page(page_size, page_token))[0]
+
+    async def list_sessions_page(self, page_size: int = 0,
+                                 page_token: str = "") -> tuple[list[pb.SessionInfo], str]:
+        """One page of sessions and the next page's token ("" after the last page)."""
+        resp = await self.stub.ListSessions(pb.ListSessionsRequest(page_size=page_size, page_token=page_token),
+                                            metadata=self.metadata)
+        return list(resp.sessions), resp.next_page_token
+
+    async def iter_sessions(self, page_size: int = 0) -> AsyncIterator[pb.SessionInfo]:
+        """Every session, fetched a page at a time. Closing sessions while iterating is safe: every
+        session still open is listed once; one created meanwhile may be listed too."""
+        page_token = ""
+        while True:
+            sessions, page_token = await self.list_sessions_page(page_size, page_token)
+            for s in sessions:
+                yield s
+            if not page_token:
+                return
 
     async def generate(self, prompt: Optional[str] = None, *, prompt_token_ids: Optional[Sequence[int]] = None,
                        messages: Optional[Iterable[MessageLike]] = None, tools: Iterable[ToolLike] = (),

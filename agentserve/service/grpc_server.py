@@ -8,7 +8,8 @@ RESOURCE_EXHAUSTED (queue full; a message over --grpc-max-message-bytes), UNAUTH
 CANCELLED (the turn's session was closed), UNAVAILABLE (shutting down).
 
 Tenants (service/tenants.py): the API key an RPC carries names its tenant. Sessions are the creating
-tenant's: another tenant's session is NOT_FOUND on every call, and ListSessions lists only one's own.
+tenant's: another tenant's session is NOT_FOUND on every call, and ListSessions lists only one's own,
+in pages (service/paging.py: page sizes, and page tokens bound to the tenant).
 A tenant's requests and sessions hash their KV pages under its own cache salt. Past a tenant's limit
 of requests in flight, or the session limits, calls get RESOURCE_EXHAUSTED.
 """
@@ -36,6 +37,7 @@ from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
 from agentserve.service.convert import (generate_done_to_proto, messages_from_proto, sampling_from_proto,
                                         snapshot_to_proto, tools_from_proto, turn_event_to_proto)
+from agentserve.service.paging import PageTokens, page_size_of
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions.store import SessionStore
 from agentserve.chat import render as R
@@ -100,6 +102,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.tenants = tenants or Tenants()
         self.serving = True
         self._ids = itertools.count()
+        self.page_tokens = PageTokens()  # ListSessions' page tokens, valid while this server runs
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
         tenant = self.tenants.authenticate(presented_key(context.invocation_metadata()))
@@ -200,8 +203,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         async with _errors(context):
-            sessions = await self.store.list(tenant=self._tenant(context).name)
-            return pb.ListSessionsResponse(sessions=[snapshot_to_proto(s) for s in sessions])
+            tenant = self._tenant(context).name
+            page_size = page_size_of(request.page_size)
+            after = self.page_tokens.decode(request.page_token, tenant) if request.page_token else None
+            listed = await self.store.list(tenant=tenant, after=after, limit=page_size + 1)  # +1: is there more?
+            page = listed[:page_size]
+            return pb.ListSessionsResponse(sessions=[snapshot_to_proto(s) for s in page],
+                                           next_page_token=self.page_tokens.next_page_token(
+                                               page, len(listed) > page_size, tenant))
         raise AssertionError("unreachable")
 
     async def CloseSession(self, request: pb.CloseSessionRequest,

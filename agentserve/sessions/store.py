@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import logging
 import math
@@ -35,8 +36,9 @@ from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency
 from agentserve.sessions.turns import TurnLifecycle
 from agentserve.sessions.types import (ANONYMOUS_TENANT, DEFAULT_MAX_SESSIONS, DEFAULT_TTL_SECONDS, PendingTurn,
-                                       Session, SessionBusyError, SessionLimitError, SessionNotFoundError,
-                                       SessionSnapshot, SessionState, SessionStats, snapshot_of)
+                                       Session, SessionBusyError, SessionLimitError, SessionListCursor,
+                                       SessionNotFoundError, SessionSnapshot, SessionState, SessionStats,
+                                       snapshot_of)
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +197,23 @@ class SessionStore(TurnLifecycle):
         return await self._run(lambda: snapshot_of(self._owned(session_id, tenant), include_messages,
                                                    include_token_ids))
 
-    async def list(self, *, tenant: str = ANONYMOUS_TENANT) -> list[SessionSnapshot]:
-        return await self._run(lambda: [snapshot_of(s) for s in self.sessions.values() if s.tenant == tenant])
+    async def list(self, *, tenant: str = ANONYMOUS_TENANT, after: Optional[SessionListCursor] = None,
+                   limit: Optional[int] = None) -> list[SessionSnapshot]:
+        """The tenant's open sessions in creation order (SessionListCursor): only those after `after`,
+        and at most `limit` (None: all). A page continued from its last session's cursor shows every
+        session still open exactly once; one created meanwhile shows if it sorts after the cursor."""
+        if limit is not None and limit < 0:
+            raise InvalidRequestError(f"limit must be >= 0, got {limit}")
+
+        def page() -> list[SessionSnapshot]:
+            owned = [s for s in self.sessions.values()
+                     if s.tenant == tenant and (after is None or _list_cursor(s) > after)]
+            # A page of k out of n sessions: O(n log k) on the step thread, not a sort of all n.
+            chosen = (sorted(owned, key=_list_cursor) if limit is None
+                      else heapq.nsmallest(limit, owned, key=_list_cursor))
+            return [snapshot_of(s) for s in chosen]
+
+        return await self._run(page)
 
     async def fork(self, session_id: str, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None,
                    tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
@@ -294,3 +311,7 @@ class SessionStore(TurnLifecycle):
             self._close(s.session_id)
         self.stats.expired += len(expired)
         return len(expired)
+
+
+def _list_cursor(s: Session) -> SessionListCursor:
+    return SessionListCursor(s.created_at, s.session_id)

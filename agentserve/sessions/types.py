@@ -11,7 +11,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from agentserve.errors import SessionError
 from agentserve.lora.key import LoRAKey
@@ -133,6 +133,14 @@ class SessionSnapshot:
     raw_tokens: bool
     messages: Optional[list[dict[str, Any]]] = None
     token_ids: Optional[list[int]] = None
+
+
+class SessionListCursor(NamedTuple):
+    """A session's place in its tenant's list: creation order, ties broken by id. It never changes for a
+    session, so a list resumed after a cursor neither repeats nor skips a session that is still open,
+    whatever was created or closed meanwhile (sessions/store.py `list`, ListSessions' page tokens)."""
+    created_at: float
+    session_id: str
 
 
 @dataclass
