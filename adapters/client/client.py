@@ -5,10 +5,10 @@
             [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Plan a trip."}],
             tools=[{"type": "function", "function": {"name": "search", "parameters": {...}}}])
         async for event in session.turn(max_tokens=128, temperature=0):   # streams TurnEvents
-            if event.HasField("text"):
+            if event.HasField("text"):          # `reasoning` events (a reasoning model's thinking) come first
                 print(event.text.text, end="")
         result = await session.run_turn([{"role": "tool", "tool_call_id": "c1", "content": "..."}])
-        print(result.text, result.tool_calls, result.done.usage)
+        print(result.reasoning_content, result.text, result.tool_calls, result.done.usage)
         child = await session.fork()
         await session.close()
         async for info in client.iter_sessions():                          # ListSessions, page by page
@@ -40,7 +40,8 @@ def to_message(m: MessageLike) -> pb.Message:
     if isinstance(m, pb.Message):
         return m
     msg = pb.Message(role=m.get("role", ""), content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "",
-                     name=m.get("name") or "", token_ids=list(m.get("token_ids") or []))
+                     name=m.get("name") or "", token_ids=list(m.get("token_ids") or []),
+                     reasoning_content=m.get("reasoning_content") or "")
     for tc in m.get("tool_calls") or []:
         fn = tc.get("function", tc)
         args = fn.get("arguments", "")
@@ -105,11 +106,13 @@ def to_response_format(rf: Union[None, str, dict[str, Any], pb.ResponseFormat]) 
 
 @dataclass
 class TurnOutcome:
-    """A turn collected: its text, tool calls, and the final TurnDone (usage, timing, session)."""
+    """A turn collected: its text, tool calls, and the final TurnDone (usage, timing, session); on a
+    reasoning model (--reasoning-parser) `text` is the answer and `reasoning_content` the thinking."""
     text: str
     tool_calls: list[pb.ToolCall]
     done: pb.TurnDone
     events: list[pb.TurnEvent] = field(default_factory=list)
+    reasoning_content: str = ""
 
     @property
     def usage(self) -> pb.Usage:
@@ -135,8 +138,8 @@ class Session:
                    response_format: Union[None, str, dict[str, Any], pb.ResponseFormat] = None,
                    expected_next_turn_ms: float = 0.0, return_token_ids: bool = False, priority: int = 0,
                    timeout: Optional[float] = None, **sampling: Any) -> AsyncIterator[pb.TurnEvent]:
-        """Streams the turn's events: text deltas, tool-call deltas, then `done` (TurnDone). Leaving
-        the iteration early cancels the turn on the server."""
+        """Streams the turn's events: reasoning deltas (a reasoning model's thinking), text deltas,
+        tool-call deltas, then `done` (TurnDone). Leaving the iteration early cancels the turn on the server."""
         req = pb.TurnRequest(session_id=self.id, messages=[to_message(m) for m in messages],
                              sampling=to_sampling(**sampling), tool_choice=tool_choice,
                              expected_next_turn_ms=expected_next_turn_ms, return_token_ids=return_token_ids,
@@ -157,6 +160,7 @@ class Session:
     async def run_turn(self, messages: Iterable[MessageLike] = (), **kwargs: Any) -> TurnOutcome:
         """Runs a turn to completion and collects it."""
         text: list[str] = []
+        reasoning: list[str] = []
         calls: dict[int, pb.ToolCall] = {}
         events = []
         done: Optional[pb.TurnDone] = None
@@ -165,6 +169,8 @@ class Session:
             kind = ev.WhichOneof("event")
             if kind == "text":
                 text.append(ev.text.text)
+            elif kind == "reasoning":
+                reasoning.append(ev.reasoning.text)
             elif kind == "tool_call":
                 d = ev.tool_call
                 call = calls.setdefault(d.index, pb.ToolCall())
@@ -178,7 +184,8 @@ class Session:
         if done is None:
             raise RuntimeError("the turn ended without a TurnDone")
         tool_calls = list(done.message.tool_calls) or [calls[i] for i in sorted(calls)]
-        return TurnOutcome(text="".join(text), tool_calls=tool_calls, done=done, events=events)
+        return TurnOutcome(text="".join(text), tool_calls=tool_calls, done=done, events=events,
+                           reasoning_content="".join(reasoning))
 
     async def fork(self, *, ttl_seconds: float = 0.0, metadata: Optional[dict[str, str]] = None) -> "Session":
         info = await self.client.stub.ForkSession(

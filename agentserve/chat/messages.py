@@ -4,14 +4,16 @@ implementation for the HTTP adapter (stateless chat completions) and sessions (g
 Messages are plain dicts:
     {"role": "system" | "user" | "assistant" | "tool", "content": str | None,
      "tool_calls": [{"id": str, "type": "function", "function": {"name": str, "arguments": str | dict}}],
-     "tool_call_id": str, "name": str, "token_ids": [int]}   # token_ids: raw-token sessions only
+     "tool_call_id": str, "name": str, "token_ids": [int],  # token_ids: raw-token sessions only
+     "reasoning_content": str}  # assistant messages of a reasoning model: its thinking (vLLM's key)
 
 Two sets of rules (`MessageRules`), because the callers keep different things:
 - `OPENAI_RULES` (HTTP): OpenAI's lenient shapes as vLLM takes them — "developer" is "system", content
   may be a list of text parts, extra keys go through to the template, arguments that are not a JSON
   object stay a string.
 - `SESSION_RULES` (sessions): a history that is rendered again every turn — every message says
-  something, arguments are JSON objects, only the keys templates read are kept.
+  something, arguments are JSON objects, only the keys templates read are kept (an assistant message's
+  reasoning_content among them: templates of thinking models, Qwen3's, render it).
 Every failure is a FieldError naming the field to fix.
 """
 
@@ -78,10 +80,24 @@ def _content(m: Message, at: str) -> Optional[str]:
     return content
 
 
+def _reasoning_content(m: Message, role: str, at: str) -> Optional[str]:
+    """A history message's reasoning_content: text, on assistant messages only."""
+    reasoning = m.get("reasoning_content")
+    if reasoning is None or reasoning == "":
+        return None
+    if not isinstance(reasoning, str):
+        raise FieldError(f"{at}.reasoning_content must be a string", f"{at}.reasoning_content")
+    if role != "assistant":
+        raise FieldError(f"{at}: reasoning_content is only for assistant messages (role is {role!r})",
+                         f"{at}.reasoning_content")
+    return reasoning
+
+
 def _check_presence(role: str, content: Optional[str], has_calls: bool, at: str, rules: MessageRules) -> None:
     if rules.history:
         if role == "assistant" and not content and not has_calls:
-            raise FieldError(f"{at}: an assistant message needs content or tool_calls", f"{at}.content")
+            raise FieldError(f"{at}: an assistant message needs content or tool_calls (or reasoning_content)",
+                             f"{at}.content")
         if role != "assistant" and not content:
             raise FieldError(f"{at} ({role}) has no content", f"{at}.content")
     elif content is None and role != "assistant":
@@ -153,12 +169,17 @@ def _text_message(m: Message, role: str, i: int, at: str, rules: MessageRules) -
         raise FieldError(f"{at}: tool_call_id is only for tool messages (role is {role!r})", f"{at}.tool_call_id")
     content = _content(m, at)
     calls = _tool_calls(m, role, i, at, rules)
-    _check_presence(role, content, bool(calls), at, rules)
     if rules.history:
+        # A reply cut short while thinking has only reasoning: it is a message of its own.
+        reasoning = _reasoning_content(m, role, at)
+        _check_presence(role, content, bool(calls) or reasoning is not None, at, rules)
         msg: Message = {"role": role, "content": content if content else None}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
         if role == "tool":
             msg.update({k: m[k] for k in ("tool_call_id", "name") if m.get(k)})
     else:
+        _check_presence(role, content, bool(calls), at, rules)
         msg = {k: v for k, v in m.items() if k not in ("role", "content", "tool_calls")}
         msg.update(role="system" if role == "developer" else role, content=content)
     if calls:

@@ -6,14 +6,15 @@ part of it), the content is the rest. A reply that starts inside the reasoning a
 cut short while thinking: it is all reasoning. A prompt that closed the block (Qwen3 with thinking off)
 gives a reply that is all content, unless the reply opens a block of its own.
 
-`ReasoningStream` splits streamed deltas the same way (the markers are single tokens: each arrives whole).
+`ReasoningStream` splits streamed deltas the same way (the markers are single tokens: each arrives whole);
+`ReplyReasoning` splits a stream's token ids along with its text (gRPC's reasoning deltas carry both).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
-from agentserve.grammar.reasoning import REASONING_PARSERS
+from agentserve.grammar.reasoning import REASONING_PARSERS, ReasoningMarkers
 
 
 def split_reasoning(parser: str, text: str, in_reasoning: bool) -> tuple[Optional[str], str]:
@@ -68,3 +69,31 @@ class ReasoningStream:
             return "", ""
         self.decided = True
         return (held.lstrip(), "") if self.in_reasoning else ("", held)
+
+
+class ReplyReasoning:
+    """One streamed reply split into its reasoning and its answer, text and token ids alike: the text as
+    `ReasoningStream` splits it, the token ids as `ReasoningMarkers.split_token_ids` (so the reasoning
+    deltas' ids add up to usage's reasoning_tokens); `split` does the whole reply as `split_reasoning`."""
+
+    def __init__(self, markers: ReasoningMarkers, prompt_token_ids: Sequence[int]) -> None:
+        self.markers = markers
+        # Whether the reply starts inside a reasoning block: the rule chat completions and the grammar follow.
+        self.in_reasoning = not markers.ended_in(prompt_token_ids)
+        self.stream = ReasoningStream(markers.parser, self.in_reasoning)
+        self.thinking = self.in_reasoning  # after the token ids fed so far
+
+    def feed(self, delta: str, token_ids: Sequence[int]) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+        """(reasoning text, content text, reasoning ids, content ids) of one delta."""
+        reasoning_ids, content_ids, self.thinking = self.markers.split_token_ids(token_ids, self.thinking)
+        reasoning, content = self.stream.feed(delta)
+        return reasoning, content, tuple(reasoning_ids), tuple(content_ids)
+
+    def finish(self) -> tuple[str, str]:
+        """Text held back while undecided, as (reasoning, content)."""
+        return self.stream.finish()
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) of the whole reply; the reasoning '' when it has none."""
+        reasoning, content = split_reasoning(self.markers.parser, text, self.in_reasoning)
+        return reasoning or "", content

@@ -99,13 +99,14 @@ class RenderPool:
                 f"{field}.", field, code="context_length_exceeded")
 
     def check_messages(self, messages: Sequence[dict[str, Any]], field: str = "messages") -> None:
-        """The cheap bound on a conversation: each message's content, then their sum."""
+        """The cheap bound on a conversation: each message's content (and reasoning), then their sum."""
         total = 0
         for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, str):
-                self.check_chars(len(content), f"{field}[{i}].content")
-                total += len(content)
+            for key in ("content", "reasoning_content"):
+                text = m.get(key) if isinstance(m, dict) else None
+                if isinstance(text, str):
+                    self.check_chars(len(text), f"{field}[{i}].{key}")
+                    total += len(text)
         self.check_chars(total, field)
 
     # --- work (worker threads) ------------------------------------------------------------------------

@@ -54,14 +54,23 @@ class ReasoningMarkers:
 
     def reasoning_tokens(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
         """How many output tokens are reasoning (the markers included): usage's reasoning_tokens."""
-        thinking, count = not self.ended_in(prompt_token_ids), 0
-        for token in output_token_ids:
+        reasoning, _, _ = self.split_token_ids(output_token_ids, not self.ended_in(prompt_token_ids))
+        return len(reasoning)
+
+    def split_token_ids(self, token_ids: Sequence[int], thinking: bool) -> tuple[list[int], list[int], bool]:
+        """(reasoning ids, content ids, whether still thinking after them) of output tokens that start
+        `thinking` or not: a start marker opens a block, an end marker closes it, both count as reasoning.
+        Fed delta by delta (the returned state into the next call), it splits a stream as
+        `reasoning_tokens` counts the whole."""
+        reasoning: list[int] = []
+        content: list[int] = []
+        for token in token_ids:
             if token == self.start_id:
                 thinking = True
-            count += thinking
+            (reasoning if thinking else content).append(token)
             if token == self.end_id:
                 thinking = False
-        return count
+        return reasoning, content, thinking
 
     def ended_in(self, prompt_token_ids: Sequence[int]) -> bool:
         """Whether the prompt already closed the reasoning (the last marker in it is the end)."""

@@ -13,8 +13,9 @@ from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.chat.messages import parse_json_object
-from agentserve.sessions.types import (SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent, TurnEvent,
-                                       TurnResult, Usage, timing_from_metrics)
+from agentserve.chat.reasoning import ReplyReasoning
+from agentserve.sessions.types import (ReplyParts, SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent,
+                                       TurnEvent, TurnResult, Usage, timing_from_metrics)
 
 _STATE = {
     SessionState.NEW: pb.SESSION_STATE_NEW,
@@ -43,6 +44,8 @@ def messages_from_proto(messages: Sequence[pb.Message]) -> list[dict[str, Any]]:
             d["name"] = m.name
         if m.token_ids:
             d["token_ids"] = list(m.token_ids)
+        if m.reasoning_content:  # context for the template (thinking models' templates render it)
+            d["reasoning_content"] = m.reasoning_content
         out.append(d)
     return out
 
@@ -61,7 +64,8 @@ def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]
 
 def message_to_proto(m: dict[str, Any]) -> pb.Message:
     msg = pb.Message(role=m.get("role", ""), content=m.get("content") or "", tool_call_id=m.get("tool_call_id", ""),
-                     name=m.get("name", ""), token_ids=m.get("token_ids") or [])
+                     name=m.get("name", ""), token_ids=m.get("token_ids") or [],
+                     reasoning_content=m.get("reasoning_content") or "")
     for tc in m.get("tool_calls") or []:
         fn = tc.get("function", {})
         args = fn.get("arguments", "")
@@ -147,6 +151,9 @@ def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
         num_turns=s.num_turns, num_messages=s.num_messages, busy=s.busy, parent_id=s.parent_id or "",
         created_at=s.created_at, last_active_at=s.last_active_at, expires_at=s.expires_at, ttl_seconds=s.ttl_seconds,
         metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [])
+    # The history as the session keeps it: its own replies are the model's text whole (the thinking inline,
+    # as the template re-renders it, so reasoning_content is empty); an assistant message a client sent
+    # with reasoning_content keeps it apart.
     for m in s.messages or []:
         info.messages.append(message_to_proto(m))
     return info
@@ -154,7 +161,8 @@ def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
 
 def usage_to_proto(u: Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, prefilled_tokens=u.prefilled_tokens,
-                    completion_tokens=u.completion_tokens, swapped_in_tokens=u.swapped_in_tokens)
+                    completion_tokens=u.completion_tokens, swapped_in_tokens=u.swapped_in_tokens,
+                    reasoning_tokens=u.reasoning_tokens)
 
 
 def timing_to_proto(t: Timing) -> pb.Timing:
@@ -162,34 +170,57 @@ def timing_to_proto(t: Timing) -> pb.Timing:
                      total_ms=t.total_ms, swap_in_ms=t.swap_in_ms, swap_wait_ms=t.swap_wait_ms)
 
 
-def turn_event_to_proto(ev: TurnEvent, return_token_ids: bool) -> Optional[pb.TurnEvent]:
-    """The wire event for a turn event; None for an empty text delta (nothing to send)."""
+def text_deltas(text: str, token_ids: Sequence[int], parts: Optional[ReplyParts],
+                return_token_ids: bool) -> list[tuple[str, pb.TextDelta]]:
+    """One streamed delta as (event field, TextDelta) pairs: with a reasoning parser's split (`parts`) the
+    thinking as `reasoning` before the answer as `text`, each with its own token ids; a delta with no
+    text and no token ids to send is left out."""
+    pieces = [("text", text, token_ids)] if parts is None else [
+        ("reasoning", parts.reasoning, parts.reasoning_token_ids), ("text", parts.content, parts.content_token_ids)]
+    out = []
+    for kind, piece, ids in pieces:
+        sent = list(ids) if return_token_ids else []
+        if piece or sent:
+            out.append((kind, pb.TextDelta(text=piece, token_ids=sent)))
+    return out
+
+
+def turn_events_to_proto(ev: TurnEvent, return_token_ids: bool) -> list[pb.TurnEvent]:
+    """The wire events for a turn event (none for an empty text delta, two for one that ends the thinking)."""
     if isinstance(ev, TextEvent):
-        if not ev.text and not (return_token_ids and ev.token_ids):
-            return None
-        return pb.TurnEvent(text=pb.TextDelta(text=ev.text, token_ids=ev.token_ids if return_token_ids else []))
+        return [pb.TurnEvent(**{kind: delta}) for kind, delta in text_deltas(ev.text, ev.token_ids, ev.parts,
+                                                                             return_token_ids)]
     if isinstance(ev, ToolCallEvent):
-        return pb.TurnEvent(tool_call=pb.ToolCallDelta(index=ev.index, id=ev.id, name=ev.name,
-                                                      arguments_delta=ev.arguments_delta))
+        return [pb.TurnEvent(tool_call=pb.ToolCallDelta(index=ev.index, id=ev.id, name=ev.name,
+                                                       arguments_delta=ev.arguments_delta))]
     assert isinstance(ev, TurnResult)
-    return pb.TurnEvent(done=pb.TurnDone(
-        message=message_to_proto(ev.message), finish_reason=ev.finish_reason, usage=usage_to_proto(ev.usage),
+    message = message_to_proto(ev.message)
+    if ev.parts is not None:  # a reasoning parser split the reply: the answer is the content
+        message.content, message.reasoning_content = ev.parts.content, ev.parts.reasoning
+    return [pb.TurnEvent(done=pb.TurnDone(
+        message=message, finish_reason=ev.finish_reason, usage=usage_to_proto(ev.usage),
         timing=timing_to_proto(ev.timing), token_ids=ev.token_ids if return_token_ids else [],
-        prompt_token_ids=ev.prompt_token_ids if return_token_ids else [], session=snapshot_to_proto(ev.session)))
+        prompt_token_ids=ev.prompt_token_ids if return_token_ids else [], session=snapshot_to_proto(ev.session)))]
 
 
 # --- stateless generation ---------------------------------------------------------------------------
 def generate_done_to_proto(out: RequestOutput, received_at: float, content: Optional[str],
-                           tool_calls: list[dict[str, Any]]) -> pb.GenerateDone:
+                           tool_calls: list[dict[str, Any]],
+                           reasoning: Optional[ReplyReasoning] = None) -> pb.GenerateDone:
     """The final event of Generate; `content` and `tool_calls`: the reply parsed for tool calls
-    (content None when tools were not parsed: the engine's text stands)."""
+    (content None when tools were not parsed: the engine's text stands); `reasoning`: the reply's split
+    with a reasoning parser (chat messages only), which makes `text` the answer alone."""
     comp: CompletionOutput = out.outputs[0]
     m = out.metrics
     usage = pb.Usage(prompt_tokens=len(out.prompt_token_ids), cached_tokens=m.num_cached_tokens if m else 0,
                      prefilled_tokens=m.num_prefilled_tokens if m else 0, completion_tokens=len(comp.token_ids))
-    done = pb.GenerateDone(text=comp.text if content is None else content, token_ids=comp.token_ids,
-                           finish_reason=comp.finish_reason or "stop", usage=usage,
-                           timing=timing_to_proto(timing_from_metrics(m, received_at)))
+    text, reasoning_content = comp.text if content is None else content, ""
+    if reasoning is not None:
+        reasoning_content, text = reasoning.split(text)
+        usage.reasoning_tokens = reasoning.markers.reasoning_tokens(out.prompt_token_ids, comp.token_ids)
+    done = pb.GenerateDone(text=text, token_ids=comp.token_ids, finish_reason=comp.finish_reason or "stop",
+                           usage=usage, timing=timing_to_proto(timing_from_metrics(m, received_at)),
+                           reasoning_content=reasoning_content)
     for c in tool_calls:
         done.tool_calls.add(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
     if tool_calls and done.finish_reason == "stop":

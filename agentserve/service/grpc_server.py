@@ -31,18 +31,16 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.errors import (AdapterInUseError, AdapterNameTakenError, AdapterNotFoundError, EngineDeadError,
                                InvalidRequestError, LoRANotEnabledError, QueueFullError, SessionError)
 from agentserve.engine.metrics import live_engine_gauges
-from agentserve.outputs import RequestOutput
-from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
-from agentserve.service.convert import (generate_done_to_proto, messages_from_proto, sampling_from_proto,
-                                        snapshot_to_proto, tools_from_proto, turn_event_to_proto)
+from agentserve.service.convert import (messages_from_proto, sampling_from_proto, snapshot_to_proto, tools_from_proto,
+                                        turn_events_to_proto)
+from agentserve.service.generate_events import generate_events
 from agentserve.service.paging import PageTokens, page_size_of
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions.store import SessionStore
 from agentserve.chat import render as R
 from agentserve.chat.messages import SESSION_RULES, normalize_messages
-from agentserve.chat.reply import ReplyStream
 from agentserve.chat.tools import normalize_tools
 from agentserve.lora.interface import adapter_names
 
@@ -180,8 +178,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
                     received_at=received, tenant=tenant.name)) as events:
                 async for ev in events:
-                    event = turn_event_to_proto(ev, request.return_token_ids)
-                    if event is not None:
+                    for event in turn_events_to_proto(ev, request.return_token_ids):
                         yield event
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
@@ -249,7 +246,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                                       cache_salt=tenant.cache_salt(request.cache_salt or None),
                                       lora_name=request.adapter or None)
             async with contextlib.aclosing(outs):
-                async for event in self._generate_events(outs, params, tools, request.return_token_ids, received):
+                async for event in generate_events(self.engine, outs, params, tools, chat=bool(request.messages),
+                                                   return_token_ids=request.return_token_ids, received=received):
                     yield event
 
     async def _generate_prompt(self, request: pb.GenerateRequest, messages: list[dict[str, Any]],
@@ -273,29 +271,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         pool.check_chars(len(request.prompt), "prompt")
         text = request.prompt
         return await pool.run(lambda tok: pool.encode(tok, text, "prompt", add_special_tokens=True))
-
-    async def _generate_events(self, outs: AsyncIterator[RequestOutput], params: SamplingParams,
-                               tools: Optional[list[dict[str, Any]]], return_token_ids: bool,
-                               received: float) -> AsyncIterator[pb.GenerateEvent]:
-        """Generate's stream: text and tool-call deltas, then the final GenerateDone."""
-        reply: Optional[ReplyStream] = None
-        async for out in outs:
-            if reply is None:
-                reply = ReplyStream(self.engine.tokenizer, out.prompt_token_ids, params, tools,
-                                    self.engine.eos_token_ids)
-            comp = out.outputs[0]
-            text, calls = reply.feed(out)
-            for c in calls:
-                yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
-                    index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
-            if text or (return_token_ids and comp.delta_token_ids):
-                yield pb.GenerateEvent(text=pb.TextDelta(
-                    text=text, token_ids=comp.delta_token_ids if return_token_ids else []))
-            if out.finished and (out.error or comp.finish_reason == "error"):
-                raise out.failure("the request failed")
-            if out.finished:
-                content, tool_calls = reply.final()
-                yield pb.GenerateEvent(done=generate_done_to_proto(out, received, content, tool_calls))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         e = self.engine

@@ -43,7 +43,7 @@ from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency, TurnAdmission
-from agentserve.chat.reasoning import ReasoningStream, split_reasoning
+from agentserve.chat.reasoning import ReplyReasoning
 from agentserve.chat.reply import ReplyStream
 from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, ReplyParts, Session, SessionBusyError, SessionStats,
                                        TextEvent, ToolCallEvent, TurnCancelledError, TurnEvent, TurnResult, Usage,
@@ -308,9 +308,7 @@ class TurnLifecycle:
                                  lora_name=s.adapter, lora_key=s.lora_key,
                                  admit_hook=TurnAdmission(self.residency, pending))
         markers = self.engine.reasoning
-        # Whether the reply starts inside a reasoning block: the rule chat completions and the grammar follow.
-        in_reasoning = markers is not None and not markers.ended_in(pending.prompt_token_ids)
-        thoughts = ReasoningStream(markers.parser, in_reasoning) if markers is not None else None
+        thoughts = ReplyReasoning(markers, pending.prompt_token_ids) if markers is not None else None
         try:
             async for out in gen:
                 comp = out.outputs[0]
@@ -318,7 +316,7 @@ class TurnLifecycle:
                 for c in calls:
                     queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
                 if text or comp.delta_token_ids:
-                    parts = ReplyParts(*thoughts.feed(text)) if thoughts is not None else None
+                    parts = ReplyParts(*thoughts.feed(text, comp.delta_token_ids)) if thoughts is not None else None
                     queue.put_nowait(TextEvent(text, list(comp.delta_token_ids), parts))
                 if out.finished and (out.error or comp.finish_reason == "error"):
                     raise out.failure("the turn failed")
@@ -328,10 +326,8 @@ class TurnLifecycle:
                         if held.reasoning or held.content:
                             queue.put_nowait(TextEvent("", [], held))
                     result = self._final_result(pending, out, reply)
-                    if markers is not None:
-                        thought, answer = split_reasoning(markers.parser, result.message.get("content") or "",
-                                                          in_reasoning)
-                        result.parts = ReplyParts(thought or "", answer)
+                    if thoughts is not None and markers is not None:
+                        result.parts = ReplyParts(*thoughts.split(result.message.get("content") or ""))
                         result.usage.reasoning_tokens = markers.reasoning_tokens(pending.prompt_token_ids,
                                                                                  result.token_ids)
                     queue.put_nowait(result)

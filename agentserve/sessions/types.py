@@ -57,6 +57,9 @@ class ReplyParts:
     markers dropped: what the APIs that report reasoning apart (Responses' reasoning items) show."""
     reasoning: str
     content: str
+    # A streamed delta's token ids split the same way (ReasoningMarkers.split_token_ids); empty on a whole reply.
+    reasoning_token_ids: tuple[int, ...] = ()
+    content_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -1,0 +1,267 @@
+"""A reasoning model over gRPC (--reasoning-parser qwen3) with the real client and server on a tiny CPU
+model: Turn streams the thinking as `reasoning` deltas and only the answer as `text`, TurnDone's message
+has them apart (content, reasoning_content) and usage counts reasoning_tokens; tool calls after the
+thinking; an assistant message's reasoning_content sent in CreateSession / Turn / Generate reaches the
+chat template; Generate splits chat messages but not raw completions (as vLLM's /v1/completions);
+without a parser nothing is split.
+
+The model's output is fixed by a seed and a bias on `</think>` (the block closes after a few tokens),
+an answer regex after it; the expectation is the tokenizer's own decoding of the reply's token ids,
+cut at the `</think>` token."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from typing import Any, Awaitable, Callable
+
+import grpc
+import pytest
+import transformers
+
+from agentserve.adapters.client import AgentClient
+from agentserve.adapters.client.client import TurnOutcome
+from conftest_grpc import SYSTEM, make_engine, model_path, rpc_status, run, serving
+
+ARCH = "qwen3"
+# A ChatML template that renders an assistant message's reasoning_content as Qwen3's does (a think block
+# before the content); the tiny model's own template leaves thinking out.
+THINKING_TEMPLATE = r"""
+{%- if tools -%}{{- '<|im_start|>system\n# Tools\n' + (tools | tojson) + '<|im_end|>\n' -}}{%- endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'assistant' and message.reasoning_content -%}
+{{- '<|im_start|>assistant\n<think>\n' + message.reasoning_content + '\n</think>\n\n' + (message.content or '') + '<|im_end|>\n' -}}
+{%- else -%}
+{{- '<|im_start|>' + message.role + '\n' + (message.content or '') + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+ENGINE = dict(max_model_len=512, num_blocks=256, chat_template=THINKING_TEMPLATE)
+USER = {"role": "user", "content": "Is it so?"}
+ANSWER = {"type": "regex", "regex": "(yes|no)"}
+READ_FILE = [{"type": "function", "function": {"name": "read_file", "parameters": {
+    "type": "object", "properties": {"path": {"enum": ["notes.txt", "todo.md"]}}, "required": ["path"]}}}]
+SEEDS = range(12)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer() -> Any:
+    return transformers.AutoTokenizer.from_pretrained(model_path(ARCH))
+
+
+def marker(text: str) -> int:
+    ids = tokenizer().encode(text, add_special_tokens=False)
+    assert len(ids) == 1
+    return ids[0]
+
+
+def think_bias() -> dict[int, float]:
+    """A random-weight model rates </think> low: +21 makes it come after a few tokens of thought."""
+    return {marker("</think>"): 21.0}
+
+
+def expected_split(ids: list[int]) -> tuple[str, str, int]:
+    """(the text between the markers, the text after the end marker, the thinking tokens) of a reply that
+    starts inside its reasoning, from the tokenizer alone."""
+    end = marker("</think>")
+    assert end in ids
+    text = tokenizer().decode(ids, skip_special_tokens=True)
+    m = re.fullmatch(r"\s*(?:<think>)?(.*?)</think>(.*)", text, re.S)
+    assert m is not None, text
+    return m.group(1), m.group(2), ids.index(end) + 1
+
+
+def template_ids(messages: list[dict[str, Any]], gen: bool) -> list[int]:
+    text = tokenizer().apply_chat_template(messages, chat_template=THINKING_TEMPLATE, add_generation_prompt=gen,
+                                           tokenize=False)
+    return list(tokenizer().encode(text, add_special_tokens=False))
+
+
+def deltas(events: list[Any], kind: str) -> tuple[str, list[int]]:
+    """The concatenated text and token ids of one kind of delta (`reasoning` or `text`)."""
+    picked = [getattr(ev, kind) for ev in events if ev.WhichOneof("event") == kind]
+    return "".join(d.text for d in picked), [t for d in picked for t in d.token_ids]
+
+
+def assert_thinking_first(events: list[Any]) -> None:
+    kinds = [ev.WhichOneof("event") for ev in events]
+    assert kinds[-1] == "done" and "reasoning" in kinds
+    last_reasoning = max(i for i, k in enumerate(kinds) if k == "reasoning")
+    assert all(k == "reasoning" for k in kinds[:last_reasoning]), kinds  # the thinking streams before the rest
+
+
+async def first_turn(client: AgentClient, want: Callable[[TurnOutcome], bool], tools: Any = (),
+                     **kw: Any) -> tuple[int, TurnOutcome]:
+    """The first seed (and its turn, each on a fresh session) whose reply `want` accepts."""
+    for seed in SEEDS:
+        s = await client.create_session([SYSTEM], tools=tools)
+        out = await s.run_turn([USER], temperature=1.0, seed=seed, logit_bias=think_bias(), return_token_ids=True,
+                               **kw)
+        if want(out):
+            return seed, out
+    raise AssertionError("no seed gave the reply the test needs")
+
+
+def thought_then_answer(out: TurnOutcome) -> bool:
+    ids = list(out.done.token_ids)
+    return out.done.finish_reason == "stop" and marker("</think>") in ids[2:]  # at least two tokens of thought
+
+
+@pytest.fixture(scope="module")
+def aeng():  # type: ignore[no-untyped-def]
+    engine = make_engine(ARCH, reasoning_parser="qwen3", **ENGINE)
+    yield engine
+    engine.shutdown()
+
+
+def serve(aeng: Any, body: Callable[[AgentClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with serving(aeng) as (_, client):
+            await body(client)
+
+    run(main(), timeout=300.0)
+
+
+def test_turn_streams_the_thinking_apart_from_the_answer(aeng) -> None:  # type: ignore[no-untyped-def]
+    async def body(client: AgentClient) -> None:
+        seed, out = await first_turn(client, thought_then_answer, max_tokens=30, response_format=ANSWER)
+        done, ids = out.done, list(out.done.token_ids)
+        # No marker in the prompt: the reply starts inside its reasoning (Qwen3 in thinking mode).
+        assert not {marker("<think>"), marker("</think>")} & set(done.prompt_token_ids)
+        thought, answer, thinking_tokens = expected_split(ids)
+        assert thought.strip() and answer in ("yes", "no")
+        assert_thinking_first(out.events)
+        r_text, r_ids = deltas(out.events, "reasoning")
+        t_text, t_ids = deltas(out.events, "text")
+        assert r_text == done.message.reasoning_content == out.reasoning_content == thought
+        assert t_text == done.message.content == out.text == answer
+        assert "</think>" not in r_text + t_text
+        assert (r_ids, t_ids) == (ids[:thinking_tokens], ids[thinking_tokens:])
+        assert done.usage.reasoning_tokens == thinking_tokens and done.usage.completion_tokens == len(ids)
+        # Without return_token_ids the deltas carry text only.
+        s = await client.create_session([SYSTEM])
+        plain = await s.run_turn([USER], temperature=1.0, seed=seed, max_tokens=30, logit_bias=think_bias(),
+                                 response_format=ANSWER)
+        assert (plain.reasoning_content, plain.text) == (thought, answer)
+        assert not any(deltas(plain.events, kind)[1] for kind in ("reasoning", "text"))
+
+    serve(aeng, body)
+
+
+def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped-def]
+    async def body(client: AgentClient) -> None:
+        _, out = await first_turn(client, lambda o: o.done.finish_reason == "tool_calls", tools=READ_FILE,
+                               tool_choice="required", max_tokens=80)
+        done, ids = out.done, list(out.done.token_ids)
+        thought, _, thinking_tokens = expected_split(ids)
+        assert [c.name for c in done.message.tool_calls] == ["read_file"]
+        assert json.loads(done.message.tool_calls[0].arguments)["path"] in ("notes.txt", "todo.md")
+        streamed = "".join(ev.tool_call.arguments_delta for ev in out.events if ev.WhichOneof("event") == "tool_call")
+        assert json.loads(streamed) == json.loads(done.message.tool_calls[0].arguments)
+        r_text, r_ids = deltas(out.events, "reasoning")
+        assert r_text == done.message.reasoning_content == thought and r_ids == ids[:thinking_tokens]
+        assert "<tool_call>" not in r_text + done.message.content and "</think>" not in done.message.content
+        assert done.usage.reasoning_tokens == thinking_tokens
+
+    serve(aeng, body)
+
+
+def test_incoming_reasoning_content_reaches_the_template(aeng) -> None:  # type: ignore[no-untyped-def]
+    earlier = {"role": "assistant", "content": "yes", "reasoning_content": "it is, I think"}
+    follow_up = {"role": "user", "content": "And now?"}
+
+    async def body(client: AgentClient) -> None:
+        # CreateSession: the history's reasoning is rendered (the template writes a think block).
+        history = [SYSTEM, USER, earlier]
+        s = await client.create_session(history)
+        info = await s.refresh(include_messages=True, include_token_ids=True)
+        assert list(info.token_ids) == template_ids(history, gen=False)
+        assert [(m.content, m.reasoning_content) for m in info.messages][-1] == ("yes", "it is, I think")
+        out = await s.run_turn([follow_up], max_tokens=4, temperature=0.0, return_token_ids=True)
+        assert list(out.done.prompt_token_ids) == template_ids(history + [follow_up], gen=True)
+        # Turn: a turn may bring the assistant's earlier reply, reasoning and all.
+        t = await client.create_session([SYSTEM, USER])
+        out = await t.run_turn([earlier, follow_up], max_tokens=4, temperature=0.0, return_token_ids=True)
+        assert list(out.done.prompt_token_ids) == template_ids(history + [follow_up], gen=True)
+        # Generate: the same messages make the same prompt.
+        done = await client.generate_done(messages=history + [follow_up], max_tokens=4, temperature=0.0)
+        assert done.usage.prompt_tokens == len(template_ids(history + [follow_up], gen=True))
+        code, msg = await rpc_status(client.create_session([{**USER, "reasoning_content": "hm"}]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "messages[0]" in msg and "reasoning_content" in msg
+
+    serve(aeng, body)
+
+
+def test_a_turn_sends_back_the_reasoning_it_got(aeng) -> None:  # type: ignore[no-untyped-def]
+    async def body(client: AgentClient) -> None:
+        _, out = await first_turn(client, thought_then_answer, max_tokens=30, response_format=ANSWER)
+        reply = {"role": "assistant", "content": out.text, "reasoning_content": out.reasoning_content}
+        follow_up = {"role": "user", "content": "Sure?"}
+        s = await client.create_session([SYSTEM, USER, reply])  # a client that keeps the conversation itself
+        second = await s.run_turn([follow_up], max_tokens=30, temperature=1.0, seed=0, logit_bias=think_bias(),
+                                  response_format=ANSWER, return_token_ids=True)
+        assert list(second.done.prompt_token_ids) == template_ids([SYSTEM, USER, reply, follow_up], gen=True)
+        assert second.done.session.num_turns == 1 and second.done.session.num_messages == 5
+        # This template writes the earlier reasoning into the prompt, whose last marker is then `</think>`: by
+        # vLLM's rule the reply starts after the reasoning (the answer regex from its first token): all content.
+        assert second.text in ("yes", "no") and list(second.done.token_ids) == tokenizer().encode(second.text)
+        assert second.reasoning_content == second.done.message.reasoning_content == ""
+        assert second.done.usage.reasoning_tokens == 0
+
+    serve(aeng, body)
+
+
+def test_generate_splits_chat_messages_but_not_raw_completions(aeng) -> None:  # type: ignore[no-untyped-def]
+    messages = [SYSTEM, USER]
+
+    async def body(client: AgentClient) -> None:
+        for seed in SEEDS:
+            events = [ev async for ev in client.generate(messages=messages, temperature=1.0, seed=seed, max_tokens=30,
+                                                          logit_bias=think_bias(), response_format=ANSWER,
+                                                          return_token_ids=True)]
+            done = events[-1].done
+            if done.finish_reason == "stop" and marker("</think>") in list(done.token_ids)[2:]:
+                break
+        else:
+            raise AssertionError("no seed gave a thought and an answer")
+        ids = list(done.token_ids)
+        thought, answer, thinking_tokens = expected_split(ids)
+        assert_thinking_first(events)
+        r_text, r_ids = deltas(events, "reasoning")
+        t_text, t_ids = deltas(events, "text")
+        assert r_text == done.reasoning_content == thought and t_text == done.text == answer
+        assert (r_ids, t_ids) == (ids[:thinking_tokens], ids[thinking_tokens:])
+        assert done.usage.reasoning_tokens == thinking_tokens
+        # The same prompt as raw tokens: the same reply, not split (vLLM's completions run no reasoning parser).
+        raw = [ev async for ev in client.generate(prompt_token_ids=template_ids(messages, gen=True), temperature=1.0,
+                                                   seed=seed, max_tokens=30, logit_bias=think_bias(),
+                                                   response_format=ANSWER)]
+        raw_done = raw[-1].done
+        assert list(raw_done.token_ids) == ids
+        assert not any(ev.WhichOneof("event") == "reasoning" for ev in raw)
+        assert deltas(raw, "text")[0] == raw_done.text == tokenizer().decode(ids, skip_special_tokens=True)
+        assert "</think>" in raw_done.text and raw_done.reasoning_content == "" and raw_done.usage.reasoning_tokens == 0
+
+    serve(aeng, body)
+
+
+def test_without_a_parser_nothing_is_split() -> None:
+    engine = make_engine(ARCH, **ENGINE)
+
+    async def body(client: AgentClient) -> None:
+        _, out = await first_turn(client, lambda o: marker("</think>") in list(o.done.token_ids), max_tokens=16)
+        done = out.done
+        assert not any(ev.WhichOneof("event") == "reasoning" for ev in out.events)
+        whole = tokenizer().decode(list(done.token_ids), skip_special_tokens=True)
+        assert out.text == done.message.content == whole and "</think>" in whole
+        assert done.message.reasoning_content == out.reasoning_content == "" and done.usage.reasoning_tokens == 0
+        gen = await client.generate_done(messages=[SYSTEM, USER], temperature=1.0, seed=0, max_tokens=16,
+                                         logit_bias=think_bias())
+        assert gen.reasoning_content == "" and gen.usage.reasoning_tokens == 0
+
+    try:
+        serve(engine, body)
+    finally:
+        engine.shutdown()
