@@ -1,8 +1,15 @@
 """Free-slot bookkeeping for the CPU swap space, as sorted free ranges.
 
 A swap copies one contiguous host range per run of consecutive slots (cache/kv_cache.py), so the
-allocator hands out consecutive slots where it can: first fit over the free ranges, and only when no
-single range is long enough, pieces of several. Freed slots merge back with their neighbours.
+allocator hands out consecutive slots where it can: next fit over the free ranges (the first range long
+enough at or after the end of the last allocation, wrapping around), and only when no single range is
+long enough, pieces of several. Freed slots merge back with their neighbours.
+
+Next fit rather than first fit: a swap in frees its slots when it starts, while its copy may still be
+queued behind the steps' uploads (cache/swap_in_pacer.py); a swap out that reuses those slots must issue
+that copy first, ahead of the step's uploads, which then wait for it. First fit handed the lowest free
+slots, usually exactly those, to the very next swap out; next fit reuses them only after going round the
+swap space.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class SwapSlots:
         self._starts: list[int] = [0] if num_slots else []
         self._lengths: list[int] = [num_slots] if num_slots else []
         self.num_free = num_slots
+        self._next = 0  # where the next search starts: just past the last slots handed out
 
     def allocate(self, n: int) -> list[int]:
         """n free slots, consecutive when any free range holds n. Raises when fewer than n are free."""
@@ -39,14 +47,20 @@ class SwapSlots:
             raise ValueError(f"asked for {n} swap slots, {self.num_free} free")
         if n == 0:
             return []
-        for i, length in enumerate(self._lengths):
-            if length >= n:
-                return self._take(i, n)
+        first = bisect.bisect_left(self._starts, self._next)  # ranges starting at or after the cursor first
+        count = len(self._starts)
+        for i in [*range(first, count), *range(first)]:
+            if self._lengths[i] >= n:
+                return self._advance(self._take(i, n))
         slots: list[int] = []
         while len(slots) < n:  # fragmented: the longest ranges first, to keep copies few
             i = max(range(len(self._lengths)), key=self._lengths.__getitem__)
             slots.extend(self._take(i, min(n - len(slots), self._lengths[i])))
-        return sorted(slots)
+        return self._advance(sorted(slots))
+
+    def _advance(self, slots: list[int]) -> list[int]:
+        self._next = (slots[-1] + 1) % self.num_slots
+        return slots
 
     def _take(self, i: int, n: int) -> list[int]:
         start = self._starts[i]
