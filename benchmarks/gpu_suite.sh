@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s22|s23a|s24a|s24c|s24d]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s23a|s24d]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -64,16 +64,6 @@ if [ "$MODE" = sessions21 ]; then
   # The long-context decode attention (half the sessions' decode-only step) per split count.
   TMO=150 TAIL=12 run attention-mixed python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
 fi
-if [ "$MODE" = s22 ]; then
-  # Twenty-second session: one call (< 10 min) for when only one machine comes, most valuable first. The swap
-  # changes shipped on by default (staging bound from free memory, 256 MiB pieces) have never run on a GPU:
-  # their tests first; then #16's agent-loop ratio at the defaults.
-  TMO=150 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu_page_copy.py \
-    tests/test_gpu_swap_streams.py tests/test_gpu_engine.py -k "swap or gather" --junitxml "$OUT/pytest_gpu_swaps.xml"
-  TMO=330 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = s23a ]; then
   # Twenty-third session (< 10 min): why the sessions' decode-only steps run 2.7 ms longer than the stateless
   # mode's at the same KV reads (the timeline splits them by device ops; host time per part of the swaps;
@@ -90,33 +80,13 @@ if [ "$MODE" = s23a ]; then
     tests/test_kernels_gpu_gemv.py tests/test_kernels_gpu_gemv_silu.py --junitxml "$OUT/pytest_gpu_gemv.xml"
   ls -la "$OUT"; exit 0
 fi
-if [ "$MODE" = s24a ]; then
-  # Twenty-fourth session (< 6 min): does a swap's PCIe copy on its own stream stall a step's small input and
-  # output copies (copy engine order)? The microbenchmark first (~1 min), then #16's agent-loop ratio on the
-  # H200 at the defaults (0.5 ms switch interval since s23).
-  TMO=120 TAIL=30 run copy-contention python3 benchmarks/copy_contention.py --out "$OUT/copy_contention.json"
-  TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  ls -la "$OUT"; exit 0
-fi
-if [ "$MODE" = s24c ]; then
-  # Twenty-fourth session (< 6 min): swap-in copies paced behind the steps' uploads (cache/swap_in_pacer.py; s24a:
-  # a 13 ms step took 32-35 ms behind a 1 GiB swap-in copy; s24b: a kernel reading the pinned slots cost the
-  # step as much). The GPU tests of the swap streams and page kernels; the sessions mode unpaced (the A/B),
-  # then both modes at the new default.
-  TMO=150 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
-    tests/test_kernels_gpu_page_copy.py --junitxml "$OUT/pytest_gpu_swaps.xml"
-  AGENTSERVE_SWAP_IN_PACING=0 TMO=150 TAIL=12 run agent-loop-unpaced python3 benchmarks/agent_loop.py $DUMMY \
-    --agents 64 --turns 8 --modes sessions --out "$OUT/agent_loop_unpaced.json"
-  TMO=250 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
-    --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
-  ls -la "$OUT"; exit 0
-fi
 if [ "$MODE" = s24d ]; then
   # Twenty-fourth session (< 4 min): the paced swap-in chunks gated on an event after each step's uploads (s24c:
   # pacing by host order alone left the decode steps with ops at 21 ms: the uploads wait on the step's stream
   # for the previous forward while the copy stream is free). The GPU swap tests (the sessions one hung in s24c
-  # before the idle engine released queued copies), then both modes (s24c's unpaced sessions p95: 5,723 ms).
+  # before the idle engine released queued copies; it failed in this mode's first run, on an H100, before the
+  # inference-mode fix), then both modes (s24c's unpaced sessions p95: 5,723 ms; this mode's first run: 5,234 ms
+  # and 819 forced chunks, before the next-fit swap slots). Next: run it on the H200 for #16's ratio.
   TMO=90 run pytest-gpu-swaps python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_swap_streams.py \
     tests/test_kernels_gpu_page_copy.py --junitxml "$OUT/pytest_gpu_swaps.xml"
   TMO=200 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
