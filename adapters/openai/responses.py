@@ -146,7 +146,9 @@ class ResponsesEndpoint:
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
         if not new_messages:
             raise OpenAIError(400, "input must contain at least one item", param="input")
-        render_key = json.dumps([req.instructions, tools, adapter], sort_keys=True)
+        # The adapter's key (id + load generation), not only its name: after a reload of the name, the
+        # earlier response's session holds KV of the old weights, so a continuation starts a new session.
+        render_key = json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter)], sort_keys=True)
         self.s.check_queue(1)
         try:
             plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter)

@@ -7,9 +7,10 @@ is gone (404), exactly like an unknown id. A response belongs to the tenant that
 tenant's id is NOT_FOUND.
 
 Each response also keeps its own new messages and its reply, linked to its predecessor: when a
-response is continued twice (a branch, a retry), or with other instructions or tools than its
-session was rendered with, the continuation starts a new session from that conversation (the
-prefix cache still finds the shared pages) instead of the resident one.
+response is continued twice (a branch, a retry), or with other instructions, tools or adapter
+weights (another adapter, or its name loaded again) than its session was rendered with, the
+continuation starts a new session from that conversation (the prefix cache still finds the shared
+pages, those of the same adapter weights) instead of the resident one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class StoredResponse:
     tenant: str
     session_id: str
     turn: int                       # the session's turn count right after this response
-    render_key: str                 # instructions + tools the session was rendered with
+    render_key: str                 # instructions, tools and adapter key the session was rendered with
     parent: Optional["StoredResponse"]
     new_messages: list[Message]     # this request's input, as chat messages
     reply: Message                  # the assistant's reply (content, tool_calls)
