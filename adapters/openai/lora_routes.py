@@ -50,7 +50,9 @@ def install_lora_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdapterNotFoundError)
     async def _not_found(request: Request, exc: AdapterNotFoundError) -> JSONResponse:
-        return _error(404, str(exc), "model" if request.url.path.endswith("completions") else "lora_name",
+        # In a load / unload the name is lora_name; in any other request (chat, completions,
+        # responses, tokenize) it came as `model`.
+        return _error(404, str(exc), "lora_name" if request.url.path.endswith("_lora_adapter") else "model",
                       "model_not_found")
 
     @app.exception_handler(LoRANotEnabledError)

@@ -23,7 +23,7 @@ from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
-from agentserve.errors import EngineDeadError, FieldError, InvalidRequestError, QueueFullError
+from agentserve.errors import AdapterNotFoundError, EngineDeadError, FieldError, InvalidRequestError, QueueFullError
 from agentserve.engine.validation import truncate_prompt
 from agentserve.lora.interface import adapter_names
 from agentserve.outputs import RequestOutput
@@ -375,6 +375,8 @@ class OpenAIServing:
             return OpenAIError(503, str(e), code="engine_unavailable")
         if isinstance(e, FieldError):
             return OpenAIError(400, str(e), param=e.field, code=e.code)
+        if isinstance(e, AdapterNotFoundError):  # the request's adapter was unloaded after its model was checked
+            return OpenAIError(404, str(e), param="model", code="model_not_found")
         if isinstance(e, (InvalidRequestError, ValueError)):
             msg = str(e)
             return OpenAIError(400, msg, param=param_of(msg))

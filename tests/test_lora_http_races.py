@@ -1,8 +1,13 @@
-"""LoRA adapters behind the Responses API: a `previous_response_id` continuation names its model on
-every request, so it must run on the weights that name has now. When the adapter was reloaded with
-other weights since the earlier response (drained, loaded again), the continuation may not go on on
-the earlier response's session, whose KV was computed under the old weights: it starts a new session
-from the conversation, as it does for a change of adapter, instructions or tools."""
+"""LoRA adapters changing under the OpenAI endpoints.
+
+- A name unloaded between the check of a request's `model` and the request's admission (a load /
+  unload racing with requests) is a 404 naming the adapter on every endpoint, streamed or not, never
+  a 500; requests of other adapters and of the base model beside it are served as usual.
+- A Responses `previous_response_id` continuation names its model on every request, so it must run
+  on the weights that name has now. When the adapter was reloaded with other weights since the
+  earlier response (drained, loaded again), the continuation may not go on on the earlier
+  response's session, whose KV was computed under the old weights: it starts a new session from the
+  conversation, as it does for a change of adapter, instructions or tools."""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+import pytest
 
+from agentserve.adapters.openai.serving import OpenAIServing
 from agentserve.testing import tiny_model_cached
 from conftest_grpc import encode, make_engine, render, run_and_shutdown, serving
-from helpers.api_edges import wait_idle_and_clean
+from helpers.api_edges import assert_error, completion_token_ids, greedy_body, wait_idle_and_clean
 from helpers.lora import ALL_MODULES, build_peft_adapter, peft_greedy
 
 ARCH = "qwen2"
@@ -75,5 +82,41 @@ def test_continuation_after_a_reload_runs_on_the_new_weights(tmp_path: Path) -> 
                 for response in (second, first):
                     assert (await http.delete(f"/v1/responses/{response['id']}")).status_code == 200
         await wait_idle_and_clean(aeng)  # the deletes closed both sessions: every page is free
+
+    run_and_shutdown(aeng, body())
+
+
+def test_an_adapter_unloaded_after_the_model_check_is_a_404_naming_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race made certain: the endpoints' model check sees "gone" as loaded, the engine does not
+    (as when an unload lands between the two)."""
+    base = tiny_model_cached(ARCH)
+    adapter = build_peft_adapter(base, tmp_path / "a", seed=23, r=8, lora_alpha=16, scale=30.0,
+                                 target_modules=list(ALL_MODULES))
+    aeng = make_engine(ARCH, enable_lora=True, max_loras=1, max_lora_rank=16, num_blocks=256,
+                       served_model_name="tiny", lora_modules={"a": str(adapter)})
+    real = OpenAIServing.adapter_names
+    monkeypatch.setattr(OpenAIServing, "adapter_names", lambda self: [*real(self), "gone"])
+    prompt = list(range(7, 30))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/completions", {"model": "gone", "prompt": prompt, "max_tokens": 2}),
+        ("/v1/completions", {"model": "gone", "prompt": prompt, "max_tokens": 2, "stream": True}),
+        ("/v1/chat/completions", {"model": "gone", **chat}),
+        ("/v1/chat/completions", {"model": "gone", **chat, "stream": True}),
+        ("/v1/responses", {"model": "gone", "input": "hi", "max_output_tokens": 2}),
+        ("/v1/responses", {"model": "gone", "input": "hi", "max_output_tokens": 2, "stream": True})]
+
+    async def body() -> None:
+        async with serving(aeng, http_port=0, with_client=False) as (handle, _):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                for path, request in requests:
+                    r = await http.post(path, json=request)
+                    assert_error(r, 404, "model", "model_not_found", "'gone'")
+                for model, weights in (("a", adapter), ("tiny", None)):
+                    r = await http.post("/v1/completions", json=greedy_body(model, prompt, 6))
+                    assert r.status_code == 200, r.text
+                    assert completion_token_ids(r.json()) == peft_greedy(base, weights, [prompt], 6)[0]
+        await wait_idle_and_clean(aeng)
 
     run_and_shutdown(aeng, body())
