@@ -87,6 +87,22 @@ def test_cpu_tier_evicts_lru_and_reads_again(peft_dirs: list[Path]) -> None:
     assert m.num_disk_reads == 4
 
 
+def test_replaced_weights_leave_the_cpu_tier(peft_dirs: list[Path]) -> None:
+    """Replacing a name's weights (load again under it, nobody using the old ones) drops the old
+    weights from the CPU tier, as an unload does: stale generations must not push adapters that are
+    still served out of the tier (they would be read from disk again, and fail if their directory has
+    changed since their load)."""
+    m = manager(max_loras=1, max_cpu_loras=2)
+    m.load("x", str(peft_dirs[0]))
+    m.load("y", str(peft_dirs[1]))
+    for path in peft_dirs[2:]:
+        m.load("x", str(path))  # two replacements
+    assert m.num_disk_reads == 4
+    m.activate([m.key_of("y")])
+    m.activate([m.key_of("x")])
+    assert m.num_disk_reads == 4  # both still in the tier
+
+
 def test_reload_unload_and_refusals(peft_dirs: list[Path], tmp_path: Path) -> None:
     m = manager()
     m.load("x", str(peft_dirs[0]))

@@ -185,6 +185,12 @@ class MultiLoRAManager:
     def install(self, name: str, prepared: PreparedAdapter) -> None:
         """Binds `name` to a read adapter under a new key (step thread: cheap, no I/O)."""
         assert prepared.name == name, "installed under another name than it was read for"
+        replaced = self._names.get(name)
+        if replaced is not None:
+            # No new request can name the old weights: like an unload, their CPU copy goes, so that it
+            # does not push adapters still served out of the tier (a request of the old key, if any,
+            # reads them again from their directory, as after a drained unload).
+            self._cpu.pop(replaced, None)
         key = self.keys.register(name)
         self._sources[key] = prepared.source
         self._names = {**self._names, name: key}
