@@ -113,6 +113,9 @@ def test_an_adapter_unloaded_after_the_model_check_is_a_404_naming_it(tmp_path: 
                 for path, request in requests:
                     r = await http.post(path, json=request)
                     assert_error(r, 404, "model", "model_not_found", "'gone'")
+                # vLLM's model card of an adapter: its root is the directory it was loaded from.
+                cards = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+                assert (cards["a"]["root"], cards["a"]["parent"]) == (str(adapter), "tiny")
                 for model, weights in (("a", adapter), ("tiny", None)):
                     r = await http.post("/v1/completions", json=greedy_body(model, prompt, 6))
                     assert r.status_code == 200, r.text

@@ -145,9 +145,13 @@ class OpenAIServing:
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
                  "root": root, "parent": None, "max_model_len": self.engine.max_model_len}
                 for name in self.config.model.served_model_names()]
+        manager = self.engine.lora_manager
         for name in self.adapter_names():
+            # vLLM's card of an adapter: root is the directory it was loaded from (None if unloaded meanwhile)
+            path = manager.path_of(name) if manager is not None else None
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
-                         "root": name, "parent": self.model_name, "max_model_len": self.engine.max_model_len})
+                         "root": str(path) if path is not None else None, "parent": self.model_name,
+                         "max_model_len": self.engine.max_model_len})
         return {"object": "list", "data": data}
 
     def get_model(self, name: str) -> dict[str, Any]:

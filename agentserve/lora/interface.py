@@ -6,6 +6,7 @@ adapter name) rather than probing for methods.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from agentserve.lora.key import LoRAKey
@@ -25,6 +26,10 @@ class LoRAManager(Protocol):
     def unload(self, name: str) -> None:
         """Forgets `name`; requests already running with it finish on the weights they started with.
         (Whether anything still uses it is the engine's check: engine/lora_control.py.)"""
+        ...
+
+    def path_of(self, name: str) -> Optional[Path]:
+        """The directory the name's current weights were loaded from; None when it is not loaded."""
         ...
 
     def key_of(self, name: str) -> Optional[LoRAKey]:
