@@ -76,7 +76,8 @@ class Scheduler:
         # Device ops decided since the last step (sessions' swaps, this step's copies), in order.
         self._device_ops: list[DeviceOp] = []
         # Multi-LoRA (set by the engine with LoRA enabled): at most this many distinct adapters among
-        # running requests, so each step's adapters fit the device slots; others wait, skipped over.
+        # running requests, so each step's adapters fit the device slots; others wait, skipped over,
+        # and the requests behind them of the resident adapters wait too (so that those drain).
         self.max_loras: Optional[int] = None
 
     # --- queues -----------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ class Scheduler:
         skipped: list[Request] = []
         outstanding: Optional[int] = None  # computed once, only when something is waiting
         adapters = {r.lora_key for r in self.running if r.lora_key is not None} if self.max_loras else set()
+        slot_wanted = False  # a request ahead in the queue waits for a LoRA slot
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
@@ -271,6 +273,12 @@ class Scheduler:
             key = request.lora_key
             if self.max_loras and key is not None and key not in adapters and len(adapters) >= self.max_loras:
                 skipped.append(self.waiting.popleft())  # every LoRA slot is taken: wait for one to free
+                slot_wanted = True
+                continue
+            if slot_wanted and key is not None:
+                # Behind a request waiting for a slot, the resident adapters take no new requests: they
+                # drain and free a slot for it, instead of a steady stream keeping them resident for ever.
+                skipped.append(self.waiting.popleft())
                 continue
             if request.admit_hook is not None and request.admit_hook.restoring():
                 skipped.append(self.waiting.popleft())  # its pages are on their way: admitted when in
