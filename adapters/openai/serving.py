@@ -25,7 +25,7 @@ from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import AdapterNotFoundError, EngineDeadError, FieldError, InvalidRequestError, QueueFullError
 from agentserve.engine.validation import truncate_prompt
-from agentserve.lora.interface import adapter_names
+from agentserve.lora.interface import adapter_names, adapter_root
 from agentserve.outputs import RequestOutput
 from agentserve.service.tenants import tenant_of_scope
 from agentserve.sampling_params import SamplingParams
@@ -141,18 +141,13 @@ class OpenAIServing:
         return adapter_names(self.engine.lora_manager)
 
     def list_models(self) -> dict[str, Any]:
-        root = str(self.engine.model_path or self.config.model.model)
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
-                 "root": root, "parent": None, "max_model_len": self.engine.max_model_len}
-                for name in self.config.model.served_model_names()]
-        manager = self.engine.lora_manager
-        for name in self.adapter_names():
-            # vLLM's card of an adapter: root is the directory it was loaded from (None if unloaded meanwhile)
-            path = manager.path_of(name) if manager is not None else None
-            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
-                         "root": str(path) if path is not None else None, "parent": self.model_name,
-                         "max_model_len": self.engine.max_model_len})
-        return {"object": "list", "data": data}
+        base_root = str(self.engine.model_path or self.config.model.model)
+        cards: list[tuple[str, Optional[str], Optional[str]]] = [
+            (name, base_root, None) for name in self.config.model.served_model_names()]
+        cards += [(name, adapter_root(self.engine.lora_manager, name), self.model_name) for name in self.adapter_names()]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "agentserve",
+                                            "root": root, "parent": parent, "max_model_len": self.engine.max_model_len}
+                                           for name, root, parent in cards]}
 
     def get_model(self, name: str) -> dict[str, Any]:
         for m in self.list_models()["data"]:
@@ -379,7 +374,7 @@ class OpenAIServing:
             return OpenAIError(503, str(e), code="engine_unavailable")
         if isinstance(e, FieldError):
             return OpenAIError(400, str(e), param=e.field, code=e.code)
-        if isinstance(e, AdapterNotFoundError):  # the request's adapter was unloaded after its model was checked
+        if isinstance(e, AdapterNotFoundError):  # unloaded after the request's model was checked
             return OpenAIError(404, str(e), param="model", code="model_not_found")
         if isinstance(e, (InvalidRequestError, ValueError)):
             msg = str(e)

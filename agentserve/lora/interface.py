@@ -46,3 +46,9 @@ class LoRAManager(Protocol):
 def adapter_names(manager: Optional[LoRAManager]) -> list[str]:
     """The adapters a request may name; none without a manager."""
     return manager.names() if manager is not None else []
+
+
+def adapter_root(manager: Optional[LoRAManager], name: str) -> Optional[str]:
+    """The directory an adapter was loaded from (vLLM's model card `root`); None when it is not loaded."""
+    path = manager.path_of(name) if manager is not None else None
+    return str(path) if path is not None else None
