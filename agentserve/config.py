@@ -121,6 +121,10 @@ class LoRAConfig(_Strict):
         "Default: all seven.")
     lora_modules: dict[str, str] = Field(default_factory=dict, description="Adapters loaded at start: name -> PEFT "
                                          "directory (vLLM's --lora-modules name=path).")
+    lora_slot_wait_s: float = Field(
+        default=30.0, ge=0, description="How long a request may wait for a LoRA slot while the resident adapters keep "
+        "taking new requests; past it they take none until it has a slot (they drain). Bounds the wait of an adapter "
+        "behind a steady stream to others; 0 holds them back at once (fair, but smaller batches).")
 
     @model_validator(mode="after")
     def _check_lora(self) -> "LoRAConfig":

@@ -45,6 +45,7 @@ class LoRAControl:
         self.keys = self.manager.keys if self.manager is not None else LoRAKeys()
         if self.manager is not None:
             engine.scheduler.max_loras = self.manager.max_loras  # admission keeps a step's adapters in slots
+            engine.scheduler.lora_slot_wait_s = engine.config.lora.lora_slot_wait_s
             for name, path in engine.config.lora.lora_modules.items():
                 self._check_new_name(name, replace=False)
                 self.manager.load(name, path)

@@ -13,6 +13,7 @@ newest running request (often another long prompt, far into its prefill) out to 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -77,8 +78,10 @@ class Scheduler:
         self._device_ops: list[DeviceOp] = []
         # Multi-LoRA (set by the engine with LoRA enabled): at most this many distinct adapters among
         # running requests, so each step's adapters fit the device slots; others wait, skipped over,
-        # and the requests behind them of the resident adapters wait too (so that those drain).
+        # and, once one has waited lora_slot_wait_s, the requests behind it of the resident adapters wait
+        # too (so that those drain).
         self.max_loras: Optional[int] = None
+        self.lora_slot_wait_s = 0.0
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -264,7 +267,9 @@ class Scheduler:
         skipped: list[Request] = []
         outstanding: Optional[int] = None  # computed once, only when something is waiting
         adapters = {r.lora_key for r in self.running if r.lora_key is not None} if self.max_loras else set()
-        slot_wanted = False  # a request ahead in the queue waits for a LoRA slot
+        # A request ahead in the queue has waited for a LoRA slot past lora_slot_wait_s.
+        slot_overdue = False
+        now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
@@ -273,11 +278,13 @@ class Scheduler:
             key = request.lora_key
             if self.max_loras and key is not None and key not in adapters and len(adapters) >= self.max_loras:
                 skipped.append(self.waiting.popleft())  # every LoRA slot is taken: wait for one to free
-                slot_wanted = True
+                slot_overdue = slot_overdue or now - request.timing.arrival >= self.lora_slot_wait_s
                 continue
-            if slot_wanted and key is not None:
-                # Behind a request waiting for a slot, the resident adapters take no new requests: they
-                # drain and free a slot for it, instead of a steady stream keeping them resident for ever.
+            if slot_overdue and key is not None:
+                # Behind a request overdue for a slot, the resident adapters take no new requests: they drain
+                # and free a slot for it, instead of a steady stream keeping them resident for ever. Not at
+                # once: admitting beside a resident adapter is what keeps batches full when adapters
+                # outnumber slots (the multi-adapter throughput), so fairness waits lora_slot_wait_s.
                 skipped.append(self.waiting.popleft())
                 continue
             if request.admit_hook is not None and request.admit_hook.restoring():
