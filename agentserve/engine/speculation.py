@@ -260,7 +260,14 @@ def _valid_prefix(request: Request, draft: list[int]) -> list[int]:
     if grammar is None or not draft:
         return draft
     matcher = grammar.matcher
-    accepted = matcher.accept_tokens(draft)
+    before = matcher.num_tokens
+    try:
+        accepted = matcher.accept_tokens(draft)
+    except Exception:  # noqa: BLE001 - that request's matcher (a backend limit): not the batch's
+        # No proposal, and the matcher back where it was: the request meets the failure where its own
+        # sequence gets to it (its next mask or token, failed alone there), as without speculation.
+        matcher.rollback(matcher.num_tokens - before)
+        return []
     if accepted:
         matcher.rollback(accepted)
     return draft[:accepted]

@@ -38,7 +38,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from agentserve.grammar.state import GrammarState
 from agentserve.request import Request
 from agentserve.spec.draft import DraftModel
 from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, block_tables_of, to_device_packed
@@ -150,13 +149,12 @@ def continue_proposal(draft: DraftModel, requests: list[Request], rows: list[int
     hidden = draft.forward_padded(padded, CATCH_UP_TOKENS, bound)
     logits = draft.model.compute_logits(hidden.index_select(0, last_index)).float()
     temps = [r.sampling_params.temperature for r in requests]
-    no_grammars: list[Optional[GrammarState]] = [None] * count
-    tokens, q = draft.sample(logits, requests, temps, no_grammars)
+    tokens, q = draft.sample(logits, requests, temps, None)
     steps, probs = [tokens], [q]
     for step in range(1, num_tokens):
         at = CATCH_UP_TOKENS - 1 + step  # d_step at P + a + 1 + step
         logits = draft.forward_tokens(tokens, positions[at], slots[at], tables_i32, seq_lens[at], bound)
-        tokens, q = draft.sample(logits, requests, temps, no_grammars)
+        tokens, q = draft.sample(logits, requests, temps, None)
         steps.append(tokens)
         probs.append(q)
     return PendingProposal(requests, bases, verified, num_tokens, torch.stack(steps, dim=1), probs)

@@ -20,7 +20,8 @@ Greedy requests propose the draft's argmax. Random requests sample from the draf
 scaled distribution q and hand q to the rejection sampler (acceptance min(1, p/q)); a seeded
 request draws from its own generator, so its proposals, and hence its output, are reproducible.
 With a grammar, the draft proposes under a copy of the request's matcher (each step masked), so
-every proposal is valid; the real matcher is not touched.
+every proposal is valid; the real matcher is not touched (spec/draft_grammar.py: a failing copy ends
+that row's drafts, never the batch's proposal).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import numpy as np
 import torch
 
 from agentserve.cache.kv_cache import KVCache, bytes_per_block
-from agentserve.grammar.interface import allocate_token_bitmask
-from agentserve.grammar.state import GrammarState
 from agentserve.kernels.argmax import argmax_rows
 from agentserve.kernels.token_bitmask import apply_token_bitmask
 from agentserve.model.arch_config import ArchConfig
@@ -44,6 +43,7 @@ from agentserve.model.loader import build_model
 from agentserve.request import Request
 from agentserve.sampling.sampler import top_k_top_p_min_p
 from agentserve.spec.device_drafts import DRAFT_ON_DEVICE
+from agentserve.spec.draft_grammar import accept_on_host, fill_masks, grammar_copies
 from agentserve.spec.draft_inputs import DraftRun, PaddedInputs, build_decode_inputs, build_draft_inputs
 from agentserve.spec.draft_plan import DecodeStepInputs, ProposalPlan, plan_proposal
 from agentserve.spec.draft_vocab import fit_draft_vocabulary
@@ -158,8 +158,8 @@ class DraftModel:
         the end (one host sync per proposal); with `keep_on_device` and the same count for every row,
         not even that: the host gets DRAFT_ON_DEVICE placeholders (spec/device_drafts.py). A
         constrained request's matcher copy needs each token on the host before the next mask."""
-        grammars = [r.grammar.copy() if r.grammar is not None else None for r in requests]
-        on_host = any(g is not None for g in grammars)
+        grammars, failed = grammar_copies(requests)
+        on_host = any(g is not None for g in grammars) or bool(failed)
         temps = [r.sampling_params.temperature for r in requests]
         starts = [min(r.num_draft_computed_tokens, r.num_computed_tokens) for r in requests]
         # Every forward's inputs that are known now, in one copy (spec/draft_plan.py).
@@ -173,14 +173,15 @@ class DraftModel:
         active = list(range(len(requests)))
         step = 0
         while True:
-            tokens, q = self.sample(logits, [requests[i] for i in active], [temps[i] for i in active],
-                                     [grammars[i] for i in active])
+            bitmask, unfillable = fill_masks([grammars[i] for i in active], self.vocab_size)
+            failed.update(active[row] for row in unfillable)
+            tokens, q = self.sample(logits, [requests[i] for i in active], [temps[i] for i in active], bitmask)
             step += 1
             for row, i in enumerate(active):
                 if q is not None and temps[i] > 0:
                     probs[i].append(q[row])
             if on_host:
-                still = self._accept_on_host(active, tokens.tolist(), drafts, grammars, num_tokens)
+                still = accept_on_host(active, tokens.tolist(), drafts, grammars, num_tokens, failed)
             else:
                 steps.append((active, tokens))
                 still = [i for i in active if step < num_tokens[i]]
@@ -216,21 +217,6 @@ class DraftModel:
             q_rows = torch.stack(probs[i][:len(drafts[i])]) if probs[i] and drafts[i] else None
             out.append((drafts[i], q_rows, on_device[i] if on_device is not None else None))
         return out
-
-    @staticmethod
-    def _accept_on_host(active: list[int], host: list[int], drafts: list[list[int]],
-                        grammars: list[Optional[GrammarState]], num_tokens: list[int]) -> list[int]:
-        """Appends each row's token (through its matcher copy); returns the rows that go on."""
-        still: list[int] = []
-        for row, i in enumerate(active):
-            drafts[i].append(host[row])
-            grammar = grammars[i]
-            ended = grammar is not None and (not grammar.accept_token(host[row]) or grammar.is_terminated())
-            if ended and grammar is not None and grammar.rejected:
-                drafts[i].pop()  # cannot happen under the mask; never propose an invalid token
-            elif len(drafts[i]) < num_tokens[i] and not ended:
-                still.append(i)
-        return still
 
     @staticmethod
     def _collect(steps: list[tuple[list[int], torch.Tensor]], drafts: list[list[int]]) -> None:
@@ -371,14 +357,11 @@ class DraftModel:
         return self.model.compute_logits(hidden).float()
 
     def sample(self, logits: torch.Tensor, requests: list[Request], temps: list[float],
-                grammars: list[Optional[GrammarState]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(tokens [R], q [R, V] or None when every row is greedy)."""
+                bitmask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(tokens [R], q [R, V] or None when every row is greedy); `bitmask`: the rows' grammar masks
+        (draft_grammar.fill_masks), None when no row is constrained."""
         logits = logits.float().contiguous()
-        constrained = [(row, g) for row, g in enumerate(grammars) if g is not None]
-        if constrained:
-            bitmask = allocate_token_bitmask(len(requests), self.vocab_size)
-            for row, grammar in constrained:
-                grammar.fill(bitmask, row)
+        if bitmask is not None:
             apply_token_bitmask(logits, bitmask.to(self.device, non_blocking=True))
         greedy = argmax_rows(logits)
         if all(t == 0 for t in temps):
@@ -396,3 +379,4 @@ class DraftModel:
         sampled = argmax_rows(q.div(noise))
         is_random = torch.tensor([t > 0 for t in temps], device=self.device)
         return torch.where(is_random, sampled, greedy), q
+
