@@ -109,6 +109,9 @@ class SchedulerConfig(_Strict):
         "(vLLM V1's async scheduling). None: on for CUDA, off elsewhere.")
 
 
+DEFAULT_LORA_SLOT_WAIT_S = 30.0  # LoRAConfig.lora_slot_wait_s (the scheduler's default too)
+
+
 class LoRAConfig(_Strict):
     enable_lora: bool = Field(default=False, description="Serve LoRA adapters (LoadAdapter, `model` naming one).")
     max_loras: int = Field(default=4, gt=0, description="LoRA adapters resident on the device at once.")
@@ -122,7 +125,7 @@ class LoRAConfig(_Strict):
     lora_modules: dict[str, str] = Field(default_factory=dict, description="Adapters loaded at start: name -> PEFT "
                                          "directory (vLLM's --lora-modules name=path).")
     lora_slot_wait_s: float = Field(
-        default=30.0, ge=0, description="How long a request may wait for a LoRA slot while the resident adapters keep "
+        default=DEFAULT_LORA_SLOT_WAIT_S, ge=0, description="How long a request may wait for a LoRA slot while the resident adapters keep "
         "taking new requests; past it they take none until it has a slot (they drain). Bounds the wait of an adapter "
         "behind a steady stream to others; 0 holds them back at once (fair, but smaller batches).")
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from agentserve.cache.device_ops import CopyBlocks, DeviceOp
 from agentserve.cache.kv_cache_manager import KVCacheManager
-from agentserve.config import SchedulerConfig
+from agentserve.config import DEFAULT_LORA_SLOT_WAIT_S, SchedulerConfig
 from agentserve.request import Request, RequestStatus
 
 
@@ -81,7 +81,7 @@ class Scheduler:
         # and, once one has waited lora_slot_wait_s, the requests behind it of the resident adapters wait
         # too (so that those drain).
         self.max_loras: Optional[int] = None
-        self.lora_slot_wait_s = 0.0
+        self.lora_slot_wait_s = DEFAULT_LORA_SLOT_WAIT_S
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
