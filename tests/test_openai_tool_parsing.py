@@ -7,6 +7,7 @@ test_openai_tools.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import random
 from typing import Any, AsyncIterator, Iterator, Optional, Sequence
 
@@ -92,6 +93,9 @@ class _Adapters:
 
     def names(self) -> list[str]:
         return list(self._names)
+
+    def path_of(self, name: str) -> Optional[Path]:
+        return Path("/adapters") / name if name in self._names else None
 
     def load(self, name: str, path: str) -> None:
         raise NotImplementedError
