@@ -106,21 +106,18 @@ class SwapInPacer:
             if ms > 0:  # a short moving average: one slow batch should not stall pacing
                 self.bytes_per_s = 0.7 * self.bytes_per_s + 0.3 * (nbytes / (ms / 1e3))
 
-    def _take(self, limit: Optional[int], first_free: bool) -> list[tuple[InCopy, int]]:
-        """(copy, chunks) from the front of the queue: up to `limit` bytes (None: no limit), and at
-        least one chunk when `first_free`."""
+    def _take(self, budget: int) -> list[tuple[InCopy, int]]:
+        """(copy, chunks) from the front of the queue: up to `budget` bytes, and at least one chunk."""
         out: list[tuple[InCopy, int]] = []
-        budget = limit
         while self.queued:
             copy = self.queued[0]
             count = 0
             for chunk in copy.chunks:
                 size = chunk_bytes(chunk)
-                if budget is not None and size > budget and not (first_free and not out and count == 0):
+                if size > budget and (out or count):
                     break
                 count += 1
-                if budget is not None:
-                    budget -= size
+                budget -= size
             if count:
                 out.append((copy, count))
             if count < len(copy.chunks):
@@ -142,7 +139,7 @@ class SwapInPacer:
         typical = sorted(self._periods)[len(self._periods) // 2]
         self._settle()
         budget = int(PERIOD_SHARE * min(period, typical) * self.bytes_per_s)
-        out = self._take(budget, first_free=True)
+        out = self._take(budget)
         self.paced_chunks += sum(n for _, n in out)
         return out
 
