@@ -20,11 +20,20 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or ".") != _root])
     if _spec is None or _spec.loader is None:
-        raise ImportError("no `kernels` package is installed (this repository's kernels/ directory is "
-                          "agentserve.kernels, not a top-level `kernels`)", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
-    _spec.loader.exec_module(_module)
+        # No such package installed. transformers' availability check found this directory by name and
+        # imports it to read a version; an ImportError here would escape that check and fail the model's
+        # load. An empty namespace module (no __file__, no __version__) is what the check reads as
+        # "shadowed on sys.path, not installed", so transformers carries on without Hugging Face kernels.
+        import types
+
+        _empty = types.ModuleType("kernels", "stands in for the absent Hugging Face `kernels` package")
+        _empty.__file__ = None
+        _empty.__path__ = []
+        sys.modules["kernels"] = _empty
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
+        _spec.loader.exec_module(_module)
 else:
     from ._triton_utils import HAS_TRITON, get_backend, set_backend
 
