@@ -123,3 +123,41 @@ def test_an_adapter_unloaded_after_the_model_check_is_a_404_naming_it(tmp_path: 
         await wait_idle_and_clean(aeng)
 
     run_and_shutdown(aeng, body())
+
+
+def test_stored_responses_do_not_hold_their_adapter(tmp_path: Path) -> None:
+    """A stored response (OpenAI's default, store: true) keeps its session for continuations until the TTL;
+    that session is no client's open session: unloading or replacing its adapter without drain is not
+    refused over it (it was a 409 naming an internal session id for the TTL's 30 minutes). The response
+    stays retrievable, and a continuation naming the unloaded adapter is a 404 naming `model`."""
+    base = tiny_model_cached(ARCH)
+    first_weights = build_peft_adapter(base, tmp_path / "first", seed=23, r=8, lora_alpha=16, scale=30.0,
+                                       target_modules=list(ALL_MODULES))
+    other_weights = build_peft_adapter(base, tmp_path / "other", seed=24, r=8, lora_alpha=16, scale=30.0,
+                                       target_modules=["q_proj", "v_proj"])
+    aeng = make_engine(ARCH, enable_lora=True, max_loras=1, max_lora_rank=16, num_blocks=256,
+                       served_model_name="tiny", lora_modules={"x": str(first_weights)})
+
+    async def body() -> None:
+        async with serving(aeng, http_port=0, with_client=False) as (handle, _):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                r = await http.post("/v1/responses", json=_request("Hello there"))
+                assert r.status_code == 200, r.text
+                first = r.json()
+                # Replaced in place under the stored response: a new generation, no drain needed.
+                r = await http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(other_weights),
+                                                                   "load_inplace": True})
+                assert r.status_code == 200, r.text
+                r = await http.post("/v1/responses", json=_request("Hi", first["id"]))
+                assert r.status_code == 200, r.text
+                second = r.json()
+                r = await http.post("/v1/unload_lora_adapter", json={"lora_name": "x"})
+                assert r.status_code == 200, r.text
+                assert (await http.get(f"/v1/responses/{second['id']}")).json()["id"] == second["id"]
+                r = await http.post("/v1/responses", json=_request("And then?", second["id"]))
+                assert_error(r, 404, "model", "model_not_found", says="`x`")
+                for response in (second, first):
+                    assert (await http.delete(f"/v1/responses/{response['id']}")).status_code == 200
+        await wait_idle_and_clean(aeng)
+
+    run_and_shutdown(aeng, body())

@@ -132,7 +132,8 @@ class ResponsesEndpoint:
         history = prev.conversation() if prev is not None else []
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         snap = await self.sessions.create([], tools=tools, cache_salt=tenant.cache_salt(None), adapter=adapter,
-                                          model=req.model or self.s.model_name, tenant=tenant.name)
+                                          model=req.model or self.s.model_name, tenant=tenant.name,
+                                          stored_response=True)
         return _Turn(snap.session_id, system + history + new_messages, not keep, None)
 
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:

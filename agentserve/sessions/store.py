@@ -83,9 +83,11 @@ class SessionStore(TurnLifecycle):
 
     # --- plumbing -----------------------------------------------------------------------------------
     def _sessions_using(self, key: LoRAKey) -> list[str]:
-        """Open sessions bound to an adapter key (step thread, like every change to self.sessions)."""
+        """Open sessions bound to an adapter key (step thread, like every change to self.sessions). The
+        Responses API's stored sessions are not counted: nobody holds them open, and a turn running on one
+        is counted among the requests."""
         return [s.session_id for s in list(self.sessions.values())
-                if s.lora_key == key and s.state is not SessionState.CLOSED]
+                if s.lora_key == key and s.state is not SessionState.CLOSED and not s.stored_response]
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -154,20 +156,22 @@ class SessionStore(TurnLifecycle):
     async def create(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
-                     metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+                     metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT,
+                     stored_response: bool = False) -> SessionSnapshot:
         pool, raw = self.render_pool, raw_tokens or not self.has_template
         pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
         rendered = await pool.run(lambda tok: R.prepare_create(pool, tok, messages, tools, raw=raw,
                                                                vocab_size=self.engine.arch.vocab_size))
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
-            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered, tenant=tenant))
+            raw_tokens=raw_tokens, metadata=metadata, rendered=rendered, tenant=tenant,
+            stored_response=stored_response))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
                     metadata: Optional[dict[str, str]] = None, rendered: Optional[R.RenderedCreate] = None,
-                    tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
+                    tenant: str = ANONYMOUS_TENANT, stored_response: bool = False) -> SessionSnapshot:
         """Step thread. Adopts the initial messages as `create` rendered them in the render pool
         (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
@@ -183,7 +187,7 @@ class SessionStore(TurnLifecycle):
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
                     tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
                     ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}), tenant=tenant,
-                    lora_key=self.engine.lora.resolve(adapter or None))
+                    lora_key=self.engine.lora.resolve(adapter or None), stored_response=stored_response)
         s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
@@ -235,7 +239,7 @@ class SessionStore(TurnLifecycle):
                     cache_salt=p.cache_salt, raw_tokens=p.raw_tokens, ttl=ttl_seconds or p.ttl,
                     metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
                     messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
-                    tenant=p.tenant)
+                    tenant=p.tenant, stored_response=p.stored_response)
         self._add(c)
         self.residency.share(p, c)
         now = time.monotonic()

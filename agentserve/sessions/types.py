@@ -217,6 +217,10 @@ class Session:
     # The adapter's id + load generation when the session was made: its pages hash under it, so a
     # reload of the adapter's name never finds this session's KV (nor this session the new load's).
     lora_key: Optional[LoRAKey] = None
+    # Kept by the Responses API for a stored response's continuations, not opened by a client: idle, it
+    # holds no adapter in use (unloading or replacing the adapter is not refused over it; a continuation
+    # names its model again and cannot reach weights that are gone: it starts a new session or is a 404).
+    stored_response: bool = False
 
     @property
     def extra_key(self) -> Optional[tuple[Optional[LoRAKey], Optional[str]]]:
