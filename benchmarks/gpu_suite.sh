@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
-#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s23a|s24d]
+#   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s23a|s24d|gputests]
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -92,6 +92,21 @@ if [ "$MODE" = s24d ]; then
   TMO=200 TAIL=30 run agent-loop python3 benchmarks/agent_loop.py $DUMMY --agents 64 --turns 8 \
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
+fi
+if [ "$MODE" = gputests ]; then
+  # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
+  # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
+  # then the kernels; -v into a log under $OUT, so a run the limit stops still shows each finished test.
+  ENGINE_FILES="tests/test_gpu_engine.py tests/test_async_scheduling.py tests/test_engine_close.py tests/test_gpu_spec.py
+    tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py
+    tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py
+    tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
+  KERNEL_FILES=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -f <(echo "$ENGINE_FILES" | tr ' ' '\n' | grep .))
+  timeout "${TMO:-570}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 $ENGINE_FILES $KERNEL_FILES \
+    --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
+  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu.log" | awk '{print $2}' | sort | uniq -c
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20; tail -n 30 "$OUT/pytest_gpu.log"
+  exit 0
 fi
 if [ "$MODE" = full ] || [ "$MODE" = fastpath ]; then
   # The issue-3 figures with their limits in one table (one stream, TTFT 8k, throughput, peer ratio).
