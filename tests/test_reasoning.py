@@ -122,6 +122,40 @@ def test_split_reasoning_whole_and_streamed(text: str, in_reasoning: bool, want:
             assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == (want[0] or "", want[1])
 
 
+@pytest.mark.parametrize("text,in_reasoning,want", [
+    ("hm</think>ok", True, ("hm", "ok")),
+    ("<think>a<b</think></think>ok", False, ("a<b", "</think>ok")),  # a '<' that begins no marker; a 2nd marker
+    ("hm</thi", True, ("hm</thi", "")),                                 # cut short in what began a marker
+])
+def test_streamed_split_when_a_marker_arrives_in_pieces(text: str, in_reasoning: bool, want: tuple) -> None:
+    """The detokenizer holds back the text's last characters while they may begin a stop string, so a
+    marker's text (one token) can arrive in two deltas: the streamed split still equals the whole one."""
+    assert split_reasoning("qwen3", text, in_reasoning) == want
+    for size in (1, 2, 3, 5):
+        rs = ReasoningStream("qwen3", in_reasoning)
+        parts = [rs.feed(text[i:i + size]) for i in range(0, len(text), size)] + [rs.finish()]
+        assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == want, size
+
+
+def test_streamed_reasoning_content_with_a_long_stop_string() -> None:
+    """A stop string longer than `</think>` that never matches: the stream (text held back 11 characters
+    at a time) splits the reply as the whole reply is split."""
+    with live_openai(ARCH, max_model_len=512, reasoning_parser="qwen3") as client:
+        end_id = transformers.AutoTokenizer.from_pretrained(str(tiny_model_cached(ARCH))).encode(
+            "</think>", add_special_tokens=False)[0]
+        body = dict(model="m", messages=[{"role": "user", "content": "Is it?"}], max_tokens=30, temperature=1.0,
+                    logit_bias={str(end_id): 21}, stop=["QQQQQQQQQQQQ"])
+        answered = 0
+        for seed in range(6):
+            whole = client.chat.completions.create(**body, seed=seed).choices[0].message
+            chunks = list(client.chat.completions.create(**body, seed=seed, stream=True))
+            thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert (thought, content) == (whole.model_extra["reasoning_content"], whole.content or ""), seed
+            answered += bool(whole.content)
+        assert answered  # some replies closed their thinking (else the split was never tested)
+
+
 def test_a_parser_the_tokenizer_cannot_spell_is_refused() -> None:
     with pytest.raises(GrammarError, match="not one token"):
         LLM(str(tiny_model_cached("llama3")), device="cpu", dtype="float32", reasoning_parser="qwen3")

@@ -349,7 +349,9 @@ class _ChatContext:
         rs = st.reasoning[k]
         if rs is not None:
             thought, delta = rs.feed(delta)
-            delta += rs.finish()[1] if c.finish_reason is not None else ""
+            if c.finish_reason is not None:  # text the split held back: both parts, in order
+                held_thought, held_content = rs.finish()
+                thought, delta = thought + held_thought, delta + held_content
             if thought:
                 chunks.append(self._chunk(st, k, {"reasoning_content": thought}, logprobs))
                 logprobs = None

@@ -6,7 +6,9 @@ part of it), the content is the rest. A reply that starts inside the reasoning a
 cut short while thinking: it is all reasoning. A prompt that closed the block (Qwen3 with thinking off)
 gives a reply that is all content, unless the reply opens a block of its own.
 
-`ReasoningStream` splits streamed deltas the same way (the markers are single tokens: each arrives whole);
+`ReasoningStream` splits streamed deltas the same way. A marker is one token, but its text may still arrive
+in two deltas: the detokenizer holds back the output's last characters while they may begin a stop string
+(engine/detokenizer.py), so the stream holds back text that may begin the end marker likewise;
 `ReplyReasoning` splits a stream's token ids along with its text (gRPC's reasoning deltas carry both).
 """
 
@@ -40,6 +42,7 @@ class ReasoningStream:
         self.in_reasoning = in_reasoning
         self.decided = False  # whether the reply's first text showed if it opens a block itself
         self.held = ""
+        self.pending = ""  # the reasoning's last characters while they may begin the end marker
 
     def feed(self, delta: str) -> tuple[str, str]:
         if not self.decided:
@@ -56,19 +59,33 @@ class ReasoningStream:
                 delta = stripped  # as split_reasoning: the reasoning starts at the first non-space
         if not self.in_reasoning:
             return "", delta
-        if self.end in delta:
-            reasoning, content = delta.split(self.end, 1)
+        text, self.pending = self.pending + delta, ""
+        if self.end in text:
+            reasoning, content = text.split(self.end, 1)
             self.in_reasoning = False
             return reasoning, content
-        return delta, ""
+        keep = _marker_start_len(text, self.end)
+        if keep:
+            text, self.pending = text[:-keep], text[-keep:]
+        return text, ""
 
     def finish(self) -> tuple[str, str]:
-        """Text held back while undecided (a reply that was only whitespace or the start of the marker)."""
+        """Text held back: while undecided (a reply that was only whitespace or the start of the marker), or
+        the start of an end marker that never came (a reply cut short while thinking: it is reasoning)."""
         held, self.held = self.held, ""
+        pending, self.pending = self.pending, ""
         if self.decided or not held:
-            return "", ""
+            return pending, ""
         self.decided = True
         return (held.lstrip(), "") if self.in_reasoning else ("", held)
+
+
+def _marker_start_len(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (shorter than the marker)."""
+    for k in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-k:]):
+            return k
+    return 0
 
 
 class ReplyReasoning:
