@@ -168,6 +168,49 @@ def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped
     serve(aeng, body)
 
 
+def test_get_session_shows_the_thinking_apart(aeng) -> None:  # type: ignore[no-untyped-def]
+    """GetSession (and a fork's) shows the session's reply as TurnDone did: the thinking as
+    reasoning_content, not inline in content; the next turn still extends the tokens as generated."""
+    async def body(client: AgentClient) -> None:
+        _, out = await first_turn(client, thought_then_answer, max_tokens=30, response_format=ANSWER)
+        thought, answer, _ = expected_split(list(out.done.token_ids))
+        s = client.session(out.done.session.session_id)
+        for shown in (await s.refresh(include_messages=True), await (await s.fork()).refresh(include_messages=True)):
+            assert [m.role for m in shown.messages] == ["system", "user", "assistant"]
+            assert (shown.messages[-1].reasoning_content, shown.messages[-1].content) == (thought, answer)
+        before = list((await s.refresh(include_token_ids=True)).token_ids)
+        nxt = await s.run_turn([{"role": "user", "content": "Sure?"}], max_tokens=2, temperature=0.0,
+                               return_token_ids=True)
+        assert list(nxt.done.prompt_token_ids)[:len(before)] == before
+        assert nxt.done.usage.cached_tokens >= len(before) // 16 * 16  # the history's full pages reused
+
+    serve(aeng, body)
+
+
+def test_streamed_split_while_a_stop_string_holds_text_back(aeng) -> None:  # type: ignore[no-untyped-def]
+    """A stop string longer than `</think>` (never matched): the detokenizer holds back its length - 1
+    characters, so the marker's text can arrive in two deltas; the streamed split is the whole one's."""
+    stop = ["QQQQQQQQQQQQ"]
+
+    async def body(client: AgentClient) -> None:
+        checked = 0
+        for seed in range(6):
+            s = await client.create_session([SYSTEM])
+            out = await s.run_turn([USER], temperature=1.0, seed=seed, max_tokens=30, logit_bias=think_bias(),
+                                   stop=stop)
+            events = [ev async for ev in client.generate(messages=[SYSTEM, USER], temperature=1.0, seed=seed,
+                                                          max_tokens=30, logit_bias=think_bias(), stop=stop)]
+            done = events[-1].done
+            assert (deltas(out.events, "reasoning")[0], deltas(out.events, "text")[0]) == (
+                out.done.message.reasoning_content, out.done.message.content), seed
+            assert (deltas(events, "reasoning")[0], deltas(events, "text")[0]) == (
+                done.reasoning_content, done.text), seed
+            checked += marker("</think>") in list(done.token_ids)
+        assert checked  # some replies closed their thinking
+
+    serve(aeng, body)
+
+
 def test_incoming_reasoning_content_reaches_the_template(aeng) -> None:  # type: ignore[no-untyped-def]
     earlier = {"role": "assistant", "content": "yes", "reasoning_content": "it is, I think"}
     follow_up = {"role": "user", "content": "And now?"}

@@ -151,8 +151,8 @@ def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
         num_turns=s.num_turns, num_messages=s.num_messages, busy=s.busy, parent_id=s.parent_id or "",
         created_at=s.created_at, last_active_at=s.last_active_at, expires_at=s.expires_at, ttl_seconds=s.ttl_seconds,
         metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [])
-    # The history as the session keeps it: its own replies are the model's text whole (the thinking inline,
-    # as the template re-renders it, so reasoning_content is empty); an assistant message a client sent
+    # The history: the session's own replies are the model's text whole, but for the thinking, apart as
+    # reasoning_content (with a reasoning parser: Session.shown_replies); an assistant message a client sent
     # with reasoning_content keeps it apart.
     for m in s.messages or []:
         info.messages.append(message_to_proto(m))

@@ -238,7 +238,8 @@ class SessionStore(TurnLifecycle):
         c = Session(session_id=self._new_id(), model=p.model, adapter=p.adapter, lora_key=p.lora_key, tools=p.tools,
                     cache_salt=p.cache_salt, raw_tokens=p.raw_tokens, ttl=ttl_seconds or p.ttl,
                     metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
-                    messages=list(p.messages), token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
+                    messages=list(p.messages), shown_replies=dict(p.shown_replies),
+                    token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
                     tenant=p.tenant, stored_response=p.stored_response)
         self._add(c)
         self.residency.share(p, c)

@@ -189,6 +189,10 @@ class TurnLifecycle:
         if not s.raw_tokens:
             s.text = pending.prompt_text + R.decode_continuation(self.tokenizer, pending.prompt_token_ids, output_ids)
         s.messages = s.messages + pending.new_messages + [history_msg]
+        markers = self.engine.reasoning
+        if markers is not None and not s.raw_tokens:  # shown split, as TurnDone's message is
+            reasoning, content = ReplyReasoning(markers, pending.prompt_token_ids).split(comp.text or "")
+            s.shown_replies[len(s.messages) - 1] = dict(history_msg, content=content, reasoning_content=reasoning)
         s.num_turns += 1
         now = time.monotonic()
         s.last_active, s.last_active_wall = now, time.time()

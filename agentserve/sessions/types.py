@@ -193,6 +193,10 @@ class Session:
     metadata: dict[str, str]
     parent_id: Optional[str] = None
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # The session's own replies as clients see them, by their index in `messages`, where they differ from
+    # the history: with a reasoning parser, the thinking apart as reasoning_content (the history keeps the
+    # model's text whole, markers and all, since the template must re-render it as generated).
+    shown_replies: dict[int, dict[str, Any]] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # what token_ids decode to (template sessions)
     state: SessionState = SessionState.NEW
@@ -274,5 +278,5 @@ def snapshot_of(s: Session, include_messages: bool = False, include_token_ids: b
         num_turns=s.num_turns, num_messages=len(s.messages), busy=s.busy is not None, parent_id=s.parent_id,
         created_at=s.created_at, last_active_at=s.last_active_wall, expires_at=s.last_active_wall + s.ttl,
         ttl_seconds=s.ttl, metadata=dict(s.metadata), raw_tokens=s.raw_tokens,
-        messages=[dict(m) for m in s.messages] if include_messages else None,
+        messages=[dict(s.shown_replies.get(i, m)) for i, m in enumerate(s.messages)] if include_messages else None,
         token_ids=list(s.token_ids) if include_token_ids else None)
