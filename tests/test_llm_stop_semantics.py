@@ -4,6 +4,10 @@ the first min_tokens add."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
 from agentserve import SamplingParams
@@ -69,3 +73,37 @@ def test_the_generation_configs_other_eos_ids_are_stop_reasons_by_id() -> None:
         out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[eos]))[0].outputs[0]
         assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason == reason
         assert out.text == ""
+
+
+def test_the_tokenizers_eos_checked_before_stop_token_ids_and_banned_by_min_tokens_under_ignore_eos() -> None:
+    llm = LLM(str(tiny_model_cached("llama3")), device="cpu", max_model_len=256)
+    tokenizer = llm.get_tokenizer()
+    own, other = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    # vLLM checks the tokenizer's EOS before stop_token_ids: listed there too, it still ends with None.
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[own],
+                                              stop_token_ids=[own]))[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([own], "stop", None)
+    # min_tokens bans vLLM's all_stop_token_ids, the EOS ids among them even under ignore_eos: none of them
+    # in the first 3 tokens though a bias makes them the likeliest; after those, sampled and not stopping.
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, ignore_eos=True,
+                                              logit_bias={own: 100.0, other: 100.0}))[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+    assert not {own, other} & set(out.token_ids[:3]) and set(out.token_ids[3:]) <= {own, other}
+    llm.close()
+
+
+def test_the_tokenizers_eos_stops_when_the_generation_config_leaves_it_out(tmp_path: Path) -> None:
+    # vLLM stops on the tokenizer's EOS (request.eos_token_id) whatever generation_config.json lists.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_cached("llama3"), model)
+    gen_config = json.loads((model / "generation_config.json").read_text())
+    llm = LLM(str(model), device="cpu", max_model_len=256)
+    own = llm.get_tokenizer().eos_token_id
+    llm.close()
+    gen_config["eos_token_id"] = [t for t in gen_config["eos_token_id"] if t != own]
+    assert gen_config["eos_token_id"]
+    (model / "generation_config.json").write_text(json.dumps(gen_config))
+    llm = LLM(str(model), device="cpu", max_model_len=256)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[own]))[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason, out.text) == ([own], "stop", None, "")
+    llm.close()

@@ -140,8 +140,9 @@ def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> fr
         eos = [value] if isinstance(value, int) else list(value or [])
     if not eos:
         eos = list(arch.eos_token_ids)
-    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
+    # The tokenizer's own EOS always ends an output (vLLM's request.eos_token_id), listed or not.
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.append(tokenizer.eos_token_id)
     return frozenset(eos)
 
 

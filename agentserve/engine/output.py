@@ -194,20 +194,19 @@ class OutputProcessor:
             self.finish(req, RequestStatus.FINISHED_ERROR, None)
         elif grammar is not None and grammar.is_terminated():
             self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str if stop_str is not None else
-                        token if token in params.stop_token_ids else self._eos_stop_reason(token) if ends_on_eos
+                        self._stop_token_reason(token, ends_on_eos) if ends_on_eos or token in params.stop_token_ids
                         else None)
         elif stop_str is not None:
             self.finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
-        elif token in params.stop_token_ids:
-            self.finish(req, RequestStatus.FINISHED_STOPPED, token)
-        elif ends_on_eos:
-            self.finish(req, RequestStatus.FINISHED_STOPPED, self._eos_stop_reason(token))
+        elif ends_on_eos or token in params.stop_token_ids:
+            self.finish(req, RequestStatus.FINISHED_STOPPED, self._stop_token_reason(token, ends_on_eos))
         elif len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= self.engine.max_model_len:
             self.finish(req, RequestStatus.FINISHED_LENGTH, None)
 
-    def _eos_stop_reason(self, token: int) -> Optional[int]:
-        """vLLM's stop_reason for an EOS: None for the tokenizer's own, the id for the generation config's others."""
-        return None if token == self.tokenizer_eos_id else token
+    def _stop_token_reason(self, token: int, ends_on_eos: bool) -> Optional[int]:
+        """vLLM's stop_reason for a stop token: None for the tokenizer's own EOS (checked first, so also when
+        stop_token_ids lists it), the id for the generation config's other EOS ids and for stop_token_ids."""
+        return None if ends_on_eos and token == self.tokenizer_eos_id else token
 
     def _position(self, token: int, logprob: float, rank: int, top_ids: Sequence[float], top_lps: Sequence[float],
                   decoded: Optional[dict[int, str]]) -> PositionLogprobs:

@@ -95,7 +95,9 @@ def _add_bans_and_biases(meta: SamplingMetadata, requests: list[Request], col: C
         p = request.sampling_params
         # Placeholders: tokens of a step still in flight (async scheduling) count as generated.
         if request.num_output_tokens + request.num_output_placeholders < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))
+            # As vLLM's all_stop_token_ids: the EOS ids are banned under ignore_eos too (they would not stop
+            # the output, but min_tokens still keeps them out of its first tokens).
+            stops = set(p.stop_token_ids) | set(request.eos_token_ids)
             for tok in stops:
                 banned_rows.append(row)
                 banned_tokens.append(tok)
