@@ -53,7 +53,16 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "fully_sharded_loras": ((False,), "LoRA adapters are split with their layers; fully sharded LoRA is not "
                             "supported"),
     "lora_dtype": (("auto", None), "adapters are served in the model's dtype"),
+    "task": ((None, "auto", "generate"), "agentserve serves generative models only"),
+    "skip_tokenizer_init": ((False,), "the tokenizer is needed for chat templates, stop strings and detokenizing"),
+    "config_format": (("auto", "hf"), "the model directory's config.json is read (Hugging Face format)"),
 }
+
+# Options agentserve has whose vLLM default is None, meaning "the engine's own choice" (EngineArgs'
+# block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_cpu_loras; LLM's seed):
+# None leaves agentserve's default, as it leaves vLLM's.
+NONE_IS_DEFAULT = frozenset(("block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
+                             "max_cpu_loras", "seed"))
 
 # name -> why any value is accepted: what it controls is always so here, or has no counterpart.
 ANY_VALUE: dict[str, str] = {
@@ -76,6 +85,8 @@ def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             if not any(value == ok and type(value) is type(ok) or value is ok for ok in accepted):
                 raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: "
                                  f"{', '.join(repr(ok) for ok in accepted)})")
+        elif name in NONE_IS_DEFAULT and value is None:
+            continue
         elif name in ANY_VALUE:
             logger.info("%s=%r accepted: %s", name, value, ANY_VALUE[name])
         else:

@@ -62,3 +62,23 @@ def test_unknown_keywords_still_fail_in_the_engine_config() -> None:
     assert kept == {"max_num_seqs": 4, "no_such_option": 1}
     with pytest.raises(ValueError, match="unknown engine option 'no_such_option'"):
         LLM(str(tiny_model_cached("llama")), device="cpu", no_such_option=1)
+
+
+# EngineArgs' defaults (vllm/engine/arg_utils.py) for options agentserve has too: None there is "the engine's
+# own choice", so it leaves agentserve's; and LLM's seed=None, task, skip_tokenizer_init, config_format.
+VLLM_NONE_DEFAULTS: dict[str, Any] = dict(
+    block_size=None, enable_prefix_caching=None, max_num_seqs=None, max_num_batched_tokens=None, max_cpu_loras=None,
+    seed=None, task="auto", skip_tokenizer_init=False, config_format="auto")
+
+
+def test_vllm_engine_args_none_defaults_leave_agentserves_defaults() -> None:
+    llm = LLM(str(tiny_model_cached("llama")), device="cpu", max_model_len=128, **VLLM_NONE_DEFAULTS)
+    plain = LLM(str(tiny_model_cached("llama")), device="cpu", max_model_len=128)
+    assert llm.engine.config == plain.engine.config
+    out = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 3
+    assert engine_kwargs_from_vllm_llm_kwargs({"block_size": 32, "seed": 7}) == {"block_size": 32, "seed": 7}
+    with pytest.raises(ValueError, match="^skip_tokenizer_init=True"):
+        engine_kwargs_from_vllm_llm_kwargs({"skip_tokenizer_init": True})
+    llm.close()
+    plain.close()
