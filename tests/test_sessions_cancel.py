@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from typing import Any
 
@@ -220,3 +221,43 @@ def test_grpc_turns_with_random_deadlines(aeng: AsyncEngine) -> None:
     asyncio.run(asyncio.wait_for(body(), 240))
     assert codes.get("FAILED_PRECONDITION", 0) == 0, codes
     assert codes.get("DEADLINE_EXCEEDED", 0) > 10 and codes.get("OK", 0) > 0, codes
+
+
+@pytest.mark.parametrize("next_call", ["turn", "fork"])
+def test_next_turn_sent_right_after_a_cancel_is_not_refused_as_busy(aeng: AsyncEngine, next_call: str) -> None:
+    """A client leaves a streaming turn and at once sends the next turn (or a fork). The server has
+    seen the cancel (the turn's task is done) but the roll-back it queued on the step thread is
+    still behind the new call's set-up: the new call must not get SessionBusyError (gRPC
+    FAILED_PRECONDITION) for a turn its client has left. The step thread is held so that the
+    commands queue in exactly the order the race produces: the cancelled request's abort, the new
+    call's reserve, then the cancelled turn's roll-back."""
+
+    async def body() -> None:
+        store = SessionStore(aeng)
+        try:
+            sid = (await store.create([SYSTEM])).session_id
+            events = store.turn(sid, [{"role": "user", "content": "Talk."}],
+                                SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+            await events.__anext__()  # mid-decode
+            pending = store.sessions[sid].busy
+            assert pending is not None and pending.task is not None
+            hold = threading.Event()
+            aeng.call_soon(hold.wait)  # the step thread runs no command until released
+            await asyncio.sleep(0.05)
+            pending.task.cancel()  # what leaving the stream does (the generator's finally)
+            follow = (asyncio.ensure_future(_consume(store, sid, 1, 2)) if next_call == "turn"
+                      else asyncio.ensure_future(store.fork(sid)))
+            for _ in range(20):  # the task's cancellation and its done-callback run; the commands queue up
+                await asyncio.sleep(0)
+            assert pending.task.done() and not follow.done()
+            hold.set()
+            await asyncio.wait_for(follow, 30)  # SessionBusyError before the fix
+            await events.aclose()
+            await _assert_settled(aeng, store)
+            for s in list(store.sessions):
+                await store.close(s)
+            await aeng.run(aeng.engine.pool.check_all_free)
+        finally:
+            store.detach()
+
+    asyncio.run(asyncio.wait_for(body(), 120))

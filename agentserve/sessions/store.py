@@ -229,6 +229,7 @@ class SessionStore(TurnLifecycle):
         """Step thread. The child (the parent's tenant's) shares every page of the parent
         (copy-on-write: the first write into a shared partial page copies that one page)."""
         p = self._owned(session_id, tenant)
+        self.settle_ended_turn(p)
         if p.busy is not None:
             raise SessionBusyError(f"session {session_id!r} has a turn in flight; fork it after the turn")
         if not math.isfinite(ttl_seconds) or ttl_seconds < 0:  # NaN compares False with everything

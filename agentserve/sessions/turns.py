@@ -96,6 +96,7 @@ class TurnLifecycle:
         history the turn renders on — which cannot change while the session is busy. The turn's
         prompt is rendered off this thread; `_begin_turn` adopts it, `_abandon_turn` undoes this."""
         s = self._get(session_id)
+        self.settle_ended_turn(s)
         if s.busy is not None:
             raise SessionBusyError(f"session {session_id!r} already has a turn in flight")
         if params.prompt_logprobs is not None:
@@ -221,9 +222,23 @@ class TurnLifecycle:
         client = {"role": "assistant", "content": comp.text or ""}
         return history, client
 
+    def settle_ended_turn(self, s: Session) -> None:
+        """Step thread: when the session's turn has already ended on the event loop (its task is done:
+        cancelled by a client that went away, or failed) and only its `_end_turn` is still queued, runs
+        that now. A client that cancels a turn and at once sends the next one (or a fork) would
+        otherwise race that queued roll-back and get FAILED_PRECONDITION for a turn it has left.
+        (Task.done() reads one attribute, and a done task stays done: safe from this thread.)"""
+        pending = s.busy
+        if pending is not None and pending.task is not None and pending.task.done():
+            self._end_turn(pending)
+
     def _end_turn(self, pending: PendingTurn) -> None:
         """Step thread, always last for a turn: takes the request out of the engine if it is still
-        there (cancel, error) — which rolls the turn back — and releases a session closed meanwhile."""
+        there (cancel, error) — which rolls the turn back — and releases a session closed meanwhile.
+        Runs once; the queued call finds it done when `settle_ended_turn` ran it first."""
+        if pending.end_ran:
+            return
+        pending.end_ran = True
         self.engine.abort(pending.request_id)
         self._pending.pop(pending.request_id, None)
         s = pending.session

@@ -266,6 +266,7 @@ class PendingTurn:
     task: Optional["asyncio.Task[None]"] = None
     loop: Optional[asyncio.AbstractEventLoop] = None  # the loop running `task`
     ended: Optional[asyncio.Event] = None
+    end_ran: bool = False  # TurnLifecycle._end_turn has run (it may be reached twice: see settle_ended_turn)
 
 
 def snapshot_of(s: Session, include_messages: bool = False, include_token_ids: bool = False) -> SessionSnapshot:
