@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 
 import logging
-import operator
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -96,7 +96,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: Optional[DecodeGraphs] = None
         self.verify_graphs: Optional[VerifyGraphs] = None
-        self._sampling_cache: Optional[tuple[list[Request], SamplingMetadata]] = None
+        # The last step's sampling rows (weakly: see _sampling_metadata) and their metadata.
+        self._sampling_cache: Optional[tuple[list["weakref.ref[Request]"], SamplingMetadata]] = None
         if self._use_cuda_graphs():
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, config.scheduler.max_num_seqs,
                                        self.max_blocks_per_seq, max_model_len, device,
@@ -212,13 +213,16 @@ class ModelRunner:
         and this skips rebuilding and copying the columns. The tensors are only read by the sampler."""
         cached = self._sampling_cache
         if (cached is not None and len(cached[0]) == len(sampling)
-                and all(map(operator.is_, cached[0], sampling))):
+                and all(ref() is req for ref, req in zip(cached[0], sampling))):
             return cached[1]
         meta = build_sampling_metadata(sampling, self.arch.vocab_size, self.device,
                                        unseeded_generator=self.sampling_generator)
         reusable = (meta.output_counts is None and meta.banned_rows is None
                     and not any(r.bad_words_token_ids for r in sampling))
-        self._sampling_cache = (sampling, meta) if reusable else None
+        # Weak references: the cache outlives the step, and strong ones kept the last batch's finished
+        # requests (token lists, detokenizers, grammar matchers, logprobs) alive on an idle server until
+        # the next step. A dead reference (None) never matches a live request, so identity stays exact.
+        self._sampling_cache = ([weakref.ref(r) for r in sampling], meta) if reusable else None
         return meta
 
     def _forward_logits(self, chunks: list[ScheduledChunk],
