@@ -1,0 +1,180 @@
+"""The invariants a live server must meet once a load has stopped and every session is closed
+(tests/test_soak.py). Each check returns what it found wrong (an empty list: nothing), so that one
+run reports every violation at once."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from agentserve.adapters.client import AgentClient
+from agentserve.adapters.openai.metrics import parse_metrics
+from agentserve.adapters.openai.responses import ResponsesEndpoint
+from agentserve.engine.async_engine import _Stream
+from agentserve.request import Request
+from agentserve.service.serve import ServerHandle
+from agentserve.sessions.types import PendingTurn, Session
+
+MAX_THREADS = 24  # the step thread, the gRPC poller, and the bounded executor pools (render, matcher, asyncio)
+# Objects that belong to one request or session: none may outlive them.
+PER_REQUEST_TYPES: tuple[type, ...] = (Request, _Stream, Session, PendingTurn)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def count_objects(types: tuple[type, ...] = PER_REQUEST_TYPES) -> dict[str, int]:
+    gc.collect()
+    counts = {t.__name__: 0 for t in types}
+    for obj in gc.get_objects():
+        for t in types:
+            if type(obj) is t:
+                counts[t.__name__] += 1
+    return counts
+
+
+def task_names() -> list[str]:
+    """The running loop's tasks other than the caller's, by their coroutine's qualified name."""
+    me = asyncio.current_task()
+    return sorted(t.get_coro().__qualname__ for t in asyncio.all_tasks() if t is not me and not t.done())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    tasks: list[str]
+    threads: list[str]
+    objects: dict[str, int]
+    rss: int
+    adapters: list[str]
+
+
+def snapshot(handle: ServerHandle) -> Snapshot:
+    manager = handle.engine.lora_manager
+    return Snapshot(tasks=task_names(), threads=sorted(t.name for t in threading.enumerate()), objects=count_objects(), rss=rss_bytes(),
+                    adapters=sorted(manager.names()) if manager is not None else [])
+
+
+async def close_all_sessions(agent: AgentClient) -> int:
+    """Closes every open session through the API (ListSessions, CloseSession); returns how many."""
+    ids = [s.session_id async for s in agent.iter_sessions()]
+    for sid in ids:
+        await agent.session(sid).close()
+    return len(ids)
+
+
+async def wait_idle(handle: ServerHandle, timeout: float = 30.0) -> list[str]:
+    engine = handle.engine
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished() or handle.async_engine.num_pending or len(handle.store):
+        if time.monotonic() > deadline:
+            return [f"not idle after {timeout:.0f} s: {len(engine.groups)} request groups, "
+                    f"{handle.async_engine.num_pending} streams, {len(handle.store)} sessions"]
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # aborts and stream cleanups land on the next command drain
+    return []
+
+
+def _engine_state(handle: ServerHandle) -> list[str]:
+    """Step-thread state (run through AsyncEngine.run, between steps)."""
+    e, bad = handle.engine, []
+    sched = e.scheduler
+    if sched.waiting or sched.running or sched.has_device_ops():
+        bad.append(f"scheduler: {len(sched.waiting)} waiting, {len(sched.running)} running, "
+                   f"device ops {sched.has_device_ops()}")
+    for name in ("requests", "groups", "prompts", "pending_forks", "grammar_waits"):
+        left = getattr(e, name)
+        if left:
+            bad.append(f"engine.{name} holds {list(left)[:5]}")
+    busy = [b.block_id for b in e.pool.blocks if b.ref_cnt]
+    if busy or e.pool.num_free_blocks != e.pool.num_blocks:
+        bad.append(f"pages: {e.pool.num_free_blocks}/{e.pool.num_blocks} free, referenced {busy[:10]}")
+    stale = [(h, b) for h, b in e.pool._cached.items() if e.pool.blocks[b].block_hash != h]
+    if stale:
+        bad.append(f"prefix cache maps {len(stale)} hashes to pages that hold other hashes")
+    store = handle.store
+    if store.num_free_swap_slots != store.num_swap_slots:
+        bad.append(f"swap slots: {store.num_free_swap_slots}/{store.num_swap_slots} free")
+    if store._pending or store.residency._restoring or any(store._sessions_of.values()):
+        bad.append(f"session store: pending {list(store._pending)}, restoring {len(store.residency._restoring)}, "
+                   f"per-tenant counts {dict(store._sessions_of)}")
+    if e.lora_manager is not None:
+        in_use = e.lora.adapters_in_use()
+        if in_use != ([], []) or e.lora_manager._step_slots:
+            bad.append(f"LoRA: in use {in_use}, step slots {e.lora_manager._step_slots}")
+    if e.constraints is not None:
+        c = e.constraints.compiler
+        if c._queue or c._inflight or c._active or e.constraints._compile_of:
+            bad.append(f"grammar: {len(c._queue)} queued, {len(c._inflight)} in flight, {c._active} active, "
+                       f"{len(e.constraints._compile_of)} withdrawable")
+    if e.spec_proposer is not None and e.spec_proposer._reserved_for_continuation:
+        bad.append(f"speculation reserves pages for {e.spec_proposer._reserved_for_continuation}")
+    return bad
+
+
+async def check_idle(handle: ServerHandle, http_url: str) -> list[str]:
+    """Every invariant of an idle server with no session open."""
+    bad = await handle.async_engine.run(lambda: _engine_state(handle))
+    if handle.async_engine._streams:
+        bad.append(f"async engine streams left: {list(handle.async_engine._streams)[:5]}")
+    pool = handle.store.render_pool
+    if pool._tokenizers.qsize() != pool.limits.tokenizer_workers or pool._executor._work_queue.qsize():
+        bad.append(f"render pool: {pool._tokenizers.qsize()}/{pool.limits.tokenizer_workers} tokenizers back, "
+                   f"{pool._executor._work_queue.qsize()} jobs queued")
+    closing = [len(r.closing) for r in gc.get_objects() if type(r) is ResponsesEndpoint]
+    if any(closing):
+        bad.append(f"Responses endpoint still closing sessions: {closing}")
+    if any(handle.tenants._in_flight.values()):
+        bad.append(f"tenant request slots held: {handle.tenants._in_flight}")
+    async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+        m = parse_metrics((await http.get("/metrics")).text)
+    for gauge in ("agentserve_num_requests_running", "agentserve_num_requests_waiting",
+                  "agentserve_kv_cache_pages_used", "agentserve_kv_cache_usage_ratio"):
+        if m.get(gauge) != 0:
+            bad.append(f"/metrics {gauge} = {m.get(gauge)} when idle")
+    return bad
+
+
+def growth(first: Snapshot, second: Snapshot, rss_slack: int = 48 * 2**20) -> list[str]:
+    """What grew from one identical round to the next."""
+    bad = []
+    if second.tasks != first.tasks:
+        bad.append(f"asyncio tasks changed: {first.tasks} -> {second.tasks}")
+    # Executor pools ("<prefix>_<n>") start their workers lazily up to a fixed bound: a pool may
+    # grow, but no new kind of thread may appear, and the total stays small.
+    kinds = [{re.sub(r"_\d+$", "", name) for name in snap.threads} for snap in (first, second)]
+    if kinds[1] - kinds[0] or len(second.threads) > MAX_THREADS:
+        bad.append(f"threads grew: {first.threads} -> {second.threads}")
+    for name, n in second.objects.items():
+        if n > first.objects[name]:
+            bad.append(f"{name} objects grew: {first.objects[name]} -> {n}")
+    if second.rss - first.rss > rss_slack:
+        bad.append(f"RSS grew by {(second.rss - first.rss) / 2**20:.1f} MiB")
+    if second.adapters != first.adapters:
+        bad.append(f"loaded adapters changed: {first.adapters} -> {second.adapters}")
+    return bad
+
+
+def counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    keys = ("agentserve_requests_finished_total", "agentserve_prompt_tokens_total",
+            "agentserve_generation_tokens_total")
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys}
+
+
+async def scrape(http_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+        return parse_metrics((await http.get("/metrics")).text)
+
+
+def engine_counters(handle: ServerHandle) -> dict[str, Any]:
+    m = handle.engine.metrics
+    return {"finished": m.requests_finished_total, "prompt": m.prompt_tokens_total,
+            "generation": m.generation_tokens_total}
