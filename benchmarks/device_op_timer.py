@@ -30,6 +30,9 @@ class DeviceOpTimer:
         self.page_kernels = 0  # gathers and scatters launched by the ops
         # The swap streams seen, with their bound-wait counters at the last take.
         self._streams: dict[int, tuple[SwapStreams, int, float]] = {}
+        # Their pacers' (paced, forced) chunk counts at the last take: each take reports what happened since
+        # (one take per agent-loop mode; the counters themselves run over the engine's life).
+        self._paced_seen: dict[int, tuple[int, int]] = {}
         # The host's ms inside each part of the ops (index uploads, page kernels, copy-stream calls): which
         # part makes a swap cost ~1-2 ms of host time.
         self.part_ms: Counter[str] = Counter()
@@ -118,9 +121,14 @@ class DeviceOpTimer:
         self._events, self.pages, self.host_ms = [], Counter(), Counter()
         waits, wait_ms = 0, 0.0
         # The pacer's swap-in chunks (cache/swap_in_pacer.py): handed out after steps' uploads, or forced by
-        # a finish or a swap out (cumulative over the engine's life), and its measured rate.
-        paced = {"paced_chunks": sum(s.pacer.paced_chunks for s, _, _ in self._streams.values()),
-                 "forced_chunks": sum(s.pacer.forced_chunks for s, _, _ in self._streams.values()),
+        # a finish or a swap out, since the last take; and its measured rate.
+        paced_chunks = forced_chunks = 0
+        for key, (streams, _, _) in self._streams.items():
+            seen_paced, seen_forced = self._paced_seen.get(key, (0, 0))
+            paced_chunks += streams.pacer.paced_chunks - seen_paced
+            forced_chunks += streams.pacer.forced_chunks - seen_forced
+            self._paced_seen[key] = (streams.pacer.paced_chunks, streams.pacer.forced_chunks)
+        paced = {"paced_chunks": paced_chunks, "forced_chunks": forced_chunks,
                  "gb_s": [round(s.pacer.bytes_per_s / 1e9, 1) for s, _, _ in self._streams.values()]}
         for key, (streams, seen_waits, seen_ms) in self._streams.items():
             waits += streams.bound_waits - seen_waits

@@ -289,6 +289,26 @@ def test_device_op_timer_counts_the_pages_each_op_moves() -> None:
     assert taken["device_ops_gpu_ms"] == 0 and timer.take()["device_op_pages"] == {}
 
 
+def test_device_op_timer_reports_the_pacers_chunks_since_the_last_take() -> None:
+    # One take per agent-loop mode on one engine: the stateless modes reported the sessions mode's chunks
+    # again (the pacer's counters run over the engine's life).
+    from types import SimpleNamespace
+
+    from device_op_timer import DeviceOpTimer
+
+    pacer = SimpleNamespace(paced_chunks=10, forced_chunks=2, bytes_per_s=50e9)
+    streams = SimpleNamespace(pacer=pacer, bound_waits=0, bound_wait_ms=0.0)
+    timer = DeviceOpTimer()
+    timer._streams[id(streams)] = (streams, 0, 0.0)  # type: ignore[assignment]  # what _watch_streams records
+    first = timer.take()["swap_in_pacing"]
+    assert (first["paced_chunks"], first["forced_chunks"], first["gb_s"]) == (10, 2, [50.0])
+    pacer.paced_chunks, pacer.forced_chunks = 13, 2
+    second = timer.take()["swap_in_pacing"]
+    assert (second["paced_chunks"], second["forced_chunks"]) == (3, 0)
+    third = timer.take()["swap_in_pacing"]
+    assert (third["paced_chunks"], third["forced_chunks"]) == (0, 0)
+
+
 def test_device_op_timer_counts_the_page_kernels_of_a_real_cache() -> None:
     import torch
     from types import SimpleNamespace
