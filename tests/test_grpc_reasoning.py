@@ -164,6 +164,14 @@ def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped
         assert r_text == done.message.reasoning_content == thought and r_ids == ids[:thinking_tokens]
         assert "<tool_call>" not in r_text + done.message.content and "</think>" not in done.message.content
         assert done.usage.reasoning_tokens == thinking_tokens
+        # GetSession (and a fork's) shows the reply as TurnDone did: the calls parsed out of the content
+        # (it showed the model's raw <tool_call> text, and no tool_calls).
+        s = client.session(done.session.session_id)
+        for shown in (await s.refresh(include_messages=True), await (await s.fork()).refresh(include_messages=True)):
+            reply = shown.messages[-1]
+            assert (reply.content, reply.reasoning_content) == (done.message.content, thought)
+            assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == \
+                [(c.id, c.name, c.arguments) for c in done.message.tool_calls]
 
     serve(aeng, body)
 

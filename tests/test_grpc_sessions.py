@@ -215,6 +215,11 @@ def test_tool_call_deltas_reassemble_to_the_final_call(aeng) -> None:  # type: i
             if r.done.message.tool_calls:  # complete within max_tokens
                 call = r.done.message.tool_calls[0]
                 assert (call.name, call.id, call.arguments) == (deltas[0].name, deltas[0].id, streamed)
+                # GetSession shows the reply as TurnDone did (it showed the raw call text as content).
+                reply = (await s.refresh(include_messages=True)).messages[-1]
+                assert (reply.role, reply.content) == ("assistant", r.done.message.content)
+                assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == \
+                    [(c.id, c.name, c.arguments) for c in r.done.message.tool_calls]
             # the same over stateless Generate with messages
             events = [ev async for ev in client.generate(messages=[SYSTEM, {"role": "user", "content": "Weather in Paris?"}],
                                                          tools=TOOLS, tool_choice="required", max_tokens=80,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import time
@@ -190,10 +191,10 @@ class TurnLifecycle:
         if not s.raw_tokens:
             s.text = pending.prompt_text + R.decode_continuation(self.tokenizer, pending.prompt_token_ids, output_ids)
         s.messages = s.messages + pending.new_messages + [history_msg]
-        markers = self.engine.reasoning
-        if markers is not None and not s.raw_tokens:  # shown split, as TurnDone's message is
+        pending.history_index = len(s.messages) - 1
+        if (markers := self.engine.reasoning) is not None and not s.raw_tokens:  # shown as TurnDone's is
             reasoning, content = ReplyReasoning(markers, pending.prompt_token_ids).split(comp.text or "")
-            s.shown_replies[len(s.messages) - 1] = dict(history_msg, content=content, reasoning_content=reasoning)
+            s.shown_replies[pending.history_index] = dict(history_msg, content=content, reasoning_content=reasoning)
         s.num_turns += 1
         now = time.monotonic()
         s.last_active, s.last_active_wall = now, time.time()
@@ -223,11 +224,9 @@ class TurnLifecycle:
         return history, client
 
     def settle_ended_turn(self, s: Session) -> None:
-        """Step thread: when the session's turn has already ended on the event loop (its task is done:
-        cancelled by a client that went away, or failed) and only its `_end_turn` is still queued, runs
-        that now. A client that cancels a turn and at once sends the next one (or a fork) would
-        otherwise race that queued roll-back and get FAILED_PRECONDITION for a turn it has left.
-        (Task.done() reads one attribute, and a done task stays done: safe from this thread.)"""
+        """Step thread: runs a turn's queued `_end_turn` now when its task has already ended (cancelled,
+        failed), so a Turn or Fork sent right after a cancel does not race that roll-back into
+        FAILED_PRECONDITION. (Task.done() reads one attribute, and stays true: safe from this thread.)"""
         pending = s.busy
         if pending is not None and pending.task is not None and pending.task.done():
             self._end_turn(pending)
@@ -349,12 +348,28 @@ class TurnLifecycle:
                         result.parts = ReplyParts(*thoughts.split(result.message.get("content") or ""))
                         result.usage.reasoning_tokens = markers.reasoning_tokens(pending.prompt_token_ids,
                                                                                  result.token_ids)
+                    self._show_final_reply(pending, result)
                     queue.put_nowait(result)
                     queue.put_nowait(_SENTINEL_DONE)
                     return
         finally:
             await gen.aclose()
         raise RuntimeError("the engine ended the turn without a final output")
+
+    def _show_final_reply(self, pending: PendingTurn, result: TurnResult) -> None:
+        """GetSession shows the reply as TurnDone's message (tool calls parsed out, the thinking apart); queued
+        on the step thread before the client gets TurnDone, so its later GetSession sees it."""
+        if pending.session.raw_tokens or ("tool_calls" not in result.message and result.parts is None):
+            return  # the history's message is what GetSession shows
+        shown = dict(result.message)
+        if result.parts is not None:
+            shown.update(content=result.parts.content, reasoning_content=result.parts.reasoning)
+
+        def record() -> None:  # step thread, like every change to a session
+            if pending.committed and pending.history_index is not None and not pending.session.closed:
+                pending.session.shown_replies[pending.history_index] = shown
+        with contextlib.suppress(EngineDeadError):  # shutting down: no GetSession follows
+            self._call_soon(record)
 
     def _final_result(self, pending: PendingTurn, out: RequestOutput, reply: ReplyStream) -> TurnResult:
         result = self._result(pending, out)

@@ -261,6 +261,7 @@ class PendingTurn:
     swap_wait_ms: float = 0.0
     swapped_in_tokens: int = 0
     committed: bool = False
+    history_index: Optional[int] = None  # the reply's index in session.messages (set when committed)
     result_message: Optional[dict[str, Any]] = None
     snapshot: Optional[SessionSnapshot] = None
     task: Optional["asyncio.Task[None]"] = None
