@@ -152,9 +152,11 @@ def test_turn_streams_the_thinking_apart_from_the_answer(aeng) -> None:  # type:
 
 def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped-def]
     async def body(client: AgentClient) -> None:
-        _, out = await first_turn(client, lambda o: o.done.finish_reason == "tool_calls", tools=READ_FILE,
-                               tool_choice="required", max_tokens=80)
+        seed, out = await first_turn(client, lambda o: o.done.finish_reason == "tool_calls", tools=READ_FILE,
+                                  tool_choice="required", max_tokens=80)
         done, ids = out.done, list(out.done.token_ids)
+        # Beside the calls, the whitespace between </think> and the call is no content (HTTP: null; it was "  ").
+        assert done.message.content == ""
         thought, _, thinking_tokens = expected_split(ids)
         assert [c.name for c in done.message.tool_calls] == ["read_file"]
         assert json.loads(done.message.tool_calls[0].arguments)["path"] in ("notes.txt", "todo.md")
@@ -172,6 +174,14 @@ def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped
             assert (reply.content, reply.reasoning_content) == (done.message.content, thought)
             assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == \
                 [(c.id, c.name, c.arguments) for c in done.message.tool_calls]
+        # The same prompt and seed over stateless Generate: the same reply, split the same way.
+        events = [ev async for ev in client.generate(messages=[SYSTEM, USER], tools=READ_FILE, tool_choice="required",
+                                                      max_tokens=80, temperature=1.0, seed=seed,
+                                                      logit_bias=think_bias(), return_token_ids=True)]
+        g = events[-1].done
+        assert list(g.token_ids) == ids
+        assert (g.text, g.reasoning_content) == ("", thought)
+        assert [(c.name, c.arguments) for c in g.tool_calls] == [(c.name, c.arguments) for c in done.message.tool_calls]
 
     serve(aeng, body)
 

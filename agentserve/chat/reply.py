@@ -127,4 +127,11 @@ class ReplyStream:
         """(content, tool calls) after the last feed; content None when tools are not parsed."""
         if self.parser is None:
             return None, []
-        return self.parser.finish()
+        content, calls = self.parser.finish()
+        return content_beside_calls(content, bool(calls)), calls
+
+
+def content_beside_calls(content: str, has_calls: bool) -> str:
+    """Beside tool calls, whitespace-only text is no content: OpenAI's chat completions give null (the HTTP
+    API does), the proto its empty string. Applied to a thinking reply's answer after the split too."""
+    return "" if has_calls and not content.strip() else content

@@ -14,6 +14,7 @@ from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.chat.messages import parse_json_object
 from agentserve.chat.reasoning import ReplyReasoning
+from agentserve.chat.reply import content_beside_calls
 from agentserve.sessions.types import (ReplyParts, SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent,
                                        TurnEvent, TurnResult, Usage, timing_from_metrics)
 
@@ -217,6 +218,7 @@ def generate_done_to_proto(out: RequestOutput, received_at: float, content: Opti
     text, reasoning_content = comp.text if content is None else content, ""
     if reasoning is not None:
         reasoning_content, text = reasoning.split(text)
+        text = content_beside_calls(text, bool(tool_calls))
         usage.reasoning_tokens = reasoning.markers.reasoning_tokens(out.prompt_token_ids, comp.token_ids)
     done = pb.GenerateDone(text=text, token_ids=comp.token_ids, finish_reason=comp.finish_reason or "stop",
                            usage=usage, timing=timing_to_proto(timing_from_metrics(m, received_at)),

@@ -45,7 +45,7 @@ from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency, TurnAdmission
 from agentserve.chat.reasoning import ReplyReasoning
-from agentserve.chat.reply import ReplyStream
+from agentserve.chat.reply import ReplyStream, content_beside_calls
 from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, ReplyParts, Session, SessionBusyError, SessionStats,
                                        TextEvent, ToolCallEvent, TurnCancelledError, TurnEvent, TurnResult, Usage,
                                        snapshot_of, timing_from_metrics)
@@ -345,9 +345,9 @@ class TurnLifecycle:
                             queue.put_nowait(TextEvent("", [], held))
                     result = self._final_result(pending, out, reply)
                     if thoughts is not None and markers is not None:
-                        result.parts = ReplyParts(*thoughts.split(result.message.get("content") or ""))
-                        result.usage.reasoning_tokens = markers.reasoning_tokens(pending.prompt_token_ids,
-                                                                                 result.token_ids)
+                        reasoning, answer = thoughts.split(result.message.get("content") or "")
+                        result.parts = ReplyParts(reasoning, content_beside_calls(answer, "tool_calls" in result.message))
+                        result.usage.reasoning_tokens = markers.reasoning_tokens(pending.prompt_token_ids, result.token_ids)
                     self._show_final_reply(pending, result)
                     queue.put_nowait(result)
                     queue.put_nowait(_SENTINEL_DONE)
