@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,17 @@ from agentserve.cache.swap_streams import SwapStreams
 from agentserve.worker.model_runner import ModelRunner
 
 
+@dataclass
+class WatchedStreams:
+    """A swap stream pair seen by the timer, with its counters at the last take: each take reports what
+    happened since (one take per agent-loop mode; the counters themselves run over the engine's life)."""
+    streams: SwapStreams
+    bound_waits: int
+    bound_wait_ms: float
+    paced_chunks: int = 0
+    forced_chunks: int = 0
+
+
 class DeviceOpTimer:
     def __init__(self) -> None:
         # Per op kind (the groups execute_device_ops runs: device_ops.head_group): events.
@@ -28,11 +40,8 @@ class DeviceOpTimer:
         self.pages: Counter[str] = Counter()
         self.host_ms: Counter[str] = Counter()
         self.page_kernels = 0  # gathers and scatters launched by the ops
-        # The swap streams seen, with their bound-wait counters at the last take.
-        self._streams: dict[int, tuple[SwapStreams, int, float]] = {}
-        # Their pacers' (paced, forced) chunk counts at the last take: each take reports what happened since
-        # (one take per agent-loop mode; the counters themselves run over the engine's life).
-        self._paced_seen: dict[int, tuple[int, int]] = {}
+        # The swap streams seen (by id), with their counters at the last take.
+        self._streams: dict[int, WatchedStreams] = {}
         # The host's ms inside each part of the ops (index uploads, page kernels, copy-stream calls): which
         # part makes a swap cost ~1-2 ms of host time.
         self.part_ms: Counter[str] = Counter()
@@ -43,7 +52,7 @@ class DeviceOpTimer:
         for store in stores:
             streams = store.swap_streams if isinstance(store, KVCache) else None
             if streams is not None and id(streams) not in self._streams:
-                self._streams[id(streams)] = (streams, streams.bound_waits, streams.bound_wait_ms)
+                self._streams[id(streams)] = WatchedStreams(streams, streams.bound_waits, streams.bound_wait_ms)
 
     def install(self) -> Callable[[], None]:
         """Wraps ModelRunner.execute_device_ops and KVCache's page moves; returns the undo."""
@@ -119,21 +128,19 @@ class DeviceOpTimer:
             gpu[kind] += s.elapsed_time(e)
         pages, host = dict(self.pages), dict(self.host_ms)
         self._events, self.pages, self.host_ms = [], Counter(), Counter()
-        waits, wait_ms = 0, 0.0
-        # The pacer's swap-in chunks (cache/swap_in_pacer.py): handed out after steps' uploads, or forced by
-        # a finish or a swap out, since the last take; and its measured rate.
-        paced_chunks = forced_chunks = 0
-        for key, (streams, _, _) in self._streams.items():
-            seen_paced, seen_forced = self._paced_seen.get(key, (0, 0))
-            paced_chunks += streams.pacer.paced_chunks - seen_paced
-            forced_chunks += streams.pacer.forced_chunks - seen_forced
-            self._paced_seen[key] = (streams.pacer.paced_chunks, streams.pacer.forced_chunks)
-        paced = {"paced_chunks": paced_chunks, "forced_chunks": forced_chunks,
-                 "gb_s": [round(s.pacer.bytes_per_s / 1e9, 1) for s, _, _ in self._streams.values()]}
-        for key, (streams, seen_waits, seen_ms) in self._streams.items():
-            waits += streams.bound_waits - seen_waits
-            wait_ms += streams.bound_wait_ms - seen_ms
-            self._streams[key] = (streams, streams.bound_waits, streams.bound_wait_ms)
+        # Since the last take: waits at the staging bound, and the pacer's swap-in chunks
+        # (cache/swap_in_pacer.py: handed out after steps' uploads, or forced by a finish or a swap out).
+        waits, wait_ms, paced_chunks, forced_chunks = 0, 0.0, 0, 0
+        for w in self._streams.values():
+            streams, pacer = w.streams, w.streams.pacer
+            waits += streams.bound_waits - w.bound_waits
+            wait_ms += streams.bound_wait_ms - w.bound_wait_ms
+            paced_chunks += pacer.paced_chunks - w.paced_chunks
+            forced_chunks += pacer.forced_chunks - w.forced_chunks
+            w.bound_waits, w.bound_wait_ms = streams.bound_waits, streams.bound_wait_ms
+            w.paced_chunks, w.forced_chunks = pacer.paced_chunks, pacer.forced_chunks
+        paced = {"paced_chunks": paced_chunks, "forced_chunks": forced_chunks,  # and the pacer's measured rate
+                 "gb_s": [round(w.streams.pacer.bytes_per_s / 1e9, 1) for w in self._streams.values()]}
         kernels, self.page_kernels = self.page_kernels, 0
         parts, self.part_ms = dict(self.part_ms), Counter()
         allocator = _allocator_counts()

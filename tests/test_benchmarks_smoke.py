@@ -294,12 +294,13 @@ def test_device_op_timer_reports_the_pacers_chunks_since_the_last_take() -> None
     # again (the pacer's counters run over the engine's life).
     from types import SimpleNamespace
 
-    from device_op_timer import DeviceOpTimer
+    from device_op_timer import DeviceOpTimer, WatchedStreams
 
     pacer = SimpleNamespace(paced_chunks=10, forced_chunks=2, bytes_per_s=50e9)
     streams = SimpleNamespace(pacer=pacer, bound_waits=0, bound_wait_ms=0.0)
     timer = DeviceOpTimer()
-    timer._streams[id(streams)] = (streams, 0, 0.0)  # type: ignore[assignment]  # what _watch_streams records
+    # What _watch_streams records for a stream pair seen before any chunk was counted.
+    timer._streams[id(streams)] = WatchedStreams(streams, 0, 0.0)  # type: ignore[arg-type]
     first = timer.take()["swap_in_pacing"]
     assert (first["paced_chunks"], first["forced_chunks"], first["gb_s"]) == (10, 2, [50.0])
     pacer.paced_chunks, pacer.forced_chunks = 13, 2
