@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from agentserve.chat.reply import ReplyEvent, ReplyParser
+from agentserve.chat.reply import ReplyEvent, ReplyParser, content_beside_calls
 from agentserve.grammar.tool_call_object import ContentDelta
 
 Chunk = dict[str, Any]
@@ -75,6 +75,6 @@ class ToolCallChunks:
         content, calls = self._parser.finish()
         if not self.parallel:
             calls = calls[:1]
-        if calls:  # beside calls, whitespace-only text is no content (OpenAI gives null)
-            return (content if content and content.strip() else None), calls
+        if calls:  # beside calls, whitespace-only text is no content: OpenAI gives null
+            return content_beside_calls(content or "", True) or None, calls
         return content or "", calls
