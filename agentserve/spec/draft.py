@@ -379,4 +379,3 @@ class DraftModel:
         sampled = argmax_rows(q.div(noise))
         is_random = torch.tensor([t > 0 for t in temps], device=self.device)
         return torch.where(is_random, sampled, greedy), q
-
