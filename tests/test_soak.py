@@ -21,8 +21,8 @@ from agentserve.adapters.client import AgentClient
 from agentserve.testing import tiny_model_cached
 from conftest_grpc import make_engine, run_and_shutdown, serving, swap_gb_for
 from helpers.lora import ALL_MODULES, build_peft_adapter
-from helpers.soak_checks import (check_idle, close_all_sessions, count_objects, counters, engine_counters, growth, scrape, snapshot,
-                                 wait_idle)
+from helpers.soak_checks import (check_idle, close_all_sessions, count_objects, counters, engine_counters, growth,
+                                 live_thread_names, scrape, snapshot, wait_idle)
 from helpers.soak_load import Server, Tally, drive
 
 ARCH = "llama3"
@@ -62,6 +62,7 @@ async def _round(handle: Any, server: Server, seed: int, clients: int, ops: int)
 
 def _soak(spec: str, adapters: dict[str, str], clients: int, ops: int) -> None:
     outside = count_objects()  # held by whatever else lives in this process (other tests' engines)
+    outside_threads = live_thread_names()
     aeng = make_engine(ARCH, enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=8, num_blocks=32,
                        max_model_len=512, swap_space_gb=swap_gb_for(ARCH, 12), served_model_name="base",
                        lora_modules={"a": adapters["a"], "b": adapters["b"]}, max_num_seqs=8, decode_reserve_tokens=8,
@@ -82,7 +83,7 @@ def _soak(spec: str, adapters: dict[str, str], clients: int, ops: int) -> None:
                 violations += [f"round {r}: {b}" for b in bad] + [f"round {r}: client saw {f}" for f in tally.failures]
                 snapshots.append(snapshot(handle))
             last = snapshots[-1]
-            violations += growth(snapshots[1], last)  # nothing may grow from one identical round to the next
+            violations += growth(snapshots[1], last, outside_threads)  # nothing may grow from one identical round to the next
             if any(n > outside[name] for name, n in last.objects.items()):  # every request and session is gone
                 violations.append(f"an idle server holds per-request objects: {last.objects} ({outside} "
                                   "were alive before it started)")
