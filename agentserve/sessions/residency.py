@@ -102,6 +102,7 @@ class Residency:
             self.pool.free(s.block_table[pages:])
             s.block_table = s.block_table[:pages]
             s.num_computed = keep
+            s.num_draft_computed = min(s.num_draft_computed, keep)
             self.copies.keep_final(s, keep // self.block_size)  # copies of the pages kept whole stay valid
         elif s.state is SessionState.SWAPPED:  # rare (a re-render of a swapped session): recompute
             self.free_swap(s)
@@ -160,7 +161,8 @@ class Residency:
 
     def reclaim(self, wanted: int, request: Optional[Request] = None, exclude: Optional[Session] = None) -> int:
         """The scheduler's hook: frees up to `wanted` pages (at least that many if it can) by evicting
-        sessions; the session of `request` (the one asking) is left alone. Returns the pages freed."""
+        sessions; the session of `request` (the one asking) is left alone, but for its tail (below).
+        Returns the pages freed or spared (a copy its turn no longer needs)."""
         if request is not None and exclude is None:
             asking = self.pending.get(request.parent_id)
             exclude = asking.session if asking is not None else None
@@ -181,7 +183,23 @@ class Residency:
                     continue
                 freed += self.evict(s)
                 self.stats.queued_evicted += s.busy is not None
+        if freed < wanted and request is not None and exclude is not None:
+            freed += self._give_tail_to_turn(exclude, request)
         return freed
+
+    def _give_tail_to_turn(self, s: Session, request: Request) -> int:
+        """Last resort: the asking session drops its references to the pages its own turn writes next
+        (the partial last page). The turn holds copy-on-write references to all of them, so writing that
+        page takes a copy, one page beyond the turn's tokens: with a pool the session fills, a page that
+        nothing would ever free (the queue then waited for ever). This frees nothing, but the page becomes
+        the turn's alone. The session keeps its full pages; if the turn is cancelled, the next one
+        recomputes the tail. Returns the copies spared."""
+        first = request.num_computed_tokens // self.block_size
+        tail = s.block_table[first:]
+        if s.state is not SessionState.RESIDENT or not tail or tail != request.block_table[first:first + len(tail)]:
+            return 0
+        self.keep_prefix(s, first * self.block_size)
+        return sum(1 for b in tail if self.pool.ref_cnt(b) == 1)
 
     def _queued_turn_sessions(self, exclude: Optional[Session]) -> list[Session]:
         """Resident sessions whose turn waits in the queue without its pages yet, newest arrival first."""

@@ -8,11 +8,12 @@ import asyncio
 import gc
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -189,3 +190,53 @@ def engine_counters(handle: ServerHandle) -> dict[str, Any]:
     m = handle.engine.metrics
     return {"finished": m.requests_finished_total, "prompt": m.prompt_tokens_total,
             "generation": m.generation_tokens_total}
+
+
+async def dump_tasks_when_stalled(seconds: float, describe: Callable[[], str]) -> None:
+    """A watchdog for a body that may hang (an await nobody wakes, or a step loop that spins without
+    progress): after `seconds`, prints each pending asyncio task's stack and `describe()` (the engine's
+    state, read racily from this thread: for diagnosis only) to stderr, so the test's output names it."""
+    await asyncio.sleep(seconds)
+    me = asyncio.current_task()
+    out = [f"--- stalled after {seconds:.0f} s: pending asyncio tasks ---"]
+    for task in asyncio.all_tasks():
+        if task is me or task.done():
+            continue
+        out.append(f"task {task.get_name()} ({task.get_coro().__qualname__}):")
+        out += ["  " + where for where in await_chain(task.get_coro())]
+    try:
+        out.append("--- engine ---\n" + describe())
+    except Exception as e:  # noqa: BLE001
+        out.append(f"--- engine: describe failed: {type(e).__name__}: {e}")
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+def await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits: its frame, then each coroutine or generator it awaits
+    (Task.get_stack shows only the outermost frame; Cython coroutines, grpc.aio's, have none)."""
+    chain = []
+    while coro is not None and len(chain) < 40:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}" if frame is not None
+                     else f"<{type(coro).__name__}>")
+        coro = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+                or getattr(coro, "ag_await", None))
+    return chain
+
+
+def engine_state(engine: Any) -> str:
+    """The step thread's queues and each held request's progress (racy: see dump_tasks_when_stalled)."""
+    sched = engine.scheduler
+
+    def row(r: Request) -> str:
+        return (f"{r.request_id} {r.status.name} computed {r.num_computed_tokens}/{r.num_tokens} "
+                f"(prompt {len(r.prompt_token_ids)}, out {len(r.output_token_ids)}, placeholders "
+                f"{r.num_output_placeholders}) pages {len(r.block_table)} spec {len(r.spec_token_ids)} "
+                f"draft computed {r.num_draft_computed_tokens} lora {r.lora_name} preempted {r.num_preemptions}")
+
+    lines = [f"groups {len(engine.groups)}, waiting {len(sched.waiting)}, running {len(sched.running)}, "
+             f"free pages {sched.kv.pool.num_free_blocks}, device ops {sched.has_device_ops()}"]
+    lines += [f"  group {gid}: " + "; ".join(row(r) for r in reqs) for gid, reqs in list(engine.groups.items())]
+    lines += ["  waiting " + row(r) for r in list(sched.waiting)]
+    lines += ["  running " + row(r) for r in list(sched.running)]
+    return "\n".join(lines)
