@@ -5,6 +5,7 @@ catch-up and decode step used the right tokens, positions and slots)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from agentserve import SamplingParams
 from agentserve.llm import LLM
+from agentserve.request import Request
 from agentserve.testing import ARCHS, tiny_model_cached
 from agentserve.worker.continuation_graphs import ContinuationGraphs
 from helpers.spec_models import record_replays, small_draft
@@ -109,3 +111,21 @@ def test_the_continuation_graphs_body_proposes_what_the_eager_continuation_does(
     assert m_graphs.spec_num_rejected_rows > 0
     assert m_graphs.spec_accepted_per_position == m_eager.spec_accepted_per_position
     assert m_graphs.spec_num_draft_tokens == m_eager.spec_num_draft_tokens
+
+
+def test_an_idle_engine_holds_no_continuation() -> None:
+    """A continuation queued behind the last verification names requests that then finish: once no
+    request is left, neither those requests nor the continuation's device tensors stay alive."""
+
+    def live_requests() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Request)
+
+    before = live_requests()  # other tests' engines may hold some
+    path = str(tiny_model_cached("llama"))
+    llm = LLM(path, **{**ENGINE, "draft_model": path})
+    llm.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in MAX_TOKENS])
+    assert llm.engine.metrics.spec_num_continued_proposals > 0
+    assert llm.engine.spec_proposer is not None and llm.engine.spec_proposer.pending is None
+    assert live_requests() <= before
+    llm.close()

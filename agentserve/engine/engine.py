@@ -254,6 +254,7 @@ class Engine:
             self.grammar_waits.pop(req.request_id, None)
         self.pending_forks.pop(children[0].request_id, None)
         self.prompts.pop(request_id, None)
+        self._release_idle_speculation()
         if self.constraints is not None:
             for fut in waits:  # one per request (its n sequences share it): a queued compile it alone needs is dropped
                 self.constraints.withdraw(fut)
@@ -321,7 +322,15 @@ class Engine:
                                        len(sched.preempted), num_sampled)
         touched |= self.output.failed  # requests failed alone during this step report it now
         self.output.failed.clear()
-        return self.output.collect_outputs(touched)
+        outputs = self.output.collect_outputs(touched)
+        self._release_idle_speculation()
+        return outputs
+
+    def _release_idle_speculation(self) -> None:
+        """Once no request is left, drops a draft continuation queued for the last ones (its drafts and
+        q on the device, and the finished requests it names: an idle engine holds neither)."""
+        if not self.groups and self.spec_proposer is not None:
+            self.spec_proposer.release()
 
     def needs_host_tokens(self, req: Request) -> bool:
         """Whether scheduling the step after one that samples `req` needs the sampled token on the

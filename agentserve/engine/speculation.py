@@ -55,7 +55,7 @@ class SpecProposer(Protocol):
         ...
 
     def release(self) -> None:
-        """Drops what it holds on the device (Engine.close)."""
+        """Drops what it holds on the device and every request it names (Engine.close, and an engine gone idle)."""
         ...
 
 
@@ -189,6 +189,8 @@ class Speculation:
 
     def after_launch(self, step: InflightStep) -> None:
         self.pending = None
+        # Read once, here: an engine gone idle keeps no ids of finished requests.
+        reserved, self._reserved_for_continuation = self._reserved_for_continuation, set()
         draft_model = self.engine.runner.draft
         if draft_model is None:  # n-gram lookup
             return
@@ -208,7 +210,7 @@ class Speculation:
         for row, chunk in enumerate(sampling):
             req = chunk.request
             # Reserved for a continuation this step: can_continue(req) held there.
-            if chunk.spec_token_ids and not req.is_finished and req.request_id in self._reserved_for_continuation:
+            if chunk.spec_token_ids and not req.is_finished and req.request_id in reserved:
                 requests.append(req)
                 rows.append(row)
                 counts.append(len(chunk.spec_token_ids))
