@@ -34,11 +34,11 @@ def greedy(max_tokens: int) -> dict[str, Any]:
     return dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, return_token_ids=True)
 
 
-async def _two_turns(client: Any, first_max_tokens: int) -> tuple[Any, int, Any]:
+async def _first_turn(client: Any, first_max_tokens: int) -> tuple[Any, int]:
+    """A new session after its first turn, and the tokens of KV it then holds."""
     session = await client.create_session([SYSTEM])
     first = await session.run_turn(FIRST, **greedy(first_max_tokens))
-    history = first.done.session.num_kv_tokens
-    return session, history, first
+    return session, first.done.session.num_kv_tokens
 
 
 def _probe() -> Shape:
@@ -50,7 +50,7 @@ def _probe() -> Shape:
     async def body() -> None:
         async with serving(aeng) as (_, client):
             for n in range(5, 5 + BS):
-                session, history, _ = await _two_turns(client, n)
+                session, history = await _first_turn(client, n)
                 if history % BS:
                     second = await session.run_turn(SECOND, **greedy(ANSWER_TOKENS))
                     found.append(Shape(n, history, second.done.usage.prompt_tokens, list(second.done.token_ids)))
@@ -72,7 +72,7 @@ def test_a_turn_that_needs_the_whole_pool_runs_and_a_cancelled_one_leaves_the_se
         async with serving(aeng) as (handle, client):
             # Cancelled first: the session gives its partial page to the turn; after the cancel it
             # holds its full pages only, and the next turn recomputes the rest.
-            session, history, _ = await _two_turns(client, shape.first_max_tokens)
+            session, history = await _first_turn(client, shape.first_max_tokens)
             assert history == shape.history_tokens
             async for _ in session.turn(SECOND, **greedy(ANSWER_TOKENS)):
                 break
@@ -86,7 +86,7 @@ def test_a_turn_that_needs_the_whole_pool_runs_and_a_cancelled_one_leaves_the_se
             assert second.done.usage.prompt_tokens == shape.second_prompt
             await session.close()
             # Then straight through, on a fresh session.
-            session, _, _ = await _two_turns(client, shape.first_max_tokens)
+            session, _ = await _first_turn(client, shape.first_max_tokens)
             second = await asyncio.wait_for(session.run_turn(SECOND, **greedy(ANSWER_TOKENS)), 60)
             assert list(second.done.token_ids) == shape.second_reply
             await session.close()
