@@ -93,6 +93,22 @@ if [ "$MODE" = s24d ]; then
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
 fi
+if [ "$MODE" = s27a ]; then
+  # Twenty-seventh session, first call (< 10 min): the draft engine's GPU-memory test alone, with every thread's
+  # stack dumped after 200 s and the capture logs (s25: it stood until the 570 s limit on an H100; hang or slow
+  # capture unknown), then the engine-level GPU files s25's gputests run did not reach.
+  timeout 250 python3 -X faulthandler -m pytest -m gpu -v -s -p no:cacheprovider tests/test_engine_close.py \
+    -k draft_engine -o faulthandler_timeout=200 --log-cli-level=INFO --durations=5 > "$OUT/draft_close.log" 2>&1
+  echo "draft close rc $?"; grep -E "captured|PASSED|FAILED|ERROR|passed|failed|Timeout|File " "$OUT/draft_close.log" | head -60
+  REST="tests/test_gpu_spec.py tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py
+    tests/test_gpu_batch_defaults.py tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py
+    tests/test_gpu_prefill_sdpa.py tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
+  timeout "${TMO:-300}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 $REST \
+    --junitxml "$OUT/pytest_gpu_rest.xml" > "$OUT/pytest_gpu_rest.log" 2>&1
+  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_rest.log" | awk '{print $2}' | sort | uniq -c
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest.log" | head -20; tail -n 30 "$OUT/pytest_gpu_rest.log"
+  exit 0
+fi
 if [ "$MODE" = gputests ]; then
   # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
   # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
