@@ -30,9 +30,11 @@ SEED = 1234
 SPECS: dict[str, dict[str, Any]] = {
     "plain": {},
     "ngram": dict(speculative_method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3),
-    # The draft is the model itself: every proposal accepted, continuations queued behind each verification.
-    "draft": dict(draft_model=str(tiny_model_cached(ARCH)), num_speculative_tokens=3, spec_dynamic=False),
+    # The draft is the model itself (draft_model is filled in by _soak, so collecting builds no model): every
+    # proposal accepted, continuations queued behind each verification.
+    "draft": dict(num_speculative_tokens=3, spec_dynamic=False),
 }
+DRAFT_IS_TARGET = {"draft"}
 # A stalled soak fails after this long, printing its pending asyncio tasks and the engine's queues first (the
 # n-gram variant's stall, a session turn waiting for ever on a full pool, was found so: twenty-sixth session).
 STALL_SECONDS = float(os.environ.get("AGENTSERVE_SOAK_STALL_SECONDS", "360"))
@@ -61,12 +63,13 @@ async def _round(handle: Any, server: Server, seed: int, clients: int, ops: int)
 
 
 def _soak(spec: str, adapters: dict[str, str], clients: int, ops: int) -> None:
+    speculation = dict(SPECS[spec], **({"draft_model": str(tiny_model_cached(ARCH))} if spec in DRAFT_IS_TARGET else {}))
     outside = count_objects()  # held by whatever else lives in this process (other tests' engines)
     outside_threads = live_thread_names()
     aeng = make_engine(ARCH, enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=8, num_blocks=32,
                        max_model_len=512, swap_space_gb=swap_gb_for(ARCH, 12), served_model_name="base",
                        lora_modules={"a": adapters["a"], "b": adapters["b"]}, max_num_seqs=8, decode_reserve_tokens=8,
-                       **SPECS[spec])
+                       **speculation)
 
     async def body() -> None:
         soak = asyncio.create_task(soak_body())

@@ -99,6 +99,8 @@ class Engine:
         self.emit_unfinished = True  # streaming callers want an output per step; offline, only finished ones
         self.async_scheduling = resolve_async_scheduling(config, self.device)
         self._inflight: Optional[InflightStep] = None  # async scheduling: launched, not yet processed
+        # Whether the last step launched, processed and ran nothing (see step): the step loop naps after one.
+        self.last_step_idle = False
         self.closed = False
         # Speculative decoding (engine/speculation.py): proposes drafts for the requests due for a decode.
         self.spec_proposer: Optional[SpecProposer] = Speculation(self, config.spec) if config.spec.method else None
@@ -318,6 +320,10 @@ class Engine:
                 num_sampled += launched.num_appended
         elif prev is None and self.grammar_waits and not touched:
             self._wait_for_grammars()
+        # Nothing ran and nothing came out: the queue waits on something outside the step (a swap in's copy in
+        # flight, a page-starved head). The step thread naps on this instead of calling step() in a tight loop.
+        self.last_step_idle = (launched is None and prev is None and not touched and not sched.device_ops
+                               and not self.grammar_waits)
         self.metrics.update_after_step(self.scheduler.running, self.scheduler.num_waiting, self.pool,
                                        len(sched.preempted), num_sampled)
         touched |= self.output.failed  # requests failed alone during this step report it now
