@@ -109,6 +109,18 @@ if [ "$MODE" = s27a ]; then
   grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest.log" | head -20; tail -n 30 "$OUT/pytest_gpu_rest.log"
   exit 0
 fi
+if [ "$MODE" = s27b ]; then
+  # Second call (< 10 min): the engine GPU files s27a's limit left, then test_engine_close.py whole (its draft test
+  # passed alone in 46 s in s27a; in s25 it stood for 500 s after the first test of the file, in one process).
+  REST="tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py tests/test_gpu_arch_variants.py
+    tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py tests/test_gpu_gemv_engine.py
+    tests/test_gpu_tp.py tests/test_engine_close.py"
+  timeout "${TMO:-540}" python3 -X faulthandler -m pytest -m gpu -v -p no:cacheprovider --durations=20 $REST \
+    -o faulthandler_timeout=200 --junitxml "$OUT/pytest_gpu_rest2.xml" > "$OUT/pytest_gpu_rest2.log" 2>&1
+  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_rest2.log" | awk '{print $2}' | sort | uniq -c
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest2.log" | head -20; tail -n 40 "$OUT/pytest_gpu_rest2.log"
+  exit 0
+fi
 if [ "$MODE" = gputests ]; then
   # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
   # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
