@@ -121,6 +121,21 @@ if [ "$MODE" = s27b ]; then
   grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest2.log" | head -20; tail -n 40 "$OUT/pytest_gpu_rest2.log"
   exit 0
 fi
+if [ "$MODE" = s27c ]; then
+  # Third call (< 9 min): every kernel-level GPU file (those outside the engine list below), the kernels having
+  # changed in 48 commits since their last full run (s13, 204 passed).
+  ENGINE_FILES="tests/test_gpu_engine.py tests/test_async_scheduling.py tests/test_engine_close.py tests/test_gpu_spec.py
+    tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py
+    tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py
+    tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
+  KERNEL_FILES=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -f <(echo "$ENGINE_FILES" | tr ' ' '\n' | grep .))
+  echo $KERNEL_FILES
+  timeout "${TMO:-500}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=10 $KERNEL_FILES \
+    --junitxml "$OUT/pytest_gpu_kernels.xml" > "$OUT/pytest_gpu_kernels.log" 2>&1
+  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_kernels.log" | awk '{print $2}' | sort | uniq -c
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_kernels.log" | head -20; tail -n 25 "$OUT/pytest_gpu_kernels.log"
+  exit 0
+fi
 if [ "$MODE" = gputests ]; then
   # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
   # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
