@@ -136,6 +136,14 @@ if [ "$MODE" = s27c ]; then
   grep -E "FAILED|ERROR" "$OUT/pytest_gpu_kernels.log" | head -20; tail -n 25 "$OUT/pytest_gpu_kernels.log"
   exit 0
 fi
+if [ "$MODE" = s27d ]; then
+  # Fourth call (< 8 min): the two engine files s27a-c did not run (so every GPU test has run in this session).
+  timeout "${TMO:-450}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=10 tests/test_gpu_engine.py \
+    tests/test_async_scheduling.py --junitxml "$OUT/pytest_gpu_engine.xml" > "$OUT/pytest_gpu_engine.log" 2>&1
+  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_engine.log" | awk '{print $2}' | sort | uniq -c
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_engine.log" | head -20; tail -n 15 "$OUT/pytest_gpu_engine.log"
+  exit 0
+fi
 if [ "$MODE" = gputests ]; then
   # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
   # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
