@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU issues measure, in one command on the benchmark machine:
 #   bash benchmarks/gpu_suite.sh [quick|full|bench|kernels|fastpath|bench16|sessions21|s23a|s24d|gputests]
+#   (gputests: GPU_TEST_FILES=kernels or a list of test files runs a part)
 # (one-off modes that have run are dropped; RESULTS.md keeps each run's command, git the script)
 # kernels: the GPU kernel tests (with per-test durations), the gemv + elementwise kernel sections, and
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
@@ -93,57 +94,6 @@ if [ "$MODE" = s24d ]; then
     --modes sessions,stateless-prefix --out "$OUT/agent_loop.json"
   ls -la "$OUT"; exit 0
 fi
-if [ "$MODE" = s27a ]; then
-  # Twenty-seventh session, first call (< 10 min): the draft engine's GPU-memory test alone, with every thread's
-  # stack dumped after 200 s and the capture logs (s25: it stood until the 570 s limit on an H100; hang or slow
-  # capture unknown), then the engine-level GPU files s25's gputests run did not reach.
-  timeout 250 python3 -X faulthandler -m pytest -m gpu -v -s -p no:cacheprovider tests/test_engine_close.py \
-    -k draft_engine -o faulthandler_timeout=200 --log-cli-level=INFO --durations=5 > "$OUT/draft_close.log" 2>&1
-  echo "draft close rc $?"; grep -E "captured|PASSED|FAILED|ERROR|passed|failed|Timeout|File " "$OUT/draft_close.log" | head -60
-  REST="tests/test_gpu_spec.py tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py
-    tests/test_gpu_batch_defaults.py tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py
-    tests/test_gpu_prefill_sdpa.py tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
-  timeout "${TMO:-300}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=20 $REST \
-    --junitxml "$OUT/pytest_gpu_rest.xml" > "$OUT/pytest_gpu_rest.log" 2>&1
-  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_rest.log" | awk '{print $2}' | sort | uniq -c
-  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest.log" | head -20; tail -n 30 "$OUT/pytest_gpu_rest.log"
-  exit 0
-fi
-if [ "$MODE" = s27b ]; then
-  # Second call (< 10 min): the engine GPU files s27a's limit left, then test_engine_close.py whole (its draft test
-  # passed alone in 46 s in s27a; in s25 it stood for 500 s after the first test of the file, in one process).
-  REST="tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py tests/test_gpu_arch_variants.py
-    tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py tests/test_gpu_gemv_engine.py
-    tests/test_gpu_tp.py tests/test_engine_close.py"
-  timeout "${TMO:-540}" python3 -X faulthandler -m pytest -m gpu -v -p no:cacheprovider --durations=20 $REST \
-    -o faulthandler_timeout=200 --junitxml "$OUT/pytest_gpu_rest2.xml" > "$OUT/pytest_gpu_rest2.log" 2>&1
-  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_rest2.log" | awk '{print $2}' | sort | uniq -c
-  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_rest2.log" | head -20; tail -n 40 "$OUT/pytest_gpu_rest2.log"
-  exit 0
-fi
-if [ "$MODE" = s27c ]; then
-  # Third call (< 9 min): every kernel-level GPU file (those outside the engine list below), the kernels having
-  # changed in 48 commits since their last full run (s13, 204 passed).
-  ENGINE_FILES="tests/test_gpu_engine.py tests/test_async_scheduling.py tests/test_engine_close.py tests/test_gpu_spec.py
-    tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py
-    tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py
-    tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
-  KERNEL_FILES=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -f <(echo "$ENGINE_FILES" | tr ' ' '\n' | grep .))
-  echo $KERNEL_FILES
-  timeout "${TMO:-500}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=10 $KERNEL_FILES \
-    --junitxml "$OUT/pytest_gpu_kernels.xml" > "$OUT/pytest_gpu_kernels.log" 2>&1
-  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_kernels.log" | awk '{print $2}' | sort | uniq -c
-  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_kernels.log" | head -20; tail -n 25 "$OUT/pytest_gpu_kernels.log"
-  exit 0
-fi
-if [ "$MODE" = s27d ]; then
-  # Fourth call (< 8 min): the two engine files s27a-c did not run (so every GPU test has run in this session).
-  timeout "${TMO:-450}" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=10 tests/test_gpu_engine.py \
-    tests/test_async_scheduling.py --junitxml "$OUT/pytest_gpu_engine.xml" > "$OUT/pytest_gpu_engine.log" 2>&1
-  echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu_engine.log" | awk '{print $2}' | sort | uniq -c
-  grep -E "FAILED|ERROR" "$OUT/pytest_gpu_engine.log" | head -20; tail -n 15 "$OUT/pytest_gpu_engine.log"
-  exit 0
-fi
 if [ "$MODE" = gputests ]; then
   # Every GPU test in one call (< 10 min), the engine-level files first (what the sessions since the last full
   # run changed: the scheduler's LoRA fairness, speculation's grammar failures, swap pacing, EOS stop reasons),
@@ -153,8 +103,15 @@ if [ "$MODE" = gputests ]; then
     tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py
     tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
   KERNEL_FILES=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -f <(echo "$ENGINE_FILES" | tr ' ' '\n' | grep .))
-  timeout "${TMO:-570}" python3 -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors --durations=20 $ENGINE_FILES $KERNEL_FILES \
-    --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
+  # The whole set takes ~14 minutes on an H100 (s27: 312 tests in four calls), more than one call's 10: GPU_TEST_FILES
+  # names a part (GPU_TEST_FILES=kernels: the kernel files). A test that stands 200 s dumps every thread's stack.
+  case "${GPU_TEST_FILES:-}" in
+    "") FILES="$ENGINE_FILES $KERNEL_FILES" ;;
+    kernels) FILES=$KERNEL_FILES ;;
+    *) FILES=$GPU_TEST_FILES ;;
+  esac
+  timeout "${TMO:-570}" python3 -X faulthandler -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors \
+    --durations=20 -o faulthandler_timeout=200 $FILES --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
   echo "pytest rc $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest_gpu.log" | awk '{print $2}' | sort | uniq -c
   grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20; tail -n 30 "$OUT/pytest_gpu.log"
   exit 0
