@@ -56,13 +56,58 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "task": ((None, "auto", "generate"), "agentserve serves generative models only"),
     "skip_tokenizer_init": ((False,), "the tokenizer is needed for chat templates, stop strings and detokenizing"),
     "config_format": (("auto", "hf"), "the model directory's config.json is read (Hugging Face format)"),
+    "hf_config_path": ((None,), "the model directory's config.json is read: put the config there"),
+    "quantization_param_path": ((None,), "fp8 KV scales are measured at startup (calculate_kv_scales)"),
+    "model_loader_extra_config": ((None, {}), "checkpoints are read by one built-in loader with no options"),
+    "pt_load_map_location": (("cpu",), "PyTorch .bin checkpoints are read onto the CPU, then moved"),
+    "ignore_patterns": ((None, [], "original/**/*", ["original/**/*"]), "only the model directory's top-level "
+                        "weight files are read (vLLM's default 'original/**/*' is always so)"),
+    "speculative_model": ((None,), "pass speculative_config={'model': path, 'num_speculative_tokens': k} "
+                          "(vLLM's current form) or draft_model=path"),
+    "num_scheduler_steps": ((1,), "multi-step scheduling is not supported (vLLM V1 dropped it as well): async "
+                            "scheduling overlaps the host's work with the device's"),
+    "num_lookahead_slots": ((0,), "speculation reserves its own slots from num_speculative_tokens"),
+    "multi_step_stream_outputs": ((True,), "multi-step scheduling is not supported: every step streams its tokens"),
+    "preemption_mode": ((None, "recompute"), "a preempted request recomputes its tokens (only sessions swap)"),
+    "long_prefill_token_threshold": ((0,), "concurrent partial prefills are not supported"),
+    "max_num_partial_prefills": ((1,), "concurrent partial prefills are not supported"),
+    "max_long_partial_prefills": ((1,), "concurrent partial prefills are not supported"),
+    "num_gpu_blocks_override": ((None,), "pass num_blocks, agentserve's option for the KV pool's page count"),
+    "stream_interval": ((1,), "streams carry each step's tokens as it ends"),
+    "logprobs_mode": (("raw_logprobs",), "logprobs are the model's raw log-softmax, before temperature, penalties "
+                      "and other sampling parameters (vLLM's 'raw_logprobs')"),
+    "prefix_caching_hash_algo": (("builtin",), "prefix-cache keys are Python's built-in hash of the parent key, the "
+                                 "page's token ids and the adapter; no other algorithm is available"),
+    "cuda_graph_sizes": ((None, [], [512]), "decode graphs are captured for batch sizes 1, 2, 4 and multiples of "
+                         "8 up to min(max_num_seqs, 512); larger steps run eagerly (enforce_eager=True: none)"),
+    "kv_transfer_config": ((None,), "disaggregated prefill (KV transfer) is not supported"),
+    "kv_events_config": ((None,), "KV cache events are not published"),
+    "kv_sharing_fast_prefill": ((False,), "cross-layer KV sharing is not supported"),
+    "scheduler_cls": ((None, "vllm.core.scheduler.Scheduler", "vllm.v1.core.sched.scheduler.Scheduler"),
+                      "the scheduler is agentserve's own and cannot be replaced"),
+    "worker_cls": (("auto",), "the model runner is agentserve's own and cannot be replaced"),
+    "worker_extension_cls": (("",), "the model runner is agentserve's own and cannot be extended"),
+    "ray_workers_use_nsight": ((False,), "ray is not supported"),
+    "enable_lora_bias": ((False,), "LoRA adapters with bias terms are refused when loaded"),
+    "long_lora_scaling_factors": ((None,), "long-context LoRA (scaled rotary per adapter) is not supported"),
+    "default_mm_loras": ((None, {}), "agentserve serves text-only models"),
+    "limit_mm_per_prompt": ((None, {}), "agentserve serves text-only models"),
+    "media_io_kwargs": ((None, {}), "agentserve serves text-only models"),
+    "mm_encoder_tp_mode": (("weights", "data"), "agentserve serves text-only models"),
+    "enable_mm_embeds": ((False,), "agentserve serves text-only models"),
+    "interleave_mm_strings": ((False,), "agentserve serves text-only models"),
+    "skip_mm_profiling": ((False,), "agentserve serves text-only models"),
+    "otlp_traces_endpoint": ((None,), "OpenTelemetry tracing is not supported: /metrics serves Prometheus metrics"),
+    "collect_detailed_traces": ((None,), "OpenTelemetry tracing is not supported"),
+    "show_hidden_metrics_for_version": ((None,), "no deprecated metrics are kept to show"),
+    "enable_log_requests": ((False,), "requests are not logged one by one: /metrics counts them"),
 }
 
 # Options agentserve has whose vLLM default is None, meaning "the engine's own choice" (EngineArgs'
 # block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_cpu_loras; LLM's seed):
 # None leaves agentserve's default, as it leaves vLLM's.
 NONE_IS_DEFAULT = frozenset(("block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
-                             "max_cpu_loras", "seed"))
+                             "max_cpu_loras", "seed", "num_speculative_tokens"))
 
 # name -> why any value is accepted: what it controls is always so here, or has no counterpart.
 ANY_VALUE: dict[str, str] = {
@@ -72,6 +117,12 @@ ANY_VALUE: dict[str, str] = {
     "max_parallel_loading_workers": "checkpoint shards load one after the other",
     "calculate_kv_scales": "fp8 KV scales are always measured at startup",
     "disable_sliding_window": "a model's sliding window always caps max_model_len (full attention within it)",
+    "use_v2_block_manager": "KV pages are always managed by one paged block pool (vLLM deprecated the flag)",
+    "disable_cascade_attn": "cascade attention is not used (shared prefixes share pages)",
+    "disable_hybrid_kv_cache_manager": "one KV pool serves every layer (no hybrid-attention models)",
+    "use_tqdm_on_load": "checkpoint loading shows no progress bar",
+    "lora_extra_vocab_size": "adapters that add tokens are refused, so no extra vocabulary is reserved",
+    "mm_processor_cache_gb": "agentserve serves text-only models (no multimodal processor cache)",
 }
 
 

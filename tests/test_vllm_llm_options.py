@@ -19,7 +19,19 @@ VLLM_DEFAULTS: dict[str, Any] = dict(
     runner="auto", convert="auto", pooler_config=None, allowed_local_media_path="", mm_processor_kwargs=None,
     pipeline_parallel_size=1, data_parallel_size=1, enable_sleep_mode=False, kv_cache_memory_bytes=None,
     max_seq_len_to_capture=8192, disable_custom_all_reduce=False, disable_async_output_proc=False,
-    structured_outputs_config={"backend": "xgrammar"})
+    structured_outputs_config={"backend": "xgrammar"},
+    # EngineArgs of vLLM 0.8-0.11 at their defaults (the twenty-seventh session found these refused as unknown).
+    num_scheduler_steps=1, num_lookahead_slots=0, multi_step_stream_outputs=True, use_v2_block_manager=True,
+    preemption_mode=None, long_prefill_token_threshold=0, max_num_partial_prefills=1, max_long_partial_prefills=1,
+    num_gpu_blocks_override=None, stream_interval=1, logprobs_mode="raw_logprobs", cuda_graph_sizes=[],
+    kv_transfer_config=None, kv_events_config=None, kv_sharing_fast_prefill=False, worker_cls="auto",
+    worker_extension_cls="", scheduler_cls="vllm.core.scheduler.Scheduler", ignore_patterns=["original/**/*"],
+    pt_load_map_location="cpu", model_loader_extra_config=None, hf_config_path=None, quantization_param_path=None,
+    speculative_model=None, num_speculative_tokens=None, enable_lora_bias=False, long_lora_scaling_factors=None,
+    lora_extra_vocab_size=256, limit_mm_per_prompt={}, mm_encoder_tp_mode="weights", media_io_kwargs={},
+    skip_mm_profiling=False, disable_cascade_attn=False, disable_hybrid_kv_cache_manager=False,
+    use_tqdm_on_load=True, enable_log_requests=False, otlp_traces_endpoint=None, collect_detailed_traces=None,
+    show_hidden_metrics_for_version=None, ray_workers_use_nsight=False, prefix_caching_hash_algo="builtin")
 
 
 def test_vllm_boilerplate_at_defaults_builds_an_engine_that_generates() -> None:
@@ -38,6 +50,14 @@ def test_vllm_boilerplate_at_defaults_builds_an_engine_that_generates() -> None:
     ("compilation_config", 3, "torch.compiled"),
     ("pipeline_parallel_size", 2, "tensor_parallel_size"),
     ("hf_overrides", {"rope_theta": 1e6}, "config.json"),
+    ("num_scheduler_steps", 8, "multi-step scheduling"),
+    ("num_gpu_blocks_override", 100, "num_blocks"),
+    ("logprobs_mode", "processed_logprobs", "raw log-softmax"),
+    ("speculative_model", "/models/draft", "speculative_config"),
+    ("kv_transfer_config", {"kv_connector": "LMCacheConnectorV1"}, "disaggregated prefill"),
+    ("prefix_caching_hash_algo", "sha256", "built-in hash"),
+    ("enable_log_requests", True, "not logged"),
+    ("ignore_patterns", ["*.pt"], "top-level weight files"),
 ])
 def test_a_value_agentserve_does_not_do_is_refused_by_name(name: str, value: Any, says: str) -> None:
     with pytest.raises(ValueError, match=f"^{name}=") as err:
