@@ -17,6 +17,9 @@ vLLM's keywords of these flags the same way (engine_kwargs_from_vllm_llm_kwargs)
                                 accepted; every other method (awq, gptq, bitsandbytes, ...) is an error
     --kv-cache-dtype NAME       auto, fp8, fp8_e4m3; vLLM's fp8_e5m2 / bfloat16 / ... are errors saying why
     --dtype half|float          vLLM's aliases of float16 / float32 (config.DTYPE_ALIASES)
+    --num-scheduler-steps 1, --enable-sleep-mode, ...: vLLM's flags without an agentserve option, judged as the
+                                LLM(...) keywords are (agentserve/vllm_llm_options.py): accepted at their
+                                defaults, any other value an error naming the flag and what to do instead
     VLLM_API_KEY (environment)  the API key when neither --api-key nor --api-key-file is given, as vLLM
                                 reads it (a deployment that keeps its key there must not come up open)
 """
@@ -32,7 +35,7 @@ from typing import Any, Optional
 
 from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.model.gguf import find_gguf_file
-from agentserve.vllm_llm_options import take_vllm_only_llm_kwargs
+from agentserve.vllm_llm_options import add_vllm_only_flags, take_vllm_only_llm_kwargs, vllm_only_flag_values
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     for name, why in _ALWAYS_ON.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, dest=name,
                            help=f"accepted: {why}")
+    add_vllm_only_flags(group)  # vLLM's flags without an agentserve option: at their defaults (not in --help)
 
 
 def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +95,7 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
     for name, why in _ALWAYS_ON.items():
         if given.get(name):
             logger.info("--%s: %s", name.replace("_", "-"), why)
+    vllm_only_flag_values(given)  # refuses what agentserve does not do, naming the flag; the rest changes nothing
     return kw
 
 

@@ -3,10 +3,14 @@ runs here unchanged when it passes them at their defaults (LLM(model, tokenizer_
 revision=None, download_dir=None) is common boilerplate). A keyword that asks for something agentserve
 does not do (a hub revision, CPU offload, a pooling runner, torch.compile levels) is an error that
 names it and says what to do instead; one whose behaviour agentserve always has is accepted.
+`agentserve serve` takes the same names as `vllm serve` flags (--num-scheduler-steps 1, --enable-sleep-mode,
+...), judged by the same tables.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from typing import Any
 
@@ -78,7 +82,7 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
                       "and other sampling parameters (vLLM's 'raw_logprobs')"),
     "prefix_caching_hash_algo": (("builtin",), "prefix-cache keys are Python's built-in hash of the parent key, the "
                                  "page's token ids and the adapter; no other algorithm is available"),
-    "cuda_graph_sizes": ((None, [], [512]), "decode graphs are captured for batch sizes 1, 2, 4 and multiples of "
+    "cuda_graph_sizes": ((None, [], [512], 512), "decode graphs are captured for batch sizes 1, 2, 4 and multiples of "
                          "8 up to min(max_num_seqs, 512); larger steps run eagerly (enforce_eager=True: none)"),
     "kv_transfer_config": ((None,), "disaggregated prefill (KV transfer) is not supported"),
     "kv_events_config": ((None,), "KV cache events are not published"),
@@ -124,6 +128,10 @@ ANY_VALUE: dict[str, str] = {
     "lora_extra_vocab_size": "adapters that add tokens are refused, so no extra vocabulary is reserved",
     "mm_processor_cache_gb": "agentserve serves text-only models (no multimodal processor cache)",
 }
+# Those of ANY_VALUE that `vllm serve` takes as switches (no value follows the flag).
+ANY_VALUE_SWITCHES = frozenset(("disable_custom_all_reduce", "disable_async_output_proc", "calculate_kv_scales",
+                                "disable_sliding_window", "use_v2_block_manager", "disable_cascade_attn",
+                                "disable_hybrid_kv_cache_manager", "use_tqdm_on_load"))
 
 
 def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -143,3 +151,43 @@ def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         else:
             kept[name] = value
     return kept
+
+
+def _is_switch(name: str) -> bool:
+    if name in AT_DEFAULT:
+        return all(isinstance(v, bool) for v in AT_DEFAULT[name][0])
+    return name in ANY_VALUE_SWITCHES
+
+
+def add_vllm_only_flags(group: "argparse._ArgumentGroup") -> None:
+    """The tables' names as `vllm serve` flags: a switch for a boolean (--enable-sleep-mode,
+    --no-use-tqdm-on-load), a value otherwise (--num-scheduler-steps 1). The names are those agentserve has no
+    option for, so none is a flag already (argparse refuses a second definition when the parser is built)."""
+    for name in sorted(set(AT_DEFAULT) | set(ANY_VALUE)):
+        flag = "--" + name.replace("_", "-")
+        if _is_switch(name):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=name,
+                               help=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, default=None, dest=name, metavar="VALUE", help=argparse.SUPPRESS)
+
+
+def vllm_only_flag_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The values given for those flags, typed as the LLM keywords are (JSON where it parses: 1, {}, [512],
+    true; the text otherwise), after the same checks: SystemExit naming the flag for a refused value."""
+    values: dict[str, Any] = {}
+    for name in set(AT_DEFAULT) | set(ANY_VALUE):
+        value = given.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        values[name] = value
+        try:
+            take_vllm_only_llm_kwargs({name: value})
+        except ValueError as e:
+            raise SystemExit(f"--{name.replace('_', '-')}: {e}") from None
+    return values

@@ -25,3 +25,29 @@ def test_vllm_api_key_from_the_environment_protects_the_server(monkeypatch: pyte
 def test_help_shows_no_placeholder_defaults() -> None:
     """A field whose default is built by a factory (--lora-modules: {}) showed pydantic's placeholder."""
     assert "PydanticUndefined" not in build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+
+
+def test_vllm_serve_flags_without_an_agentserve_option_are_taken_at_their_defaults() -> None:
+    """A `vllm serve` command line carrying EngineArgs flags agentserve has no option for (at vLLM's defaults)
+    starts the same engine as without them (they were 'unrecognized arguments' before)."""
+    plain = _config()
+    with_defaults = _config("--num-scheduler-steps", "1", "--preemption-mode", "recompute", "--cuda-graph-sizes", "512",
+                            "--logprobs-mode", "raw_logprobs", "--limit-mm-per-prompt", "{}", "--ignore-patterns",
+                            "original/**/*", "--no-enable-sleep-mode", "--disable-custom-all-reduce",
+                            "--max-seq-len-to-capture", "8192", "--tokenizer-mode", "auto", "--stream-interval", "1")
+    assert with_defaults.model_dump() == plain.model_dump()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (("--enable-sleep-mode",), "--enable-sleep-mode: enable_sleep_mode=True is not supported: sleep mode"),
+    (("--num-scheduler-steps", "8"), "--num-scheduler-steps: num_scheduler_steps=8 is not supported: multi-step"),
+    (("--revision", "main"), "local model directories"),
+    (("--num-gpu-blocks-override", "512"), "num_blocks"),
+    (("--no-multi-step-stream-outputs",), "every step streams"),
+    (("--otlp-traces-endpoint", "http://collector:4317"), "OpenTelemetry"),
+])
+def test_a_vllm_serve_flag_asking_for_what_agentserve_does_not_do_names_itself(flags: tuple[str, ...],
+                                                                                says: str) -> None:
+    with pytest.raises(SystemExit) as error:
+        _config(*flags)
+    assert says in str(error.value)
