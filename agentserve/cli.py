@@ -61,7 +61,19 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         kwargs.update(nargs="+", metavar="MODULE")
     elif name == "lora_modules":
         kwargs.update(nargs="+", metavar="NAME=PATH", type=_lora_module)  # vLLM's flag and forms
+    elif get_origin(field.annotation) is list:
+        kwargs.update(metavar="JSON", type=_json_list)  # vLLM's form: --allowed-origins '["https://app.example"]'
     parser.add_argument(_flag(name), *VLLM_SHORT_FLAGS.get(name, ()), **kwargs)
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON list of strings, e.g. '[\"*\"]'")
+    return value
 
 
 def _lora_module(text: str) -> tuple[str, str]:

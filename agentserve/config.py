@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agentserve.http_frontend_config import HttpFrontendConfig
 from agentserve.speculative_config import merge_speculative_config
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -220,7 +221,7 @@ class SpecConfig(_Strict):
         return self
 
 
-class ServerConfig(_Strict):
+class ServerConfig(HttpFrontendConfig):  # the HTTP server's TLS, CORS, logging: http_frontend_config.py
     host: str = Field(default="127.0.0.1", description="Address the servers listen on (0.0.0.0 for all).")
     grpc_port: Optional[int] = Field(default=None, ge=0, le=65535,
                                      description="Port of the gRPC AgentService (0: a free port).")

@@ -17,9 +17,9 @@ vLLM's keywords of these flags the same way (engine_kwargs_from_vllm_llm_kwargs)
                                 accepted; every other method (awq, gptq, bitsandbytes, ...) is an error
     --kv-cache-dtype NAME       auto, fp8, fp8_e4m3; vLLM's fp8_e5m2 / bfloat16 / ... are errors saying why
     --dtype half|float          vLLM's aliases of float16 / float32 (config.DTYPE_ALIASES)
-    --num-scheduler-steps 1, --enable-sleep-mode, ...: vLLM's flags without an agentserve option, judged as the
-                                LLM(...) keywords are (agentserve/vllm_llm_options.py): accepted at their
-                                defaults, any other value an error naming the flag and what to do instead
+    --num-scheduler-steps 1, -O0, --api-server-count 1, ...: vLLM's flags without an agentserve option
+                                (agentserve/vllm_serve_only_flags.py): accepted at their defaults, any other
+                                value an error naming the flag and what to do instead
     VLLM_API_KEY (environment)  the API key when neither --api-key nor --api-key-file is given, as vLLM
                                 reads it (a deployment that keeps its key there must not come up open)
 """
@@ -35,7 +35,8 @@ from typing import Any, Optional
 
 from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.model.gguf import find_gguf_file
-from agentserve.vllm_llm_options import add_vllm_only_flags, take_vllm_only_llm_kwargs, vllm_only_flag_values
+from agentserve.vllm_llm_options import take_vllm_only_llm_kwargs
+from agentserve.vllm_serve_only_flags import add_vllm_only_flags, check_vllm_only_flags
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ _ALWAYS_ON = {
     "trust_remote_code": "agentserve runs its own implementation of each supported architecture: no remote code",
     "disable_log_requests": "requests are not logged",
     "disable_log_stats": "stats go to /metrics, not the log",
+    "disable_fastapi_docs": "the API's docs pages (/docs, /redoc, /openapi.json) are never served",
+    "enable_prompt_tokens_details": "usage.prompt_tokens_details.cached_tokens is always reported",
 }
 # vLLM's --tool-call-parser names -> the chat-template formats agentserve parses.
 _TOOL_PARSERS = {"hermes": "hermes", "llama3_json": "llama3_json", "mistral": "mistral"}
@@ -59,8 +62,9 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
                        help="vLLM's name for --swap-space-gb (GiB of host memory for swapped-out KV)")
     group.add_argument("--scheduling-policy", default=None, dest="scheduling_policy", choices=("fcfs", "priority"),
                        help="vLLM's name for --policy")
-    group.add_argument("--guided-decoding-backend", default=None, dest="guided_decoding_backend",
-                       help="vLLM's name for --grammar-backend ('guidance' is llguidance)")
+    group.add_argument("--guided-decoding-backend", "--structured-outputs-config.backend", default=None,
+                       dest="guided_decoding_backend",
+                       help="vLLM's names for --grammar-backend ('guidance' is llguidance)")
     group.add_argument("--tool-call-parser", default=None, dest="tool_call_parser",
                        help=f"checked against the chat template's tool-call format ({', '.join(_TOOL_PARSERS)})")
     for name, why in _ALWAYS_ON.items():
@@ -95,7 +99,7 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
     for name, why in _ALWAYS_ON.items():
         if given.get(name):
             logger.info("--%s: %s", name.replace("_", "-"), why)
-    vllm_only_flag_values(given)  # refuses what agentserve does not do, naming the flag; the rest changes nothing
+    check_vllm_only_flags(given)  # refuses what agentserve does not do, naming the flag; the rest changes nothing
     return kw
 
 

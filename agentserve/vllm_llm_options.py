@@ -3,14 +3,11 @@ runs here unchanged when it passes them at their defaults (LLM(model, tokenizer_
 revision=None, download_dir=None) is common boilerplate). A keyword that asks for something agentserve
 does not do (a hub revision, CPU offload, a pooling runner, torch.compile levels) is an error that
 names it and says what to do instead; one whose behaviour agentserve always has is accepted.
-`agentserve serve` takes the same names as `vllm serve` flags (--num-scheduler-steps 1, --enable-sleep-mode,
-...), judged by the same tables.
+`agentserve serve` takes the same names as `vllm serve` flags (agentserve/vllm_serve_only_flags.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from typing import Any
 
@@ -134,16 +131,20 @@ ANY_VALUE_SWITCHES = frozenset(("disable_custom_all_reduce", "disable_async_outp
                                 "disable_hybrid_kv_cache_manager", "use_tqdm_on_load"))
 
 
+def check_at_default(name: str, value: Any, table: dict[str, tuple[tuple[Any, ...], str]]) -> None:
+    """ValueError naming `name` unless `value` is one of those its table entry accepts (1 is not True there)."""
+    accepted, why = table[name]
+    if not any(value == ok and type(value) is type(ok) or value is ok for ok in accepted):
+        raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: {', '.join(repr(ok) for ok in accepted)})")
+
+
 def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs` without vLLM's LLM keywords listed above; raises ValueError naming a keyword whose value
     asks for what agentserve does not do."""
     kept: dict[str, Any] = {}
     for name, value in kwargs.items():
         if name in AT_DEFAULT:
-            accepted, why = AT_DEFAULT[name]
-            if not any(value == ok and type(value) is type(ok) or value is ok for ok in accepted):
-                raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: "
-                                 f"{', '.join(repr(ok) for ok in accepted)})")
+            check_at_default(name, value, AT_DEFAULT)
         elif name in NONE_IS_DEFAULT and value is None:
             continue
         elif name in ANY_VALUE:
@@ -152,42 +153,3 @@ def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             kept[name] = value
     return kept
 
-
-def _is_switch(name: str) -> bool:
-    if name in AT_DEFAULT:
-        return all(isinstance(v, bool) for v in AT_DEFAULT[name][0])
-    return name in ANY_VALUE_SWITCHES
-
-
-def add_vllm_only_flags(group: "argparse._ArgumentGroup") -> None:
-    """The tables' names as `vllm serve` flags: a switch for a boolean (--enable-sleep-mode,
-    --no-use-tqdm-on-load), a value otherwise (--num-scheduler-steps 1). The names are those agentserve has no
-    option for, so none is a flag already (argparse refuses a second definition when the parser is built)."""
-    for name in sorted(set(AT_DEFAULT) | set(ANY_VALUE)):
-        flag = "--" + name.replace("_", "-")
-        if _is_switch(name):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=name,
-                               help=argparse.SUPPRESS)
-        else:
-            group.add_argument(flag, default=None, dest=name, metavar="VALUE", help=argparse.SUPPRESS)
-
-
-def vllm_only_flag_values(given: dict[str, Any]) -> dict[str, Any]:
-    """The values given for those flags, typed as the LLM keywords are (JSON where it parses: 1, {}, [512],
-    true; the text otherwise), after the same checks: SystemExit naming the flag for a refused value."""
-    values: dict[str, Any] = {}
-    for name in set(AT_DEFAULT) | set(ANY_VALUE):
-        value = given.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        values[name] = value
-        try:
-            take_vllm_only_llm_kwargs({name: value})
-        except ValueError as e:
-            raise SystemExit(f"--{name.replace('_', '-')}: {e}") from None
-    return values

@@ -34,8 +34,24 @@ def test_vllm_serve_flags_without_an_agentserve_option_are_taken_at_their_defaul
     with_defaults = _config("--num-scheduler-steps", "1", "--preemption-mode", "recompute", "--cuda-graph-sizes", "512",
                             "--logprobs-mode", "raw_logprobs", "--limit-mm-per-prompt", "{}", "--ignore-patterns",
                             "original/**/*", "--no-enable-sleep-mode", "--disable-custom-all-reduce",
-                            "--max-seq-len-to-capture", "8192", "--tokenizer-mode", "auto", "--stream-interval", "1")
+                            "--max-seq-len-to-capture", "8192", "--tokenizer-mode", "auto", "--stream-interval", "1",
+                            "-O0", "--api-server-count", "1", "--max-log-len", "100", "--disable-fastapi-docs",
+                            "--enable-prompt-tokens-details", "--disable-frontend-multiprocessing",
+                            "--chat-template-content-format", "string")
     assert with_defaults.model_dump() == plain.model_dump()
+
+
+def test_vllm_serve_http_flags_set_the_http_front_end() -> None:
+    config = _config("--allowed-origins", '["https://app.example"]', "--allow-credentials", "--root-path", "/llm",
+                     "--uvicorn-log-level", "info", "--disable-uvicorn-access-log", "--enable-force-include-usage",
+                     "--exclude-tools-when-tool-choice-none", "--structured-outputs-config.backend", "xgrammar")
+    http = config.server
+    assert http.allowed_origins == ["https://app.example"] and http.allowed_methods == ["*"] and http.allow_credentials
+    assert http.root_path == "/llm" and http.uvicorn_log_level == "info" and http.disable_uvicorn_access_log
+    assert http.enable_force_include_usage and http.exclude_tools_when_tool_choice_none
+    assert config.grammar_backend == "xgrammar"
+    with pytest.raises(SystemExit):  # vLLM's form is a JSON list; a bare origin is a usage error naming the flag
+        build_parser().parse_args(["serve", "m", "--allowed-origins", "https://app.example"])
 
 
 @pytest.mark.parametrize("flags,says", [
@@ -45,6 +61,11 @@ def test_vllm_serve_flags_without_an_agentserve_option_are_taken_at_their_defaul
     (("--num-gpu-blocks-override", "512"), "num_blocks"),
     (("--no-multi-step-stream-outputs",), "every step streams"),
     (("--otlp-traces-endpoint", "http://collector:4317"), "OpenTelemetry"),
+    (("-O3",), "--compilation-config: compilation_config=3 is not supported"),
+    (("--api-server-count", "4"), "one HTTP server process"),
+    (("--middleware", "my_pkg.AuthMiddleware"), "no middleware is imported"),
+    (("--chat-template-content-format", "openai"), "joined into one string"),
+    (("--enable-server-load-tracking",), "/metrics"),
 ])
 def test_a_vllm_serve_flag_asking_for_what_agentserve_does_not_do_names_itself(flags: tuple[str, ...],
                                                                                 says: str) -> None:

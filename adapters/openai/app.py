@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -354,8 +355,13 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     _add_responses_routes(app, responses)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
-    if config.server.enable_request_id_headers:  # outermost: the gate's 401 / 413 / 429 answers carry it too
+    if config.server.enable_request_id_headers:  # outside the gate: its 401 / 413 / 429 answers carry it too
         app.add_middleware(RequestIdHeaderMiddleware)
+    # Outermost, as in vLLM: a browser's preflight (OPTIONS, no API key) is answered here, before the key
+    # check, and the gate's 401 / 429 answers carry the CORS headers the page needs to read them.
+    app.add_middleware(CORSMiddleware, allow_origins=config.server.allowed_origins,
+                       allow_methods=config.server.allowed_methods, allow_headers=config.server.allowed_headers,
+                       allow_credentials=config.server.allow_credentials)
     return app
 
 

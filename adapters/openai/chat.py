@@ -10,7 +10,8 @@ from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.request_ids import response_id
-from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse, usage
+from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, sse
+from agentserve.adapters.openai.usage import stream_usage, usage
 from agentserve.adapters.openai.tool_chunks import ToolCallChunks
 from agentserve.chat import limits as L
 from agentserve.chat.messages import OPENAI_RULES, normalize_messages
@@ -157,7 +158,8 @@ class ChatEndpoint:
         messages = normalize_messages(req.messages, OPENAI_RULES)
         self.s.render_pool.check_messages(messages)
         tools, tool_choice = _check_tools(req)
-        return messages, tools, tool_choice, template_kwargs
+        drop_tools = tool_choice == "none" and self.s.limits.exclude_tools_when_tool_choice_none  # vLLM's flag
+        return messages, None if drop_tools else tools, tool_choice, template_kwargs
 
     async def render_prompt(self, req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: Tools,
                             template_kwargs: dict[str, Any]) -> list[int]:
@@ -376,9 +378,8 @@ class _ChatContext:
         return chunks
 
     async def stream(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> AsyncIterator[str]:
-        opts = self.req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        st = _StreamState(self, include_usage, include_usage and bool(opts and opts.continuous_usage_stats))
+        include_usage, continuous = stream_usage(self.req.stream_options, self.s.limits.enable_force_include_usage)
+        st = _StreamState(self, include_usage, continuous)
         try:
             async with contextlib.aclosing(outputs) as it:
                 async for _, out in it:

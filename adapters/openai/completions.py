@@ -10,7 +10,8 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import CompletionRequest, OpenAIError
 from agentserve.adapters.openai.request_ids import response_id
-from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, clone_params, now, sse, usage
+from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, clone_params, now, sse
+from agentserve.adapters.openai.usage import stream_usage, usage
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 
@@ -223,9 +224,7 @@ class _CompletionContext:
         return None
 
     async def stream(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> AsyncIterator[str]:
-        opts = self.req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = stream_usage(self.req.stream_options, self.s.limits.enable_force_include_usage)
         st = _StreamState(self)
         try:
             async with contextlib.aclosing(outputs) as it:

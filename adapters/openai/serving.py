@@ -88,11 +88,6 @@ def param_of(message: str) -> Optional[str]:
     return first if first in _FIELDS else None
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def clone_params(params: SamplingParams, **changes: Any) -> SamplingParams:
     try:
         return params.clone(**changes)

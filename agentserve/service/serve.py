@@ -31,6 +31,7 @@ from grpc_health.v1 import health as grpc_health
 from agentserve.chat.render_pool import RenderPool
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
+from agentserve.http_frontend_config import HttpFrontendConfig
 from agentserve.service.grpc_server import AgentServicer, ApiKeyInterceptor, add_to_server
 from agentserve.service.tenants import Tenants
 from agentserve.service.malformed_requests import MalformedRequestInterceptor
@@ -73,7 +74,7 @@ class ServerHandle:
 SHUTDOWN_GRACE_S = 5.0
 
 
-def _uvicorn_server(app: Any, host: str, port: int, grace: float) -> Any:
+def _uvicorn_server(app: Any, host: str, port: int, grace: float, http: HttpFrontendConfig) -> Any:
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -87,8 +88,11 @@ def _uvicorn_server(app: Any, host: str, port: int, grace: float) -> Any:
 
     # timeout_graceful_shutdown: without it uvicorn waits for every open stream to end on its own.
     # uvicorn annotates it int, but only hands it to asyncio.timeout, which takes any float (tests use 0.2 s).
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                  timeout_graceful_shutdown=grace))  # type: ignore[arg-type]
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level=http.uvicorn_log_level, lifespan="on",
+                                  timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
+                                  access_log=not http.disable_uvicorn_access_log, root_path=http.root_path or "",
+                                  ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile,
+                                  ssl_ca_certs=http.ssl_ca_certs, ssl_cert_reqs=http.ssl_cert_reqs))
 
 
 @contextlib.asynccontextmanager
@@ -137,7 +141,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
             from agentserve.adapters.openai.app import create_app
 
             app = create_app(async_engine, config, store, render_pool=render_pool, tenants=tenants)
-            uv = _uvicorn_server(app, host, http_port, grace)
+            uv = _uvicorn_server(app, host, http_port, grace, config.server)
             uv_task = asyncio.get_running_loop().create_task(uv.serve())
             while not uv.started:
                 if uv_task.done():

@@ -1,0 +1,146 @@
+"""vllm serve's HTTP front-end flags (agentserve/http_frontend_config.py), against a live server: HTTPS with
+--ssl-keyfile / --ssl-certfile, CORS (a browser's preflight is answered before the API-key check; origins can be
+restricted), --root-path and uvicorn's logging reach uvicorn, --enable-force-include-usage ends every stream with
+its usage, and --exclude-tools-when-tool-choice-none renders the prompt without the tools."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agentserve.config import EngineConfig
+from agentserve.service.serve import running_server
+from agentserve.testing import tiny_model_cached
+from helpers.live_server import live_openai
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}]
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _self_signed(directory: Path) -> tuple[str, str]:
+    """A key and a certificate for 127.0.0.1 (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    key_file, cert_file = directory / "key.pem", directory / "cert.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(key_file), str(cert_file)
+
+
+def _config(**server: Any) -> EngineConfig:
+    return EngineConfig.from_kwargs(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=64, max_model_len=256,
+                                    served_model_name="m", **server)
+
+
+def test_https_with_a_key_and_certificate(tmp_path: Path) -> None:
+    key_file, cert_file = _self_signed(tmp_path)
+    config = _config(ssl_keyfile=key_file, ssl_certfile=cert_file, api_key="k")
+
+    async def main() -> None:
+        async with running_server(config, grpc_port=None, http_port=0) as handle:
+            url = f"127.0.0.1:{handle.http_port}"
+            async with httpx.AsyncClient(verify=cert_file, timeout=60) as client:
+                models = await client.get(f"https://{url}/v1/models", headers={"Authorization": "Bearer k"})
+                assert models.status_code == 200 and models.json()["data"][0]["id"] == "m"
+                done = await client.post(f"https://{url}/v1/completions", headers={"Authorization": "Bearer k"},
+                                         json={"model": "m", "prompt": "hi", "max_tokens": 2, "temperature": 0})
+                assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 2
+            async with httpx.AsyncClient(timeout=10) as plain:  # the port speaks TLS only
+                with pytest.raises(httpx.HTTPError):
+                    await plain.get(f"http://{url}/v1/models")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("fields,says", [
+    (dict(ssl_keyfile="KEY"), "ssl_keyfile and ssl_certfile go together"),
+    (dict(ssl_keyfile="/nonexistent/key.pem", ssl_certfile="/nonexistent/cert.pem"), "ssl_keyfile '/nonexistent"),
+    (dict(ssl_cert_reqs=2), "ssl_ca_certs"),
+    (dict(uvicorn_log_level="loud"), "uvicorn_log_level"),
+])
+def test_bad_tls_and_log_settings_name_the_field(tmp_path: Path, fields: dict[str, Any], says: str) -> None:
+    if fields.get("ssl_keyfile") == "KEY":
+        fields = dict(ssl_keyfile=_self_signed(tmp_path)[0])
+    with pytest.raises(ValueError, match=says):
+        _config(**fields)
+
+
+def test_root_path_and_logging_reach_uvicorn() -> None:
+    from agentserve.service.serve import _uvicorn_server
+
+    config = _config(root_path="/llm", uvicorn_log_level="info", disable_uvicorn_access_log=True)
+    uv = _uvicorn_server(object(), "127.0.0.1", 0, 1.0, config.server)
+    assert uv.config.root_path == "/llm" and uv.config.access_log is False and uv.config.log_level == "info"
+    default = _uvicorn_server(object(), "127.0.0.1", 0, 1.0, _config().server)
+    assert default.config.root_path == "" and default.config.access_log is True and default.config.ssl_keyfile is None
+
+
+def _preflight(client: httpx.Client, origin: str) -> httpx.Response:
+    return client.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+
+
+def test_cors_preflight_is_answered_before_the_key_check_and_origins_can_be_restricted() -> None:
+    with live_openai("qwen2", max_model_len=256, api_key="k") as client:
+        with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/"), timeout=60) as http:
+            ok = _preflight(http, "https://app.example")
+            assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] in ("*", "https://app.example")
+            # A real request without the key is still refused, and the browser may read why (CORS headers on the 401).
+            refused = http.get("/v1/models", headers={"Origin": "https://app.example"})
+            assert refused.status_code == 401 and "access-control-allow-origin" in refused.headers
+    with live_openai("qwen2", max_model_len=256, allowed_origins=["https://app.example"]) as client:
+        with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/"), timeout=60) as http:
+            assert _preflight(http, "https://app.example").headers["access-control-allow-origin"] == "https://app.example"
+            other = _preflight(http, "https://evil.example")
+            assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def _last_chunk_usage(client: Any, **request: Any) -> Any:
+    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3, temperature=0,
+                                                 stream=True, **request))
+    return chunks[-1].usage
+
+
+def test_force_include_usage_ends_every_stream_with_its_usage() -> None:
+    with live_openai("qwen2", max_model_len=256) as client:
+        assert _last_chunk_usage(client) is None  # as in vLLM: only on request
+    with live_openai("qwen2", max_model_len=256, enable_force_include_usage=True) as client:
+        usage = _last_chunk_usage(client)
+        assert usage is not None and usage.completion_tokens == 3 and usage.prompt_tokens > 0
+        completion = list(client.completions.create(model="m", prompt="hi", max_tokens=2, temperature=0, stream=True))
+        assert completion[-1].usage is not None and completion[-1].usage.completion_tokens == 2
+
+
+def _prompt_tokens(client: Any, **request: Any) -> int:
+    out = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1, temperature=0, **request)
+    return out.usage.prompt_tokens
+
+
+def test_tools_are_left_out_of_the_prompt_when_tool_choice_is_none_with_the_flag() -> None:
+    with live_openai("qwen2", max_model_len=512) as client:
+        bare = _prompt_tokens(client)
+        assert _prompt_tokens(client, tools=TOOLS, tool_choice="none") > bare  # the template lists them by default
+    with live_openai("qwen2", max_model_len=512, exclude_tools_when_tool_choice_none=True) as client:
+        assert _prompt_tokens(client, tools=TOOLS, tool_choice="none") == bare
+        assert _prompt_tokens(client, tools=TOOLS, tool_choice="auto") > bare  # only "none" drops them
