@@ -1,11 +1,6 @@
-"""Running the OpenAI app under uvicorn.
-
-- `http_server(async_engine, config, session_store=None)` -> uvicorn.Server on
-  config.server.host:config.server.http_port; `await server.serve()` inside the event loop that also
-  runs the gRPC server (agentserve/service/serve.py), one process, one engine.
-- `ServerThread(app)`: uvicorn in a background thread with its own loop, on a free loopback port
-  (tests, benchmarks, notebooks).
-"""
+"""`ServerThread(app)`: the OpenAI app under uvicorn in a background thread with its own loop, on a free
+loopback port (tests, benchmarks, notebooks). `agentserve serve` runs it beside the gRPC server in one event
+loop instead, with the HTTP front end's TLS and logging settings (agentserve/service/serve.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +10,6 @@ import time
 from typing import Any, Optional
 
 import uvicorn
-
-from agentserve.adapters.openai.app import create_app
-
-
-def http_server(async_engine: Any, config: Any, session_store: Any = None, *, log_level: str = "info",
-                port: Optional[int] = None) -> uvicorn.Server:
-    app = create_app(async_engine, config, session_store)
-    cfg = uvicorn.Config(app, host=config.server.host, port=port if port is not None else config.server.http_port,
-                         log_level=log_level, lifespan="on", timeout_graceful_shutdown=5, access_log=False)
-    return uvicorn.Server(cfg)
 
 
 class ServerThread:
