@@ -137,10 +137,23 @@ def _prompt_tokens(client: Any, **request: Any) -> int:
     return out.usage.prompt_tokens
 
 
+RESPONSE_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                   "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+def _response_input_tokens(client: Any, **request: Any) -> int:
+    out = client.responses.create(model="m", input="Weather in Paris?", max_output_tokens=1, temperature=0,
+                                  store=False, **request)
+    return out.usage.input_tokens
+
+
 def test_tools_are_left_out_of_the_prompt_when_tool_choice_is_none_with_the_flag() -> None:
     with live_openai("qwen2", max_model_len=512) as client:
         bare = _prompt_tokens(client)
         assert _prompt_tokens(client, tools=TOOLS, tool_choice="none") > bare  # the template lists them by default
+        responses_bare = _response_input_tokens(client)
+        assert _response_input_tokens(client, tools=RESPONSE_TOOLS, tool_choice="none") > responses_bare
     with live_openai("qwen2", max_model_len=512, exclude_tools_when_tool_choice_none=True) as client:
         assert _prompt_tokens(client, tools=TOOLS, tool_choice="none") == bare
         assert _prompt_tokens(client, tools=TOOLS, tool_choice="auto") > bare  # only "none" drops them
+        assert _response_input_tokens(client, tools=RESPONSE_TOOLS, tool_choice="none") == responses_bare

@@ -99,7 +99,8 @@ class ResponsesEndpoint:
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise OpenAIError(400, f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
                               param="max_output_tokens")
-        return tools, choice
+        drop_tools = choice == "none" and self.s.limits.exclude_tools_when_tool_choice_none  # vLLM's flag
+        return (None if drop_tools else tools), choice
 
     def _params(self, req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any) -> SamplingParams:
         kw = self.s.with_model_defaults(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
