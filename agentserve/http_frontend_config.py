@@ -1,6 +1,7 @@
 """The HTTP server's own options, under vllm serve's names and defaults: TLS, the proxy root path, CORS,
 uvicorn's logging, and two OpenAI-API behaviours vLLM puts behind flags. ServerConfig inherits them, so
-they are engine options (LLM keywords, `agentserve serve` flags) like the rest of the server's."""
+they are engine options (LLM keywords, `agentserve serve` flags) like the rest of the server's. The TLS
+certificate serves the gRPC port too (service/serve.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ UvicornLogLevel = Literal["critical", "error", "warning", "info", "debug", "trac
 class HttpFrontendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    ssl_keyfile: Optional[str] = Field(default=None, description="Private key file (PEM) of the HTTP server's TLS "
-                                       "certificate; with ssl_certfile the API is served over HTTPS. vLLM's flag.")
+    ssl_keyfile: Optional[str] = Field(default=None, description="Private key file (PEM) of the server's TLS "
+                                       "certificate; with ssl_certfile the HTTP API is served over HTTPS and the "
+                                       "gRPC API over TLS. vLLM's flag.")
     ssl_certfile: Optional[str] = Field(default=None, description="Certificate file (PEM) of the HTTP server, with "
                                         "ssl_keyfile. vLLM's flag.")
     ssl_ca_certs: Optional[str] = Field(default=None, description="CA certificates (PEM) that client certificates are "

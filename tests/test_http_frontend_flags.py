@@ -6,45 +6,22 @@ its usage, and --exclude-tools-when-tool-choice-none renders the prompt without 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
+import ssl
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from agentserve.config import EngineConfig
 from agentserve.service.serve import running_server
 from agentserve.testing import tiny_model_cached
 from helpers.live_server import live_openai
+from helpers.tls import self_signed
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}]
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-def _self_signed(directory: Path) -> tuple[str, str]:
-    """A key and a certificate for 127.0.0.1 (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    key_file, cert_file = directory / "key.pem", directory / "cert.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(key_file), str(cert_file)
 
 
 def _config(**server: Any) -> EngineConfig:
@@ -53,13 +30,13 @@ def _config(**server: Any) -> EngineConfig:
 
 
 def test_https_with_a_key_and_certificate(tmp_path: Path) -> None:
-    key_file, cert_file = _self_signed(tmp_path)
+    key_file, cert_file = self_signed(tmp_path)
     config = _config(ssl_keyfile=key_file, ssl_certfile=cert_file, api_key="k")
 
     async def main() -> None:
         async with running_server(config, grpc_port=None, http_port=0) as handle:
             url = f"127.0.0.1:{handle.http_port}"
-            async with httpx.AsyncClient(verify=cert_file, timeout=60) as client:
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=cert_file), timeout=60) as client:
                 models = await client.get(f"https://{url}/v1/models", headers={"Authorization": "Bearer k"})
                 assert models.status_code == 200 and models.json()["data"][0]["id"] == "m"
                 done = await client.post(f"https://{url}/v1/completions", headers={"Authorization": "Bearer k"},
@@ -80,7 +57,7 @@ def test_https_with_a_key_and_certificate(tmp_path: Path) -> None:
 ])
 def test_bad_tls_and_log_settings_name_the_field(tmp_path: Path, fields: dict[str, Any], says: str) -> None:
     if fields.get("ssl_keyfile") == "KEY":
-        fields = dict(ssl_keyfile=_self_signed(tmp_path)[0])
+        fields = dict(ssl_keyfile=self_signed(tmp_path)[0])
     with pytest.raises(ValueError, match=says):
         _config(**fields)
 

@@ -208,11 +208,16 @@ class Session:
 
 class AgentClient:
     def __init__(self, address: str, *, api_key: Optional[str] = None,
-                 options: Optional[Sequence[tuple[str, Any]]] = None) -> None:
+                 options: Optional[Sequence[tuple[str, Any]]] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None) -> None:
+        """`credentials`: TLS for a server started with a certificate (--ssl-keyfile / --ssl-certfile), e.g.
+        grpc.ssl_channel_credentials(root_certificates=open("ca.pem", "rb").read()); None is plain text."""
         self.address = address
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.channel = grpc.aio.insecure_channel(address, options=list(options or [
-            ("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)]))
+        channel_options = list(options or [
+            ("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)])
+        self.channel = (grpc.aio.insecure_channel(address, options=channel_options) if credentials is None
+                        else grpc.aio.secure_channel(address, credentials, options=channel_options))
         self.stub = pb_grpc.AgentServiceStub(self.channel)
 
     async def __aenter__(self) -> "AgentClient":

@@ -21,8 +21,10 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, NoReturn, Optional
 
 import grpc
@@ -95,6 +97,19 @@ def _uvicorn_server(app: Any, host: str, port: int, grace: float, http: HttpFron
                                   ssl_ca_certs=http.ssl_ca_certs, ssl_cert_reqs=http.ssl_cert_reqs))
 
 
+def _bind_grpc(server: grpc.aio.Server, address: str, tls: HttpFrontendConfig) -> int:
+    """Binds the gRPC port, over TLS with the HTTP server's certificate when one is set (a bearer key must not
+    cross the network in clear text on one port and encrypted on the other); client certificates are checked
+    against ssl_ca_certs when ssl_cert_reqs asks for them (2: required)."""
+    if tls.ssl_keyfile is None or tls.ssl_certfile is None:
+        return server.add_insecure_port(address)
+    pair = (Path(tls.ssl_keyfile).expanduser().read_bytes(), Path(tls.ssl_certfile).expanduser().read_bytes())
+    roots = Path(tls.ssl_ca_certs).expanduser().read_bytes() if tls.ssl_ca_certs is not None else None
+    credentials = grpc.ssl_server_credentials([pair], root_certificates=roots,
+                                              require_client_auth=tls.ssl_cert_reqs == ssl.CERT_REQUIRED)
+    return server.add_secure_port(address, credentials)
+
+
 @contextlib.asynccontextmanager
 async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEngine] = None,
                          host: Optional[str] = None, grpc_port: Optional[int] = 0, http_port: Optional[int] = None,
@@ -132,7 +147,7 @@ async def running_server(config: EngineConfig, *, async_engine: Optional[AsyncEn
             server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
             add_to_server(server, servicer)
             health = await add_standard_services(server)
-            bound = server.add_insecure_port(f"{host}:{grpc_port}")
+            bound = _bind_grpc(server, f"{host}:{grpc_port}", config.server)
             if not bound:
                 raise RuntimeError(f"cannot bind the gRPC server to {host}:{grpc_port}")
             await server.start()
