@@ -152,4 +152,3 @@ def take_vllm_only_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         else:
             kept[name] = value
     return kept
-

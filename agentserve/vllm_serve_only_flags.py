@@ -11,7 +11,8 @@ import json
 import logging
 from typing import Any
 
-from agentserve.vllm_llm_options import ANY_VALUE, ANY_VALUE_SWITCHES, AT_DEFAULT, check_at_default
+from agentserve.vllm_llm_options import (ANY_VALUE, ANY_VALUE_SWITCHES, AT_DEFAULT, check_at_default,
+                                         take_vllm_only_llm_kwargs)
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ def check_vllm_only_flags(given: dict[str, Any]) -> None:
             except json.JSONDecodeError:
                 pass
         try:
-            if name in AT_DEFAULT:
-                check_at_default(name, value, AT_DEFAULT)
-            elif name in SERVE_AT_DEFAULT:
+            if name in SERVE_AT_DEFAULT:
                 check_at_default(name, value, SERVE_AT_DEFAULT)
-            else:
-                logger.info("--%s accepted: %s", name.replace("_", "-"), ANY_VALUE.get(name) or SERVE_ANY_VALUE[name])
+            elif name in SERVE_ANY_VALUE:
+                logger.info("--%s accepted: %s", name.replace("_", "-"), SERVE_ANY_VALUE[name])
+            else:  # an LLM keyword's flag: judged as the keyword is
+                take_vllm_only_llm_kwargs({name: value})
         except ValueError as e:
             raise SystemExit(f"--{name.replace('_', '-')}: {e}") from None
