@@ -12,6 +12,7 @@ start-up naming what is wrong.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,32 @@ def test_split_model_from_its_first_shard_or_its_directory(tmp_path: Path) -> No
     shutil.copy(first, other / "n-00001-of-00002.gguf")
     with pytest.raises(ModelLoadError, match="holds several GGUF files"):
         LLM(str(other), tokenizer=str(src), num_blocks=16)
+
+
+def test_one_engine_load_parses_each_gguf_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shape, the tokenizer check and the weights share one parse of the file (GGUFReader reads every
+    metadata field when it opens a file: seconds for a real vocabulary); a load after it parses afresh
+    (nothing parsed is kept past the load), and a split model's shards are parsed once each."""
+    src = tiny_model_cached("qwen2")
+    file = write_gguf(src, tmp_path / "m.gguf", "qwen2", tokenizer_pre="qwen2")
+    (tmp_path / "split").mkdir()
+    first = write_gguf(src, tmp_path / "split" / "m.gguf", "qwen2", tokenizer_pre="qwen2", split_max_tensors=9)
+    opened: list[str] = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path: str, *args: Any, **kwargs: Any) -> Any:
+        # agentserve's parses only (transformers' GGUF tokenizer loader parses the file once more, its own way).
+        if inspect.stack()[1].filename.endswith(str(Path("agentserve", "model", "gguf.py"))):
+            opened.append(Path(path).name)
+        return real_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    want = _tokens(src)
+    assert _tokens(file) == want
+    assert opened == ["m.gguf"]
+    assert _tokens(file) == want
+    assert opened == ["m.gguf"] * 2
+    opened.clear()
+    assert _tokens(first) == want
+    shards = sorted(f.name for f in first.parent.iterdir())
+    assert len(shards) >= 2 and sorted(opened) == shards

@@ -42,6 +42,7 @@ from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.engine.lora_control import LoRAControl
 from agentserve.lora.key import LoRAKey
+from agentserve.model.gguf import shared_gguf_readers
 from agentserve.model.loader import resolve_dtype
 from agentserve.outputs import RequestOutput
 from agentserve.parallel.runner import start_model_runner
@@ -59,26 +60,28 @@ class Engine:
         # max_num_seqs / max_num_batched_tokens left unset follow the device (engine/batch_defaults.py).
         config = with_device_batch_defaults(config, self.device)
         self.config = config
-        self.arch, self.model_path = resolve_model(config)
-        self.tokenizer = load_model_tokenizer(config, self.model_path)
-        apply_chat_template_override(self.tokenizer, config.model.chat_template)
-        self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
-        # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
-        self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
-        self.max_model_len = decide_max_model_len(config, self.arch)
-        # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
-        # fails at once.
-        self.reasoning: Optional[ReasoningMarkers] = (
-            ReasoningMarkers.for_tokenizer(config.reasoning_parser, self.tokenizer) if config.reasoning_parser else None)
-        self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
-        if config.attention_backend != "auto":
-            from agentserve.kernels import set_backend
+        # A GGUF file is parsed once for its shape, its tokenizer and its weights (model/gguf.py).
+        with shared_gguf_readers():
+            self.arch, self.model_path = resolve_model(config)
+            self.tokenizer = load_model_tokenizer(config, self.model_path)
+            apply_chat_template_override(self.tokenizer, config.model.chat_template)
+            self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
+            # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
+            self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
+            self.max_model_len = decide_max_model_len(config, self.arch)
+            # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
+            # fails at once.
+            self.reasoning: Optional[ReasoningMarkers] = (
+                ReasoningMarkers.for_tokenizer(config.reasoning_parser, self.tokenizer) if config.reasoning_parser else None)
+            self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
+            if config.attention_backend != "auto":
+                from agentserve.kernels import set_backend
 
-            set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
-        self.model_name = config.model.served_model_names()[0]
-        # With tensor_parallel_size > 1 this starts the other ranks too (parallel/runner.py).
-        self.runner = start_model_runner(config, self.arch, self.device, self.dtype, self.model_path,
-                                         self.max_model_len, resolve_draft_model(config, self.arch, self.tokenizer))
+                set_backend(config.attention_backend)  # process-wide: the kernels dispatch on it
+            self.model_name = config.model.served_model_names()[0]
+            # With tensor_parallel_size > 1 this starts the other ranks too (parallel/runner.py).
+            self.runner = start_model_runner(config, self.arch, self.device, self.dtype, self.model_path,
+                                             self.max_model_len, resolve_draft_model(config, self.arch, self.tokenizer))
         self.lora_manager = self.runner.lora_manager  # None without enable_lora (lora/interface.py)
         self.pool = BlockPool(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)

@@ -16,8 +16,10 @@ the IQ types); anything else is a ModelLoadError naming the architecture or tens
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -71,13 +73,45 @@ def find_gguf_file(path: Path) -> Optional[Path]:
     return files[0] if files else None
 
 
+class _SharedReaders(threading.local):
+    """This thread's parsed files while a `shared_gguf_readers` block is open (None outside one)."""
+
+    readers: Optional[dict[Path, Any]] = None
+
+
+_shared = _SharedReaders()
+
+
+@contextlib.contextmanager
+def shared_gguf_readers() -> Iterator[None]:
+    """Inside the block each GGUF file is parsed once. GGUFReader parses every metadata field when it
+    opens a file (a 49k-token vocabulary's strings and merges: 2-4 s on a CPU core), and one model load
+    reads the file three times (its shape, whether it has a tokenizer, its weights). The parsed fields
+    hold ~170 MB for such a vocabulary, so they are dropped when the load ends rather than kept."""
+    if _shared.readers is not None:  # nested (a draft model's load inside the target's): the outer block owns it
+        yield
+        return
+    _shared.readers = {}
+    try:
+        yield
+    finally:
+        _shared.readers = None
+
+
 def _reader(file: Path) -> Any:
     import gguf
 
+    cache = _shared.readers
+    key = file.resolve()
+    if cache is not None and key in cache:
+        return cache[key]
     try:
-        return gguf.GGUFReader(str(file))
+        reader = gguf.GGUFReader(str(file))
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"cannot read GGUF file {file}: {e}") from None
+    if cache is not None:
+        cache[key] = reader
+    return reader
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
