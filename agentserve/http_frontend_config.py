@@ -1,5 +1,5 @@
 """The HTTP server's own options, under vllm serve's names and defaults: TLS, the proxy root path, CORS,
-uvicorn's logging, and two OpenAI-API behaviours vLLM puts behind flags. ServerConfig inherits them, so
+uvicorn's logging, the HTTP/1.1 parser's header limits, and two OpenAI-API behaviours vLLM puts behind flags. ServerConfig inherits them, so
 they are engine options (LLM keywords, `agentserve serve` flags) like the rest of the server's. The TLS
 certificate serves the gRPC port too (service/serve.py)."""
 
@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# vLLM's header limits (vllm/entrypoints/constants.py): h11's own limit of an unfinished event (a request's
+# header block) is 16 KiB, which refuses the large bearer tokens and cookies that proxies add.
+H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT = 4 * 1024 * 1024
+H11_MAX_HEADER_COUNT_DEFAULT = 256
 
 # uvicorn's --log-level names (vLLM's --uvicorn-log-level takes the same).
 UvicornLogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -27,6 +32,13 @@ class HttpFrontendConfig(BaseModel):
                                         "checked against (with ssl_cert_reqs 2: mutual TLS). vLLM's flag.")
     ssl_cert_reqs: int = Field(default=int(ssl.CERT_NONE), ge=0, le=2, description="Whether HTTPS clients must send a "
                                "certificate: 0 no, 1 optional, 2 required (Python's ssl.CERT_*). vLLM's flag.")
+    ssl_ciphers: Optional[str] = Field(default=None, description="The TLS ciphers the HTTPS server offers (an OpenSSL "
+                                       "cipher list; unset: uvicorn's default). vLLM's flag.")
+    h11_max_incomplete_event_size: int = Field(default=H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT, ge=1024, description=(
+        "Bytes the HTTP/1.1 parser buffers for an unfinished request head (the request line and headers; the body "
+        "is streamed and bounded by max_body_bytes); a larger head is refused. vLLM's flag and default (4 MiB)."))
+    h11_max_header_count: int = Field(default=H11_MAX_HEADER_COUNT_DEFAULT, ge=1, description=(
+        "Headers an HTTP request may carry; more are refused with 431. vLLM's flag and default."))
     root_path: Optional[str] = Field(default=None, description="The path prefix a proxy serves the HTTP API under "
                                      "(ASGI root_path: the proxy strips it; links and docs carry it). vLLM's flag.")
     uvicorn_log_level: UvicornLogLevel = Field(default="warning", description="Log level of the HTTP server (uvicorn); "

@@ -23,6 +23,8 @@ SERVE_AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "tool_parser_plugin": (("", None), "tool calls are parsed in the format the chat template shows; no plugins"),
     "enable_server_load_tracking": ((False,), "there is no /load endpoint: /metrics reports "
                                     "vllm:num_requests_running and vllm:num_requests_waiting"),
+    "enable_ssl_refresh": ((False,), "the certificate files are read when the server starts; restart it to serve a "
+                           "renewed certificate"),
     "chat_template_content_format": (("auto", "string"), "content parts are joined into one string before the "
                                      "chat template (vLLM's 'string'); 'openai' part lists are not passed on"),
 }

@@ -1,6 +1,7 @@
 """vllm serve's HTTP front-end flags (agentserve/http_frontend_config.py), against a live server: HTTPS with
 --ssl-keyfile / --ssl-certfile, CORS (a browser's preflight is answered before the API-key check; origins can be
-restricted), --root-path and uvicorn's logging reach uvicorn, --enable-force-include-usage ends every stream with
+restricted), --root-path, uvicorn's logging and the header limits (--h11-max-incomplete-event-size,
+--h11-max-header-count) reach uvicorn and the API, --enable-force-include-usage ends every stream with
 its usage, and --exclude-tools-when-tool-choice-none renders the prompt without the tools."""
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def test_root_path_and_logging_reach_uvicorn() -> None:
     assert uv.config.root_path == "/llm" and uv.config.access_log is False and uv.config.log_level == "info"
     default = _uvicorn_server(object(), "127.0.0.1", 0, 1.0, _config().server)
     assert default.config.root_path == "" and default.config.access_log is True and default.config.ssl_keyfile is None
+
+
+def test_header_limits_are_vllms() -> None:
+    """h11's own limit of an unfinished request head (16 KiB) refused a request whose headers span more than one
+    socket read, e.g. a 200 KB cookie (400 'Invalid HTTP request received.'); vLLM's defaults take 4 MiB of headers
+    and up to 256 of them, and more headers than the count get a 431 naming the flag."""
+    from agentserve.service.serve import _uvicorn_server
+
+    async def main(config: EngineConfig, many: int, big: bool) -> tuple[int, int, str]:
+        async with running_server(config, grpc_port=None, http_port=0) as handle:
+            url = f"http://127.0.0.1:{handle.http_port}/v1/models"
+            async with httpx.AsyncClient(timeout=30) as client:
+                head = await client.get(url, headers={"cookie": "c" * 200_000} if big else {"x-a": "1"})
+                counted = await client.get(url, headers={f"x-h{i}": "v" for i in range(many)})
+                return head.status_code, counted.status_code, counted.text
+
+    big_head, too_many, says = asyncio.run(main(_config(), 300, big=True))
+    assert big_head == 200 and too_many == 431 and "--h11-max-header-count" in says
+    assert asyncio.run(main(_config(h11_max_header_count=8), 10, big=False))[:2] == (200, 431)
+    small = _config(h11_max_incomplete_event_size=16_384, ssl_ciphers="ECDHE+AESGCM").server
+    uv = _uvicorn_server(object(), "127.0.0.1", 0, 1.0, small)
+    assert uv.config.h11_max_incomplete_event_size == 16_384 and uv.config.ssl_ciphers == "ECDHE+AESGCM"
+    assert _uvicorn_server(object(), "127.0.0.1", 0, 1.0, _config().server).config.h11_max_incomplete_event_size == (
+        4 * 1024 * 1024)
 
 
 def _preflight(client: httpx.Client, origin: str) -> httpx.Response:

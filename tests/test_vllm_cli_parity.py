@@ -50,6 +50,8 @@ def test_vllm_serve_http_flags_set_the_http_front_end() -> None:
     assert http.root_path == "/llm" and http.uvicorn_log_level == "info" and http.disable_uvicorn_access_log
     assert http.enable_force_include_usage and http.exclude_tools_when_tool_choice_none
     assert config.grammar_backend == "xgrammar"
+    limits = _config("--h11-max-incomplete-event-size", "65536", "--h11-max-header-count", "64", "--no-enable-ssl-refresh")
+    assert limits.server.h11_max_incomplete_event_size == 65536 and limits.server.h11_max_header_count == 64
     with pytest.raises(SystemExit):  # vLLM's form is a JSON list; a bare origin is a usage error naming the flag
         build_parser().parse_args(["serve", "m", "--allowed-origins", "https://app.example"])
 
@@ -66,6 +68,7 @@ def test_vllm_serve_http_flags_set_the_http_front_end() -> None:
     (("--middleware", "my_pkg.AuthMiddleware"), "no middleware is imported"),
     (("--chat-template-content-format", "openai"), "joined into one string"),
     (("--enable-server-load-tracking",), "/metrics"),
+    (("--enable-ssl-refresh",), "restart it to serve a renewed certificate"),
 ])
 def test_a_vllm_serve_flag_asking_for_what_agentserve_does_not_do_names_itself(flags: tuple[str, ...],
                                                                                 says: str) -> None:

@@ -72,19 +72,20 @@ class _BodyTooLarge(StarletteHTTPException):
 
 class _GateMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would break streaming and disconnect detection):
-    API key on /v1/* (its tenant put into the scope), the tenant's limit of requests in flight (held
-    until the response, streamed or not, is over), request body size limit, and per-endpoint
-    request/status counters.
+    the header count (--h11-max-header-count), API key on /v1/* (its tenant put into the scope), the
+    tenant's limit of requests in flight (held until the response, streamed or not, is over), request
+    body size limit, and per-endpoint request/status counters.
 
     The body limit holds on the bytes actually read, whatever the headers say (a chunked body has no
     Content-Length): the receive channel counts them and fails the read as soon as the limit is
     passed, so the rest is never buffered (uvicorn stops reading the socket meanwhile)."""
 
-    def __init__(self, app: Any, tenants: Tenants, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, tenants: Tenants, metrics: Metrics, max_body_bytes: int, max_header_count: int) -> None:
         self.app = app
         self.tenants = tenants
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_header_count = max_header_count
 
     def _limited(self, receive: Any) -> Any:
         read = 0
@@ -114,7 +115,14 @@ class _GateMiddleware:
             await send(message)
 
         try:
-            headers = dict(scope.get("headers") or [])
+            raw_headers = scope.get("headers") or []
+            if len(raw_headers) > self.max_header_count:
+                resp = _error_response(431, f"The request carries {len(raw_headers)} headers; the limit is "
+                                            f"{self.max_header_count} (--h11-max-header-count).",
+                                       "invalid_request_error", None, "request_header_fields_too_large")
+                await resp(scope, receive, counting_send)
+                return
+            headers = dict(raw_headers)
             tenant = self.tenants.authenticate(None)  # the anonymous tenant, or None when keys are required
             if self.tenants.requires_key and path.startswith("/v1"):
                 auth = headers.get(b"authorization", b"")
@@ -354,7 +362,8 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     add_lora_routes(app, async_engine)
     _add_responses_routes(app, responses)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
-                       max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes)
+                       max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes,
+                       max_header_count=config.server.h11_max_header_count)
     if config.server.enable_request_id_headers:  # outside the gate: its 401 / 413 / 429 answers carry it too
         app.add_middleware(RequestIdHeaderMiddleware)
     # Outermost, as in vLLM: a browser's preflight (OPTIONS, no API key) is answered here, before the key

@@ -90,11 +90,15 @@ def _uvicorn_server(app: Any, host: str, port: int, grace: float, http: HttpFron
 
     # timeout_graceful_shutdown: without it uvicorn waits for every open stream to end on its own.
     # uvicorn annotates it int, but only hands it to asyncio.timeout, which takes any float (tests use 0.2 s).
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level=http.uvicorn_log_level, lifespan="on",
-                                  timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
-                                  access_log=not http.disable_uvicorn_access_log, root_path=http.root_path or "",
-                                  ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile,
-                                  ssl_ca_certs=http.ssl_ca_certs, ssl_cert_reqs=http.ssl_cert_reqs))
+    config = uvicorn.Config(app, host=host, port=port, log_level=http.uvicorn_log_level, lifespan="on",
+                            timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
+                            access_log=not http.disable_uvicorn_access_log, root_path=http.root_path or "",
+                            ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile,
+                            ssl_ca_certs=http.ssl_ca_certs, ssl_cert_reqs=http.ssl_cert_reqs,
+                            h11_max_incomplete_event_size=http.h11_max_incomplete_event_size)
+    if http.ssl_ciphers is not None:  # else uvicorn's own default, which differs between its versions
+        config.ssl_ciphers = http.ssl_ciphers  # read when the server loads its config (the TLS context)
+    return _Server(config)
 
 
 def _bind_grpc(server: grpc.aio.Server, address: str, tls: HttpFrontendConfig) -> int:
