@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import decimal
 import importlib.resources
 import json
+import re
 import socket
 import sys
 import time
@@ -51,6 +53,8 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
             kwargs["choices"] += tuple(DTYPE_ALIASES)  # vLLM's half / float (ModelConfig maps them)
         elif name == "kv_cache_dtype":
             kwargs["type"] = kv_cache_dtype_flag  # vLLM's other values: an error with the reason
+    elif name == "max_model_len":
+        kwargs.update(type=human_readable_int, metavar="TOKENS")  # vLLM's forms: 32768, 32k, 32K
     elif name == "model":
         kwargs.update(required=True, metavar="PATH")  # a usage error, not a KeyError, when it is missing
     elif name == "served_model_name":
@@ -64,6 +68,25 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
     elif get_origin(field.annotation) is list:
         kwargs.update(metavar="JSON", type=_json_list)  # vLLM's form: --allowed-origins '["https://app.example"]'
     parser.add_argument(_flag(name), *VLLM_SHORT_FLAGS.get(name, ()), **kwargs)
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's human-readable token counts: a plain integer, or a number with a decimal (k, m, g: 25.6k = 25,600)
+    or binary (K, M, G: 32K = 32,768; whole numbers only) suffix."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", text.strip())
+    if match is None:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of tokens, e.g. 32768, 32k or "
+                                             "32K") from None
+    number, suffix = match.groups()
+    if suffix.islower():  # exact decimal arithmetic: float(2.3) * 1000 would give 2299
+        return int(decimal.Decimal(number) * 1000 ** ("kmg".index(suffix) + 1))
+    if "." in number:
+        raise argparse.ArgumentTypeError(f"{text!r}: binary suffixes (K, M, G) take whole numbers; use 25.6k "
+                                         "(decimal) or a plain number")
+    return int(number) * 1024 ** ("KMG".index(suffix) + 1)
 
 
 def _json_list(text: str) -> list[str]:

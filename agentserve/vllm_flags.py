@@ -68,7 +68,9 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", default=None, dest="tool_call_parser",
                        help=f"checked against the chat template's tool-call format ({', '.join(_TOOL_PARSERS)})")
     for name, why in _ALWAYS_ON.items():
-        group.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, dest=name,
+        # vLLM's --no-enable-chunked-prefill turns chunking off: refused by name (agentserve has no unchunked path).
+        action = argparse.BooleanOptionalAction if name == "enable_chunked_prefill" else "store_true"
+        group.add_argument("--" + name.replace("_", "-"), action=action, default=None, dest=name,
                            help=f"accepted: {why}")
     add_vllm_only_flags(group)  # vLLM's flags without an agentserve option: at their defaults (not in --help)
 
@@ -96,6 +98,9 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
         if backend not in _GRAMMAR_BACKENDS:
             raise SystemExit(f"--guided-decoding-backend {backend!r} is not one of {sorted(_GRAMMAR_BACKENDS)}")
         kw["grammar_backend"] = _GRAMMAR_BACKENDS[backend]
+    if given.get("enable_chunked_prefill") is False:
+        raise SystemExit("--no-enable-chunked-prefill: agentserve always chunks prefill under "
+                         "--max-num-batched-tokens (there is no unchunked path); leave the flag out")
     for name, why in _ALWAYS_ON.items():
         if given.get(name):
             logger.info("--%s: %s", name.replace("_", "-"), why)

@@ -102,6 +102,26 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "collect_detailed_traces": ((None,), "OpenTelemetry tracing is not supported"),
     "show_hidden_metrics_for_version": ((None,), "no deprecated metrics are kept to show"),
     "enable_log_requests": ((False,), "requests are not logged one by one: /metrics counts them"),
+    "logits_processor_pattern": ((None,), "logits processors are not loaded by name: requests take logit_bias, "
+                                 "bad_words and allowed_token_ids"),
+    "override_attention_dtype": ((None,), "attention runs in the model's dtype with fp32 accumulation"),
+    "io_processor_plugin": ((None,), "no IO processor plugins: prompts are text or token ids"),
+    "safetensors_load_strategy": ((None, "lazy"), "safetensors files are memory-mapped and read tensor by tensor "
+                                  "(vLLM's 'lazy')"),
+    "additional_config": ((None, {}), "there is no platform-specific configuration"),
+    "scheduler_delay_factor": ((0, 0.0), "waiting requests are admitted at every step (no delay factor)"),
+    "decode_context_parallel_size": ((1,), "decode context parallelism is not supported: use tensor_parallel_size"),
+    "enable_dbo": ((False,), "dual-batch overlap (a mixture-of-experts feature) is not supported"),
+    "gdn_prefill_backend": ((None,), "Gated DeltaNet models are not supported"),
+    "mamba_cache_dtype": (("auto",), "agentserve serves attention models (no Mamba state)"),
+    "mamba_ssm_cache_dtype": (("auto",), "agentserve serves attention models (no Mamba state)"),
+    **{name: (defaults, "data parallelism is not supported: run one engine per device group") for name, defaults in (
+        ("data_parallel_rank", (None,)), ("data_parallel_size_local", (None, 1)), ("data_parallel_address", (None,)),
+        ("data_parallel_rpc_port", (None,)), ("data_parallel_backend", ("mp",)), ("data_parallel_hybrid_lb", (False,)),
+        ("data_parallel_external_lb", (False,)), ("data_parallel_start_rank", (None, 0)))},
+    **{name: (defaults, "mixture-of-experts models are not supported") for name, defaults in (
+        ("enable_eplb", (False,)), ("eplb_config", (None, {})), ("expert_placement_strategy", ("linear",)),
+        ("num_redundant_experts", (0,)))},
 }
 
 # Options agentserve has whose vLLM default is None, meaning "the engine's own choice" (EngineArgs'
@@ -124,11 +144,20 @@ ANY_VALUE: dict[str, str] = {
     "use_tqdm_on_load": "checkpoint loading shows no progress bar",
     "lora_extra_vocab_size": "adapters that add tokens are refused, so no extra vocabulary is reserved",
     "mm_processor_cache_gb": "agentserve serves text-only models (no multimodal processor cache)",
+    "disable_mm_preprocessor_cache": "agentserve serves text-only models (no multimodal processor cache)",
+    "disable_chunked_mm_input": "agentserve serves text-only models",
+    "enable_multimodal_encoder_data_parallel": "agentserve serves text-only models",
+    "enable_reasoning": "the reasoning is split from the reply whenever a reasoning parser is given (vLLM dropped "
+                        "the flag)",
+    "aggregate_engine_logging": "one engine per server: its statistics are on /metrics",
+    "fail_on_environ_validation": "no environment variables are validated at start-up",
 }
 # Those of ANY_VALUE that `vllm serve` takes as switches (no value follows the flag).
 ANY_VALUE_SWITCHES = frozenset(("disable_custom_all_reduce", "disable_async_output_proc", "calculate_kv_scales",
                                 "disable_sliding_window", "use_v2_block_manager", "disable_cascade_attn",
-                                "disable_hybrid_kv_cache_manager", "use_tqdm_on_load"))
+                                "disable_hybrid_kv_cache_manager", "use_tqdm_on_load", "disable_mm_preprocessor_cache",
+                                "disable_chunked_mm_input", "enable_multimodal_encoder_data_parallel", "enable_reasoning",
+                                "aggregate_engine_logging", "fail_on_environ_validation"))
 
 
 def check_at_default(name: str, value: Any, table: dict[str, tuple[tuple[Any, ...], str]]) -> None:

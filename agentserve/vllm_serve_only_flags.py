@@ -23,6 +23,15 @@ SERVE_AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "tool_parser_plugin": (("", None), "tool calls are parsed in the format the chat template shows; no plugins"),
     "enable_server_load_tracking": ((False,), "there is no /load endpoint: /metrics reports "
                                     "vllm:num_requests_running and vllm:num_requests_waiting"),
+    "headless": ((False,), "the HTTP and gRPC servers run in the engine's process (no headless engine)"),
+    "uds": ((None,), "the HTTP API listens on --host and --port (no Unix domain socket)"),
+    "tool_server": ((None,), "no built-in tool servers run: tool calls go back to the client"),
+    "log_config_file": ((None,), "logging is set by --uvicorn-log-level and Python's logging (no config file)"),
+    "enable_tokenizer_info_endpoint": ((False,), "there is no /tokenizer_info endpoint (/tokenize and /detokenize "
+                                       "are served)"),
+    "enable_log_outputs": ((False,), "outputs are not logged"),
+    "log_error_stack": ((False,), "error responses are not logged with their stack"),
+    "tokens_only": ((False,), "the whole OpenAI API is served (no tokens-only mode)"),
     "enable_ssl_refresh": ((False,), "the certificate files are read when the server starts; restart it to serve a "
                            "renewed certificate"),
     "chat_template_content_format": (("auto", "string"), "content parts are joined into one string before the "

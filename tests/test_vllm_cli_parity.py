@@ -37,7 +37,12 @@ def test_vllm_serve_flags_without_an_agentserve_option_are_taken_at_their_defaul
                             "--max-seq-len-to-capture", "8192", "--tokenizer-mode", "auto", "--stream-interval", "1",
                             "-O0", "--api-server-count", "1", "--max-log-len", "100", "--disable-fastapi-docs",
                             "--enable-prompt-tokens-details", "--disable-frontend-multiprocessing",
-                            "--chat-template-content-format", "string")
+                            "--chat-template-content-format", "string", "--safetensors-load-strategy", "lazy",
+                            "--scheduler-delay-factor", "0", "--data-parallel-backend", "mp", "--mamba-cache-dtype",
+                            "auto", "--disable-mm-preprocessor-cache", "--enable-reasoning", "--no-headless",
+                            "--no-enable-log-outputs", "--additional-config", "{}", "--num-redundant-experts", "0",
+                            "--decode-context-parallel-size", "1", "--no-enable-dbo", "--aggregate-engine-logging",
+                            "--enable-chunked-prefill")
     assert with_defaults.model_dump() == plain.model_dump()
 
 
@@ -69,9 +74,27 @@ def test_vllm_serve_http_flags_set_the_http_front_end() -> None:
     (("--chat-template-content-format", "openai"), "joined into one string"),
     (("--enable-server-load-tracking",), "/metrics"),
     (("--enable-ssl-refresh",), "restart it to serve a renewed certificate"),
+    (("--no-enable-chunked-prefill",), "always chunks prefill"),
+    (("--headless",), "run in the engine's process"),
+    (("--uds", "/tmp/agentserve.sock"), "listens on --host and --port"),
+    (("--data-parallel-rank", "1"), "data parallelism is not supported"),
+    (("--enable-eplb",), "mixture-of-experts models are not supported"),
+    (("--logits-processors", '["my.Processor"]'), "logit_bias"),
 ])
 def test_a_vllm_serve_flag_asking_for_what_agentserve_does_not_do_names_itself(flags: tuple[str, ...],
                                                                                 says: str) -> None:
     with pytest.raises(SystemExit) as error:
         _config(*flags)
     assert says in str(error.value)
+
+
+def test_max_model_len_in_vllms_human_readable_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM takes --max-model-len 32k (32,000), 32K (32,768) or 25.6k; agentserve refused every suffix."""
+    assert _config("--max-model-len", "200").model.max_model_len == 200
+    assert _config("--max-model-len", "0.2k").model.max_model_len == 200
+    assert _config("--max-model-len", "1k").model.max_model_len == 1000
+    assert _config("--max-model-len", "1K").model.max_model_len == 1024
+    for bad in ("25.6K", "lots"):
+        with pytest.raises(SystemExit):
+            _config("--max-model-len", bad)
+        assert "--max-model-len" in capsys.readouterr().err
