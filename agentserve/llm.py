@@ -156,12 +156,13 @@ class LLM:
     def generate(self, prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  use_tqdm: bool = False, adapter: AdapterArg = None,
-                 lora_request: LoRARequestArg = None) -> list[RequestOutput]:
+                 lora_request: LoRARequestArg = None, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """Prompts are strings, token-id lists or vLLM's prompt dicts ({"prompt": text} or
         {"prompt_token_ids": ids}), one prompt or a list. Outputs come in input order.
         `adapter`: a loaded LoRA adapter's name for all prompts, or a name (or None: the base model)
         per prompt. `lora_request`: vLLM's form of the same (agentserve.lora.request.LoRARequest, loaded
-        on first use); give one of the two."""
+        on first use); give one of the two. `priority`: vLLM's, one per prompt (lower runs first) under
+        policy="priority"."""
         if lora_request is not None:
             if adapter is not None:
                 raise ValueError("give adapter= or lora_request=, not both")
@@ -171,19 +172,29 @@ class LLM:
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
         adapters = _adapters_per_prompt(adapter, len(prompts))
+        priorities = self._priorities(priority, len(prompts))
         if self.engine.lora_manager is None and any(adapters):
             raise LoRANotEnabledError("adapter= needs an engine started with enable_lora=True")
         ids = []
         try:
-            for prompt, params, lora_name in zip(prompts, params_list, adapters):
+            for prompt, params, lora_name, rank in zip(prompts, params_list, adapters, priorities):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, params, lora_name=lora_name)
+                self.engine.add_request(rid, prompt, params, lora_name=lora_name, priority=rank)
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:
             for rid in ids:  # nothing may leak pages, whatever went wrong
                 self.engine.abort(rid)
             raise
+
+    def _priorities(self, priority: Optional[Sequence[int]], count: int) -> list[int]:
+        if priority is None:
+            return [0] * count
+        if len(priority) != count:
+            raise ValueError(f"priority has {len(priority)} values for {count} prompts: give one per prompt")
+        if any(p != 0 for p in priority) and self.engine.config.scheduler.policy != "priority":
+            raise ValueError("priority needs the priority scheduling policy (LLM(..., scheduling_policy='priority'))")
+        return [int(p) for p in priority]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from agentserve.structured_outputs_params import GuidedDecodingParams, StructuredOutputsParams
+
 _UNSET_MAX_TOKENS = 16
 # Integers end up in int64 tensors or a torch.Generator seed: anything beyond int64 overflows there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -104,8 +106,13 @@ class SamplingParams:
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[None, str, dict[str, Any]] = None
     parallel_tool_calls: bool = True
+    # vLLM's offline forms of one constraint (agentserve/structured_outputs_params.py), read onto the fields above
+    # when the object is built (then None, so that clone() does not read them twice).
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_decoding: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
+        self._take_vllm_constraints()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -120,6 +127,22 @@ class SamplingParams:
             self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
         if 0.0 < self.temperature < MIN_POSITIVE_TEMPERATURE:
             self.temperature = MIN_POSITIVE_TEMPERATURE
+
+    def _take_vllm_constraints(self) -> None:
+        for keyword in ("structured_outputs", "guided_decoding"):
+            given = getattr(self, keyword)
+            if given is None:
+                continue
+            if not isinstance(given, StructuredOutputsParams):
+                raise SamplingParamsError(keyword, "must be a StructuredOutputsParams (or GuidedDecodingParams), "
+                                                   f"not {type(given).__name__}")
+            taken = [n for n in ("json_schema", "json_object", "regex", "choice", "grammar") if getattr(self, n)
+                     not in (None, False)]
+            if taken:
+                raise SamplingParamsError(keyword, f"gives a constraint and so does {taken[0]}: give one")
+            for name, value in given.sampling_fields(keyword).items():
+                setattr(self, name, value)
+            setattr(self, keyword, None)
 
     def _validate(self) -> None:
         self._validate_numbers()
@@ -237,3 +260,6 @@ class SamplingParams:
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
         values.update(changes)
         return SamplingParams(**values)
+
+
+__all__ = ["SamplingParams", "SamplingParamsError", "StructuredOutputsParams", "GuidedDecodingParams"]

@@ -1,0 +1,102 @@
+"""vLLM's offline forms that its users' code passes to LLM: SamplingParams(structured_outputs=
+StructuredOutputsParams(...)) and the older guided_decoding=GuidedDecodingParams(...) give the same
+constrained outputs as agentserve's own fields; what they ask for and agentserve cannot do names the field;
+generate(priority=[...]) orders the prompts under the priority policy."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from agentserve import SamplingParams
+from agentserve.llm import LLM
+from agentserve.sampling_params import GuidedDecodingParams, StructuredOutputsParams
+from agentserve.testing import tiny_model_cached
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer"}},
+          "required": ["city", "days"], "additionalProperties": False}
+
+
+class Trip(BaseModel):
+    city: str = Field(max_length=8)  # bounded, so that the random tiny model's answer ends within max_tokens
+    days: int = Field(ge=1, le=30)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Any:
+    with LLM(str(tiny_model_cached("qwen2")), num_blocks=128, max_model_len=256) as engine:
+        yield engine
+
+
+def _text(llm: LLM, params: SamplingParams, prompt: str = "Plan a trip:") -> str:
+    return llm.generate(prompt, params)[0].outputs[0].text
+
+
+@pytest.mark.parametrize("keyword,cls", [("structured_outputs", StructuredOutputsParams),
+                                         ("guided_decoding", GuidedDecodingParams)])
+def test_vllm_constraint_objects_constrain_like_agentserves_fields(llm: LLM, keyword: str, cls: type) -> None:
+    def params(**constraint: Any) -> SamplingParams:
+        return SamplingParams(max_tokens=64, temperature=0.8, seed=3, **{keyword: cls(**constraint)})
+
+    # Each form gives exactly the tokens of agentserve's own field with the same seed.
+    for constraint, own in (({"json": SCHEMA}, {"json_schema": SCHEMA}), ({"json": json.dumps(SCHEMA)},
+                                                                          {"json_schema": json.dumps(SCHEMA)}),
+                            ({"choice": ["yes", "no", "maybe"]}, {"choice": ["yes", "no", "maybe"]}),
+                            ({"regex": "[a-c]{3}-[0-9]{2}"}, {"regex": "[a-c]{3}-[0-9]{2}"}),
+                            ({"json_object": True}, {"json_object": True})):
+        got = _text(llm, params(**constraint))
+        assert got == _text(llm, SamplingParams(max_tokens=64, temperature=0.8, seed=3, **own)), constraint
+    jsonschema.validate(json.loads(_text(llm, params(json=SCHEMA))), SCHEMA)
+    assert _text(llm, params(choice=["yes", "no", "maybe"])) in ("yes", "no", "maybe")
+    trip = Trip.model_validate_json(_text(llm, params(json=Trip)))  # a pydantic model class, as vLLM takes it
+    assert isinstance(trip.days, int)
+    grammar = 'root ::= "go " ("north" | "south")'
+    assert _text(llm, params(grammar=grammar)) in ("go north", "go south")
+
+
+@pytest.mark.parametrize("fields,says", [
+    (dict(json=SCHEMA, backend="xgrammar"), "structured_outputs.backend is not supported: the grammar backend is"),
+    (dict(regex="a+", whitespace_pattern=r"[ ]?"), "structured_outputs.whitespace_pattern is not supported"),
+    (dict(structural_tag="{}"), "structured_outputs.structural_tag is not supported"),
+    (dict(json=SCHEMA, disable_any_whitespace=True), "disable_any_whitespace"),
+    (dict(json=SCHEMA, regex="a+"), "exactly one of json, regex, choice, grammar and json_object (got json, regex)"),
+    (dict(), "exactly one of json, regex, choice, grammar and json_object (got none)"),
+])
+def test_what_the_vllm_objects_ask_for_and_agentserve_cannot_do_names_the_field(fields: dict[str, Any],
+                                                                                 says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        SamplingParams(structured_outputs=StructuredOutputsParams(**fields))
+
+
+def test_one_constraint_in_two_places_is_an_error() -> None:
+    with pytest.raises(ValueError, match="structured_outputs gives a constraint and so does regex"):
+        SamplingParams(regex="a+", structured_outputs=StructuredOutputsParams(choice=["a"]))
+    with pytest.raises(ValueError, match="guided_decoding gives a constraint and so does json_schema"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(json=SCHEMA),
+                       guided_decoding=GuidedDecodingParams(json=SCHEMA))
+    with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json": SCHEMA})  # type: ignore[arg-type]
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
+    assert params.choice == ["a", "b"] and params.structured_outputs is None
+    assert params.clone(max_tokens=3).choice == ["a", "b"]  # read once: the clone carries the field, not the object
+
+
+def test_generate_priority_orders_the_prompts_under_the_priority_policy() -> None:
+    prompts = ["one two three", "four five six", "seven eight nine"]
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with LLM(str(tiny_model_cached("qwen2")), num_blocks=64, max_model_len=128, max_num_seqs=1,
+             scheduling_policy="priority") as llm:
+        outs = llm.generate(prompts, greedy, priority=[2, 0, 1])
+        order = sorted(range(3), key=lambda i: outs[i].metrics.first_token_time)
+        assert order == [1, 2, 0]  # lower runs first, as in vLLM
+        with pytest.raises(ValueError, match="priority has 2 values for 3 prompts"):
+            llm.generate(prompts, greedy, priority=[0, 1])
+    with LLM(str(tiny_model_cached("qwen2")), num_blocks=64, max_model_len=128) as fcfs:
+        assert len(fcfs.generate(prompts, greedy, priority=[0, 0, 0])) == 3
+        with pytest.raises(ValueError, match="priority needs the priority scheduling policy"):
+            fcfs.generate(prompts, greedy, priority=[1, 0, 0])
