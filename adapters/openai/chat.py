@@ -7,6 +7,7 @@ import contextlib
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
+from agentserve.adapters.openai.chat_stream_state import ChatStreamState
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.request_ids import response_id
@@ -15,7 +16,7 @@ from agentserve.adapters.openai.usage import stream_usage, usage
 from agentserve.adapters.openai.tool_chunks import ToolCallChunks
 from agentserve.chat import limits as L
 from agentserve.chat.messages import OPENAI_RULES, normalize_messages
-from agentserve.chat.reasoning import ReasoningStream, split_reasoning
+from agentserve.chat.reasoning import split_reasoning
 from agentserve.chat.reply import opener_is_special, tool_format_of
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
@@ -186,25 +187,6 @@ class ChatEndpoint:
         return await ctx.full(raw_request)
 
 
-class _StreamState:
-    """Per-choice progress of a chat stream."""
-
-    def __init__(self, ctx: "_ChatContext", include_usage: bool, continuous: bool) -> None:
-        n = ctx.params.n
-        self.include_usage, self.continuous = include_usage, continuous
-        self.started = [False] * n
-        self.done = [False] * n
-        self.sent_lp = [0] * n
-        self.completion_tokens = [0] * n
-        self.streams = [ctx.tool_chunks() for _ in range(n)]
-        parser = ctx.reasoning_parser
-        self.reasoning = [ReasoningStream(parser, ctx.in_reasoning) if parser else None for _ in range(n)]
-        self.has_calls = [False] * n
-        self.acc = [""] * n  # streamed text per choice, and how much of it went to the tool-call parser
-        self.fed = [0] * n
-        self.cached = 0
-
-
 class _ChatContext:
     def __init__(self, endpoint: ChatEndpoint, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, lora_name: Optional[str], tools: Tools, tool_choice: Any,
@@ -258,7 +240,7 @@ class _ChatContext:
                     break
         return hold
 
-    def _safe_text(self, c: CompletionOutput, st: _StreamState, delta: str) -> str:
+    def _safe_text(self, c: CompletionOutput, st: ChatStreamState, delta: str) -> str:
         """The next piece of choice k's text (`delta`: its new content) for the parser: with special tokens
         kept, a tail that may be the start of the EOS text waits until the next delta shows what it is."""
         k = c.index
@@ -306,27 +288,34 @@ class _ChatContext:
                 logprobs = {"content": self.logprobs.chat(c.token_ids, c.logprobs, self.top_n)}
             reason = self._finish_reason(c, bool(calls), ts is not None and ts.cut_off)
             choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
-                            "stop_reason": c.stop_reason})
+                            "stop_reason": c.stop_reason, **({"token_ids": list(c.token_ids)} if self.req.return_token_ids
+                                                              else {})})
             self.s.record_finish(reason)
         body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(len(self.prompt_ids), completion_tokens, final.num_cached_tokens)}
         if self.req.prompt_logprobs is not None:
             body["prompt_logprobs"] = vllm_prompt_logprobs(final.prompt_logprobs)
+        if self.req.return_token_ids:  # vLLM's: the prompt's tokens beside the choices' (token_ids)
+            body["prompt_token_ids"] = self.prompt_ids
         return body
 
-    def _chunk(self, st: _StreamState, index: int, delta: dict[str, Any], logprobs: Any = None,
+    def _chunk(self, st: ChatStreamState, index: int, delta: dict[str, Any], logprobs: Any = None,
                finish: Optional[str] = None, stop_reason: Any = None) -> str:
         choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "choices": [choice]}
+        if self.req.return_token_ids:  # vLLM's: the prompt's ids in the first chunk, the new tokens' in each
+            choice["token_ids"], st.pending_ids[index] = st.pending_ids[index], []
+            if not st.prompt_ids_sent:
+                body["prompt_token_ids"], st.prompt_ids_sent = self.prompt_ids, True
         if st.include_usage:
             body["usage"] = usage(len(self.prompt_ids), sum(st.completion_tokens), st.cached) if st.continuous \
                 else None
         return sse(body)
 
-    def _new_logprobs(self, st: _StreamState, c: CompletionOutput) -> Optional[dict[str, Any]]:
+    def _new_logprobs(self, st: ChatStreamState, c: CompletionOutput) -> Optional[dict[str, Any]]:
         k = c.index
         logprobs = None
         new_ids = c.token_ids[st.sent_lp[k]:]
@@ -337,10 +326,11 @@ class _ChatContext:
         st.completion_tokens[k] = len(c.token_ids)
         return logprobs
 
-    def _choice_chunks(self, st: _StreamState, c: CompletionOutput) -> list[str]:
+    def _choice_chunks(self, st: ChatStreamState, c: CompletionOutput) -> list[str]:
         """The chunks one output of choice c.index adds to the stream."""
         k = c.index
         chunks = []
+        st.take_new_ids(k, c.token_ids)
         if not st.started[k]:
             st.started[k] = True
             chunks.append(self._chunk(st, k, {"role": self.role, "content": ""}))
@@ -379,7 +369,8 @@ class _ChatContext:
 
     async def stream(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> AsyncIterator[str]:
         include_usage, continuous = stream_usage(self.req.stream_options, self.s.limits.enable_force_include_usage)
-        st = _StreamState(self, include_usage, continuous)
+        st = ChatStreamState(self.params.n, [self.tool_chunks() for _ in range(self.params.n)], self.reasoning_parser,
+                             self.in_reasoning, include_usage, continuous)
         try:
             async with contextlib.aclosing(outputs) as it:
                 async for _, out in it:

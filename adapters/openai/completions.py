@@ -121,6 +121,7 @@ class _StreamState:
         self.done = [False] * num
         self.echoed = [not echo] * num
         self.sent_prompt_lp = [False] * num
+        self.sent_prompt_ids = [False] * num
         self.offsets = [len(ctx.echo_texts[i // ctx.params.n]) if echo else 0 for i in range(num)]
         self.completion_tokens = [0] * num
         self.cached = [0] * len(ctx.prompt_ids)
@@ -166,6 +167,8 @@ class _CompletionContext:
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                 "prompt_logprobs": vllm_prompt_logprobs(out.prompt_logprobs)
                                 if self.req.prompt_logprobs is not None else None})
+                if self.req.return_token_ids:  # vLLM's: each choice's prompt and reply tokens
+                    choices[-1].update(prompt_token_ids=self.prompt_ids[i], token_ids=list(c.token_ids))
                 self.s.record_finish(c.finish_reason)
         choices.sort(key=lambda ch: ch["index"])
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -213,12 +216,19 @@ class _CompletionContext:
                                                    st.offsets[k])
             st.offsets[k] += sum(len(t) for t in generated["tokens"])
             logprobs = _joined(logprobs, generated)
+        if self.req.return_token_ids:  # vLLM's: the prompt's ids in a choice's first chunk, the new tokens' in each
+            if new_ids:
+                extra["token_ids"] = list(new_ids)
+            if not st.sent_prompt_ids[k]:
+                extra["prompt_token_ids"], st.sent_prompt_ids[k] = self.prompt_ids[i], True
         st.sent_lp[k] = len(c.token_ids)
         st.completion_tokens[k] = len(c.token_ids)
         if c.finish_reason is not None:
             st.done[k] = True
             self.s.record_finish(c.finish_reason)
         if text or logprobs or extra or c.finish_reason is not None:
+            if self.req.return_token_ids:
+                extra.setdefault("token_ids", [])
             return {"index": k, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason, **extra}
         return None

@@ -133,6 +133,7 @@ class _SamplingFields(_Request):
     priority: int = 0
     prompt_logprobs: Optional[int] = None
     return_tokens_as_token_ids: Optional[bool] = None  # None: the server's --return-tokens-as-token-ids
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
     truncate_prompt_tokens: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
