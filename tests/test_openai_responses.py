@@ -229,6 +229,9 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         # metadata is kept with the response: OpenAI's bounds (16 pairs, values up to 512 characters)
         (dict(input="x", metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
         (dict(input="x", metadata={"note": "v" * 513}), "metadata['note']"),
+        # State kept on OpenAI's side: answering without it would be a different reply, not a missing feature.
+        (dict(input="x", conversation="conv_123"), "conversation"),
+        (dict(input="x", prompt={"id": "pmpt_123", "version": "2"}), "prompt"),
     ]
     for kw, param in cases:
         resp = live.http.post("/v1/responses", json={"model": MODEL, **kw})

@@ -80,6 +80,7 @@ class ResponsesEndpoint:
     # --- request -> turn -----------------------------------------------------------------------------
     def _check(self, req: I.ResponsesRequest) -> tuple[Optional[list[dict[str, Any]]], Any]:
         L.check_utf8(req.model_dump(exclude_none=True), "")
+        I.check_server_state_fields(req)
         if req.metadata:
             L.check_metadata(req.metadata)  # stored with the response and returned by every retrieve
         tok = self.s.need_tokenizer()

@@ -57,6 +57,19 @@ class ResponsesRequest(BaseModel):
     top_k: Optional[int] = None
 
 
+# Fields of OpenAI's that point at state kept on OpenAI's side: ignoring one would answer without that state.
+_SERVER_STATE_FIELDS = {
+    "conversation": "the Conversations API is not supported: chain responses with previous_response_id (and store)",
+    "prompt": "stored prompt templates are not supported: send the instructions and the input themselves",
+}
+
+
+def check_server_state_fields(req: ResponsesRequest) -> None:
+    for name, why in _SERVER_STATE_FIELDS.items():
+        if (req.model_extra or {}).get(name) is not None:
+            raise OpenAIError(400, f"{name}: {why}", param=name)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
