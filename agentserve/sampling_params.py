@@ -110,6 +110,8 @@ class SamplingParams:
     # when the object is built (then None, so that clone() does not read them twice).
     structured_outputs: Optional[StructuredOutputsParams] = None
     guided_decoding: Optional[StructuredOutputsParams] = None
+    # vLLM's request-level backend name from those objects: the engine refuses one that is not its own.
+    structured_outputs_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._take_vllm_constraints()

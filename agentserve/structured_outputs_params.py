@@ -18,7 +18,6 @@ from pydantic import BaseModel
 
 # The fields that ask for what agentserve does not do -> why (each refused when set).
 _REFUSED = {
-    "backend": "the grammar backend is chosen for the server (grammar_backend / --grammar-backend), not per request",
     "whitespace_pattern": "a custom whitespace pattern for JSON is not supported",
     "structural_tag": "structural tags are not supported: use tools with tool_choice, or json / regex / grammar",
 }
@@ -57,11 +56,12 @@ class StructuredOutputsParams:
             raise ValueError(f"{keyword} must give exactly one of json, regex, choice, grammar and json_object "
                              f"(got {', '.join(given) or 'none'})")
         (name, value), = given.items()
+        backend = {} if self.backend is None else {"structured_outputs_backend": self.backend}
         if name == "json":
             if isinstance(value, type) and issubclass(value, BaseModel):
                 value = value.model_json_schema()
-            return {"json_schema": value}
-        return {name: value}
+            return {"json_schema": value, **backend}
+        return {name: value, **backend}
 
 
 # vLLM's name for the same object before 0.11.

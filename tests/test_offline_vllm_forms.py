@@ -60,7 +60,6 @@ def test_vllm_constraint_objects_constrain_like_agentserves_fields(llm: LLM, key
 
 
 @pytest.mark.parametrize("fields,says", [
-    (dict(json=SCHEMA, backend="xgrammar"), "structured_outputs.backend is not supported: the grammar backend is"),
     (dict(regex="a+", whitespace_pattern=r"[ ]?"), "structured_outputs.whitespace_pattern is not supported"),
     (dict(structural_tag="{}"), "structured_outputs.structural_tag is not supported"),
     (dict(json=SCHEMA, disable_any_whitespace=True), "disable_any_whitespace"),
@@ -100,3 +99,16 @@ def test_generate_priority_orders_the_prompts_under_the_priority_policy() -> Non
         assert len(fcfs.generate(prompts, greedy, priority=[0, 0, 0])) == 3
         with pytest.raises(ValueError, match="priority needs the priority scheduling policy"):
             fcfs.generate(prompts, greedy, priority=[1, 0, 0])
+
+
+def test_a_request_level_backend_must_be_the_engines(llm: LLM) -> None:
+    """vLLM V1's rule: the backend is the engine's; a request may name it (vLLM's names too), not another."""
+    greedy = dict(max_tokens=8, temperature=0)
+    own = _text(llm, SamplingParams(choice=["yes", "no"], **greedy))  # type: ignore[arg-type]
+    for name in ("guidance", "llguidance", "auto"):
+        named = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"], backend=name), **greedy)
+        assert _text(llm, named) == own
+    other = SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"], backend="xgrammar"), **greedy)
+    with pytest.raises(ValueError, match="request-level backend selection is not supported; this server compiles "
+                                         "constraints with 'llguidance'"):
+        llm.generate("hi", other)

@@ -41,6 +41,9 @@ def _completion(http: httpx.Client, **fields: Any) -> httpx.Response:
     ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": " "}},
      "structured_outputs.whitespace_pattern"),
     ({"logits_processors": ["my_module.MyProcessor"]}, "logits_processors"),
+    # vLLM V1's rule: a request may name the server's backend (llguidance here), not another one.
+    ({"structured_outputs": {"json": {"type": "object"}, "backend": "xgrammar"}}, "structured_outputs.backend"),
+    ({"guided_json": {"type": "object"}, "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
 ])
 def test_chat_fields_agentserve_lacks_are_refused_by_name(http: httpx.Client, fields: dict, param: str) -> None:
     r = _chat(http, **fields)
@@ -66,6 +69,9 @@ def test_vllm_defaults_of_those_fields_are_accepted(http: httpx.Client) -> None:
            "structural_tag": None, "guided_whitespace_pattern": None}
     assert _chat(http, **off).status_code == 200
     assert _completion(http, **off).status_code == 200
+    for backend in ("auto", "guidance", "llguidance"):  # the server's own backend, by vLLM's names too
+        assert _chat(http, structured_outputs={"choice": ["a", "b"], "backend": backend}).status_code == 200
+        assert _chat(http, guided_choice=["a", "b"], guided_decoding_backend=backend).status_code == 200
 
 
 PREFILLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello wor"}]

@@ -265,7 +265,7 @@ class OpenAIServing:
         """Limits and string validity that hold for both endpoints, before any work that grows with
         the request's size: every string valid UTF-8, stop strings, bad words, JSON schemas; vLLM's fields of
         features agentserve lacks refused by name."""
-        check_vllm_unsupported(req, self.engine.config.scheduler.policy)
+        check_vllm_unsupported(req, self.engine.config.scheduler.policy, self.engine.config.grammar_backend)
         L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)

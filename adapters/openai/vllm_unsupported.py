@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.engine.validation import check_requested_backend
+from agentserve.errors import InvalidRequestError
 
 # field -> (is it asking for the feature?, what to say)
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -37,9 +39,10 @@ def _check(extra: Optional[dict[str, Any]], refused: dict[str, tuple[Callable[[A
             raise OpenAIError(400, f"{param}: {refused[name][1]}", param=param)
 
 
-def check_vllm_unsupported(req: Any, policy: str) -> None:
+def check_vllm_unsupported(req: Any, policy: str, grammar_backend: str) -> None:
     """400 for a vLLM field of `req` (a completions or chat request) that asks for what agentserve lacks,
-    or for what the server's configuration would ignore (`policy`: its scheduling policy)."""
+    or for what the server's configuration would ignore (`policy`: its scheduling policy; `grammar_backend`:
+    the backend its constraints compile with, which a request may name but not change)."""
     if req.priority and policy != "priority":
         # vLLM's answer: a priority the fcfs scheduler would ignore is the client's mistake, not a no-op.
         raise OpenAIError(400, f"priority is {req.priority}, but the server schedules first come, first served: "
@@ -52,3 +55,10 @@ def check_vllm_unsupported(req: Any, policy: str) -> None:
                                "not supported", param="best_of")
     if req.structured_outputs is not None:
         _check(req.structured_outputs.model_extra, _REFUSED_STRUCTURED_OUTPUTS, "structured_outputs.")
+    for field, named in (("guided_decoding_backend", (extra or {}).get("guided_decoding_backend")),
+                         ("structured_outputs.backend", (req.structured_outputs.model_extra or {}).get("backend")
+                          if req.structured_outputs is not None else None)):
+        try:
+            check_requested_backend(named, grammar_backend, field)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, str(e), param=field) from None

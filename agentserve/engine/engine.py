@@ -35,7 +35,8 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.engine.speculation import SpecProposer, Speculation
-from agentserve.engine.validation import truncate_prompt, validate_logprobs, validate_vocab_params
+from agentserve.engine.validation import (check_requested_backend, truncate_prompt, validate_logprobs,
+                                         validate_vocab_params)
 from agentserve.sampling.bad_words import bad_words_token_ids
 from agentserve.errors import FailureKind, InvalidRequestError
 from agentserve.grammar.interface import GrammarError
@@ -137,6 +138,8 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         validate_vocab_params(params, vocab)
         validate_logprobs(params, self.config.model.max_logprobs, vocab)
+        check_requested_backend(params.structured_outputs_backend, self.config.grammar_backend,
+                                "structured_outputs.backend")
         if n >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                       "(prompt plus output must fit)")

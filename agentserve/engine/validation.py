@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from agentserve.errors import InvalidRequestError
+from agentserve.grammar.registry import DEFAULT_BACKEND
 from agentserve.sampling_params import SamplingParams
+
+# vLLM's structured-output backend names -> agentserve's.
+_VLLM_BACKENDS = {"guidance": "llguidance", "llguidance": "llguidance", "xgrammar": "xgrammar",
+                  "outlines": "outlines"}
 
 
 def truncate_prompt(token_ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
@@ -45,3 +52,15 @@ def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     bad = [t for t in (params.allowed_token_ids or []) if t >= vocab]
     if bad:
         raise InvalidRequestError(f"allowed_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")
+
+
+def check_requested_backend(requested: Optional[str], server_backend: str, field: str) -> None:
+    """vLLM V1's rule for a request that names a structured-output backend: the backend is chosen for the
+    engine, so the name must be the engine's (or 'auto'); silently compiling with another would differ."""
+    if requested is None or requested == "auto":
+        return
+    serving = DEFAULT_BACKEND if server_backend == "auto" else server_backend
+    if _VLLM_BACKENDS.get(requested) != serving:
+        raise InvalidRequestError(f"{field} {requested!r}: request-level backend selection is not supported; this "
+                                  f"server compiles constraints with {serving!r} (--grammar-backend): leave {field} "
+                                  f"out or name {serving!r}")
