@@ -16,6 +16,7 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.forced_text import check_forced_text
+from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.grammar.schema_utils import strip_formats
 import llguidance
 import llguidance.hf
@@ -167,7 +168,8 @@ class _LarkWriter:
             return term
         if "json" in node:
             name = self._name("json")
-            schema = strip_formats(node["json"], FORMATS)
+            # llguidance refuses oneOf; those a grammar can keep exact are rewritten as anyOf (grammar/one_of.py).
+            schema = one_of_as_any_of(strip_formats(node["json"], FORMATS))
             self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
             return name
         if "text" in node:
@@ -295,7 +297,7 @@ class LLGuidanceBackend(GrammarBackend):
 
     def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         if spec.kind == "json_schema":
-            schema = strip_formats(json.loads(str(spec.payload)), FORMATS)
+            schema = one_of_as_any_of(strip_formats(json.loads(str(spec.payload)), FORMATS))
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(schema))
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())
