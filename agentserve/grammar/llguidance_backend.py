@@ -16,6 +16,7 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.forced_text import check_forced_text
+from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.grammar.schema_utils import strip_formats
 import llguidance
@@ -119,6 +120,12 @@ def _negated_class_members(pattern: str) -> set[str]:
     return members
 
 
+def _exact_any_of(schema: Any) -> Any:
+    """llguidance refuses oneOf and dependencies; those it can compile exactly as anyOf are rewritten so
+    (grammar/one_of.py, grammar/dependent_keywords.py)."""
+    return dependencies_as_any_of(one_of_as_any_of(schema))
+
+
 def _with_ws(schema: Any) -> Any:
     """The schema with llguidance's per-schema options (x-guidance) for our whitespace policy."""
     if isinstance(schema, dict):
@@ -168,8 +175,7 @@ class _LarkWriter:
             return term
         if "json" in node:
             name = self._name("json")
-            # llguidance refuses oneOf; those a grammar can keep exact are rewritten as anyOf (grammar/one_of.py).
-            schema = one_of_as_any_of(strip_formats(node["json"], FORMATS))
+            schema = _exact_any_of(strip_formats(node["json"], FORMATS))
             self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
             return name
         if "text" in node:
@@ -297,7 +303,7 @@ class LLGuidanceBackend(GrammarBackend):
 
     def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         if spec.kind == "json_schema":
-            schema = one_of_as_any_of(strip_formats(json.loads(str(spec.payload)), FORMATS))
+            schema = _exact_any_of(strip_formats(json.loads(str(spec.payload)), FORMATS))
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(schema))
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())

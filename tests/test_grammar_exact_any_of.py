@@ -1,9 +1,11 @@
-"""`oneOf` that a grammar can keep exact (agentserve/grammar/one_of.py): llguidance refused every `oneOf`, so a
+"""`oneOf` and `dependencies` that a grammar can keep exact (agentserve/grammar/one_of.py, dependent_keywords.py).
+
+llguidance refused every `oneOf`, so a
 tool whose parameters choose between argument sets (`{"oneOf": [{"required": ["radius"]}, {"required":
 ["length", "width"]}]}`, common in function-calling datasets) or a discriminated union failed the whole
 request. Those are rewritten as `anyOf` where no generated value can match two branches; every sampled output
 must validate against the ORIGINAL schema (jsonschema, oneOf semantics), and what cannot be proven exclusive
-is still refused."""
+is still refused. It refused `dependencies` ("if P then Q") too, which is exactly "P absent, or Q": an anyOf."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jsonschema
 import pytest
 
 from agentserve import SamplingParams
+from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
@@ -48,13 +51,32 @@ def test_exclusive_branches_become_any_of_and_the_rest_stays() -> None:
         assert one_of_as_any_of(kept) == kept
 
 
+ORDER = {"type": "object", "required": ["item"], "additionalProperties": False, "properties": {
+    "item": {"type": "string", "maxLength": 8}, "coupon": {"type": "string", "maxLength": 8},
+    "discount": {"type": "integer", "minimum": 1, "maximum": 50}},
+    "dependencies": {"coupon": ["discount"]}}
+
+
+def test_dependencies_become_the_any_of_they_mean() -> None:
+    assert dependencies_as_any_of({"properties": {"a": {}}, "dependencies": {"a": ["b"]}}) == {
+        "properties": {"a": {}}, "anyOf": [{"properties": {"a": False}}, {"required": ["b"]}]}
+    assert dependencies_as_any_of({"dependentSchemas": {"a": {"required": ["c"]}}}) == {
+        "anyOf": [{"properties": {"a": False}}, {"required": ["c"]}]}
+    # P required by the object itself: the dependency always applies.
+    assert dependencies_as_any_of({"required": ["a"], "dependentRequired": {"a": ["b"]}}) == {"required": ["a", "b"]}
+    for kept in ({"dependencies": {"a": ["b"], "c": ["d"]}},                    # several: would need allOf
+                 {"anyOf": [{}], "dependencies": {"a": ["b"]}},                 # an anyOf of its own
+                 {"dependencies": {"a": {"oneOf": [{"required": ["x"]}, {"required": ["x", "y"]}]}}}):
+        assert dependencies_as_any_of(kept) == kept
+
+
 @pytest.fixture(scope="module")
 def llm() -> Any:
     with LLM(str(tiny_model_cached("qwen2")), num_blocks=256, max_model_len=1024) as engine:
         yield engine
 
 
-@pytest.mark.parametrize("schema", [AREA, SHAPES], ids=["required-sets", "discriminated"])
+@pytest.mark.parametrize("schema", [AREA, SHAPES, ORDER], ids=["required-sets", "discriminated", "dependencies"])
 def test_sampled_outputs_validate_against_the_original_one_of(llm: LLM, schema: dict) -> None:
     params = SamplingParams(n=12, temperature=1.0, seed=7, max_tokens=200, json_schema=schema)
     outs = llm.generate("Answer in JSON:", params)[0].outputs
