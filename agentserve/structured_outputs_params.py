@@ -4,9 +4,9 @@
     SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"]))  # vLLM 0.6 - 0.10
 
 Each is read onto SamplingParams' own constraint fields (json_schema, json_object, regex, choice,
-grammar), which the grammar backends compile as for the HTTP API. What vLLM's objects can ask for and
-agentserve cannot do is an error naming the field: a per-request backend (the backend is the server's,
---grammar-backend, as in vLLM V1, which refuses a different one), structural tags, a whitespace pattern.
+grammar), which the grammar backends compile as for the HTTP API. A `backend` may name the engine's own
+backend and no other (vLLM V1's rule; the engine checks it: engine/validation.py). What vLLM's objects can
+ask for and agentserve cannot do is an error naming the field: structural tags, a whitespace pattern.
 """
 
 from __future__ import annotations
