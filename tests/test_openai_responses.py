@@ -1,7 +1,7 @@
 """The Responses API (/v1/responses) through the official `openai` client, on resident sessions:
 function tools and function_call / function_call_output items, previous_response_id continuing on
 the session (cached_tokens covering the whole earlier conversation), the official streaming events,
-retrieve, delete, input_items, store=false, text.format, tenant ownership and TTL expiry."""
+retrieve, delete, input_items, item_reference, store=false, text.format, tenant ownership and TTL expiry."""
 
 from __future__ import annotations
 
@@ -166,6 +166,30 @@ def test_retrieve_delete_input_items(live: Live) -> None:
         live.a.responses.retrieve(r.id)
     with pytest.raises(openai.NotFoundError):
         live.a.responses.create(model=MODEL, previous_response_id=r.id, input="again", max_output_tokens=2)
+
+
+def test_item_references_stand_for_the_stored_items(live: Live) -> None:
+    """OpenAI's manual conversation state: input items of type item_reference name an earlier response's input or
+    output items, and the request is the one that spells those items out (same prompt tokens); an unknown id, or
+    another tenant's, is a 404 naming the reference."""
+    first = _first_turn(live.a)
+    asked = live.a.responses.input_items.list(first.id, order="asc").data[0]
+    call = _call_of(first)
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    by_ref = live.a.responses.create(model=MODEL, instructions=INSTRUCTIONS, tools=TOOLS, max_output_tokens=4,
+                                     temperature=0, store=False, input=[
+                                         {"type": "item_reference", "id": asked.id},
+                                         {"type": "item_reference", "id": call.id}, result])
+    spelled = live.a.responses.create(model=MODEL, instructions=INSTRUCTIONS, tools=TOOLS, max_output_tokens=4,
+                                      temperature=0, store=False, input=[
+                                          {"role": "user", "content": "Weather in Paris?"},
+                                          {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                           "arguments": call.arguments}, result])
+    assert by_ref.usage.input_tokens == spelled.usage.input_tokens and by_ref.output_text == spelled.output_text
+    for client, ref in ((live.a, "msg_nope"), (live.b, asked.id)):  # unknown; another tenant's
+        with pytest.raises(openai.NotFoundError) as err:
+            client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": ref}], max_output_tokens=2)
+        assert err.value.body["param"] == "input[0].id" and ref in err.value.body["message"]
 
 
 def test_store_false_is_not_kept(live: Live) -> None:

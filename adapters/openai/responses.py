@@ -143,7 +143,7 @@ class ResponsesEndpoint:
         adapter = self.s.resolve_model(req.model)
         tools, choice = self._check(req)
         params = self._params(req, tools, choice)
-        items = I.normalize_input(req.input)
+        items = self.store.resolve_references(I.normalize_input(req.input), tenant.name)
         prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id") \
             if req.previous_response_id else None
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)

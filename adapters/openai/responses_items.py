@@ -234,8 +234,8 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
                 message["name"] = names[call_id]
             out.append(message)
         else:
-            raise OpenAIError(400, f"{at}.type {kind!r} is not supported (messages, function_call and "
-                                   "function_call_output items)", param=f"{at}.type")
+            raise OpenAIError(400, f"{at}.type {kind!r} is not supported (message, reasoning, function_call, "
+                                   "function_call_output and item_reference items)", param=f"{at}.type")
     return out
 
 

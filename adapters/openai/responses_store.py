@@ -68,6 +68,8 @@ class ResponsesStore:
         self.sessions = sessions   # the SessionStore
         self._by_id: dict[str, StoredResponse] = {}
         self._refs: dict[str, int] = {}  # session id -> stored responses on it
+        # item id -> the stored response holding it (its input or output), for input items of type item_reference
+        self._item_owner: dict[str, StoredResponse] = {}
         self._last_sweep = time.monotonic()
 
     def __len__(self) -> int:
@@ -91,6 +93,25 @@ class ResponsesStore:
         self._sweep()
         self._by_id[r.response_id] = r
         self._refs[r.session_id] = self._refs.get(r.session_id, 0) + 1
+        for item in _items_of(r):
+            self._item_owner[item["id"]] = r
+
+    def resolve_references(self, items: list[dict[str, Any]], tenant: str) -> list[dict[str, Any]]:
+        """The input items with each `item_reference` replaced by the stored item it names (an earlier
+        response's input or output item of the same tenant); 404 naming the reference when none is kept."""
+        out = []
+        for i, item in enumerate(items):
+            if item.get("type") != "item_reference":
+                out.append(item)
+                continue
+            item_id = item.get("id")
+            owner = self._item_owner.get(item_id) if isinstance(item_id, str) else None
+            if owner is None or owner.tenant != tenant or not self._alive(owner):
+                raise OpenAIError(404, f"Item with id {item_id!r} not found (unknown, or its response is deleted, "
+                                       "not stored or expired with its session).", param=f"input[{i}].id",
+                                  code="item_not_found")
+            out.append(next(dict(kept) for kept in _items_of(owner) if kept["id"] == item_id))
+        return out
 
     def remove(self, response_id: str, tenant: str) -> Optional[str]:
         """Deletes the response; returns its session's id when no stored response uses it any more
@@ -100,6 +121,9 @@ class ResponsesStore:
 
     def _forget(self, r: StoredResponse) -> Optional[str]:
         self._by_id.pop(r.response_id, None)
+        for item in _items_of(r):
+            if self._item_owner.get(item["id"]) is r:
+                del self._item_owner[item["id"]]
         left = self._refs.get(r.session_id, 1) - 1
         if left > 0:
             self._refs[r.session_id] = left
@@ -115,3 +139,9 @@ class ResponsesStore:
         self._last_sweep = now
         for r in [r for r in self._by_id.values() if not self._alive(r)]:
             self._forget(r)
+
+
+def _items_of(r: StoredResponse) -> list[dict[str, Any]]:
+    """A stored response's items that carry an id: its input items, then its output items."""
+    return [item for item in [*r.input_items, *r.body.get("output", [])]
+            if isinstance(item, dict) and isinstance(item.get("id"), str)]
