@@ -60,6 +60,7 @@ def test_chat_returns_the_prompt_and_reply_token_ids_whole_and_streamed(client: 
     chunks, streamed = _chat_stream(client, **kw)
     assert streamed == replies  # the same seed: the same tokens, every one of them in some chunk
     assert chunks[0].model_extra["prompt_token_ids"] == prompt
+    assert all(c.model_extra["token_ids"] == [] for chunk in chunks for c in chunk.choices if c.delta.role)
     assert all("prompt_token_ids" not in chunk.model_extra for chunk in chunks[1:])
 
 

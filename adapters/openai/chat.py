@@ -307,7 +307,11 @@ class _ChatContext:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "choices": [choice]}
         if self.req.return_token_ids:  # vLLM's: the prompt's ids in the first chunk, the new tokens' in each
-            choice["token_ids"], st.pending_ids[index] = st.pending_ids[index], []
+            # (the opening role chunk carries none: a choice's tokens go with its content, or its finish chunk)
+            if "role" in delta:
+                choice["token_ids"] = []
+            else:
+                choice["token_ids"], st.pending_ids[index] = st.pending_ids[index], []
             if not st.prompt_ids_sent:
                 body["prompt_token_ids"], st.prompt_ids_sent = self.prompt_ids, True
         if st.include_usage:
