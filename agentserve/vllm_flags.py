@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from agentserve.grammar.registry import VLLM_BACKEND_NAMES
 from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.model.gguf import find_gguf_file
 from agentserve.vllm_llm_options import take_vllm_only_llm_kwargs
@@ -51,8 +52,6 @@ _ALWAYS_ON = {
 }
 # vLLM's --tool-call-parser names -> the chat-template formats agentserve parses.
 _TOOL_PARSERS = {"hermes": "hermes", "llama3_json": "llama3_json", "mistral": "mistral"}
-_GRAMMAR_BACKENDS = {"guidance": "llguidance", "llguidance": "llguidance", "xgrammar": "xgrammar",
-                     "outlines": "outlines", "auto": "auto"}
 
 
 def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,9 +94,9 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("the API key is VLLM_API_KEY's (vLLM's environment variable for --api-key)")
     backend = given.get("guided_decoding_backend")
     if backend is not None:
-        if backend not in _GRAMMAR_BACKENDS:
-            raise SystemExit(f"--guided-decoding-backend {backend!r} is not one of {sorted(_GRAMMAR_BACKENDS)}")
-        kw["grammar_backend"] = _GRAMMAR_BACKENDS[backend]
+        if backend not in VLLM_BACKEND_NAMES:
+            raise SystemExit(f"--guided-decoding-backend {backend!r} is not one of {sorted(VLLM_BACKEND_NAMES)}")
+        kw["grammar_backend"] = VLLM_BACKEND_NAMES[backend]
     if given.get("enable_chunked_prefill") is False:
         raise SystemExit("--no-enable-chunked-prefill: agentserve always chunks prefill under "
                          "--max-num-batched-tokens (there is no unchunked path); leave the flag out")
@@ -120,12 +119,12 @@ def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]
     if outputs_config is not None:
         if not isinstance(outputs_config, dict) or set(outputs_config) - {"backend"}:
             raise ValueError(f"structured_outputs_config={outputs_config!r}: only {{'backend': name}} is supported "
-                             f"(one of {sorted(_GRAMMAR_BACKENDS)})")
+                             f"(one of {sorted(VLLM_BACKEND_NAMES)})")
         backends.append(outputs_config.get("backend"))
     for backend in filter(None, backends):
-        if backend not in _GRAMMAR_BACKENDS:
-            raise ValueError(f"structured outputs backend {backend!r} is not one of {sorted(_GRAMMAR_BACKENDS)}")
-        if kw.setdefault("grammar_backend", _GRAMMAR_BACKENDS[backend]) != _GRAMMAR_BACKENDS[backend]:
+        if backend not in VLLM_BACKEND_NAMES:
+            raise ValueError(f"structured outputs backend {backend!r} is not one of {sorted(VLLM_BACKEND_NAMES)}")
+        if kw.setdefault("grammar_backend", VLLM_BACKEND_NAMES[backend]) != VLLM_BACKEND_NAMES[backend]:
             raise ValueError(f"structured outputs backend {backend!r} and grammar_backend "
                              f"{kw['grammar_backend']!r} disagree; give one")
     if "swap_space" in kw:

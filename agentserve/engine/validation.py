@@ -5,12 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from agentserve.errors import InvalidRequestError
-from agentserve.grammar.registry import DEFAULT_BACKEND
+from agentserve.grammar.registry import DEFAULT_BACKEND, VLLM_BACKEND_NAMES
 from agentserve.sampling_params import SamplingParams
-
-# vLLM's structured-output backend names -> agentserve's.
-_VLLM_BACKENDS = {"guidance": "llguidance", "llguidance": "llguidance", "xgrammar": "xgrammar",
-                  "outlines": "outlines"}
 
 
 def truncate_prompt(token_ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
@@ -60,7 +56,7 @@ def check_requested_backend(requested: Optional[str], server_backend: str, field
     if requested is None or requested == "auto":
         return
     serving = DEFAULT_BACKEND if server_backend == "auto" else server_backend
-    if _VLLM_BACKENDS.get(requested) != serving:
+    if VLLM_BACKEND_NAMES.get(requested) != serving:
         raise InvalidRequestError(f"{field} {requested!r}: request-level backend selection is not supported; this "
                                   f"server compiles constraints with {serving!r} (--grammar-backend): leave {field} "
                                   f"out or name {serving!r}")

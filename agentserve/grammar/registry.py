@@ -38,6 +38,11 @@ BACKEND_NAMES = ("llguidance", "outlines", "xgrammar")
 # accept per token p50/p95 llguidance 11/81 us, xgrammar 313 us/20 ms, outlines 165/187 us.
 DEFAULT_BACKEND = "llguidance"
 
+# vLLM's structured-output backend names (--guided-decoding-backend, structured_outputs.backend, a request's
+# backend) -> agentserve's ("guidance" is vLLM's name for llguidance).
+VLLM_BACKEND_NAMES = {"guidance": "llguidance", "llguidance": "llguidance", "xgrammar": "xgrammar",
+                      "outlines": "outlines", "auto": "auto"}
+
 
 # name -> (module, class); "outlines_core" is the package's own name, accepted as an alias.
 _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {

@@ -88,7 +88,7 @@ def shared_gguf_readers() -> Iterator[None]:
     opens a file (a 49k-token vocabulary's strings and merges: 2-4 s on a CPU core), and one model load
     reads the file three times (its shape, whether it has a tokenizer, its weights). The parsed fields
     hold ~170 MB for such a vocabulary, so they are dropped when the load ends rather than kept."""
-    if _shared.readers is not None:  # nested (a draft model's load inside the target's): the outer block owns it
+    if _shared.readers is not None:  # already inside a block on this thread: the outer one owns the readers
         yield
         return
     _shared.readers = {}
