@@ -2,8 +2,8 @@
 
 Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
 (JSON or SSE streaming), the Responses API (POST /v1/responses, GET / DELETE /v1/responses/{id}, GET
-/v1/responses/{id}/input_items: responses.py), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port`
-runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
+/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py), GET /health, GET /metrics
+(Prometheus text). `agentserve serve --http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
 fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` when API
@@ -44,7 +44,7 @@ from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import FieldError
-from agentserve.service.tenants import TENANT_SCOPE_KEY, TenantLimitError, Tenants
+from agentserve.service.tenants import SLOT_SCOPE_KEY, TENANT_SCOPE_KEY, HeldRequestSlot, Tenant, TenantLimitError, Tenants
 
 logger = logging.getLogger(__name__)
 
@@ -160,19 +160,25 @@ class _GateMiddleware:
             if tenant is None or scope.get("method") != "POST" or path not in _GENERATION_ENDPOINTS:
                 await self.app(scope, limited, counting_send)
                 return
-            try:
-                self.tenants.acquire(tenant)
-            except TenantLimitError as e:
-                resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
-                                       {"Retry-After": "1"})
-                await resp(scope, receive, counting_send)
-                return
-            try:
-                await self.app(scope, limited, counting_send)
-            finally:
-                self.tenants.release(tenant)
+            await self._generation(scope, limited, counting_send, tenant)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
+
+    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant) -> None:
+        """A generation request, in one of the tenant's request slots (429 when none is left)."""
+        try:
+            self.tenants.acquire(tenant)
+        except TenantLimitError as e:
+            resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
+                                   {"Retry-After": "1"})
+            await resp(scope, receive, send)
+            return
+        slot = scope["state"][SLOT_SCOPE_KEY] = HeldRequestSlot(self.tenants, tenant)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not slot.kept:  # a background response keeps it until its turn ends
+                slot.release()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -272,6 +278,10 @@ async def _respond(result: Awaitable[Any]) -> Response:
         body = await result
     except ClientDisconnected:
         return Response(status_code=499)
+    return _as_response(body)
+
+
+def _as_response(body: Any) -> Response:
     if isinstance(body, dict):
         return JSONResponse(body)
     return StreamingResponse(body, media_type="text/event-stream",
@@ -298,8 +308,13 @@ def _add_responses_routes(app: FastAPI, responses: ResponsesEndpoint) -> None:
         return await _respond(responses.create(body, raw_request))
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str, raw_request: Request) -> JSONResponse:
-        return JSONResponse(responses.retrieve(response_id, raw_request))
+    async def retrieve_response(response_id: str, raw_request: Request, stream: bool = False,
+                                starting_after: Optional[int] = None) -> Response:
+        return _as_response(responses.retrieve(response_id, raw_request, stream, starting_after))
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str, raw_request: Request) -> JSONResponse:
+        return JSONResponse(await responses.cancel(response_id, raw_request))
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, raw_request: Request) -> JSONResponse:

@@ -1,5 +1,6 @@
 """POST /v1/responses (create, JSON or SSE), GET /v1/responses/{id} (retrieve), DELETE
-/v1/responses/{id}, GET /v1/responses/{id}/input_items: the Responses API on resident sessions.
+/v1/responses/{id}, GET /v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: the Responses
+API on resident sessions (background responses: responses_background.py).
 
 Every response runs as a session turn (sessions/turns.py, as gRPC Turn does): the request's
 instructions, input items and function tools are rendered through the chat template, and the reply
@@ -20,6 +21,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_events import ResponseEvents, response_body, responses_usage
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, param_of, wait_disconnect
@@ -28,7 +30,7 @@ from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
 from agentserve.errors import FieldError, SessionError
 from agentserve.sampling_params import SamplingParams
-from agentserve.service.tenants import Tenant, tenant_of_scope
+from agentserve.service.tenants import Tenant, held_slot_of_scope, tenant_of_scope
 from agentserve.sessions.store import SessionStore
 from agentserve.sessions.types import TextEvent, ToolCallEvent, TurnEvent, TurnResult
 
@@ -50,6 +52,7 @@ class ResponsesEndpoint:
         self._owned_sessions: Optional[SessionStore] = None
         self._store: Optional[ResponsesStore] = None
         self.closing: set[asyncio.Future[None]] = set()  # sessions being closed after their responses
+        self.background = BackgroundResponses()
 
     # --- the session store (the server's, or one of our own when the app runs without one) ----------
     @property
@@ -70,7 +73,9 @@ class ResponsesEndpoint:
         return self._store
 
     async def close(self) -> None:
-        """Closes the session store this endpoint made (none when the server gave it one)."""
+        """Cancels the background responses still running, and closes the session store this
+        endpoint made (none when the server gave it one)."""
+        await self.background.cancel_all()
         store, self._owned_sessions = self._owned_sessions, None
         if store is not None:
             await store.stop()
@@ -81,6 +86,9 @@ class ResponsesEndpoint:
     def _check(self, req: I.ResponsesRequest) -> tuple[Optional[list[dict[str, Any]]], Any]:
         L.check_utf8(req.model_dump(exclude_none=True), "")
         I.check_server_state_fields(req)
+        if req.background and req.store is False:  # OpenAI's rule: a background response is fetched by its id
+            raise OpenAIError(400, "background: true needs store: true (a background response is retrieved by "
+                                   "its id); drop store: false or background", param="background")
         if req.metadata:
             L.check_metadata(req.metadata)  # stored with the response and returned by every retrieve
         tok = self.s.need_tokenizer()
@@ -144,8 +152,10 @@ class ResponsesEndpoint:
         tools, choice = self._check(req)
         params = self._params(req, tools, choice)
         items = self.store.resolve_references(I.normalize_input(req.input), tenant.name)
-        prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id") \
-            if req.previous_response_id else None
+        prev = None
+        if req.previous_response_id:
+            self.background.check_not_running(req.previous_response_id, tenant.name, "previous_response_id")
+            prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id")
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
         if not new_messages:
             raise OpenAIError(400, "input must contain at least one item", param="input")
@@ -158,6 +168,9 @@ class ResponsesEndpoint:
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
         run = _ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key)
+        if req.background:
+            job = self.background.start(run, held_slot_of_scope(raw_request.scope))
+            return job.follow(-1) if req.stream else job.body
         if req.stream:
             return await run.stream()
         return await run.full(raw_request)
@@ -169,11 +182,47 @@ class ResponsesEndpoint:
         return self.s.engine_error(e)
 
     # --- retrieve / delete / input_items ------------------------------------------------------------
-    def retrieve(self, response_id: str, raw_request: Any) -> dict[str, Any]:
+    def _job(self, response_id: str, raw_request: Any) -> Optional[BackgroundJob]:
+        """The background job of that id, while its record is kept and unless it completed: a completed
+        one is a stored response (which expires with its session)."""
+        job = self.background.get(response_id, tenant_of_scope(raw_request.scope).name)
+        if job is None or (job.finished and job.body["status"] in ("completed", "incomplete")):
+            return None
+        return job
+
+    def retrieve(self, response_id: str, raw_request: Any, stream: bool = False,
+                 starting_after: Optional[int] = None) -> Any:
+        """The response; with stream=true (a background response's), its events after `starting_after`."""
+        if stream:
+            job = self.background.get(response_id, tenant_of_scope(raw_request.scope).name)
+            if job is None:
+                self.retrieve(response_id, raw_request)  # 404 for an unknown id
+                raise OpenAIError(400, "stream=true replays a background response's events; this response was "
+                                       "not created with background: true (or its events are no longer kept)",
+                                  param="stream")
+            if starting_after is not None and starting_after < -1:
+                raise OpenAIError(400, f"starting_after must be a sequence number (>= 0), got {starting_after}",
+                                  param="starting_after")
+            return job.follow(-1 if starting_after is None else starting_after)
+        job = self._job(response_id, raw_request)
+        if job is not None:
+            return job.snapshot()
         return self.store.get(response_id, tenant_of_scope(raw_request.scope).name).body
+
+    async def cancel(self, response_id: str, raw_request: Any) -> dict[str, Any]:
+        job = self.background.get(response_id, tenant_of_scope(raw_request.scope).name)
+        if job is None:
+            self.retrieve(response_id, raw_request)  # 404 for an unknown id
+            raise OpenAIError(400, "Cannot cancel a synchronous response.", param="response_id")
+        return await self.background.cancel(job)
 
     async def delete(self, response_id: str, raw_request: Any) -> dict[str, Any]:
         tenant = tenant_of_scope(raw_request.scope)
+        job = self.background.get(response_id, tenant.name)
+        if job is not None:
+            await self.background.drop(job)
+            if job.body["status"] not in ("completed", "incomplete"):  # never stored
+                return {"id": response_id, "object": "response", "deleted": True}
         unused_session = self.store.remove(response_id, tenant.name)
         if unused_session is not None:
             with contextlib.suppress(SessionError):
@@ -186,7 +235,9 @@ class ResponsesEndpoint:
             raise OpenAIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
         if not 1 <= limit <= 100:
             raise OpenAIError(400, f"limit must be in [1, 100], got {limit}", param="limit")
-        items = list(self.store.get(response_id, tenant_of_scope(raw_request.scope).name).input_items)
+        job = self._job(response_id, raw_request)
+        items = list(job.run.items if job is not None else
+                     self.store.get(response_id, tenant_of_scope(raw_request.scope).name).input_items)
         if order == "desc":
             items.reverse()
         if after is not None:
@@ -211,6 +262,10 @@ class _ResponseRun:
         self.created = now()
         self.model = req.model or endpoint.s.model_name
         self.committed = False
+        self.writer: Optional[ResponseEvents] = None  # the stream's events, once streaming
+
+    def body(self, status: str) -> dict[str, Any]:
+        return self._body(status, [], None)
 
     def _body(self, status: str, output: list[dict[str, Any]], result: Optional[TurnResult]) -> dict[str, Any]:
         usage = None
@@ -285,7 +340,7 @@ class _ResponseRun:
             await self._end()
         raise OpenAIError(500, "the turn ended without a result")
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def stream(self, created_status: str = "in_progress") -> AsyncIterator[str]:
         """Waits for the turn's first event before answering, so that what fails first (a schema that
         does not compile, a busy session) still gets its HTTP status."""
         events = self._turn_events()
@@ -299,12 +354,12 @@ class _ResponseRun:
             if isinstance(e, Exception):
                 raise self.e.http_error(e) from None
             raise
-        return self._sse(first, events)
+        return self._sse(first, events, created_status)
 
-    async def _sse(self, first: Any, events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[str]:
-        writer = ResponseEvents(self._body("in_progress", [], None))
+    async def _sse(self, first: Any, events: AsyncGenerator[TurnEvent, None], created_status: str) -> AsyncIterator[str]:
+        writer = self.writer = ResponseEvents(self._body("in_progress", [], None))
         try:
-            for chunk in writer.start():
+            for chunk in writer.start(created_status):
                 yield chunk
             ev: Any = first
             while True:

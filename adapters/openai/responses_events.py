@@ -40,6 +40,7 @@ def response_body(response_id: str, req: ResponsesRequest, model: str, created_a
     text = req.text if req.text is not None else {"format": {"type": "text"}}
     return {
         "id": response_id, "object": "response", "created_at": created_at, "status": status, "error": None,
+        "background": req.background is True,
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": model,
         "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
@@ -73,9 +74,10 @@ class ResponseEvents:
         self._seq += 1
         return sse_event(event)
 
-    def start(self) -> list[str]:
+    def start(self, created_status: str = "in_progress") -> list[str]:
+        """response.created (in_progress, or queued for a background response), then response.in_progress."""
         snapshot = dict(self.body, status="in_progress", output=[], usage=None)
-        return [self._event("response.created", response=snapshot),
+        return [self._event("response.created", response=dict(snapshot, status=created_status)),
                 self._event("response.in_progress", response=snapshot)]
 
     def _open(self, item: Item) -> str:
@@ -167,6 +169,6 @@ class ResponseEvents:
         return events
 
     def failed(self, message: str, code: Optional[str]) -> list[str]:
-        body = dict(self.body, status="failed", output=self.output, error={"code": code or "server_error",
-                                                                           "message": message})
-        return [self._event("response.failed", response=body)]
+        self.body = dict(self.body, status="failed", output=self.output, error={"code": code or "server_error",
+                                                                                "message": message})
+        return [self._event("response.failed", response=self.body)]

@@ -49,6 +49,7 @@ class ResponsesRequest(BaseModel):
     seed: Optional[int] = None
     store: Optional[bool] = None
     stream: Optional[bool] = None
+    background: Optional[bool] = None
     previous_response_id: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None

@@ -29,6 +29,7 @@ from agentserve.config import ServerConfig
 
 ANONYMOUS = ""  # the one tenant of a server without API keys
 TENANT_SCOPE_KEY = "agentserve.tenant"  # where the HTTP gate puts the caller's Tenant in scope["state"]
+SLOT_SCOPE_KEY = "agentserve.request_slot"  # ... and the HeldRequestSlot a generation request took
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -154,6 +155,32 @@ class Tenants:
             yield
         finally:
             self.release(tenant)
+
+
+class HeldRequestSlot:
+    """One request slot the HTTP gate took for a generation request. The gate gives it back when the
+    request ends, unless the endpoint kept it for work that outlives the request (a background
+    response), which then releases it itself when that work ends."""
+
+    def __init__(self, tenants: Tenants, tenant: Tenant) -> None:
+        self._tenants, self._tenant = tenants, tenant
+        self.kept = False
+        self._released = False
+
+    def keep(self) -> "HeldRequestSlot":
+        self.kept = True
+        return self
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._tenants.release(self._tenant)
+
+
+def held_slot_of_scope(scope: Mapping[str, Any]) -> Optional[HeldRequestSlot]:
+    """The slot the HTTP gate took for this request (None when the app runs without the gate)."""
+    slot = scope.get("state", {}).get(SLOT_SCOPE_KEY)
+    return slot if isinstance(slot, HeldRequestSlot) else None
 
 
 def tenant_of_scope(scope: Mapping[str, Any]) -> Tenant:
