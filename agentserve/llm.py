@@ -12,6 +12,7 @@ from agentserve.chat.limits import check_sampling
 from agentserve.chat.messages import OPENAI_RULES, normalize_messages, template_messages
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
+from agentserve.engine.validation import check_priority
 from agentserve.errors import LoRANotEnabledError
 from agentserve.lora.request import LoRARequest
 from agentserve.outputs import RequestOutput
@@ -192,8 +193,8 @@ class LLM:
             return [0] * count
         if len(priority) != count:
             raise ValueError(f"priority has {len(priority)} values for {count} prompts: give one per prompt")
-        if any(p != 0 for p in priority) and self.engine.config.scheduler.policy != "priority":
-            raise ValueError("priority needs the priority scheduling policy (LLM(..., scheduling_policy='priority'))")
+        for p in priority:  # every prompt's before the first is queued
+            check_priority(int(p), self.engine.config.scheduler.policy)
         return [int(p) for p in priority]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -80,3 +80,41 @@ def test_a_turn_past_max_model_len_names_the_session_history() -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_priority_needs_the_priority_policy(policy: str) -> None:
+    """A priority the fcfs scheduler would ignore is refused naming the field (vLLM's rule, as the HTTP API
+    and the offline LLM do); under the priority policy the same RPCs run."""
+    aeng = make_engine(num_blocks=64, policy=policy)
+
+    async def body() -> None:
+        async with serving(aeng) as (handle, _client):
+            async with grpc.aio.insecure_channel(handle.address) as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                generate = pb.GenerateRequest(prompt="hi", priority=3, sampling=pb.SamplingParams(max_tokens=2))
+                session = await stub.CreateSession(pb.CreateSessionRequest())
+                turn = pb.TurnRequest(session_id=session.session_id, priority=-1, sampling=pb.SamplingParams(
+                    max_tokens=2), messages=[pb.Message(role="user", content="hi")])
+                if policy == "fcfs":
+                    err = await _generate_error(stub, generate)
+                    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "priority is 3" in (err.details() or "") and "--scheduling-policy priority" in (err.details() or "")
+                    with pytest.raises(grpc.aio.AioRpcError) as turn_err:
+                        async for _ in stub.Turn(turn):
+                            pass
+                    assert turn_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "priority is -1" in (turn_err.value.details() or "")
+                    info = await stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+                    assert (info.num_turns, info.busy) == (0, False)  # nothing ran, the session is free
+                    generate.priority = turn.priority = 0
+                done = [e async for e in stub.Generate(generate)][-1]
+                assert done.done.usage.completion_tokens == 2
+                events = [e async for e in stub.Turn(turn)]
+                assert events[-1].done.usage.completion_tokens == 2
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()

@@ -97,7 +97,7 @@ def test_generate_priority_orders_the_prompts_under_the_priority_policy() -> Non
             llm.generate(prompts, greedy, priority=[0, 1])
     with LLM(str(tiny_model_cached("qwen2")), num_blocks=64, max_model_len=128) as fcfs:
         assert len(fcfs.generate(prompts, greedy, priority=[0, 0, 0])) == 3
-        with pytest.raises(ValueError, match="priority needs the priority scheduling policy"):
+        with pytest.raises(ValueError, match="scheduling_policy=.priority."):
             fcfs.generate(prompts, greedy, priority=[1, 0, 0])
 
 

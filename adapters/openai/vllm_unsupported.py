@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError
-from agentserve.engine.validation import check_requested_backend
+from agentserve.engine.validation import check_priority, check_requested_backend
 from agentserve.errors import InvalidRequestError
 
 # field -> (is it asking for the feature?, what to say)
@@ -43,10 +43,7 @@ def check_vllm_unsupported(req: Any, policy: str, grammar_backend: str) -> None:
     """400 for a vLLM field of `req` (a completions or chat request) that asks for what agentserve lacks,
     or for what the server's configuration would ignore (`policy`: its scheduling policy; `grammar_backend`:
     the backend its constraints compile with, which a request may name but not change)."""
-    if req.priority and policy != "priority":
-        # vLLM's answer: a priority the fcfs scheduler would ignore is the client's mistake, not a no-op.
-        raise OpenAIError(400, f"priority is {req.priority}, but the server schedules first come, first served: "
-                               "start it with --scheduling-policy priority, or leave priority out", param="priority")
+    check_priority(req.priority or 0, policy)  # before any other work; the engine checks it again
     extra = req.model_extra
     _check(extra, _REFUSED, "")
     best_of = (extra or {}).get("best_of")  # completions declares best_of and checks it itself

@@ -35,7 +35,7 @@ from agentserve.engine.metrics import EngineMetrics
 from agentserve.engine.output import InflightStep, OutputProcessor
 from agentserve.engine.scheduler import AdmitHook, Scheduler
 from agentserve.engine.speculation import SpecProposer, Speculation
-from agentserve.engine.validation import (check_requested_backend, truncate_prompt, validate_logprobs,
+from agentserve.engine.validation import (check_priority, check_requested_backend, truncate_prompt, validate_logprobs,
                                          validate_vocab_params)
 from agentserve.sampling.bad_words import bad_words_token_ids
 from agentserve.errors import FailureKind, InvalidRequestError
@@ -171,6 +171,7 @@ class Engine:
         turn holds no pages of its own, and its session may be swapped out until then)."""
         if self.closed:
             raise RuntimeError("the engine is closed")
+        check_priority(priority, self.config.scheduler.policy)
         params = params or SamplingParams()
         if lora_key is None:  # a name not loaded fails here, never later inside a step
             lora_key = self.lora.resolve(lora_name)

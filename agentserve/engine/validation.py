@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from agentserve.errors import InvalidRequestError
+from agentserve.errors import FieldError, InvalidRequestError
 from agentserve.grammar.registry import DEFAULT_BACKEND, VLLM_BACKEND_NAMES
 from agentserve.sampling_params import SamplingParams
 
@@ -48,6 +48,15 @@ def validate_vocab_params(params: SamplingParams, vocab: int) -> None:
     bad = [t for t in (params.allowed_token_ids or []) if t >= vocab]
     if bad:
         raise InvalidRequestError(f"allowed_token_ids must be token ids in [0, {vocab}); got {bad[:5]}")
+
+
+def check_priority(priority: int, policy: str) -> None:
+    """vLLM's rule: a request priority under the fcfs policy would be ignored, so it is the caller's mistake,
+    not a no-op (one check for the HTTP API, gRPC and the offline LLM, all of which pass priorities)."""
+    if priority != 0 and policy != "priority":
+        raise FieldError(f"priority is {priority}, but the engine schedules first come, first served: start it with "
+                         "--scheduling-policy priority (LLM(..., scheduling_policy='priority')), or leave priority "
+                         "out", "priority")
 
 
 def check_requested_backend(requested: Optional[str], server_backend: str, field: str) -> None:
