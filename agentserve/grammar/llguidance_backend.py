@@ -17,6 +17,7 @@ import torch
 from agentserve.grammar import structure
 from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
+from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.grammar.schema_utils import strip_formats
 import llguidance
@@ -120,10 +121,11 @@ def _negated_class_members(pattern: str) -> set[str]:
     return members
 
 
-def _exact_any_of(schema: Any) -> Any:
-    """llguidance refuses oneOf and dependencies; those it can compile exactly as anyOf are rewritten so
-    (grammar/one_of.py, grammar/dependent_keywords.py)."""
-    return dependencies_as_any_of(one_of_as_any_of(schema))
+def _exact_rewrites(schema: Any) -> Any:
+    """llguidance refuses not, oneOf and dependencies; those it can compile exactly are rewritten so:
+    `not` as the positive schema it means (grammar/not_keyword.py, first: the oneOf analysis then reads
+    its types), oneOf and dependencies as anyOf (grammar/one_of.py, grammar/dependent_keywords.py)."""
+    return dependencies_as_any_of(one_of_as_any_of(not_as_positive(schema)))
 
 
 def _with_ws(schema: Any) -> Any:
@@ -175,7 +177,7 @@ class _LarkWriter:
             return term
         if "json" in node:
             name = self._name("json")
-            schema = _exact_any_of(strip_formats(node["json"], FORMATS))
+            schema = _exact_rewrites(strip_formats(node["json"], FORMATS))
             self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
             return name
         if "text" in node:
@@ -303,7 +305,7 @@ class LLGuidanceBackend(GrammarBackend):
 
     def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         if spec.kind == "json_schema":
-            schema = _exact_any_of(strip_formats(json.loads(str(spec.payload)), FORMATS))
+            schema = _exact_rewrites(strip_formats(json.loads(str(spec.payload)), FORMATS))
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(schema))
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())

@@ -14,9 +14,10 @@ SCHEMA_KEYWORDS = ("additionalProperties", "not", "if", "then", "else", "contain
                    "unevaluatedProperties", "unevaluatedItems", "additionalItems")
 
 
-def map_subschemas(schema: Any, fn: Callable[[dict, str], dict], path: str = "") -> Any:
+def map_subschemas(schema: Any, fn: Callable[[dict, str], Any], path: str = "") -> Any:
     """Rewrite a schema bottom-up: `fn(node, path)` is called on every (sub)schema dict after its
-    children were rewritten, and returns the replacement. Non-dict schemas (true/false) pass."""
+    children were rewritten, and returns the replacement (a dict, or true / false). Non-dict schemas
+    (true/false) pass."""
     if not isinstance(schema, dict):
         return schema
     out: dict = {}

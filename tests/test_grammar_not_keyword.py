@@ -1,0 +1,71 @@
+"""`not` that a grammar can keep exact (agentserve/grammar/not_keyword.py): llguidance refused every `not`,
+failing the whole request for a schema that says "any value but null" or "never" in one branch. Each
+rewritten form must be the same set of values: sampled outputs validate against the ORIGINAL schema
+(jsonschema), and what has no positive form is still refused, naming `not`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.grammar.not_keyword import not_as_positive
+from agentserve.llm import LLM
+from agentserve.testing import tiny_model_cached
+
+SMALL = {"type": "integer", "minimum": 0, "maximum": 9}
+# A value that is anything but null or a string, inside bounds the random tiny model can finish.
+NOT_NULL = {"type": "object", "required": ["v"], "additionalProperties": False, "properties": {
+    "v": {"type": ["integer", "boolean", "null", "string"], "not": {"type": ["null", "string"]},
+          "minimum": 0, "maximum": 9}}}
+# One branch that can never match (a 'function' a JSON value cannot be), as a real proxy config schema says it.
+NEVER_BRANCH = {"type": "object", "required": ["mode"], "additionalProperties": False, "properties": {
+    "mode": {"anyOf": [{"type": "string", "enum": ["body", "full"]},
+                       {"description": "a function", "not": {"type": ["string", "number", "array", "object",
+                                                                      "boolean", "null"]}}]}}}
+# Without a coupon: the property must be absent.
+NO_COUPON = {"type": "object", "required": ["item"], "additionalProperties": False, "not": {"required": ["coupon"]},
+             "properties": {"item": {"type": "string", "maxLength": 6}, "coupon": {"type": "string"},
+                            "count": SMALL}}
+
+
+def test_the_positive_forms() -> None:
+    assert not_as_positive({"not": {"type": "null"}}) == {"type": ["boolean", "object", "array", "number", "string"]}
+    assert not_as_positive({"type": ["integer", "null"], "not": {"type": "null", "title": "t"}}) == {"type": "integer"}
+    assert not_as_positive({"type": "number", "not": {"type": "number"}}) is False
+    assert not_as_positive({"anyOf": [{"type": "string"}, {"not": {}}]}) == {"anyOf": [{"type": "string"}, False]}
+    assert not_as_positive({"minimum": 1, "not": False}) == {"minimum": 1}
+    assert not_as_positive({"not": True}) is False
+    assert not_as_positive(NO_COUPON)["properties"]["coupon"] is False
+    assert not_as_positive({"type": "object", "required": ["a"], "not": {"required": ["a"]}}) is False
+    for kept in ({"not": {"type": "integer"}},               # "a number but not an integer" has no type
+                 {"not": {"enum": ["a"]}},                    # no positive form for "any value but these"
+                 {"not": {"required": ["a"]}},                # a non-object also matches: not an object-only form
+                 {"type": "object", "not": {"required": ["a", "b"]}},
+                 {"not": {"type": "string", "minLength": 2}}):
+        assert not_as_positive(kept) == kept
+
+
+@pytest.fixture(scope="module")
+def llm() -> Any:
+    with LLM(str(tiny_model_cached("qwen2")), num_blocks=256, max_model_len=1024) as engine:
+        yield engine
+
+
+@pytest.mark.parametrize("schema", [NOT_NULL, NEVER_BRANCH, NO_COUPON], ids=["not-null", "never-branch", "absent"])
+def test_sampled_outputs_validate_against_the_original_schema(llm: LLM, schema: dict) -> None:
+    params = SamplingParams(n=12, temperature=1.0, seed=11, max_tokens=120, json_schema=schema)
+    outs = llm.generate("Answer in JSON:", params)[0].outputs
+    finished = [c for c in outs if c.finish_reason == "stop"]
+    assert len(finished) >= 6, [(c.finish_reason, c.text) for c in outs]
+    for c in finished:
+        jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_a_not_without_a_positive_form_is_still_refused(llm: LLM) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "string", "not": {"enum": ["admin"]}}}}
+    out = llm.generate("x", SamplingParams(max_tokens=8, json_schema=schema))[0]
+    assert out.outputs[0].finish_reason == "error" and "not" in (out.error or "")
