@@ -94,3 +94,40 @@ def test_properties_that_allow_any_value() -> None:
     walks = schema_walks(compiled, schema, tok, walks=12, max_tokens=300, seed=4263)["walks"]
     assert all(w["status"] in ("valid", "cap") for w in walks), walks
     assert sum(w["status"] == "valid" for w in walks) >= 6, walks
+
+
+def test_recursion_through_a_required_property_is_refused() -> None:
+    """At its recursion depth outlines-core writes the referenced object without its recursive properties; for
+    a required one that is `{"label": "a", }` (a dangling comma, the property missing): walks broke the schema.
+    Such a schema is refused, naming the property; one whose recursion runs through optional properties only
+    still compiles, and its walks (which reach the depth) stay valid."""
+    if "outlines" not in available_backends():
+        pytest.skip("outlines-core is not installed")
+    import random
+
+    import jsonschema
+
+    from agentserve.grammar.interface import GrammarError
+    from agentserve.grammar.outlines_backend import schema_to_regex
+    from agentserve.grammar.registry import get_backend
+    from agentserve.grammar.spec import ConstraintSpec
+    from agentserve.testing.tiny import tiny_model_cached
+    from helpers.grammar_walks import decode, random_walk, tokenizer_info_for
+
+    node = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 4},
+                                             "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+            "required": ["label", "child"], "additionalProperties": False}
+    with pytest.raises(GrammarError, match="required property at properties.child refers back"):
+        schema_to_regex(node)
+    optional = {**node, "required": ["label"]}
+    _, info = tokenizer_info_for(tiny_model_cached("qwen2"))
+    compiled = get_backend("outlines").compile(ConstraintSpec.json_schema(optional), info)
+    depths = []
+    for seed in range(20):
+        walk = random_walk(compiled.new_matcher(), random.Random(seed), max_tokens=600, eos_prob=0.3)
+        if walk.finished:
+            text = decode(info, walk.tokens)
+            jsonschema.validate(json.loads(text), optional)
+            depths.append(text.count("label"))
+    assert len(depths) >= 10 and max(depths) >= 4  # some walks nested past the recursion depth
+

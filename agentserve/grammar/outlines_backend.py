@@ -154,6 +154,28 @@ def _too_large(size: float, what: str) -> GrammarError:
                         "does not expand the schema into one regex")
 
 
+def _required_through_reference(schema: Any) -> list[str]:
+    """Paths of required properties whose schema holds a `$ref`. At its recursion depth outlines-core writes the
+    referenced object without its recursive properties: an optional one is simply absent there, but a required
+    one leaves the object missing it, after a dangling comma (`{"label": "a", }`): output that breaks the schema."""
+    found: list[str] = []
+
+    def holds_ref(node: Any) -> bool:
+        if isinstance(node, dict):
+            return "$ref" in node or any(holds_ref(v) for v in node.values())
+        return isinstance(node, list) and any(holds_ref(v) for v in node)
+
+    def visit(node: dict, path: str) -> dict:
+        properties = node.get("properties")
+        for name in node.get("required") or []:
+            if isinstance(properties, dict) and isinstance(name, str) and holds_ref(properties.get(name)):
+                found.append(f"{path}.properties.{name}" if path else f"properties.{name}")
+        return node
+
+    map_subschemas(schema, visit)
+    return found
+
+
 def schema_to_regex(schema: Any) -> str:
     """The schema's regex, sized before it is built: depth 0 first, then, when the schema refers to
     itself (depth 1 differs), the growth per level predicts the size at RECURSION_DEPTH."""
@@ -170,6 +192,11 @@ def schema_to_regex(schema: Any) -> str:
     deeper = _build_regex(text, 1)
     if deeper == regex:  # no recursion: every depth gives the same regex
         return regex
+    required = _required_through_reference(schema)
+    if required:
+        raise GrammarError(f"outlines cannot enforce this recursive JSON schema: the required property at {required[0]} "
+                           f"refers back into the schema, and at its recursion depth ({RECURSION_DEPTH}) outlines-core "
+                           "writes objects without it; use grammar_backend llguidance or xgrammar")
     estimate = len(deeper) * (len(deeper) / len(regex)) ** (RECURSION_DEPTH - 1)
     if estimate > MAX_REGEX_CHARS:
         raise _too_large(estimate, f" (its recursive references expanded {RECURSION_DEPTH} levels deep)")
