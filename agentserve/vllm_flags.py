@@ -51,7 +51,8 @@ _ALWAYS_ON = {
     "enable_prompt_tokens_details": "usage.prompt_tokens_details.cached_tokens is always reported",
 }
 # vLLM's --tool-call-parser names -> the chat-template formats agentserve parses.
-_TOOL_PARSERS = {"hermes": "hermes", "llama3_json": "llama3_json", "mistral": "mistral"}
+_TOOL_PARSERS = {"hermes": ("hermes",), "llama3_json": ("llama3_json",),
+                 "mistral": ("mistral", "mistral_v11")}  # vLLM's mistral parser reads both, by tokenizer version
 
 
 def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +152,7 @@ def check_tool_call_parser(parser: Optional[str], chat_template: Optional[str]) 
     if parser not in _TOOL_PARSERS:
         raise SystemExit(f"--tool-call-parser {parser!r}: agentserve parses {sorted(_TOOL_PARSERS)} tool calls")
     detected = detect_tool_format(chat_template) if chat_template else None
-    if detected != _TOOL_PARSERS[parser]:
+    if detected not in _TOOL_PARSERS[parser]:
         raise SystemExit(f"--tool-call-parser {parser!r}: this model's chat template writes {detected or 'no'} tool "
                          "calls; agentserve parses the format the template shows (leave the flag out)")
 

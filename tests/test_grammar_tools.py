@@ -17,7 +17,7 @@ from agentserve.grammar.spec import build_tool_constraint
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
 from agentserve.grammar.tool_constraint import parse_tools
 from agentserve.grammar.tool_formats import HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, detect_tool_format
-from agentserve.grammar.tool_parser import ToolCallParser, make_session_streamer
+from agentserve.grammar.tool_parser import ToolCallParser
 from agentserve.grammar.tool_schema import normalize_tool_schema
 from agentserve.testing.tiny import ARCHS, TOOL_CALL_FORMAT, tiny_model_cached
 
@@ -348,12 +348,3 @@ def test_parser_string_arguments_and_ids() -> None:
     _, calls = p.finish()
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
     assert calls[0].to_openai() == {"id": calls[0].id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
-
-
-def test_session_streamer_adapter() -> None:
-    s = make_session_streamer("hermes", TOOLS)
-    text, deltas = s.feed('Hi <tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
-    assert text == "Hi " and deltas[0].name == "now"
-    content, calls = s.finish()
-    assert content == "Hi " and calls[0]["function"] == {"name": "now", "arguments": "{}"}
-    assert make_session_streamer(None, TOOLS) is None

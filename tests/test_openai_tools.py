@@ -1,5 +1,6 @@
 """Tool calls and response_format through the official `openai` client, on each tiny model's
-tool-call format (Hermes/Qwen tags, Llama 3.1 JSON, Mistral [TOOL_CALLS]). The tiny models have
+tool-call format (Hermes/Qwen tags, Llama 3.1 JSON, Mistral [TOOL_CALLS] [...], and Mistral's
+`[TOOL_CALLS]name[ARGS]{...}` from tokenizer v11 on, through that chat template on the tiny Mistral model). The tiny models have
 random weights: only the grammar makes their calls valid, so every call validating shows the
 constraint at work end to end (HTTP fields -> SamplingParams -> grammar -> parser -> OpenAI shapes)."""
 
@@ -18,6 +19,7 @@ from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.testing.tiny import tiny_model_cached
+from mistral_v11_template import MISTRAL_V11_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -39,11 +41,12 @@ SEEDS = (0, 1, 2)
 MAX_TOKENS = 160
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama3", "mistral"])
+@pytest.fixture(scope="module", params=["qwen2", "llama3", "mistral", "mistral_v11"])
 def client(request: pytest.FixtureRequest) -> Iterator[openai.OpenAI]:
     arch = request.param
-    config = EngineConfig.from_kwargs(str(tiny_model_cached(arch)), device="cpu", num_blocks=1024,
-                                      served_model_name=f"tiny-{arch}", max_model_len=2048)
+    template = {"chat_template": MISTRAL_V11_TEMPLATE} if arch == "mistral_v11" else {}
+    config = EngineConfig.from_kwargs(str(tiny_model_cached(arch.replace("_v11", ""))), device="cpu", num_blocks=1024,
+                                      served_model_name=f"tiny-{arch}", max_model_len=2048, **template)
     aeng = AsyncEngine(Engine(config))
     server = ServerThread(create_app(aeng, config)).start()
     yield openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)

@@ -16,13 +16,12 @@ from typing import Any, Collection, Optional, Sequence, Union
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
-from agentserve.grammar.tool_formats import HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, detect_tool_format
+from agentserve.grammar.tool_formats import FORMAT_MARKERS, detect_tool_format
 from agentserve.grammar.tool_parser import ToolCallParser
 from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 
 ReplyEvent = Union[ContentDelta, ToolCallDelta]
-_OPENERS = {"mistral": MISTRAL_OPEN, "llama3_json": PYTHON_TAG, "hermes": HERMES_OPEN}
 
 
 @dataclass
@@ -40,16 +39,14 @@ def tool_format_of(tokenizer: Any) -> Optional[str]:
 
 
 def opener_is_special(tokenizer: Any, fmt: str) -> bool:
-    """Whether the format's call opener is a special token (Mistral's [TOOL_CALLS], Llama's
+    """Whether a marker of the format's calls is a special token (Mistral's [TOOL_CALLS] and [ARGS], Llama's
     <|python_tag|>), which skip_special_tokens would drop from the text the parser reads."""
-    opener = _OPENERS.get(fmt)
-    if opener is None or tokenizer is None:
+    if tokenizer is None:
         return False
     # all_special_tokens lists only the named ones (bos, eos, ...) in transformers 5.
-    for added in tokenizer.added_tokens_decoder.values():
-        if added.content == opener:
-            return bool(added.special)
-    return opener in set(tokenizer.all_special_tokens)
+    special = {added.content for added in tokenizer.added_tokens_decoder.values() if added.special}
+    special |= set(tokenizer.all_special_tokens)
+    return any(marker in special for marker in FORMAT_MARKERS.get(fmt, ()))
 
 
 class ReplyParser:

@@ -91,7 +91,7 @@ class ConstraintSpec:
                              ) -> Optional["ConstraintSpec"]:
         """The request's constraint, or None when its output is unconstrained.
 
-        `tool_format` ("hermes" | "llama3_json" | "mistral", see `tool_formats.detect_tool_format`) is
+        `tool_format` (one of tool_formats.TOOL_FORMATS, see `tool_formats.detect_tool_format`) is
         needed when the request has tools (and tool_choice is not "none")."""
         if params.tools and params.tool_choice != "none":
             if tool_format is None:

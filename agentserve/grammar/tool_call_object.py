@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 JSON_WS = " \t\r\n"
 
@@ -213,3 +213,54 @@ class CallObjectScanner:
                 self.args_raw = decoded if isinstance(decoded, str) else json.dumps(decoded)
                 self.args_pending = self.args_raw
             self.args_final = self.args_raw
+
+
+class ArgumentsObjectScanner(CallObjectScanner):
+    """The arguments object of a call whose name came before it (Mistral's `[TOOL_CALLS]name[ARGS]{...}`),
+    after its `{`: the whole object is the arguments, streamed as it arrives."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(())
+        self.name = name
+        self._object = JsonValueScanner()
+        self._object.feed("{")
+        self.args_raw = self.args_pending = "{"
+
+    def feed(self, ch: str) -> bool:
+        if self.done:
+            return False
+        self._object.feed(ch)
+        self.args_raw += ch
+        self.args_pending += ch
+        if self._object.done:
+            json.loads(self.args_raw)  # malformed arguments raise ValueError: the parser keeps the text as content
+            self.args_final = self.args_raw
+            self.done = True
+        return True
+
+
+def partial_marker_suffix(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a marker."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), 0, -1):
+            if text.endswith(m[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def merge_events(events: list[Union[ContentDelta, ToolCallDelta]]) -> list[Union[ContentDelta, ToolCallDelta]]:
+    """Adjacent content deltas joined, and adjacent argument fragments of one call."""
+    out: list[Union[ContentDelta, ToolCallDelta]] = []
+    for e in events:
+        prev = out[-1] if out else None
+        if isinstance(e, ContentDelta) and isinstance(prev, ContentDelta):
+            out[-1] = ContentDelta(prev.text + e.text)
+        elif (isinstance(e, ToolCallDelta) and isinstance(prev, ToolCallDelta)
+              and e.index == prev.index and e.id is None and e.name is None):
+            out[-1] = ToolCallDelta(index=prev.index, arguments_delta=prev.arguments_delta + e.arguments_delta,
+                                    id=prev.id, name=prev.name)
+        else:
+            out.append(e)
+    return out

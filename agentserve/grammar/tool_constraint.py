@@ -22,6 +22,7 @@ from agentserve.grammar.tool_formats import (
     ARGUMENTS_KEY,
     HERMES_CLOSE,
     HERMES_OPEN,
+    MISTRAL_ARGS,
     MISTRAL_OPEN,
     PYTHON_TAG,
     TOOL_FORMATS,
@@ -137,6 +138,8 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
     `answer_schema` in mode "auto": one or more calls, or a final answer (JSON matching the schema)
     instead of free text; the calls then always start with the format's opener, so that the parser
     can tell a call from an answer (llama3_json's bare calls are JSON too)."""
+    if fmt == "mistral_v11":
+        return _mistral_v11_grammar(tools, mode, parallel, answer_schema)
     if answer_schema is not None and mode == "auto":
         calls = tool_grammar(tools, fmt, "required", parallel)
         if fmt == "llama3_json":
@@ -174,6 +177,21 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
     raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
 
 
+def _mistral_v11_grammar(tools: Sequence[ToolDef], mode: str, parallel: bool, answer_schema: Optional[dict]) -> dict:
+    """`[TOOL_CALLS]name[ARGS]{arguments}` per call: the name a declared tool's, the arguments its
+    parameters (a JSON node of their own, named by `tool`, so local references resolve in them)."""
+    after_open = {"alt": [{"seq": [{"lit": t.name}, {"marker": MISTRAL_ARGS}, {"json": t.parameters, "tool": t.name}]}
+                          for t in tools]}
+    more = [{"star": {"seq": [{"marker": MISTRAL_OPEN}, after_open]}}] if parallel else []
+    calls = {"seq": [{"ws": " \n", "max": 2}, {"marker": MISTRAL_OPEN}, after_open] + more}
+    if mode == "required":
+        return calls
+    if answer_schema is not None:
+        return {"alt": [calls, {"json": answer_schema, "answer": True}]}
+    return {"alt": [{"text": {"exclude": [MISTRAL_OPEN]}},
+                    {"seq": [{"text": {"exclude": [MISTRAL_OPEN], "then": MISTRAL_OPEN}}, after_open] + more}]}
+
+
 def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
     """(tool name, call schema) for each tool of a "tool_calls" constraint, in declaration order:
     to find which tool's parameters make a tool-call grammar fail (compile each alone)."""
@@ -187,7 +205,10 @@ def call_schemas_of(spec: ConstraintSpec) -> list[tuple[str, dict]]:
                 found.append((name, {**one, "$defs": defs} if defs else one))
 
     def visit(node: dict) -> None:
-        if "json" in node and not node.get("answer"):  # the typed final answer is no call
+        if "json" in node and "tool" in node:  # mistral_v11: one tool's parameters
+            if all(node["tool"] != seen for seen, _ in found):
+                found.append((node["tool"], node["json"]))
+        elif "json" in node and not node.get("answer"):  # the typed final answer is no call
             schema = node["json"]
             add(schema["items"] if schema.get("type") == "array" else schema, schema.get("$defs"))
         for key in ("seq", "alt"):

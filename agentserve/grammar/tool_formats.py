@@ -5,6 +5,9 @@
   llama3_json  Llama 3.1 JSON tool calling: `{"name": ..., "parameters": {...}}` as the whole
                output (optionally after `<|python_tag|>`); several separated by `; `.
   mistral      `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` after optional text.
+  mistral_v11  Mistral's tokenizers from v11 on (Magistral, Devstral, Mistral Small 3.2, Ministral 3):
+               `[TOOL_CALLS]name[ARGS]{...}` per call after optional text (vLLM's `mistral` parser reads
+               both Mistral formats, by the tokenizer's version; here the chat template tells them apart).
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ import secrets
 import string
 from typing import Any, Optional, Sequence, Union
 
-TOOL_FORMATS = ("hermes", "llama3_json", "mistral")
+TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "mistral_v11")
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
+MISTRAL_ARGS = "[ARGS]"
 
 # Marker strings of the tool-call formats; when a tokenizer has them as single (special) tokens,
 # tool-call grammars may name them (and only tool-call grammars do).
-TOOL_MARKERS = (HERMES_OPEN, HERMES_CLOSE, PYTHON_TAG, MISTRAL_OPEN)
+TOOL_MARKERS = (HERMES_OPEN, HERMES_CLOSE, PYTHON_TAG, MISTRAL_OPEN, MISTRAL_ARGS)
 
 # What starts the calls of each format after free text (the parser watches for it; in "auto"
 # mode the grammar keeps it out of the text).
-OPENERS = {"hermes": HERMES_OPEN, "llama3_json": PYTHON_TAG, "mistral": MISTRAL_OPEN}
+OPENERS = {"hermes": HERMES_OPEN, "llama3_json": PYTHON_TAG, "mistral": MISTRAL_OPEN, "mistral_v11": MISTRAL_OPEN}
+# Every marker a format's calls are spelled with (which the text the parser reads must keep).
+FORMAT_MARKERS = {"hermes": (HERMES_OPEN, HERMES_CLOSE), "llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_OPEN,),
+                  "mistral_v11": (MISTRAL_OPEN, MISTRAL_ARGS)}
 
 ARGUMENTS_KEY = {"hermes": "arguments", "llama3_json": "parameters", "mistral": "arguments"}
 
@@ -45,7 +52,7 @@ def _template_text(chat_template: Union[None, str, dict, Sequence[Any]]) -> str:
 def detect_tool_format(chat_template: Union[None, str, dict, Sequence[Any]], override: Optional[str] = None) -> str:
     """The tool-call format a chat template renders, by its markers; `override` wins.
 
-    `[TOOL_CALLS]` -> mistral; `<tool_call>` -> hermes; `<|python_tag|>`, an `ipython` role or
+    `[TOOL_CALLS]` -> mistral (mistral_v11 when the template writes `[ARGS]` too); `<tool_call>` -> hermes; `<|python_tag|>`, an `ipython` role or
     calls rendered with `"parameters"` -> llama3_json. Templates without markers -> hermes (the
     most common format of open models)."""
     if override:
@@ -56,7 +63,7 @@ def detect_tool_format(chat_template: Union[None, str, dict, Sequence[Any]], ove
         return fmt
     text = _template_text(chat_template)
     if MISTRAL_OPEN in text:
-        return "mistral"
+        return "mistral_v11" if MISTRAL_ARGS in text else "mistral"
     if HERMES_OPEN in text:
         return "hermes"
     if PYTHON_TAG in text or "ipython" in text or '"parameters"' in text:
@@ -69,6 +76,6 @@ _ALNUM = string.ascii_letters + string.digits
 
 def new_call_id(fmt: str) -> str:
     """A fresh tool-call id in the shape the format's chat templates accept."""
-    if fmt == "mistral":  # Mistral's templates require 9 alphanumeric characters
+    if fmt in ("mistral", "mistral_v11"):  # Mistral's templates require 9 alphanumeric characters
         return "".join(secrets.choice(_ALNUM) for _ in range(9))
     return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))

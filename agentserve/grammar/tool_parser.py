@@ -10,10 +10,13 @@ ToolCall it reports).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence, Union
 
-from agentserve.grammar.tool_call_object import JSON_WS, CallObjectScanner, ContentDelta, ToolCall, ToolCallDelta
-from agentserve.grammar.tool_formats import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, PYTHON_TAG, TOOL_FORMATS, new_call_id
+from agentserve.grammar.tool_call_object import (JSON_WS, ArgumentsObjectScanner, CallObjectScanner, ContentDelta,
+                                                 ToolCall, ToolCallDelta, merge_events, partial_marker_suffix)
+from agentserve.grammar.tool_formats import (HERMES_CLOSE, HERMES_OPEN, MISTRAL_ARGS, MISTRAL_OPEN, PYTHON_TAG, TOOL_FORMATS,
+                                             new_call_id)
 
 
 Event = Union[ContentDelta, ToolCallDelta]
@@ -23,7 +26,7 @@ class ToolCallParser:
     """Incremental parser of a model's output into content and tool calls.
 
     `ToolCallParser(fmt)` makes the format's parser (HermesToolParser, Llama3JsonToolParser,
-    MistralToolParser). Argument fragments are reported as they arrive (the first delta of a call
+    MistralToolParser, MistralV11ToolParser). Argument fragments are reported as they arrive (the first delta of a call
     carries its id and name); the fragments of a call concatenate to its final `arguments_json`.
     The parser needs the output text with the format's markers (decode without skipping special
     tokens, or keep the marker tokens). A call cut off by the end of the output is not among the
@@ -72,7 +75,7 @@ class ToolCallParser:
             self._feed_char(ch, events)
         self._flush_content(events, final=False)
         self._flush_args(events)
-        return _merge(events)
+        return merge_events(events)
 
     def flush(self) -> list[Event]:
         """End of output: the last deltas (held-back text that turned out not to be a marker)."""
@@ -92,7 +95,7 @@ class ToolCallParser:
             self._obj = None
         elif self.mode in self.unclosed_modes:
             self.truncated = True  # the format's closing part is missing
-        return _merge(events)
+        return merge_events(events)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content, complete tool calls). Calls `flush()` if it was not called."""
@@ -170,7 +173,7 @@ class ToolCallParser:
             return
         if self._between_calls and not self.pending.strip(JSON_WS):
             return
-        keep = _partial_marker_suffix(self.pending, [self.opener])
+        keep = partial_marker_suffix(self.pending, [self.opener])
         emit = self.pending[: len(self.pending) - keep]
         if self._between_calls and not emit.strip(JSON_WS):
             return  # whitespace before what may be the next call: hold it
@@ -334,66 +337,62 @@ class MistralToolParser(ToolCallParser):
             self._recover(ch, events)
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # what OpenAI-compatible function names are made of
+_NAME_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{0,256}")
+
+
+def _may_continue(buf: str) -> bool:  # whether what followed the opener can still become `name[ARGS]`
+    head, bracket, tail = buf.partition("[")
+    return bool(_NAME_PREFIX.fullmatch(head)) and (not bracket or MISTRAL_ARGS.startswith(bracket + tail))
+
+
+class MistralV11ToolParser(ToolCallParser):
+    """`[TOOL_CALLS]name[ARGS]{...}` per call (tokenizer v11 on): after the opener the name runs up to `[ARGS]`,
+    the arguments object follows (streamed as it arrives), another call starts with the opener again."""
+
+    fmt = "mistral_v11"
+    opener = MISTRAL_OPEN
+    after_opener_mode = "name"
+    after_call_mode = "text"  # the next call starts with the opener again
+    unclosed_modes = ("name", "args")
+
+    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True) -> None:
+        super().__init__(fmt, tools, bare_calls=bare_calls)
+        self._name_buf = ""
+        self._name = ""
+
+    def _feed_format(self, ch: str, events: list[Event]) -> None:
+        if self.mode == "name":
+            self._feed_name(ch, events)
+        elif ch == "{":
+            self._start_call()
+        elif ch not in JSON_WS:
+            self._recover(ch, events)
+
+    def _recover(self, text: str, events: list[Event]) -> None:
+        if self.mode in ("args", "obj"):  # the whole call as written so far is content
+            text = MISTRAL_OPEN + self._name + MISTRAL_ARGS + (self._obj.args_raw if self._obj is not None else text)
+        super()._recover(text, events)
+
+    def _feed_name(self, ch: str, events: list[Event]) -> None:
+        self._name_buf += ch
+        if self._name_buf.endswith(MISTRAL_ARGS) and _NAME.fullmatch(self._name_buf[:-len(MISTRAL_ARGS)]):
+            self._name, self._name_buf = self._name_buf[:-len(MISTRAL_ARGS)], ""
+            self.mode = "args"
+        elif not _may_continue(self._name_buf):
+            text, self._name_buf = MISTRAL_OPEN + self._name_buf, ""
+            self._recover(text, events)
+
+    def _start_call(self) -> None:
+        super()._start_call()
+        self._obj = ArgumentsObjectScanner(self._name)
+
+    def _complete_call(self, events: list[Event]) -> None:
+        super()._complete_call(events)
+        self._between_calls = True  # whitespace before the next call's opener is no content
+
+
 PARSERS: dict[str, type[ToolCallParser]] = {
     "hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser,
+    "mistral_v11": MistralV11ToolParser,
 }
-
-
-def _partial_marker_suffix(text: str, markers: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a marker."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(text)), 0, -1):
-            if text.endswith(m[:k]):
-                best = max(best, k)
-                break
-    return best
-
-
-def _merge(events: list[Event]) -> list[Event]:
-    """Adjacent content deltas joined, and adjacent argument fragments of one call."""
-    out: list[Event] = []
-    for e in events:
-        prev = out[-1] if out else None
-        if isinstance(e, ContentDelta) and isinstance(prev, ContentDelta):
-            out[-1] = ContentDelta(prev.text + e.text)
-        elif (isinstance(e, ToolCallDelta) and isinstance(prev, ToolCallDelta)
-              and e.index == prev.index and e.id is None and e.name is None):
-            out[-1] = ToolCallDelta(index=prev.index, arguments_delta=prev.arguments_delta + e.arguments_delta,
-                                    id=prev.id, name=prev.name)
-        else:
-            out.append(e)
-    return out
-
-
-class SessionToolStreamer:
-    """Adapter for sessions/turns: `feed(text_delta) -> (plain text delta, [ToolCallDelta])` and
-    `finish(full_text=None) -> (content, [OpenAI tool_call dicts])`."""
-
-    def __init__(self, fmt: str, tools: Optional[Sequence[Any]] = None) -> None:
-        self.parser = ToolCallParser(fmt, tools)
-
-    @staticmethod
-    def _split(events: list[Event]) -> tuple[str, list[ToolCallDelta]]:
-        text = "".join(e.text for e in events if isinstance(e, ContentDelta))
-        return text, [e for e in events if isinstance(e, ToolCallDelta)]
-
-    def feed(self, text_delta: str) -> tuple[str, list[ToolCallDelta]]:
-        return self._split(self.parser.feed(text_delta))
-
-    def flush(self) -> tuple[str, list[ToolCallDelta]]:
-        """The last deltas at the end of the output (held-back text)."""
-        return self._split(self.parser.flush())
-
-    def finish(self, full_text: Optional[str] = None) -> tuple[str, list[dict]]:
-        content, calls = self.parser.finish()
-        return content, [c.to_openai() for c in calls]
-
-
-def make_session_streamer(fmt: Optional[str], tools: Optional[Sequence[Any]], tokenizer: Any = None
-                          ) -> Optional[SessionToolStreamer]:
-    """A streamer for `fmt` (None when the format is unknown). The tokenizer is not needed: the
-    parser works on text (decoded with the format's markers kept)."""
-    if not fmt:
-        return None
-    return SessionToolStreamer(fmt, tools)
