@@ -154,25 +154,64 @@ def _too_large(size: float, what: str) -> GrammarError:
                         "does not expand the schema into one regex")
 
 
-def _required_through_reference(schema: Any) -> list[str]:
-    """Paths of required properties whose schema holds a `$ref`. At its recursion depth outlines-core writes the
-    referenced object without its recursive properties: an optional one is simply absent there, but a required
-    one leaves the object missing it, after a dangling comma (`{"label": "a", }`): output that breaks the schema."""
-    found: list[str] = []
+def _pointer(root: Any, ref: str) -> Any:
+    """The subschema a local reference ("#", "#/definitions/a~1b") names, or None."""
+    node = root
+    for part in ref[2:].split("/") if ref.startswith("#/") else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if ref == "#" or ref.startswith("#/") else None
 
-    def holds_ref(node: Any) -> bool:
-        if isinstance(node, dict):
-            return "$ref" in node or any(holds_ref(v) for v in node.values())
-        return isinstance(node, list) and any(holds_ref(v) for v in node)
+
+def _refs_in(node: Any) -> set[str]:
+    """The local references in a subschema, not followed."""
+    if isinstance(node, dict):
+        own = {node["$ref"]} if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#") else set()
+        return own.union(*(_refs_in(v) for v in node.values()))
+    return set().union(*(_refs_in(v) for v in node)) if isinstance(node, list) else set()
+
+
+def _cyclic_refs(schema: Any) -> set[str]:
+    """The references that lead back to themselves: the ones outlines-core expands only so deep."""
+    edges: dict[str, set[str]] = {}
+    todo = list(_refs_in(schema))
+    while todo:
+        ref = todo.pop()
+        if ref not in edges:
+            edges[ref] = _refs_in(_pointer(schema, ref))
+            todo += edges[ref]
+
+    def reaches(start: str) -> bool:
+        seen, stack = set(), list(edges[start])
+        while stack:
+            ref = stack.pop()
+            if ref == start:
+                return True
+            if ref not in seen:
+                seen.add(ref)
+                stack += edges.get(ref, ())
+        return False
+
+    return {ref for ref in edges if reaches(ref)}
+
+
+def _required_through_recursion(schema: Any) -> list[str]:
+    """Paths of required properties that hold a reference leading back to itself. At its recursion depth
+    outlines-core writes the referenced object without such properties: an optional one is simply absent there,
+    but a required one leaves the object missing it, after a dangling comma (`{"label": "a", }`): output that
+    breaks the schema."""
+    cyclic = _cyclic_refs(schema)
+    found: list[str] = []
 
     def visit(node: dict, path: str) -> dict:
         properties = node.get("properties")
         for name in node.get("required") or []:
-            if isinstance(properties, dict) and isinstance(name, str) and holds_ref(properties.get(name)):
+            if isinstance(properties, dict) and isinstance(name, str) and _refs_in(properties.get(name)) & cyclic:
                 found.append(f"{path}.properties.{name}" if path else f"properties.{name}")
         return node
 
-    map_subschemas(schema, visit)
+    if cyclic:
+        map_subschemas(schema, visit)
     return found
 
 
@@ -192,7 +231,7 @@ def schema_to_regex(schema: Any) -> str:
     deeper = _build_regex(text, 1)
     if deeper == regex:  # no recursion: every depth gives the same regex
         return regex
-    required = _required_through_reference(schema)
+    required = _required_through_recursion(schema)
     if required:
         raise GrammarError(f"outlines cannot enforce this recursive JSON schema: the required property at {required[0]} "
                            f"refers back into the schema, and at its recursion depth ({RECURSION_DEPTH}) outlines-core "
