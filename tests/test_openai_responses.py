@@ -256,12 +256,18 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         # State kept on OpenAI's side: answering without it would be a different reply, not a missing feature.
         (dict(input="x", conversation="conv_123"), "conversation"),
         (dict(input="x", prompt={"id": "pmpt_123", "version": "2"}), "prompt"),
+        # Output logprobs are not produced on session turns: asking for them is a 400, not an empty list.
+        (dict(input="x", top_logprobs=3), "top_logprobs"),
+        (dict(input="x", include=["message.output_text.logprobs"]), "include"),
     ]
     for kw, param in cases:
         resp = live.http.post("/v1/responses", json={"model": MODEL, **kw})
         assert resp.status_code == 400, (kw, resp.text)
         assert resp.json()["error"]["param"] == param, (kw, resp.json())
         assert ".function." not in resp.json()["error"]["message"], resp.json()
+    for kw in (dict(top_logprobs=0), dict(include=["reasoning.encrypted_content"])):  # what asks for nothing missing
+        assert live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2,
+                                                     **kw}).status_code == 200, kw
     missing = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_x"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
 

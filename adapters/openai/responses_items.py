@@ -65,10 +65,22 @@ _SERVER_STATE_FIELDS = {
 }
 
 
+_LOGPROBS_HINT = ("output logprobs are not available on the Responses API here (its turns run on resident sessions); "
+                  "use /v1/chat/completions with logprobs / top_logprobs")
+
+
 def check_server_state_fields(req: ResponsesRequest) -> None:
+    """400 for what would be silently ignored: state kept on OpenAI's side, and output logprobs."""
+    extra = req.model_extra or {}
     for name, why in _SERVER_STATE_FIELDS.items():
-        if (req.model_extra or {}).get(name) is not None:
+        if extra.get(name) is not None:
             raise OpenAIError(400, f"{name}: {why}", param=name)
+    top = extra.get("top_logprobs")
+    if top is not None and top != 0:
+        raise OpenAIError(400, f"top_logprobs: {_LOGPROBS_HINT}", param="top_logprobs")
+    include = extra.get("include")
+    if isinstance(include, list) and "message.output_text.logprobs" in include:
+        raise OpenAIError(400, f"include: 'message.output_text.logprobs': {_LOGPROBS_HINT}", param="include")
 
 
 def new_id(prefix: str) -> str:
