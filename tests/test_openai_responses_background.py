@@ -207,3 +207,21 @@ def test_server_shutdown_cancels_running_responses() -> None:
         assert not aeng.engine.has_unfinished()
     finally:
         aeng.shutdown()
+
+
+def test_a_turn_that_fails_leaves_a_failed_response(live: Live) -> None:
+    """What the synchronous request answers with a 400 (here a pattern the grammar cannot compile) fails the
+    background response: status failed, the error saying why, nothing kept running or held."""
+    before = live.sessions()
+    fmt = {"type": "json_schema", "name": "x", "schema": {"type": "object", "properties": {
+        "user": {"type": "string", "pattern": "^(?!root$)"}}, "required": ["user"]}}
+    sync = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "text": {"format": fmt}})
+    assert sync.status_code == 400
+    r = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "text": {"format": fmt},
+                                              "background": True})
+    assert r.status_code == 200 and r.json()["status"] in ("queued", "in_progress")
+    done = _wait(live.a, r.json()["id"])
+    assert done.status == "failed" and done.error is not None and done.error.message == sync.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="already failed"):
+        live.a.responses.cancel(done.id)
+    assert live.sessions() == before and live.in_flight("alice") == 0

@@ -82,8 +82,9 @@ class BackgroundJob:
             try:
                 sse = await self.run.stream(created_status="queued")
             except OpenAIError as e:  # what fails before the first event (a schema, a busy session)
-                self.body = dict(self.body, status="failed", error={"code": e.code or "invalid_request",
-                                                                    "message": e.message})
+                # OpenAI's codes for a failed response where ours has none: invalid_prompt, server_error
+                code = e.code or ("server_error" if e.status >= 500 else "invalid_prompt")
+                self.body = dict(self.body, status="failed", error={"code": code, "message": e.message})
                 return
             async for chunk in sse:
                 self.events.append(chunk)
