@@ -88,3 +88,21 @@ def test_an_explicitly_open_object_still_takes_other_keys() -> None:
     for schema, takes_zz in (({**declared, "additionalProperties": True}, True), (declared, False)):
         matcher = get_backend("auto").compile(ConstraintSpec.json_schema(schema), info).new_matcher()
         assert all(matcher.accept_token(t) for t in ids) == takes_zz
+
+
+def test_schemas_a_key_brings_in_stay_open() -> None:
+    """dependentSchemas / dependencies apply to the object itself when their key is present: closing them
+    refused the object's own keys, so the key could never be written (here it is required: the schema could
+    not be satisfied at all). Their nested objects are separate values: closed as usual."""
+    schema = {"type": "object", "required": ["coupon"], "properties": {
+        "coupon": {"type": "string", "maxLength": 6}, "discount": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "dependentSchemas": {"coupon": {"required": ["discount"], "properties": {
+            "discount": {"type": "integer"}, "meta": {"type": "object", "properties": {"by": {"type": "string"}}}}}}}
+    closed = close_objects(schema)
+    dependent = closed["dependentSchemas"]["coupon"]
+    assert "additionalProperties" not in dependent and dependent["properties"]["meta"]["additionalProperties"] is False
+    assert "additionalProperties" not in close_objects({"properties": {"a": {}}, "dependencies": {"a": {
+        "properties": {"b": {}}}}})["dependencies"]["a"]
+    tok, info = tokenizer_info_for(tiny_model_cached("qwen2"))
+    matcher = get_backend("llguidance").compile(ConstraintSpec.json_schema(schema), info).new_matcher()
+    assert _accepts(matcher, tok.encode('{"coupon": "SPRING", "discount": 5}', add_special_tokens=False))

@@ -23,7 +23,11 @@ _DECIDES_OTHER_KEYS = ("additionalProperties", "patternProperties", "unevaluated
 _BRINGS_KEYS = ("allOf", "anyOf", "oneOf", "$ref", "$dynamicRef", "if", "then", "else", "dependentSchemas",
                 "dependencies")
 _COMBINATORS = ("allOf", "anyOf", "oneOf")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# Maps of schemas that apply to the object itself (when a key is present), so their keys merge with the
+# object's own: closing one would refuse the object's other keys (`{"a": 1}` against a closed
+# `{"properties": {"c": ...}}` where "a" brings it in). They stay open, as combinator branches do.
+_SAME_OBJECT_MAPS = ("dependentSchemas", "dependencies")
 # Values, not schemas; and the two keywords whose schemas a closed object would loosen (a document the
 # `not` or `if` schema no longer matches would pass where the original refused it): left as given.
 _DATA_KEYWORDS = ("enum", "const", "default", "examples", "required", "not", "if")
@@ -70,6 +74,9 @@ def _merged_refs(node: Any, mergeable: bool) -> Iterator[str]:
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             for sub in value.values():
                 yield from _merged_refs(sub, False)
+        elif key in _SAME_OBJECT_MAPS and isinstance(value, dict):
+            for sub in value.values():
+                yield from _merged_refs(sub, True)
         elif key not in _DATA_KEYWORDS:
             yield from _merged_refs(value, False)
 
@@ -89,6 +96,8 @@ def _close(node: Any, mergeable: bool, merged_refs: frozenset[str], pointer: str
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: _close(sub, f"{at}/{name}" in merged_refs, merged_refs, f"{at}/{name}")
                         for name, sub in value.items()}
+        elif key in _SAME_OBJECT_MAPS and isinstance(value, dict):
+            out[key] = {name: _close(sub, True, merged_refs, f"{at}/{name}") for name, sub in value.items()}
         elif key in _DATA_KEYWORDS:
             out[key] = value
         else:
