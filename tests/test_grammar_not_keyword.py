@@ -69,3 +69,21 @@ def test_a_not_without_a_positive_form_is_still_refused(llm: LLM) -> None:
     schema = {"type": "object", "properties": {"x": {"type": "string", "not": {"enum": ["admin"]}}}}
     out = llm.generate("x", SamplingParams(max_tokens=8, json_schema=schema))[0]
     assert out.outputs[0].finish_reason == "error" and "not" in (out.error or "")
+
+
+def test_tool_parameters_with_not_and_dependencies(llm: LLM) -> None:
+    """Tool schemas reach the backend with `not` and `dependencies` (they were refused as "unsupported" before
+    the backend was asked): llguidance compiles the exact forms, every call validates against the original."""
+    params = {"type": "object", "required": ["item", "qty"], "additionalProperties": False, "properties": {
+        "item": {"type": "string", "maxLength": 6}, "qty": {**SMALL, "not": {"type": "null"}},
+        "coupon": {"type": "string", "maxLength": 4}, "discount": SMALL},
+        "dependencies": {"coupon": ["discount"]}}
+    tool = {"type": "function", "function": {"name": "order", "parameters": params}}
+    outs = llm.chat([{"role": "user", "content": "Order two apples."}], SamplingParams(
+        n=6, temperature=1.0, seed=5, max_tokens=120, parallel_tool_calls=False), tools=[tool],
+        tool_choice="required")[0].outputs
+    calls = [c for c in outs if c.finish_reason == "stop"]
+    assert len(calls) >= 3, [(c.finish_reason, c.text) for c in outs]
+    for c in calls:
+        body = c.text[c.text.index("{"):c.text.rindex("}") + 1]  # Qwen's <tool_call>{...}</tool_call>
+        jsonschema.validate(json.loads(body)["arguments"], params)

@@ -3,7 +3,9 @@
 Type aliases ("dict", "float", "int", "bool", "list", "str", "string " ...), enums without a type
 (inferred), properties without `"type": "object"`, OpenAPI-2 `"required": true` on properties,
 OpenAPI-3 `nullable`, `"items": "string"` and `"properties": {"x": "int"}` shorthands, draft-4
-tuple `items`. What no backend enforces is rejected with a GrammarError naming its path.
+tuple `items`. What no backend enforces is rejected with a GrammarError naming its path; `not` and the
+dependency keywords go on to the backend, which compiles the forms it can keep exact (llguidance:
+grammar/not_keyword.py, grammar/dependent_keywords.py) and refuses the rest, naming them.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ _ANY_TYPES = ("any", "")
 
 # Keywords that no supported backend enforces: rejected rather than silently dropped.
 UNSUPPORTED_KEYWORDS = (
-    "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "not", "if", "then", "else",
-    "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties", "unevaluatedItems",
-    "contains", "minContains", "maxContains", "propertyNames", "uniqueItems",
+    "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "if", "then", "else",
+    "unevaluatedProperties", "unevaluatedItems", "contains", "minContains", "maxContains", "propertyNames",
+    "uniqueItems",
 )
 
 _MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions")
@@ -154,6 +156,9 @@ def _normalize_keyword(node: dict, key: str, value: Any, path: str, out: dict[st
         _normalize_items(node, value, path, out)
     elif key == "additionalProperties":
         out[key] = _normalize(value, sub)
+    elif key in ("dependentSchemas", "dependencies") and isinstance(value, dict):  # a list value: names, as given
+        out[key] = {name: _normalize(dep, f"{sub}.{name}") if isinstance(dep, dict) else dep
+                    for name, dep in value.items()}
     elif key == "enum":
         if not isinstance(value, list) or not value:
             raise GrammarError(f"'enum' must be a non-empty array at {sub}")
