@@ -24,6 +24,7 @@ from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_events import ResponseEvents, response_body, responses_usage
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
+from agentserve.adapters.openai.responses_truncation import fit_conversation, reply_room
 from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing, now, param_of, wait_disconnect
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
@@ -105,6 +106,8 @@ class ResponsesEndpoint:
         fmt = (req.text or {}).get("format")
         if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)
+        if req.truncation not in (None, "auto", "disabled"):
+            raise OpenAIError(400, f"truncation must be 'auto' or 'disabled', got {req.truncation!r}", param="truncation")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise OpenAIError(400, f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
                               param="max_output_tokens")
@@ -126,11 +129,20 @@ class ResponsesEndpoint:
             param = param_of(msg)
             raise OpenAIError(400, msg, param="max_output_tokens" if param == "max_tokens" else param) from None
 
+    async def _fitted(self, req: I.ResponsesRequest, prev: Optional[StoredResponse], new_messages: list[dict[str, Any]],
+                      tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+        """truncation "auto": the conversation with its oldest turns dropped, when it does not fit whole."""
+        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        whole = system + (prev.conversation() if prev is not None else []) + new_messages
+        limit = self.s.engine.max_model_len
+        return await fit_conversation(self.s.render_pool, whole, tools, limit - reply_room(req.max_output_tokens, limit),
+                                      self.s.engine.arch.vocab_size)
+
     async def _plan(self, req: I.ResponsesRequest, tenant: Tenant, prev: Optional[StoredResponse],
                     new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,
-                    adapter: Optional[str]) -> _Turn:
+                    adapter: Optional[str], fitted: Optional[list[dict[str, Any]]]) -> _Turn:
         keep = req.store is not False
-        if prev is not None and prev.render_key == render_key and not prev.continued:
+        if fitted is None and prev is not None and prev.render_key == render_key and not prev.continued:
             snap = await self.sessions.get(prev.session_id, tenant=tenant.name)
             # Checked again after the await: only one continuation may take the session's tip.
             if snap.num_turns == prev.turn and not snap.busy and not prev.continued:
@@ -144,7 +156,7 @@ class ResponsesEndpoint:
         snap = await self.sessions.create([], tools=tools, cache_salt=tenant.cache_salt(None), adapter=adapter,
                                           model=req.model or self.s.model_name, tenant=tenant.name,
                                           stored_response=True)
-        return _Turn(snap.session_id, system + history + new_messages, not keep, None)
+        return _Turn(snap.session_id, fitted if fitted is not None else system + history + new_messages, not keep, None)
 
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:
         tenant = tenant_of_scope(raw_request.scope)
@@ -164,7 +176,8 @@ class ResponsesEndpoint:
         render_key = json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter)], sort_keys=True)
         self.s.check_queue(1)
         try:
-            plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter)
+            fitted = await self._fitted(req, prev, new_messages, tools) if req.truncation == "auto" else None
+            plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted)
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
         run = _ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key)
@@ -231,23 +244,10 @@ class ResponsesEndpoint:
 
     def input_items(self, response_id: str, raw_request: Any, limit: int = 20, order: str = "desc",
                     after: Optional[str] = None) -> dict[str, Any]:
-        if order not in ("asc", "desc"):
-            raise OpenAIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
-        if not 1 <= limit <= 100:
-            raise OpenAIError(400, f"limit must be in [1, 100], got {limit}", param="limit")
         job = self._job(response_id, raw_request)
-        items = list(job.run.items if job is not None else
-                     self.store.get(response_id, tenant_of_scope(raw_request.scope).name).input_items)
-        if order == "desc":
-            items.reverse()
-        if after is not None:
-            ids = [it["id"] for it in items]
-            if after not in ids:
-                raise OpenAIError(400, f"after names no input item of this response: {after!r}", param="after")
-            items = items[ids.index(after) + 1:]
-        page = items[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+        items = job.run.items if job is not None else \
+            self.store.get(response_id, tenant_of_scope(raw_request.scope).name).input_items
+        return I.input_items_page(items, limit, order, after)
 
 
 class _ResponseRun:

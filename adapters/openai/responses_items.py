@@ -31,8 +31,9 @@ Item = dict[str, Any]
 
 
 class ResponsesRequest(BaseModel):
-    """POST /v1/responses. Unknown fields are accepted and ignored (include, truncation, reasoning,
-    prompt_cache_key, ...), as OpenAI-compatible servers do."""
+    """POST /v1/responses. Unknown fields are accepted and ignored (include, reasoning, prompt_cache_key, ...),
+    as OpenAI-compatible servers do; those that would ask for what is not done are refused
+    (check_server_state_fields)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -50,6 +51,7 @@ class ResponsesRequest(BaseModel):
     store: Optional[bool] = None
     stream: Optional[bool] = None
     background: Optional[bool] = None
+    truncation: Optional[str] = None  # "auto": the conversation's oldest turns dropped to fit (responses_truncation.py)
     previous_response_id: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
@@ -305,3 +307,21 @@ def output_items(message: Message, status: str, parts: Optional[ReplyParts] = No
 def mark_cut_off(items: list[Item], status: str) -> None:
     if items and status == "incomplete":
         items[-1]["status"] = "incomplete"
+
+
+def input_items_page(items: list[Item], limit: int, order: str, after: Optional[str]) -> dict[str, Any]:
+    """GET /v1/responses/{id}/input_items: a page of a response's input items (OpenAI's list shape)."""
+    if order not in ("asc", "desc"):
+        raise OpenAIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+    if not 1 <= limit <= 100:
+        raise OpenAIError(400, f"limit must be in [1, 100], got {limit}", param="limit")
+    items = list(reversed(items)) if order == "desc" else list(items)
+    if after is not None:
+        ids = [it["id"] for it in items]
+        if after not in ids:
+            raise OpenAIError(400, f"after names no input item of this response: {after!r}", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+

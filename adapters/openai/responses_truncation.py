@@ -1,0 +1,76 @@
+"""`truncation: "auto"` on the Responses API (OpenAI's rule): when the conversation does not fit the context
+window, items are dropped from its beginning until it does. Agent loops that run long send it so that the
+loop goes on with its recent turns instead of failing with context_length_exceeded.
+
+Dropped here in whole turns: from the front, everything up to the next user message (an assistant's tool
+calls never lose their results, nor results their calls), while the system message (the instructions) stays.
+The conversation is rendered through the chat template and counted as a session turn would count it; the
+fewest turns that make it fit are dropped (a binary search over where the kept part starts). It must leave
+room for the reply: `max_output_tokens` when the request sets it, else `DEFAULT_REPLY_ROOM` tokens (at most
+an eighth of the context). When the newest turn alone does not fit, nothing is dropped: the request fails as
+it would have, naming the length.
+
+A truncated conversation cannot continue on the resident session that holds the whole one: it starts a
+session of its own (the prefix cache still serves its shared part).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from agentserve.chat.limits import EdgeLimitError
+from agentserve.chat.messages import SESSION_RULES, normalize_messages
+from agentserve.chat.render_pool import RenderPool
+from agentserve.chat.tools import normalize_tools
+
+Message = dict[str, Any]
+DEFAULT_REPLY_ROOM = 1024
+
+
+def reply_room(max_output_tokens: Optional[int], max_model_len: int) -> int:
+    return max_output_tokens if max_output_tokens is not None else min(DEFAULT_REPLY_ROOM, max_model_len // 8)
+
+
+def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
+    """(the system messages' count, where a kept part may start: after them, or at a user message)."""
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    starts = [i for i in range(head, len(messages)) if messages[i].get("role") == "user"]
+    return head, sorted({head, *starts})
+
+
+async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
+                           budget: int, vocab_size: int) -> Optional[list[Message]]:
+    """The conversation with the fewest oldest turns dropped that renders to at most `budget` tokens; None when
+    it fits whole (nothing to drop) or when even its newest turn alone does not fit."""
+    head, cuts = _cut_points(messages)
+    tools_n = normalize_tools(tools)
+
+    def kept(j: int) -> list[Message]:
+        return list(messages[:head]) + list(messages[cuts[j]:])
+
+    def count(tokenizer: Any, msgs: list[Message]) -> float:
+        normalized = normalize_messages(msgs, SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
+        try:
+            text = pool.render(tokenizer, normalized, tools_n, add_generation_prompt=True)
+            return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
+        except EdgeLimitError as e:
+            if e.code == "context_length_exceeded":  # longer than the context can hold at all
+                return float("inf")
+            raise
+
+    async def fits(j: int) -> bool:
+        msgs = kept(j)
+        return await pool.run(lambda tok: count(tok, msgs)) <= budget
+
+    if await fits(0) or not await fits(len(cuts) - 1):
+        return None
+    lo, hi = 0, len(cuts) - 1  # fits(lo) is false, fits(hi) true: the first that fits lies in (lo, hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if await fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return kept(hi)
