@@ -77,7 +77,8 @@ def test_bad_input_gets_the_right_status_and_the_session_keeps_working(aeng) -> 
             assert code == Code.INVALID_ARGUMENT and "json_schema" in msg
             code, msg = await turn_status(s, [{"role": "user", "content": "x", "token_ids": [5]}])
             assert code == Code.INVALID_ARGUMENT and "raw-token" in msg
-            bad_schema = {"type": "json_schema", "json_schema": {"type": "object", "not": {"required": ["a"]}}}
+            bad_schema = {"type": "json_schema", "json_schema": {"type": "object", "properties": {  # no positive form
+                "a": {"type": "string", "not": {"enum": ["x"]}}}}}
             code, msg = await turn_status(s, USER, response_format=bad_schema, max_tokens=4)
             assert code == Code.INVALID_ARGUMENT and "not" in msg
             # nothing above changed the session

@@ -3,16 +3,19 @@
 Type aliases ("dict", "float", "int", "bool", "list", "str", "string " ...), enums without a type
 (inferred), properties without `"type": "object"`, OpenAPI-2 `"required": true` on properties,
 OpenAPI-3 `nullable`, `"items": "string"` and `"properties": {"x": "int"}` shorthands, draft-4
-tuple `items`. What no backend enforces is rejected with a GrammarError naming its path; `not` and the
-dependency keywords go on to the backend, which compiles the forms it can keep exact (llguidance:
-grammar/not_keyword.py, grammar/dependent_keywords.py) and refuses the rest, naming them.
+tuple `items`. What no backend enforces is rejected with a GrammarError naming its path; so are `not` and
+the dependency keywords except in the forms that have an exact positive one (grammar/not_keyword.py,
+grammar/dependent_keywords.py), which go on to the backend (llguidance compiles them; xgrammar and outlines
+refuse them, naming them).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.not_keyword import not_as_positive
 
 _TYPE_ALIASES = {
     "object": "object", "dict": "object", "map": "object", "hash": "object", "struct": "object",
@@ -115,7 +118,24 @@ def _normalize(node: Any, path: str) -> Any:
         out["required"] = list(dict.fromkeys(required))
     if node.get("nullable") is True:
         _make_nullable(out)
+    _check_positive_forms(out, path)
     return out
+
+
+_DEPENDENCY_KEYWORDS = ("dependencies", "dependentRequired", "dependentSchemas")
+
+
+def _check_positive_forms(node: dict, path: str) -> None:
+    """`not` and the dependency keywords only where they are rewritten into an exact positive form."""
+    if "not" in node:
+        rewritten = not_as_positive({k: v for k, v in node.items() if k not in _DEPENDENCY_KEYWORDS})
+        if isinstance(rewritten, dict) and "not" in rewritten:
+            raise GrammarError(f"unsupported keyword 'not' at {path} (compiled only as `not` of {{}}, of types, or of "
+                               "one required property of an object)")
+    present = [k for k in _DEPENDENCY_KEYWORDS if k in node]
+    if present and any(k in dependencies_as_any_of(node) for k in present):
+        raise GrammarError(f"unsupported keyword '{present[0]}' at {path} (compiled only as one dependency of an "
+                           "object without anyOf / oneOf / allOf of its own)")
 
 
 def _check_supported(node: dict, path: str) -> None:
@@ -156,6 +176,9 @@ def _normalize_keyword(node: dict, key: str, value: Any, path: str, out: dict[st
         _normalize_items(node, value, path, out)
     elif key == "additionalProperties":
         out[key] = _normalize(value, sub)
+    elif key == "not" and isinstance(value, dict) and "type" in value:  # type aliases only: the rest as given
+        t = _norm_type(value["type"], f"{sub}.type")
+        out[key] = {**{k: v for k, v in value.items() if k != "type"}, **({"type": t} if t is not None else {})}
     elif key in ("dependentSchemas", "dependencies") and isinstance(value, dict):  # a list value: names, as given
         out[key] = {name: _normalize(dep, f"{sub}.{name}") if isinstance(dep, dict) else dep
                     for name, dep in value.items()}
