@@ -132,3 +132,16 @@ def test_a_tool_whose_parameters_cannot_compile_is_named(info) -> None:
             future.result(timeout=60)
     finally:
         compiler.shutdown()
+
+
+def test_declared_names_of_any_spelling_are_read() -> None:
+    """A declared tool name outside the usual characters (the grammar writes it as declared) is still read as
+    the call's name; undeclared, such text stays text."""
+    odd = [{"type": "function", "function": {"name": "web search/v2", "parameters": {}}}]
+    text = '[TOOL_CALLS]web search/v2[ARGS]{"q": 1}'
+    parser = ToolCallParser("mistral_v11", odd)
+    for ch in text:
+        parser.feed(ch)
+    assert [(c.name, c.arguments_json) for c in parser.finish()[1]] == [("web search/v2", '{"q": 1}')]
+    _, content, calls, _ = _parse(text, random.Random(1))  # TOOLS does not declare it
+    assert calls == [] and content == text

@@ -25,14 +25,13 @@ Event = Union[ContentDelta, ToolCallDelta]
 class ToolCallParser:
     """Incremental parser of a model's output into content and tool calls.
 
-    `ToolCallParser(fmt)` makes the format's parser (HermesToolParser, Llama3JsonToolParser,
-    MistralToolParser, MistralV11ToolParser). Argument fragments are reported as they arrive (the first delta of a call
-    carries its id and name); the fragments of a call concatenate to its final `arguments_json`.
-    The parser needs the output text with the format's markers (decode without skipping special
-    tokens, or keep the marker tokens). A call cut off by the end of the output is not among the
-    calls (`truncated`); when its name had arrived it is `partial_call` (its arguments as far as they
-    got), for the servers to return with finish_reason "length". `bare_calls=False` (a typed final
-    answer beside tools): a JSON output is the answer; llama3_json calls start with `<|python_tag|>`.
+    `ToolCallParser(fmt)` makes the format's parser (the PARSERS below). Argument fragments are reported
+    as they arrive (a call's first delta carries its id and name) and concatenate to its `arguments_json`.
+    The parser needs the output text with the format's markers (decode without skipping special tokens,
+    or keep the marker tokens). A call cut off by the end of the output is not among the calls
+    (`truncated`); when its name had arrived it is `partial_call` (its arguments as far as they got), for
+    the servers to return with finish_reason "length". `bare_calls=False` (a typed final answer beside
+    tools): a JSON output is the answer; llama3_json calls start with `<|python_tag|>`.
 
     Modes: "text" (free text, watching for the opener), "obj" (inside a call object), and the
     format's own modes between those (`_feed_format`).
@@ -337,13 +336,8 @@ class MistralToolParser(ToolCallParser):
             self._recover(ch, events)
 
 
-_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # what OpenAI-compatible function names are made of
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # what function names are made of (declared ones: any text)
 _NAME_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{0,256}")
-
-
-def _may_continue(buf: str) -> bool:  # whether what followed the opener can still become `name[ARGS]`
-    head, bracket, tail = buf.partition("[")
-    return bool(_NAME_PREFIX.fullmatch(head)) and (not bracket or MISTRAL_ARGS.startswith(bracket + tail))
 
 
 class MistralV11ToolParser(ToolCallParser):
@@ -360,6 +354,13 @@ class MistralV11ToolParser(ToolCallParser):
         super().__init__(fmt, tools, bare_calls=bare_calls)
         self._name_buf = ""
         self._name = ""
+        functions = [t.get("function", t) if isinstance(t, dict) else None for t in tools or []]
+        self._declared = {f["name"] + MISTRAL_ARGS for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)}
+
+    def _may_continue(self, buf: str) -> bool:  # whether what followed the opener can still become `name[ARGS]`
+        head, bracket, tail = buf.partition("[")
+        plain = bool(_NAME_PREFIX.fullmatch(head)) and (not bracket or MISTRAL_ARGS.startswith(bracket + tail))
+        return plain or any(d.startswith(buf) for d in self._declared)
 
     def _feed_format(self, ch: str, events: list[Event]) -> None:
         if self.mode == "name":
@@ -376,10 +377,11 @@ class MistralV11ToolParser(ToolCallParser):
 
     def _feed_name(self, ch: str, events: list[Event]) -> None:
         self._name_buf += ch
-        if self._name_buf.endswith(MISTRAL_ARGS) and _NAME.fullmatch(self._name_buf[:-len(MISTRAL_ARGS)]):
+        if self._name_buf.endswith(MISTRAL_ARGS) and (self._name_buf in self._declared
+                                                       or _NAME.fullmatch(self._name_buf[:-len(MISTRAL_ARGS)])):
             self._name, self._name_buf = self._name_buf[:-len(MISTRAL_ARGS)], ""
             self.mode = "args"
-        elif not _may_continue(self._name_buf):
+        elif not self._may_continue(self._name_buf):
             text, self._name_buf = MISTRAL_OPEN + self._name_buf, ""
             self._recover(text, events)
 
