@@ -11,7 +11,9 @@ an eighth of the context). When the newest turn alone does not fit, nothing is d
 it would have, naming the length.
 
 A truncated conversation cannot continue on the resident session that holds the whole one: it starts a
-session of its own (the prefix cache still serves its shared part).
+session of its own (the prefix cache still serves its shared part). The count costs a render of the whole
+conversation in a render-pool worker on each request that asks for "auto" (off the step loop; a turn that
+fits then runs on its session as any other).
 """
 
 from __future__ import annotations
