@@ -299,8 +299,8 @@ class EngineConfig(_Strict):
                                  "xgrammar or 'auto' (llguidance).")
     reasoning_parser: Optional[str] = Field(
         default=None, description="vLLM's reasoning parser for models that think first: 'qwen3' or 'deepseek_r1' "
-        "(<think> ... </think>). Chat replies carry the reasoning as reasoning_content, and output constraints "
-        "(schemas, tool calls) apply after it.")
+        "(<think> ... </think>), 'mistral' (Magistral: [THINK] ... [/THINK]). Chat replies carry the reasoning as "
+        "reasoning_content, and output constraints (schemas, tool calls) apply after it.")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -133,6 +133,9 @@ class ChatEndpoint:
 
     def _sampling_params(self, req: ChatCompletionRequest, top_n: int, extra: dict[str, Any]) -> SamplingParams:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        markers = self.s.engine.reasoning
+        if markers is not None and markers.are_special(self.s.tokenizer):  # [THINK] must reach the split
+            extra = {**extra, "skip_special_tokens": False}
         try:
             return self.s.sampling_params(req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,
                                           extra=extra)
@@ -197,12 +200,12 @@ class _ChatContext:
         self.prompt_ids, self.params = prompt_ids, params
         self.engine_kwargs = serving.engine_kwargs(req, lora_name)
         self.tools, self.tool_choice = tools, tool_choice
-        # With special tokens kept in the text (for a special tool-call opener), the EOS token that
-        # ended the reply would be in it too: strip it, as it is when special tokens are skipped.
+        # With special tokens kept in the text (for a special tool-call opener or reasoning marker), the EOS
+        # token that ended the reply would be in it too: strip it, as it is when special tokens are skipped.
         tok = serving.tokenizer
         self.eos_texts: tuple[str, ...] = ()
         self.eos_ids = frozenset(serving.engine.eos_token_ids)  # the generation config's others stop by id
-        if tools and not params.skip_special_tokens and tok is not None:
+        if (tools or serving.engine.reasoning is not None) and not params.skip_special_tokens and tok is not None:
             ids = sorted(serving.engine.eos_token_ids)
             self.eos_texts = tuple(t for t in (tok.convert_ids_to_tokens(ids) or []) if t)
         self.top_n = top_n

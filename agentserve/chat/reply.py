@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Optional, Sequence, Union
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
+from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
 from agentserve.grammar.tool_formats import FORMAT_MARKERS, detect_tool_format
 from agentserve.grammar.tool_parser import ToolCallParser
@@ -90,12 +91,16 @@ class ReplyStream:
     tool_choice "none", or no chat template) the engine's own text deltas pass through."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
-                 tools: Optional[list[dict[str, Any]]], eos_token_ids: Collection[int]) -> None:
+                 tools: Optional[list[dict[str, Any]]], eos_token_ids: Collection[int],
+                 reasoning: Optional[ReasoningMarkers] = None) -> None:
         self.eos_token_ids = eos_token_ids
         fmt = tool_format_of(tokenizer) if tools and params.tool_choice != "none" else None
         self.parser = ReplyParser(fmt, tools, params.typed_answer) if fmt is not None else None
         self.raw: Optional[IncrementalDetokenizer] = None
-        if self.parser is not None:
+        # Special reasoning markers ([THINK]) must reach the reasoning split: the reply is decoded with them kept.
+        self.keep_markers = reasoning is not None and tokenizer is not None and reasoning.are_special(tokenizer)
+        self.raw_text = ""
+        if self.parser is not None or self.keep_markers:
             self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),
                                               params.include_stop_str_in_output, params.min_tokens,
                                               params.spaces_between_special_tokens)
@@ -107,7 +112,7 @@ class ReplyStream:
 
     def feed(self, out: RequestOutput) -> tuple[str, list[CallDelta]]:
         comp = out.outputs[0]
-        if self.parser is None or self.raw is None:
+        if self.raw is None:
             return comp.delta_text, []
         ids = list(comp.delta_token_ids)
         if out.finished and ids and comp.ends_on_stop_token(self.eos_token_ids):
@@ -115,15 +120,19 @@ class ReplyStream:
         for t in ids:
             if not self._stopped and self.raw.append(t) is not None:
                 self._stopped = True
-        events = self.parser.feed(self.raw.take_new_text(out.finished))
+        text = self.raw.take_new_text(out.finished)
+        if self.parser is None:  # kept only for the reasoning markers
+            self.raw_text += text
+            return text, []
+        events = self.parser.feed(text)
         if out.finished:
             events = list(events) + list(self.parser.flush())
         return split_events(events)
 
     def final(self) -> tuple[Optional[str], list[dict[str, Any]]]:
-        """(content, tool calls) after the last feed; content None when tools are not parsed."""
+        """(content, tool calls) after the last feed; content None when the engine's own text stands."""
         if self.parser is None:
-            return None, []
+            return (self.raw_text if self.raw is not None else None), []
         content, calls = self.parser.finish()
         return content_beside_calls(content, bool(calls)), calls
 

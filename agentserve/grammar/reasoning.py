@@ -27,6 +27,7 @@ from agentserve.grammar.interface import GrammarError, GrammarMatcher
 REASONING_PARSERS: dict[str, tuple[str, str]] = {
     "qwen3": ("<think>", "</think>"),
     "deepseek_r1": ("<think>", "</think>"),
+    "mistral": ("[THINK]", "[/THINK]"),  # Magistral (Mistral's tokenizers from v13 on: special tokens)
 }
 
 
@@ -51,6 +52,12 @@ class ReasoningMarkers:
                                    f"({encoded}); the model does not use these reasoning markers")
             ids.append(encoded[0])
         return cls(parser, ids[0], ids[1])
+
+    def are_special(self, tokenizer: Any) -> bool:
+        """Whether the markers are special tokens (Magistral's [THINK]), which a decode that skips special tokens
+        drops from the text: the replies' text is then decoded with them kept, for the split to see them."""
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        return self.start_id in special or self.end_id in special
 
     def reasoning_tokens(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
         """How many output tokens are reasoning (the markers included): usage's reasoning_tokens."""

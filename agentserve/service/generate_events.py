@@ -31,7 +31,8 @@ async def generate_events(engine: Engine, outs: AsyncIterator[RequestOutput], pa
     thoughts: Optional[ReplyReasoning] = None
     async for out in outs:
         if reply is None:
-            reply = ReplyStream(engine.tokenizer, out.prompt_token_ids, params, tools, engine.eos_token_ids)
+            reply = ReplyStream(engine.tokenizer, out.prompt_token_ids, params, tools, engine.eos_token_ids,
+                                engine.reasoning if chat else None)
             if chat and engine.reasoning is not None:
                 thoughts = ReplyReasoning(engine.reasoning, out.prompt_token_ids)
         comp = out.outputs[0]

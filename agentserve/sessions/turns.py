@@ -320,7 +320,7 @@ class TurnLifecycle:
     async def _drive(self, pending: PendingTurn, queue: "asyncio.Queue[Any]", priority: int) -> None:
         s = pending.session
         reply = ReplyStream(self.engine.tokenizer, pending.prompt_token_ids, pending.params, s.tools,
-                            self.engine.eos_token_ids)
+                            self.engine.eos_token_ids, self.engine.reasoning)
         gen = self.aeng.generate(pending.request_id, pending.prompt_token_ids, pending.params,
                                  retain_blocks=True, share_prefix=True, priority=priority, cache_salt=s.cache_salt,
                                  lora_name=s.adapter, lora_key=s.lora_key,
