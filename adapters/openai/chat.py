@@ -134,7 +134,7 @@ class ChatEndpoint:
     def _sampling_params(self, req: ChatCompletionRequest, top_n: int, extra: dict[str, Any]) -> SamplingParams:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         markers = self.s.engine.reasoning
-        if markers is not None and markers.are_special(self.s.tokenizer):  # [THINK] must reach the split
+        if markers is not None and markers.special:  # [THINK] must reach the reasoning split
             extra = {**extra, "skip_special_tokens": False}
         try:
             return self.s.sampling_params(req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,

@@ -206,10 +206,11 @@ class ResponsesEndpoint:
     def retrieve(self, response_id: str, raw_request: Any, stream: bool = False,
                  starting_after: Optional[int] = None) -> Any:
         """The response; with stream=true (a background response's), its events after `starting_after`."""
+        tenant = tenant_of_scope(raw_request.scope).name
         if stream:
-            job = self.background.get(response_id, tenant_of_scope(raw_request.scope).name)
+            job = self.background.get(response_id, tenant)
             if job is None:
-                self.retrieve(response_id, raw_request)  # 404 for an unknown id
+                self.store.get(response_id, tenant)  # 404 for an unknown id
                 raise OpenAIError(400, "stream=true replays a background response's events; this response was "
                                        "not created with background: true (or its events are no longer kept)",
                                   param="stream")
@@ -220,12 +221,13 @@ class ResponsesEndpoint:
         job = self._job(response_id, raw_request)
         if job is not None:
             return job.snapshot()
-        return self.store.get(response_id, tenant_of_scope(raw_request.scope).name).body
+        return self.store.get(response_id, tenant).body
 
     async def cancel(self, response_id: str, raw_request: Any) -> dict[str, Any]:
-        job = self.background.get(response_id, tenant_of_scope(raw_request.scope).name)
+        tenant = tenant_of_scope(raw_request.scope).name
+        job = self.background.get(response_id, tenant)
         if job is None:
-            self.retrieve(response_id, raw_request)  # 404 for an unknown id
+            self.store.get(response_id, tenant)  # 404 for an unknown id
             raise OpenAIError(400, "Cannot cancel a synchronous response.", param="response_id")
         return await self.background.cancel(job)
 

@@ -324,4 +324,3 @@ def input_items_page(items: list[Item], limit: int, order: str, after: Optional[
     page = items[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
-

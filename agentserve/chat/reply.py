@@ -16,6 +16,7 @@ from typing import Any, Collection, Optional, Sequence, Union
 
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.grammar.reasoning import ReasoningMarkers
+from agentserve.grammar.tokenizer_info import special_tokens
 from agentserve.grammar.tool_call_object import ContentDelta, ToolCallDelta
 from agentserve.grammar.tool_formats import FORMAT_MARKERS, detect_tool_format
 from agentserve.grammar.tool_parser import ToolCallParser
@@ -44,9 +45,7 @@ def opener_is_special(tokenizer: Any, fmt: str) -> bool:
     <|python_tag|>), which skip_special_tokens would drop from the text the parser reads."""
     if tokenizer is None:
         return False
-    # all_special_tokens lists only the named ones (bos, eos, ...) in transformers 5.
-    special = {added.content for added in tokenizer.added_tokens_decoder.values() if added.special}
-    special |= set(tokenizer.all_special_tokens)
+    special = set(special_tokens(tokenizer).values())
     return any(marker in special for marker in FORMAT_MARKERS.get(fmt, ()))
 
 
@@ -97,10 +96,9 @@ class ReplyStream:
         fmt = tool_format_of(tokenizer) if tools and params.tool_choice != "none" else None
         self.parser = ReplyParser(fmt, tools, params.typed_answer) if fmt is not None else None
         self.raw: Optional[IncrementalDetokenizer] = None
-        # Special reasoning markers ([THINK]) must reach the reasoning split: the reply is decoded with them kept.
-        self.keep_markers = reasoning is not None and tokenizer is not None and reasoning.are_special(tokenizer)
         self.raw_text = ""
-        if self.parser is not None or self.keep_markers:
+        # Special reasoning markers ([THINK]) must reach the reasoning split: the reply is decoded with them kept.
+        if self.parser is not None or (reasoning is not None and reasoning.special):
             self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),
                                               params.include_stop_str_in_output, params.min_tokens,
                                               params.spaces_between_special_tokens)

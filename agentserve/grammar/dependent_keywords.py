@@ -17,13 +17,13 @@ from typing import Any, Optional
 
 from agentserve.grammar.schema_utils import map_subschemas
 
-_KEYWORDS = ("dependencies", "dependentRequired", "dependentSchemas")
+DEPENDENCY_KEYWORDS = ("dependencies", "dependentRequired", "dependentSchemas")
 
 
 # Inside an `anyOf` branch, llguidance reports what it refuses as the branch being unsatisfiable (naming some
 # required property instead): a schema alternative that still holds one of these keeps its dependency, so the
 # refusal names what is unsupported.
-_REFUSED_INSIDE = frozenset(("oneOf", "not", *_KEYWORDS))
+_REFUSED_INSIDE = frozenset(("oneOf", "not", *DEPENDENCY_KEYWORDS))
 
 
 def _holds_refused(node: Any) -> bool:
@@ -45,7 +45,7 @@ def _alternative(keyword: str, value: Any) -> Optional[dict]:
 
 def dependencies_as_any_of(schema: Any) -> Any:
     def rewrite(node: dict, path: str) -> dict:
-        present = [k for k in _KEYWORDS if k in node]
+        present = [k for k in DEPENDENCY_KEYWORDS if k in node]
         if len(present) != 1 or any(k in node for k in ("anyOf", "oneOf", "allOf")):
             return node
         deps = node[present[0]]

@@ -156,11 +156,15 @@ def _too_large(size: float, what: str) -> GrammarError:
 
 def _pointer(root: Any, ref: str) -> Any:
     """The subschema a local reference ("#", "#/definitions/a~1b") names, or None."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None  # an anchor ("#name"): not followed
     node = root
-    for part in ref[2:].split("/") if ref.startswith("#/") else []:
+    for part in ref[2:].split("/"):
         part = part.replace("~1", "/").replace("~0", "~")
         node = node.get(part) if isinstance(node, dict) else None
-    return node if ref == "#" or ref.startswith("#/") else None
+    return node
 
 
 def _refs_in(node: Any) -> set[str]:

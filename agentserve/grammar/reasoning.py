@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from agentserve.grammar.interface import GrammarError, GrammarMatcher
+from agentserve.grammar.tokenizer_info import special_tokens
 
 # vLLM's parser names -> their (start, end) marker texts.
 REASONING_PARSERS: dict[str, tuple[str, str]] = {
@@ -36,6 +37,9 @@ class ReasoningMarkers:
     parser: str  # a REASONING_PARSERS name (its marker texts are there)
     start_id: int
     end_id: int
+    # Whether a marker is a special token (Magistral's [THINK]), which a decode that skips special tokens drops
+    # from the text: replies are then decoded with them kept, for the reasoning split to see them.
+    special: bool = False
 
     @classmethod
     def for_tokenizer(cls, parser: str, tokenizer: Any) -> "ReasoningMarkers":
@@ -51,13 +55,7 @@ class ReasoningMarkers:
                 raise GrammarError(f"reasoning_parser {parser!r}: {text!r} is not one token of this tokenizer "
                                    f"({encoded}); the model does not use these reasoning markers")
             ids.append(encoded[0])
-        return cls(parser, ids[0], ids[1])
-
-    def are_special(self, tokenizer: Any) -> bool:
-        """Whether the markers are special tokens (Magistral's [THINK]), which a decode that skips special tokens
-        drops from the text: the replies' text is then decoded with them kept, for the split to see them."""
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        return self.start_id in special or self.end_id in special
+        return cls(parser, ids[0], ids[1], special=bool(set(ids) & special_tokens(tokenizer).keys()))
 
     def reasoning_tokens(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
         """How many output tokens are reasoning (the markers included): usage's reasoning_tokens."""

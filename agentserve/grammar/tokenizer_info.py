@@ -33,6 +33,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
 
 
+def special_tokens(tokenizer: Any) -> dict[int, str]:
+    """id -> text of a Hugging Face tokenizer's special tokens: the added tokens marked special, and the named
+    ones (bos, eos, ...; all_special_ids lists only those in transformers 5)."""
+    found = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    found.update(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens))
+    return found
+
+
 def _decoder_kind(hf_tokenizer: Any) -> str:
     if not hf_tokenizer.is_fast:  # slow (Python) tokenizers have no tokenizers-library decoder
         return "unknown"
@@ -94,8 +102,7 @@ class TokenizerInfo:
         n = len(tokenizer)
         kind = _decoder_kind(tokenizer)
         added = {int(i): t for i, t in tokenizer.added_tokens_decoder.items()}
-        special = {i for i, t in added.items() if t.special}
-        special |= set(tokenizer.all_special_ids)
+        special = special_tokens(tokenizer)
         id_to_tok = tokenizer.convert_ids_to_tokens(list(range(n)))
         token_bytes: list[bytes] = []
         for i, tok in enumerate(id_to_tok):

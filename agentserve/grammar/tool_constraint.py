@@ -132,6 +132,11 @@ def _calls_schema(tools: Sequence[ToolDef], fmt: str, *, array: bool = False, pa
     return {**schema, "$defs": defs} if defs else schema
 
 
+# Chat templates often put a space/newline before the first call; bounded, so an unsure model cannot emit
+# whitespace forever instead of the call.
+_LEAD_WS = {"ws": " \n", "max": 2}
+
+
 def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
                  answer_schema: Optional[dict] = None) -> dict:
     """The `structure` tree of the outputs allowed in `fmt` (mode: "auto" or "required"). With an
@@ -145,24 +150,21 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
         if fmt == "llama3_json":
             call = {"json": _calls_schema(tools, fmt)}
             more = [{"star": {"seq": [{"lit": "; "}, call]}}] if parallel else []
-            calls = {"seq": [{"ws": " \n", "max": 2}, {"marker": PYTHON_TAG}, call] + more}
+            calls = {"seq": [_LEAD_WS, {"marker": PYTHON_TAG}, call] + more}
         return {"alt": [calls, {"json": answer_schema, "answer": True}]}
     call = {"json": _calls_schema(tools, fmt)}
-    # chat templates often put a space/newline before the first call; bounded, so an unsure model
-    # cannot emit whitespace forever instead of the call
-    lead = {"ws": " \n", "max": 2}
     if fmt == "hermes":
         body = {"seq": [{"lit": "\n"}, call, {"lit": "\n"}, {"marker": HERMES_CLOSE}]}
         block = {"seq": [{"marker": HERMES_OPEN}, body]}
         more = [{"star": {"seq": [{"lit": "\n"}, block]}}] if parallel else []
         if mode == "required":
-            return {"seq": [lead, block] + more}
+            return {"seq": [_LEAD_WS, block] + more}
         text_then_call = {"text": {"exclude": [HERMES_OPEN], "then": HERMES_OPEN}}
         return {"alt": [{"text": {"exclude": [HERMES_OPEN]}},
                         {"seq": [text_then_call, body] + more}]}
     if fmt == "llama3_json":
         seq = {"seq": [call] + ([{"star": {"seq": [{"lit": "; "}, call]}}] if parallel else [])}
-        calls = {"seq": [lead, {"opt": {"marker": PYTHON_TAG}}, seq]}
+        calls = {"seq": [_LEAD_WS, {"opt": {"marker": PYTHON_TAG}}, seq]}
         if mode == "required":
             return calls
         text = {"exclude": [PYTHON_TAG], "lead_ws": " \n", "not_start": "{"}
@@ -171,7 +173,7 @@ def tool_grammar(tools: Sequence[ToolDef], fmt: str, mode: str, parallel: bool,
         array = _calls_schema(tools, fmt, array=True, parallel=parallel)
         after_open: list[dict[str, Any]] = [{"ws": " ", "max": 1}, {"json": array}]
         if mode == "required":
-            return {"seq": [lead, {"marker": MISTRAL_OPEN}] + after_open}
+            return {"seq": [_LEAD_WS, {"marker": MISTRAL_OPEN}] + after_open}
         return {"alt": [{"text": {"exclude": [MISTRAL_OPEN]}},
                         {"seq": [{"text": {"exclude": [MISTRAL_OPEN], "then": MISTRAL_OPEN}}] + after_open}]}
     raise GrammarError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
@@ -183,7 +185,7 @@ def _mistral_v11_grammar(tools: Sequence[ToolDef], mode: str, parallel: bool, an
     after_open = {"alt": [{"seq": [{"lit": t.name}, {"marker": MISTRAL_ARGS}, {"json": t.parameters, "tool": t.name}]}
                           for t in tools]}
     more = [{"star": {"seq": [{"marker": MISTRAL_OPEN}, after_open]}}] if parallel else []
-    calls = {"seq": [{"ws": " \n", "max": 2}, {"marker": MISTRAL_OPEN}, after_open] + more}
+    calls = {"seq": [_LEAD_WS, {"marker": MISTRAL_OPEN}, after_open] + more}
     if mode == "required":
         return calls
     if answer_schema is not None:

@@ -23,16 +23,14 @@ PYTHON_TAG = "<|python_tag|>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
 
-# Marker strings of the tool-call formats; when a tokenizer has them as single (special) tokens,
-# tool-call grammars may name them (and only tool-call grammars do).
-TOOL_MARKERS = (HERMES_OPEN, HERMES_CLOSE, PYTHON_TAG, MISTRAL_OPEN, MISTRAL_ARGS)
-
-# What starts the calls of each format after free text (the parser watches for it; in "auto"
-# mode the grammar keeps it out of the text).
-OPENERS = {"hermes": HERMES_OPEN, "llama3_json": PYTHON_TAG, "mistral": MISTRAL_OPEN, "mistral_v11": MISTRAL_OPEN}
-# Every marker a format's calls are spelled with (which the text the parser reads must keep).
+# Every marker a format's calls are spelled with (which the text the parser reads must keep), its opener
+# first: what starts the calls after free text (the parser watches for it; in "auto" mode the grammar
+# keeps it out of the text).
 FORMAT_MARKERS = {"hermes": (HERMES_OPEN, HERMES_CLOSE), "llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_OPEN,),
                   "mistral_v11": (MISTRAL_OPEN, MISTRAL_ARGS)}
+# Marker strings of the tool-call formats; when a tokenizer has them as single (special) tokens,
+# tool-call grammars may name them (and only tool-call grammars do).
+TOOL_MARKERS = tuple(dict.fromkeys(m for markers in FORMAT_MARKERS.values() for m in markers))
 
 ARGUMENTS_KEY = {"hermes": "arguments", "llama3_json": "parameters", "mistral": "arguments"}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from agentserve.grammar.dependent_keywords import dependencies_as_any_of
+from agentserve.grammar.dependent_keywords import DEPENDENCY_KEYWORDS, dependencies_as_any_of
 from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.not_keyword import not_as_positive
 
@@ -122,17 +122,14 @@ def _normalize(node: Any, path: str) -> Any:
     return out
 
 
-_DEPENDENCY_KEYWORDS = ("dependencies", "dependentRequired", "dependentSchemas")
-
-
 def _check_positive_forms(node: dict, path: str) -> None:
     """`not` and the dependency keywords only where they are rewritten into an exact positive form."""
     if "not" in node:
-        rewritten = not_as_positive({k: v for k, v in node.items() if k not in _DEPENDENCY_KEYWORDS})
+        rewritten = not_as_positive(node)
         if isinstance(rewritten, dict) and "not" in rewritten:
             raise GrammarError(f"unsupported keyword 'not' at {path} (compiled only as `not` of {{}}, of types, or of "
                                "one required property of an object)")
-    present = [k for k in _DEPENDENCY_KEYWORDS if k in node]
+    present = [k for k in DEPENDENCY_KEYWORDS if k in node]
     if present and any(k in dependencies_as_any_of(node) for k in present):
         raise GrammarError(f"unsupported keyword '{present[0]}' at {path} (compiled only as one dependency of an "
                            "object without anyOf / oneOf / allOf of its own)")
