@@ -27,7 +27,9 @@ from typing import Iterator
 import pytest
 
 from agentserve.engine.engine import Engine
+from agentserve.llm import LLM
 from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
+from agentserve.testing.tiny import tiny_model_cached
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -58,6 +60,13 @@ def pages_free_after_test() -> Iterator[list[Engine]]:
     for engine in list(LIVE_ENGINES):
         if not engine.has_unfinished() and not _has_open_sessions(engine):
             engine.pool.check_all_free()
+
+
+@pytest.fixture(scope="module")
+def grammar_llm() -> Iterator[LLM]:
+    """The tiny Qwen2 model offline, for tests that sample constrained outputs and validate them."""
+    with LLM(str(tiny_model_cached("qwen2")), num_blocks=256, max_model_len=1024) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

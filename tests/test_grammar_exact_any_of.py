@@ -10,7 +10,6 @@ is still refused. It refused `dependencies` ("if P then Q") too, which is exactl
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jsonschema
 import pytest
@@ -19,7 +18,7 @@ from agentserve import SamplingParams
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.llm import LLM
-from agentserve.testing import tiny_model_cached
+from helpers.grammar_walks import assert_sampled_outputs_validate
 
 SIZE = {"type": "integer", "minimum": 1, "maximum": 99}  # bounded, so that the random tiny model's numbers end
 AREA = {"type": "object", "required": ["shape", "dimensions"], "properties": {
@@ -70,27 +69,17 @@ def test_dependencies_become_the_any_of_they_mean() -> None:
         assert dependencies_as_any_of(kept) == kept
 
 
-@pytest.fixture(scope="module")
-def llm() -> Any:
-    with LLM(str(tiny_model_cached("qwen2")), num_blocks=256, max_model_len=1024) as engine:
-        yield engine
-
 
 @pytest.mark.parametrize("schema", [AREA, SHAPES, ORDER], ids=["required-sets", "discriminated", "dependencies"])
-def test_sampled_outputs_validate_against_the_original_one_of(llm: LLM, schema: dict) -> None:
-    params = SamplingParams(n=12, temperature=1.0, seed=7, max_tokens=200, json_schema=schema)
-    outs = llm.generate("Answer in JSON:", params)[0].outputs
-    finished = [c for c in outs if c.finish_reason == "stop"]
-    assert len(finished) >= 6, [c.finish_reason for c in outs]
-    for c in finished:
-        jsonschema.validate(json.loads(c.text), schema)
+def test_sampled_outputs_validate_against_the_original_one_of(grammar_llm: LLM, schema: dict) -> None:
+    assert_sampled_outputs_validate(grammar_llm, schema, seed=7, max_tokens=200)
 
 
-def test_a_tool_choosing_between_argument_sets_is_called_with_one_set(llm: LLM) -> None:
+def test_a_tool_choosing_between_argument_sets_is_called_with_one_set(grammar_llm: LLM) -> None:
     tool = {"type": "function", "function": {"name": "calculate_area", "description": "Area of a shape.",
                                              "parameters": AREA}}
     params = SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=200)
-    outs = llm.chat([{"role": "user", "content": "Area of a circle of radius 2?"}], params, tools=[tool],
+    outs = grammar_llm.chat([{"role": "user", "content": "Area of a circle of radius 2?"}], params, tools=[tool],
                     tool_choice="required")[0].outputs
     calls = [c for c in outs if c.finish_reason == "stop"]
     assert calls
@@ -99,7 +88,7 @@ def test_a_tool_choosing_between_argument_sets_is_called_with_one_set(llm: LLM) 
         jsonschema.validate(json.loads(body)["arguments"], AREA)
 
 
-def test_a_one_of_that_cannot_be_proven_exclusive_is_still_refused(llm: LLM) -> None:
+def test_a_one_of_that_cannot_be_proven_exclusive_is_still_refused(grammar_llm: LLM) -> None:
     overlapping = {"type": "object", "properties": {"x": {"oneOf": [{"type": "integer"}, {"minimum": 0}]}}}
-    out = llm.generate("x", SamplingParams(max_tokens=8, json_schema=overlapping))[0]
+    out = grammar_llm.generate("x", SamplingParams(max_tokens=8, json_schema=overlapping))[0]
     assert out.outputs[0].finish_reason == "error" and "oneOf" in (out.error or "")

@@ -6,7 +6,6 @@ rewritten form must be the same set of values: sampled outputs validate against 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jsonschema
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from agentserve import SamplingParams
 from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.llm import LLM
-from agentserve.testing import tiny_model_cached
+from helpers.grammar_walks import assert_sampled_outputs_validate
 
 SMALL = {"type": "integer", "minimum": 0, "maximum": 9}
 # A value that is anything but null or a string, inside bounds the random tiny model can finish.
@@ -49,29 +48,19 @@ def test_the_positive_forms() -> None:
         assert not_as_positive(kept) == kept
 
 
-@pytest.fixture(scope="module")
-def llm() -> Any:
-    with LLM(str(tiny_model_cached("qwen2")), num_blocks=256, max_model_len=1024) as engine:
-        yield engine
-
 
 @pytest.mark.parametrize("schema", [NOT_NULL, NEVER_BRANCH, NO_COUPON], ids=["not-null", "never-branch", "absent"])
-def test_sampled_outputs_validate_against_the_original_schema(llm: LLM, schema: dict) -> None:
-    params = SamplingParams(n=12, temperature=1.0, seed=11, max_tokens=120, json_schema=schema)
-    outs = llm.generate("Answer in JSON:", params)[0].outputs
-    finished = [c for c in outs if c.finish_reason == "stop"]
-    assert len(finished) >= 6, [(c.finish_reason, c.text) for c in outs]
-    for c in finished:
-        jsonschema.validate(json.loads(c.text), schema)
+def test_sampled_outputs_validate_against_the_original_schema(grammar_llm: LLM, schema: dict) -> None:
+    assert_sampled_outputs_validate(grammar_llm, schema, seed=11, max_tokens=120)
 
 
-def test_a_not_without_a_positive_form_is_still_refused(llm: LLM) -> None:
+def test_a_not_without_a_positive_form_is_still_refused(grammar_llm: LLM) -> None:
     schema = {"type": "object", "properties": {"x": {"type": "string", "not": {"enum": ["admin"]}}}}
-    out = llm.generate("x", SamplingParams(max_tokens=8, json_schema=schema))[0]
+    out = grammar_llm.generate("x", SamplingParams(max_tokens=8, json_schema=schema))[0]
     assert out.outputs[0].finish_reason == "error" and "not" in (out.error or "")
 
 
-def test_tool_parameters_with_not_and_dependencies(llm: LLM) -> None:
+def test_tool_parameters_with_not_and_dependencies(grammar_llm: LLM) -> None:
     """Tool schemas reach the backend with `not` and `dependencies` (they were refused as "unsupported" before
     the backend was asked): llguidance compiles the exact forms, every call validates against the original."""
     params = {"type": "object", "required": ["item", "qty"], "additionalProperties": False, "properties": {
@@ -79,7 +68,7 @@ def test_tool_parameters_with_not_and_dependencies(llm: LLM) -> None:
         "coupon": {"type": "string", "maxLength": 4}, "discount": SMALL},
         "dependencies": {"coupon": ["discount"]}}
     tool = {"type": "function", "function": {"name": "order", "parameters": params}}
-    outs = llm.chat([{"role": "user", "content": "Order two apples."}], SamplingParams(
+    outs = grammar_llm.chat([{"role": "user", "content": "Order two apples."}], SamplingParams(
         n=6, temperature=1.0, seed=5, max_tokens=120, parallel_tool_calls=False), tools=[tool],
         tool_choice="required")[0].outputs
     calls = [c for c in outs if c.finish_reason == "stop"]
