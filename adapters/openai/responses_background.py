@@ -21,13 +21,12 @@ import asyncio
 import copy
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.adapters.openai.responses_run import ResponseRun
 from agentserve.service.tenants import HeldRequestSlot
 
-if TYPE_CHECKING:  # the run's class lives in responses.py, which imports this module
-    from agentserve.adapters.openai.responses import _ResponseRun
 
 logger = logging.getLogger(__name__)
 KEEP_FINISHED_S = 3600.0  # how long a finished job's events and final status stay retrievable here
@@ -37,7 +36,7 @@ RUNNING = ("queued", "in_progress")
 class BackgroundJob:
     """One background response: its turn's task, the SSE events it produced, its current body."""
 
-    def __init__(self, run: "_ResponseRun", slot: Optional[HeldRequestSlot]) -> None:
+    def __init__(self, run: ResponseRun, slot: Optional[HeldRequestSlot]) -> None:
         self.run = run
         self.slot = slot
         self.events: list[str] = []  # events[i] carries sequence_number i
@@ -114,7 +113,7 @@ class BackgroundResponses:
     def __init__(self) -> None:
         self._jobs: dict[str, BackgroundJob] = {}
 
-    def start(self, run: "_ResponseRun", slot: Optional[HeldRequestSlot]) -> BackgroundJob:
+    def start(self, run: ResponseRun, slot: Optional[HeldRequestSlot]) -> BackgroundJob:
         self._sweep()
         job = BackgroundJob(run, slot.keep() if slot is not None else None)
         job.task = asyncio.ensure_future(job.run_turn())

@@ -35,7 +35,7 @@ def responses_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: i
 
 def response_body(response_id: str, req: ResponsesRequest, model: str, created_at: int, *, status: str,
                   output: list[Item], usage: Optional[dict[str, Any]] = None,
-                  incomplete_reason: Optional[str] = None) -> dict[str, Any]:
+                  incomplete_reason: Optional[str] = None, top_logprobs: Optional[int] = None) -> dict[str, Any]:
     """The response object (what create returns, retrieve returns and the last event carries)."""
     text = req.text if req.text is not None else {"format": {"type": "text"}}
     return {
@@ -47,7 +47,8 @@ def response_body(response_id: str, req: ResponsesRequest, model: str, created_a
         "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
         "store": req.store is not False, "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": text, "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
-        "tools": list(req.tools or []), "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+        "tools": list(req.tools or []), "top_logprobs": top_logprobs,
+        "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
         "usage": usage, "user": req.user, "metadata": dict(req.metadata or {}),
     }
 
@@ -107,14 +108,16 @@ class ResponseEvents:
         events.append(self._part_delta(self._thought, "response.reasoning_text.delta", delta))
         return events
 
-    def text(self, delta: str) -> list[str]:
+    def text(self, delta: str, logprobs: Optional[list[dict[str, Any]]] = None) -> list[str]:
+        """`logprobs`: those of the delta's tokens (responses_logprobs.py), when the request asked."""
         if not delta:
             return []
         events = self._close_thought() + self._close_call()
         if self._text is None:
             self._text = message_item(new_id("msg"), "")
             events += self._open_part(self._text, {"type": "output_text", "text": "", "annotations": []})
-        events.append(self._part_delta(self._text, "response.output_text.delta", delta, logprobs=[]))
+        self._text["content"][0]["logprobs"] += logprobs or []
+        events.append(self._part_delta(self._text, "response.output_text.delta", delta, logprobs=logprobs or []))
         return events
 
     def call(self, index: int, call_id: str, name: str, delta: str) -> list[str]:
@@ -144,7 +147,8 @@ class ResponseEvents:
 
     def _close_text(self) -> list[str]:
         item, self._text = self._text, None
-        return self._close_part(item, "response.output_text.done", logprobs=[])
+        return [] if item is None else self._close_part(item, "response.output_text.done",
+                                                        logprobs=item["content"][0]["logprobs"])
 
     def _close_thought(self) -> list[str]:
         item, self._thought = self._thought, None
@@ -159,8 +163,11 @@ class ResponseEvents:
                             name=item["name"], arguments=item["arguments"]),
                 self._event("response.output_item.done", output_index=at, item=item)]
 
-    def finish(self, final_body: dict[str, Any]) -> list[str]:
-        """Closes the open items; the last event carries the whole response (with these items)."""
+    def finish(self, final_body: dict[str, Any], trailing_logprobs: Optional[list[dict[str, Any]]] = None) -> list[str]:
+        """Closes the open items; the last event carries the whole response (with these items).
+        `trailing_logprobs`: the message's last tokens that added no text (the stop token)."""
+        if self._text is not None and trailing_logprobs:
+            self._text["content"][0]["logprobs"] += trailing_logprobs
         mark_cut_off(self.output, final_body["status"])  # before the items' done events carry them
         events = self._close_thought() + self._close_text() + self._close_call()
         self.body = dict(final_body, output=self.output)

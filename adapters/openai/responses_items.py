@@ -67,22 +67,12 @@ _SERVER_STATE_FIELDS = {
 }
 
 
-_LOGPROBS_HINT = ("output logprobs are not available on the Responses API here (its turns run on resident sessions); "
-                  "use /v1/chat/completions with logprobs / top_logprobs")
-
-
 def check_server_state_fields(req: ResponsesRequest) -> None:
-    """400 for what would be silently ignored: state kept on OpenAI's side, and output logprobs."""
+    """400 for what would be silently ignored: state kept on OpenAI's side."""
     extra = req.model_extra or {}
     for name, why in _SERVER_STATE_FIELDS.items():
         if extra.get(name) is not None:
             raise OpenAIError(400, f"{name}: {why}", param=name)
-    top = extra.get("top_logprobs")
-    if top is not None and top != 0:
-        raise OpenAIError(400, f"top_logprobs: {_LOGPROBS_HINT}", param="top_logprobs")
-    include = extra.get("include")
-    if isinstance(include, list) and "message.output_text.logprobs" in include:
-        raise OpenAIError(400, f"include: 'message.output_text.logprobs': {_LOGPROBS_HINT}", param="include")
 
 
 def new_id(prefix: str) -> str:
@@ -271,9 +261,10 @@ def _reasoning_text(item: Item, at: str) -> str:
 
 
 # --- a reply -> output items ---------------------------------------------------------------------------
-def message_item(item_id: str, text: str, status: str = "completed") -> Item:
+def message_item(item_id: str, text: str, status: str = "completed",
+                 logprobs: Optional[list[dict[str, Any]]] = None) -> Item:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or [])}]}
 
 
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> Item:
@@ -286,16 +277,17 @@ def reasoning_item(item_id: str, text: str, status: str = "completed") -> Item:
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def output_items(message: Message, status: str, parts: Optional[ReplyParts] = None) -> list[Item]:
+def output_items(message: Message, status: str, parts: Optional[ReplyParts] = None,
+                 text_logprobs: Optional[list[dict[str, Any]]] = None) -> list[Item]:
     """A turn's reply (content, tool_calls) as output items: its reasoning (`parts`, with a reasoning
-    parser), the text, then each call. In an incomplete response (max_output_tokens) the last item is
-    the one cut off."""
+    parser), the text (with `text_logprobs`, when asked), then each call. In an incomplete response
+    (max_output_tokens) the last item is the one cut off."""
     items: list[Item] = []
     if parts is not None and parts.reasoning:
         items.append(reasoning_item(new_id("rs"), parts.reasoning))
     content = parts.content if parts is not None else message.get("content")
     if content:
-        items.append(message_item(new_id("msg"), content))
+        items.append(message_item(new_id("msg"), content, logprobs=text_logprobs))
     for call in message.get("tool_calls") or []:
         fn = call["function"]
         args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])

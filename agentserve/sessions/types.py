@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 from agentserve.errors import SessionError
 from agentserve.lora.key import LoRAKey
-from agentserve.outputs import RequestMetrics
+from agentserve.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
 from agentserve.sampling_params import SamplingParams
 
 DEFAULT_TTL_SECONDS = 1800.0
@@ -67,6 +67,16 @@ class TextEvent:
     text: str
     token_ids: list[int]
     parts: Optional[ReplyParts] = None  # `text` split, with a reasoning parser; None without one
+    # Per token of `token_ids`, its logprob and the top alternatives (SamplingParams.logprobs); None unless asked.
+    logprobs: Optional[list[PositionLogprobs]] = None
+
+    @classmethod
+    def of_output(cls, comp: CompletionOutput, text: str, parts: Optional[ReplyParts]) -> "TextEvent":
+        """The event for what an output added: its text and new tokens (with their logprobs, when asked).
+        A streamed output's `logprobs` covers every token so far, so the new tokens' are its tail."""
+        new = list(comp.delta_token_ids)
+        logprobs = comp.logprobs[len(comp.token_ids) - len(new):len(comp.token_ids)] if comp.logprobs is not None else None
+        return cls(text, new, parts, logprobs)
 
 
 @dataclass
