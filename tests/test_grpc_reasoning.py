@@ -146,6 +146,14 @@ def test_turn_streams_the_thinking_apart_from_the_answer(aeng) -> None:  # type:
                                  response_format=ANSWER)
         assert (plain.reasoning_content, plain.text) == (thought, answer)
         assert not any(deltas(plain.events, kind)[1] for kind in ("reasoning", "text"))
+        # Logprobs are split as the token ids are: the thinking's with the reasoning deltas.
+        s = await client.create_session([SYSTEM])
+        with_lp = await s.run_turn([USER], temperature=1.0, seed=seed, max_tokens=30, logit_bias=think_bias(),
+                                   response_format=ANSWER, logprobs=1)
+        assert list(with_lp.done.token_ids) == [] and (with_lp.reasoning_content, with_lp.text) == (thought, answer)
+        for kind, want in (("reasoning", ids[:thinking_tokens]), ("text", ids[thinking_tokens:])):
+            picked = [getattr(ev, kind) for ev in with_lp.events if ev.WhichOneof("event") == kind]
+            assert [e.sampled.token_id for d in picked for e in d.logprobs] == want, kind
 
     serve(aeng, body)
 

@@ -148,9 +148,13 @@ def test_follower_gives_held_tokens_to_the_next_text_and_none_to_calls_or_thinki
     follower.tool_call()                                        # ... it was one: not the message's
     assert follower.text(_event("", [5])) == []                 # the call's arguments
     assert [e["token"] for e in follower.text(_event(" ok", [6]))] == ["<6>"]
-    thinking = ReplyParts(reasoning="hmm", content="")
-    assert follower.text(_event("", [7], thinking)) == []       # a reasoning model's thinking
-    assert [e["token"] for e in follower.text(_event("", [8], ReplyParts("", "!")))] == ["<8>"]
+    # A reasoning model: the thinking's tokens (split apart with their logprobs) carry none.
+    lps = _event("", [7, 8]).logprobs
+    assert lps is not None
+    thinking = ReplyParts("hmm", "", (7,), (), (lps[0],), ())
+    assert follower.text(TextEvent("hmm", [7], thinking, lps[:1])) == []
+    split = ReplyParts("hm", "!", (7,), (8,), (lps[0],), (lps[1],))
+    assert [e["token"] for e in follower.text(TextEvent("hm!", [7, 8], split, lps))] == ["<8>"]
     follower.text(_event("", [9]))                              # the stop token
     assert [e["token"] for e in follower.finish()] == ["<9>"]
     assert [e["token"] for e in follower.message] == ["<1>", "<2>", "<6>", "<8>", "<9>"]

@@ -50,15 +50,17 @@ class MessageLogprobs:
 
     def text(self, event: TextEvent) -> list[Entry]:
         """The logprobs for `event`'s message text (empty when it adds none: they are held for the next)."""
-        if event.logprobs is not None:
-            self._held_ids += event.token_ids
-            self._held += event.logprobs
-        content = event.parts.content if event.parts is not None else event.text
-        if content:
+        parts = event.parts  # with a reasoning parser: the thinking's tokens are apart, and carry none
+        ids, logprobs = (event.token_ids, event.logprobs) if parts is None else \
+            (parts.content_token_ids, parts.content_logprobs)
+        if logprobs is not None:
+            self._held_ids += ids
+            self._held += logprobs
+        if parts.content if parts is not None else event.text:
             self._in_call = False
             return self._flush()
-        if self._in_call or (event.parts is not None and event.parts.reasoning):
-            self._drop()  # a tool call's or the thinking's tokens
+        if self._in_call:
+            self._drop()  # a tool call's tokens
         return []
 
     def tool_call(self) -> None:

@@ -14,9 +14,11 @@ in two deltas: the detokenizer holds back the output's last characters while the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 from agentserve.grammar.reasoning import REASONING_PARSERS, ReasoningMarkers
+
+T = TypeVar("T")  # what is aligned with a delta's token ids (their logprobs)
 
 
 def split_reasoning(parser: str, text: str, in_reasoning: bool) -> tuple[Optional[str], str]:
@@ -100,11 +102,16 @@ class ReplyReasoning:
         self.stream = ReasoningStream(markers.parser, self.in_reasoning)
         self.thinking = self.in_reasoning  # after the token ids fed so far
 
-    def feed(self, delta: str, token_ids: Sequence[int]) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
-        """(reasoning text, content text, reasoning ids, content ids) of one delta."""
-        reasoning_ids, content_ids, self.thinking = self.markers.split_token_ids(token_ids, self.thinking)
+    def feed(self, delta: str, token_ids: Sequence[int], logprobs: Optional[Sequence[T]] = None
+             ) -> tuple[str, str, tuple[int, ...], tuple[int, ...], Optional[tuple[T, ...]], Optional[tuple[T, ...]]]:
+        """(reasoning text, content text, reasoning ids, content ids, and the ids' `logprobs` split the
+        same way: None without them) of one delta."""
+        reasoning_at, content_at, self.thinking = self.markers.split_positions(token_ids, self.thinking)
         reasoning, content = self.stream.feed(delta)
-        return reasoning, content, tuple(reasoning_ids), tuple(content_ids)
+        ids = (tuple(token_ids[i] for i in reasoning_at), tuple(token_ids[i] for i in content_at))
+        if logprobs is None:
+            return reasoning, content, *ids, None, None
+        return reasoning, content, *ids, tuple(logprobs[i] for i in reasoning_at), tuple(logprobs[i] for i in content_at)
 
     def finish(self) -> tuple[str, str]:
         """Text held back while undecided, as (reasoning, content)."""

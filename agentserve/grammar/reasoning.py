@@ -67,12 +67,17 @@ class ReasoningMarkers:
         `thinking` or not: a start marker opens a block, an end marker closes it, both count as reasoning.
         Fed delta by delta (the returned state into the next call), it splits a stream as
         `reasoning_tokens` counts the whole."""
+        reasoning, content, thinking = self.split_positions(token_ids, thinking)
+        return [token_ids[i] for i in reasoning], [token_ids[i] for i in content], thinking
+
+    def split_positions(self, token_ids: Sequence[int], thinking: bool) -> tuple[list[int], list[int], bool]:
+        """`split_token_ids` as positions in `token_ids` (for what is aligned with them: logprobs)."""
         reasoning: list[int] = []
         content: list[int] = []
-        for token in token_ids:
+        for i, token in enumerate(token_ids):
             if token == self.start_id:
                 thinking = True
-            (reasoning if thinking else content).append(token)
+            (reasoning if thinking else content).append(i)
             if token == self.end_id:
                 thinking = False
         return reasoning, content, thinking

@@ -9,13 +9,13 @@ import json
 from typing import Any, Optional, Sequence
 
 from agentserve.errors import InvalidRequestError
-from agentserve.outputs import CompletionOutput, RequestOutput
+from agentserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.chat.messages import parse_json_object
 from agentserve.chat.reasoning import ReplyReasoning
 from agentserve.chat.reply import content_beside_calls
-from agentserve.sessions.types import (ReplyParts, SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent,
+from agentserve.sessions.types import (SessionSnapshot, SessionState, TextEvent, Timing, ToolCallEvent,
                                        TurnEvent, TurnResult, Usage, timing_from_metrics)
 
 _STATE = {
@@ -27,7 +27,7 @@ _STATE = {
 }
 # SamplingParams fields declared `optional` in the proto: copied only when the client set them.
 _OPTIONAL_SAMPLING = frozenset(("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
-                                "presence_penalty", "frequency_penalty", "repetition_penalty"))
+                                "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs"))
 _EXCLUSIVE_CONSTRAINT_KEYS = ("regex", "choice", "grammar")
 
 
@@ -171,26 +171,43 @@ def timing_to_proto(t: Timing) -> pb.Timing:
                      total_ms=t.total_ms, swap_in_ms=t.swap_in_ms, swap_wait_ms=t.swap_wait_ms)
 
 
-def text_deltas(text: str, token_ids: Sequence[int], parts: Optional[ReplyParts],
-                return_token_ids: bool) -> list[tuple[str, pb.TextDelta]]:
+def text_deltas(ev: TextEvent, return_token_ids: bool, top_n: int) -> list[tuple[str, pb.TextDelta]]:
     """One streamed delta as (event field, TextDelta) pairs: with a reasoning parser's split (`parts`) the
-    thinking as `reasoning` before the answer as `text`, each with its own token ids; a delta with no
-    text and no token ids to send is left out."""
-    pieces = [("text", text, token_ids)] if parts is None else [
-        ("reasoning", parts.reasoning, parts.reasoning_token_ids), ("text", parts.content, parts.content_token_ids)]
+    thinking as `reasoning` before the answer as `text`, each with its own token ids and logprobs (`top_n`
+    alternatives each: SamplingParams.logprobs); a delta with no text and nothing else to send is left out."""
+    parts = ev.parts
+    pieces = [("text", ev.text, ev.token_ids, ev.logprobs)] if parts is None else [
+        ("reasoning", parts.reasoning, parts.reasoning_token_ids, parts.reasoning_logprobs),
+        ("text", parts.content, parts.content_token_ids, parts.content_logprobs)]
     out = []
-    for kind, piece, ids in pieces:
-        sent = list(ids) if return_token_ids else []
-        if piece or sent:
-            out.append((kind, pb.TextDelta(text=piece, token_ids=sent)))
+    for kind, piece, ids, logprobs in pieces:
+        delta = pb.TextDelta(text=piece, token_ids=list(ids) if return_token_ids else [])
+        for tid, position in zip(ids, logprobs or ()):
+            delta.logprobs.append(_position_logprobs(tid, position, top_n))
+        if piece or delta.token_ids or delta.logprobs:
+            out.append((kind, delta))
     return out
 
 
-def turn_events_to_proto(ev: TurnEvent, return_token_ids: bool) -> list[pb.TurnEvent]:
+def _token_logprob(token_id: int, lp: Logprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=token_id, token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0),
+                           rank=lp.rank)
+
+
+def _position_logprobs(token_id: int, position: PositionLogprobs, top_n: int) -> pb.PositionLogprobs:
+    """The sampled token's entry (always in `position`) and the `top_n` most likely, rank 1 first (the
+    sampled token among them when it is one of them)."""
+    out = pb.PositionLogprobs(sampled=_token_logprob(token_id, position[token_id]))
+    for tid, lp in sorted(position.items(), key=lambda kv: kv[1].rank):
+        if 1 <= lp.rank <= top_n:
+            out.top.append(_token_logprob(tid, lp))
+    return out
+
+
+def turn_events_to_proto(ev: TurnEvent, return_token_ids: bool, top_logprobs: int = 0) -> list[pb.TurnEvent]:
     """The wire events for a turn event (none for an empty text delta, two for one that ends the thinking)."""
     if isinstance(ev, TextEvent):
-        return [pb.TurnEvent(**{kind: delta}) for kind, delta in text_deltas(ev.text, ev.token_ids, ev.parts,
-                                                                             return_token_ids)]
+        return [pb.TurnEvent(**{kind: delta}) for kind, delta in text_deltas(ev, return_token_ids, top_logprobs)]
     if isinstance(ev, ToolCallEvent):
         return [pb.TurnEvent(tool_call=pb.ToolCallDelta(index=ev.index, id=ev.id, name=ev.name,
                                                        arguments_delta=ev.arguments_delta))]

@@ -20,13 +20,14 @@ from agentserve.outputs import RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.service.convert import generate_done_to_proto, text_deltas
-from agentserve.sessions.types import ReplyParts
+from agentserve.sessions.types import ReplyParts, TextEvent
 
 
 async def generate_events(engine: Engine, outs: AsyncIterator[RequestOutput], params: SamplingParams,
                           tools: Optional[list[dict[str, Any]]], *, chat: bool, return_token_ids: bool,
                           received: float) -> AsyncIterator[pb.GenerateEvent]:
     """`chat`: the prompt was rendered from messages (only then is the reasoning split)."""
+    top_n = params.logprobs or 0
     reply: Optional[ReplyStream] = None
     thoughts: Optional[ReplyReasoning] = None
     async for out in outs:
@@ -41,14 +42,13 @@ async def generate_events(engine: Engine, outs: AsyncIterator[RequestOutput], pa
             yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
                 index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
         if text or comp.delta_token_ids:
-            parts = ReplyParts(*thoughts.feed(text, comp.delta_token_ids)) if thoughts is not None else None
-            for kind, delta in text_deltas(text, comp.delta_token_ids, parts, return_token_ids):
+            for kind, delta in text_deltas(TextEvent.of_output(comp, text, thoughts), return_token_ids, top_n):
                 yield pb.GenerateEvent(**{kind: delta})
         if out.finished and (out.error or comp.finish_reason == "error"):
             raise out.failure("the request failed")
         if out.finished:
             if thoughts is not None:  # text held while undecided (only a marker's start)
-                for kind, delta in text_deltas("", [], ReplyParts(*thoughts.finish()), return_token_ids):
+                for kind, delta in text_deltas(TextEvent("", [], ReplyParts(*thoughts.finish())), return_token_ids, top_n):
                     yield pb.GenerateEvent(**{kind: delta})
             content, tool_calls = reply.final()
             yield pb.GenerateEvent(done=generate_done_to_proto(out, received, content, tool_calls, thoughts))

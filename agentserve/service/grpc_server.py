@@ -178,7 +178,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     expected_next_turn_ms=request.expected_next_turn_ms, priority=request.priority,
                     received_at=received, tenant=tenant.name)) as events:
                 async for ev in events:
-                    for event in turn_events_to_proto(ev, request.return_token_ids):
+                    for event in turn_events_to_proto(ev, request.return_token_ids, params.logprobs or 0):
                         yield event
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:

@@ -334,8 +334,7 @@ class TurnLifecycle:
                 for c in calls:
                     queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
                 if text or comp.delta_token_ids:
-                    parts = ReplyParts(*thoughts.feed(text, comp.delta_token_ids)) if thoughts is not None else None
-                    queue.put_nowait(TextEvent.of_output(comp, text, parts))
+                    queue.put_nowait(TextEvent.of_output(comp, text, thoughts))
                 if out.finished and (out.error or comp.finish_reason == "error"):
                     raise out.failure("the turn failed")
                 if out.finished:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Union
 
+from agentserve.chat.reasoning import ReplyReasoning
 from agentserve.errors import SessionError
 from agentserve.lora.key import LoRAKey
 from agentserve.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
@@ -60,6 +61,9 @@ class ReplyParts:
     # A streamed delta's token ids split the same way (ReasoningMarkers.split_token_ids); empty on a whole reply.
     reasoning_token_ids: tuple[int, ...] = ()
     content_token_ids: tuple[int, ...] = ()
+    # Those tokens' logprobs, split the same way (None unless the request asked for logprobs).
+    reasoning_logprobs: Optional[tuple[PositionLogprobs, ...]] = None
+    content_logprobs: Optional[tuple[PositionLogprobs, ...]] = None
 
 
 @dataclass
@@ -71,11 +75,13 @@ class TextEvent:
     logprobs: Optional[list[PositionLogprobs]] = None
 
     @classmethod
-    def of_output(cls, comp: CompletionOutput, text: str, parts: Optional[ReplyParts]) -> "TextEvent":
-        """The event for what an output added: its text and new tokens (with their logprobs, when asked).
-        A streamed output's `logprobs` covers every token so far, so the new tokens' are its tail."""
+    def of_output(cls, comp: CompletionOutput, text: str, thoughts: Optional[ReplyReasoning]) -> "TextEvent":
+        """What a streamed output added: `text` (the reply's, tool calls parsed out), its new tokens and
+        their logprobs (a streamed output's `logprobs` covers every token so far: the new ones are its
+        tail), split into thinking and answer by `thoughts` (with a reasoning parser)."""
         new = list(comp.delta_token_ids)
         logprobs = comp.logprobs[len(comp.token_ids) - len(new):len(comp.token_ids)] if comp.logprobs is not None else None
+        parts = ReplyParts(*thoughts.feed(text, new, logprobs)) if thoughts is not None else None
         return cls(text, new, parts, logprobs)
 
 
