@@ -101,7 +101,7 @@ if [ "$MODE" = gputests ]; then
   ENGINE_FILES="tests/test_gpu_engine.py tests/test_async_scheduling.py tests/test_engine_close.py tests/test_gpu_spec.py
     tests/test_lora_gpu.py tests/test_lora_spec.py tests/test_gpu_request_features.py tests/test_gpu_batch_defaults.py
     tests/test_gpu_arch_variants.py tests/test_gpu_swap_streams.py tests/test_gpu_split_long.py tests/test_gpu_prefill_sdpa.py
-    tests/test_gpu_gemv_engine.py tests/test_gpu_tp.py"
+    tests/test_gpu_gemv_engine.py tests/test_gpu_logprobs_streams.py tests/test_gpu_tp.py"
   KERNEL_FILES=$(grep -l "mark.gpu" tests/test_*.py | grep -v -F -f <(echo "$ENGINE_FILES" | tr ' ' '\n' | grep .))
   # The whole set takes ~14 minutes on an H100 (s27: 312 tests in four calls), more than one call's 10: GPU_TEST_FILES
   # names a part (GPU_TEST_FILES=kernels: the kernel files). A test that stands 200 s dumps every thread's stack.
