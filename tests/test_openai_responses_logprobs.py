@@ -24,7 +24,9 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.outputs import Logprob
 from agentserve.sessions.types import ReplyParts, TextEvent
+from agentserve.testing.real import RealModelUnavailable, smollm2_cached
 from agentserve.testing.tiny import tiny_model_cached
+from helpers.live_server import live_openai
 
 MODEL = "tiny-qwen2"
 INSTRUCTIONS = "Answer in one short sentence."
@@ -119,6 +121,33 @@ def test_which_fields_ask_for_logprobs(live: Live) -> None:
     assert _text_part(stored).logprobs == _text_part(only_top).logprobs
 
 
+@pytest.mark.real_model
+def test_a_reply_that_ends_on_its_stop_token_counts_it_once() -> None:
+    """The real SmolLM2 ends its replies on <|im_end|>, a token with no text: its entry goes with the
+    message's last text, once (whole, streamed and stored alike), as a chat completion lists it."""
+    try:
+        model = str(smollm2_cached())
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
+    with live_openai(model, max_model_len=1024) as client:
+        kw: dict[str, Any] = dict(model="m", input="Say hello.", max_output_tokens=60, temperature=0, include=ASK,
+                                  top_logprobs=1)
+        whole = client.responses.create(**kw)
+        assert whole.status == "completed", "the reply must end on its stop token, not at the limit"
+        entries = _text_part(whole).logprobs
+        assert len(entries) == whole.usage.output_tokens and entries[-1].token == "<|im_end|>"
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
+                                              max_tokens=60, temperature=0, logprobs=True, top_logprobs=1)
+        assert chat.choices[0].logprobs is not None
+        assert [e.token for e in entries] == [e.token for e in chat.choices[0].logprobs.content or []]
+        events = list(client.responses.create(stream=True, **kw))
+        done = next(e for e in events if e.type == "response.output_text.done")
+        final = _text_part(events[-1].response)  # type: ignore[union-attr]
+        assert [e.token for e in done.logprobs] == [e.token for e in final.logprobs] == [e.token for e in entries]
+        assert [e.token for e in client.responses.retrieve(whole.id).output[0].content[0].logprobs] == \
+            [e.token for e in entries]
+
+
 def test_a_continuation_gets_its_own_tokens_logprobs(live: Live) -> None:
     first = _create(live, include=ASK)
     second = live.client.responses.create(model=MODEL, instructions=INSTRUCTIONS, previous_response_id=first.id,
@@ -126,6 +155,17 @@ def test_a_continuation_gets_its_own_tokens_logprobs(live: Live) -> None:
                                           temperature=0, max_output_tokens=8, include=ASK)
     assert second.usage.input_tokens_details.cached_tokens > 0  # it ran on the first one's session
     assert len(_text_part(second).logprobs) == second.usage.output_tokens
+
+
+def test_output_with_logprobs_given_back_as_input_is_accepted(live: Live) -> None:
+    # Clients that keep the conversation themselves (store: false, the Agents SDK) send the output items back.
+    first = _create(live, include=ASK, top_logprobs=1, store=False)
+    items = [o.model_dump(exclude_none=True) for o in first.output]
+    assert items[0]["content"][0]["logprobs"]
+    again = live.client.responses.create(model=MODEL, instructions=INSTRUCTIONS, temperature=0, max_output_tokens=4,
+                                         input=[{"role": "user", "content": QUESTION}, *items,
+                                                {"role": "user", "content": "Thanks."}])
+    assert again.status in ("completed", "incomplete")
 
 
 def test_bad_counts_are_refused(live: Live) -> None:

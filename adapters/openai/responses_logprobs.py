@@ -70,7 +70,7 @@ class MessageLogprobs:
 
     def finish(self) -> list[Entry]:
         """At the end: the tokens still held (the stop token, text the detokenizer kept back) go with
-        the message's last text, when the reply ended in it."""
+        the message's last text, when the reply ended in it. Returns them; `message` has them too."""
         return self._flush() if self.message and not self._in_call else []
 
     def _flush(self) -> list[Entry]:

@@ -63,8 +63,10 @@ class ResponseRun:
     def _finish(self, result: TurnResult, output: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
         status = "incomplete" if result.finish_reason == "length" else "completed"
         if output is None:
-            text_logprobs = self.logprobs.message + self.logprobs.finish() if self.logprobs is not None else None
-            output = I.output_items(result.message, status, result.parts, text_logprobs)
+            if self.logprobs is not None:
+                self.logprobs.finish()  # the tokens still held join `message`
+            output = I.output_items(result.message, status, result.parts,
+                                    self.logprobs.message if self.logprobs is not None else None)
         body = self._body(status, output, result)
         reply = {k: v for k, v in result.message.items() if k in ("role", "content", "tool_calls")}
         self.committed = True
