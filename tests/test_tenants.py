@@ -219,3 +219,30 @@ def test_request_limit_applies_to_keyed_tenants_only() -> None:
     tenants.acquire(keyed)
     with pytest.raises(TenantLimitError):
         tenants.acquire(keyed)
+
+
+def test_a_sequential_client_at_its_limit_finds_its_slot_free_after_each_reply() -> None:
+    """The request slot is given back before the reply's last bytes leave, so a client that sends its next
+    request as soon as it has the previous reply is never refused (it was freed after the send: a race)."""
+    from agentserve.adapters.openai.app import create_app
+    from agentserve.adapters.openai.server import ServerThread
+    from agentserve.engine.async_engine import AsyncEngine
+    from agentserve.engine.engine import Engine
+
+    config = EngineConfig.from_kwargs(model_path(), device="cpu", num_blocks=64, max_model_len=256,
+                                      served_model_name="tiny")
+    aeng = AsyncEngine(Engine(config))
+    tenants = Tenants([("key-a", "alice")], max_requests_per_tenant=1)
+    server = ServerThread(create_app(aeng, config, tenants=tenants)).start()
+    alice = Tenant("alice")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": "Bearer key-a"}) as http:
+            for i in range(40):
+                stream = i % 2 == 1
+                r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                       "stream": stream})
+                assert r.status_code == 200, (i, r.text)
+                assert tenants.in_flight(alice) == 0, f"request {i} (stream={stream}): the slot is still held"
+    finally:
+        server.stop()
+        aeng.shutdown()

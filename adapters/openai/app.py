@@ -174,8 +174,16 @@ class _GateMiddleware:
             await resp(scope, receive, send)
             return
         slot = scope["state"][SLOT_SCOPE_KEY] = HeldRequestSlot(self.tenants, tenant)
+
+        async def send_then_free(message: Any) -> None:
+            # Free before the last body chunk leaves: a client that has its whole reply and sends the next
+            # request at once must find the slot free (freed after the send, a sequential client got 429s).
+            if message["type"] == "http.response.body" and not message.get("more_body") and not slot.kept:
+                slot.release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_then_free)
         finally:
             if not slot.kept:  # a background response keeps it until its turn ends
                 slot.release()
