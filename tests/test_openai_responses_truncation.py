@@ -89,7 +89,7 @@ def test_whole_turns_are_dropped_and_the_instructions_stay() -> None:
         return len(tok.encode(text, add_special_tokens=False))
 
     def fit(budget: int) -> object:
-        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6))
+        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6, {}))
 
     try:
         assert fit(size(conv)) is None  # fits whole

@@ -231,10 +231,13 @@ class AgentClient:
 
     async def create_session(self, messages: Iterable[MessageLike] = (), *, tools: Iterable[ToolLike] = (),
                              ttl_seconds: float = 0.0, cache_salt: str = "", adapter: str = "", model: str = "",
-                             raw_tokens: bool = False, metadata: Optional[dict[str, str]] = None) -> Session:
+                             raw_tokens: bool = False, metadata: Optional[dict[str, str]] = None,
+                             chat_template_kwargs: Optional[dict[str, Any]] = None) -> Session:
+        """`chat_template_kwargs`: template variables every turn renders with (e.g. {"enable_thinking": False})."""
         info = await self.stub.CreateSession(pb.CreateSessionRequest(
             messages=[to_message(m) for m in messages], tools=[to_tool(t) for t in tools], ttl_seconds=ttl_seconds,
-            cache_salt=cache_salt, adapter=adapter, model=model, raw_tokens=raw_tokens, metadata=metadata or {}),
+            cache_salt=cache_salt, adapter=adapter, model=model, raw_tokens=raw_tokens, metadata=metadata or {},
+            chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else ""),
             metadata=self.metadata)
         return Session(self, info)
 

@@ -26,7 +26,7 @@ from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
 from agentserve.adapters.openai.responses_run import ResponsePlan, ResponseRun
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
 from agentserve.adapters.openai.responses_truncation import fit_conversation, reply_room
-from agentserve.adapters.openai.serving import OpenAIServing, param_of
+from agentserve.adapters.openai.serving import OpenAIServing, param_of, token_bias
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
@@ -101,6 +101,8 @@ class ResponsesEndpoint:
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)
         if req.truncation not in (None, "auto", "disabled"):
             raise OpenAIError(400, f"truncation must be 'auto' or 'disabled', got {req.truncation!r}", param="truncation")
+        if req.cache_salt is not None and not 1 <= len(req.cache_salt) <= 1024:  # vLLM's bounds
+            raise OpenAIError(400, "cache_salt must be a string of 1 to 1024 characters", param="cache_salt")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise OpenAIError(400, f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
                               param="max_output_tokens")
@@ -109,8 +111,11 @@ class ResponsesEndpoint:
 
     def _params(self, req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], choice: Any,
                 top_logprobs: Optional[int]) -> SamplingParams:
-        kw = self.s.with_model_defaults(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
-        kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=top_logprobs)
+        kw = self.s.with_model_defaults(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                        repetition_penalty=req.repetition_penalty,
+                                        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+        kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=top_logprobs,
+                  stop=req.stop, logit_bias=token_bias(req.logit_bias))
         kw.update(I.text_format_kwargs(req.text))
         if tools and choice != "none":
             kw.update(tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)
@@ -124,17 +129,17 @@ class ResponsesEndpoint:
             raise OpenAIError(400, msg, param="max_output_tokens" if param == "max_tokens" else param) from None
 
     async def _fitted(self, req: I.ResponsesRequest, prev: Optional[StoredResponse], new_messages: list[dict[str, Any]],
-                      tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+                      tools: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
         """truncation "auto": the conversation with its oldest turns dropped, when it does not fit whole."""
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         whole = system + (prev.conversation() if prev is not None else []) + new_messages
         limit = self.s.engine.max_model_len
         return await fit_conversation(self.s.render_pool, whole, tools, limit - reply_room(req.max_output_tokens, limit),
-                                      self.s.engine.arch.vocab_size)
+                                      self.s.engine.arch.vocab_size, kwargs)
 
     async def _plan(self, req: I.ResponsesRequest, tenant: Tenant, prev: Optional[StoredResponse],
                     new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,
-                    adapter: Optional[str], fitted: Optional[list[dict[str, Any]]]) -> ResponsePlan:
+                    adapter: Optional[str], fitted: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> ResponsePlan:
         keep = req.store is not False
         if fitted is None and prev is not None and prev.render_key == render_key and not prev.continued:
             snap = await self.sessions.get(prev.session_id, tenant=tenant.name)
@@ -147,15 +152,16 @@ class ResponsesEndpoint:
                 return ResponsePlan(child.session_id, new_messages, True, None)
         history = prev.conversation() if prev is not None else []
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        snap = await self.sessions.create([], tools=tools, cache_salt=tenant.cache_salt(None), adapter=adapter,
+        snap = await self.sessions.create([], tools=tools, cache_salt=tenant.cache_salt(req.cache_salt), adapter=adapter,
                                           model=req.model or self.s.model_name, tenant=tenant.name,
-                                          stored_response=True)
+                                          stored_response=True, chat_template_kwargs=kwargs)
         return ResponsePlan(snap.session_id, fitted if fitted is not None else system + history + new_messages, not keep, None)
 
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:
         tenant = tenant_of_scope(raw_request.scope)
         adapter = self.s.resolve_model(req.model)
         tools, choice = self._check(req)
+        kwargs = I.template_kwargs(req)
         top_logprobs = requested_top_logprobs(req.model_extra or {}, logprobs_limit(
             self.s.config.model.max_logprobs, self.s.engine.arch.vocab_size))
         params = self._params(req, tools, choice, top_logprobs)
@@ -169,11 +175,13 @@ class ResponsesEndpoint:
             raise OpenAIError(400, "input must contain at least one item", param="input")
         # The adapter's key (id + load generation), not only its name: after a reload of the name, the
         # earlier response's session holds KV of the old weights, so a continuation starts a new session.
-        render_key = json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter)], sort_keys=True)
+        # The template variables and the cache salt too: a continuation that changes them renders on a new session.
+        render_key = json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter), kwargs,
+                                 req.cache_salt], sort_keys=True)
         self.s.check_queue(1)
         try:
-            fitted = await self._fitted(req, prev, new_messages, tools) if req.truncation == "auto" else None
-            plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted)
+            fitted = await self._fitted(req, prev, new_messages, tools, kwargs) if req.truncation == "auto" else None
+            plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted, kwargs)
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
         run = ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key, top_logprobs)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.chat.messages import parse_json_object
+from agentserve.chat.template_kwargs import session_template_kwargs
 from agentserve.errors import FieldError
 from agentserve.sessions.types import ReplyParts
 
@@ -55,9 +56,18 @@ class ResponsesRequest(BaseModel):
     previous_response_id: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
+    reasoning: Optional[dict[str, Any]] = None  # {"effort": ...}: the template's reasoning_effort / enable_thinking
     # vLLM extras
     ignore_eos: bool = False
     top_k: Optional[int] = None
+    stop: Union[None, str, list[str]] = None
+    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    priority: int = 0
+    cache_salt: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 # Fields of OpenAI's that point at state kept on OpenAI's side: ignoring one would answer without that state.
@@ -73,6 +83,25 @@ def check_server_state_fields(req: ResponsesRequest) -> None:
     for name, why in _SERVER_STATE_FIELDS.items():
         if extra.get(name) is not None:
             raise OpenAIError(400, f"{name}: {why}", param=name)
+
+
+def template_kwargs(req: ResponsesRequest) -> dict[str, Any]:
+    """The chat-template variables the response's session renders with: `chat_template_kwargs` (vLLM's),
+    and `reasoning.effort` as vLLM passes it: `reasoning_effort`, and `enable_thinking` (false for "none")
+    unless chat_template_kwargs sets it (Qwen3's switch; templates ignore variables they do not read)."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    reasoning = req.reasoning or {}
+    effort = reasoning.get("effort")
+    if effort is not None:
+        if not isinstance(effort, str):
+            raise OpenAIError(400, f"reasoning.effort must be a string (e.g. 'low', 'none'), got {effort!r}",
+                              param="reasoning.effort")
+        kwargs.setdefault("reasoning_effort", effort)
+        kwargs.setdefault("enable_thinking", effort != "none")
+    try:
+        return session_template_kwargs(kwargs)
+    except FieldError as e:
+        raise OpenAIError(400, str(e), param=e.field) from None
 
 
 def new_id(prefix: str) -> str:

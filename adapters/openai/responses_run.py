@@ -79,7 +79,8 @@ class ResponseRun:
         return body
 
     def _turn_events(self) -> AsyncGenerator[TurnEvent, None]:
-        return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name)
+        return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name,
+                                    priority=self.req.priority)
 
     async def _end(self) -> None:
         """After the turn: a turn that did not finish gives its predecessor back; a response that is

@@ -43,7 +43,7 @@ def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
 
 
 async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
-                           budget: int, vocab_size: int) -> Optional[list[Message]]:
+                           budget: int, vocab_size: int, template_kwargs: dict[str, Any]) -> Optional[list[Message]]:
     """The conversation with the fewest oldest turns dropped that renders to at most `budget` tokens; None when
     it fits whole (nothing to drop) or when even its newest turn alone does not fit."""
     head, cuts = _cut_points(messages)
@@ -55,7 +55,7 @@ async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools:
     def count(tokenizer: Any, msgs: list[Message]) -> float:
         normalized = normalize_messages(msgs, SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
         try:
-            text = pool.render(tokenizer, normalized, tools_n, add_generation_prompt=True)
+            text = pool.render(tokenizer, normalized, tools_n, add_generation_prompt=True, **template_kwargs)
             return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
         except EdgeLimitError as e:
             if e.code == "context_length_exceeded":  # longer than the context can hold at all

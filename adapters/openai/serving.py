@@ -49,7 +49,7 @@ def _parsed_schema(schema: Any, field: str) -> Any:
         raise OpenAIError(400, f"{field} is not valid JSON: {e}", param=field) from None
 
 
-def _token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
+def token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
     """OpenAI's logit_bias keys are token ids as JSON strings ("50256"): ints for SamplingParams."""
     if not logit_bias:
         return None
@@ -197,7 +197,7 @@ class OpenAIServing:
 
     def sampling_params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int],
                          extra: Optional[dict[str, Any]] = None) -> SamplingParams:
-        logit_bias = _token_bias(req.logit_bias)
+        logit_bias = token_bias(req.logit_bias)
         if req.n > MAX_N:
             raise OpenAIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
         if max_tokens is not None and max_tokens < 1:

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from agentserve.chat.messages import SESSION_RULES, Message, normalize_messages, template_messages
 from agentserve.chat.render_pool import RenderPool
+from agentserve.chat.template_kwargs import session_template_kwargs
 from agentserve.chat.tools import normalize_tools
 from agentserve.errors import FieldError, InvalidRequestError
 
@@ -22,13 +23,14 @@ _MARKER = "@@agentserve-content@@"
 
 
 def assistant_content_prefix(tokenizer: Any, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
-                             prompt_text: str) -> str:
+                             prompt_text: str, template_kwargs: Optional[dict[str, Any]] = None) -> str:
     """The text a template puts between its generation prompt and an assistant message's content
     (Llama 2's ' ' after '[/INST]'; '' for most templates). A reply is recorded in the history
     without it, so that re-rendering the history reproduces the generated text exactly."""
     try:
         text = tokenizer.apply_chat_template(template_messages([*messages, {"role": "assistant", "content": _MARKER}]),
-                                             tools=tools, add_generation_prompt=False, tokenize=False)
+                                             tools=tools, add_generation_prompt=False, tokenize=False,
+                                             **(template_kwargs or {}))
     except Exception:  # noqa: BLE001 - a template that refuses the probe: assume no separator
         return ""
     at = text.find(_MARKER)
@@ -64,18 +66,28 @@ class RenderedCreate:
     tools: Optional[list[dict[str, Any]]]
     text: str
     token_ids: list[int]
+    template_kwargs: dict[str, Any]
 
 
 def prepare_create(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
-                   tools: Optional[Sequence[dict[str, Any]]], *, raw: bool, vocab_size: int) -> RenderedCreate:
+                   tools: Optional[Sequence[dict[str, Any]]], *, raw: bool, vocab_size: int,
+                   template_kwargs: Optional[dict[str, Any]] = None) -> RenderedCreate:
     if raw and tools:
         raise FieldError("tools need a chat template; this session takes raw tokens", "tools")
+    if raw and template_kwargs:
+        raise FieldError("chat_template_kwargs need a chat template; this session takes raw tokens",
+                         "chat_template_kwargs")
     tools_n = normalize_tools(tools)
+    kwargs = session_template_kwargs(template_kwargs)
     msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=raw, vocab_size=vocab_size)
     if raw:
-        return RenderedCreate(msgs, tools_n, "", [t for m in msgs for t in m["token_ids"]])
-    text = pool.render(tokenizer, msgs, tools_n, add_generation_prompt=False) if msgs else ""
-    return RenderedCreate(msgs, tools_n, text, pool.encode(tokenizer, text, "messages", add_special_tokens=False))
+        return RenderedCreate(msgs, tools_n, "", [t for m in msgs for t in m["token_ids"]], kwargs)
+    text = pool.render(tokenizer, msgs, tools_n, add_generation_prompt=False, **kwargs) if msgs else ""
+    if not msgs and kwargs:  # a template that rejects the variables fails now, not at the first turn
+        pool.render(tokenizer, [{"role": "user", "content": "?"}], tools_n, add_generation_prompt=True,
+                    field="chat_template_kwargs", **kwargs)
+    return RenderedCreate(msgs, tools_n, text, pool.encode(tokenizer, text, "messages", add_special_tokens=False),
+                          kwargs)
 
 
 @dataclass
@@ -87,6 +99,7 @@ class TurnBasis:
     token_ids: list[int]
     tools: Optional[list[dict[str, Any]]]
     raw_tokens: bool
+    template_kwargs: dict[str, Any]
 
 
 @dataclass
@@ -107,7 +120,7 @@ def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: S
         prompt = basis.token_ids + [t for m in new for t in m["token_ids"]]
         return RenderedTurn(new, prompt, "", None, "")
     history = basis.messages + new
-    prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True)
+    prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True, **basis.template_kwargs)
     common: Optional[int] = None
     if prompt_text.startswith(basis.text):
         prompt = basis.token_ids + pool.encode(tokenizer, prompt_text[len(basis.text):], "messages",
@@ -116,5 +129,5 @@ def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: S
         # The template renders the history differently from the tokens the session holds.
         prompt = pool.encode(tokenizer, prompt_text, "messages", add_special_tokens=False)
         common = common_prefix_len(basis.token_ids, prompt)
-    prefix = assistant_content_prefix(tokenizer, history, basis.tools, prompt_text)
+    prefix = assistant_content_prefix(tokenizer, history, basis.tools, prompt_text, basis.template_kwargs)
     return RenderedTurn(new, prompt, prompt_text, common, prefix)

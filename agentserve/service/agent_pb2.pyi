@@ -196,7 +196,7 @@ class ToolCallDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments_delta: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "adapter", "messages", "tools", "ttl_seconds", "cache_salt", "raw_tokens", "metadata")
+    __slots__ = ("model", "adapter", "messages", "tools", "ttl_seconds", "cache_salt", "raw_tokens", "metadata", "chat_template_kwargs")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class CreateSessionRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     RAW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     model: str
     adapter: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
@@ -220,10 +221,11 @@ class CreateSessionRequest(_message.Message):
     cache_salt: str
     raw_tokens: bool
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., ttl_seconds: _Optional[float] = ..., cache_salt: _Optional[str] = ..., raw_tokens: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    chat_template_kwargs: str
+    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., ttl_seconds: _Optional[float] = ..., cache_salt: _Optional[str] = ..., raw_tokens: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ..., chat_template_kwargs: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "adapter", "state", "num_tokens", "num_kv_tokens", "num_pages", "num_swapped_pages", "num_turns", "num_messages", "busy", "parent_id", "created_at", "last_active_at", "expires_at", "ttl_seconds", "metadata", "messages", "raw_tokens", "token_ids")
+    __slots__ = ("session_id", "model", "adapter", "state", "num_tokens", "num_kv_tokens", "num_pages", "num_swapped_pages", "num_turns", "num_messages", "busy", "parent_id", "created_at", "last_active_at", "expires_at", "ttl_seconds", "metadata", "messages", "raw_tokens", "token_ids", "chat_template_kwargs")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +253,7 @@ class SessionInfo(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RAW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     adapter: str
@@ -271,7 +274,8 @@ class SessionInfo(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     raw_tokens: bool
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., num_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_pages: _Optional[int] = ..., num_swapped_pages: _Optional[int] = ..., num_turns: _Optional[int] = ..., num_messages: _Optional[int] = ..., busy: _Optional[bool] = ..., parent_id: _Optional[str] = ..., created_at: _Optional[float] = ..., last_active_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., raw_tokens: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    chat_template_kwargs: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., num_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_pages: _Optional[int] = ..., num_swapped_pages: _Optional[int] = ..., num_turns: _Optional[int] = ..., num_messages: _Optional[int] = ..., busy: _Optional[bool] = ..., parent_id: _Optional[str] = ..., created_at: _Optional[float] = ..., last_active_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., raw_tokens: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., chat_template_kwargs: _Optional[str] = ...) -> None: ...
 
 class TurnRequest(_message.Message):
     __slots__ = ("session_id", "messages", "sampling", "tool_choice", "response_format", "expected_next_turn_ms", "return_token_ids", "priority")

@@ -63,6 +63,11 @@ def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]
     return out or None
 
 
+def template_kwargs_from_proto(text: str) -> Optional[dict[str, Any]]:
+    """CreateSessionRequest.chat_template_kwargs: a JSON object, or "" for none (checked by the session store)."""
+    return parse_json_object(text, "chat_template_kwargs") if text else None
+
+
 def message_to_proto(m: dict[str, Any]) -> pb.Message:
     msg = pb.Message(role=m.get("role", ""), content=m.get("content") or "", tool_call_id=m.get("tool_call_id", ""),
                      name=m.get("name", ""), token_ids=m.get("token_ids") or [],
@@ -151,7 +156,8 @@ def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionInfo:
         num_kv_tokens=s.num_kv_tokens, num_pages=s.num_pages, num_swapped_pages=s.num_swapped_pages,
         num_turns=s.num_turns, num_messages=s.num_messages, busy=s.busy, parent_id=s.parent_id or "",
         created_at=s.created_at, last_active_at=s.last_active_at, expires_at=s.expires_at, ttl_seconds=s.ttl_seconds,
-        metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [])
+        metadata=s.metadata, raw_tokens=s.raw_tokens, token_ids=s.token_ids or [],
+        chat_template_kwargs=json.dumps(s.template_kwargs) if s.template_kwargs else "")
     # The history: the session's own replies are the model's text whole, but for the thinking, apart as
     # reasoning_content (with a reasoning parser: Session.shown_replies); an assistant message a client sent
     # with reasoning_content keeps it apart.

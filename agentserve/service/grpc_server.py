@@ -33,8 +33,8 @@ from agentserve.errors import (AdapterInUseError, AdapterNameTakenError, Adapter
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
-from agentserve.service.convert import (messages_from_proto, sampling_from_proto, snapshot_to_proto, tools_from_proto,
-                                        turn_events_to_proto)
+from agentserve.service.convert import (messages_from_proto, sampling_from_proto, snapshot_to_proto,
+                                        template_kwargs_from_proto, tools_from_proto, turn_events_to_proto)
 from agentserve.service.generate_events import generate_events
 from agentserve.service.paging import PageTokens, page_size_of
 from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
@@ -160,7 +160,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 messages, tools=tools,
                 ttl_seconds=request.ttl_seconds, cache_salt=tenant.cache_salt(request.cache_salt or None),
                 adapter=request.adapter or None, raw_tokens=request.raw_tokens, metadata=dict(request.metadata),
-                tenant=tenant.name)
+                tenant=tenant.name, chat_template_kwargs=template_kwargs_from_proto(request.chat_template_kwargs))
             return snapshot_to_proto(snap)
         raise AssertionError("unreachable")
 

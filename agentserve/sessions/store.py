@@ -157,21 +157,24 @@ class SessionStore(TurnLifecycle):
                      ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, raw_tokens: bool = False,
                      metadata: Optional[dict[str, str]] = None, tenant: str = ANONYMOUS_TENANT,
-                     stored_response: bool = False) -> SessionSnapshot:
+                     stored_response: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None
+                     ) -> SessionSnapshot:
         pool, raw = self.render_pool, raw_tokens or not self.has_template
         pool.check_messages(messages)  # what cannot fit is refused before it waits for a worker
         rendered = await pool.run(lambda tok: R.prepare_create(pool, tok, messages, tools, raw=raw,
-                                                               vocab_size=self.engine.arch.vocab_size))
+                                                               vocab_size=self.engine.arch.vocab_size,
+                                                               template_kwargs=chat_template_kwargs))
         return await self._run(lambda: self.create_sync(
             messages, tools=tools, ttl_seconds=ttl_seconds, cache_salt=cache_salt, adapter=adapter, model=model,
             raw_tokens=raw_tokens, metadata=metadata, rendered=rendered, tenant=tenant,
-            stored_response=stored_response))
+            stored_response=stored_response, chat_template_kwargs=chat_template_kwargs))
 
     def create_sync(self, messages: Sequence[dict[str, Any]] = (), *, tools: Optional[list[dict[str, Any]]] = None,
                     ttl_seconds: float = 0.0, cache_salt: Optional[str] = None, adapter: Optional[str] = None,
                     model: Optional[str] = None, raw_tokens: bool = False,
                     metadata: Optional[dict[str, str]] = None, rendered: Optional[R.RenderedCreate] = None,
-                    tenant: str = ANONYMOUS_TENANT, stored_response: bool = False) -> SessionSnapshot:
+                    tenant: str = ANONYMOUS_TENANT, stored_response: bool = False,
+                    chat_template_kwargs: Optional[dict[str, Any]] = None) -> SessionSnapshot:
         """Step thread. Adopts the initial messages as `create` rendered them in the render pool
         (rendered inline only without `rendered`); no KV yet: the first turn prefills them, finding
         any prefix other sessions share — a common system prompt and tools — in the prefix cache."""
@@ -182,12 +185,13 @@ class SessionStore(TurnLifecycle):
         raw = raw_tokens or not self.has_template
         if rendered is None:
             rendered = R.prepare_create(self.render_pool, self.tokenizer, messages, tools, raw=raw,
-                                        vocab_size=self.engine.arch.vocab_size)
+                                        vocab_size=self.engine.arch.vocab_size, template_kwargs=chat_template_kwargs)
         msgs = rendered.messages
         s = Session(session_id=self._new_id(), model=model or self.engine.model_name, adapter=adapter or None,
                     tools=rendered.tools, cache_salt=cache_salt or None, raw_tokens=raw,
                     ttl=ttl_seconds or self.default_ttl, metadata=dict(metadata or {}), tenant=tenant,
-                    lora_key=self.engine.lora.resolve(adapter or None), stored_response=stored_response)
+                    lora_key=self.engine.lora.resolve(adapter or None), stored_response=stored_response,
+                    template_kwargs=rendered.template_kwargs)
         s.text, s.token_ids = rendered.text, rendered.token_ids
         if len(s.token_ids) >= self.engine.max_model_len:
             raise InvalidRequestError(f"the messages have {len(s.token_ids)} tokens; max_model_len is "
@@ -241,7 +245,7 @@ class SessionStore(TurnLifecycle):
                     metadata=dict(p.metadata if metadata is None else metadata), parent_id=p.session_id,
                     messages=list(p.messages), shown_replies=dict(p.shown_replies),
                     token_ids=list(p.token_ids), text=p.text, num_turns=p.num_turns,
-                    tenant=p.tenant, stored_response=p.stored_response)
+                    tenant=p.tenant, stored_response=p.stored_response, template_kwargs=p.template_kwargs)
         self._add(c)
         self.residency.share(p, c)
         now = time.monotonic()

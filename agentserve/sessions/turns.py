@@ -110,7 +110,7 @@ class TurnLifecycle:
                               prompt_token_ids=[], prompt_text="", new_messages=[], content_prefix="", params=params,
                               expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
         s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
-        return pending, R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens)
+        return pending, R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens, s.template_kwargs)
 
     def _abandon_turn(self, pending: PendingTurn) -> None:
         """Step thread: a turn that failed or was cancelled before `_begin_turn` put it in the engine

@@ -152,6 +152,7 @@ class SessionSnapshot:
     raw_tokens: bool
     messages: Optional[list[dict[str, Any]]] = None
     token_ids: Optional[list[int]] = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class SessionListCursor(NamedTuple):
@@ -208,6 +209,9 @@ class Session:
     ttl: float
     metadata: dict[str, str]
     parent_id: Optional[str] = None
+    # Extra chat-template variables every turn renders with (vLLM's chat_template_kwargs, e.g. Qwen3's
+    # {"enable_thinking": false}); fixed for the session's life, as its tools are.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
     # The session's own replies as clients see them, by their index in `messages`, where they differ from
     # the history: with a reasoning parser, the thinking apart as reasoning_content (the history keeps the
@@ -297,4 +301,4 @@ def snapshot_of(s: Session, include_messages: bool = False, include_token_ids: b
         created_at=s.created_at, last_active_at=s.last_active_wall, expires_at=s.last_active_wall + s.ttl,
         ttl_seconds=s.ttl, metadata=dict(s.metadata), raw_tokens=s.raw_tokens,
         messages=[dict(s.shown_replies.get(i, m)) for i, m in enumerate(s.messages)] if include_messages else None,
-        token_ids=list(s.token_ids) if include_token_ids else None)
+        token_ids=list(s.token_ids) if include_token_ids else None, template_kwargs=dict(s.template_kwargs))
