@@ -85,6 +85,11 @@ def test_a_sessions_variables_render_every_turn_and_its_forks(aeng) -> None:  # 
         forked = await fork.run_turn([{"role": "user", "content": "Why?"}], max_tokens=2, temperature=0.0,
                                      return_token_ids=True)
         assert tokenizer().decode(list(forked.done.prompt_token_ids)).endswith(EMPTY_THINK)
+        # Stateless Generate over the same messages renders them the same way.
+        done = await client.generate_done(messages=[user], max_tokens=4, temperature=0.0, chat_template_kwargs=OFF,
+                                          return_token_ids=True)
+        assert list(done.token_ids) == list(first.done.token_ids)
+        assert done.usage.prompt_tokens == len(rendered_ids([user], enable_thinking=False))
         # Without them: the template's default (thinking), no empty block.
         plain = await client.create_session()
         assert plain.info.chat_template_kwargs == ""
@@ -107,6 +112,10 @@ def test_bad_variables_are_invalid_argument_naming_the_field(aeng) -> None:  # t
         code, details = await rpc_status(client.create_session(
             [{"role": "user", "token_ids": [1, 2]}], raw_tokens=True, chat_template_kwargs=OFF))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template_kwargs" in details, details
+        for kw in (dict(prompt="hi"), dict(messages=[{"role": "user", "content": "hi"}])):
+            bad = OFF if "prompt" in kw else {"tools": 1}
+            code, details = await rpc_status(client.generate_done(max_tokens=1, chat_template_kwargs=bad, **kw))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template_kwargs" in details, (kw, details)
 
     _serve(aeng, body)
 

@@ -280,12 +280,14 @@ class AgentClient:
                        tool_choice: str = "", response_format: Union[None, str, dict[str, Any]] = None,
                        adapter: str = "", cache_salt: str = "", model: str = "", return_token_ids: bool = False,
                        priority: int = 0, timeout: Optional[float] = None,
+                       chat_template_kwargs: Optional[dict[str, Any]] = None,
                        **sampling: Any) -> AsyncIterator[pb.GenerateEvent]:
         req = pb.GenerateRequest(prompt=prompt or "", prompt_token_ids=list(prompt_token_ids or []),
                                  messages=[to_message(m) for m in messages or []], tools=[to_tool(t) for t in tools],
                                  sampling=to_sampling(**sampling), tool_choice=tool_choice, adapter=adapter,
                                  cache_salt=cache_salt, model=model, return_token_ids=return_token_ids,
-                                 priority=priority)
+                                 priority=priority,
+                                 chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else "")
         rf = to_response_format(response_format)
         if rf is not None:
             req.response_format.CopyFrom(rf)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.chat.messages import parse_json_object
-from agentserve.chat.template_kwargs import session_template_kwargs
+from agentserve.chat.template_kwargs import checked_template_kwargs
 from agentserve.errors import FieldError
 from agentserve.sessions.types import ReplyParts
 
@@ -99,7 +99,7 @@ def template_kwargs(req: ResponsesRequest) -> dict[str, Any]:
         kwargs.setdefault("reasoning_effort", effort)
         kwargs.setdefault("enable_thinking", effort != "none")
     try:
-        return session_template_kwargs(kwargs)
+        return checked_template_kwargs(kwargs)
     except FieldError as e:
         raise OpenAIError(400, str(e), param=e.field) from None
 

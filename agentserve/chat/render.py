@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from agentserve.chat.messages import SESSION_RULES, Message, normalize_messages, template_messages
 from agentserve.chat.render_pool import RenderPool
-from agentserve.chat.template_kwargs import session_template_kwargs
+from agentserve.chat.template_kwargs import checked_template_kwargs
 from agentserve.chat.tools import normalize_tools
 from agentserve.errors import FieldError, InvalidRequestError
 
@@ -78,7 +78,7 @@ def prepare_create(pool: RenderPool, tokenizer: Any, messages: Sequence[Message]
         raise FieldError("chat_template_kwargs need a chat template; this session takes raw tokens",
                          "chat_template_kwargs")
     tools_n = normalize_tools(tools)
-    kwargs = session_template_kwargs(template_kwargs)
+    kwargs = checked_template_kwargs(template_kwargs)
     msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=raw, vocab_size=vocab_size)
     if raw:
         return RenderedCreate(msgs, tools_n, "", [t for m in msgs for t in m["token_ids"]], kwargs)

@@ -1,5 +1,6 @@
 """Extra chat-template variables a session renders every turn with (vLLM's `chat_template_kwargs`, e.g.
-Qwen3's `{"enable_thinking": false}` or `reasoning_effort`), checked once when the session is created.
+Qwen3's `{"enable_thinking": false}` or `reasoning_effort`), checked once when the session is created
+(and for gRPC Generate's messages, with the same rules).
 
 They are template variables only: the names apply_chat_template takes for itself (the conversation,
 the tools, the generation prompt, the template ...) are refused, since a session renders its history
@@ -21,7 +22,7 @@ RESERVED = frozenset(("conversation", "messages", "tools", "documents", "chat_te
                       "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"))
 
 
-def session_template_kwargs(kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+def checked_template_kwargs(kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The variables, checked (a FieldError naming the key that is wrong); {} for none."""
     if kwargs is None:
         return {}

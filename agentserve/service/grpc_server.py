@@ -41,6 +41,7 @@ from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
 from agentserve.sessions.store import SessionStore
 from agentserve.chat import render as R
 from agentserve.chat.messages import SESSION_RULES, normalize_messages
+from agentserve.chat.template_kwargs import checked_template_kwargs
 from agentserve.chat.tools import normalize_tools
 from agentserve.lora.interface import adapter_names
 
@@ -261,8 +262,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=False,
                                       vocab_size=self.engine.arch.vocab_size)
             pool.check_messages(msgs)
+            kwargs = checked_template_kwargs(template_kwargs_from_proto(request.chat_template_kwargs))
             return await pool.run(lambda tok: pool.encode(
-                tok, pool.render(tok, msgs, tools, add_generation_prompt=True), "messages", add_special_tokens=False))
+                tok, pool.render(tok, msgs, tools, add_generation_prompt=True, **kwargs), "messages",
+                add_special_tokens=False))
+        if request.chat_template_kwargs:
+            raise InvalidRequestError("chat_template_kwargs apply to messages (the chat template); this request sends a "
+                                      "prompt")
         if request.prompt_token_ids:
             return list(request.prompt_token_ids)
         if self.engine.tokenizer is None:
