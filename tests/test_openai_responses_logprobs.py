@@ -15,17 +15,11 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.responses_logprobs import MessageLogprobs
-from agentserve.adapters.openai.server import ServerThread
-from agentserve.config import EngineConfig
-from agentserve.engine.async_engine import AsyncEngine
-from agentserve.engine.engine import Engine
 from agentserve.outputs import Logprob
 from agentserve.sessions.types import ReplyParts, TextEvent
 from agentserve.testing.real import RealModelUnavailable, smollm2_cached
-from agentserve.testing.tiny import tiny_model_cached
 from helpers.live_server import live_openai
 
 MODEL = "tiny-qwen2"
@@ -35,20 +29,15 @@ ASK = ["message.output_text.logprobs"]
 
 
 class Live:
-    def __init__(self, server: ServerThread) -> None:
-        self.client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        self.http = httpx.Client(base_url=server.url, timeout=120)
+    def __init__(self, client: openai.OpenAI) -> None:
+        self.client = client
+        self.http = httpx.Client(base_url=str(client.base_url).removesuffix("v1/"), timeout=120)
 
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    config = EngineConfig.from_kwargs(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=512,
-                                      served_model_name=MODEL, max_model_len=1024)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    yield Live(server)
-    server.stop()
-    aeng.shutdown()
+    with live_openai("qwen2", served_model_name=MODEL, num_blocks=512, max_model_len=1024) as client:
+        yield Live(client)
 
 
 def _text_part(response: Response) -> Any:
