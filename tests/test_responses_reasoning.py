@@ -51,6 +51,15 @@ def test_live_reasoning_is_an_item_of_its_own_whole_and_streamed() -> None:
         final = events[-1]["response"]
         assert final["output"][0]["type"] == "reasoning" and final["output"][0]["content"][0]["text"] == thought
         assert not any(e["type"] == "response.output_text.delta" and "<think>" in e["delta"] for e in events)
+        # include_reasoning false (vLLM's): the thinking is generated and counted, but left out of the output.
+        hidden_body = dict(body, include_reasoning=False)
+        hidden = Response.model_validate(http.post("/v1/responses", json=hidden_body).json())
+        assert [item.type for item in hidden.output if item.type == "reasoning"] == []
+        assert hidden.usage.output_tokens_details.reasoning_tokens == resp.usage.output_tokens_details.reasoning_tokens
+        with http.stream("POST", "/v1/responses", json=dict(hidden_body, stream=True)) as s:
+            hidden_events = [json.loads(line[len("data: "):]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert not any(e["type"].startswith("response.reasoning_text") for e in hidden_events)
+        assert not any(item["type"] == "reasoning" for item in hidden_events[-1]["response"]["output"])
         # The output given back as input (a client keeping the conversation itself) is accepted.
         again = http.post("/v1/responses", json=dict(body, input=[{"role": "user", "content": "Is it?"},
                                                                   *whole.json()["output"],

@@ -161,7 +161,9 @@ def test_responses_refuse_bad_variables(http: tuple[openai.OpenAI, httpx.Client]
                           "chat_template_kwargs.add_generation_prompt"),
                          ({"reasoning": {"effort": 3}}, "reasoning.effort"),
                          ({"cache_salt": ""}, "cache_salt"),
-                         ({"priority": 5}, "priority")):  # the server schedules fcfs
+                         ({"priority": 5}, "priority"),  # the server schedules fcfs
+                         ({"skip_special_tokens": False}, "skip_special_tokens"),
+                         ({"include_stop_str_in_output": True}, "include_stop_str_in_output")):
         resp = raw.post("/v1/responses", json={"model": aeng_name(client), "input": "x", **extra})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (extra, resp.text)
 

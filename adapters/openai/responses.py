@@ -101,6 +101,12 @@ class ResponsesEndpoint:
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)
         if req.truncation not in (None, "auto", "disabled"):
             raise OpenAIError(400, f"truncation must be 'auto' or 'disabled', got {req.truncation!r}", param="truncation")
+        # A session keeps its reply's text as the template re-renders it: only vLLM's defaults here.
+        for name, off_default in (("skip_special_tokens", not req.skip_special_tokens),
+                                  ("include_stop_str_in_output", req.include_stop_str_in_output)):
+            if off_default:
+                raise OpenAIError(400, f"{name}: only vLLM's default is supported on the Responses API here (use "
+                                       "/v1/chat/completions for another value)", param=name)
         if req.cache_salt is not None and not 1 <= len(req.cache_salt) <= 1024:  # vLLM's bounds
             raise OpenAIError(400, "cache_salt must be a string of 1 to 1024 characters", param="cache_salt")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:

@@ -68,6 +68,9 @@ class ResponsesRequest(BaseModel):
     priority: int = 0
     cache_salt: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    include_reasoning: bool = True  # False: the thinking is generated but left out of the output
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 # Fields of OpenAI's that point at state kept on OpenAI's side: ignoring one would answer without that state.

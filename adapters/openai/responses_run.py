@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai import responses_items as I
@@ -65,7 +66,10 @@ class ResponseRun:
         if output is None:
             if self.logprobs is not None:
                 self.logprobs.finish()  # the tokens still held join `message`
-            output = I.output_items(result.message, status, result.parts,
+            parts = result.parts
+            if parts is not None and not self.req.include_reasoning:
+                parts = dataclasses.replace(parts, reasoning="")
+            output = I.output_items(result.message, status, parts,
                                     self.logprobs.message if self.logprobs is not None else None)
         body = self._body(status, output, result)
         reply = {k: v for k, v in result.message.items() if k in ("role", "content", "tool_calls")}
@@ -164,7 +168,8 @@ class ResponseRun:
                 logprobs = self._follow_logprobs(ev)
                 if isinstance(ev, TextEvent):
                     if ev.parts is not None:  # a reasoning parser split it: the reasoning is an item of its own
-                        for chunk in writer.reasoning(ev.parts.reasoning) + writer.text(ev.parts.content, logprobs):
+                        thought = ev.parts.reasoning if self.req.include_reasoning else ""
+                        for chunk in writer.reasoning(thought) + writer.text(ev.parts.content, logprobs):
                             yield chunk
                     else:
                         for chunk in writer.text(ev.text, logprobs):
