@@ -1,8 +1,8 @@
 """Chat-template variables on sessions (vLLM's chat_template_kwargs), over gRPC and the Responses API:
 a Qwen3-style template's `enable_thinking` switch set once for a session renders every turn (and a
 fork's) as transformers renders the conversation with it; Responses' `reasoning.effort` sets it as vLLM
-does; bad variables are refused naming the field. Also the Responses API's vLLM sampling extras (stop,
-logit_bias, penalties) give what a chat completion with the same fields gives."""
+does; bad variables are refused naming the field. Also the Responses API's vLLM extras (stop,
+logit_bias, penalties, structured_outputs) give what a chat completion with the same fields gives."""
 
 from __future__ import annotations
 
@@ -163,7 +163,10 @@ def test_responses_refuse_bad_variables(http: tuple[openai.OpenAI, httpx.Client]
                          ({"cache_salt": ""}, "cache_salt"),
                          ({"priority": 5}, "priority"),  # the server schedules fcfs
                          ({"skip_special_tokens": False}, "skip_special_tokens"),
-                         ({"include_stop_str_in_output": True}, "include_stop_str_in_output")):
+                         ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+                         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+                         ({"structured_outputs": {"regex": "a"}, "text": {"format": {"type": "json_object"}}},
+                          "structured_outputs")):
         resp = raw.post("/v1/responses", json={"model": aeng_name(client), "input": "x", **extra})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (extra, resp.text)
 
@@ -177,6 +180,10 @@ def test_responses_sampling_extras_match_chat_completions(http: tuple[openai.Ope
         {"stop": [free[len(free) // 2:len(free) // 2 + 2]]},
         {"logit_bias": {str(tokenizer().encode("yes", add_special_tokens=False)[0]): 100}},
         {"repetition_penalty": 1.8, "presence_penalty": 1.0, "frequency_penalty": 0.5},
+        {"structured_outputs": {"regex": "(yes|no) (yes|no)"}},
+        {"structured_outputs": {"choice": ["alpha", "beta gamma"]}},
+        {"structured_outputs": {"json": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                         "required": ["ok"], "additionalProperties": False}}},
     ]
     for extra in cases:
         chat = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0,
@@ -186,6 +193,9 @@ def test_responses_sampling_extras_match_chat_completions(http: tuple[openai.Ope
         assert got == chat, (extra, got, chat)
         if "stop" in extra:
             assert extra["stop"][0] not in got and free.startswith(got)
+        if "structured_outputs" in extra:
+            assert got in ("yes yes", "yes no", "no yes", "no no", "alpha", "beta gamma") or \
+                json.loads(got) in ({"ok": True}, {"ok": False}), got
         if "logit_bias" in extra:
             assert got.startswith(tokenizer().decode([int(next(iter(extra["logit_bias"])))]))
     assert client.responses.create(model=model, input="Is it so?", max_output_tokens=4, temperature=0,

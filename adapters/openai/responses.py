@@ -99,6 +99,8 @@ class ResponsesEndpoint:
         fmt = (req.text or {}).get("format")
         if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)
+        if req.structured_outputs is not None and req.structured_outputs.json_schema is not None:
+            L.check_schema(req.structured_outputs.json_schema, "structured_outputs.json", self.s.limits)
         if req.truncation not in (None, "auto", "disabled"):
             raise OpenAIError(400, f"truncation must be 'auto' or 'disabled', got {req.truncation!r}", param="truncation")
         # A session keeps its reply's text as the template re-renders it: only vLLM's defaults here.
@@ -122,8 +124,9 @@ class ResponsesEndpoint:
                                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=top_logprobs,
                   stop=req.stop, logit_bias=token_bias(req.logit_bias))
-        kw.update(I.text_format_kwargs(req.text))
-        if tools and choice != "none":
+        kw.update(I.constraint_kwargs(req))
+        # Tools combine with a JSON answer (calls, or a typed final answer); a regex, choice or grammar wins.
+        if tools and choice != "none" and not {"regex", "choice", "grammar"} & kw.keys():
             kw.update(tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)
         elif tools:
             kw["tool_choice"] = "none"  # the session's tools are rendered, but no call is parsed

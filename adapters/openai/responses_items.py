@@ -21,7 +21,8 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
+from agentserve.adapters.openai.serving import parsed_schema
 from agentserve.chat.messages import parse_json_object
 from agentserve.chat.template_kwargs import checked_template_kwargs
 from agentserve.errors import FieldError
@@ -68,6 +69,7 @@ class ResponsesRequest(BaseModel):
     priority: int = 0
     cache_salt: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[StructuredOutputs] = None  # vLLM's: json, regex, choice, grammar, json_object
     include_reasoning: bool = True  # False: the thinking is generated but left out of the output
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -160,6 +162,26 @@ def chat_tool_choice(choice: Any) -> Any:
         raise OpenAIError(400, f"tool_choice of type {choice.get('type')!r} is not supported (function tools only)",
                           param="tool_choice.type")
     return choice
+
+
+def constraint_kwargs(req: ResponsesRequest) -> dict[str, Any]:
+    """The output constraint as SamplingParams keywords: `text.format`, or vLLM's `structured_outputs`
+    (at most one of its fields; not both, as vLLM refuses both)."""
+    kw = text_format_kwargs(req.text)
+    so = req.structured_outputs
+    if so is None:
+        return kw
+    if kw:
+        raise OpenAIError(400, "give text.format or structured_outputs, not both", param="structured_outputs")
+    given = {key: value for key, value in (("json_schema", so.json_schema), ("regex", so.regex), ("choice", so.choice),
+                                           ("grammar", so.grammar), ("json_object", so.json_object))
+             if value is not None and value is not False}
+    if len(given) > 1:
+        names = ", ".join("structured_outputs." + ("json" if k == "json_schema" else k) for k in given)
+        raise OpenAIError(400, f"give at most one output constraint; got {names}", param="structured_outputs")
+    if "json_schema" in given:
+        given["json_schema"] = parsed_schema(given["json_schema"], "structured_outputs.json")
+    return given
 
 
 def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:

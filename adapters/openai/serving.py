@@ -39,7 +39,7 @@ _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", 
            "allowed_token_ids", "bad_words")
 
 
-def _parsed_schema(schema: Any, field: str) -> Any:
+def parsed_schema(schema: Any, field: str) -> Any:
     """A JSON schema given as JSON text (guided_json's and structured_outputs.json's string form) parsed."""
     if not isinstance(schema, str):
         return schema
@@ -190,7 +190,7 @@ class OpenAIServing:
                 if value is None or value is False:
                     continue
                 given.append(name)
-                kw[key] = _parsed_schema(value, name) if key == "json_schema" else value
+                kw[key] = parsed_schema(value, name) if key == "json_schema" else value
         if len(given) > 1:
             raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])
         return kw
