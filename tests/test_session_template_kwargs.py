@@ -155,6 +155,20 @@ def test_responses_reasoning_effort_and_template_kwargs(http: tuple[openai.OpenA
     assert nxt.usage.input_tokens_details.cached_tokens > 0
 
 
+def test_chat_reasoning_effort_reaches_the_template(http: tuple[openai.OpenAI, httpx.Client]) -> None:
+    client, raw = http
+    kw: dict[str, Any] = dict(model=aeng_name(client), messages=QUESTION, max_tokens=2, temperature=0)
+    assert client.chat.completions.create(**kw).usage.prompt_tokens == len(rendered_ids(QUESTION))
+    off = len(rendered_ids(QUESTION, enable_thinking=False))
+    assert client.chat.completions.create(reasoning_effort="none", **kw).usage.prompt_tokens == off
+    explicit = client.chat.completions.create(reasoning_effort="none", extra_body={
+        "chat_template_kwargs": {"enable_thinking": True}}, **kw)
+    assert explicit.usage.prompt_tokens == len(rendered_ids(QUESTION))  # the request's own variables win
+    bad = raw.post("/v1/chat/completions", json={"model": aeng_name(client), "messages": QUESTION,
+                                                 "reasoning_effort": 5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort", bad.text
+
+
 def test_responses_refuse_bad_variables(http: tuple[openai.OpenAI, httpx.Client]) -> None:
     client, raw = http
     for extra, param in (({"chat_template_kwargs": {"add_generation_prompt": False}},

@@ -8,6 +8,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.chat_stream_state import ChatStreamState
+from agentserve.adapters.openai.chat_template_vars import chat_template_variables
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.request_ids import response_id
@@ -93,27 +94,6 @@ class ChatEndpoint:
             self._tool_fmt = tool_format_of(self.s.tokenizer) or ""
         return self._tool_fmt or None
 
-    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        """Extra chat-template variables; a client-supplied template only with --trust-request-chat-template
-        (a template is a program: a few bytes of Jinja can expand to megabytes)."""
-        kwargs = dict(req.chat_template_kwargs or {})
-        template = kwargs.pop("chat_template", None)
-        field = "chat_template_kwargs.chat_template"
-        if req.chat_template is not None:
-            template, field = req.chat_template, "chat_template"
-        if template is not None:
-            if not self.s.limits.trust_request_chat_template:
-                raise OpenAIError(400, f"{field}: this server does not accept chat templates in requests (start "
-                                       "it with --trust-request-chat-template to allow them)", param=field)
-            if not isinstance(template, str):
-                raise OpenAIError(400, f"{field} must be a string", param=field)
-            kwargs["chat_template"] = template
-        if req.continue_final_message:
-            kwargs["continue_final_message"] = True
-        if req.documents is not None:  # apply_chat_template's own argument, as vLLM passes it
-            kwargs["documents"] = req.documents
-        return kwargs
-
     def _render(self, tok: Any, messages: list[dict[str, Any]], tools: Tools, req: ChatCompletionRequest,
                 kwargs: dict[str, Any]) -> list[int]:
         """A render pool worker: the messages through the chat template, then tokenized."""
@@ -156,7 +136,7 @@ class ChatEndpoint:
         """The checks before rendering (template, messages, tools): (messages, tools, tool_choice, template
         kwargs), for render_prompt. Shared with POST /tokenize."""
         self._check_template(req)
-        template_kwargs = self._template_kwargs(req)
+        template_kwargs = chat_template_variables(req, self.s.limits.trust_request_chat_template)
         if not req.messages:
             raise OpenAIError(400, "messages must be a non-empty list", param="messages")
         messages = normalize_messages(req.messages, OPENAI_RULES)

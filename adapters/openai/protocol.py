@@ -160,6 +160,7 @@ class ChatCompletionRequest(_SamplingFields):
     echo: bool = False  # the reply starts with the last message when it has the reply's role (chat_echo.py)
     documents: Optional[list[dict[str, Any]]] = None  # RAG documents, handed to the chat template (vLLM's)
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[Any] = None  # OpenAI's; a template variable (chat/template_kwargs.py)
     chat_template: Optional[str] = None  # refused unless --trust-request-chat-template
 
 

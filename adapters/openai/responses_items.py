@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.adapters.openai.serving import parsed_schema
 from agentserve.chat.messages import parse_json_object
-from agentserve.chat.template_kwargs import checked_template_kwargs
+from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
 from agentserve.errors import FieldError
 from agentserve.sessions.types import ReplyParts
 
@@ -94,17 +94,9 @@ def template_kwargs(req: ResponsesRequest) -> dict[str, Any]:
     """The chat-template variables the response's session renders with: `chat_template_kwargs` (vLLM's),
     and `reasoning.effort` as vLLM passes it: `reasoning_effort`, and `enable_thinking` (false for "none")
     unless chat_template_kwargs sets it (Qwen3's switch; templates ignore variables they do not read)."""
-    kwargs = dict(req.chat_template_kwargs or {})
-    reasoning = req.reasoning or {}
-    effort = reasoning.get("effort")
-    if effort is not None:
-        if not isinstance(effort, str):
-            raise OpenAIError(400, f"reasoning.effort must be a string (e.g. 'low', 'none'), got {effort!r}",
-                              param="reasoning.effort")
-        kwargs.setdefault("reasoning_effort", effort)
-        kwargs.setdefault("enable_thinking", effort != "none")
     try:
-        return checked_template_kwargs(kwargs)
+        return checked_template_kwargs(with_reasoning_effort(dict(req.chat_template_kwargs or {}),
+                                                             (req.reasoning or {}).get("effort"), "reasoning.effort"))
     except FieldError as e:
         raise OpenAIError(400, str(e), param=e.field) from None
 

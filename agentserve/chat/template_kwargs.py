@@ -22,6 +22,20 @@ RESERVED = frozenset(("conversation", "messages", "tools", "documents", "chat_te
                       "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"))
 
 
+def with_reasoning_effort(kwargs: dict[str, Any], effort: Any, field: str) -> dict[str, Any]:
+    """OpenAI's reasoning effort as vLLM hands it to the template: `reasoning_effort`, and `enable_thinking`
+    (false for "none": Qwen3's switch) unless the request's variables set them; templates ignore variables
+    they do not read. `field`: the request field that carried the effort, for the error."""
+    if effort is None:
+        return kwargs
+    if not isinstance(effort, str):
+        raise FieldError(f"{field} must be a string (e.g. 'low', 'none'), got {effort!r}", field)
+    out = dict(kwargs)
+    out.setdefault("reasoning_effort", effort)
+    out.setdefault("enable_thinking", effort != "none")
+    return out
+
+
 def checked_template_kwargs(kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The variables, checked (a FieldError naming the key that is wrong); {} for none."""
     if kwargs is None:
