@@ -27,6 +27,7 @@ from agentserve.adapters.openai.responses_run import ResponsePlan, ResponseRun
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
 from agentserve.adapters.openai.responses_truncation import fit_conversation, reply_room
 from agentserve.adapters.openai.serving import OpenAIServing, param_of, token_bias
+from agentserve.adapters.openai.vllm_unsupported import check_structured_outputs_extras
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
@@ -99,6 +100,7 @@ class ResponsesEndpoint:
         fmt = (req.text or {}).get("format")
         if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
             L.check_schema(fmt["schema"], "text.format.schema", self.s.limits)
+        check_structured_outputs_extras(req.structured_outputs, self.s.engine.config.grammar_backend)
         if req.structured_outputs is not None and req.structured_outputs.json_schema is not None:
             L.check_schema(req.structured_outputs.json_schema, "structured_outputs.json", self.s.limits)
         if req.truncation not in (None, "auto", "disabled"):

@@ -50,12 +50,20 @@ def check_vllm_unsupported(req: Any, policy: str, grammar_backend: str) -> None:
     if best_of is not None and best_of != req.n:
         raise OpenAIError(400, f"best_of: best_of must equal n (got best_of={best_of}, n={req.n}); best_of > n is "
                                "not supported", param="best_of")
-    if req.structured_outputs is not None:
-        _check(req.structured_outputs.model_extra, _REFUSED_STRUCTURED_OUTPUTS, "structured_outputs.")
-    for field, named in (("guided_decoding_backend", (extra or {}).get("guided_decoding_backend")),
-                         ("structured_outputs.backend", (req.structured_outputs.model_extra or {}).get("backend")
-                          if req.structured_outputs is not None else None)):
-        try:
-            check_requested_backend(named, grammar_backend, field)
-        except InvalidRequestError as e:
-            raise OpenAIError(400, str(e), param=field) from None
+    check_structured_outputs_extras(req.structured_outputs, grammar_backend)
+    try:
+        check_requested_backend((extra or {}).get("guided_decoding_backend"), grammar_backend, "guided_decoding_backend")
+    except InvalidRequestError as e:
+        raise OpenAIError(400, str(e), param="guided_decoding_backend") from None
+
+
+def check_structured_outputs_extras(so: Any, grammar_backend: str) -> None:
+    """vLLM's `structured_outputs` fields beyond the constraint itself (chat, completions and Responses):
+    a structural tag or whitespace pattern is refused, a backend other than the server's too."""
+    if so is None:
+        return
+    _check(so.model_extra, _REFUSED_STRUCTURED_OUTPUTS, "structured_outputs.")
+    try:
+        check_requested_backend((so.model_extra or {}).get("backend"), grammar_backend, "structured_outputs.backend")
+    except InvalidRequestError as e:
+        raise OpenAIError(400, str(e), param="structured_outputs.backend") from None
