@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
-from agentserve.adapters.openai.serving import parsed_schema
+from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
 from agentserve.chat.messages import parse_json_object
 from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
 from agentserve.errors import FieldError
@@ -165,15 +165,12 @@ def constraint_kwargs(req: ResponsesRequest) -> dict[str, Any]:
         return kw
     if kw:
         raise OpenAIError(400, "give text.format or structured_outputs, not both", param="structured_outputs")
-    given = {key: value for key, value in (("json_schema", so.json_schema), ("regex", so.regex), ("choice", so.choice),
-                                           ("grammar", so.grammar), ("json_object", so.json_object))
-             if value is not None and value is not False}
+    given = [(key, name, value) for key, name, value in structured_outputs_fields(so)
+             if value is not None and value is not False]
     if len(given) > 1:
-        names = ", ".join("structured_outputs." + ("json" if k == "json_schema" else k) for k in given)
-        raise OpenAIError(400, f"give at most one output constraint; got {names}", param="structured_outputs")
-    if "json_schema" in given:
-        given["json_schema"] = parsed_schema(given["json_schema"], "structured_outputs.json")
-    return given
+        raise OpenAIError(400, f"give at most one output constraint; got {', '.join(name for _, name, _ in given)}",
+                          param="structured_outputs")
+    return {key: parsed_schema(value, name) if key == "json_schema" else value for key, name, value in given}
 
 
 def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:

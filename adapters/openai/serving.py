@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 from agentserve.adapters.openai.constraint_errors import request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
 from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
@@ -37,16 +38,6 @@ _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", 
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
            "stop", "stop_token_ids", "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias",
            "allowed_token_ids", "bad_words")
-
-
-def parsed_schema(schema: Any, field: str) -> Any:
-    """A JSON schema given as JSON text (guided_json's and structured_outputs.json's string form) parsed."""
-    if not isinstance(schema, str):
-        return schema
-    try:
-        return json.loads(schema)
-    except json.JSONDecodeError as e:
-        raise OpenAIError(400, f"{field} is not valid JSON: {e}", param=field) from None
 
 
 def token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
@@ -179,12 +170,12 @@ class OpenAIServing:
             else:
                 kw["json_schema"] = schema
         given = ["response_format"] if rf is not None and rf.type != "text" else []
-        so = req.structured_outputs
-        fields = {"json_schema": [("guided_json", req.guided_json), ("structured_outputs.json", so and so.json_schema)],
-                  "regex": [("guided_regex", req.guided_regex), ("structured_outputs.regex", so and so.regex)],
-                  "choice": [("guided_choice", req.guided_choice), ("structured_outputs.choice", so and so.choice)],
-                  "grammar": [("guided_grammar", req.guided_grammar), ("structured_outputs.grammar", so and so.grammar)],
-                  "json_object": [("structured_outputs.json_object", so and so.json_object)]}
+        fields: dict[str, list[tuple[str, Any]]] = {
+            "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
+            "choice": [("guided_choice", req.guided_choice)], "grammar": [("guided_grammar", req.guided_grammar)],
+            "json_object": []}
+        for key, name, value in structured_outputs_fields(req.structured_outputs):
+            fields[key].append((name, value))
         for key, sources in fields.items():
             for name, value in sources:
                 if value is None or value is False:

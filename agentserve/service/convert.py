@@ -64,7 +64,8 @@ def tools_from_proto(tools: Sequence[pb.Tool]) -> Optional[list[dict[str, Any]]]
 
 
 def template_kwargs_from_proto(text: str) -> Optional[dict[str, Any]]:
-    """CreateSessionRequest.chat_template_kwargs: a JSON object, or "" for none (checked by the session store)."""
+    """CreateSessionRequest's or GenerateRequest's chat_template_kwargs: a JSON object, or "" for none (its keys
+    and values are checked by chat/template_kwargs.py)."""
     return parse_json_object(text, "chat_template_kwargs") if text else None
 
 
