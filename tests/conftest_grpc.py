@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import grpc
 import pytest
@@ -68,6 +68,15 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
+
+
+def run_with_client(aeng: AsyncEngine, body: Callable[[AgentClient], Awaitable[None]], timeout: float = 300.0) -> None:
+    """Runs `body` with a client of a server over `aeng` (the engine stays up: its fixture owns it)."""
+    async def main() -> None:
+        async with serving(aeng) as (_, client):
+            await body(client)
+
+    run(main(), timeout=timeout)
 
 
 def run_and_shutdown(aeng: AsyncEngine, body: Awaitable[None], timeout: float = 300.0) -> None:

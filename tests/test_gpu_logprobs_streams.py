@@ -15,7 +15,7 @@ from agentserve.adapters.client import AgentClient
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
 from agentserve.testing import tiny_model_cached
-from conftest_grpc import SYSTEM, make_engine, reference_llm, run, serving
+from conftest_grpc import SYSTEM, make_engine, reference_llm, run_with_client
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -43,12 +43,8 @@ def test_turn_and_generate_logprobs_match_the_cpu_engine(spec: Optional[str]) ->
         if spec else {}
     aeng = make_engine(device="cuda", num_blocks=256, max_model_len=512, async_scheduling=True, **draft)
 
-    async def body() -> None:
-        async with serving(aeng) as (_, client):
-            await _check(client)
-
     try:
-        run(body(), timeout=600.0)
+        run_with_client(aeng, _check, timeout=600.0)
         if spec:
             assert aeng.engine.metrics.spec_num_draft_tokens > 0
     finally:

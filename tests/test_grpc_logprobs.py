@@ -15,7 +15,7 @@ import pytest
 from agentserve.adapters.client import AgentClient
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
-from conftest_grpc import SYSTEM, TOOLS, USER, make_engine, reference_llm, rpc_status, run, serving
+from conftest_grpc import SYSTEM, TOOLS, USER, make_engine, reference_llm, rpc_status, run_with_client
 
 TOP = 3
 
@@ -70,7 +70,7 @@ def test_generate_streams_each_tokens_logprobs(aeng) -> None:  # type: ignore[no
                                                              logprobs=0)])
         assert len(zero) == 4 and all(not e.top and e.sampled.token_id >= 0 for e in zero)
 
-    run(_serve(aeng, body), timeout=300.0)
+    run_with_client(aeng, body)
 
 
 def test_turn_logprobs_match_a_stateless_generation(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -86,7 +86,7 @@ def test_turn_logprobs_match_a_stateless_generation(aeng) -> None:  # type: igno
         assert second.done.usage.cached_tokens > 0
         assert_matches_reference(streamed(second.events), list(second.done.prompt_token_ids), 6)
 
-    run(_serve(aeng, body), timeout=300.0)
+    run_with_client(aeng, body)
 
 
 def test_a_tool_calls_tokens_come_in_deltas_with_empty_text(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +99,7 @@ def test_a_tool_calls_tokens_come_in_deltas_with_empty_text(aeng) -> None:  # ty
         silent = [ev.text for ev in out.events if ev.WhichOneof("event") == "text" and not ev.text.text]
         assert silent and all(d.logprobs for d in silent)  # the call's tokens: no text, their logprobs
 
-    run(_serve(aeng, body), timeout=300.0)
+    run_with_client(aeng, body)
 
 
 def test_bad_counts_are_invalid_argument(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -112,9 +112,5 @@ def test_bad_counts_are_invalid_argument(aeng) -> None:  # type: ignore[no-untyp
             code, details = await rpc_status(session.run_turn(USER, max_tokens=2, logprobs=count))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in details, (count, details)
 
-    run(_serve(aeng, body), timeout=300.0)
+    run_with_client(aeng, body)
 
-
-async def _serve(aeng: Any, body: Any) -> None:
-    async with serving(aeng) as (_, client):
-        await body(client)

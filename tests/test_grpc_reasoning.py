@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import grpc
 import pytest
@@ -22,7 +22,7 @@ import transformers
 
 from agentserve.adapters.client import AgentClient
 from agentserve.adapters.client.client import TurnOutcome
-from conftest_grpc import SYSTEM, make_engine, model_path, rpc_status, run, serving
+from conftest_grpc import SYSTEM, make_engine, model_path, rpc_status, run_with_client
 
 ARCH = "qwen3"
 # A ChatML template that renders an assistant message's reasoning_content as Qwen3's does (a think block
@@ -116,14 +116,6 @@ def aeng():  # type: ignore[no-untyped-def]
     engine.shutdown()
 
 
-def serve(aeng: Any, body: Callable[[AgentClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with serving(aeng) as (_, client):
-            await body(client)
-
-    run(main(), timeout=300.0)
-
-
 def test_turn_streams_the_thinking_apart_from_the_answer(aeng) -> None:  # type: ignore[no-untyped-def]
     async def body(client: AgentClient) -> None:
         seed, out = await first_turn(client, thought_then_answer, max_tokens=30, response_format=ANSWER)
@@ -155,7 +147,7 @@ def test_turn_streams_the_thinking_apart_from_the_answer(aeng) -> None:  # type:
             picked = [getattr(ev, kind) for ev in with_lp.events if ev.WhichOneof("event") == kind]
             assert [e.sampled.token_id for d in picked for e in d.logprobs] == want, kind
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -191,7 +183,7 @@ def test_tool_calls_after_the_thinking(aeng) -> None:  # type: ignore[no-untyped
         assert (g.text, g.reasoning_content) == ("", thought)
         assert [(c.name, c.arguments) for c in g.tool_calls] == [(c.name, c.arguments) for c in done.message.tool_calls]
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_get_session_shows_the_thinking_apart(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -210,7 +202,7 @@ def test_get_session_shows_the_thinking_apart(aeng) -> None:  # type: ignore[no-
         assert list(nxt.done.prompt_token_ids)[:len(before)] == before
         assert nxt.done.usage.cached_tokens >= len(before) // 16 * 16  # the history's full pages reused
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_streamed_split_while_a_stop_string_holds_text_back(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -234,7 +226,7 @@ def test_streamed_split_while_a_stop_string_holds_text_back(aeng) -> None:  # ty
             checked += marker("</think>") in list(done.token_ids)
         assert checked  # some replies closed their thinking
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_incoming_reasoning_content_reaches_the_template(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -260,7 +252,7 @@ def test_incoming_reasoning_content_reaches_the_template(aeng) -> None:  # type:
         code, msg = await rpc_status(client.create_session([{**USER, "reasoning_content": "hm"}]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "messages[0]" in msg and "reasoning_content" in msg
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_a_turn_sends_back_the_reasoning_it_got(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -279,7 +271,7 @@ def test_a_turn_sends_back_the_reasoning_it_got(aeng) -> None:  # type: ignore[n
         assert second.reasoning_content == second.done.message.reasoning_content == ""
         assert second.done.usage.reasoning_tokens == 0
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_generate_splits_chat_messages_but_not_raw_completions(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -313,7 +305,7 @@ def test_generate_splits_chat_messages_but_not_raw_completions(aeng) -> None:  #
         assert deltas(raw, "text")[0] == raw_done.text == tokenizer().decode(ids, skip_special_tokens=True)
         assert "</think>" in raw_done.text and raw_done.reasoning_content == "" and raw_done.usage.reasoning_tokens == 0
 
-    serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_without_a_parser_nothing_is_split() -> None:
@@ -331,6 +323,6 @@ def test_without_a_parser_nothing_is_split() -> None:
         assert gen.reasoning_content == "" and gen.usage.reasoning_tokens == 0
 
     try:
-        serve(engine, body)
+        run_with_client(engine, body)
     finally:
         engine.shutdown()

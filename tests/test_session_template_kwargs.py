@@ -19,7 +19,7 @@ import transformers
 from agentserve.adapters.client import AgentClient
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
-from conftest_grpc import make_engine, model_path, rpc_status, run, serving
+from conftest_grpc import make_engine, model_path, rpc_status, run_with_client
 
 ARCH = "qwen3"
 # Qwen3's switch, reduced: without thinking the generation prompt carries an empty think block.
@@ -55,14 +55,6 @@ def aeng():  # type: ignore[no-untyped-def]
     engine.shutdown()
 
 
-def _serve(aeng: Any, body: Any) -> None:
-    async def main() -> None:
-        async with serving(aeng) as (_, client):
-            await body(client)
-
-    run(main(), timeout=300.0)
-
-
 def test_a_sessions_variables_render_every_turn_and_its_forks(aeng) -> None:  # type: ignore[no-untyped-def]
     async def body(client: AgentClient) -> None:
         user = {"role": "user", "content": "Is it so?"}
@@ -96,7 +88,7 @@ def test_a_sessions_variables_render_every_turn_and_its_forks(aeng) -> None:  # 
         out = await plain.run_turn([user], max_tokens=2, temperature=0.0, return_token_ids=True)
         assert list(out.done.prompt_token_ids) == rendered_ids([user])
 
-    _serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 def test_bad_variables_are_invalid_argument_naming_the_field(aeng) -> None:  # type: ignore[no-untyped-def]
@@ -117,7 +109,7 @@ def test_bad_variables_are_invalid_argument_naming_the_field(aeng) -> None:  # t
             code, details = await rpc_status(client.generate_done(max_tokens=1, chat_template_kwargs=bad, **kw))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template_kwargs" in details, (kw, details)
 
-    _serve(aeng, body)
+    run_with_client(aeng, body)
 
 
 # --- the Responses API --------------------------------------------------------------------------------
