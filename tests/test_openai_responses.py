@@ -254,7 +254,6 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         (dict(input="x", metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
         (dict(input="x", metadata={"note": "v" * 513}), "metadata['note']"),
         # State kept on OpenAI's side: answering without it would be a different reply, not a missing feature.
-        (dict(input="x", conversation="conv_123"), "conversation"),
         (dict(input="x", prompt={"id": "pmpt_123", "version": "2"}), "prompt"),
         # Output logprobs (test_openai_responses_logprobs.py): a count past --max-logprobs, or not a count.
         (dict(input="x", top_logprobs=21), "top_logprobs"),
@@ -271,6 +270,8 @@ def test_bad_requests_name_the_field(live: Live) -> None:
                                                      **kw}).status_code == 200, kw
     missing = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_x"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
+    missing = live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "conversation": "conv_123"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "conversation"
 
 
 def test_stored_responses_expire_with_their_session() -> None:

@@ -2,7 +2,8 @@
 
 Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
 (JSON or SSE streaming), the Responses API (POST /v1/responses, GET / DELETE /v1/responses/{id}, GET
-/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py), GET /health, GET /metrics
+/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py), the Conversations API
+(/v1/conversations: conversations.py), GET /health, GET /metrics
 (Prometheus text). `agentserve serve --http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
@@ -22,12 +23,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,9 +39,9 @@ from agentserve.adapters.openai.protocol import ChatCompletionRequest, Completio
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
 from agentserve.adapters.openai.responses import ResponsesEndpoint
-from agentserve.adapters.openai.responses_items import ResponsesRequest
+from agentserve.adapters.openai.responses_routes import add_responses_routes, respond
 from agentserve.adapters.openai.request_ids import RequestIdHeaderMiddleware
-from agentserve.adapters.openai.serving import ClientDisconnected, OpenAIServing
+from agentserve.adapters.openai.serving import OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import FieldError
@@ -48,7 +49,8 @@ from agentserve.service.tenants import SLOT_SCOPE_KEY, TENANT_SCOPE_KEY, HeldReq
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", "/v1/models", "/health",
+              "/metrics")
 _GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")  # these take one of the tenant's request slots
 
 
@@ -280,22 +282,6 @@ def _add_model_routes(app: FastAPI, serving: OpenAIServing) -> None:
         return JSONResponse(serving.get_model(model_id))
 
 
-async def _respond(result: Awaitable[Any]) -> Response:
-    """A whole response as JSON, a stream as server-sent events; 499 when the client went away."""
-    try:
-        body = await result
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return _as_response(body)
-
-
-def _as_response(body: Any) -> Response:
-    if isinstance(body, dict):
-        return JSONResponse(body)
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
     completions_endpoint = CompletionsEndpoint(serving)
     chat_endpoint = ChatEndpoint(serving)
@@ -303,35 +289,11 @@ def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
-        return await _respond(completions_endpoint.create(body, raw_request))
+        return await respond(completions_endpoint.create(body, raw_request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await _respond(chat_endpoint.create(body, raw_request))
-
-
-def _add_responses_routes(app: FastAPI, responses: ResponsesEndpoint) -> None:
-    @app.post("/v1/responses")
-    async def create_response(body: ResponsesRequest, raw_request: Request) -> Response:
-        return await _respond(responses.create(body, raw_request))
-
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str, raw_request: Request, stream: bool = False,
-                                starting_after: Optional[int] = None) -> Response:
-        return _as_response(responses.retrieve(response_id, raw_request, stream, starting_after))
-
-    @app.post("/v1/responses/{response_id}/cancel")
-    async def cancel_response(response_id: str, raw_request: Request) -> JSONResponse:
-        return JSONResponse(await responses.cancel(response_id, raw_request))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str, raw_request: Request) -> JSONResponse:
-        return JSONResponse(await responses.delete(response_id, raw_request))
-
-    @app.get("/v1/responses/{response_id}/input_items")
-    async def response_input_items(response_id: str, raw_request: Request, limit: int = 20, order: str = "desc",
-                                   after: Optional[str] = None) -> JSONResponse:
-        return JSONResponse(responses.input_items(response_id, raw_request, limit, order, after))
+        return await respond(chat_endpoint.create(body, raw_request))
 
 
 def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool],
@@ -383,7 +345,7 @@ def create_app(async_engine: Any, config: Any, session_store: Any = None, *, max
     _add_generation_routes(app, serving)
     install_lora_error_handlers(app)
     add_lora_routes(app, async_engine)
-    _add_responses_routes(app, responses)
+    add_responses_routes(app, responses)
     app.add_middleware(_GateMiddleware, tenants=tenants or Tenants.from_config(config.server), metrics=metrics,
                        max_body_bytes=config.server.max_body_bytes if max_body_bytes is None else max_body_bytes,
                        max_header_count=config.server.h11_max_header_count)

@@ -20,6 +20,7 @@ import json
 from typing import Any, Optional
 
 from agentserve.adapters.openai import responses_items as I
+from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore, check_new_items
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
@@ -46,6 +47,7 @@ class ResponsesEndpoint:
         self._sessions = session_store
         self._owned_sessions: Optional[SessionStore] = None
         self._store: Optional[ResponsesStore] = None
+        self.conversations = ConversationStore(serving.config.server.max_sessions_per_tenant)
         self.closing: set[asyncio.Future[None]] = set()  # sessions being closed after their responses
         self.background = BackgroundResponses()
 
@@ -139,11 +141,11 @@ class ResponsesEndpoint:
             param = param_of(msg)
             raise OpenAIError(400, msg, param="max_output_tokens" if param == "max_tokens" else param) from None
 
-    async def _fitted(self, req: I.ResponsesRequest, prev: Optional[StoredResponse], new_messages: list[dict[str, Any]],
+    async def _fitted(self, req: I.ResponsesRequest, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
                       tools: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
         """truncation "auto": the conversation with its oldest turns dropped, when it does not fit whole."""
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        whole = system + (prev.conversation() if prev is not None else []) + new_messages
+        whole = system + history + new_messages
         limit = self.s.engine.max_model_len
         return await fit_conversation(self.s.render_pool, whole, tools, limit - reply_room(req.max_output_tokens, limit),
                                       self.s.engine.arch.vocab_size, kwargs)
@@ -162,11 +164,48 @@ class ResponsesEndpoint:
                 child = await self.sessions.fork(prev.session_id, tenant=tenant.name)
                 return ResponsePlan(child.session_id, new_messages, True, None)
         history = prev.conversation() if prev is not None else []
-        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
+        return ResponsePlan(session_id, fitted if fitted is not None else self._system(req) + history + new_messages,
+                            not keep, None)
+
+    async def _conversation_plan(self, req: I.ResponsesRequest, tenant: Tenant, conv: Conversation,
+                                 whole: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,
+                                 adapter: Optional[str], fitted: Optional[list[dict[str, Any]]],
+                                 kwargs: dict[str, Any]) -> ResponsePlan:
+        """A response on a conversation (`whole`: its items' messages, then this input's): on the session that
+        holds the conversation so far when it can go on (prefilling only what came after), else on a new one."""
+        if fitted is None and conv.session_id is not None and conv.render_key == render_key \
+                and conv.session_id in self.sessions.sessions:
+            held = I.input_messages(conv.items[:conv.session_items])
+            with contextlib.suppress(SessionError):  # expired meanwhile: a new session
+                snap = await self.sessions.get(conv.session_id, tenant=tenant.name)
+                # Later items must not change how the held ones render (a function call appended to the
+                # assistant message the session holds): then the held messages are not a prefix of the whole.
+                if snap.num_turns == conv.session_turn and not snap.busy and whole[:len(held)] == held \
+                        and len(whole) > len(held):
+                    return ResponsePlan(conv.session_id, whole[len(held):], False, None, conversation=conv,
+                                        resident=True)
+        session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
+        return ResponsePlan(session_id, fitted if fitted is not None else self._system(req) + whole, False, None,
+                            conversation=conv)
+
+    @staticmethod
+    def _system(req: I.ResponsesRequest) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": req.instructions}] if req.instructions else []
+
+    async def _new_session(self, req: I.ResponsesRequest, tenant: Tenant, tools: Optional[list[dict[str, Any]]],
+                           adapter: Optional[str], kwargs: dict[str, Any]) -> str:
         snap = await self.sessions.create([], tools=tools, cache_salt=tenant.cache_salt(req.cache_salt), adapter=adapter,
                                           model=req.model or self.s.model_name, tenant=tenant.name,
                                           stored_response=True, chat_template_kwargs=kwargs)
-        return ResponsePlan(snap.session_id, fitted if fitted is not None else system + history + new_messages, not keep, None)
+        return snap.session_id
+
+    async def release_session(self, session_id: str, tenant: str) -> None:
+        """Closes a session that neither a stored response nor a conversation holds any more."""
+        if self.store.uses_session(session_id) or self.conversations.holds_session(session_id):
+            return
+        with contextlib.suppress(SessionError):
+            await self.sessions.close(session_id, tenant=tenant)
 
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:
         tenant = tenant_of_scope(raw_request.scope)
@@ -177,25 +216,62 @@ class ResponsesEndpoint:
             self.s.config.model.max_logprobs, self.s.engine.arch.vocab_size))
         params = self._params(req, tools, choice, top_logprobs)
         items = self.store.resolve_references(I.normalize_input(req.input), tenant.name)
+        conv_id = I.conversation_id(req)
         prev = None
         if req.previous_response_id:
             self.background.check_not_running(req.previous_response_id, tenant.name, "previous_response_id")
             prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id")
+        conv = self.conversations.get(conv_id, tenant.name, "conversation") if conv_id is not None else None
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
+        if conv is not None:
+            conv.check_idle()
+            check_new_items(conv, items, "input")
+            whole = I.input_messages(conv.items + items)  # checked above, item by item, with the right paths
+            if not whole:
+                raise OpenAIError(400, "input must contain at least one item (the conversation has none)",
+                                  param="input")
+            return await self._create_on_conversation(req, raw_request, tenant, conv, whole, items, adapter, tools,
+                                                      choice, kwargs, params, top_logprobs)
         if not new_messages:
             raise OpenAIError(400, "input must contain at least one item", param="input")
         # The adapter's key (id + load generation), not only its name: after a reload of the name, the
         # earlier response's session holds KV of the old weights, so a continuation starts a new session.
         # The template variables and the cache salt too: a continuation that changes them renders on a new session.
-        render_key = json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter), kwargs,
-                                 req.cache_salt], sort_keys=True)
+        render_key = self._render_key(req, tools, adapter, kwargs)
         self.s.check_queue(1)
         try:
-            fitted = await self._fitted(req, prev, new_messages, tools, kwargs) if req.truncation == "auto" else None
+            history = prev.conversation() if prev is not None else []
+            fitted = await self._fitted(req, history, new_messages, tools, kwargs) if req.truncation == "auto" else None
             plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted, kwargs)
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
-        run = ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key, top_logprobs)
+        return await self._start(ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key,
+                                             top_logprobs), raw_request)
+
+    def _render_key(self, req: I.ResponsesRequest, tools: Optional[list[dict[str, Any]]], adapter: Optional[str],
+                    kwargs: dict[str, Any]) -> str:
+        return json.dumps([req.instructions, tools, adapter, self.s.engine.lora.resolve(adapter), kwargs,
+                           req.cache_salt], sort_keys=True)
+
+    async def _create_on_conversation(self, req: I.ResponsesRequest, raw_request: Any, tenant: Tenant,
+                                      conv: Conversation, whole: list[dict[str, Any]], items: list[dict[str, Any]],
+                                      adapter: Optional[str], tools: Optional[list[dict[str, Any]]], choice: Any,
+                                      kwargs: dict[str, Any], params: SamplingParams,
+                                      top_logprobs: Optional[int]) -> Any:
+        render_key = self._render_key(req, tools, adapter, kwargs)
+        self.s.check_queue(1)
+        conv.busy = True  # given back by the run's end, or below when no run starts
+        try:
+            fitted = await self._fitted(req, whole, [], tools, kwargs) if req.truncation == "auto" else None
+            plan = await self._conversation_plan(req, tenant, conv, whole, tools, render_key, adapter, fitted, kwargs)
+        except BaseException as e:
+            conv.busy = False
+            raise (self.http_error(e) if isinstance(e, Exception) else e) from None
+        return await self._start(ResponseRun(self, req, tenant, plan, params, None, whole, items, render_key,
+                                             top_logprobs), raw_request)
+
+    async def _start(self, run: ResponseRun, raw_request: Any) -> Any:
+        req = run.req
         if req.background:
             job = self.background.start(run, held_slot_of_scope(raw_request.scope))
             return job.follow(-1) if req.stream else job.body
@@ -255,8 +331,7 @@ class ResponsesEndpoint:
                 return {"id": response_id, "object": "response", "deleted": True}
         unused_session = self.store.remove(response_id, tenant.name)
         if unused_session is not None:
-            with contextlib.suppress(SessionError):
-                await self.sessions.close(unused_session, tenant=tenant.name)
+            await self.release_session(unused_session, tenant.name)
         return {"id": response_id, "object": "response", "deleted": True}
 
     def input_items(self, response_id: str, raw_request: Any, limit: int = 20, order: str = "desc",

@@ -45,11 +45,13 @@ def response_body(response_id: str, req: ResponsesRequest, model: str, created_a
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": model,
         "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id,
+        "conversation": {"id": req.conversation if isinstance(req.conversation, str) else req.conversation.get("id")}
+        if req.conversation is not None else None,
         "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": (req.reasoning or {}).get("summary")},
         "store": req.store is not False, "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": text, "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
         "tools": list(req.tools or []), "top_logprobs": top_logprobs,
-        "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+        "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": req.truncation or "disabled",
         "usage": usage, "user": req.user, "metadata": dict(req.metadata or {}),
     }
 

@@ -55,6 +55,7 @@ class ResponsesRequest(BaseModel):
     background: Optional[bool] = None
     truncation: Optional[str] = None  # "auto": the conversation's oldest turns dropped to fit (responses_truncation.py)
     previous_response_id: Optional[str] = None
+    conversation: Union[None, str, dict[str, Any]] = None  # an id, or {"id": ...}: conversations_store.py
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
     reasoning: Optional[dict[str, Any]] = None  # {"effort": ...}: the template's reasoning_effort / enable_thinking
@@ -77,7 +78,6 @@ class ResponsesRequest(BaseModel):
 
 # Fields of OpenAI's that point at state kept on OpenAI's side: ignoring one would answer without that state.
 _SERVER_STATE_FIELDS = {
-    "conversation": "the Conversations API is not supported: chain responses with previous_response_id (and store)",
     "prompt": "stored prompt templates are not supported: send the instructions and the input themselves",
 }
 
@@ -88,6 +88,22 @@ def check_server_state_fields(req: ResponsesRequest) -> None:
     for name, why in _SERVER_STATE_FIELDS.items():
         if extra.get(name) is not None:
             raise OpenAIError(400, f"{name}: {why}", param=name)
+
+
+def conversation_id(req: ResponsesRequest) -> Optional[str]:
+    """The conversation the response belongs to (`conversation`: its id, or an object with it)."""
+    conv = req.conversation
+    if conv is None:
+        return None
+    if isinstance(conv, dict):
+        conv = conv.get("id")
+    if not isinstance(conv, str) or not conv:
+        raise OpenAIError(400, "conversation must be a conversation id or {'id': <conversation id>}",
+                          param="conversation")
+    if req.previous_response_id is not None:
+        raise OpenAIError(400, "conversation and previous_response_id are mutually exclusive: give one",
+                          param="conversation")
+    return conv
 
 
 def template_kwargs(req: ResponsesRequest) -> dict[str, Any]:
@@ -214,13 +230,14 @@ def _text_of(content: Any, at: str, key: str = "content") -> str:
     return "\n".join(texts)
 
 
-def normalize_input(value: Union[str, list[dict[str, Any]]]) -> list[Item]:
-    """The request's input as a list of items, each with an id (input_items lists them)."""
+def normalize_input(value: Union[str, list[dict[str, Any]]], field_name: str = "input") -> list[Item]:
+    """The request's input (or a conversation's new items: `field_name`) as a list of items, each with an id
+    (input_items lists them)."""
     items: list[Item] = [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) \
         else [dict(item) for item in value]
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise OpenAIError(400, f"input[{i}] must be an object", param=f"input[{i}]")
+            raise OpenAIError(400, f"{field_name}[{i}] must be an object", param=f"{field_name}[{i}]")
         if "role" in item:
             item.setdefault("type", "message")
         item.setdefault("id", new_id("msg" if item.get("type") == "message" else "item"))
@@ -238,14 +255,16 @@ def _function_call(item: Item, at: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args or "{}"}}
 
 
-def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = None) -> list[Message]:
+def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = None,
+                   field_name: str = "input") -> list[Message]:
     """Input items as chat messages. `known_calls` (call_id -> name, from earlier responses) names
-    the function of a function_call_output whose call is not among these items."""
+    the function of a function_call_output whose call is not among these items; `field_name` is the
+    request field the items came in (errors name `field_name[i]`)."""
     names = dict(known_calls or {})
     out: list[Message] = []
     thought: Optional[str] = None  # a reasoning item's text, for the assistant message that follows it
     for i, item in enumerate(items):
-        at, kind = f"input[{i}]", item.get("type")
+        at, kind = f"{field_name}[{i}]", item.get("type")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -344,8 +363,10 @@ def mark_cut_off(items: list[Item], status: str) -> None:
         items[-1]["status"] = "incomplete"
 
 
-def input_items_page(items: list[Item], limit: int, order: str, after: Optional[str]) -> dict[str, Any]:
-    """GET /v1/responses/{id}/input_items: a page of a response's input items (OpenAI's list shape)."""
+def input_items_page(items: list[Item], limit: int, order: str, after: Optional[str],
+                     owner: str = "input item of this response") -> dict[str, Any]:
+    """GET /v1/responses/{id}/input_items: a page of a response's input items (OpenAI's list shape); also
+    a conversation's items (`owner` names whose items they are in the error for an unknown `after`)."""
     if order not in ("asc", "desc"):
         raise OpenAIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
     if not 1 <= limit <= 100:
@@ -354,7 +375,7 @@ def input_items_page(items: list[Item], limit: int, order: str, after: Optional[
     if after is not None:
         ids = [it["id"] for it in items]
         if after not in ids:
-            raise OpenAIError(400, f"after names no input item of this response: {after!r}", param="after")
+            raise OpenAIError(400, f"after names no {owner}: {after!r}", param="after")
         items = items[ids.index(after) + 1:]
     page = items[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

@@ -10,6 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai import responses_items as I
+from agentserve.adapters.openai.conversations_store import Conversation, listed_item
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_events import ResponseEvents, response_body, responses_usage
 from agentserve.adapters.openai.responses_logprobs import MessageLogprobs
@@ -25,11 +26,15 @@ if TYPE_CHECKING:
 
 
 class ResponsePlan:
-    """One response's plan: the session it runs on, the messages its turn adds, what it continues."""
+    """One response's plan: the session it runs on, the messages its turn adds, what it continues (a stored
+    response whose session tip it took, or a conversation, which it has to itself until the run ends).
+    `resident`: the session was the conversation's already, and outlives a turn that fails."""
 
     def __init__(self, session_id: str, messages: list[dict[str, Any]], close_after: bool,
-                 claimed: Optional[StoredResponse]) -> None:
+                 claimed: Optional[StoredResponse], conversation: Optional[Conversation] = None,
+                 resident: bool = False) -> None:
         self.session_id, self.messages, self.close_after, self.claimed = session_id, messages, close_after, claimed
+        self.conversation, self.resident = conversation, resident
 
 
 class ResponseRun:
@@ -74,13 +79,33 @@ class ResponseRun:
         body = self._body(status, output, result)
         reply = {k: v for k, v in result.message.items() if k in ("role", "content", "tool_calls")}
         self.committed = True
+        conv = self.plan.conversation
+        if conv is not None:
+            self._record(conv, output, result.session.num_turns)
         if self.req.store is not False:
+            # A response on a conversation is continued (previous_response_id) on a new session: the
+            # conversation keeps its session's tip.
             self.e.store.add(StoredResponse(
                 response_id=self.id, tenant=self.tenant.name, session_id=self.plan.session_id,
                 turn=result.session.num_turns, render_key=self.render_key, parent=self.prev,
                 new_messages=self.new_messages, reply=reply if reply.get("content") or reply.get("tool_calls")
-                else {"role": "assistant", "content": None, "tool_calls": []}, body=body, input_items=self.items))
+                else {"role": "assistant", "content": None, "tool_calls": []}, body=body, input_items=self.items,
+                continued=conv is not None))
         return body
+
+    def _record(self, conv: Conversation, output: list[dict[str, Any]], turns: int) -> None:
+        """The conversation gains this response's input and output items, and its session is now this one."""
+        conv.items.extend(listed_item(item) for item in [*self.items, *output])  # checked before the run
+        old = conv.session_id
+        conv.session_id, conv.session_items, conv.session_turn = self.plan.session_id, len(conv.items), turns
+        conv.render_key = self.render_key
+        if old is not None and old != conv.session_id:
+            self._release_later(old)
+
+    def _release_later(self, session_id: str) -> None:
+        closing = asyncio.ensure_future(self.e.release_session(session_id, self.tenant.name))
+        self.e.closing.add(closing)  # the loop keeps only weak references to tasks
+        closing.add_done_callback(self.e.closing.discard)
 
     def _turn_events(self) -> AsyncGenerator[TurnEvent, None]:
         return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name,
@@ -94,7 +119,9 @@ class ResponseRun:
         pages and one of the tenant's sessions) until its TTL."""
         if self.plan.claimed is not None and not self.committed:
             self.plan.claimed.continued = False
-        if self.plan.close_after or (not self.committed and self.plan.claimed is None):
+        if self.plan.conversation is not None:
+            self.plan.conversation.busy = False
+        if self.plan.close_after or (not self.committed and self.plan.claimed is None and not self.plan.resident):
             closing = asyncio.ensure_future(self._close_session())
             self.e.closing.add(closing)  # the loop keeps only weak references to tasks
             closing.add_done_callback(self.e.closing.discard)

@@ -89,6 +89,9 @@ class ResponsesStore:
                                    "expired with its session).", param=param, code="response_not_found")
         return r
 
+    def uses_session(self, session_id: str) -> bool:
+        return session_id in self._refs
+
     def add(self, r: StoredResponse) -> None:
         self._sweep()
         self._by_id[r.response_id] = r
@@ -96,7 +99,8 @@ class ResponsesStore:
         for item in _items_of(r):
             self._item_owner[item["id"]] = r
 
-    def resolve_references(self, items: list[dict[str, Any]], tenant: str) -> list[dict[str, Any]]:
+    def resolve_references(self, items: list[dict[str, Any]], tenant: str,
+                           field_name: str = "input") -> list[dict[str, Any]]:
         """The input items with each `item_reference` replaced by the stored item it names (an earlier
         response's input or output item of the same tenant); 404 naming the reference when none is kept."""
         out = []
@@ -108,7 +112,7 @@ class ResponsesStore:
             owner = self._item_owner.get(item_id) if isinstance(item_id, str) else None
             if owner is None or owner.tenant != tenant or not self._alive(owner):
                 raise OpenAIError(404, f"Item with id {item_id!r} not found (unknown, or its response is deleted, "
-                                       "not stored or expired with its session).", param=f"input[{i}].id",
+                                       "not stored or expired with its session).", param=f"{field_name}[{i}].id",
                                   code="item_not_found")
             out.append(next(dict(kept) for kept in _items_of(owner) if kept["id"] == item_id))
         return out
