@@ -45,6 +45,17 @@ class FieldError(InvalidRequestError):
         self.code = code
 
 
+class ContextLengthError(FieldError):
+    """A prompt that, with the room its reply asks for, does not fit max_model_len (OpenAI's
+    context_length_exceeded): `tokens` in the prompt, `max_tokens` of reply room when that is what overflowed
+    (None: the prompt alone does not fit), `limit` max_model_len."""
+
+    def __init__(self, message: str, field: Optional[str], tokens: int, limit: int,
+                 max_tokens: Optional[int] = None) -> None:
+        super().__init__(message, field, "context_length_exceeded")
+        self.tokens, self.limit, self.max_tokens = tokens, limit, max_tokens
+
+
 class AdapterNotFoundError(LookupError):
     """A LoRA adapter name that is not loaded (HTTP 404 / NOT_FOUND)."""
 

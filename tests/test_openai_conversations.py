@@ -235,6 +235,23 @@ def test_one_response_at_a_time(live: Live) -> None:
     assert live.a.conversations.delete(c.id).deleted
 
 
+def test_a_failed_response_changes_nothing(live: Live) -> None:
+    """A response refused after it took the conversation (a prompt past the context) leaves its items and its
+    session as they were, and the conversation free for the next one."""
+    c = live.a.conversations.create()
+    first = live.a.responses.create(conversation=c.id, input="Hello", **GEN)
+    before = [i.id for i in live.a.conversations.items.list(c.id).data]
+    for kw, param in ((dict(input="word " * 3000), "input"), (dict(input="Hi", max_output_tokens=2000), "max_output_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            live.a.responses.create(conversation=c.id, **{**GEN, **kw})
+        assert e.value.code == "context_length_exceeded" and e.value.param == param, e.value
+        assert "maximum context length is 2048 tokens" in e.value.message
+    assert [i.id for i in live.a.conversations.items.list(c.id).data] == before
+    after = live.a.responses.create(conversation=c.id, input="Still there?", **GEN)
+    assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1
+    live.a.conversations.delete(c.id)
+
+
 # --- the OpenAI Agents SDK --------------------------------------------------------------------------------
 @pytest.fixture()
 def agents_sdk(live: Live) -> Any:

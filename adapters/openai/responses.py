@@ -33,7 +33,7 @@ from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
 from agentserve.chat.tools import check_tool_choice
 from agentserve.engine.validation import logprobs_limit
-from agentserve.errors import FieldError, SessionError
+from agentserve.errors import ContextLengthError, FieldError, SessionError
 from agentserve.sampling_params import SamplingParams
 from agentserve.service.tenants import Tenant, held_slot_of_scope, tenant_of_scope
 from agentserve.sessions.store import SessionStore
@@ -280,6 +280,14 @@ class ResponsesEndpoint:
         return await run.full(raw_request)
 
     def http_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, ContextLengthError):  # worded for this API: its fields, its way out (truncation)
+            asked = "" if e.max_tokens is None else f" and {e.max_tokens} for the output"
+            return OpenAIError(400, f"This model's maximum context length is {e.limit} tokens. However, the "
+                                    f"conversation with this input resulted in {e.tokens} tokens{asked}. Shorten the "
+                                    "input" + (" or lower max_output_tokens" if asked else "") + ", or send "
+                                    "truncation: \"auto\" to drop the conversation's oldest turns.",
+                               param="input" if e.max_tokens is None else "max_output_tokens",
+                               code="context_length_exceeded")
         if isinstance(e, SessionError):
             status = _SESSION_STATUS.get(e.code, 500)
             return OpenAIError(status, str(e), code=e.code.lower())

@@ -38,7 +38,7 @@ from agentserve.engine.speculation import SpecProposer, Speculation
 from agentserve.engine.validation import (check_priority, check_requested_backend, truncate_prompt, validate_logprobs,
                                          validate_vocab_params)
 from agentserve.sampling.bad_words import bad_words_token_ids
-from agentserve.errors import FailureKind, InvalidRequestError
+from agentserve.errors import ContextLengthError, FailureKind, InvalidRequestError
 from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.engine.lora_control import LoRAControl
@@ -141,15 +141,16 @@ class Engine:
         check_requested_backend(params.structured_outputs_backend, self.config.grammar_backend,
                                 "structured_outputs.backend")
         if n >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
-                                      "(prompt plus output must fit)")
+            raise ContextLengthError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                                     "(prompt plus output must fit)", "prompt", n, self.max_model_len)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.default_max_tokens(n))
         assert params.max_tokens is not None  # set above when the request left it out
         if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
-                f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt")
+                f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt", "max_tokens", n,
+                self.max_model_len, params.max_tokens)
         pages = self.kv.blocks_needed(n + params.max_tokens)
         if pages > self.pool.num_blocks:
             raise InvalidRequestError(

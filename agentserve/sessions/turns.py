@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar
 from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
-from agentserve.errors import EngineDeadError, InvalidRequestError
+from agentserve.errors import ContextLengthError, EngineDeadError, InvalidRequestError
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
@@ -150,10 +150,10 @@ class TurnLifecycle:
         params = pending.params
         limit = self.engine.max_model_len
         if len(prompt) >= limit:  # the engine's message would blame a prompt the client never sent whole
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"the session's history ({len(s.token_ids)} tokens) and this turn's messages make {len(prompt)} "
                 f"tokens; max_model_len is {limit} (prompt plus output must fit): send shorter messages or "
-                "continue in a new session")
+                "continue in a new session", "messages", len(prompt), limit)
         params = self.engine.validate(prompt, params)  # resolves an unset max_tokens as every entry point does
         if params.n != 1:
             raise InvalidRequestError("n must be 1 for a session turn; fork the session for parallel replies")
