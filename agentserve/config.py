@@ -235,6 +235,9 @@ class ServerConfig(HttpFrontendConfig):  # the HTTP server's TLS, CORS, logging:
         "naming the same tenant share its sessions and prefix cache.")
     max_sessions: int = Field(default=8192, gt=0, description="Open sessions on the server, all tenants together.")
     max_sessions_per_tenant: int = Field(default=1024, gt=0, description="Open sessions one tenant may hold.")
+    max_conversation_bytes_per_tenant: int = Field(
+        default=2**30, gt=0, description="Bytes (as JSON) of the Conversations API's items one tenant may keep in "
+        "host memory, over all its conversations; past it adding items or responses to them gets HTTP 429.")
     max_requests_per_tenant: int = Field(
         default=1024, gt=0, description="Generation requests (turns, completions, streams) one tenant may have "
         "queued or running; past it requests get RESOURCE_EXHAUSTED / HTTP 429. Applies once API keys are set "

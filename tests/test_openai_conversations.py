@@ -314,3 +314,32 @@ def test_agents_sdk_openai_conversations_session(agents_sdk: Any, live: Live) ->
     texts = [json.dumps(i.get("content")) for i in history if i.get("type") == "message"]
     assert any("Weather in Paris?" in t for t in texts) and any("And Rome?" in t for t in texts)
     assert len(calls) == 2 and len(left) == len(history) - 1 and popped["id"] == history[-1]["id"]
+
+
+def test_a_tenants_conversations_are_bounded_in_bytes() -> None:
+    """Items live in host memory: a tenant's conversations together take at most the configured bytes (429 past
+    it); deleting items or conversations gives the room back, and other tenants have their own."""
+    from agentserve.adapters.openai.conversations_store import ConversationStore
+    from agentserve.adapters.openai.protocol import OpenAIError
+
+    def item(n: int) -> dict[str, Any]:
+        return {"id": f"msg_{n}", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 300}]}
+
+    store = ConversationStore(max_per_tenant=4, max_bytes_per_tenant=1000)
+    a = store.create("alice", {}, [item(0), item(1)])
+    with pytest.raises(OpenAIError) as e:
+        store.check_room(a, [item(2), item(3)], "items")
+    assert e.value.status == 429 and "1000" in e.value.message
+    store.create("bob", {}, [item(0), item(1)])  # bob's bytes are his own
+    store.delete_item(a, 0)
+    store.check_room(a, [item(2)], "items")  # room again
+    store.append(a, [item(2)])
+    with pytest.raises(OpenAIError):
+        store.create("alice", {}, [item(3), item(4)])
+    store.remove(a)
+    store.create("alice", {}, [item(3), item(4)])
+    for _ in range(3):
+        store.create("bob", {}, [])
+    with pytest.raises(OpenAIError) as e:
+        store.create("bob", {}, [])
+    assert e.value.status == 429 and e.value.code == "too_many_conversations"

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai import responses_items as I
-from agentserve.adapters.openai.conversations_store import Conversation, check_new_items, checked_item_list, listed_item
+from agentserve.adapters.openai.conversations_store import Conversation, checked_item_list, listed_item
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses import ResponsesEndpoint
 from agentserve.chat import limits as L
@@ -87,8 +87,8 @@ class ConversationsEndpoint:
         items = self._items(req.items, c.tenant)
         if not items:
             raise OpenAIError(400, "items must hold at least one item", param="items")
-        check_new_items(c, items, "items")
-        c.items.extend(items)
+        self.store.check_room(c, items, "items")
+        self.store.append(c, items)
         return {"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"],
                 "has_more": False}
 
@@ -100,7 +100,7 @@ class ConversationsEndpoint:
         c = self._get(conversation_id, raw_request)
         c.check_idle()
         index = c.index_of(item_id)
-        del c.items[index]
+        self.store.delete_item(c, index)
         if index < c.session_items:  # the session holds the deleted item: its KV no longer matches
             session_id = c.detach_session()
             if session_id is not None:

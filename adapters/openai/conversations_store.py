@@ -17,6 +17,7 @@ tenant's id is NOT_FOUND. Touched only on the event loop.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -67,12 +68,14 @@ class Conversation:
 
 
 class ConversationStore:
-    """Conversations by id. `max_per_tenant` bounds how many one tenant keeps (429 past it)."""
+    """Conversations by id. A tenant keeps at most `max_per_tenant` of them (429 past it), whose items take
+    at most `max_bytes_per_tenant` bytes of JSON together (429 past it: the items live in host memory)."""
 
-    def __init__(self, max_per_tenant: int) -> None:
-        self.max_per_tenant = max_per_tenant
+    def __init__(self, max_per_tenant: int, max_bytes_per_tenant: int) -> None:
+        self.max_per_tenant, self.max_bytes_per_tenant = max_per_tenant, max_bytes_per_tenant
         self._by_id: dict[str, Conversation] = {}
         self._count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}  # tenant -> its conversations' item bytes
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -92,20 +95,57 @@ class ConversationStore:
             raise OpenAIError(429, f"this tenant keeps {self.max_per_tenant} conversations, the limit "
                                    "(--max-sessions-per-tenant): delete one first", code="too_many_conversations")
         c = Conversation(I.new_id("conv"), tenant, int(time.time()), dict(metadata))
-        check_new_items(c, items, "items")
-        c.items.extend(items)
+        self.check_room(c, items, "items")
         self._by_id[c.conversation_id] = c
         self._count[tenant] = self._count.get(tenant, 0) + 1
+        self.append(c, items)
         return c
 
     def remove(self, c: Conversation) -> None:
         c.check_idle()
         del self._by_id[c.conversation_id]
-        left = self._count.get(c.tenant, 1) - 1
-        if left:
-            self._count[c.tenant] = left
-        else:
-            self._count.pop(c.tenant, None)
+        _decrement(self._count, c.tenant, 1)
+        _decrement(self._bytes, c.tenant, sum(_size(item) for item in c.items))
+
+    def check_room(self, c: Conversation, items: list[Item], field_name: str) -> None:
+        """400 for items the conversation cannot take (past its item bound, or with an id it holds already),
+        429 when they would take the tenant past its bytes."""
+        if len(c.items) + len(items) > MAX_ITEMS_PER_CONVERSATION:
+            raise OpenAIError(400, f"conversation {c.conversation_id!r} would hold more than "
+                                   f"{MAX_ITEMS_PER_CONVERSATION} items: start a new conversation", param=field_name)
+        held = {item["id"] for item in c.items}
+        for i, item in enumerate(items):
+            if item["id"] in held:
+                raise OpenAIError(400, f"{field_name}[{i}].id {item['id']!r} is already an item of this conversation",
+                                  param=f"{field_name}[{i}].id")
+            held.add(item["id"])
+        size = self._bytes.get(c.tenant, 0) + sum(_size(item) for item in items)
+        if size > self.max_bytes_per_tenant:
+            raise OpenAIError(429, f"this tenant's conversation items would take {size} bytes; the limit is "
+                                   f"{self.max_bytes_per_tenant} (--max-conversation-bytes-per-tenant): delete "
+                                   "conversations or items first", code="conversation_bytes_exceeded")
+
+    def append(self, c: Conversation, items: list[Item]) -> None:
+        """Adds items already checked by check_room (a response's output is added without a check: it is
+        bounded by the context)."""
+        c.items.extend(items)
+        if c.conversation_id in self._by_id:
+            self._bytes[c.tenant] = self._bytes.get(c.tenant, 0) + sum(_size(item) for item in items)
+
+    def delete_item(self, c: Conversation, index: int) -> None:
+        _decrement(self._bytes, c.tenant, _size(c.items.pop(index)))
+
+
+def _size(item: Item) -> int:
+    return len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _decrement(counts: dict[str, int], key: str, by: int) -> None:
+    left = counts.get(key, 0) - by
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def checked_item_list(items: Any, field_name: str) -> list[Any]:
@@ -132,16 +172,3 @@ def listed_item(item: Item) -> Item:
         item["content"] = [{"type": part, "text": item["content"], **({"annotations": []} if part == "output_text"
                                                                        else {})}]
     return item
-
-
-def check_new_items(c: Conversation, items: list[Item], field_name: str) -> None:
-    """400 for items the conversation cannot take: past its bound, or with an id it holds already."""
-    if len(c.items) + len(items) > MAX_ITEMS_PER_CONVERSATION:
-        raise OpenAIError(400, f"conversation {c.conversation_id!r} would hold more than {MAX_ITEMS_PER_CONVERSATION} "
-                               "items: start a new conversation", param=field_name)
-    held = {item["id"] for item in c.items}
-    for i, item in enumerate(items):
-        if item["id"] in held:
-            raise OpenAIError(400, f"{field_name}[{i}].id {item['id']!r} is already an item of this conversation",
-                              param=f"{field_name}[{i}].id")
-        held.add(item["id"])

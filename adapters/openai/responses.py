@@ -20,7 +20,7 @@ import json
 from typing import Any, Optional
 
 from agentserve.adapters.openai import responses_items as I
-from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore, check_new_items
+from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
@@ -47,7 +47,8 @@ class ResponsesEndpoint:
         self._sessions = session_store
         self._owned_sessions: Optional[SessionStore] = None
         self._store: Optional[ResponsesStore] = None
-        self.conversations = ConversationStore(serving.config.server.max_sessions_per_tenant)
+        self.conversations = ConversationStore(serving.config.server.max_sessions_per_tenant,
+                                               serving.config.server.max_conversation_bytes_per_tenant)
         self.closing: set[asyncio.Future[None]] = set()  # sessions being closed after their responses
         self.background = BackgroundResponses()
 
@@ -225,7 +226,7 @@ class ResponsesEndpoint:
         new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
         if conv is not None:
             conv.check_idle()
-            check_new_items(conv, items, "input")
+            self.conversations.check_room(conv, items, "input")
             whole = I.input_messages(conv.items + items)  # checked above, item by item, with the right paths
             if not whole:
                 raise OpenAIError(400, "input must contain at least one item (the conversation has none)",

@@ -95,7 +95,7 @@ class ResponseRun:
 
     def _record(self, conv: Conversation, output: list[dict[str, Any]], turns: int) -> None:
         """The conversation gains this response's input and output items, and its session is now this one."""
-        conv.items.extend(listed_item(item) for item in [*self.items, *output])  # checked before the run
+        self.e.conversations.append(conv, [listed_item(item) for item in [*self.items, *output]])
         old = conv.session_id
         conv.session_id, conv.session_items, conv.session_turn = self.plan.session_id, len(conv.items), turns
         conv.render_key = self.render_key
