@@ -252,6 +252,32 @@ def test_a_failed_response_changes_nothing(live: Live) -> None:
     live.a.conversations.delete(c.id)
 
 
+def test_sessions_go_with_the_last_holder(live: Live) -> None:
+    """A conversation's session is closed when nothing holds it any more: the conversation (deleted) and the
+    stored responses on it (deleted), whichever goes last."""
+    baseline = live.open_sessions()
+    c = live.a.conversations.create()
+    live.a.responses.create(conversation=c.id, input="Hi", store=False, **GEN)
+    live.a.responses.create(conversation=c.id, input="Again", store=False, **GEN)
+    assert live.open_sessions() == baseline + 1
+    live.a.conversations.delete(c.id)
+    assert live.open_sessions() == baseline
+    c = live.a.conversations.create()
+    kept = live.a.responses.create(conversation=c.id, input="Hi", **GEN)
+    live.a.conversations.delete(c.id)
+    assert live.open_sessions() == baseline + 1  # the stored response still continues from it
+    assert live.a.responses.create(previous_response_id=kept.id, input="More", store=False, **GEN).status
+    assert live.open_sessions() == baseline + 1  # that continuation's own session is closed with its reply
+    live.a.responses.delete(kept.id)
+    assert live.open_sessions() == baseline
+    c = live.a.conversations.create()
+    kept = live.a.responses.create(conversation=c.id, input="Hi", **GEN)
+    live.a.responses.delete(kept.id)
+    assert live.open_sessions() == baseline + 1  # the conversation still holds it
+    live.a.conversations.delete(c.id)
+    assert live.open_sessions() == baseline
+
+
 # --- the OpenAI Agents SDK --------------------------------------------------------------------------------
 @pytest.fixture()
 def agents_sdk(live: Live) -> Any:

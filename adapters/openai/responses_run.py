@@ -49,6 +49,7 @@ class ResponseRun:
         self.created = now()
         self.model = req.model or endpoint.s.model_name
         self.committed = False
+        self.releases: list[asyncio.Future[None]] = []  # sessions being let go by this response
         self.writer: Optional[ResponseEvents] = None  # the stream's events, once streaming
         self.top_logprobs = top_logprobs  # None: no output logprobs asked for
         self.logprobs = MessageLogprobs(endpoint.s.logprob_formatter(None), top_logprobs) \
@@ -103,9 +104,11 @@ class ResponseRun:
             self._release_later(old)
 
     def _release_later(self, session_id: str) -> None:
+        """Closes the conversation's old session, unless a stored response holds it; `_end` waits for it."""
         closing = asyncio.ensure_future(self.e.release_session(session_id, self.tenant.name))
         self.e.closing.add(closing)  # the loop keeps only weak references to tasks
         closing.add_done_callback(self.e.closing.discard)
+        self.releases.append(closing)
 
     def _turn_events(self) -> AsyncGenerator[TurnEvent, None]:
         return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name,
@@ -125,6 +128,8 @@ class ResponseRun:
             closing = asyncio.ensure_future(self._close_session())
             self.e.closing.add(closing)  # the loop keeps only weak references to tasks
             closing.add_done_callback(self.e.closing.discard)
+            self.releases.append(closing)
+        for closing in self.releases:
             await asyncio.shield(closing)
 
     async def _close_session(self) -> None:
