@@ -129,8 +129,8 @@ class ResponseRun:
             self.e.closing.add(closing)  # the loop keeps only weak references to tasks
             closing.add_done_callback(self.e.closing.discard)
             self.releases.append(closing)
-        for closing in self.releases:
-            await asyncio.shield(closing)
+        for release in self.releases:
+            await asyncio.shield(release)
 
     async def _close_session(self) -> None:
         with contextlib.suppress(SessionError):
