@@ -124,6 +124,12 @@ class LLM:
             raise ValueError(f"{count} {what} but {len(params_list)} sampling params")
         return params_list
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's: forgets the prefix cache, so the next prompts prefill in full (a cold start for a
+        benchmark); True when done. No request runs between generate and chat calls here, so vLLM's
+        `reset_running_requests` (for requests caught mid-run) has nothing to act on."""
+        return self.engine.reset_prefix_cache()
+
     def load_adapter(self, name: str, path: str) -> None:
         """Loads (or reloads, with new weights and a fresh cache key) the PEFT LoRA directory at `path`
         as `name`. Needs enable_lora=True. Raises LoRAAdapterError naming what is wrong with it."""

@@ -159,6 +159,12 @@ class Engine:
                 f"({self.pool.num_blocks * self.kv.block_size} tokens); lower max_tokens or shorten the prompt")
         return params
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached page's hash (vLLM's reset_prefix_cache: a benchmark's cold start, or after a
+        change the cache cannot see); later prompts compute their prefixes again. False, changing nothing,
+        while pages are held (requests running, sessions open)."""
+        return self.pool.reset_prefix_cache()
+
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     priority: int = 0, cache_salt: Optional[str] = None, lora_name: Optional[str] = None,
                     lora_key: Optional[LoRAKey] = None,
