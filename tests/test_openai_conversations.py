@@ -111,6 +111,10 @@ def test_conversation_objects_and_item_pages(live: Live) -> None:
                  lambda: live.b.responses.create(conversation=c.id, input="x", **GEN)):
         with pytest.raises(openai.NotFoundError):
             call()
+    # An item_reference names a stored response's item: the conversation gets a copy of it.
+    stored = live.a.responses.create(input="Hello", **GEN)
+    ref = live.a.conversations.items.create(c.id, items=[{"type": "item_reference", "id": stored.output[0].id}])
+    assert ref.data[0].id == stored.output[0].id and ref.data[0].type == stored.output[0].type
     deleted = live.a.conversations.delete(c.id)
     assert deleted.deleted and deleted.id == c.id
     with pytest.raises(openai.NotFoundError):
