@@ -116,17 +116,77 @@ def test_allowed_tools(client: openai.OpenAI) -> None:
     assert e.value.body["param"] == "tool_choice.allowed_tools.tools[0]"
 
 
-def test_legacy_functions_are_tools(client: openai.OpenAI) -> None:
+def _said(message: Any) -> tuple[Any, ...]:
+    """A reply's content and its call, in either shape (tool_calls, or legacy function_call)."""
+    call = message.function_call or (message.tool_calls[0].function if message.tool_calls else None)
+    return message.content, (call.name, call.arguments) if call is not None else None
+
+
+def test_legacy_functions_answer_in_their_own_shape(client: openai.OpenAI) -> None:
+    """A request with the legacy `functions` gets its call as `message.function_call` (one call; streamed as
+    `delta.function_call`, the name first), never as tool_calls, which such clients do not read."""
+    fn = TOOLS[0]["function"]
+    kw: dict[str, Any] = dict(model=MODEL, messages=MESSAGES, functions=[fn], function_call={"name": "search"},
+                              max_tokens=60, temperature=0)
+    out = client.chat.completions.create(**kw)
+    message = out.choices[0].message
+    assert message.tool_calls is None and message.function_call is not None and message.function_call.name == "search"
+    jsonschema.validate(json.loads(message.function_call.arguments), SEARCH)
+    assert out.choices[0].finish_reason == "stop"  # a named function, as a named tool_choice
+    name, arguments, finish, first = "", "", "", None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            assert not c.delta.tool_calls
+            if c.delta.function_call is not None:
+                first = first or c.delta.function_call
+                name += c.delta.function_call.name or ""
+                arguments += c.delta.function_call.arguments or ""
+            finish = c.finish_reason or finish
+    assert first is not None and first.name == "search"
+    assert (name, arguments, finish) == ("search", message.function_call.arguments, "stop")
+    # Unforced (with a typed answer beside the function, which makes this random model call it), a reply that
+    # calls ends with finish_reason "function_call" (what "tool_calls" is for tools).
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+    calls = 0
+    for seed in range(4):
+        auto = client.chat.completions.create(model=MODEL, messages=MESSAGES, functions=[fn], response_format=fmt,
+                                              max_tokens=80, temperature=1.0, seed=seed).choices[0]
+        assert auto.message.tool_calls is None
+        if auto.message.function_call is not None:
+            calls += 1
+            assert auto.finish_reason == "function_call"
+    assert calls > 0
+
+
+def test_legacy_conversations_render_as_tool_calls(client: openai.OpenAI) -> None:
+    """An assistant's legacy function_call and the function message with its result render exactly as the
+    same call and result in the tools form do (same prompt, same reply)."""
+    call = {"name": "search", "arguments": '{"query": "cats"}'}
+    legacy = MESSAGES + [{"role": "assistant", "content": None, "function_call": call},
+                         {"role": "function", "name": "search", "content": "Cats sleep a lot."}]
+    tools_form = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "fn0000000", "type": "function", "function": call}]},
+        {"role": "tool", "tool_call_id": "fn0000000", "name": "search", "content": "Cats sleep a lot."}]
+    a = client.chat.completions.create(model=MODEL, messages=legacy, functions=[TOOLS[0]["function"]], max_tokens=12,
+                                       temperature=0)
+    b = client.chat.completions.create(model=MODEL, messages=tools_form, tools=[TOOLS[0]], parallel_tool_calls=False,
+                                       max_tokens=12, temperature=0)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens and _said(a.choices[0].message) == _said(b.choices[0].message)
+
+
+def test_legacy_fields_bad_requests_name_the_field(client: openai.OpenAI) -> None:
     http = httpx.Client(base_url=str(client.base_url).rsplit("/v1", 1)[0], timeout=120)
-    body = {"model": MODEL, "messages": MESSAGES, "functions": [TOOLS[0]["function"]],
-            "function_call": {"name": "search"}, "max_tokens": 60, "temperature": 0}
-    resp = http.post("/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    calls = resp.json()["choices"][0]["message"]["tool_calls"]
-    assert calls and calls[0]["function"]["name"] == "search"
-    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SEARCH)
-    both = http.post("/v1/chat/completions", json=dict(body, tools=TOOLS))
-    assert both.status_code == 400 and both.json()["error"]["param"] == "functions"
+    fn = TOOLS[0]["function"]
+    cases = [
+        (dict(functions=[fn], tools=TOOLS), "functions"),  # the legacy form and the current one together
+        (dict(function_call="auto"), "function_call"),  # without functions
+        (dict(functions=[fn], function_call={"nom": "search"}), "function_call"),
+        (dict(messages=MESSAGES + [{"role": "function", "content": "x"}]), "messages[1].name"),
+        (dict(messages=MESSAGES + [{"role": "assistant", "function_call": "search"}]), "messages[1].function_call"),
+    ]
+    for kw, param in cases:
+        resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **kw})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (kw, resp.text)
 
 
 def test_truncated_call_is_returned_in_part(client: openai.OpenAI) -> None:

@@ -9,6 +9,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.chat_stream_state import ChatStreamState
 from agentserve.adapters.openai.chat_template_vars import chat_template_variables
+from agentserve.adapters.openai.legacy_functions import legacy_delta, legacy_message, legacy_messages, legacy_tools
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
 from agentserve.adapters.openai.request_ids import response_id
@@ -40,27 +41,12 @@ def _check_limits(req: ChatCompletionRequest, limits: Any) -> None:
             L.check_schema(f.parameters, f"functions[{i}].parameters", limits)
 
 
-def _legacy_functions(req: ChatCompletionRequest) -> tuple[Tools, Any]:
-    """The pre-tools fields `functions` / `function_call` as tools / tool_choice (never ignored;
-    mixed with tools they are refused)."""
-    for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
-        if getattr(req, legacy) is not None and getattr(req, current) is not None:
-            raise OpenAIError(400, f"{legacy} is the legacy form of {current}: give one of them", param=legacy)
-    tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions or ()]
-    choice = req.function_call
-    if isinstance(choice, dict):
-        if not isinstance(choice.get("name"), str):
-            raise OpenAIError(400, "function_call must be 'none', 'auto' or {'name': ...}", param="function_call")
-        choice = {"type": "function", "function": {"name": choice["name"]}}
-    return tools or None, choice
-
-
 def _check_tools(req: ChatCompletionRequest) -> tuple[Tools, Any]:
     tools: Tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
     if req.functions is not None or req.function_call is not None:
-        legacy_tools, legacy_choice = _legacy_functions(req)
-        tools, choice = tools or legacy_tools, choice if req.function_call is None else legacy_choice
+        fn_tools, fn_choice = legacy_tools(req)
+        tools, choice = tools or fn_tools, choice if req.function_call is None else fn_choice
     choice = check_tool_choice(tools, choice)
     if tools and choice != "none":
         check_tool_schemas(tools)
@@ -104,7 +90,7 @@ class ChatEndpoint:
     def _tool_params(self, req: ChatCompletionRequest, tools: Tools, tool_choice: Any) -> dict[str, Any]:
         """SamplingParams fields for a reply that may call tools."""
         extra: dict[str, Any] = {"tools": tools, "tool_choice": tool_choice,
-                                 "parallel_tool_calls": req.parallel_tool_calls}
+                                 "parallel_tool_calls": req.parallel_tool_calls and req.functions is None}
         fmt = self.tool_format()
         if fmt is not None and opener_is_special(self.s.tokenizer, fmt):
             # The call opener is a special token ([TOOL_CALLS], <|python_tag|>): keep it in the text.
@@ -139,7 +125,7 @@ class ChatEndpoint:
         template_kwargs = chat_template_variables(req, self.s.limits.trust_request_chat_template)
         if not req.messages:
             raise OpenAIError(400, "messages must be a non-empty list", param="messages")
-        messages = normalize_messages(req.messages, OPENAI_RULES)
+        messages = normalize_messages(legacy_messages(req.messages), OPENAI_RULES)
         self.s.render_pool.check_messages(messages)
         tools, tool_choice = _check_tools(req)
         drop_tools = tool_choice == "none" and self.s.limits.exclude_tools_when_tool_choice_none  # vLLM's flag
@@ -180,6 +166,7 @@ class _ChatContext:
         self.prompt_ids, self.params = prompt_ids, params
         self.engine_kwargs = serving.engine_kwargs(req, lora_name)
         self.tools, self.tool_choice = tools, tool_choice
+        self.legacy = req.functions is not None  # calls answered as function_call (legacy_functions.py)
         # With special tokens kept in the text (for a special tool-call opener or reasoning marker), the EOS
         # token that ended the reply would be in it too: strip it, as it is when special tokens are skipped.
         tok = serving.tokenizer
@@ -203,7 +190,8 @@ class _ChatContext:
     def tool_chunks(self) -> Optional[ToolCallChunks]:
         if not self.tools:
             return None
-        return ToolCallChunks(self.endpoint.tool_format(), self.tools, parallel=self.req.parallel_tool_calls,
+        return ToolCallChunks(self.endpoint.tool_format(), self.tools,
+                              parallel=self.req.parallel_tool_calls and not self.legacy,
                               typed_answer=self.params.typed_answer)
 
     def _strip_eos(self, text: str, c: CompletionOutput) -> str:
@@ -239,7 +227,8 @@ class _ChatContext:
         with that call cut off (returned as far as it got, as max_tokens does), which stays "stop"."""
         reason = c.finish_reason
         if has_calls and not cut_off and reason == "stop" and not isinstance(self.tool_choice, dict):
-            return "tool_calls"  # OpenAI answers "stop" for a named tool_choice, "tool_calls" otherwise
+            # OpenAI answers "stop" for a named tool_choice, "tool_calls" otherwise ("function_call", legacy)
+            return "function_call" if self.legacy else "tool_calls"
         return reason
 
     async def full(self, raw_request: Any) -> dict[str, Any]:
@@ -264,6 +253,8 @@ class _ChatContext:
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
+                    if self.legacy:
+                        legacy_message(message)
             if self.echo:
                 message["content"] = self.echo + (message["content"] or "")
             logprobs = None
@@ -344,7 +335,7 @@ class _ChatContext:
                 deltas += ts.finish()
             for j, d in enumerate(deltas):
                 st.has_calls[k] = st.has_calls[k] or "tool_calls" in d
-                chunks.append(self._chunk(st, k, d, logprobs if j == 0 else None))
+                chunks.append(self._chunk(st, k, legacy_delta(d) if self.legacy else d, logprobs if j == 0 else None))
             if not deltas and logprobs:
                 chunks.append(self._chunk(st, k, {"content": ""}, logprobs))
         if c.finish_reason is not None:
