@@ -21,6 +21,18 @@ def test_openai_rules_map_developer_join_text_parts_and_keep_extra_keys() -> Non
     assert out[2] == {"tool_call_id": "c1", "role": "tool", "content": ""}
 
 
+def test_an_assistants_refusal_and_responses_style_parts_are_its_text() -> None:
+    """What clients send back from OpenAI replies: a refusal part (assistant messages only) and output_text parts."""
+    out = normalize_messages([{"role": "user", "content": [{"type": "input_text", "text": "a"}]},
+                              {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."},
+                                                                {"type": "output_text", "text": "Sorry."}]}],
+                             OPENAI_RULES)
+    assert [m["content"] for m in out] == ["a", "No.\nSorry."]
+    with pytest.raises(FieldError) as info:
+        normalize_messages([{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}], OPENAI_RULES)
+    assert info.value.field == "messages[0].content[0].type"
+
+
 def test_openai_rules_leave_arguments_that_are_not_an_object_as_text() -> None:
     call = {"id": "c1", "function": {"name": "f", "arguments": "[1, 2]"}}
     out = normalize_messages([{"role": "assistant", "tool_calls": [call]}], OPENAI_RULES)

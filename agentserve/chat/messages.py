@@ -27,7 +27,7 @@ from agentserve.errors import FieldError
 
 Message = dict[str, Any]
 
-_TEXT_PART_TYPES = ("text", "input_text")
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")  # the last two: Responses-style parts, as vLLM takes them
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,18 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _text_of_parts(parts: list[Any], at: str) -> str:
-    """OpenAI content parts: text parts joined by newlines (this server takes text only)."""
+def _text_of_parts(parts: list[Any], at: str, assistant: bool = False) -> str:
+    """OpenAI content parts: text parts joined by newlines (this server takes text only). An assistant's
+    refusal part (OpenAI's, in a reply a client sends back) is its text, as vLLM reads it."""
     texts = []
     for j, part in enumerate(parts):
         if isinstance(part, str):
             texts.append(part)
         elif isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif assistant and isinstance(part, dict) and part.get("type") == "refusal" \
+                and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise FieldError(f"{at}.content[{j}]: content parts of type {kind!r} are not supported (this model "
@@ -74,7 +78,7 @@ def _text_of_parts(parts: list[Any], at: str) -> str:
 def _content(m: Message, at: str) -> Optional[str]:
     content = m.get("content")
     if isinstance(content, list):
-        return _text_of_parts(content, at)
+        return _text_of_parts(content, at, m.get("role") == "assistant")
     if content is not None and not isinstance(content, str):
         raise FieldError(f"{at}.content must be a string, a list of content parts or null", f"{at}.content")
     return content
