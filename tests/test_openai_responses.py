@@ -312,3 +312,18 @@ def test_call_cut_off_by_max_output_tokens(live: Live) -> None:
     assert streamed.arguments == call.arguments and streamed.status == "incomplete"
     done = [e for e in events if e.type == "response.output_item.done"]
     assert done[-1].item.status == "incomplete"
+
+
+def test_an_assistants_refusal_given_back_is_its_text(live: Live) -> None:
+    """A client that keeps the conversation gives back an earlier reply's refusal part (OpenAI's): it is the
+    assistant's text, as on chat completions; in a user message it is still refused, naming the part."""
+    said = [{"role": "user", "content": "Hi"},
+            {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+            {"role": "user", "content": "Why?"}]
+    as_text = [said[0], {"role": "assistant", "content": "I can't."}, said[2]]
+    kw: dict[str, Any] = dict(model=MODEL, max_output_tokens=4, temperature=0, store=False)
+    a, b = live.a.responses.create(input=said, **kw), live.a.responses.create(input=as_text, **kw)
+    assert a.usage.input_tokens == b.usage.input_tokens and a.output_text == b.output_text
+    resp = live.http.post("/v1/responses", json={"model": MODEL, "input": [
+        {"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input[0].content[0].type"

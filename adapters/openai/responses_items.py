@@ -212,8 +212,9 @@ def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- input items -> chat messages ----------------------------------------------------------------------
-def _text_of(content: Any, at: str, key: str = "content") -> str:
-    """A message's content (or a function_call_output's output, `key`) as text."""
+def _text_of(content: Any, at: str, key: str = "content", assistant: bool = False) -> str:
+    """A message's content (or a function_call_output's output, `key`) as text; an assistant's refusal
+    part (in an earlier reply a client gives back) is its text."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -223,6 +224,9 @@ def _text_of(content: Any, at: str, key: str = "content") -> str:
         if isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") \
                 and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif assistant and isinstance(part, dict) and part.get("type") == "refusal" \
+                and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise OpenAIError(400, f"{at}.{key}[{j}]: content parts of type {kind!r} are not supported (this "
@@ -270,7 +274,8 @@ def input_messages(items: list[Item], known_calls: Optional[dict[str, str]] = No
             if role not in ("user", "system", "developer", "assistant"):
                 raise OpenAIError(400, f"{at}.role must be one of user, system, developer, assistant; got {role!r}",
                                   param=f"{at}.role")
-            said: Message = {"role": "system" if role == "developer" else role, "content": _text_of(item.get("content"), at)}
+            said: Message = {"role": "system" if role == "developer" else role,
+                             "content": _text_of(item.get("content"), at, assistant=role == "assistant")}
             if role == "assistant" and thought:
                 said["reasoning_content"] = thought
             thought = None
