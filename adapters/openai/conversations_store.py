@@ -27,7 +27,7 @@ from agentserve.adapters.openai.protocol import OpenAIError
 
 Item = dict[str, Any]
 MAX_ITEMS_PER_REQUEST = 20  # OpenAI's bound on the items one create or items-create request adds
-MAX_ITEMS_PER_CONVERSATION = 10_000  # a bound on the host memory one conversation holds
+MAX_ITEMS_PER_CONVERSATION = 10_000  # each response turns every item into a message: a bound on that work
 
 
 @dataclass(eq=False)
