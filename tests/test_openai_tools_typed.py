@@ -172,6 +172,8 @@ def test_legacy_conversations_render_as_tool_calls(client: openai.OpenAI) -> Non
     b = client.chat.completions.create(model=MODEL, messages=tools_form, tools=[TOOLS[0]], parallel_tool_calls=False,
                                        max_tokens=12, temperature=0)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens and _said(a.choices[0].message) == _said(b.choices[0].message)
+    empty = legacy[:-1] + [{"role": "function", "name": "search", "content": None}]  # OpenAI allows a null result
+    assert client.chat.completions.create(model=MODEL, messages=empty, functions=[TOOLS[0]["function"]], max_tokens=2)
 
 
 def test_legacy_fields_bad_requests_name_the_field(client: openai.OpenAI) -> None:

@@ -77,7 +77,9 @@ def legacy_messages(messages: list[Message]) -> list[Message]:
             # made-up id: templates that check ids see it as it came).
             match = next((k for k in range(len(unanswered) - 1, -1, -1) if unanswered[k][1] == name), None)
             call_id = unanswered.pop(match)[0] if match is not None else _call_id(10**6 + i)
-            m = {"role": "tool", "tool_call_id": call_id, "name": name, "content": m.get("content")}
+            # OpenAI lets a function message's content be null: an empty result.
+            content = m.get("content")
+            m = {"role": "tool", "tool_call_id": call_id, "name": name, "content": "" if content is None else content}
         out.append(m)
     return out
 
