@@ -190,8 +190,7 @@ class _ChatContext:
     def tool_chunks(self) -> Optional[ToolCallChunks]:
         if not self.tools:
             return None
-        return ToolCallChunks(self.endpoint.tool_format(), self.tools,
-                              parallel=self.req.parallel_tool_calls and not self.legacy,
+        return ToolCallChunks(self.endpoint.tool_format(), self.tools, parallel=self.params.parallel_tool_calls,
                               typed_answer=self.params.typed_answer)
 
     def _strip_eos(self, text: str, c: CompletionOutput) -> str:

@@ -71,9 +71,7 @@ class ConversationsEndpoint:
     async def delete(self, conversation_id: str, raw_request: Any) -> dict[str, Any]:
         c = self._get(conversation_id, raw_request)
         self.store.remove(c)  # 409 while a response runs on it
-        session_id = c.detach_session()
-        if session_id is not None:
-            await self.responses.release_session(session_id, c.tenant)
+        await self._let_session_go(c)
         return {"id": c.conversation_id, "object": "conversation.deleted", "deleted": True}
 
     def list_items(self, conversation_id: str, raw_request: Any, limit: int, order: str,
@@ -102,7 +100,11 @@ class ConversationsEndpoint:
         index = c.index_of(item_id)
         self.store.delete_item(c, index)
         if index < c.session_items:  # the session holds the deleted item: its KV no longer matches
-            session_id = c.detach_session()
-            if session_id is not None:
-                await self.responses.release_session(session_id, c.tenant)
+            await self._let_session_go(c)
         return c.body()
+
+    async def _let_session_go(self, c: Conversation) -> None:
+        """The conversation forgets its session, which closes unless a stored response holds it."""
+        session_id = c.detach_session()
+        if session_id is not None:
+            await self.responses.release_session(session_id, c.tenant)

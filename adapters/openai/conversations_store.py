@@ -149,7 +149,8 @@ def _decrement(counts: dict[str, int], key: str, by: int) -> None:
 
 
 def checked_item_list(items: Any, field_name: str) -> list[Any]:
-    """A request's list of items to add (each checked later, as a response's input would be)."""
+    """A request's list of items to add (each checked later, as a response's input would be: normalize_input,
+    input_messages)."""
     if items is None:
         return []
     if not isinstance(items, list):
@@ -157,9 +158,6 @@ def checked_item_list(items: Any, field_name: str) -> list[Any]:
     if len(items) > MAX_ITEMS_PER_REQUEST:
         raise OpenAIError(400, f"{field_name} has {len(items)} items; at most {MAX_ITEMS_PER_REQUEST} can be added "
                                "at a time", param=field_name)
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise OpenAIError(400, f"{field_name}[{i}] must be an object (an item)", param=f"{field_name}[{i}]")
     return items
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
-from agentserve.chat.messages import parse_json_object
+from agentserve.chat.messages import parse_json_object, text_of_parts
 from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
 from agentserve.errors import FieldError
 from agentserve.sessions.types import ReplyParts
@@ -213,35 +213,24 @@ def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 # --- input items -> chat messages ----------------------------------------------------------------------
 def _text_of(content: Any, at: str, key: str = "content", assistant: bool = False) -> str:
-    """A message's content (or a function_call_output's output, `key`) as text; an assistant's refusal
-    part (in an earlier reply a client gives back) is its text."""
+    """A message's content (or a function_call_output's output, `key`) as text: a string, or content parts
+    as chat messages read them (an assistant's refusal part is its text), plain strings among them refused."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise OpenAIError(400, f"{at}.{key} must be a string or a list of content parts", param=f"{at}.{key}")
-    texts = []
-    for j, part in enumerate(content):
-        if isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") \
-                and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif assistant and isinstance(part, dict) and part.get("type") == "refusal" \
-                and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        else:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise OpenAIError(400, f"{at}.{key}[{j}]: content parts of type {kind!r} are not supported (this "
-                                   "model takes text only)", param=f"{at}.{key}[{j}].type")
-    return "\n".join(texts)
+    return text_of_parts(content, at, assistant=assistant, key=key, bare_strings=False)
 
 
 def normalize_input(value: Union[str, list[dict[str, Any]]], field_name: str = "input") -> list[Item]:
     """The request's input (or a conversation's new items: `field_name`) as a list of items, each with an id
     (input_items lists them)."""
-    items: list[Item] = [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) \
-        else [dict(item) for item in value]
-    for i, item in enumerate(items):
+    raw: list[Any] = [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+    for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise OpenAIError(400, f"{field_name}[{i}] must be an object", param=f"{field_name}[{i}]")
+    items: list[Item] = [dict(item) for item in raw]
+    for item in items:
         if "role" in item:
             item.setdefault("type", "message")
         item.setdefault("id", new_id("msg" if item.get("type") == "message" else "item"))

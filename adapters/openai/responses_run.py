@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Coroutine, Optional
 
 from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.conversations_store import Conversation, listed_item
@@ -100,15 +100,15 @@ class ResponseRun:
         old = conv.session_id
         conv.session_id, conv.session_items, conv.session_turn = self.plan.session_id, len(conv.items), turns
         conv.render_key = self.render_key
-        if old is not None and old != conv.session_id:
-            self._release_later(old)
+        if old is not None and old != conv.session_id:  # closed unless a stored response holds it
+            self._release(self.e.release_session(old, self.tenant.name))
 
-    def _release_later(self, session_id: str) -> None:
-        """Closes the conversation's old session, unless a stored response holds it; `_end` waits for it."""
-        closing = asyncio.ensure_future(self.e.release_session(session_id, self.tenant.name))
-        self.e.closing.add(closing)  # the loop keeps only weak references to tasks
-        closing.add_done_callback(self.e.closing.discard)
-        self.releases.append(closing)
+    def _release(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Lets a session go in a task of its own, which `_end` waits for (shielded: it runs to its end)."""
+        task = asyncio.ensure_future(closing)
+        self.e.closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.e.closing.discard)
+        self.releases.append(task)
 
     def _turn_events(self) -> AsyncGenerator[TurnEvent, None]:
         return self.e.sessions.turn(self.plan.session_id, self.plan.messages, self.params, tenant=self.tenant.name,
@@ -125,10 +125,7 @@ class ResponseRun:
         if self.plan.conversation is not None:
             self.plan.conversation.busy = False
         if self.plan.close_after or (not self.committed and self.plan.claimed is None and not self.plan.resident):
-            closing = asyncio.ensure_future(self._close_session())
-            self.e.closing.add(closing)  # the loop keeps only weak references to tasks
-            closing.add_done_callback(self.e.closing.discard)
-            self.releases.append(closing)
+            self._release(self._close_session())
         for release in self.releases:
             await asyncio.shield(release)
 

@@ -56,12 +56,15 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _text_of_parts(parts: list[Any], at: str, assistant: bool = False) -> str:
-    """OpenAI content parts: text parts joined by newlines (this server takes text only). An assistant's
-    refusal part (OpenAI's, in a reply a client sends back) is its text, as vLLM reads it."""
+def text_of_parts(parts: list[Any], at: str, *, assistant: bool = False, key: str = "content",
+                  bare_strings: bool = True) -> str:
+    """OpenAI content parts (`at`.`key`: a message's content, or a Responses function_call_output's output):
+    text parts joined by newlines (this server takes text only). An assistant's refusal part (OpenAI's, in
+    a reply a client sends back) is its text, as vLLM reads it. `bare_strings`: Chat Completions also
+    takes plain strings among the parts; the Responses API does not."""
     texts = []
     for j, part in enumerate(parts):
-        if isinstance(part, str):
+        if bare_strings and isinstance(part, str):
             texts.append(part)
         elif isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append(part["text"])
@@ -70,15 +73,15 @@ def _text_of_parts(parts: list[Any], at: str, assistant: bool = False) -> str:
             texts.append(part["refusal"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise FieldError(f"{at}.content[{j}]: content parts of type {kind!r} are not supported (this model "
-                             "takes text only)", f"{at}.content[{j}].type")
+            raise FieldError(f"{at}.{key}[{j}]: content parts of type {kind!r} are not supported (this model "
+                             "takes text only)", f"{at}.{key}[{j}].type")
     return "\n".join(texts)
 
 
 def _content(m: Message, at: str) -> Optional[str]:
     content = m.get("content")
     if isinstance(content, list):
-        return _text_of_parts(content, at, m.get("role") == "assistant")
+        return text_of_parts(content, at, assistant=m.get("role") == "assistant")
     if content is not None and not isinstance(content, str):
         raise FieldError(f"{at}.content must be a string, a list of content parts or null", f"{at}.content")
     return content
