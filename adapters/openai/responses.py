@@ -81,7 +81,7 @@ class ResponsesEndpoint:
             store.detach()
 
     # --- request -> turn -----------------------------------------------------------------------------
-    def _check(self, req: I.ResponsesRequest) -> tuple[Optional[list[dict[str, Any]]], Any]:
+    def check(self, req: I.ResponsesRequest) -> tuple[Optional[list[dict[str, Any]]], Any]:
         L.check_utf8(req.model_dump(exclude_none=True), "")
         I.check_server_state_fields(req)
         if req.background and req.store is False:  # OpenAI's rule: a background response is fetched by its id
@@ -142,11 +142,10 @@ class ResponsesEndpoint:
             param = param_of(msg)
             raise OpenAIError(400, msg, param="max_output_tokens" if param == "max_tokens" else param) from None
 
-    async def _fitted(self, req: I.ResponsesRequest, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
-                      tools: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    async def fitted(self, req: I.ResponsesRequest, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
+                     tools: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
         """truncation "auto": the conversation with its oldest turns dropped, when it does not fit whole."""
-        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        whole = system + history + new_messages
+        whole = self.system(req) + history + new_messages
         limit = self.s.engine.max_model_len
         return await fit_conversation(self.s.render_pool, whole, tools, limit - reply_room(req.max_output_tokens, limit),
                                       self.s.engine.arch.vocab_size, kwargs)
@@ -166,7 +165,7 @@ class ResponsesEndpoint:
                 return ResponsePlan(child.session_id, new_messages, True, None)
         history = prev.conversation() if prev is not None else []
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
-        return ResponsePlan(session_id, fitted if fitted is not None else self._system(req) + history + new_messages,
+        return ResponsePlan(session_id, fitted if fitted is not None else self.system(req) + history + new_messages,
                             not keep, None)
 
     async def _conversation_plan(self, req: I.ResponsesRequest, tenant: Tenant, conv: Conversation,
@@ -187,11 +186,11 @@ class ResponsesEndpoint:
                     return ResponsePlan(conv.session_id, whole[len(held):], False, None, conversation=conv,
                                         resident=True)
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
-        return ResponsePlan(session_id, fitted if fitted is not None else self._system(req) + whole, False, None,
+        return ResponsePlan(session_id, fitted if fitted is not None else self.system(req) + whole, False, None,
                             conversation=conv)
 
     @staticmethod
-    def _system(req: I.ResponsesRequest) -> list[dict[str, Any]]:
+    def system(req: I.ResponsesRequest) -> list[dict[str, Any]]:
         return [{"role": "system", "content": req.instructions}] if req.instructions else []
 
     async def _new_session(self, req: I.ResponsesRequest, tenant: Tenant, tools: Optional[list[dict[str, Any]]],
@@ -211,7 +210,7 @@ class ResponsesEndpoint:
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:
         tenant = tenant_of_scope(raw_request.scope)
         adapter = self.s.resolve_model(req.model)
-        tools, choice = self._check(req)
+        tools, choice = self.check(req)
         kwargs = I.template_kwargs(req)
         top_logprobs = requested_top_logprobs(req.model_extra or {}, logprobs_limit(
             self.s.config.model.max_logprobs, self.s.engine.arch.vocab_size))
@@ -242,7 +241,7 @@ class ResponsesEndpoint:
         self.s.check_queue(1)
         try:
             history = prev.conversation() if prev is not None else []
-            fitted = await self._fitted(req, history, new_messages, tools, kwargs) if req.truncation == "auto" else None
+            fitted = await self.fitted(req, history, new_messages, tools, kwargs) if req.truncation == "auto" else None
             plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted, kwargs)
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
@@ -263,7 +262,7 @@ class ResponsesEndpoint:
         self.s.check_queue(1)
         conv.busy = True  # given back by the run's end, or below when no run starts
         try:
-            fitted = await self._fitted(req, whole, [], tools, kwargs) if req.truncation == "auto" else None
+            fitted = await self.fitted(req, whole, [], tools, kwargs) if req.truncation == "auto" else None
             plan = await self._conversation_plan(req, tenant, conv, whole, tools, render_key, adapter, fitted, kwargs)
         except BaseException as e:
             conv.busy = False

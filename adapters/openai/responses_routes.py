@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from agentserve.adapters.openai.conversations import (ConversationCreateRequest, ConversationItemsRequest,
                                                       ConversationsEndpoint, ConversationUpdateRequest)
 from agentserve.adapters.openai.responses import ResponsesEndpoint
+from agentserve.adapters.openai.responses_input_tokens import count_input_tokens
 from agentserve.adapters.openai.responses_items import ResponsesRequest
 from agentserve.adapters.openai.serving import ClientDisconnected
 
@@ -35,6 +36,10 @@ def add_responses_routes(app: FastAPI, responses: ResponsesEndpoint) -> None:
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, raw_request: Request) -> Response:
         return await respond(responses.create(body, raw_request))
+
+    @app.post("/v1/responses/input_tokens")
+    async def count_response_input_tokens(body: ResponsesRequest, raw_request: Request) -> JSONResponse:
+        return JSONResponse(await count_input_tokens(responses, body, raw_request))
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str, raw_request: Request, stream: bool = False,

@@ -42,6 +42,16 @@ def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
     return head, sorted({head, *starts})
 
 
+def rendered_length(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
+                    normalized_tools: Optional[list[dict[str, Any]]], vocab_size: int,
+                    template_kwargs: dict[str, Any]) -> int:
+    """The conversation's prompt tokens as a session turn renders it (with the assistant's generation prompt);
+    runs in a render-pool worker (`tokenizer` is that worker's)."""
+    normalized = normalize_messages(list(messages), SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
+    text = pool.render(tokenizer, normalized, normalized_tools, add_generation_prompt=True, **template_kwargs)
+    return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
+
+
 async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools: Optional[list[dict[str, Any]]],
                            budget: int, vocab_size: int, template_kwargs: dict[str, Any]) -> Optional[list[Message]]:
     """The conversation with the fewest oldest turns dropped that renders to at most `budget` tokens; None when
@@ -53,10 +63,8 @@ async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools:
         return list(messages[:head]) + list(messages[cuts[j]:])
 
     def count(tokenizer: Any, msgs: list[Message]) -> float:
-        normalized = normalize_messages(msgs, SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
         try:
-            text = pool.render(tokenizer, normalized, tools_n, add_generation_prompt=True, **template_kwargs)
-            return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
+            return rendered_length(pool, tokenizer, msgs, tools_n, vocab_size, template_kwargs)
         except EdgeLimitError as e:
             if e.code == "context_length_exceeded":  # longer than the context can hold at all
                 return float("inf")
