@@ -190,8 +190,6 @@ def _port_taken(host: str, port: int) -> Optional[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agentserve.service.serve import serve
-
     config = engine_config_from_args(args)
     if args.tool_call_parser is not None:
         check_tool_call_parser(args.tool_call_parser, _chat_template_of(config))
@@ -208,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"agentserve serve: error: cannot listen on {config.server.host}:{port} ({flag}): {reason.lower()}",
                   file=sys.stderr)
             return 1
+    from agentserve.service.serve import serve  # torch, the engine and the servers: after the flags are checked
+
     return serve(config)
 
 

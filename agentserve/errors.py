@@ -22,6 +22,10 @@ class InvalidRequestError(ValueError):
     """Bad input from a caller; the message says what to fix (HTTP 400 / INVALID_ARGUMENT)."""
 
 
+class ModelLoadError(ValueError):
+    """A model directory or checkpoint that cannot be served, with what is wrong in it."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine's step thread has stopped; no request can be served (HTTP 503 / UNAVAILABLE)."""
 

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from agentserve.grammar.registry import VLLM_BACKEND_NAMES
 from agentserve.grammar.tool_formats import detect_tool_format
-from agentserve.model.gguf import find_gguf_file
+from agentserve.model.gguf_files import find_gguf_file
 from agentserve.vllm_llm_options import take_vllm_only_llm_kwargs
 from agentserve.vllm_serve_only_flags import add_vllm_only_flags, check_vllm_only_flags
 

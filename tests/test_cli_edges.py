@@ -49,6 +49,17 @@ def test_a_port_out_of_range_is_a_one_line_error(flag: str, value: str) -> None:
     assert run.stderr.startswith("agentserve: error: --") and value in run.stderr
 
 
+def test_help_and_flag_errors_answer_before_torch_is_imported() -> None:
+    """Torch, the engine and the servers load only once the flags are known good: a typo is answered at once."""
+    script = ("import sys\nfrom agentserve.cli import main\n"
+              "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+              f"code = main(['serve', {model_path()!r}, '--port', '99999'])\n"
+              "print(code, sorted(m for m in ('torch', 'transformers', 'agentserve.engine') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.stdout.splitlines()[-1] == "2 []", (run.stdout, run.stderr)
+    assert "--port" in run.stdout and "less than or equal to 65535" in run.stderr
+
+
 def test_serve_without_a_port_says_which_flags_to_give() -> None:
     run = agentserve("serve", "--model", model_path())
     assert (run.returncode, run.stderr) == (2, "agentserve serve: error: give --grpc-port and/or --http-port\n")

@@ -13,7 +13,8 @@ import torch
 from agentserve.config import EngineConfig
 from agentserve.json_file import read_json_object
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
-from agentserve.model.gguf import find_gguf_file, gguf_config_dict, gguf_has_tokenizer
+from agentserve.model.gguf import gguf_config_dict, gguf_has_tokenizer
+from agentserve.model.gguf_files import find_gguf_file
 from agentserve.model.rope_scaling import scaled_max_positions
 
 logger = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ that nothing imports every implementation and the interface imports none.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agentserve.grammar.interface import GrammarBackend
+if TYPE_CHECKING:  # the interface imports torch: the CLI reads the names below without it
+    from agentserve.grammar.interface import GrammarBackend
 
 BACKEND_NAMES = ("llguidance", "outlines", "xgrammar")
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from agentserve.errors import ModelLoadError
 from agentserve.json_file import read_json_object
 from agentserve.model.rope_scaling import RopeScalingError, normalized_rope_scaling
 
@@ -25,10 +26,6 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 128},
     "mistral": {"sliding_window": 4096},
 }
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 @dataclass

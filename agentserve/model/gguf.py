@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from agentserve.model.arch_config import ModelLoadError
+from agentserve.model.gguf_files import SHARD_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -40,37 +40,8 @@ _LAYER_TENSORS = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-# gguf-split's shard names (llama.cpp's LLAMA_SPLIT_PATH format).
-_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
-
-
-def _is_one_split_model(files: list[Path]) -> bool:
-    """Whether `files` (sorted) are exactly the shards 1..N of one gguf-split model."""
-    matches = [_SHARD_NAME.match(f.name) for f in files]
-    if not all(matches):
-        return False
-    keys = {(m["prefix"], m["count"]) for m in matches if m is not None}
-    indices = [int(m["index"]) for m in matches if m is not None]
-    return len(keys) == 1 and indices == list(range(1, len(files) + 1)) and int(next(iter(keys))[1]) == len(files)
-
-
-def find_gguf_file(path: Path) -> Optional[Path]:
-    """The GGUF file `path` names: the file itself, or the single .gguf (or the first shard of the
-    one split model) in a directory without a config.json (a Hugging Face directory with a
-    config.json is read as safetensors)."""
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path} is a file but not a .gguf checkpoint")
-        return path
-    if not path.is_dir() or (path / "config.json").is_file():
-        return None
-    files = sorted(path.glob("*.gguf"))
-    if len(files) > 1 and not _is_one_split_model(files):
-        raise ModelLoadError(f"{path} holds several GGUF files ({', '.join(f.name for f in files)}); "
-                             "pass the one to serve as --model")
-    return files[0] if files else None
 
 
 class _SharedReaders(threading.local):
@@ -126,7 +97,7 @@ def _readers(file: Path) -> list[tuple[Path, Any]]:
     count = int(_field(first, "split.count", 1))
     if count <= 1:
         return [(file, first)]
-    match = _SHARD_NAME.match(file.name)
+    match = SHARD_NAME.match(file.name)
     index = int(_field(first, "split.no", 0))
     if match is None or index != 0:
         raise ModelLoadError(f"{file.name} is shard {index + 1} of a GGUF model split in {count}; pass the first "

@@ -16,7 +16,8 @@ from agentserve.model.checkpoint_files import file_tensor_names, file_tensors, w
 from agentserve.model.fp8 import quantize_linear_layers
 from agentserve.model.fp8_checkpoint import (FLOAT8_DTYPES, Fp8WeightDequantizer, check_weight_dtype,
                                              quantized_checkpoint_modules)
-from agentserve.model.gguf import find_gguf_file, gguf_tensors
+from agentserve.model.gguf import gguf_tensors
+from agentserve.model.gguf_files import find_gguf_file
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
