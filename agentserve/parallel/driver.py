@@ -33,7 +33,7 @@ from agentserve.parallel import protocol
 from agentserve.parallel.groups import COLLECTIVE_TIMEOUT, CollectiveError, ProcessGroups, disable_nvls
 from agentserve.parallel.rank import KVLayers, TensorParallelError, TensorParallelRank, shard_forward
 from agentserve.parallel.shard import check_divisible
-from agentserve.parallel.worker import WorkerArgs, worker_main
+from agentserve.parallel.worker import FORKSERVER_PRELOAD, WorkerArgs, worker_main
 from agentserve.worker.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,19 @@ def stop_processes(processes: Sequence[multiprocessing.process.BaseProcess], gra
             p.join()
 
 
+def _worker_context(device: torch.device) -> multiprocessing.context.BaseContext:
+    """How ranks 1..n-1 start. Never fork: it would copy rank 0's threads (and CUDA state). CUDA ranks are
+    spawned (a fresh interpreter each, as vLLM starts them): nothing vouches that importing the worker leaves the
+    CUDA driver untouched, and a forked child of a process that initialised it cannot use the device. CPU ranks
+    (gloo) fork from a forkserver that has imported the worker once: a spawned rank re-imports torch and the model
+    code (2-5 s a rank, most of a CPU tensor-parallel engine's start)."""
+    if device.type == "cuda":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    return ctx
+
+
 def launch_tensor_parallel(config: EngineConfig, arch: ArchConfig, model_path: Optional[Path], dtype: torch.dtype,
                            max_model_len: int, device: torch.device) -> Optional[TensorParallelDriver]:
     """Starts ranks 1..n-1 and makes the groups; None at tensor_parallel_size 1."""
@@ -192,7 +205,7 @@ def launch_tensor_parallel(config: EngineConfig, arch: ArchConfig, model_path: O
                                   f"{torch.cuda.device_count()} are visible")
     disable_nvls()  # inherited by the workers too (they also set it themselves)
     store = dist.TCPStore("127.0.0.1", 0, size, True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
-    ctx = multiprocessing.get_context("spawn")  # fork would copy CUDA state and the engine's threads
+    ctx = _worker_context(device)
     errors: "multiprocessing.queues.Queue[tuple[int, str]]" = ctx.Queue()
     processes = [ctx.Process(target=worker_main, name=f"agentserve-tp-rank{rank}", daemon=True,
                              args=(WorkerArgs(config, arch, model_path, dtype, max_model_len, rank, size, store.port,

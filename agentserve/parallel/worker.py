@@ -1,5 +1,5 @@
-"""Ranks 1..n-1: a spawned process per rank that builds its shard of the model and KV cache, then
-runs every step rank 0 sends (protocol.py) until told to stop.
+"""Ranks 1..n-1: a process per rank (spawned for GPUs, forked from a forkserver on the CPU: driver.py) that
+builds its shard of the model and KV cache, then runs every step rank 0 sends (protocol.py) until told to stop.
 
 A worker never outlives rank 0: a thread waits on the parent process and ends the worker when it
 goes (SIGTERM or a crash of rank 0 leave no orphans), and a collective whose peer has exited fails
@@ -44,15 +44,20 @@ class WorkerArgs:
     device_type: str
 
 
+# What the forkserver of CPU ranks imports once, for every rank it forks (driver._worker_context): this module
+# and the model runner, which _serve imports when it runs (the model, the kernels: most of a rank's start).
+FORKSERVER_PRELOAD = (__name__, "agentserve.worker.model_runner")
+
+
 def _exit_with_parent() -> None:
     parent = multiprocessing.parent_process()
-    assert parent is not None, "a tensor-parallel worker runs in a spawned child process"
+    assert parent is not None, "a tensor-parallel worker runs in a child process"
     parent.join()
     os._exit(1)  # the engine is gone: nothing to flush, nobody to answer
 
 
 def worker_main(args: WorkerArgs, errors: "multiprocessing.queues.Queue[tuple[int, str]]") -> None:
-    """Entry point of a spawned rank. Its failure is reported on `errors` (rank, text) for rank 0 to
+    """Entry point of a rank's process. Its failure is reported on `errors` (rank, text) for rank 0 to
     name in its error, and the process exits with status 1."""
     disable_nvls()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
