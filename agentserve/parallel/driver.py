@@ -18,7 +18,8 @@ import multiprocessing.queues
 import queue
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from multiprocessing.context import ForkServerContext, SpawnContext
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -180,7 +181,7 @@ def stop_processes(processes: Sequence[multiprocessing.process.BaseProcess], gra
             p.join()
 
 
-def _worker_context(device: torch.device) -> multiprocessing.context.BaseContext:
+def _worker_context(device: torch.device) -> Union[SpawnContext, ForkServerContext]:
     """How ranks 1..n-1 start. Never fork: it would copy rank 0's threads (and CUDA state). CUDA ranks are
     spawned (a fresh interpreter each, as vLLM starts them): nothing vouches that importing the worker leaves the
     CUDA driver untouched, and a forked child of a process that initialised it cannot use the device. CPU ranks
