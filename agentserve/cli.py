@@ -146,10 +146,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    config = engine_config_from_args(args)  # flag errors before torch and the engine load
     from agentserve.llm import LLM
     from agentserve.sampling_params import SamplingParams
 
-    llm = LLM.from_config(engine_config_from_args(args))
+    llm = LLM.from_config(config)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
     start = time.perf_counter()
     outputs = llm.generate(args.prompt, params)
