@@ -3,11 +3,12 @@
 Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
 (JSON or SSE streaming), the Responses API (POST /v1/responses, GET / DELETE /v1/responses/{id}, GET
 /v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py), the Conversations API
-(/v1/conversations: conversations.py), GET /health, GET /metrics
-(Prometheus text). `agentserve serve --http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
+(/v1/conversations: conversations.py), Anthropic's Messages API (POST /v1/messages and
+/v1/messages/count_tokens: adapters/anthropic/), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
-Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` when API
+Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (on /v1/messages in
+Anthropic's, `{"type": "error", "error": {"type", "message"}}`, with the same statuses): 400 for invalid
+fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` (or `X-Api-Key`) when API
 keys are configured (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an unknown model,
 413 for a request body over `max_body_bytes`, 400 (`context_length_exceeded`) for a prompt that does
 not fit, 429 when the key's tenant has `max_requests_per_tenant` requests in flight, 503 when the
@@ -33,6 +34,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import agentserve
+from agentserve.adapters.anthropic.protocol import MESSAGES_PATH, is_messages_path
+from agentserve.adapters.anthropic.protocol import error_body as anthropic_error_body
+from agentserve.adapters.anthropic.routes import add_anthropic_routes
 from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.tokenize_routes import add_tokenize_routes
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
@@ -49,19 +53,22 @@ from agentserve.service.tenants import SLOT_SCOPE_KEY, TENANT_SCOPE_KEY, HeldReq
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", "/v1/models", "/health",
-              "/metrics")
-_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")  # these take one of the tenant's request slots
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", MESSAGES_PATH,
+              "/v1/models", "/health", "/metrics")
+# These take one of the tenant's request slots.
+_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH)
 
 
 def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
-                    code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+                    code: Optional[str] = None, headers: Optional[dict[str, str]] = None, path: str = "") -> JSONResponse:
+    """An error in OpenAI's shape, or in Anthropic's on the Messages API's routes (`path`)."""
+    body = anthropic_error_body(status, message) if is_messages_path(path) else error_body(message, type, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _openai_error_response(e: OpenAIError) -> JSONResponse:
+def _openai_error_response(e: OpenAIError, path: str) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status == 503 else None
-    return _error_response(e.status, e.message, e.type, e.param, e.code, headers)
+    return _error_response(e.status, e.message, e.type, e.param, e.code, headers, path)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -121,19 +128,21 @@ class _GateMiddleware:
             if len(raw_headers) > self.max_header_count:
                 resp = _error_response(431, f"The request carries {len(raw_headers)} headers; the limit is "
                                             f"{self.max_header_count} (--h11-max-header-count).",
-                                       "invalid_request_error", None, "request_header_fields_too_large")
+                                       "invalid_request_error", None, "request_header_fields_too_large", path=path)
                 await resp(scope, receive, counting_send)
                 return
             headers = dict(raw_headers)
             tenant = self.tenants.authenticate(None)  # the anonymous tenant, or None when keys are required
             if self.tenants.requires_key and path.startswith("/v1"):
                 auth = headers.get(b"authorization", b"")
+                if not auth and b"x-api-key" in headers:  # Anthropic's clients send their key so
+                    auth = b"Bearer " + headers[b"x-api-key"]
                 scheme, _, token = auth.partition(b" ")
                 if not auth:
                     resp = _error_response(
                         401, "You didn't provide an API key. Provide it in the Authorization header using "
-                             "Bearer auth (Authorization: Bearer YOUR_KEY).",
-                        "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                             "Bearer auth (Authorization: Bearer YOUR_KEY), or in X-Api-Key.",
+                        "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}, path)
                     await resp(scope, receive, counting_send)
                     return
                 tenant = None
@@ -141,7 +150,7 @@ class _GateMiddleware:
                     tenant = self.tenants.authenticate(token.strip().decode("utf-8", "replace"))
                 if tenant is None:
                     resp = _error_response(401, "Incorrect API key provided.", "invalid_request_error", None,
-                                           "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                                           "invalid_api_key", {"WWW-Authenticate": "Bearer"}, path)
                     await resp(scope, receive, counting_send)
                     return
             length = headers.get(b"content-length")
@@ -153,7 +162,7 @@ class _GateMiddleware:
                 if too_big:
                     resp = _error_response(413, f"The request body is {int(length)} bytes; the limit is "
                                                 f"{self.max_body_bytes} bytes (--max-body-bytes).",
-                                           "invalid_request_error", None, "request_too_large")
+                                           "invalid_request_error", None, "request_too_large", path=path)
                     await resp(scope, receive, counting_send)
                     return
             limited = self._limited(receive)
@@ -162,17 +171,17 @@ class _GateMiddleware:
             if tenant is None or scope.get("method") != "POST" or path not in _GENERATION_ENDPOINTS:
                 await self.app(scope, limited, counting_send)
                 return
-            await self._generation(scope, limited, counting_send, tenant)
+            await self._generation(scope, limited, counting_send, tenant, path)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
-    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant) -> None:
+    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant, path: str) -> None:
         """A generation request, in one of the tenant's request slots (429 when none is left)."""
         try:
             self.tenants.acquire(tenant)
         except TenantLimitError as e:
             resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
-                                   {"Retry-After": "1"})
+                                   {"Retry-After": "1"}, path)
             await resp(scope, receive, send)
             return
         slot = scope["state"][SLOT_SCOPE_KEY] = HeldRequestSlot(self.tenants, tenant)
@@ -194,34 +203,35 @@ class _GateMiddleware:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return _openai_error_response(exc)
+        return _openai_error_response(exc, request.url.path)
 
     @app.exception_handler(FieldError)
     async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
-        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code)
+        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error_response(exc, request.headers.get("content-type", ""))
+        return _validation_error_response(exc, request.headers.get("content-type", ""), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
         return _error_response(exc.status_code, str(exc.detail), type_, None, code,
-                               dict(exc.headers) if exc.headers else None)
+                               dict(exc.headers) if exc.headers else None, request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error")
+        return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
+                               path=request.url.path)
 
 
-def _validation_error_response(exc: RequestValidationError, content_type: str) -> JSONResponse:
+def _validation_error_response(exc: RequestValidationError, content_type: str, path: str) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("loc") == ("body",):  # the body as a whole: empty, not JSON, or not an object
-        return _error_response(400, _body_problem(first, content_type), "invalid_request_error", None)
+        return _error_response(400, _body_problem(first, content_type), "invalid_request_error", None, path=path)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Unions report the branch tried ("prompt.str"): keep the field path readable.
     loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
@@ -237,7 +247,7 @@ def _validation_error_response(exc: RequestValidationError, content_type: str) -
         if first.get("input") is not None and first.get("type") != "model_attributes_type":
             with contextlib.suppress(TypeError, ValueError):
                 message += f" (got {json.dumps(first['input'])[:200]})"
-    return _error_response(400, message, "invalid_request_error", param)
+    return _error_response(400, message, "invalid_request_error", param, path=path)
 
 
 def _body_problem(error: dict[str, Any], content_type: str) -> str:
@@ -294,6 +304,8 @@ def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
         return await respond(chat_endpoint.create(body, raw_request))
+
+    add_anthropic_routes(app, chat_endpoint)  # /v1/messages: Anthropic's API over the same chat completions
 
 
 def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool],

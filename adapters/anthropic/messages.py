@@ -1,0 +1,43 @@
+"""POST /v1/messages and POST /v1/messages/count_tokens: a message request runs as the chat completion it means
+(convert.py) through the chat endpoint, and its reply is written back as Anthropic's message (replies.py), or
+its stream as Anthropic's events (stream.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from agentserve.adapters.anthropic.convert import chat_generation_fields, chat_request_fields
+from agentserve.adapters.anthropic.protocol import CountTokensRequest, MessagesRequest
+from agentserve.adapters.anthropic.replies import message_body
+from agentserve.adapters.anthropic.stream import message_events
+from agentserve.adapters.openai.chat import ChatEndpoint
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
+
+
+class MessagesEndpoint:
+    def __init__(self, chat: ChatEndpoint) -> None:
+        self.chat = chat
+
+    @staticmethod
+    def _chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+        try:
+            return ChatCompletionRequest(**fields)
+        except ValidationError as e:  # a value convert.py passed on unchecked (a number out of range, ...)
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise OpenAIError(400, f"{field}: {first['msg']}", param=field) from None
+
+    async def create(self, req: MessagesRequest, raw_request: Any) -> Any:
+        chat_req = self._chat_request({**chat_request_fields(req), **chat_generation_fields(req)})
+        result = await self.chat.create(chat_req, raw_request)
+        if isinstance(result, dict):
+            return message_body(result, req.model)
+        return message_events(result, req.model)
+
+    async def count_tokens(self, req: CountTokensRequest) -> dict[str, Any]:
+        chat_req = self._chat_request(chat_request_fields(req))
+        self.chat.s.resolve_model(chat_req.model)  # 404 for a model or adapter that is not served
+        messages, tools, _, kwargs = self.chat.prepare_prompt(chat_req)
+        return {"input_tokens": len(await self.chat.render_prompt(chat_req, messages, tools, kwargs))}
