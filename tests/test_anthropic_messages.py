@@ -8,6 +8,7 @@ X-Api-Key header is an API key."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterator
 
 import anthropic
@@ -48,8 +49,8 @@ QWEN3_TEMPLATE = r"""
 
 
 class Live:
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, aeng: AsyncEngine) -> None:
+        self.url, self.aeng = url, aeng
         self.claude = anthropic.Anthropic(base_url=url, api_key="key-a", max_retries=0, timeout=120)
         self.chat = openai.OpenAI(base_url=url + "/v1", api_key="key-a", max_retries=0, timeout=120)
 
@@ -59,7 +60,7 @@ def _serve(arch: str, **engine: Any) -> Iterator[Live]:
                                       served_model_name=MODEL, max_model_len=1024, **engine)
     aeng = AsyncEngine(Engine(config))
     server = ServerThread(create_app(aeng, config, tenants=Tenants([("key-a", "alice")]))).start()
-    yield Live(server.url)
+    yield Live(server.url, aeng)
     server.stop()
     aeng.shutdown()
 
@@ -160,6 +161,27 @@ def test_the_stream_builds_the_same_message(live: Live, tools: bool) -> None:
     assert (streamed.stop_reason, streamed.usage.output_tokens) == (whole.stop_reason, whole.usage.output_tokens)
     assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == \
         whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+
+
+def test_a_client_that_leaves_mid_stream_ends_its_request(live: Live) -> None:
+    body = {"model": MODEL, "max_tokens": 600, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a long story."}]}
+    with httpx.stream("POST", live.url + "/v1/messages", json=body, headers={"x-api-key": "key-a"}, timeout=60) as r:
+        seen = []
+        for line in r.iter_lines():
+            seen.append(line)
+            if line.startswith("event: content_block_delta"):
+                break
+    assert seen[0] == "event: message_start"
+    deadline = time.monotonic() + 20
+
+    def busy() -> bool:
+        return bool(live.aeng.call_soon(live.aeng.engine.has_unfinished).result(timeout=10))
+
+    while busy():  # the 600 tokens would take far longer than the wait
+        assert time.monotonic() < deadline, "the request of a client that left still runs"
+        time.sleep(0.05)
+    live.aeng.call_soon(live.aeng.engine.pool.check_all_free).result(timeout=10)
 
 
 def test_stop_sequences_and_output_format(live: Live) -> None:
