@@ -184,6 +184,15 @@ def test_a_client_that_leaves_mid_stream_ends_its_request(live: Live) -> None:
     live.aeng.call_soon(live.aeng.engine.pool.check_all_free).result(timeout=10)
 
 
+def test_a_final_assistant_message_is_a_prefill_the_reply_continues(live: Live) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "The city is"}]
+    message = live.claude.messages.create(model=MODEL, max_tokens=8, messages=messages, extra_body=GREEDY)
+    _same_as_chat(live, message, messages, max_tokens=8, temperature=0,
+                  extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    counted = live.claude.messages.count_tokens(model=MODEL, messages=messages).input_tokens
+    assert counted == message.usage.input_tokens + message.usage.cache_read_input_tokens
+
+
 def test_stop_sequences_and_output_format(live: Live) -> None:
     messages: list[Any] = [{"role": "user", "content": "Say something."}]
     free = live.claude.messages.create(model=MODEL, max_tokens=24, messages=messages, extra_body=GREEDY)
@@ -249,6 +258,11 @@ def test_errors_come_in_anthropics_shape(live: Live) -> None:
             "tools[0]")
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "tools": TOOLS, "tool_choice": {"type": "some"}},
             "tool_choice.type")
+    refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "tools": [
+        {"name": "f", "input_schema": {"type": "nonsense"}}]}, "tools[0].input_schema")  # its names, not chat's
+    refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "stop_sequences": [""]}, "stop_sequences")
+    refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi + [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}]}, "final assistant message")
     refused(400, {"model": MODEL, "max_tokens": 0, "messages": hi}, "max_tokens")
     refused(400, {"model": MODEL, "max_tokens": 4000, "messages": hi}, "maximum context length")
     with pytest.raises(anthropic.AuthenticationError) as denied:

@@ -13,7 +13,9 @@ well-formed chat messages:
 - `thinking` (enabled, adaptive, between_tools: on; disabled: off) switches the template's enable_thinking
   (Qwen3's switch; templates ignore variables they do not read), `output_config.effort` is its reasoning_effort;
 - `output_config.format` (a JSON schema) is the json_schema response_format: the reply is constrained to it;
-- `stop_sequences` are stop strings; temperature, top_p, top_k (which older clients send) carry over.
+- `stop_sequences` are stop strings; temperature, top_p, top_k (which older clients send) carry over;
+- a final assistant message is a prefill: the reply continues it (continue_final_message), and holds only
+  what the model added.
 
 Images and documents are refused (the served models take text), as are Anthropic's own tool types (bash,
 text editor, web search, ...), which have no schema to constrain a call with. `cache_control` marks are
@@ -229,13 +231,28 @@ def response_format(output_config: Optional[dict[str, Any]]) -> Optional[dict[st
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
+def _prefill(messages: list[dict[str, Any]]) -> bool:
+    """Whether the conversation ends with the start of the reply (Anthropic's prefill: a final assistant message
+    the model continues, say "{" before a JSON answer). It is text: a reply does not continue a tool call."""
+    last = messages[-1]
+    if last["role"] != "assistant":
+        return False
+    if last.get("tool_calls") or last.get("reasoning_content"):
+        raise _bad("the final assistant message (a prefill the reply continues) may hold text only: end the "
+                   "conversation with a user message to answer tool calls", "messages")
+    return True
+
+
 def chat_request_fields(req: CountTokensRequest) -> dict[str, Any]:
     """The ChatCompletionRequest fields that decide the prompt (messages, tools, template variables)."""
     tools = chat_tools(req.tools)
     choice, parallel = chat_tool_choice(req.tool_choice, req.tools)
-    fields: dict[str, Any] = {"model": req.model, "messages": chat_messages(req), "tools": tools,
+    messages = chat_messages(req)
+    prefill = _prefill(messages)
+    fields: dict[str, Any] = {"model": req.model, "messages": messages, "tools": tools,
                               "tool_choice": choice, "parallel_tool_calls": parallel,
-                              "chat_template_kwargs": template_kwargs(req.thinking, req.output_config) or None}
+                              "chat_template_kwargs": template_kwargs(req.thinking, req.output_config) or None,
+                              "add_generation_prompt": not prefill, "continue_final_message": prefill}
     return {k: v for k, v in fields.items() if v is not None}
 
 

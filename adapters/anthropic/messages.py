@@ -4,7 +4,8 @@ its stream as Anthropic's events (stream.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Awaitable, TypeVar
 
 from pydantic import ValidationError
 
@@ -14,6 +15,33 @@ from agentserve.adapters.anthropic.replies import message_body
 from agentserve.adapters.anthropic.stream import message_events
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
+from agentserve.errors import FieldError
+
+T = TypeVar("T")
+# The chat request's field names in the chat endpoint's errors -> the message request's.
+_FIELD_NAMES = [(re.compile(r"tools\[(\d+)\]\.function\.parameters"), r"tools[\1].input_schema"),
+                (re.compile(r"tools\[(\d+)\]\.function\.name"), r"tools[\1].name"),
+                (re.compile(r"response_format\.json_schema\.schema"), "output_config.format.schema"),
+                (re.compile(r"^stop strings\b"), "stop_sequences")]
+
+
+def _in_message_terms(e: OpenAIError) -> OpenAIError:
+    for pattern, name in _FIELD_NAMES:
+        e.message = pattern.sub(name, e.message)
+        e.param = pattern.sub(name, e.param) if e.param else e.param
+    if e.param == "stop":
+        e.param = "stop_sequences"
+    return e
+
+
+async def _named_for_messages(call: Awaitable[T]) -> T:
+    """The chat endpoint's answer; its errors name the message request's fields."""
+    try:
+        return await call
+    except OpenAIError as e:
+        raise _in_message_terms(e) from None
+    except FieldError as e:  # the chat checks' own errors (tool schemas, lengths)
+        raise _in_message_terms(OpenAIError(400, str(e), param=e.field, code=e.code)) from None
 
 
 class MessagesEndpoint:
@@ -31,7 +59,7 @@ class MessagesEndpoint:
 
     async def create(self, req: MessagesRequest, raw_request: Any) -> Any:
         chat_req = self._chat_request({**chat_request_fields(req), **chat_generation_fields(req)})
-        result = await self.chat.create(chat_req, raw_request)
+        result = await _named_for_messages(self.chat.create(chat_req, raw_request))
         if isinstance(result, dict):
             return message_body(result, req.model)
         return message_events(result, req.model)
@@ -40,4 +68,5 @@ class MessagesEndpoint:
         chat_req = self._chat_request(chat_request_fields(req))
         self.chat.s.resolve_model(chat_req.model)  # 404 for a model or adapter that is not served
         messages, tools, _, kwargs = self.chat.prepare_prompt(chat_req)
-        return {"input_tokens": len(await self.chat.render_prompt(chat_req, messages, tools, kwargs))}
+        prompt = await _named_for_messages(self.chat.render_prompt(chat_req, messages, tools, kwargs))
+        return {"input_tokens": len(prompt)}
