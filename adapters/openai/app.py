@@ -2,14 +2,16 @@
 
 Endpoints: GET /v1/models (and /v1/models/{id}), POST /v1/completions, POST /v1/chat/completions
 (JSON or SSE streaming), the Responses API (POST /v1/responses, GET / DELETE /v1/responses/{id}, GET
-/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py), the Conversations API
+/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel: responses.py; POST /v1/responses/input_tokens:
+responses_input_tokens.py), the Conversations API
 (/v1/conversations: conversations.py), Anthropic's Messages API (POST /v1/messages and
-/v1/messages/count_tokens: adapters/anthropic/), GET /health, GET /metrics (Prometheus text). `agentserve serve --http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
+/v1/messages/count_tokens: adapters/anthropic/), GET /health, GET /metrics (Prometheus text). `agentserve serve
+--http-port` runs this app under uvicorn in the same event loop as the gRPC server, over the same AsyncEngine.
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (on /v1/messages in
 Anthropic's, `{"type": "error", "error": {"type", "message"}}`, with the same statuses): 400 for invalid
-fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` (or `X-Api-Key`) when API
-keys are configured (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an unknown model,
+fields (the field named in `param`), 401 without the right `Authorization: Bearer <key>` (or `X-Api-Key`) when
+API keys are configured (on /v1/*; /health and /metrics stay open, as in vLLM), 404 for an unknown model,
 413 for a request body over `max_body_bytes`, 400 (`context_length_exceeded`) for a prompt that does
 not fit, 429 when the key's tenant has `max_requests_per_tenant` requests in flight, 503 when the
 engine's queue is full.
