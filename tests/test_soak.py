@@ -1,6 +1,6 @@
 """A leak and invariant soak of a live server (gRPC + HTTP in one loop, one engine): a seeded mix of
 concurrent clients (official `openai` client streaming and not, n > 1, logprobs, tool calls with
-tool_choice required, json_schema, Responses chains, gRPC sessions with turns, forks and closes,
+tool_choice required, json_schema, Responses chains, Anthropic messages streamed or not, gRPC sessions with turns, forks and closes,
 Generate, HTTP disconnects, cancelled turns, expiring deadlines, adapters loaded and unloaded
 mid-run) on a tiny llama with a small KV pool (preemption, session swap) and LoRA, with and without
 speculation. After each round stops and every session is closed (through ListSessions /

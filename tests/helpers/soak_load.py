@@ -1,5 +1,5 @@
 """A seeded mixed load on a live server (tests/test_soak.py): several concurrent clients over the
-official `openai` client, raw HTTP and the gRPC AgentClient, with aborts, disconnects, expiring
+official `openai` and `anthropic` clients, raw HTTP and the gRPC AgentClient, with aborts, disconnects, expiring
 deadlines and adapters loaded and unloaded mid-run. Every client tallies what it saw, so the
 server's counters can be checked against it; any outcome outside the expected set is recorded as a
 failure (an HTTP 5xx, an unexpected gRPC status, a tool call that does not parse)."""
@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
+import anthropic
 import grpc
 import httpx
 import openai
@@ -23,6 +24,8 @@ TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
                    "required": ["city"], "additionalProperties": False}}}
+ANTHROPIC_TOOL = {"name": TOOL["function"]["name"], "description": TOOL["function"]["description"],
+                  "input_schema": TOOL["function"]["parameters"]}
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                                 "maximum": 99}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -71,11 +74,13 @@ class Client:
         self.tally = tally
         self.rng = random.Random(seed)
         self.oai = openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        self.claude = anthropic.AsyncAnthropic(base_url=server.http_url, api_key="x", max_retries=0, timeout=120)
         self.http = httpx.AsyncClient(base_url=server.http_url, timeout=120)
         self.agent = AgentClient(server.grpc_address)
 
     async def close(self) -> None:
         await self.oai.close()
+        await self.claude.close()
         await self.http.aclose()
         await self.agent.close()
 
@@ -85,7 +90,7 @@ class Client:
     async def run(self, ops: int) -> None:
         mix: list[tuple[Callable[[], Awaitable[None]], int]] = [
             (self.chat, 4), (self.completion, 2), (self.tool_call, 2), (self.json_schema, 2), (self.generate, 2),
-            (self.long_completion, 1)]
+            (self.long_completion, 1), (self.messages, 2)]
         if not self.server.stateless_only:
             mix += [(self.responses_chain, 2), (self.session, 3)]
         if self.server.aborts:
@@ -98,7 +103,7 @@ class Client:
             self.tally.ops[op.__name__] += 1
             try:
                 await op()
-            except openai.NotFoundError as e:  # the "hot" adapter was unloaded meanwhile
+            except (openai.NotFoundError, anthropic.NotFoundError) as e:  # the "hot" adapter was unloaded meanwhile
                 self._expect("http404", "hot" in str(e) or "adapter" in str(e).lower(), str(e))
             except grpc.aio.AioRpcError as e:
                 self._expect(f"grpc:{e.code().name}", e.code() in EXPECTED_GRPC, f"{op.__name__}: {e.code()} {e.details()}")
@@ -163,6 +168,23 @@ class Client:
         assert r.usage is not None
         self.tally.usage(r.usage.prompt_tokens, r.usage.completion_tokens)
 
+    async def messages(self) -> None:
+        """Anthropic's Messages API, streamed or not, calling a tool or not."""
+        kw: dict[str, Any] = dict(model=self.model(), max_tokens=self.rng.randint(3, 10),
+                                  messages=[{"role": "user", "content": _prompt(self.rng, 6)}],
+                                  extra_body={"temperature": self.rng.choice([0.0, 0.8])})
+        if self.rng.random() < 0.4:
+            kw.update(tools=[ANTHROPIC_TOOL], tool_choice={"type": "any"}, max_tokens=40)
+        if self.rng.random() < 0.5:
+            async with self.claude.messages.stream(**kw) as stream:
+                message = await stream.get_final_message()
+        else:
+            message = await self.claude.messages.create(**kw)
+        if message.stop_reason == "tool_use":
+            assert all(isinstance(b.input, dict) for b in message.content if b.type == "tool_use"), message
+        u = message.usage  # Anthropic's input_tokens leave out the prefix cache's hits
+        self.tally.usage(u.input_tokens + (u.cache_read_input_tokens or 0), u.output_tokens)
+
     async def responses_chain(self) -> None:
         model, previous, ids = self.model(), None, []
         try:
@@ -178,10 +200,15 @@ class Client:
                     await self.oai.responses.delete(rid)
 
     async def http_disconnect(self) -> None:
-        """Streams a long completion and drops the connection after the first chunks."""
-        body = {"model": self.model(), "prompt": _prompt(self.rng, 6), "max_tokens": 200, "stream": True,
-                "ignore_eos": True, "n": self.rng.choice([1, 2])}
-        async with self.http.stream("POST", "/v1/completions", json=body) as r:
+        """Streams a long completion (or message) and drops the connection after the first chunks."""
+        body: dict[str, Any] = {"model": self.model(), "max_tokens": 200, "stream": True, "ignore_eos": True}
+        if self.rng.random() < 0.7:
+            path = "/v1/completions"
+            body.update(prompt=_prompt(self.rng, 6), n=self.rng.choice([1, 2]))
+        else:
+            path = "/v1/messages"
+            body.update(messages=[{"role": "user", "content": _prompt(self.rng, 6)}])
+        async with self.http.stream("POST", path, json=body) as r:
             if r.status_code == 404:
                 self.tally.expected_errors["http404"] += 1
                 return
