@@ -271,6 +271,17 @@ def test_errors_come_in_anthropics_shape(live: Live) -> None:
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
 
+def test_models_in_anthropics_shape_for_its_clients(live: Live) -> None:
+    listed = live.claude.models.list()
+    assert [(m.id, m.type, m.display_name) for m in listed.data] == [(MODEL, "model", MODEL)]
+    assert listed.data[0].created_at.year >= 2024 and listed.data[0].max_input_tokens == 1024
+    assert live.claude.models.retrieve(MODEL).type == "model"
+    with pytest.raises(anthropic.NotFoundError):
+        live.claude.models.retrieve("claude-nonesuch")
+    assert [m.id for m in live.chat.models.list().data] == [MODEL]  # OpenAI's clients: OpenAI's list
+    assert httpx.get(live.url + "/v1/models", headers={"x-api-key": "key-a"}).json()["object"] == "list"
+
+
 def test_litellm_anthropic_provider(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: its bundled price map
     litellm = pytest.importorskip("litellm", reason="litellm is not installed (pip install -e '.[dev]')")

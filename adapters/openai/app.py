@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import agentserve
+from agentserve.adapters.anthropic.models import ANTHROPIC_VERSION_HEADER, anthropic_model, anthropic_model_page
 from agentserve.adapters.anthropic.protocol import MESSAGES_PATH, is_messages_path
 from agentserve.adapters.anthropic.protocol import error_body as anthropic_error_body
 from agentserve.adapters.anthropic.routes import add_anthropic_routes
@@ -285,13 +286,17 @@ def _add_status_routes(app: FastAPI, async_engine: Any, metrics: Metrics) -> Non
 
 
 def _add_model_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    # Anthropic's clients (the anthropic-version header) get Anthropic's shapes of the same models.
     @app.get("/v1/models")
-    async def list_models() -> JSONResponse:
-        return JSONResponse(serving.list_models())
+    async def list_models(raw_request: Request) -> JSONResponse:
+        models = serving.list_models()
+        anthropic = ANTHROPIC_VERSION_HEADER in raw_request.headers
+        return JSONResponse(anthropic_model_page(models) if anthropic else models)
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> JSONResponse:
-        return JSONResponse(serving.get_model(model_id))
+    async def get_model(model_id: str, raw_request: Request) -> JSONResponse:
+        card = serving.get_model(model_id)
+        return JSONResponse(anthropic_model(card) if ANTHROPIC_VERSION_HEADER in raw_request.headers else card)
 
 
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
