@@ -81,6 +81,8 @@ def test_a_conversation_counts_its_items(live: Live) -> None:
     counted = live.a.responses.input_tokens.count(conversation=conv.id, input="And in Paris?", **FIELDS)
     reply = live.a.responses.create(conversation=conv.id, input="And in Paris?", **GEN)
     assert reply.usage.input_tokens == counted.input_tokens
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]"):  # the input's own path, after the items
+        live.a.responses.input_tokens.count(conversation=conv.id, input=[{"type": "bogus"}], **FIELDS)
     with pytest.raises(openai.BadRequestError, match="mutually exclusive"):
         live.a.responses.input_tokens.count(conversation=conv.id, previous_response_id=reply.id, input="x", **FIELDS)
 

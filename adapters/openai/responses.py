@@ -207,6 +207,19 @@ class ResponsesEndpoint:
         with contextlib.suppress(SessionError):
             await self.sessions.close(session_id, tenant=tenant)
 
+    def continued(self, req: I.ResponsesRequest, tenant: str, items: list[dict[str, Any]]
+                  ) -> tuple[Optional[StoredResponse], Optional[Conversation], list[dict[str, Any]]]:
+        """What the request continues (the stored response of previous_response_id, or the conversation of
+        `conversation`: 404 when unknown, 400 for both) and its input items' messages, each item checked with
+        its own path (`input[i]`)."""
+        conv_id = I.conversation_id(req)
+        prev = None
+        if req.previous_response_id:
+            self.background.check_not_running(req.previous_response_id, tenant, "previous_response_id")
+            prev = self.store.get(req.previous_response_id, tenant, "previous_response_id")
+        conv = self.conversations.get(conv_id, tenant, "conversation") if conv_id is not None else None
+        return prev, conv, I.input_messages(items, prev.call_names() if prev is not None else None)
+
     async def create(self, req: I.ResponsesRequest, raw_request: Any) -> Any:
         tenant = tenant_of_scope(raw_request.scope)
         adapter = self.s.resolve_model(req.model)
@@ -216,13 +229,7 @@ class ResponsesEndpoint:
             self.s.config.model.max_logprobs, self.s.engine.arch.vocab_size))
         params = self._params(req, tools, choice, top_logprobs)
         items = self.store.resolve_references(I.normalize_input(req.input), tenant.name)
-        conv_id = I.conversation_id(req)
-        prev = None
-        if req.previous_response_id:
-            self.background.check_not_running(req.previous_response_id, tenant.name, "previous_response_id")
-            prev = self.store.get(req.previous_response_id, tenant.name, "previous_response_id")
-        conv = self.conversations.get(conv_id, tenant.name, "conversation") if conv_id is not None else None
-        new_messages = I.input_messages(items, prev.call_names() if prev is not None else None)
+        prev, conv, new_messages = self.continued(req, tenant.name, items)
         if conv is not None:
             conv.check_idle()
             self.conversations.check_room(conv, items, "input")

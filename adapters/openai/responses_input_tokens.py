@@ -27,16 +27,10 @@ async def count_input_tokens(responses: ResponsesEndpoint, req: I.ResponsesReque
     tools, _ = responses.check(req)
     kwargs = I.template_kwargs(req)
     items = responses.store.resolve_references(I.normalize_input(req.input), tenant)
-    conv_id = I.conversation_id(req)
-    if conv_id is not None:
-        conv = responses.conversations.get(conv_id, tenant, "conversation")
-        history, new_messages = [], I.input_messages(conv.items + items)
-    elif req.previous_response_id:
-        responses.background.check_not_running(req.previous_response_id, tenant, "previous_response_id")
-        prev = responses.store.get(req.previous_response_id, tenant, "previous_response_id")
-        history, new_messages = prev.conversation(), I.input_messages(items, prev.call_names())
-    else:
-        history, new_messages = [], I.input_messages(items)
+    prev, conv, new_messages = responses.continued(req, tenant, items)
+    history = prev.conversation() if prev is not None else []
+    if conv is not None:  # later items may change how earlier ones render: the conversation's and the input's at once
+        new_messages = I.input_messages(conv.items + items)
     if not history and not new_messages:
         raise OpenAIError(400, "input must contain at least one item", param="input")
     try:
