@@ -261,6 +261,9 @@ def test_errors_come_in_anthropics_shape(live: Live) -> None:
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "tools": [
         {"name": "f", "input_schema": {"type": "nonsense"}}]}, "tools[0].input_schema")  # its names, not chat's
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "stop_sequences": [""]}, "stop_sequences")
+    with pytest.raises(anthropic.BadRequestError, match=r"tools\[0\]\.input_schema"):  # counting names them so too
+        live.claude.messages.count_tokens(model=MODEL, messages=hi, tools=[{"name": "f", "input_schema": {
+            "type": "nonsense"}}])
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi + [{"role": "assistant", "content": [
         {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}]}, "final assistant message")
     refused(400, {"model": MODEL, "max_tokens": 0, "messages": hi}, "max_tokens")

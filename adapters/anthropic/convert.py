@@ -60,17 +60,14 @@ def _unsupported(block: dict[str, Any], at: str, role: str) -> OpenAIError:
                 f"{', tool_use, thinking' if role == 'assistant' else ''}; got {kind!r}", f"{at}.type")
 
 
-def _tool_result_text(block: dict[str, Any], at: str) -> str:
-    content = block.get("content", "")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _bad(f"{at}.content must be a string or a list of text blocks", f"{at}.content")
+def _text_of_blocks(content: Any, at: str, what: str) -> str:
+    """Content that may only be text (a system prompt, a tool result): a string, or text blocks joined by
+    newlines."""
     texts = []
-    for j, part in enumerate(_blocks(content, f"{at}.content")):
-        if part["type"] != "text":
-            raise _unsupported(part, f"{at}.content[{j}]", "tool result")
-        texts.append(_text(part, f"{at}.content[{j}]"))
+    for j, block in enumerate(_blocks(content, at)):
+        if block["type"] != "text":
+            raise _unsupported(block, f"{at}[{j}]", what)
+        texts.append(_text(block, f"{at}[{j}]"))
     return "\n".join(texts)
 
 
@@ -90,7 +87,8 @@ def _user_messages(blocks: list[dict[str, Any]], at: str) -> list[dict[str, Any]
             if not isinstance(call_id, str) or not call_id:
                 raise _bad(f"{where}.tool_use_id is required: the id of the tool_use block this answers",
                            f"{where}.tool_use_id")
-            out.append({"role": "tool", "tool_call_id": call_id, "content": _tool_result_text(block, where)})
+            content = _text_of_blocks(block.get("content", ""), f"{where}.content", "tool result")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": content})
         else:
             raise _unsupported(block, where, "user")
     if texts or not out:
@@ -132,15 +130,8 @@ def _assistant_message(blocks: list[dict[str, Any]], at: str) -> dict[str, Any]:
 
 def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    if req.system is not None:
-        blocks = _blocks(req.system, "system")
-        texts = []
-        for j, block in enumerate(blocks):
-            if block["type"] != "text":
-                raise _bad(f"system[{j}]: system blocks are text; got {block['type']!r}", f"system[{j}].type")
-            texts.append(_text(block, f"system[{j}]"))
-        if texts:
-            out.append({"role": "system", "content": "\n".join(texts)})
+    if req.system is not None and req.system != []:  # a string (even ""), or text blocks
+        out.append({"role": "system", "content": _text_of_blocks(req.system, "system", "system")})
     if not req.messages:
         raise _bad("messages: at least one message is required", "messages")
     for i, m in enumerate(req.messages):
@@ -197,25 +188,17 @@ def chat_tool_choice(choice: Optional[dict[str, Any]], tools: Optional[list[Any]
     return (mapped, parallel)
 
 
-def _output_config(config: Optional[dict[str, Any]]) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise _bad("output_config must be an object", "output_config")
-    return config
-
-
 def template_kwargs(thinking: Optional[dict[str, Any]], output_config: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The chat-template variables: enable_thinking from `thinking` (enabled, adaptive and between_tools think),
     reasoning_effort from output_config.effort."""
     kwargs: dict[str, Any] = {}
     if thinking is not None:
-        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        kind = thinking.get("type")
         if kind not in ("enabled", "adaptive", "between_tools", "disabled"):
             raise _bad(f"thinking.type must be 'enabled', 'adaptive', 'between_tools' or 'disabled'; got {kind!r}",
                        "thinking.type")
         kwargs["enable_thinking"] = kind != "disabled"
-    effort = _output_config(output_config).get("effort")
+    effort = (output_config or {}).get("effort")
     if effort is not None:
         kwargs["reasoning_effort"] = effort
     return kwargs
@@ -223,7 +206,7 @@ def template_kwargs(thinking: Optional[dict[str, Any]], output_config: Optional[
 
 def response_format(output_config: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """output_config.format (a JSON schema the reply must match) as the chat response_format."""
-    fmt = _output_config(output_config).get("format")
+    fmt = (output_config or {}).get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):

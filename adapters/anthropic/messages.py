@@ -65,8 +65,11 @@ class MessagesEndpoint:
         return message_events(result, req.model)
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, Any]:
+        return {"input_tokens": len(await _named_for_messages(self._prompt(req)))}
+
+    async def _prompt(self, req: CountTokensRequest) -> list[int]:
+        """The prompt a message request renders to, checked as the chat endpoint checks a request."""
         chat_req = self._chat_request(chat_request_fields(req))
         self.chat.s.resolve_model(chat_req.model)  # 404 for a model or adapter that is not served
         messages, tools, _, kwargs = self.chat.prepare_prompt(chat_req)
-        prompt = await _named_for_messages(self.chat.render_prompt(chat_req, messages, tools, kwargs))
-        return {"input_tokens": len(prompt)}
+        return await self.chat.render_prompt(chat_req, messages, tools, kwargs)
