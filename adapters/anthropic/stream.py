@@ -92,7 +92,6 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str) -> Async
                     reason = stop_reason(choice["finish_reason"], choice.get("stop_reason"))
     for out in blocks.close():
         yield out
-    final = anthropic_usage(usage) if usage is not None else {"output_tokens": 0}
     yield event("message_delta", {"delta": {"stop_reason": reason[0], "stop_sequence": reason[1]},
-                                  "usage": {"output_tokens": final["output_tokens"]}})
+                                  "usage": {"output_tokens": usage["completion_tokens"] if usage is not None else 0}})
     yield event("message_stop", {})
