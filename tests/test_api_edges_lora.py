@@ -70,6 +70,11 @@ def test_http_load_unload_bad_input_and_model_field(adapters: dict[str, Path], t
                      "adapter_config.json"),
                     ({"lora_name": "b", "lora_path": str(adapters["other_arch"])}, 400, "lora_path",
                      "invalid_lora_adapter", "different model"),
+                    # Paths the OS itself refuses (the HTTP fuzz found the NUL byte as a 500).
+                    ({"lora_name": "b", "lora_path": b + "\x00x"}, 400, "lora_path", "invalid_lora_adapter",
+                     "NUL byte"),
+                    ({"lora_name": "b", "lora_path": "x" * 5000}, 400, "lora_path", "invalid_lora_adapter",
+                     "name too long"),
                     ({"lora_name": "b", "lora_path": str(adapters["rank32"])}, 400, "lora_path",
                      "invalid_lora_adapter", "max_lora_rank"),
                     # The base model's names: an adapter under one would never be reached.
@@ -135,6 +140,8 @@ def test_grpc_adapter_rpcs_bad_input(adapters: dict[str, Path], tmp_path: Path) 
                     ("b", str(tmp_path / "nowhere"), grpc.StatusCode.INVALID_ARGUMENT, "does not exist"),
                     ("b", str(adapters["rank32"]), grpc.StatusCode.INVALID_ARGUMENT, "max_lora_rank"),
                     ("b", str(adapters["other_arch"]), grpc.StatusCode.INVALID_ARGUMENT, "different model"),
+                    ("b", b + "\x00x", grpc.StatusCode.INVALID_ARGUMENT, "NUL byte"),
+                    ("b", "x" * 5000, grpc.StatusCode.INVALID_ARGUMENT, "name too long"),
                     ("tiny", b, grpc.StatusCode.ALREADY_EXISTS, "base model"),
                     ("a", b, grpc.StatusCode.ALREADY_EXISTS, "replace"),
                     ("b\t", b, grpc.StatusCode.INVALID_ARGUMENT, "whitespace")]:

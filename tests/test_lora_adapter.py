@@ -214,6 +214,26 @@ def test_missing_directory_config_and_weights(good_adapter: Path, tmp_path: Path
         load(no_weights, base)
 
 
+def test_paths_the_os_refuses_are_adapter_errors(good_adapter: Path, tmp_path: Path) -> None:
+    """An API caller's string reaches the file system: a NUL byte (ValueError from os.stat), a name
+    too long or an unreadable directory (OSError) are LoRAAdapterErrors naming the path, so a server
+    answers 400 rather than 500, and a re-read after eviction fails its request, not the step."""
+    base = tiny_model_cached("llama")
+    with pytest.raises(LoRAAdapterError, match="contains a NUL byte"):
+        load(Path(str(good_adapter) + "\x00"), base)
+    with pytest.raises(LoRAAdapterError, match="cannot read LoRA adapter directory .*name too long"):
+        load(tmp_path / ("x" * 5000), base)
+    locked = _copy(good_adapter, tmp_path / "locked")
+    locked.chmod(0)
+    try:
+        if os.access(locked / "adapter_config.json", os.R_OK):
+            return  # root reads through mode 0; the two cases above still ran
+        with pytest.raises(LoRAAdapterError, match="cannot read LoRA adapter directory .*Permission denied"):
+            load(locked, base)
+    finally:
+        locked.chmod(0o755)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_and_numbers(good_adapter: Path, tmp_path: Path, value: float) -> None:
     """A diverged training run saves NaN / inf LoRA weights; served, its requests would answer the argmax of

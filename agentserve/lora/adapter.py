@@ -257,8 +257,20 @@ def load_lora_adapter(path: str | Path, arch: ArchConfig, *, max_lora_rank: int,
 
     Tensors stay on the CPU (in `dtype` if given, else as stored); raises LoRAAdapterError naming
     the problem for a missing directory or file, an unsupported feature or module, a rank above
-    `max_lora_rank`, a shape the base model does not have, or NaN / infinite weights."""
+    `max_lora_rank`, a shape the base model does not have, or NaN / infinite weights, and for a path
+    the OS refuses (a NUL byte, a name too long, no permission): an API caller's string, never a 500."""
     path = Path(path)
+    if "\x00" in str(path):  # os.stat raises ValueError on it, not OSError
+        raise LoRAAdapterError(f"LoRA adapter path {str(path)!r} contains a NUL byte; give the adapter's directory")
+    try:
+        return _load_checked_path(path, arch, max_lora_rank=max_lora_rank, adapter_id=adapter_id,
+                                  generation=generation, name=name, dtype=dtype)
+    except OSError as e:
+        raise LoRAAdapterError(f"cannot read LoRA adapter directory {path}: {e.strerror or e}") from None
+
+
+def _load_checked_path(path: Path, arch: ArchConfig, *, max_lora_rank: int, adapter_id: int, generation: int,
+                       name: Optional[str], dtype: Optional[torch.dtype]) -> LoRAAdapter:
     if path.is_file():  # e.g. the adapter_model.safetensors inside it
         raise LoRAAdapterError(f"{path} is a file, not a directory; give the PEFT adapter directory that holds it "
                                f"({path.parent})")

@@ -34,7 +34,7 @@ FileIdentity = Optional[tuple[int, int, int, int]]
 def _identity(path: Path) -> FileIdentity:
     try:
         st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):  # absent, or the "directory" is a file (the loader says so)
+    except (OSError, ValueError):  # absent, unreadable or not a path the OS takes (NUL): the loader says which
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -55,7 +55,7 @@ class AdapterSource:
     def check_unchanged(self, name: str) -> None:
         """Raises LoRAAdapterError naming the files when the directory no longer holds the files
         read at load. A missing directory is left to the reader, whose error says so."""
-        if not self.path.is_dir():
+        if _identity(self.path) is None:
             return
         now = AdapterSource.of(self.path)
         changed = [file for file, then, current in zip(ADAPTER_FILES, self.files, now.files) if then != current]
