@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 import grpc
 import httpx
+import llguidance
 import pytest
 
 from agentserve.adapters.client import AgentClient
@@ -26,6 +27,7 @@ from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.engine.engine import Engine
 from agentserve.errors import InvalidRequestError
+from agentserve.grammar.llguidance_backend import LLGuidanceGrammar, LLGuidanceMatcher
 from agentserve.grammar.state import GrammarState
 from agentserve.sampling_params import SamplingParams, SamplingParamsError
 from conftest_grpc import SYSTEM, make_config, make_engine, run, serving
@@ -36,6 +38,10 @@ SECRET = "zq-secret-7731"  # in every bad request (its stop string or grammar): 
 BREAK_MATCHER = SECRET + "-matcher"  # a grammar with this in it gets a matcher that raises mid-output
 BREAK_DETOKENIZER = SECRET + "-detokenizer"  # a stop string that makes the detokenizer raise
 BREAK_MASK = SECRET + "-mask"  # a grammar with this in it gets a matcher whose mask fill raises
+# A grammar with one of these in it gets a real llguidance matcher with a lexer-state limit that its first
+# mask (met by the compile's check), or a mask a few tokens in (met in a step), exceeds.
+LIMIT_FIRST, LIMIT_MID = SECRET + "-limit-first", SECRET + "-limit-mid"
+LEXER_STATES = {LIMIT_FIRST: 2, LIMIT_MID: 33}
 INNOCENT_IDS = [[11 + 7 * i, 23 + i, 40 + 3 * i, 5] for i in range(2)]
 INNOCENT_GEN_IDS = [[101 + 5 * i, 77, 9 + i] for i in range(2)]
 INNOCENT_TURNS = ["Say hello to the first tester.", "Name a colour, please."]
@@ -53,6 +59,9 @@ class BadCase:
     # not compile) is 400 / INVALID_ARGUMENT; the server's is a 500 before the stream starts, an error
     # event on a started stream, and INTERNAL.
     fails_as: tuple[str, str] = ("", "")
+    # Also right over HTTP: a failure met at the first tokens reaches the handler before the stream's
+    # headers when the step thread outruns it (the first token and the error come in one output).
+    http_also: tuple[str, ...] = ()
 
 
 SCHEMA_PATTERN = {"type": "object", "properties": {"v": {"type": "string", "pattern": "^d{1000000}$"}},
@@ -70,8 +79,9 @@ CASES = {
     "stop_lone_surrogate": BadCase({"stop": [SECRET + "\ud800"]}, None, "stop"),
     "regex_huge_repeat": BadCase({"guided_regex": f"({SECRET})?a{{1000000}}"}, {}, None,
                                  {"type": "regex", "regex": f"({SECRET})?a{{1000000}}"}, says="constraint",
-                                 # llguidance builds its lexer lazily: the limit is met mid-output
-                                 fails_as=("stream-error", "INVALID_ARGUMENT")),
+                                 # llguidance builds its lexer lazily: the limit is met mid-output, in a
+                                 # token's consume or in the next mask's fill (the request's fault either way)
+                                 fails_as=("stream-error", "INVALID_ARGUMENT"), http_also=("400",)),
     "schema_huge_pattern": BadCase(
         {"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA_PATTERN}}},
         {}, None, {"type": "json_schema", "json_schema": json.dumps(SCHEMA_PATTERN)}, says="constraint",
@@ -83,6 +93,16 @@ CASES = {
     "mask_fill_fails_first": BadCase({"guided_regex": f"({BREAK_MASK}|[a-z ]{{1,40}})"}, {}, None,
                                      {"type": "regex", "regex": f"({BREAK_MASK}|[a-z ]{{1,40}})"}, says="mask fill broke",
                                      fails_as=("500", "INTERNAL")),
+    # A backend limit met computing the first mask: llguidance leaves the row empty (nothing allowed) and
+    # its matcher in an error state. The constraint's fault, so the request's: not "sampled token 0 is not
+    # allowed" as a server fault (which that empty row used to give).
+    "mask_limit_first": BadCase({"guided_regex": f"({LIMIT_FIRST}|[a-z ]{{1,40}})"}, {}, None,
+                                {"type": "regex", "regex": f"({LIMIT_FIRST}|[a-z ]{{1,40}})"}, says="too many states",
+                                fails_as=("400", "INVALID_ARGUMENT")),
+    "mask_limit_mid_output": BadCase({"guided_regex": f"({LIMIT_MID}|[a-z ]{{1,40}})"}, {}, None,
+                                     {"type": "regex", "regex": f"({LIMIT_MID}|[a-z ]{{1,40}})"},
+                                     says="too many states", fails_as=("stream-error", "INVALID_ARGUMENT"),
+                                     http_also=("400",)),
     "detokenizer_fails": BadCase({"stop": [BREAK_DETOKENIZER]}, {"stop": [BREAK_DETOKENIZER]}, None, says="tokenizer failed",
                                  fails_as=("stream-error", "INTERNAL")),
 }
@@ -98,7 +118,8 @@ def aeng() -> Iterator[AsyncEngine]:
 @pytest.fixture
 def injected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """A matcher that raises after two accepted tokens for a grammar that names BREAK_MATCHER, one
-    whose mask fill raises for a grammar naming BREAK_MASK, and a detokenizer that fails for a request
+    whose mask fill raises for a grammar naming BREAK_MASK, real llguidance matchers with a lexer limit
+    for grammars naming LIMIT_FIRST / LIMIT_MID, and a detokenizer that fails for a request
     whose stop strings hold BREAK_DETOKENIZER."""
     accepted: dict[int, int] = {}
     accept_token = GrammarState.accept_token
@@ -124,6 +145,17 @@ def injected_failures(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError(f"mask fill broke on {SECRET}")
         fill(self, bitmask, row)
 
+    new_matcher = LLGuidanceGrammar.new_matcher
+
+    def limited_matcher(self: LLGuidanceGrammar) -> LLGuidanceMatcher:
+        states = next((n for marker, n in LEXER_STATES.items() if marker in repr(self.spec)), None)
+        if states is None:
+            return new_matcher(self)
+        lltok, grammar, log_level = self._fresh_args
+        return LLGuidanceMatcher(self.tokenizer_info, llguidance.LLMatcher(
+            lltok, grammar, log_level=log_level, limits=llguidance.LLParserLimits(max_lexer_states=states)))
+
+    monkeypatch.setattr(LLGuidanceGrammar, "new_matcher", limited_matcher)
     monkeypatch.setattr(GrammarState, "accept_token", failing_accept)
     monkeypatch.setattr(GrammarState, "fill", failing_fill)
     monkeypatch.setattr(IncrementalDetokenizer, "append", failing_append)
@@ -255,7 +287,8 @@ def test_bad_request_fails_alone(aeng: AsyncEngine, injected_failures: None, cas
         # A failed compile is the client's error; a failure inside the engine is the server's: either way
         # the bad stream alone ends with an error that says what failed.
         http_code, grpc_code = case.fails_as
-        assert bad.code == (http_code if channel == "http" else grpc_code), bad
+        expected = (http_code, *case.http_also) if channel == "http" else (grpc_code,)
+        assert bad.code in expected, bad
         assert case.says in bad.message, bad
 
 

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.engine.failures import request_failure_message
+from agentserve.errors import FailureKind
 from agentserve.grammar.interface import CompiledGrammar, GrammarError, GrammarMatcher, allocate_token_bitmask
 from agentserve.grammar.registry import get_backend
 from agentserve.grammar.spec import ConstraintSpec
@@ -56,7 +57,7 @@ class ConstraintManager:
         # Two builders: one slow build (a large schema) does not hold up the requests behind it.
         self._matcher_builder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="agentserve-matcher")
         self._tool_format: Optional[str] = None
-        self._mask_failures: list[tuple[Request, str]] = []
+        self._mask_failures: list[tuple[Request, str, FailureKind]] = []
         # A request's prepared-grammar future -> the compile it waits for, until that compile ends.
         self._compile_of: dict[concurrent.futures.Future, concurrent.futures.Future] = {}
 
@@ -156,8 +157,7 @@ class ConstraintManager:
                 state.fill(scratch, 0)
                 good.append((i, state))
             except Exception as e:  # noqa: BLE001 - this request's matcher: its failure alone
-                self._mask_failures.append(
-                    (requests[i], request_failure_message("while filling its output constraint's mask", requests[i], e)))
+                self._fail_mask(requests[i], e)
         if not good:
             self.bitmask.fill([], batch_size=len(requests))
             return None
@@ -174,12 +174,20 @@ class ConstraintManager:
                     request.grammar.fill_with_draft(bitmask, first, draft)
                 except Exception as e:  # noqa: BLE001 - this request's matcher: its failure alone
                     bitmask[first:first + len(draft) + 1].fill_(-1)
-                    self._mask_failures.append(
-                        (request, request_failure_message("while filling its output constraint's mask", request, e)))
+                    self._fail_mask(request, e)
             first += len(draft) + 1
         return bitmask
 
-    def take_mask_failures(self) -> list[tuple[Request, str]]:
-        """The requests whose mask could not be filled since the last call, with their errors."""
+    def _fail_mask(self, request: Request, error: Exception) -> None:
+        if isinstance(error, GrammarError):  # the constraint met a limit of the backend's: the request's own
+            self._mask_failures.append((request, request_failure_message("in its output constraint", request, error),
+                                        FailureKind.INVALID_REQUEST))
+        else:
+            self._mask_failures.append((request, request_failure_message(
+                "while filling its output constraint's mask", request, error), FailureKind.INTERNAL))
+
+    def take_mask_failures(self) -> list[tuple[Request, str, FailureKind]]:
+        """The requests whose mask could not be filled since the last call, with their errors and whose
+        fault each is."""
         failures, self._mask_failures = self._mask_failures, []
         return failures

@@ -73,8 +73,8 @@ def launch_step(engine: "Engine", sched: SchedulerOutput, prev: Optional[Infligh
         if chunk.num_sampled:
             req.num_output_placeholders += 1  # one per row: update_from_output takes it back
     if engine.constraints is not None:
-        for req, error in engine.constraints.take_mask_failures():
-            engine.output.fail_request(req, error)
+        for req, error, kind in engine.constraints.take_mask_failures():
+            engine.output.fail_request(req, error, kind)
     return InflightStep(chunks, handle, overlappable)
 
 

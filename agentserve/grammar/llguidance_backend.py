@@ -209,12 +209,23 @@ class LLGuidanceMatcher(GrammarMatcher):
         if self._m.validate_tokens([token_id]) != 1:
             return False
         ok = self._m.consume_token(token_id)
-        if not ok:  # pragma: no cover - validate said yes
-            raise GrammarError(f"llguidance: {self._m.get_error()}")
+        if not ok:  # validate said yes: consuming reached a limit (the lexer built lazily grew too large)
+            raise GrammarError(f"llguidance: {_short_error(self._m.get_error())}")
         return True
 
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
         _llg_torch.fill_next_token_bitmask(self._m, bitmask, row)
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """A limit met while computing the mask (e.g. "too many expressions constructed") leaves the
+        matcher in its error state and the row empty, allowing nothing: sampled there, a token would be
+        refused as if the model had broken the constraint. Raised instead as the constraint's own error."""
+        if self._m.is_error():
+            error = _short_error(self._m.get_error())
+            if error == "NoExtensionBias":  # a stop, not a limit: e.g. a schema that only refers to itself
+                error = "the constraint allows no output here (no token, not even the end, continues it)"
+            raise GrammarError(f"llguidance: {error}")
 
     def _rollback(self, num_tokens: int) -> None:
         if not self._m.rollback(num_tokens):
@@ -236,6 +247,8 @@ class LLGuidanceMatcher(GrammarMatcher):
         live = [(m, r) for m, r in pairs if not m._eos_accepted]
         if executor is not None and len(live) > 1:
             _llg_torch.fill_next_token_bitmask_par(executor, [(m._m, r) for m, r in live], bitmask)
+            for m, _ in live:  # the caller refills row by row to find which request it was
+                m.raise_if_failed()
         else:
             for m, r in live:
                 m._fill(bitmask, r)
