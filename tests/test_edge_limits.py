@@ -223,12 +223,36 @@ def test_lone_surrogates_are_400_naming_the_field(aeng: AsyncEngine) -> None:
                     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
                      "messages[0].content"),
                     ("/v1/completions", '{"prompt": "ab", "stop": ["\\ud801"], "max_tokens": 2}', "stop[0]"),
+                    # Endpoints that used to answer 500 (the tokenizer's TypeError, or the error or the stored
+                    # metadata echoing the string back and failing to encode as UTF-8).
+                    ("/tokenize", '{"prompt": "a\\ud800"}', "prompt"),
+                    ("/tokenize", '{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
+                    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+                                             '"logit_bias": {"\\ud800": 1}}', "logit_bias.\ud800"),
+                    ("/v1/conversations", '{"metadata": {"k": "\\ud800"}}', "metadata.k"),
+                    ("/v1/conversations", '{"items": [{"role": "user", "content": "\\ud800"}]}', "items[0].content"),
+                    ("/v1/responses/input_tokens", '{"input": "\\ud800"}', "input"),
                 ]
                 for path, raw, param in cases:
                     r = await http.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
                     assert r.status_code == 400, (raw, r.text)
                     err = r.json()["error"]
                     assert err["param"] == param and "UTF-8" in err["message"], err
+                # Anthropic's count_tokens answers in Anthropic's shape, naming its own field.
+                r = await http.post("/v1/messages/count_tokens", content=b'{"model": "m", "messages": [{"role": "user", '
+                                    b'"content": "\\ud800"}]}', headers={"Content-Type": "application/json"})
+                assert r.status_code == 400 and r.json()["type"] == "error", r.text
+                assert r.json()["error"]["message"].startswith("messages[0].content is not valid UTF-8"), r.text
+                # A conversation's later metadata and items are checked as its first ones are.
+                conv = (await http.post("/v1/conversations", json={"metadata": {"k": "v"}})).json()["id"]
+                for path, raw, param in [(f"/v1/conversations/{conv}", '{"metadata": {"k": "\\udfff"}}', "metadata.k"),
+                                         (f"/v1/conversations/{conv}/items",
+                                          '{"items": [{"role": "user", "content": [{"type": "input_text", '
+                                          '"text": "\\ud800"}]}]}', "items[0].content[0].text")]:
+                    r = await http.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+                    assert r.status_code == 400 and r.json()["error"]["param"] == param, (raw, r.text)
+                got = (await http.get(f"/v1/conversations/{conv}")).json()
+                assert got["metadata"] == {"k": "v"}, got
 
     run(body())
 

@@ -15,6 +15,7 @@ from agentserve.adapters.anthropic.replies import message_body
 from agentserve.adapters.anthropic.stream import message_events
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
+from agentserve.chat import limits as L
 from agentserve.errors import FieldError
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class MessagesEndpoint:
         return message_events(result, req.model)
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, Any]:
+        L.check_utf8(req.model_dump(exclude_none=True), "")  # as create's chat checks do, in this API's names
         return {"input_tokens": len(await _named_for_messages(self._prompt(req)))}
 
     async def _prompt(self, req: CountTokensRequest) -> list[int]:

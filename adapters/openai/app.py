@@ -62,11 +62,23 @@ _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/c
 _GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH)
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """An error's JSON. Messages may quote the request's own strings, and JSON can spell a lone surrogate
+    ("\\ud800") that UTF-8 cannot encode: such a body is written with escapes rather than failing the
+    error itself (the input checks refuse those strings by name; this is for any message they miss)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
                     code: Optional[str] = None, headers: Optional[dict[str, str]] = None, path: str = "") -> JSONResponse:
     """An error in OpenAI's shape, or in Anthropic's on the Messages API's routes (`path`)."""
     body = anthropic_error_body(status, message) if is_messages_path(path) else error_body(message, type, param, code)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 def _openai_error_response(e: OpenAIError, path: str) -> JSONResponse:

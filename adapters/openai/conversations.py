@@ -48,6 +48,7 @@ class ConversationsEndpoint:
         return self.store.get(conversation_id, tenant_of_scope(raw_request.scope).name)
 
     def _items(self, raw: Any, tenant: str) -> list[dict[str, Any]]:
+        L.check_utf8(raw, "items")  # stored, echoed back and rendered into later responses' prompts
         items = self.responses.store.resolve_references(I.normalize_input(checked_item_list(raw, "items"), "items"),
                                                         tenant, "items")
         I.input_messages(items, field_name="items")  # each item checked as a response's input would be

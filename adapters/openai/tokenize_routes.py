@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError, ToolDefinition
 from agentserve.adapters.openai.serving import OpenAIServing
+from agentserve.chat import limits as L
 
 
 class TokenizeRequest(BaseModel):
@@ -61,6 +62,7 @@ async def _chat_ids(chat: ChatEndpoint, body: TokenizeRequest) -> list[int]:
 def add_tokenize_routes(app: FastAPI, serving: OpenAIServing, chat: ChatEndpoint) -> None:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        L.check_utf8(body.model_dump(exclude_none=True), "")  # the tokenizer cannot take a lone surrogate
         serving.resolve_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError(400, "give exactly one of prompt and messages", param="prompt")

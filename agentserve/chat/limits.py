@@ -91,6 +91,8 @@ MAX_METADATA_VALUE_CHARS = 512
 
 
 def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> None:
+    """Pair count, key and value lengths, and valid UTF-8 (metadata is stored and echoed back)."""
+    check_utf8(metadata, field)
     if len(metadata) > MAX_METADATA_PAIRS:
         raise EdgeLimitError(f"{field} has {len(metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed", field)
     for key, value in metadata.items():
