@@ -1,13 +1,16 @@
 """A bounded, seeded fuzz of the HTTP API from its own OpenAPI schema (schemathesis): valid and
 invalid requests to every operation; no response may be a 5xx. The app serves no /openapi.json
 (openapi_url=None); the test takes the schema from `app.openapi()`, which is what that route
-would serve. Counts per operation and the status histogram go to the test output (`-s`)."""
+would serve. Counts per operation and the status histogram go to the test output (`-s`). A second
+test gives valid bodies one lone surrogate each, which the generators never draw."""
 
 from __future__ import annotations
 
 import collections
+import json
+import random
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import hypothesis
 import pytest
@@ -83,4 +86,76 @@ def test_http_fuzz_from_openapi_has_no_server_errors(server: tuple[ServerThread,
     for label in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
                   "POST /v1/load_lora_adapter"):  # the bodies to fuzz
         assert sent[label] == 2 * EXAMPLES_PER_OPERATION, sent
+    assert not server_errors, "\n".join(server_errors[:10])
+
+
+_KEY = object()  # marks a path to an object key rather than to a value
+SURROGATE_EXAMPLES_PER_OPERATION = 12
+
+
+def _string_paths(node: Any, path: tuple = ()) -> Iterator[tuple]:
+    """Paths to every string leaf, and to every object key (as (..., _KEY, name)), of a JSON body."""
+    if isinstance(node, str):
+        yield path
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield (*path, _KEY, k)
+            yield from _string_paths(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _string_paths(v, (*path, i))
+
+
+def _with_surrogate(body: Any, path: tuple) -> Any:
+    """A copy of `body` with a lone surrogate appended to the string (or key) at `path`."""
+    if not path:
+        return body + "\ud800"
+    body = json.loads(json.dumps(body))
+    *parents, last = path
+    is_key = bool(parents) and parents[-1] is _KEY
+    node = body
+    for p in parents[:-1] if is_key else parents:
+        node = node[p]
+    if is_key:
+        node[last + "\ud800"] = node.pop(last)
+    else:
+        node[last] = node[last] + "\ud800"
+    return body
+
+
+def test_lone_surrogates_anywhere_are_never_server_errors(server: tuple[ServerThread, dict]) -> None:
+    """JSON can spell a lone surrogate ("\\ud800") that no tokenizer or UTF-8 encoder takes, and the
+    generators above never produce one (they draw valid Unicode). Valid bodies of every operation, each
+    with one of its strings or object keys given a lone surrogate: 4xx, never 5xx."""
+    thread, raw_schema = server
+    schema = schemathesis.openapi.from_dict(raw_schema)
+    session = requests.Session()
+    sent: collections.Counter[str] = collections.Counter()
+    server_errors: list[str] = []
+    rng = random.Random(SEED)
+    for op in (result.ok() for result in schema.get_all_operations()):
+        if not op.body:
+            continue
+
+        @settings(max_examples=SURROGATE_EXAMPLES_PER_OPERATION, derandomize=True, database=None, deadline=None,
+                  suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
+        @given(case=op.as_strategy(generation_mode=GenerationMode.POSITIVE))
+        @hypothesis.seed(SEED)
+        def send(case: schemathesis.Case) -> None:
+            paths = list(_string_paths(case.body))
+            if not paths:
+                return
+            body = _with_surrogate(case.body, rng.choice(paths))
+            request = case.as_transport_kwargs(base_url=thread.url)
+            request.pop("json", None)
+            headers = {**request.pop("headers", {}), "Content-Type": "application/json"}
+            # json.dumps escapes the surrogate (ensure_ascii): the bytes are valid JSON a client may send.
+            response = session.request(**request, headers=headers, data=json.dumps(body).encode(), timeout=60)
+            sent[op.label] += 1
+            if response.status_code >= 500:
+                server_errors.append(f"{op.label} {response.status_code}: {body!r:.300} -> {response.text[:300]}")
+
+        send()
+    print(f"\nlone-surrogate fuzz: {sum(sent.values())} requests; per operation {dict(sorted(sent.items()))}")
+    assert sent["POST /v1/chat/completions"] > 0 and sent["POST /v1/messages"] > 0, sent
     assert not server_errors, "\n".join(server_errors[:10])
