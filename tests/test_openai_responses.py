@@ -240,6 +240,7 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         (dict(input=[{"role": "robot", "content": "x"}]), "input[0].role"),
         (dict(input="x", text={"format": {"type": "yaml"}}), "text.format.type"),
         (dict(input="x", max_output_tokens=0), "max_output_tokens"),
+        (dict(input="x", max_output_tokens=10 ** 40), "max_output_tokens"),  # past int64: the engine's check
         (dict(input="x", tools=TOOLS, tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
         # Tool errors name the Responses path (flat tools), not the Chat Completions one (tools[i].function).
         (dict(input="x", tools=TOOLS + TOOLS), "tools[1].name"),
@@ -265,6 +266,7 @@ def test_bad_requests_name_the_field(live: Live) -> None:
         assert resp.status_code == 400, (kw, resp.text)
         assert resp.json()["error"]["param"] == param, (kw, resp.json())
         assert ".function." not in resp.json()["error"]["message"], resp.json()
+        assert "max_tokens" not in resp.json()["error"]["message"], resp.json()  # the engine's name for the field
     for kw in (dict(top_logprobs=0), dict(include=["reasoning.encrypted_content"])):  # what asks for nothing missing
         assert live.http.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2,
                                                      **kw}).status_code == 200, kw

@@ -138,9 +138,10 @@ class ResponsesEndpoint:
         try:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as e:
-            msg = str(e)
-            param = param_of(msg)
-            raise OpenAIError(400, msg, param="max_output_tokens" if param == "max_tokens" else param) from None
+            msg, param = str(e), param_of(str(e))
+            if param == "max_tokens":  # the engine's name for this API's field, in the message as in param
+                msg, param = "max_output_tokens" + msg[len("max_tokens"):], "max_output_tokens"
+            raise OpenAIError(400, msg, param=param) from None
 
     async def fitted(self, req: I.ResponsesRequest, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
                      tools: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
