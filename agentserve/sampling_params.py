@@ -83,6 +83,8 @@ class SamplingParams:
     stop: Union[None, str, list[str]] = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's: at most this many tokens of reasoning (needs a --reasoning-parser), then its end marker is forced.
+    thinking_token_budget: Optional[int] = None
     logprobs: Optional[int] = None  # top-n logprobs per generated token (0: only the sampled token's)
     prompt_logprobs: Optional[int] = None  # top-n logprobs per prompt token (0: only the prompt token's)
     # vLLM's: keep only the prompt's last k tokens (-1: the last max_model_len - 1, what the model can take).
@@ -185,6 +187,8 @@ class SamplingParams:
                                           f"{self.truncate_prompt_tokens!r}")
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+        if self.thinking_token_budget is not None:
+            _check_int("thinking_token_budget", self.thinking_token_budget, 0)
         self._validate_logit_bias()
 
     def _validate_logit_bias(self) -> None:

@@ -12,6 +12,7 @@ well-formed chat messages:
   / none is auto / required / that function / none, and `disable_parallel_tool_use` asks for one call;
 - `thinking` (enabled, adaptive, between_tools: on; disabled: off) switches the template's enable_thinking
   (Qwen3's switch; templates ignore variables they do not read), `output_config.effort` is its reasoning_effort;
+  an enabled block's `budget_tokens` bounds the reasoning (thinking_token_budget; with a reasoning parser);
 - `output_config.format` (a JSON schema) is the json_schema response_format: the reply is constrained to it;
 - `stop_sequences` are stop strings; temperature, top_p, top_k (which older clients send) carry over;
 - a final assistant message is a prefill: the reply continues it (continue_final_message), and holds only
@@ -204,6 +205,16 @@ def template_kwargs(thinking: Optional[dict[str, Any]], output_config: Optional[
     return kwargs
 
 
+def thinking_budget(thinking: Optional[dict[str, Any]]) -> Optional[int]:
+    """thinking.budget_tokens of an enabled block (the reasoning's most tokens: vLLM's thinking_token_budget)."""
+    if thinking is None or thinking.get("type") != "enabled" or "budget_tokens" not in thinking:
+        return None
+    budget = thinking["budget_tokens"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise _bad(f"thinking.budget_tokens must be a non-negative integer, got {budget!r}", "thinking.budget_tokens")
+    return budget
+
+
 def response_format(output_config: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """output_config.format (a JSON schema the reply must match) as the chat response_format."""
     fmt = (output_config or {}).get("format")
@@ -245,7 +256,8 @@ def chat_generation_fields(req: MessagesRequest) -> dict[str, Any]:
         raise _bad(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
     fields: dict[str, Any] = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                               "top_k": req.top_k, "stop": req.stop_sequences, "stream": req.stream,
-                              "response_format": response_format(req.output_config)}
+                              "response_format": response_format(req.output_config),
+                              "thinking_token_budget": thinking_budget(req.thinking)}
     if req.stream:  # the usage of every chunk: message_start carries the prompt's tokens, message_delta the output's
         fields["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return {k: v for k, v in fields.items() if v is not None}

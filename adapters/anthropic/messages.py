@@ -59,7 +59,12 @@ class MessagesEndpoint:
             raise OpenAIError(400, f"{field}: {first['msg']}", param=field) from None
 
     async def create(self, req: MessagesRequest, raw_request: Any) -> Any:
-        chat_req = self._chat_request({**chat_request_fields(req), **chat_generation_fields(req)})
+        generation = chat_generation_fields(req)
+        if self.chat.s.engine.reasoning is None:
+            # No reasoning parser, so no markers to end the reasoning at: the budget cannot apply (and a client
+            # that always sends one, as Claude Code does with thinking on, is still served).
+            generation.pop("thinking_token_budget", None)
+        chat_req = self._chat_request({**chat_request_fields(req), **generation})
         result = await _named_for_messages(self.chat.create(chat_req, raw_request))
         if isinstance(result, dict):
             return message_body(result, req.model)

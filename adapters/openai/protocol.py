@@ -120,6 +120,7 @@ class _SamplingFields(_Request):
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
+    thinking_token_budget: Optional[int] = None  # needs --reasoning-parser
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True

@@ -37,7 +37,7 @@ MAX_N = 128
 _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
            "stop", "stop_token_ids", "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias",
-           "allowed_token_ids", "bad_words")
+           "allowed_token_ids", "bad_words", "thinking_token_budget")
 
 
 def token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
@@ -208,6 +208,7 @@ class OpenAIServing:
             stop=req.stop,
             stop_token_ids=req.stop_token_ids or [],
             ignore_eos=req.ignore_eos,
+            thinking_token_budget=req.thinking_token_budget,
             logprobs=logprobs,
             prompt_logprobs=req.prompt_logprobs,
             truncate_prompt_tokens=req.truncate_prompt_tokens,

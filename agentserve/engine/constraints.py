@@ -20,6 +20,7 @@ from agentserve.grammar.tool_formats import detect_tool_format
 from agentserve.grammar.compiler import GrammarCompiler
 from agentserve.grammar.reasoning import ReasoningMarkers, wrap_for_reasoning
 from agentserve.grammar.state import GrammarBitmask, GrammarState
+from agentserve.grammar.thinking_budget import budget_matcher
 from agentserve.request import Request, RequestStatus
 from agentserve.sampling_params import SamplingParams
 
@@ -106,6 +107,14 @@ class ConstraintManager:
         compile_future.add_done_callback(on_compiled)
         return prepared
 
+    def budget_state(self, request: Request, reasoning: ReasoningMarkers) -> Optional[GrammarState]:
+        """The grammar state of an unconstrained request with a thinking_token_budget (None when its prompt
+        closed the reasoning): its rows then take part in the batch's masks like a constrained one's."""
+        budget = request.sampling_params.thinking_token_budget
+        assert budget is not None, "only requests with a thinking_token_budget get a budget state"
+        matcher = budget_matcher(self.info, reasoning, request.prompt_token_ids, budget)
+        return None if matcher is None else GrammarState(matcher)
+
     def withdraw(self, prepared: "concurrent.futures.Future") -> None:
         """The request that `submit` returned `prepared` to was aborted before its grammar was ready:
         its compile is dropped unless it already runs or another request waits for it too."""
@@ -128,7 +137,9 @@ class ConstraintManager:
             # again would fail the same way.
             return f"the output constraint could not be compiled: {type(e).__name__}: {e}"
         state = prepared.take_state()
-        request.grammar = GrammarState(wrap_for_reasoning(state.matcher, reasoning, request.prompt_token_ids), state.grammar)
+        matcher = wrap_for_reasoning(state.matcher, reasoning, request.prompt_token_ids,
+                                     request.sampling_params.thinking_token_budget)
+        request.grammar = GrammarState(matcher, state.grammar)
         request.status = RequestStatus.WAITING
         return None
 

@@ -140,6 +140,9 @@ class Engine:
         validate_logprobs(params, self.config.model.max_logprobs, vocab)
         check_requested_backend(params.structured_outputs_backend, self.config.grammar_backend,
                                 "structured_outputs.backend")
+        if params.thinking_token_budget is not None and self.reasoning is None:
+            raise InvalidRequestError("thinking_token_budget needs the server's --reasoning-parser, which names the "
+                                      "model's reasoning markers; this server runs without one")
         if n >= self.max_model_len:
             raise ContextLengthError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len} "
                                      "(prompt plus output must fit)", "prompt", n, self.max_model_len)
@@ -193,6 +196,7 @@ class Engine:
             raise InvalidRequestError("n > 1 is not supported for session turns; fork the session instead")
         bad_words = bad_words_token_ids(self.tokenizer, params.bad_words, self.arch.vocab_size) if params.bad_words else []
         grammar_future = self._submit_constraint(params) if params.has_constraint else None
+        budgeted = params.thinking_token_budget is not None and grammar_future is None
         children = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -205,6 +209,9 @@ class Engine:
                                                          params.min_tokens, params.spaces_between_special_tokens)
             req.retain_blocks = retain_blocks
             req.bad_words_token_ids = bad_words
+            if budgeted:  # a constrained request gets its budget with its matcher (ConstraintManager.attach)
+                assert self.reasoning is not None  # validate() refused the budget without a parser
+                req.grammar = self._constraint_manager().budget_state(req, self.reasoning)
             children.append(req)
             self.requests[rid] = req
         leader = children[0]
@@ -224,12 +231,19 @@ class Engine:
             self.pending_forks[leader.request_id] = children[1:]
         self.metrics.prompt_tokens_total += len(token_ids)
 
-    def _submit_constraint(self, params: SamplingParams) -> "concurrent.futures.Future":
+    def _constraint_manager(self) -> ConstraintManager:
         try:
             if self.constraints is None:
                 self.constraints = ConstraintManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
                                                       self.config.grammar_backend, self.config.scheduler.max_num_seqs)
-            return self.constraints.submit(params)
+            return self.constraints
+        except GrammarError as e:
+            raise InvalidRequestError(str(e)) from None
+
+    def _submit_constraint(self, params: SamplingParams) -> "concurrent.futures.Future":
+        manager = self._constraint_manager()
+        try:
+            return manager.submit(params)
         except GrammarError as e:
             raise InvalidRequestError(str(e)) from None
 

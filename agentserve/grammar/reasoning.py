@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from agentserve.grammar.interface import GrammarError, GrammarMatcher
+from agentserve.grammar.interface import GrammarError, GrammarMatcher, as_int32
 from agentserve.grammar.tokenizer_info import special_tokens
 
 # vLLM's parser names -> their (start, end) marker texts.
@@ -93,18 +93,30 @@ class ReasoningMarkers:
 
 
 class ReasoningMatcher(GrammarMatcher):
-    def __init__(self, inner: GrammarMatcher, end_id: int, thinking: bool) -> None:
+    """`budget` (vLLM's thinking_token_budget): after that many reasoning tokens (a start marker the model
+    writes included, the end marker not), the end marker is the only token allowed."""
+
+    def __init__(self, inner: GrammarMatcher, end_id: int, thinking: bool, budget: Optional[int] = None) -> None:
         super().__init__(inner.tokenizer_info)
         self.inner = inner
         self.end_id = end_id
         self.thinking = thinking
+        self.budget = budget
+        self.thought = 0  # reasoning tokens accepted in this reply (the end marker not counted)
         # Per accepted non-EOS token: whether the inner matcher took it (for rollback across the end marker).
         self._to_inner: list[bool] = []
+
+    def _over_budget(self) -> bool:
+        return self.thinking and self.budget is not None and self.thought >= self.budget
 
     def _accept(self, token_id: int) -> bool:
         if self.thinking:
             if token_id == self.end_id:
                 self.thinking = False
+            elif self._over_budget():
+                return False
+            else:
+                self.thought += 1
             self._to_inner.append(False)
             return True
         if not self.inner.accept_token(token_id):
@@ -113,7 +125,10 @@ class ReasoningMatcher(GrammarMatcher):
         return True
 
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
-        if self.thinking:
+        if self._over_budget():
+            bitmask[row].zero_()
+            bitmask[row, self.end_id // 32] = as_int32(1 << (self.end_id % 32))
+        elif self.thinking:
             bitmask[row].fill_(-1)  # EOS is masked after this by the caller (not accepting)
         else:
             self.inner.fill_bitmask(bitmask, row)
@@ -126,11 +141,14 @@ class ReasoningMatcher(GrammarMatcher):
             self.inner.rollback(inner)
         if not taken[0]:
             # The first token undone was a thinking token: the state is inside the reasoning again
-            # (the end marker, if undone, is among them; earlier end markers do not exist).
+            # (the end marker, if undone, is among them and is not counted; earlier end markers do not exist).
+            undone_thoughts = len(taken) - inner - (0 if self.thinking else 1)
             self.thinking = True
+            self.thought -= undone_thoughts
 
     def _copy(self) -> "ReasoningMatcher":
-        other = ReasoningMatcher(self.inner.copy(), self.end_id, self.thinking)
+        other = ReasoningMatcher(self.inner.copy(), self.end_id, self.thinking, self.budget)
+        other.thought = self.thought
         other._to_inner = list(self._to_inner)
         return other
 
@@ -143,9 +161,9 @@ class ReasoningMatcher(GrammarMatcher):
 
 
 def wrap_for_reasoning(matcher: GrammarMatcher, markers: Optional[ReasoningMarkers],
-                       prompt_token_ids: Sequence[int]) -> GrammarMatcher:
-    """The request's matcher, behind a reasoning block when a parser is configured and the prompt left
-    the reply inside one."""
+                       prompt_token_ids: Sequence[int], budget: Optional[int] = None) -> GrammarMatcher:
+    """The request's matcher, behind a reasoning block (of at most `budget` tokens) when a parser is
+    configured and the prompt left the reply inside one."""
     if markers is None or markers.ended_in(prompt_token_ids):
         return matcher
-    return ReasoningMatcher(matcher, markers.end_id, thinking=True)
+    return ReasoningMatcher(matcher, markers.end_id, thinking=True, budget=budget)

@@ -1,0 +1,154 @@
+"""vLLM's thinking_token_budget: with a reasoning parser, a reply's reasoning block holds at most that many
+tokens, then `</think>` is forced and the answer (free, or under the request's constraint) follows. The
+budget follows speculation's rollbacks (greedy outputs with speculation equal those without), a prompt
+that closed the block is not bounded, and a server without a parser refuses the field by name."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import anthropic
+import openai
+import pytest
+import transformers
+
+from agentserve import SamplingParams
+from agentserve.errors import InvalidRequestError
+from agentserve.grammar.interface import allocate_token_bitmask, bitmask_to_ids
+from agentserve.grammar.reasoning import ReasoningMarkers
+from agentserve.grammar.thinking_budget import budget_matcher
+from agentserve.grammar.tokenizer_info import TokenizerInfo
+from agentserve.llm import LLM
+from agentserve.sampling_params import SamplingParamsError
+from agentserve.testing import tiny_model_cached
+from helpers.live_server import live_openai
+from helpers.spec_models import noisy_draft
+
+ARCH = "qwen3"
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, num_blocks=128, reasoning_parser="qwen3")
+PROMPTS = ["Think it over: a b a b a b", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLM]:
+    engine = LLM(str(tiny_model_cached(ARCH)), **ENGINE)
+    yield engine
+    engine.close()
+
+
+def _markers(llm: LLM) -> ReasoningMarkers:
+    assert llm.engine.reasoning is not None
+    return llm.engine.reasoning
+
+
+def test_matcher_forces_the_end_marker_at_the_budget_and_follows_rollbacks(llm: LLM) -> None:
+    markers, vocab = _markers(llm), llm.engine.arch.vocab_size
+    info = TokenizerInfo.from_hf(llm.tokenizer, vocab_size=vocab, eos_token_ids=sorted(llm.engine.eos_token_ids))
+    matcher = budget_matcher(info, markers, [5, 6], budget=3)
+    assert matcher is not None
+    assert budget_matcher(info, markers, [5, markers.start_id, markers.end_id], budget=3) is None  # closed: no bound
+    mask = allocate_token_bitmask(1, vocab)
+    thought = [11, 12, 13]
+    for i, token in enumerate(thought):
+        matcher.fill_bitmask(mask)
+        assert len(bitmask_to_ids(mask[0], vocab)) == vocab - len(llm.engine.eos_token_ids), i  # free, no EOS
+        assert matcher.accept_token(token)
+    matcher.fill_bitmask(mask)
+    assert bitmask_to_ids(mask[0], vocab) == [markers.end_id]  # the budget is spent
+    assert not matcher.accept_token(14)
+    copy = matcher.copy()
+    assert matcher.accept_tokens([markers.end_id, 20, 21]) == 3
+    matcher.fill_bitmask(mask)
+    assert len(bitmask_to_ids(mask[0], vocab)) == vocab  # the answer is free, EOS included
+    matcher.rollback(4)  # back across the end marker and one thought: one token of budget left
+    matcher.fill_bitmask(mask)
+    assert len(bitmask_to_ids(mask[0], vocab)) > 1 and matcher.accept_token(15)
+    matcher.fill_bitmask(mask)
+    assert bitmask_to_ids(mask[0], vocab) == [markers.end_id]
+    copy.fill_bitmask(mask)  # the copy kept its own state: still at the budget
+    assert bitmask_to_ids(mask[0], vocab) == [markers.end_id]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5])
+def test_engine_ends_the_reasoning_at_the_budget(llm: LLM, budget: int) -> None:
+    end = _markers(llm).end_id
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    unbounded = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, free)]
+    assert all(end not in ids[:budget + 1] for ids in unbounded)  # a random model does not close it itself
+    bounded = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, free.clone(thinking_token_budget=budget))]
+    for want, got in zip(unbounded, bounded):
+        assert got[:budget] == want[:budget] and got[budget] == end  # the same thought, then the forced end
+        assert len(got) == 24
+    # Sampled, n > 1: every sequence's block ends at the budget.
+    sampled = llm.generate(PROMPTS[:1], free.clone(temperature=1.0, seed=3, n=3, thinking_token_budget=budget))
+    assert [c.token_ids[budget] for c in sampled[0].outputs] == [end] * 3
+
+
+def test_budget_with_a_constraint_and_a_closed_prompt(llm: LLM) -> None:
+    markers = _markers(llm)
+    prompt = llm.tokenizer.encode("Is it so? ", add_special_tokens=False)
+    regex = SamplingParams(regex="(yes|no)", temperature=0.0, max_tokens=24, thinking_token_budget=4)
+    out = llm.generate([prompt], regex)[0].outputs[0]
+    assert out.token_ids[4] == markers.end_id and out.finish_reason == "stop"
+    assert out.text.split("</think>", 1)[1] in ("yes", "no")
+    # A prompt that closed the reasoning (thinking off): nothing to bound, the output as without a budget.
+    closed = [prompt + [markers.start_id, markers.end_id]]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert llm.generate(closed, free.clone(thinking_token_budget=0))[0].outputs[0].token_ids == \
+        llm.generate(closed, free)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_budget_is_exact_under_speculation(proposer: str) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, thinking_token_budget=6)
+    plain = LLM(str(tiny_model_cached(ARCH)), **ENGINE)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
+    plain.close()
+    spec = dict(speculative_method="ngram", prompt_lookup_min=1) if proposer == "ngram" else dict(draft_model=noisy_draft(ARCH))
+    fast = LLM(str(tiny_model_cached(ARCH)), num_speculative_tokens=3, spec_dynamic=False, **spec, **ENGINE)
+    assert [o.outputs[0].token_ids for o in fast.generate(PROMPTS, params)] == want
+    assert fast.engine.metrics.spec_num_draft_tokens > 0
+    fast.close()
+
+
+def test_bad_budgets_are_refused_by_name() -> None:
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(SamplingParamsError, match="thinking_token_budget"):
+            SamplingParams(thinking_token_budget=bad)  # type: ignore[arg-type]
+    plain = LLM(str(tiny_model_cached(ARCH)), **{**ENGINE, "reasoning_parser": None})
+    with pytest.raises(InvalidRequestError, match="thinking_token_budget needs the server's --reasoning-parser"):
+        plain.generate(["hi"], SamplingParams(max_tokens=4, thinking_token_budget=2))
+    plain.close()
+
+
+def test_http_chat_and_messages_apis_take_the_budget() -> None:
+    end = transformers.AutoTokenizer.from_pretrained(str(tiny_model_cached(ARCH))).encode(
+        "</think>", add_special_tokens=False)[0]
+    with live_openai(ARCH, max_model_len=256, reasoning_parser="qwen3") as chat:
+        body: dict[str, Any] = dict(model="m", messages=[{"role": "user", "content": "Why?"}], max_tokens=12,
+                                    temperature=0.0)
+        out = chat.chat.completions.create(**body, extra_body={
+            "thinking_token_budget": 3, "return_token_ids": True, "ignore_eos": True,
+            "chat_template_kwargs": {"enable_thinking": True}})
+        choice = out.choices[0]
+        assert choice.model_extra["token_ids"][3] == end
+        thought, content = choice.message.model_extra["reasoning_content"], choice.message.content
+        assert thought and content
+        # Anthropic's thinking.budget_tokens is the same budget: the same thought and answer.
+        claude = anthropic.Anthropic(base_url=str(chat.base_url).removesuffix("/v1/"), api_key="k", max_retries=0)
+        message = claude.messages.create(model="m", max_tokens=12, messages=body["messages"], extra_body={"temperature": 0.0},
+                                         thinking={"type": "enabled", "budget_tokens": 3})
+        blocks = {block.type: block for block in message.content}
+        assert blocks["thinking"].thinking == thought and blocks["text"].text == content
+        for bad in (-1, 1.5):
+            with pytest.raises(openai.BadRequestError) as err:
+                chat.chat.completions.create(**body, extra_body={"thinking_token_budget": bad})
+            assert err.value.body["param"] == "thinking_token_budget", err.value.body
+    with live_openai(ARCH, max_model_len=256) as plain:  # no reasoning parser
+        with pytest.raises(openai.BadRequestError) as err:
+            plain.chat.completions.create(**body, extra_body={"thinking_token_budget": 3})
+        assert err.value.body["param"] == "thinking_token_budget" and "--reasoning-parser" in err.value.body["message"]
+        # Anthropic's clients send a budget whenever thinking is on: served, with nothing to bound it by.
+        claude = anthropic.Anthropic(base_url=str(plain.base_url).removesuffix("/v1/"), api_key="k", max_retries=0)
+        assert claude.messages.create(model="m", max_tokens=4, messages=body["messages"],
+                                      thinking={"type": "enabled", "budget_tokens": 1024}).stop_reason == "max_tokens"
