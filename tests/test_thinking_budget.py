@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import anthropic
+import grpc
 import openai
 import pytest
 import transformers
 
 from agentserve import SamplingParams
+from agentserve.adapters.client import AgentClient
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import allocate_token_bitmask, bitmask_to_ids
 from agentserve.grammar.reasoning import ReasoningMarkers
@@ -21,6 +23,7 @@ from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.llm import LLM
 from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
+from conftest_grpc import SYSTEM, make_engine, rpc_status, run_with_client
 from helpers.live_server import live_openai
 from helpers.spec_models import noisy_draft
 
@@ -152,3 +155,37 @@ def test_http_chat_and_messages_apis_take_the_budget() -> None:
         claude = anthropic.Anthropic(base_url=str(plain.base_url).removesuffix("/v1/"), api_key="k", max_retries=0)
         assert claude.messages.create(model="m", max_tokens=4, messages=body["messages"],
                                       thinking={"type": "enabled", "budget_tokens": 1024}).stop_reason == "max_tokens"
+
+
+def test_grpc_generate_and_turns_take_the_budget() -> None:
+    """SamplingParams.thinking_token_budget of the native API: Generate and a session's Turn end the reasoning
+    at the budget (the reply's token ids), and a server without a parser answers INVALID_ARGUMENT naming it."""
+    end = transformers.AutoTokenizer.from_pretrained(str(tiny_model_cached(ARCH))).encode(
+        "</think>", add_special_tokens=False)[0]
+    greedy: dict[str, Any] = dict(temperature=0.0, max_tokens=10, ignore_eos=True, thinking_token_budget=2)
+
+    async def body(client: AgentClient) -> None:
+        done = await client.generate_done(prompt_token_ids=[5, 6, 7], **greedy)
+        assert list(done.token_ids)[2] == end
+        session = await client.create_session([SYSTEM])
+        try:
+            outcome = await session.run_turn([{"role": "user", "content": "Why?"}], return_token_ids=True, **greedy)
+            assert list(outcome.done.token_ids)[2] == end
+        finally:
+            await session.close()
+
+    aeng = make_engine(ARCH, reasoning_parser="qwen3")
+    try:
+        run_with_client(aeng, body)
+    finally:
+        aeng.shutdown()
+
+    async def refused(client: AgentClient) -> None:
+        code, message = await rpc_status(client.generate_done(prompt_token_ids=[5, 6, 7], **greedy))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "thinking_token_budget" in message, (code, message)
+
+    plain = make_engine(ARCH)
+    try:
+        run_with_client(plain, refused)
+    finally:
+        plain.shutdown()

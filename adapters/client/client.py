@@ -33,7 +33,7 @@ ToolLike = Union[dict[str, Any], pb.Tool]
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "stop",
                     "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                    "logit_bias", "allowed_token_ids", "bad_words", "logprobs")
+                    "logit_bias", "allowed_token_ids", "bad_words", "logprobs", "thinking_token_budget")
 
 
 def to_message(m: MessageLike) -> pb.Message:

@@ -27,7 +27,8 @@ _STATE = {
 }
 # SamplingParams fields declared `optional` in the proto: copied only when the client set them.
 _OPTIONAL_SAMPLING = frozenset(("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
-                                "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs"))
+                                "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
+                                "thinking_token_budget"))
 _EXCLUSIVE_CONSTRAINT_KEYS = ("regex", "choice", "grammar")
 
 
