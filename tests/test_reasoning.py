@@ -23,7 +23,7 @@ from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.llm import LLM
 from agentserve.testing import tiny_model_cached
 from helpers.live_server import live_openai
-from helpers.spec_models import noisy_draft
+from helpers.spec_models import speculative_token_ids
 
 ARCH = "qwen3"
 REGEX = "(yes|no)"
@@ -96,11 +96,7 @@ def test_reasoning_constraints_are_exact_under_speculation(proposer: str) -> Non
     params = params.clone(logit_bias={end: 21.0})
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     llm.close()
-    spec = dict(speculative_method="ngram", prompt_lookup_min=1) if proposer == "ngram" else dict(draft_model=noisy_draft(ARCH))
-    fast = LLM(str(tiny_model_cached(ARCH)), num_speculative_tokens=3, spec_dynamic=False, **spec, **ENGINE)
-    assert [o.outputs[0].token_ids for o in fast.generate(prompts, params)] == want
-    assert fast.engine.metrics.spec_num_draft_tokens > 0
-    fast.close()
+    assert speculative_token_ids(ARCH, proposer, prompts, params, **ENGINE) == want
 
 
 @pytest.mark.parametrize("text,in_reasoning,want", [

@@ -25,7 +25,7 @@ from agentserve.sampling_params import SamplingParamsError
 from agentserve.testing import tiny_model_cached
 from conftest_grpc import SYSTEM, make_engine, rpc_status, run_with_client
 from helpers.live_server import live_openai
-from helpers.spec_models import noisy_draft
+from helpers.spec_models import greedy_token_ids, speculative_token_ids
 
 ARCH = "qwen3"
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, num_blocks=128, reasoning_parser="qwen3")
@@ -104,14 +104,8 @@ def test_budget_with_a_constraint_and_a_closed_prompt(llm: LLM) -> None:
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
 def test_budget_is_exact_under_speculation(proposer: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, thinking_token_budget=6)
-    plain = LLM(str(tiny_model_cached(ARCH)), **ENGINE)
-    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
-    plain.close()
-    spec = dict(speculative_method="ngram", prompt_lookup_min=1) if proposer == "ngram" else dict(draft_model=noisy_draft(ARCH))
-    fast = LLM(str(tiny_model_cached(ARCH)), num_speculative_tokens=3, spec_dynamic=False, **spec, **ENGINE)
-    assert [o.outputs[0].token_ids for o in fast.generate(PROMPTS, params)] == want
-    assert fast.engine.metrics.spec_num_draft_tokens > 0
-    fast.close()
+    want = greedy_token_ids(str(tiny_model_cached(ARCH)), PROMPTS, params, **ENGINE)
+    assert speculative_token_ids(ARCH, proposer, PROMPTS, params, **ENGINE) == want
 
 
 def test_bad_budgets_are_refused_by_name() -> None:

@@ -70,6 +70,20 @@ def greedy_token_ids(model: str, prompts: list[list[int]], params: Any, **engine
     return out
 
 
+def speculative_token_ids(arch: str, proposer: str, prompts: list[Any], params: Any, **engine: Any) -> list[list[int]]:
+    """The token ids the tiny `arch` model generates with speculation (`proposer`: "ngram", or "draft": its
+    noisy copy, three tokens a step, no dynamic k); asserts that tokens were drafted. The engine is closed."""
+    from agentserve.llm import LLM
+
+    spec: dict[str, Any] = (dict(speculative_method="ngram", prompt_lookup_min=1) if proposer == "ngram"
+                            else dict(draft_model=noisy_draft(arch)))
+    llm = LLM(str(tiny_model_cached(arch)), num_speculative_tokens=3, spec_dynamic=False, **spec, **engine)
+    out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    assert llm.engine.metrics.spec_num_draft_tokens > 0
+    llm.close()
+    return out
+
+
 def record_replays(graphs: Any) -> list[bool]:
     """Wraps a ContinuationGraphs' run() (worker/continuation_graphs.py): the returned list gets, per
     call, whether it replayed (drafts) or declined (None: the eager continuation ran instead)."""
