@@ -267,11 +267,33 @@ def test_errors_come_in_anthropics_shape(live: Live) -> None:
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi + [{"role": "assistant", "content": [
         {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}]}, "final assistant message")
     refused(400, {"model": MODEL, "max_tokens": 0, "messages": hi}, "max_tokens")
-    refused(400, {"model": MODEL, "max_tokens": 4000, "messages": hi}, "maximum context length")
+    refused(400, {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "word " * 1100}]},
+            "maximum context length")  # the prompt alone past the context
     with pytest.raises(anthropic.AuthenticationError) as denied:
         anthropic.Anthropic(base_url=live.url, api_key="wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+def test_a_max_tokens_past_the_context_stops_at_the_context_window(live: Live) -> None:
+    """max_tokens is a cap (Claude Code asks for 32,000 whatever the model): past the context's room the reply
+    runs until the context is full and stops with model_context_window_exceeded, whole and streamed, where
+    chat completions answer 400 (as vLLM's do); a reply that ends first ends as usual."""
+    long = [{"role": "user", "content": "word " * 480}]
+    room = 1024 - live.claude.messages.count_tokens(model=MODEL, messages=long).input_tokens
+    assert 0 < room < 100
+    greedy = {"temperature": 0.0, "top_k": 1}
+    whole = live.claude.messages.create(model=MODEL, max_tokens=32000, messages=long, extra_body=greedy)
+    assert whole.stop_reason == "model_context_window_exceeded" and whole.usage.output_tokens == room
+    with live.claude.messages.stream(model=MODEL, max_tokens=32000, messages=long, extra_body=greedy) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "model_context_window_exceeded"
+    assert [b.text for b in streamed.content if b.type == "text"] == [b.text for b in whole.content if b.type == "text"]
+    # A max_tokens inside the room stops at it, as max_tokens; chat completions refuse the larger one.
+    short = live.claude.messages.create(model=MODEL, max_tokens=room - 1, messages=long, extra_body=greedy)
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == room - 1
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        live.chat.chat.completions.create(model=MODEL, max_tokens=32000, messages=long)
 
 
 def test_models_in_anthropics_shape_for_its_clients(live: Live) -> None:

@@ -65,10 +65,12 @@ class MessagesEndpoint:
             # that always sends one, as Claude Code does with thinking on, is still served).
             generation.pop("thinking_token_budget", None)
         chat_req = self._chat_request({**chat_request_fields(req), **generation})
-        result = await _named_for_messages(self.chat.create(chat_req, raw_request))
+        # max_tokens is a cap, not a demand: past the context's room the reply stops at the context window
+        # (model_context_window_exceeded), as Anthropic's newer models do, rather than refusing Claude Code's 32000.
+        result = await _named_for_messages(self.chat.create(chat_req, raw_request, fit_to_context=True))
         if isinstance(result, dict):
-            return message_body(result, req.model)
-        return message_events(result, req.model)
+            return message_body(result, req.model, req.max_tokens)
+        return message_events(result, req.model, req.max_tokens)
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, Any]:
         L.check_utf8(req.model_dump(exclude_none=True), "")  # as create's chat checks do, in this API's names

@@ -1,7 +1,7 @@
 """Anthropic's shapes of a chat reply: the message (content blocks: thinking, text, tool_use with the parsed
-input), its stop_reason (end_turn, max_tokens, stop_sequence, tool_use) and usage in Anthropic's terms:
-input_tokens are the prompt tokens the prefix cache did not hold, cache_read_input_tokens those it did (their
-sum is the prompt)."""
+input), its stop_reason (end_turn, max_tokens, model_context_window_exceeded, stop_sequence, tool_use) and usage
+in Anthropic's terms: input_tokens are the prompt tokens the prefix cache did not hold, cache_read_input_tokens
+those it did (their sum is the prompt)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ def message_id(chat_id: str) -> str:
     return "msg_" + chat_id.removeprefix("chatcmpl-")
 
 
-def stop_reason(finish_reason: Optional[str], matched: Any) -> tuple[Optional[str], Optional[str]]:
+def stop_reason(finish_reason: Optional[str], matched: Any, output_tokens: int,
+                max_tokens: int) -> tuple[Optional[str], Optional[str]]:
     """(Anthropic's stop_reason, the stop sequence that ended the reply) from the chat finish: `matched` is
-    the stop string that matched (vLLM's stop_reason), or a stop token's id, or None at the end of turn."""
+    the stop string that matched (vLLM's stop_reason), or a stop token's id, or None at the end of turn.
+    A length finish short of the request's max_tokens filled the context (its max_tokens was lowered to the
+    room left): model_context_window_exceeded, as Anthropic's API reports it."""
     if finish_reason == "length":
-        return "max_tokens", None
+        return ("model_context_window_exceeded" if output_tokens < max_tokens else "max_tokens"), None
     if finish_reason == "tool_calls":
         return "tool_use", None
     if finish_reason == "stop" and isinstance(matched, str):
@@ -55,9 +58,10 @@ def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     return blocks
 
 
-def message_body(chat_body: dict[str, Any], model: str) -> dict[str, Any]:
+def message_body(chat_body: dict[str, Any], model: str, max_tokens: int) -> dict[str, Any]:
     choice = chat_body["choices"][0]
-    reason, sequence = stop_reason(choice["finish_reason"], choice.get("stop_reason"))
+    reason, sequence = stop_reason(choice["finish_reason"], choice.get("stop_reason"),
+                                   chat_body["usage"]["completion_tokens"], max_tokens)
     return {"id": message_id(chat_body["id"]), "type": "message", "role": "assistant", "model": model,
             "content": content_blocks(choice["message"]), "stop_reason": reason, "stop_sequence": sequence,
             "usage": anthropic_usage(chat_body["usage"])}

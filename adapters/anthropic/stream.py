@@ -60,7 +60,7 @@ def _delta_events(blocks: _Blocks, delta: dict[str, Any]) -> list[str]:
     return out
 
 
-async def message_events(chunks: AsyncGenerator[str, None], model: str) -> AsyncIterator[str]:
+async def message_events(chunks: AsyncGenerator[str, None], model: str, max_tokens: int) -> AsyncIterator[str]:
     blocks = _Blocks()
     started = False
     usage: Optional[dict[str, Any]] = None
@@ -89,7 +89,8 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str) -> Async
                 for out in _delta_events(blocks, choice.get("delta") or {}):
                     yield out
                 if choice.get("finish_reason") is not None:
-                    reason = stop_reason(choice["finish_reason"], choice.get("stop_reason"))
+                    done = (chunk.get("usage") or usage or {}).get("completion_tokens", 0)
+                    reason = stop_reason(choice["finish_reason"], choice.get("stop_reason"), done, max_tokens)
     for out in blocks.close():
         yield out
     yield event("message_delta", {"delta": {"stop_reason": reason[0], "stop_sequence": reason[1]},

@@ -136,7 +136,8 @@ class ChatEndpoint:
         """The prompt's token ids: the chat template in a render pool worker, then the tokenizer."""
         return await self.s.render_pool.run(lambda tok: self._render(tok, messages, tools, req, template_kwargs))
 
-    async def create(self, req: ChatCompletionRequest, raw_request: Any) -> Any:
+    async def create(self, req: ChatCompletionRequest, raw_request: Any, fit_to_context: bool = False) -> Any:
+        """`fit_to_context`: a max_tokens past the context's room is lowered to it (OpenAIServing.validate)."""
         self.s.check_edge(req)
         _check_limits(req, self.s.limits)
         lora_name = self.s.resolve_model(req.model)
@@ -146,7 +147,7 @@ class ChatEndpoint:
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
         prompt_ids = self.s.truncate(await self.render_prompt(req, messages, tools, template_kwargs), params)
-        params = self.s.validate(prompt_ids, params, "messages")
+        params = self.s.validate(prompt_ids, params, "messages", fit_to_context)
         self.s.check_queue(1)
         role = reply_role(messages, req.add_generation_prompt, self.s.limits.response_role)
         ctx = _ChatContext(self, req, response_id("chatcmpl", raw_request, req.request_id), prompt_ids, params, lora_name,

@@ -235,7 +235,11 @@ class OpenAIServing:
         """truncate_prompt_tokens applied (as the engine applies it), before validate counts the prompt."""
         return truncate_prompt(prompt_ids, params, self.engine.max_model_len)
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> SamplingParams:
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str,
+                 fit_to_context: bool = False) -> SamplingParams:
+        """Checks the prompt and max_tokens against the context (400s naming them). `fit_to_context` (Anthropic's
+        Messages API, whose newer models stop at the context window instead of refusing a max_tokens past it)
+        lowers a max_tokens the context cannot hold to the room it has."""
         n, limit = len(prompt_ids), self.engine.max_model_len
         if params.max_tokens is None and n < limit:
             params = clone_params(params, max_tokens=self.engine.default_max_tokens(n))  # as every entry point
@@ -243,6 +247,9 @@ class OpenAIServing:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                    f"resulted in {n} tokens. Please reduce the length of the {what}.",
                               param=what, code="context_length_exceeded")
+        room = min(limit, self.engine.pool.num_blocks * self.engine.pool.block_size) - n  # context, and KV pages
+        if fit_to_context and params.max_tokens is not None and params.max_tokens > room > 0:
+            params = clone_params(params, max_tokens=room)
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                    f"{n + params.max_tokens} tokens ({n} in the {what}, {params.max_tokens} in the "
