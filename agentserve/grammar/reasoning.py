@@ -11,7 +11,8 @@ token of the tokenizer; a parser whose markers are not is refused at start-up, n
 `ReasoningMatcher` wraps the constraint's matcher: while thinking every token but EOS is allowed (a reply
 that ends inside its reasoning has no answer; it runs to max_tokens and reports "length"), `</think>`
 ends the thinking, and after it every call goes to the inner matcher. Rollback (speculative drafts) and
-copy (the draft's own matcher) follow the tokens across the boundary.
+copy (the draft's own matcher) follow the tokens across the boundary. With a `thinking_token_budget` it also
+counts the reasoning and, the budget spent, allows `</think>` alone (grammar/thinking_budget.py).
 """
 
 from __future__ import annotations
