@@ -7,6 +7,8 @@
 # the batch-1 decode step with AGENTSERVE_GEMV=torch vs triton (GPU time per step): one device call,
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
 # KERNELS_LATENCY=1 adds benchmarks/latency.py for both GEMV modes.
+# Before the call, here: `../shared/gpu/wheels.sh jsonschema attrs referencing rpds-py jsonschema-specifications`
+# (the default list lacks jsonschema, which test_gpu_spec.py imports: without it that file does not collect).
 # Installs the offline wheels (.whl/, from ../shared/gpu/wheels.sh), runs `pytest -m gpu`, then every
 # benchmark; JSON goes under $OUT (default benchmarks/out), a summary table is printed last.
 set -uo pipefail
