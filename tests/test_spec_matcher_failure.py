@@ -73,9 +73,9 @@ PROPOSERS: dict[str, dict[str, Any]] = {
 def outcomes(mode: str, spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     original = constraints.wrap_for_reasoning
 
-    def wrap(matcher: GrammarMatcher, markers: Optional[ReasoningMarkers],
-             prompt_token_ids: Sequence[int]) -> GrammarMatcher:
-        wrapped = original(matcher, markers, prompt_token_ids)
+    def wrap(matcher: GrammarMatcher, markers: Optional[ReasoningMarkers], prompt_token_ids: Sequence[int],
+             budget: Optional[int] = None) -> GrammarMatcher:
+        wrapped = original(matcher, markers, prompt_token_ids, budget)
         return FailingMatcher(wrapped, mode) if list(prompt_token_ids) == poisoned_ids else wrapped
 
     llm = LLM(str(tiny_model_cached(ARCH)), **ENGINE, **spec)

@@ -44,6 +44,20 @@ def _markers(llm: LLM) -> ReasoningMarkers:
     return llm.engine.reasoning
 
 
+def test_only_the_markers_after_the_last_end_of_turn_decide(llm: LLM) -> None:
+    """An earlier turn's block (a session's history, a template that renders the reasoning of the tool loop's
+    assistant messages) says nothing about this reply: its `</think>` before an end-of-turn token does not
+    close this reply's reasoning; markers after the last end-of-turn token do."""
+    tok, markers = llm.tokenizer, _markers(llm)
+    assert markers.turn_end_ids == frozenset(llm.engine.eos_token_ids)
+    earlier = tok.encode("<|im_start|>assistant\n<think>\nhm\n</think>\n\nyes<|im_end|>\n"
+                         "<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert set(earlier) & markers.turn_end_ids  # the template's end-of-turn token is an EOS id of this model
+    assert not markers.ended_in(earlier)
+    assert markers.ended_in(earlier + tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False))
+    assert markers.ended_in(tok.encode("Q: x </think>", add_special_tokens=False))  # no turns: the whole prompt
+
+
 def test_matcher_forces_the_end_marker_at_the_budget_and_follows_rollbacks(llm: LLM) -> None:
     markers, vocab = _markers(llm), llm.engine.arch.vocab_size
     info = TokenizerInfo.from_hf(llm.tokenizer, vocab_size=vocab, eos_token_ids=sorted(llm.engine.eos_token_ids))
@@ -163,8 +177,10 @@ def test_grpc_generate_and_turns_take_the_budget() -> None:
         assert list(done.token_ids)[2] == end
         session = await client.create_session([SYSTEM])
         try:
-            outcome = await session.run_turn([{"role": "user", "content": "Why?"}], return_token_ids=True, **greedy)
-            assert list(outcome.done.token_ids)[2] == end
+            for question in ("Why?", "And then?"):  # the second turn's prompt holds the first reply's </think>
+                outcome = await session.run_turn([{"role": "user", "content": question}], return_token_ids=True,
+                                                 **greedy)
+                assert list(outcome.done.token_ids)[2] == end, question
         finally:
             await session.close()
 

@@ -73,7 +73,8 @@ class Engine:
             # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
             # fails at once.
             self.reasoning: Optional[ReasoningMarkers] = (
-                ReasoningMarkers.for_tokenizer(config.reasoning_parser, self.tokenizer) if config.reasoning_parser else None)
+                ReasoningMarkers.for_tokenizer(config.reasoning_parser, self.tokenizer, frozenset(self.eos_token_ids))
+                if config.reasoning_parser else None)
             self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
             if config.attention_backend != "auto":
                 from agentserve.kernels import set_backend

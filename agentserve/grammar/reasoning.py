@@ -5,8 +5,13 @@ constraint from the first token forbids the thinking the model was trained to do
 
 Whether the reasoning already ended in the prompt is vLLM's rule: the last of the two marker tokens in
 the prompt decides (`</think>`: ended, e.g. Qwen3 with enable_thinking=False, whose template writes an
-empty block; `<think>`, or neither: the reply starts inside the reasoning). The markers must each be one
-token of the tokenizer; a parser whose markers are not is refused at start-up, naming them.
+empty block; `<think>`, or neither: the reply starts inside the reasoning), read only after the prompt's
+last end-of-turn token (the model's EOS ids: `<|im_end|>`, `<|eot_id|>`), as vLLM reads gpt-oss's channels
+only in the message being generated. Earlier turns' blocks (a session's resident history, a template that
+renders the reasoning of the assistant messages since the last user message, as Qwen3's does in a tool
+loop) say nothing about this reply: read whole, their `</think>` made a constrained reply start outside
+its reasoning, so the model could not think, and left a thinking_token_budget unenforced. The markers must
+each be one token of the tokenizer; a parser whose markers are not is refused at start-up, naming them.
 
 `ReasoningMatcher` wraps the constraint's matcher: while thinking every token but EOS is allowed (a reply
 that ends inside its reasoning has no answer; it runs to max_tokens and reports "length"), `</think>`
@@ -41,9 +46,11 @@ class ReasoningMarkers:
     # Whether a marker is a special token (Magistral's [THINK]), which a decode that skips special tokens drops
     # from the text: replies are then decoded with them kept, for the reasoning split to see them.
     special: bool = False
+    # The model's end-of-turn tokens (its EOS ids): a prompt's markers count only after the last of them.
+    turn_end_ids: frozenset[int] = frozenset()
 
     @classmethod
-    def for_tokenizer(cls, parser: str, tokenizer: Any) -> "ReasoningMarkers":
+    def for_tokenizer(cls, parser: str, tokenizer: Any, turn_end_ids: frozenset[int] = frozenset()) -> "ReasoningMarkers":
         if parser not in REASONING_PARSERS:
             raise GrammarError(f"reasoning_parser {parser!r} is not one of {sorted(REASONING_PARSERS)}")
         start, end = REASONING_PARSERS[parser]
@@ -56,7 +63,8 @@ class ReasoningMarkers:
                 raise GrammarError(f"reasoning_parser {parser!r}: {text!r} is not one token of this tokenizer "
                                    f"({encoded}); the model does not use these reasoning markers")
             ids.append(encoded[0])
-        return cls(parser, ids[0], ids[1], special=bool(set(ids) & special_tokens(tokenizer).keys()))
+        return cls(parser, ids[0], ids[1], special=bool(set(ids) & special_tokens(tokenizer).keys()),
+                   turn_end_ids=turn_end_ids)
 
     def reasoning_tokens(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
         """How many output tokens are reasoning (the markers included): usage's reasoning_tokens."""
@@ -84,9 +92,10 @@ class ReasoningMarkers:
         return reasoning, content, thinking
 
     def ended_in(self, prompt_token_ids: Sequence[int]) -> bool:
-        """Whether the prompt already closed the reasoning (the last marker in it is the end)."""
+        """Whether the prompt already closed the reasoning: the last marker after its last end-of-turn token
+        is the end."""
         for token in reversed(prompt_token_ids):
-            if token == self.start_id:
+            if token == self.start_id or token in self.turn_end_ids:
                 return False
             if token == self.end_id:
                 return True
