@@ -155,6 +155,11 @@ def test_http_chat_and_messages_apis_take_the_budget() -> None:
             with pytest.raises(openai.BadRequestError) as err:
                 chat.chat.completions.create(**body, extra_body={"thinking_token_budget": bad})
             assert err.value.body["param"] == "thinking_token_budget", err.value.body
+        # The Responses API takes it too: the reply's reasoning is the budget and its end marker.
+        response = chat.responses.create(model="m", input="Why?", max_output_tokens=12, temperature=0.0,
+                                         extra_body={"thinking_token_budget": 3, "ignore_eos": True})
+        assert response.usage.output_tokens_details.reasoning_tokens == 3 + 1
+        assert [item.type for item in response.output] == ["reasoning", "message"]
     with live_openai(ARCH, max_model_len=256) as plain:  # no reasoning parser
         with pytest.raises(openai.BadRequestError) as err:
             plain.chat.completions.create(**body, extra_body={"thinking_token_budget": 3})

@@ -128,7 +128,7 @@ class ResponsesEndpoint:
                                         repetition_penalty=req.repetition_penalty,
                                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         kw.update(max_tokens=req.max_output_tokens, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=top_logprobs,
-                  stop=req.stop, logit_bias=token_bias(req.logit_bias))
+                  stop=req.stop, logit_bias=token_bias(req.logit_bias), thinking_token_budget=req.thinking_token_budget)
         kw.update(I.constraint_kwargs(req))
         # Tools combine with a JSON answer (calls, or a typed final answer); a regex, choice or grammar wins.
         if tools and choice != "none" and not {"regex", "choice", "grammar"} & kw.keys():

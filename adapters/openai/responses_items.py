@@ -61,6 +61,7 @@ class ResponsesRequest(BaseModel):
     reasoning: Optional[dict[str, Any]] = None  # {"effort": ...}: the template's reasoning_effort / enable_thinking
     # vLLM extras
     ignore_eos: bool = False
+    thinking_token_budget: Optional[int] = None  # needs --reasoning-parser
     top_k: Optional[int] = None
     stop: Union[None, str, list[str]] = None
     logit_bias: Optional[dict[str, float]] = None
