@@ -247,9 +247,10 @@ class OpenAIServing:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                    f"resulted in {n} tokens. Please reduce the length of the {what}.",
                               param=what, code="context_length_exceeded")
-        room = min(limit, self.engine.pool.num_blocks * self.engine.pool.block_size) - n  # context, and KV pages
-        if fit_to_context and params.max_tokens is not None and params.max_tokens > room > 0:
-            params = clone_params(params, max_tokens=room)
+        if fit_to_context and params.max_tokens is not None:
+            room = self.engine.output_room(n)  # the context's, and the KV cache's for one sequence
+            if params.max_tokens > room > 0:
+                params = clone_params(params, max_tokens=room)
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                    f"{n + params.max_tokens} tokens ({n} in the {what}, {params.max_tokens} in the "

@@ -125,8 +125,12 @@ class Engine:
         context or in what the KV cache holds for one sequence, whichever is smaller, capped by the model's
         generation_config max_new_tokens as in vLLM. At least 1: a prompt that leaves no room fails
         validation with its own message."""
-        room = min(self.max_model_len, self.pool.num_blocks * self.pool.block_size) - num_prompt_tokens
-        return max(1, self.generation_defaults.output_cap(room))
+        return max(1, self.generation_defaults.output_cap(self.output_room(num_prompt_tokens)))
+
+    def output_room(self, num_prompt_tokens: int) -> int:
+        """The most output tokens a prompt of this length leaves room for: the context's and what the KV cache
+        holds for one sequence, whichever is smaller (may be <= 0)."""
+        return min(self.max_model_len, self.pool.num_blocks * self.pool.block_size) - num_prompt_tokens
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """Raises InvalidRequestError naming the problem; returns params with max_tokens resolved."""
