@@ -64,7 +64,7 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str, max_toke
     blocks = _Blocks()
     started = False
     usage: Optional[dict[str, Any]] = None
-    reason: tuple[Optional[str], Optional[str]] = (None, None)
+    finish: tuple[Optional[str], Any] = (None, None)  # the chat finish_reason and stop_reason
     async with contextlib.aclosing(chunks) as it:  # a client that leaves closes the chat stream (and its request)
         async for sse in it:
             payload = sse.removeprefix("data: ").strip()
@@ -89,10 +89,11 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str, max_toke
                 for out in _delta_events(blocks, choice.get("delta") or {}):
                     yield out
                 if choice.get("finish_reason") is not None:
-                    done = (chunk.get("usage") or usage or {}).get("completion_tokens", 0)
-                    reason = stop_reason(choice["finish_reason"], choice.get("stop_reason"), done, max_tokens)
+                    finish = (choice["finish_reason"], choice.get("stop_reason"))
     for out in blocks.close():
         yield out
-    yield event("message_delta", {"delta": {"stop_reason": reason[0], "stop_sequence": reason[1]},
-                                  "usage": {"output_tokens": usage["completion_tokens"] if usage is not None else 0}})
+    output_tokens = usage["completion_tokens"] if usage is not None else 0
+    reason, sequence = stop_reason(*finish, output_tokens, max_tokens)
+    yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                  "usage": {"output_tokens": output_tokens}})
     yield event("message_stop", {})
