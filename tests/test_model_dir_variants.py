@@ -109,3 +109,42 @@ def test_a_sliding_window_limit_names_the_window(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"max_model_len=64 \(--max-model-len\) exceeds the model's limit of 32 "
                                              r"positions \(its sliding_window"):
         LLM(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+
+
+def _mistral_consolidated(weights: dict[str, Any]) -> dict[str, Any]:
+    """The tensors in Mistral's own names, as mistralai's consolidated.safetensors holds them."""
+    renames = {"model.embed_tokens.": "tok_embeddings.", "model.norm.": "norm.", "lm_head.": "output.",
+               "model.layers.": "layers.", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+               "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+               "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    out = {}
+    for name, tensor in weights.items():
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = tensor.clone()
+    return out
+
+
+def test_mistral_consolidated_copy_beside_the_hf_files_is_not_read(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """mistralai's repositories hold the Hugging Face shards and consolidated.safetensors (the same weights in
+    Mistral's names) side by side; the engine reads the Hugging Face files only, as vLLM's "hf" format does, and
+    a directory whose only weights are the consolidated file is an error that names its layout."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "mistral-both"
+    shutil.copytree(tiny_model_cached("mistral"), path)
+    hf_files = sorted(path.glob("*.safetensors"))
+    weights: dict[str, Any] = {}
+    for f in hf_files:
+        weights.update(load_file(str(f)))
+    save_file(_mistral_consolidated(weights), str(path / "consolidated.safetensors"))
+    with caplog.at_level("WARNING", logger="agentserve"):
+        assert _tokens(path) == _tokens(tiny_model_cached("mistral"))
+    assert "consolidated" not in caplog.text  # not read at all (it was: a warning per ignored tensor)
+    for f in hf_files:
+        f.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="consolidated.safetensors, Mistral's own checkpoint layout"):
+        _tokens(path)

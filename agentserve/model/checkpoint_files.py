@@ -22,6 +22,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # .bin files a training run leaves next to the weights (vLLM's filter_files_not_needed_for_inference).
 _NOT_WEIGHT_FILES = ("training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin", "rng_state.bin")
+# Mistral's own layout (consolidated.safetensors, params.json), shipped beside the Hugging Face files in
+# mistralai's repositories; vLLM's "hf" format skips it as well.
+MISTRAL_CONSOLIDATED_PREFIX = "consolidated"
 # load_format values that may fall back to .bin files (vLLM's "auto"); "safetensors" reads only those.
 BIN_FALLBACK_FORMATS = ("auto",)
 
@@ -50,8 +53,13 @@ def weight_files(path: Path, load_format: str) -> list[Path]:
     if (path / SAFETENSORS_INDEX).is_file():
         return _indexed_files(path, SAFETENSORS_INDEX)
     files = sorted(path.glob("*.safetensors"))
+    hf_files = [f for f in files if not f.name.startswith(MISTRAL_CONSOLIDATED_PREFIX)]
+    if hf_files:
+        return hf_files  # Mistral's repositories ship both layouts: the consolidated copy is the same weights
     if files:
-        return files
+        raise ModelLoadError(f"{path} holds only {', '.join(f.name for f in files)}, Mistral's own checkpoint layout "
+                             "(tensor names like layers.0.attention.wq.weight), which is not read here: use the "
+                             "Hugging Face layout of the model (model*.safetensors with a config.json)")
     bin_files = _bin_files(path)
     if bin_files and load_format in BIN_FALLBACK_FORMATS:
         return bin_files
