@@ -8,7 +8,9 @@
 # about 5-7 minutes on a fresh H100 (most of it Triton compiles and the two 8B dummy model builds);
 # KERNELS_LATENCY=1 adds benchmarks/latency.py for both GEMV modes.
 # Before the call, here: `../shared/gpu/wheels.sh jsonschema attrs referencing rpds-py jsonschema-specifications`
-# (the default list lacks jsonschema, which test_gpu_spec.py imports: without it that file does not collect).
+# (the default list lacks jsonschema, which test_gpu_spec.py imports: without it that file does not collect)
+# and `../shared/gpu/wheels.sh grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0` (the gRPC server imports
+# them: without them test_gpu_logprobs_streams.py, which imports conftest_grpc, does not collect).
 # Installs the offline wheels (.whl/, from ../shared/gpu/wheels.sh), runs `pytest -m gpu`, then every
 # benchmark; JSON goes under $OUT (default benchmarks/out), a summary table is printed last.
 set -uo pipefail
