@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from agentserve.chat.tool_call_ids import fit_tool_call_ids, template_wants_short_ids
 from agentserve.errors import FieldError
 
 Message = dict[str, Any]
@@ -194,11 +195,13 @@ def _text_message(m: Message, role: str, i: int, at: str, rules: MessageRules) -
     return msg
 
 
-def template_messages(messages: Sequence[Message]) -> list[Message]:
-    """The messages as a chat template reads them: a null or missing content (an assistant message that
-    only calls tools) is the empty string, as vLLM passes it, since templates that concatenate
-    message['content'] fail on a null one and those that test it treat both alike."""
-    return [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in messages]
+def template_messages(messages: Sequence[Message], chat_template: Any) -> list[Message]:
+    """The messages as `chat_template` (the one that renders them) reads them: a null or missing content
+    (an assistant message that only calls tools) is the empty string, as vLLM passes it, since templates
+    that concatenate message['content'] fail on a null one and those that test it treat both alike; and
+    Mistral's templates get tool-call ids of the length they insist on (chat/tool_call_ids.py)."""
+    out = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in messages]
+    return fit_tool_call_ids(out) if template_wants_short_ids(chat_template) else out
 
 
 def normalize_messages(messages: Sequence[Message], rules: MessageRules, *, raw_tokens: bool = False,

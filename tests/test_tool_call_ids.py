@@ -1,0 +1,107 @@
+"""Tool-call ids that Mistral's chat templates refuse (anything but 9 characters: OpenAI's `call_...`, Anthropic's
+`toolu_...`, a framework's own) are rendered as 9-character digests of themselves, the same in the call and its
+result and on every request; other templates get the ids as they came. Offline (LLM.chat) and over HTTP."""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.adapters.openai.app import create_app
+from agentserve.adapters.openai.server import ServerThread
+from agentserve.chat.tool_call_ids import fit_tool_call_ids, fitted_id, template_wants_short_ids
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine
+from agentserve.engine.engine import Engine
+from agentserve.llm import LLM
+from agentserve.testing.tiny import tiny_model_cached
+from mistral_v3_template import MISTRAL_V3_TEMPLATE
+
+ALNUM = set(string.ascii_letters + string.digits)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def _history(first_id: str, second_id: str) -> list[dict[str, Any]]:
+    """A tool loop with two calls in one turn, answered in the other order."""
+    return [
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": first_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": second_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": second_id, "content": "cold"},
+        {"role": "tool", "tool_call_id": first_id, "content": "sunny"},
+    ]
+
+
+def test_fitted_ids_are_nine_alphanumerics_stable_and_distinct() -> None:
+    assert fitted_id("aB3dE6gH9") == "aB3dE6gH9"  # already fits: kept
+    ids = [f"call_{i:024d}" for i in range(2000)] + ["toolu_01A09q90qw90lq917835lq9", "call-1", "", "x" * 500, "é" * 9]
+    fitted = [fitted_id(i) for i in ids]
+    assert all(len(f) == 9 and set(f) <= ALNUM for f in fitted)
+    assert len(set(fitted)) == len(ids)
+    assert fitted == [fitted_id(i) for i in ids]
+    messages = fit_tool_call_ids(_history("call_abc", "toolu_xyz"))
+    assert messages[1]["tool_calls"][0]["id"] == messages[3]["tool_call_id"] == fitted_id("call_abc")
+    assert messages[1]["tool_calls"][1]["id"] == messages[2]["tool_call_id"] == fitted_id("toolu_xyz")
+
+
+def test_only_mistral_templates_want_short_ids() -> None:
+    assert template_wants_short_ids(MISTRAL_V3_TEMPLATE)
+    assert template_wants_short_ids({"default": MISTRAL_V3_TEMPLATE})
+    for arch in ("qwen2", "llama3"):
+        with LLM(str(tiny_model_cached(arch)), device="cpu", num_blocks=16) as llm:
+            assert not template_wants_short_ids(llm.engine.tokenizer.chat_template)
+    assert not template_wants_short_ids(None)
+
+
+def test_offline_chat_renders_any_ids_through_mistrals_template() -> None:
+    with LLM(str(tiny_model_cached("mistral")), device="cpu", num_blocks=64, chat_template=MISTRAL_V3_TEMPLATE) as llm:
+        long_ids = _history("call_9f8e7d6c5b4a39281706f5e4", "toolu_01A09q90qw90lq917835lq9")
+        fitted = _history(fitted_id("call_9f8e7d6c5b4a39281706f5e4"), fitted_id("toolu_01A09q90qw90lq917835lq9"))
+        assert llm.render_chat(long_ids, tools=[WEATHER]) == llm.render_chat(fitted, tools=[WEATHER])
+        text = llm.engine.tokenizer.decode(llm.render_chat(long_ids, tools=[WEATHER]))
+        assert text.count(fitted_id("call_9f8e7d6c5b4a39281706f5e4")) == 2  # the call and its result
+        short = _history("abcDEF123", "XYZ987uvw")  # ids that fit are rendered as they are
+        assert "abcDEF123" in llm.engine.tokenizer.decode(llm.render_chat(short, tools=[WEATHER]))
+        out = llm.chat(long_ids, SamplingParams(max_tokens=4, temperature=0.0), tools=[WEATHER])
+        assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.fixture(scope="module")
+def mistral_client() -> Iterator[openai.OpenAI]:
+    config = EngineConfig.from_kwargs(str(tiny_model_cached("mistral")), device="cpu", num_blocks=256,
+                                      served_model_name="tiny-mistral-v3", max_model_len=1024,
+                                      chat_template=MISTRAL_V3_TEMPLATE)
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config)).start()
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    server.stop()
+    aeng.shutdown()
+
+
+def test_http_tool_loop_with_foreign_ids_is_served(mistral_client: openai.OpenAI) -> None:
+    """An OpenAI-shaped history (ids made elsewhere) answers 200 with the prompt the fitted ids give; it was
+    a 400 quoting the template's "Tool call IDs should be alphanumeric strings with length 9!"."""
+    def usage(messages: list[dict[str, Any]]) -> int:
+        reply = mistral_client.chat.completions.create(model="tiny-mistral-v3", messages=messages, tools=[WEATHER],
+                                                       max_tokens=3, temperature=0.0)
+        assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        return reply.usage.prompt_tokens
+    foreign = usage(_history("call_Xy12ab34cd56ef78gh90ij12", "call_Zz98yx76wv54ut32sr10qp98"))
+    fitted = usage(_history(fitted_id("call_Xy12ab34cd56ef78gh90ij12"), fitted_id("call_Zz98yx76wv54ut32sr10qp98")))
+    assert foreign == fitted
+    root = str(mistral_client.base_url).rstrip("/").removesuffix("/v1")
+
+    def tokens(messages: list[dict[str, Any]]) -> list[int]:  # the tokenize endpoint renders them too
+        reply = httpx.post(root + "/tokenize", json={"model": "tiny-mistral-v3", "tools": [WEATHER],
+                                                     "messages": messages}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["tokens"]
+    assert tokens(_history("call_a", "call_b")) == tokens(_history(fitted_id("call_a"), fitted_id("call_b")))
