@@ -237,7 +237,7 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None or not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
-        msgs = template_messages(normalize_messages(messages, OPENAI_RULES), tok.chat_template)
+        msgs = template_messages(normalize_messages(messages, OPENAI_RULES), tok)
         text = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
                                        tokenize=False, **template_kwargs)
         return text, list(tok.encode(text, add_special_tokens=False))

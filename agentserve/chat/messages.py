@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from agentserve.chat.tool_call_ids import fit_tool_call_ids, template_wants_short_ids
+from agentserve.chat.template_fit import fit_tool_history
 from agentserve.errors import FieldError
 
 Message = dict[str, Any]
@@ -195,13 +195,13 @@ def _text_message(m: Message, role: str, i: int, at: str, rules: MessageRules) -
     return msg
 
 
-def template_messages(messages: Sequence[Message], chat_template: Any) -> list[Message]:
-    """The messages as `chat_template` (the one that renders them) reads them: a null or missing content
-    (an assistant message that only calls tools) is the empty string, as vLLM passes it, since templates
-    that concatenate message['content'] fail on a null one and those that test it treat both alike; and
-    Mistral's templates get tool-call ids of the length they insist on (chat/tool_call_ids.py)."""
+def template_messages(messages: Sequence[Message], tokenizer: Any, chat_template: Optional[str] = None) -> list[Message]:
+    """The messages as the template that renders them (`chat_template`, else the tokenizer's) reads them: a
+    null or missing content (an assistant message that only calls tools) is the empty string, as vLLM passes
+    it, since templates that concatenate message['content'] fail on a null one and those that test it treat
+    both alike; and tool calls in the shapes the template takes (chat/template_fit.py)."""
     out = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in messages]
-    return fit_tool_call_ids(out) if template_wants_short_ids(chat_template) else out
+    return fit_tool_history(out, tokenizer, chat_template)
 
 
 def normalize_messages(messages: Sequence[Message], rules: MessageRules, *, raw_tokens: bool = False,

@@ -28,7 +28,7 @@ def assistant_content_prefix(tokenizer: Any, messages: Sequence[Message], tools:
     (Llama 2's ' ' after '[/INST]'; '' for most templates). A reply is recorded in the history
     without it, so that re-rendering the history reproduces the generated text exactly."""
     try:
-        probe = template_messages([*messages, {"role": "assistant", "content": _MARKER}], tokenizer.chat_template)
+        probe = template_messages([*messages, {"role": "assistant", "content": _MARKER}], tokenizer)
         text = tokenizer.apply_chat_template(probe, tools=tools, add_generation_prompt=False, tokenize=False,
                                              **(template_kwargs or {}))
     except Exception:  # noqa: BLE001 - a template that refuses the probe: assume no separator

@@ -122,7 +122,7 @@ class RenderPool:
         if chat_template is not None:  # a client's template: its output is bounded while it renders
             _bound_template(chat_template)
             _budget.chars = self.max_chars
-        msgs = template_messages(messages, chat_template if chat_template is not None else tokenizer.chat_template)
+        msgs = template_messages(messages, tokenizer, chat_template)
         try:
             text = tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
                                                  tokenize=False, chat_template=chat_template, **template_kwargs)

@@ -1,6 +1,8 @@
-"""Tool-call ids that Mistral's chat templates refuse (anything but 9 characters: OpenAI's `call_...`, Anthropic's
-`toolu_...`, a framework's own) are rendered as 9-character digests of themselves, the same in the call and its
-result and on every request; other templates get the ids as they came. Offline (LLM.chat) and over HTTP."""
+"""Tool-call histories that real chat templates refuse are rendered in the shape they take (chat/template_fit.py):
+ids that Mistral's templates refuse (anything but 9 characters: OpenAI's `call_...`, Anthropic's `toolu_...`, a
+framework's own) as 9-character digests of themselves, the same in the call and its result and on every request;
+several calls in one assistant message, which Llama 3.1's template refuses, as one message per call. Templates
+that take the history as it is get it so. Offline (LLM.chat) and over HTTP."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import pytest
 from agentserve import SamplingParams
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
-from agentserve.chat.tool_call_ids import fit_tool_call_ids, fitted_id, template_wants_short_ids
+from agentserve.chat.template_fit import _probed, fit_tool_call_ids, fitted_id, split_tool_calls, template_wants_short_ids
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.testing.tiny import tiny_model_cached
+from llama31_template import LLAMA31_TEMPLATE
 from mistral_v3_template import MISTRAL_V3_TEMPLATE
 
 ALNUM = set(string.ascii_letters + string.digits)
@@ -105,3 +108,41 @@ def test_http_tool_loop_with_foreign_ids_is_served(mistral_client: openai.OpenAI
         assert reply.status_code == 200, reply.text
         return reply.json()["tokens"]
     assert tokens(_history("call_a", "call_b")) == tokens(_history(fitted_id("call_a"), fitted_id("call_b")))
+
+
+def test_one_call_per_message_only_for_templates_that_refuse_several() -> None:
+    with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=16) as llm:
+        tok = llm.engine.tokenizer
+        assert _probed.one_call_only(tok, LLAMA31_TEMPLATE)
+        assert not _probed.one_call_only(tok, None)  # the tiny template writes several calls in one message
+        assert not _probed.one_call_only(tok, "{{ raise_exception('never renders') }}")  # splitting cannot help
+
+
+def test_offline_chat_renders_parallel_calls_through_llamas_template() -> None:
+    with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=64, chat_template=LLAMA31_TEMPLATE) as llm:
+        history = _history("call_1", "call_2")
+        text = llm.engine.tokenizer.decode(llm.render_chat(history, tools=[WEATHER]))
+        assert llm.render_chat(history, tools=[WEATHER]) == llm.render_chat(split_tool_calls(history), tools=[WEATHER])
+        assert text.count('{"name": "get_weather", "parameters": ') == 2
+        assert text.index('"Paris"') < text.index('"Oslo"') < text.index("cold") < text.index("sunny")
+        out = llm.chat(history, SamplingParams(max_tokens=4, temperature=0.0), tools=[WEATHER])
+        assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_http_parallel_calls_in_a_llama_31_history_are_served() -> None:
+    """The reply to a history with two calls in one message: 200 (it was a 400 quoting the template's "This
+    model only supports single tool-calls at once!"), with the prompt of the split history."""
+    config = EngineConfig.from_kwargs(str(tiny_model_cached("llama3")), device="cpu", num_blocks=256,
+                                      served_model_name="tiny-llama31", max_model_len=1024,
+                                      chat_template=LLAMA31_TEMPLATE)
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        usage = [client.chat.completions.create(model="tiny-llama31", messages=messages, tools=[WEATHER], max_tokens=3,
+                                                temperature=0.0).usage.prompt_tokens
+                 for messages in (_history("call_1", "call_2"), split_tool_calls(_history("call_1", "call_2")))]
+        assert usage[0] == usage[1]
+    finally:
+        server.stop()
+        aeng.shutdown()
