@@ -16,7 +16,8 @@ import pytest
 from agentserve import SamplingParams
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
-from agentserve.chat.template_fit import _probed, fit_tool_call_ids, fitted_id, split_tool_calls, template_wants_short_ids
+from agentserve.chat.template_fit import (fit_tool_call_ids, fitted_id, merge_runs, split_tool_calls, template_refuses,
+                                          template_wants_short_ids)
 from agentserve.config import EngineConfig
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
@@ -113,9 +114,13 @@ def test_http_tool_loop_with_foreign_ids_is_served(mistral_client: openai.OpenAI
 def test_one_call_per_message_only_for_templates_that_refuse_several() -> None:
     with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=16) as llm:
         tok = llm.engine.tokenizer
-        assert _probed.one_call_only(tok, LLAMA31_TEMPLATE)
-        assert not _probed.one_call_only(tok, None)  # the tiny template writes several calls in one message
-        assert not _probed.one_call_only(tok, "{{ raise_exception('never renders') }}")  # splitting cannot help
+        assert template_refuses(tok, LLAMA31_TEMPLATE, "several_calls")
+        assert not template_refuses(tok, None, "several_calls")  # the tiny template writes several in one message
+        never = "{{ raise_exception('never renders') }}"
+        assert not any(template_refuses(tok, never, shape) for shape in ("several_calls", "user_run", "system_run"))
+        assert not template_refuses(tok, LLAMA31_TEMPLATE, "user_run")  # Llama 3.1 takes runs of user messages
+        assert template_refuses(tok, MISTRAL_V3_TEMPLATE, "user_run")
+        assert template_refuses(tok, MISTRAL_V3_TEMPLATE, "system_run")
 
 
 def test_offline_chat_renders_parallel_calls_through_llamas_template() -> None:
@@ -146,3 +151,18 @@ def test_http_parallel_calls_in_a_llama_31_history_are_served() -> None:
     finally:
         server.stop()
         aeng.shutdown()
+
+
+def test_runs_of_user_and_system_messages_merge_for_templates_that_alternate() -> None:
+    """Two user messages in a row (a framework's format instruction after the question) and a second system
+    message: Mistral's template raised on both; they render as one message each, their texts as paragraphs."""
+    runs = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "Reply as JSON."}]
+    merged = [{"role": "system", "content": "Be brief.\n\nAnswer in French."},
+              {"role": "user", "content": "Weather in Paris?\n\nReply as JSON."}]
+    assert merge_runs(merge_runs(runs, "system"), "user") == merged
+    with LLM(str(tiny_model_cached("mistral")), device="cpu", num_blocks=64, chat_template=MISTRAL_V3_TEMPLATE) as llm:
+        assert llm.render_chat(runs) == llm.render_chat(merged)
+        assert len(llm.chat(runs, SamplingParams(max_tokens=3, temperature=0.0))[0].outputs[0].token_ids) == 3
+    with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=64, chat_template=LLAMA31_TEMPLATE) as llm:
+        assert llm.render_chat(runs[2:]) != llm.render_chat(merged[1:])  # a template that takes runs keeps them

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from agentserve.chat.template_fit import fit_tool_history
+from agentserve.chat.template_fit import fit_history
 from agentserve.errors import FieldError
 
 Message = dict[str, Any]
@@ -201,7 +201,7 @@ def template_messages(messages: Sequence[Message], tokenizer: Any, chat_template
     it, since templates that concatenate message['content'] fail on a null one and those that test it treat
     both alike; and tool calls in the shapes the template takes (chat/template_fit.py)."""
     out = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in messages]
-    return fit_tool_history(out, tokenizer, chat_template)
+    return fit_history(out, tokenizer, chat_template)
 
 
 def normalize_messages(messages: Sequence[Message], rules: MessageRules, *, raw_tokens: bool = False,

@@ -1,4 +1,4 @@
-"""Tool-call histories fitted to what the chat template accepts.
+"""Histories fitted to what the chat template accepts.
 
 Real templates refuse two shapes of tool-call history that an agent's loop brings them, whether the server
 wrote the history or the client did, and the loop then stops at a 400:
@@ -12,11 +12,17 @@ wrote the history or the client did, and the loop then stops at a 400:
   same on every request (the prefix cache and a session's earlier turns still match).
 - Meta's Llama 3.1 / 3.2 / 3.3 templates raise "This model only supports single tool-calls at once!" on an
   assistant message with several calls, though the llama3_json format writes several (`; `-separated) and
-  this server returns them (parallel_tool_calls). For a template that refuses them, found by rendering a
-  probe once per template, such a message is rendered as consecutive assistant messages of one call each,
-  in order, the results following as they came: the nearest the template can write (vLLM answers 400).
+  this server returns them (parallel_tool_calls). For a template that refuses them, such a message is
+  rendered as consecutive assistant messages of one call each, in order, the results following as they
+  came: the nearest the template can write (vLLM answers 400).
+- Templates that insist on alternating roles (Mistral's, Llama 2's) raise on two user messages in a row,
+  which frameworks send (a format instruction after the question, several input items), and Mistral's on a
+  second system message. For a template that refuses them, such a run is one message, its texts a
+  paragraph each, as mistral_common's normalizer (vLLM's Mistral tokenizer mode) merges them.
 
-Ids that fit, single calls and templates that take everything get the messages as they came.
+Whether a template refuses a shape is found by rendering a small probe of it, and of its fitted form, once
+per template. Ids that fit, single calls, alternating roles and templates that take everything get the
+messages as they came.
 """
 
 from __future__ import annotations
@@ -89,7 +95,24 @@ def split_tool_calls(messages: Sequence[Message]) -> list[Message]:
     return out
 
 
-def _probe(calls: int) -> list[Message]:
+def merge_runs(messages: Sequence[Message], role: str) -> list[Message]:
+    """Consecutive plain messages of `role` (text content, nothing else) as one, their texts a paragraph each."""
+    out: list[Message] = []
+    for m in messages:
+        prev = out[-1] if out else None
+        if _plain(m, role) and prev is not None and _plain(prev, role):
+            out[-1] = {**prev, "content": f"{prev['content']}\n\n{m['content']}"}
+        else:
+            out.append(m)
+    return out
+
+
+def _plain(m: Any, role: str) -> bool:
+    return isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str) and \
+        set(m) <= {"role", "content"}
+
+
+def _calls_probe(calls: int) -> list[Message]:
     ids = _PROBE_IDS[:calls]
     return [{"role": "user", "content": "?"},
             {"role": "assistant", "content": "", "tool_calls": [
@@ -97,32 +120,46 @@ def _probe(calls: int) -> list[Message]:
             *({"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids)]
 
 
+# What a template may refuse, and the fitted shape it must then take for the fit to apply: (refused probe,
+# fitted probe, tools to render them with).
+_PROBES: dict[str, tuple[list[Message], list[Message], Optional[list[dict[str, Any]]]]] = {
+    "several_calls": (_calls_probe(2), split_tool_calls(_calls_probe(2)), _PROBE_TOOLS),
+    "user_run": ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                 [{"role": "user", "content": "a\n\nb"}], None),
+    "system_run": ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+                    {"role": "user", "content": "c"}],
+                   [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "c"}], None),
+}
+
+
 class _ProbedTemplates:
-    """Per template: whether it refuses several calls in one message but takes them one by one."""
+    """Per template and probe: whether the template refuses the probe's shape but takes its fitted one."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._one_call_only: dict[str, bool] = {}
+        self._refuses: dict[tuple[str, str], bool] = {}
 
-    def one_call_only(self, tokenizer: Any, chat_template: Optional[str]) -> bool:
+    def refuses(self, tokenizer: Any, chat_template: Optional[str], probe: str) -> bool:
         """For `chat_template`, or (None) the tokenizer's own, which may be a dict of named templates."""
-        key = chat_template if chat_template is not None else str(tokenizer.chat_template)
+        key = (chat_template if chat_template is not None else str(tokenizer.chat_template), probe)
         with self._lock:
-            known = self._one_call_only.get(key)
+            known = self._refuses.get(key)
         if known is not None:
             return known
-        one_only = not self._renders(tokenizer, chat_template, _probe(2)) and \
-            self._renders(tokenizer, chat_template, split_tool_calls(_probe(2)))
+        refused, fitted, tools = _PROBES[probe]
+        refuses = not self._renders(tokenizer, chat_template, refused, tools) and \
+            self._renders(tokenizer, chat_template, fitted, tools)
         with self._lock:
-            if len(self._one_call_only) >= _MAX_PROBED_TEMPLATES:
-                self._one_call_only.clear()
-            self._one_call_only[key] = one_only
-        return one_only
+            if len(self._refuses) >= _MAX_PROBED_TEMPLATES * len(_PROBES):
+                self._refuses.clear()
+            self._refuses[key] = refuses
+        return refuses
 
     @staticmethod
-    def _renders(tokenizer: Any, chat_template: Optional[str], messages: list[Message]) -> bool:
+    def _renders(tokenizer: Any, chat_template: Optional[str], messages: list[Message],
+                 tools: Optional[list[dict[str, Any]]]) -> bool:
         try:
-            tokenizer.apply_chat_template(messages, tools=_PROBE_TOOLS, add_generation_prompt=True, tokenize=False,
+            tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
                                           chat_template=chat_template)
         except Exception:  # noqa: BLE001 - raise_exception(...) in the template, or any other failure to render
             return False
@@ -132,7 +169,17 @@ class _ProbedTemplates:
 _probed = _ProbedTemplates()
 
 
-def fit_tool_history(messages: list[Message], tokenizer: Any, chat_template: Optional[str] = None) -> list[Message]:
+def template_refuses(tokenizer: Any, chat_template: Optional[str], shape: str) -> bool:
+    """Whether the template (`chat_template`, else the tokenizer's) refuses `shape` ("several_calls",
+    "user_run", "system_run") and takes its fitted form."""
+    return _probed.refuses(tokenizer, chat_template, shape)
+
+
+def _has_run(messages: Sequence[Message], role: str) -> bool:
+    return any(_plain(a, role) and _plain(b, role) for a, b in zip(messages, messages[1:]))
+
+
+def fit_history(messages: list[Message], tokenizer: Any, chat_template: Optional[str] = None) -> list[Message]:
     """`messages` (in the form templates take) fitted to the template that renders them: `chat_template`,
     else the tokenizer's."""
     template = chat_template if chat_template is not None else tokenizer.chat_template
@@ -141,6 +188,9 @@ def fit_tool_history(messages: list[Message], tokenizer: Any, chat_template: Opt
     if template_wants_short_ids(template):
         messages = fit_tool_call_ids(messages)
     if any(isinstance(m, dict) and len(m.get("tool_calls") or ()) > 1 for m in messages) and \
-            _probed.one_call_only(tokenizer, chat_template):
+            _probed.refuses(tokenizer, chat_template, "several_calls"):
         messages = split_tool_calls(messages)
+    for role in ("system", "user"):
+        if _has_run(messages, role) and _probed.refuses(tokenizer, chat_template, f"{role}_run"):
+            messages = merge_runs(messages, role)
     return messages
