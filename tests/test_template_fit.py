@@ -14,15 +14,11 @@ import openai
 import pytest
 
 from agentserve import SamplingParams
-from agentserve.adapters.openai.app import create_app
-from agentserve.adapters.openai.server import ServerThread
 from agentserve.chat.template_fit import (fit_tool_call_ids, fitted_id, merge_runs, split_tool_calls, template_refuses,
                                           template_wants_short_ids)
-from agentserve.config import EngineConfig
-from agentserve.engine.async_engine import AsyncEngine
-from agentserve.engine.engine import Engine
 from agentserve.llm import LLM
 from agentserve.testing.tiny import tiny_model_cached
+from helpers.live_server import live_openai
 from llama31_template import LLAMA31_TEMPLATE
 from mistral_v3_template import MISTRAL_V3_TEMPLATE
 
@@ -80,14 +76,9 @@ def test_offline_chat_renders_any_ids_through_mistrals_template() -> None:
 
 @pytest.fixture(scope="module")
 def mistral_client() -> Iterator[openai.OpenAI]:
-    config = EngineConfig.from_kwargs(str(tiny_model_cached("mistral")), device="cpu", num_blocks=256,
-                                      served_model_name="tiny-mistral-v3", max_model_len=1024,
-                                      chat_template=MISTRAL_V3_TEMPLATE)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    server.stop()
-    aeng.shutdown()
+    with live_openai("mistral", served_model_name="tiny-mistral-v3", max_model_len=1024,
+                     chat_template=MISTRAL_V3_TEMPLATE) as client:
+        yield client
 
 
 def test_http_tool_loop_with_foreign_ids_is_served(mistral_client: openai.OpenAI) -> None:
@@ -137,20 +128,12 @@ def test_offline_chat_renders_parallel_calls_through_llamas_template() -> None:
 def test_http_parallel_calls_in_a_llama_31_history_are_served() -> None:
     """The reply to a history with two calls in one message: 200 (it was a 400 quoting the template's "This
     model only supports single tool-calls at once!"), with the prompt of the split history."""
-    config = EngineConfig.from_kwargs(str(tiny_model_cached("llama3")), device="cpu", num_blocks=256,
-                                      served_model_name="tiny-llama31", max_model_len=1024,
-                                      chat_template=LLAMA31_TEMPLATE)
-    aeng = AsyncEngine(Engine(config))
-    server = ServerThread(create_app(aeng, config)).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    with live_openai("llama3", served_model_name="tiny-llama31", max_model_len=1024,
+                     chat_template=LLAMA31_TEMPLATE) as client:
         usage = [client.chat.completions.create(model="tiny-llama31", messages=messages, tools=[WEATHER], max_tokens=3,
                                                 temperature=0.0).usage.prompt_tokens
                  for messages in (_history("call_1", "call_2"), split_tool_calls(_history("call_1", "call_2")))]
-        assert usage[0] == usage[1]
-    finally:
-        server.stop()
-        aeng.shutdown()
+    assert usage[0] == usage[1]
 
 
 def test_runs_of_user_and_system_messages_merge_for_templates_that_alternate() -> None:
