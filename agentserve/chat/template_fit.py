@@ -1,7 +1,7 @@
 """Histories fitted to what the chat template accepts.
 
-Real templates refuse two shapes of tool-call history that an agent's loop brings them, whether the server
-wrote the history or the client did, and the loop then stops at a 400:
+Real templates refuse shapes of history that an agent's loop brings them, whether the server wrote the
+history or the client did, and the loop then stops at a 400:
 
 - Mistral's templates (every one that writes `[TOOL_CALLS]`) raise unless each id of an assistant's tool
   calls, and each tool message's `tool_call_id`, is 9 characters long ("Tool call IDs should be
