@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from agentserve import SamplingParams
-from agentserve.chat.template_fit import (fit_tool_call_ids, fitted_id, merge_runs, split_tool_calls, template_refuses,
-                                          template_wants_short_ids)
+from agentserve.chat.template_fit import (fit_tool_call_ids, fitted_id, hoist_system, merge_runs, split_tool_calls,
+                                          template_refuses, template_wants_short_ids)
 from agentserve.llm import LLM
 from agentserve.testing.tiny import tiny_model_cached
 from helpers.live_server import live_openai
@@ -108,10 +108,11 @@ def test_one_call_per_message_only_for_templates_that_refuse_several() -> None:
         assert template_refuses(tok, LLAMA31_TEMPLATE, "several_calls")
         assert not template_refuses(tok, None, "several_calls")  # the tiny template writes several in one message
         never = "{{ raise_exception('never renders') }}"
-        assert not any(template_refuses(tok, never, shape) for shape in ("several_calls", "user_run", "system_run"))
+        assert not any(template_refuses(tok, never, shape) for shape in ("several_calls", "user_run", "late_system"))
         assert not template_refuses(tok, LLAMA31_TEMPLATE, "user_run")  # Llama 3.1 takes runs of user messages
         assert template_refuses(tok, MISTRAL_V3_TEMPLATE, "user_run")
-        assert template_refuses(tok, MISTRAL_V3_TEMPLATE, "system_run")
+        assert template_refuses(tok, MISTRAL_V3_TEMPLATE, "late_system")
+        assert not template_refuses(tok, LLAMA31_TEMPLATE, "late_system")
 
 
 def test_offline_chat_renders_parallel_calls_through_llamas_template() -> None:
@@ -137,15 +138,19 @@ def test_http_parallel_calls_in_a_llama_31_history_are_served() -> None:
 
 
 def test_runs_of_user_and_system_messages_merge_for_templates_that_alternate() -> None:
-    """Two user messages in a row (a framework's format instruction after the question) and a second system
-    message: Mistral's template raised on both; they render as one message each, their texts as paragraphs."""
+    """Two user messages in a row (a framework's format instruction after the question), a second system message
+    and one added mid-conversation: Mistral's template raised on each; they render as one leading system message
+    and one user message per run, their texts as paragraphs."""
     runs = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in French."},
-            {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "Reply as JSON."}]
-    merged = [{"role": "system", "content": "Be brief.\n\nAnswer in French."},
-              {"role": "user", "content": "Weather in Paris?\n\nReply as JSON."}]
-    assert merge_runs(merge_runs(runs, "system"), "user") == merged
+            {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "Reply as JSON."},
+            {"role": "assistant", "content": "{}"}, {"role": "system", "content": "Now use Celsius."},
+            {"role": "user", "content": "And Oslo?"}]
+    merged = [{"role": "system", "content": "Be brief.\n\nAnswer in French.\n\nNow use Celsius."},
+              {"role": "user", "content": "Weather in Paris?\n\nReply as JSON."},
+              {"role": "assistant", "content": "{}"}, {"role": "user", "content": "And Oslo?"}]
+    assert merge_runs(hoist_system(runs), "user") == merged
     with LLM(str(tiny_model_cached("mistral")), device="cpu", num_blocks=64, chat_template=MISTRAL_V3_TEMPLATE) as llm:
         assert llm.render_chat(runs) == llm.render_chat(merged)
         assert len(llm.chat(runs, SamplingParams(max_tokens=3, temperature=0.0))[0].outputs[0].token_ids) == 3
     with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=64, chat_template=LLAMA31_TEMPLATE) as llm:
-        assert llm.render_chat(runs[2:]) != llm.render_chat(merged[1:])  # a template that takes runs keeps them
+        assert llm.render_chat(runs) != llm.render_chat(merged)  # a template that takes them keeps them

@@ -16,9 +16,11 @@ history or the client did, and the loop then stops at a 400:
   rendered as consecutive assistant messages of one call each, in order, the results following as they
   came: the nearest the template can write (vLLM answers 400).
 - Templates that insist on alternating roles (Mistral's, Llama 2's) raise on two user messages in a row,
-  which frameworks send (a format instruction after the question, several input items), and Mistral's on a
-  second system message. For a template that refuses them, such a run is one message, its texts a
-  paragraph each, as mistral_common's normalizer (vLLM's Mistral tokenizer mode) merges them.
+  which frameworks send (a format instruction after the question, several input items): for a template that
+  refuses them, such a run is one message, its texts a paragraph each. Mistral's also raise on any system
+  message but a leading one (a second one, or instructions added mid-conversation): for a template that
+  refuses them, every system message's text joins one leading system message. Both as mistral_common's
+  normalizer (vLLM's Mistral tokenizer mode) does.
 
 Whether a template refuses a shape is found by rendering a small probe of it, and of its fitted form, once
 per template. Ids that fit, single calls, alternating roles and templates that take everything get the
@@ -107,6 +109,13 @@ def merge_runs(messages: Sequence[Message], role: str) -> list[Message]:
     return out
 
 
+def hoist_system(messages: Sequence[Message]) -> list[Message]:
+    """Every plain system message's text in one leading system message (paragraphs, in order)."""
+    texts = [m["content"] for m in messages if _plain(m, "system")]
+    rest = [m for m in messages if not _plain(m, "system")]
+    return [{"role": "system", "content": "\n\n".join(texts)}, *rest] if texts else rest
+
+
 def _plain(m: Any, role: str) -> bool:
     return isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str) and \
         set(m) <= {"role", "content"}
@@ -126,9 +135,11 @@ _PROBES: dict[str, tuple[list[Message], list[Message], Optional[list[dict[str, A
     "several_calls": (_calls_probe(2), split_tool_calls(_calls_probe(2)), _PROBE_TOOLS),
     "user_run": ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                  [{"role": "user", "content": "a\n\nb"}], None),
-    "system_run": ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
-                    {"role": "user", "content": "c"}],
-                   [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "c"}], None),
+    "late_system": ([{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                     {"role": "assistant", "content": "c"}, {"role": "system", "content": "d"},
+                     {"role": "user", "content": "e"}],
+                    [{"role": "system", "content": "a\n\nd"}, {"role": "user", "content": "b"},
+                     {"role": "assistant", "content": "c"}, {"role": "user", "content": "e"}], None),
 }
 
 
@@ -171,7 +182,7 @@ _probed = _ProbedTemplates()
 
 def template_refuses(tokenizer: Any, chat_template: Optional[str], shape: str) -> bool:
     """Whether the template (`chat_template`, else the tokenizer's) refuses `shape` ("several_calls",
-    "user_run", "system_run") and takes its fitted form."""
+    "user_run", "late_system") and takes its fitted form."""
     return _probed.refuses(tokenizer, chat_template, shape)
 
 
@@ -190,7 +201,8 @@ def fit_history(messages: list[Message], tokenizer: Any, chat_template: Optional
     if any(isinstance(m, dict) and len(m.get("tool_calls") or ()) > 1 for m in messages) and \
             _probed.refuses(tokenizer, chat_template, "several_calls"):
         messages = split_tool_calls(messages)
-    for role in ("system", "user"):
-        if _has_run(messages, role) and _probed.refuses(tokenizer, chat_template, f"{role}_run"):
-            messages = merge_runs(messages, role)
+    if any(_plain(m, "system") for m in messages[1:]) and _probed.refuses(tokenizer, chat_template, "late_system"):
+        messages = hoist_system(messages)
+    if _has_run(messages, "user") and _probed.refuses(tokenizer, chat_template, "user_run"):
+        messages = merge_runs(messages, "user")
     return messages
