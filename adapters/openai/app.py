@@ -45,6 +45,7 @@ from agentserve.adapters.openai.tokenize_routes import add_tokenize_routes
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from agentserve.adapters.openai.chat import ChatEndpoint
 from agentserve.adapters.openai.completions import CompletionsEndpoint
+from agentserve.adapters.openai.invocations import INVOCATIONS_PATH, add_invocations_route
 from agentserve.adapters.openai.responses import ResponsesEndpoint
 from agentserve.adapters.openai.responses_routes import add_responses_routes, respond
 from agentserve.adapters.openai.request_ids import RequestIdHeaderMiddleware
@@ -57,9 +58,9 @@ from agentserve.service.tenants import SLOT_SCOPE_KEY, TENANT_SCOPE_KEY, HeldReq
 logger = logging.getLogger(__name__)
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", MESSAGES_PATH,
-              "/v1/models", "/health", "/metrics")
+              INVOCATIONS_PATH, "/v1/models", "/health", "/metrics")
 # These take one of the tenant's request slots.
-_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH)
+_GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH, INVOCATIONS_PATH)
 
 
 class _ErrorJSONResponse(JSONResponse):
@@ -148,7 +149,7 @@ class _GateMiddleware:
                 return
             headers = dict(raw_headers)
             tenant = self.tenants.authenticate(None)  # the anonymous tenant, or None when keys are required
-            if self.tenants.requires_key and path.startswith("/v1"):
+            if self.tenants.requires_key and (path.startswith("/v1") or path == INVOCATIONS_PATH):
                 auth = headers.get(b"authorization", b"")
                 if not auth and b"x-api-key" in headers:  # Anthropic's clients send their key so
                     auth = b"Bearer " + headers[b"x-api-key"]
@@ -325,6 +326,7 @@ def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
         return await respond(chat_endpoint.create(body, raw_request))
 
     add_anthropic_routes(app, chat_endpoint)  # /v1/messages: Anthropic's API over the same chat completions
+    add_invocations_route(app, chat_endpoint, completions_endpoint)  # SageMaker's /invocations
 
 
 def _lifespan(metrics: Metrics, own_pool: Optional[RenderPool],
