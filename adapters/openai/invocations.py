@@ -10,7 +10,7 @@ slots: a deployment outside SageMaker must not have an open door beside its keys
 from __future__ import annotations
 
 import json
-from typing import Any, Union
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +41,10 @@ async def _json_object(raw_request: Request) -> dict[str, Any]:
     return body
 
 
-def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+def _validated(model: type[RequestModel], body: dict[str, Any]) -> RequestModel:
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -52,12 +55,9 @@ def add_invocations_route(app: FastAPI, chat: ChatEndpoint, completions: Complet
     @app.post(INVOCATIONS_PATH)
     async def invocations(raw_request: Request) -> Response:
         body = await _json_object(raw_request)
-        request: Union[ChatCompletionRequest, CompletionRequest]
         if "messages" in body:
-            request = _validated(ChatCompletionRequest, body)
-            return await respond(chat.create(request, raw_request))
+            return await respond(chat.create(_validated(ChatCompletionRequest, body), raw_request))
         if "prompt" in body:
-            request = _validated(CompletionRequest, body)
-            return await respond(completions.create(request, raw_request))
+            return await respond(completions.create(_validated(CompletionRequest, body), raw_request))
         raise OpenAIError(400, "/invocations takes a chat completions body (with messages) or a completions body "
                                "(with prompt); this one has neither", param="messages")
