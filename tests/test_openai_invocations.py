@@ -5,26 +5,21 @@ one as /v1 does and takes a tenant's request slot."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Iterator, Optional
 
 import httpx
-import openai
 import pytest
 
 from agentserve.service.tenants import Tenants
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 6, "temperature": 0.0}
 COMPLETION = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0.0}
 
 
-def _root(client: openai.OpenAI) -> str:
-    return str(client.base_url).rstrip("/").removesuffix("/v1")
-
-
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
-    with live_openai("qwen2", max_model_len=512) as client, httpx.Client(base_url=_root(client), timeout=60) as c:
+    with live_openai("qwen2", max_model_len=512) as client, httpx.Client(base_url=server_root(client), timeout=60) as c:
         yield c
 
 
@@ -57,7 +52,7 @@ def test_a_streamed_chat_body_streams(http: httpx.Client) -> None:
     (json.dumps({**COMPLETION, "n": 0}), "n", "n"),
 ])
 def test_other_bodies_are_400s_naming_the_problem(http: httpx.Client, content: str, needle: str,
-                                                  param: str) -> None:
+                                                  param: Optional[str]) -> None:
     r = http.post("/invocations", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -66,7 +61,7 @@ def test_other_bodies_are_400s_naming_the_problem(http: httpx.Client, content: s
 
 def test_with_api_keys_it_asks_for_one() -> None:
     with live_openai("qwen2", max_model_len=512, tenants=Tenants([("key-a", "alice")])) as client, \
-            httpx.Client(base_url=_root(client), timeout=60) as http:
+            httpx.Client(base_url=server_root(client), timeout=60) as http:
         assert http.post("/invocations", json=CHAT).status_code == 401
         assert http.post("/invocations", json=CHAT, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert http.post("/invocations", json=CHAT, headers={"Authorization": "Bearer key-a"}).status_code == 200

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from agentserve.testing import tiny_model_cached
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
@@ -30,7 +30,7 @@ def client() -> Iterator[openai.OpenAI]:
 
 
 def _tokenize(client: openai.OpenAI, **body: Any) -> list[int]:
-    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    base = server_root(client)
     return httpx.post(f"{base}/tokenize", json={"model": "m", **body}, timeout=30).json()["tokens"]
 
 

@@ -18,7 +18,7 @@ from agentserve.chat.template_fit import (fit_tool_call_ids, fitted_id, hoist_sy
                                           template_refuses, template_wants_short_ids)
 from agentserve.llm import LLM
 from agentserve.testing.tiny import tiny_model_cached
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 from llama31_template import LLAMA31_TEMPLATE
 from mistral_v3_template import MISTRAL_V3_TEMPLATE
 
@@ -92,7 +92,7 @@ def test_http_tool_loop_with_foreign_ids_is_served(mistral_client: openai.OpenAI
     foreign = usage(_history("call_Xy12ab34cd56ef78gh90ij12", "call_Zz98yx76wv54ut32sr10qp98"))
     fitted = usage(_history(fitted_id("call_Xy12ab34cd56ef78gh90ij12"), fitted_id("call_Zz98yx76wv54ut32sr10qp98")))
     assert foreign == fitted
-    root = str(mistral_client.base_url).rstrip("/").removesuffix("/v1")
+    root = server_root(mistral_client)
 
     def tokens(messages: list[dict[str, Any]]) -> list[int]:  # the tokenize endpoint renders them too
         reply = httpx.post(root + "/tokenize", json={"model": "tiny-mistral-v3", "tools": [WEATHER],

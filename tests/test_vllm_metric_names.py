@@ -6,14 +6,14 @@ from __future__ import annotations
 import httpx
 
 from agentserve.adapters.openai.metrics import parse_metrics
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 
 
 def test_vllm_metric_names_mirror_agentserve_series() -> None:
     with live_openai("qwen2", max_model_len=256) as client:
         out = client.completions.create(model="m", prompt="one two three", max_tokens=4, temperature=0,
                                         extra_body={"ignore_eos": True})
-        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        base = server_root(client)
         m = parse_metrics(httpx.get(base + "/metrics", timeout=30).text)
     label = '{model_name="m"}'
     assert m["vllm:num_requests_running" + label] == 0 and m["vllm:num_requests_waiting" + label] == 0

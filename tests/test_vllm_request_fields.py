@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 
 MESSAGES = [{"role": "user", "content": "Say hi"}]
 
@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": "Say hi"}]
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
     with live_openai("qwen2", max_model_len=256) as client:
-        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        base = server_root(client)
         with httpx.Client(base_url=base, timeout=30) as h:
             yield h
 

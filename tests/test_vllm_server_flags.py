@@ -15,7 +15,7 @@ from agentserve import LLM, SamplingParams
 from agentserve.cli import build_parser, engine_config_from_args
 from agentserve.errors import InvalidRequestError
 from agentserve.testing import tiny_model_cached
-from helpers.live_server import live_openai
+from helpers.live_server import live_openai, server_root
 
 MESSAGES = [{"role": "user", "content": "Say hi"}]
 
@@ -24,7 +24,7 @@ MESSAGES = [{"role": "user", "content": "Say hi"}]
 def http() -> Iterator[httpx.Client]:
     with live_openai("qwen2", max_model_len=256, max_logprobs=2, response_role="bot",
                      enable_request_id_headers=True) as client:
-        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        base = server_root(client)
         with httpx.Client(base_url=base, timeout=60) as h:
             yield h
 
@@ -135,6 +135,6 @@ def test_priority_without_the_priority_policy_is_a_400(http: httpx.Client) -> No
     assert llm.engine.config.scheduler.policy == "priority"
     llm.close()
     with live_openai("qwen2", max_model_len=256, policy="priority") as client:
-        base = str(client.base_url).rstrip("/").removesuffix("/v1")
+        base = server_root(client)
         with httpx.Client(base_url=base, timeout=60) as h:
             assert _post(h, "/v1/completions", priority=3).status_code == 200

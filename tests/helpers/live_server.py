@@ -31,3 +31,8 @@ def live_openai(arch_or_path: str, served_model_name: str = "m", tenants: Option
     finally:
         server.stop()
         aeng.shutdown()
+
+
+def server_root(client: openai.OpenAI) -> str:
+    """The server's own URL (its /tokenize, /metrics, /invocations, ...) from a client of its /v1 routes."""
+    return str(client.base_url).rstrip("/").removesuffix("/v1")
