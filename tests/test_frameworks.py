@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agentserve.adapters.openai.app import create_app
 from agentserve.adapters.openai.server import ServerThread
@@ -87,6 +87,27 @@ def test_agents_sdk_function_tool(agents_sdk: Any) -> None:
     assert len(calls) == 1 and calls[0] in CITIES
     assert result.final_output == f"sunny in {calls[0]}"
     assert result.raw_responses[0].response_id.startswith("resp_")  # it went over /v1/responses
+
+
+def test_agents_sdk_tool_with_a_set_parameter(agents_sdk: Any) -> None:
+    """A `set[str]` parameter is `"uniqueItems": true` in the tool's schema, which no grammar backend
+    enforces: the request was a 400 and the run ended; the call is now constrained without it."""
+    received: list[set[str]] = []
+
+    def tag_city(city: Literal["Paris", "Rome"],
+                 tags: Annotated[set[Literal["sunny", "rainy", "windy"]], Field(max_length=3)]) -> str:
+        """Tag a city."""
+        received.append(tags)
+        return "tagged"
+
+    agent = agents_sdk.Agent(
+        name="tagger", instructions="Call tag_city.", model=MODEL, tools=[agents_sdk.function_tool(tag_city)],
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=agents_sdk.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=96,
+                                                temperature=0))
+    result = agents_sdk.Runner.run_sync(agent, "Tag Paris as sunny.")
+    assert result.final_output == "tagged"
+    assert len(received) == 1 and isinstance(received[0], set) and received[0] <= {"sunny", "rainy", "windy"}
 
 
 def test_agents_sdk_output_type_with_tools(agents_sdk: Any) -> None:

@@ -3,7 +3,8 @@
 Type aliases ("dict", "float", "int", "bool", "list", "str", "string " ...), enums without a type
 (inferred), properties without `"type": "object"`, OpenAPI-2 `"required": true` on properties,
 OpenAPI-3 `nullable`, `"items": "string"` and `"properties": {"x": "int"}` shorthands, draft-4
-tuple `items`. What no backend enforces is rejected with a GrammarError naming its path; so are `not` and
+tuple `items`. What no backend enforces is rejected with a GrammarError naming its path (parse_tools leaves
+those keywords out first: grammar/unenforced_keywords.py); so are `not` and
 the dependency keywords except in the forms that have an exact positive one (grammar/not_keyword.py,
 grammar/dependent_keywords.py), which go on to the backend (llguidance compiles them; xgrammar and outlines
 refuse them, naming them).
