@@ -19,7 +19,7 @@ from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.grammar.one_of import one_of_as_any_of
-from agentserve.grammar.schema_utils import strip_formats
+from agentserve.grammar.schema_utils import FULL_DATE_REGEX, TIME_REGEX, formats_as_patterns, strip_formats
 import llguidance
 import llguidance.hf
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
@@ -45,6 +45,9 @@ if TYPE_CHECKING:  # declared in llguidance's stub only: no runtime name to impo
 MATCHER_MODE = os.environ.get("AGENTSERVE_LLG_MATCHER", "auto")
 FRESH_MAX_BUILD_MS = 5.0
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
+# llguidance's own time and date-time take a leap second at any minute ("12:22:60Z": 14% of random
+# date-times), which Python's datetime and pydantic refuse: these patterns stop at :59.
+FORMAT_PATTERNS = {"time": f"^{TIME_REGEX}$", "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$"}
 
 _ALL_ESCAPES = "\"\\bfnrt"
 
@@ -121,6 +124,11 @@ def _negated_class_members(pattern: str) -> set[str]:
     return members
 
 
+def _formats(schema: Any) -> Any:
+    """The formats llguidance implements, the two it writes too loosely as patterns, others dropped."""
+    return strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS)
+
+
 def _exact_rewrites(schema: Any) -> Any:
     """llguidance refuses not, oneOf and dependencies; those it can compile exactly are rewritten so:
     `not` as the positive schema it means (grammar/not_keyword.py, first: the oneOf analysis then reads
@@ -177,7 +185,7 @@ class _LarkWriter:
             return term
         if "json" in node:
             name = self._name("json")
-            schema = _exact_rewrites(strip_formats(node["json"], FORMATS))
+            schema = _exact_rewrites(_formats(node["json"]))
             self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
             return name
         if "text" in node:
@@ -318,7 +326,7 @@ class LLGuidanceBackend(GrammarBackend):
 
     def grammar_text(self, spec: ConstraintSpec, info: TokenizerInfo) -> str:
         if spec.kind == "json_schema":
-            schema = _exact_rewrites(strip_formats(json.loads(str(spec.payload)), FORMATS))
+            schema = _exact_rewrites(_formats(json.loads(str(spec.payload))))
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(schema))
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', defaults=_json_options())

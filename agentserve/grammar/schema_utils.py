@@ -59,14 +59,16 @@ def strip_formats(schema: Any, supported: frozenset[str]) -> Any:
 
 
 # Formats some backends get wrong, as regexes (no anchors) whose every match is valid. IPv4: octets up to
-# 255 without leading zeros. Date (RFC 3339 full-date): each month's own last day; February stops at
-# the 28th, since a regex cannot tell leap years without spelling them out (a valid subset).
+# 255 without leading zeros. Date (RFC 3339 full-date): each month's own last day, and February 29th in
+# leap years only (divisible by 4: the last two digits; centuries only when divisible by 400).
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_REGEX = f"({_OCTET}\\.){{3}}{_OCTET}"
-# RFC 3339 time with its required UTC offset.
+# RFC 3339 time with its required UTC offset. No leap second (":60"): RFC 3339 writes one, but Python's
+# datetime, pydantic and most other parsers refuse it, so a tool's runner could not read the value.
 TIME_REGEX = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-FULL_DATE_REGEX = ("[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-                   "|02-(0[1-9]|1[0-9]|2[0-8]))")
+_MULTIPLE_OF_4 = "(0[48]|[2468][048]|[13579][26])"  # two digits, 00 aside
+FULL_DATE_REGEX = ("([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+                   f"|02-(0[1-9]|1[0-9]|2[0-8]))|([0-9]{{2}}{_MULTIPLE_OF_4}|({_MULTIPLE_OF_4}|00)00)-02-29)")
 
 
 def formats_as_patterns(schema: Any, patterns: dict[str, str]) -> Any:

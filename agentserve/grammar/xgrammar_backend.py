@@ -74,7 +74,7 @@ def to_structural_format(node: Any) -> dict:
     if "ws" in node:
         return {"type": "regex", "pattern": structure.ws_regex(node["ws"], node.get("max"))}
     if "json" in node:
-        schema = _bounded_strings_as_patterns(formats_as_patterns(node["json"], FORMAT_PATTERNS))
+        schema = _patterns_fixed(_bounded_strings_as_patterns(formats_as_patterns(node["json"], FORMAT_PATTERNS)))
         return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
         t = node["text"]
@@ -164,10 +164,57 @@ NOT_ENFORCED = frozenset({
 })
 
 
-# xgrammar's ipv4 regex allows octets past 255 and leading zeros ("426.904.30.98", "07.22.091.30"), and
-# its date and date-time regexes days past the month's end ("4167-02-31"): validators refuse those.
-FORMAT_PATTERNS = {"ipv4": f"^{IPV4_REGEX}$", "date": f"^{FULL_DATE_REGEX}$",
+# xgrammar's ipv4 regex allows octets past 255 and leading zeros ("426.904.30.98", "07.22.091.30"), its
+# date and date-time regexes days past the month's end ("4167-02-31"), its time a leap second at any
+# minute ("10:47:60Z"): validators or Python's datetime refuse those.
+FORMAT_PATTERNS = {"ipv4": f"^{IPV4_REGEX}$", "date": f"^{FULL_DATE_REGEX}$", "time": f"^{TIME_REGEX}$",
                    "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$"}
+
+
+def _bounded_optional_groups(pattern: str) -> str:
+    """`(...)?` written `(...){0,1}`, the same language. xgrammar 0.2.9 compiles a JSON string's pattern
+    `^a(\\.b+)?$` as if the group's first element were optional on its own ("ab" passed, and
+    "912066695206" for `^[0-9]{2}(\\.[0-9]+)?$`, and a date-time's seconds went on in digits without a dot)
+    wherever the group holds a repetition; `{0,1}` compiles right, as its regex and EBNF paths do."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            out.append(c)
+            i += 1
+            for literal in ("^", "]"):  # '[^]...]' / '[]...]': that ']' is a member
+                if pattern[i:i + 1] == literal:
+                    out.append(literal)
+                    i += 1
+            continue
+        elif c == ")" and pattern[i + 1:i + 2] == "?":
+            out.append("){0,1}")
+            i += 3 if pattern[i + 2:i + 3] == "?" else 2  # a lazy `??` matches the same strings
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _patterns_fixed(schema: Any) -> Any:
+    """Every `pattern` and `patternProperties` key through _bounded_optional_groups."""
+    def fix(node: dict, path: str) -> dict:
+        if isinstance(node.get("pattern"), str):
+            node = {**node, "pattern": _bounded_optional_groups(node["pattern"])}
+        if isinstance(node.get("patternProperties"), dict):
+            node = {**node, "patternProperties": {_bounded_optional_groups(k): v
+                                                  for k, v in node["patternProperties"].items()}}
+        return node
+
+    return map_subschemas(schema, fix)
 
 
 def _check_schema(schema: Any) -> None:
@@ -178,6 +225,9 @@ def _check_schema(schema: Any) -> None:
         if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
             raise GrammarError(f"xgrammar does not enforce minLength/maxLength together with "
                                f"pattern/format (at {path or 'the root'})")
+        if "multipleOf" in node and node.get("type") != "integer":  # "Warning: multipleOf is not supported
+            # for type:number; ignoring multipleOf": 5.3404 came out of `"multipleOf": 0.5`
+            raise GrammarError(f"xgrammar does not enforce 'multipleOf' except on integers (at {path or 'the root'})")
         return node
 
     map_subschemas(schema, check)
@@ -214,7 +264,7 @@ class XGrammarBackend(GrammarBackend):
         comp = self.compiler(tokenizer_info)
         try:
             if spec.kind == "json_schema":
-                schema = formats_as_patterns(json.loads(str(spec.payload)), FORMAT_PATTERNS)
+                schema = _patterns_fixed(formats_as_patterns(json.loads(str(spec.payload)), FORMAT_PATTERNS))
                 _check_schema(schema)
                 compiled = comp.compile_json_schema(json.dumps(schema), any_whitespace=True,
                                                     max_whitespace_cnt=_MAX_WS)
