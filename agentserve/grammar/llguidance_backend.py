@@ -19,7 +19,13 @@ from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.grammar.one_of import one_of_as_any_of
-from agentserve.grammar.schema_utils import FULL_DATE_REGEX, TIME_REGEX, formats_as_patterns, strip_formats
+from agentserve.grammar.schema_utils import (
+    CHECKED_FORMAT_PATTERNS,
+    FULL_DATE_REGEX,
+    TIME_REGEX,
+    formats_as_patterns,
+    strip_formats,
+)
 import llguidance
 import llguidance.hf
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
@@ -46,8 +52,10 @@ MATCHER_MODE = os.environ.get("AGENTSERVE_LLG_MATCHER", "auto")
 FRESH_MAX_BUILD_MS = 5.0
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 # llguidance's own time and date-time take a leap second at any minute ("12:22:60Z": 14% of random
-# date-times), which Python's datetime and pydantic refuse: these patterns stop at :59.
-FORMAT_PATTERNS = {"time": f"^{TIME_REGEX}$", "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$"}
+# date-times), which Python's datetime and pydantic refuse: these patterns stop at :59. The formats it
+# does not implement but validators check (json-pointer, idn-email, ...) as patterns too.
+FORMAT_PATTERNS = {"time": f"^{TIME_REGEX}$", "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
+                   **CHECKED_FORMAT_PATTERNS}
 
 _ALL_ESCAPES = "\"\\bfnrt"
 

@@ -19,6 +19,8 @@ import torch
 from agentserve.grammar import structure
 from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern
 from agentserve.grammar.schema_utils import (
+    CHECKED_FORMAT_PATTERNS,
+    EMAIL_REGEX,
     FULL_DATE_REGEX,
     IPV4_REGEX,
     TIME_REGEX,
@@ -56,15 +58,14 @@ FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
 # any length ("5048653648271310837813009467045489276673-02-08T05:19:12Z"); its uri regex's negated
 # classes let a raw '"' or control character into the string (10 of 11 finished outputs were invalid
 # JSON), and its email regex allows a quoted local part ('"a b"@c.d') whose quotes end the JSON string.
-_EMAIL_LABEL = "[a-z0-9]([a-z0-9-]*[a-z0-9])?"
-_EMAIL_ATOM = "[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
 FORMAT_PATTERNS = {
     "time": f"^{TIME_REGEX}$",
     "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
     "date": f"^{FULL_DATE_REGEX}$",
     "ipv4": f"^{IPV4_REGEX}$",
     "uri": f"^{URI[1:-1]}$",  # outlines-core's, without the quotes it writes around a string's regex
-    "email": f"^{_EMAIL_ATOM}(\\.{_EMAIL_ATOM})*@({_EMAIL_LABEL}\\.)+{_EMAIL_LABEL}$",
+    "email": f"^{EMAIL_REGEX}$",
+    **CHECKED_FORMAT_PATTERNS,
 }
 
 

@@ -71,6 +71,25 @@ FULL_DATE_REGEX = ("([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]
                    f"|02-(0[1-9]|1[0-9]|2[0-8]))|([0-9]{{2}}{_MULTIPLE_OF_4}|({_MULTIPLE_OF_4}|00)00)-02-29)")
 
 
+# Formats no backend (or not every backend) implements, which validators check: as patterns every match of
+# which passes. JSON pointers (RFC 6901) exactly; relative ones with a count below 100 and a pointer or "#"
+# after it (jsonschema's checker refuses a bare count, "4072", and a 0 followed by a digit, "105/a");
+# idn-hostname as the ASCII labels IDNA 2008
+# takes (lowercase: it disallows capitals; no "--", which it reserves at the 3rd and 4th place); idn-email
+# as an ASCII email.
+_POINTER_TOKEN = "/([^~/]|~[01])*"
+_IDN_LABEL = "[a-z0-9]{1,20}(-[a-z0-9]{1,20}){0,2}"
+_EMAIL_LABEL = "[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_EMAIL_ATOM = "[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+EMAIL_REGEX = f"{_EMAIL_ATOM}(\\.{_EMAIL_ATOM})*@({_EMAIL_LABEL}\\.)+{_EMAIL_LABEL}"
+CHECKED_FORMAT_PATTERNS = {
+    "json-pointer": f"^({_POINTER_TOKEN})*$",
+    "relative-json-pointer": f"^(0|[1-9][0-9]?)(#|({_POINTER_TOKEN})+)$",
+    "idn-hostname": f"^{_IDN_LABEL}(\\.{_IDN_LABEL}){{0,3}}$",
+    "idn-email": f"^{EMAIL_REGEX}$",
+}
+
+
 def formats_as_patterns(schema: Any, patterns: dict[str, str]) -> Any:
     """`schema` with each `format` named in `patterns` (on a node without a pattern of its own) replaced
     by that pattern: for a backend whose own regex for the format is wrong."""

@@ -17,6 +17,7 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import (
+    CHECKED_FORMAT_PATTERNS,
     FULL_DATE_REGEX,
     IPV4_REGEX,
     TIME_REGEX,
@@ -166,9 +167,10 @@ NOT_ENFORCED = frozenset({
 
 # xgrammar's ipv4 regex allows octets past 255 and leading zeros ("426.904.30.98", "07.22.091.30"), its
 # date and date-time regexes days past the month's end ("4167-02-31"), its time a leap second at any
-# minute ("10:47:60Z"): validators or Python's datetime refuse those.
+# minute ("10:47:60Z"): validators or Python's datetime refuse those. Its relative-json-pointer
+# writes bare counts, and the idn formats it does not implement (schema_utils.CHECKED_FORMAT_PATTERNS).
 FORMAT_PATTERNS = {"ipv4": f"^{IPV4_REGEX}$", "date": f"^{FULL_DATE_REGEX}$", "time": f"^{TIME_REGEX}$",
-                   "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$"}
+                   "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$", **CHECKED_FORMAT_PATTERNS}
 
 
 def _bounded_optional_groups(pattern: str) -> str:
