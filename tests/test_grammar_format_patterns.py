@@ -6,7 +6,8 @@ second at any minute ("12:22:60Z", 14% of random date-times), which Python's dat
 xgrammar compiled a pattern's optional group holding a repetition as if its first character were optional on
 its own (`^[0-9]{2}(\\.[0-9]+)?$` gave "912066695206"); formats a backend does not implement but
 jsonschema's format checker checks (json-pointer, relative-json-pointer, idn-hostname, idn-email) came out as
-any string."""
+any string; outlines-core wrote `^a|b$` across the string's quotes ('b"' came out) and refused `^ab`, and
+wrote ipv6 as any string."""
 
 from __future__ import annotations
 
@@ -115,8 +116,59 @@ def test_an_optional_group_keeps_its_first_character(info, backend: str, name: s
     assert any("." in (value["v"] if name == "pattern" else next(iter(value))) for value in outputs)
 
 
+def test_xgrammar_refuses_only_what_it_would_write_unescaped() -> None:
+    refused = pytest.importorskip("agentserve.grammar.xgrammar_backend", reason="xgrammar not installed")._json_escaped_literal
+    assert refused(r'^[^"\\\x00-\x1F]{0,8}$') is None  # a negated class leaves those characters out
+    assert refused(r"^[\x00-\x7f]{2}$") is None and refused(r"^a\.b[\w.-]$") is None
+    assert refused(r"^a\\b$") == r"\\" and refused('^a"') == '"' and refused(r"^\u0022$") == r"\u0022"
+    assert refused(r"^a\tb$") == r"\t" and refused(r"^[\\/]$") == r"\\"
+
+
 def test_optional_groups_are_bounded_outside_escapes_and_classes() -> None:
     rewrite = pytest.importorskip("agentserve.grammar.xgrammar_backend", reason="xgrammar not installed")._bounded_optional_groups
     assert rewrite(r"^a(\.b+)?$") == r"^a(\.b+){0,1}$"
     assert rewrite(r"^a\)?b[)?]c(d)??") == r"^a\)?b[)?]c(d){0,1}"
     assert rewrite(r"[]?)]?(x(y+)?)?") == r"[]?)]?(x(y+){0,1}){0,1}"
+
+
+# JSON Schema patterns are searches: anchors where the pattern has them, text around it where not.
+SEARCH_PATTERNS = ["^a|b$", "^ab", "b$", r"^a\$", "^(x|yz)$"]
+# Patterns that spell characters a JSON string escapes: xgrammar wrote them raw ('"a"b"', "C:<newline>ab").
+ESCAPED_PATTERNS = [r"^C:\\[a-z]{1,3}$", '^a"b$', r"^\x22$", r"^a[\\/]b$", r"^a\tb$"]
+
+
+def _pattern_outputs(info, backend: str, pattern: str) -> tuple[dict, list[str]]:
+    schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}}, "required": ["v"]}
+    compiled = GrammarCompiler(get_backend(backend), info, timeout_s=30.0).compile(ConstraintSpec.json_schema(schema))
+    walks = [random_walk(compiled.new_matcher(), random.Random(s), max_tokens=80, eos_prob=0.9) for s in range(40)]
+    return schema, [decode(info, w.tokens) for w in walks if w.finished]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", SEARCH_PATTERNS)
+def test_patterns_search_and_outputs_stay_json(info, backend: str, pattern: str) -> None:
+    schema, texts = _pattern_outputs(info, backend, pattern)  # outlines refused "^ab"
+    if pattern.startswith("^") and pattern.endswith("$") and "|" not in pattern:
+        assert texts  # an unanchored end lets a random walk run on past the token cap
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)  # outlines wrote '"b"' ... 'b"' for ^a|b$
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ESCAPED_PATTERNS)
+def test_escaped_characters_are_written_escaped_or_refused_by_name(info, backend: str, pattern: str) -> None:
+    try:
+        schema, texts = _pattern_outputs(info, backend, pattern)
+    except GrammarError as refused:
+        assert backend != "llguidance", refused
+        assert "inside a JSON string" in str(refused)
+        return
+    assert texts
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_values_are_addresses(info, backend: str) -> None:
+    for value in _values(info, backend, "ipv6", seeds=30):
+        ipaddress.IPv6Address(value)

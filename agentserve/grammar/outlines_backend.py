@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from agentserve.grammar import structure
-from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern
+from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern, whole_string_pattern
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
     EMAIL_REGEX,
     FULL_DATE_REGEX,
     IPV4_REGEX,
+    IPV6_REGEX,
     TIME_REGEX,
     check_enforceable,
     formats_as_patterns,
@@ -53,7 +54,7 @@ FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
 
 
 # Formats written as a `pattern` of ours in their place (then made JSON-safe like any pattern): dates
-# with each month's own last day (its regex allowed "4167-02-31"), ipv4 (not translated: any string);
+# with each month's own last day (its regex allowed "4167-02-31"), ipv4 and ipv6 (not translated: any string);
 # outlines-core's date-time and time regexes have no UTC offset, which RFC 3339 requires, and a year of
 # any length ("5048653648271310837813009467045489276673-02-08T05:19:12Z"); its uri regex's negated
 # classes let a raw '"' or control character into the string (10 of 11 finished outputs were invalid
@@ -63,6 +64,7 @@ FORMAT_PATTERNS = {
     "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
     "date": f"^{FULL_DATE_REGEX}$",
     "ipv4": f"^{IPV4_REGEX}$",
+    "ipv6": f"^{IPV6_REGEX}$",
     "uri": f"^{URI[1:-1]}$",  # outlines-core's, without the quotes it writes around a string's regex
     "email": f"^{EMAIL_REGEX}$",
     **CHECKED_FORMAT_PATTERNS,
@@ -74,7 +76,11 @@ def _json_safe_patterns(schema: Any) -> Any:
     def fix(node: dict, path: str) -> dict:
         pattern = node.get("pattern")
         if isinstance(pattern, str):
-            node = {**node, "pattern": json_string_pattern(pattern, f"{path}.pattern" if path else "pattern")}
+            where = f"{path}.pattern" if path else "pattern"
+            if "minLength" in node or "maxLength" in node:  # outlines-core writes the length, not the pattern
+                raise GrammarError(f"outlines does not enforce minLength/maxLength together with a pattern or "
+                                   f"format (at {path or 'the root'}); use grammar_backend llguidance")
+            node = {**node, "pattern": whole_string_pattern(json_string_pattern(pattern, where))}
         return node
 
     return map_subschemas(schema, fix)

@@ -10,6 +10,11 @@ JSON-safe string characters. outlines-core puts a string's `pattern` between the
 class, '.' or a negated escape (`"^[^,]{3}$"`) let the string hold a raw '"', a backslash or a control
 character: invalid JSON ('{"k":"x"y"}'). Each of those is intersected with the characters a JSON string
 holds unescaped (Rust's `&&`); a pattern that spells such a character itself is refused.
+
+Whole strings. outlines-core strips a pattern's `^` and `$` only when it has both and puts the rest between
+the quotes ungrouped, so `^a|b$` wrote the alternation across them ('b"' came out: not JSON) and `^ab` put
+a literal '^' in the regex (refused). A JSON Schema pattern is a search; whole_string_pattern writes it as
+the whole-string regex that means the same (text around it where it is not anchored), grouped.
 """
 
 from __future__ import annotations
@@ -111,3 +116,27 @@ def json_string_pattern(pattern: str, where: str) -> str:
             out.append(ch)
         i += 1
     return "".join(out)
+
+
+def _escaped(text: str, index: int) -> bool:
+    """Whether the character at `index` follows an odd run of backslashes."""
+    run = 0
+    while index - run - 1 >= 0 and text[index - run - 1] == "\\":
+        run += 1
+    return run % 2 == 1
+
+
+def whole_string_pattern(pattern: str) -> str:
+    """`pattern` (a search, as JSON Schema reads it) as a regex of the whole string, anchored at both ends and
+    its body grouped (see the module). A top-level alternation with its own anchors, `^a|b$`, becomes
+    `^(a|b)$`: fewer strings than the search allows, every one of them valid."""
+    body = pattern
+    starts = body.startswith("^")
+    if starts:
+        body = body[1:]
+    ends = body.endswith("$") and not _escaped(body, len(body) - 1)
+    if ends:
+        body = body[:-1]
+    before = "" if starts else f"{_JSON_TEXT}*"
+    after = "" if ends else f"{_JSON_TEXT}*"
+    return f"^{before}({body}){after}$"

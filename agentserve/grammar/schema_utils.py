@@ -63,6 +63,11 @@ def strip_formats(schema: Any, supported: frozenset[str]) -> Any:
 # leap years only (divisible by 4: the last two digits; centuries only when divisible by 400).
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_REGEX = f"({_OCTET}\\.){{3}}{_OCTET}"
+# IPv6 (RFC 4291 text form): eight groups, or fewer around one "::"; no zone and no dotted IPv4 tail.
+_HEX4 = "[0-9a-fA-F]{1,4}"
+IPV6_REGEX = (f"(({_HEX4}:){{7}}{_HEX4}|({_HEX4}:){{1,7}}:|({_HEX4}:){{1,6}}:{_HEX4}|({_HEX4}:){{1,5}}(:{_HEX4}){{1,2}}"
+              f"|({_HEX4}:){{1,4}}(:{_HEX4}){{1,3}}|({_HEX4}:){{1,3}}(:{_HEX4}){{1,4}}|({_HEX4}:){{1,2}}(:{_HEX4}){{1,5}}"
+              f"|{_HEX4}:(:{_HEX4}){{1,6}}|:((:{_HEX4}){{1,7}}|:))")
 # RFC 3339 time with its required UTC offset. No leap second (":60"): RFC 3339 writes one, but Python's
 # datetime, pydantic and most other parsers refuse it, so a tool's runner could not read the value.
 TIME_REGEX = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"

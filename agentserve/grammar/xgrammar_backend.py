@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -206,9 +206,55 @@ def _bounded_optional_groups(pattern: str) -> str:
     return "".join(out)
 
 
+_CONTROL_ESCAPES = "nrtfv0"
+
+
+def _escaped_code(pattern: str, i: int) -> tuple[Optional[int], int]:
+    """The code point a `\\x..` / `\\u....` escape at `i` spells (None if malformed) and its length."""
+    width = 2 if pattern[i + 1] == "x" else 4
+    digits = pattern[i + 2:i + 2 + width]
+    if len(digits) == width and all(c in "0123456789abcdefABCDEF" for c in digits):
+        return int(digits, 16), 2 + width
+    return None, 2
+
+
+def _json_escaped_literal(pattern: str) -> Optional[str]:
+    """The first place where `pattern` spells a character a JSON string must escape ('"', a backslash; a control
+    character outside a class): xgrammar writes those into the string unescaped, so `^C:\\\\[a-z]+$` came out
+    as "C:\\nry" (a newline, not a backslash) and `^a"b$` as '"a"b"' (not JSON); a control character left
+    no token to choose. None when there is none."""
+    i, in_class, negated = 0, False, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            letter = pattern[i + 1]
+            code, length = _escaped_code(pattern, i) if letter in "xu" else (None, 2)
+            spells = letter if letter in '"\\' else (chr(code) if code is not None else "")
+            if (spells in ('"', "\\") and not negated) or (not in_class and (
+                    letter in _CONTROL_ESCAPES or (code is not None and code < 0x20))):
+                return pattern[i:i + length]
+            i += length
+            continue
+        if (c == '"' and not negated) or (ord(c) < 0x20 and not in_class):
+            return c
+        if c == "[" and not in_class:
+            in_class, negated = True, pattern.startswith("[^", i)
+        elif c == "]" and in_class:
+            in_class = negated = False
+        i += 1
+    return None
+
+
 def _patterns_fixed(schema: Any) -> Any:
-    """Every `pattern` and `patternProperties` key through _bounded_optional_groups."""
+    """Every `pattern` and `patternProperties` key through _bounded_optional_groups; GrammarError for one that
+    spells a character xgrammar would write unescaped (_json_escaped_literal)."""
     def fix(node: dict, path: str) -> dict:
+        for pattern in [node.get("pattern")] + list(node.get("patternProperties") or {}):
+            bad = _json_escaped_literal(pattern) if isinstance(pattern, str) else None
+            if bad is not None:
+                raise GrammarError(f"xgrammar cannot write {bad!r} of the pattern {pattern!r} (at {path or 'the root'}) "
+                                   "inside a JSON string: it writes the character unescaped; use grammar_backend "
+                                   "llguidance")
         if isinstance(node.get("pattern"), str):
             node = {**node, "pattern": _bounded_optional_groups(node["pattern"])}
         if isinstance(node.get("patternProperties"), dict):
