@@ -3,8 +3,9 @@ ordinary types (`set[str]`: uniqueItems; `dict[Literal[...], V]` / `dict[SomeEnu
 OpenAPI generators write the no-op `"uniqueItems": false`, and every backend refused all of them: a
 response format or a tool with such a parameter was a 400 (llguidance: "Unimplemented keys"). Where an
 exact positive form exists it is compiled, and outputs validate against the schema as the client wrote
-it; a response format with a keyword left is refused naming its place; a tool's calls are constrained
-without it (the tool's runner validates its arguments; a 400 ended the agent's loop)."""
+it. What is left: a tool's calls and a response format without `strict: true` are constrained without it
+(a 400 ended the agent's loop; OpenAI enforces neither); a strict response format and vLLM's guided_json
+are refused naming its place."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import re
 from enum import Enum
 from typing import Literal
 
+import httpx
 import jsonschema
+import openai
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
@@ -26,6 +29,7 @@ from agentserve.grammar.spec import ConstraintSpec, build_tool_constraint
 from agentserve.grammar.unenforced_keywords import exact_forms, unenforced, without_unenforced
 from agentserve.testing.tiny import tiny_model_cached
 from helpers.grammar_walks import available_backends, decode, random_walk, tokenizer_info_for
+from helpers.live_server import live_openai
 
 
 class Color(Enum):
@@ -120,12 +124,15 @@ def test_what_has_no_exact_form_is_left_for_the_caller(schema: dict, left: tuple
     assert unenforced(without_unenforced(rewritten)) == []
 
 
-def test_a_response_format_with_a_keyword_left_is_refused_naming_it() -> None:
+@pytest.mark.parametrize("backend", available_backends())
+def test_a_schema_with_a_keyword_left_is_refused_naming_it(backend: str, info) -> None:
+    compiler = GrammarCompiler(get_backend(backend), info, timeout_s=30.0)
     with pytest.raises(GrammarError, match=r"unsupported keyword 'uniqueItems' at properties\.tags: no grammar backend "
                                            r"enforces it"):
-        ConstraintSpec.json_schema(TypeAdapter(Tagging).json_schema())
+        compiler.compile(ConstraintSpec.json_schema(TypeAdapter(Tagging).json_schema()))
     with pytest.raises(GrammarError, match=r"unsupported keyword '\$ref' at properties\.x"):
-        ConstraintSpec.json_schema({"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}})
+        compiler.compile(ConstraintSpec.json_schema({"type": "object", "properties": {
+            "x": {"$ref": "https://example.com/x.json"}}}))
 
 
 @pytest.mark.parametrize("tool_choice", ["required", "auto"])
@@ -133,10 +140,10 @@ def test_a_tool_with_a_set_parameter_is_served_and_logged_once(tool_choice: str,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     params = TypeAdapter(Tagging).json_schema()
     tools = [{"type": "function", "function": {"name": f"tag_{tool_choice}", "parameters": params}}]
-    with caplog.at_level(logging.WARNING, logger="agentserve.grammar.tool_constraint"):
+    with caplog.at_level(logging.WARNING, logger="agentserve.grammar.unenforced_keywords"):
         spec = build_tool_constraint(tools, tool_choice, "hermes", parallel=False)
         build_tool_constraint(tools, tool_choice, "hermes", parallel=False)
-    notes = [r.getMessage() for r in caplog.records if f"tag_{tool_choice}" in r.getMessage()]
+    notes = [r.getMessage() for r in caplog.records if f"tool 'tag_{tool_choice}'" in r.getMessage()]
     assert len(notes) == 1 and "uniqueItems at properties.tags" in notes[0], notes
     if tool_choice == "auto":
         return  # the same call grammar, behind free text: compiled and walked for "required"
@@ -150,3 +157,36 @@ def test_a_tool_with_a_set_parameter_is_served_and_logged_once(tool_choice: str,
         Tagging.model_validate(arguments)  # what a pydantic-typed tool runner does with them
         checked += 1
     assert checked
+
+
+def test_a_response_format_is_refused_only_under_strict() -> None:
+    schema = TypeAdapter(Tagging).json_schema()
+    with live_openai("qwen2", max_model_len=512) as client:
+        model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "tag it"}]
+        for strict in (None, False):  # OpenAI does not enforce such a format at all
+            spec = {"name": "tagging", "schema": schema, **({} if strict is None else {"strict": strict})}
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=200, temperature=0,
+                                                   response_format={"type": "json_schema", "json_schema": spec})
+            if reply.choices[0].finish_reason == "stop":
+                Tagging.model_validate_json(reply.choices[0].message.content)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=8, response_format={
+                "type": "json_schema", "json_schema": {"name": "tagging", "schema": schema, "strict": True}})
+        assert "unsupported keyword 'uniqueItems' at properties.tags" in refused.value.message
+        assert refused.value.body["param"] == "response_format.json_schema.schema"
+        answer = client.responses.create(model=model, input="tag it", max_output_tokens=200, temperature=0, text={
+            "format": {"type": "json_schema", "name": "tagging", "schema": schema}})
+        assert answer.status in ("completed", "incomplete")
+        with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+            client.responses.create(model=model, input="tag it", max_output_tokens=8, text={
+                "format": {"type": "json_schema", "name": "tagging", "schema": schema, "strict": True}})
+        body = json.dumps({"model": model, "messages": messages, "max_tokens": 8, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", "default": float("nan")}}}})
+        nan_refused = httpx.post(f"{client.base_url}chat/completions", content=body,
+                                 headers={"content-type": "application/json"})  # refused by SamplingParams
+        assert nan_refused.status_code == 400 and nan_refused.json()["error"]["param"] == \
+            "response_format.json_schema.schema", nan_refused.text
+        with pytest.raises(openai.BadRequestError, match="uniqueItems"):  # vLLM's field asks for the constraint
+            client.chat.completions.create(model=model, messages=messages, max_tokens=8,
+                                           extra_body={"structured_outputs": {"json": schema}})

@@ -34,6 +34,8 @@ def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], messa
         return None
     if req.guided_json is not None:
         return "guided_json"
+    if req.structured_outputs is not None and req.structured_outputs.json_schema is not None:
+        return "structured_outputs.json"
     if req.guided_regex is not None:
         return "guided_regex"
     if req.guided_choice is not None:

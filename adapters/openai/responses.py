@@ -141,6 +141,8 @@ class ResponsesEndpoint:
             msg, param = str(e), param_of(str(e))
             if param == "max_tokens":  # the engine's name for this API's field, in the message as in param
                 msg, param = "max_output_tokens" + msg[len("max_tokens"):], "max_output_tokens"
+            elif param == "json_schema":  # likewise: the field that gave the schema
+                param = "structured_outputs.json" if req.structured_outputs is not None else "text.format.schema"
             raise OpenAIError(400, msg, param=param) from None
 
     async def fitted(self, req: I.ResponsesRequest, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],

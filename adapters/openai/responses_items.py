@@ -25,6 +25,7 @@ from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
 from agentserve.chat.messages import parse_json_object, text_of_parts
 from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
+from agentserve.grammar.unenforced_keywords import best_effort
 from agentserve.errors import FieldError
 from agentserve.sessions.types import ReplyParts
 
@@ -207,7 +208,8 @@ def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:
         if not isinstance(schema, dict):
             raise OpenAIError(400, "text.format.schema must be a JSON schema object when type is 'json_schema'",
                               param="text.format.schema")
-        return {"json_schema": schema}
+        # OpenAI guarantees a schema only under strict: what no backend enforces is refused only then
+        return {"json_schema": schema if fmt.get("strict") is True else best_effort(schema, "text.format")}
     raise OpenAIError(400, f"text.format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
                       param="text.format.type")
 

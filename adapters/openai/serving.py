@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any, AsyncGenerator, Optional, Sequence, Union
 
-from agentserve.adapters.openai.constraint_errors import request_failure
+from agentserve.adapters.openai.constraint_errors import COMPILE_FAILED, constraint_param, request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
@@ -26,6 +26,7 @@ from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import AdapterNotFoundError, EngineDeadError, FieldError, InvalidRequestError, QueueFullError
 from agentserve.engine.validation import truncate_prompt
+from agentserve.grammar.unenforced_keywords import best_effort
 from agentserve.lora.interface import adapter_names, adapter_root
 from agentserve.outputs import RequestOutput
 from agentserve.service.tenants import tenant_of_scope
@@ -167,8 +168,8 @@ class OpenAIServing:
             schema = rf.json_schema.json_schema
             if schema is None:
                 kw["json_object"] = True
-            else:
-                kw["json_schema"] = schema
+            else:  # OpenAI guarantees a schema only under strict: what no backend enforces is refused only then
+                kw["json_schema"] = schema if rf.json_schema.strict else best_effort(schema, "response_format")
         given = ["response_format"] if rf is not None and rf.type != "text" else []
         fields: dict[str, list[tuple[str, Any]]] = {
             "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
@@ -223,8 +224,10 @@ class OpenAIServing:
         try:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as e:
-            msg = str(e)
-            raise OpenAIError(400, msg, param=param_of(msg)) from None
+            msg, param = str(e), param_of(str(e))
+            if param == "json_schema":  # SamplingParams' name: the request's field that gave the schema
+                param = constraint_param(req, COMPILE_FAILED) or param
+            raise OpenAIError(400, msg, param=param) from None
 
     def with_model_defaults(self, **given: Any) -> dict[str, Any]:
         """Sampling fields as a request gives them (None: left unset) over the model's generation_config.json

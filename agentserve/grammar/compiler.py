@@ -31,6 +31,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
+from agentserve.grammar.unenforced_keywords import unenforced
 from agentserve.grammar.interface import (
     CompiledGrammar,
     GrammarBackend,
@@ -247,6 +248,12 @@ class GrammarCompiler:
                 self._resolve_error(job, error)
 
     def _compile_and_probe(self, spec: ConstraintSpec) -> CompiledGrammar:
+        if spec.kind == "json_schema":
+            left = unenforced(json.loads(str(spec.payload)))
+            if left:  # every backend refuses these: named here, with their place, before any backend's message
+                keyword, path = left[0]
+                raise GrammarError(f"json_schema: unsupported keyword '{keyword}' at {path or 'the root'}: no grammar "
+                                   "backend enforces it, so the output could break the schema")
         compiled = self.backend.compile(spec, self.tokenizer_info)
         probe_compiled(compiled)
         if spec.kind == "json_schema":

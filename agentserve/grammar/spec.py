@@ -16,7 +16,7 @@ from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.tool_constraint import tool_call_payload
-from agentserve.grammar.unenforced_keywords import exact_forms, unenforced
+from agentserve.grammar.unenforced_keywords import exact_forms
 
 if TYPE_CHECKING:  # pragma: no cover
     from agentserve.sampling_params import SamplingParams
@@ -58,12 +58,7 @@ class ConstraintSpec:
             schema = {}
         if not isinstance(schema, dict):
             raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-        schema = exact_forms(numeric_exclusive_bounds(schema))
-        left = unenforced(schema)
-        if left:  # refused here, naming the place, rather than by the backend's compiler without one
-            keyword, path = left[0]
-            raise GrammarError(f"json_schema: unsupported keyword '{keyword}' at {path or 'the root'}: no grammar "
-                               "backend enforces it, so the output could break the schema")
+        schema = exact_forms(numeric_exclusive_bounds(schema))  # what is left is refused by the compile
         try:
             return cls("json_schema", canonical_json(close_objects(schema)))
         except (TypeError, ValueError) as e:

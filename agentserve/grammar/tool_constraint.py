@@ -11,7 +11,6 @@ constraint. The constraint and the parser
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
@@ -29,15 +28,11 @@ from agentserve.grammar.tool_formats import (
     TOOL_FORMATS,
 )
 from agentserve.grammar.tool_schema import normalize_tool_schema
-from agentserve.grammar.unenforced_keywords import exact_forms, unenforced, without_unenforced
+from agentserve.grammar.unenforced_keywords import best_effort
 
 if TYPE_CHECKING:  # pragma: no cover - spec.py imports this module
     from agentserve.grammar.spec import ConstraintSpec
 
-logger = logging.getLogger(__name__)
-# Tool schemas whose relaxation was logged: an agent sends the same tools on every turn.
-_LOGGED_RELAXED: set[str] = set()
-_LOGGED_RELAXED_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -65,26 +60,11 @@ def parse_tools(tools: Iterable[Any]) -> list[ToolDef]:
             raise GrammarError(f"tools[{i}]: duplicate tool name {name!r}")
         seen.add(name)
         where = f"tools[{i}].function.parameters"
-        params = _enforceable(name, exact_forms(numeric_exclusive_bounds(fn.get("parameters"), where)))
+        # what no backend enforces is left out of the calls' grammar (unenforced_keywords.best_effort)
+        params = best_effort(numeric_exclusive_bounds(fn.get("parameters"), where), f"tool {name!r}")
         params = close_objects(normalize_tool_schema(params, path=where))
         out.append(ToolDef(name=name, parameters=params, description=str(fn.get("description") or "")))
     return out
-
-
-def _enforceable(name: str, params: Any) -> Any:
-    """The parameters without the keywords no backend enforces (grammar/unenforced_keywords.py): calls are
-    constrained to the rest, so a call can break only those (a repeated element of a pydantic set, which
-    pydantic takes back as the set). The tool's runner validates its arguments anyway; refusing the request
-    would end an agent's loop over keywords vLLM never looks at (it leaves tool_choice "auto" unconstrained)."""
-    left = unenforced(params)
-    if not left:
-        return params
-    note = ", ".join(f"{keyword} at {path or 'the root'}" for keyword, path in left)
-    key = f"{name}: {note}"
-    if key not in _LOGGED_RELAXED and len(_LOGGED_RELAXED) < _LOGGED_RELAXED_MAX:
-        _LOGGED_RELAXED.add(key)
-        logger.warning("tool %r: calls are constrained without %s (no grammar backend enforces them)", name, note)
-    return without_unenforced(params)
 
 
 def _has_local_ref(schema: Any) -> bool:

@@ -20,12 +20,17 @@ every output still validates. Generated schemas write them so: pydantic's `set[s
   items (or nothing, where those already decide every key / item).
 - `contains` of any value: a minimum (and maximum) item count.
 
-`unenforced` lists what is left. A response format with one is refused, naming it: the client asked for
-output that validates. A tool's parameters are compiled without it (tool_constraint.parse_tools).
+`unenforced` lists what is left. `best_effort` leaves it out of the grammar, for constraints whose client asked
+for no guarantee: a tool's parameters (a tool's runner validates its arguments, and a 400 would end an agent's
+loop over a keyword vLLM never looks at: it leaves tool_choice "auto" unconstrained) and a response format
+without `strict: true` (OpenAI enforces neither). The output can then break only the keyword left out (a
+repeated element of a pydantic set, which pydantic takes back as the set). Everywhere else (strict, vLLM's
+guided_json / structured_outputs, the offline API) a keyword left is refused, naming it (ConstraintSpec).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Optional
 
@@ -44,6 +49,10 @@ UNENFORCED_GROUPS: tuple[tuple[str, ...], ...] = (
     ("unevaluatedProperties",), ("unevaluatedItems",), _DYNAMIC_REFS + _DYNAMIC_ANCHORS,
 )
 _REF_HOPS = 16
+logger = logging.getLogger(__name__)
+# What best_effort logged: agents send the same tools and formats on every turn.
+_LOGGED: set[str] = set()
+_LOGGED_MAX = 1024
 
 
 def _is_any(value: Any) -> bool:
@@ -255,3 +264,18 @@ def without_unenforced(schema: Any) -> Any:
         return {k: v for k, v in node.items() if k not in dropped and not (k == "$ref" and _is_external_ref(node))}
 
     return map_subschemas(schema, drop)
+
+
+def best_effort(schema: Any, what: str) -> Any:
+    """`schema` in its exact forms, without the keywords still unenforced (see the module), each left-out
+    keyword logged once per `what` ("tool 'f'", "response_format")."""
+    schema = exact_forms(schema)
+    left = unenforced(schema)
+    if not left:
+        return schema
+    note = ", ".join(f"{keyword} at {path or 'the root'}" for keyword, path in left)
+    key = f"{what}: {note}"
+    if key not in _LOGGED and len(_LOGGED) < _LOGGED_MAX:
+        _LOGGED.add(key)
+        logger.warning("%s is constrained without %s (no grammar backend enforces them)", what, note)
+    return without_unenforced(schema)
