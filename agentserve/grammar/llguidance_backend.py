@@ -19,6 +19,7 @@ from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.grammar.one_of import one_of_as_any_of
+from agentserve.grammar.number_bounds import exclusive_integer_bounds_stepped
 from agentserve.grammar.regex_dialect import patterns_in_both_dialects
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
@@ -135,7 +136,9 @@ def _negated_class_members(pattern: str) -> set[str]:
 
 def _formats(schema: Any) -> Any:
     """The formats llguidance implements, the ones it writes too loosely or not at all as patterns, others
-    dropped; every pattern's shorthand classes as both regex dialects read them (grammar/regex_dialect.py)."""
+    dropped; every pattern's shorthand classes as both regex dialects read them (grammar/regex_dialect.py);
+    number bounds it would cross stepped inside."""
+    schema = exclusive_integer_bounds_stepped(schema)  # grammar/number_bounds.py
     return patterns_in_both_dialects(strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS))
 
 

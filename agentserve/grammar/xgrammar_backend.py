@@ -273,9 +273,12 @@ def _check_schema(schema: Any) -> None:
         if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
             raise GrammarError(f"xgrammar does not enforce minLength/maxLength together with "
                                f"pattern/format (at {path or 'the root'})")
-        if "multipleOf" in node and node.get("type") != "integer":  # "Warning: multipleOf is not supported
-            # for type:number; ignoring multipleOf": 5.3404 came out of `"multipleOf": 0.5`
-            raise GrammarError(f"xgrammar does not enforce 'multipleOf' except on integers (at {path or 'the root'})")
+        bounded = any(k in node for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+        if "multipleOf" in node and (node.get("type") != "integer" or bounded):  # "Warning: multipleOf is not
+            # supported for type:number; ignoring multipleOf": 5.3404 came out of 0.5; beside a bound it is
+            # dropped silently (5 for `"minimum": -9, "multipleOf": 2`)
+            raise GrammarError(f"xgrammar does not enforce 'multipleOf' except on integers without bounds "
+                               f"(at {path or 'the root'})")
         return node
 
     map_subschemas(schema, check)
