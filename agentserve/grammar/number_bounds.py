@@ -30,7 +30,7 @@ def _fix(node: dict, path: str) -> dict:
         return node
     low = node.get("exclusiveMinimum", node.get("minimum"))
     high = node.get("exclusiveMaximum", node.get("maximum"))
-    if not (_number(low) and _number(high)) or math.floor(low) + 1 < high:
+    if not (_number(low) and _number(high)) or math.floor(float(low)) + 1 < float(high):
         return node  # unbounded on a side, or an integer lies strictly inside
     out = dict(node)
     if _integral(out.get("exclusiveMinimum")):
