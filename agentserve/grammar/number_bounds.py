@@ -28,9 +28,9 @@ def _fix(node: dict, path: str) -> dict:
     kinds = node.get("type")
     if not (kinds == "number" or (isinstance(kinds, list) and "number" in kinds)):
         return node
-    low = node.get("exclusiveMinimum", node.get("minimum"))
-    high = node.get("exclusiveMaximum", node.get("maximum"))
-    if not (_number(low) and _number(high)) or math.floor(float(low)) + 1 < float(high):
+    low: Any = node.get("exclusiveMinimum", node.get("minimum"))
+    high: Any = node.get("exclusiveMaximum", node.get("maximum"))
+    if not (_number(low) and _number(high)) or math.floor(low) + 1 < high:
         return node  # unbounded on a side, or an integer lies strictly inside
     out = dict(node)
     if _integral(out.get("exclusiveMinimum")):
