@@ -25,8 +25,8 @@ from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
 from agentserve.chat.messages import parse_json_object, text_of_parts
 from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
-from agentserve.grammar.unenforced_keywords import best_effort
 from agentserve.errors import FieldError
+from agentserve.grammar.unenforced_keywords import best_effort
 from agentserve.sessions.types import ReplyParts
 
 Message = dict[str, Any]

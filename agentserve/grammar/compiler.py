@@ -31,7 +31,6 @@ import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from agentserve.grammar.unenforced_keywords import unenforced
 from agentserve.grammar.interface import (
     CompiledGrammar,
     GrammarBackend,
@@ -42,6 +41,7 @@ from agentserve.grammar.interface import (
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.tool_constraint import call_schemas_of
+from agentserve.grammar.unenforced_keywords import unenforced
 
 _MAX_ERROR_CHARS = 500
 

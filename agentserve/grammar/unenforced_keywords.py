@@ -25,7 +25,8 @@ for no guarantee: a tool's parameters (a tool's runner validates its arguments, 
 loop over a keyword vLLM never looks at: it leaves tool_choice "auto" unconstrained) and a response format
 without `strict: true` (OpenAI enforces neither). The output can then break only the keyword left out (a
 repeated element of a pydantic set, which pydantic takes back as the set). Everywhere else (strict, vLLM's
-guided_json / structured_outputs, the offline API) a keyword left is refused, naming it (ConstraintSpec).
+guided_json / structured_outputs, the offline API) a keyword left is refused by the compile, naming it
+(grammar/compiler.py).
 """
 
 from __future__ import annotations
