@@ -23,7 +23,7 @@ from agentserve.grammar.number_bounds import exclusive_integer_bounds_stepped
 from agentserve.grammar.regex_dialect import patterns_in_both_dialects
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
-    FULL_DATE_REGEX,
+    DATE_TIME_REGEX,
     TIME_REGEX,
     formats_as_patterns,
     strip_formats,
@@ -56,7 +56,7 @@ FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname
 # llguidance's own time and date-time take a leap second at any minute ("12:22:60Z": 14% of random
 # date-times), which Python's datetime and pydantic refuse: these patterns stop at :59. The formats it
 # does not implement but validators check (json-pointer, idn-email, ...) as patterns too.
-FORMAT_PATTERNS = {"time": f"^{TIME_REGEX}$", "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
+FORMAT_PATTERNS = {"time": f"^{TIME_REGEX}$", "date-time": f"^{DATE_TIME_REGEX}$",
                    **CHECKED_FORMAT_PATTERNS}
 
 _ALL_ESCAPES = "\"\\bfnrt"

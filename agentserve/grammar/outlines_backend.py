@@ -20,6 +20,7 @@ from agentserve.grammar import structure
 from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern, whole_string_pattern
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
+    DATE_TIME_REGEX,
     EMAIL_REGEX,
     FULL_DATE_REGEX,
     IPV4_REGEX,
@@ -61,7 +62,7 @@ FORMATS = frozenset({"date-time", "date", "time", "uuid", "uri", "email"})
 # JSON), and its email regex allows a quoted local part ('"a b"@c.d') whose quotes end the JSON string.
 FORMAT_PATTERNS = {
     "time": f"^{TIME_REGEX}$",
-    "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$",
+    "date-time": f"^{DATE_TIME_REGEX}$",
     "date": f"^{FULL_DATE_REGEX}$",
     "ipv4": f"^{IPV4_REGEX}$",
     "ipv6": f"^{IPV6_REGEX}$",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentserve.grammar.schema_utils import map_subschemas
+from agentserve.grammar.schema_utils import map_patterns
 
 _SPACE_BOTH = r"\t\n\x0b\x0c\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _SPACE_EITHER = _SPACE_BOTH + r"\ufeff\x1c-\x1f\x85"
@@ -67,11 +67,4 @@ def both_dialects(pattern: str) -> str:
 
 def patterns_in_both_dialects(schema: Any) -> Any:
     """Every `pattern` and `patternProperties` key of `schema` through both_dialects."""
-    def fix(node: dict, path: str) -> dict:
-        if isinstance(node.get("pattern"), str):
-            node = {**node, "pattern": both_dialects(node["pattern"])}
-        if isinstance(node.get("patternProperties"), dict):
-            node = {**node, "patternProperties": {both_dialects(k): v for k, v in node["patternProperties"].items()}}
-        return node
-
-    return map_subschemas(schema, fix)
+    return map_patterns(schema, lambda pattern, path: both_dialects(pattern))

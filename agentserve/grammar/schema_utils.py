@@ -74,6 +74,7 @@ TIME_REGEX = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0
 _MULTIPLE_OF_4 = "(0[48]|[2468][048]|[13579][26])"  # two digits, 00 aside
 FULL_DATE_REGEX = ("([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
                    f"|02-(0[1-9]|1[0-9]|2[0-8]))|([0-9]{{2}}{_MULTIPLE_OF_4}|({_MULTIPLE_OF_4}|00)00)-02-29)")
+DATE_TIME_REGEX = f"{FULL_DATE_REGEX}T{TIME_REGEX}"
 
 
 # Formats no backend (or not every backend) implements, which validators check: as patterns every match of
@@ -93,6 +94,20 @@ CHECKED_FORMAT_PATTERNS = {
     "idn-hostname": f"^{_IDN_LABEL}(\\.{_IDN_LABEL}){{0,3}}$",
     "idn-email": f"^{EMAIL_REGEX}$",
 }
+
+
+def map_patterns(schema: Any, fn: Callable[[str, str], str]) -> Any:
+    """`schema` with each `pattern` and each `patternProperties` key replaced by `fn(regex, path)` (path: the
+    node's place, "" for the root), for a backend that must read them otherwise than JSON Schema writes them."""
+
+    def fix(node: dict, path: str) -> dict:
+        if isinstance(node.get("pattern"), str):
+            node = {**node, "pattern": fn(node["pattern"], path)}
+        if isinstance(node.get("patternProperties"), dict):
+            node = {**node, "patternProperties": {fn(k, path): v for k, v in node["patternProperties"].items()}}
+        return node
+
+    return map_subschemas(schema, fix)
 
 
 def formats_as_patterns(schema: Any, patterns: dict[str, str]) -> Any:

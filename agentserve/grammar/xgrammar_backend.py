@@ -18,11 +18,13 @@ import torch
 from agentserve.grammar import structure
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
+    DATE_TIME_REGEX,
     FULL_DATE_REGEX,
     IPV4_REGEX,
     TIME_REGEX,
     check_enforceable,
     formats_as_patterns,
+    map_patterns,
     map_subschemas,
 )
 import xgrammar as xgr
@@ -170,7 +172,7 @@ NOT_ENFORCED = frozenset({
 # minute ("10:47:60Z"): validators or Python's datetime refuse those. Its relative-json-pointer
 # writes bare counts, and the idn formats it does not implement (schema_utils.CHECKED_FORMAT_PATTERNS).
 FORMAT_PATTERNS = {"ipv4": f"^{IPV4_REGEX}$", "date": f"^{FULL_DATE_REGEX}$", "time": f"^{TIME_REGEX}$",
-                   "date-time": f"^{FULL_DATE_REGEX}T{TIME_REGEX}$", **CHECKED_FORMAT_PATTERNS}
+                   "date-time": f"^{DATE_TIME_REGEX}$", **CHECKED_FORMAT_PATTERNS}
 
 
 def _bounded_optional_groups(pattern: str) -> str:
@@ -245,24 +247,19 @@ def _json_escaped_literal(pattern: str) -> Optional[str]:
     return None
 
 
-def _patterns_fixed(schema: Any) -> Any:
-    """Every `pattern` and `patternProperties` key through _bounded_optional_groups; GrammarError for one that
-    spells a character xgrammar would write unescaped (_json_escaped_literal)."""
-    def fix(node: dict, path: str) -> dict:
-        for pattern in [node.get("pattern")] + list(node.get("patternProperties") or {}):
-            bad = _json_escaped_literal(pattern) if isinstance(pattern, str) else None
-            if bad is not None:
-                raise GrammarError(f"xgrammar cannot write {bad!r} of the pattern {pattern!r} (at {path or 'the root'}) "
-                                   "inside a JSON string: it writes the character unescaped; use grammar_backend "
-                                   "llguidance")
-        if isinstance(node.get("pattern"), str):
-            node = {**node, "pattern": _bounded_optional_groups(node["pattern"])}
-        if isinstance(node.get("patternProperties"), dict):
-            node = {**node, "patternProperties": {_bounded_optional_groups(k): v
-                                                  for k, v in node["patternProperties"].items()}}
-        return node
+def _xgrammar_pattern(pattern: str, path: str) -> str:
+    """`pattern` through _bounded_optional_groups; GrammarError where it spells a character xgrammar would
+    write unescaped (_json_escaped_literal)."""
+    bad = _json_escaped_literal(pattern)
+    if bad is not None:
+        raise GrammarError(f"xgrammar cannot write {bad!r} of the pattern {pattern!r} (at {path or 'the root'}) "
+                           "inside a JSON string: it writes the character unescaped; use grammar_backend llguidance")
+    return _bounded_optional_groups(pattern)
 
-    return map_subschemas(schema, fix)
+
+def _patterns_fixed(schema: Any) -> Any:
+    """Every `pattern` and `patternProperties` key through _xgrammar_pattern."""
+    return map_patterns(schema, _xgrammar_pattern)
 
 
 def _check_schema(schema: Any) -> None:
