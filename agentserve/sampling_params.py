@@ -21,6 +21,8 @@ MAX_LOGIT_BIAS = 1024  # token ids one request may bias (OpenAI documents no bou
 # Below this temperature logits / temperature overflows float32 to inf and the softmax gives NaN;
 # vLLM clamps the same way (its _MAX_TEMP).
 MIN_POSITIVE_TEMPERATURE = 1e-2
+# The output constraints of which a request gives at most one (tools aside).
+_CONSTRAINT_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 class SamplingParamsError(ValueError):
@@ -105,6 +107,8 @@ class SamplingParams:
     regex: Optional[str] = None
     grammar: Optional[str] = None  # a context-free grammar: GBNF / EBNF, or Lark with the llguidance backend
     choice: Optional[list[str]] = None
+    # vLLM's structural tag (grammar/structural_tag.py): free text with constrained parts, a dict or its JSON text
+    structural_tag: Union[None, str, dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[None, str, dict[str, Any]] = None
     parallel_tool_calls: bool = True
@@ -140,8 +144,7 @@ class SamplingParams:
             if not isinstance(given, StructuredOutputsParams):
                 raise SamplingParamsError(keyword, "must be a StructuredOutputsParams (or GuidedDecodingParams), "
                                                    f"not {type(given).__name__}")
-            taken = [n for n in ("json_schema", "json_object", "regex", "choice", "grammar") if getattr(self, n)
-                     not in (None, False)]
+            taken = [n for n in _CONSTRAINT_FIELDS if getattr(self, n) not in (None, False)]
             if taken:
                 raise SamplingParamsError(keyword, f"gives a constraint and so does {taken[0]}: give one")
             for name, value in given.sampling_fields(keyword).items():
@@ -220,17 +223,20 @@ class SamplingParams:
                 not isinstance(w, str) or not w.strip() for w in self.bad_words)):
             raise SamplingParamsError("bad_words", "must be a list of non-empty strings")
         _check_text("bad_words", self.bad_words)
-        for name in ("json_schema", "regex", "grammar", "choice", "tools", "tool_choice"):
+        for name in ("json_schema", "regex", "grammar", "choice", "structural_tag", "tools", "tool_choice"):
             _check_text(name, getattr(self, name))
 
     def _validate_constraints(self) -> None:
         # Tools combine with json_schema / json_object: "tool calls, or a final answer matching the
         # schema" (agent frameworks send both on their typed path); never with regex or choice.
         answers = [self.json_schema is not None, self.json_object]
-        others = [self.regex is not None, self.choice is not None, self.grammar is not None]
+        others = [self.regex is not None, self.choice is not None, self.grammar is not None,
+                  self.structural_tag is not None]
         if sum(answers + others) > 1 or (self.tools_active and any(others)):
-            raise ValueError("at most one of json_schema, json_object, regex, choice and grammar may be given (tools "
-                             "combine only with json_schema or json_object)")
+            raise ValueError("at most one of json_schema, json_object, regex, choice, grammar and structural_tag may "
+                             "be given (tools combine only with json_schema or json_object)")
+        if self.structural_tag is not None and not isinstance(self.structural_tag, (str, dict)):
+            raise SamplingParamsError("structural_tag", "must be an object or its JSON text")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             raise SamplingParamsError("grammar", "must be a non-empty string (GBNF / EBNF, or Lark)")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
@@ -260,7 +266,8 @@ class SamplingParams:
     @property
     def has_constraint(self) -> bool:
         return (self.json_schema is not None or self.json_object or self.regex is not None
-                or self.choice is not None or self.grammar is not None or self.tools_active)
+                or self.choice is not None or self.grammar is not None or self.structural_tag is not None
+                or self.tools_active)
 
     def clone(self, **changes: Any) -> "SamplingParams":
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -4,9 +4,9 @@
     SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"]))  # vLLM 0.6 - 0.10
 
 Each is read onto SamplingParams' own constraint fields (json_schema, json_object, regex, choice,
-grammar), which the grammar backends compile as for the HTTP API. A `backend` may name the engine's own
+grammar, structural_tag), which the grammar backends compile as for the HTTP API. A `backend` may name the engine's own
 backend and no other (vLLM V1's rule; the engine checks it: engine/validation.py). What vLLM's objects can
-ask for and agentserve cannot do is an error naming the field: structural tags, a whitespace pattern.
+ask for and agentserve cannot do is an error naming the field: a whitespace pattern.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from pydantic import BaseModel
 # The fields that ask for what agentserve does not do -> why (each refused when set).
 _REFUSED = {
     "whitespace_pattern": "a custom whitespace pattern for JSON is not supported",
-    "structural_tag": "structural tags are not supported: use tools with tool_choice, or json / regex / grammar",
 }
 
 
 @dataclass
 class StructuredOutputsParams:
     """One constraint: a JSON schema (a dict, its JSON text, or a pydantic model class), any JSON object,
-    a regex, a list of choices, or a context-free grammar."""
+    a regex, a list of choices, a context-free grammar, or a structural tag (its JSON text, as vLLM takes it)."""
 
     json: Union[None, str, dict[str, Any], type[BaseModel]] = None
     regex: Optional[str] = None
@@ -39,7 +38,7 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     backend: Optional[str] = None
     whitespace_pattern: Optional[str] = None
-    structural_tag: Optional[str] = None
+    structural_tag: Union[None, str, dict[str, Any]] = None
 
     def sampling_fields(self, keyword: str) -> dict[str, Any]:
         """SamplingParams' constraint fields for this object, given as SamplingParams(`keyword`=...)."""
@@ -50,10 +49,11 @@ class StructuredOutputsParams:
             raise ValueError(f"{keyword}: disable_any_whitespace and disable_additional_properties are not supported "
                              "(JSON is compiled as the schema says: any whitespace, additionalProperties as given)")
         given = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name in ("json", "regex", "choice", "grammar", "json_object")
+                 if f.name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
                  and getattr(self, f.name) not in (None, False)}
         if len(given) != 1:
-            raise ValueError(f"{keyword} must give exactly one of json, regex, choice, grammar and json_object "
+            raise ValueError(f"{keyword} must give exactly one of json, regex, choice, grammar, json_object and "
+                             "structural_tag "
                              f"(got {', '.join(given) or 'none'})")
         (name, value), = given.items()
         backend = {} if self.backend is None else {"structured_outputs_backend": self.backend}

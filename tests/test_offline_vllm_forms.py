@@ -61,10 +61,9 @@ def test_vllm_constraint_objects_constrain_like_agentserves_fields(llm: LLM, key
 
 @pytest.mark.parametrize("fields,says", [
     (dict(regex="a+", whitespace_pattern=r"[ ]?"), "structured_outputs.whitespace_pattern is not supported"),
-    (dict(structural_tag="{}"), "structured_outputs.structural_tag is not supported"),
     (dict(json=SCHEMA, disable_any_whitespace=True), "disable_any_whitespace"),
-    (dict(json=SCHEMA, regex="a+"), "exactly one of json, regex, choice, grammar and json_object (got json, regex)"),
-    (dict(), "exactly one of json, regex, choice, grammar and json_object (got none)"),
+    (dict(json=SCHEMA, regex="a+"), "exactly one of json, regex, choice, grammar, json_object and structural_tag (got json, regex)"),
+    (dict(), "exactly one of json, regex, choice, grammar, json_object and structural_tag (got none)"),
 ])
 def test_what_the_vllm_objects_ask_for_and_agentserve_cannot_do_names_the_field(fields: dict[str, Any],
                                                                                  says: str) -> None:

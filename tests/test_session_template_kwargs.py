@@ -171,8 +171,8 @@ def test_responses_refuse_bad_variables(http: tuple[openai.OpenAI, httpx.Client]
                          ({"skip_special_tokens": False}, "skip_special_tokens"),
                          ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
                          ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
-                         ({"structured_outputs": {"regex": "a", "structural_tag": "{}"}},
-                          "structured_outputs.structural_tag"),
+                         ({"structured_outputs": {"regex": "a", "structural_tag": "{}"}}, "structured_outputs"),
+                         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
                          ({"structured_outputs": {"regex": "a", "backend": "outlines"}}, "structured_outputs.backend"),
                          ({"structured_outputs": {"regex": "a"}, "text": {"format": {"type": "json_object"}}},
                           "structured_outputs")):

@@ -1,5 +1,5 @@
 """vLLM's request fields as a vLLM client sends them: those agentserve implements behave as in vLLM,
-and those it does not (beam search, structural tags, custom logits processors, ...) are a 400 naming the
+and those it does not (beam search, custom logits processors, ...) are a 400 naming the
 field, never silently dropped (the reply would look right and be something else)."""
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ def _completion(http: httpx.Client, **fields: Any) -> httpx.Response:
 @pytest.mark.parametrize("fields, param", [
     ({"use_beam_search": True}, "use_beam_search"),
     ({"best_of": 3}, "best_of"),
-    ({"structural_tag": "{\"structures\": [], \"triggers\": []}"}, "structural_tag"),
-    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
     ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
     ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": " "}},
      "structured_outputs.whitespace_pattern"),
@@ -55,7 +53,6 @@ def test_chat_fields_agentserve_lacks_are_refused_by_name(http: httpx.Client, fi
     ({"use_beam_search": True}, "use_beam_search"),
     ({"prompt_embeds": "AAAA"}, "prompt_embeds"),
     ({"logits_processors": ["my_module.MyProcessor"]}, "logits_processors"),
-    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
 ])
 def test_completion_fields_agentserve_lacks_are_refused_by_name(http: httpx.Client, fields: dict, param: str) -> None:
     r = _completion(http, **fields)

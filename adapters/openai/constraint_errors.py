@@ -40,11 +40,15 @@ def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], messa
         return "guided_regex"
     if req.guided_choice is not None:
         return "guided_choice"
+    if req.structural_tag is not None:
+        return "structural_tag"
+    if req.structured_outputs is not None and req.structured_outputs.structural_tag is not None:
+        return "structured_outputs.structural_tag"
     rf = req.response_format
+    if rf is not None and rf.type in ("json_object", "structural_tag"):
+        return "response_format"
     if rf is not None and rf.type == "json_schema":
         return "response_format.json_schema.schema"
-    if rf is not None and rf.type == "json_object":
-        return "response_format"
     tools = req.tools if isinstance(req, ChatCompletionRequest) else None
     if not tools:
         return None

@@ -85,8 +85,16 @@ class JSONSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: Optional[JSONSchemaFormat] = None
+    # type "structural_tag" (vLLM's, grammar/structural_tag.py): structures + triggers, or xgrammar's format
+    structures: Optional[list[Any]] = None
+    triggers: Optional[list[Any]] = None
+    format: Optional[Any] = None
+
+    def structural_tag(self) -> dict[str, Any]:
+        """The structural tag this response format gives (type "structural_tag")."""
+        return {"type": "structural_tag", **self.model_dump(exclude={"type", "json_schema"}, exclude_none=True)}
 
 
 class StructuredOutputs(_Request):
@@ -96,6 +104,7 @@ class StructuredOutputs(_Request):
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
+    structural_tag: Union[None, str, dict[str, Any]] = None
 
 
 class _SamplingFields(_Request):
@@ -129,6 +138,7 @@ class _SamplingFields(_Request):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+    structural_tag: Union[None, str, dict[str, Any]] = None  # vLLM's (before structured_outputs): JSON text
     structured_outputs: Optional[StructuredOutputs] = None
     cache_salt: Optional[str] = None
     priority: int = 0

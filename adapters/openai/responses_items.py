@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict
 
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
-from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
+from agentserve.adapters.openai.structured_outputs import (
+    checked_structural_tag, parsed_schema, structured_outputs_fields)
 from agentserve.chat.messages import parse_json_object, text_of_parts
 from agentserve.chat.template_kwargs import checked_template_kwargs, with_reasoning_effort
 from agentserve.errors import FieldError
@@ -188,7 +189,8 @@ def constraint_kwargs(req: ResponsesRequest) -> dict[str, Any]:
     if len(given) > 1:
         raise OpenAIError(400, f"give at most one output constraint; got {', '.join(name for _, name, _ in given)}",
                           param="structured_outputs")
-    return {key: parsed_schema(value, name) if key == "json_schema" else value for key, name, value in given}
+    return {key: parsed_schema(value, name) if key == "json_schema" else
+            checked_structural_tag(value, name) if key == "structural_tag" else value for key, name, value in given}
 
 
 def text_format_kwargs(text: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 from agentserve.adapters.openai.constraint_errors import COMPILE_FAILED, constraint_param, request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from agentserve.adapters.openai.structured_outputs import parsed_schema, structured_outputs_fields
+from agentserve.adapters.openai.structured_outputs import (
+    checked_structural_tag, constraint_documents, parsed_schema, structured_outputs_fields)
 from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
@@ -170,11 +171,13 @@ class OpenAIServing:
                 kw["json_object"] = True
             else:  # OpenAI guarantees a schema only under strict: what no backend enforces is refused only then
                 kw["json_schema"] = schema if rf.json_schema.strict else best_effort(schema, "response_format")
+        elif rf is not None and rf.type == "structural_tag":
+            kw["structural_tag"] = checked_structural_tag(rf.structural_tag(), "response_format")
         given = ["response_format"] if rf is not None and rf.type != "text" else []
         fields: dict[str, list[tuple[str, Any]]] = {
             "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
             "choice": [("guided_choice", req.guided_choice)], "grammar": [("guided_grammar", req.guided_grammar)],
-            "json_object": []}
+            "json_object": [], "structural_tag": [("structural_tag", req.structural_tag)]}
         for key, name, value in structured_outputs_fields(req.structured_outputs):
             fields[key].append((name, value))
         for key, sources in fields.items():
@@ -182,7 +185,8 @@ class OpenAIServing:
                 if value is None or value is False:
                     continue
                 given.append(name)
-                kw[key] = parsed_schema(value, name) if key == "json_schema" else value
+                kw[key] = parsed_schema(value, name) if key == "json_schema" else \
+                    checked_structural_tag(value, name) if key == "structural_tag" else value
         if len(given) > 1:
             raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])
         return kw
@@ -273,12 +277,8 @@ class OpenAIServing:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)
         L.check_bad_words(req.bad_words, self.limits)
-        if req.response_format is not None and req.response_format.json_schema is not None \
-                and req.response_format.json_schema.json_schema is not None:
-            L.check_schema(req.response_format.json_schema.json_schema, "response_format.json_schema.schema",
-                           self.limits)
-        if req.guided_json is not None:
-            L.check_schema(req.guided_json, "guided_json", self.limits)
+        for field, value in constraint_documents(req):
+            L.check_schema(value, field, self.limits)
 
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:

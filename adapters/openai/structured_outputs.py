@@ -7,6 +7,8 @@ import json
 from typing import Any, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.structural_tag import structural_tag_tree
 
 
 def parsed_schema(schema: Any, field: str) -> Any:
@@ -26,4 +28,29 @@ def structured_outputs_fields(so: Optional[StructuredOutputs]) -> list[tuple[str
         return []
     return [("json_schema", "structured_outputs.json", so.json_schema), ("regex", "structured_outputs.regex", so.regex),
             ("choice", "structured_outputs.choice", so.choice), ("grammar", "structured_outputs.grammar", so.grammar),
-            ("json_object", "structured_outputs.json_object", so.json_object)]
+            ("json_object", "structured_outputs.json_object", so.json_object),
+            ("structural_tag", "structured_outputs.structural_tag", so.structural_tag)]
+
+
+def checked_structural_tag(tag: Any, field: str) -> Any:
+    """A structural tag checked at the edge, so that a bad one is a 400 naming `field` and where in it the
+    problem is (the engine builds its grammar again from the same value)."""
+    try:
+        structural_tag_tree(tag, field)
+    except GrammarError as e:
+        raise OpenAIError(400, str(e), param=field) from None
+    return tag
+
+
+def constraint_documents(req: Any) -> list[tuple[str, Any]]:
+    """(field, JSON document) for each JSON schema or structural tag a chat or completions request gives,
+    for the edge's size and depth limits."""
+    rf = req.response_format
+    found = [("guided_json", req.guided_json), ("structural_tag", req.structural_tag)]
+    if rf is not None and rf.json_schema is not None:
+        found.append(("response_format.json_schema.schema", rf.json_schema.json_schema))
+    if rf is not None and rf.type == "structural_tag":
+        found.append(("response_format", rf.structural_tag()))
+    found += [(name, value) for key, name, value in structured_outputs_fields(req.structured_outputs)
+              if key in ("json_schema", "structural_tag")]
+    return [(field, value) for field, value in found if value is not None]

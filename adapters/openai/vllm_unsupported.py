@@ -18,15 +18,12 @@ from agentserve.errors import InvalidRequestError
 # field -> (is it asking for the feature?, what to say)
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (bool, "beam search is not supported (sample with n instead)"),
-    "structural_tag": (lambda v: v is not None, "structural tags are not supported (use tools, guided_json or "
-                                                "guided_grammar)"),
     "guided_whitespace_pattern": (lambda v: v is not None, "a whitespace pattern for JSON is not supported"),
     "logits_processors": (bool, "custom logits processors are not supported (logit_bias, allowed_token_ids and "
                                 "bad_words are)"),
     "prompt_embeds": (lambda v: v is not None, "prompt embeddings are not supported (send text or token ids)"),
 }
 _REFUSED_STRUCTURED_OUTPUTS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "structural_tag": _REFUSED["structural_tag"],
     "whitespace_pattern": (lambda v: v is not None, "a whitespace pattern for JSON is not supported"),
 }
 
@@ -59,7 +56,7 @@ def check_vllm_unsupported(req: Any, policy: str, grammar_backend: str) -> None:
 
 def check_structured_outputs_extras(so: Any, grammar_backend: str) -> None:
     """vLLM's `structured_outputs` fields beyond the constraint itself (chat, completions and Responses):
-    a structural tag or whitespace pattern is refused, a backend other than the server's too."""
+    a whitespace pattern is refused, a backend other than the server's too."""
     if so is None:
         return
     _check(so.model_extra, _REFUSED_STRUCTURED_OUTPUTS, "structured_outputs.")

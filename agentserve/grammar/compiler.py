@@ -31,6 +31,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
+from agentserve.grammar import structure
 from agentserve.grammar.interface import (
     CompiledGrammar,
     GrammarBackend,
@@ -258,6 +259,9 @@ class GrammarCompiler:
         probe_compiled(compiled)
         if spec.kind == "json_schema":
             self._probe_patterns(json.loads(str(spec.payload)))
+        elif spec.kind == "structural_tag":
+            for schema in structure.walk_json(json.loads(str(spec.payload))["grammar"]):
+                self._probe_patterns(schema)
         return compiled
 
     def _probe_patterns(self, schema: Any) -> None:

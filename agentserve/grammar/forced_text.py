@@ -117,7 +117,7 @@ def _grammar_strings(text: str) -> Iterator[str]:
 
 
 def _spec_forced_strings(spec: ConstraintSpec) -> Iterator[tuple[str, str]]:
-    if spec.kind in ("json_schema", "tool_calls"):
+    if spec.kind in ("json_schema", "tool_calls", "structural_tag"):
         yield from _forced_strings(json.loads(str(spec.payload)), "$")
     elif spec.kind == "regex":
         yield from ((run, "the regex") for run in pattern_literal_runs(str(spec.payload)))

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from agentserve.grammar import structure
 from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.not_keyword import not_as_positive
@@ -34,6 +33,7 @@ from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 import llguidance.torch as _llg_torch
 
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, canonical_json
+from agentserve.grammar.llguidance_lark import LarkWriter
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 
@@ -157,68 +157,6 @@ def _with_ws(schema: Any) -> Any:
             opts.setdefault(key, value)
         return {**schema, "x-guidance": opts}
     return schema
-
-
-class _LarkWriter:
-    """Translates a `structure` tree into an llguidance Lark grammar."""
-
-    def __init__(self, lltok: Any, info: TokenizerInfo) -> None:
-        self.lltok = lltok
-        self.info = info
-        self.rules: list[str] = []
-        self.n = 0
-
-    def _name(self, prefix: str) -> str:
-        self.n += 1
-        return f"{prefix}{self.n}"
-
-    def _special_token(self, marker: str) -> Optional[str]:
-        tid = self.info.single_token_id(marker)
-        if tid is not None and self.lltok.is_special_token(tid):
-            return f"<[{tid}]>"
-        return None
-
-    def expr(self, node: Any) -> str:
-        if "seq" in node:
-            parts = [self.expr(n) for n in node["seq"]]
-            return "(" + " ".join(parts) + ")" if parts else '""'
-        if "alt" in node:
-            return "(" + " | ".join(self.expr(n) for n in node["alt"]) + ")"
-        if "star" in node:
-            return f"({self.expr(node['star'])})*"
-        if "opt" in node:
-            return f"({self.expr(node['opt'])})?"
-        if "lit" in node:
-            return json.dumps(node["lit"], ensure_ascii=False)
-        if "marker" in node:
-            return self._special_token(node["marker"]) or json.dumps(node["marker"], ensure_ascii=False)
-        if "ws" in node:
-            term = self._name("WS")
-            self.rules.append(f"{term}: /{structure.ws_regex(node['ws'], node.get('max'))}/")
-            return term
-        if "json" in node:
-            name = self._name("json")
-            schema = _exact_rewrites(_formats(node["json"]))
-            self.rules.append(f"{name}: %json {canonical_json(_with_ws(schema))}")
-            return name
-        if "text" in node:
-            t = node["text"]
-            rx = structure.text_regex(t)
-            then = t.get("then")
-            term = self._name("TEXT")
-            if then and (tok := self._special_token(then)):
-                self.rules.append(f"{term}: /{rx}/")
-                return f"{term}? {tok}"
-            if then:  # one lexeme up to (and including) the first occurrence of the trigger
-                self.rules.append(f"{term}: /({rx}){structure.regex_escape(then)}/")
-                return term
-            self.rules.append(f"{term}: /{rx}/")
-            return f"{term}?"
-        raise GrammarError(f"unknown structure node {sorted(node)}")
-
-    def grammar(self, node: Any) -> str:
-        start = self.expr(node)
-        return "\n".join(["%llguidance {}", f"start: {start}"] + self.rules) + "\n"
 
 
 class LLGuidanceMatcher(GrammarMatcher):
@@ -354,9 +292,11 @@ class LLGuidanceBackend(GrammarBackend):
         if spec.kind == "choice":
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.payload)
             return llguidance.LLMatcher.grammar_from_lark(lark)
-        if spec.kind == "tool_calls":
+        if spec.kind in ("tool_calls", "structural_tag"):
             tree = json.loads(str(spec.payload))["grammar"]
-            return llguidance.LLMatcher.grammar_from_lark(_LarkWriter(self.tokenizer(info), info).grammar(tree))
+            writer = LarkWriter(self.tokenizer(info), info, self.added_texts(info),
+                                json_body=lambda schema: canonical_json(_with_ws(_exact_rewrites(_formats(schema)))))
+            return llguidance.LLMatcher.grammar_from_lark(writer.grammar(tree))
         raise GrammarError(f"llguidance: unsupported constraint kind {spec.kind!r}")
 
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> LLGuidanceGrammar:

@@ -341,7 +341,7 @@ class OutlinesBackend(GrammarBackend):
             return str(spec.payload)
         if spec.kind == "choice":
             return "(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")"
-        if spec.kind == "tool_calls":
+        if spec.kind in ("tool_calls", "structural_tag"):
             return structure.to_regex(json.loads(str(spec.payload))["grammar"], schema_to_regex)
         if spec.kind == "grammar":
             raise GrammarError("grammar (a context-free grammar) is not supported by the outlines backend, which "

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
+from agentserve.grammar.structural_tag import structural_tag_payload
 from agentserve.grammar.tool_constraint import tool_call_payload
 from agentserve.grammar.unenforced_keywords import exact_forms
 
 if TYPE_CHECKING:  # pragma: no cover
     from agentserve.sampling_params import SamplingParams
 
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ConstraintSpec:
     kind: "json_schema" (payload: canonical JSON of the schema), "json_object" (payload ""),
     "regex" (payload: the pattern), "choice" (payload: tuple of strings), "grammar" (payload: a
     context-free grammar's text, GBNF / EBNF or Lark, as the backend reads it), "tool_calls" (payload:
-    canonical JSON of a tool-call structure built by `build_tool_constraint` below).
+    canonical JSON of a tool-call structure built by `build_tool_constraint` below), "structural_tag"
+    (payload: canonical JSON of the structure a structural tag describes, structural_tag.py).
     """
 
     kind: str
@@ -81,6 +83,10 @@ class ConstraintSpec:
         return cls("grammar", text)
 
     @classmethod
+    def structural_tag(cls, tag: Union[str, dict], where: str = "structural_tag") -> "ConstraintSpec":
+        return cls("structural_tag", structural_tag_payload(tag, where))
+
+    @classmethod
     def choice(cls, choices: Sequence[str]) -> "ConstraintSpec":
         choices = tuple(choices)
         if not choices or not all(isinstance(c, str) for c in choices):
@@ -110,6 +116,8 @@ class ConstraintSpec:
             return cls.choice(params.choice)
         if params.grammar is not None:
             return cls.grammar(params.grammar)
+        if params.structural_tag is not None:
+            return cls.structural_tag(params.structural_tag)
         return None
 
 

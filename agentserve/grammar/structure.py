@@ -17,6 +17,10 @@ xgrammar, one regex for outlines-core):
                                     free text that contains none of `exclude` and whose first
                                     character after optional leading `lead_ws` characters is not
                                     in `not_start`, followed by the marker `then` (when given)
+    {"text": {..., "then_text": "<function="}}
+                                    the same followed by literal text (never a special token): the
+                                    trigger of a structural tag (structural_tag.py)
+    {"regex": "[A-Z]{3}"}           text matching the regex
 
 The "text" node is the free-text-until-trigger part of tool_choice="auto": because the text can
 never contain the trigger, the first trigger always starts a call, and the grammar and the
@@ -167,6 +171,8 @@ def regex_excluding(words: Iterable[str], not_start: str = "") -> str:
     regex by state elimination; only plain constructs are used (groups, classes, `*`, `?`, `|`).
     """
     words = [w for w in dict.fromkeys(words) if w]
+    if not words and not not_start:  # any text: an empty class `[^]` reads differently in each dialect
+        return "(.|\\n)*"
     automaton = _WordAutomaton(words)
     alphabet = sorted(set("".join(words)) | set(not_start))
     live = [s for s in range(len(automaton.goto)) if not automaton.matched[s]]
@@ -254,6 +260,12 @@ def text_regex(t: dict) -> str:
     return (ws_regex(lead) + f"({rx})") if lead else rx
 
 
+def text_then_regex(t: dict) -> str:
+    """The regex of a "text" node with what follows it (its marker's text or its then_text)."""
+    then = t.get("then") or t.get("then_text")
+    return f"({text_regex(t)})" + (regex_escape(then) if then else "")
+
+
 def to_regex(node: Any, json_to_regex: Callable[[dict], str]) -> str:
     """The node as one regex (outlines-core); JSON nodes through `json_to_regex`."""
     if "seq" in node:
@@ -273,9 +285,9 @@ def to_regex(node: Any, json_to_regex: Callable[[dict], str]) -> str:
     if "json" in node:
         return json_to_regex(node["json"])
     if "text" in node:
-        rx = text_regex(node["text"])
-        then = node["text"].get("then")
-        return f"({rx})" + (regex_escape(then) if then else "")
+        return text_then_regex(node["text"])
+    if "regex" in node:
+        return f"({node['regex']})"
     raise ValueError(f"unknown structure node {sorted(node)}")
 
 

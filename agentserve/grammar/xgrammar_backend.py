@@ -62,7 +62,9 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
 
 def to_structural_format(node: Any) -> dict:
     """A `structure` tree as an xgrammar structural-tag format."""
-    if "seq" in node:
+    if "seq" in node:  # xgrammar refuses an empty sequence: the empty text is an empty constant
+        if not node["seq"]:
+            return {"type": "const_string", "value": ""}
         return {"type": "sequence", "elements": [to_structural_format(n) for n in node["seq"]]}
     if "alt" in node:
         return {"type": "or", "elements": [to_structural_format(n) for n in node["alt"]]}
@@ -80,11 +82,9 @@ def to_structural_format(node: Any) -> dict:
         schema = _patterns_fixed(_bounded_strings_as_patterns(formats_as_patterns(node["json"], FORMAT_PATTERNS)))
         return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
-        t = node["text"]
-        rx = structure.text_regex(t)
-        then = t.get("then")
-        pattern = f"({rx})" + (structure.regex_escape(then) if then else "")
-        return {"type": "regex", "pattern": pattern}
+        return {"type": "regex", "pattern": structure.text_then_regex(node["text"])}
+    if "regex" in node:
+        return {"type": "regex", "pattern": node["regex"]}
     raise GrammarError(f"unknown structure node {sorted(node)}")
 
 
@@ -142,17 +142,18 @@ def _forbidden(info: TokenizerInfo, kind: str) -> tuple[np.ndarray, frozenset[in
     them (strings escape them, and our whitespace policy is a single space), so JSON grammars
     refuse every token with a byte below 0x20 and tool grammars those other than tab/LF/CR."""
     tools = kind == "tool_calls"
+    free_text = kind in ("tool_calls", "structural_tag")  # text around the structure has tabs and newlines
 
     def build() -> tuple[np.ndarray, frozenset[int]]:
         words = info.forbidden_words(allow_markers=tools).copy()
-        bad_bytes = set(range(0x20)) - ({0x09, 0x0A, 0x0D} if tools else set())
+        bad_bytes = set(range(0x20)) - ({0x09, 0x0A, 0x0D} if free_text else set())
         for i, b in enumerate(info.token_bytes):
             if any(c in bad_bytes for c in b) and i not in info.eos_token_ids:
                 words[i >> 5] |= np.int32(np.uint32(1 << (i & 31)).view(np.int32))
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: info.vocab_size]
         return words, frozenset(int(i) for i in np.flatnonzero(bits))
 
-    return info.cached(("xgrammar.forbidden", tools), build)
+    return info.cached(("xgrammar.forbidden", tools, free_text), build)
 
 
 # xgrammar's messages start with its log's time and C++ source line ("[12:23:42] /project/cpp/
@@ -325,7 +326,7 @@ class XGrammarBackend(GrammarBackend):
                 compiled = comp.compile_grammar(str(spec.payload))  # GBNF / EBNF (`root ::= ...`)
             elif spec.kind == "choice":
                 compiled = comp.compile_regex("(" + "|".join(structure.regex_escape(c) for c in spec.payload) + ")")
-            elif spec.kind == "tool_calls":
+            elif spec.kind in ("tool_calls", "structural_tag"):
                 tree = json.loads(str(spec.payload))["grammar"]
                 for schema in structure.walk_json(tree):
                     _check_schema(schema)
