@@ -1,18 +1,21 @@
 """Structural tags over the HTTP API, in every place vLLM takes one: `response_format` {"type":
 "structural_tag"} (both shapes), `structured_outputs.structural_tag` and the older top-level
 `structural_tag` (JSON text), on chat, completions and Responses; a bad one is a 400 naming the field
-and the place inside it. Sent by the official `openai` client and by raw HTTP."""
+and the place inside it. Sent by the official `openai` client and by raw HTTP; gRPC's ResponseFormat too."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Iterator
 
+import grpc
 import httpx
 import jsonschema
 import openai
 import pytest
 
+from agentserve.service import agent_pb2 as pb
+from conftest_grpc import make_engine, run_and_shutdown, serving
 from helpers.live_server import live_openai, server_root
 
 TIME = {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
@@ -118,3 +121,26 @@ def test_tools_with_a_structural_tag_are_refused(live: tuple[openai.OpenAI, http
     assert r.status_code == 400 and "structural_tag" in r.json()["error"]["message"], r.text
     # the server goes on serving
     assert raw.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 4}).status_code == 200
+
+
+def test_grpc_generate_takes_a_structural_tag() -> None:
+    aeng = make_engine()
+
+    async def main() -> None:
+        async with serving(aeng) as (_handle, client):
+            text = ""
+            async for event in client.stub.Generate(pb.GenerateRequest(
+                    prompt="The time:", sampling=pb.SamplingParams(max_tokens=40, temperature=1.0, seed=2),
+                    response_format=pb.ResponseFormat(type="structural_tag", structural_tag=json.dumps(ONE_CALL)))):
+                if event.HasField("text"):
+                    text += event.text.text
+            assert_one_call(text)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in client.stub.Generate(pb.GenerateRequest(
+                        prompt="hi", sampling=pb.SamplingParams(max_tokens=4),
+                        response_format=pb.ResponseFormat(type="structural_tag", structural_tag=json.dumps(BAD_FORMAT)))):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "response_format.structural_tag.format.tags[0].begin" in err.value.details()
+
+    run_and_shutdown(aeng, main())

@@ -9,6 +9,8 @@ import json
 from typing import Any, Optional, Sequence
 
 from agentserve.errors import InvalidRequestError
+from agentserve.grammar.interface import GrammarError
+from agentserve.grammar.structural_tag import structural_tag_tree
 from agentserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
@@ -100,8 +102,14 @@ def _response_format_kwargs(response_format: Optional[pb.ResponseFormat]) -> dic
         return {"choice": list(response_format.choice)}
     if kind == "grammar":
         return {"grammar": response_format.grammar}
+    if kind == "structural_tag":
+        try:  # checked here, so that INVALID_ARGUMENT names the field and the place inside it
+            structural_tag_tree(response_format.structural_tag, "response_format.structural_tag")
+        except GrammarError as e:
+            raise InvalidRequestError(str(e)) from None
+        return {"structural_tag": response_format.structural_tag}
     raise InvalidRequestError(f"response_format.type {kind!r} is not one of text, json_object, json_schema, "
-                              "regex, choice, grammar")
+                              "regex, choice, grammar, structural_tag")
 
 
 def _tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: str) -> Any:
