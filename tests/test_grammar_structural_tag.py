@@ -143,6 +143,13 @@ def _triggered(**kw: Any) -> dict:
     (_triggered(triggers=["<f", "<f="]), "must start with exactly one of the triggers"),
     ({"format": {"type": "sequence", "elements": [{"type": "const_string", "value": "a"}] * 3000}},
      "more than 2000 format objects"),
+    # free text with no place where it must end
+    ({"format": {"type": "sequence", "elements": [{"type": "any_text"}, {"type": "json_schema", "json_schema": {}}]}},
+     "structural_tag.format.elements[0]: any_text must end its tag or the output, or be followed by a const_string"),
+    ({"format": {"type": "tag", "begin": "<t>", "end": "</t>", "content": {"type": "star", "content": {
+        "type": "any_text"}}}}, "structural_tag.format.content.content: any_text must end its tag"),
+    ({"format": {"type": "sequence", "elements": [_triggered()["format"], {"type": "regex", "pattern": "a"}]}},
+     "structural_tag.format.elements[0]: triggered_tags must end its tag or the output"),
 ])
 def test_bad_structural_tags_are_refused_naming_the_place(tag: Any, message: str) -> None:
     with pytest.raises(GrammarError, match=re.escape(message)):
@@ -239,5 +246,18 @@ def test_triggered_tags_flags(backend: str, at_least_one: bool, stop_after_first
     cases = {f"hello {one}": not at_least_one, one: True, f"{one} bye": not stop_after_first,
              f"{one} and {one}": not stop_after_first, "just text": not at_least_one}
     for text, allowed in cases.items():
+        matcher, tok, _ = _matcher(backend, spec, "llama3")
+        assert (_feed(matcher, tok, text) and matcher.is_accepting()) == allowed, (text, allowed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_free_text_inside_a_tag_never_holds_the_tag_end(backend: str) -> None:
+    """Free text before a constant stops at the constant's first occurrence, and never holds the end of
+    its tag: text containing either would leave where it ends to a guess."""
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<t>", "end": "\n", "content": {
+        "type": "sequence", "elements": [{"type": "any_text"}, {"type": "const_string", "value": "."}]}}}
+    spec = ConstraintSpec.structural_tag(tag)
+    for text, allowed in (("<t>one two.\n", True), ("<t>.\n", True), ("<t>one\ntwo.\n", False),
+                          ("<t>a.b.\n", False)):
         matcher, tok, _ = _matcher(backend, spec, "llama3")
         assert (_feed(matcher, tok, text) and matcher.is_accepting()) == allowed, (text, allowed)

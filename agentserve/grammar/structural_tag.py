@@ -27,6 +27,7 @@ from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
 from agentserve.grammar.unenforced_keywords import exact_forms, unenforced
 
+_FREE_TEXT = ("any_text", "triggered_tags")  # formats whose extent is up to what follows them
 # A request's tree is compiled by every request that sends it: bounded so one cannot stall the compiler.
 MAX_NODES = 2000
 MAX_REPEAT = 32  # `repeat` is unrolled: at most this many copies of its content
@@ -146,12 +147,17 @@ def _schema(value: Any, where: str) -> dict:
 class _Builder:
     """Translates format objects into `structure` nodes. `ends` (a list of end strings, or None): the
     node is the content of a tag and must be followed by one of them; free text there stops at the end
-    (xgrammar's rule: an unlimited format inside a tag ends where the tag's end begins)."""
+    (xgrammar's rule: an unlimited format inside a tag ends where the tag's end begins). `stop`: the
+    ends of the innermost enclosing tag, which no free text inside it may contain anywhere (else the
+    tag's end would be text, and where the tag ends would be a guess)."""
 
     def __init__(self) -> None:
         self.nodes = 0
 
-    def format(self, fmt: Any, where: str, ends: Optional[list[str]]) -> dict:
+    def format(self, fmt: Any, where: str, ends: Optional[list[str]], stop: tuple[str, ...] = (),
+               tail: bool = True) -> dict:
+        """`tail`: nothing follows the node before its tag's end or the output's (free text may stand only
+        there, or before a constant that it stops at)."""
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise GrammarError(f"{where}: the structural tag has more than {MAX_NODES} format objects")
@@ -162,21 +168,51 @@ class _Builder:
             raise GrammarError(f"{where}.type {kind!r}: {_NOT_SUPPORTED[kind]}")
         if kind not in _SUPPORTED:
             raise GrammarError(f"{where}.type must be one of {', '.join(_SUPPORTED)}, got {kind!r}")
-        if kind == "any_text":
-            return self._any_text(fmt, where, ends)
-        if kind == "triggered_tags":
-            return self._triggered_tags(fmt, where, ends)
-        if kind == "sequence" and ends is not None:  # the last element meets the end
-            elements = self._elements(fmt, where)
-            head = [self.format(e, f"{where}.elements[{i}]", None) for i, e in enumerate(elements[:-1])]
-            return {"seq": head + [self.format(elements[-1], f"{where}.elements[{len(elements) - 1}]", ends)]}
-        if kind == "or" and ends is not None:
-            return {"alt": [self.format(e, f"{where}.elements[{i}]", ends)
+        if ends is not None:
+            stop = tuple(dict.fromkeys(stop + tuple(ends)))
+        if kind in _FREE_TEXT:
+            if ends is None and not tail:  # "any text, then JSON": no place where the text must end
+                raise GrammarError(f"{where}: {kind} must end its tag or the output, or be followed by a "
+                                   "const_string, where it stops")
+            build = self._any_text if kind == "any_text" else self._triggered_tags
+            return build(fmt, where, ends, stop)
+        if kind == "sequence":
+            return self._sequence(fmt, where, ends, stop, tail)
+        if kind == "or":
+            return {"alt": [self.format(e, f"{where}.elements[{i}]", ends, stop, tail)
                             for i, e in enumerate(self._elements(fmt, where))]}
-        node = self._closed(fmt, kind, where)
+        if kind == "optional":
+            _no_extra(fmt, ("type", "content"), where)
+            inner = self.format(fmt.get("content"), f"{where}.content", ends, stop, tail)
+            return {"opt": inner} if ends is None else {"alt": [inner, _ends_node(ends)]}
+        node = self._closed(fmt, kind, where, stop)
         return node if ends is None else {"seq": [node, _ends_node(ends)]}
 
-    def _closed(self, fmt: dict, kind: str, where: str) -> dict:
+    def _sequence(self, fmt: dict, where: str, ends: Optional[list[str]], stop: tuple[str, ...],
+                  tail: bool) -> dict:
+        """The elements in order; free text followed by a constant stops at its first occurrence (the two
+        read as one), and only the last element meets the enclosing end."""
+        elements = self._elements(fmt, where)
+        parts: list[dict] = []
+        i, ended = 0, False
+        while i < len(elements):
+            element, at, last = elements[i], f"{where}.elements[{i}]", i == len(elements) - 1
+            follower = None if last else elements[i + 1]
+            if isinstance(element, dict) and element.get("type") in _FREE_TEXT and isinstance(follower, dict) \
+                    and follower.get("type") == "const_string" and isinstance(follower.get("value"), str) \
+                    and follower["value"]:
+                _no_extra(follower, ("type", "value"), f"{where}.elements[{i + 1}]")
+                self.nodes += 1
+                parts.append(self.format(element, at, [follower["value"]], stop))
+                ended, i = False, i + 2
+                continue
+            parts.append(self.format(element, at, ends if last else None, stop, tail and last))
+            ended, i = ends is not None and last, i + 1
+        if ends is not None and not ended:  # the last element, a constant, was read with the text before it
+            parts.append(_ends_node(ends))
+        return {"seq": parts}
+
+    def _closed(self, fmt: dict, kind: str, where: str, stop: tuple[str, ...]) -> dict:
         """A format whose extent does not depend on what follows it."""
         if kind == "const_string":
             _no_extra(fmt, ("type", "value"), where)
@@ -191,16 +227,12 @@ class _Builder:
         if kind == "regex":
             _no_extra(fmt, ("type", "pattern"), where)
             return {"regex": _string(fmt, "pattern", where)}
-        if kind in ("sequence", "or"):
-            parts = [self.format(e, f"{where}.elements[{i}]", None) for i, e in enumerate(self._elements(fmt, where))]
-            return {"seq": parts} if kind == "sequence" else {"alt": parts}
-        if kind in ("optional", "plus", "star"):
+        if kind in ("plus", "star"):  # a repetition: the next one may follow, so nothing in it is last
             _no_extra(fmt, ("type", "content"), where)
-            inner = self.format(fmt.get("content"), f"{where}.content", None)
-            return {"opt": inner} if kind == "optional" else {"star": inner} if kind == "star" else \
-                {"seq": [inner, {"star": inner}]}
+            inner = self.format(fmt.get("content"), f"{where}.content", None, stop, tail=False)
+            return {"star": inner} if kind == "star" else {"seq": [inner, {"star": inner}]}
         if kind == "repeat":
-            return self._repeat(fmt, where)
+            return self._repeat(fmt, where, stop)
         if kind == "tag":
             return self._tag(fmt, where)
         return self._tags_with_separator(fmt, where)
@@ -212,7 +244,7 @@ class _Builder:
             raise GrammarError(f"{where}.elements must be a non-empty list of format objects")
         return elements
 
-    def _repeat(self, fmt: dict, where: str) -> dict:
+    def _repeat(self, fmt: dict, where: str, stop: tuple[str, ...]) -> dict:
         _no_extra(fmt, ("type", "min", "max", "content"), where)
         low, high = fmt.get("min"), fmt.get("max")
         if not isinstance(low, int) or isinstance(low, bool) or low < 0:
@@ -221,7 +253,7 @@ class _Builder:
             raise GrammarError(f"{where}.max must be an integer >= min, or -1 (unbounded)")
         if max(low, high) > MAX_REPEAT:
             raise GrammarError(f"{where}: min and max may be at most {MAX_REPEAT} (or max -1, unbounded)")
-        inner = self.format(fmt.get("content"), f"{where}.content", None)
+        inner = self.format(fmt.get("content"), f"{where}.content", None, stop, tail=False)
         optional: dict = {"star": inner}
         if high != -1:
             optional = {"seq": []}
@@ -251,15 +283,15 @@ class _Builder:
                                                                                 f"{where}.tags[{i}]")))
         return out
 
-    def _any_text(self, fmt: dict, where: str, ends: Optional[list[str]]) -> dict:
+    def _any_text(self, fmt: dict, where: str, ends: Optional[list[str]], stop: tuple[str, ...]) -> dict:
         _no_extra(fmt, ("type", "excludes", "max_tokens", "max_chars"), where)
         for budget in ("max_tokens", "max_chars"):
             if fmt.get(budget) is not None:
                 raise GrammarError(f"{where}.{budget} is not supported (use max_tokens on the request)")
         excludes = _strings(fmt, "excludes", where, required=False)
-        return _free_text(excludes, ends)
+        return _free_text(excludes + list(stop), ends)
 
-    def _triggered_tags(self, fmt: dict, where: str, ends: Optional[list[str]]) -> dict:
+    def _triggered_tags(self, fmt: dict, where: str, ends: Optional[list[str]], stop: tuple[str, ...]) -> dict:
         _no_extra(fmt, ("type", "triggers", "tags", "at_least_one", "stop_after_first", "excludes"), where)
         triggers = _strings(fmt, "triggers", where, required=True)
         excludes = _strings(fmt, "excludes", where, required=False)
@@ -275,20 +307,20 @@ class _Builder:
             rest = dict(node, seq=[_lit(begin[len(starts[0]):])] + node["seq"][1:])
             by_trigger[starts[0]].append(rest)
         used = [t for t in triggers if by_trigger[t]]
-        stop = list(dict.fromkeys(triggers + excludes))
+        words = list(dict.fromkeys(triggers + excludes + list(stop)))  # what free text here never holds
 
-        def call_after_text(text_excludes: list[str]) -> dict:
-            return {"alt": [{"seq": [{"text": {"exclude": text_excludes + list(ends or []), "then_text": t}},
-                                     {"alt": by_trigger[t]}]} for t in used]}
+        def call_after_text() -> dict:
+            return {"alt": [{"seq": [{"text": {"exclude": words, "then_text": t}}, {"alt": by_trigger[t]}]}
+                            for t in used]}
 
         whole_tag = {"alt": [node for _, node in tags]}
-        tail = _free_text(stop, ends)  # the text after the last tag (and the tag's end, inside a tag)
+        tail = _free_text(words, ends)  # the text after the last tag (and the tag's end, inside a tag)
         if at_least_one:
-            more = [] if first_only else [{"star": call_after_text(stop)}]
+            more = [] if first_only else [{"star": call_after_text()}]
             return {"seq": [whole_tag] + more + [tail if not first_only else _after(ends)]}
         if first_only:
-            return {"alt": [tail, {"seq": [call_after_text(stop), _after(ends)]}]}
-        return {"seq": [{"star": call_after_text(stop)}, tail]}
+            return {"alt": [tail, {"seq": [call_after_text(), _after(ends)]}]}
+        return {"seq": [{"star": call_after_text()}, tail]}
 
     def _tags_with_separator(self, fmt: dict, where: str) -> dict:
         _no_extra(fmt, ("type", "tags", "separator", "at_least_one", "stop_after_first"), where)
