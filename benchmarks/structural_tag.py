@@ -59,25 +59,47 @@ def _as_structural_tag(tools: list[dict]) -> dict:
     return {"type": "structural_tag", "triggers": ["<tool_call>"], "structures": structures}
 
 
-def _measure(backend: str, spec: Any, info: Any, tok: Any, walks: int) -> dict[str, Any]:
+def _calls_valid(text: str, tools: list[dict]) -> tuple[int, int]:
+    """(calls, valid calls) in a walk's text: each `<tool_call>` followed by a call object whose arguments
+    validate against the named tool's parameters (jsonschema), then its end."""
+    import jsonschema
+
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    calls = valid = 0
+    for part in text.split("<tool_call>")[1:]:
+        calls += 1
+        try:
+            call, end = json.JSONDecoder().raw_decode(part, len(part) - len(part.lstrip()))
+            jsonschema.validate(call["arguments"], params[call["name"]])
+            valid += part[end:].lstrip().startswith("</tool_call>")
+        except (ValueError, KeyError, TypeError, jsonschema.ValidationError):
+            pass
+    return calls, valid
+
+
+def _measure(backend: str, spec: Any, info: Any, tok: Any, walks: int, tools: list[dict]) -> dict[str, Any]:
     from agentserve.grammar.compiler import GrammarCompiler
     from agentserve.grammar.registry import get_backend
-    from helpers.grammar_walks import random_walk
+    from helpers.grammar_walks import decode, random_walk
 
     t0 = time.perf_counter()
     compiled = GrammarCompiler(get_backend(backend), info, timeout_s=120.0).compile(spec)
     compile_ms = (time.perf_counter() - t0) * 1e3
     trigger = tok.encode("Calling it now. <tool_call>\n", add_special_tokens=False)
     steps: list[float] = []
-    finished = 0
+    finished = calls = valid = 0
     for w in range(walks):
         matcher = compiled.new_matcher()
         assert all(matcher.accept_token(t) for t in trigger)
         walk = random_walk(matcher, random.Random(w), max_tokens=300, eos_prob=0.5)
         steps += walk.step_seconds
-        finished += walk.finished
+        if walk.finished:
+            finished += 1
+            got = _calls_valid(decode(info, trigger + walk.tokens), tools)
+            calls, valid = calls + got[0], valid + got[1]
     return {"compile_ms": compile_ms, "mask_us_p50": statistics.median(steps) * 1e6 if steps else None,
-            "mask_us_mean": statistics.fmean(steps) * 1e6 if steps else None, "walks_finished": finished}
+            "mask_us_mean": statistics.fmean(steps) * 1e6 if steps else None, "walks_finished": finished,
+            "calls": calls, "calls_valid": valid}
 
 
 def main() -> None:
@@ -106,18 +128,19 @@ def main() -> None:
             for kind, spec in specs.items():
                 try:
                     row = {"tools": len(tools), "backend": backend, "kind": kind,
-                           **_measure(backend, spec, info, tok, args.walks)}
+                           **_measure(backend, spec, info, tok, args.walks, tools)}
                 except GrammarError as e:
                     row = {"tools": len(tools), "backend": backend, "kind": kind, "error": str(e)[:160]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{'tools':>5} {'backend':<11} {'kind':<15} {'compile ms':>10} {'mask us p50':>11} {'mean':>8}")
+    print(f"\n{'tools':>5} {'backend':<11} {'kind':<15} {'compile ms':>10} {'mask us p50':>11} {'mean':>8} "
+          f"{'valid calls':>11}")
     for r in rows:
         if "error" in r:
             print(f"{r['tools']:>5} {r['backend']:<11} {r['kind']:<15} refused: {r['error'][:60]}")
         else:
             print(f"{r['tools']:>5} {r['backend']:<11} {r['kind']:<15} {r['compile_ms']:>10.1f} "
-                  f"{r['mask_us_p50']:>11.1f} {r['mask_us_mean']:>8.1f}")
+                  f"{r['mask_us_p50']:>11.1f} {r['mask_us_mean']:>8.1f} {r['calls_valid']:>5}/{r['calls']:<5}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
