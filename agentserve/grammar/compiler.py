@@ -42,7 +42,7 @@ from agentserve.grammar.interface import (
 from agentserve.grammar.spec import ConstraintSpec
 from agentserve.grammar.tokenizer_info import TokenizerInfo
 from agentserve.grammar.tool_constraint import call_schemas_of
-from agentserve.grammar.unenforced_keywords import unenforced
+from agentserve.grammar.unenforced_keywords import refuse_unenforced
 
 _MAX_ERROR_CHARS = 500
 
@@ -249,12 +249,8 @@ class GrammarCompiler:
                 self._resolve_error(job, error)
 
     def _compile_and_probe(self, spec: ConstraintSpec) -> CompiledGrammar:
-        if spec.kind == "json_schema":
-            left = unenforced(json.loads(str(spec.payload)))
-            if left:  # every backend refuses these: named here, with their place, before any backend's message
-                keyword, path = left[0]
-                raise GrammarError(f"json_schema: unsupported keyword '{keyword}' at {path or 'the root'}: no grammar "
-                                   "backend enforces it, so the output could break the schema")
+        if spec.kind == "json_schema":  # every backend refuses these: named here, before any backend's message
+            refuse_unenforced(json.loads(str(spec.payload)), "json_schema")
         compiled = self.backend.compile(spec, self.tokenizer_info)
         probe_compiled(compiled)
         if spec.kind == "json_schema":

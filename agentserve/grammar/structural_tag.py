@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
-from agentserve.grammar.unenforced_keywords import exact_forms, unenforced
+from agentserve.grammar.unenforced_keywords import exact_forms, refuse_unenforced
 
 _FREE_TEXT = ("any_text", "triggered_tags")  # formats whose extent is up to what follows them
 # A request's tree is compiled by every request that sends it: bounded so one cannot stall the compiler.
@@ -136,11 +136,7 @@ def _schema(value: Any, where: str) -> dict:
     except (TypeError, ValueError) as e:
         raise GrammarError(f"{where} is not JSON-serializable: {e}") from None
     schema = exact_forms(numeric_exclusive_bounds(value, where))
-    left = unenforced(schema)
-    if left:
-        keyword, path = left[0]
-        raise GrammarError(f"{where}: unsupported keyword '{keyword}' at {path or 'the root'}: no grammar backend "
-                           "enforces it, so the output could break the schema")
+    refuse_unenforced(schema, where)
     return close_objects(schema)
 
 

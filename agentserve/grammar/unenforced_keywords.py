@@ -35,6 +35,7 @@ import logging
 import re
 from typing import Any, Optional
 
+from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.schema_utils import map_subschemas
 
 _ANNOTATIONS = frozenset(("title", "description", "$comment", "examples", "default", "deprecated", "readOnly",
@@ -254,6 +255,16 @@ def unenforced(schema: Any, only: tuple[str, ...] = ()) -> list[tuple[str, str]]
 
     map_subschemas(schema, visit)
     return found
+
+
+def refuse_unenforced(schema: Any, where: str) -> None:
+    """GrammarError naming the first unenforced keyword of `schema` and its place (`where`: the field the
+    schema came in), for a constraint that must hold exactly."""
+    left = unenforced(schema)
+    if left:
+        keyword, path = left[0]
+        raise GrammarError(f"{where}: unsupported keyword '{keyword}' at {path or 'the root'}: no grammar backend "
+                           "enforces it, so the output could break the schema")
 
 
 def without_unenforced(schema: Any) -> Any:
