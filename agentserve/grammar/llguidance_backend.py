@@ -30,7 +30,6 @@ from agentserve.grammar.schema_utils import (
 import llguidance
 import llguidance.hf
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
-import llguidance.torch as _llg_torch
 
 from agentserve.grammar.interface import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher, canonical_json
 from agentserve.grammar.llguidance_lark import LarkWriter
@@ -173,7 +172,9 @@ class LLGuidanceMatcher(GrammarMatcher):
         return True
 
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
-        _llg_torch.fill_next_token_bitmask(self._m, bitmask, row)
+        _check_cpu_bitmask(bitmask)
+        words = bitmask[row]
+        self._m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
@@ -205,7 +206,9 @@ class LLGuidanceMatcher(GrammarMatcher):
         """Fill several rows at once on llguidance's thread pool (drops the GIL)."""
         live = [(m, r) for m, r in pairs if not m._eos_accepted]
         if executor is not None and len(live) > 1:
-            _llg_torch.fill_next_token_bitmask_par(executor, [(m._m, r) for m, r in live], bitmask)
+            _check_cpu_bitmask(bitmask)
+            batch, words = bitmask.shape
+            executor.unsafe_compute_mask_ptr([(m._m, r) for m, r in live], bitmask.data_ptr(), words * 4, batch)
             for m, _ in live:  # the caller refills row by row to find which request it was
                 m.raise_if_failed()
         else:
@@ -317,3 +320,12 @@ class LLGuidanceBackend(GrammarBackend):
 def _short_error(msg: str) -> str:
     msg = msg.split("<state>")[0].strip()
     return msg if len(msg) < 500 else msg[:500] + "..."
+
+
+def _check_cpu_bitmask(bitmask: torch.Tensor) -> None:
+    """llguidance writes masks through a raw pointer: a bitmask of another dtype, device or layout
+    would be written past. (llguidance.torch has the same checks, but importing it imports torch's
+    compiler stack for a torch.compile'd helper we never call: ~2.6 s at every process start.)"""
+    if bitmask.dtype != torch.int32 or not bitmask.is_cpu or bitmask.dim() != 2 or not bitmask.is_contiguous():
+        raise ValueError(f"llguidance fills a contiguous 2-D int32 CPU bitmask, got {bitmask.dtype} "
+                         f"{tuple(bitmask.shape)} on {bitmask.device}")
