@@ -157,7 +157,7 @@ CHATS = [
 
 
 @pytest.mark.real_model
-def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf: Path) -> None:
+def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf: Path, smollm2_gguf_as_transformers_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     new_tokens = 16
@@ -169,8 +169,7 @@ def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf: Path) -> None:
         outs = llm.generate([list(p) for p in prompts], SamplingParams(max_tokens=new_tokens, temperature=0.0))
         got = [o.outputs[0].token_ids for o in outs]
         assert llm.engine.eos_token_ids == frozenset({2})
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf_as_transformers_dir, dtype=torch.float32).eval()
     for ids, tokens in zip(prompts, got):
         with torch.no_grad():
             ref = model.generate(torch.tensor([list(ids)]), max_new_tokens=new_tokens, do_sample=False)

@@ -1,5 +1,6 @@
 """A PEFT adapter over a GGUF base: the real SmolLM2 GGUF (its odd shapes: 9 query heads, 3 KV heads, head
-dim 64), an adapter trained as PEFT makes one on the model transformers loads from the same file, served by
+dim 64), an adapter trained as PEFT makes one on the model transformers loads from the same file (read once and
+saved: the smollm2_gguf_as_transformers_dir fixture), served by
 the engine that dequantized the file itself. Greedy tokens equal PEFT's merged model in fp32, in a batch
 mixed with base rows whose tokens equal the base model's."""
 
@@ -21,22 +22,24 @@ NEW_TOKENS = 16
 
 
 def greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
-    """NEW_TOKENS argmax tokens, through the end-of-turn token as the engine's ignore_eos does (generate's
-    min_new_tokens would instead forbid that token until the length is reached)."""
-    seq = list(ids)
+    """NEW_TOKENS argmax tokens with transformers' KV cache, through the end-of-turn token as the engine's
+    ignore_eos does (generate's min_new_tokens would instead forbid that token until the length is reached)."""
+    tokens: list[int] = []
     with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
         for _ in range(NEW_TOKENS):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
-def test_a_peft_adapter_over_the_gguf_base_matches_peft_merged(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_peft_adapter_over_the_gguf_base_matches_peft_merged(smollm2_gguf: Path, smollm2_gguf_as_transformers_dir: Path,
+                                                               tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf_as_transformers_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_gguf_as_transformers_dir, dtype=torch.float32).eval()
     prompts = [tok(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                    add_special_tokens=False)["input_ids"] for chat in CHATS]
     base_tokens = [greedy(base, ids) for ids in prompts]

@@ -64,12 +64,13 @@ class Engine:
         # A GGUF file is parsed once for its shape, its tokenizer and its weights (model/gguf.py).
         with shared_gguf_readers():
             self.arch, self.model_path = resolve_model(config)
+            # Checked before the tokenizer loads (a GGUF file's takes seconds): a wrong flag fails at once.
+            self.max_model_len = decide_max_model_len(config, self.arch)
             self.tokenizer = load_model_tokenizer(config, self.model_path)
             apply_chat_template_override(self.tokenizer, config.model.chat_template)
             self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
             # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
             self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
-            self.max_model_len = decide_max_model_len(config, self.arch)
             # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser
             # fails at once.
             self.reasoning: Optional[ReasoningMarkers] = (
