@@ -6,9 +6,11 @@ index_copy_ is not implemented for fp8 on every device."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from agentserve.cache.swap_in_pacer import InCopy
@@ -52,7 +54,7 @@ class KVCache:
         # copy or swap moves a page of every layer with one gather or scatter over `by_page` (page-major
         # view, [num_blocks, L, 2, ...]) instead of one per layer and tensor (on the H200's agent loop,
         # ~100 small kernels and their Python launches per 64 MiB piece of a swap, on the step's stream).
-        self.pool = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
+        self.pool = zeroed_pool((num_layers, 2, *shape), dtype, device)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [(self.pool[i, 0], self.pool[i, 1])
                                                                 for i in range(num_layers)]
         # CPU swap space, slot-major ([num_swap_blocks, num_layers, 2, block_size, Hkv, D]) so that a run
@@ -215,3 +217,15 @@ class KVCache:
         """The staged copy `ticket` into device pages (device_blocks[i] gets position i of the start)."""
         for piece in self._staged_in.pop(ticket):
             self._place(piece, device_blocks)
+
+
+def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros for the page pool: pages never written must read as zeros (attention weighs a padded
+    position by 0, and 0 * NaN from stale memory would be NaN). On CPU the memory comes from numpy's
+    calloc, whose large blocks the OS maps as zero pages on first touch: a 1 GiB pool costs nothing
+    until its pages are used (torch.zeros writes every byte, ~0.4 s per GiB here, for each engine)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(math.prod(shape) * itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)

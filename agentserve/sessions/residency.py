@@ -236,7 +236,7 @@ class Residency:
         if self.num_swap_slots > 0:
             k = 0
             while (k < len(table) and self.pool.ref_cnt(table[k]) > 1
-                   and self.pool.blocks[table[k]].block_hash is not None):
+                   and self.pool.block_hash(table[k]) is not None):
                 k += 1
             missing = self.copies.missing(s, k, len(table))
             if missing > self.copies.num_free:
