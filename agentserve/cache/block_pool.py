@@ -66,6 +66,10 @@ class BlockPool:
     def ref_cnt(self, block_id: int) -> int:
         return self._ref_cnt[block_id]
 
+    def referenced_blocks(self) -> list[int]:
+        """Ids of the pages someone holds (ref count above 0)."""
+        return [block_id for block_id, n in enumerate(self._ref_cnt) if n]
+
     def block_hash(self, block_id: int) -> Optional[BlockHash]:
         """The page's prefix hash while it is findable in the prefix cache (full and registered), else None."""
         return self._hash[block_id]
@@ -148,5 +152,5 @@ class BlockPool:
 
     def check_all_free(self) -> None:
         """Invariant when nothing runs and no session is open."""
-        busy = [block_id for block_id, n in enumerate(self._ref_cnt) if n]
+        busy = self.referenced_blocks()
         assert not busy and len(self._free) == self.num_blocks, f"pages still referenced: {busy[:20]}"

@@ -226,6 +226,5 @@ def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     until its pages are used (torch.zeros writes every byte, ~0.4 s per GiB here, for each engine)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(math.prod(shape) * itemsize, dtype=np.uint8)
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)

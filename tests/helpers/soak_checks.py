@@ -107,7 +107,7 @@ def _engine_state(handle: ServerHandle) -> list[str]:
         left = getattr(e, name)
         if left:
             bad.append(f"engine.{name} holds {list(left)[:5]}")
-    busy = [b for b in range(e.pool.num_blocks) if e.pool.ref_cnt(b)]
+    busy = e.pool.referenced_blocks()
     if busy or e.pool.num_free_blocks != e.pool.num_blocks:
         bad.append(f"pages: {e.pool.num_free_blocks}/{e.pool.num_blocks} free, referenced {busy[:10]}")
     stale = [(h, b) for h, b in e.pool._cached.items() if e.pool.block_hash(b) != h]
