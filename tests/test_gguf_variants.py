@@ -12,7 +12,6 @@ start-up naming what is wrong.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 
 from agentserve import SamplingParams
 from agentserve.llm import LLM
+from agentserve.model import gguf as agentserve_gguf
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.testing import tiny_model_cached
 from helpers.gguf_checkpoints import dequantized_copy, write_gguf
@@ -53,6 +53,35 @@ def test_tokenizer_and_chat_template_from_gguf_metadata(tiny_arch: str, gguf_arc
         want = [o.outputs[0].token_ids for o in ref.chat([CHAT], GREEDY)]
         assert got == want
         assert from_gguf.engine.eos_token_ids <= ref.engine.eos_token_ids
+
+
+def test_a_gguf_tokenizer_is_built_once_per_file_and_each_engine_gets_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers re-parses the whole file to build a GGUF's tokenizer (seconds for a real vocabulary):
+    a second engine on the same file reuses it, as a copy of its own (one engine's chat_template override
+    does not reach the other), and a rewritten file is read afresh."""
+    import transformers
+
+    src = tiny_model_cached("qwen2")
+    file = write_gguf(src, tmp_path / "m.gguf", "qwen2", tokenizer_pre="qwen2")
+    built: list[str] = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if "gguf_file" in kwargs:  # (write_gguf reads the source directory's tokenizer too)
+            built.append(kwargs["gguf_file"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    with LLM(str(file), num_blocks=16, chat_template="{{ 'override' }}") as first, LLM(str(file), num_blocks=16) as second:
+        assert built == ["m.gguf"]
+        assert first.tokenizer is not second.tokenizer
+        assert first.tokenizer.chat_template == "{{ 'override' }}"
+        assert second.tokenizer.chat_template == (src / "chat_template.jinja").read_text(encoding="utf-8")
+        assert first.tokenizer("héllo 123")["input_ids"] == second.tokenizer("héllo 123")["input_ids"]
+    write_gguf(src, file, "qwen2", tokenizer_pre="qwen2")
+    with LLM(str(file), num_blocks=16):
+        assert built == ["m.gguf", "m.gguf"]
 
 
 @pytest.mark.parametrize("tiny_arch,gguf_arch,qtype,tie", [
@@ -106,23 +135,20 @@ def test_split_model_from_its_first_shard_or_its_directory(tmp_path: Path) -> No
 
 
 def test_one_engine_load_parses_each_gguf_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shape, the tokenizer check and the weights share one parse of the file (GGUFReader reads every
-    metadata field when it opens a file: seconds for a real vocabulary); a load after it parses afresh
-    (nothing parsed is kept past the load), and a split model's shards are parsed once each."""
+    """The shape, the tokenizer check and the weights share one parse of the file; a load after it parses
+    afresh (nothing parsed is kept past the load), and a split model's shards are parsed once each."""
     src = tiny_model_cached("qwen2")
     file = write_gguf(src, tmp_path / "m.gguf", "qwen2", tokenizer_pre="qwen2")
     (tmp_path / "split").mkdir()
     first = write_gguf(src, tmp_path / "split" / "m.gguf", "qwen2", tokenizer_pre="qwen2", split_max_tensors=9)
     opened: list[str] = []
-    real_reader = gguf.GGUFReader
+    real_reader = agentserve_gguf.GGUFFile
 
-    def counting_reader(path: str, *args: Any, **kwargs: Any) -> Any:
-        # agentserve's parses only (transformers' GGUF tokenizer loader parses the file once more, its own way).
-        if inspect.stack()[1].filename.endswith(str(Path("agentserve", "model", "gguf.py"))):
-            opened.append(Path(path).name)
-        return real_reader(path, *args, **kwargs)
+    def counting_reader(path: Path) -> Any:
+        opened.append(Path(path).name)  # (transformers' GGUF tokenizer loader parses the file its own way)
+        return real_reader(path)
 
-    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    monkeypatch.setattr(agentserve_gguf, "GGUFFile", counting_reader)
     want = _tokens(src)
     assert _tokens(file) == want
     assert opened == ["m.gguf"]

@@ -3,8 +3,11 @@ context length it serves, and whether it schedules asynchronously."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -96,17 +99,11 @@ def load_tokenizer(path: Optional[Path]) -> Any:
         return None
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:  # the tokenizer and chat template are in the GGUF metadata
-        from transformers import AutoTokenizer
-
         if not gguf_has_tokenizer(gguf_file):
             logger.warning("%s has no tokenizer metadata: prompts must be token ids and outputs carry no text",
                            gguf_file)
             return None
-
-        try:
-            return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
-            raise ModelLoadError(f"cannot load the tokenizer from {gguf_file}: {e}") from None
+        return _gguf_tokenizer(gguf_file)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         logger.warning("%s has no tokenizer: prompts must be token ids and outputs carry no text", path)
         return None
@@ -116,6 +113,38 @@ def load_tokenizer(path: Optional[Path]) -> Any:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {e}") from None
+
+
+# The GGUF tokenizers built last in this process, by (file, size, mtime): see _gguf_tokenizer.
+_GGUF_TOKENIZERS_KEPT = 2
+_gguf_tokenizers: OrderedDict[tuple[Path, int, int], Any] = OrderedDict()
+_gguf_tokenizers_lock = threading.Lock()
+
+
+def _gguf_tokenizer(file: Path) -> Any:
+    """transformers builds a GGUF's tokenizer by parsing the whole file's metadata with the gguf library
+    (~3-8 s on a CPU core for a 49k-token vocabulary, more for Llama 3's 128k), and one process may build
+    it again for the same file: a GGUF draft's vocabulary check, an LLM made anew in a notebook, an engine
+    per test. The last two are kept (a rewritten file has a new size or mtime, so it is read afresh), and
+    each caller gets its own deep copy: a chat_template override on one engine must not reach another."""
+    stat = file.stat()
+    key = (file.resolve(), stat.st_size, stat.st_mtime_ns)
+    with _gguf_tokenizers_lock:
+        built = _gguf_tokenizers.get(key)
+        if built is not None:
+            _gguf_tokenizers.move_to_end(key)
+    if built is None:
+        from transformers import AutoTokenizer
+
+        try:
+            built = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        except Exception as e:  # noqa: BLE001 - any tokenizer problem is a load error for the user
+            raise ModelLoadError(f"cannot load the tokenizer from {file}: {e}") from None
+        with _gguf_tokenizers_lock:
+            _gguf_tokenizers[key] = built
+            while len(_gguf_tokenizers) > _GGUF_TOKENIZERS_KEPT:
+                _gguf_tokenizers.popitem(last=False)
+    return copy.deepcopy(built)
 
 
 def apply_chat_template_override(tokenizer: Any, template: Optional[str]) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from agentserve.model.arch_config import ModelLoadError
 from agentserve.model.gguf_files import SHARD_NAME
+from agentserve.model.gguf_reader import GGUFFile, GGUFTensor
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_nor
 class _SharedReaders(threading.local):
     """This thread's parsed files while a `shared_gguf_readers` block is open (None outside one)."""
 
-    readers: Optional[dict[Path, Any]] = None
+    readers: Optional[dict[Path, GGUFFile]] = None
 
 
 _shared = _SharedReaders()
@@ -55,10 +56,9 @@ _shared = _SharedReaders()
 
 @contextlib.contextmanager
 def shared_gguf_readers() -> Iterator[None]:
-    """Inside the block each GGUF file is parsed once. GGUFReader parses every metadata field when it
-    opens a file (a 49k-token vocabulary's strings and merges: 2-4 s on a CPU core), and one model load
-    reads the file three times (its shape, whether it has a tokenizer, its weights). The parsed fields
-    hold ~170 MB for such a vocabulary, so they are dropped when the load ends rather than kept."""
+    """Inside the block each GGUF file is parsed once: one model load reads the file three times (its
+    shape, whether it has a tokenizer, its weights). The parsed files are dropped when the load ends
+    (their tensors are views of the memory-mapped file, which stays mapped while a view lives)."""
     if _shared.readers is not None:  # already inside a block on this thread: the outer one owns the readers
         yield
         return
@@ -69,15 +69,13 @@ def shared_gguf_readers() -> Iterator[None]:
         _shared.readers = None
 
 
-def _reader(file: Path) -> Any:
-    import gguf
-
+def _reader(file: Path) -> GGUFFile:
     cache = _shared.readers
     key = file.resolve()
     if cache is not None and key in cache:
         return cache[key]
     try:
-        reader = gguf.GGUFReader(str(file))
+        reader = GGUFFile(file)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"cannot read GGUF file {file}: {e}") from None
     if cache is not None:
@@ -85,20 +83,15 @@ def _reader(file: Path) -> Any:
     return reader
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _readers(file: Path) -> list[tuple[Path, Any]]:
+def _readers(file: Path) -> list[tuple[Path, GGUFFile]]:
     """(file, reader) of every shard of the model `file` starts (just `file` unless it is split); the
     first holds the metadata."""
     first = _reader(file)
-    count = int(_field(first, "split.count", 1))
+    count = int(first.value("split.count", 1))
     if count <= 1:
         return [(file, first)]
     match = SHARD_NAME.match(file.name)
-    index = int(_field(first, "split.no", 0))
+    index = int(first.value("split.no", 0))
     if match is None or index != 0:
         raise ModelLoadError(f"{file.name} is shard {index + 1} of a GGUF model split in {count}; pass the first "
                              f"shard (<name>-00001-of-{count:05d}.gguf)")
@@ -121,19 +114,19 @@ def without_gguf_padding(vocab: dict[str, int]) -> dict[str, int]:
 def gguf_has_tokenizer(file: Path) -> bool:
     """Whether the file carries a tokenizer (llama.cpp's converter always writes one; a file written
     with only the weights has none, and is served with token ids as a directory without one is)."""
-    return _reader(file).fields.get("tokenizer.ggml.tokens") is not None
+    return _reader(file).has("tokenizer.ggml.tokens")
 
 
 def gguf_config_dict(file: Path) -> dict[str, Any]:
     """A Hugging Face style config.json dict for ArchConfig.from_dict, from the file's metadata."""
     readers = _readers(file)
     reader = readers[0][1]
-    arch = _field(reader, "general.architecture")
+    arch = reader.value("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {file.name}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
     # llama.cpp writes Mixtral as llama with experts (ffn_*_exps tensors, which no dense MLP reads).
-    experts = int(_field(reader, f"{arch}.expert_count", 0))
+    experts = int(reader.value(f"{arch}.expert_count", 0))
     if experts > 0:
         raise ModelLoadError(f"{file.name} is a mixture-of-experts GGUF ({arch} with {experts} experts, e.g. "
                              "Mixtral), which is not supported; only dense llama, qwen2 and qwen3 models are")
@@ -141,17 +134,17 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
     names = set(tensors)
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{file.name} has no token_embd.weight tensor")
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(reader.value(f"{arch}.attention.head_count"))
+    hidden = int(reader.value(f"{arch}.embedding_length"))
     config: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch,
-        "hidden_size": hidden, "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
+        "hidden_size": hidden, "intermediate_size": int(reader.value(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(reader.value(f"{arch}.block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(reader.value(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(reader.value(f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(reader.value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(reader.value(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(reader.value(f"{arch}.context_length", 4096)),
         # The embedding's rows (ggml lists the hidden size first): <arch>.vocab_size is optional (the
         # converter writes it for some architectures only) and the token list may be shorter.
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),
@@ -159,14 +152,14 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in names,
         # Dequantized weights are served in bf16 on the GPU (fp32 on the CPU, like every model there).
         "torch_dtype": "bfloat16",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": reader.value("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": reader.value("tokenizer.ggml.eos_token_id"),
         "rope_scaling": _rope_scaling(reader, tensors.get("rope_freqs.weight"), arch),
     }
     return config
 
 
-def _rope_scaling(reader: Any, freqs: Any, arch: str) -> Optional[dict[str, Any]]:
+def _rope_scaling(reader: GGUFFile, freqs: Optional[GGUFTensor], arch: str) -> Optional[dict[str, Any]]:
     """config.json's rope_scaling for the file: llama.cpp stores Llama 3.x's llama3 scaling as a
     `rope_freqs` tensor of per-dimension divisors (computed by its converter from the same formula),
     and linear / YaRN scaling as `<arch>.rope.scaling.*` metadata."""
@@ -175,14 +168,14 @@ def _rope_scaling(reader: Any, freqs: Any, arch: str) -> Optional[dict[str, Any]
 
         factors = dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         return {"rope_type": "frequency_factors", "factors": [float(f) for f in factors]}
-    rope_type = _field(reader, f"{arch}.rope.scaling.type")
+    rope_type = reader.value(f"{arch}.rope.scaling.type")
     if rope_type in (None, "none"):
         return None
     scaling: dict[str, Any] = {"rope_type": rope_type}
-    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    factor = reader.value(f"{arch}.rope.scaling.factor")
     if factor is not None:
         scaling["factor"] = float(factor)
-    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    original = reader.value(f"{arch}.rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
@@ -209,14 +202,14 @@ def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(Hugging Face name, fp32 tensor, file name) for every tensor of the file (of every shard)."""
     readers = _readers(file)
     metadata = readers[0][1]
-    arch = _field(metadata, "general.architecture")
-    heads = int(_field(metadata, f"{arch}.attention.head_count"))
-    kv_heads = int(_field(metadata, f"{arch}.attention.head_count_kv", heads))
+    arch = metadata.value("general.architecture")
+    heads = int(metadata.value(f"{arch}.attention.head_count"))
+    kv_heads = int(metadata.value(f"{arch}.attention.head_count_kv", heads))
     for shard, reader in readers:
         yield from _shard_tensors(shard, reader, arch, heads, kv_heads)
 
 
-def _shard_tensors(file: Path, reader: Any, arch: str, heads: int, kv_heads: int
+def _shard_tensors(file: Path, reader: GGUFFile, arch: str, heads: int, kv_heads: int
                    ) -> Iterator[tuple[str, torch.Tensor, str]]:
     from gguf.quants import dequantize
 
