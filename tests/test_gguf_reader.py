@@ -95,3 +95,27 @@ def test_broken_files_are_named(tmp_path: Path) -> None:
             GGUFFile(path)
     with pytest.raises(ModelLoadError, match=r"cannot read GGUF file .*tensor_data\.gguf: tensor .* runs past the end"):
         LLM(str(tmp_path / "tensor_data.gguf"), num_blocks=16)
+
+
+def test_corrupted_headers_are_value_errors(tmp_path: Path) -> None:
+    """Random bytes written over a small file's header, metadata and tensor table (counts, lengths, types,
+    dimension counts): each read either succeeds or is a ValueError, never another exception, a hang or
+    an allocation sized by a corrupted count."""
+    good = write_gguf(tiny_model_cached("llama"), tmp_path / "good.gguf", "llama", tokenizer_pre="llama-bpe")
+    data = good.read_bytes()
+    header_end = data.index(b"output_norm.weight") + 200  # past the metadata, into the tensor table
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
+    for trial in range(300):
+        broken = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(4, header_end))
+            broken[at:at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+        path = tmp_path / f"broken{trial % 4}.gguf"
+        path.write_bytes(bytes(broken))
+        try:
+            GGUFFile(path)
+            outcomes["read"] += 1
+        except ValueError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50 and sum(outcomes.values()) == 300

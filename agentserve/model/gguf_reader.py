@@ -16,6 +16,7 @@ memory-mapped file, typed as GGUFReader types them, so gguf.quants.dequantize re
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS: ggml tensors have at most four dimensions
 _STRING, _ARRAY = 8, 9
 # GGUFValueType -> struct format of its scalars.
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -62,7 +64,7 @@ class GGUFFile:
         self._fields: dict[str, Any] = {}
         try:
             self._parse()
-        except struct.error as e:  # a length or count running past the end of the file
+        except (struct.error, OverflowError) as e:  # a length or count running past the end of the file
             raise ValueError(f"the file ends inside its header or metadata ({e})") from None
 
     def _parse(self) -> None:
@@ -87,6 +89,8 @@ class GGUFFile:
         for _ in range(tensor_count):
             name, offset = self._string(offset)
             (n_dims,) = self._unpack("I", offset)
+            if n_dims > MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (ggml allows at most {MAX_DIMS})")
             dims = self._unpack("Q" * n_dims, offset + 4)
             offset += 4 + 8 * n_dims
             ggml_type, data_offset = self._unpack("IQ", offset)
@@ -99,12 +103,14 @@ class GGUFFile:
         self.tensors = self._tensors(infos, start)
 
     def _unpack(self, fmt: str, offset: int) -> tuple[Any, ...]:
+        if offset > len(self._data):  # (an offset past the end came from a corrupted length or count)
+            raise ValueError("the file ends inside its header or metadata")
         return struct.unpack_from(self._order + fmt, self._data, offset)
 
     def _string(self, offset: int) -> tuple[str, int]:
         (length,) = self._unpack("Q", offset)
         end = offset + 8 + length
-        if end > len(self._data):
+        if length > len(self._data) - offset - 8:
             raise ValueError("the file ends inside a string")
         return self._data[offset + 8:end].decode("utf-8", errors="replace"), end
 
@@ -121,6 +127,8 @@ class GGUFFile:
         item_fmt = _SCALAR_FORMATS.get(item_type)
         if item_fmt is not None:  # numbers: one unpack for the whole array
             size = struct.calcsize("<" + item_fmt)
+            if count > (len(self._data) - offset) // size:
+                raise ValueError("the file ends inside a metadata array")
             return list(self._unpack(f"{count}{item_fmt}", offset)), offset + size * count
         if item_type == _STRING:  # skip over the strings, reading only their lengths
             first = offset
@@ -149,7 +157,7 @@ class GGUFFile:
             except ValueError:
                 raise ValueError(f"tensor {name!r} has unknown ggml type {raw_type}") from None
             block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-            elements = int(np.prod(dims, dtype=np.int64))
+            elements = math.prod(dims)  # (exact: corrupted dimensions must not wrap around)
             np_shape = tuple(reversed(dims))
             dtype = _ELEMENT_DTYPES.get(ggml_type.name)
             if dtype is None:
