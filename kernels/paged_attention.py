@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -38,10 +38,14 @@ def paged_attention_ref(
     v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vectorised torch reference: pads queries to [B, max_query_len] and gathers each request's
-    pages into [B, max_seq_len], then masks. Memory is O(B * max_seq_len); fine for the reference."""
+    pages into [B, max_seq_len], then masks. Memory is O(B * max_seq_len); fine for the reference.
+    It is also the CPU engine's attention, so the gathered K / V are never copied again: one
+    index_select of whole pages, then one batched matmul per kv head reading its strided [Lk, D] rows
+    in place (a single matmul over [B, Hkv, Lk, D] would first copy K and V head-major: ~2x the time
+    at a CPU decode batch of hundreds of rows)."""
     num_tokens, num_q_heads, head_dim = q.shape
     batch = seq_lens.shape[0]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     device = q.device
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     seq_lens_l = seq_lens.long()
@@ -52,14 +56,15 @@ def paged_attention_ref(
     q_pad = q.new_zeros(batch, max_query_len, num_q_heads, head_dim)
     q_pad[token_req, token_col] = q
 
-    # Keys/values gathered through the block table -> [B, Lk, Hkv, D].
+    # Keys/values gathered through the block table -> [B, Lk, Hkv, D], a page per index. Gathered as
+    # raw bytes: indexing is not implemented for fp8 on every device.
     num_blocks_needed = (max_seq_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks_needed].long()
-    # Gathered as raw bytes: advanced indexing is not implemented for fp8 on every device.
-    k = raw_bytes(k_cache)[tables].view(k_cache.dtype)
-    v = raw_bytes(v_cache)[tables].view(v_cache.dtype)
-    k = k.reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
-    v = v.reshape(batch, num_blocks_needed * block_size, num_kv_heads, head_dim)[:, :max_seq_len]
+    pages = block_tables[:, :num_blocks_needed].reshape(-1).long()
+    gathered_shape = (batch, num_blocks_needed * block_size, num_kv_heads, head_dim)
+    k = raw_bytes(k_cache).reshape(num_blocks, -1).index_select(0, pages).view(k_cache.dtype)
+    v = raw_bytes(v_cache).reshape(num_blocks, -1).index_select(0, pages).view(v_cache.dtype)
+    k = k.view(gathered_shape)[:, :max_seq_len].float()
+    v = v.view(gathered_shape)[:, :max_seq_len].float()
 
     # Query i of request b is at absolute position seq_len - q_len + i.
     q_pos = (seq_lens_l - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]
@@ -70,17 +75,21 @@ def paged_attention_ref(
     group = num_q_heads // num_kv_heads
     qh = q_pad.float().reshape(batch, max_query_len, num_kv_heads, group, head_dim)
     qh = qh.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * max_query_len, head_dim)
-    kh = k.transpose(1, 2).float()                         # [B, Hkv, Lk, D]
-    vh = v.transpose(1, 2).float()
+    # An fp8 cache's per-layer scales multiply every score and every output alike: applied to those
+    # (smaller) tensors instead of to the dequantized K and V.
+    k_scale_f: Union[float, torch.Tensor] = 1.0
+    v_scale_f: Union[float, torch.Tensor] = 1.0
     if is_fp8(k_cache):
         k_scale, v_scale = kv_scales_or_ones(k_cache, k_scale, v_scale)
-        kh, vh = kh * k_scale.float(), vh * v_scale.float()
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, Hkv, G * Lq, Lk]
+        k_scale_f, v_scale_f = k_scale.float(), v_scale.float()
+    scores = torch.stack([torch.matmul(qh[:, h], k[:, :, h].transpose(1, 2)) for h in range(num_kv_heads)], dim=1)
+    scores = scores * (k_scale_f * scale)                  # [B, Hkv, G * Lq, Lk]
     scores = scores.view(batch, num_kv_heads, group, max_query_len, max_seq_len)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded query rows have no keys
     probs = probs.view(batch, num_kv_heads, group * max_query_len, max_seq_len)
-    out = torch.matmul(probs, vh).view(batch, num_kv_heads, group, max_query_len, head_dim)
+    out = torch.stack([torch.matmul(probs[:, h], v[:, :, h]) for h in range(num_kv_heads)], dim=1) * v_scale_f
+    out = out.view(batch, num_kv_heads, group, max_query_len, head_dim)
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_query_len, num_q_heads, head_dim)
     return out[token_req, token_col].to(q.dtype)
 
