@@ -39,10 +39,19 @@ _ELEMENT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8"
 
 @dataclass(frozen=True)
 class StringArray:
-    """A metadata array of strings, decoded only when `contents` is called."""
+    """A metadata array of strings, decoded only when its value is asked for."""
 
     offset: int  # of the first item's length
     count: int
+
+
+@dataclass(frozen=True)
+class NumberArray:
+    """A metadata array of numbers (token scores, token types, ...), decoded only when asked for."""
+
+    offset: int
+    count: int
+    item_format: str  # struct's
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ class GGUFFile:
             size = struct.calcsize("<" + item_fmt)
             if count > (len(self._data) - offset) // size:
                 raise ValueError("the file ends inside a metadata array")
-            return list(self._unpack(f"{count}{item_fmt}", offset)), offset + size * count
+            return NumberArray(offset, count, item_fmt), offset + size * count
         if item_type == _STRING:  # skip over the strings, reading only their lengths
             first = offset
             for _ in range(count):
@@ -137,7 +146,7 @@ class GGUFFile:
             if offset > len(self._data):
                 raise ValueError("the file ends inside a string array")
             return StringArray(first, count), offset
-        items = []  # arrays of arrays: rare, read in full
+        items = []  # arrays of arrays: rare, their items listed
         for _ in range(count):
             item, offset = self._value(item_type, offset)
             items.append(item)
@@ -173,16 +182,25 @@ class GGUFFile:
             tensors.append(GGUFTensor(name, dims, ggml_type, data.reshape(np_shape)))
         return tensors
 
+    def keys(self) -> list[str]:
+        return list(self._fields)
+
     def has(self, key: str) -> bool:
         return key in self._fields
 
     def value(self, key: str, default: Any = None) -> Any:
-        """The value of a metadata key (a string array comes back as a list of str)."""
-        value = self._fields.get(key, default)
+        """The value of a metadata key (an array comes back as a list)."""
+        return self._contents(self._fields.get(key, default))
+
+    def _contents(self, value: Any) -> Any:
         if isinstance(value, StringArray):
             items, offset = [], value.offset
             for _ in range(value.count):
                 item, offset = self._string(offset)
                 items.append(item)
             return items
+        if isinstance(value, NumberArray):
+            return list(self._unpack(f"{value.count}{value.item_format}", value.offset))
+        if isinstance(value, list):  # an array of arrays
+            return [self._contents(item) for item in value]
         return value
