@@ -1,6 +1,7 @@
 """GGUF checkpoints (llama.cpp's format): the model shape from the file's metadata, and its tensors
 dequantized to fp32 at load under their Hugging Face names (the loader then casts them to the
-serving dtype, or quantizes them to FP8 with quantization="fp8").
+serving dtype, or quantizes them to FP8 with quantization="fp8"). On a GPU the common types are
+dequantized there, from the file's raw blocks (model/gguf_dequant.py).
 
 `--model path/to/model.gguf`, or a directory that holds exactly one .gguf file and no config.json.
 A model split by llama.cpp's gguf-split (`<name>-00001-of-0000N.gguf` ...) is served from its first
@@ -190,29 +191,48 @@ def _hf_name(name: str) -> Optional[str]:
     return None
 
 
-def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's converter interleaves the rotary halves of each q/k head (its rope pairs adjacent
     dims, Hugging Face's pairs dim i with i + d/2); undo it, as transformers does for llama GGUFs."""
     rows = weight.shape[0]
     w = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)
+    return w.transpose(1, 2).reshape(weight.shape)
 
 
-def gguf_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(Hugging Face name, fp32 tensor, file name) for every tensor of the file (of every shard)."""
+def gguf_tensors(file: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(Hugging Face name, fp32 tensor on `device`, file name) for every tensor of the file (of every
+    shard)."""
     readers = _readers(file)
     metadata = readers[0][1]
     arch = metadata.value("general.architecture")
     heads = int(metadata.value(f"{arch}.attention.head_count"))
     kv_heads = int(metadata.value(f"{arch}.attention.head_count_kv", heads))
     for shard, reader in readers:
-        yield from _shard_tensors(shard, reader, arch, heads, kv_heads)
+        yield from _shard_tensors(shard, reader, arch, heads, kv_heads, device)
 
 
-def _shard_tensors(file: Path, reader: GGUFFile, arch: str, heads: int, kv_heads: int
-                   ) -> Iterator[tuple[str, torch.Tensor, str]]:
+def _dequantized(tensor: GGUFTensor, file: Path, device: torch.device) -> torch.Tensor:
+    """The tensor's weights, flat, in fp32 on `device`. On a GPU the raw blocks are unpacked there
+    (model/gguf_dequant.py); on the CPU the gguf library's numpy code is as fast as torch's."""
+    if device.type != "cpu":
+        from agentserve.model.gguf_dequant import dequantize_on  # (the gguf package takes ~0.1 s to import)
+
+        on_device = dequantize_on(tensor.data, tensor.tensor_type, device)
+        if on_device is not None:
+            return on_device
     from gguf.quants import dequantize
 
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ModelLoadError(f"GGUF tensor {tensor.name} in {file.name} has type {tensor.tensor_type.name}, "
+                             "which cannot be dequantized") from None
+    # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(-1)).to(device)
+
+
+def _shard_tensors(file: Path, reader: GGUFFile, arch: str, heads: int, kv_heads: int, device: torch.device
+                   ) -> Iterator[tuple[str, torch.Tensor, str]]:
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue  # rotary frequencies, read into rope_scaling by gguf_config_dict
@@ -220,15 +240,10 @@ def _shard_tensors(file: Path, reader: GGUFFile, arch: str, heads: int, kv_heads
         if name is None:
             logger.warning("ignoring unexpected GGUF tensor %s in %s", tensor.name, file.name)
             continue
-        try:
-            values = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise ModelLoadError(f"GGUF tensor {tensor.name} in {file.name} has type {tensor.tensor_type.name}, "
-                                 "which cannot be dequantized") from None
+        values = _dequantized(tensor, file, device)
         values = values.reshape([int(d) for d in reversed(tensor.shape)])  # ggml lists dims innermost first
         if arch == "llama" and ".attn_q." in tensor.name:
             values = _unpermute_rotary(values, heads)
         elif arch == "llama" and ".attn_k." in tensor.name:
             values = _unpermute_rotary(values, kv_heads)
-        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
-        yield name, torch.from_numpy(np.array(values, dtype=np.float32)), file.name
+        yield name, values, file.name

@@ -78,11 +78,13 @@ def _hf_tensors(path: Path, load_format: str) -> Iterator[tuple[str, torch.Tenso
                 yield hf_name, tensor, file.name
 
 
-def checkpoint_tensors(path: Path, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor, str]]:
-    """A GGUF file (or a directory holding one and no config.json) or a Hugging Face directory."""
+def checkpoint_tensors(path: Path, load_format: str, device: torch.device
+                       ) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """A GGUF file (or a directory holding one and no config.json) or a Hugging Face directory.
+    A GGUF's tensors are dequantized on `device` (the model's); a Hugging Face checkpoint's come as stored."""
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:
-        return gguf_tensors(gguf_file)
+        return gguf_tensors(gguf_file, device)
     return _hf_tensors(path, load_format)
 
 
@@ -165,7 +167,8 @@ def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None,
     sink = _WeightSink(model)
     dequantizer = Fp8WeightDequantizer(quant) if quant is not None and quant.checkpoint_fp8 else None
     kv_scaled: set[str] = set()
-    for hf_name, tensor, source in checkpoint_tensors(path, load_format):
+    device = next(model.parameters()).device
+    for hf_name, tensor, source in checkpoint_tensors(path, load_format, device):
         name, _ = _param_name(hf_name)
         param = sink.params.get(name)
         if param is not None and tensor.dtype in FLOAT8_DTYPES and param.dtype not in FLOAT8_DTYPES:
