@@ -135,8 +135,8 @@ def test_a_quantized_gguf_served_on_the_gpu_gives_the_dequantized_checkpoints_to
     reference = dequantized_copy(src, tmp_path / "ref", "Q8_0")
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = ["The quick brown fox", "1, 2, 3,", "Hello"]
-    with LLM(str(file), tokenizer=str(src), num_blocks=64) as from_gguf:
+    with LLM(str(file), tokenizer=str(src), num_blocks=64, dtype="bfloat16") as from_gguf:
         got = [o.outputs[0].token_ids for o in from_gguf.generate(prompts, greedy)]
-    with LLM(str(reference), num_blocks=64) as ref:
+    with LLM(str(reference), num_blocks=64, dtype="bfloat16") as ref:
         want = [o.outputs[0].token_ids for o in ref.generate(prompts, greedy)]
     assert got == want and all(len(t) == 12 for t in got)

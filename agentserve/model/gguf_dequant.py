@@ -14,6 +14,7 @@ Layouts are llama.cpp's block structs (ggml-common.h): each row of `blocks` is o
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -175,6 +176,10 @@ def dequantize_on(data: np.ndarray, qtype: GGMLQuantizationType, device: torch.d
     blocks = raw.reshape(-1, type_size)
     out = torch.empty(blocks.shape[0] * block_size, dtype=torch.float32, device=device)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
-        chunk = torch.from_numpy(blocks[start:start + _BLOCKS_PER_CHUNK]).to(device, non_blocking=False)
+        with warnings.catch_warnings():
+            # A memory-mapped file's blocks are read-only; they are only read, into the device copy.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(blocks[start:start + _BLOCKS_PER_CHUNK])
+        chunk = host.to(device)
         out[start * block_size:(start + chunk.shape[0]) * block_size] = dequantize_blocks(chunk).reshape(-1)
     return out
