@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agentserve.model.arch_config import ArchConfig
+from helpers.spm_tokenizer import add_sentencepiece_vocab
 
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -116,7 +117,9 @@ def write_gguf(src: Path, dst: Path, arch_name: str, *, qtype: Optional[str] = N
                ) -> Path:
     """`src` as a GGUF file at `dst` (the first shard's path when splitting): 2-D tensors stored as
     `qtype` (a gguf.GGMLQuantizationType name; F32 when None); the tokenizer when `tokenizer_pre` is
-    given (else only its bos / eos ids); `drop_keys`: metadata keys (after the arch prefix) left out,
+    given (else only its bos / eos ids): "sentencepiece" writes a llama-type vocabulary (the directory's
+    tokenizer must be sentencepiece-style: helpers/spm_tokenizer.py), any other name a GPT-2 BPE one;
+    `drop_keys`: metadata keys (after the arch prefix) left out,
     as some converters do; `tie`: write no output.weight (True) even when the checkpoint has an lm_head;
     `extra_keys`: more integer metadata (after the arch prefix)."""
     import gguf
@@ -133,7 +136,9 @@ def write_gguf(src: Path, dst: Path, arch_name: str, *, qtype: Optional[str] = N
         if key not in drop_keys:
             kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
             writer.add_key_value(f"{arch_name}.{key}", value, kind)
-    if tokenizer_pre is not None:
+    if tokenizer_pre == "sentencepiece":
+        add_sentencepiece_vocab(writer, src, arch.vocab_size)
+    elif tokenizer_pre is not None:
         _add_tokenizer(writer, src, arch.vocab_size, tokenizer_pre)
     else:
         writer.add_bos_token_id(arch.bos_token_id or 0)
