@@ -2,11 +2,12 @@
 core) and copied to the device, against the same tensors dequantized on the device from their raw
 blocks (agentserve/model/gguf_dequant.py); then the whole model built from the file (build_model).
 
-The file is written first with random blocks in a Q4_K_M-like mix (Q6_K for output, attn_v and
-ffn_down, Q4_K for the other matrices, F32 norms) at a named shape, so it sits in the page cache:
-the figures are dequantization and copies, not the disk.
+The file is written first with random blocks at a named shape in one of llama.cpp's mixes (q4_k_m:
+Q6_K for output, attn_v and ffn_down, Q4_K for the other matrices; iq4_xs; iq2_xs with IQ3_S for
+attn_v / ffn_down; F32 norms), so it sits in the page cache: the figures are dequantization and
+copies, not the disk.
 
-  python benchmarks/gguf_load.py [--shape llama-3.1-8b] [--layers N] [--device cuda] [--out x.json]"""
+  python benchmarks/gguf_load.py [--shape llama-3.1-8b] [--layers N] [--mix q4_k_m] [--device cuda] [--out x.json]"""
 
 from __future__ import annotations
 
@@ -30,23 +31,28 @@ from agentserve.model.loader import build_model  # noqa: E402
 from agentserve.testing.tiny import NAMED_SHAPES  # noqa: E402
 
 
-def _tensor_plan(arch: ArchConfig) -> list[tuple[str, tuple[int, int] | tuple[int], str]]:
-    """(GGUF name, (rows, cols) or (n,), type name) in llama.cpp's layout, Q4_K_M-like."""
+# Per mix: (the type of most matrices, the type of attn_v / ffn_down), as llama.cpp's quantize picks them.
+MIXES = {"q4_k_m": ("Q4_K", "Q6_K"), "iq4_xs": ("IQ4_XS", "IQ4_XS"), "iq2_xs": ("IQ2_XS", "IQ3_S")}
+
+
+def _tensor_plan(arch: ArchConfig, mix: str = "q4_k_m") -> list[tuple[str, tuple[int, int] | tuple[int], str]]:
+    """(GGUF name, (rows, cols) or (n,), type name) in llama.cpp's layout; output.weight Q6_K in every mix."""
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    plan: list[tuple[str, Any, str]] = [("token_embd.weight", (arch.vocab_size, h), "Q4_K")]
+    main, more = MIXES[mix]
+    plan: list[tuple[str, Any, str]] = [("token_embd.weight", (arch.vocab_size, h), main)]
     for n in range(arch.num_layers):
         plan += [(f"blk.{n}.attn_norm.weight", (h,), "F32"), (f"blk.{n}.ffn_norm.weight", (h,), "F32"),
-                 (f"blk.{n}.attn_q.weight", (arch.num_heads * d, h), "Q4_K"),
-                 (f"blk.{n}.attn_k.weight", (arch.num_kv_heads * d, h), "Q4_K"),
-                 (f"blk.{n}.attn_v.weight", (arch.num_kv_heads * d, h), "Q6_K"),
-                 (f"blk.{n}.attn_output.weight", (h, arch.num_heads * d), "Q4_K"),
-                 (f"blk.{n}.ffn_gate.weight", (i, h), "Q4_K"), (f"blk.{n}.ffn_up.weight", (i, h), "Q4_K"),
-                 (f"blk.{n}.ffn_down.weight", (h, i), "Q6_K")]
+                 (f"blk.{n}.attn_q.weight", (arch.num_heads * d, h), main),
+                 (f"blk.{n}.attn_k.weight", (arch.num_kv_heads * d, h), main),
+                 (f"blk.{n}.attn_v.weight", (arch.num_kv_heads * d, h), more),
+                 (f"blk.{n}.attn_output.weight", (h, arch.num_heads * d), main),
+                 (f"blk.{n}.ffn_gate.weight", (i, h), main), (f"blk.{n}.ffn_up.weight", (i, h), main),
+                 (f"blk.{n}.ffn_down.weight", (h, i), more)]
     plan += [("output_norm.weight", (h,), "F32"), ("output.weight", (arch.vocab_size, h), "Q6_K")]
     return plan
 
 
-def write_random_gguf(arch: ArchConfig, path: Path) -> int:
+def write_random_gguf(arch: ArchConfig, path: Path, mix: str) -> int:
     """The file at `path`; returns its tensor bytes. Blocks are a repeated random buffer (fp16 scales
     included, so some weights are NaN: the timing does not care)."""
     import gguf
@@ -63,7 +69,7 @@ def write_random_gguf(arch: ArchConfig, path: Path) -> int:
     writer.add_eos_token_id(1)
     pool = np.random.default_rng(0).integers(0, 256, size=1 << 26, dtype=np.uint8)
     total = 0
-    for name, shape, type_name in _tensor_plan(arch):
+    for name, shape, type_name in _tensor_plan(arch, mix):
         if type_name == "F32":
             writer.add_tensor(name, np.ones(shape, dtype=np.float32))
             total += 4 * int(np.prod(shape))
@@ -96,6 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(NAMED_SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's")
+    ap.add_argument("--mix", default="q4_k_m", choices=sorted(MIXES), help="the file's tensor types")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -108,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "model.gguf"
         t0 = time.perf_counter()
-        tensor_bytes = write_random_gguf(arch, file)
+        tensor_bytes = write_random_gguf(arch, file, args.mix)
         write_s = time.perf_counter() - t0
         params = sum(int(np.prod(s)) for _, s, _ in _tensor_plan(arch))
 
@@ -126,12 +133,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             library_s = _timed(library_then_copy, device)
         built = ArchConfig.from_dict(gguf_config_dict(file))
         model_s = _timed(lambda: build_model(built, torch.bfloat16, device, file, "auto", 0), device)
-    result = {"benchmark": "gguf_load", "device": device_name(), "shape": args.shape, "layers": arch.num_layers,
+    result = {"benchmark": "gguf_load", "device": device_name(), "shape": args.shape, "mix": args.mix,
+              "layers": arch.num_layers,
               "params": params, "file_gb": tensor_bytes / 1e9, "write_s": write_s,
               "library_then_copy_s": library_s, "on_device_s": device_s, "build_model_s": model_s,
               "speedup": library_s / device_s}
     print(f"| {args.shape} ({arch.num_layers} layers, {params / 1e9:.2f}B params, {tensor_bytes / 1e9:.2f} GB "
-          "Q4_K_M-like) | seconds | params/s |\n|---|---|---|")
+          f"{args.mix}-like) | seconds | params/s |\n|---|---|---|")
     for label, s in [("gguf library (numpy) + copy", library_s), (f"on {device.type} (torch)", device_s),
                      ("build_model from the file", model_s)]:
         print(f"| {label} | {s:.2f} | {params / s / 1e6:.0f}M |")
@@ -139,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_json(result, args.out, "gguf_load")
     if device.type == "cuda":
         append_result("gguf_load", command_line("gguf_load.py", argv),
-                      f"{params / 1e9:.2f}B Q4_K_M-like: numpy+copy {library_s:.1f} s, on device {device_s:.2f} s "
+                      f"{params / 1e9:.2f}B {args.mix}-like: numpy+copy {library_s:.1f} s, on device {device_s:.2f} s "
                       f"({result['speedup']:.1f}x), build_model {model_s:.1f} s")
     return 0
 

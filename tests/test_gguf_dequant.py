@@ -59,7 +59,7 @@ def test_every_ported_type_gives_the_gguf_librarys_bits(qtype: gguf.GGMLQuantiza
         _check(qtype, torch.device("cpu"), rows, cols, seed)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q8_0, T.IQ2_XS], ids=lambda t: t.name)
 def test_chunk_boundaries_do_not_change_the_values(qtype: gguf.GGMLQuantizationType,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gguf_dequant, "_BLOCKS_PER_CHUNK", 3)  # 7 rows of 2-8 blocks: chunks straddle rows
@@ -67,9 +67,9 @@ def test_chunk_boundaries_do_not_change_the_values(qtype: gguf.GGMLQuantizationT
 
 
 def test_a_type_not_ported_is_left_to_the_gguf_library() -> None:
-    data = _random_tensor(T.IQ4_NL, 2, 256, seed=3)
-    assert T.IQ4_NL not in gguf_dequant.TORCH_DEQUANTIZED_TYPES
-    assert gguf_dequant.dequantize_on(data, T.IQ4_NL, torch.device("cpu")) is None
+    data = _random_tensor(T.TQ2_0, 2, 256, seed=3)
+    assert T.TQ2_0 not in gguf_dequant.TORCH_DEQUANTIZED_TYPES
+    assert gguf_dequant.dequantize_on(data, T.TQ2_0, torch.device("cpu")) is None
 
 
 def test_f32_tensors_are_copied_not_views_of_the_file() -> None:

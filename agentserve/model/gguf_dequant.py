@@ -1,12 +1,13 @@
 """GGUF tensor types dequantized with torch, on the device the model is loaded onto.
 
-The gguf library's numpy dequantization runs on one CPU core at ~50M parameters/s (an 8B Q4_K_M file
-takes ~2.5 minutes before the first request). These are the same formulas, op for op in the same order
-and in fp32 (so the values are bit-identical: tests/test_gguf_dequant.py), applied to the raw blocks
-on the GPU when the model is loaded there: the file's bytes cross PCIe at ~4.5 bits per weight and
-the unpacking runs at memory speed. The types here are the ones GGUF repositories publish (F16,
-BF16, Q4_0 ... Q8_0, Q2_K ... Q6_K); others (the IQ types, TQ, MXFP4) return None and the caller
-falls back to the gguf library.
+The gguf library's numpy dequantization runs on one CPU core at ~40-350M parameters/s by type (an 8B
+Q4_K_M file spent ~50 s in it before the first request; benchmarks/gguf_load.py). These are the same
+formulas, op for op in the same order and in fp32 (so the values are bit-identical:
+tests/test_gguf_dequant.py), applied to the raw blocks on the GPU when the model is loaded there: the
+file's bytes cross PCIe at 2-8 bits per weight and the unpacking runs at memory speed. The types here
+are the ones GGUF repositories publish: F16, BF16, Q4_0 ... Q8_0, Q2_K ... Q6_K, and the IQ types
+(model/gguf_dequant_iq.py); the rest (TQ1_0, TQ2_0, MXFP4, NVFP4) return None and the caller falls
+back to the gguf library.
 
 Layouts are llama.cpp's block structs (ggml-common.h): each row of `blocks` is one block of
 `type_size` bytes holding `block_size` weights.
@@ -21,82 +22,66 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QK_K = 256  # weights per K-quant super-block
-
-
-def _f16(raw: torch.Tensor) -> torch.Tensor:
-    """Little-endian fp16 stored in the 2-byte column(s) `raw` (n, 2) -> fp32 (n, 1)."""
-    return raw.contiguous().view(torch.float16).to(torch.float32)
-
-
-def _nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
-    """(n, groups * L) bytes -> (n, groups, 2, L): each group's low nibbles, then its high nibbles."""
-    q = qs.reshape(qs.shape[0], groups, 1, -1)
-    return torch.cat([q & 0x0F, q >> 4], dim=2)
-
-
-def _bits(raw: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """(n, B) bytes -> (n, count, B): field i holds bits [width*i, width*(i+1)) of every byte."""
-    shifts = torch.arange(0, width * count, width, dtype=torch.uint8, device=raw.device).reshape(1, count, 1)
-    return (raw.unsqueeze(1) >> shifts) & ((1 << width) - 1)
+from agentserve.model.gguf_blocks import QK_K, bits, f16, nibbles
+from agentserve.model.gguf_dequant_iq import IQ_BLOCK_DEQUANTIZERS
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = _nibbles(b[:, 2:], 1).reshape(b.shape[0], -1).to(torch.int8) - 8
+    d = f16(b[:, :2])
+    q = nibbles(b[:, 2:], 1).reshape(b.shape[0], -1).to(torch.int8) - 8
     return d * q.to(torch.float32)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:], 1).reshape(b.shape[0], -1).to(torch.float32)
+    d, m = f16(b[:, :2]), f16(b[:, 2:4])
+    q = nibbles(b[:, 4:], 1).reshape(b.shape[0], -1).to(torch.float32)
     return d * q + m
 
 
 def _q5_high(qh: torch.Tensor) -> torch.Tensor:
     """The fifth bits: bit i of the little-endian uint32 `qh` (n, 4 bytes) belongs to weight i."""
-    return _bits(qh, 1, 8).transpose(1, 2).reshape(qh.shape[0], 32)
+    return bits(qh, 1, 8).transpose(1, 2).reshape(qh.shape[0], 32)
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    low = _nibbles(b[:, 6:], 1).reshape(b.shape[0], -1)
+    d = f16(b[:, :2])
+    low = nibbles(b[:, 6:], 1).reshape(b.shape[0], -1)
     q = (low | (_q5_high(b[:, 2:6]) << 4)).to(torch.int8) - 16
     return d * q.to(torch.float32)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    low = _nibbles(b[:, 8:], 1).reshape(b.shape[0], -1)
+    d, m = f16(b[:, :2]), f16(b[:, 2:4])
+    low = nibbles(b[:, 8:], 1).reshape(b.shape[0], -1)
     q = (low | (_q5_high(b[:, 4:8]) << 4)).to(torch.float32)
     return d * q + m
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
+    d = f16(b[:, :2])
     return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * d
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     scales, qs = b[:, :16], b[:, 16:80]
-    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    d, dmin = f16(b[:, 80:82]), f16(b[:, 82:84])
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
     # (n, 2 halves, 4 shifts, 32 bytes): 128 bytes' 2-bit fields, shift-major within each half.
-    q = _bits(qs.reshape(n * 2, 32), 2, 4).reshape(n, 16, 16).to(torch.float32)
+    q = bits(qs.reshape(n * 2, 32), 2, 4).reshape(n, 16, 16).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
-    low = _bits(packed[:, :8], 4, 2).reshape(n, 16)  # scales' low 4 bits
-    high = _bits(packed[:, 8:], 2, 4).reshape(n, 16)  # their high 2 bits
+    hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], f16(b[:, 108:110])
+    low = bits(packed[:, :8], 4, 2).reshape(n, 16)  # scales' low 4 bits
+    high = bits(packed[:, 8:], 2, 4).reshape(n, 16)  # their high 2 bits
     scales = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32)
     dl = (d * scales).reshape(n, 16, 1)
-    ql = _bits(qs.reshape(n * 2, 32), 2, 4).reshape(n, 16, 16)
-    qh = _bits(hmask, 1, 8).reshape(n, 16, 16) ^ 1  # a set bit means no -4 offset
+    ql = bits(qs.reshape(n * 2, 32), 2, 4).reshape(n, 16, 16)
+    qh = bits(hmask, 1, 8).reshape(n, 16, 16) ^ 1  # a set bit means no -4 offset
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)
     return (dl * q).reshape(n, QK_K)
 
@@ -111,22 +96,22 @@ def _k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
     sc, mn = _k_scale_min(b[:, 4:16])
     dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
     ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 4).reshape(n, 8, 32).to(torch.float32)
+    q = nibbles(b[:, 16:], 4).reshape(n, 8, 32).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
     sc, mn = _k_scale_min(b[:, 4:16])
     dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
     ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    low = _nibbles(b[:, 48:], 4).reshape(n, 8, 32)
-    high = _bits(b[:, 16:48], 1, 8).reshape(n, 8, 32)
+    low = nibbles(b[:, 48:], 4).reshape(n, 8, 32)
+    high = bits(b[:, 16:48], 1, 8).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
@@ -135,9 +120,9 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     ql_raw, qh_raw = b[:, :128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
-    ql = _nibbles(ql_raw, 2).reshape(n, 8, 32)
-    qh = _bits(qh_raw.reshape(n * 2, 32), 2, 4).reshape(n, 8, 32)
+    d = (f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
+    ql = nibbles(ql_raw, 2).reshape(n, 8, 32)
+    qh = bits(qh_raw.reshape(n * 2, 32), 2, 4).reshape(n, 8, 32)
     q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
     return (d * q).reshape(n, QK_K)
 
@@ -156,6 +141,7 @@ _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.T
     GGMLQuantizationType.Q5_0: _q5_0, GGMLQuantizationType.Q5_1: _q5_1, GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q2_K: _q2_k, GGMLQuantizationType.Q3_K: _q3_k, GGMLQuantizationType.Q4_K: _q4_k,
     GGMLQuantizationType.Q5_K: _q5_k, GGMLQuantizationType.Q6_K: _q6_k,
+    **IQ_BLOCK_DEQUANTIZERS,
 }
 TORCH_DEQUANTIZED_TYPES = frozenset(_BLOCK_DEQUANTIZERS) | {GGMLQuantizationType.F32}
 
