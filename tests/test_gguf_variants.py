@@ -52,7 +52,9 @@ def test_tokenizer_and_chat_template_from_gguf_metadata(tiny_arch: str, gguf_arc
         got = [o.outputs[0].token_ids for o in from_gguf.chat([CHAT], GREEDY)]
         want = [o.outputs[0].token_ids for o in ref.chat([CHAT], GREEDY)]
         assert got == want
-        assert from_gguf.engine.eos_token_ids <= ref.engine.eos_token_ids
+        # The file has one eos id and no generation_config.json; its end-of-generation control tokens
+        # (llama.cpp's set) give the directory's generation_config eos list.
+        assert from_gguf.engine.eos_token_ids == ref.engine.eos_token_ids and len(ref.engine.eos_token_ids) >= 2
 
 
 def test_a_gguf_tokenizer_is_built_once_per_file_and_each_engine_gets_its_own(
@@ -158,3 +160,16 @@ def test_one_engine_load_parses_each_gguf_file_once(tmp_path: Path, monkeypatch:
     assert _tokens(first) == want
     shards = sorted(f.name for f in first.parent.iterdir())
     assert len(shards) >= 2 and sorted(opened) == shards
+
+
+def test_a_llama3_gguf_stops_at_eom_and_eot_though_its_eos_is_end_of_text(tmp_path: Path) -> None:
+    """The file's eos id is one token; <|eom_id|> and <|eot_id|>, control tokens of its vocabulary, end a
+    reply too (as the Hugging Face directory's generation_config says, and as llama.cpp does)."""
+    src = tiny_model_cached("llama3")
+    file = write_gguf(src, tmp_path / "m.gguf", "llama", tokenizer_pre="llama-bpe")
+    with LLM(str(file), num_blocks=64) as llm:
+        tok = llm.tokenizer
+        for text in ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>"):
+            only = SamplingParams(max_tokens=5, temperature=0.0, allowed_token_ids=[tok.convert_tokens_to_ids(text)])
+            out = llm.generate(["Hello"], only)[0].outputs[0]
+            assert (len(out.token_ids), out.finish_reason) == (1, "stop"), text

@@ -154,10 +154,29 @@ def gguf_config_dict(file: Path) -> dict[str, Any]:
         # Dequantized weights are served in bf16 on the GPU (fp32 on the CPU, like every model there).
         "torch_dtype": "bfloat16",
         "bos_token_id": reader.value("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": reader.value("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _end_of_generation_ids(reader),
         "rope_scaling": _rope_scaling(reader, tensors.get("rope_freqs.weight"), arch),
     }
     return config
+
+
+# The control tokens llama.cpp ends generation at, found by their text (its end-of-generation set): a
+# GGUF has one eos id and no generation_config.json, whose eos list these reproduce for the families
+# served here (Llama 3.x: <|end_of_text|> <|eom_id|> <|eot_id|>; Qwen2.5 / Qwen3: <|im_end|> <|endoftext|>).
+# Without them a Llama 3 GGUF whose eos is <|end_of_text|> runs past the end of its turn.
+_END_OF_GENERATION_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>",
+                                      "<|end|>", "<end_of_turn>", "<EOT>"})
+_CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special tokens (gguf.TokenType.CONTROL)
+
+
+def _end_of_generation_ids(reader: GGUFFile) -> list[int]:
+    """The file's eos, eot and eom ids, then its control tokens spelled as an end of generation."""
+    ids = [reader.value(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    if reader.has("tokenizer.ggml.tokens") and reader.has("tokenizer.ggml.token_type"):
+        tokens, types = reader.value("tokenizer.ggml.tokens"), reader.value("tokenizer.ggml.token_type")
+        ids += [i for i, (text, kind) in enumerate(zip(tokens, types))
+                if kind == _CONTROL_TOKEN and text in _END_OF_GENERATION_TEXTS]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _rope_scaling(reader: GGUFFile, freqs: Optional[GGUFTensor], arch: str) -> Optional[dict[str, Any]]:
