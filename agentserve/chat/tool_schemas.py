@@ -9,14 +9,22 @@ import re
 from typing import Any
 
 from agentserve.errors import FieldError
+from agentserve.grammar.recent_results import RecentResults
 from agentserve.grammar.tool_constraint import parse_tools
 
 _TOOL_PATH = re.compile(r"(tools\[\d+\][\w.\[\]$]*)")
+# Tool lists already found valid (an agent loop sends the same one every turn; the check parses every
+# schema: ~2 ms for 20 real tools).
+_RECENTLY_VALID: RecentResults[bool] = RecentResults(capacity=64)
 
 
 def check_tool_schemas(tools: list[dict[str, Any]]) -> None:
-    try:
+    def parses() -> bool:
         parse_tools(tools)
+        return True
+
+    try:
+        _RECENTLY_VALID.get_or_build(tools, parses)
     except ValueError as e:
         msg = str(e)
         match = _TOOL_PATH.search(msg)
