@@ -86,3 +86,30 @@ def test_the_tool_schemas_check_is_kept_only_for_valid_lists(monkeypatch: pytest
         with pytest.raises(FieldError):
             tool_schemas.check_tool_schemas(bad)
     assert calls[0] == 3
+
+
+def test_a_structural_tag_checked_at_the_edge_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentserve.adapters.openai.structured_outputs import checked_structural_tag
+    from agentserve.grammar import structural_tag
+    from agentserve.grammar.spec import ConstraintSpec
+
+    monkeypatch.setattr(structural_tag, "_RECENT_PAYLOADS", RecentResults(capacity=4))
+    builds = [0]
+    real = structural_tag.structural_tag_tree
+
+    def counted(tag: Any, where: str = "structural_tag") -> dict:
+        builds[0] += 1
+        return real(tag, where)
+
+    monkeypatch.setattr(structural_tag, "structural_tag_tree", counted)
+    tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<function="], "tags": [
+        {"begin": "<function=get_weather>", "content": {"type": "json_schema", "json_schema": TOOLS[0]["function"][
+            "parameters"]}, "end": "</function>"}]}}
+    assert checked_structural_tag(tag, "response_format") is tag
+    spec = ConstraintSpec.structural_tag(tag)
+    assert builds[0] == 1 and spec.payload == structural_tag.structural_tag_payload(tag)
+    broken = {"type": "structural_tag", "format": {"type": "nope"}}
+    for _ in range(2):  # an error names its own field each time: never kept
+        with pytest.raises(Exception, match="response_format"):
+            checked_structural_tag(broken, "response_format")
+    assert builds[0] == 3

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.grammar.interface import GrammarError
-from agentserve.grammar.structural_tag import structural_tag_tree
+from agentserve.grammar.structural_tag import structural_tag_payload
 
 
 def parsed_schema(schema: Any, field: str) -> Any:
@@ -36,7 +36,7 @@ def checked_structural_tag(tag: Any, field: str) -> Any:
     """A structural tag checked at the edge, so that a bad one is a 400 naming `field` and where in it the
     problem is (the engine builds its grammar again from the same value)."""
     try:
-        structural_tag_tree(tag, field)
+        structural_tag_payload(tag, field)
     except GrammarError as e:
         raise OpenAIError(400, str(e), param=field) from None
     return tag

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 from agentserve.grammar.closed_objects import close_objects
 from agentserve.grammar.draft4_bounds import numeric_exclusive_bounds
 from agentserve.grammar.interface import GrammarError, canonical_json
+from agentserve.grammar.recent_results import RecentResults
 from agentserve.grammar.unenforced_keywords import exact_forms, refuse_unenforced
 
 _FREE_TEXT = ("any_text", "triggered_tags")  # formats whose extent is up to what follows them
@@ -46,9 +47,15 @@ _NOT_SUPPORTED = {
 }
 
 
+# The payloads of the last distinct tags: the edge checks a tag (its 400 / INVALID_ARGUMENT names the
+# field) and the engine builds it again, and agent loops resend the same tag every turn.
+_RECENT_PAYLOADS: RecentResults[str] = RecentResults(capacity=64)
+
+
 def structural_tag_payload(tag: Union[str, dict], where: str = "structural_tag") -> str:
-    """The canonical JSON payload of a "structural_tag" constraint: {"grammar": structure tree}."""
-    return canonical_json({"grammar": structural_tag_tree(tag, where)})
+    """The canonical JSON payload of a "structural_tag" constraint: {"grammar": structure tree}. `where`
+    names the field in errors only (the tree does not depend on it), so a kept payload serves any field."""
+    return _RECENT_PAYLOADS.get_or_build(tag, lambda: canonical_json({"grammar": structural_tag_tree(tag, where)}))
 
 
 def structural_tag_tree(tag: Union[str, dict], where: str = "structural_tag") -> dict:

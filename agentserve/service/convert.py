@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from agentserve.errors import InvalidRequestError
 from agentserve.grammar.interface import GrammarError
-from agentserve.grammar.structural_tag import structural_tag_tree
+from agentserve.grammar.structural_tag import structural_tag_payload
 from agentserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.service import agent_pb2 as pb
@@ -104,7 +104,7 @@ def _response_format_kwargs(response_format: Optional[pb.ResponseFormat]) -> dic
         return {"grammar": response_format.grammar}
     if kind == "structural_tag":
         try:  # checked here, so that INVALID_ARGUMENT names the field and the place inside it
-            structural_tag_tree(response_format.structural_tag, "response_format.structural_tag")
+            structural_tag_payload(response_format.structural_tag, "response_format.structural_tag")
         except GrammarError as e:
             raise InvalidRequestError(str(e)) from None
         return {"structural_tag": response_format.structural_tag}
