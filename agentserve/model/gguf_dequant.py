@@ -86,30 +86,26 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
-def _k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins packed into 12 bytes."""
-    d, m, m_d = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: each 32-weight sub-block's scale and min, (n, 8, 1) each, from the super-block's fp16
+    d and dmin and eight 6-bit scales and eight 6-bit mins packed into bytes 4-15."""
+    n = b.shape[0]
+    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
+    lo, mid, hi = b[:, 4:8], b[:, 8:12], b[:, 12:16]
+    sc = torch.cat([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    return (d * sc.to(torch.float32)).reshape(n, 8, 1), (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    q = nibbles(b[:, 16:], 4).reshape(n, 8, 32).to(torch.float32)
-    return (dl * q - ml).reshape(n, QK_K)
+    dl, ml = _k_scales(b)
+    q = nibbles(b[:, 16:], 4).reshape(b.shape[0], 8, 32).to(torch.float32)
+    return (dl * q - ml).reshape(b.shape[0], QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    dl, ml = _k_scales(b)
     low = nibbles(b[:, 48:], 4).reshape(n, 8, 32)
     high = bits(b[:, 16:48], 1, 8).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.float32)
