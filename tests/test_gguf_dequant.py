@@ -91,21 +91,13 @@ def test_every_ported_type_gives_the_same_bits_on_the_gpu(qtype: gguf.GGMLQuanti
     _check(qtype, torch.device("cuda"), 4096, 4096, seed=qtype.value)
 
 
-def _smollm2_or_skip() -> Path:
-    from agentserve.testing.real import RealModelUnavailable, smollm2_gguf_path
-
-    try:
-        return smollm2_gguf_path()
-    except RealModelUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("source", ["smollm2", "tiny_q5_0"])
-def test_a_files_tensors_dequantized_on_the_gpu_equal_the_cpus(source: str, tmp_path: Path) -> None:
+def test_a_files_tensors_dequantized_on_the_gpu_equal_the_cpus(source: str, tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
     if source == "smollm2":
-        file = _smollm2_or_skip()  # Q4_1 / Q8_0 tensors, llama's permuted q / k rows
+        file = request.getfixturevalue("smollm2_gguf")  # Q4_1 / Q8_0 tensors, llama's permuted q / k rows
     else:
         from agentserve.testing import tiny_model_cached
         from helpers.gguf_checkpoints import write_gguf
