@@ -346,3 +346,12 @@ def test_lora_tiles_smoke(tmp_path: Path) -> None:
     for row in r["rows"]:
         assert positive(row["previous_us"]) and positive(row["heuristic_us"]) and positive(row["best_us"])
         assert set(row["best"]) == {"split_k", "block_k", "block_n", "num_warps", "num_stages"}
+
+
+def test_gguf_load_smoke(tmp_path: Path) -> None:
+    """benchmarks/gguf_load.py on CPU, one layer of the Mistral-7B shape in the Q4_K_M mix: the file is written,
+    both dequantization paths and build_model run, and every figure is finite and positive."""
+    r = run_benchmark("gguf_load.py", "--shape", "mistral-7b", "--layers", "1", "--mix", "q4_k_m",
+                      "--device", "cpu", tmp_path=tmp_path)
+    assert (r["layers"], r["mix"]) == (1, "q4_k_m") and r["params"] > 4e8
+    assert all(positive(r[k]) for k in ("file_gb", "library_then_copy_s", "on_device_s", "build_model_s"))
