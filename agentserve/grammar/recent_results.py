@@ -1,6 +1,6 @@
 """A small thread-safe LRU of results keyed by a request part's canonical JSON: agent loops send the
-same tool list (and the same output schema) on every turn, and what is built from them on the host
-(the tool-call payload, the tool schemas' check) is a pure function of that JSON."""
+same tool list (or structural tag) on every turn, and what the host builds from it (the tool schemas'
+check, the tool-call payload, the structural tag's payload) is a pure function of that JSON."""
 
 from __future__ import annotations
 
