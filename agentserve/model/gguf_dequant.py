@@ -3,8 +3,9 @@
 The gguf library's numpy dequantization runs on one CPU core at ~40-350M parameters/s by type (an 8B
 Q4_K_M file spent ~50 s in it before the first request; benchmarks/gguf_load.py). These are the same
 formulas, op for op in the same order and in fp32 (so the values are bit-identical:
-tests/test_gguf_dequant.py), applied to the raw blocks on the GPU when the model is loaded there: the
-file's bytes cross PCIe at 2-8 bits per weight and the unpacking runs at memory speed. The types here
+tests/test_gguf_dequant.py), applied to the raw blocks on the device the model is loaded onto: on a GPU
+the file's bytes cross PCIe at 2-8 bits per weight and the unpacking runs at memory speed; on a CPU
+torch's threads share the work (numpy's run on one core). The types here
 are the ones GGUF repositories publish: F16, BF16, Q4_0 ... Q8_0, Q2_K ... Q6_K, and the IQ types
 (model/gguf_dequant_iq.py); the rest (TQ1_0, TQ2_0, MXFP4, NVFP4) return None and the caller falls
 back to the gguf library.
