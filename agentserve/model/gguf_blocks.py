@@ -10,7 +10,8 @@ QK_K = 256  # weights per K-quant (and IQ) super-block
 
 
 def f16(raw: torch.Tensor) -> torch.Tensor:
-    """Little-endian fp16 stored in the 2-byte column(s) `raw` (n, 2) -> fp32 (n, 1)."""
+    """Little-endian fp16 stored in the byte columns `raw` (n, 2k) -> fp32 (n, k): a block's scale, or an F16
+    tensor's values."""
     return raw.contiguous().view(torch.float16).to(torch.float32)
 
 

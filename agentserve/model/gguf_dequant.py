@@ -124,16 +124,12 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, QK_K)
 
 
-def _f16_blocks(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).to(torch.float32)
-
-
 def _bf16_blocks(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
 _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    GGMLQuantizationType.F16: _f16_blocks, GGMLQuantizationType.BF16: _bf16_blocks,
+    GGMLQuantizationType.F16: f16, GGMLQuantizationType.BF16: _bf16_blocks,
     GGMLQuantizationType.Q4_0: _q4_0, GGMLQuantizationType.Q4_1: _q4_1,
     GGMLQuantizationType.Q5_0: _q5_0, GGMLQuantizationType.Q5_1: _q5_1, GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q2_K: _q2_k, GGMLQuantizationType.Q3_K: _q3_k, GGMLQuantizationType.Q4_K: _q4_k,
