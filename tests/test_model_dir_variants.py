@@ -86,6 +86,76 @@ def test_keys_left_out_take_transformers_family_defaults(model_type: str) -> Non
     assert (ours.head_dim, ours.sliding_window) == {"qwen3": (128, None), "mistral": (16, 4096)}.get(model_type, (16, None))
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kv_heads_and_context_left_out_take_transformers_family_defaults(model_type: str) -> None:
+    """num_key_value_heads (Mistral 8, Qwen 32) and max_position_embeddings (Llama 2048, Mistral 131072,
+    Qwen 32768) as transformers' config classes fill them in: a Mistral-7B-shaped config without
+    num_key_value_heads has 8, not one per query head."""
+    from transformers import AutoConfig
+
+    shape = dict(MINIMAL, hidden_size=256, num_attention_heads=32)
+    del shape["num_key_value_heads"]
+    ours = ArchConfig.from_dict(dict(shape, model_type=model_type))
+    ref = AutoConfig.for_model(model_type, **shape)
+    assert (ours.num_kv_heads, ours.max_position_embeddings) == (ref.num_key_value_heads, ref.max_position_embeddings)
+    assert (ours.num_kv_heads, ours.max_position_embeddings) == {
+        "llama": (32, 2048), "mistral": (8, 131072)}.get(model_type, (32, 32768))
+
+
+@pytest.mark.parametrize("model_type,edit", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 2}),  # no layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32}),  # max_window_layers 28 covers both layers
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["full_attention", "sliding_attention"]}),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 32, "max_window_layers": 0}),
+    ("mistral", {"sliding_window": 32}),
+    ("mistral", {"sliding_window": None}),
+    ("llama", {"sliding_window": 32, "use_sliding_window": True}),  # LlamaConfig has no window
+])
+def test_a_window_caps_the_context_only_where_transformers_slides_a_layer(model_type: str, edit: dict[str, Any]) -> None:
+    from transformers import AutoConfig
+
+    ours = ArchConfig.from_dict(dict(MINIMAL, model_type=model_type, **edit))
+    ref = AutoConfig.for_model(model_type, **MINIMAL, **edit)
+    # Qwen's configs list their layers' kinds; Mistral's attention slides wherever sliding_window is set;
+    # Llama's attention never reads a window (an extra key in its config.json is kept but unused).
+    layer_types = getattr(ref, "layer_types", None) or (
+        ["sliding_attention"] * ref.num_hidden_layers if model_type == "mistral" and ref.sliding_window else [])
+    assert (ours.sliding_window is not None) == ("sliding_attention" in layer_types), edit
+    if ours.sliding_window is not None:
+        assert ours.sliding_window == ref.sliding_window == 32
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    {"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}},
+    {"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+])
+def test_rope_theta_and_scaling_read_with_transformers_precedence(rope: dict[str, Any]) -> None:
+    """A config carrying both spellings: rope_scaling is taken over rope_parameters, and the chosen dict's
+    rope_theta over the top-level one (which fills it only where it has none), as transformers 5 reads it."""
+    from transformers import AutoConfig
+
+    ours = ArchConfig.from_dict(dict(MINIMAL, model_type="llama", **json.loads(json.dumps(rope))))
+    ref = AutoConfig.for_model("llama", **MINIMAL, **json.loads(json.dumps(rope))).rope_parameters
+    assert ours.rope_theta == ref["rope_theta"]
+    assert (ours.rope_scaling or {}).get("rope_type", "default") == ref["rope_type"]
+
+
+def test_tied_checkpoint_holding_only_lm_head_loads_it_as_the_embedding(tmp_path: Path) -> None:
+    """safetensors' save_model keeps one name of a shared tensor, lm_head.weight for a tied Hugging Face model;
+    transformers ties it back to the embedding, and so does the loader here (the same tokens)."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "lm-head-only"
+    shutil.copytree(tiny_model_cached("qwen2"), path)  # tied: the checkpoint holds only the embedding
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, str(path / "model.safetensors"))
+    assert _tokens(path) == _tokens(tiny_model_cached("qwen2"))
+
+
 def test_qwen3_without_head_dim_matches_transformers(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

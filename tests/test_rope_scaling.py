@@ -75,7 +75,20 @@ NEW_TOKENS = 24
     ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
 ])
 def test_scaled_model_matches_transformers(tmp_path: Path, arch: str, rope_scaling: dict[str, Any]) -> None:
-    path = scaled_model(tmp_path, arch, rope_scaling, max_positions=256)
+    _assert_greedy_matches_transformers(scaled_model(tmp_path, arch, rope_scaling, max_positions=256), arch,
+                                        rope_scaling)
+
+
+def test_linear_scaling_serves_past_max_position_embeddings(tmp_path: Path) -> None:
+    """vicuna-7b-v1.5-16k's shape (4096 with linear factor 4): max_position_embeddings 32 with factor 8 serves
+    256 positions, the same tokens as transformers (which runs any length) over a prompt and reply past 32."""
+    rope_scaling = {"type": "linear", "factor": 8.0}
+    path = scaled_model(tmp_path, "llama", rope_scaling, max_positions=32)
+    assert LLM(str(path), device="cpu", dtype="float32").engine.max_model_len == 256
+    _assert_greedy_matches_transformers(path, "llama", rope_scaling)
+
+
+def _assert_greedy_matches_transformers(path: Path, arch: str, rope_scaling: dict[str, Any]) -> None:
     prompt = AutoTokenizer.from_pretrained(path).encode(PROMPT)
     assert len(prompt) > 48  # past the original context of every YaRN case: the interpolated band matters
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -119,7 +132,11 @@ def test_served_context_follows_yarn_like_vllm() -> None:
     # without original_max_position_embeddings the original context is max_position_embeddings (transformers)
     no_original = _arch({"type": "yarn", "factor": 4.0}, 40960)
     assert scaled_max_positions(no_original.rope_scaling, no_original.max_position_embeddings) == 163840
-    for other in ({"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}, None):
+    # linear scaling stretches max_position_embeddings by its factor (vLLM's _get_and_verify_max_len: a
+    # vicuna-7b-v1.5-16k-style config says 4096 with factor 4); dynamic NTK and no scaling keep it
+    linear = _arch({"type": "linear", "factor": 4.0}, 4096)
+    assert scaled_max_positions(linear.rope_scaling, linear.max_position_embeddings) == 16384
+    for other in ({"type": "dynamic", "factor": 2.0}, None):
         arch = _arch(other)
         assert scaled_max_positions(arch.rope_scaling, arch.max_position_embeddings) == 32768
 

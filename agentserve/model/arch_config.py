@@ -20,12 +20,36 @@ SUPPORTED_ARCHITECTURES = {
 # model_type, as transformers' AutoModelForCausalLM does.
 ARCHITECTURE_OF_MODEL_TYPE = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
 # What transformers' config classes give keys that config.json leaves out, where that is not the
-# generic reading below (head_dim = hidden / heads, no sliding window): Qwen3Config's head_dim is 128
-# and MistralConfig's sliding_window 4096. A key present with null keeps its null meaning.
+# generic reading below (head_dim = hidden / heads, num_key_value_heads = num_attention_heads): the
+# defaults of LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config (transformers 5). A key present
+# with null keeps its null meaning.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen3": {"head_dim": 128},
-    "mistral": {"sliding_window": 4096},
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 131072},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "max_window_layers": 28},
+    "qwen3": {"head_dim": 128, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "max_window_layers": 28},
 }
+
+
+def _sliding_window(cfg: dict[str, Any], family: str, num_layers: int) -> Optional[int]:
+    """The window of the layers that slide, None where none does, by transformers' rules: Mistral slides
+    every layer when sliding_window is set; Qwen2 / Qwen3 only with use_sliding_window, and then the
+    layers that `layer_types` names "sliding_attention" (by default those from max_window_layers on:
+    a config whose max_window_layers covers every layer slides none); Llama never."""
+    window = cfg.get("sliding_window")
+    if window is None or family == "llama":
+        return None
+    if family == "mistral":
+        return int(window)
+    if not cfg.get("use_sliding_window"):
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        slides = "sliding_attention" in layer_types
+    else:
+        slides = int(cfg["max_window_layers"]) < num_layers
+    return int(window) if slides else None
 
 
 @dataclass
@@ -72,12 +96,13 @@ class ArchConfig:
             layers = int(cfg["num_hidden_layers"])
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
-        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_theta = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-        max_positions = int(cfg.get("max_position_embeddings", 4096))
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters: a config's rope_scaling is
+        # taken over rope_parameters, and the top-level rope_theta fills the chosen dict only where it has none.
+        rope_params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        rope_theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        max_positions = int(cfg["max_position_embeddings"])  # every family has a default above
         try:
-            scaling = normalized_rope_scaling(cfg.get("rope_scaling") or rope_params or None, max_positions)
+            scaling = normalized_rope_scaling(rope_params or None, max_positions)
         except RopeScalingError as e:
             raise ModelLoadError(str(e)) from None
         # transformers' own per-family rules: Qwen2's q/k/v always carry a bias and its o_proj never;
@@ -94,7 +119,6 @@ class ArchConfig:
                                  f"dimension needs {head_dim // 2}")
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        use_sw = cfg.get("use_sliding_window", family == "mistral")
         return cls(
             architecture=arch, family=family, vocab_size=vocab, hidden_size=hidden,
             intermediate_size=inter, num_layers=layers, num_heads=heads,
@@ -107,7 +131,7 @@ class ArchConfig:
             o_proj_bias=configured_bias and family in ("llama", "qwen3"),
             mlp_bias=bool(cfg.get("mlp_bias", False)) and family == "llama",
             qk_norm=family == "qwen3",
-            sliding_window=cfg.get("sliding_window") if use_sw else None,
+            sliding_window=_sliding_window(cfg, family, layers),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
         )

@@ -119,6 +119,10 @@ def _check_kv_scales(model: CausalLM, scaled: set[str]) -> None:
     model.kv_scales_loaded = True
 
 
+# The parameter a tied lm_head shares (and the one its checkpoint tensor fills when the file lacks it).
+_TIED_EMBEDDING = "embed_tokens.weight"
+
+
 class _WeightSink:
     """Hands checkpoint tensors to their parameters' weight loaders and records what was filled."""
 
@@ -187,7 +191,10 @@ def load_weights(model: CausalLM, path: Path, quant: Optional[Fp8Config] = None,
         elif _load_kv_scale(model, hf_name, tensor, kv_scaled):
             continue
         elif name == "lm_head.weight" and model.cfg.tie_word_embeddings:
-            continue  # some tied checkpoints still carry a copy
+            # Some tied checkpoints carry a copy beside the embedding (which wins, as in vLLM); one written by
+            # safetensors' save_model keeps only lm_head.weight, which transformers ties back to the embedding.
+            if not sink.loaded[_TIED_EMBEDDING]:
+                sink.load("model." + _TIED_EMBEDDING, tensor, source)
         elif not (dequantizer is not None and hf_name.endswith(".input_scale")):  # of a layer served unquantized
             logger.warning("ignoring unexpected tensor %s in %s", hf_name, source)
     if dequantizer is not None:

@@ -162,9 +162,14 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict[str, An
 
 
 def scaled_max_positions(scaling: Optional[dict[str, Any]], max_position_embeddings: int) -> int:
-    """Positions the model serves: YaRN extends the original context by its factor (as vLLM derives
-    max_model_len); every other type keeps config.json's max_position_embeddings."""
+    """Positions the model serves, as vLLM derives max_model_len: YaRN extends the original context by its
+    factor, linear scaling max_position_embeddings by its factor (a config like vicuna-7b-v1.5-16k's says
+    4096 with factor 4; its frequencies are the same at every position, so any length is exact); every
+    other type keeps config.json's max_position_embeddings (dynamic NTK's frequencies would change with
+    the length, which pages already written cannot follow)."""
     if scaling is not None and scaling["rope_type"] == "yarn":
         extended = int(int(scaling["original_max_position_embeddings"]) * float(scaling["factor"]))
         return max(max_position_embeddings, extended)
+    if scaling is not None and scaling["rope_type"] == "linear":
+        return int(max_position_embeddings * float(scaling["factor"]))
     return max_position_embeddings
