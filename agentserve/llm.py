@@ -180,7 +180,7 @@ class LLM:
             check_sampling(params, self.engine.config.server)
         adapters = _adapters_per_prompt(adapter, len(prompts))
         priorities = self._priorities(priority, len(prompts))
-        if self.engine.lora_manager is None and any(adapters):
+        if self.engine.lora_manager is None and any(name is not None for name in adapters):  # "" too
             raise LoRANotEnabledError("adapter= needs an engine started with enable_lora=True")
         ids = []
         try:

@@ -204,6 +204,45 @@ def test_ttl_expiry_closes_idle_sessions(aeng) -> None:  # type: ignore[no-untyp
     run(body())
 
 
+def test_a_fork_restarts_the_parents_ttl_on_the_clock_sessioninfo_shows(aeng) -> None:  # type: ignore[no-untyped-def]
+    """Forking is activity on the parent: its TTL restarts, and its expires_at says so (it stayed at the old
+    time, in the past for an open session)."""
+    async def body() -> None:
+        async with serving(aeng, expiry_interval=0.05) as (_, client):
+            parent = await client.create_session([SYSTEM], ttl_seconds=1.0)
+            created = parent.info.expires_at
+            await asyncio.sleep(0.6)
+            await parent.fork()
+            info = await parent.refresh()
+            assert info.expires_at >= created + 0.5 and info.expires_at > time.time() + 0.8
+            await asyncio.sleep(0.6)  # past the first expiry: still open, as expires_at said
+            assert (await parent.refresh()).state == pb.SESSION_STATE_NEW
+            await parent.close()
+
+    run(body())
+
+
+def test_close_during_a_turn_returns_the_final_state_not_busy(aeng) -> None:  # type: ignore[no-untyped-def]
+    """CloseSession returns after the turn in flight was cancelled and rolled back: its SessionInfo (the
+    final state, CLOSED) is not busy and holds no pages."""
+    async def body() -> None:
+        async with serving(aeng) as (_, client):
+            session = await client.create_session([SYSTEM])
+            events = session.turn(USER, max_tokens=400, temperature=0.0, ignore_eos=True)
+            await events.__anext__()  # the turn is running
+            closed = await client.stub.CloseSession(pb.CloseSessionRequest(session_id=session.id),
+                                                    metadata=client.metadata)
+            assert closed.session.state == pb.SESSION_STATE_CLOSED
+            assert (closed.session.busy, closed.session.num_pages) == (False, 0)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in events:
+                    pass
+            assert err.value.code() == Code.CANCELLED
+        aeng.engine.pool.check_all_free()
+
+    run(body())
+
+
 def test_tool_call_deltas_reassemble_to_the_final_call(aeng) -> None:  # type: ignore[no-untyped-def]
     async def body() -> None:
         async with serving(aeng) as (handle, client):

@@ -127,6 +127,44 @@ def test_bin_weights_and_dtype_cast(tmp_path: Path) -> None:
     assert from_bin.nbytes * 2 == from_st.nbytes
 
 
+def test_float8_weights_are_read_as_peft_casts_them(tmp_path: Path) -> None:
+    """An adapter saved in float8_e4m3fn (a quantized export) loads as PEFT loads it, each value cast to float;
+    integer weights are refused naming the dtype."""
+    base = tiny_model_cached("llama")
+    build_peft_adapter(base, tmp_path / "src", r=4, target_modules=["q_proj", "down_proj"], seed=9)
+    state = load_file(str(tmp_path / "src" / "adapter_model.safetensors"))
+    fp8 = _copy(tmp_path / "src", tmp_path / "fp8")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in state.items()}, str(fp8 / "adapter_model.safetensors"))
+    loaded = load(fp8, base).module(1, "down_proj")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    assert loaded is not None and loaded.lora_b.dtype == torch.float32
+    assert torch.equal(loaded.lora_b, state[key].to(torch.float8_e4m3fn).float())
+    ints = _copy(tmp_path / "src", tmp_path / "ints")
+    save_file({k: v.to(torch.int8) for k, v in state.items()}, str(ints / "adapter_model.safetensors"))
+    with pytest.raises(LoRAAdapterError, match=r"layer 0 \w+ has lora_A of dtype torch.int8; LoRA weights are "
+                                               r"floating point"):
+        load(ints, base)
+
+
+def test_a_config_without_target_modules_targets_peft_default(tmp_path: Path) -> None:
+    """PEFT adapts its per-model-type default (q_proj, v_proj) when target_modules is null or absent, and drops
+    saved weights of other modules: such weights are refused (served, they would change the outputs)."""
+    base = tiny_model_cached("qwen2")
+    build_peft_adapter(base, tmp_path / "qv", r=4, target_modules=["q_proj", "v_proj"], seed=2)
+    build_peft_adapter(base, tmp_path / "all", r=4, target_modules=ALL, seed=2)
+    for edit in ({"target_modules": None}, {}):
+        qv = _copy(tmp_path / "qv", tmp_path / f"qv-{len(edit)}", edit)
+        if not edit:
+            config = json.loads((qv / "adapter_config.json").read_text())
+            del config["target_modules"]
+            (qv / "adapter_config.json").write_text(json.dumps(config))
+        assert load(qv, base).target_modules == {"q_proj", "v_proj"}
+    every = _copy(tmp_path / "all", tmp_path / "all-null", {"target_modules": None})
+    with pytest.raises(LoRAAdapterError, match=r"which target_modules \(not given: PEFT's default for this model type, "
+                                               r"\['q_proj', 'v_proj'\]\) .* PEFT would ignore them"):
+        load(every, base)
+
+
 @pytest.mark.parametrize("fused", list(FUSED_SLICES))
 def test_stacked_slots_reproduce_peft_fused_projection(fused: str, tmp_path: Path) -> None:
     """PEFT directory -> load -> slot_weights stacked into kernel buffers -> shrink/expand over the

@@ -230,6 +230,8 @@ def test_offline_api_errors(adapter_dirs: dict, tmp_path_factory: pytest.TempPat
         plain.load_adapter("a", str(dirs["r4-all"]))
     with pytest.raises(LoRANotEnabledError, match="enable_lora"):
         plain.generate("x", greedy(), adapter="a")  # never silently the base model
+    with pytest.raises(LoRANotEnabledError, match="enable_lora"):
+        plain.generate("x", greedy(), adapter="")  # not a name, but not None (the base model) either
     plain.close()
 
 

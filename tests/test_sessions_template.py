@@ -87,3 +87,41 @@ def test_session_tokens_follow_the_chat_template(arch: str) -> None:
         run(body())
     finally:
         aeng.shutdown()
+
+
+UNIT_TOOL = {"type": "function", "function": {
+    "name": "set_unit", "description": "Choose the temperature unit",
+    "parameters": {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+                   "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_tool_call_reply_enters_the_history_as_a_client_sends_it_back(arch: str) -> None:
+    """The model writes its call with its own spacing (`{"unit":"celsius"}`); the template re-serialises a
+    structured call (`{"unit": "celsius"}`). After a turn that ends in a tool call, the next turn's prompt
+    is the rendering of the conversation GetSession shows, and its reply is a stateless Generate's over
+    that conversation (the session keeps the pages of the common prefix)."""
+    aeng = make_engine(arch)
+    tools = [*TOOLS, UNIT_TOOL]
+    user = {"role": "user", "content": "Which unit should the report use?"}
+
+    async def body() -> None:
+        async with serving(aeng) as (_, client):
+            session = await client.create_session([SYSTEM], tools=tools)
+            call = await session.run_turn([user], tool_choice="set_unit", max_tokens=64, temperature=0)
+            assert call.done.finish_reason == "tool_calls" and call.tool_calls[0].name == "set_unit"
+            history = history_messages(await session.refresh(include_messages=True))
+            result = [{"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": '{"ok": true}'}]
+            after = await session.run_turn(result, max_tokens=8, temperature=0, ignore_eos=True,
+                                           return_token_ids=True)
+            assert decode(arch, after.done.prompt_token_ids) == render(arch, history + result, tools)
+            stateless = await client.generate_done(messages=[SYSTEM, user, call.done.message, *result], tools=tools,
+                                                   max_tokens=8, temperature=0, ignore_eos=True, return_token_ids=True)
+            assert list(stateless.token_ids) == after.token_ids
+            assert after.done.usage.cached_tokens > 0
+            await session.close()
+
+    try:
+        run(body())
+    finally:
+        aeng.shutdown()

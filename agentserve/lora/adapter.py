@@ -227,7 +227,12 @@ def _checked_pair(ab: dict[str, torch.Tensor], layer: int, module: str, shape: t
     if set(ab) != {"A", "B"}:
         missing = "lora_B" if "A" in ab else "lora_A"
         raise LoRAAdapterError(f"{weights_file}: {what} has no {missing} weight")
-    a, b = ab["A"], ab["B"]
+    for side, tensor in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
+        if not tensor.is_floating_point():
+            raise LoRAAdapterError(f"{weights_file}: {what} has {side} of dtype {tensor.dtype}; LoRA weights are "
+                                   "floating point")
+    # 8-bit floats (a quantized save) are read as PEFT reads them: cast to its float32 LoRA weights.
+    a, b = (t.float() if t.element_size() == 1 else t for t in (ab["A"], ab["B"]))
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise LoRAAdapterError(f"{weights_file}: {what} has lora_A {tuple(a.shape)} and lora_B "
                                f"{tuple(b.shape)}; expected [r, in] and [out, r]")
@@ -316,12 +321,10 @@ def _load_checked_path(path: Path, arch: ArchConfig, *, max_lora_rank: int, adap
             lora_a=a.to(dtype or a.dtype).contiguous(), lora_b=b.to(dtype or b.dtype).contiguous(),
             scaling=lora_scaling(scaling_cfg.module_alpha(module_path), rank, scaling_cfg.use_rslora))
     # after the shape checks: an adapter for another model is named as that, not as a targeting mismatch
-    targets = read_peft_targets(cfg, where)
-    if targets is not None:
-        base_paths = [base_module_path(layer, module) for layer in range(arch.num_layers)
-                      for module in LORA_TARGET_MODULES]
-        check_weights_match_targets(targets, base_paths, {base_module_path(*key) for key in pairs}, weights_file, where,
-                                    fresh_modules_add_nothing=cfg.get("init_lora_weights", True) is not False)
+    base_paths = [base_module_path(layer, module) for layer in range(arch.num_layers) for module in LORA_TARGET_MODULES]
+    check_weights_match_targets(read_peft_targets(cfg, where), base_paths, {base_module_path(*key) for key in pairs},
+                                weights_file, where,
+                                fresh_modules_add_nothing=cfg.get("init_lora_weights", True) is not False)
     return LoRAAdapter(
         adapter_id=adapter_id, generation=generation, name=name if name is not None else path.name,
         path=path, rank=max(w.rank for layer in layers for w in layer.values()),

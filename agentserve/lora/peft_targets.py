@@ -23,6 +23,10 @@ from agentserve.lora.peft_config import LoRAAdapterError
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
+# What PEFT adapts when the config names no target_modules: its per-model-type default
+# (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), the same for llama, mistral,
+# qwen2 and qwen3.
+PEFT_DEFAULT_TARGETS = frozenset({"q_proj", "v_proj"})
 _SHOWN = 4  # module paths an error lists before "..."
 
 
@@ -32,6 +36,7 @@ class PeftTargets:
     exclude_modules: Union[str, frozenset[str], None]
     layers_to_transform: Union[int, frozenset[int], None]
     layers_patterns: tuple[str, ...]
+    defaulted: bool = False  # the config named no target_modules: PEFT's default for the model type
 
     def covers(self, module_path: str) -> bool:
         """PEFT's check_target_module_exists for a module of the base model ("model.layers.0.self_attn.q_proj")."""
@@ -71,12 +76,11 @@ def _names(value: Any, field: str, where: Path) -> Union[str, frozenset[str], No
     raise LoRAAdapterError(f"{where}: {field} must be a module name regex or a list of module names, not {value!r}")
 
 
-def read_peft_targets(cfg: dict[str, Any], where: Path) -> Optional[PeftTargets]:
-    """The config's targeting fields; None when it names no target_modules (PEFT then takes its
-    per-model-type defaults, and the saved weights are the only record of what was adapted)."""
-    targets = _names(cfg.get("target_modules"), "target_modules", where)
-    if targets is None:
-        return None
+def read_peft_targets(cfg: dict[str, Any], where: Path) -> PeftTargets:
+    """The config's targeting fields; a config without target_modules targets PEFT's per-model-type default
+    (q_proj and v_proj for every architecture served here), as PEFT does when it builds the adapter."""
+    named = _names(cfg.get("target_modules"), "target_modules", where)
+    targets = PEFT_DEFAULT_TARGETS if named is None else named
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         layers = frozenset(layers)
@@ -88,7 +92,7 @@ def read_peft_targets(cfg: dict[str, Any], where: Path) -> Optional[PeftTargets]
         raise LoRAAdapterError(f"{where}: layers_pattern must be a name or a list of names, not {patterns!r}")
     return PeftTargets(target_modules=targets, exclude_modules=_names(cfg.get("exclude_modules"), "exclude_modules",
                                                                       where),
-                       layers_to_transform=layers, layers_patterns=tuple(patterns))
+                       layers_to_transform=layers, layers_patterns=tuple(patterns), defaulted=named is None)
 
 
 def _listed(paths: list[str]) -> str:
@@ -106,17 +110,18 @@ def check_weights_match_targets(targets: PeftTargets, base_paths: list[str], ada
         targeted = {path for path in base_paths if targets.covers(path)}
     except re.error as e:
         raise LoRAAdapterError(f"{where}: target_modules / exclude_modules is not a valid regex: {e}") from None
-    shown = sorted(targets.target_modules) if isinstance(targets.target_modules, frozenset) else targets.target_modules
+    named = sorted(targets.target_modules) if isinstance(targets.target_modules, frozenset) else targets.target_modules
+    shown = f"(not given: PEFT's default for this model type, {named!r})" if targets.defaulted else repr(named)
     untargeted = sorted(adapted_paths - targeted)
     if untargeted:
         raise LoRAAdapterError(
-            f"{weights_file} has LoRA weights for {_listed(untargeted)}, which target_modules {shown!r} (with "
+            f"{weights_file} has LoRA weights for {_listed(untargeted)}, which target_modules {shown} (with "
             f"exclude_modules / layers_to_transform) in {where.name} does not cover; PEFT would ignore them: add the "
             "modules to target_modules or remove their weights")
     without_weights = sorted(targeted - adapted_paths)
     if without_weights and not fresh_modules_add_nothing:
         raise LoRAAdapterError(
-            f"{where}: target_modules {shown!r} covers {_listed(without_weights)}, but {weights_file.name} has no "
+            f"{where}: target_modules {shown} covers {_listed(without_weights)}, but {weights_file.name} has no "
             "LoRA weights for them, and init_lora_weights=false would give them random weights in PEFT: remove them "
             "from target_modules or save the adapter again")
     if without_weights:

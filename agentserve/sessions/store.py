@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -248,8 +249,10 @@ class SessionStore(TurnLifecycle):
                     tenant=p.tenant, stored_response=p.stored_response, template_kwargs=p.template_kwargs)
         self._add(c)
         self.residency.share(p, c)
-        now = time.monotonic()
-        p.last_active = c.last_active = now
+        # A fork counts as activity on both (the parent's TTL restarts too), on both clocks: the
+        # monotonic one expiry reads and the wall one SessionInfo's last_active_at / expires_at show.
+        p.last_active = c.last_active = time.monotonic()
+        p.last_active_wall = c.last_active_wall = time.time()
         return snapshot_of(c)
 
     async def close(self, session_id: str, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:
@@ -279,7 +282,8 @@ class SessionStore(TurnLifecycle):
             if pending.task is not None and pending.loop is not None:
                 pending.loop.call_soon_threadsafe(pending.task.cancel)
         self.residency.release(s)
-        return snapshot_of(s), pending
+        # The final state: a turn in flight is cancelled and rolled back before close returns, so not busy.
+        return dataclasses.replace(snapshot_of(s), busy=False), pending
 
     async def close_all(self) -> None:
         for sid, s in list(self.sessions.items()):
