@@ -12,7 +12,7 @@ from agentserve.chat.limits import check_sampling
 from agentserve.chat.messages import OPENAI_RULES, normalize_messages, template_messages
 from agentserve.config import EngineConfig
 from agentserve.engine.engine import Engine, Prompt
-from agentserve.engine.validation import check_priority
+from agentserve.engine.validation import check_priority, truncate_prompt
 from agentserve.errors import LoRANotEnabledError
 from agentserve.lora.request import LoRARequest
 from agentserve.outputs import RequestOutput
@@ -186,13 +186,24 @@ class LLM:
         try:
             for prompt, params, lora_name, rank in zip(prompts, params_list, adapters, priorities):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, params, lora_name=lora_name, priority=rank)
+                self.engine.add_request(rid, prompt, self._fit_to_context(prompt, params), lora_name=lora_name,
+                                        priority=rank)
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:
             for rid in ids:  # nothing may leak pages, whatever went wrong
                 self.engine.abort(rid)
             raise
+
+    def _fit_to_context(self, prompt: Prompt, params: SamplingParams) -> SamplingParams:
+        """vLLM's offline LLM stops a reply at max_model_len (finish_reason "length") rather than refusing a
+        max_tokens the context cannot hold, as the servers' endpoints do; a prompt that leaves no room is still
+        refused by the engine."""
+        if params.max_tokens is None:
+            return params  # the engine's default already fits
+        ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        room = self.engine.output_room(len(truncate_prompt(ids, params, self.engine.max_model_len)))
+        return params.clone(max_tokens=room) if params.max_tokens > room > 0 else params
 
     def _priorities(self, priority: Optional[Sequence[int]], count: int) -> list[int]:
         if priority is None:

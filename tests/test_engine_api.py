@@ -68,6 +68,20 @@ def test_a_request_larger_than_the_kv_cache_names_its_lengths() -> None:
     assert [len(o.outputs[0].token_ids) for o in done] == [8]
 
 
+def test_offline_generate_stops_a_reply_at_the_context_as_vllm_does(llm: LLM) -> None:
+    """vLLM's offline LLM runs a request whose max_tokens the context cannot hold up to max_model_len
+    (finish_reason "length"); the engine's own add_request (and the servers) refuse it. A prompt that leaves
+    no room is still refused."""
+    out = llm.generate([[5] * 200], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))[0].outputs[0]
+    assert (len(out.token_ids), out.finish_reason) == (56, "length")
+    with pytest.raises(InvalidRequestError, match="max_model_len is 256"):
+        llm.generate([[5] * 256], SamplingParams(max_tokens=4))
+    small = LLM(str(tiny_model_cached("qwen2")), device="cpu", max_model_len=256, num_blocks=4)
+    out = small.generate([[5] * 40], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0].outputs[0]
+    assert (len(out.token_ids), out.finish_reason) == (24, "length")  # the 64 tokens the KV cache holds
+    small.close()
+
+
 def test_unknown_model_path() -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         LLM("/nonexistent/model/dir", device="cpu")

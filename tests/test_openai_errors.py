@@ -128,6 +128,16 @@ def test_unknown_model_or_route(live: Live) -> None:
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type", "not supported"),
     ({"messages": "hello"}, "messages", "valid list"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
+     "must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text",
+     "got int"),
+    ({"guided_grammar": "root ::= ( "}, "guided_grammar", "could not be compiled"),
+    ({"structured_outputs": {"grammar": "root ::= ( "}}, "structured_outputs.grammar", "could not be compiled"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex", "could not be compiled"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty"),
+    ({"max_completion_tokens": 100000}, "max_completion_tokens", "maximum context length"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice",
      "tool_choice must be"),
@@ -155,6 +165,7 @@ def test_missing_fields_and_bad_json(live: Live) -> None:
     # A body that is no JSON object says what it is instead (it said "'None' is a required property").
     for body, content_type, says in [(b"", "application/json", "body is empty"), (b"", None, "body is empty"),
                                      (b'{"model": "m"}', "text/plain", "got Content-Type: text/plain"),
+                                     (b'{"model": "m"}', None, "no Content-Type header"),
                                      (b"[]", "application/json", "got a JSON array"),
                                      (b"null", "application/json", "got a JSON null")]:
         r = live.http.post("/v1/chat/completions", content=body,
@@ -174,6 +185,20 @@ def test_missing_fields_and_bad_json(live: Live) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         live.client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
     assert info.value.status_code == 400 and info.value.body["param"] == "temperature"
+
+
+def test_a_reply_the_kv_cache_cannot_hold_names_max_tokens() -> None:
+    """A KV cache smaller than max_model_len (here 4 pages of 16 tokens under 256): the 400 names the field
+    that asked for the room, as the context-length check does."""
+    from helpers.live_server import live_openai, server_root
+
+    with live_openai("llama3", num_blocks=4, max_model_len=256) as client:
+        for path, body, field in [("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 100}, "max_tokens"),
+                                  ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 100},
+                                   "max_completion_tokens"),
+                                  ("/v1/completions", {"prompt": "Hi", "max_tokens": 100}, "max_tokens")]:
+            r = httpx.post(server_root(client) + path, json={"model": "m", **body}, timeout=60)
+            _error(r, 400, param=field, contains="the KV cache has only 4", code="context_length_exceeded")
 
 
 # --- over-long input ------------------------------------------------------------------------------------

@@ -270,7 +270,10 @@ def _body_problem(error: dict[str, Any], content_type: str) -> str:
     """What is wrong with a request body that is no JSON object, in words a client can act on."""
     if error.get("type") == "missing":
         return "The request body is empty: send the request as a JSON object"
-    if content_type and "json" not in content_type.split(";", 1)[0]:
+    if not content_type:
+        return ("The request body must be a JSON object sent with Content-Type: application/json (the request has "
+                "no Content-Type header)")
+    if "json" not in content_type.split(";", 1)[0]:
         return (f"The request body must be a JSON object sent with Content-Type: application/json "
                 f"(got Content-Type: {content_type[:100]})")
     got = type(error.get("input")).__name__

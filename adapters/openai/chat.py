@@ -147,7 +147,8 @@ class ChatEndpoint:
         parse_tools = bool(tools) and tool_choice != "none"
         params = self._sampling_params(req, top_n, self._tool_params(req, tools, tool_choice) if parse_tools else {})
         prompt_ids = self.s.truncate(await self.render_prompt(req, messages, tools, template_kwargs), params)
-        params = self.s.validate(prompt_ids, params, "messages", fit_to_context)
+        params = self.s.validate(prompt_ids, params, "messages", fit_to_context,
+                                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         self.s.check_queue(1)
         role = reply_role(messages, req.add_generation_prompt, self.s.limits.response_role)
         ctx = _ChatContext(self, req, response_id("chatcmpl", raw_request, req.request_id), prompt_ids, params, lora_name,

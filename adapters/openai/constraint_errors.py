@@ -13,6 +13,7 @@ import re
 from typing import Optional, Sequence, Union
 
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, ToolDefinition
+from agentserve.adapters.openai.structured_outputs import structured_outputs_fields
 from agentserve.errors import FailureKind
 
 # The engine's text for a compile failure (engine/constraints.py, ConstraintManager.attach).
@@ -27,23 +28,25 @@ def _tool_index(tools: Sequence[ToolDefinition], name: str) -> Optional[int]:
     return None
 
 
+def given_constraint_field(req: Union[ChatCompletionRequest, CompletionRequest]) -> Optional[str]:
+    """The request field that gave its output constraint (vLLM's guided_* and structured_outputs.*, the
+    structural tag), None when the constraint (if any) comes from response_format or the tools. A request
+    gives at most one (OpenAIServing._constraint refuses more)."""
+    fields = [("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
+              ("guided_choice", req.guided_choice), ("guided_grammar", req.guided_grammar),
+              ("structural_tag", req.structural_tag)]
+    fields += [(name, value) for _, name, value in structured_outputs_fields(req.structured_outputs)]
+    return next((name for name, value in fields if value is not None and value is not False), None)
+
+
 def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], message: str) -> Optional[str]:
     """The field of `req` that a constraint compile error is about, or None when `message` is not a
     constraint compile error."""
     if COMPILE_FAILED not in message:
         return None
-    if req.guided_json is not None:
-        return "guided_json"
-    if req.structured_outputs is not None and req.structured_outputs.json_schema is not None:
-        return "structured_outputs.json"
-    if req.guided_regex is not None:
-        return "guided_regex"
-    if req.guided_choice is not None:
-        return "guided_choice"
-    if req.structural_tag is not None:
-        return "structural_tag"
-    if req.structured_outputs is not None and req.structured_outputs.structural_tag is not None:
-        return "structured_outputs.structural_tag"
+    given = given_constraint_field(req)
+    if given is not None:
+        return given
     rf = req.response_format
     if rf is not None and rf.type in ("json_object", "structural_tag"):
         return "response_format"

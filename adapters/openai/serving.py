@@ -40,6 +40,8 @@ _FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", 
            "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
            "stop", "stop_token_ids", "seed", "choice", "tool_choice", "json_schema", "regex", "grammar", "logit_bias",
            "allowed_token_ids", "bad_words", "thinking_token_budget")
+# SamplingParams' names of the output constraints: an error naming one is about the request field that gave it.
+_CONSTRAINT_KEYS = ("choice", "json_schema", "regex", "grammar", "structural_tag")
 
 
 def token_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
@@ -229,7 +231,7 @@ class OpenAIServing:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as e:
             msg, param = str(e), param_of(str(e))
-            if param == "json_schema":  # SamplingParams' name: the request's field that gave the schema
+            if param in _CONSTRAINT_KEYS:  # SamplingParams' name: the request's field that gave the constraint
                 param = constraint_param(req, COMPILE_FAILED) or param
             raise OpenAIError(400, msg, param=param) from None
 
@@ -243,10 +245,11 @@ class OpenAIServing:
         return truncate_prompt(prompt_ids, params, self.engine.max_model_len)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, what: str,
-                 fit_to_context: bool = False) -> SamplingParams:
-        """Checks the prompt and max_tokens against the context (400s naming them). `fit_to_context` (Anthropic's
-        Messages API, whose newer models stop at the context window instead of refusing a max_tokens past it)
-        lowers a max_tokens the context cannot hold to the room it has."""
+                 fit_to_context: bool = False, max_tokens_field: str = "max_tokens") -> SamplingParams:
+        """Checks the prompt and max_tokens against the context (400s naming them: `what` the prompt's field,
+        `max_tokens_field` the one that gave max_tokens). `fit_to_context` (Anthropic's Messages API, whose
+        newer models stop at the context window instead of refusing a max_tokens past it) lowers a max_tokens
+        the context cannot hold to the room it has."""
         n, limit = len(prompt_ids), self.engine.max_model_len
         if params.max_tokens is None and n < limit:
             params = clone_params(params, max_tokens=self.engine.default_max_tokens(n))  # as every entry point
@@ -262,9 +265,12 @@ class OpenAIServing:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                    f"{n + params.max_tokens} tokens ({n} in the {what}, {params.max_tokens} in the "
                                    f"completion). Please reduce the length of the {what} or completion.",
-                              param="max_tokens", code="context_length_exceeded")
+                              param=max_tokens_field, code="context_length_exceeded")
         try:
             return self.engine.validate(prompt_ids, params)  # reads only immutable engine state
+        except FieldError as e:  # a reply the KV cache cannot hold (max_tokens), else the prompt
+            raise OpenAIError(400, str(e), param=max_tokens_field if e.field == "max_tokens" else what,
+                              code=e.code) from None
         except ValueError as e:  # a sampling field checked against the vocabulary, else the prompt
             raise OpenAIError(400, str(e), param=param_of(str(e)) or what) from None
 

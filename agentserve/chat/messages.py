@@ -72,6 +72,9 @@ def text_of_parts(parts: list[Any], at: str, *, assistant: bool = False, key: st
         elif assistant and isinstance(part, dict) and part.get("type") == "refusal" \
                 and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
+        elif isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES:
+            raise FieldError(f"{at}.{key}[{j}].text must be a string (a {part['type']} part's text), got "
+                             f"{type(part.get('text')).__name__ if 'text' in part else 'none'}", f"{at}.{key}[{j}].text")
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise FieldError(f"{at}.{key}[{j}]: content parts of type {kind!r} are not supported (this model "

@@ -162,10 +162,11 @@ class Engine:
                 self.max_model_len, params.max_tokens)
         pages = self.kv.blocks_needed(n + params.max_tokens)
         if pages > self.pool.num_blocks:
-            raise InvalidRequestError(
+            held = self.pool.num_blocks * self.kv.block_size  # the most one sequence can have: the limit here
+            raise ContextLengthError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs up to {pages} KV pages of "
-                f"{self.kv.block_size} tokens; the KV cache has only {self.pool.num_blocks} "
-                f"({self.pool.num_blocks * self.kv.block_size} tokens); lower max_tokens or shorten the prompt")
+                f"{self.kv.block_size} tokens; the KV cache has only {self.pool.num_blocks} ({held} tokens); lower "
+                "max_tokens or shorten the prompt", "max_tokens", n, held, params.max_tokens)
         return params
 
     def reset_prefix_cache(self) -> bool:
