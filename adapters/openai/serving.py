@@ -19,15 +19,13 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 from agentserve.adapters.openai.constraint_errors import COMPILE_FAILED, constraint_param, request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from agentserve.adapters.openai.structured_outputs import (
-    checked_structural_tag, constraint_documents, parsed_schema, structured_outputs_fields)
+from agentserve.adapters.openai.structured_outputs import constraint_documents, constraint_kwargs
 from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
 from agentserve.chat import limits as L
 from agentserve.chat.render_pool import RenderPool
 from agentserve.errors import AdapterNotFoundError, EngineDeadError, FieldError, InvalidRequestError, QueueFullError
 from agentserve.engine.validation import truncate_prompt
-from agentserve.grammar.unenforced_keywords import best_effort
 from agentserve.lora.interface import adapter_names, adapter_root
 from agentserve.outputs import RequestOutput
 from agentserve.service.tenants import tenant_of_scope
@@ -159,40 +157,6 @@ class OpenAIServing:
             raise OpenAIError(503, f"The server is overloaded: {self.aeng.num_pending} requests in flight "
                                    f"(limit {self.aeng.max_pending}). Retry later.", code="queue_full")
 
-    def _constraint(self, req: Any) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        rf = req.response_format
-        if rf is not None and rf.type == "json_object":
-            kw["json_object"] = True
-        elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None:
-                raise OpenAIError(400, "response_format.json_schema is required when type is 'json_schema'",
-                                  param="response_format.json_schema")
-            schema = rf.json_schema.json_schema
-            if schema is None:
-                kw["json_object"] = True
-            else:  # OpenAI guarantees a schema only under strict: what no backend enforces is refused only then
-                kw["json_schema"] = schema if rf.json_schema.strict else best_effort(schema, "response_format")
-        elif rf is not None and rf.type == "structural_tag":
-            kw["structural_tag"] = checked_structural_tag(rf.structural_tag(), "response_format")
-        given = ["response_format"] if rf is not None and rf.type != "text" else []
-        fields: dict[str, list[tuple[str, Any]]] = {
-            "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
-            "choice": [("guided_choice", req.guided_choice)], "grammar": [("guided_grammar", req.guided_grammar)],
-            "json_object": [], "structural_tag": [("structural_tag", req.structural_tag)]}
-        for key, name, value in structured_outputs_fields(req.structured_outputs):
-            fields[key].append((name, value))
-        for key, sources in fields.items():
-            for name, value in sources:
-                if value is None or value is False:
-                    continue
-                given.append(name)
-                kw[key] = parsed_schema(value, name) if key == "json_schema" else \
-                    checked_structural_tag(value, name) if key == "structural_tag" else value
-        if len(given) > 1:
-            raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])
-        return kw
-
     def sampling_params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int],
                          extra: Optional[dict[str, Any]] = None) -> SamplingParams:
         logit_bias = token_bias(req.logit_bias)
@@ -225,7 +189,7 @@ class OpenAIServing:
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words,
         )
-        kw.update(self._constraint(req))
+        kw.update(constraint_kwargs(req))
         kw.update(extra or {})
         try:
             return SamplingParams(**kw)

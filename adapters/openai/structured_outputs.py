@@ -9,6 +9,7 @@ from typing import Any, Optional
 from agentserve.adapters.openai.protocol import OpenAIError, StructuredOutputs
 from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.structural_tag import structural_tag_payload
+from agentserve.grammar.unenforced_keywords import best_effort
 
 
 def parsed_schema(schema: Any, field: str) -> Any:
@@ -54,3 +55,40 @@ def constraint_documents(req: Any) -> list[tuple[str, Any]]:
     found += [(name, value) for key, name, value in structured_outputs_fields(req.structured_outputs)
               if key in ("json_schema", "structural_tag")]
     return [(field, value) for field, value in found if value is not None]
+
+
+def constraint_kwargs(req: Any) -> dict[str, Any]:
+    """A chat or completions request's output constraint as SamplingParams keywords, from whichever field gave
+    it (response_format, guided_*, structured_outputs.*, structural_tag); more than one is a 400."""
+    kw: dict[str, Any] = {}
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        kw["json_object"] = True
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise OpenAIError(400, "response_format.json_schema is required when type is 'json_schema'",
+                              param="response_format.json_schema")
+        schema = rf.json_schema.json_schema
+        if schema is None:
+            kw["json_object"] = True
+        else:  # OpenAI guarantees a schema only under strict: what no backend enforces is refused only then
+            kw["json_schema"] = schema if rf.json_schema.strict else best_effort(schema, "response_format")
+    elif rf is not None and rf.type == "structural_tag":
+        kw["structural_tag"] = checked_structural_tag(rf.structural_tag(), "response_format")
+    given = ["response_format"] if rf is not None and rf.type != "text" else []
+    fields: dict[str, list[tuple[str, Any]]] = {
+        "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
+        "choice": [("guided_choice", req.guided_choice)], "grammar": [("guided_grammar", req.guided_grammar)],
+        "json_object": [], "structural_tag": [("structural_tag", req.structural_tag)]}
+    for key, name, value in structured_outputs_fields(req.structured_outputs):
+        fields[key].append((name, value))
+    for key, sources in fields.items():
+        for name, value in sources:
+            if value is None or value is False:
+                continue
+            given.append(name)
+            kw[key] = parsed_schema(value, name) if key == "json_schema" else \
+                checked_structural_tag(value, name) if key == "structural_tag" else value
+    if len(given) > 1:
+        raise OpenAIError(400, f"give at most one output constraint; got {', '.join(given)}", param=given[1])
+    return kw
