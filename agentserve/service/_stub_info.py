@@ -1,4 +1,4 @@
 """Written by gen_stubs.py with the stubs: what they were generated from."""
 
-PROTO_SHA256 = "59ca4489649bf77352db7de60d41c6d60e065c182bde0361c2334b9a4ef31d8b"
+PROTO_SHA256 = "818867ac81ee077e2b2f9a401a75204c1a847a53b76352614a2bd41639f64c6a"
 GRPCIO_TOOLS_VERSION = "1.84.0"
