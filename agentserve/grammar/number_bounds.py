@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from agentserve.grammar.interface import GrammarError
 from agentserve.grammar.schema_utils import map_subschemas
 
 STEP = 1e-9
+_EXACT_INTEGERS = 2 ** 53  # beyond this a double (llguidance's number bounds) skips integers
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _LARGEST_MOVED = 1e6  # beyond this, X + STEP rounds back to X in a double
 
 
@@ -45,3 +48,18 @@ def _fix(node: dict, path: str) -> dict:
 def exclusive_integer_bounds_stepped(schema: Any) -> Any:
     """`schema` with each such bound stepped inside (see the module)."""
     return map_subschemas(schema, _fix)
+
+
+def check_bounds_exact(schema: Any, backend: str) -> None:
+    """GrammarError where a bound cannot be kept exactly: llguidance reads number bounds as doubles (and
+    integer ones as int64), so `"minimum": 9007199254740993` let 9007199254740992 through and 10**19 became
+    2**63 - 1. An integer bound past 2**53 is refused, naming it (an output must never break its schema)."""
+    def check(node: dict, path: str) -> dict:
+        for key in _BOUNDS:
+            value = node.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _EXACT_INTEGERS:
+                raise GrammarError(f"{backend} cannot keep the bound {key} {value} exactly (at {path or 'the root'}): "
+                                   f"integer bounds are limited to +-2**53")
+        return node
+
+    map_subschemas(schema, check)

@@ -118,8 +118,10 @@ def _required_only(branches: list[Any]) -> Optional[list[list[str]]]:
     return sets
 
 
-def one_of_as_any_of(schema: Any) -> Any:
-    """The schema with each `oneOf` that can be compiled exactly (module docstring) written as `anyOf`."""
+def one_of_as_any_of(schema: Any, required_sets: bool = True) -> Any:
+    """The schema with each `oneOf` that can be compiled exactly (module docstring) written as `anyOf`;
+    `required_sets=False` rewrites only branches that exclude each other as they are (xgrammar and outlines:
+    the required-sets form marks properties absent with `false` schemas, which they are not trusted with)."""
     reader = _Schema(schema)
 
     def rewrite(node: dict, path: str) -> dict:
@@ -129,7 +131,7 @@ def one_of_as_any_of(schema: Any) -> Any:
         rest = {k: v for k, v in node.items() if k != "oneOf"}
         if all(reader.exclusive(a, b) for i, a in enumerate(branches) for b in branches[i + 1:]):
             return {**rest, "anyOf": branches}
-        sets = _required_only(branches)
+        sets = _required_only(branches) if required_sets else None
         if sets is None:
             return node
         names = list(dict.fromkeys(n for s in sets for n in s))

@@ -18,6 +18,7 @@ import torch
 
 from agentserve.grammar import structure
 from agentserve.grammar.outlines_patterns import ascii_class_escapes, json_string_pattern, whole_string_pattern
+from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
     DATE_TIME_REGEX,
@@ -232,6 +233,7 @@ def schema_to_regex(schema: Any) -> str:
     itself (depth 1 differs), the growth per level predicts the size at RECURSION_DEPTH."""
     if isinstance(schema, str):
         schema = json.loads(schema)
+    schema = one_of_as_any_of(schema, required_sets=False)  # outlines writes oneOf as anyOf: exact only if exclusive
     check_enforceable(schema, "outlines", NOT_ENFORCED)
     _check_object_keys(schema)
     text = json.dumps(_typed_any(_json_safe_patterns(strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS))))

@@ -97,6 +97,8 @@ def normalize_tool_schema(schema: Any, path: str = "parameters") -> dict:
         out = {"type": "object", **out}
     elif t != "object" and not (isinstance(t, list) and "object" in t):
         raise GrammarError(f"tool parameters must be an object schema, got type {t!r} at {path}.type")
+    elif t != "object":  # ["object", "null"]: a call's arguments are always a JSON object (OpenAI, vLLM)
+        out = {**out, "type": "object"}
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agentserve.grammar import structure
+from agentserve.grammar.one_of import one_of_as_any_of
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
     DATE_TIME_REGEX,
@@ -79,7 +80,8 @@ def to_structural_format(node: Any) -> dict:
     if "ws" in node:
         return {"type": "regex", "pattern": structure.ws_regex(node["ws"], node.get("max"))}
     if "json" in node:
-        schema = _patterns_fixed(_bounded_strings_as_patterns(formats_as_patterns(node["json"], FORMAT_PATTERNS)))
+        schema = _patterns_fixed(_bounded_strings_as_patterns(formats_as_patterns(_exclusive_one_of(node["json"]),
+                                                                                  FORMAT_PATTERNS)))
         return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WS}
     if "text" in node:
         return {"type": "regex", "pattern": structure.text_then_regex(node["text"])}
@@ -137,23 +139,26 @@ class XGrammarMatcher(GrammarMatcher):
 
 def _forbidden(info: TokenizerInfo, kind: str) -> tuple[np.ndarray, frozenset[int]]:
     """Ids xgrammar must never get: padding and special tokens (except tool markers in tool
-    grammars), and tokens with raw control characters. xgrammar (0.2) lets raw control
-    characters into strings with minLength/maxLength, which is invalid JSON; JSON never needs
+    grammars), and tokens with raw control characters where JSON is written. xgrammar (0.2) lets raw
+    control characters into strings with minLength/maxLength, which is invalid JSON; JSON never needs
     them (strings escape them, and our whitespace policy is a single space), so JSON grammars
-    refuse every token with a byte below 0x20 and tool grammars those other than tab/LF/CR."""
+    refuse every token with a byte below 0x20 and tool grammars those other than tab/LF/CR. A regex,
+    choice or grammar says itself which characters it takes (a multi-line choice or GBNF rule needs
+    its newlines), so only the special tokens are taken from those."""
     tools = kind == "tool_calls"
     free_text = kind in ("tool_calls", "structural_tag")  # text around the structure has tabs and newlines
+    writes_json = kind in ("json_schema", "json_object") or free_text
 
     def build() -> tuple[np.ndarray, frozenset[int]]:
         words = info.forbidden_words(allow_markers=tools).copy()
-        bad_bytes = set(range(0x20)) - ({0x09, 0x0A, 0x0D} if free_text else set())
+        bad_bytes = set(range(0x20)) - ({0x09, 0x0A, 0x0D} if free_text else set()) if writes_json else set()
         for i, b in enumerate(info.token_bytes):
             if any(c in bad_bytes for c in b) and i not in info.eos_token_ids:
                 words[i >> 5] |= np.int32(np.uint32(1 << (i & 31)).view(np.int32))
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: info.vocab_size]
         return words, frozenset(int(i) for i in np.flatnonzero(bits))
 
-    return info.cached(("xgrammar.forbidden", tools, free_text), build)
+    return info.cached(("xgrammar.forbidden", tools, free_text, writes_json), build)
 
 
 # xgrammar's messages start with its log's time and C++ source line ("[12:23:42] /project/cpp/
@@ -263,6 +268,13 @@ def _patterns_fixed(schema: Any) -> Any:
     return map_patterns(schema, _xgrammar_pattern)
 
 
+def _exclusive_one_of(schema: Any) -> Any:
+    """xgrammar compiles `oneOf` as `anyOf`: exact where the branches exclude each other, which one_of.py
+    proves for more unions (discriminated ones: a required `kind` of distinct consts) than the check's
+    plain-type test; those are written as `anyOf`, so that the check below refuses only the others."""
+    return one_of_as_any_of(schema, required_sets=False)
+
+
 def _check_schema(schema: Any) -> None:
     """Reject what xgrammar would accept but not enforce (outputs could break the schema)."""
     check_enforceable(schema, "xgrammar", NOT_ENFORCED)
@@ -272,6 +284,10 @@ def _check_schema(schema: Any) -> None:
             raise GrammarError(f"xgrammar does not enforce minLength/maxLength together with "
                                f"pattern/format (at {path or 'the root'})")
         bounded = any(k in node for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+        if bounded and "type" not in node:  # xgrammar reads the bounds only beside "type": "number" / "integer":
+            # {"minimum": 5, "maximum": 6} wrote 7
+            raise GrammarError(f"xgrammar enforces minimum / maximum only on a schema with \"type\": \"number\" or "
+                               f"\"integer\" (at {path or 'the root'}): add the type, or use grammar_backend llguidance")
         if "multipleOf" in node and (node.get("type") != "integer" or bounded):  # "Warning: multipleOf is not
             # supported for type:number; ignoring multipleOf": 5.3404 came out of 0.5; beside a bound it is
             # dropped silently (5 for `"minimum": -9, "multipleOf": 2`)
@@ -313,7 +329,8 @@ class XGrammarBackend(GrammarBackend):
         comp = self.compiler(tokenizer_info)
         try:
             if spec.kind == "json_schema":
-                schema = _patterns_fixed(formats_as_patterns(json.loads(str(spec.payload)), FORMAT_PATTERNS))
+                schema = _patterns_fixed(formats_as_patterns(_exclusive_one_of(json.loads(str(spec.payload))),
+                                                             FORMAT_PATTERNS))
                 _check_schema(schema)
                 compiled = comp.compile_json_schema(json.dumps(schema), any_whitespace=True,
                                                     max_whitespace_cnt=_MAX_WS)
@@ -329,7 +346,7 @@ class XGrammarBackend(GrammarBackend):
             elif spec.kind in ("tool_calls", "structural_tag"):
                 tree = json.loads(str(spec.payload))["grammar"]
                 for schema in structure.walk_json(tree):
-                    _check_schema(schema)
+                    _check_schema(_exclusive_one_of(schema))
                 tag = {"type": "structural_tag", "format": to_structural_format(tree)}
                 compiled = comp.compile_structural_tag(json.dumps(tag))
             else:

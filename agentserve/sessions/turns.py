@@ -40,10 +40,9 @@ from agentserve.chat.render_pool import RenderPool
 from agentserve.engine.async_engine import AsyncEngine
 from agentserve.engine.engine import Engine
 from agentserve.errors import ContextLengthError, EngineDeadError, InvalidRequestError
-from agentserve.outputs import RequestOutput
+from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
-from agentserve.sessions.reply_forms import committed_reply, parsed_reply
 from agentserve.sessions.residency import Residency, TurnAdmission
 from agentserve.chat.reasoning import ReplyReasoning
 from agentserve.chat.reply import ReplyStream, content_beside_calls
@@ -188,8 +187,7 @@ class TurnLifecycle:
             num_computed = min(num_computed, len(pending.prompt_token_ids) + len(output_ids))
         self.residency.adopt(s, table, num_computed, out.retained_num_draft_computed_tokens)
         s.token_ids = pending.prompt_token_ids + output_ids
-        history_msg, client_msg = committed_reply(self.tokenizer, comp, pending, self.engine.eos_token_ids,
-                                                  s.raw_tokens)
+        history_msg, client_msg = self._assistant_messages(s, comp, pending)
         if not s.raw_tokens:
             s.text = pending.prompt_text + R.decode_continuation(self.tokenizer, pending.prompt_token_ids, output_ids)
         s.messages = s.messages + pending.new_messages + [history_msg]
@@ -206,6 +204,24 @@ class TurnLifecycle:
         s.busy = None
         pending.snapshot = snapshot_of(s)
         self.stats.turns += 1
+
+    def _assistant_messages(self, s: Session, comp: CompletionOutput,
+                            pending: PendingTurn) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the reply as the session's history keeps it, the reply as the client sees it)."""
+        ids = list(comp.token_ids)
+        if s.raw_tokens:
+            return {"role": "assistant", "token_ids": ids}, {"role": "assistant", "content": comp.text or ""}
+        # History: the model's own text with special tokens spelled out (so the template re-renders
+        # it as generated), minus a final stop token, which the template writes as its end marker.
+        if comp.ends_on_stop_token(self.engine.eos_token_ids):
+            ids = ids[:-1]
+        raw_text = R.decode_continuation(self.tokenizer, pending.prompt_token_ids, ids)
+        prefix = pending.content_prefix
+        if prefix and raw_text.startswith(prefix):
+            raw_text = raw_text[len(prefix):]  # the template writes it back (Llama 2's ' ' after [/INST])
+        history = {"role": "assistant", "content": raw_text or ""}
+        client = {"role": "assistant", "content": comp.text or ""}
+        return history, client
 
     def settle_ended_turn(self, s: Session) -> None:
         """Step thread: runs a turn's queued `_end_turn` now when its task has already ended (cancelled,
@@ -340,19 +356,17 @@ class TurnLifecycle:
         raise RuntimeError("the engine ended the turn without a final output")
 
     def _show_final_reply(self, pending: PendingTurn, result: TurnResult) -> None:
-        """GetSession shows the reply as TurnDone's message, and a reply with tool calls enters the history in
-        that form (sessions/reply_forms.py); queued on the step thread before the client gets TurnDone, so its
-        later GetSession, Turn or Fork sees it."""
+        """GetSession shows the reply as TurnDone's message (tool calls parsed out, the thinking apart); queued
+        on the step thread before the client gets TurnDone, so its later GetSession sees it."""
         if pending.session.raw_tokens or ("tool_calls" not in result.message and result.parts is None):
             return  # the history's message is what GetSession shows
-        shown, history = parsed_reply(result)
+        shown = dict(result.message)
+        if result.parts is not None:
+            shown.update(content=result.parts.content, reasoning_content=result.parts.reasoning)
 
         def record() -> None:  # step thread, like every change to a session
-            s, index = pending.session, pending.history_index
-            if pending.committed and index is not None and not s.closed:
-                s.shown_replies[index] = shown
-                if history is not None:
-                    s.messages = [*s.messages[:index], history, *s.messages[index + 1:]]
+            if pending.committed and pending.history_index is not None and not pending.session.closed:
+                pending.session.shown_replies[pending.history_index] = shown
         with contextlib.suppress(EngineDeadError):  # shutting down: no GetSession follows
             self._call_soon(record)
 
