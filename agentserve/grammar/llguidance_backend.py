@@ -18,7 +18,7 @@ from agentserve.grammar.forced_text import check_forced_text
 from agentserve.grammar.dependent_keywords import dependencies_as_any_of
 from agentserve.grammar.not_keyword import not_as_positive
 from agentserve.grammar.one_of import one_of_as_any_of
-from agentserve.grammar.number_bounds import check_bounds_exact, exclusive_integer_bounds_stepped
+from agentserve.grammar.number_bounds import bounds_as_doubles, exclusive_integer_bounds_stepped
 from agentserve.grammar.regex_dialect import patterns_in_both_dialects
 from agentserve.grammar.schema_utils import (
     CHECKED_FORMAT_PATTERNS,
@@ -137,8 +137,7 @@ def _formats(schema: Any) -> Any:
     """The formats llguidance implements, the ones it writes too loosely or not at all as patterns, others
     dropped; every pattern's shorthand classes as both regex dialects read them (grammar/regex_dialect.py);
     number bounds it would cross stepped inside."""
-    check_bounds_exact(schema, "llguidance")  # grammar/number_bounds.py
-    schema = exclusive_integer_bounds_stepped(schema)
+    schema = exclusive_integer_bounds_stepped(bounds_as_doubles(schema, "llguidance"))  # grammar/number_bounds.py
     return patterns_in_both_dialects(strip_formats(formats_as_patterns(schema, FORMAT_PATTERNS), FORMATS))
 
 

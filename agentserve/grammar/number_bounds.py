@@ -15,6 +15,8 @@ from agentserve.grammar.schema_utils import map_subschemas
 
 STEP = 1e-9
 _EXACT_INTEGERS = 2 ** 53  # beyond this a double (llguidance's number bounds) skips integers
+_INT64_MIN = -(2 ** 63 - 1024)  # and its negation (llguidance fails on -2**63: "Failed to generate regex")
+_INT64_MAX_DOUBLE = 2 ** 63 - 1024  # the largest double an int64 holds
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _LARGEST_MOVED = 1e6  # beyond this, X + STEP rounds back to X in a double
 
@@ -50,16 +52,42 @@ def exclusive_integer_bounds_stepped(schema: Any) -> Any:
     return map_subschemas(schema, _fix)
 
 
-def check_bounds_exact(schema: Any, backend: str) -> None:
-    """GrammarError where a bound cannot be kept exactly: llguidance reads number bounds as doubles (and
-    integer ones as int64), so `"minimum": 9007199254740993` let 9007199254740992 through and 10**19 became
-    2**63 - 1. An integer bound past 2**53 is refused, naming it (an output must never break its schema)."""
-    def check(node: dict, path: str) -> dict:
-        for key in _BOUNDS:
-            value = node.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _EXACT_INTEGERS:
-                raise GrammarError(f"{backend} cannot keep the bound {key} {value} exactly (at {path or 'the root'}): "
-                                   f"integer bounds are limited to +-2**53")
-        return node
+def _double_at_or_above(value: float) -> int:
+    f = float(value)
+    return int(f if f >= value else math.nextafter(f, math.inf))
 
-    map_subschemas(schema, check)
+
+def _double_at_or_below(value: float) -> int:
+    f = float(value)
+    return int(f if f <= value else math.nextafter(f, -math.inf))
+
+
+def _bounds_as_doubles(node: dict, path: str, backend: str) -> dict:
+    if not any(_number(node.get(k)) and abs(node[k]) > _EXACT_INTEGERS for k in _BOUNDS):
+        return node
+    out = dict(node)
+    low, high = out.pop("exclusiveMinimum", None), out.pop("exclusiveMaximum", None)
+    if _number(low):  # above it: at or above the next double (every double past 2**53 is an integer)
+        above = float(low) if float(low) > low else math.nextafter(float(low), math.inf)
+        out["minimum"] = max(_double_at_or_above(above), out.get("minimum", -math.inf))
+    if _number(high):
+        below = float(high) if float(high) < high else math.nextafter(float(high), -math.inf)
+        out["maximum"] = min(_double_at_or_below(below), out.get("maximum", math.inf))
+    if _number(out.get("minimum")):
+        out["minimum"] = max(_double_at_or_above(out["minimum"]), _INT64_MIN)
+    if _number(out.get("maximum")):
+        out["maximum"] = min(_double_at_or_below(out["maximum"]), _INT64_MAX_DOUBLE)
+    if out.get("minimum", _INT64_MIN) > min(out.get("maximum", _INT64_MAX_DOUBLE), _INT64_MAX_DOUBLE):
+        raise GrammarError(f"{backend} cannot keep the bounds at {path or 'the root'} exactly: it reads them as "
+                           "doubles within the int64 range, and no number of that range fits them")
+    return out
+
+
+def bounds_as_doubles(schema: Any, backend: str) -> Any:
+    """`schema` with each number bound past 2**53 moved inward to a double: llguidance reads bounds as doubles
+    (and integer ones within int64), so `"minimum": 9007199254740993` let 9007199254740992 through and 10**19
+    became 2**63 - 1. A minimum becomes the nearest double at or above it, a maximum the nearest at or below
+    (within +-(2**63 - 1024), the largest doubles in int64), an exclusive bound the nearest double inside it: every
+    number the new bounds admit is inside the old ones, and the ones they leave out lie within one double's
+    step of a bound past 2**53 (int64 fields' own limits among them). Bounds no int64 number fits are refused."""
+    return map_subschemas(schema, lambda node, path: _bounds_as_doubles(node, path, backend))
