@@ -87,4 +87,3 @@ def test_session_tokens_follow_the_chat_template(arch: str) -> None:
         run(body())
     finally:
         aeng.shutdown()
-

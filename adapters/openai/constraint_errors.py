@@ -31,7 +31,7 @@ def _tool_index(tools: Sequence[ToolDefinition], name: str) -> Optional[int]:
 def given_constraint_field(req: Union[ChatCompletionRequest, CompletionRequest]) -> Optional[str]:
     """The request field that gave its output constraint (vLLM's guided_* and structured_outputs.*, the
     structural tag), None when the constraint (if any) comes from response_format or the tools. A request
-    gives at most one (OpenAIServing._constraint refuses more)."""
+    gives at most one (structured_outputs.constraint_kwargs refuses more)."""
     fields = [("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
               ("guided_choice", req.guided_choice), ("guided_grammar", req.guided_grammar),
               ("structural_tag", req.structural_tag)]
