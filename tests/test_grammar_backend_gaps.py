@@ -73,6 +73,18 @@ def test_llguidance_keeps_bounds_past_2_53_inside(schema: dict, info) -> None:  
     assert any(w["status"] == "valid" for w in walks)
 
 
+def test_only_the_bounds_past_2_53_move() -> None:
+    """A bound within 2**53 is a double already and may be a fraction or exclusive: it stays as it is beside a
+    large one (an exclusiveMinimum 0 read as the double past it, as an integer, would have admitted 0)."""
+    from agentserve.grammar.number_bounds import bounds_as_doubles
+
+    for small in ({"exclusiveMinimum": 0}, {"minimum": 0.5}, {"exclusiveMinimum": -1.25}):
+        assert bounds_as_doubles({"type": "number", **small, "maximum": 2 ** 60}, "llguidance") == \
+            {"type": "number", **small, "maximum": 2 ** 60}
+    assert bounds_as_doubles({"exclusiveMinimum": 2 ** 53 + 1, "maximum": 2 ** 53 + 1.5}, "llguidance") == \
+        {"minimum": 2 ** 53 + 2, "maximum": 2 ** 53 + 2}
+
+
 @pytest.mark.skipif("llguidance" not in BACKENDS, reason="llguidance not installed")
 def test_llguidance_refuses_bounds_no_int64_number_fits(info) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(GrammarError, match="no number of that range fits them"):  # it wrote 2**63 - 1

@@ -52,32 +52,29 @@ def exclusive_integer_bounds_stepped(schema: Any) -> Any:
     return map_subschemas(schema, _fix)
 
 
-def _double_at_or_above(value: float) -> int:
-    f = float(value)
-    return int(f if f >= value else math.nextafter(f, math.inf))
-
-
-def _double_at_or_below(value: float) -> int:
-    f = float(value)
-    return int(f if f <= value else math.nextafter(f, -math.inf))
+def _double_past(value: float, upward: bool, strict: bool) -> int:
+    """The nearest double at `value` or past it (strictly past with `strict`) toward +inf (`upward`) or -inf,
+    as an int: every double beyond 2**53 is an integer."""
+    f, toward = float(value), math.inf if upward else -math.inf
+    short = f < value if upward else f > value
+    return int(math.nextafter(f, toward) if short or (strict and f == value) else f)
 
 
 def _bounds_as_doubles(node: dict, path: str, backend: str) -> dict:
-    if not any(_number(node.get(k)) and abs(node[k]) > _EXACT_INTEGERS for k in _BOUNDS):
+    large = [k for k in _BOUNDS if _number(node.get(k)) and abs(node[k]) > _EXACT_INTEGERS]
+    if not large:
         return node
     out = dict(node)
-    low, high = out.pop("exclusiveMinimum", None), out.pop("exclusiveMaximum", None)
-    if _number(low):  # above it: at or above the next double (every double past 2**53 is an integer)
-        above = float(low) if float(low) > low else math.nextafter(float(low), math.inf)
-        out["minimum"] = max(_double_at_or_above(above), out.get("minimum", -math.inf))
-    if _number(high):
-        below = float(high) if float(high) < high else math.nextafter(float(high), -math.inf)
-        out["maximum"] = min(_double_at_or_below(below), out.get("maximum", math.inf))
-    if _number(out.get("minimum")):
-        out["minimum"] = max(_double_at_or_above(out["minimum"]), _INT64_MIN)
-    if _number(out.get("maximum")):
-        out["maximum"] = min(_double_at_or_below(out["maximum"]), _INT64_MAX_DOUBLE)
-    if out.get("minimum", _INT64_MIN) > min(out.get("maximum", _INT64_MAX_DOUBLE), _INT64_MAX_DOUBLE):
+    for key in large:  # only these move: a bound within 2**53 is a double already, and may not be an integer
+        upward = key in ("minimum", "exclusiveMinimum")
+        moved = _double_past(out.pop(key), upward, strict=key.startswith("exclusive"))
+        if upward:
+            out["minimum"] = max(moved, _INT64_MIN, out.get("minimum", -math.inf))
+        else:
+            out["maximum"] = min(moved, _INT64_MAX_DOUBLE, out.get("maximum", math.inf))
+    lows = [out[k] for k in ("minimum", "exclusiveMinimum") if _number(out.get(k))]
+    highs = [out[k] for k in ("maximum", "exclusiveMaximum") if _number(out.get(k))]
+    if max(lows, default=_INT64_MIN) > min(highs + [_INT64_MAX_DOUBLE]) or min(highs, default=0) < _INT64_MIN:
         raise GrammarError(f"{backend} cannot keep the bounds at {path or 'the root'} exactly: it reads them as "
                            "doubles within the int64 range, and no number of that range fits them")
     return out
