@@ -13,7 +13,7 @@ import re
 from typing import Optional, Sequence, Union
 
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, ToolDefinition
-from agentserve.adapters.openai.structured_outputs import structured_outputs_fields
+from agentserve.adapters.openai.structured_outputs import request_constraint_fields
 from agentserve.errors import FailureKind
 
 # The engine's text for a compile failure (engine/constraints.py, ConstraintManager.attach).
@@ -32,11 +32,8 @@ def given_constraint_field(req: Union[ChatCompletionRequest, CompletionRequest])
     """The request field that gave its output constraint (vLLM's guided_* and structured_outputs.*, the
     structural tag), None when the constraint (if any) comes from response_format or the tools. A request
     gives at most one (structured_outputs.constraint_kwargs refuses more)."""
-    fields = [("guided_json", req.guided_json), ("guided_regex", req.guided_regex),
-              ("guided_choice", req.guided_choice), ("guided_grammar", req.guided_grammar),
-              ("structural_tag", req.structural_tag)]
-    fields += [(name, value) for _, name, value in structured_outputs_fields(req.structured_outputs)]
-    return next((name for name, value in fields if value is not None and value is not False), None)
+    return next((name for _, name, value in request_constraint_fields(req) if value is not None and value is not False),
+                None)
 
 
 def constraint_param(req: Union[ChatCompletionRequest, CompletionRequest], message: str) -> Optional[str]:

@@ -43,6 +43,14 @@ def checked_structural_tag(tag: Any, field: str) -> Any:
     return tag
 
 
+def request_constraint_fields(req: Any) -> list[tuple[str, str, Any]]:
+    """vLLM's request-level constraint fields of a chat or completions request (guided_*, structural_tag, then
+    structured_outputs'), as (SamplingParams key, request field, value), set or not."""
+    return [("json_schema", "guided_json", req.guided_json), ("regex", "guided_regex", req.guided_regex),
+            ("choice", "guided_choice", req.guided_choice), ("grammar", "guided_grammar", req.guided_grammar),
+            ("structural_tag", "structural_tag", req.structural_tag), *structured_outputs_fields(req.structured_outputs)]
+
+
 def constraint_documents(req: Any) -> list[tuple[str, Any]]:
     """(field, JSON document) for each JSON schema or structural tag a chat or completions request gives,
     for the edge's size and depth limits."""
@@ -77,10 +85,8 @@ def constraint_kwargs(req: Any) -> dict[str, Any]:
         kw["structural_tag"] = checked_structural_tag(rf.structural_tag(), "response_format")
     given = ["response_format"] if rf is not None and rf.type != "text" else []
     fields: dict[str, list[tuple[str, Any]]] = {
-        "json_schema": [("guided_json", req.guided_json)], "regex": [("guided_regex", req.guided_regex)],
-        "choice": [("guided_choice", req.guided_choice)], "grammar": [("guided_grammar", req.guided_grammar)],
-        "json_object": [], "structural_tag": [("structural_tag", req.structural_tag)]}
-    for key, name, value in structured_outputs_fields(req.structured_outputs):
+        key: [] for key in ("json_schema", "regex", "choice", "grammar", "json_object", "structural_tag")}
+    for key, name, value in request_constraint_fields(req):
         fields[key].append((name, value))
     for key, sources in fields.items():
         for name, value in sources:
