@@ -249,10 +249,9 @@ class SessionStore(TurnLifecycle):
                     tenant=p.tenant, stored_response=p.stored_response, template_kwargs=p.template_kwargs)
         self._add(c)
         self.residency.share(p, c)
-        # A fork counts as activity on both (the parent's TTL restarts too), on both clocks: the
-        # monotonic one expiry reads and the wall one SessionInfo's last_active_at / expires_at show.
-        p.last_active = c.last_active = time.monotonic()
-        p.last_active_wall = c.last_active_wall = time.time()
+        now = time.monotonic()  # a fork is activity on both: the parent's TTL restarts too
+        p.mark_active(now)
+        c.mark_active(now)
         return snapshot_of(c)
 
     async def close(self, session_id: str, *, tenant: str = ANONYMOUS_TENANT) -> SessionSnapshot:

@@ -197,7 +197,7 @@ class TurnLifecycle:
             s.shown_replies[pending.history_index] = dict(history_msg, content=content, reasoning_content=reasoning)
         s.num_turns += 1
         now = time.monotonic()
-        s.last_active, s.last_active_wall = now, time.time()
+        s.mark_active(now)
         s.expected_by = now + pending.expected_next_turn_ms / 1e3 if pending.expected_next_turn_ms > 0 else None
         pending.committed = True
         pending.result_message = client_msg

@@ -246,6 +246,11 @@ class Session:
     # names its model again and cannot reach weights that are gone: it starts a new session or is a 404).
     stored_response: bool = False
 
+    def mark_active(self, now: float) -> None:
+        """A turn or a fork restarts the TTL, on both clocks: `now` (monotonic) the one expiry reads, the wall
+        one SessionInfo's last_active_at / expires_at show."""
+        self.last_active, self.last_active_wall = now, time.time()
+
     @property
     def extra_key(self) -> Optional[tuple[Optional[LoRAKey], Optional[str]]]:
         # Mirrors kv_cache_manager.extra_key_of for the session's requests.
