@@ -106,3 +106,19 @@ def test_schemas_a_key_brings_in_stay_open() -> None:
     tok, info = tokenizer_info_for(tiny_model_cached("qwen2"))
     matcher = get_backend("llguidance").compile(ConstraintSpec.json_schema(schema), info).new_matcher()
     assert _accepts(matcher, tok.encode('{"coupon": "SPRING", "discount": 5}', add_special_tokens=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tool_without_parameters_takes_no_arguments(backend: str) -> None:
+    """OpenAI: "Omitting parameters defines a function with an empty parameter list"; xgrammar's strict
+    mode compiles `{"type": "object", "properties": {}}` to `{}` alone. llguidance took any object there."""
+    assert close_objects({"type": "object", "properties": {}})["additionalProperties"] is False
+    assert "additionalProperties" not in close_objects({"type": "object", "properties": {}, "required": ["a"]})
+    tok, info = tokenizer_info_for(tiny_model_cached("qwen2"))
+    for declared in ({}, {"parameters": {}}, {"parameters": {"type": "object", "properties": {}}}):
+        tools = [{"type": "function", "function": {"name": "now", **declared}}]
+        spec = build_tool_constraint(tools, "required", "hermes", parallel=False)
+        for args, ok in (("{}", True), ('{"timezone": "UTC"}', False)):
+            text = f'<tool_call>\n{{"name": "now", "arguments": {args}}}\n</tool_call>'
+            matcher = get_backend(backend).compile(spec, info).new_matcher()
+            assert _accepts(matcher, tok.encode(text, add_special_tokens=False)) == ok, (declared, text)

@@ -349,3 +349,18 @@ def test_parser_string_arguments_and_ids() -> None:
     _, calls = p.finish()
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
     assert calls[0].to_openai() == {"id": calls[0].id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+@pytest.mark.parametrize("fmt,text", [
+    ("hermes", 'Hm <tool_call>\n{"name": "get_weather", "arguments": {"city": }}\n</tool_call>'),
+    ("hermes", '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {city: Paris}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": Paris}}]'),
+    ("mistral_v11", '[TOOL_CALLS]get_weather[ARGS]{"city": Paris}'),
+])
+def test_a_call_that_is_not_json_is_content_as_written(fmt: str, text: str, chunk: int) -> None:
+    """vLLM's parsers return the model's text as content when json.loads fails on a call; the scanner used
+    to check only brackets and strings, so `{"city": }` came back as a call with arguments no client parses."""
+    parser, _, content, calls = _parse_all(fmt, text, chunk)
+    assert calls == [] and content == text

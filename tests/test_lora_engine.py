@@ -346,3 +346,35 @@ def test_a_directory_overwritten_since_its_load_is_not_read_again(adapter_dirs: 
     assert again.num_cached_tokens == 0
     assert list(again.outputs[0].token_ids) == peft_greedy(base, dirs["r16-mlp"], [prompt], NEW_TOKENS)[0]
     llm.close()
+
+
+def test_replaced_weights_are_forgotten_once_nothing_holds_them(adapter_dirs: dict,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A reload loop (RL-style load_inplace) keeps the manager's records bounded: the weights a
+    name no longer points to stay while a drained request still runs on them, and go at the next
+    load or unload once it has finished."""
+    base = tiny_model_cached("llama")
+    dirs = dirs_for("llama", adapter_dirs, tmp_path_factory.getbasetemp() / "peft")
+    llm = make_llm(base, max_loras=1)
+    engine, manager = llm.engine, llm.engine.lora_manager
+    assert manager is not None
+    prompt = llm.tokenizer.encode(TEXTS[0])
+    for i in range(6):
+        llm.load_adapter("x", str(dirs["r4-all" if i % 2 else "r8-qv"]))
+    assert manager.unbound_keys() == []
+    held = engine.lora.resolve("x")
+    engine.add_request("user-1", prompt, greedy(), lora_name="x")
+    llm.load_adapter("y", str(dirs["r4-all"]))
+    llm.unload_adapter("x", drain=True)
+    assert manager.unbound_keys() == [held]  # user-1 still runs on it
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = list(out.outputs[0].token_ids)
+    assert done["user-1"] == peft_greedy(base, dirs["r4-all"], [prompt], NEW_TOKENS)[0]
+    llm.unload_adapter("y")
+    assert manager.unbound_keys() == []
+    llm.load_adapter("x", str(dirs["r8-qv"]))
+    out = llm.generate([prompt], greedy(), adapter="x")[0]
+    assert list(out.outputs[0].token_ids) == peft_greedy(base, dirs["r8-qv"], [prompt], NEW_TOKENS)[0]
+    llm.close()

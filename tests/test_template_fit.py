@@ -154,3 +154,22 @@ def test_runs_of_user_and_system_messages_merge_for_templates_that_alternate() -
         assert len(llm.chat(runs, SamplingParams(max_tokens=3, temperature=0.0))[0].outputs[0].token_ids) == 3
     with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=64, chat_template=LLAMA31_TEMPLATE) as llm:
         assert llm.render_chat(runs) != llm.render_chat(merged)  # a template that takes them keeps them
+
+
+def test_llamas_ipython_role_is_rendered_as_transformers_renders_it() -> None:
+    """Llama 3.x's own tool-result role (its template renders `ipython` messages; vLLM passes custom roles to
+    the template): the offline chat's prompt equals transformers' apply_chat_template, where it was a 400."""
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                     "arguments": '{"city": "Paris"}'}}]},
+               {"role": "ipython", "content": "18C"}]
+    with LLM(str(tiny_model_cached("llama3")), device="cpu", num_blocks=64, chat_template=LLAMA31_TEMPLATE) as llm:
+        tok = llm.engine.tokenizer
+        expected_history = [history[0], {**history[1], "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            history[2]]
+        expected = tok.apply_chat_template(expected_history, tools=[WEATHER], chat_template=LLAMA31_TEMPLATE,
+                                           add_generation_prompt=True, tokenize=False)
+        assert '<|start_header_id|>ipython<|end_header_id|>\n\n"18C"' in expected
+        assert tok.decode(llm.render_chat(history, tools=[WEATHER])) == expected

@@ -41,7 +41,9 @@ class MessageRules:
     role_message: str
 
 
-OPENAI_RULES = MessageRules(roles=("system", "developer", "user", "assistant", "tool"), history=False,
+# "ipython": Llama 3.x's own tool-result role, which its template renders and Llama-native clients send
+# (vLLM passes custom roles to the template).
+OPENAI_RULES = MessageRules(roles=("system", "developer", "user", "assistant", "tool", "ipython"), history=False,
                             role_message="{at}.role must be one of {roles}; got {role!r}")
 SESSION_RULES = MessageRules(roles=("system", "user", "assistant", "tool"), history=True,
                              role_message="{at}.role {role!r} is not one of {roles}")

@@ -129,6 +129,7 @@ class LoRAControl:
         if manager.key_of(prepared.name) is not None:
             self._check_unused(prepared.name, "replace")
         manager.install(prepared.name, prepared)
+        self._forget_released()
 
     def unload(self, name: str, drain: bool = False) -> None:
         """Forgets `name`. Refused while requests or open sessions use it, unless `drain`: then new
@@ -139,6 +140,17 @@ class LoRAControl:
         if not drain:
             self._check_unused(name, "unload")
         manager.unload(name)
+        self._forget_released()
+
+    def _forget_released(self) -> None:
+        """Drops the records of replaced or unloaded weights that no request or session holds now
+        (those a drained request still holds go at a later load or unload)."""
+        manager = self._require_manager()
+        held = {r.lora_key for r in self.engine.requests.values() if not r.is_finished}
+        for key in manager.unbound_keys():
+            if key in held or (self.session_users is not None and self.session_users(key)):
+                continue
+            manager.forget(key)
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         """(names of the adapters running requests use, names of those only waiting requests use), for

@@ -11,6 +11,7 @@ Closing is only done where it cannot make a valid document invalid other than by
 not where other keywords bring keys of their own (allOf / anyOf / oneOf / $ref beside the properties,
 or the object being a branch of a combinator whose other branches or parent declare keys), not where
 `required` names a key the properties lack, and not beyond a minProperties the properties cannot meet.
+Empty `properties` close too (xgrammar strict: `{}` only): a tool declared without parameters takes none.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def close_objects(schema: Any) -> Any:
 
 def _closable(node: dict) -> bool:
     props = node.get("properties")
-    if not isinstance(props, dict) or not props:
+    if not isinstance(props, dict):  # `{"type": "object"}` alone means any object (xgrammar strict: too)
         return False
     if any(k in node for k in _DECIDES_OTHER_KEYS) or any(k in node for k in _BRINGS_KEYS):
         return False

@@ -122,6 +122,7 @@ class CallObjectScanner:
         self.args_is_string = False
         self.args_final: Optional[str] = None
         self.done = False
+        self.raw = ""              # every char consumed after the opening `{`
         self._handlers: dict[str, Callable[[str], bool]] = {
             "key_or_end": self._key_or_end, "key": self._key_char, "colon": self._colon,
             "value_start": self._value_start, "value": self._value, "after_value": self._after_value,
@@ -131,7 +132,11 @@ class CallObjectScanner:
         """Consume one char; returns False when the object is complete (char not consumed)."""
         if self.done:
             return False
-        return self._handlers[self.state](ch)
+        self.raw += ch  # a malformed call goes back to content as it was written
+        consumed = self._handlers[self.state](ch)
+        if not consumed:
+            self.raw = self.raw[:-1]
+        return consumed
 
     def _end_object(self) -> bool:
         self.done = True
@@ -200,17 +205,15 @@ class CallObjectScanner:
             self.args_pending += ch
 
     def _value_end(self) -> None:
+        """Raises ValueError (json's) on a value that is not JSON: such a call is no call (vLLM's parsers
+        return the text as content when json.loads fails)."""
         self.state = "after_value"
+        value = json.loads(self.value_buf)
         if self.key == "name":
-            try:
-                name = json.loads(self.value_buf)
-            except json.JSONDecodeError:
-                name = self.value_buf
-            self.name = name if isinstance(name, str) else json.dumps(name)
+            self.name = value if isinstance(value, str) else json.dumps(value)
         elif self.key in self.args_keys:
             if self.args_is_string:  # arguments given as a JSON-encoded string
-                decoded = json.loads(self.value_buf)
-                self.args_raw = decoded if isinstance(decoded, str) else json.dumps(decoded)
+                self.args_raw = value if isinstance(value, str) else json.dumps(value)
                 self.args_pending = self.args_raw
             self.args_final = self.args_raw
 

@@ -18,7 +18,6 @@ from agentserve.grammar.tool_call_object import (JSON_WS, ArgumentsObjectScanner
 from agentserve.grammar.tool_formats import (HERMES_CLOSE, HERMES_OPEN, MISTRAL_ARGS, MISTRAL_OPEN, PYTHON_TAG, TOOL_FORMATS,
                                              new_call_id)
 
-
 Event = Union[ContentDelta, ToolCallDelta]
 
 
@@ -43,8 +42,7 @@ class ToolCallParser:
     after_call_mode = ""            # the mode after a call object
     unclosed_modes: tuple[str, ...] = ()  # modes in which the end of output leaves calls unfinished
 
-    def __new__(cls, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True
-                ) -> "ToolCallParser":
+    def __new__(cls, fmt: str, tools: Optional[Sequence[Any]] = None, *, bare_calls: bool = True) -> "ToolCallParser":
         if cls is ToolCallParser:
             if fmt not in PARSERS:
                 raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {TOOL_FORMATS}")
@@ -61,6 +59,7 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         self.truncated = False
         self._obj: Optional[CallObjectScanner] = None
+        self._opening = ""  # the text of the current call before its object (opener, separators, `{`)
         self._call_index = -1
         self._call_id = ""
         self._announced = False
@@ -123,11 +122,13 @@ class ToolCallParser:
         elif self.mode == "obj":
             self._feed_obj(ch, events)
         else:
+            self._opening += ch
             self._feed_format(ch, events)
 
     def _feed_text(self, ch: str, events: list[Event]) -> None:
         if self._starts_bare_call(ch):
             self.pending = ""
+            self._opening = ch
             self._start_call()
             return
         self.pending += ch
@@ -137,6 +138,7 @@ class ToolCallParser:
                 self._emit_content(before, events)
             self._between_calls = False
             self.pending = ""
+            self._opening = self.opener
             self.mode = self.after_opener_mode
 
     def _feed_obj(self, ch: str, events: list[Event]) -> None:
@@ -144,8 +146,8 @@ class ToolCallParser:
         assert obj is not None
         try:
             consumed = obj.feed(ch)
-        except ValueError:
-            self._recover(ch, events)
+        except ValueError:  # the call as written so far is content (vLLM's parsers: when json.loads fails)
+            self._recover(self._opening + obj.raw, events)
             return
         if obj.done:
             self._complete_call(events)
@@ -183,13 +185,10 @@ class ToolCallParser:
         obj = self._obj
         if obj is None or obj.name is None:
             return
-        if not self._announced:
-            self._announced = True
-            events.append(ToolCallDelta(index=self._call_index, id=self._call_id, name=obj.name,
-                                        arguments_delta=obj.args_pending))
-            obj.args_pending = ""
-        elif obj.args_pending:
-            events.append(ToolCallDelta(index=self._call_index, arguments_delta=obj.args_pending))
+        if not self._announced or obj.args_pending:  # a call's first delta carries its id and name
+            first, self._announced = not self._announced, True
+            events.append(ToolCallDelta(index=self._call_index, arguments_delta=obj.args_pending,
+                                        id=self._call_id if first else None, name=obj.name if first else None))
             obj.args_pending = ""
 
     def _start_call(self) -> None:
@@ -212,6 +211,7 @@ class ToolCallParser:
                 events.append(ToolCallDelta(index=self._call_index, arguments_delta=args))
             self.calls.append(ToolCall(id=self._call_id, name=obj.name, arguments_json=args))
         self._obj = None
+        self._opening = ""
 
     def _recover(self, text: str, events: list[Event]) -> None:
         """Malformed call text (only possible without a constraint): keep it as content."""

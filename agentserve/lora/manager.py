@@ -205,6 +205,18 @@ class MultiLoRAManager:
         self._names = {n: k for n, k in self._names.items() if n != name}
         self._cpu.pop(key, None)
 
+    def unbound_keys(self) -> list[LoRAKey]:
+        """Keys no name points to any more (replaced or unloaded), kept while requests may hold them."""
+        bound = set(self._names.values())
+        return [key for key in self._sources if key not in bound]
+
+    def forget(self, key: LoRAKey) -> None:
+        """Drops an unbound key that nothing holds any more: a reload loop (RL-style load_inplace)
+        must not grow the manager by one record per load."""
+        assert key not in self._names.values(), "a name still points to this key"
+        self._sources.pop(key, None)
+        self._cpu.pop(key, None)
+
     # --- slots --------------------------------------------------------------------------------------
     def on_slot_load(self, listener: SlotLoadListener) -> None:
         """Rank 0 under tensor parallelism: `listener(slot, whole adapter)` runs at each slot load,
