@@ -159,3 +159,29 @@ def test_tools_are_left_out_of_the_prompt_when_tool_choice_is_none_with_the_flag
         assert _prompt_tokens(client, tools=TOOLS, tool_choice="none") == bare
         assert _prompt_tokens(client, tools=TOOLS, tool_choice="auto") > bare  # only "none" drops them
         assert _response_input_tokens(client, tools=RESPONSE_TOOLS, tool_choice="none") == responses_bare
+
+
+def test_api_keys_hold_under_a_root_path() -> None:
+    """uvicorn puts --root-path in front of the path it hands the app (a proxy's "/v1/models" arrives as
+    "/api/v1/models"): the gate read that path, so no /v1 route asked for the key (vLLM strips root_path first)."""
+    from agentserve.adapters.openai.app import create_app
+    from agentserve.adapters.openai.server import ServerThread
+    from agentserve.engine.async_engine import AsyncEngine
+    from agentserve.engine.engine import Engine
+    from agentserve.service.tenants import Tenants
+
+    config = EngineConfig.from_kwargs(str(tiny_model_cached("llama")), device="cpu", num_blocks=64,
+                                      served_model_name="m")
+    aeng = AsyncEngine(Engine(config))
+    server = ServerThread(create_app(aeng, config, tenants=Tenants([("key-a", "alice")])), root_path="/api").start()
+    try:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.post(server.url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer WRONG"}).status_code == 401
+        ok = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer key-a"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert httpx.get(server.url + "/health").status_code == 200  # open, as without a root path
+    finally:
+        server.stop()
+        aeng.shutdown()

@@ -49,6 +49,7 @@ from agentserve.adapters.openai.invocations import INVOCATIONS_PATH, add_invocat
 from agentserve.adapters.openai.responses import ResponsesEndpoint
 from agentserve.adapters.openai.responses_routes import add_responses_routes, respond
 from agentserve.adapters.openai.request_ids import RequestIdHeaderMiddleware
+from agentserve.adapters.openai.route_path import route_path
 from agentserve.adapters.openai.serving import OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
@@ -130,7 +131,7 @@ class _GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
+        path = route_path(scope)
         endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
         status_box = [500]
 
@@ -219,28 +220,28 @@ class _GateMiddleware:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return _openai_error_response(exc, request.url.path)
+        return _openai_error_response(exc, route_path(request.scope))
 
     @app.exception_handler(FieldError)
     async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
-        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code, path=request.url.path)
+        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code, path=route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error_response(exc, request.headers.get("content-type", ""), request.url.path)
+        return _validation_error_response(exc, request.headers.get("content-type", ""), route_path(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
         return _error_response(exc.status_code, str(exc.detail), type_, None, code,
-                               dict(exc.headers) if exc.headers else None, request.url.path)
+                               dict(exc.headers) if exc.headers else None, route_path(request.scope))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
+        logger.exception("unhandled error on %s", route_path(request.scope))
         return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
-                               path=request.url.path)
+                               path=route_path(request.scope))
 
 
 def _validation_error_response(exc: RequestValidationError, content_type: str, path: str) -> JSONResponse:

@@ -15,11 +15,12 @@ import uvicorn
 class ServerThread:
     """uvicorn in a daemon thread; `url` is http://host:port once `start()` returns."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 root_path: str = "") -> None:
         self.app = app
         self.host = host
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                                    access_log=False, timeout_graceful_shutdown=2))
+                                                    access_log=False, timeout_graceful_shutdown=2, root_path=root_path))
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.port: Optional[int] = None
         self._thread = threading.Thread(target=self._run, name="agentserve-http", daemon=True)
