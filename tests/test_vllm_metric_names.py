@@ -27,3 +27,17 @@ def test_vllm_metric_names_mirror_agentserve_series() -> None:
         assert m[f"vllm:{histogram}_count" + label] >= 1, histogram
     assert m['vllm:e2e_request_latency_seconds_sum' + label] == m["agentserve_e2e_request_latency_seconds_sum"]
     assert m['vllm:request_success_total{finished_reason="length",model_name="m"}'] == 1
+
+
+def test_request_success_counts_every_api() -> None:
+    """vLLM counts request_success_total{finished_reason} for every finished engine request, with the
+    engine's reasons; it was bumped by chat and completions only (a Responses request went uncounted)."""
+    with live_openai("qwen2", max_model_len=256) as client:
+        client.completions.create(model="m", prompt="one two", max_tokens=3, extra_body={"ignore_eos": True})
+        client.responses.create(model="m", input="one two", max_output_tokens=3, store=False)
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                       stop=[" "], extra_body={"min_tokens": 0})
+        m = parse_metrics(httpx.get(server_root(client) + "/metrics", timeout=30).text)
+    finished = {k: v for k, v in m.items() if k.startswith("vllm:request_success_total{")}
+    assert m['vllm:request_success_total{finished_reason="length",model_name="m"}'] >= 1
+    assert sum(finished.values()) == 3 == m['vllm:e2e_request_latency_seconds_count{model_name="m"}']

@@ -265,7 +265,6 @@ class _ChatContext:
             choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
                             "stop_reason": c.stop_reason, **({"token_ids": list(c.token_ids)} if self.req.return_token_ids
                                                               else {})})
-            self.s.record_finish(reason)
         body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(len(self.prompt_ids), completion_tokens, final.num_cached_tokens)}
         if self.req.prompt_logprobs is not None:
@@ -342,7 +341,6 @@ class _ChatContext:
         if c.finish_reason is not None:
             st.done[k] = True
             reason = self._finish_reason(c, st.has_calls[k], ts is not None and ts.cut_off)
-            self.s.record_finish(reason)
             chunks.append(self._chunk(st, k, {}, None, reason, c.stop_reason))
         return chunks
 

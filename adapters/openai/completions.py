@@ -169,7 +169,6 @@ class _CompletionContext:
                                 if self.req.prompt_logprobs is not None else None})
                 if self.req.return_token_ids:  # vLLM's: each choice's prompt and reply tokens
                     choices[-1].update(prompt_token_ids=self.prompt_ids[i], token_ids=list(c.token_ids))
-                self.s.record_finish(c.finish_reason)
         choices.sort(key=lambda ch: ch["index"])
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self.prompt_tokens, completion_tokens, cached)}
@@ -225,7 +224,6 @@ class _CompletionContext:
         st.completion_tokens[k] = len(c.token_ids)
         if c.finish_reason is not None:
             st.done[k] = True
-            self.s.record_finish(c.finish_reason)
         if text or logprobs or extra or c.finish_reason is not None:
             if self.req.return_token_ids:
                 extra.setdefault("token_ids", [])

@@ -147,7 +147,7 @@ class Metrics:
                                  buckets=_TOKEN_BUCKETS, registry=r)
         self.http_requests = Counter(PREFIX + "http_requests", "HTTP API requests by endpoint and status code.",
                                      ["endpoint", "status"], registry=r)
-        self.finished = Counter(PREFIX + "request_success", "Finished OpenAI API completions by finish reason.",
+        self.finished = Counter(PREFIX + "request_success", "Finished requests (every API) by engine finish reason.",
                                 ["finished_reason"], registry=r)
         engine_collector = _EngineCollector(engine, session_store)
         r.register(engine_collector)
@@ -175,13 +175,13 @@ class Metrics:
         # Step thread: keep it to one append.
         t = req.timing
         self._pending.append((t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,
-                              req.num_prompt_tokens, req.num_output_tokens))
+                              req.num_prompt_tokens, req.num_output_tokens, req.status.finish_reason))
 
     def drain(self) -> None:
         pending = self._pending
         while pending:
             try:
-                arrival, scheduled, first, last, finished, n_prompt, n_out = pending.popleft()
+                arrival, scheduled, first, last, finished, n_prompt, n_out, reason = pending.popleft()
             except IndexError:
                 break
             if scheduled is not None:
@@ -196,6 +196,8 @@ class Metrics:
                 self.e2e.observe(max(0.0, finished - arrival))
             self.prompt_len.observe(n_prompt)
             self.gen_len.observe(n_out)
+            if reason is not None:  # vLLM's labels: the engine's reasons (stop, length, abort), whatever the API
+                self.finished.labels(reason).inc()
 
     def render(self) -> bytes:
         self.drain()

@@ -360,9 +360,5 @@ class OpenAIServing:
             kw["priority"] = req.priority
         return kw
 
-    def record_finish(self, reason: Optional[str]) -> None:
-        if self.metrics is not None and reason is not None:
-            self.metrics.finished.labels(reason).inc()
-
 
 __all__ = ["OpenAIServing", "ClientDisconnected"]
