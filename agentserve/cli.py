@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 
 from agentserve.config import (DTYPE_ALIASES, CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
                                ServerConfig, SpecConfig)
+from agentserve.cli_argv import dashed_flag_names, expand_config_file
 from agentserve.testing.tiny import ARCHS
 from agentserve.vllm_flags import (add_vllm_flags, check_tool_call_parser, engine_kwargs_from_vllm_flags,
                                    kv_cache_dtype_flag, quantization_from_flag)
@@ -54,7 +55,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
         elif name == "kv_cache_dtype":
             kwargs["type"] = kv_cache_dtype_flag  # vLLM's other values: an error with the reason
     elif name == "max_model_len":
-        kwargs.update(type=human_readable_int, metavar="TOKENS")  # vLLM's forms: 32768, 32k, 32K
+        kwargs.update(type=max_model_len_flag, metavar="TOKENS")  # vLLM's forms: 32768, 32k, 32K, auto, -1
     elif name == "model":
         kwargs.update(required=True, metavar="PATH")  # a usage error, not a KeyError, when it is missing
     elif name == "served_model_name":
@@ -71,9 +72,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo
 
 
 def human_readable_int(text: str) -> int:
-    """vLLM's human-readable token counts: a plain integer, or a number with a decimal (k, m, g: 25.6k = 25,600)
-    or binary (K, M, G: 32K = 32,768; whole numbers only) suffix."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", text.strip())
+    """vLLM's human-readable token counts: a plain integer, or a number with a decimal (k, m, g, t: 25.6k = 25,600)
+    or binary (K, M, G, T: 32K = 32,768; whole numbers only) suffix."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", text.strip())
     if match is None:
         try:
             return int(text)
@@ -82,11 +83,17 @@ def human_readable_int(text: str) -> int:
                                              "32K") from None
     number, suffix = match.groups()
     if suffix.islower():  # exact decimal arithmetic: float(2.3) * 1000 would give 2299
-        return int(decimal.Decimal(number) * 1000 ** ("kmg".index(suffix) + 1))
+        return int(decimal.Decimal(number) * 1000 ** ("kmgt".index(suffix) + 1))
     if "." in number:
         raise argparse.ArgumentTypeError(f"{text!r}: binary suffixes (K, M, G) take whole numbers; use 25.6k "
                                          "(decimal) or a plain number")
-    return int(number) * 1024 ** ("KMG".index(suffix) + 1)
+    return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
+
+
+def max_model_len_flag(text: str) -> Optional[int]:
+    """vLLM's --max-model-len: a token count, or `auto` / -1 for the model's own length (None: as if not given;
+    a request longer than the KV cache holds is refused on its own)."""
+    return None if text.strip().lower() in ("auto", "-1") else human_readable_int(text)
 
 
 def _json_list(text: str) -> list[str]:
@@ -246,7 +253,11 @@ def run_bench(argv: list[str]) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """A subcommand's parser; serve's also takes the model positionally (`vllm serve MODEL`), so --model
-    is required here rather than by argparse: one of the two forms."""
+    is required here rather than by argparse: one of the two forms. No abbreviated flags (vLLM's
+    --config would otherwise be read as --config-format)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, rest = super().parse_known_args(args, namespace)
@@ -262,7 +273,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentserve", description="LLM serving runtime for AI agents")
+    parser = argparse.ArgumentParser(prog="agentserve", description="LLM serving runtime for AI agents",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("serve", help="run the gRPC and/or OpenAI-compatible HTTP server",
@@ -311,7 +323,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["bench"]:  # argparse cannot pass options that precede the script's name through
         return run_bench(words[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_command_line(words)
+    except ValueError as e:
+        print(f"agentserve: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except ValidationError as e:
@@ -320,6 +336,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"agentserve: error: {e}", file=sys.stderr)
         return 2
+
+
+def parse_command_line(words: list[str]) -> argparse.Namespace:
+    """The command line as vLLM's parser reads it (cli_argv.py: underscores, --config FILE.yaml); ValueError
+    for a --config file that cannot be read, SystemExit (argparse) for other usage errors."""
+    parser = build_parser()
+    if words[:1] in (["serve"], ["generate"]):
+        words = dashed_flag_names(words)
+    if words[:1] == ["serve"]:
+        words = expand_config_file(words, _subparser(parser, "serve")._option_string_actions)
+    return parser.parse_args(words)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 def _flag_errors(error: ValidationError) -> str:

@@ -98,3 +98,33 @@ def test_max_model_len_in_vllms_human_readable_forms(capsys: pytest.CaptureFixtu
         with pytest.raises(SystemExit):
             _config("--max-model-len", bad)
         assert "--max-model-len" in capsys.readouterr().err
+
+
+def test_vllm_command_line_spellings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's FlexibleArgumentParser takes `--max_model_len` for `--max-model-len` and options from a YAML file
+    (`--config`, overridden by the command line's flags); --max-model-len takes auto / -1 (the model's own
+    length) and T suffixes. Before: "unrecognized arguments", --config read as --config-format."""
+    from agentserve.cli import engine_config_from_args, parse_command_line
+
+    model = str(tiny_model_cached("qwen2"))
+
+    def config(*words: str):  # type: ignore[no-untyped-def]
+        return engine_config_from_args(parse_command_line(["serve", *words]))
+
+    under = config(model, "--max_model_len", "512", "--gpu_memory_utilization=0.5", "--served_model_name", "a", "b")
+    assert under.model.max_model_len == 512 and under.cache.gpu_memory_utilization == 0.5
+    assert under.model.served_model_name == ["a", "b"]
+    yaml_file = tmp_path / "serve.yaml"
+    yaml_file.write_text("max-model-len: 1k\nmax_num_seqs: 8\nserved-model-name: [x, y]\nenable-prefix-caching: false\n")
+    from_file = config(model, "--config", str(yaml_file), "--max-num-seqs", "4")
+    assert from_file.model.max_model_len == 1000 and from_file.scheduler.max_num_seqs == 4  # the command line wins
+    assert from_file.model.served_model_name == ["x", "y"] and from_file.cache.enable_prefix_caching is False
+    assert config("--config", str(yaml_file), model).model.served_model_name == ["x", "y"]  # MODEL after the flags
+    assert config(model, "--max-model-len", "auto").model.max_model_len is None
+    assert config(model, "--max-model-len", "-1").model.max_model_len is None
+    from agentserve.cli import human_readable_int
+    assert human_readable_int("1T") == 1024 ** 4 and human_readable_int("2t") == 2 * 10 ** 12
+    with pytest.raises(ValueError, match="--config .*cannot read"):
+        parse_command_line(["serve", model, "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit):  # no abbreviations: --max-model is not --max-model-len
+        parse_command_line(["serve", model, "--max-model", "512"])
