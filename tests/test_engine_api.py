@@ -80,6 +80,12 @@ def test_offline_generate_stops_a_reply_at_the_context_as_vllm_does(llm: LLM) ->
     out = small.generate([[5] * 40], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0].outputs[0]
     assert (len(out.token_ids), out.finish_reason) == (24, "length")  # the 64 tokens the KV cache holds
     small.close()
+    # min_tokens past the room ends there too (it raised "min_tokens must be in [0, max_tokens]"), with
+    # max_tokens given, left at the default or unset.
+    for prompt_len, params in ((200, SamplingParams(max_tokens=100, min_tokens=80)),
+                               (250, SamplingParams(min_tokens=10)), (200, SamplingParams(max_tokens=None, min_tokens=60))):
+        out = llm.generate([[5] * prompt_len], params)[0].outputs[0]
+        assert (len(out.token_ids), out.finish_reason) == (256 - prompt_len, "length"), params
 
 
 def test_unknown_model_path() -> None:

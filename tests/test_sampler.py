@@ -166,3 +166,15 @@ def test_min_tokens_blocks_eos(llm: LLM) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10, stop_token_ids=[eos])
     out = llm.generate(["Hi"], params)[0].outputs[0]
     assert len(out.token_ids) == 10 and eos not in out.token_ids
+
+
+def test_min_p_comes_before_top_p_as_in_vllm_v1() -> None:
+    """vLLM V1 applies min_p (an argmax-invariant logits processor) before top-k / top-p, so the nucleus is
+    taken over the min-p-filtered distribution: here {0, 1}, where top-p first (transformers' order) keeps {0, 1, 2}."""
+    from agentserve.sampling.sampler import top_k_top_p_min_p
+
+    logits = torch.tensor([[0.45, 0.25, 0.12, 0.10, 0.05, 0.03]]).log()
+    kept = top_k_top_p_min_p(logits, None, torch.tensor([0.75]), torch.tensor([0.2])).isfinite()[0]
+    assert kept.nonzero().flatten().tolist() == [0, 1]
+    kept = top_k_top_p_min_p(logits, torch.tensor([3]), None, torch.tensor([0.2])).isfinite()[0]
+    assert kept.nonzero().flatten().tolist() == [0, 1, 2]  # top-k and min-p commute

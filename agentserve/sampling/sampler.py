@@ -76,7 +76,13 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
                       min_p: Optional[torch.Tensor]) -> torch.Tensor:
-    """Masks logits outside the top-k / nucleus / min-p sets with -inf (after temperature)."""
+    """Masks logits outside the min-p / top-k / nucleus sets with -inf (after temperature), in vLLM V1's order:
+    min_p first (an argmax-invariant logits processor there), then top-k and top-p over what it kept, so a
+    nucleus is taken over the min-p-filtered distribution (transformers and SGLang apply min_p last)."""
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, _NEG_INF)
     if top_k is not None:
         vocab = logits.shape[-1]
         k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
@@ -91,10 +97,6 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
         drop = cum <= (1 - top_p)[:, None]
         drop[:, -1] = False
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, _NEG_INF))
-    if min_p is not None:
-        probs = logits.softmax(dim=-1)
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        logits = logits.masked_fill(probs < threshold, _NEG_INF)
     return logits
 
 
