@@ -179,13 +179,18 @@ def test_tokenize_and_detokenize(live: Live) -> None:
     chat = live.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()
     done = live.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0)
     assert chat["count"] == done.usage.prompt_tokens > 0
+    # vLLM's TokenizeChatRequest takes add_special_tokens (as chat completions do) and ignores unknown fields.
+    special = live.http.post("/tokenize", json={"messages": MESSAGES, "add_special_tokens": True, "extra": 1}).json()
+    done = live.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0,
+                                               extra_body={"add_special_tokens": True})
+    assert special["count"] == done.usage.prompt_tokens
+    assert live.http.post("/detokenize", json={"tokens": plain["tokens"], "extra": 1}).json() == {"prompt": text}
     for path, body, status, param in (
             ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt"),
             ("/tokenize", {}, 400, "prompt"),
-            ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "add_special_tokens"),
+            ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
             ("/tokenize", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
-            ("/detokenize", {"tokens": [-1, 5]}, 400, "tokens"),
-            ("/detokenize", {"tokens": [1], "extra": 1}, 400, "extra")):
+            ("/detokenize", {"tokens": [-1, 5]}, 400, "tokens")):
         r = live.http.post(path, json=body)
         assert r.status_code == status, (path, body, r.text)
         assert r.json()["error"]["param"] == param, r.json()

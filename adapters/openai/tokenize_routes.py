@@ -2,7 +2,8 @@
 and chat template:
 
 - POST /tokenize {"prompt": text, "add_special_tokens": true} or {"messages": [...], "tools": [...],
-  "add_generation_prompt": true, "continue_final_message", "chat_template_kwargs"} ->
+  "add_generation_prompt": true, "continue_final_message", "add_special_tokens", "chat_template",
+  "chat_template_kwargs"} ->
   {"count", "max_model_len", "tokens", "token_strs"} (token_strs with "return_token_strs": true). The
   messages form renders exactly as POST /v1/chat/completions does (same checks, template and tools), so
   its count is the prompt's.
@@ -27,7 +28,7 @@ from agentserve.chat import limits as L
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # vLLM ignores fields it does not know, as the chat endpoint does
     model: Optional[str] = None
     prompt: Optional[str] = None
     add_special_tokens: Optional[bool] = None  # default: true for a prompt, false for messages (vLLM's)
@@ -35,22 +36,21 @@ class TokenizeRequest(BaseModel):
     tools: Optional[list[ToolDefinition]] = None  # validated as /v1/chat/completions validates them
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: Optional[str] = None  # as on chat completions: refused unless --trust-request-chat-template
     chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
     tokens: list[int] = Field(max_length=1 << 20)
 
 
 async def _chat_ids(chat: ChatEndpoint, body: TokenizeRequest) -> list[int]:
-    if body.add_special_tokens:
-        raise OpenAIError(400, "add_special_tokens applies to a prompt; the chat template places the special "
-                               "tokens of messages", param="add_special_tokens")
     fields = {"messages": body.messages, "tools": body.tools, "add_generation_prompt": body.add_generation_prompt,
-              "continue_final_message": body.continue_final_message, "chat_template_kwargs": body.chat_template_kwargs}
+              "continue_final_message": body.continue_final_message, "chat_template_kwargs": body.chat_template_kwargs,
+              "add_special_tokens": body.add_special_tokens, "chat_template": body.chat_template}
     try:
         req = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # what the chat endpoint's own parsing refuses: its 400, from the app's handler
