@@ -112,6 +112,26 @@ def test_bad_variables_are_invalid_argument_naming_the_field(aeng) -> None:  # t
     run_with_client(aeng, body)
 
 
+def test_variables_named_like_the_renderers_own_arguments(aeng) -> None:  # type: ignore[no-untyped-def]
+    """`tokenizer` and `field` are template variables like any other (they bound to the renderer's own keyword
+    arguments: INTERNAL "got multiple values for argument 'tokenizer'", and `field` never reached the template);
+    `self` is apply_chat_template's own, refused naming it."""
+    async def body(client: AgentClient) -> None:
+        done = await client.generate_done(messages=QUESTION, max_tokens=1, temperature=0.0,
+                                          chat_template_kwargs={"tokenizer": "x", "field": "F", **OFF})
+        assert done.usage.prompt_tokens == len(rendered_ids(QUESTION, enable_thinking=False))
+        code, details = await rpc_status(client.generate_done(messages=QUESTION, max_tokens=1,
+                                                              chat_template_kwargs={"self": 1}))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat_template_kwargs.self" in details, details
+
+    run_with_client(aeng, body)
+    from agentserve.chat.render_pool import RenderPool
+    pool = RenderPool(tokenizer(), 512, aeng.engine.config.server)
+    text = pool.render(tokenizer(), QUESTION, None, add_generation_prompt=False, chat_template="[{{ field }}|{{ tokenizer }}]",
+                       template_kwargs={"field": "F", "tokenizer": "T"})
+    assert text == "[F|T]"
+
+
 # --- the Responses API --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def http(aeng) -> Iterator[tuple[openai.OpenAI, httpx.Client]]:  # type: ignore[no-untyped-def]

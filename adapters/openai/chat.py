@@ -84,7 +84,10 @@ class ChatEndpoint:
                 kwargs: dict[str, Any]) -> list[int]:
         """A render pool worker: the messages through the chat template, then tokenized."""
         pool = self.s.render_pool
-        text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
+        variables = dict(kwargs)
+        template = variables.pop("chat_template", None)  # the request's own template (chat_template_variables)
+        text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, chat_template=template,
+                           template_kwargs=variables)
         return pool.encode(tok, text, "messages", add_special_tokens=req.add_special_tokens)
 
     def _tool_params(self, req: ChatCompletionRequest, tools: Tools, tool_choice: Any) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def rendered_length(pool: RenderPool, tokenizer: Any, messages: Sequence[Message
     """The conversation's prompt tokens as a session turn renders it (with the assistant's generation prompt);
     runs in a render-pool worker (`tokenizer` is that worker's)."""
     normalized = normalize_messages(list(messages), SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
-    text = pool.render(tokenizer, normalized, normalized_tools, add_generation_prompt=True, **template_kwargs)
+    text = pool.render(tokenizer, normalized, normalized_tools, add_generation_prompt=True,
+                       template_kwargs=template_kwargs)
     return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
 
 

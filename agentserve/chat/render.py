@@ -82,10 +82,10 @@ def prepare_create(pool: RenderPool, tokenizer: Any, messages: Sequence[Message]
     msgs = normalize_messages(messages, SESSION_RULES, raw_tokens=raw, vocab_size=vocab_size)
     if raw:
         return RenderedCreate(msgs, tools_n, "", [t for m in msgs for t in m["token_ids"]], kwargs)
-    text = pool.render(tokenizer, msgs, tools_n, add_generation_prompt=False, **kwargs) if msgs else ""
+    text = pool.render(tokenizer, msgs, tools_n, add_generation_prompt=False, template_kwargs=kwargs) if msgs else ""
     if not msgs and kwargs:  # a template that rejects the variables fails now, not at the first turn
         pool.render(tokenizer, [{"role": "user", "content": "?"}], tools_n, add_generation_prompt=True,
-                    field="chat_template_kwargs", **kwargs)
+                    field="chat_template_kwargs", template_kwargs=kwargs)
     return RenderedCreate(msgs, tools_n, text, pool.encode(tokenizer, text, "messages", add_special_tokens=False),
                           kwargs)
 
@@ -120,7 +120,8 @@ def prepare_turn(pool: RenderPool, tokenizer: Any, basis: TurnBasis, messages: S
         prompt = basis.token_ids + [t for m in new for t in m["token_ids"]]
         return RenderedTurn(new, prompt, "", None, "")
     history = basis.messages + new
-    prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True, **basis.template_kwargs)
+    prompt_text = pool.render(tokenizer, history, basis.tools, add_generation_prompt=True,
+                              template_kwargs=basis.template_kwargs)
     common: Optional[int] = None
     if prompt_text.startswith(basis.text):
         prompt = basis.token_ids + pool.encode(tokenizer, prompt_text[len(basis.text):], "messages",

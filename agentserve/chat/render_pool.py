@@ -116,16 +116,18 @@ class RenderPool:
 
     def render(self, tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
                *, add_generation_prompt: bool, field: str = "messages", chat_template: Optional[str] = None,
-               **template_kwargs: Any) -> str:
+               template_kwargs: Optional[dict[str, Any]] = None) -> str:
         """The conversation through the chat template; a rendering longer than the context can hold
-        (a template that expands its input) is refused before it is tokenized."""
+        (a template that expands its input) is refused before it is tokenized. `template_kwargs`: the
+        request's variables, one dict (as keyword arguments, `tokenizer` or `field` would bind to this
+        method's own parameters)."""
         if chat_template is not None:  # a client's template: its output is bounded while it renders
             _bound_template(chat_template)
             _budget.chars = self.max_chars
         msgs = template_messages(messages, tokenizer, chat_template)
         try:
             text = tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False, chat_template=chat_template, **template_kwargs)
+                                                 tokenize=False, chat_template=chat_template, **(template_kwargs or {}))
         except _TemplateOutputTooLarge:
             raise EdgeLimitError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, the chat template "

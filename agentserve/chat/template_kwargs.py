@@ -16,8 +16,8 @@ from typing import Any, Optional
 from agentserve.errors import FieldError
 
 FIELD = "chat_template_kwargs"
-# apply_chat_template's own parameters (transformers), and the template itself.
-RESERVED = frozenset(("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+# apply_chat_template's own parameters (transformers; `self`: it is a bound method), and the template itself.
+RESERVED = frozenset(("self", "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                       "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                       "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"))
 

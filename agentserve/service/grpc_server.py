@@ -264,7 +264,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             pool.check_messages(msgs)
             kwargs = checked_template_kwargs(template_kwargs_from_proto(request.chat_template_kwargs))
             return await pool.run(lambda tok: pool.encode(
-                tok, pool.render(tok, msgs, tools, add_generation_prompt=True, **kwargs), "messages",
+                tok, pool.render(tok, msgs, tools, add_generation_prompt=True, template_kwargs=kwargs), "messages",
                 add_special_tokens=False))
         if request.chat_template_kwargs:
             raise InvalidRequestError("chat_template_kwargs apply to messages (the chat template); this request sends a "
