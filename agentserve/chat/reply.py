@@ -77,15 +77,26 @@ class ReplyParser:
         return content, [c.to_openai() for c in calls + ([partial] if partial is not None else [])]
 
 
-def split_events(events: Sequence[ReplyEvent]) -> tuple[str, list[CallDelta]]:
-    text = "".join(e.text for e in events if isinstance(e, ContentDelta))
-    calls = [CallDelta(e.index, e.id or "", e.name or "", e.arguments_delta or "")
-             for e in events if isinstance(e, ToolCallDelta)]
-    return text, calls
+ReplyPiece = Union[str, CallDelta]
+
+
+def ordered_pieces(events: Sequence[ReplyEvent]) -> list[ReplyPiece]:
+    """The events in the order the reply wrote them: runs of text joined, calls as CallDelta (an output of
+    several tokens, e.g. a speculative run, may hold text and then a call: the stream keeps that order)."""
+    pieces: list[ReplyPiece] = []
+    for e in events:
+        if isinstance(e, ContentDelta):
+            if pieces and isinstance(pieces[-1], str):
+                pieces[-1] += e.text
+            elif e.text:
+                pieces.append(e.text)
+        else:
+            pieces.append(CallDelta(e.index, e.id or "", e.name or "", e.arguments_delta or ""))
+    return pieces
 
 
 class ReplyStream:
-    """Sessions and Generate: feed each RequestOutput of a reply, get (text delta, [CallDelta]);
+    """Sessions and Generate: feed each RequestOutput of a reply, get its text and call deltas in order;
     `final()` gives (content, OpenAI tool_call dicts) once the reply finished. Without tools (or with
     tool_choice "none", or no chat template) the engine's own text deltas pass through."""
 
@@ -108,10 +119,10 @@ class ReplyStream:
     def parses_tools(self) -> bool:
         return self.parser is not None
 
-    def feed(self, out: RequestOutput) -> tuple[str, list[CallDelta]]:
+    def feed(self, out: RequestOutput) -> list[ReplyPiece]:
         comp = out.outputs[0]
         if self.raw is None:
-            return comp.delta_text, []
+            return [comp.delta_text]
         ids = list(comp.delta_token_ids)
         if out.finished and ids and comp.ends_on_stop_token(self.eos_token_ids):
             ids = ids[:-1]  # the stop token (EOS): not part of the reply's text
@@ -121,11 +132,11 @@ class ReplyStream:
         text = self.raw.take_new_text(out.finished)
         if self.parser is None:  # kept only for the reasoning markers
             self.raw_text += text
-            return text, []
+            return [text]
         events = self.parser.feed(text)
         if out.finished:
             events = list(events) + list(self.parser.flush())
-        return split_events(events)
+        return ordered_pieces(events)
 
     def final(self) -> tuple[Optional[str], list[dict[str, Any]]]:
         """(content, tool calls) after the last feed; content None when the engine's own text stands."""

@@ -37,13 +37,13 @@ async def generate_events(engine: Engine, outs: AsyncIterator[RequestOutput], pa
             if chat and engine.reasoning is not None:
                 thoughts = ReplyReasoning(engine.reasoning, out.prompt_token_ids)
         comp = out.outputs[0]
-        text, calls = reply.feed(out)
-        for c in calls:
-            yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
-                index=c.index, id=c.id, name=c.name, arguments_delta=c.arguments_delta))
-        if text or comp.delta_token_ids:
-            for kind, delta in text_deltas(TextEvent.of_output(comp, text, thoughts), return_token_ids, top_n):
-                yield pb.GenerateEvent(**{kind: delta})
+        for event in TextEvent.of_pieces(comp, reply.feed(out), thoughts):
+            if isinstance(event, TextEvent):
+                for kind, delta in text_deltas(event, return_token_ids, top_n):
+                    yield pb.GenerateEvent(**{kind: delta})
+            else:
+                yield pb.GenerateEvent(tool_call=pb.ToolCallDelta(
+                    index=event.index, id=event.id, name=event.name, arguments_delta=event.arguments_delta))
         if out.finished and (out.error or comp.finish_reason == "error"):
             raise out.failure("the request failed")
         if out.finished:

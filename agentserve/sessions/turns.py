@@ -330,11 +330,9 @@ class TurnLifecycle:
         try:
             async for out in gen:
                 comp = out.outputs[0]
-                text, calls = reply.feed(out)
-                for c in calls:
-                    queue.put_nowait(ToolCallEvent(c.index, c.id, c.name, c.arguments_delta))
-                if text or comp.delta_token_ids:
-                    queue.put_nowait(TextEvent.of_output(comp, text, thoughts))
+                for event in TextEvent.of_pieces(comp, reply.feed(out), thoughts):
+                    queue.put_nowait(event if isinstance(event, TextEvent) else
+                                     ToolCallEvent(event.index, event.id, event.name, event.arguments_delta))
                 if out.finished and (out.error or comp.finish_reason == "error"):
                     raise out.failure("the turn failed")
                 if out.finished:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Union
 
 from agentserve.chat.reasoning import ReplyReasoning
+from agentserve.chat.reply import CallDelta, ReplyPiece
 from agentserve.errors import SessionError
 from agentserve.lora.key import LoRAKey
 from agentserve.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
@@ -83,6 +84,28 @@ class TextEvent:
         logprobs = comp.logprobs[len(comp.token_ids) - len(new):len(comp.token_ids)] if comp.logprobs is not None else None
         parts = ReplyParts(*thoughts.feed(text, new, logprobs)) if thoughts is not None else None
         return cls(text, new, parts, logprobs)
+
+    @classmethod
+    def of_pieces(cls, comp: CompletionOutput, pieces: list[ReplyPiece], thoughts: Optional[ReplyReasoning]
+                  ) -> list[Union["TextEvent", CallDelta]]:
+        """One output's text and call deltas (ReplyStream.feed) as events, in the reply's order; the output's
+        new tokens and logprobs go with its first text, or after its calls when it has no text."""
+        events: list[Union[TextEvent, CallDelta]] = []
+        carried = False
+        for piece in pieces:
+            if isinstance(piece, CallDelta):
+                events.append(piece)
+                continue
+            if carried:  # text after a call in the same output: no tokens of its own
+                parts = ReplyParts(*thoughts.feed(piece, ())) if thoughts is not None else None
+                event = cls(piece, [], parts, [] if comp.logprobs is not None else None)
+            else:
+                event, carried = cls.of_output(comp, piece, thoughts), True
+            if event.text or event.token_ids:
+                events.append(event)
+        if not carried and comp.delta_token_ids:
+            events.append(cls.of_output(comp, "", thoughts))
+        return events
 
 
 @dataclass
