@@ -235,6 +235,22 @@ def test_unsupported_schemes_fail_at_start_up_naming_them(qc: dict[str, Any], ne
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("name,legacy,needle", [
+    ("quantize_config.json", {"bits": 4, "group_size": 128, "desc_act": False}, "'gptq' in the checkpoint's quantize_config.json"),
+    ("quant_config.json", {"quant_method": "awq", "w_bit": 4, "q_group_size": 128}, "'awq'"),
+])
+def test_legacy_quantize_config_files_name_their_scheme(name: str, legacy: dict[str, Any], needle: str,
+                                                        tmp_path: Path) -> None:
+    """AutoGPTQ / AutoAWQ-era checkpoints keep their scheme beside config.json: refused naming it (the load
+    failed on missing weights instead, after warnings about every qweight / scales tensor)."""
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_model_cached("llama"), dst)
+    (dst / name).write_text(json.dumps(legacy))
+    with pytest.raises(ModelLoadError, match="unsupported quantization scheme") as err:
+        LLM(str(dst), num_blocks=16)
+    assert needle in str(err.value)
+
+
 def test_sparsity_config_with_dense_storage_loads_its_fp8_weights(tmp_path: Path) -> None:
     """A 2:4 sparsity_config whose format is "dense" stores ordinary weights (zeros included): they
     serve as any FP8 checkpoint's."""

@@ -21,7 +21,7 @@ from agentserve.model.gguf_files import find_gguf_file
 from agentserve.model.linear import LinearBase
 from agentserve.model.llama import CausalLM
 from agentserve.model.parameter import LoadableParameter, ShardId, WeightShapeError
-from agentserve.model.quant_config import ONLINE_FP8, Fp8Config, resolve_quantization
+from agentserve.model.quant_config import ONLINE_FP8, Fp8Config, refuse_legacy_quantize_config, resolve_quantization
 from agentserve.parallel.shard import TPShard
 
 logger = logging.getLogger(__name__)
@@ -228,6 +228,8 @@ def checkpoint_quantization(path: Optional[Path], load_format: str, quantization
     `quantization` option. Random (dummy) weights are always quantized at load."""
     config_file = path / "config.json" if path is not None and path.is_dir() else None
     hf_config = json.loads(config_file.read_text()) if config_file is not None and config_file.is_file() else {}
+    if config_file is not None and "quantization_config" not in hf_config:
+        refuse_legacy_quantize_config(config_file.parent)
     quant = resolve_quantization(hf_config, quantization)
     return ONLINE_FP8 if quant is not None and load_format == "dummy" else quant
 

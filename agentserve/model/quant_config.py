@@ -18,7 +18,9 @@ ModelLoadError naming the scheme: serving it as if unquantized would produce gar
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from agentserve.model.arch_config import ModelLoadError
@@ -126,6 +128,21 @@ def _hf_fp8(qc: dict[str, Any]) -> Fp8Config:
         return Fp8Config(checkpoint_fp8=True, weight_strategy="block", block_size=(int(block[0]), int(block[1])),
                          scale_name="weight_scale_inv")
     return Fp8Config(checkpoint_fp8=True, weight_strategy="tensor", static_activations=scheme == "static")
+
+
+def refuse_legacy_quantize_config(model_dir: Path) -> None:
+    """AutoGPTQ / AutoAWQ-era checkpoints name their scheme in quantize_config.json (quant_config.json) rather
+    than config.json; without this their load failed on missing weights after warnings about qweight / scales."""
+    for name in ("quantize_config.json", "quant_config.json"):
+        file = model_dir / name
+        if file.is_file():
+            try:
+                legacy = json.loads(file.read_text())
+            except (OSError, ValueError):
+                legacy = {}
+            method = legacy.get("quant_method") or ("gptq" if "bits" in legacy else "unknown")
+            raise ModelLoadError(f"unsupported quantization scheme: quant_method {method!r} in the checkpoint's "
+                                 f"{name} (supported: {SUPPORTED})")
 
 
 def resolve_quantization(hf_config: dict[str, Any], quantization: Optional[str]) -> Optional[Fp8Config]:
