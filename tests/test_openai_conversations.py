@@ -152,9 +152,10 @@ def test_bad_requests_name_the_field(live: Live) -> None:
 
 
 def test_responses_continue_the_conversations_session(live: Live) -> None:
-    """A tool loop on a conversation: the second response sends only the tool's output, continues on the
-    session of the first (cached_tokens cover all of it), and answers as the same loop chained by
-    previous_response_id does (the session holds the reply's tokens as generated, as there)."""
+    """A tool loop on a conversation: the second response sends only the tool's output and answers as the same
+    loop chained by previous_response_id does, both prompting the model as the whole history would: this random
+    model writes its call otherwise than the template renders it, so both render the history anew, on sessions
+    whose prompt the prefix cache serves up to the reply."""
     c = live.a.conversations.create()
     first_kw: dict[str, Any] = {**GEN, "tool_choice": "required", "parallel_tool_calls": False, "max_output_tokens": 80}
     first = live.a.responses.create(conversation=c.id, input="Weather in Paris?", **first_kw)
@@ -166,7 +167,7 @@ def test_responses_continue_the_conversations_session(live: Live) -> None:
     second = live.a.responses.create(conversation=c.id, input=[{"type": "function_call_output",
                                                                 "call_id": call.call_id, "output": "sunny"}], **GEN)
     before, after = first.usage, second.usage
-    assert after.input_tokens_details.cached_tokens >= before.input_tokens + before.output_tokens - 1
+    assert after.input_tokens_details.cached_tokens >= before.input_tokens // 16 * 16 - 16
     assert len(live.a.conversations.items.list(c.id).data) == 2 + len(first.output) + len(second.output)
     chained = live.a.responses.create(input="Weather in Paris?", **first_kw)
     assert _said(chained) == _said(first)

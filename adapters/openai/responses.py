@@ -26,14 +26,14 @@ from agentserve.adapters.openai.responses_background import BackgroundJob, Backg
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
 from agentserve.adapters.openai.responses_run import ResponsePlan, ResponseRun
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
-from agentserve.adapters.openai.responses_truncation import fit_conversation, reply_room
+from agentserve.adapters.openai.responses_truncation import fit_conversation, rendered_text, reply_room
 from agentserve.adapters.openai.serving import OpenAIServing, param_of, token_bias
 from agentserve.adapters.openai.vllm_unsupported import check_structured_outputs_extras
 from agentserve.chat import limits as L
 from agentserve.chat.tool_schemas import check_tool_schemas
-from agentserve.chat.tools import check_tool_choice
+from agentserve.chat.tools import check_tool_choice, normalize_tools
 from agentserve.engine.validation import logprobs_limit
-from agentserve.errors import ContextLengthError, FieldError, SessionError
+from agentserve.errors import ContextLengthError, FieldError, InvalidRequestError, SessionError
 from agentserve.sampling_params import SamplingParams
 from agentserve.service.tenants import Tenant, held_slot_of_scope, tenant_of_scope
 from agentserve.sessions.store import SessionStore
@@ -159,8 +159,9 @@ class ResponsesEndpoint:
         keep = req.store is not False
         if fitted is None and prev is not None and prev.render_key == render_key and not prev.continued:
             snap = await self.sessions.get(prev.session_id, tenant=tenant.name)
-            # Checked again after the await: only one continuation may take the session's tip.
-            if snap.num_turns == prev.turn and not snap.busy and not prev.continued:
+            same = await self._continues_alike(req, prev.session_id, prev.conversation(), new_messages, tools, kwargs)
+            # Checked again after the awaits: only one continuation may take the session's tip.
+            if same and snap.num_turns == prev.turn and not snap.busy and not prev.continued:
                 if keep:
                     prev.continued = True
                     return ResponsePlan(prev.session_id, new_messages, False, prev)
@@ -170,6 +171,27 @@ class ResponsesEndpoint:
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
         return ResponsePlan(session_id, fitted if fitted is not None else self.system(req) + history + new_messages,
                             not keep, None)
+
+    async def _continues_alike(self, req: I.ResponsesRequest, session_id: str, history: list[dict[str, Any]],
+                               new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
+                               kwargs: dict[str, Any]) -> bool:
+        """Whether going on in the session that holds `history` prompts the model as the whole history sent again
+        would (OpenAI: previous_response_id, or a conversation, means that history). The session holds the model's
+        replies as written, the history holds them parsed (tool calls, reasoning), which a template may render
+        otherwise (its own JSON spacing, SmolLM2's none at all): then the continuation is rendered from the
+        history on a new session (the prefix cache still serves what the two share)."""
+        session = self.sessions.sessions.get(session_id)
+        if session is None:
+            return False
+        held = list(session.messages)  # read on the event loop while the session is idle (not busy)
+        pool, vocab, tools_n = self.s.render_pool, self.s.engine.arch.vocab_size, normalize_tools(tools)
+        try:
+            in_place, whole = await pool.run(lambda tok: (
+                rendered_text(pool, tok, held + new_messages, tools_n, vocab, kwargs),
+                rendered_text(pool, tok, self.system(req) + history + new_messages, tools_n, vocab, kwargs)))
+        except InvalidRequestError:
+            return False  # the history's rendering fails: the new session's turn says why
+        return in_place == whole
 
     async def _conversation_plan(self, req: I.ResponsesRequest, tenant: Tenant, conv: Conversation,
                                  whole: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,
@@ -184,8 +206,9 @@ class ResponsesEndpoint:
                 snap = await self.sessions.get(conv.session_id, tenant=tenant.name)
                 # Later items must not change how the held ones render (a function call appended to the
                 # assistant message the session holds): then the held messages are not a prefix of the whole.
-                if snap.num_turns == conv.session_turn and not snap.busy and whole[:len(held)] == held \
-                        and len(whole) > len(held):
+                alike = whole[:len(held)] == held and len(whole) > len(held) and await self._continues_alike(
+                    req, conv.session_id, held, whole[len(held):], tools, kwargs)
+                if alike and snap.num_turns == conv.session_turn and not snap.busy:
                     return ResponsePlan(conv.session_id, whole[len(held):], False, None, conversation=conv,
                                         resident=True)
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)

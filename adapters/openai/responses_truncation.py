@@ -42,14 +42,21 @@ def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
     return head, sorted({head, *starts})
 
 
+def rendered_text(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
+                  normalized_tools: Optional[list[dict[str, Any]]], vocab_size: int,
+                  template_kwargs: dict[str, Any]) -> str:
+    """The conversation's prompt as a session turn renders it (with the assistant's generation prompt);
+    runs in a render-pool worker (`tokenizer` is that worker's)."""
+    normalized = normalize_messages(list(messages), SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
+    return pool.render(tokenizer, normalized, normalized_tools, add_generation_prompt=True,
+                       template_kwargs=template_kwargs)
+
+
 def rendered_length(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
                     normalized_tools: Optional[list[dict[str, Any]]], vocab_size: int,
                     template_kwargs: dict[str, Any]) -> int:
-    """The conversation's prompt tokens as a session turn renders it (with the assistant's generation prompt);
-    runs in a render-pool worker (`tokenizer` is that worker's)."""
-    normalized = normalize_messages(list(messages), SESSION_RULES, raw_tokens=False, vocab_size=vocab_size)
-    text = pool.render(tokenizer, normalized, normalized_tools, add_generation_prompt=True,
-                       template_kwargs=template_kwargs)
+    """rendered_text's tokens."""
+    text = rendered_text(pool, tokenizer, messages, normalized_tools, vocab_size, template_kwargs)
     return len(pool.encode(tokenizer, text, "input", add_special_tokens=False))
 
 
