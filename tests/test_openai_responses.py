@@ -163,6 +163,11 @@ def test_retrieve_delete_input_items(live: Live) -> None:
     assert got.id == r.id and got.output_text == r.output_text and got.usage.output_tokens == r.usage.output_tokens
     items = live.a.responses.input_items.list(r.id, order="asc")
     assert [i.type for i in items.data] == ["message", "message"]
+    # OpenAI's item shape (a list of parts, a status): a string content was listed as sent.
+    assert [i.content[0].text for i in items.data] == ["Hi", "!"] and {i.status for i in items.data} == {"completed"}
+    from openai.types.responses import ResponseItem
+    for raw in live.http.get(f"/v1/responses/{r.id}/input_items").json()["data"]:
+        TypeAdapter(ResponseItem).validate_python(raw)
     deleted = live.http.delete(f"/v1/responses/{r.id}")
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     with pytest.raises(openai.NotFoundError, match="not found"):

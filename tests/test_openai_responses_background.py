@@ -225,3 +225,19 @@ def test_a_turn_that_fails_leaves_a_failed_response(live: Live) -> None:
     with pytest.raises(openai.BadRequestError, match="already failed"):
         live.a.responses.cancel(done.id)
     assert live.sessions() == before and live.in_flight("alice") == 0
+
+
+def test_a_streamed_background_turn_that_fails_at_once_says_so(live: Live) -> None:
+    """Streamed, the same failure begins with response.created and ends in response.failed (the stream was
+    empty: no response id, no error); the failed response's error.code is one of OpenAI's (invalid_prompt for
+    an input past the context: the client's Response type refused context_length_exceeded)."""
+    events = list(live.a.responses.create(model=MODEL, input="word " * 2500, background=True, stream=True,
+                                          max_output_tokens=4))
+    assert [e.type for e in events] == ["response.created", "response.failed"]
+    assert [e.sequence_number for e in events] == [0, 1]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "invalid_prompt"
+    assert "maximum context length" in failed.error.message
+    again = live.a.responses.retrieve(failed.id)  # the client's Response type validates the stored body
+    assert again.status == "failed" and again.error.code == "invalid_prompt"
+    assert live.in_flight("alice") == 0

@@ -20,7 +20,7 @@ import json
 from typing import Any, Optional
 
 from agentserve.adapters.openai import responses_items as I
-from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore
+from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore, listed_item
 from agentserve.adapters.openai.protocol import OpenAIError
 from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
@@ -380,4 +380,5 @@ class ResponsesEndpoint:
         job = self._job(response_id, raw_request)
         items = job.run.items if job is not None else \
             self.store.get(response_id, tenant_of_scope(raw_request.scope).name).input_items
-        return I.input_items_page(items, limit, order, after)
+        # In OpenAI's item shapes (a message's text as a list of parts, a status), as a conversation lists them.
+        return I.input_items_page([listed_item(it) for it in items], limit, order, after)

@@ -24,6 +24,7 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.adapters.openai.responses_events import ResponseEvents, response_error_code
 from agentserve.adapters.openai.responses_run import ResponseRun
 from agentserve.service.tenants import HeldRequestSlot
 
@@ -81,9 +82,11 @@ class BackgroundJob:
             try:
                 sse = await self.run.stream(created_status="queued")
             except OpenAIError as e:  # what fails before the first event (a schema, a busy session)
-                # OpenAI's codes for a failed response where ours has none: invalid_prompt, server_error
-                code = e.code or ("server_error" if e.status >= 500 else "invalid_prompt")
-                self.body = dict(self.body, status="failed", error={"code": code, "message": e.message})
+                # A stream that follows the job still begins with response.created and ends in response.failed.
+                writer = ResponseEvents(self.body)
+                self.events.append(writer.created("queued"))
+                self.events += writer.failed(e.message, response_error_code(e.status, e.code))
+                self.body = writer.body
                 return
             async for chunk in sse:
                 self.events.append(chunk)

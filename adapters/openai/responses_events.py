@@ -60,6 +60,18 @@ def sse_event(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+# The codes a failed Response's `error.code` may carry (OpenAI's ResponseError.code, less the image ones).
+_RESPONSE_ERROR_CODES = frozenset(("server_error", "rate_limit_exceeded", "invalid_prompt", "vector_store_timeout"))
+
+
+def response_error_code(status: int, code: Optional[str]) -> str:
+    """An error's code as a failed Response's error.code: OpenAI's own where it is one, else the class its
+    HTTP status says (context_length_exceeded and the like are an invalid prompt; the message keeps the detail)."""
+    if code in _RESPONSE_ERROR_CODES:
+        return code
+    return "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else "invalid_prompt"
+
+
 class ResponseEvents:
     """The events of one streamed response, built from the turn's text and tool-call deltas; the
     output items it streamed are the final response's `output` (same ids, same text)."""
@@ -80,9 +92,11 @@ class ResponseEvents:
 
     def start(self, created_status: str = "in_progress") -> list[str]:
         """response.created (in_progress, or queued for a background response), then response.in_progress."""
-        snapshot = dict(self.body, status="in_progress", output=[], usage=None)
-        return [self._event("response.created", response=dict(snapshot, status=created_status)),
-                self._event("response.in_progress", response=snapshot)]
+        return [self.created(created_status),
+                self._event("response.in_progress", response=dict(self.body, status="in_progress", output=[], usage=None))]
+
+    def created(self, status: str) -> str:
+        return self._event("response.created", response=dict(self.body, status=status, output=[], usage=None))
 
     def _open(self, item: Item) -> str:
         self.output.append(item)
@@ -178,7 +192,7 @@ class ResponseEvents:
         events.append(self._event(kind, response=self.body))
         return events
 
-    def failed(self, message: str, code: Optional[str]) -> list[str]:
-        self.body = dict(self.body, status="failed", output=self.output, error={"code": code or "server_error",
-                                                                                "message": message})
+    def failed(self, message: str, code: str) -> list[str]:
+        """`code`: one of OpenAI's (response_error_code)."""
+        self.body = dict(self.body, status="failed", output=self.output, error={"code": code, "message": message})
         return [self._event("response.failed", response=self.body)]

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Coroutine,
 from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.conversations_store import Conversation, listed_item
 from agentserve.adapters.openai.protocol import OpenAIError
-from agentserve.adapters.openai.responses_events import ResponseEvents, response_body, responses_usage
+from agentserve.adapters.openai.responses_events import (ResponseEvents, response_body, response_error_code,
+                                                         responses_usage)
 from agentserve.adapters.openai.responses_logprobs import MessageLogprobs
 from agentserve.adapters.openai.responses_store import StoredResponse
 from agentserve.adapters.openai.serving import ClientDisconnected, now, wait_disconnect
@@ -219,7 +220,8 @@ class ResponseRun:
         except Exception as e:  # noqa: BLE001 - the headers are out: the failure is an event
             err = self.e.http_error(e)
             message = err.message if isinstance(err, OpenAIError) else str(err)
-            for chunk in writer.failed(message, err.code if isinstance(err, OpenAIError) else None):
+            code = response_error_code(err.status, err.code) if isinstance(err, OpenAIError) else "server_error"
+            for chunk in writer.failed(message, code):
                 yield chunk
         finally:
             try:
