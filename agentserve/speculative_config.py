@@ -24,7 +24,8 @@ _OPTION_OF = {
     "quantization": "draft_quantization",
 }
 _CHECKED_KEYS = ("method", "draft_tensor_parallel_size")
-_NGRAM_MODEL = "[ngram]"  # vLLM's older spelling of the n-gram proposer, as a model name
+# vLLM's spellings of the n-gram proposer as a model name (method None) or a method.
+_NGRAM_NAMES = ("ngram", "[ngram]")
 
 
 def _as_mapping(value: object) -> Mapping[str, Any]:
@@ -42,11 +43,10 @@ def _as_mapping(value: object) -> Mapping[str, Any]:
 
 def _method(config: Mapping[str, Any]) -> str:
     method, model = config.get("method"), config.get("model")
-    if model == _NGRAM_MODEL:
-        if method not in (None, "ngram"):
-            raise ValueError(f"speculative_config: model {_NGRAM_MODEL!r} is the n-gram proposer, but method is "
-                             f"{method!r}")
-        return "ngram"
+    if method in _NGRAM_NAMES or (method is None and model in _NGRAM_NAMES):
+        return "ngram"  # vLLM's SpeculativeConfig reads all of these as its n-gram proposer
+    if model in _NGRAM_NAMES:
+        raise ValueError(f"speculative_config: model {model!r} is the n-gram proposer, but method is {method!r}")
     if method is None:
         if model is None:
             raise ValueError("speculative_config: give 'model' (a draft model directory) or 'method': 'ngram'")
@@ -73,6 +73,9 @@ def speculative_options(value: object) -> dict[str, object]:
     for key, option in _OPTION_OF.items():
         if config.get(key) is not None and not (key == "model" and method == "ngram"):
             options[option] = config[key]
+    low, high = config.get("prompt_lookup_min"), config.get("prompt_lookup_max")
+    if method == "ngram" and (low is None) != (high is None):  # vLLM: one bound given sets the other
+        options["prompt_lookup_max" if high is None else "prompt_lookup_min"] = low if high is None else high
     return options
 
 

@@ -185,11 +185,15 @@ def test_invalid_counts_are_refused_naming_the_field(option: str, value: object,
     (dict(prompt_lookup_min=3, prompt_lookup_max=3), (3, 3)),
 ])
 def test_one_lookup_bound_given_alone(given: dict[str, int], expected: tuple[int, int]) -> None:
-    """vLLM's speculative_config takes prompt_lookup_min alone (the maximum follows it); it used to be
-    refused here with "prompt_lookup_max (5) must be >= prompt_lookup_min (8)", a 5 nobody gave."""
-    for config in (EngineConfig.from_kwargs("m", speculative_method="ngram", **given),
-                   EngineConfig.from_kwargs("m", speculative_config=dict(method="ngram", **given))):
-        assert (config.spec.prompt_lookup_min, config.spec.prompt_lookup_max) == expected
+    """agentserve's own options take prompt_lookup_min alone (the maximum follows it where the default would
+    contradict it); it used to be refused with "prompt_lookup_max (5) must be >= prompt_lookup_min (8)", a 5
+    nobody gave. vLLM's speculative_config sets the other bound equal to the one given."""
+    config = EngineConfig.from_kwargs("m", speculative_method="ngram", **given)
+    assert (config.spec.prompt_lookup_min, config.spec.prompt_lookup_max) == expected
+    config = EngineConfig.from_kwargs("m", speculative_config=dict(method="ngram", **given))
+    bound = given.get("prompt_lookup_min", given.get("prompt_lookup_max"))
+    want = expected if len(given) == 2 else (bound, bound)
+    assert (config.spec.prompt_lookup_min, config.spec.prompt_lookup_max) == want
     with pytest.raises(ValueError, match=r"prompt_lookup_max \(2\) must be >= prompt_lookup_min \(4\)"):
         EngineConfig.from_kwargs("m", speculative_method="ngram", prompt_lookup_min=4, prompt_lookup_max=2)
 

@@ -65,3 +65,14 @@ def test_a_flag_given_twice_must_agree() -> None:
         EngineConfig.from_kwargs("m", num_speculative_tokens=5, speculative_config={"model": "d", "num_speculative_tokens": 2})
     cfg = EngineConfig.from_kwargs("m", draft_model="d", speculative_config={"model": "d", "num_speculative_tokens": 2})
     assert cfg.spec.draft_model == "d" and cfg.spec.num_speculative_tokens == 2
+
+
+def test_vllms_ngram_spellings_and_lookup_bounds() -> None:
+    """vLLM's SpeculativeConfig reads model "ngram" / "[ngram]" (method unset) and method "[ngram]" as its
+    n-gram proposer ({"model": "ngram"} was a draft path that "does not exist"), and one lookup bound given
+    alone sets the other (3 alone is 3..3, where agentserve's defaults made it 3..5 or 2..3)."""
+    for spec in ({"model": "ngram"}, {"model": "[ngram]"}, {"method": "[ngram]"}, {"method": "ngram"}):
+        assert EngineConfig.from_kwargs("m", speculative_config=spec).spec.method == "ngram", spec
+    for given in ({"prompt_lookup_min": 3}, {"prompt_lookup_max": 3}):
+        cfg = EngineConfig.from_kwargs("m", speculative_config={"method": "ngram", **given}).spec
+        assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (3, 3), given
