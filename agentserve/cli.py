@@ -18,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from agentserve.config import (DTYPE_ALIASES, CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
                                ServerConfig, SpecConfig)
-from agentserve.cli_argv import dashed_flag_names, expand_config_file
+from agentserve.cli_argv import dashed_flag_names, expand_config_file, folded_json_flags
 from agentserve.testing.tiny import ARCHS
 from agentserve.vllm_flags import (add_vllm_flags, check_tool_call_parser, engine_kwargs_from_vllm_flags,
                                    kv_cache_dtype_flag, quantization_from_flag)
@@ -344,8 +344,10 @@ def parse_command_line(words: list[str]) -> argparse.Namespace:
     parser = build_parser()
     if words[:1] in (["serve"], ["generate"]):
         words = dashed_flag_names(words)
-    if words[:1] == ["serve"]:
-        words = expand_config_file(words, _subparser(parser, "serve")._option_string_actions)
+        known = _subparser(parser, words[0])._option_string_actions
+        if words[:1] == ["serve"]:
+            words = expand_config_file(words, known)
+        words = folded_json_flags(words, known)
     return parser.parse_args(words)
 
 

@@ -76,3 +76,16 @@ def test_vllms_ngram_spellings_and_lookup_bounds() -> None:
     for given in ({"prompt_lookup_min": 3}, {"prompt_lookup_max": 3}):
         cfg = EngineConfig.from_kwargs("m", speculative_config={"method": "ngram", **given}).spec
         assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (3, 3), given
+
+
+def test_cli_dotted_json_flag() -> None:
+    """vLLM's JSON flags also take `--flag.key value` (docs: JSON CLI arguments); it was "unrecognized"."""
+    from agentserve.cli import parse_command_line
+    spec = engine_config_from_args(parse_command_line([
+        "serve", "--model", "m", "--speculative-config.method", "ngram", "--speculative-config.num_speculative_tokens",
+        "3", "--speculative_config.prompt_lookup_max=4"])).spec
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == ("ngram", 3, 4, 4)
+    merged = engine_config_from_args(parse_command_line([
+        "serve", "--model", "m", "--speculative-config", '{"model": "d"}', "--speculative-config.num_speculative_tokens",
+        "5"])).spec
+    assert (merged.draft_model, merged.num_speculative_tokens) == ("d", 5)
