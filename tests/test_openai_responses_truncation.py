@@ -100,6 +100,37 @@ def test_whole_turns_are_dropped_and_the_instructions_stay() -> None:
         pool.close()
 
 
+def test_an_agent_loops_oldest_rounds_go_and_its_task_stays() -> None:
+    """One task, then rounds of tool calls and results past the context: "auto" failed as "disabled" does (only
+    user messages were cut points); now the oldest rounds go, whole, and the task's user message stays."""
+    from transformers import AutoTokenizer
+
+    from agentserve.adapters.openai.responses_truncation import fit_conversation
+    from agentserve.chat.render_pool import RenderPool
+    from agentserve.config import ServerConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_cached("qwen2")))
+    pool = RenderPool(tok, CONTEXT, ServerConfig())
+    conv: list = [{"role": "system", "content": "rules"}, {"role": "user", "content": "Summarise the files."}]
+    for i in range(4):
+        call = {"id": f"call_{i}", "type": "function", "function": {"name": "read", "arguments": "{}"}}
+        conv += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": f"call_{i}", "content": f"file {i} " + TURN}]
+
+    def size(msgs: list) -> int:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    def fit(budget: int) -> object:
+        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6, {}))
+
+    try:
+        assert fit(size(conv) - 1) == conv[:2] + conv[4:]  # the first round (its call and result) goes
+        assert fit(size(conv[:2] + conv[6:]) - 1) == conv[:2] + conv[8:]  # then two more: the newest stays
+    finally:
+        pool.close()
+
+
 def test_the_newest_turn_is_kept(client: openai.OpenAI) -> None:
     last, _ = _loop_until_full(client)
     r = client.responses.create(model=MODEL, instructions="Be brief.", input="newest " + TURN,

@@ -2,8 +2,10 @@
 window, items are dropped from its beginning until it does. Agent loops that run long send it so that the
 loop goes on with its recent turns instead of failing with context_length_exceeded.
 
-Dropped here in whole turns: from the front, everything up to the next user message (an assistant's tool
-calls never lose their results, nor results their calls), while the system message (the instructions) stays.
+Dropped here in whole turns: from the front, everything up to the next user message, while the system message
+(the instructions) stays; inside one long turn (an agent loop: one task, then many rounds of tool calls and
+results), whole rounds from the turn's oldest, the task's user message kept. An assistant's tool calls never
+lose their results, nor results their calls.
 The conversation is rendered through the chat template and counted as a session turn would count it; the
 fewest turns that make it fit are dropped (a binary search over where the kept part starts). It must leave
 room for the reply: `max_output_tokens` when the request sets it, else `DEFAULT_REPLY_ROOM` tokens (at most
@@ -34,12 +36,22 @@ def reply_room(max_output_tokens: Optional[int], max_model_len: int) -> int:
 
 
 def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
-    """(the system messages' count, where a kept part may start: after them, or at a user message)."""
+    """(the system messages' count, where a kept part may start: after them, at a user message, or at an
+    assistant message that calls tools: a round of the loop, its results after it)."""
     head = 0
     while head < len(messages) and messages[head].get("role") in ("system", "developer"):
         head += 1
-    starts = [i for i in range(head, len(messages)) if messages[i].get("role") == "user"]
+    starts = [i for i in range(head, len(messages)) if messages[i].get("role") == "user"
+              or (messages[i].get("role") == "assistant" and messages[i].get("tool_calls"))]
     return head, sorted({head, *starts})
+
+
+def _kept(messages: Sequence[Message], head: int, start: int) -> list[Message]:
+    """The system messages, then the conversation from `start`; a start inside a turn keeps the turn's user
+    message (the task the rounds after it work on)."""
+    task = [] if messages[start].get("role") == "user" else \
+        [m for m in messages[head:start] if m.get("role") == "user"][-1:]
+    return list(messages[:head]) + task + list(messages[start:])
 
 
 def rendered_text(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
@@ -68,7 +80,7 @@ async def fit_conversation(pool: RenderPool, messages: Sequence[Message], tools:
     tools_n = normalize_tools(tools)
 
     def kept(j: int) -> list[Message]:
-        return list(messages[:head]) + list(messages[cuts[j]:])
+        return _kept(messages, head, cuts[j]) if cuts[j] < len(messages) else list(messages)
 
     def count(tokenizer: Any, msgs: list[Message]) -> float:
         try:
