@@ -60,7 +60,13 @@ def test_auto_drops_the_oldest_turns_and_disabled_fails(client: openai.OpenAI) -
     r = client.responses.create(truncation="auto", **kw)
     assert r.status in ("completed", "incomplete") and r.usage.output_tokens >= 1
     assert r.usage.input_tokens + 4 <= CONTEXT and r.usage.input_tokens <= tokens  # older turns dropped (one more would not fit)
-    # The truncated response is stored and continues like any other (truncating again as it must).
+    # The truncated response is stored as the conversation it ran on: continued twice alike (in place, then
+    # rendered from the store), both see the same prompt (the store kept the whole chain: the second failed).
+    short = dict(model=MODEL, input="ok", max_output_tokens=2, temperature=0, previous_response_id=r.id,
+                 instructions="Be brief.")
+    twice = [client.responses.create(**short) for _ in range(2)]
+    assert twice[0].usage.input_tokens == twice[1].usage.input_tokens
+    # It continues like any other (truncating again as it must).
     again = client.responses.create(truncation="auto", **{**kw, "previous_response_id": r.id})
     assert again.usage.input_tokens + 4 <= CONTEXT
 

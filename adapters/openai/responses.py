@@ -170,7 +170,7 @@ class ResponsesEndpoint:
         history = prev.conversation() if prev is not None else []
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
         return ResponsePlan(session_id, fitted if fitted is not None else self.system(req) + history + new_messages,
-                            not keep, None)
+                            not keep, None, fitted=fitted is not None)
 
     async def _continues_alike(self, req: I.ResponsesRequest, session_id: str, history: list[dict[str, Any]],
                                new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],

@@ -29,13 +29,14 @@ if TYPE_CHECKING:
 class ResponsePlan:
     """One response's plan: the session it runs on, the messages its turn adds, what it continues (a stored
     response whose session tip it took, or a conversation, which it has to itself until the run ends).
-    `resident`: the session was the conversation's already, and outlives a turn that fails."""
+    `resident`: the session was the conversation's already, and outlives a turn that fails. `fitted`: the
+    messages are the whole conversation cut to the context (truncation "auto"), instructions first."""
 
     def __init__(self, session_id: str, messages: list[dict[str, Any]], close_after: bool,
                  claimed: Optional[StoredResponse], conversation: Optional[Conversation] = None,
-                 resident: bool = False) -> None:
+                 resident: bool = False, fitted: bool = False) -> None:
         self.session_id, self.messages, self.close_after, self.claimed = session_id, messages, close_after, claimed
-        self.conversation, self.resident = conversation, resident
+        self.conversation, self.resident, self.fitted = conversation, resident, fitted
 
 
 class ResponseRun:
@@ -86,11 +87,17 @@ class ResponseRun:
             self._record(conv, output, result.session.num_turns)
         if self.req.store is not False:
             # A response on a conversation is continued (previous_response_id) on a new session: the
-            # conversation keeps its session's tip.
+            # conversation keeps its session's tip. A truncated one is the conversation it ran on (what was
+            # dropped stays dropped for its continuations), without the instructions (not carried over).
+            parent, new_messages = self.prev, self.new_messages
+            if self.plan.fitted:
+                head = next((i for i, m in enumerate(self.plan.messages) if m.get("role") not in ("system", "developer")),
+                            len(self.plan.messages))
+                parent, new_messages = None, self.plan.messages[head:]
             self.e.store.add(StoredResponse(
                 response_id=self.id, tenant=self.tenant.name, session_id=self.plan.session_id,
-                turn=result.session.num_turns, render_key=self.render_key, parent=self.prev,
-                new_messages=self.new_messages, reply=reply if reply.get("content") or reply.get("tool_calls")
+                turn=result.session.num_turns, render_key=self.render_key, parent=parent,
+                new_messages=new_messages, reply=reply if reply.get("content") or reply.get("tool_calls")
                 else {"role": "assistant", "content": None, "tool_calls": []}, body=body, input_items=self.items,
                 continued=conv is not None))
         return body
