@@ -121,6 +121,10 @@ def test_tool_calls_and_results_render_as_the_chat_tool_loop(live: Live) -> None
                                                      "disable_parallel_tool_use": True},
                                         messages=[{"role": "user", "content": "Weather in Paris?"}], extra_body=GREEDY)
     assert [b.name for b in named.content if b.type == "tool_use"] == ["get_time"]
+    assert named.stop_reason == "tool_use"  # a forced tool too (was end_turn: the SDK's tool runner stopped there)
+    with live.claude.messages.stream(model=MODEL, max_tokens=64, tools=TOOLS, tool_choice={"type": "tool", "name": "get_time"},
+                                     messages=[{"role": "user", "content": "Weather in Paris?"}], extra_body=GREEDY) as s:
+        assert s.get_final_message().stop_reason == "tool_use"
     use = uses[0]
     messages: list[Any] = [
         {"role": "user", "content": "Weather in Paris?"},
@@ -261,6 +265,7 @@ def test_errors_come_in_anthropics_shape(live: Live) -> None:
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "tools": [
         {"name": "f", "input_schema": {"type": "nonsense"}}]}, "tools[0].input_schema")  # its names, not chat's
     refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "stop_sequences": [""]}, "stop_sequences")
+    refused(400, {"model": MODEL, "max_tokens": 4, "messages": hi, "temperature": 1.5}, "temperature")  # 0..1
     with pytest.raises(anthropic.BadRequestError, match=r"tools\[0\]\.input_schema"):  # counting names them so too
         live.claude.messages.count_tokens(model=MODEL, messages=hi, tools=[{"name": "f", "input_schema": {
             "type": "nonsense"}}])
@@ -301,8 +306,10 @@ def test_models_in_anthropics_shape_for_its_clients(live: Live) -> None:
     assert [(m.id, m.type, m.display_name) for m in listed.data] == [(MODEL, "model", MODEL)]
     assert listed.data[0].created_at.year >= 2024 and listed.data[0].max_input_tokens == 1024
     assert live.claude.models.retrieve(MODEL).type == "model"
-    with pytest.raises(anthropic.NotFoundError):
+    assert listed.data[0].lifecycle == "active"  # a field the client's ModelInfo requires
+    with pytest.raises(anthropic.NotFoundError) as missing:
         live.claude.models.retrieve("claude-nonesuch")
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]  # Anthropic's shape
     assert [m.id for m in live.chat.models.list().data] == [MODEL]  # OpenAI's clients: OpenAI's list
     assert httpx.get(live.url + "/v1/models", headers={"x-api-key": "key-a"}).json()["object"] == "list"
 
@@ -319,3 +326,19 @@ def test_litellm_anthropic_provider(live: Live, monkeypatch: pytest.MonkeyPatch)
                                 max_tokens=64, temperature=0, tools=CHAT_TOOLS, tool_choice="required")
     calls = called.choices[0].message.tool_calls
     assert calls and all(json.loads(c.function.arguments)["city"] in ("Paris", "Rome") for c in calls)
+
+
+def test_consecutive_same_role_messages_are_one_turn(live: Live) -> None:
+    """Anthropic: "Consecutive user or assistant turns in your request will be combined into a single turn" (they
+    rendered as two turns; a prefill split over two assistant messages closed the first)."""
+    def tokens(messages: list[Any]) -> int:
+        return live.claude.messages.count_tokens(model=MODEL, messages=messages).input_tokens
+
+    assert tokens([{"role": "user", "content": "Hello"}, {"role": "user", "content": "World"}]) == \
+        tokens([{"role": "user", "content": "Hello\nWorld"}])
+    ask = {"role": "user", "content": "Where?"}
+    split = live.claude.messages.create(model=MODEL, max_tokens=6, extra_body=GREEDY, messages=[
+        ask, {"role": "assistant", "content": "The city"}, {"role": "assistant", "content": " is"}])
+    joined = live.claude.messages.create(model=MODEL, max_tokens=6, extra_body=GREEDY, messages=[
+        ask, {"role": "assistant", "content": "The city is"}])
+    assert split.content[0].text == joined.content[0].text and split.usage.input_tokens == joined.usage.input_tokens

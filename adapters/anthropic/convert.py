@@ -135,13 +135,21 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
         out.append({"role": "system", "content": _text_of_blocks(req.system, "system", "system")})
     if not req.messages:
         raise _bad("messages: at least one message is required", "messages")
+    turns: list[tuple[str, list[dict[str, Any]], str]] = []  # (role, blocks, where the turn starts)
     for i, m in enumerate(req.messages):
         at = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise _bad(f"{at}.role must be 'user' or 'assistant' (the system prompt goes in the top-level system "
                        "field)", f"{at}.role")
         blocks = _blocks(m.get("content"), f"{at}.content")
-        out += _user_messages(blocks, at) if m["role"] == "user" else [_assistant_message(blocks, at)]
+        check = _user_messages if m["role"] == "user" else _assistant_message
+        check(blocks, at)  # a bad block is named in its own message, before the turn's blocks are joined
+        if turns and turns[-1][0] == m["role"]:  # Anthropic: consecutive same-role messages are one turn
+            turns[-1] = (m["role"], turns[-1][1] + blocks, turns[-1][2])
+        else:
+            turns.append((m["role"], list(blocks), at))
+    for role, blocks, at in turns:
+        out += _user_messages(blocks, at) if role == "user" else [_assistant_message(blocks, at)]
     return out
 
 

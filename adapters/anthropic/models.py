@@ -15,7 +15,7 @@ def anthropic_model(card: dict[str, Any]) -> dict[str, Any]:
     created = datetime.datetime.fromtimestamp(card["created"], tz=datetime.timezone.utc)
     return {"type": "model", "id": card["id"], "display_name": card["id"],
             "created_at": created.isoformat().replace("+00:00", "Z"), "max_input_tokens": card["max_model_len"],
-            "max_tokens": card["max_model_len"]}
+            "max_tokens": card["max_model_len"], "lifecycle": "active"}
 
 
 def anthropic_model_page(openai_list: dict[str, Any]) -> dict[str, Any]:

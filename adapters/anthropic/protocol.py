@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -50,7 +50,7 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: Optional[list[str]] = None
     stream: bool = False
     # Sampling knobs the current SDK no longer sends (older clients, litellm and raw HTTP do).
-    temperature: Optional[float] = None
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=1.0)  # Anthropic's range (OpenAI's goes to 2)
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     metadata: Optional[dict[str, Any]] = None

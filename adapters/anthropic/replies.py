@@ -14,17 +14,20 @@ def message_id(chat_id: str) -> str:
 
 
 def stop_reason(finish_reason: Optional[str], matched: Any, output_tokens: int,
-                max_tokens: int) -> tuple[Optional[str], Optional[str]]:
+                max_tokens: int, has_calls: bool = False) -> tuple[Optional[str], Optional[str]]:
     """(Anthropic's stop_reason, the stop sequence that ended the reply) from the chat finish: `matched` is
     the stop string that matched (vLLM's stop_reason), or a stop token's id, or None at the end of turn.
     A length finish short of the request's max_tokens filled the context (its max_tokens was lowered to the
-    room left): model_context_window_exceeded, as Anthropic's API reports it."""
+    room left): model_context_window_exceeded, as Anthropic's API reports it. A reply of tool calls that stopped
+    on its own is tool_use, a forced tool's too (the chat finish says "stop" there, as OpenAI's does)."""
     if finish_reason == "length":
         return ("model_context_window_exceeded" if output_tokens < max_tokens else "max_tokens"), None
     if finish_reason == "tool_calls":
         return "tool_use", None
     if finish_reason == "stop" and isinstance(matched, str):
         return "stop_sequence", matched
+    if finish_reason == "stop" and has_calls:
+        return "tool_use", None
     if finish_reason is None:
         return None, None
     return "end_turn", None
@@ -61,7 +64,8 @@ def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
 def message_body(chat_body: dict[str, Any], model: str, max_tokens: int) -> dict[str, Any]:
     choice = chat_body["choices"][0]
     reason, sequence = stop_reason(choice["finish_reason"], choice.get("stop_reason"),
-                                   chat_body["usage"]["completion_tokens"], max_tokens)
+                                   chat_body["usage"]["completion_tokens"], max_tokens,
+                                   bool(choice["message"].get("tool_calls")))
     return {"id": message_id(chat_body["id"]), "type": "message", "role": "assistant", "model": model,
             "content": content_blocks(choice["message"]), "stop_reason": reason, "stop_sequence": sequence,
             "usage": anthropic_usage(chat_body["usage"])}

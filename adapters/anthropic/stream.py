@@ -65,6 +65,7 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str, max_toke
     started = False
     usage: Optional[dict[str, Any]] = None
     finish: tuple[Optional[str], Any] = (None, None)  # the chat finish_reason and stop_reason
+    has_calls = False
     async with contextlib.aclosing(chunks) as it:  # a client that leaves closes the chat stream (and its request)
         async for sse in it:
             payload = sse.removeprefix("data: ").strip()
@@ -86,6 +87,7 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str, max_toke
                     "stop_reason": None, "stop_sequence": None, "usage": start_usage}})
                 yield event("ping", {})
             for choice in chunk.get("choices") or []:
+                has_calls = has_calls or bool((choice.get("delta") or {}).get("tool_calls"))
                 for out in _delta_events(blocks, choice.get("delta") or {}):
                     yield out
                 if choice.get("finish_reason") is not None:
@@ -93,7 +95,7 @@ async def message_events(chunks: AsyncGenerator[str, None], model: str, max_toke
     for out in blocks.close():
         yield out
     output_tokens = usage["completion_tokens"] if usage is not None else 0
-    reason, sequence = stop_reason(*finish, output_tokens, max_tokens)
+    reason, sequence = stop_reason(*finish, output_tokens, max_tokens, has_calls)
     yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                   "usage": {"output_tokens": output_tokens}})
     yield event("message_stop", {})

@@ -37,8 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import agentserve
 from agentserve.adapters.anthropic.models import ANTHROPIC_VERSION_HEADER, anthropic_model, anthropic_model_page
-from agentserve.adapters.anthropic.protocol import MESSAGES_PATH, is_messages_path
-from agentserve.adapters.anthropic.protocol import error_body as anthropic_error_body
+from agentserve.adapters.anthropic.protocol import MESSAGES_PATH, error_body as anthropic_error_body
 from agentserve.adapters.anthropic.routes import add_anthropic_routes
 from agentserve.adapters.openai.metrics import Metrics
 from agentserve.adapters.openai.tokenize_routes import add_tokenize_routes
@@ -49,7 +48,7 @@ from agentserve.adapters.openai.invocations import INVOCATIONS_PATH, add_invocat
 from agentserve.adapters.openai.responses import ResponsesEndpoint
 from agentserve.adapters.openai.responses_routes import add_responses_routes, respond
 from agentserve.adapters.openai.request_ids import RequestIdHeaderMiddleware
-from agentserve.adapters.openai.route_path import route_path
+from agentserve.adapters.openai.route_path import anthropic_shaped, route_path
 from agentserve.adapters.openai.serving import OpenAIServing
 from agentserve.adapters.openai.lora_routes import add_lora_routes, install_lora_error_handlers
 from agentserve.chat.render_pool import RenderPool
@@ -76,16 +75,16 @@ class _ErrorJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _error_response(status: int, message: str, type: str, param: Optional[str] = None,
-                    code: Optional[str] = None, headers: Optional[dict[str, str]] = None, path: str = "") -> JSONResponse:
-    """An error in OpenAI's shape, or in Anthropic's on the Messages API's routes (`path`)."""
-    body = anthropic_error_body(status, message) if is_messages_path(path) else error_body(message, type, param, code)
+def _error_response(status: int, message: str, type: str, param: Optional[str] = None, code: Optional[str] = None,
+                    headers: Optional[dict[str, str]] = None, anthropic: bool = False) -> JSONResponse:
+    """An error in OpenAI's shape, or in Anthropic's (`anthropic`: route_path.anthropic_shaped)."""
+    body = anthropic_error_body(status, message) if anthropic else error_body(message, type, param, code)
     return _ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
-def _openai_error_response(e: OpenAIError, path: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 503 else None
-    return _error_response(e.status, e.message, e.type, e.param, e.code, headers, path)
+def _openai_error_response(e: OpenAIError, anthropic: bool) -> JSONResponse:
+    return _error_response(e.status, e.message, e.type, e.param, e.code,
+                           {"Retry-After": "1"} if e.status == 503 else None, anthropic)
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -131,7 +130,7 @@ class _GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = route_path(scope)
+        path, anthropic = route_path(scope), anthropic_shaped(scope)
         endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
         status_box = [500]
 
@@ -145,7 +144,8 @@ class _GateMiddleware:
             if len(raw_headers) > self.max_header_count:
                 resp = _error_response(431, f"The request carries {len(raw_headers)} headers; the limit is "
                                             f"{self.max_header_count} (--h11-max-header-count).",
-                                       "invalid_request_error", None, "request_header_fields_too_large", path=path)
+                                       "invalid_request_error", None, "request_header_fields_too_large",
+                                       anthropic=anthropic)
                 await resp(scope, receive, counting_send)
                 return
             headers = dict(raw_headers)
@@ -159,7 +159,7 @@ class _GateMiddleware:
                     resp = _error_response(
                         401, "You didn't provide an API key. Provide it in the Authorization header using "
                              "Bearer auth (Authorization: Bearer YOUR_KEY), or in X-Api-Key.",
-                        "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}, path)
+                        "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}, anthropic)
                     await resp(scope, receive, counting_send)
                     return
                 tenant = None
@@ -167,7 +167,7 @@ class _GateMiddleware:
                     tenant = self.tenants.authenticate(token.strip().decode("utf-8", "replace"))
                 if tenant is None:
                     resp = _error_response(401, "Incorrect API key provided.", "invalid_request_error", None,
-                                           "invalid_api_key", {"WWW-Authenticate": "Bearer"}, path)
+                                           "invalid_api_key", {"WWW-Authenticate": "Bearer"}, anthropic)
                     await resp(scope, receive, counting_send)
                     return
             length = headers.get(b"content-length")
@@ -179,7 +179,7 @@ class _GateMiddleware:
                 if too_big:
                     resp = _error_response(413, f"The request body is {int(length)} bytes; the limit is "
                                                 f"{self.max_body_bytes} bytes (--max-body-bytes).",
-                                           "invalid_request_error", None, "request_too_large", path=path)
+                                           "invalid_request_error", None, "request_too_large", anthropic=anthropic)
                     await resp(scope, receive, counting_send)
                     return
             limited = self._limited(receive)
@@ -188,17 +188,17 @@ class _GateMiddleware:
             if tenant is None or scope.get("method") != "POST" or path not in _GENERATION_ENDPOINTS:
                 await self.app(scope, limited, counting_send)
                 return
-            await self._generation(scope, limited, counting_send, tenant, path)
+            await self._generation(scope, limited, counting_send, tenant)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
-    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant, path: str) -> None:
+    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant) -> None:
         """A generation request, in one of the tenant's request slots (429 when none is left)."""
         try:
             self.tenants.acquire(tenant)
         except TenantLimitError as e:
             resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
-                                   {"Retry-After": "1"}, path)
+                                   {"Retry-After": "1"}, anthropic_shaped(scope))
             await resp(scope, receive, send)
             return
         slot = scope["state"][SLOT_SCOPE_KEY] = HeldRequestSlot(self.tenants, tenant)
@@ -220,35 +220,36 @@ class _GateMiddleware:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return _openai_error_response(exc, route_path(request.scope))
+        return _openai_error_response(exc, anthropic_shaped(request.scope))
 
     @app.exception_handler(FieldError)
     async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
-        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code, path=route_path(request.scope))
+        return _error_response(400, str(exc), "invalid_request_error", exc.field, exc.code,
+                               anthropic=anthropic_shaped(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error_response(exc, request.headers.get("content-type", ""), route_path(request.scope))
+        return _validation_error_response(exc, request.headers.get("content-type", ""), anthropic_shaped(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "request_too_large" if exc.status_code == 413 else None
         return _error_response(exc.status_code, str(exc.detail), type_, None, code,
-                               dict(exc.headers) if exc.headers else None, route_path(request.scope))
+                               dict(exc.headers) if exc.headers else None, anthropic_shaped(request.scope))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", route_path(request.scope))
         return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
-                               path=route_path(request.scope))
+                               anthropic=anthropic_shaped(request.scope))
 
 
-def _validation_error_response(exc: RequestValidationError, content_type: str, path: str) -> JSONResponse:
+def _validation_error_response(exc: RequestValidationError, content_type: str, anthropic: bool) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("loc") == ("body",):  # the body as a whole: empty, not JSON, or not an object
-        return _error_response(400, _body_problem(first, content_type), "invalid_request_error", None, path=path)
+        return _error_response(400, _body_problem(first, content_type), "invalid_request_error", None, anthropic=anthropic)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Unions report the branch tried ("prompt.str"): keep the field path readable.
     loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[str]", "list[int]",
@@ -264,7 +265,7 @@ def _validation_error_response(exc: RequestValidationError, content_type: str, p
         if first.get("input") is not None and first.get("type") != "model_attributes_type":
             with contextlib.suppress(TypeError, ValueError):
                 message += f" (got {json.dumps(first['input'])[:200]})"
-    return _error_response(400, message, "invalid_request_error", param, path=path)
+    return _error_response(400, message, "invalid_request_error", param, anthropic=anthropic)
 
 
 def _body_problem(error: dict[str, Any], content_type: str) -> str:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from agentserve.adapters.anthropic.models import ANTHROPIC_VERSION_HEADER
+from agentserve.adapters.anthropic.protocol import is_messages_path
+
 
 def route_path(scope: Any) -> str:
     path: str = scope.get("path", "")
@@ -14,3 +17,13 @@ def route_path(scope: Any) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root):] or "/"
     return path
+
+
+def anthropic_shaped(scope: Any) -> bool:
+    """Whether errors take Anthropic's shape: on the Messages API's routes, and on /v1/models for Anthropic's
+    clients (the anthropic-version header), which get Anthropic's model objects there."""
+    path = route_path(scope)
+    if is_messages_path(path):
+        return True
+    return (path == "/v1/models" or path.startswith("/v1/models/")) and \
+        ANTHROPIC_VERSION_HEADER.encode() in dict(scope.get("headers") or [])
