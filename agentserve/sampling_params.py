@@ -6,6 +6,7 @@ starts with the field it is about, so the servers can name it (HTTP `param`, gRP
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -87,8 +88,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # vLLM's: at most this many tokens of reasoning (needs a --reasoning-parser), then its end marker is forced.
     thinking_token_budget: Optional[int] = None
-    logprobs: Optional[int] = None  # top-n logprobs per generated token (0: only the sampled token's)
-    prompt_logprobs: Optional[int] = None  # top-n logprobs per prompt token (0: only the prompt token's)
+    # top-n logprobs per generated / prompt token (0: only the sampled or prompt token's; vLLM's -1: the whole
+    # vocabulary, which the engine allows with max_logprobs -1)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     # vLLM's: keep only the prompt's last k tokens (-1: the last max_model_len - 1, what the model can take).
     truncate_prompt_tokens: Optional[int] = None
     # OpenAI's logit_bias: token id -> value added to its logit before sampling (-100 bans, 100 forces).
@@ -120,6 +123,8 @@ class SamplingParams:
     structured_outputs_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.seed == -1 and not isinstance(self.seed, bool):
+            self.seed = None  # vLLM's: -1 is no seed
         self._take_vllm_constraints()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -135,6 +140,15 @@ class SamplingParams:
             self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
         if 0.0 < self.temperature < MIN_POSITIVE_TEMPERATURE:
             self.temperature = MIN_POSITIVE_TEMPERATURE
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        # vLLM code sets a constraint on built params (`params.structured_outputs = StructuredOutputsParams(...)`,
+        # after clone() too): read it onto the fields as __post_init__ does, or it would be silently ignored.
+        if name in ("structured_outputs", "guided_decoding") and value is not None and self.__dict__.get("_built"):
+            self._take_vllm_constraints()
+            self._validate_constraints()
 
     def _take_vllm_constraints(self) -> None:
         for keyword in ("structured_outputs", "guided_decoding"):
@@ -183,13 +197,13 @@ class SamplingParams:
             bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
         # Their upper bound is the engine's max_logprobs (engine/validation.py: validate_logprobs).
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0)
+            _check_int("logprobs", self.logprobs, -1, what=" (-1: the whole vocabulary)")
         if self.truncate_prompt_tokens is not None and (not _is_int(self.truncate_prompt_tokens) or not (
                 self.truncate_prompt_tokens == -1 or 1 <= self.truncate_prompt_tokens <= INT64_MAX)):
             bad("truncate_prompt_tokens", f"must be a positive integer or -1 (the model's limit), got "
                                           f"{self.truncate_prompt_tokens!r}")
         if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+            _check_int("prompt_logprobs", self.prompt_logprobs, -1, what=" (-1: the whole vocabulary)")
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 0)
         self._validate_logit_bias()
@@ -270,7 +284,8 @@ class SamplingParams:
                 or self.tools_active)
 
     def clone(self, **changes: Any) -> "SamplingParams":
-        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """A deep copy with `changes` (vLLM's clone: changing the copy's logit_bias leaves this one's alone)."""
+        values = copy.deepcopy({f: getattr(self, f) for f in self.__dataclass_fields__})
         values.update(changes)
         return SamplingParams(**values)
 

@@ -354,7 +354,7 @@ def test_engine_validate_refuses_what_the_vocabulary_cannot_hold() -> None:
 @pytest.mark.parametrize("fields, name", [
     ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"top_k": 2**63}, "top_k"),
     ({"top_k": -2}, "top_k"), ({"n": 0}, "n"), ({"n": 10**6}, "n"), ({"max_tokens": 2**63}, "max_tokens"),
-    ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": -1}, "min_tokens"), ({"logprobs": -1}, "logprobs"),
+    ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": -1}, "min_tokens"), ({"logprobs": -2}, "logprobs"),
     ({"logprobs": True}, "logprobs"), ({"temperature": math.nan}, "temperature"),
     ({"temperature": math.inf}, "temperature"), ({"top_p": math.nan}, "top_p"), ({"min_p": math.nan}, "min_p"),
     ({"repetition_penalty": math.inf}, "repetition_penalty"), ({"presence_penalty": math.nan}, "presence_penalty"),

@@ -111,3 +111,35 @@ def test_a_request_level_backend_must_be_the_engines(llm: LLM) -> None:
     with pytest.raises(ValueError, match="request-level backend selection is not supported; this server compiles "
                                          "constraints with 'llguidance'"):
         llm.generate("hi", other)
+
+
+@pytest.mark.parametrize("keyword,cls", [("structured_outputs", StructuredOutputsParams),
+                                         ("guided_decoding", GuidedDecodingParams)])
+def test_a_constraint_set_on_built_params_constrains(llm: LLM, keyword: str, cls: type) -> None:
+    """vLLM code sets the constraint after building the params (and after clone()); it was silently ignored."""
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    setattr(params, keyword, cls(choice=["yes", "no"]))
+    assert _text(llm, params) in ("yes", "no")
+    copy = SamplingParams(temperature=0.0, max_tokens=8).clone()
+    setattr(copy, keyword, cls(regex="[0-9]{3}"))
+    assert re.fullmatch("[0-9]{3}", _text(llm, copy))
+    with pytest.raises(ValueError, match=keyword):  # one constraint in two places, as at construction
+        setattr(params, keyword, cls(regex="a"))
+
+
+def test_vllms_sentinels_and_deep_clone() -> None:
+    """seed -1 is no seed (it was a fixed seed: the same samples every call); logprobs / prompt_logprobs -1 are
+    the whole vocabulary (refused before; allowed where max_logprobs is -1); clone() is a deep copy."""
+    assert SamplingParams(seed=-1).seed is None
+    base = SamplingParams(logit_bias={5: 1.0}, bad_words=["x"])
+    copy = base.clone()
+    copy.logit_bias[6] = 2.0  # type: ignore[index]
+    copy.bad_words.append("y")  # type: ignore[union-attr]
+    assert base.logit_bias == {5: 1.0} and base.bad_words == ["x"]
+    with LLM(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=64, max_logprobs=-1) as whole:
+        out = whole.generate(["hello there my friend"], SamplingParams(max_tokens=2, logprobs=-1, prompt_logprobs=-1))[0]
+        vocab = whole.engine.arch.vocab_size
+        assert len(out.outputs[0].logprobs[0]) == vocab and len(out.prompt_logprobs[1]) == vocab
+    with LLM(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=64) as capped, \
+            pytest.raises(ValueError, match="logprobs must be in"):
+        capped.generate(["hi"], SamplingParams(max_tokens=2, logprobs=-1))

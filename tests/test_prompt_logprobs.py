@@ -99,7 +99,7 @@ def test_prompt_logprobs_survive_preemption_n_and_speculation() -> None:
 
 
 def test_prompt_logprobs_are_validated() -> None:
-    for bad in (-1, 1.5, True):  # the upper bound is the engine's --max-logprobs (test_vllm_server_flags.py)
+    for bad in (-2, 1.5, True):  # -1 is vLLM's whole vocabulary; the upper bound is the engine's --max-logprobs
         with pytest.raises(SamplingParamsError, match="prompt_logprobs must be an integer in"):
             SamplingParams(prompt_logprobs=bad)
 

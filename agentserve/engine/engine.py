@@ -143,6 +143,9 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         validate_vocab_params(params, vocab)
+        whole = {k: vocab for k in ("logprobs", "prompt_logprobs") if getattr(params, k) == -1}
+        if whole:  # vLLM's -1: every token's
+            params = params.clone(**whole)
         validate_logprobs(params, self.config.model.max_logprobs, vocab)
         check_requested_backend(params.structured_outputs_backend, self.config.grammar_backend,
                                 "structured_outputs.backend")
