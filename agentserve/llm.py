@@ -67,7 +67,7 @@ def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional
 
 class LLM:
     def __init__(self, model: str, device: Optional[str] = None, dtype: str = "auto", **engine_config: Any) -> None:
-        engine_config = engine_kwargs_from_vllm_llm_kwargs(engine_config)  # trust_remote_code, swap_space, ...
+        engine_config = engine_kwargs_from_vllm_llm_kwargs(engine_config, model)  # trust_remote_code, swap_space, ...
         self._own(Engine.from_kwargs(model, device=device, dtype=dtype, **engine_config))
 
     @classmethod

@@ -108,13 +108,14 @@ def engine_kwargs_from_vllm_flags(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any], model: str = "") -> dict[str, Any]:
     """vLLM's LLM(...) keywords of the flags above, read as the CLI reads them: swap_space (GiB) is
     swap_space_gb, guided_decoding_backend and structured_outputs_config={'backend': ...} are
     grammar_backend, and those of behaviour agentserve always has are accepted (turning chunked prefill
     off is not: agentserve has no unchunked path); vLLM's keywords without an agentserve option are
-    accepted at their defaults (agentserve/vllm_llm_options.py)."""
-    kw = take_vllm_only_llm_kwargs(kwargs)  # tokenizer_mode, revision, download_dir, ... at their defaults
+    accepted at their defaults (agentserve/vllm_llm_options.py); `quantization` and `kv_cache_dtype` take
+    the CLI's values and reasons (gguf, compressed-tensors, fbgemm_fp8 where the checkpoint is one)."""
+    kw = _llm_quantization(take_vllm_only_llm_kwargs(kwargs), model)  # tokenizer_mode, revision, ... at defaults
     backends = [kw.pop("guided_decoding_backend", None)]  # vLLM's older keyword, then its structured outputs'
     outputs_config = kw.pop("structured_outputs_config", None)
     if outputs_config is not None:
@@ -142,6 +143,20 @@ def engine_kwargs_from_vllm_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]
         if name in kw:
             kw.pop(name)
             logger.info("%s: %s", name, why)
+    return kw
+
+
+def _llm_quantization(kw: dict[str, Any], model: str) -> dict[str, Any]:
+    """LLM(quantization=..., kv_cache_dtype=...) read as the CLI reads its flags, a ValueError naming the keyword."""
+    method = kw.get("quantization")
+    if isinstance(method, str) and method != "fp8":
+        try:
+            kw["quantization"] = quantization_from_flag(method, model)
+        except SystemExit as e:
+            raise ValueError(str(e).replace(f"--quantization {method}", f"quantization={method!r}", 1)) from None
+    if kw.get("kv_cache_dtype") in _KV_CACHE_DTYPE_REFUSALS:
+        raise ValueError(f"kv_cache_dtype={kw['kv_cache_dtype']!r} is not supported: "
+                         f"{_KV_CACHE_DTYPE_REFUSALS[kw['kv_cache_dtype']]}")
     return kw
 
 

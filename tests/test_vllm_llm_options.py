@@ -102,3 +102,17 @@ def test_vllm_engine_args_none_defaults_leave_agentserves_defaults() -> None:
         engine_kwargs_from_vllm_llm_kwargs({"skip_tokenizer_init": True})
     llm.close()
     plain.close()
+
+
+def test_quantization_and_kv_cache_dtype_take_the_clis_values() -> None:
+    """LLM(quantization="gguf") on a GGUF (and a checkpoint's own compressed-tensors / fbgemm_fp8) is taken as
+    `agentserve serve --quantization` takes it (pydantic's "Input should be 'fp8'" before); the values agentserve
+    cannot serve are a ValueError naming the keyword and why."""
+    from agentserve.testing.real import smollm2_gguf_path
+    with LLM(str(smollm2_gguf_path()), quantization="gguf", num_blocks=32, max_model_len=128) as gguf:
+        assert gguf.engine.config.model.quantization is None  # the file's tensors, dequantized at load
+    for kw, says in (({"quantization": "compressed-tensors"}, "quantization='compressed-tensors'.*says none"),
+                     ({"quantization": "awq"}, "quantization='awq': agentserve cannot serve"),
+                     ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype='fp8_e5m2' is not supported: .*e4m3")):
+        with pytest.raises(ValueError, match=says):
+            LLM(str(tiny_model_cached("qwen2")), num_blocks=16, **kw)
