@@ -198,15 +198,15 @@ class LLM:
     def _fit_to_context(self, prompt: Prompt, params: SamplingParams) -> SamplingParams:
         """vLLM's offline LLM stops a reply at max_model_len (finish_reason "length") rather than refusing a
         max_tokens the context cannot hold, as the servers' endpoints do; a prompt that leaves no room is still
-        refused by the engine. A min_tokens past the room ends there too (vLLM checks it against max_tokens only)."""
-        if params.max_tokens is None and not params.min_tokens:
-            return params  # the engine's default already fits
+        refused by the engine. A min_tokens past the room ends there too (vLLM checks it against max_tokens only).
+        max_tokens=None given offline is the whole room, as vLLM's processor reads it (the servers' default, for
+        a request that sets none, is capped by generation_config's max_new_tokens)."""
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         room = self.engine.output_room(len(truncate_prompt(ids, params, self.engine.max_model_len)))
         if room <= 0:
             return params
         fitted = {k: room for k, v in (("max_tokens", params.max_tokens), ("min_tokens", params.min_tokens))
-                  if v is not None and v > room}
+                  if v is None or v > room}
         return params.clone(**fitted) if fitted else params
 
     def _priorities(self, priority: Optional[Sequence[int]], count: int) -> list[int]:
