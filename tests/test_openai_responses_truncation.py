@@ -6,7 +6,8 @@ instructions stay, the reply keeps its room; when the newest turn alone does not
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+import contextlib
+from typing import Callable, Iterator
 
 import httpx
 import openai
@@ -71,10 +72,10 @@ def test_auto_drops_the_oldest_turns_and_disabled_fails(client: openai.OpenAI) -
     assert again.usage.input_tokens + 4 <= CONTEXT
 
 
-def test_whole_turns_are_dropped_and_the_instructions_stay() -> None:
-    """fit_conversation on the chat template's own count: the fewest oldest turns (a user message and the
-    assistant calls and tool results after it) go, the system message stays; None when nothing needs to go
-    or nothing would help."""
+@contextlib.contextmanager
+def _fitting(conv: list) -> Iterator[tuple[Callable[[list], int], Callable[[int], object]]]:
+    """(the chat template's token count of some messages, fit_conversation of `conv` to a budget) over the tiny
+    qwen2's tokenizer, in a render pool of its own."""
     from transformers import AutoTokenizer
 
     from agentserve.adapters.openai.responses_truncation import fit_conversation
@@ -83,58 +84,48 @@ def test_whole_turns_are_dropped_and_the_instructions_stay() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_cached("qwen2")))
     pool = RenderPool(tok, CONTEXT, ServerConfig())
+
+    def size(msgs: list) -> int:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    def fit(budget: int) -> object:
+        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6, {}))
+
+    try:
+        yield size, fit
+    finally:
+        pool.close()
+
+
+def test_whole_turns_are_dropped_and_the_instructions_stay() -> None:
+    """fit_conversation on the chat template's own count: the fewest oldest turns (a user message and the
+    assistant calls and tool results after it) go, the system message stays; None when nothing needs to go
+    or nothing would help."""
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     conv = [{"role": "system", "content": "rules"}, {"role": "user", "content": "one " + TURN},
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_1", "content": "result " + TURN},
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "two " + TURN},
             {"role": "assistant", "content": "fine"}, {"role": "user", "content": "three"}]
-
-    def size(msgs: list) -> int:
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return len(tok.encode(text, add_special_tokens=False))
-
-    def fit(budget: int) -> object:
-        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6, {}))
-
-    try:
+    with _fitting(conv) as (size, fit):
         assert fit(size(conv)) is None  # fits whole
         assert fit(size(conv) - 1) == [conv[0]] + conv[5:]  # the first turn (with its call and result) goes
         assert fit(size([conv[0]] + conv[5:]) - 1) == [conv[0], conv[7]]  # then the second
         assert fit(size([conv[0], conv[7]]) - 1) is None  # the newest alone does not fit: nothing helps
-    finally:
-        pool.close()
 
 
 def test_an_agent_loops_oldest_rounds_go_and_its_task_stays() -> None:
     """One task, then rounds of tool calls and results past the context: "auto" failed as "disabled" does (only
     user messages were cut points); now the oldest rounds go, whole, and the task's user message stays."""
-    from transformers import AutoTokenizer
-
-    from agentserve.adapters.openai.responses_truncation import fit_conversation
-    from agentserve.chat.render_pool import RenderPool
-    from agentserve.config import ServerConfig
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_cached("qwen2")))
-    pool = RenderPool(tok, CONTEXT, ServerConfig())
     conv: list = [{"role": "system", "content": "rules"}, {"role": "user", "content": "Summarise the files."}]
     for i in range(4):
         call = {"id": f"call_{i}", "type": "function", "function": {"name": "read", "arguments": "{}"}}
         conv += [{"role": "assistant", "content": None, "tool_calls": [call]},
                  {"role": "tool", "tool_call_id": f"call_{i}", "content": f"file {i} " + TURN}]
-
-    def size(msgs: list) -> int:
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return len(tok.encode(text, add_special_tokens=False))
-
-    def fit(budget: int) -> object:
-        return asyncio.run(fit_conversation(pool, conv, None, budget, 10**6, {}))
-
-    try:
+    with _fitting(conv) as (size, fit):
         assert fit(size(conv) - 1) == conv[:2] + conv[4:]  # the first round (its call and result) goes
         assert fit(size(conv[:2] + conv[6:]) - 1) == conv[:2] + conv[8:]  # then two more: the newest stays
-    finally:
-        pool.close()
 
 
 def test_the_newest_turn_is_kept(client: openai.OpenAI) -> None:
