@@ -34,8 +34,8 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
 
-    @property
     def finished(self) -> bool:
+        """A method, as vLLM's CompletionOutput.finished() (RequestOutput.finished is an attribute in both)."""
         return self.finish_reason is not None
 
     def ends_on_stop_token(self, eos_token_ids: Collection[int]) -> bool:

@@ -131,6 +131,9 @@ def test_vllms_sentinels_and_deep_clone() -> None:
     """seed -1 is no seed (it was a fixed seed: the same samples every call); logprobs / prompt_logprobs -1 are
     the whole vocabulary (refused before; allowed where max_logprobs is -1); clone() is a deep copy."""
     assert SamplingParams(seed=-1).seed is None
+    with LLM(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=64) as small:  # vLLM's finished() method
+        done = small.generate(["hi"], SamplingParams(max_tokens=2))[0]
+        assert done.finished and done.outputs[0].finished()
     base = SamplingParams(logit_bias={5: 1.0}, bad_words=["x"])
     copy = base.clone()
     copy.logit_bias[6] = 2.0  # type: ignore[index]
