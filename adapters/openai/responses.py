@@ -154,20 +154,22 @@ class ResponsesEndpoint:
                                       self.s.engine.arch.vocab_size, kwargs)
 
     async def _plan(self, req: I.ResponsesRequest, tenant: Tenant, prev: Optional[StoredResponse],
-                    new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,
-                    adapter: Optional[str], fitted: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> ResponsePlan:
+                    history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
+                    tools: Optional[list[dict[str, Any]]], render_key: str, adapter: Optional[str],
+                    fitted: Optional[list[dict[str, Any]]], kwargs: dict[str, Any]) -> ResponsePlan:
+        """`history`: prev's conversation ([] without prev)."""
         keep = req.store is not False
         if fitted is None and prev is not None and prev.render_key == render_key and not prev.continued:
             snap = await self.sessions.get(prev.session_id, tenant=tenant.name)
-            same = await self._continues_alike(req, prev.session_id, prev.conversation(), new_messages, tools, kwargs)
-            # Checked again after the awaits: only one continuation may take the session's tip.
-            if same and snap.num_turns == prev.turn and not snap.busy and not prev.continued:
+            # The renders only where the session could take the continuation; prev.continued checked again after
+            # the awaits: only one continuation may take the session's tip.
+            if snap.num_turns == prev.turn and not snap.busy and await self._continues_alike(
+                    req, prev.session_id, history, new_messages, tools, kwargs) and not prev.continued:
                 if keep:
                     prev.continued = True
                     return ResponsePlan(prev.session_id, new_messages, False, prev)
                 child = await self.sessions.fork(prev.session_id, tenant=tenant.name)
                 return ResponsePlan(child.session_id, new_messages, True, None)
-        history = prev.conversation() if prev is not None else []
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
         return ResponsePlan(session_id, fitted if fitted is not None else self.system(req) + history + new_messages,
                             not keep, None, fitted=fitted is not None)
@@ -206,9 +208,9 @@ class ResponsesEndpoint:
                 snap = await self.sessions.get(conv.session_id, tenant=tenant.name)
                 # Later items must not change how the held ones render (a function call appended to the
                 # assistant message the session holds): then the held messages are not a prefix of the whole.
-                alike = whole[:len(held)] == held and len(whole) > len(held) and await self._continues_alike(
-                    req, conv.session_id, held, whole[len(held):], tools, kwargs)
-                if alike and snap.num_turns == conv.session_turn and not snap.busy:
+                if snap.num_turns == conv.session_turn and not snap.busy and whole[:len(held)] == held \
+                        and len(whole) > len(held) and await self._continues_alike(
+                            req, conv.session_id, held, whole[len(held):], tools, kwargs):
                     return ResponsePlan(conv.session_id, whole[len(held):], False, None, conversation=conv,
                                         resident=True)
         session_id = await self._new_session(req, tenant, tools, adapter, kwargs)
@@ -275,7 +277,7 @@ class ResponsesEndpoint:
         try:
             history = prev.conversation() if prev is not None else []
             fitted = await self.fitted(req, history, new_messages, tools, kwargs) if req.truncation == "auto" else None
-            plan = await self._plan(req, tenant, prev, new_messages, tools, render_key, adapter, fitted, kwargs)
+            plan = await self._plan(req, tenant, prev, history, new_messages, tools, render_key, adapter, fitted, kwargs)
         except Exception as e:  # noqa: BLE001 - session errors -> HTTP statuses
             raise self.http_error(e) from None
         return await self._start(ResponseRun(self, req, tenant, plan, params, prev, new_messages, items, render_key,
