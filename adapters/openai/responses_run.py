@@ -16,6 +16,7 @@ from agentserve.adapters.openai.responses_events import (ResponseEvents, respons
                                                          responses_usage)
 from agentserve.adapters.openai.responses_logprobs import MessageLogprobs
 from agentserve.adapters.openai.responses_store import StoredResponse
+from agentserve.adapters.openai.responses_truncation import leading_system_count
 from agentserve.adapters.openai.serving import ClientDisconnected, now, wait_disconnect
 from agentserve.errors import SessionError
 from agentserve.sampling_params import SamplingParams
@@ -91,9 +92,7 @@ class ResponseRun:
             # dropped stays dropped for its continuations), without the instructions (not carried over).
             parent, new_messages = self.prev, self.new_messages
             if self.plan.fitted:
-                head = next((i for i, m in enumerate(self.plan.messages) if m.get("role") not in ("system", "developer")),
-                            len(self.plan.messages))
-                parent, new_messages = None, self.plan.messages[head:]
+                parent, new_messages = None, self.plan.messages[leading_system_count(self.plan.messages):]
             self.e.store.add(StoredResponse(
                 response_id=self.id, tenant=self.tenant.name, session_id=self.plan.session_id,
                 turn=result.session.num_turns, render_key=self.render_key, parent=parent,

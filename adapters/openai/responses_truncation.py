@@ -35,12 +35,18 @@ def reply_room(max_output_tokens: Optional[int], max_model_len: int) -> int:
     return max_output_tokens if max_output_tokens is not None else min(DEFAULT_REPLY_ROOM, max_model_len // 8)
 
 
-def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
-    """(the system messages' count, where a kept part may start: after them, at a user message, or at an
-    assistant message that calls tools: a round of the loop, its results after it)."""
+def leading_system_count(messages: Sequence[Message]) -> int:
+    """How many messages at the front are system (or developer) messages: the instructions."""
     head = 0
     while head < len(messages) and messages[head].get("role") in ("system", "developer"):
         head += 1
+    return head
+
+
+def _cut_points(messages: Sequence[Message]) -> tuple[int, list[int]]:
+    """(the system messages' count, where a kept part may start: after them, at a user message, or at an
+    assistant message that calls tools: a round of the loop, its results after it)."""
+    head = leading_system_count(messages)
     starts = [i for i in range(head, len(messages)) if messages[i].get("role") == "user"
               or (messages[i].get("role") == "assistant" and messages[i].get("tool_calls"))]
     return head, sorted({head, *starts})
