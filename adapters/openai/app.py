@@ -188,17 +188,17 @@ class _GateMiddleware:
             if tenant is None or scope.get("method") != "POST" or path not in _GENERATION_ENDPOINTS:
                 await self.app(scope, limited, counting_send)
                 return
-            await self._generation(scope, limited, counting_send, tenant)
+            await self._generation(scope, limited, counting_send, tenant, anthropic)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status_box[0])).inc()
 
-    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant) -> None:
+    async def _generation(self, scope: Any, receive: Any, send: Any, tenant: Tenant, anthropic: bool) -> None:
         """A generation request, in one of the tenant's request slots (429 when none is left)."""
         try:
             self.tenants.acquire(tenant)
         except TenantLimitError as e:
             resp = _error_response(429, str(e), "rate_limit_error", None, "rate_limit_exceeded",
-                                   {"Retry-After": "1"}, anthropic_shaped(scope))
+                                   {"Retry-After": "1"}, anthropic)
             await resp(scope, receive, send)
             return
         slot = scope["state"][SLOT_SCOPE_KEY] = HeldRequestSlot(self.tenants, tenant)
