@@ -85,7 +85,7 @@ def human_readable_int(text: str) -> int:
     if suffix.islower():  # exact decimal arithmetic: float(2.3) * 1000 would give 2299
         return int(decimal.Decimal(number) * 1000 ** ("kmgt".index(suffix) + 1))
     if "." in number:
-        raise argparse.ArgumentTypeError(f"{text!r}: binary suffixes (K, M, G) take whole numbers; use 25.6k "
+        raise argparse.ArgumentTypeError(f"{text!r}: binary suffixes (K, M, G, T) take whole numbers; use 25.6k "
                                          "(decimal) or a plain number")
     return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
 
