@@ -26,33 +26,42 @@ AdapterArg = Union[None, str, Sequence[Optional[str]]]
 LoRARequestArg = Union[None, LoRARequest, Sequence[Optional[LoRARequest]]]
 
 
-# vLLM's prompt dicts (TextPrompt / TokensPrompt): {"prompt": text} or {"prompt_token_ids": ids}.
+# vLLM's prompt dicts (TextPrompt / TokensPrompt): {"prompt": text} or {"prompt_token_ids": ids}, with an
+# optional "cache_salt" (the prefix-cache namespace the request's pages are keyed in).
 _PROMPT_KEYS = {"prompt", "prompt_token_ids"}
+_OPTIONAL_PROMPT_KEYS = {"cache_salt"}
 
 
-def _prompt_from_dict(prompt: dict[str, Any]) -> Prompt:
-    unknown = sorted(set(prompt) - _PROMPT_KEYS)
-    if unknown or len(prompt) != 1:
+def _prompt_from_dict(prompt: dict[str, Any]) -> tuple[Prompt, Optional[str]]:
+    """The prompt and its cache_salt (None when the dict gives none)."""
+    unknown = sorted(set(prompt) - _PROMPT_KEYS - _OPTIONAL_PROMPT_KEYS)
+    given = set(prompt) & _PROMPT_KEYS
+    if unknown or len(given) != 1:
         what = f"{', '.join(map(repr, unknown))} not supported" if unknown else "give exactly one of them"
-        raise ValueError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids' (token ids): {what}")
+        raise ValueError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids' (token ids), and optionally "
+                         f"'cache_salt': {what}")
+    salt = prompt.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ValueError(f"a prompt dict's 'cache_salt' must be a non-empty string, got {salt!r}")
     if "prompt" in prompt:
         if not isinstance(prompt["prompt"], str):
             raise ValueError("a prompt dict's 'prompt' must be text")
-        return prompt["prompt"]
+        return prompt["prompt"], salt
     ids = prompt["prompt_token_ids"]
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise ValueError("a prompt dict's 'prompt_token_ids' must be a list of token ids")
-    return list(ids)
+    return list(ids), salt
 
 
-def _prompt_list(prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]]) -> list[Prompt]:
-    """One prompt (text, token ids or a vLLM prompt dict) or a list of them, as a list of texts / id lists."""
+def _prompt_list(prompts: Union[Prompt, dict[str, Any], Sequence[Union[Prompt, dict[str, Any]]]]
+                 ) -> list[tuple[Prompt, Optional[str]]]:
+    """One prompt (text, token ids or a vLLM prompt dict) or a list of them, as (text / id list, cache_salt)."""
     items: Sequence[Union[Prompt, dict[str, Any]]]
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
         items = [cast(Union[Prompt, dict[str, Any]], prompts)]  # one prompt: text, a prompt dict or token ids
     else:
         items = cast(Sequence[Union[Prompt, dict[str, Any]]], prompts)
-    return [_prompt_from_dict(p) if isinstance(p, dict) else p for p in items]
+    return [_prompt_from_dict(p) if isinstance(p, dict) else (p, None) for p in items]
 
 
 def _adapters_per_prompt(adapter: AdapterArg, num_prompts: int) -> list[Optional[str]]:
@@ -165,7 +174,7 @@ class LLM:
                  use_tqdm: bool = False, adapter: AdapterArg = None,
                  lora_request: LoRARequestArg = None, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """Prompts are strings, token-id lists or vLLM's prompt dicts ({"prompt": text} or
-        {"prompt_token_ids": ids}), one prompt or a list. Outputs come in input order.
+        {"prompt_token_ids": ids}, optionally with "cache_salt"), one prompt or a list. Outputs come in input order.
         `adapter`: a loaded LoRA adapter's name for all prompts, or a name (or None: the base model)
         per prompt. `lora_request`: vLLM's form of the same (agentserve.lora.request.LoRARequest, loaded
         on first use); give one of the two. `priority`: vLLM's, one per prompt (lower runs first) under
@@ -174,7 +183,8 @@ class LLM:
             if adapter is not None:
                 raise ValueError("give adapter= or lora_request=, not both")
             adapter = self._adapter_names(lora_request)
-        prompts = _prompt_list(prompts)
+        salted = _prompt_list(prompts)
+        prompts = [prompt for prompt, _ in salted]
         params_list = self._params_per_prompt(sampling_params, len(prompts), "prompts")
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
@@ -184,10 +194,10 @@ class LLM:
             raise LoRANotEnabledError("adapter= needs an engine started with enable_lora=True")
         ids = []
         try:
-            for prompt, params, lora_name, rank in zip(prompts, params_list, adapters, priorities):
+            for (prompt, salt), params, lora_name, rank in zip(salted, params_list, adapters, priorities):
                 rid = f"offline-{next(self._ids)}"
                 self.engine.add_request(rid, prompt, self._fit_to_context(prompt, params), lora_name=lora_name,
-                                        priority=rank)
+                                        priority=rank, cache_salt=salt)
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:

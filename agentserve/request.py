@@ -131,7 +131,7 @@ class Request:
         self.num_draft_computed_tokens = 0
         self.draft_generator: Optional["torch.Generator"] = None
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        self.block_hashes: list[bytes] = []  # chained SHA-256 digests of the full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading pages of block_table already offered to the prefix cache
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0

@@ -77,8 +77,9 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "stream_interval": ((1,), "streams carry each step's tokens as it ends"),
     "logprobs_mode": (("raw_logprobs",), "logprobs are the model's raw log-softmax, before temperature, penalties "
                       "and other sampling parameters (vLLM's 'raw_logprobs')"),
-    "prefix_caching_hash_algo": (("builtin",), "prefix-cache keys are Python's built-in hash of the parent key, the "
-                                 "page's token ids and the adapter; no other algorithm is available"),
+    "prefix_caching_hash_algo": (("sha256", "sha256_cbor"), "prefix-cache keys are SHA-256 digests of the parent "
+                                 "key, the adapter / salt and the page's token ids (vLLM's default); Python's "
+                                 "built-in hash collides (CVE-2025-25183) and xxhash is not offered"),
     "cuda_graph_sizes": ((None, [], [512], 512), "decode graphs are captured for batch sizes 1, 2, 4 and multiples of "
                          "8 up to min(max_num_seqs, 512); larger steps run eagerly (enforce_eager=True: none)"),
     "kv_transfer_config": ((None,), "disaggregated prefill (KV transfer) is not supported"),

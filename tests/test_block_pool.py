@@ -25,6 +25,35 @@ def test_chained_hashes_depend_on_prefix_and_extra_key() -> None:
     assert compute_block_hashes(list(range(10)), 4, None, a[:1]) == a  # incremental = from scratch
 
 
+# Two different 16-token blocks (SmolLM2's 49,152-token vocabulary) whose Python tuple hashes are equal:
+# found in about a minute of one core by a near-collision search over 2^25 candidates. With `hash()` as
+# the page key, a request whose first block was A was served B's cached KV (vLLM's CVE-2025-25183).
+COLLIDING_A = [17708, 41394, 13981, 25995, 19639, 39450, 48111, 45014, 17522, 15993, 11521, 34473, 6269, 35287,
+               33802, 0]
+COLLIDING_B = [11491, 23438, 25751, 16609, 66, 43266, 42049, 43946, 44002, 39268, 33752, 32793, 19346, 35014, 2679,
+               5250]
+
+
+def test_blocks_colliding_under_python_hash_get_distinct_keys() -> None:
+    assert hash(tuple(COLLIDING_A)) == hash(tuple(COLLIDING_B))  # the pair the old key confused
+    assert compute_block_hashes(COLLIDING_A, 16, None, []) != compute_block_hashes(COLLIDING_B, 16, None, [])
+    pool = BlockPool(num_blocks=4, block_size=16)
+    kv = KVCacheManager(pool)
+    first = make_request(COLLIDING_B + [1], "b")
+    kv.allocate_slots(first, 17)
+    first.num_computed_tokens = 17
+    kv.cache_full_blocks(first)
+    assert kv.get_computed_blocks(make_request(COLLIDING_A + [1], "a")) == [], "A must not find B's page"
+    assert kv.get_computed_blocks(make_request(COLLIDING_B + [1], "b2")) == first.block_table[:1], "B still finds its own page"
+
+
+def test_extra_keys_are_told_apart_by_value() -> None:
+    tokens = list(range(4))
+    keys = [None, (None, None), (None, ""), (None, "salt"), ((1, 0), None), ((1, 1), None), ((1, 0), "salt")]
+    digests = {compute_block_hashes(tokens, 4, key, [])[0] for key in keys}
+    assert len(digests) == len(keys)
+
+
 def test_refcounts_and_lru_reuse_of_cached_pages() -> None:
     pool = BlockPool(num_blocks=4, block_size=4)
     kv = KVCacheManager(pool)

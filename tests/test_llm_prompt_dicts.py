@@ -30,3 +30,24 @@ def test_prompt_dicts_match_plain_prompts() -> None:
             llm.generate(bad, PARAMS)
     llm.engine.pool.check_all_free()
     llm.close()
+
+
+def test_a_prompt_dicts_cache_salt_namespaces_its_prefix_pages() -> None:
+    """vLLM's TextPrompt / TokensPrompt take "cache_salt": a salted prompt finds only pages cached under the
+    same salt (it was refused as an unknown key, leaving no offline way to salt)."""
+    llm = LLM(str(tiny_model_cached("qwen2")), device="cpu", dtype="float32")
+    ids = list(range(5, 45))  # two full 16-token pages and a tail
+
+    def cached(prompt: object) -> int:
+        return llm.generate(prompt, PARAMS)[0].num_cached_tokens  # type: ignore[arg-type]
+
+    assert cached({"prompt_token_ids": ids}) == 0
+    assert cached({"prompt_token_ids": ids, "cache_salt": "tenant-a"}) == 0, "a salt must not see unsalted pages"
+    assert cached({"prompt_token_ids": ids, "cache_salt": "tenant-b"}) == 0, "nor another salt's"
+    assert cached({"prompt_token_ids": ids, "cache_salt": "tenant-a"}) == 32
+    assert cached(ids) == 32
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="'cache_salt' must be a non-empty string"):
+            llm.generate({"prompt_token_ids": ids, "cache_salt": bad}, PARAMS)
+    llm.engine.pool.check_all_free()
+    llm.close()

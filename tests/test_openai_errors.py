@@ -148,11 +148,19 @@ def test_unknown_model_or_route(live: Live) -> None:
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "is required"),
     ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage", "valid boolean"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only be given when stream is true"),
+    # An empty salt was read as no salt: the request shared the unsalted prefix cache it asked to leave.
+    ({"cache_salt": ""}, "cache_salt", "1 to 1024 characters"),
+    ({"cache_salt": "s" * 1025}, "cache_salt", "1 to 1024 characters"),
 ])
 def test_invalid_fields_are_400_naming_the_field(live: Live, fields: dict[str, Any], param: str,
                                                  contains: str) -> None:
     err = _error(_chat(live, **fields), 400, param=param, contains=contains)
     assert err["type"] == "invalid_request_error"
+
+
+def test_an_empty_cache_salt_is_refused_on_completions_too(live: Live) -> None:
+    r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "cache_salt": ""})
+    _error(r, 400, param="cache_salt", contains="1 to 1024 characters")
 
 
 def test_missing_fields_and_bad_json(live: Live) -> None:

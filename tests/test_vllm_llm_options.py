@@ -31,7 +31,7 @@ VLLM_DEFAULTS: dict[str, Any] = dict(
     lora_extra_vocab_size=256, limit_mm_per_prompt={}, mm_encoder_tp_mode="weights", media_io_kwargs={},
     skip_mm_profiling=False, disable_cascade_attn=False, disable_hybrid_kv_cache_manager=False,
     use_tqdm_on_load=True, enable_log_requests=False, otlp_traces_endpoint=None, collect_detailed_traces=None,
-    show_hidden_metrics_for_version=None, ray_workers_use_nsight=False, prefix_caching_hash_algo="builtin")
+    show_hidden_metrics_for_version=None, ray_workers_use_nsight=False, prefix_caching_hash_algo="sha256")
 
 
 def test_vllm_boilerplate_at_defaults_builds_an_engine_that_generates() -> None:
@@ -55,7 +55,7 @@ def test_vllm_boilerplate_at_defaults_builds_an_engine_that_generates() -> None:
     ("logprobs_mode", "processed_logprobs", "raw log-softmax"),
     ("speculative_model", "/models/draft", "speculative_config"),
     ("kv_transfer_config", {"kv_connector": "LMCacheConnectorV1"}, "disaggregated prefill"),
-    ("prefix_caching_hash_algo", "sha256", "built-in hash"),
+    ("prefix_caching_hash_algo", "builtin", "SHA-256 digests"),
     ("enable_log_requests", True, "not logged"),
     ("ignore_patterns", ["*.pt"], "top-level weight files"),
 ])

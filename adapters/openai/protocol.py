@@ -30,6 +30,14 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def checked_cache_salt(cache_salt: Optional[str]) -> Optional[str]:
+    """A request's cache_salt within vLLM's bounds. An empty salt is refused, not read as no salt: the
+    client asked for its own cache namespace, and silently sharing the unsalted one would not give it."""
+    if cache_salt is not None and not 1 <= len(cache_salt) <= 1024:
+        raise OpenAIError(400, "cache_salt must be a string of 1 to 1024 characters", param="cache_salt")
+    return cache_salt
+
+
 _TYPE_OF_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",

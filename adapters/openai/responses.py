@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from agentserve.adapters.openai import responses_items as I
 from agentserve.adapters.openai.conversations_store import Conversation, ConversationStore, listed_item
-from agentserve.adapters.openai.protocol import OpenAIError
+from agentserve.adapters.openai.protocol import OpenAIError, checked_cache_salt
 from agentserve.adapters.openai.responses_background import BackgroundJob, BackgroundResponses
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
 from agentserve.adapters.openai.responses_run import ResponsePlan, ResponseRun
@@ -114,8 +114,7 @@ class ResponsesEndpoint:
             if off_default:
                 raise OpenAIError(400, f"{name}: only vLLM's default is supported on the Responses API here (use "
                                        "/v1/chat/completions for another value)", param=name)
-        if req.cache_salt is not None and not 1 <= len(req.cache_salt) <= 1024:  # vLLM's bounds
-            raise OpenAIError(400, "cache_salt must be a string of 1 to 1024 characters", param="cache_salt")
+        checked_cache_salt(req.cache_salt)
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise OpenAIError(400, f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
                               param="max_output_tokens")

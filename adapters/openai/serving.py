@@ -18,7 +18,7 @@ from typing import Any, AsyncGenerator, Optional, Sequence, Union
 
 from agentserve.adapters.openai.constraint_errors import COMPILE_FAILED, constraint_param, request_failure
 from agentserve.adapters.openai.logprobs import LogprobFormatter
-from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from agentserve.adapters.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, checked_cache_salt
 from agentserve.adapters.openai.structured_outputs import constraint_documents, constraint_kwargs
 from agentserve.adapters.openai.request_ids import engine_request_id
 from agentserve.adapters.openai.vllm_unsupported import check_vllm_unsupported
@@ -354,8 +354,8 @@ class OpenAIServing:
         kw: dict[str, Any] = {}
         if lora_name is not None:
             kw["lora_name"] = lora_name
-        if req.cache_salt:
-            kw["cache_salt"] = req.cache_salt
+        if req.cache_salt is not None:
+            kw["cache_salt"] = checked_cache_salt(req.cache_salt)
         if req.priority:
             kw["priority"] = req.priority
         return kw
