@@ -262,10 +262,10 @@ class Residency:
         return exclusive
 
     # --- restore ----------------------------------------------------------------------------------------
-    def _swap_in_plan(self, s: Session, count: bool) -> tuple[list[int], list[int], int]:
+    def _swap_in_plan(self, s: Session, count: bool) -> tuple[list[bytes], list[int], int]:
         """(hashes of the session's full pages, leading pages of them still in the prefix cache, #full)."""
         num_full = min(s.num_computed // self.block_size, s.swap_from + len(s.swap_slots))
-        hashes: list[int] = []
+        hashes: list[bytes] = []
         if self.pool.enable_prefix_caching and num_full:
             hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
         hits = self.pool.lookup(hashes, num_full, num_full * self.block_size if count else 0) if hashes else []

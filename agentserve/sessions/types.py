@@ -289,7 +289,7 @@ class Restore:
     registered in the prefix cache (before, another request could find them and read nothing)."""
     ticket: int
     blocks: tuple[int, ...]
-    hashes: tuple[int, ...]
+    hashes: tuple[bytes, ...]  # the pages' prefix-cache digests
     first_hashed: int
 
 
