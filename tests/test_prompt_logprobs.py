@@ -208,6 +208,11 @@ def test_return_tokens_as_token_ids(client: openai.OpenAI) -> None:
     # The same greedy tokens: the names are the ids of the texts the plain request returned.
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_model_cached("qwen2")))
     assert [tok.decode([int(e.token.split(":")[1])]) for e in content] == [e.token for e in plain.choices[0].logprobs.content]
+    # Renamed, a token keeps its own bytes (they were the bytes of "token_id:N"), in top_logprobs too.
+    named = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, logprobs=True,
+                                           top_logprobs=2).choices[0].logprobs.content
+    assert [e.bytes for e in content] == [e.bytes for e in named]
+    assert [[t.bytes for t in e.top_logprobs] for e in content] == [[t.bytes for t in e.top_logprobs] for e in named]
     with live_openai("qwen2", served_model_name="tiny", max_model_len=256, return_tokens_as_token_ids=True) as flagged:
         on = flagged.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True)
         assert all(e.token.startswith("token_id:") for e in on.choices[0].logprobs.content)

@@ -23,8 +23,12 @@ class LogprobFormatter:
         self.tokens_as_ids = tokens_as_ids
 
     def token_text(self, token_id: int, lp: Any) -> str:
+        """The name a token is shown by: "token_id:{id}" under tokens_as_ids, else its decoded text."""
         if self.tokens_as_ids:
             return f"token_id:{token_id}"
+        return self.decoded_text(token_id, lp)
+
+    def decoded_text(self, token_id: int, lp: Any) -> str:
         if lp is not None and lp.decoded_token is not None:
             return lp.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
@@ -54,11 +58,12 @@ class LogprobFormatter:
             top_list: list[dict[str, Any]] = []
             for other_id, other in sorted(pos.items(), key=lambda kv: kv[1].rank):
                 if 1 <= other.rank <= top_n and len(top_list) < top_n:
-                    t = self.token_text(other_id, other)
-                    top_list.append({"token": t, "logprob": _clamp(other.logprob),
-                                     "bytes": self.token_bytes(other_id, t)})
+                    top_list.append({"token": self.token_text(other_id, other), "logprob": _clamp(other.logprob),
+                                     "bytes": self.token_bytes(other_id, self.decoded_text(other_id, other))})
+            # bytes are the token's own (OpenAI's definition) even when it is named "token_id:{id}": they are
+            # what a client that asked for ids because the text is ambiguous rebuilds the text from.
             content.append({"token": text, "logprob": _clamp(lp.logprob if lp is not None else float("-inf")),
-                            "bytes": self.token_bytes(tid, text), "top_logprobs": top_list})
+                            "bytes": self.token_bytes(tid, self.decoded_text(tid, lp)), "top_logprobs": top_list})
         return content
 
     def completion(self, token_ids: Sequence[int], positions: Sequence[Optional[dict[int, Logprob]]], top_n: int,
