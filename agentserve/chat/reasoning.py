@@ -82,6 +82,55 @@ class ReasoningStream:
         return (held.lstrip(), "") if self.in_reasoning else ("", held)
 
 
+class ReasoningSpan:
+    """Where a streamed reply's reasoning ends, for a reader that must see only the answer: tool calls are
+    parsed from the answer alone (vLLM runs its tool parser on the reasoning parser's content; a call the
+    model only drafts while thinking is no call). feed(delta) -> (text still inside the reasoning, verbatim
+    with its markers; the answer's text), decided as `split_reasoning` decides; text that may still begin
+    a marker is held back until the next delta or the last (`final`)."""
+
+    def __init__(self, parser: str, in_reasoning: bool) -> None:
+        self.start, self.end = REASONING_PARSERS[parser]
+        self.text = ""  # the reply so far
+        self.emitted = 0  # characters of it handed out
+        # Replies that start inside a block think from their first character; others decide on their first text.
+        self.thinking: Optional[bool] = True if in_reasoning else None
+        self.search_from = 0  # where the end marker may start
+        self.answer_from: Optional[int] = None
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
+        self.text += delta
+        if self.answer_from is None:
+            self._decide(final)
+        if self.answer_from is None:
+            if final:
+                safe = len(self.text)
+            elif self.thinking:
+                safe = len(self.text) - _marker_start_len(self.text[self.search_from:], self.end)
+            else:
+                safe = self.emitted  # undecided: all of it may be the start marker
+            reasoning, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+            return reasoning, ""
+        reasoning = self.text[self.emitted:self.answer_from]
+        answer = self.text[max(self.emitted, self.answer_from):]
+        self.emitted = len(self.text)
+        return reasoning, answer
+
+    def _decide(self, final: bool) -> None:
+        if self.thinking is None:
+            body = self.text.lstrip()
+            if body.startswith(self.start):
+                self.thinking, self.search_from = True, len(self.text) - len(body) + len(self.start)
+            elif not final and len(body) < len(self.start) and self.start.startswith(body):
+                return  # may still become the start marker
+            else:
+                self.thinking, self.answer_from = False, 0
+                return
+        end_at = self.text.find(self.end, self.search_from)
+        if end_at >= 0:
+            self.answer_from = end_at + len(self.end)
+
+
 def _marker_start_len(text: str, marker: str) -> int:
     """The length of the longest end of `text` that begins `marker` (shorter than the marker)."""
     for k in range(min(len(text), len(marker) - 1), 0, -1):

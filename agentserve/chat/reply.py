@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Collection, Optional, Sequence, Union
 
+from agentserve.chat.reasoning import ReasoningSpan
 from agentserve.engine.detokenizer import IncrementalDetokenizer
 from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.grammar.tokenizer_info import special_tokens
@@ -108,6 +109,10 @@ class ReplyStream:
         self.parser = ReplyParser(fmt, tools, params.typed_answer) if fmt is not None else None
         self.raw: Optional[IncrementalDetokenizer] = None
         self.raw_text = ""
+        # With a reasoning parser, calls are parsed from the answer only: the thinking passes through verbatim.
+        self.span = (ReasoningSpan(reasoning.parser, not reasoning.ended_in(prompt_token_ids))
+                     if self.parser is not None and reasoning is not None else None)
+        self.reasoning_text = ""
         # Special reasoning markers ([THINK]) must reach the reasoning split: the reply is decoded with them kept.
         if self.parser is not None or (reasoning is not None and reasoning.special):
             self.raw = IncrementalDetokenizer(tokenizer, list(prompt_token_ids), False, list(params.stop or []),
@@ -133,9 +138,14 @@ class ReplyStream:
         if self.parser is None:  # kept only for the reasoning markers
             self.raw_text += text
             return [text]
-        events = self.parser.feed(text)
+        events: list[ReplyEvent] = []
+        if self.span is not None:
+            thinking, text = self.span.feed(text, out.finished)
+            self.reasoning_text += thinking
+            events.append(ContentDelta(thinking))
+        events += self.parser.feed(text)
         if out.finished:
-            events = list(events) + list(self.parser.flush())
+            events += self.parser.flush()
         return ordered_pieces(events)
 
     def final(self) -> tuple[Optional[str], list[dict[str, Any]]]:
@@ -143,7 +153,7 @@ class ReplyStream:
         if self.parser is None:
             return (self.raw_text if self.raw is not None else None), []
         content, calls = self.parser.finish()
-        return content_beside_calls(content, bool(calls)), calls
+        return content_beside_calls(self.reasoning_text + content, bool(calls)), calls
 
 
 def content_beside_calls(content: str, has_calls: bool) -> str:
