@@ -1,11 +1,18 @@
-"""AsyncEngine's hand-over of a step's outputs to the request streams (engine/async_engine.py)."""
+"""AsyncEngine's hand-over of a step's outputs to the request streams, and its queue bound (engine/async_engine.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-from agentserve.engine.async_engine import deliver
+import pytest
+
+from agentserve import SamplingParams
+from agentserve.config import EngineConfig
+from agentserve.engine.async_engine import AsyncEngine, deliver
+from agentserve.engine.engine import Engine
+from agentserve.errors import QueueFullError
+from agentserve.testing.tiny import tiny_model_cached
 
 
 def test_one_callback_delivers_every_item_in_order() -> None:
@@ -60,3 +67,32 @@ def test_switch_interval_is_shortened_never_lengthened() -> None:
         assert abs(sys.getswitchinterval() - 0.005) < 1e-9
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_queue_bound_counts_each_requests_n() -> None:
+    """vLLM V1 fans n out into n requests: an engine bounded at 3 in flight holds one request of n=2 and one
+    of n=1, not a second of n=2 (a few requests of n=128 held many times the bound before)."""
+    aeng = AsyncEngine(Engine(EngineConfig.from_kwargs(str(tiny_model_cached("llama")), device="cpu", num_blocks=64,
+                                                       max_model_len=128)), max_pending=3)
+
+    async def drain(rid: str, params: SamplingParams) -> None:
+        async for _ in aeng.generate(rid, [5, 6, 7], params):
+            pass
+
+    async def body() -> None:
+        wide = asyncio.ensure_future(drain("wide", SamplingParams(n=2, max_tokens=100, ignore_eos=True)))
+        for _ in range(2000):  # the wide request's two sequences are in flight (it counted as one before)
+            if aeng.num_pending >= 2:
+                break
+            await asyncio.sleep(0.005)
+        assert aeng.num_pending == 2
+        with pytest.raises(QueueFullError, match="adds 2"):
+            await drain("second-wide", SamplingParams(n=2, max_tokens=2))
+        await drain("narrow", SamplingParams(max_tokens=2))
+        await wide
+        assert aeng.num_pending == 0
+
+    try:
+        asyncio.run(body())
+    finally:
+        aeng.shutdown()

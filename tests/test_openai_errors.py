@@ -257,6 +257,21 @@ def test_queue_full_is_503(live: Live) -> None:
     assert _chat(live).status_code == 200
 
 
+def test_the_queue_bound_counts_sequences_not_requests(live: Live) -> None:
+    """vLLM V1 fans n out into n requests: 200 prompts x n=128 was one 2 KB request admitted past a bound
+    of 256 (25,600 sequences), while 257 prompts x n=1 got a 503."""
+    saved = live.aeng.max_pending
+    live.aeng.max_pending = 8
+    try:
+        r = live.http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1})
+        _error(r, 400, param="prompt", contains="9 sequences (3 prompts x n=3)")
+        _error(_chat(live, n=9), 400, param="n", contains="at most 8")
+        ok = live.http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 4, "max_tokens": 1})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 8
+    finally:
+        live.aeng.max_pending = saved
+
+
 def test_errors_are_counted_in_metrics(live: Live) -> None:
     from agentserve.adapters.openai.metrics import parse_metrics
 

@@ -272,7 +272,7 @@ class ResponsesEndpoint:
         # earlier response's session holds KV of the old weights, so a continuation starts a new session.
         # The template variables and the cache salt too: a continuation that changes them renders on a new session.
         render_key = self._render_key(req, tools, adapter, kwargs)
-        self.s.check_queue(1)
+        self.s.check_queue(1, 1)
         try:
             history = prev.conversation() if prev is not None else []
             fitted = await self.fitted(req, history, new_messages, tools, kwargs) if req.truncation == "auto" else None
@@ -293,7 +293,7 @@ class ResponsesEndpoint:
                                       kwargs: dict[str, Any], params: SamplingParams,
                                       top_logprobs: Optional[int]) -> Any:
         render_key = self._render_key(req, tools, adapter, kwargs)
-        self.s.check_queue(1)
+        self.s.check_queue(1, 1)
         conv.busy = True  # given back by the run's end, or below when no run starts
         try:
             fitted = await self.fitted(req, whole, [], tools, kwargs) if req.truncation == "auto" else None

@@ -152,10 +152,17 @@ class OpenAIServing:
         raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     # --- request -> engine --------------------------------------------------------------------------
-    def check_queue(self, num: int) -> None:
-        if self.aeng.num_pending + num > self.aeng.max_pending:
-            raise OpenAIError(503, f"The server is overloaded: {self.aeng.num_pending} requests in flight "
-                                   f"(limit {self.aeng.max_pending}). Retry later.", code="queue_full")
+    def check_queue(self, num_prompts: int, n: int) -> None:
+        """The queue bound counts sequences (prompts x n, as vLLM V1's scheduler holds them): a request that
+        alone exceeds it is a 400 (retrying cannot help), one that does not fit beside the others a 503."""
+        num, limit, pending = num_prompts * n, self.aeng.max_pending, self.aeng.num_pending
+        if num > limit and num > 1:
+            raise OpenAIError(400, f"this request asks for {num} sequences ({num_prompts} prompts x n={n}); the "
+                                   f"server queues at most {limit} (--max-waiting): send fewer prompts or a smaller n",
+                              param="prompt" if num_prompts > 1 else "n")
+        if pending + num > limit:
+            raise OpenAIError(503, f"The server is overloaded: {pending} sequences in flight and this request adds "
+                                   f"{num} (limit {limit}). Retry later.", code="queue_full")
 
     def sampling_params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int],
                          extra: Optional[dict[str, Any]] = None) -> SamplingParams:

@@ -50,8 +50,9 @@ class EngineStepError(RuntimeError):
 
 
 class _Stream:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, num_sequences: int = 1) -> None:
         self.loop = loop
+        self.num_sequences = num_sequences  # the request's n: what it costs the queue bound
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -178,7 +179,9 @@ class AsyncEngine:
     # --- requests -------------------------------------------------------------------------------------
     @property
     def num_pending(self) -> int:
-        return len(self._streams)
+        """Sequences in flight: a request counts its n (vLLM V1 fans n out into n requests), so a few
+        requests of large n cannot hold many times the queue bound."""
+        return sum(stream.num_sequences for stream in self._streams.values())
 
     async def generate(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
                        **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
@@ -189,9 +192,12 @@ class AsyncEngine:
             # Every step would fail: refused as unavailable, not admitted to fail as an internal error.
             raise EngineDeadError("a tensor-parallel rank has failed, so the model cannot run; the server must be "
                                   "restarted (its log names the rank)")
-        if self.num_pending >= self.max_pending:
-            raise QueueFullError(f"the server has {self.num_pending} requests in flight (limit {self.max_pending})")
-        stream = _Stream(asyncio.get_running_loop())
+        num_sequences = params.n if params is not None else 1
+        pending = self.num_pending
+        if pending + num_sequences > self.max_pending:
+            raise QueueFullError(f"the server has {pending} sequences in flight and this request adds {num_sequences} "
+                                 f"(limit {self.max_pending})")
+        stream = _Stream(asyncio.get_running_loop(), num_sequences)
         self._streams[request_id] = stream
 
         def add() -> None:
