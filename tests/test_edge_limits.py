@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import threading
 import time
 from typing import Any, Optional
@@ -132,6 +133,65 @@ def test_huge_requests_refused_without_stalling_streams(aeng: AsyncEngine) -> No
             assert peak[0] - base < 2 * BIG, f"RSS grew {(peak[0] - base) / 2**20:.0f} MiB"
 
     run(body(), timeout=300)
+
+
+def test_long_token_id_lists_are_refused_without_stalling_streams(aeng: AsyncEngine) -> None:
+    """Millions of token ids (well under the 32 MiB body and message limits) held the event loop for seconds
+    before the prompt's length was checked: a path string per id in the UTF-8 check, pydantic trying the ids
+    as strings first, gRPC's list() of the repeated field. Now they are refused by their length."""
+    num_ids = 3_000_000
+    model = aeng.engine.config.model.served_model_names()[0]
+    prompt_body = json.dumps({"model": model, "prompt": [5] * num_ids, "max_tokens": 2}).encode()
+    vocab = aeng.engine.arch.vocab_size
+    allowed_body = json.dumps({"model": model, "prompt": [5], "max_tokens": 2,
+                               "allowed_token_ids": [5] * (vocab + 1)}).encode()
+    grpc_prompt = pb.GenerateRequest(prompt_token_ids=[5] * num_ids,
+                                     sampling=pb.SamplingParams(max_tokens=2)).SerializeToString()
+    grpc_allowed = pb.GenerateRequest(prompt_token_ids=[5], sampling=pb.SamplingParams(
+        max_tokens=2, allowed_token_ids=[5] * (vocab + 1), stop_token_ids=[6])).SerializeToString()
+
+    async def body() -> None:
+        async with serving(aeng, http_port=0) as (handle, client):
+            raw_generate = client.channel.unary_stream("/agentserve.v1.AgentService/Generate",
+                                                       request_serializer=lambda b: b,
+                                                       response_deserializer=pb.GenerateEvent.FromString)
+            gaps: list[float] = []
+
+            async def stream() -> None:
+                last = time.monotonic()
+                async for _ in client.generate(prompt_token_ids=[5, 6, 7], max_tokens=300, ignore_eos=True,
+                                               temperature=0.0):
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            streaming = asyncio.create_task(stream())
+            while not gaps:
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                headers = {"content-type": "application/json"}
+                r = await http.post("/v1/completions", content=prompt_body, headers=headers)
+                assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+                r = await http.post("/v1/completions", content=allowed_body, headers=headers)
+                assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text
+                assert "list each id once" in r.json()["error"]["message"]
+            for raw, field in ((grpc_prompt, "max_model_len"), (grpc_allowed, "sampling.allowed_token_ids")):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in raw_generate(raw):
+                        pass
+                assert info.value.code() == Code.INVALID_ARGUMENT and field in (info.value.details() or "")
+            await streaming
+            assert max(gaps[1:]) < 1.0, f"longest gap between tokens {max(gaps[1:]):.2f} s"
+
+    run(body(), timeout=300)
+
+
+def test_the_utf8_check_skips_number_lists_but_not_text_after_them() -> None:
+    from agentserve.chat.limits import EdgeLimitError, check_utf8
+
+    check_utf8({"prompt": list(range(1000)), "bias": {"5": 1.5}, "flags": [True, None, 2.0]}, "")
+    with pytest.raises(EdgeLimitError, match=r"tools\[0\]\.enum\[2\] is not valid UTF-8"):
+        check_utf8({"tools": [{"enum": [1, 2, "\ud800"]}]}, "")
 
 
 def test_http_limits_name_the_field(strict: AsyncEngine) -> None:

@@ -250,6 +250,8 @@ class OpenAIServing:
         the request's size: every string valid UTF-8, stop strings, bad words, JSON schemas; vLLM's fields of
         features agentserve lacks refused by name."""
         check_vllm_unsupported(req, self.engine.config.scheduler.policy, self.engine.config.grammar_backend)
+        for field in ("allowed_token_ids", "stop_token_ids"):
+            L.check_token_id_count(len(getattr(req, field) or ()), self.engine.arch.vocab_size, field)
         L.check_utf8(req.model_dump(exclude_none=True, by_alias=True), "")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         L.check_stop(stop, self.limits)

@@ -24,6 +24,14 @@ def check_count(count: int, limit: int, field: str, flag: str) -> None:
         raise EdgeLimitError(f"{field} has {count} entries; this server takes at most {limit} (--{flag})", field)
 
 
+def check_token_id_count(count: int, vocab_size: int, field: str) -> None:
+    """A token-id set (allowed_token_ids, stop_token_ids) longer than the vocabulary only repeats ids: refused
+    by its length, before any pass over its elements (millions of ids held the event loop for seconds)."""
+    if count > vocab_size:
+        raise EdgeLimitError(f"{field} has {count} entries, more than the model's {vocab_size} token ids; "
+                             "list each id once", field)
+
+
 def schema_depth(schema: Any) -> int:
     """Nesting depth of objects and arrays, iteratively (a deep schema must not exhaust the stack)."""
     deepest = 0
@@ -129,6 +137,8 @@ def _lone_surrogate(text: str) -> Optional[int]:
 def check_utf8(value: Any, field: str) -> None:
     """Every string in `value` (a string, or lists/dicts of them, keys included) is valid UTF-8; the
     first that is not is named by its path (`messages[0].content`). Iterative: no recursion limit."""
+    # Paths are built only for the nodes that hold text: a token-id list of millions of ints is skipped by
+    # one C-level scan of its element types (a path string per element held the event loop for seconds).
     stack: list[tuple[Any, str]] = [(value, field)]
     while stack:
         node, path = stack.pop()
@@ -142,9 +152,16 @@ def check_utf8(value: Any, field: str) -> None:
                 sub = f"{path}.{k}" if path else str(k)
                 if isinstance(k, str):
                     stack.append((k, sub))
-                stack.append((v, sub))
+                if not isinstance(v, _SCALARS):
+                    stack.append((v, sub))
         elif isinstance(node, (list, tuple)):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+            if _SCALAR_TYPES.issuperset(set(map(type, node))):
+                continue
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node) if not isinstance(v, _SCALARS))
+
+
+_SCALARS = (int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def check_sampling(params: SamplingParams, limits: ServerConfig) -> None:

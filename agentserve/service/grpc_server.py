@@ -28,8 +28,8 @@ import grpc
 from agentserve import __version__
 from agentserve.chat import limits as L
 from agentserve.engine.async_engine import AsyncEngine
-from agentserve.errors import (AdapterInUseError, AdapterNameTakenError, AdapterNotFoundError, EngineDeadError,
-                               InvalidRequestError, LoRANotEnabledError, QueueFullError, SessionError)
+from agentserve.errors import (AdapterInUseError, AdapterNameTakenError, AdapterNotFoundError, ContextLengthError,
+                               EngineDeadError, InvalidRequestError, LoRANotEnabledError, QueueFullError, SessionError)
 from agentserve.engine.metrics import live_engine_gauges
 from agentserve.service import agent_pb2 as pb
 from agentserve.service import agent_pb2_grpc as pb_grpc
@@ -143,6 +143,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         L.check_count(len(messages), limits.max_messages, "messages", "max-messages")
         L.check_utf8(messages, "messages")
         if sampling is not None:
+            vocab_size = self.engine.arch.vocab_size
+            L.check_token_id_count(len(sampling.allowed_token_ids), vocab_size, "sampling.allowed_token_ids")
+            L.check_token_id_count(len(sampling.stop_token_ids), vocab_size, "sampling.stop_token_ids")
             L.check_stop(list(sampling.stop), limits, "sampling.stop")
             L.check_bad_words(list(sampling.bad_words), limits, "sampling.bad_words")
         if response_format is not None and response_format.json_schema:
@@ -270,6 +273,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise InvalidRequestError("chat_template_kwargs apply to messages (the chat template); this request sends a "
                                       "prompt")
         if request.prompt_token_ids:
+            num_ids = len(request.prompt_token_ids)  # by its length first: list() of millions of ids takes seconds
+            if num_ids >= self.engine.max_model_len:
+                raise ContextLengthError(f"the prompt has {num_ids} tokens; max_model_len is {self.engine.max_model_len} "
+                                         "(prompt plus output must fit)", "prompt_token_ids", num_ids,
+                                         self.engine.max_model_len)
             return list(request.prompt_token_ids)
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: send prompt_token_ids")
