@@ -269,6 +269,12 @@ def test_compiler_cache_errors_and_timeouts(tok_info) -> None:
     assert isinstance(f_fast.result(timeout=5), CompiledGrammar)  # not stuck behind the slow one
     with pytest.raises(GrammarError, match="timed out"):
         f_slow.result(timeout=5)
+    # Sent again while its timed-out compile still runs: refused at once, no second thread on it (one slow
+    # schema sent max_stuck times stopped every compile until those ended).
+    started = backend.calls
+    resent = comp.submit(slow)
+    assert resent.done() and "timed out" in str(resent.exception())
+    assert backend.calls == started and comp._stuck == 1
     hit = comp.submit(fast)
     assert hit.done() and hit.result() is f_fast.result()  # cached: an already-done future
     calls = backend.calls

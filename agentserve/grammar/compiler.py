@@ -130,6 +130,9 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache: "collections.OrderedDict[Any, Future]" = collections.OrderedDict()
         self._inflight: dict[Any, _Job] = {}
+        # Keys whose compile timed out and still runs: a resubmit fails at once rather than start another
+        # thread on it (one slow schema sent max_stuck times stopped every compile until they ended).
+        self._stuck_keys: set[Any] = set()
         self._queue: "collections.deque[_Job]" = collections.deque()
         self._active = 0   # compiles holding a worker slot
         self._stuck = 0    # timed-out compiles still running
@@ -156,6 +159,10 @@ class GrammarCompiler:
                 self.stats["hits"] += 1
                 job.waiters += 1
                 return job.future
+            if key in self._stuck_keys:
+                refused: Future = Future()
+                refused.set_exception(self._timeout_error(spec))
+                return refused
             self.stats["misses"] += 1
             job = _Job(key, spec)
             self._inflight[key] = job
@@ -229,6 +236,7 @@ class GrammarCompiler:
             late = job.timed_out
             if late:
                 self._stuck -= 1
+                self._stuck_keys.discard(job.key)
             else:
                 self._active -= 1
                 self._inflight.pop(job.key, None)
@@ -302,12 +310,15 @@ class GrammarCompiler:
             job.timed_out = True
             self._active -= 1
             self._stuck += 1
+            self._stuck_keys.add(job.key)
             self._inflight.pop(job.key, None)
             self.stats["timeouts"] += 1
             self._dispatch_locked()
-        self._resolve_error(job, GrammarError(
-            f"grammar compile timed out after {self.timeout_s:g} s ({self.backend.name}, {job.spec.kind}); "
-            "the constraint is too complex for this backend"))
+        self._resolve_error(job, self._timeout_error(job.spec))
+
+    def _timeout_error(self, spec: ConstraintSpec) -> GrammarError:
+        return GrammarError(f"grammar compile timed out after {self.timeout_s:g} s ({self.backend.name}, {spec.kind}); "
+                            "the constraint is too complex for this backend")
 
     def _put_locked(self, key: Any, fut: Future) -> None:
         self._cache[key] = fut
