@@ -149,6 +149,13 @@ def test_unload_in_use_is_refused_unless_drained(adapter_dirs: dict, tmp_path_fa
         llm.unload_adapter("a")
     with pytest.raises(AdapterInUseError, match="user-8"):
         llm.load_adapter("a", str(dirs["r4-all"]))  # replacing it under a running request, too
+    # With API keys the users may be another tenant's: their ids (a request id can be a client's X-Request-Id)
+    # are not told, only how many there are.
+    engine.config.server.api_key = ["some-key"]
+    with pytest.raises(AdapterInUseError, match=r"'a'.*in use by 1 request\(s\);") as err:
+        llm.unload_adapter("a")
+    assert "user-8" not in str(err.value)
+    engine.config.server.api_key = None
     llm.unload_adapter("a", drain=True)  # drains: it finishes on the weights it started with
     with pytest.raises(AdapterNotFoundError, match="'a' is not loaded"):
         engine.add_request("user-9", prompt, greedy(), lora_name="a")

@@ -85,6 +85,11 @@ def test_api_key_file_parses(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one tenant") as err:
         Tenants([("dup-key", "alice"), ("dup-key", "bob")])
     assert "dup-key" not in str(err.value)  # errors never carry a key
+    # An unnamed key's tenant-<n> named explicitly by another key would silently merge the two tenants.
+    with pytest.raises(ValueError, match="API key #1 has no tenant name") as err:
+        Tenants([("admin-key", None), ("carol-key", "tenant-1")])
+    assert "admin-key" not in str(err.value) and "carol-key" not in str(err.value)
+    assert Tenants([("admin-key", None), ("carol-key", "tenant-2")]).names == ["tenant-1", "tenant-2"]
     with pytest.raises(ValueError, match="keys.missing"):
         load_api_keys(None, str(tmp_path / "keys.missing"))
     # The CLI: --api-key repeats, --api-key-file and the limits are flags.

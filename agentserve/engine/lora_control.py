@@ -78,11 +78,15 @@ class LoRAControl:
         requests, sessions = self.users(name)
         if not requests and not sessions:
             return
+        # With API keys the users may be other tenants': their request and session ids (a request id can be the
+        # client's own X-Request-Id) are theirs to know, so only the counts are told.
+        server = self.engine.config.server
+        named = not (server.api_key or server.api_key_file)
         parts = []
         if requests:
-            parts.append(f"{len(requests)} request(s) ({', '.join(requests[:_MAX_NAMED])})")
+            parts.append(f"{len(requests)} request(s)" + (f" ({', '.join(requests[:_MAX_NAMED])})" if named else ""))
         if sessions:
-            parts.append(f"{len(sessions)} open session(s) ({', '.join(sessions[:_MAX_NAMED])})")
+            parts.append(f"{len(sessions)} open session(s)" + (f" ({', '.join(sessions[:_MAX_NAMED])})" if named else ""))
         raise AdapterInUseError(f"cannot {action} LoRA adapter {name!r}: it is in use by {' and '.join(parts)}; "
                                 "close the sessions and wait for the requests, or unload with drain")
 

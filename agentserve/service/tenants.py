@@ -97,7 +97,12 @@ class Tenants:
     def __init__(self, keys: Sequence[tuple[str, Optional[str]]] = (), *,
                  max_requests_per_tenant: int = ServerConfig.model_fields["max_requests_per_tenant"].default) -> None:
         self._by_digest: dict[bytes, Tenant] = {}
+        given = {name for _, name in keys if name}
         for position, (key, name) in enumerate(keys, start=1):
+            if not name and f"tenant-{position}" in given:
+                # Two keys would share one tenant (its sessions, responses, cache) with nobody having said so.
+                raise ValueError(f"API key #{position} has no tenant name, so it would be tenant 'tenant-{position}', "
+                                 "which another key names explicitly; name this key's tenant, or rename the other")
             tenant = Tenant(name or f"tenant-{position}")
             previous = self._by_digest.setdefault(_digest(key), tenant)
             if previous != tenant:
