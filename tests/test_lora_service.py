@@ -167,3 +167,35 @@ def test_http_adapter_endpoints_and_model_field(adapters: dict[str, Path], tmp_p
         run(body(), timeout=300)
     finally:
         aeng.shutdown()
+
+
+def test_under_api_keys_only_the_loading_tenant_manages_an_adapter(adapters: dict[str, Path]) -> None:
+    """Another tenant's load_inplace swapped an adapter's weights under its owner's requests, and its unload
+    took the adapter away: under API keys an adapter loaded at run time is its loader's to replace and
+    unload, and --lora-modules' adapters are no tenant's."""
+    aeng = make_engine(ARCH, enable_lora=True, max_loras=2, max_lora_rank=16, num_blocks=128, served_model_name="tiny",
+                       lora_modules={"a": str(adapters["a"])}, api_key=["key-alice", "key-bob"])
+
+    def key(k: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {k}"}
+
+    async def body() -> None:
+        async with serving(aeng, http_port=0, with_client=False) as (handle, _):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                load = {"lora_name": "b", "lora_path": str(adapters["b"])}
+                assert (await http.post("/v1/load_lora_adapter", json=load, headers=key("key-alice"))).status_code == 200
+                for path, payload in (("/v1/load_lora_adapter", dict(load, lora_path=str(adapters["a"]), load_inplace=True)),
+                                      ("/v1/unload_lora_adapter", {"lora_name": "b"}),
+                                      ("/v1/unload_lora_adapter", {"lora_name": "a"})):
+                    r = await http.post(path, json=payload, headers=key("key-bob"))
+                    assert r.status_code == 409 and "only its loader manages it" in r.json()["error"]["message"], r.text
+                assert aeng.engine.lora.manager.path_of("b") == adapters["b"]  # Alice's weights, untouched
+                r = await http.post("/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=key("key-alice"))
+                assert r.status_code == 200
+                # The name is free again: whoever loads it next owns it.
+                assert (await http.post("/v1/load_lora_adapter", json=load, headers=key("key-bob"))).status_code == 200
+
+    try:
+        run(body(), timeout=300)
+    finally:
+        aeng.shutdown()

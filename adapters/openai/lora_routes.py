@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from agentserve.errors import (AdapterInUseError, AdapterNameError, AdapterNameTakenError, AdapterNotFoundError,
                                LoRANotEnabledError)
 from agentserve.lora.adapter import LoRAAdapterError
+from agentserve.service.tenants import ANONYMOUS, tenant_of_scope
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -78,14 +79,20 @@ def install_lora_error_handlers(app: FastAPI) -> None:
 
 def add_lora_routes(app: FastAPI, async_engine: Any) -> None:
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
-        control = async_engine.engine.lora
-        prepared = await asyncio.to_thread(control.read, body.lora_name, body.lora_path, body.load_inplace)
-        await async_engine.run(lambda: control.install(prepared, body.load_inplace))
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, raw_request: Request) -> PlainTextResponse:
+        control, tenant = async_engine.engine.lora, _manager_tenant(raw_request)
+        prepared = await asyncio.to_thread(control.read, body.lora_name, body.lora_path, body.load_inplace, tenant)
+        await async_engine.run(lambda: control.install(prepared, body.load_inplace, tenant))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
-        control = async_engine.engine.lora
-        await async_engine.run(lambda: control.unload(body.lora_name, drain=body.drain))
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, raw_request: Request) -> PlainTextResponse:
+        control, tenant = async_engine.engine.lora, _manager_tenant(raw_request)
+        await async_engine.run(lambda: control.unload(body.lora_name, drain=body.drain, tenant=tenant))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _manager_tenant(raw_request: Request) -> Optional[str]:
+    """The caller's tenant under API keys (adapters it loads are its to replace and unload); None without."""
+    tenant = tenant_of_scope(raw_request.scope)
+    return None if tenant.name == ANONYMOUS else tenant.name

@@ -51,6 +51,10 @@ class LoRAControl:
                 self.manager.load(name, path)
         # Open sessions bound to a key (set by the session store: the engine does not import sessions).
         self.session_users: Optional[Callable[[LoRAKey], list[str]]] = None
+        # Under API keys, the tenant that loaded each adapter at run time: only it may replace or unload it
+        # (another tenant's load_inplace swapped the weights under the owner's requests). Adapters from
+        # lora_modules, or loaded without keys, have no owner and no tenant may manage them.
+        self._owners: dict[str, str] = {}
 
     def resolve(self, name: Optional[str]) -> Optional[LoRAKey]:
         """The key a new request with adapter `name` runs under (None: the base model)."""
@@ -119,32 +123,48 @@ class LoRAControl:
         Replacing a name that requests or sessions use is refused (AdapterInUseError)."""
         self.install(self.read(name, path, replace), replace)
 
-    def read(self, name: str, path: str, replace: bool) -> PreparedAdapter:
+    def read(self, name: str, path: str, replace: bool, tenant: Optional[str] = None) -> PreparedAdapter:
         """Checks the name, then reads and checks the adapter (any thread: the name map is replaced,
         never changed in place); LoRAAdapterError names what is wrong with it. The name is checked
-        again in `install`, which is authoritative (another load may bind it meanwhile)."""
+        again in `install`, which is authoritative (another load may bind it meanwhile). `tenant`: the
+        caller's under API keys (None without keys and offline)."""
         self._check_new_name(name, replace)
+        self._check_owner(name, tenant, "replace")
         return self._require_manager().read(name, path)
 
-    def install(self, prepared: PreparedAdapter, replace: bool) -> None:
+    def install(self, prepared: PreparedAdapter, replace: bool, tenant: Optional[str] = None) -> None:
         """Binds a read adapter to its name (step thread)."""
         manager = self._require_manager()
         self._check_new_name(prepared.name, replace)
+        self._check_owner(prepared.name, tenant, "replace")
         if manager.key_of(prepared.name) is not None:
             self._check_unused(prepared.name, "replace")
         manager.install(prepared.name, prepared)
+        if tenant is not None:
+            self._owners[prepared.name] = tenant
         self._forget_released()
 
-    def unload(self, name: str, drain: bool = False) -> None:
+    def unload(self, name: str, drain: bool = False, tenant: Optional[str] = None) -> None:
         """Forgets `name`. Refused while requests or open sessions use it, unless `drain`: then new
         requests can no longer name it and those running finish on its weights."""
         manager = self._require_manager()
         if manager.key_of(name) is None:
             raise AdapterNotFoundError(f"LoRA adapter {name!r} is not loaded")
+        self._check_owner(name, tenant, "unload")
         if not drain:
             self._check_unused(name, "unload")
         manager.unload(name)
+        self._owners.pop(name, None)
         self._forget_released()
+
+    def _check_owner(self, name: str, tenant: Optional[str], action: str) -> None:
+        """Under API keys a loaded adapter is managed by the tenant that loaded it alone."""
+        manager = self._require_manager()
+        if tenant is None or manager.key_of(name) is None or self._owners.get(name) == tenant:
+            return
+        raise AdapterNameTakenError(f"cannot {action} LoRA adapter {name!r}: another tenant or the server's "
+                                    "--lora-modules loaded it, and only its loader manages it; load yours under "
+                                    "another name")
 
     def _forget_released(self) -> None:
         """Drops the records of replaced or unloaded weights that no request or session holds now

@@ -37,7 +37,7 @@ from agentserve.service.convert import (messages_from_proto, sampling_from_proto
                                         template_kwargs_from_proto, tools_from_proto, turn_events_to_proto)
 from agentserve.service.generate_events import generate_events
 from agentserve.service.paging import PageTokens, page_size_of
-from agentserve.service.tenants import Tenant, TenantLimitError, Tenants
+from agentserve.service.tenants import ANONYMOUS, Tenant, TenantLimitError, Tenants
 from agentserve.sessions.store import SessionStore
 from agentserve.chat import render as R
 from agentserve.chat.messages import SESSION_RULES, normalize_messages
@@ -108,6 +108,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if tenant is None:  # ApiKeyInterceptor turns these away first; this servicer never trusts that alone
             raise UnauthenticatedError(_UNAUTHENTICATED)
         return tenant
+
+    def _manager_tenant(self, context: grpc.aio.ServicerContext) -> Optional[str]:
+        """The caller's tenant under API keys (adapters it loads are its to replace and unload); None without."""
+        tenant = self._tenant(context)
+        return None if tenant.name == ANONYMOUS else tenant.name
 
     @contextlib.asynccontextmanager
     async def _request_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Tenant]:
@@ -295,24 +300,24 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
         async with _errors(context):
-            self._tenant(context)
+            tenant = self._manager_tenant(context)
             if not request.name or not request.path:
                 raise InvalidRequestError("LoadAdapter needs a name and a path (a PEFT adapter directory)")
             control = self.engine.lora
             # Read off the event loop and the step thread (grows with the adapter); bound on the step thread.
-            prepared = await asyncio.to_thread(control.read, request.name, request.path, request.replace)
-            await self.aeng.run(lambda: control.install(prepared, request.replace))
+            prepared = await asyncio.to_thread(control.read, request.name, request.path, request.replace, tenant)
+            await self.aeng.run(lambda: control.install(prepared, request.replace, tenant))
             return pb.AdapterInfo(name=request.name, path=request.path)
         raise AssertionError("unreachable")
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         async with _errors(context):
-            self._tenant(context)
+            tenant = self._manager_tenant(context)
             if not request.name:
                 raise InvalidRequestError("UnloadAdapter needs the name of a loaded adapter")
             control = self.engine.lora
-            await self.aeng.run(lambda: control.unload(request.name, drain=request.drain))
+            await self.aeng.run(lambda: control.unload(request.name, drain=request.drain, tenant=tenant))
             return pb.UnloadAdapterResponse()
         raise AssertionError("unreachable")
 
