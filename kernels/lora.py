@@ -194,7 +194,7 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor,
     a = lora_a.float()[slot]                                   # [M, S, R, K]
     h = torch.bmm(a.flatten(1, 2), x.float()[:, :, None])[..., 0].view(-1, num_slices, max_rank)
     keep = torch.arange(max_rank, device=x.device)[None, None, :] < ranks.to(x.device)[slot][:, :, None]
-    h = h * (keep & active[:, None, None])
+    h = torch.where(keep & active[:, None, None], h, 0.0)  # where, not *: a masked inf must not become NaN
     return h.transpose(0, 1).contiguous()
 
 
@@ -208,8 +208,8 @@ def lora_expand_ref(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
     delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     lo = 0
     for s, n in enumerate(slice_sizes):
-        h = shrunk[s].float() * keep[:, s] * scaling.to(y.device).float()[slot, s][:, None]  # [M, R]
-        b = lora_b.float()[slot][:, :, lo:lo + n]                                        # [M, R, n]
+        h = torch.where(keep[:, s], shrunk[s].float(), 0.0) * scaling.to(y.device).float()[slot, s][:, None]  # [M, R]
+        b = torch.where(keep[:, s, :, None], lora_b.float()[slot][:, :, lo:lo + n], 0.0)                    # [M, R, n]
         delta[:, lo:lo + n] = torch.bmm(h[:, None, :], b)[:, 0]
         lo += n
     # where(), not y[active] +=: no data-dependent shape, so the torch backend stays capturable

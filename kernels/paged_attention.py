@@ -69,7 +69,12 @@ def paged_attention_ref(
     # Query i of request b is at absolute position seq_len - q_len + i.
     q_pos = (seq_lens_l - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]
     k_pos = torch.arange(max_seq_len, device=device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens_l[:, None, None])
+    in_context = k_pos[None, :] < seq_lens_l[:, None]  # [B, Lk]
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & in_context[:, None, :]
+    # Slots past a row's context hold whatever a page's earlier owner left: an inf there times its zero
+    # probability is NaN in this row's output (a request whose weights overflowed poisoned later requests
+    # reusing its pages). v is this call's own gather (index_select copies), so it is zeroed in place.
+    v.masked_fill_(~in_context[:, :, None, None], 0.0)
 
     # GQA without repeating K/V: the group's query heads become extra query rows of their kv head.
     group = num_q_heads // num_kv_heads

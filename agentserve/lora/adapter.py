@@ -152,6 +152,11 @@ class LoRAAdapter:
                                            f"{names[s]}, above max_lora_rank {max_rank}")
                 a[s, :weights.rank] = weights.lora_a
                 b[:weights.rank, col:col + out] = weights.lora_b.T
+                # Finite as stored (checked at load) is not finite in the serving dtype: an fp64 1e300, or an
+                # fp32 1e5 on an fp16 engine, becomes inf here, and its requests would answer token 0 for ever.
+                if not (bool(torch.isfinite(a[s]).all()) and bool(torch.isfinite(b[:, col:col + out]).all())):
+                    raise LoRAAdapterError(f"adapter {self.name!r}: layer {layer} {names[s]} has values beyond "
+                                           f"{dtype}'s range (the server's dtype); rescale or save it in that dtype")
                 ranks[s] = weights.rank
                 scaling[s] = weights.scaling
             col += out

@@ -304,8 +304,12 @@ class MultiLoRAManager:
     def _copy_into(self, slot: int, weights: dict[str, Optional[_Stacked]]) -> None:
         for f, w in weights.items():
             dst = self._slots[f]
-            if w is None:  # not targeted in any layer: rank 0 makes the kernels skip the slot's stale A/B
+            if w is None:  # not targeted in any layer: rank 0 makes the kernels skip the slot
                 dst.ranks[slot].zero_()
+                # and zeroed A / B leave nothing of the slot's previous adapter to read: a kernel that multiplies
+                # by its mask rather than skipping turned a stale inf into NaN in this adapter's rows.
+                dst.lora_a[slot].zero_()
+                dst.lora_b[slot].zero_()
                 continue
             lora_a, lora_b = w.lora_a, w.lora_b
             if self.shard_layout is not None:  # the CPU tier and rank 0's messages hold whole adapters
