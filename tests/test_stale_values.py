@@ -1,16 +1,19 @@
 """What a page or a LoRA slot held for an earlier request never reaches a later one: the CPU engine's
 attention ignores the slots past a row's context whatever they hold, a slot's untargeted projections are
 zeroed when an adapter moves in, and an adapter whose weights overflow the serving dtype is refused at load
-(served, its requests answered token 0 for ever, and its inf KV poisoned the pages' next owners)."""
+(served, its requests answered token 0 for ever, and its inf KV poisoned the pages' next owners). Also: an
+adapter's files replaced while its first load reads them are refused, as at a re-read."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import agentserve.lora.adapter as adapter_module
 from agentserve import SamplingParams
 from agentserve.kernels import lora as lora_kernels
 from agentserve.kernels import paged_attention as pa
@@ -93,4 +96,30 @@ def test_weights_beyond_the_serving_dtype_are_refused_and_slots_start_clean(tmp_
     down = manager._slots["down_proj"]
     assert int(down.ranks[0].abs().sum()) == 0
     assert not down.lora_a[0].any() and not down.lora_b[0].any()
+    llm.close()
+
+
+def test_a_checkpoint_saved_into_the_directory_during_its_first_load_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load noted the files, read the config, then the weights: a trainer's save in between
+    served one checkpoint's weights with the other's scaling (neither checkpoint), silently."""
+    base = tiny_model_cached("qwen2")
+    old = build_peft_adapter(base, tmp_path / "old", r=4, lora_alpha=16, target_modules=["q_proj"], seed=31)
+    new = build_peft_adapter(base, tmp_path / "new", r=4, lora_alpha=128, target_modules=["q_proj"], seed=32)
+    live = tmp_path / "live"
+    shutil.copytree(old, live)
+    read_weights = adapter_module._read_weights
+
+    def saved_meanwhile(path: Path) -> object:
+        if path == live:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy(new / name, live / name)
+        return read_weights(path)
+
+    llm = LLM(str(base), device="cpu", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8)
+    monkeypatch.setattr(adapter_module, "_read_weights", saved_meanwhile)
+    with pytest.raises(LoRAAdapterError, match="changed since"):
+        llm.load_adapter("x", str(live))
+    monkeypatch.setattr(adapter_module, "_read_weights", read_weights)
+    llm.load_adapter("x", str(live))  # loaded again: the files as they are now
     llm.close()

@@ -180,6 +180,9 @@ class MultiLoRAManager:
             raise LoRAAdapterError("an adapter needs a non-empty name")
         source = AdapterSource.of(Path(path))
         adapter = self._read(source.path, LoRAKey(0, 0), name)
+        # A trainer saving its next checkpoint between the config's read and the weights' would give weights of
+        # one save with the scaling of another (neither checkpoint): the files read must be the ones noted.
+        source.check_unchanged(name)
         return PreparedAdapter(name=name, source=source, weights=self._to_slot_layout(adapter))
 
     def install(self, name: str, prepared: PreparedAdapter) -> None:
