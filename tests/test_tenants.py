@@ -212,6 +212,30 @@ def test_session_and_request_limits(tmp_path: Path) -> None:
     run(main(), timeout=240)
 
 
+def test_a_requests_n_counts_against_its_tenants_request_limit(tmp_path: Path) -> None:
+    """The engine's queue counts sequences (prompts x n): a tenant's request limit counted one per request, so
+    one request of n=32 under a limit of 1 filled the queue and got other tenants 503s."""
+    config = _config(tmp_path, max_requests_per_tenant=4)
+
+    async def main() -> None:
+        async with running_server(config, grpc_port=0, http_port=0) as handle:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
+                alice = {"Authorization": "Bearer key-alice"}
+                body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+                r = await http.post("/v1/completions", headers=alice, json=dict(body, n=5))
+                assert r.status_code == 429 and "this request is 5 sequences" in r.json()["error"]["message"], r.text
+                r = await http.post("/v1/completions", headers=alice, json=dict(body, prompt=["a", "b", "c"], n=2))
+                assert r.status_code == 429, r.text  # 3 prompts x n=2
+                r = await http.post("/v1/completions", headers=alice, json=dict(body, n=4))
+                assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+                chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "n": 5}
+                r = await http.post("/v1/chat/completions", headers=alice, json=chat)
+                assert r.status_code == 429, r.text
+            assert handle.tenants.in_flight(Tenant("alice")) == 0  # every slot back, refused or served
+
+    run(main(), timeout=240)
+
+
 def test_request_limit_applies_to_keyed_tenants_only() -> None:
     """Without API keys a server has one anonymous tenant: only the engine's queue bounds it (as in
     vLLM); with keys each tenant is held to max_requests_per_tenant."""

@@ -152,7 +152,7 @@ class ChatEndpoint:
         prompt_ids = self.s.truncate(await self.render_prompt(req, messages, tools, template_kwargs), params)
         params = self.s.validate(prompt_ids, params, "messages", fit_to_context,
                                  "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
-        self.s.check_queue(1, params.n)
+        self.s.check_queue(1, params.n, raw_request)
         role = reply_role(messages, req.add_generation_prompt, self.s.limits.response_role)
         ctx = _ChatContext(self, req, response_id("chatcmpl", raw_request, req.request_id), prompt_ids, params, lora_name,
                            tools if parse_tools else None, tool_choice, top_n, echo_prefix(messages, req.echo, role), role)

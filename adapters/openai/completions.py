@@ -97,7 +97,7 @@ class CompletionsEndpoint:
         prompt_ids, resolved = await self._tokenize(texts, prompts, params, req.add_special_tokens)
         # max_tokens resolved; left out, it is what the longest prompt leaves (one params for all prompts).
         params = clone_params(params, max_tokens=min(resolved))
-        self.s.check_queue(len(prompt_ids), params.n)
+        self.s.check_queue(len(prompt_ids), params.n, raw_request)
         request_id = response_id("cmpl", raw_request, req.request_id)
         tok = self.s.tokenizer
         echo_texts = []

@@ -28,7 +28,7 @@ from agentserve.errors import AdapterNotFoundError, EngineDeadError, FieldError,
 from agentserve.engine.validation import truncate_prompt
 from agentserve.lora.interface import adapter_names, adapter_root
 from agentserve.outputs import RequestOutput
-from agentserve.service.tenants import tenant_of_scope
+from agentserve.service.tenants import TenantLimitError, held_slot_of_scope, tenant_of_scope
 from agentserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -152,10 +152,17 @@ class OpenAIServing:
         raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     # --- request -> engine --------------------------------------------------------------------------
-    def check_queue(self, num_prompts: int, n: int) -> None:
+    def check_queue(self, num_prompts: int, n: int, raw_request: Any = None) -> None:
         """The queue bound counts sequences (prompts x n, as vLLM V1's scheduler holds them): a request that
-        alone exceeds it is a 400 (retrying cannot help), one that does not fit beside the others a 503."""
+        alone exceeds it is a 400 (retrying cannot help), one that does not fit beside the others a 503.
+        The caller's tenant holds as many of its request slots (429 past its limit)."""
         num, limit, pending = num_prompts * n, self.aeng.max_pending, self.aeng.num_pending
+        slot = held_slot_of_scope(raw_request.scope) if raw_request is not None else None
+        if slot is not None and num > 1:
+            try:
+                slot.widen(num)
+            except TenantLimitError as e:
+                raise OpenAIError(429, str(e), code="rate_limit_exceeded") from None
         if num > limit and num > 1:
             raise OpenAIError(400, f"this request asks for {num} sequences ({num_prompts} prompts x n={n}); the "
                                    f"server queues at most {limit} (--max-waiting): send fewer prompts or a smaller n",

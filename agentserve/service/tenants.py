@@ -137,16 +137,18 @@ class Tenants:
     def in_flight(self, tenant: Tenant) -> int:
         return self._in_flight.get(tenant.name, 0)
 
-    def acquire(self, tenant: Tenant) -> None:
-        """Takes one of the tenant's request slots; TenantLimitError when none is left."""
+    def acquire(self, tenant: Tenant, count: int = 1) -> None:
+        """Takes `count` of the tenant's request slots (a request of n sequences takes n, as the engine's
+        queue counts them); TenantLimitError when they are not left."""
         n = self._in_flight.get(tenant.name, 0)
-        if n >= self.max_requests_per_tenant and tenant.name != ANONYMOUS:
+        if n + count > self.max_requests_per_tenant and tenant.name != ANONYMOUS:
+            wanted = "" if count == 1 else f"; {count} more asked"
             raise TenantLimitError(f"too many requests in flight for this API key ({n}, limit "
-                                   f"{self.max_requests_per_tenant}); retry when some have finished")
-        self._in_flight[tenant.name] = n + 1
+                                   f"{self.max_requests_per_tenant}{wanted}); retry when some have finished")
+        self._in_flight[tenant.name] = n + count
 
-    def release(self, tenant: Tenant) -> None:
-        left = self._in_flight[tenant.name] - 1
+    def release(self, tenant: Tenant, count: int = 1) -> None:
+        left = self._in_flight[tenant.name] - count
         if left:
             self._in_flight[tenant.name] = left
         else:
@@ -171,15 +173,29 @@ class HeldRequestSlot:
         self._tenants, self._tenant = tenants, tenant
         self.kept = False
         self._released = False
+        self._count = 1
 
     def keep(self) -> "HeldRequestSlot":
         self.kept = True
         return self
 
+    def widen(self, count: int) -> None:
+        """Holds `count` slots in all (a request's prompts x n, known once its body is read): n sequences
+        counted as one let one tenant fill the engine's queue under its own request limit."""
+        if count > self._count and not self._released:
+            try:
+                self._tenants.acquire(self._tenant, count - self._count)
+            except TenantLimitError:
+                raise TenantLimitError(f"this request is {count} sequences (prompts x n), each one of this API key's "
+                                       f"requests in flight (limit {self._tenants.max_requests_per_tenant}, "
+                                       f"{self._tenants.in_flight(self._tenant)} held with this one); send fewer, or "
+                                       "retry when some have finished") from None
+            self._count = count
+
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._tenants.release(self._tenant)
+            self._tenants.release(self._tenant, self._count)
 
 
 def held_slot_of_scope(scope: Mapping[str, Any]) -> Optional[HeldRequestSlot]:
