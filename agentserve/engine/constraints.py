@@ -53,7 +53,9 @@ class ConstraintManager:
             raise GrammarError("constrained outputs need the model's tokenizer")
         self.tokenizer = tokenizer
         self.info = TokenizerInfo.from_hf(tokenizer, vocab_size=vocab_size, eos_token_ids=sorted(eos_token_ids))
-        self.compiler = GrammarCompiler(get_backend(backend), self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S)
+        grammar_backend = get_backend(backend)
+        self.compiler = GrammarCompiler(grammar_backend, self.info, max_workers=2, timeout_s=COMPILE_TIMEOUT_S,
+                                        cache_size=grammar_backend.cache_entries)
         self.bitmask = GrammarBitmask(vocab_size, max_batch)
         # Two builders: one slow build (a large schema) does not hold up the requests behind it.
         self._matcher_builder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="agentserve-matcher")

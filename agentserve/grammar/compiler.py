@@ -153,6 +153,13 @@ class GrammarCompiler:
             if fut is not None:
                 self._cache.move_to_end(key)
                 self.stats["hits"] += 1
+                error = fut.exception()  # a cached future is done
+                if error is not None:
+                    # A fresh exception per caller: raising one cached instance again and again grows its
+                    # traceback with every raise.
+                    failed: Future = Future()
+                    failed.set_exception(GrammarError(str(error)))
+                    return failed
                 return fut
             job = self._inflight.get(key)
             if job is not None:
@@ -245,7 +252,8 @@ class GrammarCompiler:
                 done.set_result(compiled)
                 self.stats["compiled"] += 1
             else:
-                done.set_exception(error)
+                # Cached as its message alone: the caught exception's traceback holds the compile's frames.
+                done.set_exception(GrammarError(str(error)))
                 self.stats["failed"] += 1
             if not late or error is None:
                 self._put_locked(job.key, done)

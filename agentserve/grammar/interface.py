@@ -203,6 +203,9 @@ class CompiledGrammar(abc.ABC):
 
 class GrammarBackend(abc.ABC):
     name: str = "?"
+    # Compiled grammars a compiler keeps (least recently used go): sized by what one costs in this backend,
+    # since clients choose how many distinct schemas they send.
+    cache_entries: int = 1024
 
     @abc.abstractmethod
     def compile(self, spec: ConstraintSpec, tokenizer_info: TokenizerInfo) -> CompiledGrammar:
