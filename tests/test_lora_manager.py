@@ -123,6 +123,15 @@ def test_reload_unload_and_refusals(peft_dirs: list[Path], tmp_path: Path) -> No
     assert m.names() == [] and m.key_of("x") is None
     with pytest.raises(KeyError):
         m.unload("x")
+    # Loaded again: a fresh id (the counter never repeats), so no page of the earlier weights can match; and
+    # names unloaded leave no record behind (one per name ever loaded grew without bound).
+    m.load("x", str(peft_dirs[0]))
+    third = m.key_of("x")
+    assert third is not None and third.adapter_id not in (first.adapter_id,)
+    for i in range(20):
+        m.load(f"job-{i}", str(peft_dirs[1]))
+        m.unload(f"job-{i}")
+    assert len(m.keys._keys) == 1  # "x" alone
 
 
 def test_cli_lora_flags() -> None:

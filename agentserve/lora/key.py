@@ -28,6 +28,12 @@ class LoRAKeys:
         self._keys[name] = key
         return key
 
+    def forget(self, name: str) -> None:
+        """An unloaded name leaves the map (a record per name ever loaded grew without bound under adapters
+        named per fine-tune job); loaded again it gets a fresh id from the counter, which never repeats, so
+        no page of its earlier weights can match."""
+        self._keys.pop(name, None)
+
     def key_of(self, name: str) -> LoRAKey:
         """The name's current key; a name not loaded through `register` gets one at first use."""
         key = self._keys.get(name)

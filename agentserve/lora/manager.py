@@ -207,6 +207,7 @@ class MultiLoRAManager:
             raise KeyError(name)
         self._names = {n: k for n, k in self._names.items() if n != name}
         self._cpu.pop(key, None)
+        self.keys.forget(name)
 
     def unbound_keys(self) -> list[LoRAKey]:
         """Keys no name points to any more (replaced or unloaded), kept while requests may hold them."""
