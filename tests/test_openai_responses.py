@@ -200,6 +200,26 @@ def test_item_references_stand_for_the_stored_items(live: Live) -> None:
         assert err.value.body["param"] == "input[0].id" and ref in err.value.body["message"]
 
 
+def test_an_item_id_held_by_several_responses_or_tenants_stays_referable(live: Live) -> None:
+    """The references were one server-wide map keyed by the item id: another tenant storing an input item of
+    the same id took it over (the owner's reference became a 404), and a later response that got an output
+    back as input took it too, so deleting that one lost the item of a response still stored."""
+    note = {"type": "message", "role": "user", "id": "msg_note_42", "content": [{"type": "input_text", "text": "Hi"}]}
+    mine = live.a.responses.create(model=MODEL, input=[note], max_output_tokens=2, temperature=0)
+    live.b.responses.create(model=MODEL, input=[dict(note, content=[{"type": "input_text", "text": "Bob's"}])],
+                            max_output_tokens=2, temperature=0)
+    ref = [{"type": "item_reference", "id": "msg_note_42"}]
+    again = live.a.responses.create(model=MODEL, input=ref, max_output_tokens=2, temperature=0, store=False)
+    assert again.usage.input_tokens == mine.usage.input_tokens  # alice's item, not bob's
+    first = _first_turn(live.a)
+    out = first.output[0].model_dump(exclude_none=True)
+    second = live.a.responses.create(model=MODEL, input=[out], max_output_tokens=2, temperature=0)
+    live.a.responses.delete(second.id)
+    resolved = live.a.responses.create(model=MODEL, input=[{"type": "item_reference", "id": out["id"]}],
+                                       max_output_tokens=2, temperature=0, store=False)
+    assert resolved.usage.input_tokens > 0  # still first's output item
+
+
 def test_store_false_is_not_kept(live: Live) -> None:
     r = live.a.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=3, temperature=0)
     assert r.store is False and r.usage.output_tokens > 0

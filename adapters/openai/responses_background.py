@@ -73,6 +73,12 @@ class BackgroundJob:
                 return
             await changed.wait()
 
+    def task_ended(self, task: "asyncio.Task[None]") -> None:
+        """The ended task is let go: a cancelled one's traceback holds the turn's frames, and with them the
+        closed session, for as long as the record is kept (KEEP_FINISHED_S)."""
+        if self.task is task:
+            self.task = None
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -120,6 +126,7 @@ class BackgroundResponses:
         self._sweep()
         job = BackgroundJob(run, slot.keep() if slot is not None else None)
         job.task = asyncio.ensure_future(job.run_turn())
+        job.task.add_done_callback(job.task_ended)
         self._jobs[job.response_id] = job
         return job
 

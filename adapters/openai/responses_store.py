@@ -68,8 +68,10 @@ class ResponsesStore:
         self.sessions = sessions   # the SessionStore
         self._by_id: dict[str, StoredResponse] = {}
         self._refs: dict[str, int] = {}  # session id -> stored responses on it
-        # item id -> the stored response holding it (its input or output), for input items of type item_reference
-        self._item_owner: dict[str, StoredResponse] = {}
+        # (tenant, item id) -> the stored responses holding it (as input or output; oldest first), for input items
+        # of type item_reference. Several hold one id when a client sends an earlier output back as input; one
+        # map keyed by the id alone let a later holder's delete, or another tenant's item of the same id, lose it.
+        self._item_holders: dict[tuple[str, str], list[StoredResponse]] = {}
         self._last_sweep = time.monotonic()
 
     def __len__(self) -> int:
@@ -97,7 +99,9 @@ class ResponsesStore:
         self._by_id[r.response_id] = r
         self._refs[r.session_id] = self._refs.get(r.session_id, 0) + 1
         for item in _items_of(r):
-            self._item_owner[item["id"]] = r
+            holders = self._item_holders.setdefault((r.tenant, item["id"]), [])
+            if r not in holders:
+                holders.append(r)
 
     def resolve_references(self, items: list[dict[str, Any]], tenant: str,
                            field_name: str = "input") -> list[dict[str, Any]]:
@@ -109,8 +113,9 @@ class ResponsesStore:
                 out.append(item)
                 continue
             item_id = item.get("id")
-            owner = self._item_owner.get(item_id) if isinstance(item_id, str) else None
-            if owner is None or owner.tenant != tenant or not self._alive(owner):
+            holders = self._item_holders.get((tenant, item_id), []) if isinstance(item_id, str) else []
+            owner = next((r for r in reversed(holders) if self._alive(r)), None)
+            if owner is None:
                 raise OpenAIError(404, f"Item with id {item_id!r} not found (unknown, or its response is deleted, "
                                        "not stored or expired with its session).", param=f"{field_name}[{i}].id",
                                   code="item_not_found")
@@ -126,8 +131,12 @@ class ResponsesStore:
     def _forget(self, r: StoredResponse) -> Optional[str]:
         self._by_id.pop(r.response_id, None)
         for item in _items_of(r):
-            if self._item_owner.get(item["id"]) is r:
-                del self._item_owner[item["id"]]
+            key = (r.tenant, item["id"])
+            holders = [h for h in self._item_holders.get(key, []) if h is not r]
+            if holders:
+                self._item_holders[key] = holders
+            else:
+                self._item_holders.pop(key, None)
         left = self._refs.get(r.session_id, 1) - 1
         if left > 0:
             self._refs[r.session_id] = left
