@@ -99,7 +99,8 @@ class SchedulerConfig(_Strict):
                               "of >= 70 GiB other than the A100, else 256.")
     policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="Admission order: 'fcfs', or 'priority' (lower priority values first).")
-    max_waiting: int = Field(default=4096, gt=0, description="Queue bound; past it requests are refused.")
+    max_waiting: int = Field(default=4096, gt=0, description="Queue bound in sequences (a request counts its prompts "
+                             "x n, as vLLM V1 fans n out); past it requests are refused.")
     decode_reserve_tokens: int = Field(
         default=256, ge=0,
         description="Admission counts pages for a request's whole prompt plus this many generated tokens (fewer "
