@@ -71,6 +71,23 @@ async def _chunked_post(port: int, path: str, total: int) -> tuple[int, int]:
     return int(status_line.split()[1]), sent
 
 
+def _raw_rpc(client: Any, method: str, response_type: Any, streams: bool = False) -> Any:
+    """A stub of one AgentService method that sends bytes serialized beforehand (built outside the timed part)."""
+    make = client.channel.unary_stream if streams else client.channel.unary_unary
+    return make(f"/agentserve.v1.AgentService/{method}", request_serializer=lambda b: b,
+                response_deserializer=response_type.FromString)
+
+
+async def _stream_gaps(client: Any, gaps: list[float], max_tokens: int) -> None:
+    """A small stream beside the hostile requests: the time between its events goes to `gaps`."""
+    last = time.monotonic()
+    async for _ in client.generate(prompt_token_ids=[5, 6, 7], max_tokens=max_tokens, ignore_eos=True,
+                                   temperature=0.0):
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -81,20 +98,8 @@ def test_huge_requests_refused_without_stalling_streams(aeng: AsyncEngine) -> No
 
     async def body() -> None:
         async with serving(aeng, http_port=0) as (handle, client):
-            raw_create = client.channel.unary_unary("/agentserve.v1.AgentService/CreateSession",
-                                                    request_serializer=lambda b: b,
-                                                    response_deserializer=pb.SessionInfo.FromString)
+            raw_create = _raw_rpc(client, "CreateSession", pb.SessionInfo)
             gaps: list[float] = []
-
-            async def stream() -> None:
-                last = time.monotonic()
-                async for ev in client.generate(prompt_token_ids=[5, 6, 7], max_tokens=400, ignore_eos=True,
-                                                temperature=0.0):
-                    now = time.monotonic()
-                    gaps.append(now - last)
-                    last = now
-                    if ev.HasField("done"):
-                        return
 
             gc.collect()
             base = _rss()
@@ -108,7 +113,7 @@ def test_huge_requests_refused_without_stalling_streams(aeng: AsyncEngine) -> No
 
             sampler = threading.Thread(target=sample)
             sampler.start()
-            streaming = asyncio.create_task(stream())
+            streaming = asyncio.create_task(_stream_gaps(client, gaps, 400))
             while not gaps:  # the stream is under way
                 await asyncio.sleep(0.01)
             try:
@@ -152,20 +157,9 @@ def test_long_token_id_lists_are_refused_without_stalling_streams(aeng: AsyncEng
 
     async def body() -> None:
         async with serving(aeng, http_port=0) as (handle, client):
-            raw_generate = client.channel.unary_stream("/agentserve.v1.AgentService/Generate",
-                                                       request_serializer=lambda b: b,
-                                                       response_deserializer=pb.GenerateEvent.FromString)
+            raw_generate = _raw_rpc(client, "Generate", pb.GenerateEvent, streams=True)
             gaps: list[float] = []
-
-            async def stream() -> None:
-                last = time.monotonic()
-                async for _ in client.generate(prompt_token_ids=[5, 6, 7], max_tokens=300, ignore_eos=True,
-                                               temperature=0.0):
-                    now = time.monotonic()
-                    gaps.append(now - last)
-                    last = now
-
-            streaming = asyncio.create_task(stream())
+            streaming = asyncio.create_task(_stream_gaps(client, gaps, 300))
             while not gaps:
                 await asyncio.sleep(0.01)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}", timeout=60) as http:
