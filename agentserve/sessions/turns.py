@@ -17,12 +17,11 @@ differently from what was generated (a stop string cut the reply, a tool call re
 different end-of-turn token), the conversation is re-tokenized from scratch and the pages of the
 longest common token prefix are kept (`stats.rerenders` counts these).
 
-Cancelling a turn: a turn that the engine had not finished when the cancel arrived is rolled back —
-the session's tokens, messages and pages are exactly as before the turn (the turn ran on its own
-copy-on-write references, which the abort frees). A turn the engine had already finished is kept
-whole. Either way no page leaks and the session is not left busy, wherever the cancel lands: while
-the turn's set-up is queued or running on the step thread (an undo queued behind it ends the turn),
-queued for admission, mid-prefill or mid-decode.
+Cancelling a turn: a turn that the engine had not finished when the cancel arrived is rolled back — the session's
+tokens, messages and pages are exactly as before the turn (the turn ran on its own copy-on-write references, which
+the abort frees). A turn the engine had already finished is kept whole. Either way no page leaks and the session is
+not left busy, wherever the cancel lands: while the turn's set-up is queued or running on the step thread (an undo
+queued behind it ends the turn), queued for admission, mid-prefill or mid-decode.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sampling_params import SamplingParams
 from agentserve.chat import render as R
 from agentserve.sessions.residency import Residency, TurnAdmission
+from agentserve.sessions.shown_reply import shown_reply
 from agentserve.chat.reasoning import ReplyReasoning
 from agentserve.chat.reply import ReplyStream, content_beside_calls
 from agentserve.sessions.types import (ANONYMOUS_TENANT, PendingTurn, ReplyParts, Session, SessionBusyError, SessionStats,
@@ -109,7 +109,8 @@ class TurnLifecycle:
         pending = PendingTurn(session=s, request_id=f"{s.session_id}/t{s.num_turns}-{next(self._ids)}",
                               prompt_token_ids=[], prompt_text="", new_messages=[], content_prefix="", params=params,
                               expected_next_turn_ms=expected_next_turn_ms, received_at=received_at)
-        s.busy = pending  # from here on only the last resort of reclaim evicts it (until admitted)
+        s.busy = pending  # only reclaim's last resort evicts it now (until admitted); not idle: the TTL restarts
+        s.mark_active(time.monotonic())
         return pending, R.TurnBasis(s.messages, s.text, s.token_ids, s.tools, s.raw_tokens, s.template_kwargs)
 
     def _abandon_turn(self, pending: PendingTurn) -> None:
@@ -119,12 +120,12 @@ class TurnLifecycle:
         s = pending.session
         if s.busy is pending:
             s.busy = None
+        s.mark_active(time.monotonic())  # busy was not idle: a turn rolled back restarts the TTL too
         if s.closed and s.busy is None:
             self.residency.release(s)
 
     def _abandon_turns(self, reserved: Sequence[PendingTurn]) -> None:
-        """Step thread: `_abandon_turn` for each turn a cancelled `turn` had reserved (none or one)."""
-        for pending in reserved:
+        for pending in reserved:  # step thread: each turn a cancelled `turn` had reserved (none or one)
             self._abandon_turn(pending)
 
     async def _render_turn(self, basis: R.TurnBasis, messages: Sequence[dict[str, Any]]) -> R.RenderedTurn:
@@ -192,9 +193,10 @@ class TurnLifecycle:
             s.text = pending.prompt_text + R.decode_continuation(self.tokenizer, pending.prompt_token_ids, output_ids)
         s.messages = s.messages + pending.new_messages + [history_msg]
         pending.history_index = len(s.messages) - 1
-        if (markers := self.engine.reasoning) is not None and not s.raw_tokens:  # shown as TurnDone's is
-            reasoning, content = ReplyReasoning(markers, pending.prompt_token_ids).split(comp.text or "")
-            s.shown_replies[pending.history_index] = dict(history_msg, content=content, reasoning_content=reasoning)
+        shown = None if s.raw_tokens else shown_reply(self.tokenizer, pending, comp, history_msg, s.tools,
+                                                      self.engine.eos_token_ids, self.engine.reasoning)
+        if shown is not None:  # shown as TurnDone's message is, from the commit on (sessions/shown_reply.py)
+            s.shown_replies[pending.history_index] = shown
         s.num_turns += 1
         now = time.monotonic()
         s.mark_active(now)
@@ -243,6 +245,7 @@ class TurnLifecycle:
         s = pending.session
         if s.busy is pending:
             s.busy = None
+            s.mark_active(time.monotonic())  # busy was not idle: a rolled-back turn restarts the TTL too
             self.stats.rolled_back += 1
         if s.closed and s.busy is None:
             self.residency.release(s)
