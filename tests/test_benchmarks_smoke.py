@@ -140,6 +140,12 @@ def test_step_phases_both_modes_smoke(tmp_path: Path) -> None:
         assert positive(row["step"]) and positive(row["forward"])
 
 
+def test_prefix_hash_smoke(tmp_path: Path) -> None:
+    r = run_benchmark("prefix_hash.py", "--tokens", "64", "256", "--repeats", "2", tmp_path=tmp_path)
+    assert [(row["tokens"], row["pages"]) for row in r["rows"]] == [(64, 4), (256, 16)]
+    assert all(positive(row["sha256_ms"]) and positive(row["builtin_ms"]) for row in r["rows"])
+
+
 def test_host_bookkeeping_smoke(tmp_path: Path) -> None:
     r = run_benchmark("host_bookkeeping.py", "--batch", "2", "4", "--steps", "3", "--prompt-len", "8",
                       tmp_path=tmp_path)
