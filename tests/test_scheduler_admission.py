@@ -4,6 +4,8 @@ running ones out to recompute. Outputs are the same either way."""
 
 from __future__ import annotations
 
+import pytest
+
 from agentserve import SamplingParams
 from agentserve.engine.engine import Engine
 from agentserve.testing import tiny_model_cached
@@ -53,6 +55,26 @@ def test_head_of_line_waits_while_running_requests_hold_the_pool() -> None:
     while engine.has_unfinished():
         engine.step()
     assert engine.metrics.num_preemptions_total == 0
+    engine.pool.check_all_free()
+
+
+@pytest.mark.parametrize("n,prefix_caching", [(2, False), (2, True), (3, False)])
+def test_n_siblings_with_chunked_prefill_in_a_pool_for_one_sequence_finish(n: int, prefix_caching: bool) -> None:
+    """With a 16-token step budget the running sibling is admitted chunk by chunk, so admission never fails
+    and the queue's pages were never released: the sibling preempted itself for the pages its waiting
+    siblings held, was admitted again at once, and ran out at the same point, for ever (1,485 preemptions in
+    3,000 steps). A request that preempts itself now takes the queue's pages back first."""
+    engine = Engine.from_kwargs(str(tiny_model_cached("llama")), device="cpu", max_model_len=128, num_blocks=4,
+                                block_size=16, enable_prefix_caching=prefix_caching, max_num_batched_tokens=16)
+    engine.add_request("r", list(range(10, 30)), SamplingParams(n=n, temperature=0.0, max_tokens=40, ignore_eos=True))
+    outputs = []
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
+        outputs += [o for o in engine.step() if o.finished]
+    assert not engine.has_unfinished(), f"the engine stalled ({engine.metrics.num_preemptions_total} preemptions)"
+    assert [len(c.token_ids) for c in outputs[0].outputs] == [40] * n
+    assert len({tuple(c.token_ids) for c in outputs[0].outputs}) == 1  # greedy: the same sequence n times
     engine.pool.check_all_free()
 
 

@@ -256,6 +256,10 @@ class Scheduler:
                 continue
             # The last running request has not been scheduled in this step yet (or is this one).
             victim = self.running[-1]
+            if victim is request and self._release_waiting_pages(request):
+                # Pages the queue holds go first (n > 1 siblings forked onto this request's pages): preempted,
+                # it was admitted again at once and ran out at the same point, for ever (a livelock).
+                continue
             self._preempt(victim, out)
             if victim is request:
                 return None
@@ -312,9 +316,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _release_waiting_pages(self, head: Request) -> bool:
-        """Frees the pages that requests behind the head hold while they wait (an n > 1 sibling
-        forked onto its leader's pages); they recompute when admitted. Only when nothing runs: then
-        nothing else will ever free pages, and a head that needs them would wait forever."""
+        """Frees the pages that requests other than `head` hold while they wait (an n > 1 sibling forked
+        onto its leader's pages); they recompute when admitted. Only when nothing else would ever free
+        pages: nothing runs and the head needs them, or a running request would otherwise preempt itself."""
         released = False
         for request in self.waiting:
             if request is not head and request.block_table:
