@@ -18,7 +18,9 @@ steps 2..k without grammars) are built and copied to the device once per proposa
 
 Greedy requests propose the draft's argmax. Random requests sample from the draft's temperature-
 scaled distribution q and hand q to the rejection sampler (acceptance min(1, p/q)); a seeded
-request draws from its own generator, so its proposals, and hence its output, are reproducible.
+request draws from its own generator, so its proposals, and hence its output, repeat when its drafts do
+(with a fixed k: a preemption that drops a proposal, or a step budget that trims k, changes the draws;
+spec_dynamic's default gives seeded random rows no drafts, and so their tokens without speculation).
 With a grammar, the draft proposes under a copy of the request's matcher (each step masked), so
 every proposal is valid; the real matcher is not touched (spec/draft_grammar.py: a failing copy ends
 that row's drafts, never the batch's proposal).
