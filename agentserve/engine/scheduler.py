@@ -256,7 +256,7 @@ class Scheduler:
                 continue
             # The last running request has not been scheduled in this step yet (or is this one).
             victim = self.running[-1]
-            if victim is request and self._release_waiting_pages(request):
+            if victim is request and self._release_waiting_pages(request, siblings_only=True):
                 # Pages the queue holds go first (n > 1 siblings forked onto this request's pages): preempted,
                 # it was admitted again at once and ran out at the same point, for ever (a livelock).
                 continue
@@ -315,12 +315,15 @@ class Scheduler:
                 adapters.add(key)
         self.waiting.extendleft(reversed(skipped))
 
-    def _release_waiting_pages(self, head: Request) -> bool:
+    def _release_waiting_pages(self, head: Request, siblings_only: bool = False) -> bool:
         """Frees the pages that requests other than `head` hold while they wait (an n > 1 sibling forked
         onto its leader's pages); they recompute when admitted. Only when nothing else would ever free
-        pages: nothing runs and the head needs them, or a running request would otherwise preempt itself."""
+        pages: nothing runs and the head needs them, or (`siblings_only`: n > 1 sequences alone, never a
+        session turn whose pages may be on their way in) a running request would otherwise preempt itself."""
         released = False
         for request in self.waiting:
+            if siblings_only and request.request_id == request.parent_id:
+                continue
             if request is not head and request.block_table:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
