@@ -116,6 +116,13 @@ class _Job:
         self.timer: Optional[threading.Timer] = None  # the timeout watch, cancelled when the job ends
 
 
+def _failed(error: GrammarError) -> "Future[CompiledGrammar]":
+    """A future already failed with `error` (a submit answered without a compile)."""
+    failed: Future = Future()
+    failed.set_exception(error)
+    return failed
+
+
 class GrammarCompiler:
     def __init__(self, backend: GrammarBackend, tokenizer_info: TokenizerInfo, *, max_workers: int = 2,
                  timeout_s: Optional[float] = 30.0, cache_size: int = 1024, max_stuck: int = 8) -> None:
@@ -154,22 +161,16 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 self.stats["hits"] += 1
                 error = fut.exception()  # a cached future is done
-                if error is not None:
-                    # A fresh exception per caller: raising one cached instance again and again grows its
-                    # traceback with every raise.
-                    failed: Future = Future()
-                    failed.set_exception(GrammarError(str(error)))
-                    return failed
-                return fut
+                # A fresh exception per caller: raising one cached instance again and again grows its
+                # traceback with every raise.
+                return _failed(GrammarError(str(error))) if error is not None else fut
             job = self._inflight.get(key)
             if job is not None:
                 self.stats["hits"] += 1
                 job.waiters += 1
                 return job.future
             if key in self._stuck_keys:
-                refused: Future = Future()
-                refused.set_exception(self._timeout_error(spec))
-                return refused
+                return _failed(self._timeout_error(spec))
             self.stats["misses"] += 1
             job = _Job(key, spec)
             self._inflight[key] = job
