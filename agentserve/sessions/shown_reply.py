@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Collection, Optional
 
 from agentserve.chat.reasoning import ReplyReasoning
-from agentserve.chat.reply import ReplyStream, content_beside_calls
+from agentserve.chat.reply import ReplyStream, content_beside_calls, tool_format_of
 from agentserve.grammar.reasoning import ReasoningMarkers
 from agentserve.outputs import CompletionOutput, RequestOutput
 from agentserve.sessions.types import PendingTurn
@@ -22,12 +22,14 @@ def shown_reply(tokenizer: Any, pending: PendingTurn, comp: CompletionOutput, hi
                 tools: Optional[list[dict[str, Any]]], eos_token_ids: Collection[int],
                 reasoning: Optional[ReasoningMarkers]) -> Optional[dict[str, Any]]:
     """The reply as shown, or None when it is shown as the history keeps it (no tools parsed, no reasoning)."""
-    stream = ReplyStream(tokenizer, pending.prompt_token_ids, pending.params, tools, eos_token_ids, reasoning)
-    if not stream.parses_tools and reasoning is None:
+    # Decided as ReplyStream decides, before building one (its detokenizer decodes the prompt's tail).
+    parses_tools = bool(tools) and pending.params.tool_choice != "none" and tool_format_of(tokenizer) is not None
+    if not parses_tools and reasoning is None:
         return None
     shown = dict(history_msg)
     content = comp.text or ""
-    if stream.parses_tools:
+    if parses_tools:
+        stream = ReplyStream(tokenizer, pending.prompt_token_ids, pending.params, tools, eos_token_ids, reasoning)
         ids = list(comp.token_ids)
         whole = CompletionOutput(comp.index, comp.text, ids, None, None, comp.finish_reason, comp.stop_reason,
                                  comp.text, ids)
