@@ -26,7 +26,7 @@ class ModelConfig(_Strict):
                        "holding one), or a named shape with load_format='dummy'.")
     tokenizer: Optional[str] = Field(default=None, description="Tokenizer directory; defaults to the model directory.")
     dtype: DType = Field(default="auto", description="Weight and activation dtype; 'auto': the checkpoint's on "
-                         "CUDA, float32 on CPU.")
+                         "CUDA (bfloat16 for a float32 one, as vLLM), float32 on CPU.")
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
         default="auto", description="'auto' reads the directory's *.safetensors, or its PyTorch .bin files where it "
         "has none (vLLM's fallback); 'safetensors' reads safetensors only; 'dummy' builds random weights for the "

@@ -41,7 +41,7 @@ def _assert_like_cpu(entries: list[pb.PositionLogprobs], prompt_ids: list[int], 
 def test_turn_and_generate_logprobs_match_the_cpu_engine(spec: Optional[str]) -> None:
     draft = dict(draft_model=str(tiny_model_cached("qwen2")), num_speculative_tokens=3, spec_dynamic=False) \
         if spec else {}
-    aeng = make_engine(device="cuda", num_blocks=256, max_model_len=512, async_scheduling=True, **draft)
+    aeng = make_engine(device="cuda", dtype="float32", num_blocks=256, max_model_len=512, async_scheduling=True, **draft)
 
     try:
         run_with_client(aeng, _check, timeout=600.0)

@@ -40,6 +40,22 @@ def test_dummy_weights_for_a_config() -> None:
         LLM("no-such-shape", device="cpu", load_format="dummy")
 
 
+@pytest.mark.parametrize(("config_dtype", "bf16", "served"), [
+    ("float32", True, torch.bfloat16), ("float32", False, torch.float16), (None, True, torch.bfloat16),
+    ("float16", True, torch.float16), ("bfloat16", False, torch.bfloat16)])
+def test_auto_dtype_on_cuda_serves_fp32_checkpoints_in_half(monkeypatch: pytest.MonkeyPatch, config_dtype: object,
+                                                            bf16: bool, served: torch.dtype) -> None:
+    """vLLM's 'auto': a float32 (or unnamed) checkpoint runs in the GPU's preferred half type; the CPU keeps fp32."""
+    from agentserve.model.arch_config import ArchConfig
+    from agentserve.model.loader import resolve_dtype
+    arch = ArchConfig.from_dir(tiny_model_cached("llama3"))
+    arch.torch_dtype = config_dtype  # type: ignore[assignment]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", arch, torch.device("cuda")) == served
+    assert resolve_dtype("auto", arch, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float32", arch, torch.device("cuda")) == torch.float32
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_dtypes_load_and_run(dtype: str) -> None:
     llm = LLM(str(tiny_model_cached("mistral")), device="cpu", dtype=dtype)

@@ -55,7 +55,11 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
     if name == "auto":
         if device.type == "cpu":
             return torch.float32  # half-precision matmuls on CPU are slow and less exact
-        return _DTYPES.get(str(arch.torch_dtype), torch.bfloat16) if arch.torch_dtype != "float32" else torch.float32
+        # As vLLM: a float32 (or unnamed) checkpoint is served in the device's preferred half type, since
+        # fp32 weights double the bytes every decode step reads and the KV pool's bytes per token.
+        preferred = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        config_dtype = _DTYPES.get(str(arch.torch_dtype), torch.float32)
+        return preferred if config_dtype == torch.float32 else config_dtype
     if name not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, float32, float16, bfloat16")
     return _DTYPES[name]
