@@ -188,6 +188,8 @@ class LLM:
         params_list = self._params_per_prompt(sampling_params, len(prompts), "prompts")
         for params in params_list:  # the server's per-request limits hold offline too
             check_sampling(params, self.engine.config.server)
+        for params in {id(p): p for p in params_list if p.has_constraint}.values():
+            self.engine.check_constraint(params)  # vLLM refuses a constraint that does not compile up front
         adapters = _adapters_per_prompt(adapter, len(prompts))
         priorities = self._priorities(priority, len(prompts))
         if self.engine.lora_manager is None and any(name is not None for name in adapters):  # "" too

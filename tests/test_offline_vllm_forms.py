@@ -146,3 +146,16 @@ def test_vllms_sentinels_and_deep_clone() -> None:
     with LLM(str(tiny_model_cached("qwen2")), device="cpu", num_blocks=64) as capped, \
             pytest.raises(ValueError, match="logprobs must be in"):
         capped.generate(["hi"], SamplingParams(max_tokens=2, logprobs=-1))
+
+
+@pytest.mark.parametrize("bad", [StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "x"}}}),
+                                 StructuredOutputsParams(regex="(unclosed")], ids=["schema", "regex"])
+def test_a_constraint_that_does_not_compile_refuses_the_whole_call_before_queueing(llm: LLM, bad: Any) -> None:
+    """vLLM's processor validates a structured-output request when it is added, so generate() raises ValueError
+    and nothing of the call runs; the prompts beside it are not queued, and the engine serves the next call."""
+    good = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match="could not be compiled"):
+        llm.generate(["first", "second"], [good, SamplingParams(max_tokens=4, structured_outputs=bad)])
+    assert not llm.engine.has_unfinished()
+    llm.engine.pool.check_all_free()
+    assert len(llm.generate("first", good)[0].outputs[0].token_ids) == 4

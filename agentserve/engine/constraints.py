@@ -109,6 +109,14 @@ class ConstraintManager:
         compile_future.add_done_callback(on_compiled)
         return prepared
 
+    def check_compiles(self, params: SamplingParams) -> None:
+        """Waits for the compile of the request's constraint (cached for the request that follows) and raises
+        GrammarError when it fails: the offline API refuses such a request before queueing it, as vLLM's does."""
+        fmt = self.tool_format if params.tools else None
+        spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)
+        assert spec is not None
+        self.compiler.submit(spec).result()
+
     def budget_state(self, request: Request, reasoning: ReasoningMarkers) -> Optional[GrammarState]:
         """The grammar state of an unconstrained request with a thinking_token_budget (None when its prompt
         closed the reasoning): its rows then take part in the batch's masks like a constrained one's."""

@@ -257,6 +257,13 @@ class Engine:
         except GrammarError as e:
             raise InvalidRequestError(str(e)) from None
 
+    def check_constraint(self, params: SamplingParams) -> None:
+        """Raises InvalidRequestError when the request's output constraint does not compile (waiting for it)."""
+        try:
+            self._constraint_manager().check_compiles(params)
+        except GrammarError as e:
+            raise InvalidRequestError(f"the output constraint could not be compiled: {e}") from None
+
     def _poll_grammars(self) -> None:
         """Requests whose compile finished start waiting for a slot; failed compiles fail alone."""
         if not self.grammar_waits:
