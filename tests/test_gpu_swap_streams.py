@@ -161,7 +161,7 @@ def _session_turns(monkeypatch: pytest.MonkeyPatch, streams: bool) -> tuple[list
     from conftest_grpc import SYSTEM, make_engine, run, serving
 
     monkeypatch.setattr(kv_cache_module, "SWAP_STREAMS", streams)
-    aeng = make_engine(device=DEVICE, num_blocks=36, max_model_len=720)
+    aeng = make_engine(device=DEVICE, dtype="float32", num_blocks=36, max_model_len=720)
     # Different text per session: their pages must not be shared through the prefix cache.
     messages = [[[{"role": "user", "content": f"Agent {a} step {i}: read file_{a}{i}.txt, report its size " * 3}]
                  for a in range(2)] for i in range(4)]
