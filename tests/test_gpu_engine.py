@@ -134,3 +134,12 @@ def test_unified_kernel_warmup_covers_the_variants_a_step_selects() -> None:
     launched = warmup_unified_variants(k, torch.zeros_like(k), 32, torch.bfloat16, 256, 8192)
     tiles = {attention_config(128, 4, m, torch.bfloat16) for m in (1, 2, 8, 16, 32, 512, 8192)}
     assert launched == len(tiles) * len({batch_block(b) for b in range(1, 257)}) == 9
+
+
+def test_auto_dtype_serves_a_float32_checkpoint_in_bfloat16() -> None:
+    """vLLM's dtype 'auto' on a GPU: the tiny models are saved in float32 and run in bfloat16, KV pages too."""
+    with LLM(str(tiny_model_cached("llama3")), device="cuda", max_model_len=256, num_blocks=64) as llm:
+        assert llm.engine.runner.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert llm.engine.dtype == torch.bfloat16
+        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 8
