@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agentserve.adapters.openai.request_histograms import RequestHistograms
 from agentserve.adapters.openai.vllm_metrics import VLLMNamesCollector
 from agentserve.engine.metrics import EngineMetrics, live_engine_gauges
 
@@ -97,7 +98,16 @@ class _EngineCollector(Collector):
         yield counter("generation_tokens", "Generated tokens.", m.generation_tokens_total)
         yield counter("num_preemptions", "Sequences preempted for lack of KV pages.", m.num_preemptions_total)
         yield counter("requests_finished", "Sequences that finished (stop or length).", m.requests_finished_total)
-        yield gauge("generation_tokens_per_second", "Recent generation throughput.", m.generation_tokens_per_s)
+        yield gauge("generation_tokens_per_second", "Generation throughput over the last 10 s.",
+                    m.generation_tokens_per_s)
+        cache = self.engine.config.cache  # vLLM's cache_config_info: the settings as labels, the value 1
+        info = GaugeMetricFamily(PREFIX + "cache_config_info", "The KV cache's configuration.",
+                                 labels=["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching",
+                                         "gpu_memory_utilization", "swap_space"])
+        info.add_metric([str(cache.block_size), str(self.engine.pool.num_blocks), cache.kv_cache_dtype,
+                         str(cache.enable_prefix_caching), str(cache.gpu_memory_utilization),
+                         str(cache.swap_space_gb)], 1)
+        yield info
         yield from _spec_decode_metrics(m)
         lora = self.engine.lora_manager
         if lora is not None:  # only on a server started with --enable-lora
@@ -149,11 +159,12 @@ class Metrics:
                                      ["endpoint", "status"], registry=r)
         self.finished = Counter(PREFIX + "request_success", "Finished requests (every API) by engine finish reason.",
                                 ["finished_reason"], registry=r)
+        self.per_request = RequestHistograms(r, engine.max_model_len)
         engine_collector = _EngineCollector(engine, session_store)
         r.register(engine_collector)
         # The same series under vLLM's names, for dashboards and alerts brought over from vLLM.
         r.register(VLLMNamesCollector([engine_collector, self.ttft, self.itl, self.e2e, self.queue, self.prompt_len,
-                                       self.gen_len, self.finished], PREFIX, engine.model_name))
+                                       self.gen_len, self.finished, *self.per_request.all], PREFIX, engine.model_name))
         # Finished sequences' timings, appended on the step thread, observed on the event loop.
         self._pending: collections.deque = collections.deque(maxlen=1_000_000)
         self._hook_installed = False
@@ -162,6 +173,7 @@ class Metrics:
     def install(self) -> None:
         if not self._hook_installed:
             self.engine.metrics.finish_hooks.append(self._on_finish)
+            self.engine.metrics.iteration_tokens = collections.deque(maxlen=1_000_000)
             self._hook_installed = True
 
     def uninstall(self) -> None:
@@ -169,21 +181,31 @@ class Metrics:
             hooks = self.engine.metrics.finish_hooks
             if self._on_finish in hooks:  # an engine that closed may have dropped its hooks already
                 hooks.remove(self._on_finish)
+            self.engine.metrics.iteration_tokens = None
             self._hook_installed = False
 
-    def _on_finish(self, req: Any) -> None:
+    def _on_finish(self, req: Any, group_max: Optional[int]) -> None:
         # Step thread: keep it to one append.
-        t = req.timing
+        t, params = req.timing, req.sampling_params
         self._pending.append((t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,
-                              req.num_prompt_tokens, req.num_output_tokens, req.status.finish_reason))
+                              req.num_prompt_tokens, req.num_output_tokens, req.status.finish_reason,
+                              params.max_tokens, params.n, group_max))
 
     def drain(self) -> None:
+        steps = self.engine.metrics.iteration_tokens
+        while steps:
+            try:
+                self.per_request.iteration.observe(steps.popleft())
+            except IndexError:
+                break
         pending = self._pending
         while pending:
             try:
-                arrival, scheduled, first, last, finished, n_prompt, n_out, reason = pending.popleft()
+                (arrival, scheduled, first, last, finished, n_prompt, n_out, reason, max_tokens, n,
+                 group_max) = pending.popleft()
             except IndexError:
                 break
+            self.per_request.observe(scheduled, first, last, max_tokens, n, group_max)
             if scheduled is not None:
                 self.queue.observe(max(0.0, scheduled - arrival))
             if first is not None:

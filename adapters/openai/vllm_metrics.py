@@ -35,6 +35,14 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens",),
     "spec_decode_num_accepted_tokens_per_pos": ("spec_decode_num_accepted_tokens_per_pos",),
     "lora_requests_info": ("lora_requests_info",),
+    "cache_config_info": ("cache_config_info",),
+    "request_prefill_time_seconds": ("request_prefill_time_seconds",),
+    "request_decode_time_seconds": ("request_decode_time_seconds",),
+    "request_inference_time_seconds": ("request_inference_time_seconds",),
+    "request_params_max_tokens": ("request_params_max_tokens",),
+    "request_params_n": ("request_params_n",),
+    "request_max_num_generation_tokens": ("request_max_num_generation_tokens",),
+    "iteration_tokens_total": ("iteration_tokens_total",),
 }
 
 

@@ -103,8 +103,10 @@ class BlockPool:
         return self._hash[block_id]
 
     # --- prefix cache ---------------------------------------------------------------------------
-    def lookup(self, block_hashes: Sequence[BlockHash], max_blocks: int, num_query_tokens: int) -> list[int]:
-        """Longest run of cached full pages for these hashes (not yet referenced by the caller)."""
+    def lookup(self, block_hashes: Sequence[BlockHash], max_blocks: int, num_query_tokens: int,
+               count: bool = True) -> list[int]:
+        """Longest run of cached full pages for these hashes (not yet referenced by the caller). count=False:
+        a probe (a session's swap-in plan), not a prefix-cache query: the counters /metrics reads stay."""
         hits: list[int] = []
         if self.enable_prefix_caching:
             for h in block_hashes[:max_blocks]:
@@ -112,8 +114,9 @@ class BlockPool:
                 if block_id is None:
                     break
                 hits.append(block_id)
-        self.query_tokens += num_query_tokens
-        self.hit_tokens += len(hits) * self.block_size
+        if count:
+            self.query_tokens += num_query_tokens
+            self.hit_tokens += len(hits) * self.block_size
         return hits
 
     def cache_block(self, block_id: int, block_hash: BlockHash) -> None:

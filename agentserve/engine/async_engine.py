@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from typing import Any, AsyncGenerator, Callable, Optional, TypeVar
 
 from agentserve.engine.engine import Engine, Prompt
@@ -197,6 +198,7 @@ class AsyncEngine:
         if pending + num_sequences > self.max_pending:
             raise QueueFullError(f"the server has {pending} sequences in flight and this request adds {num_sequences} "
                                  f"(limit {self.max_pending})")
+        kwargs.setdefault("arrival_time", time.monotonic())  # vLLM's arrival: before the hop to the step thread
         stream = _Stream(asyncio.get_running_loop(), num_sequences)
         self._streams[request_id] = stream
 

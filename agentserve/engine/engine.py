@@ -183,8 +183,8 @@ class Engine:
                     lora_key: Optional[LoRAKey] = None,
                     prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
                     retain_blocks: bool = False, share_prefix: bool = False,
-                    admit_hook: Optional[AdmitHook] = None) -> None:
-        """Queues a request. `prefix_block_table` hands in pages (a session's) already holding the KV
+                    admit_hook: Optional[AdmitHook] = None, arrival_time: Optional[float] = None) -> None:
+        """Queues a request; `arrival_time` (time.monotonic(), as vLLM's) is when a frontend received it. `prefix_block_table` hands in pages (a session's) already holding the KV
         of the first `num_prefix_computed` tokens; the engine takes over those references (with
         share_prefix it takes its own, copy-on-write, and the caller keeps its references).
         `admit_hook` hands them in later, when the scheduler admits the request (sessions: a queued
@@ -213,6 +213,8 @@ class Engine:
             req = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
                           cache_salt=cache_salt, lora_name=lora_name, lora_key=lora_key, index=i,
                           parent_id=request_id)
+            if arrival_time is not None:  # the latency histograms count the wait for the step thread too
+                req.timing.arrival = arrival_time
             if self.tokenizer is not None and params.detokenize:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          list(params.stop or []), params.include_stop_str_in_output,
@@ -239,7 +241,6 @@ class Engine:
         self.scheduler.add(leader)
         if len(children) > 1:
             self.pending_forks[leader.request_id] = children[1:]
-        self.metrics.prompt_tokens_total += len(token_ids)
 
     def _constraint_manager(self) -> ConstraintManager:
         try:
@@ -369,8 +370,9 @@ class Engine:
         # flight, a page-starved head). The step thread naps on this instead of calling step() in a tight loop.
         self.last_step_idle = (launched is None and prev is None and not touched and not sched.device_ops
                                and not self.grammar_waits)
+        counted = sched.total_num_scheduled_tokens if self.metrics.iteration_tokens is not None else 0
         self.metrics.update_after_step(self.scheduler.running, self.scheduler.num_waiting, self.pool,
-                                       len(sched.preempted), num_sampled)
+                                       len(sched.preempted), num_sampled, counted)
         touched |= self.output.failed  # requests failed alone during this step report it now
         self.output.failed.clear()
         outputs = self.output.collect_outputs(touched)

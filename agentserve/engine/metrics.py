@@ -6,11 +6,12 @@ import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from agentserve.cache.block_pool import BlockPool
 from agentserve.request import Request
 
+RATE_WINDOW_S = 10.0  # generation_tokens_per_s averages over this much of the recent past
 _computed_of = operator.attrgetter("num_computed_tokens")
 _table_of = operator.attrgetter("block_table")
 
@@ -39,7 +40,10 @@ class EngineMetrics:
     spec_num_rejected_rows: int = 0  # rows that stopped at a rejected draft (not all accepted)
     spec_num_continued_proposals: int = 0  # proposals adopted from the device (spec/continuation.py)
     spec_accepted_per_position: list = field(default_factory=list)
-    _window: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, generated tokens)
+    _window: deque = field(default_factory=deque)  # (time, generated tokens) of the last RATE_WINDOW_S
+    _first_step: float = 0.0
+    # Tokens each step computed (vLLM's iteration_tokens_total), kept only while an exporter drains them.
+    iteration_tokens: Optional[deque] = None
     # Callables run on the step thread with each sequence that finishes (stop or length), e.g. the
     # Prometheus exporter's latency histograms. They must be cheap and must not raise.
     finish_hooks: list = field(default_factory=list)
@@ -81,11 +85,19 @@ class EngineMetrics:
         return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
     def record_step(self, generated: int) -> None:
-        self._window.append((time.monotonic(), generated))
+        now = time.monotonic()
+        window = self._window
+        if not self._first_step:
+            self._first_step = now
+        window.append((now, generated))
+        while window[0][0] < now - RATE_WINDOW_S:
+            window.popleft()
 
     def update_after_step(self, running: list[Request], num_waiting: int, pool: BlockPool,
-                          num_preempted: int, num_sampled: int) -> None:
+                          num_preempted: int, num_sampled: int, num_scheduled_tokens: int = 0) -> None:
         """The gauges and counters after one engine step."""
+        if self.iteration_tokens is not None and num_scheduled_tokens:
+            self.iteration_tokens.append(num_scheduled_tokens)
         self.num_running = len(running)
         self.num_waiting = num_waiting
         self.kv_blocks_used = pool.num_used_blocks
@@ -99,10 +111,12 @@ class EngineMetrics:
 
     @property
     def generation_tokens_per_s(self) -> float:
-        if len(self._window) < 2:
-            return 0.0
-        span = self._window[-1][0] - self._window[0][0]
-        return sum(n for _, n in list(self._window)[1:]) / span if span > 0 else 0.0
+        """Tokens generated over the last RATE_WINDOW_S (less since the first step), as of now: an idle
+        engine's rate falls to 0 (read from any thread: the step thread only appends and pops)."""
+        now = time.monotonic()
+        span = min(RATE_WINDOW_S, now - self._first_step) if self._first_step else 0.0
+        recent = sum(n for t, n in list(self._window) if t >= now - RATE_WINDOW_S)
+        return recent / span if span > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ def live_engine_gauges(engine: Any) -> EngineGauges:
     len() or int read of state the step thread owns (atomic under the GIL); together they are not one
     snapshot, which gauges do not need. `engine` is an Engine (Any: engine.py imports this module)."""
     scheduler, pool = engine.scheduler, engine.pool
-    return EngineGauges(num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+    # n > 1: the siblings of a leader whose prompt is not in yet wait outside the scheduler (vLLM counts n requests).
+    unforked = sum(map(len, list(engine.pending_forks.values())))
+    return EngineGauges(num_running=scheduler.num_running, num_waiting=scheduler.num_waiting + unforked,
                         kv_pages_used=pool.num_used_blocks, kv_pages_total=pool.num_blocks,
                         prefix_cache_queries=pool.query_tokens, prefix_cache_hits=pool.hit_tokens)

@@ -162,6 +162,9 @@ class OutputProcessor:
         timing = req.timing
         if timing.first_token is None:
             timing.first_token = now
+            # vLLM counts a sequence's prompt when its prefill completes (each of n's, none of a request
+            # refused or dropped before it ran).
+            self.engine.metrics.prompt_tokens_total += req.num_prompt_tokens
         timing.last_token = now
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
@@ -297,10 +300,15 @@ class OutputProcessor:
             del req.block_table[keep:]
         engine.scheduler.remove(req, free_blocks=not req.retain_blocks)
         self.engine.pending_forks.pop(req.request_id, None)
+        if req.error and req.error_kind is FailureKind.INVALID_REQUEST and req.timing.first_token is None:
+            return  # refused before it ran (a 400: vLLM refuses it before its engine): not a served request
         engine.metrics.requests_finished_total += 1
+        group = engine.groups.get(req.parent_id) or [req]
+        # The group's largest output once its last sequence is done (vLLM's max_num_generation_tokens).
+        group_max = max(c.num_output_tokens for c in group) if all(c.is_finished for c in group) else None
         for hook in engine.metrics.finish_hooks:
             try:
-                hook(req)
+                hook(req, group_max)
             except Exception:  # noqa: BLE001 - an exporter must never fail a step
                 logger.exception("finish hook failed")
 

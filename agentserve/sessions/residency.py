@@ -268,9 +268,7 @@ class Residency:
         hashes: list[bytes] = []
         if self.pool.enable_prefix_caching and num_full:
             hashes = compute_block_hashes(s.token_ids[:num_full * self.block_size], self.block_size, s.extra_key, [])
-        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size if count else 0) if hashes else []
-        if not count:
-            self.pool.hit_tokens -= len(hits) * self.block_size  # a probe, not a prefix-cache query
+        hits = self.pool.lookup(hashes, num_full, num_full * self.block_size, count=count) if hashes else []
         return hashes, hits, num_full
 
     def restore_cost(self, s: Session) -> tuple[int, int]:

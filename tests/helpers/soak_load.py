@@ -48,7 +48,7 @@ class Tally:
 
     def usage(self, prompt: int, completion: int, sequences: int = 1) -> None:
         self.completed_stateless += sequences
-        self.prompt_tokens += prompt
+        self.prompt_tokens += prompt * sequences  # vLLM's prompt_tokens_total counts each of n's prefills
         self.completion_tokens += completion
 
 
