@@ -110,6 +110,21 @@ class SchedulerConfig(_Strict):
         default=None, description="Schedule and prepare step N+1 on the CPU while the device runs step N "
         "(vLLM V1's async scheduling). None: on for CUDA, off elsewhere.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_covers_the_sequences(cls, values: object) -> object:
+        """vLLM's rule: every running sequence needs a token of the step's budget, so max_num_seqs above
+        max_num_batched_tokens is refused; left unset, max_num_seqs follows a smaller budget."""
+        if not isinstance(values, dict) or not isinstance(values.get("max_num_batched_tokens"), int):
+            return values
+        budget, seqs = values["max_num_batched_tokens"], values.get("max_num_seqs")
+        if isinstance(seqs, int) and 0 < budget < seqs:
+            raise ValueError(f"max_num_batched_tokens ({budget}) must be greater than or equal to max_num_seqs "
+                             f"({seqs}): every running sequence takes a token of the step's budget")
+        if seqs is None and 0 < budget < cls.model_fields["max_num_seqs"].default:
+            return {**values, "max_num_seqs": budget}
+        return values
+
 
 DEFAULT_LORA_SLOT_WAIT_S = 30.0  # LoRAConfig.lora_slot_wait_s (the scheduler's default too)
 

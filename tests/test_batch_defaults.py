@@ -75,3 +75,17 @@ def test_decode_graph_sizes_stop_at_the_capture_cap() -> None:
     assert capture_sizes(256)[-1] == 256
     big = capture_sizes(1024)
     assert big[-1] == 512 and big == capture_sizes(512) and big == sorted(set(big))
+
+
+def test_max_num_seqs_never_exceeds_the_step_budget() -> None:
+    """vLLM refuses max_num_batched_tokens < max_num_seqs (each running sequence takes a token of a step); left
+    unset, max_num_seqs follows a smaller budget, the config's default and a large GPU's alike."""
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4\) must be greater than or equal to "
+                                         r"max_num_seqs \(8\)"):
+        EngineConfig.from_kwargs("m", max_num_batched_tokens=4, max_num_seqs=8)
+    assert EngineConfig.from_kwargs("m", max_num_batched_tokens=32).scheduler.max_num_seqs == 32
+    assert EngineConfig.from_kwargs("m", max_num_batched_tokens=512, max_num_seqs=512).scheduler.max_num_seqs == 512
+    on_h200 = with_batch_defaults(EngineConfig.from_kwargs("m", max_num_batched_tokens=768), LARGE)
+    assert (on_h200.scheduler.max_num_seqs, on_h200.scheduler.max_num_batched_tokens) == (768, 768)
+    on_h200 = with_batch_defaults(EngineConfig.from_kwargs("m", max_num_seqs=64), LARGE)
+    assert (on_h200.scheduler.max_num_seqs, on_h200.scheduler.max_num_batched_tokens) == (64, 8192)

@@ -45,4 +45,7 @@ def with_batch_defaults(config: EngineConfig, defaults: dict[str, int]) -> Engin
     unset = {name: value for name, value in defaults.items() if name not in config.scheduler.model_fields_set}
     if not unset:
         return config
+    if "max_num_seqs" in unset:  # no more sequences than a step has tokens for (SchedulerConfig's rule)
+        budget = unset.get("max_num_batched_tokens", config.scheduler.max_num_batched_tokens)
+        unset["max_num_seqs"] = min(unset["max_num_seqs"], budget)
     return config.model_copy(update={"scheduler": config.scheduler.model_copy(update=unset)})

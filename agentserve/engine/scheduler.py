@@ -209,60 +209,75 @@ class Scheduler:
         return max(k, 0)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        """Running requests, in order (the oldest first, so the newest are preempted). A decode with
-        speculative tokens gets 1 + k tokens and KV slots for all of them (lookahead: rejected ones
-        are overwritten later). Returns the budget left."""
-        if self.config.policy == "priority":
-            self.running.sort(key=self._priority_key)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        """Running requests in admission order, under either policy (vLLM V1: priority picks preemption victims,
+        never who gets the budget first, so a high-priority prompt's prefill does not stall the decodes). A decode
+        with speculative tokens gets 1 + k tokens and KV slots for all of them (lookahead: rejected ones are
+        overwritten later). Returns the budget left."""
+        copies_of: dict[str, list[DeviceOp]] = {}  # this step's copy-on-write copies per request, to take back
+        for request in list(self.running):  # the loop preempts: a snapshot, skipping those preempted meanwhile
+            if budget <= 0:
+                break
+            if request.status is RequestStatus.PREEMPTED:
+                continue
             pending = request.num_output_placeholders
             if pending and 0 < request.max_tokens <= request.num_output_tokens + pending:
                 # Async scheduling: the token in flight is its last (max_tokens); it finishes when
                 # that step is processed, so computing past it would only be thrown away.
-                i += 1
                 continue
             num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
             if num_new <= 0:
-                i += 1
                 continue
             num_spec = self._num_spec_tokens(request, budget) if num_new == 1 and request.spec_token_ids else 0
             if not num_spec and request.spec_token_ids:
                 request.clear_proposal()  # proposals hold for this schedule only
             num_new += num_spec
-            copies = self._allocate_or_preempt(request, num_new, out)
+            copies, given_back = self._allocate_or_preempt(request, num_new, out, copies_of)
+            budget += given_back
             if copies is None:
-                continue  # the request preempted itself; self.running[i] is the next one
+                continue  # the request preempted itself
             out.scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
             if num_spec:
                 out.spec_token_ids[request.request_id] = list(request.spec_token_ids)
             if copies:  # a decode in a private page has none: skip building a generator per row
-                self._device_ops.extend(CopyBlocks(src, dst) for src, dst in copies)
+                ops = copies_of[request.request_id] = [CopyBlocks(src, dst) for src, dst in copies]
+                self._device_ops.extend(ops)
             budget -= num_new
-            i += 1
         return budget
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput
-                             ) -> Optional[list[tuple[int, int]]]:
-        """Slots for a running request, reclaiming idle pages or preempting the newest running
-        requests until they fit; None when the request itself was preempted."""
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput,
+                             copies_of: dict[str, list[DeviceOp]]) -> tuple[Optional[list[tuple[int, int]]], int]:
+        """Slots for a running request, reclaiming idle pages or preempting running requests until they fit:
+        under fcfs the newest (never scheduled yet in this step), under priority vLLM's max of (priority,
+        arrival), whose tokens of this step are taken back. (copies, or None when the request itself was
+        preempted; tokens given back to the budget.)"""
+        given_back = 0
         while True:
             copies = self.kv.allocate_slots(request, num_new)
             if copies is not None:
-                return copies
+                return copies, given_back
             if self._reclaim(request, num_new):
                 continue
-            # The last running request has not been scheduled in this step yet (or is this one).
-            victim = self.running[-1]
+            victim = max(self.running, key=self._priority_key) if self.config.policy == "priority" \
+                else self.running[-1]
             if victim is request and self._release_waiting_pages(request, siblings_only=True):
                 # Pages the queue holds go first (n > 1 siblings forked onto this request's pages): preempted,
                 # it was admitted again at once and ran out at the same point, for ever (a livelock).
                 continue
+            given_back += self._unschedule(victim, out, copies_of)
             self._preempt(victim, out)
             if victim is request:
-                return None
+                return None, given_back
+
+    def _unschedule(self, victim: Request, out: SchedulerOutput, copies_of: dict[str, list[DeviceOp]]) -> int:
+        """Takes back what this step already gave a request about to be preempted; returns its tokens."""
+        tokens = out.num_scheduled_tokens.pop(victim.request_id, 0)
+        if tokens:
+            out.scheduled.remove(victim)
+            out.spec_token_ids.pop(victim.request_id, None)
+            for op in copies_of.pop(victim.request_id, ()):
+                self._device_ops.remove(op)  # its pages are freed: copying into them would write others'
+        return tokens
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Waiting requests while there is budget, a sequence slot and pages."""
