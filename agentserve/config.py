@@ -101,6 +101,10 @@ class SchedulerConfig(_Strict):
         default="fcfs", description="Admission order: 'fcfs', or 'priority' (lower priority values first).")
     max_waiting: int = Field(default=4096, gt=0, description="Queue bound in sequences (a request counts its prompts "
                              "x n, as vLLM V1 fans n out); past it requests are refused.")
+    long_prefill_token_threshold: int = Field(
+        default=0, ge=0, description="Most tokens one request computes in a step (vLLM's: a long prompt is prefilled "
+        "in chunks of this size, leaving the rest of each step's budget to other prompts); 0: no cap beyond "
+        "max_num_batched_tokens.")
     decode_reserve_tokens: int = Field(
         default=256, ge=0,
         description="Admission counts pages for a request's whole prompt plus this many generated tokens (fewer "

@@ -70,7 +70,6 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "num_lookahead_slots": ((0,), "speculation reserves its own slots from num_speculative_tokens"),
     "multi_step_stream_outputs": ((True,), "multi-step scheduling is not supported: every step streams its tokens"),
     "preemption_mode": ((None, "recompute"), "a preempted request recomputes its tokens (only sessions swap)"),
-    "long_prefill_token_threshold": ((0,), "concurrent partial prefills are not supported"),
     "max_num_partial_prefills": ((1,), "concurrent partial prefills are not supported"),
     "max_long_partial_prefills": ((1,), "concurrent partial prefills are not supported"),
     "num_gpu_blocks_override": ((None,), "pass num_blocks, agentserve's option for the KV pool's page count"),

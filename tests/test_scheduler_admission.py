@@ -94,3 +94,35 @@ def test_n2_in_a_pool_that_holds_one_sequence_finishes() -> None:
     assert not engine.has_unfinished(), "the engine stalled"
     assert [len(c.token_ids) for c in outputs[0].outputs] == [22, 22]
     engine.pool.check_all_free()
+
+
+def test_long_prefill_token_threshold_caps_each_request_per_step() -> None:
+    """vLLM's long_prefill_token_threshold: a long prompt is prefilled at most that many tokens a step, so a short
+    prompt queued behind it starts in the first step instead of after the whole long prefill; outputs are the same."""
+    prompts = {"long": [(3 * j) % 200 + 5 for j in range(100)], "short": [(5 * j) % 200 + 7 for j in range(6)]}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    results = []
+    for threshold in (0, 16):
+        engine = Engine.from_kwargs(str(tiny_model_cached("llama")), long_prefill_token_threshold=threshold, **POOL)
+        steps: list[dict[str, int]] = []
+        schedule = engine.scheduler.schedule
+
+        def recorded() -> object:
+            out = schedule()
+            steps.append(dict(out.num_scheduled_tokens))
+            return out
+
+        engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+        for name, ids in prompts.items():
+            engine.add_request(name, ids, params)
+        outputs: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+        results.append(outputs)
+        if threshold:
+            assert steps[0] == {"long": 16, "short": 6} and all(max(s.values()) <= 16 for s in steps), steps
+        else:
+            assert steps[0] == {"long": 64}, steps
+    assert results[0] == results[1]

@@ -82,6 +82,9 @@ class Scheduler:
         # too (so that those drain).
         self.max_loras: Optional[int] = None
         self.lora_slot_wait_s = DEFAULT_LORA_SLOT_WAIT_S
+        # vLLM's long_prefill_token_threshold: no request computes more tokens than this in one step (0: no cap), so
+        # a long prompt's chunks leave room in each step's budget for the prompts queued behind it.
+        self._chunk_cap = config.long_prefill_token_threshold or config.max_num_batched_tokens
 
     # --- queues -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -224,7 +227,7 @@ class Scheduler:
                 # Async scheduling: the token in flight is its last (max_tokens); it finishes when
                 # that step is processed, so computing past it would only be thrown away.
                 continue
-            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget, self._chunk_cap)
             if num_new <= 0:
                 continue
             num_spec = self._num_spec_tokens(request, budget) if num_new == 1 and request.spec_token_ids else 0
@@ -365,7 +368,7 @@ class Scheduler:
         if not self._make_room(request, self._admission_need(request, computed), outstanding):
             return None
         num_computed = request.num_computed_tokens + len(computed) * self.kv.block_size
-        num_new = min(request.num_tokens - num_computed, budget)
+        num_new = min(request.num_tokens - num_computed, budget, self._chunk_cap)
         copies = self.kv.allocate_slots(request, num_new, computed)
         if copies is None and self._reclaim(request, num_new):
             copies = self.kv.allocate_slots(request, num_new, computed)
