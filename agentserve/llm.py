@@ -294,7 +294,10 @@ class LLM:
             params_list = [p.clone(tools=tools, tool_choice=tool_choice or "auto") for p in params_list]
         template_kwargs.update(chat_template_kwargs or {})
         add_generation_prompt = bool(template_kwargs.pop("add_generation_prompt", True))
-        rendered = [self._rendered_chat(conv, tools, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
+        # As vLLM's chat: template variables named like the template's own arguments override them (tools: what
+        # the template shows; the reply's calls are still parsed against `tools`).
+        shown_tools = template_kwargs.pop("tools", tools)
+        rendered = [self._rendered_chat(conv, shown_tools, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
                     for conv in conversations]
         outputs = self.generate([ids for _, ids in rendered], params_list, use_tqdm=use_tqdm, adapter=adapter,
                                 lora_request=lora_request)

@@ -37,6 +37,10 @@ def test_chat_template_kwargs_reach_the_template(llm: LLM) -> None:
     assert _prompt_text(llm, chat_template_kwargs={"enable_thinking": False}) == "<hi>NOTHINKGEN"
     # As in vLLM, chat_template_kwargs are merged last: they override the keywords of chat() itself.
     assert _prompt_text(llm, chat_template_kwargs={"add_generation_prompt": False}) == "<hi>"
+    # tools among them is what the template shows (it was a TypeError: apply_chat_template's tools twice).
+    shows_tools = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}" + TEMPLATE
+    out = llm.chat(CONV, PARAMS, chat_template=shows_tools, chat_template_kwargs={"tools": TOOLS})[0]
+    assert out.prompt == "[get_weather]<hi>GEN"
 
 
 def test_tools_apply_to_each_of_a_list_of_sampling_params(llm: LLM) -> None:

@@ -107,3 +107,21 @@ def test_the_tokenizers_eos_stops_when_the_generation_config_leaves_it_out(tmp_p
     out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[own]))[0].outputs[0]
     assert (out.token_ids, out.finish_reason, out.stop_reason, out.text) == ([own], "stop", None, "")
     llm.close()
+
+
+def test_a_generation_config_directory_gives_its_eos_ids(tmp_path: Path) -> None:
+    """vLLM's --generation-config DIR: that directory's eos_token_id list stops the output (reported by id), as its
+    sampling defaults apply; a generation_config.json without eos_token_id adds none from config.json."""
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "generation_config.json").write_text(json.dumps({"eos_token_id": [700, 701]}))
+    llm = LLM(str(tiny_model_cached("llama3")), device="cpu", max_model_len=256, generation_config=str(defaults))
+    own = llm.get_tokenizer().eos_token_id
+    assert llm.engine.eos_token_ids == frozenset({700, 701, own})
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[701]))[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([701], "stop", 701)
+    llm.close()
+    (defaults / "generation_config.json").write_text(json.dumps({"temperature": 0.5}))
+    llm = LLM(str(tiny_model_cached("llama3")), device="cpu", max_model_len=256, generation_config=str(defaults))
+    assert llm.engine.eos_token_ids == frozenset({own})
+    llm.close()

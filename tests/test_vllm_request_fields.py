@@ -110,3 +110,25 @@ def test_chat_documents_reach_the_chat_template() -> None:
         as_kwargs = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1,
                                                    extra_body={"chat_template_kwargs": {"documents": docs}})
     assert with_docs.usage.prompt_tokens == as_kwargs.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_chat_template_kwargs_override_the_template_arguments_as_in_vllm(http: httpx.Client) -> None:
+    """vLLM lays chat_template_kwargs over its own arguments to apply_chat_template: add_generation_prompt and
+    continue_final_message given there count as the request's fields, tools there is what the template shows;
+    arguments that change what apply_chat_template returns are a 400 naming the key."""
+    def ids(**fields: Any) -> list[int]:
+        r = http.post("/tokenize", json={"model": "m", "messages": MESSAGES + [{"role": "assistant", "content": "He"}],
+                                         **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    assert ids(add_generation_prompt=False) == ids(chat_template_kwargs={"add_generation_prompt": False})
+    assert ids(add_generation_prompt=False, continue_final_message=True) == ids(
+        chat_template_kwargs={"add_generation_prompt": False, "continue_final_message": True})
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    assert ids(tools=[tool]) == ids(chat_template_kwargs={"tools": [tool]}) != ids()
+    r = _chat(http, chat_template_kwargs={"add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    for key, value in (("tokenize", True), ("add_generation_prompt", "no")):
+        r = _chat(http, chat_template_kwargs={key: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"chat_template_kwargs.{key}", r.text

@@ -8,7 +8,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from agentserve.adapters.openai.chat_echo import echo_prefix, reply_role
 from agentserve.adapters.openai.chat_stream_state import ChatStreamState
-from agentserve.adapters.openai.chat_template_vars import chat_template_variables
+from agentserve.adapters.openai.chat_template_vars import apply_template_overrides, chat_template_variables
 from agentserve.adapters.openai.legacy_functions import legacy_delta, legacy_message, legacy_messages, legacy_tools
 from agentserve.adapters.openai.logprobs import vllm_prompt_logprobs
 from agentserve.adapters.openai.protocol import ChatCompletionRequest, OpenAIError
@@ -86,8 +86,9 @@ class ChatEndpoint:
         pool = self.s.render_pool
         variables = dict(kwargs)
         template = variables.pop("chat_template", None)  # the request's own template (chat_template_variables)
-        text = pool.render(tok, messages, tools, add_generation_prompt=req.add_generation_prompt, chat_template=template,
-                           template_kwargs=variables)
+        shown_tools = variables.pop("tools", tools)  # chat_template_kwargs.tools: what the template shows (vLLM's)
+        text = pool.render(tok, messages, shown_tools, add_generation_prompt=req.add_generation_prompt,
+                           chat_template=template, template_kwargs=variables)
         return pool.encode(tok, text, "messages", add_special_tokens=req.add_special_tokens)
 
     def _tool_params(self, req: ChatCompletionRequest, tools: Tools, tool_choice: Any) -> dict[str, Any]:
@@ -124,6 +125,7 @@ class ChatEndpoint:
     def prepare_prompt(self, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], Tools, Any, dict[str, Any]]:
         """The checks before rendering (template, messages, tools): (messages, tools, tool_choice, template
         kwargs), for render_prompt. Shared with POST /tokenize."""
+        apply_template_overrides(req)
         self._check_template(req)
         template_kwargs = chat_template_variables(req, self.s.limits.trust_request_chat_template)
         if not req.messages:

@@ -13,6 +13,32 @@ from agentserve.chat.template_kwargs import with_reasoning_effort
 from agentserve.errors import FieldError
 
 
+# apply_chat_template's arguments that change what it returns rather than what the template sees: never a request's.
+_NOT_VARIABLES = frozenset(("self", "conversation", "messages", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"))
+
+
+def apply_template_overrides(req: ChatCompletionRequest) -> None:
+    """vLLM lays chat_template_kwargs over its own arguments to the template: `add_generation_prompt` and
+    `continue_final_message` given there are the request's (its checks, reply role and echo follow them);
+    `tools` there is what the template shows (the reply's calls are parsed against the request's tools)."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    refused = sorted(_NOT_VARIABLES & kwargs.keys())
+    if refused:
+        key = refused[0]
+        raise OpenAIError(400, f"chat_template_kwargs.{key}: an argument of apply_chat_template that changes what it "
+                               "returns, not a template variable; remove it", param=f"chat_template_kwargs.{key}")
+    for key in ("add_generation_prompt", "continue_final_message"):
+        if key in kwargs:
+            value = kwargs.pop(key)
+            if not isinstance(value, bool):
+                raise OpenAIError(400, f"chat_template_kwargs.{key} must be true or false",
+                                  param=f"chat_template_kwargs.{key}")
+            setattr(req, key, value)
+    if req.chat_template_kwargs is not None:
+        req.chat_template_kwargs = kwargs
+
+
 def chat_template_variables(req: ChatCompletionRequest, trust_request_chat_template: bool) -> dict[str, Any]:
     try:
         kwargs = with_reasoning_effort(dict(req.chat_template_kwargs or {}), req.reasoning_effort, "reasoning_effort")

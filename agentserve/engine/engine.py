@@ -68,7 +68,8 @@ class Engine:
             self.max_model_len = decide_max_model_len(config, self.arch)
             self.tokenizer = load_model_tokenizer(config, self.model_path)
             apply_chat_template_override(self.tokenizer, config.model.chat_template)
-            self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer)
+            self.eos_token_ids = generation_eos(self.model_path, self.arch, self.tokenizer,
+                                                config.model.generation_config)
             # The model's sampling defaults for fields a request leaves unset (engine/generation_defaults.py).
             self.generation_defaults = read_generation_defaults(config.model.generation_config, self.model_path)
             # Thinking models' markers (grammar/reasoning.py): checked before the model loads, so a wrong parser

@@ -162,13 +162,18 @@ def apply_chat_template_override(tokenizer: Any, template: Optional[str]) -> Non
     tokenizer.chat_template = Path(template).read_text()
 
 
-def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any) -> frozenset[int]:
+def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any, generation_config: str = "auto"
+                   ) -> frozenset[int]:
+    """The ids that end an output, as vLLM reads them: the generation config's eos_token_id (the model's for
+    --generation-config auto / vllm, the named directory's otherwise), config.json's where there is no
+    generation_config.json (transformers' GenerationConfig.from_model_config), and the tokenizer's EOS."""
     eos: list[int] = []
-    gen_cfg = path / "generation_config.json" if path else None
+    folder = path if generation_config in ("auto", "vllm") else Path(generation_config)
+    gen_cfg = folder / "generation_config.json" if folder else None
     if gen_cfg is not None and gen_cfg.is_file():
         value = read_json_object(gen_cfg, ModelLoadError, "").get("eos_token_id")
         eos = [value] if isinstance(value, int) else list(value or [])
-    if not eos:
+    else:
         eos = list(arch.eos_token_ids)
     # The tokenizer's own EOS always ends an output (vLLM's request.eos_token_id), listed or not.
     if tokenizer is not None and tokenizer.eos_token_id is not None:

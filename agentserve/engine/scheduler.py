@@ -220,7 +220,7 @@ class Scheduler:
         for request in list(self.running):  # the loop preempts: a snapshot, skipping those preempted meanwhile
             if budget <= 0:
                 break
-            if request.status is RequestStatus.PREEMPTED:
+            if out.preempted and request in out.preempted:  # a victim of an earlier row's allocation
                 continue
             pending = request.num_output_placeholders
             if pending and 0 < request.max_tokens <= request.num_output_tokens + pending:

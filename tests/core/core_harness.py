@@ -110,13 +110,14 @@ class FakePages:
 
 class CoreHarness:
     def __init__(self, *, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,
-                 max_num_seqs: int = 16, decode_reserve_tokens: int = 0, enable_prefix_caching: bool = True,
+                 max_num_seqs: Optional[int] = None, decode_reserve_tokens: int = 0, enable_prefix_caching: bool = True,
                  policy: str = "fcfs", next_token: NextToken = next_token_of_context) -> None:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
+        seqs = {"max_num_seqs": max_num_seqs if max_num_seqs is not None else min(16, max_num_batched_tokens)}
         self.scheduler = Scheduler(SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            decode_reserve_tokens=decode_reserve_tokens, policy=policy), self.kv)
+            max_num_batched_tokens=max_num_batched_tokens, decode_reserve_tokens=decode_reserve_tokens,
+            policy=policy, **seqs), self.kv)
         self.pages = FakePages(num_blocks, block_size)
         self.next_token = next_token
         self.requests: dict[str, Request] = {}
