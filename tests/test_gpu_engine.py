@@ -35,7 +35,7 @@ def generate(arch: str, dtype: str, backend: str, **kw: object) -> Result:
     set_backend(backend)
     try:
         llm = LLM(str(tiny_model_cached(arch)), device="cuda", dtype=dtype, attention_backend=backend,
-                  max_num_seqs=8, max_model_len=1024, gpu_memory_utilization=0.3, **kw)
+                  max_model_len=1024, gpu_memory_utilization=0.3, **{"max_num_seqs": 8, **kw})
         outs = llm.generate(PROMPTS, PARAMS)
         assert (llm.engine.runner.graphs is not None) == (backend != "torch")
         del llm
@@ -79,7 +79,7 @@ def test_triton_path_matches_torch_reference_bf16(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_triton_path_with_tiny_chunks_and_prefix_cache(arch: str) -> None:
     ref = generate(arch, "float32", "torch")
-    chunked = generate(arch, "float32", "triton", max_num_batched_tokens=7, block_size=32)
+    chunked = generate(arch, "float32", "triton", max_num_batched_tokens=7, max_num_seqs=4, block_size=32)
     assert chunked[0] == ref[0]
 
 

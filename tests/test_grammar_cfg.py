@@ -74,16 +74,18 @@ def test_lark_on_llguidance_and_speculation_exactness() -> None:
         llm.close()
 
 
-def test_bad_grammars_fail_alone() -> None:
+def test_bad_grammars_are_refused_before_anything_runs() -> None:
+    """Offline, as vLLM's processor: generate() raises for a grammar that does not compile, naming the backend's
+    reason, and queues nothing of the call; the engine serves the next call."""
     llm = make_llm()
-    outs = llm.generate(["a", "b"], [SamplingParams(grammar="root ::= [a-", max_tokens=4),
-                                     SamplingParams(temperature=0.0, max_tokens=4)])
-    assert outs[0].error is not None and "grammar" in outs[0].error
-    assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 4
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(ValueError, match="grammar"):
+        llm.generate(["a", "b"], [SamplingParams(grammar="root ::= [a-", max_tokens=4), plain])
+    assert not llm.engine.has_unfinished() and len(llm.generate(["b"], plain)[0].outputs[0].token_ids) == 4
     llm.close()
     outlines = make_llm(grammar_backend="outlines")
-    out = outlines.generate(["a"], SamplingParams(grammar=BALANCED_GBNF, max_tokens=4))[0]
-    assert out.error is not None and "outlines" in out.error and "grammar" in out.error
+    with pytest.raises(ValueError, match="outlines.*grammar|grammar.*outlines"):
+        outlines.generate(["a"], SamplingParams(grammar=BALANCED_GBNF, max_tokens=4))
     outlines.close()
     with pytest.raises(ValueError, match="at most one of"):
         SamplingParams(grammar=BALANCED_GBNF, regex="x")

@@ -26,7 +26,7 @@ from agentserve.adapters.openai.responses_background import BackgroundJob, Backg
 from agentserve.adapters.openai.responses_logprobs import requested_top_logprobs
 from agentserve.adapters.openai.responses_run import ResponsePlan, ResponseRun
 from agentserve.adapters.openai.responses_store import ResponsesStore, StoredResponse
-from agentserve.adapters.openai.responses_truncation import fit_conversation, rendered_text, reply_room
+from agentserve.adapters.openai.responses_truncation import fit_conversation, prompts_alike, reply_room
 from agentserve.adapters.openai.serving import OpenAIServing, param_of, token_bias
 from agentserve.adapters.openai.vllm_unsupported import check_structured_outputs_extras
 from agentserve.chat import limits as L
@@ -177,22 +177,23 @@ class ResponsesEndpoint:
                                new_messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
                                kwargs: dict[str, Any]) -> bool:
         """Whether going on in the session that holds `history` prompts the model as the whole history sent again
-        would (OpenAI: previous_response_id, or a conversation, means that history). The session holds the model's
-        replies as written, the history holds them parsed (tool calls, reasoning), which a template may render
-        otherwise (its own JSON spacing, SmolLM2's none at all): then the continuation is rendered from the
+        would (OpenAI: previous_response_id, or a conversation, means that history), token for token. The session
+        holds the model's replies as generated, the history holds them parsed (tool calls, reasoning), which a
+        template may render otherwise (its own JSON spacing, SmolLM2's none at all), and the model's own tokens
+        may split the reply's text otherwise than the tokenizer does: then the continuation is rendered from the
         history on a new session (the prefix cache still serves what the two share)."""
         session = self.sessions.sessions.get(session_id)
         if session is None:
             return False
-        held = list(session.messages)  # read on the event loop while the session is idle (not busy)
+        # Read on the event loop while the session is idle (not busy).
+        held, held_text, held_ids = list(session.messages), session.text, list(session.token_ids)
         pool, vocab, tools_n = self.s.render_pool, self.s.engine.arch.vocab_size, normalize_tools(tools)
+        whole = self.system(req) + history + new_messages
         try:
-            in_place, whole = await pool.run(lambda tok: (
-                rendered_text(pool, tok, held + new_messages, tools_n, vocab, kwargs),
-                rendered_text(pool, tok, self.system(req) + history + new_messages, tools_n, vocab, kwargs)))
+            return await pool.run(lambda tok: prompts_alike(pool, tok, held, held_text, held_ids, whole, new_messages,
+                                                             tools_n, vocab, kwargs))
         except InvalidRequestError:
             return False  # the history's rendering fails: the new session's turn says why
-        return in_place == whole
 
     async def _conversation_plan(self, req: I.ResponsesRequest, tenant: Tenant, conv: Conversation,
                                  whole: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], render_key: str,

@@ -70,6 +70,25 @@ def rendered_text(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
                        template_kwargs=template_kwargs)
 
 
+def prompts_alike(pool: RenderPool, tokenizer: Any, held: Sequence[Message], held_text: str, held_ids: Sequence[int],
+                  whole: Sequence[Message], new: Sequence[Message], normalized_tools: Optional[list[dict[str, Any]]],
+                  vocab_size: int, template_kwargs: dict[str, Any]) -> bool:
+    """Whether a turn on the session holding `held` (its text and tokens) with the `new` messages prompts the model
+    with exactly the tokens of `whole` rendered and tokenized from scratch (a stateless re-send). The texts can
+    agree while the tokens do not: the session holds the model's own tokens, and a reply it sampled may not be how
+    the tokenizer splits that text (SmolLM2: " don|key" for " donkey", a reply cut after "\n\n" held as two
+    newlines). Runs in a render-pool worker, mirroring chat/render.prepare_turn's append."""
+    in_place = rendered_text(pool, tokenizer, list(held) + list(new), normalized_tools, vocab_size, template_kwargs)
+    text = rendered_text(pool, tokenizer, whole, normalized_tools, vocab_size, template_kwargs)
+    if in_place != text:
+        return False
+    if not text.startswith(held_text):
+        return True  # the turn re-tokenizes the whole rendering (prepare_turn), as a stateless request does
+    stateless = pool.encode(tokenizer, text, "input", add_special_tokens=False)
+    appended = list(held_ids) + pool.encode(tokenizer, text[len(held_text):], "input", add_special_tokens=False)
+    return stateless == appended
+
+
 def rendered_length(pool: RenderPool, tokenizer: Any, messages: Sequence[Message],
                     normalized_tools: Optional[list[dict[str, Any]]], vocab_size: int,
                     template_kwargs: dict[str, Any]) -> int:
