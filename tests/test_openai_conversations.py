@@ -186,7 +186,9 @@ def test_items_added_between_responses_and_deleted_ones(live: Live) -> None:
     first = live.a.responses.create(conversation=c.id, input="Hello, who are you?", **GEN)
     live.a.conversations.items.create(c.id, items=[{"role": "user", "content": "Never mind."}])
     second = live.a.responses.create(conversation=c.id, input="Weather in Rome?", **GEN)
-    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1
+    # At least the first prompt's whole pages (the resident session's, or where the random reply's tokens are not how
+    # the tokenizer splits its text, the prefix cache's: the continuation then runs on a new session).
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 16 * 16
     # The same as continuing the first response with both user messages.
     chained = live.a.responses.create(input="Hello, who are you?", **GEN)
     then = live.a.responses.create(previous_response_id=chained.id, input=[
@@ -253,7 +255,7 @@ def test_a_failed_response_changes_nothing(live: Live) -> None:
         assert "maximum context length is 2048 tokens" in e.value.message
     assert [i.id for i in live.a.conversations.items.list(c.id).data] == before
     after = live.a.responses.create(conversation=c.id, input="Still there?", **GEN)
-    assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1
+    assert after.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 16 * 16
     live.a.conversations.delete(c.id)
 
 
