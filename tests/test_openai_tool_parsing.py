@@ -73,6 +73,7 @@ class ScriptedEngine:
         self.max_model_len = 4096
         self.pool = _Pool()
         self.scheduler = _Scheduler()
+        self.pending_forks: dict[str, list[Any]] = {}  # n > 1 siblings not yet forked (none: n is 1 here)
         self.metrics = EngineMetrics(kv_blocks_total=1024)
         self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
         self.generation_defaults = GenerationDefaults()  # no generation_config.json defaults
