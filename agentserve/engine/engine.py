@@ -185,11 +185,12 @@ class Engine:
                     prefix_block_table: Optional[list[int]] = None, num_prefix_computed: int = 0,
                     retain_blocks: bool = False, share_prefix: bool = False,
                     admit_hook: Optional[AdmitHook] = None, arrival_time: Optional[float] = None) -> None:
-        """Queues a request; `arrival_time` (time.monotonic(), as vLLM's) is when a frontend received it. `prefix_block_table` hands in pages (a session's) already holding the KV
-        of the first `num_prefix_computed` tokens; the engine takes over those references (with
-        share_prefix it takes its own, copy-on-write, and the caller keeps its references).
-        `admit_hook` hands them in later, when the scheduler admits the request (sessions: a queued
-        turn holds no pages of its own, and its session may be swapped out until then)."""
+        """Queues a request; `arrival_time` (time.monotonic(), as vLLM's) is when a frontend received it.
+        `prefix_block_table` hands in pages (a session's) already holding the KV of the first
+        `num_prefix_computed` tokens; the engine takes over those references (with share_prefix it takes
+        its own, copy-on-write, and the caller keeps its references). `admit_hook` hands them in later,
+        when the scheduler admits the request (sessions: a queued turn holds no pages of its own, and
+        its session may be swapped out until then)."""
         if self.closed:
             raise RuntimeError("the engine is closed")
         check_priority(priority, self.config.scheduler.policy)
