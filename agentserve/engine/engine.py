@@ -266,6 +266,8 @@ class Engine:
             self._constraint_manager().check_compiles(params)
         except GrammarError as e:
             raise InvalidRequestError(f"the output constraint could not be compiled: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a backend crash on this constraint: the request's, as attach reads it
+            raise InvalidRequestError(f"the output constraint could not be compiled: {type(e).__name__}: {e}") from None
 
     def _poll_grammars(self) -> None:
         """Requests whose compile finished start waiting for a slot; failed compiles fail alone."""
