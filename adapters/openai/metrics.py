@@ -159,7 +159,7 @@ class Metrics:
                                      ["endpoint", "status"], registry=r)
         self.finished = Counter(PREFIX + "request_success", "Finished requests (every API) by engine finish reason.",
                                 ["finished_reason"], registry=r)
-        self.per_request = RequestHistograms(r, engine.max_model_len)
+        self.per_request = RequestHistograms(r, PREFIX, _LATENCY_BUCKETS, engine.max_model_len)
         engine_collector = _EngineCollector(engine, session_store)
         r.register(engine_collector)
         # The same series under vLLM's names, for dashboards and alerts brought over from vLLM.

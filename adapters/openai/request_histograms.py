@@ -11,10 +11,6 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Histogram
 
-PREFIX = "agentserve_"
-
-_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 _N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's request_params_n buckets
 _ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -32,26 +28,28 @@ def _one_two_five(limit: int) -> tuple[int, ...]:
 
 
 class RequestHistograms:
-    def __init__(self, registry: CollectorRegistry, max_model_len: int) -> None:
+    def __init__(self, registry: CollectorRegistry, prefix: str, latency_buckets: tuple[float, ...],
+                 max_model_len: int) -> None:
+        """`prefix` and `latency_buckets`: the exporter's, so these series sit beside its latency histograms."""
         r = registry
         tokens = _one_two_five(max(max_model_len, 1))
-        self.prefill = Histogram(PREFIX + "request_prefill_time_seconds",
+        self.prefill = Histogram(prefix + "request_prefill_time_seconds",
                                  "Time from first scheduled to the first generated token (the prefill phase).",
-                                 buckets=_PHASE_BUCKETS, registry=r)
-        self.decode = Histogram(PREFIX + "request_decode_time_seconds",
+                                 buckets=latency_buckets, registry=r)
+        self.decode = Histogram(prefix + "request_decode_time_seconds",
                                 "Time from the first generated token to the last (the decode phase).",
-                                buckets=_PHASE_BUCKETS, registry=r)
-        self.inference = Histogram(PREFIX + "request_inference_time_seconds",
+                                buckets=latency_buckets, registry=r)
+        self.inference = Histogram(prefix + "request_inference_time_seconds",
                                    "Time from first scheduled to the last generated token (prefill and decode).",
-                                   buckets=_PHASE_BUCKETS, registry=r)
-        self.max_tokens = Histogram(PREFIX + "request_params_max_tokens", "The max_tokens of each finished sequence.",
+                                   buckets=latency_buckets, registry=r)
+        self.max_tokens = Histogram(prefix + "request_params_max_tokens", "The max_tokens of each finished sequence.",
                                     buckets=tokens, registry=r)
-        self.n = Histogram(PREFIX + "request_params_n", "The n of each finished request.", buckets=_N_BUCKETS,
+        self.n = Histogram(prefix + "request_params_n", "The n of each finished request.", buckets=_N_BUCKETS,
                            registry=r)
-        self.max_generation = Histogram(PREFIX + "request_max_num_generation_tokens",
+        self.max_generation = Histogram(prefix + "request_max_num_generation_tokens",
                                         "Each finished request's largest output over its n sequences, in tokens.",
                                         buckets=tokens, registry=r)
-        self.iteration = Histogram(PREFIX + "iteration_tokens_total", "Tokens each engine step computed.",
+        self.iteration = Histogram(prefix + "iteration_tokens_total", "Tokens each engine step computed.",
                                    buckets=_ITERATION_BUCKETS, registry=r)
 
     @property

@@ -78,9 +78,7 @@ class ConstraintManager:
     def submit(self, params: SamplingParams) -> "concurrent.futures.Future":
         """Starts (or finds cached) the compile of the request's constraint. Raises GrammarError for
         constraints that are malformed before any compile (bad JSON, unsupported tool schema)."""
-        fmt = self.tool_format if params.tools else None
-        spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)
-        assert spec is not None
+        spec = self._spec(params)
         prepared: concurrent.futures.Future = concurrent.futures.Future()
 
         def build(compiled: CompiledGrammar) -> None:
@@ -112,10 +110,13 @@ class ConstraintManager:
     def check_compiles(self, params: SamplingParams) -> None:
         """Waits for the compile of the request's constraint (cached for the request that follows) and raises
         GrammarError when it fails: the offline API refuses such a request before queueing it, as vLLM's does."""
-        fmt = self.tool_format if params.tools else None
-        spec = ConstraintSpec.from_sampling_params(params, tool_format=fmt)
+        self.compiler.submit(self._spec(params)).result()
+
+    def _spec(self, params: SamplingParams) -> ConstraintSpec:
+        """The request's constraint as the compiler keys it (tool calls in the chat template's format)."""
+        spec = ConstraintSpec.from_sampling_params(params, tool_format=self.tool_format if params.tools else None)
         assert spec is not None
-        self.compiler.submit(spec).result()
+        return spec
 
     def budget_state(self, request: Request, reasoning: ReasoningMarkers) -> Optional[GrammarState]:
         """The grammar state of an unconstrained request with a thinking_token_budget (None when its prompt

@@ -34,11 +34,17 @@ class GenerationDefaults:
         return room if self.max_tokens is None else min(room, self.max_tokens)
 
 
+def generation_config_dir(mode: str, model_path: Optional[Path]) -> Optional[Path]:
+    """Where --generation-config `mode` reads generation_config.json: the model's directory for 'auto' and
+    'vllm' (whose EOS ids vLLM still takes), else the directory named."""
+    return model_path if mode in ("auto", "vllm") else Path(mode)
+
+
 def read_generation_defaults(mode: str, model_path: Optional[Path]) -> GenerationDefaults:
     """The model's defaults (none when it has no generation_config.json or mode is 'vllm')."""
     if mode == "vllm":
         return GenerationDefaults()
-    folder = model_path if mode == "auto" else Path(mode)
+    folder = generation_config_dir(mode, model_path)
     if folder is not None and mode != "auto" and not (folder / "generation_config.json").is_file():
         raise ModelLoadError(f"generation_config {mode!r}: no generation_config.json there (give 'auto', 'vllm' "
                              "or a directory holding one)")

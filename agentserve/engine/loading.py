@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from agentserve.config import EngineConfig
+from agentserve.engine.generation_defaults import generation_config_dir
 from agentserve.json_file import read_json_object
 from agentserve.model.arch_config import ArchConfig, ModelLoadError
 from agentserve.model.gguf import gguf_config_dict, gguf_has_tokenizer
@@ -168,7 +169,7 @@ def generation_eos(path: Optional[Path], arch: ArchConfig, tokenizer: Any, gener
     --generation-config auto / vllm, the named directory's otherwise), config.json's where there is no
     generation_config.json (transformers' GenerationConfig.from_model_config), and the tokenizer's EOS."""
     eos: list[int] = []
-    folder = path if generation_config in ("auto", "vllm") else Path(generation_config)
+    folder = generation_config_dir(generation_config, path)
     gen_cfg = folder / "generation_config.json" if folder else None
     if gen_cfg is not None and gen_cfg.is_file():
         value = read_json_object(gen_cfg, ModelLoadError, "").get("eos_token_id")

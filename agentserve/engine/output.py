@@ -303,10 +303,13 @@ class OutputProcessor:
         if req.error and req.error_kind is FailureKind.INVALID_REQUEST and req.timing.first_token is None:
             return  # refused before it ran (a 400: vLLM refuses it before its engine): not a served request
         engine.metrics.requests_finished_total += 1
+        hooks = engine.metrics.finish_hooks
+        if not hooks:
+            return
         group = engine.groups.get(req.parent_id) or [req]
         # The group's largest output once its last sequence is done (vLLM's max_num_generation_tokens).
         group_max = max(c.num_output_tokens for c in group) if all(c.is_finished for c in group) else None
-        for hook in engine.metrics.finish_hooks:
+        for hook in hooks:
             try:
                 hook(req, group_max)
             except Exception:  # noqa: BLE001 - an exporter must never fail a step
